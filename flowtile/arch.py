@@ -1,0 +1,184 @@
+"""The one architecture description shared by the HDL generator, the emulator and the compiler.
+
+Every width, depth and latency that more than one of them needs derives from an :class:`Arch`.
+An ``Arch`` is frozen: build a new one with :meth:`Arch.replace` instead of mutating it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+__all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS"]
+
+#: Accumulator width of a PE. Accumulation wraps modulo 2**ACC_BITS (two's complement); the
+#: compiler proves that no layer it emits can reach the wrap (see docs/architecture.md).
+ACC_BITS = 32
+#: Requantization multiplier: unsigned, in [0, 2**MULTIPLIER_BITS).
+MULTIPLIER_BITS = 31
+#: Requantization right shift: unsigned, in [1, 2**SHIFT_BITS - 2].
+SHIFT_BITS = 6
+
+#: The per-tile configuration registers, in register-address order, with their widths in bits
+#: and whether they are signed. Program files name them; the RTL loader writes them by index.
+CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
+    ("n_in_words", 16, False),   # K: input flits of this tile's layer, stored into the activation region
+    ("forward", 1, False),       # 1: re-emit each input flit downstream (more tiles of the layer follow)
+    ("n_pass", 16, False),       # P: flits passed through unchanged after the input flits
+    ("n_out", 16, False),        # N_o: output neurons this tile computes (0: pass-through tile)
+    ("w_base", 16, False),       # SRAM word address of weight row 0, chunk 0
+    ("act_base", 16, False),     # SRAM word address of activation chunk 0
+    ("dest_row", 8, False),      # destination tile of every flit this PE emits
+    ("dest_col", 8, False),
+    ("dest_host", 1, False),     # 1: flits go to the chip's host output port instead
+    ("zp_out", 9, True),         # output zero point (int8 domain)
+    ("clamp_lo", 8, True),       # output saturation bounds (int8 domain); ReLU raises clamp_lo to zp_out
+    ("clamp_hi", 8, True),
+)
+
+
+class ArchError(ValueError):
+    """An architecture description is invalid; the message names the field."""
+
+
+def _ceil_log2(n: int) -> int:
+    return max(1, math.ceil(math.log2(n))) if n > 1 else 1
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A flowtile chip: a ``rows`` x ``cols`` mesh of tiles, each a router, a PE and an SRAM.
+
+    Fields:
+        rows, cols: tile grid size.
+        lanes: int8 MAC lanes per PE; also the number of int8 values in one flit.
+        sram_bytes: per-tile SRAM (weights and the activation buffer), in bytes; a word is ``lanes`` bytes.
+        max_tile_outputs: depth of a tile's per-output parameter table (bias, multiplier, shift) and of
+            its result buffer: the most output neurons one tile can compute.
+        router_fifo_depth: flits each router input FIFO holds.
+        host_buffer_flits: depth of the simulation harness's input and output buffers (not part of the chip).
+    """
+
+    rows: int = 4
+    cols: int = 4
+    lanes: int = 8
+    sram_bytes: int = 32768
+    max_tile_outputs: int = 512
+    router_fifo_depth: int = 4
+    host_buffer_flits: int = 16384
+
+    def __post_init__(self):
+        def check(name, ok, why):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ArchError(f"arch field '{name}' must be an integer, got {value!r}")
+            if not ok(value):
+                raise ArchError(f"arch field '{name}' = {value} is invalid: {why}")
+
+        check("rows", lambda v: 1 <= v <= 64, "must be in 1..64")
+        check("cols", lambda v: 1 <= v <= 64, "must be in 1..64")
+        check("lanes", lambda v: v in (1, 2, 4, 8, 16, 32), "must be one of 1, 2, 4, 8, 16, 32")
+        check("sram_bytes", lambda v: v > 0 and v % self.lanes == 0 and v // self.lanes <= 65536,
+              f"must be a positive multiple of lanes ({self.lanes}) and at most {65536 * self.lanes}")
+        check("max_tile_outputs", lambda v: 1 <= v <= 65535, "must be in 1..65535")
+        check("router_fifo_depth", lambda v: 1 <= v <= 1024, "must be in 1..1024")
+        check("host_buffer_flits", lambda v: 1 <= v <= (1 << 24), "must be in 1..16777216")
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def n_tiles(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def flit_data_bits(self) -> int:
+        return 8 * self.lanes
+
+    @property
+    def sram_words(self) -> int:
+        return self.sram_bytes // self.lanes
+
+    @property
+    def result_words(self) -> int:
+        """Depth of a PE's result buffer, in flits."""
+        return -(-self.max_tile_outputs // self.lanes)
+
+    @property
+    def row_bits(self) -> int:
+        return _ceil_log2(self.rows)
+
+    @property
+    def col_bits(self) -> int:
+        return _ceil_log2(self.cols)
+
+    @property
+    def param_bytes_per_output(self) -> int:
+        """SRAM-equivalent bytes of one parameter-table entry (bias 32 + multiplier 31 + shift 6 bits)."""
+        return -(-(ACC_BITS + MULTIPLIER_BITS + SHIFT_BITS) // 8)
+
+    # --- the tile chain -------------------------------------------------------------------------
+    def chain_position(self, position: int) -> tuple[int, int]:
+        """(row, col) of the tile at ``position`` on the serpentine chain.
+
+        Even rows run west to east, odd rows east to west, so consecutive positions are mesh neighbours.
+        """
+        if not 0 <= position < self.n_tiles:
+            raise ArchError(f"chain position {position} outside 0..{self.n_tiles - 1}")
+        row, offset = divmod(position, self.cols)
+        col = offset if row % 2 == 0 else self.cols - 1 - offset
+        return row, col
+
+    @property
+    def chain(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self.chain_position(p) for p in range(self.n_tiles))
+
+    @property
+    def exit_tile(self) -> tuple[int, int]:
+        """The tile whose router drives the chip's host output port (the end of the chain)."""
+        return self.chain_position(self.n_tiles - 1)
+
+    @property
+    def exit_direction(self) -> str:
+        """Edge port of the exit tile's router wired to the host output: 'E' or 'W'."""
+        return "E" if (self.rows - 1) % 2 == 0 else "W"
+
+    # --- construction ---------------------------------------------------------------------------
+    def replace(self, **changes) -> "Arch":
+        return dataclasses.replace(self, **changes)
+
+    def with_grid(self, grid: str | None) -> "Arch":
+        """Apply a ``RxC`` grid string (e.g. ``"4x4"``), as given to ``--grid``."""
+        if grid is None:
+            return self
+        try:
+            rows, cols = (int(part) for part in grid.lower().split("x"))
+        except ValueError:
+            raise ArchError(f"--grid '{grid}' is not of the form RxC (e.g. 4x4)") from None
+        return self.replace(rows=rows, cols=cols)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "arch") -> "Arch":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ArchError(f"{source}: unknown arch field(s) {', '.join(map(repr, unknown))}; "
+                            f"known fields: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Arch":
+        """Load an Arch from a TOML file: top-level keys, or an ``[arch]`` table."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArchError(f"arch file '{path}' does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ArchError(f"arch file '{path}' is not valid TOML: {error}") from None
+        if "arch" in data and isinstance(data["arch"], dict):
+            data = data["arch"]
+        return cls.from_dict(data, source=str(path))

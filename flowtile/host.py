@@ -1,0 +1,77 @@
+"""Host side of a run: float tensors <-> the int8 flit streams the chip consumes and produces.
+
+Shared by the emulator and the RTL drivers so that both see the very same input flits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .program import Program, TensorSpec
+
+__all__ = ["InputError", "check_input", "quantize", "dequantize", "pack_flits", "unpack_flits",
+           "input_flits", "outputs_from_flits"]
+
+_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+class InputError(ValueError):
+    """A host input does not match the program's input tensor."""
+
+
+def check_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Return ``x`` as float32 ``[batch, *spec.shape]``, or raise naming expected vs given."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise InputError(f"input has dtype {x.dtype}, expected a float array for '{spec.name}'")
+    expected = tuple(spec.shape)
+    if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+        raise InputError(f"input has shape {list(x.shape)}, expected [batch, {', '.join(map(str, expected))}] "
+                         f"for '{spec.name}'")
+    if x.shape[0] < 1:
+        raise InputError("input batch is empty")
+    if not np.all(np.isfinite(x)):
+        raise InputError("input contains NaN or infinity")
+    return x.astype(np.float32)
+
+
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """ONNX QuantizeLinear (round half to even, saturate), then map to the on-chip int8 domain."""
+    lo, hi = _RANGES[spec.dtype]
+    q = np.rint(x.astype(np.float32) / np.float32(spec.scale)) + spec.zero_point
+    q = np.clip(q, lo, hi).astype(np.int16)
+    if spec.dtype == "uint8":
+        q = q - 128
+    return q.reshape(q.shape[0], -1).astype(np.int8)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """On-chip int8 values ``[batch, length]`` -> the model's float output ``[batch, *shape]``."""
+    values = q.astype(np.int32) + (128 if spec.dtype == "uint8" else 0)
+    real = (values - spec.zero_point).astype(np.float32) * np.float32(spec.scale)
+    return real.reshape((q.shape[0],) + tuple(spec.shape))
+
+
+def pack_flits(values: np.ndarray, lanes: int) -> np.ndarray:
+    """int8 ``[batch, n]`` -> ``[batch * ceil(n/lanes), lanes]`` flits; padding lanes are zero."""
+    batch, n = values.shape
+    words = -(-n // lanes)
+    padded = np.zeros((batch, words * lanes), dtype=np.int8)
+    padded[:, :n] = values
+    return padded.reshape(batch * words, lanes)
+
+
+def unpack_flits(flits: np.ndarray, batch: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_flits`: ``[batch * words, lanes]`` -> int8 ``[batch, n]``."""
+    return np.asarray(flits, dtype=np.int8).reshape(batch, -1)[:, :n]
+
+
+def input_flits(program: Program, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float model input -> (int8 values ``[batch, n_in]``, flits to send ``[batch*words, lanes]``)."""
+    q = quantize(check_input(x, program.input), program.input)
+    return q, pack_flits(q, program.arch.lanes)
+
+
+def outputs_from_flits(program: Program, flits: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Received flits -> (int8 values ``[batch, n_out]``, float output ``[batch, *shape]``)."""
+    q = unpack_flits(flits, batch, program.output.length)
+    return q, dequantize(q, program.output)

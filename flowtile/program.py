@@ -1,0 +1,229 @@
+"""The program artifact: what the compiler emits and both the emulator and the RTL run.
+
+A program is a directory (format ``flowtile-program``, version :data:`FORMAT_VERSION`)::
+
+    PROG/
+      program.json   manifest: arch, host tensors, layers (for reports), per-tile config registers
+      arrays.npz     per-tile SRAM images and parameter tables (plain arrays, loaded without pickle)
+
+See docs/architecture.md, "Program format", for every field.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .arch import Arch, ArchError, CONFIG_FIELDS
+
+__all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION"]
+
+FORMAT_NAME = "flowtile-program"
+FORMAT_VERSION = 1
+
+
+class ProgramError(ValueError):
+    """A program directory is missing, malformed, or inconsistent with its arch."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A host-side tensor: the float tensor the model sees and its int8 encoding on the chip.
+
+    ``dtype`` is the ONNX integer type ("int8" or "uint8"); on chip every value is int8: uint8 values
+    travel as ``q - 128`` with ``zero_point - 128``. ``shape`` excludes the batch dimension.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    scale: float
+    zero_point: int
+    dtype: str = "int8"
+
+    @property
+    def length(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def to_dict(self):
+        return {"name": self.name, "shape": list(self.shape), "scale": self.scale,
+                "zero_point": self.zero_point, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["name"], tuple(int(s) for s in d["shape"]), float(d["scale"]), int(d["zero_point"]),
+                   d.get("dtype", "int8"))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Report-only description of one compiled layer (the hardware never reads it)."""
+
+    name: str
+    op: str
+    n_in: int
+    n_out: int
+    tiles: tuple[tuple[int, int], ...]
+    relu: bool = False
+
+    @property
+    def macs(self) -> int:
+        return self.n_in * self.n_out
+
+    def to_dict(self):
+        return {"name": self.name, "op": self.op, "n_in": self.n_in, "n_out": self.n_out,
+                "tiles": [list(t) for t in self.tiles], "relu": self.relu}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["name"], d["op"], int(d["n_in"]), int(d["n_out"]),
+                   tuple(tuple(int(v) for v in t) for t in d["tiles"]), bool(d.get("relu", False)))
+
+
+@dataclass
+class TileProgram:
+    """What one tile is loaded with before a run.
+
+    ``config`` holds every register of :data:`flowtile.arch.CONFIG_FIELDS`; ``sram`` is the SRAM image
+    from word 0 (int8 values, shape ``[words, lanes]``, words beyond it are zero); ``params`` is the
+    parameter table, one row per output neuron: ``(bias, multiplier, shift)``.
+    """
+
+    row: int
+    col: int
+    config: dict[str, int]
+    sram: np.ndarray = field(repr=False)
+    params: np.ndarray = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"r{self.row}c{self.col}"
+
+
+@dataclass
+class Program:
+    arch: Arch
+    input: TensorSpec
+    output: TensorSpec
+    layers: list[LayerInfo]
+    tiles: list[TileProgram]          # in chain order: tiles[p] sits at arch.chain_position(p)
+    model_name: str = ""
+
+    # --- derived ------------------------------------------------------------------------------
+    @property
+    def input_words(self) -> int:
+        """Flits the host sends per inference."""
+        return -(-self.input.length // self.arch.lanes)
+
+    @property
+    def output_words(self) -> int:
+        """Flits the host receives per inference."""
+        return -(-self.output.length // self.arch.lanes)
+
+    @property
+    def macs_per_inference(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def validate(self) -> None:
+        """Check the program against its arch: register ranges, SRAM and parameter-table sizes."""
+        arch = self.arch
+        if len(self.tiles) != arch.n_tiles:
+            raise ProgramError(f"program has {len(self.tiles)} tiles, arch has {arch.n_tiles}")
+        for position, tile in enumerate(self.tiles):
+            if (tile.row, tile.col) != arch.chain_position(position):
+                raise ProgramError(f"tile {position} is at ({tile.row},{tile.col}), "
+                                   f"chain expects {arch.chain_position(position)}")
+            for name, bits, signed in CONFIG_FIELDS:
+                if name not in tile.config:
+                    raise ProgramError(f"tile {tile.key}: config register '{name}' missing")
+                value = int(tile.config[name])
+                lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+                if not lo <= value <= hi:
+                    raise ProgramError(f"tile {tile.key}: config register '{name}' = {value} outside {lo}..{hi}")
+            if tile.sram.ndim != 2 or tile.sram.shape[1] != arch.lanes or tile.sram.dtype != np.int8:
+                raise ProgramError(f"tile {tile.key}: SRAM image must be int8 [words, {arch.lanes}], "
+                                   f"got {tile.sram.dtype} {list(tile.sram.shape)}")
+            if tile.sram.shape[0] > arch.sram_words:
+                raise ProgramError(f"tile {tile.key}: SRAM image needs {tile.sram.shape[0] * arch.lanes} bytes, "
+                                   f"tile has {arch.sram_bytes} (arch field 'sram_bytes')")
+            n_out = tile.config["n_out"]
+            if tile.params.shape != (n_out, 3):
+                raise ProgramError(f"tile {tile.key}: parameter table must be [{n_out}, 3], got {list(tile.params.shape)}")
+            if n_out > arch.max_tile_outputs:
+                raise ProgramError(f"tile {tile.key}: {n_out} outputs exceed arch field 'max_tile_outputs' "
+                                   f"= {arch.max_tile_outputs}")
+            act_end = tile.config["act_base"] + tile.config["n_in_words"]
+            w_end = tile.config["w_base"] + n_out * tile.config["n_in_words"]
+            if max(act_end, w_end) > arch.sram_words:
+                raise ProgramError(f"tile {tile.key}: SRAM regions end at word {max(act_end, w_end)}, "
+                                   f"tile has {arch.sram_words} words (arch field 'sram_bytes')")
+
+    # --- persistence ----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the program directory atomically (a failed save leaves no partial directory)."""
+        directory = Path(directory)
+        self.validate()
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "arch": self.arch.to_dict(),
+            "input": self.input.to_dict(),
+            "output": self.output.to_dict(),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "tiles": [{"row": t.row, "col": t.col, "config": {k: int(v) for k, v in t.config.items()}}
+                      for t in self.tiles],
+        }
+        arrays = {}
+        for tile in self.tiles:
+            arrays[f"{tile.key}_sram"] = np.ascontiguousarray(tile.sram, dtype=np.int8)
+            arrays[f"{tile.key}_params"] = np.ascontiguousarray(tile.params, dtype=np.int64)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".flowtile-prog-", dir=directory.parent))
+        try:
+            (staging / "program.json").write_text(json.dumps(manifest, indent=1))
+            np.savez(staging / "arrays.npz", **arrays)
+            if directory.exists():
+                shutil.rmtree(directory)
+            staging.rename(directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Program":
+        directory = Path(directory)
+        manifest_path = directory / "program.json"
+        if not manifest_path.is_file():
+            raise ProgramError(f"'{directory}' is not a flowtile program (no program.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ProgramError(f"'{manifest_path}' is not valid JSON: {error}") from None
+        if manifest.get("format") != FORMAT_NAME:
+            raise ProgramError(f"'{manifest_path}' is not a {FORMAT_NAME} manifest")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ProgramError(f"'{manifest_path}' has format version {manifest.get('version')}, "
+                               f"this flowtile reads version {FORMAT_VERSION}")
+        try:
+            arch = Arch.from_dict(manifest["arch"], source=str(manifest_path))
+            with np.load(directory / "arrays.npz", allow_pickle=False) as arrays:
+                tiles = [TileProgram(t["row"], t["col"], dict(t["config"]),
+                                     arrays[f"r{t['row']}c{t['col']}_sram"].astype(np.int8),
+                                     arrays[f"r{t['row']}c{t['col']}_params"].astype(np.int64))
+                         for t in manifest["tiles"]]
+            program = cls(arch=arch,
+                          input=TensorSpec.from_dict(manifest["input"]),
+                          output=TensorSpec.from_dict(manifest["output"]),
+                          layers=[LayerInfo.from_dict(layer) for layer in manifest["layers"]],
+                          tiles=tiles, model_name=manifest.get("model_name", ""))
+        except (KeyError, TypeError, ValueError, OSError) as error:
+            if isinstance(error, (ArchError, ProgramError)):
+                raise
+            raise ProgramError(f"'{directory}' is a malformed program: {type(error).__name__}: {error}") from None
+        program.validate()
+        return program
