@@ -1,0 +1,63 @@
+"""Emulator vs RTL simulation on the bundled digits MLP, measured in one run.
+
+Prints wall times, the emulator-vs-Verilator speed ratio (goal: >= 100x), simulated cycles per
+second of each, and the MAC utilization. Run: ``python benchmarks/emulator_vs_rtl.py [--sim amaranth]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
+    from compiler import compile_model
+    from emulator import emulate
+    from flowtile.arch import Arch
+    from flowtile.host import input_flits
+    from hdl.simulate import simulate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sim", choices=("verilator", "amaranth"), default="verilator")
+    parser.add_argument("--batch", type=int, default=0, help="inferences (default: the whole held-out set)")
+    parser.add_argument("--repeats", type=int, default=20, help="emulator repetitions (best time is kept)")
+    args = parser.parse_args()
+
+    arch = Arch()
+    program = compile_model(ROOT / "models" / "digits_mlp.onnx", arch)
+    with np.load(ROOT / "models" / "digits_test.npz") as data:
+        x = data["x"]
+    if args.batch:
+        x = np.resize(x, (args.batch,) + x.shape[1:])
+    _, flits = input_flits(program, x)
+    batch = x.shape[0]
+
+    emu_times = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        emu = emulate(program, flits, batch)
+        emu_times.append(time.perf_counter() - started)
+    emu_seconds = min(emu_times)
+
+    print(f"digits MLP, batch {batch}, {arch.rows}x{arch.cols} tiles x {arch.lanes} lanes")
+    print(f"  simulated cycles          {emu.cycles}")
+    print(f"  emulator                  {emu_seconds * 1e3:9.2f} ms  ({emu.cycles / emu_seconds:,.0f} cycles/s)")
+    simulate(program, flits[: program.input_words], 1, simulator=args.sim)  # warm the build cache
+    rtl = simulate(program, flits, batch, simulator=args.sim)
+    print(f"  RTL ({args.sim:9s})      {rtl.wall_seconds * 1e3:9.2f} ms  ({rtl.cycles / rtl.wall_seconds:,.0f} cycles/s)"
+          f"  [build {rtl.build_seconds:.1f} s, cached]")
+    same = np.array_equal(rtl.out_flits, emu.out_flits) and rtl.cycles == emu.cycles
+    print(f"  outputs and cycles equal  {same}")
+    print(f"  emulator / RTL speed      {rtl.wall_seconds / emu_seconds:,.0f}x  (goal >= 100x)")
+    print(f"  MAC utilization           {100 * emu.mac_utilization:.1f}% of {arch.n_tiles * arch.lanes} lanes"
+          f"  (latency {emu.latency_cycles} cycles, interval {emu.interval_cycles:.1f} cycles/inference)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""``flowtile`` command line: compile, emulate, rtl, run, verilog.
+
+Every known kind of bad input ends in one line ``flowtile: error: ...`` and exit status 2; a
+mismatch found by ``flowtile run`` exits 1. Set ``FLOWTILE_DEBUG=1`` to see tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .arch import Arch, ArchError
+
+EXIT_MISMATCH = 1
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """A command-line argument or input file is unusable."""
+
+
+def _arch_from_args(args) -> Arch:
+    arch = Arch.from_toml(args.arch) if getattr(args, "arch", None) else Arch()
+    return arch.with_grid(getattr(args, "grid", None))
+
+
+def _load_array(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Load ``X.npy`` or an ``.npz`` with ``x`` (and optional labels ``y``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} file '{path}' does not exist")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as data:
+                if "x" not in data:
+                    raise UsageError(f"{what} file '{path}' has no array 'x' (has: {', '.join(data.files)})")
+                return data["x"], (data["y"] if "y" in data else None)
+        return np.load(p, allow_pickle=False), None
+    except UsageError:
+        raise
+    except Exception as error:  # numpy raises several types for a malformed file
+        raise UsageError(f"{what} file '{path}' is not a readable .npy/.npz array: {error}") from None
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".partial.npy")
+    np.save(tmp, array)
+    tmp.replace(p)
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _progress(message: str) -> None:
+    print(f"[flowtile] {message}", file=sys.stderr, flush=True)
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+def cmd_compile(args) -> int:
+    from compiler import compile_model, report
+    arch = _arch_from_args(args)
+    calibration = _load_array(args.calibration, "calibration")[0] if args.calibration else None
+    program = compile_model(args.model, arch, calibration=calibration)
+    program.save(args.output)
+    print(report(program))
+    print(f"program written to {args.output}")
+    return 0
+
+
+def _load_program(path):
+    from .program import Program
+    return Program.load(path)
+
+
+def _emulate(program, x):
+    from emulator import emulate
+    from .host import input_flits, outputs_from_flits
+    q_in, flits = input_flits(program, x)
+    started = time.perf_counter()
+    result = emulate(program, flits, x.shape[0])
+    seconds = time.perf_counter() - started
+    q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
+    return result, q_out, y, seconds
+
+
+def _rtl(program, x, simulator, waves):
+    from hdl.simulate import simulate
+    from .host import input_flits, outputs_from_flits
+    _q_in, flits = input_flits(program, x)
+    result = simulate(program, flits, x.shape[0], simulator=simulator, waves=Path(waves) if waves else None)
+    q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
+    return result, q_out, y
+
+
+def cmd_emulate(args) -> int:
+    from .reports import write_visuals
+    program = _load_program(args.program)
+    x, _ = _load_array(args.input, "input")
+    result, _q, y, seconds = _emulate(program, x)
+    _save_array(args.output, y)
+    report = result.report() | {"emulator_seconds": seconds}
+    _write_json(args.report, report)
+    if args.trace or args.heatmap:
+        write_visuals(program, result, trace=args.trace, heatmap=args.heatmap)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_rtl(args) -> int:
+    program = _load_program(args.program)
+    x, _ = _load_array(args.input, "input")
+    result, _q, y = _rtl(program, x, args.sim, args.waves)
+    _save_array(args.output, y)
+    report = {"cycles": int(result.cycles), "batch": int(x.shape[0]), "simulator": args.sim,
+              "wall_seconds": result.wall_seconds, "build_seconds": result.build_seconds}
+    _write_json(args.report, report)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_verilog(args) -> int:
+    from hdl.verilog import chip_verilog
+    arch = _arch_from_args(args)
+    text = chip_verilog(arch)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out} ({arch.rows}x{arch.cols} tiles, {arch.lanes} lanes, {len(text.splitlines())} lines)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from compiler import compile_model, report as compile_report
+    from .oracle import onnxruntime_int8_output
+    from .reports import write_visuals
+
+    arch = _arch_from_args(args)
+    if args.input:
+        x, labels = _load_array(args.input, "input")
+    else:
+        x, labels = None, None
+    calibration = _load_array(args.calibration, "calibration")[0] if args.calibration else None
+
+    _progress(f"compiling {args.model} for a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
+    program = compile_model(args.model, arch, calibration=calibration)
+    if x is None:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((args.batch,) + tuple(program.input.shape)).astype(np.float32)
+        _progress(f"no --input: using {args.batch} seeded random inputs")
+    with tempfile.TemporaryDirectory(prefix="flowtile-run-") as tmp:
+        program.save(Path(tmp) / "prog")   # exercise the artifact: run what was written, as the CLI would
+        program = _load_program(Path(tmp) / "prog")
+    print(compile_report(program))
+
+    _progress(f"emulating batch {x.shape[0]}")
+    emu, emu_q, emu_y, emu_seconds = _emulate(program, x)
+    rtl = None
+    if args.sim != "none":
+        _progress(f"RTL simulation ({args.sim}) of batch {x.shape[0]}: building/simulating")
+        rtl, rtl_q, _rtl_y = _rtl(program, x, args.sim, args.waves)
+    _progress("onnxruntime reference (graph optimizations disabled)")
+    ort_q, ort_y = onnxruntime_int8_output(args.model, program, x, calibration=calibration)
+
+    rows = []
+    ok = True
+    ort_diff = int(np.max(np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32)))) if emu_q.size else 0
+    ort_ok = ort_diff <= 1
+    ok &= ort_ok
+    rows.append(("emulator vs onnxruntime int8", f"max |diff| = {ort_diff} LSB", "ok" if ort_ok else "MISMATCH"))
+    if rtl is not None:
+        bits_equal = bool(np.array_equal(rtl.out_flits, emu.out_flits))
+        times_equal = bool(np.array_equal(np.asarray(rtl.out_times), np.asarray(emu.out_times)))
+        cycles_equal = int(rtl.cycles) == int(emu.cycles)
+        ok &= bits_equal and times_equal and cycles_equal
+        n_bad = int(np.sum(np.any(rtl.out_flits != emu.out_flits, axis=1)))
+        rows.append(("RTL vs emulator outputs", "bit-identical" if bits_equal else f"{n_bad} flits differ",
+                     "ok" if bits_equal else "MISMATCH"))
+        rows.append(("RTL vs emulator cycles", f"{rtl.cycles} vs {emu.cycles}", "ok" if cycles_equal else "MISMATCH"))
+        rows.append(("RTL vs emulator per-flit times", "identical" if times_equal else "differ",
+                     "ok" if times_equal else "MISMATCH"))
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        rows.append(("accuracy onnxruntime int8", f"{np.mean(np.argmax(ort_y.reshape(len(x), -1), 1) == labels):.4f}", ""))
+        rows.append(("accuracy flowtile", f"{np.mean(np.argmax(emu_y.reshape(len(x), -1), 1) == labels):.4f}", ""))
+        if args.float_model:
+            from .oracle import onnxruntime_float_output
+            float_y = onnxruntime_float_output(args.float_model, x)
+            rows.insert(-2, ("accuracy float (onnxruntime)", f"{np.mean(np.argmax(float_y.reshape(len(x), -1), 1) == labels):.4f}", ""))
+    rep = emu.report()
+    rows.append(("cycles (batch)", str(rep["cycles"]), ""))
+    rows.append(("latency (cycles)", str(rep["latency_cycles"]), ""))
+    rows.append(("interval (cycles/inference)", f"{rep['interval_cycles']:.1f}", ""))
+    rows.append(("MAC utilization", f"{100 * rep['mac_utilization']:.1f}%", ""))
+    rows.append(("emulator wall time", f"{emu_seconds * 1e3:.1f} ms", ""))
+    if rtl is not None:
+        rows.append((f"RTL ({args.sim}) wall time", f"{rtl.wall_seconds:.2f} s (+ build {rtl.build_seconds:.1f} s)", ""))
+    width = max(len(r[0]) for r in rows)
+    print()
+    for name, value, verdict in rows:
+        print(f"  {name:<{width}}  {value:<28} {verdict}")
+    print()
+    if args.trace or args.heatmap:
+        write_visuals(program, emu, trace=args.trace, heatmap=args.heatmap)
+    _write_json(args.report, rep | {"ort_max_diff_lsb": ort_diff, "match": bool(ok)})
+    print("PASS: RTL and emulator agree" if ok and rtl is not None else
+          "PASS (RTL skipped)" if ok else "FAIL: see MISMATCH rows above")
+    return 0 if ok else EXIT_MISMATCH
+
+
+# --- argument parsing -------------------------------------------------------------------------------
+
+def _add_arch_options(parser):
+    parser.add_argument("--arch", metavar="A.toml", help="architecture description (TOML); default: built-in 4x4")
+    parser.add_argument("--grid", metavar="RxC", help="override the tile grid, e.g. 4x4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowtile", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile an ONNX model into a program directory")
+    p.add_argument("model", metavar="MODEL.onnx")
+    _add_arch_options(p)
+    p.add_argument("--calibration", metavar="X.npy", help="calibration inputs for float models")
+    p.add_argument("-o", "--output", required=True, metavar="PROG")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("emulate", help="run a program on the emulator")
+    p.add_argument("program", metavar="PROG")
+    p.add_argument("--input", required=True, metavar="X.npy")
+    p.add_argument("--output", required=True, metavar="Y.npy")
+    p.add_argument("--report", metavar="R.json")
+    p.add_argument("--trace", metavar="T.json", help="Perfetto/Chrome trace of every tile's phases")
+    p.add_argument("--heatmap", metavar="H.png", help="per-tile MAC utilization picture")
+    p.set_defaults(func=cmd_emulate)
+
+    p = sub.add_parser("rtl", help="run a program on the RTL (Verilator or Amaranth simulator)")
+    p.add_argument("program", metavar="PROG")
+    p.add_argument("--input", required=True, metavar="X.npy")
+    p.add_argument("--output", required=True, metavar="Y.npy")
+    p.add_argument("--sim", choices=("verilator", "amaranth"), default="verilator")
+    p.add_argument("--waves", metavar="FILE", help="write a waveform (FST for Verilator, VCD for Amaranth)")
+    p.add_argument("--report", metavar="R.json")
+    p.set_defaults(func=cmd_rtl)
+
+    p = sub.add_parser("run", help="compile, emulate, RTL-simulate and compare with onnxruntime")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--input", metavar="X.npy", help=".npy inputs, or .npz with x and labels y")
+    p.add_argument("--batch", type=int, default=8, help="random inputs when --input is not given")
+    p.add_argument("--float-model", metavar="F.onnx", help="float model, to report its accuracy too")
+    p.add_argument("--calibration", metavar="X.npy", help="calibration inputs for float models")
+    _add_arch_options(p)
+    p.add_argument("--sim", choices=("verilator", "amaranth", "none"), default="verilator")
+    p.add_argument("--waves", metavar="FILE")
+    p.add_argument("--report", metavar="R.json")
+    p.add_argument("--trace", metavar="T.json")
+    p.add_argument("--heatmap", metavar="H.png")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("verilog", help="write the chip's Verilog")
+    _add_arch_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE.v")
+    p.set_defaults(func=cmd_verilog)
+    return parser
+
+
+def _known_errors() -> tuple[type, ...]:
+    from .program import ProgramError
+    from .host import InputError
+    known = [ArchError, ProgramError, InputError, UsageError, FileNotFoundError]
+    try:
+        from compiler.errors import CompileError
+        known.append(CompileError)
+    except ImportError:
+        pass
+    try:
+        from hdl.simulate import SimulationError
+        known.append(SimulationError)
+    except ImportError:
+        pass
+    return tuple(known)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and args.batch < 1:
+        print("flowtile: error: --batch must be at least 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return args.func(args)
+    except _known_errors() as error:
+        if os.environ.get("FLOWTILE_DEBUG"):
+            raise
+        print(f"flowtile: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("flowtile: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

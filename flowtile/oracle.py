@@ -1,0 +1,51 @@
+"""onnxruntime as the independent numerical oracle.
+
+The int8 oracle runs the QDQ model with every graph optimization disabled: onnxruntime's fused int8
+kernels give CPU-dependent results (see shared/toolchain-notes.md), the unfused reference path does not.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .host import quantize
+from .program import Program
+
+__all__ = ["ort_session", "onnxruntime_int8_output", "onnxruntime_float_output", "is_quantized"]
+
+
+def ort_session(model: onnx.ModelProto):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort_session(model)
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: x.astype(np.float32)})[0]
+
+
+def onnxruntime_int8_output(model_path, program: Program, x: np.ndarray, *, calibration=None):
+    """(int8-domain outputs ``[batch, n]``, float outputs) of the int8 model as onnxruntime computes it.
+
+    A float model is first quantized exactly as the compiler quantizes it, so both sides see the same
+    int8 network.
+    """
+    model = onnx.load(str(model_path))
+    if not is_quantized(model):
+        from compiler.onnx_import import quantize_float_model
+        model = quantize_float_model(model, calibration)
+    y = _run(model, x)
+    return quantize(y.reshape(y.shape[0], -1), program.output), y
+
+
+def onnxruntime_float_output(model_path, x: np.ndarray) -> np.ndarray:
+    return _run(onnx.load(str(model_path)), x)

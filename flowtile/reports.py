@@ -1,0 +1,77 @@
+"""Pictures and traces people would rather look at: per-tile utilization heatmaps (PNG) and
+Perfetto / Chrome trace-event timelines (JSON, open in https://ui.perfetto.dev or chrome://tracing).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .program import Program
+
+__all__ = ["tile_utilization", "perfetto_trace", "write_visuals"]
+
+
+def tile_utilization(program: Program, result) -> np.ndarray:
+    """[rows, cols] fraction of each PE's MAC lanes doing work over the whole run."""
+    return np.asarray(result.tile_macs, dtype=np.float64) / (max(1, int(result.cycles)) * program.arch.lanes)
+
+
+def perfetto_trace(program: Program, result) -> dict:
+    """Trace-event JSON: one track per tile (chain order), one slice per phase of each inference.
+
+    Timestamps are cycles (shown as microseconds by the viewers: 1 us = 1 cycle).
+    """
+    events = []
+    layer_of = {tuple(t): layer.name for layer in program.layers for t in layer.tiles}
+    for position, (tile, spans) in enumerate(zip(program.tiles, result.tile_timelines)):
+        label = f"tile {position} ({tile.row},{tile.col})"
+        if (tile.row, tile.col) in layer_of:
+            label += f" {layer_of[(tile.row, tile.col)]}"
+        events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": position, "args": {"name": label}})
+        events.append({"ph": "M", "name": "thread_sort_index", "pid": 0, "tid": position,
+                       "args": {"sort_index": position}})
+        for start, end, phase in spans:
+            events.append({"ph": "X", "name": str(phase), "pid": 0, "tid": position,
+                           "ts": int(start), "dur": max(1, int(end) - int(start))})
+    events.append({"ph": "M", "name": "process_name", "pid": 0, "args": {"name": f"flowtile {program.model_name}"}})
+    return {"traceEvents": events, "displayTimeUnit": "ns",
+            "otherData": {"cycles": int(result.cycles), "time_unit": "1 us in the viewer = 1 clock cycle"}}
+
+
+def write_heatmap(program: Program, result, path: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    util = tile_utilization(program, result)
+    arch = program.arch
+    fig, ax = plt.subplots(figsize=(1.2 * arch.cols + 2, 1.2 * arch.rows + 1))
+    image = ax.imshow(100 * util, vmin=0, vmax=100, cmap="viridis")
+    layer_of = {tuple(t): layer.name for layer in program.layers for t in layer.tiles}
+    for r in range(arch.rows):
+        for c in range(arch.cols):
+            text = f"{100 * util[r, c]:.0f}%\n{layer_of.get((r, c), 'pass')}"
+            ax.text(c, r, text, ha="center", va="center", fontsize=7,
+                    color="white" if util[r, c] < 0.6 else "black")
+    ax.set_xticks(range(arch.cols))
+    ax.set_yticks(range(arch.rows))
+    ax.set_xlabel("column")
+    ax.set_ylabel("row")
+    ax.set_title(f"MAC utilization per tile ({int(result.cycles)} cycles)")
+    fig.colorbar(image, ax=ax, label="% of lane-cycles")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_visuals(program: Program, result, *, trace=None, heatmap=None) -> None:
+    if trace:
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
+        Path(trace).write_text(json.dumps(perfetto_trace(program, result)))
+    if heatmap:
+        write_heatmap(program, result, heatmap)

@@ -1,0 +1,231 @@
+"""Payload layouts shared by every flowtile block, and the host-side encoders of the load bus.
+
+Contract (docs/architecture.md sections 2 and 5):
+
+* **Flit** (:func:`flit_layout`): ``data`` (``8 * lanes`` bits, lane ``l`` at ``[8l, 8l+8)``),
+  ``dest_row`` (``arch.row_bits``), ``dest_col`` (``arch.col_bits``), ``dest_host`` (1), packed
+  LSB first in that order. Streams of flits are ``stream.Signature(flit_layout(arch))``.
+
+* **Load port** (:func:`load_signature`): ``stream.Signature(load_layout(arch), always_ready=True)``.
+  Loads are always accepted, one per cycle, and only take effect while ``run = 0``. Flattened
+  (Verilog) names are ``load__valid`` and ``load__payload``; the payload packs LSB first:
+
+  ========  ===========================================  =============================================
+  field     width                                        meaning
+  ========  ===========================================  =============================================
+  tile      :func:`load_tile_bits` = ceil(log2(n_tiles))  tile index ``row * cols + col``
+            (at least 1)
+  target    :data:`LOAD_TARGET_BITS` = 2                 :data:`LOAD_TARGET_SRAM` (0),
+                                                         :data:`LOAD_TARGET_PARAMS` (1),
+                                                         :data:`LOAD_TARGET_CONFIG` (2)
+  addr      :data:`LOAD_ADDR_BITS` = 16                  SRAM word / parameter row / config register
+  data      :func:`load_data_bits` = max(8 * lanes, 69)  see below
+  ========  ===========================================  =============================================
+
+  Data per target: SRAM word = a flit's ``data`` (low ``8 * lanes`` bits); parameter entry =
+  :func:`param_layout` (bias ``[0, 32)`` signed, multiplier ``[32, 63)``, shift ``[63, 69)``), built
+  by :func:`encode_param_entry`; config register ``addr`` = its index in ``CONFIG_FIELDS``, value in
+  the low bits, two's complement for signed registers, built by :func:`encode_config`.
+  Writes beyond a memory's depth, to an unknown config address or to target 3 are ignored.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Shape, signed, unsigned
+from amaranth.lib import data, stream
+
+from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch
+
+__all__ = [
+    "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
+    "PARAM_ENTRY_BITS", "LoadEncodingError",
+    "check_arch", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
+    "load_tile_bits", "param_layout", "config_layout", "config_field_index",
+    "encode_param_entry", "encode_config", "encode_config_value", "pack_lanes", "unpack_lanes",
+]
+
+LOAD_TARGET_SRAM = 0
+LOAD_TARGET_PARAMS = 1
+LOAD_TARGET_CONFIG = 2
+#: Width of the load ``target`` field (three targets).
+LOAD_TARGET_BITS = 2
+#: Width of the load ``addr`` field (docs/architecture.md section 5).
+LOAD_ADDR_BITS = 16
+#: One parameter-table entry: bias, multiplier, shift.
+PARAM_ENTRY_BITS = ACC_BITS + MULTIPLIER_BITS + SHIFT_BITS
+#: Int8 lane width of a flit.
+LANE_BITS = 8
+
+
+class LoadEncodingError(ValueError):
+    """A host-side value does not fit the register or table entry it is meant for; names the field."""
+
+
+def check_arch(arch, who: str) -> Arch:
+    """Raise a TypeError naming ``who`` unless ``arch`` is a :class:`flowtile.arch.Arch`."""
+    if not isinstance(arch, Arch):
+        raise TypeError(f"{who}: parameter 'arch' must be a flowtile.arch.Arch, got {arch!r}")
+    return arch
+
+
+def flit_layout(arch: Arch) -> data.StructLayout:
+    """The flit: ``data``, ``dest_row``, ``dest_col``, ``dest_host`` packed LSB first."""
+    check_arch(arch, "flit_layout")
+    return data.StructLayout({
+        "data": unsigned(arch.flit_data_bits),
+        "dest_row": unsigned(arch.row_bits),
+        "dest_col": unsigned(arch.col_bits),
+        "dest_host": unsigned(1),
+    })
+
+
+def flit_signature(arch: Arch) -> stream.Signature:
+    """A valid/ready stream of flits (``valid`` never depends on ``ready``)."""
+    return stream.Signature(flit_layout(arch))
+
+
+def load_data_bits(arch: Arch) -> int:
+    """Width of the load ``data`` field: a whole SRAM word or a whole parameter entry."""
+    return max(arch.flit_data_bits, PARAM_ENTRY_BITS)
+
+
+def load_tile_bits(arch: Arch) -> int:
+    """Width of the load ``tile`` field: enough for ``n_tiles - 1``, at least 1."""
+    return max(1, (arch.n_tiles - 1).bit_length())
+
+
+def load_layout(arch: Arch) -> data.StructLayout:
+    """The load-bus payload (``valid`` is the stream's, see the module docstring)."""
+    check_arch(arch, "load_layout")
+    return data.StructLayout({
+        "tile": unsigned(load_tile_bits(arch)),
+        "target": unsigned(LOAD_TARGET_BITS),
+        "addr": unsigned(LOAD_ADDR_BITS),
+        "data": unsigned(load_data_bits(arch)),
+    })
+
+
+def load_signature(arch: Arch) -> stream.Signature:
+    """The load port: always ready, one write per valid cycle."""
+    return stream.Signature(load_layout(arch), always_ready=True)
+
+
+def param_layout() -> data.StructLayout:
+    """One parameter-table row: bias (signed, wraps with the accumulator), multiplier, shift."""
+    return data.StructLayout({
+        "bias": signed(ACC_BITS),
+        "multiplier": unsigned(MULTIPLIER_BITS),
+        "shift": unsigned(SHIFT_BITS),
+    })
+
+
+def config_layout() -> data.StructLayout:
+    """All config registers of ``CONFIG_FIELDS`` as one struct (signed registers are signed fields)."""
+    return data.StructLayout({
+        name: (signed(width) if is_signed else unsigned(width)) for name, width, is_signed in CONFIG_FIELDS
+    })
+
+
+def config_field_index(name: str) -> int:
+    """Register address of config register ``name`` (its index in ``CONFIG_FIELDS``)."""
+    for index, (field_name, _, _) in enumerate(CONFIG_FIELDS):
+        if field_name == name:
+            return index
+    raise LoadEncodingError(f"unknown config register '{name}'; known: "
+                            f"{', '.join(field for field, _, _ in CONFIG_FIELDS)}")
+
+
+def _check_range(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy  # only to accept numpy integers from program files
+            if isinstance(value, numpy.integer):
+                value = int(value)
+        except ImportError:  # pragma: no cover
+            pass
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LoadEncodingError(f"'{name}' must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise LoadEncodingError(f"'{name}' = {value} is out of range {low}..{high}")
+    return value
+
+
+def encode_config_value(name: str, value: int) -> int:
+    """The load ``data`` word for config register ``name`` (two's complement if signed)."""
+    index = config_field_index(name)
+    _, width, is_signed = CONFIG_FIELDS[index]
+    shape = signed(width) if is_signed else unsigned(width)
+    low, high = (-(1 << (width - 1)), (1 << (width - 1)) - 1) if is_signed else (0, (1 << width) - 1)
+    value = _check_range(f"config register {name}", value, low, high)
+    assert Shape.cast(shape).width == width
+    return value & ((1 << width) - 1)
+
+
+def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
+    """``(addr, data)`` load pairs for a complete tile config (every register of ``CONFIG_FIELDS``).
+
+    Besides each register's own range, checks the rules of docs/architecture.md section 4 that the
+    RTL relies on: ``n_out > 0`` requires ``n_in_words > 0``; ``n_out <= max_tile_outputs``;
+    the weight and activation regions fit the SRAM; the destination tile exists.
+    """
+    check_arch(arch, "encode_config")
+    names = [name for name, _, _ in CONFIG_FIELDS]
+    missing = [name for name in names if name not in config]
+    unknown = sorted(set(config) - set(names))
+    if missing:
+        raise LoadEncodingError(f"config is missing register(s) {', '.join(missing)}")
+    if unknown:
+        raise LoadEncodingError(f"config has unknown register(s) {', '.join(unknown)}")
+    pairs = [(config_field_index(name), encode_config_value(name, config[name])) for name in names]
+    k, n_out = config["n_in_words"], config["n_out"]
+    if n_out > 0 and k == 0:
+        raise LoadEncodingError(f"config register n_out = {n_out} requires n_in_words > 0")
+    if n_out > arch.max_tile_outputs:
+        raise LoadEncodingError(f"config register n_out = {n_out} exceeds max_tile_outputs = "
+                                f"{arch.max_tile_outputs}")
+    if k > 0 and config["act_base"] + k > arch.sram_words:
+        raise LoadEncodingError(f"config registers act_base + n_in_words = {config['act_base'] + k} exceed "
+                                f"sram_words = {arch.sram_words}")
+    if n_out > 0 and config["w_base"] + n_out * k > arch.sram_words:
+        raise LoadEncodingError(f"config registers w_base + n_out * n_in_words = "
+                                f"{config['w_base'] + n_out * k} exceed sram_words = {arch.sram_words}")
+    if not config["dest_host"]:
+        if config["dest_row"] >= arch.rows:
+            raise LoadEncodingError(f"config register dest_row = {config['dest_row']} outside 0..{arch.rows - 1}")
+        if config["dest_col"] >= arch.cols:
+            raise LoadEncodingError(f"config register dest_col = {config['dest_col']} outside 0..{arch.cols - 1}")
+    if config["clamp_lo"] > config["clamp_hi"]:
+        raise LoadEncodingError(f"config registers clamp_lo = {config['clamp_lo']} > clamp_hi = "
+                                f"{config['clamp_hi']}")
+    return pairs
+
+
+def encode_param_entry(bias: int, multiplier: int, shift: int) -> int:
+    """The load ``data`` word of one parameter-table row (bias ``[0,32)``, multiplier ``[32,63)``,
+    shift ``[63,69)``). The shift must be in ``[1, 62]`` (docs/architecture.md section 4)."""
+    bias = _check_range("bias", bias, -(1 << (ACC_BITS - 1)), (1 << (ACC_BITS - 1)) - 1)
+    multiplier = _check_range("multiplier", multiplier, 0, (1 << MULTIPLIER_BITS) - 1)
+    shift = _check_range("shift", shift, 1, (1 << SHIFT_BITS) - 2)
+    return ((bias & ((1 << ACC_BITS) - 1))
+            | (multiplier << ACC_BITS)
+            | (shift << (ACC_BITS + MULTIPLIER_BITS)))
+
+
+def pack_lanes(values, lanes: int) -> int:
+    """Pack up to ``lanes`` int8 values into a flit ``data`` integer (missing lanes are zero)."""
+    values = [int(v) for v in values]
+    if len(values) > lanes:
+        raise LoadEncodingError(f"{len(values)} values do not fit {lanes} lanes")
+    word = 0
+    for lane, value in enumerate(values):
+        _check_range(f"lane {lane}", value, -(1 << (LANE_BITS - 1)), (1 << (LANE_BITS - 1)) - 1)
+        word |= (value & ((1 << LANE_BITS) - 1)) << (LANE_BITS * lane)
+    return word
+
+
+def unpack_lanes(word: int, lanes: int) -> list[int]:
+    """The ``lanes`` int8 values of a flit ``data`` integer."""
+    out = []
+    for lane in range(lanes):
+        byte = (word >> (LANE_BITS * lane)) & ((1 << LANE_BITS) - 1)
+        out.append(byte - (1 << LANE_BITS) if byte >> (LANE_BITS - 1) else byte)
+    return out

@@ -1,0 +1,111 @@
+"""The command line as a user meets it: bad input gives one clear line and a non-zero exit."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_mlp.onnx"
+
+
+def flowtile(*args, cwd=None):
+    env = dict(os.environ, AMARANTH_USE_YOSYS="builtin")
+    env.pop("FLOWTILE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "flowtile.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, env=env, timeout=600)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("flowtile: error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def float_mlp(path: Path, widths, *, op_between="Relu"):
+    rng = np.random.default_rng(1)
+    nodes, inits = [], []
+    current = "x"
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        inits += [numpy_helper.from_array(rng.standard_normal((n_in, n_out)).astype(np.float32) * 0.1, f"w{i}"),
+                  numpy_helper.from_array(np.zeros(n_out, np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"h{i}"], name=f"gemm_{i}"))
+        current = f"h{i}"
+        if i < len(widths) - 2:
+            nodes.append(helper.make_node(op_between, [current], [f"a{i}"], name=f"act_{i}"))
+            current = f"a{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, widths[0]])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, [None, widths[-1]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return path
+
+
+def test_oversize_model_fails_at_compile_time(tmp_path):
+    model = float_mlp(tmp_path / "big.onnx", [300, 300, 300, 300])
+    result = flowtile("compile", model, "--grid", "1x2", "-o", tmp_path / "prog")
+    assert_clean_error(result, "bytes")
+    assert not (tmp_path / "prog").exists(), "no partial output may be left behind"
+
+
+def test_unsupported_op_is_named(tmp_path):
+    model = float_mlp(tmp_path / "sig.onnx", [8, 8, 4], op_between="Sigmoid")
+    result = flowtile("compile", model, "-o", tmp_path / "prog")
+    assert_clean_error(result, "Sigmoid", "act_0")
+
+
+def test_malformed_model_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    assert_clean_error(flowtile("compile", bad, "-o", tmp_path / "prog"), "bad.onnx")
+
+
+def test_bad_arch_field_is_named(tmp_path):
+    arch = tmp_path / "a.toml"
+    arch.write_text("rows = 4\ncols = 4\nlanes = 3\n")
+    assert_clean_error(flowtile("compile", DIGITS, "--arch", arch, "-o", tmp_path / "prog"), "lanes")
+    assert_clean_error(flowtile("compile", DIGITS, "--grid", "4by4", "-o", tmp_path / "prog"), "--grid")
+
+
+def test_wrong_input_shape_names_expected_and_given(tmp_path):
+    prog = tmp_path / "prog"
+    assert flowtile("compile", DIGITS, "-o", prog).returncode == 0
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((3, 65), np.float32))
+    result = flowtile("emulate", prog, "--input", x, "--output", tmp_path / "y.npy")
+    assert_clean_error(result, "[3, 65]", "64")
+    assert not (tmp_path / "y.npy").exists()
+
+
+def test_emulate_writes_outputs_report_trace_and_heatmap(tmp_path):
+    prog = tmp_path / "prog"
+    assert flowtile("compile", DIGITS, "-o", prog).returncode == 0
+    with np.load(ROOT / "models" / "digits_test.npz") as data:
+        np.save(tmp_path / "x.npy", data["x"][:16])
+    result = flowtile("emulate", prog, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy",
+                      "--report", tmp_path / "r.json", "--trace", tmp_path / "t.json", "--heatmap", tmp_path / "h.png")
+    assert result.returncode == 0, result.stderr
+    import json
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (16, 10)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["cycles"] > 0 and 0 < report["mac_utilization"] <= 1
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert any(event["ph"] == "X" for event in trace["traceEvents"])
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_verilog_command_writes_a_module(tmp_path):
+    out = tmp_path / "chip.v"
+    result = flowtile("verilog", "--grid", "2x2", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "module" in out.read_text()
