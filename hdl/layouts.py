@@ -6,9 +6,12 @@ Contract (docs/architecture.md sections 2 and 5):
   ``dest_row`` (``arch.row_bits``), ``dest_col`` (``arch.col_bits``), ``dest_host`` (1), packed
   LSB first in that order. Streams of flits are ``stream.Signature(flit_layout(arch))``.
 
-* **Load port** (:func:`load_signature`): ``stream.Signature(load_layout(arch), always_ready=True)``.
-  Loads are always accepted, one per cycle, and only take effect while ``run = 0``. Flattened
-  (Verilog) names are ``load__valid`` and ``load__payload``; the payload packs LSB first:
+* **Load port** (:func:`load_signature`): a ``wiring.Signature`` with members ``valid`` (1 bit) and
+  ``payload`` (:func:`load_layout`), i.e. a stream without ``ready``: every valid cycle is one write
+  (loads are always accepted; they only take effect while ``run = 0``). Not
+  ``stream.Signature(..., always_ready=True)`` because its constant ``ready`` cannot be a top-level
+  Verilog port. Flattened (Verilog) names are ``load__valid`` and ``load__payload``; the payload
+  packs LSB first:
 
   ========  ===========================================  =============================================
   field     width                                        meaning
@@ -30,8 +33,9 @@ Contract (docs/architecture.md sections 2 and 5):
 """
 from __future__ import annotations
 
-from amaranth.hdl import Shape, signed, unsigned
-from amaranth.lib import data, stream
+from amaranth.hdl import signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import Out
 
 from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch
 
@@ -41,6 +45,7 @@ __all__ = [
     "check_arch", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
     "encode_param_entry", "encode_config", "encode_config_value", "pack_lanes", "unpack_lanes",
+    "pack_struct", "unpack_struct", "pack_flit", "pack_load", "LANE_BITS",
 ]
 
 LOAD_TARGET_SRAM = 0
@@ -104,9 +109,9 @@ def load_layout(arch: Arch) -> data.StructLayout:
     })
 
 
-def load_signature(arch: Arch) -> stream.Signature:
-    """The load port: always ready, one write per valid cycle."""
-    return stream.Signature(load_layout(arch), always_ready=True)
+def load_signature(arch: Arch) -> wiring.Signature:
+    """The load port (driver's view): ``valid`` and ``payload``; no ``ready``, one write per valid cycle."""
+    return wiring.Signature({"valid": Out(1), "payload": Out(load_layout(arch))})
 
 
 def param_layout() -> data.StructLayout:
@@ -153,10 +158,8 @@ def encode_config_value(name: str, value: int) -> int:
     """The load ``data`` word for config register ``name`` (two's complement if signed)."""
     index = config_field_index(name)
     _, width, is_signed = CONFIG_FIELDS[index]
-    shape = signed(width) if is_signed else unsigned(width)
     low, high = (-(1 << (width - 1)), (1 << (width - 1)) - 1) if is_signed else (0, (1 << width) - 1)
     value = _check_range(f"config register {name}", value, low, high)
-    assert Shape.cast(shape).width == width
     return value & ((1 << width) - 1)
 
 
@@ -229,3 +232,44 @@ def unpack_lanes(word: int, lanes: int) -> list[int]:
         byte = (word >> (LANE_BITS * lane)) & ((1 << LANE_BITS) - 1)
         out.append(byte - (1 << LANE_BITS) if byte >> (LANE_BITS - 1) else byte)
     return out
+
+
+def pack_struct(layout: data.StructLayout, **fields) -> int:
+    """The integer a flattened port carries for a struct payload (fields LSB first; missing fields 0).
+
+    For drivers that see ports as plain bit vectors (Verilator/cocotb: ``load__payload``,
+    ``i_host__payload``)."""
+    word = 0
+    for name, value in fields.items():
+        try:
+            field = layout[name]
+        except KeyError:
+            raise LoadEncodingError(f"'{name}' is not a field of {layout!r}") from None
+        width = field.width
+        value = int(value)
+        low = -(1 << (width - 1)) if field.shape.signed else 0
+        high = (1 << (width - 1)) - 1 if field.shape.signed else (1 << width) - 1
+        _check_range(name, value, low, high)
+        word |= (value & ((1 << width) - 1)) << field.offset
+    return word
+
+
+def unpack_struct(layout: data.StructLayout, word: int) -> dict:
+    """The fields of a flattened struct payload as Python integers (signed fields sign-extended)."""
+    result = {}
+    for name, field in layout:
+        value = (int(word) >> field.offset) & ((1 << field.width) - 1)
+        if field.shape.signed and value >> (field.width - 1):
+            value -= 1 << field.width
+        result[name] = value
+    return result
+
+
+def pack_flit(arch: Arch, data: int, dest_row: int = 0, dest_col: int = 0, dest_host: int = 0) -> int:
+    """A flit as the integer on ``*__payload`` (``data`` as from :func:`pack_lanes`)."""
+    return pack_struct(flit_layout(arch), data=data, dest_row=dest_row, dest_col=dest_col, dest_host=dest_host)
+
+
+def pack_load(arch: Arch, tile: int, target: int, addr: int, data: int) -> int:
+    """A load-bus write as the integer on ``load__payload``."""
+    return pack_struct(load_layout(arch), tile=tile, target=target, addr=addr, data=data)

@@ -1,0 +1,137 @@
+"""Program emission: partitioned, lowered layers -> a :class:`flowtile.program.Program`, and its report."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+
+from flowtile.arch import Arch, CONFIG_FIELDS
+from flowtile.program import LayerInfo, Program, TileProgram
+
+from .lower import LoweredLayer, lower
+from .onnx_import import import_onnx
+from .partition import TileSlice, partition, tile_cycles, words
+
+__all__ = ["compile_model", "build_program", "report"]
+
+
+def _config(**values: int) -> dict[str, int]:
+    """A full register set: every CONFIG_FIELDS register, zero unless given (an idle tile)."""
+    config = {name: 0 for name, _, _ in CONFIG_FIELDS}
+    config.update({"clamp_lo": -128, "clamp_hi": 127})
+    unknown = set(values) - set(config)
+    assert not unknown, f"not config registers: {unknown}"
+    config.update({name: int(value) for name, value in values.items()})
+    return config
+
+
+def _destination(arch: Arch, position: int) -> dict[str, int]:
+    """Every tile sends to the next chain position; the last one sends to the host output."""
+    if position == arch.n_tiles - 1:
+        row, col = arch.chain_position(position)
+        return {"dest_row": row, "dest_col": col, "dest_host": 1}
+    row, col = arch.chain_position(position + 1)
+    return {"dest_row": row, "dest_col": col, "dest_host": 0}
+
+
+def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice) -> TileProgram:
+    k, lanes = part.n_in_words, arch.lanes
+    rows = np.zeros((part.n_out, k * lanes), dtype=np.int8)  # weight rows padded with zeros to K words
+    rows[:, :layer.n_in] = layer.weight[part.start:part.stop]
+    config = _config(n_in_words=k, forward=int(part.forward), n_pass=part.n_pass, n_out=part.n_out,
+                     w_base=0, act_base=part.n_out * k, zp_out=layer.zp_out, clamp_lo=layer.clamp_lo,
+                     clamp_hi=layer.clamp_hi, **_destination(arch, position))
+    row, col = arch.chain_position(position)
+    return TileProgram(row, col, config, rows.reshape(part.n_out * k, lanes),
+                       layer.params[part.start:part.stop].copy())
+
+
+def _pass_tile(arch: Arch, position: int, n_pass: int) -> TileProgram:
+    row, col = arch.chain_position(position)
+    return TileProgram(row, col, _config(n_pass=n_pass, **_destination(arch, position)),
+                       np.zeros((0, arch.lanes), np.int8), np.zeros((0, 3), np.int64))
+
+
+def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "") -> Program:
+    """Partition lowered layers over the chain and emit every tile's registers, SRAM image and parameters."""
+    splits = partition(layers, arch)
+    tiles: list[TileProgram] = []
+    infos: list[LayerInfo] = []
+    for layer, slices in zip(layers, splits):
+        first = len(tiles)
+        tiles += [_compute_tile(arch, first + i, layer, part) for i, part in enumerate(slices)]
+        infos.append(LayerInfo(layer.name, layer.op, layer.n_in, layer.n_out,
+                               tuple(arch.chain_position(p) for p in range(first, len(tiles))), layer.relu))
+    output_words = words(layers[-1].n_out, arch.lanes)
+    tiles += [_pass_tile(arch, p, output_words) for p in range(len(tiles), arch.n_tiles)]
+    _check_routes(tiles, arch)
+    program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
+                      model_name=model_name)
+    program.validate()
+    return program
+
+
+def _check_routes(tiles: list[TileProgram], arch: Arch) -> None:
+    """Every stream is one hop between chain neighbours (or into the exit port), so each mesh link carries
+    exactly one stream and no router output is contended: what makes section 6's timing exact."""
+    for position, tile in enumerate(tiles):
+        c = tile.config
+        if c["dest_host"]:
+            assert position == arch.n_tiles - 1, f"tile {tile.key} sends to the host before the chain's end"
+            continue
+        hops = abs(c["dest_row"] - tile.row) + abs(c["dest_col"] - tile.col)
+        assert hops == 1 and (c["dest_row"], c["dest_col"]) == arch.chain_position(position + 1), \
+            f"tile {tile.key} sends to ({c['dest_row']},{c['dest_col']}), not its chain successor"
+
+
+def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, calibration: np.ndarray | None = None,
+                  per_channel: bool = True) -> Program:
+    """Compile an ONNX MLP (int8 QDQ, or float: quantized first) for ``arch``.
+
+    ``calibration`` (``[n, *input shape]`` float) and ``per_channel`` only matter for float models.
+    Raises :class:`compiler.CompileError` when the model is unsupported or does not fit.
+    """
+    imported = import_onnx(model, calibration=calibration, per_channel=per_channel)
+    return build_program(lower(imported.layers), arch, input_spec=imported.input, output_spec=imported.output,
+                         model_name=imported.name)
+
+
+def report(program: Program) -> str:
+    """A table: per layer its op, size, tiles, estimated cycles per inference and SRAM bytes used/available."""
+    arch = program.arch
+    by_position = {(t.row, t.col): t for t in program.tiles}
+
+    def cycles(tile: TileProgram) -> int:
+        c = tile.config
+        return tile_cycles(c["n_in_words"], c["n_pass"], c["n_out"], arch.lanes)
+
+    def sram_used(tile: TileProgram) -> int:
+        c = tile.config
+        return (c["n_out"] * c["n_in_words"] + (c["n_in_words"] if c["n_out"] else 0)) * arch.lanes
+
+    rows = [("layer", "op", "n_in x n_out", "tiles", "est. cycles/inf", "SRAM bytes used/avail")]
+    slowest = (0, "")
+    for layer in program.layers:
+        tiles = [by_position[t] for t in layer.tiles]
+        worst = max(cycles(t) for t in tiles)
+        slowest = max(slowest, (worst, f"layer '{layer.name}'"))
+        span = f"{len(tiles)} ({_chain_index(arch, layer.tiles[0])}..{_chain_index(arch, layer.tiles[-1])})"
+        rows.append((layer.name, layer.op + ("+Relu" if layer.relu else ""), f"{layer.n_in} x {layer.n_out}", span,
+                     str(worst), f"{sum(sram_used(t) for t in tiles)}/{len(tiles) * arch.sram_bytes}"))
+    passing = [t for t in program.tiles if t.config["n_out"] == 0]
+    if passing:
+        worst = max(cycles(t) for t in passing)
+        slowest = max(slowest, (worst, "pass-through tiles"))
+        rows.append(("(pass-through)", "-", "-", str(len(passing)), str(worst), f"0/{len(passing) * arch.sram_bytes}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"{program.model_name or 'model'}: {arch.rows}x{arch.cols} tiles, {arch.lanes} lanes, "
+                 f"{program.macs_per_inference} MACs/inference; estimated interval {slowest[0]} cycles/inference "
+                 f"(bottleneck: {slowest[1]})")
+    return "\n".join(lines)
+
+
+def _chain_index(arch: Arch, tile: tuple[int, int]) -> int:
+    return arch.chain.index(tuple(tile))

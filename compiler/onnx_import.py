@@ -1,0 +1,627 @@
+"""ONNX -> a list of quantized dense layers.
+
+Accepted models are multilayer perceptrons, one chain from the graph input to the graph output:
+
+* int8 QDQ models as ``onnxruntime.quantization.quantize_static`` writes them::
+
+      x -> [Flatten|Reshape] -> Q -> DQ -> (MatMul|Gemm)(DQ(W int8)[, DQ(b int32) | float b])
+        -> [Add(bias)] -> [Relu] -> Q -> DQ -> [Relu -> Q -> DQ] -> next layer ... -> y
+
+  (the quantizer folds a Relu away when the output zero point already clips at zero; it is then
+  implicit in the output clamp). Weights are int8 with zero point 0, per tensor or per output
+  channel; activations are int8 or uint8, per tensor, with any zero point.
+* float MLPs (MatMul, Gemm, Add, Relu, Flatten, Reshape), which :func:`import_onnx` first quantizes
+  with ``quantize_static`` (QDQ format) and then imports as above.
+
+Anything else raises :class:`CompileError` naming the node, its op and, where it applies, the attribute.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from flowtile.program import TensorSpec
+
+from .errors import CompileError
+
+__all__ = ["QuantParams", "DenseLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
+           "DEFAULT_CALIBRATION_SAMPLES"]
+
+#: Samples in the seeded random-normal calibration set used when none is given.
+DEFAULT_CALIBRATION_SAMPLES = 256
+
+_QUANT_DTYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
+_FLOAT_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Reshape"}
+_RESHAPE_OPS = {"Flatten", "Reshape"}
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Per-tensor quantization of an activation: ``real = scale * (q - zero_point)``, q of ``dtype``."""
+
+    scale: float
+    zero_point: int
+    dtype: str  # "int8" or "uint8"
+
+    @property
+    def int8_zero_point(self) -> int:
+        """The zero point in the on-chip int8 domain (uint8 tensors travel as ``q - 128``)."""
+        return self.zero_point - 128 if self.dtype == "uint8" else self.zero_point
+
+
+@dataclass
+class DenseLayer:
+    """One quantized dense layer ``y = Q(relu?(DQ(x) @ DQ(W)^T + DQ(b)))`` as the ONNX model states it.
+
+    ``weight`` is int8 ``[n_out, n_in]`` (weight zero point 0), ``weight_scales`` float64 ``[n_out]``
+    (per-tensor scales are broadcast), ``bias`` int32 ``[n_out]`` in units of
+    ``input.scale * weight_scales``. ``relu`` is an explicit Relu; a Relu the quantizer folded into the
+    output zero point is implicit in the output clamp. ``name`` is the MatMul/Gemm node's name.
+    """
+
+    name: str
+    op: str
+    weight: np.ndarray
+    bias: np.ndarray
+    input: QuantParams
+    weight_scales: np.ndarray
+    output: QuantParams
+    relu: bool
+
+    @property
+    def n_in(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def n_out(self) -> int:
+        return int(self.weight.shape[0])
+
+
+@dataclass
+class ImportedModel:
+    """What the importer hands to lowering: the layers, the host tensors, and the QDQ model they came from."""
+
+    name: str
+    layers: list[DenseLayer]
+    input: TensorSpec
+    output: TensorSpec
+    qdq_model: onnx.ModelProto
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------------
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Load ``model`` (path or ModelProto), check it and run shape inference; CompileError if malformed."""
+    if isinstance(model, onnx.ModelProto):
+        proto, source = model, "model"
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise CompileError(f"ONNX file '{path}' does not exist")
+        try:
+            proto = onnx.load(str(path))
+        except Exception as error:  # protobuf raises DecodeError, but also others on garbage
+            raise CompileError(f"'{path}' is not a valid ONNX model: {type(error).__name__}: "
+                               f"{_one_line(error)}") from None
+        source = f"'{path}'"
+    try:
+        onnx.checker.check_model(proto)
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as error:
+        raise CompileError(f"{source} is not a valid ONNX model: {type(error).__name__}: "
+                           f"{_one_line(error)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# graph access
+# ---------------------------------------------------------------------------------------------------
+def _describe(node: onnx.NodeProto) -> str:
+    return f"node '{node.name or node.output[0]}' ({node.op_type})"
+
+
+class _Graph:
+    """Producer/consumer maps and constants of one ONNX graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.model = model
+        self.nodes = list(graph.node)
+        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in self.nodes:
+            if node.op_type == "Constant" and not node.input:
+                attribute = node.attribute[0]
+                if attribute.name != "value":
+                    raise CompileError(f"{_describe(node)}: attribute '{attribute.name}' is unsupported (only 'value')")
+                self.consts[node.output[0]] = numpy_helper.to_array(attribute.t)
+        self.producer = {out: node for node in self.nodes for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.outputs = [o.name for o in graph.output]
+        self.shapes = {v.name: v.type.tensor_type.shape
+                       for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.consts.get(name)
+
+    def consumer(self, tensor: str) -> onnx.NodeProto | None:
+        """The single node that reads ``tensor`` (None at the graph output); a second reader is a branch."""
+        readers = self.consumers.get(tensor, [])
+        if len(readers) + (tensor in self.outputs) > 1:
+            names = [_describe(n) for n in readers] + (["the graph output"] if tensor in self.outputs else [])
+            raise CompileError(f"tensor '{tensor}' feeds {' and '.join(names)}: branches are unsupported "
+                               f"(flowtile compiles a single chain of dense layers)")
+        if not readers:
+            if tensor not in self.outputs:
+                raise CompileError(f"tensor '{tensor}' is read by no node and is not the graph output")
+            return None
+        return readers[0]
+
+    def attrs(self, node: onnx.NodeProto) -> dict:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _graph_input(graph: _Graph) -> tuple[str, tuple[int, ...]]:
+    """The one non-initializer graph input and its shape without the batch dimension."""
+    inputs = [i for i in graph.model.graph.input if i.name not in graph.consts]
+    if len(inputs) != 1:
+        raise CompileError(f"the graph has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                           f"flowtile compiles models with exactly one")
+    tensor = inputs[0]
+    if tensor.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise CompileError(f"graph input '{tensor.name}' has element type "
+                           f"{onnx.TensorProto.DataType.Name(tensor.type.tensor_type.elem_type)}, expected FLOAT")
+    dims = list(tensor.type.tensor_type.shape.dim)
+    if len(dims) < 2:
+        raise CompileError(f"graph input '{tensor.name}' has rank {len(dims)}; expected [batch, features...]")
+    shape = []
+    for axis, dim in enumerate(dims[1:], start=1):
+        if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            raise CompileError(f"graph input '{tensor.name}' dimension {axis} is dynamic "
+                               f"('{dim.dim_param or '?'}'); only the batch dimension may be")
+        shape.append(int(dim.dim_value))
+    return tensor.name, tuple(shape)
+
+
+def _batch_dim(graph: _Graph, name: str) -> int | None:
+    """The fixed batch size of the graph input, or None if it is symbolic."""
+    tensor = next(i for i in graph.model.graph.input if i.name == name)
+    dim = tensor.type.tensor_type.shape.dim[0]
+    return int(dim.dim_value) if dim.HasField("dim_value") else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# pattern matchers: each recognizes one node (and its constant operands) or raises naming it
+# ---------------------------------------------------------------------------------------------------
+def _expect(node: onnx.NodeProto | None, ops: set[str], where: str, after: str) -> onnx.NodeProto:
+    if node is None:
+        raise CompileError(f"the graph ends at '{after}' but {where} was expected there")
+    if node.op_type not in ops:
+        raise CompileError(f"{_describe(node)}: unsupported op here (expected {where}); "
+                           f"flowtile compiles chains of quantized MatMul/Gemm [+Add] [+Relu] layers")
+    return node
+
+
+def _scalar(graph: _Graph, node: onnx.NodeProto, index: int, what: str) -> np.ndarray:
+    value = graph.const(node.input[index]) if len(node.input) > index and node.input[index] else None
+    if value is None:
+        raise CompileError(f"{_describe(node)}: {what} '{node.input[index] if len(node.input) > index else ''}' "
+                           f"must be a constant")
+    if value.size != 1:
+        raise CompileError(f"{_describe(node)}: {what} has {value.size} values; activations must be "
+                           f"quantized per tensor")
+    return value
+
+
+def match_quantize(graph: _Graph, node: onnx.NodeProto) -> QuantParams:
+    """QuantizeLinear with constant per-tensor scale and int8/uint8 zero point."""
+    attrs = graph.attrs(node)
+    scale = float(_scalar(graph, node, 1, "scale").reshape(()))
+    if len(node.input) > 2 and node.input[2]:
+        zp = _scalar(graph, node, 2, "zero point")
+        dtype = _QUANT_DTYPES.get(helper.np_dtype_to_tensor_dtype(zp.dtype))
+        zero_point = int(zp.reshape(()))
+    else:  # no zero point: ONNX says uint8 unless output_dtype says otherwise
+        dtype = _QUANT_DTYPES.get(attrs.get("output_dtype", onnx.TensorProto.UINT8))
+        zero_point = 0
+    if dtype is None:
+        raise CompileError(f"{_describe(node)}: quantized type must be int8 or uint8")
+    if attrs.get("saturate", 1) != 1 or attrs.get("block_size", 0) != 0:
+        raise CompileError(f"{_describe(node)}: attribute 'saturate'/'block_size' is unsupported")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise CompileError(f"{_describe(node)}: scale {scale} must be positive and finite")
+    return QuantParams(scale, zero_point, dtype)
+
+
+def match_dequantize(graph: _Graph, node: onnx.NodeProto, expected: QuantParams) -> None:
+    """DequantizeLinear undoing the QuantizeLinear just before it (same scale and zero point)."""
+    got = match_quantize(graph, node)
+    if got != expected:
+        raise CompileError(f"{_describe(node)}: dequantizes with {got}, but its QuantizeLinear used {expected}")
+
+
+def match_quantized_const(graph: _Graph, name: str, consumer: onnx.NodeProto, what: str):
+    """``DequantizeLinear(constant)``: returns (q int64 array, scale float64 array, zp array, axis) or None."""
+    node = graph.producer.get(name)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    q = graph.const(node.input[0])
+    scale = graph.const(node.input[1])
+    zp = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), q.dtype if q is not None else np.uint8)
+    if q is None or scale is None or zp is None:
+        raise CompileError(f"{_describe(node)} feeding the {what} of {_describe(consumer)}: "
+                           f"input, scale and zero point must be constants")
+    attrs = graph.attrs(node)
+    if attrs.get("block_size", 0) != 0:
+        raise CompileError(f"{_describe(node)}: attribute 'block_size' (blocked quantization) is unsupported")
+    axis = attrs.get("axis", 1)
+    if axis < 0:
+        axis += q.ndim
+    return q, scale.astype(np.float64), zp, axis
+
+
+def _per_channel(values: np.ndarray, axis: int, rank: int, channel_axis: int, n: int,
+                 node: onnx.NodeProto, what: str) -> np.ndarray:
+    """A scale or zero point as ``[n]`` along the output channel, or CompileError if along another axis."""
+    flat = values.reshape(-1)
+    if flat.size == 1:
+        return np.full(n, flat[0])
+    if flat.size == n and (axis == channel_axis or rank == 1):
+        return flat
+    raise CompileError(f"{_describe(node)}: {what} has {flat.size} values along axis {axis}; only per-tensor or "
+                       f"per-output-channel (axis {channel_axis}, {n} values) quantization is supported")
+
+
+def match_weight(graph: _Graph, node: onnx.NodeProto, transposed: bool):
+    """The weight operand (input 1) of MatMul/Gemm: ``DQ(int8 W, scale, zp=0)`` -> (W [n_out, n_in], s_w [n_out])."""
+    found = match_quantized_const(graph, node.input[1], node, "weight")
+    if found is None:
+        raise CompileError(f"{_describe(node)}: weight '{node.input[1]}' must be a DequantizeLinear of a constant "
+                           f"int8 tensor (a quantized model); got "
+                           f"{'a float constant' if graph.const(node.input[1]) is not None else 'a computed tensor'}")
+    q, scale, zp, axis = found
+    dq = graph.producer[node.input[1]]
+    if q.ndim != 2:
+        raise CompileError(f"{_describe(node)}: weight has rank {q.ndim}, expected a 2-D matrix")
+    channel_axis = 0 if transposed else 1
+    n_out = q.shape[channel_axis]
+    zp = _per_channel(zp, axis, q.ndim, channel_axis, n_out, dq, "weight zero point").astype(np.int64)
+    if q.dtype == np.uint8 and np.all(zp == 128):  # symmetric uint8 weights are int8 weights shifted by 128
+        q, zp = q.astype(np.int64) - 128, zp - 128
+    if q.dtype not in (np.int8, np.uint8):
+        raise CompileError(f"{_describe(dq)}: weight type {q.dtype} is unsupported (int8 only)")
+    if np.any(zp != 0):
+        raise CompileError(f"{_describe(dq)}: non-zero weight zero point {int(zp[zp != 0][0])}; the PE multiplies "
+                           f"raw int8 weights, so weights must be quantized symmetrically (zero point 0)")
+    scales = _per_channel(scale, axis, q.ndim, channel_axis, n_out, dq, "weight scale")
+    if not np.all((scales > 0) & np.isfinite(scales)):
+        raise CompileError(f"{_describe(dq)}: weight scales must be positive and finite")
+    weight = q.astype(np.int8) if transposed else q.T.astype(np.int8)
+    return np.ascontiguousarray(weight), scales
+
+
+def match_bias(graph: _Graph, name: str, consumer: onnx.NodeProto, acc_scale: np.ndarray) -> np.ndarray:
+    """A bias operand -> int32 ``[n_out]`` in accumulator units (``s_x * s_w[o]``).
+
+    Either ``DQ(int32 constant)`` (the quantizer's form: taken as is when its scale is the accumulator's)
+    or a float constant (rounded to the accumulator's scale, as a float add followed by requantization
+    would within half a unit of the accumulator).
+    """
+    n_out = acc_scale.size
+    found = match_quantized_const(graph, name, consumer, "bias")
+    if found is not None:
+        q, scale, zp, axis = found
+        scale = _per_channel(scale, axis, q.ndim, 0 if q.ndim == 1 else q.ndim - 1, n_out,
+                             graph.producer[name], "bias scale")
+        zp = _per_channel(zp, axis, q.ndim, 0 if q.ndim == 1 else q.ndim - 1, n_out,
+                          graph.producer[name], "bias zero point").astype(np.int64)
+        q = _broadcast_vector(q, n_out, consumer, "bias").astype(np.int64)
+        if np.all(zp == 0) and np.allclose(scale, acc_scale, rtol=1e-6, atol=0):
+            return _to_int32(q, consumer)
+        real = (q - zp) * scale
+    else:
+        value = graph.const(name)
+        if value is None:
+            raise CompileError(f"{_describe(consumer)}: bias '{name}' must be a constant (branches are unsupported)")
+        real = _broadcast_vector(value, n_out, consumer, "bias").astype(np.float64)
+    return _to_int32(np.rint(real / acc_scale), consumer)
+
+
+def _broadcast_vector(value: np.ndarray, n: int, node: onnx.NodeProto, what: str) -> np.ndarray:
+    if value.size == 1:
+        return np.full(n, value.reshape(-1)[0])
+    if value.size == n and value.shape[-1] == n:
+        return value.reshape(n)
+    raise CompileError(f"{_describe(node)}: {what} of shape {list(value.shape)} does not broadcast to [{n}]")
+
+
+def _to_int32(values: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
+    if np.any(np.abs(values) > 2**31 - 1):
+        raise CompileError(f"{_describe(node)}: bias exceeds the int32 range at the accumulator's scale")
+    return values.astype(np.int32)
+
+
+def match_dense(graph: _Graph, node: onnx.NodeProto, x: str, x_params: QuantParams, n_in: int):
+    """MatMul(x, DQ(W)) or Gemm(x, DQ(W)[, bias]) -> (weight, weight scales, bias or None)."""
+    attrs = graph.attrs(node)
+    if node.input[0] != x:
+        raise CompileError(f"{_describe(node)}: the activation must be the first input (A), not the weight")
+    transposed = False
+    if node.op_type == "Gemm":
+        for name, ok in (("alpha", 1.0), ("beta", 1.0), ("transA", 0)):
+            if attrs.get(name, ok) != ok:
+                raise CompileError(f"{_describe(node)}: attribute '{name}' = {attrs[name]} is unsupported "
+                                   f"(must be {ok})")
+        transposed = bool(attrs.get("transB", 0))
+    weight, scales = match_weight(graph, node, transposed)
+    if weight.shape[1] != n_in:
+        raise CompileError(f"{_describe(node)}: weight has {weight.shape[1]} inputs, the activation has {n_in}")
+    bias = None
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias = match_bias(graph, node.input[2], node, x_params.scale * scales)
+    return weight, scales, bias
+
+
+def match_bias_add(graph: _Graph, node: onnx.NodeProto, x: str, acc_scale: np.ndarray) -> np.ndarray:
+    """Add(x, bias constant) straight after MatMul/Gemm (before any requantization)."""
+    other = [name for name in node.input if name != x]
+    if len(other) != 1:
+        raise CompileError(f"{_describe(node)}: expected Add(activation, bias constant)")
+    return match_bias(graph, other[0], node, acc_scale)
+
+
+def match_flatten(graph: _Graph, node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
+    """Flatten(axis=1) or Reshape to ``[batch, n]``: returns n."""
+    n = int(np.prod(shape))
+    if node.op_type == "Flatten":
+        if graph.attrs(node).get("axis", 1) != 1:
+            raise CompileError(f"{_describe(node)}: attribute 'axis' = {graph.attrs(node)['axis']} is unsupported "
+                               f"(only axis 1 flattens to [batch, n])")
+        return n
+    target = graph.const(node.input[1])
+    if target is None:
+        raise CompileError(f"{_describe(node)}: the target shape must be a constant")
+    target = [int(v) for v in target.reshape(-1)]
+    if len(target) == 2 and ((target[1] == n and target[0] in (-1, 0)) or (target[1] == -1 and target[0] == 0)):
+        return n
+    raise CompileError(f"{_describe(node)}: reshapes to {target}; only [batch, {n}] (e.g. [-1, {n}]) is supported")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the chain walk
+# ---------------------------------------------------------------------------------------------------
+def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
+    input_name, input_shape = _graph_input(graph)
+    visited: set[int] = set()
+
+    def step(tensor: str) -> onnx.NodeProto | None:
+        node = graph.consumer(tensor)
+        if node is not None:
+            visited.add(id(node))
+        return node
+
+    tensor, n = input_name, int(np.prod(input_shape))
+    node = step(tensor)
+    while node is not None and node.op_type in _RESHAPE_OPS:  # float-domain flatten of the input
+        n = match_flatten(graph, node, input_shape)
+        tensor, node = node.output[0], step(node.output[0])
+    node = _expect(node, {"QuantizeLinear"}, "the input QuantizeLinear", tensor)
+    in_params = match_quantize(graph, node)
+    node = _expect(step(node.output[0]), {"DequantizeLinear"}, "DequantizeLinear", node.output[0])
+    match_dequantize(graph, node, in_params)
+    tensor = node.output[0]
+    node = step(tensor)
+    x_params = in_params
+    layers: list[DenseLayer] = []
+    while True:
+        # a flatten between DQ and the layer is a relabelling of the same quantized values
+        while node is not None and node.op_type in _RESHAPE_OPS:
+            n = match_flatten(graph, node, input_shape if not layers else (n,))
+            tensor, node = node.output[0], step(node.output[0])
+            if node is not None and node.op_type == "QuantizeLinear":
+                q = match_quantize(graph, node)
+                if q != x_params:
+                    raise CompileError(f"{_describe(node)}: requantizes {x_params} to {q} after a reshape; unsupported")
+                node = _expect(step(node.output[0]), {"DequantizeLinear"}, "DequantizeLinear", node.output[0])
+                match_dequantize(graph, node, q)
+                tensor, node = node.output[0], step(node.output[0])
+        dense = _expect(node, {"MatMul", "Gemm"}, "MatMul or Gemm", tensor)
+        weight, scales, bias = match_dense(graph, dense, tensor, x_params, n)
+        acc_scale = x_params.scale * scales
+        tensor, node = dense.output[0], step(dense.output[0])
+        if node is not None and node.op_type == "Add":
+            if bias is not None:
+                raise CompileError(f"{_describe(node)}: a second bias after {_describe(dense)} is unsupported")
+            bias = match_bias_add(graph, node, tensor, acc_scale)
+            tensor, node = node.output[0], step(node.output[0])
+        relu = node is not None and node.op_type == "Relu"
+        if relu:
+            tensor, node = node.output[0], step(node.output[0])
+        node = _expect(node, {"QuantizeLinear"}, f"the QuantizeLinear of {_describe(dense)}'s output", tensor)
+        out_params = match_quantize(graph, node)
+        node = _expect(step(node.output[0]), {"DequantizeLinear"}, "DequantizeLinear", node.output[0])
+        match_dequantize(graph, node, out_params)
+        tensor, node = node.output[0], step(node.output[0])
+        if node is not None and node.op_type == "Relu":
+            # Relu on dequantized values requantized with the same parameters is max(q, zp): fold it
+            relu_node = node
+            node = _expect(step(node.output[0]), {"QuantizeLinear"}, "QuantizeLinear after Relu", node.output[0])
+            if match_quantize(graph, node) != out_params:
+                raise CompileError(f"{_describe(relu_node)}: requantization to new parameters after Relu is unsupported")
+            node = _expect(step(node.output[0]), {"DequantizeLinear"}, "DequantizeLinear", node.output[0])
+            match_dequantize(graph, node, out_params)
+            relu = True
+            tensor, node = node.output[0], step(node.output[0])
+        if node is not None and node.op_type == "Add":
+            # what quantize_static makes of a float MatMul + Add: two roundings, no single PE layer
+            raise CompileError(f"{_describe(node)}: adds a bias after {_describe(dense)}'s output was requantized; "
+                               f"one PE layer cannot reproduce the two roundings (compile the float model, which "
+                               f"fuses MatMul + Add into Gemm before quantizing)")
+        if bias is None:
+            bias = np.zeros(weight.shape[0], np.int32)
+        layers.append(DenseLayer(dense.name or f"{dense.op_type.lower()}_{len(layers)}", dense.op_type, weight,
+                                 bias, x_params, scales, out_params, relu))
+        x_params, n = out_params, weight.shape[0]
+        if node is None:
+            break
+    if tensor not in graph.outputs or len(graph.outputs) != 1:
+        raise CompileError(f"the graph has {len(graph.outputs)} outputs; flowtile compiles models with exactly one")
+    for other in graph.nodes:
+        if id(other) in visited or other.op_type == "Constant":
+            continue
+        if other.op_type == "DequantizeLinear" and graph.const(other.input[0]) is not None:
+            continue  # a quantized weight or bias, matched through its consumer
+        raise CompileError(f"{_describe(other)} is not on the chain from the input to the output "
+                           f"(branches are unsupported)")
+    last = layers[-1]
+    return ImportedModel(
+        name=model_name, layers=layers,
+        input=TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype),
+        output=TensorSpec(tensor, (last.n_out,), last.output.scale, last.output.zero_point, last.output.dtype),
+        qdq_model=graph.model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# float models: check, fuse MatMul+Add into Gemm, quantize with onnxruntime
+# ---------------------------------------------------------------------------------------------------
+def _is_quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def _check_float_ops(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        if node.op_type not in _FLOAT_OPS | {"Constant"} or node.domain not in ("", "ai.onnx"):
+            raise CompileError(f"{_describe(node)}: unsupported op; float models may use "
+                               f"{', '.join(sorted(_FLOAT_OPS))}")
+
+
+def _fuse_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:
+    """MatMul(x, W) -> Add(b) becomes Gemm(x, W, b) so that the quantizer makes an int32 bias.
+
+    Quantized separately, the quantizer would requantize the MatMul output to int8 before adding an
+    int8 bias: two roundings that one PE layer cannot reproduce. Gemm biases are also made 1-D, which
+    onnxruntime's per-channel quantizer needs.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = _Graph(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    new_nodes, dropped = [], set()
+    for node in graph.nodes:
+        if id(node) in dropped:
+            continue
+        if node.op_type == "MatMul" and graph.const(node.input[1]) is not None and graph.const(node.input[1]).ndim == 2:
+            readers = graph.consumers.get(node.output[0], [])
+            add = readers[0] if len(readers) == 1 and node.output[0] not in graph.outputs else None
+            n_out = graph.const(node.input[1]).shape[1]
+            if add is not None and add.op_type == "Add":
+                other = [name for name in add.input if name != node.output[0]]
+                bias = graph.const(other[0]) if len(other) == 1 else None
+                if bias is not None and bias.size == n_out and bias.shape[-1] == n_out and other[0] in inits:
+                    inits[other[0]].CopyFrom(numpy_helper.from_array(bias.reshape(n_out).astype(np.float32), other[0]))
+                    new_nodes.append(helper.make_node("Gemm", [node.input[0], node.input[1], other[0]], [add.output[0]],
+                                                      name=node.name or add.name))
+                    dropped.add(id(add))
+                    continue
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in inits:
+            bias = graph.const(node.input[2])
+            if bias.ndim != 1:
+                inits[node.input[2]].CopyFrom(numpy_helper.from_array(bias.reshape(-1), node.input[2]))
+        new_nodes.append(_copy(node))
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return model
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+class _ArrayReader(CalibrationDataReader):
+    """A CalibrationDataReader over one array, in batches the model's input accepts."""
+
+    def __init__(self, input_name: str, data: np.ndarray, batch: int):
+        self.batches = iter([{input_name: data[i:i + batch]} for i in range(0, len(data) - batch + 1, batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+    def rewind(self):  # part of CalibrationDataReader's protocol; one pass is all MinMax needs
+        pass
+
+
+def quantize_float_model(model: onnx.ModelProto, *, calibration: np.ndarray | None = None, per_channel: bool = True,
+                         activation_type: str = "int8") -> onnx.ModelProto:
+    """Quantize a float MLP with ``onnxruntime.quantization.quantize_static`` (QDQ, int8 weights).
+
+    ``calibration`` is ``[n, *input shape]``; without it a seeded random-normal set of
+    :data:`DEFAULT_CALIBRATION_SAMPLES` samples is used (with a warning: real data gives better ranges).
+    """
+    _check_float_ops(model)
+    graph = _Graph(model)
+    input_name, input_shape = _graph_input(graph)
+    if calibration is None:
+        warnings.warn(f"no calibration data given: quantizing with {DEFAULT_CALIBRATION_SAMPLES} seeded "
+                      f"random-normal samples; activation ranges will not match real inputs", stacklevel=3)
+        calibration = np.random.default_rng(0).standard_normal((DEFAULT_CALIBRATION_SAMPLES, *input_shape))
+    calibration = np.asarray(calibration, dtype=np.float32)
+    if calibration.ndim != len(input_shape) + 1 or tuple(calibration.shape[1:]) != input_shape or len(calibration) < 1:
+        raise CompileError(f"calibration data has shape {list(calibration.shape)}, expected "
+                           f"[n, {', '.join(map(str, input_shape))}] for input '{input_name}'")
+    batch = _batch_dim(graph, input_name) or min(len(calibration), 256)
+    if len(calibration) < batch:
+        raise CompileError(f"calibration data has {len(calibration)} samples, the model's fixed batch is {batch}")
+    if model.opset_import and next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13) < 13:
+        model = onnx.version_converter.convert_version(model, 13)  # per-channel DequantizeLinear needs opset 13
+    model = _fuse_matmul_add(model)
+    reader = _ArrayReader(input_name, calibration, batch)
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    if activation_type not in types:
+        raise CompileError(f"activation type '{activation_type}' is unsupported (int8 or uint8)")
+    with tempfile.TemporaryDirectory(prefix="flowtile-quant-") as tmp:
+        out = Path(tmp) / "quantized.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(model, str(out), reader, quant_format=QuantFormat.QDQ,
+                                activation_type=types[activation_type], weight_type=QuantType.QInt8,
+                                per_channel=per_channel)
+        except CompileError:
+            raise
+        except Exception as error:
+            raise CompileError(f"onnxruntime quantize_static failed: {type(error).__name__}: {_one_line(error)}") from None
+        return onnx.load(str(out))
+
+
+def import_onnx(model: str | os.PathLike | onnx.ModelProto, *, calibration: np.ndarray | None = None,
+                per_channel: bool = True, activation_type: str = "int8") -> ImportedModel:
+    """Load an MLP (int8 QDQ, or float which is quantized first) and return its dense layers.
+
+    ``calibration``, ``per_channel`` and ``activation_type`` apply to float models only.
+    Raises :class:`CompileError` for anything that is not a supported MLP.
+    """
+    name = Path(model).stem if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
+    proto = load_model(model)
+    if not _is_quantized(proto):
+        proto = load_model(quantize_float_model(proto, calibration=calibration, per_channel=per_channel,
+                                                activation_type=activation_type))
+    return _walk_qdq(_Graph(proto), name)

@@ -1,0 +1,320 @@
+"""Bit-exact data model of a flowtile run (docs/architecture.md sections 1-4).
+
+Everything here is derived from the tiles' configuration registers, SRAM images and parameter tables,
+never from the compiler's layer descriptions. Two parts:
+
+* :func:`trace_data_path` follows the flits the way the hardware moves them: from the host into
+  tile (0,0), then from every PE along the XY route of its configured destination, to the next PE
+  or to the host output. It checks that the program is one the exact timing model covers (every
+  router output carries at most one stream, every PE on the path consumes exactly the flits the
+  previous one emits per inference) and raises :class:`EmulatorError` otherwise.
+* :func:`run_functional` computes, vectorized over the batch, every PE's output flit stream:
+  per inference ``(input flits if forward) ++ (the P pass flits) ++ (its N_r result words)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, SHIFT_BITS, Arch
+from flowtile.program import Program, TileProgram
+
+__all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
+           "tile_counts", "run_functional", "pe_results", "PORTS", "HOST"]
+
+
+class EmulatorError(ValueError):
+    """The program (or its input) is not one the emulator can run exactly; the message says why."""
+
+
+#: Router ports; the step each direction takes on the mesh as (d_row, d_col). Rows grow southward.
+PORTS = ("L", "N", "E", "S", "W")
+_STEP = {"N": (-1, 0), "E": (0, 1), "S": (1, 0), "W": (0, -1)}
+_OPPOSITE = {"N": "S", "S": "N", "E": "W", "W": "E"}
+#: Stands for the host as the producer of the first stream and the consumer of the last.
+HOST = -1
+
+#: Cycles COMPUTE lasts beyond its ``N_o * K`` issue cycles (section 4: multiply-accumulate of the
+#: last read words, then requantization of the last output).
+COMPUTE_DRAIN_CYCLES = 2
+#: Cycles from a PE's last RECV/PASS transfer to its first EMIT transfer beyond the compute issue
+#: cycles: entering COMPUTE (1) plus the drain (section 6, rule 4: ``d = N_o*K + 3``).
+EMIT_EXTRA_DELAY = 1 + COMPUTE_DRAIN_CYCLES
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """One PE's per-inference counts, from its registers (section 4)."""
+
+    n_in_words: int     # K: RECV transfers
+    forward: bool       # RECV transfers also emit the flit
+    n_pass: int         # P: PASS transfers
+    n_out: int          # N_o: outputs computed
+    n_result_words: int  # N_r = ceil(N_o / L): EMIT transfers
+
+    @property
+    def idle(self) -> bool:
+        return self.n_in_words == 0 and self.n_pass == 0 and self.n_out == 0
+
+    @property
+    def flits_in(self) -> int:
+        """Flits the PE reads per inference (RECV + PASS)."""
+        return self.n_in_words + self.n_pass
+
+    @property
+    def flits_out(self) -> int:
+        """Flits the PE emits per inference (forwarded RECV + PASS + EMIT)."""
+        return (self.n_in_words if self.forward else 0) + self.n_pass + self.n_result_words
+
+    @property
+    def compute_issue_cycles(self) -> int:
+        """``N_o * K``: the COMPUTE cycles that issue an SRAM read."""
+        return self.n_out * self.n_in_words
+
+    @property
+    def compute_cycles(self) -> int:
+        """Cycles COMPUTE lasts per inference (0 if the PE has no COMPUTE phase)."""
+        return self.compute_issue_cycles + COMPUTE_DRAIN_CYCLES if self.n_out else 0
+
+
+def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
+    config = tile.config
+    n_out = int(config["n_out"])
+    return TileCounts(n_in_words=int(config["n_in_words"]), forward=bool(config["forward"]),
+                      n_pass=int(config["n_pass"]), n_out=n_out, n_result_words=-(-n_out // arch.lanes))
+
+
+@dataclass(frozen=True)
+class Hop:
+    """The route of one stream between two consumers of flits.
+
+    ``fifos`` are the router input FIFOs the flits pass through, in order, as ``(row, col, port)``:
+    the producer's L FIFO first (or tile (0,0)'s W FIFO for the host stream), then the input FIFO of
+    every router the XY route enters. The last FIFO is read by ``consumer``'s PE, or by the host
+    output port when ``consumer`` is :data:`HOST`.
+    """
+
+    producer: int          # chain position, or HOST
+    consumer: int          # chain position, or HOST
+    fifos: tuple[tuple[int, int, str], ...]
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """How flits move through a program: PEs in stream order and the hops between them.
+
+    ``order[i]`` is the chain position of the i-th PE the data visits; ``hops[0]`` runs from the host
+    to ``order[0]``, ``hops[i + 1]`` from ``order[i]`` to ``order[i + 1]`` (the last one to the host).
+    """
+
+    order: tuple[int, ...]
+    hops: tuple[Hop, ...]
+    counts: tuple[TileCounts, ...]   # per chain position
+
+
+def _route(arch: Arch, start: tuple[int, int], first_fifo: str, target: tuple[int, int], to_host: bool,
+           who: str) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
+    """XY route (section 3) from the FIFO ``first_fifo`` of tile ``start``.
+
+    Returns (input FIFOs visited, router outputs used as ``(row, col, port)``); the last output is
+    the consumer's L port or the exit port.
+    """
+    row, col = start
+    fifos = [(row, col, first_fifo)]
+    outputs = []
+    for _ in range(arch.rows + arch.cols):  # an XY route never takes more hops than this
+        if target[1] != col:
+            port = "E" if target[1] > col else "W"
+        elif target[0] != row:
+            port = "S" if target[0] > row else "N"
+        else:
+            outputs.append((row, col, arch.exit_direction if to_host else "L"))
+            return fifos, outputs
+        outputs.append((row, col, port))
+        d_row, d_col = _STEP[port]
+        row, col = row + d_row, col + d_col
+        if not (0 <= row < arch.rows and 0 <= col < arch.cols):  # unreachable for in-grid targets
+            raise EmulatorError(f"{who}: its flits leave the mesh at tile ({row - d_row},{col - d_col}) "
+                                f"port {port}")
+        fifos.append((row, col, _OPPOSITE[port]))
+    raise AssertionError("XY route longer than the mesh")  # pragma: no cover
+
+
+def trace_data_path(program: Program) -> DataPath:
+    """Follow the flits from the host through the PEs back to the host; raise EmulatorError if the
+    program is not a single contention-free stream with consistent per-inference flit counts."""
+    arch = program.arch
+    counts = tuple(tile_counts(tile, arch) for tile in program.tiles)
+    position_of = {arch.chain_position(p): p for p in range(arch.n_tiles)}
+    for position, (tile, count) in enumerate(zip(program.tiles, counts)):
+        if count.n_out and not count.n_in_words:
+            raise EmulatorError(f"tile {tile.key} (chain position {position}): n_out = {count.n_out} "
+                                f"needs n_in_words > 0 (COMPUTE reads K activation words per output)")
+
+    # The host's flits carry destination tile (0,0) and enter its W FIFO (sections 3 and 5).
+    host_fifos, host_outputs = _route(arch, (0, 0), "W", (0, 0), False, "host input")
+    hops = []
+    used_outputs = {out: "host input" for out in host_outputs}
+    order: list[int] = []
+    producer, fifos = HOST, host_fifos
+    consumer = position_of[(0, 0)]
+    flits_arriving = program.input_words
+    while True:
+        hops.append(Hop(producer, consumer, tuple(fifos)))
+        if consumer == HOST:
+            if flits_arriving != program.output_words:
+                raise EmulatorError(f"tile {program.tiles[producer].key} sends {flits_arriving} flits per "
+                                    f"inference to the host, the program's output needs "
+                                    f"{program.output_words} (output length {program.output.length}, "
+                                    f"{arch.lanes} lanes)")
+            break
+        tile, count = program.tiles[consumer], counts[consumer]
+        source = "the host" if producer == HOST else f"tile {program.tiles[producer].key}"
+        if consumer in order:
+            raise EmulatorError(f"the flits of {source} return to tile {tile.key}: the data path is a "
+                                f"cycle and never reaches the host")
+        if count.flits_in != flits_arriving:
+            raise EmulatorError(
+                f"tile {tile.key} (chain position {consumer}) reads n_in_words + n_pass = "
+                f"{count.n_in_words} + {count.n_pass} = {count.flits_in} flits per inference, but "
+                f"{source} sends it {flits_arriving}")
+        order.append(consumer)
+        if count.flits_out == 0:
+            raise EmulatorError(f"tile {tile.key} (chain position {consumer}) emits no flits, so nothing "
+                                f"reaches the host")
+        config = tile.config
+        who = f"tile {tile.key} (chain position {consumer})"
+        if config["dest_host"]:
+            target, next_consumer = arch.exit_tile, HOST
+        else:
+            target = (int(config["dest_row"]), int(config["dest_col"]))
+            if target not in position_of:
+                raise EmulatorError(f"{who}: destination ({target[0]},{target[1]}) is outside the "
+                                    f"{arch.rows}x{arch.cols} grid")
+            if target == (tile.row, tile.col):
+                raise EmulatorError(f"{who}: sends its flits to itself")
+            next_consumer = position_of[target]
+        fifos, outputs = _route(arch, (tile.row, tile.col), "L", target, bool(config["dest_host"]), who)
+        for out in outputs:
+            if out in used_outputs:
+                raise EmulatorError(
+                    f"{who}: its route uses router ({out[0]},{out[1]}) output {out[2]}, which "
+                    f"{used_outputs[out]} also uses; contended routes are not modelled exactly")
+            used_outputs[out] = who
+        producer, consumer, flits_arriving = consumer, next_consumer, count.flits_out
+
+    for position, count in enumerate(counts):
+        if not count.idle and position not in order:
+            raise EmulatorError(f"tile {program.tiles[position].key} (chain position {position}) is "
+                                f"configured (n_in_words={count.n_in_words}, n_pass={count.n_pass}, "
+                                f"n_out={count.n_out}) but no flits reach it")
+    return DataPath(order=tuple(order), hops=tuple(hops), counts=counts)
+
+
+# --- arithmetic ---------------------------------------------------------------------------------
+
+def _check_parameters(tile: TileProgram, count: TileCounts) -> None:
+    params = np.asarray(tile.params)
+    if params.shape != (count.n_out, 3):
+        raise EmulatorError(f"tile {tile.key}: parameter table must be [{count.n_out}, 3], got {list(params.shape)}")
+    bias, multiplier, shift = params[:, 0], params[:, 1], params[:, 2]
+    bias_lo, bias_hi = -(1 << (ACC_BITS - 1)), (1 << (ACC_BITS - 1)) - 1
+    checks = ((bias, bias_lo, bias_hi, "bias"), (multiplier, 0, (1 << MULTIPLIER_BITS) - 1, "multiplier"),
+              (shift, 1, (1 << SHIFT_BITS) - 2, "shift"))
+    for values, lo, hi, name in checks:
+        bad = np.flatnonzero((values < lo) | (values > hi))
+        if bad.size:
+            raise EmulatorError(f"tile {tile.key}: output {bad[0]} has {name} {values[bad[0]]}, outside {lo}..{hi}")
+    if tile.config["clamp_lo"] > tile.config["clamp_hi"]:
+        raise EmulatorError(f"tile {tile.key}: clamp_lo {tile.config['clamp_lo']} > clamp_hi "
+                            f"{tile.config['clamp_hi']}")
+
+
+def _wrap_accumulator(values: np.ndarray) -> np.ndarray:
+    """Two's-complement wrap of int64 values to ACC_BITS bits."""
+    half = np.int64(1 << (ACC_BITS - 1))
+    return ((values + half) & np.int64((1 << ACC_BITS) - 1)) - half
+
+
+def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, arch: Arch) -> np.ndarray:
+    """Result words of one PE for a batch: int8 ``[batch, N_r, L]`` (section 4, Arithmetic).
+
+    ``activations`` is int8 ``[batch, K, L]``, the RECV flits of each inference, written to SRAM words
+    ``act_base + k`` before COMPUTE reads weight words ``w_base + o*K + k`` (which see those writes
+    if the two regions overlap).
+    """
+    lanes, batch = arch.lanes, activations.shape[0]
+    k_words, n_out = count.n_in_words, count.n_out
+    config = tile.config
+    w_base, act_base = int(config["w_base"]), int(config["act_base"])
+    w_end, act_end = w_base + n_out * k_words, act_base + k_words
+    image = np.zeros((max(w_end, act_end), lanes), dtype=np.int8)
+    stored = tile.sram[: image.shape[0]]
+    image[: stored.shape[0]] = stored
+    params = np.asarray(tile.params, dtype=np.int64)
+    bias, multiplier, shift = params[:, 0], params[:, 1], params[:, 2]
+    flat_activations = activations.reshape(batch, k_words * lanes)
+
+    if w_end <= act_base or act_end <= w_base:
+        weights = image[w_base:w_end].reshape(n_out, k_words * lanes)
+        # float64 matmul is exact: every partial sum is an integer of magnitude <= K*L*2^14 < 2^53.
+        dot = (flat_activations.astype(np.float64) @ weights.T.astype(np.float64)).astype(np.int64)
+    else:  # the weight region overlaps the activation buffer: each inference reads its own inputs back
+        memory = np.repeat(image[None], batch, axis=0)
+        memory[:, act_base:act_end] = activations
+        weights = memory[:, w_base:w_end].reshape(batch, n_out, k_words * lanes).astype(np.int64)
+        dot = np.einsum("bi,boi->bo", flat_activations.astype(np.int64), weights)
+    accumulator = _wrap_accumulator(bias + dot)
+    # |acc * M| < 2^62 and the rounding term is <= 2^61: the int64 arithmetic below is exact.
+    scaled = (accumulator * multiplier + np.left_shift(np.int64(1), shift - 1)) >> shift
+    result = np.clip(scaled + int(config["zp_out"]), int(config["clamp_lo"]), int(config["clamp_hi"]))
+    words = np.zeros((batch, count.n_result_words * lanes), dtype=np.int8)
+    words[:, :n_out] = result
+    return words.reshape(batch, count.n_result_words, lanes)
+
+
+@dataclass
+class FunctionalResult:
+    """Flit data of a run. ``tile_out_flits[p]`` is int8 ``[batch * flits_out, L]``, the stream PE ``p``
+    (chain position) emits, in emission order; None for idle tiles. ``out_flits`` is what the host receives."""
+
+    tile_out_flits: list[np.ndarray | None]
+    out_flits: np.ndarray
+
+
+def check_input_flits(program: Program, in_flits: np.ndarray, batch: int) -> np.ndarray:
+    lanes, words = program.arch.lanes, program.input_words
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise EmulatorError(f"batch must be a positive integer, got {batch!r}")
+    flits = np.asarray(in_flits)
+    expected = (batch * words, lanes)
+    if flits.shape != expected:
+        raise EmulatorError(f"input flits have shape {list(flits.shape)}, expected [{expected[0]}, {lanes}] "
+                            f"(batch {batch} x {words} words per inference, {lanes} lanes)")
+    if flits.dtype != np.int8:
+        if flits.dtype.kind not in "iu" or flits.min() < -128 or flits.max() > 127:
+            raise EmulatorError(f"input flits must be int8, got {flits.dtype}")
+        flits = flits.astype(np.int8)
+    return flits
+
+
+def run_functional(program: Program, in_flits: np.ndarray, batch: int,
+                   path: DataPath | None = None) -> FunctionalResult:
+    """Every PE's output stream, from the host input flits ``[batch * input_words, L]``."""
+    arch = program.arch
+    path = path or trace_data_path(program)
+    stream = check_input_flits(program, in_flits, batch).reshape(batch, program.input_words, arch.lanes)
+    tile_out: list[np.ndarray | None] = [None] * arch.n_tiles
+    for position in path.order:
+        tile, count = program.tiles[position], path.counts[position]
+        parts = []
+        if count.forward:
+            parts.append(stream[:, : count.n_in_words])
+        parts.append(stream[:, count.n_in_words:])
+        if count.n_out:
+            _check_parameters(tile, count)
+            parts.append(pe_results(tile, count, stream[:, : count.n_in_words], arch))
+        stream = np.concatenate(parts, axis=1)
+        tile_out[position] = stream.reshape(-1, arch.lanes)
+    return FunctionalResult(tile_out_flits=tile_out, out_flits=stream.reshape(-1, arch.lanes))

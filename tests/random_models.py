@@ -1,0 +1,52 @@
+"""Seeded random MLPs as ONNX files: float, and int8/uint8 QDQ as onnxruntime's quantizer writes them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def random_float_mlp(rng: np.random.Generator, widths: list[int], *, relu_last=False) -> onnx.ModelProto:
+    """Gemm(+Relu) layers ``widths[0] -> ... -> widths[-1]`` with He-scaled random weights."""
+    nodes, inits = [], []
+    current = "input"
+    n_layers = len(widths) - 1
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        weight = (rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / n_in)).astype(np.float32)
+        bias = (rng.standard_normal(n_out) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(weight, f"fc{i}.weight"), numpy_helper.from_array(bias, f"fc{i}.bias")]
+        nodes.append(helper.make_node("Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [f"fc{i}_out"],
+                                      name=f"fc{i}", transB=1))
+        current = f"fc{i}_out"
+        if i < n_layers - 1 or relu_last:
+            nodes.append(helper.make_node("Relu", [current], [f"relu{i}_out"], name=f"relu{i}"))
+            current = f"relu{i}_out"
+    graph = helper.make_graph(
+        nodes, "random_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", widths[0]])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["batch", widths[-1]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def quantize_qdq(float_path: Path, out_path: Path, calibration: np.ndarray, *, activation_uint8: bool,
+                 per_channel: bool) -> Path:
+    """int8 QDQ model exactly as ``onnxruntime.quantization.quantize_static`` writes it."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter(calibration[i:i + 1] for i in range(len(calibration)))
+
+        def get_next(self):
+            row = next(self.rows, None)
+            return None if row is None else {"input": row.astype(np.float32)}
+
+    quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8 if activation_uint8 else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, per_channel=per_channel)
+    return out_path

@@ -1,0 +1,170 @@
+"""Small chips (2x2, 1x3, 3x1) in Amaranth's simulator running a hand-built one-layer program, and
+Verilog generation."""
+import gc
+import warnings
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from flowtile.arch import CONFIG_FIELDS, Arch
+from hdl.chip import Chip
+from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
+                         encode_param_entry, flit_layout, load_data_bits, load_layout, pack_flit, pack_lanes,
+                         pack_load, param_layout, unpack_lanes, unpack_struct)
+from hdl.verilog import chip_verilog
+
+# Validation tests build components that raise or are never elaborated, on purpose: collect them
+# while Amaranth's "created but never used" warning is silenced.
+pytestmark = pytest.mark.filterwarnings("ignore:.*created but never used")
+
+
+@pytest.fixture(autouse=True)
+def collect_unused_components():
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gc.collect()
+
+
+ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=8, router_fifo_depth=2)
+#: Also a row (exit by E, eastward hops) and a column (southward hops, exit by E since rows is odd).
+GRIDS = [(2, 2), (1, 3), (3, 1)]
+N_IN, N_OUT = 7, 6
+
+
+def blank_config(**values):
+    config = {name: 0 for name, _, _ in CONFIG_FIELDS}
+    config.update(clamp_lo=-128, clamp_hi=127)
+    config.update(values)
+    return config
+
+
+def build_program(rng, arch):
+    """Chain tile 0 computes a dense layer N_IN -> N_OUT with ReLU; the other tiles pass its
+    results along the chain to the host output."""
+    lanes = arch.lanes
+    k_words, n_result = -(-N_IN // lanes), -(-N_OUT // lanes)
+    weights = rng.integers(-128, 128, size=(N_OUT, N_IN))
+    bias = rng.integers(-3000, 3000, size=N_OUT)
+    multiplier = rng.integers(1 << 30, 1 << 31, size=N_OUT)
+    shift = rng.integers(36, 40, size=N_OUT)
+    zp_out = -5
+    chain = arch.chain
+    configs = {}
+    w_base, act_base = 0, N_OUT * k_words
+    for position, (row, col) in enumerate(chain):
+        last = position == len(chain) - 1
+        dest = dict(dest_host=1) if last else dict(dest_row=chain[position + 1][0], dest_col=chain[position + 1][1])
+        if position == 0:
+            configs[row, col] = blank_config(n_in_words=k_words, n_out=N_OUT, w_base=w_base, act_base=act_base,
+                                             zp_out=zp_out, clamp_lo=max(-128, zp_out), **dest)
+        else:
+            configs[row, col] = blank_config(n_pass=n_result, **dest)
+    # Weight row o, chunk k is SRAM word w_base + o*K + k; unused lanes are zero.
+    padded = np.zeros((N_OUT, k_words * lanes), dtype=np.int64)
+    padded[:, :N_IN] = weights
+    sram = {w_base + o * k_words + k: list(padded[o, k * lanes:(k + 1) * lanes])
+            for o in range(N_OUT) for k in range(k_words)}
+    params = list(zip(bias.tolist(), multiplier.tolist(), shift.tolist()))
+    golden = dict(weights=weights, bias=bias, multiplier=multiplier, shift=shift, zp_out=zp_out,
+                  clamp_lo=max(-128, zp_out), clamp_hi=127)
+    return configs, sram, params, golden
+
+
+def numpy_dense(x, g):
+    acc = g["bias"].astype(np.int64) + g["weights"].astype(np.int64) @ x.astype(np.int64)
+    acc = ((acc + (1 << 31)) % (1 << 32)) - (1 << 31)
+    y = ((acc * g["multiplier"] + (np.int64(1) << (g["shift"] - 1))) >> g["shift"]) + g["zp_out"]
+    return np.clip(y, g["clamp_lo"], g["clamp_hi"])
+
+
+def to_flits(vector, lanes):
+    return [pack_lanes(vector[i:i + lanes].tolist(), lanes) for i in range(0, len(vector), lanes)]
+
+
+@pytest.mark.parametrize("rows, cols", GRIDS)
+def test_two_inferences_through_a_small_chip(rows, cols):
+    arch = ARCH.replace(rows=rows, cols=cols)
+    rng = np.random.default_rng(2026)
+    configs, sram, params, golden = build_program(rng, arch)
+    inputs = [rng.integers(-128, 128, size=N_IN) for _ in range(2)]
+    flits = [f for x in inputs for f in to_flits(x, arch.lanes)]
+    n_result = -(-N_OUT // arch.lanes)
+    received = []
+    dut = Chip(arch)
+    first_tile = arch.chain[0][0] * arch.cols + arch.chain[0][1]
+
+    async def testbench(ctx):
+        async def load(tile, target, addr, value):
+            ctx.set(dut.load.valid, 1)
+            ctx.set(dut.load.payload, {"tile": tile, "target": target, "addr": addr, "data": value})
+            await ctx.tick()
+
+        for (row, col), config in configs.items():
+            for addr, value in encode_config(arch, config):
+                await load(row * arch.cols + col, LOAD_TARGET_CONFIG, addr, value)
+        for addr, lanes in sram.items():
+            await load(first_tile, LOAD_TARGET_SRAM, addr, pack_lanes(lanes, arch.lanes))
+        for row, entry in enumerate(params):
+            await load(first_tile, LOAD_TARGET_PARAMS, row, encode_param_entry(*entry))
+        ctx.set(dut.load.valid, 0)
+        ctx.set(dut.run, 1)
+        ctx.set(dut.o_host.ready, 1)
+        sent, cycle = 0, 0
+        while len(received) < 2 * n_result:
+            assert cycle < 300, "chip stopped"
+            ctx.set(dut.i_host.valid, sent < len(flits))
+            if sent < len(flits):
+                ctx.set(dut.i_host.payload, {"data": flits[sent], "dest_row": 0, "dest_col": 0, "dest_host": 0})
+            if ctx.get(dut.i_host.valid) and ctx.get(dut.i_host.ready):
+                sent += 1
+            if ctx.get(dut.o_host.valid):
+                payload = ctx.get(dut.o_host.payload)
+                assert int(payload.dest_host) == 1
+                received.append((unpack_lanes(int(payload.data), arch.lanes), cycle))
+            await ctx.tick()
+            cycle += 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+
+    for i, x in enumerate(inputs):
+        words = [lanes for lanes, _ in received[i * n_result:(i + 1) * n_result]]
+        got = np.array([v for word in words for v in word])
+        assert got[:N_OUT].tolist() == numpy_dense(x, golden).tolist()
+        assert got[N_OUT:].tolist() == [0] * (len(got) - N_OUT)
+    # Worked from section 6 for this chain (K = 2, N_o*K + 2 = 14 COMPUTE cycles, D = 2):
+    # inference 0: host flits written at 0, 1, RECV at 1, 2; first EMIT at 2 + 15 = 17, then 18.
+    # Inference 1's flits wait in (0,0)'s W FIFO: RECV at 19, 20; EMIT at 35, 36. Each later tile
+    # adds 2 cycles (its input FIFO and the L FIFO), the exit router's read 1 more.
+    emits = [17, 18, 35, 36]
+    assert [cycle for _, cycle in received] == [t + 2 * (arch.n_tiles - 1) + 1 for t in emits]
+
+
+def test_chip_verilog_names_the_module_and_ports():
+    text = chip_verilog(Arch(rows=1, cols=2, lanes=2, sram_bytes=32, max_tile_outputs=2), name="tiny_chip")
+    assert "module tiny_chip" in text
+    for port in ("load__valid", "load__payload", "run", "i_host__payload", "o_host__valid"):
+        assert port in text
+
+
+def test_chip_rejects_a_non_arch():
+    with pytest.raises(TypeError, match="Chip: parameter 'arch' must be a flowtile.arch.Arch"):
+        Chip({"rows": 2})
+
+
+@pytest.mark.parametrize("lanes", [1, 8, 16])
+def test_layout_widths_and_flat_packing_match_amaranth(lanes):
+    arch = Arch(rows=3, cols=5, lanes=lanes)
+    assert flit_layout(arch).size == 8 * lanes + arch.row_bits + arch.col_bits + 1
+    assert load_data_bits(arch) == max(8 * lanes, 69)
+    assert param_layout().size == 69
+    fields = {"tile": 14, "target": LOAD_TARGET_PARAMS, "addr": 511,
+              "data": encode_param_entry(-7, (1 << 31) - 1, 62)}
+    assert pack_load(arch, **fields) == load_layout(arch).const(fields).as_bits()
+    flit = {"data": pack_lanes([-1] * lanes, lanes), "dest_row": 2, "dest_col": 4, "dest_host": 1}
+    assert pack_flit(arch, **flit) == flit_layout(arch).const(flit).as_bits()
+    assert unpack_struct(param_layout(), fields["data"]) == {"bias": -7, "multiplier": (1 << 31) - 1, "shift": 62}

@@ -1,0 +1,263 @@
+"""The RTL simulation flow: harness -> Verilog -> cached Verilator build -> cocotb job; and Amaranth's simulator.
+
+(a) a stand-in chip checks the flow itself (build cache, job, timing stamps) independent of hdl/chip.py;
+(b) a hand-built program on the real chip checks the arithmetic against a numpy golden of section 4
+    and that Verilator and Amaranth's simulator agree on every flit, time stamp and cycle count;
+(c) ``waves`` writes a non-empty waveform file.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from amaranth.hdl import Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from flowtile.arch import Arch, CONFIG_FIELDS
+from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
+from hdl import simulate as rtl
+from hdl.layouts import LOAD_TARGET_CONFIG, config_field_index, flit_signature, load_signature
+
+# --- (a) the flow with a stand-in chip ------------------------------------------------------------
+
+#: The stand-in XORs every lane with the low byte of tile 0's config register 0 (n_in_words), so that
+#: its output proves the load bus reached it.
+KEY_REGISTER = "n_in_words"
+LANE_MASK = 0xFF
+
+FLOW_ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=4, router_fifo_depth=2,
+                 host_buffer_flits=64)
+
+
+class LoopbackChip(wiring.Component):
+    """Stand-in with the chip's ports: host input -> one register stage -> host output, data XOR key.
+
+    Timing with an always-ready host output: input flit ``i`` transfers in cycle ``i`` and comes out in
+    cycle ``i + 1``.
+    """
+
+    def __init__(self, arch: Arch):
+        self.arch = arch
+        super().__init__({"load": In(load_signature(arch)), "run": In(1),
+                          "i_host": In(flit_signature(arch)), "o_host": Out(flit_signature(arch))})
+
+    def elaborate(self, platform):
+        m = Module()
+        lanes = self.arch.lanes
+        key = Signal(8)
+        payload = self.load.payload
+        with m.If(self.load.valid & ~self.run & (payload.tile == 0) & (payload.target == LOAD_TARGET_CONFIG)
+                  & (payload.addr == config_field_index(KEY_REGISTER))):
+            m.d.sync += key.eq(payload.data[:8])
+        # One-entry output register; it takes a new flit whenever it is empty or being drained.
+        can_take = ~self.o_host.valid | self.o_host.ready
+        m.d.comb += self.i_host.ready.eq(self.run & can_take)
+        with m.If(can_take):
+            m.d.sync += self.o_host.valid.eq(self.i_host.valid & self.i_host.ready)
+            m.d.sync += self.o_host.payload.data.eq(self.i_host.payload.data ^ key.replicate(lanes))
+            m.d.sync += self.o_host.payload.dest_host.eq(1)
+        return m
+
+
+def _idle_config(**overrides) -> dict:
+    config = {name: 0 for name, _, _ in CONFIG_FIELDS}
+    config.update(overrides)
+    return config
+
+
+def _loopback_program(arch: Arch, key: int, n_values: int) -> Program:
+    tiles = [TileProgram(row, col, _idle_config(), np.zeros((0, arch.lanes), np.int8), np.zeros((0, 3), np.int64))
+             for row, col in arch.chain]
+    tiles[0].config[KEY_REGISTER] = key
+    spec = TensorSpec("x", (n_values,), 1.0, 0)
+    return Program(arch=arch, input=spec, output=spec, layers=[], tiles=tiles, model_name="loopback")
+
+
+LOOPBACK_KEY, LOOPBACK_BATCH, LOOPBACK_VALUES = 0x2A, 3, 10
+
+
+@pytest.fixture(scope="module")
+def loopback_case():
+    """(program, input flits, expected output flits, expected output times) for the stand-in chip."""
+    program = _loopback_program(FLOW_ARCH, LOOPBACK_KEY, LOOPBACK_VALUES)
+    rng = np.random.default_rng(1)
+    in_flits = rng.integers(-128, 128, size=(LOOPBACK_BATCH * program.input_words, FLOW_ARCH.lanes)).astype(np.int8)
+    expected = (in_flits.view(np.uint8) ^ LOOPBACK_KEY).view(np.int8)
+    # Flit i is accepted in cycle i and leaves the one register stage in cycle i + 1.
+    return program, in_flits, expected, np.arange(len(in_flits)) + 1
+
+
+def test_flow_amaranth_with_stand_in_chip(loopback_case):
+    program, in_flits, expected, expected_times = loopback_case
+    result = rtl.simulate(program, in_flits, LOOPBACK_BATCH, simulator="amaranth", chip_factory=LoopbackChip)
+    np.testing.assert_array_equal(result.out_flits, expected)
+    np.testing.assert_array_equal(result.out_times, expected_times)
+    assert result.out_times.dtype == np.int64 and result.out_flits.dtype == np.int8
+    assert result.cycles == len(in_flits) + 1
+
+
+@pytest.mark.rtl
+def test_flow_verilator_with_stand_in_chip_and_build_cache(loopback_case, tmp_path):
+    program, in_flits, expected, expected_times = loopback_case
+    cold = rtl.build_verilator(FLOW_ARCH, build_root=tmp_path, chip_factory=LoopbackChip)
+    warm = rtl.build_verilator(FLOW_ARCH, build_root=tmp_path, chip_factory=LoopbackChip)
+    assert not cold.cached and warm.cached and warm.directory == cold.directory
+    assert warm.seconds < 1.0, "a cached build must not recompile"
+
+    result = rtl.simulate(program, in_flits, LOOPBACK_BATCH, build_root=tmp_path, chip_factory=LoopbackChip)
+    np.testing.assert_array_equal(result.out_flits, expected)
+    np.testing.assert_array_equal(result.out_times, expected_times)
+    assert result.cycles == len(in_flits) + 1
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [cold.directory.name], \
+        "simulating must reuse the cached build, not make another"
+
+
+def test_input_validation_names_the_problem():
+    program = _loopback_program(FLOW_ARCH, 1, 8)
+    with pytest.raises(ValueError, match="int8"):
+        rtl.simulate(program, np.zeros((2, 4), np.int16), 1, simulator="amaranth", chip_factory=LoopbackChip)
+    with pytest.raises(ValueError, match=r"expected \[batch\*input_words, lanes\]"):
+        rtl.simulate(program, np.zeros((3, 4), np.int8), 1, simulator="amaranth", chip_factory=LoopbackChip)
+    with pytest.raises(ValueError, match="host_buffer_flits"):
+        rtl.simulate(program, np.zeros((66, 4), np.int8), 33, simulator="amaranth", chip_factory=LoopbackChip)
+    with pytest.raises(ValueError, match="simulator must be one of"):
+        rtl.simulate(program, np.zeros((2, 4), np.int8), 1, simulator="icarus")
+
+
+class SilentChip(LoopbackChip):
+    """Accepts input and never answers: the run must time out with a clear message."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.i_host.ready.eq(self.run)
+        return m
+
+
+def test_timeout_is_reported():
+    program = _loopback_program(FLOW_ARCH, 1, 8)
+    with pytest.raises(rtl.RtlTimeoutError, match=r"received 0 of 2 output flits.*accepted 2 of 2"):
+        rtl.simulate(program, np.zeros((2, 4), np.int8), 1, simulator="amaranth", chip_factory=SilentChip)
+
+
+# --- (b) a hand-built program on the real chip --------------------------------------------------------
+
+CHIP_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=4,
+                 host_buffer_flits=256)
+N_IN, N_OUT, BATCH = 12, 6, 3
+ZP_OUT, CLAMP_LO, CLAMP_HI = 3, -100, 100
+#: Requantization around 1/1024: multiplier 1.25 * 2^30, shift 40, so outputs hit the clamps sometimes.
+MULTIPLIER, SHIFT = 5 << 28, 40
+
+
+def _dense_program(arch: Arch, seed: int = 0):
+    """One dense layer on chain tile 0, pass-through tiles behind it; returns (program, weights, params)."""
+    rng = np.random.default_rng(seed)
+    lanes = arch.lanes
+    k = -(-N_IN // lanes)
+    result_words = -(-N_OUT // lanes)
+    weights = rng.integers(-128, 128, size=(N_OUT, N_IN)).astype(np.int64)
+    bias = rng.integers(-5000, 5000, size=N_OUT)
+    params = np.stack([bias, np.full(N_OUT, MULTIPLIER), np.full(N_OUT, SHIFT)], axis=1).astype(np.int64)
+
+    # SRAM: weight row o, chunk c at word w_base + o*K + c (zero-padded lanes); activations after them.
+    padded = np.zeros((N_OUT, k * lanes), np.int8)
+    padded[:, :N_IN] = weights
+    weight_words = padded.reshape(N_OUT * k, lanes)
+    w_base, act_base = 0, N_OUT * k
+    sram = np.zeros((act_base + k, lanes), np.int8)
+    sram[w_base:w_base + N_OUT * k] = weight_words
+
+    chain = arch.chain
+    tiles = []
+    for position, (row, col) in enumerate(chain):
+        last = position == len(chain) - 1
+        dest_row, dest_col = chain[position + 1] if not last else (0, 0)
+        route = {"dest_row": dest_row, "dest_col": dest_col, "dest_host": int(last)}
+        if position == 0:
+            config = _idle_config(n_in_words=k, n_out=N_OUT, w_base=w_base, act_base=act_base,
+                                  zp_out=ZP_OUT, clamp_lo=CLAMP_LO, clamp_hi=CLAMP_HI, **route)
+            tiles.append(TileProgram(row, col, config, sram, params))
+        else:
+            tiles.append(TileProgram(row, col, _idle_config(n_pass=result_words, **route),
+                                     np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)))
+    program = Program(arch=arch, input=TensorSpec("x", (N_IN,), 1.0, 0), output=TensorSpec("y", (N_OUT,), 1.0, 0),
+                      layers=[LayerInfo("dense", "Gemm", N_IN, N_OUT, (chain[0],))], tiles=tiles,
+                      model_name="hand-dense")
+    program.validate()
+    return program, weights, params
+
+
+def _golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Section 4's arithmetic with Python integers (exact 64-bit product, arithmetic shift)."""
+    out = np.zeros((x.shape[0], weights.shape[0]), np.int8)
+    for b in range(x.shape[0]):
+        for o in range(weights.shape[0]):
+            bias, multiplier, shift = (int(v) for v in params[o])
+            acc = bias + int(np.dot(weights[o], x[b].astype(np.int64)))
+            acc = (acc + (1 << 31)) % (1 << 32) - (1 << 31)  # wrap32
+            y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + ZP_OUT
+            out[b, o] = min(max(y, CLAMP_LO), CLAMP_HI)
+    return out
+
+
+def _chip_ready() -> bool:
+    return (Path(rtl.__file__).parent / "CHIP_READY").exists()
+
+
+chip_required = pytest.mark.skipif(not _chip_ready(), reason="hdl/CHIP_READY not written yet")
+
+
+@pytest.fixture(scope="module")
+def dense_case():
+    program, weights, params = _dense_program(CHIP_ARCH)
+    rng = np.random.default_rng(7)
+    x = rng.integers(-128, 128, size=(BATCH, N_IN)).astype(np.int8)
+    from flowtile.host import pack_flits
+    return program, x, pack_flits(x, CHIP_ARCH.lanes), _golden(x, weights, params)
+
+
+@pytest.fixture(scope="module")
+def amaranth_dense(dense_case):
+    program, _, in_flits, _ = dense_case
+    return rtl.simulate(program, in_flits, BATCH, simulator="amaranth")
+
+
+@chip_required
+def test_dense_layer_amaranth_matches_golden(dense_case, amaranth_dense):
+    program, _, _, golden = dense_case
+    from flowtile.host import unpack_flits
+    np.testing.assert_array_equal(unpack_flits(amaranth_dense.out_flits, BATCH, N_OUT), golden)
+    assert np.all(np.diff(amaranth_dense.out_times) >= 1)
+    assert amaranth_dense.cycles == amaranth_dense.out_times[-1] + 1
+
+
+@chip_required
+@pytest.mark.rtl
+def test_dense_layer_verilator_matches_amaranth(dense_case, amaranth_dense):
+    program, _, in_flits, golden = dense_case
+    from flowtile.host import unpack_flits
+    result = rtl.simulate(program, in_flits, BATCH)
+    np.testing.assert_array_equal(unpack_flits(result.out_flits, BATCH, N_OUT), golden)
+    np.testing.assert_array_equal(result.out_flits, amaranth_dense.out_flits)
+    np.testing.assert_array_equal(result.out_times, amaranth_dense.out_times)
+    assert result.cycles == amaranth_dense.cycles
+    started = time.perf_counter()
+    rtl.build_verilator(CHIP_ARCH)
+    assert time.perf_counter() - started < 2.0, "the second build of the same Arch must come from the cache"
+
+
+# --- (c) waveforms -------------------------------------------------------------------------------------
+
+@pytest.mark.rtl
+def test_waves_written_by_both_simulators(tmp_path):
+    program = _loopback_program(FLOW_ARCH, 0x11, 8)
+    in_flits = np.arange(2 * FLOW_ARCH.lanes, dtype=np.int8).reshape(2, FLOW_ARCH.lanes)
+    vcd = tmp_path / "amaranth.vcd"
+    rtl.simulate(program, in_flits, 1, simulator="amaranth", waves=vcd, chip_factory=LoopbackChip)
+    assert vcd.stat().st_size > 0
+    fst = tmp_path / "sim_waves" / "verilator.fst"
+    rtl.simulate(program, in_flits, 1, waves=fst, build_root=tmp_path / "build", chip_factory=LoopbackChip)
+    assert fst.stat().st_size > 0
