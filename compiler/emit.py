@@ -9,9 +9,9 @@ import onnx
 from flowtile.arch import Arch, CONFIG_FIELDS
 from flowtile.program import LayerInfo, Program, TileProgram
 
-from .lower import LoweredLayer, lower
+from .lower import LoweredLayer, lower_layers
 from .onnx_import import import_onnx
-from .partition import TileSlice, partition, tile_cycles, words
+from .partition import TileSlice, assign_tiles, tile_cycles, words
 
 __all__ = ["compile_model", "build_program", "report"]
 
@@ -55,7 +55,7 @@ def _pass_tile(arch: Arch, position: int, n_pass: int) -> TileProgram:
 
 def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "") -> Program:
     """Partition lowered layers over the chain and emit every tile's registers, SRAM image and parameters."""
-    splits = partition(layers, arch)
+    splits = assign_tiles(layers, arch)
     tiles: list[TileProgram] = []
     infos: list[LayerInfo] = []
     for layer, slices in zip(layers, splits):
@@ -93,7 +93,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
     Raises :class:`compiler.CompileError` when the model is unsupported or does not fit.
     """
     imported = import_onnx(model, calibration=calibration, per_channel=per_channel)
-    return build_program(lower(imported.layers), arch, input_spec=imported.input, output_spec=imported.output,
+    return build_program(lower_layers(imported.layers), arch, input_spec=imported.input, output_spec=imported.output,
                          model_name=imported.name)
 
 
@@ -130,6 +130,8 @@ def report(program: Program) -> str:
     lines.append(f"{program.model_name or 'model'}: {arch.rows}x{arch.cols} tiles, {arch.lanes} lanes, "
                  f"{program.macs_per_inference} MACs/inference; estimated interval {slowest[0]} cycles/inference "
                  f"(bottleneck: {slowest[1]})")
+    lines.append("estimates are per tile without stalls (section 6 rule 4); back-pressure between the tiles of a "
+                 "split layer can make the real interval longer")
     return "\n".join(lines)
 
 

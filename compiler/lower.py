@@ -26,7 +26,7 @@ from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, SHIFT_BITS
 from .errors import CompileError
 from .onnx_import import DenseLayer
 
-__all__ = ["LoweredLayer", "lower", "lower_layer", "quantize_multiplier", "reference_forward",
+__all__ = ["LoweredLayer", "lower_layers", "lower_layer", "quantize_multiplier", "reference_forward",
            "MIN_SHIFT", "MAX_SHIFT"]
 
 MIN_SHIFT = 1
@@ -39,7 +39,8 @@ class LoweredLayer:
     """A dense layer as the PE computes it (docs/architecture.md section 4).
 
     ``weight`` int8 ``[n_out, n_in]``; ``bias``, ``multiplier``, ``shift`` int64 ``[n_out]``;
-    ``zp_out``, ``clamp_lo``, ``clamp_hi`` in the int8 domain.
+    ``zp_out``, ``clamp_lo``, ``clamp_hi`` in the int8 domain. ``relu``: the output never goes below real
+    zero, by an explicit Relu or because the quantizer folded one into an output zero point of -128.
     """
 
     name: str
@@ -105,10 +106,11 @@ def lower_layer(layer: DenseLayer) -> LoweredLayer:
     return LoweredLayer(
         name=layer.name, op=layer.op, weight=layer.weight.astype(np.int8), bias=bias,
         multiplier=np.array([m for m, _ in pairs], np.int64), shift=np.array([s for _, s in pairs], np.int64),
-        zp_out=zp_out, clamp_lo=max(-128, zp_out) if layer.relu else -128, clamp_hi=127, relu=layer.relu)
+        zp_out=zp_out, clamp_lo=max(-128, zp_out) if layer.relu else -128, clamp_hi=127,
+        relu=layer.relu or zp_out == -128)
 
 
-def lower(layers: list[DenseLayer]) -> list[LoweredLayer]:
+def lower_layers(layers: list[DenseLayer]) -> list[LoweredLayer]:
     """Lower every layer; consecutive layers must agree on the activation between them."""
     for before, after in zip(layers, layers[1:]):
         if before.output != after.input or before.n_out != after.n_in:

@@ -35,7 +35,7 @@ from flowtile.program import TensorSpec
 from .errors import CompileError
 
 __all__ = ["QuantParams", "DenseLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
-           "DEFAULT_CALIBRATION_SAMPLES"]
+           "fuse_matmul_add", "DEFAULT_CALIBRATION_SAMPLES"]
 
 #: Samples in the seeded random-normal calibration set used when none is given.
 DEFAULT_CALIBRATION_SAMPLES = 256
@@ -265,7 +265,8 @@ def match_quantized_const(graph: _Graph, name: str, consumer: onnx.NodeProto, wh
         return None
     q = graph.const(node.input[0])
     scale = graph.const(node.input[1])
-    zp = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), q.dtype if q is not None else np.uint8)
+    has_zp = len(node.input) > 2 and node.input[2]
+    zp = graph.const(node.input[2]) if has_zp else np.zeros((), q.dtype if q is not None else np.uint8)
     if q is None or scale is None or zp is None:
         raise CompileError(f"{_describe(node)} feeding the {what} of {_describe(consumer)}: "
                            f"input, scale and zero point must be constants")
@@ -304,13 +305,15 @@ def match_weight(graph: _Graph, node: onnx.NodeProto, transposed: bool):
     channel_axis = 0 if transposed else 1
     n_out = q.shape[channel_axis]
     zp = _per_channel(zp, axis, q.ndim, channel_axis, n_out, dq, "weight zero point").astype(np.int64)
-    if q.dtype == np.uint8 and np.all(zp == 128):  # symmetric uint8 weights are int8 weights shifted by 128
-        q, zp = q.astype(np.int64) - 128, zp - 128
     if q.dtype not in (np.int8, np.uint8):
-        raise CompileError(f"{_describe(dq)}: weight type {q.dtype} is unsupported (int8 only)")
-    if np.any(zp != 0):
-        raise CompileError(f"{_describe(dq)}: non-zero weight zero point {int(zp[zp != 0][0])}; the PE multiplies "
-                           f"raw int8 weights, so weights must be quantized symmetrically (zero point 0)")
+        raise CompileError(f"{_describe(dq)}: weight type {q.dtype} is unsupported "
+                           f"(int8, or uint8 with zero point 128)")
+    offset = 128 if q.dtype == np.uint8 else 0  # uint8 weights with zero point 128 are int8 weights + 128
+    if np.any(zp != offset):
+        raise CompileError(f"{_describe(dq)}: non-zero weight zero point {int(zp[zp != offset][0]) - offset}"
+                           f"{' (int8 domain)' if offset else ''}; the PE multiplies raw int8 weights, so weights "
+                           f"must be quantized symmetrically (zero point 0)")
+    q = q.astype(np.int64) - offset
     scales = _per_channel(scale, axis, q.ndim, channel_axis, n_out, dq, "weight scale")
     if not np.all((scales > 0) & np.isfinite(scales)):
         raise CompileError(f"{_describe(dq)}: weight scales must be positive and finite")
@@ -408,94 +411,117 @@ def match_flatten(graph: _Graph, node: onnx.NodeProto, shape: tuple[int, ...]) -
 # ---------------------------------------------------------------------------------------------------
 # the chain walk
 # ---------------------------------------------------------------------------------------------------
-def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
-    input_name, input_shape = _graph_input(graph)
-    visited: set[int] = set()
+class _Cursor:
+    """Walks the chain: ``tensor`` is the current activation, ``node`` its single reader (None at the end)."""
 
-    def step(tensor: str) -> onnx.NodeProto | None:
-        node = graph.consumer(tensor)
-        if node is not None:
-            visited.add(id(node))
+    def __init__(self, graph: _Graph, tensor: str):
+        self.graph, self.visited = graph, set()
+        self.move_to(tensor)
+
+    def move_to(self, tensor: str) -> None:
+        self.tensor, self.node = tensor, self.graph.consumer(tensor)
+        if self.node is not None:
+            self.visited.add(id(self.node))
+
+    def at(self, *ops: str) -> bool:
+        return self.node is not None and self.node.op_type in ops
+
+    def take(self, ops: set[str], what: str) -> onnx.NodeProto:
+        """The current node, which must be one of ``ops``; the cursor moves to its output."""
+        node = _expect(self.node, ops, what, self.tensor)
+        self.move_to(node.output[0])
         return node
 
-    tensor, n = input_name, int(np.prod(input_shape))
-    node = step(tensor)
-    while node is not None and node.op_type in _RESHAPE_OPS:  # float-domain flatten of the input
-        n = match_flatten(graph, node, input_shape)
-        tensor, node = node.output[0], step(node.output[0])
-    node = _expect(node, {"QuantizeLinear"}, "the input QuantizeLinear", tensor)
-    in_params = match_quantize(graph, node)
-    node = _expect(step(node.output[0]), {"DequantizeLinear"}, "DequantizeLinear", node.output[0])
-    match_dequantize(graph, node, in_params)
-    tensor = node.output[0]
-    node = step(tensor)
-    x_params = in_params
-    layers: list[DenseLayer] = []
-    while True:
-        # a flatten between DQ and the layer is a relabelling of the same quantized values
-        while node is not None and node.op_type in _RESHAPE_OPS:
-            n = match_flatten(graph, node, input_shape if not layers else (n,))
-            tensor, node = node.output[0], step(node.output[0])
-            if node is not None and node.op_type == "QuantizeLinear":
-                q = match_quantize(graph, node)
-                if q != x_params:
-                    raise CompileError(f"{_describe(node)}: requantizes {x_params} to {q} after a reshape; unsupported")
-                node = _expect(step(node.output[0]), {"DequantizeLinear"}, "DequantizeLinear", node.output[0])
-                match_dequantize(graph, node, q)
-                tensor, node = node.output[0], step(node.output[0])
-        dense = _expect(node, {"MatMul", "Gemm"}, "MatMul or Gemm", tensor)
-        weight, scales, bias = match_dense(graph, dense, tensor, x_params, n)
-        acc_scale = x_params.scale * scales
-        tensor, node = dense.output[0], step(dense.output[0])
-        if node is not None and node.op_type == "Add":
-            if bias is not None:
-                raise CompileError(f"{_describe(node)}: a second bias after {_describe(dense)} is unsupported")
-            bias = match_bias_add(graph, node, tensor, acc_scale)
-            tensor, node = node.output[0], step(node.output[0])
-        relu = node is not None and node.op_type == "Relu"
-        if relu:
-            tensor, node = node.output[0], step(node.output[0])
-        node = _expect(node, {"QuantizeLinear"}, f"the QuantizeLinear of {_describe(dense)}'s output", tensor)
-        out_params = match_quantize(graph, node)
-        node = _expect(step(node.output[0]), {"DequantizeLinear"}, "DequantizeLinear", node.output[0])
-        match_dequantize(graph, node, out_params)
-        tensor, node = node.output[0], step(node.output[0])
-        if node is not None and node.op_type == "Relu":
-            # Relu on dequantized values requantized with the same parameters is max(q, zp): fold it
-            relu_node = node
-            node = _expect(step(node.output[0]), {"QuantizeLinear"}, "QuantizeLinear after Relu", node.output[0])
-            if match_quantize(graph, node) != out_params:
-                raise CompileError(f"{_describe(relu_node)}: requantization to new parameters after Relu is unsupported")
-            node = _expect(step(node.output[0]), {"DequantizeLinear"}, "DequantizeLinear", node.output[0])
-            match_dequantize(graph, node, out_params)
-            relu = True
-            tensor, node = node.output[0], step(node.output[0])
-        if node is not None and node.op_type == "Add":
-            # what quantize_static makes of a float MatMul + Add: two roundings, no single PE layer
-            raise CompileError(f"{_describe(node)}: adds a bias after {_describe(dense)}'s output was requantized; "
-                               f"one PE layer cannot reproduce the two roundings (compile the float model, which "
-                               f"fuses MatMul + Add into Gemm before quantizing)")
-        if bias is None:
-            bias = np.zeros(weight.shape[0], np.int32)
-        layers.append(DenseLayer(dense.name or f"{dense.op_type.lower()}_{len(layers)}", dense.op_type, weight,
-                                 bias, x_params, scales, out_params, relu))
-        x_params, n = out_params, weight.shape[0]
-        if node is None:
-            break
-    if tensor not in graph.outputs or len(graph.outputs) != 1:
-        raise CompileError(f"the graph has {len(graph.outputs)} outputs; flowtile compiles models with exactly one")
-    for other in graph.nodes:
-        if id(other) in visited or other.op_type == "Constant":
+
+def match_qdq(cursor: _Cursor, what: str) -> QuantParams:
+    """QuantizeLinear -> DequantizeLinear with the same parameters: the activation's quantization."""
+    params = match_quantize(cursor.graph, cursor.take({"QuantizeLinear"}, what))
+    match_dequantize(cursor.graph, cursor.take({"DequantizeLinear"}, "DequantizeLinear"), params)
+    return params
+
+
+def match_flattens(cursor: _Cursor, shape: tuple[int, ...], params: QuantParams | None) -> int:
+    """Flatten/Reshape to ``[batch, n]``, each optionally followed by a Q/DQ pair with unchanged
+    ``params`` (a relabelling of the same quantized values); returns n."""
+    n = int(np.prod(shape))
+    while cursor.at(*_RESHAPE_OPS):
+        n = match_flatten(cursor.graph, cursor.take(_RESHAPE_OPS, "Flatten or Reshape"), shape)
+        if params is not None and cursor.at("QuantizeLinear"):
+            node = cursor.node
+            if match_qdq(cursor, "QuantizeLinear") != params:
+                raise CompileError(f"{_describe(node)}: requantizes a reshaped tensor to new parameters; unsupported")
+    return n
+
+
+def match_relu_requantized(cursor: _Cursor, params: QuantParams) -> bool:
+    """A Relu on a dequantized activation, requantized with the same parameters (= ``max(q, zp)``) or
+    ending the graph (= the dequantization of ``max(q, zp)``)."""
+    if not cursor.at("Relu"):
+        return False
+    relu = cursor.take({"Relu"}, "Relu")
+    if cursor.node is not None:
+        requantize = cursor.node
+        if match_qdq(cursor, "QuantizeLinear after Relu") != params:
+            raise CompileError(f"{_describe(requantize)}: requantizes the output of {_describe(relu)} to new "
+                               f"parameters; unsupported")
+    return True
+
+
+def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int) -> DenseLayer:
+    """MatMul/Gemm(DQ(W)[, bias]) [-> Add(bias)] [-> Relu] -> Q -> DQ [-> Relu [-> Q -> DQ]]."""
+    graph = cursor.graph
+    x = cursor.tensor
+    dense = cursor.take({"MatMul", "Gemm"}, "MatMul or Gemm")
+    weight, scales, bias = match_dense(graph, dense, x, x_params, n_in)
+    acc_scale = x_params.scale * scales
+    if cursor.at("Add"):
+        if bias is not None:
+            raise CompileError(f"{_describe(cursor.node)}: a second bias after {_describe(dense)} is unsupported")
+        bias = match_bias_add(graph, cursor.node, cursor.tensor, acc_scale)
+        cursor.take({"Add"}, "Add")
+    relu = cursor.at("Relu")
+    if relu:
+        cursor.take({"Relu"}, "Relu")
+    out_params = match_qdq(cursor, f"the QuantizeLinear of {_describe(dense)}'s output")
+    relu = match_relu_requantized(cursor, out_params) or relu
+    if cursor.at("Add"):  # what quantize_static makes of a float MatMul + Add: two roundings, no single PE layer
+        raise CompileError(f"{_describe(cursor.node)}: adds a bias after {_describe(dense)}'s output was "
+                           f"requantized; one PE layer cannot reproduce the two roundings (compile the float "
+                           f"model, which fuses MatMul + Add into Gemm before quantizing)")
+    if bias is None:
+        bias = np.zeros(weight.shape[0], np.int32)
+    return DenseLayer(dense.name or f"{dense.op_type.lower()}_{index}", dense.op_type, weight, bias, x_params,
+                      scales, out_params, relu)
+
+
+def _check_all_nodes_on_chain(graph: _Graph, cursor: _Cursor) -> None:
+    for node in graph.nodes:
+        if id(node) in cursor.visited or node.op_type == "Constant":
             continue
-        if other.op_type == "DequantizeLinear" and graph.const(other.input[0]) is not None:
+        if node.op_type == "DequantizeLinear" and graph.const(node.input[0]) is not None:
             continue  # a quantized weight or bias, matched through its consumer
-        raise CompileError(f"{_describe(other)} is not on the chain from the input to the output "
+        raise CompileError(f"{_describe(node)} is not on the chain from the input to the output "
                            f"(branches are unsupported)")
-    last = layers[-1]
+
+
+def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
+    """input [-> Flatten] -> Q -> DQ -> layer -> layer ... -> output, or CompileError at the first mismatch."""
+    input_name, input_shape = _graph_input(graph)
+    cursor = _Cursor(graph, input_name)
+    n = match_flattens(cursor, input_shape, None)  # flatten of the float input
+    in_params = x_params = match_qdq(cursor, "the input QuantizeLinear")
+    layers: list[DenseLayer] = []
+    while not layers or cursor.node is not None:
+        n = match_flattens(cursor, input_shape if not layers else (n,), x_params)
+        layers.append(match_layer(cursor, x_params, n, len(layers)))
+        x_params, n = layers[-1].output, layers[-1].n_out
+    if len(graph.outputs) != 1:
+        raise CompileError(f"the graph has {len(graph.outputs)} outputs; flowtile compiles models with exactly one")
+    _check_all_nodes_on_chain(graph, cursor)
     return ImportedModel(
         name=model_name, layers=layers,
         input=TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype),
-        output=TensorSpec(tensor, (last.n_out,), last.output.scale, last.output.zero_point, last.output.dtype),
+        output=TensorSpec(cursor.tensor, (n,), x_params.scale, x_params.zero_point, x_params.dtype),
         qdq_model=graph.model)
 
 
@@ -513,21 +539,24 @@ def _check_float_ops(model: onnx.ModelProto) -> None:
                                f"{', '.join(sorted(_FLOAT_OPS))}")
 
 
-def _fuse_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:
+def fuse_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:
     """MatMul(x, W) -> Add(b) becomes Gemm(x, W, b) so that the quantizer makes an int32 bias.
 
     Quantized separately, the quantizer would requantize the MatMul output to int8 before adding an
     int8 bias: two roundings that one PE layer cannot reproduce. Gemm biases are also made 1-D, which
     onnxruntime's per-channel quantizer needs.
     """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = onnx.shape_inference.infer_shapes(model)  # a copy, with the ranks the fusion checks
     graph = _Graph(model)
     inits = {t.name: t for t in model.graph.initializer}
     new_nodes, dropped = [], set()
     for node in graph.nodes:
         if id(node) in dropped:
             continue
-        if node.op_type == "MatMul" and graph.const(node.input[1]) is not None and graph.const(node.input[1]).ndim == 2:
+        a_shape = graph.shapes.get(node.input[0])
+        a_is_matrix = a_shape is not None and len(a_shape.dim) == 2  # Gemm takes [batch, n] only
+        if (node.op_type == "MatMul" and a_is_matrix and graph.const(node.input[1]) is not None
+                and graph.const(node.input[1]).ndim == 2):
             readers = graph.consumers.get(node.output[0], [])
             add = readers[0] if len(readers) == 1 and node.output[0] not in graph.outputs else None
             n_out = graph.const(node.input[1]).shape[1]
@@ -569,7 +598,7 @@ class _ArrayReader(CalibrationDataReader):
         pass
 
 
-def quantize_float_model(model: onnx.ModelProto, *, calibration: np.ndarray | None = None, per_channel: bool = True,
+def quantize_float_model(model: onnx.ModelProto, calibration: np.ndarray | None = None, *, per_channel: bool = True,
                          activation_type: str = "int8") -> onnx.ModelProto:
     """Quantize a float MLP with ``onnxruntime.quantization.quantize_static`` (QDQ, int8 weights).
 
@@ -592,7 +621,7 @@ def quantize_float_model(model: onnx.ModelProto, *, calibration: np.ndarray | No
         raise CompileError(f"calibration data has {len(calibration)} samples, the model's fixed batch is {batch}")
     if model.opset_import and next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13) < 13:
         model = onnx.version_converter.convert_version(model, 13)  # per-channel DequantizeLinear needs opset 13
-    model = _fuse_matmul_add(model)
+    model = fuse_matmul_add(model)
     reader = _ArrayReader(input_name, calibration, batch)
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     if activation_type not in types:
@@ -608,7 +637,8 @@ def quantize_float_model(model: onnx.ModelProto, *, calibration: np.ndarray | No
         except CompileError:
             raise
         except Exception as error:
-            raise CompileError(f"onnxruntime quantize_static failed: {type(error).__name__}: {_one_line(error)}") from None
+            raise CompileError(f"onnxruntime quantize_static failed: {type(error).__name__}: "
+                               f"{_one_line(error)}") from None
         return onnx.load(str(out))
 
 

@@ -22,7 +22,7 @@ from flowtile.arch import Arch
 
 from .errors import CompileError
 
-__all__ = ["TileSlice", "tile_cycles", "partition", "words"]
+__all__ = ["TileSlice", "tile_cycles", "assign_tiles", "words"]
 
 
 class _Layer(Protocol):
@@ -128,44 +128,54 @@ def _describe(layer: _Layer) -> str:
     return f"layer '{layer.name}' ({layer.op}, {layer.n_in} -> {layer.n_out})"
 
 
-def partition(layers: Sequence[_Layer], arch: Arch) -> list[list[TileSlice]]:
+def _check_one_tile_fits(layer: _Layer, k: int, arch: Arch) -> None:
+    """A tile must hold one output (or, for a layer split over tiles, one flit of outputs) plus the input."""
+    lanes, capacity = arch.lanes, _tile_capacity(k, arch)
+    if capacity >= 1 and (layer.n_out <= capacity or capacity >= lanes):
+        return
+    outputs = 1 if capacity < 1 else lanes
+    raise CompileError(
+        f"{_describe(layer)}: a tile must hold at least {outputs} output(s), which need "
+        f"{(outputs + 1) * k * lanes} bytes of SRAM ({k}-word weight rows plus the {k * lanes}-byte input buffer) "
+        f"but holds at most {max(capacity, 0)}: a tile has {arch.sram_bytes} bytes (arch field 'sram_bytes') "
+        f"and {arch.max_tile_outputs} parameter entries (arch field 'max_tile_outputs')")
+
+
+def _does_not_fit(layers: Sequence[_Layer], ks: list[int], counts: list[int], arch: Arch, grid: str) -> CompileError:
+    """The error for a model whose layers need more tiles than the grid has, naming the largest layer."""
+    lanes = arch.lanes
+    worst = max(range(len(layers)), key=lambda i: counts[i])
+    layer, k = layers[worst], ks[worst]
+    per_tile = _tile_capacity(k, arch)
+    limit = "arch field 'max_tile_outputs'" if per_tile == arch.max_tile_outputs else "arch field 'sram_bytes'"
+    split_note = (f" ({per_tile // lanes * lanes} in a tile that is not the layer's last: those hold whole "
+                  f"{lanes}-lane flits)" if per_tile % lanes and layer.n_out > per_tile else "")
+    total = sum(l.n_out * kk * lanes for l, kk in zip(layers, ks))
+    return CompileError(
+        f"model does not fit {grid}: its layers need {sum(counts)} tiles, there are {arch.n_tiles}; "
+        f"{_describe(layer)} alone needs {counts[worst]}: its weights need {layer.n_out * k * lanes} bytes "
+        f"(rows padded to {k} words of {lanes} bytes) and each of its tiles also buffers the {k * lanes}-byte "
+        f"input, so a {arch.sram_bytes}-byte tile holds at most {per_tile} outputs ({limit}){split_note}; "
+        f"all weights need {total} bytes, the grid has {arch.n_tiles * arch.sram_bytes} bytes of SRAM")
+
+
+def assign_tiles(layers: Sequence[_Layer], arch: Arch) -> list[list[TileSlice]]:
     """Slices per layer, in chain order (layer 0 starts at chain position 0); CompileError if it cannot fit."""
     lanes, n_tiles = arch.lanes, arch.n_tiles
     grid = f"the {arch.rows}x{arch.cols} grid (arch fields 'rows', 'cols')"
-    if len(layers) > n_tiles:
-        raise CompileError(f"the model has {len(layers)} layers but {grid} has {n_tiles} tiles; "
-                           f"every layer needs at least one tile")
     ks = [words(layer.n_in, lanes) for layer in layers]
-    minimal: list[list[TileSlice]] = []
-    for index, (layer, k) in enumerate(zip(layers, ks)):
-        capacity = _tile_capacity(k, arch)
-        if capacity < 1 or (layer.n_out > capacity and capacity < lanes):
-            outputs = 1 if capacity < 1 else lanes  # a layer split over tiles needs whole flits per tile
-            raise CompileError(
-                f"{_describe(layer)}: a tile must hold at least {outputs} output(s), which need "
-                f"{(outputs + 1) * k * lanes} bytes of SRAM ({k}-word weight rows plus the {k * lanes}-byte "
-                f"input buffer) but holds at most {max(capacity, 0)}: a tile has {arch.sram_bytes} bytes (arch field 'sram_bytes') and "
-                f"{arch.max_tile_outputs} parameter entries (arch field 'max_tile_outputs')")
-        minimal.append(_split(layer.n_out, k, arch, index, float("inf"), float("inf")))
-    counts = [len(s) for s in minimal]
-    if sum(counts) > n_tiles:
-        worst = max(range(len(layers)), key=lambda i: counts[i])
-        layer, k = layers[worst], ks[worst]
-        per_tile = _tile_capacity(k, arch)
-        split_note = (f" ({per_tile // lanes * lanes} in a tile that is not the layer's last: those hold whole "
-                      f"{lanes}-lane flits)" if per_tile % lanes and layer.n_out > per_tile else "")
-        weight_bytes = layer.n_out * k * lanes
-        total = sum(l.n_out * kk * lanes for l, kk in zip(layers, ks))
-        limit = ("arch field 'max_tile_outputs'" if per_tile == arch.max_tile_outputs
-                 else "arch field 'sram_bytes'")
-        raise CompileError(
-            f"model does not fit {grid}: its layers need {sum(counts)} tiles, there are {n_tiles}; "
-            f"{_describe(layer)} alone needs {counts[worst]}: its weights need {weight_bytes} bytes "
-            f"(rows padded to {k} words of {lanes} bytes) and each of its tiles also buffers the "
-            f"{k * lanes}-byte input, so a {arch.sram_bytes}-byte tile holds at most {per_tile} outputs "
-            f"({limit}){split_note}; all weights need {total} bytes, the grid has {n_tiles * arch.sram_bytes} bytes of SRAM")
+    if len(layers) > n_tiles:
+        total = sum(layer.n_out * k * lanes for layer, k in zip(layers, ks))  # weight bytes, rows padded to words
+        raise CompileError(f"the model has {len(layers)} layers but {grid} has {n_tiles} tiles, and every layer "
+                           f"needs at least one; its weights need {total} bytes, the grid has "
+                           f"{n_tiles * arch.sram_bytes} bytes of SRAM")
+    for layer, k in zip(layers, ks):
+        _check_one_tile_fits(layer, k, arch)
+    unlimited = float("inf")
+    splits = [_split(layer.n_out, k, arch, i, unlimited, unlimited) for i, (layer, k) in enumerate(zip(layers, ks))]
+    if sum(len(s) for s in splits) > n_tiles:
+        raise _does_not_fit(layers, ks, [len(s) for s in splits], arch, grid)
     # balance: spare tiles to the bottleneck layer while that makes the bottleneck faster
-    splits = minimal[:]
     cost = [_slowest(s, lanes) for s in splits]
     while sum(len(s) for s in splits) < n_tiles:
         slowest = max(range(len(layers)), key=lambda i: cost[i])

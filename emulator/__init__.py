@@ -10,6 +10,7 @@ recurrences of section 6.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -51,9 +52,18 @@ class EmulatorResult:
     mac_utilization: float
     tile_busy_cycles: np.ndarray
     tile_macs: np.ndarray
-    tile_timelines: list[np.ndarray]
     functional: FunctionalResult
     timing: TimingResult
+    path: DataPath
+
+    @cached_property
+    def tile_timelines(self) -> list[np.ndarray]:
+        """Per chain position, the PE's phase spans (computed on first use)."""
+        timelines = []
+        for position, pe_times in enumerate(self.timing.pe_times):
+            timelines.append(np.empty(0, dtype=PHASE_SPAN_DTYPE) if pe_times is None
+                             else _phase_spans(pe_times, self.path.counts[position], self.batch))
+        return timelines
 
     def report(self) -> dict:
         return {"batch": int(self.batch), "cycles": int(self.cycles), "latency_cycles": int(self.latency_cycles),
@@ -104,17 +114,12 @@ def emulate(program: Program, in_flits: np.ndarray, batch: int) -> EmulatorResul
     interval = float(cycles) if batch == 1 else float(last_flits[-1] - last_flits[0]) / (batch - 1)
     busy = np.zeros((arch.rows, arch.cols), dtype=np.int64)
     macs = np.zeros((arch.rows, arch.cols), dtype=np.int64)
-    timelines = []
     for position, tile in enumerate(program.tiles):
         count = path.counts[position]
         busy[tile.row, tile.col] = count.compute_cycles * batch
         macs[tile.row, tile.col] = count.compute_issue_cycles * arch.lanes * batch
-        pe_times = timing.pe_times[position]
-        timelines.append(np.empty(0, dtype=PHASE_SPAN_DTYPE) if pe_times is None
-                         else _phase_spans(pe_times, count, batch))
     return EmulatorResult(
         batch=batch, out_flits=functional.out_flits, out_times=out_times, in_times=timing.in_times,
         cycles=cycles, latency_cycles=int(last_flits[0]) + 1, interval_cycles=interval,
         mac_utilization=program.macs_per_inference * batch / (cycles * arch.n_tiles * arch.lanes),
-        tile_busy_cycles=busy, tile_macs=macs, tile_timelines=timelines,
-        functional=functional, timing=timing)
+        tile_busy_cycles=busy, tile_macs=macs, functional=functional, timing=timing, path=path)

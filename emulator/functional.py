@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import numpy as np
 
 from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, SHIFT_BITS, Arch
@@ -231,6 +233,24 @@ def _check_parameters(tile: TileProgram, count: TileCounts) -> None:
                             f"{tile.config['clamp_hi']}")
 
 
+_blas_controller = None
+
+
+def _single_threaded_blas():
+    """Context in which BLAS runs on one thread: the products here are small, and on a busy machine
+    waking BLAS worker threads costs far more than the arithmetic (threadpoolctl, if installed)."""
+    global _blas_controller
+    if _blas_controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas_controller = ThreadpoolController()
+        except ImportError:  # pragma: no cover - optional
+            _blas_controller = False
+    if _blas_controller is False:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return _blas_controller.limit(limits=1, user_api="blas")
+
+
 def _wrap_accumulator(values: np.ndarray) -> np.ndarray:
     """Two's-complement wrap of int64 values to ACC_BITS bits."""
     half = np.int64(1 << (ACC_BITS - 1))
@@ -257,9 +277,10 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     flat_activations = activations.reshape(batch, k_words * lanes)
 
     if w_end <= act_base or act_end <= w_base:
-        weights = image[w_base:w_end].reshape(n_out, k_words * lanes)
+        weights = image[w_base:w_end].reshape(n_out, k_words * lanes).astype(np.float64)
         # float64 matmul is exact: every partial sum is an integer of magnitude <= K*L*2^14 < 2^53.
-        dot = (flat_activations.astype(np.float64) @ weights.T.astype(np.float64)).astype(np.int64)
+        with _single_threaded_blas():
+            dot = (flat_activations.astype(np.float64) @ weights.T).astype(np.int64)
     else:  # the weight region overlaps the activation buffer: each inference reads its own inputs back
         memory = np.repeat(image[None], batch, axis=0)
         memory[:, act_base:act_end] = activations

@@ -24,13 +24,15 @@ Given its lower bounds a stream is solved in closed form (max-plus prefix scan):
 
     C = cumsum(d);   t = C + maximum.accumulate(max(lb - C, -1))
 
-The coupled system is solved by Gauss-Seidel sweeps, alternately downstream and upstream, starting
-from "no constraint yet" and re-solving a stream only when a neighbour changed. Times only increase
-and the iteration stops at the least solution, which is the hardware's behaviour (every transfer
-happens in the first cycle its rules allow).
+The coupled system is solved by Gauss-Seidel sweeps, alternately downstream (data) and upstream
+(back-pressure), starting from "no constraint yet" and re-solving a stream only when a neighbour
+changed, until nothing changes. Times only increase and the
+iteration stops at the least solution, which is the hardware's behaviour (every transfer happens in
+the first cycle its rules allow).
 
-Large batches. Sweeps need about one round per inference when a PE's progress depends on its
-downstream neighbour's (back-pressure) while that neighbour waits for its data. So the system is
+Large batches. Sweeps need about one round (downstream + upstream) per inference when a PE's
+progress depends on its downstream neighbour's (back-pressure) while that neighbour waits for its
+data. So the system is
 solved for a short probe batch first (a prefix of inferences is a closed subsystem: nothing in
 inference ``b`` depends on a later one), the per-inference times are extrapolated once they repeat
 with a fixed period, and the candidate is checked with one Jacobi pass: every event's defining
@@ -55,11 +57,12 @@ __all__ = ["TimingError", "StreamTemplate", "TimingResult", "solve_timing", "str
 #: cannot overflow.
 NEVER = np.int64(-(1 << 62))
 #: Inferences solved by sweeps before extrapolating a periodic steady state.
-PROBE_BATCH = 16
+PROBE_BATCH = 8
 #: Longest probe, relative to the previous one, when an extrapolation fails its check.
 PROBE_GROWTH = 4
-#: Sweep rounds allowed per inference (+ per stream): the slowest legitimate convergence seen is about
-#: one round per inference; a program that needs more is reported rather than looped on forever.
+#: Sweep rounds allowed per inference (+ per stream): legitimate programs need about one round per
+#: inference at worst; one that needs far more (a deadlock, or a model bug) is reported rather than
+#: looped on forever.
 ROUNDS_PER_INFERENCE = 8
 ROUNDS_MINIMUM = 64
 
@@ -123,7 +126,13 @@ def _tile_slots(slots: np.ndarray | None, per_inference: int, batch: int) -> np.
 
 
 class _StreamSystem:
-    """The coupled streams of one batch size, with their current times."""
+    """The coupled streams of one batch size, with their current times.
+
+    Per stream ``j``: ``cumulative[j]`` = ``C``; ``reads[j]`` / ``writes[j]``: global action indices of
+    its FIFO reads / writes (None: every action); for the space rule, ``space_source[j]`` indexes the
+    downstream stream's reads of flits ``0..n-D-1`` and ``space_target[j]`` its own writes of flits
+    ``D..n-1`` (None: a plain slice).
+    """
 
     def __init__(self, templates: list[StreamTemplate], depth: int, batch: int):
         self.templates, self.depth, self.batch = templates, depth, batch
@@ -131,67 +140,73 @@ class _StreamSystem:
         self.reads = [_tile_slots(t.read_slots, t.per_inference, batch) for t in templates]
         self.writes = [_tile_slots(t.write_slots, t.per_inference, batch) for t in templates]
         self.times = [np.full(batch * t.per_inference, NEVER) for t in templates]
+        self.unconstrained = [np.full(batch * t.per_inference, NEVER) for t in templates]
+        last = len(templates) - 1
+        self.space_source = [None if j == last or self.reads[j + 1] is None else self.reads[j + 1][:-depth]
+                             for j in range(len(templates))]
+        self.space_target = [None if self.writes[j] is None else self.writes[j][depth:]
+                             for j in range(len(templates))]
 
     def warm_start(self, prefix: list[np.ndarray]) -> None:
         """Start from exact times of the first inferences (a lower bound of the solution)."""
         for times, known in zip(self.times, prefix):
             times[: len(known)] = known
 
-    def fifo_writes(self, j: int) -> np.ndarray:
-        """Write times into the FIFO downstream of stream ``j``."""
-        return self.times[j] if self.writes[j] is None else self.times[j][self.writes[j]]
-
-    def fifo_reads(self, j: int) -> np.ndarray:
-        """Read times of the FIFO upstream of stream ``j``."""
-        return self.times[j] if self.reads[j] is None else self.times[j][self.reads[j]]
-
     def solve_stream(self, j: int) -> np.ndarray:
         """Times of stream ``j`` given its neighbours': ``t_k = max(lb_k, t_{k-1} + d_k)``, ``t_{-1} = -1``."""
-        cumulative, depth = self.cumulative[j], self.depth
+        cumulative, depth, times = self.cumulative, self.depth, self.times
+        reads = self.reads[j]
         if j > 0:  # rule 1: a flit is readable the cycle after its write
-            ready = self.fifo_writes(j - 1) + 1
-            if self.reads[j] is None:
+            upstream, writes = times[j - 1], self.writes[j - 1]
+            ready = (upstream if writes is None else upstream[writes]) + 1
+            if reads is None:
                 lower = ready
             else:
-                lower = np.full(len(cumulative), NEVER)
-                lower[self.reads[j]] = ready
+                lower = self.unconstrained[j].copy()
+                lower[reads] = ready
         else:
-            lower = np.full(len(cumulative), NEVER)
-        if j < len(self.times) - 1:  # rule 1: flit i needs the slot that flit i-D frees by being read
-            space = self.fifo_reads(j + 1)[:-depth] + 1
-            if space.size:
-                if self.writes[j] is None:
-                    np.maximum(lower[depth:], space, out=lower[depth:])
-                else:
-                    slots = self.writes[j][depth:]
-                    lower[slots] = np.maximum(lower[slots], space)
-        return cumulative + np.maximum.accumulate(np.maximum(lower - cumulative, -1))
+            lower = self.unconstrained[j].copy()
+        if j < len(times) - 1 and len(lower) > depth:  # rule 1: flit i takes the slot flit i-D freed
+            downstream, source = times[j + 1], self.space_source[j]
+            space = (downstream[:-depth] if source is None else downstream[source]) + 1
+            target = self.space_target[j]
+            if target is None:
+                np.maximum(lower[depth:], space, out=lower[depth:])
+            else:
+                lower[target] = np.maximum(lower[target], space)
+        lower -= cumulative[j]
+        np.maximum(lower, -1, out=lower)
+        np.maximum.accumulate(lower, out=lower)
+        lower += cumulative[j]
+        return lower
 
     def sweep_until_stable(self) -> int:
-        """Gauss-Seidel rounds (a downstream sweep then an upstream one) until no time changes."""
+        """Gauss-Seidel sweeps, downstream then upstream, re-solving only streams whose neighbour
+        changed, until no time changes; returns the number of stream solves."""
         n = len(self.times)
         max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n))
         dirty = [True] * n
-        for rounds in range(max_rounds):
-            if not any(dirty):
-                return rounds
-            for order in (range(n), range(n - 1, -1, -1)):
+        solves = 0
+        downstream, upstream = range(n), range(n - 1, -1, -1)
+        for _ in range(max_rounds):
+            for order in (downstream, upstream):
                 for j in order:
                     if not dirty[j]:
                         continue
                     dirty[j] = False
+                    solves += 1
                     new = self.solve_stream(j)
-                    if not np.array_equal(new, self.times[j]):
+                    if (new != self.times[j]).any():
                         self.times[j] = new
                         if j > 0:
                             dirty[j - 1] = True
                         if j < n - 1:
                             dirty[j + 1] = True
-        if any(dirty):
-            stuck = [self.templates[j].name for j in range(n) if dirty[j]]
-            raise TimingError(f"timing did not converge after {max_rounds} sweep rounds (batch {self.batch}); "
-                              f"still changing: {', '.join(stuck[:4])}")
-        return max_rounds
+            if not any(dirty):
+                return solves
+        stuck = [self.templates[j].name for j in range(n) if dirty[j]]
+        raise TimingError(f"timing did not converge after {max_rounds} sweep rounds (batch {self.batch}); "
+                          f"still changing: {', '.join(stuck[:4])}")
 
     def is_exact(self) -> bool:
         """Whether the current times satisfy every stream's recurrence with equality (Jacobi check)."""
@@ -202,8 +217,9 @@ def _extrapolate(prefix: list[np.ndarray], templates: list[StreamTemplate], prob
                  batch: int) -> list[np.ndarray] | None:
     """Continue the probe's per-inference times periodically, or None if they do not yet repeat.
 
-    Looks for the smallest period ``c`` such that ``T[b + c] - T[b]`` is one and the same vector for
-    the last ``c + 1`` or more inferences ``b`` of the probe, then sets ``T[b] = T[b - c] + that``.
+    Looks for the smallest period ``c`` such that ``T[b + c] - T[b]`` is one and the same vector (over
+    all actions of all streams) for the last ``c + 1`` or more inferences ``b`` of the probe, then sets
+    ``T[b] = T[b - c] + that vector`` for the rest of the batch.
     """
     widths = [t.per_inference for t in templates]
     per_inference = np.concatenate([times.reshape(probe, width) for times, width in zip(prefix, widths)], axis=1)
@@ -211,15 +227,22 @@ def _extrapolate(prefix: list[np.ndarray], templates: list[StreamTemplate], prob
         step = per_inference[period:] - per_inference[:-period]
         differs = np.flatnonzero(np.any(step != step[-1], axis=1))
         repeats = len(step) - (differs[-1] + 1 if differs.size else 0)
-        if repeats < period + 1:
-            continue
-        later = np.arange(probe, batch)
-        base = probe - period + (later - probe) % period
-        periods = ((later - probe) // period + 1)[:, None]
-        full = np.concatenate([per_inference, per_inference[base] + periods * step[-1]], axis=0)
-        bounds = np.cumsum([0] + widths)
-        return [np.ascontiguousarray(full[:, lo:hi]).ravel() for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return None
+        if repeats >= period + 1:
+            break
+    else:
+        return None
+    later = np.arange(probe, batch)
+    base = probe - period + (later - probe) % period          # the probe inference each one repeats
+    periods = ((later - probe) // period + 1)[:, None]         # how many periods later it is
+    extended, column = [], 0
+    for times, width in zip(prefix, widths):
+        full = np.empty((batch, width), dtype=np.int64)
+        full[:probe] = times.reshape(probe, width)
+        increment = step[-1, column:column + width]
+        full[probe:] = full[base] + periods * increment
+        extended.append(full.ravel())
+        column += width
+    return extended
 
 
 @dataclass
@@ -228,7 +251,7 @@ class TimingResult:
 
     ``in_times``: host-input transfer per input flit; ``out_times``: host-output transfer per output
     flit; ``pe_times[p]``: the action times of the PE at chain position ``p`` (None if idle), per
-    inference K RECV, P PASS then N_r EMIT actions; ``rounds``: sweep rounds used (diagnostics).
+    inference K RECV, P PASS then N_r EMIT actions; ``solves``: stream solves used (diagnostics).
     """
 
     in_times: np.ndarray
@@ -236,7 +259,7 @@ class TimingResult:
     pe_times: list[np.ndarray | None]
     stream_names: list[str]
     stream_times: list[np.ndarray]
-    rounds: int
+    solves: int
     extrapolated: bool
 
 
@@ -247,14 +270,14 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
     templates = stream_templates(program, path)
     depth = program.arch.router_fifo_depth
     full = _StreamSystem(templates, depth, batch)
-    rounds, extrapolated = 0, False
+    solves, extrapolated = 0, False
     if probe_batch is not None and batch > 2 * probe_batch:
         probe, prefix = probe_batch, None
         while probe * 2 < batch:
             system = _StreamSystem(templates, depth, probe)
             if prefix is not None:
                 system.warm_start(prefix)
-            rounds += system.sweep_until_stable()
+            solves += system.sweep_until_stable()
             prefix = system.times
             candidate = _extrapolate(prefix, templates, probe, batch)
             if candidate is not None:
@@ -267,11 +290,11 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
         if not extrapolated:
             full.warm_start(prefix)
     if not extrapolated:
-        rounds += full.sweep_until_stable()
+        solves += full.sweep_until_stable()
     pe_times: list[np.ndarray | None] = [None] * program.arch.n_tiles
     for template, times in zip(templates, full.times):
         if template.position != HOST:
             pe_times[template.position] = times
     return TimingResult(in_times=full.times[0], out_times=full.times[-1], pe_times=pe_times,
                         stream_names=[t.name for t in templates], stream_times=full.times,
-                        rounds=rounds, extrapolated=extrapolated)
+                        solves=solves, extrapolated=extrapolated)

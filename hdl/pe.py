@@ -41,8 +41,8 @@ class PE(wiring.Component):
             config) with every counter and the compute pipeline cleared, and no flit is transferred.
 
     Behaviour per inference: RECV (``n_in_words`` transfers, stored at ``act_base + k``, re-emitted if
-    ``forward``), PASS (``n_pass`` transfers), COMPUTE (exactly ``n_out * n_in_words + 2`` cycles,
-    no transfers), EMIT (``ceil(n_out / lanes)`` transfers); an empty phase costs no cycle. Every
+    ``forward``), COMPUTE (exactly ``n_out * n_in_words + 2`` cycles, no transfers), PASS (``n_pass``
+    transfers), EMIT (``ceil(n_out / lanes)`` transfers); an empty phase costs no cycle. Every
     emitted flit carries the configured destination. Arithmetic and pipeline: section 4 of
     docs/architecture.md.
     """
@@ -113,11 +113,14 @@ class PE(wiring.Component):
                 result = Mux(count != 0, phase, result)
             return result
 
+        # Phase order RECV, COMPUTE, PASS, EMIT: a tile computes as soon as its input vector is stored,
+        # in parallel with the other tiles of its layer, and only then passes their results on.
         initial_phase = Signal(Phase)
         m.d.comb += initial_phase.eq(first_nonempty(
-            [(Phase.RECV, n_in_words), (Phase.PASS, n_pass), (Phase.COMPUTE, n_out)], Phase.IDLE))
-        after_recv = first_nonempty([(Phase.PASS, n_pass), (Phase.COMPUTE, n_out)], initial_phase)
-        after_pass = first_nonempty([(Phase.COMPUTE, n_out)], initial_phase)
+            [(Phase.RECV, n_in_words), (Phase.COMPUTE, n_out), (Phase.PASS, n_pass)], Phase.IDLE))
+        after_recv = first_nonempty([(Phase.COMPUTE, n_out), (Phase.PASS, n_pass)], initial_phase)
+        after_compute = first_nonempty([(Phase.PASS, n_pass)], Phase.EMIT)
+        after_pass = first_nonempty([(Phase.EMIT, n_out)], initial_phase)
 
         # While run = 0 (and in the first running cycle) the phase follows the config combinationally,
         # so a config written in the cycle before run rises takes effect at once.
@@ -214,7 +217,7 @@ class PE(wiring.Component):
         with m.Elif(in_compute):
             m.d.sync += drain.eq(drain + 1)
             with m.If(drain == COMPUTE_DRAIN_CYCLES - 1):
-                finish_phase(Phase.EMIT)
+                finish_phase(after_compute)
         with m.If(~in_compute):
             m.d.sync += [chunk.eq(0), output_index.eq(0), weight_address.eq(config.w_base), drain.eq(0)]
 

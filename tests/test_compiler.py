@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from compiler import (CompileError, compile_model, import_onnx, lower, partition, quantize_multiplier,
+from compiler import (CompileError, compile_model, import_onnx, lower_layers, assign_tiles, quantize_multiplier,
                       reference_forward, report, tile_cycles)
-from compiler.onnx_import import DenseLayer, QuantParams
+from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, pack_flits, quantize, unpack_flits
 from flowtile.program import Program
@@ -57,7 +57,8 @@ def float_mlp(rng, widths, *, form="gemm_t", input_shape=None, relu_last=False, 
         if i < len(widths) - 2 or relu_last:
             nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
             x = f"r{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_shape])],
+    graph = helper.make_graph(nodes, "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_shape])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", widths[-1]])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -72,11 +73,11 @@ class _Reader(CalibrationDataReader):
 
 def quantize_qdq(model, calibration, *, activation="int8", per_channel=True, tmp_path=None):
     """The model as onnxruntime's quantize_static writes it (QDQ, int8 weights)."""
-    from compiler.onnx_import import _fuse_matmul_add  # MatMul+Add quantized apart is a different network
     out = tmp_path / f"q_{activation}_{per_channel}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_static(_fuse_matmul_add(model), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ,
+        # MatMul + Add quantized apart is a network no PE layer computes; the compiler fuses them first
+        quantize_static(fuse_matmul_add(model), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8 if activation == "int8" else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=per_channel)
     return onnx.load(str(out))
@@ -93,7 +94,7 @@ def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def max_lsb_diff(model: onnx.ModelProto, x: np.ndarray, **import_options) -> int:
     """max |reference_forward - onnxruntime| in output LSBs (ORT's float output quantized back)."""
     imported = import_onnx(model, **import_options)
-    ours = reference_forward(lower(imported.layers), quantize(x, imported.input)).astype(np.int32)
+    ours = reference_forward(lower_layers(imported.layers), quantize(x, imported.input)).astype(np.int32)
     theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
     assert ours.shape == theirs.shape
     return int(np.abs(ours - theirs).max())
@@ -188,7 +189,7 @@ def test_bundled_digits_model(tmp_path):
     imported = import_onnx(model)
     assert [(l.name, l.n_in, l.n_out) for l in imported.layers] == [("fc1", 64, 64), ("fc2", 64, 32), ("fc3", 32, 10)]
     assert imported.input.shape == (64,) and imported.output.shape == (10,)
-    layers = lower(imported.layers)
+    layers = lower_layers(imported.layers)
     ours = reference_forward(layers, quantize(x, imported.input))
     theirs = quantize(run_ort(imported.qdq_model, x), imported.output)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
@@ -197,6 +198,10 @@ def test_bundled_digits_model(tmp_path):
     check_program(program, tmp_path)
     emulate_weights(program, layers)
     assert np.array_equal(run_functionally(program, quantize(x[:40], program.input)), ours[:40])
+    exact = compile_model(model, Arch(rows=1, cols=3, lanes=4))  # one tile per layer, no pass-through tiles
+    assert [len(layer.tiles) for layer in exact.layers] == [1, 1, 1] and exact.tiles[-1].config["n_out"] == 10
+    check_program(exact, tmp_path)
+    assert np.array_equal(run_functionally(exact, quantize(x[:40], exact.input)), ours[:40])
     text = report(program)
     assert "fc1" in text and "64 x 64" in text and "bottleneck" in text
 
@@ -205,7 +210,7 @@ def test_float_model_is_quantized_with_calibration(tmp_path):
     test = np.load(MODELS / "digits_test.npz")
     x = test["x"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # calibration given: no warning
+        warnings.filterwarnings("error", message="no calibration")  # calibration given: no warning
         program = compile_model(MODELS / "digits_mlp_float.onnx", Arch(), calibration=x[:100])
     check_program(program, tmp_path)
     with pytest.warns(UserWarning, match="calibration"):
@@ -239,7 +244,7 @@ def test_random_mlp_matches_onnxruntime(case, tmp_path):
     x = (1.5 * rng.standard_normal((128, *shape))).astype(np.float32)  # beyond the calibration range too
     qdq = quantize_qdq(model, calibration, activation=activation, per_channel=per_channel, tmp_path=tmp_path)
     assert max_lsb_diff(qdq, x) <= 1
-    layers = lower(import_onnx(qdq).layers)
+    layers = lower_layers(import_onnx(qdq).layers)
     for arch in (Arch(), Arch(rows=3, cols=5, lanes=4, sram_bytes=16384, max_tile_outputs=64)):
         program = compile_model(qdq, arch)
         check_program(program, tmp_path)
@@ -286,16 +291,28 @@ def _insert_explicit_relu(qdq: onnx.ModelProto, *, after_dq: bool) -> onnx.Model
     return model
 
 
-@pytest.mark.parametrize("after_dq", [False, True])
-def test_explicit_relu(after_dq, tmp_path):
+def _append_final_relu(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    """A float Relu on the dequantized graph output."""
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    output = model.graph.output[0]
+    model.graph.node.append(helper.make_node("Relu", [output.name], ["relu_y"], name="final_relu"))
+    output.name = "relu_y"
+    return model
+
+
+@pytest.mark.parametrize("where", ["before_q", "after_dq", "graph_end"])
+def test_explicit_relu(where, tmp_path):
     rng = np.random.default_rng(11)
     model = float_mlp(rng, [12, 20, 6], relu_last=False)
     calibration = rng.standard_normal((64, 12)).astype(np.float32)
-    qdq = _insert_explicit_relu(quantize_qdq(model, calibration, tmp_path=tmp_path), after_dq=after_dq)
+    qdq = quantize_qdq(model, calibration, tmp_path=tmp_path)
+    qdq = _append_final_relu(qdq) if where == "graph_end" else _insert_explicit_relu(qdq, after_dq=where == "after_dq")
     imported = import_onnx(qdq)
-    assert imported.layers[0].relu
-    layers = lower(imported.layers)
-    assert layers[0].clamp_lo == max(-128, layers[0].zp_out)
+    relu_layer = -1 if where == "graph_end" else 0
+    assert imported.layers[relu_layer].relu
+    layers = lower_layers(imported.layers)
+    assert layers[relu_layer].clamp_lo == max(-128, layers[relu_layer].zp_out)
     assert max_lsb_diff(qdq, rng.standard_normal((64, 12)).astype(np.float32)) <= 1
 
 
@@ -329,8 +346,8 @@ def test_float_bias_in_qdq_model(as_matmul_add, tmp_path):
 def test_flatten_between_quantized_tensors(tmp_path):
     """x -> Q -> DQ -> Flatten -> Q -> DQ (same parameters) -> Gemm: a relabelling, not a requantization."""
     rng = np.random.default_rng(13)
-    qdq = quantize_qdq(float_mlp(rng, [12, 9, 4], input_shape=(3, 4)), rng.standard_normal((64, 3, 4)).astype(np.float32),
-                       tmp_path=tmp_path)
+    calibration = rng.standard_normal((64, 3, 4)).astype(np.float32)
+    qdq = quantize_qdq(float_mlp(rng, [12, 9, 4], input_shape=(3, 4)), calibration, tmp_path=tmp_path)
     nodes = list(qdq.graph.node)
     flatten = next(n for n in nodes if n.op_type == "Flatten")
     q = next(n for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] == flatten.output[0])
@@ -371,14 +388,14 @@ def _dense(name="big", n_in=4, n_out=3, bias=0, zp_in=0, dtype="int8"):
 
 
 def test_bias_folding_and_uint8_zero_point():
-    layer = lower([_dense(bias=10, zp_in=130, dtype="uint8")])[0]
+    layer = lower_layers([_dense(bias=10, zp_in=130, dtype="uint8")])[0]
     assert np.all(layer.bias == 10 - (130 - 128) * 4)
     assert layer.zp_out == 3 and layer.clamp_lo == 3 and layer.clamp_hi == 127
 
 
 def test_accumulator_overflow_is_rejected():
     with pytest.raises(CompileError, match=r"layer 'big'.*2\^31 - 1"):
-        lower([_dense(bias=2**31 - 100)])
+        lower_layers([_dense(bias=2**31 - 100)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,7 +404,7 @@ def test_accumulator_overflow_is_rejected():
 def test_partition_balances_and_respects_limits():
     arch = Arch(rows=2, cols=4, lanes=8, sram_bytes=4096, max_tile_outputs=40)  # 512 words
     layers = [_dense("a", n_in=100, n_out=70), _dense("b", n_in=70, n_out=9), _dense("c", n_in=9, n_out=3)]
-    splits = partition(layers, arch)
+    splits = assign_tiles(layers, arch)
     assert sum(len(s) for s in splits) <= arch.n_tiles
     for layer, slices in zip(layers, splits):
         assert sum(s.n_out for s in slices) == layer.n_out
@@ -395,8 +412,8 @@ def test_partition_balances_and_respects_limits():
             assert s.n_out % arch.lanes == 0 and s.forward
         for s in slices:
             assert s.n_out <= arch.max_tile_outputs and (s.n_out + 1) * s.n_in_words <= arch.sram_words
-    # layer 'a' fits 3 tiles (32 + 32 + 6 outputs); as the bottleneck it gets all 5 spare tiles but
-    # one: the best 6-tile split (16, 16, 8, 8, 8, 14) cannot be beaten with 7 at 8-output granularity
+    # layer 'a' fits in 3 tiles (32 + 32 + 6 outputs); as the bottleneck it gets all 3 spare tiles,
+    # split (16, 16, 8, 8, 8, 14): later tiles pass more result flits, so they compute fewer outputs
     assert [len(s) for s in splits] == [6, 1, 1]
     slowest = max(tile_cycles(s.n_in_words, s.n_pass, s.n_out, 8) for sl in splits for s in sl)
     assert slowest == tile_cycles(13, 2, 16, 8) < tile_cycles(13, 4, 32, 8)

@@ -70,15 +70,16 @@ def golden_schedule(config, lanes, n_inferences, available, ready):
     input flit is offered (testbench arrival time) and, if it emits, the output is ready."""
     k_words, n_pass, n_out = config["n_in_words"], config["n_pass"], config["n_out"]
     n_result = -(-n_out // lanes)
-    actions = []
+    actions = []   # (kind, emits, first transfer after COMPUTE)
     for _ in range(n_inferences):
-        actions += [("recv", bool(config["forward"]))] * k_words
-        actions += [("pass", True)] * n_pass
-        actions += [("emit", True)] * (n_result if n_out else 0)
-    times, previous, read_index, emits_since_compute = [], -1, 0, 0
-    for index, (kind, emits) in enumerate(actions):
-        first_emit = kind == "emit" and (index == 0 or actions[index - 1][0] != "emit")
-        t = previous + (n_out * k_words + 3 if first_emit else 1)
+        actions += [("recv", bool(config["forward"]), False)] * k_words
+        after_compute = [("pass", True, False)] * n_pass + [("emit", True, False)] * (n_result if n_out else 0)
+        if n_out and after_compute:
+            after_compute[0] = after_compute[0][:2] + (True,)
+        actions += after_compute
+    times, previous, read_index = [], -1, 0
+    for kind, emits, first_after_compute in actions:
+        t = previous + (n_out * k_words + 3 if first_after_compute else 1)
         if kind != "emit":
             t = max(t, available[read_index])
             read_index += 1
@@ -201,8 +202,8 @@ def test_transfer_cycles_follow_rule_4(forward, back_pressure):
         available, ready = [0] * len(inputs), [True] * horizon
     emitted = check_run(config, weights, params, inputs, available, ready)
     if not back_pressure:
-        # Spelled out for inference 0: RECV at 0,1,2, PASS at 3,4, COMPUTE 5..5+N_o*K+1, EMIT next.
-        first_emit = 4 + n_out * k_words + 3
+        # Spelled out for inference 0: RECV at 0,1,2, COMPUTE 3..3+N_o*K+1, PASS twice, EMIT next.
+        first_emit = 2 + n_out * k_words + 3 + n_pass
         emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"][:2]
         assert emit_cycles == [first_emit, first_emit + 1]
 

@@ -19,6 +19,7 @@ from amaranth.lib.wiring import In, Out
 from flowtile.arch import Arch, CONFIG_FIELDS
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 from hdl import simulate as rtl
+from hdl.harness import HARNESS_TOP_NAME
 from hdl.layouts import LOAD_TARGET_CONFIG, config_field_index, flit_signature, load_signature
 
 # --- (a) the flow with a stand-in chip ------------------------------------------------------------
@@ -111,7 +112,8 @@ def test_flow_verilator_with_stand_in_chip_and_build_cache(loopback_case, tmp_pa
     np.testing.assert_array_equal(result.out_flits, expected)
     np.testing.assert_array_equal(result.out_times, expected_times)
     assert result.cycles == len(in_flits) + 1
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [cold.directory.name], \
+    builds = sorted(p.name for p in tmp_path.glob(f"{HARNESS_TOP_NAME}-*"))
+    assert builds == [cold.directory.name], \
         "simulating must reuse the cached build, not make another"
 
 
