@@ -103,6 +103,7 @@ def _phase_spans(pe_times: np.ndarray, count, batch: int) -> np.ndarray:
 def emulate(program: Program, in_flits: np.ndarray, batch: int) -> EmulatorResult:
     """Run ``batch`` inferences of ``program`` on host input flits int8 ``[batch * input_words, lanes]``."""
     arch = program.arch
+    program.validate()
     path: DataPath = trace_data_path(program)
     functional = run_functional(program, in_flits, batch, path)
     timing = solve_timing(program, batch, path)

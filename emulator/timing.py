@@ -85,6 +85,7 @@ class StreamTemplate:
     delays: np.ndarray
     read_slots: np.ndarray | None = None
     write_slots: np.ndarray | None = None
+    pass_through: bool = False  # one read and one write per action, d = 1: a link, a pure PASS PE, the host output
 
     @property
     def per_inference(self) -> int:
@@ -99,7 +100,8 @@ def _pe_template(position: int, count: TileCounts, name: str) -> StreamTemplate:
     reads = None if count.flits_in == actions else np.arange(count.flits_in)
     first_write = 0 if count.forward else count.n_in_words
     writes = None if first_write == 0 else np.arange(first_write, actions)
-    return StreamTemplate(name, position, delays, reads, writes)
+    pure_pass = count.n_in_words == 0 and count.n_out == 0
+    return StreamTemplate(name, position, delays, reads, writes, pass_through=pure_pass)
 
 
 def stream_templates(program: Program, path: DataPath) -> list[StreamTemplate]:
@@ -114,8 +116,8 @@ def stream_templates(program: Program, path: DataPath) -> list[StreamTemplate]:
             flits = count.flits_out
             for (row, col, port), _ in zip(hop.fifos[:-1], hop.fifos[1:]):
                 templates.append(StreamTemplate(f"router r{row}c{col} {port} FIFO -> next hop", HOST,
-                                                np.ones(flits, dtype=np.int64)))
-    templates.append(StreamTemplate("host output", HOST, np.ones(flits, dtype=np.int64)))
+                                                np.ones(flits, dtype=np.int64), pass_through=True))
+    templates.append(StreamTemplate("host output", HOST, np.ones(flits, dtype=np.int64), pass_through=True))
     return templates
 
 
@@ -123,6 +125,20 @@ def _tile_slots(slots: np.ndarray | None, per_inference: int, batch: int) -> np.
     if slots is None:
         return None
     return (slots[None, :] + per_inference * np.arange(batch, dtype=np.int64)[:, None]).ravel()
+
+
+def _space_one_apart(delays: np.ndarray, slots: np.ndarray | None) -> None:
+    """With ``D = 1``, consecutive transfers on one FIFO side are >= 2 cycles apart.
+
+    Rule 1 implies it (``w_i >= r_{i-1} + 1 >= w_{i-1} + 2`` and ``r_i >= w_i + 1 >= r_{i-1} + 2``),
+    so adding it to back-to-back actions (``d >= 2``) leaves the solution unchanged; it lets one
+    stream solve see the half rate that would otherwise take a sweep round per flit to emerge.
+    """
+    if slots is None:
+        np.maximum(delays[1:], 2, out=delays[1:])
+    else:
+        follows = slots[1:][np.diff(slots) == 1]
+        delays[follows] = np.maximum(delays[follows], 2)
 
 
 class _StreamSystem:
@@ -134,11 +150,20 @@ class _StreamSystem:
     ``D..n-1`` (None: a plain slice).
     """
 
-    def __init__(self, templates: list[StreamTemplate], depth: int, batch: int):
+    def __init__(self, templates: list[StreamTemplate], depth: int, batch: int, *, open_end: bool = False):
+        """``open_end``: the last stream writes a FIFO whose reader never holds it back (a pass-through tail)."""
         self.templates, self.depth, self.batch = templates, depth, batch
-        self.cumulative = [np.cumsum(np.tile(t.delays, batch)) for t in templates]
         self.reads = [_tile_slots(t.read_slots, t.per_inference, batch) for t in templates]
         self.writes = [_tile_slots(t.write_slots, t.per_inference, batch) for t in templates]
+        self.cumulative = []
+        for j, template in enumerate(templates):
+            delays = np.tile(template.delays, batch)
+            if depth == 1:
+                writes_fifo = j < len(templates) - 1 or open_end
+                for slots, has_fifo in ((self.reads[j], j > 0), (self.writes[j], writes_fifo)):
+                    if has_fifo:
+                        _space_one_apart(delays, slots)
+            self.cumulative.append(np.cumsum(delays))
         self.times = [np.full(batch * t.per_inference, NEVER) for t in templates]
         self.unconstrained = [np.full(batch * t.per_inference, NEVER) for t in templates]
         last = len(templates) - 1
@@ -263,18 +288,37 @@ class TimingResult:
     extrapolated: bool
 
 
+def _pass_through_tail(templates: list[StreamTemplate]) -> int:
+    """Index of the first stream of the longest suffix of pass-through streams (never the host input).
+
+    Such a tail never holds the stream before it back, and each of its streams transfers flit ``i``
+    exactly one cycle after the previous one: by induction from the host output (always ready), a
+    tail stream reads each flit the cycle after its write (``t_k[i] = t_{k-1}[i] + 1`` meets
+    ``t_k[i-1] + 1`` because writes are strictly increasing), so it frees FIFO slot ``i-D`` at
+    ``t_{k-1}[i-D] + 1``, which the space rule needs by ``t_{k-1}[i] - 1``: true for ``D >= 2``, and
+    for ``D = 1`` because rule 1 spaces that FIFO's writes >= 2 cycles apart (see
+    :func:`_space_one_apart`). So the tail is solved in closed form after the rest.
+    """
+    start = len(templates)
+    while start > 1 and templates[start - 1].pass_through:
+        start -= 1
+    return start
+
+
 def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
                  probe_batch: int | None = PROBE_BATCH) -> TimingResult:
     """Solve section 6's recurrences for ``batch`` inferences (``probe_batch=None``: sweeps only)."""
     path = path or trace_data_path(program)
-    templates = stream_templates(program, path)
+    all_templates = stream_templates(program, path)
+    tail = _pass_through_tail(all_templates)
+    templates, open_end = all_templates[:tail], tail < len(all_templates)
     depth = program.arch.router_fifo_depth
-    full = _StreamSystem(templates, depth, batch)
+    full = _StreamSystem(templates, depth, batch, open_end=open_end)
     solves, extrapolated = 0, False
     if probe_batch is not None and batch > 2 * probe_batch:
         probe, prefix = probe_batch, None
         while probe * 2 < batch:
-            system = _StreamSystem(templates, depth, probe)
+            system = _StreamSystem(templates, depth, probe, open_end=open_end)
             if prefix is not None:
                 system.warm_start(prefix)
             solves += system.sweep_until_stable()
@@ -291,10 +335,15 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
             full.warm_start(prefix)
     if not extrapolated:
         solves += full.sweep_until_stable()
+    times = list(full.times)
+    if open_end:
+        last, writes = times[-1], full.writes[-1]
+        into_tail = last if writes is None else last[writes]
+        times += [into_tail + hop for hop in range(1, len(all_templates) - tail + 1)]
     pe_times: list[np.ndarray | None] = [None] * program.arch.n_tiles
-    for template, times in zip(templates, full.times):
+    for template, stream in zip(all_templates, times):
         if template.position != HOST:
-            pe_times[template.position] = times
-    return TimingResult(in_times=full.times[0], out_times=full.times[-1], pe_times=pe_times,
-                        stream_names=[t.name for t in templates], stream_times=full.times,
+            pe_times[template.position] = stream
+    return TimingResult(in_times=times[0], out_times=times[-1], pe_times=pe_times,
+                        stream_names=[t.name for t in all_templates], stream_times=times,
                         solves=solves, extrapolated=extrapolated)

@@ -110,6 +110,9 @@ class Harness(wiring.Component):
             from .chip import Chip  # imported here so that stand-in chips work without hdl.chip
             chip = Chip(arch)
         _check_chip_signature(chip)
+        chip_arch = getattr(chip, "arch", arch)
+        if chip_arch != arch:
+            raise HarnessError(f"chip was built for {chip_arch}, harness for {arch}")
         self.arch = arch
         self.chip = chip
         chip_ports = chip.signature.members

@@ -258,6 +258,17 @@ def test_random_programs_match_reference(seed):
     np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], golden)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_long_batches_match_reference(seed):
+    """Batches past the probe: periodic extrapolation (or its fallback), cycle by cycle."""
+    rng = np.random.default_rng(1000 + seed)
+    program, layers, x, _ = random_program(rng)
+    batch = int(rng.integers(20, 41))
+    x = rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch)
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], dense_golden(layers, x))
+
+
 def _layer(rng, n_in, n_out, tiles=1):
     return random_layer(rng, n_in, n_out, tiles)
 
@@ -305,7 +316,7 @@ def test_overlapping_weight_and_activation_regions():
     assert_matches_reference(program, x, 3)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(20))
 def test_extrapolation_equals_plain_sweeps(seed):
     """Probe + extrapolation (including failed probes) give exactly the times sweeps give."""
     rng = np.random.default_rng(200 + seed)
@@ -316,6 +327,22 @@ def test_extrapolation_equals_plain_sweeps(seed):
         fast = solve_timing(program, batch, probe_batch=probe)
         for name, a, b in zip(plain.stream_names, plain.stream_times, fast.stream_times):
             np.testing.assert_array_equal(a, b, err_msg=f"{name}, probe {probe}")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_deep_forwarding_chain_converges(depth):
+    """A layer forwarded across six tiles with K >> 2D: every PE waits on the next one each inference."""
+    rng = np.random.default_rng(300 + depth)
+    arch = Arch(rows=2, cols=4, lanes=4, sram_bytes=16384, max_tile_outputs=64, router_fifo_depth=depth)
+    layers = [_layer(rng, 96, 24, tiles=6), _layer(rng, 24, 5)]
+    program = build_program(arch, layers)
+    batch = 50
+    plain = solve_timing(program, batch, probe_batch=None)
+    fast = solve_timing(program, batch)
+    for name, a, b in zip(plain.stream_names, plain.stream_times, fast.stream_times):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    x = rng.integers(-128, 128, (4, 96), dtype=np.int8)
+    assert_matches_reference(program, x, 4)
 
 
 def test_report_and_per_tile_statistics():

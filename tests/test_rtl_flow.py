@@ -144,6 +144,16 @@ def test_timeout_is_reported():
         rtl.simulate(program, np.zeros((2, 4), np.int8), 1, simulator="amaranth", chip_factory=SilentChip)
 
 
+@pytest.mark.rtl
+def test_verilator_timeout_and_build_failure_are_reported(tmp_path, monkeypatch):
+    program = _loopback_program(FLOW_ARCH, 1, 8)
+    with pytest.raises(rtl.RtlTimeoutError, match=r"received 0 of 2 output flits.*accepted 2 of 2"):
+        rtl.simulate(program, np.zeros((2, 4), np.int8), 1, build_root=tmp_path, chip_factory=SilentChip)
+    monkeypatch.setattr(rtl, "VERILATOR_BUILD_ARGS", rtl.VERILATOR_BUILD_ARGS + ("--no-such-verilator-option",))
+    with pytest.raises(rtl.RtlBuildError, match=r"(?s)last lines:.*no-such-verilator-option"):
+        rtl.build_verilator(FLOW_ARCH, build_root=tmp_path, chip_factory=SilentChip)
+
+
 # --- (b) a hand-built program on the real chip --------------------------------------------------------
 
 CHIP_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=4,
