@@ -22,7 +22,7 @@ from .timing import TimingError, TimingResult, solve_timing
 __all__ = ["emulate", "EmulatorResult", "EmulatorError", "TimingError", "PHASE_SPAN_DTYPE",
            "run_functional", "solve_timing", "trace_data_path"]
 
-#: One span of a PE's phase FSM: cycles ``[start, end)`` spent in ``phase`` (RECV, PASS, COMPUTE, EMIT).
+#: One span of a PE's phase FSM: cycles ``[start, end)`` spent in ``phase`` (RECV, COMPUTE, PASS, EMIT).
 PHASE_SPAN_DTYPE = np.dtype([("start", np.int64), ("end", np.int64), ("phase", "U7")])
 
 
@@ -39,7 +39,8 @@ class EmulatorResult:
     inference) per PE; ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a
     :data:`PHASE_SPAN_DTYPE` array (iterates as ``(start, end, phase)``), in time order, per inference
     the FSM occupancy of each non-empty phase: a phase begins when the previous one ends (cycle 0 for
-    the first) and ends after its last transfer; empty for idle tiles.
+    the first) and ends after its last transfer (COMPUTE after ``N_o*K + 2`` cycles); empty for idle
+    tiles.
     """
 
     batch: int
@@ -71,29 +72,33 @@ class EmulatorResult:
 
 
 def _phase_spans(pe_times: np.ndarray, count, batch: int) -> np.ndarray:
-    """FSM phase spans of one PE from its action times (see :class:`EmulatorResult`)."""
+    """FSM phase spans of one PE from its action times (see :class:`EmulatorResult`).
+
+    Per inference the actions are K RECV, P PASS, N_r EMIT transfers; COMPUTE, between RECV and PASS,
+    lasts ``N_o*K + 2`` cycles from the cycle after the last RECV.
+    """
     times = pe_times.reshape(batch, -1)
-    inference_start = np.empty(batch, dtype=np.int64)
-    inference_start[0] = 0
-    inference_start[1:] = times[:-1, -1] + 1
-    columns, names = [], []
-    begin = inference_start
-    transfers = 0
-    for name, n in (("RECV", count.n_in_words), ("PASS", count.n_pass)):
-        if n:
-            transfers += n
-            end = times[:, transfers - 1] + 1
-            columns.append((begin, end))
-            names.append(name)
-            begin = end
+    begin = np.empty(batch, dtype=np.int64)
+    begin[0] = 0
+    begin[1:] = times[:-1, -1] + 1
+    k_words, n_pass = count.n_in_words, count.n_pass
+    phases = []  # (name, start, end) columns
+    if k_words:
+        end = times[:, k_words - 1] + 1
+        phases.append(("RECV", begin, end))
+        begin = end
     if count.n_out:
         end = begin + count.compute_cycles
-        columns.append((begin, end))
-        names.append("COMPUTE")
-        columns.append((end, times[:, -1] + 1))
-        names.append("EMIT")
-    spans = np.empty((batch, len(names)), dtype=PHASE_SPAN_DTYPE)
-    for column, ((start, end), name) in enumerate(zip(columns, names)):
+        phases.append(("COMPUTE", begin, end))
+        begin = end
+    if n_pass:
+        end = times[:, k_words + n_pass - 1] + 1
+        phases.append(("PASS", begin, end))
+        begin = end
+    if count.n_out:
+        phases.append(("EMIT", begin, times[:, -1] + 1))
+    spans = np.empty((batch, len(phases)), dtype=PHASE_SPAN_DTYPE)
+    for column, (name, start, end) in enumerate(phases):
         spans["start"][:, column] = start
         spans["end"][:, column] = end
         spans["phase"][:, column] = name

@@ -9,13 +9,13 @@ never from the compiler's layer descriptions. Two parts:
   router output carries at most one stream, every PE on the path consumes exactly the flits the
   previous one emits per inference) and raises :class:`EmulatorError` otherwise.
 * :func:`run_functional` computes, vectorized over the batch, every PE's output flit stream:
-  per inference ``(input flits if forward) ++ (the P pass flits) ++ (its N_r result words)``.
+  per inference ``(input flits if forward) ++ (the P pass flits) ++ (its N_r result words)``
+  (section 4: RECV, COMPUTE, PASS, EMIT; COMPUTE emits nothing, so the data order is the same).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, SHIFT_BITS, Arch
 from flowtile.program import Program, TileProgram
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
-           "tile_counts", "run_functional", "pe_results", "PORTS", "HOST"]
+           "tile_counts", "run_functional", "pe_results", "PORTS", "HOST", "AFTER_COMPUTE_EXTRA_DELAY"]
 
 
 class EmulatorError(ValueError):
@@ -40,9 +40,10 @@ HOST = -1
 #: Cycles COMPUTE lasts beyond its ``N_o * K`` issue cycles (section 4: multiply-accumulate of the
 #: last read words, then requantization of the last output).
 COMPUTE_DRAIN_CYCLES = 2
-#: Cycles from a PE's last RECV/PASS transfer to its first EMIT transfer beyond the compute issue
-#: cycles: entering COMPUTE (1) plus the drain (section 6, rule 4: ``d = N_o*K + 3``).
-EMIT_EXTRA_DELAY = 1 + COMPUTE_DRAIN_CYCLES
+#: Cycles from a PE's last RECV transfer to its first transfer after COMPUTE (the first PASS, or the
+#: first EMIT if P = 0) beyond the compute issue cycles: entering COMPUTE (1) plus the drain
+#: (section 6, rule 4: ``d = N_o*K + 3``).
+AFTER_COMPUTE_EXTRA_DELAY = 1 + COMPUTE_DRAIN_CYCLES
 
 
 @dataclass(frozen=True)
@@ -279,8 +280,7 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     if w_end <= act_base or act_end <= w_base:
         weights = image[w_base:w_end].reshape(n_out, k_words * lanes).astype(np.float64)
         # float64 matmul is exact: every partial sum is an integer of magnitude <= K*L*2^14 < 2^53.
-        with _single_threaded_blas():
-            dot = (flat_activations.astype(np.float64) @ weights.T).astype(np.int64)
+        dot = (flat_activations.astype(np.float64) @ weights.T).astype(np.int64)
     else:  # the weight region overlaps the activation buffer: each inference reads its own inputs back
         memory = np.repeat(image[None], batch, axis=0)
         memory[:, act_base:act_end] = activations
@@ -327,15 +327,20 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int,
     path = path or trace_data_path(program)
     stream = check_input_flits(program, in_flits, batch).reshape(batch, program.input_words, arch.lanes)
     tile_out: list[np.ndarray | None] = [None] * arch.n_tiles
-    for position in path.order:
-        tile, count = program.tiles[position], path.counts[position]
-        parts = []
-        if count.forward:
-            parts.append(stream[:, : count.n_in_words])
-        parts.append(stream[:, count.n_in_words:])
-        if count.n_out:
-            _check_parameters(tile, count)
-            parts.append(pe_results(tile, count, stream[:, : count.n_in_words], arch))
-        stream = np.concatenate(parts, axis=1)
-        tile_out[position] = stream.reshape(-1, arch.lanes)
+    with _single_threaded_blas():
+        for position in path.order:
+            stream = _pe_stream(program.tiles[position], path.counts[position], stream, arch)
+            tile_out[position] = stream.reshape(-1, arch.lanes)
     return FunctionalResult(tile_out_flits=tile_out, out_flits=stream.reshape(-1, arch.lanes))
+
+
+def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: Arch) -> np.ndarray:
+    """One PE's output per inference, ``[batch, flits_out, L]``, from its input ``[batch, K + P, L]``."""
+    parts = []
+    if count.forward:
+        parts.append(stream[:, : count.n_in_words])
+    parts.append(stream[:, count.n_in_words:])
+    if count.n_out:
+        _check_parameters(tile, count)
+        parts.append(pe_results(tile, count, stream[:, : count.n_in_words], arch))
+    return np.concatenate(parts, axis=1)

@@ -9,9 +9,10 @@ Each stream is a sequence of actions ``j`` with times ``t_j = max(lb_j, t_{j-1} 
 ``t_{-1} = -1``:
 
 * host input: one write per flit, ``d = 1`` (rule 5: ``T[i] >= max(0, T[i-1] + 1)``);
-* PE: per inference K RECV, P PASS, N_r EMIT actions, ``d = 1`` except the first EMIT, whose
-  ``d = N_o*K + 3`` (rule 4). RECV and PASS read the FIFO before it; forwarded RECV, PASS and EMIT
-  write the FIFO after it (the same cycle for a forwarded RECV or a PASS);
+* PE: per inference K RECV, (COMPUTE,) P PASS, N_r EMIT actions, ``d = 1`` except the first
+  transfer after COMPUTE (the first PASS, or the first EMIT if P = 0), whose ``d = N_o*K + 3``
+  counted from the last RECV (rule 4). RECV and PASS read the FIFO before it; forwarded RECV, PASS
+  and EMIT write the FIFO after it (the same cycle for a forwarded RECV or a PASS);
 * link (a router hop): one action per flit that reads the FIFO before it and writes the FIFO after it
   in the same cycle (rule 3), ``d = 1`` (rule 2);
 * host output: one read per flit, ``d = 1``; the host is always ready.
@@ -26,19 +27,25 @@ Given its lower bounds a stream is solved in closed form (max-plus prefix scan):
 
 The coupled system is solved by Gauss-Seidel sweeps, alternately downstream (data) and upstream
 (back-pressure), starting from "no constraint yet" and re-solving a stream only when a neighbour
-changed, until nothing changes. Times only increase and the
-iteration stops at the least solution, which is the hardware's behaviour (every transfer happens in
-the first cycle its rules allow).
+changed, until nothing changes. Times only increase and the iteration stops at the least solution,
+which is the hardware's behaviour (every transfer happens in the first cycle its rules allow).
+
+Two exact shortcuts keep the number of sweeps small:
+
+* with ``D = 1`` rule 1 implies that consecutive transfers on one side of a FIFO are >= 2 cycles
+  apart; building that into ``d`` spares one sweep round per flit (:func:`_space_one_apart`);
+* the suffix of pass-through streams before the host output (links, pure PASS tiles) never holds
+  anything back and adds exactly one cycle per stream, so it is solved in closed form after the rest
+  (:func:`_pass_through_tail`).
 
 Large batches. Sweeps need about one round (downstream + upstream) per inference when a PE's
 progress depends on its downstream neighbour's (back-pressure) while that neighbour waits for its
-data. So the system is
-solved for a short probe batch first (a prefix of inferences is a closed subsystem: nothing in
-inference ``b`` depends on a later one), the per-inference times are extrapolated once they repeat
-with a fixed period, and the candidate is checked with one Jacobi pass: every event's defining
-equation holds with equality. All dependencies have weight >= 1, so the equations form an acyclic
-system whose solution is unique; a candidate that satisfies all of them is therefore exact. If it does
-not, a longer probe (and in the end the whole batch) is solved by sweeps.
+data. So a short probe batch is solved first (a prefix of inferences is a closed subsystem: nothing
+in inference ``b`` depends on a later one), its per-inference times are extrapolated once they
+repeat with a fixed period, and the candidate is checked with one Jacobi pass: does every stream's
+recurrence hold with equality? All dependencies have weight >= 1, so the equations form an acyclic
+system with a unique solution, and a candidate that satisfies all of them is exact. If it does not,
+a longer probe (and in the end the whole batch) is solved by sweeps.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ import numpy as np
 
 from flowtile.program import Program
 
-from .functional import EMIT_EXTRA_DELAY, HOST, DataPath, EmulatorError, TileCounts, trace_data_path
+from .functional import AFTER_COMPUTE_EXTRA_DELAY, HOST, DataPath, EmulatorError, TileCounts, trace_data_path
 
 __all__ = ["TimingError", "StreamTemplate", "TimingResult", "solve_timing", "stream_templates",
            "PROBE_BATCH", "NEVER"]
@@ -57,9 +64,10 @@ __all__ = ["TimingError", "StreamTemplate", "TimingResult", "solve_timing", "str
 #: cannot overflow.
 NEVER = np.int64(-(1 << 62))
 #: Inferences solved by sweeps before extrapolating a periodic steady state.
-PROBE_BATCH = 8
-#: Longest probe, relative to the previous one, when an extrapolation fails its check.
-PROBE_GROWTH = 4
+PROBE_BATCH = 16
+#: Factor by which the probe grows when it is not yet periodic or its extrapolation fails the check
+#: (the solved prefix is kept, so only the new inferences cost sweeps).
+PROBE_GROWTH = 2
 #: Sweep rounds allowed per inference (+ per stream): legitimate programs need about one round per
 #: inference at worst; one that needs far more (a deadlock, or a model bug) is reported rather than
 #: looped on forever.
@@ -95,8 +103,8 @@ class StreamTemplate:
 def _pe_template(position: int, count: TileCounts, name: str) -> StreamTemplate:
     actions = count.flits_in + count.n_result_words
     delays = np.ones(actions, dtype=np.int64)
-    if count.n_result_words:
-        delays[count.flits_in] = count.compute_issue_cycles + EMIT_EXTRA_DELAY
+    if count.n_out:  # COMPUTE sits between the last RECV and the first PASS / EMIT
+        delays[count.n_in_words] = count.compute_issue_cycles + AFTER_COMPUTE_EXTRA_DELAY
     reads = None if count.flits_in == actions else np.arange(count.flits_in)
     first_write = 0 if count.forward else count.n_in_words
     writes = None if first_write == 0 else np.arange(first_write, actions)
@@ -114,9 +122,9 @@ def stream_templates(program: Program, path: DataPath) -> list[StreamTemplate]:
             tile = program.tiles[hop.producer]
             templates.append(_pe_template(hop.producer, count, f"PE {tile.key}"))
             flits = count.flits_out
-            for (row, col, port), _ in zip(hop.fifos[:-1], hop.fifos[1:]):
-                templates.append(StreamTemplate(f"router r{row}c{col} {port} FIFO -> next hop", HOST,
-                                                np.ones(flits, dtype=np.int64), pass_through=True))
+        for row, col, port in hop.fifos[:-1]:  # a router hop between every two FIFOs of the route
+            templates.append(StreamTemplate(f"router r{row}c{col} {port} FIFO -> next hop", HOST,
+                                            np.ones(flits, dtype=np.int64), pass_through=True))
     templates.append(StreamTemplate("host output", HOST, np.ones(flits, dtype=np.int64), pass_through=True))
     return templates
 
@@ -150,35 +158,43 @@ class _StreamSystem:
     ``D..n-1`` (None: a plain slice).
     """
 
-    def __init__(self, templates: list[StreamTemplate], depth: int, batch: int, *, open_end: bool = False):
-        """``open_end``: the last stream writes a FIFO whose reader never holds it back (a pass-through tail)."""
+    def __init__(self, templates: list[StreamTemplate], depth: int, batch: int, *, open_end: bool = False,
+                 times: list[np.ndarray] | None = None):
+        """``open_end``: the last stream writes a FIFO whose reader never holds it back (a pass-through
+        tail). ``times``: initial times (default: no constraint yet, :data:`NEVER`)."""
         self.templates, self.depth, self.batch = templates, depth, batch
+        count = len(templates)
         self.reads = [_tile_slots(t.read_slots, t.per_inference, batch) for t in templates]
         self.writes = [_tile_slots(t.write_slots, t.per_inference, batch) for t in templates]
         self.cumulative = []
+        inferences = np.arange(batch, dtype=np.int64)[:, None]
         for j, template in enumerate(templates):
-            delays = np.tile(template.delays, batch)
             if depth == 1:
-                writes_fifo = j < len(templates) - 1 or open_end
+                delays = np.tile(template.delays, batch)
+                writes_fifo = j < count - 1 or open_end
                 for slots, has_fifo in ((self.reads[j], j > 0), (self.writes[j], writes_fifo)):
                     if has_fifo:
                         _space_one_apart(delays, slots)
-            self.cumulative.append(np.cumsum(delays))
-        self.times = [np.full(batch * t.per_inference, NEVER) for t in templates]
-        self.unconstrained = [np.full(batch * t.per_inference, NEVER) for t in templates]
-        last = len(templates) - 1
-        self.space_source = [None if j == last or self.reads[j + 1] is None else self.reads[j + 1][:-depth]
-                             for j in range(len(templates))]
-        self.space_target = [None if self.writes[j] is None else self.writes[j][depth:]
-                             for j in range(len(templates))]
+                self.cumulative.append(np.cumsum(delays))
+            else:  # every inference repeats the template's delays
+                per_inference = np.cumsum(template.delays)
+                self.cumulative.append((inferences * per_inference[-1] + per_inference).ravel())
+        self.times = times if times is not None else [np.full(batch * t.per_inference, NEVER) for t in templates]
+        self.space_source = [None if j == count - 1 or self.reads[j + 1] is None else self.reads[j + 1][:-depth]
+                             for j in range(count)]
+        self.space_target = [None if self.writes[j] is None else self.writes[j][depth:] for j in range(count)]
 
     def warm_start(self, prefix: list[np.ndarray]) -> None:
         """Start from exact times of the first inferences (a lower bound of the solution)."""
         for times, known in zip(self.times, prefix):
             times[: len(known)] = known
 
+    def solution(self) -> list[np.ndarray]:
+        return list(self.times)
+
     def solve_stream(self, j: int) -> np.ndarray:
-        """Times of stream ``j`` given its neighbours': ``t_k = max(lb_k, t_{k-1} + d_k)``, ``t_{-1} = -1``."""
+        """Times of stream ``j`` given its neighbours': ``t_k = max(lb_k, t_{k-1} + d_k)``, ``t_{-1} = -1``,
+        i.e. ``t = C + cummax(max(lb - C, -1))``."""
         cumulative, depth, times = self.cumulative, self.depth, self.times
         reads = self.reads[j]
         if j > 0:  # rule 1: a flit is readable the cycle after its write
@@ -187,10 +203,10 @@ class _StreamSystem:
             if reads is None:
                 lower = ready
             else:
-                lower = self.unconstrained[j].copy()
+                lower = np.full(len(cumulative[j]), NEVER)
                 lower[reads] = ready
         else:
-            lower = self.unconstrained[j].copy()
+            lower = np.full(len(cumulative[j]), NEVER)
         if j < len(times) - 1 and len(lower) > depth:  # rule 1: flit i takes the slot flit i-D freed
             downstream, source = times[j + 1], self.space_source[j]
             space = (downstream[:-depth] if source is None else downstream[source]) + 1
@@ -212,6 +228,7 @@ class _StreamSystem:
         max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n))
         dirty = [True] * n
         solves = 0
+        times = self.times
         downstream, upstream = range(n), range(n - 1, -1, -1)
         for _ in range(max_rounds):
             for order in (downstream, upstream):
@@ -221,8 +238,8 @@ class _StreamSystem:
                     dirty[j] = False
                     solves += 1
                     new = self.solve_stream(j)
-                    if (new != self.times[j]).any():
-                        self.times[j] = new
+                    if (new != times[j]).any():
+                        times[j] = new
                         if j > 0:
                             dirty[j - 1] = True
                         if j < n - 1:
@@ -291,13 +308,14 @@ class TimingResult:
 def _pass_through_tail(templates: list[StreamTemplate]) -> int:
     """Index of the first stream of the longest suffix of pass-through streams (never the host input).
 
-    Such a tail never holds the stream before it back, and each of its streams transfers flit ``i``
-    exactly one cycle after the previous one: by induction from the host output (always ready), a
-    tail stream reads each flit the cycle after its write (``t_k[i] = t_{k-1}[i] + 1`` meets
-    ``t_k[i-1] + 1`` because writes are strictly increasing), so it frees FIFO slot ``i-D`` at
-    ``t_{k-1}[i-D] + 1``, which the space rule needs by ``t_{k-1}[i] - 1``: true for ``D >= 2``, and
-    for ``D = 1`` because rule 1 spaces that FIFO's writes >= 2 cycles apart (see
-    :func:`_space_one_apart`). So the tail is solved in closed form after the rest.
+    Claim: in such a tail, stream ``k`` transfers flit ``i`` at ``t_k[i] = t_{k-1}[i] + 1`` (one cycle
+    after its write into the FIFO before it), and the tail never holds the stream before it back.
+    By induction from the host output (always ready): ``t_{k-1}[i] + 1`` meets rule 1's read bound
+    with equality and rule 2 because writes are strictly increasing; rule 1's space bound asks
+    ``t_k[i] >= t_{k+1}[i-D] + 1 = t_k[i-D] + 2``, true for ``D >= 2`` by strict increase and for
+    ``D = 1`` because that FIFO's writes are >= 2 cycles apart (:func:`_space_one_apart`). The same
+    argument shows the stream before the tail never waits for space. So the tail is solved in closed
+    form after the rest.
     """
     start = len(templates)
     while start > 1 and templates[start - 1].pass_through:
@@ -307,35 +325,40 @@ def _pass_through_tail(templates: list[StreamTemplate]) -> int:
 
 def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
                  probe_batch: int | None = PROBE_BATCH) -> TimingResult:
-    """Solve section 6's recurrences for ``batch`` inferences (``probe_batch=None``: sweeps only)."""
+    """Solve section 6's recurrences for ``batch`` inferences.
+
+    Sweeps solve the streams before the pass-through tail, first for ``probe_batch`` inferences whose
+    periodic continuation is checked against the whole batch (growing the probe while the check
+    fails); ``probe_batch=None`` sweeps the whole batch directly (slow for large batches, same result).
+    """
     path = path or trace_data_path(program)
     all_templates = stream_templates(program, path)
     tail = _pass_through_tail(all_templates)
     templates, open_end = all_templates[:tail], tail < len(all_templates)
     depth = program.arch.router_fifo_depth
-    full = _StreamSystem(templates, depth, batch, open_end=open_end)
-    solves, extrapolated = 0, False
+    solves, full, prefix = 0, None, None
     if probe_batch is not None and batch > 2 * probe_batch:
-        probe, prefix = probe_batch, None
+        probe = probe_batch
         while probe * 2 < batch:
             system = _StreamSystem(templates, depth, probe, open_end=open_end)
             if prefix is not None:
                 system.warm_start(prefix)
             solves += system.sweep_until_stable()
-            prefix = system.times
+            prefix = system.solution()
             candidate = _extrapolate(prefix, templates, probe, batch)
             if candidate is not None:
-                full.times = candidate
+                full = _StreamSystem(templates, depth, batch, open_end=open_end, times=candidate)
                 if full.is_exact():
-                    extrapolated = True
                     break
-                full.times = [np.full(batch * t.per_inference, NEVER) for t in templates]
+                full = None
             probe *= PROBE_GROWTH
-        if not extrapolated:
-            full.warm_start(prefix)
+    extrapolated = full is not None
     if not extrapolated:
+        full = _StreamSystem(templates, depth, batch, open_end=open_end)
+        if prefix is not None:
+            full.warm_start(prefix)
         solves += full.sweep_until_stable()
-    times = list(full.times)
+    times = full.solution()
     if open_end:
         last, writes = times[-1], full.writes[-1]
         into_tail = last if writes is None else last[writes]
