@@ -215,13 +215,6 @@ def _golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) -> np.ndarra
     return out
 
 
-def _chip_ready() -> bool:
-    return (Path(rtl.__file__).parent / "CHIP_READY").exists()
-
-
-chip_required = pytest.mark.skipif(not _chip_ready(), reason="hdl/CHIP_READY not written yet")
-
-
 @pytest.fixture(scope="module")
 def dense_case():
     program, weights, params = _dense_program(CHIP_ARCH)
@@ -237,7 +230,6 @@ def amaranth_dense(dense_case):
     return rtl.simulate(program, in_flits, BATCH, simulator="amaranth")
 
 
-@chip_required
 def test_dense_layer_amaranth_matches_golden(dense_case, amaranth_dense):
     program, _, _, golden = dense_case
     from flowtile.host import unpack_flits
@@ -246,7 +238,6 @@ def test_dense_layer_amaranth_matches_golden(dense_case, amaranth_dense):
     assert amaranth_dense.cycles == amaranth_dense.out_times[-1] + 1
 
 
-@chip_required
 @pytest.mark.rtl
 def test_dense_layer_verilator_matches_amaranth(dense_case, amaranth_dense):
     program, _, in_flits, golden = dense_case
