@@ -18,6 +18,7 @@ Anything else raises :class:`CompileError` naming the node, its op and, where it
 from __future__ import annotations
 
 import math
+import logging
 import os
 import tempfile
 import warnings
@@ -629,11 +630,17 @@ def quantize_float_model(model: onnx.ModelProto, calibration: np.ndarray | None 
     with tempfile.TemporaryDirectory(prefix="flowtile-quant-") as tmp:
         out = Path(tmp) / "quantized.onnx"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_static(model, str(out), reader, quant_format=QuantFormat.QDQ,
-                                activation_type=types[activation_type], weight_type=QuantType.QInt8,
-                                per_channel=per_channel)
+            # quantize_static logs pre-processing advice through the root logger on every call.
+            root_logger, level = logging.getLogger(), logging.getLogger().level
+            root_logger.setLevel(logging.ERROR)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    quantize_static(model, str(out), reader, quant_format=QuantFormat.QDQ,
+                                    activation_type=types[activation_type], weight_type=QuantType.QInt8,
+                                    per_channel=per_channel)
+            finally:
+                root_logger.setLevel(level)
         except CompileError:
             raise
         except Exception as error:

@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,8 @@ def cmd_verilog(args) -> int:
 
 def cmd_run(args) -> int:
     from compiler import compile_model, report as compile_report
-    from .oracle import onnxruntime_int8_output
+    from compiler.onnx_import import load_model, quantize_float_model
+    from .oracle import is_quantized, onnxruntime_int8_output
     from .reports import write_visuals
 
     arch = _arch_from_args(args)
@@ -154,8 +156,13 @@ def cmd_run(args) -> int:
         x, labels = None, None
     calibration = _load_array(args.calibration, "calibration")[0] if args.calibration else None
 
+    model = load_model(args.model)
+    if not is_quantized(model):
+        _progress("float model: quantizing to int8 QDQ with onnxruntime's quantizer")
+        model = quantize_float_model(model, calibration)
+    model.graph.name = model.graph.name or Path(args.model).stem
     _progress(f"compiling {args.model} for a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
-    program = compile_model(args.model, arch, calibration=calibration)
+    program = compile_model(model, arch)
     if x is None:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((args.batch,) + tuple(program.input.shape)).astype(np.float32)
@@ -172,7 +179,7 @@ def cmd_run(args) -> int:
         _progress(f"RTL simulation ({args.sim}) of batch {x.shape[0]}: building/simulating")
         rtl, rtl_q, _rtl_y = _rtl(program, x, args.sim, args.waves)
     _progress("onnxruntime reference (graph optimizations disabled)")
-    ort_q, ort_y = onnxruntime_int8_output(args.model, program, x, calibration=calibration)
+    ort_q, ort_y = onnxruntime_int8_output(model, program, x)  # the very int8 model that was compiled
 
     rows = []
     ok = True
@@ -294,8 +301,13 @@ def _known_errors() -> tuple[type, ...]:
     return tuple(known)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"[flowtile] warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     if args.command == "run" and args.batch < 1:
         print("flowtile: error: --batch must be at least 1", file=sys.stderr)

@@ -33,13 +33,13 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return session.run(None, {name: x.astype(np.float32)})[0]
 
 
-def onnxruntime_int8_output(model_path, program: Program, x: np.ndarray, *, calibration=None):
+def onnxruntime_int8_output(model, program: Program, x: np.ndarray, *, calibration=None):
     """(int8-domain outputs ``[batch, n]``, float outputs) of the int8 model as onnxruntime computes it.
 
-    A float model is first quantized exactly as the compiler quantizes it, so both sides see the same
-    int8 network.
+    ``model`` is a path or ModelProto. A float model is first quantized exactly as the compiler
+    quantizes it (same calibration), so both sides see the same int8 network.
     """
-    model = onnx.load(str(model_path))
+    model = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     if not is_quantized(model):
         from compiler.onnx_import import quantize_float_model
         model = quantize_float_model(model, calibration)

