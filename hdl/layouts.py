@@ -42,7 +42,7 @@ from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, 
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
     "PARAM_ENTRY_BITS", "LoadEncodingError",
-    "check_arch", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
+    "check_arch", "check_tile_position", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
     "encode_param_entry", "encode_config", "encode_config_value", "pack_lanes", "unpack_lanes",
     "pack_struct", "unpack_struct", "pack_flit", "pack_load", "LANE_BITS",
@@ -70,6 +70,16 @@ def check_arch(arch, who: str) -> Arch:
     if not isinstance(arch, Arch):
         raise TypeError(f"{who}: parameter 'arch' must be a flowtile.arch.Arch, got {arch!r}")
     return arch
+
+
+def check_tile_position(arch: Arch, row: int, col: int, owner: str) -> None:
+    """Raise naming ``owner`` and the parameter unless (``row``, ``col``) is a tile of ``arch``."""
+    for name, value, limit in (("row", row, arch.rows), ("col", col, arch.cols)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{owner}: parameter '{name}' must be an integer, got {value!r}")
+        if not 0 <= value < limit:
+            raise ValueError(f"{owner}: parameter '{name}' = {value} is outside 0..{limit - 1} "
+                             f"of the {arch.rows}x{arch.cols} arch")
 
 
 def flit_layout(arch: Arch) -> data.StructLayout:

@@ -8,9 +8,9 @@ from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import Arch
 
-from .layouts import check_arch, flit_layout, flit_signature
+from .layouts import check_arch, check_tile_position, flit_layout, flit_signature
 
-__all__ = ["Router", "PORT_ORDER", "route_direction"]
+__all__ = ["Router", "DirectionalPorts", "PORT_ORDER", "route_direction"]
 
 #: Router ports in round-robin scan order (L first); lower-case letters name the component ports.
 PORT_ORDER = ("L", "N", "E", "S", "W")
@@ -35,7 +35,17 @@ def route_direction(arch: Arch, row: int, col: int, dest_row: int, dest_col: int
     return arch.exit_direction if dest_host else "L"
 
 
-class Router(wiring.Component):
+class DirectionalPorts:
+    """Access a component's ``i_<port>`` / ``o_<port>`` members by direction letter (N, E, S, W, L)."""
+
+    def input_port(self, port: str):
+        return getattr(self, f"i_{port.lower()}")
+
+    def output_port(self, port: str):
+        return getattr(self, f"o_{port.lower()}")
+
+
+class Router(DirectionalPorts, wiring.Component):
     """Router of tile (``row``, ``col``) of ``arch``.
 
     Ports ``i_l, i_n, i_e, i_s, i_w`` (In) and ``o_l, ..., o_w`` (Out) are flit streams. Each input
@@ -49,12 +59,7 @@ class Router(wiring.Component):
 
     def __init__(self, arch: Arch, row: int, col: int):
         check_arch(arch, "Router")
-        for name, value, limit in (("row", row, arch.rows), ("col", col, arch.cols)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"Router: parameter '{name}' must be an integer, got {value!r}")
-            if not 0 <= value < limit:
-                raise ValueError(f"Router: parameter '{name}' = {value} is outside 0..{limit - 1} "
-                                 f"of the {arch.rows}x{arch.cols} arch")
+        check_tile_position(arch, row, col, "Router")
         self.arch, self.row, self.col = arch, row, col
         flit = flit_signature(arch)
         members = {}
@@ -62,12 +67,6 @@ class Router(wiring.Component):
             members[f"i_{port.lower()}"] = In(flit)
             members[f"o_{port.lower()}"] = Out(flit)
         super().__init__(members)
-
-    def input_port(self, port: str):
-        return getattr(self, f"i_{port.lower()}")
-
-    def output_port(self, port: str):
-        return getattr(self, f"o_{port.lower()}")
 
     def elaborate(self, platform):
         m = Module()

@@ -7,9 +7,9 @@ from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import Arch
 
-from .layouts import check_arch, flit_signature, load_signature
+from .layouts import check_arch, check_tile_position, flit_signature, load_signature
 from .pe import PE
-from .router import Router
+from .router import DirectionalPorts, Router
 
 __all__ = ["Tile", "MESH_PORTS"]
 
@@ -17,7 +17,7 @@ __all__ = ["Tile", "MESH_PORTS"]
 MESH_PORTS = ("N", "E", "S", "W")
 
 
-class Tile(wiring.Component):
+class Tile(DirectionalPorts, wiring.Component):
     """Tile (``row``, ``col``) of ``arch``: ports ``i_n, i_e, i_s, i_w`` / ``o_n, ..., o_w`` are the
     router's mesh ports; ``load`` and ``run`` go to the PE (which listens to load index
     ``row * cols + col``). The router's L output feeds the PE input and the PE output feeds the
@@ -26,12 +26,7 @@ class Tile(wiring.Component):
 
     def __init__(self, arch: Arch, row: int, col: int):
         check_arch(arch, "Tile")
-        for name, value, limit in (("row", row, arch.rows), ("col", col, arch.cols)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"Tile: parameter '{name}' must be an integer, got {value!r}")
-            if not 0 <= value < limit:
-                raise ValueError(f"Tile: parameter '{name}' = {value} is outside 0..{limit - 1} "
-                                 f"of the {arch.rows}x{arch.cols} arch")
+        check_tile_position(arch, row, col, "Tile")
         self.arch, self.row, self.col = arch, row, col
         members = {}
         for port in MESH_PORTS:
@@ -40,12 +35,6 @@ class Tile(wiring.Component):
         members["load"] = In(load_signature(arch))
         members["run"] = In(1)
         super().__init__(members)
-
-    def input_port(self, port: str):
-        return getattr(self, f"i_{port.lower()}")
-
-    def output_port(self, port: str):
-        return getattr(self, f"o_{port.lower()}")
 
     def elaborate(self, platform):
         m = Module()

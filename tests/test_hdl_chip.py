@@ -1,7 +1,5 @@
 """Small chips (2x2, 1x3, 3x1) in Amaranth's simulator running a hand-built one-layer program, and
 Verilog generation."""
-import gc
-import warnings
 
 import numpy as np
 import pytest
@@ -14,17 +12,8 @@ from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRA
                          pack_load, param_layout, unpack_lanes, unpack_struct)
 from hdl.verilog import chip_verilog
 
-# Validation tests build components that raise or are never elaborated, on purpose: collect them
-# while Amaranth's "created but never used" warning is silenced.
-pytestmark = pytest.mark.filterwarnings("ignore:.*created but never used")
-
-
-@pytest.fixture(autouse=True)
-def collect_unused_components():
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gc.collect()
+pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
+              pytest.mark.usefixtures("collect_unused_components")]
 
 
 ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=8, router_fifo_depth=2)

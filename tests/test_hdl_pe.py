@@ -1,8 +1,6 @@
 """PE (docs/architecture.md section 4) in Amaranth's simulator: arithmetic against a golden function,
 and the cycle of every input and output transfer against timing rule 4 of section 6."""
-import gc
 import random
-import warnings
 
 import pytest
 from amaranth.sim import Simulator
@@ -12,17 +10,8 @@ from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRA
                          encode_config, encode_param_entry, pack_lanes, unpack_lanes)
 from hdl.pe import PE
 
-# Validation tests build components that raise or are never elaborated, on purpose: collect them
-# while Amaranth's "created but never used" warning is silenced.
-pytestmark = pytest.mark.filterwarnings("ignore:.*created but never used")
-
-
-@pytest.fixture(autouse=True)
-def collect_unused_components():
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gc.collect()
+pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
+              pytest.mark.usefixtures("collect_unused_components")]
 
 
 ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, router_fifo_depth=2)

@@ -1,7 +1,5 @@
 """Router (docs/architecture.md section 3) in Amaranth's simulator against a plain XY golden model."""
-import gc
 import random
-import warnings
 
 import pytest
 from amaranth.sim import Simulator
@@ -10,17 +8,8 @@ from flowtile.arch import Arch
 from hdl.layouts import flit_layout
 from hdl.router import PORT_ORDER, Router, route_direction
 
-# Validation tests build components that raise or are never elaborated, on purpose: collect them
-# while Amaranth's "created but never used" warning is silenced.
-pytestmark = pytest.mark.filterwarnings("ignore:.*created but never used")
-
-
-@pytest.fixture(autouse=True)
-def collect_unused_components():
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gc.collect()
+pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
+              pytest.mark.usefixtures("collect_unused_components")]
 
 
 ARCH = Arch(rows=3, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4, router_fifo_depth=2)
