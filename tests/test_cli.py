@@ -109,3 +109,57 @@ def test_verilog_command_writes_a_module(tmp_path):
     result = flowtile("verilog", "--grid", "2x2", "-o", out)
     assert result.returncode == 0, result.stderr
     assert "module" in out.read_text()
+
+
+def _digits_subset(tmp_path, n):
+    with np.load(ROOT / "models" / "digits_test.npz") as data:
+        path = tmp_path / "digits.npz"
+        np.savez(path, x=data["x"][:n], y=data["y"][:n])
+    return path
+
+
+@pytest.mark.rtl
+def test_run_compares_rtl_emulator_and_onnxruntime(tmp_path):
+    result = flowtile("run", DIGITS, "--input", _digits_subset(tmp_path, 12), "--report", tmp_path / "r.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS: RTL and emulator agree" in result.stdout
+    assert "accuracy flowtile" in result.stdout
+    import json
+    assert json.loads((tmp_path / "r.json").read_text())["match"] is True
+
+
+@pytest.mark.rtl
+def test_run_exits_1_and_names_the_mismatch(tmp_path, monkeypatch, capsys):
+    """A single flipped output bit in the emulator must be caught by the comparison."""
+    import emulator
+    from flowtile import cli
+
+    real_emulate = emulator.emulate
+
+    def corrupted_emulate(program, flits, batch):
+        result = real_emulate(program, flits, batch)
+        result.out_flits[3, 0] ^= 1
+        return result
+
+    monkeypatch.setattr(emulator, "emulate", corrupted_emulate)
+    status = cli.main(["run", str(DIGITS), "--input", str(_digits_subset(tmp_path, 4))])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "RTL vs emulator outputs" in out and "1 flits differ" in out and "MISMATCH" in out
+
+
+@pytest.mark.rtl
+def test_rtl_command_writes_outputs_and_waves(tmp_path):
+    prog = tmp_path / "prog"
+    # A traced build is separate from the untraced one: a 2x2 grid keeps its compile short.
+    assert flowtile("compile", DIGITS, "--grid", "2x2", "-o", prog).returncode == 0
+    with np.load(ROOT / "models" / "digits_test.npz") as data:
+        np.save(tmp_path / "x.npy", data["x"][:3])
+    waves = tmp_path / "waves.fst"
+    result = flowtile("rtl", prog, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy",
+                      "--waves", waves, "--report", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    emulated = flowtile("emulate", prog, "--input", tmp_path / "x.npy", "--output", tmp_path / "y_emu.npy")
+    assert emulated.returncode == 0, emulated.stderr
+    assert np.array_equal(np.load(tmp_path / "y.npy"), np.load(tmp_path / "y_emu.npy"))
+    assert waves.stat().st_size > 0
