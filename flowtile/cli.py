@@ -97,11 +97,29 @@ def _emulate(program, x):
     return result, q_out, y, seconds
 
 
+WAVES_DIR = Path("sim_waves")
+
+
+def _waves_path(waves: str | None, simulator: str, name: str) -> Path | None:
+    """Where ``--waves`` writes: a bare file name (or no name at all) lands in ``sim_waves/``."""
+    if waves is None:
+        return None
+    suffix = ".fst" if simulator == "verilator" else ".vcd"
+    path = Path(waves) if waves else Path(f"{name or 'flowtile'}{suffix}")
+    if path.parent == Path("."):
+        path = WAVES_DIR / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _rtl(program, x, simulator, waves):
     from hdl.simulate import simulate
     from .host import input_flits, outputs_from_flits
     _q_in, flits = input_flits(program, x)
-    result = simulate(program, flits, x.shape[0], simulator=simulator, waves=Path(waves) if waves else None)
+    waves_path = _waves_path(waves, simulator, program.model_name)
+    if waves_path is not None:
+        _progress(f"writing waveform to {waves_path}")
+    result = simulate(program, flits, x.shape[0], simulator=simulator, waves=waves_path)
     q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
     return result, q_out, y
 
@@ -259,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="X.npy")
     p.add_argument("--output", required=True, metavar="Y.npy")
     p.add_argument("--sim", choices=("verilator", "amaranth"), default="verilator")
-    p.add_argument("--waves", metavar="FILE", help="write a waveform (FST for Verilator, VCD for Amaranth)")
+    p.add_argument("--waves", metavar="FILE", nargs="?", const="",
+                   help="write a waveform (FST for Verilator, VCD for Amaranth); a bare name goes to sim_waves/")
     p.add_argument("--report", metavar="R.json")
     p.set_defaults(func=cmd_rtl)
 
@@ -271,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="X.npy", help="calibration inputs for float models")
     _add_arch_options(p)
     p.add_argument("--sim", choices=("verilator", "amaranth", "none"), default="verilator")
-    p.add_argument("--waves", metavar="FILE")
+    p.add_argument("--waves", metavar="FILE", nargs="?", const="",
+                   help="waveform of the RTL run; a bare name (or none) goes to sim_waves/")
     p.add_argument("--report", metavar="R.json")
     p.add_argument("--trace", metavar="T.json")
     p.add_argument("--heatmap", metavar="H.png")

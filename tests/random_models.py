@@ -1,6 +1,7 @@
 """Seeded random MLPs as ONNX files: float, and int8/uint8 QDQ as onnxruntime's quantizer writes them."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,13 @@ def quantize_qdq(float_path: Path, out_path: Path, calibration: np.ndarray, *, a
             row = next(self.rows, None)
             return None if row is None else {"input": row.astype(np.float32)}
 
-    quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8 if activation_uint8 else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, per_channel=per_channel)
+    # quantize_static logs pre-processing advice through the root logger on every call.
+    root_logger, level = logging.getLogger(), logging.getLogger().level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8 if activation_uint8 else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, per_channel=per_channel)
+    finally:
+        root_logger.setLevel(level)
     return out_path
