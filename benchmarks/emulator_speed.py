@@ -1,4 +1,4 @@
-"""Emulator speed: emulated cycles per wall-second for a few hand-built MLP programs.
+"""Emulator speed: emulated cycles per wall-second for a few hand-built MLP and small CNN programs.
 
 The RTL simulation runs at about 85k cycles/s; the emulator's goal is >= 100x that. Programs are
 built with ``tests/program_builder.py`` (no compiler needed). Run:
@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from emulator import emulate  # noqa: E402
 from flowtile.arch import Arch  # noqa: E402
 from flowtile.host import pack_flits  # noqa: E402
-from program_builder import Dense, build_program  # noqa: E402
+from program_builder import Conv, Dense, MaxPool, build_program  # noqa: E402
 
 #: Simulated cycles per second of the RTL (Verilator) simulation the emulator is compared with.
 RTL_CYCLES_PER_SECOND = 85_000
@@ -37,6 +37,28 @@ CASES = [
 ]
 
 
+# (name, arch, input (C, H, W), conv output channels, conv row bands, pool bands, dense outputs, batch)
+CNN_CASES = [
+    ("3x16x16 conv3x3x8 /4, pool2, fc10", Arch(), (3, 16, 16), 8, 4, 1, 10, 100),
+    ("1x12x12 conv5x5x16 /6, pool3, fc10", Arch(), (1, 12, 12), 16, 6, 1, 10, 100),
+]
+
+
+def build_cnn(arch: Arch, shape, c_out: int, conv_bands: int, pool_bands: int, n_out: int,
+              rng: np.random.Generator):
+    """Conv (same padding, ReLU) split in row bands -> max pool -> dense over the flattened map."""
+    channels, height, width = shape
+    kernel = 3 if c_out <= 8 else 5
+    pool = 2 if kernel == 3 else 3
+    conv = Conv(rng.integers(-128, 128, (c_out, channels, kernel, kernel), dtype=np.int8),
+                rng.integers(-5000, 5000, c_out), 1 << 30, 40, zp_in=-5, zp_out=0, clamp_lo=0,
+                pads=(kernel // 2,) * 4, tiles=conv_bands)
+    words = (height // pool) * (width // pool) * -(-c_out // arch.lanes)
+    dense = Dense(rng.integers(-128, 128, (n_out, words * arch.lanes), dtype=np.int8),
+                  rng.integers(-5000, 5000, n_out), 1 << 30, 40, 0, -128, 127, 1)
+    return build_program(arch, [conv, MaxPool(pool, pool, pool, tiles=pool_bands), dense], input_shape=shape)
+
+
 def build(arch: Arch, widths: list[int], tiles: list[int], rng: np.random.Generator):
     layers = []
     for n_in, n_out, span in zip(widths[:-1], widths[1:], tiles):
@@ -51,9 +73,12 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"{'program':34s} {'batch':>6s} {'cycles':>10s} {'best ms':>9s} {'cycles/s':>12s} {'vs RTL':>8s}  timing")
-    for name, arch, widths, tiles, batch in CASES:
-        program = build(arch, widths, tiles, rng)
-        flits = pack_flits(rng.integers(-128, 128, (batch, widths[0]), dtype=np.int8), arch.lanes)
+    cases = [(name, arch, batch, build(arch, widths, tiles, rng)) for name, arch, widths, tiles, batch in CASES]
+    cases += [(name, arch, batch, build_cnn(arch, shape, c_out, conv_bands, pool_bands, n_out, rng))
+              for name, arch, shape, c_out, conv_bands, pool_bands, n_out, batch in CNN_CASES]
+    for name, arch, batch, program in cases:
+        values = rng.integers(-128, 128, (batch, program.input.length), dtype=np.int8)
+        flits = pack_flits(values, arch.lanes, program.input)
         best = float("inf")
         for _ in range(args.repeats):
             started = time.perf_counter()

@@ -6,14 +6,14 @@ import os
 import numpy as np
 import onnx
 
-from flowtile.arch import Arch, CONFIG_FIELDS
-from flowtile.program import LayerInfo, Program, TileProgram
+from flowtile.arch import OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
+from flowtile.program import LayerInfo, Program, TileProgram, weight_words
 
-from .lower import LoweredLayer, lower_layers
+from .lower import LoweredLayer, lower_layers, weight_rows
 from .onnx_import import import_onnx
-from .partition import TileSlice, assign_tiles, tile_cycles, words
+from .partition import TileSlice, assign_tiles, config_cycles, words
 
-__all__ = ["compile_model", "build_program", "report"]
+__all__ = ["compile_model", "build_program", "report", "output_words"]
 
 
 def _config(**values: int) -> dict[str, int]:
@@ -36,15 +36,59 @@ def _destination(arch: Arch, position: int) -> dict[str, int]:
 
 
 def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice) -> TileProgram:
+    if layer.window is not None:
+        return _window_tile(arch, position, layer, part)
     k, lanes = part.n_in_words, arch.lanes
-    rows = np.zeros((part.n_out, k * lanes), dtype=np.int8)  # weight rows padded with zeros to K words
-    rows[:, :layer.n_in] = layer.weight[part.start:part.stop]
+    rows = weight_rows(layer, lanes)[part.start:part.stop]  # [n_out, K * lanes], zero-padded / permuted
+    assert rows.shape[1] == k * lanes
     config = _config(n_in_words=k, forward=int(part.forward), n_pass=part.n_pass, n_out=part.n_out,
                      w_base=0, act_base=part.n_out * k, zp_out=layer.zp_out, clamp_lo=layer.clamp_lo,
-                     clamp_hi=layer.clamp_hi, **_destination(arch, position))
+                     clamp_hi=layer.clamp_hi, **dense_window_registers(k), **_destination(arch, position))
     row, col = arch.chain_position(position)
     return TileProgram(row, col, config, rows.reshape(part.n_out * k, lanes),
                        layer.params[part.start:part.stop].copy())
+
+
+def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice) -> TileProgram:
+    """A band of output rows of a Conv/MaxPool (section 4.1): all the weights from word 0, the whole input
+    map behind them, the band in ``out_row_begin/out_rows``."""
+    lanes, w = arch.lanes, layer.window
+    weights = weight_rows(layer, lanes)  # [N_o, K_w * lanes]; [CW*L, 0] for MaxPool
+    n_out = weights.shape[0]
+    assert n_out == part.n_out
+    sram = weights.reshape(-1, lanes) if weights.size else np.zeros((0, lanes), np.int8)
+    if layer.is_pool:
+        params = np.zeros((n_out, 3), np.int64)  # MAX reads no parameters; the table holds zero rows
+    else:
+        params = layer.params.copy()
+    config = _config(
+        n_in_words=part.n_in_words, forward=int(part.forward), n_pass=part.n_pass, n_out=n_out, w_base=0,
+        act_base=sram.shape[0], zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi,
+        op=OP_MAX if layer.is_pool else OP_MAC, in_height=w.height, in_width=w.width,
+        words_per_pixel=words(w.channels, lanes), kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
+        pad_top=w.pad_top, pad_left=w.pad_left, pad_value=layer.pad_value, out_row_begin=part.row_begin,
+        out_rows=part.rows, out_width=w.out_width, **_destination(arch, position))
+    assert weight_words(config) == sram.shape[0]
+    row, col = arch.chain_position(position)
+    return TileProgram(row, col, config, sram, params)
+
+
+def _layer_info(layer: LoweredLayer, tiles: tuple) -> LayerInfo:
+    """Report-only sizes: input and output elements and the useful MACs (a MaxPool has none; a Conv has
+    ``C*KH*KW`` per output element, border positions included)."""
+    if layer.window is None:
+        return LayerInfo(layer.name, layer.op, layer.n_in, layer.n_out, tiles, layer.relu)
+    w = layer.window
+    outputs = layer.n_out * w.out_height * w.out_width
+    macs = 0 if layer.is_pool else outputs * w.channels * w.kernel_h * w.kernel_w
+    return LayerInfo(layer.name, layer.op, w.channels * w.height * w.width, outputs, tiles, layer.relu, macs)
+
+
+def output_words(layer: LoweredLayer, lanes: int) -> int:
+    """Flits one inference's output of ``layer`` takes (pixel-major maps: ``OH*OW*N_r``)."""
+    if layer.window is None:
+        return words(layer.n_out, lanes)
+    return layer.window.out_height * layer.window.out_width * words(layer.n_out, lanes)
 
 
 def _pass_tile(arch: Arch, position: int, n_pass: int) -> TileProgram:
@@ -61,10 +105,9 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     for layer, slices in zip(layers, splits):
         first = len(tiles)
         tiles += [_compute_tile(arch, first + i, layer, part) for i, part in enumerate(slices)]
-        infos.append(LayerInfo(layer.name, layer.op, layer.n_in, layer.n_out,
-                               tuple(arch.chain_position(p) for p in range(first, len(tiles))), layer.relu))
-    output_words = words(layers[-1].n_out, arch.lanes)
-    tiles += [_pass_tile(arch, p, output_words) for p in range(len(tiles), arch.n_tiles)]
+        infos.append(_layer_info(layer, tuple(arch.chain_position(p) for p in range(first, len(tiles)))))
+    last_words = output_words(layers[-1], arch.lanes)
+    tiles += [_pass_tile(arch, p, last_words) for p in range(len(tiles), arch.n_tiles)]
     _check_routes(tiles, arch)
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
                       model_name=model_name)
@@ -87,7 +130,7 @@ def _check_routes(tiles: list[TileProgram], arch: Arch) -> None:
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, calibration: np.ndarray | None = None,
                   per_channel: bool = True) -> Program:
-    """Compile an ONNX MLP (int8 QDQ, or float: quantized first) for ``arch``.
+    """Compile an ONNX MLP or small CNN (int8 QDQ, or float: quantized first) for ``arch``.
 
     ``calibration`` (``[n, *input shape]`` float) and ``per_channel`` only matter for float models.
     Raises :class:`compiler.CompileError` when the model is unsupported or does not fit.
@@ -103,27 +146,27 @@ def report(program: Program) -> str:
     by_position = {(t.row, t.col): t for t in program.tiles}
 
     def cycles(tile: TileProgram) -> int:
-        c = tile.config
-        return tile_cycles(c["n_in_words"], c["n_pass"], c["n_out"], arch.lanes)
+        return config_cycles(tile.config, arch.lanes)
 
     def sram_used(tile: TileProgram) -> int:
         c = tile.config
-        return (c["n_out"] * c["n_in_words"] + (c["n_in_words"] if c["n_out"] else 0)) * arch.lanes
+        return (weight_words(c) + (c["n_in_words"] if c["n_out"] else 0)) * arch.lanes
 
-    rows = [("layer", "op", "n_in x n_out", "tiles", "est. cycles/inf", "SRAM bytes used/avail")]
+    rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "SRAM bytes used/avail")]
     slowest = (0, "")
     for layer in program.layers:
         tiles = [by_position[t] for t in layer.tiles]
         worst = max(cycles(t) for t in tiles)
         slowest = max(slowest, (worst, f"layer '{layer.name}'"))
         span = f"{len(tiles)} ({_chain_index(arch, layer.tiles[0])}..{_chain_index(arch, layer.tiles[-1])})"
-        rows.append((layer.name, layer.op + ("+Relu" if layer.relu else ""), f"{layer.n_in} x {layer.n_out}", span,
+        rows.append((layer.name, layer.op + ("+Relu" if layer.relu else ""), f"{layer.n_in} -> {layer.n_out}",
+                     str(layer.macs), span,
                      str(worst), f"{sum(sram_used(t) for t in tiles)}/{len(tiles) * arch.sram_bytes}"))
     passing = [t for t in program.tiles if t.config["n_out"] == 0]
     if passing:
         worst = max(cycles(t) for t in passing)
         slowest = max(slowest, (worst, "pass-through tiles"))
-        rows.append(("(pass-through)", "-", "-", str(len(passing)), str(worst), f"0/{len(passing) * arch.sram_bytes}"))
+        rows.append(("(pass-through)", "-", "-", "0", str(len(passing)), str(worst), f"0/{len(passing) * arch.sram_bytes}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,4 +1,4 @@
-"""Lowering (docs/architecture.md section 8): quantized dense layers -> the PE's integer parameters.
+"""Lowering (docs/architecture.md sections 4.1 and 8): quantized layers -> the PE's integer parameters.
 
 For a layer with input ``(s_x, z_x)``, weight scales ``s_w[o]``, output ``(s_y, z_y)`` and int32 bias
 ``b`` (all zero points in the int8 domain, ``z - 128`` for uint8 tensors):
@@ -13,6 +13,11 @@ For a layer with input ``(s_x, z_x)``, weight scales ``s_w[o]``, output ``(s_y, 
 * ``zp_out = z_y``, clamp ``[-128, 127]``, with ReLU ``[max(-128, z_y), 127]``;
 * an accumulator proof: ``|bias_o| + 128 * sum_j |W[o, j]| <= 2^31 - 1`` for every output, else
   CompileError naming the layer (the PE accumulator would wrap).
+
+Convolutions lower exactly like dense layers, ``sum_j`` running over the ``C x KH x KW`` window, with
+``pad_value = z_x``. Max pooling has no parameters: ``op`` MAX, ``pad_value = -128``, clamp
+``[-128, 127]`` (ReLU raises ``clamp_lo`` to the zero point). Weight *values* stay in ONNX order here;
+:func:`weight_rows` lays them out in SRAM words for a given lane count (section 4.1).
 """
 from __future__ import annotations
 
@@ -24,10 +29,10 @@ import numpy as np
 from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, SHIFT_BITS
 
 from .errors import CompileError
-from .onnx_import import DenseLayer
+from .onnx_import import DenseLayer, PoolLayer, Window
 
 __all__ = ["LoweredLayer", "lower_layers", "lower_layer", "quantize_multiplier", "reference_forward",
-           "MIN_SHIFT", "MAX_SHIFT"]
+           "weight_rows", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
 
 MIN_SHIFT = 1
 MAX_SHIFT = (1 << SHIFT_BITS) - 2  # 62: keeps acc * M + 2^(S-1) inside a signed 64-bit product
@@ -53,14 +58,33 @@ class LoweredLayer:
     clamp_lo: int
     clamp_hi: int
     relu: bool
+    #: Conv/MaxPool: the window geometry. Conv ``weight`` is then int8 ``[n_out, C, KH, KW]``; MaxPool's
+    #: is ``[C, 0]`` with zero parameters.
+    window: Window | None = None
+    #: Gemm/MatMul after a flatten: the ``(C, H, W)`` map it reads (``weight`` columns in NCHW order).
+    input_map: tuple[int, int, int] | None = None
+    #: What out-of-map window positions read: the input zero point (Conv), -128 (MaxPool).
+    pad_value: int = 0
+
+    @property
+    def is_pool(self) -> bool:
+        return self.op == "MaxPool"
 
     @property
     def n_in(self) -> int:
-        return int(self.weight.shape[1])
+        """Input elements (dense), input channels (Conv, MaxPool)."""
+        return int(self.weight.shape[1]) if not self.is_pool else self.window.channels
 
     @property
     def n_out(self) -> int:
         return int(self.weight.shape[0])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """``(n_out,)``, or the output map ``(C, OH, OW)`` of a windowed layer."""
+        if self.window is None:
+            return (self.n_out,)
+        return (self.n_out, self.window.out_height, self.window.out_width)
 
     @property
     def params(self) -> np.ndarray:
@@ -89,10 +113,22 @@ def quantize_multiplier(ratio: float, *, where: str = "layer") -> tuple[int, int
     return multiplier, shift
 
 
-def lower_layer(layer: DenseLayer) -> LoweredLayer:
-    """One :class:`DenseLayer` -> :class:`LoweredLayer` (bias folding, multipliers, clamps, overflow proof)."""
+def lower_layer(layer: DenseLayer | PoolLayer) -> LoweredLayer:
+    """One imported layer -> :class:`LoweredLayer` (bias folding, multipliers, clamps, overflow proof)."""
+    if isinstance(layer, PoolLayer):
+        channels = layer.window.channels
+        zero = np.zeros(channels, np.int64)
+        zp = layer.output.int8_zero_point
+        return LoweredLayer(name=layer.name, op=layer.op, weight=np.zeros((channels, 0), np.int8), bias=zero,
+                            multiplier=zero.copy(), shift=zero.copy(), zp_out=0,
+                            clamp_lo=max(-128, zp) if layer.relu else -128, clamp_hi=127,
+                            relu=layer.relu or zp == -128, window=layer.window, pad_value=-128)
     where = f"layer '{layer.name}' ({layer.op})"
-    weight = layer.weight.astype(np.int64)
+    weight = layer.weight.astype(np.int64).reshape(layer.weight.shape[0], -1)
+    # Input zero point folded into the bias. For a convolution this is exact at the map's border too:
+    # out-of-map window positions read pad_value = z_x (section 4.1), so they add W * z_x to the
+    # accumulator exactly as a real activation equal to z_x would, and the fold's -z_x * sum(W[o])
+    # cancels it: each position contributes W * (a - z_x), i.e. zero for padding (real zero).
     bias = layer.bias.astype(np.int64) - layer.input.int8_zero_point * weight.sum(axis=1)
     worst = np.abs(bias) + 128 * np.abs(weight).sum(axis=1)
     if np.any(worst > _ACC_MAX):
@@ -103,19 +139,30 @@ def lower_layer(layer: DenseLayer) -> LoweredLayer:
     ratios = np.float64(layer.input.scale) * layer.weight_scales.astype(np.float64) / np.float64(layer.output.scale)
     pairs = [quantize_multiplier(float(r), where=f"{where} output {o}") for o, r in enumerate(ratios)]
     zp_out = layer.output.int8_zero_point
+    clamp_hi = 127
+    if layer.clip_max is not None:  # Q(min(x, m)) = min(Q(x), Q(m)): QuantizeLinear is monotonic
+        clamp_hi = int(min(127, max(-128, np.rint(layer.clip_max / layer.output.scale) + zp_out)))
     return LoweredLayer(
         name=layer.name, op=layer.op, weight=layer.weight.astype(np.int8), bias=bias,
         multiplier=np.array([m for m, _ in pairs], np.int64), shift=np.array([s for _, s in pairs], np.int64),
-        zp_out=zp_out, clamp_lo=max(-128, zp_out) if layer.relu else -128, clamp_hi=127,
-        relu=layer.relu or zp_out == -128)
+        zp_out=zp_out, clamp_lo=max(-128, zp_out) if layer.relu else -128, clamp_hi=clamp_hi,
+        relu=layer.relu or zp_out == -128, window=layer.window, input_map=layer.input_map,
+        pad_value=layer.input.int8_zero_point if layer.window is not None else 0)
 
 
 def lower_layers(layers: list[DenseLayer]) -> list[LoweredLayer]:
     """Lower every layer; consecutive layers must agree on the activation between them."""
     for before, after in zip(layers, layers[1:]):
-        if before.output != after.input or before.n_out != after.n_in:
-            raise CompileError(f"layer '{before.name}' outputs {before.n_out} values as {before.output}, "
-                               f"but layer '{after.name}' reads {after.n_in} as {after.input}")
+        if after.window is not None:
+            expected = after.window.input_shape
+        elif getattr(after, "input_map", None) is not None:
+            expected = after.input_map
+        else:
+            expected = (after.n_in,)
+        produced = before.out_shape
+        if before.output != after.input or int(np.prod(produced)) != int(np.prod(expected)):
+            raise CompileError(f"layer '{before.name}' outputs {list(produced)} values as {before.output}, "
+                               f"but layer '{after.name}' reads {list(expected)} as {after.input}")
     return [lower_layer(layer) for layer in layers]
 
 
@@ -123,15 +170,97 @@ def _wrap32(values: np.ndarray) -> np.ndarray:
     return ((values + (1 << 31)) & ((1 << 32) - 1)) - (1 << 31)
 
 
-def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray:
-    """The PE arithmetic of section 4, exactly, in numpy: int8 ``[batch, n_in]`` -> int8 ``[batch, n_out]``.
+def _words(n: int, lanes: int) -> int:
+    return -(-n // lanes)
 
-    ``x_q`` is the on-chip input (``flowtile.host.quantize`` of the float input); the result is the
-    on-chip output (int8 domain), which ``flowtile.host.dequantize`` turns into floats.
+
+def input_words(layer: LoweredLayer, lanes: int) -> int:
+    """``K = n_in_words``: SRAM words of one input (a whole map for windowed layers and flatten-fed dense)."""
+    if layer.window is not None:
+        w = layer.window
+        return w.height * w.width * _words(w.channels, lanes)
+    if layer.input_map is not None:
+        channels, height, width = layer.input_map
+        return height * width * _words(channels, lanes)
+    return _words(layer.n_in, lanes)
+
+
+def weight_rows(layer: LoweredLayer, lanes: int) -> np.ndarray:
+    """The weights as the PE reads them: int8 ``[n_out, words * lanes]``, row ``o`` = output ``o``'s words.
+
+    * dense: ``K = ceil(n_in / L)`` words, zero-padded;
+    * dense after a flatten of a ``(C, H, W)`` map: the map travels pixel-major with ``CW = ceil(C / L)``
+      words a pixel, so ONNX column ``c*H*W + y*W + x`` moves to ``((y*W + x)*CW + c // L)*L + c % L``;
+      padding lanes are zero (``K = H*W*CW``);
+    * Conv: ``K_w = KH*KW*CW`` words, word ``(ky*KW + kx)*CW + cw`` holding channels ``cw*L .. cw*L+L-1``
+      of ``W[o, :, ky, kx]`` (section 4.1);
+    * MaxPool: no weights (``[CW*L, 0]``).
+    """
+    if layer.is_pool:
+        return np.zeros((_words(layer.n_in, lanes) * lanes, 0), np.int8)
+    n_out = layer.n_out
+    if layer.window is not None:
+        _, channels, kh, kw = layer.weight.shape
+        padded = np.zeros((n_out, kh, kw, _words(channels, lanes) * lanes), np.int8)
+        padded[..., :channels] = layer.weight.transpose(0, 2, 3, 1)
+        return padded.reshape(n_out, -1)
+    if layer.input_map is not None:
+        channels, height, width = layer.input_map
+        padded = np.zeros((n_out, height, width, _words(channels, lanes) * lanes), np.int8)
+        padded[..., :channels] = layer.weight.reshape(n_out, channels, height, width).transpose(0, 2, 3, 1)
+        return padded.reshape(n_out, -1)
+    rows = np.zeros((n_out, _words(layer.n_in, lanes) * lanes), np.int8)
+    rows[:, :layer.n_in] = layer.weight
+    return rows
+
+
+def _windows(a: np.ndarray, window: Window, pad_value: int):
+    """Yield ``(ky, kx, view)``: ``view[b, c, oy, ox]`` = input at window position (ky, kx) of output (oy, ox),
+    ``pad_value`` outside the map (section 4.1)."""
+    w = window
+    bottom = max(0, (w.out_height - 1) * w.stride + w.kernel_h - w.height - w.pad_top)
+    right = max(0, (w.out_width - 1) * w.stride + w.kernel_w - w.width - w.pad_left)
+    padded = np.pad(a, ((0, 0), (0, 0), (w.pad_top, bottom), (w.pad_left, right)), constant_values=pad_value)
+    for ky in range(w.kernel_h):
+        for kx in range(w.kernel_w):
+            yield ky, kx, padded[:, :, ky:ky + w.stride * (w.out_height - 1) + 1:w.stride,
+                                 kx:kx + w.stride * (w.out_width - 1) + 1:w.stride]
+
+
+def _requantize(acc: np.ndarray, layer: LoweredLayer, axis_shape) -> np.ndarray:
+    mult = layer.multiplier.reshape(axis_shape)
+    shift = layer.shift.reshape(axis_shape)
+    scaled = (acc * mult + np.left_shift(np.int64(1), shift - 1)) >> shift
+    return np.clip(scaled + layer.zp_out, layer.clamp_lo, layer.clamp_hi)
+
+
+def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray:
+    """The PE arithmetic of sections 4 and 4.1, exactly, in numpy: int8 ``[batch, n_in]`` -> int8 ``[batch, n_out]``.
+
+    ``x_q`` is the on-chip input in model element order (``flowtile.host.quantize`` of the float input, a
+    ``chw`` input flattened NCHW); the result is the on-chip output in model order (int8 domain), which
+    ``flowtile.host.dequantize`` turns into floats. Feature maps are computed as plain ``[batch, C, H, W]``
+    arrays: the on-chip pixel-major layout, its padding lanes and :func:`weight_rows`' permutation change
+    the order of the sums only, never a value.
     """
     a = np.asarray(x_q, dtype=np.int64)
+    batch = a.shape[0]
     for layer in layers:
-        acc = _wrap32(layer.bias + a @ layer.weight.astype(np.int64).T)
-        scaled = (acc * layer.multiplier + np.left_shift(np.int64(1), layer.shift - 1)) >> layer.shift
-        a = np.clip(scaled + layer.zp_out, layer.clamp_lo, layer.clamp_hi)
-    return a.astype(np.int8)
+        if layer.window is not None:
+            a = a.reshape(batch, *layer.window.input_shape)
+            if layer.is_pool:
+                out = None
+                for _, _, view in _windows(a, layer.window, layer.pad_value):
+                    out = view.copy() if out is None else np.maximum(out, view)
+                a = np.clip(out, layer.clamp_lo, layer.clamp_hi)
+            else:
+                weight = layer.weight.astype(np.int64)
+                acc = layer.bias.reshape(1, -1, 1, 1)
+                for ky, kx, view in _windows(a, layer.window, layer.pad_value):
+                    acc = acc + np.einsum("bchw,oc->bohw", view, weight[:, :, ky, kx])
+                a = _requantize(_wrap32(acc), layer, (1, -1, 1, 1))
+        else:
+            a = a.reshape(batch, -1)  # a flatten: NCHW order, what the ONNX weight columns expect
+            acc = _wrap32(layer.bias + a @ layer.weight.astype(np.int64).T)
+            a = _requantize(acc, layer, (1, -1))
+    return a.reshape(batch, -1).astype(np.int8)

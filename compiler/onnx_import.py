@@ -1,6 +1,6 @@
-"""ONNX -> a list of quantized dense layers.
+"""ONNX -> a list of quantized dense, convolution and max-pooling layers.
 
-Accepted models are multilayer perceptrons, one chain from the graph input to the graph output:
+Accepted models are MLPs and small CNNs, one chain from the graph input to the graph output:
 
 * int8 QDQ models as ``onnxruntime.quantization.quantize_static`` writes them::
 
@@ -10,8 +10,18 @@ Accepted models are multilayer perceptrons, one chain from the graph input to th
   (the quantizer folds a Relu away when the output zero point already clips at zero; it is then
   implicit in the output clamp). Weights are int8 with zero point 0, per tensor or per output
   channel; activations are int8 or uint8, per tensor, with any zero point.
-* float MLPs (MatMul, Gemm, Add, Relu, Flatten, Reshape), which :func:`import_onnx` first quantizes
-  with ``quantize_static`` (QDQ format) and then imports as above.
+* CNNs (docs/architecture.md section 4.1), input ``[N, C, H, W]``::
+
+      x -> Q -> DQ -> Conv(DQ(W int8 [O, C, KH, KW]), DQ(b int32)) -> [Relu|Clip(0, m)] -> Q -> DQ
+        -> MaxPool -> Q -> DQ (same scale and zero point as its input) -> [Relu -> Q -> DQ] ...
+        -> Flatten|Reshape -> [Q -> DQ] -> Gemm/MatMul layers as above
+
+  Conv: 2-D, group 1, dilation 1, kernel 1..7, equal strides 1..3, pads 0..7, auto_pad NOTSET.
+  MaxPool: kernel 1..7, equal strides 1..3, pads < kernel and <= 7, ceil_mode 0, dilation 1.
+  The dense layer after the flatten keeps its ONNX weight (NCHW column order) and records the map
+  it reads (:attr:`DenseLayer.input_map`); lowering maps it to the on-chip pixel-major order.
+* float models of the same ops (plus Add as a MatMul bias), which :func:`import_onnx` first
+  quantizes with ``quantize_static`` (QDQ format) and then imports as above.
 
 Anything else raises :class:`CompileError` naming the node, its op and, where it applies, the attribute.
 """
@@ -35,14 +45,14 @@ from flowtile.program import TensorSpec
 
 from .errors import CompileError
 
-__all__ = ["QuantParams", "DenseLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
+__all__ = ["QuantParams", "DenseLayer", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
            "fuse_matmul_add", "DEFAULT_CALIBRATION_SAMPLES"]
 
 #: Samples in the seeded random-normal calibration set used when none is given.
 DEFAULT_CALIBRATION_SAMPLES = 256
 
 _QUANT_DTYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
-_FLOAT_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Reshape"}
+_FLOAT_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Reshape", "Conv", "MaxPool", "Clip"}
 _RESHAPE_OPS = {"Flatten", "Reshape"}
 
 
@@ -58,6 +68,31 @@ class QuantParams:
     def int8_zero_point(self) -> int:
         """The zero point in the on-chip int8 domain (uint8 tensors travel as ``q - 128``)."""
         return self.zero_point - 128 if self.dtype == "uint8" else self.zero_point
+
+
+@dataclass(frozen=True)
+class Window:
+    """Geometry of a windowed layer (docs/architecture.md section 4.1).
+
+    Input map ``channels x height x width``; window ``kernel_h x kernel_w`` moved by ``stride`` in both
+    directions from ``(-pad_top, -pad_left)``; output map ``out_height x out_width``. Bottom/right
+    padding is implicit: window positions beyond the map read the pad value.
+    """
+
+    channels: int
+    height: int
+    width: int
+    kernel_h: int
+    kernel_w: int
+    stride: int
+    pad_top: int
+    pad_left: int
+    out_height: int
+    out_width: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
 
 
 @dataclass
@@ -78,14 +113,52 @@ class DenseLayer:
     weight_scales: np.ndarray
     output: QuantParams
     relu: bool
+    #: Conv only: the window geometry; ``weight`` is then int8 ``[n_out, C, KH, KW]``.
+    window: Window | None = None
+    #: Gemm/MatMul reading a flattened feature map: its ``(C, H, W)`` (weight columns in NCHW order).
+    input_map: tuple[int, int, int] | None = None
+    #: Clip(0, clip_max) before the output quantization: the real upper bound, else None.
+    clip_max: float | None = None
 
     @property
     def n_in(self) -> int:
+        """Input elements per output (dense) or input channels (Conv)."""
         return int(self.weight.shape[1])
 
     @property
     def n_out(self) -> int:
+        """Output elements (dense) or output channels (Conv)."""
         return int(self.weight.shape[0])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        if self.window is None:
+            return (self.n_out,)
+        return (self.n_out, self.window.out_height, self.window.out_width)
+
+
+@dataclass
+class PoolLayer:
+    """A MaxPool on int8 values: input and output share one quantization (``input == output``)."""
+
+    name: str
+    op: str
+    window: Window
+    input: QuantParams
+    output: QuantParams
+    relu: bool
+
+    @property
+    def n_in(self) -> int:
+        return self.window.channels
+
+    @property
+    def n_out(self) -> int:
+        return self.window.channels
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (self.window.channels, self.window.out_height, self.window.out_width)
 
 
 @dataclass
@@ -93,7 +166,7 @@ class ImportedModel:
     """What the importer hands to lowering: the layers, the host tensors, and the QDQ model they came from."""
 
     name: str
-    layers: list[DenseLayer]
+    layers: list[DenseLayer | PoolLayer]
     input: TensorSpec
     output: TensorSpec
     qdq_model: onnx.ModelProto
@@ -217,7 +290,7 @@ def _expect(node: onnx.NodeProto | None, ops: set[str], where: str, after: str) 
         raise CompileError(f"the graph ends at '{after}' but {where} was expected there")
     if node.op_type not in ops:
         raise CompileError(f"{_describe(node)}: unsupported op here (expected {where}); "
-                           f"flowtile compiles chains of quantized MatMul/Gemm [+Add] [+Relu] layers")
+                           f"flowtile compiles chains of quantized Conv/MaxPool/MatMul/Gemm [+Add] [+Relu] layers")
     return node
 
 
@@ -468,7 +541,40 @@ def match_relu_requantized(cursor: _Cursor, params: QuantParams) -> bool:
     return True
 
 
-def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int) -> DenseLayer:
+def match_output(cursor: _Cursor, producer: onnx.NodeProto) -> tuple[QuantParams, bool, float | None]:
+    """[Relu | Clip(0, m)] -> Q -> DQ [-> Relu [-> Q -> DQ]] after ``producer``: (output params, relu, clip max)."""
+    relu, clip_max = False, None
+    if cursor.at("Relu"):
+        cursor.take({"Relu"}, "Relu")
+        relu = True
+    elif cursor.at("Clip"):
+        clip = cursor.node
+        lo = _clip_bound(cursor.graph, clip, 1, "min")
+        hi = _clip_bound(cursor.graph, clip, 2, "max")
+        if lo is None or lo != 0.0 or (hi is not None and not hi > 0):
+            raise CompileError(f"{_describe(clip)}: attribute/input 'min' = {lo}, 'max' = {hi} is unsupported "
+                               f"(only Clip(0, m) with m > 0, a ReLU with an upper bound)")
+        cursor.take({"Clip"}, "Clip")
+        relu, clip_max = True, hi
+    out_params = match_qdq(cursor, f"the QuantizeLinear of {_describe(producer)}'s output")
+    relu = match_relu_requantized(cursor, out_params) or relu
+    return out_params, relu, clip_max
+
+
+def _clip_bound(graph: _Graph, node: onnx.NodeProto, index: int, what: str) -> float | None:
+    attrs = graph.attrs(node)
+    if what in attrs:  # opset < 11
+        return float(attrs[what])
+    if len(node.input) <= index or not node.input[index]:
+        return None
+    value = graph.const(node.input[index])
+    if value is None or value.size != 1:
+        raise CompileError(f"{_describe(node)}: input '{what}' must be a scalar constant")
+    return float(value.reshape(()))
+
+
+def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int,
+                input_map: tuple[int, int, int] | None = None) -> DenseLayer:
     """MatMul/Gemm(DQ(W)[, bias]) [-> Add(bias)] [-> Relu] -> Q -> DQ [-> Relu [-> Q -> DQ]]."""
     graph = cursor.graph
     x = cursor.tensor
@@ -480,11 +586,7 @@ def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int) -
             raise CompileError(f"{_describe(cursor.node)}: a second bias after {_describe(dense)} is unsupported")
         bias = match_bias_add(graph, cursor.node, cursor.tensor, acc_scale)
         cursor.take({"Add"}, "Add")
-    relu = cursor.at("Relu")
-    if relu:
-        cursor.take({"Relu"}, "Relu")
-    out_params = match_qdq(cursor, f"the QuantizeLinear of {_describe(dense)}'s output")
-    relu = match_relu_requantized(cursor, out_params) or relu
+    out_params, relu, clip_max = match_output(cursor, dense)
     if cursor.at("Add"):  # what quantize_static makes of a float MatMul + Add: two roundings, no single PE layer
         raise CompileError(f"{_describe(cursor.node)}: adds a bias after {_describe(dense)}'s output was "
                            f"requantized; one PE layer cannot reproduce the two roundings (compile the float "
@@ -492,7 +594,154 @@ def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int) -
     if bias is None:
         bias = np.zeros(weight.shape[0], np.int32)
     return DenseLayer(dense.name or f"{dense.op_type.lower()}_{index}", dense.op_type, weight, bias, x_params,
-                      scales, out_params, relu)
+                      scales, out_params, relu, input_map=input_map, clip_max=clip_max)
+
+
+#: Limits of the windowing registers (flowtile.arch.CONFIG_FIELDS widths).
+MAX_KERNEL = 7
+MAX_STRIDE = 3
+MAX_PAD = 7
+MAX_MAP = 255
+
+
+def _ints(attrs: dict, name: str, default: list[int]) -> list[int]:
+    return [int(v) for v in attrs.get(name, default)]
+
+
+def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int, int] | None):
+    """The attribute checks of Conv/MaxPool that need no shapes (also run on float models before quantizing):
+    returns (kernel_shape, strides, pads) or raises CompileError naming node, op and attribute."""
+    if node.op_type == "Conv" and attrs.get("group", 1) != 1:
+        raise CompileError(f"{_describe(node)}: attribute 'group' = {attrs['group']} is unsupported (only 1)")
+    if node.op_type == "MaxPool" and attrs.get("ceil_mode", 0) != 0:
+        raise CompileError(f"{_describe(node)}: attribute 'ceil_mode' = {attrs['ceil_mode']} is unsupported (only 0)")
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        value = attrs["auto_pad"]
+        raise CompileError(f"{_describe(node)}: attribute 'auto_pad' = "
+                           f"{value.decode() if isinstance(value, bytes) else value} is unsupported (only NOTSET, "
+                           f"with explicit 'pads')")
+    shape = _ints(attrs, "kernel_shape", list(kernel) if kernel is not None else [])
+    if len(shape) != 2 or (kernel is not None and tuple(shape) != tuple(kernel)):
+        raise CompileError(f"{_describe(node)}: attribute 'kernel_shape' = {shape} is unsupported "
+                           f"(2-D windows{f' matching the weight {list(kernel)}' if kernel is not None else ''})")
+    if not all(1 <= k <= MAX_KERNEL for k in shape):
+        raise CompileError(f"{_describe(node)}: attribute 'kernel_shape' = {shape} is unsupported "
+                           f"(1..{MAX_KERNEL} each)")
+    dilations = _ints(attrs, "dilations", [1, 1])
+    if any(d != 1 for d in dilations):
+        raise CompileError(f"{_describe(node)}: attribute 'dilations' = {dilations} is unsupported (only 1)")
+    strides = _ints(attrs, "strides", [1, 1])
+    if len(strides) != 2 or strides[0] != strides[1] or not 1 <= strides[0] <= MAX_STRIDE:
+        raise CompileError(f"{_describe(node)}: attribute 'strides' = {strides} is unsupported "
+                           f"(equal strides 1..{MAX_STRIDE})")
+    pads = _ints(attrs, "pads", [0, 0, 0, 0])
+    if len(pads) != 4 or not all(0 <= p <= MAX_PAD for p in pads):
+        raise CompileError(f"{_describe(node)}: attribute 'pads' = {pads} is unsupported (0..{MAX_PAD} each side)")
+    return shape, strides, pads
+
+
+def match_window(graph: _Graph, node: onnx.NodeProto, in_shape: tuple[int, int, int],
+                 kernel: tuple[int, int] | None, allowed: set[str]) -> Window:
+    """The common window attributes of Conv/MaxPool -> :class:`Window`, or CompileError naming the attribute."""
+    attrs = graph.attrs(node)
+    for name in sorted(set(attrs) - allowed):
+        raise CompileError(f"{_describe(node)}: attribute '{name}' = {attrs[name]} is unsupported")
+    channels, height, width = in_shape
+    shape, strides, pads = check_window_attributes(node, attrs, kernel)
+    (kh, kw), stride = shape, strides[0]
+    top, left, bottom, right = pads
+    out_h = (height + top + bottom - kh) // stride + 1
+    out_w = (width + left + right - kw) // stride + 1
+    if out_h < 1 or out_w < 1:
+        raise CompileError(f"{_describe(node)}: a {kh}x{kw} window does not fit the padded "
+                           f"{height}x{width} input map")
+    for what, value in (("input height", height), ("input width", width), ("output height", out_h),
+                        ("output width", out_w)):
+        if value > MAX_MAP:
+            raise CompileError(f"{_describe(node)}: {what} {value} exceeds {MAX_MAP} (8-bit map registers)")
+    return Window(channels, height, width, kh, kw, stride, top, left, out_h, out_w)
+
+
+def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int, int], index: int) -> DenseLayer:
+    """Conv(DQ(x), DQ(W int8 [O, C, KH, KW]), [DQ(b int32)]) [-> Relu|Clip] -> Q -> DQ [-> Relu -> Q -> DQ]."""
+    graph = cursor.graph
+    x = cursor.tensor
+    conv = cursor.take({"Conv"}, "Conv")
+    if conv.input[0] != x:
+        raise CompileError(f"{_describe(conv)}: the activation must be the first input (X)")
+    attrs = graph.attrs(conv)
+    if attrs.get("group", 1) != 1:
+        raise CompileError(f"{_describe(conv)}: attribute 'group' = {attrs['group']} is unsupported (only 1)")
+    found = match_quantized_const(graph, conv.input[1], conv, "weight")
+    if found is None:
+        raise CompileError(f"{_describe(conv)}: weight '{conv.input[1]}' must be a DequantizeLinear of a constant "
+                           f"int8 tensor (a quantized model)")
+    q, scale, zp, axis = found
+    dq = graph.producer[conv.input[1]]
+    if q.ndim != 4:
+        raise CompileError(f"{_describe(conv)}: weight has rank {q.ndim}; only 2-D convolutions are supported")
+    if q.shape[1] != in_shape[0]:
+        raise CompileError(f"{_describe(conv)}: weight has {q.shape[1]} input channels, the input map has "
+                           f"{in_shape[0]}")
+    if q.dtype not in (np.int8, np.uint8):
+        raise CompileError(f"{_describe(dq)}: weight type {q.dtype} is unsupported (int8)")
+    n_out = q.shape[0]
+    offset = 128 if q.dtype == np.uint8 else 0
+    zp = _per_channel(zp, axis, q.ndim, 0, n_out, dq, "weight zero point").astype(np.int64)
+    if np.any(zp != offset):
+        raise CompileError(f"{_describe(dq)}: non-zero weight zero point {int(zp[zp != offset][0]) - offset}; the PE "
+                           f"multiplies raw int8 weights, so weights must be quantized symmetrically (zero point 0)")
+    scales = _per_channel(scale, axis, q.ndim, 0, n_out, dq, "weight scale")
+    if not np.all((scales > 0) & np.isfinite(scales)):
+        raise CompileError(f"{_describe(dq)}: weight scales must be positive and finite")
+    window = match_window(graph, conv, in_shape, q.shape[2:],
+                          {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})
+    bias = None
+    if len(conv.input) > 2 and conv.input[2]:
+        bias = match_bias(graph, conv.input[2], conv, x_params.scale * scales)
+    if cursor.at("Add"):
+        raise CompileError(f"{_describe(cursor.node)}: an Add after {_describe(conv)} is unsupported "
+                           f"(residual connections and separate biases are not compiled yet)")
+    out_params, relu, clip_max = match_output(cursor, conv)
+    if bias is None:
+        bias = np.zeros(n_out, np.int32)
+    return DenseLayer(conv.name or f"conv_{index}", "Conv", (q.astype(np.int64) - offset).astype(np.int8), bias,
+                      x_params, scales, out_params, relu, window=window, clip_max=clip_max)
+
+
+def match_maxpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int, int], index: int) -> PoolLayer:
+    """MaxPool(DQ(x)) -> Q -> DQ with ``x``'s scale and zero point [-> Relu -> Q -> DQ]."""
+    graph = cursor.graph
+    pool = cursor.take({"MaxPool"}, "MaxPool")
+    if len(pool.output) > 1 and pool.output[1]:
+        raise CompileError(f"{_describe(pool)}: output 'Indices' is unsupported")
+    attrs = graph.attrs(pool)
+    if attrs.get("ceil_mode", 0) != 0:
+        raise CompileError(f"{_describe(pool)}: attribute 'ceil_mode' = {attrs['ceil_mode']} is unsupported (only 0)")
+    if attrs.get("storage_order", 0) != 0:
+        raise CompileError(f"{_describe(pool)}: attribute 'storage_order' = {attrs['storage_order']} is unsupported")
+    window = match_window(graph, pool, in_shape, None,
+                          {"auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides", "storage_order"})
+    if max(window.pad_top, window.pad_left) >= min(window.kernel_h, window.kernel_w):
+        raise CompileError(f"{_describe(pool)}: attribute 'pads' must be smaller than the kernel")
+    node = cursor.node
+    out_params = match_qdq(cursor, f"the QuantizeLinear of {_describe(pool)}'s output")
+    if out_params != x_params:
+        raise CompileError(f"{_describe(pool)}: its output is quantized with {out_params} (by "
+                           f"{_describe(node)}), its input with {x_params}; max pooling on int8 values needs "
+                           f"equal scales and zero points (a Relu right after a MaxPool is folded into its output "
+                           f"quantization by quantize_static: put the Relu before the MaxPool)")
+    relu = match_relu_requantized(cursor, out_params)
+    return PoolLayer(pool.name or f"maxpool_{index}", "MaxPool", window, x_params, out_params, relu)
+
+
+def _reject_unsupported(cursor: _Cursor) -> None:
+    """A clear message for the ops CNNs commonly use that flowtile does not compile yet."""
+    node = cursor.node
+    if node is not None and node.op_type in ("AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Add", "Concat",
+                                              "BatchNormalization", "ConvTranspose", "Pad", "Resize"):
+        raise CompileError(f"{_describe(node)}: unsupported op (flowtile compiles Conv, MaxPool, Relu, "
+                           f"Flatten/Reshape and MatMul/Gemm layers)")
 
 
 def _check_all_nodes_on_chain(graph: _Graph, cursor: _Cursor) -> None:
@@ -506,24 +755,52 @@ def _check_all_nodes_on_chain(graph: _Graph, cursor: _Cursor) -> None:
 
 
 def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
-    """input [-> Flatten] -> Q -> DQ -> layer -> layer ... -> output, or CompileError at the first mismatch."""
+    """input [-> Flatten] -> Q -> DQ -> layer -> layer ... -> output, or CompileError at the first mismatch.
+
+    The activation between layers is either a feature map ``(C, H, W)`` (``fmap``) or a vector of ``n``.
+    """
     input_name, input_shape = _graph_input(graph)
     cursor = _Cursor(graph, input_name)
+    fmap = input_shape if len(input_shape) == 3 and not cursor.at(*_RESHAPE_OPS) else None
     n = match_flattens(cursor, input_shape, None)  # flatten of the float input
     in_params = x_params = match_qdq(cursor, "the input QuantizeLinear")
-    layers: list[DenseLayer] = []
+    layers: list[DenseLayer | PoolLayer] = []
     while not layers or cursor.node is not None:
-        n = match_flattens(cursor, input_shape if not layers else (n,), x_params)
-        layers.append(match_layer(cursor, x_params, n, len(layers)))
+        _reject_unsupported(cursor)
+        if fmap is not None and cursor.at("Conv", "MaxPool"):
+            if cursor.at("Conv"):
+                layer = match_conv(cursor, x_params, fmap, len(layers))
+            else:
+                layer = match_maxpool(cursor, x_params, fmap, len(layers))
+            layers.append(layer)
+            x_params, fmap = layer.output, layer.out_shape
+            continue
+        source_map = fmap if layers else None  # a flat input keeps model order: nothing to permute
+        n = match_flattens(cursor, fmap if fmap is not None else (input_shape if not layers else (n,)), x_params)
+        fmap = None
+        _reject_unsupported(cursor)
+        if source_map is not None and not cursor.at("MatMul", "Gemm"):
+            node = cursor.node
+            if node is not None and node.op_type in ("Conv", "MaxPool"):
+                raise CompileError(f"{_describe(node)}: its input is not a [N, C, H, W] feature map")
+        layers.append(match_layer(cursor, x_params, n, len(layers), input_map=source_map))
         x_params, n = layers[-1].output, layers[-1].n_out
     if len(graph.outputs) != 1:
         raise CompileError(f"the graph has {len(graph.outputs)} outputs; flowtile compiles models with exactly one")
     _check_all_nodes_on_chain(graph, cursor)
-    return ImportedModel(
-        name=model_name, layers=layers,
-        input=TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype),
-        output=TensorSpec(cursor.tensor, (n,), x_params.scale, x_params.zero_point, x_params.dtype),
-        qdq_model=graph.model)
+    windowed_input = layers[0].window is not None
+    if windowed_input:
+        input_spec = TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype,
+                                layout="chw")
+    else:
+        input_spec = TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype)
+    if fmap is not None:
+        output_spec = TensorSpec(cursor.tensor, tuple(fmap), x_params.scale, x_params.zero_point, x_params.dtype,
+                                 layout="chw")
+    else:
+        output_spec = TensorSpec(cursor.tensor, (n,), x_params.scale, x_params.zero_point, x_params.dtype)
+    return ImportedModel(name=model_name, layers=layers, input=input_spec, output=output_spec,
+                         qdq_model=graph.model)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -534,10 +811,18 @@ def _is_quantized(model: onnx.ModelProto) -> bool:
 
 
 def _check_float_ops(model: onnx.ModelProto) -> None:
+    consts = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type not in _FLOAT_OPS | {"Constant"} or node.domain not in ("", "ai.onnx"):
             raise CompileError(f"{_describe(node)}: unsupported op; float models may use "
                                f"{', '.join(sorted(_FLOAT_OPS))}")
+        if node.op_type in ("Conv", "MaxPool"):  # before quantize_static, which may fail on them less clearly
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            kernel = None
+            if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in consts:
+                dims = list(consts[node.input[1]].dims)
+                kernel = tuple(dims[2:]) if len(dims) == 4 else None
+            check_window_attributes(node, attrs, kernel)
 
 
 def fuse_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -12,6 +12,12 @@ Rules (docs/architecture.md sections 1 and 6):
   its estimated cycles per inference are ``K + P + N_o*K + 2 + N_r`` (see :func:`tile_cycles`);
 * the pipeline's throughput is set by its slowest tile, so spare tiles go, one at a time, to the
   layer whose slowest tile is the slowest overall, as long as that makes it faster.
+
+Windowed layers (Conv, MaxPool; section 4.1) split their *output rows* instead: every tile of the layer
+holds the whole input map (``K = H*W*CW`` words) and all the weights (``N_o * KH*KW*CW`` words, none for
+MaxPool) and computes a band ``[row_begin, row_begin + rows)`` of output rows; its ``n_pix * N_r`` result
+words must fit the result buffer (``arch.result_words``). Its estimated cycles per inference are
+``K + I + 2 + P + n_pix * N_r`` with ``I`` the COMPUTE issue cycles (:func:`window_tile_cycles`).
 """
 from __future__ import annotations
 
@@ -19,10 +25,12 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from flowtile.arch import Arch
+from flowtile.program import compute_issue_cycles, result_words
 
 from .errors import CompileError
 
-__all__ = ["TileSlice", "tile_cycles", "assign_tiles", "words"]
+__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "config_cycles", "assign_tiles", "words",
+           "WindowCosts", "window_costs"]
 
 
 class _Layer(Protocol):
@@ -46,6 +54,9 @@ class TileSlice:
     n_in_words: int
     n_pass: int
     forward: bool  # more tiles of the same layer follow
+    #: windowed layers: this tile's band of output rows (``rows = 0`` for dense layers)
+    row_begin: int = 0
+    rows: int = 0
 
     @property
     def stop(self) -> int:
@@ -68,6 +79,92 @@ def tile_cycles(n_in_words: int, n_pass: int, n_out: int, lanes: int) -> int:
     if n_out == 0:
         return n_in_words + n_pass
     return n_in_words + n_pass + n_out * n_in_words + 2 + words(n_out, lanes)
+
+
+def config_cycles(config: dict, lanes: int) -> int:
+    """:func:`tile_cycles` / :func:`window_tile_cycles` from a tile's registers: ``K + P [+ I + 2 + n_pix*N_r]``."""
+    if not config["n_out"]:
+        return config["n_in_words"] + config["n_pass"]
+    return (config["n_in_words"] + config["n_pass"] + compute_issue_cycles(config) + 2
+            + result_words(config, lanes))
+
+
+@dataclass(frozen=True)
+class WindowCosts:
+    """What partitioning needs to know about a windowed layer on a given arch."""
+
+    k: int               # input map words (K)
+    n_out: int           # N_o: output channels (Conv), CW * L (MaxPool)
+    weight_words: int    # all the layer's weights, held by every tile of it
+    row_issue: int       # COMPUTE issue cycles per output row
+    row_results: int     # result words per output row (out_width * N_r)
+    out_height: int
+
+
+def window_costs(layer, lanes: int) -> WindowCosts:
+    w = layer.window
+    cw = words(w.channels, lanes)
+    k = w.height * w.width * cw
+    window_words = w.kernel_h * w.kernel_w * cw
+    if layer.op == "MaxPool":
+        n_out, weight_words, row_issue = cw * lanes, 0, w.out_width * window_words
+    else:
+        n_out = layer.n_out
+        weight_words, row_issue = n_out * window_words, w.out_width * n_out * window_words
+    return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height)
+
+
+def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int) -> int:
+    """Estimated cycles per inference of a tile computing ``rows`` output rows: ``K + I + 2 + P + n_pix*N_r``."""
+    return costs.k + rows * costs.row_issue + 2 + n_pass + rows * costs.row_results
+
+
+def _rows_capacity(costs: WindowCosts, arch: Arch) -> int:
+    return arch.result_words // costs.row_results
+
+
+def _split_rows(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
+    """Greedy bands of output rows whose tiles each take <= ``budget`` cycles, or None (as :func:`_split`)."""
+    capacity = _rows_capacity(costs, arch)
+    slices: list[TileSlice] = []
+    begin = n_pass = 0
+    while begin < costs.out_height:
+        if len(slices) >= max_tiles:
+            return None
+        take = min(capacity, costs.out_height - begin)
+        if budget != float("inf"):
+            take = min(take, int((budget - costs.k - 2 - n_pass) // (costs.row_issue + costs.row_results)))
+        if take <= 0:
+            return None
+        slices.append(TileSlice(layer, 0, costs.n_out, costs.k, n_pass, False, begin, take))
+        begin += take
+        n_pass += take * costs.row_results
+    return [TileSlice(s.layer, s.start, s.n_out, s.n_in_words, s.n_pass, i < len(slices) - 1, s.row_begin, s.rows)
+            for i, s in enumerate(slices)]
+
+
+def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
+    lanes = arch.lanes
+    what = f"{_describe_window(layer)}"
+    need = (costs.weight_words + costs.k) * lanes
+    if need > arch.sram_bytes:
+        raise CompileError(
+            f"{what}: every tile of it holds all its weights ({costs.weight_words * lanes} bytes) and the whole "
+            f"input map ({costs.k * lanes} bytes): {need} bytes, a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
+    if costs.n_out > arch.max_tile_outputs:
+        raise CompileError(f"{what}: {costs.n_out} output channels exceed arch field 'max_tile_outputs' = "
+                           f"{arch.max_tile_outputs}")
+    if costs.row_results > arch.result_words:
+        raise CompileError(
+            f"{what}: one output row is {costs.row_results} result words ({layer.window.out_width} pixels x "
+            f"{costs.row_results // layer.window.out_width} words), the result buffer holds {arch.result_words} "
+            f"(arch field 'max_tile_outputs' = {arch.max_tile_outputs})")
+
+
+def _describe_window(layer) -> str:
+    w = layer.window
+    return (f"layer '{layer.name}' ({layer.op}, {w.channels}x{w.height}x{w.width} -> "
+            f"{layer.n_out}x{w.out_height}x{w.out_width})")
 
 
 def _tile_capacity(k: int, arch: Arch) -> int:
@@ -106,22 +203,14 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
             for i, s in enumerate(slices)]
 
 
-def _slowest(slices: list[TileSlice], lanes: int) -> int:
-    return max(tile_cycles(s.n_in_words, s.n_pass, s.n_out, lanes) for s in slices)
+def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None) -> int:
+    if costs is not None:
+        return window_tile_cycles(costs, s.n_pass, s.rows)
+    return tile_cycles(s.n_in_words, s.n_pass, s.n_out, lanes)
 
 
-def _best_split(n_out: int, k: int, arch: Arch, layer: int, max_tiles: int) -> list[TileSlice]:
-    """The split over at most ``max_tiles`` tiles whose slowest tile is fastest (binary search on the budget)."""
-    best = _split(n_out, k, arch, layer, float("inf"), max_tiles)
-    lo, hi = 0, _slowest(best, arch.lanes)  # infeasible below lo + 1, feasible at hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        found = _split(n_out, k, arch, layer, mid, max_tiles)
-        if found is None:
-            lo = mid
-        else:
-            hi, best = mid, found
-    return best
+def _slowest(slices: list[TileSlice], lanes: int, costs: WindowCosts | None = None) -> int:
+    return max(_slice_cycles(s, lanes, costs) for s in slices)
 
 
 def _describe(layer: _Layer) -> str:
@@ -159,28 +248,70 @@ def _does_not_fit(layers: Sequence[_Layer], ks: list[int], counts: list[int], ar
         f"all weights need {total} bytes, the grid has {arch.n_tiles * arch.sram_bytes} bytes of SRAM")
 
 
+def _input_words(layer, lanes: int) -> int:
+    if getattr(layer, "window", None) is not None:
+        return window_costs(layer, lanes).k
+    input_map = getattr(layer, "input_map", None)
+    if input_map is not None:  # a flattened feature map travels pixel-major, CW words a pixel
+        channels, height, width = input_map
+        return height * width * words(channels, lanes)
+    return words(layer.n_in, lanes)
+
+
 def assign_tiles(layers: Sequence[_Layer], arch: Arch) -> list[list[TileSlice]]:
     """Slices per layer, in chain order (layer 0 starts at chain position 0); CompileError if it cannot fit."""
     lanes, n_tiles = arch.lanes, arch.n_tiles
     grid = f"the {arch.rows}x{arch.cols} grid (arch fields 'rows', 'cols')"
-    ks = [words(layer.n_in, lanes) for layer in layers]
+    ks = [_input_words(layer, lanes) for layer in layers]
+    costs = [window_costs(layer, lanes) if getattr(layer, "window", None) is not None else None for layer in layers]
     if len(layers) > n_tiles:
-        total = sum(layer.n_out * k * lanes for layer, k in zip(layers, ks))  # weight bytes, rows padded to words
+        total = sum((c.weight_words if c else layer.n_out * k) * lanes for layer, k, c in zip(layers, ks, costs))
         raise CompileError(f"the model has {len(layers)} layers but {grid} has {n_tiles} tiles, and every layer "
                            f"needs at least one; its weights need {total} bytes, the grid has "
                            f"{n_tiles * arch.sram_bytes} bytes of SRAM")
-    for layer, k in zip(layers, ks):
-        _check_one_tile_fits(layer, k, arch)
+    for layer, k, c in zip(layers, ks, costs):
+        if c is not None:
+            _check_window_fits(layer, c, arch)
+        else:
+            _check_one_tile_fits(layer, k, arch)
+
+    def split(i: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
+        if costs[i] is not None:
+            return _split_rows(costs[i], arch, i, budget, max_tiles)
+        return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles)
+
+    def best_split(i: int, max_tiles: int) -> list[TileSlice]:
+        """The split over at most ``max_tiles`` tiles whose slowest tile is fastest (binary search on the budget)."""
+        best = split(i, float("inf"), max_tiles)
+        lo, hi = 0, _slowest(best, lanes, costs[i])  # infeasible below lo + 1, feasible at hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            found = split(i, mid, max_tiles)
+            if found is None:
+                lo = mid
+            else:
+                hi, best = mid, found
+        return best
+
     unlimited = float("inf")
-    splits = [_split(layer.n_out, k, arch, i, unlimited, unlimited) for i, (layer, k) in enumerate(zip(layers, ks))]
+    splits = [split(i, unlimited, unlimited) for i in range(len(layers))]
     if sum(len(s) for s in splits) > n_tiles:
-        raise _does_not_fit(layers, ks, [len(s) for s in splits], arch, grid)
+        windowed = [i for i in range(len(layers)) if costs[i] is not None]
+        worst = max(range(len(layers)), key=lambda i: len(splits[i]))
+        if costs[worst] is None or not windowed:
+            raise _does_not_fit(layers, ks, [len(s) for s in splits], arch, grid)
+        c = costs[worst]
+        raise CompileError(
+            f"model does not fit {grid}: its layers need {sum(len(s) for s in splits)} tiles, there are "
+            f"{n_tiles}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a tile's result buffer "
+            f"holds {arch.result_words} words (arch field 'max_tile_outputs' = {arch.max_tile_outputs}), i.e. "
+            f"{_rows_capacity(c, arch)} output rows of {c.row_results} words, of its {c.out_height} rows")
     # balance: spare tiles to the bottleneck layer while that makes the bottleneck faster
-    cost = [_slowest(s, lanes) for s in splits]
+    cost = [_slowest(s, lanes, c) for s, c in zip(splits, costs)]
     while sum(len(s) for s in splits) < n_tiles:
         slowest = max(range(len(layers)), key=lambda i: cost[i])
-        candidate = _best_split(layers[slowest].n_out, ks[slowest], arch, slowest, len(splits[slowest]) + 1)
-        if _slowest(candidate, lanes) >= cost[slowest]:
+        candidate = best_split(slowest, len(splits[slowest]) + 1)
+        if _slowest(candidate, lanes, costs[slowest]) >= cost[slowest]:
             break
-        splits[slowest], cost[slowest] = candidate, _slowest(candidate, lanes)
+        splits[slowest], cost[slowest] = candidate, _slowest(candidate, lanes, costs[slowest])
     return splits

@@ -35,11 +35,13 @@ class EmulatorResult:
     transfer + 1; ``latency_cycles``: last output flit of inference 0 + 1; ``interval_cycles``: mean
     distance between the last output flits of consecutive inferences (``cycles`` if batch is 1);
     ``mac_utilization``: network MACs / (cycles x tiles x lanes); ``tile_busy_cycles`` /
-    ``tile_macs``: int64 ``[rows, cols]``, COMPUTE cycles and lane-MACs issued (``N_o*K*L`` per
-    inference) per PE; ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a
+    ``tile_macs``: int64 ``[rows, cols]``, COMPUTE cycles (``I + 2`` per inference) and lane-MACs
+    issued (``I * L`` per inference for a MAC tile, ``I = n_pix * N_o * K_w`` of section 4.1, which is
+    ``N_o*K`` for a dense layer; 0 for max pooling, which multiplies nothing) per PE;
+    ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a
     :data:`PHASE_SPAN_DTYPE` array (iterates as ``(start, end, phase)``), in time order, per inference
     the FSM occupancy of each non-empty phase: a phase begins when the previous one ends (cycle 0 for
-    the first) and ends after its last transfer (COMPUTE after ``N_o*K + 2`` cycles); empty for idle
+    the first) and ends after its last transfer (COMPUTE after ``I + 2`` cycles); empty for idle
     tiles.
     """
 
@@ -74,8 +76,8 @@ class EmulatorResult:
 def _phase_spans(pe_times: np.ndarray, count, batch: int) -> np.ndarray:
     """FSM phase spans of one PE from its action times (see :class:`EmulatorResult`).
 
-    Per inference the actions are K RECV, P PASS, N_r EMIT transfers; COMPUTE, between RECV and PASS,
-    lasts ``N_o*K + 2`` cycles from the cycle after the last RECV.
+    Per inference the actions are K RECV, P PASS, n_pix * N_r EMIT transfers; COMPUTE, between RECV and
+    PASS, lasts ``I + 2`` cycles from the cycle after the last RECV (section 4.1's count).
     """
     times = pe_times.reshape(batch, -1)
     begin = np.empty(batch, dtype=np.int64)
@@ -123,7 +125,7 @@ def emulate(program: Program, in_flits: np.ndarray, batch: int) -> EmulatorResul
     for position, tile in enumerate(program.tiles):
         count = path.counts[position]
         busy[tile.row, tile.col] = count.compute_cycles * batch
-        macs[tile.row, tile.col] = count.compute_issue_cycles * arch.lanes * batch
+        macs[tile.row, tile.col] = count.mac_issue_cycles * arch.lanes * batch
     return EmulatorResult(
         batch=batch, out_flits=functional.out_flits, out_times=out_times, in_times=timing.in_times,
         cycles=cycles, latency_cycles=int(last_flits[0]) + 1, interval_cycles=interval,

@@ -9,8 +9,10 @@ never from the compiler's layer descriptions. Two parts:
   router output carries at most one stream, every PE on the path consumes exactly the flits the
   previous one emits per inference) and raises :class:`EmulatorError` otherwise.
 * :func:`run_functional` computes, vectorized over the batch, every PE's output flit stream:
-  per inference ``(input flits if forward) ++ (the P pass flits) ++ (its N_r result words)``
+  per inference ``(input flits if forward) ++ (the P pass flits) ++ (its n_pix * N_r result words)``
   (section 4: RECV, COMPUTE, PASS, EMIT; COMPUTE emits nothing, so the data order is the same).
+  Results follow section 4.1 (windowed layers): the windows of every output pixel are gathered
+  im2col-style with index arrays; a dense layer is the 1x1 case and takes the same path.
 """
 from __future__ import annotations
 
@@ -19,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, SHIFT_BITS, Arch
-from flowtile.program import Program, TileProgram
+from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, OP_MAC, OP_MAX, SHIFT_BITS, Arch
+from flowtile.program import Program, TileProgram, compute_issue_cycles, result_words
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
-           "tile_counts", "run_functional", "pe_results", "PORTS", "HOST", "AFTER_COMPUTE_EXTRA_DELAY"]
+           "tile_counts", "run_functional", "pe_results", "window_pixels", "PORTS", "HOST", "AFTER_COMPUTE_EXTRA_DELAY"]
 
 
 class EmulatorError(ValueError):
@@ -37,24 +39,26 @@ _OPPOSITE = {"N": "S", "S": "N", "E": "W", "W": "E"}
 #: Stands for the host as the producer of the first stream and the consumer of the last.
 HOST = -1
 
-#: Cycles COMPUTE lasts beyond its ``N_o * K`` issue cycles (section 4: multiply-accumulate of the
-#: last read words, then requantization of the last output).
+#: Cycles COMPUTE lasts beyond its ``I`` issue cycles (section 4.1; ``N_o * K`` for a dense layer):
+#: multiply-accumulate (or max) of the last read words, then requantization (or clamp) of the last output.
 COMPUTE_DRAIN_CYCLES = 2
 #: Cycles from a PE's last RECV transfer to its first transfer after COMPUTE (the first PASS, or the
 #: first EMIT if P = 0) beyond the compute issue cycles: entering COMPUTE (1) plus the drain
-#: (section 6, rule 4: ``d = N_o*K + 3``).
+#: (section 6, rule 4: ``d = I + 3``).
 AFTER_COMPUTE_EXTRA_DELAY = 1 + COMPUTE_DRAIN_CYCLES
 
 
 @dataclass(frozen=True)
 class TileCounts:
-    """One PE's per-inference counts, from its registers (section 4)."""
+    """One PE's per-inference counts, from its registers (sections 4 and 4.1)."""
 
     n_in_words: int     # K: RECV transfers
     forward: bool       # RECV transfers also emit the flit
     n_pass: int         # P: PASS transfers
-    n_out: int          # N_o: outputs computed
-    n_result_words: int  # N_r = ceil(N_o / L): EMIT transfers
+    n_out: int          # N_o: output channels computed (0: no COMPUTE, no EMIT)
+    n_result_words: int  # n_pix * ceil(N_o / L): EMIT transfers
+    issue_cycles: int = 0  # I: COMPUTE cycles that issue an SRAM read (n_pix * N_o * K_w, or MAX's count)
+    op: int = OP_MAC
 
     @property
     def idle(self) -> bool:
@@ -72,20 +76,27 @@ class TileCounts:
 
     @property
     def compute_issue_cycles(self) -> int:
-        """``N_o * K``: the COMPUTE cycles that issue an SRAM read."""
-        return self.n_out * self.n_in_words
+        """``I``: the COMPUTE cycles that issue an SRAM read (``flowtile.program.compute_issue_cycles``)."""
+        return self.issue_cycles
 
     @property
     def compute_cycles(self) -> int:
         """Cycles COMPUTE lasts per inference (0 if the PE has no COMPUTE phase)."""
         return self.compute_issue_cycles + COMPUTE_DRAIN_CYCLES if self.n_out else 0
 
+    @property
+    def mac_issue_cycles(self) -> int:
+        """Issue cycles that multiply-accumulate ``L`` lanes (none for max pooling)."""
+        return self.issue_cycles if self.op == OP_MAC else 0
+
 
 def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
     config = tile.config
     n_out = int(config["n_out"])
     return TileCounts(n_in_words=int(config["n_in_words"]), forward=bool(config["forward"]),
-                      n_pass=int(config["n_pass"]), n_out=n_out, n_result_words=-(-n_out // arch.lanes))
+                      n_pass=int(config["n_pass"]), n_out=n_out,
+                      n_result_words=int(result_words(config, arch.lanes)),
+                      issue_cycles=int(compute_issue_cycles(config)), op=int(config["op"]))
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,8 @@ def trace_data_path(program: Program) -> DataPath:
         if count.n_out and not count.n_in_words:
             raise EmulatorError(f"tile {tile.key} (chain position {position}): n_out = {count.n_out} "
                                 f"needs n_in_words > 0 (COMPUTE reads K activation words per output)")
+        if count.n_out:
+            _check_window(tile, count, arch, position)
 
     # The host's flits carry destination tile (0,0) and enter its W FIFO (sections 3 and 5).
     host_fifos, host_outputs = _route(arch, (0, 0), "W", (0, 0), False, "host input")
@@ -215,6 +228,26 @@ def trace_data_path(program: Program) -> DataPath:
     return DataPath(order=tuple(order), hops=tuple(hops), counts=counts)
 
 
+def _check_window(tile: TileProgram, count: TileCounts, arch: Arch, position: int) -> None:
+    """Windowing registers section 4.1 gives a meaning to (Program.validate checks ranges and the map size)."""
+    config = tile.config
+    who = f"tile {tile.key} (chain position {position})"
+    for name in ("in_height", "in_width", "words_per_pixel", "kernel_h", "kernel_w", "stride", "out_rows",
+                 "out_width"):
+        if int(config[name]) < 1:
+            raise EmulatorError(f"{who}: n_out = {count.n_out} needs register '{name}' >= 1, got {config[name]}")
+    map_words = int(config["in_height"]) * int(config["in_width"]) * int(config["words_per_pixel"])
+    if map_words != count.n_in_words:
+        raise EmulatorError(f"{who}: n_in_words = {count.n_in_words} but the input map is "
+                            f"{config['in_height']}x{config['in_width']}x{config['words_per_pixel']} = "
+                            f"{map_words} words")
+    if count.op not in (OP_MAC, OP_MAX):
+        raise EmulatorError(f"{who}: op = {count.op} is neither OP_MAC ({OP_MAC}) nor OP_MAX ({OP_MAX})")
+    if count.op == OP_MAX and count.n_out != int(config["words_per_pixel"]) * arch.lanes:
+        raise EmulatorError(f"{who}: a max-pool tile needs n_out = words_per_pixel * lanes = "
+                            f"{int(config['words_per_pixel']) * arch.lanes}, got {count.n_out}")
+
+
 # --- arithmetic ---------------------------------------------------------------------------------
 
 def _check_parameters(tile: TileProgram, count: TileCounts) -> None:
@@ -225,6 +258,8 @@ def _check_parameters(tile: TileProgram, count: TileCounts) -> None:
     bias_lo, bias_hi = -(1 << (ACC_BITS - 1)), (1 << (ACC_BITS - 1)) - 1
     checks = ((bias, bias_lo, bias_hi, "bias"), (multiplier, 0, (1 << MULTIPLIER_BITS) - 1, "multiplier"),
               (shift, 1, (1 << SHIFT_BITS) - 2, "shift"))
+    if count.op == OP_MAX:  # max pooling never reads the table (section 4.1: it holds n_out zero rows)
+        checks = ()
     for values, lo, hi, name in checks:
         bad = np.flatnonzero((values < lo) | (values > hi))
         if bad.size:
@@ -258,40 +293,107 @@ def _wrap_accumulator(values: np.ndarray) -> np.ndarray:
     return ((values + half) & np.int64((1 << ACC_BITS) - 1)) - half
 
 
+def window_pixels(config: dict) -> np.ndarray:
+    """Input pixel read by each window position of each output pixel: int64 ``[n_pix, KH*KW]``,
+    pixel index ``y * in_width + x``, or ``in_height * in_width`` (the padding pixel) outside the map.
+
+    Output pixels run row-major over rows ``[out_row_begin, out_row_begin + out_rows)`` and columns
+    ``[0, out_width)``; window positions run ``ky * KW + kx`` (section 4.1)."""
+    height, width = int(config["in_height"]), int(config["in_width"])
+    kernel_h, kernel_w, stride = int(config["kernel_h"]), int(config["kernel_w"]), int(config["stride"])
+    oy = np.arange(int(config["out_row_begin"]), int(config["out_row_begin"]) + int(config["out_rows"]))
+    ox = np.arange(int(config["out_width"]))
+    iy = oy[:, None, None, None] * stride + np.arange(kernel_h)[None, None, :, None] - int(config["pad_top"])
+    ix = ox[None, :, None, None] * stride + np.arange(kernel_w)[None, None, None, :] - int(config["pad_left"])
+    inside = (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+    pixel = np.where(inside, iy * width + ix, height * width)
+    return pixel.reshape(len(oy) * len(ox), kernel_h * kernel_w).astype(np.int64)
+
+
+#: Most window elements gathered at once (about this many x 9 bytes of temporaries).
+IM2COL_ELEMENTS = 1 << 22
+
+_DENSE_WINDOW = {"in_height": 1, "in_width": 1, "kernel_h": 1, "kernel_w": 1, "pad_top": 0, "pad_left": 0,
+                 "out_row_begin": 0, "out_rows": 1, "out_width": 1}
+
+
+def _is_dense(config: dict) -> bool:
+    """One 1x1 window on a one-pixel map at its only pixel (stride and pad_value never matter)."""
+    return all(int(config[name]) == value for name, value in _DENSE_WINDOW.items())
+
+
+def _gather_windows(config: dict, activations: np.ndarray, lanes: int) -> np.ndarray:
+    """im2col: int8 ``[batch, n_pix, KH*KW, CW, L]``, the activation words every issue cycle reads.
+
+    ``activations`` is int8 ``[batch, K, L]`` (what RECV wrote at ``act_base``); padding positions
+    read a word whose every lane is ``pad_value``."""
+    batch = activations.shape[0]
+    words_per_pixel = int(config["words_per_pixel"])
+    n_pixels = int(config["in_height"]) * int(config["in_width"])
+    pixels = activations.reshape(batch, n_pixels, words_per_pixel, lanes)
+    if _is_dense(config):  # the single window is the whole input
+        return pixels[:, None]
+    index = window_pixels(config)
+    if (index == n_pixels).any():
+        padded = np.empty((batch, n_pixels + 1, words_per_pixel, lanes), dtype=np.int8)
+        padded[:, :n_pixels] = pixels
+        padded[:, n_pixels] = int(config["pad_value"])
+        pixels = padded
+    return pixels[:, index]
+
+
 def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, arch: Arch) -> np.ndarray:
-    """Result words of one PE for a batch: int8 ``[batch, N_r, L]`` (section 4, Arithmetic).
+    """Result words of one PE for a batch: int8 ``[batch, n_pix * N_r, L]`` (sections 4 and 4.1).
 
     ``activations`` is int8 ``[batch, K, L]``, the RECV flits of each inference, written to SRAM words
-    ``act_base + k`` before COMPUTE reads weight words ``w_base + o*K + k`` (which see those writes
-    if the two regions overlap).
+    ``act_base + k`` before COMPUTE reads them and, for MAC, weight words ``w_base + o*K_w + k`` (which
+    see those writes if the two regions overlap).
     """
     lanes, batch = arch.lanes, activations.shape[0]
-    k_words, n_out = count.n_in_words, count.n_out
     config = tile.config
+    # im2col copies every window: bound its size (float64 below) by working on slices of the batch
+    per_inference = (count.n_result_words * int(config["kernel_h"]) * int(config["kernel_w"])
+                     * int(config["words_per_pixel"]) * lanes)
+    chunk = max(1, IM2COL_ELEMENTS // max(1, per_inference))
+    if batch > chunk:
+        return np.concatenate([pe_results(tile, count, activations[start:start + chunk], arch)
+                               for start in range(0, batch, chunk)])
+    windows = _gather_windows(config, activations, lanes)      # [batch, n_pix, KH*KW, CW, L]
+    n_pix = windows.shape[1]
+    if count.op == OP_MAX:
+        # lane-wise signed max over the window, then clamp; result word q*CW + cw
+        pooled = windows.max(axis=2)
+        pooled = np.clip(pooled, int(config["clamp_lo"]), int(config["clamp_hi"])).astype(np.int8)
+        return pooled.reshape(batch, count.n_result_words, lanes)
+
+    n_out = count.n_out
+    window_words = windows.shape[2] * windows.shape[3]           # K_w = KH*KW*CW
     w_base, act_base = int(config["w_base"]), int(config["act_base"])
-    w_end, act_end = w_base + n_out * k_words, act_base + k_words
+    w_end, act_end = w_base + n_out * window_words, act_base + count.n_in_words
     image = np.zeros((max(w_end, act_end), lanes), dtype=np.int8)
     stored = tile.sram[: image.shape[0]]
     image[: stored.shape[0]] = stored
     params = np.asarray(tile.params, dtype=np.int64)
     bias, multiplier, shift = params[:, 0], params[:, 1], params[:, 2]
-    flat_activations = activations.reshape(batch, k_words * lanes)
+    columns = windows.reshape(batch, n_pix, window_words * lanes)
 
     if w_end <= act_base or act_end <= w_base:
-        weights = image[w_base:w_end].reshape(n_out, k_words * lanes).astype(np.float64)
-        # float64 matmul is exact: every partial sum is an integer of magnitude <= K*L*2^14 < 2^53.
-        dot = (flat_activations.astype(np.float64) @ weights.T).astype(np.int64)
+        weights = image[w_base:w_end].reshape(n_out, window_words * lanes).astype(np.float64)
+        # float64 matmul is exact: every partial sum is an integer of magnitude <= K_w*L*2^14 < 2^53.
+        flat = columns.reshape(batch * n_pix, window_words * lanes).astype(np.float64)
+        dot = (flat @ weights.T).astype(np.int64).reshape(batch, n_pix, n_out)   # one 2-D GEMM
     else:  # the weight region overlaps the activation buffer: each inference reads its own inputs back
         memory = np.repeat(image[None], batch, axis=0)
         memory[:, act_base:act_end] = activations
-        weights = memory[:, w_base:w_end].reshape(batch, n_out, k_words * lanes).astype(np.int64)
-        dot = np.einsum("bi,boi->bo", flat_activations.astype(np.int64), weights)
+        weights = memory[:, w_base:w_end].reshape(batch, n_out, window_words * lanes).astype(np.int64)
+        dot = np.einsum("bqi,boi->bqo", columns.astype(np.int64), weights)
     accumulator = _wrap_accumulator(bias + dot)
     # |acc * M| < 2^62 and the rounding term is <= 2^61: the int64 arithmetic below is exact.
     scaled = (accumulator * multiplier + np.left_shift(np.int64(1), shift - 1)) >> shift
     result = np.clip(scaled + int(config["zp_out"]), int(config["clamp_lo"]), int(config["clamp_hi"]))
-    words = np.zeros((batch, count.n_result_words * lanes), dtype=np.int8)
-    words[:, :n_out] = result
+    per_pixel = count.n_result_words // n_pix                     # N_r
+    words = np.zeros((batch, n_pix, per_pixel * lanes), dtype=np.int8)
+    words[:, :, :n_out] = result
     return words.reshape(batch, count.n_result_words, lanes)
 
 

@@ -9,9 +9,10 @@ Each stream is a sequence of actions ``j`` with times ``t_j = max(lb_j, t_{j-1} 
 ``t_{-1} = -1``:
 
 * host input: one write per flit, ``d = 1`` (rule 5: ``T[i] >= max(0, T[i-1] + 1)``);
-* PE: per inference K RECV, (COMPUTE,) P PASS, N_r EMIT actions, ``d = 1`` except the first
-  transfer after COMPUTE (the first PASS, or the first EMIT if P = 0), whose ``d = N_o*K + 3``
-  counted from the last RECV (rule 4). RECV and PASS read the FIFO before it; forwarded RECV, PASS
+* PE: per inference K RECV, (COMPUTE,) P PASS, ``n_pix * N_r`` EMIT actions, ``d = 1`` except the
+  first transfer after COMPUTE (the first PASS, or the first EMIT if P = 0), whose ``d = I + 3``
+  counted from the last RECV (rule 4; ``I`` = COMPUTE issue cycles of section 4.1, ``N_o*K`` for a
+  dense layer, from ``flowtile.program.compute_issue_cycles``). RECV and PASS read the FIFO before it; forwarded RECV, PASS
   and EMIT write the FIFO after it (the same cycle for a forwarded RECV or a PASS);
 * link (a router hop): one action per flit that reads the FIFO before it and writes the FIFO after it
   in the same cycle (rule 3), ``d = 1`` (rule 2);
@@ -293,7 +294,7 @@ class TimingResult:
 
     ``in_times``: host-input transfer per input flit; ``out_times``: host-output transfer per output
     flit; ``pe_times[p]``: the action times of the PE at chain position ``p`` (None if idle), per
-    inference K RECV, P PASS then N_r EMIT actions; ``solves``: stream solves used (diagnostics).
+    inference K RECV, P PASS then ``n_pix * N_r`` EMIT actions; ``solves``: stream solves used (diagnostics).
     """
 
     in_times: np.ndarray

@@ -11,7 +11,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS"]
+__all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS", "OP_MAC",
+           "OP_MAX", "dense_window_registers"]
 
 #: Accumulator width of a PE. Accumulation wraps modulo 2**ACC_BITS (two's complement); the
 #: compiler proves that no layer it emits can reach the wrap (see docs/architecture.md).
@@ -36,7 +37,33 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("zp_out", 9, True),         # output zero point (int8 domain)
     ("clamp_lo", 8, True),       # output saturation bounds (int8 domain); ReLU raises clamp_lo to zp_out
     ("clamp_hi", 8, True),
+    # Windowed layers (docs/architecture.md section 4.1). A dense layer is the 1x1 case:
+    # in_height = in_width = 1, words_per_pixel = n_in_words, 1x1 kernel, one output pixel.
+    ("op", 1, False),            # OP_MAC: multiply-accumulate + requantize; OP_MAX: lane-wise max (max pool)
+    ("in_height", 8, False),     # input feature map, stored pixel-major (row-major), words_per_pixel words a pixel
+    ("in_width", 8, False),
+    ("words_per_pixel", 16, False),
+    ("kernel_h", 3, False),      # window size, 1..7
+    ("kernel_w", 3, False),
+    ("stride", 2, False),        # 1..3, both directions
+    ("pad_top", 3, False),       # window origin offset; positions outside the map read pad_value lanes
+    ("pad_left", 3, False),
+    ("pad_value", 8, True),      # the input zero point for OP_MAC, -128 for OP_MAX
+    ("out_row_begin", 8, False), # this tile computes output rows [out_row_begin, out_row_begin + out_rows)
+    ("out_rows", 8, False),
+    ("out_width", 8, False),     # ... and all out_width output columns
 )
+
+#: Values of the ``op`` register.
+OP_MAC = 0
+OP_MAX = 1
+
+
+def dense_window_registers(n_in_words: int) -> dict[str, int]:
+    """The windowing registers of a dense layer with ``n_in_words`` input words (the 1x1 case)."""
+    return {"op": OP_MAC, "in_height": 1, "in_width": 1, "words_per_pixel": n_in_words,
+            "kernel_h": 1, "kernel_w": 1, "stride": 1, "pad_top": 0, "pad_left": 0, "pad_value": 0,
+            "out_row_begin": 0, "out_rows": 1, "out_width": 1}
 
 
 class ArchError(ValueError):

@@ -51,27 +51,42 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return real.reshape((q.shape[0],) + tuple(spec.shape))
 
 
-def pack_flits(values: np.ndarray, lanes: int) -> np.ndarray:
-    """int8 ``[batch, n]`` -> ``[batch * ceil(n/lanes), lanes]`` flits; padding lanes are zero."""
+def pack_flits(values: np.ndarray, lanes: int, spec: TensorSpec | None = None) -> np.ndarray:
+    """int8 ``[batch, n]`` (model element order) -> ``[batch * words, lanes]`` flits.
+
+    Flat tensors: ``lanes`` consecutive elements a flit. ``chw`` tensors travel pixel-major with the
+    channels of a pixel padded to whole flits (docs/architecture.md section 4.1). Padding lanes are zero.
+    """
     batch, n = values.shape
+    if spec is not None and spec.layout == "chw":
+        channels, height, width = spec.shape
+        words_per_pixel = -(-channels // lanes)
+        pixels = np.zeros((batch, height, width, words_per_pixel * lanes), dtype=np.int8)
+        pixels[..., :channels] = values.reshape(batch, channels, height, width).transpose(0, 2, 3, 1)
+        return pixels.reshape(-1, lanes)
     words = -(-n // lanes)
     padded = np.zeros((batch, words * lanes), dtype=np.int8)
     padded[:, :n] = values
     return padded.reshape(batch * words, lanes)
 
 
-def unpack_flits(flits: np.ndarray, batch: int, n: int) -> np.ndarray:
-    """Inverse of :func:`pack_flits`: ``[batch * words, lanes]`` -> int8 ``[batch, n]``."""
-    return np.asarray(flits, dtype=np.int8).reshape(batch, -1)[:, :n]
+def unpack_flits(flits: np.ndarray, batch: int, n: int, spec: TensorSpec | None = None) -> np.ndarray:
+    """Inverse of :func:`pack_flits`: ``[batch * words, lanes]`` -> int8 ``[batch, n]`` in model order."""
+    flits = np.asarray(flits, dtype=np.int8)
+    if spec is not None and spec.layout == "chw":
+        channels, height, width = spec.shape
+        pixels = flits.reshape(batch, height, width, -1)[..., :channels]
+        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)).reshape(batch, -1)
+    return flits.reshape(batch, -1)[:, :n]
 
 
 def input_flits(program: Program, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Float model input -> (int8 values ``[batch, n_in]``, flits to send ``[batch*words, lanes]``)."""
     q = quantize(check_input(x, program.input), program.input)
-    return q, pack_flits(q, program.arch.lanes)
+    return q, pack_flits(q, program.arch.lanes, program.input)
 
 
 def outputs_from_flits(program: Program, flits: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Received flits -> (int8 values ``[batch, n_out]``, float output ``[batch, *shape]``)."""
-    q = unpack_flits(flits, batch, program.output.length)
+    q = unpack_flits(flits, batch, program.output.length, program.output)
     return q, dequantize(q, program.output)

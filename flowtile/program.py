@@ -18,12 +18,39 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import Arch, ArchError, CONFIG_FIELDS
+from .arch import OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
 
-__all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION"]
+__all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
+           "output_pixels", "weight_words", "result_words", "compute_issue_cycles"]
 
 FORMAT_NAME = "flowtile-program"
 FORMAT_VERSION = 1
+
+
+def output_pixels(config: dict) -> int:
+    return config["out_rows"] * config["out_width"]
+
+
+def weight_words(config: dict) -> int:
+    """SRAM words of weights a tile's registers imply (docs/architecture.md section 4.1)."""
+    if config["op"] != OP_MAC or not config["n_out"]:
+        return 0
+    return config["n_out"] * config["kernel_h"] * config["kernel_w"] * config["words_per_pixel"]
+
+
+def result_words(config: dict, lanes: int) -> int:
+    """Flits a tile emits from its result buffer per inference (``n_pix * N_r``)."""
+    return output_pixels(config) * -(-config["n_out"] // lanes) if config["n_out"] else 0
+
+
+def compute_issue_cycles(config: dict) -> int:
+    """COMPUTE issue cycles per inference (``I`` of section 4.1; COMPUTE lasts ``I + 2``)."""
+    if not config["n_out"]:
+        return 0
+    window = config["kernel_h"] * config["kernel_w"]
+    if config["op"] == OP_MAX:
+        return output_pixels(config) * config["words_per_pixel"] * window
+    return output_pixels(config) * config["n_out"] * window * config["words_per_pixel"]
 
 
 class ProgramError(ValueError):
@@ -43,19 +70,35 @@ class TensorSpec:
     scale: float
     zero_point: int
     dtype: str = "int8"
+    #: "flat": the tensor's elements in order, ``L`` a flit. "chw": ``shape`` is (C, H, W) and the tensor
+    #: travels as a feature map, pixel-major, ``ceil(C / L)`` words a pixel (section 4.1).
+    layout: str = "flat"
+
+    def __post_init__(self):
+        if self.layout not in ("flat", "chw"):
+            raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' is not 'flat' or 'chw'")
+        if self.layout == "chw" and len(self.shape) != 3:
+            raise ProgramError(f"tensor '{self.name}': layout 'chw' needs a (C, H, W) shape, got {list(self.shape)}")
 
     @property
     def length(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    def words(self, lanes: int) -> int:
+        """Flits one tensor takes on the chip."""
+        if self.layout == "chw":
+            channels, height, width = self.shape
+            return height * width * -(-channels // lanes)
+        return -(-self.length // lanes)
+
     def to_dict(self):
         return {"name": self.name, "shape": list(self.shape), "scale": self.scale,
-                "zero_point": self.zero_point, "dtype": self.dtype}
+                "zero_point": self.zero_point, "dtype": self.dtype, "layout": self.layout}
 
     @classmethod
     def from_dict(cls, d):
         return cls(d["name"], tuple(int(s) for s in d["shape"]), float(d["scale"]), int(d["zero_point"]),
-                   d.get("dtype", "int8"))
+                   d.get("dtype", "int8"), d.get("layout", "flat"))
 
 
 @dataclass(frozen=True)
@@ -64,23 +107,30 @@ class LayerInfo:
 
     name: str
     op: str
-    n_in: int
-    n_out: int
+    n_in: int                     # input elements (a feature map counts C*H*W)
+    n_out: int                    # output elements
     tiles: tuple[tuple[int, int], ...]
     relu: bool = False
+    #: The layer's multiply-accumulates per inference, padding excluded; None: dense, ``n_in * n_out``.
+    mac_count: int | None = None
+
+    def __post_init__(self):
+        if self.mac_count is None:
+            object.__setattr__(self, "mac_count", self.n_in * self.n_out)
 
     @property
     def macs(self) -> int:
-        return self.n_in * self.n_out
+        return self.mac_count
 
     def to_dict(self):
         return {"name": self.name, "op": self.op, "n_in": self.n_in, "n_out": self.n_out,
-                "tiles": [list(t) for t in self.tiles], "relu": self.relu}
+                "tiles": [list(t) for t in self.tiles], "relu": self.relu, "macs": self.macs}
 
     @classmethod
     def from_dict(cls, d):
         return cls(d["name"], d["op"], int(d["n_in"]), int(d["n_out"]),
-                   tuple(tuple(int(v) for v in t) for t in d["tiles"]), bool(d.get("relu", False)))
+                   tuple(tuple(int(v) for v in t) for t in d["tiles"]), bool(d.get("relu", False)),
+                   int(d["macs"]) if "macs" in d else None)
 
 
 @dataclass
@@ -116,12 +166,12 @@ class Program:
     @property
     def input_words(self) -> int:
         """Flits the host sends per inference."""
-        return -(-self.input.length // self.arch.lanes)
+        return self.input.words(self.arch.lanes)
 
     @property
     def output_words(self) -> int:
         """Flits the host receives per inference."""
-        return -(-self.output.length // self.arch.lanes)
+        return self.output.words(self.arch.lanes)
 
     @property
     def macs_per_inference(self) -> int:
@@ -155,11 +205,22 @@ class Program:
             if n_out > arch.max_tile_outputs:
                 raise ProgramError(f"tile {tile.key}: {n_out} outputs exceed arch field 'max_tile_outputs' "
                                    f"= {arch.max_tile_outputs}")
-            act_end = tile.config["act_base"] + tile.config["n_in_words"]
-            w_end = tile.config["w_base"] + n_out * tile.config["n_in_words"]
+            config = tile.config
+            act_end = config["act_base"] + config["n_in_words"]
+            w_end = config["w_base"] + weight_words(config)
             if max(act_end, w_end) > arch.sram_words:
                 raise ProgramError(f"tile {tile.key}: SRAM regions end at word {max(act_end, w_end)}, "
                                    f"tile has {arch.sram_words} words (arch field 'sram_bytes')")
+            if n_out:
+                pixels = config["in_height"] * config["in_width"] * config["words_per_pixel"]
+                if pixels != config["n_in_words"]:
+                    raise ProgramError(f"tile {tile.key}: n_in_words = {config['n_in_words']} but the input map "
+                                       f"is {config['in_height']}x{config['in_width']}x{config['words_per_pixel']} "
+                                       f"= {pixels} words")
+                if result_words(config, arch.lanes) > arch.result_words:
+                    raise ProgramError(f"tile {tile.key}: {result_words(config, arch.lanes)} result words per "
+                                       f"inference exceed the result buffer ({arch.result_words} words, arch "
+                                       f"field 'max_tile_outputs' = {arch.max_tile_outputs})")
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

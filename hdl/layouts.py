@@ -37,11 +37,12 @@ from amaranth.hdl import signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import Out
 
-from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch
+from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, OP_MAX, SHIFT_BITS, Arch
+from flowtile.program import result_words, weight_words
 
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
-    "PARAM_ENTRY_BITS", "LoadEncodingError",
+    "PARAM_ENTRY_BITS", "WINDOW_RANGES", "LoadEncodingError",
     "check_arch", "check_tile_position", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
     "encode_param_entry", "encode_config", "encode_config_value", "pack_lanes", "unpack_lanes",
@@ -176,9 +177,12 @@ def encode_config_value(name: str, value: int) -> int:
 def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     """``(addr, data)`` load pairs for a complete tile config (every register of ``CONFIG_FIELDS``).
 
-    Besides each register's own range, checks the rules of docs/architecture.md section 4 that the
-    RTL relies on: ``n_out > 0`` requires ``n_in_words > 0``; ``n_out <= max_tile_outputs``;
-    the weight and activation regions fit the SRAM; the destination tile exists.
+    Besides each register's own range, checks the rules of docs/architecture.md sections 4 and 4.1
+    that the RTL relies on: ``n_out > 0`` requires ``n_in_words > 0``; ``n_out <= max_tile_outputs``;
+    the weight and activation regions fit the SRAM; the destination tile exists; and for a
+    computing tile the windowing registers (:data:`WINDOW_RANGES`, ``n_in_words = in_height *
+    in_width * words_per_pixel``, ``n_out = words_per_pixel * lanes`` for ``OP_MAX``, result words
+    within the result buffer).
     """
     check_arch(arch, "encode_config")
     names = [name for name, _, _ in CONFIG_FIELDS]
@@ -198,9 +202,8 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     if k > 0 and config["act_base"] + k > arch.sram_words:
         raise LoadEncodingError(f"config registers act_base + n_in_words = {config['act_base'] + k} exceed "
                                 f"sram_words = {arch.sram_words}")
-    if n_out > 0 and config["w_base"] + n_out * k > arch.sram_words:
-        raise LoadEncodingError(f"config registers w_base + n_out * n_in_words = "
-                                f"{config['w_base'] + n_out * k} exceed sram_words = {arch.sram_words}")
+    if n_out > 0:
+        _check_window(arch, config)
     if not config["dest_host"]:
         if config["dest_row"] >= arch.rows:
             raise LoadEncodingError(f"config register dest_row = {config['dest_row']} outside 0..{arch.rows - 1}")
@@ -212,12 +215,49 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     return pairs
 
 
+#: Ranges of the windowing registers of a computing tile (docs/architecture.md section 4.1), beyond
+#: what their widths allow.
+WINDOW_RANGES = {"in_height": (1, None), "in_width": (1, None), "words_per_pixel": (1, None),
+                 "kernel_h": (1, 7), "kernel_w": (1, 7), "stride": (1, 3), "out_rows": (1, None),
+                 "out_width": (1, None)}
+
+
+def _check_window(arch: Arch, config: dict) -> None:
+    """Section 4.1's rules for a tile with ``n_out > 0``: the loop nest is non-empty, the registers
+    describe the stored input map, the weights and results fit their memories."""
+    for name, (low, high) in WINDOW_RANGES.items():
+        value = config[name]
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise LoadEncodingError(f"config register {name} = {value} must be {bound} when n_out > 0")
+    k, n_out, words_per_pixel = config["n_in_words"], config["n_out"], config["words_per_pixel"]
+    map_words = config["in_height"] * config["in_width"] * words_per_pixel
+    if map_words != k:
+        raise LoadEncodingError(f"config register n_in_words = {k} differs from in_height * in_width * "
+                                f"words_per_pixel = {config['in_height']} * {config['in_width']} * "
+                                f"{words_per_pixel} = {map_words}")
+    if config["op"] == OP_MAX and n_out != words_per_pixel * arch.lanes:
+        raise LoadEncodingError(f"config register n_out = {n_out} must be words_per_pixel * lanes = "
+                                f"{words_per_pixel * arch.lanes} for op = OP_MAX")
+    w_end = config["w_base"] + weight_words(config)
+    if w_end > arch.sram_words:
+        raise LoadEncodingError(f"config registers w_base + n_out * kernel_h * kernel_w * words_per_pixel = "
+                                f"{w_end} exceed sram_words = {arch.sram_words}")
+    results = result_words(config, arch.lanes)
+    if results > arch.result_words:
+        raise LoadEncodingError(f"config registers out_rows * out_width * ceil(n_out / lanes) = {results} "
+                                f"result words exceed the result buffer ({arch.result_words} words)")
+
+
 def encode_param_entry(bias: int, multiplier: int, shift: int) -> int:
     """The load ``data`` word of one parameter-table row (bias ``[0,32)``, multiplier ``[32,63)``,
-    shift ``[63,69)``). The shift must be in ``[1, 62]`` (docs/architecture.md section 4)."""
+    shift ``[63,69)``). The shift must be in ``[1, 62]`` (docs/architecture.md section 4), except in
+    the all-zero row: a max-pooling tile's table holds ``n_out`` zero rows that are never read
+    (section 4.1)."""
     bias = _check_range("bias", bias, -(1 << (ACC_BITS - 1)), (1 << (ACC_BITS - 1)) - 1)
     multiplier = _check_range("multiplier", multiplier, 0, (1 << MULTIPLIER_BITS) - 1)
-    shift = _check_range("shift", shift, 1, (1 << SHIFT_BITS) - 2)
+    unused_row = bias == 0 and multiplier == 0 and shift == 0
+    shift = _check_range("shift", shift, 0 if unused_row else 1, (1 << SHIFT_BITS) - 2)
     return ((bias & ((1 << ACC_BITS) - 1))
             | (multiplier << ACC_BITS)
             | (shift << (ACC_BITS + MULTIPLIER_BITS)))

@@ -1,5 +1,5 @@
 """The processing element of one tile: SRAM, parameter table, result buffer and the phase FSM
-(docs/architecture.md section 4)."""
+(docs/architecture.md section 4; windowed layers, convolution and max pooling, section 4.1)."""
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -8,7 +8,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-from flowtile.arch import ACC_BITS, CONFIG_FIELDS, Arch
+from flowtile.arch import ACC_BITS, CONFIG_FIELDS, OP_MAX, Arch
 
 from .layouts import (LANE_BITS, LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, check_arch,
                       config_layout, flit_signature, load_signature, param_layout)
@@ -25,8 +25,8 @@ class Phase(enum.Enum, shape=3):
     EMIT = 4
 
 
-#: Cycles COMPUTE lasts beyond its ``N_o * K`` issue cycles: one to multiply-accumulate the last
-#: read words, one to requantize and write the last result.
+#: Cycles COMPUTE lasts beyond its ``I`` issue cycles: one to accumulate (or max) the last
+#: read words, one to requantize (or clamp) and write the last result.
 COMPUTE_DRAIN_CYCLES = 2
 
 
@@ -41,10 +41,11 @@ class PE(wiring.Component):
             config) with every counter and the compute pipeline cleared, and no flit is transferred.
 
     Behaviour per inference: RECV (``n_in_words`` transfers, stored at ``act_base + k``, re-emitted if
-    ``forward``), COMPUTE (exactly ``n_out * n_in_words + 2`` cycles, no transfers), PASS (``n_pass``
-    transfers), EMIT (``ceil(n_out / lanes)`` transfers); an empty phase costs no cycle. Every
-    emitted flit carries the configured destination. Arithmetic and pipeline: section 4 of
-    docs/architecture.md.
+    ``forward``), COMPUTE (exactly ``I + 2`` cycles, no transfers, ``I`` =
+    :func:`flowtile.program.compute_issue_cycles`), PASS (``n_pass`` transfers), EMIT
+    (:func:`flowtile.program.result_words` transfers); an empty phase costs no cycle. Every
+    emitted flit carries the configured destination. Arithmetic, windowing (convolution, max
+    pooling; a dense layer is the 1x1 case) and pipeline: sections 4 and 4.1 of docs/architecture.md.
     """
 
     def __init__(self, arch: Arch, tile_index: int):
@@ -84,9 +85,12 @@ class PE(wiring.Component):
 
         config = Signal(config_layout())
         n_in_words, n_pass = config.n_in_words, config.n_pass
-        # COMPUTE needs K > 0 (section 4); a config with n_out > 0 but K = 0 (rejected by
-        # encode_config) behaves as n_out = 0 rather than computing from nothing forever.
-        n_out = Mux(n_in_words != 0, config.n_out, 0)
+        # COMPUTE needs K > 0 (section 4) and a non-empty window loop nest (section 4.1); a config
+        # with n_out > 0 but an empty loop (rejected by encode_config) behaves as n_out = 0 rather
+        # than issuing forever.
+        computes = ((n_in_words != 0) & (config.words_per_pixel != 0) & (config.kernel_h != 0)
+                    & (config.kernel_w != 0) & (config.out_rows != 0) & (config.out_width != 0))
+        n_out = Mux(computes, config.n_out, 0)
         n_result_words = (n_out + (lanes - 1)) >> lane_bits_log2
 
         # --- loading (only while run = 0) --------------------------------------------------------
@@ -134,6 +138,8 @@ class PE(wiring.Component):
 
         # Counts the transfers of the current RECV, PASS or EMIT phase.
         transfers = Signal(max(len(n_in_words), len(n_pass), len(config.n_out)))
+        # EMIT transfers of this inference (n_pix * N_r), counted up by COMPUTE.
+        emit_words = Signal.like(transfers)
 
         def finish_phase(next_phase):
             m.d.sync += [phase_register.eq(next_phase), transfers.eq(0)]
@@ -192,84 +198,180 @@ class PE(wiring.Component):
                     ]
                     with m.If(output_transfer):
                         m.d.sync += transfers.eq(transfers + 1)
-                        with m.If(transfers == n_result_words - 1):
+                        with m.If(transfers == emit_words - 1):
                             finish_phase(initial_phase)
 
-        # --- COMPUTE: issue (cycle c), multiply-accumulate (c+1), requantize and write (c+2) ------
+        # --- COMPUTE: issue (cycle c), accumulate or max (c+1), requantize or clamp and write (c+2) --
+        # Loop nest of section 4.1, innermost last. MAC: output row, output column, output channel o,
+        # ky, kx, cw (the weight order). MAX: output row, output column, cw, ky, kx. Each counter
+        # steps when every counter inside it wraps; the two orders only differ in where cw sits.
+        is_max = config.op == OP_MAX
         in_compute = running & (phase == Phase.COMPUTE)
-        chunk = Signal.like(n_in_words)
-        output_index = Signal.like(config.n_out)
-        weight_address = Signal(max(sram_address_bits, 1))
+        out_row = Signal.like(config.out_rows)            # relative to out_row_begin
+        out_col = Signal.like(config.out_width)
+        channel = Signal.like(config.n_out)              # output channel o (MAC only)
+        kernel_y = Signal.like(config.kernel_h)
+        kernel_x = Signal.like(config.kernel_w)
+        word = Signal.like(config.words_per_pixel)       # cw
+        issue_done = Signal()
         drain = Signal(range(COMPUTE_DRAIN_CYCLES))
-        issuing = in_compute & (output_index != n_out)
-        last_chunk = chunk == n_in_words - 1
-        m.d.comb += [
-            weight_read.addr.eq(weight_address),
-            activation_read.addr.eq(config.act_base + chunk),
-            param_read.addr.eq(output_index),
-        ]
-        with m.If(issuing):
-            m.d.sync += [
-                chunk.eq(Mux(last_chunk, 0, chunk + 1)),
-                output_index.eq(output_index + last_chunk),
-                weight_address.eq(weight_address + 1),
+        issuing = in_compute & ~issue_done
+
+        last_word = word == config.words_per_pixel - 1
+        last_kernel_x = kernel_x == config.kernel_w - 1
+        last_kernel_y = kernel_y == config.kernel_h - 1
+        last_channel = channel == n_out - 1
+        last_out_col = out_col == config.out_width - 1
+        last_out_row = out_row == config.out_rows - 1
+        window_done = last_kernel_x & last_kernel_y
+        # One output value (MAC: channel o; MAX: word cw) is finished with this issue.
+        first_of_output = Signal()
+        last_of_output = Signal()
+        pixel_done = Signal()
+        step_word, step_kernel_x, step_kernel_y, step_channel = Signal(), Signal(), Signal(), Signal()
+        with m.If(is_max):
+            m.d.comb += [
+                step_kernel_x.eq(1),
+                step_kernel_y.eq(last_kernel_x),
+                step_word.eq(window_done),
+                first_of_output.eq((kernel_x == 0) & (kernel_y == 0)),
+                last_of_output.eq(window_done),
+                pixel_done.eq(window_done & last_word),
             ]
+        with m.Else():
+            m.d.comb += [
+                step_word.eq(1),
+                step_kernel_x.eq(last_word),
+                step_kernel_y.eq(last_word & last_kernel_x),
+                step_channel.eq(last_word & window_done),
+                first_of_output.eq((word == 0) & (kernel_x == 0) & (kernel_y == 0)),
+                last_of_output.eq(last_word & window_done),
+                pixel_done.eq(last_word & window_done & last_channel),
+            ]
+
+        def count(counter, step, last):
+            with m.If(step):
+                m.d.sync += counter.eq(Mux(last, 0, counter + 1))
+
+        # Result words of the pixels issued so far (q * N_r for MAC, q * CW for MAX): a running sum
+        # instead of a multiplier. It survives COMPUTE as the EMIT count.
+        pixel_result_words = Mux(is_max, config.words_per_pixel, n_result_words)
+        result_base = Signal.like(transfers)
+        weight_address = Signal(max(sram_address_bits, 1))
+        with m.If(issuing):
+            count(word, step_word, last_word)
+            count(kernel_x, step_kernel_x, last_kernel_x)
+            count(kernel_y, step_kernel_y, last_kernel_y)
+            count(channel, step_channel, last_channel)
+            count(out_col, pixel_done, last_out_col)
+            count(out_row, pixel_done & last_out_col, last_out_row)
+            # A MAC pixel reads the weights w_base .. w_base + N_o*K_w - 1 in order, then starts over.
+            m.d.sync += weight_address.eq(Mux(pixel_done, config.w_base, weight_address + 1))
+            with m.If(pixel_done):
+                m.d.sync += [result_base.eq(result_base + pixel_result_words),
+                             emit_words.eq(result_base + pixel_result_words)]
+                with m.If(last_out_col & last_out_row):
+                    m.d.sync += issue_done.eq(1)
         with m.Elif(in_compute):
             m.d.sync += drain.eq(drain + 1)
             with m.If(drain == COMPUTE_DRAIN_CYCLES - 1):
                 finish_phase(after_compute)
         with m.If(~in_compute):
-            m.d.sync += [chunk.eq(0), output_index.eq(0), weight_address.eq(config.w_base), drain.eq(0)]
+            m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0), out_col.eq(0),
+                         out_row.eq(0), result_base.eq(0), issue_done.eq(0), drain.eq(0),
+                         weight_address.eq(config.w_base)]
 
-        # Stage 1: the words read for cycle c are present; accumulate (from the bias on chunk 0).
+        # Input position of this issue. oy*S and ox*S (S <= 3) and iy*in_width (8 x 8 bits) are small
+        # multipliers; pixel_index*CW is the one wide product. An incremental activation address would
+        # need row and column pitches (in_width*CW, S*CW, ...) precomputed per config, so the
+        # straightforward form is kept until synthesis timing asks for it.
+        out_y = config.out_row_begin + out_row
+        window_y = out_y * config.stride + kernel_y          # iy + pad_top
+        window_x = out_col * config.stride + kernel_x        # ix + pad_left
+        in_bounds = ((window_y >= config.pad_top) & (window_y < config.pad_top + config.in_height)
+                     & (window_x >= config.pad_left) & (window_x < config.pad_left + config.in_width))
+        input_y = (window_y - config.pad_top)[:len(config.in_height)]
+        input_x = (window_x - config.pad_left)[:len(config.in_width)]
+        pixel_index = input_y * config.in_width + input_x
+        activation_offset = pixel_index * config.words_per_pixel + word
+        m.d.comb += [
+            weight_read.addr.eq(weight_address),
+            activation_read.addr.eq((config.act_base + activation_offset)[:max(sram_address_bits, 1)]),
+            param_read.addr.eq(channel),
+        ]
+
+        # Stage 1: the words read for cycle c are present. The in-bounds decision was registered at
+        # issue; a padded position replaces the (meaningless) SRAM word by pad_value in every lane.
         stage1_valid = Signal()
         stage1_first = Signal()
         stage1_last = Signal()
-        stage1_output = Signal.like(config.n_out)
+        stage1_padded = Signal()
+        stage1_result_address = Signal.like(result_base)
+        stage1_result_lane = Signal(max(lane_bits_log2, 1))
+        result_offset = Mux(is_max, word, channel >> lane_bits_log2)
         m.d.sync += [
             stage1_valid.eq(issuing),
-            stage1_first.eq(chunk == 0),
-            stage1_last.eq(last_chunk),
-            stage1_output.eq(output_index),
+            stage1_first.eq(first_of_output),
+            stage1_last.eq(last_of_output),
+            stage1_padded.eq(~in_bounds),
+            stage1_result_address.eq(result_base + result_offset),
+            stage1_result_lane.eq(channel[:lane_bits_log2] if lane_bits_log2 else 0),
         ]
+        activation = Mux(stage1_padded, Cat(*([config.pad_value] * lanes)), activation_read.data)
+
+        def lane_of(value, lane):
+            return value[LANE_BITS * lane:LANE_BITS * (lane + 1)].as_signed()
+
         param_row = param_read.data
-        products = [
-            weight_read.data[LANE_BITS * lane:LANE_BITS * (lane + 1)].as_signed()
-            * activation_read.data[LANE_BITS * lane:LANE_BITS * (lane + 1)].as_signed()
-            for lane in range(lanes)
-        ]
+        products = [lane_of(weight_read.data, lane) * lane_of(activation, lane) for lane in range(lanes)]
         lane_sum = Signal(signed(2 * LANE_BITS + lane_bits_log2))
         m.d.comb += lane_sum.eq(sum(products[1:], products[0]))
         accumulator = Signal(signed(ACC_BITS))
-        with m.If(stage1_valid):
+        # MAX: lane-wise signed maximum over the window, starting from its first word.
+        window_max = Signal(unsigned(arch.flit_data_bits))
+        with m.If(stage1_valid & ~is_max):
             # Assigning into ACC_BITS wraps modulo 2**ACC_BITS, as the contract requires.
             m.d.sync += accumulator.eq(Mux(stage1_first, param_row.bias, accumulator) + lane_sum)
+        with m.If(stage1_valid & is_max):
+            m.d.sync += window_max.eq(Cat(*(
+                Mux(stage1_first | (lane_of(activation, lane) > lane_of(window_max, lane)),
+                    lane_of(activation, lane), lane_of(window_max, lane))
+                for lane in range(lanes))))
 
-        # Stage 2: requantize the finished accumulator on the exact wide value.
+        # Stage 2: requantize the finished accumulator on the exact wide value (MAC), or clamp the
+        # window maximum lane by lane (MAX).
         stage2_valid = Signal()
-        stage2_output = Signal.like(config.n_out)
+        stage2_result_address = Signal.like(stage1_result_address)
+        stage2_result_lane = Signal.like(stage1_result_lane)
         stage2_multiplier = Signal.like(param_row.multiplier)
         stage2_shift = Signal.like(param_row.shift)
         m.d.sync += [
             stage2_valid.eq(stage1_valid & stage1_last),
-            stage2_output.eq(stage1_output),
+            stage2_result_address.eq(stage1_result_address),
+            stage2_result_lane.eq(stage1_result_lane),
             stage2_multiplier.eq(param_row.multiplier),
             stage2_shift.eq(param_row.shift),
         ]
+
+        def clamp(value):
+            lower_bounded = Mux(value < config.clamp_lo, config.clamp_lo, value)
+            return Mux(lower_bounded > config.clamp_hi, config.clamp_hi, lower_bounded)
+
         product = accumulator * stage2_multiplier
         rounding_width = product.shape().width + 1
         rounding = (Const(1, rounding_width) << stage2_shift)[:rounding_width] >> 1
         shifted = (product + rounding) >> stage2_shift
-        with_zero_point = shifted + config.zp_out
-        lower_bounded = Mux(with_zero_point < config.clamp_lo, config.clamp_lo, with_zero_point)
         requantized = Signal(signed(LANE_BITS))
-        m.d.comb += requantized.eq(Mux(lower_bounded > config.clamp_hi, config.clamp_hi, lower_bounded))
+        m.d.comb += requantized.eq(clamp(shifted + config.zp_out))
+        clamped_max = Signal(unsigned(arch.flit_data_bits))
+        m.d.comb += clamped_max.eq(Cat(*(clamp(lane_of(window_max, lane))[:LANE_BITS] for lane in range(lanes))))
 
-        result_lane = stage2_output[:lane_bits_log2]
         all_lanes = (1 << lanes) - 1
-        m.d.comb += result_write.addr.eq(stage2_output >> lane_bits_log2)
+        m.d.comb += result_write.addr.eq(stage2_result_address)
         with m.If(stage2_valid & in_compute):
-            with m.If(result_lane == 0):
+            with m.If(is_max):
+                m.d.comb += [result_write.data.eq(clamped_max), result_write.en.eq(all_lanes)]
+            with m.Elif(stage2_result_lane == 0):
                 # Lane 0 opens a word: clear the lanes beyond N_o left over from an earlier inference.
                 m.d.comb += [
                     result_write.data.eq(requantized.as_unsigned()),
@@ -278,7 +380,7 @@ class PE(wiring.Component):
             with m.Else():
                 m.d.comb += [
                     result_write.data.eq(Cat(*([requantized] * lanes))),
-                    result_write.en.eq(Const(1, lanes) << result_lane),
+                    result_write.en.eq(Const(1, lanes) << stage2_result_lane),
                 ]
 
         with m.If(~running):

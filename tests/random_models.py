@@ -57,3 +57,47 @@ def quantize_qdq(float_path: Path, out_path: Path, calibration: np.ndarray, *, a
     finally:
         root_logger.setLevel(level)
     return out_path
+
+
+def random_float_cnn(rng: np.random.Generator, in_shape: tuple[int, int, int], blocks: list[dict],
+                     n_classes: int) -> onnx.ModelProto:
+    """Conv(+Relu)(+MaxPool) blocks, then Flatten and a Gemm: input ``[batch, *in_shape]`` (C, H, W).
+
+    Each block is ``{"out": C_out, "k": kernel, "stride": s, "pad": p, "pool": (kernel, stride) | None}``.
+    """
+    nodes, inits = [], []
+    current, (channels, height, width) = "input", in_shape
+    for i, block in enumerate(blocks):
+        k, stride, pad = block["k"], block.get("stride", 1), block.get("pad", 0)
+        weight = (rng.standard_normal((block["out"], channels, k, k)) * np.sqrt(2.0 / (channels * k * k)))
+        inits += [numpy_helper.from_array(weight.astype(np.float32), f"conv{i}.weight"),
+                  numpy_helper.from_array((rng.standard_normal(block["out"]) * 0.1).astype(np.float32), f"conv{i}.bias")]
+        nodes.append(helper.make_node("Conv", [current, f"conv{i}.weight", f"conv{i}.bias"], [f"conv{i}_out"],
+                                      name=f"conv{i}", kernel_shape=[k, k], strides=[stride, stride],
+                                      pads=[pad, pad, pad, pad]))
+        nodes.append(helper.make_node("Relu", [f"conv{i}_out"], [f"relu{i}_out"], name=f"relu{i}"))
+        current = f"relu{i}_out"
+        channels = block["out"]
+        height = (height + 2 * pad - k) // stride + 1
+        width = (width + 2 * pad - k) // stride + 1
+        if block.get("pool"):
+            pool_k, pool_s = block["pool"]
+            nodes.append(helper.make_node("MaxPool", [current], [f"pool{i}_out"], name=f"pool{i}",
+                                          kernel_shape=[pool_k, pool_k], strides=[pool_s, pool_s]))
+            current = f"pool{i}_out"
+            height = (height - pool_k) // pool_s + 1
+            width = (width - pool_k) // pool_s + 1
+    nodes.append(helper.make_node("Flatten", [current], ["flat"], name="flatten", axis=1))
+    n_in = channels * height * width
+    inits += [numpy_helper.from_array((rng.standard_normal((n_classes, n_in)) * np.sqrt(2.0 / n_in)).astype(np.float32),
+                                      "fc.weight"),
+              numpy_helper.from_array((rng.standard_normal(n_classes) * 0.1).astype(np.float32), "fc.bias")]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(
+        nodes, "random_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *in_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

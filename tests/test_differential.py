@@ -90,3 +90,64 @@ def test_rtl_matches_emulator(tmp_path, seed, arch_name, widths, batch, kind):
     assert late.size == 0, (f"{late.size} output flits at different cycles; first, flit {late[0]}: "
                             f"RTL cycle {rtl.out_times[late[0]]} vs emulator {emu.out_times[late[0]]}")
     assert rtl.cycles == emu.cycles
+
+
+# --- convolutional networks (docs/architecture.md section 4.1) --------------------------------------
+
+# (seed, arch, input (C, H, W), blocks, classes, batch, kind)
+CNN_CASES = [
+    (21, "4x4-l8", (1, 8, 8), [{"out": 8, "k": 3, "pad": 1, "pool": (2, 2)}, {"out": 16, "k": 3, "pad": 1, "pool": (2, 2)}],
+     10, 5, "int8"),
+    (22, "4x4-l8", (3, 12, 11), [{"out": 10, "k": 5, "stride": 2, "pad": 2}, {"out": 6, "k": 1, "pool": (3, 1)}],
+     4, 3, "float"),
+    (23, "2x3-l4-d2", (2, 7, 7), [{"out": 5, "k": 3, "stride": 1, "pad": 0, "pool": (2, 2)}], 3, 6, "uint8"),
+    (24, "3x2-l16-d1", (4, 5, 4), [{"out": 20, "k": 3, "pad": 1}, {"out": 9, "k": 3, "stride": 2, "pad": 1}],
+     5, 2, "int8-tensor"),
+]
+CNN_IDS = [f"{c[1]}-{'x'.join(map(str, c[2]))}-{len(c[3])}conv-b{c[5]}-{c[6]}" for c in CNN_CASES]
+
+
+def build_cnn(tmp_path, seed, in_shape, blocks, classes, kind):
+    from random_models import random_float_cnn
+    rng = np.random.default_rng(seed)
+    float_path = tmp_path / "float_cnn.onnx"
+    onnx.save(random_float_cnn(rng, in_shape, blocks, classes), float_path)
+    calibration = rng.random((24, *in_shape)).astype(np.float32)
+    if kind == "float":
+        return float_path, calibration
+    qdq_path = quantize_qdq(float_path, tmp_path / "qdq_cnn.onnx", calibration,
+                            activation_uint8=(kind == "uint8"), per_channel=(kind != "int8-tensor"))
+    return qdq_path, None
+
+
+@pytest.mark.parametrize("seed,arch_name,in_shape,blocks,classes,batch,kind", CNN_CASES, ids=CNN_IDS)
+def test_cnn_emulator_matches_onnxruntime(tmp_path, seed, arch_name, in_shape, blocks, classes, batch, kind):
+    model_path, calibration = build_cnn(tmp_path, seed, in_shape, blocks, classes, kind)
+    program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
+    x = np.random.default_rng(seed + 100).random((batch, *in_shape)).astype(np.float32)
+    _, flits = input_flits(program, x)
+    emu = emulate(program, flits, batch)
+    emu_q, _ = outputs_from_flits(program, emu.out_flits, batch)
+    ort_q, _ = onnxruntime_int8_output(model_path, program, x, calibration=calibration)
+    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
+    worst = np.unravel_index(np.argmax(diff), diff.shape)
+    assert diff.max() <= 1, (f"output {worst} differs by {diff.max()} LSB: flowtile {emu_q[worst]}, "
+                             f"onnxruntime {ort_q[worst]}")
+
+
+@pytest.mark.rtl
+@pytest.mark.parametrize("seed,arch_name,in_shape,blocks,classes,batch,kind", CNN_CASES, ids=CNN_IDS)
+def test_cnn_rtl_matches_emulator(tmp_path, seed, arch_name, in_shape, blocks, classes, batch, kind):
+    from hdl.simulate import simulate
+    model_path, calibration = build_cnn(tmp_path, seed, in_shape, blocks, classes, kind)
+    program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
+    x = np.random.default_rng(seed + 100).random((batch, *in_shape)).astype(np.float32)
+    _, flits = input_flits(program, x)
+    emu = emulate(program, flits, batch)
+    rtl = simulate(program, flits, batch, simulator="verilator")
+    differing = np.flatnonzero(np.any(rtl.out_flits != emu.out_flits, axis=1))
+    assert differing.size == 0, f"{differing.size} output flits differ, first {differing[0]}"
+    late = np.flatnonzero(np.asarray(rtl.out_times) != np.asarray(emu.out_times))
+    assert late.size == 0, (f"{late.size} output flits at different cycles; first, flit {late[0]}: "
+                            f"RTL cycle {rtl.out_times[late[0]]} vs emulator {emu.out_times[late[0]]}")
+    assert rtl.cycles == emu.cycles

@@ -1,6 +1,6 @@
 """The emulator against (1) a naive cycle-stepping simulator written here from docs/architecture.md
-sections 3-6, flit by flit and cycle by cycle, (2) a plain numpy golden of dense layers, and (3) its
-error reporting on programs it cannot run."""
+sections 3-6 (and 4.1 for windowed layers), flit by flit and cycle by cycle, (2) plain goldens of dense,
+convolution and max-pool layers, and (3) its error reporting on programs it cannot run."""
 from __future__ import annotations
 
 import copy
@@ -12,9 +12,10 @@ import pytest
 from emulator import EmulatorError, emulate
 from emulator.functional import run_functional
 from emulator.timing import PROBE_BATCH, solve_timing
-from flowtile.arch import Arch
+from flowtile.arch import OP_MAX, Arch
 from flowtile.host import pack_flits
-from program_builder import Dense, build_program, dense_golden
+from flowtile.program import ProgramError, compute_issue_cycles, result_words
+from program_builder import Conv, Dense, MaxPool, build_program, dense_golden, window_output_size
 
 PORT_ORDER = ("L", "N", "E", "S", "W")
 STEP = {"N": (-1, 0), "E": (0, 1), "S": (1, 0), "W": (0, -1)}
@@ -37,9 +38,16 @@ class ReferencePE:
         for address, word in enumerate(tile.sram.tolist()):
             self.sram[address] = word
         self.params = tile.params.tolist()
-        compute = self.n_out * self.k + 2 if self.n_out else 0
+        # section 4.1's counts: I issue cycles, n_pix * N_r result words (a dense layer: N_o*K and N_r)
+        n_pix = config["out_rows"] * config["out_width"]
+        window = config["kernel_h"] * config["kernel_w"]
+        if config["op"] == OP_MAX:
+            issue = n_pix * config["words_per_pixel"] * window
+        else:
+            issue = n_pix * self.n_out * window * config["words_per_pixel"]
+        compute = issue + 2 if self.n_out else 0
         phases = [("RECV", self.k), ("COMPUTE", compute), ("PASS", config["n_pass"]),
-                  ("EMIT", -(-self.n_out // arch.lanes))]
+                  ("EMIT", n_pix * -(-self.n_out // arch.lanes))]
         self.phases = [p for p in phases if p[1] > 0]
         self.phase, self.count, self.phase_start = 0, 0, 0
         self.results: list[list[int]] = []
@@ -55,20 +63,44 @@ class ReferencePE:
         return self.phases[self.phase][0] if self.phases else "IDLE"
 
     def compute(self):
-        config, lanes, k = self.config, self.lanes, self.k
-        results = []
-        for o in range(self.n_out):
-            bias, multiplier, shift = self.params[o]
-            acc = bias
-            for chunk in range(k):
-                weight = self.sram[config["w_base"] + o * k + chunk]
-                activation = self.sram[config["act_base"] + chunk]
-                acc += sum(w * a for w, a in zip(weight, activation))
-            acc = (acc + 2**31) % 2**32 - 2**31
-            y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + config["zp_out"]
-            results.append(min(max(y, config["clamp_lo"]), config["clamp_hi"]))
-        results += [0] * (-len(results) % lanes)
-        self.results = [results[i:i + lanes] for i in range(0, len(results), lanes)]
+        """Section 4.1 word by word, reading the SRAM as RECV left it."""
+        c, lanes = self.config, self.lanes
+        height, width, cw_count = c["in_height"], c["in_width"], c["words_per_pixel"]
+        kh, kw, stride = c["kernel_h"], c["kernel_w"], c["stride"]
+        window_words = kh * kw * cw_count
+        words = []
+        for oy in range(c["out_row_begin"], c["out_row_begin"] + c["out_rows"]):
+            for ox in range(c["out_width"]):
+                def activation(ky, kx, cw):
+                    iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
+                    if not (0 <= iy < height and 0 <= ix < width):
+                        return [c["pad_value"]] * lanes
+                    return self.sram[c["act_base"] + (iy * width + ix) * cw_count + cw]
+                if c["op"] == OP_MAX:
+                    for cw in range(cw_count):
+                        best = None
+                        for ky in range(kh):
+                            for kx in range(kw):
+                                a = activation(ky, kx, cw)
+                                best = list(a) if best is None else [max(m, v) for m, v in zip(best, a)]
+                        words.append([min(max(v, c["clamp_lo"]), c["clamp_hi"]) for v in best])
+                    continue
+                results = []
+                for o in range(self.n_out):
+                    bias, multiplier, shift = self.params[o]
+                    acc = bias
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            for cw in range(cw_count):
+                                k = (ky * kw + kx) * cw_count + cw
+                                weight = self.sram[c["w_base"] + o * window_words + k]
+                                acc += sum(w * a for w, a in zip(weight, activation(ky, kx, cw)))
+                    acc = (acc + 2**31) % 2**32 - 2**31
+                    y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + c["zp_out"]
+                    results.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                results += [0] * (-len(results) % lanes)
+                words += [results[i:i + lanes] for i in range(0, len(results), lanes)]
+        self.results = words
 
     def advance(self, cycle):
         """Count one transfer (or COMPUTE cycle) done in ``cycle``; move on after the phase's last."""
@@ -229,8 +261,8 @@ def random_program(rng, *, max_batch=6):
     return program, layers, x, batch
 
 
-def assert_matches_reference(program, x, batch):
-    flits = pack_flits(x, program.arch.lanes)
+def assert_matches_reference(program, x, batch, *, flits=None):
+    flits = pack_flits(x, program.arch.lanes) if flits is None else flits
     result = emulate(program, flits, batch)
     ref_flits, ref_out, ref_in, ref_pes = reference_run(program, flits, batch)
     np.testing.assert_array_equal(result.in_times, ref_in, err_msg="host input transfer cycles")
@@ -445,7 +477,10 @@ def _mutated(change):
 def test_inconsistent_programs_are_refused(change, message):
     program = _mutated(change)
     x = np.zeros((2, 4), dtype=np.int8)
-    with pytest.raises(EmulatorError, match=message):
+    # Program.validate (run first by emulate) now checks n_in_words against the input map of section 4.1,
+    # which catches some of these earlier, with its own clear message
+    earlier = r"tile r\d+c\d+: n_in_words = \d+ but the input map is \d+x\d+x\d+ = \d+ words"
+    with pytest.raises((EmulatorError, ProgramError), match=f"{message}|{earlier}"):
         emulate(program, pack_flits(x, 2), 2)
 
 
@@ -467,3 +502,285 @@ def test_unreached_configured_tile_is_refused():
 def test_bad_input_is_refused(flits, batch, message):
     with pytest.raises(EmulatorError, match=message):
         emulate(_base_program(), flits, batch)
+
+
+# --- (4) windowed layers (section 4.1): convolution and max pooling ------------------------------
+
+def _inside(iy, ix, height, width):
+    return 0 <= iy < height and 0 <= ix < width
+
+
+def windowed_golden(layers, x, input_shape, lanes):
+    """Plain forward pass straight from section 4.1, on the wire representation: a feature map is
+    int64 ``[batch, H, W, CW*L]`` (padding channels travel as lanes too), a vector ``[batch, words*L]``.
+
+    ``x`` is int8 ``[batch, C*H*W]`` in model (CHW) order. Returns the int8 flits the host receives,
+    ``[batch * words, L]``."""
+    batch = x.shape[0]
+    channels, height, width = input_shape
+    cw_count = -(-channels // lanes)
+    values = np.zeros((batch, height, width, cw_count * lanes), dtype=np.int64)
+    values[..., :channels] = x.reshape(batch, channels, height, width).transpose(0, 2, 3, 1)
+    for layer in layers:
+        if isinstance(layer, Dense):  # a dense layer reads the pixel-major words as its input words
+            flat = values.reshape(batch, -1)[:, :layer.n_in].astype(np.int8)
+            out = dense_golden([layer], flat).astype(np.int64)
+            values = np.zeros((batch, -(-layer.n_out // lanes) * lanes), dtype=np.int64)
+            values[:, :layer.n_out] = out
+            continue
+        _, height, width, lane_count = values.shape
+        kh, kw = layer.kernel
+        top, left, bottom, right = layer.pads
+        out_h = window_output_size(height, kh, layer.stride, top, bottom)
+        out_w = window_output_size(width, kw, layer.stride, left, right)
+        if isinstance(layer, Conv):
+            c_out, c_in = layer.weights.shape[:2]
+            weights = layer.weights.astype(np.int64)
+            bias = np.broadcast_to(np.asarray(layer.bias, np.int64), (c_out,))
+            multiplier = np.broadcast_to(np.asarray(layer.multiplier, np.int64), (c_out,))
+            shift = np.broadcast_to(np.asarray(layer.shift, np.int64), (c_out,))
+            out = np.zeros((batch, out_h, out_w, -(-c_out // lanes) * lanes), dtype=np.int64)
+        else:
+            out = np.zeros((batch, out_h, out_w, lane_count), dtype=np.int64)
+        for oy in range(out_h):
+            for ox in range(out_w):
+                if isinstance(layer, Conv):
+                    acc = np.broadcast_to(bias, (batch, c_out)).copy()
+                else:
+                    best = None
+                for ky in range(kh):
+                    for kx in range(kw):
+                        iy, ix = oy * layer.stride + ky - top, ox * layer.stride + kx - left
+                        if isinstance(layer, Conv):
+                            # padding is the input zero point on every lane (real zero)
+                            window = (values[:, iy, ix, :c_in] if _inside(iy, ix, height, width)
+                                      else np.full((batch, c_in), layer.zp_in, dtype=np.int64))
+                            acc += window @ weights[:, :, ky, kx].T
+                        else:  # padding reads -128 on every lane, padding channels included
+                            window = (values[:, iy, ix] if _inside(iy, ix, height, width)
+                                      else np.full((batch, lane_count), -128, dtype=np.int64))
+                            best = window if best is None else np.maximum(best, window)
+                if isinstance(layer, Conv):
+                    acc = (acc + 2**31) % 2**32 - 2**31
+                    y = ((acc * multiplier + (np.int64(1) << (shift - 1))) >> shift) + layer.zp_out
+                    out[:, oy, ox, :c_out] = np.clip(y, layer.clamp_lo, layer.clamp_hi)
+                else:
+                    out[:, oy, ox] = np.clip(best, layer.clamp_lo, layer.clamp_hi)
+        values = out
+    return values.reshape(-1, lanes).astype(np.int8)
+
+
+def _random_clamp(rng, zp_out):
+    lo = max(-128, zp_out) if rng.random() < 0.5 else -128
+    hi = 127 if rng.random() < 0.8 else int(rng.integers(max(lo, 0), 128))
+    return lo, hi
+
+
+def _random_window_layer(rng, shape, lanes, max_tiles, *, conv):
+    """A random Conv or MaxPool layer for an input map ``shape``, or None if the draw has no output."""
+    channels, height, width = shape
+    kh, kw = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+    stride = int(rng.integers(1, 4))
+    pads = (int(rng.integers(0, kh)), int(rng.integers(0, kw)), int(rng.integers(0, kh)), int(rng.integers(0, kw)))
+    out_h = window_output_size(height, kh, stride, pads[0], pads[2])
+    out_w = window_output_size(width, kw, stride, pads[1], pads[3])
+    if out_h < 1 or out_w < 1:
+        return None
+    tiles = int(rng.integers(1, min(3, out_h, max_tiles) + 1))
+    if not conv:
+        zp = int(rng.integers(-20, 21))
+        lo, hi = _random_clamp(rng, zp)
+        return MaxPool(kh, kw, stride, pads, lo, hi, tiles)
+    c_out = int(rng.integers(1, 21))
+    weights = rng.integers(-128, 128, (c_out, channels, kh, kw), dtype=np.int8)
+    window = kh * kw * -(-channels // lanes) * lanes
+    if rng.random() < 0.15:  # wraps and saturates
+        bias, multiplier, shift = (rng.integers(-2**31, 2**31, c_out), rng.integers(0, 2**31, c_out),
+                                   rng.integers(1, 63, c_out))
+    else:
+        bias, multiplier = rng.integers(-2000, 2000, c_out), rng.integers(2**30, 2**31, c_out)
+        shift = np.full(c_out, 31 + int(np.log2(window)) + 4)
+    zp_in, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
+    lo, hi = _random_clamp(rng, zp_out)
+    return Conv(weights, bias, multiplier, shift, zp_in, zp_out, lo, hi, stride, pads, tiles)
+
+
+def _reference_cost(program, batch):
+    """Cycles one inference keeps its busiest tile going, times the batch (the reference steps them all)."""
+    lanes = program.arch.lanes
+    per_tile = [t.config["n_in_words"] + t.config["n_pass"] + compute_issue_cycles(t.config)
+                + result_words(t.config, lanes) for t in program.tiles]
+    return batch * (max(per_tile) + sum(per_tile) // 4)
+
+
+def random_windowed_program(rng, *, max_batch=4, budget=30000):
+    """Seeded random chain of conv / max-pool layers (maps 3x3..9x9, channels 1..20, kernels 1..5,
+    strides 1..3, paddings, row bands over 1-3 tiles), sometimes followed by dense layers after a
+    flatten; redrawn until the cycle-stepping reference can run it in ``budget`` cycles or so."""
+    while True:
+        lanes = int(rng.choice([1, 2, 4, 8]))
+        rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+        arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
+                    router_fifo_depth=int(rng.integers(1, 5)))
+        shape = (int(rng.integers(1, 21)), int(rng.integers(3, 10)), int(rng.integers(3, 10)))
+        input_shape = shape
+        layers, used = [], 0
+        for _ in range(int(rng.integers(1, 3))):
+            if used >= arch.n_tiles:
+                break
+            layer = _random_window_layer(rng, shape, lanes, arch.n_tiles - used, conv=rng.random() < 0.65)
+            if layer is None:
+                continue
+            channels = layer.weights.shape[0] if isinstance(layer, Conv) else shape[0]
+            top, left, bottom, right = layer.pads
+            shape = (channels, window_output_size(shape[1], layer.kernel[0], layer.stride, top, bottom),
+                     window_output_size(shape[2], layer.kernel[1], layer.stride, left, right))
+            layers.append(layer)
+            used += layer.tiles
+        if not layers:
+            continue
+        if used < arch.n_tiles and rng.random() < 0.5:  # flatten, then dense layers
+            n_in = shape[1] * shape[2] * -(-shape[0] // lanes) * lanes
+            for _ in range(int(rng.integers(1, min(2, arch.n_tiles - used) + 1))):
+                if used >= arch.n_tiles:
+                    break
+                n_out = int(rng.integers(1, 3 * lanes + 1))
+                span = int(rng.integers(1, min(-(-n_out // lanes), arch.n_tiles - used) + 1))
+                layers.append(random_layer(rng, n_in, n_out, span, extreme=rng.random() < 0.15))
+                used += span
+                n_in = n_out
+        program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
+                                input_shape=input_shape)
+        batch = int(rng.integers(1, max_batch + 1))
+        if _reference_cost(program, batch) <= budget:
+            x = rng.integers(-128, 128, (batch, int(np.prod(input_shape))), dtype=np.int8)
+            return program, layers, input_shape, x, batch
+
+
+def _map_flits(program, x):
+    return pack_flits(x, program.arch.lanes, program.input)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_random_windowed_programs_match_reference(seed):
+    rng = np.random.default_rng(5000 + seed)
+    program, layers, shape, x, batch = random_windowed_program(rng)
+    flits = _map_flits(program, x)
+    golden = windowed_golden(layers, x, shape, program.arch.lanes)
+    np.testing.assert_array_equal(run_functional(program, flits, batch).out_flits, golden)
+    assert_matches_reference(program, x, batch, flits=flits)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_windowed_programs_match_golden(seed):
+    """Larger programs, batches and maps than the reference can step: functional results only."""
+    rng = np.random.default_rng(7000 + seed)
+    program, layers, shape, x, _ = random_windowed_program(rng, budget=10**9)
+    batch = int(rng.integers(1, 40))
+    x = rng.integers(-128, 128, (batch, x.shape[1]), dtype=np.int8)
+    result = emulate(program, _map_flits(program, x), batch)
+    np.testing.assert_array_equal(result.out_flits, windowed_golden(layers, x, shape, program.arch.lanes))
+
+
+def test_hand_computed_conv_and_pool():
+    """Small cases worked out by hand: a 3x3 box filter with padding reading the input zero point,
+    then max pooling whose padding never wins and whose ReLU floor also lifts the padding lane."""
+    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    x = np.arange(9, dtype=np.int8).reshape(1, 9)                  # one channel, 3x3 map [[0,1,2],[3,4,5],[6,7,8]]
+    box = Conv(np.ones((1, 1, 3, 3), np.int8), [0], 1 << 30, 30, zp_in=5, pads=(1, 1, 1, 1))
+    program = build_program(arch, [box], input_shape=(1, 3, 3))
+    out = emulate(program, pack_flits(x, 2, program.input), 1).out_flits
+    expected = [[8 + 25, 15 + 15, 12 + 25], [21 + 15, 36, 27 + 15], [20 + 25, 33 + 15, 24 + 25]]
+    np.testing.assert_array_equal(out[:, 0].reshape(3, 3), expected)
+    assert (out[:, 1] == 0).all()                                   # padding lane of a MAC result
+
+    x = np.array([[1, -3, 2, 0, 5, -7, 4, -2, -1]], dtype=np.int8)
+    pool = MaxPool(2, 2, stride=2, pads=(0, 0, 1, 1), clamp_lo=-5)
+    program = build_program(arch, [pool], input_shape=(1, 3, 3))
+    out = emulate(program, pack_flits(x, 2, program.input), 1).out_flits
+    np.testing.assert_array_equal(out[:, 0].reshape(2, 2), [[5, 2], [4, -1]])
+    np.testing.assert_array_equal(out[:, 1], [0, 0, 0, 0])          # padding lane: max(0, -128 pads) = 0
+    program = build_program(arch, [pool._replace(clamp_lo=3)], input_shape=(1, 3, 3))
+    out = emulate(program, pack_flits(x, 2, program.input), 1).out_flits
+    np.testing.assert_array_equal(out, [[5, 3], [3, 3], [4, 3], [3, 3]])
+
+
+def _conv_pool_dense(rng, arch, bands=(2, 1)):
+    conv = Conv(rng.integers(-128, 128, (5, 3, 3, 3), dtype=np.int8), rng.integers(-500, 500, 5), 2**30, 40,
+                zp_in=-3, zp_out=2, clamp_lo=2, stride=1, pads=(1, 1, 1, 1), tiles=bands[0])
+    pool = MaxPool(2, 2, stride=2, tiles=bands[1])
+    lanes = arch.lanes
+    dense = random_layer(rng, 3 * 3 * -(-5 // lanes) * lanes, 7, 1)
+    return [conv, pool, dense], (3, 6, 6)
+
+
+def test_windowed_statistics():
+    rng = np.random.default_rng(21)
+    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    layers, shape = _conv_pool_dense(rng, arch)
+    program = build_program(arch, layers, input_shape=shape)
+    batch = 3
+    x = rng.integers(-128, 128, (batch, 3 * 6 * 6), dtype=np.int8)
+    result = emulate(program, pack_flits(x, 4, program.input), batch)
+    # conv bands of 3 rows x 6 columns, 5 channels, K_w = 3*3*1 words; pool 3x3 pixels, CW = 2, 2x2 windows
+    issue = {(0, 0): 18 * 5 * 9, (0, 1): 18 * 5 * 9, (0, 2): 9 * 2 * 4, (1, 2): 7 * 18}
+    for (row, col), cycles in issue.items():
+        assert result.tile_busy_cycles[row, col] == (cycles + 2) * batch
+        expected_macs = 0 if (row, col) == (0, 2) else cycles * 4 * batch
+        assert result.tile_macs[row, col] == expected_macs
+    macs = 6 * 6 * 5 * 3 * 9 + 0 + 3 * 3 * 8 * 7
+    assert program.macs_per_inference == macs
+    assert result.mac_utilization == pytest.approx(macs * batch / (result.cycles * 6 * 4))
+    np.testing.assert_array_equal(result.out_flits, windowed_golden(layers, x, shape, 4))
+    assert_matches_reference(program, x, batch, flits=pack_flits(x, 4, program.input))
+
+
+def test_windowed_long_batch_matches_reference():
+    """Batch past the probe through conv bands and a pool: extrapolation, cycle by cycle."""
+    rng = np.random.default_rng(22)
+    arch = Arch(rows=2, cols=2, lanes=8, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=1)
+    conv = Conv(rng.integers(-128, 128, (4, 2, 2, 2), dtype=np.int8), rng.integers(-500, 500, 4), 2**30, 38,
+                zp_in=7, stride=2, pads=(1, 0, 0, 1), tiles=2)
+    pool = MaxPool(3, 2, stride=1, pads=(1, 1, 1, 0), tiles=2)
+    layers, shape = [conv, pool], (2, 5, 4)
+    program = build_program(arch, layers, input_shape=shape)
+    batch = 3 * PROBE_BATCH
+    x = rng.integers(-128, 128, (batch, 40), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch, flits=pack_flits(x, 8, program.input))
+    np.testing.assert_array_equal(result.out_flits, windowed_golden(layers, x, shape, 8))
+    plain = solve_timing(program, batch, probe_batch=None)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.config.update(n_out=t.config["n_out"] + 1), r"max-pool tile needs n_out = words_per_pixel \* lanes"),
+    (lambda t: t.config.update(stride=0), r"needs register 'stride' >= 1"),
+    (lambda t: t.config.update(kernel_w=0), r"needs register 'kernel_w' >= 1"),
+    (lambda t: t.config.update(out_rows=0), r"needs register 'out_rows' >= 1"),
+])
+def test_bad_window_registers_are_refused(change, message):
+    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    program = build_program(arch, [MaxPool(2, 2)], input_shape=(3, 3, 3))
+    change(program.tiles[0])
+    program.tiles[0].params = np.zeros((program.tiles[0].config["n_out"], 3), np.int64)
+    with pytest.raises((EmulatorError, ProgramError), match=message):
+        emulate(program, np.zeros((18, 2), np.int8), 1)
+
+
+def test_large_batches_are_gathered_in_slices(monkeypatch):
+    """The im2col gather works on slices of the batch when it would be large: same results."""
+    rng = np.random.default_rng(23)
+    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    layers, shape = _conv_pool_dense(rng, arch)
+    program = build_program(arch, layers, input_shape=shape)
+    x = rng.integers(-128, 128, (7, 3 * 6 * 6), dtype=np.int8)
+    flits = pack_flits(x, 4, program.input)
+    import emulator.functional as functional
+    monkeypatch.setattr(functional, "IM2COL_ELEMENTS", 1000)      # about one inference a slice
+    np.testing.assert_array_equal(run_functional(program, flits, 7).out_flits, windowed_golden(layers, x, shape, 4))
+
+
+def test_result_buffer_overflow_is_refused():
+    arch = Arch(rows=1, cols=1, lanes=2, sram_bytes=4096, max_tile_outputs=16, router_fifo_depth=2)
+    with pytest.raises(ProgramError, match=r"result words per inference exceed the result buffer"):
+        build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))   # 9 pixels x 2 words > 8 words

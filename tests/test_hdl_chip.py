@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import CONFIG_FIELDS, Arch
+from flowtile.arch import CONFIG_FIELDS, Arch, dense_window_registers
 from hdl.chip import Chip
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
                          encode_param_entry, flit_layout, load_data_bits, load_layout, pack_flit, pack_lanes,
@@ -47,7 +47,8 @@ def build_program(rng, arch):
         dest = dict(dest_host=1) if last else dict(dest_row=chain[position + 1][0], dest_col=chain[position + 1][1])
         if position == 0:
             configs[row, col] = blank_config(n_in_words=k_words, n_out=N_OUT, w_base=w_base, act_base=act_base,
-                                             zp_out=zp_out, clamp_lo=max(-128, zp_out), **dest)
+                                             zp_out=zp_out, clamp_lo=max(-128, zp_out), **dest,
+                                             **dense_window_registers(k_words))
         else:
             configs[row, col] = blank_config(n_pass=n_result, **dest)
     # Weight row o, chunk k is SRAM word w_base + o*K + k; unused lanes are zero.

@@ -1,11 +1,13 @@
-"""PE (docs/architecture.md section 4) in Amaranth's simulator: arithmetic against a golden function,
-and the cycle of every input and output transfer against timing rule 4 of section 6."""
+"""PE (docs/architecture.md sections 4 and 4.1) in Amaranth's simulator: arithmetic against golden
+functions (dense; convolution and max pooling written as plain loops from section 4.1), and the cycle
+of every input and output transfer against timing rule 4 of section 6 with section 4.1's counts."""
 import random
 
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import CONFIG_FIELDS, Arch
+from flowtile.arch import CONFIG_FIELDS, OP_MAC, OP_MAX, Arch, dense_window_registers
+from flowtile.program import compute_issue_cycles, result_words, weight_words
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                          encode_config, encode_param_entry, pack_lanes, unpack_lanes)
 from hdl.pe import PE
@@ -20,8 +22,10 @@ DEST = {"dest_row": 0, "dest_col": 0, "dest_host": 1}
 
 
 def make_config(**overrides):
+    """A tile config; unless overridden, the windowing registers are the dense (1x1) case."""
     config = {name: 0 for name, _, _ in CONFIG_FIELDS}
     config.update(clamp_lo=-128, clamp_hi=127, **DEST)
+    config.update(dense_window_registers(overrides.get("n_in_words", 0)))
     config.update(overrides)
     return config
 
@@ -56,9 +60,11 @@ def golden_result_words(outputs, lanes):
 
 def golden_schedule(config, lanes, n_inferences, available, ready):
     """Rule 4: t_j = max(lb_j, t_{j-1} + d_j), with lb_j the first cycle at which the action's
-    input flit is offered (testbench arrival time) and, if it emits, the output is ready."""
+    input flit is offered (testbench arrival time) and, if it emits, the output is ready.
+    Section 4.1's counts: COMPUTE lasts I + 2 cycles, EMIT has n_pix * N_r transfers."""
     k_words, n_pass, n_out = config["n_in_words"], config["n_pass"], config["n_out"]
-    n_result = -(-n_out // lanes)
+    n_result = result_words(config, lanes)
+    issue_cycles = compute_issue_cycles(config)
     actions = []   # (kind, emits, first transfer after COMPUTE)
     for _ in range(n_inferences):
         actions += [("recv", bool(config["forward"]), False)] * k_words
@@ -68,7 +74,7 @@ def golden_schedule(config, lanes, n_inferences, available, ready):
         actions += after_compute
     times, previous, read_index = [], -1, 0
     for kind, emits, first_after_compute in actions:
-        t = previous + (n_out * k_words + 3 if first_after_compute else 1)
+        t = previous + (issue_cycles + 3 if first_after_compute else 1)
         if kind != "emit":
             t = max(t, available[read_index])
             read_index += 1
@@ -81,10 +87,11 @@ def golden_schedule(config, lanes, n_inferences, available, ready):
 
 # --- simulation ------------------------------------------------------------------------------------
 
-def simulate(config, sram, params, inputs, available, ready, *, mid_run_hold=None):
+def simulate(config, sram, params, inputs, available, ready, *, arch=ARCH):
     """Load ``config`` / ``sram`` {addr: lanes} / ``params`` into tile TILE, then run with run = 1
     from cycle 0. Input flit i is offered from cycle available[i] until accepted; o_flit.ready
     follows ``ready``. Returns ([accept cycle], [(lanes, dest, cycle)])."""
+    ARCH = arch   # noqa: N806 (the module default, or a larger arch for windowed layers)
     dut = PE(ARCH, TILE)
     accepted, emitted = [], []
     total_outputs = len(golden_schedule(config, ARCH.lanes, len(inputs) // max(1, config["n_in_words"] + config["n_pass"]),
@@ -143,14 +150,19 @@ def dense_case(rng, k_words, n_out, lanes):
     return weights, params
 
 
-def check_run(config, weights, params, inputs, available, ready):
-    """Run the PE and compare every transfer (content and cycle) with the golden models."""
+def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, golden=None):
+    """Run the PE and compare every transfer (content and cycle) with the golden models.
+    ``golden(activation words)`` gives one inference's result words (default: the dense golden)."""
+    ARCH = arch   # noqa: N806
     k_words, n_pass = config["n_in_words"], config["n_pass"]
     per_inference = k_words + n_pass
     n_inferences = len(inputs) // per_inference
     sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
-    accepted, emitted = simulate(config, sram, params, inputs, available, ready)
+    accepted, emitted = simulate(config, sram, params, inputs, available, ready, arch=arch)
     schedule = golden_schedule(config, ARCH.lanes, n_inferences, available, ready)
+    if golden is None:
+        def golden(activations):
+            return golden_result_words(golden_outputs(weights, activations, params, config), ARCH.lanes)
 
     assert accepted == [t for kind, t in schedule if kind != "emit"]
     expected_out = []
@@ -160,8 +172,7 @@ def check_run(config, weights, params, inputs, available, ready):
             expected_out += flits[:k_words]
         expected_out += flits[k_words:]
         if config["n_out"]:
-            expected_out += golden_result_words(
-                golden_outputs(weights, flits[:k_words], params, config), ARCH.lanes)
+            expected_out += golden(flits[:k_words])
     dest = (config["dest_row"], config["dest_col"], config["dest_host"])
     assert [lanes for lanes, *_ in emitted] == expected_out
     assert all(d == dest for _, d, *_ in emitted)
@@ -319,6 +330,164 @@ def test_idle_tile_holds_its_input():
     sim.run()
 
 
+# --- windowed layers (section 4.1) -----------------------------------------------------------------
+
+#: Room for 5x5 maps: 1024 SRAM words, 64 result words.
+WINDOW_ARCH = ARCH.replace(sram_bytes=4096, max_tile_outputs=256)
+
+
+def golden_window(config, sram, params, activations, lanes):
+    """One inference's result words, straight from section 4.1 with nested loops.
+    ``sram`` {addr: lanes} holds the weights; ``activations`` is the stored input map [K][L]."""
+    height, width, cw_words = config["in_height"], config["in_width"], config["words_per_pixel"]
+    kh, kw, stride = config["kernel_h"], config["kernel_w"], config["stride"]
+
+    def input_word(iy, ix, cw):
+        if 0 <= iy < height and 0 <= ix < width:
+            return activations[(iy * width + ix) * cw_words + cw]
+        return [config["pad_value"]] * lanes
+
+    def clamp(value):
+        return min(max(value, config["clamp_lo"]), config["clamp_hi"])
+
+    words = []
+    for oy in range(config["out_row_begin"], config["out_row_begin"] + config["out_rows"]):
+        for ox in range(config["out_width"]):
+            if config["op"] == OP_MAC:
+                outputs = []
+                for o in range(config["n_out"]):
+                    bias, multiplier, shift = params[o]
+                    acc = bias
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            for cw in range(cw_words):
+                                k = (ky * kw + kx) * cw_words + cw
+                                weight = sram.get(config["w_base"] + o * kh * kw * cw_words + k, [0] * lanes)
+                                a = input_word(oy * stride + ky - config["pad_top"],
+                                               ox * stride + kx - config["pad_left"], cw)
+                                acc += sum(w * x for w, x in zip(weight, a))
+                    acc = wrap32(acc)
+                    outputs.append(clamp(((acc * multiplier + (1 << (shift - 1))) >> shift) + config["zp_out"]))
+                words += golden_result_words(outputs, lanes)
+            else:
+                for cw in range(cw_words):
+                    window = [input_word(oy * stride + ky - config["pad_top"], ox * stride + kx - config["pad_left"], cw)
+                              for ky in range(kh) for kx in range(kw)]
+                    words.append([clamp(max(w[lane] for w in window)) for lane in range(lanes)])
+    return words
+
+
+#: (id, registers, n_pass, forward, back pressure, inferences). Maps are 5x5 unless stated.
+WINDOW_CASES = [
+    ("conv3x3-s1-p1", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=2, kernel_h=3, kernel_w=3, stride=1,
+                           pad_top=1, pad_left=1, pad_value=-7, out_row_begin=0, out_rows=5, out_width=5, n_out=5,
+                           zp_out=-3), 0, 1, False, 2),
+    ("conv3x3-s2-p0", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3, stride=2,
+                           pad_top=0, pad_left=0, pad_value=0, out_row_begin=0, out_rows=2, out_width=2, n_out=6,
+                           zp_out=4, clamp_lo=4), 2, 0, True, 2),
+    ("conv3x3-band-pad5", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3,
+                               stride=1, pad_top=1, pad_left=1, pad_value=5, out_row_begin=3, out_rows=2, out_width=5,
+                               n_out=3), 1, 1, True, 2),
+    # 5 rows x 4 columns, a 2x3 kernel with stride 3 and uneven padding: rows/columns must not be swapped.
+    ("conv2x3-s3-5x4", dict(op=OP_MAC, in_height=5, in_width=4, words_per_pixel=2, kernel_h=2, kernel_w=3,
+                            stride=3, pad_top=1, pad_left=2, pad_value=-1, out_row_begin=0, out_rows=2, out_width=2,
+                            n_out=4), 0, 0, False, 2),
+    ("maxpool2x2-s2", dict(op=OP_MAX, in_height=4, in_width=4, words_per_pixel=2, kernel_h=2, kernel_w=2, stride=2,
+                           pad_top=0, pad_left=0, pad_value=-128, out_row_begin=0, out_rows=2, out_width=2, n_out=8,
+                           clamp_lo=-100, clamp_hi=90), 0, 1, True, 2),
+    ("maxpool3x3-s1-p1-band", dict(op=OP_MAX, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3,
+                                   stride=1, pad_top=1, pad_left=1, pad_value=-128, out_row_begin=1, out_rows=3,
+                                   out_width=5, n_out=4, clamp_lo=-20, clamp_hi=100), 2, 0, False, 2),
+]
+
+
+#: Other lane counts (the lane index of o is o's low bits; with one lane there are none).
+WINDOW_LANE_CASES = [
+    ("conv3x3-s2-p1-lanes1", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=2, kernel_h=3, kernel_w=3,
+                                  stride=2, pad_top=1, pad_left=1, pad_value=3, out_row_begin=1, out_rows=2,
+                                  out_width=3, n_out=3), 1, 1, True, 2, 1),
+    ("maxpool1x1-lanes1", dict(op=OP_MAX, in_height=3, in_width=3, words_per_pixel=2, kernel_h=1, kernel_w=1,
+                               stride=2, pad_top=0, pad_left=0, pad_value=-128, out_row_begin=0, out_rows=2,
+                               out_width=2, n_out=2, clamp_lo=-3, clamp_hi=3), 0, 0, False, 2, 1),
+    ("conv3x3-s1-p1-lanes8", dict(op=OP_MAC, in_height=4, in_width=3, words_per_pixel=1, kernel_h=3, kernel_w=3,
+                                  stride=1, pad_top=1, pad_left=1, pad_value=-9, out_row_begin=0, out_rows=4,
+                                  out_width=3, n_out=10), 0, 1, False, 2, 8),
+    ("maxpool3x3-s2-p1-lanes8", dict(op=OP_MAX, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3,
+                                     stride=2, pad_top=1, pad_left=1, pad_value=-128, out_row_begin=0, out_rows=3,
+                                     out_width=3, n_out=8, clamp_lo=0, clamp_hi=127), 2, 1, True, 2, 8),
+]
+
+
+@pytest.mark.parametrize("registers, n_pass, forward, back_pressure, n_inferences, lanes",
+                         [case[1:] + (WINDOW_ARCH.lanes,) for case in WINDOW_CASES]
+                         + [case[1:] for case in WINDOW_LANE_CASES],
+                         ids=[case[0] for case in WINDOW_CASES + WINDOW_LANE_CASES])
+def test_windowed_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, n_inferences, lanes):
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes)
+    rng = random.Random(repr(sorted(registers.items())))   # a str seed is stable across runs
+    k_words = registers["in_height"] * registers["in_width"] * registers["words_per_pixel"]
+    config = make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, w_base=3, **registers)
+    n_weight_words = weight_words(config)
+    config["act_base"] = config["w_base"] + n_weight_words + 1
+    weights = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(n_weight_words)]
+    if registers["op"] == OP_MAC:
+        params = [(rng.randint(-3000, 3000), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(34, 38))
+                  for _ in range(config["n_out"])]
+    else:
+        params = [(0, 0, 0)] * config["n_out"]   # the table holds n_out zero rows, never read
+    inputs = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range((k_words + n_pass) * n_inferences)]
+    if registers["op"] == OP_MAX:
+        # A few all-minimum words, so a window may hold nothing but -128 (and padding).
+        for flit in rng.sample(range(len(inputs)), 3):
+            inputs[flit] = [-128] * lanes
+    issue_cycles = compute_issue_cycles(config)
+    horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + result_words(config, lanes) + 3) + 200
+    if back_pressure:
+        available, cycle = [], 0
+        for _ in inputs:
+            cycle += rng.choice([0, 0, 1, 3])
+            available.append(cycle)
+        ready = [rng.random() < 0.6 for _ in range(horizon)]
+    else:
+        available, ready = [0] * len(inputs), [True] * horizon
+    sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
+    emitted = check_run(config, weights, params, inputs, available, ready, arch=arch,
+                        golden=lambda activations: golden_window(config, sram, params, activations, lanes))
+    if not back_pressure and not n_pass:
+        # Spelled out for inference 0: last RECV at K - 1, COMPUTE for I + 2 cycles, then EMIT.
+        emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
+        assert emit_cycles[0] == (k_words - 1) + 1 + issue_cycles + 2
+        assert len(emit_cycles) == n_inferences * result_words(config, lanes)
+
+
+def test_window_golden_reduces_to_the_dense_golden():
+    """The 1x1 case of the section 4.1 golden is the section 4 golden (what keeps dense timing/values)."""
+    rng = random.Random(3)
+    k_words, n_out, lanes = 3, 6, ARCH.lanes
+    config = make_config(n_in_words=k_words, n_out=n_out, w_base=2, zp_out=1)
+    weights, params = dense_case(rng, k_words, n_out, lanes)
+    sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
+    activations = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(k_words)]
+    assert golden_window(config, sram, params, activations, lanes) == \
+        golden_result_words(golden_outputs(weights, activations, params, config), lanes)
+    assert compute_issue_cycles(config) == n_out * k_words and result_words(config, lanes) == -(-n_out // lanes)
+
+
+def window_config(**overrides):
+    """A valid 3x3 convolution on a 2x2 map (one result word), for the validation cases."""
+    registers = dict(n_in_words=4, n_out=2, in_height=2, in_width=2, words_per_pixel=1, kernel_h=3, kernel_w=3,
+                     stride=1, pad_top=1, pad_left=1, out_rows=1, out_width=1)
+    registers.update(overrides)
+    return make_config(**registers)
+
+
+def test_zero_parameter_row_of_a_max_pool_tile_encodes():
+    """Section 4.1: a max-pooling tile's table holds n_out zero rows; only that row may have shift 0."""
+    assert encode_param_entry(0, 0, 0) == 0
+    with pytest.raises(LoadEncodingError, match="'shift' = 0 is out of range 1..62"):
+        encode_param_entry(1, 0, 0)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: PE("arch", 0), "parameter 'arch' must be a flowtile.arch.Arch"),
     (lambda: PE(ARCH, 2), "parameter 'tile_index' = 2 is outside 0..1"),
@@ -330,6 +499,18 @@ def test_idle_tile_holds_its_input():
     (lambda: encode_config(ARCH, make_config(zp_out=256)), "zp_out' = 256 is out of range -256..255"),
     (lambda: encode_config(ARCH, make_config(dest_host=0, dest_col=2)), "dest_col = 2 outside 0..1"),
     (lambda: encode_config(ARCH, {"n_in_words": 1}), "config is missing register"),
+    (lambda: encode_config(ARCH, window_config(kernel_h=0)), "config register kernel_h = 0 must be 1..7"),
+    (lambda: encode_config(ARCH, window_config(kernel_w=8)), "kernel_w' = 8 is out of range 0..7"),
+    (lambda: encode_config(ARCH, window_config(stride=0)), "config register stride = 0 must be 1..3"),
+    (lambda: encode_config(ARCH, window_config(words_per_pixel=0)), "words_per_pixel = 0 must be >= 1"),
+    (lambda: encode_config(ARCH, window_config(out_rows=0)), "config register out_rows = 0 must be >= 1"),
+    (lambda: encode_config(ARCH, window_config(in_width=3)),
+     r"n_in_words = 4 differs from in_height \* in_width \* words_per_pixel = 2 \* 3 \* 1 = 6"),
+    (lambda: encode_config(ARCH, window_config(op=OP_MAX)), "n_out = 2 must be words_per_pixel \\* lanes = 4"),
+    (lambda: encode_config(ARCH, window_config(out_rows=2, out_width=2)),
+     "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 4 result words exceed the result buffer \\(3 words\\)"),
+    (lambda: encode_config(ARCH, window_config(n_out=3, w_base=40)),
+     "w_base \\+ n_out \\* kernel_h \\* kernel_w \\* words_per_pixel = 67 exceed sram_words = 64"),
     (lambda: encode_config(ARCH, make_config(bogus=1)), "unknown register"),
     (lambda: encode_param_entry(0, 1 << 31, 1), "'multiplier' = 2147483648 is out of range"),
     (lambda: encode_param_entry(0, 1, 0), "'shift' = 0 is out of range 1..62"),

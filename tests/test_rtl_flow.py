@@ -3,6 +3,8 @@
 (a) a stand-in chip checks the flow itself (build cache, job, timing stamps) independent of hdl/chip.py;
 (b) a hand-built program on the real chip checks the arithmetic against a numpy golden of section 4
     and that Verilator and Amaranth's simulator agree on every flit, time stamp and cycle count;
+    (b') the same for a windowed network of section 4.1 (a convolution split by output rows over two
+    tiles, then a max pool);
 (c) ``waves`` writes a non-empty waveform file.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from flowtile.arch import Arch, CONFIG_FIELDS
+from flowtile.arch import OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 from hdl import simulate as rtl
 from hdl.harness import HARNESS_TOP_NAME
@@ -190,7 +192,8 @@ def _dense_program(arch: Arch, seed: int = 0):
         route = {"dest_row": dest_row, "dest_col": dest_col, "dest_host": int(last)}
         if position == 0:
             config = _idle_config(n_in_words=k, n_out=N_OUT, w_base=w_base, act_base=act_base,
-                                  zp_out=ZP_OUT, clamp_lo=CLAMP_LO, clamp_hi=CLAMP_HI, **route)
+                                  zp_out=ZP_OUT, clamp_lo=CLAMP_LO, clamp_hi=CLAMP_HI, **route,
+                                  **dense_window_registers(k))
             tiles.append(TileProgram(row, col, config, sram, params))
         else:
             tiles.append(TileProgram(row, col, _idle_config(n_pass=result_words, **route),
@@ -250,6 +253,139 @@ def test_dense_layer_verilator_matches_amaranth(dense_case, amaranth_dense):
     started = time.perf_counter()
     rtl.build_verilator(CHIP_ARCH)
     assert time.perf_counter() - started < 2.0, "the second build of the same Arch must come from the cache"
+
+
+# --- (b') a windowed network on the real chip (section 4.1) ---------------------------------------------
+
+#: 2x2 chain: tiles 0 and 1 split a 3x3 convolution (stride 1, pad 1) of a 5x5 map by output rows,
+#: tile 2 max-pools its 5x5 output (2x2, stride 2), tile 3 passes the pooled map to the host.
+CONV_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=512, max_tile_outputs=64, router_fifo_depth=2,
+                 host_buffer_flits=256)
+CONV_C, CONV_HW, CONV_OUT, CONV_BATCH = 3, 5, 4, 2
+CONV_BANDS = ((0, 3), (3, 2))           # (out_row_begin, out_rows) of chain tiles 0 and 1
+CONV_PAD_VALUE = -5                      # the input zero point: padding is a real zero
+POOL_OUT, POOL_CLAMP_LO = 2, -50
+
+
+def _conv_program(arch: Arch, seed: int = 3):
+    """Returns (program, weights [O, C, 3, 3], params [O, 3])."""
+    rng = np.random.default_rng(seed)
+    lanes, kernel = arch.lanes, 3
+    words_per_pixel = -(-CONV_C // lanes)
+    weights = rng.integers(-128, 128, size=(CONV_OUT, CONV_C, kernel, kernel)).astype(np.int64)
+    params = np.stack([rng.integers(-3000, 3000, size=CONV_OUT), np.full(CONV_OUT, MULTIPLIER),
+                       np.full(CONV_OUT, SHIFT + 1)], axis=1).astype(np.int64)
+    # Weight word w_base + o*K_w + (ky*KW + kx)*CW + cw holds channels cw*L .. cw*L + L - 1 (padding lanes 0).
+    weight_image = np.zeros((CONV_OUT, kernel, kernel, words_per_pixel * lanes), np.int8)
+    weight_image[..., :CONV_C] = weights.transpose(0, 2, 3, 1)
+    weight_image = weight_image.reshape(-1, lanes)
+    k_words = CONV_HW * CONV_HW * words_per_pixel
+    w_base, act_base = 0, len(weight_image)
+    conv_sram = np.concatenate([weight_image, np.zeros((k_words, lanes), np.int8)])
+    chain = arch.chain
+
+    def route(position):
+        last = position == len(chain) - 1
+        dest_row, dest_col = chain[position + 1] if not last else (0, 0)
+        return {"dest_row": dest_row, "dest_col": dest_col, "dest_host": int(last)}
+
+    window = dict(in_height=CONV_HW, in_width=CONV_HW, stride=1, out_width=CONV_HW)
+    conv_words = [rows * CONV_HW for _, rows in CONV_BANDS]   # one result word per pixel (CONV_OUT <= L)
+    tiles = []
+    for position, (begin, rows) in enumerate(CONV_BANDS):
+        config = _idle_config(n_in_words=k_words, forward=int(position == 0), n_pass=sum(conv_words[:position]),
+                              n_out=CONV_OUT, w_base=w_base, act_base=act_base, zp_out=ZP_OUT, clamp_lo=CLAMP_LO,
+                              clamp_hi=CLAMP_HI, op=OP_MAC, words_per_pixel=words_per_pixel, kernel_h=kernel,
+                              kernel_w=kernel, pad_top=1, pad_left=1, pad_value=CONV_PAD_VALUE,
+                              out_row_begin=begin, out_rows=rows, **window, **route(position))
+        tiles.append(TileProgram(*chain[position], config, conv_sram, params))
+    pool_words_per_pixel = -(-CONV_OUT // lanes)
+    pool = _idle_config(n_in_words=CONV_HW * CONV_HW * pool_words_per_pixel, n_out=pool_words_per_pixel * lanes,
+                        act_base=0, clamp_lo=POOL_CLAMP_LO, clamp_hi=127, op=OP_MAX, in_height=CONV_HW,
+                        in_width=CONV_HW, words_per_pixel=pool_words_per_pixel, kernel_h=2, kernel_w=2, stride=2,
+                        pad_value=-128, out_rows=POOL_OUT, out_width=POOL_OUT, **route(2))
+    tiles.append(TileProgram(*chain[2], pool, np.zeros((0, lanes), np.int8), np.zeros((pool["n_out"], 3), np.int64)))
+    tiles.append(TileProgram(*chain[3], _idle_config(n_pass=POOL_OUT * POOL_OUT, **route(3)),
+                             np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)))
+    program = Program(arch=arch, input=TensorSpec("x", (CONV_C, CONV_HW, CONV_HW), 1.0, 0, layout="chw"),
+                      output=TensorSpec("y", (CONV_OUT, POOL_OUT, POOL_OUT), 1.0, 0, layout="chw"),
+                      layers=[LayerInfo("conv", "Conv", CONV_C * CONV_HW ** 2, CONV_OUT * CONV_HW ** 2, chain[:2]),
+                              LayerInfo("pool", "MaxPool", CONV_OUT * CONV_HW ** 2, CONV_OUT * POOL_OUT ** 2,
+                                        chain[2:3])],
+                      tiles=tiles, model_name="hand-conv-pool")
+    program.validate()
+    return program, weights, params
+
+
+def _conv_pool_golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Section 4.1 with plain loops: x [C, H, W] -> pooled [O, POOL_OUT, POOL_OUT]."""
+    conv = np.zeros((CONV_OUT, CONV_HW, CONV_HW), np.int64)
+    for o in range(CONV_OUT):
+        bias, multiplier, shift = (int(v) for v in params[o])
+        for oy in range(CONV_HW):
+            for ox in range(CONV_HW):
+                acc = bias
+                for c in range(CONV_C):
+                    for ky in range(3):
+                        for kx in range(3):
+                            iy, ix = oy + ky - 1, ox + kx - 1
+                            inside = 0 <= iy < CONV_HW and 0 <= ix < CONV_HW
+                            acc += int(weights[o, c, ky, kx]) * (int(x[c, iy, ix]) if inside else CONV_PAD_VALUE)
+                acc = (acc + (1 << 31)) % (1 << 32) - (1 << 31)
+                y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + ZP_OUT
+                conv[o, oy, ox] = min(max(y, CLAMP_LO), CLAMP_HI)
+    pooled = np.zeros((CONV_OUT, POOL_OUT, POOL_OUT), np.int64)
+    for o in range(CONV_OUT):
+        for py in range(POOL_OUT):
+            for px in range(POOL_OUT):
+                pooled[o, py, px] = max(POOL_CLAMP_LO, min(127, conv[o, 2 * py:2 * py + 2, 2 * px:2 * px + 2].max()))
+    return pooled
+
+
+def _pixel_flits(maps: np.ndarray, lanes: int) -> np.ndarray:
+    """[batch, C, H, W] -> pixel-major flits [batch * H * W * ceil(C / L), L], padding lanes zero."""
+    batch, channels, height, width = maps.shape
+    words = -(-channels // lanes)
+    pixels = np.zeros((batch, height, width, words * lanes), np.int8)
+    pixels[..., :channels] = maps.transpose(0, 2, 3, 1)
+    return pixels.reshape(-1, lanes)
+
+
+@pytest.fixture(scope="module")
+def conv_case():
+    program, weights, params = _conv_program(CONV_ARCH)
+    rng = np.random.default_rng(11)
+    x = rng.integers(-128, 128, size=(CONV_BATCH, CONV_C, CONV_HW, CONV_HW)).astype(np.int8)
+    golden = np.stack([_conv_pool_golden(x[b], weights, params) for b in range(CONV_BATCH)])
+    return program, _pixel_flits(x, CONV_ARCH.lanes), _pixel_flits(golden, CONV_ARCH.lanes)
+
+
+@pytest.fixture(scope="module")
+def amaranth_conv(conv_case):
+    program, in_flits, _ = conv_case
+    return rtl.simulate(program, in_flits, CONV_BATCH, simulator="amaranth")
+
+
+def test_conv_pool_amaranth_matches_golden(conv_case, amaranth_conv):
+    _, _, golden_flits = conv_case
+    np.testing.assert_array_equal(amaranth_conv.out_flits, golden_flits)
+    assert np.all(np.diff(amaranth_conv.out_times) >= 1)
+    # Inference 0 worked from sections 4.1 and 6: tile 0 RECVs at 1..25 (forwarding), COMPUTE lasts
+    # I + 2 = 15*4*9 + 2 cycles, EMIT at 25 + 543 = 568..582. Tile 1 (I = 10*36) is done computing by
+    # then, so it PASSes those 15 flits as they arrive (2 cycles later: 570..584) and EMITs at 585..594.
+    # The pool tile RECVs at 572..596, computes I + 2 = 4*1*4 + 2 cycles, EMITs at 596 + 19 = 615..618;
+    # tile 3 passes them 2 cycles later and the exit router's read adds 1.
+    assert amaranth_conv.out_times[:POOL_OUT * POOL_OUT].tolist() == [618, 619, 620, 621]
+
+
+@pytest.mark.rtl
+def test_conv_pool_verilator_matches_amaranth(conv_case, amaranth_conv):
+    program, in_flits, golden_flits = conv_case
+    result = rtl.simulate(program, in_flits, CONV_BATCH)
+    np.testing.assert_array_equal(result.out_flits, golden_flits)
+    np.testing.assert_array_equal(result.out_flits, amaranth_conv.out_flits)
+    np.testing.assert_array_equal(result.out_times, amaranth_conv.out_times)
+    assert result.cycles == amaranth_conv.cycles
 
 
 # --- (c) waveforms -------------------------------------------------------------------------------------
