@@ -1,5 +1,5 @@
 # flowtile: two commands on a fresh machine.
-#   make demo   install, then run the bundled digits MLP through compiler, emulator and RTL (Verilator)
+#   make demo   install, then run the bundled digits CNN through compiler, emulator and RTL (Verilator)
 #   make test   install, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export AMARANTH_USE_YOSYS := builtin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test install bench lint-verilog clean
+.PHONY: demo demo-mlp test install bench lint-verilog clean
 
 $(BIN)/flowtile: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,14 @@ $(BIN)/flowtile: pyproject.toml
 install: $(BIN)/flowtile
 
 demo: install
+	$(BIN)/flowtile run models/digits_cnn.onnx --input models/digits_cnn_test.npz \
+	    --float-model models/digits_cnn_float.onnx \
+	    --trace sim_waves/digits_cnn_trace.json --heatmap sim_waves/digits_cnn_heatmap.png
+
+demo-mlp: install
 	$(BIN)/flowtile run models/digits_mlp.onnx --input models/digits_test.npz \
 	    --float-model models/digits_mlp_float.onnx \
-	    --trace sim_waves/digits_trace.json --heatmap sim_waves/digits_heatmap.png
+	    --trace sim_waves/digits_mlp_trace.json --heatmap sim_waves/digits_mlp_heatmap.png
 
 test: install
 	$(BIN)/python -m pytest -q

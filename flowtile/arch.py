@@ -94,7 +94,7 @@ class Arch:
     sram_bytes: int = 32768
     max_tile_outputs: int = 512
     router_fifo_depth: int = 4
-    host_buffer_flits: int = 16384
+    host_buffer_flits: int = 32768
 
     def __post_init__(self):
         def check(name, ok, why):

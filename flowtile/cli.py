@@ -314,8 +314,13 @@ def _known_errors() -> tuple[type, ...]:
     except ImportError:
         pass
     try:
-        from hdl.simulate import SimulationError
-        known.append(SimulationError)
+        from hdl.simulate import RtlError
+        known.append(RtlError)
+    except ImportError:
+        pass
+    try:
+        from emulator import EmulatorError
+        known.append(EmulatorError)
     except ImportError:
         pass
     return tuple(known)

@@ -82,6 +82,10 @@ class RtlRunError(RtlError):
     """The simulation crashed, or the chip emitted more output flits than the program says."""
 
 
+class RtlCapacityError(RtlError, ValueError):
+    """The job does not fit the simulation harness (its host buffers)."""
+
+
 @dataclass(frozen=True)
 class RtlResult:
     """Outcome of one RTL run.
@@ -426,7 +430,7 @@ def _check_inputs(program: Program, in_flits, batch) -> np.ndarray:
                          f"[{batch}*{program.input_words}, {arch.lanes}] = {list(expected)}")
     for what, count in (("input", expected[0]), ("output", batch * program.output_words)):
         if count > arch.host_buffer_flits:
-            raise ValueError(f"{count} {what} flits ({batch} inferences) exceed the harness buffer of "
+            raise RtlCapacityError(f"{count} {what} flits ({batch} inferences) exceed the harness buffer of "
                              f"{arch.host_buffer_flits} flits (arch field 'host_buffer_flits'); "
                              f"use a smaller batch or a larger host_buffer_flits")
     return in_flits
