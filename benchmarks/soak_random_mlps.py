@@ -1,7 +1,7 @@
-"""Soak test: many seeded random MLPs through compiler, emulator, Verilator and onnxruntime.
+"""Soak test: many seeded random MLPs (or CNNs) through compiler, emulator, Verilator and onnxruntime.
 
 Longer than the test suite allows; run it after changing the PE, the router or the timing model:
-``python benchmarks/soak_random_mlps.py --models 40``. Prints one line per model and a summary, and
+``python benchmarks/soak_random_mlps.py --models 40 [--cnn]``. Prints one line per model and a summary, and
 exits 1 if any model disagrees (RTL vs emulator bits/cycles, or emulator vs onnxruntime > 1 LSB).
 """
 from __future__ import annotations
@@ -28,12 +28,13 @@ def main() -> int:
     from flowtile.host import input_flits, outputs_from_flits
     from flowtile.oracle import onnxruntime_int8_output
     from hdl.simulate import simulate
-    from random_models import quantize_qdq, random_float_mlp
+    from random_models import quantize_qdq, random_float_cnn, random_float_mlp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--sim", choices=("verilator", "amaranth"), default="verilator")
+    parser.add_argument("--cnn", action="store_true", help="random conv/maxpool networks instead of MLPs")
     args = parser.parse_args()
 
     archs = [Arch(), Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, router_fifo_depth=2, max_tile_outputs=256),
@@ -43,13 +44,30 @@ def main() -> int:
     started = time.perf_counter()
     for index in range(args.models):
         arch = archs[index % len(archs)]
-        widths = [int(w) for w in rng.integers(1, 301, size=int(rng.integers(2, 6)))]
         kind = rng.choice(["float", "int8", "uint8", "int8-tensor"])
         batch = int(rng.integers(1, 65))
+        if args.cnn:
+            in_shape = (int(rng.integers(1, 5)), int(rng.integers(4, 13)), int(rng.integers(4, 13)))
+            blocks = [{"out": int(rng.integers(1, 17)), "k": int(rng.choice([1, 3, 5])), "stride": int(rng.integers(1, 3)),
+                       "pad": int(rng.integers(0, 3)), "pool": (2, 2) if rng.random() < 0.5 else None}
+                      for _ in range(int(rng.integers(1, 3)))]
+            blocks = [b | {"pad": min(b["pad"], b["k"] - 1)} for b in blocks]
+            network = lambda: random_float_cnn(rng, in_shape, blocks, int(rng.integers(2, 11)))
+            widths = [int(np.prod(in_shape)), *(b["out"] for b in blocks)]
+            sample_shape = in_shape
+        else:
+            widths = [int(w) for w in rng.integers(1, 301, size=int(rng.integers(2, 6)))]
+            network = lambda: random_float_mlp(rng, widths)
+            sample_shape = (widths[0],)
         with tempfile.TemporaryDirectory() as tmp:
             float_path = Path(tmp) / "float.onnx"
-            onnx.save(random_float_mlp(rng, widths), float_path)
-            calibration = rng.standard_normal((32, widths[0])).astype(np.float32)
+            try:
+                onnx.save(network(), float_path)
+            except Exception as error:  # a random CNN whose maps shrink to nothing
+                skipped += 1
+                print(f"{index:3d} skipped: {error}")
+                continue
+            calibration = rng.random((32, *sample_shape)).astype(np.float32)
             model = float_path if kind == "float" else quantize_qdq(
                 float_path, Path(tmp) / "qdq.onnx", calibration, activation_uint8=(kind == "uint8"),
                 per_channel=(kind != "int8-tensor"))
@@ -61,7 +79,7 @@ def main() -> int:
                 skipped += 1
                 print(f"{label} does not fit: {str(error)[:80]}")
                 continue
-            x = rng.standard_normal((batch, widths[0])).astype(np.float32)
+            x = rng.random((batch, *sample_shape)).astype(np.float32)
             _, flits = input_flits(program, x)
             emu = emulate(program, flits, batch)
             rtl = simulate(program, flits, batch, simulator=args.sim)
