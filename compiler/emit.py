@@ -6,10 +6,10 @@ import os
 import numpy as np
 import onnx
 
-from flowtile.arch import OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
+from flowtile.arch import OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
 from flowtile.program import LayerInfo, Program, TileProgram, weight_words
 
-from .lower import LoweredLayer, lower_layers, weight_rows
+from .lower import LoweredLayer, lane_params, lower_layers, weight_rows
 from .onnx_import import import_onnx
 from .partition import TileSlice, assign_tiles, config_cycles, words
 
@@ -50,21 +50,25 @@ def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlic
 
 
 def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice) -> TileProgram:
-    """A band of output rows of a Conv/MaxPool (section 4.1): all the weights from word 0, the whole input
-    map behind them, the band in ``out_row_begin/out_rows``."""
+    """A band of output rows of a Conv/MaxPool/lane layer (section 4.1): all the weights from word 0, the whole
+    input map behind them, the band in ``out_row_begin/out_rows``."""
     lanes, w = arch.lanes, layer.window
-    weights = weight_rows(layer, lanes)  # [N_o, K_w * lanes]; [CW*L, 0] for MaxPool
-    n_out = weights.shape[0]
-    assert n_out == part.n_out
-    sram = weights.reshape(-1, lanes) if weights.size else np.zeros((0, lanes), np.int8)
-    if layer.is_pool:
+    weights = weight_rows(layer, lanes)  # [N_o, K_w * lanes]; [CW*L, 0] for MaxPool; [CW*KH*KW, L] for LANE
+    if layer.is_lane:
+        n_out, op = words(w.channels, lanes) * lanes, OP_LANE
+        params = lane_params(layer, lanes)
+    elif layer.is_pool:
+        n_out, op = weights.shape[0], OP_MAX
         params = np.zeros((n_out, 3), np.int64)  # MAX reads no parameters; the table holds zero rows
     else:
+        n_out, op = weights.shape[0], OP_MAC
         params = layer.params.copy()
+    assert n_out == part.n_out
+    sram = weights.reshape(-1, lanes) if weights.size else np.zeros((0, lanes), np.int8)
     config = _config(
         n_in_words=part.n_in_words, forward=int(part.forward), n_pass=part.n_pass, n_out=n_out, w_base=0,
         act_base=sram.shape[0], zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi,
-        op=OP_MAX if layer.is_pool else OP_MAC, in_height=w.height, in_width=w.width,
+        op=op, in_height=w.height, in_width=w.width,
         words_per_pixel=words(w.channels, lanes), kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
         pad_top=w.pad_top, pad_left=w.pad_left, pad_value=layer.pad_value, out_row_begin=part.row_begin,
         out_rows=part.rows, out_width=w.out_width, **_destination(arch, position))
@@ -75,12 +79,18 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
 
 def _layer_info(layer: LoweredLayer, tiles: tuple) -> LayerInfo:
     """Report-only sizes: input and output elements and the useful MACs (a MaxPool has none; a Conv has
-    ``C*KH*KW`` per output element, border positions included)."""
+    ``C*KH*KW`` per output element, a lane layer (depthwise Conv, average pools) ``KH*KW``, border positions
+    included)."""
     if layer.window is None:
         return LayerInfo(layer.name, layer.op, layer.n_in, layer.n_out, tiles, layer.relu)
     w = layer.window
     outputs = layer.n_out * w.out_height * w.out_width
-    macs = 0 if layer.is_pool else outputs * w.channels * w.kernel_h * w.kernel_w
+    if layer.is_pool:
+        macs = 0
+    elif layer.is_lane:
+        macs = outputs * w.kernel_h * w.kernel_w
+    else:
+        macs = outputs * w.channels * w.kernel_h * w.kernel_w
     return LayerInfo(layer.name, layer.op, w.channels * w.height * w.width, outputs, tiles, layer.relu, macs)
 
 

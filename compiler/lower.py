@@ -15,7 +15,9 @@ For a layer with input ``(s_x, z_x)``, weight scales ``s_w[o]``, output ``(s_y, 
   CompileError naming the layer (the PE accumulator would wrap).
 
 Convolutions lower exactly like dense layers, ``sum_j`` running over the ``C x KH x KW`` window, with
-``pad_value = z_x``. Max pooling has no parameters: ``op`` MAX, ``pad_value = -128``, clamp
+``pad_value = z_x``. Lane layers (op LANE: depthwise Conv, AveragePool, GlobalAveragePool) too, per channel
+``c`` over its own ``KH x KW`` window: ``bias_c = b_c - z_x * sum W[c]``; an average pool has all-one weights,
+``b = 0`` and weight scale ``1 / (KH*KW)``, so ``bias_c = -z_x * KH*KW`` and ``M_c / 2^S_c ~= s_x / (KH*KW*s_y)``. Max pooling has no parameters: ``op`` MAX, ``pad_value = -128``, clamp
 ``[-128, 127]`` (ReLU raises ``clamp_lo`` to the zero point). Weight *values* stay in ONNX order here;
 :func:`weight_rows` lays them out in SRAM words for a given lane count (section 4.1).
 """
@@ -29,10 +31,10 @@ import numpy as np
 from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, SHIFT_BITS
 
 from .errors import CompileError
-from .onnx_import import DenseLayer, PoolLayer, Window
+from .onnx_import import LANE_OPS, DenseLayer, PoolLayer, Window
 
 __all__ = ["LoweredLayer", "lower_layers", "lower_layer", "quantize_multiplier", "reference_forward",
-           "weight_rows", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
+           "weight_rows", "lane_params", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
 
 MIN_SHIFT = 1
 MAX_SHIFT = (1 << SHIFT_BITS) - 2  # 62: keeps acc * M + 2^(S-1) inside a signed 64-bit product
@@ -71,9 +73,14 @@ class LoweredLayer:
         return self.op == "MaxPool"
 
     @property
+    def is_lane(self) -> bool:
+        """Computed by op LANE (depthwise Conv, AveragePool, GlobalAveragePool): ``weight`` int8 ``[C, 1, KH, KW]``."""
+        return self.op in LANE_OPS
+
+    @property
     def n_in(self) -> int:
-        """Input elements (dense), input channels (Conv, MaxPool)."""
-        return int(self.weight.shape[1]) if not self.is_pool else self.window.channels
+        """Input elements (dense), input channels (Conv, MaxPool, lane layers)."""
+        return self.window.channels if self.is_pool or self.is_lane else int(self.weight.shape[1])
 
     @property
     def n_out(self) -> int:
@@ -194,10 +201,19 @@ def weight_rows(layer: LoweredLayer, lanes: int) -> np.ndarray:
       padding lanes are zero (``K = H*W*CW``);
     * Conv: ``K_w = KH*KW*CW`` words, word ``(ky*KW + kx)*CW + cw`` holding channels ``cw*L .. cw*L+L-1``
       of ``W[o, :, ky, kx]`` (section 4.1);
-    * MaxPool: no weights (``[CW*L, 0]``).
+    * MaxPool: no weights (``[CW*L, 0]``);
+    * lane layers: ``[CW*KH*KW, L]``, *not* one row per output: the SRAM words themselves, word
+      ``cw*KH*KW + ky*KW + kx`` holding in lane ``l`` the weight of channel ``cw*L + l`` at ``(ky, kx)``
+      (zero for padding channels; section 4.1, op LANE).
     """
     if layer.is_pool:
         return np.zeros((_words(layer.n_in, lanes) * lanes, 0), np.int8)
+    if layer.is_lane:
+        channels, _, kh, kw = layer.weight.shape
+        cw = _words(channels, lanes)
+        padded = np.zeros((cw * lanes, kh * kw), np.int8)
+        padded[:channels] = layer.weight.reshape(channels, kh * kw)
+        return np.ascontiguousarray(padded.reshape(cw, lanes, kh * kw).transpose(0, 2, 1).reshape(cw * kh * kw, lanes))
     n_out = layer.n_out
     if layer.window is not None:
         _, channels, kh, kw = layer.weight.shape
@@ -212,6 +228,15 @@ def weight_rows(layer: LoweredLayer, lanes: int) -> np.ndarray:
     rows = np.zeros((n_out, _words(layer.n_in, lanes) * lanes), np.int8)
     rows[:, :layer.n_in] = layer.weight
     return rows
+
+
+def lane_params(layer: LoweredLayer, lanes: int) -> np.ndarray:
+    """The parameter table of a lane layer's tile: ``CW*L`` rows, channel ``c`` in row ``c``; padding rows
+    ``(0, 0, 1)`` (bias 0, multiplier 0, a valid shift of 1)."""
+    cw = _words(layer.n_out, lanes)
+    table = np.tile(np.array([0, 0, 1], np.int64), (cw * lanes, 1))
+    table[:layer.n_out] = layer.params
+    return table
 
 
 def _windows(a: np.ndarray, window: Window, pad_value: int):
@@ -253,6 +278,12 @@ def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray
                 for _, _, view in _windows(a, layer.window, layer.pad_value):
                     out = view.copy() if out is None else np.maximum(out, view)
                 a = np.clip(out, layer.clamp_lo, layer.clamp_hi)
+            elif layer.is_lane:  # depthwise: channel c by its own KH x KW kernel
+                weight = layer.weight.astype(np.int64)
+                acc = layer.bias.reshape(1, -1, 1, 1)
+                for ky, kx, view in _windows(a, layer.window, layer.pad_value):
+                    acc = acc + view * weight[:, 0, ky, kx].reshape(1, -1, 1, 1)
+                a = _requantize(_wrap32(acc), layer, (1, -1, 1, 1))
             else:
                 weight = layer.weight.astype(np.int64)
                 acc = layer.bias.reshape(1, -1, 1, 1)

@@ -17,7 +17,14 @@ Accepted models are MLPs and small CNNs, one chain from the graph input to the g
         -> Flatten|Reshape -> [Q -> DQ] -> Gemm/MatMul layers as above
 
   Conv: 2-D, group 1, dilation 1, kernel 1..7, equal strides 1..3, pads 0..7, auto_pad NOTSET.
+  Depthwise Conv (group = input channels = output channels, weight ``[C, 1, KH, KW]``): the same limits,
+  imported as op ``"DepthwiseConv"``; other groups are rejected.
   MaxPool: kernel 1..7, equal strides 1..3, pads < kernel and <= 7, ceil_mode 0, dilation 1.
+  AveragePool (same limits, ``count_include_pad = 1`` unless unpadded) and GlobalAveragePool (the whole map,
+  ``H x W`` window): ``DQ -> pool -> [Relu|Clip] -> Q -> DQ``, the output scale possibly new (quantize_static
+  keeps an AveragePool's input quantization, but a folded Relu or a GlobalAveragePool gets its own).
+  Depthwise Conv and the average pools are *lane layers* (:data:`LANE_OPS`, op LANE of section 4.1):
+  :class:`DenseLayer` with weight ``[C, 1, KH, KW]`` (all ones and weight scale ``1 / (KH*KW)`` for pools).
   The dense layer after the flatten keeps its ONNX weight (NCHW column order) and records the map
   it reads (:attr:`DenseLayer.input_map`); lowering maps it to the on-chip pixel-major order.
 * float models of the same ops (plus Add as a MatMul bias), which :func:`import_onnx` first
@@ -45,14 +52,17 @@ from flowtile.program import TensorSpec
 
 from .errors import CompileError
 
-__all__ = ["QuantParams", "DenseLayer", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
+__all__ = ["QuantParams", "DenseLayer", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
            "fuse_matmul_add", "DEFAULT_CALIBRATION_SAMPLES"]
 
 #: Samples in the seeded random-normal calibration set used when none is given.
 DEFAULT_CALIBRATION_SAMPLES = 256
 
 _QUANT_DTYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
-_FLOAT_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Reshape", "Conv", "MaxPool", "Clip"}
+_FLOAT_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Reshape", "Conv", "MaxPool", "Clip", "AveragePool",
+              "GlobalAveragePool"}
+#: Layers the PE computes lane by lane (op = LANE, docs/architecture.md section 4.1).
+LANE_OPS = ("DepthwiseConv", "AveragePool", "GlobalAveragePool")
 _RESHAPE_OPS = {"Flatten", "Reshape"}
 
 
@@ -113,7 +123,9 @@ class DenseLayer:
     weight_scales: np.ndarray
     output: QuantParams
     relu: bool
-    #: Conv only: the window geometry; ``weight`` is then int8 ``[n_out, C, KH, KW]``.
+    #: Conv only: the window geometry; ``weight`` is then int8 ``[n_out, C, KH, KW]``. Lane layers
+    #: (``op`` in :data:`LANE_OPS`: depthwise Conv, AveragePool, GlobalAveragePool) have ``weight`` int8
+    #: ``[C, 1, KH, KW]`` (all ones for the average pools, whose ``weight_scales`` are ``1 / (KH*KW)``).
     window: Window | None = None
     #: Gemm/MatMul reading a flattened feature map: its ``(C, H, W)`` (weight columns in NCHW order).
     input_map: tuple[int, int, int] | None = None
@@ -121,9 +133,13 @@ class DenseLayer:
     clip_max: float | None = None
 
     @property
+    def is_lane(self) -> bool:
+        return self.op in LANE_OPS
+
+    @property
     def n_in(self) -> int:
-        """Input elements per output (dense) or input channels (Conv)."""
-        return int(self.weight.shape[1])
+        """Input elements per output (dense) or input channels (Conv, lane layers)."""
+        return self.window.channels if self.is_lane else int(self.weight.shape[1])
 
     @property
     def n_out(self) -> int:
@@ -608,12 +624,18 @@ def _ints(attrs: dict, name: str, default: list[int]) -> list[int]:
     return [int(v) for v in attrs.get(name, default)]
 
 
-def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int, int] | None):
-    """The attribute checks of Conv/MaxPool that need no shapes (also run on float models before quantizing):
-    returns (kernel_shape, strides, pads) or raises CompileError naming node, op and attribute."""
-    if node.op_type == "Conv" and attrs.get("group", 1) != 1:
-        raise CompileError(f"{_describe(node)}: attribute 'group' = {attrs['group']} is unsupported (only 1)")
-    if node.op_type == "MaxPool" and attrs.get("ceil_mode", 0) != 0:
+def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int, int] | None,
+                            depthwise: bool | None = False):
+    """The attribute checks of Conv/MaxPool/AveragePool that need no shapes (also run on float models before
+    quantizing): returns (kernel_shape, strides, pads) or raises CompileError naming node, op and attribute.
+
+    ``depthwise``: the Conv's weight is ``[group, 1, KH, KW]`` (group = input = output channels), which is the
+    only grouped convolution compiled (op LANE); None when that is not known yet (skips the group check).
+    """
+    if node.op_type == "Conv" and attrs.get("group", 1) != 1 and depthwise is False:
+        raise CompileError(f"{_describe(node)}: attribute 'group' = {attrs['group']} is unsupported (only 1, or "
+                           f"depthwise: group = input channels = output channels)")
+    if node.op_type in ("MaxPool", "AveragePool") and attrs.get("ceil_mode", 0) != 0:
         raise CompileError(f"{_describe(node)}: attribute 'ceil_mode' = {attrs['ceil_mode']} is unsupported (only 0)")
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         value = attrs["auto_pad"]
@@ -637,17 +659,21 @@ def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int
     pads = _ints(attrs, "pads", [0, 0, 0, 0])
     if len(pads) != 4 or not all(0 <= p <= MAX_PAD for p in pads):
         raise CompileError(f"{_describe(node)}: attribute 'pads' = {pads} is unsupported (0..{MAX_PAD} each side)")
+    if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0) == 0 and any(pads):
+        raise CompileError(f"{_describe(node)}: attribute 'count_include_pad' = 0 with 'pads' = {pads} is unsupported "
+                           f"(border windows would divide by their own sizes; use count_include_pad = 1 or no padding)")
     return shape, strides, pads
 
 
 def match_window(graph: _Graph, node: onnx.NodeProto, in_shape: tuple[int, int, int],
-                 kernel: tuple[int, int] | None, allowed: set[str]) -> Window:
-    """The common window attributes of Conv/MaxPool -> :class:`Window`, or CompileError naming the attribute."""
+                 kernel: tuple[int, int] | None, allowed: set[str], depthwise: bool = False) -> Window:
+    """The common window attributes of Conv/MaxPool/AveragePool -> :class:`Window`, or CompileError naming the
+    attribute."""
     attrs = graph.attrs(node)
     for name in sorted(set(attrs) - allowed):
         raise CompileError(f"{_describe(node)}: attribute '{name}' = {attrs[name]} is unsupported")
     channels, height, width = in_shape
-    shape, strides, pads = check_window_attributes(node, attrs, kernel)
+    shape, strides, pads = check_window_attributes(node, attrs, kernel, depthwise)
     (kh, kw), stride = shape, strides[0]
     top, left, bottom, right = pads
     out_h = (height + top + bottom - kh) // stride + 1
@@ -670,8 +696,7 @@ def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int,
     if conv.input[0] != x:
         raise CompileError(f"{_describe(conv)}: the activation must be the first input (X)")
     attrs = graph.attrs(conv)
-    if attrs.get("group", 1) != 1:
-        raise CompileError(f"{_describe(conv)}: attribute 'group' = {attrs['group']} is unsupported (only 1)")
+    group = attrs.get("group", 1)
     found = match_quantized_const(graph, conv.input[1], conv, "weight")
     if found is None:
         raise CompileError(f"{_describe(conv)}: weight '{conv.input[1]}' must be a DequantizeLinear of a constant "
@@ -680,7 +705,11 @@ def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int,
     dq = graph.producer[conv.input[1]]
     if q.ndim != 4:
         raise CompileError(f"{_describe(conv)}: weight has rank {q.ndim}; only 2-D convolutions are supported")
-    if q.shape[1] != in_shape[0]:
+    depthwise = group != 1 and group == in_shape[0] == q.shape[0] and q.shape[1] == 1
+    if group != 1 and not depthwise:
+        raise CompileError(f"{_describe(conv)}: attribute 'group' = {group} is unsupported (only 1, or depthwise: "
+                           f"group = input channels = output channels = {in_shape[0]}, weight [C, 1, KH, KW])")
+    if q.shape[1] * group != in_shape[0]:
         raise CompileError(f"{_describe(conv)}: weight has {q.shape[1]} input channels, the input map has "
                            f"{in_shape[0]}")
     if q.dtype not in (np.int8, np.uint8):
@@ -695,7 +724,7 @@ def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int,
     if not np.all((scales > 0) & np.isfinite(scales)):
         raise CompileError(f"{_describe(dq)}: weight scales must be positive and finite")
     window = match_window(graph, conv, in_shape, q.shape[2:],
-                          {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})
+                          {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}, depthwise)
     bias = None
     if len(conv.input) > 2 and conv.input[2]:
         bias = match_bias(graph, conv.input[2], conv, x_params.scale * scales)
@@ -705,8 +734,41 @@ def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int,
     out_params, relu, clip_max = match_output(cursor, conv)
     if bias is None:
         bias = np.zeros(n_out, np.int32)
-    return DenseLayer(conv.name or f"conv_{index}", "Conv", (q.astype(np.int64) - offset).astype(np.int8), bias,
+    return DenseLayer(conv.name or f"conv_{index}", "DepthwiseConv" if depthwise else "Conv",
+                      (q.astype(np.int64) - offset).astype(np.int8), bias,
                       x_params, scales, out_params, relu, window=window, clip_max=clip_max)
+
+
+def match_avgpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int, int], index: int) -> DenseLayer:
+    """(Global)AveragePool(DQ(x)) [-> Relu|Clip] -> Q -> DQ [-> Relu -> Q -> DQ]: a lane layer with all-one
+    weights, weight scale ``1 / (KH*KW)`` and no bias (the output scale may differ from the input's).
+
+    GlobalAveragePool windows the whole map (``H x W`` kernel, one output pixel). AveragePool: kernel 1..7,
+    equal strides 1..3, pads 0..7 and smaller than the kernel, ``count_include_pad = 1`` unless unpadded,
+    ceil_mode 0, dilation 1.
+    """
+    graph = cursor.graph
+    pool = cursor.take({"AveragePool", "GlobalAveragePool"}, "AveragePool or GlobalAveragePool")
+    channels, height, width = in_shape
+    if pool.op_type == "GlobalAveragePool":
+        if height > MAX_MAP or width > MAX_MAP:
+            raise CompileError(f"{_describe(pool)}: a {height}x{width} window exceeds {MAX_MAP} (8-bit kernel registers)")
+        window = Window(channels, height, width, height, width, 1, 0, 0, 1, 1)
+        name = pool.name or f"globalaveragepool_{index}"
+    else:
+        window = match_window(graph, pool, in_shape, None, {"auto_pad", "ceil_mode", "count_include_pad",
+                                                            "dilations", "kernel_shape", "pads", "strides"})
+        if max(window.pad_top, window.pad_left) >= min(window.kernel_h, window.kernel_w):
+            raise CompileError(f"{_describe(pool)}: attribute 'pads' must be smaller than the kernel")
+        name = pool.name or f"averagepool_{index}"
+    if cursor.node is None:
+        raise CompileError(f"{_describe(pool)}: its output is not quantized (the graph ends there); flowtile needs "
+                           f"a QuantizeLinear after it")
+    out_params, relu, clip_max = match_output(cursor, pool)
+    area = window.kernel_h * window.kernel_w
+    weight = np.ones((channels, 1, window.kernel_h, window.kernel_w), np.int8)
+    return DenseLayer(name, pool.op_type, weight, np.zeros(channels, np.int32), x_params,
+                      np.full(channels, 1.0 / area), out_params, relu, window=window, clip_max=clip_max)
 
 
 def match_maxpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int, int], index: int) -> PoolLayer:
@@ -738,10 +800,10 @@ def match_maxpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
 def _reject_unsupported(cursor: _Cursor) -> None:
     """A clear message for the ops CNNs commonly use that flowtile does not compile yet."""
     node = cursor.node
-    if node is not None and node.op_type in ("AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Add", "Concat",
+    if node is not None and node.op_type in ("GlobalMaxPool", "Add", "Concat",
                                               "BatchNormalization", "ConvTranspose", "Pad", "Resize"):
-        raise CompileError(f"{_describe(node)}: unsupported op (flowtile compiles Conv, MaxPool, Relu, "
-                           f"Flatten/Reshape and MatMul/Gemm layers)")
+        raise CompileError(f"{_describe(node)}: unsupported op (flowtile compiles Conv, depthwise Conv, MaxPool, "
+                           f"AveragePool, GlobalAveragePool, Relu, Flatten/Reshape and MatMul/Gemm layers)")
 
 
 def _check_all_nodes_on_chain(graph: _Graph, cursor: _Cursor) -> None:
@@ -762,14 +824,20 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
     input_name, input_shape = _graph_input(graph)
     cursor = _Cursor(graph, input_name)
     fmap = input_shape if len(input_shape) == 3 and not cursor.at(*_RESHAPE_OPS) else None
+    if cursor.at("AveragePool", "GlobalAveragePool"):
+        raise CompileError(f"{_describe(cursor.node)}: an average pool on the float graph input is left unquantized "
+                           f"by onnxruntime's quantizer (it quantizes an average pool only after a quantized "
+                           f"layer); put a Conv before it")
     n = match_flattens(cursor, input_shape, None)  # flatten of the float input
     in_params = x_params = match_qdq(cursor, "the input QuantizeLinear")
     layers: list[DenseLayer | PoolLayer] = []
     while not layers or cursor.node is not None:
         _reject_unsupported(cursor)
-        if fmap is not None and cursor.at("Conv", "MaxPool"):
+        if fmap is not None and cursor.at("Conv", "MaxPool", "AveragePool", "GlobalAveragePool"):
             if cursor.at("Conv"):
                 layer = match_conv(cursor, x_params, fmap, len(layers))
+            elif cursor.at("AveragePool", "GlobalAveragePool"):
+                layer = match_avgpool(cursor, x_params, fmap, len(layers))
             else:
                 layer = match_maxpool(cursor, x_params, fmap, len(layers))
             layers.append(layer)
@@ -781,7 +849,7 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
         _reject_unsupported(cursor)
         if source_map is not None and not cursor.at("MatMul", "Gemm"):
             node = cursor.node
-            if node is not None and node.op_type in ("Conv", "MaxPool"):
+            if node is not None and node.op_type in ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool"):
                 raise CompileError(f"{_describe(node)}: its input is not a [N, C, H, W] feature map")
         layers.append(match_layer(cursor, x_params, n, len(layers), input_map=source_map))
         x_params, n = layers[-1].output, layers[-1].n_out
@@ -816,13 +884,17 @@ def _check_float_ops(model: onnx.ModelProto) -> None:
         if node.op_type not in _FLOAT_OPS | {"Constant"} or node.domain not in ("", "ai.onnx"):
             raise CompileError(f"{_describe(node)}: unsupported op; float models may use "
                                f"{', '.join(sorted(_FLOAT_OPS))}")
-        if node.op_type in ("Conv", "MaxPool"):  # before quantize_static, which may fail on them less clearly
+        if node.op_type in ("Conv", "MaxPool", "AveragePool"):  # before quantize_static, which may fail less clearly
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            kernel = None
-            if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in consts:
-                dims = list(consts[node.input[1]].dims)
-                kernel = tuple(dims[2:]) if len(dims) == 4 else None
-            check_window_attributes(node, attrs, kernel)
+            kernel, depthwise = None, False
+            if node.op_type == "Conv":
+                depthwise = None  # unknown without a constant weight: match_conv checks the group
+                if len(node.input) > 1 and node.input[1] in consts:
+                    dims = list(consts[node.input[1]].dims)
+                    kernel = tuple(dims[2:]) if len(dims) == 4 else None
+                    group = attrs.get("group", 1)
+                    depthwise = len(dims) == 4 and group != 1 and dims[0] == group and dims[1] == 1
+            check_window_attributes(node, attrs, kernel, depthwise)
 
 
 def fuse_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,9 +13,9 @@ Rules (docs/architecture.md sections 1 and 6):
 * the pipeline's throughput is set by its slowest tile, so spare tiles go, one at a time, to the
   layer whose slowest tile is the slowest overall, as long as that makes it faster.
 
-Windowed layers (Conv, MaxPool; section 4.1) split their *output rows* instead: every tile of the layer
-holds the whole input map (``K = H*W*CW`` words) and all the weights (``N_o * KH*KW*CW`` words, none for
-MaxPool) and computes a band ``[row_begin, row_begin + rows)`` of output rows; its ``n_pix * N_r`` result
+Windowed layers (Conv, MaxPool, lane layers; section 4.1) split their *output rows* instead: every tile of
+the layer holds the whole input map (``K = H*W*CW`` words) and all the weights (``N_o * KH*KW*CW`` words, none
+for MaxPool, ``CW*KH*KW`` for op LANE) and computes a band ``[row_begin, row_begin + rows)`` of output rows; its ``n_pix * N_r`` result
 words must fit the result buffer (``arch.result_words``). Its estimated cycles per inference are
 ``K + I + 2 + P + n_pix * N_r`` with ``I`` the COMPUTE issue cycles (:func:`window_tile_cycles`).
 """
@@ -94,7 +94,7 @@ class WindowCosts:
     """What partitioning needs to know about a windowed layer on a given arch."""
 
     k: int               # input map words (K)
-    n_out: int           # N_o: output channels (Conv), CW * L (MaxPool)
+    n_out: int           # N_o: output channels (Conv), CW * L (MaxPool, lane layers)
     weight_words: int    # all the layer's weights, held by every tile of it
     row_issue: int       # COMPUTE issue cycles per output row
     row_results: int     # result words per output row (out_width * N_r)
@@ -108,6 +108,8 @@ def window_costs(layer, lanes: int) -> WindowCosts:
     window_words = w.kernel_h * w.kernel_w * cw
     if layer.op == "MaxPool":
         n_out, weight_words, row_issue = cw * lanes, 0, w.out_width * window_words
+    elif getattr(layer, "is_lane", False):  # op LANE: one weight word per (cw, ky, kx), issued once per pixel
+        n_out, weight_words, row_issue = cw * lanes, window_words, w.out_width * window_words
     else:
         n_out = layer.n_out
         weight_words, row_issue = n_out * window_words, w.out_width * n_out * window_words

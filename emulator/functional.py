@@ -12,7 +12,9 @@ never from the compiler's layer descriptions. Two parts:
   per inference ``(input flits if forward) ++ (the P pass flits) ++ (its n_pix * N_r result words)``
   (section 4: RECV, COMPUTE, PASS, EMIT; COMPUTE emits nothing, so the data order is the same).
   Results follow section 4.1 (windowed layers): the windows of every output pixel are gathered
-  im2col-style with index arrays; a dense layer is the 1x1 case and takes the same path.
+  im2col-style with index arrays; a dense layer is the 1x1 case and takes the same path. The same
+  gather serves MAC (a GEMM over the window), MAX (a lane-wise max) and LANE (a lane-wise
+  multiply-accumulate with per-lane requantization: depthwise convolution, average pools).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, OP_MAC, OP_MAX, SHIFT_BITS, Arch
+from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, OP_LANE, OP_MAC, OP_MAX, SHIFT_BITS, Arch
 from flowtile.program import Program, TileProgram, compute_issue_cycles, result_words
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
@@ -57,7 +59,7 @@ class TileCounts:
     n_pass: int         # P: PASS transfers
     n_out: int          # N_o: output channels computed (0: no COMPUTE, no EMIT)
     n_result_words: int  # n_pix * ceil(N_o / L): EMIT transfers
-    issue_cycles: int = 0  # I: COMPUTE cycles that issue an SRAM read (n_pix * N_o * K_w, or MAX's count)
+    issue_cycles: int = 0  # I: COMPUTE cycles that issue an SRAM read (n_pix * N_o * K_w, or n_pix * CW * KH*KW)
     op: int = OP_MAC
 
     @property
@@ -86,8 +88,9 @@ class TileCounts:
 
     @property
     def mac_issue_cycles(self) -> int:
-        """Issue cycles that multiply-accumulate ``L`` lanes (none for max pooling)."""
-        return self.issue_cycles if self.op == OP_MAC else 0
+        """Issue cycles that multiply-accumulate ``L`` lanes: every one for MAC and LANE (which
+        multiplies lane by lane, ``L`` MACs a cycle), none for max pooling."""
+        return self.issue_cycles if self.op in (OP_MAC, OP_LANE) else 0
 
 
 def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
@@ -241,10 +244,12 @@ def _check_window(tile: TileProgram, count: TileCounts, arch: Arch, position: in
         raise EmulatorError(f"{who}: n_in_words = {count.n_in_words} but the input map is "
                             f"{config['in_height']}x{config['in_width']}x{config['words_per_pixel']} = "
                             f"{map_words} words")
-    if count.op not in (OP_MAC, OP_MAX):
-        raise EmulatorError(f"{who}: op = {count.op} is neither OP_MAC ({OP_MAC}) nor OP_MAX ({OP_MAX})")
-    if count.op == OP_MAX and count.n_out != int(config["words_per_pixel"]) * arch.lanes:
-        raise EmulatorError(f"{who}: a max-pool tile needs n_out = words_per_pixel * lanes = "
+    if count.op not in (OP_MAC, OP_MAX, OP_LANE):
+        raise EmulatorError(f"{who}: op = {count.op} is none of OP_MAC ({OP_MAC}), OP_MAX ({OP_MAX}), "
+                            f"OP_LANE ({OP_LANE})")
+    if count.op in (OP_MAX, OP_LANE) and count.n_out != int(config["words_per_pixel"]) * arch.lanes:
+        kind = "max-pool" if count.op == OP_MAX else "lane-wise (OP_LANE)"
+        raise EmulatorError(f"{who}: a {kind} tile needs n_out = words_per_pixel * lanes = "
                             f"{int(config['words_per_pixel']) * arch.lanes}, got {count.n_out}")
 
 
@@ -346,14 +351,16 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     """Result words of one PE for a batch: int8 ``[batch, n_pix * N_r, L]`` (sections 4 and 4.1).
 
     ``activations`` is int8 ``[batch, K, L]``, the RECV flits of each inference, written to SRAM words
-    ``act_base + k`` before COMPUTE reads them and, for MAC, weight words ``w_base + o*K_w + k`` (which
-    see those writes if the two regions overlap).
+    ``act_base + k`` before COMPUTE reads them and, for MAC, weight words ``w_base + o*K_w + k`` (for
+    LANE ``w_base + cw*KH*KW + ky*KW + kx``), which see those writes if the two regions overlap.
     """
     lanes, batch = arch.lanes, activations.shape[0]
     config = tile.config
-    # im2col copies every window: bound its size (float64 below) by working on slices of the batch
+    # im2col copies every window: bound its size (float64 / int64 below) by working on slices of the batch
     per_inference = (count.n_result_words * int(config["kernel_h"]) * int(config["kernel_w"])
                      * int(config["words_per_pixel"]) * lanes)
+    if count.op == OP_LANE:  # n_pix * KH*KW * CW * L window elements (n_result_words already counts CW)
+        per_inference //= int(config["words_per_pixel"])
     chunk = max(1, IM2COL_ELEMENTS // max(1, per_inference))
     if batch > chunk:
         return np.concatenate([pe_results(tile, count, activations[start:start + chunk], arch)
@@ -365,6 +372,8 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
         pooled = windows.max(axis=2)
         pooled = np.clip(pooled, int(config["clamp_lo"]), int(config["clamp_hi"])).astype(np.int8)
         return pooled.reshape(batch, count.n_result_words, lanes)
+    if count.op == OP_LANE:
+        return _lane_results(tile, count, windows, activations, lanes)
 
     n_out = count.n_out
     window_words = windows.shape[2] * windows.shape[3]           # K_w = KH*KW*CW
@@ -395,6 +404,56 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     words = np.zeros((batch, n_pix, per_pixel * lanes), dtype=np.int8)
     words[:, :, :n_out] = result
     return words.reshape(batch, count.n_result_words, lanes)
+
+
+def _weight_memory(tile: TileProgram, count: TileCounts, activations: np.ndarray, w_words: int,
+                   lanes: int) -> np.ndarray:
+    """The ``w_words`` weight words COMPUTE reads from ``w_base``: int8 ``[w_words, L]`` if the weight
+    region is disjoint from the activation buffer, else ``[batch, w_words, L]`` (each inference reads
+    back what its RECV wrote where the regions overlap)."""
+    config = tile.config
+    w_base, act_base = int(config["w_base"]), int(config["act_base"])
+    w_end, act_end = w_base + w_words, act_base + count.n_in_words
+    image = np.zeros((max(w_end, act_end), lanes), dtype=np.int8)
+    stored = tile.sram[: image.shape[0]]
+    image[: stored.shape[0]] = stored
+    if w_end <= act_base or act_end <= w_base:
+        return image[w_base:w_end]
+    memory = np.repeat(image[None], activations.shape[0], axis=0)
+    memory[:, act_base:act_end] = activations
+    return memory[:, w_base:w_end]
+
+
+def _requantize(accumulator: np.ndarray, bias: np.ndarray, multiplier: np.ndarray, shift: np.ndarray,
+                config: dict) -> np.ndarray:
+    """Section 4: ``clamp(((wrap32(bias + acc) * M + 2^(S-1)) >> S) + zp_out, clamp_lo, clamp_hi)``,
+    int64 in, int64 out (parameters broadcast against ``accumulator``)."""
+    accumulator = _wrap_accumulator(bias + accumulator)
+    # |acc * M| < 2^62 and the rounding term is <= 2^61: the int64 arithmetic below is exact.
+    scaled = (accumulator * multiplier + np.left_shift(np.int64(1), shift - 1)) >> shift
+    return np.clip(scaled + int(config["zp_out"]), int(config["clamp_lo"]), int(config["clamp_hi"]))
+
+
+def _lane_results(tile: TileProgram, count: TileCounts, windows: np.ndarray, activations: np.ndarray,
+                  lanes: int) -> np.ndarray:
+    """op = LANE (section 4.1): lane ``l`` of word ``cw`` of output pixel ``q`` accumulates
+    ``bias_c + sum_{ky,kx} W[w_base + cw*KH*KW + ky*KW + kx][l] * A[(ky, kx), cw][l]`` (``c = cw*L + l``)
+    and is requantized with parameter row ``c``; result word ``q*CW + cw``.
+
+    ``windows`` is the im2col gather int8 ``[batch, n_pix, KH*KW, CW, L]``."""
+    config = tile.config
+    batch, n_pix, window, words_per_pixel = windows.shape[:4]
+    weights = _weight_memory(tile, count, activations, words_per_pixel * window, lanes)
+    # weight word cw*KH*KW + k -> [.., KH*KW, CW, L] like the windows
+    weights = np.swapaxes(weights.reshape(weights.shape[:-2] + (words_per_pixel, window, lanes)), -3, -2)
+    # exact in int64: |sum| <= KH*KW * 2^14 (KH, KW <= 255)
+    if weights.ndim == 3:
+        dot = np.einsum("bqkcl,kcl->bqcl", windows, weights, dtype=np.int64)
+    else:
+        dot = np.einsum("bqkcl,bkcl->bqcl", windows, weights, dtype=np.int64)
+    params = np.asarray(tile.params, dtype=np.int64).reshape(words_per_pixel, lanes, 3)
+    result = _requantize(dot, params[..., 0], params[..., 1], params[..., 2], config)
+    return result.astype(np.int8).reshape(batch, n_pix * words_per_pixel, lanes)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 __all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS", "OP_MAC",
-           "OP_MAX", "dense_window_registers"]
+           "OP_MAX", "OP_LANE", "dense_window_registers"]
 
 #: Accumulator width of a PE. Accumulation wraps modulo 2**ACC_BITS (two's complement); the
 #: compiler proves that no layer it emits can reach the wrap (see docs/architecture.md).
@@ -39,12 +39,12 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("clamp_hi", 8, True),
     # Windowed layers (docs/architecture.md section 4.1). A dense layer is the 1x1 case:
     # in_height = in_width = 1, words_per_pixel = n_in_words, 1x1 kernel, one output pixel.
-    ("op", 1, False),            # OP_MAC: multiply-accumulate + requantize; OP_MAX: lane-wise max (max pool)
+    ("op", 2, False),            # OP_MAC (dense/conv), OP_MAX (max pool), OP_LANE (depthwise conv, average pools)
     ("in_height", 8, False),     # input feature map, stored pixel-major (row-major), words_per_pixel words a pixel
     ("in_width", 8, False),
     ("words_per_pixel", 16, False),
-    ("kernel_h", 3, False),      # window size, 1..7
-    ("kernel_w", 3, False),
+    ("kernel_h", 8, False),      # window size (the compiler allows 1..7 for convolutions; global pools are larger)
+    ("kernel_w", 8, False),
     ("stride", 2, False),        # 1..3, both directions
     ("pad_top", 3, False),       # window origin offset; positions outside the map read pad_value lanes
     ("pad_left", 3, False),
@@ -57,6 +57,7 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
 #: Values of the ``op`` register.
 OP_MAC = 0
 OP_MAX = 1
+OP_LANE = 2
 
 
 def dense_window_registers(n_in_words: int) -> dict[str, int]:

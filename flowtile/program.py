@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
+from .arch import OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "output_pixels", "weight_words", "result_words", "compute_issue_cycles"]
@@ -33,8 +33,10 @@ def output_pixels(config: dict) -> int:
 
 def weight_words(config: dict) -> int:
     """SRAM words of weights a tile's registers imply (docs/architecture.md section 4.1)."""
-    if config["op"] != OP_MAC or not config["n_out"]:
+    if not config["n_out"] or config["op"] == OP_MAX:
         return 0
+    if config["op"] == OP_LANE:
+        return config["kernel_h"] * config["kernel_w"] * config["words_per_pixel"]
     return config["n_out"] * config["kernel_h"] * config["kernel_w"] * config["words_per_pixel"]
 
 
@@ -48,7 +50,7 @@ def compute_issue_cycles(config: dict) -> int:
     if not config["n_out"]:
         return 0
     window = config["kernel_h"] * config["kernel_w"]
-    if config["op"] == OP_MAX:
+    if config["op"] in (OP_MAX, OP_LANE):
         return output_pixels(config) * config["words_per_pixel"] * window
     return output_pixels(config) * config["n_out"] * window * config["words_per_pixel"]
 

@@ -37,12 +37,12 @@ from amaranth.hdl import signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import Out
 
-from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, OP_MAX, SHIFT_BITS, Arch
+from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, OP_LANE, OP_MAC, OP_MAX, SHIFT_BITS, Arch
 from flowtile.program import result_words, weight_words
 
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
-    "PARAM_ENTRY_BITS", "WINDOW_RANGES", "LoadEncodingError",
+    "PARAM_ENTRY_BITS", "OPS", "WINDOW_RANGES", "LoadEncodingError",
     "check_arch", "check_tile_position", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
     "encode_param_entry", "encode_config", "encode_config_value", "pack_lanes", "unpack_lanes",
@@ -179,10 +179,11 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
 
     Besides each register's own range, checks the rules of docs/architecture.md sections 4 and 4.1
     that the RTL relies on: ``n_out > 0`` requires ``n_in_words > 0``; ``n_out <= max_tile_outputs``;
-    the weight and activation regions fit the SRAM; the destination tile exists; and for a
-    computing tile the windowing registers (:data:`WINDOW_RANGES`, ``n_in_words = in_height *
-    in_width * words_per_pixel``, ``n_out = words_per_pixel * lanes`` for ``OP_MAX``, result words
-    within the result buffer).
+    the weight and activation regions fit the SRAM; the destination tile exists; ``op`` is one of
+    :data:`OPS` (its register is wider than the ops it names); and for a computing tile the
+    windowing registers (:data:`WINDOW_RANGES`, ``n_in_words = in_height * in_width *
+    words_per_pixel``, ``n_out = words_per_pixel * lanes`` for the channel-preserving ``OP_MAX`` and
+    ``OP_LANE``, result words within the result buffer).
     """
     check_arch(arch, "encode_config")
     names = [name for name, _, _ in CONFIG_FIELDS]
@@ -193,6 +194,9 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     if unknown:
         raise LoadEncodingError(f"config has unknown register(s) {', '.join(unknown)}")
     pairs = [(config_field_index(name), encode_config_value(name, config[name])) for name in names]
+    if config["op"] not in OPS:
+        raise LoadEncodingError(f"config register op = {config['op']} is not an op (known: "
+                                f"{', '.join(f'{value} ({name})' for value, name in OPS.items())})")
     k, n_out = config["n_in_words"], config["n_out"]
     if n_out > 0 and k == 0:
         raise LoadEncodingError(f"config register n_out = {n_out} requires n_in_words > 0")
@@ -215,10 +219,14 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     return pairs
 
 
+#: Values of the ``op`` register the PE implements (docs/architecture.md section 4.1).
+OPS = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE"}
+
 #: Ranges of the windowing registers of a computing tile (docs/architecture.md section 4.1), beyond
-#: what their widths allow.
+#: what their widths allow. Kernels may span a whole 8-bit map (global pools as LANE layers); the
+#: compiler, not the hardware, limits convolutions to 1..7.
 WINDOW_RANGES = {"in_height": (1, None), "in_width": (1, None), "words_per_pixel": (1, None),
-                 "kernel_h": (1, 7), "kernel_w": (1, 7), "stride": (1, 3), "out_rows": (1, None),
+                 "kernel_h": (1, 255), "kernel_w": (1, 255), "stride": (1, 3), "out_rows": (1, None),
                  "out_width": (1, None)}
 
 
@@ -236,12 +244,14 @@ def _check_window(arch: Arch, config: dict) -> None:
         raise LoadEncodingError(f"config register n_in_words = {k} differs from in_height * in_width * "
                                 f"words_per_pixel = {config['in_height']} * {config['in_width']} * "
                                 f"{words_per_pixel} = {map_words}")
-    if config["op"] == OP_MAX and n_out != words_per_pixel * arch.lanes:
+    if config["op"] in (OP_MAX, OP_LANE) and n_out != words_per_pixel * arch.lanes:
         raise LoadEncodingError(f"config register n_out = {n_out} must be words_per_pixel * lanes = "
-                                f"{words_per_pixel * arch.lanes} for op = OP_MAX")
+                                f"{words_per_pixel * arch.lanes} for op = {OPS[config['op']]}")
     w_end = config["w_base"] + weight_words(config)
     if w_end > arch.sram_words:
-        raise LoadEncodingError(f"config registers w_base + n_out * kernel_h * kernel_w * words_per_pixel = "
+        weight_formula = ("kernel_h * kernel_w * words_per_pixel" if config["op"] == OP_LANE
+                          else "n_out * kernel_h * kernel_w * words_per_pixel")
+        raise LoadEncodingError(f"config registers w_base + {weight_formula} = "
                                 f"{w_end} exceed sram_words = {arch.sram_words}")
     results = result_words(config, arch.lanes)
     if results > arch.result_words:

@@ -1,5 +1,6 @@
 """The processing element of one tile: SRAM, parameter table, result buffer and the phase FSM
-(docs/architecture.md section 4; windowed layers, convolution and max pooling, section 4.1)."""
+(docs/architecture.md section 4; windowed layers, convolution, max pooling and lane-wise
+multiply-accumulate (depthwise convolution, average pools), section 4.1)."""
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -8,7 +9,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-from flowtile.arch import ACC_BITS, CONFIG_FIELDS, OP_MAX, Arch
+from flowtile.arch import ACC_BITS, CONFIG_FIELDS, OP_LANE, OP_MAX, Arch
 
 from .layouts import (LANE_BITS, LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, check_arch,
                       config_layout, flit_signature, load_signature, param_layout)
@@ -45,7 +46,12 @@ class PE(wiring.Component):
     :func:`flowtile.program.compute_issue_cycles`), PASS (``n_pass`` transfers), EMIT
     (:func:`flowtile.program.result_words` transfers); an empty phase costs no cycle. Every
     emitted flit carries the configured destination. Arithmetic, windowing (convolution, max
-    pooling; a dense layer is the 1x1 case) and pipeline: sections 4 and 4.1 of docs/architecture.md.
+    pooling, lane-wise MAC; a dense layer is the 1x1 case) and pipeline: sections 4 and 4.1 of
+    docs/architecture.md.
+
+    The parameter table is banked by lane (row ``r`` in bank ``r % L`` at address ``r // L``) so that
+    LANE reads the ``L`` rows ``cw*L + l`` of one word in one cycle; MAC reads row ``o`` from bank
+    ``o % L``. The load bus still addresses rows, the banking is internal.
     """
 
     def __init__(self, arch: Arch, tile_index: int):
@@ -75,9 +81,14 @@ class PE(wiring.Component):
         sram_write = sram.write_port()
         weight_read = sram.read_port()
         activation_read = sram.read_port()
-        m.submodules.param_table = param_table = Memory(shape=params, depth=arch.max_tile_outputs, init=[])
-        param_write = param_table.write_port()
-        param_read = param_table.read_port()
+        # One parameter bank per lane: row r lives in bank r % L at address r // L.
+        param_bank_depth = -(-arch.max_tile_outputs // lanes)
+        param_writes, param_reads = [], []
+        for lane in range(lanes):
+            bank = Memory(shape=params, depth=param_bank_depth, init=[])
+            m.submodules[f"param_bank{lane}"] = bank
+            param_writes.append(bank.write_port())
+            param_reads.append(bank.read_port())
         m.submodules.result_buffer = result_buffer = Memory(
             shape=unsigned(arch.flit_data_bits), depth=arch.result_words, init=[])
         result_write = result_buffer.write_port(granularity=LANE_BITS)
@@ -102,12 +113,14 @@ class PE(wiring.Component):
                     with m.Case(index):
                         offset = config_layout()[name].offset
                         m.d.sync += config.as_value()[offset:offset + width].eq(load.data[:width])
-        m.d.comb += [
-            param_write.addr.eq(load.addr),
-            param_write.data.eq(load.data[:params.size]),
-            param_write.en.eq(load_here & (load.target == LOAD_TARGET_PARAMS)
-                              & (load.addr < arch.max_tile_outputs)),
-        ]
+        param_load = load_here & (load.target == LOAD_TARGET_PARAMS) & (load.addr < arch.max_tile_outputs)
+        load_bank = load.addr[:lane_bits_log2] if lane_bits_log2 else 0
+        for lane, param_write in enumerate(param_writes):
+            m.d.comb += [
+                param_write.addr.eq(load.addr >> lane_bits_log2),
+                param_write.data.eq(load.data[:params.size]),
+                param_write.en.eq(param_load & (load_bank == lane)),
+            ]
 
         # --- phase sequencing --------------------------------------------------------------------
         def first_nonempty(candidates, otherwise):
@@ -203,9 +216,13 @@ class PE(wiring.Component):
 
         # --- COMPUTE: issue (cycle c), accumulate or max (c+1), requantize or clamp and write (c+2) --
         # Loop nest of section 4.1, innermost last. MAC: output row, output column, output channel o,
-        # ky, kx, cw (the weight order). MAX: output row, output column, cw, ky, kx. Each counter
-        # steps when every counter inside it wraps; the two orders only differ in where cw sits.
+        # ky, kx, cw (the weight order). MAX and LANE: output row, output column, cw, ky, kx (LANE's
+        # weight order). Each counter steps when every counter inside it wraps; the two orders only
+        # differ in where cw sits.
         is_max = config.op == OP_MAX
+        is_lane = config.op == OP_LANE
+        # MAX and LANE produce one whole result word per (pixel, cw) and preserve channels.
+        per_word = is_max | is_lane
         in_compute = running & (phase == Phase.COMPUTE)
         out_row = Signal.like(config.out_rows)            # relative to out_row_begin
         out_col = Signal.like(config.out_width)
@@ -224,12 +241,12 @@ class PE(wiring.Component):
         last_out_col = out_col == config.out_width - 1
         last_out_row = out_row == config.out_rows - 1
         window_done = last_kernel_x & last_kernel_y
-        # One output value (MAC: channel o; MAX: word cw) is finished with this issue.
+        # One output value (MAC: channel o; MAX, LANE: word cw) is finished with this issue.
         first_of_output = Signal()
         last_of_output = Signal()
         pixel_done = Signal()
         step_word, step_kernel_x, step_kernel_y, step_channel = Signal(), Signal(), Signal(), Signal()
-        with m.If(is_max):
+        with m.If(per_word):
             m.d.comb += [
                 step_kernel_x.eq(1),
                 step_kernel_y.eq(last_kernel_x),
@@ -253,9 +270,9 @@ class PE(wiring.Component):
             with m.If(step):
                 m.d.sync += counter.eq(Mux(last, 0, counter + 1))
 
-        # Result words of the pixels issued so far (q * N_r for MAC, q * CW for MAX): a running sum
-        # instead of a multiplier. It survives COMPUTE as the EMIT count.
-        pixel_result_words = Mux(is_max, config.words_per_pixel, n_result_words)
+        # Result words of the pixels issued so far (q * N_r for MAC, q * CW for MAX and LANE): a
+        # running sum instead of a multiplier. It survives COMPUTE as the EMIT count.
+        pixel_result_words = Mux(per_word, config.words_per_pixel, n_result_words)
         result_base = Signal.like(transfers)
         weight_address = Signal(max(sram_address_bits, 1))
         with m.If(issuing):
@@ -265,7 +282,8 @@ class PE(wiring.Component):
             count(channel, step_channel, last_channel)
             count(out_col, pixel_done, last_out_col)
             count(out_row, pixel_done & last_out_col, last_out_row)
-            # A MAC pixel reads the weights w_base .. w_base + N_o*K_w - 1 in order, then starts over.
+            # A pixel reads its weights in issue order (MAC: w_base .. w_base + N_o*K_w - 1; LANE:
+            # w_base .. w_base + CW*KH*KW - 1), then starts over.
             m.d.sync += weight_address.eq(Mux(pixel_done, config.w_base, weight_address + 1))
             with m.If(pixel_done):
                 m.d.sync += [result_base.eq(result_base + pixel_result_words),
@@ -297,8 +315,12 @@ class PE(wiring.Component):
         m.d.comb += [
             weight_read.addr.eq(weight_address),
             activation_read.addr.eq((config.act_base + activation_offset)[:max(sram_address_bits, 1)]),
-            param_read.addr.eq(channel),
         ]
+        # MAC needs row o (bank o % L, address o // L); LANE needs rows cw*L + l of every lane l
+        # (address cw in every bank).
+        param_address = Mux(is_lane, word, channel >> lane_bits_log2)
+        for param_read in param_reads:
+            m.d.comb += param_read.addr.eq(param_address)
 
         # Stage 1: the words read for cycle c are present. The in-bounds decision was registered at
         # issue; a padded position replaces the (meaningless) SRAM word by pad_value in every lane.
@@ -308,7 +330,7 @@ class PE(wiring.Component):
         stage1_padded = Signal()
         stage1_result_address = Signal.like(result_base)
         stage1_result_lane = Signal(max(lane_bits_log2, 1))
-        result_offset = Mux(is_max, word, channel >> lane_bits_log2)
+        result_offset = Mux(per_word, word, channel >> lane_bits_log2)
         m.d.sync += [
             stage1_valid.eq(issuing),
             stage1_first.eq(first_of_output),
@@ -322,47 +344,72 @@ class PE(wiring.Component):
         def lane_of(value, lane):
             return value[LANE_BITS * lane:LANE_BITS * (lane + 1)].as_signed()
 
-        param_row = param_read.data
+        # Parameter rows present in stage 1, one per lane: LANE uses bank l for lane l; MAC uses only
+        # lane 0's accumulator and requantizer, fed with row o from bank o % L (stage1_result_lane is
+        # o mod L, registered with the read address).
+        mac_param_row = param_reads[0].data
+        if lanes > 1:
+            mac_param_row = Signal(params)
+            with m.Switch(stage1_result_lane):
+                for lane in range(lanes):
+                    with m.Case(lane):
+                        m.d.comb += mac_param_row.eq(param_reads[lane].data)
+        lane0_param_row = Signal(params)
+        m.d.comb += lane0_param_row.eq(Mux(is_lane, param_reads[0].data.as_value(), mac_param_row.as_value()))
+        lane_param_rows = [lane0_param_row] + [param_reads[lane].data for lane in range(1, lanes)]
+
         products = [lane_of(weight_read.data, lane) * lane_of(activation, lane) for lane in range(lanes)]
         lane_sum = Signal(signed(2 * LANE_BITS + lane_bits_log2))
         m.d.comb += lane_sum.eq(sum(products[1:], products[0]))
-        accumulator = Signal(signed(ACC_BITS))
+        # MAC accumulates the lane sum in accumulator 0; LANE accumulates each lane's product in its own.
+        accumulators = [Signal(signed(ACC_BITS), name=f"accumulator{lane}") for lane in range(lanes)]
+        addends = [Mux(is_lane, products[0], lane_sum)] + products[1:]
         # MAX: lane-wise signed maximum over the window, starting from its first word.
         window_max = Signal(unsigned(arch.flit_data_bits))
         with m.If(stage1_valid & ~is_max):
-            # Assigning into ACC_BITS wraps modulo 2**ACC_BITS, as the contract requires.
-            m.d.sync += accumulator.eq(Mux(stage1_first, param_row.bias, accumulator) + lane_sum)
+            for accumulator, addend, param_row in zip(accumulators, addends, lane_param_rows):
+                # Assigning into ACC_BITS wraps modulo 2**ACC_BITS, as the contract requires.
+                m.d.sync += accumulator.eq(Mux(stage1_first, param_row.bias, accumulator) + addend)
         with m.If(stage1_valid & is_max):
             m.d.sync += window_max.eq(Cat(*(
                 Mux(stage1_first | (lane_of(activation, lane) > lane_of(window_max, lane)),
                     lane_of(activation, lane), lane_of(window_max, lane))
                 for lane in range(lanes))))
 
-        # Stage 2: requantize the finished accumulator on the exact wide value (MAC), or clamp the
-        # window maximum lane by lane (MAX).
+        # Stage 2: requantize the finished accumulators on the exact wide value (MAC: lane 0 only;
+        # LANE: all lanes in parallel), or clamp the window maximum lane by lane (MAX).
         stage2_valid = Signal()
         stage2_result_address = Signal.like(stage1_result_address)
         stage2_result_lane = Signal.like(stage1_result_lane)
-        stage2_multiplier = Signal.like(param_row.multiplier)
-        stage2_shift = Signal.like(param_row.shift)
         m.d.sync += [
             stage2_valid.eq(stage1_valid & stage1_last),
             stage2_result_address.eq(stage1_result_address),
             stage2_result_lane.eq(stage1_result_lane),
-            stage2_multiplier.eq(param_row.multiplier),
-            stage2_shift.eq(param_row.shift),
         ]
+        stage2_multipliers, stage2_shifts = [], []
+        for lane, param_row in enumerate(lane_param_rows):
+            multiplier = Signal.like(param_row.multiplier, name=f"stage2_multiplier{lane}")
+            shift = Signal.like(param_row.shift, name=f"stage2_shift{lane}")
+            m.d.sync += [multiplier.eq(param_row.multiplier), shift.eq(param_row.shift)]
+            stage2_multipliers.append(multiplier)
+            stage2_shifts.append(shift)
 
         def clamp(value):
             lower_bounded = Mux(value < config.clamp_lo, config.clamp_lo, value)
             return Mux(lower_bounded > config.clamp_hi, config.clamp_hi, lower_bounded)
 
-        product = accumulator * stage2_multiplier
-        rounding_width = product.shape().width + 1
-        rounding = (Const(1, rounding_width) << stage2_shift)[:rounding_width] >> 1
-        shifted = (product + rounding) >> stage2_shift
-        requantized = Signal(signed(LANE_BITS))
-        m.d.comb += requantized.eq(clamp(shifted + config.zp_out))
+        def requantize(lane, accumulator, multiplier, shift):
+            """Section 4's y = clamp(((acc * M + 2^(S-1)) >> S) + zp_out) on the exact wide value."""
+            product = accumulator * multiplier
+            rounding_width = product.shape().width + 1
+            rounding = (Const(1, rounding_width) << shift)[:rounding_width] >> 1
+            shifted = (product + rounding) >> shift
+            result = Signal(signed(LANE_BITS), name=f"requantized{lane}")
+            m.d.comb += result.eq(clamp(shifted + config.zp_out))
+            return result
+
+        requantized = [requantize(lane, *operands)
+                       for lane, operands in enumerate(zip(accumulators, stage2_multipliers, stage2_shifts))]
         clamped_max = Signal(unsigned(arch.flit_data_bits))
         m.d.comb += clamped_max.eq(Cat(*(clamp(lane_of(window_max, lane))[:LANE_BITS] for lane in range(lanes))))
 
@@ -371,15 +418,17 @@ class PE(wiring.Component):
         with m.If(stage2_valid & in_compute):
             with m.If(is_max):
                 m.d.comb += [result_write.data.eq(clamped_max), result_write.en.eq(all_lanes)]
+            with m.Elif(is_lane):
+                m.d.comb += [result_write.data.eq(Cat(*requantized)), result_write.en.eq(all_lanes)]
             with m.Elif(stage2_result_lane == 0):
                 # Lane 0 opens a word: clear the lanes beyond N_o left over from an earlier inference.
                 m.d.comb += [
-                    result_write.data.eq(requantized.as_unsigned()),
+                    result_write.data.eq(requantized[0].as_unsigned()),
                     result_write.en.eq(all_lanes),
                 ]
             with m.Else():
                 m.d.comb += [
-                    result_write.data.eq(Cat(*([requantized] * lanes))),
+                    result_write.data.eq(Cat(*([requantized[0]] * lanes))),
                     result_write.en.eq(Const(1, lanes) << stage2_result_lane),
                 ]
 

@@ -1,4 +1,4 @@
-"""Hand-built flowtile programs for tests: dense, convolution and max-pool layers mapped onto the chain
+"""Hand-built flowtile programs for tests: dense, convolution, depthwise and max-pool layers mapped onto the chain
 as docs/architecture.md sections 1 and 4.1 describe, without the compiler.
 
     layers = [Dense(W, bias, multiplier, shift, zp_out, clamp_lo, clamp_hi, tiles=2), ...]
@@ -17,7 +17,12 @@ A windowed tile (section 4.1) computes a band of output rows for every output ch
 holds all weights at ``w_base = 0``, SRAM row ``o*K_w + (ky*KW + kx)*CW + cw`` lane ``l`` = weight
 ``[o, cw*L + l, ky, kx]`` (zero for padding channels), ``act_base = C_out * K_w``, ``pad_value`` = the
 input zero point; a max-pool tile has no weights (``act_base = 0``), ``n_out = CW * L`` zero parameter
-rows and ``pad_value = -128``. Feature maps travel pixel-major, ``CW = ceil(C / L)`` words a pixel;
+rows and ``pad_value = -128``. A depthwise tile (``op = LANE``) holds its ``CW * KH * KW`` weight words at
+``w_base = 0``, SRAM row ``cw*KH*KW + ky*KW + kx`` lane ``l`` = weight ``[cw*L + l, ky, kx]``, ``act_base =
+CW * KH * KW``, ``n_out = CW * L`` parameter rows ``(bias, multiplier, shift)`` of channel ``cw*L + l``
+(padding channels: zero weights and the row ``(0, 0, 1)``, so their lanes hold ``clamp(zp_out)``),
+``pad_value`` = the input zero point; an average pool is a depthwise layer with all-one weights
+(:func:`average_pool`). Feature maps travel pixel-major, ``CW = ceil(C / L)`` words a pixel;
 a dense layer after a map reads its ``H * W * CW`` words as its input, i.e. its ``n_in`` is
 ``H * W * CW * L`` (the flattened wire order, padding lanes included).
 Tiles after the last layer pass the output through (``tail="pass"``), or stay idle while the last
@@ -29,10 +34,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from flowtile.arch import CONFIG_FIELDS, OP_MAC, OP_MAX, Arch, dense_window_registers
+from flowtile.arch import CONFIG_FIELDS, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 
-__all__ = ["Dense", "Conv", "MaxPool", "build_program", "dense_golden", "split_outputs", "split_rows",
+__all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "average_pool", "build_program", "dense_golden", "split_outputs", "split_rows",
            "blank_config", "window_output_size"]
 
 
@@ -78,6 +83,53 @@ class Conv(NamedTuple):
     @property
     def kernel(self) -> tuple[int, int]:
         return self.weights.shape[2], self.weights.shape[3]
+
+
+class Depthwise(NamedTuple):
+    """One int8 depthwise 2-D convolution (``group = C``, one filter per channel; op = LANE of section
+    4.1). ``bias``/``multiplier``/``shift`` are scalars or per-channel; padding reads ``zp_in``.
+    ``tiles``: chain tiles (output row bands), or the explicit output row count of each."""
+
+    weights: np.ndarray            # int8 [C, KH, KW]
+    bias: np.ndarray | int         # int32-range [C]
+    multiplier: np.ndarray | int
+    shift: np.ndarray | int
+    zp_in: int = 0
+    zp_out: int = 0
+    clamp_lo: int = -128
+    clamp_hi: int = 127
+    stride: int = 1
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    tiles: int | Sequence[int] = 1
+
+    @property
+    def channels(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return self.weights.shape[1], self.weights.shape[2]
+
+    def lane_parameters(self, lanes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Padded to ``CW * L`` channels: weights int8 ``[CW*L, KH, KW]`` and the parameter table int64
+        ``[CW*L, 3]`` (padding channels: zero weights, row ``(0, 0, 1)``)."""
+        channels = self.channels
+        padded = -(-channels // lanes) * lanes
+        weights = np.zeros((padded,) + self.kernel, dtype=np.int8)
+        weights[:channels] = np.asarray(self.weights, dtype=np.int8)
+        params = np.zeros((padded, 3), dtype=np.int64)
+        params[:, 2] = 1
+        params[:channels] = np.stack([_per_output(self.bias, channels), _per_output(self.multiplier, channels),
+                                      _per_output(self.shift, channels)], axis=1)
+        return weights, params
+
+
+def average_pool(channels: int, kernel_h: int, kernel_w: int, multiplier: int, shift: int, **kwargs) -> Depthwise:
+    """An average pool as section 4.1 maps it: a depthwise layer with all-one weights (``M / 2^S ~=
+    s_x / (KH*KW*s_y)``; the bias folds the input zero point). ``kwargs``: the other Depthwise fields."""
+    kwargs.setdefault("bias", 0)
+    return Depthwise(np.ones((channels, kernel_h, kernel_w), np.int8), multiplier=multiplier, shift=shift,
+                     **kwargs)
 
 
 class MaxPool(NamedTuple):
@@ -190,6 +242,17 @@ def _window_tiles(layer, shape: tuple[int, int, int], lanes: int, act_fill):
         common.update(op=OP_MAC, n_out=c_out, act_base=c_out * window_words, pad_value=layer.zp_in,
                       zp_out=layer.zp_out)
         out_channels, per_pixel = c_out, -(-c_out // lanes)
+    elif isinstance(layer, Depthwise):
+        if layer.channels != channels:
+            raise ValueError(f"Depthwise has {layer.channels} channels, its input map has {channels}")
+        padded, params = layer.lane_parameters(lanes)
+        window = kernel_h * kernel_w
+        # word cw*KH*KW + ky*KW + kx, lane l: weight of channel cw*L + l at (ky, kx)
+        weights = (padded.reshape(words_per_pixel, lanes, window).transpose(0, 2, 1)
+                   .reshape(words_per_pixel * window, lanes))
+        common.update(op=OP_LANE, n_out=words_per_pixel * lanes, act_base=words_per_pixel * window,
+                      pad_value=layer.zp_in, zp_out=layer.zp_out)
+        out_channels, per_pixel = channels, words_per_pixel
     else:
         weights = np.zeros((0, lanes), dtype=np.int8)
         params = np.zeros((words_per_pixel * lanes, 3), dtype=np.int64)
@@ -206,7 +269,7 @@ def _window_tiles(layer, shape: tuple[int, int, int], lanes: int, act_fill):
     return tiles, (out_channels, out_height, out_width)
 
 
-def build_program(arch: Arch, layers: Sequence[Dense | Conv | MaxPool], *, tail: str = "pass",
+def build_program(arch: Arch, layers: Sequence[Dense | Conv | Depthwise | MaxPool], *, tail: str = "pass",
                   act_fill: np.random.Generator | None = None,
                   input_shape: tuple[int, int, int] | None = None) -> Program:
     """A validated Program for ``layers`` on ``arch``. ``act_fill``: fill activation buffers with
@@ -236,6 +299,8 @@ def build_program(arch: Arch, layers: Sequence[Dense | Conv | MaxPool], *, tail:
             out_pixels = out_shape[1] * out_shape[2]
             if isinstance(layer, Conv):  # report only: n_in * n_out = the layer's MACs
                 info = ("conv", shape[0] * kernel_h * kernel_w, out_shape[0] * out_pixels, layer.clamp_lo > -128)
+            elif isinstance(layer, Depthwise):
+                info = ("depthwise", kernel_h * kernel_w, out_shape[0] * out_pixels, layer.clamp_lo > -128)
             else:
                 info = ("maxpool", 0, out_shape[0] * out_pixels, layer.clamp_lo > -128)
             shape = out_shape

@@ -16,7 +16,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from compiler import (CompileError, build_program, compile_model, config_cycles, import_onnx, lower_layers,
                       assign_tiles, quantize_multiplier, reference_forward, report, tile_cycles, weight_rows)
 from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
-from flowtile.arch import OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
+from flowtile.arch import OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.program import Program, result_words, weight_words
 
@@ -100,6 +100,53 @@ def max_lsb_diff(model: onnx.ModelProto, x: np.ndarray, **import_options) -> int
     return int(np.abs(ours - theirs).max())
 
 
+def per_layer_lsb(imported, layers, x: np.ndarray) -> list[int]:
+    """max |reference_forward - onnxruntime| of each layer alone, fed onnxruntime's own quantized input.
+
+    Every activation QuantizeLinear output of the QDQ model becomes a graph output; layer ``i``'s output is the
+    ``i+1``-th quantization of a computed value (not the requantization of a Relu/Flatten/Reshape of a
+    dequantized tensor) followed by such requantizations, its input the quantization just before. End to end,
+    one layer's 1-LSB rounding difference (round half up on chip, half to even in onnxruntime) can grow
+    through later layers.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(imported.qdq_model)
+    consts = {t.name for t in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+
+    def requantizes(node):  # Q(Relu|Flatten|Reshape(DQ(...))): the same values, maybe max(q, zp)
+        source = producer.get(node.input[0])
+        return (source is not None and source.op_type in ("Relu", "Flatten", "Reshape")
+                and producer.get(source.input[0]) is not None
+                and producer[source.input[0]].op_type == "DequantizeLinear")
+
+    quantized = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts]
+    params = []
+    for n in quantized:
+        scale = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[1]))
+        zp = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[2]))
+        params.append(QuantParams(float(scale), int(zp), "uint8" if zp.dtype == np.uint8 else "int8"))
+        model.graph.output.append(helper.make_value_info(n.output[0], onnx.TypeProto()))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = session.run([n.output[0] for n in quantized], {session.get_inputs()[0].name: x})
+    values = [v.reshape(len(x), -1).astype(np.int64) - (128 if v.dtype == np.uint8 else 0) for v in values]
+    diffs, j = [], 1
+    for imported_layer, layer in zip(imported.layers, layers):
+        size = int(np.prod(layer.out_shape))
+        while requantizes(quantized[j]):
+            j += 1
+        assert params[j] == imported_layer.output and values[j].shape[1] == size
+        source = values[j - 1]
+        while j + 1 < len(values) and requantizes(quantized[j + 1]):
+            j += 1
+        ours = reference_forward([layer], source.astype(np.int8)).astype(np.int64)
+        diffs.append(int(np.abs(ours - values[j]).max()))
+        j += 1
+    return diffs
+
+
 def check_program(program: Program, tmp_path: Path) -> None:
     """Partition and emission invariants, then validate and a save/load round trip."""
     arch, lanes = program.arch, program.arch.lanes
@@ -166,6 +213,10 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
         k_w = kh * kw * cw
         weight = tile.sram[c["w_base"]:c["w_base"] + n_out * k_w].astype(np.int64).reshape(n_out, k_w * lanes)
         bias, mult, shift = tile.params.T
+    elif c["op"] == OP_LANE:  # word cw*KH*KW + ky*KW + kx, lane l: channel cw*L + l; parameter row cw*L + l
+        assert n_out == cw * lanes
+        weight = tile.sram[c["w_base"]:c["w_base"] + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
+        bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
     out = []
     for oy in range(c["out_row_begin"], c["out_row_begin"] + c["out_rows"]):
         for ox in range(c["out_width"]):
@@ -179,6 +230,10 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
             if c["op"] == OP_MAC:
                 acc = bias + weight @ window.reshape(-1)
                 y = np.clip(((acc * mult + (1 << (shift - 1))) >> shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
+            elif c["op"] == OP_LANE:
+                acc = bias + np.einsum("wkl,kwl->wl", weight, window)  # lane by lane, [CW, L]
+                y = np.clip(((acc * mult + (1 << (shift - 1))) >> shift) + c["zp_out"], c["clamp_lo"],
+                            c["clamp_hi"]).reshape(-1)
             else:
                 y = np.clip(window.max(axis=0).reshape(-1), c["clamp_lo"], c["clamp_hi"])
             padded = np.zeros(n_r * lanes, np.int64)
@@ -544,17 +599,24 @@ def test_dynamic_feature_dimension_is_rejected():
 # --------------------------------------------------------------------------------------------------
 def float_cnn(rng, input_shape, ops, *, opset=17):
     """A float CNN on ``[N, *input_shape]``. ``ops``: ("conv", out_channels, kernel, stride, pads[, extra attrs]),
-    ("pool", kernel, stride, pads[, extra attrs]), ("relu",), ("clip", max), ("flatten",), ("gemm", n_out),
-    ("node", op_type, attrs) (a raw single-input node). Pads are [top, left, bottom, right]."""
+    ("dw", kernel, stride, pads[, extra attrs]) (depthwise Conv, group = channels), ("pool", kernel, stride,
+    pads[, extra attrs]), ("avgpool", kernel, stride, pads[, extra attrs]), ("gap",) (GlobalAveragePool),
+    ("relu",), ("clip", max), ("flatten",), ("gemm", n_out), ("node", op_type, attrs) (a raw single-input
+    node). Pads are [top, left, bottom, right]."""
     nodes, inits, x = [], [], "x"
     channels, height, width = input_shape
     flat = None
     for i, op in enumerate(ops):
         out = f"t{i}"
+        if op[0] == "dw":
+            _, k, stride, pads, *extra = op
+            op = ("conv", channels, k, stride, pads, {"group": channels, **(extra[0] if extra else {})})
         if op[0] == "conv":
             _, o, k, stride, pads, *extra = op
             kh, kw = (k, k) if isinstance(k, int) else k
-            w = (rng.standard_normal((o, channels, kh, kw)) / np.sqrt(channels * kh * kw)).astype(np.float32)
+            group = (extra[0] if extra else {}).get("group", 1)
+            per_group = channels // group if o % group == 0 and channels % group == 0 else channels
+            w = (rng.standard_normal((o, per_group, kh, kw)) / np.sqrt(per_group * kh * kw)).astype(np.float32)
             inits += [numpy_helper.from_array(w, f"k{i}"),
                       numpy_helper.from_array((0.1 * rng.standard_normal(o)).astype(np.float32), f"kb{i}")]
             attrs = dict(kernel_shape=[kh, kw], strides=[stride, stride], pads=list(pads), **(extra[0] if extra else {}))
@@ -568,13 +630,20 @@ def float_cnn(rng, input_shape, ops, *, opset=17):
                 kh = kw = stride = 1
             height = (height + pads[0] + pads[2] - kh) // stride + 1
             width = (width + pads[1] + pads[3] - kw) // stride + 1
-        elif op[0] == "pool":
+        elif op[0] in ("pool", "avgpool"):
             _, k, stride, pads, *extra = op
             attrs = dict(kernel_shape=[k, k], strides=[stride, stride], pads=list(pads), **(extra[0] if extra else {}))
-            nodes.append(helper.make_node("MaxPool", [x], [out], name=f"pool{i}", **attrs))
+            if op[0] == "pool":
+                nodes.append(helper.make_node("MaxPool", [x], [out], name=f"pool{i}", **attrs))
+            else:
+                attrs.setdefault("count_include_pad", 1)
+                nodes.append(helper.make_node("AveragePool", [x], [out], name=f"avgpool{i}", **attrs))
             rounding = np.ceil if attrs.get("ceil_mode") else np.floor
             height = int(rounding((height + pads[0] + pads[2] - k) / stride)) + 1
             width = int(rounding((width + pads[1] + pads[3] - k) / stride)) + 1
+        elif op[0] == "gap":
+            nodes.append(helper.make_node("GlobalAveragePool", [x], [out], name=f"gap{i}"))
+            height = width = 1
         elif op[0] == "relu":
             nodes.append(helper.make_node("Relu", [x], [out], name=f"relu{i}"))
         elif op[0] == "clip":
@@ -640,6 +709,12 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                 if layer.is_pool:
                     assert c["op"] == OP_MAX and c["n_out"] == cw * lanes and not t.params.any()
                     assert c["pad_value"] == -128 and t.sram.shape[0] == 0
+                elif layer.is_lane:
+                    assert c["op"] == OP_LANE and c["n_out"] == cw * lanes and c["pad_value"] == layer.pad_value
+                    assert t.sram.shape == (cw * w.kernel_h * w.kernel_w, lanes) == weight_rows(layer, lanes).shape
+                    assert np.array_equal(t.sram, weight_rows(layer, lanes))
+                    assert np.array_equal(t.params[:w.channels], layer.params)
+                    assert (t.params[w.channels:] == [0, 0, 1]).all()
                 else:
                     assert c["op"] == OP_MAC and c["n_out"] == layer.n_out and c["pad_value"] == layer.pad_value
                     assert np.array_equal(t.sram.reshape(layer.n_out, -1), weight_rows(layer, lanes))
@@ -805,8 +880,16 @@ UNSUPPORTED = [
     ([("conv", 4, 3, 1, [0, 0, 0, 0], {"auto_pad": "SAME_UPPER"})], r"node 'conv0' \(Conv\): attribute 'auto_pad' = SAME_UPPER"),
     ([("conv", 4, 3, 1, [8, 8, 8, 8])], r"node 'conv0' \(Conv\): attribute 'pads' = \[8, 8, 8, 8\]"),
     ([("conv", 4, 3, 1, [0, 0, 0, 0]), ("pool", 2, 2, [0, 0, 0, 0], {"ceil_mode": 1})], r"node 'pool1' \(MaxPool\): attribute 'ceil_mode' = 1"),
-    ([("conv", 4, 3, 1, [1, 1, 1, 1]), ("node", "GlobalAveragePool", {})], r"node 'globalaveragepool1' \(GlobalAveragePool\)"),
     ([("node", "AveragePool", {"kernel_shape": [2, 2]})], r"node 'averagepool0' \(AveragePool\)"),
+    ([("conv", 4, 3, 1, [1, 1, 1, 1]), ("avgpool", 3, 1, [1, 1, 1, 1], {"count_include_pad": 0})],
+     r"node 'avgpool1' \(AveragePool\): attribute 'count_include_pad' = 0 with 'pads' = \[1, 1, 1, 1\]"),
+    ([("conv", 4, 3, 1, [1, 1, 1, 1]), ("avgpool", 2, 2, [0, 0, 0, 0], {"ceil_mode": 1})],
+     r"node 'avgpool1' \(AveragePool\): attribute 'ceil_mode' = 1"),
+    ([("conv", 6, 3, 1, [1, 1, 1, 1]), ("conv", 6, 3, 1, [1, 1, 1, 1], {"group": 3})],
+     r"node 'conv1' \(Conv\): attribute 'group' = 3 is unsupported"),
+    ([("conv", 6, 3, 1, [1, 1, 1, 1]), ("conv", 12, 3, 1, [1, 1, 1, 1], {"group": 6})],
+     r"node 'conv1' \(Conv\): attribute 'group' = 6 is unsupported"),
+    ([("dw", 8, 1, [1, 1, 1, 1])], r"node 'conv0' \(Conv\): attribute 'kernel_shape' = \[8, 8\]"),
 ]
 
 
@@ -913,3 +996,212 @@ def _toposort(nodes):
             produced.update(n.output)
             nodes.remove(n)
     return done
+
+
+# --------------------------------------------------------------------------------------------------
+# op = LANE (docs/architecture.md section 4.1): depthwise Conv, AveragePool, GlobalAveragePool
+# --------------------------------------------------------------------------------------------------
+def random_lane_cnn(rng) -> tuple[tuple[int, int, int], list]:
+    """A small random CNN with depthwise blocks and average/global pools: maps 4..12, channels 1..20."""
+    channels, height, width = int(rng.integers(1, 21)), int(rng.integers(4, 13)), int(rng.integers(4, 13))
+    shape = (channels, height, width)
+    ops: list = []
+
+    def window(max_kernel):
+        side = min(height, width)
+        k = int(rng.integers(1, min(max_kernel, side + 2) + 1))
+        pads = [int(rng.integers(0, min(k - 1, 3) + 1)) for _ in range(4)]
+        while min(height + pads[0] + pads[2], width + pads[1] + pads[3]) < k:
+            k -= 1
+            pads = [min(p, k - 1) for p in pads]
+        stride = int(rng.integers(1, 4))
+        return k, stride, pads
+
+    def advance(k, stride, pads):
+        return (height + pads[0] + pads[2] - k) // stride + 1, (width + pads[1] + pads[3] - k) // stride + 1
+
+    def activation():
+        choice = rng.integers(0, 3)
+        if choice == 1:
+            ops.append(("relu",))
+        elif choice == 2:
+            ops.append(("clip", float(rng.choice([0.5, 1.0, 6.0]))))
+
+    if rng.random() < 0.5:  # a dense Conv first, or straight into a depthwise one
+        channels = int(rng.integers(1, 21))
+        ops.append(("conv", channels, 3, 1, [1, 1, 1, 1]))
+    else:
+        k, stride, pads = window(7)
+        ops.append(("dw", k, stride, pads))
+        height, width = advance(k, stride, pads)
+    activation()
+    for _ in range(int(rng.integers(1, 4))):
+        kind = rng.choice(["dw", "avgpool", "conv"], p=[0.45, 0.4, 0.15])
+        if min(height, width) < 2 and kind != "conv":
+            kind = "conv"
+        if kind == "conv":
+            channels = int(rng.integers(1, 21))
+            ops.append(("conv", channels, 1, 1, [0, 0, 0, 0]))
+            activation()
+            continue
+        k, stride, pads = window(7 if kind == "dw" else 4)
+        if kind == "dw":
+            ops.append(("dw", k, stride, pads))
+            activation()
+        else:
+            if not any(pads) and rng.random() < 0.5:
+                ops.append(("avgpool", k, stride, pads, {"count_include_pad": 0}))
+            else:
+                ops.append(("avgpool", k, stride, pads))
+            if rng.random() < 0.3:
+                ops.append(("relu",))
+        height, width = advance(k, stride, pads)
+    ending = rng.integers(0, 3)
+    if ending == 0:
+        ops += [("gap",), ("flatten",), ("gemm", int(rng.integers(2, 8)))]
+    elif ending == 1:
+        ops += [("flatten",), ("gemm", int(rng.integers(2, 8)))]
+    return shape, ops
+
+
+def _lane_case(seed):
+    rng = np.random.default_rng(seed)
+    shape, ops = random_lane_cnn(rng)
+    return rng, shape, ops, "uint8" if seed % 3 == 0 else "int8", seed % 4 != 1
+
+
+LANE_CASES = [
+    # hand-picked: every LANE layer kind, 1 and > L channels, border pads, strides, GAP into Gemm
+    ((3, 8, 8), [("conv", 6, 3, 1, [1, 1, 1, 1]), ("relu",), ("dw", 3, 1, [1, 1, 1, 1]), ("relu",),
+                 ("avgpool", 2, 2, [0, 0, 0, 0]), ("gap",), ("flatten",), ("gemm", 4)], "int8", True),
+    ((1, 12, 12), [("dw", 5, 2, [2, 2, 2, 2]), ("clip", 1.0), ("avgpool", 3, 1, [1, 1, 1, 1]),
+                   ("dw", 7, 3, [3, 0, 1, 2]), ("flatten",), ("gemm", 3)], "uint8", True),
+    ((20, 5, 7), [("dw", 3, 1, [0, 0, 0, 0]), ("relu",), ("avgpool", 3, 1, [0, 0, 0, 0], {"count_include_pad": 0}),
+                  ("gap",), ("reshape",), ("gemm", 5)], "int8", False),
+    ((9, 4, 4), [("conv", 17, 1, 1, [0, 0, 0, 0]), ("relu",), ("dw", 2, 1, [0, 0, 1, 1]),
+                 ("avgpool", 2, 1, [0, 0, 0, 0])], "int8", True),
+    ((5, 6, 9), [("gap",), ("flatten",), ("gemm", 4)], "int8", True),  # quantize_static quantizes a GAP on the input
+    ((7, 5, 5), [("conv", 12, 3, 1, [1, 1, 1, 1]), ("relu",), ("gap",)], "uint8", True),  # a (12, 1, 1) map output
+]
+
+
+def _lane_model(case):
+    if case < len(LANE_CASES):
+        shape, ops, activation, per_channel = LANE_CASES[case]
+        rng = np.random.default_rng(3000 + case)
+    else:
+        rng, shape, ops, activation, per_channel = _lane_case(4000 + case)
+    return rng, shape, ops, activation, per_channel
+
+
+LANE_MAX_DIFF: dict[int, int] = {}
+
+
+@pytest.mark.parametrize("case", range(len(LANE_CASES) + 16))
+def test_lane_layers_match_onnxruntime(case, tmp_path):
+    rng, shape, ops, activation, per_channel = _lane_model(case)
+    model = float_cnn(rng, shape, ops)
+    calibration = rng.standard_normal((32, *shape)).astype(np.float32)
+    qdq = quantize_qdq(model, calibration, activation=activation, per_channel=per_channel, tmp_path=tmp_path)
+    imported = import_onnx(qdq)
+    kinds = {"conv": "Conv", "dw": "DepthwiseConv", "pool": "MaxPool", "avgpool": "AveragePool",
+             "gap": "GlobalAveragePool", "gemm": "Gemm"}
+    expected = [kinds[op[0]] for op in ops if op[0] in kinds]
+    got = [l.op if l.op != "Conv" or e != "DepthwiseConv" or l.n_in > 1 else "DepthwiseConv"  # 1 channel: group 1
+           for l, e in zip(imported.layers, expected)]
+    assert got == expected
+    layers = lower_layers(imported.layers)
+    x = rng.standard_normal((64, *shape)).astype(np.float32)
+    assert max(per_layer_lsb(imported, layers, x)) <= 1, ops
+    ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
+    theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
+    assert ours.shape == theirs.shape
+    LANE_MAX_DIFF[case] = int(np.abs(ours - theirs).max())
+    assert LANE_MAX_DIFF[case] <= 4, ops  # end to end: per-layer 1-LSB differences may accumulate
+    for arch in (Arch(), Arch(rows=4, cols=6, lanes=4, max_tile_outputs=256)):
+        program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
+        check_windowed_program(program, layers, tmp_path)
+        assert np.array_equal(run_functionally(program, quantize(x[:3], program.input)), ours[:3])
+
+
+def test_lane_lowering_of_depthwise_and_average_pools(tmp_path):
+    """Weight words, bias folds, multipliers and padding rows of the three LANE layer kinds."""
+    rng = np.random.default_rng(31)
+    shape = (11, 7, 6)
+    model = float_cnn(rng, shape, [("conv", 11, 3, 1, [1, 1, 1, 1]), ("dw", 3, 2, [1, 1, 0, 0]), ("relu",),
+                                   ("avgpool", 2, 1, [1, 0, 1, 0]), ("gap",), ("flatten",), ("gemm", 3)])
+    qdq = quantize_qdq(model, rng.standard_normal((16, *shape)).astype(np.float32), tmp_path=tmp_path)
+    imported = import_onnx(qdq)
+    dw, avg, gap = imported.layers[1:4]
+    low_dw, low_avg, low_gap = lower_layers(imported.layers)[1:4]
+    assert (dw.op, avg.op, gap.op) == ("DepthwiseConv", "AveragePool", "GlobalAveragePool")
+    assert dw.weight.shape == (11, 1, 3, 3) and low_dw.n_in == low_dw.n_out == 11
+    z = dw.input.int8_zero_point
+    assert np.array_equal(low_dw.bias, dw.bias.astype(np.int64) - z * dw.weight.astype(np.int64).sum(axis=(1, 2, 3)))
+    assert low_dw.pad_value == z
+    for pool, low in ((avg, low_avg), (gap, low_gap)):
+        area = pool.window.kernel_h * pool.window.kernel_w
+        assert (pool.weight == 1).all() and np.array_equal(low.bias, np.full(11, -pool.input.int8_zero_point * area))
+        ratio = pool.input.scale / (area * pool.output.scale)
+        assert np.allclose(low.multiplier / 2.0 ** low.shift, ratio, rtol=1e-8)
+        assert low.pad_value == pool.input.int8_zero_point
+    assert (gap.window.kernel_h, gap.window.kernel_w, gap.window.out_height, gap.window.out_width) == \
+        (avg.window.out_height, avg.window.out_width, 1, 1)
+    lanes = 4
+    words = weight_rows(low_dw, lanes)
+    assert words.shape == (3 * 9, lanes)
+    for c in range(12):
+        for ky in range(3):
+            for kx in range(3):
+                expected = dw.weight[c, 0, ky, kx] if c < 11 else 0
+                assert words[(c // lanes) * 9 + ky * 3 + kx, c % lanes] == expected
+    program = build_program(lower_layers(imported.layers), Arch(lanes=lanes), input_spec=imported.input,
+                            output_spec=imported.output)
+    tile = next(t for t in program.tiles if t.config["op"] == OP_LANE)
+    assert tile.config["n_out"] == 12 and tile.params.shape == (12, 3)
+    assert tuple(tile.params[11]) == (0, 0, 1) and np.array_equal(tile.params[:11], low_dw.params)
+    assert weight_words(tile.config) == 27 and tile.config["act_base"] == 27
+    # report: K + I + 2 + P + n_pix*N_r per tile; MACs of a lane layer are C * OH*OW * KH*KW
+    info = program.layers[1]
+    assert info.macs == 11 * dw.window.out_height * dw.window.out_width * 9
+    w = dw.window
+    assert config_cycles(tile.config, lanes) == (w.height * w.width * 3 + tile.config["out_rows"] * w.out_width * 3 * 9
+                                                 + 2 + tile.config["n_pass"] + tile.config["out_rows"] * w.out_width * 3)
+    assert "DepthwiseConv" in report(program) and "GlobalAveragePool" in report(program)
+
+
+def test_lane_bands_split_output_rows(tmp_path):
+    rng = np.random.default_rng(32)
+    shape = (16, 12, 12)
+    model = float_cnn(rng, shape, [("conv", 16, 1, 1, [0, 0, 0, 0]), ("dw", 3, 1, [1, 1, 1, 1]), ("relu",),
+                                   ("flatten",), ("gemm", 4)])
+    calibration = rng.standard_normal((16, *shape)).astype(np.float32)
+    imported = import_onnx(model, calibration=calibration)
+    layers = lower_layers(imported.layers)
+    arch = Arch(rows=4, cols=4, max_tile_outputs=512)  # 64 result words: 2 rows of 12 pixels x 2 words
+    program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
+    dw_tiles = [t for t in program.tiles if t.config["op"] == OP_LANE]
+    assert len(dw_tiles) >= 2 and all(t.config["out_rows"] <= 2 for t in dw_tiles)
+    check_windowed_program(program, layers, tmp_path)
+    x_q = quantize(rng.standard_normal((2, *shape)).astype(np.float32), program.input)
+    assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
+
+
+def test_lane_network_on_the_emulator(tmp_path):
+    """The emulator's op LANE (written concurrently by its own engineer) agrees with reference_forward."""
+    emulator = pytest.importorskip("emulator")
+    rng, shape, ops, activation, per_channel = _lane_model(0)
+    qdq = quantize_qdq(float_cnn(rng, shape, ops), rng.standard_normal((32, *shape)).astype(np.float32),
+                       activation=activation, per_channel=per_channel, tmp_path=tmp_path)
+    program = compile_model(qdq, Arch())
+    x = rng.standard_normal((8, *shape)).astype(np.float32)
+    x_q, flits = input_flits(program, x)
+    try:
+        result = emulator.emulate(program, flits, len(x))
+    except Exception as error:
+        if "emulator" not in type(error).__module__ or "LANE" not in str(error):
+            raise
+        pytest.skip(f"emulator cannot run op LANE yet: {type(error).__name__}: {error}")
+    q, _ = outputs_from_flits(program, result.out_flits, len(x))
+    imported = import_onnx(qdq)
+    assert np.array_equal(q, reference_forward(lower_layers(imported.layers), x_q))

@@ -1,6 +1,7 @@
 """The emulator against (1) a naive cycle-stepping simulator written here from docs/architecture.md
 sections 3-6 (and 4.1 for windowed layers), flit by flit and cycle by cycle, (2) plain goldens of dense,
-convolution and max-pool layers, and (3) its error reporting on programs it cannot run."""
+convolution, depthwise / average-pool (op = LANE) and max-pool layers, and (3) its error reporting on
+programs it cannot run."""
 from __future__ import annotations
 
 import copy
@@ -12,10 +13,11 @@ import pytest
 from emulator import EmulatorError, emulate
 from emulator.functional import run_functional
 from emulator.timing import PROBE_BATCH, solve_timing
-from flowtile.arch import OP_MAX, Arch
+from flowtile.arch import OP_LANE, OP_MAX, Arch
 from flowtile.host import pack_flits
 from flowtile.program import ProgramError, compute_issue_cycles, result_words
-from program_builder import Conv, Dense, MaxPool, build_program, dense_golden, window_output_size
+from program_builder import (Conv, Dense, Depthwise, MaxPool, average_pool, build_program, dense_golden,
+                             window_output_size)
 
 PORT_ORDER = ("L", "N", "E", "S", "W")
 STEP = {"N": (-1, 0), "E": (0, 1), "S": (1, 0), "W": (0, -1)}
@@ -41,7 +43,7 @@ class ReferencePE:
         # section 4.1's counts: I issue cycles, n_pix * N_r result words (a dense layer: N_o*K and N_r)
         n_pix = config["out_rows"] * config["out_width"]
         window = config["kernel_h"] * config["kernel_w"]
-        if config["op"] == OP_MAX:
+        if config["op"] in (OP_MAX, OP_LANE):
             issue = n_pix * config["words_per_pixel"] * window
         else:
             issue = n_pix * self.n_out * window * config["words_per_pixel"]
@@ -84,6 +86,21 @@ class ReferencePE:
                                 a = activation(ky, kx, cw)
                                 best = list(a) if best is None else [max(m, v) for m, v in zip(best, a)]
                         words.append([min(max(v, c["clamp_lo"]), c["clamp_hi"]) for v in best])
+                    continue
+                if c["op"] == OP_LANE:
+                    for cw in range(cw_count):
+                        word = []
+                        for l in range(lanes):
+                            bias, multiplier, shift = self.params[cw * lanes + l]
+                            acc = bias
+                            for ky in range(kh):
+                                for kx in range(kw):
+                                    weight = self.sram[c["w_base"] + cw * kh * kw + ky * kw + kx]
+                                    acc += weight[l] * activation(ky, kx, cw)[l]
+                            acc = (acc + 2**31) % 2**32 - 2**31
+                            y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + c["zp_out"]
+                            word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                        words.append(word)
                     continue
                 results = []
                 for o in range(self.n_out):
@@ -540,12 +557,25 @@ def windowed_golden(layers, x, input_shape, lanes):
             multiplier = np.broadcast_to(np.asarray(layer.multiplier, np.int64), (c_out,))
             shift = np.broadcast_to(np.asarray(layer.shift, np.int64), (c_out,))
             out = np.zeros((batch, out_h, out_w, -(-c_out // lanes) * lanes), dtype=np.int64)
+        elif isinstance(layer, Depthwise):
+            # every lane is a channel; padding channels: zero weights, parameters (0, 0, 1)
+            channels = layer.weights.shape[0]
+            weights = np.zeros((lane_count, kh, kw), dtype=np.int64)
+            weights[:channels] = layer.weights
+            bias, multiplier, shift = (np.zeros(lane_count, np.int64), np.zeros(lane_count, np.int64),
+                                       np.ones(lane_count, np.int64))
+            bias[:channels] = np.broadcast_to(np.asarray(layer.bias, np.int64), (channels,))
+            multiplier[:channels] = np.broadcast_to(np.asarray(layer.multiplier, np.int64), (channels,))
+            shift[:channels] = np.broadcast_to(np.asarray(layer.shift, np.int64), (channels,))
+            out = np.zeros((batch, out_h, out_w, lane_count), dtype=np.int64)
         else:
             out = np.zeros((batch, out_h, out_w, lane_count), dtype=np.int64)
         for oy in range(out_h):
             for ox in range(out_w):
                 if isinstance(layer, Conv):
                     acc = np.broadcast_to(bias, (batch, c_out)).copy()
+                elif isinstance(layer, Depthwise):
+                    acc = np.broadcast_to(bias, (batch, lane_count)).copy()
                 else:
                     best = None
                 for ky in range(kh):
@@ -556,6 +586,10 @@ def windowed_golden(layers, x, input_shape, lanes):
                             window = (values[:, iy, ix, :c_in] if _inside(iy, ix, height, width)
                                       else np.full((batch, c_in), layer.zp_in, dtype=np.int64))
                             acc += window @ weights[:, :, ky, kx].T
+                        elif isinstance(layer, Depthwise):  # channel by channel; padding reads zp_in
+                            window = (values[:, iy, ix] if _inside(iy, ix, height, width)
+                                      else np.full((batch, lane_count), layer.zp_in, dtype=np.int64))
+                            acc += window * weights[:, ky, kx]
                         else:  # padding reads -128 on every lane, padding channels included
                             window = (values[:, iy, ix] if _inside(iy, ix, height, width)
                                       else np.full((batch, lane_count), -128, dtype=np.int64))
@@ -564,6 +598,10 @@ def windowed_golden(layers, x, input_shape, lanes):
                     acc = (acc + 2**31) % 2**32 - 2**31
                     y = ((acc * multiplier + (np.int64(1) << (shift - 1))) >> shift) + layer.zp_out
                     out[:, oy, ox, :c_out] = np.clip(y, layer.clamp_lo, layer.clamp_hi)
+                elif isinstance(layer, Depthwise):
+                    acc = (acc + 2**31) % 2**32 - 2**31
+                    y = ((acc * multiplier + (np.int64(1) << (shift - 1))) >> shift) + layer.zp_out
+                    out[:, oy, ox] = np.clip(y, layer.clamp_lo, layer.clamp_hi)
                 else:
                     out[:, oy, ox] = np.clip(best, layer.clamp_lo, layer.clamp_hi)
         values = out
@@ -576,21 +614,50 @@ def _random_clamp(rng, zp_out):
     return lo, hi
 
 
-def _random_window_layer(rng, shape, lanes, max_tiles, *, conv):
-    """A random Conv or MaxPool layer for an input map ``shape``, or None if the draw has no output."""
+WINDOW_KINDS = ("conv", "maxpool", "depthwise", "average")
+
+
+def _random_window_layer(rng, shape, lanes, max_tiles, *, kind):
+    """A random Conv, MaxPool, Depthwise or average-pool (all-one Depthwise) layer for an input map
+    ``shape``, or None if the draw has no output. Pools and depthwise layers sometimes take a global
+    window (the whole map, up to 9x9)."""
     channels, height, width = shape
-    kh, kw = int(rng.integers(1, 6)), int(rng.integers(1, 6))
-    stride = int(rng.integers(1, 4))
-    pads = (int(rng.integers(0, kh)), int(rng.integers(0, kw)), int(rng.integers(0, kh)), int(rng.integers(0, kw)))
+    if kind != "conv" and rng.random() < 0.3:  # global pool / depthwise: one output pixel (or a few, padded)
+        kh, kw, stride = height, width, int(rng.integers(1, 4))
+        pads = (0, 0, 0, 0) if rng.random() < 0.7 else tuple(int(v) for v in rng.integers(0, 2, 4))
+    else:
+        kh, kw = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        stride = int(rng.integers(1, 4))
+        pads = (int(rng.integers(0, kh)), int(rng.integers(0, kw)), int(rng.integers(0, kh)),
+                int(rng.integers(0, kw)))
     out_h = window_output_size(height, kh, stride, pads[0], pads[2])
     out_w = window_output_size(width, kw, stride, pads[1], pads[3])
     if out_h < 1 or out_w < 1:
         return None
     tiles = int(rng.integers(1, min(3, out_h, max_tiles) + 1))
-    if not conv:
+    if kind == "maxpool":
         zp = int(rng.integers(-20, 21))
         lo, hi = _random_clamp(rng, zp)
         return MaxPool(kh, kw, stride, pads, lo, hi, tiles)
+    if kind in ("depthwise", "average"):
+        zp_in, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
+        lo, hi = _random_clamp(rng, zp_out)
+        window = kh * kw
+        if rng.random() < 0.15:  # wraps and saturates
+            bias, multiplier, shift = (rng.integers(-2**31, 2**31, channels), rng.integers(0, 2**31, channels),
+                                       rng.integers(1, 63, channels))
+        elif kind == "average":  # M / 2^S ~= 1 / window (within 2x), bias folding the input zero point
+            bias = -zp_in * window + rng.integers(-3, 4, channels)
+            multiplier = rng.integers(2**30, 2**31, channels)
+            shift = np.full(channels, 31 + int(np.ceil(np.log2(window))))
+        else:
+            bias, multiplier = rng.integers(-2000, 2000, channels), rng.integers(2**30, 2**31, channels)
+            shift = np.full(channels, 31 + int(np.log2(window)) + 4)
+        if kind == "average":
+            return average_pool(channels, kh, kw, multiplier, shift, bias=bias, zp_in=zp_in, zp_out=zp_out,
+                                clamp_lo=lo, clamp_hi=hi, stride=stride, pads=pads, tiles=tiles)
+        weights = rng.integers(-128, 128, (channels, kh, kw), dtype=np.int8)
+        return Depthwise(weights, bias, multiplier, shift, zp_in, zp_out, lo, hi, stride, pads, tiles)
     c_out = int(rng.integers(1, 21))
     weights = rng.integers(-128, 128, (c_out, channels, kh, kw), dtype=np.int8)
     window = kh * kw * -(-channels // lanes) * lanes
@@ -614,8 +681,9 @@ def _reference_cost(program, batch):
 
 
 def random_windowed_program(rng, *, max_batch=4, budget=30000):
-    """Seeded random chain of conv / max-pool layers (maps 3x3..9x9, channels 1..20, kernels 1..5,
-    strides 1..3, paddings, row bands over 1-3 tiles), sometimes followed by dense layers after a
+    """Seeded random chain of conv / max-pool / depthwise / average-pool layers (maps 3x3..9x9, channels
+    1..20, kernels 1..5 or global windows for pools and depthwise, strides 1..3, paddings, row bands
+    over 1-3 tiles), sometimes followed by dense layers after a
     flatten; redrawn until the cycle-stepping reference can run it in ``budget`` cycles or so."""
     while True:
         lanes = int(rng.choice([1, 2, 4, 8]))
@@ -628,7 +696,8 @@ def random_windowed_program(rng, *, max_batch=4, budget=30000):
         for _ in range(int(rng.integers(1, 3))):
             if used >= arch.n_tiles:
                 break
-            layer = _random_window_layer(rng, shape, lanes, arch.n_tiles - used, conv=rng.random() < 0.65)
+            kind = str(rng.choice(WINDOW_KINDS, p=[0.45, 0.2, 0.2, 0.15]))
+            layer = _random_window_layer(rng, shape, lanes, arch.n_tiles - used, kind=kind)
             if layer is None:
                 continue
             channels = layer.weights.shape[0] if isinstance(layer, Conv) else shape[0]
@@ -784,3 +853,140 @@ def test_result_buffer_overflow_is_refused():
     arch = Arch(rows=1, cols=1, lanes=2, sram_bytes=4096, max_tile_outputs=16, router_fifo_depth=2)
     with pytest.raises(ProgramError, match=r"result words per inference exceed the result buffer"):
         build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))   # 9 pixels x 2 words > 8 words
+
+
+# --- (5) op = LANE (section 4.1): depthwise convolution and average pools -------------------------
+
+def test_hand_computed_depthwise_and_average_pool():
+    """A 2x2 depthwise filter per channel (lane by lane, per-lane parameters), a global average pool
+    rounding half up, and a padded average pool whose folded bias cancels the input zero point."""
+    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    x = np.concatenate([np.arange(9), np.full(9, 2)]).astype(np.int8).reshape(1, 18)   # 2 channels, 3x3
+    weights = np.array([[[1, 0], [0, -1]], [[1, 1], [1, 1]]], np.int8)
+    layer = Depthwise(weights, [0, 4], 1 << 30, [30, 31], zp_out=1)
+    program = build_program(arch, [layer], input_shape=(2, 3, 3))
+    tile = program.tiles[0]
+    assert tile.config["op"] == OP_LANE and tile.config["n_out"] == 2 and tile.params.shape == (2, 3)
+    np.testing.assert_array_equal(tile.sram[:4], [[1, 1], [0, 1], [0, 1], [-1, 1]])   # word ky*KW + kx
+    out = emulate(program, pack_flits(x, 2, program.input), 1).out_flits
+    # channel 0: x[y][x] - x[y+1][x+1] = -4, + 1; channel 1: (4 + 8) / 2 = 6, + 1
+    np.testing.assert_array_equal(out, [[-3, 7]] * 4)
+
+    x = np.arange(9, dtype=np.int8).reshape(1, 9)
+    mean = average_pool(1, 3, 3, 954437177, 33)           # 954437177 / 2^33 ~= 1/9
+    program = build_program(arch, [mean], input_shape=(1, 3, 3))
+    out = emulate(program, pack_flits(x, 2, program.input), 1).out_flits
+    np.testing.assert_array_equal(out, [[4, 0]])          # 36/9 (just above 4 - 1/2); padding lane clamp(zp_out)
+
+    pool = average_pool(1, 2, 2, 1 << 30, 32, bias=12, zp_in=-3, stride=2, pads=(1, 1, 0, 0), clamp_lo=-1, zp_out=-1)
+    program = build_program(arch, [pool], input_shape=(1, 3, 3))
+    out = emulate(program, pack_flits(x, 2, program.input), 1).out_flits
+    # acc = 12 + window sum of q (padding reads -3) = the window sum of the real values q + 3
+    expected = []
+    grid = np.pad(np.arange(9).reshape(3, 3), ((1, 0), (1, 0)), constant_values=-3)
+    for oy in range(2):
+        for ox in range(2):
+            acc = 12 + grid[2 * oy:2 * oy + 2, 2 * ox:2 * ox + 2].sum()
+            expected.append(max(-1, ((acc << 30) + (1 << 31) >> 32) - 1))
+    assert expected == [0, 1, 3, 8]   # real means 3/4 -> 1, 9/4 -> 2, 15/4 -> 4, 36/4 = 9 (round half up), - 1
+    np.testing.assert_array_equal(out[:, 0], expected)
+    np.testing.assert_array_equal(out[:, 1], [-1] * 4)   # padding lane: clamp(zp_out = -1)
+
+
+def _conv_depthwise_pool_dense(rng, lanes):
+    conv = Conv(rng.integers(-128, 128, (5, 3, 3, 3), dtype=np.int8), rng.integers(-500, 500, 5), 2**30, 40,
+                zp_in=-3, zp_out=2, clamp_lo=2, pads=(1, 1, 1, 1), tiles=2)
+    depthwise = Depthwise(rng.integers(-128, 128, (5, 3, 3), dtype=np.int8), rng.integers(-500, 500, 5),
+                          rng.integers(2**30, 2**31, 5), 36, zp_in=2, zp_out=-4, stride=2, pads=(1, 1, 0, 0))
+    mean = average_pool(5, 3, 3, rng.integers(2**30, 2**31, 5), 35, bias=36, zp_in=-4, zp_out=3)
+    dense = random_layer(rng, -(-5 // lanes) * lanes, 7, 1)
+    return [conv, depthwise, mean, dense], (3, 6, 6)
+
+
+def test_lane_statistics_and_chain():
+    """Conv -> depthwise (stride 2) -> global average pool -> dense: LANE issue counts, lane-MACs,
+    report MACs, golden data and the cycle-stepping reference."""
+    rng = np.random.default_rng(31)
+    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    layers, shape = _conv_depthwise_pool_dense(rng, 4)
+    program = build_program(arch, layers, input_shape=shape)
+    batch = 3
+    x = rng.integers(-128, 128, (batch, 3 * 6 * 6), dtype=np.int8)
+    flits = pack_flits(x, 4, program.input)
+    result = emulate(program, flits, batch)
+    # conv bands of 3 rows; depthwise 3x3 pixels x CW = 2 x 3x3 window; mean 1 pixel x 2 x 3x3; dense 7 x 2 words
+    issue = {(0, 0): 18 * 5 * 9, (0, 1): 18 * 5 * 9, (0, 2): 9 * 2 * 9, (1, 2): 1 * 2 * 9, (1, 1): 7 * 2}
+    tiles = {(t.row, t.col): t for t in program.tiles}
+    assert [tiles[(0, 2)].config["op"], tiles[(1, 2)].config["op"]] == [OP_LANE, OP_LANE]
+    for (row, col), cycles in issue.items():
+        assert compute_issue_cycles(tiles[(row, col)].config) == cycles
+        assert result.tile_busy_cycles[row, col] == (cycles + 2) * batch
+        assert result.tile_macs[row, col] == cycles * 4 * batch
+    assert result.tile_macs[1, 0] == 0
+    macs = 6 * 6 * 5 * 3 * 9 + 3 * 3 * 5 * 9 + 5 * 9 + 8 * 7
+    assert program.macs_per_inference == macs
+    golden = windowed_golden(layers, x, shape, 4)
+    np.testing.assert_array_equal(result.out_flits, golden)
+    assert_matches_reference(program, x, batch, flits=flits)
+
+
+def test_lane_long_batch_and_slices(monkeypatch):
+    """Past the probe (extrapolation) through LANE bands, and the im2col gather in slices."""
+    rng = np.random.default_rng(32)
+    arch = Arch(rows=2, cols=2, lanes=8, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=1)
+    depthwise = Depthwise(rng.integers(-128, 128, (10, 3, 2), dtype=np.int8), rng.integers(-500, 500, 10),
+                          2**30, 37, zp_in=7, stride=1, pads=(1, 0, 1, 1), clamp_lo=0, tiles=2)
+    mean = average_pool(10, 2, 2, 2**31 - 1, 33, stride=2, tiles=2)
+    layers, shape = [depthwise, mean], (10, 5, 4)
+    program = build_program(arch, layers, input_shape=shape)
+    batch = 3 * PROBE_BATCH
+    x = rng.integers(-128, 128, (batch, 200), dtype=np.int8)
+    flits = pack_flits(x, 8, program.input)
+    result = assert_matches_reference(program, x, batch, flits=flits)
+    golden = windowed_golden(layers, x, shape, 8)
+    np.testing.assert_array_equal(result.out_flits, golden)
+    import emulator.functional as functional
+    monkeypatch.setattr(functional, "IM2COL_ELEMENTS", 500)
+    np.testing.assert_array_equal(run_functional(program, flits, batch).out_flits, golden)
+
+
+def test_lane_weights_overlapping_activations():
+    """A LANE tile whose weight words overlap its activation buffer reads this inference's inputs."""
+    rng = np.random.default_rng(33)
+    arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    layer = Depthwise(rng.integers(-128, 128, (6, 2, 2), dtype=np.int8), rng.integers(-99, 99, 6), 2**30, 36)
+    program = build_program(arch, [layer], input_shape=(6, 3, 2))
+    program.tiles[0].config["act_base"] = 5   # weights at words 0..7, inputs at words 5..16
+    x = rng.integers(-128, 128, (3, 36), dtype=np.int8)
+    assert_matches_reference(program, x, 3, flits=pack_flits(x, 4, program.input))
+
+
+def test_global_average_pool_over_a_large_map():
+    """A global window larger than any convolution kernel (kernel registers are 8 bits): 12x20."""
+    rng = np.random.default_rng(34)
+    arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=65536, max_tile_outputs=64, router_fifo_depth=2)
+    mean = average_pool(6, 12, 20, rng.integers(2**30, 2**31, 6), 38, bias=240 * 5, zp_in=-5, zp_out=-2)
+    layers, shape = [mean], (6, 12, 20)
+    program = build_program(arch, layers, input_shape=shape)
+    assert (program.tiles[0].config["kernel_h"], program.tiles[0].config["kernel_w"]) == (12, 20)
+    x = rng.integers(-128, 128, (2, 6 * 240), dtype=np.int8)
+    flits = pack_flits(x, 4, program.input)
+    result = assert_matches_reference(program, x, 2, flits=flits)
+    golden = windowed_golden(layers, x, shape, 4)
+    np.testing.assert_array_equal(result.out_flits, golden)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.config.update(n_out=t.config["n_out"] + 1), r"lane-wise \(OP_LANE\) tile needs n_out"),
+    (lambda t: t.config.update(op=3), r"op = 3 is none of OP_MAC"),
+    (lambda t: t.params.__setitem__((3, 2), 0), r"output 3 has shift 0"),   # padding channel: valid shift too
+])
+def test_bad_lane_tiles_are_refused(change, message):
+    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    program = build_program(arch, [average_pool(3, 2, 2, 2**30, 32)], input_shape=(3, 3, 3))
+    tile = program.tiles[0]
+    change(tile)
+    if tile.params.shape[0] != tile.config["n_out"]:
+        tile.params = np.concatenate([tile.params, [[0, 0, 1]]])
+    with pytest.raises((EmulatorError, ProgramError), match=message):
+        emulate(program, np.zeros((18, 2), np.int8), 1)

@@ -1,12 +1,12 @@
 """PE (docs/architecture.md sections 4 and 4.1) in Amaranth's simulator: arithmetic against golden
-functions (dense; convolution and max pooling written as plain loops from section 4.1), and the cycle
+functions (dense; convolution, max pooling and LANE written as plain loops from section 4.1), and the cycle
 of every input and output transfer against timing rule 4 of section 6 with section 4.1's counts."""
 import random
 
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import CONFIG_FIELDS, OP_MAC, OP_MAX, Arch, dense_window_registers
+from flowtile.arch import CONFIG_FIELDS, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
 from flowtile.program import compute_issue_cycles, result_words, weight_words
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                          encode_config, encode_param_entry, pack_lanes, unpack_lanes)
@@ -369,6 +369,22 @@ def golden_window(config, sram, params, activations, lanes):
                     acc = wrap32(acc)
                     outputs.append(clamp(((acc * multiplier + (1 << (shift - 1))) >> shift) + config["zp_out"]))
                 words += golden_result_words(outputs, lanes)
+            elif config["op"] == OP_LANE:
+                # Depthwise: lane l of word cw is channel c = cw*L + l, with its own weights and row c.
+                for cw in range(cw_words):
+                    word = []
+                    for lane in range(lanes):
+                        bias, multiplier, shift = params[cw * lanes + lane]
+                        acc = bias
+                        for ky in range(kh):
+                            for kx in range(kw):
+                                weight = sram.get(config["w_base"] + cw * kh * kw + ky * kw + kx, [0] * lanes)
+                                a = input_word(oy * stride + ky - config["pad_top"],
+                                               ox * stride + kx - config["pad_left"], cw)
+                                acc += weight[lane] * a[lane]
+                        acc = wrap32(acc)
+                        word.append(clamp(((acc * multiplier + (1 << (shift - 1))) >> shift) + config["zp_out"]))
+                    words.append(word)
             else:
                 for cw in range(cw_words):
                     window = [input_word(oy * stride + ky - config["pad_top"], ox * stride + kx - config["pad_left"], cw)
@@ -423,18 +439,36 @@ WINDOW_LANE_CASES = [
                          + [case[1:] for case in WINDOW_LANE_CASES],
                          ids=[case[0] for case in WINDOW_CASES + WINDOW_LANE_CASES])
 def test_windowed_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, n_inferences, lanes):
+    run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lanes)
+
+
+def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lanes, *, average=False,
+                    result_words_per_tile=None):
+    """One windowed layer on a PE with ``lanes`` lanes, checked value by value and cycle by cycle.
+    ``average``: all-one weights and multipliers near 2^S / (KH*KW) (an average pool as a LANE layer).
+    ``result_words_per_tile``: result buffer depth (default: WINDOW_ARCH's outputs at ``lanes``)."""
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes)
-    rng = random.Random(repr(sorted(registers.items())))   # a str seed is stable across runs
+    if result_words_per_tile is not None:
+        arch = arch.replace(max_tile_outputs=result_words_per_tile * lanes)
+    rng = random.Random(repr(sorted(registers.items())) + str(lanes))   # a str seed is stable across runs
     k_words = registers["in_height"] * registers["in_width"] * registers["words_per_pixel"]
     config = make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, w_base=3, **registers)
     n_weight_words = weight_words(config)
     config["act_base"] = config["w_base"] + n_weight_words + 1
-    weights = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(n_weight_words)]
-    if registers["op"] == OP_MAC:
+    if average:
+        weights = [[1] * lanes for _ in range(n_weight_words)]
+    else:
+        weights = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(n_weight_words)]
+    if registers["op"] == OP_MAX:
+        params = [(0, 0, 0)] * config["n_out"]   # the table holds n_out zero rows, never read
+    elif average:
+        # Per-channel scale s_x / (KH*KW*s_y) with s_x / s_y in [0.8, 1.2), and a small bias.
+        shift, window = 30, registers["kernel_h"] * registers["kernel_w"]
+        params = [(rng.randint(-window * 4, window * 4),
+                   int((1 << shift) * rng.uniform(0.8, 1.2) / window), shift) for _ in range(config["n_out"])]
+    else:
         params = [(rng.randint(-3000, 3000), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(34, 38))
                   for _ in range(config["n_out"])]
-    else:
-        params = [(0, 0, 0)] * config["n_out"]   # the table holds n_out zero rows, never read
     inputs = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range((k_words + n_pass) * n_inferences)]
     if registers["op"] == OP_MAX:
         # A few all-minimum words, so a window may hold nothing but -128 (and padding).
@@ -458,6 +492,74 @@ def test_windowed_layer_matches_golden_and_rule_4(registers, n_pass, forward, ba
         emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
         assert emit_cycles[0] == (k_words - 1) + 1 + issue_cycles + 2
         assert len(emit_cycles) == n_inferences * result_words(config, lanes)
+    return config, weights, params, inputs, emitted
+
+
+#: Result buffer depth of the LANE cases at every lane count: a 5x5 map of 2 words a pixel.
+LANE_RESULT_WORDS = 64
+
+#: LANE layers (section 4.1, op = LANE): (id, registers, n_pass, forward, back pressure, inferences,
+#: average). n_out = CW * L is filled in per lane count.
+LANE_OP_CASES = [
+    # Depthwise 3x3, pad 1 with a non-zero pad value (an input zero point), per-channel parameters.
+    ("depthwise3x3-s1-p1", dict(op=OP_LANE, in_height=5, in_width=5, words_per_pixel=2, kernel_h=3, kernel_w=3,
+                                stride=1, pad_top=1, pad_left=1, pad_value=-6, out_row_begin=0, out_rows=5,
+                                out_width=5, zp_out=-2), 0, 1, False, 2, False),
+    ("depthwise3x3-band-bp", dict(op=OP_LANE, in_height=5, in_width=4, words_per_pixel=1, kernel_h=3, kernel_w=3,
+                                  stride=2, pad_top=1, pad_left=1, pad_value=9, out_row_begin=1, out_rows=2,
+                                  out_width=2, zp_out=5, clamp_lo=5), 2, 1, True, 2, False),
+    # AveragePool 2x2 stride 2: all-one weights.
+    ("avgpool2x2-s2", dict(op=OP_LANE, in_height=4, in_width=6, words_per_pixel=2, kernel_h=2, kernel_w=2, stride=2,
+                           pad_top=0, pad_left=0, pad_value=0, out_row_begin=0, out_rows=2, out_width=3,
+                           zp_out=1), 0, 0, False, 2, True),
+    # GlobalAveragePool of an 8x8 map: one 8x8 window (kernel registers beyond the convolution limit 7).
+    ("global8x8", dict(op=OP_LANE, in_height=8, in_width=8, words_per_pixel=1, kernel_h=8, kernel_w=8, stride=1,
+                       pad_top=0, pad_left=0, pad_value=0, out_row_begin=0, out_rows=1, out_width=1,
+                       zp_out=-1), 1, 0, True, 3, True),
+]
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+@pytest.mark.parametrize("registers, n_pass, forward, back_pressure, n_inferences, average",
+                         [case[1:] for case in LANE_OP_CASES], ids=[case[0] for case in LANE_OP_CASES])
+def test_lane_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, n_inferences, average,
+                                              lanes):
+    registers = dict(registers, n_out=registers["words_per_pixel"] * lanes)
+    config, weights, params, inputs, emitted = run_window_case(
+        registers, n_pass, forward, back_pressure, n_inferences, lanes, average=average,
+        result_words_per_tile=LANE_RESULT_WORDS)
+    assert len(weights) == config["words_per_pixel"] * config["kernel_h"] * config["kernel_w"]
+    # Every lane has its own parameter row (a mix-up of banks or rows would go unnoticed otherwise).
+    assert len(set(params)) == config["n_out"]
+    results = [word for word, _, _, kind in emitted if kind == "emit"]
+    if not average:
+        # Not all saturated: the values carry the arithmetic.
+        assert len({value for word in results for value in word}) > 2 * lanes
+
+
+def test_lane_golden_is_a_depthwise_convolution():
+    """Cross-check the LANE golden against a MAC golden run channel by channel (one-hot weights)."""
+    rng = random.Random(17)
+    lanes = 4
+    registers = dict(in_height=4, in_width=4, words_per_pixel=2, kernel_h=3, kernel_w=3, stride=1, pad_top=1,
+                     pad_left=1, pad_value=-3, out_row_begin=0, out_rows=4, out_width=4, zp_out=2)
+    k_words = 4 * 4 * 2
+    lane_config = make_config(n_in_words=k_words, op=OP_LANE, n_out=2 * lanes, **registers)
+    lane_weights = {a: [rng.randint(-128, 127) for _ in range(lanes)] for a in range(weight_words(lane_config))}
+    params = [(rng.randint(-999, 999), rng.randint(1 << 30, (1 << 31) - 1), 36) for _ in range(2 * lanes)]
+    activations = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(k_words)]
+    lane_words = golden_window(lane_config, lane_weights, params, activations, lanes)
+    for channel in range(2 * lanes):
+        cw, lane = divmod(channel, lanes)
+        mac_config = dict(lane_config, op=OP_MAC, n_out=1)
+        mac_weights = {}
+        for ky in range(3):
+            for kx in range(3):
+                word = [0] * lanes
+                word[lane] = lane_weights[cw * 9 + ky * 3 + kx][lane]
+                mac_weights[(ky * 3 + kx) * 2 + cw] = word
+        mac_words = golden_window(mac_config, mac_weights, [params[channel]], activations, lanes)
+        assert [w[0] for w in mac_words] == [lane_words[q * 2 + cw][lane] for q in range(16)]
 
 
 def test_window_golden_reduces_to_the_dense_golden():
@@ -499,14 +601,21 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, make_config(zp_out=256)), "zp_out' = 256 is out of range -256..255"),
     (lambda: encode_config(ARCH, make_config(dest_host=0, dest_col=2)), "dest_col = 2 outside 0..1"),
     (lambda: encode_config(ARCH, {"n_in_words": 1}), "config is missing register"),
-    (lambda: encode_config(ARCH, window_config(kernel_h=0)), "config register kernel_h = 0 must be 1..7"),
-    (lambda: encode_config(ARCH, window_config(kernel_w=8)), "kernel_w' = 8 is out of range 0..7"),
+    (lambda: encode_config(ARCH, window_config(kernel_h=0)), "config register kernel_h = 0 must be 1..255"),
+    (lambda: encode_config(ARCH, window_config(kernel_w=256)), "kernel_w' = 256 is out of range 0..255"),
+    (lambda: encode_config(ARCH, window_config(op=3)), "config register op = 3 is not an op"),
+    (lambda: encode_config(ARCH, make_config(op=3)), "config register op = 3 is not an op"),
+    (lambda: encode_config(ARCH, window_config(op=OP_LANE)),
+     "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_LANE"),
+    (lambda: encode_config(ARCH, window_config(op=OP_LANE, n_out=4, w_base=60)),
+     "w_base \\+ kernel_h \\* kernel_w \\* words_per_pixel = 69 exceed sram_words = 64"),
     (lambda: encode_config(ARCH, window_config(stride=0)), "config register stride = 0 must be 1..3"),
     (lambda: encode_config(ARCH, window_config(words_per_pixel=0)), "words_per_pixel = 0 must be >= 1"),
     (lambda: encode_config(ARCH, window_config(out_rows=0)), "config register out_rows = 0 must be >= 1"),
     (lambda: encode_config(ARCH, window_config(in_width=3)),
      r"n_in_words = 4 differs from in_height \* in_width \* words_per_pixel = 2 \* 3 \* 1 = 6"),
-    (lambda: encode_config(ARCH, window_config(op=OP_MAX)), "n_out = 2 must be words_per_pixel \\* lanes = 4"),
+    (lambda: encode_config(ARCH, window_config(op=OP_MAX)),
+     "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_MAX"),
     (lambda: encode_config(ARCH, window_config(out_rows=2, out_width=2)),
      "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 4 result words exceed the result buffer \\(3 words\\)"),
     (lambda: encode_config(ARCH, window_config(n_out=3, w_base=40)),

@@ -4,7 +4,7 @@
 (b) a hand-built program on the real chip checks the arithmetic against a numpy golden of section 4
     and that Verilator and Amaranth's simulator agree on every flit, time stamp and cycle count;
     (b') the same for a windowed network of section 4.1 (a convolution split by output rows over two
-    tiles, then a max pool);
+    tiles, then a max pool, then a depthwise convolution as an op = LANE layer);
 (c) ``waves`` writes a non-empty waveform file.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from flowtile.arch import OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
+from flowtile.arch import OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 from hdl import simulate as rtl
 from hdl.harness import HARNESS_TOP_NAME
@@ -258,17 +258,20 @@ def test_dense_layer_verilator_matches_amaranth(dense_case, amaranth_dense):
 # --- (b') a windowed network on the real chip (section 4.1) ---------------------------------------------
 
 #: 2x2 chain: tiles 0 and 1 split a 3x3 convolution (stride 1, pad 1) of a 5x5 map by output rows,
-#: tile 2 max-pools its 5x5 output (2x2, stride 2), tile 3 passes the pooled map to the host.
+#: tile 2 max-pools its 5x5 output (2x2, stride 2), tile 3 applies a depthwise 3x3 convolution (pad 1,
+#: op = LANE, per-channel parameters) to the pooled map and sends the result to the host.
 CONV_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=512, max_tile_outputs=64, router_fifo_depth=2,
                  host_buffer_flits=256)
 CONV_C, CONV_HW, CONV_OUT, CONV_BATCH = 3, 5, 4, 2
 CONV_BANDS = ((0, 3), (3, 2))           # (out_row_begin, out_rows) of chain tiles 0 and 1
 CONV_PAD_VALUE = -5                      # the input zero point: padding is a real zero
 POOL_OUT, POOL_CLAMP_LO = 2, -50
+DW_KERNEL, DW_PAD_VALUE, DW_ZP_OUT = 3, 4, -6     # a non-zero pad value: the pooled map's zero point
 
 
 def _conv_program(arch: Arch, seed: int = 3):
-    """Returns (program, weights [O, C, 3, 3], params [O, 3])."""
+    """Returns (program, weights [O, C, 3, 3], params [O, 3], depthwise weights [O, 3, 3],
+    depthwise params [O, 3])."""
     rng = np.random.default_rng(seed)
     lanes, kernel = arch.lanes, 3
     words_per_pixel = -(-CONV_C // lanes)
@@ -305,16 +308,34 @@ def _conv_program(arch: Arch, seed: int = 3):
                         in_width=CONV_HW, words_per_pixel=pool_words_per_pixel, kernel_h=2, kernel_w=2, stride=2,
                         pad_value=-128, out_rows=POOL_OUT, out_width=POOL_OUT, **route(2))
     tiles.append(TileProgram(*chain[2], pool, np.zeros((0, lanes), np.int8), np.zeros((pool["n_out"], 3), np.int64)))
-    tiles.append(TileProgram(*chain[3], _idle_config(n_pass=POOL_OUT * POOL_OUT, **route(3)),
-                             np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)))
+    # Depthwise layer (op = LANE): weight word ky*KW + kx holds channel l's weight in lane l (CW = 1).
+    dw_weights = rng.integers(-128, 128, size=(CONV_OUT, DW_KERNEL, DW_KERNEL)).astype(np.int64)
+    dw_params = np.stack([rng.integers(-2000, 2000, size=CONV_OUT), rng.integers(1 << 29, 1 << 31, size=CONV_OUT),
+                          rng.integers(SHIFT - 2, SHIFT + 1, size=CONV_OUT)], axis=1).astype(np.int64)
+    dw_image = np.zeros((DW_KERNEL, DW_KERNEL, pool_words_per_pixel * lanes), np.int8)
+    dw_image[..., :CONV_OUT] = dw_weights.transpose(1, 2, 0)
+    dw_image = dw_image.reshape(-1, lanes)
+    dw_in_words = POOL_OUT * POOL_OUT * pool_words_per_pixel
+    dw = _idle_config(n_in_words=dw_in_words, n_out=pool_words_per_pixel * lanes, w_base=0, act_base=len(dw_image),
+                      zp_out=DW_ZP_OUT, clamp_lo=CLAMP_LO, clamp_hi=CLAMP_HI, op=OP_LANE, in_height=POOL_OUT,
+                      in_width=POOL_OUT, words_per_pixel=pool_words_per_pixel, kernel_h=DW_KERNEL,
+                      kernel_w=DW_KERNEL, stride=1, pad_top=1, pad_left=1, pad_value=DW_PAD_VALUE,
+                      out_rows=POOL_OUT, out_width=POOL_OUT, **route(3))
+    dw_table = np.zeros((dw["n_out"], 3), np.int64)
+    dw_table[:, 2] = 1                                # padding channels: any parameters with a valid shift
+    dw_table[:CONV_OUT] = dw_params
+    tiles.append(TileProgram(*chain[3], dw, np.concatenate([dw_image, np.zeros((dw_in_words, lanes), np.int8)]),
+                             dw_table))
     program = Program(arch=arch, input=TensorSpec("x", (CONV_C, CONV_HW, CONV_HW), 1.0, 0, layout="chw"),
                       output=TensorSpec("y", (CONV_OUT, POOL_OUT, POOL_OUT), 1.0, 0, layout="chw"),
                       layers=[LayerInfo("conv", "Conv", CONV_C * CONV_HW ** 2, CONV_OUT * CONV_HW ** 2, chain[:2]),
                               LayerInfo("pool", "MaxPool", CONV_OUT * CONV_HW ** 2, CONV_OUT * POOL_OUT ** 2,
-                                        chain[2:3])],
-                      tiles=tiles, model_name="hand-conv-pool")
+                                        chain[2:3]),
+                              LayerInfo("dw", "DepthwiseConv", CONV_OUT * POOL_OUT ** 2, CONV_OUT * POOL_OUT ** 2,
+                                        chain[3:4])],
+                      tiles=tiles, model_name="hand-conv-pool-dw")
     program.validate()
-    return program, weights, params
+    return program, weights, params, dw_weights, dw_params
 
 
 def _conv_pool_golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) -> np.ndarray:
@@ -342,6 +363,26 @@ def _conv_pool_golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) ->
     return pooled
 
 
+def _depthwise_golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Section 4.1's op = LANE with plain loops: x [O, H, W] -> [O, H, W], 3x3, stride 1, pad 1."""
+    channels, height, width = x.shape
+    y = np.zeros_like(x, dtype=np.int64)
+    for c in range(channels):
+        bias, multiplier, shift = (int(v) for v in params[c])
+        for oy in range(height):
+            for ox in range(width):
+                acc = bias
+                for ky in range(DW_KERNEL):
+                    for kx in range(DW_KERNEL):
+                        iy, ix = oy + ky - 1, ox + kx - 1
+                        inside = 0 <= iy < height and 0 <= ix < width
+                        acc += int(weights[c, ky, kx]) * (int(x[c, iy, ix]) if inside else DW_PAD_VALUE)
+                acc = (acc + (1 << 31)) % (1 << 32) - (1 << 31)
+                value = ((acc * multiplier + (1 << (shift - 1))) >> shift) + DW_ZP_OUT
+                y[c, oy, ox] = min(max(value, CLAMP_LO), CLAMP_HI)
+    return y
+
+
 def _pixel_flits(maps: np.ndarray, lanes: int) -> np.ndarray:
     """[batch, C, H, W] -> pixel-major flits [batch * H * W * ceil(C / L), L], padding lanes zero."""
     batch, channels, height, width = maps.shape
@@ -353,10 +394,13 @@ def _pixel_flits(maps: np.ndarray, lanes: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def conv_case():
-    program, weights, params = _conv_program(CONV_ARCH)
+    program, weights, params, dw_weights, dw_params = _conv_program(CONV_ARCH)
     rng = np.random.default_rng(11)
     x = rng.integers(-128, 128, size=(CONV_BATCH, CONV_C, CONV_HW, CONV_HW)).astype(np.int8)
-    golden = np.stack([_conv_pool_golden(x[b], weights, params) for b in range(CONV_BATCH)])
+    golden = np.stack([_depthwise_golden(_conv_pool_golden(x[b], weights, params), dw_weights, dw_params)
+                       for b in range(CONV_BATCH)])
+    # The depthwise output must carry information (not all clamped), or the test proves little.
+    assert len(np.unique(golden)) > CONV_OUT and np.count_nonzero((golden > CLAMP_LO) & (golden < CLAMP_HI)) > 8
     return program, _pixel_flits(x, CONV_ARCH.lanes), _pixel_flits(golden, CONV_ARCH.lanes)
 
 
@@ -373,9 +417,10 @@ def test_conv_pool_amaranth_matches_golden(conv_case, amaranth_conv):
     # Inference 0 worked from sections 4.1 and 6: tile 0 RECVs at 1..25 (forwarding), COMPUTE lasts
     # I + 2 = 15*4*9 + 2 cycles, EMIT at 25 + 543 = 568..582. Tile 1 (I = 10*36) is done computing by
     # then, so it PASSes those 15 flits as they arrive (2 cycles later: 570..584) and EMITs at 585..594.
-    # The pool tile RECVs at 572..596, computes I + 2 = 4*1*4 + 2 cycles, EMITs at 596 + 19 = 615..618;
-    # tile 3 passes them 2 cycles later and the exit router's read adds 1.
-    assert amaranth_conv.out_times[:POOL_OUT * POOL_OUT].tolist() == [618, 619, 620, 621]
+    # The pool tile RECVs at 572..596, computes I + 2 = 4*1*4 + 2 cycles, EMITs at 596 + 19 = 615..618.
+    # The depthwise (LANE) tile RECVs them 2 cycles later (617..620), computes I + 2 = 4*1*9 + 2
+    # cycles, EMITs at 620 + 39 = 659..662, and the exit router's read adds 1.
+    assert amaranth_conv.out_times[:POOL_OUT * POOL_OUT].tolist() == [660, 661, 662, 663]
 
 
 @pytest.mark.rtl
