@@ -255,7 +255,12 @@ def _windows(a: np.ndarray, window: Window, pad_value: int):
 def _requantize(acc: np.ndarray, layer: LoweredLayer, axis_shape) -> np.ndarray:
     mult = layer.multiplier.reshape(axis_shape)
     shift = layer.shift.reshape(axis_shape)
-    scaled = (acc * mult + np.left_shift(np.int64(1), shift - 1)) >> shift
+    # Round to nearest, ties to even (section 4): the quotient plus one when the remainder is above half,
+    # or exactly half and the quotient odd.
+    quotient = (acc * mult) >> shift
+    remainder = acc * mult - (quotient << shift)
+    half = np.left_shift(np.int64(1), shift - 1)
+    scaled = quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
     return np.clip(scaled + layer.zp_out, layer.clamp_lo, layer.clamp_hi)
 
 

@@ -397,8 +397,7 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
         weights = memory[:, w_base:w_end].reshape(batch, n_out, window_words * lanes).astype(np.int64)
         dot = np.einsum("bqi,boi->bqo", columns.astype(np.int64), weights)
     accumulator = _wrap_accumulator(bias + dot)
-    # |acc * M| < 2^62 and the rounding term is <= 2^61: the int64 arithmetic below is exact.
-    scaled = (accumulator * multiplier + np.left_shift(np.int64(1), shift - 1)) >> shift
+    scaled = _shift_round_half_even(accumulator * multiplier, shift)
     result = np.clip(scaled + int(config["zp_out"]), int(config["clamp_lo"]), int(config["clamp_hi"]))
     per_pixel = count.n_result_words // n_pix                     # N_r
     words = np.zeros((batch, n_pix, per_pixel * lanes), dtype=np.int8)
@@ -424,13 +423,22 @@ def _weight_memory(tile: TileProgram, count: TileCounts, activations: np.ndarray
     return memory[:, w_base:w_end]
 
 
+def _shift_round_half_even(product: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``product / 2^shift`` rounded to nearest, ties to even (section 4), for ``shift >= 1``.
+
+    The hardware's form: ``(p + 2^(S-1) - 1 + ((p >> S) & 1)) >> S``. ``|p| < 2^62`` and the added term
+    is below ``2^61``, so the int64 arithmetic is exact.
+    """
+    one = np.int64(1)
+    return (product + np.left_shift(one, shift - 1) - one + ((product >> shift) & one)) >> shift
+
+
 def _requantize(accumulator: np.ndarray, bias: np.ndarray, multiplier: np.ndarray, shift: np.ndarray,
                 config: dict) -> np.ndarray:
-    """Section 4: ``clamp(((wrap32(bias + acc) * M + 2^(S-1)) >> S) + zp_out, clamp_lo, clamp_hi)``,
+    """Section 4: ``clamp(round_half_even(wrap32(bias + acc) * M / 2^S) + zp_out, clamp_lo, clamp_hi)``,
     int64 in, int64 out (parameters broadcast against ``accumulator``)."""
     accumulator = _wrap_accumulator(bias + accumulator)
-    # |acc * M| < 2^62 and the rounding term is <= 2^61: the int64 arithmetic below is exact.
-    scaled = (accumulator * multiplier + np.left_shift(np.int64(1), shift - 1)) >> shift
+    scaled = _shift_round_half_even(accumulator * multiplier, shift)
     return np.clip(scaled + int(config["zp_out"]), int(config["clamp_lo"]), int(config["clamp_hi"]))
 
 

@@ -399,11 +399,17 @@ class PE(wiring.Component):
             return Mux(lower_bounded > config.clamp_hi, config.clamp_hi, lower_bounded)
 
         def requantize(lane, accumulator, multiplier, shift):
-            """Section 4's y = clamp(((acc * M + 2^(S-1)) >> S) + zp_out) on the exact wide value."""
+            """Section 4's y = clamp(round_half_even(acc * M / 2^S) + zp_out) on the exact wide value.
+
+            Ties to even as ONNX QuantizeLinear rounds: add 2^(S-1) - 1, plus one more when the truncated
+            quotient is odd, then shift. Shift 0 (only in unused all-zero parameter rows) passes through.
+            """
             product = accumulator * multiplier
             rounding_width = product.shape().width + 1
-            rounding = (Const(1, rounding_width) << shift)[:rounding_width] >> 1
-            shifted = (product + rounding) >> shift
+            half = (Const(1, rounding_width) << shift)[:rounding_width] >> 1
+            quotient_is_odd = (product >> shift)[0]
+            rounded = (product + half - 1 + quotient_is_odd) >> shift
+            shifted = Mux(shift == 0, product, rounded)
             result = Signal(signed(LANE_BITS), name=f"requantized{lane}")
             m.d.comb += result.eq(clamp(shifted + config.zp_out))
             return result

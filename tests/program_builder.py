@@ -41,6 +41,12 @@ __all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "average_pool", "build_progr
            "blank_config", "window_output_size"]
 
 
+def shift_round_half_even(value, shift):
+    """``value / 2^shift`` rounded to nearest, ties to even (section 4), by floor division."""
+    quotient, remainder = value >> shift, value - ((value >> shift) << shift)
+    half = 1 << (shift - 1)
+    return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
+
 class Dense(NamedTuple):
     """One int8 dense layer. ``multiplier``/``shift`` may be scalars or per-output arrays. ``tiles``
     is the number of chain tiles it spans, or the explicit output count of each of them."""
@@ -352,6 +358,6 @@ def dense_golden(layers: Sequence[Dense], x: np.ndarray) -> np.ndarray:
         acc = (acc + 2**31) % 2**32 - 2**31
         multiplier = _per_output(layer.multiplier, layer.n_out)
         shift = _per_output(layer.shift, layer.n_out)
-        scaled = (acc * multiplier + (np.int64(1) << (shift - 1))) >> shift
+        scaled = shift_round_half_even(acc * multiplier, shift)
         values = np.clip(scaled + layer.zp_out, layer.clamp_lo, layer.clamp_hi)
     return values.astype(np.int8)

@@ -20,6 +20,13 @@ from flowtile.arch import OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.program import Program, result_words, weight_words
 
+
+def shift_round_half_even(value, shift):
+    """``value / 2^shift`` rounded to nearest, ties to even (section 4), by floor division."""
+    quotient, remainder = value >> shift, value - ((value >> shift) << shift)
+    half = 1 << (shift - 1)
+    return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
+
 MODELS = Path(__file__).resolve().parents[1] / "models"
 logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "consider pre-processing" advice
 
@@ -106,7 +113,7 @@ def per_layer_lsb(imported, layers, x: np.ndarray) -> list[int]:
     Every activation QuantizeLinear output of the QDQ model becomes a graph output; layer ``i``'s output is the
     ``i+1``-th quantization of a computed value (not the requantization of a Relu/Flatten/Reshape of a
     dequantized tensor) followed by such requantizations, its input the quantization just before. End to end,
-    one layer's 1-LSB rounding difference (round half up on chip, half to even in onnxruntime) can grow
+    one layer's 1-LSB difference (the chip's fixed-point multiplier vs onnxruntime's float scale) can grow
     through later layers.
     """
     model = onnx.ModelProto()
@@ -229,10 +236,10 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
             window = np.stack(window)  # [KH*KW, CW, L]
             if c["op"] == OP_MAC:
                 acc = bias + weight @ window.reshape(-1)
-                y = np.clip(((acc * mult + (1 << (shift - 1))) >> shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
+                y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
             elif c["op"] == OP_LANE:
                 acc = bias + np.einsum("wkl,kwl->wl", weight, window)  # lane by lane, [CW, L]
-                y = np.clip(((acc * mult + (1 << (shift - 1))) >> shift) + c["zp_out"], c["clamp_lo"],
+                y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"],
                             c["clamp_hi"]).reshape(-1)
             else:
                 y = np.clip(window.max(axis=0).reshape(-1), c["clamp_lo"], c["clamp_hi"])
@@ -1117,7 +1124,9 @@ def test_lane_layers_match_onnxruntime(case, tmp_path):
     theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
     assert ours.shape == theirs.shape
     LANE_MAX_DIFF[case] = int(np.abs(ours - theirs).max())
-    assert LANE_MAX_DIFF[case] <= 4, ops  # end to end: per-layer 1-LSB differences may accumulate
+    # End to end, per-layer 1-LSB differences (the fixed-point multiplier vs onnxruntime's float scale) may
+    # accumulate through average pools; measured over these 22 networks: 0 LSB in 17, 1 in 3, 2 in 2.
+    assert LANE_MAX_DIFF[case] <= 2, ops
     for arch in (Arch(), Arch(rows=4, cols=6, lanes=4, max_tile_outputs=256)):
         program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
         check_windowed_program(program, layers, tmp_path)

@@ -19,6 +19,13 @@ from flowtile.program import ProgramError, compute_issue_cycles, result_words
 from program_builder import (Conv, Dense, Depthwise, MaxPool, average_pool, build_program, dense_golden,
                              window_output_size)
 
+
+def shift_round_half_even(value, shift):
+    """``value / 2^shift`` rounded to nearest, ties to even (section 4), by floor division."""
+    quotient, remainder = value >> shift, value - ((value >> shift) << shift)
+    half = 1 << (shift - 1)
+    return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
+
 PORT_ORDER = ("L", "N", "E", "S", "W")
 STEP = {"N": (-1, 0), "E": (0, 1), "S": (1, 0), "W": (0, -1)}
 OPPOSITE = {"N": "S", "S": "N", "E": "W", "W": "E"}
@@ -98,7 +105,7 @@ class ReferencePE:
                                     weight = self.sram[c["w_base"] + cw * kh * kw + ky * kw + kx]
                                     acc += weight[l] * activation(ky, kx, cw)[l]
                             acc = (acc + 2**31) % 2**32 - 2**31
-                            y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + c["zp_out"]
+                            y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
                             word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
                         words.append(word)
                     continue
@@ -113,7 +120,7 @@ class ReferencePE:
                                 weight = self.sram[c["w_base"] + o * window_words + k]
                                 acc += sum(w * a for w, a in zip(weight, activation(ky, kx, cw)))
                     acc = (acc + 2**31) % 2**32 - 2**31
-                    y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + c["zp_out"]
+                    y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
                     results.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
                 results += [0] * (-len(results) % lanes)
                 words += [results[i:i + lanes] for i in range(0, len(results), lanes)]
@@ -596,11 +603,11 @@ def windowed_golden(layers, x, input_shape, lanes):
                             best = window if best is None else np.maximum(best, window)
                 if isinstance(layer, Conv):
                     acc = (acc + 2**31) % 2**32 - 2**31
-                    y = ((acc * multiplier + (np.int64(1) << (shift - 1))) >> shift) + layer.zp_out
+                    y = shift_round_half_even(acc * multiplier, shift) + layer.zp_out
                     out[:, oy, ox, :c_out] = np.clip(y, layer.clamp_lo, layer.clamp_hi)
                 elif isinstance(layer, Depthwise):
                     acc = (acc + 2**31) % 2**32 - 2**31
-                    y = ((acc * multiplier + (np.int64(1) << (shift - 1))) >> shift) + layer.zp_out
+                    y = shift_round_half_even(acc * multiplier, shift) + layer.zp_out
                     out[:, oy, ox] = np.clip(y, layer.clamp_lo, layer.clamp_hi)
                 else:
                     out[:, oy, ox] = np.clip(best, layer.clamp_lo, layer.clamp_hi)
@@ -859,7 +866,7 @@ def test_result_buffer_overflow_is_refused():
 
 def test_hand_computed_depthwise_and_average_pool():
     """A 2x2 depthwise filter per channel (lane by lane, per-lane parameters), a global average pool
-    rounding half up, and a padded average pool whose folded bias cancels the input zero point."""
+    rounding to nearest, and a padded average pool whose folded bias cancels the input zero point."""
     arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     x = np.concatenate([np.arange(9), np.full(9, 2)]).astype(np.int8).reshape(1, 18)   # 2 channels, 3x3
     weights = np.array([[[1, 0], [0, -1]], [[1, 1], [1, 1]]], np.int8)
@@ -887,8 +894,8 @@ def test_hand_computed_depthwise_and_average_pool():
     for oy in range(2):
         for ox in range(2):
             acc = 12 + grid[2 * oy:2 * oy + 2, 2 * ox:2 * ox + 2].sum()
-            expected.append(max(-1, ((acc << 30) + (1 << 31) >> 32) - 1))
-    assert expected == [0, 1, 3, 8]   # real means 3/4 -> 1, 9/4 -> 2, 15/4 -> 4, 36/4 = 9 (round half up), - 1
+            expected.append(max(-1, int(shift_round_half_even(int(acc) << 30, 32)) - 1))
+    assert expected == [0, 1, 3, 8]   # real means 3/4 -> 1, 9/4 -> 2, 15/4 -> 4, 36/4 = 9, - 1
     np.testing.assert_array_equal(out[:, 0], expected)
     np.testing.assert_array_equal(out[:, 1], [-1] * 4)   # padding lane: clamp(zp_out = -1)
 

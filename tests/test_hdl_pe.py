@@ -16,6 +16,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
 
+def shift_round_half_even(value, shift):
+    """``value / 2^shift`` rounded to nearest, ties to even (section 4), by floor division."""
+    quotient, remainder = value >> shift, value - ((value >> shift) << shift)
+    half = 1 << (shift - 1)
+    return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
+
 ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, router_fifo_depth=2)
 TILE = 1          # the PE under test; loads for tile 0 must not reach it
 DEST = {"dest_row": 0, "dest_col": 0, "dest_host": 1}
@@ -45,7 +51,7 @@ def golden_outputs(weights, activations, params, config):
         acc = bias + sum(w * a for k in range(k_words)
                          for w, a in zip(weights[o * k_words + k], activations[k]))
         acc = wrap32(acc)
-        y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + config["zp_out"]
+        y = shift_round_half_even(acc * multiplier, shift) + config["zp_out"]
         result.append(min(max(y, config["clamp_lo"]), config["clamp_hi"]))
     return result
 
@@ -216,10 +222,10 @@ def test_arithmetic_edge_cases(relu):
     zp_out = 3
     # (weights of chunk 0, weights of chunk 1, bias, multiplier, shift): one output per row.
     rows = [
-        (zero, zero, 3, 1, 1),                        # +1.5 rounds half up to 2
-        (zero, zero, -3, 1, 1),                       # -1.5 rounds half toward +inf to -1
-        (zero, zero, -6, 1, 2),                       # -1.5 again with shift 2
-        (zero, zero, 5, 1, 2),                        # 1.25 -> 1
+        (zero, zero, 3, 1, 1),                        # +1.5 rounds to even: 2
+        (zero, zero, -3, 1, 1),                       # -1.5 rounds to even: -2
+        (zero, zero, 5, 1, 1),                        # +2.5 rounds to even: 2 (half up would give 3)
+        (zero, zero, -5, 1, 1),                       # -2.5 rounds to even: -2
         ([127] * lanes, [-128] * lanes, (1 << 31) - 1, 1 << 20, 21),  # accumulator wraps negative
         (zero, zero, (1 << 31) - 1, (1 << 31) - 1, 62),             # widest exact product, shift 62
         (zero, zero, 1_000_000, 1 << 30, 31),         # saturates at clamp_hi
@@ -240,7 +246,7 @@ def test_arithmetic_edge_cases(relu):
 
     first = golden_outputs(weights, inputs[:2], params, config)
     lo = config["clamp_lo"]
-    assert first[:4] == [max(lo, v + zp_out) for v in (2, -1, -1, 1)]
+    assert first[:4] == [max(lo, v + zp_out) for v in (2, -2, 2, -2)]   # ties to even
     assert wrap32((1 << 31) - 1 + lanes * (127 * 127 + 128 * 128)) < 0 and first[4] == config["clamp_lo"]
     assert first[5] == max(lo, 1 + zp_out) and first[6] == 127
     assert first[7] == (zp_out if relu else -128)
@@ -367,7 +373,7 @@ def golden_window(config, sram, params, activations, lanes):
                                                ox * stride + kx - config["pad_left"], cw)
                                 acc += sum(w * x for w, x in zip(weight, a))
                     acc = wrap32(acc)
-                    outputs.append(clamp(((acc * multiplier + (1 << (shift - 1))) >> shift) + config["zp_out"]))
+                    outputs.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
                 words += golden_result_words(outputs, lanes)
             elif config["op"] == OP_LANE:
                 # Depthwise: lane l of word cw is channel c = cw*L + l, with its own weights and row c.
@@ -383,7 +389,7 @@ def golden_window(config, sram, params, activations, lanes):
                                                ox * stride + kx - config["pad_left"], cw)
                                 acc += weight[lane] * a[lane]
                         acc = wrap32(acc)
-                        word.append(clamp(((acc * multiplier + (1 << (shift - 1))) >> shift) + config["zp_out"]))
+                        word.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
                     words.append(word)
             else:
                 for cw in range(cw_words):

@@ -24,6 +24,13 @@ from hdl import simulate as rtl
 from hdl.harness import HARNESS_TOP_NAME
 from hdl.layouts import LOAD_TARGET_CONFIG, config_field_index, flit_signature, load_signature
 
+def shift_round_half_even(value, shift):
+    """``value / 2^shift`` rounded to nearest, ties to even (section 4), by floor division."""
+    quotient, remainder = value >> shift, value - ((value >> shift) << shift)
+    half = 1 << (shift - 1)
+    return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
+
+
 # --- (a) the flow with a stand-in chip ------------------------------------------------------------
 
 #: The stand-in XORs every lane with the low byte of tile 0's config register 0 (n_in_words), so that
@@ -213,7 +220,7 @@ def _golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) -> np.ndarra
             bias, multiplier, shift = (int(v) for v in params[o])
             acc = bias + int(np.dot(weights[o], x[b].astype(np.int64)))
             acc = (acc + (1 << 31)) % (1 << 32) - (1 << 31)  # wrap32
-            y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + ZP_OUT
+            y = shift_round_half_even(acc * multiplier, shift) + ZP_OUT
             out[b, o] = min(max(y, CLAMP_LO), CLAMP_HI)
     return out
 
@@ -353,7 +360,7 @@ def _conv_pool_golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) ->
                             inside = 0 <= iy < CONV_HW and 0 <= ix < CONV_HW
                             acc += int(weights[o, c, ky, kx]) * (int(x[c, iy, ix]) if inside else CONV_PAD_VALUE)
                 acc = (acc + (1 << 31)) % (1 << 32) - (1 << 31)
-                y = ((acc * multiplier + (1 << (shift - 1))) >> shift) + ZP_OUT
+                y = shift_round_half_even(acc * multiplier, shift) + ZP_OUT
                 conv[o, oy, ox] = min(max(y, CLAMP_LO), CLAMP_HI)
     pooled = np.zeros((CONV_OUT, POOL_OUT, POOL_OUT), np.int64)
     for o in range(CONV_OUT):
@@ -378,7 +385,7 @@ def _depthwise_golden(x: np.ndarray, weights: np.ndarray, params: np.ndarray) ->
                         inside = 0 <= iy < height and 0 <= ix < width
                         acc += int(weights[c, ky, kx]) * (int(x[c, iy, ix]) if inside else DW_PAD_VALUE)
                 acc = (acc + (1 << 31)) % (1 << 32) - (1 << 31)
-                value = ((acc * multiplier + (1 << (shift - 1))) >> shift) + DW_ZP_OUT
+                value = shift_round_half_even(acc * multiplier, shift) + DW_ZP_OUT
                 y[c, oy, ox] = min(max(value, CLAMP_LO), CLAMP_HI)
     return y
 
