@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from model_tools import ArrayReader, accuracy  # a sibling of this script
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -75,22 +76,6 @@ def export(net, path: Path) -> None:
         counts[prefix] = counts.get(prefix, 0) + 1
         node.name = f"{prefix}{counts[prefix]}"
     onnx.save(model, str(path))
-
-
-class ArrayReader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray):
-        self.batches = iter([{"x": x}])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def accuracy(model_path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"x": x})[0]
-    return float(np.mean(np.argmax(logits, axis=1) == y))
 
 
 def main() -> None:

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
+
+from model_tools import ArrayReader, accuracy  # a sibling of this script
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -70,22 +71,6 @@ def to_onnx(mlp: MLPClassifier) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="flowtile")
     onnx.checker.check_model(model)
     return model
-
-
-class ArrayReader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray):
-        self.batches = iter([{"x": x}])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def accuracy(model_path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"x": x})[0]
-    return float(np.mean(np.argmax(logits, axis=1) == y))
 
 
 def main() -> None:

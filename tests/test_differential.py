@@ -41,6 +41,33 @@ CASES = [
 ]
 
 
+MLP_IDS = [f"{c[1]}-{'-'.join(map(str, c[2]))}-b{c[3]}-{c[4]}" for c in CASES]
+def assert_emulator_matches_onnxruntime(model_path, program, x, calibration):
+    _, flits = input_flits(program, x)
+    emu = emulate(program, flits, len(x))
+    emu_q, _ = outputs_from_flits(program, emu.out_flits, len(x))
+    ort_q, _ = onnxruntime_int8_output(model_path, program, x, calibration=calibration)
+    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
+    worst = np.unravel_index(np.argmax(diff), diff.shape)
+    assert diff.max() <= 1, (f"output {worst} differs by {diff.max()} LSB: flowtile {emu_q[worst]}, "
+                             f"onnxruntime {ort_q[worst]}")
+
+
+def assert_rtl_matches_emulator(program, x):
+    from hdl.simulate import simulate
+    _, flits = input_flits(program, x)
+    emu = emulate(program, flits, len(x))
+    rtl = simulate(program, flits, len(x), simulator="verilator")
+    differing = np.flatnonzero(np.any(rtl.out_flits != emu.out_flits, axis=1))
+    assert differing.size == 0, (f"{differing.size} output flits differ; first, flit {differing[0]}: "
+                                 f"RTL {rtl.out_flits[differing[0]].tolist()} vs emulator "
+                                 f"{emu.out_flits[differing[0]].tolist()}")
+    late = np.flatnonzero(np.asarray(rtl.out_times) != np.asarray(emu.out_times))
+    assert late.size == 0, (f"{late.size} output flits at different cycles; first, flit {late[0]}: "
+                            f"RTL cycle {rtl.out_times[late[0]]} vs emulator {emu.out_times[late[0]]}")
+    assert rtl.cycles == emu.cycles
+
+
 def build_model(tmp_path, seed, widths, kind):
     rng = np.random.default_rng(seed)
     float_model = random_float_mlp(rng, widths)
@@ -54,42 +81,21 @@ def build_model(tmp_path, seed, widths, kind):
     return qdq_path, None
 
 
-@pytest.mark.parametrize("seed,arch_name,widths,batch,kind", CASES,
-                         ids=[f"{c[1]}-{'-'.join(map(str, c[2]))}-b{c[3]}-{c[4]}" for c in CASES])
+@pytest.mark.parametrize("seed,arch_name,widths,batch,kind", CASES, ids=MLP_IDS)
 def test_emulator_matches_onnxruntime(tmp_path, seed, arch_name, widths, batch, kind):
     model_path, calibration = build_model(tmp_path, seed, widths, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     x = np.random.default_rng(seed + 100).standard_normal((batch, widths[0])).astype(np.float32)
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, batch)
-    emu_q, _ = outputs_from_flits(program, emu.out_flits, batch)
-    ort_q, _ = onnxruntime_int8_output(model_path, program, x, calibration=calibration)
-    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
-    worst = np.unravel_index(np.argmax(diff), diff.shape)
-    assert diff.max() <= 1, (f"output {worst} differs by {diff.max()} LSB: flowtile {emu_q[worst]}, "
-                             f"onnxruntime {ort_q[worst]}")
+    assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
 
 
 @pytest.mark.rtl
-@pytest.mark.parametrize("seed,arch_name,widths,batch,kind", CASES,
-                         ids=[f"{c[1]}-{'-'.join(map(str, c[2]))}-b{c[3]}-{c[4]}" for c in CASES])
+@pytest.mark.parametrize("seed,arch_name,widths,batch,kind", CASES, ids=MLP_IDS)
 def test_rtl_matches_emulator(tmp_path, seed, arch_name, widths, batch, kind):
-    from hdl.simulate import simulate
     model_path, calibration = build_model(tmp_path, seed, widths, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     x = np.random.default_rng(seed + 100).standard_normal((batch, widths[0])).astype(np.float32)
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, batch)
-    rtl = simulate(program, flits, batch, simulator="verilator")
-
-    differing = np.flatnonzero(np.any(rtl.out_flits != emu.out_flits, axis=1))
-    assert differing.size == 0, (f"{differing.size} output flits differ; first, flit {differing[0]}: "
-                                 f"RTL {rtl.out_flits[differing[0]].tolist()} vs emulator "
-                                 f"{emu.out_flits[differing[0]].tolist()}")
-    late = np.flatnonzero(np.asarray(rtl.out_times) != np.asarray(emu.out_times))
-    assert late.size == 0, (f"{late.size} output flits at different cycles; first, flit {late[0]}: "
-                            f"RTL cycle {rtl.out_times[late[0]]} vs emulator {emu.out_times[late[0]]}")
-    assert rtl.cycles == emu.cycles
+    assert_rtl_matches_emulator(program, x)
 
 
 # --- convolutional networks (docs/architecture.md section 4.1) --------------------------------------
@@ -125,29 +131,13 @@ def test_cnn_emulator_matches_onnxruntime(tmp_path, seed, arch_name, in_shape, b
     model_path, calibration = build_cnn(tmp_path, seed, in_shape, blocks, classes, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     x = np.random.default_rng(seed + 100).random((batch, *in_shape)).astype(np.float32)
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, batch)
-    emu_q, _ = outputs_from_flits(program, emu.out_flits, batch)
-    ort_q, _ = onnxruntime_int8_output(model_path, program, x, calibration=calibration)
-    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
-    worst = np.unravel_index(np.argmax(diff), diff.shape)
-    assert diff.max() <= 1, (f"output {worst} differs by {diff.max()} LSB: flowtile {emu_q[worst]}, "
-                             f"onnxruntime {ort_q[worst]}")
+    assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
 
 
 @pytest.mark.rtl
 @pytest.mark.parametrize("seed,arch_name,in_shape,blocks,classes,batch,kind", CNN_CASES, ids=CNN_IDS)
 def test_cnn_rtl_matches_emulator(tmp_path, seed, arch_name, in_shape, blocks, classes, batch, kind):
-    from hdl.simulate import simulate
     model_path, calibration = build_cnn(tmp_path, seed, in_shape, blocks, classes, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     x = np.random.default_rng(seed + 100).random((batch, *in_shape)).astype(np.float32)
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, batch)
-    rtl = simulate(program, flits, batch, simulator="verilator")
-    differing = np.flatnonzero(np.any(rtl.out_flits != emu.out_flits, axis=1))
-    assert differing.size == 0, f"{differing.size} output flits differ, first {differing[0]}"
-    late = np.flatnonzero(np.asarray(rtl.out_times) != np.asarray(emu.out_times))
-    assert late.size == 0, (f"{late.size} output flits at different cycles; first, flit {late[0]}: "
-                            f"RTL cycle {rtl.out_times[late[0]]} vs emulator {emu.out_times[late[0]]}")
-    assert rtl.cycles == emu.cycles
+    assert_rtl_matches_emulator(program, x)
