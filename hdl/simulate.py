@@ -243,14 +243,27 @@ def _generation_key(arch: Arch, chip_factory, fingerprint: str) -> str:
     digest = hashlib.sha256()
     digest.update(fingerprint.encode())
     digest.update(json.dumps(arch.to_dict(), sort_keys=True).encode())
-    sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(inspect.getfile(Arch))]
+    digest.update(_loaded_hdl_sources_digest())
     if chip_factory is not None:
         digest.update(getattr(chip_factory, "__qualname__", repr(chip_factory)).encode())
-        sources.append(Path(inspect.getfile(chip_factory)))
-    for source in sources:
+        digest.update(Path(inspect.getfile(chip_factory)).read_bytes())
+    return digest.hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded_hdl_sources_digest() -> bytes:
+    """Digest of the ``hdl/`` sources and ``flowtile/arch.py`` as this process loaded them.
+
+    Read once, right after importing the harness (which imports every module the Verilog comes from), so
+    a long-lived process whose modules predate an edit keeps filing its builds under the key of the
+    sources it really runs, never under the edited sources' key.
+    """
+    from . import harness  # noqa: F401  (the modules the Verilog is generated from)
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")) + [Path(inspect.getfile(Arch))]:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
-    return digest.hexdigest()[:20]
+    return digest.digest()
 
 
 def _write_atomically(path: Path, text: str) -> None:
