@@ -14,7 +14,8 @@ __all__ = ["tile_utilization", "perfetto_trace", "write_visuals"]
 
 
 def tile_utilization(program: Program, result) -> np.ndarray:
-    """[rows, cols] fraction of each PE's MAC lanes doing work over the whole run."""
+    """[rows, cols] fraction of each PE's lane-cycles that issued a MAC over the whole run (padding lanes of
+    a word count as issued; ``result.mac_utilization`` is the useful fraction of the whole chip)."""
     return np.asarray(result.tile_macs, dtype=np.float64) / (max(1, int(result.cycles)) * program.arch.lanes)
 
 
@@ -59,8 +60,10 @@ def write_heatmap(program: Program, result, path: str | Path) -> Path:
     ax.set_yticks(range(arch.rows))
     ax.set_xlabel("column")
     ax.set_ylabel("row")
-    ax.set_title(f"MAC utilization per tile ({int(result.cycles)} cycles)")
-    fig.colorbar(image, ax=ax, label="% of lane-cycles")
+    ax.set_title(f"MAC lanes issued per tile, {int(result.cycles)} cycles\n"
+                 f"(padding lanes count as issued; useful MAC utilization of the chip: "
+                 f"{100 * result.mac_utilization:.1f}%)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="% of lane-cycles issued")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
