@@ -163,3 +163,23 @@ def test_rtl_command_writes_outputs_and_waves(tmp_path):
     assert emulated.returncode == 0, emulated.stderr
     assert np.array_equal(np.load(tmp_path / "y.npy"), np.load(tmp_path / "y_emu.npy"))
     assert waves.stat().st_size > 0
+
+
+def test_cnn_input_of_the_wrong_shape_names_expected_and_given(tmp_path):
+    prog = tmp_path / "prog"
+    assert flowtile("compile", ROOT / "models" / "digits_cnn.onnx", "-o", prog).returncode == 0
+    np.save(tmp_path / "flat.npy", np.zeros((2, 64), np.float32))
+    result = flowtile("emulate", prog, "--input", tmp_path / "flat.npy", "--output", tmp_path / "y.npy")
+    assert_clean_error(result, "[2, 64]", "1, 8, 8")
+
+
+def test_rtl_batch_larger_than_the_harness_is_a_clean_error(tmp_path):
+    arch = tmp_path / "small_host.toml"
+    arch.write_text("host_buffer_flits = 8\n")
+    prog = tmp_path / "prog"
+    assert flowtile("compile", DIGITS, "--arch", arch, "-o", prog).returncode == 0
+    with np.load(ROOT / "models" / "digits_test.npz") as data:
+        np.save(tmp_path / "x.npy", data["x"][:3])   # 3 inferences x 8 input flits > 8
+    result = flowtile("rtl", prog, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
+    assert_clean_error(result, "host_buffer_flits")
+    assert not (tmp_path / "y.npy").exists()
