@@ -36,16 +36,21 @@ def random_float_mlp(rng: np.random.Generator, widths: list[int], *, relu_last=F
 
 def quantize_qdq(float_path: Path, out_path: Path, calibration: np.ndarray, *, activation_uint8: bool,
                  per_channel: bool) -> Path:
-    """int8 QDQ model exactly as ``onnxruntime.quantization.quantize_static`` writes it."""
+    """int8 QDQ model exactly as ``onnxruntime.quantization.quantize_static`` writes it.
+
+    The calibration set goes in as one batch (MinMax calibration: the same ranges as row by row) to the
+    model's first input; the model's batch dimension must be symbolic.
+    """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    input_name = onnx.load(str(float_path)).graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.rows = iter(calibration[i:i + 1] for i in range(len(calibration)))
+            self.batches = iter([{input_name: np.asarray(calibration, dtype=np.float32)}])
 
         def get_next(self):
-            row = next(self.rows, None)
-            return None if row is None else {"input": row.astype(np.float32)}
+            return next(self.batches, None)
 
     # quantize_static logs pre-processing advice through the root logger on every call.
     root_logger, level = logging.getLogger(), logging.getLogger().level

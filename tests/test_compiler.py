@@ -2,23 +2,23 @@
 partitioning invariants, program emission, and the errors for models it cannot compile."""
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from compiler import (CompileError, build_program, compile_model, config_cycles, import_onnx, lower_layers,
                       assign_tiles, quantize_multiplier, reference_forward, report, tile_cycles, weight_rows)
 from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
+from flowtile.oracle import ort_session
 from flowtile.program import Program, result_words, weight_words
+
+import random_models
 
 
 def shift_round_half_even(value, shift):
@@ -27,8 +27,8 @@ def shift_round_half_even(value, shift):
     half = 1 << (shift - 1)
     return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
 
+
 MODELS = Path(__file__).resolve().parents[1] / "models"
-logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "consider pre-processing" advice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,31 +70,19 @@ def float_mlp(rng, widths, *, form="gemm_t", input_shape=None, relu_last=False, 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, x):
-        self.batches = iter([{"x": x}])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
 def quantize_qdq(model, calibration, *, activation="int8", per_channel=True, tmp_path=None):
     """The model as onnxruntime's quantize_static writes it (QDQ, int8 weights)."""
-    out = tmp_path / f"q_{activation}_{per_channel}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # MatMul + Add quantized apart is a network no PE layer computes; the compiler fuses them first
-        quantize_static(fuse_matmul_add(model), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8 if activation == "int8" else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=per_channel)
+    float_path = tmp_path / f"f_{activation}_{per_channel}.onnx"
+    # MatMul + Add quantized apart is a network no PE layer computes; the compiler fuses them first
+    onnx.save(fuse_matmul_add(model), float_path)
+    out = random_models.quantize_qdq(float_path, tmp_path / f"q_{activation}_{per_channel}.onnx", calibration,
+                                     activation_uint8=(activation == "uint8"), per_channel=per_channel)
     return onnx.load(str(out))
 
 
 def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """onnxruntime with graph optimizations off: the QDQ graph op by op (fused int8 kernels vary by CPU)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model)
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
@@ -134,9 +122,7 @@ def per_layer_lsb(imported, layers, x: np.ndarray) -> list[int]:
         zp = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[2]))
         params.append(QuantParams(float(scale), int(zp), "uint8" if zp.dtype == np.uint8 else "int8"))
         model.graph.output.append(helper.make_value_info(n.output[0], onnx.TypeProto()))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model)
     values = session.run([n.output[0] for n in quantized], {session.get_inputs()[0].name: x})
     values = [v.reshape(len(x), -1).astype(np.int64) - (128 if v.dtype == np.uint8 else 0) for v in values]
     diffs, j = [], 1
@@ -574,9 +560,10 @@ def test_nonzero_weight_zero_point_is_rejected(tmp_path):
 def test_matmul_add_quantized_apart_is_rejected(tmp_path):
     rng = np.random.default_rng(8)
     model = float_mlp(rng, [6, 5, 4], form="matmul")
-    path = tmp_path / "apart.onnx"
-    quantize_static(model, str(path), _Reader(rng.standard_normal((8, 6)).astype(np.float32)),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    onnx.save(model, tmp_path / "apart_float.onnx")   # not fused: MatMul and Add get quantized apart
+    path = random_models.quantize_qdq(tmp_path / "apart_float.onnx", tmp_path / "apart.onnx",
+                                      rng.standard_normal((8, 6)).astype(np.float32), activation_uint8=False,
+                                      per_channel=False)
     with pytest.raises(CompileError, match=r"node 'add0' \(Add\): adds a bias after node 'matmul0' \(MatMul\)"):
         import_onnx(path)
     assert max_lsb_diff(model, rng.standard_normal((16, 6)).astype(np.float32),  # the float model compiles
