@@ -12,7 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 __all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS", "OP_MAC",
-           "OP_MAX", "OP_LANE", "dense_window_registers"]
+           "OP_MAX", "OP_LANE", "OP_ADD", "ADD_MULT_BITS", "ADD_MULT_MAX", "dense_window_registers",
+           "stream_registers"]
 
 #: Accumulator width of a PE. Accumulation wraps modulo 2**ACC_BITS (two's complement); the
 #: compiler proves that no layer it emits can reach the wrap (see docs/architecture.md).
@@ -22,11 +23,22 @@ MULTIPLIER_BITS = 31
 #: Requantization right shift: unsigned, in [1, 2**SHIFT_BITS - 2].
 SHIFT_BITS = 6
 
+#: Width of the ADD operand multipliers (``add_mult_a``, ``add_mult_b``); the compiler keeps them
+#: <= ADD_MULT_MAX so that ``|(a - z_a) m_a + (b - z_b) m_b| <= 255 * 2 * ADD_MULT_MAX < 2**31``.
+ADD_MULT_BITS = 23
+ADD_MULT_MAX = 1 << 22
+
 #: The per-tile configuration registers, in register-address order, with their widths in bits
 #: and whether they are signed. Program files name them; the RTL loader writes them by index.
 CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("n_in_words", 16, False),   # K: input flits of this tile's layer, stored into the activation region
-    ("forward", 1, False),       # 1: re-emit each input flit downstream (more tiles of the layer follow)
+    # RECV word k (0 <= k < K) is stored at act_base + k - store_begin iff store_begin <= k < store_end,
+    # and re-emitted downstream iff forward_begin <= k < forward_end (section 4.2: several tensors
+    # travel in one stream; a tile stores the one it reads and forwards those still needed later).
+    ("store_begin", 16, False),
+    ("store_end", 16, False),
+    ("forward_begin", 16, False),
+    ("forward_end", 16, False),
     ("n_pass", 16, False),       # P: flits passed through unchanged after the input flits
     ("n_out", 16, False),        # N_o: output neurons this tile computes (0: pass-through tile)
     ("w_base", 16, False),       # SRAM word address of weight row 0, chunk 0
@@ -52,19 +64,31 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("out_row_begin", 8, False), # this tile computes output rows [out_row_begin, out_row_begin + out_rows)
     ("out_rows", 8, False),
     ("out_width", 8, False),     # ... and all out_width output columns
+    # op = ADD (section 4.2): operand b of a pixel word sits add_offset words after operand a's.
+    ("add_offset", 16, False),
+    ("add_mult_a", ADD_MULT_BITS, False),  # integer weights of the two operands, <= ADD_MULT_MAX
+    ("add_mult_b", ADD_MULT_BITS, False),
 )
 
 #: Values of the ``op`` register.
 OP_MAC = 0
 OP_MAX = 1
 OP_LANE = 2
+OP_ADD = 3
 
 
 def dense_window_registers(n_in_words: int) -> dict[str, int]:
     """The windowing registers of a dense layer with ``n_in_words`` input words (the 1x1 case)."""
     return {"op": OP_MAC, "in_height": 1, "in_width": 1, "words_per_pixel": n_in_words,
             "kernel_h": 1, "kernel_w": 1, "stride": 1, "pad_top": 0, "pad_left": 0, "pad_value": 0,
-            "out_row_begin": 0, "out_rows": 1, "out_width": 1}
+            "out_row_begin": 0, "out_rows": 1, "out_width": 1, "add_offset": 0, "add_mult_a": 0, "add_mult_b": 0}
+
+
+def stream_registers(n_in_words: int, *, forward: bool) -> dict[str, int]:
+    """RECV registers of a tile whose stream holds only its layer's input: store all ``n_in_words``
+    words; forward all of them (``forward``: more tiles of the layer follow) or none."""
+    return {"store_begin": 0, "store_end": n_in_words, "forward_begin": 0,
+            "forward_end": n_in_words if forward else 0}
 
 
 class ArchError(ValueError):

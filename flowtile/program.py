@@ -18,22 +18,38 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
+from .arch import OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
-           "output_pixels", "weight_words", "result_words", "compute_issue_cycles"]
+           "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words",
+           "channel_preserving"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def output_pixels(config: dict) -> int:
     return config["out_rows"] * config["out_width"]
 
 
+def stored_words(config: dict) -> int:
+    """RECV words a tile writes into its activation region per inference (section 4.2)."""
+    return max(0, config["store_end"] - config["store_begin"])
+
+
+def forwarded_words(config: dict) -> int:
+    """RECV words a tile re-emits downstream per inference (section 4.2)."""
+    return max(0, config["forward_end"] - config["forward_begin"])
+
+
+def channel_preserving(config: dict) -> bool:
+    """MAX, LANE and ADD compute one result word per (pixel, input word): ``n_out = CW * L``."""
+    return config["op"] in (OP_MAX, OP_LANE, OP_ADD)
+
+
 def weight_words(config: dict) -> int:
     """SRAM words of weights a tile's registers imply (docs/architecture.md section 4.1)."""
-    if not config["n_out"] or config["op"] == OP_MAX:
+    if not config["n_out"] or config["op"] in (OP_MAX, OP_ADD):
         return 0
     if config["op"] == OP_LANE:
         return config["kernel_h"] * config["kernel_w"] * config["words_per_pixel"]
@@ -50,7 +66,7 @@ def compute_issue_cycles(config: dict) -> int:
     if not config["n_out"]:
         return 0
     window = config["kernel_h"] * config["kernel_w"]
-    if config["op"] in (OP_MAX, OP_LANE):
+    if channel_preserving(config):  # ADD: kernel 1x2, one issue per operand
         return output_pixels(config) * config["words_per_pixel"] * window
     return output_pixels(config) * config["n_out"] * window * config["words_per_pixel"]
 
@@ -208,17 +224,31 @@ class Program:
                 raise ProgramError(f"tile {tile.key}: {n_out} outputs exceed arch field 'max_tile_outputs' "
                                    f"= {arch.max_tile_outputs}")
             config = tile.config
-            act_end = config["act_base"] + config["n_in_words"]
+            k = config["n_in_words"]
+            for first, last in (("store_begin", "store_end"), ("forward_begin", "forward_end")):
+                if not config[first] <= config[last] <= k:
+                    raise ProgramError(f"tile {tile.key}: registers {first} = {config[first]}, {last} = "
+                                       f"{config[last]} must satisfy {first} <= {last} <= n_in_words = {k}")
+            act_end = config["act_base"] + stored_words(config)
             w_end = config["w_base"] + weight_words(config)
             if max(act_end, w_end) > arch.sram_words:
                 raise ProgramError(f"tile {tile.key}: SRAM regions end at word {max(act_end, w_end)}, "
                                    f"tile has {arch.sram_words} words (arch field 'sram_bytes')")
             if n_out:
                 pixels = config["in_height"] * config["in_width"] * config["words_per_pixel"]
-                if pixels != config["n_in_words"]:
-                    raise ProgramError(f"tile {tile.key}: n_in_words = {config['n_in_words']} but the input map "
-                                       f"is {config['in_height']}x{config['in_width']}x{config['words_per_pixel']} "
-                                       f"= {pixels} words")
+                stored = stored_words(config)
+                if config["op"] == OP_ADD:
+                    if not (config["add_offset"] >= pixels and stored >= config["add_offset"] + pixels):
+                        raise ProgramError(f"tile {tile.key}: ADD operands of {pixels} words at offsets 0 and "
+                                           f"add_offset = {config['add_offset']} must lie apart inside the "
+                                           f"{stored} stored words")
+                    if (config["kernel_h"], config["kernel_w"], config["stride"], config["pad_top"],
+                            config["pad_left"]) != (1, 2, 1, 0, 0):
+                        raise ProgramError(f"tile {tile.key}: ADD needs kernel 1x2, stride 1 and no padding")
+                elif pixels != stored:
+                    raise ProgramError(f"tile {tile.key}: {stored} stored words (store_begin..store_end) but "
+                                       f"the input map is {config['in_height']}x{config['in_width']}x"
+                                       f"{config['words_per_pixel']} = {pixels} words")
                 if result_words(config, arch.lanes) > arch.result_words:
                     raise ProgramError(f"tile {tile.key}: {result_words(config, arch.lanes)} result words per "
                                        f"inference exceed the result buffer ({arch.result_words} words, arch "

@@ -10,7 +10,7 @@ as docs/architecture.md sections 1 and 4.1 describe, without the compiler.
     program = build_program(arch, layers, input_shape=(C, H, W))   # input travels as a "chw" map
 
 Mapping: a layer split over ``m`` consecutive chain tiles; tile ``i`` of ``m`` has ``n_in_words = K``
-(words of the layer input), ``forward = (i < m-1)``, ``n_pass`` = result words of tiles ``0..i-1``,
+(words of the layer input), stores all of them and forwards all of them iff ``i < m-1``, ``n_pass`` = result words of tiles ``0..i-1``,
 destination the next chain tile (the host for the last chain position). A dense tile computes a
 slice of the outputs (a multiple of ``lanes`` except the last), ``w_base = 0``, ``act_base = n_out * K``.
 A windowed tile (section 4.1) computes a band of output rows for every output channel: a conv tile
@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from flowtile.arch import CONFIG_FIELDS, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
+from flowtile.arch import CONFIG_FIELDS, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers, stream_registers
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 
 __all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "average_pool", "build_program", "dense_golden", "split_outputs", "split_rows",
@@ -317,7 +317,7 @@ def build_program(arch: Arch, layers: Sequence[Dense | Conv | Depthwise | MaxPoo
             if position >= arch.n_tiles:
                 raise ValueError(f"the layers need more than the {arch.n_tiles} tiles of the grid")
             row, col = arch.chain_position(position)
-            config.update(forward=int(i < len(parts) - 1), n_pass=passed)
+            config.update(stream_registers(config["n_in_words"], forward=i < len(parts) - 1), n_pass=passed)
             tiles.append(TileProgram(row, col, config, sram, params))
             coords.append((row, col))
             passed += n_words
