@@ -4,16 +4,16 @@
     print(report(program)); program.save("out/digits")
 
 Stages: :mod:`.onnx_import` (recognize quantized dense, Conv, depthwise Conv, MaxPool, AveragePool and
-GlobalAveragePool layers), :mod:`.lower` (integer parameters),
+GlobalAveragePool layers and residual Adds), :mod:`.lower` (integer parameters),
 :mod:`.partition` (chain tiles per layer), :mod:`.emit` (registers, SRAM images, parameter tables).
 """
 from .emit import build_program, compile_model, report
 from .errors import CompileError
 from .lower import LoweredLayer, lane_params, lower_layers, quantize_multiplier, reference_forward, weight_rows
-from .onnx_import import DenseLayer, ImportedModel, PoolLayer, QuantParams, Window, import_onnx
+from .onnx_import import AddLayer, DenseLayer, ImportedModel, PoolLayer, QuantParams, Window, import_onnx
 from .partition import TileSlice, assign_tiles, config_cycles, tile_cycles, window_tile_cycles
 
 __all__ = ["compile_model", "report", "CompileError", "import_onnx", "lower_layers", "reference_forward",
            "assign_tiles", "build_program", "tile_cycles", "quantize_multiplier", "DenseLayer", "LoweredLayer",
            "ImportedModel", "QuantParams", "TileSlice", "PoolLayer", "Window", "weight_rows", "config_cycles",
-           "window_tile_cycles", "lane_params"]
+           "window_tile_cycles", "lane_params", "AddLayer"]

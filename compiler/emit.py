@@ -2,18 +2,78 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from flowtile.arch import OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
-from flowtile.program import LayerInfo, Program, TileProgram, weight_words
+from flowtile.arch import OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
+from flowtile.program import LayerInfo, Program, TileProgram, stored_words, weight_words
 
+from .errors import CompileError
 from .lower import LoweredLayer, lane_params, lower_layers, weight_rows
-from .onnx_import import import_onnx
+from .onnx_import import import_onnx, layer_sources
 from .partition import TileSlice, assign_tiles, config_cycles, words
 
-__all__ = ["compile_model", "build_program", "report", "output_words"]
+__all__ = ["compile_model", "build_program", "report", "output_words", "StreamPlan", "plan_streams"]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What the stream into one layer's tiles holds and what they do with it (docs/architecture.md 4.2).
+
+    ``n_words``: RECV words per inference (every tensor in the stream); the tiles store words
+    ``[store[0], store[1])`` (the layer's input, or both operands of an Add) and the layer's last tile
+    forwards ``[forward[0], forward[1])`` (the tensors still needed later); ``swap``: an Add whose first
+    ONNX operand comes second in the stream.
+    """
+
+    n_words: int
+    store: tuple[int, int]
+    forward: tuple[int, int]
+    swap: bool = False
+
+    @property
+    def carried(self) -> int:
+        """Words received but not stored."""
+        return self.n_words - (self.store[1] - self.store[0])
+
+
+def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int) -> list[StreamPlan]:
+    """Which tensors ride in the stream into each layer, in chain order: the stream starts as the host input;
+    each layer's last tile forwards the tensors a later layer still reads and appends its own output.
+
+    A tensor's words are contiguous in the stream; the tensors a layer forwards must be adjacent (they are
+    one register range), as must an Add's two operands: CompileError otherwise.
+    """
+    sources = layer_sources(layers)
+    last_reader = {}
+    for index, reads in enumerate(sources):
+        for source in reads:
+            last_reader[source] = index
+    names = {-1: "the graph input", **{i: f"layer '{layer.name}''s output" for i, layer in enumerate(layers)}}
+    stream = [(-1, in_words)]
+    plans = []
+    for index, (layer, reads) in enumerate(zip(layers, sources)):
+        offsets = np.cumsum([0] + [n for _, n in stream])
+        where = {tensor: position for position, (tensor, _) in enumerate(stream)}
+        missing = [source for source in reads if source not in where]
+        assert not missing, f"layer {index} reads tensors {missing} that are not in the stream"
+        positions = sorted(where[source] for source in reads)
+        if layer.is_add and (len(set(reads)) != 2 or positions[1] != positions[0] + 1):
+            raise CompileError(f"layer '{layer.name}' (Add) adds {names[reads[0]]} and {names[reads[1]]}, which are "
+                               f"not two adjacent tensors of the stream")
+        store = (int(offsets[positions[0]]), int(offsets[positions[-1] + 1]))
+        live = [position for position, (tensor, _) in enumerate(stream) if last_reader[tensor] > index]
+        if live and live != list(range(live[0], live[-1] + 1)):
+            raise CompileError(f"layer '{layer.name}': the tensors still needed after it "
+                               f"({', '.join(names[stream[p][0]] for p in live)}) are not adjacent in its input "
+                               f"stream; flowtile forwards one contiguous range")
+        forward = (int(offsets[live[0]]), int(offsets[live[-1] + 1])) if live else (0, 0)
+        plans.append(StreamPlan(int(offsets[-1]), store, forward, layer.is_add and where[reads[0]] > where[reads[1]]))
+        stream = [stream[p] for p in live] + [(index, output_words(layer, lanes))]
+    assert [tensor for tensor, _ in stream] == [len(layers) - 1], "tensors left in the stream after the last layer"
+    return plans
 
 
 def _config(**values: int) -> dict[str, int]:
@@ -35,13 +95,23 @@ def _destination(arch: Arch, position: int) -> dict[str, int]:
     return {"dest_row": row, "dest_col": col, "dest_host": 0}
 
 
-def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice) -> TileProgram:
+def _stream_registers(plan: StreamPlan, part: TileSlice) -> dict[str, int]:
+    """RECV registers (section 4.2): every tile stores the layer's input; a tile with more tiles of its layer
+    after it forwards the whole stream, the layer's last tile only the tensors still needed later."""
+    forward = (0, plan.n_words) if part.forward else plan.forward
+    return {"n_in_words": plan.n_words, "store_begin": plan.store[0], "store_end": plan.store[1],
+            "forward_begin": forward[0], "forward_end": forward[1]}
+
+
+def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
+    if layer.is_add:
+        return _add_tile(arch, position, layer, part, plan)
     if layer.window is not None:
-        return _window_tile(arch, position, layer, part)
+        return _window_tile(arch, position, layer, part, plan)
     k, lanes = part.n_in_words, arch.lanes
     rows = weight_rows(layer, lanes)[part.start:part.stop]  # [n_out, K * lanes], zero-padded / permuted
     assert rows.shape[1] == k * lanes
-    config = _config(n_in_words=k, forward=int(part.forward), n_pass=part.n_pass, n_out=part.n_out,
+    config = _config(**_stream_registers(plan, part), n_pass=part.n_pass, n_out=part.n_out,
                      w_base=0, act_base=part.n_out * k, zp_out=layer.zp_out, clamp_lo=layer.clamp_lo,
                      clamp_hi=layer.clamp_hi, **dense_window_registers(k), **_destination(arch, position))
     row, col = arch.chain_position(position)
@@ -49,7 +119,23 @@ def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlic
                        layer.params[part.start:part.stop].copy())
 
 
-def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice) -> TileProgram:
+def _add_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
+    """A band of output rows of a residual Add (op ADD, section 4.2): no weights; operand a (the first of the
+    two in the stream) at stored offset 0, operand b right after it."""
+    lanes, w = arch.lanes, layer.window
+    cw = words(w.channels, lanes)
+    mult_a, mult_b = layer.add_mult[::-1] if plan.swap else layer.add_mult
+    config = _config(
+        **_stream_registers(plan, part), n_pass=part.n_pass, n_out=cw * lanes, w_base=0, act_base=0,
+        zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi, op=OP_ADD, in_height=w.height,
+        in_width=w.width, words_per_pixel=cw, kernel_h=1, kernel_w=2, stride=1, out_row_begin=part.row_begin,
+        out_rows=part.rows, out_width=w.width, add_offset=w.height * w.width * cw, add_mult_a=mult_a,
+        add_mult_b=mult_b, **_destination(arch, position))
+    row, col = arch.chain_position(position)
+    return TileProgram(row, col, config, np.zeros((0, lanes), np.int8), lane_params(layer, lanes))
+
+
+def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
     """A band of output rows of a Conv/MaxPool/lane layer (section 4.1): all the weights from word 0, the whole
     input map behind them, the band in ``out_row_begin/out_rows``."""
     lanes, w = arch.lanes, layer.window
@@ -66,7 +152,7 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
     assert n_out == part.n_out
     sram = weights.reshape(-1, lanes) if weights.size else np.zeros((0, lanes), np.int8)
     config = _config(
-        n_in_words=part.n_in_words, forward=int(part.forward), n_pass=part.n_pass, n_out=n_out, w_base=0,
+        **_stream_registers(plan, part), n_pass=part.n_pass, n_out=n_out, w_base=0,
         act_base=sram.shape[0], zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi,
         op=op, in_height=w.height, in_width=w.width,
         words_per_pixel=words(w.channels, lanes), kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
@@ -79,18 +165,18 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
 
 def _layer_info(layer: LoweredLayer, tiles: tuple) -> LayerInfo:
     """Report-only sizes: input and output elements and the useful MACs (a MaxPool has none; a Conv has
-    ``C*KH*KW`` per output element, a lane layer (depthwise Conv, average pools) ``KH*KW``, border positions
+    ``C*KH*KW / groups`` per output element, a lane layer (depthwise Conv, average pools) ``KH*KW``, border positions
     included)."""
     if layer.window is None:
         return LayerInfo(layer.name, layer.op, layer.n_in, layer.n_out, tiles, layer.relu)
     w = layer.window
     outputs = layer.n_out * w.out_height * w.out_width
-    if layer.is_pool:
+    if layer.is_pool or layer.is_add:
         macs = 0
     elif layer.is_lane:
         macs = outputs * w.kernel_h * w.kernel_w
     else:
-        macs = outputs * w.channels * w.kernel_h * w.kernel_w
+        macs = outputs * (w.channels // layer.groups) * w.kernel_h * w.kernel_w
     return LayerInfo(layer.name, layer.op, w.channels * w.height * w.width, outputs, tiles, layer.relu, macs)
 
 
@@ -109,12 +195,13 @@ def _pass_tile(arch: Arch, position: int, n_pass: int) -> TileProgram:
 
 def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "") -> Program:
     """Partition lowered layers over the chain and emit every tile's registers, SRAM image and parameters."""
-    splits = assign_tiles(layers, arch)
+    plans = plan_streams(layers, arch.lanes, input_spec.words(arch.lanes))
+    splits = assign_tiles(layers, arch, [plan.carried for plan in plans])
     tiles: list[TileProgram] = []
     infos: list[LayerInfo] = []
-    for layer, slices in zip(layers, splits):
+    for layer, slices, plan in zip(layers, splits, plans):
         first = len(tiles)
-        tiles += [_compute_tile(arch, first + i, layer, part) for i, part in enumerate(slices)]
+        tiles += [_compute_tile(arch, first + i, layer, part, plan) for i, part in enumerate(slices)]
         infos.append(_layer_info(layer, tuple(arch.chain_position(p) for p in range(first, len(tiles)))))
     last_words = output_words(layers[-1], arch.lanes)
     tiles += [_pass_tile(arch, p, last_words) for p in range(len(tiles), arch.n_tiles)]
@@ -160,7 +247,7 @@ def report(program: Program) -> str:
 
     def sram_used(tile: TileProgram) -> int:
         c = tile.config
-        return (weight_words(c) + (c["n_in_words"] if c["n_out"] else 0)) * arch.lanes
+        return (weight_words(c) + (stored_words(c) if c["n_out"] else 0)) * arch.lanes
 
     rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "SRAM bytes used/avail")]
     slowest = (0, "")

@@ -20,6 +20,12 @@ Convolutions lower exactly like dense layers, ``sum_j`` running over the ``C x K
 ``b = 0`` and weight scale ``1 / (KH*KW)``, so ``bias_c = -z_x * KH*KW`` and ``M_c / 2^S_c ~= s_x / (KH*KW*s_y)``. Max pooling has no parameters: ``op`` MAX, ``pad_value = -128``, clamp
 ``[-128, 127]`` (ReLU raises ``clamp_lo`` to the zero point). Weight *values* stay in ONNX order here;
 :func:`weight_rows` lays them out in SRAM words for a given lane count (section 4.1).
+
+A residual Add (op ADD, section 4.2) of ``a (s_a, z_a)`` and ``b (s_b, z_b)`` into ``(s_y, z_y)``: operand
+weights ``m_{a,b} = round(2^22 s_{a,b} / max(s_a, s_b))`` (``<= ADD_MULT_MAX``), per channel
+``bias = -(z_a m_a + z_b m_b)`` and ``M/2^S ~= max(s_a, s_b) / (2^22 s_y)``; ``|acc| <= 255 (m_a + m_b) < 2^31``.
+The integer weights' relative error is below ``2^-23 * max(s)/min(s)``, far below one output unit, so the
+result can differ from the exact ``rne`` only where the exact value is within that of a rounding tie.
 """
 from __future__ import annotations
 
@@ -28,10 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, SHIFT_BITS
+from flowtile.arch import ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, SHIFT_BITS
 
 from .errors import CompileError
-from .onnx_import import LANE_OPS, DenseLayer, PoolLayer, Window
+from .onnx_import import LANE_OPS, AddLayer, DenseLayer, PoolLayer, Window, layer_sources
 
 __all__ = ["LoweredLayer", "lower_layers", "lower_layer", "quantize_multiplier", "reference_forward",
            "weight_rows", "lane_params", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
@@ -67,10 +73,21 @@ class LoweredLayer:
     input_map: tuple[int, int, int] | None = None
     #: What out-of-map window positions read: the input zero point (Conv), -128 (MaxPool).
     pad_value: int = 0
+    #: Source layer indices (-1: the graph input); () means the layer before.
+    sources: tuple[int, ...] = ()
+    #: Grouped Conv: the ONNX group count (``weight`` is block-diagonal); 1 otherwise. Report only.
+    groups: int = 1
+    #: op "Add" only: the operand weights ``(add_mult_a, add_mult_b)`` in the Add node's input order.
+    add_mult: tuple[int, int] | None = None
 
     @property
     def is_pool(self) -> bool:
         return self.op == "MaxPool"
+
+    @property
+    def is_add(self) -> bool:
+        """A residual join (op ADD, section 4.2): ``weight`` is ``[C, 0]``, ``window`` the map as a 1x1 window."""
+        return self.op == "Add"
 
     @property
     def is_lane(self) -> bool:
@@ -80,7 +97,7 @@ class LoweredLayer:
     @property
     def n_in(self) -> int:
         """Input elements (dense), input channels (Conv, MaxPool, lane layers)."""
-        return self.window.channels if self.is_pool or self.is_lane else int(self.weight.shape[1])
+        return self.window.channels if self.is_pool or self.is_lane or self.is_add else int(self.weight.shape[1])
 
     @property
     def n_out(self) -> int:
@@ -120,8 +137,32 @@ def quantize_multiplier(ratio: float, *, where: str = "layer") -> tuple[int, int
     return multiplier, shift
 
 
-def lower_layer(layer: DenseLayer | PoolLayer) -> LoweredLayer:
+def _clamp_hi(clip_max: float | None, output) -> int:
+    """Q(min(x, m)) = min(Q(x), Q(m)): QuantizeLinear is monotonic."""
+    if clip_max is None:
+        return 127
+    return int(min(127, max(-128, np.rint(clip_max / output.scale) + output.int8_zero_point)))
+
+
+def _lower_add(layer: AddLayer) -> LoweredLayer:
+    where = f"layer '{layer.name}' (Add)"
+    (a, b), channels = layer.inputs, layer.shape[0]
+    largest = max(a.scale, b.scale)
+    mult = tuple(int(round(ADD_MULT_MAX * operand.scale / largest)) for operand in (a, b))
+    bias = -(a.int8_zero_point * mult[0] + b.int8_zero_point * mult[1])
+    multiplier, shift = quantize_multiplier(largest / (ADD_MULT_MAX * layer.output.scale), where=where)
+    zp_out = layer.output.int8_zero_point
+    return LoweredLayer(
+        name=layer.name, op="Add", weight=np.zeros((channels, 0), np.int8), bias=np.full(channels, bias, np.int64),
+        multiplier=np.full(channels, multiplier, np.int64), shift=np.full(channels, shift, np.int64), zp_out=zp_out,
+        clamp_lo=max(-128, zp_out) if layer.relu else -128, clamp_hi=_clamp_hi(layer.clip_max, layer.output),
+        relu=layer.relu or zp_out == -128, window=layer.window, sources=tuple(layer.sources), add_mult=mult)
+
+
+def lower_layer(layer: DenseLayer | PoolLayer | AddLayer) -> LoweredLayer:
     """One imported layer -> :class:`LoweredLayer` (bias folding, multipliers, clamps, overflow proof)."""
+    if isinstance(layer, AddLayer):
+        return _lower_add(layer)
     if isinstance(layer, PoolLayer):
         channels = layer.window.channels
         zero = np.zeros(channels, np.int64)
@@ -129,7 +170,8 @@ def lower_layer(layer: DenseLayer | PoolLayer) -> LoweredLayer:
         return LoweredLayer(name=layer.name, op=layer.op, weight=np.zeros((channels, 0), np.int8), bias=zero,
                             multiplier=zero.copy(), shift=zero.copy(), zp_out=0,
                             clamp_lo=max(-128, zp) if layer.relu else -128, clamp_hi=127,
-                            relu=layer.relu or zp == -128, window=layer.window, pad_value=-128)
+                            relu=layer.relu or zp == -128, window=layer.window, pad_value=-128,
+                            sources=tuple(layer.sources))
     where = f"layer '{layer.name}' ({layer.op})"
     weight = layer.weight.astype(np.int64).reshape(layer.weight.shape[0], -1)
     # Input zero point folded into the bias. For a convolution this is exact at the map's border too:
@@ -146,31 +188,38 @@ def lower_layer(layer: DenseLayer | PoolLayer) -> LoweredLayer:
     ratios = np.float64(layer.input.scale) * layer.weight_scales.astype(np.float64) / np.float64(layer.output.scale)
     pairs = [quantize_multiplier(float(r), where=f"{where} output {o}") for o, r in enumerate(ratios)]
     zp_out = layer.output.int8_zero_point
-    clamp_hi = 127
-    if layer.clip_max is not None:  # Q(min(x, m)) = min(Q(x), Q(m)): QuantizeLinear is monotonic
-        clamp_hi = int(min(127, max(-128, np.rint(layer.clip_max / layer.output.scale) + zp_out)))
+    clamp_hi = _clamp_hi(layer.clip_max, layer.output)
     return LoweredLayer(
         name=layer.name, op=layer.op, weight=layer.weight.astype(np.int8), bias=bias,
         multiplier=np.array([m for m, _ in pairs], np.int64), shift=np.array([s for _, s in pairs], np.int64),
         zp_out=zp_out, clamp_lo=max(-128, zp_out) if layer.relu else -128, clamp_hi=clamp_hi,
         relu=layer.relu or zp_out == -128, window=layer.window, input_map=layer.input_map,
-        pad_value=layer.input.int8_zero_point if layer.window is not None else 0)
+        pad_value=layer.input.int8_zero_point if layer.window is not None else 0, sources=tuple(layer.sources),
+        groups=layer.groups)
 
 
-def lower_layers(layers: list[DenseLayer]) -> list[LoweredLayer]:
-    """Lower every layer; consecutive layers must agree on the activation between them."""
-    for before, after in zip(layers, layers[1:]):
+def lower_layers(layers: list[DenseLayer | PoolLayer | AddLayer]) -> list[LoweredLayer]:
+    """Lower every layer; each layer must agree with its source layers on the activations between them."""
+    for index, (after, sources) in enumerate(zip(layers, layer_sources(layers))):
         if after.window is not None:
             expected = after.window.input_shape
         elif getattr(after, "input_map", None) is not None:
             expected = after.input_map
         else:
             expected = (after.n_in,)
-        produced = before.out_shape
-        if before.output != after.input or int(np.prod(produced)) != int(np.prod(expected)):
-            raise CompileError(f"layer '{before.name}' outputs {list(produced)} values as {before.output}, "
-                               f"but layer '{after.name}' reads {list(expected)} as {after.input}")
-    return [lower_layer(layer) for layer in layers]
+        reads = after.inputs if isinstance(after, AddLayer) else (after.input,) * len(sources)
+        for source, params in zip(sources, reads):
+            if not 0 <= source < index:
+                continue  # the graph input: checked against the input spec by the importer
+            before = layers[source]
+            produced = before.out_shape
+            if before.output != params or int(np.prod(produced)) != int(np.prod(expected)):
+                raise CompileError(f"layer '{before.name}' outputs {list(produced)} values as {before.output}, "
+                                   f"but layer '{after.name}' reads {list(expected)} as {params}")
+    lowered = [lower_layer(layer) for layer in layers]
+    for layer, sources in zip(lowered, layer_sources(layers)):
+        layer.sources = sources
+    return lowered
 
 
 def _wrap32(values: np.ndarray) -> np.ndarray:
@@ -201,12 +250,12 @@ def weight_rows(layer: LoweredLayer, lanes: int) -> np.ndarray:
       padding lanes are zero (``K = H*W*CW``);
     * Conv: ``K_w = KH*KW*CW`` words, word ``(ky*KW + kx)*CW + cw`` holding channels ``cw*L .. cw*L+L-1``
       of ``W[o, :, ky, kx]`` (section 4.1);
-    * MaxPool: no weights (``[CW*L, 0]``);
+    * MaxPool, Add: no weights (``[CW*L, 0]``);
     * lane layers: ``[CW*KH*KW, L]``, *not* one row per output: the SRAM words themselves, word
       ``cw*KH*KW + ky*KW + kx`` holding in lane ``l`` the weight of channel ``cw*L + l`` at ``(ky, kx)``
       (zero for padding channels; section 4.1, op LANE).
     """
-    if layer.is_pool:
+    if layer.is_pool or layer.is_add:
         return np.zeros((_words(layer.n_in, lanes) * lanes, 0), np.int8)
     if layer.is_lane:
         channels, _, kh, kw = layer.weight.shape
@@ -265,18 +314,26 @@ def _requantize(acc: np.ndarray, layer: LoweredLayer, axis_shape) -> np.ndarray:
 
 
 def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray:
-    """The PE arithmetic of sections 4 and 4.1, exactly, in numpy: int8 ``[batch, n_in]`` -> int8 ``[batch, n_out]``.
+    """The PE arithmetic of sections 4, 4.1 and 4.2, exactly, in numpy: int8 ``[batch, n_in]`` -> int8 ``[batch, n_out]``.
 
     ``x_q`` is the on-chip input in model element order (``flowtile.host.quantize`` of the float input, a
     ``chw`` input flattened NCHW); the result is the on-chip output in model order (int8 domain), which
     ``flowtile.host.dequantize`` turns into floats. Feature maps are computed as plain ``[batch, C, H, W]``
     arrays: the on-chip pixel-major layout, its padding lanes and :func:`weight_rows`' permutation change
-    the order of the sums only, never a value.
+    the order of the sums only, never a value. Each layer reads its ``sources`` (residual blocks); a source
+    outside ``layers`` (a layer checked alone) reads the previous layer's output, or ``x_q``.
     """
-    a = np.asarray(x_q, dtype=np.int64)
-    batch = a.shape[0]
-    for layer in layers:
-        if layer.window is not None:
+    batch = np.asarray(x_q).shape[0]
+    outputs = {-1: np.asarray(x_q, dtype=np.int64)}
+    for index, (layer, sources) in enumerate(zip(layers, layer_sources(layers))):
+        # A source outside ``layers`` (one layer cut out of a network) reads the previous output.
+        a, b = (outputs.get(source, outputs[index - 1]) for source in (sources * 2)[:2])
+        if layer.is_add:
+            shape = (batch, *layer.window.input_shape)
+            b = b.reshape(shape)
+            acc = layer.bias.reshape(1, -1, 1, 1) + a.reshape(shape) * layer.add_mult[0] + b * layer.add_mult[1]
+            a = _requantize(_wrap32(acc), layer, (1, -1, 1, 1))
+        elif layer.window is not None:
             a = a.reshape(batch, *layer.window.input_shape)
             if layer.is_pool:
                 out = None
@@ -299,4 +356,5 @@ def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray
             a = a.reshape(batch, -1)  # a flatten: NCHW order, what the ONNX weight columns expect
             acc = _wrap32(layer.bias + a @ layer.weight.astype(np.int64).T)
             a = _requantize(acc, layer, (1, -1))
+        outputs[index] = a
     return a.reshape(batch, -1).astype(np.int8)

@@ -1,6 +1,6 @@
 """ONNX -> a list of quantized dense, convolution and max-pooling layers.
 
-Accepted models are MLPs and small CNNs, one chain from the graph input to the graph output:
+Accepted models are MLPs and CNNs, a chain from the graph input to the graph output with residual blocks:
 
 * int8 QDQ models as ``onnxruntime.quantization.quantize_static`` writes them::
 
@@ -16,9 +16,9 @@ Accepted models are MLPs and small CNNs, one chain from the graph input to the g
         -> MaxPool -> Q -> DQ (same scale and zero point as its input) -> [Relu -> Q -> DQ] ...
         -> Flatten|Reshape -> [Q -> DQ] -> Gemm/MatMul layers as above
 
-  Conv: 2-D, group 1, dilation 1, kernel 1..7, equal strides 1..3, pads 0..7, auto_pad NOTSET.
+  Conv: 2-D, dilation 1, kernel 1..7, equal strides 1..3, pads 0..7, auto_pad NOTSET.
   Depthwise Conv (group = input channels = output channels, weight ``[C, 1, KH, KW]``): the same limits,
-  imported as op ``"DepthwiseConv"``; other groups are rejected.
+  imported as op ``"DepthwiseConv"``; other grouped Convs become a Conv with a block-diagonal weight.
   MaxPool: kernel 1..7, equal strides 1..3, pads < kernel and <= 7, ceil_mode 0, dilation 1.
   AveragePool (same limits, ``count_include_pad = 1`` unless unpadded) and GlobalAveragePool (the whole map,
   ``H x W`` window): ``DQ -> pool -> [Relu|Clip] -> Q -> DQ``, the output scale possibly new (quantize_static
@@ -27,7 +27,12 @@ Accepted models are MLPs and small CNNs, one chain from the graph input to the g
   :class:`DenseLayer` with weight ``[C, 1, KH, KW]`` (all ones and weight scale ``1 / (KH*KW)`` for pools).
   The dense layer after the flatten keeps its ONNX weight (NCHW column order) and records the map
   it reads (:attr:`DenseLayer.input_map`); lowering maps it to the on-chip pixel-major order.
-* float models of the same ops (plus Add as a MatMul bias), which :func:`import_onnx` first
+* residual blocks (docs/architecture.md section 4.2): a feature map that feeds two branches of Conv / pool
+  layers (one branch may be empty: an identity shortcut) which meet at one ``Add`` of two maps of the same
+  shape, ``DQ(a) + DQ(b) -> [Relu|Clip] -> Q -> DQ``, the inputs' scales and zero points free. The layers
+  keep their sources (:func:`layer_sources`); the shorter branch is listed first. Nested forks, forks of
+  vectors, forks into more than two readers and broadcasting Adds are rejected naming the tensor or node.
+* float models of the same ops (plus Add as a MatMul bias or a residual join), which :func:`import_onnx` first
   quantizes with ``quantize_static`` (QDQ format) and then imports as above.
 
 Anything else raises :class:`CompileError` naming the node, its op and, where it applies, the attribute.
@@ -52,7 +57,7 @@ from flowtile.program import TensorSpec
 
 from .errors import CompileError
 
-__all__ = ["QuantParams", "DenseLayer", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
+__all__ = ["QuantParams", "DenseLayer", "AddLayer", "layer_sources", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
            "fuse_matmul_add", "DEFAULT_CALIBRATION_SAMPLES"]
 
 #: Samples in the seeded random-normal calibration set used when none is given.
@@ -131,6 +136,11 @@ class DenseLayer:
     input_map: tuple[int, int, int] | None = None
     #: Clip(0, clip_max) before the output quantization: the real upper bound, else None.
     clip_max: float | None = None
+    #: Index of the layer whose output this layer reads (-1: the graph input); () means the layer before.
+    sources: tuple[int, ...] = ()
+    #: Conv only: its ONNX ``group`` when it is a grouped (not depthwise) convolution, whose ``weight`` is
+    #: then already expanded to block-diagonal ``[n_out, C, KH, KW]``; 1 otherwise.
+    groups: int = 1
 
     @property
     def is_lane(self) -> bool:
@@ -163,6 +173,7 @@ class PoolLayer:
     input: QuantParams
     output: QuantParams
     relu: bool
+    sources: tuple[int, ...] = ()
 
     @property
     def n_in(self) -> int:
@@ -178,11 +189,56 @@ class PoolLayer:
 
 
 @dataclass
+class AddLayer:
+    """A residual join ``y = Q(relu?(DQ_a(a) + DQ_b(b)))`` of two feature maps of one shape (section 4.2).
+
+    ``sources`` are the layers producing ``a`` and ``b`` (-1: the graph input), in the Add node's input
+    order; ``inputs`` their quantizations.
+    """
+
+    name: str
+    shape: tuple[int, int, int]
+    inputs: tuple[QuantParams, QuantParams]
+    output: QuantParams
+    relu: bool
+    sources: tuple[int, int]
+    clip_max: float | None = None
+    op: str = "Add"
+
+    @property
+    def window(self) -> Window:
+        """The map as a 1x1 window: every output pixel reads the same pixel of both operands."""
+        channels, height, width = self.shape
+        return Window(channels, height, width, 1, 1, 1, 0, 0, height, width)
+
+    @property
+    def input(self) -> QuantParams:
+        return self.inputs[0]
+
+    @property
+    def n_in(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.shape[0]
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        return self.shape
+
+
+def layer_sources(layers: list) -> list[tuple[int, ...]]:
+    """Each layer's source layer indices (-1: the graph input), an empty ``sources`` meaning the layer before."""
+    return [tuple(layer.sources) if layer.sources else (index - 1,) for index, layer in enumerate(layers)]
+
+
+@dataclass
 class ImportedModel:
     """What the importer hands to lowering: the layers, the host tensors, and the QDQ model they came from."""
 
     name: str
-    layers: list[DenseLayer | PoolLayer]
+    layers: list[DenseLayer | PoolLayer | AddLayer]
     input: TensorSpec
     output: TensorSpec
     qdq_model: onnx.ModelProto
@@ -251,6 +307,16 @@ class _Graph:
 
     def const(self, name: str) -> np.ndarray | None:
         return self.consts.get(name)
+
+    def readers(self, tensor: str) -> list[onnx.NodeProto]:
+        """The nodes that read ``tensor`` (several: a fork), in graph order; [] at the graph output."""
+        readers = self.consumers.get(tensor, [])
+        if readers and tensor in self.outputs:
+            raise CompileError(f"tensor '{tensor}' is the graph output and also feeds "
+                               f"{' and '.join(_describe(n) for n in readers)}; unsupported")
+        if not readers and tensor not in self.outputs:
+            raise CompileError(f"tensor '{tensor}' is read by no node and is not the graph output")
+        return readers
 
     def consumer(self, tensor: str) -> onnx.NodeProto | None:
         """The single node that reads ``tensor`` (None at the graph output); a second reader is a branch."""
@@ -502,22 +568,42 @@ def match_flatten(graph: _Graph, node: onnx.NodeProto, shape: tuple[int, ...]) -
 # the chain walk
 # ---------------------------------------------------------------------------------------------------
 class _Cursor:
-    """Walks the chain: ``tensor`` is the current activation, ``node`` its single reader (None at the end)."""
+    """Walks the chain: ``tensor`` is the current activation, ``node`` its single reader (None at the end
+    or at a fork, where ``forks`` lists the readers)."""
 
-    def __init__(self, graph: _Graph, tensor: str):
-        self.graph, self.visited = graph, set()
+    def __init__(self, graph: _Graph, tensor: str, visited: set | None = None):
+        self.graph, self.visited = graph, visited if visited is not None else set()
         self.move_to(tensor)
 
     def move_to(self, tensor: str) -> None:
-        self.tensor, self.node = tensor, self.graph.consumer(tensor)
+        readers = self.graph.readers(tensor)
+        self.tensor, self.forks = tensor, readers if len(readers) > 1 else []
+        self.node = readers[0] if len(readers) == 1 else None
         if self.node is not None:
             self.visited.add(id(self.node))
+
+    def branch(self, reader: onnx.NodeProto) -> "_Cursor":
+        """A cursor at this fork's tensor that follows only ``reader``."""
+        cursor = _Cursor.__new__(_Cursor)
+        cursor.graph, cursor.visited, cursor.tensor, cursor.node, cursor.forks = (
+            self.graph, self.visited, self.tensor, reader, [])
+        self.visited.add(id(reader))
+        return cursor
+
+    def at_join(self) -> bool:
+        """At an Add of two activations (a residual join), not of a constant bias."""
+        return (self.at("Add") and len(self.node.input) == 2
+                and all(self.graph.const(name) is None for name in self.node.input))
 
     def at(self, *ops: str) -> bool:
         return self.node is not None and self.node.op_type in ops
 
     def take(self, ops: set[str], what: str) -> onnx.NodeProto:
         """The current node, which must be one of ``ops``; the cursor moves to its output."""
+        if self.forks:
+            raise CompileError(f"tensor '{self.tensor}' feeds {' and '.join(_describe(n) for n in self.forks)} where "
+                               f"{what} was expected; flowtile compiles a fork only as a residual block (two branches "
+                               f"of feature-map layers that meet at one Add)")
         node = _expect(self.node, ops, what, self.tensor)
         self.move_to(node.output[0])
         return node
@@ -624,17 +710,11 @@ def _ints(attrs: dict, name: str, default: list[int]) -> list[int]:
     return [int(v) for v in attrs.get(name, default)]
 
 
-def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int, int] | None,
-                            depthwise: bool | None = False):
+def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int, int] | None):
     """The attribute checks of Conv/MaxPool/AveragePool that need no shapes (also run on float models before
     quantizing): returns (kernel_shape, strides, pads) or raises CompileError naming node, op and attribute.
-
-    ``depthwise``: the Conv's weight is ``[group, 1, KH, KW]`` (group = input = output channels), which is the
-    only grouped convolution compiled (op LANE); None when that is not known yet (skips the group check).
+    (A Conv's ``group`` needs the channel counts: :func:`match_conv` checks it.)
     """
-    if node.op_type == "Conv" and attrs.get("group", 1) != 1 and depthwise is False:
-        raise CompileError(f"{_describe(node)}: attribute 'group' = {attrs['group']} is unsupported (only 1, or "
-                           f"depthwise: group = input channels = output channels)")
     if node.op_type in ("MaxPool", "AveragePool") and attrs.get("ceil_mode", 0) != 0:
         raise CompileError(f"{_describe(node)}: attribute 'ceil_mode' = {attrs['ceil_mode']} is unsupported (only 0)")
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -666,14 +746,14 @@ def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int
 
 
 def match_window(graph: _Graph, node: onnx.NodeProto, in_shape: tuple[int, int, int],
-                 kernel: tuple[int, int] | None, allowed: set[str], depthwise: bool = False) -> Window:
+                 kernel: tuple[int, int] | None, allowed: set[str]) -> Window:
     """The common window attributes of Conv/MaxPool/AveragePool -> :class:`Window`, or CompileError naming the
     attribute."""
     attrs = graph.attrs(node)
     for name in sorted(set(attrs) - allowed):
         raise CompileError(f"{_describe(node)}: attribute '{name}' = {attrs[name]} is unsupported")
     channels, height, width = in_shape
-    shape, strides, pads = check_window_attributes(node, attrs, kernel, depthwise)
+    shape, strides, pads = check_window_attributes(node, attrs, kernel)
     (kh, kw), stride = shape, strides[0]
     top, left, bottom, right = pads
     out_h = (height + top + bottom - kh) // stride + 1
@@ -706,9 +786,9 @@ def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int,
     if q.ndim != 4:
         raise CompileError(f"{_describe(conv)}: weight has rank {q.ndim}; only 2-D convolutions are supported")
     depthwise = group != 1 and group == in_shape[0] == q.shape[0] and q.shape[1] == 1
-    if group != 1 and not depthwise:
-        raise CompileError(f"{_describe(conv)}: attribute 'group' = {group} is unsupported (only 1, or depthwise: "
-                           f"group = input channels = output channels = {in_shape[0]}, weight [C, 1, KH, KW])")
+    if group < 1 or in_shape[0] % group or q.shape[0] % group:
+        raise CompileError(f"{_describe(conv)}: attribute 'group' = {group} does not divide the {in_shape[0]} input "
+                           f"and {q.shape[0]} output channels")
     if q.shape[1] * group != in_shape[0]:
         raise CompileError(f"{_describe(conv)}: weight has {q.shape[1]} input channels, the input map has "
                            f"{in_shape[0]}")
@@ -724,7 +804,7 @@ def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int,
     if not np.all((scales > 0) & np.isfinite(scales)):
         raise CompileError(f"{_describe(dq)}: weight scales must be positive and finite")
     window = match_window(graph, conv, in_shape, q.shape[2:],
-                          {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}, depthwise)
+                          {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})
     bias = None
     if len(conv.input) > 2 and conv.input[2]:
         bias = match_bias(graph, conv.input[2], conv, x_params.scale * scales)
@@ -734,9 +814,18 @@ def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int,
     out_params, relu, clip_max = match_output(cursor, conv)
     if bias is None:
         bias = np.zeros(n_out, np.int32)
-    return DenseLayer(conv.name or f"conv_{index}", "DepthwiseConv" if depthwise else "Conv",
-                      (q.astype(np.int64) - offset).astype(np.int8), bias,
-                      x_params, scales, out_params, relu, window=window, clip_max=clip_max)
+    weight = (q.astype(np.int64) - offset).astype(np.int8)
+    groups = 1
+    if group != 1 and not depthwise:
+        # Other grouped convolutions run as an ordinary Conv whose weight is block-diagonal over the groups:
+        # exact, at the cost of the zero products (not counted as useful MACs in the report).
+        groups, per_group, outs = group, in_shape[0] // group, n_out // group
+        dense = np.zeros((n_out, in_shape[0], *q.shape[2:]), np.int8)
+        for g in range(group):
+            dense[g * outs:(g + 1) * outs, g * per_group:(g + 1) * per_group] = weight[g * outs:(g + 1) * outs]
+        weight = dense
+    return DenseLayer(conv.name or f"conv_{index}", "DepthwiseConv" if depthwise else "Conv", weight, bias,
+                      x_params, scales, out_params, relu, window=window, clip_max=clip_max, groups=groups)
 
 
 def match_avgpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int, int], index: int) -> DenseLayer:
@@ -797,10 +886,88 @@ def match_maxpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
     return PoolLayer(pool.name or f"maxpool_{index}", "MaxPool", window, x_params, out_params, relu)
 
 
+_WINDOWED_OPS = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool")
+
+
+def _match_windowed(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int, int],
+                    index: int) -> DenseLayer | PoolLayer:
+    """The Conv, MaxPool or average pool at the cursor, on the feature map ``fmap``."""
+    if cursor.at("Conv"):
+        return match_conv(cursor, x_params, fmap, index)
+    if cursor.at("AveragePool", "GlobalAveragePool"):
+        return match_avgpool(cursor, x_params, fmap, index)
+    return match_maxpool(cursor, x_params, fmap, index)
+
+
+def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int, int], source: int,
+                    layers: list) -> tuple[_Cursor, QuantParams, tuple[int, int, int], int]:
+    """A residual block at a fork: two branches of windowed layers (one may be empty: an identity shortcut)
+    from the fork's tensor to one Add, then the Add's output quantization (docs/architecture.md section 4.2).
+
+    Appends the branches' layers, the shorter branch first (its output then rides in the stream while the
+    longer one computes), and the :class:`AddLayer` to ``layers``; returns the cursor after the Add, the
+    Add's output quantization and shape, and its layer index.
+    """
+    fork = cursor.tensor
+    readers = cursor.forks
+    if len(readers) != 2:
+        raise CompileError(f"tensor '{fork}' feeds {len(readers)} nodes ({', '.join(_describe(n) for n in readers)}); "
+                           f"flowtile compiles forks into two branches that meet at one Add")
+    branches = []
+    for reader in readers:
+        walker = cursor.branch(reader)
+        found, params, shape = [], x_params, fmap
+        while not walker.at_join():
+            if walker.forks:
+                raise CompileError(f"tensor '{walker.tensor}' forks again inside the residual branch from '{fork}'; "
+                                   f"nested residual blocks are unsupported")
+            if walker.node is None:
+                raise CompileError(f"the branch from tensor '{fork}' through {_describe(reader)} ends at "
+                                   f"'{walker.tensor}' without meeting an Add; flowtile compiles forks only as "
+                                   f"residual blocks")
+            if not walker.at(*_WINDOWED_OPS):
+                _reject_unsupported(walker)
+                raise CompileError(f"{_describe(walker.node)}: unsupported op inside a residual branch (Conv, "
+                                   f"depthwise Conv, MaxPool, AveragePool and GlobalAveragePool layers)")
+            layer = _match_windowed(walker, params, shape, len(layers) + len(found))
+            found.append(layer)
+            params, shape = layer.output, layer.out_shape
+        branches.append((walker, found, params, shape))
+    add = branches[0][0].node
+    if branches[1][0].node is not add:
+        raise CompileError(f"the branches from tensor '{fork}' end at {_describe(add)} and "
+                           f"{_describe(branches[1][0].node)}; flowtile compiles forks whose branches meet at one Add")
+    if branches[0][3] != branches[1][3]:
+        raise CompileError(f"{_describe(add)}: adds maps of shapes {list(branches[0][3])} and {list(branches[1][3])}; "
+                           f"only maps of one shape are added (no broadcasting)")
+    ends = []
+    for order in sorted(range(2), key=lambda i: len(branches[i][1])):  # the shorter branch first
+        previous = source
+        for layer in branches[order][1]:
+            layer.sources = (previous,)
+            layers.append(layer)
+            previous = len(layers) - 1
+        ends.append((order, previous))
+    end_of = dict(ends)
+    # Which Add input each branch feeds (both may be the fork's tensor itself: Add(x, x)).
+    operand_branch = [0, 1] if (add.input[0] == branches[0][0].tensor and add.input[1] == branches[1][0].tensor) \
+        else [1, 0]
+    walker = branches[0][0]
+    walker.take({"Add"}, "Add")
+    out_params, relu, clip_max = match_output(walker, add)
+    layers.append(AddLayer(add.name or f"add_{len(layers)}", tuple(branches[0][3]),
+                           (branches[operand_branch[0]][2], branches[operand_branch[1]][2]), out_params, relu,
+                           (end_of[operand_branch[0]], end_of[operand_branch[1]]), clip_max))
+    return walker, out_params, tuple(branches[0][3]), len(layers) - 1
+
+
 def _reject_unsupported(cursor: _Cursor) -> None:
     """A clear message for the ops CNNs commonly use that flowtile does not compile yet."""
     node = cursor.node
-    if node is not None and node.op_type in ("GlobalMaxPool", "Add", "Concat",
+    if node is not None and node.op_type == "Add":
+        raise CompileError(f"{_describe(node)}: an Add here is unsupported (flowtile compiles an Add as the join of a "
+                           f"residual block of feature maps, or as a MatMul's bias)")
+    if node is not None and node.op_type in ("GlobalMaxPool", "Concat",
                                               "BatchNormalization", "ConvTranspose", "Pad", "Resize"):
         raise CompileError(f"{_describe(node)}: unsupported op (flowtile compiles Conv, depthwise Conv, MaxPool, "
                            f"AveragePool, GlobalAveragePool, Relu, Flatten/Reshape and MatMul/Gemm layers)")
@@ -830,18 +997,18 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
                            f"layer); put a Conv before it")
     n = match_flattens(cursor, input_shape, None)  # flatten of the float input
     in_params = x_params = match_qdq(cursor, "the input QuantizeLinear")
-    layers: list[DenseLayer | PoolLayer] = []
-    while not layers or cursor.node is not None:
+    layers: list[DenseLayer | PoolLayer | AddLayer] = []
+    source = -1  # the layer whose output the cursor's tensor is (-1: the graph input)
+    while not layers or cursor.node is not None or cursor.forks:
+        if cursor.forks and fmap is not None:
+            cursor, x_params, fmap, source = _match_residual(cursor, x_params, fmap, source, layers)
+            continue
         _reject_unsupported(cursor)
-        if fmap is not None and cursor.at("Conv", "MaxPool", "AveragePool", "GlobalAveragePool"):
-            if cursor.at("Conv"):
-                layer = match_conv(cursor, x_params, fmap, len(layers))
-            elif cursor.at("AveragePool", "GlobalAveragePool"):
-                layer = match_avgpool(cursor, x_params, fmap, len(layers))
-            else:
-                layer = match_maxpool(cursor, x_params, fmap, len(layers))
+        if fmap is not None and cursor.at(*_WINDOWED_OPS):
+            layer = _match_windowed(cursor, x_params, fmap, len(layers))
+            layer.sources = (source,)
             layers.append(layer)
-            x_params, fmap = layer.output, layer.out_shape
+            x_params, fmap, source = layer.output, layer.out_shape, len(layers) - 1
             continue
         source_map = fmap if layers else None  # a flat input keeps model order: nothing to permute
         n = match_flattens(cursor, fmap if fmap is not None else (input_shape if not layers else (n,)), x_params)
@@ -852,7 +1019,8 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
             if node is not None and node.op_type in ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool"):
                 raise CompileError(f"{_describe(node)}: its input is not a [N, C, H, W] feature map")
         layers.append(match_layer(cursor, x_params, n, len(layers), input_map=source_map))
-        x_params, n = layers[-1].output, layers[-1].n_out
+        layers[-1].sources = (source,)
+        x_params, n, source = layers[-1].output, layers[-1].n_out, len(layers) - 1
     if len(graph.outputs) != 1:
         raise CompileError(f"the graph has {len(graph.outputs)} outputs; flowtile compiles models with exactly one")
     _check_all_nodes_on_chain(graph, cursor)
@@ -886,15 +1054,11 @@ def _check_float_ops(model: onnx.ModelProto) -> None:
                                f"{', '.join(sorted(_FLOAT_OPS))}")
         if node.op_type in ("Conv", "MaxPool", "AveragePool"):  # before quantize_static, which may fail less clearly
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            kernel, depthwise = None, False
-            if node.op_type == "Conv":
-                depthwise = None  # unknown without a constant weight: match_conv checks the group
-                if len(node.input) > 1 and node.input[1] in consts:
-                    dims = list(consts[node.input[1]].dims)
-                    kernel = tuple(dims[2:]) if len(dims) == 4 else None
-                    group = attrs.get("group", 1)
-                    depthwise = len(dims) == 4 and group != 1 and dims[0] == group and dims[1] == 1
-            check_window_attributes(node, attrs, kernel, depthwise)
+            kernel = None
+            if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in consts:
+                dims = list(consts[node.input[1]].dims)
+                kernel = tuple(dims[2:]) if len(dims) == 4 else None
+            check_window_attributes(node, attrs, kernel)
 
 
 def fuse_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:

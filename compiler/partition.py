@@ -99,13 +99,18 @@ class WindowCosts:
     row_issue: int       # COMPUTE issue cycles per output row
     row_results: int     # result words per output row (out_width * N_r)
     out_height: int
+    #: RECV words of other tensors riding in the same stream (section 4.2): not stored, but each costs a cycle
+    carried: int = 0
 
 
-def window_costs(layer, lanes: int) -> WindowCosts:
+def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
+    """``carried``: stream words of other tensors the layer's tiles receive beyond the ones they store."""
     w = layer.window
     cw = words(w.channels, lanes)
     k = w.height * w.width * cw
     window_words = w.kernel_h * w.kernel_w * cw
+    if layer.op == "Add":  # op ADD: both operand maps stored, two issues per (pixel, cw)
+        return WindowCosts(2 * k, cw * lanes, 0, w.out_width * cw * 2, w.out_width * cw, w.out_height, carried)
     if layer.op == "MaxPool":
         n_out, weight_words, row_issue = cw * lanes, 0, w.out_width * window_words
     elif getattr(layer, "is_lane", False):  # op LANE: one weight word per (cw, ky, kx), issued once per pixel
@@ -113,12 +118,13 @@ def window_costs(layer, lanes: int) -> WindowCosts:
     else:
         n_out = layer.n_out
         weight_words, row_issue = n_out * window_words, w.out_width * n_out * window_words
-    return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height)
+    return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height, carried)
 
 
 def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int) -> int:
-    """Estimated cycles per inference of a tile computing ``rows`` output rows: ``K + I + 2 + P + n_pix*N_r``."""
-    return costs.k + rows * costs.row_issue + 2 + n_pass + rows * costs.row_results
+    """Estimated cycles per inference of a tile computing ``rows`` output rows: ``K + I + 2 + P + n_pix*N_r``
+    (``K`` counting the carried words)."""
+    return costs.k + costs.carried + rows * costs.row_issue + 2 + n_pass + rows * costs.row_results
 
 
 def _rows_capacity(costs: WindowCosts, arch: Arch) -> int:
@@ -135,7 +141,8 @@ def _split_rows(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_t
             return None
         take = min(capacity, costs.out_height - begin)
         if budget != float("inf"):
-            take = min(take, int((budget - costs.k - 2 - n_pass) // (costs.row_issue + costs.row_results)))
+            take = min(take, int((budget - costs.k - costs.carried - 2 - n_pass)
+                                 // (costs.row_issue + costs.row_results)))
         if take <= 0:
             return None
         slices.append(TileSlice(layer, 0, costs.n_out, costs.k, n_pass, False, begin, take))
@@ -251,6 +258,7 @@ def _does_not_fit(layers: Sequence[_Layer], ks: list[int], counts: list[int], ar
 
 
 def _input_words(layer, lanes: int) -> int:
+    """Words a tile of ``layer`` stores per inference (both operand maps for an Add)."""
     if getattr(layer, "window", None) is not None:
         return window_costs(layer, lanes).k
     input_map = getattr(layer, "input_map", None)
@@ -260,12 +268,20 @@ def _input_words(layer, lanes: int) -> int:
     return words(layer.n_in, lanes)
 
 
-def assign_tiles(layers: Sequence[_Layer], arch: Arch) -> list[list[TileSlice]]:
-    """Slices per layer, in chain order (layer 0 starts at chain position 0); CompileError if it cannot fit."""
+def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None) -> list[list[TileSlice]]:
+    """Slices per layer, in chain order (layer 0 starts at chain position 0); CompileError if it cannot fit.
+
+    ``carried[i]``: stream words layer ``i``'s tiles receive and forward without storing (the other tensors
+    of a residual block, section 4.2); only windowed layers sit inside residual blocks.
+    """
     lanes, n_tiles = arch.lanes, arch.n_tiles
     grid = f"the {arch.rows}x{arch.cols} grid (arch fields 'rows', 'cols')"
+    carried = list(carried) if carried is not None else [0] * len(layers)
     ks = [_input_words(layer, lanes) for layer in layers]
-    costs = [window_costs(layer, lanes) if getattr(layer, "window", None) is not None else None for layer in layers]
+    costs = [window_costs(layer, lanes, extra) if getattr(layer, "window", None) is not None else None
+             for layer, extra in zip(layers, carried)]
+    if any(extra and cost is None for extra, cost in zip(carried, costs)):
+        raise CompileError("internal: a dense layer inside a residual block")
     if len(layers) > n_tiles:
         total = sum((c.weight_words if c else layer.n_out * k) * lanes for layer, k, c in zip(layers, ks, costs))
         raise CompileError(f"the model has {len(layers)} layers but {grid} has {n_tiles} tiles, and every layer "

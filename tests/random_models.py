@@ -106,3 +106,73 @@ def random_float_cnn(rng: np.random.Generator, in_shape: tuple[int, int, int], b
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def _conv(nodes, inits, rng, name, source, c_in, c_out, k, stride, *, group=1, relu=True):
+    """Append Conv(+Relu) ``name`` reading ``source``; returns its output tensor name."""
+    weight = rng.standard_normal((c_out, c_in // group, k, k)) * np.sqrt(2.0 / (c_in // group * k * k))
+    inits += [numpy_helper.from_array(weight.astype(np.float32), f"{name}.weight"),
+              numpy_helper.from_array((rng.standard_normal(c_out) * 0.1).astype(np.float32), f"{name}.bias")]
+    pad = k // 2
+    nodes.append(helper.make_node("Conv", [source, f"{name}.weight", f"{name}.bias"], [f"{name}_out"], name=name,
+                                  kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4, group=group))
+    if not relu:
+        return f"{name}_out"
+    nodes.append(helper.make_node("Relu", [f"{name}_out"], [f"{name}_relu"], name=f"{name}_relu"))
+    return f"{name}_relu"
+
+
+def random_float_resnet(rng: np.random.Generator, in_shape: tuple[int, int, int], stem: int, blocks: list[dict],
+                        n_classes: int, *, projection_first: bool = False) -> onnx.ModelProto:
+    """A residual CNN: a 3x3 stem Conv+Relu, then blocks, then GlobalAveragePool, Flatten and a Gemm.
+
+    Blocks: ``{"kind": "basic", "out": C, "stride": s}`` is ResNet's basic block (3x3 Conv(stride s)+Relu,
+    3x3 Conv, shortcut = identity, or a 1x1 Conv(stride s) when the shape changes, Add, Relu);
+    ``{"kind": "inverted", "expand": E}`` is MobileNetV2's stride-1 inverted residual (1x1 Conv to E
+    channels + Relu, 3x3 depthwise Conv + Relu, 1x1 Conv back, Add, no Relu). ``projection_first`` writes a
+    projection shortcut's node before the main branch's (ONNX node order is the compiler's layer order).
+    """
+    nodes, inits = [], []
+    channels, height, width = in_shape
+    current = _conv(nodes, inits, rng, "stem", "input", channels, stem, 3, 1)
+    channels = stem
+    for i, block in enumerate(blocks):
+        if block["kind"] == "basic":
+            out, stride = block["out"], block.get("stride", 1)
+            shortcut = current
+            if stride != 1 or out != channels:
+                projection = []
+                shortcut = _conv(projection, inits, rng, f"block{i}_proj", current, channels, out, 1, stride, relu=False)
+            else:
+                projection = []
+            main = []
+            branch = _conv(main, inits, rng, f"block{i}_conv1", current, channels, out, 3, stride)
+            branch = _conv(main, inits, rng, f"block{i}_conv2", branch, out, out, 3, 1, relu=False)
+            nodes += (projection + main) if projection_first else (main + projection)
+            nodes.append(helper.make_node("Add", [branch, shortcut], [f"block{i}_add"], name=f"block{i}_add"))
+            nodes.append(helper.make_node("Relu", [f"block{i}_add"], [f"block{i}_out"], name=f"block{i}_relu"))
+            current, channels = f"block{i}_out", out
+            height, width = (height - 1) // stride + 1, (width - 1) // stride + 1
+        elif block["kind"] == "inverted":
+            expand = block["expand"]
+            branch = _conv(nodes, inits, rng, f"block{i}_expand", current, channels, expand, 1, 1)
+            branch = _conv(nodes, inits, rng, f"block{i}_dw", branch, expand, expand, 3, 1, group=expand)
+            branch = _conv(nodes, inits, rng, f"block{i}_project", branch, expand, channels, 1, 1, relu=False)
+            nodes.append(helper.make_node("Add", [current, branch], [f"block{i}_out"], name=f"block{i}_add"))
+            current = f"block{i}_out"
+        else:
+            raise ValueError(f"block {i}: unknown kind {block['kind']!r}")
+    nodes.append(helper.make_node("GlobalAveragePool", [current], ["pooled"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1))
+    inits += [numpy_helper.from_array((rng.standard_normal((n_classes, channels)) * np.sqrt(2.0 / channels))
+                                      .astype(np.float32), "fc.weight"),
+              numpy_helper.from_array((rng.standard_normal(n_classes) * 0.1).astype(np.float32), "fc.bias")]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(
+        nodes, "random_resnet",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *in_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

@@ -13,10 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from compiler import (CompileError, build_program, compile_model, config_cycles, import_onnx, lower_layers,
                       assign_tiles, quantize_multiplier, reference_forward, report, tile_cycles, weight_rows)
 from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
-from flowtile.arch import OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
+from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
-from flowtile.program import Program, result_words, weight_words
+from flowtile.program import Program, forwarded_words, result_words, stored_words, weight_words
 
 import random_models
 
@@ -155,7 +155,8 @@ def check_program(program: Program, tmp_path: Path) -> None:
         for j, tile in enumerate(tiles):
             c = tile.config
             last = j == len(tiles) - 1
-            assert c["n_in_words"] == k and c["forward"] == int(not last) and c["n_pass"] == passed
+            assert c["n_in_words"] == k and stored_words(c) == k and c["n_pass"] == passed
+            assert forwarded_words(c) == (0 if last else k)
             assert 1 <= c["n_out"] <= arch.max_tile_outputs
             assert last or c["n_out"] % lanes == 0
             assert c["w_base"] == 0 and c["act_base"] == c["n_out"] * k
@@ -199,13 +200,18 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
     c = tile.config
     height, width, cw = c["in_height"], c["in_width"], c["words_per_pixel"]
     kh, kw, stride, n_out = c["kernel_h"], c["kernel_w"], c["stride"], c["n_out"]
-    words = act.reshape(height, width, cw, lanes)
+    words = act[:height * width * cw * lanes].reshape(height, width, cw, lanes)
     n_r = -(-n_out // lanes)
     pad = np.full((cw, lanes), c["pad_value"], np.int64)
     if c["op"] == OP_MAC:
         k_w = kh * kw * cw
         weight = tile.sram[c["w_base"]:c["w_base"] + n_out * k_w].astype(np.int64).reshape(n_out, k_w * lanes)
         bias, mult, shift = tile.params.T
+    elif c["op"] == OP_ADD:  # section 4.2: operand b add_offset words after operand a, lane by lane
+        assert n_out == cw * lanes and (kh, kw) == (1, 2)
+        operand_b = act[c["add_offset"] * lanes:(c["add_offset"] + height * width * cw) * lanes]
+        words_b = operand_b.reshape(height, width, cw, lanes)
+        bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
     elif c["op"] == OP_LANE:  # word cw*KH*KW + ky*KW + kx, lane l: channel cw*L + l; parameter row cw*L + l
         assert n_out == cw * lanes
         weight = tile.sram[c["w_base"]:c["w_base"] + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
@@ -213,6 +219,11 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
     out = []
     for oy in range(c["out_row_begin"], c["out_row_begin"] + c["out_rows"]):
         for ox in range(c["out_width"]):
+            if c["op"] == OP_ADD:
+                acc = bias + words[oy, ox] * c["add_mult_a"] + words_b[oy, ox] * c["add_mult_b"]
+                y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
+                out += list(y.astype(np.int8))
+                continue
             window = []
             for ky in range(kh):
                 for kx in range(kw):
@@ -236,8 +247,9 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
 
 
 def run_functionally(program: Program, x_q: np.ndarray) -> np.ndarray:
-    """Dataflow of sections 4 and 4.1 without timing: each chain tile per inference stores K flits (forwarding
-    them if ``forward``), passes P, computes from its SRAM image and parameters and emits; returns the host's."""
+    """Dataflow of sections 4, 4.1 and 4.2 without timing: each chain tile per inference receives K flits, stores
+    those in its store range and forwards those in its forward range, passes P, computes from its SRAM image and
+    parameters and emits; returns the host's."""
     lanes = program.arch.lanes
     results = []
     for sample in x_q:
@@ -246,8 +258,8 @@ def run_functionally(program: Program, x_q: np.ndarray) -> np.ndarray:
             c, out = tile.config, []
             k, p, n_out = c["n_in_words"], c["n_pass"], c["n_out"]
             assert len(stream) == k + p, f"tile {tile.key} receives {len(stream)} flits, expects {k + p}"
-            act = np.array(stream[:k], dtype=np.int64).reshape(-1)
-            out += stream[:k] if c["forward"] else []
+            act = np.array(stream[c["store_begin"]:c["store_end"]], dtype=np.int64).reshape(-1)
+            out += stream[c["forward_begin"]:c["forward_end"]]
             out += stream[k:k + p]
             if n_out:
                 out += _pe_results(tile, act, lanes)
@@ -575,7 +587,8 @@ def test_branch_is_rejected(tmp_path):
     first_dq = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("x"))
     qdq.graph.node.append(helper.make_node("Relu", [first_dq.output[0]], ["extra"], name="side_branch"))
     qdq.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N", 6]))
-    with pytest.raises(CompileError, match=r"feeds node 'dense0' \(Gemm\) and node 'side_branch' \(Relu\): branches"):
+    with pytest.raises(CompileError, match=r"feeds node 'dense0' \(Gemm\) and node 'side_branch' \(Relu\) where "
+                                           r".*a fork only as a residual block"):
         import_onnx(qdq)
 
 
@@ -683,7 +696,8 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
         passed = 0
         for j, tile in enumerate(tiles):
             c = tile.config
-            assert c["forward"] == int(j < len(tiles) - 1) and c["n_pass"] == passed
+            assert c["n_pass"] == passed and stored_words(c) == c["n_in_words"]
+            assert forwarded_words(c) == (c["n_in_words"] if j < len(tiles) - 1 else 0)
             assert result_words(c, lanes) <= arch.result_words
             assert c["act_base"] == weight_words(c) and c["act_base"] + c["n_in_words"] <= arch.sram_words
             assert tile.params.shape == (c["n_out"], 3)
@@ -868,7 +882,6 @@ def test_windowed_layer_size_errors():
 
 
 UNSUPPORTED = [
-    ([("conv", 4, 3, 1, [1, 1, 1, 1], {"group": 2})], r"node 'conv0' \(Conv\): attribute 'group' = 2"),
     ([("conv", 4, 3, 1, [1, 1, 1, 1], {"dilations": [2, 2]})], r"node 'conv0' \(Conv\): attribute 'dilations'"),
     ([("conv", 4, 9, 1, [4, 4, 4, 4])], r"node 'conv0' \(Conv\): attribute 'kernel_shape' = \[9, 9\]"),
     ([("conv", 4, 3, 1, [0, 0, 0, 0], {"auto_pad": "SAME_UPPER"})], r"node 'conv0' \(Conv\): attribute 'auto_pad' = SAME_UPPER"),
@@ -879,10 +892,6 @@ UNSUPPORTED = [
      r"node 'avgpool1' \(AveragePool\): attribute 'count_include_pad' = 0 with 'pads' = \[1, 1, 1, 1\]"),
     ([("conv", 4, 3, 1, [1, 1, 1, 1]), ("avgpool", 2, 2, [0, 0, 0, 0], {"ceil_mode": 1})],
      r"node 'avgpool1' \(AveragePool\): attribute 'ceil_mode' = 1"),
-    ([("conv", 6, 3, 1, [1, 1, 1, 1]), ("conv", 6, 3, 1, [1, 1, 1, 1], {"group": 3})],
-     r"node 'conv1' \(Conv\): attribute 'group' = 3 is unsupported"),
-    ([("conv", 6, 3, 1, [1, 1, 1, 1]), ("conv", 12, 3, 1, [1, 1, 1, 1], {"group": 6})],
-     r"node 'conv1' \(Conv\): attribute 'group' = 6 is unsupported"),
     ([("dw", 8, 1, [1, 1, 1, 1])], r"node 'conv0' \(Conv\): attribute 'kernel_shape' = \[8, 8\]"),
 ]
 
@@ -919,14 +928,24 @@ def test_maxpool_with_requantized_output_is_rejected(tmp_path):
         import_onnx(qdq)
 
 
-def test_residual_add_is_rejected(tmp_path):
+def test_residual_add_of_the_graph_input(tmp_path):
+    """Add(conv(x), x) with x the graph input: the input itself is the skip tensor (section 4.2)."""
     rng = np.random.default_rng(11)
     model = float_cnn(rng, (2, 6, 6), [("conv", 2, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 3)])
     conv = model.graph.node[0]
     model.graph.node.insert(1, helper.make_node("Add", [conv.output[0], "x"], ["res"], name="residual"))
     model.graph.node[2].input[0] = "res"
-    with pytest.raises(CompileError, match=r"node 'residual' \(Add\)"):
-        import_onnx(model, calibration=rng.standard_normal((8, 2, 6, 6)).astype(np.float32))
+    calibration = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
+    imported = import_onnx(model, calibration=calibration)
+    assert [layer.op for layer in imported.layers] == ["Conv", "Add", "Gemm"]
+    assert [layer.sources for layer in imported.layers] == [(-1,), (0, -1), (1,)]
+    layers = lower_layers(imported.layers)
+    x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
+    ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
+    theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
+    assert np.abs(ours - theirs).max() <= 1
+    program = build_program(layers, Arch(rows=2, cols=3), input_spec=imported.input, output_spec=imported.output)
+    assert np.array_equal(run_functionally(program, quantize(x[:4], program.input)), ours[:4])
 
 
 def _insert_after(qdq: onnx.ModelProto, tensor: str, node: onnx.NodeProto) -> None:
@@ -1201,3 +1220,167 @@ def test_lane_network_on_the_emulator(tmp_path):
     q, _ = outputs_from_flits(program, result.out_flits, len(x))
     imported = import_onnx(qdq)
     assert np.array_equal(q, reference_forward(lower_layers(imported.layers), x_q))
+
+
+# --------------------------------------------------------------------------------------------------
+# residual blocks (docs/architecture.md section 4.2)
+# --------------------------------------------------------------------------------------------------
+RESNET_CASES = {
+    "basic-identity": ((3, 8, 8), 8, [{"kind": "basic", "out": 8}], {}),
+    "basic-projection": ((3, 8, 8), 8, [{"kind": "basic", "out": 16, "stride": 2}], {}),
+    "projection-first-uint8": ((3, 8, 8), 8, [{"kind": "basic", "out": 16, "stride": 2}],
+                               {"projection_first": True, "activation": "uint8"}),
+    "inverted": ((4, 6, 6), 12, [{"kind": "inverted", "expand": 24}], {"per_channel": False}),
+    "two-blocks-9ch": ((1, 7, 7), 9, [{"kind": "basic", "out": 9}, {"kind": "basic", "out": 18, "stride": 2}], {}),
+}
+
+
+def _resnet(case, tmp_path):
+    shape, stem, blocks, options = RESNET_CASES[case]
+    rng = np.random.default_rng(sum(map(ord, case)))
+    model = random_models.random_float_resnet(rng, shape, stem, blocks, 5,
+                                              projection_first=options.get("projection_first", False))
+    calibration = rng.standard_normal((48, *shape)).astype(np.float32)
+    qdq = quantize_qdq(model, calibration, activation=options.get("activation", "int8"),
+                       per_channel=options.get("per_channel", True), tmp_path=tmp_path)
+    return qdq, rng.standard_normal((48, *shape)).astype(np.float32)
+
+
+def check_stream_program(program: Program, layers) -> None:
+    """Section 4.2 bookkeeping: every tile stores exactly its layer's input (both operands for an Add), the
+    stream into a tile has the words the previous tile emits, and only layers inside a residual block carry
+    words they do not store."""
+    lanes = program.arch.lanes
+    emitted = program.input_words
+    for tile in program.tiles:
+        c = tile.config
+        assert c["n_in_words"] + c["n_pass"] == emitted, tile.key
+        assert 0 <= c["store_begin"] <= c["store_end"] <= c["n_in_words"]
+        emitted = forwarded_words(c) + c["n_pass"] + result_words(c, lanes)
+    assert emitted == program.output_words
+    by_position = {(t.row, t.col): t for t in program.tiles}
+    for info, layer in zip(program.layers, layers):
+        for key in info.tiles:
+            c = by_position[key].config
+            if layer.is_add:
+                map_words = layer.window.height * layer.window.width * -(-layer.n_out // lanes)
+                assert c["op"] == OP_ADD and stored_words(c) == 2 * map_words == 2 * c["add_offset"]
+                assert c["add_mult_a"] <= ADD_MULT_MAX and c["add_mult_b"] <= ADD_MULT_MAX
+                assert max(c["add_mult_a"], c["add_mult_b"]) == ADD_MULT_MAX
+
+
+@pytest.mark.parametrize("case", sorted(RESNET_CASES))
+def test_residual_blocks_match_onnxruntime(case, tmp_path):
+    qdq, x = _resnet(case, tmp_path)
+    imported = import_onnx(qdq)
+    adds = [layer for layer in imported.layers if layer.op == "Add"]
+    assert len(adds) == len(RESNET_CASES[case][2])
+    layers = lower_layers(imported.layers)
+    ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
+    theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
+    assert np.abs(ours - theirs).max() <= 1, f"max {np.abs(ours - theirs).max()} LSB vs onnxruntime"
+    for arch in (Arch(rows=4, cols=4, sram_bytes=65536), Arch(rows=3, cols=5, lanes=4, sram_bytes=65536)):
+        program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
+        program.validate()
+        check_stream_program(program, layers)
+        assert np.array_equal(run_functionally(program, quantize(x[:2], program.input)), ours[:2])
+
+
+def test_residual_stream_registers(tmp_path):
+    """A projection block: the shorter branch (the 1x1 projection) runs first and its output rides in front of
+    the main branch; the main branch's first layer stores the block input and forwards the projection."""
+    qdq, _ = _resnet("basic-projection", tmp_path)
+    layers = lower_layers(import_onnx(qdq).layers)
+    assert [layer.name for layer in layers][1:5] == ["block0_proj", "block0_conv1", "block0_conv2", "block0_add"]
+    program = build_program(layers, Arch(rows=3, cols=4), input_spec=import_onnx(qdq).input,
+                            output_spec=import_onnx(qdq).output)
+    by_name = {info.name: [next(t for t in program.tiles if (t.row, t.col) == key).config for key in info.tiles]
+               for info in program.layers}
+    x_words, p_words = 8 * 8 * 1, 4 * 4 * 2  # the block input (8 ch, 8x8) and the projection (16 ch, 4x4)
+    proj, conv1, conv2, add = (by_name[n][-1] for n in ("block0_proj", "block0_conv1", "block0_conv2", "block0_add"))
+    assert (proj["n_in_words"], proj["store_begin"], proj["store_end"]) == (x_words, 0, x_words)
+    assert (proj["forward_begin"], proj["forward_end"]) == (0, x_words)        # x is still needed
+    assert (conv1["n_in_words"], conv1["store_begin"], conv1["store_end"]) == (x_words + p_words, 0, x_words)
+    assert (conv1["forward_begin"], conv1["forward_end"]) == (x_words, x_words + p_words)  # only the projection
+    assert (conv2["store_begin"], conv2["store_end"], conv2["forward_begin"], conv2["forward_end"]) == \
+        (p_words, 2 * p_words, 0, p_words)
+    assert (add["n_in_words"], add["store_begin"], add["store_end"], add["forward_end"]) == (2 * p_words, 0, 2 * p_words, 0)
+    # the projection comes first in the stream, but is the Add's second ONNX input: operand weights swapped
+    imported_add = next(layer for layer in layers if layer.is_add)
+    assert (add["add_mult_a"], add["add_mult_b"]) == imported_add.add_mult[::-1]
+
+
+def test_add_lowering():
+    from compiler.onnx_import import AddLayer
+    from compiler.lower import lower_layer
+    a, b, y = QuantParams(0.02, 5, "int8"), QuantParams(0.05, 130, "uint8"), QuantParams(0.04, -128, "int8")
+    layer = lower_layer(AddLayer("add", (3, 2, 2), (a, b), y, False, (0, 1)))
+    m_a, m_b = layer.add_mult
+    assert m_b == ADD_MULT_MAX and m_a == round(ADD_MULT_MAX * 0.02 / 0.05)
+    assert (layer.bias == -(5 * m_a + 2 * m_b)).all()
+    assert abs(layer.multiplier[0] / 2.0 ** layer.shift[0] - 0.05 / (ADD_MULT_MAX * 0.04)) < 1e-9 * 0.05 / 0.04
+    assert layer.relu and layer.clamp_lo == -128  # a zero point of -128 is an implicit ReLU
+
+
+def _graft(model: onnx.ModelProto, nodes: list) -> onnx.ModelProto:
+    model.graph.node.extend(nodes)
+    return model
+
+
+@pytest.mark.parametrize("problem", ["three-way", "no-join", "shape", "nested"])
+def test_unsupported_forks_name_the_problem(problem):
+    rng = np.random.default_rng(5)
+    model = float_cnn(rng, (2, 6, 6), [("conv", 4, 3, 1, [1, 1, 1, 1]), ("relu",)])
+    t = model.graph.node[-1].output[0]
+    w = numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 0.3).astype(np.float32), "w1x1")
+    w2 = numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w3x3")
+    model.graph.initializer.extend([w, w2])
+    conv = lambda name, src, out, **attrs: helper.make_node("Conv", [src, attrs.pop("w", "w1x1")], [out], name=name,
+                                                             **attrs)
+    if problem == "three-way":
+        nodes = [conv("a", t, "a"), conv("b", t, "b"), helper.make_node("Add", ["a", "b"], ["ab"], name="add_ab"),
+                 helper.make_node("Add", ["ab", t], ["y"], name="add_y")]
+        expected = r"feeds 3 nodes"
+    elif problem == "no-join":
+        nodes = [conv("a", t, "a"), conv("b", t, "b"), helper.make_node("Mul", ["a", "b"], ["y"], name="mul")]
+        expected = r"branch from tensor .* ends at|unsupported op"
+    elif problem == "shape":
+        nodes = [helper.make_node("GlobalAveragePool", [t], ["a"], name="gap"),
+                 helper.make_node("Add", ["a", t], ["y"], name="add")]  # ONNX broadcasting
+        expected = r"node 'add' \(Add\): adds maps of shapes \[4, 1, 1\] and \[4, 6, 6\]"
+    else:
+        nodes = [conv("a", t, "a"), conv("a1", "a", "a1"), helper.make_node("Add", ["a", "a1"], ["a2"], name="inner"),
+                 helper.make_node("Add", ["a2", t], ["y"], name="outer")]
+        expected = r"forks again inside the residual branch"
+    model = _graft(model, nodes)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "C", "H", "W"]))
+    with pytest.raises(CompileError, match=expected):
+        import_onnx(model, calibration=rng.standard_normal((8, 2, 6, 6)).astype(np.float32))
+
+
+@pytest.mark.parametrize("ops", [
+    [("conv", 6, 3, 1, [1, 1, 1, 1]), ("conv", 6, 3, 1, [1, 1, 1, 1], {"group": 3}), ("relu",)],
+    [("conv", 6, 3, 1, [1, 1, 1, 1]), ("conv", 12, 3, 2, [1, 1, 1, 1], {"group": 6})],  # depth multiplier 2
+    [("conv", 4, 3, 1, [1, 1, 1, 1], {"group": 2})],
+], ids=["group3", "multiplier2", "group2-on-input"])
+def test_grouped_convolutions_match_onnxruntime(ops, tmp_path):
+    """Grouped (not depthwise) Convs run as Convs with block-diagonal weights; the report counts only the
+    products inside the groups as MACs."""
+    rng = np.random.default_rng(len(str(ops)))
+    model = float_cnn(rng, (2, 7, 7), ops)
+    calibration = rng.standard_normal((32, 2, 7, 7)).astype(np.float32)
+    qdq = quantize_qdq(model, calibration, tmp_path=tmp_path)
+    imported = import_onnx(qdq)
+    grouped = [layer for layer in imported.layers if layer.groups > 1]
+    assert len(grouped) == 1
+    layers = lower_layers(imported.layers)
+    x = rng.standard_normal((32, 2, 7, 7)).astype(np.float32)
+    ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
+    theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
+    assert np.abs(ours - theirs).max() <= 1
+    program = build_program(layers, Arch(rows=2, cols=3), input_spec=imported.input, output_spec=imported.output)
+    assert np.array_equal(run_functionally(program, quantize(x[:2], program.input)), ours[:2])
+    layer = grouped[0]
+    info = next(i for i in program.layers if i.name == layer.name)
+    w = layer.window
+    assert info.macs == layer.n_out * w.out_height * w.out_width * (w.channels // layer.groups) * w.kernel_h * w.kernel_w
