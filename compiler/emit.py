@@ -249,27 +249,32 @@ def report(program: Program) -> str:
         c = tile.config
         return (weight_words(c) + (stored_words(c) if c["n_out"] else 0)) * arch.lanes
 
-    rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "SRAM bytes used/avail")]
-    slowest = (0, "")
-    for layer in program.layers:
-        tiles = [by_position[t] for t in layer.tiles]
-        worst = max(cycles(t) for t in tiles)
-        slowest = max(slowest, (worst, f"layer '{layer.name}'"))
-        span = f"{len(tiles)} ({_chain_index(arch, layer.tiles[0])}..{_chain_index(arch, layer.tiles[-1])})"
-        rows.append((layer.name, layer.op + ("+Relu" if layer.relu else ""), f"{layer.n_in} -> {layer.n_out}",
-                     str(layer.macs), span,
-                     str(worst), f"{sum(sram_used(t) for t in tiles)}/{len(tiles) * arch.sram_bytes}"))
+    rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "est. util",
+             "SRAM bytes used/avail")]
+    slowest = max([(max(cycles(by_position[t]) for t in layer.tiles), f"layer '{layer.name}'")
+                   for layer in program.layers])
     passing = [t for t in program.tiles if t.config["n_out"] == 0]
     if passing:
-        worst = max(cycles(t) for t in passing)
-        slowest = max(slowest, (worst, "pass-through tiles"))
-        rows.append(("(pass-through)", "-", "-", "0", str(len(passing)), str(worst), f"0/{len(passing) * arch.sram_bytes}"))
+        slowest = max(slowest, (max(cycles(t) for t in passing), "pass-through tiles"))
+    interval = slowest[0]
+    for layer in program.layers:
+        tiles = [by_position[t] for t in layer.tiles]
+        span = f"{len(tiles)} ({_chain_index(arch, layer.tiles[0])}..{_chain_index(arch, layer.tiles[-1])})"
+        # steady state: the layer's MACs over its tiles' lanes for one interval of the slowest tile
+        utilization = layer.macs / (interval * len(tiles) * arch.lanes)
+        rows.append((layer.name, layer.op + ("+Relu" if layer.relu else ""), f"{layer.n_in} -> {layer.n_out}",
+                     str(layer.macs), span, str(max(cycles(t) for t in tiles)), f"{100 * utilization:.1f}%",
+                     f"{sum(sram_used(t) for t in tiles)}/{len(tiles) * arch.sram_bytes}"))
+    if passing:
+        rows.append(("(pass-through)", "-", "-", "0", str(len(passing)), str(max(cycles(t) for t in passing)), "0.0%",
+                     f"0/{len(passing) * arch.sram_bytes}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"{program.model_name or 'model'}: {arch.rows}x{arch.cols} tiles, {arch.lanes} lanes, "
-                 f"{program.macs_per_inference} MACs/inference; estimated interval {slowest[0]} cycles/inference "
-                 f"(bottleneck: {slowest[1]})")
+                 f"{program.macs_per_inference} MACs/inference; estimated interval {interval} cycles/inference "
+                 f"(bottleneck: {slowest[1]}); estimated steady-state MAC utilization "
+                 f"{100 * program.macs_per_inference / (interval * arch.n_tiles * arch.lanes):.1f}%")
     lines.append("estimates are per tile without stalls (section 6 rule 4); back-pressure between the tiles of a "
                  "split layer can make the real interval longer")
     return "\n".join(lines)

@@ -56,6 +56,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from flowtile.program import TensorSpec
 
 from .errors import CompileError
+from .qoperator import qoperator_to_qdq
 
 __all__ = ["QuantParams", "DenseLayer", "AddLayer", "layer_sources", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
            "fuse_matmul_add", "DEFAULT_CALIBRATION_SAMPLES"]
@@ -1179,6 +1180,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto, *, calibration: np.n
     """
     name = Path(model).stem if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
     proto = load_model(model)
+    proto = qoperator_to_qdq(proto)  # QLinearConv/QLinearMatMul (QOperator format) -> QDQ
     if not _is_quantized(proto):
         proto = load_model(quantize_float_model(proto, calibration=calibration, per_channel=per_channel,
                                                 activation_type=activation_type))

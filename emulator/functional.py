@@ -9,12 +9,15 @@ never from the compiler's layer descriptions. Two parts:
   router output carries at most one stream, every PE on the path consumes exactly the flits the
   previous one emits per inference) and raises :class:`EmulatorError` otherwise.
 * :func:`run_functional` computes, vectorized over the batch, every PE's output flit stream:
-  per inference ``(input flits if forward) ++ (the P pass flits) ++ (its n_pix * N_r result words)``
-  (section 4: RECV, COMPUTE, PASS, EMIT; COMPUTE emits nothing, so the data order is the same).
-  Results follow section 4.1 (windowed layers): the windows of every output pixel are gathered
-  im2col-style with index arrays; a dense layer is the 1x1 case and takes the same path. The same
-  gather serves MAC (a GEMM over the window), MAX (a lane-wise max) and LANE (a lane-wise
-  multiply-accumulate with per-lane requantization: depthwise convolution, average pools).
+  per inference ``(RECV words forward_begin..forward_end) ++ (the P pass flits) ++ (its n_pix * N_r
+  result words)`` (section 4: RECV, COMPUTE, PASS, EMIT; COMPUTE emits nothing, so the data order is the
+  same). COMPUTE reads the stored RECV words ``store_begin..store_end`` (section 4.2: a stream may hold
+  several tensors, one after the other). Results follow section 4.1 (windowed layers): the windows of
+  every output pixel are gathered im2col-style with index arrays; a dense layer is the 1x1 case and
+  takes the same path. The same gather serves MAC (a GEMM over the window), MAX (a lane-wise max) and
+  LANE (a lane-wise multiply-accumulate with per-lane requantization: depthwise convolution, average
+  pools). ADD (section 4.2, residual joins) needs no gather: its two operands are contiguous slices of
+  the stored words.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowtile.arch import ACC_BITS, MULTIPLIER_BITS, OP_LANE, OP_MAC, OP_MAX, SHIFT_BITS, Arch
+from flowtile.arch import ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, OP_ADD, OP_LANE, OP_MAC, OP_MAX, SHIFT_BITS, Arch
 from flowtile.program import Program, TileProgram, compute_issue_cycles, result_words
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
@@ -52,19 +55,39 @@ AFTER_COMPUTE_EXTRA_DELAY = 1 + COMPUTE_DRAIN_CYCLES
 
 @dataclass(frozen=True)
 class TileCounts:
-    """One PE's per-inference counts, from its registers (sections 4 and 4.1)."""
+    """One PE's per-inference counts, from its registers (sections 4, 4.1 and 4.2)."""
 
     n_in_words: int     # K: RECV transfers
-    forward: bool       # RECV transfers also emit the flit
     n_pass: int         # P: PASS transfers
     n_out: int          # N_o: output channels computed (0: no COMPUTE, no EMIT)
     n_result_words: int  # n_pix * ceil(N_o / L): EMIT transfers
     issue_cycles: int = 0  # I: COMPUTE cycles that issue an SRAM read (n_pix * N_o * K_w, or n_pix * CW * KH*KW)
     op: int = OP_MAC
+    # section 4.2: RECV word k is stored iff store_begin <= k < store_end and emitted (forwarded) iff
+    # forward_begin <= k < forward_end (empty ranges are normalized to (0, 0))
+    store_begin: int = 0
+    store_end: int = 0
+    forward_begin: int = 0
+    forward_end: int = 0
 
     @property
     def idle(self) -> bool:
         return self.n_in_words == 0 and self.n_pass == 0 and self.n_out == 0
+
+    @property
+    def n_stored(self) -> int:
+        """RECV words written to the activation region per inference."""
+        return self.store_end - self.store_begin
+
+    @property
+    def n_forward(self) -> int:
+        """RECV words also emitted downstream per inference."""
+        return self.forward_end - self.forward_begin
+
+    @property
+    def forward_range(self) -> range:
+        """The forwarded RECV words ``k`` of an inference."""
+        return range(self.forward_begin, self.forward_end)
 
     @property
     def flits_in(self) -> int:
@@ -74,7 +97,7 @@ class TileCounts:
     @property
     def flits_out(self) -> int:
         """Flits the PE emits per inference (forwarded RECV + PASS + EMIT)."""
-        return (self.n_in_words if self.forward else 0) + self.n_pass + self.n_result_words
+        return self.n_forward + self.n_pass + self.n_result_words
 
     @property
     def compute_issue_cycles(self) -> int:
@@ -88,18 +111,39 @@ class TileCounts:
 
     @property
     def mac_issue_cycles(self) -> int:
-        """Issue cycles that multiply-accumulate ``L`` lanes: every one for MAC and LANE (which
-        multiplies lane by lane, ``L`` MACs a cycle), none for max pooling."""
-        return self.issue_cycles if self.op in (OP_MAC, OP_LANE) else 0
+        """Issue cycles that multiply-accumulate ``L`` lanes: every one for MAC, LANE (which
+        multiplies lane by lane, ``L`` MACs a cycle) and ADD (each issue multiplies an operand word by
+        ``add_mult_a`` or ``add_mult_b`` and accumulates, lane by lane), none for max pooling."""
+        return self.issue_cycles if self.op in (OP_MAC, OP_LANE, OP_ADD) else 0
+
+
+def _recv_range(config: dict, first: str, last: str) -> tuple[int, int]:
+    begin, end = int(config[first]), int(config[last])
+    return (begin, end) if begin < end else (0, 0)
 
 
 def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
     config = tile.config
     n_out = int(config["n_out"])
-    return TileCounts(n_in_words=int(config["n_in_words"]), forward=bool(config["forward"]),
-                      n_pass=int(config["n_pass"]), n_out=n_out,
+    store_begin, store_end = _recv_range(config, "store_begin", "store_end")
+    forward_begin, forward_end = _recv_range(config, "forward_begin", "forward_end")
+    return TileCounts(n_in_words=int(config["n_in_words"]), n_pass=int(config["n_pass"]), n_out=n_out,
                       n_result_words=int(result_words(config, arch.lanes)),
-                      issue_cycles=int(compute_issue_cycles(config)), op=int(config["op"]))
+                      issue_cycles=int(compute_issue_cycles(config)), op=int(config["op"]),
+                      store_begin=store_begin, store_end=store_end, forward_begin=forward_begin,
+                      forward_end=forward_end)
+
+
+def _check_recv_ranges(tile: TileProgram, count: TileCounts, position: int) -> None:
+    """Section 4.2: both RECV ranges lie inside the K words of an inference (Program.validate checks it
+    too; the emulator's entry points may be called without it)."""
+    config = tile.config
+    for first, last in (("store_begin", "store_end"), ("forward_begin", "forward_end")):
+        begin, end = int(config[first]), int(config[last])
+        if begin > end or end > count.n_in_words:
+            raise EmulatorError(f"tile {tile.key} (chain position {position}): registers {first} = {begin}, "
+                                f"{last} = {end} must satisfy {first} <= {last} <= n_in_words = "
+                                f"{count.n_in_words}")
 
 
 @dataclass(frozen=True)
@@ -165,6 +209,7 @@ def trace_data_path(program: Program) -> DataPath:
     counts = tuple(tile_counts(tile, arch) for tile in program.tiles)
     position_of = {arch.chain_position(p): p for p in range(arch.n_tiles)}
     for position, (tile, count) in enumerate(zip(program.tiles, counts)):
+        _check_recv_ranges(tile, count, position)
         if count.n_out and not count.n_in_words:
             raise EmulatorError(f"tile {tile.key} (chain position {position}): n_out = {count.n_out} "
                                 f"needs n_in_words > 0 (COMPUTE reads K activation words per output)")
@@ -232,25 +277,50 @@ def trace_data_path(program: Program) -> DataPath:
 
 
 def _check_window(tile: TileProgram, count: TileCounts, arch: Arch, position: int) -> None:
-    """Windowing registers section 4.1 gives a meaning to (Program.validate checks ranges and the map size)."""
+    """Windowing registers sections 4.1 and 4.2 give a meaning to (Program.validate checks ranges and the
+    map size too; the emulator's entry points may be called without it)."""
     config = tile.config
     who = f"tile {tile.key} (chain position {position})"
     for name in ("in_height", "in_width", "words_per_pixel", "kernel_h", "kernel_w", "stride", "out_rows",
                  "out_width"):
         if int(config[name]) < 1:
             raise EmulatorError(f"{who}: n_out = {count.n_out} needs register '{name}' >= 1, got {config[name]}")
-    map_words = int(config["in_height"]) * int(config["in_width"]) * int(config["words_per_pixel"])
-    if map_words != count.n_in_words:
-        raise EmulatorError(f"{who}: n_in_words = {count.n_in_words} but the input map is "
-                            f"{config['in_height']}x{config['in_width']}x{config['words_per_pixel']} = "
-                            f"{map_words} words")
-    if count.op not in (OP_MAC, OP_MAX, OP_LANE):
+    if count.op not in (OP_MAC, OP_MAX, OP_LANE, OP_ADD):
         raise EmulatorError(f"{who}: op = {count.op} is none of OP_MAC ({OP_MAC}), OP_MAX ({OP_MAX}), "
-                            f"OP_LANE ({OP_LANE})")
-    if count.op in (OP_MAX, OP_LANE) and count.n_out != int(config["words_per_pixel"]) * arch.lanes:
-        kind = "max-pool" if count.op == OP_MAX else "lane-wise (OP_LANE)"
+                            f"OP_LANE ({OP_LANE}), OP_ADD ({OP_ADD})")
+    words_per_pixel = int(config["words_per_pixel"])
+    if count.op in (OP_MAX, OP_LANE, OP_ADD) and count.n_out != words_per_pixel * arch.lanes:
+        kind = {OP_MAX: "max-pool", OP_LANE: "lane-wise (OP_LANE)", OP_ADD: "residual add (OP_ADD)"}[count.op]
         raise EmulatorError(f"{who}: a {kind} tile needs n_out = words_per_pixel * lanes = "
-                            f"{int(config['words_per_pixel']) * arch.lanes}, got {count.n_out}")
+                            f"{words_per_pixel * arch.lanes}, got {count.n_out}")
+    map_words = int(config["in_height"]) * int(config["in_width"]) * words_per_pixel
+    stored = f"{count.n_stored} stored words (store_begin..store_end = {config['store_begin']}..{config['store_end']})"
+    if count.op != OP_ADD:
+        if map_words != count.n_stored:
+            raise EmulatorError(f"{who}: {stored} but the input map is {config['in_height']}x"
+                                f"{config['in_width']}x{config['words_per_pixel']} = {map_words} words")
+        return
+    # op = ADD (section 4.2): two maps of map_words words at stored offsets 0 and add_offset
+    for name, value in (("kernel_h", 1), ("kernel_w", 2), ("stride", 1), ("pad_top", 0), ("pad_left", 0)):
+        if int(config[name]) != value:
+            raise EmulatorError(f"{who}: OP_ADD needs register '{name}' = {value} (kernel 1x2, stride 1, no "
+                                f"padding), got {config[name]}")
+    if int(config["out_width"]) != int(config["in_width"]):
+        raise EmulatorError(f"{who}: OP_ADD needs register 'out_width' = in_width = {config['in_width']}, "
+                            f"got {config['out_width']}")
+    row_end = int(config["out_row_begin"]) + int(config["out_rows"])
+    if row_end > int(config["in_height"]):
+        raise EmulatorError(f"{who}: OP_ADD output rows out_row_begin..out_row_begin + out_rows = "
+                            f"{config['out_row_begin']}..{row_end} (registers 'out_row_begin', 'out_rows') "
+                            f"leave the {config['in_height']}-row map (an ADD has no padding)")
+    offset = int(config["add_offset"])
+    if offset < map_words or offset + map_words > count.n_stored:
+        raise EmulatorError(f"{who}: OP_ADD operands of {map_words} words at stored offsets 0 and register "
+                            f"'add_offset' = {offset} must not overlap and must lie inside the {stored}")
+    for name in ("add_mult_a", "add_mult_b"):
+        if not 0 <= int(config[name]) <= ADD_MULT_MAX:
+            raise EmulatorError(f"{who}: register '{name}' = {config[name]} is outside 0..ADD_MULT_MAX = "
+                                f"{ADD_MULT_MAX}")
 
 
 # --- arithmetic ---------------------------------------------------------------------------------
@@ -330,7 +400,7 @@ def _is_dense(config: dict) -> bool:
 def _gather_windows(config: dict, activations: np.ndarray, lanes: int) -> np.ndarray:
     """im2col: int8 ``[batch, n_pix, KH*KW, CW, L]``, the activation words every issue cycle reads.
 
-    ``activations`` is int8 ``[batch, K, L]`` (what RECV wrote at ``act_base``); padding positions
+    ``activations`` is int8 ``[batch, stored words, L]`` (what RECV wrote at ``act_base``); padding positions
     read a word whose every lane is ``pad_value``."""
     batch = activations.shape[0]
     words_per_pixel = int(config["words_per_pixel"])
@@ -348,14 +418,17 @@ def _gather_windows(config: dict, activations: np.ndarray, lanes: int) -> np.nda
 
 
 def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, arch: Arch) -> np.ndarray:
-    """Result words of one PE for a batch: int8 ``[batch, n_pix * N_r, L]`` (sections 4 and 4.1).
+    """Result words of one PE for a batch: int8 ``[batch, n_pix * N_r, L]`` (sections 4, 4.1 and 4.2).
 
-    ``activations`` is int8 ``[batch, K, L]``, the RECV flits of each inference, written to SRAM words
-    ``act_base + k`` before COMPUTE reads them and, for MAC, weight words ``w_base + o*K_w + k`` (for
-    LANE ``w_base + cw*KH*KW + ky*KW + kx``), which see those writes if the two regions overlap.
+    ``activations`` is int8 ``[batch, store_end - store_begin, L]``, the stored RECV flits of each
+    inference, written to SRAM words ``act_base + k - store_begin`` before COMPUTE reads them and, for
+    MAC, weight words ``w_base + o*K_w + k`` (for LANE ``w_base + cw*KH*KW + ky*KW + kx``), which see
+    those writes if the two regions overlap.
     """
     lanes, batch = arch.lanes, activations.shape[0]
     config = tile.config
+    if count.op == OP_ADD:
+        return _add_results(tile, count, activations, lanes)
     # im2col copies every window: bound its size (float64 / int64 below) by working on slices of the batch
     per_inference = (count.n_result_words * int(config["kernel_h"]) * int(config["kernel_w"])
                      * int(config["words_per_pixel"]) * lanes)
@@ -378,7 +451,7 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     n_out = count.n_out
     window_words = windows.shape[2] * windows.shape[3]           # K_w = KH*KW*CW
     w_base, act_base = int(config["w_base"]), int(config["act_base"])
-    w_end, act_end = w_base + n_out * window_words, act_base + count.n_in_words
+    w_end, act_end = w_base + n_out * window_words, act_base + count.n_stored
     image = np.zeros((max(w_end, act_end), lanes), dtype=np.int8)
     stored = tile.sram[: image.shape[0]]
     image[: stored.shape[0]] = stored
@@ -412,7 +485,7 @@ def _weight_memory(tile: TileProgram, count: TileCounts, activations: np.ndarray
     back what its RECV wrote where the regions overlap)."""
     config = tile.config
     w_base, act_base = int(config["w_base"]), int(config["act_base"])
-    w_end, act_end = w_base + w_words, act_base + count.n_in_words
+    w_end, act_end = w_base + w_words, act_base + count.n_stored
     image = np.zeros((max(w_end, act_end), lanes), dtype=np.int8)
     stored = tile.sram[: image.shape[0]]
     image[: stored.shape[0]] = stored
@@ -464,6 +537,29 @@ def _lane_results(tile: TileProgram, count: TileCounts, windows: np.ndarray, act
     return result.astype(np.int8).reshape(batch, n_pix * words_per_pixel, lanes)
 
 
+def _add_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, lanes: int) -> np.ndarray:
+    """op = ADD (section 4.2): lane ``l`` of word ``cw`` of output pixel ``q`` at ``(oy, ox)`` is
+    ``requantize(bias_c + A_a[l] * add_mult_a + A_b[l] * add_mult_b)`` with parameter row ``c = cw*L + l``,
+    ``A_a`` the stored word ``(oy*in_width + ox)*CW + cw`` and ``A_b`` the one ``add_offset`` words later;
+    result word ``q*CW + cw``. The output rows are a band of whole rows of width ``in_width``, so each
+    operand is one contiguous slice of the stored words."""
+    config = tile.config
+    words_per_pixel = int(config["words_per_pixel"])
+    row_words = int(config["in_width"]) * words_per_pixel
+    first = int(config["out_row_begin"]) * row_words
+    last = first + count.n_result_words
+    offset = int(config["add_offset"])
+    operand_a = activations[:, first:last].astype(np.int64)
+    operand_b = activations[:, offset + first:offset + last].astype(np.int64)
+    # |a*m_a + b*m_b| <= 2 * 128 * 2^22 = 2^30: exact in int64 (wrap32 then adds the bias)
+    accumulator = operand_a * int(config["add_mult_a"]) + operand_b * int(config["add_mult_b"])
+    batch = activations.shape[0]
+    accumulator = accumulator.reshape(batch, -1, words_per_pixel, lanes)
+    params = np.asarray(tile.params, dtype=np.int64).reshape(words_per_pixel, lanes, 3)
+    result = _requantize(accumulator, params[..., 0], params[..., 1], params[..., 2], config)
+    return result.astype(np.int8).reshape(batch, count.n_result_words, lanes)
+
+
 @dataclass
 class FunctionalResult:
     """Flit data of a run. ``tile_out_flits[p]`` is int8 ``[batch * flits_out, L]``, the stream PE ``p``
@@ -504,12 +600,13 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int,
 
 
 def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: Arch) -> np.ndarray:
-    """One PE's output per inference, ``[batch, flits_out, L]``, from its input ``[batch, K + P, L]``."""
+    """One PE's output per inference, ``[batch, flits_out, L]``, from its input ``[batch, K + P, L]``:
+    the forwarded RECV words, the P passed flits, the result words (sections 4 and 4.2)."""
     parts = []
-    if count.forward:
-        parts.append(stream[:, : count.n_in_words])
+    if count.n_forward:
+        parts.append(stream[:, count.forward_begin:count.forward_end])
     parts.append(stream[:, count.n_in_words:])
     if count.n_out:
         _check_parameters(tile, count)
-        parts.append(pe_results(tile, count, stream[:, : count.n_in_words], arch))
+        parts.append(pe_results(tile, count, stream[:, count.store_begin:count.store_end], arch))
     return np.concatenate(parts, axis=1)

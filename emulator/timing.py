@@ -12,8 +12,10 @@ Each stream is a sequence of actions ``j`` with times ``t_j = max(lb_j, t_{j-1} 
 * PE: per inference K RECV, (COMPUTE,) P PASS, ``n_pix * N_r`` EMIT actions, ``d = 1`` except the
   first transfer after COMPUTE (the first PASS, or the first EMIT if P = 0), whose ``d = I + 3``
   counted from the last RECV (rule 4; ``I`` = COMPUTE issue cycles of section 4.1, ``N_o*K`` for a
-  dense layer, from ``flowtile.program.compute_issue_cycles``). RECV and PASS read the FIFO before it; forwarded RECV, PASS
-  and EMIT write the FIFO after it (the same cycle for a forwarded RECV or a PASS);
+  dense layer, from ``flowtile.program.compute_issue_cycles``). RECV and PASS read the FIFO before
+  it; the forwarded RECV words (``forward_begin <= k < forward_end``, section 4.2), PASS and EMIT
+  write the FIFO after it (the same cycle for a forwarded RECV or a PASS); a RECV word that is not
+  forwarded only reads;
 * link (a router hop): one action per flit that reads the FIFO before it and writes the FIFO after it
   in the same cycle (rule 3), ``d = 1`` (rule 2);
 * host output: one read per flit, ``d = 1``; the host is always ready.
@@ -107,9 +109,11 @@ def _pe_template(position: int, count: TileCounts, name: str) -> StreamTemplate:
     if count.n_out:  # COMPUTE sits between the last RECV and the first PASS / EMIT
         delays[count.n_in_words] = count.compute_issue_cycles + AFTER_COMPUTE_EXTRA_DELAY
     reads = None if count.flits_in == actions else np.arange(count.flits_in)
-    first_write = 0 if count.forward else count.n_in_words
-    writes = None if first_write == 0 else np.arange(first_write, actions)
-    pure_pass = count.n_in_words == 0 and count.n_out == 0
+    # forwarded RECV words, then every PASS and EMIT action (section 4.2)
+    writes = None if count.flits_out == actions else np.concatenate(
+        [np.arange(count.forward_begin, count.forward_end), np.arange(count.n_in_words, actions)])
+    # no COMPUTE and every RECV word forwarded: each action reads a flit and writes it the same cycle
+    pure_pass = count.n_out == 0 and count.n_forward == count.n_in_words
     return StreamTemplate(name, position, delays, reads, writes, pass_through=pure_pass)
 
 

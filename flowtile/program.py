@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
+from .arch import ADD_MULT_MAX, OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words",
@@ -245,6 +245,16 @@ class Program:
                     if (config["kernel_h"], config["kernel_w"], config["stride"], config["pad_top"],
                             config["pad_left"]) != (1, 2, 1, 0, 0):
                         raise ProgramError(f"tile {tile.key}: ADD needs kernel 1x2, stride 1 and no padding")
+                    if config["out_width"] != config["in_width"] or \
+                            config["out_row_begin"] + config["out_rows"] > config["in_height"]:
+                        raise ProgramError(f"tile {tile.key}: ADD output rows {config['out_row_begin']}.."
+                                           f"{config['out_row_begin'] + config['out_rows'] - 1} x width "
+                                           f"{config['out_width']} must lie inside the {config['in_height']}x"
+                                           f"{config['in_width']} map")
+                    for name in ("add_mult_a", "add_mult_b"):
+                        if config[name] > ADD_MULT_MAX:
+                            raise ProgramError(f"tile {tile.key}: register {name} = {config[name]} exceeds "
+                                               f"ADD_MULT_MAX = {ADD_MULT_MAX}")
                 elif pixels != stored:
                     raise ProgramError(f"tile {tile.key}: {stored} stored words (store_begin..store_end) but "
                                        f"the input map is {config['in_height']}x{config['in_width']}x"

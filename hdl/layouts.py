@@ -37,8 +37,9 @@ from amaranth.hdl import signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import Out
 
-from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, OP_LANE, OP_MAC, OP_MAX, SHIFT_BITS, Arch
-from flowtile.program import result_words, weight_words
+from flowtile.arch import (ACC_BITS, ADD_MULT_MAX, CONFIG_FIELDS, MULTIPLIER_BITS, OP_ADD, OP_LANE, OP_MAC, OP_MAX,
+                           SHIFT_BITS, Arch)
+from flowtile.program import result_words, stored_words, weight_words
 
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
@@ -177,13 +178,18 @@ def encode_config_value(name: str, value: int) -> int:
 def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     """``(addr, data)`` load pairs for a complete tile config (every register of ``CONFIG_FIELDS``).
 
-    Besides each register's own range, checks the rules of docs/architecture.md sections 4 and 4.1
-    that the RTL relies on: ``n_out > 0`` requires ``n_in_words > 0``; ``n_out <= max_tile_outputs``;
-    the weight and activation regions fit the SRAM; the destination tile exists; ``op`` is one of
-    :data:`OPS` (its register is wider than the ops it names); and for a computing tile the
-    windowing registers (:data:`WINDOW_RANGES`, ``n_in_words = in_height * in_width *
-    words_per_pixel``, ``n_out = words_per_pixel * lanes`` for the channel-preserving ``OP_MAX`` and
-    ``OP_LANE``, result words within the result buffer).
+    Besides each register's own range, checks the rules of docs/architecture.md sections 4, 4.1 and
+    4.2 that the RTL relies on: the RECV ranges ``store_begin <= store_end <= n_in_words`` and
+    ``forward_begin <= forward_end <= n_in_words``; ``n_out > 0`` requires ``n_in_words > 0``;
+    ``n_out <= max_tile_outputs``; the stored words (``act_base`` onwards) and the weights fit the
+    SRAM; the destination tile exists; ``op`` is one of :data:`OPS`; and for a computing tile the
+    windowing registers (:data:`WINDOW_RANGES`; the stored words are the ``in_height * in_width *
+    words_per_pixel`` input map, or for ``OP_ADD`` hold both operand maps at offsets 0 and
+    ``add_offset``; ``n_out = words_per_pixel * lanes`` for the channel-preserving ``OP_MAX``,
+    ``OP_LANE`` and ``OP_ADD``; ``OP_ADD`` has kernel 1x2, stride 1, no padding, ``out_width =
+    in_width``, output rows inside the map and ``add_mult_a``, ``add_mult_b <= ADD_MULT_MAX``; result
+    words within the result buffer). Registers an op does not read (e.g. ``add_mult_a`` of a MAC tile)
+    are only range-checked against their width, as the emulator does.
     """
     check_arch(arch, "encode_config")
     names = [name for name, _, _ in CONFIG_FIELDS]
@@ -198,14 +204,19 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
         raise LoadEncodingError(f"config register op = {config['op']} is not an op (known: "
                                 f"{', '.join(f'{value} ({name})' for value, name in OPS.items())})")
     k, n_out = config["n_in_words"], config["n_out"]
+    for first, last in (("store_begin", "store_end"), ("forward_begin", "forward_end")):
+        if not config[first] <= config[last] <= k:
+            raise LoadEncodingError(f"config registers {first} = {config[first]}, {last} = {config[last]} "
+                                    f"must satisfy {first} <= {last} <= n_in_words = {k}")
     if n_out > 0 and k == 0:
         raise LoadEncodingError(f"config register n_out = {n_out} requires n_in_words > 0")
     if n_out > arch.max_tile_outputs:
         raise LoadEncodingError(f"config register n_out = {n_out} exceeds max_tile_outputs = "
                                 f"{arch.max_tile_outputs}")
-    if k > 0 and config["act_base"] + k > arch.sram_words:
-        raise LoadEncodingError(f"config registers act_base + n_in_words = {config['act_base'] + k} exceed "
-                                f"sram_words = {arch.sram_words}")
+    stored = stored_words(config)
+    if stored > 0 and config["act_base"] + stored > arch.sram_words:
+        raise LoadEncodingError(f"config registers act_base + store_end - store_begin = "
+                                f"{config['act_base'] + stored} exceed sram_words = {arch.sram_words}")
     if n_out > 0:
         _check_window(arch, config)
     if not config["dest_host"]:
@@ -219,8 +230,12 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     return pairs
 
 
-#: Values of the ``op`` register the PE implements (docs/architecture.md section 4.1).
-OPS = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE"}
+#: Values of the ``op`` register the PE implements (docs/architecture.md sections 4.1 and 4.2).
+OPS = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE", OP_ADD: "OP_ADD"}
+
+#: Registers of an ``OP_ADD`` tile fixed by section 4.2: a 1x2 "kernel" (its two operands), stride 1,
+#: no padding.
+ADD_WINDOW = {"kernel_h": 1, "kernel_w": 2, "stride": 1, "pad_top": 0, "pad_left": 0}
 
 #: Ranges of the windowing registers of a computing tile (docs/architecture.md section 4.1), beyond
 #: what their widths allow. Kernels may span a whole 8-bit map (global pools as LANE layers); the
@@ -231,24 +246,31 @@ WINDOW_RANGES = {"in_height": (1, None), "in_width": (1, None), "words_per_pixel
 
 
 def _check_window(arch: Arch, config: dict) -> None:
-    """Section 4.1's rules for a tile with ``n_out > 0``: the loop nest is non-empty, the registers
-    describe the stored input map, the weights and results fit their memories."""
+    """Sections 4.1 and 4.2's rules for a tile with ``n_out > 0``: the loop nest is non-empty, the
+    registers describe the stored input map (ADD: both operand maps), the weights and results fit
+    their memories."""
     for name, (low, high) in WINDOW_RANGES.items():
         value = config[name]
         if value < low or (high is not None and value > high):
             bound = f"{low}..{high}" if high is not None else f">= {low}"
             raise LoadEncodingError(f"config register {name} = {value} must be {bound} when n_out > 0")
-    k, n_out, words_per_pixel = config["n_in_words"], config["n_out"], config["words_per_pixel"]
+    n_out, words_per_pixel = config["n_out"], config["words_per_pixel"]
     map_words = config["in_height"] * config["in_width"] * words_per_pixel
-    if map_words != k:
-        raise LoadEncodingError(f"config register n_in_words = {k} differs from in_height * in_width * "
-                                f"words_per_pixel = {config['in_height']} * {config['in_width']} * "
-                                f"{words_per_pixel} = {map_words}")
-    if config["op"] in (OP_MAX, OP_LANE) and n_out != words_per_pixel * arch.lanes:
+    map_formula = (f"in_height * in_width * words_per_pixel = {config['in_height']} * {config['in_width']} * "
+                   f"{words_per_pixel} = {map_words}")
+    stored = stored_words(config)
+    if config["op"] == OP_ADD:
+        _check_add(config, map_words, map_formula, stored)
+    elif map_words != stored:
+        raise LoadEncodingError(f"config registers store_end - store_begin = {stored} stored words differ "
+                                f"from {map_formula}")
+    if config["op"] in (OP_MAX, OP_LANE, OP_ADD) and n_out != words_per_pixel * arch.lanes:
         raise LoadEncodingError(f"config register n_out = {n_out} must be words_per_pixel * lanes = "
                                 f"{words_per_pixel * arch.lanes} for op = {OPS[config['op']]}")
     w_end = config["w_base"] + weight_words(config)
     if w_end > arch.sram_words:
+        if config["op"] in (OP_MAX, OP_ADD):   # no weights: only the base itself is out of range
+            raise LoadEncodingError(f"config register w_base = {w_end} exceeds sram_words = {arch.sram_words}")
         weight_formula = ("kernel_h * kernel_w * words_per_pixel" if config["op"] == OP_LANE
                           else "n_out * kernel_h * kernel_w * words_per_pixel")
         raise LoadEncodingError(f"config registers w_base + {weight_formula} = "
@@ -257,6 +279,33 @@ def _check_window(arch: Arch, config: dict) -> None:
     if results > arch.result_words:
         raise LoadEncodingError(f"config registers out_rows * out_width * ceil(n_out / lanes) = {results} "
                                 f"result words exceed the result buffer ({arch.result_words} words)")
+
+
+def _check_add(config: dict, map_words: int, map_formula: str, stored: int) -> None:
+    """Section 4.2's op ADD: operand a at stored offset 0, operand b at ``add_offset``, both whole maps
+    inside the stored words; a 1x2 kernel, stride 1, no padding; full-width rows inside the map; operand
+    multipliers at most ADD_MULT_MAX (what keeps |acc| < 2^31)."""
+    for name, value in ADD_WINDOW.items():
+        if config[name] != value:
+            raise LoadEncodingError(f"config register {name} = {config[name]} must be {value} for op = OP_ADD "
+                                    f"(kernel 1x2, stride 1, no padding)")
+    if config["add_offset"] < map_words:
+        raise LoadEncodingError(f"config register add_offset = {config['add_offset']} must be >= {map_formula} "
+                                f"for op = OP_ADD (the operands must not overlap)")
+    if config["add_offset"] + map_words > stored:
+        raise LoadEncodingError(f"config registers add_offset + {map_formula} = {config['add_offset'] + map_words}"
+                                f" exceed the {stored} stored words (store_end - store_begin) for op = OP_ADD")
+    for name in ("add_mult_a", "add_mult_b"):
+        if config[name] > ADD_MULT_MAX:
+            raise LoadEncodingError(f"config register {name} = {config[name]} exceeds ADD_MULT_MAX = {ADD_MULT_MAX} "
+                                    f"for op = OP_ADD")
+    if config["out_width"] != config["in_width"]:
+        raise LoadEncodingError(f"config register out_width = {config['out_width']} must equal in_width = "
+                                f"{config['in_width']} for op = OP_ADD")
+    if config["out_row_begin"] + config["out_rows"] > config["in_height"]:
+        raise LoadEncodingError(f"config registers out_row_begin + out_rows = "
+                                f"{config['out_row_begin'] + config['out_rows']} exceed in_height = "
+                                f"{config['in_height']} for op = OP_ADD")
 
 
 def encode_param_entry(bias: int, multiplier: int, shift: int) -> int:

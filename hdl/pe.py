@@ -1,6 +1,7 @@
 """The processing element of one tile: SRAM, parameter table, result buffer and the phase FSM
 (docs/architecture.md section 4; windowed layers, convolution, max pooling and lane-wise
-multiply-accumulate (depthwise convolution, average pools), section 4.1)."""
+multiply-accumulate (depthwise convolution, average pools), section 4.1; store and forward ranges of a
+stream that carries several tensors, and the elementwise residual join op ADD, section 4.2)."""
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -9,7 +10,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-from flowtile.arch import ACC_BITS, CONFIG_FIELDS, OP_LANE, OP_MAX, Arch
+from flowtile.arch import ACC_BITS, ADD_MULT_BITS, CONFIG_FIELDS, OP_ADD, OP_LANE, OP_MAX, Arch
 
 from .layouts import (LANE_BITS, LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, check_arch,
                       config_layout, flit_signature, load_signature, param_layout)
@@ -41,17 +42,28 @@ class PE(wiring.Component):
         run: while 0 the FSM is held in its initial phase (the first non-empty phase of the current
             config) with every counter and the compute pipeline cleared, and no flit is transferred.
 
-    Behaviour per inference: RECV (``n_in_words`` transfers, stored at ``act_base + k``, re-emitted if
-    ``forward``), COMPUTE (exactly ``I + 2`` cycles, no transfers, ``I`` =
-    :func:`flowtile.program.compute_issue_cycles`), PASS (``n_pass`` transfers), EMIT
-    (:func:`flowtile.program.result_words` transfers); an empty phase costs no cycle. Every
-    emitted flit carries the configured destination. Arithmetic, windowing (convolution, max
-    pooling, lane-wise MAC; a dense layer is the 1x1 case) and pipeline: sections 4 and 4.1 of
-    docs/architecture.md.
+    Behaviour per inference: RECV (``n_in_words`` transfers; word ``k`` is written to SRAM word
+    ``act_base + k - store_begin`` iff ``store_begin <= k < store_end`` and emitted in the same cycle
+    iff ``forward_begin <= k < forward_end``, with ``i_flit.ready = o_flit.ready``; any other RECV word
+    has ``i_flit.ready = 1`` and ``o_flit.valid = 0``), COMPUTE (exactly ``I + 2`` cycles, no
+    transfers, ``I`` = :func:`flowtile.program.compute_issue_cycles`), PASS (``n_pass`` transfers),
+    EMIT (:func:`flowtile.program.result_words` transfers); an empty phase costs no cycle. Every
+    emitted flit carries the configured destination; ``o_flit.valid`` never depends on
+    ``o_flit.ready``. Arithmetic, windowing (MAC: dense and convolution, a dense layer being the 1x1
+    case; MAX: max pooling; LANE: lane-wise MAC) and pipeline: sections 4 and 4.1 of
+    docs/architecture.md; the RECV ranges and op ADD: section 4.2.
+
+    ADD runs LANE's loop nest with the 1x2 kernel the compiler writes for it: issue ``(pixel (oy, ox),
+    word cw, kx)`` reads activation word ``act_base + (oy*in_width + ox)*CW + cw + kx*add_offset``
+    (operand ``a`` at ``kx = 0``, operand ``b`` at ``kx = 1``), no weight word, and lane ``l``
+    multiplies it by ``add_mult_a`` or ``add_mult_b`` instead of a weight; accumulation from the bias
+    at ``kx = 0``, requantization with row ``cw*L + l`` and the pipeline are LANE's. Each lane
+    therefore has one int8 x 24-bit signed multiplier (a weight lane sign-extended, or an unsigned
+    23-bit ADD multiplier) shared by MAC, LANE and ADD.
 
     The parameter table is banked by lane (row ``r`` in bank ``r % L`` at address ``r // L``) so that
-    LANE reads the ``L`` rows ``cw*L + l`` of one word in one cycle; MAC reads row ``o`` from bank
-    ``o % L``. The load bus still addresses rows, the banking is internal.
+    LANE and ADD read the ``L`` rows ``cw*L + l`` of one word in one cycle; MAC reads row ``o`` from
+    bank ``o % L``. The load bus still addresses rows, the banking is internal.
     """
 
     def __init__(self, arch: Arch, tile_index: int):
@@ -178,17 +190,25 @@ class PE(wiring.Component):
             ]
             m.d.sync += transfers.eq(0)
         with m.Else():
+            # Section 4.2: the stream may carry several tensors; RECV word k (= transfers) is stored
+            # iff it lies in the store range (the tensor this layer reads, at act_base onwards) and
+            # emitted iff it lies in the forward range (the tensors still needed downstream). Both
+            # decisions depend only on the RECV counter and config registers, never on a handshake, so
+            # o_flit.valid never depends on o_flit.ready.
+            stores = (transfers >= config.store_begin) & (transfers < config.store_end)
+            forwards = (transfers >= config.forward_begin) & (transfers < config.forward_end)
             m.d.comb += [
-                sram_write.addr.eq((config.act_base + transfers)[:max(sram_address_bits, 1)]),
+                sram_write.addr.eq((config.act_base + transfers - config.store_begin)
+                                   [:max(sram_address_bits, 1)]),
                 sram_write.data.eq(i_flit.payload.data),
             ]
             with m.Switch(phase):
                 with m.Case(Phase.RECV):
                     m.d.comb += [
                         o_flit.payload.data.eq(i_flit.payload.data),
-                        o_flit.valid.eq(i_flit.valid & config.forward),
-                        i_flit.ready.eq(Mux(config.forward, o_flit.ready, 1)),
-                        sram_write.en.eq(input_transfer),
+                        o_flit.valid.eq(i_flit.valid & forwards),
+                        i_flit.ready.eq(Mux(forwards, o_flit.ready, 1)),
+                        sram_write.en.eq(input_transfer & stores),
                     ]
                     with m.If(input_transfer):
                         m.d.sync += transfers.eq(transfers + 1)
@@ -216,13 +236,16 @@ class PE(wiring.Component):
 
         # --- COMPUTE: issue (cycle c), accumulate or max (c+1), requantize or clamp and write (c+2) --
         # Loop nest of section 4.1, innermost last. MAC: output row, output column, output channel o,
-        # ky, kx, cw (the weight order). MAX and LANE: output row, output column, cw, ky, kx (LANE's
-        # weight order). Each counter steps when every counter inside it wraps; the two orders only
-        # differ in where cw sits.
+        # ky, kx, cw (the weight order). MAX, LANE and ADD: output row, output column, cw, ky, kx (LANE's
+        # weight order; ADD's 1x2 "kernel" is its two operands). Each counter steps when every counter
+        # inside it wraps; the two orders only differ in where cw sits.
         is_max = config.op == OP_MAX
         is_lane = config.op == OP_LANE
-        # MAX and LANE produce one whole result word per (pixel, cw) and preserve channels.
-        per_word = is_max | is_lane
+        is_add = config.op == OP_ADD
+        # LANE and ADD accumulate and requantize each lane on its own, with parameter row cw*L + l.
+        lane_wise = is_lane | is_add
+        # MAX, LANE and ADD produce one whole result word per (pixel, cw) and preserve channels.
+        per_word = is_max | lane_wise
         in_compute = running & (phase == Phase.COMPUTE)
         out_row = Signal.like(config.out_rows)            # relative to out_row_begin
         out_col = Signal.like(config.out_width)
@@ -270,7 +293,7 @@ class PE(wiring.Component):
             with m.If(step):
                 m.d.sync += counter.eq(Mux(last, 0, counter + 1))
 
-        # Result words of the pixels issued so far (q * N_r for MAC, q * CW for MAX and LANE): a
+        # Result words of the pixels issued so far (q * N_r for MAC, q * CW for MAX, LANE, ADD): a
         # running sum instead of a multiplier. It survives COMPUTE as the EMIT count.
         pixel_result_words = Mux(per_word, config.words_per_pixel, n_result_words)
         result_base = Signal.like(transfers)
@@ -283,7 +306,7 @@ class PE(wiring.Component):
             count(out_col, pixel_done, last_out_col)
             count(out_row, pixel_done & last_out_col, last_out_row)
             # A pixel reads its weights in issue order (MAC: w_base .. w_base + N_o*K_w - 1; LANE:
-            # w_base .. w_base + CW*KH*KW - 1), then starts over.
+            # w_base .. w_base + CW*KH*KW - 1), then starts over. MAX and ADD ignore the word read.
             m.d.sync += weight_address.eq(Mux(pixel_done, config.w_base, weight_address + 1))
             with m.If(pixel_done):
                 m.d.sync += [result_base.eq(result_base + pixel_result_words),
@@ -303,22 +326,25 @@ class PE(wiring.Component):
         # multipliers; pixel_index*CW is the one wide product. An incremental activation address would
         # need row and column pitches (in_width*CW, S*CW, ...) precomputed per config, so the
         # straightforward form is kept until synthesis timing asks for it.
+        # ADD's window does not move with kx: its two issues of a word read the same pixel of operand a
+        # and of operand b, add_offset words further (section 4.2).
+        operand_b = is_add & (kernel_x != 0)
         out_y = config.out_row_begin + out_row
         window_y = out_y * config.stride + kernel_y          # iy + pad_top
-        window_x = out_col * config.stride + kernel_x        # ix + pad_left
+        window_x = out_col * config.stride + Mux(is_add, 0, kernel_x)   # ix + pad_left
         in_bounds = ((window_y >= config.pad_top) & (window_y < config.pad_top + config.in_height)
                      & (window_x >= config.pad_left) & (window_x < config.pad_left + config.in_width))
         input_y = (window_y - config.pad_top)[:len(config.in_height)]
         input_x = (window_x - config.pad_left)[:len(config.in_width)]
         pixel_index = input_y * config.in_width + input_x
-        activation_offset = pixel_index * config.words_per_pixel + word
+        activation_offset = pixel_index * config.words_per_pixel + word + Mux(operand_b, config.add_offset, 0)
         m.d.comb += [
             weight_read.addr.eq(weight_address),
             activation_read.addr.eq((config.act_base + activation_offset)[:max(sram_address_bits, 1)]),
         ]
-        # MAC needs row o (bank o % L, address o // L); LANE needs rows cw*L + l of every lane l
+        # MAC needs row o (bank o % L, address o // L); LANE and ADD need rows cw*L + l of every lane l
         # (address cw in every bank).
-        param_address = Mux(is_lane, word, channel >> lane_bits_log2)
+        param_address = Mux(lane_wise, word, channel >> lane_bits_log2)
         for param_read in param_reads:
             m.d.comb += param_read.addr.eq(param_address)
 
@@ -328,6 +354,7 @@ class PE(wiring.Component):
         stage1_first = Signal()
         stage1_last = Signal()
         stage1_padded = Signal()
+        stage1_operand_b = Signal()
         stage1_result_address = Signal.like(result_base)
         stage1_result_lane = Signal(max(lane_bits_log2, 1))
         result_offset = Mux(per_word, word, channel >> lane_bits_log2)
@@ -336,6 +363,7 @@ class PE(wiring.Component):
             stage1_first.eq(first_of_output),
             stage1_last.eq(last_of_output),
             stage1_padded.eq(~in_bounds),
+            stage1_operand_b.eq(operand_b),
             stage1_result_address.eq(result_base + result_offset),
             stage1_result_lane.eq(channel[:lane_bits_log2] if lane_bits_log2 else 0),
         ]
@@ -344,7 +372,7 @@ class PE(wiring.Component):
         def lane_of(value, lane):
             return value[LANE_BITS * lane:LANE_BITS * (lane + 1)].as_signed()
 
-        # Parameter rows present in stage 1, one per lane: LANE uses bank l for lane l; MAC uses only
+        # Parameter rows present in stage 1, one per lane: LANE and ADD use bank l for lane l; MAC uses only
         # lane 0's accumulator and requantizer, fed with row o from bank o % L (stage1_result_lane is
         # o mod L, registered with the read address).
         mac_param_row = param_reads[0].data
@@ -355,15 +383,28 @@ class PE(wiring.Component):
                     with m.Case(lane):
                         m.d.comb += mac_param_row.eq(param_reads[lane].data)
         lane0_param_row = Signal(params)
-        m.d.comb += lane0_param_row.eq(Mux(is_lane, param_reads[0].data.as_value(), mac_param_row.as_value()))
+        m.d.comb += lane0_param_row.eq(Mux(lane_wise, param_reads[0].data.as_value(), mac_param_row.as_value()))
         lane_param_rows = [lane0_param_row] + [param_reads[lane].data for lane in range(1, lanes)]
 
-        products = [lane_of(weight_read.data, lane) * lane_of(activation, lane) for lane in range(lanes)]
+        # One multiplier per lane, int8 activation x signed 24-bit multiplicand: the weight lane
+        # (sign-extended int8) for MAC and LANE, or ADD's unsigned 23-bit operand multiplier
+        # (add_mult_a for operand a, add_mult_b for operand b), shared rather than a second multiplier.
+        # |int8 x uint23| < 2^30, so the product fits 31 signed bits.
+        add_multiplier = Mux(stage1_operand_b, config.add_mult_b, config.add_mult_a)
+        products = []
+        for lane in range(lanes):
+            multiplicand = Mux(is_add, add_multiplier, lane_of(weight_read.data, lane))
+            product = Signal(signed(LANE_BITS + ADD_MULT_BITS), name=f"product{lane}")
+            m.d.comb += product.eq(multiplicand * lane_of(activation, lane))
+            products.append(product)
+        # MAC sums int8 x int8 products, which fit 16 bits (|w*a| <= 2^14): the adder tree stays narrow.
+        narrow_products = [product[:2 * LANE_BITS].as_signed() for product in products]
         lane_sum = Signal(signed(2 * LANE_BITS + lane_bits_log2))
-        m.d.comb += lane_sum.eq(sum(products[1:], products[0]))
-        # MAC accumulates the lane sum in accumulator 0; LANE accumulates each lane's product in its own.
+        m.d.comb += lane_sum.eq(sum(narrow_products[1:], narrow_products[0]))
+        # MAC accumulates the lane sum in accumulator 0; LANE and ADD accumulate each lane's product in
+        # its own.
         accumulators = [Signal(signed(ACC_BITS), name=f"accumulator{lane}") for lane in range(lanes)]
-        addends = [Mux(is_lane, products[0], lane_sum)] + products[1:]
+        addends = [Mux(lane_wise, products[0], lane_sum)] + products[1:]
         # MAX: lane-wise signed maximum over the window, starting from its first word.
         window_max = Signal(unsigned(arch.flit_data_bits))
         with m.If(stage1_valid & ~is_max):
@@ -377,7 +418,7 @@ class PE(wiring.Component):
                 for lane in range(lanes))))
 
         # Stage 2: requantize the finished accumulators on the exact wide value (MAC: lane 0 only;
-        # LANE: all lanes in parallel), or clamp the window maximum lane by lane (MAX).
+        # LANE and ADD: all lanes in parallel), or clamp the window maximum lane by lane (MAX).
         stage2_valid = Signal()
         stage2_result_address = Signal.like(stage1_result_address)
         stage2_result_lane = Signal.like(stage1_result_lane)
@@ -424,7 +465,7 @@ class PE(wiring.Component):
         with m.If(stage2_valid & in_compute):
             with m.If(is_max):
                 m.d.comb += [result_write.data.eq(clamped_max), result_write.en.eq(all_lanes)]
-            with m.Elif(is_lane):
+            with m.Elif(lane_wise):
                 m.d.comb += [result_write.data.eq(Cat(*requantized)), result_write.en.eq(all_lanes)]
             with m.Elif(stage2_result_lane == 0):
                 # Lane 0 opens a word: clear the lanes beyond N_o left over from an earlier inference.

@@ -1,7 +1,7 @@
 """The central contract, checked on networks the project has never seen.
 
-For seeded random MLPs (1-4 layers, widths 1-300, int8 and uint8 activations, per-tensor and
-per-channel weights, float models quantized by flowtile) on several architectures:
+For seeded random MLPs (1-4 layers, widths 1-300), CNNs and residual CNNs (int8 and uint8 activations,
+per-tensor and per-channel weights, float models quantized by flowtile) on several architectures:
 
 * RTL (Verilator) == emulator: every output bit, every output flit's cycle stamp, the cycle count;
 * emulator == onnxruntime (graph optimizations off) within 1 LSB on every output element.
@@ -140,4 +140,49 @@ def test_cnn_rtl_matches_emulator(tmp_path, seed, arch_name, in_shape, blocks, c
     model_path, calibration = build_cnn(tmp_path, seed, in_shape, blocks, classes, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     x = np.random.default_rng(seed + 100).random((batch, *in_shape)).astype(np.float32)
+    assert_rtl_matches_emulator(program, x)
+
+
+# --- residual networks (docs/architecture.md section 4.2) -------------------------------------------
+
+# (seed, arch, input (C, H, W), stem channels, blocks, classes, batch, kind)
+RESNET_CASES = [
+    (31, "4x4-l8", (3, 8, 8), 8, [{"kind": "basic", "out": 16, "stride": 2}], 10, 4, "int8"),
+    (32, "2x3-l4-d2", (2, 6, 6), 4, [{"kind": "basic", "out": 4}], 3, 6, "uint8"),
+    (33, "3x2-l16-d1", (3, 4, 4), 12, [{"kind": "basic", "out": 12}], 4, 3, "float"),
+    (34, "4x4-l8", (4, 8, 8), 8, [{"kind": "inverted", "expand": 16}, {"kind": "basic", "out": 8}], 5, 2,
+     "int8-tensor"),
+]
+RESNET_IDS = [f"{c[1]}-{'x'.join(map(str, c[2]))}-{'-'.join(b['kind'] for b in c[4])}-b{c[6]}-{c[7]}"
+              for c in RESNET_CASES]
+
+
+def build_resnet(tmp_path, seed, in_shape, stem, blocks, classes, kind):
+    from random_models import random_float_resnet
+    rng = np.random.default_rng(seed)
+    float_path = tmp_path / "float_resnet.onnx"
+    onnx.save(random_float_resnet(rng, in_shape, stem, blocks, classes), float_path)
+    calibration = rng.standard_normal((24, *in_shape)).astype(np.float32)
+    if kind == "float":
+        return float_path, calibration
+    qdq_path = quantize_qdq(float_path, tmp_path / "qdq_resnet.onnx", calibration,
+                            activation_uint8=(kind == "uint8"), per_channel=(kind != "int8-tensor"))
+    return qdq_path, None
+
+
+@pytest.mark.parametrize("seed,arch_name,in_shape,stem,blocks,classes,batch,kind", RESNET_CASES, ids=RESNET_IDS)
+def test_resnet_emulator_matches_onnxruntime(tmp_path, seed, arch_name, in_shape, stem, blocks, classes, batch, kind):
+    model_path, calibration = build_resnet(tmp_path, seed, in_shape, stem, blocks, classes, kind)
+    program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
+    assert any(layer.op == "Add" for layer in program.layers)
+    x = np.random.default_rng(seed + 100).standard_normal((batch, *in_shape)).astype(np.float32)
+    assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
+
+
+@pytest.mark.rtl
+@pytest.mark.parametrize("seed,arch_name,in_shape,stem,blocks,classes,batch,kind", RESNET_CASES, ids=RESNET_IDS)
+def test_resnet_rtl_matches_emulator(tmp_path, seed, arch_name, in_shape, stem, blocks, classes, batch, kind):
+    model_path, calibration = build_resnet(tmp_path, seed, in_shape, stem, blocks, classes, kind)
+    program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
+    x = np.random.default_rng(seed + 100).standard_normal((batch, *in_shape)).astype(np.float32)
     assert_rtl_matches_emulator(program, x)

@@ -1,7 +1,9 @@
 """The emulator against (1) a naive cycle-stepping simulator written here from docs/architecture.md
-sections 3-6 (and 4.1 for windowed layers), flit by flit and cycle by cycle, (2) plain goldens of dense,
-convolution, depthwise / average-pool (op = LANE) and max-pool layers, and (3) its error reporting on
-programs it cannot run."""
+sections 3-6 (and 4.1 for windowed layers, 4.2 for streams of several tensors and op = ADD), flit by
+flit and cycle by cycle, (2) plain numpy goldens (``program_builder``) of dense, convolution, depthwise /
+average-pool (op = LANE), max-pool layers and residual blocks (op = ADD), and (3) its error reporting
+on programs it cannot run.
+"""
 from __future__ import annotations
 
 import copy
@@ -13,11 +15,11 @@ import pytest
 from emulator import EmulatorError, emulate
 from emulator.functional import run_functional
 from emulator.timing import PROBE_BATCH, solve_timing
-from flowtile.arch import OP_LANE, OP_MAX, Arch
+from flowtile.arch import OP_ADD, OP_LANE, OP_MAX, Arch
 from flowtile.host import pack_flits
 from flowtile.program import ProgramError, compute_issue_cycles, result_words
-from program_builder import (Conv, Dense, Depthwise, MaxPool, average_pool, build_program, dense_golden,
-                             window_output_size)
+from program_builder import (AddParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool, build_program,
+                             dense_golden, network_golden, window_output_size)
 
 
 def shift_round_half_even(value, shift):
@@ -40,7 +42,10 @@ class ReferencePE:
     def __init__(self, tile, arch):
         config = tile.config
         self.config, self.arch, self.lanes = config, arch, arch.lanes
-        self.k, self.forward = config["n_in_words"], bool(config["forward"])
+        self.k = config["n_in_words"]
+        # section 4.2: RECV word k is stored iff in [store_begin, store_end), emitted iff in [forward_begin, forward_end)
+        self.store = range(config["store_begin"], config["store_end"])
+        self.forward = range(config["forward_begin"], config["forward_end"])
         self.n_out = config["n_out"]
         self.dest = (config["dest_row"], config["dest_col"], config["dest_host"])
         self.sram = [[0] * arch.lanes for _ in range(arch.sram_words)]
@@ -50,7 +55,7 @@ class ReferencePE:
         # section 4.1's counts: I issue cycles, n_pix * N_r result words (a dense layer: N_o*K and N_r)
         n_pix = config["out_rows"] * config["out_width"]
         window = config["kernel_h"] * config["kernel_w"]
-        if config["op"] in (OP_MAX, OP_LANE):
+        if config["op"] in (OP_MAX, OP_LANE, OP_ADD):   # ADD: kernel 1x2, one issue per operand word
             issue = n_pix * config["words_per_pixel"] * window
         else:
             issue = n_pix * self.n_out * window * config["words_per_pixel"]
@@ -58,6 +63,8 @@ class ReferencePE:
         phases = [("RECV", self.k), ("COMPUTE", compute), ("PASS", config["n_pass"]),
                   ("EMIT", n_pix * -(-self.n_out // arch.lanes))]
         self.phases = [p for p in phases if p[1] > 0]
+        # transfers per inference (COMPUTE cycles are not transfers)
+        self.transfers = sum(count for name, count in self.phases if name != "COMPUTE")
         self.phase, self.count, self.phase_start = 0, 0, 0
         self.results: list[list[int]] = []
         self.spans: list[tuple[int, int, str]] = []
@@ -80,6 +87,20 @@ class ReferencePE:
         words = []
         for oy in range(c["out_row_begin"], c["out_row_begin"] + c["out_rows"]):
             for ox in range(c["out_width"]):
+                if c["op"] == OP_ADD:   # section 4.2: operands at act_base + pixel word (+ add_offset)
+                    for cw in range(cw_count):
+                        address = c["act_base"] + (oy * width + ox) * cw_count + cw
+                        a, b = self.sram[address], self.sram[address + c["add_offset"]]
+                        word = []
+                        for l in range(lanes):
+                            bias, multiplier, shift = self.params[cw * lanes + l]
+                            acc = bias + a[l] * c["add_mult_a"] + b[l] * c["add_mult_b"]
+                            acc = (acc + 2**31) % 2**32 - 2**31
+                            y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
+                            word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                        words.append(word)
+                    continue
+
                 def activation(ky, kx, cw):
                     iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
                     if not (0 <= iy < height and 0 <= ix < width):
@@ -161,7 +182,10 @@ def reference_run(program, in_flits, batch, max_cycles=200_000):
         return arch.exit_direction if d_host else "L"
 
     for cycle in range(max_cycles):
-        if len(out_flits) == expected:
+        # done when the host has every output and every PE every transfer (a PE whose results are
+        # dropped downstream may still be emitting them after the last output flit)
+        if len(out_flits) == expected and all(pe.idle or len(pe.action_times) == batch * pe.transfers
+                                              for pe in pes.values()):
             break
         writable = {key: len(fifo) < depth for key, fifo in fifos.items()}
         # routers: requests and round-robin grants (they depend on the FIFO heads only)
@@ -185,8 +209,9 @@ def reference_run(program, in_flits, batch, max_cycles=200_000):
             in_valid = (pos, "L") in grants
             phase = pe.name
             if phase == "RECV":
-                pe_in_ready[pos] = space if pe.forward else True
-                out_valid = in_valid and pe.forward
+                forwarding = pe.count in pe.forward
+                pe_in_ready[pos] = space if forwarding else True
+                out_valid = in_valid and forwarding
             elif phase == "PASS":
                 pe_in_ready[pos], out_valid = space, in_valid
             else:
@@ -224,8 +249,8 @@ def reference_run(program, in_flits, batch, max_cycles=200_000):
             if phase in ("RECV", "PASS") and pos in to_pe:
                 data = to_pe[pos][0]
                 pe.action_times.append(cycle)
-                if phase == "RECV":
-                    pe.sram[pe.config["act_base"] + pe.count] = list(data)
+                if phase == "RECV" and pe.count in pe.store:
+                    pe.sram[pe.config["act_base"] + pe.count - pe.store.start] = list(data)
                 if pe_out_fire[pos]:
                     pushes.append(((pos, "L"), (data, pe.dest)))
                 pe.advance(cycle)
@@ -486,7 +511,7 @@ def _mutated(change):
     (lambda p: p.tiles[1].config.update(n_pass=2), r"reads n_in_words \+ n_pass = 2 \+ 2 = 4 flits per inference, but tile r0c0 sends it 3"),
     (lambda p: p.tiles[3].config.update(n_pass=2), r"sends it 1"),
     (lambda p: p.tiles[0].config.update(n_in_words=3), r"reads n_in_words \+ n_pass = 3 \+ 0 = 3 flits per inference, but the host sends it 2"),
-    (lambda p: p.tiles[2].config.update(n_in_words=0, n_pass=0), r"needs n_in_words > 0"),
+    (lambda p: p.tiles[2].config.update(n_in_words=0, n_pass=0, store_end=0, forward_end=0), r"needs n_in_words > 0"),
     (lambda p: p.tiles[1].config.update(dest_row=1, dest_col=7), r"outside the 2x2 grid"),
     (lambda p: p.tiles[1].config.update(dest_row=0, dest_col=1), r"sends its flits to itself"),
     # back to the first tile: its L output would carry the host's stream and this one
@@ -501,9 +526,9 @@ def _mutated(change):
 def test_inconsistent_programs_are_refused(change, message):
     program = _mutated(change)
     x = np.zeros((2, 4), dtype=np.int8)
-    # Program.validate (run first by emulate) now checks n_in_words against the input map of section 4.1,
+    # Program.validate (run first by emulate) checks the stored words against the input map of section 4.1,
     # which catches some of these earlier, with its own clear message
-    earlier = r"tile r\d+c\d+: n_in_words = \d+ but the input map is \d+x\d+x\d+ = \d+ words"
+    earlier = r"tile r\d+c\d+: \d+ stored words \(store_begin..store_end\) but the input map is \d+x\d+x\d+ = \d+ words"
     with pytest.raises((EmulatorError, ProgramError), match=f"{message}|{earlier}"):
         emulate(program, pack_flits(x, 2), 2)
 
@@ -529,91 +554,6 @@ def test_bad_input_is_refused(flits, batch, message):
 
 
 # --- (4) windowed layers (section 4.1): convolution and max pooling ------------------------------
-
-def _inside(iy, ix, height, width):
-    return 0 <= iy < height and 0 <= ix < width
-
-
-def windowed_golden(layers, x, input_shape, lanes):
-    """Plain forward pass straight from section 4.1, on the wire representation: a feature map is
-    int64 ``[batch, H, W, CW*L]`` (padding channels travel as lanes too), a vector ``[batch, words*L]``.
-
-    ``x`` is int8 ``[batch, C*H*W]`` in model (CHW) order. Returns the int8 flits the host receives,
-    ``[batch * words, L]``."""
-    batch = x.shape[0]
-    channels, height, width = input_shape
-    cw_count = -(-channels // lanes)
-    values = np.zeros((batch, height, width, cw_count * lanes), dtype=np.int64)
-    values[..., :channels] = x.reshape(batch, channels, height, width).transpose(0, 2, 3, 1)
-    for layer in layers:
-        if isinstance(layer, Dense):  # a dense layer reads the pixel-major words as its input words
-            flat = values.reshape(batch, -1)[:, :layer.n_in].astype(np.int8)
-            out = dense_golden([layer], flat).astype(np.int64)
-            values = np.zeros((batch, -(-layer.n_out // lanes) * lanes), dtype=np.int64)
-            values[:, :layer.n_out] = out
-            continue
-        _, height, width, lane_count = values.shape
-        kh, kw = layer.kernel
-        top, left, bottom, right = layer.pads
-        out_h = window_output_size(height, kh, layer.stride, top, bottom)
-        out_w = window_output_size(width, kw, layer.stride, left, right)
-        if isinstance(layer, Conv):
-            c_out, c_in = layer.weights.shape[:2]
-            weights = layer.weights.astype(np.int64)
-            bias = np.broadcast_to(np.asarray(layer.bias, np.int64), (c_out,))
-            multiplier = np.broadcast_to(np.asarray(layer.multiplier, np.int64), (c_out,))
-            shift = np.broadcast_to(np.asarray(layer.shift, np.int64), (c_out,))
-            out = np.zeros((batch, out_h, out_w, -(-c_out // lanes) * lanes), dtype=np.int64)
-        elif isinstance(layer, Depthwise):
-            # every lane is a channel; padding channels: zero weights, parameters (0, 0, 1)
-            channels = layer.weights.shape[0]
-            weights = np.zeros((lane_count, kh, kw), dtype=np.int64)
-            weights[:channels] = layer.weights
-            bias, multiplier, shift = (np.zeros(lane_count, np.int64), np.zeros(lane_count, np.int64),
-                                       np.ones(lane_count, np.int64))
-            bias[:channels] = np.broadcast_to(np.asarray(layer.bias, np.int64), (channels,))
-            multiplier[:channels] = np.broadcast_to(np.asarray(layer.multiplier, np.int64), (channels,))
-            shift[:channels] = np.broadcast_to(np.asarray(layer.shift, np.int64), (channels,))
-            out = np.zeros((batch, out_h, out_w, lane_count), dtype=np.int64)
-        else:
-            out = np.zeros((batch, out_h, out_w, lane_count), dtype=np.int64)
-        for oy in range(out_h):
-            for ox in range(out_w):
-                if isinstance(layer, Conv):
-                    acc = np.broadcast_to(bias, (batch, c_out)).copy()
-                elif isinstance(layer, Depthwise):
-                    acc = np.broadcast_to(bias, (batch, lane_count)).copy()
-                else:
-                    best = None
-                for ky in range(kh):
-                    for kx in range(kw):
-                        iy, ix = oy * layer.stride + ky - top, ox * layer.stride + kx - left
-                        if isinstance(layer, Conv):
-                            # padding is the input zero point on every lane (real zero)
-                            window = (values[:, iy, ix, :c_in] if _inside(iy, ix, height, width)
-                                      else np.full((batch, c_in), layer.zp_in, dtype=np.int64))
-                            acc += window @ weights[:, :, ky, kx].T
-                        elif isinstance(layer, Depthwise):  # channel by channel; padding reads zp_in
-                            window = (values[:, iy, ix] if _inside(iy, ix, height, width)
-                                      else np.full((batch, lane_count), layer.zp_in, dtype=np.int64))
-                            acc += window * weights[:, ky, kx]
-                        else:  # padding reads -128 on every lane, padding channels included
-                            window = (values[:, iy, ix] if _inside(iy, ix, height, width)
-                                      else np.full((batch, lane_count), -128, dtype=np.int64))
-                            best = window if best is None else np.maximum(best, window)
-                if isinstance(layer, Conv):
-                    acc = (acc + 2**31) % 2**32 - 2**31
-                    y = shift_round_half_even(acc * multiplier, shift) + layer.zp_out
-                    out[:, oy, ox, :c_out] = np.clip(y, layer.clamp_lo, layer.clamp_hi)
-                elif isinstance(layer, Depthwise):
-                    acc = (acc + 2**31) % 2**32 - 2**31
-                    y = shift_round_half_even(acc * multiplier, shift) + layer.zp_out
-                    out[:, oy, ox] = np.clip(y, layer.clamp_lo, layer.clamp_hi)
-                else:
-                    out[:, oy, ox] = np.clip(best, layer.clamp_lo, layer.clamp_hi)
-        values = out
-    return values.reshape(-1, lanes).astype(np.int8)
-
 
 def _random_clamp(rng, zp_out):
     lo = max(-128, zp_out) if rng.random() < 0.5 else -128
@@ -742,7 +682,7 @@ def test_random_windowed_programs_match_reference(seed):
     rng = np.random.default_rng(5000 + seed)
     program, layers, shape, x, batch = random_windowed_program(rng)
     flits = _map_flits(program, x)
-    golden = windowed_golden(layers, x, shape, program.arch.lanes)
+    golden = network_golden(layers, x, shape, program.arch.lanes)
     np.testing.assert_array_equal(run_functional(program, flits, batch).out_flits, golden)
     assert_matches_reference(program, x, batch, flits=flits)
 
@@ -755,7 +695,7 @@ def test_random_windowed_programs_match_golden(seed):
     batch = int(rng.integers(1, 40))
     x = rng.integers(-128, 128, (batch, x.shape[1]), dtype=np.int8)
     result = emulate(program, _map_flits(program, x), batch)
-    np.testing.assert_array_equal(result.out_flits, windowed_golden(layers, x, shape, program.arch.lanes))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
 
 
 def test_hand_computed_conv_and_pool():
@@ -807,7 +747,7 @@ def test_windowed_statistics():
     macs = 6 * 6 * 5 * 3 * 9 + 0 + 3 * 3 * 8 * 7
     assert program.macs_per_inference == macs
     assert result.mac_utilization == pytest.approx(macs * batch / (result.cycles * 6 * 4))
-    np.testing.assert_array_equal(result.out_flits, windowed_golden(layers, x, shape, 4))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 4))
     assert_matches_reference(program, x, batch, flits=pack_flits(x, 4, program.input))
 
 
@@ -823,7 +763,7 @@ def test_windowed_long_batch_matches_reference():
     batch = 3 * PROBE_BATCH
     x = rng.integers(-128, 128, (batch, 40), dtype=np.int8)
     result = assert_matches_reference(program, x, batch, flits=pack_flits(x, 8, program.input))
-    np.testing.assert_array_equal(result.out_flits, windowed_golden(layers, x, shape, 8))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 8))
     plain = solve_timing(program, batch, probe_batch=None)
     np.testing.assert_array_equal(plain.out_times, result.out_times)
 
@@ -853,7 +793,7 @@ def test_large_batches_are_gathered_in_slices(monkeypatch):
     flits = pack_flits(x, 4, program.input)
     import emulator.functional as functional
     monkeypatch.setattr(functional, "IM2COL_ELEMENTS", 1000)      # about one inference a slice
-    np.testing.assert_array_equal(run_functional(program, flits, 7).out_flits, windowed_golden(layers, x, shape, 4))
+    np.testing.assert_array_equal(run_functional(program, flits, 7).out_flits, network_golden(layers, x, shape, 4))
 
 
 def test_result_buffer_overflow_is_refused():
@@ -932,7 +872,7 @@ def test_lane_statistics_and_chain():
     assert result.tile_macs[1, 0] == 0
     macs = 6 * 6 * 5 * 3 * 9 + 3 * 3 * 5 * 9 + 5 * 9 + 8 * 7
     assert program.macs_per_inference == macs
-    golden = windowed_golden(layers, x, shape, 4)
+    golden = network_golden(layers, x, shape, 4)
     np.testing.assert_array_equal(result.out_flits, golden)
     assert_matches_reference(program, x, batch, flits=flits)
 
@@ -950,7 +890,7 @@ def test_lane_long_batch_and_slices(monkeypatch):
     x = rng.integers(-128, 128, (batch, 200), dtype=np.int8)
     flits = pack_flits(x, 8, program.input)
     result = assert_matches_reference(program, x, batch, flits=flits)
-    golden = windowed_golden(layers, x, shape, 8)
+    golden = network_golden(layers, x, shape, 8)
     np.testing.assert_array_equal(result.out_flits, golden)
     import emulator.functional as functional
     monkeypatch.setattr(functional, "IM2COL_ELEMENTS", 500)
@@ -979,13 +919,12 @@ def test_global_average_pool_over_a_large_map():
     x = rng.integers(-128, 128, (2, 6 * 240), dtype=np.int8)
     flits = pack_flits(x, 4, program.input)
     result = assert_matches_reference(program, x, 2, flits=flits)
-    golden = windowed_golden(layers, x, shape, 4)
+    golden = network_golden(layers, x, shape, 4)
     np.testing.assert_array_equal(result.out_flits, golden)
 
 
 @pytest.mark.parametrize("change,message", [
     (lambda t: t.config.update(n_out=t.config["n_out"] + 1), r"lane-wise \(OP_LANE\) tile needs n_out"),
-    (lambda t: t.config.update(op=3), r"op = 3 is none of OP_MAC"),
     (lambda t: t.params.__setitem__((3, 2), 0), r"output 3 has shift 0"),   # padding channel: valid shift too
 ])
 def test_bad_lane_tiles_are_refused(change, message):
@@ -997,3 +936,338 @@ def test_bad_lane_tiles_are_refused(change, message):
         tile.params = np.concatenate([tile.params, [[0, 0, 1]]])
     with pytest.raises((EmulatorError, ProgramError), match=message):
         emulate(program, np.zeros((18, 2), np.int8), 1)
+
+
+# --- (6) several tensors in one stream (section 4.2): residual joins, op = ADD ---------------------
+
+def _same_padding(kernel):
+    before = (kernel - 1) // 2
+    return before, kernel - 1 - before
+
+
+def _random_add(rng, channels):
+    """AddParams: usually a quantized add (zero points folded into the bias, M/2^S ~= 2^-22), sometimes
+    wrapping and saturating parameters, sometimes per-channel ones."""
+    mult_a, mult_b = (int(v) for v in rng.integers(0, 2**22 + 1, 2))
+    if rng.random() < 0.2:
+        mult_a = 2**22
+    zp_a, zp_b, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
+    lo, hi = _random_clamp(rng, zp_out)
+    if rng.random() < 0.15:  # wraps and saturates
+        return AddParams(mult_a, mult_b, rng.integers(0, 2**31, channels), rng.integers(1, 63, channels),
+                         zp_out=zp_out, clamp_lo=lo, clamp_hi=hi, bias=rng.integers(-2**31, 2**31, channels))
+    multiplier = rng.integers(2**30, 2**31, channels) if rng.random() < 0.5 else int(rng.integers(2**30, 2**31))
+    return AddParams(mult_a, mult_b, multiplier, 53, zp_a, zp_b, zp_out, lo, hi)
+
+
+def _random_same_shape_layer(rng, kind, channels_in, channels_out, lanes, height, tiles):
+    """A stride-1 "same" Conv / Depthwise / MaxPool (kernel 1..3) from channels_in to channels_out."""
+    kernel_h, kernel_w = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    (top, bottom), (left, right) = _same_padding(kernel_h), _same_padding(kernel_w)
+    pads = (top, left, bottom, right)
+    tiles = min(tiles, height)
+    zp_in, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
+    lo, hi = _random_clamp(rng, zp_out)
+    if kind == "maxpool":
+        return MaxPool(kernel_h, kernel_w, 1, pads, lo, hi, tiles)
+    if kind == "depthwise":
+        window = kernel_h * kernel_w
+        return Depthwise(rng.integers(-128, 128, (channels_in, kernel_h, kernel_w), dtype=np.int8),
+                         rng.integers(-2000, 2000, channels_in), rng.integers(2**30, 2**31, channels_in),
+                         31 + int(np.log2(window)) + 4, zp_in, zp_out, lo, hi, 1, pads, tiles)
+    window = kernel_h * kernel_w * -(-channels_in // lanes) * lanes
+    return Conv(rng.integers(-128, 128, (channels_out, channels_in, kernel_h, kernel_w), dtype=np.int8),
+                rng.integers(-2000, 2000, channels_out), rng.integers(2**30, 2**31, channels_out),
+                31 + int(np.log2(window)) + 4, zp_in, zp_out, lo, hi, 1, pads, tiles)
+
+
+def _random_main_branch(rng, shape, lanes):
+    """1 or 2 shape-preserving layers (the first may change the channel count, the last restores it)."""
+    channels, height, _ = shape
+    if rng.random() < 0.5:  # two layers: conv to other channels and back, or a pool / depthwise then conv
+        first_kind = str(rng.choice(["conv", "maxpool", "depthwise"]))
+        middle = int(rng.integers(1, 13)) if first_kind == "conv" else channels
+        return [_random_same_shape_layer(rng, first_kind, channels, middle, lanes, height, int(rng.integers(1, 3))),
+                _random_same_shape_layer(rng, "conv", middle, channels, lanes, height, int(rng.integers(1, 3)))]
+    kind = str(rng.choice(["conv", "depthwise", "maxpool"]))
+    return [_random_same_shape_layer(rng, kind, channels, channels, lanes, height, int(rng.integers(1, 3)))]
+
+
+def _layer_tiles(layers):
+    total = 0
+    for layer in layers:
+        if isinstance(layer, Residual):
+            total += _layer_tiles(layer.main) + (layer.tiles if isinstance(layer.tiles, int) else len(layer.tiles))
+        else:
+            total += layer.tiles if isinstance(layer.tiles, int) else len(layer.tiles)
+    return total
+
+
+def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=25000):
+    """Seeded random network with residual blocks: a feature map (channels 1..12, 2x2..5x5) through an
+    optional layer, one or two residual blocks (main branches of 1-2 "same" conv / depthwise / max-pool
+    layers over 1-2 row bands, ADD over 1-2 row bands, sometimes a block nested after a main layer),
+    optionally a pool or a dense layer; or a flat vector through a residual block of dense layers.
+    Redrawn until the cycle-stepping reference can run it in ``budget`` cycles or so."""
+    while True:
+        lanes_now = int(rng.choice([1, 2, 4, 8])) if lanes is None else lanes
+        if rng.random() < 0.25:  # flat: dense main branch, one ADD tile
+            n = int(rng.integers(1, 4 * lanes_now + 1))
+            middle = int(rng.integers(1, 4 * lanes_now + 1))
+            first = random_layer(rng, n, middle, int(rng.integers(1, min(2, -(-middle // lanes_now)) + 1)))
+            second = random_layer(rng, middle, n, int(rng.integers(1, min(2, -(-n // lanes_now)) + 1)))
+            main = [first, second] if rng.random() < 0.7 else [random_layer(rng, n, n, 1)]
+            layers = [Residual(main, _random_add(rng, n))]
+            if rng.random() < 0.4:
+                layers.append(random_layer(rng, n, int(rng.integers(1, 3 * lanes_now + 1)), 1))
+            input_shape, n_in = None, n
+        else:
+            shape = (int(rng.integers(1, 13)), int(rng.integers(2, 6)), int(rng.integers(2, 6)))
+            input_shape, layers = shape, []
+            if rng.random() < 0.5:  # the skip comes from a tile, not from the host
+                kind = str(rng.choice(["conv", "depthwise"]))
+                channels = int(rng.integers(1, 13)) if kind == "conv" else shape[0]
+                layers.append(_random_same_shape_layer(rng, kind, shape[0], channels, lanes_now, shape[1], 1))
+                shape = (channels,) + shape[1:]
+            for _ in range(int(rng.integers(1, 3))):
+                main = _random_main_branch(rng, shape, lanes_now)
+                if rng.random() < 0.15:  # a block nested after the main branch's first layer
+                    kind = str(rng.choice(["conv", "depthwise", "maxpool"]))
+                    main = [_random_same_shape_layer(rng, kind, shape[0], shape[0], lanes_now, shape[1], 1),
+                            Residual(_random_main_branch(rng, shape, lanes_now), _random_add(rng, shape[0]), 1)]
+                layers.append(Residual(main, _random_add(rng, shape[0]), int(rng.integers(1, min(2, shape[1]) + 1))))
+            if rng.random() < 0.3:
+                layers.append(MaxPool(2, 2, 2, (0, 0, 1, 1), tiles=1))
+            elif rng.random() < 0.3:
+                wire = shape[1] * shape[2] * -(-shape[0] // lanes_now) * lanes_now
+                layers.append(random_layer(rng, wire, int(rng.integers(1, 2 * lanes_now + 1)), 1))
+            n_in = int(np.prod(input_shape))
+        needed = _layer_tiles(layers) + int(rng.integers(0, 2))
+        rows = int(rng.integers(1, 4))
+        cols = -(-needed // rows)
+        if cols > 8:
+            continue
+        arch = Arch(rows=rows, cols=cols, lanes=lanes_now, sram_bytes=lanes_now * 65536, max_tile_outputs=65535,
+                    router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth)
+        program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
+                                input_shape=input_shape)
+        batch = int(rng.integers(1, max_batch + 1))
+        if _reference_cost(program, batch) <= budget:
+            x = rng.integers(-128, 128, (batch, n_in), dtype=np.int8)
+            return program, layers, input_shape, x, batch
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_residual_programs_match_reference(seed):
+    """Residual programs: data against the numpy golden, every flit time against the cycle-stepping reference."""
+    rng = np.random.default_rng(9000 + seed)
+    program, layers, shape, x, batch = random_residual_program(rng)
+    flits = pack_flits(x, program.arch.lanes, program.input)
+    golden = network_golden(layers, x, shape, program.arch.lanes)
+    assert any(t.config["op"] == OP_ADD and t.config["n_out"] for t in program.tiles)
+    result = assert_matches_reference(program, x, batch, flits=flits)
+    np.testing.assert_array_equal(result.out_flits, golden)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_residual_programs_match_golden(seed):
+    """Larger batches than the reference steps (extrapolated timing checked against plain sweeps)."""
+    rng = np.random.default_rng(9500 + seed)
+    program, layers, shape, x, _ = random_residual_program(rng, budget=10**6)
+    batch = int(rng.integers(2 * PROBE_BATCH + 1, 3 * PROBE_BATCH))
+    x = rng.integers(-128, 128, (batch, x.shape[1]), dtype=np.int8)
+    result = emulate(program, pack_flits(x, program.arch.lanes, program.input), batch)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
+    plain = solve_timing(program, batch, probe_batch=None)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
+
+
+def test_hand_computed_identity_skip():
+    """y = x + 2 * main(x) with main = a 1x1 max pool (a copy): every value is 3x plus the folded bias,
+    clamped; the skip travels in front of the main branch's output."""
+    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
+    x = np.array([[1, -3, 40, 7, 0, -50]], dtype=np.int8)                 # 3 channels, 1x2 map
+    add = AddParams(1, 2, 1 << 30, 30, zp_a=0, zp_b=-2, zp_out=5, clamp_lo=-100, clamp_hi=100)
+    layers = [Residual([MaxPool(1, 1)], add)]
+    program = build_program(arch, layers, input_shape=(3, 1, 2))
+    pool, join = program.tiles[0].config, program.tiles[1].config
+    assert (pool["n_in_words"], pool["store_begin"], pool["store_end"], pool["forward_begin"], pool["forward_end"]) \
+        == (4, 0, 4, 0, 4)
+    assert (join["op"], join["n_in_words"], join["store_begin"], join["store_end"], join["add_offset"],
+            join["forward_end"]) == (OP_ADD, 8, 0, 8, 4, 0)
+    flits = pack_flits(x, 2, program.input)
+    result = assert_matches_reference(program, x, 1, flits=flits)
+    # channel c at pixel p: a + 2 * (b - (-2)) + 5 = 3a + 9 with a = b; padding lane (channel 3): clamp(zp_out)
+    values = x.reshape(3, 2).T.astype(int)                          # [pixel, channel]
+    expected = np.clip(3 * values + 9, -100, 100)
+    np.testing.assert_array_equal(result.out_flits.reshape(2, 4)[:, :3], expected)
+    np.testing.assert_array_equal(result.out_flits.reshape(2, 4)[:, 3], [5, 5])
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, (3, 1, 2), 2))
+
+
+def _conv_residual(rng, lanes, channels=6, size=(5, 4), bands=(2, 2, 2)):
+    """Conv (split) -> Depthwise (split) main branch over a 6-channel map, ADD in row bands."""
+    height, _ = size
+    conv = Conv(rng.integers(-128, 128, (channels, channels, 3, 3), dtype=np.int8), rng.integers(-500, 500, channels),
+                rng.integers(2**30, 2**31, channels), 41, zp_in=-7, zp_out=3, clamp_lo=3, pads=(1, 1, 1, 1),
+                tiles=bands[0])
+    depthwise = Depthwise(rng.integers(-128, 128, (channels, 3, 1), dtype=np.int8), rng.integers(-500, 500, channels),
+                          2**30, 36, zp_in=3, zp_out=-2, pads=(1, 0, 1, 0), tiles=bands[1])
+    add = AddParams(2**22, 3 * 2**20, rng.integers(2**30, 2**31, channels), 53, zp_a=-7, zp_b=-2, zp_out=1,
+                    clamp_lo=1)
+    return [Residual([conv, depthwise], add, tiles=bands[2])], (channels,) + tuple(size)
+
+
+@pytest.mark.parametrize("lanes,depth,batch", [(4, 1, 3), (8, 1, 2), (8, 2, 4), (4, 4, 5), (2, 3, 2)])
+def test_split_residual_block_across_archs(lanes, depth, batch):
+    """Split main layers and a split ADD, several arch configurations: golden data, reference timing."""
+    rng = np.random.default_rng(40 + lanes + depth)
+    layers, shape = _conv_residual(rng, lanes)
+    arch = Arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=1024, router_fifo_depth=depth)
+    program = build_program(arch, layers, input_shape=shape, act_fill=rng)
+    x = rng.integers(-128, 128, (batch, int(np.prod(shape))), dtype=np.int8)
+    flits = pack_flits(x, lanes, program.input)
+    result = assert_matches_reference(program, x, batch, flits=flits)
+    golden = network_golden(layers, x, shape, lanes)
+    np.testing.assert_array_equal(result.out_flits, golden)
+    assert len(np.unique(golden)) > 20        # not all clamped
+    # the ADD tiles: I = n_pix * CW * 2 issue cycles, lane-MACs I * L
+    words_per_pixel = -(-shape[0] // lanes)
+    for tile, rows in zip(program.tiles[4:6], (3, 2)):
+        issue = rows * shape[2] * words_per_pixel * 2
+        assert tile.config["op"] == OP_ADD and compute_issue_cycles(tile.config) == issue
+        assert result.tile_busy_cycles[tile.row, tile.col] == (issue + 2) * batch
+        assert result.tile_macs[tile.row, tile.col] == issue * lanes * batch
+
+
+def test_residual_long_batch_matches_reference():
+    """Batch past the probe with router_fifo_depth 1: the extrapolated timing, cycle by cycle."""
+    rng = np.random.default_rng(41)
+    layers, shape = _conv_residual(rng, 4, channels=3, size=(3, 3), bands=(2, 1, 2))
+    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=1)
+    program = build_program(arch, layers, input_shape=shape)
+    batch = 3 * PROBE_BATCH
+    x = rng.integers(-128, 128, (batch, 27), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch, flits=pack_flits(x, 4, program.input))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 4))
+    plain = solve_timing(program, batch, probe_batch=None)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
+
+
+def test_skip_forwarded_through_split_layers():
+    """The stream on every link of a dense residual block: X ++ partial results, X ++ the main layers'
+    outputs, then the sum (section 4.2: forwarded words ++ passed words ++ results)."""
+    rng = np.random.default_rng(42)
+    lanes, n, middle = 2, 5, 6
+    first, second = random_layer(rng, n, middle, 3), random_layer(rng, middle, n, 2)
+    add = AddParams(2**21, 2**22, 2**31 - 1, 54, zp_a=3, zp_b=first.zp_out, zp_out=-4)
+    layers = [Residual([first, second], add)]
+    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    program = build_program(arch, layers)
+    batch = 3
+    x = rng.integers(-128, 128, (batch, n), dtype=np.int8)
+    flits = pack_flits(x, lanes)
+    streams = run_functional(program, flits, batch).tile_out_flits
+
+    def words(values):
+        return pack_flits(values, lanes).reshape(batch, -1, lanes)
+
+    skip = words(x)                                                      # 3 words
+    hidden = words(dense_golden([first], x))                             # 3 words, 1 per first-layer tile
+    main = words(dense_golden([first, second], x))                       # 3 words: 2 + 1
+    out = network_golden(layers, x, None, lanes).reshape(batch, -1, lanes)   # padding lane: clamp(zp_out)
+    np.testing.assert_array_equal(out[:, :, :].reshape(batch, -1)[:, :n], dense_golden(layers, x))
+    expected = [np.concatenate([skip, hidden[:, :1]], axis=1), np.concatenate([skip, hidden[:, :2]], axis=1),
+                np.concatenate([skip, hidden], axis=1),                  # the last first-layer tile keeps X
+                np.concatenate([skip, hidden, main[:, :2]], axis=1),     # a split later layer forwards everything
+                np.concatenate([skip, main], axis=1),                    # ... its last tile only X
+                out]
+    for position, stream in enumerate(expected):
+        np.testing.assert_array_equal(streams[position].reshape(batch, -1, lanes), stream, err_msg=f"tile {position}")
+    configs = [t.config for t in program.tiles]
+    assert [(c["store_begin"], c["store_end"], c["forward_begin"], c["forward_end"]) for c in configs] == \
+        [(0, 3, 0, 3)] * 3 + [(3, 6, 0, 6), (3, 6, 0, 3), (0, 6, 0, 0)]
+    assert_matches_reference(program, x, batch)
+
+
+def test_nested_residual_blocks():
+    """A block nested inside a main branch: the stream carries two skips at once."""
+    rng = np.random.default_rng(43)
+    lanes, channels, shape = 4, 5, (5, 3, 3)
+    inner = Residual([_random_same_shape_layer(rng, "conv", channels, channels, lanes, 3, 2)],
+                     _random_add(rng, channels), tiles=2)
+    outer = Residual([_random_same_shape_layer(rng, "depthwise", channels, channels, lanes, 3, 1), inner],
+                     _random_add(rng, channels))
+    layers = [outer, MaxPool(2, 2, 1)]
+    arch = Arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    program = build_program(arch, layers, input_shape=shape, act_fill=rng)
+    k_map = 9 * 2
+    inner_add = program.tiles[4].config
+    assert (inner_add["n_in_words"], inner_add["store_begin"], inner_add["add_offset"]) == (3 * k_map, k_map, k_map)
+    x = rng.integers(-128, 128, (3, 45), dtype=np.int8)
+    result = assert_matches_reference(program, x, 3, flits=pack_flits(x, lanes, program.input))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, lanes))
+
+
+@pytest.mark.parametrize("keep,forward", [("skip", (0, 3)), ("main", (3, 6)), ("middle", (2, 5))])
+def test_tile_that_only_forwards_part_of_its_stream(keep, forward):
+    """A tile without COMPUTE that forwards a part of its RECV words: the others are read without waiting
+    for space downstream (in.ready = 1) and dropped."""
+    rng = np.random.default_rng(44)
+    lanes = 2
+    first = random_layer(rng, 6, 6, 2)
+    layers = [Residual([first], AddParams(1, 1, 1 << 30, 30))]
+    arch = Arch(rows=1, cols=4, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
+    program = build_program(arch, layers)
+    drop = program.tiles[2]
+    assert drop.config["op"] == OP_ADD
+    config = {name: 0 for name in drop.config}
+    config.update(n_in_words=6, forward_begin=forward[0], forward_end=forward[1],
+                  dest_row=drop.config["dest_row"], dest_col=drop.config["dest_col"])
+    drop.config, drop.sram, drop.params = config, np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)
+    batch = 4
+    x = rng.integers(-128, 128, (batch, 6), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch)
+    stream = np.concatenate([x, dense_golden([first], x)], axis=1)   # X ++ main, 3 words each
+    expected = stream[:, 2 * forward[0]:2 * forward[1]]
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1), expected)
+
+
+def _residual_base():
+    rng = np.random.default_rng(45)
+    arch = Arch(rows=1, cols=4, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    layers = [Residual([MaxPool(1, 1), MaxPool(3, 3, 1, (1, 1, 1, 1))], _random_add(rng, 3), tiles=2)]
+    return build_program(arch, layers, input_shape=(3, 2, 2))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t[2].config.update(add_mult_b=2**22 + 1),
+     r"tile r0c2 \(chain position 2\): register 'add_mult_b' = 4194305 is outside 0..ADD_MULT_MAX = 4194304"),
+    (lambda t: t[3].config.update(add_mult_a=2**23 - 1), r"tile r0c3 .*register 'add_mult_a' = 8388607"),
+    (lambda t: t[2].config.update(add_offset=9),
+     r"tile r0c2 .*OP_ADD operands of 8 words at stored offsets 0 and register 'add_offset' = 9 must not overlap "
+     r"and must lie inside the 16 stored words"),
+    (lambda t: t[2].config.update(add_offset=7), r"tile r0c2 .*register 'add_offset' = 7"),
+    (lambda t: t[2].config.update(store_begin=1), r"tile r0c2 .*register 'add_offset' = 8 .* 15 stored words"),
+    (lambda t: t[3].config.update(out_width=1), r"tile r0c3 .*OP_ADD needs register 'out_width' = in_width = 2, got 1"),
+    (lambda t: t[3].config.update(out_rows=2), r"tile r0c3 .*registers 'out_row_begin', 'out_rows'.* leave the 2-row map"),
+    (lambda t: t[2].config.update(kernel_w=1), r"tile r0c2 .*OP_ADD needs register 'kernel_w' = 2"),
+    (lambda t: t[2].config.update(n_out=2), r"tile r0c2 .*residual add \(OP_ADD\) tile needs n_out = words_per_pixel \* lanes = 4"),
+    (lambda t: t[1].config.update(store_begin=2, store_end=8),
+     r"tile r0c1 .*: 6 stored words \(store_begin..store_end = 2..8\) but the input map is 2x2x2 = 8 words"),
+    (lambda t: t[0].config.update(forward_end=9),
+     r"tile r0c0 .*registers forward_begin = 0, forward_end = 9 must satisfy forward_begin <= forward_end <= n_in_words = 8"),
+    (lambda t: t[1].config.update(forward_end=7),
+     r"tile r0c2 .*reads n_in_words \+ n_pass = 16 \+ 0 = 16 flits per inference, but tile r0c1 sends it 15"),
+])
+def test_bad_residual_programs_are_refused(change, message):
+    """The emulator names tile and register. Program.validate, which emulate() runs first, catches some
+    of these with its own message; trace_data_path alone must still refuse them."""
+    from emulator.functional import trace_data_path
+    program = _residual_base()
+    change(program.tiles)
+    x = np.zeros((8, 2), np.int8)
+    with pytest.raises(EmulatorError, match=message):
+        trace_data_path(program)
+    with pytest.raises((EmulatorError, ProgramError)):
+        emulate(program, x, 1)

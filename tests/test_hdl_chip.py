@@ -1,11 +1,12 @@
-"""Small chips (2x2, 1x3, 3x1) in Amaranth's simulator running a hand-built one-layer program, and
-Verilog generation."""
+"""Small chips (2x2, 1x3, 3x1) in Amaranth's simulator running hand-built programs (a one-layer program,
+and a residual block whose stream carries two tensors into an ADD split over two tiles), and Verilog
+generation."""
 
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import CONFIG_FIELDS, Arch, dense_window_registers
+from flowtile.arch import ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_MAC, Arch, dense_window_registers, stream_registers
 from hdl.chip import Chip
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
                          encode_param_entry, flit_layout, load_data_bits, load_layout, pack_flit, pack_lanes,
@@ -48,7 +49,8 @@ def build_program(rng, arch):
         if position == 0:
             configs[row, col] = blank_config(n_in_words=k_words, n_out=N_OUT, w_base=w_base, act_base=act_base,
                                              zp_out=zp_out, clamp_lo=max(-128, zp_out), **dest,
-                                             **dense_window_registers(k_words))
+                                             **dense_window_registers(k_words),
+                                             **stream_registers(k_words, forward=False))
         else:
             configs[row, col] = blank_config(n_pass=n_result, **dest)
     # Weight row o, chunk k is SRAM word w_base + o*K + k; unused lanes are zero.
@@ -73,17 +75,13 @@ def to_flits(vector, lanes):
     return [pack_lanes(vector[i:i + lanes].tolist(), lanes) for i in range(0, len(vector), lanes)]
 
 
-@pytest.mark.parametrize("rows, cols", GRIDS)
-def test_two_inferences_through_a_small_chip(rows, cols):
-    arch = ARCH.replace(rows=rows, cols=cols)
-    rng = np.random.default_rng(2026)
-    configs, sram, params, golden = build_program(rng, arch)
-    inputs = [rng.integers(-128, 128, size=N_IN) for _ in range(2)]
-    flits = [f for x in inputs for f in to_flits(x, arch.lanes)]
-    n_result = -(-N_OUT // arch.lanes)
+def run_chip(arch, configs, srams, tables, flits, n_outputs, max_cycles=300):
+    """Load ``configs`` {(row, col): config}, ``srams`` {(row, col): {addr: lanes}} and ``tables``
+    {(row, col): [(bias, multiplier, shift)]}, run, send ``flits`` (packed data) back to back into the
+    host input and take ``n_outputs`` flits from the always-ready host output: [(lanes, cycle)], cycle 0
+    being the first cycle with run = 1."""
     received = []
     dut = Chip(arch)
-    first_tile = arch.chain[0][0] * arch.cols + arch.chain[0][1]
 
     async def testbench(ctx):
         async def load(tile, target, addr, value):
@@ -94,16 +92,18 @@ def test_two_inferences_through_a_small_chip(rows, cols):
         for (row, col), config in configs.items():
             for addr, value in encode_config(arch, config):
                 await load(row * arch.cols + col, LOAD_TARGET_CONFIG, addr, value)
-        for addr, lanes in sram.items():
-            await load(first_tile, LOAD_TARGET_SRAM, addr, pack_lanes(lanes, arch.lanes))
-        for row, entry in enumerate(params):
-            await load(first_tile, LOAD_TARGET_PARAMS, row, encode_param_entry(*entry))
+        for (row, col), sram in srams.items():
+            for addr, lanes in sram.items():
+                await load(row * arch.cols + col, LOAD_TARGET_SRAM, addr, pack_lanes(lanes, arch.lanes))
+        for (row, col), table in tables.items():
+            for index, entry in enumerate(table):
+                await load(row * arch.cols + col, LOAD_TARGET_PARAMS, index, encode_param_entry(*entry))
         ctx.set(dut.load.valid, 0)
         ctx.set(dut.run, 1)
         ctx.set(dut.o_host.ready, 1)
         sent, cycle = 0, 0
-        while len(received) < 2 * n_result:
-            assert cycle < 300, "chip stopped"
+        while len(received) < n_outputs:
+            assert cycle < max_cycles, "chip stopped"
             ctx.set(dut.i_host.valid, sent < len(flits))
             if sent < len(flits):
                 ctx.set(dut.i_host.payload, {"data": flits[sent], "dest_row": 0, "dest_col": 0, "dest_host": 0})
@@ -120,6 +120,18 @@ def test_two_inferences_through_a_small_chip(rows, cols):
     sim.add_clock(1e-6)
     sim.add_testbench(testbench)
     sim.run()
+    return received
+
+
+@pytest.mark.parametrize("rows, cols", GRIDS)
+def test_two_inferences_through_a_small_chip(rows, cols):
+    arch = ARCH.replace(rows=rows, cols=cols)
+    rng = np.random.default_rng(2026)
+    configs, sram, params, golden = build_program(rng, arch)
+    inputs = [rng.integers(-128, 128, size=N_IN) for _ in range(2)]
+    flits = [f for x in inputs for f in to_flits(x, arch.lanes)]
+    n_result = -(-N_OUT // arch.lanes)
+    received = run_chip(arch, configs, {arch.chain[0]: sram}, {arch.chain[0]: params}, flits, 2 * n_result)
 
     for i, x in enumerate(inputs):
         words = [lanes for lanes, _ in received[i * n_result:(i + 1) * n_result]]
@@ -132,6 +144,76 @@ def test_two_inferences_through_a_small_chip(rows, cols):
     # adds 2 cycles (its input FIFO and the L FIFO), the exit router's read 1 more.
     emits = [17, 18, 35, 36]
     assert [cycle for _, cycle in received] == [t + 2 * (arch.n_tiles - 1) + 1 for t in emits]
+
+
+def rne(value, shift):
+    """``value / 2^shift`` to nearest, ties to even (section 4), elementwise on int64 arrays."""
+    quotient = value >> shift
+    remainder = value - (quotient << shift)
+    half = np.int64(1) << (shift - 1)
+    return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
+
+
+def requantize(acc, table, zp_out, clamp_lo=-128, clamp_hi=127):
+    acc = ((acc + (1 << 31)) % (1 << 32)) - (1 << 31)
+    return np.clip(rne(acc * table[:, 1], table[:, 2]) + zp_out, clamp_lo, clamp_hi)
+
+
+@pytest.mark.parametrize("rows, cols", GRIDS)
+def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols):
+    """Section 4.2 end to end: x (a 2x2 map, CW = 1) enters chain tile 0, a 1x1 convolution that forwards
+    x and then emits y = conv(x), so the stream is ``x ++ y``; tiles 1 and 2 compute z = ADD(x, y) in two
+    row bands (tile 1 forwards both tensors to tile 2, tile 2 forwards none and passes tile 1's row);
+    later tiles pass z to the host."""
+    lanes = ARCH.lanes
+    arch = ARCH.replace(rows=rows, cols=cols, max_tile_outputs=4 * lanes)
+    rng = np.random.default_rng(4242)
+    height, width, n_pix = 2, 2, 4                  # one word (lanes channels) a pixel
+    conv_weights = rng.integers(-128, 128, size=(lanes, lanes))
+    conv_table = np.stack([rng.integers(-3000, 3000, size=lanes), rng.integers(1 << 30, 1 << 31, size=lanes),
+                           rng.integers(36, 40, size=lanes)], axis=1)
+    z_x, z_y, z_z = -3, 5, -9
+    s_x, s_y, s_z = 0.04, 0.09, 0.1
+    m_a, m_b = round(ADD_MULT_MAX * s_x / s_y), ADD_MULT_MAX
+    # Section 4.2's lowering: zero points folded in the bias, M / 2^S ~= max(s_x, s_y) / (2^22 s_z).
+    add_multiplier = round((1 << 53) * max(s_x, s_y) / (ADD_MULT_MAX * s_z))
+    add_table = np.array([(-(z_x * m_a + z_y * m_b), add_multiplier, 53)] * lanes)
+    chain = arch.chain
+    window = dict(in_height=height, in_width=width, words_per_pixel=1, stride=1, out_width=width, n_out=lanes)
+    configs = {}
+    for position, (row, col) in enumerate(chain):
+        last = position == len(chain) - 1
+        dest = dict(dest_host=1) if last else dict(dest_row=chain[position + 1][0], dest_col=chain[position + 1][1])
+        if position == 0:
+            config = blank_config(n_in_words=n_pix, op=OP_MAC, kernel_h=1, kernel_w=1, out_rows=height, w_base=0,
+                                  act_base=lanes, zp_out=z_y, **window, **stream_registers(n_pix, forward=True))
+        elif position in (1, 2):
+            config = blank_config(n_in_words=2 * n_pix, op=OP_ADD, kernel_h=1, kernel_w=2, out_row_begin=position - 1,
+                                  out_rows=1, add_offset=n_pix, add_mult_a=m_a, add_mult_b=m_b, act_base=3,
+                                  zp_out=z_z, n_pass=width if position == 2 else 0, **window,
+                                  **stream_registers(2 * n_pix, forward=position == 1))
+        else:
+            config = blank_config(n_pass=n_pix)
+        configs[row, col] = dict(config, **dest)
+    srams = {chain[0]: {o: conv_weights[o].tolist() for o in range(lanes)}}
+    tables = {chain[0]: conv_table.tolist(), chain[1]: add_table.tolist(), chain[2]: add_table.tolist()}
+    inputs = [rng.integers(-128, 128, size=(n_pix, lanes)) for _ in range(2)]
+    flits = [pack_lanes(pixel.tolist(), lanes) for x in inputs for pixel in x]
+    received = run_chip(arch, configs, srams, tables, flits, 2 * n_pix, max_cycles=400)
+
+    for i, x in enumerate(inputs):
+        y = requantize(conv_table[:, 0] + x @ conv_weights.T, conv_table, z_y)
+        z = requantize(add_table[:, 0] + x * m_a + y * m_b, add_table, z_z)
+        assert [lanes for lanes, _ in received[i * n_pix:(i + 1) * n_pix]] == z.tolist()
+        # The integer ADD is the float Add of section 4.2 within 1 LSB.
+        exact = ((x - z_x) * s_x + (y - z_y) * s_y) / s_z
+        assert np.abs(z - np.clip(np.round(exact) + z_z, -128, 127)).max() <= 1
+    # Inference 0 worked from sections 4.1, 4.2 and 6 (D = 2): tile 0 RECVs (and forwards) x at 1..4,
+    # computes I = 4 pixels * 4 outputs = 16 cycles + 2, EMITs y at 4 + 19 = 23..26. Tile 1 receives x at
+    # 3..6 and y at 25..28, computes I = 1 row * 2 pixels * 1 word * 2 = 4 (+2), EMITs at 28 + 7 = 35, 36.
+    # Tile 2 receives the forwarded stream at 5..8, 27..30; its PASS waits for tile 1's results (37, 38),
+    # which is also 30 + 7; EMIT 39, 40. Each later tile adds 2 cycles, the exit router's read 1 more.
+    assert [cycle for _, cycle in received[:n_pix]] == [t + 2 * (arch.n_tiles - 3) + 1 for t in (37, 38, 39, 40)]
 
 
 def test_chip_verilog_names_the_module_and_ports():

@@ -1,13 +1,16 @@
-"""PE (docs/architecture.md sections 4 and 4.1) in Amaranth's simulator: arithmetic against golden
-functions (dense; convolution, max pooling and LANE written as plain loops from section 4.1), and the cycle
-of every input and output transfer against timing rule 4 of section 6 with section 4.1's counts."""
+"""PE (docs/architecture.md sections 4, 4.1 and 4.2) in Amaranth's simulator: arithmetic against golden
+functions (dense; convolution, max pooling and LANE written as plain loops from section 4.1; ADD from
+section 4.2's formula in numpy), the store and forward ranges of a stream carrying several tensors, and
+the cycle of every input and output transfer against timing rule 4 of section 6 with section 4.1's counts."""
 import random
 
+import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import CONFIG_FIELDS, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
-from flowtile.program import compute_issue_cycles, result_words, weight_words
+from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch,
+                           dense_window_registers, stream_registers)
+from flowtile.program import compute_issue_cycles, forwarded_words, result_words, stored_words, weight_words
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                          encode_config, encode_param_entry, pack_lanes, unpack_lanes)
 from hdl.pe import PE
@@ -27,13 +30,25 @@ TILE = 1          # the PE under test; loads for tile 0 must not reach it
 DEST = {"dest_row": 0, "dest_col": 0, "dest_host": 1}
 
 
-def make_config(**overrides):
-    """A tile config; unless overridden, the windowing registers are the dense (1x1) case."""
+def make_config(*, forward=0, **overrides):
+    """A tile config; unless overridden, the windowing registers are the dense (1x1) case and the
+    stream holds only the layer's input: all ``n_in_words`` stored, all forwarded iff ``forward``."""
     config = {name: 0 for name, _, _ in CONFIG_FIELDS}
     config.update(clamp_lo=-128, clamp_hi=127, **DEST)
     config.update(dense_window_registers(overrides.get("n_in_words", 0)))
+    config.update(stream_registers(overrides.get("n_in_words", 0), forward=bool(forward)))
     config.update(overrides)
     return config
+
+
+def is_forwarded(config, k):
+    """Section 4.2: RECV word k is re-emitted iff forward_begin <= k < forward_end."""
+    return config["forward_begin"] <= k < config["forward_end"]
+
+
+def stored_part(config, flits):
+    """The RECV words of one inference a tile stores (store_begin <= k < store_end), in order."""
+    return flits[config["store_begin"]:config["store_end"]]
 
 
 # --- golden models ---------------------------------------------------------------------------------
@@ -43,8 +58,9 @@ def wrap32(value):
 
 
 def golden_outputs(weights, activations, params, config):
-    """y_o of section 4 on exact Python integers; weights [N_o*K][L], activations [K][L]."""
-    k_words, n_out = config["n_in_words"], config["n_out"]
+    """y_o of section 4 on exact Python integers; weights [N_o*K][L], activations [K][L] (the stored words:
+    K = store_end - store_begin, which is n_in_words when the stream holds only the layer's input)."""
+    k_words, n_out = stored_words(config), config["n_out"]
     result = []
     for o in range(n_out):
         bias, multiplier, shift = params[o]
@@ -73,7 +89,7 @@ def golden_schedule(config, lanes, n_inferences, available, ready):
     issue_cycles = compute_issue_cycles(config)
     actions = []   # (kind, emits, first transfer after COMPUTE)
     for _ in range(n_inferences):
-        actions += [("recv", bool(config["forward"]), False)] * k_words
+        actions += [("recv", is_forwarded(config, k), False) for k in range(k_words)]
         after_compute = [("pass", True, False)] * n_pass + [("emit", True, False)] * (n_result if n_out else 0)
         if n_out and after_compute:
             after_compute[0] = after_compute[0][:2] + (True,)
@@ -86,19 +102,29 @@ def golden_schedule(config, lanes, n_inferences, available, ready):
             read_index += 1
         while emits and not ready[t]:
             t += 1
-        times.append((kind, t))
+        times.append((kind, emits, t))
         previous = t
     return times
 
 
 # --- simulation ------------------------------------------------------------------------------------
 
-def simulate(config, sram, params, inputs, available, ready, *, arch=ARCH):
+class ProbedPE(PE):
+    """A PE whose SRAM the testbench can read (``ctx.get(dut.sram.data[address])``) after elaboration."""
+
+    def elaborate(self, platform):
+        m = super().elaborate(platform)
+        self.sram = m.submodules["sram"]
+        return m
+
+
+def simulate(config, sram, params, inputs, available, ready, *, arch=ARCH, sram_image=None):
     """Load ``config`` / ``sram`` {addr: lanes} / ``params`` into tile TILE, then run with run = 1
     from cycle 0. Input flit i is offered from cycle available[i] until accepted; o_flit.ready
-    follows ``ready``. Returns ([accept cycle], [(lanes, dest, cycle)])."""
+    follows ``ready``. Returns ([accept cycle], [(lanes, dest, cycle, kind)]); ``sram_image``, if a
+    list, receives the SRAM contents after the run (one lane list per word)."""
     ARCH = arch   # noqa: N806 (the module default, or a larger arch for windowed layers)
-    dut = PE(ARCH, TILE)
+    dut = ProbedPE(ARCH, TILE)
     accepted, emitted = [], []
     total_outputs = len(golden_schedule(config, ARCH.lanes, len(inputs) // max(1, config["n_in_words"] + config["n_pass"]),
                                         available, ready))
@@ -141,6 +167,9 @@ def simulate(config, sram, params, inputs, available, ready, *, arch=ARCH):
                 accepted.append(cycle)
             await ctx.tick()
             cycle += 1
+        if sram_image is not None:
+            sram_image.extend(unpack_lanes(ctx.get(dut.sram.data[address]), ARCH.lanes)
+                              for address in range(ARCH.sram_words))
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)
@@ -156,34 +185,36 @@ def dense_case(rng, k_words, n_out, lanes):
     return weights, params
 
 
-def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, golden=None):
+def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, golden=None, sram=None,
+              sram_image=None):
     """Run the PE and compare every transfer (content and cycle) with the golden models.
-    ``golden(activation words)`` gives one inference's result words (default: the dense golden)."""
+    ``golden(stored words)`` gives one inference's result words (default: the dense golden over the
+    weights). ``sram`` {addr: lanes} is the SRAM image loaded (default: ``weights`` at ``w_base``);
+    ``sram_image`` receives the SRAM after the run (see :func:`simulate`)."""
     ARCH = arch   # noqa: N806
     k_words, n_pass = config["n_in_words"], config["n_pass"]
     per_inference = k_words + n_pass
     n_inferences = len(inputs) // per_inference
-    sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
-    accepted, emitted = simulate(config, sram, params, inputs, available, ready, arch=arch)
+    if sram is None:
+        sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
+    accepted, emitted = simulate(config, sram, params, inputs, available, ready, arch=arch, sram_image=sram_image)
     schedule = golden_schedule(config, ARCH.lanes, n_inferences, available, ready)
     if golden is None:
         def golden(activations):
             return golden_result_words(golden_outputs(weights, activations, params, config), ARCH.lanes)
 
-    assert accepted == [t for kind, t in schedule if kind != "emit"]
+    assert accepted == [t for kind, _, t in schedule if kind != "emit"]
     expected_out = []
     for i in range(n_inferences):
         flits = inputs[i * per_inference:(i + 1) * per_inference]
-        if config["forward"]:
-            expected_out += flits[:k_words]
+        expected_out += [flit for k, flit in enumerate(flits[:k_words]) if is_forwarded(config, k)]
         expected_out += flits[k_words:]
         if config["n_out"]:
-            expected_out += golden(flits[:k_words])
+            expected_out += golden(stored_part(config, flits[:k_words]))
     dest = (config["dest_row"], config["dest_col"], config["dest_host"])
     assert [lanes for lanes, *_ in emitted] == expected_out
     assert all(d == dest for _, d, *_ in emitted)
-    assert [t for _, _, t, _ in emitted] == [t for kind, t in schedule
-                                            if kind in ("emit", "pass") or config["forward"]]
+    assert [t for _, _, t, _ in emitted] == [t for _, emits, t in schedule if emits]
     return emitted
 
 
@@ -581,6 +612,242 @@ def test_window_golden_reduces_to_the_dense_golden():
     assert compute_issue_cycles(config) == n_out * k_words and result_words(config, lanes) == -(-n_out // lanes)
 
 
+# --- several tensors in one stream and op ADD (section 4.2) ---------------------------------------
+
+def random_stalls(rng, n_inputs, horizon):
+    """Arrival cycles with random gaps and a random o_flit.ready pattern (seeded: reproducible)."""
+    available, cycle = [], 0
+    for _ in range(n_inputs):
+        cycle += rng.choice([0, 0, 1, 3])
+        available.append(cycle)
+    return available, [rng.random() < 0.6 for _ in range(horizon)]
+
+
+#: A dense layer (or no layer) reading one tensor of a stream of several: (id, n_in_words,
+#: (store_begin, store_end), (forward_begin, forward_end), n_out, n_pass).
+STREAM_CASES = [
+    ("store-middle-forward-prefix", 9, (3, 6), (0, 3), 4, 0),
+    ("store-middle-forward-suffix", 9, (2, 5), (5, 9), 6, 1),
+    ("store-middle-forward-all", 8, (2, 5), (0, 8), 3, 0),
+    ("store-suffix-forward-overlapping", 7, (4, 7), (1, 6), 5, 2),
+    ("store-prefix-forward-nothing", 5, (0, 2), (0, 0), 4, 0),
+    # A tile that computes nothing and only drops the tensor no longer needed (the stream's prefix).
+    ("store-nothing-drop-prefix", 6, (0, 0), (2, 6), 0, 1),
+]
+
+
+@pytest.mark.parametrize("k_words, store, forward, n_out, n_pass", [case[1:] for case in STREAM_CASES],
+                         ids=[case[0] for case in STREAM_CASES])
+def test_stream_of_several_tensors_stores_one_range_and_forwards_another(k_words, store, forward, n_out, n_pass):
+    """Section 4.2 with random valid/ready stalls: every emitted flit (forwarded words in order, passed
+    words, results) and its cycle, the results over the stored words only, and the SRAM after the run:
+    the weights untouched, the last inference's stored words at act_base onwards and nothing else written
+    (the activation region sits right after zero words and right before the weights, so a write of a word
+    outside the store range, or to a wrong address, shows)."""
+    rng = random.Random("stream-" + repr((k_words, store, forward, n_out, n_pass)))
+    stored = store[1] - store[0]
+    act_base = 6
+    config = make_config(n_in_words=k_words, n_out=n_out, n_pass=n_pass, act_base=act_base,
+                         w_base=act_base + stored, zp_out=2, **dense_window_registers(stored))
+    config.update(store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
+    assert (stored_words(config), forwarded_words(config)) == (stored, forward[1] - forward[0])
+    weights, params = dense_case(rng, stored, n_out, ARCH.lanes)
+    n_inferences = 3
+    inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range((k_words + n_pass) * n_inferences)]
+    available, ready = random_stalls(rng, len(inputs), 600)
+    sram_image = []
+    emitted = check_run(config, weights, params, inputs, available, ready, sram_image=sram_image)
+    assert sum(kind == "forward" for *_, kind in emitted) == n_inferences * (forward[1] - forward[0] + n_pass)
+
+    expected = [[0] * ARCH.lanes for _ in range(ARCH.sram_words)]
+    last = inputs[-(k_words + n_pass):]
+    expected[act_base:act_base + stored] = last[store[0]:store[1]]
+    expected[config["w_base"]:config["w_base"] + len(weights)] = weights
+    assert sram_image == expected
+
+
+def round_half_even_array(value, shift):
+    """``value / 2^shift`` to nearest, ties to even, elementwise on int64 arrays (section 4's rne)."""
+    quotient = value >> shift
+    remainder = value - (quotient << shift)
+    half = np.int64(1) << (shift - 1)
+    return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
+
+
+def golden_add(config, params, stored, lanes):
+    """One inference's result words of op ADD, section 4.2 in numpy: operand a = stored words from 0,
+    b = from add_offset, both (in_height, in_width, CW, L); output rows [out_row_begin, +out_rows)."""
+    height, width, cw_words = config["in_height"], config["in_width"], config["words_per_pixel"]
+    n_map = height * width * cw_words
+    words = np.array(stored, dtype=np.int64)
+    a = words[:n_map].reshape(height, width, cw_words, lanes)
+    b = words[config["add_offset"]:config["add_offset"] + n_map].reshape(height, width, cw_words, lanes)
+    rows = slice(config["out_row_begin"], config["out_row_begin"] + config["out_rows"])
+    table = np.array(params, dtype=np.int64).reshape(cw_words, lanes, 3)   # row c = cw*L + l
+    bias, multiplier, shift = table[..., 0], table[..., 1], table[..., 2]
+    acc = bias + a[rows] * config["add_mult_a"] + b[rows] * config["add_mult_b"]
+    acc = ((acc + (1 << 31)) % (1 << 32)) - (1 << 31)
+    y = round_half_even_array(acc * multiplier, shift) + config["zp_out"]
+    y = np.clip(y, config["clamp_lo"], config["clamp_hi"])
+    return y.reshape(-1, lanes).tolist()     # word q*CW + cw, q = pixel of the band in row-major order
+
+
+def add_operands(rng, mode, cw_words, lanes):
+    """(add_mult_a, add_mult_b, parameter rows, zp_out, float reference or None) as the compiler
+    lowers y = rne(((a - z_a) s_a + (b - z_b) s_b) / s_y) + z_y (section 4.2), zero points folded in
+    the bias. ``mode``: "scales" (random scales; one multiplier is ADD_MULT_MAX), "random" (random
+    multipliers up to 2^22 and per-channel M, S and bias offsets), "extremes" (both multipliers
+    ADD_MULT_MAX, zero points 127: the accumulator's largest magnitude), "ties" (multipliers 1,
+    M/2^S = 1/2: half the sums round a tie to even)."""
+    z_a, z_b, z_y = (rng.randint(-128, 127) for _ in range(3))
+    n_rows = cw_words * lanes
+    reference = None
+    if mode in ("scales", "extremes"):
+        s_a, s_b, s_y = (rng.uniform(0.01, 0.1) for _ in range(3))
+        if mode == "extremes":
+            s_a = s_b = 0.05
+            z_a = z_b = 127
+        top = max(s_a, s_b)
+        m_a, m_b = round(ADD_MULT_MAX * s_a / top), round(ADD_MULT_MAX * s_b / top)
+        shift = 53
+        multiplier = round((1 << shift) * top / (ADD_MULT_MAX * s_y))
+        while multiplier >= 1 << 31:
+            shift -= 1
+            multiplier = round((1 << shift) * top / (ADD_MULT_MAX * s_y))
+        rows = [(-(z_a * m_a + z_b * m_b), multiplier, shift)] * n_rows
+
+        def reference(a, b):
+            exact = ((np.asarray(a, np.float64) - z_a) * s_a + (np.asarray(b, np.float64) - z_b) * s_b) / s_y
+            return np.clip(np.round(exact) + z_y, -128, 127)
+    elif mode == "random":
+        m_a, m_b = rng.randint(0, ADD_MULT_MAX), rng.randint(0, ADD_MULT_MAX)
+        rows = [(-(z_a * m_a + z_b * m_b) + rng.randint(-999, 999), rng.randint(1 << 30, (1 << 31) - 1),
+                 rng.randint(50, 54)) for _ in range(n_rows)]
+    else:
+        m_a = m_b = 1
+        rows = [(rng.randint(-9, 9), 1, 1) for _ in range(n_rows)]
+    return m_a, m_b, rows, z_y, reference
+
+
+#: op ADD (section 4.2): (id, in_height, in_width, words_per_pixel, out_row_begin, out_rows, stream, mode,
+#: n_pass, back pressure, lanes). ``stream``: "skip+main" (store the two operand maps, forward nothing) or
+#: "prefix-gap" (a tensor in front that is forwarded and not stored; a gap word between the operands and a
+#: stored word after them; a tensor behind that is neither).
+ADD_CASES = [
+    ("skip+main-scales", 3, 3, 2, 0, 3, "skip+main", "scales", 0, False, 4),
+    ("prefix-gap-random-bp", 3, 2, 2, 0, 3, "prefix-gap", "random", 1, True, 4),
+    ("band-random-bp", 4, 3, 1, 1, 2, "prefix-gap", "random", 0, True, 8),
+    ("band-extremes", 4, 2, 2, 2, 2, "skip+main", "extremes", 2, False, 8),
+    ("ties", 2, 3, 1, 0, 2, "skip+main", "ties", 0, True, 4),
+]
+
+
+@pytest.mark.parametrize("height, width, cw_words, row_begin, out_rows, stream, mode, n_pass, back_pressure, lanes",
+                         [case[1:] for case in ADD_CASES], ids=[case[0] for case in ADD_CASES])
+def test_add_matches_section_4_2_and_rule_4(height, width, cw_words, row_begin, out_rows, stream, mode, n_pass,
+                                             back_pressure, lanes):
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=32 * lanes)
+    rng = random.Random(f"add-{height}-{width}-{cw_words}-{row_begin}-{stream}-{mode}-{lanes}")
+    n_map = height * width * cw_words
+    if stream == "skip+main":
+        prefix, gap, after, suffix = 0, 0, 0, 0
+    else:
+        prefix, gap, after, suffix = 3, 1, 1, 2
+    k_words = prefix + n_map + gap + n_map + after + suffix
+    store = (prefix, prefix + 2 * n_map + gap + after)
+    m_a, m_b, params, zp_out, reference = add_operands(rng, mode, cw_words, lanes)
+    config = make_config(n_in_words=k_words, n_pass=n_pass, op=OP_ADD, in_height=height, in_width=width,
+                         words_per_pixel=cw_words, kernel_h=1, kernel_w=2, stride=1, out_row_begin=row_begin,
+                         out_rows=out_rows, out_width=width, n_out=cw_words * lanes, add_offset=n_map + gap,
+                         add_mult_a=m_a, add_mult_b=m_b, zp_out=zp_out, w_base=0, act_base=20,
+                         pad_value=rng.randint(-128, 127), store_begin=store[0], store_end=store[1],
+                         forward_begin=0, forward_end=prefix)
+    if mode == "ties":
+        config.update(zp_out=0)
+    assert compute_issue_cycles(config) == out_rows * width * cw_words * 2 and weight_words(config) == 0
+    # Words an ADD must not read: random "weights" below the activation region (ADD reads none).
+    sram = {address: [rng.randint(-128, 127) for _ in range(lanes)] for address in range(config["act_base"])}
+    n_inferences = 2
+    inputs = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range((k_words + n_pass) * n_inferences)]
+    if mode == "extremes":
+        for flit in inputs:
+            for lane in range(lanes):
+                flit[lane] = rng.choice([-128, -128, 127, flit[lane]])
+    issue_cycles = compute_issue_cycles(config)
+    horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + out_rows * width * cw_words + 3) + 200
+    if back_pressure:
+        available, ready = random_stalls(rng, len(inputs), horizon)
+    else:
+        available, ready = [0] * len(inputs), [True] * horizon
+    emitted = check_run(config, [], params, inputs, available, ready, arch=arch, sram=sram,
+                        golden=lambda stored: golden_add(config, params, stored, lanes))
+
+    results = [word for word, _, _, kind in emitted if kind == "emit"]
+    assert len(results) == n_inferences * out_rows * width * cw_words
+    if not back_pressure and not n_pass:
+        # Spelled out for inference 0: last RECV at K - 1, COMPUTE for I + 2 = n_pix*CW*2 + 2 cycles, EMIT.
+        assert [t for _, _, t, kind in emitted if kind == "emit"][0] == (k_words - 1) + 1 + issue_cycles + 2
+    if reference is not None:
+        # The lowering approximates the float formula within 1 LSB; nothing may be far off.
+        for i in range(n_inferences):
+            flits = inputs[i * (k_words + n_pass):][:k_words]
+            a = np.array(flits[prefix:prefix + n_map]).reshape(height, width * cw_words * lanes)
+            b = np.array(flits[prefix + n_map + gap:][:n_map]).reshape(height, width * cw_words * lanes)
+            want = reference(a[row_begin:row_begin + out_rows], b[row_begin:row_begin + out_rows]).reshape(-1, lanes)
+            got = np.array(results[i * len(want):(i + 1) * len(want)])
+            assert np.abs(got - want).max() <= 1
+    if mode == "ties":
+        # Results come from odd and even sums alike, so ties occurred and were rounded to even.
+        assert len({value for word in results for value in word}) > 4
+    if mode != "ties":
+        assert len({value for word in results for value in word}) > 2 * lanes
+
+
+def test_add_golden_is_the_elementwise_formula():
+    """Cross-check golden_add against a scalar loop over the formula of section 4.2 (a band, CW = 2)."""
+    rng = random.Random(23)
+    lanes, height, width, cw_words = 4, 3, 2, 2
+    config = make_config(n_in_words=30, op=OP_ADD, in_height=height, in_width=width, words_per_pixel=cw_words,
+                         kernel_h=1, kernel_w=2, out_row_begin=1, out_rows=2, out_width=width, n_out=8,
+                         add_offset=14, add_mult_a=rng.randint(0, ADD_MULT_MAX), add_mult_b=ADD_MULT_MAX,
+                         zp_out=-7, clamp_lo=-100, clamp_hi=100)
+    params = [(rng.randint(-1 << 30, 1 << 30), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(50, 54))
+              for _ in range(8)]
+    stored = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(26)]
+    words = []
+    for oy in range(1, 3):
+        for ox in range(width):
+            for cw in range(cw_words):
+                word = []
+                for lane in range(lanes):
+                    bias, multiplier, shift = params[cw * lanes + lane]
+                    pixel_word = (oy * width + ox) * cw_words + cw
+                    acc = wrap32(bias + stored[pixel_word][lane] * config["add_mult_a"]
+                                 + stored[pixel_word + 14][lane] * config["add_mult_b"])
+                    y = shift_round_half_even(acc * multiplier, shift) + config["zp_out"]
+                    word.append(min(max(y, config["clamp_lo"]), config["clamp_hi"]))
+                words.append(word)
+    assert golden_add(config, params, stored, lanes) == words
+
+
+def add_config(**overrides):
+    """A valid ADD of two 2x2 maps (CW = 1) stored back to back, one output row, for the validation cases."""
+    registers = dict(n_in_words=8, n_out=4, op=OP_ADD, in_height=2, in_width=2, words_per_pixel=1, kernel_h=1,
+                     kernel_w=2, out_rows=1, out_width=2, add_offset=4, add_mult_a=3, add_mult_b=ADD_MULT_MAX)
+    registers.update(overrides)
+    return make_config(**registers)
+
+
+def test_valid_add_and_stream_configs_encode():
+    assert len(encode_config(ARCH, add_config())) == len(CONFIG_FIELDS)
+    assert len(encode_config(ARCH, add_config(n_in_words=11, store_begin=2, store_end=10, forward_begin=10,
+                                              forward_end=11, add_offset=4, out_row_begin=1))) == len(CONFIG_FIELDS)
+    # A pass-through tile may forward part of its RECV words and store none.
+    assert encode_config(ARCH, make_config(n_in_words=5, forward_begin=1, forward_end=5))
+    # Registers an op does not read are only checked against their width (as the emulator does).
+    assert encode_config(ARCH, make_config(n_in_words=2, n_out=1, add_mult_a=(1 << 23) - 1, add_offset=9))
+
+
 def window_config(**overrides):
     """A valid 3x3 convolution on a 2x2 map (one result word), for the validation cases."""
     registers = dict(n_in_words=4, n_out=2, in_height=2, in_width=2, words_per_pixel=1, kernel_h=3, kernel_w=3,
@@ -602,15 +869,14 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: PE(ARCH, True), "parameter 'tile_index' must be an integer"),
     (lambda: encode_config(ARCH, make_config(n_out=1)), "n_out = 1 requires n_in_words > 0"),
     (lambda: encode_config(ARCH, make_config(n_in_words=1, n_out=13)), "exceeds max_tile_outputs = 12"),
-    (lambda: encode_config(ARCH, make_config(n_in_words=1, act_base=64)), "exceed sram_words = 64"),
-    (lambda: encode_config(ARCH, make_config(forward=2)), "config register forward' = 2 is out of range 0..1"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=1, act_base=64)),
+     "act_base \\+ store_end - store_begin = 65 exceed sram_words = 64"),
     (lambda: encode_config(ARCH, make_config(zp_out=256)), "zp_out' = 256 is out of range -256..255"),
     (lambda: encode_config(ARCH, make_config(dest_host=0, dest_col=2)), "dest_col = 2 outside 0..1"),
     (lambda: encode_config(ARCH, {"n_in_words": 1}), "config is missing register"),
     (lambda: encode_config(ARCH, window_config(kernel_h=0)), "config register kernel_h = 0 must be 1..255"),
     (lambda: encode_config(ARCH, window_config(kernel_w=256)), "kernel_w' = 256 is out of range 0..255"),
-    (lambda: encode_config(ARCH, window_config(op=3)), "config register op = 3 is not an op"),
-    (lambda: encode_config(ARCH, make_config(op=3)), "config register op = 3 is not an op"),
+    (lambda: encode_config(ARCH, window_config(op=4)), "config register op' = 4 is out of range 0..3"),
     (lambda: encode_config(ARCH, window_config(op=OP_LANE)),
      "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_LANE"),
     (lambda: encode_config(ARCH, window_config(op=OP_LANE, n_out=4, w_base=60)),
@@ -619,7 +885,8 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, window_config(words_per_pixel=0)), "words_per_pixel = 0 must be >= 1"),
     (lambda: encode_config(ARCH, window_config(out_rows=0)), "config register out_rows = 0 must be >= 1"),
     (lambda: encode_config(ARCH, window_config(in_width=3)),
-     r"n_in_words = 4 differs from in_height \* in_width \* words_per_pixel = 2 \* 3 \* 1 = 6"),
+     r"store_end - store_begin = 4 stored words differ from in_height \* in_width \* words_per_pixel = "
+     r"2 \* 3 \* 1 = 6"),
     (lambda: encode_config(ARCH, window_config(op=OP_MAX)),
      "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_MAX"),
     (lambda: encode_config(ARCH, window_config(out_rows=2, out_width=2)),
@@ -627,6 +894,46 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, window_config(n_out=3, w_base=40)),
      "w_base \\+ n_out \\* kernel_h \\* kernel_w \\* words_per_pixel = 67 exceed sram_words = 64"),
     (lambda: encode_config(ARCH, make_config(bogus=1)), "unknown register"),
+    # Section 4.2: RECV ranges, op ADD.
+    (lambda: encode_config(ARCH, make_config(n_in_words=4, store_end=5)),
+     "store_begin = 0, store_end = 5 must satisfy store_begin <= store_end <= n_in_words = 4"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=4, store_begin=3, store_end=2)),
+     "store_begin = 3, store_end = 2 must satisfy store_begin <= store_end <= n_in_words = 4"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=4, forward_begin=1, forward_end=6)),
+     "forward_begin = 1, forward_end = 6 must satisfy forward_begin <= forward_end <= n_in_words = 4"),
+    (lambda: encode_config(ARCH, make_config(store_end=1)),
+     "store_begin = 0, store_end = 1 must satisfy store_begin <= store_end <= n_in_words = 0"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=4, n_out=2, store_begin=1)),
+     r"store_end - store_begin = 3 stored words differ from in_height \* in_width \* words_per_pixel = "
+     r"1 \* 1 \* 4 = 4"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=70, store_begin=2, store_end=70)),
+     "act_base \\+ store_end - store_begin = 68 exceed sram_words = 64"),
+    (lambda: encode_config(ARCH, add_config(kernel_w=3)),
+     "config register kernel_w = 3 must be 2 for op = OP_ADD \\(kernel 1x2, stride 1, no padding\\)"),
+    (lambda: encode_config(ARCH, add_config(kernel_h=2)), "config register kernel_h = 2 must be 1 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(stride=2)), "config register stride = 2 must be 1 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(pad_left=1)), "config register pad_left = 1 must be 0 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(add_offset=3)),
+     r"add_offset = 3 must be >= in_height \* in_width \* words_per_pixel = 2 \* 2 \* 1 = 4 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(add_offset=5)),
+     r"add_offset \+ in_height \* in_width \* words_per_pixel = 2 \* 2 \* 1 = 4 = 9 exceed the 8 stored "
+     r"words \(store_end - store_begin\) for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(store_begin=1)), "= 8 exceed the 7 stored words"),
+    (lambda: encode_config(ARCH, add_config(add_mult_a=ADD_MULT_MAX + 1)),
+     "config register add_mult_a = 4194305 exceeds ADD_MULT_MAX = 4194304 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(add_mult_b=ADD_MULT_MAX + 7)),
+     "config register add_mult_b = 4194311 exceeds ADD_MULT_MAX = 4194304 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, make_config(add_mult_b=1 << 23)),
+     "config register add_mult_b' = 8388608 is out of range 0..8388607"),
+    (lambda: encode_config(ARCH, add_config(out_width=1)),
+     "config register out_width = 1 must equal in_width = 2 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(out_row_begin=1, out_rows=2)),
+     "config registers out_row_begin \\+ out_rows = 3 exceed in_height = 2 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(n_out=2)),
+     "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(out_rows=2)),
+     "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 4 result words exceed the result buffer"),
+    (lambda: encode_config(ARCH, add_config(w_base=65)), "config register w_base = 65 exceeds sram_words = 64"),
     (lambda: encode_param_entry(0, 1 << 31, 1), "'multiplier' = 2147483648 is out of range"),
     (lambda: encode_param_entry(0, 1, 0), "'shift' = 0 is out of range 1..62"),
     (lambda: encode_param_entry(1 << 31, 1, 1), "'bias' = 2147483648 is out of range"),

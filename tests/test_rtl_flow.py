@@ -5,6 +5,8 @@
     and that Verilator and Amaranth's simulator agree on every flit, time stamp and cycle count;
     (b') the same for a windowed network of section 4.1 (a convolution split by output rows over two
     tiles, then a max pool, then a depthwise convolution as an op = LANE layer);
+    (b'') a residual block of section 4.2 (``program_builder``: a split convolution, its input kept in
+    the stream, a split op = ADD join) on Verilator, bit- and cycle-exact against the emulator;
 (c) ``waves`` writes a non-empty waveform file.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from flowtile.arch import OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
+from flowtile.arch import OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers, stream_registers
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 from hdl import simulate as rtl
 from hdl.harness import HARNESS_TOP_NAME
@@ -200,7 +202,7 @@ def _dense_program(arch: Arch, seed: int = 0):
         if position == 0:
             config = _idle_config(n_in_words=k, n_out=N_OUT, w_base=w_base, act_base=act_base,
                                   zp_out=ZP_OUT, clamp_lo=CLAMP_LO, clamp_hi=CLAMP_HI, **route,
-                                  **dense_window_registers(k))
+                                  **dense_window_registers(k), **stream_registers(k, forward=False))
             tiles.append(TileProgram(row, col, config, sram, params))
         else:
             tiles.append(TileProgram(row, col, _idle_config(n_pass=result_words, **route),
@@ -303,14 +305,17 @@ def _conv_program(arch: Arch, seed: int = 3):
     conv_words = [rows * CONV_HW for _, rows in CONV_BANDS]   # one result word per pixel (CONV_OUT <= L)
     tiles = []
     for position, (begin, rows) in enumerate(CONV_BANDS):
-        config = _idle_config(n_in_words=k_words, forward=int(position == 0), n_pass=sum(conv_words[:position]),
+        config = _idle_config(n_in_words=k_words, **stream_registers(k_words, forward=position == 0),
+                              n_pass=sum(conv_words[:position]),
                               n_out=CONV_OUT, w_base=w_base, act_base=act_base, zp_out=ZP_OUT, clamp_lo=CLAMP_LO,
                               clamp_hi=CLAMP_HI, op=OP_MAC, words_per_pixel=words_per_pixel, kernel_h=kernel,
                               kernel_w=kernel, pad_top=1, pad_left=1, pad_value=CONV_PAD_VALUE,
                               out_row_begin=begin, out_rows=rows, **window, **route(position))
         tiles.append(TileProgram(*chain[position], config, conv_sram, params))
     pool_words_per_pixel = -(-CONV_OUT // lanes)
-    pool = _idle_config(n_in_words=CONV_HW * CONV_HW * pool_words_per_pixel, n_out=pool_words_per_pixel * lanes,
+    pool_in_words = CONV_HW * CONV_HW * pool_words_per_pixel
+    pool = _idle_config(n_in_words=pool_in_words, **stream_registers(pool_in_words, forward=False),
+                        n_out=pool_words_per_pixel * lanes,
                         act_base=0, clamp_lo=POOL_CLAMP_LO, clamp_hi=127, op=OP_MAX, in_height=CONV_HW,
                         in_width=CONV_HW, words_per_pixel=pool_words_per_pixel, kernel_h=2, kernel_w=2, stride=2,
                         pad_value=-128, out_rows=POOL_OUT, out_width=POOL_OUT, **route(2))
@@ -323,7 +328,8 @@ def _conv_program(arch: Arch, seed: int = 3):
     dw_image[..., :CONV_OUT] = dw_weights.transpose(1, 2, 0)
     dw_image = dw_image.reshape(-1, lanes)
     dw_in_words = POOL_OUT * POOL_OUT * pool_words_per_pixel
-    dw = _idle_config(n_in_words=dw_in_words, n_out=pool_words_per_pixel * lanes, w_base=0, act_base=len(dw_image),
+    dw = _idle_config(n_in_words=dw_in_words, **stream_registers(dw_in_words, forward=False),
+                      n_out=pool_words_per_pixel * lanes, w_base=0, act_base=len(dw_image),
                       zp_out=DW_ZP_OUT, clamp_lo=CLAMP_LO, clamp_hi=CLAMP_HI, op=OP_LANE, in_height=POOL_OUT,
                       in_width=POOL_OUT, words_per_pixel=pool_words_per_pixel, kernel_h=DW_KERNEL,
                       kernel_w=DW_KERNEL, stride=1, pad_top=1, pad_left=1, pad_value=DW_PAD_VALUE,
@@ -438,6 +444,45 @@ def test_conv_pool_verilator_matches_amaranth(conv_case, amaranth_conv):
     np.testing.assert_array_equal(result.out_flits, amaranth_conv.out_flits)
     np.testing.assert_array_equal(result.out_times, amaranth_conv.out_times)
     assert result.cycles == amaranth_conv.cycles
+
+
+# --- (b'') a residual block on the real chip (section 4.2) ----------------------------------------------
+
+#: On CONV_ARCH's four tiles: a 3x3 convolution (pad 1, 3 -> 3 channels) split over two tiles by output
+#: rows is the main branch; its input stays in the stream in front of its output (the first tile
+#: forwards it and so does the last), and two ADD tiles (row bands) join skip and main branch.
+RES_SHAPE, RES_BATCH = (3, 3, 3), 3
+
+
+@pytest.fixture(scope="module")
+def residual_case():
+    from flowtile.host import pack_flits
+    from program_builder import AddParams, Conv, Residual, build_program, network_golden
+    rng = np.random.default_rng(5)
+    channels = RES_SHAPE[0]
+    conv = Conv(rng.integers(-128, 128, (channels, channels, 3, 3), dtype=np.int8), rng.integers(-3000, 3000, channels),
+                MULTIPLIER, SHIFT + 1, zp_in=-5, zp_out=2, clamp_lo=2, pads=(1, 1, 1, 1), tiles=2)
+    add = AddParams(2**22, 3 * 2**20, rng.integers(2**30, 2**31, channels), 53, zp_a=-5, zp_b=2, zp_out=-3,
+                    clamp_lo=-100, clamp_hi=100)
+    layers = [Residual([conv], add, tiles=2)]
+    program = build_program(CONV_ARCH, layers, input_shape=RES_SHAPE, act_fill=rng)
+    x = rng.integers(-128, 128, (RES_BATCH, int(np.prod(RES_SHAPE))), dtype=np.int8)
+    golden = network_golden(layers, x, RES_SHAPE, CONV_ARCH.lanes)
+    assert len(np.unique(golden)) > 20, "the residual output must carry information"
+    return program, pack_flits(x, CONV_ARCH.lanes, program.input), golden
+
+
+@pytest.mark.rtl
+def test_residual_block_verilator_matches_emulator(residual_case):
+    from emulator import emulate
+    program, in_flits, golden = residual_case
+    assert [t.config["op"] for t in program.tiles] == [OP_MAC, OP_MAC, OP_ADD, OP_ADD]
+    emulated = emulate(program, in_flits, RES_BATCH)
+    np.testing.assert_array_equal(emulated.out_flits, golden)
+    result = rtl.simulate(program, in_flits, RES_BATCH)
+    np.testing.assert_array_equal(result.out_flits, golden)
+    np.testing.assert_array_equal(result.out_times, emulated.out_times)
+    assert result.cycles == emulated.cycles
 
 
 # --- (c) waveforms -------------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""ResNet-8 (the MLPerf Tiny CIFAR-10 shape: 32x32x3 input, a 16-channel 3x3 stem, basic residual blocks
+of 16, 32 (stride 2) and 64 (stride 2) channels, global average pool, 10 classes) with random weights.
+
+Compiles it (float in, quantized by flowtile with a random calibration set) for a grid big enough to hold it,
+runs a batch on the emulator, checks the outputs against onnxruntime's int8 model (<= 1 LSB), and prints
+per-layer tiles and steady-state MAC utilization (layer MACs / (interval x layer tiles x lanes)) and the
+whole network's. Optionally runs the same program in Verilator and compares (the first build of a large grid
+takes many minutes). Run: ``python benchmarks/resnet8.py [--grid 8x8] [--batch 8] [--rtl]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+#: ResNet-8's blocks for tests/random_models.random_float_resnet.
+RESNET8_BLOCKS = [{"kind": "basic", "out": 16}, {"kind": "basic", "out": 32, "stride": 2},
+                  {"kind": "basic", "out": 64, "stride": 2}]
+
+
+def main() -> None:
+    os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
+    from compiler import compile_model, report
+    from emulator import emulate
+    from flowtile.arch import Arch
+    from flowtile.host import input_flits, outputs_from_flits
+    from flowtile.oracle import onnxruntime_int8_output
+    from random_models import random_float_resnet
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", default="8x8", help="tile grid RxC (default 8x8)")
+    parser.add_argument("--sram-bytes", type=int, default=65536, help="per-tile SRAM (default 65536)")
+    parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rtl", action="store_true", help="also run Verilator and compare")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    model = random_float_resnet(rng, (3, 32, 32), 16, RESNET8_BLOCKS, 10)
+    calibration = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
+    arch = Arch(sram_bytes=args.sram_bytes, max_tile_outputs=args.max_tile_outputs).with_grid(args.grid)
+
+    started = time.perf_counter()
+    program = compile_model(model, arch, calibration=calibration)
+    print(f"compiled in {time.perf_counter() - started:.1f} s")
+    print(report(program))
+
+    x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
+    _, flits = input_flits(program, x)
+    started = time.perf_counter()
+    result = emulate(program, flits, args.batch)
+    emu_seconds = time.perf_counter() - started
+    ours = outputs_from_flits(program, result.out_flits, args.batch)[0].astype(np.int32)
+    theirs = onnxruntime_int8_output(model, program, x, calibration=calibration)[0].astype(np.int32)
+    worst = int(np.abs(ours - theirs).max())
+
+    interval = result.interval_cycles
+    lanes = arch.lanes
+    print(f"\nemulator: batch {args.batch}, {result.cycles} cycles in {emu_seconds:.2f} s; latency "
+          f"{result.latency_cycles}, interval {interval:.1f} cycles/inference; max |flowtile - onnxruntime| = "
+          f"{worst} LSB")
+    print(f"{'layer':18s} {'op':22s} {'tiles':>5s} {'MACs/inf':>10s} {'steady-state util':>18s}")
+    for layer in program.layers:
+        util = layer.macs / (interval * len(layer.tiles) * lanes)
+        print(f"{layer.name:18s} {layer.op + ('+Relu' if layer.relu else ''):22s} {len(layer.tiles):5d} "
+              f"{layer.macs:10d} {100 * util:17.1f}%")
+    used = sum(len(layer.tiles) for layer in program.layers)
+    whole = program.macs_per_inference / (interval * arch.n_tiles * lanes)
+    print(f"whole network: {program.macs_per_inference} MACs/inference on {arch.n_tiles} tiles ({used} computing): "
+          f"steady-state MAC utilization {100 * whole:.1f}% (goal >= 90%); over the whole run "
+          f"{100 * result.mac_utilization:.1f}%")
+    if worst > 1:
+        raise SystemExit(f"outputs differ from onnxruntime by {worst} LSB (> 1)")
+
+    if args.rtl:
+        from hdl.simulate import simulate
+        started = time.perf_counter()
+        rtl = simulate(program, flits, args.batch)
+        same = np.array_equal(rtl.out_flits, result.out_flits) and rtl.cycles == result.cycles
+        print(f"RTL (Verilator, incl. any build): {time.perf_counter() - started:.0f} s, {rtl.cycles} cycles; "
+              f"outputs and cycles equal to the emulator: {same}")
+        if not same:
+            raise SystemExit("RTL and emulator differ")
+
+
+if __name__ == "__main__":
+    main()
