@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 __all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS", "OP_MAC",
-           "OP_MAX", "OP_LANE", "OP_ADD", "ADD_MULT_BITS", "ADD_MULT_MAX", "dense_window_registers",
+           "OP_MAX", "OP_LANE", "OP_ADD", "OP_CONCAT", "ADD_MULT_BITS", "ADD_MULT_MAX", "dense_window_registers",
            "stream_registers"]
 
 #: Accumulator width of a PE. Accumulation wraps modulo 2**ACC_BITS (two's complement); the
@@ -51,7 +51,8 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("clamp_hi", 8, True),
     # Windowed layers (docs/architecture.md section 4.1). A dense layer is the 1x1 case:
     # in_height = in_width = 1, words_per_pixel = n_in_words, 1x1 kernel, one output pixel.
-    ("op", 2, False),            # OP_MAC (dense/conv), OP_MAX (max pool), OP_LANE (depthwise conv, average pools)
+    ("op", 3, False),            # OP_MAC (dense/conv), OP_MAX (max pool), OP_LANE (depthwise conv, average pools),
+                                 # OP_ADD (residual Add), OP_CONCAT (channel Concat)
     ("in_height", 8, False),     # input feature map, stored pixel-major (row-major), words_per_pixel words a pixel
     ("in_width", 8, False),
     ("words_per_pixel", 16, False),
@@ -64,10 +65,12 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("out_row_begin", 8, False), # this tile computes output rows [out_row_begin, out_row_begin + out_rows)
     ("out_rows", 8, False),
     ("out_width", 8, False),     # ... and all out_width output columns
-    # op = ADD (section 4.2): operand b of a pixel word sits add_offset words after operand a's.
-    ("add_offset", 16, False),
+    # op = ADD / CONCAT (sections 4.2, 4.3): the two operand maps start at these stored-word offsets.
+    ("operand_a_offset", 16, False),
+    ("operand_b_offset", 16, False),
     ("add_mult_a", ADD_MULT_BITS, False),  # integer weights of the two operands, <= ADD_MULT_MAX
     ("add_mult_b", ADD_MULT_BITS, False),
+    ("concat_words_a", 16, False),         # op = CONCAT: words per pixel of operand a (the rest are b's)
 )
 
 #: Values of the ``op`` register.
@@ -75,13 +78,15 @@ OP_MAC = 0
 OP_MAX = 1
 OP_LANE = 2
 OP_ADD = 3
+OP_CONCAT = 4
 
 
 def dense_window_registers(n_in_words: int) -> dict[str, int]:
     """The windowing registers of a dense layer with ``n_in_words`` input words (the 1x1 case)."""
     return {"op": OP_MAC, "in_height": 1, "in_width": 1, "words_per_pixel": n_in_words,
             "kernel_h": 1, "kernel_w": 1, "stride": 1, "pad_top": 0, "pad_left": 0, "pad_value": 0,
-            "out_row_begin": 0, "out_rows": 1, "out_width": 1, "add_offset": 0, "add_mult_a": 0, "add_mult_b": 0}
+            "out_row_begin": 0, "out_rows": 1, "out_width": 1, "operand_a_offset": 0, "operand_b_offset": 0,
+            "add_mult_a": 0, "add_mult_b": 0, "concat_words_a": 0}
 
 
 def stream_registers(n_in_words: int, *, forward: bool) -> dict[str, int]:

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import ADD_MULT_MAX, OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
+from .arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
-           "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words",
+           "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words", "operand_words",
            "channel_preserving"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def output_pixels(config: dict) -> int:
@@ -43,13 +43,13 @@ def forwarded_words(config: dict) -> int:
 
 
 def channel_preserving(config: dict) -> bool:
-    """MAX, LANE and ADD compute one result word per (pixel, input word): ``n_out = CW * L``."""
-    return config["op"] in (OP_MAX, OP_LANE, OP_ADD)
+    """MAX, LANE, ADD and CONCAT compute one result word per (pixel, word): ``n_out = CW * L``."""
+    return config["op"] in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT)
 
 
 def weight_words(config: dict) -> int:
     """SRAM words of weights a tile's registers imply (docs/architecture.md section 4.1)."""
-    if not config["n_out"] or config["op"] in (OP_MAX, OP_ADD):
+    if not config["n_out"] or config["op"] in (OP_MAX, OP_ADD, OP_CONCAT):
         return 0
     if config["op"] == OP_LANE:
         return config["kernel_h"] * config["kernel_w"] * config["words_per_pixel"]
@@ -66,13 +66,46 @@ def compute_issue_cycles(config: dict) -> int:
     if not config["n_out"]:
         return 0
     window = config["kernel_h"] * config["kernel_w"]
-    if channel_preserving(config):  # ADD: kernel 1x2, one issue per operand
+    if channel_preserving(config):  # ADD: kernel 1x2, one issue per operand; CONCAT: 1x1
         return output_pixels(config) * config["words_per_pixel"] * window
     return output_pixels(config) * config["n_out"] * window * config["words_per_pixel"]
 
 
 class ProgramError(ValueError):
     """A program directory is missing, malformed, or inconsistent with its arch."""
+
+
+def operand_words(config: dict) -> tuple[int, int]:
+    """Stored words of the two operand maps of an ADD or CONCAT tile (sections 4.2, 4.3)."""
+    pixels = config["in_height"] * config["in_width"]
+    if config["op"] == OP_CONCAT:
+        return pixels * config["concat_words_a"], pixels * (config["words_per_pixel"] - config["concat_words_a"])
+    return (pixels * config["words_per_pixel"],) * 2
+
+
+def _check_two_operands(key: str, config: dict, stored: int) -> None:
+    """The registers of an ADD or CONCAT tile describe two disjoint operand maps inside the stored words."""
+    name = "ADD" if config["op"] == OP_ADD else "CONCAT"
+    kernel = (1, 2) if config["op"] == OP_ADD else (1, 1)
+    if (config["kernel_h"], config["kernel_w"], config["stride"], config["pad_top"], config["pad_left"]) != \
+            (*kernel, 1, 0, 0):
+        raise ProgramError(f"tile {key}: {name} needs kernel {kernel[0]}x{kernel[1]}, stride 1 and no padding")
+    if config["op"] == OP_CONCAT and not 1 <= config["concat_words_a"] < config["words_per_pixel"]:
+        raise ProgramError(f"tile {key}: CONCAT register concat_words_a = {config['concat_words_a']} must be in "
+                           f"1..words_per_pixel - 1 = {config['words_per_pixel'] - 1}")
+    size_a, size_b = operand_words(config)
+    a, b = config["operand_a_offset"], config["operand_b_offset"]
+    if max(a + size_a, b + size_b) > stored or (a < b + size_b and b < a + size_a):
+        raise ProgramError(f"tile {key}: {name} operands of {size_a} and {size_b} words at operand_a_offset = {a} "
+                           f"and operand_b_offset = {b} must be disjoint and inside the {stored} stored words")
+    if config["out_width"] != config["in_width"] or config["out_row_begin"] + config["out_rows"] > config["in_height"]:
+        raise ProgramError(f"tile {key}: {name} output rows {config['out_row_begin']}.."
+                           f"{config['out_row_begin'] + config['out_rows'] - 1} x width {config['out_width']} must "
+                           f"lie inside the {config['in_height']}x{config['in_width']} map")
+    for register in ("add_mult_a", "add_mult_b"):
+        if config[register] > ADD_MULT_MAX:
+            raise ProgramError(f"tile {key}: register {register} = {config[register]} exceeds "
+                               f"ADD_MULT_MAX = {ADD_MULT_MAX}")
 
 
 @dataclass(frozen=True)
@@ -237,24 +270,8 @@ class Program:
             if n_out:
                 pixels = config["in_height"] * config["in_width"] * config["words_per_pixel"]
                 stored = stored_words(config)
-                if config["op"] == OP_ADD:
-                    if not (config["add_offset"] >= pixels and stored >= config["add_offset"] + pixels):
-                        raise ProgramError(f"tile {tile.key}: ADD operands of {pixels} words at offsets 0 and "
-                                           f"add_offset = {config['add_offset']} must lie apart inside the "
-                                           f"{stored} stored words")
-                    if (config["kernel_h"], config["kernel_w"], config["stride"], config["pad_top"],
-                            config["pad_left"]) != (1, 2, 1, 0, 0):
-                        raise ProgramError(f"tile {tile.key}: ADD needs kernel 1x2, stride 1 and no padding")
-                    if config["out_width"] != config["in_width"] or \
-                            config["out_row_begin"] + config["out_rows"] > config["in_height"]:
-                        raise ProgramError(f"tile {tile.key}: ADD output rows {config['out_row_begin']}.."
-                                           f"{config['out_row_begin'] + config['out_rows'] - 1} x width "
-                                           f"{config['out_width']} must lie inside the {config['in_height']}x"
-                                           f"{config['in_width']} map")
-                    for name in ("add_mult_a", "add_mult_b"):
-                        if config[name] > ADD_MULT_MAX:
-                            raise ProgramError(f"tile {tile.key}: register {name} = {config[name]} exceeds "
-                                               f"ADD_MULT_MAX = {ADD_MULT_MAX}")
+                if config["op"] in (OP_ADD, OP_CONCAT):
+                    _check_two_operands(tile.key, config, stored)
                 elif pixels != stored:
                     raise ProgramError(f"tile {tile.key}: {stored} stored words (store_begin..store_end) but "
                                        f"the input map is {config['in_height']}x{config['in_width']}x"
