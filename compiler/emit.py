@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from flowtile.arch import OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
+from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
 from flowtile.program import LayerInfo, Program, TileProgram, stored_words, weight_words
 
 from .errors import CompileError
@@ -23,15 +23,15 @@ class StreamPlan:
     """What the stream into one layer's tiles holds and what they do with it (docs/architecture.md 4.2).
 
     ``n_words``: RECV words per inference (every tensor in the stream); the tiles store words
-    ``[store[0], store[1])`` (the layer's input, or both operands of an Add) and the layer's last tile
-    forwards ``[forward[0], forward[1])`` (the tensors still needed later); ``swap``: an Add whose first
-    ONNX operand comes second in the stream.
+    ``[store[0], store[1])`` (the layer's input, or both operands of an Add or Concat) and the layer's last
+    tile forwards ``[forward[0], forward[1])`` (the tensors still needed later); ``operands``: for an Add or
+    Concat, the stored-word offsets of its first and second ONNX input.
     """
 
     n_words: int
     store: tuple[int, int]
     forward: tuple[int, int]
-    swap: bool = False
+    operands: tuple[int, int] = (0, 0)
 
     @property
     def carried(self) -> int:
@@ -44,7 +44,8 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int) -> list[
     each layer's last tile forwards the tensors a later layer still reads and appends its own output.
 
     A tensor's words are contiguous in the stream; the tensors a layer forwards must be adjacent (they are
-    one register range), as must an Add's two operands: CompileError otherwise.
+    one register range), as must an Add's or Concat's two operands: CompileError otherwise. A Concat's first
+    input must have a multiple of ``lanes`` channels (its words then end where the second input's begin).
     """
     sources = layer_sources(layers)
     last_reader = {}
@@ -60,9 +61,13 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int) -> list[
         missing = [source for source in reads if source not in where]
         assert not missing, f"layer {index} reads tensors {missing} that are not in the stream"
         positions = sorted(where[source] for source in reads)
-        if layer.is_add and (len(set(reads)) != 2 or positions[1] != positions[0] + 1):
-            raise CompileError(f"layer '{layer.name}' (Add) adds {names[reads[0]]} and {names[reads[1]]}, which are "
-                               f"not two adjacent tensors of the stream")
+        if layer.is_join and (len(set(reads)) != 2 or positions[1] != positions[0] + 1):
+            raise CompileError(f"layer '{layer.name}' ({layer.op}) joins {names[reads[0]]} and {names[reads[1]]}, "
+                               f"which are not two adjacent tensors of the stream")
+        if layer.is_concat and layer.concat_channels_a % lanes:
+            raise CompileError(f"layer '{layer.name}' (Concat): its first input has {layer.concat_channels_a} channels, "
+                               f"not a multiple of the {lanes} lanes (arch field 'lanes'), so the second input's "
+                               f"channels would not start at a word boundary")
         store = (int(offsets[positions[0]]), int(offsets[positions[-1] + 1]))
         live = [position for position, (tensor, _) in enumerate(stream) if last_reader[tensor] > index]
         if live and live != list(range(live[0], live[-1] + 1)):
@@ -70,7 +75,8 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int) -> list[
                                f"({', '.join(names[stream[p][0]] for p in live)}) are not adjacent in its input "
                                f"stream; flowtile forwards one contiguous range")
         forward = (int(offsets[live[0]]), int(offsets[live[-1] + 1])) if live else (0, 0)
-        plans.append(StreamPlan(int(offsets[-1]), store, forward, layer.is_add and where[reads[0]] > where[reads[1]]))
+        operands = tuple(int(offsets[where[source]]) - store[0] for source in reads) if layer.is_join else (0, 0)
+        plans.append(StreamPlan(int(offsets[-1]), store, forward, operands))
         stream = [stream[p] for p in live] + [(index, output_words(layer, lanes))]
     assert [tensor for tensor, _ in stream] == [len(layers) - 1], "tensors left in the stream after the last layer"
     return plans
@@ -104,8 +110,8 @@ def _stream_registers(plan: StreamPlan, part: TileSlice) -> dict[str, int]:
 
 
 def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
-    if layer.is_add:
-        return _add_tile(arch, position, layer, part, plan)
+    if layer.is_join:
+        return _join_tile(arch, position, layer, part, plan)
     if layer.window is not None:
         return _window_tile(arch, position, layer, part, plan)
     k, lanes = part.n_in_words, arch.lanes
@@ -119,18 +125,19 @@ def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlic
                        layer.params[part.start:part.stop].copy())
 
 
-def _add_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
-    """A band of output rows of a residual Add (op ADD, section 4.2): no weights; operand a (the first of the
-    two in the stream) at stored offset 0, operand b right after it."""
+def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
+    """A band of output rows of a residual Add (op ADD, section 4.2) or channel Concat (op CONCAT, section 4.3):
+    no weights; the operands where the stream put them."""
     lanes, w = arch.lanes, layer.window
     cw = words(w.channels, lanes)
-    mult_a, mult_b = layer.add_mult[::-1] if plan.swap else layer.add_mult
     config = _config(
         **_stream_registers(plan, part), n_pass=part.n_pass, n_out=cw * lanes, w_base=0, act_base=0,
-        zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi, op=OP_ADD, in_height=w.height,
-        in_width=w.width, words_per_pixel=cw, kernel_h=1, kernel_w=2, stride=1, out_row_begin=part.row_begin,
-        out_rows=part.rows, out_width=w.width, add_offset=w.height * w.width * cw, add_mult_a=mult_a,
-        add_mult_b=mult_b, **_destination(arch, position))
+        zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi,
+        op=OP_ADD if layer.is_add else OP_CONCAT, in_height=w.height, in_width=w.width, words_per_pixel=cw,
+        kernel_h=1, kernel_w=2 if layer.is_add else 1, stride=1, out_row_begin=part.row_begin, out_rows=part.rows,
+        out_width=w.width, operand_a_offset=plan.operands[0], operand_b_offset=plan.operands[1],
+        add_mult_a=layer.add_mult[0], add_mult_b=layer.add_mult[1],
+        concat_words_a=layer.concat_channels_a // lanes if layer.is_concat else 0, **_destination(arch, position))
     row, col = arch.chain_position(position)
     return TileProgram(row, col, config, np.zeros((0, lanes), np.int8), lane_params(layer, lanes))
 
@@ -171,7 +178,7 @@ def _layer_info(layer: LoweredLayer, tiles: tuple) -> LayerInfo:
         return LayerInfo(layer.name, layer.op, layer.n_in, layer.n_out, tiles, layer.relu)
     w = layer.window
     outputs = layer.n_out * w.out_height * w.out_width
-    if layer.is_pool or layer.is_add:
+    if layer.is_pool or layer.is_join:
         macs = 0
     elif layer.is_lane:
         macs = outputs * w.kernel_h * w.kernel_w

@@ -24,7 +24,8 @@ Convolutions lower exactly like dense layers, ``sum_j`` running over the ``C x K
 A residual Add (op ADD, section 4.2) of ``a (s_a, z_a)`` and ``b (s_b, z_b)`` into ``(s_y, z_y)``: operand
 weights ``m_{a,b} = round(2^22 s_{a,b} / max(s_a, s_b))`` (``<= ADD_MULT_MAX``), per channel
 ``bias = -(z_a m_a + z_b m_b)`` and ``M/2^S ~= max(s_a, s_b) / (2^22 s_y)``; ``|acc| <= 255 (m_a + m_b) < 2^31``.
-The integer weights' relative error is below ``2^-23 * max(s)/min(s)``, far below one output unit, so the
+A channel Concat (op CONCAT, section 4.3) lowers the same way with, per output channel, the bias of the
+operand it comes from (``-z_a m_a`` or ``-z_b m_b``). The integer weights' relative error is below ``2^-23 * max(s)/min(s)``, far below one output unit, so the
 result can differ from the exact ``rne`` only where the exact value is within that of a rounding tie.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 from flowtile.arch import ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, SHIFT_BITS
 
 from .errors import CompileError
-from .onnx_import import LANE_OPS, AddLayer, DenseLayer, PoolLayer, Window, layer_sources
+from .onnx_import import LANE_OPS, AddLayer, ConcatLayer, DenseLayer, PoolLayer, Window, layer_sources
 
 __all__ = ["LoweredLayer", "lower_layers", "lower_layer", "quantize_multiplier", "reference_forward",
            "weight_rows", "lane_params", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
@@ -77,8 +78,10 @@ class LoweredLayer:
     sources: tuple[int, ...] = ()
     #: Grouped Conv: the ONNX group count (``weight`` is block-diagonal); 1 otherwise. Report only.
     groups: int = 1
-    #: op "Add" only: the operand weights ``(add_mult_a, add_mult_b)`` in the Add node's input order.
+    #: op "Add" / "Concat": the operand weights ``(add_mult_a, add_mult_b)`` in the node's input order.
     add_mult: tuple[int, int] | None = None
+    #: op "Concat": channels of the first input (the output's first channels).
+    concat_channels_a: int = 0
 
     @property
     def is_pool(self) -> bool:
@@ -90,6 +93,16 @@ class LoweredLayer:
         return self.op == "Add"
 
     @property
+    def is_concat(self) -> bool:
+        """A channel concatenation (op CONCAT, section 4.3): like Add, ``window`` is the output map."""
+        return self.op == "Concat"
+
+    @property
+    def is_join(self) -> bool:
+        """Reads two source tensors (Add, Concat)."""
+        return self.is_add or self.is_concat
+
+    @property
     def is_lane(self) -> bool:
         """Computed by op LANE (depthwise Conv, AveragePool, GlobalAveragePool): ``weight`` int8 ``[C, 1, KH, KW]``."""
         return self.op in LANE_OPS
@@ -97,7 +110,7 @@ class LoweredLayer:
     @property
     def n_in(self) -> int:
         """Input elements (dense), input channels (Conv, MaxPool, lane layers)."""
-        return self.window.channels if self.is_pool or self.is_lane or self.is_add else int(self.weight.shape[1])
+        return self.window.channels if self.is_pool or self.is_lane or self.is_join else int(self.weight.shape[1])
 
     @property
     def n_out(self) -> int:
@@ -144,25 +157,31 @@ def _clamp_hi(clip_max: float | None, output) -> int:
     return int(min(127, max(-128, np.rint(clip_max / output.scale) + output.int8_zero_point)))
 
 
-def _lower_add(layer: AddLayer) -> LoweredLayer:
-    where = f"layer '{layer.name}' (Add)"
+def _lower_join(layer: AddLayer | ConcatLayer) -> LoweredLayer:
+    """Add (section 4.2) and Concat (section 4.3): operand weights, folded zero points, one (M, S)."""
+    where = f"layer '{layer.name}' ({layer.op})"
     (a, b), channels = layer.inputs, layer.shape[0]
     largest = max(a.scale, b.scale)
     mult = tuple(int(round(ADD_MULT_MAX * operand.scale / largest)) for operand in (a, b))
-    bias = -(a.int8_zero_point * mult[0] + b.int8_zero_point * mult[1])
+    fold_a, fold_b = -a.int8_zero_point * mult[0], -b.int8_zero_point * mult[1]
+    if isinstance(layer, ConcatLayer):  # each channel comes from one operand
+        bias = np.where(np.arange(channels) < layer.channels_a, fold_a, fold_b).astype(np.int64)
+    else:
+        bias = np.full(channels, fold_a + fold_b, np.int64)
     multiplier, shift = quantize_multiplier(largest / (ADD_MULT_MAX * layer.output.scale), where=where)
     zp_out = layer.output.int8_zero_point
     return LoweredLayer(
-        name=layer.name, op="Add", weight=np.zeros((channels, 0), np.int8), bias=np.full(channels, bias, np.int64),
+        name=layer.name, op=layer.op, weight=np.zeros((channels, 0), np.int8), bias=bias,
         multiplier=np.full(channels, multiplier, np.int64), shift=np.full(channels, shift, np.int64), zp_out=zp_out,
         clamp_lo=max(-128, zp_out) if layer.relu else -128, clamp_hi=_clamp_hi(layer.clip_max, layer.output),
-        relu=layer.relu or zp_out == -128, window=layer.window, sources=tuple(layer.sources), add_mult=mult)
+        relu=layer.relu or zp_out == -128, window=layer.window, sources=tuple(layer.sources), add_mult=mult,
+        concat_channels_a=getattr(layer, "channels_a", 0))
 
 
-def lower_layer(layer: DenseLayer | PoolLayer | AddLayer) -> LoweredLayer:
+def lower_layer(layer: DenseLayer | PoolLayer | AddLayer | ConcatLayer) -> LoweredLayer:
     """One imported layer -> :class:`LoweredLayer` (bias folding, multipliers, clamps, overflow proof)."""
-    if isinstance(layer, AddLayer):
-        return _lower_add(layer)
+    if isinstance(layer, (AddLayer, ConcatLayer)):
+        return _lower_join(layer)
     if isinstance(layer, PoolLayer):
         channels = layer.window.channels
         zero = np.zeros(channels, np.int64)
@@ -198,7 +217,7 @@ def lower_layer(layer: DenseLayer | PoolLayer | AddLayer) -> LoweredLayer:
         groups=layer.groups)
 
 
-def lower_layers(layers: list[DenseLayer | PoolLayer | AddLayer]) -> list[LoweredLayer]:
+def lower_layers(layers: list[DenseLayer | PoolLayer | AddLayer | ConcatLayer]) -> list[LoweredLayer]:
     """Lower every layer; each layer must agree with its source layers on the activations between them."""
     for index, (after, sources) in enumerate(zip(layers, layer_sources(layers))):
         if after.window is not None:
@@ -207,8 +226,12 @@ def lower_layers(layers: list[DenseLayer | PoolLayer | AddLayer]) -> list[Lowere
             expected = after.input_map
         else:
             expected = (after.n_in,)
-        reads = after.inputs if isinstance(after, AddLayer) else (after.input,) * len(sources)
-        for source, params in zip(sources, reads):
+        expected_shapes = [expected] * len(sources)
+        if isinstance(after, ConcatLayer):
+            channels, height, width = after.shape
+            expected_shapes = [(after.channels_a, height, width), (channels - after.channels_a, height, width)]
+        reads = after.inputs if isinstance(after, (AddLayer, ConcatLayer)) else (after.input,) * len(sources)
+        for source, params, expected in zip(sources, reads, expected_shapes):
             if not 0 <= source < index:
                 continue  # the graph input: checked against the input spec by the importer
             before = layers[source]
@@ -250,12 +273,12 @@ def weight_rows(layer: LoweredLayer, lanes: int) -> np.ndarray:
       padding lanes are zero (``K = H*W*CW``);
     * Conv: ``K_w = KH*KW*CW`` words, word ``(ky*KW + kx)*CW + cw`` holding channels ``cw*L .. cw*L+L-1``
       of ``W[o, :, ky, kx]`` (section 4.1);
-    * MaxPool, Add: no weights (``[CW*L, 0]``);
+    * MaxPool, Add, Concat: no weights (``[CW*L, 0]``);
     * lane layers: ``[CW*KH*KW, L]``, *not* one row per output: the SRAM words themselves, word
       ``cw*KH*KW + ky*KW + kx`` holding in lane ``l`` the weight of channel ``cw*L + l`` at ``(ky, kx)``
       (zero for padding channels; section 4.1, op LANE).
     """
-    if layer.is_pool or layer.is_add:
+    if layer.is_pool or layer.is_join:
         return np.zeros((_words(layer.n_in, lanes) * lanes, 0), np.int8)
     if layer.is_lane:
         channels, _, kh, kw = layer.weight.shape
@@ -332,6 +355,12 @@ def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray
             shape = (batch, *layer.window.input_shape)
             b = b.reshape(shape)
             acc = layer.bias.reshape(1, -1, 1, 1) + a.reshape(shape) * layer.add_mult[0] + b * layer.add_mult[1]
+            a = _requantize(_wrap32(acc), layer, (1, -1, 1, 1))
+        elif layer.is_concat:
+            channels, height, width = layer.window.input_shape
+            a = a.reshape(batch, layer.concat_channels_a, height, width) * layer.add_mult[0]
+            b = b.reshape(batch, channels - layer.concat_channels_a, height, width) * layer.add_mult[1]
+            acc = layer.bias.reshape(1, -1, 1, 1) + np.concatenate([a, b], axis=1)
             a = _requantize(_wrap32(acc), layer, (1, -1, 1, 1))
         elif layer.window is not None:
             a = a.reshape(batch, *layer.window.input_shape)

@@ -27,9 +27,10 @@ Accepted models are MLPs and CNNs, a chain from the graph input to the graph out
   :class:`DenseLayer` with weight ``[C, 1, KH, KW]`` (all ones and weight scale ``1 / (KH*KW)`` for pools).
   The dense layer after the flatten keeps its ONNX weight (NCHW column order) and records the map
   it reads (:attr:`DenseLayer.input_map`); lowering maps it to the on-chip pixel-major order.
-* residual blocks (docs/architecture.md section 4.2): a feature map that feeds two branches of Conv / pool
-  layers (one branch may be empty: an identity shortcut) which meet at one ``Add`` of two maps of the same
-  shape, ``DQ(a) + DQ(b) -> [Relu|Clip] -> Q -> DQ``, the inputs' scales and zero points free. The layers
+* residual blocks (docs/architecture.md sections 4.2, 4.3): a feature map that feeds two branches of Conv /
+  pool layers (one branch may be empty: an identity shortcut) which meet at one ``Add`` of two maps of the
+  same shape, ``DQ(a) + DQ(b) -> [Relu|Clip] -> Q -> DQ``, or one channel ``Concat`` (axis 1) of two maps of
+  the same height and width, the inputs' scales and zero points free. The layers
   keep their sources (:func:`layer_sources`); the shorter branch is listed first. Nested forks, forks of
   vectors, forks into more than two readers and broadcasting Adds are rejected naming the tensor or node.
 * float models of the same ops (plus Add as a MatMul bias or a residual join), which :func:`import_onnx` first
@@ -58,7 +59,7 @@ from flowtile.program import TensorSpec
 from .errors import CompileError
 from .qoperator import qoperator_to_qdq
 
-__all__ = ["QuantParams", "DenseLayer", "AddLayer", "layer_sources", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
+__all__ = ["QuantParams", "DenseLayer", "AddLayer", "ConcatLayer", "layer_sources", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
            "fuse_matmul_add", "DEFAULT_CALIBRATION_SAMPLES"]
 
 #: Samples in the seeded random-normal calibration set used when none is given.
@@ -66,7 +67,7 @@ DEFAULT_CALIBRATION_SAMPLES = 256
 
 _QUANT_DTYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
 _FLOAT_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Reshape", "Conv", "MaxPool", "Clip", "AveragePool",
-              "GlobalAveragePool"}
+              "GlobalAveragePool", "Concat"}
 #: Layers the PE computes lane by lane (op = LANE, docs/architecture.md section 4.1).
 LANE_OPS = ("DepthwiseConv", "AveragePool", "GlobalAveragePool")
 _RESHAPE_OPS = {"Flatten", "Reshape"}
@@ -189,26 +190,12 @@ class PoolLayer:
         return (self.window.channels, self.window.out_height, self.window.out_width)
 
 
-@dataclass
-class AddLayer:
-    """A residual join ``y = Q(relu?(DQ_a(a) + DQ_b(b)))`` of two feature maps of one shape (section 4.2).
-
-    ``sources`` are the layers producing ``a`` and ``b`` (-1: the graph input), in the Add node's input
-    order; ``inputs`` their quantizations.
-    """
-
-    name: str
-    shape: tuple[int, int, int]
-    inputs: tuple[QuantParams, QuantParams]
-    output: QuantParams
-    relu: bool
-    sources: tuple[int, int]
-    clip_max: float | None = None
-    op: str = "Add"
+class _MapJoin:
+    """What the two joins (Add, Concat) share: an output map ``shape``, read as a 1x1 window."""
 
     @property
     def window(self) -> Window:
-        """The map as a 1x1 window: every output pixel reads the same pixel of both operands."""
+        """The output map as a 1x1 window: every output pixel reads the same pixel of both operands."""
         channels, height, width = self.shape
         return Window(channels, height, width, 1, 1, 1, 0, 0, height, width)
 
@@ -229,6 +216,40 @@ class AddLayer:
         return self.shape
 
 
+@dataclass
+class AddLayer(_MapJoin):
+    """A residual join ``y = Q(relu?(DQ_a(a) + DQ_b(b)))`` of two feature maps of one shape (section 4.2).
+
+    ``sources`` are the layers producing ``a`` and ``b`` (-1: the graph input), in the Add node's input
+    order; ``inputs`` their quantizations.
+    """
+
+    name: str
+    shape: tuple[int, int, int]
+    inputs: tuple[QuantParams, QuantParams]
+    output: QuantParams
+    relu: bool
+    sources: tuple[int, int]
+    clip_max: float | None = None
+    op: str = "Add"
+
+
+@dataclass
+class ConcatLayer(_MapJoin):
+    """A channel concatenation ``y = Q(relu?(concat(DQ_a(a), DQ_b(b))))`` of two maps of one height and width
+    (section 4.3); ``shape`` is the output's, ``channels_a`` the first input's channel count."""
+
+    name: str
+    shape: tuple[int, int, int]
+    channels_a: int
+    inputs: tuple[QuantParams, QuantParams]
+    output: QuantParams
+    relu: bool
+    sources: tuple[int, int]
+    clip_max: float | None = None
+    op: str = "Concat"
+
+
 def layer_sources(layers: list) -> list[tuple[int, ...]]:
     """Each layer's source layer indices (-1: the graph input), an empty ``sources`` meaning the layer before."""
     return [tuple(layer.sources) if layer.sources else (index - 1,) for index, layer in enumerate(layers)]
@@ -239,7 +260,7 @@ class ImportedModel:
     """What the importer hands to lowering: the layers, the host tensors, and the QDQ model they came from."""
 
     name: str
-    layers: list[DenseLayer | PoolLayer | AddLayer]
+    layers: list[DenseLayer | PoolLayer | AddLayer | ConcatLayer]
     input: TensorSpec
     output: TensorSpec
     qdq_model: onnx.ModelProto
@@ -592,8 +613,8 @@ class _Cursor:
         return cursor
 
     def at_join(self) -> bool:
-        """At an Add of two activations (a residual join), not of a constant bias."""
-        return (self.at("Add") and len(self.node.input) == 2
+        """At an Add or Concat of two activations (the join of a residual block), not of a constant."""
+        return (self.at("Add", "Concat") and len(self.node.input) == 2
                 and all(self.graph.const(name) is None for name in self.node.input))
 
     def at(self, *ops: str) -> bool:
@@ -903,11 +924,12 @@ def _match_windowed(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
 def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int, int], source: int,
                     layers: list) -> tuple[_Cursor, QuantParams, tuple[int, int, int], int]:
     """A residual block at a fork: two branches of windowed layers (one may be empty: an identity shortcut)
-    from the fork's tensor to one Add, then the Add's output quantization (docs/architecture.md section 4.2).
+    from the fork's tensor to one Add or channel Concat, then the join's output quantization
+    (docs/architecture.md sections 4.2, 4.3).
 
     Appends the branches' layers, the shorter branch first (its output then rides in the stream while the
-    longer one computes), and the :class:`AddLayer` to ``layers``; returns the cursor after the Add, the
-    Add's output quantization and shape, and its layer index.
+    longer one computes), and the :class:`AddLayer` or :class:`ConcatLayer` to ``layers``; returns the cursor
+    after the join, its output quantization and shape, and its layer index.
     """
     fork = cursor.tensor
     readers = cursor.forks
@@ -924,8 +946,8 @@ def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
                                    f"nested residual blocks are unsupported")
             if walker.node is None:
                 raise CompileError(f"the branch from tensor '{fork}' through {_describe(reader)} ends at "
-                                   f"'{walker.tensor}' without meeting an Add; flowtile compiles forks only as "
-                                   f"residual blocks")
+                                   f"'{walker.tensor}' without meeting an Add or Concat; flowtile compiles forks "
+                                   f"only as residual blocks")
             if not walker.at(*_WINDOWED_OPS):
                 _reject_unsupported(walker)
                 raise CompileError(f"{_describe(walker.node)}: unsupported op inside a residual branch (Conv, "
@@ -937,8 +959,16 @@ def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
     add = branches[0][0].node
     if branches[1][0].node is not add:
         raise CompileError(f"the branches from tensor '{fork}' end at {_describe(add)} and "
-                           f"{_describe(branches[1][0].node)}; flowtile compiles forks whose branches meet at one Add")
-    if branches[0][3] != branches[1][3]:
+                           f"{_describe(branches[1][0].node)}; flowtile compiles forks whose branches meet at one "
+                           f"Add or Concat")
+    if add.op_type == "Concat":
+        axis = cursor.graph.attrs(add).get("axis")
+        if axis not in (1, -3):
+            raise CompileError(f"{_describe(add)}: attribute 'axis' = {axis} is unsupported (only 1: channels)")
+        if branches[0][3][1:] != branches[1][3][1:]:
+            raise CompileError(f"{_describe(add)}: concatenates maps of shapes {list(branches[0][3])} and "
+                               f"{list(branches[1][3])}; their heights and widths must agree")
+    elif branches[0][3] != branches[1][3]:
         raise CompileError(f"{_describe(add)}: adds maps of shapes {list(branches[0][3])} and {list(branches[1][3])}; "
                            f"only maps of one shape are added (no broadcasting)")
     ends = []
@@ -954,12 +984,18 @@ def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
     operand_branch = [0, 1] if (add.input[0] == branches[0][0].tensor and add.input[1] == branches[1][0].tensor) \
         else [1, 0]
     walker = branches[0][0]
-    walker.take({"Add"}, "Add")
+    walker.take({"Add", "Concat"}, "Add or Concat")
     out_params, relu, clip_max = match_output(walker, add)
-    layers.append(AddLayer(add.name or f"add_{len(layers)}", tuple(branches[0][3]),
-                           (branches[operand_branch[0]][2], branches[operand_branch[1]][2]), out_params, relu,
-                           (end_of[operand_branch[0]], end_of[operand_branch[1]]), clip_max))
-    return walker, out_params, tuple(branches[0][3]), len(layers) - 1
+    first, second = branches[operand_branch[0]], branches[operand_branch[1]]
+    inputs, sources = (first[2], second[2]), (end_of[operand_branch[0]], end_of[operand_branch[1]])
+    if add.op_type == "Concat":
+        shape = (first[3][0] + second[3][0], *first[3][1:])
+        layers.append(ConcatLayer(add.name or f"concat_{len(layers)}", shape, first[3][0], inputs, out_params, relu,
+                                  sources, clip_max))
+    else:
+        shape = tuple(first[3])
+        layers.append(AddLayer(add.name or f"add_{len(layers)}", shape, inputs, out_params, relu, sources, clip_max))
+    return walker, out_params, shape, len(layers) - 1
 
 
 def _reject_unsupported(cursor: _Cursor) -> None:
@@ -968,7 +1004,10 @@ def _reject_unsupported(cursor: _Cursor) -> None:
     if node is not None and node.op_type == "Add":
         raise CompileError(f"{_describe(node)}: an Add here is unsupported (flowtile compiles an Add as the join of a "
                            f"residual block of feature maps, or as a MatMul's bias)")
-    if node is not None and node.op_type in ("GlobalMaxPool", "Concat",
+    if node is not None and node.op_type == "Concat":
+        raise CompileError(f"{_describe(node)}: a Concat here is unsupported (flowtile compiles a Concat as the join "
+                           f"of a block whose two branches fork from one feature map)")
+    if node is not None and node.op_type in ("GlobalMaxPool",
                                               "BatchNormalization", "ConvTranspose", "Pad", "Resize"):
         raise CompileError(f"{_describe(node)}: unsupported op (flowtile compiles Conv, depthwise Conv, MaxPool, "
                            f"AveragePool, GlobalAveragePool, Relu, Flatten/Reshape and MatMul/Gemm layers)")

@@ -111,6 +111,8 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
     window_words = w.kernel_h * w.kernel_w * cw
     if layer.op == "Add":  # op ADD: both operand maps stored, two issues per (pixel, cw)
         return WindowCosts(2 * k, cw * lanes, 0, w.out_width * cw * 2, w.out_width * cw, w.out_height, carried)
+    if layer.op == "Concat":  # op CONCAT: both operand maps stored (k words in all), one issue per output word
+        return WindowCosts(k, cw * lanes, 0, w.out_width * cw, w.out_width * cw, w.out_height, carried)
     if layer.op == "MaxPool":
         n_out, weight_words, row_issue = cw * lanes, 0, w.out_width * window_words
     elif getattr(layer, "is_lane", False):  # op LANE: one weight word per (cw, ky, kx), issued once per pixel

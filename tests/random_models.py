@@ -129,7 +129,11 @@ def random_float_resnet(rng: np.random.Generator, in_shape: tuple[int, int, int]
     Blocks: ``{"kind": "basic", "out": C, "stride": s}`` is ResNet's basic block (3x3 Conv(stride s)+Relu,
     3x3 Conv, shortcut = identity, or a 1x1 Conv(stride s) when the shape changes, Add, Relu);
     ``{"kind": "inverted", "expand": E}`` is MobileNetV2's stride-1 inverted residual (1x1 Conv to E
-    channels + Relu, 3x3 depthwise Conv + Relu, 1x1 Conv back, Add, no Relu). ``projection_first`` writes a
+    channels + Relu, 3x3 depthwise Conv + Relu, 1x1 Conv back, Add, no Relu);
+    ``{"kind": "fire", "squeeze": S, "expand": E}`` is SqueezeNet's fire module (1x1 Conv to S + Relu, then
+    Concat(1x1 Conv to E + Relu, 3x3 Conv to E + Relu) along channels);
+    ``{"kind": "dense", "growth": G, "identity_first": bool}`` is a DenseNet-style layer, Concat(x, 3x3 Conv
+    to G + Relu) (or the Conv first). ``projection_first`` writes a
     projection shortcut's node before the main branch's (ONNX node order is the compiler's layer order).
     """
     nodes, inits = [], []
@@ -160,6 +164,19 @@ def random_float_resnet(rng: np.random.Generator, in_shape: tuple[int, int, int]
             branch = _conv(nodes, inits, rng, f"block{i}_project", branch, expand, channels, 1, 1, relu=False)
             nodes.append(helper.make_node("Add", [current, branch], [f"block{i}_out"], name=f"block{i}_add"))
             current = f"block{i}_out"
+        elif block["kind"] == "fire":
+            squeeze, expand = block["squeeze"], block["expand"]
+            current = _conv(nodes, inits, rng, f"block{i}_squeeze", current, channels, squeeze, 1, 1)
+            one = _conv(nodes, inits, rng, f"block{i}_expand1", current, squeeze, expand, 1, 1)
+            three = _conv(nodes, inits, rng, f"block{i}_expand3", current, squeeze, expand, 3, 1)
+            nodes.append(helper.make_node("Concat", [one, three], [f"block{i}_out"], name=f"block{i}_concat", axis=1))
+            current, channels = f"block{i}_out", 2 * expand
+        elif block["kind"] == "dense":
+            growth = block["growth"]
+            new = _conv(nodes, inits, rng, f"block{i}_conv", current, channels, growth, 3, 1)
+            inputs = [current, new] if block.get("identity_first", True) else [new, current]
+            nodes.append(helper.make_node("Concat", inputs, [f"block{i}_out"], name=f"block{i}_concat", axis=1))
+            current, channels = f"block{i}_out", channels + growth
         else:
             raise ValueError(f"block {i}: unknown kind {block['kind']!r}")
     nodes.append(helper.make_node("GlobalAveragePool", [current], ["pooled"], name="gap"))

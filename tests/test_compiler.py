@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compiler import (CompileError, build_program, compile_model, config_cycles, import_onnx, lower_layers,
                       assign_tiles, quantize_multiplier, reference_forward, report, tile_cycles, weight_rows)
 from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
-from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
+from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
 from flowtile.program import Program, forwarded_words, result_words, stored_words, weight_words
@@ -196,21 +196,24 @@ def emulate_weights(program: Program, layers) -> None:
 
 
 def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
-    """COMPUTE + EMIT of one tile as section 4.1 states it, word by word from the SRAM image: int8 result words."""
+    """COMPUTE + EMIT of one tile as sections 4.1-4.3 state it, word by word from the SRAM image: int8 result words."""
     c = tile.config
     height, width, cw = c["in_height"], c["in_width"], c["words_per_pixel"]
     kh, kw, stride, n_out = c["kernel_h"], c["kernel_w"], c["stride"], c["n_out"]
-    words = act[:height * width * cw * lanes].reshape(height, width, cw, lanes)
+    words = act[:height * width * cw * lanes].reshape(height, width, cw, lanes) if c["op"] < OP_ADD else None
     n_r = -(-n_out // lanes)
     pad = np.full((cw, lanes), c["pad_value"], np.int64)
     if c["op"] == OP_MAC:
         k_w = kh * kw * cw
         weight = tile.sram[c["w_base"]:c["w_base"] + n_out * k_w].astype(np.int64).reshape(n_out, k_w * lanes)
         bias, mult, shift = tile.params.T
-    elif c["op"] == OP_ADD:  # section 4.2: operand b add_offset words after operand a, lane by lane
-        assert n_out == cw * lanes and (kh, kw) == (1, 2)
-        operand_b = act[c["add_offset"] * lanes:(c["add_offset"] + height * width * cw) * lanes]
-        words_b = operand_b.reshape(height, width, cw, lanes)
+    elif c["op"] in (OP_ADD, OP_CONCAT):  # sections 4.2, 4.3: two operand maps at their offsets, lane by lane
+        assert n_out == cw * lanes and (kh, kw) == ((1, 2) if c["op"] == OP_ADD else (1, 1))
+        cw_a = cw if c["op"] == OP_ADD else c["concat_words_a"]
+        cw_b = cw if c["op"] == OP_ADD else cw - cw_a
+        a0, b0 = c["operand_a_offset"] * lanes, c["operand_b_offset"] * lanes
+        words_a = act[a0:a0 + height * width * cw_a * lanes].reshape(height, width, cw_a, lanes)
+        words_b = act[b0:b0 + height * width * cw_b * lanes].reshape(height, width, cw_b, lanes)
         bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
     elif c["op"] == OP_LANE:  # word cw*KH*KW + ky*KW + kx, lane l: channel cw*L + l; parameter row cw*L + l
         assert n_out == cw * lanes
@@ -219,8 +222,11 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
     out = []
     for oy in range(c["out_row_begin"], c["out_row_begin"] + c["out_rows"]):
         for ox in range(c["out_width"]):
-            if c["op"] == OP_ADD:
-                acc = bias + words[oy, ox] * c["add_mult_a"] + words_b[oy, ox] * c["add_mult_b"]
+            if c["op"] in (OP_ADD, OP_CONCAT):
+                if c["op"] == OP_ADD:
+                    acc = bias + words_a[oy, ox] * c["add_mult_a"] + words_b[oy, ox] * c["add_mult_b"]
+                else:
+                    acc = bias + np.concatenate([words_a[oy, ox] * c["add_mult_a"], words_b[oy, ox] * c["add_mult_b"]])
                 y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
                 out += list(y.astype(np.int8))
                 continue
@@ -1232,6 +1238,10 @@ RESNET_CASES = {
                                {"projection_first": True, "activation": "uint8"}),
     "inverted": ((4, 6, 6), 12, [{"kind": "inverted", "expand": 24}], {"per_channel": False}),
     "two-blocks-9ch": ((1, 7, 7), 9, [{"kind": "basic", "out": 9}, {"kind": "basic", "out": 18, "stride": 2}], {}),
+    "fire": ((3, 6, 6), 8, [{"kind": "fire", "squeeze": 4, "expand": 8}], {}),
+    "dense-identity-first": ((2, 6, 6), 8, [{"kind": "dense", "growth": 5}], {"activation": "uint8"}),
+    "dense-conv-first": ((2, 5, 5), 8, [{"kind": "dense", "growth": 8, "identity_first": False}],
+                         {"per_channel": False}),
 }
 
 
@@ -1262,9 +1272,14 @@ def check_stream_program(program: Program, layers) -> None:
     for info, layer in zip(program.layers, layers):
         for key in info.tiles:
             c = by_position[key].config
+            if layer.is_concat:
+                w, words_a = layer.window, layer.concat_channels_a // lanes
+                assert c["op"] == OP_CONCAT and c["concat_words_a"] == words_a
+                assert stored_words(c) == w.height * w.width * -(-layer.n_out // lanes)
             if layer.is_add:
                 map_words = layer.window.height * layer.window.width * -(-layer.n_out // lanes)
-                assert c["op"] == OP_ADD and stored_words(c) == 2 * map_words == 2 * c["add_offset"]
+                assert c["op"] == OP_ADD and stored_words(c) == 2 * map_words
+                assert sorted((c["operand_a_offset"], c["operand_b_offset"])) == [0, map_words]
                 assert c["add_mult_a"] <= ADD_MULT_MAX and c["add_mult_b"] <= ADD_MULT_MAX
                 assert max(c["add_mult_a"], c["add_mult_b"]) == ADD_MULT_MAX
 
@@ -1273,8 +1288,8 @@ def check_stream_program(program: Program, layers) -> None:
 def test_residual_blocks_match_onnxruntime(case, tmp_path):
     qdq, x = _resnet(case, tmp_path)
     imported = import_onnx(qdq)
-    adds = [layer for layer in imported.layers if layer.op == "Add"]
-    assert len(adds) == len(RESNET_CASES[case][2])
+    joins = [layer for layer in imported.layers if layer.op in ("Add", "Concat")]
+    assert len(joins) == len(RESNET_CASES[case][2])
     layers = lower_layers(imported.layers)
     ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
     theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
@@ -1305,9 +1320,8 @@ def test_residual_stream_registers(tmp_path):
     assert (conv2["store_begin"], conv2["store_end"], conv2["forward_begin"], conv2["forward_end"]) == \
         (p_words, 2 * p_words, 0, p_words)
     assert (add["n_in_words"], add["store_begin"], add["store_end"], add["forward_end"]) == (2 * p_words, 0, 2 * p_words, 0)
-    # the projection comes first in the stream, but is the Add's second ONNX input: operand weights swapped
-    imported_add = next(layer for layer in layers if layer.is_add)
-    assert (add["add_mult_a"], add["add_mult_b"]) == imported_add.add_mult[::-1]
+    # the projection comes first in the stream, but is the Add's second ONNX input
+    assert (add["operand_a_offset"], add["operand_b_offset"]) == (p_words, 0)
 
 
 def test_add_lowering():
@@ -1384,3 +1398,14 @@ def test_grouped_convolutions_match_onnxruntime(ops, tmp_path):
     info = next(i for i in program.layers if i.name == layer.name)
     w = layer.window
     assert info.macs == layer.n_out * w.out_height * w.out_width * (w.channels // layer.groups) * w.kernel_h * w.kernel_w
+
+
+def test_concat_of_a_channel_count_off_the_lanes_is_rejected(tmp_path):
+    """Concat(x, conv(x)) with x of 6 channels on 8 lanes: the second input would start mid-word."""
+    rng = np.random.default_rng(3)
+    model = random_models.random_float_resnet(rng, (2, 5, 5), 6, [{"kind": "dense", "growth": 4}], 3)
+    qdq = quantize_qdq(model, rng.standard_normal((16, 2, 5, 5)).astype(np.float32), tmp_path=tmp_path)
+    with pytest.raises(CompileError, match=r"layer 'block0_concat' \(Concat\): its first input has 6 channels, "
+                                           r"not a multiple of the 8 lanes \(arch field 'lanes'\)"):
+        compile_model(qdq, Arch())
+    compile_model(qdq, Arch(lanes=2))  # 6 channels are 3 whole words of 2 lanes
