@@ -38,8 +38,9 @@ class EmulatorResult:
     ``tile_macs``: int64 ``[rows, cols]``, COMPUTE cycles (``I + 2`` per inference) and lane-MACs
     issued (``I * L`` per inference for a MAC tile, ``I = n_pix * N_o * K_w`` of section 4.1, which is
     ``N_o*K`` for a dense layer; ``I * L`` for a LANE tile, ``I = n_pix * CW * KH*KW``, every lane
-    multiplying; ``I * L`` for an ADD tile, ``I = n_pix * CW * 2``, each issue multiplying an operand
-    word by ``add_mult_a`` or ``add_mult_b``; 0 for max pooling, which multiplies nothing) per PE;
+    multiplying; ``I * L`` for an ADD tile, ``I = n_pix * CW * 2``, and for a CONCAT tile,
+    ``I = n_pix * CW``, each issue multiplying an operand word by ``add_mult_a`` or ``add_mult_b``; 0 for
+    max pooling, which multiplies nothing) per PE;
     ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a
     :data:`PHASE_SPAN_DTYPE` array (iterates as ``(start, end, phase)``), in time order, per inference
     the FSM occupancy of each non-empty phase: a phase begins when the previous one ends (cycle 0 for

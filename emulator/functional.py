@@ -16,8 +16,9 @@ never from the compiler's layer descriptions. Two parts:
   every output pixel are gathered im2col-style with index arrays; a dense layer is the 1x1 case and
   takes the same path. The same gather serves MAC (a GEMM over the window), MAX (a lane-wise max) and
   LANE (a lane-wise multiply-accumulate with per-lane requantization: depthwise convolution, average
-  pools). ADD (section 4.2, residual joins) needs no gather: its two operands are contiguous slices of
-  the stored words.
+  pools). ADD (section 4.2, residual joins) and CONCAT (section 4.3, channel concatenation) need no
+  gather: each of their two operands is a contiguous slice of the stored words (at ``operand_a_offset``
+  and ``operand_b_offset``, in either order).
 """
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowtile.arch import ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, OP_ADD, OP_LANE, OP_MAC, OP_MAX, SHIFT_BITS, Arch
+from flowtile.arch import (ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX,
+                           SHIFT_BITS, Arch)
 from flowtile.program import Program, TileProgram, compute_issue_cycles, result_words
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
-           "tile_counts", "run_functional", "pe_results", "window_pixels", "PORTS", "HOST", "AFTER_COMPUTE_EXTRA_DELAY"]
+           "tile_counts", "run_functional", "pe_results", "window_pixels", "operand_layout", "PORTS", "HOST",
+           "AFTER_COMPUTE_EXTRA_DELAY"]
 
 
 class EmulatorError(ValueError):
@@ -55,7 +58,7 @@ AFTER_COMPUTE_EXTRA_DELAY = 1 + COMPUTE_DRAIN_CYCLES
 
 @dataclass(frozen=True)
 class TileCounts:
-    """One PE's per-inference counts, from its registers (sections 4, 4.1 and 4.2)."""
+    """One PE's per-inference counts, from its registers (sections 4, 4.1, 4.2 and 4.3)."""
 
     n_in_words: int     # K: RECV transfers
     n_pass: int         # P: PASS transfers
@@ -112,9 +115,9 @@ class TileCounts:
     @property
     def mac_issue_cycles(self) -> int:
         """Issue cycles that multiply-accumulate ``L`` lanes: every one for MAC, LANE (which
-        multiplies lane by lane, ``L`` MACs a cycle) and ADD (each issue multiplies an operand word by
-        ``add_mult_a`` or ``add_mult_b`` and accumulates, lane by lane), none for max pooling."""
-        return self.issue_cycles if self.op in (OP_MAC, OP_LANE, OP_ADD) else 0
+        multiplies lane by lane, ``L`` MACs a cycle), ADD and CONCAT (each issue multiplies an operand
+        word by ``add_mult_a`` or ``add_mult_b`` and accumulates, lane by lane), none for max pooling."""
+        return self.issue_cycles if self.op in (OP_MAC, OP_LANE, OP_ADD, OP_CONCAT) else 0
 
 
 def _recv_range(config: dict, first: str, last: str) -> tuple[int, int]:
@@ -277,7 +280,7 @@ def trace_data_path(program: Program) -> DataPath:
 
 
 def _check_window(tile: TileProgram, count: TileCounts, arch: Arch, position: int) -> None:
-    """Windowing registers sections 4.1 and 4.2 give a meaning to (Program.validate checks ranges and the
+    """Windowing registers sections 4.1, 4.2 and 4.3 give a meaning to (Program.validate checks ranges and the
     map size too; the emulator's entry points may be called without it)."""
     config = tile.config
     who = f"tile {tile.key} (chain position {position})"
@@ -285,41 +288,76 @@ def _check_window(tile: TileProgram, count: TileCounts, arch: Arch, position: in
                  "out_width"):
         if int(config[name]) < 1:
             raise EmulatorError(f"{who}: n_out = {count.n_out} needs register '{name}' >= 1, got {config[name]}")
-    if count.op not in (OP_MAC, OP_MAX, OP_LANE, OP_ADD):
-        raise EmulatorError(f"{who}: op = {count.op} is none of OP_MAC ({OP_MAC}), OP_MAX ({OP_MAX}), "
-                            f"OP_LANE ({OP_LANE}), OP_ADD ({OP_ADD})")
+    if count.op not in _OP_NAMES:
+        raise EmulatorError(f"{who}: register 'op' = {count.op} is none of "
+                            + ", ".join(f"{name} ({op})" for op, name in _OP_NAMES.items()))
     words_per_pixel = int(config["words_per_pixel"])
-    if count.op in (OP_MAX, OP_LANE, OP_ADD) and count.n_out != words_per_pixel * arch.lanes:
-        kind = {OP_MAX: "max-pool", OP_LANE: "lane-wise (OP_LANE)", OP_ADD: "residual add (OP_ADD)"}[count.op]
+    if count.op != OP_MAC and count.n_out != words_per_pixel * arch.lanes:
+        kind = {OP_MAX: "max-pool", OP_LANE: "lane-wise (OP_LANE)", OP_ADD: "residual add (OP_ADD)",
+                OP_CONCAT: "channel concat (OP_CONCAT)"}[count.op]
         raise EmulatorError(f"{who}: a {kind} tile needs n_out = words_per_pixel * lanes = "
                             f"{words_per_pixel * arch.lanes}, got {count.n_out}")
     map_words = int(config["in_height"]) * int(config["in_width"]) * words_per_pixel
     stored = f"{count.n_stored} stored words (store_begin..store_end = {config['store_begin']}..{config['store_end']})"
-    if count.op != OP_ADD:
+    if count.op not in (OP_ADD, OP_CONCAT):
         if map_words != count.n_stored:
             raise EmulatorError(f"{who}: {stored} but the input map is {config['in_height']}x"
                                 f"{config['in_width']}x{config['words_per_pixel']} = {map_words} words")
         return
-    # op = ADD (section 4.2): two maps of map_words words at stored offsets 0 and add_offset
-    for name, value in (("kernel_h", 1), ("kernel_w", 2), ("stride", 1), ("pad_top", 0), ("pad_left", 0)):
-        if int(config[name]) != value:
-            raise EmulatorError(f"{who}: OP_ADD needs register '{name}' = {value} (kernel 1x2, stride 1, no "
-                                f"padding), got {config[name]}")
+    _check_two_operands(config, count, who, stored)
+
+
+#: Values of the ``op`` register and their names (the register is 3 bits; 5..7 are undefined).
+_OP_NAMES = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE", OP_ADD: "OP_ADD", OP_CONCAT: "OP_CONCAT"}
+
+
+def operand_layout(config: dict) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((offset, words per pixel), ...)`` of operands a and b of an ADD or CONCAT tile (sections 4.2 and
+    4.3): both start at their stored-word offset and hold ``in_height * in_width`` pixels of ``CW`` words
+    (ADD), or of ``CWa = concat_words_a`` and ``CW - CWa`` words (CONCAT)."""
+    words_per_pixel = int(config["words_per_pixel"])
+    if int(config["op"]) == OP_CONCAT:
+        words_a = int(config["concat_words_a"])
+        words_b = words_per_pixel - words_a
+    else:
+        words_a = words_b = words_per_pixel
+    return ((int(config["operand_a_offset"]), words_a), (int(config["operand_b_offset"]), words_b))
+
+
+def _check_two_operands(config: dict, count: TileCounts, who: str, stored: str) -> None:
+    """op = ADD (section 4.2) or CONCAT (section 4.3): two disjoint operand maps inside the stored words,
+    a band of whole output rows, operand weights within ADD_MULT_MAX (the same rules as
+    ``flowtile.program``'s validation, with the emulator's messages)."""
+    name = _OP_NAMES[count.op]
+    kernel = (1, 2) if count.op == OP_ADD else (1, 1)
+    for register, value in (("kernel_h", kernel[0]), ("kernel_w", kernel[1]), ("stride", 1), ("pad_top", 0),
+                            ("pad_left", 0)):
+        if int(config[register]) != value:
+            raise EmulatorError(f"{who}: {name} needs register '{register}' = {value} (kernel {kernel[0]}x"
+                                f"{kernel[1]}, stride 1, no padding), got {config[register]}")
+    words_per_pixel = int(config["words_per_pixel"])
+    if count.op == OP_CONCAT and not 1 <= int(config["concat_words_a"]) < words_per_pixel:
+        raise EmulatorError(f"{who}: OP_CONCAT register 'concat_words_a' = {config['concat_words_a']} must be in "
+                            f"1..words_per_pixel - 1 = {words_per_pixel - 1} (both operands need a word a pixel)")
+    pixels = int(config["in_height"]) * int(config["in_width"])
+    (offset_a, words_a), (offset_b, words_b) = operand_layout(config)
+    size_a, size_b = pixels * words_a, pixels * words_b
+    if max(offset_a + size_a, offset_b + size_b) > count.n_stored or (offset_a < offset_b + size_b
+                                                                      and offset_b < offset_a + size_a):
+        raise EmulatorError(f"{who}: {name} operands of {size_a} and {size_b} words at registers "
+                            f"'operand_a_offset' = {offset_a} and 'operand_b_offset' = {offset_b} must not "
+                            f"overlap and must lie inside the {stored}")
     if int(config["out_width"]) != int(config["in_width"]):
-        raise EmulatorError(f"{who}: OP_ADD needs register 'out_width' = in_width = {config['in_width']}, "
+        raise EmulatorError(f"{who}: {name} needs register 'out_width' = in_width = {config['in_width']}, "
                             f"got {config['out_width']}")
     row_end = int(config["out_row_begin"]) + int(config["out_rows"])
     if row_end > int(config["in_height"]):
-        raise EmulatorError(f"{who}: OP_ADD output rows out_row_begin..out_row_begin + out_rows = "
+        raise EmulatorError(f"{who}: {name} output rows out_row_begin..out_row_begin + out_rows = "
                             f"{config['out_row_begin']}..{row_end} (registers 'out_row_begin', 'out_rows') "
-                            f"leave the {config['in_height']}-row map (an ADD has no padding)")
-    offset = int(config["add_offset"])
-    if offset < map_words or offset + map_words > count.n_stored:
-        raise EmulatorError(f"{who}: OP_ADD operands of {map_words} words at stored offsets 0 and register "
-                            f"'add_offset' = {offset} must not overlap and must lie inside the {stored}")
-    for name in ("add_mult_a", "add_mult_b"):
-        if not 0 <= int(config[name]) <= ADD_MULT_MAX:
-            raise EmulatorError(f"{who}: register '{name}' = {config[name]} is outside 0..ADD_MULT_MAX = "
+                            f"leave the {config['in_height']}-row map ({name} has no padding)")
+    for register in ("add_mult_a", "add_mult_b"):
+        if not 0 <= int(config[register]) <= ADD_MULT_MAX:
+            raise EmulatorError(f"{who}: register '{register}' = {config[register]} is outside 0..ADD_MULT_MAX = "
                                 f"{ADD_MULT_MAX}")
 
 
@@ -418,17 +456,18 @@ def _gather_windows(config: dict, activations: np.ndarray, lanes: int) -> np.nda
 
 
 def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, arch: Arch) -> np.ndarray:
-    """Result words of one PE for a batch: int8 ``[batch, n_pix * N_r, L]`` (sections 4, 4.1 and 4.2).
+    """Result words of one PE for a batch: int8 ``[batch, n_pix * N_r, L]`` (sections 4 to 4.3).
 
     ``activations`` is int8 ``[batch, store_end - store_begin, L]``, the stored RECV flits of each
     inference, written to SRAM words ``act_base + k - store_begin`` before COMPUTE reads them and, for
     MAC, weight words ``w_base + o*K_w + k`` (for LANE ``w_base + cw*KH*KW + ky*KW + kx``), which see
-    those writes if the two regions overlap.
+    those writes if the two regions overlap. ADD and CONCAT read stored words only (their operands lie
+    inside them: ``_check_window``).
     """
     lanes, batch = arch.lanes, activations.shape[0]
     config = tile.config
-    if count.op == OP_ADD:
-        return _add_results(tile, count, activations, lanes)
+    if count.op in (OP_ADD, OP_CONCAT):
+        return _two_operand_results(tile, count, activations, lanes)
     # im2col copies every window: bound its size (float64 / int64 below) by working on slices of the batch
     per_inference = (count.n_result_words * int(config["kernel_h"]) * int(config["kernel_w"])
                      * int(config["words_per_pixel"]) * lanes)
@@ -537,24 +576,39 @@ def _lane_results(tile: TileProgram, count: TileCounts, windows: np.ndarray, act
     return result.astype(np.int8).reshape(batch, n_pix * words_per_pixel, lanes)
 
 
-def _add_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, lanes: int) -> np.ndarray:
-    """op = ADD (section 4.2): lane ``l`` of word ``cw`` of output pixel ``q`` at ``(oy, ox)`` is
-    ``requantize(bias_c + A_a[l] * add_mult_a + A_b[l] * add_mult_b)`` with parameter row ``c = cw*L + l``,
-    ``A_a`` the stored word ``(oy*in_width + ox)*CW + cw`` and ``A_b`` the one ``add_offset`` words later;
-    result word ``q*CW + cw``. The output rows are a band of whole rows of width ``in_width``, so each
-    operand is one contiguous slice of the stored words."""
+def _operand_rows(activations: np.ndarray, config: dict, offset: int, words_per_pixel: int,
+                  n_pix: int) -> np.ndarray:
+    """The words of one ADD / CONCAT operand that the tile's output band reads: int8 ``[batch, n_pix,
+    words_per_pixel, L]``. The band is whole rows of width ``in_width``, so it is one contiguous slice
+    starting at stored word ``offset + out_row_begin * in_width * words_per_pixel``."""
+    first = offset + int(config["out_row_begin"]) * int(config["in_width"]) * words_per_pixel
+    band = activations[:, first:first + n_pix * words_per_pixel]
+    return band.reshape(activations.shape[0], n_pix, words_per_pixel, activations.shape[2])
+
+
+def _two_operand_results(tile: TileProgram, count: TileCounts, activations: np.ndarray,
+                         lanes: int) -> np.ndarray:
+    """op = ADD (section 4.2) and op = CONCAT (section 4.3); result word ``q*CW + cw`` of output pixel ``q``
+    at ``(oy, ox)`` (``p = oy*in_width + ox``), lane ``l``, parameter row ``c = cw*L + l``:
+
+    * ADD: ``requantize(bias_c + A_a[l] * add_mult_a + A_b[l] * add_mult_b)`` with ``A_a``, ``A_b`` the
+      stored words ``operand_{a,b}_offset + p*CW + cw``;
+    * CONCAT: ``requantize(bias_c + A[l] * m)`` with ``A`` the stored word ``operand_a_offset + p*CWa + cw``
+      and ``m = add_mult_a`` if ``cw < CWa = concat_words_a``, else ``operand_b_offset + p*CWb + (cw - CWa)``
+      and ``m = add_mult_b`` (``CWb = CW - CWa``).
+    """
     config = tile.config
     words_per_pixel = int(config["words_per_pixel"])
-    row_words = int(config["in_width"]) * words_per_pixel
-    first = int(config["out_row_begin"]) * row_words
-    last = first + count.n_result_words
-    offset = int(config["add_offset"])
-    operand_a = activations[:, first:last].astype(np.int64)
-    operand_b = activations[:, offset + first:offset + last].astype(np.int64)
+    batch, n_pix = activations.shape[0], count.n_result_words // words_per_pixel
+    (offset_a, words_a), (offset_b, words_b) = operand_layout(config)
+    operand_a = _operand_rows(activations, config, offset_a, words_a, n_pix).astype(np.int64)
+    operand_b = _operand_rows(activations, config, offset_b, words_b, n_pix).astype(np.int64)
+    mult_a, mult_b = int(config["add_mult_a"]), int(config["add_mult_b"])
     # |a*m_a + b*m_b| <= 2 * 128 * 2^22 = 2^30: exact in int64 (wrap32 then adds the bias)
-    accumulator = operand_a * int(config["add_mult_a"]) + operand_b * int(config["add_mult_b"])
-    batch = activations.shape[0]
-    accumulator = accumulator.reshape(batch, -1, words_per_pixel, lanes)
+    if count.op == OP_ADD:
+        accumulator = operand_a * mult_a + operand_b * mult_b          # [batch, n_pix, CW, L]
+    else:
+        accumulator = np.concatenate([operand_a * mult_a, operand_b * mult_b], axis=2)
     params = np.asarray(tile.params, dtype=np.int64).reshape(words_per_pixel, lanes, 3)
     result = _requantize(accumulator, params[..., 0], params[..., 1], params[..., 2], config)
     return result.astype(np.int8).reshape(batch, count.n_result_words, lanes)

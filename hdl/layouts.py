@@ -37,13 +37,13 @@ from amaranth.hdl import signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import Out
 
-from flowtile.arch import (ACC_BITS, ADD_MULT_MAX, CONFIG_FIELDS, MULTIPLIER_BITS, OP_ADD, OP_LANE, OP_MAC, OP_MAX,
-                           SHIFT_BITS, Arch)
-from flowtile.program import result_words, stored_words, weight_words
+from flowtile.arch import (ACC_BITS, ADD_MULT_MAX, CONFIG_FIELDS, MULTIPLIER_BITS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC,
+                           OP_MAX, SHIFT_BITS, Arch)
+from flowtile.program import operand_words, result_words, stored_words, weight_words
 
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
-    "PARAM_ENTRY_BITS", "OPS", "WINDOW_RANGES", "LoadEncodingError",
+    "PARAM_ENTRY_BITS", "OPS", "WINDOW_RANGES", "TWO_OPERAND_WINDOWS", "LoadEncodingError",
     "check_arch", "check_tile_position", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
     "encode_param_entry", "encode_config", "encode_config_value", "pack_lanes", "unpack_lanes",
@@ -178,18 +178,23 @@ def encode_config_value(name: str, value: int) -> int:
 def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     """``(addr, data)`` load pairs for a complete tile config (every register of ``CONFIG_FIELDS``).
 
-    Besides each register's own range, checks the rules of docs/architecture.md sections 4, 4.1 and
-    4.2 that the RTL relies on: the RECV ranges ``store_begin <= store_end <= n_in_words`` and
+    Besides each register's own range, checks the rules of docs/architecture.md sections 4, 4.1, 4.2
+    and 4.3 that the RTL relies on: the RECV ranges ``store_begin <= store_end <= n_in_words`` and
     ``forward_begin <= forward_end <= n_in_words``; ``n_out > 0`` requires ``n_in_words > 0``;
     ``n_out <= max_tile_outputs``; the stored words (``act_base`` onwards) and the weights fit the
     SRAM; the destination tile exists; ``op`` is one of :data:`OPS`; and for a computing tile the
     windowing registers (:data:`WINDOW_RANGES`; the stored words are the ``in_height * in_width *
-    words_per_pixel`` input map, or for ``OP_ADD`` hold both operand maps at offsets 0 and
-    ``add_offset``; ``n_out = words_per_pixel * lanes`` for the channel-preserving ``OP_MAX``,
-    ``OP_LANE`` and ``OP_ADD``; ``OP_ADD`` has kernel 1x2, stride 1, no padding, ``out_width =
-    in_width``, output rows inside the map and ``add_mult_a``, ``add_mult_b <= ADD_MULT_MAX``; result
-    words within the result buffer). Registers an op does not read (e.g. ``add_mult_a`` of a MAC tile)
-    are only range-checked against their width, as the emulator does.
+    words_per_pixel`` input map, except for the two-operand ops; ``n_out = words_per_pixel * lanes``
+    for the channel-preserving ``OP_MAX``, ``OP_LANE``, ``OP_ADD`` and ``OP_CONCAT``; result words
+    within the result buffer). ``OP_ADD`` and ``OP_CONCAT`` (:func:`_check_two_operands`): the kernel
+    registers of :data:`TWO_OPERAND_WINDOWS` (ADD 1x2, CONCAT 1x1; stride 1, no padding); for CONCAT
+    ``1 <= concat_words_a <= words_per_pixel - 1``; operand ``a`` (``in_height * in_width * CW`` words for
+    ADD, ``* concat_words_a`` for CONCAT) at ``operand_a_offset`` and operand ``b`` (``* CW`` for ADD,
+    ``* (CW - concat_words_a)`` for CONCAT) at ``operand_b_offset`` lie inside the stored words and do not
+    overlap (either may come first); ``add_mult_a``, ``add_mult_b <= ADD_MULT_MAX``; ``out_width =
+    in_width`` and the output rows inside the map. Registers an op does not read (e.g. ``add_mult_a``
+    of a MAC tile, ``concat_words_a`` of an ADD tile) are only range-checked against their width, as the
+    emulator does.
     """
     check_arch(arch, "encode_config")
     names = [name for name, _, _ in CONFIG_FIELDS]
@@ -230,12 +235,15 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     return pairs
 
 
-#: Values of the ``op`` register the PE implements (docs/architecture.md sections 4.1 and 4.2).
-OPS = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE", OP_ADD: "OP_ADD"}
+#: Values of the ``op`` register the PE implements (docs/architecture.md sections 4.1, 4.2 and 4.3).
+OPS = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE", OP_ADD: "OP_ADD", OP_CONCAT: "OP_CONCAT"}
 
-#: Registers of an ``OP_ADD`` tile fixed by section 4.2: a 1x2 "kernel" (its two operands), stride 1,
-#: no padding.
-ADD_WINDOW = {"kernel_h": 1, "kernel_w": 2, "stride": 1, "pad_top": 0, "pad_left": 0}
+#: Registers of the two-operand ops fixed by sections 4.2 and 4.3: ADD's 1x2 "kernel" (its two operands,
+#: one issue each) and CONCAT's 1x1 kernel (one issue per output word), stride 1, no padding.
+TWO_OPERAND_WINDOWS = {
+    OP_ADD: {"kernel_h": 1, "kernel_w": 2, "stride": 1, "pad_top": 0, "pad_left": 0},
+    OP_CONCAT: {"kernel_h": 1, "kernel_w": 1, "stride": 1, "pad_top": 0, "pad_left": 0},
+}
 
 #: Ranges of the windowing registers of a computing tile (docs/architecture.md section 4.1), beyond
 #: what their widths allow. Kernels may span a whole 8-bit map (global pools as LANE layers); the
@@ -246,32 +254,31 @@ WINDOW_RANGES = {"in_height": (1, None), "in_width": (1, None), "words_per_pixel
 
 
 def _check_window(arch: Arch, config: dict) -> None:
-    """Sections 4.1 and 4.2's rules for a tile with ``n_out > 0``: the loop nest is non-empty, the
-    registers describe the stored input map (ADD: both operand maps), the weights and results fit
+    """Sections 4.1 to 4.3's rules for a tile with ``n_out > 0``: the loop nest is non-empty, the
+    registers describe the stored input map (ADD, CONCAT: both operand maps), the weights and results fit
     their memories."""
     for name, (low, high) in WINDOW_RANGES.items():
         value = config[name]
         if value < low or (high is not None and value > high):
             bound = f"{low}..{high}" if high is not None else f">= {low}"
             raise LoadEncodingError(f"config register {name} = {value} must be {bound} when n_out > 0")
-    n_out, words_per_pixel = config["n_out"], config["words_per_pixel"]
+    op, n_out, words_per_pixel = config["op"], config["n_out"], config["words_per_pixel"]
     map_words = config["in_height"] * config["in_width"] * words_per_pixel
-    map_formula = (f"in_height * in_width * words_per_pixel = {config['in_height']} * {config['in_width']} * "
-                   f"{words_per_pixel} = {map_words}")
     stored = stored_words(config)
-    if config["op"] == OP_ADD:
-        _check_add(config, map_words, map_formula, stored)
+    if op in TWO_OPERAND_WINDOWS:
+        _check_two_operands(config, stored)
     elif map_words != stored:
         raise LoadEncodingError(f"config registers store_end - store_begin = {stored} stored words differ "
-                                f"from {map_formula}")
-    if config["op"] in (OP_MAX, OP_LANE, OP_ADD) and n_out != words_per_pixel * arch.lanes:
+                                f"from in_height * in_width * words_per_pixel = {config['in_height']} * "
+                                f"{config['in_width']} * {words_per_pixel} = {map_words}")
+    if op in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT) and n_out != words_per_pixel * arch.lanes:
         raise LoadEncodingError(f"config register n_out = {n_out} must be words_per_pixel * lanes = "
-                                f"{words_per_pixel * arch.lanes} for op = {OPS[config['op']]}")
+                                f"{words_per_pixel * arch.lanes} for op = {OPS[op]}")
     w_end = config["w_base"] + weight_words(config)
     if w_end > arch.sram_words:
-        if config["op"] in (OP_MAX, OP_ADD):   # no weights: only the base itself is out of range
+        if op in (OP_MAX, OP_ADD, OP_CONCAT):   # no weights: only the base itself is out of range
             raise LoadEncodingError(f"config register w_base = {w_end} exceeds sram_words = {arch.sram_words}")
-        weight_formula = ("kernel_h * kernel_w * words_per_pixel" if config["op"] == OP_LANE
+        weight_formula = ("kernel_h * kernel_w * words_per_pixel" if op == OP_LANE
                           else "n_out * kernel_h * kernel_w * words_per_pixel")
         raise LoadEncodingError(f"config registers w_base + {weight_formula} = "
                                 f"{w_end} exceed sram_words = {arch.sram_words}")
@@ -281,31 +288,58 @@ def _check_window(arch: Arch, config: dict) -> None:
                                 f"result words exceed the result buffer ({arch.result_words} words)")
 
 
-def _check_add(config: dict, map_words: int, map_formula: str, stored: int) -> None:
-    """Section 4.2's op ADD: operand a at stored offset 0, operand b at ``add_offset``, both whole maps
-    inside the stored words; a 1x2 kernel, stride 1, no padding; full-width rows inside the map; operand
-    multipliers at most ADD_MULT_MAX (what keeps |acc| < 2^31)."""
-    for name, value in ADD_WINDOW.items():
-        if config[name] != value:
-            raise LoadEncodingError(f"config register {name} = {config[name]} must be {value} for op = OP_ADD "
-                                    f"(kernel 1x2, stride 1, no padding)")
-    if config["add_offset"] < map_words:
-        raise LoadEncodingError(f"config register add_offset = {config['add_offset']} must be >= {map_formula} "
-                                f"for op = OP_ADD (the operands must not overlap)")
-    if config["add_offset"] + map_words > stored:
-        raise LoadEncodingError(f"config registers add_offset + {map_formula} = {config['add_offset'] + map_words}"
-                                f" exceed the {stored} stored words (store_end - store_begin) for op = OP_ADD")
-    for name in ("add_mult_a", "add_mult_b"):
-        if config[name] > ADD_MULT_MAX:
-            raise LoadEncodingError(f"config register {name} = {config[name]} exceeds ADD_MULT_MAX = {ADD_MULT_MAX} "
-                                    f"for op = OP_ADD")
+def _check_two_operands(config: dict, stored: int) -> None:
+    """Sections 4.2 (op ADD) and 4.3 (op CONCAT): the fixed kernel registers; CONCAT's
+    ``1 <= concat_words_a < words_per_pixel``; operand a at stored offset ``operand_a_offset`` and operand b
+    at ``operand_b_offset``, each inside the stored words and not overlapping the other (in either order);
+    operand multipliers at most ADD_MULT_MAX (what keeps |acc| < 2^31); full-width rows inside the map."""
+    op = config["op"]
+    name = OPS[op]
+    window = TWO_OPERAND_WINDOWS[op]
+    kernel = f"kernel {window['kernel_h']}x{window['kernel_w']}, stride 1, no padding"
+    for register, value in window.items():
+        if config[register] != value:
+            raise LoadEncodingError(f"config register {register} = {config[register]} must be {value} for "
+                                    f"op = {name} ({kernel})")
+    words_per_pixel, words_a = config["words_per_pixel"], config["concat_words_a"]
+    if op == OP_CONCAT and not 1 <= words_a <= words_per_pixel - 1:
+        raise LoadEncodingError(f"config register concat_words_a = {words_a} must be in 1..words_per_pixel - 1 "
+                                f"= {words_per_pixel - 1} for op = OP_CONCAT (each operand needs a word a pixel)")
+    size_a, size_b = operand_words(config)
+    height, width = config["in_height"], config["in_width"]
+    if op == OP_CONCAT:
+        formulas = {"a": ("in_height * in_width * concat_words_a", f"{height} * {width} * {words_a}"),
+                    "b": ("in_height * in_width * (words_per_pixel - concat_words_a)",
+                          f"{height} * {width} * ({words_per_pixel} - {words_a})")}
+    else:
+        formulas = dict.fromkeys("ab", ("in_height * in_width * words_per_pixel",
+                                        f"{height} * {width} * {words_per_pixel}"))
+    spans = {}
+    for operand, size in (("a", size_a), ("b", size_b)):
+        register = f"operand_{operand}_offset"
+        offset = config[register]
+        formula, values = formulas[operand]
+        if offset + size > stored:
+            raise LoadEncodingError(f"config registers {register} + {formula} = {offset} + {values} = "
+                                    f"{offset + size} exceed the {stored} stored words (store_end - store_begin) "
+                                    f"for op = {name} (operand {operand} must lie inside them)")
+        spans[operand] = (offset, offset + size)
+    (a_begin, a_end), (b_begin, b_end) = spans["a"], spans["b"]
+    if a_begin < b_end and b_begin < a_end:
+        raise LoadEncodingError(f"config registers operand_a_offset = {a_begin} and operand_b_offset = {b_begin} "
+                                f"make the operands overlap (a: stored words {a_begin}..{a_end - 1}, b: "
+                                f"{b_begin}..{b_end - 1}); they must be disjoint for op = {name}")
+    for register in ("add_mult_a", "add_mult_b"):
+        if config[register] > ADD_MULT_MAX:
+            raise LoadEncodingError(f"config register {register} = {config[register]} exceeds ADD_MULT_MAX = "
+                                    f"{ADD_MULT_MAX} for op = {name}")
     if config["out_width"] != config["in_width"]:
         raise LoadEncodingError(f"config register out_width = {config['out_width']} must equal in_width = "
-                                f"{config['in_width']} for op = OP_ADD")
+                                f"{config['in_width']} for op = {name}")
     if config["out_row_begin"] + config["out_rows"] > config["in_height"]:
         raise LoadEncodingError(f"config registers out_row_begin + out_rows = "
                                 f"{config['out_row_begin'] + config['out_rows']} exceed in_height = "
-                                f"{config['in_height']} for op = OP_ADD")
+                                f"{config['in_height']} for op = {name}")
 
 
 def encode_param_entry(bias: int, multiplier: int, shift: int) -> int:

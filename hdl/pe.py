@@ -1,7 +1,8 @@
 """The processing element of one tile: SRAM, parameter table, result buffer and the phase FSM
 (docs/architecture.md section 4; windowed layers, convolution, max pooling and lane-wise
 multiply-accumulate (depthwise convolution, average pools), section 4.1; store and forward ranges of a
-stream that carries several tensors, and the elementwise residual join op ADD, section 4.2)."""
+stream that carries several tensors, and the elementwise residual join op ADD, section 4.2; the channel
+concatenation op CONCAT, section 4.3)."""
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -10,7 +11,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-from flowtile.arch import ACC_BITS, ADD_MULT_BITS, CONFIG_FIELDS, OP_ADD, OP_LANE, OP_MAX, Arch
+from flowtile.arch import ACC_BITS, ADD_MULT_BITS, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 
 from .layouts import (LANE_BITS, LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, check_arch,
                       config_layout, flit_signature, load_signature, param_layout)
@@ -51,19 +52,30 @@ class PE(wiring.Component):
     emitted flit carries the configured destination; ``o_flit.valid`` never depends on
     ``o_flit.ready``. Arithmetic, windowing (MAC: dense and convolution, a dense layer being the 1x1
     case; MAX: max pooling; LANE: lane-wise MAC) and pipeline: sections 4 and 4.1 of
-    docs/architecture.md; the RECV ranges and op ADD: section 4.2.
+    docs/architecture.md; the RECV ranges and op ADD: section 4.2; op CONCAT: section 4.3.
 
-    ADD runs LANE's loop nest with the 1x2 kernel the compiler writes for it: issue ``(pixel (oy, ox),
-    word cw, kx)`` reads activation word ``act_base + (oy*in_width + ox)*CW + cw + kx*add_offset``
-    (operand ``a`` at ``kx = 0``, operand ``b`` at ``kx = 1``), no weight word, and lane ``l``
-    multiplies it by ``add_mult_a`` or ``add_mult_b`` instead of a weight; accumulation from the bias
-    at ``kx = 0``, requantization with row ``cw*L + l`` and the pipeline are LANE's. Each lane
-    therefore has one int8 x 24-bit signed multiplier (a weight lane sign-extended, or an unsigned
-    23-bit ADD multiplier) shared by MAC, LANE and ADD.
+    ADD runs LANE's loop nest with the 1x2 kernel the compiler writes for it: issue ``(pixel p = oy*in_width
+    + ox, word cw, kx)`` reads activation word ``act_base + operand_a_offset + p*CW + cw`` (operand ``a``,
+    ``kx = 0``) or ``act_base + operand_b_offset + p*CW + cw`` (operand ``b``, ``kx = 1``; either operand
+    may come first in the stored words), no weight word, and lane ``l`` multiplies it by ``add_mult_a`` or
+    ``add_mult_b`` instead of a weight; accumulation from the bias at ``kx = 0``, requantization with row
+    ``cw*L + l`` and the pipeline are LANE's.
+
+    CONCAT runs the same loop nest with a 1x1 kernel: one issue per (pixel ``p``, output word ``cw``),
+    reading ``act_base + operand_a_offset + p*CWa + cw`` times ``add_mult_a`` if ``cw < CWa =
+    concat_words_a``, else ``act_base + operand_b_offset + p*CWb + (cw - CWa)`` times ``add_mult_b``
+    (``CWb = CW - CWa``); every issue is a whole output word (bias plus one product per lane), requantized
+    with row ``cw*L + l`` into result word ``q*CW + cw``. Each lane therefore has one int8 x 24-bit signed
+    multiplier (a weight lane sign-extended, or an unsigned 23-bit operand multiplier) shared by MAC,
+    LANE, ADD and CONCAT, and the activation address has one wide multiplier ``p * pitch`` whose pitch is
+    ``CW``, ``CWa`` or ``CWb``.
+
+    Registers an op does not read (the operand offsets, multipliers and ``concat_words_a`` of MAC, MAX and
+    LANE; ``concat_words_a`` of ADD) do not affect it.
 
     The parameter table is banked by lane (row ``r`` in bank ``r % L`` at address ``r // L``) so that
-    LANE and ADD read the ``L`` rows ``cw*L + l`` of one word in one cycle; MAC reads row ``o`` from
-    bank ``o % L``. The load bus still addresses rows, the banking is internal.
+    LANE, ADD and CONCAT read the ``L`` rows ``cw*L + l`` of one word in one cycle; MAC reads row ``o``
+    from bank ``o % L``. The load bus still addresses rows, the banking is internal.
     """
 
     def __init__(self, arch: Arch, tile_index: int):
@@ -236,15 +248,20 @@ class PE(wiring.Component):
 
         # --- COMPUTE: issue (cycle c), accumulate or max (c+1), requantize or clamp and write (c+2) --
         # Loop nest of section 4.1, innermost last. MAC: output row, output column, output channel o,
-        # ky, kx, cw (the weight order). MAX, LANE and ADD: output row, output column, cw, ky, kx (LANE's
-        # weight order; ADD's 1x2 "kernel" is its two operands). Each counter steps when every counter
-        # inside it wraps; the two orders only differ in where cw sits.
+        # ky, kx, cw (the weight order). MAX, LANE, ADD and CONCAT: output row, output column, cw, ky, kx
+        # (LANE's weight order; ADD's 1x2 "kernel" is its two operands, CONCAT's 1x1 kernel makes one issue
+        # per output word). Each counter steps when every counter inside it wraps; the two orders only
+        # differ in where cw sits.
         is_max = config.op == OP_MAX
         is_lane = config.op == OP_LANE
         is_add = config.op == OP_ADD
-        # LANE and ADD accumulate and requantize each lane on its own, with parameter row cw*L + l.
-        lane_wise = is_lane | is_add
-        # MAX, LANE and ADD produce one whole result word per (pixel, cw) and preserve channels.
+        is_concat = config.op == OP_CONCAT
+        # ADD and CONCAT read two operand maps (at their own stored-word offsets) and multiply by an
+        # operand multiplier instead of a weight.
+        two_operands = is_add | is_concat
+        # LANE, ADD and CONCAT accumulate and requantize each lane on its own, with parameter row cw*L + l.
+        lane_wise = is_lane | two_operands
+        # MAX, LANE, ADD and CONCAT produce one whole result word per (pixel, cw) and preserve channels.
         per_word = is_max | lane_wise
         in_compute = running & (phase == Phase.COMPUTE)
         out_row = Signal.like(config.out_rows)            # relative to out_row_begin
@@ -264,7 +281,7 @@ class PE(wiring.Component):
         last_out_col = out_col == config.out_width - 1
         last_out_row = out_row == config.out_rows - 1
         window_done = last_kernel_x & last_kernel_y
-        # One output value (MAC: channel o; MAX, LANE: word cw) is finished with this issue.
+        # One output value (MAC: channel o; the per-word ops: word cw) is finished with this issue.
         first_of_output = Signal()
         last_of_output = Signal()
         pixel_done = Signal()
@@ -293,7 +310,7 @@ class PE(wiring.Component):
             with m.If(step):
                 m.d.sync += counter.eq(Mux(last, 0, counter + 1))
 
-        # Result words of the pixels issued so far (q * N_r for MAC, q * CW for MAX, LANE, ADD): a
+        # Result words of the pixels issued so far (q * N_r for MAC, q * CW for the per-word ops): a
         # running sum instead of a multiplier. It survives COMPUTE as the EMIT count.
         pixel_result_words = Mux(per_word, config.words_per_pixel, n_result_words)
         result_base = Signal.like(transfers)
@@ -306,7 +323,7 @@ class PE(wiring.Component):
             count(out_col, pixel_done, last_out_col)
             count(out_row, pixel_done & last_out_col, last_out_row)
             # A pixel reads its weights in issue order (MAC: w_base .. w_base + N_o*K_w - 1; LANE:
-            # w_base .. w_base + CW*KH*KW - 1), then starts over. MAX and ADD ignore the word read.
+            # w_base .. w_base + CW*KH*KW - 1), then starts over. MAX, ADD and CONCAT ignore the word read.
             m.d.sync += weight_address.eq(Mux(pixel_done, config.w_base, weight_address + 1))
             with m.If(pixel_done):
                 m.d.sync += [result_base.eq(result_base + pixel_result_words),
@@ -323,12 +340,23 @@ class PE(wiring.Component):
                          weight_address.eq(config.w_base)]
 
         # Input position of this issue. oy*S and ox*S (S <= 3) and iy*in_width (8 x 8 bits) are small
-        # multipliers; pixel_index*CW is the one wide product. An incremental activation address would
-        # need row and column pitches (in_width*CW, S*CW, ...) precomputed per config, so the
-        # straightforward form is kept until synthesis timing asks for it.
-        # ADD's window does not move with kx: its two issues of a word read the same pixel of operand a
-        # and of operand b, add_offset words further (section 4.2).
-        operand_b = is_add & (kernel_x != 0)
+        # multipliers; pixel_index*pitch (pitch CW, or CONCAT's CWa or CWb) is the one wide product. An
+        # incremental activation address would need row and column pitches (in_width*CW, S*CW, ...)
+        # precomputed per config, so the straightforward form is kept until synthesis timing asks for it.
+        # ADD's window does not move with kx: its two issues of a word read the same pixel p of operand a
+        # (kx = 0) and of operand b (kx = 1), each map at its own stored-word offset (section 4.2).
+        # CONCAT's output word cw comes from operand a's word cw while cw < CWa, else from operand b's word
+        # cw - CWa; the maps have CWa and CWb = CW - CWa words a pixel (section 4.3). MAC, MAX and LANE read
+        # the one map at act_base (offset 0, pitch CW) whatever the operand registers hold.
+        concat_words_b = Signal.like(config.words_per_pixel)
+        m.d.comb += concat_words_b.eq(config.words_per_pixel - config.concat_words_a)
+        in_operand_b_words = word >= config.concat_words_a
+        operand_b = (is_add & (kernel_x != 0)) | (is_concat & in_operand_b_words)
+        operand_offset = Mux(two_operands, Mux(operand_b, config.operand_b_offset, config.operand_a_offset), 0)
+        # Words a pixel of the map this issue reads, and the word within its pixel. The pitch is a mux in
+        # front of the one wide multiplier rather than a second (and third) multiplier.
+        pixel_pitch = Mux(is_concat, Mux(operand_b, concat_words_b, config.concat_words_a), config.words_per_pixel)
+        operand_word = Mux(is_concat & operand_b, word - config.concat_words_a, word)[:len(word)]
         out_y = config.out_row_begin + out_row
         window_y = out_y * config.stride + kernel_y          # iy + pad_top
         window_x = out_col * config.stride + Mux(is_add, 0, kernel_x)   # ix + pad_left
@@ -337,13 +365,13 @@ class PE(wiring.Component):
         input_y = (window_y - config.pad_top)[:len(config.in_height)]
         input_x = (window_x - config.pad_left)[:len(config.in_width)]
         pixel_index = input_y * config.in_width + input_x
-        activation_offset = pixel_index * config.words_per_pixel + word + Mux(operand_b, config.add_offset, 0)
+        activation_offset = operand_offset + pixel_index * pixel_pitch + operand_word
         m.d.comb += [
             weight_read.addr.eq(weight_address),
             activation_read.addr.eq((config.act_base + activation_offset)[:max(sram_address_bits, 1)]),
         ]
-        # MAC needs row o (bank o % L, address o // L); LANE and ADD need rows cw*L + l of every lane l
-        # (address cw in every bank).
+        # MAC needs row o (bank o % L, address o // L); LANE, ADD and CONCAT need rows cw*L + l of every
+        # lane l (address cw in every bank).
         param_address = Mux(lane_wise, word, channel >> lane_bits_log2)
         for param_read in param_reads:
             m.d.comb += param_read.addr.eq(param_address)
@@ -372,7 +400,7 @@ class PE(wiring.Component):
         def lane_of(value, lane):
             return value[LANE_BITS * lane:LANE_BITS * (lane + 1)].as_signed()
 
-        # Parameter rows present in stage 1, one per lane: LANE and ADD use bank l for lane l; MAC uses only
+        # Parameter rows present in stage 1, one per lane: LANE, ADD, CONCAT use bank l for lane l; MAC uses only
         # lane 0's accumulator and requantizer, fed with row o from bank o % L (stage1_result_lane is
         # o mod L, registered with the read address).
         mac_param_row = param_reads[0].data
@@ -387,13 +415,13 @@ class PE(wiring.Component):
         lane_param_rows = [lane0_param_row] + [param_reads[lane].data for lane in range(1, lanes)]
 
         # One multiplier per lane, int8 activation x signed 24-bit multiplicand: the weight lane
-        # (sign-extended int8) for MAC and LANE, or ADD's unsigned 23-bit operand multiplier
-        # (add_mult_a for operand a, add_mult_b for operand b), shared rather than a second multiplier.
-        # |int8 x uint23| < 2^30, so the product fits 31 signed bits.
+        # (sign-extended int8) for MAC and LANE, or the unsigned 23-bit operand multiplier of ADD and
+        # CONCAT (add_mult_a for operand a, add_mult_b for operand b, as registered at issue), shared
+        # rather than a second multiplier. |int8 x uint23| < 2^30, so the product fits 31 signed bits.
         add_multiplier = Mux(stage1_operand_b, config.add_mult_b, config.add_mult_a)
         products = []
         for lane in range(lanes):
-            multiplicand = Mux(is_add, add_multiplier, lane_of(weight_read.data, lane))
+            multiplicand = Mux(two_operands, add_multiplier, lane_of(weight_read.data, lane))
             product = Signal(signed(LANE_BITS + ADD_MULT_BITS), name=f"product{lane}")
             m.d.comb += product.eq(multiplicand * lane_of(activation, lane))
             products.append(product)
@@ -401,8 +429,8 @@ class PE(wiring.Component):
         narrow_products = [product[:2 * LANE_BITS].as_signed() for product in products]
         lane_sum = Signal(signed(2 * LANE_BITS + lane_bits_log2))
         m.d.comb += lane_sum.eq(sum(narrow_products[1:], narrow_products[0]))
-        # MAC accumulates the lane sum in accumulator 0; LANE and ADD accumulate each lane's product in
-        # its own.
+        # MAC accumulates the lane sum in accumulator 0; LANE, ADD and CONCAT accumulate each lane's
+        # product in its own (CONCAT's 1x1 window: bias + one product, first and last issue at once).
         accumulators = [Signal(signed(ACC_BITS), name=f"accumulator{lane}") for lane in range(lanes)]
         addends = [Mux(lane_wise, products[0], lane_sum)] + products[1:]
         # MAX: lane-wise signed maximum over the window, starting from its first word.
@@ -418,7 +446,7 @@ class PE(wiring.Component):
                 for lane in range(lanes))))
 
         # Stage 2: requantize the finished accumulators on the exact wide value (MAC: lane 0 only;
-        # LANE and ADD: all lanes in parallel), or clamp the window maximum lane by lane (MAX).
+        # LANE, ADD and CONCAT: all lanes in parallel), or clamp the window maximum lane by lane (MAX).
         stage2_valid = Signal()
         stage2_result_address = Signal.like(stage1_result_address)
         stage2_result_lane = Signal.like(stage1_result_lane)

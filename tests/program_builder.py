@@ -1,5 +1,6 @@
-"""Hand-built flowtile programs for tests: dense, convolution, depthwise, max-pool layers and residual
-blocks mapped onto the chain as docs/architecture.md sections 1, 4.1 and 4.2 describe, without the compiler.
+"""Hand-built flowtile programs for tests: dense, convolution, depthwise, max-pool layers, residual and
+concat blocks mapped onto the chain as docs/architecture.md sections 1 and 4.1-4.3 describe, without the
+compiler.
 
     layers = [Dense(W, bias, multiplier, shift, zp_out, clamp_lo, clamp_hi, tiles=2), ...]
     program = build_program(Arch(rows=2, cols=2, lanes=4), layers)
@@ -11,7 +12,9 @@ blocks mapped onto the chain as docs/architecture.md sections 1, 4.1 and 4.2 des
     flits = network_golden(layers, x_int8, (C, H, W), lanes)        # what the host receives
 
     layers = [Conv(...), Residual(main=[Conv(..., tiles=2), Depthwise(...)],
-                                  add=AddParams(mult_a, mult_b, multiplier, shift, zp_a, zp_b, zp_out), tiles=2)]
+                                  add=AddParams(mult_a, mult_b, multiplier, shift, zp_a, zp_b, zp_out), tiles=2),
+              Concat(a_branch=[Conv(...)], b_branch=[],          # b = the block input (identity)
+                     params=ConcatParams(mult_a, mult_b, multiplier, shift, zp_a, zp_b, zp_out), tiles=2)]
 
 Mapping: a layer split over ``m`` consecutive chain tiles; ``n_pass`` of tile ``i`` = result words of
 tiles ``0..i-1``, destination the next chain tile (the host for the last chain position). The stream a
@@ -21,10 +24,14 @@ followed by the layer input's ``K_in`` words: every tile has ``n_in_words = K = 
 ``[0, K)`` if the layer is the first of a residual main branch (its input is the block's skip). Without
 residual blocks ``B = 0``: store everything, forward everything but on the last tile
 (``flowtile.arch.stream_registers``). A :class:`Residual` block ends with ADD tiles (row bands; op = ADD,
-kernel 1x2, ``out_width = in_width``) that store ``[B, K)`` = skip ++ main output, ``add_offset`` = the
-skip's words, ``act_base = 0``, ``n_out = CW * L`` parameter rows from :class:`AddParams` (a flat
+kernel 1x2, ``out_width = in_width``) that store ``[B, K)`` = skip ++ main output, the skip at stored
+offset 0 and the main output at the skip's words (``operand_a_offset``/``operand_b_offset`` by
+``Residual.skip``), ``act_base = 0``, ``n_out = CW * L`` parameter rows from :class:`AddParams` (a flat
 vector is a 1x1 map of ``ceil(n / L)`` words, channel ``c`` = element ``c``), and whose last tile
-forwards ``[0, B)``.
+forwards ``[0, B)``. A :class:`Concat` block (two branches, either may be the identity) ends with
+CONCAT tiles (kernel 1x1, ``concat_words_a`` = a's words a pixel) laid out the same way; see
+:class:`Concat` for the stream and how the first layer of its second branch reads ``x`` from the middle
+of the stream (``store_begin = B``, ``K = B + K_in + first output``).
 
 A dense tile computes a slice of the outputs (a multiple of ``lanes`` except the last), ``w_base = 0``,
 ``act_base = n_out * K_in``. A windowed tile (section 4.1) computes a band of output rows for every
@@ -51,10 +58,11 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from flowtile.arch import ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
+from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
+                           dense_window_registers)
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 
-__all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "AddParams", "Residual", "average_pool", "build_program",
+__all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "AddParams", "Residual", "ConcatParams", "Concat", "average_pool", "build_program",
            "dense_golden", "network_golden", "split_outputs", "split_rows", "blank_config", "window_output_size"]
 
 
@@ -174,7 +182,8 @@ class MaxPool(NamedTuple):
 class AddParams(NamedTuple):
     """The requantized elementwise add of a residual join (op = ADD, section 4.2): element (channel) ``c``
     of ``y`` is ``clamp(round_half_even(wrap32(bias_c + a_c * mult_a + b_c * mult_b) * M_c / 2^S_c) +
-    zp_out, clamp_lo, clamp_hi)``, ``a`` the block input (the skip) and ``b`` the main branch's output.
+    zp_out, clamp_lo, clamp_hi)``, ``a`` the block input (the skip) and ``b`` the main branch's output
+    (the other way round for ``Residual(skip="b")``).
     ``bias`` defaults to ``-(zp_a * mult_a + zp_b * mult_b)`` (the operands' zero points folded in);
     ``bias``/``multiplier``/``shift`` are scalars or per channel (per element of a flat vector)."""
 
@@ -206,12 +215,78 @@ class Residual(NamedTuple):
     stays in the stream in front of the main branch: the first main layer's tiles store their input and
     all forward it, later main layers store only their own input and their last tile forwards ``x``;
     then ``tiles`` ADD tiles (row bands of the map; a flat vector is one pixel, so one tile) read ``x``
-    (operand a) and the main branch's output (operand b), which must have ``x``'s shape. Blocks nest
+    and the main branch's output, which must have ``x``'s shape. ``skip``: which ADD operand the skip is,
+    ``"a"`` (``y = add(a=x, b=main(x))``, operand a first in the stream) or ``"b"`` (``y = add(a=main(x),
+    b=x)``: operand b comes first in the stream, ``operand_b_offset = 0 < operand_a_offset``). Blocks nest
     (not as the first layer of a main branch, which would need ``x`` twice in the stream)."""
 
     main: Sequence
     add: AddParams
     tiles: int | Sequence[int] = 1
+    skip: str = "a"
+
+
+class ConcatParams(NamedTuple):
+    """The requantized channel concatenation of a :class:`Concat` join (op = CONCAT, section 4.3). Output
+    channel ``c`` (of ``C_a + C_b``; for vectors: element) is ``clamp(round_half_even(wrap32(bias_c + v_c *
+    m) * M_c / 2^S_c) + zp_out, clamp_lo, clamp_hi)`` with ``v_c = a_c``, ``m = mult_a`` for ``c < C_a``, else
+    ``v_c = b_{c - C_a}``, ``m = mult_b``. ``bias`` defaults to ``-zp_a * mult_a`` for a's channels and
+    ``-zp_b * mult_b`` for b's (the operands' zero points folded in); ``bias``/``multiplier``/``shift`` are
+    scalars or per output channel."""
+
+    mult_a: int                    # 0..ADD_MULT_MAX
+    mult_b: int
+    multiplier: np.ndarray | int
+    shift: np.ndarray | int
+    zp_a: int = 0
+    zp_b: int = 0
+    zp_out: int = 0
+    clamp_lo: int = -128
+    clamp_hi: int = 127
+    bias: np.ndarray | int | None = None
+
+    def channel_parameters(self, channels_a: int, channels_b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bias, multiplier, shift) int64 ``[C_a + C_b]``, one entry per output channel."""
+        channels = channels_a + channels_b
+        if self.bias is None:
+            bias = np.concatenate([np.full(channels_a, -self.zp_a * self.mult_a, np.int64),
+                                   np.full(channels_b, -self.zp_b * self.mult_b, np.int64)])
+        else:
+            bias = _per_output(self.bias, channels)
+        return bias, _per_output(self.multiplier, channels), _per_output(self.shift, channels)
+
+    def lane_parameters(self, channels_a: int, channels_b: int, lanes: int) -> np.ndarray:
+        """The parameter table int64 ``[CW*L, 3]``: row ``c`` for output channel ``c`` (``C_a`` is a multiple
+        of ``L``, so b's channel ``j`` is row ``C_a + j``); padding channels get ``(0, 0, 1)``."""
+        channels = channels_a + channels_b
+        padded = channels_a + -(-channels_b // lanes) * lanes
+        params = np.zeros((padded, 3), dtype=np.int64)
+        params[:, 2] = 1
+        params[:channels] = np.stack(self.channel_parameters(channels_a, channels_b), axis=1)
+        return params
+
+
+class Concat(NamedTuple):
+    """A block that forks its input ``x`` into two branches and concatenates their outputs along channels
+    (section 4.3): ``y = concat(a_branch(x), b_branch(x))`` requantized with :class:`ConcatParams` by
+    ``tiles`` CONCAT tiles (row bands; a flat vector is one pixel, so one tile). An empty branch is the
+    identity (that operand is ``x`` itself, which then stays in the stream in front of the other branch);
+    not both. Both outputs must have the same height and width (or both be vectors), and a's channel
+    count must be a multiple of ``lanes`` (its words end where b's begin).
+
+    Stream: the branch computed first (``first``: ``"a"`` or ``"b"``; an identity operand always comes
+    first) keeps ``x`` in the stream; the first layer of the second branch stores ``x`` from between the
+    words kept before the block and the first branch's output, and its last tile drops ``x`` if nothing
+    precedes it in the stream (forwarded words are one contiguous range), else forwards it along. The
+    CONCAT tiles store everything from ``x`` (or the first branch's output) on, so the operand offsets are
+    ``0`` / ``x``'s words / ``x``'s words + the first output's words; ``first="b"`` (or an identity b) puts
+    operand b first in the stream."""
+
+    a_branch: Sequence
+    b_branch: Sequence
+    params: ConcatParams
+    tiles: int | Sequence[int] = 1
+    first: str = "a"
 
 
 def window_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int) -> int:
@@ -342,29 +417,84 @@ def _words(shape: tuple[int, ...], lanes: int) -> int:
     return -(-shape[0] // lanes)
 
 
-def _add_tiles(add: AddParams, tiles, shape: tuple[int, ...], lanes: int, act_fill):
-    """(config, sram, params, result words) per tile of the ADD of a residual join (section 4.2): row
-    bands of the map (a flat vector is one 1x1 pixel of ``ceil(n / L)`` words, so one band). The
-    registers address operand ``a`` at stored offset 0 and ``b`` at ``add_offset`` = one tensor's
-    words; ``n_in_words`` and the RECV ranges are set by the caller."""
-    height, width, channels = (shape[1], shape[2], shape[0]) if len(shape) == 3 else (1, 1, shape[0])
-    words_per_pixel = -(-channels // lanes)
-    map_words = height * width * words_per_pixel
-    for name, value in (("mult_a", add.mult_a), ("mult_b", add.mult_b)):
+def _join_tiles(layer, shapes: dict, offsets: dict, stored: int, lanes: int, act_fill):
+    """(config, sram, params, result words) per tile of the join of a :class:`Residual` (op = ADD,
+    section 4.2) or a :class:`Concat` (op = CONCAT, section 4.3), and the output shape. ``shapes``: the
+    operands' shapes, ``offsets``: their stored-word offsets (keys ``"a"``, ``"b"``); ``stored``: the
+    words the tiles store. Row bands of the map (a flat vector is one 1x1 pixel of ``ceil(n / L)`` words,
+    so one band); ``act_base = 0``; ``n_in_words`` and the RECV ranges are set by the caller."""
+    shape_a, shape_b = shapes["a"], shapes["b"]
+    is_add = isinstance(layer, Residual)
+    params_of = layer.add if is_add else layer.params
+    kind = "Residual" if is_add else "Concat"
+    if is_add and tuple(shape_a) != tuple(shape_b):
+        main, skip = (shape_b, shape_a) if layer.skip == "a" else (shape_a, shape_b)
+        raise ValueError(f"Residual main branch maps its input to {list(main)}; the add needs the same shape as "
+                         f"the skip {list(skip)}")
+    if len(shape_a) != len(shape_b) or tuple(shape_a[1:]) != tuple(shape_b[1:]):
+        raise ValueError(f"{kind} operands of shapes {list(shape_a)} and {list(shape_b)} do not match (the concat "
+                         f"needs the same height and width, or two vectors)")
+    for name in ("mult_a", "mult_b"):
+        value = getattr(params_of, name)
         if not 0 <= value <= ADD_MULT_MAX:
-            raise ValueError(f"AddParams.{name} = {value} outside 0..{ADD_MULT_MAX}")
-    params = add.lane_parameters(channels, lanes)
-    common = dict(op=OP_ADD, in_height=height, in_width=width, words_per_pixel=words_per_pixel, kernel_h=1,
-                  kernel_w=2, stride=1, out_width=width, n_out=words_per_pixel * lanes, w_base=0, act_base=0,
-                  add_offset=map_words, add_mult_a=add.mult_a, add_mult_b=add.mult_b, zp_out=add.zp_out,
-                  clamp_lo=add.clamp_lo, clamp_hi=add.clamp_hi)
+            raise ValueError(f"{type(params_of).__name__}.{name} = {value} outside 0..{ADD_MULT_MAX}")
+    height, width = (shape_a[1], shape_a[2]) if len(shape_a) == 3 else (1, 1)
+    if is_add:
+        channels = shape_a[0]
+        words_per_pixel = -(-channels // lanes)
+        params = params_of.lane_parameters(channels, lanes)
+        registers = dict(op=OP_ADD, kernel_w=2, concat_words_a=0)
+        out_shape = tuple(shape_a)
+    else:
+        channels_a, channels_b = shape_a[0], shape_b[0]
+        if channels_a % lanes:
+            raise ValueError(f"Concat operand a has {channels_a} channels, not a multiple of lanes = {lanes}")
+        words_a = channels_a // lanes
+        words_per_pixel = words_a + -(-channels_b // lanes)
+        params = params_of.lane_parameters(channels_a, channels_b, lanes)
+        registers = dict(op=OP_CONCAT, kernel_w=1, concat_words_a=words_a)
+        out_shape = (channels_a + channels_b,) + tuple(shape_a[1:])
+    common = dict(registers, in_height=height, in_width=width, words_per_pixel=words_per_pixel, kernel_h=1,
+                  stride=1, out_width=width, n_out=words_per_pixel * lanes, w_base=0, act_base=0,
+                  operand_a_offset=offsets["a"], operand_b_offset=offsets["b"], add_mult_a=params_of.mult_a,
+                  add_mult_b=params_of.mult_b, zp_out=params_of.zp_out, clamp_lo=params_of.clamp_lo,
+                  clamp_hi=params_of.clamp_hi)
     parts, row = [], 0
-    for rows in split_rows(height, tiles):
+    for rows in split_rows(height, layer.tiles):
         config = blank_config()
         config.update(common, out_row_begin=row, out_rows=rows)
-        parts.append((config, _fill(act_fill, 2 * map_words, lanes), params.copy(), rows * width * words_per_pixel))
+        parts.append((config, _fill(act_fill, stored, lanes), params.copy(), rows * width * words_per_pixel))
         row += rows
-    return parts
+    return parts, out_shape
+
+
+def _branches(block) -> tuple[dict[str, list], list[str]]:
+    """The two branches of a join block by operand (``"a"``, ``"b"``; empty: identity) and the order in
+    which the non-empty ones are computed."""
+    if isinstance(block, Residual):
+        if block.skip not in ("a", "b"):
+            raise ValueError(f"Residual.skip must be 'a' or 'b', got {block.skip!r}")
+        if not block.main:
+            raise ValueError("a Residual block needs at least one main-branch layer")
+        main = "b" if block.skip == "a" else "a"
+        return {main: list(block.main), block.skip: []}, [main]
+    if block.first not in ("a", "b"):
+        raise ValueError(f"Concat.first must be 'a' or 'b', got {block.first!r}")
+    branches = {"a": list(block.a_branch), "b": list(block.b_branch)}
+    if not branches["a"] and not branches["b"]:
+        raise ValueError("a Concat block needs at least one non-identity branch (concat(x, x) would need x "
+                         "twice in the stream)")
+    order = [block.first, "b" if block.first == "a" else "a"]
+    return branches, [letter for letter in order if branches[letter]]
+
+
+def _first_layer(layers):
+    """The first layer that reads the network input (inside blocks: the first layer of a branch)."""
+    first = layers[0]
+    while isinstance(first, (Residual, Concat)):
+        branches, order = _branches(first)
+        first = branches[order[0]][0]
+    return first
 
 
 class _Builder:
@@ -375,19 +505,25 @@ class _Builder:
         self.tiles: list[TileProgram] = []
         self.infos: list[LayerInfo] = []
 
-    def place(self, parts, info, *, before: int, stored: int, keep: int) -> None:
+    def place(self, parts, info, *, before: int, stored: int, keep, after: int = 0) -> None:
         """The tiles of one layer. Its stream per inference is ``before`` words of tensors kept for later,
-        then its input (``stored`` words, which every tile stores); every tile but the last forwards the
-        whole stream, the last forwards its first ``keep`` words (the tensors still needed after it)."""
-        k_words = before + stored
+        then its input (``stored`` words, which every tile stores), then ``after`` more words kept for
+        later; every tile but the last forwards the whole stream, the last forwards the words ``keep``
+        (a ``(begin, end)`` range, or ``end`` for ``(0, end)``: the tensors still needed after it)."""
+        k_words = before + stored + after
+        keep_begin, keep_end = (0, keep) if isinstance(keep, int) else keep
+        if keep_begin >= keep_end:
+            keep_begin = keep_end = 0
         coords, passed = [], 0
         for i, (config, sram, params, n_words) in enumerate(parts):
             position = len(self.tiles)
             if position >= self.arch.n_tiles:
                 raise ValueError(f"the layers need more than the {self.arch.n_tiles} tiles of the grid")
             row, col = self.arch.chain_position(position)
-            config.update(n_in_words=k_words, store_begin=before, store_end=k_words, forward_begin=0,
-                          forward_end=k_words if i < len(parts) - 1 else keep, n_pass=passed)
+            last = i == len(parts) - 1
+            config.update(n_in_words=k_words, store_begin=before, store_end=before + stored,
+                          forward_begin=keep_begin if last else 0, forward_end=keep_end if last else k_words,
+                          n_pass=passed)
             self.tiles.append(TileProgram(row, col, config, sram, params))
             coords.append((row, col))
             passed += n_words
@@ -395,50 +531,97 @@ class _Builder:
         self.infos.append(LayerInfo(f"{op}{len(self.infos)}", op, n_in, n_out, tuple(coords), relu=relu,
                                     mac_count=macs))
 
+    def layer_parts(self, layer, shape: tuple[int, ...]):
+        """(tile parts, layer info, output shape) of one plain layer reading a tensor of ``shape``."""
+        lanes = self.arch.lanes
+        if isinstance(layer, Dense):
+            wire = (shape[1] * shape[2] * -(-shape[0] // lanes) * lanes) if len(shape) == 3 else shape[0]
+            if layer.n_in != wire:
+                raise ValueError(f"layer {type(layer).__name__} has {layer.n_in} inputs, its input has {wire} "
+                                 f"elements on the wire")
+            parts = list(_dense_tiles(layer, _words(shape, lanes), lanes, self.act_fill))
+            return parts, ("dense", layer.n_in, layer.n_out, layer.clamp_lo > -128, None), (layer.n_out,)
+        if len(shape) != 3:
+            raise ValueError(f"layer {type(layer).__name__} needs a feature map input")
+        parts, out_shape = _window_tiles(layer, shape, lanes, self.act_fill)
+        kernel_h, kernel_w = layer.kernel
+        out_pixels = out_shape[1] * out_shape[2]
+        relu = layer.clamp_lo > -128
+        if isinstance(layer, Conv):  # report only: n_in * n_out = the layer's MACs
+            info = ("conv", shape[0] * kernel_h * kernel_w, out_shape[0] * out_pixels, relu, None)
+        elif isinstance(layer, Depthwise):
+            info = ("depthwise", kernel_h * kernel_w, out_shape[0] * out_pixels, relu, None)
+        else:
+            info = ("maxpool", 0, out_shape[0] * out_pixels, relu, None)
+        return parts, info, out_shape
+
+    def join(self, block, shape: tuple[int, ...], before: int) -> tuple[int, ...]:
+        """Place a :class:`Residual` or :class:`Concat` block reading a stream of ``before`` kept words
+        followed by its input ``x`` of ``shape``; afterwards the stream holds those ``before`` words and
+        the block's output. Returns the output shape."""
+        lanes = self.arch.lanes
+        branches, order = _branches(block)
+        in_words = _words(shape, lanes)
+        shapes = {letter: tuple(shape) for letter in "ab" if not branches[letter]}   # identity operands
+        first = order[0]
+        shapes[first] = tuple(self.sequence(branches[first], shape, before, keep_input=True))
+        # the stream: before ++ x ++ first output
+        x_kept = True
+        if len(order) == 2:
+            second = order[1]
+            shapes[second], x_kept = self.second_branch(branches[second], shape, before, in_words,
+                                                        _words(shapes[first], lanes))
+        # the stream: before ++ (x if kept) ++ the computed outputs in order; the join stores all after `before`
+        offsets, offset = {}, 0
+        if x_kept:
+            for letter in "ab":
+                if not branches[letter]:
+                    offsets[letter] = 0
+            offset = in_words
+        for letter in order:
+            offsets[letter] = offset
+            offset += _words(shapes[letter], lanes)
+        parts, out_shape = _join_tiles(block, shapes, offsets, offset, lanes, self.act_fill)
+        elements = int(np.prod(out_shape))
+        params = block.add if isinstance(block, Residual) else block.params
+        n_in = int(np.prod(shapes["a"])) + int(np.prod(shapes["b"]))
+        info = ("add" if isinstance(block, Residual) else "concat", n_in, elements, params.clamp_lo > -128, 0)
+        self.place(parts, info, before=before, stored=offset, keep=before)
+        return out_shape
+
+    def second_branch(self, layers, shape: tuple[int, ...], before: int, in_words: int,
+                      after: int) -> tuple[tuple[int, ...], bool]:
+        """Place the branch of a join computed second. Its first layer reads the block input ``x`` (of
+        ``shape``, ``in_words`` words) from between ``before`` kept words and the first branch's output
+        (``after`` words); its last tile forwards ``after`` alone if ``before`` is 0 (dropping ``x``),
+        else everything (forwarded words form one range). Returns (output shape, whether ``x`` stayed)."""
+        head, rest = layers[0], layers[1:]
+        if isinstance(head, (Residual, Concat)):
+            raise ValueError(f"a {type(head).__name__} block cannot start the second branch of a join (its "
+                             f"input sits between other tensors in the stream); put a layer before it")
+        parts, info, out_shape = self.layer_parts(head, shape)
+        x_kept = before > 0
+        keep = (0, before + in_words + after) if x_kept else (in_words, in_words + after)
+        self.place(parts, info, before=before, stored=in_words, after=after, keep=keep)
+        kept = keep[1] - keep[0]
+        return tuple(self.sequence(rest, out_shape, kept, keep_input=False)), x_kept
+
     def sequence(self, layers, shape: tuple[int, ...], before: int, keep_input: bool) -> tuple[int, ...]:
         """Place ``layers`` reading a stream of ``before`` kept words followed by a tensor of ``shape``;
-        ``keep_input``: the first layer keeps its input in the stream (it is a residual block's skip).
-        Returns the output shape (the stream then holds ``before`` (+ the input if kept) words and it)."""
+        ``keep_input``: the first layer keeps its input in the stream (it is a join's skip / identity
+        operand / the input of its second branch). Returns the output shape (the stream then holds
+        ``before`` (+ the input if kept) words and it)."""
         lanes = self.arch.lanes
         for index, layer in enumerate(layers):
             keep = keep_input and index == 0
             in_words = _words(shape, lanes)
-            if isinstance(layer, Residual):
+            if isinstance(layer, (Residual, Concat)):
                 if keep:
-                    raise ValueError("a Residual block cannot start a residual main branch (the stream would "
-                                     "have to carry the block input twice); put a layer before it")
-                if not layer.main:
-                    raise ValueError("a Residual block needs at least one main-branch layer")
-                main_shape = self.sequence(layer.main, shape, before, keep_input=True)
-                if tuple(main_shape) != tuple(shape):
-                    raise ValueError(f"Residual main branch maps {list(shape)} to {list(main_shape)}; "
-                                     f"the add needs the same shape")
-                parts = _add_tiles(layer.add, layer.tiles, shape, lanes, self.act_fill)
-                elements = int(np.prod(shape))
-                info = ("add", 2 * elements, elements, layer.add.clamp_lo > -128, 0)
-                self.place(parts, info, before=before, stored=2 * in_words, keep=before)
+                    raise ValueError(f"a {type(layer).__name__} block cannot start a branch of a join (the "
+                                     f"stream would have to carry the block input twice); put a layer before it")
+                shape = self.join(layer, shape, before)
                 continue
-            if isinstance(layer, Dense):
-                wire = (shape[1] * shape[2] * -(-shape[0] // lanes) * lanes) if len(shape) == 3 else shape[0]
-                if layer.n_in != wire:
-                    raise ValueError(f"layer {type(layer).__name__} has {layer.n_in} inputs, its input has {wire} "
-                                     f"elements on the wire")
-                parts = list(_dense_tiles(layer, in_words, lanes, self.act_fill))
-                info = ("dense", layer.n_in, layer.n_out, layer.clamp_lo > -128, None)
-                out_shape = (layer.n_out,)
-            else:
-                if len(shape) != 3:
-                    raise ValueError(f"layer {type(layer).__name__} needs a feature map input")
-                parts, out_shape = _window_tiles(layer, shape, lanes, self.act_fill)
-                kernel_h, kernel_w = layer.kernel
-                out_pixels = out_shape[1] * out_shape[2]
-                relu = layer.clamp_lo > -128
-                if isinstance(layer, Conv):  # report only: n_in * n_out = the layer's MACs
-                    info = ("conv", shape[0] * kernel_h * kernel_w, out_shape[0] * out_pixels, relu, None)
-                elif isinstance(layer, Depthwise):
-                    info = ("depthwise", kernel_h * kernel_w, out_shape[0] * out_pixels, relu, None)
-                else:
-                    info = ("maxpool", 0, out_shape[0] * out_pixels, relu, None)
+            parts, info, out_shape = self.layer_parts(layer, shape)
             self.place(parts, info, before=before, stored=in_words, keep=before + in_words if keep else before)
             if keep:
                 before += in_words
@@ -446,16 +629,14 @@ class _Builder:
         return shape
 
 
-def build_program(arch: Arch, layers: Sequence[Dense | Conv | Depthwise | MaxPool | Residual], *,
+def build_program(arch: Arch, layers: Sequence[Dense | Conv | Depthwise | MaxPool | Residual | Concat], *,
                   tail: str = "pass", act_fill: np.random.Generator | None = None,
                   input_shape: tuple[int, int, int] | None = None) -> Program:
     """A validated Program for ``layers`` on ``arch``. ``act_fill``: fill activation buffers with
     random bytes (the hardware overwrites them) instead of zeros. ``input_shape``: ``(C, H, W)`` if the
     network input is a feature map (needed when the first layer is a Conv or MaxPool)."""
     lanes = arch.lanes
-    first = layers[0]
-    while isinstance(first, Residual):
-        first = first.main[0]
+    first = _first_layer(layers)
     shape: tuple[int, ...] = tuple(input_shape) if input_shape is not None else (first.n_in,)
     if input_shape is None and not isinstance(first, Dense):
         raise ValueError("a network starting with a windowed layer needs input_shape=(C, H, W)")
@@ -507,18 +688,47 @@ def _add_golden(add: AddParams, a: np.ndarray, b: np.ndarray, channels: int) -> 
                        add.clamp_hi)
 
 
-def dense_golden(layers: Sequence[Dense | Residual], x: np.ndarray) -> np.ndarray:
-    """Plain numpy forward pass of int8 dense layers and residual blocks of them: int8 ``[batch, n_in]``
-    -> int8 ``[batch, n_out]``.
+def _concat_golden(params: ConcatParams, a: np.ndarray, b: np.ndarray, channels_a: int, channels_b: int) -> np.ndarray:
+    """Channel concatenation: int64 operands ``[..., C_a]`` and ``[..., C_b']`` whose last axis runs over
+    channels (``C_b' >= channels_b``: padding channels, which get the row ``(0, 0, 1)``); output channel
+    ``c`` is ``bias_c + v_c * m`` requantized, ``v = a ++ b``, ``m = mult_a`` on a's channels, else ``mult_b``."""
+    padded = channels_a + b.shape[-1]
+    bias, multiplier, shift = np.zeros(padded, np.int64), np.zeros(padded, np.int64), np.ones(padded, np.int64)
+    channels = channels_a + channels_b
+    bias[:channels], multiplier[:channels], shift[:channels] = params.channel_parameters(channels_a, channels_b)
+    acc = np.concatenate([a * params.mult_a, b * params.mult_b], axis=-1)
+    return _requantize(acc, bias, multiplier, shift, params.zp_out, params.clamp_lo, params.clamp_hi)
+
+
+def _join_operands(block, golden, values, shape):
+    """The two operands of a join block and their shapes: ``golden(branch, values, shape)`` runs a branch
+    (the identity if it is empty)."""
+    branches, _ = _branches(block)
+    operands = {}
+    for letter in "ab":
+        operands[letter] = golden(branches[letter], values, shape) if branches[letter] else (values, tuple(shape))
+    return operands["a"], operands["b"]
+
+
+def dense_golden(layers: Sequence[Dense | Residual | Concat], x: np.ndarray) -> np.ndarray:
+    """Plain numpy forward pass of int8 dense layers and residual / concat blocks of them: int8 ``[batch,
+    n_in]`` -> int8 ``[batch, n_out]``.
 
     ``acc = wrap32(bias + x @ W^T)``, ``y = clamp(round_half_even(acc * M / 2^S) + zp, lo, hi)``; a
-    :class:`Residual` adds its input and its main branch's output with :class:`AddParams`.
+    :class:`Residual` adds its input and its main branch's output with :class:`AddParams`, a
+    :class:`Concat` concatenates its branches' outputs with :class:`ConcatParams`.
     """
     values = np.asarray(x, dtype=np.int64)
     for layer in layers:
-        if isinstance(layer, Residual):
-            main = dense_golden(layer.main, values).astype(np.int64)
-            values = _add_golden(layer.add, values, main, values.shape[1])
+        if isinstance(layer, (Residual, Concat)):
+            def golden(branch, inputs, shape):
+                out = dense_golden(branch, inputs).astype(np.int64)
+                return out, (out.shape[1],)
+            (a, _), (b, _) = _join_operands(layer, golden, values, (values.shape[1],))
+            if isinstance(layer, Residual):
+                values = _add_golden(layer.add, a, b, a.shape[1])
+            else:
+                values = _concat_golden(layer.params, a, b, a.shape[1], b.shape[1])
             continue
         acc = values @ layer.weights.astype(np.int64).T
         values = _requantize(acc, _per_output(layer.bias, layer.n_out), _per_output(layer.multiplier, layer.n_out),
@@ -534,9 +744,14 @@ def _golden_sequence(layers, values: np.ndarray, shape: tuple[int, ...], lanes: 
     """``values``: the wire representation of a tensor of ``shape`` (see :func:`network_golden`)."""
     batch = values.shape[0]
     for layer in layers:
-        if isinstance(layer, Residual):
-            main, _ = _golden_sequence(layer.main, values, shape, lanes)
-            values = _add_golden(layer.add, values, main, shape[0])
+        if isinstance(layer, (Residual, Concat)):
+            (a, shape_a), (b, shape_b) = _join_operands(
+                layer, lambda branch, inputs, in_shape: _golden_sequence(branch, inputs, in_shape, lanes), values, shape)
+            if isinstance(layer, Residual):
+                values = _add_golden(layer.add, a, b, shape_a[0])
+            else:  # a's channels fill whole words (C_a = CWa * L lanes); b's padding lanes follow
+                values = _concat_golden(layer.params, a, b, shape_a[0], shape_b[0])
+                shape = (shape_a[0] + shape_b[0],) + tuple(shape_a[1:])
             continue
         if isinstance(layer, Dense):  # a dense layer reads the words (pixel-major for a map) as its input
             flat = values.reshape(batch, -1)[:, :layer.n_in].astype(np.int8)
@@ -610,11 +825,11 @@ def _golden_sequence(layers, values: np.ndarray, shape: tuple[int, ...], lanes: 
 
 
 def network_golden(layers, x: np.ndarray, input_shape: tuple[int, int, int] | None, lanes: int) -> np.ndarray:
-    """Plain forward pass straight from sections 4, 4.1 and 4.2 on the wire representation: a feature
+    """Plain forward pass straight from sections 4 to 4.3 on the wire representation: a feature
     map is int64 ``[batch, H, W, CW*L]`` (padding channels travel as lanes too, and layers compute them
-    as the hardware does), a vector ``[batch, words*L]``. Handles every layer type here, residual blocks
-    included (the add works lane by lane on the wire representation, padding channels with the
-    parameter row ``(0, 0, 1)``).
+    as the hardware does), a vector ``[batch, words*L]``. Handles every layer type here, residual and
+    concat blocks included (the add works lane by lane on the wire representation, the concat appends
+    b's lanes to a's whole words; padding channels get the parameter row ``(0, 0, 1)``).
 
     ``x`` is int8 ``[batch, C*H*W]`` in model (CHW) order (``[batch, n]`` if ``input_shape`` is None).
     Returns the int8 flits the host receives, ``[batch * words, L]``."""

@@ -152,6 +152,8 @@ RESNET_CASES = [
     (33, "3x2-l16-d1", (3, 4, 4), 12, [{"kind": "basic", "out": 12}], 4, 3, "float"),
     (34, "4x4-l8", (4, 8, 8), 8, [{"kind": "inverted", "expand": 16}, {"kind": "basic", "out": 8}], 5, 2,
      "int8-tensor"),
+    (35, "4x4-l8", (3, 6, 6), 8, [{"kind": "fire", "squeeze": 4, "expand": 8},
+                                  {"kind": "dense", "growth": 8, "identity_first": False}], 4, 3, "uint8"),
 ]
 RESNET_IDS = [f"{c[1]}-{'x'.join(map(str, c[2]))}-{'-'.join(b['kind'] for b in c[4])}-b{c[6]}-{c[7]}"
               for c in RESNET_CASES]
@@ -174,7 +176,7 @@ def build_resnet(tmp_path, seed, in_shape, stem, blocks, classes, kind):
 def test_resnet_emulator_matches_onnxruntime(tmp_path, seed, arch_name, in_shape, stem, blocks, classes, batch, kind):
     model_path, calibration = build_resnet(tmp_path, seed, in_shape, stem, blocks, classes, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
-    assert any(layer.op == "Add" for layer in program.layers)
+    assert any(layer.op in ("Add", "Concat") for layer in program.layers)
     x = np.random.default_rng(seed + 100).standard_normal((batch, *in_shape)).astype(np.float32)
     assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
 

@@ -1,8 +1,8 @@
 """The emulator against (1) a naive cycle-stepping simulator written here from docs/architecture.md
-sections 3-6 (and 4.1 for windowed layers, 4.2 for streams of several tensors and op = ADD), flit by
-flit and cycle by cycle, (2) plain numpy goldens (``program_builder``) of dense, convolution, depthwise /
-average-pool (op = LANE), max-pool layers and residual blocks (op = ADD), and (3) its error reporting
-on programs it cannot run.
+sections 3-6 (and 4.1 for windowed layers, 4.2 for streams of several tensors and op = ADD, 4.3 for
+op = CONCAT), flit by flit and cycle by cycle, (2) plain numpy goldens (``program_builder``) of dense,
+convolution, depthwise / average-pool (op = LANE), max-pool layers, residual blocks (op = ADD) and
+concat blocks (op = CONCAT), and (3) its error reporting on programs it cannot run.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pytest
 from emulator import EmulatorError, emulate
 from emulator.functional import run_functional
 from emulator.timing import PROBE_BATCH, solve_timing
-from flowtile.arch import OP_ADD, OP_LANE, OP_MAX, Arch
+from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 from flowtile.host import pack_flits
 from flowtile.program import ProgramError, compute_issue_cycles, result_words
-from program_builder import (AddParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool, build_program,
-                             dense_golden, network_golden, window_output_size)
+from program_builder import (AddParams, Concat, ConcatParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool,
+                             build_program, dense_golden, network_golden, window_output_size)
 
 
 def shift_round_half_even(value, shift):
@@ -55,7 +55,8 @@ class ReferencePE:
         # section 4.1's counts: I issue cycles, n_pix * N_r result words (a dense layer: N_o*K and N_r)
         n_pix = config["out_rows"] * config["out_width"]
         window = config["kernel_h"] * config["kernel_w"]
-        if config["op"] in (OP_MAX, OP_LANE, OP_ADD):   # ADD: kernel 1x2, one issue per operand word
+        if config["op"] in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT):   # ADD: kernel 1x2, one issue per operand
+            # word; CONCAT: kernel 1x1, one issue per output word
             issue = n_pix * config["words_per_pixel"] * window
         else:
             issue = n_pix * self.n_out * window * config["words_per_pixel"]
@@ -87,14 +88,34 @@ class ReferencePE:
         words = []
         for oy in range(c["out_row_begin"], c["out_row_begin"] + c["out_rows"]):
             for ox in range(c["out_width"]):
-                if c["op"] == OP_ADD:   # section 4.2: operands at act_base + pixel word (+ add_offset)
+                pixel = oy * width + ox
+                if c["op"] == OP_ADD:   # section 4.2: operands at act_base + operand_{a,b}_offset + pixel word
                     for cw in range(cw_count):
-                        address = c["act_base"] + (oy * width + ox) * cw_count + cw
-                        a, b = self.sram[address], self.sram[address + c["add_offset"]]
+                        a = self.sram[c["act_base"] + c["operand_a_offset"] + pixel * cw_count + cw]
+                        b = self.sram[c["act_base"] + c["operand_b_offset"] + pixel * cw_count + cw]
                         word = []
                         for l in range(lanes):
                             bias, multiplier, shift = self.params[cw * lanes + l]
                             acc = bias + a[l] * c["add_mult_a"] + b[l] * c["add_mult_b"]
+                            acc = (acc + 2**31) % 2**32 - 2**31
+                            y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
+                            word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                        words.append(word)
+                    continue
+                if c["op"] == OP_CONCAT:   # section 4.3: one issue per output word, from operand a or b
+                    words_a = c["concat_words_a"]
+                    words_b = cw_count - words_a
+                    for cw in range(cw_count):
+                        if cw < words_a:
+                            source = self.sram[c["act_base"] + c["operand_a_offset"] + pixel * words_a + cw]
+                            factor = c["add_mult_a"]
+                        else:
+                            source = self.sram[c["act_base"] + c["operand_b_offset"] + pixel * words_b + cw - words_a]
+                            factor = c["add_mult_b"]
+                        word = []
+                        for l in range(lanes):
+                            bias, multiplier, shift = self.params[cw * lanes + l]
+                            acc = bias + source[l] * factor
                             acc = (acc + 2**31) % 2**32 - 2**31
                             y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
                             word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
@@ -997,29 +1018,105 @@ def _layer_tiles(layers):
     total = 0
     for layer in layers:
         if isinstance(layer, Residual):
-            total += _layer_tiles(layer.main) + (layer.tiles if isinstance(layer.tiles, int) else len(layer.tiles))
-        else:
-            total += layer.tiles if isinstance(layer.tiles, int) else len(layer.tiles)
+            total += _layer_tiles(layer.main)
+        elif isinstance(layer, Concat):
+            total += _layer_tiles(layer.a_branch) + _layer_tiles(layer.b_branch)
+        total += layer.tiles if isinstance(layer.tiles, int) else len(layer.tiles)
     return total
 
 
-def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=25000):
+def _random_skip(rng):
+    """Which ADD operand the skip is: "b" puts operand b first in the stream (operand_b_offset = 0)."""
+    return "a" if rng.random() < 0.6 else "b"
+
+
+def _random_residual(rng, shape, lanes, tiles):
+    return Residual(_random_main_branch(rng, shape, lanes), _random_add(rng, shape[0]), tiles, _random_skip(rng))
+
+
+def _random_concat_params(rng, channels):
+    """ConcatParams like :func:`_random_add`: usually a quantized concat (zero points folded into the bias,
+    M/2^S ~= 2^-22), sometimes wrapping and saturating or per-channel parameters."""
+    mult_a, mult_b = (int(v) for v in rng.integers(0, 2**22 + 1, 2))
+    if rng.random() < 0.3:
+        (mult_a, mult_b) = (2**22, mult_b) if rng.random() < 0.5 else (mult_a, 2**22)
+    zp_a, zp_b, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
+    lo, hi = _random_clamp(rng, zp_out)
+    if rng.random() < 0.15:  # wraps and saturates
+        return ConcatParams(mult_a, mult_b, rng.integers(0, 2**31, channels), rng.integers(1, 63, channels),
+                            zp_out=zp_out, clamp_lo=lo, clamp_hi=hi, bias=rng.integers(-2**31, 2**31, channels))
+    multiplier = rng.integers(2**30, 2**31, channels) if rng.random() < 0.5 else int(rng.integers(2**30, 2**31))
+    return ConcatParams(mult_a, mult_b, multiplier, 53, zp_a, zp_b, zp_out, lo, hi)
+
+
+def _random_concat(rng, shape, lanes, tiles):
+    """A Concat block on a map: operand a ends with a multiple of ``lanes`` channels (a conv, maybe after a
+    pool / depthwise, or the identity if the input has such a channel count), operand b is the identity or
+    1-2 "same" layers; sometimes a residual block nested after a branch's first layer; random ``first``.
+    Returns the block and its output shape."""
+    channels, height, _ = shape
+    identity = None
+    if rng.random() < 0.4:
+        identity = "a" if channels % lanes == 0 and rng.random() < 0.5 else "b"
+    a_branch, b_branch = [], []
+    channels_a = channels_b = channels
+    if identity != "a":
+        channels_a = lanes * int(rng.integers(1, max(1, 8 // lanes) + 1))
+        if rng.random() < 0.4:
+            kind = str(rng.choice(["maxpool", "depthwise"]))
+            a_branch.append(_random_same_shape_layer(rng, kind, channels, channels, lanes, height, int(rng.integers(1, 3))))
+        a_branch.append(_random_same_shape_layer(rng, "conv", channels, channels_a, lanes, height, int(rng.integers(1, 3))))
+    if identity != "b":
+        kind = str(rng.choice(["conv", "depthwise", "maxpool"]))
+        channels_b = int(rng.integers(1, 11)) if kind == "conv" else channels
+        b_branch.append(_random_same_shape_layer(rng, kind, channels, channels_b, lanes, height, int(rng.integers(1, 3))))
+        if rng.random() < 0.3:
+            middle, channels_b = channels_b, int(rng.integers(1, 11))
+            b_branch.append(_random_same_shape_layer(rng, "conv", middle, channels_b, lanes, height, 1))
+    if rng.random() < 0.15:  # a residual block nested after a branch's first layer
+        branch, branch_channels = ((a_branch, channels_a) if a_branch and (not b_branch or rng.random() < 0.5)
+                                   else (b_branch, channels_b))
+        branch_shape = (branch_channels,) + tuple(shape[1:])
+        branch.append(_random_residual(rng, branch_shape, lanes, 1))
+    block = Concat(a_branch, b_branch, _random_concat_params(rng, channels_a + channels_b), tiles,
+                   first=str(rng.choice(["a", "b"])))
+    return block, (channels_a + channels_b,) + tuple(shape[1:])
+
+
+def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=25000, concat=0.0):
     """Seeded random network with residual blocks: a feature map (channels 1..12, 2x2..5x5) through an
     optional layer, one or two residual blocks (main branches of 1-2 "same" conv / depthwise / max-pool
-    layers over 1-2 row bands, ADD over 1-2 row bands, sometimes a block nested after a main layer),
-    optionally a pool or a dense layer; or a flat vector through a residual block of dense layers.
-    Redrawn until the cycle-stepping reference can run it in ``budget`` cycles or so."""
+    layers over 1-2 row bands, ADD over 1-2 row bands, the skip as operand a or b, sometimes a block
+    nested after a main layer), optionally a pool or a dense layer; or a flat vector through a residual
+    block of dense layers. With probability ``concat`` each block is a Concat instead (section 4.3), flat
+    ones included; if ``concat > 0`` the program has at least one. Redrawn until the cycle-stepping
+    reference can run it in ``budget`` cycles or so."""
     while True:
         lanes_now = int(rng.choice([1, 2, 4, 8])) if lanes is None else lanes
-        if rng.random() < 0.25:  # flat: dense main branch, one ADD tile
+        if rng.random() < 0.25:  # flat: dense main branch, one ADD tile (or dense branches, one CONCAT tile)
             n = int(rng.integers(1, 4 * lanes_now + 1))
-            middle = int(rng.integers(1, 4 * lanes_now + 1))
-            first = random_layer(rng, n, middle, int(rng.integers(1, min(2, -(-middle // lanes_now)) + 1)))
-            second = random_layer(rng, middle, n, int(rng.integers(1, min(2, -(-n // lanes_now)) + 1)))
-            main = [first, second] if rng.random() < 0.7 else [random_layer(rng, n, n, 1)]
-            layers = [Residual(main, _random_add(rng, n))]
+            if rng.random() < concat:
+                n_a = lanes_now * int(rng.integers(1, 4))
+                a_branch = [] if n % lanes_now == 0 and rng.random() < 0.3 else [random_layer(rng, n, n_a, 1)]
+                n_a = n if not a_branch else n_a
+                b_out = int(rng.integers(1, 3 * lanes_now + 1))
+                b_branch = [] if a_branch and rng.random() < 0.3 else [random_layer(rng, n, b_out, 1)]
+                if len(b_branch) and rng.random() < 0.4:
+                    n_b = int(rng.integers(1, 3 * lanes_now + 1))
+                    b_branch.append(random_layer(rng, b_out, n_b, int(rng.integers(1, min(2, -(-n_b // lanes_now)) + 1))))
+                n_b = b_branch[-1].n_out if b_branch else n
+                layers = [Concat(a_branch, b_branch, _random_concat_params(rng, n_a + n_b),
+                                 first=str(rng.choice(["a", "b"])))]
+                width = n_a + n_b
+            else:
+                middle = int(rng.integers(1, 4 * lanes_now + 1))
+                first = random_layer(rng, n, middle, int(rng.integers(1, min(2, -(-middle // lanes_now)) + 1)))
+                second = random_layer(rng, middle, n, int(rng.integers(1, min(2, -(-n // lanes_now)) + 1)))
+                main = [first, second] if rng.random() < 0.7 else [random_layer(rng, n, n, 1)]
+                layers = [Residual(main, _random_add(rng, n), 1, _random_skip(rng))]
+                width = n
             if rng.random() < 0.4:
-                layers.append(random_layer(rng, n, int(rng.integers(1, 3 * lanes_now + 1)), 1))
+                layers.append(random_layer(rng, width, int(rng.integers(1, 3 * lanes_now + 1)), 1))
             input_shape, n_in = None, n
         else:
             shape = (int(rng.integers(1, 13)), int(rng.integers(2, 6)), int(rng.integers(2, 6)))
@@ -1029,13 +1126,18 @@ def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=
                 channels = int(rng.integers(1, 13)) if kind == "conv" else shape[0]
                 layers.append(_random_same_shape_layer(rng, kind, shape[0], channels, lanes_now, shape[1], 1))
                 shape = (channels,) + shape[1:]
-            for _ in range(int(rng.integers(1, 3))):
+            for block in range(int(rng.integers(1, 3))):
+                tiles = int(rng.integers(1, min(2, shape[1]) + 1))
+                if rng.random() < concat:
+                    join, shape = _random_concat(rng, shape, lanes_now, tiles)
+                    layers.append(join)
+                    continue
                 main = _random_main_branch(rng, shape, lanes_now)
                 if rng.random() < 0.15:  # a block nested after the main branch's first layer
                     kind = str(rng.choice(["conv", "depthwise", "maxpool"]))
                     main = [_random_same_shape_layer(rng, kind, shape[0], shape[0], lanes_now, shape[1], 1),
-                            Residual(_random_main_branch(rng, shape, lanes_now), _random_add(rng, shape[0]), 1)]
-                layers.append(Residual(main, _random_add(rng, shape[0]), int(rng.integers(1, min(2, shape[1]) + 1))))
+                            _random_residual(rng, shape, lanes_now, 1)]
+                layers.append(Residual(main, _random_add(rng, shape[0]), tiles, _random_skip(rng)))
             if rng.random() < 0.3:
                 layers.append(MaxPool(2, 2, 2, (0, 0, 1, 1), tiles=1))
             elif rng.random() < 0.3:
@@ -1051,6 +1153,8 @@ def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=
                     router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth)
         program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
                                 input_shape=input_shape)
+        if concat and not any(t.config["op"] == OP_CONCAT and t.config["n_out"] for t in program.tiles):
+            continue
         batch = int(rng.integers(1, max_batch + 1))
         if _reference_cost(program, batch) <= budget:
             x = rng.integers(-128, 128, (batch, n_in), dtype=np.int8)
@@ -1093,8 +1197,8 @@ def test_hand_computed_identity_skip():
     pool, join = program.tiles[0].config, program.tiles[1].config
     assert (pool["n_in_words"], pool["store_begin"], pool["store_end"], pool["forward_begin"], pool["forward_end"]) \
         == (4, 0, 4, 0, 4)
-    assert (join["op"], join["n_in_words"], join["store_begin"], join["store_end"], join["add_offset"],
-            join["forward_end"]) == (OP_ADD, 8, 0, 8, 4, 0)
+    assert (join["op"], join["n_in_words"], join["store_begin"], join["store_end"], join["operand_a_offset"],
+            join["operand_b_offset"], join["forward_end"]) == (OP_ADD, 8, 0, 8, 0, 4, 0)
     flits = pack_flits(x, 2, program.input)
     result = assert_matches_reference(program, x, 1, flits=flits)
     # channel c at pixel p: a + 2 * (b - (-2)) + 5 = 3a + 9 with a = b; padding lane (channel 3): clamp(zp_out)
@@ -1203,7 +1307,8 @@ def test_nested_residual_blocks():
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     k_map = 9 * 2
     inner_add = program.tiles[4].config
-    assert (inner_add["n_in_words"], inner_add["store_begin"], inner_add["add_offset"]) == (3 * k_map, k_map, k_map)
+    assert (inner_add["n_in_words"], inner_add["store_begin"], inner_add["operand_a_offset"],
+            inner_add["operand_b_offset"]) == (3 * k_map, k_map, 0, k_map)
     x = rng.integers(-128, 128, (3, 45), dtype=np.int8)
     result = assert_matches_reference(program, x, 3, flits=pack_flits(x, lanes, program.input))
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, lanes))
@@ -1244,11 +1349,16 @@ def _residual_base():
     (lambda t: t[2].config.update(add_mult_b=2**22 + 1),
      r"tile r0c2 \(chain position 2\): register 'add_mult_b' = 4194305 is outside 0..ADD_MULT_MAX = 4194304"),
     (lambda t: t[3].config.update(add_mult_a=2**23 - 1), r"tile r0c3 .*register 'add_mult_a' = 8388607"),
-    (lambda t: t[2].config.update(add_offset=9),
-     r"tile r0c2 .*OP_ADD operands of 8 words at stored offsets 0 and register 'add_offset' = 9 must not overlap "
-     r"and must lie inside the 16 stored words"),
-    (lambda t: t[2].config.update(add_offset=7), r"tile r0c2 .*register 'add_offset' = 7"),
-    (lambda t: t[2].config.update(store_begin=1), r"tile r0c2 .*register 'add_offset' = 8 .* 15 stored words"),
+    (lambda t: t[2].config.update(operand_b_offset=9),
+     r"tile r0c2 \(chain position 2\): OP_ADD operands of 8 and 8 words at registers 'operand_a_offset' = 0 and "
+     r"'operand_b_offset' = 9 must not overlap and must lie inside the 16 stored words"),
+    (lambda t: t[2].config.update(operand_b_offset=7), r"tile r0c2 .*'operand_a_offset' = 0 and 'operand_b_offset' = 7"),
+    (lambda t: t[3].config.update(operand_a_offset=4, operand_b_offset=12),
+     r"tile r0c3 .*'operand_a_offset' = 4 and 'operand_b_offset' = 12 must not overlap"),
+    (lambda t: t[2].config.update(operand_a_offset=8, operand_b_offset=1), r"tile r0c2 .*'operand_b_offset' = 1"),
+    (lambda t: t[2].config.update(store_begin=1),
+     r"tile r0c2 .*'operand_a_offset' = 0 and 'operand_b_offset' = 8 .* 15 stored words"),
+    (lambda t: t[2].config.update(op=5), r"tile r0c2 .*register 'op' = 5 is none of OP_MAC \(0\), .*OP_CONCAT \(4\)"),
     (lambda t: t[3].config.update(out_width=1), r"tile r0c3 .*OP_ADD needs register 'out_width' = in_width = 2, got 1"),
     (lambda t: t[3].config.update(out_rows=2), r"tile r0c3 .*registers 'out_row_begin', 'out_rows'.* leave the 2-row map"),
     (lambda t: t[2].config.update(kernel_w=1), r"tile r0c2 .*OP_ADD needs register 'kernel_w' = 2"),
@@ -1271,3 +1381,301 @@ def test_bad_residual_programs_are_refused(change, message):
         trace_data_path(program)
     with pytest.raises((EmulatorError, ProgramError)):
         emulate(program, x, 1)
+
+
+def test_hand_computed_skip_as_operand_b():
+    """Residual(skip="b"): y = add(a = main(x), b = x), operand b first in the stream (operand_b_offset = 0,
+    operand_a_offset = x's words). main = a 1x1 max pool raised to 0 (a ReLU copy), so swapping the
+    operands would change every negative value."""
+    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
+    x = np.array([[1, -3, 40, -7, 0, -50], [-128, 127, -1, 2, -60, 60]], dtype=np.int8)   # 3 channels, 1x2 map
+    add = AddParams(1, 2, 1 << 30, 30, zp_a=-2, zp_b=0, zp_out=5, clamp_lo=-100, clamp_hi=100)
+    layers = [Residual([MaxPool(1, 1, clamp_lo=0)], add, skip="b")]
+    program = build_program(arch, layers, input_shape=(3, 1, 2))
+    join = program.tiles[1].config
+    assert (join["op"], join["store_begin"], join["store_end"], join["operand_a_offset"], join["operand_b_offset"]) \
+        == (OP_ADD, 0, 8, 4, 0)
+    flits = pack_flits(x, 2, program.input)
+    result = assert_matches_reference(program, x, 2, flits=flits)
+    values = x.reshape(2, 3, 2).transpose(0, 2, 1).astype(int)            # [batch, pixel, channel]
+    expected = np.clip(np.maximum(values, 0) + 2 * values + 2 + 5, -100, 100)   # bias = -(zp_a*1 + zp_b*2) = 2
+    out = result.out_flits.reshape(2, 2, 4)
+    np.testing.assert_array_equal(out[..., :3], expected)
+    np.testing.assert_array_equal(out[..., 3], 5)                         # padding channel: clamp(zp_out)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, (3, 1, 2), 2))
+
+
+def test_add_operands_inside_a_larger_stored_region():
+    """Both operand offsets non-zero: the inner ADD of a nested block also stores the outer skip in front of
+    its operands (store_begin = 0, offsets shifted by its words): same results, same timing."""
+    rng = np.random.default_rng(46)
+    lanes, channels, shape = 4, 5, (5, 3, 3)
+    inner = Residual([_random_same_shape_layer(rng, "conv", channels, channels, lanes, 3, 1)],
+                     _random_add(rng, channels), tiles=2, skip="b")
+    outer = Residual([_random_same_shape_layer(rng, "depthwise", channels, channels, lanes, 3, 1), inner],
+                     _random_add(rng, channels))
+    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    program = build_program(arch, [outer], input_shape=shape, act_fill=rng)
+    x = rng.integers(-128, 128, (3, 45), dtype=np.int8)
+    flits = pack_flits(x, lanes, program.input)
+    plain = emulate(program, flits, 3)
+    k_map = 9 * 2
+    for tile in program.tiles[2:4]:
+        config = tile.config
+        assert (config["store_begin"], config["operand_a_offset"], config["operand_b_offset"]) == (k_map, k_map, 0)
+        config.update(store_begin=0, operand_a_offset=2 * k_map, operand_b_offset=k_map)
+        tile.sram = rng.integers(-128, 128, (3 * k_map, lanes), dtype=np.int8)
+    result = assert_matches_reference(program, x, 3, flits=flits)
+    np.testing.assert_array_equal(result.out_flits, plain.out_flits)
+    np.testing.assert_array_equal(result.out_flits, network_golden([outer], x, shape, lanes))
+    np.testing.assert_array_equal(result.out_times, plain.out_times)
+
+
+# --- (7) channel concatenation (section 4.3), op = CONCAT -------------------------------------------
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_concat_programs_match_reference(seed):
+    """Programs with Concat blocks (and residual blocks): data against the numpy golden, every flit time
+    against the cycle-stepping reference."""
+    rng = np.random.default_rng(12000 + seed)
+    program, layers, shape, x, batch = random_residual_program(rng, concat=0.6)
+    flits = pack_flits(x, program.arch.lanes, program.input)
+    golden = network_golden(layers, x, shape, program.arch.lanes)
+    result = assert_matches_reference(program, x, batch, flits=flits)
+    np.testing.assert_array_equal(result.out_flits, golden)
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_random_concat_programs_match_golden(seed):
+    """Concat programs past the probe batch: golden data, extrapolated timing against plain sweeps."""
+    rng = np.random.default_rng(12500 + seed)
+    program, layers, shape, x, _ = random_residual_program(rng, budget=10**6, concat=0.6)
+    batch = int(rng.integers(2 * PROBE_BATCH + 1, 3 * PROBE_BATCH))
+    x = rng.integers(-128, 128, (batch, x.shape[1]), dtype=np.int8)
+    result = emulate(program, pack_flits(x, program.arch.lanes, program.input), batch)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
+    plain = solve_timing(program, batch, probe_batch=None)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
+
+
+@pytest.mark.parametrize("identity", ["a", "b"])
+def test_hand_computed_concat(identity):
+    """concat(x, f(x)) and concat(g(x), x) on 2 lanes: a 2-channel identity operand (one word a pixel) and a
+    computed one, each channel requantized with its operand's multiplicand (M / 2^S = 1, so y = acc + zp_out)."""
+    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
+    x = np.array([[1, -3, 40, -7], [-128, 127, -1, 60]], dtype=np.int8)       # 2 channels, 1x2 map
+    params = ConcatParams(1, 2, 1 << 30, 30, zp_a=3, zp_b=-1, zp_out=-4, clamp_lo=-100, clamp_hi=100)
+    values = x.reshape(2, 2, 2).transpose(0, 2, 1).astype(int)               # [batch, pixel, channel]
+    if identity == "a":   # b = a 1x1 conv to 3 channels (x0, x1, x0 + x1): b has a padding lane
+        conv = Conv(np.array([[1, 0], [0, 1], [1, 1]], np.int8).reshape(3, 2, 1, 1), np.zeros(3, np.int64),
+                    1 << 30, 30)
+        block = Concat([], [conv], params)
+        computed = np.clip(np.stack([values[..., 0], values[..., 1], values.sum(-1)], -1), -128, 127)
+        expected = np.concatenate([values * 1 - 3 - 4, computed * 2 + 2 - 4, np.full((2, 2, 1), -4)], -1)
+        registers = (6, 3, 1, 0, 2)         # store_end, words_per_pixel, concat_words_a, operand a and b offsets
+    else:                  # a = a 1x1 conv swapping the channels; b = x, first in the stream
+        conv = Conv(np.array([[0, 1], [1, 0]], np.int8).reshape(2, 2, 1, 1), np.zeros(2, np.int64), 1 << 30, 30)
+        block = Concat([conv], [], params)
+        expected = np.concatenate([values[..., ::-1] * 1 - 3 - 4, values * 2 + 2 - 4], -1)
+        registers = (4, 2, 1, 2, 0)
+    expected = np.clip(expected, -100, 100)
+    program = build_program(arch, [block], input_shape=(2, 1, 2))
+    join = program.tiles[1].config
+    assert (join["op"], join["kernel_h"], join["kernel_w"], join["store_begin"], join["forward_end"]) == \
+        (OP_CONCAT, 1, 1, 0, 0)
+    assert (join["store_end"], join["words_per_pixel"], join["concat_words_a"], join["operand_a_offset"],
+            join["operand_b_offset"]) == registers
+    result = assert_matches_reference(program, x, 2, flits=pack_flits(x, 2, program.input))
+    np.testing.assert_array_equal(result.out_flits.reshape(2, 2, -1), expected)
+    np.testing.assert_array_equal(result.out_flits, network_golden([block], x, (2, 1, 2), 2))
+    assert program.output.shape == (expected.shape[-1] - (identity == "a"), 1, 2)
+
+
+def _conv_concat(rng, lanes, first, size=(5, 4), bands=(2, 2, 2)):
+    """Conv 6 -> 8 channels (split) as operand a, Depthwise (split) as operand b, CONCAT in row bands."""
+    channels, (height, _) = 6, size
+    conv = Conv(rng.integers(-128, 128, (8, channels, 3, 3), dtype=np.int8), rng.integers(-500, 500, 8),
+                rng.integers(2**30, 2**31, 8), 41, zp_in=-7, zp_out=3, clamp_lo=3, pads=(1, 1, 1, 1), tiles=bands[0])
+    depthwise = Depthwise(rng.integers(-128, 128, (channels, 3, 1), dtype=np.int8), rng.integers(-500, 500, channels),
+                          2**30, 36, zp_in=-7, zp_out=-2, pads=(1, 0, 1, 0), tiles=bands[1])
+    params = ConcatParams(2**22, 3 * 2**20, rng.integers(2**30, 2**31, 8 + channels), 53, zp_a=3, zp_b=-2,
+                          zp_out=1, clamp_lo=-90, clamp_hi=110)
+    return [Concat([conv], [depthwise], params, tiles=bands[2], first=first)], (channels,) + tuple(size)
+
+
+@pytest.mark.parametrize("lanes,depth,batch,first", [(4, 1, 3, "a"), (8, 1, 2, "b"), (8, 2, 4, "a"), (4, 4, 5, "b"),
+                                                     (4, 3, 2, "a"), (8, 4, 3, "b")])
+def test_split_concat_block_across_archs(lanes, depth, batch, first):
+    """Both branches computed and split, a split CONCAT, either branch first: golden data, reference timing,
+    the stream registers of section 4.2 and the counts of section 4.3."""
+    rng = np.random.default_rng(60 + lanes + depth)
+    layers, shape = _conv_concat(rng, lanes, first)
+    arch = Arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=1024, router_fifo_depth=depth)
+    program = build_program(arch, layers, input_shape=shape, act_fill=rng)
+    x = rng.integers(-128, 128, (batch, int(np.prod(shape))), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch, flits=pack_flits(x, lanes, program.input))
+    golden = network_golden(layers, x, shape, lanes)
+    np.testing.assert_array_equal(result.out_flits, golden)
+    assert len(np.unique(golden)) > 20        # not all clamped
+    pixels, words_a, words_b = 5 * 4, 8 // lanes, -(-6 // lanes)
+    x_words = pixels * words_b
+    first_words, second_words = (pixels * words_a, pixels * words_b)[::1 if first == "a" else -1]
+    configs = [t.config for t in program.tiles]
+    # the first branch keeps x; the second branch's first layer reads x from the middle and drops it
+    assert [(c["n_in_words"], c["store_begin"], c["store_end"], c["forward_begin"], c["forward_end"])
+            for c in configs[:6]] == \
+        [(x_words, 0, x_words, 0, x_words)] * 2 + \
+        [(x_words + first_words, 0, x_words, 0, x_words + first_words),
+         (x_words + first_words, 0, x_words, x_words, x_words + first_words)] + \
+        [(first_words + second_words, 0, first_words + second_words, 0, first_words + second_words),
+         (first_words + second_words, 0, first_words + second_words, 0, 0)]
+    offsets = (0, first_words) if first == "a" else (first_words, 0)
+    for tile, rows in zip(program.tiles[4:6], (3, 2)):
+        config = tile.config
+        assert (config["op"], config["words_per_pixel"], config["concat_words_a"], config["operand_a_offset"],
+                config["operand_b_offset"]) == (OP_CONCAT, words_a + words_b, words_a, *offsets)
+        issue = rows * 4 * (words_a + words_b)         # I = n_pix * CW, one issue per output word
+        assert compute_issue_cycles(config) == issue
+        assert result.tile_busy_cycles[tile.row, tile.col] == (issue + 2) * batch
+        assert result.tile_macs[tile.row, tile.col] == issue * lanes * batch
+
+
+def test_concat_inside_a_residual_main_branch():
+    """A Concat after the first layer of a residual main branch: the stream already carries the skip, so the
+    second branch's first layer keeps the whole stream (forwarded words must be contiguous) and the CONCAT
+    tile's operands both start past the block input it also stores."""
+    rng = np.random.default_rng(61)
+    lanes, shape = 2, (4, 3, 2)
+    pool = MaxPool(3, 3, 1, (1, 1, 1, 1))
+    a_conv = _random_same_shape_layer(rng, "conv", 4, 2, lanes, 3, 2)
+    b_conv = _random_same_shape_layer(rng, "conv", 4, 2, lanes, 3, 1)
+    concat = Concat([a_conv], [b_conv], _random_concat_params(rng, 4), tiles=1)
+    layers = [Residual([pool, concat], _random_add(rng, 4), skip="b")]
+    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=2)
+    program = build_program(arch, layers, input_shape=shape, act_fill=rng)
+    x_words, half = 6 * 2, 6            # the map (and the pool's output): 2 words a pixel; a conv output: 1
+    configs = [t.config for t in program.tiles]
+    assert [(c["n_in_words"], c["store_begin"], c["store_end"], c["forward_begin"], c["forward_end"])
+            for c in configs[:6]] == [
+        (x_words, 0, x_words, 0, x_words),                                          # pool keeps the skip
+        (2 * x_words, x_words, 2 * x_words, 0, 2 * x_words),                        # a: keeps its input too
+        (2 * x_words, x_words, 2 * x_words, 0, 2 * x_words),
+        (2 * x_words + half, x_words, 2 * x_words, 0, 2 * x_words + half),          # b: keeps all
+        (2 * x_words + 2 * half, x_words, 2 * x_words + 2 * half, 0, x_words),      # CONCAT: drops the pool output
+        (2 * x_words, 0, 2 * x_words, 0, 0)]                                        # ADD
+    assert (configs[4]["operand_a_offset"], configs[4]["operand_b_offset"]) == (x_words, x_words + half)
+    assert (configs[5]["operand_a_offset"], configs[5]["operand_b_offset"]) == (x_words, 0)
+    x = rng.integers(-128, 128, (3, 24), dtype=np.int8)
+    result = assert_matches_reference(program, x, 3, flits=pack_flits(x, lanes, program.input))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, lanes))
+
+
+def test_concat_of_downsampling_branches():
+    """Both branches halve the map (strided conv, strided max pool): the CONCAT map is the branches' 3x3,
+    not the block input's 5x5; a dense layer reads the result."""
+    rng = np.random.default_rng(62)
+    lanes = 4
+    conv = Conv(rng.integers(-128, 128, (4, 3, 3, 3), dtype=np.int8), rng.integers(-500, 500, 4),
+                rng.integers(2**30, 2**31, 4), 40, zp_in=-5, zp_out=2, stride=2, pads=(1, 1, 1, 1))
+    pool = MaxPool(3, 3, 2, (1, 1, 1, 1), tiles=2)
+    layers = [Concat([conv], [pool], _random_concat_params(rng, 7), tiles=(2, 1), first="b"),
+              random_layer(rng, 9 * 2 * lanes, 5, 1)]
+    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=3)
+    program = build_program(arch, layers, input_shape=(3, 5, 5), act_fill=rng)
+    join = program.tiles[3].config
+    assert (join["in_height"], join["in_width"], join["words_per_pixel"], join["out_rows"]) == (3, 3, 2, 2)
+    x = rng.integers(-128, 128, (4, 75), dtype=np.int8)
+    result = assert_matches_reference(program, x, 4, flits=pack_flits(x, lanes, program.input))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, (3, 5, 5), lanes))
+
+
+def test_flat_concat_of_dense_branches():
+    """Vectors: concat(dense_a(x), dense_b(dense_b'(x))) in one CONCAT tile, against dense_golden too."""
+    rng = np.random.default_rng(63)
+    lanes = 2
+    a = random_layer(rng, 5, 4, 2)
+    b1, b2 = random_layer(rng, 5, 6, 2), random_layer(rng, 6, 3, 1)
+    layers = [Concat([a], [b1, b2], _random_concat_params(rng, 7), first="b")]
+    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
+    program = build_program(arch, layers, act_fill=rng)
+    x = rng.integers(-128, 128, (4, 5), dtype=np.int8)
+    result = assert_matches_reference(program, x, 4)
+    np.testing.assert_array_equal(result.out_flits.reshape(4, -1)[:, :7], dense_golden(layers, x))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, None, lanes))
+
+
+def test_concat_long_batch_matches_reference():
+    """Batch past the probe with router_fifo_depth 1: the extrapolated timing, cycle by cycle."""
+    rng = np.random.default_rng(64)
+    layers, shape = _conv_concat(rng, 4, "b", size=(3, 3), bands=(2, 1, 2))
+    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=1)
+    program = build_program(arch, layers, input_shape=shape)
+    batch = 3 * PROBE_BATCH
+    x = rng.integers(-128, 128, (batch, 54), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch, flits=pack_flits(x, 4, program.input))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 4))
+    plain = solve_timing(program, batch, probe_batch=None)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
+
+
+def test_builder_refuses_unmappable_concats():
+    arch = Arch(rows=2, cols=4, lanes=4, sram_bytes=8192, max_tile_outputs=256)
+    rng = np.random.default_rng(65)
+    three = _random_same_shape_layer(rng, "conv", 4, 3, 4, 3, 1)
+    params = _random_concat_params(rng, 7)
+    with pytest.raises(ValueError, match="Concat operand a has 3 channels, not a multiple of lanes = 4"):
+        build_program(arch, [Concat([three], [], params)], input_shape=(4, 3, 3))
+    with pytest.raises(ValueError, match="needs at least one non-identity branch"):
+        build_program(arch, [Concat([], [], params)], input_shape=(4, 3, 3))
+    with pytest.raises(ValueError, match="cannot start the second branch"):
+        build_program(arch, [Concat([three], [Residual([MaxPool(1, 1)], _random_add(rng, 4))], params)],
+                      input_shape=(4, 3, 3))
+    with pytest.raises(ValueError, match="do not match"):
+        build_program(arch, [Concat([], [MaxPool(2, 2)], params)], input_shape=(4, 3, 3))
+
+
+def _concat_base():
+    """Conv (3 -> 2 channels, 1 word a pixel) as operand a after x (3 channels, 2 words a pixel) as the
+    identity operand b: the CONCAT tiles store 8 + 4 words, b at 0, a at 8; CW = 3, concat_words_a = 1."""
+    rng = np.random.default_rng(66)
+    arch = Arch(rows=1, cols=4, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    conv = _random_same_shape_layer(rng, "conv", 3, 2, 2, 2, 1)
+    layers = [Concat([conv], [], _random_concat_params(rng, 5), tiles=2)]
+    program = build_program(arch, layers, input_shape=(3, 2, 2))
+    assert [program.tiles[2].config[name] for name in ("n_in_words", "store_end", "words_per_pixel", "concat_words_a",
+                                                       "operand_a_offset", "operand_b_offset")] == [12, 12, 3, 1, 8, 0]
+    return program
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t[2].config.update(concat_words_a=0),
+     r"tile r0c2 \(chain position 2\): OP_CONCAT register 'concat_words_a' = 0 must be in 1..words_per_pixel - 1 = 2"),
+    (lambda t: t[1].config.update(concat_words_a=3), r"tile r0c1 .*register 'concat_words_a' = 3 must be in"),
+    (lambda t: t[2].config.update(concat_words_a=2),
+     r"tile r0c2 .*OP_CONCAT operands of 8 and 4 words at registers 'operand_a_offset' = 8 and 'operand_b_offset' = 0 "
+     r"must not overlap and must lie inside the 12 stored words \(store_begin..store_end = 0..12\)"),
+    (lambda t: t[2].config.update(operand_a_offset=7), r"tile r0c2 .*'operand_a_offset' = 7 and 'operand_b_offset' = 0"),
+    (lambda t: t[1].config.update(operand_a_offset=0, operand_b_offset=3),
+     r"tile r0c1 .*OP_CONCAT operands of 4 and 8 words at registers 'operand_a_offset' = 0 and 'operand_b_offset' = 3"),
+    (lambda t: t[2].config.update(operand_a_offset=9), r"tile r0c2 .*'operand_a_offset' = 9 .* 12 stored words"),
+    (lambda t: t[2].config.update(kernel_w=2), r"tile r0c2 .*OP_CONCAT needs register 'kernel_w' = 1 \(kernel 1x1, "
+                                               r"stride 1, no padding\), got 2"),
+    (lambda t: t[1].config.update(pad_top=1), r"tile r0c1 .*OP_CONCAT needs register 'pad_top' = 0"),
+    (lambda t: t[2].config.update(n_out=4),
+     r"tile r0c2 .*channel concat \(OP_CONCAT\) tile needs n_out = words_per_pixel \* lanes = 6, got 4"),
+    (lambda t: t[2].config.update(add_mult_b=2**22 + 1), r"tile r0c2 .*register 'add_mult_b' = 4194305 is outside"),
+    (lambda t: t[1].config.update(out_width=1), r"tile r0c1 .*OP_CONCAT needs register 'out_width' = in_width = 2"),
+    (lambda t: t[1].config.update(out_row_begin=0, out_rows=3),
+     r"tile r0c1 .*OP_CONCAT output rows .*leave the 2-row map"),
+    (lambda t: t[2].config.update(op=OP_ADD), r"tile r0c2 .*OP_ADD needs register 'kernel_w' = 2"),
+    (lambda t: t[2].config.update(op=7), r"tile r0c2 .*register 'op' = 7 is none of"),
+])
+def test_bad_concat_programs_are_refused(change, message):
+    """The emulator names tile and register; Program.validate (run by emulate() first) refuses them too."""
+    from emulator.functional import trace_data_path
+    program = _concat_base()
+    change(program.tiles)
+    with pytest.raises(EmulatorError, match=message):
+        trace_data_path(program)
+    with pytest.raises((EmulatorError, ProgramError)):
+        emulate(program, np.zeros((8, 2), np.int8), 1)

@@ -1,12 +1,13 @@
-"""Small chips (2x2, 1x3, 3x1) in Amaranth's simulator running hand-built programs (a one-layer program,
-and a residual block whose stream carries two tensors into an ADD split over two tiles), and Verilog
-generation."""
+"""Small chips (2x2, 1x3, 3x1) in Amaranth's simulator running hand-built programs (a one-layer program;
+a residual block whose stream carries two tensors into an ADD split over two tiles; the same stream into a
+channel CONCAT split over two tiles), and Verilog generation."""
 
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_MAC, Arch, dense_window_registers, stream_registers
+from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_MAC, Arch, dense_window_registers,
+                           stream_registers)
 from hdl.chip import Chip
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
                          encode_param_entry, flit_layout, load_data_bits, load_layout, pack_flit, pack_lanes,
@@ -189,7 +190,8 @@ def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols):
                                   act_base=lanes, zp_out=z_y, **window, **stream_registers(n_pix, forward=True))
         elif position in (1, 2):
             config = blank_config(n_in_words=2 * n_pix, op=OP_ADD, kernel_h=1, kernel_w=2, out_row_begin=position - 1,
-                                  out_rows=1, add_offset=n_pix, add_mult_a=m_a, add_mult_b=m_b, act_base=3,
+                                  out_rows=1, operand_a_offset=0, operand_b_offset=n_pix, add_mult_a=m_a,
+                                  add_mult_b=m_b, act_base=3,
                                   zp_out=z_z, n_pass=width if position == 2 else 0, **window,
                                   **stream_registers(2 * n_pix, forward=position == 1))
         else:
@@ -214,6 +216,68 @@ def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols):
     # Tile 2 receives the forwarded stream at 5..8, 27..30; its PASS waits for tile 1's results (37, 38),
     # which is also 30 + 7; EMIT 39, 40. Each later tile adds 2 cycles, the exit router's read 1 more.
     assert [cycle for _, cycle in received[:n_pix]] == [t + 2 * (arch.n_tiles - 3) + 1 for t in (37, 38, 39, 40)]
+
+
+@pytest.mark.parametrize("rows, cols", GRIDS)
+def test_conv_and_its_input_concatenated_by_a_split_concat(rows, cols):
+    """Section 4.3 end to end: as in the residual test, chain tile 0 forwards x (a 2x2 map, CW = 1) and
+    emits y = conv(x), so the stream is ``x ++ y``; tiles 1 and 2 compute z = CONCAT(y, x) (CW = 2: y's
+    channels first, so operand a = y is stored after operand b = x) in two row bands; later tiles pass z
+    (two words a pixel) to the host."""
+    lanes = ARCH.lanes
+    arch = ARCH.replace(rows=rows, cols=cols, max_tile_outputs=4 * lanes)
+    rng = np.random.default_rng(4343)
+    height, width, n_pix = 2, 2, 4
+    conv_weights = rng.integers(-128, 128, size=(lanes, lanes))
+    conv_table = np.stack([rng.integers(-3000, 3000, size=lanes), rng.integers(1 << 30, 1 << 31, size=lanes),
+                           rng.integers(36, 40, size=lanes)], axis=1)
+    z_x, z_y, z_z = 7, -4, 2
+    s_x, s_y, s_z = 0.05, 0.03, 0.06
+    m_a, m_b = round(ADD_MULT_MAX * s_y / max(s_x, s_y)), round(ADD_MULT_MAX * s_x / max(s_x, s_y))
+    # Section 4.3's lowering: M / 2^S ~= max(s_x, s_y) / (2^22 s_z); per channel bias -z_a m_a for a's (y's)
+    # channels, -z_b m_b for b's (x's).
+    multiplier = round((1 << 53) * max(s_x, s_y) / (ADD_MULT_MAX * s_z))
+    concat_table = np.array([(-z_y * m_a, multiplier, 53)] * lanes + [(-z_x * m_b, multiplier, 53)] * lanes)
+    chain = arch.chain
+    configs = {}
+    for position, (row, col) in enumerate(chain):
+        last = position == len(chain) - 1
+        dest = dict(dest_host=1) if last else dict(dest_row=chain[position + 1][0], dest_col=chain[position + 1][1])
+        if position == 0:
+            config = blank_config(n_in_words=n_pix, op=OP_MAC, in_height=height, in_width=width, words_per_pixel=1,
+                                  kernel_h=1, kernel_w=1, stride=1, out_rows=height, out_width=width, n_out=lanes,
+                                  w_base=0, act_base=lanes, zp_out=z_y, **stream_registers(n_pix, forward=True))
+        elif position in (1, 2):
+            config = blank_config(n_in_words=2 * n_pix, op=OP_CONCAT, in_height=height, in_width=width,
+                                  words_per_pixel=2, concat_words_a=1, kernel_h=1, kernel_w=1, stride=1,
+                                  out_row_begin=position - 1, out_rows=1, out_width=width, n_out=2 * lanes,
+                                  operand_a_offset=n_pix, operand_b_offset=0, add_mult_a=m_a, add_mult_b=m_b,
+                                  act_base=3, zp_out=z_z, n_pass=2 * width if position == 2 else 0,
+                                  **stream_registers(2 * n_pix, forward=position == 1))
+        else:
+            config = blank_config(n_pass=2 * n_pix)
+        configs[row, col] = dict(config, **dest)
+    srams = {chain[0]: {o: conv_weights[o].tolist() for o in range(lanes)}}
+    tables = {chain[0]: conv_table.tolist(), chain[1]: concat_table.tolist(), chain[2]: concat_table.tolist()}
+    inputs = [rng.integers(-128, 128, size=(n_pix, lanes)) for _ in range(2)]
+    flits = [pack_lanes(pixel.tolist(), lanes) for x in inputs for pixel in x]
+    received = run_chip(arch, configs, srams, tables, flits, 2 * 2 * n_pix, max_cycles=400)
+
+    for i, x in enumerate(inputs):
+        y = requantize(conv_table[:, 0] + x @ conv_weights.T, conv_table, z_y)
+        joined = np.concatenate([y * m_a, x * m_b], axis=1)          # pixel p: channels of y, then of x
+        z = requantize(concat_table[:, 0] + joined, concat_table, z_z)
+        got = [lanes for lanes, _ in received[i * 2 * n_pix:(i + 1) * 2 * n_pix]]
+        assert got == z.reshape(2 * n_pix, lanes).tolist()
+        # The integer CONCAT is the float Concat of section 4.3 within 1 LSB.
+        exact = np.concatenate([(y - z_y) * s_y, (x - z_x) * s_x], axis=1) / s_z
+        assert np.abs(z - np.clip(np.round(exact) + z_z, -128, 127)).max() <= 1
+    # Inference 0 worked from sections 4.1, 4.3 and 6 (D = 2): tile 0 as in the residual test (y EMITted at
+    # 23..26). Tile 1 receives x at 3..6 and y at 25..28, computes I = 1 row * 2 pixels * 2 words = 4 (+2),
+    # EMITs 4 words at 28 + 7 = 35..38. Tile 2 receives the forwarded stream at 5..8, 27..30; its PASS waits
+    # for tile 1's results (37..40, also >= 30 + 7); EMIT 41..44. Each later tile adds 2 cycles, the exit
+    # router's read 1 more.
+    assert [cycle for _, cycle in received[:2 * n_pix]] == [t + 2 * (arch.n_tiles - 3) + 1 for t in range(37, 45)]
 
 
 def test_chip_verilog_names_the_module_and_ports():

@@ -1,14 +1,15 @@
-"""PE (docs/architecture.md sections 4, 4.1 and 4.2) in Amaranth's simulator: arithmetic against golden
+"""PE (docs/architecture.md sections 4 to 4.3) in Amaranth's simulator: arithmetic against golden
 functions (dense; convolution, max pooling and LANE written as plain loops from section 4.1; ADD from
-section 4.2's formula in numpy), the store and forward ranges of a stream carrying several tensors, and
-the cycle of every input and output transfer against timing rule 4 of section 6 with section 4.1's counts."""
+section 4.2's formula and CONCAT from section 4.3's in numpy, both cross-checked against scalar loops), the
+store and forward ranges of a stream carrying several tensors, and the cycle of every input and output
+transfer against timing rule 4 of section 6 with section 4.1's counts."""
 import random
 
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch,
+from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
                            dense_window_registers, stream_registers)
 from flowtile.program import compute_issue_cycles, forwarded_words, result_words, stored_words, weight_words
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
@@ -490,6 +491,12 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
     rng = random.Random(repr(sorted(registers.items())) + str(lanes))   # a str seed is stable across runs
     k_words = registers["in_height"] * registers["in_width"] * registers["words_per_pixel"]
     config = make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, w_base=3, **registers)
+    # Registers MAC, MAX and LANE do not read (sections 4.2, 4.3) hold non-zero values: they must not move
+    # the map or change a product (a separate generator keeps the case's own draws unchanged).
+    unused = random.Random("unused" + repr(sorted(registers.items())))
+    config.update(operand_a_offset=unused.randint(1, 40), operand_b_offset=unused.randint(1, 40),
+                  concat_words_a=unused.randint(1, 3), add_mult_a=unused.randint(1, (1 << 23) - 1),
+                  add_mult_b=unused.randint(1, (1 << 23) - 1))
     n_weight_words = weight_words(config)
     config["act_base"] = config["w_base"] + n_weight_words + 1
     if average:
@@ -674,22 +681,60 @@ def round_half_even_array(value, shift):
     return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
 
 
+
+def requantize_array(acc, table, config):
+    """Section 4's requantization of int64 accumulators with parameter rows ``table[..., (bias unused,
+    multiplier, shift)]``: wrap to 32 bits, rne(acc * M, S) + zp_out, clamp."""
+    acc = ((acc + (1 << 31)) % (1 << 32)) - (1 << 31)
+    y = round_half_even_array(acc * table[..., 1], table[..., 2]) + config["zp_out"]
+    return np.clip(y, config["clamp_lo"], config["clamp_hi"])
+
+
 def golden_add(config, params, stored, lanes):
-    """One inference's result words of op ADD, section 4.2 in numpy: operand a = stored words from 0,
-    b = from add_offset, both (in_height, in_width, CW, L); output rows [out_row_begin, +out_rows)."""
+    """One inference's result words of op ADD, section 4.2 in numpy: operand a = the stored words from
+    operand_a_offset, b = from operand_b_offset, both (in_height, in_width, CW, L); output rows
+    [out_row_begin, +out_rows)."""
     height, width, cw_words = config["in_height"], config["in_width"], config["words_per_pixel"]
     n_map = height * width * cw_words
     words = np.array(stored, dtype=np.int64)
-    a = words[:n_map].reshape(height, width, cw_words, lanes)
-    b = words[config["add_offset"]:config["add_offset"] + n_map].reshape(height, width, cw_words, lanes)
+    a = words[config["operand_a_offset"]:][:n_map].reshape(height, width, cw_words, lanes)
+    b = words[config["operand_b_offset"]:][:n_map].reshape(height, width, cw_words, lanes)
     rows = slice(config["out_row_begin"], config["out_row_begin"] + config["out_rows"])
     table = np.array(params, dtype=np.int64).reshape(cw_words, lanes, 3)   # row c = cw*L + l
-    bias, multiplier, shift = table[..., 0], table[..., 1], table[..., 2]
-    acc = bias + a[rows] * config["add_mult_a"] + b[rows] * config["add_mult_b"]
-    acc = ((acc + (1 << 31)) % (1 << 32)) - (1 << 31)
-    y = round_half_even_array(acc * multiplier, shift) + config["zp_out"]
-    y = np.clip(y, config["clamp_lo"], config["clamp_hi"])
-    return y.reshape(-1, lanes).tolist()     # word q*CW + cw, q = pixel of the band in row-major order
+    acc = table[..., 0] + a[rows] * config["add_mult_a"] + b[rows] * config["add_mult_b"]
+    return requantize_array(acc, table, config).reshape(-1, lanes).tolist()   # word q*CW + cw
+
+
+def golden_concat(config, params, stored, lanes):
+    """One inference's result words of op CONCAT, section 4.3 in numpy: operand a (CWa = concat_words_a
+    words a pixel, from stored word operand_a_offset) times add_mult_a, concatenated along the word axis
+    with operand b (CW - CWa words a pixel, from operand_b_offset) times add_mult_b; bias c = cw*L + l
+    added, requantized with row c; output rows [out_row_begin, +out_rows)."""
+    height, width, cw_words = config["in_height"], config["in_width"], config["words_per_pixel"]
+    words_a = config["concat_words_a"]
+    words_b = cw_words - words_a
+    words = np.array(stored, dtype=np.int64)
+    a = words[config["operand_a_offset"]:][:height * width * words_a].reshape(height, width, words_a, lanes)
+    b = words[config["operand_b_offset"]:][:height * width * words_b].reshape(height, width, words_b, lanes)
+    x = np.concatenate([a * config["add_mult_a"], b * config["add_mult_b"]], axis=2)
+    rows = slice(config["out_row_begin"], config["out_row_begin"] + config["out_rows"])
+    table = np.array(params, dtype=np.int64).reshape(cw_words, lanes, 3)
+    return requantize_array(table[..., 0] + x[rows], table, config).reshape(-1, lanes).tolist()
+
+
+def two_operand_stream(sizes, order, stream):
+    """RECV layout of an ADD or CONCAT tile whose operands have ``sizes`` = (words of a, words of b):
+    (n_in_words, (store_begin, store_end), (forward_begin, forward_end), operand_a_offset,
+    operand_b_offset). ``order``: "a-first" or "b-first" in the stored words. ``stream``: "joined" (just
+    the two maps, back to back, all stored, nothing forwarded) or "prefix-gap" (a 3-word tensor in front
+    that is forwarded and not stored; a stored gap word between the operands and a stored word after
+    them, neither read; 2 words behind that are neither stored nor forwarded)."""
+    prefix, gap, after, suffix = (0, 0, 0, 0) if stream == "joined" else (3, 1, 1, 2)
+    size = dict(zip("ab", sizes))
+    first, second = ("a", "b") if order == "a-first" else ("b", "a")
+    offsets = {first: 0, second: size[first] + gap}
+    stored = size[first] + gap + size[second] + after
+    return prefix + stored + suffix, (prefix, prefix + stored), (0, prefix), offsets["a"], offsets["b"]
 
 
 def add_operands(rng, mode, cw_words, lanes):
@@ -707,13 +752,7 @@ def add_operands(rng, mode, cw_words, lanes):
         if mode == "extremes":
             s_a = s_b = 0.05
             z_a = z_b = 127
-        top = max(s_a, s_b)
-        m_a, m_b = round(ADD_MULT_MAX * s_a / top), round(ADD_MULT_MAX * s_b / top)
-        shift = 53
-        multiplier = round((1 << shift) * top / (ADD_MULT_MAX * s_y))
-        while multiplier >= 1 << 31:
-            shift -= 1
-            multiplier = round((1 << shift) * top / (ADD_MULT_MAX * s_y))
+        m_a, m_b, multiplier, shift = lowered_scales(s_a, s_b, s_y)
         rows = [(-(z_a * m_a + z_b * m_b), multiplier, shift)] * n_rows
 
         def reference(a, b):
@@ -729,87 +768,107 @@ def add_operands(rng, mode, cw_words, lanes):
     return m_a, m_b, rows, z_y, reference
 
 
-#: op ADD (section 4.2): (id, in_height, in_width, words_per_pixel, out_row_begin, out_rows, stream, mode,
-#: n_pass, back pressure, lanes). ``stream``: "skip+main" (store the two operand maps, forward nothing) or
-#: "prefix-gap" (a tensor in front that is forwarded and not stored; a gap word between the operands and a
-#: stored word after them; a tensor behind that is neither).
-ADD_CASES = [
-    ("skip+main-scales", 3, 3, 2, 0, 3, "skip+main", "scales", 0, False, 4),
-    ("prefix-gap-random-bp", 3, 2, 2, 0, 3, "prefix-gap", "random", 1, True, 4),
-    ("band-random-bp", 4, 3, 1, 1, 2, "prefix-gap", "random", 0, True, 8),
-    ("band-extremes", 4, 2, 2, 2, 2, "skip+main", "extremes", 2, False, 8),
-    ("ties", 2, 3, 1, 0, 2, "skip+main", "ties", 0, True, 4),
-]
+def lowered_scales(s_a, s_b, s_y):
+    """Sections 4.2 / 4.3's lowering: add_mult_{a,b} = round(2^22 s_{a,b} / max(s_a, s_b)) and
+    M / 2^S ~= max(s_a, s_b) / (2^22 s_y) with the largest S in [1, 53] that keeps M < 2^31."""
+    top = max(s_a, s_b)
+    m_a, m_b = round(ADD_MULT_MAX * s_a / top), round(ADD_MULT_MAX * s_b / top)
+    shift = 53
+    multiplier = round((1 << shift) * top / (ADD_MULT_MAX * s_y))
+    while multiplier >= 1 << 31:
+        shift -= 1
+        multiplier = round((1 << shift) * top / (ADD_MULT_MAX * s_y))
+    return m_a, m_b, multiplier, shift
 
 
-@pytest.mark.parametrize("height, width, cw_words, row_begin, out_rows, stream, mode, n_pass, back_pressure, lanes",
-                         [case[1:] for case in ADD_CASES], ids=[case[0] for case in ADD_CASES])
-def test_add_matches_section_4_2_and_rule_4(height, width, cw_words, row_begin, out_rows, stream, mode, n_pass,
-                                             back_pressure, lanes):
+def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferences, back_pressure, extremes,
+                         golden):
+    """Run an ADD or CONCAT tile (``config`` complete) on an arch with ``lanes`` lanes for ``n_inferences``
+    random inferences, with seeded random stalls if ``back_pressure``, checking every transfer against
+    ``golden`` and rule 4; random "weights" fill the SRAM below act_base (neither op reads a weight).
+    Returns (inputs, emitted)."""
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=32 * lanes)
-    rng = random.Random(f"add-{height}-{width}-{cw_words}-{row_begin}-{stream}-{mode}-{lanes}")
-    n_map = height * width * cw_words
-    if stream == "skip+main":
-        prefix, gap, after, suffix = 0, 0, 0, 0
-    else:
-        prefix, gap, after, suffix = 3, 1, 1, 2
-    k_words = prefix + n_map + gap + n_map + after + suffix
-    store = (prefix, prefix + 2 * n_map + gap + after)
-    m_a, m_b, params, zp_out, reference = add_operands(rng, mode, cw_words, lanes)
-    config = make_config(n_in_words=k_words, n_pass=n_pass, op=OP_ADD, in_height=height, in_width=width,
-                         words_per_pixel=cw_words, kernel_h=1, kernel_w=2, stride=1, out_row_begin=row_begin,
-                         out_rows=out_rows, out_width=width, n_out=cw_words * lanes, add_offset=n_map + gap,
-                         add_mult_a=m_a, add_mult_b=m_b, zp_out=zp_out, w_base=0, act_base=20,
-                         pad_value=rng.randint(-128, 127), store_begin=store[0], store_end=store[1],
-                         forward_begin=0, forward_end=prefix)
-    if mode == "ties":
-        config.update(zp_out=0)
-    assert compute_issue_cycles(config) == out_rows * width * cw_words * 2 and weight_words(config) == 0
-    # Words an ADD must not read: random "weights" below the activation region (ADD reads none).
+    k_words, n_pass = config["n_in_words"], config["n_pass"]
+    assert weight_words(config) == 0 and stream_prefix == config["store_begin"]
     sram = {address: [rng.randint(-128, 127) for _ in range(lanes)] for address in range(config["act_base"])}
-    n_inferences = 2
     inputs = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range((k_words + n_pass) * n_inferences)]
-    if mode == "extremes":
+    if extremes:
         for flit in inputs:
             for lane in range(lanes):
                 flit[lane] = rng.choice([-128, -128, 127, flit[lane]])
     issue_cycles = compute_issue_cycles(config)
-    horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + out_rows * width * cw_words + 3) + 200
+    horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + result_words(config, lanes) + 3) + 200
     if back_pressure:
         available, ready = random_stalls(rng, len(inputs), horizon)
     else:
         available, ready = [0] * len(inputs), [True] * horizon
     emitted = check_run(config, [], params, inputs, available, ready, arch=arch, sram=sram,
-                        golden=lambda stored: golden_add(config, params, stored, lanes))
-
-    results = [word for word, _, _, kind in emitted if kind == "emit"]
-    assert len(results) == n_inferences * out_rows * width * cw_words
+                        golden=lambda stored: golden(config, params, stored, lanes))
+    emits = [t for _, _, t, kind in emitted if kind == "emit"]
+    assert len(emits) == n_inferences * result_words(config, lanes)
     if not back_pressure and not n_pass:
-        # Spelled out for inference 0: last RECV at K - 1, COMPUTE for I + 2 = n_pix*CW*2 + 2 cycles, EMIT.
-        assert [t for _, _, t, kind in emitted if kind == "emit"][0] == (k_words - 1) + 1 + issue_cycles + 2
+        # Spelled out for inference 0: last RECV at K - 1, COMPUTE for I + 2 cycles, then EMIT.
+        assert emits[0] == (k_words - 1) + 1 + issue_cycles + 2
+    return inputs, emitted
+
+
+#: op ADD (section 4.2): (id, in_height, in_width, words_per_pixel, out_row_begin, out_rows, order, stream,
+#: mode, n_pass, back pressure, lanes). ``order``, ``stream``: :func:`two_operand_stream`.
+ADD_CASES = [
+    ("skip+main-scales", 3, 3, 2, 0, 3, "a-first", "joined", "scales", 0, False, 4),
+    ("prefix-gap-random-bp", 3, 2, 2, 0, 3, "b-first", "prefix-gap", "random", 1, True, 4),
+    ("band-random-bp", 4, 3, 1, 1, 2, "b-first", "prefix-gap", "random", 0, True, 8),
+    ("main+skip-band-extremes", 4, 2, 2, 2, 2, "b-first", "joined", "extremes", 2, False, 8),
+    ("ties", 2, 3, 1, 0, 2, "a-first", "joined", "ties", 0, True, 4),
+]
+
+
+@pytest.mark.parametrize("height, width, cw_words, row_begin, out_rows, order, stream, mode, n_pass, back_pressure, "
+                         "lanes", [case[1:] for case in ADD_CASES], ids=[case[0] for case in ADD_CASES])
+def test_add_matches_section_4_2_and_rule_4(height, width, cw_words, row_begin, out_rows, order, stream, mode, n_pass,
+                                             back_pressure, lanes):
+    rng = random.Random(f"add-{height}-{width}-{cw_words}-{row_begin}-{order}-{stream}-{mode}-{lanes}")
+    n_map = height * width * cw_words
+    k_words, store, forward, offset_a, offset_b = two_operand_stream((n_map, n_map), order, stream)
+    m_a, m_b, params, zp_out, reference = add_operands(rng, mode, cw_words, lanes)
+    # concat_words_a is not read by ADD: a non-zero value must change nothing.
+    config = make_config(n_in_words=k_words, n_pass=n_pass, op=OP_ADD, in_height=height, in_width=width,
+                         words_per_pixel=cw_words, kernel_h=1, kernel_w=2, stride=1, out_row_begin=row_begin,
+                         out_rows=out_rows, out_width=width, n_out=cw_words * lanes, operand_a_offset=offset_a,
+                         operand_b_offset=offset_b, concat_words_a=rng.randint(1, 5), add_mult_a=m_a, add_mult_b=m_b,
+                         zp_out=0 if mode == "ties" else zp_out, w_base=0, act_base=20,
+                         pad_value=rng.randint(-128, 127), store_begin=store[0], store_end=store[1],
+                         forward_begin=forward[0], forward_end=forward[1])
+    assert compute_issue_cycles(config) == out_rows * width * cw_words * 2
+    n_inferences = 2
+    inputs, emitted = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
+                                           back_pressure=back_pressure, extremes=mode == "extremes",
+                                           golden=golden_add)
+    results = [word for word, _, _, kind in emitted if kind == "emit"]
     if reference is not None:
         # The lowering approximates the float formula within 1 LSB; nothing may be far off.
         for i in range(n_inferences):
-            flits = inputs[i * (k_words + n_pass):][:k_words]
-            a = np.array(flits[prefix:prefix + n_map]).reshape(height, width * cw_words * lanes)
-            b = np.array(flits[prefix + n_map + gap:][:n_map]).reshape(height, width * cw_words * lanes)
+            stored = inputs[i * (k_words + n_pass):][store[0]:store[1]]
+            a = np.array(stored[offset_a:offset_a + n_map]).reshape(height, width * cw_words * lanes)
+            b = np.array(stored[offset_b:offset_b + n_map]).reshape(height, width * cw_words * lanes)
             want = reference(a[row_begin:row_begin + out_rows], b[row_begin:row_begin + out_rows]).reshape(-1, lanes)
             got = np.array(results[i * len(want):(i + 1) * len(want)])
             assert np.abs(got - want).max() <= 1
-    if mode == "ties":
-        # Results come from odd and even sums alike, so ties occurred and were rounded to even.
-        assert len({value for word in results for value in word}) > 4
-    if mode != "ties":
-        assert len({value for word in results for value in word}) > 2 * lanes
+    # Not all saturated: the values carry the arithmetic. "ties": results come from odd and even sums
+    # alike, so ties occurred and were rounded to even; "extremes": inputs are mostly -128 and 127.
+    assert len({value for word in results for value in word}) > (4 if mode in ("ties", "extremes") else 2 * lanes)
 
 
 def test_add_golden_is_the_elementwise_formula():
-    """Cross-check golden_add against a scalar loop over the formula of section 4.2 (a band, CW = 2)."""
+    """Cross-check golden_add against a scalar loop over the formula of section 4.2 (a band, CW = 2,
+    operand b stored before operand a with a gap)."""
     rng = random.Random(23)
     lanes, height, width, cw_words = 4, 3, 2, 2
+    offset_a, offset_b = 13, 0
     config = make_config(n_in_words=30, op=OP_ADD, in_height=height, in_width=width, words_per_pixel=cw_words,
                          kernel_h=1, kernel_w=2, out_row_begin=1, out_rows=2, out_width=width, n_out=8,
-                         add_offset=14, add_mult_a=rng.randint(0, ADD_MULT_MAX), add_mult_b=ADD_MULT_MAX,
+                         operand_a_offset=offset_a, operand_b_offset=offset_b,
+                         add_mult_a=rng.randint(0, ADD_MULT_MAX), add_mult_b=ADD_MULT_MAX,
                          zp_out=-7, clamp_lo=-100, clamp_hi=100)
     params = [(rng.randint(-1 << 30, 1 << 30), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(50, 54))
               for _ in range(8)]
@@ -822,30 +881,191 @@ def test_add_golden_is_the_elementwise_formula():
                 for lane in range(lanes):
                     bias, multiplier, shift = params[cw * lanes + lane]
                     pixel_word = (oy * width + ox) * cw_words + cw
-                    acc = wrap32(bias + stored[pixel_word][lane] * config["add_mult_a"]
-                                 + stored[pixel_word + 14][lane] * config["add_mult_b"])
+                    acc = wrap32(bias + stored[offset_a + pixel_word][lane] * config["add_mult_a"]
+                                 + stored[offset_b + pixel_word][lane] * config["add_mult_b"])
                     y = shift_round_half_even(acc * multiplier, shift) + config["zp_out"]
                     word.append(min(max(y, config["clamp_lo"]), config["clamp_hi"]))
                 words.append(word)
     assert golden_add(config, params, stored, lanes) == words
 
 
+# --- op CONCAT (section 4.3) -------------------------------------------------------------------------
+
+def concat_operands(rng, mode, words_a, words_b, lanes):
+    """(add_mult_a, add_mult_b, parameter rows, zp_out, float reference or None) as section 4.3 lowers
+    y = Q_y(concat(DQ_a(a), DQ_b(b))): the zero points folded into per-channel biases (bias_c = -z_a m_a for
+    a's CWa*L channels, -z_b m_b for b's). ``mode``: "scales" (random scales, one M and S for every
+    channel; ``reference(x)`` is the float formula on the concatenated (..., CW, L) map), "random" (random
+    multipliers up to 2^22, random per-channel M, S and bias offsets), "extremes" (both multipliers
+    ADD_MULT_MAX, zero points 127 and -128: |acc| up to 255 * 2^22)."""
+    z_a, z_b, z_y = (rng.randint(-128, 127) for _ in range(3))
+    reference = None
+    if mode in ("scales", "extremes"):
+        s_a, s_b, s_y = (rng.uniform(0.01, 0.1) for _ in range(3))
+        if mode == "extremes":
+            s_a, s_b, s_y, z_a, z_b = 0.05, 0.05, 0.1, 127, -128
+        m_a, m_b, multiplier, shift = lowered_scales(s_a, s_b, s_y)
+        rows = ([(-z_a * m_a, multiplier, shift)] * (words_a * lanes)
+                + [(-z_b * m_b, multiplier, shift)] * (words_b * lanes))
+
+        def reference(x):
+            x = np.asarray(x, np.float64)
+            from_a = (np.arange(x.shape[-2]) < words_a)[:, None]
+            exact = np.where(from_a, (x - z_a) * s_a, (x - z_b) * s_b) / s_y
+            return np.clip(np.round(exact) + z_y, -128, 127)
+    else:
+        m_a, m_b = rng.randint(0, ADD_MULT_MAX), rng.randint(0, ADD_MULT_MAX)
+        rows = [(-(z_a * m_a if c < words_a * lanes else z_b * m_b) + rng.randint(-999, 999),
+                 rng.randint(1 << 30, (1 << 31) - 1), rng.randint(52, 55))
+                for c in range((words_a + words_b) * lanes)]
+    return m_a, m_b, rows, z_y, reference
+
+
+def draw_concat_cases():
+    """op CONCAT cases (section 4.3): (id, shape, order, stream, mode, back pressure, lanes), ``shape`` =
+    (in_height, in_width, CWa, CWb, out_row_begin, out_rows, n_pass) drawn at random (seeded; the id
+    spells it out) within a 32-word result buffer. ``order``, ``stream``: :func:`two_operand_stream`."""
+    rng = random.Random("concat-cases-0")
+    cases = []
+    for order, stream, mode, back_pressure, lanes in [
+            ("a-first", "joined", "scales", False, 4),
+            ("b-first", "prefix-gap", "random", True, 4),
+            ("a-first", "prefix-gap", "random", True, 8),
+            ("b-first", "joined", "extremes", False, 8),
+            ("b-first", "prefix-gap", "scales", True, 8),
+            ("a-first", "prefix-gap", "extremes", True, 4)]:
+        height, width = rng.randint(1, 4), rng.randint(1, 4)
+        words_a, words_b = rng.randint(1, 3), rng.randint(1, 3)
+        row_begin = rng.randint(0, height - 1)
+        out_rows = rng.randint(1, height - row_begin)
+        while out_rows * width * (words_a + words_b) > 32:
+            out_rows -= 1
+        n_pass = 0 if not back_pressure else rng.randint(0, 2)
+        shape = (height, width, words_a, words_b, row_begin, out_rows, n_pass)
+        name = (f"{order}-{stream}-{mode}{'-bp' if back_pressure else ''}-l{lanes}-{height}x{width}-cwa{words_a}"
+                f"-cwb{words_b}-rows{row_begin}+{out_rows}-pass{n_pass}")
+        cases.append((name, shape, order, stream, mode, back_pressure, lanes))
+    return cases
+
+
+CONCAT_CASES = draw_concat_cases()
+
+
+def test_concat_cases_cover_orders_bands_and_operand_widths():
+    """The drawn cases include both orders at both lane counts, a row band strictly inside the map, bands of
+    several rows of several pixels, CWa < CWb, CWa = CWb and CWa > CWb, and PASS words."""
+    shapes = [case[1] for case in CONCAT_CASES]
+    assert {(case[2], case[6]) for case in CONCAT_CASES} >= {("a-first", 4), ("b-first", 4), ("a-first", 8),
+                                                              ("b-first", 8)}
+    assert any(row_begin > 0 and row_begin + out_rows < height for height, _, _, _, row_begin, out_rows, _ in shapes)
+    assert any(a < b for _, _, a, b, *_ in shapes) and any(a > b for _, _, a, b, *_ in shapes)
+    assert any(a == b for _, _, a, b, *_ in shapes) and any(shape[-1] for shape in shapes)
+    assert sum(width >= 2 and out_rows >= 2 for _, width, _, _, _, out_rows, _ in shapes) >= 2
+
+
+@pytest.mark.parametrize("shape, order, stream, mode, back_pressure, lanes", [case[1:] for case in CONCAT_CASES],
+                         ids=[case[0] for case in CONCAT_CASES])
+def test_concat_matches_section_4_3_and_rule_4(shape, order, stream, mode, back_pressure, lanes):
+    height, width, words_a, words_b, row_begin, out_rows, n_pass = shape
+    cw_words = words_a + words_b
+    rng = random.Random(f"concat-{shape}-{order}-{stream}-{mode}-{lanes}")
+    pixels = height * width
+    k_words, store, forward, offset_a, offset_b = two_operand_stream((pixels * words_a, pixels * words_b), order,
+                                                                     stream)
+    m_a, m_b, params, zp_out, reference = concat_operands(rng, mode, words_a, words_b, lanes)
+    config = make_config(n_in_words=k_words, n_pass=n_pass, op=OP_CONCAT, in_height=height, in_width=width,
+                         words_per_pixel=cw_words, concat_words_a=words_a, kernel_h=1, kernel_w=1, stride=1,
+                         out_row_begin=row_begin, out_rows=out_rows, out_width=width, n_out=cw_words * lanes,
+                         operand_a_offset=offset_a, operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b,
+                         zp_out=zp_out, w_base=0, act_base=20, pad_value=rng.randint(-128, 127),
+                         store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
+    assert compute_issue_cycles(config) == out_rows * width * cw_words    # one issue per output word
+    n_inferences = 2
+    inputs, emitted = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
+                                           back_pressure=back_pressure, extremes=mode == "extremes",
+                                           golden=golden_concat)
+    results = [word for word, _, _, kind in emitted if kind == "emit"]
+    # Not all saturated: the values carry the arithmetic ("extremes": inputs are mostly -128 and 127).
+    assert len({value for word in results for value in word}) > (4 if mode == "extremes" else 2 * lanes)
+    if reference is not None:
+        # The lowering approximates the float Concat-and-requantize within 1 LSB.
+        for i in range(n_inferences):
+            stored = np.array(inputs[i * (k_words + n_pass):][store[0]:store[1]])
+            a = stored[offset_a:offset_a + pixels * words_a].reshape(height, width, words_a, lanes)
+            b = stored[offset_b:offset_b + pixels * words_b].reshape(height, width, words_b, lanes)
+            want = reference(np.concatenate([a, b], axis=2)[row_begin:row_begin + out_rows]).reshape(-1, lanes)
+            got = np.array(results[i * len(want):(i + 1) * len(want)])
+            assert np.abs(got - want).max() <= 1
+
+
+def test_concat_golden_is_section_4_3_issue_by_issue():
+    """Cross-check golden_concat against a scalar loop over section 4.3's issues (a band; CWa = 2, CWb = 1;
+    operand b stored before operand a, with a gap)."""
+    rng = random.Random(29)
+    lanes, height, width, words_a, words_b = 4, 3, 2, 2, 1
+    cw_words = words_a + words_b
+    offset_a, offset_b = 8, 0
+    config = make_config(n_in_words=30, op=OP_CONCAT, in_height=height, in_width=width, words_per_pixel=cw_words,
+                         concat_words_a=words_a, out_row_begin=1, out_rows=2, out_width=width,
+                         n_out=cw_words * lanes, operand_a_offset=offset_a, operand_b_offset=offset_b,
+                         add_mult_a=rng.randint(0, ADD_MULT_MAX), add_mult_b=ADD_MULT_MAX, zp_out=5,
+                         clamp_lo=-90, clamp_hi=110)
+    params = [(rng.randint(-1 << 29, 1 << 29), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(50, 54))
+              for _ in range(cw_words * lanes)]
+    stored = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(offset_a + height * width * words_a)]
+    words = []
+    for oy in range(1, 3):
+        for ox in range(width):
+            p = oy * width + ox
+            for cw in range(cw_words):
+                if cw < words_a:
+                    activation, m = stored[offset_a + p * words_a + cw], config["add_mult_a"]
+                else:
+                    activation, m = stored[offset_b + p * words_b + (cw - words_a)], config["add_mult_b"]
+                word = []
+                for lane in range(lanes):
+                    bias, multiplier, shift = params[cw * lanes + lane]
+                    acc = wrap32(bias + activation[lane] * m)
+                    y = shift_round_half_even(acc * multiplier, shift) + config["zp_out"]
+                    word.append(min(max(y, config["clamp_lo"]), config["clamp_hi"]))
+                words.append(word)
+    assert golden_concat(config, params, stored, lanes) == words
+
+
+# --- validation ----------------------------------------------------------------------------------
+
 def add_config(**overrides):
     """A valid ADD of two 2x2 maps (CW = 1) stored back to back, one output row, for the validation cases."""
     registers = dict(n_in_words=8, n_out=4, op=OP_ADD, in_height=2, in_width=2, words_per_pixel=1, kernel_h=1,
-                     kernel_w=2, out_rows=1, out_width=2, add_offset=4, add_mult_a=3, add_mult_b=ADD_MULT_MAX)
+                     kernel_w=2, out_rows=1, out_width=2, operand_a_offset=0, operand_b_offset=4, add_mult_a=3,
+                     add_mult_b=ADD_MULT_MAX)
     registers.update(overrides)
     return make_config(**registers)
 
 
-def test_valid_add_and_stream_configs_encode():
+def concat_config(**overrides):
+    """A valid CONCAT of a 3x1 map of CWa = 2 words a pixel (6 words) and one of CWb = 1 (3 words), b stored
+    first, then a gap word, then a; one output row, for the validation cases."""
+    registers = dict(n_in_words=10, n_out=12, op=OP_CONCAT, in_height=3, in_width=1, words_per_pixel=3,
+                     concat_words_a=2, kernel_h=1, kernel_w=1, out_row_begin=2, out_rows=1, out_width=1,
+                     operand_a_offset=4, operand_b_offset=0, add_mult_a=ADD_MULT_MAX, add_mult_b=5)
+    registers.update(overrides)
+    return make_config(**registers)
+
+
+def test_valid_add_concat_and_stream_configs_encode():
     assert len(encode_config(ARCH, add_config())) == len(CONFIG_FIELDS)
     assert len(encode_config(ARCH, add_config(n_in_words=11, store_begin=2, store_end=10, forward_begin=10,
-                                              forward_end=11, add_offset=4, out_row_begin=1))) == len(CONFIG_FIELDS)
+                                              forward_end=11, operand_b_offset=4, out_row_begin=1))) == len(CONFIG_FIELDS)
+    # Operand b may come first, with a gap; ADD does not read concat_words_a.
+    assert encode_config(ARCH, add_config(n_in_words=9, operand_a_offset=5, operand_b_offset=0, concat_words_a=9))
+    assert encode_config(ARCH, concat_config())
+    assert encode_config(ARCH, concat_config(operand_a_offset=0, operand_b_offset=6, n_in_words=9))
     # A pass-through tile may forward part of its RECV words and store none.
     assert encode_config(ARCH, make_config(n_in_words=5, forward_begin=1, forward_end=5))
     # Registers an op does not read are only checked against their width (as the emulator does).
-    assert encode_config(ARCH, make_config(n_in_words=2, n_out=1, add_mult_a=(1 << 23) - 1, add_offset=9))
+    assert encode_config(ARCH, make_config(n_in_words=2, n_out=1, add_mult_a=(1 << 23) - 1, operand_a_offset=9,
+                                           operand_b_offset=1, concat_words_a=7))
 
 
 def window_config(**overrides):
@@ -876,7 +1096,10 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, {"n_in_words": 1}), "config is missing register"),
     (lambda: encode_config(ARCH, window_config(kernel_h=0)), "config register kernel_h = 0 must be 1..255"),
     (lambda: encode_config(ARCH, window_config(kernel_w=256)), "kernel_w' = 256 is out of range 0..255"),
-    (lambda: encode_config(ARCH, window_config(op=4)), "config register op' = 4 is out of range 0..3"),
+    (lambda: encode_config(ARCH, window_config(op=8)), "config register op' = 8 is out of range 0..7"),
+    (lambda: encode_config(ARCH, window_config(op=5)),
+     r"config register op = 5 is not an op \(known: 0 \(OP_MAC\), 1 \(OP_MAX\), 2 \(OP_LANE\), 3 \(OP_ADD\), "
+     r"4 \(OP_CONCAT\)\)"),
     (lambda: encode_config(ARCH, window_config(op=OP_LANE)),
      "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_LANE"),
     (lambda: encode_config(ARCH, window_config(op=OP_LANE, n_out=4, w_base=60)),
@@ -913,11 +1136,19 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, add_config(kernel_h=2)), "config register kernel_h = 2 must be 1 for op = OP_ADD"),
     (lambda: encode_config(ARCH, add_config(stride=2)), "config register stride = 2 must be 1 for op = OP_ADD"),
     (lambda: encode_config(ARCH, add_config(pad_left=1)), "config register pad_left = 1 must be 0 for op = OP_ADD"),
-    (lambda: encode_config(ARCH, add_config(add_offset=3)),
-     r"add_offset = 3 must be >= in_height \* in_width \* words_per_pixel = 2 \* 2 \* 1 = 4 for op = OP_ADD"),
-    (lambda: encode_config(ARCH, add_config(add_offset=5)),
-     r"add_offset \+ in_height \* in_width \* words_per_pixel = 2 \* 2 \* 1 = 4 = 9 exceed the 8 stored "
-     r"words \(store_end - store_begin\) for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(operand_b_offset=3)),
+     r"config registers operand_a_offset = 0 and operand_b_offset = 3 make the operands overlap \(a: stored "
+     r"words 0..3, b: 3..6\); they must be disjoint for op = OP_ADD"),
+    (lambda: encode_config(ARCH, add_config(operand_a_offset=2, operand_b_offset=0)),
+     r"operand_a_offset = 2 and operand_b_offset = 0 make the operands overlap \(a: stored words 2..5, b: 0..3\)"),
+    (lambda: encode_config(ARCH, add_config(operand_a_offset=4, operand_b_offset=4)),
+     r"operand_a_offset = 4 and operand_b_offset = 4 make the operands overlap"),
+    (lambda: encode_config(ARCH, add_config(operand_b_offset=5)),
+     r"config registers operand_b_offset \+ in_height \* in_width \* words_per_pixel = 5 \+ 2 \* 2 \* 1 = 9 "
+     r"exceed the 8 stored words \(store_end - store_begin\) for op = OP_ADD \(operand b must lie inside them\)"),
+    (lambda: encode_config(ARCH, add_config(operand_a_offset=5, operand_b_offset=0)),
+     r"config registers operand_a_offset \+ in_height \* in_width \* words_per_pixel = 5 \+ 2 \* 2 \* 1 = 9 "
+     r"exceed the 8 stored words"),
     (lambda: encode_config(ARCH, add_config(store_begin=1)), "= 8 exceed the 7 stored words"),
     (lambda: encode_config(ARCH, add_config(add_mult_a=ADD_MULT_MAX + 1)),
      "config register add_mult_a = 4194305 exceeds ADD_MULT_MAX = 4194304 for op = OP_ADD"),
@@ -934,6 +1165,42 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, add_config(out_rows=2)),
      "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 4 result words exceed the result buffer"),
     (lambda: encode_config(ARCH, add_config(w_base=65)), "config register w_base = 65 exceeds sram_words = 64"),
+    # Section 4.3: op CONCAT.
+    (lambda: encode_config(ARCH, concat_config(kernel_w=2)),
+     "config register kernel_w = 2 must be 1 for op = OP_CONCAT \\(kernel 1x1, stride 1, no padding\\)"),
+    (lambda: encode_config(ARCH, concat_config(kernel_h=3)), "config register kernel_h = 3 must be 1 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(stride=3)), "config register stride = 3 must be 1 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(pad_top=1)), "config register pad_top = 1 must be 0 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(concat_words_a=0)),
+     r"config register concat_words_a = 0 must be in 1..words_per_pixel - 1 = 2 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(concat_words_a=3)),
+     r"config register concat_words_a = 3 must be in 1..words_per_pixel - 1 = 2 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(words_per_pixel=1, n_out=4, concat_words_a=1)),
+     r"config register concat_words_a = 1 must be in 1..words_per_pixel - 1 = 0 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(operand_a_offset=5)),
+     r"config registers operand_a_offset \+ in_height \* in_width \* concat_words_a = 5 \+ 3 \* 1 \* 2 = 11 "
+     r"exceed the 10 stored words \(store_end - store_begin\) for op = OP_CONCAT \(operand a must lie inside them\)"),
+    (lambda: encode_config(ARCH, concat_config(operand_a_offset=0, operand_b_offset=8)),
+     r"config registers operand_b_offset \+ in_height \* in_width \* \(words_per_pixel - concat_words_a\) = "
+     r"8 \+ 3 \* 1 \* \(3 - 2\) = 11 exceed the 10 stored words"),
+    (lambda: encode_config(ARCH, concat_config(operand_a_offset=2)),
+     r"config registers operand_a_offset = 2 and operand_b_offset = 0 make the operands overlap \(a: stored "
+     r"words 2..7, b: 0..2\); they must be disjoint for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(operand_a_offset=0, operand_b_offset=5)),
+     r"operand_a_offset = 0 and operand_b_offset = 5 make the operands overlap \(a: stored words 0..5, b: 5..7\)"),
+    (lambda: encode_config(ARCH, concat_config(add_mult_a=ADD_MULT_MAX + 1)),
+     "config register add_mult_a = 4194305 exceeds ADD_MULT_MAX = 4194304 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(add_mult_b=ADD_MULT_MAX + 2)),
+     "config register add_mult_b = 4194306 exceeds ADD_MULT_MAX = 4194304 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(out_width=2)),
+     "config register out_width = 2 must equal in_width = 1 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(out_row_begin=3)),
+     "config registers out_row_begin \\+ out_rows = 4 exceed in_height = 3 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(n_out=8)),
+     "n_out = 8 must be words_per_pixel \\* lanes = 12 for op = OP_CONCAT"),
+    (lambda: encode_config(ARCH, concat_config(out_row_begin=1, out_rows=2)),
+     "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 6 result words exceed the result buffer \\(3 words\\)"),
+    (lambda: encode_config(ARCH, concat_config(w_base=70)), "config register w_base = 70 exceeds sram_words = 64"),
     (lambda: encode_param_entry(0, 1 << 31, 1), "'multiplier' = 2147483648 is out of range"),
     (lambda: encode_param_entry(0, 1, 0), "'shift' = 0 is out of range 1..62"),
     (lambda: encode_param_entry(1 << 31, 1, 1), "'bias' = 2147483648 is out of range"),

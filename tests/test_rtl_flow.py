@@ -6,7 +6,9 @@
     (b') the same for a windowed network of section 4.1 (a convolution split by output rows over two
     tiles, then a max pool, then a depthwise convolution as an op = LANE layer);
     (b'') a residual block of section 4.2 (``program_builder``: a split convolution, its input kept in
-    the stream, a split op = ADD join) on Verilator, bit- and cycle-exact against the emulator;
+    the stream, a split op = ADD join, the skip as operand a or as operand b, either first) and
+    a channel concatenation of section 4.3 (a split convolution as operand a, the block input as operand b,
+    first in the stream, a split op = CONCAT join) on Verilator, bit- and cycle-exact against the emulator;
 (c) ``waves`` writes a non-empty waveform file.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from flowtile.arch import OP_ADD, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers, stream_registers
+from flowtile.arch import (OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers,
+                           stream_registers)
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 from hdl import simulate as rtl
 from hdl.harness import HARNESS_TOP_NAME
@@ -450,12 +453,14 @@ def test_conv_pool_verilator_matches_amaranth(conv_case, amaranth_conv):
 
 #: On CONV_ARCH's four tiles: a 3x3 convolution (pad 1, 3 -> 3 channels) split over two tiles by output
 #: rows is the main branch; its input stays in the stream in front of its output (the first tile
-#: forwards it and so does the last), and two ADD tiles (row bands) join skip and main branch.
+#: forwards it and so does the last), and two ADD tiles (row bands) join skip and main branch, the skip
+#: as operand a or as operand b (``Residual.skip``).
 RES_SHAPE, RES_BATCH = (3, 3, 3), 3
 
 
-@pytest.fixture(scope="module")
-def residual_case():
+@pytest.fixture(scope="module", params=["a", "b"])
+def residual_case(request):
+    """``skip``: which ADD operand the block input is ("b": operand b first in the stream)."""
     from flowtile.host import pack_flits
     from program_builder import AddParams, Conv, Residual, build_program, network_golden
     rng = np.random.default_rng(5)
@@ -464,22 +469,65 @@ def residual_case():
                 MULTIPLIER, SHIFT + 1, zp_in=-5, zp_out=2, clamp_lo=2, pads=(1, 1, 1, 1), tiles=2)
     add = AddParams(2**22, 3 * 2**20, rng.integers(2**30, 2**31, channels), 53, zp_a=-5, zp_b=2, zp_out=-3,
                     clamp_lo=-100, clamp_hi=100)
-    layers = [Residual([conv], add, tiles=2)]
+    layers = [Residual([conv], add, tiles=2, skip=request.param)]
     program = build_program(CONV_ARCH, layers, input_shape=RES_SHAPE, act_fill=rng)
     x = rng.integers(-128, 128, (RES_BATCH, int(np.prod(RES_SHAPE))), dtype=np.int8)
     golden = network_golden(layers, x, RES_SHAPE, CONV_ARCH.lanes)
     assert len(np.unique(golden)) > 20, "the residual output must carry information"
-    return program, pack_flits(x, CONV_ARCH.lanes, program.input), golden
+    return program, pack_flits(x, CONV_ARCH.lanes, program.input), golden, request.param
 
 
 @pytest.mark.rtl
 def test_residual_block_verilator_matches_emulator(residual_case):
     from emulator import emulate
-    program, in_flits, golden = residual_case
+    program, in_flits, golden, skip = residual_case
     assert [t.config["op"] for t in program.tiles] == [OP_MAC, OP_MAC, OP_ADD, OP_ADD]
+    map_words = RES_SHAPE[1] * RES_SHAPE[2]        # 3 channels: one word a pixel
+    offsets = (0, map_words) if skip == "a" else (map_words, 0)     # the skip is in front of the main output
+    assert [(t.config["operand_a_offset"], t.config["operand_b_offset"]) for t in program.tiles[2:]] == [offsets] * 2
     emulated = emulate(program, in_flits, RES_BATCH)
     np.testing.assert_array_equal(emulated.out_flits, golden)
     result = rtl.simulate(program, in_flits, RES_BATCH)
+    np.testing.assert_array_equal(result.out_flits, golden)
+    np.testing.assert_array_equal(result.out_times, emulated.out_times)
+    assert result.cycles == emulated.cycles
+
+
+#: On CONV_ARCH's four tiles: ``concat(conv(x), x)`` for a 3-channel 3x3 map ``x``: the 3x3 convolution
+#: (pad 1, 3 -> 4 channels, one word a pixel) split over two tiles keeps ``x`` in the stream in front of
+#: its output, so operand b (``x``, with a padding lane) comes first (``operand_b_offset = 0``,
+#: ``operand_a_offset = 9``); two CONCAT tiles (row bands) requantize the 4 + 3 channels (2 words a pixel).
+CAT_SHAPE, CAT_BATCH = (3, 3, 3), 3
+
+
+@pytest.fixture(scope="module")
+def concat_case():
+    from flowtile.host import pack_flits
+    from program_builder import Concat, ConcatParams, Conv, build_program, network_golden
+    rng = np.random.default_rng(6)
+    channels = CAT_SHAPE[0]
+    conv = Conv(rng.integers(-128, 128, (4, channels, 3, 3), dtype=np.int8), rng.integers(-3000, 3000, 4),
+                MULTIPLIER, SHIFT + 1, zp_in=-5, zp_out=2, clamp_lo=2, pads=(1, 1, 1, 1), tiles=2)
+    params = ConcatParams(3 * 2**20, 2**22, rng.integers(2**30, 2**31, 4 + channels), 53, zp_a=2, zp_b=-5,
+                          zp_out=-3, clamp_lo=-100, clamp_hi=100)
+    layers = [Concat([conv], [], params, tiles=2)]
+    program = build_program(CONV_ARCH, layers, input_shape=CAT_SHAPE, act_fill=rng)
+    x = rng.integers(-128, 128, (CAT_BATCH, int(np.prod(CAT_SHAPE))), dtype=np.int8)
+    golden = network_golden(layers, x, CAT_SHAPE, CONV_ARCH.lanes)
+    assert len(np.unique(golden)) > 20, "the concat output must carry information"
+    return program, pack_flits(x, CONV_ARCH.lanes, program.input), golden
+
+
+@pytest.mark.rtl
+def test_concat_block_verilator_matches_emulator(concat_case):
+    from emulator import emulate
+    program, in_flits, golden = concat_case
+    assert [t.config["op"] for t in program.tiles] == [OP_MAC, OP_MAC, OP_CONCAT, OP_CONCAT]
+    assert [(t.config["words_per_pixel"], t.config["concat_words_a"], t.config["operand_a_offset"],
+             t.config["operand_b_offset"]) for t in program.tiles[2:]] == [(2, 1, 9, 0)] * 2
+    emulated = emulate(program, in_flits, CAT_BATCH)
+    np.testing.assert_array_equal(emulated.out_flits, golden)
+    result = rtl.simulate(program, in_flits, CAT_BATCH)
     np.testing.assert_array_equal(result.out_flits, golden)
     np.testing.assert_array_equal(result.out_times, emulated.out_times)
     assert result.cycles == emulated.cycles
