@@ -92,14 +92,18 @@ def random_float_cnn(rng: np.random.Generator, in_shape: tuple[int, int, int], b
             current = f"pool{i}_out"
             height = (height - pool_k) // pool_s + 1
             width = (width - pool_k) // pool_s + 1
+    return _classifier_head(rng, nodes, inits, current, channels * height * width, in_shape, n_classes, "random_cnn")
+
+
+def _classifier_head(rng, nodes, inits, current, n_in, in_shape, n_classes, name) -> onnx.ModelProto:
+    """Flatten ``current`` (``n_in`` values), a Gemm to ``n_classes`` logits, and the checked model."""
     nodes.append(helper.make_node("Flatten", [current], ["flat"], name="flatten", axis=1))
-    n_in = channels * height * width
     inits += [numpy_helper.from_array((rng.standard_normal((n_classes, n_in)) * np.sqrt(2.0 / n_in)).astype(np.float32),
                                       "fc.weight"),
               numpy_helper.from_array((rng.standard_normal(n_classes) * 0.1).astype(np.float32), "fc.bias")]
     nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
     graph = helper.make_graph(
-        nodes, "random_cnn",
+        nodes, name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *in_shape])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -180,16 +184,4 @@ def random_float_resnet(rng: np.random.Generator, in_shape: tuple[int, int, int]
         else:
             raise ValueError(f"block {i}: unknown kind {block['kind']!r}")
     nodes.append(helper.make_node("GlobalAveragePool", [current], ["pooled"], name="gap"))
-    nodes.append(helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1))
-    inits += [numpy_helper.from_array((rng.standard_normal((n_classes, channels)) * np.sqrt(2.0 / channels))
-                                      .astype(np.float32), "fc.weight"),
-              numpy_helper.from_array((rng.standard_normal(n_classes) * 0.1).astype(np.float32), "fc.bias")]
-    nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
-    graph = helper.make_graph(
-        nodes, "random_resnet",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *in_shape])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _classifier_head(rng, nodes, inits, "pooled", channels, in_shape, n_classes, "random_resnet")
