@@ -29,7 +29,7 @@ import numpy as np
 
 from flowtile.arch import (ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX,
                            SHIFT_BITS, Arch)
-from flowtile.program import Program, TileProgram, compute_issue_cycles, result_words
+from flowtile.program import Program, TileProgram, compute_issue_cycles, operand_words, result_words
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
            "tile_counts", "run_functional", "pe_results", "window_pixels", "operand_layout", "PORTS", "HOST",
@@ -339,9 +339,8 @@ def _check_two_operands(config: dict, count: TileCounts, who: str, stored: str) 
     if count.op == OP_CONCAT and not 1 <= int(config["concat_words_a"]) < words_per_pixel:
         raise EmulatorError(f"{who}: OP_CONCAT register 'concat_words_a' = {config['concat_words_a']} must be in "
                             f"1..words_per_pixel - 1 = {words_per_pixel - 1} (both operands need a word a pixel)")
-    pixels = int(config["in_height"]) * int(config["in_width"])
-    (offset_a, words_a), (offset_b, words_b) = operand_layout(config)
-    size_a, size_b = pixels * words_a, pixels * words_b
+    (offset_a, _), (offset_b, _) = operand_layout(config)
+    size_a, size_b = (int(words) for words in operand_words(config))
     if max(offset_a + size_a, offset_b + size_b) > count.n_stored or (offset_a < offset_b + size_b
                                                                       and offset_b < offset_a + size_a):
         raise EmulatorError(f"{who}: {name} operands of {size_a} and {size_b} words at registers "

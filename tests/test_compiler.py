@@ -934,6 +934,18 @@ def test_maxpool_with_requantized_output_is_rejected(tmp_path):
         import_onnx(qdq)
 
 
+def check_reference_and_program(imported, x: np.ndarray, arch: Arch, samples: int):
+    """reference_forward within 1 LSB of onnxruntime on ``x``, and the program built for ``arch`` computing the
+    same as reference_forward on the first ``samples`` inputs (run_functionally); returns (layers, program)."""
+    layers = lower_layers(imported.layers)
+    ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
+    theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
+    assert np.abs(ours - theirs).max() <= 1, f"max {np.abs(ours - theirs).max()} LSB vs onnxruntime"
+    program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
+    assert np.array_equal(run_functionally(program, quantize(x[:samples], program.input)), ours[:samples])
+    return layers, program
+
+
 def test_residual_add_of_the_graph_input(tmp_path):
     """Add(conv(x), x) with x the graph input: the input itself is the skip tensor (section 4.2)."""
     rng = np.random.default_rng(11)
@@ -945,13 +957,8 @@ def test_residual_add_of_the_graph_input(tmp_path):
     imported = import_onnx(model, calibration=calibration)
     assert [layer.op for layer in imported.layers] == ["Conv", "Add", "Gemm"]
     assert [layer.sources for layer in imported.layers] == [(-1,), (0, -1), (1,)]
-    layers = lower_layers(imported.layers)
     x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
-    ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
-    theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
-    assert np.abs(ours - theirs).max() <= 1
-    program = build_program(layers, Arch(rows=2, cols=3), input_spec=imported.input, output_spec=imported.output)
-    assert np.array_equal(run_functionally(program, quantize(x[:4], program.input)), ours[:4])
+    check_reference_and_program(imported, x, Arch(rows=2, cols=3), 4)
 
 
 def _insert_after(qdq: onnx.ModelProto, tensor: str, node: onnx.NodeProto) -> None:
@@ -1387,13 +1394,8 @@ def test_grouped_convolutions_match_onnxruntime(ops, tmp_path):
     imported = import_onnx(qdq)
     grouped = [layer for layer in imported.layers if layer.groups > 1]
     assert len(grouped) == 1
-    layers = lower_layers(imported.layers)
     x = rng.standard_normal((32, 2, 7, 7)).astype(np.float32)
-    ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
-    theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
-    assert np.abs(ours - theirs).max() <= 1
-    program = build_program(layers, Arch(rows=2, cols=3), input_spec=imported.input, output_spec=imported.output)
-    assert np.array_equal(run_functionally(program, quantize(x[:2], program.input)), ours[:2])
+    _, program = check_reference_and_program(imported, x, Arch(rows=2, cols=3), 2)
     layer = grouped[0]
     info = next(i for i in program.layers if i.name == layer.name)
     w = layer.window

@@ -68,17 +68,22 @@ def assert_rtl_matches_emulator(program, x):
     assert rtl.cycles == emu.cycles
 
 
-def build_model(tmp_path, seed, widths, kind):
-    rng = np.random.default_rng(seed)
-    float_model = random_float_mlp(rng, widths)
+def model_of_kind(tmp_path, float_model, calibration, kind):
+    """(model path, calibration for compile_model): the float model itself (``kind`` float, quantized by the
+    compiler with ``calibration``), or its QDQ model as onnxruntime's quantizer writes it."""
     float_path = tmp_path / "float.onnx"
     onnx.save(float_model, float_path)
-    calibration = rng.standard_normal((32, widths[0])).astype(np.float32)
     if kind == "float":
         return float_path, calibration
     qdq_path = quantize_qdq(float_path, tmp_path / "qdq.onnx", calibration,
                             activation_uint8=(kind == "uint8"), per_channel=(kind != "int8-tensor"))
     return qdq_path, None
+
+
+def build_model(tmp_path, seed, widths, kind):
+    rng = np.random.default_rng(seed)
+    float_model = random_float_mlp(rng, widths)
+    return model_of_kind(tmp_path, float_model, rng.standard_normal((32, widths[0])).astype(np.float32), kind)
 
 
 @pytest.mark.parametrize("seed,arch_name,widths,batch,kind", CASES, ids=MLP_IDS)
@@ -116,14 +121,8 @@ CNN_IDS = [f"{c[1]}-{'x'.join(map(str, c[2]))}-{len(c[3])}conv-b{c[5]}-{c[6]}" f
 def build_cnn(tmp_path, seed, in_shape, blocks, classes, kind):
     from random_models import random_float_cnn
     rng = np.random.default_rng(seed)
-    float_path = tmp_path / "float_cnn.onnx"
-    onnx.save(random_float_cnn(rng, in_shape, blocks, classes), float_path)
-    calibration = rng.random((24, *in_shape)).astype(np.float32)
-    if kind == "float":
-        return float_path, calibration
-    qdq_path = quantize_qdq(float_path, tmp_path / "qdq_cnn.onnx", calibration,
-                            activation_uint8=(kind == "uint8"), per_channel=(kind != "int8-tensor"))
-    return qdq_path, None
+    float_model = random_float_cnn(rng, in_shape, blocks, classes)
+    return model_of_kind(tmp_path, float_model, rng.random((24, *in_shape)).astype(np.float32), kind)
 
 
 @pytest.mark.parametrize("seed,arch_name,in_shape,blocks,classes,batch,kind", CNN_CASES, ids=CNN_IDS)
@@ -162,14 +161,8 @@ RESNET_IDS = [f"{c[1]}-{'x'.join(map(str, c[2]))}-{'-'.join(b['kind'] for b in c
 def build_resnet(tmp_path, seed, in_shape, stem, blocks, classes, kind):
     from random_models import random_float_resnet
     rng = np.random.default_rng(seed)
-    float_path = tmp_path / "float_resnet.onnx"
-    onnx.save(random_float_resnet(rng, in_shape, stem, blocks, classes), float_path)
-    calibration = rng.standard_normal((24, *in_shape)).astype(np.float32)
-    if kind == "float":
-        return float_path, calibration
-    qdq_path = quantize_qdq(float_path, tmp_path / "qdq_resnet.onnx", calibration,
-                            activation_uint8=(kind == "uint8"), per_channel=(kind != "int8-tensor"))
-    return qdq_path, None
+    float_model = random_float_resnet(rng, in_shape, stem, blocks, classes)
+    return model_of_kind(tmp_path, float_model, rng.standard_normal((24, *in_shape)).astype(np.float32), kind)
 
 
 @pytest.mark.parametrize("seed,arch_name,in_shape,stem,blocks,classes,batch,kind", RESNET_CASES, ids=RESNET_IDS)
