@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS", "OP_MAC",
            "OP_MAX", "OP_LANE", "OP_ADD", "OP_CONCAT", "ADD_MULT_BITS", "ADD_MULT_MAX", "dense_window_registers",
-           "stream_registers"]
+           "stream_registers", "ACTIVATION_BANKS"]
 
 #: Accumulator width of a PE. Accumulation wraps modulo 2**ACC_BITS (two's complement); the
 #: compiler proves that no layer it emits can reach the wrap (see docs/architecture.md).
@@ -73,6 +73,10 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("concat_words_a", 16, False),         # op = CONCAT: words per pixel of operand a (the rest are b's)
 )
 
+#: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads
+#: the other (docs/architecture.md section 4); a tile's activation region is this many times its stored words.
+ACTIVATION_BANKS = 2
+
 #: Values of the ``op`` register.
 OP_MAC = 0
 OP_MAX = 1
@@ -115,6 +119,10 @@ class Arch:
         max_tile_outputs: depth of a tile's per-output parameter table (bias, multiplier, shift) and of
             its result buffer: the most output neurons one tile can compute.
         router_fifo_depth: flits each router input FIFO holds.
+        forward_queue_words: words a PE's forward queue holds (the FIFO between its input side and its
+            output side through which every forwarded and passed word goes, docs/architecture.md section 4).
+            A tile takes a whole inference in while it computes only if the queue holds its forwarded plus
+            passed words; a smaller queue makes it wait (timing stays exact).
         host_buffer_flits: depth of the simulation harness's input and output buffers (not part of the chip).
     """
 
@@ -124,6 +132,7 @@ class Arch:
     sram_bytes: int = 32768
     max_tile_outputs: int = 512
     router_fifo_depth: int = 4
+    forward_queue_words: int = 1024
     host_buffer_flits: int = 32768
 
     def __post_init__(self):
@@ -141,6 +150,7 @@ class Arch:
               f"must be a positive multiple of lanes ({self.lanes}) and at most {65536 * self.lanes}")
         check("max_tile_outputs", lambda v: 1 <= v <= 65535, "must be in 1..65535")
         check("router_fifo_depth", lambda v: 1 <= v <= 1024, "must be in 1..1024")
+        check("forward_queue_words", lambda v: 1 <= v <= 65536, "must be in 1..65536")
         check("host_buffer_flits", lambda v: 1 <= v <= (1 << 24), "must be in 1..16777216")
 
     # --- derived quantities -------------------------------------------------------------------

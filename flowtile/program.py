@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
+from .arch import ACTIVATION_BANKS, ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words", "operand_words",
-           "channel_preserving"]
+           "channel_preserving", "tile_period_cycles"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 def output_pixels(config: dict) -> int:
@@ -73,6 +73,16 @@ def compute_issue_cycles(config: dict) -> int:
 
 class ProgramError(ValueError):
     """A program directory is missing, malformed, or inconsistent with its arch."""
+
+
+def tile_period_cycles(config: dict, lanes: int) -> int:
+    """Cycles per inference of a tile alone in steady state, never stalled (docs/architecture.md section 6,
+    rule 4): the busiest of its input side (``K + P`` transfers), its output side (``Q + E``) and its compute
+    side (``I + 2`` cycles of COMPUTE, which cannot begin before the previous inference's ``E`` EMITs end)."""
+    n_in, n_pass = config["n_in_words"], config["n_pass"]
+    emits = result_words(config, lanes) if config["n_out"] else 0
+    compute = compute_issue_cycles(config) + 2 + emits if config["n_out"] else 0
+    return max(n_in + n_pass, forwarded_words(config) + n_pass + emits, compute)
 
 
 def operand_words(config: dict) -> tuple[int, int]:
@@ -262,7 +272,7 @@ class Program:
                 if not config[first] <= config[last] <= k:
                     raise ProgramError(f"tile {tile.key}: registers {first} = {config[first]}, {last} = "
                                        f"{config[last]} must satisfy {first} <= {last} <= n_in_words = {k}")
-            act_end = config["act_base"] + stored_words(config)
+            act_end = config["act_base"] + ACTIVATION_BANKS * stored_words(config)
             w_end = config["w_base"] + weight_words(config)
             if max(act_end, w_end) > arch.sram_words:
                 raise ProgramError(f"tile {tile.key}: SRAM regions end at word {max(act_end, w_end)}, "
