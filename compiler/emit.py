@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
-from flowtile.program import LayerInfo, Program, TileProgram, stored_words, weight_words
+from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
+from flowtile.program import LayerInfo, Program, TileProgram, forwarded_words, stored_words, weight_words
 
 from .errors import CompileError
 from .lower import LoweredLayer, lane_params, lower_layers, weight_rows
@@ -254,7 +254,7 @@ def report(program: Program) -> str:
 
     def sram_used(tile: TileProgram) -> int:
         c = tile.config
-        return (weight_words(c) + (stored_words(c) if c["n_out"] else 0)) * arch.lanes
+        return (weight_words(c) + (ACTIVATION_BANKS * stored_words(c) if c["n_out"] else 0)) * arch.lanes
 
     rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "est. util",
              "SRAM bytes used/avail")]
@@ -284,6 +284,13 @@ def report(program: Program) -> str:
                  f"{100 * program.macs_per_inference / (interval * arch.n_tiles * arch.lanes):.1f}%")
     lines.append("estimates are per tile without stalls (section 6 rule 4); back-pressure between the tiles of a "
                  "split layer can make the real interval longer")
+    queued = [t for t in program.tiles if forwarded_words(t.config) + t.config["n_pass"] > arch.forward_queue_words]
+    if queued:
+        worst = max(queued, key=lambda t: forwarded_words(t.config) + t.config["n_pass"])
+        need = forwarded_words(worst.config) + worst.config["n_pass"]
+        lines.append(f"{len(queued)} tile(s) forward and pass more words per inference than their forward queue holds "
+                     f"(up to {need} at tile {worst.key}, arch field 'forward_queue_words' = "
+                     f"{arch.forward_queue_words}): they cannot take a whole inference in while they compute")
     return "\n".join(lines)
 
 

@@ -6,26 +6,28 @@ Rules (docs/architecture.md sections 1 and 6):
 * a tile computes a contiguous slice of its layer's outputs; every slice but the layer's last is a
   multiple of ``lanes``, so that the result flits of consecutive tiles concatenate into the layer's
   output vector without padding lanes in the middle;
-* a tile holds ``N_o * K`` weight words (from word 0) plus the ``K``-word activation buffer behind
+* a tile holds ``N_o * K`` weight words (from word 0) plus two ``K``-word activation banks behind
   them, which must fit ``arch.sram_words``, and ``N_o <= arch.max_tile_outputs``;
 * tile ``j`` of a layer passes the results of tiles ``0..j-1`` through (``P`` = their result words);
-  its estimated cycles per inference are ``K + P + N_o*K + 2 + N_r`` (see :func:`tile_cycles`);
+  its estimated cycles per inference are those of its busiest side (section 6 rule 4):
+  ``max(K + P, K_f + P + N_r, N_o*K + 2 + N_r)`` with ``K_f`` its forwarded words (see :func:`tile_cycles`);
 * the pipeline's throughput is set by its slowest tile, so spare tiles go, one at a time, to the
   layer whose slowest tile is the slowest overall, as long as that makes it faster.
 
 Windowed layers (Conv, MaxPool, lane layers; section 4.1) split their *output rows* instead: every tile of
-the layer holds the whole input map (``K = H*W*CW`` words) and all the weights (``N_o * KH*KW*CW`` words, none
+the layer holds the whole input map (``K = H*W*CW`` words, twice: two banks) and all the weights (``N_o * KH*KW*CW`` words, none
 for MaxPool, ``CW*KH*KW`` for op LANE) and computes a band ``[row_begin, row_begin + rows)`` of output rows; its ``n_pix * N_r`` result
 words must fit the result buffer (``arch.result_words``). Its estimated cycles per inference are
-``K + I + 2 + P + n_pix * N_r`` with ``I`` the COMPUTE issue cycles (:func:`window_tile_cycles`).
+``max(K + P, K_f + P + n_pix*N_r, I + 2 + n_pix*N_r)`` with ``I`` the COMPUTE issue cycles
+(:func:`window_tile_cycles`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from flowtile.arch import Arch
-from flowtile.program import compute_issue_cycles, result_words
+from flowtile.arch import ACTIVATION_BANKS, Arch
+from flowtile.program import tile_period_cycles
 
 from .errors import CompileError
 
@@ -68,25 +70,22 @@ def words(n: int, lanes: int) -> int:
     return -(-n // lanes)
 
 
-def tile_cycles(n_in_words: int, n_pass: int, n_out: int, lanes: int) -> int:
-    """Cycles between the starts of consecutive inferences of one unstalled tile (section 6, rule 4).
+def tile_cycles(n_in_words: int, n_pass: int, n_out: int, lanes: int, forwarded: int = 0) -> int:
+    """Cycles per inference of one unstalled dense tile in steady state (section 6, rule 4): its busiest side.
 
-    Its ``K + P`` input transfers take one cycle each; the first of its ``N_r`` result flits follows the
-    last input transfer by ``N_o*K + 3`` cycles, the other results and the next inference's first input
-    transfer by one cycle each: ``(K + P - 1) + (N_o*K + 3) + (N_r - 1) + 1``. A pass-through tile
-    (``N_o = 0``) just moves its ``K + P`` flits.
+    Input side: ``K + P`` transfers; output side: ``forwarded + P`` pops and ``N_r`` EMITs; compute side:
+    ``N_o*K + 2`` cycles of COMPUTE, which cannot start before the previous inference's EMITs end. A
+    pass-through tile (``N_o = 0``) just moves its flits.
     """
-    if n_out == 0:
-        return n_in_words + n_pass
-    return n_in_words + n_pass + n_out * n_in_words + 2 + words(n_out, lanes)
+    results = words(n_out, lanes) if n_out else 0
+    compute = n_out * n_in_words + 2 + results if n_out else 0
+    return max(n_in_words + n_pass, forwarded + n_pass + results, compute)
 
 
 def config_cycles(config: dict, lanes: int) -> int:
-    """:func:`tile_cycles` / :func:`window_tile_cycles` from a tile's registers: ``K + P [+ I + 2 + n_pix*N_r]``."""
-    if not config["n_out"]:
-        return config["n_in_words"] + config["n_pass"]
-    return (config["n_in_words"] + config["n_pass"] + compute_issue_cycles(config) + 2
-            + result_words(config, lanes))
+    """:func:`tile_cycles` / :func:`window_tile_cycles` from a tile's registers
+    (:func:`flowtile.program.tile_period_cycles`)."""
+    return tile_period_cycles(config, lanes)
 
 
 @dataclass(frozen=True)
@@ -123,10 +122,14 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
     return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height, carried)
 
 
-def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int) -> int:
-    """Estimated cycles per inference of a tile computing ``rows`` output rows: ``K + I + 2 + P + n_pix*N_r``
-    (``K`` counting the carried words)."""
-    return costs.k + costs.carried + rows * costs.row_issue + 2 + n_pass + rows * costs.row_results
+def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int, forward: bool = False) -> int:
+    """Estimated cycles per inference of a tile computing ``rows`` output rows, its busiest side:
+    ``max(K + P, K_f + P + n_pix*N_r, I + 2 + n_pix*N_r)`` (``K`` counting the carried words; ``K_f`` = ``K``
+    if more tiles of the layer follow (``forward``), else the carried words)."""
+    received = costs.k + costs.carried
+    results = rows * costs.row_results
+    forwarded = received if forward else costs.carried
+    return max(received + n_pass, forwarded + n_pass + results, rows * costs.row_issue + 2 + results)
 
 
 def _rows_capacity(costs: WindowCosts, arch: Arch) -> int:
@@ -141,10 +144,16 @@ def _split_rows(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_t
     while begin < costs.out_height:
         if len(slices) >= max_tiles:
             return None
-        take = min(capacity, costs.out_height - begin)
-        if budget != float("inf"):
-            take = min(take, int((budget - costs.k - costs.carried - 2 - n_pass)
-                                 // (costs.row_issue + costs.row_results)))
+        remaining = costs.out_height - begin
+        take = min(capacity, remaining)
+        if budget != float("inf") and not (take == remaining
+                                           and window_tile_cycles(costs, n_pass, take, forward=False) <= budget):
+            # not the layer's last tile: it forwards the whole stream
+            received = costs.k + costs.carried
+            if received + n_pass > budget:
+                return None
+            take = min(take, int((budget - 2) // (costs.row_issue + costs.row_results)),
+                       int((budget - received - n_pass) // costs.row_results))
         if take <= 0:
             return None
         slices.append(TileSlice(layer, 0, costs.n_out, costs.k, n_pass, False, begin, take))
@@ -157,11 +166,12 @@ def _split_rows(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_t
 def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
     lanes = arch.lanes
     what = f"{_describe_window(layer)}"
-    need = (costs.weight_words + costs.k) * lanes
+    need = (costs.weight_words + ACTIVATION_BANKS * costs.k) * lanes
     if need > arch.sram_bytes:
         raise CompileError(
             f"{what}: every tile of it holds all its weights ({costs.weight_words * lanes} bytes) and the whole "
-            f"input map ({costs.k * lanes} bytes): {need} bytes, a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
+            f"input map twice ({ACTIVATION_BANKS} banks of {costs.k * lanes} bytes): {need} bytes, a tile has "
+            f"{arch.sram_bytes} (arch field 'sram_bytes')")
     if costs.n_out > arch.max_tile_outputs:
         raise CompileError(f"{what}: {costs.n_out} output channels exceed arch field 'max_tile_outputs' = "
                            f"{arch.max_tile_outputs}")
@@ -179,8 +189,9 @@ def _describe_window(layer) -> str:
 
 
 def _tile_capacity(k: int, arch: Arch) -> int:
-    """Most outputs one tile can hold for a layer of ``k`` input words: SRAM and parameter table."""
-    return min(arch.max_tile_outputs, (arch.sram_words - k) // k)
+    """Most outputs one tile can hold for a layer of ``k`` input words: SRAM (weights and two activation
+    banks) and parameter table."""
+    return min(arch.max_tile_outputs, (arch.sram_words - ACTIVATION_BANKS * k) // k)
 
 
 def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
@@ -200,10 +211,12 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
         remaining = n_out - start
         if remaining <= capacity and tile_cycles(k, n_pass, remaining, lanes) <= budget:
             take = remaining  # the layer's last tile: any size
-        else:
+        else:  # not the last tile: it forwards the k input words
             chunks = min(capacity // lanes, (remaining - 1) // lanes)
             if budget != float("inf"):
-                chunks = min(chunks, int((budget - k - n_pass - 2) // (lanes * k + 1)))
+                if k + n_pass > budget:
+                    return None
+                chunks = min(chunks, int((budget - 2) // (lanes * k + 1)), int(budget - k - n_pass))
             if chunks <= 0:
                 return None
             take = chunks * lanes
@@ -216,8 +229,8 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
 
 def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None) -> int:
     if costs is not None:
-        return window_tile_cycles(costs, s.n_pass, s.rows)
-    return tile_cycles(s.n_in_words, s.n_pass, s.n_out, lanes)
+        return window_tile_cycles(costs, s.n_pass, s.rows, s.forward)
+    return tile_cycles(s.n_in_words, s.n_pass, s.n_out, lanes, s.n_in_words if s.forward else 0)
 
 
 def _slowest(slices: list[TileSlice], lanes: int, costs: WindowCosts | None = None) -> int:
@@ -236,7 +249,8 @@ def _check_one_tile_fits(layer: _Layer, k: int, arch: Arch) -> None:
     outputs = 1 if capacity < 1 else lanes
     raise CompileError(
         f"{_describe(layer)}: a tile must hold at least {outputs} output(s), which need "
-        f"{(outputs + 1) * k * lanes} bytes of SRAM ({k}-word weight rows plus the {k * lanes}-byte input buffer) "
+        f"{(outputs + ACTIVATION_BANKS) * k * lanes} bytes of SRAM ({k}-word weight rows plus two {k * lanes}-byte "
+        f"input banks) "
         f"but holds at most {max(capacity, 0)}: a tile has {arch.sram_bytes} bytes (arch field 'sram_bytes') "
         f"and {arch.max_tile_outputs} parameter entries (arch field 'max_tile_outputs')")
 
@@ -255,7 +269,7 @@ def _does_not_fit(layers: Sequence[_Layer], ks: list[int], counts: list[int], ar
         f"model does not fit {grid}: its layers need {sum(counts)} tiles, there are {arch.n_tiles}; "
         f"{_describe(layer)} alone needs {counts[worst]}: its weights need {layer.n_out * k * lanes} bytes "
         f"(rows padded to {k} words of {lanes} bytes) and each of its tiles also buffers the {k * lanes}-byte "
-        f"input, so a {arch.sram_bytes}-byte tile holds at most {per_tile} outputs ({limit}){split_note}; "
+        f"input twice (two banks), so a {arch.sram_bytes}-byte tile holds at most {per_tile} outputs ({limit}){split_note}; "
         f"all weights need {total} bytes, the grid has {arch.n_tiles * arch.sram_bytes} bytes of SRAM")
 
 
@@ -326,12 +340,17 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             f"{n_tiles}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a tile's result buffer "
             f"holds {arch.result_words} words (arch field 'max_tile_outputs' = {arch.max_tile_outputs}), i.e. "
             f"{_rows_capacity(c, arch)} output rows of {c.row_results} words, of its {c.out_height} rows")
-    # balance: spare tiles to the bottleneck layer while that makes the bottleneck faster
+    # balance: spare tiles to the bottleneck layer while that makes the bottleneck faster. One more tile may not
+    # help (16 output rows on 4 tiles take 4 rows each, and so do the longest bands of 5), so the fewest extra
+    # tiles that do help are given.
     cost = [_slowest(s, lanes, c) for s, c in zip(splits, costs)]
-    while sum(len(s) for s in splits) < n_tiles:
+    while (spare := n_tiles - sum(len(s) for s in splits)) > 0:
         slowest = max(range(len(layers)), key=lambda i: cost[i])
-        candidate = best_split(slowest, len(splits[slowest]) + 1)
-        if _slowest(candidate, lanes, costs[slowest]) >= cost[slowest]:
+        for extra in range(1, spare + 1):
+            candidate = best_split(slowest, len(splits[slowest]) + extra)
+            if _slowest(candidate, lanes, costs[slowest]) < cost[slowest]:
+                break
+        else:
             break
         splits[slowest], cost[slowest] = candidate, _slowest(candidate, lanes, costs[slowest])
     return splits
