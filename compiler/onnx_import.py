@@ -702,6 +702,11 @@ def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int,
     """MatMul/Gemm(DQ(W)[, bias]) [-> Add(bias)] [-> Relu] -> Q -> DQ [-> Relu [-> Q -> DQ]]."""
     graph = cursor.graph
     x = cursor.tensor
+    if cursor.at("Conv", "MaxPool", "AveragePool"):  # a windowed op on a tensor that is not a (C, H, W) map
+        node = cursor.node
+        check_window_attributes(node, {a.name: helper.get_attribute_value(a) for a in node.attribute}, None)
+        raise CompileError(f"{_describe(node)}: its input '{x}' is not a 2-D feature map [N, C, H, W]; windowed "
+                           f"layers need one")
     dense = cursor.take({"MatMul", "Gemm"}, "MatMul or Gemm")
     weight, scales, bias = match_dense(graph, dense, x, x_params, n_in)
     acc_scale = x_params.scale * scales
@@ -1184,6 +1189,12 @@ def quantize_float_model(model: onnx.ModelProto, calibration: np.ndarray | None 
     if model.opset_import and next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13) < 13:
         model = onnx.version_converter.convert_version(model, 13)  # per-channel DequantizeLinear needs opset 13
     model = fuse_matmul_add(model)
+    # onnxruntime quantizes a pool only after a quantized node, so a pool reading the graph input would stay float;
+    # ForceQuantizeNoInputCheck quantizes it like every other pool. Only then, so that other models keep exactly the
+    # quantization onnxruntime gives them by default (and the accuracy comparisons stay like for like).
+    pool_first = any(node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool") and input_name in node.input
+                     for node in model.graph.node)
+    extra_options = {"ForceQuantizeNoInputCheck": True} if pool_first else {}
     reader = _ArrayReader(input_name, calibration, batch)
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     if activation_type not in types:
@@ -1199,7 +1210,7 @@ def quantize_float_model(model: onnx.ModelProto, calibration: np.ndarray | None 
                     warnings.simplefilter("ignore")
                     quantize_static(model, str(out), reader, quant_format=QuantFormat.QDQ,
                                     activation_type=types[activation_type], weight_type=QuantType.QInt8,
-                                    per_channel=per_channel)
+                                    per_channel=per_channel, extra_options=extra_options)
             finally:
                 root_logger.setLevel(level)
         except CompileError:

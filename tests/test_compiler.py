@@ -984,6 +984,38 @@ def test_residual_add_of_the_graph_input(tmp_path):
     check_reference_and_program(imported, x, Arch(rows=2, cols=3), 4)
 
 
+@pytest.mark.parametrize("first", [("pool", 2, 2, [0, 0, 0, 0]), ("avgpool", 3, 1, [1, 1, 1, 1])])
+def test_float_model_whose_first_op_is_a_pool(first):
+    """onnxruntime's quantizer leaves a pool on the graph input float unless told otherwise; flowtile quantizes it
+    (ForceQuantizeNoInputCheck) and the program computes what onnxruntime's int8 model does."""
+    rng = np.random.default_rng(21)
+    model = float_cnn(rng, (3, 8, 8), [first, ("conv", 8, 3, 1, [1, 1, 1, 1]), ("relu",), ("flatten",), ("gemm", 4)])
+    calibration = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    imported = import_onnx(model, calibration=calibration)
+    assert [layer.op for layer in imported.layers] == [{"pool": "MaxPool", "avgpool": "AveragePool"}[first[0]],
+                                                       "Conv", "Gemm"]
+    check_reference_and_program(imported, rng.standard_normal((16, 3, 8, 8)).astype(np.float32), Arch(), 4)
+
+
+@pytest.mark.parametrize("kernel", [[2], [2, 2, 2]])
+def test_qdq_pool_that_is_not_2d_names_kernel_shape(kernel):
+    """A QDQ model with a 1-D or 3-D pool gets the float path's message, not a complaint about a missing MatMul."""
+    spatial = [8] * len(kernel)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_in"),
+             helper.make_node("MaxPool", ["xd"], ["p"], name="pool", kernel_shape=kernel),
+             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["y"], name="dq_out")]
+    graph = helper.make_graph(
+        nodes, "pool_nd", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, *spatial])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, *[7] * len(kernel)])],
+        [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(CompileError, match=r"node 'pool' \(MaxPool\): attribute 'kernel_shape' = \[[2, ]+\] is "
+                                           r"unsupported \(2-D windows\)"):
+        import_onnx(model)
+
+
 def _insert_after(qdq: onnx.ModelProto, tensor: str, node: onnx.NodeProto) -> None:
     """Make ``node`` (one input, one output) read ``tensor`` and every former reader of ``tensor`` read its output."""
     for reader in qdq.graph.node:

@@ -28,18 +28,15 @@ host quantizes and dequantizes, docs/architecture.md section 7):
   (the accumulator is exact and ``M / 2^S = 1`` is exact too). Both cases' outputs do (asserted), so the
   harness runs that substitute; onnxruntime confirms the substitute reproduces the case on the case's data.
 * float cases go through the compiler's float path (``quantize_float_model``: attribute checks, then
-  onnxruntime's quantize_static, calibrated on the case's input). quantize_static leaves a pool that reads the
-  float graph input unquantized (it quantizes a pool only after a quantized layer), and every case here is a
-  lone pool; the harness then quantizes the float model itself with quantize_static's
-  ``ForceQuantizeNoInputCheck`` option (otherwise the same settings) and compiles that QDQ model.
+  onnxruntime's quantize_static, calibrated on the case's input). quantize_static by itself leaves a pool that
+  reads the float graph input unquantized (it quantizes a pool only after a quantized layer), and every case here
+  is a lone pool: the compiler passes ``ForceQuantizeNoInputCheck`` for such models, and the harness checks that
+  the pool did get quantized.
 """
 from __future__ import annotations
 
-import logging
 import re
-import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -277,38 +274,6 @@ def _integer_model(case):
     raise AssertionError(f"{case.name}: no integer mapping for {op}")
 
 
-class _Reader:
-    """CalibrationDataReader protocol over the case's one input batch."""
-
-    def __init__(self, name: str, x: np.ndarray):
-        self.batches = iter([{name: x}])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-    def rewind(self):
-        pass
-
-
-def _force_quantized(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
-    """quantize_static as quantize_float_model calls it, plus ForceQuantizeNoInputCheck so that a pool reading
-    the float graph input is quantized too."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)  # quantize_static logs pre-processing advice through the root logger
-    try:
-        with tempfile.TemporaryDirectory(prefix="flowtile-node-test-") as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = Path(tmp) / "q.onnx"
-            quantize_static(model, str(out), _Reader(model.graph.input[0].name, calibration),
-                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, per_channel=True,
-                            extra_options={"ForceQuantizeNoInputCheck": True})
-            return onnx.load(str(out))
-    finally:
-        root.setLevel(level)
-
-
 def _pool_reads_quantized(model: onnx.ModelProto) -> bool:
     producers = {out: node.op_type for node in model.graph.node for out in node.output}
     pools = [n for n in model.graph.node if n.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool")]
@@ -316,11 +281,10 @@ def _pool_reads_quantized(model: onnx.ModelProto) -> bool:
 
 
 def _float_qdq_model(case) -> onnx.ModelProto:
-    """The compiler's float path; a pool it leaves in float (on the graph input) is force-quantized instead."""
+    """The compiler's float path, which must quantize a pool reading the float graph input too."""
     x = _arrays(case)[0][0]
     qdq = quantize_float_model(case.model, calibration=x)
-    if not _pool_reads_quantized(qdq):
-        qdq = _force_quantized(case.model, x)
+    assert _pool_reads_quantized(qdq), f"{case.name}: the quantized model still has a float pool"
     return qdq
 
 
