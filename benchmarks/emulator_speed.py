@@ -3,6 +3,10 @@
 The RTL simulation runs at about 85k cycles/s; the emulator's goal is >= 100x that. Programs are
 built with ``tests/program_builder.py`` (no compiler needed). Run:
 ``python benchmarks/emulator_speed.py [--repeats N]``.
+
+The timing model solves three chains per PE (input side, compute side, output side, docs/architecture.md
+section 6 rule 4), so the "solves" column counts chain solves; the cases with a small forward queue
+(``F``) make the input sides wait for queue space.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ CASES = [
      [8, 4, 2], 360),
     ("200-64-10 on 3x2, 16 lanes", Arch(rows=3, cols=2, lanes=16, sram_bytes=65536, router_fifo_depth=1),
      [200, 64, 10], [2, 1], 1000),
+    ("64-32-10, 4+1 tiles, F=2", Arch(forward_queue_words=2), [64, 32, 10], [4, 1], 2000),
+    ("256-128-64-10, 6+4+2 tiles, F=3, D=1", Arch(forward_queue_words=3, router_fifo_depth=1),
+     [256, 128, 64, 10], [6, 4, 2], 360),
 ]
 
 
@@ -72,7 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="runs per case (the best time is kept)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"{'program':34s} {'batch':>6s} {'cycles':>10s} {'best ms':>9s} {'cycles/s':>12s} {'vs RTL':>8s}  timing")
+    print(f"{'program':38s} {'batch':>6s} {'cycles':>10s} {'best ms':>9s} {'cycles/s':>12s} {'vs RTL':>8s}  timing")
     cases = [(name, arch, batch, build(arch, widths, tiles, rng)) for name, arch, widths, tiles, batch in CASES]
     cases += [(name, arch, batch, build_cnn(arch, shape, c_out, conv_bands, pool_bands, n_out, rng))
               for name, arch, shape, c_out, conv_bands, pool_bands, n_out, batch in CNN_CASES]
@@ -87,7 +94,7 @@ def main() -> None:
         rate = result.cycles / best
         how = (f"extrapolated, {result.timing.solves} solves" if result.timing.extrapolated
                else f"sweeps, {result.timing.solves} solves")
-        print(f"{name:34s} {batch:6d} {result.cycles:10d} {best * 1e3:9.2f} {rate:12,.0f} "
+        print(f"{name:38s} {batch:6d} {result.cycles:10d} {best * 1e3:9.2f} {rate:12,.0f} "
               f"{rate / RTL_CYCLES_PER_SECOND:7,.0f}x  {how}")
 
 

@@ -5,7 +5,9 @@
 
 :mod:`.functional` computes the data of every flit from the tiles' registers, SRAM images and
 parameter tables; :mod:`.timing` computes the cycle of every transfer by solving the max-plus
-recurrences of section 6.
+recurrences of section 6: ``result.timing.pe_times[p]`` is the :class:`PETimes` (input-side transfers,
+COMPUTE starts, output-side transfers) of the PE at chain position ``p``, ``result.tile_timelines[p]`` its
+phase spans per side.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ import numpy as np
 
 from flowtile.program import Program
 
-from .functional import (DataPath, EmulatorError, FunctionalResult, run_functional, trace_data_path)
-from .timing import TimingError, TimingResult, solve_timing
+from .functional import (DataPath, EmulatorError, FunctionalResult, TileCounts, check_input_flits, run_functional,
+                         trace_data_path)
+from .timing import PETimes, TimingError, TimingResult, solve_timing
 
-__all__ = ["emulate", "EmulatorResult", "EmulatorError", "TimingError", "PHASE_SPAN_DTYPE",
+__all__ = ["emulate", "EmulatorResult", "EmulatorError", "TimingError", "PHASE_SPAN_DTYPE", "PETimes",
            "run_functional", "solve_timing", "trace_data_path"]
 
-#: One span of a PE's phase FSM: cycles ``[start, end)`` spent in ``phase`` (RECV, COMPUTE, PASS, EMIT).
+#: One span of a PE side's activity: cycles ``[start, end)`` spent in ``phase`` (input side: RECV, PASS;
+#: compute side: COMPUTE; output side: FORWARD, EMIT).
 PHASE_SPAN_DTYPE = np.dtype([("start", np.int64), ("end", np.int64), ("phase", "U7")])
 
 
@@ -41,11 +45,12 @@ class EmulatorResult:
     multiplying; ``I * L`` for an ADD tile, ``I = n_pix * CW * 2``, and for a CONCAT tile,
     ``I = n_pix * CW``, each issue multiplying an operand word by ``add_mult_a`` or ``add_mult_b``; 0 for
     max pooling, which multiplies nothing) per PE;
-    ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a
-    :data:`PHASE_SPAN_DTYPE` array (iterates as ``(start, end, phase)``), in time order, per inference
-    the FSM occupancy of each non-empty phase: a phase begins when the previous one ends (cycle 0 for
-    the first) and ends after its last transfer (COMPUTE after ``I + 2`` cycles); empty for idle
-    tiles.
+    ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a :data:`PHASE_SPAN_DTYPE`
+    array (iterates as ``(start, end, phase)``): all input-side spans (per inference RECV then PASS), then
+    all COMPUTE spans, then all output-side spans (per inference FORWARD, the forward-queue pops, then
+    EMIT); an empty phase has no span. An input or output span runs from the end of the same side's
+    previous span (cycle 0 for its first) to its phase's last transfer + 1, so waiting counts in; a COMPUTE
+    span is ``[c_s, c_s + I + 2)``. Empty for idle tiles.
     """
 
     batch: int
@@ -64,7 +69,7 @@ class EmulatorResult:
 
     @cached_property
     def tile_timelines(self) -> list[np.ndarray]:
-        """Per chain position, the PE's phase spans (computed on first use)."""
+        """Per chain position, the PE's phase spans per side (computed on first use)."""
         timelines = []
         for position, pe_times in enumerate(self.timing.pe_times):
             timelines.append(np.empty(0, dtype=PHASE_SPAN_DTYPE) if pe_times is None
@@ -76,38 +81,48 @@ class EmulatorResult:
                 "interval_cycles": float(self.interval_cycles), "mac_utilization": float(self.mac_utilization)}
 
 
-def _phase_spans(pe_times: np.ndarray, count, batch: int) -> np.ndarray:
-    """FSM phase spans of one PE from its action times (see :class:`EmulatorResult`).
+def _side_spans(times: np.ndarray, phases: list[tuple[str, int]],
+                batch: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Spans of one side (input or output): per inference one span per non-empty phase, ``phases`` =
+    ``[(name, transfers per inference), ...]`` in order; a span runs from the end of the side's previous
+    span (0 for its first) to its phase's last transfer + 1. Returns ``(name, start, end)`` columns."""
+    width = sum(n for _, n in phases)
+    if not width:
+        return []
+    times = times.reshape(batch, width)
+    ends, names, last = [], [], 0
+    for name, n in phases:
+        if n:
+            last += n
+            ends.append(times[:, last - 1] + 1)
+            names.append(name)
+    end = np.stack(ends, axis=1).ravel()                 # inference-major, phase-minor
+    start = np.empty_like(end)
+    start[0] = 0
+    start[1:] = end[:-1]
+    count = len(names)
+    return [(names[c], start[c::count], end[c::count]) for c in range(count)]
 
-    Per inference the actions are K RECV, P PASS, n_pix * N_r EMIT transfers; COMPUTE, between RECV and
-    PASS, lasts ``I + 2`` cycles from the cycle after the last RECV (section 4.1's count).
-    """
-    times = pe_times.reshape(batch, -1)
-    begin = np.empty(batch, dtype=np.int64)
-    begin[0] = 0
-    begin[1:] = times[:-1, -1] + 1
-    k_words, n_pass = count.n_in_words, count.n_pass
-    phases = []  # (name, start, end) columns
-    if k_words:
-        end = times[:, k_words - 1] + 1
-        phases.append(("RECV", begin, end))
-        begin = end
+
+def _phase_spans(pe_times: PETimes, count: TileCounts, batch: int) -> np.ndarray:
+    """Phase spans of one PE from its transfer times (see :attr:`EmulatorResult.tile_timelines`): all
+    input-side spans (per inference RECV then PASS), then all COMPUTE spans ``[c_s, c_s + I + 2)``, then all
+    output-side spans (per inference FORWARD, the queue pops, then EMIT); an empty phase has no span."""
+    blocks = [_side_spans(pe_times.input, [("RECV", count.n_in_words), ("PASS", count.n_pass)], batch)]
     if count.n_out:
-        end = begin + count.compute_cycles
-        phases.append(("COMPUTE", begin, end))
-        begin = end
-    if n_pass:
-        end = times[:, k_words + n_pass - 1] + 1
-        phases.append(("PASS", begin, end))
-        begin = end
-    if count.n_out:
-        phases.append(("EMIT", begin, times[:, -1] + 1))
-    spans = np.empty((batch, len(phases)), dtype=PHASE_SPAN_DTYPE)
-    for column, (name, start, end) in enumerate(phases):
-        spans["start"][:, column] = start
-        spans["end"][:, column] = end
-        spans["phase"][:, column] = name
-    return spans.ravel()
+        blocks.append([("COMPUTE", pe_times.compute, pe_times.compute + count.compute_cycles)])
+    blocks.append(_side_spans(pe_times.output, [("FORWARD", count.n_queue), ("EMIT", count.n_result_words)], batch))
+    pieces = []
+    for columns in blocks:
+        if not columns:
+            continue
+        spans = np.empty((batch, len(columns)), dtype=PHASE_SPAN_DTYPE)
+        for c, (name, start, end) in enumerate(columns):
+            spans["start"][:, c] = start
+            spans["end"][:, c] = end
+            spans["phase"][:, c] = name
+        pieces.append(spans.ravel())
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=PHASE_SPAN_DTYPE)
 
 
 def emulate(program: Program, in_flits: np.ndarray, batch: int) -> EmulatorResult:
@@ -115,8 +130,9 @@ def emulate(program: Program, in_flits: np.ndarray, batch: int) -> EmulatorResul
     arch = program.arch
     program.validate()
     path: DataPath = trace_data_path(program)
-    functional = run_functional(program, in_flits, batch, path)
+    check_input_flits(program, in_flits, batch)
     timing = solve_timing(program, batch, path)
+    functional = run_functional(program, in_flits, batch, path, timing)
 
     words = program.output_words
     out_times = timing.out_times

@@ -10,9 +10,12 @@ never from the compiler's layer descriptions. Two parts:
   previous one emits per inference) and raises :class:`EmulatorError` otherwise.
 * :func:`run_functional` computes, vectorized over the batch, every PE's output flit stream:
   per inference ``(RECV words forward_begin..forward_end) ++ (the P pass flits) ++ (its n_pix * N_r
-  result words)`` (section 4: RECV, COMPUTE, PASS, EMIT; COMPUTE emits nothing, so the data order is the
-  same). COMPUTE reads the stored RECV words ``store_begin..store_end`` (section 4.2: a stream may hold
-  several tensors, one after the other). Results follow section 4.1 (windowed layers): the windows of
+  result words)`` (section 4: the output side pops the forward queue, which the input side fills with the
+  forwarded RECV words and the PASS words in order, then EMITs the results). COMPUTE of inference ``s``
+  reads the stored RECV words ``store_begin..store_end`` of ``s`` from activation bank ``s mod 2``
+  (section 4.2: a stream may hold several tensors, one after the other); weights overlapping the banks are
+  modelled bank by bank (:func:`weight_memory`), and refused where what COMPUTE reads would depend on
+  timing. Results follow section 4.1 (windowed layers): the windows of
   every output pixel are gathered im2col-style with index arrays; a dense layer is the 1x1 case and
   takes the same path. The same gather serves MAC (a GEMM over the window), MAX (a lane-wise max) and
   LANE (a lane-wise multiply-accumulate with per-lane requantization: depthwise convolution, average
@@ -27,13 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowtile.arch import (ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX,
-                           SHIFT_BITS, Arch)
+from flowtile.arch import (ACC_BITS, ACTIVATION_BANKS, ADD_MULT_MAX, MULTIPLIER_BITS, OP_ADD, OP_CONCAT, OP_LANE,
+                           OP_MAC, OP_MAX, SHIFT_BITS, Arch)
 from flowtile.program import Program, TileProgram, compute_issue_cycles, operand_words, result_words
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
-           "tile_counts", "run_functional", "pe_results", "window_pixels", "operand_layout", "PORTS", "HOST",
-           "AFTER_COMPUTE_EXTRA_DELAY"]
+           "tile_counts", "run_functional", "pe_results", "weight_memory", "racing_banks", "check_bank_races",
+           "window_pixels", "operand_layout", "PORTS", "HOST", "COMPUTE_DRAIN_CYCLES"]
 
 
 class EmulatorError(ValueError):
@@ -50,10 +53,6 @@ HOST = -1
 #: Cycles COMPUTE lasts beyond its ``I`` issue cycles (section 4.1; ``N_o * K`` for a dense layer):
 #: multiply-accumulate (or max) of the last read words, then requantization (or clamp) of the last output.
 COMPUTE_DRAIN_CYCLES = 2
-#: Cycles from a PE's last RECV transfer to its first transfer after COMPUTE (the first PASS, or the
-#: first EMIT if P = 0) beyond the compute issue cycles: entering COMPUTE (1) plus the drain
-#: (section 6, rule 4: ``d = I + 3``).
-AFTER_COMPUTE_EXTRA_DELAY = 1 + COMPUTE_DRAIN_CYCLES
 
 
 @dataclass(frozen=True)
@@ -93,14 +92,20 @@ class TileCounts:
         return range(self.forward_begin, self.forward_end)
 
     @property
+    def n_queue(self) -> int:
+        """``Q``: words per inference that go through the forward queue (section 4): the forwarded RECV
+        words and every PASS word are pushed by the input side and popped by the output side."""
+        return self.n_forward + self.n_pass
+
+    @property
     def flits_in(self) -> int:
-        """Flits the PE reads per inference (RECV + PASS)."""
+        """Flits the PE reads per inference (input side: K RECV + P PASS transfers)."""
         return self.n_in_words + self.n_pass
 
     @property
     def flits_out(self) -> int:
-        """Flits the PE emits per inference (forwarded RECV + PASS + EMIT)."""
-        return self.n_forward + self.n_pass + self.n_result_words
+        """Flits the PE emits per inference (output side: Q pops + E EMIT transfers)."""
+        return self.n_queue + self.n_result_words
 
     @property
     def compute_issue_cycles(self) -> int:
@@ -454,19 +459,24 @@ def _gather_windows(config: dict, activations: np.ndarray, lanes: int) -> np.nda
     return pixels[:, index]
 
 
-def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, arch: Arch) -> np.ndarray:
+def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, arch: Arch,
+               weights: np.ndarray | None = None) -> np.ndarray:
     """Result words of one PE for a batch: int8 ``[batch, n_pix * N_r, L]`` (sections 4 to 4.3).
 
     ``activations`` is int8 ``[batch, store_end - store_begin, L]``, the stored RECV flits of each
-    inference, written to SRAM words ``act_base + k - store_begin`` before COMPUTE reads them and, for
-    MAC, weight words ``w_base + o*K_w + k`` (for LANE ``w_base + cw*KH*KW + ky*KW + kx``), which see
-    those writes if the two regions overlap. ADD and CONCAT read stored words only (their operands lie
-    inside them: ``_check_window``).
+    inference ``s``, written to SRAM bank ``s mod 2`` (words ``act_base + (s mod 2) * B + k - store_begin``)
+    before COMPUTE reads them. MAC and LANE also read weight words (MAC: ``w_base + o*K_w + k``, LANE:
+    ``w_base + cw*KH*KW + ky*KW + kx``); ``weights`` is what they read, int8 ``[w_words, L]`` or per inference
+    ``[batch, w_words, L]`` (default: :func:`weight_memory` of the whole batch; give it when ``activations``
+    is a slice of the batch, since what a weight word overlapping a bank holds depends on the inference's
+    index). ADD and CONCAT read stored words only (their operands lie inside them: ``_check_window``).
     """
     lanes, batch = arch.lanes, activations.shape[0]
     config = tile.config
     if count.op in (OP_ADD, OP_CONCAT):
         return _two_operand_results(tile, count, activations, lanes)
+    if weights is None and count.op in (OP_MAC, OP_LANE):
+        weights = weight_memory(tile, count, activations, lanes)
     # im2col copies every window: bound its size (float64 / int64 below) by working on slices of the batch
     per_inference = (count.n_result_words * int(config["kernel_h"]) * int(config["kernel_w"])
                      * int(config["words_per_pixel"]) * lanes)
@@ -474,8 +484,10 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
         per_inference //= int(config["words_per_pixel"])
     chunk = max(1, IM2COL_ELEMENTS // max(1, per_inference))
     if batch > chunk:
-        return np.concatenate([pe_results(tile, count, activations[start:start + chunk], arch)
-                               for start in range(0, batch, chunk)])
+        return np.concatenate([
+            pe_results(tile, count, activations[start:start + chunk], arch,
+                       weights if weights is None or weights.ndim == 2 else weights[start:start + chunk])
+            for start in range(0, batch, chunk)])
     windows = _gather_windows(config, activations, lanes)      # [batch, n_pix, KH*KW, CW, L]
     n_pix = windows.shape[1]
     if count.op == OP_MAX:
@@ -484,29 +496,21 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
         pooled = np.clip(pooled, int(config["clamp_lo"]), int(config["clamp_hi"])).astype(np.int8)
         return pooled.reshape(batch, count.n_result_words, lanes)
     if count.op == OP_LANE:
-        return _lane_results(tile, count, windows, activations, lanes)
+        return _lane_results(tile, count, windows, weights, lanes)
 
     n_out = count.n_out
     window_words = windows.shape[2] * windows.shape[3]           # K_w = KH*KW*CW
-    w_base, act_base = int(config["w_base"]), int(config["act_base"])
-    w_end, act_end = w_base + n_out * window_words, act_base + count.n_stored
-    image = np.zeros((max(w_end, act_end), lanes), dtype=np.int8)
-    stored = tile.sram[: image.shape[0]]
-    image[: stored.shape[0]] = stored
     params = np.asarray(tile.params, dtype=np.int64)
     bias, multiplier, shift = params[:, 0], params[:, 1], params[:, 2]
     columns = windows.reshape(batch, n_pix, window_words * lanes)
-
-    if w_end <= act_base or act_end <= w_base:
-        weights = image[w_base:w_end].reshape(n_out, window_words * lanes).astype(np.float64)
+    if weights.ndim == 2:
+        matrix = weights.reshape(n_out, window_words * lanes).astype(np.float64)
         # float64 matmul is exact: every partial sum is an integer of magnitude <= K_w*L*2^14 < 2^53.
         flat = columns.reshape(batch * n_pix, window_words * lanes).astype(np.float64)
-        dot = (flat @ weights.T).astype(np.int64).reshape(batch, n_pix, n_out)   # one 2-D GEMM
-    else:  # the weight region overlaps the activation buffer: each inference reads its own inputs back
-        memory = np.repeat(image[None], batch, axis=0)
-        memory[:, act_base:act_end] = activations
-        weights = memory[:, w_base:w_end].reshape(batch, n_out, window_words * lanes).astype(np.int64)
-        dot = np.einsum("bqi,boi->bqo", columns.astype(np.int64), weights)
+        dot = (flat @ matrix.T).astype(np.int64).reshape(batch, n_pix, n_out)   # one 2-D GEMM
+    else:  # the weight region overlaps the activation banks: each inference reads its own weights
+        matrix = weights.reshape(batch, n_out, window_words * lanes).astype(np.int64)
+        dot = np.einsum("bqi,boi->bqo", columns.astype(np.int64), matrix)
     accumulator = _wrap_accumulator(bias + dot)
     scaled = _shift_round_half_even(accumulator * multiplier, shift)
     result = np.clip(scaled + int(config["zp_out"]), int(config["clamp_lo"]), int(config["clamp_hi"]))
@@ -516,21 +520,102 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     return words.reshape(batch, count.n_result_words, lanes)
 
 
-def _weight_memory(tile: TileProgram, count: TileCounts, activations: np.ndarray, w_words: int,
-                   lanes: int) -> np.ndarray:
-    """The ``w_words`` weight words COMPUTE reads from ``w_base``: int8 ``[w_words, L]`` if the weight
-    region is disjoint from the activation buffer, else ``[batch, w_words, L]`` (each inference reads
-    back what its RECV wrote where the regions overlap)."""
+def _weight_words(tile: TileProgram, count: TileCounts) -> int:
+    """Weight words COMPUTE reads from ``w_base`` (MAC: ``n_out * K_w``, LANE: ``CW * KH*KW``; else 0)."""
     config = tile.config
+    window = int(config["kernel_h"]) * int(config["kernel_w"]) * int(config["words_per_pixel"])
+    if count.op == OP_MAC:
+        return count.n_out * window
+    return window if count.op == OP_LANE else 0
+
+
+def _bank_bases(tile: TileProgram, count: TileCounts) -> list[int]:
+    """First SRAM word of each activation bank (section 4: bank ``b`` at ``act_base + b * B``)."""
+    return [int(tile.config["act_base"]) + b * count.n_stored for b in range(ACTIVATION_BANKS)]
+
+
+def racing_banks(tile: TileProgram, count: TileCounts, batch: int) -> list[int]:
+    """The activation banks ``b`` that overlap the weight words COMPUTE reads and that the input side fills
+    with inference ``s + 1`` while COMPUTE of some inference ``s`` (``(s + 1) mod 2 = b``, ``s < batch - 1``)
+    may be running: whether it writes an overlapping word during that COMPUTE depends on the timing."""
+    w_base = int(tile.config["w_base"])
+    w_end = w_base + _weight_words(tile, count)
+    banks = []
+    for b, base in enumerate(_bank_bases(tile, count)):
+        first_reader = (b + 1) % ACTIVATION_BANKS      # the first inference s with (s + 1) mod 2 == b
+        if w_base < base + count.n_stored and base < w_end and first_reader < batch - 1:
+            banks.append(b)
+    return banks
+
+
+def check_bank_races(tile: TileProgram, count: TileCounts, batch: int, pe_times, position: int) -> None:
+    """Refuse a run in which the input side writes an activation word that a running COMPUTE reads as a weight
+    word: inference ``s + 1``'s RECV into bank ``(s + 1) mod 2`` during ``[c_s, c_s + I + 2)``. Section 4 does not
+    say whether COMPUTE then reads the old or the new word. ``pe_times`` is the PE's
+    :class:`emulator.timing.PETimes`."""
+    w_base = int(tile.config["w_base"])
+    w_end = w_base + _weight_words(tile, count)
+    inputs = pe_times.input.reshape(batch, count.flits_in)
+    bank_words = count.n_stored
+    for b in racing_banks(tile, count, batch):
+        base = _bank_bases(tile, count)[b]
+        first, last = max(w_base, base), min(w_end, base + bank_words)      # overlapping SRAM words
+        recv = count.store_begin + np.arange(first - base, last - base)     # the RECV words written there
+        readers = np.arange(batch - 1)
+        readers = readers[(readers + 1) % ACTIVATION_BANKS == b]           # COMPUTE of s, RECV of s + 1
+        writes = inputs[readers + 1][:, recv]
+        begin = pe_times.compute[readers][:, None]
+        racing = (writes >= begin) & (writes < begin + count.compute_cycles)
+        if racing.any():
+            row, column = (int(i) for i in np.argwhere(racing)[0])
+            s, address = int(readers[row]), first + column
+            start = int(begin[row, 0])
+            region = (base - b * bank_words, base + (ACTIVATION_BANKS - b) * bank_words - 1)
+            raise EmulatorError(
+                f"tile {tile.key} (chain position {position}): the input side writes SRAM word {address} (activation "
+                f"bank {b}, RECV word {int(recv[column])} of inference {s + 1}) in cycle {int(writes[row, column])} "
+                f"while COMPUTE of inference {s} (cycles {start}..{start + count.compute_cycles - 1}) reads it as a "
+                f"weight word (weights at SRAM words {w_base}..{w_end - 1}, register 'w_base'); section 4 does not "
+                f"define which comes first: place the weights outside the activation region [act_base, act_base + "
+                f"2B) = {region[0]}..{region[1]}")
+
+
+def weight_memory(tile: TileProgram, count: TileCounts, activations: np.ndarray, lanes: int, *,
+                  race_checked: bool = False) -> np.ndarray:
+    """The weight words COMPUTE reads from ``w_base``, for the whole batch: int8 ``[w_words, L]`` if the
+    weight region is disjoint from the activation region ``[act_base, act_base + 2B)``, else per inference
+    ``[batch, w_words, L]``.
+
+    Section 4: the input side writes inference ``s``'s stored words into bank ``s mod 2`` (words
+    ``act_base + (s mod 2) * B + k - store_begin``), all before COMPUTE of ``s`` begins, and the first input
+    transfer of ``s + 1`` comes at ``c_s`` or later; bank ``s mod 2`` is next written by inference ``s + 2``,
+    after COMPUTE of ``s + 1`` began, i.e. after COMPUTE of ``s`` ended. So COMPUTE of ``s`` reads, in a weight
+    word inside bank ``s mod 2``, inference ``s``'s stored word; inside the other bank, inference ``s - 1``'s
+    (the SRAM image for ``s = 0``), unless inference ``s + 1`` overwrites it while COMPUTE of ``s`` runs, a race
+    whose outcome section 4 leaves open. ``race_checked``: the caller has ruled that out with the PE's times
+    (:func:`check_bank_races`); otherwise a program in which it is possible (:func:`racing_banks`) is refused.
+    """
+    config = tile.config
+    batch, bank = activations.shape[0], count.n_stored
+    w_words = _weight_words(tile, count)
     w_base, act_base = int(config["w_base"]), int(config["act_base"])
-    w_end, act_end = w_base + w_words, act_base + count.n_stored
+    w_end, act_end = w_base + w_words, act_base + ACTIVATION_BANKS * bank
     image = np.zeros((max(w_end, act_end), lanes), dtype=np.int8)
     stored = tile.sram[: image.shape[0]]
     image[: stored.shape[0]] = stored
-    if w_end <= act_base or act_end <= w_base:
+    if w_end <= act_base or act_end <= w_base or not w_words:
         return image[w_base:w_end]
-    memory = np.repeat(image[None], activations.shape[0], axis=0)
-    memory[:, act_base:act_end] = activations
+    if not race_checked and racing_banks(tile, count, batch):
+        raise EmulatorError(
+            f"tile {tile.key}: its weight words {w_base}..{w_end - 1} overlap activation bank(s) "
+            f"{racing_banks(tile, count, batch)} of [act_base, act_base + 2B) = {act_base}..{act_end - 1}, which "
+            f"the input side may fill with the next inference while COMPUTE reads them; what COMPUTE reads then "
+            f"depends on the transfer times (run_functional checks them against the timing model)")
+    memory = np.repeat(image[None], batch, axis=0)
+    bases = _bank_bases(tile, count)
+    for parity, base in enumerate(bases):
+        memory[parity::2, base:base + bank] = activations[parity::2]                # bank s mod 2: inference s
+        memory[parity + 1::2, base:base + bank] = activations[parity:batch - 1:2]   # the other bank: s - 1
     return memory[:, w_base:w_end]
 
 
@@ -553,16 +638,16 @@ def _requantize(accumulator: np.ndarray, bias: np.ndarray, multiplier: np.ndarra
     return np.clip(scaled + int(config["zp_out"]), int(config["clamp_lo"]), int(config["clamp_hi"]))
 
 
-def _lane_results(tile: TileProgram, count: TileCounts, windows: np.ndarray, activations: np.ndarray,
+def _lane_results(tile: TileProgram, count: TileCounts, windows: np.ndarray, weights: np.ndarray,
                   lanes: int) -> np.ndarray:
     """op = LANE (section 4.1): lane ``l`` of word ``cw`` of output pixel ``q`` accumulates
     ``bias_c + sum_{ky,kx} W[w_base + cw*KH*KW + ky*KW + kx][l] * A[(ky, kx), cw][l]`` (``c = cw*L + l``)
     and is requantized with parameter row ``c``; result word ``q*CW + cw``.
 
-    ``windows`` is the im2col gather int8 ``[batch, n_pix, KH*KW, CW, L]``."""
+    ``windows`` is the im2col gather int8 ``[batch, n_pix, KH*KW, CW, L]``; ``weights`` the weight words,
+    ``[CW*KH*KW, L]`` or per inference ``[batch, CW*KH*KW, L]`` (:func:`weight_memory`)."""
     config = tile.config
     batch, n_pix, window, words_per_pixel = windows.shape[:4]
-    weights = _weight_memory(tile, count, activations, words_per_pixel * window, lanes)
     # weight word cw*KH*KW + k -> [.., KH*KW, CW, L] like the windows
     weights = np.swapaxes(weights.reshape(weights.shape[:-2] + (words_per_pixel, window, lanes)), -3, -2)
     # exact in int64: |sum| <= KH*KW * 2^14 (KH, KW <= 255)
@@ -638,28 +723,46 @@ def check_input_flits(program: Program, in_flits: np.ndarray, batch: int) -> np.
     return flits
 
 
-def run_functional(program: Program, in_flits: np.ndarray, batch: int,
-                   path: DataPath | None = None) -> FunctionalResult:
-    """Every PE's output stream, from the host input flits ``[batch * input_words, L]``."""
+def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: DataPath | None = None,
+                   timing=None) -> FunctionalResult:
+    """Every PE's output stream, from the host input flits ``[batch * input_words, L]``.
+
+    ``timing`` (an :class:`emulator.timing.TimingResult` of the same run) is needed only by a tile whose
+    weights overlap an activation bank the input side may write during a COMPUTE (:func:`racing_banks`);
+    if it is not given, it is solved then."""
     arch = program.arch
     path = path or trace_data_path(program)
     stream = check_input_flits(program, in_flits, batch).reshape(batch, program.input_words, arch.lanes)
     tile_out: list[np.ndarray | None] = [None] * arch.n_tiles
     with _single_threaded_blas():
         for position in path.order:
-            stream = _pe_stream(program.tiles[position], path.counts[position], stream, arch)
+            tile, count = program.tiles[position], path.counts[position]
+            race_checked = False
+            if count.n_out and racing_banks(tile, count, batch):
+                if timing is None:
+                    from .timing import solve_timing   # (imports this module)
+                    timing = solve_timing(program, batch, path)
+                check_bank_races(tile, count, batch, timing.pe_times[position], position)
+                race_checked = True
+            stream = _pe_stream(tile, count, stream, arch, race_checked)
             tile_out[position] = stream.reshape(-1, arch.lanes)
     return FunctionalResult(tile_out_flits=tile_out, out_flits=stream.reshape(-1, arch.lanes))
 
 
-def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: Arch) -> np.ndarray:
+def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: Arch,
+               race_checked: bool = False) -> np.ndarray:
     """One PE's output per inference, ``[batch, flits_out, L]``, from its input ``[batch, K + P, L]``:
-    the forwarded RECV words, the P passed flits, the result words (sections 4 and 4.2)."""
+    the Q words of the forward queue (the forwarded RECV words, then the P passed flits), then the E result
+    words (sections 4 and 4.2)."""
     parts = []
     if count.n_forward:
         parts.append(stream[:, count.forward_begin:count.forward_end])
     parts.append(stream[:, count.n_in_words:])
     if count.n_out:
         _check_parameters(tile, count)
-        parts.append(pe_results(tile, count, stream[:, count.store_begin:count.store_end], arch))
+        activations = stream[:, count.store_begin:count.store_end]
+        weights = None
+        if count.op in (OP_MAC, OP_LANE):
+            weights = weight_memory(tile, count, activations, arch.lanes, race_checked=race_checked)
+        parts.append(pe_results(tile, count, activations, arch, weights))
     return np.concatenate(parts, axis=1)

@@ -1,54 +1,84 @@
 """Exact transfer times of every flit on every stream (docs/architecture.md section 6), without
 stepping cycles.
 
-Model. A run is a line of *transfer streams* separated by router input FIFOs of depth ``D``::
+Model. A run is a graph of *chains*. A chain is a sequence of actions ``j`` (repeating per inference)
+with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
 
-    host input -> FIFO -> PE -> FIFO -> link -> FIFO -> PE -> ... -> PE -> FIFO [-> link -> FIFO] -> host output
-
-Each stream is a sequence of actions ``j`` with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and
-``t_{-1} = -1``:
-
-* host input: one write per flit, ``d = 1`` (rule 5: ``T[i] >= max(0, T[i-1] + 1)``);
-* PE: per inference K RECV, (COMPUTE,) P PASS, ``n_pix * N_r`` EMIT actions, ``d = 1`` except the
-  first transfer after COMPUTE (the first PASS, or the first EMIT if P = 0), whose ``d = I + 3``
-  counted from the last RECV (rule 4; ``I`` = COMPUTE issue cycles of section 4.1, ``N_o*K`` for a
-  dense layer, from ``flowtile.program.compute_issue_cycles``). RECV and PASS read the FIFO before
-  it; the forwarded RECV words (``forward_begin <= k < forward_end``, section 4.2), PASS and EMIT
-  write the FIFO after it (the same cycle for a forwarded RECV or a PASS); a RECV word that is not
-  forwarded only reads;
-* link (a router hop): one action per flit that reads the FIFO before it and writes the FIFO after it
+* host input: one write per flit into tile (0,0)'s W FIFO, ``d = 1`` (rule 5);
+* link (a router hop): one action per flit that reads a router input FIFO and writes the next one
   in the same cycle (rule 3), ``d = 1`` (rule 2);
-* host output: one read per flit, ``d = 1``; the host is always ready.
+* host output: one read per flit, ``d = 1``; the host is always ready;
+* every non-idle PE is three chains (section 4, rule 4):
 
-The lower bounds come from rule 1 on the FIFO between two neighbouring streams, whose writes ``w``
-belong to the upstream stream and reads ``r`` to the downstream one: a read of flit ``i`` has
-``lb >= w_i + 1``, a write of flit ``i`` has ``lb >= r_{i-D} + 1``.
+  - input side: per inference ``K`` RECV then ``P`` PASS actions, ``d = 1``; each reads the router FIFO
+    before the PE; the forwarded RECV words (``forward_begin <= k < forward_end``) and every PASS push
+    the PE's forward queue in the same cycle;
+  - compute side (``N_o > 0`` only): one action per inference, ``c_s``, ``d = I + 2`` (``I`` from
+    ``flowtile.program.compute_issue_cycles``; raised by an implied delay below; the very first action has
+    ``d = 1``, i.e. no bound of its own);
+  - output side: per inference ``Q = (forward_end - forward_begin) + P`` pops of the forward queue then
+    ``E = n_pix * N_r`` EMITs, ``d = 1``; every action writes the PE's local router FIFO.
 
-Given its lower bounds a stream is solved in closed form (max-plus prefix scan)::
+The chains are coupled by two kinds of edges:
+
+* FIFO edges (rule 1, depth ``D`` for a router FIFO, ``F = Arch.forward_queue_words`` for a forward
+  queue): the writes ``w`` of flits ``i`` belong to one chain, the reads ``r`` to another, and
+  ``r_i >= w_i + 1``, ``w_i >= r_{i-depth} + 1``. Router FIFOs and the host streams form a line
+  ``host input -> FIFO -> [link -> FIFO ->] PE input -> queue -> PE output -> FIFO -> ... -> host output``;
+* event edges ``t_target(s, a) >= t_source(s - shift, b) + offset`` of one PE:
+  ``c_s >= input(s, RECV word store_end - 1) + 1``; ``c_s >= output(s - 1, last EMIT) + 1``;
+  ``input(s, 0) >= c_{s-1}`` (``s >= 1``); ``output(s, first EMIT) >= c_s + I + 2``.
+
+Given its lower bounds a chain is solved in closed form (max-plus prefix scan)::
 
     C = cumsum(d);   t = C + maximum.accumulate(max(lb - C, -1))
 
-The coupled system is solved by Gauss-Seidel sweeps, alternately downstream (data) and upstream
-(back-pressure), starting from "no constraint yet" and re-solving a stream only when a neighbour
-changed, until nothing changes. Times only increase and the iteration stops at the least solution,
-which is the hardware's behaviour (every transfer happens in the first cycle its rules allow).
+The coupled system is solved by Gauss-Seidel sweeps over the chains, alternately downstream (data) and
+upstream (back-pressure), starting from "no constraint yet" and re-solving a chain only when a chain it
+depends on changed, until nothing changes. Times only increase and the iteration stops at the least
+solution, which is the hardware's behaviour (every transfer happens in the first cycle its rules allow).
 
-Two exact shortcuts keep the number of sweeps small:
+Exact shortcuts keep the number of sweeps small. Delays implied by the rules are built into ``d`` (they
+leave the solution unchanged and spare the sweep rounds through which they would otherwise emerge):
 
-* with ``D = 1`` rule 1 implies that consecutive transfers on one side of a FIFO are >= 2 cycles
-  apart; building that into ``d`` spares one sweep round per flit (:func:`_space_one_apart`);
-* the suffix of pass-through streams before the host output (links, pure PASS tiles) never holds
-  anything back and adds exactly one cycle per stream, so it is solved in closed form after the rest
-  (:func:`_pass_through_tail`).
+* with depth 1 (``D = 1`` for router FIFOs, ``F = 1`` for a queue) rule 1 implies that consecutive
+  transfers on one side of that FIFO are >= 2 cycles apart; that spares one sweep round per flit
+  (:func:`_space_one_apart`);
+* the sides of a computing PE wait on each other around loops that would cost a sweep round per inference
+  (c_s -> EMITs of s -> c_{s+1}; c_s -> input of s + 1 -> c_{s+1}; with a full queue, c_s -> EMITs of s ->
+  pops of s + 1 -> pushes of s + 1 -> c_{s+1}). With ``gap`` = the distance of consecutive output
+  transfers (2 into a router FIFO of depth 1, else 1), the last EMIT of ``s`` comes ``>= I + 2 + (E - 1) *
+  gap`` after ``c_s``, so ``c_{s+1} - c_s >= I + 2 + (E - 1) * gap + 1``; ``c_{s+1} >= input(s+1,
+  store_end - 1) + 1 >= input(s+1, 0) + store_end >= c_s + store_end``; if ``Q > F``, push ``F`` of
+  inference ``s + 1`` needs its first pop, which follows the last EMIT of ``s``: ``input(s+1, push F) >= c_s
+  + I + 2 + E * gap + 1`` (an extra event edge), and if that push comes before the last stored word (at
+  ``store_end - 1 - a`` actions' distance), ``c_{s+1} - c_s`` is at least that bound + distance + 1. The
+  compute chain's ``d`` is the largest of these. Without forward-queue words (``Q = 0``) the first EMIT of
+  ``s + 1`` comes ``>= I + 3`` cycles after the last EMIT of ``s``, the action before it;
+* the suffix of pass-through chains before the host output (links, the host output, and the input and
+  output sides of PEs that compute nothing and forward or pass every word: each action reads one flit
+  and writes it to the next FIFO) never holds anything back and adds exactly one cycle per chain, so it
+  is solved in closed form after the rest (:func:`_pass_through_tail`). A pass-through PE is two such
+  chains around its queue, so a flit crossing its tile takes 3 cycles (its input side, its output side, the
+  link behind its local FIFO) where a plain router hop takes 1. A forward queue of depth 1 behind deeper
+  router FIFOs can hold the chain before it back, so the tail then starts behind the last depth-1 FIFO.
 
 Large batches. Sweeps need about one round (downstream + upstream) per inference when a PE's
 progress depends on its downstream neighbour's (back-pressure) while that neighbour waits for its
-data. So a short probe batch is solved first (a prefix of inferences is a closed subsystem: nothing
-in inference ``b`` depends on a later one), its per-inference times are extrapolated once they
-repeat with a fixed period, and the candidate is checked with one Jacobi pass: does every stream's
-recurrence hold with equality? All dependencies have weight >= 1, so the equations form an acyclic
-system with a unique solution, and a candidate that satisfies all of them is exact. If it does not,
-a longer probe (and in the end the whole batch) is solved by sweeps.
+data. So a short probe batch is solved first, its per-inference times are extrapolated once they
+repeat with a fixed period, and the candidate is checked with one Jacobi pass: does every chain's
+recurrence hold with equality? Why that is exact:
+
+* a prefix of inferences is a closed subsystem: every edge goes from a flit or inference to the same or
+  an earlier one (FIFO space: flit ``i - depth``; the event edges: inference ``s`` or ``s - 1``), so the
+  probe's times are the first inferences' times of the whole batch;
+* every edge has weight >= 1 except ``input(s, 0) >= c_{s-1} + 0``, and no cycle consists of that edge
+  alone (it runs from a compute chain to an input chain, never back), so every cycle of the dependency
+  graph has positive weight. A candidate satisfying all equations with finite times satisfies
+  ``t_v >= t_u + w`` on every edge, impossible around a positive cycle: the graph is acyclic, its
+  solution unique, and the candidate is it.
+
+If the check fails, a longer probe (and in the end the whole batch) is solved by sweeps.
 """
 from __future__ import annotations
 
@@ -58,12 +88,12 @@ import numpy as np
 
 from flowtile.program import Program
 
-from .functional import AFTER_COMPUTE_EXTRA_DELAY, HOST, DataPath, EmulatorError, TileCounts, trace_data_path
+from .functional import HOST, DataPath, EmulatorError, trace_data_path
 
-__all__ = ["TimingError", "StreamTemplate", "TimingResult", "solve_timing", "stream_templates",
-           "PROBE_BATCH", "NEVER"]
+__all__ = ["TimingError", "Chain", "FifoEdge", "EventEdge", "TimingGraph", "PETimes", "TimingResult",
+           "solve_timing", "timing_graph", "PROBE_BATCH", "NEVER"]
 
-#: "No constraint yet": below any cycle, far enough from the int64 limits that ``+ 1`` and ``- C``
+#: "No constraint yet": below any cycle, far enough from the int64 limits that ``+ offset`` and ``- C``
 #: cannot overflow.
 NEVER = np.int64(-(1 << 62))
 #: Inferences solved by sweeps before extrapolating a periodic steady state.
@@ -71,7 +101,7 @@ PROBE_BATCH = 16
 #: Factor by which the probe grows when it is not yet periodic or its extrapolation fails the check
 #: (the solved prefix is kept, so only the new inferences cost sweeps).
 PROBE_GROWTH = 2
-#: Sweep rounds allowed per inference (+ per stream): legitimate programs need about one round per
+#: Sweep rounds allowed per inference (+ per chain): legitimate programs need about one round per
 #: inference at worst; one that needs far more (a deadlock, or a model bug) is reported rather than
 #: looped on forever.
 ROUNDS_PER_INFERENCE = 8
@@ -83,55 +113,188 @@ class TimingError(EmulatorError):
 
 
 @dataclass(frozen=True)
-class StreamTemplate:
-    """One transfer stream, per inference.
-
-    ``delays[j]`` is ``d_j`` of action ``j``; ``read_slots``/``write_slots`` are the actions that read
-    the FIFO upstream of the stream / write the FIFO downstream of it, in flit order (None: every
-    action, in order). The first stream has no upstream FIFO and the last no downstream FIFO.
-    """
+class Chain:
+    """One chain of actions, per inference: ``delays[j]`` is ``d_j`` of action ``j``; ``first_delay``
+    replaces ``d`` of the very first action of the batch (counted from ``t_{-1} = -1``) if not None."""
 
     name: str
-    position: int             # chain position of the PE, or HOST for host and link streams
+    position: int             # chain position of the PE, or HOST for host and link chains
+    side: str                 # "host input", "link", "host output", "input", "compute" or "output"
     delays: np.ndarray
-    read_slots: np.ndarray | None = None
-    write_slots: np.ndarray | None = None
-    pass_through: bool = False  # one read and one write per action, d = 1: a link, a pure PASS PE, the host output
+    first_delay: int | None = None
+    pass_through: bool = False  # one read and one write per action, d = 1, no event edge
 
     @property
     def per_inference(self) -> int:
         return len(self.delays)
 
 
-def _pe_template(position: int, count: TileCounts, name: str) -> StreamTemplate:
-    actions = count.flits_in + count.n_result_words
-    delays = np.ones(actions, dtype=np.int64)
-    if count.n_out:  # COMPUTE sits between the last RECV and the first PASS / EMIT
-        delays[count.n_in_words] = count.compute_issue_cycles + AFTER_COMPUTE_EXTRA_DELAY
-    reads = None if count.flits_in == actions else np.arange(count.flits_in)
-    # forwarded RECV words, then every PASS and EMIT action (section 4.2)
-    writes = None if count.flits_out == actions else np.concatenate(
-        [np.arange(count.forward_begin, count.forward_end), np.arange(count.n_in_words, actions)])
-    # no COMPUTE and every RECV word forwarded: each action reads a flit and writes it the same cycle
-    pure_pass = count.n_out == 0 and count.n_forward == count.n_in_words
-    return StreamTemplate(name, position, delays, reads, writes, pass_through=pure_pass)
+@dataclass(frozen=True)
+class FifoEdge:
+    """A FIFO of ``depth`` flits between two chains (rule 1). ``write_slots`` / ``read_slots``: the
+    actions of one inference that write / read it, in flit order (None: every action, in order)."""
+
+    name: str
+    writer: int
+    reader: int
+    depth: int
+    write_slots: np.ndarray | None = None
+    read_slots: np.ndarray | None = None
 
 
-def stream_templates(program: Program, path: DataPath) -> list[StreamTemplate]:
-    """The line of transfer streams of a program, host input first, host output last."""
-    templates = [StreamTemplate("host input", HOST, np.ones(program.input_words, dtype=np.int64))]
+@dataclass(frozen=True)
+class EventEdge:
+    """``t[target](s, target_slot) >= t[source](s - shift, source_slot) + offset`` for ``s >= shift``."""
+
+    target: int
+    target_slot: int
+    source: int
+    source_slot: int
+    shift: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class TimingGraph:
+    """The chains of a program (line order: host input first, host output last; a PE's input, compute,
+    output chains in this order), its FIFOs and event edges, and per chain position the indices of the
+    PE's (input, compute or None, output) chains."""
+
+    chains: list[Chain]
+    fifos: list[FifoEdge]
+    events: list[EventEdge]
+    pe_chains: dict[int, tuple[int, int | None, int]]
+
+
+def timing_graph(program: Program, path: DataPath) -> TimingGraph:
+    """Chains, FIFOs and event edges of a program (section 6)."""
+    arch = program.arch
+    depth, queue_depth = arch.router_fifo_depth, arch.forward_queue_words
+    chains: list[Chain] = []
+    fifos: list[FifoEdge] = []
+    events: list[EventEdge] = []
+    pe_chains: dict[int, tuple[int, int | None, int]] = {}
+
+    ones_of: dict[int, np.ndarray] = {}
+
+    def ones(n: int) -> np.ndarray:  # shared: delays are never changed in place (_spaced_delays copies them)
+        if n not in ones_of:
+            ones_of[n] = np.ones(n, dtype=np.int64)
+        return ones_of[n]
+
+    def add(chain: Chain) -> int:
+        chains.append(chain)
+        return len(chains) - 1
+
+    writer = add(Chain("host input", HOST, "host input", ones(program.input_words)))
     flits = program.input_words
     for hop in path.hops:
-        if hop.producer != HOST:
-            count = path.counts[hop.producer]
-            tile = program.tiles[hop.producer]
-            templates.append(_pe_template(hop.producer, count, f"PE {tile.key}"))
-            flits = count.flits_out
-        for row, col, port in hop.fifos[:-1]:  # a router hop between every two FIFOs of the route
-            templates.append(StreamTemplate(f"router r{row}c{col} {port} FIFO -> next hop", HOST,
-                                            np.ones(flits, dtype=np.int64), pass_through=True))
-    templates.append(StreamTemplate("host output", HOST, np.ones(flits, dtype=np.int64), pass_through=True))
-    return templates
+        for k, (row, col, port) in enumerate(hop.fifos):
+            fifo_name = f"router r{row}c{col} {port} FIFO"
+            if k + 1 < len(hop.fifos):  # a router hop between every two FIFOs of the route
+                reader = add(Chain(f"{fifo_name} -> next hop", HOST, "link", ones(flits), pass_through=True))
+            elif hop.consumer == HOST:
+                reader = add(Chain("host output", HOST, "host output", ones(flits), pass_through=True))
+            else:
+                reader = None
+            if reader is not None:
+                fifos.append(FifoEdge(fifo_name, writer, reader, depth))
+                writer = reader
+        if hop.consumer == HOST:
+            break
+        position = hop.consumer
+        count, tile = path.counts[position], program.tiles[position]
+        name = f"PE {tile.key}"
+        last_fifo = hop.fifos[-1]
+        computes = count.n_out > 0
+        pushes = np.concatenate([np.arange(count.forward_begin, count.forward_end, dtype=np.int64),
+                                 np.arange(count.n_in_words, count.flits_in, dtype=np.int64)])
+        pushes_all = count.n_queue == count.flits_in      # every RECV word forwarded (forward = [0, K))
+        input_chain = add(Chain(f"{name} input side", position, "input", ones(count.flits_in),
+                                pass_through=not computes and pushes_all))
+        fifos.append(FifoEdge(f"router r{last_fifo[0]}c{last_fifo[1]} {last_fifo[2]} FIFO", writer, input_chain,
+                              depth))
+        compute_chain = None
+        output_actions = count.n_queue + count.n_result_words
+        output_delays = ones(output_actions)
+        stall = None
+        if computes:
+            # Implied delays (module docstring). gap: cycles between consecutive output transfers, 2 into a
+            # router FIFO of depth 1 (rule 1), else 1. c_{s+1} >= (last EMIT of s) + 1 >= c_s + I + 2 +
+            # (E - 1) * gap + 1; c_{s+1} >= input(s+1, store_end - 1) + 1 >= input(s+1, 0) + store_end >=
+            # c_s + store_end.
+            gap = 2 if depth == 1 else 1
+            last_emit_after = count.compute_cycles + (count.n_result_words - 1) * gap   # after c_s
+            period = max(last_emit_after + 1, count.store_end)
+            if count.n_queue > queue_depth:
+                # push F of inference s + 1 needs its first pop, after the last EMIT of s: input(s+1, push F)
+                # >= c_s + last_emit_after + gap + 1, and if it precedes the last stored word, c_{s+1} waits
+                stall = (int(pushes[queue_depth]), last_emit_after + gap + 1)
+                if stall[0] < count.store_end:
+                    period = max(period, stall[1] + count.store_end - stall[0])
+            compute_chain = add(Chain(f"{name} compute side", position, "compute",
+                                      np.array([period], dtype=np.int64), first_delay=1))
+            if not count.n_queue:  # first EMIT of s + 1 >= c_{s+1} + I + 2 >= (last EMIT of s) + 1 + I + 2
+                output_delays = output_delays.copy()
+                output_delays[0] = count.compute_cycles + 1
+        output_chain = add(Chain(f"{name} output side", position, "output", output_delays,
+                                 first_delay=1 if computes and not count.n_queue else None,
+                                 pass_through=not computes))
+        if count.n_queue:
+            fifos.append(FifoEdge(f"{name} forward queue", input_chain, output_chain, queue_depth,
+                                  write_slots=None if pushes_all else pushes,
+                                  read_slots=None if not count.n_result_words else np.arange(count.n_queue,
+                                                                                            dtype=np.int64)))
+        if computes:
+            last_emit = output_actions - 1
+            events += [EventEdge(compute_chain, 0, input_chain, count.store_end - 1, 0, 1),
+                       EventEdge(compute_chain, 0, output_chain, last_emit, 1, 1),
+                       EventEdge(input_chain, 0, compute_chain, 0, 1, 0),
+                       EventEdge(output_chain, count.n_queue, compute_chain, 0, 0, count.compute_cycles)]
+            if stall is not None:
+                events.append(EventEdge(input_chain, stall[0], compute_chain, 0, 1, stall[1]))
+        pe_chains[position] = (input_chain, compute_chain, output_chain)
+        writer, flits = output_chain, count.flits_out
+    return TimingGraph(chains, fifos, events, pe_chains)
+
+
+def _space_one_apart(delays: np.ndarray, slots: np.ndarray | None) -> bool:
+    """With a FIFO of depth 1, consecutive transfers on one side of it are >= 2 cycles apart.
+
+    Rule 1 implies it (``w_i >= r_{i-1} + 1 >= w_{i-1} + 2`` and ``r_i >= w_i + 1 >= r_{i-1} + 2``),
+    so adding it to back-to-back actions (``d >= 2``) leaves the solution unchanged; it lets one
+    chain solve see the half rate that would otherwise take a sweep round per flit to emerge.
+
+    ``delays`` are one inference's (changed in place), ``slots`` that inference's actions on this FIFO side
+    (None: all). Returns whether the first action of every later inference follows the last slot of the
+    inference before it (then its ``d`` is raised too, but not the batch's very first action's).
+    """
+    n = len(delays)
+    if slots is None:
+        np.maximum(delays[1:], 2, out=delays[1:])
+        return n > 0
+    follows = slots[1:][np.diff(slots) == 1]
+    delays[follows] = np.maximum(delays[follows], 2)
+    return len(slots) > 0 and slots[0] == 0 and slots[-1] == n - 1
+
+
+def _spaced_delays(graph: TimingGraph) -> list[tuple[np.ndarray, int | None]]:
+    """Per chain, ``(delays of one inference, d of the batch's first action or None)`` with the depth-1
+    spacing of :func:`_space_one_apart` built in."""
+    result = []
+    spaced = [(c.delays.copy(), c.first_delay) for c in graph.chains]
+    for fifo in graph.fifos:
+        if fifo.depth != 1:
+            continue
+        for chain, slots in ((fifo.writer, fifo.write_slots), (fifo.reader, fifo.read_slots)):
+            delays, first = spaced[chain]
+            original = int(delays[0]) if len(delays) else 0
+            if _space_one_apart(delays, slots) and delays[0] < 2:
+                delays[0] = 2
+                spaced[chain] = (delays, original if first is None else first)
+    for delays, first in spaced:
+        result.append((delays, None if first is None or (len(delays) and first == delays[0]) else first))
+    return result
 
 
 def _tile_slots(slots: np.ndarray | None, per_inference: int, batch: int) -> np.ndarray | None:
@@ -140,54 +303,53 @@ def _tile_slots(slots: np.ndarray | None, per_inference: int, batch: int) -> np.
     return (slots[None, :] + per_inference * np.arange(batch, dtype=np.int64)[:, None]).ravel()
 
 
-def _space_one_apart(delays: np.ndarray, slots: np.ndarray | None) -> None:
-    """With ``D = 1``, consecutive transfers on one FIFO side are >= 2 cycles apart.
+class _ChainSystem:
+    """The coupled chains ``0..solved-1`` of one batch size, with their current times.
 
-    Rule 1 implies it (``w_i >= r_{i-1} + 1 >= w_{i-1} + 2`` and ``r_i >= w_i + 1 >= r_{i-1} + 2``),
-    so adding it to back-to-back actions (``d >= 2``) leaves the solution unchanged; it lets one
-    stream solve see the half rate that would otherwise take a sweep round per flit to emerge.
-    """
-    if slots is None:
-        np.maximum(delays[1:], 2, out=delays[1:])
-    else:
-        follows = slots[1:][np.diff(slots) == 1]
-        delays[follows] = np.maximum(delays[follows], 2)
-
-
-class _StreamSystem:
-    """The coupled streams of one batch size, with their current times.
-
-    Per stream ``j``: ``cumulative[j]`` = ``C``; ``reads[j]`` / ``writes[j]``: global action indices of
-    its FIFO reads / writes (None: every action); for the space rule, ``space_source[j]`` indexes the
-    downstream stream's reads of flits ``0..n-D-1`` and ``space_target[j]`` its own writes of flits
-    ``D..n-1`` (None: a plain slice).
+    Chains from ``solved`` on form the pass-through tail: FIFOs they read never hold their writer back,
+    so their constraints are left out (only the depth-1 spacing of the writer stays, which rule 1 implies).
     """
 
-    def __init__(self, templates: list[StreamTemplate], depth: int, batch: int, *, open_end: bool = False,
-                 times: list[np.ndarray] | None = None):
-        """``open_end``: the last stream writes a FIFO whose reader never holds it back (a pass-through
-        tail). ``times``: initial times (default: no constraint yet, :data:`NEVER`)."""
-        self.templates, self.depth, self.batch = templates, depth, batch
-        count = len(templates)
-        self.reads = [_tile_slots(t.read_slots, t.per_inference, batch) for t in templates]
-        self.writes = [_tile_slots(t.write_slots, t.per_inference, batch) for t in templates]
+    def __init__(self, graph: TimingGraph, solved: int, batch: int, *, times: list[np.ndarray] | None = None,
+                 spaced: list[tuple[np.ndarray, int | None]] | None = None):
+        self.graph, self.solved, self.batch = graph, solved, batch
+        chains = graph.chains[:solved]
+        self.sizes = [batch * c.per_inference for c in chains]
+        # per chain: (writer times index, global write slots or None, own global read slots or None)
+        self.reads_from: list[list[tuple[int, np.ndarray | None, np.ndarray | None]]] = [[] for _ in chains]
+        # per chain: (reader index, reader's global read slots[:-depth] or None, own write slots[depth:] or None, depth)
+        self.space_from: list[list[tuple[int, np.ndarray | None, np.ndarray | None, int]]] = [[] for _ in chains]
+        self.events_into: list[list[EventEdge]] = [[] for _ in chains]
+        dependents: list[set[int]] = [set() for _ in chains]
+        self.writes_of: dict[int, np.ndarray | None] = {}
+        for fifo in graph.fifos:
+            if fifo.writer >= solved:
+                continue
+            writes = _tile_slots(fifo.write_slots, graph.chains[fifo.writer].per_inference, batch)
+            if fifo.reader >= solved:
+                self.writes_of[fifo.writer] = writes   # into the tail
+                continue
+            reads = _tile_slots(fifo.read_slots, graph.chains[fifo.reader].per_inference, batch)
+            self.reads_from[fifo.reader].append((fifo.writer, writes, reads))
+            source = None if reads is None else reads[:-fifo.depth]
+            target = None if writes is None else writes[fifo.depth:]
+            self.space_from[fifo.writer].append((fifo.reader, source, target, fifo.depth))
+            dependents[fifo.writer].add(fifo.reader)
+            dependents[fifo.reader].add(fifo.writer)
+        for event in graph.events:
+            self.events_into[event.target].append(event)
+            dependents[event.source].add(event.target)
+        self.dependents = [sorted(d) for d in dependents]
         self.cumulative = []
         inferences = np.arange(batch, dtype=np.int64)[:, None]
-        for j, template in enumerate(templates):
-            if depth == 1:
-                delays = np.tile(template.delays, batch)
-                writes_fifo = j < count - 1 or open_end
-                for slots, has_fifo in ((self.reads[j], j > 0), (self.writes[j], writes_fifo)):
-                    if has_fifo:
-                        _space_one_apart(delays, slots)
-                self.cumulative.append(np.cumsum(delays))
-            else:  # every inference repeats the template's delays
-                per_inference = np.cumsum(template.delays)
-                self.cumulative.append((inferences * per_inference[-1] + per_inference).ravel())
-        self.times = times if times is not None else [np.full(batch * t.per_inference, NEVER) for t in templates]
-        self.space_source = [None if j == count - 1 or self.reads[j + 1] is None else self.reads[j + 1][:-depth]
-                             for j in range(count)]
-        self.space_target = [None if self.writes[j] is None else self.writes[j][depth:] for j in range(count)]
+        for delays, first in (spaced if spaced is not None else _spaced_delays(graph))[:solved]:
+            per_inference = np.cumsum(delays)
+            cumulative = (inferences * per_inference[-1] + per_inference).ravel()
+            if first is not None:
+                cumulative -= delays[0] - first
+            self.cumulative.append(cumulative)
+        self.cumulative_less_one = [c - 1 for c in self.cumulative]
+        self.times = times if times is not None else [np.full(n, NEVER) for n in self.sizes]
 
     def warm_start(self, prefix: list[np.ndarray]) -> None:
         """Start from exact times of the first inferences (a lower bound of the solution)."""
@@ -197,39 +359,54 @@ class _StreamSystem:
     def solution(self) -> list[np.ndarray]:
         return list(self.times)
 
-    def solve_stream(self, j: int) -> np.ndarray:
-        """Times of stream ``j`` given its neighbours': ``t_k = max(lb_k, t_{k-1} + d_k)``, ``t_{-1} = -1``,
-        i.e. ``t = C + cummax(max(lb - C, -1))``."""
-        cumulative, depth, times = self.cumulative, self.depth, self.times
-        reads = self.reads[j]
-        if j > 0:  # rule 1: a flit is readable the cycle after its write
-            upstream, writes = times[j - 1], self.writes[j - 1]
-            ready = (upstream if writes is None else upstream[writes]) + 1
+    def solve_chain(self, j: int) -> np.ndarray:
+        """Times of chain ``j`` given the others': ``t_k = max(lb_k, t_{k-1} + d_k)``, ``t_{-1} = -1``,
+        i.e. ``t = C + cummax(max(lb - C, -1))``.
+
+        Every FIFO bound is ``(a time) + 1``: the maximum ``M`` of those times is taken first and
+        ``lb - C = M - (C - 1)``; an event bound ``t + offset`` enters ``M`` as ``t + offset - 1``. The ``-1``
+        floor only matters through the prefix maximum, so it is applied to the first element alone."""
+        times, size = self.times, self.sizes[j]
+        lower = None
+        for writer, writes, reads in self.reads_from[j]:  # rule 1: a flit is readable the cycle after its write
+            written = times[writer] if writes is None else times[writer][writes]
             if reads is None:
-                lower = ready
+                if lower is None:
+                    lower = written.copy() if writes is None else written
+                else:
+                    np.maximum(lower, written, out=lower)
             else:
-                lower = np.full(len(cumulative[j]), NEVER)
-                lower[reads] = ready
-        else:
-            lower = np.full(len(cumulative[j]), NEVER)
-        if j < len(times) - 1 and len(lower) > depth:  # rule 1: flit i takes the slot flit i-D freed
-            downstream, source = times[j + 1], self.space_source[j]
-            space = (downstream[:-depth] if source is None else downstream[source]) + 1
-            target = self.space_target[j]
+                if lower is None:
+                    lower = np.full(size, NEVER)
+                lower[reads] = np.maximum(lower[reads], written)
+        if lower is None:
+            lower = np.full(size, NEVER)
+        for reader, source, target, depth in self.space_from[j]:  # rule 1: flit i takes the slot flit i-depth freed
             if target is None:
-                np.maximum(lower[depth:], space, out=lower[depth:])
-            else:
-                lower[target] = np.maximum(lower[target], space)
-        lower -= cumulative[j]
-        np.maximum(lower, -1, out=lower)
+                if size > depth:
+                    np.maximum(lower[depth:], times[reader][:-depth] if source is None else times[reader][source],
+                               out=lower[depth:])
+            elif len(target):
+                lower[target] = np.maximum(lower[target],
+                                           times[reader][:-depth] if source is None else times[reader][source])
+        batch = self.batch
+        width = self.graph.chains[j].per_inference
+        for event in self.events_into[j]:
+            source_width = self.graph.chains[event.source].per_inference
+            bound = times[event.source][event.source_slot::source_width][:batch - event.shift] + (event.offset - 1)
+            view = lower[event.shift * width + event.target_slot::width]
+            np.maximum(view, bound, out=view)
+        lower -= self.cumulative_less_one[j]
+        if size and lower[0] < -1:
+            lower[0] = -1
         np.maximum.accumulate(lower, out=lower)
-        lower += cumulative[j]
+        lower += self.cumulative[j]
         return lower
 
     def sweep_until_stable(self) -> int:
-        """Gauss-Seidel sweeps, downstream then upstream, re-solving only streams whose neighbour
-        changed, until no time changes; returns the number of stream solves."""
-        n = len(self.times)
+        """Gauss-Seidel sweeps, downstream then upstream, re-solving only chains a changed chain
+        constrains, until no time changes; returns the number of chain solves."""
+        n = self.solved
         max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n))
         dirty = [True] * n
         solves = 0
@@ -242,33 +419,31 @@ class _StreamSystem:
                         continue
                     dirty[j] = False
                     solves += 1
-                    new = self.solve_stream(j)
+                    new = self.solve_chain(j)
                     if (new != times[j]).any():
                         times[j] = new
-                        if j > 0:
-                            dirty[j - 1] = True
-                        if j < n - 1:
-                            dirty[j + 1] = True
+                        for k in self.dependents[j]:
+                            dirty[k] = True
             if not any(dirty):
                 return solves
-        stuck = [self.templates[j].name for j in range(n) if dirty[j]]
-        raise TimingError(f"timing did not converge after {max_rounds} sweep rounds (batch {self.batch}); "
-                          f"still changing: {', '.join(stuck[:4])}")
+        stuck = [self.graph.chains[j].name for j in range(n) if dirty[j]]
+        raise TimingError(f"timing did not converge after {max_rounds} sweep rounds (batch {self.batch}): "
+                          f"a deadlock or a model bug; still changing: {', '.join(stuck[:4])}"
+                          + (f" and {len(stuck) - 4} more" if len(stuck) > 4 else ""))
 
     def is_exact(self) -> bool:
-        """Whether the current times satisfy every stream's recurrence with equality (Jacobi check)."""
-        return all(np.array_equal(self.solve_stream(j), self.times[j]) for j in range(len(self.times)))
+        """Whether the current times satisfy every chain's recurrence with equality (Jacobi check)."""
+        return all(np.array_equal(self.solve_chain(j), self.times[j]) for j in range(self.solved))
 
 
-def _extrapolate(prefix: list[np.ndarray], templates: list[StreamTemplate], probe: int,
-                 batch: int) -> list[np.ndarray] | None:
+def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batch: int) -> list[np.ndarray] | None:
     """Continue the probe's per-inference times periodically, or None if they do not yet repeat.
 
     Looks for the smallest period ``c`` such that ``T[b + c] - T[b]`` is one and the same vector (over
-    all actions of all streams) for the last ``c + 1`` or more inferences ``b`` of the probe, then sets
+    all actions of all chains) for the last ``c + 1`` or more inferences ``b`` of the probe, then sets
     ``T[b] = T[b - c] + that vector`` for the rest of the batch.
     """
-    widths = [t.per_inference for t in templates]
+    widths = [c.per_inference for c in chains]
     per_inference = np.concatenate([times.reshape(probe, width) for times, width in zip(prefix, widths)], axis=1)
     for period in range(1, probe // 2):
         step = per_inference[period:] - per_inference[:-period]
@@ -278,53 +453,82 @@ def _extrapolate(prefix: list[np.ndarray], templates: list[StreamTemplate], prob
             break
     else:
         return None
-    later = np.arange(probe, batch)
-    base = probe - period + (later - probe) % period          # the probe inference each one repeats
-    periods = ((later - probe) // period + 1)[:, None]         # how many periods later it is
+    later = batch - probe
+    repeats = -(-later // period)                              # periods after the probe, the last maybe partial
+    multiples = np.arange(1, repeats + 1, dtype=np.int64)[:, None, None]
     extended, column = [], 0
     for times, width in zip(prefix, widths):
         full = np.empty((batch, width), dtype=np.int64)
         full[:probe] = times.reshape(probe, width)
         increment = step[-1, column:column + width]
-        full[probe:] = full[base] + periods * increment
+        # inference probe + r*period + i repeats probe - period + i, (r + 1) periods later
+        tail = full[probe - period:probe][None] + multiples * increment
+        full[probe:] = tail.reshape(repeats * period, width)[:later]
         extended.append(full.ravel())
         column += width
     return extended
 
 
+@dataclass(frozen=True)
+class PETimes:
+    """Transfer cycles of one PE's three sides (section 4), over all inferences.
+
+    ``input``: int64 ``[batch * (K + P)]``, per inference K RECV then P PASS transfers; ``compute``: int64
+    ``[batch]``, ``c_s`` (the first COMPUTE cycle of each inference; length 0 if ``n_out == 0``);
+    ``output``: int64 ``[batch * (Q + E)]``, per inference Q pops of the forward queue then E EMITs.
+    """
+
+    input: np.ndarray
+    compute: np.ndarray
+    output: np.ndarray
+
+
 @dataclass
 class TimingResult:
-    """Transfer cycle of every action of every stream.
+    """Transfer cycle of every action of every chain.
 
     ``in_times``: host-input transfer per input flit; ``out_times``: host-output transfer per output
-    flit; ``pe_times[p]``: the action times of the PE at chain position ``p`` (None if idle), per
-    inference K RECV, P PASS then ``n_pix * N_r`` EMIT actions; ``solves``: stream solves used (diagnostics).
+    flit; ``pe_times[p]``: the :class:`PETimes` of the PE at chain position ``p`` (None if idle);
+    ``stream_names`` / ``stream_times``: every chain's name and times in line order (diagnostics and
+    tests); ``solves``: chain solves used; ``extrapolated``: whether the periodic extrapolation passed.
     """
 
     in_times: np.ndarray
     out_times: np.ndarray
-    pe_times: list[np.ndarray | None]
+    pe_times: list[PETimes | None]
     stream_names: list[str]
     stream_times: list[np.ndarray]
     solves: int
     extrapolated: bool
 
 
-def _pass_through_tail(templates: list[StreamTemplate]) -> int:
-    """Index of the first stream of the longest suffix of pass-through streams (never the host input).
+def _pass_through_tail(graph: TimingGraph) -> int:
+    """Index of the first chain of the pass-through tail (never the host input); ``len(chains)`` if none.
 
-    Claim: in such a tail, stream ``k`` transfers flit ``i`` at ``t_k[i] = t_{k-1}[i] + 1`` (one cycle
-    after its write into the FIFO before it), and the tail never holds the stream before it back.
-    By induction from the host output (always ready): ``t_{k-1}[i] + 1`` meets rule 1's read bound
-    with equality and rule 2 because writes are strictly increasing; rule 1's space bound asks
-    ``t_k[i] >= t_{k+1}[i-D] + 1 = t_k[i-D] + 2``, true for ``D >= 2`` by strict increase and for
-    ``D = 1`` because that FIFO's writes are >= 2 cycles apart (:func:`_space_one_apart`). The same
-    argument shows the stream before the tail never waits for space. So the tail is solved in closed
-    form after the rest.
+    The tail is a suffix of pass-through chains ``k0 .. n-1`` (each reads every action's flit from the FIFO
+    before it and writes it to the FIFO after it; no event edge); the "entry" FIFO is the one chain
+    ``k0 - 1`` writes and chain ``k0`` reads. Claim: in the tail, chain ``k`` transfers flit ``i`` at
+    ``t_k[i] = t_{k-1}[i] + 1`` (one cycle after its write into the FIFO before it), and the tail never
+    holds chain ``k0 - 1`` back. By induction from the host output (always ready): ``t_{k-1}[i] + 1``
+    meets rule 1's read bound with equality and rule 2 because writes are strictly increasing; rule 1's
+    space bound of a FIFO of depth ``n`` asks ``t_k[i] >= t_{k+1}[i-n] + 1 = t_k[i-n] + 2``, true for
+    ``n >= 2`` by strict increase, and for ``n = 1`` if the tail's times are >= 2 cycles apart. They are
+    if the entry FIFO has depth 1 (rule 1 spaces the writes into it, :func:`_space_one_apart`), so the
+    tail is cut to start after its last depth-1 FIFO when the entry FIFO is deeper (a forward queue of
+    ``F = 1`` behind router FIFOs of ``D >= 2``). The same argument shows chain ``k0 - 1`` never waits
+    for space in the entry FIFO.
     """
-    start = len(templates)
-    while start > 1 and templates[start - 1].pass_through:
+    chains = graph.chains
+    start = len(chains)
+    while start > 1 and chains[start - 1].pass_through:
         start -= 1
+    if start == len(chains):
+        return start
+    depth_into = {fifo.reader: fifo.depth for fifo in graph.fifos}
+    if depth_into[start] != 1:
+        shallow = [k for k in range(start + 1, len(chains)) if depth_into[k] == 1]
+        if shallow:
+            start = shallow[-1]
     return start
 
 
@@ -332,46 +536,48 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
                  probe_batch: int | None = PROBE_BATCH) -> TimingResult:
     """Solve section 6's recurrences for ``batch`` inferences.
 
-    Sweeps solve the streams before the pass-through tail, first for ``probe_batch`` inferences whose
+    Sweeps solve the chains before the pass-through tail, first for ``probe_batch`` inferences whose
     periodic continuation is checked against the whole batch (growing the probe while the check
     fails); ``probe_batch=None`` sweeps the whole batch directly (slow for large batches, same result).
     """
     path = path or trace_data_path(program)
-    all_templates = stream_templates(program, path)
-    tail = _pass_through_tail(all_templates)
-    templates, open_end = all_templates[:tail], tail < len(all_templates)
-    depth = program.arch.router_fifo_depth
+    graph = timing_graph(program, path)
+    tail = _pass_through_tail(graph)
+    chains = graph.chains
+    spaced = _spaced_delays(graph)
     solves, full, prefix = 0, None, None
     if probe_batch is not None and batch > 2 * probe_batch:
         probe = probe_batch
         while probe * 2 < batch:
-            system = _StreamSystem(templates, depth, probe, open_end=open_end)
+            system = _ChainSystem(graph, tail, probe, spaced=spaced)
             if prefix is not None:
                 system.warm_start(prefix)
             solves += system.sweep_until_stable()
             prefix = system.solution()
-            candidate = _extrapolate(prefix, templates, probe, batch)
+            candidate = _extrapolate(prefix, chains[:tail], probe, batch)
             if candidate is not None:
-                full = _StreamSystem(templates, depth, batch, open_end=open_end, times=candidate)
+                full = _ChainSystem(graph, tail, batch, times=candidate, spaced=spaced)
                 if full.is_exact():
                     break
                 full = None
             probe *= PROBE_GROWTH
     extrapolated = full is not None
     if not extrapolated:
-        full = _StreamSystem(templates, depth, batch, open_end=open_end)
+        full = _ChainSystem(graph, tail, batch, spaced=spaced)
         if prefix is not None:
             full.warm_start(prefix)
         solves += full.sweep_until_stable()
     times = full.solution()
-    if open_end:
-        last, writes = times[-1], full.writes[-1]
-        into_tail = last if writes is None else last[writes]
-        times += [into_tail + hop for hop in range(1, len(all_templates) - tail + 1)]
-    pe_times: list[np.ndarray | None] = [None] * program.arch.n_tiles
-    for template, stream in zip(all_templates, times):
-        if template.position != HOST:
-            pe_times[template.position] = stream
+    if tail < len(chains):
+        writes = full.writes_of[tail - 1]
+        into_tail = times[tail - 1] if writes is None else times[tail - 1][writes]
+        times += [into_tail + hop for hop in range(1, len(chains) - tail + 1)]
+    pe_times: list[PETimes | None] = [None] * program.arch.n_tiles
+    empty = np.empty(0, dtype=np.int64)
+    for position, (input_chain, compute_chain, output_chain) in graph.pe_chains.items():
+        pe_times[position] = PETimes(input=times[input_chain],
+                                     compute=empty if compute_chain is None else times[compute_chain],
+                                     output=times[output_chain])
     return TimingResult(in_times=times[0], out_times=times[-1], pe_times=pe_times,
-                        stream_names=[t.name for t in all_templates], stream_times=times,
+                        stream_names=[c.name for c in chains], stream_times=times,
                         solves=solves, extrapolated=extrapolated)

@@ -37,8 +37,8 @@ from amaranth.hdl import signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import Out
 
-from flowtile.arch import (ACC_BITS, ADD_MULT_MAX, CONFIG_FIELDS, MULTIPLIER_BITS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC,
-                           OP_MAX, SHIFT_BITS, Arch)
+from flowtile.arch import (ACC_BITS, ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, MULTIPLIER_BITS, OP_ADD, OP_CONCAT,
+                           OP_LANE, OP_MAC, OP_MAX, SHIFT_BITS, Arch)
 from flowtile.program import operand_words, result_words, stored_words, weight_words
 
 __all__ = [
@@ -181,10 +181,11 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     Besides each register's own range, checks the rules of docs/architecture.md sections 4, 4.1, 4.2
     and 4.3 that the RTL relies on: the RECV ranges ``store_begin <= store_end <= n_in_words`` and
     ``forward_begin <= forward_end <= n_in_words``; ``n_out > 0`` requires ``n_in_words > 0``;
-    ``n_out <= max_tile_outputs``; the stored words (``act_base`` onwards) and the weights fit the
-    SRAM; the destination tile exists; ``op`` is one of :data:`OPS`; and for a computing tile the
-    windowing registers (:data:`WINDOW_RANGES`; the stored words are the ``in_height * in_width *
-    words_per_pixel`` input map, except for the two-operand ops; ``n_out = words_per_pixel * lanes``
+    ``n_out <= max_tile_outputs``; the two activation banks of the stored words (``[act_base, act_base +
+    ACTIVATION_BANKS * (store_end - store_begin))``, section 4) and the weights fit the SRAM; the
+    destination tile exists; ``op`` is one of :data:`OPS`; and for a computing tile the windowing
+    registers (:data:`WINDOW_RANGES`; the stored words are the ``in_height * in_width * words_per_pixel``
+    input map, except for the two-operand ops; ``n_out = words_per_pixel * lanes``
     for the channel-preserving ``OP_MAX``, ``OP_LANE``, ``OP_ADD`` and ``OP_CONCAT``; result words
     within the result buffer). ``OP_ADD`` and ``OP_CONCAT`` (:func:`_check_two_operands`): the kernel
     registers of :data:`TWO_OPERAND_WINDOWS` (ADD 1x2, CONCAT 1x1; stride 1, no padding); for CONCAT
@@ -219,9 +220,11 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
         raise LoadEncodingError(f"config register n_out = {n_out} exceeds max_tile_outputs = "
                                 f"{arch.max_tile_outputs}")
     stored = stored_words(config)
-    if stored > 0 and config["act_base"] + stored > arch.sram_words:
-        raise LoadEncodingError(f"config registers act_base + store_end - store_begin = "
-                                f"{config['act_base'] + stored} exceed sram_words = {arch.sram_words}")
+    activation_end = config["act_base"] + ACTIVATION_BANKS * stored
+    if stored > 0 and activation_end > arch.sram_words:
+        raise LoadEncodingError(f"config registers act_base + {ACTIVATION_BANKS} * (store_end - store_begin) = "
+                                f"{activation_end} exceed sram_words = {arch.sram_words} ({ACTIVATION_BANKS} "
+                                f"activation banks of the stored words)")
     if n_out > 0:
         _check_window(arch, config)
     if not config["dest_host"]:

@@ -1,12 +1,14 @@
-"""The processing element of one tile: SRAM, parameter table, result buffer and the phase FSM
-(docs/architecture.md section 4; windowed layers, convolution, max pooling and lane-wise
-multiply-accumulate (depthwise convolution, average pools), section 4.1; store and forward ranges of a
-stream that carries several tensors, and the elementwise residual join op ADD, section 4.2; the channel
-concatenation op CONCAT, section 4.3)."""
+"""The processing element of one tile: SRAM (weights and two activation banks), parameter table, result
+buffer, forward queue and its three concurrent sides, input, compute and output (docs/architecture.md
+section 4; windowed layers, convolution, max pooling and lane-wise multiply-accumulate (depthwise
+convolution, average pools), section 4.1; store and forward ranges of a stream that carries several
+tensors, and the elementwise residual join op ADD, section 4.2; the channel concatenation op CONCAT,
+section 4.3; timing, section 6 rule 4)."""
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import enum, wiring
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
@@ -16,16 +18,7 @@ from flowtile.arch import ACC_BITS, ADD_MULT_BITS, CONFIG_FIELDS, OP_ADD, OP_CON
 from .layouts import (LANE_BITS, LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, check_arch,
                       config_layout, flit_signature, load_signature, param_layout)
 
-__all__ = ["PE", "Phase"]
-
-
-class Phase(enum.Enum, shape=3):
-    """PE phases of one inference, in order; IDLE is the state of a tile whose counts are all zero."""
-    IDLE = 0
-    RECV = 1
-    PASS = 2
-    COMPUTE = 3
-    EMIT = 4
+__all__ = ["PE", "COMPUTE_DRAIN_CYCLES"]
 
 
 #: Cycles COMPUTE lasts beyond its ``I`` issue cycles: one to accumulate (or max) the last
@@ -40,19 +33,39 @@ class PE(wiring.Component):
         i_flit: flits from the router's L output. o_flit: flits into the router's L input.
         load: the chip's load bus (:func:`hdl.layouts.load_signature`); this PE takes the writes whose
             ``tile`` equals ``tile_index``, and only while ``run = 0``.
-        run: while 0 the FSM is held in its initial phase (the first non-empty phase of the current
-            config) with every counter and the compute pipeline cleared, and no flit is transferred.
+        run: while 0 every side is held at the start of inference 0 (input and compute bank 0, every
+            counter and flag and the compute pipeline cleared, the forward queue held in reset, hence
+            empty) and no flit is transferred; config, SRAM and parameters keep what was loaded.
 
-    Behaviour per inference: RECV (``n_in_words`` transfers; word ``k`` is written to SRAM word
-    ``act_base + k - store_begin`` iff ``store_begin <= k < store_end`` and emitted in the same cycle
-    iff ``forward_begin <= k < forward_end``, with ``i_flit.ready = o_flit.ready``; any other RECV word
-    has ``i_flit.ready = 1`` and ``o_flit.valid = 0``), COMPUTE (exactly ``I + 2`` cycles, no
-    transfers, ``I`` = :func:`flowtile.program.compute_issue_cycles`), PASS (``n_pass`` transfers),
-    EMIT (:func:`flowtile.program.result_words` transfers); an empty phase costs no cycle. Every
-    emitted flit carries the configured destination; ``o_flit.valid`` never depends on
-    ``o_flit.ready``. Arithmetic, windowing (MAC: dense and convolution, a dense layer being the 1x1
-    case; MAX: max pooling; LANE: lane-wise MAC) and pipeline: sections 4 and 4.1 of
-    docs/architecture.md; the RECV ranges and op ADD: section 4.2; op CONCAT: section 4.3.
+    Three sides work concurrently, each a fixed sequence per inference ``s = 0, 1, ...`` (section 4;
+    ``K = n_in_words``, ``P = n_pass``, ``B = store_end - store_begin``, ``F = arch.forward_queue_words``,
+    ``t`` = the cycle of a transfer):
+
+    * input side: ``K`` RECV then ``P`` PASS transfers on ``i_flit``, one a cycle at most, in order. RECV
+      word ``k`` is written to SRAM word ``act_base + (s mod 2) * B + k - store_begin`` iff
+      ``store_begin <= k < store_end`` and pushed into the forward queue iff
+      ``forward_begin <= k < forward_end``; every PASS word is pushed. A pushing transfer needs a free
+      queue slot (``i_flit.ready`` depends on the queue's fill level, never on ``o_flit``). In a computing
+      tile the first transfer of inference ``s >= 1`` happens at a cycle ``>= c_{s-1}`` (possibly in
+      cycle ``c_{s-1}`` itself).
+    * forward queue: a :class:`~amaranth.lib.fifo.SyncFIFO` of ``F`` words: pushable iff it holds fewer
+      than ``F`` words (also in a cycle it is popped), a word pushed in cycle ``t`` is poppable from
+      ``t + 1``.
+    * compute side (only if ``n_out > 0``): COMPUTE of inference ``s`` occupies exactly the cycles
+      ``[c_s, c_s + I + 2)`` (``I`` = :func:`flowtile.program.compute_issue_cycles`), with
+      ``c_s = max(t(RECV word store_end - 1 of s) + 1, c_{s-1} + I + 2, t(last EMIT of s - 1) + 1)``,
+      and reads activation bank ``s mod 2`` (every activation address below is relative to
+      ``act_base + (s mod 2) * B``).
+    * output side: ``Q = (forward_end - forward_begin) + P`` pops (the queue's head word leaves on
+      ``o_flit``), then ``E`` = :func:`flowtile.program.result_words` EMIT transfers (result word ``j``),
+      one a cycle at most, in order; the first EMIT of ``s`` at a cycle ``>= c_s + I + 2`` (the last
+      result, written in cycle ``c_s + I + 1``, is read through the result buffer's combinational port).
+
+    A tile with ``n_out = 0`` has no compute side and no EMITs. Every emitted flit carries the configured
+    destination; ``o_flit.valid`` never depends on ``o_flit.ready``. Arithmetic, windowing (MAC: dense
+    and convolution, a dense layer being the 1x1 case; MAX: max pooling; LANE: lane-wise MAC) and
+    pipeline: sections 4 and 4.1 of docs/architecture.md; the RECV ranges and op ADD: section 4.2; op
+    CONCAT: section 4.3.
 
     ADD runs LANE's loop nest with the 1x2 kernel the compiler writes for it: issue ``(pixel p = oy*in_width
     + ox, word cw, kx)`` reads activation word ``act_base + operand_a_offset + p*CW + cw`` (operand ``a``,
@@ -120,11 +133,14 @@ class PE(wiring.Component):
 
         config = Signal(config_layout())
         n_in_words, n_pass = config.n_in_words, config.n_pass
-        # COMPUTE needs K > 0 (section 4) and a non-empty window loop nest (section 4.1); a config
-        # with n_out > 0 but an empty loop (rejected by encode_config) behaves as n_out = 0 rather
-        # than issuing forever.
-        computes = ((n_in_words != 0) & (config.words_per_pixel != 0) & (config.kernel_h != 0)
-                    & (config.kernel_w != 0) & (config.out_rows != 0) & (config.out_width != 0))
+        # A tile computes iff N_o > 0 (section 4). COMPUTE also needs stored words inside the K RECV words
+        # and a non-empty window loop nest (section 4.1); a config with n_out > 0 but without them (rejected
+        # by encode_config) behaves as n_out = 0 rather than waiting or issuing forever.
+        computes = Signal()
+        m.d.comb += computes.eq((config.n_out != 0) & (n_in_words != 0) & (config.store_begin < config.store_end)
+                                & (config.store_end <= n_in_words) & (config.words_per_pixel != 0)
+                                & (config.kernel_h != 0) & (config.kernel_w != 0) & (config.out_rows != 0)
+                                & (config.out_width != 0))
         n_out = Mux(computes, config.n_out, 0)
         n_result_words = (n_out + (lanes - 1)) >> lane_bits_log2
 
@@ -146,105 +162,109 @@ class PE(wiring.Component):
                 param_write.en.eq(param_load & (load_bank == lane)),
             ]
 
-        # --- phase sequencing --------------------------------------------------------------------
-        def first_nonempty(candidates, otherwise):
-            """The first phase of ``candidates`` ((phase, count) pairs) with a non-zero count."""
-            result = otherwise
-            for phase, count in reversed(candidates):
-                result = Mux(count != 0, phase, result)
-            return result
+        # --- the three sides (section 4): input, compute, output --------------------------------------
+        # Counts of one inference. B: stored words (the bank size); Q: words popped from the forward queue.
+        bank_words = Signal.like(config.store_end)
+        m.d.comb += bank_words.eq(Mux(config.store_end > config.store_begin, config.store_end - config.store_begin, 0))
+        forwarded = Mux(config.forward_end > config.forward_begin, config.forward_end - config.forward_begin, 0)
+        input_words = Signal(len(n_in_words) + 1)       # K + P
+        popped_words = Signal(len(n_in_words) + 1)      # Q = (forward_end - forward_begin) + P
+        m.d.comb += [input_words.eq(n_in_words + n_pass), popped_words.eq(forwarded + n_pass)]
 
-        # Phase order RECV, COMPUTE, PASS, EMIT: a tile computes as soon as its input vector is stored,
-        # in parallel with the other tiles of its layer, and only then passes their results on.
-        initial_phase = Signal(Phase)
-        m.d.comb += initial_phase.eq(first_nonempty(
-            [(Phase.RECV, n_in_words), (Phase.COMPUTE, n_out), (Phase.PASS, n_pass)], Phase.IDLE))
-        after_recv = first_nonempty([(Phase.COMPUTE, n_out), (Phase.PASS, n_pass)], initial_phase)
-        after_compute = first_nonempty([(Phase.PASS, n_pass)], Phase.EMIT)
-        after_pass = first_nonempty([(Phase.EMIT, n_out)], initial_phase)
+        # The forward queue: F words, SyncFIFO's rule (section 4). Held in reset while run = 0, so it is empty
+        # when run rises (whatever an interrupted run left in it).
+        queue = SyncFIFO(width=arch.flit_data_bits, depth=arch.forward_queue_words)
+        m.submodules.forward_queue = ResetInserter({"sync": ~self.run})(queue)
 
-        # While run = 0 (and in the first running cycle) the phase follows the config combinationally,
-        # so a config written in the cycle before run rises takes effect at once.
-        held = Signal(init=1)
-        phase_register = Signal(Phase)
-        phase = Signal(Phase)
-        m.d.comb += phase.eq(Mux(held, initial_phase, phase_register))
-        m.d.sync += held.eq(~self.run)
-        with m.If(self.run):
-            m.d.sync += phase_register.eq(phase)
-
-        # Counts the transfers of the current RECV, PASS or EMIT phase.
-        transfers = Signal(max(len(n_in_words), len(n_pass), len(config.n_out)))
-        # EMIT transfers of this inference (n_pix * N_r), counted up by COMPUTE.
-        emit_words = Signal.like(transfers)
-
-        def finish_phase(next_phase):
-            m.d.sync += [phase_register.eq(next_phase), transfers.eq(0)]
-
-        # --- flit ports --------------------------------------------------------------------------
-        i_flit, o_flit = self.i_flit, self.o_flit
         running = self.run
-        m.d.comb += [
-            o_flit.payload.dest_row.eq(config.dest_row),
-            o_flit.payload.dest_col.eq(config.dest_col),
-            o_flit.payload.dest_host.eq(config.dest_host),
-            result_read.addr.eq(transfers),
-        ]
-        input_transfer = i_flit.valid & i_flit.ready
-        output_transfer = o_flit.valid & o_flit.ready
+        # Compute side state. ``compute_bank``: the bank (inference parity) of the COMPUTE running or next
+        # to run; it flips when a COMPUTE ends. ``stored``: RECV word store_end - 1 of the inference of the
+        # next COMPUTE has been received. ``results_pending``: the result buffer holds results whose EMITs
+        # are not all done (set in the cycle after COMPUTE's last cycle, cleared by the last EMIT).
+        computing = Signal()
+        compute_bank = Signal()
+        stored = Signal()
+        results_pending = Signal()
+        # c_s = max(t(RECV word store_end - 1) + 1, c_{s-1} + I + 2, t(last EMIT of s-1) + 1): every term
+        # is a registered flag here, so compute_start depends on no handshake of this cycle.
+        compute_start = Signal()
+        m.d.comb += compute_start.eq(running & computes & stored & ~computing & ~results_pending)
+        in_compute = running & (computing | compute_start)
+        #: Internal signals a simulation testbench may watch (not ports): COMPUTE begins in this cycle
+        #: (``c_s``), and the bank COMPUTE reads or will read next.
+        self.probes = {"compute_start": compute_start, "compute_bank": compute_bank}
 
-        sram_address_bits = ceil_log2(arch.sram_words)
+        # --- input side: K RECV transfers, then P PASS transfers, per inference ----------------------
+        i_flit, o_flit = self.i_flit, self.o_flit
+        in_index = Signal.like(input_words)             # transfer k of the current inference
+        in_bank = Signal()                              # s mod 2 of the input side's inference s
+        receiving = in_index < n_in_words
+        stores = receiving & (in_index >= config.store_begin) & (in_index < config.store_end)
+        pushes = ~receiving | ((in_index >= config.forward_begin) & (in_index < config.forward_end))
+        # A computing tile starts inference s >= 1 at a cycle >= c_{s-1}. At in_index = 0 of inference s
+        # the COMPUTEs begun so far (this cycle's included) number s - 1 or s (COMPUTE of s needs a RECV of
+        # s; inference s - 1 began at >= c_{s-2}), so comparing parities decides. s = 0: both are 0.
+        computes_begun_parity = compute_bank ^ (computing | compute_start)
+        may_begin = ~computes | (in_index != 0) | (computes_begun_parity == in_bank)
+        m.d.comb += i_flit.ready.eq(running & (input_words != 0) & may_begin & (~pushes | queue.w_rdy))
+        input_transfer = i_flit.valid & i_flit.ready
+        m.d.comb += [queue.w_data.eq(i_flit.payload.data), queue.w_en.eq(input_transfer & pushes)]
+        with m.If(input_transfer):
+            with m.If(in_index == input_words - 1):
+                m.d.sync += [in_index.eq(0), in_bank.eq(~in_bank)]
+            with m.Else():
+                m.d.sync += in_index.eq(in_index + 1)
+
+        sram_address_bits = max(ceil_log2(arch.sram_words), 1)
         with m.If(~running):
             m.d.comb += [
                 sram_write.addr.eq(load.addr),
                 sram_write.data.eq(load.data[:arch.flit_data_bits]),
                 sram_write.en.eq(load_here & (load.target == LOAD_TARGET_SRAM) & (load.addr < arch.sram_words)),
             ]
-            m.d.sync += transfers.eq(0)
         with m.Else():
-            # Section 4.2: the stream may carry several tensors; RECV word k (= transfers) is stored
-            # iff it lies in the store range (the tensor this layer reads, at act_base onwards) and
-            # emitted iff it lies in the forward range (the tensors still needed downstream). Both
-            # decisions depend only on the RECV counter and config registers, never on a handshake, so
-            # o_flit.valid never depends on o_flit.ready.
-            stores = (transfers >= config.store_begin) & (transfers < config.store_end)
-            forwards = (transfers >= config.forward_begin) & (transfers < config.forward_end)
+            # Section 4.2: RECV word k is stored iff store_begin <= k < store_end, into bank s mod 2.
+            bank_base = config.act_base + Mux(in_bank, bank_words, 0)
             m.d.comb += [
-                sram_write.addr.eq((config.act_base + transfers - config.store_begin)
-                                   [:max(sram_address_bits, 1)]),
+                sram_write.addr.eq((bank_base + in_index - config.store_begin)[:sram_address_bits]),
                 sram_write.data.eq(i_flit.payload.data),
+                sram_write.en.eq(input_transfer & stores),
             ]
-            with m.Switch(phase):
-                with m.Case(Phase.RECV):
-                    m.d.comb += [
-                        o_flit.payload.data.eq(i_flit.payload.data),
-                        o_flit.valid.eq(i_flit.valid & forwards),
-                        i_flit.ready.eq(Mux(forwards, o_flit.ready, 1)),
-                        sram_write.en.eq(input_transfer & stores),
-                    ]
-                    with m.If(input_transfer):
-                        m.d.sync += transfers.eq(transfers + 1)
-                        with m.If(transfers == n_in_words - 1):
-                            finish_phase(after_recv)
-                with m.Case(Phase.PASS):
-                    m.d.comb += [
-                        o_flit.payload.data.eq(i_flit.payload.data),
-                        o_flit.valid.eq(i_flit.valid),
-                        i_flit.ready.eq(o_flit.ready),
-                    ]
-                    with m.If(input_transfer):
-                        m.d.sync += transfers.eq(transfers + 1)
-                        with m.If(transfers == n_pass - 1):
-                            finish_phase(after_pass)
-                with m.Case(Phase.EMIT):
-                    m.d.comb += [
-                        o_flit.payload.data.eq(result_read.data),
-                        o_flit.valid.eq(1),
-                    ]
-                    with m.If(output_transfer):
-                        m.d.sync += transfers.eq(transfers + 1)
-                        with m.If(transfers == emit_words - 1):
-                            finish_phase(initial_phase)
+
+        with m.If(compute_start):
+            m.d.sync += [computing.eq(1), stored.eq(0)]
+        # Set after the clear: RECV word store_end - 1 of inference s + 1 may arrive in cycle c_s itself.
+        with m.If(input_transfer & stores & (in_index + 1 == config.store_end)):
+            m.d.sync += stored.eq(1)
+
+        # --- output side: Q pops, then E EMIT transfers, per inference -------------------------------
+        out_index = Signal(max(len(popped_words), len(config.n_out)))
+        out_emitting = Signal()                          # past this inference's pops
+        # EMIT transfers of this inference (n_pix * N_r), counted up by COMPUTE.
+        emit_words = Signal.like(out_index)
+        emit_phase = computes & (out_emitting | (popped_words == 0))
+        pop_phase = ~emit_phase & (popped_words != 0)
+        m.d.comb += [
+            o_flit.valid.eq(running & Mux(emit_phase, results_pending, pop_phase & queue.r_rdy)),
+            o_flit.payload.data.eq(Mux(emit_phase, result_read.data, queue.r_data)),
+            o_flit.payload.dest_row.eq(config.dest_row),
+            o_flit.payload.dest_col.eq(config.dest_col),
+            o_flit.payload.dest_host.eq(config.dest_host),
+            queue.r_en.eq(running & pop_phase & o_flit.ready),
+            result_read.addr.eq(out_index),
+        ]
+        output_transfer = o_flit.valid & o_flit.ready
+        with m.If(output_transfer):
+            with m.If(emit_phase):
+                with m.If(out_index == emit_words - 1):
+                    m.d.sync += [out_index.eq(0), out_emitting.eq(0), results_pending.eq(0)]
+                with m.Else():
+                    m.d.sync += out_index.eq(out_index + 1)
+            with m.Else():
+                with m.If(out_index == popped_words - 1):
+                    m.d.sync += [out_index.eq(0), out_emitting.eq(computes)]
+                with m.Else():
+                    m.d.sync += out_index.eq(out_index + 1)
 
         # --- COMPUTE: issue (cycle c), accumulate or max (c+1), requantize or clamp and write (c+2) --
         # Loop nest of section 4.1, innermost last. MAC: output row, output column, output channel o,
@@ -263,7 +283,6 @@ class PE(wiring.Component):
         lane_wise = is_lane | two_operands
         # MAX, LANE, ADD and CONCAT produce one whole result word per (pixel, cw) and preserve channels.
         per_word = is_max | lane_wise
-        in_compute = running & (phase == Phase.COMPUTE)
         out_row = Signal.like(config.out_rows)            # relative to out_row_begin
         out_col = Signal.like(config.out_width)
         channel = Signal.like(config.n_out)              # output channel o (MAC only)
@@ -313,8 +332,8 @@ class PE(wiring.Component):
         # Result words of the pixels issued so far (q * N_r for MAC, q * CW for the per-word ops): a
         # running sum instead of a multiplier. It survives COMPUTE as the EMIT count.
         pixel_result_words = Mux(per_word, config.words_per_pixel, n_result_words)
-        result_base = Signal.like(transfers)
-        weight_address = Signal(max(sram_address_bits, 1))
+        result_base = Signal.like(emit_words)
+        weight_address = Signal(sram_address_bits)
         with m.If(issuing):
             count(word, step_word, last_word)
             count(kernel_x, step_kernel_x, last_kernel_x)
@@ -333,7 +352,10 @@ class PE(wiring.Component):
         with m.Elif(in_compute):
             m.d.sync += drain.eq(drain + 1)
             with m.If(drain == COMPUTE_DRAIN_CYCLES - 1):
-                finish_phase(after_compute)
+                # Cycle c_s + I + 1, COMPUTE's last: its last result is written now and readable (the
+                # result buffer's read port is combinational) from the next cycle, when EMIT may begin.
+                m.d.sync += [computing.eq(0), results_pending.eq(1), compute_bank.eq(~compute_bank),
+                             drain.eq(0), issue_done.eq(0), result_base.eq(0)]
         with m.If(~in_compute):
             m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0), out_col.eq(0),
                          out_row.eq(0), result_base.eq(0), issue_done.eq(0), drain.eq(0),
@@ -368,7 +390,9 @@ class PE(wiring.Component):
         activation_offset = operand_offset + pixel_index * pixel_pitch + operand_word
         m.d.comb += [
             weight_read.addr.eq(weight_address),
-            activation_read.addr.eq((config.act_base + activation_offset)[:max(sram_address_bits, 1)]),
+            # Section 4: COMPUTE of inference s reads bank s mod 2, act_base + (s mod 2) * B onwards.
+            activation_read.addr.eq((config.act_base + Mux(compute_bank, bank_words, 0) + activation_offset)
+                                    [:sram_address_bits]),
         ]
         # MAC needs row o (bank o % L, address o // L); LANE, ADD and CONCAT need rows cw*L + l of every
         # lane l (address cw in every bank).
@@ -507,6 +531,9 @@ class PE(wiring.Component):
                     result_write.en.eq(Const(1, lanes) << stage2_result_lane),
                 ]
 
+        # --- run = 0: every side held at the start of inference 0 -------------------------------------
         with m.If(~running):
-            m.d.sync += [stage1_valid.eq(0), stage2_valid.eq(0)]
+            m.d.sync += [stage1_valid.eq(0), stage2_valid.eq(0), in_index.eq(0), in_bank.eq(0), computing.eq(0),
+                         compute_bank.eq(0), stored.eq(0), results_pending.eq(0), out_index.eq(0),
+                         out_emitting.eq(0)]
         return m

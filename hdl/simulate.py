@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from flowtile.arch import Arch
-from flowtile.program import Program, compute_issue_cycles, result_words
+from flowtile.program import Program, compute_issue_cycles, forwarded_words, result_words
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import HARNESS_TOP_NAME, STAMP_BITS, Harness
@@ -373,16 +373,18 @@ def cycle_budget(program: Program, batch: int) -> int:
     """A generous cycle limit for ``batch`` inferences of ``program``.
 
     Upper bound idea: even if no two tiles ever overlapped, every tile's work per inference is its
-    transfers, its COMPUTE phase (``I + 2``, plus 1 to enter it; docs/architecture.md section 4.1) and
-    a few cycles per flit of FIFO hops; the budget is :data:`BUDGET_FACTOR` times that plus
-    :data:`BUDGET_BASE_CYCLES`.
+    input and output transfers (a forwarded or passed word is both), its COMPUTE (``I + 2``, plus 1 to
+    enter it; docs/architecture.md section 4) and a few cycles per flit of FIFO hops; the budget is
+    :data:`BUDGET_FACTOR` times that plus :data:`BUDGET_BASE_CYCLES`.
     """
     arch = program.arch
     hop_cycles = arch.router_fifo_depth + 2
     per_inference = 0
     for tile in program.tiles:
         config = tile.config
-        transfers = int(config["n_in_words"]) + int(config["n_pass"]) + result_words(config, arch.lanes)
+        # input transfers, output transfers (forwarded and passed words leave through the forward queue) and EMITs
+        transfers = (int(config["n_in_words"]) + 2 * int(config["n_pass"]) + forwarded_words(config)
+                     + result_words(config, arch.lanes))
         compute = compute_issue_cycles(config) + 3 if config["n_out"] else 0
         per_inference += transfers * hop_cycles + compute
     host = (program.input_words + program.output_words) * hop_cycles

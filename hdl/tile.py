@@ -21,7 +21,8 @@ class Tile(DirectionalPorts, wiring.Component):
     """Tile (``row``, ``col``) of ``arch``: ports ``i_n, i_e, i_s, i_w`` / ``o_n, ..., o_w`` are the
     router's mesh ports; ``load`` and ``run`` go to the PE (which listens to load index
     ``row * cols + col``). The router's L output feeds the PE input and the PE output feeds the
-    router's L input, so a flit passes the PE without extra registers (docs/architecture.md s. 3-4).
+    router's L input directly; a flit the PE forwards or passes spends at least one cycle in the PE's
+    forward queue (docs/architecture.md sections 3, 4 and 6).
     """
 
     def __init__(self, arch: Arch, row: int, col: int):

@@ -46,6 +46,9 @@ channel ``cw*L + l`` (padding channels: zero weights and the row ``(0, 0, 1)``, 
 all-one weights (:func:`average_pool`). Feature maps travel pixel-major, ``CW = ceil(C / L)`` words a
 pixel; a dense layer after a map reads its ``H * W * CW`` words as its input, i.e. its ``n_in`` is
 ``H * W * CW * L`` (the flattened wire order, padding lanes included).
+Every tile's activation region holds two banks (``flowtile.arch.ACTIVATION_BANKS``, section 4): it spans
+``[act_base, act_base + 2B)`` (``B = store_end - store_begin``), placed right after the weights, so the
+SRAM image is the weights followed by ``2B`` activation words (zero, or random bytes with ``act_fill``).
 Tiles after the last layer pass the output through (``tail="pass"``), or stay idle while the last
 layer's last tile sends straight to the host along the XY route (``tail="direct"``).
 
@@ -58,8 +61,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
-                           dense_window_registers)
+from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC,
+                           OP_MAX, Arch, dense_window_registers)
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 
 __all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "AddParams", "Residual", "ConcatParams", "Concat", "average_pool", "build_program",
@@ -352,7 +355,8 @@ def _dense_tiles(layer: Dense, k_words: int, lanes: int, act_fill):
                       clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi, **dense_window_registers(k_words))
         params = np.stack([bias[start:start + n_out], multiplier[start:start + n_out],
                            shift[start:start + n_out]], axis=1)
-        yield config, np.concatenate([weights, _fill(act_fill, k_words, lanes)]), params, -(-n_out // lanes)
+        yield (config, np.concatenate([weights, _fill(act_fill, ACTIVATION_BANKS * k_words, lanes)]), params,
+               -(-n_out // lanes))
         start += n_out
 
 
@@ -404,7 +408,7 @@ def _window_tiles(layer, shape: tuple[int, int, int], lanes: int, act_fill):
     for rows in split_rows(out_height, layer.tiles):
         config = blank_config()
         config.update(common, out_row_begin=row, out_rows=rows)
-        sram = np.concatenate([weights, _fill(act_fill, k_words, lanes)])
+        sram = np.concatenate([weights, _fill(act_fill, ACTIVATION_BANKS * k_words, lanes)])
         tiles.append((config, sram, params.copy(), rows * out_width * per_pixel))
         row += rows
     return tiles, (out_channels, out_height, out_width)
@@ -463,7 +467,8 @@ def _join_tiles(layer, shapes: dict, offsets: dict, stored: int, lanes: int, act
     for rows in split_rows(height, layer.tiles):
         config = blank_config()
         config.update(common, out_row_begin=row, out_rows=rows)
-        parts.append((config, _fill(act_fill, stored, lanes), params.copy(), rows * width * words_per_pixel))
+        parts.append((config, _fill(act_fill, ACTIVATION_BANKS * stored, lanes), params.copy(),
+                      rows * width * words_per_pixel))
         row += rows
     return parts, out_shape
 

@@ -916,7 +916,6 @@ UNSUPPORTED = [
     ([("conv", 4, 3, 1, [0, 0, 0, 0], {"auto_pad": "SAME_UPPER"})], r"node 'conv0' \(Conv\): attribute 'auto_pad' = SAME_UPPER"),
     ([("conv", 4, 3, 1, [8, 8, 8, 8])], r"node 'conv0' \(Conv\): attribute 'pads' = \[8, 8, 8, 8\]"),
     ([("conv", 4, 3, 1, [0, 0, 0, 0]), ("pool", 2, 2, [0, 0, 0, 0], {"ceil_mode": 1})], r"node 'pool1' \(MaxPool\): attribute 'ceil_mode' = 1"),
-    ([("node", "AveragePool", {"kernel_shape": [2, 2]})], r"node 'averagepool0' \(AveragePool\)"),
     ([("conv", 4, 3, 1, [1, 1, 1, 1]), ("avgpool", 3, 1, [1, 1, 1, 1], {"count_include_pad": 0})],
      r"node 'avgpool1' \(AveragePool\): attribute 'count_include_pad' = 0 with 'pads' = \[1, 1, 1, 1\]"),
     ([("conv", 4, 3, 1, [1, 1, 1, 1]), ("avgpool", 2, 2, [0, 0, 0, 0], {"ceil_mode": 1})],

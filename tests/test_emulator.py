@@ -1,8 +1,10 @@
 """The emulator against (1) a naive cycle-stepping simulator written here from docs/architecture.md
-sections 3-6 (and 4.1 for windowed layers, 4.2 for streams of several tensors and op = ADD, 4.3 for
-op = CONCAT), flit by flit and cycle by cycle, (2) plain numpy goldens (``program_builder``) of dense,
-convolution, depthwise / average-pool (op = LANE), max-pool layers, residual blocks (op = ADD) and
-concat blocks (op = CONCAT), and (3) its error reporting on programs it cannot run.
+sections 3-6 (the PE of section 4 with its concurrent input, compute and output sides, its forward queue
+and two activation banks; 4.1 for windowed layers, 4.2 for streams of several tensors and op = ADD, 4.3 for
+op = CONCAT), flit by flit and cycle by cycle, itself checked against cycles worked out by hand, (2) plain
+numpy goldens (``program_builder``) of dense, convolution, depthwise / average-pool (op = LANE), max-pool
+layers, residual blocks (op = ADD) and concat blocks (op = CONCAT), and (3) its error reporting on programs
+it cannot run.
 """
 from __future__ import annotations
 
@@ -36,16 +38,34 @@ OPPOSITE = {"N": "S", "S": "N", "E": "W", "W": "E"}
 # --- (1) the reference: every FIFO, router and PE stepped every cycle ----------------------------
 
 class ReferencePE:
-    """The phase FSM of section 4 (RECV, COMPUTE, PASS, EMIT), one cycle at a time, with a
-    plain-Python SRAM and arithmetic."""
+    """Section 4's PE, one cycle at a time: an input side (per inference K RECV then P PASS transfers), a
+    forward queue of F words, a compute side (COMPUTE for I + 2 cycles) and an output side (per inference Q
+    pops then E EMIT transfers), with a plain-Python SRAM holding two activation banks and plain-Python
+    arithmetic. Each side decides in cycle ``t`` from what happened before ``t`` (a FIFO or queue word
+    written in ``t`` is readable from ``t + 1``; a full FIFO or queue is not writable in a cycle in which it
+    is read), except that the input side sees a COMPUTE that begins in ``t`` (section 4: the first input
+    transfer of inference ``s >= 1`` happens at a cycle ``>= c_{s-1}``).
 
-    def __init__(self, tile, arch):
+    Per PE it records ``input_times`` (per inference K RECV then P PASS), ``compute_starts`` (``c_s``),
+    ``output_times`` (per inference Q pops then E EMITs) and ``spans`` ((start, end, phase) in the order of
+    the ``tile_timelines`` interface: input spans, COMPUTE spans, output spans).
+
+    The result of COMPUTE ``s`` is taken from the SRAM as it stands when COMPUTE begins (``c_s``), reading
+    bank ``s mod 2`` and the weights. The contract does not say in which order a COMPUTE read and an input
+    side write of the same word in the same window happen, so the reference refuses (AssertionError) a run
+    in which the input side writes a word that a running COMPUTE reads (weights overlapping the bank being
+    filled): tests must not depend on it.
+    """
+
+    def __init__(self, tile, arch, position):
         config = tile.config
-        self.config, self.arch, self.lanes = config, arch, arch.lanes
-        self.k = config["n_in_words"]
-        # section 4.2: RECV word k is stored iff in [store_begin, store_end), emitted iff in [forward_begin, forward_end)
+        self.config, self.arch, self.lanes, self.position = config, arch, arch.lanes, position
+        self.k, self.p = config["n_in_words"], config["n_pass"]
+        # section 4.2: RECV word k is stored iff in [store_begin, store_end) (at act_base + (s mod 2) * B +
+        # k - store_begin), forwarded (pushed into the queue) iff in [forward_begin, forward_end)
         self.store = range(config["store_begin"], config["store_end"])
         self.forward = range(config["forward_begin"], config["forward_end"])
+        self.bank_words = len(self.store)                       # B
         self.n_out = config["n_out"]
         self.dest = (config["dest_row"], config["dest_col"], config["dest_host"])
         self.sram = [[0] * arch.lanes for _ in range(arch.sram_words)]
@@ -57,30 +77,173 @@ class ReferencePE:
         window = config["kernel_h"] * config["kernel_w"]
         if config["op"] in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT):   # ADD: kernel 1x2, one issue per operand
             # word; CONCAT: kernel 1x1, one issue per output word
-            issue = n_pix * config["words_per_pixel"] * window
+            self.issue = n_pix * config["words_per_pixel"] * window
+            weight_words = 0 if config["op"] != OP_LANE else config["words_per_pixel"] * window
         else:
-            issue = n_pix * self.n_out * window * config["words_per_pixel"]
-        compute = issue + 2 if self.n_out else 0
-        phases = [("RECV", self.k), ("COMPUTE", compute), ("PASS", config["n_pass"]),
-                  ("EMIT", n_pix * -(-self.n_out // arch.lanes))]
-        self.phases = [p for p in phases if p[1] > 0]
-        # transfers per inference (COMPUTE cycles are not transfers)
-        self.transfers = sum(count for name, count in self.phases if name != "COMPUTE")
-        self.phase, self.count, self.phase_start = 0, 0, 0
-        self.results: list[list[int]] = []
-        self.spans: list[tuple[int, int, str]] = []
-        self.action_times: list[int] = []
+            self.issue = n_pix * self.n_out * window * config["words_per_pixel"]
+            weight_words = self.n_out * window * config["words_per_pixel"]
+        self.computes = self.n_out > 0
+        self.compute_cycles = self.issue + 2 if self.computes else 0      # I + 2
+        self.emits = n_pix * -(-self.n_out // arch.lanes) if self.computes else 0   # E
+        self.pops = len(self.forward) + self.p                              # Q
+        self.weights = range(config["w_base"], config["w_base"] + weight_words) if self.computes else range(0)
+        self.queue_words = arch.forward_queue_words                          # F
+        # state of the three sides and the queue
+        self.queue: deque = deque()           # (word, cycle pushed)
+        self.input_times: list[int] = []
+        self.output_times: list[int] = []
+        self.compute_starts: list[int] = []
+        self.stored_done: list[int] = []      # per inference: cycle of RECV word store_end - 1
+        self.last_emit: list[int] = []        # per inference: cycle of its last EMIT
+        self.results: list[list[list[int]]] = []   # per inference: its result words (the result buffer)
+        self.input_spans: list[tuple[int, int, str]] = []
+        self.compute_spans: list[tuple[int, int, str]] = []
+        self.output_spans: list[tuple[int, int, str]] = []
+        self.sram_writes: list[tuple[int, int]] = []   # (cycle, address) of every input-side SRAM write
 
     @property
     def idle(self):
-        return not self.phases
+        return not (self.k or self.p or self.n_out)
 
     @property
-    def name(self):
-        return self.phases[self.phase][0] if self.phases else "IDLE"
+    def spans(self):
+        return self.input_spans + self.compute_spans + self.output_spans
 
-    def compute(self):
-        """Section 4.1 word by word, reading the SRAM as RECV left it."""
+    def finished(self, batch):
+        return (len(self.input_times) == batch * (self.k + self.p) and len(self.compute_starts) ==
+                (batch if self.computes else 0) and len(self.output_times) == batch * (self.pops + self.emits))
+
+    # --- the three sides, in the order the reference evaluates them in cycle t ---------------------
+    def start_compute(self, cycle):
+        """Compute side: COMPUTE of inference s begins in the first cycle with RECV word store_end - 1 of s
+        done, COMPUTE of s - 1 over (c_{s-1} + I + 2) and the last EMIT of s - 1 done (all before ``cycle``)."""
+        if not self.computes:
+            return
+        s = len(self.compute_starts)
+        if len(self.stored_done) <= s or self.stored_done[s] >= cycle:
+            return
+        if s and (cycle < self.compute_starts[-1] + self.compute_cycles or len(self.last_emit) < s
+                  or self.last_emit[s - 1] >= cycle):
+            return
+        self.compute_starts.append(cycle)
+        self.compute_spans.append((cycle, cycle + self.compute_cycles, "COMPUTE"))
+        self.results.append(self.compute(self.config["act_base"] + (s % 2) * self.bank_words))
+
+    def input_action(self):
+        """(inference, index in K + P, is RECV, pushes into the queue) of the next input transfer."""
+        per = self.k + self.p
+        s, j = divmod(len(self.input_times), per)
+        recv = j < self.k
+        return s, j, recv, (j in self.forward) if recv else True
+
+    def input_ready(self):
+        """in.ready in this cycle (after start_compute): a pushing transfer needs a free queue slot (the
+        queue as it stood at the start of the cycle); in a computing tile the first transfer of inference
+        s >= 1 waits for COMPUTE of s - 1 to have begun."""
+        if not self.k + self.p:
+            return False
+        s, j, _, pushes = self.input_action()
+        if pushes and len(self.queue) >= self.queue_words:
+            return False
+        if self.computes and j == 0 and s >= 1 and len(self.compute_starts) < s:
+            return False
+        return True
+
+    def output_word(self, cycle):
+        """The word the output side offers in this cycle (o_flit.valid), or None: the queue head if it was
+        pushed before ``cycle`` (pops), result word j of inference s once COMPUTE of s has ended (EMITs)."""
+        per = self.pops + self.emits
+        if not per:
+            return None
+        s, j = divmod(len(self.output_times), per)
+        if j < self.pops:
+            if self.queue and self.queue[0][1] < cycle:
+                return self.queue[0][0]
+            return None
+        if len(self.compute_starts) > s and cycle >= self.compute_starts[s] + self.compute_cycles:
+            return self.results[s][j - self.pops]
+        return None
+
+    def do_input(self, cycle, data):
+        """One input transfer of ``data`` in ``cycle``: store, push, record."""
+        s, j, recv, pushes = self.input_action()
+        if recv and j in self.store:
+            address = self.config["act_base"] + (s % 2) * self.bank_words + j - self.store.start
+            self.check_no_race(cycle, address)
+            self.sram[address] = list(data)
+            self.sram_writes.append((cycle, address))
+            if j == self.store.stop - 1:
+                self.stored_done.append(cycle)
+        if pushes:
+            self.queue.append((list(data), cycle))
+        self.input_times.append(cycle)
+        begin = self.input_spans[-1][1] if self.input_spans else 0
+        if j == self.k - 1:
+            self.input_spans.append((begin, cycle + 1, "RECV"))
+        elif j == self.k + self.p - 1:
+            self.input_spans.append((begin, cycle + 1, "PASS"))
+
+    def do_output(self, cycle):
+        """One output transfer in ``cycle``: pop (the queue head) or EMIT; record."""
+        per = self.pops + self.emits
+        s, j = divmod(len(self.output_times), per)
+        if j < self.pops:
+            self.queue.popleft()
+        self.output_times.append(cycle)
+        begin = self.output_spans[-1][1] if self.output_spans else 0
+        if j == self.pops - 1:
+            self.output_spans.append((begin, cycle + 1, "FORWARD"))
+        elif j == per - 1:
+            self.output_spans.append((begin, cycle + 1, "EMIT"))
+        if j == per - 1 and self.emits:
+            self.last_emit.append(cycle)
+
+    def check_rules(self, batch):
+        """After a run: the recorded times obey section 4's rules and section 6 rule 4's inequalities (a
+        second look at the cycle loop, from the times alone)."""
+        where = f"reference PE at chain position {self.position}"
+        per_in, per_out = self.k + self.p, self.pops + self.emits
+        for name, times in (("input", self.input_times), ("output", self.output_times),
+                            ("COMPUTE", self.compute_starts)):
+            gap = 1 if name != "COMPUTE" else self.compute_cycles
+            assert all(b >= a + gap for a, b in zip(times, times[1:])), f"{where}: {name} times {times} overlap"
+        pushes = [t for i, t in enumerate(self.input_times) if i % per_in >= self.k or i % per_in in self.forward]
+        pops = [t for i, t in enumerate(self.output_times) if i % per_out < self.pops]
+        assert len(pushes) == len(pops) == batch * self.pops, f"{where}: {len(pushes)} pushes, {len(pops)} pops"
+        for i, (push, pop) in enumerate(zip(pushes, pops)):
+            assert pop >= push + 1, f"{where}: queue word {i} popped at {pop}, pushed at {push}"
+            if i >= self.queue_words:
+                assert push >= pops[i - self.queue_words] + 1, f"{where}: queue word {i} pushed into a full queue"
+        if not self.computes:
+            return
+        stop = self.store.stop - 1
+        for s, start in enumerate(self.compute_starts):
+            bounds = [self.input_times[s * per_in + stop] + 1]
+            if s:
+                bounds += [self.compute_starts[s - 1] + self.compute_cycles, self.last_emit[s - 1] + 1]
+                assert self.input_times[s * per_in] >= self.compute_starts[s - 1], \
+                    f"{where}: inference {s} received before COMPUTE of inference {s - 1} began"
+            assert start == max(bounds), f"{where}: c_{s} = {start}, section 4 gives max({bounds})"
+            first_emit = self.output_times[s * per_out + self.pops]
+            assert first_emit >= start + self.compute_cycles, f"{where}: EMIT of inference {s} before its results"
+
+    def check_no_race(self, cycle, address):
+        """The input side writes ``address`` in ``cycle``: no running COMPUTE may read that word."""
+        if not self.compute_starts:
+            return
+        s = len(self.compute_starts) - 1
+        start = self.compute_starts[s]
+        if cycle >= start + self.compute_cycles:
+            return
+        bank = self.config["act_base"] + (s % 2) * self.bank_words
+        assert not (address in self.weights or bank <= address < bank + self.bank_words), (
+            f"chain position {self.position}: the input side writes SRAM word {address} in cycle {cycle} while "
+            f"COMPUTE of inference {s} (cycles {start}..{start + self.compute_cycles - 1}) reads it (weights "
+            f"{self.weights.start}..{self.weights.stop - 1}, bank {bank}..{bank + self.bank_words - 1}): the "
+            f"result would depend on an order the contract leaves open")
+
+    def compute(self, act_base):
+        """Section 4.1 word by word, reading the SRAM as the input side left it; ``act_base``: the bank base."""
         c, lanes = self.config, self.lanes
         height, width, cw_count = c["in_height"], c["in_width"], c["words_per_pixel"]
         kh, kw, stride = c["kernel_h"], c["kernel_w"], c["stride"]
@@ -91,8 +254,8 @@ class ReferencePE:
                 pixel = oy * width + ox
                 if c["op"] == OP_ADD:   # section 4.2: operands at act_base + operand_{a,b}_offset + pixel word
                     for cw in range(cw_count):
-                        a = self.sram[c["act_base"] + c["operand_a_offset"] + pixel * cw_count + cw]
-                        b = self.sram[c["act_base"] + c["operand_b_offset"] + pixel * cw_count + cw]
+                        a = self.sram[act_base + c["operand_a_offset"] + pixel * cw_count + cw]
+                        b = self.sram[act_base + c["operand_b_offset"] + pixel * cw_count + cw]
                         word = []
                         for l in range(lanes):
                             bias, multiplier, shift = self.params[cw * lanes + l]
@@ -107,10 +270,10 @@ class ReferencePE:
                     words_b = cw_count - words_a
                     for cw in range(cw_count):
                         if cw < words_a:
-                            source = self.sram[c["act_base"] + c["operand_a_offset"] + pixel * words_a + cw]
+                            source = self.sram[act_base + c["operand_a_offset"] + pixel * words_a + cw]
                             factor = c["add_mult_a"]
                         else:
-                            source = self.sram[c["act_base"] + c["operand_b_offset"] + pixel * words_b + cw - words_a]
+                            source = self.sram[act_base + c["operand_b_offset"] + pixel * words_b + cw - words_a]
                             factor = c["add_mult_b"]
                         word = []
                         for l in range(lanes):
@@ -126,7 +289,7 @@ class ReferencePE:
                     iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
                     if not (0 <= iy < height and 0 <= ix < width):
                         return [c["pad_value"]] * lanes
-                    return self.sram[c["act_base"] + (iy * width + ix) * cw_count + cw]
+                    return self.sram[act_base + (iy * width + ix) * cw_count + cw]
                 if c["op"] == OP_MAX:
                     for cw in range(cw_count):
                         best = None
@@ -166,27 +329,18 @@ class ReferencePE:
                     results.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
                 results += [0] * (-len(results) % lanes)
                 words += [results[i:i + lanes] for i in range(0, len(results), lanes)]
-        self.results = words
-
-    def advance(self, cycle):
-        """Count one transfer (or COMPUTE cycle) done in ``cycle``; move on after the phase's last."""
-        self.count += 1
-        if self.count == self.phases[self.phase][1]:
-            self.spans.append((self.phase_start, cycle + 1, self.name))
-            self.phase_start, self.count = cycle + 1, 0
-            self.phase = (self.phase + 1) % len(self.phases)
-            if self.name == "COMPUTE":
-                self.compute()
+        return words
 
 
 def reference_run(program, in_flits, batch, max_cycles=200_000):
-    """Step the whole mesh cycle by cycle. Returns (out_flits, out_times, in_times, PEs by chain position)."""
+    """Step the whole mesh cycle by cycle. Returns (out_flits, out_times, in_times, PEs by chain position)
+    (each PE's ``input_times``, ``compute_starts``, ``output_times``, ``spans``)."""
     arch = program.arch
     depth, lanes = arch.router_fifo_depth, arch.lanes
     tiles = {(t.row, t.col): t for t in program.tiles}
     fifos = {(pos, port): deque() for pos in tiles for port in PORT_ORDER}
     pointers = {(pos, port): 0 for pos in tiles for port in PORT_ORDER}
-    pes = {pos: ReferencePE(tiles[pos], arch) for pos in tiles}
+    pes = {(t.row, t.col): ReferencePE(t, arch, p) for p, t in enumerate(program.tiles)}
     host_in = [(list(map(int, f)), (0, 0, 0)) for f in np.asarray(in_flits)]
     out_flits, out_times, in_times = [], [], []
     expected = batch * program.output_words
@@ -203,10 +357,9 @@ def reference_run(program, in_flits, batch, max_cycles=200_000):
         return arch.exit_direction if d_host else "L"
 
     for cycle in range(max_cycles):
-        # done when the host has every output and every PE every transfer (a PE whose results are
-        # dropped downstream may still be emitting them after the last output flit)
-        if len(out_flits) == expected and all(pe.idle or len(pe.action_times) == batch * pe.transfers
-                                              for pe in pes.values()):
+        # done when the host has every output and every PE every transfer and COMPUTE (a PE whose results
+        # are dropped downstream may still be emitting them after the last output flit)
+        if len(out_flits) == expected and all(pe.finished(batch) for pe in pes.values()):
             break
         writable = {key: len(fifo) < depth for key, fifo in fifos.items()}
         # routers: requests and round-robin grants (they depend on the FIFO heads only)
@@ -220,24 +373,17 @@ def reference_run(program, in_flits, batch, max_cycles=200_000):
                 start = pointers[(pos, out)]
                 grants[(pos, out)] = next(PORT_ORDER[(start + i) % 5] for i in range(5)
                                           if PORT_ORDER[(start + i) % 5] in inputs)
-        # PE handshakes
-        pe_in_ready, pe_out_fire = {}, {}
+        # PE handshakes: the compute side first (the input side sees a COMPUTE beginning in this cycle),
+        # then in.ready and o_flit.valid from the state at the start of the cycle
+        pe_in_ready, pe_out_word = {}, {}
         for pos, pe in pes.items():
             if pe.idle:
-                pe_in_ready[pos], pe_out_fire[pos] = False, False
+                pe_in_ready[pos], pe_out_word[pos] = False, None
                 continue
-            space = writable[(pos, "L")]
-            in_valid = (pos, "L") in grants
-            phase = pe.name
-            if phase == "RECV":
-                forwarding = pe.count in pe.forward
-                pe_in_ready[pos] = space if forwarding else True
-                out_valid = in_valid and forwarding
-            elif phase == "PASS":
-                pe_in_ready[pos], out_valid = space, in_valid
-            else:
-                pe_in_ready[pos], out_valid = False, phase == "EMIT"
-            pe_out_fire[pos] = out_valid and space
+            pe.start_compute(cycle)
+            pe_in_ready[pos] = pe.input_ready()
+            word = pe.output_word(cycle)
+            pe_out_word[pos] = word if word is not None and writable[(pos, "L")] else None
         # router transfers (decided on start-of-cycle state, applied afterwards)
         pushes, to_pe = [], {}
         for (pos, out), granted in grants.items():
@@ -264,28 +410,19 @@ def reference_run(program, in_flits, batch, max_cycles=200_000):
             in_times.append(cycle)
         # PE state updates
         for pos, pe in pes.items():
-            if pe.idle:
-                continue
-            phase = pe.name
-            if phase in ("RECV", "PASS") and pos in to_pe:
-                data = to_pe[pos][0]
-                pe.action_times.append(cycle)
-                if phase == "RECV" and pe.count in pe.store:
-                    pe.sram[pe.config["act_base"] + pe.count - pe.store.start] = list(data)
-                if pe_out_fire[pos]:
-                    pushes.append(((pos, "L"), (data, pe.dest)))
-                pe.advance(cycle)
-            elif phase == "COMPUTE":
-                pe.advance(cycle)
-            elif phase == "EMIT" and pe_out_fire[pos]:
-                pe.action_times.append(cycle)
-                pushes.append(((pos, "L"), (pe.results[pe.count], pe.dest)))
-                pe.advance(cycle)
+            if pe_out_word[pos] is not None:
+                pe.do_output(cycle)
+                pushes.append(((pos, "L"), (list(pe_out_word[pos]), pe.dest)))
+            if pos in to_pe:
+                pe.do_input(cycle, to_pe[pos][0])
         for key, flit in pushes:
             fifos[key].append(flit)
     else:
         raise AssertionError(f"reference did not finish in {max_cycles} cycles")
     by_position = [pes[arch.chain_position(p)] for p in range(arch.n_tiles)]
+    for pe in by_position:
+        if not pe.idle:
+            pe.check_rules(batch)
     return (np.array(out_flits, dtype=np.int8).reshape(-1, lanes), np.array(out_times), np.array(in_times),
             by_position)
 
@@ -308,11 +445,17 @@ def random_layer(rng, n_in, n_out, tiles, *, extreme=False):
     return Dense(weights, bias, multiplier, shift, zp_out, clamp_lo, 127, tiles)
 
 
+def random_queue_words(rng):
+    """Arch.forward_queue_words: the default (never full in these programs) or a queue of 1..5 words, so
+    that the input side waits for queue space (section 4) in a good share of the random programs."""
+    return 1024 if rng.random() < 0.5 else int(rng.integers(1, 6))
+
+
 def random_program(rng, *, max_batch=6):
     lanes = int(rng.choice([1, 2, 4, 8]))
     rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
     arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64,
-                router_fifo_depth=int(rng.integers(1, 5)))
+                router_fifo_depth=int(rng.integers(1, 5)), forward_queue_words=random_queue_words(rng))
     n_tiles = arch.n_tiles
     n_layers = int(rng.integers(1, min(3, n_tiles) + 1))
     spans = [1] * n_layers
@@ -331,24 +474,63 @@ def random_program(rng, *, max_batch=6):
     return program, layers, x, batch
 
 
+def _side_actions(pe, side):
+    """Names of one side's actions per inference, for error messages."""
+    if side == "input":
+        return [f"RECV word {k}" for k in range(pe.k)] + [f"PASS word {j}" for j in range(pe.p)]
+    return [f"pop {j}" for j in range(pe.pops)] + [f"EMIT word {j}" for j in range(pe.emits)]
+
+
+def assert_same_times(actual, expected, what, actions=None):
+    """``actual`` (the emulator) == ``expected`` (the reference), else name the first differing action."""
+    actual, expected = np.asarray(actual), np.asarray(expected, dtype=np.int64)
+    assert actual.shape == expected.shape, (f"{what}: the emulator has {actual.shape[0]} times, the reference "
+                                            f"{expected.shape[0]}")
+    differing = np.flatnonzero(actual != expected)
+    if differing.size:
+        index = int(differing[0])
+        name = f"inference {index}" if not actions else \
+            f"inference {index // len(actions)}, {actions[index % len(actions)]}"
+        raise AssertionError(f"{what}: {differing.size} times differ; first at index {index} ({name}): emulator "
+                             f"cycle {actual[index]}, reference cycle {expected[index]}")
+
+
 def assert_matches_reference(program, x, batch, *, flits=None):
     flits = pack_flits(x, program.arch.lanes) if flits is None else flits
     result = emulate(program, flits, batch)
     ref_flits, ref_out, ref_in, ref_pes = reference_run(program, flits, batch)
-    np.testing.assert_array_equal(result.in_times, ref_in, err_msg="host input transfer cycles")
-    np.testing.assert_array_equal(result.out_times, ref_out, err_msg="host output transfer cycles")
+    assert_same_times(result.in_times, ref_in, "host input transfer cycles")
+    assert_same_times(result.out_times, ref_out, "host output transfer cycles")
     np.testing.assert_array_equal(result.out_flits, ref_flits, err_msg="output flit data")
     assert result.cycles == ref_out[-1] + 1
     words = program.output_words
     assert result.latency_cycles == ref_out[words - 1] + 1
     for position, pe in enumerate(ref_pes):
         pe_times = result.timing.pe_times[position]
+        timeline = result.tile_timelines[position]
         if pe.idle:
-            assert pe_times is None and len(result.tile_timelines[position]) == 0
+            assert pe_times is None, f"chain position {position} is idle but has PE times"
+            assert len(timeline) == 0, f"chain position {position} is idle but has a timeline"
             continue
-        np.testing.assert_array_equal(pe_times, pe.action_times, err_msg=f"PE at chain position {position}")
-        spans = [(int(s), int(e), str(p)) for s, e, p in result.tile_timelines[position]]
-        assert spans == pe.spans, f"phase spans of chain position {position}"
+        assert pe_times is not None, f"chain position {position} works but has no PE times"
+        for name in ("input", "compute", "output"):
+            assert getattr(pe_times, name).dtype == np.int64, f"PETimes.{name} of chain position {position} is " \
+                                                             f"{getattr(pe_times, name).dtype}, not int64"
+        where = f"chain position {position}"
+        assert_same_times(pe_times.input, pe.input_times, f"{where}: input-side transfer cycles",
+                          _side_actions(pe, "input"))
+        assert_same_times(pe_times.compute, pe.compute_starts, f"{where}: COMPUTE start cycles")
+        assert_same_times(pe_times.output, pe.output_times, f"{where}: output-side transfer cycles",
+                          _side_actions(pe, "output"))
+        spans = [(int(s), int(e), str(p)) for s, e, p in timeline]
+        if spans != pe.spans:
+            padded = max(len(spans), len(pe.spans))
+            first = next(i for i, (a, b) in enumerate(zip(spans + [None] * padded, pe.spans + [None] * padded))
+                         if a != b)
+            raise AssertionError(f"{where}: phase spans differ ({len(spans)} in the emulator, {len(pe.spans)} in "
+                                 f"the reference); first at span {first}: emulator "
+                                 f"{spans[first] if first < len(spans) else None}, reference "
+                                 f"{pe.spans[first] if first < len(pe.spans) else None}")
     return result
 
 
@@ -388,7 +570,8 @@ def test_slow_tile_behind_fast_ones_depth(depth):
 
 
 def test_forwarding_chain_longer_than_its_fifos():
-    """A layer split over 3 tiles with K = 6 > 2D: forwarding stalls on the next tile's COMPUTE."""
+    """A layer split over 3 tiles with K = 6 > 2D: forwarding stalls on the next tiles' input sides, which
+    wait for their COMPUTE of the previous inference to begin."""
     rng = np.random.default_rng(7)
     arch = Arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
     layers = [_layer(rng, 12, 6, tiles=3)]
@@ -410,14 +593,182 @@ def test_long_batch_extrapolation_matches_reference():
 
 
 def test_overlapping_weight_and_activation_regions():
-    """COMPUTE reads the SRAM as RECV left it: weights overlapping the buffer see this inference's inputs."""
+    """COMPUTE reads the SRAM as the input side left it: weights overlapping activation bank 0 see inference
+    0's inputs in both inferences (inference 1 is stored in bank 1 and leaves bank 0 alone)."""
+    rng = np.random.default_rng(9)
+    arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    layer = _layer(rng, 8, 4)
+    program = build_program(arch, [layer])
+    tile = program.tiles[0]
+    tile.config["act_base"] = 6  # weights at words 0..7 (output 3: words 6..7), bank 0 at 6..7, bank 1 at 8..9
+    x = rng.integers(-128, 128, (2, 8), dtype=np.int8)
+    result = assert_matches_reference(program, x, 2)
+    # output 3's weight row is what bank 0 holds when COMPUTE runs: x[0] for both inferences
+    weights = layer.weights.copy()
+    weights[3] = x[0]
+    golden = dense_golden([layer._replace(weights=weights)], x)
+    assert (golden[:, 3] != dense_golden([layer], x)[:, 3]).any()
+    np.testing.assert_array_equal(result.out_flits.reshape(2, -1)[:, :4], golden)
+
+
+def test_reference_refuses_a_compute_read_racing_an_input_write():
+    """Weights overlapping bank 1: inference 1 is received into bank 1 while COMPUTE of inference 0 reads
+    those words as weights, an order the contract leaves open: the reference refuses the run."""
     rng = np.random.default_rng(9)
     arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     program = build_program(arch, [_layer(rng, 8, 4)])
-    tile = program.tiles[0]
-    tile.config["act_base"] = 3  # weights at words 0..7, inputs at words 3..4
+    program.tiles[0].config["act_base"] = 3  # bank 0 at words 3..4, bank 1 at 5..6: both inside the weights
     x = rng.integers(-128, 128, (3, 8), dtype=np.int8)
-    assert_matches_reference(program, x, 3)
+    with pytest.raises(AssertionError, match=r"chain position 0: the input side writes SRAM word 5 in cycle \d+ "
+                                             r"while COMPUTE of inference 0 .* reads it"):
+        reference_run(program, pack_flits(x, 4), 3)
+    reference_run(program, pack_flits(x[:1], 4), 1)   # one inference: no race
+
+
+# --- hand-computed cycles of the three-sided PE (section 4, section 6 rule 4) ----------------------
+
+def _hand_case(name):
+    """Tiny programs whose every transfer is worked out by hand below (lanes 2, router FIFOs of depth 2,
+    dense layers of K = 2 input words, I = N_o * K = 4 so COMPUTE lasts 6 cycles, E = 1, batch 3).
+    Returns (program, x, expected): expected per chain position the input / compute / output times and
+    (for some) the spans, plus the host's in_times and out_times."""
+    rng = np.random.default_rng(17)
+    lanes, batch = 2, 3
+    if name == "one-tile":
+        # One dense tile, n_out = L: the host writes flit i at cycle i (the W FIFO drains in time); RECV of
+        # inference 0 at 1, 2 (a flit written at t is readable at t + 1); c_0 = 2 + 1 = 3, COMPUTE [3, 9);
+        # inference 1 may start at c_0 = 3: RECV at 3, 4; the first EMIT at c_0 + I + 2 = 9, to the host at
+        # 10; c_1 = max(4 + 1, 3 + 6, 9 + 1) = 10 (the EMIT of inference 0 holds it back); inference 2 waits
+        # for c_1: RECV at 10, 11; EMIT 1 at 16; c_2 = max(12, 16, 17) = 17; EMIT 2 at 23.
+        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+        layers = [_layer(rng, 4, 2)]
+        expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [10, 17, 24], 0: {
+            "input": [1, 2, 3, 4, 10, 11], "compute": [3, 10, 17], "output": [9, 16, 23],
+            "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (5, 12, "RECV"),
+                      (3, 9, "COMPUTE"), (10, 16, "COMPUTE"), (17, 23, "COMPUTE"),
+                      (0, 10, "EMIT"), (10, 17, "EMIT"), (17, 24, "EMIT")]}}
+    elif name == "pass-tail":
+        # The same tile followed by a pass-through tile (K = 0, P = 1, Q = 1): PE 0 runs exactly as above;
+        # each EMIT (9, 16, 23) reaches PE 1 two cycles later (PASS at 11, 18, 25), is popped one cycle
+        # after its push (12, 19, 26) and reaches the host one cycle later: 3 cycles more than without the
+        # pass-through tile (section 6).
+        arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+        layers = [_layer(rng, 4, 2)]
+        expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [13, 20, 27],
+                    0: {"input": [1, 2, 3, 4, 10, 11], "compute": [3, 10, 17], "output": [9, 16, 23]},
+                    1: {"input": [11, 18, 25], "compute": [], "output": [12, 19, 26],
+                        "spans": [(0, 12, "PASS"), (12, 19, "PASS"), (19, 26, "PASS"),
+                                  (0, 13, "FORWARD"), (13, 20, "FORWARD"), (20, 27, "FORWARD")]}}
+    elif name in ("split", "split-queue-1"):
+        # One dense layer (4 outputs) over two tiles of 2: tile 0 stores and forwards x (Q = 2 pops), tile 1
+        # stores x and passes tile 0's result word (P = 1, Q = 1). A hop from PE 0's output to PE 1's input
+        # takes 2 cycles (PE 0's L FIFO, PE 1's W FIFO).
+        queue = 1024 if name == "split" else 1
+        arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2,
+                    forward_queue_words=queue)
+        layers = [_layer(rng, 4, 4, tiles=2)]
+        if queue == 1024:
+            # PE 0: RECV 1, 2 (pushed), pops at 2, 3 (a word pushed at t can be popped from t + 1), c_0 = 3;
+            # inference 1 is received at 3, 4 into the queue while COMPUTE 0 runs; EMIT 0 at 9, then the
+            # queued pops at 10, 11; c_1 = max(5, 9, 10) = 10; inference 2 at 10, 11, EMIT 1 at 16, pops at
+            # 17, 18; c_2 = max(12, 16, 17) = 17, EMIT 2 at 23.
+            # PE 1 receives each PE 0 output 2 cycles later: x at 4, 5 (c_0 = 6), r0 passed at 11; pop r0
+            # at 12, EMIT 0 at max(c_0 + 6, 12 + 1) = 13; inference 1: x at 12, 13, r1 at 18; c_1 =
+            # max(14, 12, 14) = 14; pop 19, EMIT 20; inference 2: x at 19, 20, r2 at 25; c_2 = max(21, 20, 21);
+            # pop 26, EMIT 27; the host gets each 1 cycle later.
+            expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [13, 14, 20, 21, 27, 28],
+                        0: {"input": [1, 2, 3, 4, 10, 11], "compute": [3, 10, 17],
+                            "output": [2, 3, 9, 10, 11, 16, 17, 18, 23],
+                            "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (5, 12, "RECV"),
+                                      (3, 9, "COMPUTE"), (10, 16, "COMPUTE"), (17, 23, "COMPUTE"),
+                                      (0, 4, "FORWARD"), (4, 10, "EMIT"), (10, 12, "FORWARD"), (12, 17, "EMIT"),
+                                      (17, 19, "FORWARD"), (19, 24, "EMIT")]},
+                        1: {"input": [4, 5, 11, 12, 13, 18, 19, 20, 25], "compute": [6, 14, 21],
+                            "output": [12, 13, 19, 20, 26, 27],
+                            "spans": [(0, 6, "RECV"), (6, 12, "PASS"), (12, 14, "RECV"), (14, 19, "PASS"),
+                                      (19, 21, "RECV"), (21, 26, "PASS"),
+                                      (6, 12, "COMPUTE"), (14, 20, "COMPUTE"), (21, 27, "COMPUTE"),
+                                      (0, 13, "FORWARD"), (13, 14, "EMIT"), (14, 20, "FORWARD"), (20, 21, "EMIT"),
+                                      (21, 27, "FORWARD"), (27, 28, "EMIT")]}}
+        else:
+            # F = 1: a push needs an empty queue at the start of the cycle (a full queue is not pushable
+            # in the cycle it is popped). PE 0: RECV 1 (push), pop 2, RECV 3 (push), pop 4, c_0 = 4;
+            # inference 1: RECV at 5 (the queue was full at 4), then the queue stays full until the pops of
+            # inference 1, which follow EMIT 0 at 10: pop 11, RECV 12, pop 13, c_1 = max(13, 10, 11) = 13;
+            # RECV 14, EMIT 1 at 19, pop 20, RECV 21, pop 22, c_2 = max(22, 19, 20), EMIT 2 at 28. The host's
+            # W FIFO (depth 2) fills up: flits written at 0, 1, 2, 4, 6, 13.
+            # PE 1: x at 4, 6 (c_0 = 7), r0 at 12, pop 13, EMIT 14; x at 13, 15 (c_1 = max(16, 13, 15)),
+            # r1 at 21, pop 22, EMIT 23; x at 22, 24 (c_2 = max(25, 22, 24)), r2 at 30, pop 31, EMIT 32.
+            expected = {"in_times": [0, 1, 2, 4, 6, 13], "out_times": [14, 15, 23, 24, 32, 33],
+                        0: {"input": [1, 3, 5, 12, 14, 21], "compute": [4, 13, 22],
+                            "output": [2, 4, 10, 11, 13, 19, 20, 22, 28]},
+                        1: {"input": [4, 6, 12, 13, 15, 21, 22, 24, 30], "compute": [7, 16, 25],
+                            "output": [13, 14, 22, 23, 31, 32]}}
+    else:
+        raise ValueError(name)
+    program = build_program(arch, layers)
+    x = rng.integers(-128, 128, (batch, 4), dtype=np.int8)
+    return program, layers, x, expected
+
+
+HAND_CASES = ("one-tile", "pass-tail", "split", "split-queue-1")
+
+
+@pytest.mark.parametrize("name", HAND_CASES)
+def test_reference_hand_computed_cycles(name):
+    """The reference itself against cycles worked out by hand from sections 3, 4 and 6."""
+    program, layers, x, expected = _hand_case(name)
+    batch = x.shape[0]
+    flits, out_times, in_times, pes = reference_run(program, pack_flits(x, 2), batch)
+    assert in_times.tolist() == expected["in_times"], "host input transfer cycles"
+    assert out_times.tolist() == expected["out_times"], "host output transfer cycles"
+    np.testing.assert_array_equal(flits.reshape(batch, -1)[:, :layers[-1].n_out], dense_golden(layers, x))
+    for position, pe in enumerate(pes):
+        if position not in expected:
+            assert pe.idle, f"chain position {position} should be idle"
+            continue
+        want = expected[position]
+        assert pe.input_times == want["input"], f"chain position {position}: input-side cycles"
+        assert pe.compute_starts == want["compute"], f"chain position {position}: COMPUTE starts"
+        assert pe.output_times == want["output"], f"chain position {position}: output-side cycles"
+        if "spans" in want:
+            assert pe.spans == want["spans"], f"chain position {position}: spans"
+
+
+def test_pe_times_interface():
+    """emulator.timing.PETimes: a frozen dataclass of exactly input, compute, output; TimingResult.pe_times
+    holds one per chain position (None for an idle PE); the timelines use PHASE_SPAN_DTYPE."""
+    import dataclasses
+    from emulator import PHASE_SPAN_DTYPE
+    from emulator.timing import PETimes
+    assert dataclasses.is_dataclass(PETimes) and PETimes.__dataclass_params__.frozen
+    assert [f.name for f in dataclasses.fields(PETimes)] == ["input", "compute", "output"]
+    program, _, x, _ = _hand_case("pass-tail")
+    program = build_program(program.arch.replace(cols=3), [_layer(np.random.default_rng(17), 4, 2)], tail="direct")
+    result = emulate(program, pack_flits(x, 2), 3)
+    assert len(result.timing.pe_times) == 3 and result.timing.pe_times[1] is None is result.timing.pe_times[2]
+    assert isinstance(result.timing.pe_times[0], PETimes)
+    assert [len(t) for t in result.tile_timelines] == [9, 0, 0]
+    assert all(t.dtype == PHASE_SPAN_DTYPE for t in result.tile_timelines)
+
+
+@pytest.mark.parametrize("name", HAND_CASES)
+def test_emulator_hand_computed_cycles(name):
+    """The emulator's PETimes and timelines against the same hand-computed cycles."""
+    program, layers, x, expected = _hand_case(name)
+    batch = x.shape[0]
+    result = emulate(program, pack_flits(x, 2), batch)
+    assert result.in_times.tolist() == expected["in_times"], "host input transfer cycles"
+    assert result.out_times.tolist() == expected["out_times"], "host output transfer cycles"
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], dense_golden(layers, x))
+    for position, want in ((p, w) for p, w in expected.items() if isinstance(p, int)):
+        pe_times = result.timing.pe_times[position]
+        assert pe_times.input.tolist() == want["input"], f"chain position {position}: PETimes.input"
+        assert pe_times.compute.tolist() == want["compute"], f"chain position {position}: PETimes.compute"
+        assert pe_times.output.tolist() == want["output"], f"chain position {position}: PETimes.output"
+        if "spans" in want:
+            spans = [(int(s), int(e), str(p)) for s, e, p in result.tile_timelines[position]]
+            assert spans == want["spans"], f"chain position {position}: tile_timelines"
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -657,7 +1008,7 @@ def random_windowed_program(rng, *, max_batch=4, budget=30000):
         lanes = int(rng.choice([1, 2, 4, 8]))
         rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
         arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
-                    router_fifo_depth=int(rng.integers(1, 5)))
+                    router_fifo_depth=int(rng.integers(1, 5)), forward_queue_words=random_queue_words(rng))
         shape = (int(rng.integers(1, 21)), int(rng.integers(3, 10)), int(rng.integers(3, 10)))
         input_shape = shape
         layers, used = [], 0
@@ -919,14 +1270,17 @@ def test_lane_long_batch_and_slices(monkeypatch):
 
 
 def test_lane_weights_overlapping_activations():
-    """A LANE tile whose weight words overlap its activation buffer reads this inference's inputs."""
+    """A LANE tile whose weight words overlap activation bank 0: inference 0 reads its own inputs as
+    weights, inference 1 (stored in bank 1) reads inference 0's."""
     rng = np.random.default_rng(33)
     arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     layer = Depthwise(rng.integers(-128, 128, (6, 2, 2), dtype=np.int8), rng.integers(-99, 99, 6), 2**30, 36)
     program = build_program(arch, [layer], input_shape=(6, 3, 2))
-    program.tiles[0].config["act_base"] = 5   # weights at words 0..7, inputs at words 5..16
-    x = rng.integers(-128, 128, (3, 36), dtype=np.int8)
-    assert_matches_reference(program, x, 3, flits=pack_flits(x, 4, program.input))
+    program.tiles[0].config["act_base"] = 5   # weights at words 0..7, bank 0 at words 5..16, bank 1 at 17..28
+    x = rng.integers(-128, 128, (2, 36), dtype=np.int8)   # a third inference would overwrite bank 0 mid-COMPUTE
+    result = assert_matches_reference(program, x, 2, flits=pack_flits(x, 4, program.input))
+    first = emulate(program, pack_flits(x[:1], 4, program.input), 1)
+    np.testing.assert_array_equal(result.out_flits[:first.out_flits.shape[0]], first.out_flits)
 
 
 def test_global_average_pool_over_a_large_map():
@@ -1150,7 +1504,8 @@ def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=
         if cols > 8:
             continue
         arch = Arch(rows=rows, cols=cols, lanes=lanes_now, sram_bytes=lanes_now * 65536, max_tile_outputs=65535,
-                    router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth)
+                    router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth,
+                    forward_queue_words=random_queue_words(rng))
         program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
                                 input_shape=input_shape)
         if concat and not any(t.config["op"] == OP_CONCAT and t.config["n_out"] for t in program.tiles):
@@ -1317,7 +1672,7 @@ def test_nested_residual_blocks():
 @pytest.mark.parametrize("keep,forward", [("skip", (0, 3)), ("main", (3, 6)), ("middle", (2, 5))])
 def test_tile_that_only_forwards_part_of_its_stream(keep, forward):
     """A tile without COMPUTE that forwards a part of its RECV words: the others are read without waiting
-    for space downstream (in.ready = 1) and dropped."""
+    for forward-queue space and dropped."""
     rng = np.random.default_rng(44)
     lanes = 2
     first = random_layer(rng, 6, 6, 2)

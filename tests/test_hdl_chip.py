@@ -140,11 +140,12 @@ def test_two_inferences_through_a_small_chip(rows, cols):
         assert got[:N_OUT].tolist() == numpy_dense(x, golden).tolist()
         assert got[N_OUT:].tolist() == [0] * (len(got) - N_OUT)
     # Worked from section 6 for this chain (K = 2, N_o*K + 2 = 14 COMPUTE cycles, D = 2):
-    # inference 0: host flits written at 0, 1, RECV at 1, 2; first EMIT at 2 + 15 = 17, then 18.
-    # Inference 1's flits wait in (0,0)'s W FIFO: RECV at 19, 20; EMIT at 35, 36. Each later tile
-    # adds 2 cycles (its input FIFO and the L FIFO), the exit router's read 1 more.
-    emits = [17, 18, 35, 36]
-    assert [cycle for _, cycle in received] == [t + 2 * (arch.n_tiles - 1) + 1 for t in emits]
+    # inference 0: host flits written at 0, 1, RECV at 1, 2; c_0 = 3, EMIT at 3 + 14 = 17, 18.
+    # Inference 1 is received into the other bank while inference 0 computes: RECV at 3 (>= c_0), 4;
+    # c_1 = max(4 + 1, c_0 + 14, last EMIT 18 + 1) = 19, EMIT at 33, 34. Each later (pass-through) tile
+    # adds 3 cycles (its input FIFO, its forward queue and the L FIFO), the exit router's read 1 more.
+    emits = [17, 18, 33, 34]
+    assert [cycle for _, cycle in received] == [t + 3 * (arch.n_tiles - 1) + 1 for t in emits]
 
 
 def rne(value, shift):
@@ -210,12 +211,14 @@ def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols):
         # The integer ADD is the float Add of section 4.2 within 1 LSB.
         exact = ((x - z_x) * s_x + (y - z_y) * s_y) / s_z
         assert np.abs(z - np.clip(np.round(exact) + z_z, -128, 127)).max() <= 1
-    # Inference 0 worked from sections 4.1, 4.2 and 6 (D = 2): tile 0 RECVs (and forwards) x at 1..4,
-    # computes I = 4 pixels * 4 outputs = 16 cycles + 2, EMITs y at 4 + 19 = 23..26. Tile 1 receives x at
-    # 3..6 and y at 25..28, computes I = 1 row * 2 pixels * 1 word * 2 = 4 (+2), EMITs at 28 + 7 = 35, 36.
-    # Tile 2 receives the forwarded stream at 5..8, 27..30; its PASS waits for tile 1's results (37, 38),
-    # which is also 30 + 7; EMIT 39, 40. Each later tile adds 2 cycles, the exit router's read 1 more.
-    assert [cycle for _, cycle in received[:n_pix]] == [t + 2 * (arch.n_tiles - 3) + 1 for t in (37, 38, 39, 40)]
+    # Inference 0 worked from sections 4 to 4.2 and 6 (D = 2): tile 0 RECVs x at 1..4 (pushed into its
+    # forward queue, popped at 2..5), COMPUTEs from c_0 = 5 for I + 2 = 4 pixels * 4 outputs + 2 = 18 cycles,
+    # EMITs y at 23..26. Tile 1 receives x at 4..7 and y at 25..28 (2 cycles a hop), pops them at 5..8 and
+    # 26..29, COMPUTEs from 29 for I + 2 = 1 row * 2 pixels * 1 word * 2 + 2 = 6 cycles, EMITs at 35, 36.
+    # Tile 2 receives the forwarded stream at 7..10, 28..31 (c_0 = 32, results from 38), PASSes tile 1's
+    # results at 37, 38, pops them at 38, 39, EMITs at 40, 41. Each later (pass-through) tile adds 3 cycles,
+    # the exit router's read 1 more.
+    assert [cycle for _, cycle in received[:n_pix]] == [t + 3 * (arch.n_tiles - 3) + 1 for t in (38, 39, 40, 41)]
 
 
 @pytest.mark.parametrize("rows, cols", GRIDS)
@@ -272,12 +275,12 @@ def test_conv_and_its_input_concatenated_by_a_split_concat(rows, cols):
         # The integer CONCAT is the float Concat of section 4.3 within 1 LSB.
         exact = np.concatenate([(y - z_y) * s_y, (x - z_x) * s_x], axis=1) / s_z
         assert np.abs(z - np.clip(np.round(exact) + z_z, -128, 127)).max() <= 1
-    # Inference 0 worked from sections 4.1, 4.3 and 6 (D = 2): tile 0 as in the residual test (y EMITted at
-    # 23..26). Tile 1 receives x at 3..6 and y at 25..28, computes I = 1 row * 2 pixels * 2 words = 4 (+2),
-    # EMITs 4 words at 28 + 7 = 35..38. Tile 2 receives the forwarded stream at 5..8, 27..30; its PASS waits
-    # for tile 1's results (37..40, also >= 30 + 7); EMIT 41..44. Each later tile adds 2 cycles, the exit
-    # router's read 1 more.
-    assert [cycle for _, cycle in received[:2 * n_pix]] == [t + 2 * (arch.n_tiles - 3) + 1 for t in range(37, 45)]
+    # Inference 0 worked from sections 4, 4.3 and 6 (D = 2): tile 0 as in the residual test (y EMITted at
+    # 23..26). Tile 1 receives x at 4..7 and y at 25..28, COMPUTEs from 29 for I + 2 = 1 row * 2 pixels
+    # * 2 words + 2 = 6 cycles, EMITs 4 words at 35..38. Tile 2 receives the forwarded stream at 7..10,
+    # 28..31 (results from 38), PASSes tile 1's results at 37..40, pops them at 38..41, EMITs at 42..45. Each
+    # later (pass-through) tile adds 3 cycles, the exit router's read 1 more.
+    assert [cycle for _, cycle in received[:2 * n_pix]] == [t + 3 * (arch.n_tiles - 3) + 1 for t in range(38, 46)]
 
 
 def test_chip_verilog_names_the_module_and_ports():

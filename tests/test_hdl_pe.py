@@ -1,17 +1,20 @@
 """PE (docs/architecture.md sections 4 to 4.3) in Amaranth's simulator: arithmetic against golden
 functions (dense; convolution, max pooling and LANE written as plain loops from section 4.1; ADD from
 section 4.2's formula and CONCAT from section 4.3's in numpy, both cross-checked against scalar loops), the
-store and forward ranges of a stream carrying several tensors, and the cycle of every input and output
-transfer against timing rule 4 of section 6 with section 4.1's counts."""
+store and forward ranges of a stream carrying several tensors, the two activation banks, and the cycle of
+every input and output transfer and every COMPUTE start against section 6 rule 4's three chains (input side,
+compute side, output side coupled through the forward queue of F = Arch.forward_queue_words words), over
+several inferences, seeded random input gaps and output back-pressure, and queue depths from 1 to 1024."""
 import random
 
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
+from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
                            dense_window_registers, stream_registers)
-from flowtile.program import compute_issue_cycles, forwarded_words, result_words, stored_words, weight_words
+from flowtile.program import (compute_issue_cycles, forwarded_words, result_words, stored_words, tile_period_cycles,
+                              weight_words)
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                          encode_config, encode_param_entry, pack_lanes, unpack_lanes)
 from hdl.pe import PE
@@ -81,31 +84,85 @@ def golden_result_words(outputs, lanes):
     return words
 
 
-def golden_schedule(config, lanes, n_inferences, available, ready):
-    """Rule 4: t_j = max(lb_j, t_{j-1} + d_j), with lb_j the first cycle at which the action's
-    input flit is offered (testbench arrival time) and, if it emits, the output is ready.
-    Section 4.1's counts: COMPUTE lasts I + 2 cycles, EMIT has n_pix * N_r transfers."""
-    k_words, n_pass, n_out = config["n_in_words"], config["n_pass"], config["n_out"]
-    n_result = result_words(config, lanes)
-    issue_cycles = compute_issue_cycles(config)
-    actions = []   # (kind, emits, first transfer after COMPUTE)
-    for _ in range(n_inferences):
-        actions += [("recv", is_forwarded(config, k), False) for k in range(k_words)]
-        after_compute = [("pass", True, False)] * n_pass + [("emit", True, False)] * (n_result if n_out else 0)
-        if n_out and after_compute:
-            after_compute[0] = after_compute[0][:2] + (True,)
-        actions += after_compute
-    times, previous, read_index = [], -1, 0
-    for kind, emits, first_after_compute in actions:
-        t = previous + (issue_cycles + 3 if first_after_compute else 1)
-        if kind != "emit":
-            t = max(t, available[read_index])
-            read_index += 1
-        while emits and not ready[t]:
-            t += 1
-        times.append((kind, emits, t))
-        previous = t
-    return times
+class Schedule:
+    """Section 6 rule 4 for one PE: the cycle of every transfer of its three chains.
+
+    ``inputs``: [(kind, inference, t)] in input order, kind "recv" or "pass"; ``outputs``: [(kind,
+    inference, t)] in output order, kind "forward" (a pop of the forward queue) or "emit"; ``compute``:
+    [c_s]; ``queue_waits``: how many input transfers waited for queue space. ``available[i]``: first cycle input flit i is offered (it stays offered until accepted);
+    ``ready[t]``: o_flit.ready in cycle t."""
+
+    def __init__(self, config, lanes, n_inferences, available, ready, queue_words):
+        k_words, n_pass = config["n_in_words"], config["n_pass"]
+        computes = config["n_out"] > 0
+        issue_cycles = compute_issue_cycles(config)
+        n_emits = result_words(config, lanes) if computes else 0
+        n_forwarded = sum(is_forwarded(config, k) for k in range(k_words))
+        # (kind, inference, word k, pushes into the queue)
+        in_actions = [(("recv", s, k, is_forwarded(config, k)) if k < k_words else ("pass", s, k, True))
+                      for s in range(n_inferences) for k in range(k_words + n_pass)]
+        out_actions = [("forward" if j < n_forwarded + n_pass else "emit", s)
+                       for s in range(n_inferences) for j in range(n_forwarded + n_pass + n_emits)]
+        last_stored = config["store_end"] - 1
+
+        def first_ready(t):
+            while not ready[t]:
+                t += 1
+                assert t < len(ready), "golden schedule runs past the ready pattern"
+            return t
+
+        # Least solution of the max-plus system by sweeps from below: every constraint only pushes a time
+        # later and the system is acyclic, so the sweeps converge to its unique solution.
+        never = -(1 << 40)
+        t_in, t_out, c = [never] * len(in_actions), [never] * len(out_actions), [never] * n_inferences
+        while True:
+            pops = [t for (kind, _), t in zip(out_actions, t_out) if kind == "forward"]
+            pushes, new_in, previous, queue_waits = [], [], -1, 0
+            for j, (kind, s, k, pushes_word) in enumerate(in_actions):
+                t = max(previous + 1, available[j])
+                if pushes_word and len(pushes) >= queue_words:
+                    space = pops[len(pushes) - queue_words] + 1        # push i >= pop i - F + 1
+                    queue_waits += space > t
+                    t = max(t, space)
+                if computes and s >= 1 and k == 0:
+                    t = max(t, c[s - 1])                                # COMPUTE of s - 1 has begun
+                if pushes_word:
+                    pushes.append(t)
+                new_in.append(t)
+                previous = t
+            new_c = []
+            for s in range(n_inferences if computes else 0):
+                bound = new_in[s * (k_words + n_pass) + last_stored] + 1
+                if s:
+                    last_emit = max(t for (kind, i), t in zip(out_actions, t_out) if kind == "emit" and i == s - 1)
+                    bound = max(bound, new_c[s - 1] + issue_cycles + 2, last_emit + 1)
+                new_c.append(bound)
+            new_out, previous, pop_index, emitting = [], -1, 0, set()
+            for kind, s in out_actions:
+                t = previous + 1
+                if kind == "forward":
+                    t = max(t, pushes[pop_index] + 1)                   # pop i >= push i + 1
+                    pop_index += 1
+                elif s not in emitting:
+                    emitting.add(s)
+                    t = max(t, new_c[s] + issue_cycles + 2)             # first EMIT of s
+                t = first_ready(max(t, 0))
+                new_out.append(t)
+                previous = t
+            if (new_in, new_c, new_out) == (t_in, c, t_out):
+                break
+            t_in, c, t_out = new_in, new_c, new_out
+        self.inputs = [(kind, s, t) for (kind, s, _, _), t in zip(in_actions, t_in)]
+        self.outputs = [(kind, s, t) for (kind, s), t in zip(out_actions, t_out)]
+        self.compute = c
+        #: Input transfers the queue's space rule delayed (beyond every other bound).
+        self.queue_waits = queue_waits
+        self.issue_cycles = issue_cycles
+
+
+def golden_schedule(config, lanes, n_inferences, available, ready, queue_words):
+    """The transfer cycles of section 6 rule 4 (see :class:`Schedule`)."""
+    return Schedule(config, lanes, n_inferences, available, ready, queue_words)
 
 
 # --- simulation ------------------------------------------------------------------------------------
@@ -119,16 +176,20 @@ class ProbedPE(PE):
         return m
 
 
-def simulate(config, sram, params, inputs, available, ready, *, arch=ARCH, sram_image=None):
+#: Cycles the testbench keeps running after the last expected transfer, checking that nothing more leaves.
+TAIL_CYCLES = 4
+
+
+def simulate(config, sram, params, inputs, available, ready, n_outputs, *, arch=ARCH, sram_image=None):
     """Load ``config`` / ``sram`` {addr: lanes} / ``params`` into tile TILE, then run with run = 1
     from cycle 0. Input flit i is offered from cycle available[i] until accepted; o_flit.ready
-    follows ``ready``. Returns ([accept cycle], [(lanes, dest, cycle, kind)]); ``sram_image``, if a
-    list, receives the SRAM contents after the run (one lane list per word)."""
+    follows ``ready``. Runs until every input is accepted and ``n_outputs`` flits left, then TAIL_CYCLES
+    more in which o_flit.valid must stay low. Returns ([accept cycle], [(lanes, dest, cycle)],
+    [compute start cycle]); ``sram_image``, if a list, receives the SRAM contents after the run (one lane
+    list per word)."""
     ARCH = arch   # noqa: N806 (the module default, or a larger arch for windowed layers)
     dut = ProbedPE(ARCH, TILE)
-    accepted, emitted = [], []
-    total_outputs = len(golden_schedule(config, ARCH.lanes, len(inputs) // max(1, config["n_in_words"] + config["n_pass"]),
-                                        available, ready))
+    accepted, emitted, starts = [], [], []
 
     async def load(ctx, tile, target, addr, data):
         ctx.set(dut.load.valid, 1)
@@ -147,23 +208,31 @@ def simulate(config, sram, params, inputs, available, ready, *, arch=ARCH, sram_
         await load(ctx, 1 - TILE, LOAD_TARGET_CONFIG, 0, 0)
         await load(ctx, 1 - TILE, LOAD_TARGET_PARAMS, 0, encode_param_entry(7, 7, 7))
         ctx.set(dut.run, 1)
-        cycle = 0
-        while len(accepted) + sum(1 for *_, kind in emitted if kind == "emit") < total_outputs or \
-                len(accepted) < len(inputs):
-            assert cycle < len(ready) - 1, "PE stopped"
+        cycle, tail = 0, 0
+        while tail < TAIL_CYCLES:
+            if len(emitted) >= n_outputs and len(accepted) >= len(inputs):
+                tail += 1
+                assert not ctx.get(dut.o_flit.valid), f"o_flit valid in cycle {cycle}, after the last expected output"
+            assert cycle < len(ready) - 1, (f"PE stopped: {len(accepted)} of {len(inputs)} inputs accepted, "
+                                            f"{len(emitted)} of {n_outputs} outputs by cycle {cycle}")
             offering = len(accepted) < len(inputs) and available[len(accepted)] <= cycle
             ctx.set(dut.i_flit.valid, offering)
             if offering:
                 ctx.set(dut.i_flit.payload, {"data": pack_lanes(inputs[len(accepted)], ARCH.lanes),
                                              "dest_row": 0, "dest_col": 1, "dest_host": 0})
+            # o_flit.valid never depends on o_flit.ready, nor does i_flit.ready (it depends on queue space).
+            ctx.set(dut.o_flit.ready, not ready[cycle])
+            handshake = ctx.get(dut.o_flit.valid), ctx.get(dut.i_flit.ready)
             ctx.set(dut.o_flit.ready, ready[cycle])
+            assert (ctx.get(dut.o_flit.valid), ctx.get(dut.i_flit.ready)) == handshake, \
+                f"o_flit.valid or i_flit.ready follows o_flit.ready in cycle {cycle}"
             took = ctx.get(dut.i_flit.valid) and ctx.get(dut.i_flit.ready)
-            out_valid = ctx.get(dut.o_flit.valid)
-            if out_valid and ready[cycle]:
+            if ctx.get(dut.o_flit.valid) and ready[cycle]:
                 payload = ctx.get(dut.o_flit.payload)
                 emitted.append((unpack_lanes(int(payload.data), ARCH.lanes),
-                                (int(payload.dest_row), int(payload.dest_col), int(payload.dest_host)),
-                                cycle, "forward" if took else "emit"))
+                                (int(payload.dest_row), int(payload.dest_col), int(payload.dest_host)), cycle))
+            if ctx.get(dut.probes["compute_start"]):
+                starts.append(cycle)
             if took:
                 accepted.append(cycle)
             await ctx.tick()
@@ -176,7 +245,7 @@ def simulate(config, sram, params, inputs, available, ready, *, arch=ARCH, sram_
     sim.add_clock(1e-6)
     sim.add_testbench(testbench)
     sim.run()
-    return accepted, emitted
+    return accepted, emitted, starts
 
 
 def dense_case(rng, k_words, n_out, lanes):
@@ -188,23 +257,28 @@ def dense_case(rng, k_words, n_out, lanes):
 
 def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, golden=None, sram=None,
               sram_image=None):
-    """Run the PE and compare every transfer (content and cycle) with the golden models.
-    ``golden(stored words)`` gives one inference's result words (default: the dense golden over the
-    weights). ``sram`` {addr: lanes} is the SRAM image loaded (default: ``weights`` at ``w_base``);
-    ``sram_image`` receives the SRAM after the run (see :func:`simulate`)."""
+    """Run the PE and compare every transfer (content and cycle) and every COMPUTE start with the golden
+    models (F = ``arch.forward_queue_words``). ``golden(stored words)`` gives one inference's result words
+    (default: the dense golden over the weights). ``sram`` {addr: lanes} is the SRAM image loaded (default:
+    ``weights`` at ``w_base``); ``sram_image`` receives the SRAM after the run (see :func:`simulate`).
+    Returns ([(lanes, dest, cycle, kind)] of the output transfers, kind "forward" or "emit", the
+    :class:`Schedule`)."""
     ARCH = arch   # noqa: N806
     k_words, n_pass = config["n_in_words"], config["n_pass"]
     per_inference = k_words + n_pass
     n_inferences = len(inputs) // per_inference
+    assert n_inferences * per_inference == len(inputs)
     if sram is None:
         sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
-    accepted, emitted = simulate(config, sram, params, inputs, available, ready, arch=arch, sram_image=sram_image)
-    schedule = golden_schedule(config, ARCH.lanes, n_inferences, available, ready)
+    schedule = golden_schedule(config, ARCH.lanes, n_inferences, available, ready, ARCH.forward_queue_words)
+    accepted, emitted, starts = simulate(config, sram, params, inputs, available, ready, len(schedule.outputs),
+                                         arch=arch, sram_image=sram_image)
     if golden is None:
         def golden(activations):
             return golden_result_words(golden_outputs(weights, activations, params, config), ARCH.lanes)
 
-    assert accepted == [t for kind, _, t in schedule if kind != "emit"]
+    assert accepted == [t for _, _, t in schedule.inputs], "input transfer cycles differ from rule 4"
+    assert starts == schedule.compute, "COMPUTE start cycles differ from c_s of section 4"
     expected_out = []
     for i in range(n_inferences):
         flits = inputs[i * per_inference:(i + 1) * per_inference]
@@ -213,23 +287,30 @@ def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, g
         if config["n_out"]:
             expected_out += golden(stored_part(config, flits[:k_words]))
     dest = (config["dest_row"], config["dest_col"], config["dest_host"])
-    assert [lanes for lanes, *_ in emitted] == expected_out
+    assert [lanes for lanes, *_ in emitted] == expected_out, "output words differ from the golden model"
     assert all(d == dest for _, d, *_ in emitted)
-    assert [t for _, _, t, _ in emitted] == [t for _, emits, t in schedule if emits]
-    return emitted
+    assert [t for _, _, t in emitted] == [t for _, _, t in schedule.outputs], "output transfer cycles differ from rule 4"
+    return [(lanes, d, t, kind) for (lanes, d, t), (kind, _, _) in zip(emitted, schedule.outputs)], schedule
 
 
 # --- tests -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("forward, back_pressure", [(1, False), (1, True), (0, True)])
-def test_transfer_cycles_follow_rule_4(forward, back_pressure):
-    rng = random.Random(7 + forward + 2 * back_pressure)
-    k_words, n_pass, n_out, n_inferences = 3, 2, 6, 3
+@pytest.mark.parametrize("forward, back_pressure, queue_words",
+                         [(1, False, 1024), (1, True, 1024), (0, True, 1024), (1, False, 1), (1, True, 1),
+                          (1, True, 2), (0, True, 1), (1, True, 4)])
+def test_transfer_cycles_follow_rule_4(forward, back_pressure, queue_words):
+    """A dense tile that forwards (or not) and passes: every transfer and every COMPUTE start against rule 4,
+    with forward queues from one word (every push waits for the pop before it) to more than an inference's
+    K_f + P words (7, or 2 without forwarding; F = 1, 2, 4 fill while COMPUTE or back-pressure holds the
+    output side, F = 1024 never does)."""
+    arch = ARCH.replace(forward_queue_words=queue_words)
+    rng = random.Random(7 + forward + 2 * back_pressure + 4 * queue_words)
+    k_words, n_pass, n_out, n_inferences = 5, 2, 6, 3
     config = make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, n_out=n_out,
                          w_base=4, act_base=40, zp_out=-3)
     weights, params = dense_case(rng, k_words, n_out, ARCH.lanes)
     inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range((k_words + n_pass) * n_inferences)]
-    horizon = 400
+    horizon = 600
     if back_pressure:
         available, cycle = [], 0
         for _ in inputs:
@@ -238,12 +319,62 @@ def test_transfer_cycles_follow_rule_4(forward, back_pressure):
         ready = [rng.random() < 0.6 for _ in range(horizon)]
     else:
         available, ready = [0] * len(inputs), [True] * horizon
-    emitted = check_run(config, weights, params, inputs, available, ready)
-    if not back_pressure:
-        # Spelled out for inference 0: RECV at 0,1,2, COMPUTE 3..3+N_o*K+1, PASS twice, EMIT next.
-        first_emit = 2 + n_out * k_words + 3 + n_pass
-        emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"][:2]
-        assert emit_cycles == [first_emit, first_emit + 1]
+    emitted, schedule = check_run(config, weights, params, inputs, available, ready, arch=arch)
+    issue_cycles = n_out * k_words
+    emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
+    accepted = [t for _, _, t in schedule.inputs]
+    # A queue shorter than the K_f + P words of an inference fills (a push waits for a pop); a long one never.
+    assert (schedule.queue_waits > 0) == (queue_words < forwarded_words(config) + n_pass)
+    if not back_pressure and queue_words == 1024:
+        # Spelled out: inference 0 RECV at 0..4, PASS at 5, 6 (popped at 1..7 if forwarded, else 6, 7);
+        # COMPUTE [5, 5 + I + 2), EMIT at 5 + I + 2 = 37, 38. Inference 1's input side begins at 7 (>= c_0 = 5)
+        # (RECV word 4 at 11); c_1 = max(11 + 1, c_0 + I + 2 = 37, last EMIT 38 + 1) = 39; inference 2's input
+        # side waits for c_1.
+        assert accepted[:8] == [0, 1, 2, 3, 4, 5, 6, 7] and accepted[14] == 39
+        assert schedule.compute == [5, 39, 73]
+        assert emit_cycles[:2] == [k_words + issue_cycles + 2, k_words + issue_cycles + 3] == [37, 38]
+        # Steady state of a tile alone: COMPUTE back to back but for its own EMIT (section 6 rule 4).
+        assert schedule.compute[2] - schedule.compute[1] == tile_period_cycles(config, ARCH.lanes) == issue_cycles + 4
+    elif not back_pressure:
+        # F = 1: a push waits for the pop of the word before it (pushed at t, popped at t + 1, so the next
+        # push at t + 2): the input side takes a word every other cycle; COMPUTE begins after RECV word 4 at 8.
+        assert accepted[:7] == [0, 2, 4, 6, 8, 10, 12] and schedule.compute[0] == 9
+        assert [t for _, _, t, kind in emitted if kind == "forward"][:7] == [1, 3, 5, 7, 9, 11, 13]
+
+
+def test_bank_alternation_and_queue_depth_matter():
+    """Inference s + 1 is received into the other bank while COMPUTE of s reads its own: with K = 2 and a
+    long COMPUTE (I = 12), inference 1 arrives in cycles 2, 3, inside COMPUTE of inference 0 [2, 16), and
+    inference 2 overwrites bank 0 while COMPUTE of 1 reads bank 1. One bank would give inference 0 results
+    over inference 1's words (and inference 1 over 2's): they differ, and the results must match the golden.
+    Then the same forwarding tile with F = 1 and F = 16 under the same stalls: both exact, and only the
+    small queue makes the input side wait for space."""
+    rng = random.Random(31)
+    k_words, n_out, n_inferences = 2, 6, 3
+    config = make_config(n_in_words=k_words, n_out=n_out, w_base=0, act_base=40)
+    weights, params = dense_case(rng, k_words, n_out, ARCH.lanes)
+    inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(k_words * n_inferences)]
+    emitted, schedule = check_run(config, weights, params, inputs, [0] * len(inputs), [True] * 200)
+    c_0, c_1 = schedule.compute[:2]
+    issue_cycles = n_out * k_words
+    assert [t for _, s, t in schedule.inputs if s == 1] == [2, 3] and c_0 == 2 and 3 < c_0 + issue_cycles + 2
+    assert all(c_1 <= t < c_1 + issue_cycles + 2 for _, s, t in schedule.inputs if s == 2)
+    per_inference = [golden_result_words(golden_outputs(weights, inputs[s * k_words:(s + 1) * k_words], params,
+                                                        config), ARCH.lanes) for s in range(n_inferences)]
+    assert per_inference[0] != per_inference[1] and per_inference[1] != per_inference[2]
+    assert [word for word, *_, kind in emitted if kind == "emit"] == [w for words in per_inference for w in words]
+
+    forward_config = make_config(n_in_words=6, forward=1, n_pass=2, n_out=4, w_base=0, act_base=40)
+    weights, params = dense_case(rng, 6, 4, ARCH.lanes)
+    inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(8 * n_inferences)]
+    available, ready = random_stalls(rng, len(inputs), 600)
+    accepted = {}
+    for queue_words in (1, 16):
+        _, schedule = check_run(forward_config, weights, params, inputs, available, ready,
+                                arch=ARCH.replace(forward_queue_words=queue_words))
+        accepted[queue_words] = [t for _, _, t in schedule.inputs]
+        assert (schedule.queue_waits > 0) == (queue_words == 1)
+    assert all(small >= large for small, large in zip(accepted[1], accepted[16])) and accepted[1] != accepted[16]
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -274,7 +405,7 @@ def test_arithmetic_edge_cases(relu):
                          clamp_lo=max(-128, zp_out) if relu else -128, clamp_hi=127)
     inputs = [[127] * lanes, [-128] * lanes, [rng.randint(-128, 127) for _ in range(lanes)],
               [rng.randint(-128, 127) for _ in range(lanes)]]
-    emitted = check_run(config, weights, params, inputs, [0] * len(inputs), [True] * 200)
+    emitted, schedule = check_run(config, weights, params, inputs, [0] * len(inputs), [True] * 200)
 
     first = golden_outputs(weights, inputs[:2], params, config)
     lo = config["clamp_lo"]
@@ -289,16 +420,19 @@ def test_arithmetic_edge_cases(relu):
 def test_pass_only_tile_passes_from_cycle_0_and_idle_tile_never_accepts():
     config = make_config(n_pass=2)
     inputs = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
-    emitted = check_run(config, [], [], inputs, [0] * 4, [True] * 50)
-    assert [t for _, _, t, _ in emitted] == [0, 1, 2, 3]
+    emitted, schedule = check_run(config, [], [], inputs, [0] * 4, [True] * 50)
+    # Each word spends one cycle in the forward queue.
+    assert [t for _, _, t, _ in emitted] == [1, 2, 3, 4]
 
 
-def test_run_low_holds_the_initial_phase_clears_counters_and_blocks_loads_while_running():
-    """A flit accepted before run drops is forgotten: after run rises again RECV restarts at word 0.
-    A config load issued while run = 1 is ignored (the destination stays)."""
+@pytest.mark.parametrize("forward", [0, 1])
+def test_run_low_holds_the_initial_phase_clears_counters_and_blocks_loads_while_running(forward):
+    """A flit accepted before run drops is forgotten: after run rises again RECV restarts at word 0 of
+    bank 0, and (``forward``) the word it pushed into the forward queue is gone (the queue is held in reset
+    while run = 0). A config load issued while run = 1 is ignored (the destination stays)."""
     k_words, n_out = 2, 3
     rng = random.Random(5)
-    config = make_config(n_in_words=k_words, n_out=n_out, w_base=0, act_base=30)
+    config = make_config(n_in_words=k_words, n_out=n_out, w_base=0, act_base=30, forward=forward)
     weights, params = dense_case(rng, k_words, n_out, ARCH.lanes)
     flits = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(3)]
     dut = PE(ARCH, TILE)
@@ -347,8 +481,11 @@ def test_run_low_holds_the_initial_phase_clears_counters_and_blocks_loads_while_
     sim.run()
     assert log["accepted"] == [0, 4, 5]
     expected = golden_result_words(golden_outputs(weights, flits[1:], params, config), ARCH.lanes)
-    assert [(lanes, host) for lanes, host, _ in log["emitted"]] == [(word, 1) for word in expected]
-    assert log["emitted"][0][2] == 5 + n_out * k_words + 3
+    forwarded = flits[1:] if forward else []
+    assert [(lanes, host) for lanes, host, _ in log["emitted"]] == [(word, 1) for word in forwarded + expected]
+    # Forwarded words popped the cycle after their RECV (5, 6); COMPUTE from 6 for N_o * K + 2 cycles.
+    first_emit = 5 + n_out * k_words + 3
+    assert [t for *_, t in log["emitted"]] == [5, 6][:len(forwarded)] + [first_emit + j for j in range(len(expected))]
 
 
 def test_idle_tile_holds_its_input():
@@ -369,6 +506,18 @@ def test_idle_tile_holds_its_input():
 
 
 # --- windowed layers (section 4.1) -----------------------------------------------------------------
+
+#: Forward queue depths (Arch.forward_queue_words) the case lists below cycle through: one word, two, three
+#: (all smaller than most inferences' forwarded plus passed words, so the queue fills) and the default.
+QUEUE_DEPTHS = (1, 2, 3, 1024)
+
+
+def with_queue_depths(cases, first=1):
+    """``cases`` (id first) as pytest parameters with a forward queue depth appended, cycling through
+    QUEUE_DEPTHS, each with its id and ``-F<depth>``."""
+    depths = [QUEUE_DEPTHS[i % len(QUEUE_DEPTHS)] for i in range(len(cases))]
+    return [pytest.param(*case[first:], depth, id=f"{case[0]}-F{depth}") for case, depth in zip(cases, depths)]
+
 
 #: Room for 5x5 maps: 1024 SRAM words, 64 result words.
 WINDOW_ARCH = ARCH.replace(sram_bytes=4096, max_tile_outputs=256)
@@ -435,23 +584,23 @@ def golden_window(config, sram, params, activations, lanes):
 WINDOW_CASES = [
     ("conv3x3-s1-p1", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=2, kernel_h=3, kernel_w=3, stride=1,
                            pad_top=1, pad_left=1, pad_value=-7, out_row_begin=0, out_rows=5, out_width=5, n_out=5,
-                           zp_out=-3), 0, 1, False, 2),
+                           zp_out=-3), 0, 1, False, 3),
     ("conv3x3-s2-p0", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3, stride=2,
                            pad_top=0, pad_left=0, pad_value=0, out_row_begin=0, out_rows=2, out_width=2, n_out=6,
-                           zp_out=4, clamp_lo=4), 2, 0, True, 2),
+                           zp_out=4, clamp_lo=4), 2, 0, True, 3),
     ("conv3x3-band-pad5", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3,
                                stride=1, pad_top=1, pad_left=1, pad_value=5, out_row_begin=3, out_rows=2, out_width=5,
-                               n_out=3), 1, 1, True, 2),
+                               n_out=3), 1, 1, True, 3),
     # 5 rows x 4 columns, a 2x3 kernel with stride 3 and uneven padding: rows/columns must not be swapped.
     ("conv2x3-s3-5x4", dict(op=OP_MAC, in_height=5, in_width=4, words_per_pixel=2, kernel_h=2, kernel_w=3,
                             stride=3, pad_top=1, pad_left=2, pad_value=-1, out_row_begin=0, out_rows=2, out_width=2,
-                            n_out=4), 0, 0, False, 2),
+                            n_out=4), 0, 0, False, 3),
     ("maxpool2x2-s2", dict(op=OP_MAX, in_height=4, in_width=4, words_per_pixel=2, kernel_h=2, kernel_w=2, stride=2,
                            pad_top=0, pad_left=0, pad_value=-128, out_row_begin=0, out_rows=2, out_width=2, n_out=8,
-                           clamp_lo=-100, clamp_hi=90), 0, 1, True, 2),
+                           clamp_lo=-100, clamp_hi=90), 0, 1, True, 3),
     ("maxpool3x3-s1-p1-band", dict(op=OP_MAX, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3,
                                    stride=1, pad_top=1, pad_left=1, pad_value=-128, out_row_begin=1, out_rows=3,
-                                   out_width=5, n_out=4, clamp_lo=-20, clamp_hi=100), 2, 0, False, 2),
+                                   out_width=5, n_out=4, clamp_lo=-20, clamp_hi=100), 2, 0, False, 3),
 ]
 
 
@@ -459,33 +608,33 @@ WINDOW_CASES = [
 WINDOW_LANE_CASES = [
     ("conv3x3-s2-p1-lanes1", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=2, kernel_h=3, kernel_w=3,
                                   stride=2, pad_top=1, pad_left=1, pad_value=3, out_row_begin=1, out_rows=2,
-                                  out_width=3, n_out=3), 1, 1, True, 2, 1),
+                                  out_width=3, n_out=3), 1, 1, True, 3, 1),
     ("maxpool1x1-lanes1", dict(op=OP_MAX, in_height=3, in_width=3, words_per_pixel=2, kernel_h=1, kernel_w=1,
                                stride=2, pad_top=0, pad_left=0, pad_value=-128, out_row_begin=0, out_rows=2,
-                               out_width=2, n_out=2, clamp_lo=-3, clamp_hi=3), 0, 0, False, 2, 1),
+                               out_width=2, n_out=2, clamp_lo=-3, clamp_hi=3), 0, 0, False, 3, 1),
     ("conv3x3-s1-p1-lanes8", dict(op=OP_MAC, in_height=4, in_width=3, words_per_pixel=1, kernel_h=3, kernel_w=3,
                                   stride=1, pad_top=1, pad_left=1, pad_value=-9, out_row_begin=0, out_rows=4,
-                                  out_width=3, n_out=10), 0, 1, False, 2, 8),
+                                  out_width=3, n_out=10), 0, 1, False, 3, 8),
     ("maxpool3x3-s2-p1-lanes8", dict(op=OP_MAX, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3,
                                      stride=2, pad_top=1, pad_left=1, pad_value=-128, out_row_begin=0, out_rows=3,
-                                     out_width=3, n_out=8, clamp_lo=0, clamp_hi=127), 2, 1, True, 2, 8),
+                                     out_width=3, n_out=8, clamp_lo=0, clamp_hi=127), 2, 1, True, 3, 8),
 ]
 
 
-@pytest.mark.parametrize("registers, n_pass, forward, back_pressure, n_inferences, lanes",
-                         [case[1:] + (WINDOW_ARCH.lanes,) for case in WINDOW_CASES]
-                         + [case[1:] for case in WINDOW_LANE_CASES],
-                         ids=[case[0] for case in WINDOW_CASES + WINDOW_LANE_CASES])
-def test_windowed_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, n_inferences, lanes):
-    run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lanes)
+@pytest.mark.parametrize("registers, n_pass, forward, back_pressure, n_inferences, lanes, queue_words",
+                         with_queue_depths([case + (WINDOW_ARCH.lanes,) for case in WINDOW_CASES]
+                                            + WINDOW_LANE_CASES))
+def test_windowed_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, n_inferences, lanes,
+                                                  queue_words):
+    run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lanes, queue_words=queue_words)
 
 
-def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lanes, *, average=False,
+def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lanes, *, queue_words, average=False,
                     result_words_per_tile=None):
     """One windowed layer on a PE with ``lanes`` lanes, checked value by value and cycle by cycle.
     ``average``: all-one weights and multipliers near 2^S / (KH*KW) (an average pool as a LANE layer).
     ``result_words_per_tile``: result buffer depth (default: WINDOW_ARCH's outputs at ``lanes``)."""
-    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes)
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes, forward_queue_words=queue_words)
     if result_words_per_tile is not None:
         arch = arch.replace(max_tile_outputs=result_words_per_tile * lanes)
     rng = random.Random(repr(sorted(registers.items())) + str(lanes))   # a str seed is stable across runs
@@ -529,9 +678,9 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
     else:
         available, ready = [0] * len(inputs), [True] * horizon
     sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
-    emitted = check_run(config, weights, params, inputs, available, ready, arch=arch,
-                        golden=lambda activations: golden_window(config, sram, params, activations, lanes))
-    if not back_pressure and not n_pass:
+    emitted, schedule = check_run(config, weights, params, inputs, available, ready, arch=arch,
+                                  golden=lambda activations: golden_window(config, sram, params, activations, lanes))
+    if not back_pressure and not n_pass and queue_words >= forwarded_words(config):
         # Spelled out for inference 0: last RECV at K - 1, COMPUTE for I + 2 cycles, then EMIT.
         emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
         assert emit_cycles[0] == (k_words - 1) + 1 + issue_cycles + 2
@@ -548,14 +697,14 @@ LANE_OP_CASES = [
     # Depthwise 3x3, pad 1 with a non-zero pad value (an input zero point), per-channel parameters.
     ("depthwise3x3-s1-p1", dict(op=OP_LANE, in_height=5, in_width=5, words_per_pixel=2, kernel_h=3, kernel_w=3,
                                 stride=1, pad_top=1, pad_left=1, pad_value=-6, out_row_begin=0, out_rows=5,
-                                out_width=5, zp_out=-2), 0, 1, False, 2, False),
+                                out_width=5, zp_out=-2), 0, 1, False, 3, False),
     ("depthwise3x3-band-bp", dict(op=OP_LANE, in_height=5, in_width=4, words_per_pixel=1, kernel_h=3, kernel_w=3,
                                   stride=2, pad_top=1, pad_left=1, pad_value=9, out_row_begin=1, out_rows=2,
-                                  out_width=2, zp_out=5, clamp_lo=5), 2, 1, True, 2, False),
+                                  out_width=2, zp_out=5, clamp_lo=5), 2, 1, True, 3, False),
     # AveragePool 2x2 stride 2: all-one weights.
     ("avgpool2x2-s2", dict(op=OP_LANE, in_height=4, in_width=6, words_per_pixel=2, kernel_h=2, kernel_w=2, stride=2,
                            pad_top=0, pad_left=0, pad_value=0, out_row_begin=0, out_rows=2, out_width=3,
-                           zp_out=1), 0, 0, False, 2, True),
+                           zp_out=1), 0, 0, False, 3, True),
     # GlobalAveragePool of an 8x8 map: one 8x8 window (kernel registers beyond the convolution limit 7).
     ("global8x8", dict(op=OP_LANE, in_height=8, in_width=8, words_per_pixel=1, kernel_h=8, kernel_w=8, stride=1,
                        pad_top=0, pad_left=0, pad_value=0, out_row_begin=0, out_rows=1, out_width=1,
@@ -564,13 +713,13 @@ LANE_OP_CASES = [
 
 
 @pytest.mark.parametrize("lanes", [4, 8])
-@pytest.mark.parametrize("registers, n_pass, forward, back_pressure, n_inferences, average",
-                         [case[1:] for case in LANE_OP_CASES], ids=[case[0] for case in LANE_OP_CASES])
+@pytest.mark.parametrize("registers, n_pass, forward, back_pressure, n_inferences, average, queue_words",
+                         with_queue_depths(LANE_OP_CASES))
 def test_lane_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, n_inferences, average,
-                                              lanes):
+                                              queue_words, lanes):
     registers = dict(registers, n_out=registers["words_per_pixel"] * lanes)
     config, weights, params, inputs, emitted = run_window_case(
-        registers, n_pass, forward, back_pressure, n_inferences, lanes, average=average,
+        registers, n_pass, forward, back_pressure, n_inferences, lanes, queue_words=queue_words, average=average,
         result_words_per_tile=LANE_RESULT_WORDS)
     assert len(weights) == config["words_per_pixel"] * config["kernel_h"] * config["kernel_w"]
     # Every lane has its own parameter row (a mix-up of banks or rows would go unnoticed otherwise).
@@ -643,19 +792,20 @@ STREAM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("k_words, store, forward, n_out, n_pass", [case[1:] for case in STREAM_CASES],
-                         ids=[case[0] for case in STREAM_CASES])
-def test_stream_of_several_tensors_stores_one_range_and_forwards_another(k_words, store, forward, n_out, n_pass):
+@pytest.mark.parametrize("k_words, store, forward, n_out, n_pass, queue_words", with_queue_depths(STREAM_CASES))
+def test_stream_of_several_tensors_stores_one_range_and_forwards_another(k_words, store, forward, n_out, n_pass,
+                                                                         queue_words):
     """Section 4.2 with random valid/ready stalls: every emitted flit (forwarded words in order, passed
     words, results) and its cycle, the results over the stored words only, and the SRAM after the run:
-    the weights untouched, the last inference's stored words at act_base onwards and nothing else written
-    (the activation region sits right after zero words and right before the weights, so a write of a word
-    outside the store range, or to a wrong address, shows)."""
+    the weights untouched, the two activation banks holding the stored words of the last two inferences
+    (inference s in bank s mod 2, at act_base + (s mod 2) * B) and nothing else written (the activation
+    region sits right after zero words and right before the weights, so a write of a word outside the store
+    range, or to a wrong address, shows)."""
     rng = random.Random("stream-" + repr((k_words, store, forward, n_out, n_pass)))
     stored = store[1] - store[0]
     act_base = 6
     config = make_config(n_in_words=k_words, n_out=n_out, n_pass=n_pass, act_base=act_base,
-                         w_base=act_base + stored, zp_out=2, **dense_window_registers(stored))
+                         w_base=act_base + ACTIVATION_BANKS * stored, zp_out=2, **dense_window_registers(stored))
     config.update(store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
     assert (stored_words(config), forwarded_words(config)) == (stored, forward[1] - forward[0])
     weights, params = dense_case(rng, stored, n_out, ARCH.lanes)
@@ -663,12 +813,16 @@ def test_stream_of_several_tensors_stores_one_range_and_forwards_another(k_words
     inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range((k_words + n_pass) * n_inferences)]
     available, ready = random_stalls(rng, len(inputs), 600)
     sram_image = []
-    emitted = check_run(config, weights, params, inputs, available, ready, sram_image=sram_image)
+    emitted, schedule = check_run(config, weights, params, inputs, available, ready, sram_image=sram_image,
+                                  arch=ARCH.replace(forward_queue_words=queue_words))
     assert sum(kind == "forward" for *_, kind in emitted) == n_inferences * (forward[1] - forward[0] + n_pass)
 
     expected = [[0] * ARCH.lanes for _ in range(ARCH.sram_words)]
-    last = inputs[-(k_words + n_pass):]
-    expected[act_base:act_base + stored] = last[store[0]:store[1]]
+    per_inference = k_words + n_pass
+    for s in (n_inferences - 2, n_inferences - 1):
+        flits = inputs[s * per_inference:(s + 1) * per_inference]
+        bank = act_base + (s % 2) * stored
+        expected[bank:bank + stored] = flits[store[0]:store[1]]
     expected[config["w_base"]:config["w_base"] + len(weights)] = weights
     assert sram_image == expected
 
@@ -782,12 +936,13 @@ def lowered_scales(s_a, s_b, s_y):
 
 
 def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferences, back_pressure, extremes,
-                         golden):
+                         golden, queue_words):
     """Run an ADD or CONCAT tile (``config`` complete) on an arch with ``lanes`` lanes for ``n_inferences``
     random inferences, with seeded random stalls if ``back_pressure``, checking every transfer against
-    ``golden`` and rule 4; random "weights" fill the SRAM below act_base (neither op reads a weight).
-    Returns (inputs, emitted)."""
-    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=32 * lanes)
+    ``golden`` and rule 4 with a forward queue of ``queue_words``; random "weights" fill the SRAM below act_base
+    (neither op reads a weight). Returns (inputs, emitted)."""
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=32 * lanes,
+                               forward_queue_words=queue_words)
     k_words, n_pass = config["n_in_words"], config["n_pass"]
     assert weight_words(config) == 0 and stream_prefix == config["store_begin"]
     sram = {address: [rng.randint(-128, 127) for _ in range(lanes)] for address in range(config["act_base"])}
@@ -802,11 +957,11 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
         available, ready = random_stalls(rng, len(inputs), horizon)
     else:
         available, ready = [0] * len(inputs), [True] * horizon
-    emitted = check_run(config, [], params, inputs, available, ready, arch=arch, sram=sram,
-                        golden=lambda stored: golden(config, params, stored, lanes))
+    emitted, schedule = check_run(config, [], params, inputs, available, ready, arch=arch, sram=sram,
+                                  golden=lambda stored: golden(config, params, stored, lanes))
     emits = [t for _, _, t, kind in emitted if kind == "emit"]
     assert len(emits) == n_inferences * result_words(config, lanes)
-    if not back_pressure and not n_pass:
+    if not back_pressure and not n_pass and queue_words >= forwarded_words(config):
         # Spelled out for inference 0: last RECV at K - 1, COMPUTE for I + 2 cycles, then EMIT.
         assert emits[0] == (k_words - 1) + 1 + issue_cycles + 2
     return inputs, emitted
@@ -824,9 +979,9 @@ ADD_CASES = [
 
 
 @pytest.mark.parametrize("height, width, cw_words, row_begin, out_rows, order, stream, mode, n_pass, back_pressure, "
-                         "lanes", [case[1:] for case in ADD_CASES], ids=[case[0] for case in ADD_CASES])
+                         "lanes, queue_words", with_queue_depths(ADD_CASES))
 def test_add_matches_section_4_2_and_rule_4(height, width, cw_words, row_begin, out_rows, order, stream, mode, n_pass,
-                                             back_pressure, lanes):
+                                             back_pressure, lanes, queue_words):
     rng = random.Random(f"add-{height}-{width}-{cw_words}-{row_begin}-{order}-{stream}-{mode}-{lanes}")
     n_map = height * width * cw_words
     k_words, store, forward, offset_a, offset_b = two_operand_stream((n_map, n_map), order, stream)
@@ -840,8 +995,9 @@ def test_add_matches_section_4_2_and_rule_4(height, width, cw_words, row_begin, 
                          pad_value=rng.randint(-128, 127), store_begin=store[0], store_end=store[1],
                          forward_begin=forward[0], forward_end=forward[1])
     assert compute_issue_cycles(config) == out_rows * width * cw_words * 2
-    n_inferences = 2
+    n_inferences = 3
     inputs, emitted = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
+                                           queue_words=queue_words,
                                            back_pressure=back_pressure, extremes=mode == "extremes",
                                            golden=golden_add)
     results = [word for word, _, _, kind in emitted if kind == "emit"]
@@ -963,9 +1119,9 @@ def test_concat_cases_cover_orders_bands_and_operand_widths():
     assert sum(width >= 2 and out_rows >= 2 for _, width, _, _, _, out_rows, _ in shapes) >= 2
 
 
-@pytest.mark.parametrize("shape, order, stream, mode, back_pressure, lanes", [case[1:] for case in CONCAT_CASES],
-                         ids=[case[0] for case in CONCAT_CASES])
-def test_concat_matches_section_4_3_and_rule_4(shape, order, stream, mode, back_pressure, lanes):
+@pytest.mark.parametrize("shape, order, stream, mode, back_pressure, lanes, queue_words",
+                         with_queue_depths(CONCAT_CASES))
+def test_concat_matches_section_4_3_and_rule_4(shape, order, stream, mode, back_pressure, lanes, queue_words):
     height, width, words_a, words_b, row_begin, out_rows, n_pass = shape
     cw_words = words_a + words_b
     rng = random.Random(f"concat-{shape}-{order}-{stream}-{mode}-{lanes}")
@@ -980,8 +1136,9 @@ def test_concat_matches_section_4_3_and_rule_4(shape, order, stream, mode, back_
                          zp_out=zp_out, w_base=0, act_base=20, pad_value=rng.randint(-128, 127),
                          store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
     assert compute_issue_cycles(config) == out_rows * width * cw_words    # one issue per output word
-    n_inferences = 2
+    n_inferences = 3
     inputs, emitted = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
+                                           queue_words=queue_words,
                                            back_pressure=back_pressure, extremes=mode == "extremes",
                                            golden=golden_concat)
     results = [word for word, _, _, kind in emitted if kind == "emit"]
@@ -1089,8 +1246,9 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: PE(ARCH, True), "parameter 'tile_index' must be an integer"),
     (lambda: encode_config(ARCH, make_config(n_out=1)), "n_out = 1 requires n_in_words > 0"),
     (lambda: encode_config(ARCH, make_config(n_in_words=1, n_out=13)), "exceeds max_tile_outputs = 12"),
-    (lambda: encode_config(ARCH, make_config(n_in_words=1, act_base=64)),
-     "act_base \\+ store_end - store_begin = 65 exceed sram_words = 64"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=1, act_base=63)),
+     r"act_base \+ 2 \* \(store_end - store_begin\) = 65 exceed sram_words = 64 \(2 activation banks "
+     r"of the stored words\)"),
     (lambda: encode_config(ARCH, make_config(zp_out=256)), "zp_out' = 256 is out of range -256..255"),
     (lambda: encode_config(ARCH, make_config(dest_host=0, dest_col=2)), "dest_col = 2 outside 0..1"),
     (lambda: encode_config(ARCH, {"n_in_words": 1}), "config is missing register"),
@@ -1129,8 +1287,8 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, make_config(n_in_words=4, n_out=2, store_begin=1)),
      r"store_end - store_begin = 3 stored words differ from in_height \* in_width \* words_per_pixel = "
      r"1 \* 1 \* 4 = 4"),
-    (lambda: encode_config(ARCH, make_config(n_in_words=70, store_begin=2, store_end=70)),
-     "act_base \\+ store_end - store_begin = 68 exceed sram_words = 64"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=40, store_begin=7, store_end=40)),
+     r"act_base \+ 2 \* \(store_end - store_begin\) = 66 exceed sram_words = 64"),
     (lambda: encode_config(ARCH, add_config(kernel_w=3)),
      "config register kernel_w = 3 must be 2 for op = OP_ADD \\(kernel 1x2, stride 1, no padding\\)"),
     (lambda: encode_config(ARCH, add_config(kernel_h=2)), "config register kernel_h = 2 must be 1 for op = OP_ADD"),

@@ -430,13 +430,13 @@ def test_conv_pool_amaranth_matches_golden(conv_case, amaranth_conv):
     _, _, golden_flits = conv_case
     np.testing.assert_array_equal(amaranth_conv.out_flits, golden_flits)
     assert np.all(np.diff(amaranth_conv.out_times) >= 1)
-    # Inference 0 worked from sections 4.1 and 6: tile 0 RECVs at 1..25 (forwarding), COMPUTE lasts
-    # I + 2 = 15*4*9 + 2 cycles, EMIT at 25 + 543 = 568..582. Tile 1 (I = 10*36) is done computing by
-    # then, so it PASSes those 15 flits as they arrive (2 cycles later: 570..584) and EMITs at 585..594.
-    # The pool tile RECVs at 572..596, computes I + 2 = 4*1*4 + 2 cycles, EMITs at 596 + 19 = 615..618.
-    # The depthwise (LANE) tile RECVs them 2 cycles later (617..620), computes I + 2 = 4*1*9 + 2
-    # cycles, EMITs at 620 + 39 = 659..662, and the exit router's read adds 1.
-    assert amaranth_conv.out_times[:POOL_OUT * POOL_OUT].tolist() == [660, 661, 662, 663]
+    # Inference 0 worked from sections 4 and 6: tile 0 RECVs at 1..25 (forwarding through its queue), COMPUTE
+    # lasts I + 2 = 15*4*9 + 2 cycles, EMIT at 568..582 (after its forwarded pops). Tile 1 (I = 10*36) is done
+    # computing by then, so it PASSes those 15 flits as they arrive (570..584), pops them from its queue one
+    # cycle later (571..585) and EMITs at 586..595. The pool tile RECVs at 573..597, so c = 598, computes
+    # I + 2 = 4*1*4 + 2 cycles and EMITs at 616..619. The depthwise (LANE) tile RECVs them at 618..621, so
+    # c = 622, computes I + 2 = 4*1*9 + 2 cycles, EMITs at 660..663, and the exit router's read adds 1.
+    assert amaranth_conv.out_times[:POOL_OUT * POOL_OUT].tolist() == [661, 662, 663, 664]
 
 
 @pytest.mark.rtl
