@@ -71,6 +71,8 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("add_mult_a", ADD_MULT_BITS, False),  # integer weights of the two operands, <= ADD_MULT_MAX
     ("add_mult_b", ADD_MULT_BITS, False),
     ("concat_words_a", 16, False),         # op = CONCAT: words per pixel of operand a (the rest are b's)
+    # Output-channel groups (section 4.4): passed words a pixel that precede this tile's own words of that pixel.
+    ("pass_per_pixel", 16, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads
@@ -90,7 +92,7 @@ def dense_window_registers(n_in_words: int) -> dict[str, int]:
     return {"op": OP_MAC, "in_height": 1, "in_width": 1, "words_per_pixel": n_in_words,
             "kernel_h": 1, "kernel_w": 1, "stride": 1, "pad_top": 0, "pad_left": 0, "pad_value": 0,
             "out_row_begin": 0, "out_rows": 1, "out_width": 1, "operand_a_offset": 0, "operand_b_offset": 0,
-            "add_mult_a": 0, "add_mult_b": 0, "concat_words_a": 0}
+            "add_mult_a": 0, "add_mult_b": 0, "concat_words_a": 0, "pass_per_pixel": 0}
 
 
 def stream_registers(n_in_words: int, *, forward: bool) -> dict[str, int]:

@@ -25,7 +25,7 @@ __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", 
            "channel_preserving", "tile_period_cycles"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 def output_pixels(config: dict) -> int:
@@ -261,6 +261,9 @@ class Program:
                 raise ProgramError(f"tile {tile.key}: SRAM image needs {tile.sram.shape[0] * arch.lanes} bytes, "
                                    f"tile has {arch.sram_bytes} (arch field 'sram_bytes')")
             n_out = tile.config["n_out"]
+            if tile.config["pass_per_pixel"] and not n_out:
+                raise ProgramError(f"tile {tile.key}: pass_per_pixel = {tile.config['pass_per_pixel']} needs a "
+                                   f"computing tile (n_out > 0; section 4.4)")
             if tile.params.shape != (n_out, 3):
                 raise ProgramError(f"tile {tile.key}: parameter table must be [{n_out}, 3], got {list(tile.params.shape)}")
             if n_out > arch.max_tile_outputs:
@@ -286,6 +289,11 @@ class Program:
                     raise ProgramError(f"tile {tile.key}: {stored} stored words (store_begin..store_end) but "
                                        f"the input map is {config['in_height']}x{config['in_width']}x"
                                        f"{config['words_per_pixel']} = {pixels} words")
+                interleaved = output_pixels(config) * config["pass_per_pixel"]
+                if interleaved > config["n_pass"]:
+                    raise ProgramError(f"tile {tile.key}: pass_per_pixel = {config['pass_per_pixel']} over "
+                                       f"{output_pixels(config)} output pixels is {interleaved} passed words, more "
+                                       f"than n_pass = {config['n_pass']} (section 4.4)")
                 if result_words(config, arch.lanes) > arch.result_words:
                     raise ProgramError(f"tile {tile.key}: {result_words(config, arch.lanes)} result words per "
                                        f"inference exceed the result buffer ({arch.result_words} words, arch "
