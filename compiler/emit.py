@@ -143,19 +143,21 @@ def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, 
 
 
 def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
-    """A band of output rows of a Conv/MaxPool/lane layer (section 4.1): all the weights from word 0, the whole
-    input map behind them, the band in ``out_row_begin/out_rows``."""
+    """A band of output rows of a Conv/MaxPool/lane layer (section 4.1), of a channel group of a Conv (section 4.4):
+    its weights from word 0, the whole input map behind them (two banks), the band in ``out_row_begin/out_rows``."""
     lanes, w = arch.lanes, layer.window
     weights = weight_rows(layer, lanes)  # [N_o, K_w * lanes]; [CW*L, 0] for MaxPool; [CW*KH*KW, L] for LANE
+    extra = {}
     if layer.is_lane:
         n_out, op = words(w.channels, lanes) * lanes, OP_LANE
         params = lane_params(layer, lanes)
     elif layer.is_pool:
         n_out, op = weights.shape[0], OP_MAX
         params = np.zeros((n_out, 3), np.int64)  # MAX reads no parameters; the table holds zero rows
-    else:
+    else:  # a convolution: all its output channels, or one group of them (section 4.4)
+        weights, params = weights[part.start:part.stop], layer.params[part.start:part.stop].copy()
         n_out, op = weights.shape[0], OP_MAC
-        params = layer.params.copy()
+        extra = {"pass_per_pixel": part.pass_per_pixel}
     assert n_out == part.n_out
     sram = weights.reshape(-1, lanes) if weights.size else np.zeros((0, lanes), np.int8)
     config = _config(
@@ -164,7 +166,7 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
         op=op, in_height=w.height, in_width=w.width,
         words_per_pixel=words(w.channels, lanes), kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
         pad_top=w.pad_top, pad_left=w.pad_left, pad_value=layer.pad_value, out_row_begin=part.row_begin,
-        out_rows=part.rows, out_width=w.out_width, **_destination(arch, position))
+        out_rows=part.rows, out_width=w.out_width, **extra, **_destination(arch, position))
     assert weight_words(config) == sram.shape[0]
     row, col = arch.chain_position(position)
     return TileProgram(row, col, config, sram, params)

@@ -11,8 +11,8 @@ Rules (docs/architecture.md sections 1 and 6):
 * tile ``j`` of a layer passes the results of tiles ``0..j-1`` through (``P`` = their result words);
   its estimated cycles per inference are those of its busiest side (section 6 rule 4):
   ``max(K + P, K_f + P + N_r, N_o*K + 2 + N_r)`` with ``K_f`` its forwarded words (see :func:`tile_cycles`);
-* the pipeline's throughput is set by its slowest tile, so spare tiles go, one at a time, to the
-  layer whose slowest tile is the slowest overall, as long as that makes it faster.
+* the pipeline's throughput is set by its slowest tile, so the tiles are balanced by a binary search for the
+  smallest per-tile cycle budget at which every layer's fewest tiles within it fit the grid.
 
 Windowed layers (Conv, MaxPool, lane layers; section 4.1) split their *output rows* instead: every tile of
 the layer holds the whole input map (``K = H*W*CW`` words, twice: two banks) and all the weights (``N_o * KH*KW*CW`` words, none
@@ -56,9 +56,12 @@ class TileSlice:
     n_in_words: int
     n_pass: int
     forward: bool  # more tiles of the same layer follow
-    #: windowed layers: this tile's band of output rows (``rows = 0`` for dense layers)
+    #: windowed layers: this tile's band of output rows (``rows = 0`` for dense layers); a convolution split over
+    #: output-channel groups too (section 4.4) has ``start``/``n_out`` = its group's channels and
+    #: ``pass_per_pixel`` = the words a pixel of the groups before it
     row_begin: int = 0
     rows: int = 0
+    pass_per_pixel: int = 0
 
     @property
     def stop(self) -> int:
@@ -100,6 +103,14 @@ class WindowCosts:
     out_height: int
     #: RECV words of other tensors riding in the same stream (section 4.2): not stored, but each costs a cycle
     carried: int = 0
+    #: weight words per output channel (``KH*KW*CW``) of a convolution that may be split over output-channel
+    #: groups (section 4.4); 0 for the layers that cannot (pools, lane layers, joins)
+    channel_words: int = 0
+    out_width: int = 1
+
+    @property
+    def result_words_per_pixel(self) -> int:
+        return self.row_results // self.out_width
 
 
 def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
@@ -119,66 +130,137 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
     else:
         n_out = layer.n_out
         weight_words, row_issue = n_out * window_words, w.out_width * n_out * window_words
-    return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height, carried)
+        return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height,
+                           carried, window_words, w.out_width)
+    return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height, carried,
+                       0, w.out_width)
 
 
-def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int, forward: bool = False) -> int:
-    """Estimated cycles per inference of a tile computing ``rows`` output rows, its busiest side:
-    ``max(K + P, K_f + P + n_pix*N_r, I + 2 + n_pix*N_r)`` (``K`` counting the carried words; ``K_f`` = ``K``
-    if more tiles of the layer follow (``forward``), else the carried words)."""
+def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int, forward: bool = False,
+                       channels: int | None = None, lanes: int = 1) -> int:
+    """Estimated cycles per inference of a tile computing ``rows`` output rows (of ``channels`` output channels of
+    a convolution split over channel groups, else all), its busiest side: ``max(K + P, K_f + P + n_pix*N_r,
+    I + 2 + n_pix*N_r)`` (``K`` counting the carried words; ``K_f`` = ``K`` if more tiles of the layer follow
+    (``forward``), else the carried words)."""
     received = costs.k + costs.carried
-    results = rows * costs.row_results
+    if channels is None:
+        results, issue = rows * costs.row_results, rows * costs.row_issue
+    else:
+        results = rows * costs.out_width * words(channels, lanes)
+        issue = rows * costs.out_width * channels * costs.channel_words
     forwarded = received if forward else costs.carried
-    return max(received + n_pass, forwarded + n_pass + results, rows * costs.row_issue + 2 + results)
+    return max(received + n_pass, forwarded + n_pass + results, issue + 2 + results)
 
 
 def _rows_capacity(costs: WindowCosts, arch: Arch) -> int:
     return arch.result_words // costs.row_results
 
 
+def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | None:
+    """Output channels per group when a convolution's ``N_o`` channels are split into ``groups`` groups of whole
+    words (earlier groups take the spare words), or None if there are fewer words than groups."""
+    total_words = words(costs.n_out, lanes)
+    if groups > total_words:
+        return None
+    base, extra = divmod(total_words, groups)
+    channels = [(base + (g < extra)) * lanes for g in range(groups)]
+    channels[-1] -= total_words * lanes - costs.n_out  # the last group holds the ragged rest
+    return channels
+
+
 def _split_rows(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
-    """Greedy bands of output rows whose tiles each take <= ``budget`` cycles, or None (as :func:`_split`)."""
-    capacity = _rows_capacity(costs, arch)
-    slices: list[TileSlice] = []
-    begin = n_pass = 0
+    """Bands of output rows (x output-channel groups for a convolution, section 4.4) whose tiles each take
+    <= ``budget`` cycles, using the fewest tiles over the group counts tried, or None (as :func:`_split`)."""
+    lanes = arch.lanes
+    best = None
+    max_groups = words(costs.n_out, lanes) if costs.channel_words else 1
+    for groups in range(1, max_groups + 1):
+        if best is not None and groups > len(best):
+            break  # a band needs `groups` tiles: no fewer tiles than the best so far
+        channels = [costs.n_out] if groups == 1 else _channel_groups(costs, groups, lanes)
+        if channels is None:
+            break
+        if groups > 1 and (max(channels) * costs.channel_words + ACTIVATION_BANKS * costs.k > arch.sram_words
+                           or max(channels) > arch.max_tile_outputs):
+            continue
+        if groups == 1 and (costs.weight_words + ACTIVATION_BANKS * costs.k > arch.sram_words
+                            or costs.n_out > arch.max_tile_outputs or costs.row_results > arch.result_words):
+            continue
+        found = _split_bands(costs, arch, layer, budget, min(max_tiles, len(best) - 1 if best else max_tiles),
+                             channels)
+        if found is not None:
+            best = found
+    return best
+
+
+def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float,
+                 channels: list[int]) -> list[TileSlice] | None:
+    """Greedy bands of output rows, each split into the channel ``groups`` given (one group: the whole layer)."""
+    lanes = arch.lanes
+    grouped = len(channels) > 1
+    group_words = [words(c, lanes) for c in channels] if grouped else [costs.result_words_per_pixel]
+    starts = [sum(channels[:g]) for g in range(len(channels))]
+    before = [sum(group_words[:g]) for g in range(len(channels))]
+    capacity = arch.result_words // (costs.out_width * max(group_words))
+    pixel_words = costs.result_words_per_pixel
+
+    def cycles(begin: int, rows: int, g: int, forward: bool) -> int:
+        n_pass = begin * costs.out_width * pixel_words + rows * costs.out_width * before[g]
+        return window_tile_cycles(costs, n_pass, rows, forward, channels[g] if grouped else None, lanes)
+
+    def band_fits(begin: int, rows: int, last_band: bool) -> bool:
+        return all(cycles(begin, rows, g, not (last_band and g == len(channels) - 1)) <= budget
+                   for g in range(len(channels)))
+
+    bands: list[tuple[int, int]] = []
+    begin = 0
     while begin < costs.out_height:
-        if len(slices) >= max_tiles:
+        if (len(bands) + 1) * len(channels) > max_tiles:
             return None
         remaining = costs.out_height - begin
         take = min(capacity, remaining)
-        if budget != float("inf") and not (take == remaining
-                                           and window_tile_cycles(costs, n_pass, take, forward=False) <= budget):
-            # not the layer's last tile: it forwards the whole stream
-            received = costs.k + costs.carried
-            if received + n_pass > budget:
-                return None
-            take = min(take, int((budget - 2) // (costs.row_issue + costs.row_results)),
-                       int((budget - received - n_pass) // costs.row_results))
+        if budget != float("inf") and not (take == remaining and band_fits(begin, take, True)):
+            take = min(take, remaining - 1)
+            while take > 0 and not band_fits(begin, take, False):
+                take -= 1
         if take <= 0:
             return None
-        slices.append(TileSlice(layer, 0, costs.n_out, costs.k, n_pass, False, begin, take))
+        bands.append((begin, take))
         begin += take
-        n_pass += take * costs.row_results
-    return [TileSlice(s.layer, s.start, s.n_out, s.n_in_words, s.n_pass, i < len(slices) - 1, s.row_begin, s.rows)
-            for i, s in enumerate(slices)]
+    slices = []
+    for b, (begin, rows) in enumerate(bands):
+        for g in range(len(channels)):
+            last = b == len(bands) - 1 and g == len(channels) - 1
+            n_pass = begin * costs.out_width * pixel_words + rows * costs.out_width * before[g]
+            slices.append(TileSlice(layer, starts[g], channels[g], costs.k, n_pass, not last, begin, rows,
+                                    before[g] if grouped else 0))
+    return slices
 
 
 def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
+    """A tile must hold the smallest share of the layer: all its weights and output channels, or for a
+    convolution (which splits over output-channel groups, section 4.4) one word of them; one output row of it in
+    the result buffer; and the input map twice (two banks)."""
     lanes = arch.lanes
     what = f"{_describe_window(layer)}"
-    need = (costs.weight_words + ACTIVATION_BANKS * costs.k) * lanes
+    groupable = costs.channel_words and costs.n_out > lanes
+    least_channels = lanes if groupable else costs.n_out
+    least_weights = lanes * costs.channel_words if groupable else costs.weight_words
+    need = (least_weights + ACTIVATION_BANKS * costs.k) * lanes
     if need > arch.sram_bytes:
+        held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)" if groupable
+                else f"all its weights ({costs.weight_words * lanes} bytes)")
         raise CompileError(
-            f"{what}: every tile of it holds all its weights ({costs.weight_words * lanes} bytes) and the whole "
-            f"input map twice ({ACTIVATION_BANKS} banks of {costs.k * lanes} bytes): {need} bytes, a tile has "
-            f"{arch.sram_bytes} (arch field 'sram_bytes')")
-    if costs.n_out > arch.max_tile_outputs:
+            f"{what}: every tile of it holds {held} and the whole input map twice ({ACTIVATION_BANKS} banks of "
+            f"{costs.k * lanes} bytes): {need} bytes, a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
+    if least_channels > arch.max_tile_outputs:
         raise CompileError(f"{what}: {costs.n_out} output channels exceed arch field 'max_tile_outputs' = "
                            f"{arch.max_tile_outputs}")
-    if costs.row_results > arch.result_words:
+    least_row = costs.out_width * (1 if groupable else costs.result_words_per_pixel)
+    if least_row > arch.result_words:
         raise CompileError(
-            f"{what}: one output row is {costs.row_results} result words ({layer.window.out_width} pixels x "
-            f"{costs.row_results // layer.window.out_width} words), the result buffer holds {arch.result_words} "
+            f"{what}: one output row is at least {least_row} result words ({layer.window.out_width} pixels x "
+            f"{least_row // layer.window.out_width} words), the result buffer holds {arch.result_words} "
             f"(arch field 'max_tile_outputs' = {arch.max_tile_outputs})")
 
 
@@ -229,7 +311,8 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
 
 def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None) -> int:
     if costs is not None:
-        return window_tile_cycles(costs, s.n_pass, s.rows, s.forward)
+        grouped = costs.channel_words and s.n_out != costs.n_out
+        return window_tile_cycles(costs, s.n_pass, s.rows, s.forward, s.n_out if grouped else None, lanes)
     return tile_cycles(s.n_in_words, s.n_pass, s.n_out, lanes, s.n_in_words if s.forward else 0)
 
 
@@ -314,19 +397,6 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             return _split_rows(costs[i], arch, i, budget, max_tiles)
         return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles)
 
-    def best_split(i: int, max_tiles: int) -> list[TileSlice]:
-        """The split over at most ``max_tiles`` tiles whose slowest tile is fastest (binary search on the budget)."""
-        best = split(i, float("inf"), max_tiles)
-        lo, hi = 0, _slowest(best, lanes, costs[i])  # infeasible below lo + 1, feasible at hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            found = split(i, mid, max_tiles)
-            if found is None:
-                lo = mid
-            else:
-                hi, best = mid, found
-        return best
-
     unlimited = float("inf")
     splits = [split(i, unlimited, unlimited) for i in range(len(layers))]
     if sum(len(s) for s in splits) > n_tiles:
@@ -340,17 +410,27 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             f"{n_tiles}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a tile's result buffer "
             f"holds {arch.result_words} words (arch field 'max_tile_outputs' = {arch.max_tile_outputs}), i.e. "
             f"{_rows_capacity(c, arch)} output rows of {c.row_results} words, of its {c.out_height} rows")
-    # balance: spare tiles to the bottleneck layer while that makes the bottleneck faster. One more tile may not
-    # help (16 output rows on 4 tiles take 4 rows each, and so do the longest bands of 5), so the fewest extra
-    # tiles that do help are given.
-    cost = [_slowest(s, lanes, c) for s, c in zip(splits, costs)]
-    while (spare := n_tiles - sum(len(s) for s in splits)) > 0:
-        slowest = max(range(len(layers)), key=lambda i: cost[i])
-        for extra in range(1, spare + 1):
-            candidate = best_split(slowest, len(splits[slowest]) + extra)
-            if _slowest(candidate, lanes, costs[slowest]) < cost[slowest]:
-                break
+    # balance: the pipeline runs at the pace of its slowest tile, so find the smallest per-tile budget for which
+    # every layer's fewest tiles within it (its greedy split) still add up to the grid (binary search).
+    def within(budget: int) -> list[list[TileSlice]] | None:
+        found = []
+        for i in range(len(layers)):
+            layer_split = split(i, budget, n_tiles)
+            if layer_split is None:
+                return None
+            found.append(layer_split)
+            if sum(len(s) for s in found) > n_tiles:
+                return None
+        return found
+
+    lo, hi = 0, max(_slowest(s, lanes, c) for s, c in zip(splits, costs))  # infeasible at lo, feasible at hi
+    balanced = within(hi) or splits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        found = within(mid)
+        if found is None:
+            lo = mid
         else:
-            break
-        splits[slowest], cost[slowest] = candidate, _slowest(candidate, lanes, costs[slowest])
+            hi, balanced = mid, found
+    splits = balanced
     return splits

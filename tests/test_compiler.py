@@ -16,7 +16,7 @@ from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
-from flowtile.program import Program, forwarded_words, result_words, stored_words, weight_words
+from flowtile.program import Program, forwarded_words, output_pixels, result_words, stored_words, weight_words
 
 import random_models
 
@@ -713,8 +713,9 @@ def float_cnn(rng, input_shape, ops, *, opset=17):
 
 def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
     """Partition invariants for any program: every layer's tiles are consecutive on the chain; a windowed
-    layer's bands cover its output rows in order, each tile holding all weights and the whole input map;
-    pass counts add up; then validate and a save/load round trip."""
+    layer's bands cover its output rows in order, each band's tiles (one, or a convolution's output-channel groups,
+    section 4.4) cover its output channels in order, each tile holding its channels' weights and the whole input
+    map (two banks); pass counts add up; then validate and a save/load round trip."""
     arch, lanes = program.arch, program.arch.lanes
     program.validate()
     position = 0
@@ -724,18 +725,42 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
         passed = 0
         for j, tile in enumerate(tiles):
             c = tile.config
-            assert c["n_pass"] == passed and stored_words(c) == c["n_in_words"]
+            # a channel group passes the earlier bands' pixels and its band's words of the groups before it
+            n_pix = output_pixels(c) if layer.window is not None else 1
+            assert c["n_pass"] - n_pix * c["pass_per_pixel"] == passed and stored_words(c) == c["n_in_words"]
             assert forwarded_words(c) == (c["n_in_words"] if j < len(tiles) - 1 else 0)
             assert result_words(c, lanes) <= arch.result_words
-            assert c["act_base"] == weight_words(c) and c["act_base"] + c["n_in_words"] <= arch.sram_words
+            assert c["act_base"] == weight_words(c) and c["act_base"] + 2 * c["n_in_words"] <= arch.sram_words
             assert tile.params.shape == (c["n_out"], 3)
-            passed += result_words(c, lanes)
+            band_ends = (layer.window is None or j == len(tiles) - 1
+                         or tiles[j + 1].config["out_row_begin"] != c["out_row_begin"])
+            if band_ends:
+                passed += n_pix * (c["pass_per_pixel"] + -(-c["n_out"] // lanes)) if layer.window is not None \
+                    else result_words(c, lanes)
         if layer.window is not None:
             w = layer.window
             cw = -(-w.channels // lanes)
-            begins = [t.config["out_row_begin"] for t in tiles]
-            rows = [t.config["out_rows"] for t in tiles]
+            bands = []  # (out_row_begin, out_rows, tiles of the band)
+            for t in tiles:
+                key = (t.config["out_row_begin"], t.config["out_rows"])
+                if bands and bands[-1][:2] == key:
+                    bands[-1][2].append(t)
+                else:
+                    bands.append((*key, [t]))
+            begins, rows = [b[0] for b in bands], [b[1] for b in bands]
             assert begins == list(np.cumsum([0] + rows[:-1])) and sum(rows) == w.out_height and min(rows) >= 1
+            channel_start = {}
+            for _, _, band in bands:
+                start, before = 0, 0
+                assert len(band) == 1 or not (layer.is_pool or layer.is_lane or layer.is_join)
+                for t in band:
+                    assert t.config["pass_per_pixel"] == before
+                    channel_start[id(t)] = start
+                    start += t.config["n_out"]
+                    before += -(-t.config["n_out"] // lanes)
+                    if t is not band[-1]:
+                        assert t.config["n_out"] % lanes == 0
+                assert start == band[0].config["n_out"] if len(band) == 1 else start == layer.n_out
             for t in tiles:
                 c = t.config
                 assert (c["in_height"], c["in_width"], c["words_per_pixel"]) == (w.height, w.width, cw)
@@ -752,10 +777,12 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                     assert np.array_equal(t.params[:w.channels], layer.params)
                     assert (t.params[w.channels:] == [0, 0, 1]).all()
                 else:
-                    assert c["op"] == OP_MAC and c["n_out"] == layer.n_out and c["pad_value"] == layer.pad_value
-                    assert np.array_equal(t.sram.reshape(layer.n_out, -1), weight_rows(layer, lanes))
-                    assert np.array_equal(t.params, layer.params)
-            assert passed == w.out_height * w.out_width * -(-tiles[0].config["n_out"] // lanes)
+                    begin, stop = channel_start[id(t)], channel_start[id(t)] + c["n_out"]
+                    assert c["op"] == OP_MAC and c["pad_value"] == layer.pad_value
+                    assert np.array_equal(t.sram.reshape(c["n_out"], -1), weight_rows(layer, lanes)[begin:stop])
+                    assert np.array_equal(t.params, layer.params[begin:stop])
+            out_words = -(-layer.n_out // lanes) if not (layer.is_pool or layer.is_lane) else cw
+            assert passed == w.out_height * w.out_width * out_words
         else:
             assert sum(t.config["n_out"] for t in tiles) == layer.n_out
             weights = np.concatenate([t.sram.reshape(t.config["n_out"], -1) for t in tiles])
@@ -900,14 +927,34 @@ def test_conv_bands_split_output_rows(tmp_path):
 
 def test_windowed_layer_size_errors():
     rng = np.random.default_rng(4)
-    model = float_cnn(rng, (8, 16, 16), [("conv", 32, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
+    # a pool cannot split its channels: one output row (16 pixels x 4 words) must fit the result buffer
+    model = float_cnn(rng, (8, 16, 16), [("conv", 32, 1, 1, [0, 0, 0, 0]), ("pool", 3, 1, [1, 1, 1, 1]), ("flatten",),
+                                         ("gemm", 4)])
     calibration = rng.standard_normal((8, 8, 16, 16)).astype(np.float32)
-    with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv, 8x16x16 -> 32x16x16\): one output row is 64 result "
-                                           r"words.*holds 32 \(arch field 'max_tile_outputs' = 256\)"):
+    with pytest.raises(CompileError, match=r"layer 'pool1' \(MaxPool, 32x16x16 -> 32x16x16\): one output row is at "
+                                           r"least 64 result words.*holds 32 \(arch field 'max_tile_outputs' = 256\)"):
         compile_model(model, Arch(max_tile_outputs=256), calibration=calibration)
-    with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*weights \(2304 bytes\).*input map twice \(2 banks of 2048 bytes\).*"
-                                           r"'sram_bytes'"):
+    # a convolution splits its channels down to one word of them, but the input map is held twice in every tile
+    model = float_cnn(rng, (8, 16, 16), [("conv", 32, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
+    with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*weights of at least 8 output channels \(576 bytes\)"
+                                           r".*input map twice \(2 banks of 2048 bytes\): 4672 bytes.*'sram_bytes'"):
         compile_model(model, Arch(sram_bytes=4096), calibration=calibration)
+
+
+def test_convolution_too_wide_for_one_tile_splits_over_channel_groups(tmp_path):
+    """All weights of a 64 -> 64 3x3 convolution (36864 bytes) exceed a 32 KiB tile: the compiler splits it over
+    output-channel groups (section 4.4), each tile holding its group's weights."""
+    rng = np.random.default_rng(44)
+    model = float_cnn(rng, (64, 6, 6), [("conv", 64, 3, 1, [1, 1, 1, 1]), ("relu",), ("flatten",), ("gemm", 5)])
+    calibration = rng.standard_normal((16, 64, 6, 6)).astype(np.float32)
+    imported = import_onnx(model, calibration=calibration)
+    layers, program = check_reference_and_program(imported, rng.standard_normal((8, 64, 6, 6)).astype(np.float32),
+                                                  Arch(rows=2, cols=4), 3)
+    conv_tiles = program.tiles[:len(program.layers[0].tiles)]
+    assert len({t.config["out_row_begin"] for t in conv_tiles}) < len(conv_tiles)  # some band has several groups
+    assert max(t.config["pass_per_pixel"] for t in conv_tiles) > 0
+    assert all(weight_words(t.config) * 8 <= 32768 - 2 * 8 * t.config["n_in_words"] for t in conv_tiles)
+    check_windowed_program(program, layers, tmp_path)
 
 
 UNSUPPORTED = [
