@@ -19,8 +19,14 @@ def tile_utilization(program: Program, result) -> np.ndarray:
     return np.asarray(result.tile_macs, dtype=np.float64) / (max(1, int(result.cycles)) * program.arch.lanes)
 
 
+#: Which side of a PE (docs/architecture.md section 4) each timeline phase belongs to; each side is one track.
+PHASE_SIDES = {"RECV": "input", "PASS": "input", "COMPUTE": "compute", "FORWARD": "output", "EMIT": "output"}
+SIDES = ("input", "compute", "output")
+
+
 def perfetto_trace(program: Program, result) -> dict:
-    """Trace-event JSON: one track per tile (chain order), one slice per phase of each inference.
+    """Trace-event JSON: one process per tile (chain order) with one track per PE side (input, compute, output),
+    one slice per phase of each inference.
 
     Timestamps are cycles (shown as microseconds by the viewers: 1 us = 1 cycle).
     """
@@ -30,15 +36,18 @@ def perfetto_trace(program: Program, result) -> dict:
         label = f"tile {position} ({tile.row},{tile.col})"
         if (tile.row, tile.col) in layer_of:
             label += f" {layer_of[(tile.row, tile.col)]}"
-        events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": position, "args": {"name": label}})
-        events.append({"ph": "M", "name": "thread_sort_index", "pid": 0, "tid": position,
-                       "args": {"sort_index": position}})
+        pid = position + 1
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": label}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "args": {"sort_index": position}})
+        for tid, side in enumerate(SIDES):
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"{side} side"}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
         for start, end, phase in spans:
-            events.append({"ph": "X", "name": str(phase), "pid": 0, "tid": position,
+            events.append({"ph": "X", "name": str(phase), "pid": pid, "tid": SIDES.index(PHASE_SIDES[str(phase)]),
                            "ts": int(start), "dur": max(1, int(end) - int(start))})
-    events.append({"ph": "M", "name": "process_name", "pid": 0, "args": {"name": f"flowtile {program.model_name}"}})
     return {"traceEvents": events, "displayTimeUnit": "ns",
-            "otherData": {"cycles": int(result.cycles), "time_unit": "1 us in the viewer = 1 clock cycle"}}
+            "otherData": {"model": program.model_name, "cycles": int(result.cycles),
+                          "time_unit": "1 us in the viewer = 1 clock cycle"}}
 
 
 def write_heatmap(program: Program, result, path: str | Path) -> Path:

@@ -100,7 +100,17 @@ def test_emulate_writes_outputs_report_trace_and_heatmap(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["cycles"] > 0 and 0 < report["mac_utilization"] <= 1
     trace = json.loads((tmp_path / "t.json").read_text())
-    assert any(event["ph"] == "X" for event in trace["traceEvents"])
+    slices = [event for event in trace["traceEvents"] if event["ph"] == "X"]
+    sides = {"RECV": 0, "PASS": 0, "COMPUTE": 1, "FORWARD": 2, "EMIT": 2}
+    assert slices and all(sides[event["name"]] == event["tid"] for event in slices)  # one track per PE side
+    tracks = {}
+    for event in slices:
+        tracks.setdefault((event["pid"], event["tid"]), []).append((event["ts"], event["ts"] + event["dur"]))
+    for spans in tracks.values():  # a side does one thing at a time
+        spans.sort()
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    computing = {pid for pid, tid in tracks if tid == 1}
+    assert computing and all(len(tracks[(pid, 1)]) == 16 for pid in computing)  # one COMPUTE per inference
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
 
 
