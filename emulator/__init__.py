@@ -47,8 +47,12 @@ class EmulatorResult:
     max pooling, which multiplies nothing) per PE;
     ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a :data:`PHASE_SPAN_DTYPE`
     array (iterates as ``(start, end, phase)``): all input-side spans (per inference RECV then PASS), then
-    all COMPUTE spans, then all output-side spans (per inference FORWARD, the forward-queue pops, then
-    EMIT); an empty phase has no span. An input or output span runs from the end of the same side's
+    all COMPUTE spans, then all output-side spans (per inference FORWARD, then EMIT); an empty phase has no
+    span. FORWARD covers the ``Q_f + P_bulk`` forward-queue pops that lead an inference's output side and
+    EMIT the rest of its ``Q + E`` output transfers: with ``pass_per_pixel > 0`` (section 4.4) those are
+    the per-pixel interleaved pops and EMITs, so an EMIT span then includes ``n_pix * pass_per_pixel``
+    pops; with ``pass_per_pixel = 0`` FORWARD is all ``Q`` pops and EMIT the ``E`` EMITs. An input or
+    output span runs from the end of the same side's
     previous span (cycle 0 for its first) to its phase's last transfer + 1, so waiting counts in; a COMPUTE
     span is ``[c_s, c_s + I + 2)``. Empty for idle tiles.
     """
@@ -107,11 +111,14 @@ def _side_spans(times: np.ndarray, phases: list[tuple[str, int]],
 def _phase_spans(pe_times: PETimes, count: TileCounts, batch: int) -> np.ndarray:
     """Phase spans of one PE from its transfer times (see :attr:`EmulatorResult.tile_timelines`): all
     input-side spans (per inference RECV then PASS), then all COMPUTE spans ``[c_s, c_s + I + 2)``, then all
-    output-side spans (per inference FORWARD, the queue pops, then EMIT); an empty phase has no span."""
+    output-side spans (per inference FORWARD, the ``Q_f + P_bulk`` leading queue pops, then EMIT, the
+    remaining output transfers: with ``pass_per_pixel > 0`` the interleaved per-pixel pops and EMITs, section
+    4.4); an empty phase has no span."""
     blocks = [_side_spans(pe_times.input, [("RECV", count.n_in_words), ("PASS", count.n_pass)], batch)]
     if count.n_out:
         blocks.append([("COMPUTE", pe_times.compute, pe_times.compute + count.compute_cycles)])
-    blocks.append(_side_spans(pe_times.output, [("FORWARD", count.n_queue), ("EMIT", count.n_result_words)], batch))
+    lead = count.n_bulk_pops
+    blocks.append(_side_spans(pe_times.output, [("FORWARD", lead), ("EMIT", count.flits_out - lead)], batch))
     pieces = []
     for columns in blocks:
         if not columns:

@@ -9,9 +9,11 @@ never from the compiler's layer descriptions. Two parts:
   router output carries at most one stream, every PE on the path consumes exactly the flits the
   previous one emits per inference) and raises :class:`EmulatorError` otherwise.
 * :func:`run_functional` computes, vectorized over the batch, every PE's output flit stream:
-  per inference ``(RECV words forward_begin..forward_end) ++ (the P pass flits) ++ (its n_pix * N_r
-  result words)`` (section 4: the output side pops the forward queue, which the input side fills with the
-  forwarded RECV words and the PASS words in order, then EMITs the results). COMPUTE of inference ``s``
+  per inference ``(RECV words forward_begin..forward_end) ++ (the P_bulk first pass flits) ++ per output
+  pixel q (pass_per_pixel pass flits ++ its W_px result words of pixel q)`` (section 4: the output side
+  pops the forward queue, which the input side fills with the forwarded RECV words and the PASS words in
+  order, and EMITs the results; section 4.4: ``P_bulk = P - n_pix * pass_per_pixel``, ``W_px = E / n_pix``;
+  with ``pass_per_pixel = 0`` this is all pops, then all EMITs). COMPUTE of inference ``s``
   reads the stored RECV words ``store_begin..store_end`` of ``s`` from activation bank ``s mod 2``
   (section 4.2: a stream may hold several tensors, one after the other); weights overlapping the banks are
   modelled bank by bank (:func:`weight_memory`), and refused where what COMPUTE reads would depend on
@@ -32,7 +34,8 @@ import numpy as np
 
 from flowtile.arch import (ACC_BITS, ACTIVATION_BANKS, ADD_MULT_MAX, MULTIPLIER_BITS, OP_ADD, OP_CONCAT, OP_LANE,
                            OP_MAC, OP_MAX, SHIFT_BITS, Arch)
-from flowtile.program import Program, TileProgram, compute_issue_cycles, operand_words, result_words
+from flowtile.program import (Program, TileProgram, compute_issue_cycles, operand_words, output_pixels,
+                              result_words)
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
            "tile_counts", "run_functional", "pe_results", "weight_memory", "racing_banks", "check_bank_races",
@@ -71,6 +74,9 @@ class TileCounts:
     store_end: int = 0
     forward_begin: int = 0
     forward_end: int = 0
+    # section 4.4: per output pixel, pass_per_pixel PASS words (popped) before the pixel's result words
+    pass_per_pixel: int = 0
+    n_pix: int = 1      # output pixels (out_rows * out_width) of a computing tile
 
     @property
     def idle(self) -> bool:
@@ -108,6 +114,35 @@ class TileCounts:
         return self.n_queue + self.n_result_words
 
     @property
+    def result_words_per_pixel(self) -> int:
+        """``W_px = E / n_pix``: result words of one output pixel (section 4.4; 0 without COMPUTE)."""
+        return self.n_result_words // self.n_pix if self.n_out else 0
+
+    @property
+    def n_bulk_pops(self) -> int:
+        """``Q_f + P_bulk``: the pops that lead the output side of an inference, before any pixel's
+        interleaved pops and EMITs (section 4.4; all ``Q`` pops if ``pass_per_pixel = 0``)."""
+        return self.n_queue - self.n_pix * self.pass_per_pixel if self.n_out else self.n_queue
+
+    def output_is_pop(self) -> np.ndarray:
+        """bool ``[Q + E]``: which output-side transfers of one inference are pops (the rest are EMITs of
+        result words 0, 1, ... in order). Section 4.4: ``Q_f + P_bulk`` pops, then per output pixel
+        ``pass_per_pixel`` pops and the pixel's ``W_px`` EMITs."""
+        is_pop = np.zeros(self.flits_out, dtype=bool)
+        lead = self.n_bulk_pops
+        is_pop[:lead] = True
+        if self.n_out and self.pass_per_pixel:
+            step = self.pass_per_pixel + self.result_words_per_pixel
+            is_pop[lead:].reshape(self.n_pix, step)[:, :self.pass_per_pixel] = True
+        return is_pop
+
+    @property
+    def first_emit(self) -> int:
+        """Output-side transfer index (within an inference) of the first EMIT (section 4.4: after pixel
+        0's pops); only meaningful if the tile computes."""
+        return self.n_bulk_pops + self.pass_per_pixel
+
+    @property
     def compute_issue_cycles(self) -> int:
         """``I``: the COMPUTE cycles that issue an SRAM read (``flowtile.program.compute_issue_cycles``)."""
         return self.issue_cycles
@@ -139,7 +174,8 @@ def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
                       n_result_words=int(result_words(config, arch.lanes)),
                       issue_cycles=int(compute_issue_cycles(config)), op=int(config["op"]),
                       store_begin=store_begin, store_end=store_end, forward_begin=forward_begin,
-                      forward_end=forward_end)
+                      forward_end=forward_end, pass_per_pixel=int(config["pass_per_pixel"]),
+                      n_pix=max(1, int(output_pixels(config))) if n_out else 1)
 
 
 def _check_recv_ranges(tile: TileProgram, count: TileCounts, position: int) -> None:
@@ -223,6 +259,7 @@ def trace_data_path(program: Program) -> DataPath:
                                 f"needs n_in_words > 0 (COMPUTE reads K activation words per output)")
         if count.n_out:
             _check_window(tile, count, arch, position)
+        _check_pass_per_pixel(tile, count, position)
 
     # The host's flits carry destination tile (0,0) and enter its W FIFO (sections 3 and 5).
     host_fifos, host_outputs = _route(arch, (0, 0), "W", (0, 0), False, "host input")
@@ -282,6 +319,21 @@ def trace_data_path(program: Program) -> DataPath:
                                 f"configured (n_in_words={count.n_in_words}, n_pass={count.n_pass}, "
                                 f"n_out={count.n_out}) but no flits reach it")
     return DataPath(order=tuple(order), hops=tuple(hops), counts=counts)
+
+
+def _check_pass_per_pixel(tile: TileProgram, count: TileCounts, position: int) -> None:
+    """Section 4.4: ``pass_per_pixel > 0`` needs a computing tile and ``n_pix * pass_per_pixel <= n_pass``
+    (Program.validate checks it too; the emulator's entry points may be called without it)."""
+    if not count.pass_per_pixel:
+        return
+    who = f"tile {tile.key} (chain position {position})"
+    if not count.n_out:
+        raise EmulatorError(f"{who}: pass_per_pixel = {count.pass_per_pixel} needs a computing tile "
+                            f"(n_out > 0; section 4.4), got n_out = 0")
+    interleaved = count.n_pix * count.pass_per_pixel
+    if interleaved > count.n_pass:
+        raise EmulatorError(f"{who}: pass_per_pixel = {count.pass_per_pixel} over {count.n_pix} output pixels "
+                            f"is {interleaved} passed words, more than n_pass = {count.n_pass} (section 4.4)")
 
 
 def _check_window(tile: TileProgram, count: TileCounts, arch: Arch, position: int) -> None:
@@ -752,17 +804,28 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: Dat
 def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: Arch,
                race_checked: bool = False) -> np.ndarray:
     """One PE's output per inference, ``[batch, flits_out, L]``, from its input ``[batch, K + P, L]``:
-    the Q words of the forward queue (the forwarded RECV words, then the P passed flits), then the E result
-    words (sections 4 and 4.2)."""
+    the Q words of the forward queue (the forwarded RECV words, then the P passed flits) and the E result
+    words, in the output side's order (sections 4, 4.2 and 4.4): the forwarded words and the first
+    ``P_bulk`` passed flits, then per output pixel ``pass_per_pixel`` passed flits and the pixel's ``W_px``
+    result words."""
     parts = []
     if count.n_forward:
         parts.append(stream[:, count.forward_begin:count.forward_end])
     parts.append(stream[:, count.n_in_words:])
-    if count.n_out:
-        _check_parameters(tile, count)
-        activations = stream[:, count.store_begin:count.store_end]
-        weights = None
-        if count.op in (OP_MAC, OP_LANE):
-            weights = weight_memory(tile, count, activations, arch.lanes, race_checked=race_checked)
-        parts.append(pe_results(tile, count, activations, arch, weights))
-    return np.concatenate(parts, axis=1)
+    if not count.n_out:
+        return np.concatenate(parts, axis=1)
+    _check_parameters(tile, count)
+    activations = stream[:, count.store_begin:count.store_end]
+    weights = None
+    if count.op in (OP_MAC, OP_LANE):
+        weights = weight_memory(tile, count, activations, arch.lanes, race_checked=race_checked)
+    results = pe_results(tile, count, activations, arch, weights)
+    if not count.pass_per_pixel:
+        parts.append(results)
+        return np.concatenate(parts, axis=1)
+    queued = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    out = np.empty((stream.shape[0], count.flits_out, arch.lanes), dtype=np.int8)
+    is_pop = count.output_is_pop()
+    out[:, is_pop] = queued
+    out[:, ~is_pop] = results
+    return out

@@ -16,8 +16,12 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
   - compute side (``N_o > 0`` only): one action per inference, ``c_s``, ``d = I + 2`` (``I`` from
     ``flowtile.program.compute_issue_cycles``; raised by an implied delay below; the very first action has
     ``d = 1``, i.e. no bound of its own);
-  - output side: per inference ``Q = (forward_end - forward_begin) + P`` pops of the forward queue then
-    ``E = n_pix * N_r`` EMITs, ``d = 1``; every action writes the PE's local router FIFO.
+  - output side: per inference the ``Q = (forward_end - forward_begin) + P`` pops of the forward queue and
+    the ``E = n_pix * N_r`` EMITs in section 4.4's order: ``Q_f + P_bulk`` pops (``P_bulk = P - n_pix *
+    pass_per_pixel``), then per output pixel ``pass_per_pixel`` pops and the pixel's ``W_px = E / n_pix``
+    EMITs (with ``pass_per_pixel = 0``: all pops, then all EMITs), ``d = 1``; every action writes the PE's
+    local router FIFO; the pops are the actions reading the forward queue (not a prefix of the chain when
+    ``pass_per_pixel > 0``).
 
 The chains are coupled by two kinds of edges:
 
@@ -27,7 +31,9 @@ The chains are coupled by two kinds of edges:
   ``host input -> FIFO -> [link -> FIFO ->] PE input -> queue -> PE output -> FIFO -> ... -> host output``;
 * event edges ``t_target(s, a) >= t_source(s - shift, b) + offset`` of one PE:
   ``c_s >= input(s, RECV word store_end - 1) + 1``; ``c_s >= output(s - 1, last EMIT) + 1``;
-  ``input(s, 0) >= c_{s-1}`` (``s >= 1``); ``output(s, first EMIT) >= c_s + I + 2``.
+  ``input(s, 0) >= c_{s-1}`` (``s >= 1``); ``output(s, first EMIT) >= c_s + I + 2``. The last EMIT is
+  the last output action of an inference; the first EMIT is action ``Q_f + P_bulk + pass_per_pixel``
+  (after pixel 0's pops).
 
 Given its lower bounds a chain is solved in closed form (max-plus prefix scan)::
 
@@ -47,14 +53,25 @@ leave the solution unchanged and spare the sweep rounds through which they would
 * the sides of a computing PE wait on each other around loops that would cost a sweep round per inference
   (c_s -> EMITs of s -> c_{s+1}; c_s -> input of s + 1 -> c_{s+1}; with a full queue, c_s -> EMITs of s ->
   pops of s + 1 -> pushes of s + 1 -> c_{s+1}). With ``gap`` = the distance of consecutive output
-  transfers (2 into a router FIFO of depth 1, else 1), the last EMIT of ``s`` comes ``>= I + 2 + (E - 1) *
-  gap`` after ``c_s``, so ``c_{s+1} - c_s >= I + 2 + (E - 1) * gap + 1``; ``c_{s+1} >= input(s+1,
+  transfers (2 into a router FIFO of depth 1, else 1: every output action writes that FIFO), the last EMIT
+  of ``s`` (the last output action) comes ``>= I + 2 + R * gap`` after ``c_s``, ``R = Q + E - 1 - (first
+  EMIT's action)`` the output actions after the first EMIT (``E - 1`` EMITs and, with ``pass_per_pixel >
+  0``, the ``(n_pix - 1) * pass_per_pixel`` pops of pixels ``1..n_pix-1``), so ``c_{s+1} - c_s >= I + 2 + R
+  * gap + 1``; ``c_{s+1} >= input(s+1,
   store_end - 1) + 1 >= input(s+1, 0) + store_end >= c_s + store_end``; if ``Q > F``, push ``F`` of
-  inference ``s + 1`` needs its first pop, which follows the last EMIT of ``s``: ``input(s+1, push F) >= c_s
-  + I + 2 + E * gap + 1`` (an extra event edge), and if that push comes before the last stored word (at
+  inference ``s + 1`` needs its first pop, which is the first output action of ``s + 1`` (``Q > 0`` makes it
+  a pop in either order) and follows the last EMIT of ``s``: ``input(s+1, push F) >= c_s + I + 2 + (R + 1)
+  * gap + 1`` (an extra event edge), and if that push comes before the last stored word (at
   ``store_end - 1 - a`` actions' distance), ``c_{s+1} - c_s`` is at least that bound + distance + 1. The
-  compute chain's ``d`` is the largest of these. Without forward-queue words (``Q = 0``) the first EMIT of
-  ``s + 1`` comes ``>= I + 3`` cycles after the last EMIT of ``s``, the action before it;
+  compute chain's ``d`` is the largest of these. Without forward-queue words (``Q = 0``, hence
+  ``pass_per_pixel = 0``) the first EMIT of ``s + 1`` comes ``>= I + 3`` cycles after the last EMIT of
+  ``s``, the action before it (with ``Q > 0`` the action before the first EMIT is a pop, and no such
+  delay is built in). With ``pass_per_pixel > 0`` (section 4.4) a loop inside one inference appears:
+  the last push of ``s`` (push ``Q - 1``, a PASS word) needs pop ``Q - 1 - F`` of ``s``; if that pop
+  belongs to a pixel ``>= 1`` it follows the first EMIT of ``s`` by its action distance ``a`` (times
+  ``gap``), so ``input(s, push Q - 1) >= c_s + I + 2 + a * gap + 1`` and, through the rest of the input
+  side of ``s`` and the stored words of ``s + 1``, ``c_{s+1} - c_s >=`` that + ``(K + P - push Q - 1's
+  action) + store_end``, a further candidate for the compute chain's ``d``;
 * the suffix of pass-through chains before the host output (links, the host output, and the input and
   output sides of PEs that compute nothing and forward or pass every word: each action reads one flit
   and writes it to the next FIFO) never holds anything back and adds exactly one cycle per chain, so it
@@ -217,18 +234,31 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         compute_chain = None
         output_actions = count.n_queue + count.n_result_words
         output_delays = ones(output_actions)
+        # section 4.4: Q_f + P_bulk pops, then per pixel pass_per_pixel pops and W_px EMITs
+        is_pop = count.output_is_pop()
+        pop_slots = np.flatnonzero(is_pop).astype(np.int64)
+        first_emit = count.first_emit
         stall = None
         if computes:
             # Implied delays (module docstring). gap: cycles between consecutive output transfers, 2 into a
-            # router FIFO of depth 1 (rule 1), else 1. c_{s+1} >= (last EMIT of s) + 1 >= c_s + I + 2 +
-            # (E - 1) * gap + 1; c_{s+1} >= input(s+1, store_end - 1) + 1 >= input(s+1, 0) + store_end >=
-            # c_s + store_end.
+            # router FIFO of depth 1 (rule 1), else 1. The last EMIT is the last output transfer, which
+            # follows the first EMIT by output_actions - 1 - first_emit transfers: c_{s+1} >= (last EMIT of
+            # s) + 1 >= c_s + I + 2 + (output_actions - 1 - first_emit) * gap + 1; c_{s+1} >= input(s+1,
+            # store_end - 1) + 1 >= input(s+1, 0) + store_end >= c_s + store_end.
             gap = 2 if depth == 1 else 1
-            last_emit_after = count.compute_cycles + (count.n_result_words - 1) * gap   # after c_s
+            last_emit_after = count.compute_cycles + (output_actions - 1 - first_emit) * gap   # after c_s
             period = max(last_emit_after + 1, count.store_end)
+            last_pop = count.n_queue - queue_depth - 1
+            if count.pass_per_pixel and last_pop >= count.n_bulk_pops + count.pass_per_pixel:
+                # section 4.4: the last push of s (push Q - 1, a PASS word) needs pop Q - 1 - F of s, a pop of
+                # a pixel >= 1, which comes after the first EMIT of s: input(s, push Q - 1) >= c_s + I + 2 +
+                # (pop slot - first_emit) * gap + 1, then input(s+1, 0) and c_{s+1} follow
+                after = count.compute_cycles + int(pop_slots[last_pop] - first_emit) * gap + 1
+                period = max(period, after + count.flits_in - int(pushes[-1]) + count.store_end)
             if count.n_queue > queue_depth:
-                # push F of inference s + 1 needs its first pop, after the last EMIT of s: input(s+1, push F)
-                # >= c_s + last_emit_after + gap + 1, and if it precedes the last stored word, c_{s+1} waits
+                # push F of inference s + 1 needs its first pop (output transfer 0 of s + 1, a pop whenever
+                # Q > 0), after the last EMIT of s: input(s+1, push F) >= c_s + last_emit_after + gap + 1,
+                # and if it precedes the last stored word, c_{s+1} waits
                 stall = (int(pushes[queue_depth]), last_emit_after + gap + 1)
                 if stall[0] < count.store_end:
                     period = max(period, stall[1] + count.store_end - stall[0])
@@ -243,14 +273,13 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         if count.n_queue:
             fifos.append(FifoEdge(f"{name} forward queue", input_chain, output_chain, queue_depth,
                                   write_slots=None if pushes_all else pushes,
-                                  read_slots=None if not count.n_result_words else np.arange(count.n_queue,
-                                                                                            dtype=np.int64)))
+                                  read_slots=None if not count.n_result_words else pop_slots))
         if computes:
-            last_emit = output_actions - 1
+            last_emit = output_actions - 1     # every pixel ends with its EMITs (W_px >= 1)
             events += [EventEdge(compute_chain, 0, input_chain, count.store_end - 1, 0, 1),
                        EventEdge(compute_chain, 0, output_chain, last_emit, 1, 1),
                        EventEdge(input_chain, 0, compute_chain, 0, 1, 0),
-                       EventEdge(output_chain, count.n_queue, compute_chain, 0, 0, count.compute_cycles)]
+                       EventEdge(output_chain, first_emit, compute_chain, 0, 0, count.compute_cycles)]
             if stall is not None:
                 events.append(EventEdge(input_chain, stall[0], compute_chain, 0, 1, stall[1]))
         pe_chains[position] = (input_chain, compute_chain, output_chain)
@@ -475,7 +504,10 @@ class PETimes:
 
     ``input``: int64 ``[batch * (K + P)]``, per inference K RECV then P PASS transfers; ``compute``: int64
     ``[batch]``, ``c_s`` (the first COMPUTE cycle of each inference; length 0 if ``n_out == 0``);
-    ``output``: int64 ``[batch * (Q + E)]``, per inference Q pops of the forward queue then E EMITs.
+    ``output``: int64 ``[batch * (Q + E)]``, per inference the Q pops of the forward queue and the E EMITs in
+    the output side's order (section 4.4: ``Q_f + P_bulk`` pops, then per output pixel ``pass_per_pixel``
+    pops and the pixel's EMITs; :meth:`emulator.functional.TileCounts.output_is_pop` marks the pops); with
+    ``pass_per_pixel = 0``, Q pops then E EMITs.
     """
 
     input: np.ndarray

@@ -178,8 +178,8 @@ def encode_config_value(name: str, value: int) -> int:
 def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     """``(addr, data)`` load pairs for a complete tile config (every register of ``CONFIG_FIELDS``).
 
-    Besides each register's own range, checks the rules of docs/architecture.md sections 4, 4.1, 4.2
-    and 4.3 that the RTL relies on: the RECV ranges ``store_begin <= store_end <= n_in_words`` and
+    Besides each register's own range, checks the rules of docs/architecture.md sections 4 to 4.4 that
+    the RTL relies on: the RECV ranges ``store_begin <= store_end <= n_in_words`` and
     ``forward_begin <= forward_end <= n_in_words``; ``n_out > 0`` requires ``n_in_words > 0``;
     ``n_out <= max_tile_outputs``; the two activation banks of the stored words (``[act_base, act_base +
     ACTIVATION_BANKS * (store_end - store_begin))``, section 4) and the weights fit the SRAM; the
@@ -193,7 +193,8 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     ADD, ``* concat_words_a`` for CONCAT) at ``operand_a_offset`` and operand ``b`` (``* CW`` for ADD,
     ``* (CW - concat_words_a)`` for CONCAT) at ``operand_b_offset`` lie inside the stored words and do not
     overlap (either may come first); ``add_mult_a``, ``add_mult_b <= ADD_MULT_MAX``; ``out_width =
-    in_width`` and the output rows inside the map. Registers an op does not read (e.g. ``add_mult_a``
+    in_width`` and the output rows inside the map. Section 4.4: ``pass_per_pixel > 0`` requires ``n_out > 0``
+    and ``out_rows * out_width * pass_per_pixel <= n_pass``. Registers an op does not read (e.g. ``add_mult_a``
     of a MAC tile, ``concat_words_a`` of an ADD tile) are only range-checked against their width, as the
     emulator does.
     """
@@ -225,8 +226,17 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
         raise LoadEncodingError(f"config registers act_base + {ACTIVATION_BANKS} * (store_end - store_begin) = "
                                 f"{activation_end} exceed sram_words = {arch.sram_words} ({ACTIVATION_BANKS} "
                                 f"activation banks of the stored words)")
+    if config["pass_per_pixel"] and n_out == 0:
+        raise LoadEncodingError(f"config register pass_per_pixel = {config['pass_per_pixel']} requires a "
+                                f"computing tile (n_out > 0; section 4.4)")
     if n_out > 0:
         _check_window(arch, config)
+        interleaved = config["out_rows"] * config["out_width"] * config["pass_per_pixel"]
+        if interleaved > config["n_pass"]:
+            raise LoadEncodingError(f"config registers out_rows * out_width * pass_per_pixel = "
+                                    f"{config['out_rows']} * {config['out_width']} * {config['pass_per_pixel']} = "
+                                    f"{interleaved} interleaved passed words exceed n_pass = {config['n_pass']} "
+                                    f"(section 4.4)")
     if not config["dest_host"]:
         if config["dest_row"] >= arch.rows:
             raise LoadEncodingError(f"config register dest_row = {config['dest_row']} outside 0..{arch.rows - 1}")

@@ -3,7 +3,8 @@ buffer, forward queue and its three concurrent sides, input, compute and output 
 section 4; windowed layers, convolution, max pooling and lane-wise multiply-accumulate (depthwise
 convolution, average pools), section 4.1; store and forward ranges of a stream that carries several
 tensors, and the elementwise residual join op ADD, section 4.2; the channel concatenation op CONCAT,
-section 4.3; timing, section 6 rule 4)."""
+section 4.3; the per-pixel interleaved output order of output-channel groups (register pass_per_pixel),
+section 4.4; timing, section 6 rule 4)."""
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, signed, unsigned
@@ -57,9 +58,13 @@ class PE(wiring.Component):
       and reads activation bank ``s mod 2`` (every activation address below is relative to
       ``act_base + (s mod 2) * B``).
     * output side: ``Q = (forward_end - forward_begin) + P`` pops (the queue's head word leaves on
-      ``o_flit``), then ``E`` = :func:`flowtile.program.result_words` EMIT transfers (result word ``j``),
-      one a cycle at most, in order; the first EMIT of ``s`` at a cycle ``>= c_s + I + 2`` (the last
-      result, written in cycle ``c_s + I + 1``, is read through the result buffer's combinational port).
+      ``o_flit``) and ``E`` = :func:`flowtile.program.result_words` EMIT transfers (EMIT ``j`` sends result
+      word ``j``), one a cycle at most, in this order (section 4.4, ``n_pix = out_rows * out_width``,
+      ``W_px = E / n_pix``, ``R = pass_per_pixel``): ``Q - n_pix * R`` pops, then for each output pixel
+      ``q``: ``R`` pops and EMITs ``q*W_px .. q*W_px + W_px - 1`` (with ``R = 0``: all pops, then all
+      EMITs). A pop needs the queue's head; the first EMIT of ``s`` happens at a cycle ``>= c_s + I + 2``
+      (the last result, written in cycle ``c_s + I + 1``, is read through the result buffer's
+      combinational port), every later EMIT of ``s`` only after its predecessor.
 
     A tile with ``n_out = 0`` has no compute side and no EMITs. Every emitted flit carries the configured
     destination; ``o_flit.valid`` never depends on ``o_flit.ready``. Arithmetic, windowing (MAC: dense
@@ -237,41 +242,7 @@ class PE(wiring.Component):
         with m.If(input_transfer & stores & (in_index + 1 == config.store_end)):
             m.d.sync += stored.eq(1)
 
-        # --- output side: Q pops, then E EMIT transfers, per inference -------------------------------
-        out_index = Signal(max(len(popped_words), len(config.n_out)))
-        out_emitting = Signal()                          # past this inference's pops
-        # EMIT transfers of this inference (n_pix * N_r), counted up by COMPUTE.
-        emit_words = Signal.like(out_index)
-        emit_phase = computes & (out_emitting | (popped_words == 0))
-        pop_phase = ~emit_phase & (popped_words != 0)
-        m.d.comb += [
-            o_flit.valid.eq(running & Mux(emit_phase, results_pending, pop_phase & queue.r_rdy)),
-            o_flit.payload.data.eq(Mux(emit_phase, result_read.data, queue.r_data)),
-            o_flit.payload.dest_row.eq(config.dest_row),
-            o_flit.payload.dest_col.eq(config.dest_col),
-            o_flit.payload.dest_host.eq(config.dest_host),
-            queue.r_en.eq(running & pop_phase & o_flit.ready),
-            result_read.addr.eq(out_index),
-        ]
-        output_transfer = o_flit.valid & o_flit.ready
-        with m.If(output_transfer):
-            with m.If(emit_phase):
-                with m.If(out_index == emit_words - 1):
-                    m.d.sync += [out_index.eq(0), out_emitting.eq(0), results_pending.eq(0)]
-                with m.Else():
-                    m.d.sync += out_index.eq(out_index + 1)
-            with m.Else():
-                with m.If(out_index == popped_words - 1):
-                    m.d.sync += [out_index.eq(0), out_emitting.eq(computes)]
-                with m.Else():
-                    m.d.sync += out_index.eq(out_index + 1)
-
-        # --- COMPUTE: issue (cycle c), accumulate or max (c+1), requantize or clamp and write (c+2) --
-        # Loop nest of section 4.1, innermost last. MAC: output row, output column, output channel o,
-        # ky, kx, cw (the weight order). MAX, LANE, ADD and CONCAT: output row, output column, cw, ky, kx
-        # (LANE's weight order; ADD's 1x2 "kernel" is its two operands, CONCAT's 1x1 kernel makes one issue
-        # per output word). Each counter steps when every counter inside it wraps; the two orders only
-        # differ in where cw sits.
+        # The op decides the loop nest of COMPUTE (below) and the result words a pixel (the output side).
         is_max = config.op == OP_MAX
         is_lane = config.op == OP_LANE
         is_add = config.op == OP_ADD
@@ -283,6 +254,70 @@ class PE(wiring.Component):
         lane_wise = is_lane | two_operands
         # MAX, LANE, ADD and CONCAT produce one whole result word per (pixel, cw) and preserve channels.
         per_word = is_max | lane_wise
+        # W_px: result words a pixel (N_r for MAC, CW for the channel-preserving ops).
+        pixel_result_words = Signal(max(len(config.words_per_pixel), len(n_result_words)))
+        m.d.comb += pixel_result_words.eq(Mux(per_word, config.words_per_pixel, n_result_words))
+
+        # --- output side (sections 4 and 4.4), per inference: Q_f + P_bulk pops ("bulk"), then for each
+        # output pixel q: pass_per_pixel pops and the W_px EMITs of result words q*W_px .. q*W_px + W_px - 1.
+        # With pass_per_pixel = 0: Q pops, then E EMITs. n_pix * pass_per_pixel multiplies registers that
+        # only change while run = 0. A config that breaks section 4.4's rule (a tile that does not compute,
+        # or n_pix * pass_per_pixel > n_pass; rejected by encode_config) behaves as pass_per_pixel = 0.
+        interleaved_pops = Signal(len(config.out_rows) + len(config.out_width) + len(config.pass_per_pixel))
+        m.d.comb += interleaved_pops.eq(config.out_rows * config.out_width * config.pass_per_pixel)
+        interleaves = computes & (config.pass_per_pixel != 0) & (interleaved_pops <= n_pass)
+        pixel_pops = Mux(interleaves, config.pass_per_pixel, 0)
+        bulk_pops = Signal.like(popped_words)          # Q_f + P_bulk
+        m.d.comb += bulk_pops.eq(popped_words - Mux(interleaves, interleaved_pops, 0))
+        out_index = Signal.like(popped_words)          # pop of the bulk
+        out_emitting = Signal()                        # past this inference's bulk pops: in its pixels
+        pixel_popped = Signal()                        # the current pixel's pops are done
+        pixel_word = Signal(max(len(config.pass_per_pixel), len(pixel_result_words)))   # pop or EMIT in the pixel
+        # EMIT transfers of this inference (n_pix * N_r), counted up by COMPUTE.
+        emit_words = Signal(max(len(popped_words), len(config.n_out)))
+        emit_index = Signal.like(emit_words)           # EMIT j = q*W_px + j': result word j
+        in_pixels = computes & (out_emitting | (bulk_pops == 0))
+        emit_phase = in_pixels & (pixel_popped | (pixel_pops == 0))
+        pop_phase = Mux(in_pixels, ~emit_phase, bulk_pops != 0)
+        m.d.comb += [
+            o_flit.valid.eq(running & Mux(emit_phase, results_pending, pop_phase & queue.r_rdy)),
+            o_flit.payload.data.eq(Mux(emit_phase, result_read.data, queue.r_data)),
+            o_flit.payload.dest_row.eq(config.dest_row),
+            o_flit.payload.dest_col.eq(config.dest_col),
+            o_flit.payload.dest_host.eq(config.dest_host),
+            queue.r_en.eq(running & pop_phase & o_flit.ready),
+            result_read.addr.eq(emit_index),
+        ]
+        output_transfer = o_flit.valid & o_flit.ready
+        with m.If(output_transfer):
+            with m.If(emit_phase):
+                with m.If(emit_index == emit_words - 1):
+                    # The inference's last EMIT: the result buffer is free for the next COMPUTE.
+                    m.d.sync += [emit_index.eq(0), pixel_word.eq(0), pixel_popped.eq(0), out_emitting.eq(0),
+                                 results_pending.eq(0)]
+                with m.Else():
+                    m.d.sync += emit_index.eq(emit_index + 1)
+                    with m.If(pixel_word == pixel_result_words - 1):
+                        m.d.sync += [pixel_word.eq(0), pixel_popped.eq(0)]
+                    with m.Else():
+                        m.d.sync += pixel_word.eq(pixel_word + 1)
+            with m.Elif(in_pixels):
+                with m.If(pixel_word == pixel_pops - 1):
+                    m.d.sync += [pixel_word.eq(0), pixel_popped.eq(1)]
+                with m.Else():
+                    m.d.sync += pixel_word.eq(pixel_word + 1)
+            with m.Else():
+                with m.If(out_index == bulk_pops - 1):
+                    m.d.sync += [out_index.eq(0), out_emitting.eq(computes)]
+                with m.Else():
+                    m.d.sync += out_index.eq(out_index + 1)
+
+        # --- COMPUTE: issue (cycle c), accumulate or max (c+1), requantize or clamp and write (c+2) --
+        # Loop nest of section 4.1, innermost last. MAC: output row, output column, output channel o,
+        # ky, kx, cw (the weight order). MAX, LANE, ADD and CONCAT: output row, output column, cw, ky, kx
+        # (LANE's weight order; ADD's 1x2 "kernel" is its two operands, CONCAT's 1x1 kernel makes one issue
+        # per output word). Each counter steps when every counter inside it wraps; the two orders only
+        # differ in where cw sits.
         out_row = Signal.like(config.out_rows)            # relative to out_row_begin
         out_col = Signal.like(config.out_width)
         channel = Signal.like(config.n_out)              # output channel o (MAC only)
@@ -331,7 +366,6 @@ class PE(wiring.Component):
 
         # Result words of the pixels issued so far (q * N_r for MAC, q * CW for the per-word ops): a
         # running sum instead of a multiplier. It survives COMPUTE as the EMIT count.
-        pixel_result_words = Mux(per_word, config.words_per_pixel, n_result_words)
         result_base = Signal.like(emit_words)
         weight_address = Signal(sram_address_bits)
         with m.If(issuing):
@@ -535,5 +569,5 @@ class PE(wiring.Component):
         with m.If(~running):
             m.d.sync += [stage1_valid.eq(0), stage2_valid.eq(0), in_index.eq(0), in_bank.eq(0), computing.eq(0),
                          compute_bank.eq(0), stored.eq(0), results_pending.eq(0), out_index.eq(0),
-                         out_emitting.eq(0)]
+                         out_emitting.eq(0), pixel_popped.eq(0), pixel_word.eq(0), emit_index.eq(0)]
         return m

@@ -37,7 +37,11 @@ A dense tile computes a slice of the outputs (a multiple of ``lanes`` except the
 ``act_base = n_out * K_in``. A windowed tile (section 4.1) computes a band of output rows for every
 output channel: a conv tile holds all weights at ``w_base = 0``, SRAM row ``o*K_w + (ky*KW + kx)*CW + cw``
 lane ``l`` = weight ``[o, cw*L + l, ky, kx]`` (zero for padding channels), ``act_base = C_out * K_w``,
-``pad_value`` = the input zero point; a max-pool tile has no weights (``act_base = 0``), ``n_out = CW * L``
+``pad_value`` = the input zero point. A conv with ``channel_groups`` (section 4.4) puts ``bands x groups``
+tiles on the chain, band by band, group by group: tile ``(b, g)`` holds only group ``g``'s weight rows (its
+``o - o_g`` at ``w_base = 0``, ``act_base = n_out_g * K_w``) and parameter rows, has ``n_out = o_{g+1} - o_g``
+and ``pass_per_pixel = sum_{h<g} ceil(n_out_h / L)``, so its ``n_pass`` (the running count above) is the
+earlier bands' words plus ``n_pix_b * pass_per_pixel``; a max-pool tile has no weights (``act_base = 0``), ``n_out = CW * L``
 zero parameter rows and ``pad_value = -128``. A depthwise tile (``op = LANE``) holds its ``CW * KH * KW``
 weight words at ``w_base = 0``, SRAM row ``cw*KH*KW + ky*KW + kx`` lane ``l`` = weight ``[cw*L + l, ky,
 kx]``, ``act_base = CW * KH * KW``, ``n_out = CW * L`` parameter rows ``(bias, multiplier, shift)`` of
@@ -100,7 +104,10 @@ class Dense(NamedTuple):
 class Conv(NamedTuple):
     """One int8 2-D convolution (ONNX QLinearConv semantics, weight zero point 0). ``pads`` are
     ``(top, left, bottom, right)``; padding reads the input zero point ``zp_in`` (real zero).
-    ``tiles``: chain tiles (output row bands), or the explicit output row count of each."""
+    ``tiles``: output row bands, or the explicit output row count of each. ``channel_groups``: output-channel
+    groups per band (section 4.4), as a count (whole words as evenly as possible, :func:`split_outputs`) or
+    the explicit channel count of each group (multiples of ``lanes`` but the last); the layer then takes
+    ``bands x groups`` chain tiles, band by band, group by group."""
 
     weights: np.ndarray            # int8 [C_out, C_in, KH, KW]
     bias: np.ndarray               # int32-range [C_out]
@@ -113,6 +120,7 @@ class Conv(NamedTuple):
     stride: int = 1
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     tiles: int | Sequence[int] = 1
+    channel_groups: int | Sequence[int] = 1
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -361,7 +369,10 @@ def _dense_tiles(layer: Dense, k_words: int, lanes: int, act_fill):
 
 
 def _window_tiles(layer, shape: tuple[int, int, int], lanes: int, act_fill):
-    """(config, sram, params, result words) per tile of a conv or max-pool layer, and its output shape."""
+    """(config, sram, params, result words) per tile of a conv or max-pool layer, and its output shape. A
+    conv with output-channel groups (section 4.4) gives, band by band, one tile per group; the caller's
+    running ``n_pass`` (result words of the tiles before) is then the earlier bands' pixels with all their
+    channels plus ``n_pix`` times the band's ``pass_per_pixel``."""
     channels, height, width = shape
     words_per_pixel = -(-channels // lanes)
     k_words = height * width * words_per_pixel
@@ -384,9 +395,17 @@ def _window_tiles(layer, shape: tuple[int, int, int], lanes: int, act_fill):
         weights = padded.reshape(c_out * window_words, lanes)
         params = np.stack([_per_output(layer.bias, c_out), _per_output(layer.multiplier, c_out),
                            _per_output(layer.shift, c_out)], axis=1)
-        common.update(op=OP_MAC, n_out=c_out, act_base=c_out * window_words, pad_value=layer.zp_in,
-                      zp_out=layer.zp_out)
-        out_channels, per_pixel = c_out, -(-c_out // lanes)
+        common.update(op=OP_MAC, pad_value=layer.zp_in, zp_out=layer.zp_out)
+        out_channels = c_out
+        # section 4.4: group g computes channels [o_g, o_{g+1}) with its own weights and parameter rows;
+        # pass_per_pixel = the result words a pixel of the groups before it
+        groups, first, before = [], 0, 0
+        for count in split_outputs(c_out, layer.channel_groups, lanes):
+            groups.append(dict(n_out=count, act_base=count * window_words, pass_per_pixel=before,
+                               weights=weights[first * window_words:(first + count) * window_words],
+                               params=params[first:first + count]))
+            first += count
+            before += -(-count // lanes)
     elif isinstance(layer, Depthwise):
         if layer.channels != channels:
             raise ValueError(f"Depthwise has {layer.channels} channels, its input map has {channels}")
@@ -395,21 +414,25 @@ def _window_tiles(layer, shape: tuple[int, int, int], lanes: int, act_fill):
         # word cw*KH*KW + ky*KW + kx, lane l: weight of channel cw*L + l at (ky, kx)
         weights = (padded.reshape(words_per_pixel, lanes, window).transpose(0, 2, 1)
                    .reshape(words_per_pixel * window, lanes))
-        common.update(op=OP_LANE, n_out=words_per_pixel * lanes, act_base=words_per_pixel * window,
-                      pad_value=layer.zp_in, zp_out=layer.zp_out)
-        out_channels, per_pixel = channels, words_per_pixel
+        common.update(op=OP_LANE, pad_value=layer.zp_in, zp_out=layer.zp_out)
+        out_channels = channels
+        groups = [dict(n_out=words_per_pixel * lanes, act_base=words_per_pixel * window, pass_per_pixel=0,
+                       weights=weights, params=params)]
     else:
-        weights = np.zeros((0, lanes), dtype=np.int8)
-        params = np.zeros((words_per_pixel * lanes, 3), dtype=np.int64)
-        common.update(op=OP_MAX, n_out=words_per_pixel * lanes, act_base=0, pad_value=-128, zp_out=0)
-        out_channels, per_pixel = channels, words_per_pixel
+        common.update(op=OP_MAX, pad_value=-128, zp_out=0)
+        out_channels = channels
+        groups = [dict(n_out=words_per_pixel * lanes, act_base=0, pass_per_pixel=0,
+                       weights=np.zeros((0, lanes), dtype=np.int8),
+                       params=np.zeros((words_per_pixel * lanes, 3), dtype=np.int64))]
     tiles = []
     row = 0
     for rows in split_rows(out_height, layer.tiles):
-        config = blank_config()
-        config.update(common, out_row_begin=row, out_rows=rows)
-        sram = np.concatenate([weights, _fill(act_fill, ACTIVATION_BANKS * k_words, lanes)])
-        tiles.append((config, sram, params.copy(), rows * out_width * per_pixel))
+        for group in groups:
+            config = blank_config()
+            config.update(common, out_row_begin=row, out_rows=rows, n_out=group["n_out"],
+                          act_base=group["act_base"], pass_per_pixel=group["pass_per_pixel"])
+            sram = np.concatenate([group["weights"], _fill(act_fill, ACTIVATION_BANKS * k_words, lanes)])
+            tiles.append((config, sram, group["params"].copy(), rows * out_width * -(-group["n_out"] // lanes)))
         row += rows
     return tiles, (out_channels, out_height, out_width)
 

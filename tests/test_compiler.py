@@ -253,9 +253,9 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
 
 
 def run_functionally(program: Program, x_q: np.ndarray) -> np.ndarray:
-    """Dataflow of sections 4, 4.1 and 4.2 without timing: each chain tile per inference receives K flits, stores
-    those in its store range and forwards those in its forward range, passes P, computes from its SRAM image and
-    parameters and emits; returns the host's."""
+    """Dataflow of sections 4-4.4 without timing: each chain tile per inference receives K flits, stores
+    those in its store range and forwards those in its forward range, passes P (the last ``n_pix * pass_per_pixel``
+    interleaved with its results pixel by pixel), computes from its SRAM image and parameters; returns the host's."""
     lanes = program.arch.lanes
     results = []
     for sample in x_q:
@@ -266,9 +266,16 @@ def run_functionally(program: Program, x_q: np.ndarray) -> np.ndarray:
             assert len(stream) == k + p, f"tile {tile.key} receives {len(stream)} flits, expects {k + p}"
             act = np.array(stream[c["store_begin"]:c["store_end"]], dtype=np.int64).reshape(-1)
             out += stream[c["forward_begin"]:c["forward_end"]]
-            out += stream[k:k + p]
-            if n_out:
-                out += _pe_results(tile, act, lanes)
+            results_of_tile = _pe_results(tile, act, lanes) if n_out else []
+            # section 4.4: the last n_pix * pass_per_pixel passed words interleave with the results pixel by pixel
+            per_pixel = c["pass_per_pixel"]
+            n_pix = output_pixels(c) if n_out else 1
+            bulk = p - n_pix * per_pixel
+            out += stream[k:k + bulk]
+            pixel_words = len(results_of_tile) // n_pix
+            for q in range(n_pix):
+                out += stream[k + bulk + q * per_pixel:k + bulk + (q + 1) * per_pixel]
+                out += results_of_tile[q * pixel_words:(q + 1) * pixel_words]
             stream = out
         results.append(unpack_flits(np.array(stream), 1, program.output.length, program.output)[0])
     return np.array(results, dtype=np.int8)

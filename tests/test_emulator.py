@@ -1,8 +1,9 @@
 """The emulator against (1) a naive cycle-stepping simulator written here from docs/architecture.md
 sections 3-6 (the PE of section 4 with its concurrent input, compute and output sides, its forward queue
 and two activation banks; 4.1 for windowed layers, 4.2 for streams of several tensors and op = ADD, 4.3 for
-op = CONCAT), flit by flit and cycle by cycle, itself checked against cycles worked out by hand, (2) plain
-numpy goldens (``program_builder``) of dense, convolution, depthwise / average-pool (op = LANE), max-pool
+op = CONCAT, 4.4 for the per-pixel interleaved output order of output-channel groups), flit by flit and cycle
+by cycle, itself checked against cycles worked out by hand, (2) plain numpy goldens (``program_builder``) of
+dense, convolution (also split over output-channel groups), depthwise / average-pool (op = LANE), max-pool
 layers, residual blocks (op = ADD) and concat blocks (op = CONCAT), and (3) its error reporting on programs
 it cannot run.
 """
@@ -40,14 +41,15 @@ OPPOSITE = {"N": "S", "S": "N", "E": "W", "W": "E"}
 class ReferencePE:
     """Section 4's PE, one cycle at a time: an input side (per inference K RECV then P PASS transfers), a
     forward queue of F words, a compute side (COMPUTE for I + 2 cycles) and an output side (per inference Q
-    pops then E EMIT transfers), with a plain-Python SRAM holding two activation banks and plain-Python
+    pops then E EMIT transfers; with pass_per_pixel > 0, section 4.4, Q_f + P_bulk pops, then per output
+    pixel pass_per_pixel pops and the pixel's W_px EMITs), with a plain-Python SRAM holding two activation banks and plain-Python
     arithmetic. Each side decides in cycle ``t`` from what happened before ``t`` (a FIFO or queue word
     written in ``t`` is readable from ``t + 1``; a full FIFO or queue is not writable in a cycle in which it
     is read), except that the input side sees a COMPUTE that begins in ``t`` (section 4: the first input
     transfer of inference ``s >= 1`` happens at a cycle ``>= c_{s-1}``).
 
     Per PE it records ``input_times`` (per inference K RECV then P PASS), ``compute_starts`` (``c_s``),
-    ``output_times`` (per inference Q pops then E EMITs) and ``spans`` ((start, end, phase) in the order of
+    ``output_times`` (per inference its Q + E pops and EMITs in the order of ``out_actions``) and ``spans`` ((start, end, phase) in the order of
     the ``tile_timelines`` interface: input spans, COMPUTE spans, output spans).
 
     The result of COMPUTE ``s`` is taken from the SRAM as it stands when COMPUTE begins (``c_s``), reading
@@ -86,6 +88,23 @@ class ReferencePE:
         self.compute_cycles = self.issue + 2 if self.computes else 0      # I + 2
         self.emits = n_pix * -(-self.n_out // arch.lanes) if self.computes else 0   # E
         self.pops = len(self.forward) + self.p                              # Q
+        # section 4.4: the output side's Q + E transfers of an inference, in order: Q_f + P_bulk pops, then
+        # per output pixel q pass_per_pixel pops and the W_px = E / n_pix EMITs of result words q*W_px ..
+        # q*W_px + W_px - 1 (pass_per_pixel = 0: all pops, then all EMITs). Entry None = a pop, an int = the
+        # EMIT of that result word.
+        self.pass_per_pixel = config["pass_per_pixel"]
+        if self.pass_per_pixel:
+            assert self.computes and n_pix * self.pass_per_pixel <= self.p, (
+                f"chain position {position}: pass_per_pixel = {self.pass_per_pixel} needs n_out > 0 and "
+                f"n_pix * pass_per_pixel = {n_pix * self.pass_per_pixel} <= n_pass = {self.p} (section 4.4)")
+        self.lead_pops = self.pops - n_pix * self.pass_per_pixel            # Q_f + P_bulk
+        self.out_actions: list[int | None] = [None] * self.lead_pops
+        if self.computes:
+            per_pixel = self.emits // n_pix                                  # W_px
+            for q in range(n_pix):
+                self.out_actions += [None] * self.pass_per_pixel + list(range(q * per_pixel, (q + 1) * per_pixel))
+        assert len(self.out_actions) == self.pops + self.emits
+        self.first_emit = next((j for j, a in enumerate(self.out_actions) if a is not None), None)
         self.weights = range(config["w_base"], config["w_base"] + weight_words) if self.computes else range(0)
         self.queue_words = arch.forward_queue_words                          # F
         # state of the three sides and the queue
@@ -156,12 +175,14 @@ class ReferencePE:
         if not per:
             return None
         s, j = divmod(len(self.output_times), per)
-        if j < self.pops:
+        word = self.out_actions[j]
+        if word is None:
             if self.queue and self.queue[0][1] < cycle:
                 return self.queue[0][0]
             return None
+        # every EMIT after the first of s follows it, so COMPUTE of s has ended for all of them
         if len(self.compute_starts) > s and cycle >= self.compute_starts[s] + self.compute_cycles:
-            return self.results[s][j - self.pops]
+            return self.results[s][word]
         return None
 
     def do_input(self, cycle, data):
@@ -187,11 +208,13 @@ class ReferencePE:
         """One output transfer in ``cycle``: pop (the queue head) or EMIT; record."""
         per = self.pops + self.emits
         s, j = divmod(len(self.output_times), per)
-        if j < self.pops:
+        if self.out_actions[j] is None:
             self.queue.popleft()
         self.output_times.append(cycle)
+        # spans: FORWARD = the Q_f + P_bulk leading pops (none if zero), EMIT = the rest up to the last output
+        # transfer of the inference (section 4.4: interleaved pops included)
         begin = self.output_spans[-1][1] if self.output_spans else 0
-        if j == self.pops - 1:
+        if j == self.lead_pops - 1:
             self.output_spans.append((begin, cycle + 1, "FORWARD"))
         elif j == per - 1:
             self.output_spans.append((begin, cycle + 1, "EMIT"))
@@ -208,7 +231,7 @@ class ReferencePE:
             gap = 1 if name != "COMPUTE" else self.compute_cycles
             assert all(b >= a + gap for a, b in zip(times, times[1:])), f"{where}: {name} times {times} overlap"
         pushes = [t for i, t in enumerate(self.input_times) if i % per_in >= self.k or i % per_in in self.forward]
-        pops = [t for i, t in enumerate(self.output_times) if i % per_out < self.pops]
+        pops = [t for i, t in enumerate(self.output_times) if self.out_actions[i % per_out] is None]
         assert len(pushes) == len(pops) == batch * self.pops, f"{where}: {len(pushes)} pushes, {len(pops)} pops"
         for i, (push, pop) in enumerate(zip(pushes, pops)):
             assert pop >= push + 1, f"{where}: queue word {i} popped at {pop}, pushed at {push}"
@@ -224,7 +247,7 @@ class ReferencePE:
                 assert self.input_times[s * per_in] >= self.compute_starts[s - 1], \
                     f"{where}: inference {s} received before COMPUTE of inference {s - 1} began"
             assert start == max(bounds), f"{where}: c_{s} = {start}, section 4 gives max({bounds})"
-            first_emit = self.output_times[s * per_out + self.pops]
+            first_emit = self.output_times[s * per_out + self.first_emit]
             assert first_emit >= start + self.compute_cycles, f"{where}: EMIT of inference {s} before its results"
 
     def check_no_race(self, cycle, address):
@@ -478,7 +501,11 @@ def _side_actions(pe, side):
     """Names of one side's actions per inference, for error messages."""
     if side == "input":
         return [f"RECV word {k}" for k in range(pe.k)] + [f"PASS word {j}" for j in range(pe.p)]
-    return [f"pop {j}" for j in range(pe.pops)] + [f"EMIT word {j}" for j in range(pe.emits)]
+    names, pops = [], 0
+    for word in pe.out_actions:   # section 4.4's order
+        names.append(f"pop {pops}" if word is None else f"EMIT word {word}")
+        pops += word is None
+    return names
 
 
 def assert_same_times(actual, expected, what, actions=None):
@@ -2034,3 +2061,257 @@ def test_bad_concat_programs_are_refused(change, message):
         trace_data_path(program)
     with pytest.raises((EmulatorError, ProgramError)):
         emulate(program, np.zeros((8, 2), np.int8), 1)
+
+
+# --- (7) output-channel groups (section 4.4): per-pixel interleaved output order -------------------
+
+def _random_group_split(rng, c_out, lanes, groups):
+    """Explicit channel counts of ``groups`` groups of ``c_out`` channels: whole words but the last group,
+    which is ragged whenever ``c_out`` is not a multiple of ``lanes``."""
+    words = -(-c_out // lanes)
+    cuts = np.sort(rng.choice(np.arange(1, words), groups - 1, replace=False))
+    counts = [int(b - a) * lanes for a, b in zip([0, *cuts], [*cuts, words])]
+    counts[-1] -= words * lanes - c_out
+    return counts
+
+
+def _grouped_conv(rng, shape, lanes, c_out, *, bands, groups, same=False):
+    """A random Conv over a ``shape`` map split into ``bands`` row bands x ``groups`` channel groups (or
+    None if the draw has fewer output rows than bands); ``same``: stride 1 with "same" padding."""
+    channels, height, width = shape
+    kh, kw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    if same:
+        (top, bottom), (left, right) = _same_padding(kh), _same_padding(kw)
+        stride, pads = 1, (top, left, bottom, right)
+    else:
+        stride = int(rng.integers(1, 3))
+        pads = (int(rng.integers(0, kh)), int(rng.integers(0, kw)), int(rng.integers(0, kh)),
+                int(rng.integers(0, kw)))
+    out_h = window_output_size(height, kh, stride, pads[0], pads[2])
+    if out_h < bands or window_output_size(width, kw, stride, pads[1], pads[3]) < 1:
+        return None
+    window = kh * kw * -(-channels // lanes) * lanes
+    if rng.random() < 0.15:  # wraps and saturates
+        bias, multiplier, shift = (rng.integers(-2**31, 2**31, c_out), rng.integers(0, 2**31, c_out),
+                                   rng.integers(1, 63, c_out))
+    else:
+        bias, multiplier = rng.integers(-2000, 2000, c_out), rng.integers(2**30, 2**31, c_out)
+        shift = np.full(c_out, 31 + int(np.log2(window)) + 4)
+    zp_in, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
+    lo, hi = _random_clamp(rng, zp_out)
+    split = _random_group_split(rng, c_out, lanes, groups) if rng.random() < 0.7 else groups
+    return Conv(rng.integers(-128, 128, (c_out, channels, kh, kw), dtype=np.int8), bias, multiplier, shift,
+                zp_in, zp_out, lo, hi, stride, pads, bands, split)
+
+
+def _conv_out_shape(conv, shape):
+    top, left, bottom, right = conv.pads
+    return (conv.weights.shape[0], window_output_size(shape[1], conv.kernel[0], conv.stride, top, bottom),
+            window_output_size(shape[2], conv.kernel[1], conv.stride, left, right))
+
+
+def random_grouped_program(rng, *, max_batch=4, budget=25000):
+    """Seeded random chain around a convolution split over 1-3 row bands x 2-3 output-channel groups
+    (section 4.4): maps of 1..10 channels, 3..6 pixels a side, 2..16 output channels (group splits in whole
+    words with a ragged last group, or as even as possible), small and large forward queues. The grouped
+    conv stands alone, after a max pool, or as the main branch of a residual block (its last tile then
+    forwards the block input: Q_f > 0 before its P_bulk and interleaved pops), and is sometimes followed by
+    a max pool (which reads the merged pixel-major stream) or a dense layer. Redrawn until the reference can
+    step it in about ``budget`` cycles."""
+    while True:
+        lanes = int(rng.choice([1, 2, 4, 8]))
+        shape = (int(rng.integers(1, 11)), int(rng.integers(3, 7)), int(rng.integers(3, 7)))
+        input_shape = shape
+        layers = []
+        if rng.random() < 0.2:
+            layers.append(MaxPool(2, 2, 1, (0, 0, 1, 1), tiles=1))
+        residual = rng.random() < 0.3
+        c_out = shape[0] if residual else int(rng.integers(2, 17))
+        words = -(-c_out // lanes)
+        if words < 2:
+            continue
+        groups = int(rng.integers(2, min(3, words) + 1))
+        bands = int(rng.integers(1, 4))
+        conv = _grouped_conv(rng, shape, lanes, c_out, bands=bands, groups=groups, same=residual)
+        if conv is None:
+            continue
+        if residual:
+            layers.append(Residual([conv], _random_add(rng, c_out), tiles=1, skip=str(rng.choice(["a", "b"]))))
+            out_shape = shape
+        else:
+            layers.append(conv)
+            out_shape = _conv_out_shape(conv, shape)
+        follow = rng.random()
+        if follow < 0.25 and min(out_shape[1:]) >= 2:
+            layers.append(MaxPool(2, 2, 1, tiles=1))
+        elif follow < 0.45:
+            n_in = out_shape[1] * out_shape[2] * -(-out_shape[0] // lanes) * lanes
+            layers.append(random_layer(rng, n_in, int(rng.integers(1, 2 * lanes + 1)), 1))
+        needed = len(layers) - 1 + bands * groups + residual
+        cols = int(rng.integers(2, 5))
+        rows = -(-needed // cols) + int(rng.integers(0, 2))
+        arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
+                    router_fifo_depth=int(rng.integers(1, 4)), forward_queue_words=random_queue_words(rng))
+        program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
+                                input_shape=input_shape)
+        batch = int(rng.integers(1, max_batch + 1))
+        if _reference_cost(program, batch) <= budget:
+            x = rng.integers(-128, 128, (batch, int(np.prod(input_shape))), dtype=np.int8)
+            return program, layers, input_shape, x, batch
+
+
+def _interleaving_tiles(program):
+    return [t for t in program.tiles if t.config["pass_per_pixel"]]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_grouped_programs_match_reference(seed):
+    rng = np.random.default_rng(9000 + seed)
+    program, layers, shape, x, batch = random_grouped_program(rng)
+    assert _interleaving_tiles(program), "the random grouped program has no tile with pass_per_pixel > 0"
+    flits = _map_flits(program, x)
+    golden = network_golden(layers, x, shape, program.arch.lanes)
+    np.testing.assert_array_equal(run_functional(program, flits, batch).out_flits, golden,
+                                  err_msg="functional output of the grouped program vs the unsplit numpy golden")
+    result = assert_matches_reference(program, x, batch, flits=flits)
+    np.testing.assert_array_equal(result.out_flits, golden, err_msg="emulated output vs the unsplit numpy golden")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_grouped_long_batches_match_reference(seed):
+    """Batches past the probe (periodic extrapolation or its fallback), cycle by cycle."""
+    rng = np.random.default_rng(9500 + seed)
+    program, layers, shape, x, _ = random_grouped_program(rng, max_batch=1, budget=600)
+    batch = int(rng.integers(2 * PROBE_BATCH, 3 * PROBE_BATCH))
+    x = rng.integers(-128, 128, (batch, x.shape[1]), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch, flits=_map_flits(program, x))
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
+
+
+@pytest.mark.parametrize("queue", [1024, 2])
+def test_grouped_conv_long_batch_extrapolates(queue):
+    """Two bands x three groups (a ragged last one) and a pool reading the merged stream, batch past the
+    probe: the extrapolated times equal the reference's and plain sweeps'."""
+    rng = np.random.default_rng(23)
+    arch = Arch(rows=2, cols=4, lanes=2, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2,
+                forward_queue_words=queue)
+    conv = Conv(rng.integers(-128, 128, (5, 2, 2, 2), dtype=np.int8), rng.integers(-500, 500, 5), 2**30, 38,
+                zp_in=7, pads=(1, 0, 0, 1), tiles=2, channel_groups=[2, 2, 1])
+    layers, shape = [conv, MaxPool(2, 2, stride=2)], (2, 3, 3)
+    program = build_program(arch, layers, input_shape=shape)
+    assert [t.config["pass_per_pixel"] for t in program.tiles[:6]] == [0, 1, 2] * 2
+    batch = 6 * PROBE_BATCH   # long enough for the longer probe this program needs with a large queue
+    x = rng.integers(-128, 128, (batch, 18), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch, flits=_map_flits(program, x))
+    assert result.timing.extrapolated, "the steady state of this program should extrapolate"
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 2))
+    plain = solve_timing(program, batch, probe_batch=None)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
+
+
+def test_builder_groups_registers():
+    """program_builder's grouped conv (section 4.4): tile (b, g) holds group g's channels, pass_per_pixel
+    the words a pixel of the groups before g, n_pass the earlier bands' pixels (all channels) plus n_pix_b *
+    pass_per_pixel; every group but the last must be whole words."""
+    rng = np.random.default_rng(24)
+    lanes = 4
+    arch = Arch(rows=2, cols=4, lanes=lanes, sram_bytes=65536, max_tile_outputs=512)
+    weights = rng.integers(-128, 128, (11, 3, 3, 3), dtype=np.int8)
+    conv = Conv(weights, np.arange(11) * 10, np.arange(11) + 2**30, 40, pads=(1, 1, 1, 1), tiles=[2, 3],
+                channel_groups=[8, 3])
+    program = build_program(arch, [conv], input_shape=(3, 5, 4))
+    counts, words_before = [8, 3], [0, 2]
+    for b, rows in enumerate([2, 3]):
+        for g in range(2):
+            tile = program.tiles[2 * b + g]
+            c = tile.config
+            assert (c["n_out"], c["out_row_begin"], c["out_rows"]) == (counts[g], 2 * b, rows), f"tile {b},{g}"
+            assert c["pass_per_pixel"] == words_before[g], f"tile ({b}, {g}): pass_per_pixel"
+            assert c["n_pass"] == 2 * b * 4 * 3 + rows * 4 * words_before[g], f"tile ({b}, {g}): n_pass"
+            first = sum(counts[:g])
+            np.testing.assert_array_equal(tile.params[:, 0], np.arange(first, first + counts[g]) * 10)
+            np.testing.assert_array_equal(tile.sram[:counts[g] * 9, 0],
+                                          weights[first:first + counts[g], 0].reshape(-1),
+                                          err_msg=f"tile ({b}, {g}): weight rows of its channels")
+    with pytest.raises(ValueError, match=r"multiples of 4 except the last"):
+        build_program(arch, [conv._replace(channel_groups=[6, 5])], input_shape=(3, 5, 4))
+
+
+def _hand_groups_case():
+    """Section 4.4 by hand: lanes 2, router FIFOs of depth 2, one input channel on a 1x2 map (K = 2 words),
+    a 1x1 conv to 3 channels over 2 groups of one band: tile 0 = channels 0, 1 (n_out 2, I = n_pix * N_o * K_w
+    = 2 * 2 * 1 = 4, COMPUTE 6 cycles, E = 2, forwards x: Q = 2), tile 1 = channel 2 (n_out 1, I = 2, COMPUTE 4
+    cycles, E = 2, pass_per_pixel = 1, n_pass = 2 * 1, Q_f = 0, P_bulk = 0: per inference pop, EMIT word 0,
+    pop, EMIT word 1), batch 2.
+
+    Host flits written at 0, 1, 2, 3. PE 0: RECV 1, 2 (pushed), pops 2, 3, c_0 = 3, COMPUTE [3, 9); inference
+    1 at 3, 4 (>= c_0), EMIT 9, 10, pops 11, 12, c_1 = max(5, 9, 11) = 11, EMIT 17, 18. Each PE 0 output
+    reaches PE 1 two cycles later. PE 1: RECV 4, 5, c_0 = 6, COMPUTE [6, 10), PASS 11, 12 (pushed); pop 12
+    (pixel 0's group-0 word), EMIT word 0 at max(c_0 + 4, 13) = 13, pop 14, EMIT word 1 at 15; inference 1:
+    RECV 13, 14, PASS 19, 20, c_1 = max(15, 10, 15 + 1) = 16, COMPUTE [16, 20); pop 20, EMIT 21, pop 22, EMIT
+    23; the host gets each one cycle later. Output spans of PE 1: no FORWARD (Q_f + P_bulk = 0), EMIT from
+    the end of the previous output span to the last output transfer + 1."""
+    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    conv = Conv(np.array([3, -2, 5], np.int8).reshape(3, 1, 1, 1), [1, 2, 3], 2**30, 30, zp_out=-1,
+                channel_groups=[2, 1])
+    x = np.array([[4, -7], [10, 20]], np.int8)
+    expected = {"in_times": [0, 1, 2, 3], "out_times": [13, 14, 15, 16, 21, 22, 23, 24],
+                0: {"input": [1, 2, 3, 4], "compute": [3, 11], "output": [2, 3, 9, 10, 11, 12, 17, 18],
+                    "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (3, 9, "COMPUTE"), (11, 17, "COMPUTE"),
+                              (0, 4, "FORWARD"), (4, 11, "EMIT"), (11, 13, "FORWARD"), (13, 19, "EMIT")]},
+                1: {"input": [4, 5, 11, 12, 13, 14, 19, 20], "compute": [6, 16],
+                    "output": [12, 13, 14, 15, 20, 21, 22, 23],
+                    "spans": [(0, 6, "RECV"), (6, 13, "PASS"), (13, 15, "RECV"), (15, 21, "PASS"),
+                              (6, 10, "COMPUTE"), (16, 20, "COMPUTE"), (0, 16, "EMIT"), (16, 24, "EMIT")]}}
+    # y_c = clamp(x * w_c + bias_c + zp_out) (M / 2^S = 1); pixel-major, word 0 = channels 0, 1, word 1 =
+    # channel 2 and a zero padding lane
+    flits = [[4 * 3 + 1 - 1, 4 * -2 + 2 - 1], [4 * 5 + 3 - 1, 0], [-7 * 3 + 1 - 1, -7 * -2 + 2 - 1],
+             [-7 * 5 + 3 - 1, 0], [10 * 3 + 1 - 1, 10 * -2 + 2 - 1], [10 * 5 + 3 - 1, 0],
+             [20 * 3 + 1 - 1, 20 * -2 + 2 - 1], [20 * 5 + 3 - 1, 0]]
+    program = build_program(arch, [conv], input_shape=(1, 1, 2))
+    return program, [conv], x, expected, np.array(flits, np.int8)
+
+
+def _check_hand(what, in_times, out_times, flits, pe_times, spans, expected, expected_flits):
+    assert list(in_times) == expected["in_times"], f"{what}: host input transfer cycles"
+    assert list(out_times) == expected["out_times"], f"{what}: host output transfer cycles"
+    np.testing.assert_array_equal(flits, expected_flits, err_msg=f"{what}: output flits")
+    for position in (0, 1):
+        want = expected[position]
+        for name in ("input", "compute", "output"):
+            assert list(pe_times[position][name]) == want[name], f"{what}, chain position {position}: {name} cycles"
+        assert spans[position] == want["spans"], f"{what}, chain position {position}: spans"
+
+
+def test_reference_hand_computed_output_groups():
+    program, layers, x, expected, expected_flits = _hand_groups_case()
+    np.testing.assert_array_equal(network_golden(layers, x, (1, 1, 2), 2), expected_flits,
+                                  err_msg="the numpy golden disagrees with the hand-computed flits")
+    assert [t.config["pass_per_pixel"] for t in program.tiles] == [0, 1]
+    flits, out_times, in_times, pes = reference_run(program, _map_flits(program, x), 2)
+    pe_times = [dict(input=pe.input_times, compute=pe.compute_starts, output=pe.output_times) for pe in pes]
+    _check_hand("reference", in_times.tolist(), out_times.tolist(), flits, pe_times, [pe.spans for pe in pes],
+                expected, expected_flits)
+
+
+def test_emulator_hand_computed_output_groups():
+    program, _, x, expected, expected_flits = _hand_groups_case()
+    result = emulate(program, _map_flits(program, x), 2)
+    pe_times = [dict(input=t.input.tolist(), compute=t.compute.tolist(), output=t.output.tolist())
+                for t in result.timing.pe_times]
+    spans = [[(int(s), int(e), str(p)) for s, e, p in timeline] for timeline in result.tile_timelines]
+    _check_hand("emulator", result.in_times.tolist(), result.out_times.tolist(), result.out_flits, pe_times,
+                spans, expected, expected_flits)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p.tiles[0].config.update(pass_per_pixel=1), r"pass_per_pixel = 1 over 2 output pixels is 2 passed "
+                                                            r"words, more than n_pass = 0"),
+    (lambda p: p.tiles[1].config.update(pass_per_pixel=2), r"pass_per_pixel = 2 over 2 output pixels is 4 passed "
+                                                            r"words, more than n_pass = 2"),
+])
+def test_bad_pass_per_pixel_is_refused(change, message):
+    program = copy.deepcopy(_hand_groups_case()[0])
+    change(program)
+    with pytest.raises((EmulatorError, ProgramError), match=message):
+        emulate(program, np.zeros((2, 2), np.int8), 1)

@@ -1,6 +1,7 @@
 """Small chips (2x2, 1x3, 3x1) in Amaranth's simulator running hand-built programs (a one-layer program;
 a residual block whose stream carries two tensors into an ADD split over two tiles; the same stream into a
-channel CONCAT split over two tiles), and Verilog generation."""
+channel CONCAT split over two tiles; a convolution split over row bands and output-channel groups), and Verilog
+generation."""
 
 import numpy as np
 import pytest
@@ -281,6 +282,86 @@ def test_conv_and_its_input_concatenated_by_a_split_concat(rows, cols):
     # 28..31 (results from 38), PASSes tile 1's results at 37..40, pops them at 38..41, EMITs at 42..45. Each
     # later (pass-through) tile adds 3 cycles, the exit router's read 1 more.
     assert [cycle for _, cycle in received[:2 * n_pix]] == [t + 3 * (arch.n_tiles - 3) + 1 for t in range(38, 46)]
+
+
+def numpy_conv(x, weights, table, zp_out, pad):
+    """A stride-1 convolution of the map x [H, W, C] with weights [O, KH, KW, C], zero padding ``pad``
+    (the input zero point is 0), requantized with ``table`` [O, 3]: [H', W', O]."""
+    out_channels, kernel_h, kernel_w, _ = weights.shape
+    padded = np.pad(x.astype(np.int64), ((pad, pad), (pad, pad), (0, 0)))
+    out_h, out_w = padded.shape[0] - kernel_h + 1, padded.shape[1] - kernel_w + 1
+    acc = np.zeros((out_h, out_w, out_channels), dtype=np.int64)
+    for ky in range(kernel_h):
+        for kx in range(kernel_w):
+            acc += padded[ky:ky + out_h, kx:kx + out_w] @ weights[:, ky, kx, :].T.astype(np.int64)
+    return requantize(table[:, 0] + acc, table, zp_out)
+
+
+@pytest.mark.parametrize("rows, cols", [(2, 2)])
+def test_convolution_split_over_bands_and_output_channel_groups(rows, cols):
+    """Section 4.4 end to end: a 3x3 convolution (pad 1) of a 3x2 map of L channels to 2L + 3 channels split
+    over 2 row bands x 2 output-channel groups (group 0: channels 0..2L-1, two words a pixel; group 1: the 3
+    others, one word), chain tiles (band 0, group 0), (0, 1), (1, 0), (1, 1). Every tile stores the whole map;
+    the group-1 tiles interleave pass_per_pixel = 2 passed words (group 0's) before their own word of each
+    pixel, and tile (1, 1) first passes band 0's complete pixels (P_bulk). The host receives the whole output
+    map pixel-major with all channels (three words a pixel), two inferences."""
+    lanes = ARCH.lanes
+    arch = ARCH.replace(rows=rows, cols=cols, sram_bytes=128 * lanes, max_tile_outputs=8 * lanes)
+    rng = np.random.default_rng(4444)
+    height, width, pad = 3, 2, 1
+    n_pix = height * width
+    groups = [(0, 2 * lanes), (2 * lanes, 2 * lanes + 3)]           # channels [o_g, o_{g+1})
+    group_words = [-(-(end - begin) // lanes) for begin, end in groups]
+    bands = [(0, 2), (2, 1)]                                         # (out_row_begin, out_rows)
+    n_channels = groups[-1][1]
+    weights = rng.integers(-128, 128, size=(n_channels, 3, 3, lanes))
+    table = np.stack([rng.integers(-3000, 3000, size=n_channels), rng.integers(1 << 30, 1 << 31, size=n_channels),
+                      rng.integers(37, 41, size=n_channels)], axis=1)
+    zp_out = -2
+    chain = arch.chain
+    layer_tiles = [(b, g) for b in range(len(bands)) for g in range(len(groups))]
+    configs, srams, tables = {}, {}, {}
+    passed = 0          # words a tile passes: what the layer's tiles before it emit (besides the forwarded map)
+    for position, (row, col) in enumerate(chain):
+        last = position == len(chain) - 1
+        dest = dict(dest_host=1) if last else dict(dest_row=chain[position + 1][0], dest_col=chain[position + 1][1])
+        if position < len(layer_tiles):
+            b, g = layer_tiles[position]
+            row_begin, out_rows = bands[b]
+            begin, end = groups[g]
+            per_pixel = sum(group_words[:g])
+            band_pixels_before = sum(r for _, r in bands[:b]) * width
+            n_pass = band_pixels_before * sum(group_words) + out_rows * width * per_pixel
+            assert passed == n_pass
+            n_weights = (end - begin) * 9
+            config = blank_config(n_in_words=n_pix, op=OP_MAC, in_height=height, in_width=width, words_per_pixel=1,
+                                  kernel_h=3, kernel_w=3, stride=1, pad_top=pad, pad_left=pad, out_row_begin=row_begin,
+                                  out_rows=out_rows, out_width=width, n_out=end - begin, w_base=0, act_base=n_weights,
+                                  zp_out=zp_out, n_pass=n_pass, pass_per_pixel=per_pixel,
+                                  **stream_registers(n_pix, forward=position < len(layer_tiles) - 1))
+            # Weight of channel o, kernel position (ky, kx): word (o - o_g) * 9 + ky * 3 + kx.
+            srams[row, col] = {(o - begin) * 9 + ky * 3 + kx: weights[o, ky, kx].tolist()
+                               for o in range(begin, end) for ky in range(3) for kx in range(3)}
+            tables[row, col] = table[begin:end].tolist()
+            passed = n_pass + out_rows * width * group_words[g]
+        else:
+            config = blank_config(n_pass=passed)
+        configs[row, col] = dict(config, **dest)
+    assert passed == n_pix * sum(group_words)
+    inputs = [rng.integers(-128, 128, size=(height, width, lanes)) for _ in range(2)]
+    flits = [pack_lanes(pixel.tolist(), lanes) for x in inputs for pixel in x.reshape(n_pix, lanes)]
+    received = run_chip(arch, configs, srams, tables, flits, 2 * passed, max_cycles=1200)
+
+    for i, x in enumerate(inputs):
+        y = numpy_conv(x, weights, table, zp_out, pad).reshape(n_pix, n_channels)
+        # Pixel-major, all channels: word j of pixel q holds channels jL .. jL + L - 1 (zero beyond n_channels).
+        expected = np.zeros((n_pix, passed // n_pix * lanes), dtype=np.int64)
+        expected[:, :n_channels] = y
+        got = [word for word, _ in received[i * passed:(i + 1) * passed]]
+        assert got == expected.reshape(-1, lanes).tolist(), f"inference {i}: the merged stream is not pixel-major"
+        assert len({v for word in got for v in word}) > 2 * lanes, "results saturated: a weak check"
+    cycles = [cycle for _, cycle in received]
+    assert cycles == sorted(set(cycles))
 
 
 def test_chip_verilog_names_the_module_and_ports():

@@ -1,8 +1,9 @@
-"""PE (docs/architecture.md sections 4 to 4.3) in Amaranth's simulator: arithmetic against golden
+"""PE (docs/architecture.md sections 4 to 4.4) in Amaranth's simulator: arithmetic against golden
 functions (dense; convolution, max pooling and LANE written as plain loops from section 4.1; ADD from
 section 4.2's formula and CONCAT from section 4.3's in numpy, both cross-checked against scalar loops), the
-store and forward ranges of a stream carrying several tensors, the two activation banks, and the cycle of
-every input and output transfer and every COMPUTE start against section 6 rule 4's three chains (input side,
+store and forward ranges of a stream carrying several tensors, the two activation banks, section 4.4's
+per-pixel interleaved output order of an output-channel group (pass_per_pixel), and the cycle of every input
+and output transfer and every COMPUTE start against section 6 rule 4's three chains (input side,
 compute side, output side coupled through the forward queue of F = Arch.forward_queue_words words), over
 several inferences, seeded random input gaps and output back-pressure, and queue depths from 1 to 1024."""
 import random
@@ -84,6 +85,32 @@ def golden_result_words(outputs, lanes):
     return words
 
 
+def output_order(config, lanes):
+    """The kinds of one inference's output transfers in order, "forward" (a pop) or "emit" (section 4.4):
+    Q_f + P_bulk pops, then for each output pixel q pass_per_pixel pops and its W_px EMITs (with
+    pass_per_pixel = 0: all Q pops, then all E EMITs)."""
+    n_pops = forwarded_words(config) + config["n_pass"]
+    n_emits = result_words(config, lanes) if config["n_out"] else 0
+    n_pix = config["out_rows"] * config["out_width"] if n_emits else 1
+    per_pixel = config["pass_per_pixel"] if n_emits else 0
+    assert n_emits % n_pix == 0 and n_pix * per_pixel <= config["n_pass"], "config outside section 4.4"
+    order = ["forward"] * (n_pops - n_pix * per_pixel)
+    for _ in range(n_pix):
+        order += ["forward"] * per_pixel + ["emit"] * (n_emits // n_pix)
+    return order
+
+
+def expected_stream(config, lanes, flits, results):
+    """One inference's output words: the forwarded RECV words and the passed words (in input order) as
+    popped, and ``results`` (result word j at EMIT j), in :func:`output_order`."""
+    k_words = config["n_in_words"]
+    pops = [flit for k, flit in enumerate(flits[:k_words]) if is_forwarded(config, k)] + list(flits[k_words:])
+    pops, results = iter(pops), iter(results)
+    stream = [next(pops) if kind == "forward" else next(results) for kind in output_order(config, lanes)]
+    assert next(pops, None) is None and next(results, None) is None, "output order misses words"
+    return stream
+
+
 class Schedule:
     """Section 6 rule 4 for one PE: the cycle of every transfer of its three chains.
 
@@ -96,13 +123,11 @@ class Schedule:
         k_words, n_pass = config["n_in_words"], config["n_pass"]
         computes = config["n_out"] > 0
         issue_cycles = compute_issue_cycles(config)
-        n_emits = result_words(config, lanes) if computes else 0
-        n_forwarded = sum(is_forwarded(config, k) for k in range(k_words))
         # (kind, inference, word k, pushes into the queue)
         in_actions = [(("recv", s, k, is_forwarded(config, k)) if k < k_words else ("pass", s, k, True))
                       for s in range(n_inferences) for k in range(k_words + n_pass)]
-        out_actions = [("forward" if j < n_forwarded + n_pass else "emit", s)
-                       for s in range(n_inferences) for j in range(n_forwarded + n_pass + n_emits)]
+        # Section 4.4's order: bulk pops, then per output pixel its interleaved pops and its EMITs.
+        out_actions = [(kind, s) for s in range(n_inferences) for kind in output_order(config, lanes)]
         last_stored = config["store_end"] - 1
 
         def first_ready(t):
@@ -282,10 +307,8 @@ def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, g
     expected_out = []
     for i in range(n_inferences):
         flits = inputs[i * per_inference:(i + 1) * per_inference]
-        expected_out += [flit for k, flit in enumerate(flits[:k_words]) if is_forwarded(config, k)]
-        expected_out += flits[k_words:]
-        if config["n_out"]:
-            expected_out += golden(stored_part(config, flits[:k_words]))
+        results = golden(stored_part(config, flits[:k_words])) if config["n_out"] else []
+        expected_out += expected_stream(config, ARCH.lanes, flits, results)
     dest = (config["dest_row"], config["dest_col"], config["dest_host"])
     assert [lanes for lanes, *_ in emitted] == expected_out, "output words differ from the golden model"
     assert all(d == dest for _, d, *_ in emitted)
@@ -755,6 +778,98 @@ def test_lane_golden_is_a_depthwise_convolution():
         assert [w[0] for w in mac_words] == [lane_words[q * 2 + cw][lane] for q in range(16)]
 
 
+# --- output-channel groups: per-pixel interleaved output order (section 4.4) ----------------------------
+
+def draw_group_case(name, op, lanes, channels):
+    """Seeded random registers of one (band, group) tile of a layer split over output channels: a small map,
+    a random window, an output band of >= 2 pixels, ``pass_per_pixel`` = R >= 1 interleaved words a pixel
+    and P_bulk >= 0 passed words before them. ``channels``: "multiple" (n_out a multiple of L), "partial"
+    (not: the last result word of a pixel is partly zero), both with W_px = 2 result words a pixel, or
+    "preserve" (the channel-preserving ``op``, W_px = words_per_pixel).
+    Returns (registers, n_pass, forward)."""
+    rng = random.Random("group-" + name)
+    while True:
+        height, width = rng.randint(2, 3), rng.randint(2, 4)
+        kernel_h, kernel_w, stride = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 2)
+        pad_top, pad_left = rng.randint(0, kernel_h // 2), rng.randint(0, kernel_w // 2)
+        out_height = (height + 2 * pad_top - kernel_h) // stride + 1
+        out_width = (width + 2 * pad_left - kernel_w) // stride + 1
+        if out_height < 1 or out_width < 1:
+            continue
+        row_begin = rng.randint(0, out_height - 1)
+        out_rows = rng.randint(1, out_height - row_begin)
+        if out_rows * out_width >= 2:
+            break
+    words_per_pixel = rng.randint(1, 2)
+    if channels == "preserve":
+        n_out = words_per_pixel * lanes
+    elif channels == "multiple":
+        n_out = 2 * lanes
+    else:
+        n_out = lanes + rng.randint(1, lanes - 1)
+    registers = dict(op=op, in_height=height, in_width=width, words_per_pixel=words_per_pixel, kernel_h=kernel_h,
+                     kernel_w=kernel_w, stride=stride, pad_top=pad_top, pad_left=pad_left,
+                     pad_value=-128 if op == OP_MAX else rng.randint(-9, 9), out_row_begin=row_begin,
+                     out_rows=out_rows, out_width=out_width, n_out=n_out, zp_out=rng.randint(-4, 4),
+                     pass_per_pixel=rng.randint(1, 3))
+    n_pass = out_rows * out_width * registers["pass_per_pixel"] + rng.randint(0, 3)
+    return registers, n_pass, rng.randint(0, 1)
+
+
+#: (id, op, lanes, channels) of the seeded random group tiles; one of each kind also without P_bulk and
+#: forwarded words ("-nobulk"), so the output side begins with pixel 0's interleaved pops.
+GROUP_CASES = [
+    ("mac-multiple-l4", OP_MAC, 4, "multiple"),
+    ("mac-partial-l4", OP_MAC, 4, "partial"),
+    ("mac-multiple-l8-nobulk", OP_MAC, 8, "multiple"),
+    ("mac-partial-l8", OP_MAC, 8, "partial"),
+    ("lane-l4-nobulk", OP_LANE, 4, "preserve"),
+    ("max-l8", OP_MAX, 8, "preserve"),
+]
+
+
+@pytest.mark.parametrize("op, lanes, channels, queue_words", with_queue_depths(GROUP_CASES))
+def test_output_channel_group_interleaves_passed_words_per_pixel(request, op, lanes, channels, queue_words):
+    """Section 4.4 under random input gaps and output back-pressure, three inferences: every output word
+    (bulk pops, then per output pixel its pass_per_pixel passed words and its own result words) and every
+    transfer cycle against rule 4, COMPUTE starts, and the interleaving itself (the passed words of a pixel
+    sit between the previous pixel's last result word and the pixel's first one)."""
+    name = request.node.callspec.id.rsplit("-F", 1)[0]
+    registers, n_pass, forward = draw_group_case(name, op, lanes, channels)
+    n_pix = registers["out_rows"] * registers["out_width"]
+    if name.endswith("-nobulk"):
+        n_pass, forward = n_pix * registers["pass_per_pixel"], 0
+    n_inferences = 3
+    config, _, _, inputs, emitted = run_window_case(
+        registers, n_pass, forward, True, n_inferences, lanes, queue_words=queue_words,
+        result_words_per_tile=None if op == OP_MAC else LANE_RESULT_WORDS)
+    assert config["pass_per_pixel"] >= 1 and n_pix >= 2
+    if channels == "partial":
+        assert config["n_out"] % lanes
+    elif channels == "multiple":
+        assert config["n_out"] % lanes == 0
+    # The words of one inference, located by content: passed word i of inference s is input flit
+    # s*(K + P) + K + i (random data; a collision would only make the check weaker, never wrong).
+    k_words, per_pixel = config["n_in_words"], config["pass_per_pixel"]
+    w_px = result_words(config, lanes) // n_pix
+    bulk = forwarded_words(config) + n_pass - n_pix * per_pixel
+    per_inference = bulk + n_pix * (per_pixel + w_px)
+    assert len(emitted) == n_inferences * per_inference
+    for s in range(n_inferences):
+        words = emitted[s * per_inference:(s + 1) * per_inference]
+        passed = inputs[s * (k_words + n_pass) + k_words:(s + 1) * (k_words + n_pass)]
+        interleaved = passed[n_pass - n_pix * per_pixel:]
+        for q in range(n_pix):
+            block = words[bulk + q * (per_pixel + w_px):bulk + (q + 1) * (per_pixel + w_px)]
+            assert [kind for *_, kind in block] == ["forward"] * per_pixel + ["emit"] * w_px, \
+                f"inference {s}, pixel {q}: not {per_pixel} pops then {w_px} EMITs"
+            assert [lanes_ for lanes_, *_ in block[:per_pixel]] == interleaved[q * per_pixel:(q + 1) * per_pixel], \
+                f"inference {s}, pixel {q}: the interleaved words are not passed words {q * per_pixel}.."
+        # The emitted cycles increase (one transfer a cycle at most) across the interleaving.
+        cycles = [t for _, _, t, _ in words]
+        assert cycles == sorted(set(cycles))
+
+
 def test_window_golden_reduces_to_the_dense_golden():
     """The 1x1 case of the section 4.1 golden is the section 4 golden (what keeps dense timing/values)."""
     rng = random.Random(3)
@@ -1220,6 +1335,9 @@ def test_valid_add_concat_and_stream_configs_encode():
     assert encode_config(ARCH, concat_config(operand_a_offset=0, operand_b_offset=6, n_in_words=9))
     # A pass-through tile may forward part of its RECV words and store none.
     assert encode_config(ARCH, make_config(n_in_words=5, forward_begin=1, forward_end=5))
+    # Section 4.4: n_pix * pass_per_pixel may use up all of n_pass (no bulk passed words), for any op.
+    assert encode_config(ARCH, window_config(out_width=2, pass_per_pixel=2, n_pass=4))
+    assert encode_config(ARCH, add_config(pass_per_pixel=3, n_pass=6))
     # Registers an op does not read are only checked against their width (as the emulator does).
     assert encode_config(ARCH, make_config(n_in_words=2, n_out=1, add_mult_a=(1 << 23) - 1, operand_a_offset=9,
                                            operand_b_offset=1, concat_words_a=7))
@@ -1359,6 +1477,16 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, concat_config(out_row_begin=1, out_rows=2)),
      "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 6 result words exceed the result buffer \\(3 words\\)"),
     (lambda: encode_config(ARCH, concat_config(w_base=70)), "config register w_base = 70 exceeds sram_words = 64"),
+    # Section 4.4: pass_per_pixel needs a computing tile and n_pix * pass_per_pixel <= n_pass.
+    (lambda: encode_config(ARCH, make_config(n_in_words=2, n_pass=3, pass_per_pixel=1)),
+     r"config register pass_per_pixel = 1 requires a computing tile \(n_out > 0; section 4.4\)"),
+    (lambda: encode_config(ARCH, window_config(pass_per_pixel=3, n_pass=2)),
+     r"config registers out_rows \* out_width \* pass_per_pixel = 1 \* 1 \* 3 = 3 interleaved passed words "
+     r"exceed n_pass = 2 \(section 4.4\)"),
+    (lambda: encode_config(ARCH, window_config(out_width=2, pass_per_pixel=2, n_pass=3)),
+     r"out_rows \* out_width \* pass_per_pixel = 1 \* 2 \* 2 = 4 interleaved passed words exceed n_pass = 3"),
+    (lambda: encode_config(ARCH, window_config(pass_per_pixel=1 << 16, n_pass=5)),
+     "config register pass_per_pixel' = 65536 is out of range 0..65535"),
     (lambda: encode_param_entry(0, 1 << 31, 1), "'multiplier' = 2147483648 is out of range"),
     (lambda: encode_param_entry(0, 1, 0), "'shift' = 0 is out of range 1..62"),
     (lambda: encode_param_entry(1 << 31, 1, 1), "'bias' = 2147483648 is out of range"),
