@@ -153,6 +153,9 @@ RESNET_CASES = [
      "int8-tensor"),
     (35, "4x4-l8", (3, 6, 6), 8, [{"kind": "fire", "squeeze": 4, "expand": 8},
                                   {"kind": "dense", "growth": 8, "identity_first": False}], 4, 3, "uint8"),
+    # maps of 2-3 rows: the convolutions split over output-channel groups too (section 4.4), inside the block
+    (38, "4x4-l8", (8, 3, 3), 8, [{"kind": "basic", "out": 32}], 4, 3, "int8"),
+    (39, "4x4-l8", (8, 2, 3), 16, [{"kind": "basic", "out": 16}], 4, 3, "float"),
 ]
 RESNET_IDS = [f"{c[1]}-{'x'.join(map(str, c[2]))}-{'-'.join(b['kind'] for b in c[4])}-b{c[6]}-{c[7]}"
               for c in RESNET_CASES]
@@ -170,6 +173,8 @@ def test_resnet_emulator_matches_onnxruntime(tmp_path, seed, arch_name, in_shape
     model_path, calibration = build_resnet(tmp_path, seed, in_shape, stem, blocks, classes, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     assert any(layer.op in ("Add", "Concat") for layer in program.layers)
+    if seed in (38, 39):
+        assert any(tile.config["pass_per_pixel"] for tile in program.tiles)
     x = np.random.default_rng(seed + 100).standard_normal((batch, *in_shape)).astype(np.float32)
     assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
 
