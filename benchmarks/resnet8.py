@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--grid", default="8x8", help="tile grid RxC (default 8x8)")
     parser.add_argument("--sram-bytes", type=int, default=65536, help="per-tile SRAM (default 65536)")
     parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
+    parser.add_argument("--queue-words", type=int, default=Arch.forward_queue_words,
+                        help=f"per-tile forward queue depth (default {Arch.forward_queue_words})")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rtl", action="store_true", help="also run Verilator and compare")
@@ -46,7 +48,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     model = random_float_resnet(rng, (3, 32, 32), 16, RESNET8_BLOCKS, 10)
     calibration = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
-    arch = Arch(sram_bytes=args.sram_bytes, max_tile_outputs=args.max_tile_outputs).with_grid(args.grid)
+    arch = Arch(sram_bytes=args.sram_bytes, max_tile_outputs=args.max_tile_outputs,
+                forward_queue_words=args.queue_words).with_grid(args.grid)
 
     started = time.perf_counter()
     program = compile_model(model, arch, calibration=calibration)
