@@ -11,7 +11,7 @@ from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, 
 from flowtile.program import LayerInfo, Program, TileProgram, forwarded_words, stored_words, weight_words
 
 from .errors import CompileError
-from .lower import LoweredLayer, lane_params, lower_layers, weight_rows
+from .lower import LoweredLayer, lane_params, lower_layers, pack_input_window, weight_rows
 from .onnx_import import import_onnx, layer_sources
 from .partition import TileSlice, assign_tiles, config_cycles, words
 
@@ -235,15 +235,34 @@ def _check_routes(tiles: list[TileProgram], arch: Arch) -> None:
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, calibration: np.ndarray | None = None,
-                  per_channel: bool = True) -> Program:
+                  per_channel: bool = True, pack_input: bool = True) -> Program:
     """Compile an ONNX MLP or small CNN (int8 QDQ, or float: quantized first) for ``arch``.
 
     ``calibration`` (``[n, *input shape]`` float) and ``per_channel`` only matter for float models.
+    ``pack_input``: let the host pack the first convolution's window into channels
+    (:func:`compiler.lower.pack_input_window`) when the packed program fits and its estimated interval is no
+    longer.
     Raises :class:`compiler.CompileError` when the model is unsupported or does not fit.
     """
     imported = import_onnx(model, calibration=calibration, per_channel=per_channel)
-    return build_program(lower_layers(imported.layers), arch, input_spec=imported.input, output_spec=imported.output,
-                         model_name=imported.name)
+    layers = lower_layers(imported.layers)
+    plain = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output, model_name=imported.name)
+    if not pack_input:
+        return plain
+    packed_layers, packed_spec = pack_input_window(layers, imported.input, arch.lanes)
+    if packed_spec is imported.input:
+        return plain
+    try:  # the packed map is larger (OH*OW pixels of more words): it may not fit where the plain one does
+        packed = build_program(packed_layers, arch, input_spec=packed_spec, output_spec=imported.output,
+                               model_name=imported.name)
+    except CompileError:
+        return plain
+    return packed if estimated_interval(packed) <= estimated_interval(plain) else plain
+
+
+def estimated_interval(program: Program) -> int:
+    """The slowest tile's cycles per inference alone (:func:`flowtile.program.tile_period_cycles`)."""
+    return max(config_cycles(tile.config, program.arch.lanes) for tile in program.tiles)
 
 
 def report(program: Program) -> str:

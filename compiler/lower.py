@@ -31,6 +31,7 @@ result can differ from the exact ``rne`` only where the exact value is within th
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ from flowtile.arch import ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, SHIFT_BITS
 from .errors import CompileError
 from .onnx_import import LANE_OPS, AddLayer, ConcatLayer, DenseLayer, PoolLayer, Window, layer_sources
 
-__all__ = ["LoweredLayer", "lower_layers", "lower_layer", "quantize_multiplier", "reference_forward",
+__all__ = ["LoweredLayer", "lower_layers", "pack_input_window", "lower_layer", "quantize_multiplier", "reference_forward",
            "weight_rows", "lane_params", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
 
 MIN_SHIFT = 1
@@ -387,3 +388,32 @@ def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray
             a = _requantize(acc, layer, (1, -1))
         outputs[index] = a
     return a.reshape(batch, -1).astype(np.int8)
+
+
+def pack_input_window(layers: list[LoweredLayer], input_spec, lanes: int):
+    """Pack the first convolution's window into channels on the host (input layout "im2col", section 7) when
+    that saves issue cycles: a convolution over ``C`` channels issues ``KH*KW*ceil(C/L)`` words a window, the
+    same convolution as a 1x1 one over ``KH*KW*C`` packed channels ``ceil(KH*KW*C/L)`` (a 3-channel 3x3 stem:
+    9 words of 3 useful lanes become 4 words of 27/32). The host then sends ``OH*OW`` packed pixels instead of
+    the ``H*W`` map. Returns ``(layers, input_spec)``, unchanged when the first layer is not a plain convolution
+    of the graph input that nothing else reads, or packing would not save cycles.
+    """
+    if not layers or input_spec.layout != "chw":
+        return layers, input_spec
+    first = layers[0]
+    readers_of_input = [i for i, sources in enumerate(layer_sources(layers)) if -1 in sources]
+    if (first.window is None or first.op != "Conv" or first.is_lane or first.groups != 1
+            or readers_of_input != [0]):
+        return layers, input_spec
+    w = first.window
+    packed_channels = w.kernel_h * w.kernel_w * w.channels
+    if -(-packed_channels // lanes) >= w.kernel_h * w.kernel_w * -(-w.channels // lanes):
+        return layers, input_spec
+    # weight [O, C, KH, KW] -> [O, KH*KW*C, 1, 1] with channel (ky*KW + kx)*C + c, as the host packs the window;
+    # the bias fold over the window is unchanged (padded positions still carry the input zero point)
+    weight = first.weight.transpose(0, 2, 3, 1).reshape(first.n_out, packed_channels, 1, 1)
+    window = Window(packed_channels, w.out_height, w.out_width, 1, 1, 1, 0, 0, w.out_height, w.out_width)
+    packed = dataclasses.replace(first, weight=np.ascontiguousarray(weight), window=window)
+    spec = dataclasses.replace(input_spec, layout="im2col", window=(w.kernel_h, w.kernel_w, w.stride, w.pad_top,
+                                                                   w.pad_left, w.out_height, w.out_width))
+    return [packed] + list(layers[1:]), spec

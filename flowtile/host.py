@@ -58,6 +58,8 @@ def pack_flits(values: np.ndarray, lanes: int, spec: TensorSpec | None = None) -
     channels of a pixel padded to whole flits (docs/architecture.md section 4.1). Padding lanes are zero.
     """
     batch, n = values.shape
+    if spec is not None and spec.layout == "im2col":
+        return _pack_windows(values, lanes, spec)
     if spec is not None and spec.layout == "chw":
         channels, height, width = spec.shape
         words_per_pixel = -(-channels // lanes)
@@ -70,9 +72,34 @@ def pack_flits(values: np.ndarray, lanes: int, spec: TensorSpec | None = None) -
     return padded.reshape(batch * words, lanes)
 
 
+def _pack_windows(values: np.ndarray, lanes: int, spec: TensorSpec) -> np.ndarray:
+    """Layout "im2col": per output pixel of the first layer's window, its ``KH*KW*C`` values as channels
+    ``(ky*KW + kx)*C + c`` (positions outside the map hold the zero point, so they count as real zero), padded
+    to whole flits, pixel-major."""
+    channels, height, width = spec.shape
+    kernel_h, kernel_w, stride, pad_top, pad_left, out_height, out_width = spec.window
+    batch = values.shape[0]
+    zero = spec.zero_point - 128 if spec.dtype == "uint8" else spec.zero_point
+    rows = max(pad_top + height, (out_height - 1) * stride + kernel_h)
+    cols = max(pad_left + width, (out_width - 1) * stride + kernel_w)
+    padded = np.full((batch, channels, rows, cols), zero, dtype=np.int8)
+    padded[:, :, pad_top:pad_top + height, pad_left:pad_left + width] = values.reshape(batch, channels, height, width)
+    window_values = kernel_h * kernel_w * channels
+    window = np.empty((batch, out_height, out_width, kernel_h, kernel_w, channels), dtype=np.int8)
+    for ky in range(kernel_h):
+        for kx in range(kernel_w):
+            taps = padded[:, :, ky:ky + (out_height - 1) * stride + 1:stride, kx:kx + (out_width - 1) * stride + 1:stride]
+            window[:, :, :, ky, kx, :] = taps.transpose(0, 2, 3, 1)
+    pixels = np.zeros((batch, out_height, out_width, -(-window_values // lanes) * lanes), dtype=np.int8)
+    pixels[..., :window_values] = window.reshape(batch, out_height, out_width, window_values)
+    return pixels.reshape(-1, lanes)
+
+
 def unpack_flits(flits: np.ndarray, batch: int, n: int, spec: TensorSpec | None = None) -> np.ndarray:
     """Inverse of :func:`pack_flits`: ``[batch * words, lanes]`` -> int8 ``[batch, n]`` in model order."""
     flits = np.asarray(flits, dtype=np.int8)
+    if spec is not None and spec.layout == "im2col":
+        raise ValueError(f"tensor '{spec.name}': an im2col input cannot be unpacked (windows overlap)")
     if spec is not None and spec.layout == "chw":
         channels, height, width = spec.shape
         pixels = flits.reshape(batch, height, width, -1)[..., :channels]

@@ -132,14 +132,26 @@ class TensorSpec:
     zero_point: int
     dtype: str = "int8"
     #: "flat": the tensor's elements in order, ``L`` a flit. "chw": ``shape`` is (C, H, W) and the tensor
-    #: travels as a feature map, pixel-major, ``ceil(C / L)`` words a pixel (section 4.1).
+    #: travels as a feature map, pixel-major, ``ceil(C / L)`` words a pixel (section 4.1). "im2col" (program
+    #: inputs only, section 7): the host sends, for every output pixel of the first layer's window
+    #: (``window``), the window's values as channels ``(ky*KW + kx)*C + c``, padded positions holding the zero
+    #: point, ``ceil(KH*KW*C / L)`` words a pixel.
     layout: str = "flat"
+    #: layout "im2col": ``(kernel_h, kernel_w, stride, pad_top, pad_left, out_height, out_width)``
+    window: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.layout not in ("flat", "chw"):
-            raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' is not 'flat' or 'chw'")
-        if self.layout == "chw" and len(self.shape) != 3:
-            raise ProgramError(f"tensor '{self.name}': layout 'chw' needs a (C, H, W) shape, got {list(self.shape)}")
+        if self.layout not in ("flat", "chw", "im2col"):
+            raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' is not 'flat', 'chw' or 'im2col'")
+        if self.layout in ("chw", "im2col") and len(self.shape) != 3:
+            raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' needs a (C, H, W) shape, "
+                               f"got {list(self.shape)}")
+        if (self.layout == "im2col") != (self.window is not None):
+            raise ProgramError(f"tensor '{self.name}': a window is given iff the layout is 'im2col'")
+        if self.window is not None and (len(self.window) != 7 or min(self.window) < 0
+                                        or min(self.window[:3] + self.window[5:]) < 1):
+            raise ProgramError(f"tensor '{self.name}': window {list(self.window)} is not (kernel_h, kernel_w, "
+                               f"stride, pad_top, pad_left, out_height, out_width) with positive sizes")
 
     @property
     def length(self) -> int:
@@ -150,16 +162,24 @@ class TensorSpec:
         if self.layout == "chw":
             channels, height, width = self.shape
             return height * width * -(-channels // lanes)
+        if self.layout == "im2col":
+            kernel_h, kernel_w, _, _, _, out_height, out_width = self.window
+            return out_height * out_width * -(-kernel_h * kernel_w * self.shape[0] // lanes)
         return -(-self.length // lanes)
 
     def to_dict(self):
-        return {"name": self.name, "shape": list(self.shape), "scale": self.scale,
-                "zero_point": self.zero_point, "dtype": self.dtype, "layout": self.layout}
+        d = {"name": self.name, "shape": list(self.shape), "scale": self.scale,
+             "zero_point": self.zero_point, "dtype": self.dtype, "layout": self.layout}
+        if self.window is not None:
+            d["window"] = list(self.window)
+        return d
 
     @classmethod
     def from_dict(cls, d):
+        window = d.get("window")
         return cls(d["name"], tuple(int(s) for s in d["shape"]), float(d["scale"]), int(d["zero_point"]),
-                   d.get("dtype", "int8"), d.get("layout", "flat"))
+                   d.get("dtype", "int8"), d.get("layout", "flat"),
+                   tuple(int(v) for v in window) if window is not None else None)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 partitioning invariants, program emission, and the errors for models it cannot compile."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler import (CompileError, build_program, compile_model, config_cycles, import_onnx, lower_layers,
-                      assign_tiles, quantize_multiplier, reference_forward, report, tile_cycles, weight_rows)
+                      assign_tiles, pack_input_window, quantize_multiplier, reference_forward, report, tile_cycles,
+                      weight_rows)
 from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
-from flowtile.program import Program, forwarded_words, output_pixels, result_words, stored_words, weight_words
+from flowtile.program import Program, TensorSpec, forwarded_words, output_pixels, result_words, stored_words, weight_words
 
 import random_models
 
@@ -725,6 +727,10 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
     map (two banks); pass counts add up; then validate and a save/load round trip."""
     arch, lanes = program.arch, program.arch.lanes
     program.validate()
+    if program.input.layout == "im2col":  # the host packs the first convolution's window (section 7)
+        plain_input = dataclasses.replace(program.input, layout="chw", window=None)
+        layers, packed_input = pack_input_window(layers, plain_input, lanes)
+        assert packed_input == program.input
     position = 0
     for info, layer in zip(program.layers, layers):
         tiles = program.tiles[position:position + len(info.tiles)]
@@ -930,6 +936,64 @@ def test_conv_bands_split_output_rows(tmp_path):
     with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*alone needs 12: a tile's result buffer holds 24 "
                                            r"words \(arch field 'max_tile_outputs' = 192\), i.e. 1 output rows"):
         compile_model(model, Arch(rows=1, cols=6, max_tile_outputs=192), calibration=calibration)
+
+
+@pytest.mark.parametrize("dtype,kernel,stride,pads,lanes", [("int8", 3, 1, (1, 1), 8), ("uint8", 5, 2, (2, 1), 4),
+                                                           ("int8", 2, 2, (0, 0), 16)])
+def test_im2col_input_packing_matches_a_direct_window_gather(dtype, kernel, stride, pads, lanes):
+    """Layout "im2col" (section 7): output pixel (oy, ox) carries input (c, oy*S + ky - pad_top, ox*S + kx -
+    pad_left) as channel (ky*KW + kx)*C + c, the zero point outside the map, whole flits a pixel."""
+    rng = np.random.default_rng(7)
+    channels, height, width = 3, 7, 6
+    out_h = (height + 2 * pads[0] - kernel) // stride + 1
+    out_w = (width + 2 * pads[1] - kernel) // stride + 1
+    spec = TensorSpec("x", (channels, height, width), 0.1, 131 if dtype == "uint8" else -5, dtype, "im2col",
+                      (kernel, kernel, stride, pads[0], pads[1], out_h, out_w))
+    values = rng.integers(-128, 128, (2, channels * height * width)).astype(np.int8)
+    flits = pack_flits(values, lanes, spec)
+    words = -(-kernel * kernel * channels // lanes)
+    assert flits.shape == (2 * out_h * out_w * words, lanes) and spec.words(lanes) == out_h * out_w * words
+    zero = spec.zero_point - 128 if dtype == "uint8" else spec.zero_point
+    got = flits.reshape(2, out_h, out_w, words * lanes)
+    maps = values.reshape(2, channels, height, width)
+    for b in range(2):
+        for oy in range(out_h):
+            for ox in range(out_w):
+                expected = []
+                for ky in range(kernel):
+                    for kx in range(kernel):
+                        y, x = oy * stride + ky - pads[0], ox * stride + kx - pads[1]
+                        for c in range(channels):
+                            expected.append(maps[b, c, y, x] if 0 <= y < height and 0 <= x < width else zero)
+                expected += [0] * (words * lanes - len(expected))
+                assert got[b, oy, ox].tolist() == expected, (b, oy, ox)
+    assert TensorSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="im2col input cannot be unpacked"):
+        unpack_flits(flits, 2, values.shape[1], spec)
+
+
+def test_narrow_first_convolution_is_packed_on_the_host(tmp_path):
+    """A 3-channel 3x3 first convolution issues 9 words of 3 useful lanes a window; packed by the host it is a
+    1x1 convolution over 27 channels (4 words): the program computes the same and its estimate is shorter."""
+    rng = np.random.default_rng(45)
+    model = float_cnn(rng, (3, 10, 10), [("conv", 8, 3, 1, [1, 1, 1, 1]), ("relu",), ("pool", 2, 2, [0, 0, 0, 0]),
+                                         ("conv", 8, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
+    calibration = rng.standard_normal((16, 3, 10, 10)).astype(np.float32)
+    layers = lower_layers(import_onnx(model, calibration=calibration).layers)
+    arch = Arch(rows=3, cols=3)
+    packed = compile_model(model, arch, calibration=calibration)
+    plain = compile_model(model, arch, calibration=calibration, pack_input=False)
+    assert packed.input.layout == "im2col" and plain.input.layout == "chw"
+    assert packed.input.window == (3, 3, 1, 1, 1, 10, 10)
+    first = packed.tiles[0].config
+    assert (first["kernel_h"], first["kernel_w"], first["words_per_pixel"], first["pad_top"]) == (1, 1, 4, 0)
+    x_q = quantize(rng.standard_normal((4, 3, 10, 10)).astype(np.float32), packed.input)
+    expected = reference_forward(layers, x_q)
+    assert np.array_equal(run_functionally(packed, x_q), expected)
+    assert np.array_equal(run_functionally(plain, x_q), expected)
+    from compiler.emit import estimated_interval
+    assert estimated_interval(packed) < estimated_interval(plain)
+    check_windowed_program(packed, layers, tmp_path)
 
 
 def test_windowed_layer_size_errors():
