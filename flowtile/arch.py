@@ -135,7 +135,7 @@ class Arch:
     max_tile_outputs: int = 512
     router_fifo_depth: int = 4
     forward_queue_words: int = 1024
-    host_buffer_flits: int = 32768
+    host_buffer_flits: int = 65536
 
     def __post_init__(self):
         def check(name, ok, why):

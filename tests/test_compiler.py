@@ -825,8 +825,13 @@ def test_bundled_digits_cnn(tmp_path):
         program = compile_model(MODELS / "digits_cnn.onnx", arch)
         check_windowed_program(program, layers, tmp_path)
         assert np.array_equal(run_functionally(program, quantize(x[:12], program.input)), ours[:12])
-    text = report(compile_model(MODELS / "digits_cnn.onnx", Arch()))
+    program = compile_model(MODELS / "digits_cnn.onnx", Arch())
+    text = report(program)
     assert "conv1" in text and "MaxPool" in text and "bottleneck" in text
+    # `make demo` runs the whole test set through the RTL harness in one batch: its input must fit the buffer
+    # (the host-packed input of section 8 is 9x the map)
+    assert program.input.layout == "im2col"
+    assert program.input_words * len(x) <= Arch().host_buffer_flits
 
 
 def test_bundled_digits_cnn_float_model(tmp_path):
