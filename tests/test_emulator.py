@@ -963,6 +963,31 @@ def _random_clamp(rng, zp_out):
 WINDOW_KINDS = ("conv", "maxpool", "depthwise", "average")
 
 
+def _program_within_budget(rng, arch, layers, input_shape, max_batch, budget):
+    """The program of ``layers`` with a random tail and batch, and a random input, as
+    ``(program, layers, input_shape, x, batch)``; None when the reference would take more than ``budget``."""
+    program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
+                            input_shape=input_shape)
+    batch = int(rng.integers(1, max_batch + 1))
+    if _reference_cost(program, batch) > budget:
+        return None
+    x = rng.integers(-128, 128, (batch, int(np.prod(input_shape))), dtype=np.int8)
+    return program, layers, input_shape, x, batch
+
+
+def _random_conv_requantization(rng, c_out, window):
+    """Random (bias, multiplier, shift, zp_in, zp_out, clamp_lo, clamp_hi) of a convolution over ``window``
+    lane values: mostly in range, 15 % with values that wrap and saturate."""
+    if rng.random() < 0.15:  # wraps and saturates
+        bias, multiplier, shift = (rng.integers(-2**31, 2**31, c_out), rng.integers(0, 2**31, c_out),
+                                   rng.integers(1, 63, c_out))
+    else:
+        bias, multiplier = rng.integers(-2000, 2000, c_out), rng.integers(2**30, 2**31, c_out)
+        shift = np.full(c_out, 31 + int(np.log2(window)) + 4)
+    zp_in, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
+    return (bias, multiplier, shift, zp_in, zp_out, *_random_clamp(rng, zp_out))
+
+
 def _random_window_layer(rng, shape, lanes, max_tiles, *, kind):
     """A random Conv, MaxPool, Depthwise or average-pool (all-one Depthwise) layer for an input map
     ``shape``, or None if the draw has no output. Pools and depthwise layers sometimes take a global
@@ -1007,14 +1032,7 @@ def _random_window_layer(rng, shape, lanes, max_tiles, *, kind):
     c_out = int(rng.integers(1, 21))
     weights = rng.integers(-128, 128, (c_out, channels, kh, kw), dtype=np.int8)
     window = kh * kw * -(-channels // lanes) * lanes
-    if rng.random() < 0.15:  # wraps and saturates
-        bias, multiplier, shift = (rng.integers(-2**31, 2**31, c_out), rng.integers(0, 2**31, c_out),
-                                   rng.integers(1, 63, c_out))
-    else:
-        bias, multiplier = rng.integers(-2000, 2000, c_out), rng.integers(2**30, 2**31, c_out)
-        shift = np.full(c_out, 31 + int(np.log2(window)) + 4)
-    zp_in, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
-    lo, hi = _random_clamp(rng, zp_out)
+    bias, multiplier, shift, zp_in, zp_out, lo, hi = _random_conv_requantization(rng, c_out, window)
     return Conv(weights, bias, multiplier, shift, zp_in, zp_out, lo, hi, stride, pads, tiles)
 
 
@@ -1064,12 +1082,9 @@ def random_windowed_program(rng, *, max_batch=4, budget=30000):
                 layers.append(random_layer(rng, n_in, n_out, span, extreme=rng.random() < 0.15))
                 used += span
                 n_in = n_out
-        program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
-                                input_shape=input_shape)
-        batch = int(rng.integers(1, max_batch + 1))
-        if _reference_cost(program, batch) <= budget:
-            x = rng.integers(-128, 128, (batch, int(np.prod(input_shape))), dtype=np.int8)
-            return program, layers, input_shape, x, batch
+        drawn = _program_within_budget(rng, arch, layers, input_shape, max_batch, budget)
+        if drawn is not None:
+            return drawn
 
 
 def _map_flits(program, x):
@@ -2091,14 +2106,7 @@ def _grouped_conv(rng, shape, lanes, c_out, *, bands, groups, same=False):
     if out_h < bands or window_output_size(width, kw, stride, pads[1], pads[3]) < 1:
         return None
     window = kh * kw * -(-channels // lanes) * lanes
-    if rng.random() < 0.15:  # wraps and saturates
-        bias, multiplier, shift = (rng.integers(-2**31, 2**31, c_out), rng.integers(0, 2**31, c_out),
-                                   rng.integers(1, 63, c_out))
-    else:
-        bias, multiplier = rng.integers(-2000, 2000, c_out), rng.integers(2**30, 2**31, c_out)
-        shift = np.full(c_out, 31 + int(np.log2(window)) + 4)
-    zp_in, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-20, 21))
-    lo, hi = _random_clamp(rng, zp_out)
+    bias, multiplier, shift, zp_in, zp_out, lo, hi = _random_conv_requantization(rng, c_out, window)
     split = _random_group_split(rng, c_out, lanes, groups) if rng.random() < 0.7 else groups
     return Conv(rng.integers(-128, 128, (c_out, channels, kh, kw), dtype=np.int8), bias, multiplier, shift,
                 zp_in, zp_out, lo, hi, stride, pads, bands, split)
@@ -2152,12 +2160,9 @@ def random_grouped_program(rng, *, max_batch=4, budget=25000):
         rows = -(-needed // cols) + int(rng.integers(0, 2))
         arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
                     router_fifo_depth=int(rng.integers(1, 4)), forward_queue_words=random_queue_words(rng))
-        program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
-                                input_shape=input_shape)
-        batch = int(rng.integers(1, max_batch + 1))
-        if _reference_cost(program, batch) <= budget:
-            x = rng.integers(-128, 128, (batch, int(np.prod(input_shape))), dtype=np.int8)
-            return program, layers, input_shape, x, batch
+        drawn = _program_within_budget(rng, arch, layers, input_shape, max_batch, budget)
+        if drawn is not None:
+            return drawn
 
 
 def _interleaving_tiles(program):
