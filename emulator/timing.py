@@ -479,6 +479,11 @@ def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batc
         differs = np.flatnonzero(np.any(step != step[-1], axis=1))
         repeats = len(step) - (differs[-1] + 1 if differs.size else 0)
         if repeats >= period + 1:
+            # a lasting steady state advances every action of every chain alike (FIFO and event edges bound
+            # the distance between chains, a chain's actions are ordered): unequal increments are a transient
+            # (an upstream PE's lead over the bottleneck drifting until the FIFOs fill), so no candidate
+            if not (step[-1] == step[-1, 0]).all():
+                return None
             break
     else:
         return None
