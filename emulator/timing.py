@@ -95,7 +95,9 @@ recurrence hold with equality? Why that is exact:
   ``t_v >= t_u + w`` on every edge, impossible around a positive cycle: the graph is acyclic, its
   solution unique, and the candidate is it.
 
-If the check fails, a longer probe (and in the end the whole batch) is solved by sweeps.
+If the check fails, a longer probe (and in the end the whole batch) is solved by sweeps; a probe whose sweeps
+settled in a few rounds (:data:`CHEAP_SWEEP_SOLVES_PER_CHAIN`) is not grown, the whole batch is swept at once
+(nothing couples its inferences round by round, so that is cheaper than probing through a long transient).
 """
 from __future__ import annotations
 
@@ -115,6 +117,9 @@ __all__ = ["TimingError", "Chain", "FifoEdge", "EventEdge", "TimingGraph", "PETi
 NEVER = np.int64(-(1 << 62))
 #: Inferences solved by sweeps before extrapolating a periodic steady state.
 PROBE_BATCH = 16
+#: A probe whose sweeps took at most this many solves per chain and did not extrapolate is not grown: the
+#: whole batch is swept directly (it converges in as few rounds when no back-pressure couples inferences).
+CHEAP_SWEEP_SOLVES_PER_CHAIN = 4
 #: Factor by which the probe grows when it is not yet periodic or its extrapolation fails the check
 #: (the solved prefix is kept, so only the new inferences cost sweeps).
 PROBE_GROWTH = 2
@@ -589,7 +594,8 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
             system = _ChainSystem(graph, tail, probe, spaced=spaced)
             if prefix is not None:
                 system.warm_start(prefix)
-            solves += system.sweep_until_stable()
+            probe_solves = system.sweep_until_stable()
+            solves += probe_solves
             prefix = system.solution()
             candidate = _extrapolate(prefix, chains[:tail], probe, batch)
             if candidate is not None:
@@ -597,6 +603,10 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
                 if full.is_exact():
                     break
                 full = None
+            if probe_solves <= CHEAP_SWEEP_SOLVES_PER_CHAIN * tail:
+                # the probe settled in a few sweep rounds, i.e. nothing couples inferences round by round: the
+                # whole batch settles in as few, cheaper than growing probes through a long transient
+                break
             probe *= PROBE_GROWTH
     extrapolated = full is not None
     if not extrapolated:

@@ -2196,7 +2196,9 @@ def test_random_grouped_long_batches_match_reference(seed):
 @pytest.mark.parametrize("queue", [1024, 2])
 def test_grouped_conv_long_batch_extrapolates(queue):
     """Two bands x three groups (a ragged last one) and a pool reading the merged stream, batch past the
-    probe: the extrapolated times equal the reference's and plain sweeps'."""
+    probe: the times equal the reference's and plain sweeps'. With 2-word queues back-pressure couples the
+    inferences and the steady state is extrapolated; with large queues the probe settles in a few sweep rounds
+    and the emulator sweeps the whole batch directly (emulator.timing.CHEAP_SWEEP_SOLVES_PER_CHAIN)."""
     rng = np.random.default_rng(23)
     arch = Arch(rows=2, cols=4, lanes=2, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2,
                 forward_queue_words=queue)
@@ -2208,7 +2210,8 @@ def test_grouped_conv_long_batch_extrapolates(queue):
     batch = 6 * PROBE_BATCH   # long enough for the longer probe this program needs with a large queue
     x = rng.integers(-128, 128, (batch, 18), dtype=np.int8)
     result = assert_matches_reference(program, x, batch, flits=_map_flits(program, x))
-    assert result.timing.extrapolated, "the steady state of this program should extrapolate"
+    if queue == 2:
+        assert result.timing.extrapolated, "the steady state of this program should extrapolate"
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 2))
     plain = solve_timing(program, batch, probe_batch=None)
     np.testing.assert_array_equal(plain.out_times, result.out_times)
