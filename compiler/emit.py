@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 
 from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
-from flowtile.program import LayerInfo, Program, TileProgram, forwarded_words, stored_words, weight_words
+from flowtile.program import (LayerInfo, Program, TileProgram, forwarded_words, stored_words,
+                              tile_period_cycles, weight_words)
 
 from .errors import CompileError
 from .lower import LoweredLayer, lane_params, lower_layers, pack_input_window, weight_rows
 from .onnx_import import import_onnx, layer_sources
-from .partition import TileSlice, assign_tiles, config_cycles, words
+from .partition import TileSlice, assign_tiles, words
 
 __all__ = ["compile_model", "build_program", "report", "output_words", "StreamPlan", "plan_streams"]
 
@@ -262,7 +263,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
 
 def estimated_interval(program: Program) -> int:
     """The slowest tile's cycles per inference alone (:func:`flowtile.program.tile_period_cycles`)."""
-    return max(config_cycles(tile.config, program.arch.lanes) for tile in program.tiles)
+    return max(tile_period_cycles(tile.config, program.arch.lanes) for tile in program.tiles)
 
 
 def report(program: Program) -> str:
@@ -271,7 +272,7 @@ def report(program: Program) -> str:
     by_position = {(t.row, t.col): t for t in program.tiles}
 
     def cycles(tile: TileProgram) -> int:
-        return config_cycles(tile.config, arch.lanes)
+        return tile_period_cycles(tile.config, arch.lanes)
 
     def sram_used(tile: TileProgram) -> int:
         c = tile.config

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from flowtile.arch import ACTIVATION_BANKS, Arch
-from flowtile.program import tile_period_cycles
 
 from .errors import CompileError
 
-__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "config_cycles", "assign_tiles", "words",
+__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "assign_tiles", "words",
            "WindowCosts", "window_costs"]
 
 
@@ -83,12 +82,6 @@ def tile_cycles(n_in_words: int, n_pass: int, n_out: int, lanes: int, forwarded:
     results = words(n_out, lanes) if n_out else 0
     compute = n_out * n_in_words + 2 + results if n_out else 0
     return max(n_in_words + n_pass, forwarded + n_pass + results, compute)
-
-
-def config_cycles(config: dict, lanes: int) -> int:
-    """:func:`tile_cycles` / :func:`window_tile_cycles` from a tile's registers
-    (:func:`flowtile.program.tile_period_cycles`)."""
-    return tile_period_cycles(config, lanes)
 
 
 @dataclass(frozen=True)

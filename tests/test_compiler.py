@@ -11,14 +11,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler import (CompileError, build_program, compile_model, config_cycles, import_onnx, lower_layers,
+from compiler import (CompileError, build_program, compile_model, import_onnx, lower_layers,
                       assign_tiles, pack_input_window, quantize_multiplier, reference_forward, report, tile_cycles,
                       weight_rows)
 from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
-from flowtile.program import Program, TensorSpec, forwarded_words, output_pixels, result_words, stored_words, weight_words
+from flowtile.program import (Program, TensorSpec, forwarded_words, output_pixels, result_words, stored_words,
+                              tile_period_cycles, weight_words)
 
 import random_models
 
@@ -937,7 +938,7 @@ def test_conv_bands_split_output_rows(tmp_path):
     # forwards the whole map (K_f = K = 144) and passes nothing
     first = program.tiles[0].config
     emits = first["out_rows"] * 12 * 2
-    assert config_cycles(first, arch.lanes) == max(144, 144 + emits, first["out_rows"] * 12 * 16 * 9 + 2 + emits)
+    assert tile_period_cycles(first, arch.lanes) == max(144, 144 + emits, first["out_rows"] * 12 * 16 * 9 + 2 + emits)
     with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*alone needs 12: a tile's result buffer holds 24 "
                                            r"words \(arch field 'max_tile_outputs' = 192\), i.e. 1 output rows"):
         compile_model(model, Arch(rows=1, cols=6, max_tile_outputs=192), calibration=calibration)
@@ -1372,7 +1373,7 @@ def test_lane_lowering_of_depthwise_and_average_pools(tmp_path):
     w, config = dw.window, tile.config
     received, emits = w.height * w.width * 3, config["out_rows"] * w.out_width * 3
     forwarded = config["forward_end"] - config["forward_begin"]
-    assert config_cycles(config, lanes) == max(received + config["n_pass"], forwarded + config["n_pass"] + emits,
+    assert tile_period_cycles(config, lanes) == max(received + config["n_pass"], forwarded + config["n_pass"] + emits,
                                                config["out_rows"] * w.out_width * 3 * 9 + 2 + emits)
     assert "DepthwiseConv" in report(program) and "GlobalAveragePool" in report(program)
 

@@ -561,6 +561,18 @@ def assert_matches_reference(program, x, batch, *, flits=None):
     return result
 
 
+def assert_long_batch(program, layers, shape, x, *, reference=True):
+    """A batch of ``x`` (past the probe): outputs equal the numpy golden, and the times (extrapolated where the
+    emulator could) equal plain sweeps'; ``reference``: also cycle by cycle against the stepping reference."""
+    batch, lanes = len(x), program.arch.lanes
+    flits = pack_flits(x, lanes, program.input)
+    result = assert_matches_reference(program, x, batch, flits=flits) if reference else emulate(program, flits, batch)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, lanes))
+    plain = solve_timing(program, batch, probe_batch=None)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
+    return result
+
+
 @pytest.mark.parametrize("seed", range(300))
 def test_random_programs_match_reference(seed):
     rng = np.random.default_rng(seed)
@@ -1176,10 +1188,7 @@ def test_windowed_long_batch_matches_reference():
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
     x = rng.integers(-128, 128, (batch, 40), dtype=np.int8)
-    result = assert_matches_reference(program, x, batch, flits=pack_flits(x, 8, program.input))
-    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 8))
-    plain = solve_timing(program, batch, probe_batch=None)
-    np.testing.assert_array_equal(plain.out_times, result.out_times)
+    assert_long_batch(program, layers, shape, x)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -1577,10 +1586,7 @@ def test_random_residual_programs_match_golden(seed):
     program, layers, shape, x, _ = random_residual_program(rng, budget=10**6)
     batch = int(rng.integers(2 * PROBE_BATCH + 1, 3 * PROBE_BATCH))
     x = rng.integers(-128, 128, (batch, x.shape[1]), dtype=np.int8)
-    result = emulate(program, pack_flits(x, program.arch.lanes, program.input), batch)
-    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
-    plain = solve_timing(program, batch, probe_batch=None)
-    np.testing.assert_array_equal(plain.out_times, result.out_times)
+    assert_long_batch(program, layers, shape, x, reference=False)
 
 
 def test_hand_computed_identity_skip():
@@ -1649,10 +1655,7 @@ def test_residual_long_batch_matches_reference():
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
     x = rng.integers(-128, 128, (batch, 27), dtype=np.int8)
-    result = assert_matches_reference(program, x, batch, flits=pack_flits(x, 4, program.input))
-    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 4))
-    plain = solve_timing(program, batch, probe_batch=None)
-    np.testing.assert_array_equal(plain.out_times, result.out_times)
+    assert_long_batch(program, layers, shape, x)
 
 
 def test_skip_forwarded_through_split_layers():
@@ -1849,10 +1852,7 @@ def test_random_concat_programs_match_golden(seed):
     program, layers, shape, x, _ = random_residual_program(rng, budget=10**6, concat=0.6)
     batch = int(rng.integers(2 * PROBE_BATCH + 1, 3 * PROBE_BATCH))
     x = rng.integers(-128, 128, (batch, x.shape[1]), dtype=np.int8)
-    result = emulate(program, pack_flits(x, program.arch.lanes, program.input), batch)
-    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
-    plain = solve_timing(program, batch, probe_batch=None)
-    np.testing.assert_array_equal(plain.out_times, result.out_times)
+    assert_long_batch(program, layers, shape, x, reference=False)
 
 
 @pytest.mark.parametrize("identity", ["a", "b"])
@@ -2009,10 +2009,7 @@ def test_concat_long_batch_matches_reference():
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
     x = rng.integers(-128, 128, (batch, 54), dtype=np.int8)
-    result = assert_matches_reference(program, x, batch, flits=pack_flits(x, 4, program.input))
-    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 4))
-    plain = solve_timing(program, batch, probe_batch=None)
-    np.testing.assert_array_equal(plain.out_times, result.out_times)
+    assert_long_batch(program, layers, shape, x)
 
 
 def test_builder_refuses_unmappable_concats():
@@ -2209,12 +2206,9 @@ def test_grouped_conv_long_batch_extrapolates(queue):
     assert [t.config["pass_per_pixel"] for t in program.tiles[:6]] == [0, 1, 2] * 2
     batch = 6 * PROBE_BATCH   # long enough for the longer probe this program needs with a large queue
     x = rng.integers(-128, 128, (batch, 18), dtype=np.int8)
-    result = assert_matches_reference(program, x, batch, flits=_map_flits(program, x))
+    result = assert_long_batch(program, layers, shape, x)
     if queue == 2:
         assert result.timing.extrapolated, "the steady state of this program should extrapolate"
-    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, 2))
-    plain = solve_timing(program, batch, probe_batch=None)
-    np.testing.assert_array_equal(plain.out_times, result.out_times)
 
 
 def test_builder_groups_registers():

@@ -477,20 +477,25 @@ def residual_case(request):
     return program, pack_flits(x, CONV_ARCH.lanes, program.input), golden, request.param
 
 
+def _assert_verilator_equals_emulator_and_golden(program, in_flits, batch, golden):
+    """Emulator and Verilator both produce ``golden``, with the same output transfer cycles."""
+    from emulator import emulate
+    emulated = emulate(program, in_flits, batch)
+    np.testing.assert_array_equal(emulated.out_flits, golden)
+    result = rtl.simulate(program, in_flits, batch)
+    np.testing.assert_array_equal(result.out_flits, golden)
+    np.testing.assert_array_equal(result.out_times, emulated.out_times)
+    assert result.cycles == emulated.cycles
+
+
 @pytest.mark.rtl
 def test_residual_block_verilator_matches_emulator(residual_case):
-    from emulator import emulate
     program, in_flits, golden, skip = residual_case
     assert [t.config["op"] for t in program.tiles] == [OP_MAC, OP_MAC, OP_ADD, OP_ADD]
     map_words = RES_SHAPE[1] * RES_SHAPE[2]        # 3 channels: one word a pixel
     offsets = (0, map_words) if skip == "a" else (map_words, 0)     # the skip is in front of the main output
     assert [(t.config["operand_a_offset"], t.config["operand_b_offset"]) for t in program.tiles[2:]] == [offsets] * 2
-    emulated = emulate(program, in_flits, RES_BATCH)
-    np.testing.assert_array_equal(emulated.out_flits, golden)
-    result = rtl.simulate(program, in_flits, RES_BATCH)
-    np.testing.assert_array_equal(result.out_flits, golden)
-    np.testing.assert_array_equal(result.out_times, emulated.out_times)
-    assert result.cycles == emulated.cycles
+    _assert_verilator_equals_emulator_and_golden(program, in_flits, RES_BATCH, golden)
 
 
 #: On CONV_ARCH's four tiles: ``concat(conv(x), x)`` for a 3-channel 3x3 map ``x``: the 3x3 convolution
@@ -520,17 +525,11 @@ def concat_case():
 
 @pytest.mark.rtl
 def test_concat_block_verilator_matches_emulator(concat_case):
-    from emulator import emulate
     program, in_flits, golden = concat_case
     assert [t.config["op"] for t in program.tiles] == [OP_MAC, OP_MAC, OP_CONCAT, OP_CONCAT]
     assert [(t.config["words_per_pixel"], t.config["concat_words_a"], t.config["operand_a_offset"],
              t.config["operand_b_offset"]) for t in program.tiles[2:]] == [(2, 1, 9, 0)] * 2
-    emulated = emulate(program, in_flits, CAT_BATCH)
-    np.testing.assert_array_equal(emulated.out_flits, golden)
-    result = rtl.simulate(program, in_flits, CAT_BATCH)
-    np.testing.assert_array_equal(result.out_flits, golden)
-    np.testing.assert_array_equal(result.out_times, emulated.out_times)
-    assert result.cycles == emulated.cycles
+    _assert_verilator_equals_emulator_and_golden(program, in_flits, CAT_BATCH, golden)
 
 
 # --- (c) waveforms -------------------------------------------------------------------------------------
