@@ -118,8 +118,10 @@ class Arch:
         rows, cols: tile grid size.
         lanes: int8 MAC lanes per PE; also the number of int8 values in one flit.
         sram_bytes: per-tile SRAM (weights and the activation buffer), in bytes; a word is ``lanes`` bytes.
-        max_tile_outputs: depth of a tile's per-output parameter table (bias, multiplier, shift) and of
-            its result buffer: the most output neurons one tile can compute.
+        max_tile_outputs: depth of a tile's per-output parameter table (bias, multiplier, shift): the most
+            output channels one tile computes. Its result ring holds ``ceil(max_tile_outputs / lanes)``
+            words (:attr:`result_words`); results stream out through it while COMPUTE runs, so the ring
+            bounds no tile's result count (docs/architecture.md section 4).
         router_fifo_depth: flits each router input FIFO holds.
         forward_queue_words: words a PE's forward queue holds (the FIFO between its input side and its
             output side through which every forwarded and passed word goes, docs/architecture.md section 4).
@@ -170,7 +172,7 @@ class Arch:
 
     @property
     def result_words(self) -> int:
-        """Depth of a PE's result buffer, in flits."""
+        """Depth ``R`` of a PE's result ring, in flits (section 4)."""
         return -(-self.max_tile_outputs // self.lanes)
 
     @property

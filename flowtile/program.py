@@ -22,10 +22,10 @@ from .arch import ACTIVATION_BANKS, ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words", "operand_words",
-           "channel_preserving", "tile_period_cycles"]
+           "channel_preserving", "tile_period_cycles", "result_word_issue_cycles"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 
 def output_pixels(config: dict) -> int:
@@ -71,6 +71,21 @@ def compute_issue_cycles(config: dict) -> int:
     return output_pixels(config) * config["n_out"] * window * config["words_per_pixel"]
 
 
+def result_word_issue_cycles(config: dict, lanes: int) -> list[int]:
+    """Issue cycles ``d`` of each result word of one output pixel, in order (docs/architecture.md section 4,
+    result ring): COMPUTE issues a word's cycles back to back and may wait for a ring slot only before a
+    word. MAC: ``L * K_w`` per word of ``L`` channels, ``(N_o mod L) * K_w`` for a last word with fewer;
+    MAX and LANE: ``KH * KW``; ADD: 2 (its 1x2 operand window); CONCAT: 1. Sums to ``I / n_pix``."""
+    if not config["n_out"]:
+        return []
+    window = config["kernel_h"] * config["kernel_w"]
+    if channel_preserving(config):
+        return [window] * config["words_per_pixel"]
+    per_channel = window * config["words_per_pixel"]
+    full, rest = divmod(config["n_out"], lanes)
+    return [lanes * per_channel] * full + ([rest * per_channel] if rest else [])
+
+
 class ProgramError(ValueError):
     """A program directory is missing, malformed, or inconsistent with its arch."""
 
@@ -78,10 +93,10 @@ class ProgramError(ValueError):
 def tile_period_cycles(config: dict, lanes: int) -> int:
     """Cycles per inference of a tile alone in steady state, never stalled (docs/architecture.md section 6,
     rule 4): the busiest of its input side (``K + P`` transfers), its output side (``Q + E``) and its compute
-    side (``I + 2`` cycles of COMPUTE, which cannot begin before the previous inference's ``E`` EMITs end)."""
+    side (``I + 2`` cycles of COMPUTE; results stream out through the ring while it runs)."""
     n_in, n_pass = config["n_in_words"], config["n_pass"]
     emits = result_words(config, lanes) if config["n_out"] else 0
-    compute = compute_issue_cycles(config) + 2 + emits if config["n_out"] else 0
+    compute = compute_issue_cycles(config) + 2 if config["n_out"] else 0
     return max(n_in + n_pass, forwarded_words(config) + n_pass + emits, compute)
 
 
@@ -314,10 +329,6 @@ class Program:
                     raise ProgramError(f"tile {tile.key}: pass_per_pixel = {config['pass_per_pixel']} over "
                                        f"{output_pixels(config)} output pixels is {interleaved} passed words, more "
                                        f"than n_pass = {config['n_pass']} (section 4.4)")
-                if result_words(config, arch.lanes) > arch.result_words:
-                    raise ProgramError(f"tile {tile.key}: {result_words(config, arch.lanes)} result words per "
-                                       f"inference exceed the result buffer ({arch.result_words} words, arch "
-                                       f"field 'max_tile_outputs' = {arch.max_tile_outputs})")
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
