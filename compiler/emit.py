@@ -14,7 +14,7 @@ from flowtile.program import (LayerInfo, Program, TileProgram, forwarded_words, 
 from .errors import CompileError
 from .lower import LoweredLayer, lane_params, lower_layers, pack_input_window, weight_rows
 from .onnx_import import import_onnx, layer_sources
-from .partition import TileSlice, assign_tiles, words
+from .partition import TileSlice, assign_tiles, band_input_rows, words
 
 __all__ = ["compile_model", "build_program", "report", "output_words", "StreamPlan", "plan_streams"]
 
@@ -145,8 +145,16 @@ def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, 
 
 def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
     """A band of output rows of a Conv/MaxPool/lane layer (section 4.1), of a channel group of a Conv (section 4.4):
-    its weights from word 0, the whole input map behind them (two banks), the band in ``out_row_begin/out_rows``."""
+    its weights from word 0, behind them (two banks) only the input rows the band's windows read. The registers
+    describe the band as a map of its own: ``in_height`` = the stored rows, ``out_row_begin = 0``, and ``pad_top``
+    shifted so that output row 0's windows start where the global ones do (zero for every band below the top
+    padding: its first stored row is its first window row)."""
     lanes, w = arch.lanes, layer.window
+    first_row, stored_rows = band_input_rows(w, part.row_begin, part.rows)
+    row_words = w.width * words(w.channels, lanes)
+    stream = _stream_registers(plan, part)
+    stream.update(store_begin=plan.store[0] + first_row * row_words,
+                  store_end=plan.store[0] + (first_row + stored_rows) * row_words)
     weights = weight_rows(layer, lanes)  # [N_o, K_w * lanes]; [CW*L, 0] for MaxPool; [CW*KH*KW, L] for LANE
     extra = {}
     if layer.is_lane:
@@ -162,12 +170,12 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
     assert n_out == part.n_out
     sram = weights.reshape(-1, lanes) if weights.size else np.zeros((0, lanes), np.int8)
     config = _config(
-        **_stream_registers(plan, part), n_pass=part.n_pass, n_out=n_out, w_base=0,
+        **stream, n_pass=part.n_pass, n_out=n_out, w_base=0,
         act_base=sram.shape[0], zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi,
-        op=op, in_height=w.height, in_width=w.width,
+        op=op, in_height=stored_rows, in_width=w.width,
         words_per_pixel=words(w.channels, lanes), kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
-        pad_top=w.pad_top, pad_left=w.pad_left, pad_value=layer.pad_value, out_row_begin=part.row_begin,
-        out_rows=part.rows, out_width=w.out_width, **extra, **_destination(arch, position))
+        pad_top=w.pad_top - part.row_begin * w.stride + first_row, pad_left=w.pad_left,
+        pad_value=layer.pad_value, out_row_begin=0, out_rows=part.rows, out_width=w.out_width, **extra, **_destination(arch, position))
     assert weight_words(config) == sram.shape[0]
     row, col = arch.chain_position(position)
     return TileProgram(row, col, config, sram, params)

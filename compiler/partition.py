@@ -10,16 +10,17 @@ Rules (docs/architecture.md sections 1 and 6):
   them, which must fit ``arch.sram_words``, and ``N_o <= arch.max_tile_outputs``;
 * tile ``j`` of a layer passes the results of tiles ``0..j-1`` through (``P`` = their result words);
   its estimated cycles per inference are those of its busiest side (section 6 rule 4):
-  ``max(K + P, K_f + P + N_r, N_o*K + 2 + N_r)`` with ``K_f`` its forwarded words (see :func:`tile_cycles`);
+  ``max(K + P, K_f + P + N_r, N_o*K + 2)`` with ``K_f`` its forwarded words (see :func:`tile_cycles`; results
+  stream out through the result ring while COMPUTE runs, section 4);
 * the pipeline's throughput is set by its slowest tile, so the tiles are balanced by a binary search for the
   smallest per-tile cycle budget at which every layer's fewest tiles within it fit the grid.
 
 Windowed layers (Conv, MaxPool, lane layers; section 4.1) split their *output rows* instead: every tile of
-the layer holds the whole input map (``K = H*W*CW`` words, twice: two banks) and all the weights (``N_o * KH*KW*CW`` words, none
-for MaxPool, ``CW*KH*KW`` for op LANE) and computes a band ``[row_begin, row_begin + rows)`` of output rows; its ``n_pix * N_r`` result
-words must fit the result buffer (``arch.result_words``). Its estimated cycles per inference are
-``max(K + P, K_f + P + n_pix*N_r, I + 2 + n_pix*N_r)`` with ``I`` the COMPUTE issue cycles
-(:func:`window_tile_cycles`).
+the layer receives the whole input map, stores only the input rows its band's windows read (twice: two banks;
+:func:`band_input_rows`), holds all the weights (``N_o * KH*KW*CW`` words, none for MaxPool, ``CW*KH*KW`` for op
+LANE; a convolution's channel group only its own, section 4.4) and computes a band ``[row_begin, row_begin +
+rows)`` of output rows. A join (Add, Concat) stores both operand maps whole. Its estimated cycles per inference are
+``max(K + P, K_f + P + n_pix*N_r, I + 2)`` with ``I`` the COMPUTE issue cycles (:func:`window_tile_cycles`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from flowtile.arch import ACTIVATION_BANKS, Arch
 from .errors import CompileError
 
 __all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "assign_tiles", "words",
-           "WindowCosts", "window_costs"]
+           "WindowCosts", "window_costs", "band_input_rows"]
 
 
 class _Layer(Protocol):
@@ -76,11 +77,11 @@ def tile_cycles(n_in_words: int, n_pass: int, n_out: int, lanes: int, forwarded:
     """Cycles per inference of one unstalled dense tile in steady state (section 6, rule 4): its busiest side.
 
     Input side: ``K + P`` transfers; output side: ``forwarded + P`` pops and ``N_r`` EMITs; compute side:
-    ``N_o*K + 2`` cycles of COMPUTE, which cannot start before the previous inference's EMITs end. A
-    pass-through tile (``N_o = 0``) just moves its flits.
+    ``N_o*K + 2`` cycles of COMPUTE (its results stream out meanwhile). A pass-through tile (``N_o = 0``) just
+    moves its flits.
     """
     results = words(n_out, lanes) if n_out else 0
-    compute = n_out * n_in_words + 2 + results if n_out else 0
+    compute = n_out * n_in_words + 2 if n_out else 0
     return max(n_in_words + n_pass, forwarded + n_pass + results, compute)
 
 
@@ -88,7 +89,7 @@ def tile_cycles(n_in_words: int, n_pass: int, n_out: int, lanes: int, forwarded:
 class WindowCosts:
     """What partitioning needs to know about a windowed layer on a given arch."""
 
-    k: int               # input map words (K)
+    k: int               # input map words (both operand maps of a join)
     n_out: int           # N_o: output channels (Conv), CW * L (MaxPool, lane layers)
     weight_words: int    # all the layer's weights, held by every tile of it
     row_issue: int       # COMPUTE issue cycles per output row
@@ -100,10 +101,33 @@ class WindowCosts:
     #: groups (section 4.4); 0 for the layers that cannot (pools, lane layers, joins)
     channel_words: int = 0
     out_width: int = 1
+    #: geometry of the rows a band stores (section 4.1): input height, words per input row, kernel height,
+    #: stride, top padding; ``row_words = 0`` for joins, whose tiles store the whole operand maps
+    in_height: int = 1
+    row_words: int = 0
+    kernel_h: int = 1
+    stride: int = 1
+    pad_top: int = 0
+
+    def stored_words(self, row_begin: int, rows: int) -> int:
+        """Words a tile computing output rows ``[row_begin, row_begin + rows)`` stores per inference (one bank)."""
+        if not self.row_words:
+            return self.k
+        return band_input_rows(self, row_begin, rows)[1] * self.row_words
 
     @property
     def result_words_per_pixel(self) -> int:
         return self.row_results // self.out_width
+
+
+def band_input_rows(window, row_begin: int, rows: int) -> tuple[int, int]:
+    """(first input row, row count) the windows of output rows ``[row_begin, row_begin + rows)`` read: rows
+    ``iy = oy*S + ky - pad_top`` clipped to the map (``window`` has ``in_height`` or ``height``, ``kernel_h``,
+    ``stride``, ``pad_top``)."""
+    height = getattr(window, "in_height", None) or window.height
+    first = max(0, row_begin * window.stride - window.pad_top)
+    end = min(height, (row_begin + rows - 1) * window.stride + window.kernel_h - window.pad_top)
+    return first, max(0, end - first)
 
 
 def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
@@ -116,6 +140,8 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
         return WindowCosts(2 * k, cw * lanes, 0, w.out_width * cw * 2, w.out_width * cw, w.out_height, carried)
     if layer.op == "Concat":  # op CONCAT: both operand maps stored (k words in all), one issue per output word
         return WindowCosts(k, cw * lanes, 0, w.out_width * cw, w.out_width * cw, w.out_height, carried)
+    geometry = dict(in_height=w.height, row_words=w.width * cw, kernel_h=w.kernel_h, stride=w.stride,
+                    pad_top=w.pad_top)
     if layer.op == "MaxPool":
         n_out, weight_words, row_issue = cw * lanes, 0, w.out_width * window_words
     elif getattr(layer, "is_lane", False):  # op LANE: one weight word per (cw, ky, kx), issued once per pixel
@@ -124,16 +150,16 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
         n_out = layer.n_out
         weight_words, row_issue = n_out * window_words, w.out_width * n_out * window_words
         return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height,
-                           carried, window_words, w.out_width)
+                           carried, window_words, w.out_width, **geometry)
     return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height, carried,
-                       0, w.out_width)
+                       0, w.out_width, **geometry)
 
 
 def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int, forward: bool = False,
                        channels: int | None = None, lanes: int = 1) -> int:
     """Estimated cycles per inference of a tile computing ``rows`` output rows (of ``channels`` output channels of
     a convolution split over channel groups, else all), its busiest side: ``max(K + P, K_f + P + n_pix*N_r,
-    I + 2 + n_pix*N_r)`` (``K`` counting the carried words; ``K_f`` = ``K`` if more tiles of the layer follow
+    I + 2)`` (``K`` counting the carried words; ``K_f`` = ``K`` if more tiles of the layer follow
     (``forward``), else the carried words)."""
     received = costs.k + costs.carried
     if channels is None:
@@ -142,11 +168,7 @@ def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int, forward: bool
         results = rows * costs.out_width * words(channels, lanes)
         issue = rows * costs.out_width * channels * costs.channel_words
     forwarded = received if forward else costs.carried
-    return max(received + n_pass, forwarded + n_pass + results, issue + 2 + results)
-
-
-def _rows_capacity(costs: WindowCosts, arch: Arch) -> int:
-    return arch.result_words // costs.row_results
+    return max(received + n_pass, forwarded + n_pass + results, issue + 2)
 
 
 def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | None:
@@ -173,11 +195,7 @@ def _split_rows(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_t
         channels = [costs.n_out] if groups == 1 else _channel_groups(costs, groups, lanes)
         if channels is None:
             break
-        if groups > 1 and (max(channels) * costs.channel_words + ACTIVATION_BANKS * costs.k > arch.sram_words
-                           or max(channels) > arch.max_tile_outputs):
-            continue
-        if groups == 1 and (costs.weight_words + ACTIVATION_BANKS * costs.k > arch.sram_words
-                            or costs.n_out > arch.max_tile_outputs or costs.row_results > arch.result_words):
+        if max(channels) > arch.max_tile_outputs:
             continue
         found = _split_bands(costs, arch, layer, budget, min(max_tiles, len(best) - 1 if best else max_tiles),
                              channels)
@@ -194,14 +212,16 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
     group_words = [words(c, lanes) for c in channels] if grouped else [costs.result_words_per_pixel]
     starts = [sum(channels[:g]) for g in range(len(channels))]
     before = [sum(group_words[:g]) for g in range(len(channels))]
-    capacity = arch.result_words // (costs.out_width * max(group_words))
     pixel_words = costs.result_words_per_pixel
+    weights = max(channels) * costs.channel_words if grouped else costs.weight_words
 
     def cycles(begin: int, rows: int, g: int, forward: bool) -> int:
         n_pass = begin * costs.out_width * pixel_words + rows * costs.out_width * before[g]
         return window_tile_cycles(costs, n_pass, rows, forward, channels[g] if grouped else None, lanes)
 
     def band_fits(begin: int, rows: int, last_band: bool) -> bool:
+        if weights + ACTIVATION_BANKS * costs.stored_words(begin, rows) > arch.sram_words:
+            return False
         return all(cycles(begin, rows, g, not (last_band and g == len(channels) - 1)) <= budget
                    for g in range(len(channels)))
 
@@ -211,9 +231,9 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         if (len(bands) + 1) * len(channels) > max_tiles:
             return None
         remaining = costs.out_height - begin
-        take = min(capacity, remaining)
-        if budget != float("inf") and not (take == remaining and band_fits(begin, take, True)):
-            take = min(take, remaining - 1)
+        take = remaining
+        if not band_fits(begin, take, True):
+            take = remaining - 1
             while take > 0 and not band_fits(begin, take, False):
                 take -= 1
         if take <= 0:
@@ -232,29 +252,26 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
 
 def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
     """A tile must hold the smallest share of the layer: all its weights and output channels, or for a
-    convolution (which splits over output-channel groups, section 4.4) one word of them; one output row of it in
-    the result buffer; and the input map twice (two banks)."""
+    convolution (which splits over output-channel groups, section 4.4) one word of them; and, twice (two banks),
+    the input rows of one output row (a join: both operand maps)."""
     lanes = arch.lanes
     what = f"{_describe_window(layer)}"
     groupable = costs.channel_words and costs.n_out > lanes
     least_channels = lanes if groupable else costs.n_out
     least_weights = lanes * costs.channel_words if groupable else costs.weight_words
-    need = (least_weights + ACTIVATION_BANKS * costs.k) * lanes
+    least_stored = max(costs.stored_words(row, 1) for row in range(costs.out_height))
+    need = (least_weights + ACTIVATION_BANKS * least_stored) * lanes
     if need > arch.sram_bytes:
         held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)" if groupable
                 else f"all its weights ({costs.weight_words * lanes} bytes)")
+        stored = ("both operand maps" if not costs.row_words
+                  else f"the input rows of one output row ({least_stored // costs.row_words} rows)")
         raise CompileError(
-            f"{what}: every tile of it holds {held} and the whole input map twice ({ACTIVATION_BANKS} banks of "
-            f"{costs.k * lanes} bytes): {need} bytes, a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
+            f"{what}: every tile of it holds {held} and {stored} twice ({ACTIVATION_BANKS} banks of "
+            f"{least_stored * lanes} bytes): {need} bytes, a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
     if least_channels > arch.max_tile_outputs:
         raise CompileError(f"{what}: {costs.n_out} output channels exceed arch field 'max_tile_outputs' = "
                            f"{arch.max_tile_outputs}")
-    least_row = costs.out_width * (1 if groupable else costs.result_words_per_pixel)
-    if least_row > arch.result_words:
-        raise CompileError(
-            f"{what}: one output row is at least {least_row} result words ({layer.window.out_width} pixels x "
-            f"{least_row // layer.window.out_width} words), the result buffer holds {arch.result_words} "
-            f"(arch field 'max_tile_outputs' = {arch.max_tile_outputs})")
 
 
 def _describe_window(layer) -> str:
@@ -400,9 +417,9 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         c = costs[worst]
         raise CompileError(
             f"model does not fit {grid}: its layers need {sum(len(s) for s in splits)} tiles, there are "
-            f"{n_tiles}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a tile's result buffer "
-            f"holds {arch.result_words} words (arch field 'max_tile_outputs' = {arch.max_tile_outputs}), i.e. "
-            f"{_rows_capacity(c, arch)} output rows of {c.row_results} words, of its {c.out_height} rows")
+            f"{n_tiles}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a "
+            f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
+            f"bytes, or a channel group's) and two banks of the input rows of its band of output rows")
     # balance: the pipeline runs at the pace of its slowest tile, so find the smallest per-tile budget for which
     # every layer's fewest tiles within it (its greedy split) still add up to the grid (binary search).
     def within(budget: int) -> list[list[TileSlice]] | None:

@@ -724,8 +724,9 @@ def float_cnn(rng, input_shape, ops, *, opset=17):
 def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
     """Partition invariants for any program: every layer's tiles are consecutive on the chain; a windowed
     layer's bands cover its output rows in order, each band's tiles (one, or a convolution's output-channel groups,
-    section 4.4) cover its output channels in order, each tile holding its channels' weights and the whole input
-    map (two banks); pass counts add up; then validate and a save/load round trip."""
+    section 4.4) cover its output channels in order, each tile holding its channels' weights and the input rows its
+    band's windows read (two banks; a join both operand maps); pass counts add up; then validate and a save/load
+    round trip."""
     arch, lanes = program.arch, program.arch.lanes
     program.validate()
     if program.input.layout == "im2col":  # the host packs the first convolution's window (section 7)
@@ -741,28 +742,29 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
             c = tile.config
             # a channel group passes the earlier bands' pixels and its band's words of the groups before it
             n_pix = output_pixels(c) if layer.window is not None else 1
-            assert c["n_pass"] - n_pix * c["pass_per_pixel"] == passed and stored_words(c) == c["n_in_words"]
+            assert c["n_pass"] - n_pix * c["pass_per_pixel"] == passed
+            assert stored_words(c) <= c["n_in_words"] and (layer.window is not None or stored_words(c) == c["n_in_words"])
             assert forwarded_words(c) == (c["n_in_words"] if j < len(tiles) - 1 else 0)
-            assert result_words(c, lanes) <= arch.result_words
-            assert c["act_base"] == weight_words(c) and c["act_base"] + 2 * c["n_in_words"] <= arch.sram_words
+            assert c["act_base"] == weight_words(c) and c["act_base"] + 2 * stored_words(c) <= arch.sram_words
             assert tile.params.shape == (c["n_out"], 3)
-            band_ends = (layer.window is None or j == len(tiles) - 1
-                         or tiles[j + 1].config["out_row_begin"] != c["out_row_begin"])
+            # a band's later channel groups pass its earlier groups' words of each pixel; a band's first tile none
+            band_ends = (layer.window is None or j == len(tiles) - 1 or tiles[j + 1].config["pass_per_pixel"] == 0)
             if band_ends:
                 passed += n_pix * (c["pass_per_pixel"] + -(-c["n_out"] // lanes)) if layer.window is not None \
                     else result_words(c, lanes)
         if layer.window is not None:
             w = layer.window
             cw = -(-w.channels // lanes)
-            bands = []  # (out_row_begin, out_rows, tiles of the band)
+            bands = []  # (first output row, out_rows, tiles of the band)
             for t in tiles:
-                key = (t.config["out_row_begin"], t.config["out_rows"])
-                if bands and bands[-1][:2] == key:
+                if bands and t.config["pass_per_pixel"]:
+                    assert t.config["out_rows"] == bands[-1][1]
                     bands[-1][2].append(t)
                 else:
-                    bands.append((*key, [t]))
-            begins, rows = [b[0] for b in bands], [b[1] for b in bands]
-            assert begins == list(np.cumsum([0] + rows[:-1])) and sum(rows) == w.out_height and min(rows) >= 1
+                    bands.append((sum(b[1] for b in bands), t.config["out_rows"], [t]))
+            rows = [b[1] for b in bands]
+            assert sum(rows) == w.out_height and min(rows) >= 1
+            band_of = {id(t): (begin, n) for begin, n, band in bands for t in band}
             channel_start = {}
             for _, _, band in bands:
                 start, before = 0, 0
@@ -777,10 +779,21 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                 assert start == band[0].config["n_out"] if len(band) == 1 else start == layer.n_out
             for t in tiles:
                 c = t.config
-                assert (c["in_height"], c["in_width"], c["words_per_pixel"]) == (w.height, w.width, cw)
-                assert (c["kernel_h"], c["kernel_w"], c["stride"], c["pad_top"], c["pad_left"], c["out_width"]) == \
-                    (w.kernel_h, w.kernel_w, w.stride, w.pad_top, w.pad_left, w.out_width)
-                assert c["n_in_words"] == w.height * w.width * cw
+                assert (c["in_width"], c["words_per_pixel"]) == (w.width, cw)
+                assert (c["kernel_h"], c["kernel_w"], c["stride"], c["pad_left"], c["out_width"]) == \
+                    (w.kernel_h, w.kernel_w, w.stride, w.pad_left, w.out_width)
+                if layer.is_join:
+                    assert (c["in_height"], c["out_row_begin"]) == (w.height, band_of[id(t)][0])
+                    assert stored_words(c) == (2 if layer.is_add else 1) * w.height * w.width * cw
+                else:
+                    # the band as a map of its own: the input rows its windows read, iy = oy*S + ky - pad_top
+                    begin, n = band_of[id(t)]
+                    first = max(0, begin * w.stride - w.pad_top)
+                    end = min(w.height, (begin + n - 1) * w.stride + w.kernel_h - w.pad_top)
+                    assert (c["out_row_begin"], c["in_height"], c["pad_top"]) == \
+                        (0, end - first, w.pad_top - begin * w.stride + first)
+                    assert stored_words(c) == (end - first) * w.width * cw
+                    assert c["store_end"] <= c["n_in_words"]
                 if layer.is_pool:
                     assert c["op"] == OP_MAX and c["n_out"] == cw * lanes and not t.params.any()
                     assert c["pad_value"] == -128 and t.sram.shape[0] == 0
@@ -925,7 +938,8 @@ def test_conv_bands_split_output_rows(tmp_path):
     calibration = rng.standard_normal((16, 8, 12, 12)).astype(np.float32)
     imported = import_onnx(model, calibration=calibration)
     layers = lower_layers(imported.layers)
-    # 12 rows x 12 pixels x 2 words = 288 result words; a result buffer of 64 words holds 2 rows
+    # 12 rows x 12 pixels x 2 words = 288 result words stream out through a ring of 64 words; the balance splits
+    # the rows over several tiles
     arch = Arch(rows=4, cols=4, max_tile_outputs=512)
     program = compile_model(model, arch, calibration=calibration)
     conv_tiles = program.layers[0].tiles
@@ -934,14 +948,11 @@ def test_conv_bands_split_output_rows(tmp_path):
     x = rng.standard_normal((2, 8, 12, 12)).astype(np.float32)
     x_q = quantize(x, program.input)
     assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
-    # estimated cycles, the busiest side: max(K + P, K_f + P + n_pix*N_r, I + 2 + n_pix*N_r); the first tile
-    # forwards the whole map (K_f = K = 144) and passes nothing
+    # estimated cycles, the busiest side: max(K + P, K_f + P + n_pix*N_r, I + 2) (results stream out while COMPUTE
+    # runs); the first tile forwards the whole map (K_f = K = 144) and passes nothing
     first = program.tiles[0].config
     emits = first["out_rows"] * 12 * 2
-    assert tile_period_cycles(first, arch.lanes) == max(144, 144 + emits, first["out_rows"] * 12 * 16 * 9 + 2 + emits)
-    with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*alone needs 12: a tile's result buffer holds 24 "
-                                           r"words \(arch field 'max_tile_outputs' = 192\), i.e. 1 output rows"):
-        compile_model(model, Arch(rows=1, cols=6, max_tile_outputs=192), calibration=calibration)
+    assert tile_period_cycles(first, arch.lanes) == max(144, 144 + emits, first["out_rows"] * 12 * 16 * 9 + 2)
 
 
 @pytest.mark.parametrize("dtype,kernel,stride,pads,lanes", [("int8", 3, 1, (1, 1), 8), ("uint8", 5, 2, (2, 1), 4),
@@ -1004,18 +1015,26 @@ def test_narrow_first_convolution_is_packed_on_the_host(tmp_path):
 
 def test_windowed_layer_size_errors():
     rng = np.random.default_rng(4)
-    # a pool cannot split its channels: one output row (16 pixels x 4 words) must fit the result buffer
+    # a band of one output row of a 3x3 pool stores 3 input rows (16 pixels x 4 words each), twice
     model = float_cnn(rng, (8, 16, 16), [("conv", 32, 1, 1, [0, 0, 0, 0]), ("pool", 3, 1, [1, 1, 1, 1]), ("flatten",),
                                          ("gemm", 4)])
     calibration = rng.standard_normal((8, 8, 16, 16)).astype(np.float32)
-    with pytest.raises(CompileError, match=r"layer 'pool1' \(MaxPool, 32x16x16 -> 32x16x16\): one output row is at "
-                                           r"least 64 result words.*holds 32 \(arch field 'max_tile_outputs' = 256\)"):
-        compile_model(model, Arch(max_tile_outputs=256), calibration=calibration)
-    # a convolution splits its channels down to one word of them, but the input map is held twice in every tile
+    with pytest.raises(CompileError, match=r"layer 'pool1' \(MaxPool, 32x16x16 -> 32x16x16\): every tile of it holds "
+                                           r"all its weights \(0 bytes\) and the input rows of one output row \(3 rows\) "
+                                           r"twice \(2 banks of 1536 bytes\): 3072 bytes, a tile has 2048"):
+        compile_model(model, Arch(sram_bytes=2048), calibration=calibration)
+    # a convolution splits its channels down to one word of them and its rows down to one output row
     model = float_cnn(rng, (8, 16, 16), [("conv", 32, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
     with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*weights of at least 8 output channels \(576 bytes\)"
-                                           r".*input map twice \(2 banks of 2048 bytes\): 4672 bytes.*'sram_bytes'"):
-        compile_model(model, Arch(sram_bytes=4096), calibration=calibration)
+                                           r".*input rows of one output row \(3 rows\) twice \(2 banks of 384 bytes\): "
+                                           r"1344 bytes.*'sram_bytes'"):
+        compile_model(model, Arch(sram_bytes=1024), calibration=calibration)
+    # enough SRAM for each layer alone, not enough tiles for all: the error names the layer needing the most
+    model = float_cnn(rng, (64, 6, 6), [("conv", 64, 3, 1, [1, 1, 1, 1]), ("relu",), ("flatten",), ("gemm", 5)])
+    calibration = rng.standard_normal((8, 64, 6, 6)).astype(np.float32)
+    with pytest.raises(CompileError, match=r"model does not fit the 1x2 grid .*its layers need 3 tiles, there are 2; "
+                                           r"layer 'conv0' \(Conv, 64x6x6 -> 64x6x6\) alone needs 2: a 32768-byte tile"):
+        compile_model(model, Arch(rows=1, cols=2, sram_bytes=32768), calibration=calibration)
 
 
 def test_convolution_too_wide_for_one_tile_splits_over_channel_groups(tmp_path):
@@ -1367,14 +1386,14 @@ def test_lane_lowering_of_depthwise_and_average_pools(tmp_path):
     assert tile.config["n_out"] == 12 and tile.params.shape == (12, 3)
     assert tuple(tile.params[11]) == (0, 0, 1) and np.array_equal(tile.params[:11], low_dw.params)
     assert weight_words(tile.config) == 27 and tile.config["act_base"] == 27
-    # report: max(K + P, K_f + P + E, I + 2 + E) per tile; MACs of a lane layer are C * OH*OW * KH*KW
+    # report: max(K + P, K_f + P + E, I + 2) per tile; MACs of a lane layer are C * OH*OW * KH*KW
     info = program.layers[1]
     assert info.macs == 11 * dw.window.out_height * dw.window.out_width * 9
     w, config = dw.window, tile.config
     received, emits = w.height * w.width * 3, config["out_rows"] * w.out_width * 3
     forwarded = config["forward_end"] - config["forward_begin"]
     assert tile_period_cycles(config, lanes) == max(received + config["n_pass"], forwarded + config["n_pass"] + emits,
-                                               config["out_rows"] * w.out_width * 3 * 9 + 2 + emits)
+                                               config["out_rows"] * w.out_width * 3 * 9 + 2)
     assert "DepthwiseConv" in report(program) and "GlobalAveragePool" in report(program)
 
 
@@ -1386,10 +1405,10 @@ def test_lane_bands_split_output_rows(tmp_path):
     calibration = rng.standard_normal((16, *shape)).astype(np.float32)
     imported = import_onnx(model, calibration=calibration)
     layers = lower_layers(imported.layers)
-    arch = Arch(rows=4, cols=4, max_tile_outputs=512)  # 64 result words: 2 rows of 12 pixels x 2 words
+    arch = Arch(rows=4, cols=4, max_tile_outputs=512)
     program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
     dw_tiles = [t for t in program.tiles if t.config["op"] == OP_LANE]
-    assert len(dw_tiles) >= 2 and all(t.config["out_rows"] <= 2 for t in dw_tiles)
+    assert len(dw_tiles) >= 2 and sum(t.config["out_rows"] for t in dw_tiles) == 12
     check_windowed_program(program, layers, tmp_path)
     x_q = quantize(rng.standard_normal((2, *shape)).astype(np.float32), program.input)
     assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
@@ -1500,12 +1519,17 @@ def test_residual_stream_registers(tmp_path):
                for info in program.layers}
     x_words, p_words = 8 * 8 * 1, 4 * 4 * 2  # the block input (8 ch, 8x8) and the projection (16 ch, 4x4)
     proj, conv1, conv2, add = (by_name[n][-1] for n in ("block0_proj", "block0_conv1", "block0_conv2", "block0_add"))
-    assert (proj["n_in_words"], proj["store_begin"], proj["store_end"]) == (x_words, 0, x_words)
+
+    def stored_span(name):  # the words a windowed layer's tiles store, together (each its band's input rows)
+        return (min(c["store_begin"] for c in by_name[name]), max(c["store_end"] for c in by_name[name]))
+
+    # the 1x1 stride-2 projection reads input rows 0, 2, 4, 6 only: row 7 is never stored
+    assert proj["n_in_words"] == x_words and stored_span("block0_proj") == (0, 7 * 8)
     assert (proj["forward_begin"], proj["forward_end"]) == (0, x_words)        # x is still needed
-    assert (conv1["n_in_words"], conv1["store_begin"], conv1["store_end"]) == (x_words + p_words, 0, x_words)
+    assert conv1["n_in_words"] == x_words + p_words and stored_span("block0_conv1") == (0, x_words)
     assert (conv1["forward_begin"], conv1["forward_end"]) == (x_words, x_words + p_words)  # only the projection
-    assert (conv2["store_begin"], conv2["store_end"], conv2["forward_begin"], conv2["forward_end"]) == \
-        (p_words, 2 * p_words, 0, p_words)
+    assert stored_span("block0_conv2") == (p_words, 2 * p_words)
+    assert (conv2["forward_begin"], conv2["forward_end"]) == (0, p_words)
     assert (add["n_in_words"], add["store_begin"], add["store_end"], add["forward_end"]) == (2 * p_words, 0, 2 * p_words, 0)
     # the projection comes first in the stream, but is the Add's second ONNX input
     assert (add["operand_a_offset"], add["operand_b_offset"]) == (p_words, 0)
