@@ -73,6 +73,10 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("concat_words_a", 16, False),         # op = CONCAT: words per pixel of operand a (the rest are b's)
     # Output-channel groups (section 4.4): passed words a pixel that precede this tile's own words of that pixel.
     ("pass_per_pixel", 16, False),
+    # Bands of output pixels (section 4.1): the first output row starts at column out_col_begin, the last
+    # ends before out_col_end (0: out_width, a full row); rows in between are whole.
+    ("out_col_begin", 8, False),
+    ("out_col_end", 8, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads

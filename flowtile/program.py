@@ -22,14 +22,27 @@ from .arch import ACTIVATION_BANKS, ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words", "operand_words",
-           "channel_preserving", "tile_period_cycles", "result_word_issue_cycles"]
+           "channel_preserving", "tile_period_cycles", "result_word_issue_cycles",
+           "output_pixel_positions"]
 
 FORMAT_NAME = "flowtile-program"
 FORMAT_VERSION = 6
 
 
 def output_pixels(config: dict) -> int:
-    return config["out_rows"] * config["out_width"]
+    """``n_pix`` of section 4.1: ``out_rows`` rows of ``out_width`` pixels, less the first row's columns before
+    ``out_col_begin`` and the last row's from ``out_col_end`` (0 meaning ``out_width``) on."""
+    width = config["out_width"]
+    end = config.get("out_col_end", 0) or width
+    return config["out_rows"] * width - config.get("out_col_begin", 0) - (width - end)
+
+
+def output_pixel_positions(config: dict) -> list[tuple[int, int]]:
+    """The ``(oy, ox)`` of a tile's output pixels in order (section 4.1), ``oy`` counting from ``out_row_begin``."""
+    width, rows = config["out_width"], config["out_rows"]
+    begin, end = config.get("out_col_begin", 0), config.get("out_col_end", 0) or width
+    return [(config["out_row_begin"] + r, x) for r in range(rows)
+            for x in range(begin if r == 0 else 0, end if r == rows - 1 else width)]
 
 
 def stored_words(config: dict) -> int:
@@ -324,6 +337,12 @@ class Program:
                     raise ProgramError(f"tile {tile.key}: {stored} stored words (store_begin..store_end) but "
                                        f"the input map is {config['in_height']}x{config['in_width']}x"
                                        f"{config['words_per_pixel']} = {pixels} words")
+                begin, end, width = config["out_col_begin"], config["out_col_end"], config["out_width"]
+                if not (begin < width and end <= width and output_pixels(config) >= 1):
+                    raise ProgramError(f"tile {tile.key}: output pixel band out_col_begin = {begin}, out_col_end = "
+                                       f"{end} over {config['out_rows']} rows of out_width = {width} must satisfy "
+                                       f"out_col_begin < out_width, out_col_end <= out_width (0: out_width) and hold "
+                                       f">= 1 pixel (section 4.1)")
                 interleaved = output_pixels(config) * config["pass_per_pixel"]
                 if interleaved > config["n_pass"]:
                     raise ProgramError(f"tile {tile.key}: pass_per_pixel = {config['pass_per_pixel']} over "
