@@ -127,7 +127,7 @@ def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlic
 
 
 def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
-    """A band of output rows of a residual Add (op ADD, section 4.2) or channel Concat (op CONCAT, section 4.3):
+    """A band of output pixels of a residual Add (op ADD, section 4.2) or channel Concat (op CONCAT, section 4.3):
     no weights; the operands where the stream put them."""
     lanes, w = arch.lanes, layer.window
     cw = words(w.channels, lanes)
@@ -136,6 +136,7 @@ def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, 
         zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi,
         op=OP_ADD if layer.is_add else OP_CONCAT, in_height=w.height, in_width=w.width, words_per_pixel=cw,
         kernel_h=1, kernel_w=2 if layer.is_add else 1, stride=1, out_row_begin=part.row_begin, out_rows=part.rows,
+        out_col_begin=part.col_begin, out_col_end=part.col_end,
         out_width=w.width, operand_a_offset=plan.operands[0], operand_b_offset=plan.operands[1],
         add_mult_a=layer.add_mult[0], add_mult_b=layer.add_mult[1],
         concat_words_a=layer.concat_channels_a // lanes if layer.is_concat else 0, **_destination(arch, position))
@@ -144,8 +145,8 @@ def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, 
 
 
 def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
-    """A band of output rows of a Conv/MaxPool/lane layer (section 4.1), of a channel group of a Conv (section 4.4):
-    its weights from word 0, behind them (two banks) only the input rows the band's windows read. The registers
+    """A band of output pixels of a Conv/MaxPool/lane layer (section 4.1), of a channel group of a Conv (section 4.4):
+    its weights from word 0, behind them (two banks) only the input rows the windows of its output rows read. The registers
     describe the band as a map of its own: ``in_height`` = the stored rows, ``out_row_begin = 0``, and ``pad_top``
     shifted so that output row 0's windows start where the global ones do (zero for every band below the top
     padding: its first stored row is its first window row)."""
@@ -175,7 +176,8 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
         op=op, in_height=stored_rows, in_width=w.width,
         words_per_pixel=words(w.channels, lanes), kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
         pad_top=w.pad_top - part.row_begin * w.stride + first_row, pad_left=w.pad_left,
-        pad_value=layer.pad_value, out_row_begin=0, out_rows=part.rows, out_width=w.out_width, **extra, **_destination(arch, position))
+        pad_value=layer.pad_value, out_row_begin=0, out_rows=part.rows, out_col_begin=part.col_begin,
+        out_col_end=part.col_end, out_width=w.out_width, **extra, **_destination(arch, position))
     assert weight_words(config) == sram.shape[0]
     row, col = arch.chain_position(position)
     return TileProgram(row, col, config, sram, params)

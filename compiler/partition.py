@@ -18,8 +18,9 @@ Rules (docs/architecture.md sections 1 and 6):
 Windowed layers (Conv, MaxPool, lane layers; section 4.1) split their *output rows* instead: every tile of
 the layer receives the whole input map, stores only the input rows its band's windows read (twice: two banks;
 :func:`band_input_rows`), holds all the weights (``N_o * KH*KW*CW`` words, none for MaxPool, ``CW*KH*KW`` for op
-LANE; a convolution's channel group only its own, section 4.4) and computes a band ``[row_begin, row_begin +
-rows)`` of output rows. A join (Add, Concat) stores both operand maps whole. Its estimated cycles per inference are
+LANE; a convolution's channel group only its own, section 4.4) and computes a band of consecutive output pixels
+(row-major; whole rows or not, section 4.1), so that a tile can take any share of a layer. A join (Add, Concat)
+stores both operand maps whole. Its estimated cycles per inference are
 ``max(K + P, K_f + P + n_pix*N_r, I + 2)`` with ``I`` the COMPUTE issue cycles (:func:`window_tile_cycles`).
 """
 from __future__ import annotations
@@ -56,16 +57,38 @@ class TileSlice:
     n_in_words: int
     n_pass: int
     forward: bool  # more tiles of the same layer follow
-    #: windowed layers: this tile's band of output rows (``rows = 0`` for dense layers); a convolution split over
-    #: output-channel groups too (section 4.4) has ``start``/``n_out`` = its group's channels and
-    #: ``pass_per_pixel`` = the words a pixel of the groups before it
-    row_begin: int = 0
-    rows: int = 0
+    #: windowed layers: this tile's band of output pixels ``[pixel_begin, pixel_begin + pixels)`` of the row-major
+    #: ``out_height x out_width`` map (``pixels = 0`` for dense layers); a convolution split over output-channel
+    #: groups too (section 4.4) has ``start``/``n_out`` = its group's channels and ``pass_per_pixel`` = the words a
+    #: pixel of the groups before it
+    pixel_begin: int = 0
+    pixels: int = 0
+    out_width: int = 1
     pass_per_pixel: int = 0
 
     @property
     def stop(self) -> int:
         return self.start + self.n_out
+
+    @property
+    def row_begin(self) -> int:
+        """The band's first output row."""
+        return self.pixel_begin // self.out_width
+
+    @property
+    def rows(self) -> int:
+        """Output rows the band touches (its first and last possibly partial)."""
+        return (self.pixel_begin + self.pixels - 1) // self.out_width - self.row_begin + 1 if self.pixels else 0
+
+    @property
+    def col_begin(self) -> int:
+        """Register ``out_col_begin``: the first pixel's column."""
+        return self.pixel_begin % self.out_width
+
+    @property
+    def col_end(self) -> int:
+        """Register ``out_col_end``: one past the last pixel's column (``out_width`` for a full last row)."""
+        return (self.pixel_begin + self.pixels - 1) % self.out_width + 1
 
 
 def words(n: int, lanes: int) -> int:
@@ -109,11 +132,18 @@ class WindowCosts:
     stride: int = 1
     pad_top: int = 0
 
-    def stored_words(self, row_begin: int, rows: int) -> int:
-        """Words a tile computing output rows ``[row_begin, row_begin + rows)`` stores per inference (one bank)."""
+    def stored_words(self, pixel_begin: int, pixels: int) -> int:
+        """Words a tile computing output pixels ``[pixel_begin, pixel_begin + pixels)`` stores per inference (one
+        bank): the input rows the windows of the output rows it touches read."""
         if not self.row_words:
             return self.k
-        return band_input_rows(self, row_begin, rows)[1] * self.row_words
+        first_row = pixel_begin // self.out_width
+        rows = (pixel_begin + pixels - 1) // self.out_width - first_row + 1
+        return band_input_rows(self, first_row, rows)[1] * self.row_words
+
+    @property
+    def pixel_issue(self) -> int:
+        return self.row_issue // self.out_width
 
     @property
     def result_words_per_pixel(self) -> int:
@@ -137,9 +167,11 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
     k = w.height * w.width * cw
     window_words = w.kernel_h * w.kernel_w * cw
     if layer.op == "Add":  # op ADD: both operand maps stored, two issues per (pixel, cw)
-        return WindowCosts(2 * k, cw * lanes, 0, w.out_width * cw * 2, w.out_width * cw, w.out_height, carried)
+        return WindowCosts(2 * k, cw * lanes, 0, w.out_width * cw * 2, w.out_width * cw, w.out_height, carried,
+                           out_width=w.out_width)
     if layer.op == "Concat":  # op CONCAT: both operand maps stored (k words in all), one issue per output word
-        return WindowCosts(k, cw * lanes, 0, w.out_width * cw, w.out_width * cw, w.out_height, carried)
+        return WindowCosts(k, cw * lanes, 0, w.out_width * cw, w.out_width * cw, w.out_height, carried,
+                           out_width=w.out_width)
     geometry = dict(in_height=w.height, row_words=w.width * cw, kernel_h=w.kernel_h, stride=w.stride,
                     pad_top=w.pad_top)
     if layer.op == "MaxPool":
@@ -155,18 +187,18 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
                        0, w.out_width, **geometry)
 
 
-def window_tile_cycles(costs: WindowCosts, n_pass: int, rows: int, forward: bool = False,
+def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bool = False,
                        channels: int | None = None, lanes: int = 1) -> int:
-    """Estimated cycles per inference of a tile computing ``rows`` output rows (of ``channels`` output channels of
+    """Estimated cycles per inference of a tile computing ``pixels`` output pixels (of ``channels`` output channels of
     a convolution split over channel groups, else all), its busiest side: ``max(K + P, K_f + P + n_pix*N_r,
     I + 2)`` (``K`` counting the carried words; ``K_f`` = ``K`` if more tiles of the layer follow
     (``forward``), else the carried words)."""
     received = costs.k + costs.carried
     if channels is None:
-        results, issue = rows * costs.row_results, rows * costs.row_issue
+        results, issue = pixels * costs.result_words_per_pixel, pixels * costs.pixel_issue
     else:
-        results = rows * costs.out_width * words(channels, lanes)
-        issue = rows * costs.out_width * channels * costs.channel_words
+        results = pixels * words(channels, lanes)
+        issue = pixels * channels * costs.channel_words
     forwarded = received if forward else costs.carried
     return max(received + n_pass, forwarded + n_pass + results, issue + 2)
 
@@ -184,69 +216,99 @@ def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | 
 
 
 def _split_rows(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
-    """Bands of output rows (x output-channel groups for a convolution, section 4.4) whose tiles each take
-    <= ``budget`` cycles, using the fewest tiles over the group counts tried, or None (as :func:`_split`)."""
+    """Bands of output pixels (x output-channel groups for a convolution, section 4.4) whose tiles each take
+    <= ``budget`` cycles, or None (as :func:`_split`): the fewest tiles over every uniform group count and over
+    bands that each pick their own group count (each band's tiles are independent of the other bands', so they
+    may differ; on a small map with many channels a band's pixel count is coarse and mixing helps)."""
     lanes = arch.lanes
-    best = None
     max_groups = words(costs.n_out, lanes) if costs.channel_words else 1
+    options = []
     for groups in range(1, max_groups + 1):
-        if best is not None and groups > len(best):
-            break  # a band needs `groups` tiles: no fewer tiles than the best so far
         channels = [costs.n_out] if groups == 1 else _channel_groups(costs, groups, lanes)
         if channels is None:
             break
-        if max(channels) > arch.max_tile_outputs:
-            continue
-        found = _split_bands(costs, arch, layer, budget, min(max_tiles, len(best) - 1 if best else max_tiles),
-                             channels)
+        if max(channels) <= arch.max_tile_outputs:
+            options.append(channels)
+    best = None
+    for choice in [[channels] for channels in options] + ([options] if len(options) > 1 else []):
+        if best is not None and len(choice) == 1 and len(choice[0]) > len(best):
+            continue  # a band needs that many tiles: no fewer tiles than the best so far
+        found = _split_bands(costs, arch, layer, budget, min(max_tiles, len(best) - 1 if best else max_tiles), choice)
         if found is not None:
             best = found
     return best
 
 
 def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float,
-                 channels: list[int]) -> list[TileSlice] | None:
-    """Greedy bands of output rows, each split into the channel ``groups`` given (one group: the whole layer)."""
+                 options: list[list[int]]) -> list[TileSlice] | None:
+    """Greedy bands of output pixels, each split into one of the channel groupings in ``options`` (``[n_out]``:
+    one tile a band): each band takes the most pixels whose tiles fit the budget and the SRAM (both grow with the
+    band, so a binary search finds it), with the grouping that gives the most pixels per tile, or, for the last
+    band, the fewest tiles that finish the layer."""
     lanes = arch.lanes
-    grouped = len(channels) > 1
-    group_words = [words(c, lanes) for c in channels] if grouped else [costs.result_words_per_pixel]
-    starts = [sum(channels[:g]) for g in range(len(channels))]
-    before = [sum(group_words[:g]) for g in range(len(channels))]
     pixel_words = costs.result_words_per_pixel
-    weights = max(channels) * costs.channel_words if grouped else costs.weight_words
+    total = costs.out_height * costs.out_width
 
-    def cycles(begin: int, rows: int, g: int, forward: bool) -> int:
-        n_pass = begin * costs.out_width * pixel_words + rows * costs.out_width * before[g]
-        return window_tile_cycles(costs, n_pass, rows, forward, channels[g] if grouped else None, lanes)
+    def layout(channels: list[int]):
+        grouped = len(channels) > 1
+        group_words = [words(c, lanes) for c in channels] if grouped else [pixel_words]
+        before = [sum(group_words[:g]) for g in range(len(channels))]
+        weights = max(channels) * costs.channel_words if grouped else costs.weight_words
+        return grouped, before, weights
 
-    def band_fits(begin: int, rows: int, last_band: bool) -> bool:
-        if weights + ACTIVATION_BANKS * costs.stored_words(begin, rows) > arch.sram_words:
+    layouts = [layout(channels) for channels in options]
+
+    def n_pass(begin: int, pixels: int, before: list[int], g: int) -> int:
+        return begin * pixel_words + pixels * before[g]
+
+    def band_fits(option: int, begin: int, pixels: int, last_band: bool) -> bool:
+        channels, (grouped, before, weights) = options[option], layouts[option]
+        if weights + ACTIVATION_BANKS * costs.stored_words(begin, pixels) > arch.sram_words:
             return False
-        return all(cycles(begin, rows, g, not (last_band and g == len(channels) - 1)) <= budget
+        return all(window_tile_cycles(costs, n_pass(begin, pixels, before, g), pixels,
+                                      not (last_band and g == len(channels) - 1),
+                                      channels[g] if grouped else None, lanes) <= budget
                    for g in range(len(channels)))
 
-    bands: list[tuple[int, int]] = []
+    def most_pixels(option: int, begin: int, limit: int) -> int:
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if band_fits(option, begin, mid, False):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    bands: list[tuple[int, int, int]] = []  # (first pixel, pixels, option)
+    tiles = 0
     begin = 0
-    while begin < costs.out_height:
-        if (len(bands) + 1) * len(channels) > max_tiles:
-            return None
-        remaining = costs.out_height - begin
-        take = remaining
-        if not band_fits(begin, take, True):
-            take = remaining - 1
-            while take > 0 and not band_fits(begin, take, False):
-                take -= 1
+    while begin < total:
+        remaining = total - begin
+        finishing = [o for o in range(len(options)) if band_fits(o, begin, remaining, True)]
+        takes = [most_pixels(o, begin, remaining - 1) for o in range(len(options))]
+        option = max(range(len(options)), key=lambda o: (takes[o] / len(options[o]), -len(options[o])))
+        take = takes[option]
+        # finish here unless bands at the best pixels-per-tile rate would cover the rest with fewer tiles
+        if finishing and (take <= 0 or min(len(options[o]) for o in finishing)
+                          <= -(-remaining * len(options[option]) // take)):
+            option = min(finishing, key=lambda o: len(options[o]))
+            take = remaining
         if take <= 0:
             return None
-        bands.append((begin, take))
+        tiles += len(options[option])
+        if tiles > max_tiles:
+            return None
+        bands.append((begin, take, option))
         begin += take
     slices = []
-    for b, (begin, rows) in enumerate(bands):
+    for b, (begin, pixels, option) in enumerate(bands):
+        channels, (grouped, before, _) = options[option], layouts[option]
+        starts = [sum(channels[:g]) for g in range(len(channels))]
         for g in range(len(channels)):
             last = b == len(bands) - 1 and g == len(channels) - 1
-            n_pass = begin * costs.out_width * pixel_words + rows * costs.out_width * before[g]
-            slices.append(TileSlice(layer, starts[g], channels[g], costs.k, n_pass, not last, begin, rows,
-                                    before[g] if grouped else 0))
+            slices.append(TileSlice(layer, starts[g], channels[g], costs.k, n_pass(begin, pixels, before, g), not last,
+                                    begin, pixels, costs.out_width, before[g] if grouped else 0))
     return slices
 
 
@@ -259,7 +321,7 @@ def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
     groupable = costs.channel_words and costs.n_out > lanes
     least_channels = lanes if groupable else costs.n_out
     least_weights = lanes * costs.channel_words if groupable else costs.weight_words
-    least_stored = max(costs.stored_words(row, 1) for row in range(costs.out_height))
+    least_stored = max(costs.stored_words(row * costs.out_width, 1) for row in range(costs.out_height))
     need = (least_weights + ACTIVATION_BANKS * least_stored) * lanes
     if need > arch.sram_bytes:
         held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)" if groupable
@@ -322,7 +384,7 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
 def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None) -> int:
     if costs is not None:
         grouped = costs.channel_words and s.n_out != costs.n_out
-        return window_tile_cycles(costs, s.n_pass, s.rows, s.forward, s.n_out if grouped else None, lanes)
+        return window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes)
     return tile_cycles(s.n_in_words, s.n_pass, s.n_out, lanes, s.n_in_words if s.forward else 0)
 
 

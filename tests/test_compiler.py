@@ -223,8 +223,12 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
         weight = tile.sram[c["w_base"]:c["w_base"] + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
         bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
     out = []
-    for oy in range(c["out_row_begin"], c["out_row_begin"] + c["out_rows"]):
-        for ox in range(c["out_width"]):
+    # the band's pixels (section 4.1): first row from out_col_begin, last row up to out_col_end (0: out_width)
+    first_col, end_col, rows = c["out_col_begin"], c["out_col_end"] or c["out_width"], c["out_rows"]
+    pixels = [(c["out_row_begin"] + r, x) for r in range(rows)
+              for x in range(first_col if r == 0 else 0, end_col if r == rows - 1 else c["out_width"])]
+    for oy, ox in pixels:
+        if True:
             if c["op"] in (OP_ADD, OP_CONCAT):
                 if c["op"] == OP_ADD:
                     acc = bias + words_a[oy, ox] * c["add_mult_a"] + words_b[oy, ox] * c["add_mult_b"]
@@ -755,15 +759,15 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
         if layer.window is not None:
             w = layer.window
             cw = -(-w.channels // lanes)
-            bands = []  # (first output row, out_rows, tiles of the band)
+            bands = []  # (first output pixel, pixels, tiles of the band): bands of consecutive row-major pixels
             for t in tiles:
                 if bands and t.config["pass_per_pixel"]:
-                    assert t.config["out_rows"] == bands[-1][1]
+                    assert output_pixels(t.config) == bands[-1][1]
                     bands[-1][2].append(t)
                 else:
-                    bands.append((sum(b[1] for b in bands), t.config["out_rows"], [t]))
-            rows = [b[1] for b in bands]
-            assert sum(rows) == w.out_height and min(rows) >= 1
+                    bands.append((sum(b[1] for b in bands), output_pixels(t.config), [t]))
+            pixels = [b[1] for b in bands]
+            assert sum(pixels) == w.out_height * w.out_width and min(pixels) >= 1
             band_of = {id(t): (begin, n) for begin, n, band in bands for t in band}
             channel_start = {}
             for _, _, band in bands:
@@ -782,12 +786,15 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                 assert (c["in_width"], c["words_per_pixel"]) == (w.width, cw)
                 assert (c["kernel_h"], c["kernel_w"], c["stride"], c["pad_left"], c["out_width"]) == \
                     (w.kernel_h, w.kernel_w, w.stride, w.pad_left, w.out_width)
+                begin_pixel, n_pixels = band_of[id(t)]
+                begin, n = begin_pixel // w.out_width, (begin_pixel + n_pixels - 1) // w.out_width - begin_pixel // w.out_width + 1
+                assert (c["out_rows"], c["out_col_begin"]) == (n, begin_pixel % w.out_width)
+                assert (c["out_col_end"] or w.out_width) == (begin_pixel + n_pixels - 1) % w.out_width + 1
                 if layer.is_join:
-                    assert (c["in_height"], c["out_row_begin"]) == (w.height, band_of[id(t)][0])
+                    assert (c["in_height"], c["out_row_begin"]) == (w.height, begin)
                     assert stored_words(c) == (2 if layer.is_add else 1) * w.height * w.width * cw
                 else:
                     # the band as a map of its own: the input rows its windows read, iy = oy*S + ky - pad_top
-                    begin, n = band_of[id(t)]
                     first = max(0, begin * w.stride - w.pad_top)
                     end = min(w.height, (begin + n - 1) * w.stride + w.kernel_h - w.pad_top)
                     assert (c["out_row_begin"], c["in_height"], c["pad_top"]) == \
@@ -951,8 +958,9 @@ def test_conv_bands_split_output_rows(tmp_path):
     # estimated cycles, the busiest side: max(K + P, K_f + P + n_pix*N_r, I + 2) (results stream out while COMPUTE
     # runs); the first tile forwards the whole map (K_f = K = 144) and passes nothing
     first = program.tiles[0].config
-    emits = first["out_rows"] * 12 * 2
-    assert tile_period_cycles(first, arch.lanes) == max(144, 144 + emits, first["out_rows"] * 12 * 16 * 9 + 2)
+    pixels = output_pixels(first)  # a band of pixels, not necessarily whole rows (section 4.1)
+    assert pixels < 12 * 12
+    assert tile_period_cycles(first, arch.lanes) == max(144, 144 + pixels * 2, pixels * 16 * 9 + 2)
 
 
 @pytest.mark.parametrize("dtype,kernel,stride,pads,lanes", [("int8", 3, 1, (1, 1), 8), ("uint8", 5, 2, (2, 1), 4),
@@ -1408,7 +1416,7 @@ def test_lane_bands_split_output_rows(tmp_path):
     arch = Arch(rows=4, cols=4, max_tile_outputs=512)
     program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
     dw_tiles = [t for t in program.tiles if t.config["op"] == OP_LANE]
-    assert len(dw_tiles) >= 2 and sum(t.config["out_rows"] for t in dw_tiles) == 12
+    assert len(dw_tiles) >= 2 and sum(output_pixels(t.config) for t in dw_tiles) == 12 * 12
     check_windowed_program(program, layers, tmp_path)
     x_q = quantize(rng.standard_normal((2, *shape)).astype(np.float32), program.input)
     assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
