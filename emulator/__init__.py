@@ -6,7 +6,8 @@
 :mod:`.functional` computes the data of every flit from the tiles' registers, SRAM images and
 parameter tables; :mod:`.timing` computes the cycle of every transfer by solving the max-plus
 recurrences of section 6: ``result.timing.pe_times[p]`` is the :class:`PETimes` (input-side transfers,
-COMPUTE starts, output-side transfers) of the PE at chain position ``p``, ``result.tile_timelines[p]`` its
+COMPUTE starts, output-side transfers) of the PE at chain position ``p``, ``result.timing.word_starts[p]`` the
+first issue cycle of each of its result words (section 4, result ring), ``result.tile_timelines[p]`` its
 phase spans per side.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ class EmulatorResult:
     transfer + 1; ``latency_cycles``: last output flit of inference 0 + 1; ``interval_cycles``: mean
     distance between the last output flits of consecutive inferences (``cycles`` if batch is 1);
     ``mac_utilization``: network MACs / (cycles x tiles x lanes); ``tile_busy_cycles`` /
-    ``tile_macs``: int64 ``[rows, cols]``, COMPUTE cycles (``I + 2`` per inference) and lane-MACs
+    ``tile_macs``: int64 ``[rows, cols]``, COMPUTE cycles (``I + 2`` per inference: issue and drain, not the
+    waits for a result-ring slot between words that a COMPUTE span of ``tile_timelines`` includes) and lane-MACs
     issued (``I * L`` per inference for a MAC tile, ``I = n_pix * N_o * K_w`` of section 4.1, which is
     ``N_o*K`` for a dense layer; ``I * L`` for a LANE tile, ``I = n_pix * CW * KH*KW``, every lane
     multiplying; ``I * L`` for an ADD tile, ``I = n_pix * CW * 2``, and for a CONCAT tile,
@@ -54,7 +56,8 @@ class EmulatorResult:
     pops; with ``pass_per_pixel = 0`` FORWARD is all ``Q`` pops and EMIT the ``E`` EMITs. An input or
     output span runs from the end of the same side's
     previous span (cycle 0 for its first) to its phase's last transfer + 1, so waiting counts in; a COMPUTE
-    span is ``[c_s, c_s + I + 2)``. Empty for idle tiles.
+    span is ``[c_s, a_last + d_last + 2)`` (section 4, result ring: ``I + 2`` cycles, plus any wait for a ring
+    slot between result words). Empty for idle tiles.
     """
 
     batch: int
@@ -77,7 +80,8 @@ class EmulatorResult:
         timelines = []
         for position, pe_times in enumerate(self.timing.pe_times):
             timelines.append(np.empty(0, dtype=PHASE_SPAN_DTYPE) if pe_times is None
-                             else _phase_spans(pe_times, self.path.counts[position], self.batch))
+                             else _phase_spans(pe_times, self.timing.compute_ends[position],
+                                               self.path.counts[position], self.batch))
         return timelines
 
     def report(self) -> dict:
@@ -108,15 +112,16 @@ def _side_spans(times: np.ndarray, phases: list[tuple[str, int]],
     return [(names[c], start[c::count], end[c::count]) for c in range(count)]
 
 
-def _phase_spans(pe_times: PETimes, count: TileCounts, batch: int) -> np.ndarray:
+def _phase_spans(pe_times: PETimes, compute_ends: np.ndarray, count: TileCounts, batch: int) -> np.ndarray:
     """Phase spans of one PE from its transfer times (see :attr:`EmulatorResult.tile_timelines`): all
-    input-side spans (per inference RECV then PASS), then all COMPUTE spans ``[c_s, c_s + I + 2)``, then all
+    input-side spans (per inference RECV then PASS), then all COMPUTE spans ``[c_s, compute_ends[s])`` (``a_last
+    + d_last + 2``, :attr:`emulator.timing.TimingResult.compute_ends`), then all
     output-side spans (per inference FORWARD, the ``Q_f + P_bulk`` leading queue pops, then EMIT, the
     remaining output transfers: with ``pass_per_pixel > 0`` the interleaved per-pixel pops and EMITs, section
     4.4); an empty phase has no span."""
     blocks = [_side_spans(pe_times.input, [("RECV", count.n_in_words), ("PASS", count.n_pass)], batch)]
     if count.n_out:
-        blocks.append([("COMPUTE", pe_times.compute, pe_times.compute + count.compute_cycles)])
+        blocks.append([("COMPUTE", pe_times.compute, compute_ends)])
     lead = count.n_bulk_pops
     blocks.append(_side_spans(pe_times.output, [("FORWARD", lead), ("EMIT", count.flits_out - lead)], batch))
     pieces = []

@@ -35,7 +35,7 @@ import numpy as np
 from flowtile.arch import (ACC_BITS, ACTIVATION_BANKS, ADD_MULT_MAX, MULTIPLIER_BITS, OP_ADD, OP_CONCAT, OP_LANE,
                            OP_MAC, OP_MAX, SHIFT_BITS, Arch)
 from flowtile.program import (Program, TileProgram, compute_issue_cycles, operand_words, output_pixels,
-                              result_words)
+                              result_word_issue_cycles, result_words)
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "FunctionalResult", "trace_data_path",
            "tile_counts", "run_functional", "pe_results", "weight_memory", "racing_banks", "check_bank_races",
@@ -77,6 +77,9 @@ class TileCounts:
     # section 4.4: per output pixel, pass_per_pixel PASS words (popped) before the pixel's result words
     pass_per_pixel: int = 0
     n_pix: int = 1      # output pixels (out_rows * out_width) of a computing tile
+    # section 4, result ring: issue cycles d of each result word of one output pixel, in order
+    # (flowtile.program.result_word_issue_cycles; empty without COMPUTE)
+    pixel_word_issue: tuple[int, ...] = ()
 
     @property
     def idle(self) -> bool:
@@ -152,6 +155,13 @@ class TileCounts:
         """Cycles COMPUTE lasts per inference (0 if the PE has no COMPUTE phase)."""
         return self.compute_issue_cycles + COMPUTE_DRAIN_CYCLES if self.n_out else 0
 
+    def word_issue_cycles(self) -> np.ndarray:
+        """int64 ``[E]``: ``d`` of each result word of an inference, in issue (and EMIT) order (section 4,
+        result ring): the pixel's words repeated for the ``n_pix`` output pixels; sums to ``I``."""
+        if not self.n_out:
+            return np.zeros(0, dtype=np.int64)
+        return np.tile(np.asarray(self.pixel_word_issue, dtype=np.int64), self.n_pix)
+
     @property
     def mac_issue_cycles(self) -> int:
         """Issue cycles that multiply-accumulate ``L`` lanes: every one for MAC, LANE (which
@@ -175,7 +185,9 @@ def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
                       issue_cycles=int(compute_issue_cycles(config)), op=int(config["op"]),
                       store_begin=store_begin, store_end=store_end, forward_begin=forward_begin,
                       forward_end=forward_end, pass_per_pixel=int(config["pass_per_pixel"]),
-                      n_pix=max(1, int(output_pixels(config))) if n_out else 1)
+                      n_pix=max(1, int(output_pixels(config))) if n_out else 1,
+                      pixel_word_issue=tuple(int(d) for d in result_word_issue_cycles(config, arch.lanes))
+                      if n_out else ())
 
 
 def _check_recv_ranges(tile: TileProgram, count: TileCounts, position: int) -> None:
@@ -600,11 +612,14 @@ def racing_banks(tile: TileProgram, count: TileCounts, batch: int) -> list[int]:
     return banks
 
 
-def check_bank_races(tile: TileProgram, count: TileCounts, batch: int, pe_times, position: int) -> None:
+def check_bank_races(tile: TileProgram, count: TileCounts, batch: int, pe_times, position: int,
+                     compute_ends: np.ndarray) -> None:
     """Refuse a run in which the input side writes an activation word that a running COMPUTE reads as a weight
-    word: inference ``s + 1``'s RECV into bank ``(s + 1) mod 2`` during ``[c_s, c_s + I + 2)``. Section 4 does not
-    say whether COMPUTE then reads the old or the new word. ``pe_times`` is the PE's
-    :class:`emulator.timing.PETimes`."""
+    word: inference ``s + 1``'s RECV into bank ``(s + 1) mod 2`` during COMPUTE of ``s``, ``[c_s, a_last + d_last
+    + 2)`` (section 4, result ring: waits for ring slots between words included). Section 4 does not say
+    whether COMPUTE then reads the old or the new word. ``pe_times`` is the PE's
+    :class:`emulator.timing.PETimes`, ``compute_ends`` int64 ``[batch]`` the ends of its COMPUTE spans
+    (:attr:`emulator.timing.TimingResult.compute_ends`)."""
     w_base = int(tile.config["w_base"])
     w_end = w_base + _weight_words(tile, count)
     inputs = pe_times.input.reshape(batch, count.flits_in)
@@ -617,16 +632,17 @@ def check_bank_races(tile: TileProgram, count: TileCounts, batch: int, pe_times,
         readers = readers[(readers + 1) % ACTIVATION_BANKS == b]           # COMPUTE of s, RECV of s + 1
         writes = inputs[readers + 1][:, recv]
         begin = pe_times.compute[readers][:, None]
-        racing = (writes >= begin) & (writes < begin + count.compute_cycles)
+        end = compute_ends[readers][:, None]
+        racing = (writes >= begin) & (writes < end)
         if racing.any():
             row, column = (int(i) for i in np.argwhere(racing)[0])
             s, address = int(readers[row]), first + column
-            start = int(begin[row, 0])
+            start, stop = int(begin[row, 0]), int(end[row, 0])
             region = (base - b * bank_words, base + (ACTIVATION_BANKS - b) * bank_words - 1)
             raise EmulatorError(
                 f"tile {tile.key} (chain position {position}): the input side writes SRAM word {address} (activation "
                 f"bank {b}, RECV word {int(recv[column])} of inference {s + 1}) in cycle {int(writes[row, column])} "
-                f"while COMPUTE of inference {s} (cycles {start}..{start + count.compute_cycles - 1}) reads it as a "
+                f"while COMPUTE of inference {s} (cycles {start}..{stop - 1}) reads it as a "
                 f"weight word (weights at SRAM words {w_base}..{w_end - 1}, register 'w_base'); section 4 does not "
                 f"define which comes first: place the weights outside the activation region [act_base, act_base + "
                 f"2B) = {region[0]}..{region[1]}")
@@ -794,7 +810,8 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: Dat
                 if timing is None:
                     from .timing import solve_timing   # (imports this module)
                     timing = solve_timing(program, batch, path)
-                check_bank_races(tile, count, batch, timing.pe_times[position], position)
+                check_bank_races(tile, count, batch, timing.pe_times[position], position,
+                                 timing.compute_ends[position])
                 race_checked = True
             stream = _pe_stream(tile, count, stream, arch, race_checked)
             tile_out[position] = stream.reshape(-1, arch.lanes)

@@ -13,9 +13,13 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
   - input side: per inference ``K`` RECV then ``P`` PASS actions, ``d = 1``; each reads the router FIFO
     before the PE; the forwarded RECV words (``forward_begin <= k < forward_end``) and every PASS push
     the PE's forward queue in the same cycle;
-  - compute side (``N_o > 0`` only): one action per inference, ``c_s``, ``d = I + 2`` (``I`` from
-    ``flowtile.program.compute_issue_cycles``; raised by an implied delay below; the very first action has
-    ``d = 1``, i.e. no bound of its own);
+  - compute side (``N_o > 0`` only): one action per RESULT WORD (section 4, result ring), ``a_j``, its
+    first issue cycle; the ``E`` words of an inference in issue order, word ``w`` taking ``d_w`` issue
+    cycles back to back (:meth:`emulator.functional.TileCounts.word_issue_cycles`, from
+    ``flowtile.program.result_word_issue_cycles``): ``d = d_{w-1}`` for ``w >= 1`` and ``d_{E-1} + 2`` for
+    the first word (the previous COMPUTE's pipeline drains; the very first action has ``d = 1``, i.e. no
+    bound of its own). ``c_s`` is ``a`` of the first word of ``s``; COMPUTE of ``s`` spans ``[c_s, a_last +
+    d_last + 2)``;
   - output side: per inference the ``Q = (forward_end - forward_begin) + P`` pops of the forward queue and
     the ``E = n_pix * N_r`` EMITs in section 4.4's order: ``Q_f + P_bulk`` pops (``P_bulk = P - n_pix *
     pass_per_pixel``), then per output pixel ``pass_per_pixel`` pops and the pixel's ``W_px = E / n_pix``
@@ -28,12 +32,14 @@ The chains are coupled by two kinds of edges:
 * FIFO edges (rule 1, depth ``D`` for a router FIFO, ``F = Arch.forward_queue_words`` for a forward
   queue): the writes ``w`` of flits ``i`` belong to one chain, the reads ``r`` to another, and
   ``r_i >= w_i + 1``, ``w_i >= r_{i-depth} + 1``. Router FIFOs and the host streams form a line
-  ``host input -> FIFO -> [link -> FIFO ->] PE input -> queue -> PE output -> FIFO -> ... -> host output``;
+  ``host input -> FIFO -> [link -> FIFO ->] PE input -> queue -> PE output -> FIFO -> ... -> host output``.
+  The result ring of a computing PE is one more FIFO edge, of depth ``R = Arch.result_words``, written by
+  the compute chain (push of word ``j`` = ``a_j``) and read by the output side's EMITs, with a read offset
+  per word: ``EMIT_j >= a_j + d_j + 2`` (the word is written in ``a_j + d_j + 1``) and ``a_j >= EMIT_{j-R} +
+  1`` (the FIFO space rule: slot ``j mod R`` has been emitted);
 * event edges ``t_target(s, a) >= t_source(s - shift, b) + offset`` of one PE:
-  ``c_s >= input(s, RECV word store_end - 1) + 1``; ``c_s >= output(s - 1, last EMIT) + 1``;
-  ``input(s, 0) >= c_{s-1}`` (``s >= 1``); ``output(s, first EMIT) >= c_s + I + 2``. The last EMIT is
-  the last output action of an inference; the first EMIT is action ``Q_f + P_bulk + pass_per_pixel``
-  (after pixel 0's pops).
+  ``c_s >= input(s, RECV word store_end - 1) + 1`` (compute action 0 of ``s``); ``input(s, 0) >=
+  c_{s-1}`` (``s >= 1``).
 
 Given its lower bounds a chain is solved in closed form (max-plus prefix scan)::
 
@@ -51,27 +57,16 @@ leave the solution unchanged and spare the sweep rounds through which they would
   transfers on one side of that FIFO are >= 2 cycles apart; that spares one sweep round per flit
   (:func:`_space_one_apart`);
 * the sides of a computing PE wait on each other around loops that would cost a sweep round per inference
-  (c_s -> EMITs of s -> c_{s+1}; c_s -> input of s + 1 -> c_{s+1}; with a full queue, c_s -> EMITs of s ->
-  pops of s + 1 -> pushes of s + 1 -> c_{s+1}). With ``gap`` = the distance of consecutive output
-  transfers (2 into a router FIFO of depth 1, else 1: every output action writes that FIFO), the last EMIT
-  of ``s`` (the last output action) comes ``>= I + 2 + R * gap`` after ``c_s``, ``R = Q + E - 1 - (first
-  EMIT's action)`` the output actions after the first EMIT (``E - 1`` EMITs and, with ``pass_per_pixel >
-  0``, the ``(n_pix - 1) * pass_per_pixel`` pops of pixels ``1..n_pix-1``), so ``c_{s+1} - c_s >= I + 2 + R
-  * gap + 1``; ``c_{s+1} >= input(s+1,
-  store_end - 1) + 1 >= input(s+1, 0) + store_end >= c_s + store_end``; if ``Q > F``, push ``F`` of
-  inference ``s + 1`` needs its first pop, which is the first output action of ``s + 1`` (``Q > 0`` makes it
-  a pop in either order) and follows the last EMIT of ``s``: ``input(s+1, push F) >= c_s + I + 2 + (R + 1)
-  * gap + 1`` (an extra event edge), and if that push comes before the last stored word (at
-  ``store_end - 1 - a`` actions' distance), ``c_{s+1} - c_s`` is at least that bound + distance + 1. The
-  compute chain's ``d`` is the largest of these. Without forward-queue words (``Q = 0``, hence
-  ``pass_per_pixel = 0``) the first EMIT of ``s + 1`` comes ``>= I + 3`` cycles after the last EMIT of
-  ``s``, the action before it (with ``Q > 0`` the action before the first EMIT is a pop, and no such
-  delay is built in). With ``pass_per_pixel > 0`` (section 4.4) a loop inside one inference appears:
-  the last push of ``s`` (push ``Q - 1``, a PASS word) needs pop ``Q - 1 - F`` of ``s``; if that pop
-  belongs to a pixel ``>= 1`` it follows the first EMIT of ``s`` by its action distance ``a`` (times
-  ``gap``), so ``input(s, push Q - 1) >= c_s + I + 2 + a * gap + 1`` and, through the rest of the input
-  side of ``s`` and the stored words of ``s + 1``, ``c_{s+1} - c_s >=`` that + ``(K + P - push Q - 1's
-  action) + store_end``, a further candidate for the compute chain's ``d``;
+  or per word (:func:`_compute_side`): ``c_s -> input of s + 1 -> c_{s+1}`` (``c_{s+1} >= c_s +
+  (store_end - 1) * in_gap + 1``); with a full queue ``c_s -> EMITs of s -> pops of s + 1 -> pushes of s + 1
+  -> c_{s+1}`` (an extra event edge ``input(s+1, push F) >= c_s + ...`` and a ``c_{s+1} - c_s`` bound); with
+  ``pass_per_pixel > 0`` pushes of ``s`` that wait for pops following EMITs of ``s``. The ``c_{s+1} - c_s``
+  bounds exceeding the chain's own per-inference delay become the compute chain's ``skip`` (``t(s, 0) >= t(s
+  - 1, 0) + skip``), which its solve handles in closed form too (a scan over inferences, then one per
+  inference, :meth:`_ChainSystem._skip_scan`). With a ring of one word (``R = 1``) ``a_j >= EMIT_{j-1} + 1
+  >= a_{j-1} + d_{j-1} + 3`` and ``EMIT_j >= EMIT_{j-1} + d_j + 3`` (where one EMIT follows the other) are
+  built into the delays. Larger rings that hold COMPUTE back couple the compute and output chains about once
+  per ``R`` words; the sweep budget grows with ``E / R`` (:attr:`TimingGraph.ring_rounds`);
 * the suffix of pass-through chains before the host output (links, the host output, and the input and
   output sides of PEs that compute nothing and forward or pass every word: each action reads one flit
   and writes it to the next FIFO) never holds anything back and adds exactly one cycle per chain, so it
@@ -87,13 +82,16 @@ repeat with a fixed period, and the candidate is checked with one Jacobi pass: d
 recurrence hold with equality? Why that is exact:
 
 * a prefix of inferences is a closed subsystem: every edge goes from a flit or inference to the same or
-  an earlier one (FIFO space: flit ``i - depth``; the event edges: inference ``s`` or ``s - 1``), so the
+  an earlier one (FIFO space: flit ``i - depth``, result ring: word ``j - R``; the event edges and skips:
+  inference ``s`` or ``s - 1``), so the
   probe's times are the first inferences' times of the whole batch;
 * every edge has weight >= 1 except ``input(s, 0) >= c_{s-1} + 0``, and no cycle consists of that edge
   alone (it runs from a compute chain to an input chain, never back), so every cycle of the dependency
-  graph has positive weight. A candidate satisfying all equations with finite times satisfies
-  ``t_v >= t_u + w`` on every edge, impossible around a positive cycle: the graph is acyclic, its
-  solution unique, and the candidate is it.
+  graph has positive weight (the result ring's edges weigh ``d_j + 2`` and 1, a skip ``> 0``). A candidate
+  satisfying all equations with finite times satisfies ``t_v >= t_u + w`` on every edge, impossible around a
+  positive cycle: the graph is acyclic, its solution unique, and the candidate is it. (The implied delays,
+  event edges and skips hold in the least solution of the rules, so it satisfies the equations with them as
+  well: the candidate that passes is that solution.)
 
 If the check fails, a longer probe (and in the end the whole batch) is solved by sweeps; a probe whose sweeps
 settled in a few rounds (:data:`CHEAP_SWEEP_SOLVES_PER_CHAIN`) is not grown, the whole batch is swept at once
@@ -101,13 +99,13 @@ settled in a few rounds (:data:`CHEAP_SWEEP_SOLVES_PER_CHAIN`) is not grown, the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from flowtile.program import Program
 
-from .functional import HOST, DataPath, EmulatorError, trace_data_path
+from .functional import COMPUTE_DRAIN_CYCLES, HOST, DataPath, EmulatorError, TileCounts, trace_data_path
 
 __all__ = ["TimingError", "Chain", "FifoEdge", "EventEdge", "TimingGraph", "PETimes", "TimingResult",
            "solve_timing", "timing_graph", "PROBE_BATCH", "NEVER"]
@@ -137,7 +135,9 @@ class TimingError(EmulatorError):
 @dataclass(frozen=True)
 class Chain:
     """One chain of actions, per inference: ``delays[j]`` is ``d_j`` of action ``j``; ``first_delay``
-    replaces ``d`` of the very first action of the batch (counted from ``t_{-1} = -1``) if not None."""
+    replaces ``d`` of the very first action of the batch (counted from ``t_{-1} = -1``) if not None;
+    ``skip`` > 0 adds ``t(s, 0) >= t(s - 1, 0) + skip`` (an implied bound between the first actions of
+    consecutive inferences, larger than the chain's own per-inference delay; compute chains only)."""
 
     name: str
     position: int             # chain position of the PE, or HOST for host and link chains
@@ -145,6 +145,7 @@ class Chain:
     delays: np.ndarray
     first_delay: int | None = None
     pass_through: bool = False  # one read and one write per action, d = 1, no event edge
+    skip: int = 0
 
     @property
     def per_inference(self) -> int:
@@ -154,7 +155,9 @@ class Chain:
 @dataclass(frozen=True)
 class FifoEdge:
     """A FIFO of ``depth`` flits between two chains (rule 1). ``write_slots`` / ``read_slots``: the
-    actions of one inference that write / read it, in flit order (None: every action, in order)."""
+    actions of one inference that write / read it, in flit order (None: every action, in order).
+    ``read_offsets``: per flit of one inference, the cycles after its write from which it can be read
+    (None: 1, rule 1; the result ring: ``d_j + 2`` after ``a_j``)."""
 
     name: str
     writer: int
@@ -162,6 +165,7 @@ class FifoEdge:
     depth: int
     write_slots: np.ndarray | None = None
     read_slots: np.ndarray | None = None
+    read_offsets: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -180,12 +184,14 @@ class EventEdge:
 class TimingGraph:
     """The chains of a program (line order: host input first, host output last; a PE's input, compute,
     output chains in this order), its FIFOs and event edges, and per chain position the indices of the
-    PE's (input, compute or None, output) chains."""
+    PE's (input, compute or None, output) chains; ``ring_rounds`` scales the sweep budget (a ring that holds
+    back COMPUTE couples the compute and output chains about once per ``R`` words)."""
 
     chains: list[Chain]
     fifos: list[FifoEdge]
     events: list[EventEdge]
     pe_chains: dict[int, tuple[int, int | None, int]]
+    ring_rounds: int = 1      # max over computing PEs of ceil(E / R): result words per ring turn
 
 
 def timing_graph(program: Program, path: DataPath) -> TimingGraph:
@@ -196,6 +202,8 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
     fifos: list[FifoEdge] = []
     events: list[EventEdge] = []
     pe_chains: dict[int, tuple[int, int | None, int]] = {}
+    ring = arch.result_words
+    ring_rounds = 1
 
     ones_of: dict[int, np.ndarray] = {}
 
@@ -237,59 +245,121 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         fifos.append(FifoEdge(f"router r{last_fifo[0]}c{last_fifo[1]} {last_fifo[2]} FIFO", writer, input_chain,
                               depth))
         compute_chain = None
-        output_actions = count.n_queue + count.n_result_words
-        output_delays = ones(output_actions)
+        output_delays = ones(count.flits_out)
+        output_first = None
         # section 4.4: Q_f + P_bulk pops, then per pixel pass_per_pixel pops and W_px EMITs
         is_pop = count.output_is_pop()
         pop_slots = np.flatnonzero(is_pop).astype(np.int64)
-        first_emit = count.first_emit
-        stall = None
         if computes:
-            # Implied delays (module docstring). gap: cycles between consecutive output transfers, 2 into a
-            # router FIFO of depth 1 (rule 1), else 1. The last EMIT is the last output transfer, which
-            # follows the first EMIT by output_actions - 1 - first_emit transfers: c_{s+1} >= (last EMIT of
-            # s) + 1 >= c_s + I + 2 + (output_actions - 1 - first_emit) * gap + 1; c_{s+1} >= input(s+1,
-            # store_end - 1) + 1 >= input(s+1, 0) + store_end >= c_s + store_end.
-            gap = 2 if depth == 1 else 1
-            last_emit_after = count.compute_cycles + (output_actions - 1 - first_emit) * gap   # after c_s
-            period = max(last_emit_after + 1, count.store_end)
-            last_pop = count.n_queue - queue_depth - 1
-            if count.pass_per_pixel and last_pop >= count.n_bulk_pops + count.pass_per_pixel:
-                # section 4.4: the last push of s (push Q - 1, a PASS word) needs pop Q - 1 - F of s, a pop of
-                # a pixel >= 1, which comes after the first EMIT of s: input(s, push Q - 1) >= c_s + I + 2 +
-                # (pop slot - first_emit) * gap + 1, then input(s+1, 0) and c_{s+1} follow
-                after = count.compute_cycles + int(pop_slots[last_pop] - first_emit) * gap + 1
-                period = max(period, after + count.flits_in - int(pushes[-1]) + count.store_end)
-            if count.n_queue > queue_depth:
-                # push F of inference s + 1 needs its first pop (output transfer 0 of s + 1, a pop whenever
-                # Q > 0), after the last EMIT of s: input(s+1, push F) >= c_s + last_emit_after + gap + 1,
-                # and if it precedes the last stored word, c_{s+1} waits
-                stall = (int(pushes[queue_depth]), last_emit_after + gap + 1)
-                if stall[0] < count.store_end:
-                    period = max(period, stall[1] + count.store_end - stall[0])
-            compute_chain = add(Chain(f"{name} compute side", position, "compute",
-                                      np.array([period], dtype=np.int64), first_delay=1))
-            if not count.n_queue:  # first EMIT of s + 1 >= c_{s+1} + I + 2 >= (last EMIT of s) + 1 + I + 2
-                output_delays = output_delays.copy()
-                output_delays[0] = count.compute_cycles + 1
+            side = _compute_side(count, pushes, is_pop, depth, queue_depth, ring)
+            ring_rounds = max(ring_rounds, -(-count.n_result_words // ring))
+            compute_chain = add(Chain(f"{name} compute side", position, "compute", side.compute_delays,
+                                      first_delay=1, skip=side.skip))
+            output_delays, output_first = side.output_delays, side.output_first
         output_chain = add(Chain(f"{name} output side", position, "output", output_delays,
-                                 first_delay=1 if computes and not count.n_queue else None,
-                                 pass_through=not computes))
+                                 first_delay=output_first, pass_through=not computes))
         if count.n_queue:
             fifos.append(FifoEdge(f"{name} forward queue", input_chain, output_chain, queue_depth,
                                   write_slots=None if pushes_all else pushes,
                                   read_slots=None if not count.n_result_words else pop_slots))
         if computes:
-            last_emit = output_actions - 1     # every pixel ends with its EMITs (W_px >= 1)
+            # section 4, result ring: word j is pushed at a_j, readable (EMIT) from a_j + d_j + 2, and its slot
+            # takes word j + R from the cycle after its EMIT
+            emit_slots = np.flatnonzero(~is_pop).astype(np.int64)
+            fifos.append(FifoEdge(f"{name} result ring", compute_chain, output_chain, ring,
+                                  read_slots=None if not count.n_queue else emit_slots,
+                                  read_offsets=side.word_issue + 2))
             events += [EventEdge(compute_chain, 0, input_chain, count.store_end - 1, 0, 1),
-                       EventEdge(compute_chain, 0, output_chain, last_emit, 1, 1),
-                       EventEdge(input_chain, 0, compute_chain, 0, 1, 0),
-                       EventEdge(output_chain, first_emit, compute_chain, 0, 0, count.compute_cycles)]
-            if stall is not None:
-                events.append(EventEdge(input_chain, stall[0], compute_chain, 0, 1, stall[1]))
+                       EventEdge(input_chain, 0, compute_chain, 0, 1, 0)]
+            if side.stall is not None:
+                events.append(EventEdge(input_chain, side.stall[0], compute_chain, 0, 1, side.stall[1]))
         pe_chains[position] = (input_chain, compute_chain, output_chain)
         writer, flits = output_chain, count.flits_out
-    return TimingGraph(chains, fifos, events, pe_chains)
+    return TimingGraph(chains, fifos, events, pe_chains, ring_rounds)
+
+
+@dataclass(frozen=True)
+class _ComputeSide:
+    """What :func:`timing_graph` needs of a computing PE (see :func:`_compute_side`)."""
+
+    word_issue: np.ndarray          # d_w of the E result words of an inference
+    compute_delays: np.ndarray      # the compute chain's delays of one inference
+    skip: int                       # implied c_{s+1} - c_s bound beyond the chain's own, or 0
+    output_delays: np.ndarray
+    output_first: int | None
+    stall: tuple[int, int] | None   # (input action, offset after c_s of the inference before) or None
+
+
+def _compute_side(count: TileCounts, pushes: np.ndarray, is_pop: np.ndarray, depth: int, queue_depth: int,
+                  ring: int) -> _ComputeSide:
+    """The compute chain of a computing PE and the delays implied by section 4's rules (module docstring).
+
+    Compute chain, per inference, one action per result word ``w``: ``a_w - a_{w-1} >= d_{w-1}``, for
+    ``w = 0`` ``d_{E-1} + 2`` (after the previous inference's last word); with a ring of one word
+    (``R = 1``) ``a_j >= EMIT_{j-1} + 1 >= a_{j-1} + d_{j-1} + 3``, and on the output side ``EMIT_j >=
+    a_j + d_j + 2 >= EMIT_{j-1} + d_j + 3`` where EMIT ``j`` directly follows EMIT ``j - 1``.
+
+    ``in_gap`` / ``gap``: the least distance of consecutive input / output transfers (2 when they read /
+    write a router FIFO of depth 1, rule 1). Lower bounds of the distance from ``c_s`` to the output
+    transfers of ``s``: EMIT of word ``m`` ``>= S_m + d_m + 2`` (``S_m`` = the compute chain's delays
+    from word 0 to word ``m``), then the output chain's delays. From them:
+
+    * ``c_{s+1} >= input(s+1, store_end - 1) + 1 >= input(s+1, 0) + (store_end - 1) * in_gap + 1`` and
+      ``input(s+1, 0) >= c_s``;
+    * if ``Q > F``: push ``F`` of ``s + 1`` needs pop 0 of ``s + 1`` (output transfer 0, a pop whenever ``Q >
+      0``), which follows the last output transfer of ``s`` (an EMIT): ``input(s+1, push F) >= c_s +
+      last + gap + 1`` (an event edge, ``stall``), and if that push comes before the last stored word,
+      ``c_{s+1}`` waits for it;
+    * push ``i >= F`` of ``s`` needs pop ``i - F`` of ``s``; where that pop follows an EMIT of ``s``, the rest
+      of the input side of ``s`` and the stored words of ``s + 1`` come after it.
+
+    The largest of these ``c_{s+1} - c_s`` bounds becomes the chain's ``skip`` if it exceeds the chain's own
+    per-inference delay (``I + 2`` without a one-word ring).
+    """
+    word_issue = count.word_issue_cycles()
+    words = len(word_issue)
+    in_gap = gap = 2 if depth == 1 else 1
+    previous = np.roll(word_issue, 1)                       # d of the word before, per word
+    compute_delays = previous.copy()
+    compute_delays[0] += 2
+    output_delays = np.ones(count.flits_out, dtype=np.int64)
+    output_first = None
+    emit_slots = np.flatnonzero(~is_pop)
+    if ring == 1:
+        np.maximum(compute_delays, previous + 3, out=compute_delays)
+        follows = np.flatnonzero(np.diff(emit_slots) == 1) + 1          # words whose EMIT follows EMIT w - 1
+        output_delays[emit_slots[follows]] = word_issue[follows] + 3
+        if emit_slots[0] == 0:                    # Q = 0: EMIT 0 of s + 1 follows the last EMIT of s
+            output_delays[0] = word_issue[0] + 3
+            output_first = 1
+    # least distance from c_s to each output transfer of s that follows an EMIT of s
+    starts = np.zeros(words, dtype=np.int64)
+    np.cumsum(compute_delays[1:], out=starts[1:])
+    base = np.full(count.flits_out, NEVER)
+    base[emit_slots] = starts + word_issue + 2
+    steps = np.maximum(output_delays, gap)
+    steps[0] = 0
+    along = np.cumsum(steps)
+    after = np.maximum.accumulate(base - along) + along
+    known = np.arange(count.flits_out) >= emit_slots[0]
+    last = int(after[-1])                                   # the last output transfer is an EMIT
+    bounds = [(count.store_end - 1) * in_gap + 1]
+    stall = None
+    n_queue = len(pushes)
+    if n_queue > queue_depth:
+        stall = (int(pushes[queue_depth]), last + gap + 1)
+        if stall[0] < count.store_end:
+            bounds.append(stall[1] + (count.store_end - 1 - stall[0]) * in_gap + 1)
+        pop_slots = np.flatnonzero(is_pop)
+        waiting = pop_slots[:n_queue - queue_depth]         # pop i - F of push i, i = F..Q-1
+        later = known[waiting]
+        if later.any():
+            reach = after[waiting[later]] + 1 + (count.flits_in - pushes[queue_depth:][later]) * in_gap
+            bounds.append(int(reach.max()) + (count.store_end - 1) * in_gap + 1)
+    period = int(compute_delays.sum())
+    skip = max(bounds)
+    return _ComputeSide(word_issue=word_issue, compute_delays=compute_delays, skip=skip if skip > period else 0,
+                        output_delays=output_delays, output_first=output_first, stall=stall)
 
 
 def _space_one_apart(delays: np.ndarray, slots: np.ndarray | None) -> bool:
@@ -349,8 +419,10 @@ class _ChainSystem:
         self.graph, self.solved, self.batch = graph, solved, batch
         chains = graph.chains[:solved]
         self.sizes = [batch * c.per_inference for c in chains]
-        # per chain: (writer times index, global write slots or None, own global read slots or None)
-        self.reads_from: list[list[tuple[int, np.ndarray | None, np.ndarray | None]]] = [[] for _ in chains]
+        # per chain: (writer times index, global write slots or None, own global read slots or None, read offset
+        # - 1 per flit or None)
+        self.reads_from: list[list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None]]] = \
+            [[] for _ in chains]
         # per chain: (reader index, reader's global read slots[:-depth] or None, own write slots[depth:] or None, depth)
         self.space_from: list[list[tuple[int, np.ndarray | None, np.ndarray | None, int]]] = [[] for _ in chains]
         self.events_into: list[list[EventEdge]] = [[] for _ in chains]
@@ -364,7 +436,8 @@ class _ChainSystem:
                 self.writes_of[fifo.writer] = writes   # into the tail
                 continue
             reads = _tile_slots(fifo.read_slots, graph.chains[fifo.reader].per_inference, batch)
-            self.reads_from[fifo.reader].append((fifo.writer, writes, reads))
+            extra = None if fifo.read_offsets is None else np.tile(fifo.read_offsets - 1, batch)
+            self.reads_from[fifo.reader].append((fifo.writer, writes, reads, extra))
             source = None if reads is None else reads[:-fifo.depth]
             target = None if writes is None else writes[fifo.depth:]
             self.space_from[fifo.writer].append((fifo.reader, source, target, fifo.depth))
@@ -382,7 +455,15 @@ class _ChainSystem:
             if first is not None:
                 cumulative -= delays[0] - first
             self.cumulative.append(cumulative)
-        self.cumulative_less_one = [c - 1 for c in self.cumulative]
+        # C - 1 per chain for systems that sweep (many solves); a system built around given times is solved once
+        # per chain (the exactness check), where subtracting C and adding 1 in place is cheaper than a copy
+        self.cumulative_less_one = [c - 1 for c in self.cumulative] if times is None else None
+        # chains with a skip (Chain.skip): (actions per inference, skip - the chain's delay per inference)
+        self.skips: list[tuple[int, int] | None] = []
+        for chain, (delays, _) in zip(chains, spaced if spaced is not None else _spaced_delays(graph)):
+            excess = chain.skip - int(delays.sum()) if chain.skip else 0
+            self.skips.append((len(delays), excess) if excess > 0 else None)
+        self.steps = {j: np.arange(batch, dtype=np.int64) * skip[1] for j, skip in enumerate(self.skips) if skip}
         self.times = times if times is not None else [np.full(n, NEVER) for n in self.sizes]
 
     def warm_start(self, prefix: list[np.ndarray]) -> None:
@@ -402,11 +483,14 @@ class _ChainSystem:
         floor only matters through the prefix maximum, so it is applied to the first element alone."""
         times, size = self.times, self.sizes[j]
         lower = None
-        for writer, writes, reads in self.reads_from[j]:  # rule 1: a flit is readable the cycle after its write
+        for writer, writes, reads, extra in self.reads_from[j]:  # rule 1: readable the cycle after its write
             written = times[writer] if writes is None else times[writer][writes]
+            fresh = writes is not None              # a new array (fancy indexing), no copy needed
+            if extra is not None:   # the result ring: EMIT of word j from a_j + d_j + 2
+                written, fresh = written + extra, True
             if reads is None:
                 if lower is None:
-                    lower = written.copy() if writes is None else written
+                    lower = written if fresh else written.copy()
                 else:
                     np.maximum(lower, written, out=lower)
             else:
@@ -430,18 +514,44 @@ class _ChainSystem:
             bound = times[event.source][event.source_slot::source_width][:batch - event.shift] + (event.offset - 1)
             view = lower[event.shift * width + event.target_slot::width]
             np.maximum(view, bound, out=view)
-        lower -= self.cumulative_less_one[j]
+        if self.cumulative_less_one is None:
+            lower -= self.cumulative[j]
+            lower += 1
+        else:
+            lower -= self.cumulative_less_one[j]
         if size and lower[0] < -1:
             lower[0] = -1
-        np.maximum.accumulate(lower, out=lower)
+        skip = self.skips[j]
+        if skip is None:
+            np.maximum.accumulate(lower, out=lower)
+        else:
+            self._skip_scan(lower, skip[0], self.steps[j])
         lower += self.cumulative[j]
         return lower
+
+    def _skip_scan(self, lower: np.ndarray, width: int, steps: np.ndarray) -> None:
+        """In place: ``v = cummax(u)`` (``u = lb - C``, ``t = C + v``) with, in addition, ``v(s, 0) >= v(s - 1, 0)
+        + excess`` (``excess`` = the chain's skip minus its delay per inference, > 0; ``steps = s * excess``).
+
+        Two levels: the first action of ``s`` is ``h_s = max(U_s, h_{s-1} + excess)`` with ``U_s = max(u(s, 0),
+        max_{k >= 1} u(s - 1, k))`` (the previous inference's last action is ``max(h_{s-1}, that max)``, and
+        ``excess > 0`` makes ``h_{s-1} + excess`` dominate ``h_{s-1}``), a closed-form scan over inferences;
+        then each inference is a plain prefix maximum from ``h_s``."""
+        rows = lower.reshape(-1, width)
+        first = rows[:, 0].copy()
+        if width > 1:
+            np.maximum(first[1:], rows[:-1, 1:].max(axis=1), out=first[1:])
+        first -= steps
+        np.maximum.accumulate(first, out=first)
+        first += steps
+        rows[:, 0] = first
+        np.maximum.accumulate(rows, axis=1, out=rows)
 
     def sweep_until_stable(self) -> int:
         """Gauss-Seidel sweeps, downstream then upstream, re-solving only chains a changed chain
         constrains, until no time changes; returns the number of chain solves."""
         n = self.solved
-        max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n))
+        max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n) * self.graph.ring_rounds)
         dirty = [True] * n
         solves = 0
         times = self.times
@@ -513,7 +623,9 @@ class PETimes:
     """Transfer cycles of one PE's three sides (section 4), over all inferences.
 
     ``input``: int64 ``[batch * (K + P)]``, per inference K RECV then P PASS transfers; ``compute``: int64
-    ``[batch]``, ``c_s`` (the first COMPUTE cycle of each inference; length 0 if ``n_out == 0``);
+    ``[batch]``, ``c_s`` (the first COMPUTE cycle of each inference, ``a`` of its first result word; length 0
+    if ``n_out == 0``; :attr:`TimingResult.word_starts` has every word's ``a_j`` and
+    :attr:`TimingResult.compute_ends` the ends of the COMPUTE spans);
     ``output``: int64 ``[batch * (Q + E)]``, per inference the Q pops of the forward queue and the E EMITs in
     the output side's order (section 4.4: ``Q_f + P_bulk`` pops, then per output pixel ``pass_per_pixel``
     pops and the pixel's EMITs; :meth:`emulator.functional.TileCounts.output_is_pop` marks the pops); with
@@ -532,7 +644,11 @@ class TimingResult:
     ``in_times``: host-input transfer per input flit; ``out_times``: host-output transfer per output
     flit; ``pe_times[p]``: the :class:`PETimes` of the PE at chain position ``p`` (None if idle);
     ``stream_names`` / ``stream_times``: every chain's name and times in line order (diagnostics and
-    tests); ``solves``: chain solves used; ``extrapolated``: whether the periodic extrapolation passed.
+    tests); ``solves``: chain solves used; ``extrapolated``: whether the periodic extrapolation passed;
+    ``word_starts[p]``: int64 ``[batch * E]``, ``a_j`` (first issue cycle) of every result word of the PE at
+    chain position ``p``, numbered across inferences (section 4, result ring; empty without COMPUTE, None if
+    idle); ``compute_ends[p]``: int64 ``[batch]``, the end of each COMPUTE, ``a_last + d_last + 2`` (COMPUTE
+    of ``s`` spans ``[c_s, compute_ends[p][s])``, waits for the ring included).
     """
 
     in_times: np.ndarray
@@ -542,6 +658,8 @@ class TimingResult:
     stream_times: list[np.ndarray]
     solves: int
     extrapolated: bool
+    word_starts: list[np.ndarray | None] = field(default_factory=list)
+    compute_ends: list[np.ndarray | None] = field(default_factory=list)
 
 
 def _pass_through_tail(graph: TimingGraph) -> int:
@@ -619,12 +737,23 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
         writes = full.writes_of[tail - 1]
         into_tail = times[tail - 1] if writes is None else times[tail - 1][writes]
         times += [into_tail + hop for hop in range(1, len(chains) - tail + 1)]
-    pe_times: list[PETimes | None] = [None] * program.arch.n_tiles
+    n_tiles = program.arch.n_tiles
+    pe_times: list[PETimes | None] = [None] * n_tiles
+    word_starts: list[np.ndarray | None] = [None] * n_tiles
+    compute_ends: list[np.ndarray | None] = [None] * n_tiles
     empty = np.empty(0, dtype=np.int64)
     for position, (input_chain, compute_chain, output_chain) in graph.pe_chains.items():
-        pe_times[position] = PETimes(input=times[input_chain],
-                                     compute=empty if compute_chain is None else times[compute_chain],
-                                     output=times[output_chain])
+        if compute_chain is None:
+            words = starts = ends = empty
+        else:
+            count = path.counts[position]
+            width = count.n_result_words
+            words = times[compute_chain]
+            starts = words[::width].copy()
+            ends = words[width - 1::width] + (int(count.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES)
+        pe_times[position] = PETimes(input=times[input_chain], compute=starts, output=times[output_chain])
+        word_starts[position], compute_ends[position] = words, ends
     return TimingResult(in_times=times[0], out_times=times[-1], pe_times=pe_times,
                         stream_names=[c.name for c in chains], stream_times=times,
-                        solves=solves, extrapolated=extrapolated)
+                        solves=solves, extrapolated=extrapolated, word_starts=word_starts,
+                        compute_ends=compute_ends)

@@ -26,7 +26,9 @@ SIDES = ("input", "compute", "output")
 
 def perfetto_trace(program: Program, result) -> dict:
     """Trace-event JSON: one process per tile (chain order) with one track per PE side (input, compute, output),
-    one slice per phase of each inference.
+    one slice per phase of each inference (``result.tile_timelines``: a COMPUTE slice spans ``[c_s, a_last +
+    d_last + 2)``, from the first issue of the inference's first result word to the drain after its last one,
+    waits for a free slot of the result ring included; docs/architecture.md sections 4 and 6).
 
     Timestamps are cycles (shown as microseconds by the viewers: 1 us = 1 cycle).
     """

@@ -39,7 +39,7 @@ from amaranth.lib.wiring import Out
 
 from flowtile.arch import (ACC_BITS, ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, MULTIPLIER_BITS, OP_ADD, OP_CONCAT,
                            OP_LANE, OP_MAC, OP_MAX, SHIFT_BITS, Arch)
-from flowtile.program import operand_words, result_words, stored_words, weight_words
+from flowtile.program import operand_words, output_pixels, stored_words, weight_words
 
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
@@ -178,25 +178,25 @@ def encode_config_value(name: str, value: int) -> int:
 def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
     """``(addr, data)`` load pairs for a complete tile config (every register of ``CONFIG_FIELDS``).
 
-    Besides each register's own range, checks the rules of docs/architecture.md sections 4 to 4.4 that
-    the RTL relies on: the RECV ranges ``store_begin <= store_end <= n_in_words`` and
-    ``forward_begin <= forward_end <= n_in_words``; ``n_out > 0`` requires ``n_in_words > 0``;
-    ``n_out <= max_tile_outputs``; the two activation banks of the stored words (``[act_base, act_base +
-    ACTIVATION_BANKS * (store_end - store_begin))``, section 4) and the weights fit the SRAM; the
-    destination tile exists; ``op`` is one of :data:`OPS`; and for a computing tile the windowing
-    registers (:data:`WINDOW_RANGES`; the stored words are the ``in_height * in_width * words_per_pixel``
-    input map, except for the two-operand ops; ``n_out = words_per_pixel * lanes``
-    for the channel-preserving ``OP_MAX``, ``OP_LANE``, ``OP_ADD`` and ``OP_CONCAT``; result words
-    within the result buffer). ``OP_ADD`` and ``OP_CONCAT`` (:func:`_check_two_operands`): the kernel
-    registers of :data:`TWO_OPERAND_WINDOWS` (ADD 1x2, CONCAT 1x1; stride 1, no padding); for CONCAT
-    ``1 <= concat_words_a <= words_per_pixel - 1``; operand ``a`` (``in_height * in_width * CW`` words for
-    ADD, ``* concat_words_a`` for CONCAT) at ``operand_a_offset`` and operand ``b`` (``* CW`` for ADD,
-    ``* (CW - concat_words_a)`` for CONCAT) at ``operand_b_offset`` lie inside the stored words and do not
-    overlap (either may come first); ``add_mult_a``, ``add_mult_b <= ADD_MULT_MAX``; ``out_width =
-    in_width`` and the output rows inside the map. Section 4.4: ``pass_per_pixel > 0`` requires ``n_out > 0``
-    and ``out_rows * out_width * pass_per_pixel <= n_pass``. Registers an op does not read (e.g. ``add_mult_a``
-    of a MAC tile, ``concat_words_a`` of an ADD tile) are only range-checked against their width, as the
-    emulator does.
+    Besides each register's own range, checks the rules of docs/architecture.md sections 4 to 4.4 that the RTL
+    relies on: the RECV ranges ``store_begin <= store_end <= n_in_words`` and ``forward_begin <= forward_end <=
+    n_in_words``; ``n_out > 0`` requires ``n_in_words > 0``; ``n_out <= max_tile_outputs``; the two activation banks
+    of the stored words (``[act_base, act_base + ACTIVATION_BANKS * (store_end - store_begin))``, section 4) and the
+    weights fit the SRAM; the destination tile exists; ``op`` is one of :data:`OPS`; and for a computing tile the
+    windowing registers (:data:`WINDOW_RANGES`; the stored words are the ``in_height * in_width * words_per_pixel``
+    input map, except for the two-operand ops; ``n_out = words_per_pixel * lanes`` for the channel-preserving
+    ``OP_MAX``, ``OP_LANE``, ``OP_ADD`` and ``OP_CONCAT``; no bound on the result words, which stream out through
+    the result ring, section 4). ``OP_ADD`` and ``OP_CONCAT`` (:func:`_check_two_operands`): the kernel registers of
+    :data:`TWO_OPERAND_WINDOWS` (ADD 1x2, CONCAT 1x1; stride 1, no padding); for CONCAT ``1 <= concat_words_a <=
+    words_per_pixel - 1``; operand ``a`` (``in_height * in_width * CW`` words for ADD, ``* concat_words_a`` for
+    CONCAT) at ``operand_a_offset`` and operand ``b`` (``* CW`` for ADD, ``* (CW - concat_words_a)`` for CONCAT) at
+    ``operand_b_offset`` lie inside the stored words and do not overlap (either may come first); ``add_mult_a``,
+    ``add_mult_b <= ADD_MULT_MAX``; ``out_width = in_width`` and the output rows inside the map. Section 4.1's band
+    of output pixels (a computing tile): ``out_col_begin < out_width``, ``out_col_end <= out_width`` (0 meaning
+    ``out_width``) and ``n_pix`` = :func:`flowtile.program.output_pixels` ``>= 1`` (:func:`_check_pixel_band`).
+    Section 4.4: ``pass_per_pixel > 0`` requires ``n_out > 0`` and ``n_pix * pass_per_pixel <= n_pass``. Registers
+    an op does not read (e.g. ``add_mult_a`` of a MAC tile, ``concat_words_a`` of an ADD tile) are only
+    range-checked against their width, as the emulator does.
     """
     check_arch(arch, "encode_config")
     names = [name for name, _, _ in CONFIG_FIELDS]
@@ -231,12 +231,13 @@ def encode_config(arch: Arch, config: dict) -> list[tuple[int, int]]:
                                 f"computing tile (n_out > 0; section 4.4)")
     if n_out > 0:
         _check_window(arch, config)
-        interleaved = config["out_rows"] * config["out_width"] * config["pass_per_pixel"]
+        _check_pixel_band(config)
+        n_pix = output_pixels(config)
+        interleaved = n_pix * config["pass_per_pixel"]
         if interleaved > config["n_pass"]:
-            raise LoadEncodingError(f"config registers out_rows * out_width * pass_per_pixel = "
-                                    f"{config['out_rows']} * {config['out_width']} * {config['pass_per_pixel']} = "
-                                    f"{interleaved} interleaved passed words exceed n_pass = {config['n_pass']} "
-                                    f"(section 4.4)")
+            raise LoadEncodingError(f"config registers n_pix * pass_per_pixel = {n_pix} * "
+                                    f"{config['pass_per_pixel']} = {interleaved} interleaved passed words exceed "
+                                    f"n_pass = {config['n_pass']} (n_pix = {_pixel_formula(config)}; section 4.4)")
     if not config["dest_host"]:
         if config["dest_row"] >= arch.rows:
             raise LoadEncodingError(f"config register dest_row = {config['dest_row']} outside 0..{arch.rows - 1}")
@@ -268,8 +269,8 @@ WINDOW_RANGES = {"in_height": (1, None), "in_width": (1, None), "words_per_pixel
 
 def _check_window(arch: Arch, config: dict) -> None:
     """Sections 4.1 to 4.3's rules for a tile with ``n_out > 0``: the loop nest is non-empty, the
-    registers describe the stored input map (ADD, CONCAT: both operand maps), the weights and results fit
-    their memories."""
+    registers describe the stored input map (ADD, CONCAT: both operand maps), the weights fit the SRAM.
+    Nothing bounds the result words: they stream out through the PE's result ring (section 4)."""
     for name, (low, high) in WINDOW_RANGES.items():
         value = config[name]
         if value < low or (high is not None and value > high):
@@ -295,10 +296,32 @@ def _check_window(arch: Arch, config: dict) -> None:
                           else "n_out * kernel_h * kernel_w * words_per_pixel")
         raise LoadEncodingError(f"config registers w_base + {weight_formula} = "
                                 f"{w_end} exceed sram_words = {arch.sram_words}")
-    results = result_words(config, arch.lanes)
-    if results > arch.result_words:
-        raise LoadEncodingError(f"config registers out_rows * out_width * ceil(n_out / lanes) = {results} "
-                                f"result words exceed the result buffer ({arch.result_words} words)")
+
+
+def _pixel_formula(config: dict) -> str:
+    """Section 4.1's n_pix of ``config`` spelled out with its register values."""
+    width, end = config["out_width"], config["out_col_end"]
+    band_end, named = (end, f"out_col_end = {end}") if end else (width, "out_width (out_col_end = 0)")
+    return (f"out_rows * out_width - out_col_begin - (out_width - E') = {config['out_rows']} * {width} - "
+            f"{config['out_col_begin']} - ({width} - {band_end}) = {output_pixels(config)} with E' = {named}")
+
+
+def _check_pixel_band(config: dict) -> None:
+    """Section 4.1: a computing tile's output pixels are ``out_rows`` rows from ``out_row_begin``, the first
+    from column ``out_col_begin``, the last ending before column ``out_col_end`` (0: ``out_width``). Valid
+    iff ``out_col_begin < out_width``, ``out_col_end <= out_width`` and the band holds ``n_pix >= 1``
+    pixels (the PE treats a tile breaking this as not computing)."""
+    begin, end, width = config["out_col_begin"], config["out_col_end"], config["out_width"]
+    if begin >= width:
+        raise LoadEncodingError(f"config register out_col_begin = {begin} must be < out_width = {width} "
+                                f"(section 4.1: the first output row starts at column out_col_begin)")
+    if end > width:
+        raise LoadEncodingError(f"config register out_col_end = {end} must be <= out_width = {width} "
+                                f"(section 4.1: the last output row ends before column out_col_end; 0 means "
+                                f"out_width)")
+    if output_pixels(config) < 1:
+        raise LoadEncodingError(f"config registers out_col_begin = {begin}, out_col_end = {end} leave no output "
+                                f"pixel: n_pix = {_pixel_formula(config)} must be >= 1 (section 4.1)")
 
 
 def _check_two_operands(config: dict, stored: int) -> None:

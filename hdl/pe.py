@@ -1,5 +1,5 @@
 """The processing element of one tile: SRAM (weights and two activation banks), parameter table, result
-buffer, forward queue and its three concurrent sides, input, compute and output (docs/architecture.md
+ring, forward queue and its three concurrent sides, input, compute and output (docs/architecture.md
 section 4; windowed layers, convolution, max pooling and lane-wise multiply-accumulate (depthwise
 convolution, average pools), section 4.1; store and forward ranges of a stream that carries several
 tensors, and the elementwise residual join op ADD, section 4.2; the channel concatenation op CONCAT,
@@ -52,25 +52,43 @@ class PE(wiring.Component):
     * forward queue: a :class:`~amaranth.lib.fifo.SyncFIFO` of ``F`` words: pushable iff it holds fewer
       than ``F`` words (also in a cycle it is popped), a word pushed in cycle ``t`` is poppable from
       ``t + 1``.
-    * compute side (only if ``n_out > 0``): COMPUTE of inference ``s`` occupies exactly the cycles
-      ``[c_s, c_s + I + 2)`` (``I`` = :func:`flowtile.program.compute_issue_cycles`), with
-      ``c_s = max(t(RECV word store_end - 1 of s) + 1, c_{s-1} + I + 2, t(last EMIT of s - 1) + 1)``,
-      and reads activation bank ``s mod 2`` (every activation address below is relative to
-      ``act_base + (s mod 2) * B``).
+    * result ring: ``R = arch.result_words`` words (any ``R >= 1``, not necessarily a power of two).
+      Result words are numbered across inferences, ``j = s * E + (index within s)``, ``E = n_pix * W_px``;
+      word ``j`` lives in slot ``j mod R`` (a write slot and a read slot register wrap at ``R``). It
+      never has to hold an inference's results: nothing bounds ``E``.
+    * compute side (only if ``n_out > 0``): COMPUTE of inference ``s`` reads activation bank ``s mod 2``
+      (every activation address below is relative to ``act_base + (s mod 2) * B``) and issues, in section 4.1's loop
+      order over the tile's output pixels (:func:`flowtile.program.output_pixel_positions`: rows ``out_row_begin
+      ..`` of ``out_rows``, the first from column ``out_col_begin``, the last up to column ``E' - 1``, ``E' =
+      out_col_end`` or ``out_width`` if 0), result word by result word: word ``j`` takes ``d_j`` issue cycles back
+      to back (:func:`flowtile.program.result_word_issue_cycles`: MAC ``L * K_w``, or ``(N_o mod L) * K_w`` for a
+      pixel's short last word; MAX, LANE ``KH * KW``; ADD 2; CONCAT 1), from its first issue cycle ``a_j``. COMPUTE
+      waits only between words: ``a_j = max(a_{j-1} + d_{j-1}, t(EMIT j - R) + 1)``, and for the first word of ``s``
+      also ``>= t(RECV word store_end - 1 of s) + 1`` with ``+ 2`` drain cycles after the previous word (``a_{j-1} +
+      d_{j-1} + 2``); the EMIT term (absent for ``j < R``) is implemented as "occupancy < R", occupancy = words
+      whose first issue has happened minus words emitted, both registered. ``c_s`` = ``a_j`` of the first word of
+      ``s``; COMPUTE occupies ``[c_s, a_last + d_last + 2)`` (``I + 2`` cycles, ``I`` =
+      :func:`flowtile.program.compute_issue_cycles`, when it never waits for a slot). While the issue waits, issues
+      in flight move on through the pipeline. Word ``j`` is written (its last lane, for MAC) in cycle ``a_j + d_j +
+      1``.
     * output side: ``Q = (forward_end - forward_begin) + P`` pops (the queue's head word leaves on
       ``o_flit``) and ``E`` = :func:`flowtile.program.result_words` EMIT transfers (EMIT ``j`` sends result
-      word ``j``), one a cycle at most, in this order (section 4.4, ``n_pix = out_rows * out_width``,
-      ``W_px = E / n_pix``, ``R = pass_per_pixel``): ``Q - n_pix * R`` pops, then for each output pixel
-      ``q``: ``R`` pops and EMITs ``q*W_px .. q*W_px + W_px - 1`` (with ``R = 0``: all pops, then all
-      EMITs). A pop needs the queue's head; the first EMIT of ``s`` happens at a cycle ``>= c_s + I + 2``
-      (the last result, written in cycle ``c_s + I + 1``, is read through the result buffer's
-      combinational port), every later EMIT of ``s`` only after its predecessor.
+      word ``j``), one a cycle at most, in this order (section 4.4, ``n_pix`` =
+      :func:`flowtile.program.output_pixels` = ``out_rows * out_width - out_col_begin - (out_width - E')``,
+      ``W_px = E / n_pix``, ``R_p = pass_per_pixel``): ``Q - n_pix * R_p`` pops, then for each output pixel
+      ``q``: ``R_p`` pops and EMITs ``q*W_px .. q*W_px + W_px - 1`` (with ``R_p = 0``: all pops, then all
+      EMITs); the output side counts them from the registers (it may be ahead of or behind COMPUTE). A pop
+      needs the queue's head; EMIT ``j`` needs its predecessor and word ``j`` written: it happens at a cycle
+      ``>= a_j + d_j + 2`` (a registered count of words written minus words emitted is non-zero; the word
+      is read through the ring's combinational port).
 
-    A tile with ``n_out = 0`` has no compute side and no EMITs. Every emitted flit carries the configured
-    destination; ``o_flit.valid`` never depends on ``o_flit.ready``. Arithmetic, windowing (MAC: dense
-    and convolution, a dense layer being the 1x1 case; MAX: max pooling; LANE: lane-wise MAC) and
-    pipeline: sections 4 and 4.1 of docs/architecture.md; the RECV ranges and op ADD: section 4.2; op
-    CONCAT: section 4.3.
+    A tile with ``n_out = 0`` has no compute side and no EMITs; so has a tile whose registers break a rule COMPUTE
+    needs (stored words inside the RECV words, a non-empty window loop nest, a valid pixel band: ``out_col_begin <
+    out_width``, ``out_col_end <= out_width``, ``n_pix >= 1``), which encode_config rejects. Every emitted flit
+    carries the configured destination; ``o_flit.valid`` never depends on ``o_flit.ready``. Arithmetic, windowing
+    (MAC: dense and convolution, a dense layer being the 1x1 case; MAX: max pooling; LANE: lane-wise MAC) and
+    pipeline: sections 4 and 4.1 of docs/architecture.md; the RECV ranges and op ADD: section 4.2; op CONCAT:
+    section 4.3.
 
     ADD runs LANE's loop nest with the 1x2 kernel the compiler writes for it: issue ``(pixel p = oy*in_width
     + ox, word cw, kx)`` reads activation word ``act_base + operand_a_offset + p*CW + cw`` (operand ``a``,
@@ -131,21 +149,34 @@ class PE(wiring.Component):
             m.submodules[f"param_bank{lane}"] = bank
             param_writes.append(bank.write_port())
             param_reads.append(bank.read_port())
-        m.submodules.result_buffer = result_buffer = Memory(
-            shape=unsigned(arch.flit_data_bits), depth=arch.result_words, init=[])
-        result_write = result_buffer.write_port(granularity=LANE_BITS)
-        result_read = result_buffer.read_port(domain="comb")
+        # The result ring (section 4): R = arch.result_words words, result word j (numbered across
+        # inferences) in slot j mod R. Written lane by lane (MAC) or a whole word at once; the output side
+        # reads the oldest unsent word through a combinational port, so a word written in cycle w is sent
+        # from w + 1.
+        ring_words = arch.result_words
+        m.submodules.result_ring = result_ring = Memory(
+            shape=unsigned(arch.flit_data_bits), depth=ring_words, init=[])
+        result_write = result_ring.write_port(granularity=LANE_BITS)
+        result_read = result_ring.read_port(domain="comb")
 
         config = Signal(config_layout())
         n_in_words, n_pass = config.n_in_words, config.n_pass
+        # Section 4.1's band of output pixels: rows out_row_begin .. + out_rows - 1, the first from column
+        # out_col_begin, the last up to column E' - 1, E' = out_col_end or (0) out_width; rows between whole.
+        band_end = Signal.like(config.out_width)        # E'
+        m.d.comb += band_end.eq(Mux(config.out_col_end != 0, config.out_col_end, config.out_width))
+        # The band is valid iff out_col_begin < out_width, out_col_end <= out_width and n_pix >= 1; given the
+        # first two, n_pix >= 1 fails only for a single row with E' <= out_col_begin.
+        band_valid = ((config.out_col_begin < config.out_width) & (config.out_col_end <= config.out_width)
+                      & ((config.out_rows != 1) | (band_end > config.out_col_begin)))
         # A tile computes iff N_o > 0 (section 4). COMPUTE also needs stored words inside the K RECV words
-        # and a non-empty window loop nest (section 4.1); a config with n_out > 0 but without them (rejected
-        # by encode_config) behaves as n_out = 0 rather than waiting or issuing forever.
+        # and a non-empty window loop nest over a valid pixel band (section 4.1); a config with n_out > 0 but
+        # without them (rejected by encode_config) behaves as n_out = 0 rather than waiting or issuing forever.
         computes = Signal()
         m.d.comb += computes.eq((config.n_out != 0) & (n_in_words != 0) & (config.store_begin < config.store_end)
                                 & (config.store_end <= n_in_words) & (config.words_per_pixel != 0)
                                 & (config.kernel_h != 0) & (config.kernel_w != 0) & (config.out_rows != 0)
-                                & (config.out_width != 0))
+                                & (config.out_width != 0) & band_valid)
         n_out = Mux(computes, config.n_out, 0)
         n_result_words = (n_out + (lanes - 1)) >> lane_bits_log2
 
@@ -182,22 +213,26 @@ class PE(wiring.Component):
         m.submodules.forward_queue = ResetInserter({"sync": ~self.run})(queue)
 
         running = self.run
-        # Compute side state. ``compute_bank``: the bank (inference parity) of the COMPUTE running or next
-        # to run; it flips when a COMPUTE ends. ``stored``: RECV word store_end - 1 of the inference of the
-        # next COMPUTE has been received. ``results_pending``: the result buffer holds results whose EMITs
-        # are not all done (set in the cycle after COMPUTE's last cycle, cleared by the last EMIT).
+        # Compute side state. ``computing``: a COMPUTE has begun and not ended (it issues, waits between
+        # words for a ring slot, or drains). ``compute_bank``: the bank (inference parity) of the COMPUTE
+        # running or next to run; it flips when a COMPUTE ends. ``stored``: RECV word store_end - 1 of the
+        # inference of the next COMPUTE has been received.
         computing = Signal()
         compute_bank = Signal()
         stored = Signal()
-        results_pending = Signal()
-        # c_s = max(t(RECV word store_end - 1) + 1, c_{s-1} + I + 2, t(last EMIT of s-1) + 1): every term
-        # is a registered flag here, so compute_start depends on no handshake of this cycle.
+        # Ring occupancy: result words whose first issue has happened minus result words emitted, both
+        # counted in earlier cycles (registered). A word's first issue in cycle t needs a free slot,
+        # occupancy < R, which is section 4's a_j >= t(EMIT j - R) + 1: words 0 .. j - 1 have had their first
+        # issue, so occupancy < R iff EMIT j - R happened before t.
+        occupancy = Signal(range(ring_words + 1))
+        ring_free = Signal()
+        m.d.comb += ring_free.eq(occupancy < ring_words)
+        # c_s = max(t(RECV word store_end - 1) + 1, a_last + d_last + 2 of s - 1, t(EMIT j - R) + 1) for the
+        # first word j of s: every term is a registered flag or count here (``computing`` stays high
+        # through the previous COMPUTE's drain), so compute_start depends on no handshake of this cycle.
         compute_start = Signal()
-        m.d.comb += compute_start.eq(running & computes & stored & ~computing & ~results_pending)
+        m.d.comb += compute_start.eq(running & computes & stored & ~computing & ring_free)
         in_compute = running & (computing | compute_start)
-        #: Internal signals a simulation testbench may watch (not ports): COMPUTE begins in this cycle
-        #: (``c_s``), and the bank COMPUTE reads or will read next.
-        self.probes = {"compute_start": compute_start, "compute_bank": compute_bank}
 
         # --- input side: K RECV transfers, then P PASS transfers, per inference ----------------------
         i_flit, o_flit = self.i_flit, self.o_flit
@@ -260,11 +295,18 @@ class PE(wiring.Component):
 
         # --- output side (sections 4 and 4.4), per inference: Q_f + P_bulk pops ("bulk"), then for each
         # output pixel q: pass_per_pixel pops and the W_px EMITs of result words q*W_px .. q*W_px + W_px - 1.
-        # With pass_per_pixel = 0: Q pops, then E EMITs. n_pix * pass_per_pixel multiplies registers that
-        # only change while run = 0. A config that breaks section 4.4's rule (a tile that does not compute,
-        # or n_pix * pass_per_pixel > n_pass; rejected by encode_config) behaves as pass_per_pixel = 0.
-        interleaved_pops = Signal(len(config.out_rows) + len(config.out_width) + len(config.pass_per_pixel))
-        m.d.comb += interleaved_pops.eq(config.out_rows * config.out_width * config.pass_per_pixel)
+        # With pass_per_pixel = 0: Q pops, then E EMITs. n_pix (section 4.1: out_rows * out_width less the
+        # first row's out_col_begin columns and the last row's out_width - E') and n_pix * pass_per_pixel
+        # are products of registers that only change while run = 0. A config that breaks section 4.4's rule
+        # (a tile that does not compute, or n_pix * pass_per_pixel > n_pass; rejected by encode_config)
+        # behaves as pass_per_pixel = 0. The output side knows E = n_pix * W_px from the registers alone (it
+        # may run ahead of or behind COMPUTE): it counts the EMITs of an inference by output pixel (row of
+        # the band, pixel within the row) and word in the pixel, over the same pixel list as COMPUTE.
+        n_pix = Signal(len(config.out_rows) + len(config.out_width))
+        m.d.comb += n_pix.eq(config.out_rows * config.out_width - config.out_col_begin
+                             - (config.out_width - band_end))
+        interleaved_pops = Signal(len(n_pix) + len(config.pass_per_pixel))
+        m.d.comb += interleaved_pops.eq(n_pix * config.pass_per_pixel)
         interleaves = computes & (config.pass_per_pixel != 0) & (interleaved_pops <= n_pass)
         pixel_pops = Mux(interleaves, config.pass_per_pixel, 0)
         bulk_pops = Signal.like(popped_words)          # Q_f + P_bulk
@@ -273,34 +315,49 @@ class PE(wiring.Component):
         out_emitting = Signal()                        # past this inference's bulk pops: in its pixels
         pixel_popped = Signal()                        # the current pixel's pops are done
         pixel_word = Signal(max(len(config.pass_per_pixel), len(pixel_result_words)))   # pop or EMIT in the pixel
-        # EMIT transfers of this inference (n_pix * N_r), counted up by COMPUTE.
-        emit_words = Signal(max(len(popped_words), len(config.n_out)))
-        emit_index = Signal.like(emit_words)           # EMIT j = q*W_px + j': result word j
+        # Output pixel of the EMITs: its row of the band (0 .. out_rows - 1) and its index within that row's
+        # pixels (columns out_col_begin .. out_width - 1 in the first row, 0 .. E' - 1 in the last, all in
+        # between; one row: out_col_begin .. E' - 1). Both count from 0, so the run = 0 clear needs no
+        # register value.
+        emit_col = Signal.like(config.out_width)
+        emit_row = Signal.like(config.out_rows)
+        emit_last_row = emit_row == config.out_rows - 1
+        emit_row_pixels = (Mux(emit_last_row, band_end, config.out_width)
+                           - Mux(emit_row == 0, config.out_col_begin, 0))
+        # Result words completely written (their last lane or last output) minus result words emitted,
+        # registered: the oldest unsent word is readable iff this is non-zero. ``read_slot``: its ring slot.
+        written_words = Signal(range(ring_words + 1))
+        read_slot = Signal(range(ring_words))
         in_pixels = computes & (out_emitting | (bulk_pops == 0))
         emit_phase = in_pixels & (pixel_popped | (pixel_pops == 0))
         pop_phase = Mux(in_pixels, ~emit_phase, bulk_pops != 0)
         m.d.comb += [
-            o_flit.valid.eq(running & Mux(emit_phase, results_pending, pop_phase & queue.r_rdy)),
+            o_flit.valid.eq(running & Mux(emit_phase, written_words != 0, pop_phase & queue.r_rdy)),
             o_flit.payload.data.eq(Mux(emit_phase, result_read.data, queue.r_data)),
             o_flit.payload.dest_row.eq(config.dest_row),
             o_flit.payload.dest_col.eq(config.dest_col),
             o_flit.payload.dest_host.eq(config.dest_host),
             queue.r_en.eq(running & pop_phase & o_flit.ready),
-            result_read.addr.eq(emit_index),
+            result_read.addr.eq(read_slot),
         ]
         output_transfer = o_flit.valid & o_flit.ready
+        emit_transfer = output_transfer & emit_phase
         with m.If(output_transfer):
             with m.If(emit_phase):
-                with m.If(emit_index == emit_words - 1):
-                    # The inference's last EMIT: the result buffer is free for the next COMPUTE.
-                    m.d.sync += [emit_index.eq(0), pixel_word.eq(0), pixel_popped.eq(0), out_emitting.eq(0),
-                                 results_pending.eq(0)]
-                with m.Else():
-                    m.d.sync += emit_index.eq(emit_index + 1)
-                    with m.If(pixel_word == pixel_result_words - 1):
-                        m.d.sync += [pixel_word.eq(0), pixel_popped.eq(0)]
+                m.d.sync += read_slot.eq(Mux(read_slot == ring_words - 1, 0, read_slot + 1))
+                with m.If(pixel_word == pixel_result_words - 1):
+                    m.d.sync += [pixel_word.eq(0), pixel_popped.eq(0)]
+                    with m.If(emit_col == emit_row_pixels - 1):
+                        m.d.sync += emit_col.eq(0)
+                        with m.If(emit_last_row):
+                            # The inference's last EMIT: the next transfer is a pop (or EMIT) of s + 1.
+                            m.d.sync += [emit_row.eq(0), out_emitting.eq(0)]
+                        with m.Else():
+                            m.d.sync += emit_row.eq(emit_row + 1)
                     with m.Else():
-                        m.d.sync += pixel_word.eq(pixel_word + 1)
+                        m.d.sync += emit_col.eq(emit_col + 1)
+                with m.Else():
+                    m.d.sync += pixel_word.eq(pixel_word + 1)
             with m.Elif(in_pixels):
                 with m.If(pixel_word == pixel_pops - 1):
                     m.d.sync += [pixel_word.eq(0), pixel_popped.eq(1)]
@@ -319,21 +376,23 @@ class PE(wiring.Component):
         # per output word). Each counter steps when every counter inside it wraps; the two orders only
         # differ in where cw sits.
         out_row = Signal.like(config.out_rows)            # relative to out_row_begin
-        out_col = Signal.like(config.out_width)
+        out_col = Signal.like(config.out_width)           # ox: out_col_begin .. in the band's first row
         channel = Signal.like(config.n_out)              # output channel o (MAC only)
         kernel_y = Signal.like(config.kernel_h)
         kernel_x = Signal.like(config.kernel_w)
         word = Signal.like(config.words_per_pixel)       # cw
         issue_done = Signal()
         drain = Signal(range(COMPUTE_DRAIN_CYCLES))
+        # COMPUTE has issues left (it issues now unless the next is a word's first and the ring is full).
         issuing = in_compute & ~issue_done
 
         last_word = word == config.words_per_pixel - 1
         last_kernel_x = kernel_x == config.kernel_w - 1
         last_kernel_y = kernel_y == config.kernel_h - 1
         last_channel = channel == n_out - 1
-        last_out_col = out_col == config.out_width - 1
         last_out_row = out_row == config.out_rows - 1
+        # Section 4.1's pixel band: the last row ends after column E' - 1, every other after out_width - 1.
+        last_out_col = out_col == Mux(last_out_row, band_end, config.out_width) - 1
         window_done = last_kernel_x & last_kernel_y
         # One output value (MAC: channel o; the per-word ops: word cw) is finished with this issue.
         first_of_output = Signal()
@@ -364,36 +423,52 @@ class PE(wiring.Component):
             with m.If(step):
                 m.d.sync += counter.eq(Mux(last, 0, counter + 1))
 
-        # Result words of the pixels issued so far (q * N_r for MAC, q * CW for the per-word ops): a
-        # running sum instead of a multiplier. It survives COMPUTE as the EMIT count.
-        result_base = Signal.like(emit_words)
+        # Result words (section 4, result ring): MAC fills a word with L channels (o mod L = 0 .. L - 1, or
+        # up to the last channel), the per-word ops issue a whole word per window. This issue is the first
+        # (last) of its result word.
+        channel_lane = channel[:lane_bits_log2] if lane_bits_log2 else Const(0, 1)
+        word_first = Signal()
+        word_last = Signal()
+        m.d.comb += [
+            word_first.eq(first_of_output & (per_word | (channel_lane == 0))),
+            word_last.eq(last_of_output & (per_word | (channel_lane == lanes - 1) | last_channel)),
+        ]
+        # A word's first issue waits for a free ring slot (occupancy < R); COMPUTE never waits inside a
+        # word. While it waits the counters hold and the issues in flight move on through stages 1 and 2.
+        # An inference's first issue (in the compute_start cycle) has its slot already: compute_start
+        # requires ring_free.
+        issue = Signal()
+        m.d.comb += issue.eq(issuing & (~word_first | ring_free))
+        # Ring slot of the word being issued: j mod R for result word j, counted across inferences.
+        write_slot = Signal(range(ring_words))
         weight_address = Signal(sram_address_bits)
         with m.If(issuing):
-            count(word, step_word, last_word)
-            count(kernel_x, step_kernel_x, last_kernel_x)
-            count(kernel_y, step_kernel_y, last_kernel_y)
-            count(channel, step_channel, last_channel)
-            count(out_col, pixel_done, last_out_col)
-            count(out_row, pixel_done & last_out_col, last_out_row)
-            # A pixel reads its weights in issue order (MAC: w_base .. w_base + N_o*K_w - 1; LANE:
-            # w_base .. w_base + CW*KH*KW - 1), then starts over. MAX, ADD and CONCAT ignore the word read.
-            m.d.sync += weight_address.eq(Mux(pixel_done, config.w_base, weight_address + 1))
-            with m.If(pixel_done):
-                m.d.sync += [result_base.eq(result_base + pixel_result_words),
-                             emit_words.eq(result_base + pixel_result_words)]
-                with m.If(last_out_col & last_out_row):
+            with m.If(issue):
+                count(word, step_word, last_word)
+                count(kernel_x, step_kernel_x, last_kernel_x)
+                count(kernel_y, step_kernel_y, last_kernel_y)
+                count(channel, step_channel, last_channel)
+                # A row after the first starts at column 0; the next inference's first row at out_col_begin.
+                with m.If(pixel_done):
+                    m.d.sync += out_col.eq(Mux(last_out_col, Mux(last_out_row, config.out_col_begin, 0), out_col + 1))
+                count(out_row, pixel_done & last_out_col, last_out_row)
+                # A pixel reads its weights in issue order (MAC: w_base .. w_base + N_o*K_w - 1; LANE:
+                # w_base .. w_base + CW*KH*KW - 1), then starts over. MAX, ADD and CONCAT ignore the word read.
+                m.d.sync += weight_address.eq(Mux(pixel_done, config.w_base, weight_address + 1))
+                with m.If(word_last):
+                    m.d.sync += write_slot.eq(Mux(write_slot == ring_words - 1, 0, write_slot + 1))
+                with m.If(pixel_done & last_out_col & last_out_row):
                     m.d.sync += issue_done.eq(1)
         with m.Elif(in_compute):
             m.d.sync += drain.eq(drain + 1)
             with m.If(drain == COMPUTE_DRAIN_CYCLES - 1):
-                # Cycle c_s + I + 1, COMPUTE's last: its last result is written now and readable (the
-                # result buffer's read port is combinational) from the next cycle, when EMIT may begin.
-                m.d.sync += [computing.eq(0), results_pending.eq(1), compute_bank.eq(~compute_bank),
-                             drain.eq(0), issue_done.eq(0), result_base.eq(0)]
+                # Cycle a_last + d_last + 1, COMPUTE's last: its last result word is written now and
+                # readable (the ring's read port is combinational) from the next cycle, when the next
+                # COMPUTE may begin too.
+                m.d.sync += [computing.eq(0), compute_bank.eq(~compute_bank), drain.eq(0), issue_done.eq(0)]
         with m.If(~in_compute):
-            m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0), out_col.eq(0),
-                         out_row.eq(0), result_base.eq(0), issue_done.eq(0), drain.eq(0),
-                         weight_address.eq(config.w_base)]
+            m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0), out_col.eq(config.out_col_begin),
+                         out_row.eq(0), issue_done.eq(0), drain.eq(0), weight_address.eq(config.w_base)]
 
         # Input position of this issue. oy*S and ox*S (S <= 3) and iy*in_width (8 x 8 bits) are small
         # multipliers; pixel_index*pitch (pitch CW, or CONCAT's CWa or CWb) is the one wide product. An
@@ -441,17 +516,18 @@ class PE(wiring.Component):
         stage1_last = Signal()
         stage1_padded = Signal()
         stage1_operand_b = Signal()
-        stage1_result_address = Signal.like(result_base)
+        stage1_word_last = Signal()
+        stage1_result_address = Signal.like(write_slot)
         stage1_result_lane = Signal(max(lane_bits_log2, 1))
-        result_offset = Mux(per_word, word, channel >> lane_bits_log2)
         m.d.sync += [
-            stage1_valid.eq(issuing),
+            stage1_valid.eq(issue),
             stage1_first.eq(first_of_output),
             stage1_last.eq(last_of_output),
+            stage1_word_last.eq(word_last),
             stage1_padded.eq(~in_bounds),
             stage1_operand_b.eq(operand_b),
-            stage1_result_address.eq(result_base + result_offset),
-            stage1_result_lane.eq(channel[:lane_bits_log2] if lane_bits_log2 else 0),
+            stage1_result_address.eq(write_slot),
+            stage1_result_lane.eq(channel_lane),
         ]
         activation = Mux(stage1_padded, Cat(*([config.pad_value] * lanes)), activation_read.data)
 
@@ -506,10 +582,12 @@ class PE(wiring.Component):
         # Stage 2: requantize the finished accumulators on the exact wide value (MAC: lane 0 only;
         # LANE, ADD and CONCAT: all lanes in parallel), or clamp the window maximum lane by lane (MAX).
         stage2_valid = Signal()
+        stage2_word_last = Signal()
         stage2_result_address = Signal.like(stage1_result_address)
         stage2_result_lane = Signal.like(stage1_result_lane)
         m.d.sync += [
             stage2_valid.eq(stage1_valid & stage1_last),
+            stage2_word_last.eq(stage1_word_last),
             stage2_result_address.eq(stage1_result_address),
             stage2_result_lane.eq(stage1_result_lane),
         ]
@@ -548,7 +626,8 @@ class PE(wiring.Component):
 
         all_lanes = (1 << lanes) - 1
         m.d.comb += result_write.addr.eq(stage2_result_address)
-        with m.If(stage2_valid & in_compute):
+        result_writes = stage2_valid & in_compute
+        with m.If(result_writes):
             with m.If(is_max):
                 m.d.comb += [result_write.data.eq(clamped_max), result_write.en.eq(all_lanes)]
             with m.Elif(lane_wise):
@@ -565,9 +644,26 @@ class PE(wiring.Component):
                     result_write.en.eq(Const(1, lanes) << stage2_result_lane),
                 ]
 
+        # --- the ring's counts: occupancy (first issues minus EMITs) and readiness (words written minus
+        # EMITs). A word is complete with the write of its last lane (MAC) or its only write (the per-word
+        # ops), in cycle a_j + d_j + 1; it counts from the next cycle, the first it may be emitted in.
+        word_issued = Signal()
+        word_written = Signal()
+        m.d.comb += [word_issued.eq(issue & word_first), word_written.eq(result_writes & stage2_word_last)]
+        m.d.sync += [
+            occupancy.eq(occupancy + word_issued - emit_transfer),
+            written_words.eq(written_words + word_written - emit_transfer),
+        ]
+
+        #: Internal signals a simulation testbench may watch (not ports): COMPUTE begins in this cycle
+        #: (``c_s``, the first issue of an inference), a result word's first issue happens in this cycle
+        #: (``a_j``), and the bank COMPUTE reads or will read next.
+        self.probes = {"compute_start": compute_start, "word_start": word_issued, "compute_bank": compute_bank}
+
         # --- run = 0: every side held at the start of inference 0 -------------------------------------
         with m.If(~running):
             m.d.sync += [stage1_valid.eq(0), stage2_valid.eq(0), in_index.eq(0), in_bank.eq(0), computing.eq(0),
-                         compute_bank.eq(0), stored.eq(0), results_pending.eq(0), out_index.eq(0),
-                         out_emitting.eq(0), pixel_popped.eq(0), pixel_word.eq(0), emit_index.eq(0)]
+                         compute_bank.eq(0), stored.eq(0), out_index.eq(0), out_emitting.eq(0),
+                         pixel_popped.eq(0), pixel_word.eq(0), emit_col.eq(0), emit_row.eq(0), read_slot.eq(0),
+                         write_slot.eq(0), occupancy.eq(0), written_words.eq(0)]
         return m

@@ -1,7 +1,7 @@
 """Small chips (2x2, 1x3, 3x1) in Amaranth's simulator running hand-built programs (a one-layer program;
 a residual block whose stream carries two tensors into an ADD split over two tiles; the same stream into a
-channel CONCAT split over two tiles; a convolution split over row bands and output-channel groups), and Verilog
-generation."""
+channel CONCAT split over two tiles; a convolution split over bands of output pixels, whole rows or split
+inside a row, and output-channel groups), and Verilog generation."""
 
 import numpy as np
 import pytest
@@ -140,12 +140,14 @@ def test_two_inferences_through_a_small_chip(rows, cols):
         got = np.array([v for word in words for v in word])
         assert got[:N_OUT].tolist() == numpy_dense(x, golden).tolist()
         assert got[N_OUT:].tolist() == [0] * (len(got) - N_OUT)
-    # Worked from section 6 for this chain (K = 2, N_o*K + 2 = 14 COMPUTE cycles, D = 2):
-    # inference 0: host flits written at 0, 1, RECV at 1, 2; c_0 = 3, EMIT at 3 + 14 = 17, 18.
-    # Inference 1 is received into the other bank while inference 0 computes: RECV at 3 (>= c_0), 4;
-    # c_1 = max(4 + 1, c_0 + 14, last EMIT 18 + 1) = 19, EMIT at 33, 34. Each later (pass-through) tile
-    # adds 3 cycles (its input FIFO, its forward queue and the L FIFO), the exit router's read 1 more.
-    emits = [17, 18, 33, 34]
+    # Worked from section 6 for this chain (K = 2, N_o*K + 2 = 14 COMPUTE cycles, D = 2, a result ring of
+    # R = 2 words): inference 0: host flits written at 0, 1, RECV at 1, 2; c_0 = 3. Result word 0 (outputs
+    # 0..3, d = 4 * K = 8 issues) from a_0 = 3, written at 12, EMIT at 13; word 1 (outputs 4, 5, d = 4) from
+    # a_1 = 11, EMIT at 11 + 4 + 2 = 17. Inference 1 is received into the other bank while inference 0
+    # computes: RECV at 3 (>= c_0), 4; c_1 = max(4 + 1, a_1 + 4 + 2 = 17, EMIT 0 + 1 = 14) = 17 (COMPUTE back
+    # to back), EMIT at 17 + 10 = 27 and 25 + 6 = 31. Each later (pass-through) tile adds 3 cycles (its input
+    # FIFO, its forward queue and the L FIFO), the exit router's read 1 more.
+    emits = [13, 17, 27, 31]
     assert [cycle for _, cycle in received] == [t + 3 * (arch.n_tiles - 1) + 1 for t in emits]
 
 
@@ -162,14 +164,16 @@ def requantize(acc, table, zp_out, clamp_lo=-128, clamp_hi=127):
     return np.clip(rne(acc * table[:, 1], table[:, 2]) + zp_out, clamp_lo, clamp_hi)
 
 
+@pytest.mark.parametrize("ring_words", [4, 1])
 @pytest.mark.parametrize("rows, cols", GRIDS)
-def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols):
+def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols, ring_words):
     """Section 4.2 end to end: x (a 2x2 map, CW = 1) enters chain tile 0, a 1x1 convolution that forwards
     x and then emits y = conv(x), so the stream is ``x ++ y``; tiles 1 and 2 compute z = ADD(x, y) in two
     row bands (tile 1 forwards both tensors to tile 2, tile 2 forwards none and passes tile 1's row);
-    later tiles pass z to the host."""
+    later tiles pass z to the host. With a result ring of 4 words (as many as tile 0's results) and of 1
+    word (section 4: every result word then waits for the EMIT of the one before)."""
     lanes = ARCH.lanes
-    arch = ARCH.replace(rows=rows, cols=cols, max_tile_outputs=4 * lanes)
+    arch = ARCH.replace(rows=rows, cols=cols, max_tile_outputs=ring_words * lanes)
     rng = np.random.default_rng(4242)
     height, width, n_pix = 2, 2, 4                  # one word (lanes channels) a pixel
     conv_weights = rng.integers(-128, 128, size=(lanes, lanes))
@@ -214,12 +218,18 @@ def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols):
         assert np.abs(z - np.clip(np.round(exact) + z_z, -128, 127)).max() <= 1
     # Inference 0 worked from sections 4 to 4.2 and 6 (D = 2): tile 0 RECVs x at 1..4 (pushed into its
     # forward queue, popped at 2..5), COMPUTEs from c_0 = 5 for I + 2 = 4 pixels * 4 outputs + 2 = 18 cycles,
-    # EMITs y at 23..26. Tile 1 receives x at 4..7 and y at 25..28 (2 cycles a hop), pops them at 5..8 and
-    # 26..29, COMPUTEs from 29 for I + 2 = 1 row * 2 pixels * 1 word * 2 + 2 = 6 cycles, EMITs at 35, 36.
-    # Tile 2 receives the forwarded stream at 7..10, 28..31 (c_0 = 32, results from 38), PASSes tile 1's
-    # results at 37, 38, pops them at 38, 39, EMITs at 40, 41. Each later (pass-through) tile adds 3 cycles,
-    # the exit router's read 1 more.
-    assert [cycle for _, cycle in received[:n_pix]] == [t + 3 * (arch.n_tiles - 3) + 1 for t in (38, 39, 40, 41)]
+    # one result word a pixel (d = 4 issues, from a = 5, 9, 13, 17), and EMITs each 2 cycles after its last
+    # issue: y at 11, 15, 19, 23. Tile 1 receives x at 4..7 and y at 13, 17, 21, 25 (2 cycles a hop), pops
+    # them at 5..8 and 14, 18, 22, 26, COMPUTEs from 26 for I + 2 = 1 row * 2 pixels * 1 word * 2 + 2 = 6
+    # cycles (words from 26 and 28), EMITs at 30, 32. Tile 2 receives the forwarded stream at 7..10 and
+    # 16, 20, 24, 28 (c_0 = 29, words EMITtable from 33 and 35), PASSes tile 1's results at 32, 34, pops them
+    # at 33, 35, EMITs at 36, 37. Each later (pass-through) tile adds 3 cycles, the exit router's read 1 more.
+    # With R = 1, a word's first issue waits for the previous word's EMIT: tile 0's words from a = 5, 12, 19,
+    # 26 (EMITs at a + 6: 11, 18, 25, 32); tile 1 receives y at 13, 20, 27, 34, COMPUTEs from 35 (words from
+    # 35 and 40 = EMIT 0 + 1), EMITs at 39, 44; tile 2 receives y at 16, 23, 30, 37, COMPUTEs from 38, pops
+    # tile 1's results (received at 41, 46) at 42, 47, EMITs word 0 at 48, and word 1 (issued from 49) at 53.
+    tile_2 = (33, 35, 36, 37) if ring_words == 4 else (42, 47, 48, 53)
+    assert [cycle for _, cycle in received[:n_pix]] == [t + 3 * (arch.n_tiles - 3) + 1 for t in tile_2]
 
 
 @pytest.mark.parametrize("rows, cols", GRIDS)
@@ -277,11 +287,12 @@ def test_conv_and_its_input_concatenated_by_a_split_concat(rows, cols):
         exact = np.concatenate([(y - z_y) * s_y, (x - z_x) * s_x], axis=1) / s_z
         assert np.abs(z - np.clip(np.round(exact) + z_z, -128, 127)).max() <= 1
     # Inference 0 worked from sections 4, 4.3 and 6 (D = 2): tile 0 as in the residual test (y EMITted at
-    # 23..26). Tile 1 receives x at 4..7 and y at 25..28, COMPUTEs from 29 for I + 2 = 1 row * 2 pixels
-    # * 2 words + 2 = 6 cycles, EMITs 4 words at 35..38. Tile 2 receives the forwarded stream at 7..10,
-    # 28..31 (results from 38), PASSes tile 1's results at 37..40, pops them at 38..41, EMITs at 42..45. Each
-    # later (pass-through) tile adds 3 cycles, the exit router's read 1 more.
-    assert [cycle for _, cycle in received[:2 * n_pix]] == [t + 3 * (arch.n_tiles - 3) + 1 for t in range(38, 46)]
+    # 11, 15, 19, 23). Tile 1 receives x at 4..7 and y at 13, 17, 21, 25, COMPUTEs from 26 for I + 2 = 1 row
+    # * 2 pixels * 2 words + 2 = 6 cycles (one issue a word, words from 26..29), EMITs 4 words at 29..32.
+    # Tile 2 receives the forwarded stream at 7..10 and 16, 20, 24, 28 (c_0 = 29, words EMITtable from
+    # 32..35), PASSes tile 1's results at 31..34, pops them at 32..35, EMITs at 36..39. Each later
+    # (pass-through) tile adds 3 cycles, the exit router's read 1 more.
+    assert [cycle for _, cycle in received[:2 * n_pix]] == [t + 3 * (arch.n_tiles - 3) + 1 for t in range(32, 40)]
 
 
 def numpy_conv(x, weights, table, zp_out, pad):
@@ -297,14 +308,26 @@ def numpy_conv(x, weights, table, zp_out, pad):
     return requantize(table[:, 0] + acc, table, zp_out)
 
 
+def band_registers(first, last, width):
+    """Section 4.1's band registers of output pixels [first, last) of a map ``width`` pixels wide (row-major):
+    out_row_begin, out_rows, out_col_begin, out_col_end (0 when the last row is whole)."""
+    row_begin, last_row = first // width, (last - 1) // width
+    return dict(out_row_begin=row_begin, out_rows=last_row - row_begin + 1, out_col_begin=first % width,
+                out_col_end=(last - 1) % width + 1 if (last - 1) % width + 1 < width else 0)
+
+
+@pytest.mark.parametrize("split, pixel_bands", [("rows", [(0, 4), (4, 6)]), ("pixels", [(0, 3), (3, 6)])])
 @pytest.mark.parametrize("rows, cols", [(2, 2)])
-def test_convolution_split_over_bands_and_output_channel_groups(rows, cols):
+def test_convolution_split_over_bands_and_output_channel_groups(rows, cols, split, pixel_bands):
     """Section 4.4 end to end: a 3x3 convolution (pad 1) of a 3x2 map of L channels to 2L + 3 channels split
-    over 2 row bands x 2 output-channel groups (group 0: channels 0..2L-1, two words a pixel; group 1: the 3
-    others, one word), chain tiles (band 0, group 0), (0, 1), (1, 0), (1, 1). Every tile stores the whole map;
-    the group-1 tiles interleave pass_per_pixel = 2 passed words (group 0's) before their own word of each
-    pixel, and tile (1, 1) first passes band 0's complete pixels (P_bulk). The host receives the whole output
-    map pixel-major with all channels (three words a pixel), two inferences."""
+    over 2 bands of output pixels x 2 output-channel groups (group 0: channels 0..2L-1, two words a pixel;
+    group 1: the 3 others, one word), chain tiles (band 0, group 0), (0, 1), (1, 0), (1, 1). The bands are
+    whole rows (pixels [0, 4) and [4, 6): rows 0..1 and row 2) or, section 4.1, split inside a row (pixels
+    [0, 3): row 0 and row 1's column 0, out_col_end = 1; [3, 6): row 1 from column 1, out_col_begin = 1, and
+    row 2). Every tile stores the whole map; the group-1 tiles interleave pass_per_pixel = 2 passed words
+    (group 0's) before their own word of each of their pixels, and the band-1 tiles first pass band 0's
+    complete pixels (P_bulk). The host receives the whole output map pixel-major with all channels (three
+    words a pixel), two inferences."""
     lanes = ARCH.lanes
     arch = ARCH.replace(rows=rows, cols=cols, sram_bytes=128 * lanes, max_tile_outputs=8 * lanes)
     rng = np.random.default_rng(4444)
@@ -312,7 +335,10 @@ def test_convolution_split_over_bands_and_output_channel_groups(rows, cols):
     n_pix = height * width
     groups = [(0, 2 * lanes), (2 * lanes, 2 * lanes + 3)]           # channels [o_g, o_{g+1})
     group_words = [-(-(end - begin) // lanes) for begin, end in groups]
-    bands = [(0, 2), (2, 1)]                                         # (out_row_begin, out_rows)
+    bands = [band_registers(first, last, width) for first, last in pixel_bands]
+    if split == "pixels":
+        assert bands == [dict(out_row_begin=0, out_rows=2, out_col_begin=0, out_col_end=1),
+                         dict(out_row_begin=1, out_rows=2, out_col_begin=1, out_col_end=0)]
     n_channels = groups[-1][1]
     weights = rng.integers(-128, 128, size=(n_channels, 3, 3, lanes))
     table = np.stack([rng.integers(-3000, 3000, size=n_channels), rng.integers(1 << 30, 1 << 31, size=n_channels),
@@ -327,23 +353,23 @@ def test_convolution_split_over_bands_and_output_channel_groups(rows, cols):
         dest = dict(dest_host=1) if last else dict(dest_row=chain[position + 1][0], dest_col=chain[position + 1][1])
         if position < len(layer_tiles):
             b, g = layer_tiles[position]
-            row_begin, out_rows = bands[b]
+            band_pixels_before, band_pixels_end = pixel_bands[b]
+            band_pixels = band_pixels_end - band_pixels_before
             begin, end = groups[g]
             per_pixel = sum(group_words[:g])
-            band_pixels_before = sum(r for _, r in bands[:b]) * width
-            n_pass = band_pixels_before * sum(group_words) + out_rows * width * per_pixel
+            n_pass = band_pixels_before * sum(group_words) + band_pixels * per_pixel
             assert passed == n_pass
             n_weights = (end - begin) * 9
             config = blank_config(n_in_words=n_pix, op=OP_MAC, in_height=height, in_width=width, words_per_pixel=1,
-                                  kernel_h=3, kernel_w=3, stride=1, pad_top=pad, pad_left=pad, out_row_begin=row_begin,
-                                  out_rows=out_rows, out_width=width, n_out=end - begin, w_base=0, act_base=n_weights,
+                                  kernel_h=3, kernel_w=3, stride=1, pad_top=pad, pad_left=pad, **bands[b],
+                                  out_width=width, n_out=end - begin, w_base=0, act_base=n_weights,
                                   zp_out=zp_out, n_pass=n_pass, pass_per_pixel=per_pixel,
                                   **stream_registers(n_pix, forward=position < len(layer_tiles) - 1))
             # Weight of channel o, kernel position (ky, kx): word (o - o_g) * 9 + ky * 3 + kx.
             srams[row, col] = {(o - begin) * 9 + ky * 3 + kx: weights[o, ky, kx].tolist()
                                for o in range(begin, end) for ky in range(3) for kx in range(3)}
             tables[row, col] = table[begin:end].tolist()
-            passed = n_pass + out_rows * width * group_words[g]
+            passed = n_pass + band_pixels * group_words[g]
         else:
             config = blank_config(n_pass=passed)
         configs[row, col] = dict(config, **dest)

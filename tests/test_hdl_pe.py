@@ -1,11 +1,14 @@
 """PE (docs/architecture.md sections 4 to 4.4) in Amaranth's simulator: arithmetic against golden
 functions (dense; convolution, max pooling and LANE written as plain loops from section 4.1; ADD from
 section 4.2's formula and CONCAT from section 4.3's in numpy, both cross-checked against scalar loops), the
-store and forward ranges of a stream carrying several tensors, the two activation banks, section 4.4's
-per-pixel interleaved output order of an output-channel group (pass_per_pixel), and the cycle of every input
-and output transfer and every COMPUTE start against section 6 rule 4's three chains (input side,
-compute side, output side coupled through the forward queue of F = Arch.forward_queue_words words), over
-several inferences, seeded random input gaps and output back-pressure, and queue depths from 1 to 1024."""
+store and forward ranges of a stream carrying several tensors, the two activation banks, section 4.1's bands
+of output pixels (partial first and last rows: out_col_begin, out_col_end; every golden iterates
+flowtile.program.output_pixel_positions), section 4.4's per-pixel interleaved output order of an
+output-channel group (pass_per_pixel), and the cycle of every input and output transfer, every COMPUTE start c_s and every result word's first issue a_j against section 6 rule 4's
+three chains (input side, compute side result word by result word, output side; coupled through the forward
+queue of F = Arch.forward_queue_words words and the result ring of R = Arch.result_words words), over several
+inferences, seeded random input gaps and output back-pressure, queue depths from 1 to 1024, and rings from
+1 word (smaller than an inference's results) to more than an inference's."""
 import random
 
 import numpy as np
@@ -14,10 +17,11 @@ from amaranth.sim import Simulator
 
 from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
                            dense_window_registers, stream_registers)
-from flowtile.program import (compute_issue_cycles, forwarded_words, result_words, stored_words, tile_period_cycles,
-                              weight_words)
+from flowtile.program import (compute_issue_cycles, forwarded_words, output_pixel_positions, output_pixels,
+                              result_word_issue_cycles, result_words, stored_words, tile_period_cycles, weight_words)
 from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
-                         encode_config, encode_param_entry, pack_lanes, unpack_lanes)
+                         config_field_index, encode_config, encode_config_value, encode_param_entry, pack_lanes,
+                         unpack_lanes)
 from hdl.pe import PE
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
@@ -91,7 +95,7 @@ def output_order(config, lanes):
     pass_per_pixel = 0: all Q pops, then all E EMITs)."""
     n_pops = forwarded_words(config) + config["n_pass"]
     n_emits = result_words(config, lanes) if config["n_out"] else 0
-    n_pix = config["out_rows"] * config["out_width"] if n_emits else 1
+    n_pix = output_pixels(config) if n_emits else 1       # section 4.1's pixel list (a band of pixels)
     per_pixel = config["pass_per_pixel"] if n_emits else 0
     assert n_emits % n_pix == 0 and n_pix * per_pixel <= config["n_pass"], "config outside section 4.4"
     order = ["forward"] * (n_pops - n_pix * per_pixel)
@@ -115,11 +119,14 @@ class Schedule:
     """Section 6 rule 4 for one PE: the cycle of every transfer of its three chains.
 
     ``inputs``: [(kind, inference, t)] in input order, kind "recv" or "pass"; ``outputs``: [(kind,
-    inference, t)] in output order, kind "forward" (a pop of the forward queue) or "emit"; ``compute``:
-    [c_s]; ``queue_waits``: how many input transfers waited for queue space. ``available[i]``: first cycle input flit i is offered (it stays offered until accepted);
-    ``ready[t]``: o_flit.ready in cycle t."""
+    inference, t)] in output order, kind "forward" (a pop of the forward queue) or "emit"; ``words``: [a_j],
+    the first issue cycle of every result word j (numbered across inferences); ``compute``: [c_s] (a_j of
+    the first word of s); ``queue_waits``: how many input transfers waited for queue space; ``ring_waits``:
+    how many result words waited for a ring slot (the EMIT j - R term beyond every other bound).
+    ``available[i]``: first cycle input flit i is offered (it stays offered until accepted); ``ready[t]``:
+    o_flit.ready in cycle t; ``queue_words``: F; ``ring_words``: R."""
 
-    def __init__(self, config, lanes, n_inferences, available, ready, queue_words):
+    def __init__(self, config, lanes, n_inferences, available, ready, queue_words, ring_words):
         k_words, n_pass = config["n_in_words"], config["n_pass"]
         computes = config["n_out"] > 0
         issue_cycles = compute_issue_cycles(config)
@@ -129,6 +136,13 @@ class Schedule:
         # Section 4.4's order: bulk pops, then per output pixel its interleaved pops and its EMITs.
         out_actions = [(kind, s) for s in range(n_inferences) for kind in output_order(config, lanes)]
         last_stored = config["store_end"] - 1
+        # Section 4's result ring: d_j issue cycles of each result word of one inference (one pixel's
+        # words, pixel after pixel), the same for every inference.
+        n_pix = output_pixels(config) if computes else 0       # section 4.1's pixel list
+        durations = result_word_issue_cycles(config, lanes) * n_pix if computes else []
+        per_inference = len(durations)
+        assert sum(durations) == (issue_cycles if computes else 0)
+        durations = durations * n_inferences
 
         def first_ready(t):
             while not ready[t]:
@@ -139,7 +153,8 @@ class Schedule:
         # Least solution of the max-plus system by sweeps from below: every constraint only pushes a time
         # later and the system is acyclic, so the sweeps converge to its unique solution.
         never = -(1 << 40)
-        t_in, t_out, c = [never] * len(in_actions), [never] * len(out_actions), [never] * n_inferences
+        t_in, t_out = [never] * len(in_actions), [never] * len(out_actions)
+        a, c = [never] * len(durations), [never] * n_inferences
         while True:
             pops = [t for (kind, _), t in zip(out_actions, t_out) if kind == "forward"]
             pushes, new_in, previous, queue_waits = [], [], -1, 0
@@ -155,39 +170,56 @@ class Schedule:
                     pushes.append(t)
                 new_in.append(t)
                 previous = t
-            new_c = []
-            for s in range(n_inferences if computes else 0):
-                bound = new_in[s * (k_words + n_pass) + last_stored] + 1
-                if s:
-                    last_emit = max(t for (kind, i), t in zip(out_actions, t_out) if kind == "emit" and i == s - 1)
-                    bound = max(bound, new_c[s - 1] + issue_cycles + 2, last_emit + 1)
-                new_c.append(bound)
-            new_out, previous, pop_index, emitting = [], -1, 0, set()
+            # Compute side, one event per result word (section 4): a_j.
+            emits = [t for (kind, _), t in zip(out_actions, t_out) if kind == "emit"]
+            new_a, ring_waits, start_ring_waits = [], 0, 0
+            for j, duration in enumerate(durations):
+                s, index = divmod(j, per_inference)
+                if index == 0:
+                    bound = new_in[s * (k_words + n_pass) + last_stored] + 1
+                    if j:
+                        bound = max(bound, new_a[j - 1] + durations[j - 1] + 2)   # the pipeline drains
+                else:
+                    bound = new_a[j - 1] + durations[j - 1]                       # back to back
+                if j >= ring_words:
+                    slot = emits[j - ring_words] + 1                              # slot j mod R emitted
+                    ring_waits += slot > bound
+                    start_ring_waits += slot > bound and index == 0
+                    bound = max(bound, slot)
+                new_a.append(bound)
+            new_c = new_a[::per_inference] if computes else []
+            new_out, previous, pop_index, emit_index = [], -1, 0, 0
             for kind, s in out_actions:
                 t = previous + 1
                 if kind == "forward":
                     t = max(t, pushes[pop_index] + 1)                   # pop i >= push i + 1
                     pop_index += 1
-                elif s not in emitting:
-                    emitting.add(s)
-                    t = max(t, new_c[s] + issue_cycles + 2)             # first EMIT of s
+                else:
+                    t = max(t, new_a[emit_index] + durations[emit_index] + 2)   # word j written at a_j + d_j + 1
+                    emit_index += 1
                 t = first_ready(max(t, 0))
                 new_out.append(t)
                 previous = t
-            if (new_in, new_c, new_out) == (t_in, c, t_out):
+            if (new_in, new_a, new_out) == (t_in, a, t_out):
                 break
-            t_in, c, t_out = new_in, new_c, new_out
+            t_in, a, c, t_out = new_in, new_a, new_c, new_out
         self.inputs = [(kind, s, t) for (kind, s, _, _), t in zip(in_actions, t_in)]
         self.outputs = [(kind, s, t) for (kind, s), t in zip(out_actions, t_out)]
+        self.words = a
+        self.durations = durations
         self.compute = c
         #: Input transfers the queue's space rule delayed (beyond every other bound).
         self.queue_waits = queue_waits
+        #: Result words the ring's rule delayed (beyond every other bound), and how many of them were the
+        #: first word of an inference (a COMPUTE start c_s the ring delayed).
+        self.ring_waits = ring_waits
+        self.start_ring_waits = start_ring_waits
         self.issue_cycles = issue_cycles
 
 
-def golden_schedule(config, lanes, n_inferences, available, ready, queue_words):
+def golden_schedule(config, lanes, n_inferences, available, ready, queue_words, ring_words):
     """The transfer cycles of section 6 rule 4 (see :class:`Schedule`)."""
-    return Schedule(config, lanes, n_inferences, available, ready, queue_words)
+    return Schedule(config, lanes, n_inferences, available, ready, queue_words, ring_words)
 
 
 # --- simulation ------------------------------------------------------------------------------------
@@ -205,16 +237,24 @@ class ProbedPE(PE):
 TAIL_CYCLES = 4
 
 
-def simulate(config, sram, params, inputs, available, ready, n_outputs, *, arch=ARCH, sram_image=None):
-    """Load ``config`` / ``sram`` {addr: lanes} / ``params`` into tile TILE, then run with run = 1
+def raw_config_pairs(config):
+    """Load pairs of every register of ``config`` range-checked one by one but without encode_config's rules
+    across registers: a config the PE must survive though encode_config rejects it."""
+    return [(config_field_index(name), encode_config_value(name, config[name])) for name, _, _ in CONFIG_FIELDS]
+
+
+def simulate(config, sram, params, inputs, available, ready, n_outputs, *, arch=ARCH, sram_image=None,
+             loaded=None):
+    """Load ``config`` (or, if given, the unchecked ``loaded`` config: :func:`raw_config_pairs`) / ``sram``
+    {addr: lanes} / ``params`` into tile TILE, then run with run = 1
     from cycle 0. Input flit i is offered from cycle available[i] until accepted; o_flit.ready
     follows ``ready``. Runs until every input is accepted and ``n_outputs`` flits left, then TAIL_CYCLES
     more in which o_flit.valid must stay low. Returns ([accept cycle], [(lanes, dest, cycle)],
-    [compute start cycle]); ``sram_image``, if a list, receives the SRAM contents after the run (one lane
-    list per word)."""
+    [compute start cycle], [first issue cycle of a result word]); ``sram_image``, if a list, receives the
+    SRAM contents after the run (one lane list per word)."""
     ARCH = arch   # noqa: N806 (the module default, or a larger arch for windowed layers)
     dut = ProbedPE(ARCH, TILE)
-    accepted, emitted, starts = [], [], []
+    accepted, emitted, starts, word_starts = [], [], [], []
 
     async def load(ctx, tile, target, addr, data):
         ctx.set(dut.load.valid, 1)
@@ -223,7 +263,7 @@ def simulate(config, sram, params, inputs, available, ready, n_outputs, *, arch=
         ctx.set(dut.load.valid, 0)
 
     async def testbench(ctx):
-        for addr, data in encode_config(ARCH, config):
+        for addr, data in encode_config(ARCH, config) if loaded is None else raw_config_pairs(loaded):
             await load(ctx, TILE, LOAD_TARGET_CONFIG, addr, data)
         for addr, lanes in sram.items():
             await load(ctx, TILE, LOAD_TARGET_SRAM, addr, pack_lanes(lanes, ARCH.lanes))
@@ -258,6 +298,8 @@ def simulate(config, sram, params, inputs, available, ready, n_outputs, *, arch=
                                 (int(payload.dest_row), int(payload.dest_col), int(payload.dest_host)), cycle))
             if ctx.get(dut.probes["compute_start"]):
                 starts.append(cycle)
+            if ctx.get(dut.probes["word_start"]):
+                word_starts.append(cycle)
             if took:
                 accepted.append(cycle)
             await ctx.tick()
@@ -270,7 +312,7 @@ def simulate(config, sram, params, inputs, available, ready, n_outputs, *, arch=
     sim.add_clock(1e-6)
     sim.add_testbench(testbench)
     sim.run()
-    return accepted, emitted, starts
+    return accepted, emitted, starts, word_starts
 
 
 def dense_case(rng, k_words, n_out, lanes):
@@ -281,13 +323,14 @@ def dense_case(rng, k_words, n_out, lanes):
 
 
 def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, golden=None, sram=None,
-              sram_image=None):
-    """Run the PE and compare every transfer (content and cycle) and every COMPUTE start with the golden
-    models (F = ``arch.forward_queue_words``). ``golden(stored words)`` gives one inference's result words
-    (default: the dense golden over the weights). ``sram`` {addr: lanes} is the SRAM image loaded (default:
-    ``weights`` at ``w_base``); ``sram_image`` receives the SRAM after the run (see :func:`simulate`).
-    Returns ([(lanes, dest, cycle, kind)] of the output transfers, kind "forward" or "emit", the
-    :class:`Schedule`)."""
+              sram_image=None, loaded=None):
+    """Run the PE and compare every transfer (content and cycle), every COMPUTE start and every result word's
+    first issue with the golden models (F = ``arch.forward_queue_words``, R = ``arch.result_words``).
+    ``golden(stored words)`` gives one inference's result words (default: the dense golden over the weights).
+    ``sram`` {addr: lanes} is the SRAM image loaded (default: ``weights`` at ``w_base``); ``sram_image`` receives
+    the SRAM after the run (see :func:`simulate`). ``loaded``: the (unchecked) config written to the PE's registers
+    instead of ``config``, which then only describes the expected behaviour. Returns ([(lanes, dest, cycle, kind)]
+    of the output transfers, kind "forward" or "emit", the :class:`Schedule`)."""
     ARCH = arch   # noqa: N806
     k_words, n_pass = config["n_in_words"], config["n_pass"]
     per_inference = k_words + n_pass
@@ -295,15 +338,18 @@ def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, g
     assert n_inferences * per_inference == len(inputs)
     if sram is None:
         sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
-    schedule = golden_schedule(config, ARCH.lanes, n_inferences, available, ready, ARCH.forward_queue_words)
-    accepted, emitted, starts = simulate(config, sram, params, inputs, available, ready, len(schedule.outputs),
-                                         arch=arch, sram_image=sram_image)
+    schedule = golden_schedule(config, ARCH.lanes, n_inferences, available, ready, ARCH.forward_queue_words,
+                               ARCH.result_words)
+    accepted, emitted, starts, word_starts = simulate(config, sram, params, inputs, available, ready,
+                                                      len(schedule.outputs), arch=arch, sram_image=sram_image,
+                                                      loaded=loaded)
     if golden is None:
         def golden(activations):
             return golden_result_words(golden_outputs(weights, activations, params, config), ARCH.lanes)
 
     assert accepted == [t for _, _, t in schedule.inputs], "input transfer cycles differ from rule 4"
     assert starts == schedule.compute, "COMPUTE start cycles differ from c_s of section 4"
+    assert word_starts == schedule.words, "first issue cycles of the result words differ from a_j of section 4"
     expected_out = []
     for i in range(n_inferences):
         flits = inputs[i * per_inference:(i + 1) * per_inference]
@@ -350,14 +396,15 @@ def test_transfer_cycles_follow_rule_4(forward, back_pressure, queue_words):
     assert (schedule.queue_waits > 0) == (queue_words < forwarded_words(config) + n_pass)
     if not back_pressure and queue_words == 1024:
         # Spelled out: inference 0 RECV at 0..4, PASS at 5, 6 (popped at 1..7 if forwarded, else 6, 7);
-        # COMPUTE [5, 5 + I + 2), EMIT at 5 + I + 2 = 37, 38. Inference 1's input side begins at 7 (>= c_0 = 5)
-        # (RECV word 4 at 11); c_1 = max(11 + 1, c_0 + I + 2 = 37, last EMIT 38 + 1) = 39; inference 2's input
-        # side waits for c_1.
-        assert accepted[:8] == [0, 1, 2, 3, 4, 5, 6, 7] and accepted[14] == 39
-        assert schedule.compute == [5, 39, 73]
-        assert emit_cycles[:2] == [k_words + issue_cycles + 2, k_words + issue_cycles + 3] == [37, 38]
-        # Steady state of a tile alone: COMPUTE back to back but for its own EMIT (section 6 rule 4).
-        assert schedule.compute[2] - schedule.compute[1] == tile_period_cycles(config, ARCH.lanes) == issue_cycles + 4
+        # COMPUTE [5, 5 + I + 2 = 37): result word 0 (channels 0..3, d = 4 * K = 20 issues) from a_0 = 5, word 1
+        # (channels 4, 5, d = 10) from a_1 = 25; word 0 is written at 26 and EMITted at 27, word 1 at 35 + 2 = 37.
+        # Inference 1's input side begins at 7 (>= c_0 = 5) (RECV word 4 at 11); c_1 = max(11 + 1, a_1 + 10 + 2
+        # = 37) = 37 (no longer after inference 0's last EMIT); inference 2's input side waits for c_1.
+        assert accepted[:8] == [0, 1, 2, 3, 4, 5, 6, 7] and accepted[14] == 37
+        assert schedule.compute == [5, 37, 69] and schedule.words[:4] == [5, 25, 37, 57]
+        assert emit_cycles[:4] == [27, 37, 59, 69]
+        # Steady state of a tile alone: COMPUTE back to back with 2 drain cycles (section 6 rule 4).
+        assert schedule.compute[2] - schedule.compute[1] == tile_period_cycles(config, ARCH.lanes) == issue_cycles + 2
     elif not back_pressure:
         # F = 1: a push waits for the pop of the word before it (pushed at t, popped at t + 1, so the next
         # push at t + 2): the input side takes a word every other cycle; COMPUTE begins after RECV word 4 at 8.
@@ -561,45 +608,46 @@ def golden_window(config, sram, params, activations, lanes):
         return min(max(value, config["clamp_lo"]), config["clamp_hi"])
 
     words = []
-    for oy in range(config["out_row_begin"], config["out_row_begin"] + config["out_rows"]):
-        for ox in range(config["out_width"]):
-            if config["op"] == OP_MAC:
-                outputs = []
-                for o in range(config["n_out"]):
-                    bias, multiplier, shift = params[o]
+    # Section 4.1's output pixels in order: the rows of the band, the first from out_col_begin, the last up to
+    # out_col_end (0: out_width).
+    for oy, ox in output_pixel_positions(config):
+        if config["op"] == OP_MAC:
+            outputs = []
+            for o in range(config["n_out"]):
+                bias, multiplier, shift = params[o]
+                acc = bias
+                for ky in range(kh):
+                    for kx in range(kw):
+                        for cw in range(cw_words):
+                            k = (ky * kw + kx) * cw_words + cw
+                            weight = sram.get(config["w_base"] + o * kh * kw * cw_words + k, [0] * lanes)
+                            a = input_word(oy * stride + ky - config["pad_top"],
+                                           ox * stride + kx - config["pad_left"], cw)
+                            acc += sum(w * x for w, x in zip(weight, a))
+                acc = wrap32(acc)
+                outputs.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
+            words += golden_result_words(outputs, lanes)
+        elif config["op"] == OP_LANE:
+            # Depthwise: lane l of word cw is channel c = cw*L + l, with its own weights and row c.
+            for cw in range(cw_words):
+                word = []
+                for lane in range(lanes):
+                    bias, multiplier, shift = params[cw * lanes + lane]
                     acc = bias
                     for ky in range(kh):
                         for kx in range(kw):
-                            for cw in range(cw_words):
-                                k = (ky * kw + kx) * cw_words + cw
-                                weight = sram.get(config["w_base"] + o * kh * kw * cw_words + k, [0] * lanes)
-                                a = input_word(oy * stride + ky - config["pad_top"],
-                                               ox * stride + kx - config["pad_left"], cw)
-                                acc += sum(w * x for w, x in zip(weight, a))
+                            weight = sram.get(config["w_base"] + cw * kh * kw + ky * kw + kx, [0] * lanes)
+                            a = input_word(oy * stride + ky - config["pad_top"],
+                                           ox * stride + kx - config["pad_left"], cw)
+                            acc += weight[lane] * a[lane]
                     acc = wrap32(acc)
-                    outputs.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
-                words += golden_result_words(outputs, lanes)
-            elif config["op"] == OP_LANE:
-                # Depthwise: lane l of word cw is channel c = cw*L + l, with its own weights and row c.
-                for cw in range(cw_words):
-                    word = []
-                    for lane in range(lanes):
-                        bias, multiplier, shift = params[cw * lanes + lane]
-                        acc = bias
-                        for ky in range(kh):
-                            for kx in range(kw):
-                                weight = sram.get(config["w_base"] + cw * kh * kw + ky * kw + kx, [0] * lanes)
-                                a = input_word(oy * stride + ky - config["pad_top"],
-                                               ox * stride + kx - config["pad_left"], cw)
-                                acc += weight[lane] * a[lane]
-                        acc = wrap32(acc)
-                        word.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
-                    words.append(word)
-            else:
-                for cw in range(cw_words):
-                    window = [input_word(oy * stride + ky - config["pad_top"], ox * stride + kx - config["pad_left"], cw)
-                              for ky in range(kh) for kx in range(kw)]
-                    words.append([clamp(max(w[lane] for w in window)) for lane in range(lanes)])
+                    word.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
+                words.append(word)
+        else:
+            for cw in range(cw_words):
+                window = [input_word(oy * stride + ky - config["pad_top"], ox * stride + kx - config["pad_left"], cw)
+                          for ky in range(kh) for kx in range(kw)]
+                words.append([clamp(max(w[lane] for w in window)) for lane in range(lanes)])
     return words
 
 
@@ -653,10 +701,12 @@ def test_windowed_layer_matches_golden_and_rule_4(registers, n_pass, forward, ba
 
 
 def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lanes, *, queue_words, average=False,
-                    result_words_per_tile=None):
+                    result_words_per_tile=None, ready_bursts=False):
     """One windowed layer on a PE with ``lanes`` lanes, checked value by value and cycle by cycle.
     ``average``: all-one weights and multipliers near 2^S / (KH*KW) (an average pool as a LANE layer).
-    ``result_words_per_tile``: result buffer depth (default: WINDOW_ARCH's outputs at ``lanes``)."""
+    ``result_words_per_tile``: result ring depth R (default: WINDOW_ARCH's outputs at ``lanes``).
+    ``back_pressure``: seeded random input gaps and o_flit.ready stalls (:func:`bursty_ready` if
+    ``ready_bursts``, else high in 60% of the cycles). Returns (config, weights, params, inputs, emitted, schedule)."""
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes, forward_queue_words=queue_words)
     if result_words_per_tile is not None:
         arch = arch.replace(max_tile_outputs=result_words_per_tile * lanes)
@@ -697,21 +747,23 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
         for _ in inputs:
             cycle += rng.choice([0, 0, 1, 3])
             available.append(cycle)
-        ready = [rng.random() < 0.6 for _ in range(horizon)]
+        ready = bursty_ready(rng, 6 * horizon) if ready_bursts else [rng.random() < 0.6 for _ in range(horizon)]
     else:
         available, ready = [0] * len(inputs), [True] * horizon
     sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
     emitted, schedule = check_run(config, weights, params, inputs, available, ready, arch=arch,
                                   golden=lambda activations: golden_window(config, sram, params, activations, lanes))
     if not back_pressure and not n_pass and queue_words >= forwarded_words(config):
-        # Spelled out for inference 0: last RECV at K - 1, COMPUTE for I + 2 cycles, then EMIT.
+        # Spelled out for inference 0: last RECV at K - 1, result word 0 issued for d_0 cycles from K, then
+        # EMITted 2 cycles later (written at K + d_0 + 1), while COMPUTE still runs.
         emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
-        assert emit_cycles[0] == (k_words - 1) + 1 + issue_cycles + 2
+        assert emit_cycles[0] == (k_words - 1) + 1 + result_word_issue_cycles(config, lanes)[0] + 2
         assert len(emit_cycles) == n_inferences * result_words(config, lanes)
-    return config, weights, params, inputs, emitted
+    return config, weights, params, inputs, emitted, schedule
 
 
-#: Result buffer depth of the LANE cases at every lane count: a 5x5 map of 2 words a pixel.
+#: Result ring depth of the LANE cases at every lane count: a 5x5 map of 2 words a pixel (a ring that never
+#: fills without back-pressure).
 LANE_RESULT_WORDS = 64
 
 #: LANE layers (section 4.1, op = LANE): (id, registers, n_pass, forward, back pressure, inferences,
@@ -741,7 +793,7 @@ LANE_OP_CASES = [
 def test_lane_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, n_inferences, average,
                                               queue_words, lanes):
     registers = dict(registers, n_out=registers["words_per_pixel"] * lanes)
-    config, weights, params, inputs, emitted = run_window_case(
+    config, weights, params, inputs, emitted, _ = run_window_case(
         registers, n_pass, forward, back_pressure, n_inferences, lanes, queue_words=queue_words, average=average,
         result_words_per_tile=LANE_RESULT_WORDS)
     assert len(weights) == config["words_per_pixel"] * config["kernel_h"] * config["kernel_w"]
@@ -836,11 +888,11 @@ def test_output_channel_group_interleaves_passed_words_per_pixel(request, op, la
     sit between the previous pixel's last result word and the pixel's first one)."""
     name = request.node.callspec.id.rsplit("-F", 1)[0]
     registers, n_pass, forward = draw_group_case(name, op, lanes, channels)
-    n_pix = registers["out_rows"] * registers["out_width"]
+    n_pix = output_pixels(registers)
     if name.endswith("-nobulk"):
         n_pass, forward = n_pix * registers["pass_per_pixel"], 0
     n_inferences = 3
-    config, _, _, inputs, emitted = run_window_case(
+    config, _, _, inputs, emitted, _ = run_window_case(
         registers, n_pass, forward, True, n_inferences, lanes, queue_words=queue_words,
         result_words_per_tile=None if op == OP_MAC else LANE_RESULT_WORDS)
     assert config["pass_per_pixel"] >= 1 and n_pix >= 2
@@ -848,9 +900,17 @@ def test_output_channel_group_interleaves_passed_words_per_pixel(request, op, la
         assert config["n_out"] % lanes
     elif channels == "multiple":
         assert config["n_out"] % lanes == 0
-    # The words of one inference, located by content: passed word i of inference s is input flit
-    # s*(K + P) + K + i (random data; a collision would only make the check weaker, never wrong).
+    check_interleaving(config, n_pass, inputs, emitted, n_inferences, lanes)
+
+
+def check_interleaving(config, n_pass, inputs, emitted, n_inferences, lanes):
+    """Section 4.4's order located by content in ``emitted`` (from :func:`check_run`): per inference the bulk
+    pops, then for each of the n_pix output pixels (section 4.1's pixel list) its pass_per_pixel passed words
+    (the last n_pix * pass_per_pixel of the inference's passed words, in order) and its W_px EMITs. Passed
+    word i of inference s is input flit s*(K + P) + K + i (random data; a collision would only make the check
+    weaker, never wrong)."""
     k_words, per_pixel = config["n_in_words"], config["pass_per_pixel"]
+    n_pix = output_pixels(config)
     w_px = result_words(config, lanes) // n_pix
     bulk = forwarded_words(config) + n_pass - n_pix * per_pixel
     per_inference = bulk + n_pix * (per_pixel + w_px)
@@ -892,6 +952,16 @@ def random_stalls(rng, n_inputs, horizon):
         cycle += rng.choice([0, 0, 1, 3])
         available.append(cycle)
     return available, [rng.random() < 0.6 for _ in range(horizon)]
+
+
+def bursty_ready(rng, horizon):
+    """An o_flit.ready pattern of ``horizon`` cycles in bursts (seeded): high for 1..6 cycles, then low for
+    0..30, about a fifth of the cycles ready. Long low stretches let a small result ring fill while COMPUTE
+    runs; short high ones let the output side fall behind and catch up."""
+    ready = []
+    while len(ready) < horizon:
+        ready += [True] * rng.randint(1, 6) + [False] * rng.randint(0, 30)
+    return ready[:horizon]
 
 
 #: A dense layer (or no layer) reading one tensor of a stream of several: (id, n_in_words,
@@ -959,10 +1029,17 @@ def requantize_array(acc, table, config):
     return np.clip(y, config["clamp_lo"], config["clamp_hi"])
 
 
+def band_pixels(config, rows):
+    """The output pixels of section 4.1's band (:func:`output_pixel_positions`, in order) out of ``rows`` =
+    the array of the band's whole rows, (out_rows, out_width, ...)."""
+    positions = output_pixel_positions(config)
+    return rows[[oy - config["out_row_begin"] for oy, _ in positions], [ox for _, ox in positions]]
+
+
 def golden_add(config, params, stored, lanes):
     """One inference's result words of op ADD, section 4.2 in numpy: operand a = the stored words from
-    operand_a_offset, b = from operand_b_offset, both (in_height, in_width, CW, L); output rows
-    [out_row_begin, +out_rows)."""
+    operand_a_offset, b = from operand_b_offset, both (in_height, in_width, CW, L); output pixels
+    (:func:`band_pixels`) of the rows [out_row_begin, +out_rows)."""
     height, width, cw_words = config["in_height"], config["in_width"], config["words_per_pixel"]
     n_map = height * width * cw_words
     words = np.array(stored, dtype=np.int64)
@@ -971,14 +1048,14 @@ def golden_add(config, params, stored, lanes):
     rows = slice(config["out_row_begin"], config["out_row_begin"] + config["out_rows"])
     table = np.array(params, dtype=np.int64).reshape(cw_words, lanes, 3)   # row c = cw*L + l
     acc = table[..., 0] + a[rows] * config["add_mult_a"] + b[rows] * config["add_mult_b"]
-    return requantize_array(acc, table, config).reshape(-1, lanes).tolist()   # word q*CW + cw
+    return band_pixels(config, requantize_array(acc, table, config)).reshape(-1, lanes).tolist()   # word q*CW + cw
 
 
 def golden_concat(config, params, stored, lanes):
     """One inference's result words of op CONCAT, section 4.3 in numpy: operand a (CWa = concat_words_a
     words a pixel, from stored word operand_a_offset) times add_mult_a, concatenated along the word axis
     with operand b (CW - CWa words a pixel, from operand_b_offset) times add_mult_b; bias c = cw*L + l
-    added, requantized with row c; output rows [out_row_begin, +out_rows)."""
+    added, requantized with row c; output pixels (:func:`band_pixels`) of the rows [out_row_begin, +out_rows)."""
     height, width, cw_words = config["in_height"], config["in_width"], config["words_per_pixel"]
     words_a = config["concat_words_a"]
     words_b = cw_words - words_a
@@ -988,7 +1065,7 @@ def golden_concat(config, params, stored, lanes):
     x = np.concatenate([a * config["add_mult_a"], b * config["add_mult_b"]], axis=2)
     rows = slice(config["out_row_begin"], config["out_row_begin"] + config["out_rows"])
     table = np.array(params, dtype=np.int64).reshape(cw_words, lanes, 3)
-    return requantize_array(table[..., 0] + x[rows], table, config).reshape(-1, lanes).tolist()
+    return band_pixels(config, requantize_array(table[..., 0] + x[rows], table, config)).reshape(-1, lanes).tolist()
 
 
 def two_operand_stream(sizes, order, stream):
@@ -1051,12 +1128,13 @@ def lowered_scales(s_a, s_b, s_y):
 
 
 def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferences, back_pressure, extremes,
-                         golden, queue_words):
-    """Run an ADD or CONCAT tile (``config`` complete) on an arch with ``lanes`` lanes for ``n_inferences``
-    random inferences, with seeded random stalls if ``back_pressure``, checking every transfer against
-    ``golden`` and rule 4 with a forward queue of ``queue_words``; random "weights" fill the SRAM below act_base
-    (neither op reads a weight). Returns (inputs, emitted)."""
-    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=32 * lanes,
+                         golden, queue_words, ring_words=32, ready_bursts=False):
+    """Run an ADD or CONCAT tile (``config`` complete) on an arch with ``lanes`` lanes and a result ring of
+    ``ring_words`` words for ``n_inferences`` random inferences, with seeded random stalls if ``back_pressure``
+    (o_flit.ready in :func:`bursty_ready` bursts if ``ready_bursts``), checking every transfer against
+    ``golden`` and rule 4 with a forward queue of ``queue_words``; random "weights" fill the SRAM below
+    act_base (neither op reads a weight). Returns (inputs, emitted, schedule)."""
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=ring_words * lanes,
                                forward_queue_words=queue_words)
     k_words, n_pass = config["n_in_words"], config["n_pass"]
     assert weight_words(config) == 0 and stream_prefix == config["store_begin"]
@@ -1070,6 +1148,8 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
     horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + result_words(config, lanes) + 3) + 200
     if back_pressure:
         available, ready = random_stalls(rng, len(inputs), horizon)
+        if ready_bursts:
+            ready = bursty_ready(rng, 6 * horizon)
     else:
         available, ready = [0] * len(inputs), [True] * horizon
     emitted, schedule = check_run(config, [], params, inputs, available, ready, arch=arch, sram=sram,
@@ -1077,9 +1157,10 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
     emits = [t for _, _, t, kind in emitted if kind == "emit"]
     assert len(emits) == n_inferences * result_words(config, lanes)
     if not back_pressure and not n_pass and queue_words >= forwarded_words(config):
-        # Spelled out for inference 0: last RECV at K - 1, COMPUTE for I + 2 cycles, then EMIT.
-        assert emits[0] == (k_words - 1) + 1 + issue_cycles + 2
-    return inputs, emitted
+        # Spelled out for inference 0: last RECV at K - 1, result word 0 issued from K (ADD: 2 issues,
+        # CONCAT: 1), written at K + d_0 + 1 and EMITted in the next cycle, while COMPUTE still runs.
+        assert emits[0] == (k_words - 1) + 1 + result_word_issue_cycles(config, lanes)[0] + 2
+    return inputs, emitted, schedule
 
 
 #: op ADD (section 4.2): (id, in_height, in_width, words_per_pixel, out_row_begin, out_rows, order, stream,
@@ -1111,7 +1192,7 @@ def test_add_matches_section_4_2_and_rule_4(height, width, cw_words, row_begin, 
                          forward_begin=forward[0], forward_end=forward[1])
     assert compute_issue_cycles(config) == out_rows * width * cw_words * 2
     n_inferences = 3
-    inputs, emitted = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
+    inputs, emitted, _ = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
                                            queue_words=queue_words,
                                            back_pressure=back_pressure, extremes=mode == "extremes",
                                            golden=golden_add)
@@ -1195,7 +1276,7 @@ def concat_operands(rng, mode, words_a, words_b, lanes):
 def draw_concat_cases():
     """op CONCAT cases (section 4.3): (id, shape, order, stream, mode, back pressure, lanes), ``shape`` =
     (in_height, in_width, CWa, CWb, out_row_begin, out_rows, n_pass) drawn at random (seeded; the id
-    spells it out) within a 32-word result buffer. ``order``, ``stream``: :func:`two_operand_stream`."""
+    spells it out) of at most 32 result words. ``order``, ``stream``: :func:`two_operand_stream`."""
     rng = random.Random("concat-cases-0")
     cases = []
     for order, stream, mode, back_pressure, lanes in [
@@ -1252,7 +1333,7 @@ def test_concat_matches_section_4_3_and_rule_4(shape, order, stream, mode, back_
                          store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
     assert compute_issue_cycles(config) == out_rows * width * cw_words    # one issue per output word
     n_inferences = 3
-    inputs, emitted = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
+    inputs, emitted, _ = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
                                            queue_words=queue_words,
                                            back_pressure=back_pressure, extremes=mode == "extremes",
                                            golden=golden_concat)
@@ -1304,6 +1385,361 @@ def test_concat_golden_is_section_4_3_issue_by_issue():
     assert golden_concat(config, params, stored, lanes) == words
 
 
+# --- the result ring: fewer slots than an inference's result words (section 4) ---------------------
+
+def test_more_result_words_than_ring_slots():
+    """A 3x3 convolution (pad 1) of a 2x2 map to N_o = 2 channels: E = 4 result words an inference, more than
+    the R = 3 words of ARCH's ring (program format 5 rejected such a tile). Exact results and the ring's rule
+    spelled out, two inferences: (1) o_flit.ready low until cycle 100, so three written words fill the ring
+    and word 3 waits for EMIT 0; (2) always ready: the ring never waits; (3) always ready with R = 1: every
+    word waits for the previous word's EMIT, and COMPUTE of inference 1 for inference 0's last EMIT."""
+    rng = random.Random(41)
+    config = make_config(n_in_words=4, n_out=2, in_height=2, in_width=2, words_per_pixel=1, kernel_h=3, kernel_w=3,
+                         stride=1, pad_top=1, pad_left=1, pad_value=-2, out_rows=2, out_width=2, w_base=0,
+                         act_base=20, zp_out=1)
+    weights = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(weight_words(config))]
+    params = [(rng.randint(-3000, 3000), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(34, 37)) for _ in range(2)]
+    sram = {a: w for a, w in enumerate(weights)}
+    inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(8)]
+    assert result_words(config, ARCH.lanes) == 4 > ARCH.result_words == 3
+    assert result_word_issue_cycles(config, ARCH.lanes) == [18]           # 2 channels * 9 window words
+
+    def run(ready, arch=ARCH):
+        emitted, schedule = check_run(config, weights, params, inputs, [0] * len(inputs), ready, arch=arch,
+                                      golden=lambda stored: golden_window(config, sram, params, stored, ARCH.lanes))
+        results = [word for word, *_, kind in emitted if kind == "emit"]
+        assert len({value for word in results for value in word}) > 4     # not all saturated
+        return [t for *_, t, kind in emitted if kind == "emit"], schedule
+
+    # (1) RECV at 0..3, c_0 = 4, a = 4, 22, 40 (words written at 23, 41, 59); word 3 needs slot 0: EMIT 0 at
+    # 100 (the first ready cycle), a_3 = 101. EMITs 100, 101, 102, then 101 + 18 + 2 = 121. Inference 1 (RECV
+    # at 4..7): c_1 = max(8, a_3 + 18 + 2 = 121, EMIT 1 + 1 = 102) = 121, words back to back from there.
+    emits, schedule = run([t >= 100 for t in range(400)])
+    assert schedule.words == [4, 22, 40, 101, 121, 139, 157, 175] and schedule.compute == [4, 121]
+    assert emits == [100, 101, 102, 121, 141, 159, 177, 195] and schedule.ring_waits == 1
+    # (2) Always ready: each word leaves 2 cycles after its last issue, long before its slot is needed again;
+    # c_1 = a_3 + 18 + 2 = 78 (COMPUTE back to back, 2 drain cycles).
+    emits, schedule = run([True] * 300)
+    assert schedule.words == [4, 22, 40, 58, 78, 96, 114, 132] and schedule.ring_waits == 0
+    assert emits == [a + 18 + 2 for a in schedule.words]
+    # (3) R = 1: a_{j+1} = EMIT j + 1 = a_j + 18 + 3; c_1 = max(a_3 + 18 + 2 = 87, EMIT 3 + 1 = 88) = 88.
+    emits, schedule = run([True] * 300, ARCH.replace(max_tile_outputs=ARCH.lanes))
+    assert schedule.words == [4, 25, 46, 67, 88, 109, 130, 151] and schedule.compute == [4, 88]
+    assert emits == [a + 18 + 2 for a in schedule.words] and schedule.ring_waits == 7
+    assert schedule.start_ring_waits == 1
+
+
+#: Tiles on L = 8 lanes whose E = n_pix * W_px result words an inference exceed the ring's R =
+#: max_tile_outputs / 8 words: (id, registers, n_pass, forward, R).
+RING_CASES = [
+    # N_o = 11 = L + 3 (not a multiple of L): two words a pixel, d = 8 * K_w = 16 and 3 * K_w = 6 (a 1x2
+    # kernel, short enough words for two to be written during one output stall); 9 pixels, E = 18.
+    ("mac-partial-R2", dict(op=OP_MAC, in_height=3, in_width=3, words_per_pixel=1, kernel_h=1, kernel_w=2, stride=1,
+                            pad_top=0, pad_left=1, pad_value=-5, out_row_begin=0, out_rows=3, out_width=3, n_out=11,
+                            zp_out=-1), 1, 1, 2),
+    # N_o = 5 < L: one short word a pixel (d = 5 * K_w); 2 x 4 pixels, E = 8; section 4.4's pass_per_pixel =
+    # 1 puts a pop before every EMIT (and 2 bulk passed words before them).
+    ("mac-short-interleaved-R1", dict(op=OP_MAC, in_height=3, in_width=4, words_per_pixel=2, kernel_h=2, kernel_w=2,
+                                      stride=1, pad_top=0, pad_left=1, pad_value=3, out_row_begin=0, out_rows=2,
+                                      out_width=4, n_out=5, pass_per_pixel=1), 10, 0, 1),
+    # Max pooling 3x3 stride 1 pad 1, CW = 1: d = 9; 3 x 4 pixels, E = 12.
+    ("max-R1", dict(op=OP_MAX, in_height=4, in_width=4, words_per_pixel=1, kernel_h=3, kernel_w=3, stride=1,
+                    pad_top=1, pad_left=1, pad_value=-128, out_row_begin=1, out_rows=3, out_width=4, n_out=8,
+                    clamp_lo=-90, clamp_hi=100), 0, 1, 1),
+    # Depthwise 3x3 (LANE), CW = 2: d = 9 a word; 2 x 3 pixels, E = 12.
+    ("lane-R2", dict(op=OP_LANE, in_height=3, in_width=3, words_per_pixel=2, kernel_h=3, kernel_w=3, stride=1,
+                     pad_top=1, pad_left=1, pad_value=4, out_row_begin=0, out_rows=2, out_width=3, n_out=16,
+                     zp_out=2), 2, 0, 2),
+]
+
+
+@pytest.mark.parametrize("registers, n_pass, forward, ring_words, queue_words", with_queue_depths(RING_CASES))
+def test_windowed_layer_through_a_ring_smaller_than_an_inference(registers, n_pass, forward, ring_words,
+                                                                 queue_words):
+    """Section 4's result ring of R = 1 or 2 words with E = 8..18 result words an inference (L = 8), three
+    inferences under seeded random input gaps and o_flit.ready in short bursts between long stalls
+    (:func:`bursty_ready`): every output word and transfer cycle, every c_s and every a_j against rule 4. The
+    ring really fills: result words wait for a slot (the EMIT j - R term), and with R = 1 every word but
+    (possibly) an inference's first does."""
+    lanes = 8
+    config, _, _, _, emitted, schedule = run_window_case(
+        registers, n_pass, forward, True, 3, lanes, queue_words=queue_words, result_words_per_tile=ring_words,
+        ready_bursts=True)
+    n_words = result_words(config, lanes)
+    assert 8 <= n_words and ring_words < n_words
+    assert schedule.ring_waits > 0
+    if ring_words == 1:
+        # Every word but an inference's first waits for the previous word's EMIT (at a_{j-1} + d_{j-1} + 2 at
+        # the earliest); a first word may wait for its inference's last stored word instead.
+        assert schedule.ring_waits >= 3 * (n_words - 1)
+    assert len([kind for *_, kind in emitted if kind == "emit"]) == 3 * n_words
+
+
+@pytest.mark.parametrize("ring_words, cw_words, queue_words", [(1, 1, 2), (2, 2, 1024)])
+def test_add_through_a_ring_smaller_than_an_inference(ring_words, cw_words, queue_words):
+    """Op ADD (section 4.2, d = 2 a word) through a ring of R = 1 or 2 words on L = 8 lanes, a 3x3 map of
+    CW = 1 or 2 words a pixel (E = 9 or 18 result words an inference), operand b stored first after a
+    forwarded prefix, one passed word, three inferences under seeded random input gaps and o_flit.ready in
+    :func:`bursty_ready` bursts: results and every transfer cycle, c_s and a_j against rule 4; words wait for slots."""
+    lanes, height, width = 8, 3, 3
+    rng = random.Random(f"add-ring-{ring_words}-{cw_words}")
+    n_map = height * width * cw_words
+    k_words, store, forward, offset_a, offset_b = two_operand_stream((n_map, n_map), "b-first", "prefix-gap")
+    m_a, m_b, params, zp_out, _ = add_operands(rng, "random", cw_words, lanes)
+    config = make_config(n_in_words=k_words, n_pass=1, op=OP_ADD, in_height=height, in_width=width,
+                         words_per_pixel=cw_words, kernel_h=1, kernel_w=2, stride=1, out_row_begin=0,
+                         out_rows=height, out_width=width, n_out=cw_words * lanes, operand_a_offset=offset_a,
+                         operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b, zp_out=zp_out, w_base=0,
+                         act_base=20, store_begin=store[0], store_end=store[1], forward_begin=forward[0],
+                         forward_end=forward[1])
+    assert result_words(config, lanes) == height * width * cw_words > ring_words
+    inputs, emitted, schedule = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=3,
+                                                     back_pressure=True, extremes=False, golden=golden_add,
+                                                     queue_words=queue_words, ring_words=ring_words,
+                                                     ready_bursts=True)
+    assert schedule.ring_waits > 0
+    results = [word for word, *_, kind in emitted if kind == "emit"]
+    assert len(results) == 3 * height * width * cw_words
+    assert len({value for word in results for value in word}) > 2 * lanes
+
+
+# --- bands of output pixels: partial first and last rows (section 4.1) -------------------------------
+
+#: Windowed tiles whose output pixels are a band (registers out_col_begin, out_col_end): (id, registers, n_pass,
+#: forward, R, lanes). Every case runs three inferences through a result ring of R words, fewer than the
+#: E = n_pix * W_px result words of an inference except for a one-pixel band (R * L >= n_out: R >= W_px = E).
+BAND_CASES = [
+    # 3 rows of a 5-wide map: row 1 from column 2, row 2 whole, row 3 up to column 2 (out_col_end = 3):
+    # n_pix = 15 - 2 - 2 = 11; N_o = 5 on 4 lanes, W_px = 2 (a short last word).
+    ("mac-conv3x3-rows3-cols2to3-R2", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=2, kernel_h=3,
+                                           kernel_w=3, stride=1, pad_top=1, pad_left=1, pad_value=-4,
+                                           out_row_begin=1, out_rows=3, out_width=5, out_col_begin=2,
+                                           out_col_end=3, n_out=5, zp_out=-2), 1, 1, 2, 4),
+    # One row, columns [1, 4) of 5 (the last row of a 3-row map: its windows reach the bottom padding).
+    ("mac-single-row-1to4-R1", dict(op=OP_MAC, in_height=3, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3,
+                                    stride=1, pad_top=1, pad_left=1, pad_value=2, out_row_begin=2, out_rows=1,
+                                    out_width=5, out_col_begin=1, out_col_end=4, n_out=4), 2, 0, 1, 4),
+    # Two rows: row 2 from column 3, row 3 up to column 1 (4 pixels, the band ends before it begins).
+    ("max3x3-rows2-cols3to2-R1-l8", dict(op=OP_MAX, in_height=5, in_width=5, words_per_pixel=1, kernel_h=3,
+                                         kernel_w=3, stride=1, pad_top=1, pad_left=1, pad_value=-128,
+                                         out_row_begin=2, out_rows=2, out_width=5, out_col_begin=3, out_col_end=2,
+                                         n_out=8, clamp_lo=-100, clamp_hi=110), 0, 1, 1, 8),
+    # A whole last row (out_col_end = 0) after a partial first one.
+    ("max2x2-s2-begin1-whole-last-R2", dict(op=OP_MAX, in_height=4, in_width=6, words_per_pixel=2, kernel_h=2,
+                                            kernel_w=2, stride=2, pad_top=0, pad_left=0, pad_value=-128,
+                                            out_row_begin=0, out_rows=2, out_width=3, out_col_begin=1,
+                                            out_col_end=0, n_out=8), 1, 0, 2, 4),
+    # Depthwise 3x3 stride 2 (LANE), 3 rows of a 3-wide output: row 0 from column 1, row 2 up to column 1.
+    ("lane3x3-s2-rows3-cols1to2-R2", dict(op=OP_LANE, in_height=5, in_width=5, words_per_pixel=2, kernel_h=3,
+                                          kernel_w=3, stride=2, pad_top=1, pad_left=1, pad_value=-6,
+                                          out_row_begin=0, out_rows=3, out_width=3, out_col_begin=1, out_col_end=2,
+                                          n_out=8, zp_out=3), 2, 1, 2, 4),
+    # LANE with a band of one pixel (row 1, column 1): both partial rows are the same row. Its E = CW = 2
+    # words fit the ring (n_out = CW * L <= R * L): inference s + 1's words wait for inference s's EMITs.
+    ("lane2x2-one-pixel-R2", dict(op=OP_LANE, in_height=3, in_width=4, words_per_pixel=2, kernel_h=2, kernel_w=2,
+                                  stride=1, pad_top=0, pad_left=0, pad_value=0, out_row_begin=1, out_rows=1,
+                                  out_width=3, out_col_begin=1, out_col_end=2, n_out=8, zp_out=-1), 1, 0, 2, 4),
+    # A whole first row (out_col_begin = 0) and a last row of one pixel, on 8 lanes (N_o = 11: W_px = 2), a 1x2
+    # kernel of stride 2 (3 x 3 output pixels).
+    ("mac-s2-begin0-end1-R2-l8", dict(op=OP_MAC, in_height=5, in_width=5, words_per_pixel=1, kernel_h=1,
+                                      kernel_w=2, stride=2, pad_top=0, pad_left=1, pad_value=-3, out_row_begin=1,
+                                      out_rows=2, out_width=3, out_col_begin=0, out_col_end=1, n_out=11), 0, 0, 2, 8),
+]
+
+
+@pytest.mark.parametrize("registers, n_pass, forward, ring_words, lanes, queue_words", with_queue_depths(BAND_CASES))
+def test_band_of_output_pixels_matches_golden_and_rule_4(registers, n_pass, forward, ring_words, lanes, queue_words):
+    """Section 4.1's band of output pixels (partial first and last rows, one partial row, a single pixel) for
+    MAC, MAX and LANE through a result ring of R = 1 or 2 words, three inferences under seeded random input
+    gaps and o_flit.ready in :func:`bursty_ready` bursts: every output word and transfer cycle, every c_s and
+    a_j against the golden models iterating flowtile.program.output_pixel_positions; E = n_pix * W_px EMITs."""
+    config, _, _, _, emitted, schedule = run_window_case(
+        registers, n_pass, forward, True, 3, lanes, queue_words=queue_words, result_words_per_tile=ring_words,
+        ready_bursts=True)
+    positions = output_pixel_positions(config)
+    n_pix = len(positions)
+    assert n_pix == output_pixels(config) < config["out_rows"] * config["out_width"]
+    width, end = config["out_width"], config["out_col_end"] or config["out_width"]
+    assert positions[0] == (config["out_row_begin"], config["out_col_begin"])
+    assert positions[-1] == (config["out_row_begin"] + config["out_rows"] - 1, end - 1)
+    assert end < width or config["out_col_begin"] > 0
+    n_words = result_words(config, lanes)
+    assert n_words == n_pix * len(result_word_issue_cycles(config, lanes))
+    assert n_words > ring_words or n_pix == 1
+    assert compute_issue_cycles(config) == n_pix * sum(result_word_issue_cycles(config, lanes))
+    assert len([kind for *_, kind in emitted if kind == "emit"]) == 3 * n_words
+    assert schedule.ring_waits > 0 or n_words <= ring_words
+
+
+def test_band_golden_is_the_whole_rows_golden_at_the_band_pixels():
+    """The band goldens (windowed ops: the loop over output_pixel_positions; ADD and CONCAT: band_pixels)
+    give, pixel for pixel, the whole rows' results at the band's pixels: a band changes which pixels a tile
+    computes, never a pixel's window."""
+    rng = random.Random(61)
+    lanes = 4
+    for op, n_out in ((OP_MAC, 6), (OP_MAX, 8), (OP_LANE, 8)):
+        registers = dict(op=op, in_height=4, in_width=5, words_per_pixel=2, kernel_h=3, kernel_w=2, stride=1,
+                         pad_top=1, pad_left=1, pad_value=-5, out_row_begin=1, out_rows=3, out_width=5, n_out=n_out)
+        whole = make_config(n_in_words=40, w_base=0, **registers)
+        sram = {a: [rng.randint(-128, 127) for _ in range(lanes)] for a in range(weight_words(whole))}
+        params = [(rng.randint(-999, 999), rng.randint(1 << 30, (1 << 31) - 1), 36) for _ in range(n_out)]
+        activations = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(40)]
+        words = golden_window(whole, sram, params, activations, lanes)
+        w_px = len(words) // 15
+        for begin, end in ((2, 3), (0, 1), (4, 0), (3, 4)):
+            band = dict(whole, out_col_begin=begin, out_col_end=end)
+            indexes = [(oy - 1) * 5 + ox for oy, ox in output_pixel_positions(band)]
+            assert len(indexes) == output_pixels(band) == 15 - begin - (5 - (end or 5))
+            assert golden_window(band, sram, params, activations, lanes) == \
+                [words[q * w_px + w] for q in indexes for w in range(w_px)]
+    for op, golden in ((OP_ADD, golden_add), (OP_CONCAT, golden_concat)):
+        whole = make_config(n_in_words=60, op=op, in_height=3, in_width=4, words_per_pixel=2, concat_words_a=1,
+                            kernel_h=1, kernel_w=2 if op == OP_ADD else 1, out_row_begin=1, out_rows=2, out_width=4,
+                            n_out=8, operand_a_offset=0, operand_b_offset=30, add_mult_a=rng.randint(0, ADD_MULT_MAX),
+                            add_mult_b=rng.randint(0, ADD_MULT_MAX))
+        params = [(rng.randint(-999, 999), rng.randint(1 << 30, (1 << 31) - 1), 52) for _ in range(8)]
+        stored = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(60)]
+        words = golden(whole, params, stored, lanes)
+        band = dict(whole, out_col_begin=3, out_col_end=2)      # (1, 3), (2, 0), (2, 1)
+        assert output_pixel_positions(band) == [(1, 3), (2, 0), (2, 1)]
+        assert golden(band, params, stored, lanes) == [words[q * 2 + w] for q in (3, 4, 5) for w in range(2)]
+
+
+def test_band_compute_iterates_n_pix_pixels():
+    """Never stalled, with a ring that never fills: COMPUTE lasts I + 2 = n_pix * N_o * K_w + 2 cycles for
+    the n_pix = 3 + 5 + 1 = 9 pixels of a band over 3 rows of 5 (not 15 pixels), back to back; the first EMIT
+    follows result word 0 (d_0 = N_o * K_w issues from the cycle after the last RECV) by 2 cycles."""
+    registers = dict(op=OP_MAC, in_height=3, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3, stride=1,
+                     pad_top=1, pad_left=1, pad_value=1, out_row_begin=0, out_rows=3, out_width=5, out_col_begin=2,
+                     out_col_end=1, n_out=3)
+    config, _, _, _, emitted, schedule = run_window_case(registers, 0, 0, False, 3, 4, queue_words=1024)
+    n_pix, issue_cycles = 9, 9 * 3 * 9
+    assert output_pixels(config) == n_pix and compute_issue_cycles(config) == issue_cycles
+    k_words = 15
+    assert schedule.compute == [k_words, k_words + issue_cycles + 2, k_words + 2 * (issue_cycles + 2)]
+    assert schedule.words == [schedule.compute[s] + 27 * q for s in range(3) for q in range(n_pix)]
+    emits = [t for *_, t, kind in emitted if kind == "emit"]
+    assert emits == [a + 27 + 2 for a in schedule.words] and schedule.ring_waits == 0
+
+
+#: op ADD and CONCAT with a band of pixels: (id, op, in_height, in_width, CWa, CWb (ADD: CW, CW), out_row_begin,
+#: out_rows, out_col_begin, out_col_end, R, lanes, n_pass).
+TWO_OPERAND_BAND_CASES = [
+    ("add-rows3-cols2to1-R2", OP_ADD, 4, 3, 2, 2, 1, 3, 2, 1, 2, 4, 1),
+    ("add-single-row-1to3-R1-l8", OP_ADD, 3, 4, 1, 1, 0, 1, 1, 3, 1, 8, 0),
+    ("concat-rows2-begin2-whole-last-R3", OP_CONCAT, 3, 3, 1, 2, 0, 2, 2, 0, 3, 4, 2),
+]
+
+
+@pytest.mark.parametrize("op, height, width, words_a, words_b, row_begin, out_rows, col_begin, col_end, ring_words, "
+                         "lanes, n_pass, queue_words", with_queue_depths(TWO_OPERAND_BAND_CASES))
+def test_two_operand_band_matches_golden_and_rule_4(op, height, width, words_a, words_b, row_begin, out_rows,
+                                                    col_begin, col_end, ring_words, lanes, n_pass, queue_words):
+    """ADD (section 4.2) and CONCAT (section 4.3) over a band of output pixels with partial rows, through a
+    result ring of R = 1 or 2 words, three inferences under seeded input gaps and o_flit.ready bursts, operand
+    b stored first after a forwarded prefix: results and every transfer cycle, c_s and a_j against rule 4."""
+    rng = random.Random(f"band-{op}-{height}-{width}-{row_begin}-{out_rows}-{col_begin}-{col_end}-{lanes}")
+    pixels = height * width
+    if op == OP_ADD:
+        cw_words = words_a
+        sizes = (pixels * cw_words,) * 2
+        m_a, m_b, params, zp_out, _ = add_operands(rng, "random", cw_words, lanes)
+        kernel_w, golden = 2, golden_add
+    else:
+        cw_words = words_a + words_b
+        sizes = (pixels * words_a, pixels * words_b)
+        m_a, m_b, params, zp_out, _ = concat_operands(rng, "random", words_a, words_b, lanes)
+        kernel_w, golden = 1, golden_concat
+    k_words, store, forward, offset_a, offset_b = two_operand_stream(sizes, "b-first", "prefix-gap")
+    config = make_config(n_in_words=k_words, n_pass=n_pass, op=op, in_height=height, in_width=width,
+                         words_per_pixel=cw_words, concat_words_a=words_a, kernel_h=1, kernel_w=kernel_w, stride=1,
+                         out_row_begin=row_begin, out_rows=out_rows, out_width=width, out_col_begin=col_begin,
+                         out_col_end=col_end, n_out=cw_words * lanes, operand_a_offset=offset_a,
+                         operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b, zp_out=zp_out, w_base=0,
+                         act_base=20, store_begin=store[0], store_end=store[1], forward_begin=forward[0],
+                         forward_end=forward[1])
+    n_pix = output_pixels(config)
+    assert n_pix < out_rows * width and result_words(config, lanes) == n_pix * cw_words > ring_words
+    _, emitted, schedule = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=3,
+                                                back_pressure=True, extremes=False, golden=golden,
+                                                queue_words=queue_words, ring_words=ring_words, ready_bursts=True)
+    assert schedule.ring_waits > 0
+    results = [word for word, *_, kind in emitted if kind == "emit"]
+    assert len(results) == 3 * n_pix * cw_words
+    assert len({value for word in results for value in word}) > 2 * lanes
+
+
+#: Output-channel group tiles (section 4.4) over a band of pixels: (id, registers, n_pass, forward, R, lanes).
+GROUP_BAND_CASES = [
+    # 3 rows of 5 (a 1x2 kernel, pad_left 1): row 0 from column 3, row 2 up to column 0: n_pix = 15 - 3 - 4 =
+    # 8; N_o = 6 on 4 lanes (W_px = 2, d = 8 and 4), 2 passed words before each pixel's own and 1 bulk one.
+    ("mac-rows3-cols3to1-R2", dict(op=OP_MAC, in_height=3, in_width=4, words_per_pixel=1, kernel_h=1, kernel_w=2,
+                                   stride=1, pad_top=0, pad_left=1, pad_value=-2, out_row_begin=0, out_rows=3,
+                                   out_width=5, out_col_begin=3, out_col_end=1, n_out=6, zp_out=1,
+                                   pass_per_pixel=2), 8 * 2 + 1, 1, 2, 4),
+    # 2 rows of 3: row 1 from column 2, row 2 up to column 1 (n_pix = 3), one passed word a pixel, no bulk.
+    ("max-rows2-cols2to2-R1-l8", dict(op=OP_MAX, in_height=4, in_width=4, words_per_pixel=1, kernel_h=2, kernel_w=2,
+                                      stride=1, pad_top=0, pad_left=0, pad_value=-128, out_row_begin=1, out_rows=2,
+                                      out_width=3, out_col_begin=2, out_col_end=2, n_out=8,
+                                      pass_per_pixel=1), 3, 0, 1, 8),
+    # One row [1, 3) of 4, a LANE layer, 3 passed words a pixel and 2 bulk.
+    ("lane-single-row-1to3-R1", dict(op=OP_LANE, in_height=2, in_width=4, words_per_pixel=1, kernel_h=2,
+                                     kernel_w=3, stride=1, pad_top=1, pad_left=1, pad_value=5, out_row_begin=1,
+                                     out_rows=1, out_width=4, out_col_begin=1, out_col_end=3, n_out=4,
+                                     pass_per_pixel=3), 2 * 3 + 2, 1, 1, 4),
+]
+
+
+@pytest.mark.parametrize("registers, n_pass, forward, ring_words, lanes, queue_words",
+                         with_queue_depths(GROUP_BAND_CASES))
+def test_output_channel_group_over_a_band_interleaves_per_band_pixel(registers, n_pass, forward, ring_words, lanes,
+                                                                     queue_words):
+    """Section 4.4's interleaving over section 4.1's pixel list: n_pix * pass_per_pixel interleaved pops (n_pix
+    of the band, not out_rows * out_width), pass_per_pixel of them before each band pixel's W_px EMITs, through
+    a ring of R = 1 or 2 words, three inferences under seeded input gaps and o_flit.ready bursts: every word
+    and transfer cycle, c_s and a_j against the golden models, and the interleaving by content."""
+    config, _, _, inputs, emitted, schedule = run_window_case(
+        registers, n_pass, forward, True, 3, lanes, queue_words=queue_words, result_words_per_tile=ring_words,
+        ready_bursts=True)
+    n_pix = output_pixels(config)
+    whole_rows = config["out_rows"] * config["out_width"]
+    assert n_pix * config["pass_per_pixel"] <= n_pass < whole_rows * config["pass_per_pixel"]
+    assert result_words(config, lanes) > ring_words and schedule.ring_waits > 0
+    check_interleaving(config, n_pass, inputs, emitted, 3, lanes)
+
+
+#: Configs encode_config rejects for their band (section 4.1), loaded into the PE anyway: (id, registers).
+INVALID_BANDS = [
+    ("begin-at-width", dict(out_rows=2, out_width=3, out_col_begin=3)),
+    ("begin-beyond-width", dict(out_rows=1, out_width=3, out_col_begin=200, out_col_end=2)),
+    ("end-beyond-width", dict(out_rows=2, out_width=3, out_col_end=4)),
+    ("one-row-empty", dict(out_rows=1, out_width=3, out_col_begin=2, out_col_end=2)),
+    ("one-row-reversed", dict(out_rows=1, out_width=3, out_col_begin=2, out_col_end=1)),
+]
+
+
+@pytest.mark.parametrize("registers", [pytest.param(registers, id=name) for name, registers in INVALID_BANDS])
+def test_invalid_band_that_reaches_the_pe_makes_it_a_pass_through_tile(registers):
+    """A computing MAC tile (with section 4.4's pass_per_pixel) whose band encode_config rejects, loaded
+    unchecked: the PE neither hangs nor issues; it behaves as the same tile with n_out = 0 (every RECV word
+    forwarded, every passed word popped, no COMPUTE, no EMIT), checked transfer by transfer."""
+    rng = random.Random("invalid-band-" + repr(sorted(registers.items())))
+    window = dict(in_height=3, in_width=3, words_per_pixel=1, kernel_h=3, kernel_w=3, stride=1, pad_top=1,
+                  pad_left=1, out_row_begin=0)
+    loaded = make_config(n_in_words=9, forward=1, n_out=2, n_pass=6, pass_per_pixel=1, w_base=0, act_base=30,
+                         **window, **registers)
+    with pytest.raises(LoadEncodingError, match="out_col_begin|out_col_end"):
+        encode_config(ARCH, loaded)
+    weights = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(weight_words(loaded))]
+    params = [(rng.randint(-99, 99), 1 << 30, 36) for _ in range(2)]
+    inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(3 * 15)]
+    available, ready = random_stalls(rng, len(inputs), 400)
+    expected = dict(loaded, n_out=0, pass_per_pixel=0)
+    emitted, schedule = check_run(expected, weights, params, inputs, available, ready, loaded=loaded,
+                                  sram={a: w for a, w in enumerate(weights)})
+    assert schedule.compute == [] and [kind for *_, kind in emitted] == ["forward"] * 3 * 15
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 def add_config(**overrides):
@@ -1338,9 +1774,25 @@ def test_valid_add_concat_and_stream_configs_encode():
     # Section 4.4: n_pix * pass_per_pixel may use up all of n_pass (no bulk passed words), for any op.
     assert encode_config(ARCH, window_config(out_width=2, pass_per_pixel=2, n_pass=4))
     assert encode_config(ARCH, add_config(pass_per_pixel=3, n_pass=6))
+    # Section 4.1's bands of pixels: n_pix (here 3 of the 2 x 2 pixels) bounds the interleaved passed words; a
+    # single row [1, 2); an empty first row part is impossible (out_col_begin < out_width), a whole last row
+    # (out_col_end = 0 or out_width) is fine.
+    assert encode_config(ARCH, window_config(out_rows=2, out_width=2, out_col_begin=1, pass_per_pixel=2, n_pass=6,
+                                             act_base=20))
+    assert encode_config(ARCH, window_config(out_width=2, out_col_begin=1, out_col_end=2))
+    assert encode_config(ARCH, add_config(out_rows=2, out_col_begin=1, out_col_end=1, pass_per_pixel=1, n_pass=2))
+    assert encode_config(ARCH, concat_config(out_row_begin=1, out_rows=2, out_col_begin=0, out_col_end=1))
+    # A tile that does not compute does not read the band registers.
+    assert encode_config(ARCH, make_config(n_in_words=2, forward_end=2, out_col_begin=9, out_col_end=200))
     # Registers an op does not read are only checked against their width (as the emulator does).
     assert encode_config(ARCH, make_config(n_in_words=2, n_out=1, add_mult_a=(1 << 23) - 1, operand_a_offset=9,
                                            operand_b_offset=1, concat_words_a=7))
+    # Results stream out through the ring (section 4): more result words an inference than its R = 3 words
+    # (program format 5 rejected these) encode.
+    assert ARCH.result_words == 3
+    assert encode_config(ARCH, window_config(out_rows=2, out_width=2, act_base=20))          # 4 result words
+    assert encode_config(ARCH, add_config(out_rows=2))                                       # 4
+    assert encode_config(ARCH, concat_config(out_row_begin=1, out_rows=2))                  # 6
 
 
 def window_config(**overrides):
@@ -1388,8 +1840,6 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
      r"2 \* 3 \* 1 = 6"),
     (lambda: encode_config(ARCH, window_config(op=OP_MAX)),
      "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_MAX"),
-    (lambda: encode_config(ARCH, window_config(out_rows=2, out_width=2)),
-     "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 4 result words exceed the result buffer \\(3 words\\)"),
     (lambda: encode_config(ARCH, window_config(n_out=3, w_base=40)),
      "w_base \\+ n_out \\* kernel_h \\* kernel_w \\* words_per_pixel = 67 exceed sram_words = 64"),
     (lambda: encode_config(ARCH, make_config(bogus=1)), "unknown register"),
@@ -1438,8 +1888,6 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
      "config registers out_row_begin \\+ out_rows = 3 exceed in_height = 2 for op = OP_ADD"),
     (lambda: encode_config(ARCH, add_config(n_out=2)),
      "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_ADD"),
-    (lambda: encode_config(ARCH, add_config(out_rows=2)),
-     "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 4 result words exceed the result buffer"),
     (lambda: encode_config(ARCH, add_config(w_base=65)), "config register w_base = 65 exceeds sram_words = 64"),
     # Section 4.3: op CONCAT.
     (lambda: encode_config(ARCH, concat_config(kernel_w=2)),
@@ -1474,17 +1922,38 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
      "config registers out_row_begin \\+ out_rows = 4 exceed in_height = 3 for op = OP_CONCAT"),
     (lambda: encode_config(ARCH, concat_config(n_out=8)),
      "n_out = 8 must be words_per_pixel \\* lanes = 12 for op = OP_CONCAT"),
-    (lambda: encode_config(ARCH, concat_config(out_row_begin=1, out_rows=2)),
-     "out_rows \\* out_width \\* ceil\\(n_out / lanes\\) = 6 result words exceed the result buffer \\(3 words\\)"),
     (lambda: encode_config(ARCH, concat_config(w_base=70)), "config register w_base = 70 exceeds sram_words = 64"),
     # Section 4.4: pass_per_pixel needs a computing tile and n_pix * pass_per_pixel <= n_pass.
     (lambda: encode_config(ARCH, make_config(n_in_words=2, n_pass=3, pass_per_pixel=1)),
      r"config register pass_per_pixel = 1 requires a computing tile \(n_out > 0; section 4.4\)"),
     (lambda: encode_config(ARCH, window_config(pass_per_pixel=3, n_pass=2)),
-     r"config registers out_rows \* out_width \* pass_per_pixel = 1 \* 1 \* 3 = 3 interleaved passed words "
-     r"exceed n_pass = 2 \(section 4.4\)"),
+     r"config registers n_pix \* pass_per_pixel = 1 \* 3 = 3 interleaved passed words exceed n_pass = 2 "
+     r"\(n_pix = out_rows \* out_width - out_col_begin - \(out_width - E'\) = 1 \* 1 - 0 - \(1 - 1\) = 1 with "
+     r"E' = out_width \(out_col_end = 0\); section 4.4\)"),
     (lambda: encode_config(ARCH, window_config(out_width=2, pass_per_pixel=2, n_pass=3)),
-     r"out_rows \* out_width \* pass_per_pixel = 1 \* 2 \* 2 = 4 interleaved passed words exceed n_pass = 3"),
+     r"n_pix \* pass_per_pixel = 2 \* 2 = 4 interleaved passed words exceed n_pass = 3"),
+    # ... n_pix of a band of pixels (section 4.1): 2 rows of 2 from column 1 hold 3 pixels.
+    (lambda: encode_config(ARCH, window_config(out_rows=2, out_width=2, out_col_begin=1, pass_per_pixel=2,
+                                               n_pass=5, act_base=20)),
+     r"config registers n_pix \* pass_per_pixel = 3 \* 2 = 6 interleaved passed words exceed n_pass = 5 "
+     r"\(n_pix = out_rows \* out_width - out_col_begin - \(out_width - E'\) = 2 \* 2 - 1 - \(2 - 2\) = 3"),
+    # Section 4.1: a band of output pixels.
+    (lambda: encode_config(ARCH, window_config(out_width=2, out_col_begin=2)),
+     r"config register out_col_begin = 2 must be < out_width = 2 \(section 4.1: the first output row starts at "
+     r"column out_col_begin\)"),
+    (lambda: encode_config(ARCH, add_config(out_col_begin=7)),
+     "config register out_col_begin = 7 must be < out_width = 2"),
+    (lambda: encode_config(ARCH, window_config(out_rows=2, out_width=2, out_col_end=3, act_base=20)),
+     r"config register out_col_end = 3 must be <= out_width = 2 \(section 4.1: the last output row ends before "
+     r"column out_col_end; 0 means out_width\)"),
+    (lambda: encode_config(ARCH, concat_config(out_col_end=2)),
+     "config register out_col_end = 2 must be <= out_width = 1"),
+    (lambda: encode_config(ARCH, window_config(out_width=2, out_col_begin=1, out_col_end=1)),
+     r"config registers out_col_begin = 1, out_col_end = 1 leave no output pixel: n_pix = out_rows \* out_width - "
+     r"out_col_begin - \(out_width - E'\) = 1 \* 2 - 1 - \(2 - 1\) = 0 with E' = out_col_end = 1 must be >= 1 "
+     r"\(section 4.1\)"),
+    (lambda: encode_config(ARCH, window_config(n_in_words=6, in_width=3, out_width=3, out_col_begin=2, out_col_end=1)),
+     r"out_col_begin = 2, out_col_end = 1 leave no output pixel: n_pix = .* = 1 \* 3 - 2 - \(3 - 1\) = -1 "),
     (lambda: encode_config(ARCH, window_config(pass_per_pixel=1 << 16, n_pass=5)),
      "config register pass_per_pixel' = 65536 is out of range 0..65535"),
     (lambda: encode_param_entry(0, 1 << 31, 1), "'multiplier' = 2147483648 is out of range"),

@@ -430,13 +430,15 @@ def test_conv_pool_amaranth_matches_golden(conv_case, amaranth_conv):
     _, _, golden_flits = conv_case
     np.testing.assert_array_equal(amaranth_conv.out_flits, golden_flits)
     assert np.all(np.diff(amaranth_conv.out_times) >= 1)
-    # Inference 0 worked from sections 4 and 6: tile 0 RECVs at 1..25 (forwarding through its queue), COMPUTE
-    # lasts I + 2 = 15*4*9 + 2 cycles, EMIT at 568..582 (after its forwarded pops). Tile 1 (I = 10*36) is done
-    # computing by then, so it PASSes those 15 flits as they arrive (570..584), pops them from its queue one
-    # cycle later (571..585) and EMITs at 586..595. The pool tile RECVs at 573..597, so c = 598, computes
-    # I + 2 = 4*1*4 + 2 cycles and EMITs at 616..619. The depthwise (LANE) tile RECVs them at 618..621, so
-    # c = 622, computes I + 2 = 4*1*9 + 2 cycles, EMITs at 660..663, and the exit router's read adds 1.
-    assert amaranth_conv.out_times[:POOL_OUT * POOL_OUT].tolist() == [661, 662, 663, 664]
+    # Inference 0 worked from sections 4 and 6 (results stream out through the ring as each word is written): tile 0
+    # RECVs at 1..25 (forwarding through its queue, popped at 2..26), so its first issue is a_0 = 26; each result word
+    # (one pixel, 4 channels) takes d = 4*9 issue cycles, so word j is ready at a_j + d + 2 = 64 + 36j and EMITted
+    # then: 64, 100, ..., 568. Tile 1 (the layer's last) receives them two hops later, 66 + 36j, and pops them one
+    # cycle after that (last at 571); its own 10 words (ready since its COMPUTE began at 29) follow at 572..581.
+    # The pool tile RECVs its 25 words, the last 10 at 574..583, so a_0 = 584; words of d = 2*2 are ready at
+    # a_j + 6: EMITs at 590, 594, 598, 602. The depthwise (LANE) tile RECVs them at 592..604, so a_0 = 605, words
+    # of d = 9 at 605, 614, 623, 632, EMITs at a_j + 11 = 616, 625, 634, 643, and the exit router's read adds 1.
+    assert amaranth_conv.out_times[:POOL_OUT * POOL_OUT].tolist() == [617, 626, 635, 644]
 
 
 @pytest.mark.rtl
