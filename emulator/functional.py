@@ -13,7 +13,10 @@ never from the compiler's layer descriptions. Two parts:
   pixel q (pass_per_pixel pass flits ++ its W_px result words of pixel q)`` (section 4: the output side
   pops the forward queue, which the input side fills with the forwarded RECV words and the PASS words in
   order, and EMITs the results; section 4.4: ``P_bulk = P - n_pix * pass_per_pixel``, ``W_px = E / n_pix``;
-  with ``pass_per_pixel = 0`` this is all pops, then all EMITs). COMPUTE of inference ``s``
+  with ``pass_per_pixel = 0`` this is all pops, then all EMITs). Output pixels are section 4.1's pixel list of
+  the tile (``flowtile.program.output_pixel_positions``): ``out_rows`` rows from ``out_row_begin``, the first from
+  column ``out_col_begin``, the last ending before column ``out_col_end`` (0: ``out_width``); ``n_pix``, the
+  result word numbering and the interleaving run over it. COMPUTE of inference ``s``
   reads the stored RECV words ``store_begin..store_end`` of ``s`` from activation bank ``s mod 2``
   (section 4.2: a stream may hold several tensors, one after the other); weights overlapping the banks are
   modelled bank by bank (:func:`weight_memory`), and refused where what COMPUTE reads would depend on
@@ -76,7 +79,7 @@ class TileCounts:
     forward_end: int = 0
     # section 4.4: per output pixel, pass_per_pixel PASS words (popped) before the pixel's result words
     pass_per_pixel: int = 0
-    n_pix: int = 1      # output pixels (out_rows * out_width) of a computing tile
+    n_pix: int = 1      # output pixels of a computing tile (section 4.1's band: flowtile.program.output_pixels)
     # section 4, result ring: issue cycles d of each result word of one output pixel, in order
     # (flowtile.program.result_word_issue_cycles; empty without COMPUTE)
     pixel_word_issue: tuple[int, ...] = ()
@@ -357,6 +360,7 @@ def _check_window(tile: TileProgram, count: TileCounts, arch: Arch, position: in
                  "out_width"):
         if int(config[name]) < 1:
             raise EmulatorError(f"{who}: n_out = {count.n_out} needs register '{name}' >= 1, got {config[name]}")
+    _check_pixel_band(config, who)
     if count.op not in _OP_NAMES:
         raise EmulatorError(f"{who}: register 'op' = {count.op} is none of "
                             + ", ".join(f"{name} ({op})" for op, name in _OP_NAMES.items()))
@@ -374,6 +378,28 @@ def _check_window(tile: TileProgram, count: TileCounts, arch: Arch, position: in
                                 f"{config['in_width']}x{config['words_per_pixel']} = {map_words} words")
         return
     _check_two_operands(config, count, who, stored)
+
+
+def _check_pixel_band(config: dict, who: str) -> None:
+    """Section 4.1: a computing tile's output pixels are ``out_rows`` rows from ``out_row_begin``, the first from
+    column ``out_col_begin``, the last ending before column ``out_col_end`` (0: ``out_width``). Valid iff
+    ``out_col_begin < out_width``, ``out_col_end <= out_width`` and ``n_pix >= 1`` (Program.validate checks it
+    too; the emulator's entry points may be called without it)."""
+    begin, end, width = int(config["out_col_begin"]), int(config["out_col_end"]), int(config["out_width"])
+    if begin >= width:
+        raise EmulatorError(f"{who}: register out_col_begin = {begin} must be < out_width = {width} (section "
+                            f"4.1: the band's first output row starts at column out_col_begin)")
+    if end > width:
+        raise EmulatorError(f"{who}: register out_col_end = {end} must be <= out_width = {width} (section 4.1: "
+                            f"the band's last output row ends before column out_col_end; 0 means out_width)")
+    n_pix = output_pixels(config)
+    if n_pix < 1:
+        band_end = end or width
+        raise EmulatorError(
+            f"{who}: registers out_col_begin = {begin}, out_col_end = {end} over out_rows = "
+            f"{config['out_rows']} leave no output pixel: n_pix = out_rows * out_width - out_col_begin - "
+            f"(out_width - E') = {config['out_rows']} * {width} - {begin} - ({width} - {band_end}) = {n_pix} "
+            f"(E' = out_col_end, or out_width if 0) must be >= 1 (section 4.1)")
 
 
 #: Values of the ``op`` register and their names (the register is 3 bits; 5..7 are undefined).
@@ -395,7 +421,7 @@ def operand_layout(config: dict) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def _check_two_operands(config: dict, count: TileCounts, who: str, stored: str) -> None:
     """op = ADD (section 4.2) or CONCAT (section 4.3): two disjoint operand maps inside the stored words,
-    a band of whole output rows, operand weights within ADD_MULT_MAX (the same rules as
+    a band of output pixels inside the map, operand weights within ADD_MULT_MAX (the same rules as
     ``flowtile.program``'s validation, with the emulator's messages)."""
     name = _OP_NAMES[count.op]
     kernel = (1, 2) if count.op == OP_ADD else (1, 1)
@@ -478,17 +504,29 @@ def window_pixels(config: dict) -> np.ndarray:
     """Input pixel read by each window position of each output pixel: int64 ``[n_pix, KH*KW]``,
     pixel index ``y * in_width + x``, or ``in_height * in_width`` (the padding pixel) outside the map.
 
-    Output pixels run row-major over rows ``[out_row_begin, out_row_begin + out_rows)`` and columns
-    ``[0, out_width)``; window positions run ``ky * KW + kx`` (section 4.1)."""
+    Output pixels are section 4.1's band (:func:`flowtile.program.output_pixel_positions`): rows
+    ``[out_row_begin, out_row_begin + out_rows)`` row-major, the first from column ``out_col_begin``, the last
+    ending before column ``out_col_end`` (0: ``out_width``), i.e. the ``n_pix`` consecutive row-major pixels of
+    an ``out_width``-wide output map from ``out_row_begin * out_width + out_col_begin`` on; window positions run
+    ``ky * KW + kx``."""
     height, width = int(config["in_height"]), int(config["in_width"])
     kernel_h, kernel_w, stride = int(config["kernel_h"]), int(config["kernel_w"]), int(config["stride"])
-    oy = np.arange(int(config["out_row_begin"]), int(config["out_row_begin"]) + int(config["out_rows"]))
-    ox = np.arange(int(config["out_width"]))
-    iy = oy[:, None, None, None] * stride + np.arange(kernel_h)[None, None, :, None] - int(config["pad_top"])
-    ix = ox[None, :, None, None] * stride + np.arange(kernel_w)[None, None, None, :] - int(config["pad_left"])
+    oy, ox = _band_positions(config)
+    iy = oy[:, None, None] * stride + np.arange(kernel_h)[None, :, None] - int(config["pad_top"])
+    ix = ox[:, None, None] * stride + np.arange(kernel_w)[None, None, :] - int(config["pad_left"])
     inside = (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
     pixel = np.where(inside, iy * width + ix, height * width)
-    return pixel.reshape(len(oy) * len(ox), kernel_h * kernel_w).astype(np.int64)
+    return pixel.reshape(len(oy), kernel_h * kernel_w).astype(np.int64)
+
+
+def _band_positions(config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(oy, ox)``, int64 ``[n_pix]`` each, of a tile's output pixels in COMPUTE's order (section 4.1; the
+    same list as :func:`flowtile.program.output_pixel_positions`): the band is ``n_pix`` consecutive pixels of
+    the row-major ``out_width``-wide output map, starting at ``out_row_begin * out_width + out_col_begin``."""
+    width = int(config["out_width"])
+    first = int(config["out_row_begin"]) * width + int(config["out_col_begin"])
+    index = first + np.arange(max(0, int(output_pixels(config))), dtype=np.int64)
+    return index // width, index % width
 
 
 #: Most window elements gathered at once (about this many x 9 bytes of temporaries).
@@ -731,9 +769,12 @@ def _lane_results(tile: TileProgram, count: TileCounts, windows: np.ndarray, wei
 def _operand_rows(activations: np.ndarray, config: dict, offset: int, words_per_pixel: int,
                   n_pix: int) -> np.ndarray:
     """The words of one ADD / CONCAT operand that the tile's output band reads: int8 ``[batch, n_pix,
-    words_per_pixel, L]``. The band is whole rows of width ``in_width``, so it is one contiguous slice
-    starting at stored word ``offset + out_row_begin * in_width * words_per_pixel``."""
-    first = offset + int(config["out_row_begin"]) * int(config["in_width"]) * words_per_pixel
+    words_per_pixel, L]``. The band (section 4.1) is ``n_pix`` consecutive row-major pixels of a map
+    ``out_width = in_width`` wide, from column ``out_col_begin`` of row ``out_row_begin`` on, so it is one
+    contiguous slice starting at stored word ``offset + (out_row_begin * in_width + out_col_begin) *
+    words_per_pixel``."""
+    first_pixel = int(config["out_row_begin"]) * int(config["in_width"]) + int(config["out_col_begin"])
+    first = offset + first_pixel * words_per_pixel
     band = activations[:, first:first + n_pix * words_per_pixel]
     return band.reshape(activations.shape[0], n_pix, words_per_pixel, activations.shape[2])
 

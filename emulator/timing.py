@@ -27,6 +27,11 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
     local router FIFO; the pops are the actions reading the forward queue (not a prefix of the chain when
     ``pass_per_pixel > 0``).
 
+  ``n_pix`` is the number of the tile's output pixels, section 4.1's band (``flowtile.program.output_pixels``:
+  ``out_rows * out_width - out_col_begin - (out_width - E')``, which may begin and end inside a row); the
+  compute chain's ``E = n_pix * N_r`` words, their issue cycles and the per-pixel interleave all run over it
+  (:func:`emulator.functional.tile_counts`).
+
 The chains are coupled by two kinds of edges:
 
 * FIFO edges (rule 1, depth ``D`` for a router FIFO, ``F = Arch.forward_queue_words`` for a forward

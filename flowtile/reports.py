@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .program import Program
+from .program import Program, output_pixels
 
-__all__ = ["tile_utilization", "perfetto_trace", "write_visuals"]
+__all__ = ["tile_utilization", "perfetto_trace", "write_visuals", "pixel_band_label"]
 
 
 def tile_utilization(program: Program, result) -> np.ndarray:
@@ -19,16 +19,28 @@ def tile_utilization(program: Program, result) -> np.ndarray:
     return np.asarray(result.tile_macs, dtype=np.float64) / (max(1, int(result.cycles)) * program.arch.lanes)
 
 
+def pixel_band_label(config: dict) -> str:
+    """A computing windowed tile's output pixels (docs/architecture.md section 4.1), ``"px (oy,ox)..(oy,ox)"``,
+    first and last in row-major order (a band may begin and end inside a row); ``""`` for a tile that computes
+    nothing or a single pixel (dense layers)."""
+    if not config.get("n_out") or output_pixels(config) < 2:
+        return ""
+    first_row, rows, width = config["out_row_begin"], config["out_rows"], config["out_width"]
+    end = config.get("out_col_end", 0) or width
+    return f"px ({first_row},{config.get('out_col_begin', 0)})..({first_row + rows - 1},{end - 1})"
+
+
 #: Which side of a PE (docs/architecture.md section 4) each timeline phase belongs to; each side is one track.
 PHASE_SIDES = {"RECV": "input", "PASS": "input", "COMPUTE": "compute", "FORWARD": "output", "EMIT": "output"}
 SIDES = ("input", "compute", "output")
 
 
 def perfetto_trace(program: Program, result) -> dict:
-    """Trace-event JSON: one process per tile (chain order) with one track per PE side (input, compute, output),
-    one slice per phase of each inference (``result.tile_timelines``: a COMPUTE slice spans ``[c_s, a_last +
-    d_last + 2)``, from the first issue of the inference's first result word to the drain after its last one,
-    waits for a free slot of the result ring included; docs/architecture.md sections 4 and 6).
+    """Trace-event JSON: one process per tile (chain order; named by position, grid place, layer and, for a
+    windowed tile, its band of output pixels, :func:`pixel_band_label`) with one track per PE side (input,
+    compute, output), one slice per phase of each inference (``result.tile_timelines``: a COMPUTE slice spans
+    ``[c_s, a_last + d_last + 2)``, from the first issue of the inference's first result word to the drain after
+    its last one, waits for a free slot of the result ring included; docs/architecture.md sections 4 and 6).
 
     Timestamps are cycles (shown as microseconds by the viewers: 1 us = 1 cycle).
     """
@@ -38,6 +50,9 @@ def perfetto_trace(program: Program, result) -> dict:
         label = f"tile {position} ({tile.row},{tile.col})"
         if (tile.row, tile.col) in layer_of:
             label += f" {layer_of[(tile.row, tile.col)]}"
+        band = pixel_band_label(tile.config)
+        if band:
+            label += f" {band}"
         pid = position + 1
         events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": label}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "args": {"sort_index": position}})

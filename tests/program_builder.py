@@ -11,6 +11,8 @@ compiler.
     program = build_program(arch, layers, input_shape=(C, H, W))   # input travels as a "chw" map
     flits = network_golden(layers, x_int8, (C, H, W), lanes)        # what the host receives
 
+    Conv(..., pixel_bands=[9, 9, 7])      # a 5x5 output split into bands of 9, 9 and 7 pixels (section 4.1)
+
     layers = [Conv(...), Residual(main=[Conv(..., tiles=2), Depthwise(...)],
                                   add=AddParams(mult_a, mult_b, multiplier, shift, zp_a, zp_b, zp_out), tiles=2),
               Concat(a_branch=[Conv(...)], b_branch=[],          # b = the block input (identity)
@@ -37,8 +39,13 @@ A dense tile computes a slice of the outputs (a multiple of ``lanes`` except the
 ``act_base = n_out * K_in``. A windowed tile (section 4.1) computes a band of output rows for every
 output channel: a conv tile holds all weights at ``w_base = 0``, SRAM row ``o*K_w + (ky*KW + kx)*CW + cw``
 lane ``l`` = weight ``[o, cw*L + l, ky, kx]`` (zero for padding channels), ``act_base = C_out * K_w``,
-``pad_value`` = the input zero point. A conv with ``channel_groups`` (section 4.4) puts ``bands x groups``
-tiles on the chain, band by band, group by group: tile ``(b, g)`` holds only group ``g``'s weight rows (its
+``pad_value`` = the input zero point. Bands are whole output rows (``tiles``) or, with ``pixel_bands``, any
+consecutive runs of row-major output pixels (section 4.1): the band of pixels ``[p0, p1)`` of a map
+``out_width`` wide has ``out_row_begin = p0 // out_width``, ``out_rows`` = the rows it touches,
+``out_col_begin = p0 mod out_width`` and ``out_col_end = p1 mod out_width`` (0: a full last row;
+:func:`pixel_band_registers`); the same goes for the ADD and CONCAT tiles of a join (``Residual.pixel_bands``,
+``Concat.pixel_bands``). A conv with ``channel_groups`` (section 4.4) puts ``bands x groups`` tiles on the
+chain, band by band, group by group: tile ``(b, g)`` holds only group ``g``'s weight rows (its
 ``o - o_g`` at ``w_base = 0``, ``act_base = n_out_g * K_w``) and parameter rows, has ``n_out = o_{g+1} - o_g``
 and ``pass_per_pixel = sum_{h<g} ceil(n_out_h / L)``, so its ``n_pass`` (the running count above) is the
 earlier bands' words plus ``n_pix_b * pass_per_pixel``; a max-pool tile has no weights (``act_base = 0``), ``n_out = CW * L``
@@ -70,7 +77,8 @@ from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 
 __all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "AddParams", "Residual", "ConcatParams", "Concat", "average_pool", "build_program",
-           "dense_golden", "network_golden", "split_outputs", "split_rows", "blank_config", "window_output_size"]
+           "dense_golden", "network_golden", "split_outputs", "split_rows", "split_pixels", "pixel_band_registers",
+           "layer_bands", "blank_config", "window_output_size"]
 
 
 def shift_round_half_even(value, shift):
@@ -107,7 +115,9 @@ class Conv(NamedTuple):
     ``tiles``: output row bands, or the explicit output row count of each. ``channel_groups``: output-channel
     groups per band (section 4.4), as a count (whole words as evenly as possible, :func:`split_outputs`) or
     the explicit channel count of each group (multiples of ``lanes`` but the last); the layer then takes
-    ``bands x groups`` chain tiles, band by band, group by group."""
+    ``bands x groups`` chain tiles, band by band, group by group. ``pixel_bands``: instead of row bands, the
+    output pixel count of each band (row-major, summing to ``out_height * out_width``; a band may begin and
+    end inside a row, section 4.1); ``tiles`` must then be 1 (the default) or the number of bands."""
 
     weights: np.ndarray            # int8 [C_out, C_in, KH, KW]
     bias: np.ndarray               # int32-range [C_out]
@@ -121,6 +131,7 @@ class Conv(NamedTuple):
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     tiles: int | Sequence[int] = 1
     channel_groups: int | Sequence[int] = 1
+    pixel_bands: Sequence[int] | None = None
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -130,7 +141,8 @@ class Conv(NamedTuple):
 class Depthwise(NamedTuple):
     """One int8 depthwise 2-D convolution (``group = C``, one filter per channel; op = LANE of section
     4.1). ``bias``/``multiplier``/``shift`` are scalars or per-channel; padding reads ``zp_in``.
-    ``tiles``: chain tiles (output row bands), or the explicit output row count of each."""
+    ``tiles``: chain tiles (output row bands), or the explicit output row count of each; ``pixel_bands``: the
+    output pixel count of each band instead (as for :class:`Conv`)."""
 
     weights: np.ndarray            # int8 [C, KH, KW]
     bias: np.ndarray | int         # int32-range [C]
@@ -143,6 +155,7 @@ class Depthwise(NamedTuple):
     stride: int = 1
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     tiles: int | Sequence[int] = 1
+    pixel_bands: Sequence[int] | None = None
 
     @property
     def channels(self) -> int:
@@ -175,7 +188,8 @@ def average_pool(channels: int, kernel_h: int, kernel_w: int, multiplier: int, s
 
 
 class MaxPool(NamedTuple):
-    """Max pooling over ``kernel_h x kernel_w`` windows (padding never wins: it reads -128), then clamp."""
+    """Max pooling over ``kernel_h x kernel_w`` windows (padding never wins: it reads -128), then clamp.
+    ``tiles`` / ``pixel_bands`` as for :class:`Conv`."""
 
     kernel_h: int
     kernel_w: int
@@ -184,6 +198,7 @@ class MaxPool(NamedTuple):
     clamp_lo: int = -128
     clamp_hi: int = 127
     tiles: int | Sequence[int] = 1
+    pixel_bands: Sequence[int] | None = None
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -229,12 +244,14 @@ class Residual(NamedTuple):
     and the main branch's output, which must have ``x``'s shape. ``skip``: which ADD operand the skip is,
     ``"a"`` (``y = add(a=x, b=main(x))``, operand a first in the stream) or ``"b"`` (``y = add(a=main(x),
     b=x)``: operand b comes first in the stream, ``operand_b_offset = 0 < operand_a_offset``). Blocks nest
-    (not as the first layer of a main branch, which would need ``x`` twice in the stream)."""
+    (not as the first layer of a main branch, which would need ``x`` twice in the stream). ``pixel_bands``:
+    the ADD tiles' output pixel counts instead of row bands (as for :class:`Conv`)."""
 
     main: Sequence
     add: AddParams
     tiles: int | Sequence[int] = 1
     skip: str = "a"
+    pixel_bands: Sequence[int] | None = None
 
 
 class ConcatParams(NamedTuple):
@@ -291,13 +308,15 @@ class Concat(NamedTuple):
     precedes it in the stream (forwarded words are one contiguous range), else forwards it along. The
     CONCAT tiles store everything from ``x`` (or the first branch's output) on, so the operand offsets are
     ``0`` / ``x``'s words / ``x``'s words + the first output's words; ``first="b"`` (or an identity b) puts
-    operand b first in the stream."""
+    operand b first in the stream. ``pixel_bands``: the CONCAT tiles' output pixel counts instead of row
+    bands (as for :class:`Conv`)."""
 
     a_branch: Sequence
     b_branch: Sequence
     params: ConcatParams
     tiles: int | Sequence[int] = 1
     first: str = "a"
+    pixel_bands: Sequence[int] | None = None
 
 
 def window_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int) -> int:
@@ -315,6 +334,45 @@ def split_rows(out_height: int, tiles: int | Sequence[int]) -> list[int]:
     if not 1 <= tiles <= out_height:
         raise ValueError(f"{out_height} output rows cannot be split over {tiles} tiles")
     return [out_height // tiles + (i < out_height % tiles) for i in range(tiles)]
+
+
+def split_pixels(out_height: int, out_width: int, tiles: int | Sequence[int],
+                 pixel_bands: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """The bands of a layer's ``out_height x out_width`` output pixels, as row-major pixel ranges ``[p0, p1)``
+    in chain order: ``pixel_bands`` (explicit pixel counts, positive, summing to the map) if given, else the
+    row bands of :func:`split_rows`. With ``pixel_bands``, ``tiles`` must be 1 or ``len(pixel_bands)``."""
+    pixels = out_height * out_width
+    if pixel_bands is None:
+        counts = [rows * out_width for rows in split_rows(out_height, tiles)]
+    else:
+        counts = [int(c) for c in pixel_bands]
+        if sum(counts) != pixels or any(c <= 0 for c in counts):
+            raise ValueError(f"pixel bands {counts} of {out_height}x{out_width} = {pixels} output pixels: positive, "
+                             f"summing to {pixels}")
+        if not (isinstance(tiles, int) and tiles in (1, len(counts))):
+            raise ValueError(f"pixel_bands {counts} give {len(counts)} bands; tiles = {tiles} must be 1 or "
+                             f"{len(counts)}")
+    ranges, begin = [], 0
+    for count in counts:
+        ranges.append((begin, begin + count))
+        begin += count
+    return ranges
+
+
+def pixel_band_registers(begin: int, end: int, out_width: int) -> dict[str, int]:
+    """Registers ``out_row_begin``, ``out_rows``, ``out_col_begin``, ``out_col_end`` of the band of row-major
+    output pixels ``[begin, end)`` of a map ``out_width`` wide (section 4.1; ``out_col_end = 0``: the last row
+    is full). Whole rows give ``out_col_begin = out_col_end = 0``."""
+    first, last = begin // out_width, (end - 1) // out_width
+    return dict(out_row_begin=first, out_rows=last - first + 1, out_col_begin=begin % out_width,
+                out_col_end=end % out_width)
+
+
+def layer_bands(layer) -> int:
+    """Bands (chain tiles per output-channel group) a windowed layer or join is split into."""
+    if getattr(layer, "pixel_bands", None) is not None:
+        return len(layer.pixel_bands)
+    return layer.tiles if isinstance(layer.tiles, int) else len(layer.tiles)
 
 
 def blank_config() -> dict[str, int]:
@@ -425,15 +483,13 @@ def _window_tiles(layer, shape: tuple[int, int, int], lanes: int, act_fill):
                        weights=np.zeros((0, lanes), dtype=np.int8),
                        params=np.zeros((words_per_pixel * lanes, 3), dtype=np.int64))]
     tiles = []
-    row = 0
-    for rows in split_rows(out_height, layer.tiles):
+    for begin, end in split_pixels(out_height, out_width, layer.tiles, layer.pixel_bands):
         for group in groups:
             config = blank_config()
-            config.update(common, out_row_begin=row, out_rows=rows, n_out=group["n_out"],
+            config.update(common, **pixel_band_registers(begin, end, out_width), n_out=group["n_out"],
                           act_base=group["act_base"], pass_per_pixel=group["pass_per_pixel"])
             sram = np.concatenate([group["weights"], _fill(act_fill, ACTIVATION_BANKS * k_words, lanes)])
-            tiles.append((config, sram, group["params"].copy(), rows * out_width * -(-group["n_out"] // lanes)))
-        row += rows
+            tiles.append((config, sram, group["params"].copy(), (end - begin) * -(-group["n_out"] // lanes)))
     return tiles, (out_channels, out_height, out_width)
 
 
@@ -486,13 +542,12 @@ def _join_tiles(layer, shapes: dict, offsets: dict, stored: int, lanes: int, act
                   operand_a_offset=offsets["a"], operand_b_offset=offsets["b"], add_mult_a=params_of.mult_a,
                   add_mult_b=params_of.mult_b, zp_out=params_of.zp_out, clamp_lo=params_of.clamp_lo,
                   clamp_hi=params_of.clamp_hi)
-    parts, row = [], 0
-    for rows in split_rows(height, layer.tiles):
+    parts = []
+    for begin, end in split_pixels(height, width, layer.tiles, layer.pixel_bands):
         config = blank_config()
-        config.update(common, out_row_begin=row, out_rows=rows)
+        config.update(common, **pixel_band_registers(begin, end, width))
         parts.append((config, _fill(act_fill, ACTIVATION_BANKS * stored, lanes), params.copy(),
-                      rows * width * words_per_pixel))
-        row += rows
+                      (end - begin) * words_per_pixel))
     return parts, out_shape
 
 

@@ -1,11 +1,13 @@
 """The emulator against (1) a naive cycle-stepping simulator written here from docs/architecture.md
-sections 3-6 (the PE of section 4 with its concurrent input, compute and output sides, its forward queue
-and two activation banks; 4.1 for windowed layers, 4.2 for streams of several tensors and op = ADD, 4.3 for
-op = CONCAT, 4.4 for the per-pixel interleaved output order of output-channel groups), flit by flit and cycle
-by cycle, itself checked against cycles worked out by hand, (2) plain numpy goldens (``program_builder``) of
-dense, convolution (also split over output-channel groups), depthwise / average-pool (op = LANE), max-pool
-layers, residual blocks (op = ADD) and concat blocks (op = CONCAT), and (3) its error reporting on programs
-it cannot run.
+sections 3-6 (the PE of section 4 with its concurrent input, compute and output sides, its forward queue,
+two activation banks and the result ring through which COMPUTE streams its results word by word; 4.1 for
+windowed layers and a tile's band of output pixels, which may begin and end inside a row, 4.2 for streams of
+several tensors and op = ADD, 4.3 for op = CONCAT, 4.4 for the per-pixel interleaved output order of
+output-channel groups), flit by flit and cycle by cycle, itself checked against cycles worked out by hand, (2)
+plain numpy goldens (``program_builder``) of dense, convolution (also split over output-channel groups),
+depthwise / average-pool (op = LANE), max-pool layers, residual blocks (op = ADD) and concat blocks (op =
+CONCAT), split into row bands or bands of output pixels, and (3) its error reporting on programs it cannot
+run.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 from flowtile.host import pack_flits
 from flowtile.program import ProgramError, compute_issue_cycles, result_words
 from program_builder import (AddParams, Concat, ConcatParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool,
-                             build_program, dense_golden, network_golden, window_output_size)
+                             build_program, dense_golden, layer_bands, network_golden, pixel_band_registers,
+                             split_pixels, window_output_size)
 
 
 def shift_round_half_even(value, shift):
@@ -38,29 +41,68 @@ OPPOSITE = {"N": "S", "S": "N", "E": "W", "W": "E"}
 
 # --- (1) the reference: every FIFO, router and PE stepped every cycle ----------------------------
 
+def band_pixels(config):
+    """Section 4.1's output pixels of a tile, ``(oy, ox)`` in COMPUTE's order, worked out here from the
+    registers: rows ``out_row_begin .. out_row_begin + out_rows - 1`` row-major, the first row from column
+    ``out_col_begin``, the last up to column ``E' - 1`` (``E' = out_col_end``, or ``out_width`` if 0), the rows
+    in between whole (one row: columns ``out_col_begin .. E' - 1``)."""
+    width, first_row, rows = config["out_width"], config["out_row_begin"], config["out_rows"]
+    last_end = config["out_col_end"] if config["out_col_end"] else width
+    pixels = []
+    for oy in range(first_row, first_row + rows):
+        begin = config["out_col_begin"] if oy == first_row else 0
+        end = last_end if oy == first_row + rows - 1 else width
+        pixels.extend((oy, ox) for ox in range(begin, end))
+    return pixels
+
+
 class ReferencePE:
     """Section 4's PE, one cycle at a time: an input side (per inference K RECV then P PASS transfers), a
-    forward queue of F words, a compute side (COMPUTE for I + 2 cycles) and an output side (per inference Q
-    pops then E EMIT transfers; with pass_per_pixel > 0, section 4.4, Q_f + P_bulk pops, then per output
-    pixel pass_per_pixel pops and the pixel's W_px EMITs), with a plain-Python SRAM holding two activation banks and plain-Python
-    arithmetic. Each side decides in cycle ``t`` from what happened before ``t`` (a FIFO or queue word
-    written in ``t`` is readable from ``t + 1``; a full FIFO or queue is not writable in a cycle in which it
-    is read), except that the input side sees a COMPUTE that begins in ``t`` (section 4: the first input
-    transfer of inference ``s >= 1`` happens at a cycle ``>= c_{s-1}``).
+    forward queue of F words, a compute side issuing result word by result word into a result ring of
+    R = Arch.result_words words, and an output side (per inference Q pops then E EMIT transfers; with
+    pass_per_pixel > 0, section 4.4, Q_f + P_bulk pops, then per output pixel pass_per_pixel pops and the
+    pixel's W_px EMITs), with a plain-Python SRAM holding two activation banks and plain-Python arithmetic.
+    Output pixels are section 4.1's pixel list of the tile (:func:`band_pixels`, from the registers: a band
+    may begin and end inside a row); n_pix, I, E, the word numbering q * W_px + ... and the per-pixel pops run
+    over it.
+    Each side decides in cycle ``t`` from what happened before ``t`` (a FIFO or queue word written in ``t``
+    is readable from ``t + 1``; a full FIFO or queue is not writable in a cycle in which it is read; a ring
+    slot emitted in ``t`` can take a new word from ``t + 1``), except that the input side sees a COMPUTE that
+    begins in ``t`` (section 4: the first input transfer of inference ``s >= 1`` happens at a cycle
+    ``>= c_{s-1}``).
+
+    Compute side (section 4, "Result ring" and "Compute side"): result words are numbered across inferences,
+    ``j = s * E + w``; word ``j`` takes ``d_j`` issue cycles back to back (worked out here from the registers:
+    MAC ``L * K_w`` per word of L channels and ``(N_o mod L) * K_w`` for a short last word of a pixel, MAX and
+    LANE ``KH * KW``, ADD 2, CONCAT 1) and begins in the first cycle ``a_j`` in which the previous word's
+    issues are over (``a_{j-1} + d_{j-1}``, plus 2 drain cycles before the first word of an inference, which
+    also needs RECV word store_end - 1 of its inference before ``a_j``) and, for ``j >= R``, EMIT of word
+    ``j - R`` happened before ``a_j`` (its ring slot is free). ``c_s`` is ``a`` of the first word of ``s``;
+    COMPUTE of ``s`` spans ``[c_s, a_last + d_last + 2)``. EMIT of word ``j`` may happen from
+    ``a_j + d_j + 2``.
 
     Per PE it records ``input_times`` (per inference K RECV then P PASS), ``compute_starts`` (``c_s``),
-    ``output_times`` (per inference its Q + E pops and EMITs in the order of ``out_actions``) and ``spans`` ((start, end, phase) in the order of
-    the ``tile_timelines`` interface: input spans, COMPUTE spans, output spans).
+    ``word_starts`` (``a_j`` of every result word), ``emit_times`` (the EMIT of every result word, in word
+    order), ``output_times`` (per inference its Q + E pops and EMITs in the order of ``out_actions``) and
+    ``spans`` ((start, end, phase) in the order of the ``tile_timelines`` interface: input spans, COMPUTE
+    spans, output spans).
 
     The result of COMPUTE ``s`` is taken from the SRAM as it stands when COMPUTE begins (``c_s``), reading
     bank ``s mod 2`` and the weights. The contract does not say in which order a COMPUTE read and an input
     side write of the same word in the same window happen, so the reference refuses (AssertionError) a run
-    in which the input side writes a word that a running COMPUTE reads (weights overlapping the bank being
-    filled): tests must not depend on it.
+    in which the input side writes a word that a running COMPUTE (its whole span) reads (weights
+    overlapping the bank being filled): tests must not depend on it.
     """
 
     def __init__(self, tile, arch, position):
         config = tile.config
+        # section 4.1: the tile's output pixels (a computing tile's band must be valid and non-empty)
+        self.pixels = band_pixels(config) if config["n_out"] else []
+        if config["n_out"]:
+            assert (config["out_col_begin"] < config["out_width"] and config["out_col_end"] <= config["out_width"]
+                    and self.pixels), (f"chain position {position}: invalid output pixel band out_col_begin = "
+                                       f"{config['out_col_begin']}, out_col_end = {config['out_col_end']}, out_rows = "
+                                       f"{config['out_rows']}, out_width = {config['out_width']} (section 4.1)")
         self.config, self.arch, self.lanes, self.position = config, arch, arch.lanes, position
         self.k, self.p = config["n_in_words"], config["n_pass"]
         # section 4.2: RECV word k is stored iff in [store_begin, store_end) (at act_base + (s mod 2) * B +
@@ -74,8 +116,9 @@ class ReferencePE:
         for address, word in enumerate(tile.sram.tolist()):
             self.sram[address] = word
         self.params = tile.params.tolist()
-        # section 4.1's counts: I issue cycles, n_pix * N_r result words (a dense layer: N_o*K and N_r)
-        n_pix = config["out_rows"] * config["out_width"]
+        # section 4.1's counts over the pixel list: I issue cycles, n_pix * N_r result words (a dense layer:
+        # N_o*K and N_r)
+        n_pix = len(self.pixels)
         window = config["kernel_h"] * config["kernel_w"]
         if config["op"] in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT):   # ADD: kernel 1x2, one issue per operand
             # word; CONCAT: kernel 1x1, one issue per output word
@@ -85,8 +128,21 @@ class ReferencePE:
             self.issue = n_pix * self.n_out * window * config["words_per_pixel"]
             weight_words = self.n_out * window * config["words_per_pixel"]
         self.computes = self.n_out > 0
-        self.compute_cycles = self.issue + 2 if self.computes else 0      # I + 2
         self.emits = n_pix * -(-self.n_out // arch.lanes) if self.computes else 0   # E
+        # section 4's result ring: d of each result word of an inference, in section 4.1's loop order (pixel
+        # by pixel, the pixel's W_px words in order), from the registers alone
+        if not self.computes:
+            per_pixel_d = []
+        elif config["op"] in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT):   # one word per (pixel, word), KH*KW issues
+            per_pixel_d = [window] * config["words_per_pixel"]
+        else:   # MAC: K_w = KH*KW*CW issues per channel, L channels a word, the last word may be short
+            k_w = window * config["words_per_pixel"]
+            full, short = divmod(self.n_out, arch.lanes)
+            per_pixel_d = [arch.lanes * k_w] * full + ([short * k_w] if short else [])
+        self.word_d = per_pixel_d * n_pix if self.computes else []           # d_w, w = word index within s
+        assert sum(self.word_d) == self.issue, (self.word_d, self.issue)
+        assert len(self.word_d) == self.emits
+        self.ring = arch.result_words                                         # R
         self.pops = len(self.forward) + self.p                              # Q
         # section 4.4: the output side's Q + E transfers of an inference, in order: Q_f + P_bulk pops, then
         # per output pixel q pass_per_pixel pops and the W_px = E / n_pix EMITs of result words q*W_px ..
@@ -104,7 +160,6 @@ class ReferencePE:
             for q in range(n_pix):
                 self.out_actions += [None] * self.pass_per_pixel + list(range(q * per_pixel, (q + 1) * per_pixel))
         assert len(self.out_actions) == self.pops + self.emits
-        self.first_emit = next((j for j, a in enumerate(self.out_actions) if a is not None), None)
         self.weights = range(config["w_base"], config["w_base"] + weight_words) if self.computes else range(0)
         self.queue_words = arch.forward_queue_words                          # F
         # state of the three sides and the queue
@@ -112,9 +167,10 @@ class ReferencePE:
         self.input_times: list[int] = []
         self.output_times: list[int] = []
         self.compute_starts: list[int] = []
+        self.word_starts: list[int] = []      # a_j of every result word j (numbered across inferences)
+        self.emit_times: list[int] = []       # cycle of the EMIT of every result word j
         self.stored_done: list[int] = []      # per inference: cycle of RECV word store_end - 1
-        self.last_emit: list[int] = []        # per inference: cycle of its last EMIT
-        self.results: list[list[list[int]]] = []   # per inference: its result words (the result buffer)
+        self.results: list[list[list[int]]] = []   # per inference: its result words (what the ring carries)
         self.input_spans: list[tuple[int, int, str]] = []
         self.compute_spans: list[tuple[int, int, str]] = []
         self.output_spans: list[tuple[int, int, str]] = []
@@ -129,24 +185,42 @@ class ReferencePE:
         return self.input_spans + self.compute_spans + self.output_spans
 
     def finished(self, batch):
-        return (len(self.input_times) == batch * (self.k + self.p) and len(self.compute_starts) ==
-                (batch if self.computes else 0) and len(self.output_times) == batch * (self.pops + self.emits))
+        return (len(self.input_times) == batch * (self.k + self.p) and len(self.word_starts) == batch * self.emits
+                and len(self.output_times) == batch * (self.pops + self.emits))
+
+    def word_d_of(self, j):
+        """d_j of result word j (numbered across inferences)."""
+        return self.word_d[j % self.emits]
+
+    def compute_end(self, s):
+        """End of COMPUTE of inference s (a_last + d_last + 2), None while its last word has not begun."""
+        last = (s + 1) * self.emits - 1
+        return self.word_starts[last] + self.word_d_of(last) + 2 if len(self.word_starts) > last else None
 
     # --- the three sides, in the order the reference evaluates them in cycle t ---------------------
     def start_compute(self, cycle):
-        """Compute side: COMPUTE of inference s begins in the first cycle with RECV word store_end - 1 of s
-        done, COMPUTE of s - 1 over (c_{s-1} + I + 2) and the last EMIT of s - 1 done (all before ``cycle``)."""
+        """Compute side: result word j = s * E + w begins (a_j = ``cycle``) in the first cycle in which the
+        previous word's issue cycles are over (a_{j-1} + d_{j-1}; + 2 if w = 0), for w = 0 RECV word
+        store_end - 1 of s is done, and for j >= R the EMIT of word j - R is done (all before ``cycle``).
+        Never more than one word a cycle (d >= 1); a word, once begun, issues d_j cycles without waiting."""
         if not self.computes:
             return
-        s = len(self.compute_starts)
-        if len(self.stored_done) <= s or self.stored_done[s] >= cycle:
+        j = len(self.word_starts)
+        s, w = divmod(j, self.emits)
+        if j:
+            previous_end = self.word_starts[-1] + self.word_d_of(j - 1) + (2 if w == 0 else 0)
+            if cycle < previous_end:
+                return
+        if w == 0 and (len(self.stored_done) <= s or self.stored_done[s] >= cycle):
             return
-        if s and (cycle < self.compute_starts[-1] + self.compute_cycles or len(self.last_emit) < s
-                  or self.last_emit[s - 1] >= cycle):
+        if j >= self.ring and (len(self.emit_times) <= j - self.ring or self.emit_times[j - self.ring] >= cycle):
             return
-        self.compute_starts.append(cycle)
-        self.compute_spans.append((cycle, cycle + self.compute_cycles, "COMPUTE"))
-        self.results.append(self.compute(self.config["act_base"] + (s % 2) * self.bank_words))
+        self.word_starts.append(cycle)
+        if w == 0:
+            self.compute_starts.append(cycle)
+            self.results.append(self.compute(self.config["act_base"] + (s % 2) * self.bank_words))
+        if w == self.emits - 1:
+            self.compute_spans.append((self.compute_starts[s], self.compute_end(s), "COMPUTE"))
 
     def input_action(self):
         """(inference, index in K + P, is RECV, pushes into the queue) of the next input transfer."""
@@ -170,7 +244,8 @@ class ReferencePE:
 
     def output_word(self, cycle):
         """The word the output side offers in this cycle (o_flit.valid), or None: the queue head if it was
-        pushed before ``cycle`` (pops), result word j of inference s once COMPUTE of s has ended (EMITs)."""
+        pushed before ``cycle`` (pops), result word w of inference s (j = s * E + w) from cycle a_j + d_j + 2
+        (it is written into the ring in a_j + d_j + 1) (EMITs)."""
         per = self.pops + self.emits
         if not per:
             return None
@@ -180,8 +255,8 @@ class ReferencePE:
             if self.queue and self.queue[0][1] < cycle:
                 return self.queue[0][0]
             return None
-        # every EMIT after the first of s follows it, so COMPUTE of s has ended for all of them
-        if len(self.compute_starts) > s and cycle >= self.compute_starts[s] + self.compute_cycles:
+        index = s * self.emits + word
+        if len(self.word_starts) > index and cycle >= self.word_starts[index] + self.word_d_of(index) + 2:
             return self.results[s][word]
         return None
 
@@ -210,6 +285,9 @@ class ReferencePE:
         s, j = divmod(len(self.output_times), per)
         if self.out_actions[j] is None:
             self.queue.popleft()
+        else:
+            assert s * self.emits + self.out_actions[j] == len(self.emit_times), "EMITs out of word order"
+            self.emit_times.append(cycle)
         self.output_times.append(cycle)
         # spans: FORWARD = the Q_f + P_bulk leading pops (none if zero), EMIT = the rest up to the last output
         # transfer of the inference (section 4.4: interleaved pops included)
@@ -218,18 +296,14 @@ class ReferencePE:
             self.output_spans.append((begin, cycle + 1, "FORWARD"))
         elif j == per - 1:
             self.output_spans.append((begin, cycle + 1, "EMIT"))
-        if j == per - 1 and self.emits:
-            self.last_emit.append(cycle)
 
     def check_rules(self, batch):
         """After a run: the recorded times obey section 4's rules and section 6 rule 4's inequalities (a
         second look at the cycle loop, from the times alone)."""
         where = f"reference PE at chain position {self.position}"
         per_in, per_out = self.k + self.p, self.pops + self.emits
-        for name, times in (("input", self.input_times), ("output", self.output_times),
-                            ("COMPUTE", self.compute_starts)):
-            gap = 1 if name != "COMPUTE" else self.compute_cycles
-            assert all(b >= a + gap for a, b in zip(times, times[1:])), f"{where}: {name} times {times} overlap"
+        for name, times in (("input", self.input_times), ("output", self.output_times)):
+            assert all(b >= a + 1 for a, b in zip(times, times[1:])), f"{where}: {name} times {times} overlap"
         pushes = [t for i, t in enumerate(self.input_times) if i % per_in >= self.k or i % per_in in self.forward]
         pops = [t for i, t in enumerate(self.output_times) if self.out_actions[i % per_out] is None]
         assert len(pushes) == len(pops) == batch * self.pops, f"{where}: {len(pushes)} pushes, {len(pops)} pops"
@@ -240,28 +314,38 @@ class ReferencePE:
         if not self.computes:
             return
         stop = self.store.stop - 1
-        for s, start in enumerate(self.compute_starts):
-            bounds = [self.input_times[s * per_in + stop] + 1]
-            if s:
-                bounds += [self.compute_starts[s - 1] + self.compute_cycles, self.last_emit[s - 1] + 1]
-                assert self.input_times[s * per_in] >= self.compute_starts[s - 1], \
-                    f"{where}: inference {s} received before COMPUTE of inference {s - 1} began"
-            assert start == max(bounds), f"{where}: c_{s} = {start}, section 4 gives max({bounds})"
-            first_emit = self.output_times[s * per_out + self.first_emit]
-            assert first_emit >= start + self.compute_cycles, f"{where}: EMIT of inference {s} before its results"
+        emits = [t for i, t in enumerate(self.output_times) if self.out_actions[i % per_out] is not None]
+        assert emits == self.emit_times and len(emits) == len(self.word_starts) == batch * self.emits, \
+            f"{where}: {len(emits)} EMITs, {len(self.word_starts)} result words"
+        for j, start in enumerate(self.word_starts):
+            s, w = divmod(j, self.emits)
+            bounds = []
+            if j:
+                bounds.append(self.word_starts[j - 1] + self.word_d_of(j - 1) + (2 if w == 0 else 0))
+            if w == 0:
+                bounds.append(self.input_times[s * per_in + stop] + 1)
+            if j >= self.ring:
+                bounds.append(emits[j - self.ring] + 1)
+            assert start == max(bounds), f"{where}: a_{j} = {start}, section 4 gives max({bounds})"
+            assert emits[j] >= start + self.word_d_of(j) + 2, \
+                f"{where}: EMIT of result word {j} at {emits[j]}, before it is written ({start} + {self.word_d_of(j)} + 1)"
+        assert self.compute_starts == self.word_starts[::self.emits]
+        for s in range(1, batch):
+            assert self.input_times[s * per_in] >= self.compute_starts[s - 1], \
+                f"{where}: inference {s} received before COMPUTE of inference {s - 1} began"
 
     def check_no_race(self, cycle, address):
         """The input side writes ``address`` in ``cycle``: no running COMPUTE may read that word."""
         if not self.compute_starts:
             return
         s = len(self.compute_starts) - 1
-        start = self.compute_starts[s]
-        if cycle >= start + self.compute_cycles:
+        start, end = self.compute_starts[s], self.compute_end(s)
+        if end is not None and cycle >= end:
             return
         bank = self.config["act_base"] + (s % 2) * self.bank_words
         assert not (address in self.weights or bank <= address < bank + self.bank_words), (
             f"chain position {self.position}: the input side writes SRAM word {address} in cycle {cycle} while "
-            f"COMPUTE of inference {s} (cycles {start}..{start + self.compute_cycles - 1}) reads it (weights "
+            f"COMPUTE of inference {s} (cycles {start}..{'' if end is None else end - 1}) reads it (weights "
             f"{self.weights.start}..{self.weights.stop - 1}, bank {bank}..{bank + self.bank_words - 1}): the "
             f"result would depend on an order the contract leaves open")
 
@@ -272,86 +356,85 @@ class ReferencePE:
         kh, kw, stride = c["kernel_h"], c["kernel_w"], c["stride"]
         window_words = kh * kw * cw_count
         words = []
-        for oy in range(c["out_row_begin"], c["out_row_begin"] + c["out_rows"]):
-            for ox in range(c["out_width"]):
-                pixel = oy * width + ox
-                if c["op"] == OP_ADD:   # section 4.2: operands at act_base + operand_{a,b}_offset + pixel word
-                    for cw in range(cw_count):
-                        a = self.sram[act_base + c["operand_a_offset"] + pixel * cw_count + cw]
-                        b = self.sram[act_base + c["operand_b_offset"] + pixel * cw_count + cw]
-                        word = []
-                        for l in range(lanes):
-                            bias, multiplier, shift = self.params[cw * lanes + l]
-                            acc = bias + a[l] * c["add_mult_a"] + b[l] * c["add_mult_b"]
-                            acc = (acc + 2**31) % 2**32 - 2**31
-                            y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
-                            word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
-                        words.append(word)
-                    continue
-                if c["op"] == OP_CONCAT:   # section 4.3: one issue per output word, from operand a or b
-                    words_a = c["concat_words_a"]
-                    words_b = cw_count - words_a
-                    for cw in range(cw_count):
-                        if cw < words_a:
-                            source = self.sram[act_base + c["operand_a_offset"] + pixel * words_a + cw]
-                            factor = c["add_mult_a"]
-                        else:
-                            source = self.sram[act_base + c["operand_b_offset"] + pixel * words_b + cw - words_a]
-                            factor = c["add_mult_b"]
-                        word = []
-                        for l in range(lanes):
-                            bias, multiplier, shift = self.params[cw * lanes + l]
-                            acc = bias + source[l] * factor
-                            acc = (acc + 2**31) % 2**32 - 2**31
-                            y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
-                            word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
-                        words.append(word)
-                    continue
+        for oy, ox in self.pixels:   # section 4.1's pixel list, q = 0 .. n_pix - 1
+            pixel = oy * width + ox
+            if c["op"] == OP_ADD:   # section 4.2: operands at act_base + operand_{a,b}_offset + pixel word
+                for cw in range(cw_count):
+                    a = self.sram[act_base + c["operand_a_offset"] + pixel * cw_count + cw]
+                    b = self.sram[act_base + c["operand_b_offset"] + pixel * cw_count + cw]
+                    word = []
+                    for l in range(lanes):
+                        bias, multiplier, shift = self.params[cw * lanes + l]
+                        acc = bias + a[l] * c["add_mult_a"] + b[l] * c["add_mult_b"]
+                        acc = (acc + 2**31) % 2**32 - 2**31
+                        y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
+                        word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                    words.append(word)
+                continue
+            if c["op"] == OP_CONCAT:   # section 4.3: one issue per output word, from operand a or b
+                words_a = c["concat_words_a"]
+                words_b = cw_count - words_a
+                for cw in range(cw_count):
+                    if cw < words_a:
+                        source = self.sram[act_base + c["operand_a_offset"] + pixel * words_a + cw]
+                        factor = c["add_mult_a"]
+                    else:
+                        source = self.sram[act_base + c["operand_b_offset"] + pixel * words_b + cw - words_a]
+                        factor = c["add_mult_b"]
+                    word = []
+                    for l in range(lanes):
+                        bias, multiplier, shift = self.params[cw * lanes + l]
+                        acc = bias + source[l] * factor
+                        acc = (acc + 2**31) % 2**32 - 2**31
+                        y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
+                        word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                    words.append(word)
+                continue
 
-                def activation(ky, kx, cw):
-                    iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
-                    if not (0 <= iy < height and 0 <= ix < width):
-                        return [c["pad_value"]] * lanes
-                    return self.sram[act_base + (iy * width + ix) * cw_count + cw]
-                if c["op"] == OP_MAX:
-                    for cw in range(cw_count):
-                        best = None
-                        for ky in range(kh):
-                            for kx in range(kw):
-                                a = activation(ky, kx, cw)
-                                best = list(a) if best is None else [max(m, v) for m, v in zip(best, a)]
-                        words.append([min(max(v, c["clamp_lo"]), c["clamp_hi"]) for v in best])
-                    continue
-                if c["op"] == OP_LANE:
-                    for cw in range(cw_count):
-                        word = []
-                        for l in range(lanes):
-                            bias, multiplier, shift = self.params[cw * lanes + l]
-                            acc = bias
-                            for ky in range(kh):
-                                for kx in range(kw):
-                                    weight = self.sram[c["w_base"] + cw * kh * kw + ky * kw + kx]
-                                    acc += weight[l] * activation(ky, kx, cw)[l]
-                            acc = (acc + 2**31) % 2**32 - 2**31
-                            y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
-                            word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
-                        words.append(word)
-                    continue
-                results = []
-                for o in range(self.n_out):
-                    bias, multiplier, shift = self.params[o]
-                    acc = bias
+            def activation(ky, kx, cw):
+                iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
+                if not (0 <= iy < height and 0 <= ix < width):
+                    return [c["pad_value"]] * lanes
+                return self.sram[act_base + (iy * width + ix) * cw_count + cw]
+            if c["op"] == OP_MAX:
+                for cw in range(cw_count):
+                    best = None
                     for ky in range(kh):
                         for kx in range(kw):
-                            for cw in range(cw_count):
-                                k = (ky * kw + kx) * cw_count + cw
-                                weight = self.sram[c["w_base"] + o * window_words + k]
-                                acc += sum(w * a for w, a in zip(weight, activation(ky, kx, cw)))
-                    acc = (acc + 2**31) % 2**32 - 2**31
-                    y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
-                    results.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
-                results += [0] * (-len(results) % lanes)
-                words += [results[i:i + lanes] for i in range(0, len(results), lanes)]
+                            a = activation(ky, kx, cw)
+                            best = list(a) if best is None else [max(m, v) for m, v in zip(best, a)]
+                    words.append([min(max(v, c["clamp_lo"]), c["clamp_hi"]) for v in best])
+                continue
+            if c["op"] == OP_LANE:
+                for cw in range(cw_count):
+                    word = []
+                    for l in range(lanes):
+                        bias, multiplier, shift = self.params[cw * lanes + l]
+                        acc = bias
+                        for ky in range(kh):
+                            for kx in range(kw):
+                                weight = self.sram[c["w_base"] + cw * kh * kw + ky * kw + kx]
+                                acc += weight[l] * activation(ky, kx, cw)[l]
+                        acc = (acc + 2**31) % 2**32 - 2**31
+                        y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
+                        word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                    words.append(word)
+                continue
+            results = []
+            for o in range(self.n_out):
+                bias, multiplier, shift = self.params[o]
+                acc = bias
+                for ky in range(kh):
+                    for kx in range(kw):
+                        for cw in range(cw_count):
+                            k = (ky * kw + kx) * cw_count + cw
+                            weight = self.sram[c["w_base"] + o * window_words + k]
+                            acc += sum(w * a for w, a in zip(weight, activation(ky, kx, cw)))
+                acc = (acc + 2**31) % 2**32 - 2**31
+                y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
+                results.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+            results += [0] * (-len(results) % lanes)
+            words += [results[i:i + lanes] for i in range(0, len(results), lanes)]
         return words
 
 
@@ -475,6 +558,8 @@ def random_queue_words(rng):
 
 
 def random_program(rng, *, max_batch=6):
+    """Seeded random dense chain (lanes 1..8, 1x1..2x3 grids, 1-3 layers split over tiles, queues of 1..5
+    words or large, FIFO depths 1..4), sometimes on the smallest result ring its tiles allow (section 4)."""
     lanes = int(rng.choice([1, 2, 4, 8]))
     rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
     arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64,
@@ -491,7 +576,7 @@ def random_program(rng, *, max_batch=6):
         layers.append(random_layer(rng, width, n_out, span, extreme=rng.random() < 0.2))
         width = n_out
     tail = "direct" if rng.random() < 0.3 else "pass"
-    program = build_program(arch, layers, tail=tail, act_fill=rng)
+    program = _random_ring(rng, build_program(arch, layers, tail=tail, act_fill=rng))
     batch = int(rng.integers(1, max_batch + 1))
     x = rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8)
     return program, layers, x, batch
@@ -522,10 +607,14 @@ def assert_same_times(actual, expected, what, actions=None):
                              f"cycle {actual[index]}, reference cycle {expected[index]}")
 
 
-def assert_matches_reference(program, x, batch, *, flits=None):
+def assert_matches_reference(program, x, batch, *, flits=None, golden=None):
+    """The emulator against the reference, flit by flit and cycle by cycle; ``golden``: the reference's output
+    flits are first checked against it (so a failure of the emulator alone still shows the reference agreeing)."""
     flits = pack_flits(x, program.arch.lanes) if flits is None else flits
-    result = emulate(program, flits, batch)
     ref_flits, ref_out, ref_in, ref_pes = reference_run(program, flits, batch)
+    if golden is not None:
+        np.testing.assert_array_equal(ref_flits, golden, err_msg="the reference's output vs the numpy golden")
+    result = emulate(program, flits, batch)
     assert_same_times(result.in_times, ref_in, "host input transfer cycles")
     assert_same_times(result.out_times, ref_out, "host output transfer cycles")
     np.testing.assert_array_equal(result.out_flits, ref_flits, err_msg="output flit data")
@@ -547,6 +636,11 @@ def assert_matches_reference(program, x, batch, *, flits=None):
         assert_same_times(pe_times.input, pe.input_times, f"{where}: input-side transfer cycles",
                           _side_actions(pe, "input"))
         assert_same_times(pe_times.compute, pe.compute_starts, f"{where}: COMPUTE start cycles")
+        # every result word's first issue cycle a_j (TimingResult.word_starts, where the emulator reports it)
+        word_starts = getattr(result.timing, "word_starts", None)
+        if word_starts:
+            assert_same_times(word_starts[position], pe.word_starts, f"{where}: result word first issue cycles a_j",
+                              [f"result word {w}" for w in range(pe.emits)] or None)
         assert_same_times(pe_times.output, pe.output_times, f"{where}: output-side transfer cycles",
                           _side_actions(pe, "output"))
         spans = [(int(s), int(e), str(p)) for s, e, p in timeline]
@@ -566,8 +660,10 @@ def assert_long_batch(program, layers, shape, x, *, reference=True):
     emulator could) equal plain sweeps'; ``reference``: also cycle by cycle against the stepping reference."""
     batch, lanes = len(x), program.arch.lanes
     flits = pack_flits(x, lanes, program.input)
-    result = assert_matches_reference(program, x, batch, flits=flits) if reference else emulate(program, flits, batch)
-    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, lanes))
+    golden = network_golden(layers, x, shape, lanes)
+    result = (assert_matches_reference(program, x, batch, flits=flits, golden=golden) if reference
+              else emulate(program, flits, batch))
+    np.testing.assert_array_equal(result.out_flits, golden)
     plain = solve_timing(program, batch, probe_batch=None)
     np.testing.assert_array_equal(plain.out_times, result.out_times)
     return result
@@ -674,70 +770,75 @@ def _hand_case(name):
     rng = np.random.default_rng(17)
     lanes, batch = 2, 3
     if name == "one-tile":
-        # One dense tile, n_out = L: the host writes flit i at cycle i (the W FIFO drains in time); RECV of
-        # inference 0 at 1, 2 (a flit written at t is readable at t + 1); c_0 = 2 + 1 = 3, COMPUTE [3, 9);
-        # inference 1 may start at c_0 = 3: RECV at 3, 4; the first EMIT at c_0 + I + 2 = 9, to the host at
-        # 10; c_1 = max(4 + 1, 3 + 6, 9 + 1) = 10 (the EMIT of inference 0 holds it back); inference 2 waits
-        # for c_1: RECV at 10, 11; EMIT 1 at 16; c_2 = max(12, 16, 17) = 17; EMIT 2 at 23.
+        # One dense tile, n_out = L: one result word per inference, d = L * K_w = 2 * 2 = 4 = I, ring R =
+        # ceil(16 / 2) = 8 words (never full here). The host writes flit i at cycle i (the W FIFO drains in
+        # time); RECV of inference 0 at 1, 2 (a flit written at t is readable at t + 1); a_0 = c_0 = 2 + 1 = 3,
+        # COMPUTE [3, a_0 + d + 2 = 9); inference 1 may start at c_0 = 3: RECV at 3, 4; EMIT of word 0 at
+        # a_0 + d + 2 = 9, to the host at 10; c_1 = a_1 = max(4 + 1, a_0 + d + 2 = 9) = 9 (no term for the
+        # EMIT of inference 0 any more: it would have been 10); inference 2 waits for c_1: RECV at 9, 10; EMIT
+        # 1 at 9 + 6 = 15; c_2 = max(10 + 1, 9 + 6) = 15; EMIT 2 at 21.
         arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
         layers = [_layer(rng, 4, 2)]
-        expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [10, 17, 24], 0: {
-            "input": [1, 2, 3, 4, 10, 11], "compute": [3, 10, 17], "output": [9, 16, 23],
-            "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (5, 12, "RECV"),
-                      (3, 9, "COMPUTE"), (10, 16, "COMPUTE"), (17, 23, "COMPUTE"),
-                      (0, 10, "EMIT"), (10, 17, "EMIT"), (17, 24, "EMIT")]}}
+        expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [10, 16, 22], 0: {
+            "input": [1, 2, 3, 4, 9, 10], "compute": [3, 9, 15], "output": [9, 15, 21],
+            "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (5, 11, "RECV"),
+                      (3, 9, "COMPUTE"), (9, 15, "COMPUTE"), (15, 21, "COMPUTE"),
+                      (0, 10, "EMIT"), (10, 16, "EMIT"), (16, 22, "EMIT")]}}
     elif name == "pass-tail":
         # The same tile followed by a pass-through tile (K = 0, P = 1, Q = 1): PE 0 runs exactly as above;
-        # each EMIT (9, 16, 23) reaches PE 1 two cycles later (PASS at 11, 18, 25), is popped one cycle
-        # after its push (12, 19, 26) and reaches the host one cycle later: 3 cycles more than without the
+        # each EMIT (9, 15, 21) reaches PE 1 two cycles later (PASS at 11, 17, 23), is popped one cycle
+        # after its push (12, 18, 24) and reaches the host one cycle later: 3 cycles more than without the
         # pass-through tile (section 6).
         arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
         layers = [_layer(rng, 4, 2)]
-        expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [13, 20, 27],
-                    0: {"input": [1, 2, 3, 4, 10, 11], "compute": [3, 10, 17], "output": [9, 16, 23]},
-                    1: {"input": [11, 18, 25], "compute": [], "output": [12, 19, 26],
-                        "spans": [(0, 12, "PASS"), (12, 19, "PASS"), (19, 26, "PASS"),
-                                  (0, 13, "FORWARD"), (13, 20, "FORWARD"), (20, 27, "FORWARD")]}}
+        expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [13, 19, 25],
+                    0: {"input": [1, 2, 3, 4, 9, 10], "compute": [3, 9, 15], "output": [9, 15, 21]},
+                    1: {"input": [11, 17, 23], "compute": [], "output": [12, 18, 24],
+                        "spans": [(0, 12, "PASS"), (12, 18, "PASS"), (18, 24, "PASS"),
+                                  (0, 13, "FORWARD"), (13, 19, "FORWARD"), (19, 25, "FORWARD")]}}
     elif name in ("split", "split-queue-1"):
         # One dense layer (4 outputs) over two tiles of 2: tile 0 stores and forwards x (Q = 2 pops), tile 1
         # stores x and passes tile 0's result word (P = 1, Q = 1). A hop from PE 0's output to PE 1's input
-        # takes 2 cycles (PE 0's L FIFO, PE 1's W FIFO).
+        # takes 2 cycles (PE 0's L FIFO, PE 1's W FIFO). Both tiles: one result word, d = 4, R = 8.
         queue = 1024 if name == "split" else 1
         arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2,
                     forward_queue_words=queue)
         layers = [_layer(rng, 4, 4, tiles=2)]
         if queue == 1024:
             # PE 0: RECV 1, 2 (pushed), pops at 2, 3 (a word pushed at t can be popped from t + 1), c_0 = 3;
-            # inference 1 is received at 3, 4 into the queue while COMPUTE 0 runs; EMIT 0 at 9, then the
-            # queued pops at 10, 11; c_1 = max(5, 9, 10) = 10; inference 2 at 10, 11, EMIT 1 at 16, pops at
-            # 17, 18; c_2 = max(12, 16, 17) = 17, EMIT 2 at 23.
+            # inference 1 is received at 3, 4 into the queue while COMPUTE 0 runs; EMIT 0 at 3 + 4 + 2 = 9,
+            # then the queued pops at 10, 11; c_1 = max(4 + 1, 3 + 4 + 2) = 9; inference 2 at 9, 10 (>= c_1),
+            # EMIT 1 at 9 + 6 = 15, pops at 16, 17; c_2 = max(10 + 1, 9 + 6) = 15, EMIT 2 at 21.
             # PE 1 receives each PE 0 output 2 cycles later: x at 4, 5 (c_0 = 6), r0 passed at 11; pop r0
-            # at 12, EMIT 0 at max(c_0 + 6, 12 + 1) = 13; inference 1: x at 12, 13, r1 at 18; c_1 =
-            # max(14, 12, 14) = 14; pop 19, EMIT 20; inference 2: x at 19, 20, r2 at 25; c_2 = max(21, 20, 21);
-            # pop 26, EMIT 27; the host gets each 1 cycle later.
-            expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [13, 14, 20, 21, 27, 28],
-                        0: {"input": [1, 2, 3, 4, 10, 11], "compute": [3, 10, 17],
-                            "output": [2, 3, 9, 10, 11, 16, 17, 18, 23],
-                            "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (5, 12, "RECV"),
-                                      (3, 9, "COMPUTE"), (10, 16, "COMPUTE"), (17, 23, "COMPUTE"),
-                                      (0, 4, "FORWARD"), (4, 10, "EMIT"), (10, 12, "FORWARD"), (12, 17, "EMIT"),
-                                      (17, 19, "FORWARD"), (19, 24, "EMIT")]},
-                        1: {"input": [4, 5, 11, 12, 13, 18, 19, 20, 25], "compute": [6, 14, 21],
-                            "output": [12, 13, 19, 20, 26, 27],
-                            "spans": [(0, 6, "RECV"), (6, 12, "PASS"), (12, 14, "RECV"), (14, 19, "PASS"),
-                                      (19, 21, "RECV"), (21, 26, "PASS"),
-                                      (6, 12, "COMPUTE"), (14, 20, "COMPUTE"), (21, 27, "COMPUTE"),
-                                      (0, 13, "FORWARD"), (13, 14, "EMIT"), (14, 20, "FORWARD"), (20, 21, "EMIT"),
-                                      (21, 27, "FORWARD"), (27, 28, "EMIT")]}}
+            # at 12, EMIT 0 at max(12 + 1, c_0 + 4 + 2 = 12) = 13; inference 1: x at 12, 13, r1 at 17; c_1 =
+            # max(13 + 1, 6 + 6) = 14; pop 18, EMIT 1 at max(19, 14 + 6) = 20; inference 2: x at 18, 19 (>= c_1),
+            # r2 at 23; c_2 = max(19 + 1, 14 + 6) = 20; pop 24, EMIT 2 at max(25, 20 + 6) = 26; the host gets
+            # each 1 cycle later.
+            expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [13, 14, 19, 21, 25, 27],
+                        0: {"input": [1, 2, 3, 4, 9, 10], "compute": [3, 9, 15],
+                            "output": [2, 3, 9, 10, 11, 15, 16, 17, 21],
+                            "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (5, 11, "RECV"),
+                                      (3, 9, "COMPUTE"), (9, 15, "COMPUTE"), (15, 21, "COMPUTE"),
+                                      (0, 4, "FORWARD"), (4, 10, "EMIT"), (10, 12, "FORWARD"), (12, 16, "EMIT"),
+                                      (16, 18, "FORWARD"), (18, 22, "EMIT")]},
+                        1: {"input": [4, 5, 11, 12, 13, 17, 18, 19, 23], "compute": [6, 14, 20],
+                            "output": [12, 13, 18, 20, 24, 26],
+                            "spans": [(0, 6, "RECV"), (6, 12, "PASS"), (12, 14, "RECV"), (14, 18, "PASS"),
+                                      (18, 20, "RECV"), (20, 24, "PASS"),
+                                      (6, 12, "COMPUTE"), (14, 20, "COMPUTE"), (20, 26, "COMPUTE"),
+                                      (0, 13, "FORWARD"), (13, 14, "EMIT"), (14, 19, "FORWARD"), (19, 21, "EMIT"),
+                                      (21, 25, "FORWARD"), (25, 27, "EMIT")]}}
         else:
             # F = 1: a push needs an empty queue at the start of the cycle (a full queue is not pushable
             # in the cycle it is popped). PE 0: RECV 1 (push), pop 2, RECV 3 (push), pop 4, c_0 = 4;
             # inference 1: RECV at 5 (the queue was full at 4), then the queue stays full until the pops of
-            # inference 1, which follow EMIT 0 at 10: pop 11, RECV 12, pop 13, c_1 = max(13, 10, 11) = 13;
-            # RECV 14, EMIT 1 at 19, pop 20, RECV 21, pop 22, c_2 = max(22, 19, 20), EMIT 2 at 28. The host's
-            # W FIFO (depth 2) fills up: flits written at 0, 1, 2, 4, 6, 13.
-            # PE 1: x at 4, 6 (c_0 = 7), r0 at 12, pop 13, EMIT 14; x at 13, 15 (c_1 = max(16, 13, 15)),
-            # r1 at 21, pop 22, EMIT 23; x at 22, 24 (c_2 = max(25, 22, 24)), r2 at 30, pop 31, EMIT 32.
+            # inference 1, which follow EMIT 0 at 4 + 4 + 2 = 10: pop 11, RECV 12, pop 13, c_1 = max(12 + 1,
+            # 4 + 6) = 13; RECV 14, EMIT 1 at 19, pop 20, RECV 21, pop 22, c_2 = max(22, 19), EMIT 2 at 28.
+            # The queue, not the result ring, bounds this tile: the same times as with the old result buffer.
+            # The host's W FIFO (depth 2) fills up: flits written at 0, 1, 2, 4, 6, 13.
+            # PE 1: x at 4, 6 (c_0 = 7), r0 at 12, pop 13, EMIT 14; x at 13, 15 (c_1 = max(16, 7 + 6)), r1 at
+            # 21, pop 22, EMIT at max(23, 16 + 6) = 23; x at 22, 24 (c_2 = max(25, 16 + 6)), r2 at 30, pop 31,
+            # EMIT 32.
             expected = {"in_times": [0, 1, 2, 4, 6, 13], "out_times": [14, 15, 23, 24, 32, 33],
                         0: {"input": [1, 3, 5, 12, 14, 21], "compute": [4, 13, 22],
                             "output": [2, 4, 10, 11, 13, 19, 20, 22, 28]},
@@ -808,6 +909,216 @@ def test_emulator_hand_computed_cycles(name):
         if "spans" in want:
             spans = [(int(s), int(e), str(p)) for s, e, p in result.tile_timelines[position]]
             assert spans == want["spans"], f"chain position {position}: tile_timelines"
+
+
+# --- the result ring (section 4): COMPUTE waits for a free ring slot -------------------------------
+
+def _ring_case(name):
+    """Tiny one-tile programs (lanes 2, router FIFOs of depth 1, batch 2) whose every transfer is worked out
+    by hand below from section 4's ring rules. A depth-1 FIFO written at t is read at t + 1 and, being full at
+    the start of t + 1, takes the next flit at t + 2: the output side emits at most every other cycle (the
+    slow consumer), while COMPUTE could write a word a cycle. The host writes flit i when the W FIFO is
+    empty, RECV reads it one cycle later. Returns (program, layers, input_shape, x, expected)."""
+    lanes = 2
+    rng = np.random.default_rng(18)
+    if name.startswith("maxpool"):
+        # a 1x1 max pool over one channel on a 1x3 map: K = 3 words, E = 3 words (one a pixel), d = KH*KW = 1
+        # each, I = 3. Host flits written at 0, 2, 4, 6, 8, 10; inference 0 RECV at 1, 3, 5; inference 1 (its
+        # first transfer >= c_0 = 6) at 7, 9, 11. a_0 = c_0 = 5 + 1 = 6 in every case.
+        ring = {"maxpool-R1": 1, "maxpool-R2": 2, "maxpool-R8": 8}[name]
+        layers, shape = [MaxPool(1, 1)], (1, 1, 3)
+        x = rng.integers(-128, 128, (2, 3), dtype=np.int8)
+        if ring == 1:
+            # R = 1: word j waits for EMIT of word j - 1. EMIT 0 at a_0 + d + 2 = 9; a_1 = max(6 + 1, 9 + 1) =
+            # 10, EMIT 1 at 13; a_2 = 14, EMIT 2 at 17; COMPUTE of 0 spans [6, 14 + 1 + 2 = 17). Inference 1:
+            # a_3 = c_1 = max(RECV 11 + 1, a_2 + d + 2 = 17, EMIT 2 + 1 = 18) = 18, EMIT 3 at 21; a_4 = 22,
+            # EMIT 4 at 25; a_5 = 26, EMIT 5 at 29; COMPUTE [18, 29). The host gets each EMIT one cycle later.
+            expected = {"in_times": [0, 2, 4, 6, 8, 10], "out_times": [10, 14, 18, 22, 26, 30], 0: {
+                "input": [1, 3, 5, 7, 9, 11], "compute": [6, 18], "output": [9, 13, 17, 21, 25, 29],
+                "spans": [(0, 6, "RECV"), (6, 12, "RECV"), (6, 17, "COMPUTE"), (18, 29, "COMPUTE"),
+                          (0, 18, "EMIT"), (18, 30, "EMIT")]}}
+        elif ring == 2:
+            # R = 2: a_1 = 7; a_2 waits for EMIT 0 at 9: a_2 = 10. EMIT 1 at >= 7 + 3 = 10, but the L FIFO
+            # written at 9 is full at 10: 11; EMIT 2 at max(13, 10 + 3) = 13; COMPUTE [6, 13). Inference 1:
+            # a_3 = c_1 = max(12, 10 + 1 + 2 = 13, EMIT 1 + 1 = 12) = 13; a_4 = max(14, EMIT 2 + 1 = 14) = 14;
+            # EMIT 3 at max(13 + 2, 13 + 3) = 16; a_5 = max(15, EMIT 3 + 1 = 17) = 17; EMIT 4 at max(18, 14 +
+            # 3) = 18; EMIT 5 at max(20, 17 + 3) = 20; COMPUTE [13, 20).
+            expected = {"in_times": [0, 2, 4, 6, 8, 10], "out_times": [10, 12, 14, 17, 19, 21], 0: {
+                "input": [1, 3, 5, 7, 9, 11], "compute": [6, 13], "output": [9, 11, 13, 16, 18, 20],
+                "spans": [(0, 6, "RECV"), (6, 12, "RECV"), (6, 13, "COMPUTE"), (13, 20, "COMPUTE"),
+                          (0, 14, "EMIT"), (14, 21, "EMIT")]}}
+        else:
+            # R = 8, never full: a = 6, 7, 8, COMPUTE [6, 11); EMITs at 9, max(10, 11) = 11, max(11, 13) = 13;
+            # a_3 = c_1 = max(12, 8 + 1 + 2) = 12, a = 12, 13, 14, COMPUTE [12, 17); EMITs at max(15, 15) =
+            # 15, max(16, 17) = 17, max(17, 19) = 19.
+            expected = {"in_times": [0, 2, 4, 6, 8, 10], "out_times": [10, 12, 14, 16, 18, 20], 0: {
+                "input": [1, 3, 5, 7, 9, 11], "compute": [6, 12], "output": [9, 11, 13, 15, 17, 19],
+                "spans": [(0, 6, "RECV"), (6, 12, "RECV"), (6, 11, "COMPUTE"), (12, 17, "COMPUTE"),
+                          (0, 14, "EMIT"), (14, 20, "EMIT")]}}
+        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, router_fifo_depth=1)
+    elif name == "mac-short-R2":
+        # a 1x1 conv from one channel to N_o = 3 channels (L does not divide N_o) on a 1x2 map, the smallest
+        # ring its parameter table allows (max_tile_outputs = 3: R = 2): per pixel word 0 (channels 0, 1) of
+        # d = L * K_w = 2 and the short word 1 (channel 2) of d = (3 mod 2) * K_w = 1; E = 4, I = 6.
+        # Host flits written at 0, 2, 4, 6; RECV 1, 3 and (>= c_0) 5, 7.
+        # Inference 0: a_0 = c_0 = 4, a_1 = 6; a_2 = max(6 + 1, EMIT 0 + 1) with EMIT 0 at 4 + 2 + 2 = 8: 9;
+        # EMIT 1 at max(6 + 1 + 2, 8 + 2) = 10; a_3 = max(9 + 2, EMIT 1 + 1) = 11; EMIT 2 at max(12, 9 + 4) = 13;
+        # EMIT 3 at max(15, 11 + 3) = 15; COMPUTE [4, 11 + 1 + 2 = 14). Inference 1: a_4 = c_1 = max(7 + 1, 11 +
+        # 1 + 2 = 14, EMIT 2 + 1 = 14) = 14; a_5 = max(14 + 2, EMIT 3 + 1) = 16; EMIT 4 at max(17, 14 + 4) = 18;
+        # a_6 = max(16 + 1, EMIT 4 + 1) = 19; EMIT 5 at max(20, 16 + 3) = 20; a_7 = max(19 + 2, EMIT 5 + 1) =
+        # 21; EMIT 6 at max(22, 19 + 4) = 23; EMIT 7 at max(25, 21 + 3) = 25; COMPUTE [14, 24).
+        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=3, router_fifo_depth=1)
+        layers, shape = [Conv(np.array([3, -2, 5], np.int8).reshape(3, 1, 1, 1), [1, 2, 3], 2**30, 30)], (1, 1, 2)
+        x = rng.integers(-40, 40, (2, 2), dtype=np.int8)
+        expected = {"in_times": [0, 2, 4, 6], "out_times": [9, 11, 14, 16, 19, 21, 24, 26], 0: {
+            "input": [1, 3, 5, 7], "compute": [4, 14], "output": [8, 10, 13, 15, 18, 20, 23, 25],
+            "spans": [(0, 4, "RECV"), (4, 8, "RECV"), (4, 14, "COMPUTE"), (14, 24, "COMPUTE"),
+                      (0, 16, "EMIT"), (16, 26, "EMIT")]}}
+    else:
+        raise ValueError(name)
+    program = build_program(arch, layers, input_shape=shape)
+    return program, layers, shape, x, expected
+
+
+RING_CASES = ("maxpool-R1", "maxpool-R2", "maxpool-R8", "mac-short-R2")
+
+
+def _check_ring_case(what, program, layers, shape, x, expected, in_times, out_times, flits, pe_times, spans):
+    assert list(in_times) == expected["in_times"], f"{what}: host input transfer cycles"
+    assert list(out_times) == expected["out_times"], f"{what}: host output transfer cycles"
+    np.testing.assert_array_equal(flits, network_golden(layers, x, shape, program.arch.lanes),
+                                  err_msg=f"{what}: output flits")
+    want = expected[0]
+    for name in ("input", "compute", "output"):
+        assert list(pe_times[name]) == want[name], f"{what}: {name} cycles"
+    assert spans == want["spans"], f"{what}: spans"
+
+
+@pytest.mark.parametrize("name", RING_CASES)
+def test_reference_hand_computed_ring(name):
+    """The reference against ring waits worked out by hand (section 4: a_j, EMIT j - R, d_j per word)."""
+    program, layers, shape, x, expected = _ring_case(name)
+    assert program.arch.result_words == {"maxpool-R1": 1, "maxpool-R2": 2, "maxpool-R8": 8, "mac-short-R2": 2}[name]
+    flits, out_times, in_times, pes = reference_run(program, _map_flits(program, x), len(x))
+    pe = pes[0]
+    _check_ring_case("reference", program, layers, shape, x, expected, in_times.tolist(), out_times.tolist(), flits,
+                     dict(input=pe.input_times, compute=pe.compute_starts, output=pe.output_times), pe.spans)
+
+
+@pytest.mark.parametrize("name", RING_CASES)
+def test_emulator_hand_computed_ring(name):
+    program, layers, shape, x, expected = _ring_case(name)
+    result = emulate(program, _map_flits(program, x), len(x))
+    times = result.timing.pe_times[0]
+    _check_ring_case("emulator", program, layers, shape, x, expected, result.in_times.tolist(),
+                     result.out_times.tolist(), result.out_flits,
+                     dict(input=times.input.tolist(), compute=times.compute.tolist(), output=times.output.tolist()),
+                     [(int(s), int(e), str(p)) for s, e, p in result.tile_timelines[0]])
+
+
+@pytest.mark.parametrize("name", RING_CASES)
+def test_ring_cases_long_batch(name):
+    """The hand-computed ring programs over a batch past the probe: the emulator against the reference, cycle
+    by cycle, and against plain sweeps."""
+    program, layers, shape, _, _ = _ring_case(name)
+    rng = np.random.default_rng(19)
+    x = rng.integers(-128, 128, (3 * PROBE_BATCH, int(np.prod(shape))), dtype=np.int8)
+    assert_long_batch(program, layers, shape, x)
+
+
+@pytest.mark.parametrize("ring", [1, 2, 3])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_ring_behind_a_slower_tile(ring, depth):
+    """A max pool (E = 4 words of d = 1 per inference) with a ring of 1..3 words feeding a dense tile that
+    computes 10 cycles per inference and receives inference s + 1 only once COMPUTE of s has begun: the
+    pool's output side stalls on the link, its ring fills and its COMPUTE waits between words."""
+    rng = np.random.default_rng(20 + ring)
+    lanes = 2
+    arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, router_fifo_depth=depth)
+    layers, shape = [MaxPool(1, 1), random_layer(rng, 8, 2, 1)], (1, 1, 4)
+    program = build_program(arch, layers, input_shape=shape)
+    assert program.arch.result_words == ring and result_words(program.tiles[0].config, lanes) == 4
+    x = rng.integers(-128, 128, (3 * PROBE_BATCH, 4), dtype=np.int8)
+    assert_long_batch(program, layers, shape, x)
+    # the ring did make COMPUTE wait: some pool COMPUTE spans are longer than I + 2 = 6 cycles
+    _, _, _, pes = reference_run(program, _map_flits(program, x[:6]), 6)
+    assert max(end - start for start, end, phase in pes[0].spans if phase == "COMPUTE") > 6
+
+
+@pytest.mark.parametrize("ring", [1, 2, 8])
+def test_results_beyond_the_ring_run(ring):
+    """E > R (validate no longer refuses it, section 4): a 1x1 max pool of 9 pixels x 2 words (E = 18) and a
+    3x3 conv of 16 pixels x 1 word (E = 16), through rings of 1, 2 and 8 words: golden data and the reference
+    cycle by cycle."""
+    lanes = 2
+    rng = np.random.default_rng(25)
+    arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=4096, max_tile_outputs=max(4, lanes * ring),
+                router_fifo_depth=2)
+    program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))   # n_out 4: R >= 2
+    assert result_words(program.tiles[0].config, lanes) == 18 > program.arch.result_words
+    x = rng.integers(-128, 128, (3, 27), dtype=np.int8)
+    result = assert_matches_reference(program, x, 3, flits=_map_flits(program, x))
+    np.testing.assert_array_equal(result.out_flits, network_golden([MaxPool(1, 1)], x, (3, 3, 3), lanes))
+    conv = Conv(rng.integers(-128, 128, (2, 3, 3, 3), dtype=np.int8), rng.integers(-500, 500, 2), 2**30, 40,
+                zp_in=3, pads=(1, 1, 1, 1))
+    program = build_program(arch.replace(max_tile_outputs=lanes * ring), [conv], input_shape=(3, 4, 4))
+    assert (program.arch.result_words, result_words(program.tiles[0].config, lanes)) == (ring, 16)
+    x = rng.integers(-128, 128, (3, 48), dtype=np.int8)
+    result = assert_matches_reference(program, x, 3, flits=_map_flits(program, x))
+    np.testing.assert_array_equal(result.out_flits, network_golden([conv], x, (3, 4, 4), lanes))
+
+
+def test_short_last_word_under_a_small_ring():
+    """MAC with N_o = 7 on 4 lanes (each pixel: a word of d = 4 * K_w, then a short one of 3 * K_w), the
+    smallest ring the tile allows (R = 2), a depth-1 link and a split layer behind it."""
+    rng = np.random.default_rng(26)
+    lanes = 4
+    conv = Conv(rng.integers(-128, 128, (7, 3, 2, 2), dtype=np.int8), rng.integers(-500, 500, 7), 2**30, 39,
+                zp_in=-2, pads=(0, 0, 1, 1))
+    layers, shape = [conv, random_layer(rng, 3 * 3 * 8, 6, 2)], (3, 3, 3)
+    arch = Arch(rows=1, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=7, router_fifo_depth=1)
+    program = build_program(arch, layers, input_shape=shape)
+    assert program.arch.result_words == 2 and result_words(program.tiles[0].config, lanes) == 18
+    from flowtile.program import result_word_issue_cycles
+    assert result_word_issue_cycles(program.tiles[0].config, lanes) == [4 * 4, 3 * 4]
+    x = rng.integers(-128, 128, (2 * PROBE_BATCH + 3, 27), dtype=np.int8)
+    assert_long_batch(program, layers, shape, x)
+
+
+def _smallest_ring(program, extra=0):
+    """A copy of ``program`` on an arch whose result ring is the smallest every tile's parameter table allows
+    (R = the most result words a pixel of any tile, max_tile_outputs = L * R) plus ``extra`` words."""
+    lanes = program.arch.lanes
+    widest = max([-(-t.config["n_out"] // lanes) for t in program.tiles if t.config["n_out"]] or [1])
+    program = copy.deepcopy(program)
+    program.arch = program.arch.replace(max_tile_outputs=lanes * (widest + extra))
+    program.validate()
+    return program
+
+
+def _random_ring(rng, program):
+    """``program`` as drawn, or (40 %) on the smallest ring its tiles allow plus 0..2 words."""
+    return program if rng.random() < 0.6 else _smallest_ring(program, int(rng.integers(0, 3)))
+
+
+@pytest.mark.parametrize("extra", [0, 1, 4])
+@pytest.mark.parametrize("seed", range(16))
+def test_random_programs_over_ring_sizes(seed, extra):
+    """Random dense, windowed, residual / concat and grouped programs on the smallest ring their tiles allow
+    plus ``extra`` words: the emulator against the reference cycle by cycle, outputs against the golden."""
+    rng = np.random.default_rng(15000 + seed)
+    kind = seed % 4
+    if kind == 0:
+        program, layers, x, batch = random_program(rng)
+        shape, flits = None, pack_flits(x, program.arch.lanes)
+    else:
+        draw = (random_windowed_program, random_residual_program, random_grouped_program)[kind - 1]
+        program, layers, shape, x, batch = draw(rng, budget=15000) if kind != 2 else draw(rng, budget=15000,
+                                                                                            concat=0.4)
+        flits = _map_flits(program, x)
+    program = _smallest_ring(program, extra)
+    result = assert_matches_reference(program, x, batch, flits=flits)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -983,6 +1294,7 @@ def _program_within_budget(rng, arch, layers, input_shape, max_batch, budget):
     batch = int(rng.integers(1, max_batch + 1))
     if _reference_cost(program, batch) > budget:
         return None
+    program = _random_ring(rng, program)
     x = rng.integers(-128, 128, (batch, int(np.prod(input_shape))), dtype=np.int8)
     return program, layers, input_shape, x, batch
 
@@ -1060,7 +1372,8 @@ def random_windowed_program(rng, *, max_batch=4, budget=30000):
     """Seeded random chain of conv / max-pool / depthwise / average-pool layers (maps 3x3..9x9, channels
     1..20, kernels 1..5 or global windows for pools and depthwise, strides 1..3, paddings, row bands
     over 1-3 tiles), sometimes followed by dense layers after a
-    flatten; redrawn until the cycle-stepping reference can run it in ``budget`` cycles or so."""
+    flatten; redrawn until the cycle-stepping reference can run it in ``budget`` cycles or so; sometimes on
+    the smallest result ring its tiles allow (section 4)."""
     while True:
         lanes = int(rng.choice([1, 2, 4, 8]))
         rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
@@ -1195,7 +1508,8 @@ def test_windowed_long_batch_matches_reference():
     (lambda t: t.config.update(n_out=t.config["n_out"] + 1), r"max-pool tile needs n_out = words_per_pixel \* lanes"),
     (lambda t: t.config.update(stride=0), r"needs register 'stride' >= 1"),
     (lambda t: t.config.update(kernel_w=0), r"needs register 'kernel_w' >= 1"),
-    (lambda t: t.config.update(out_rows=0), r"needs register 'out_rows' >= 1"),
+    # out_rows = 0 leaves no output pixel: Program.validate's pixel-band rule (section 4.1) or the emulator
+    (lambda t: t.config.update(out_rows=0), r"needs register 'out_rows' >= 1|over 0 rows .*hold >= 1 pixel"),
 ])
 def test_bad_window_registers_are_refused(change, message):
     arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
@@ -1219,10 +1533,15 @@ def test_large_batches_are_gathered_in_slices(monkeypatch):
     np.testing.assert_array_equal(run_functional(program, flits, 7).out_flits, network_golden(layers, x, shape, 4))
 
 
-def test_result_buffer_overflow_is_refused():
+def test_more_results_than_the_ring_holds_run():
+    """Program format 6 (section 4): E = 9 pixels x 2 words = 18 > R = 8 words is valid and runs (it was
+    refused while the result buffer had to hold an inference's results)."""
     arch = Arch(rows=1, cols=1, lanes=2, sram_bytes=4096, max_tile_outputs=16, router_fifo_depth=2)
-    with pytest.raises(ProgramError, match=r"result words per inference exceed the result buffer"):
-        build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))   # 9 pixels x 2 words > 8 words
+    program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))
+    assert result_words(program.tiles[0].config, 2) == 18 > arch.result_words == 8
+    x = np.random.default_rng(27).integers(-128, 128, (4, 27), dtype=np.int8)
+    result = assert_matches_reference(program, x, 4, flits=pack_flits(x, 2, program.input))
+    np.testing.assert_array_equal(result.out_flits, network_golden([MaxPool(1, 1)], x, (3, 3, 3), 2))
 
 
 # --- (5) op = LANE (section 4.1): depthwise convolution and average pools -------------------------
@@ -1426,7 +1745,7 @@ def _layer_tiles(layers):
             total += _layer_tiles(layer.main)
         elif isinstance(layer, Concat):
             total += _layer_tiles(layer.a_branch) + _layer_tiles(layer.b_branch)
-        total += layer.tiles if isinstance(layer.tiles, int) else len(layer.tiles)
+        total += layer_bands(layer)
     return total
 
 
@@ -1495,7 +1814,7 @@ def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=
     nested after a main layer), optionally a pool or a dense layer; or a flat vector through a residual
     block of dense layers. With probability ``concat`` each block is a Concat instead (section 4.3), flat
     ones included; if ``concat > 0`` the program has at least one. Redrawn until the cycle-stepping
-    reference can run it in ``budget`` cycles or so."""
+    reference can run it in ``budget`` cycles or so; sometimes on the smallest result ring its tiles allow."""
     while True:
         lanes_now = int(rng.choice([1, 2, 4, 8])) if lanes is None else lanes
         if rng.random() < 0.25:  # flat: dense main branch, one ADD tile (or dense branches, one CONCAT tile)
@@ -1563,6 +1882,7 @@ def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=
             continue
         batch = int(rng.integers(1, max_batch + 1))
         if _reference_cost(program, batch) <= budget:
+            program = _random_ring(rng, program)
             x = rng.integers(-128, 128, (batch, n_in), dtype=np.int8)
             return program, layers, input_shape, x, batch
 
@@ -2122,7 +2442,7 @@ def random_grouped_program(rng, *, max_batch=4, budget=25000):
     conv stands alone, after a max pool, or as the main branch of a residual block (its last tile then
     forwards the block input: Q_f > 0 before its P_bulk and interleaved pops), and is sometimes followed by
     a max pool (which reads the merged pixel-major stream) or a dense layer. Redrawn until the reference can
-    step it in about ``budget`` cycles."""
+    step it in about ``budget`` cycles; sometimes on the smallest result ring its tiles allow."""
     while True:
         lanes = int(rng.choice([1, 2, 4, 8]))
         shape = (int(rng.integers(1, 11)), int(rng.integers(3, 7)), int(rng.integers(3, 7)))
@@ -2246,25 +2566,31 @@ def _hand_groups_case():
     cycles, E = 2, pass_per_pixel = 1, n_pass = 2 * 1, Q_f = 0, P_bulk = 0: per inference pop, EMIT word 0,
     pop, EMIT word 1), batch 2.
 
-    Host flits written at 0, 1, 2, 3. PE 0: RECV 1, 2 (pushed), pops 2, 3, c_0 = 3, COMPUTE [3, 9); inference
-    1 at 3, 4 (>= c_0), EMIT 9, 10, pops 11, 12, c_1 = max(5, 9, 11) = 11, EMIT 17, 18. Each PE 0 output
-    reaches PE 1 two cycles later. PE 1: RECV 4, 5, c_0 = 6, COMPUTE [6, 10), PASS 11, 12 (pushed); pop 12
-    (pixel 0's group-0 word), EMIT word 0 at max(c_0 + 4, 13) = 13, pop 14, EMIT word 1 at 15; inference 1:
-    RECV 13, 14, PASS 19, 20, c_1 = max(15, 10, 15 + 1) = 16, COMPUTE [16, 20); pop 20, EMIT 21, pop 22, EMIT
-    23; the host gets each one cycle later. Output spans of PE 1: no FORWARD (Q_f + P_bulk = 0), EMIT from
-    the end of the previous output span to the last output transfer + 1."""
+    Result words (section 4's ring, R = ceil(16 / 2) = 8, never full here): tile 0 has one word per pixel
+    of d = L * K_w = 2 * 1 = 2 issue cycles; tile 1 one short word per pixel of d = (N_o mod L) * K_w = 1.
+
+    Host flits written at 0, 1, 2, 3. PE 0: RECV 1, 2 (pushed), pops 2, 3, a_0 = c_0 = 3, a_1 = a_0 + 2 = 5,
+    COMPUTE [3, a_1 + 2 + 2 = 9); inference 1 at 3, 4 (>= c_0); EMIT word 0 at a_0 + d + 2 = 7, word 1 at
+    a_1 + d + 2 = 9, pops 10, 11; a_2 = c_1 = max(4 + 1, a_1 + 2 + 2 = 9) = 9, a_3 = 11, COMPUTE [9, 15);
+    EMIT word 2 at max(11 + 1, 9 + 4) = 13, word 3 at 11 + 4 = 15. Each PE 0 output reaches PE 1 two cycles
+    later. PE 1: RECV 4, 5, a_0 = c_0 = 6, a_1 = 7, COMPUTE [6, 7 + 1 + 2 = 10), PASS 9, 11 (pushed); pop 10
+    (pixel 0's group-0 word), EMIT word 0 at max(10 + 1, a_0 + 1 + 2 = 9) = 11, pop 12, EMIT word 1 at 13
+    (>= a_1 + 3 = 10); inference 1: RECV 12, 13, PASS 15, 17, a_2 = c_1 = max(13 + 1, a_1 + 1 + 2 = 10) =
+    14, a_3 = 15, COMPUTE [14, 18); pop 16, EMIT word 2 at max(17, 14 + 3) = 17, pop 18, EMIT word 3 at
+    max(19, 15 + 3) = 19; the host gets each one cycle later. Output spans of PE 1: no FORWARD (Q_f + P_bulk
+    = 0), EMIT from the end of the previous output span to the last output transfer + 1."""
     arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     conv = Conv(np.array([3, -2, 5], np.int8).reshape(3, 1, 1, 1), [1, 2, 3], 2**30, 30, zp_out=-1,
                 channel_groups=[2, 1])
     x = np.array([[4, -7], [10, 20]], np.int8)
-    expected = {"in_times": [0, 1, 2, 3], "out_times": [13, 14, 15, 16, 21, 22, 23, 24],
-                0: {"input": [1, 2, 3, 4], "compute": [3, 11], "output": [2, 3, 9, 10, 11, 12, 17, 18],
-                    "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (3, 9, "COMPUTE"), (11, 17, "COMPUTE"),
-                              (0, 4, "FORWARD"), (4, 11, "EMIT"), (11, 13, "FORWARD"), (13, 19, "EMIT")]},
-                1: {"input": [4, 5, 11, 12, 13, 14, 19, 20], "compute": [6, 16],
-                    "output": [12, 13, 14, 15, 20, 21, 22, 23],
-                    "spans": [(0, 6, "RECV"), (6, 13, "PASS"), (13, 15, "RECV"), (15, 21, "PASS"),
-                              (6, 10, "COMPUTE"), (16, 20, "COMPUTE"), (0, 16, "EMIT"), (16, 24, "EMIT")]}}
+    expected = {"in_times": [0, 1, 2, 3], "out_times": [11, 12, 13, 14, 17, 18, 19, 20],
+                0: {"input": [1, 2, 3, 4], "compute": [3, 9], "output": [2, 3, 7, 9, 10, 11, 13, 15],
+                    "spans": [(0, 3, "RECV"), (3, 5, "RECV"), (3, 9, "COMPUTE"), (9, 15, "COMPUTE"),
+                              (0, 4, "FORWARD"), (4, 10, "EMIT"), (10, 12, "FORWARD"), (12, 16, "EMIT")]},
+                1: {"input": [4, 5, 9, 11, 12, 13, 15, 17], "compute": [6, 14],
+                    "output": [10, 11, 12, 13, 16, 17, 18, 19],
+                    "spans": [(0, 6, "RECV"), (6, 12, "PASS"), (12, 14, "RECV"), (14, 18, "PASS"),
+                              (6, 10, "COMPUTE"), (14, 18, "COMPUTE"), (0, 14, "EMIT"), (14, 20, "EMIT")]}}
     # y_c = clamp(x * w_c + bias_c + zp_out) (M / 2^S = 1); pixel-major, word 0 = channels 0, 1, word 1 =
     # channel 2 and a zero padding lane
     flits = [[4 * 3 + 1 - 1, 4 * -2 + 2 - 1], [4 * 5 + 3 - 1, 0], [-7 * 3 + 1 - 1, -7 * -2 + 2 - 1],
@@ -2317,3 +2643,330 @@ def test_bad_pass_per_pixel_is_refused(change, message):
     change(program)
     with pytest.raises((EmulatorError, ProgramError), match=message):
         emulate(program, np.zeros((2, 2), np.int8), 1)
+
+
+# --- (8) bands of output pixels (section 4.1: out_col_begin, out_col_end) ---------------------------
+
+def _band_registers(config):
+    return tuple(config[name] for name in ("out_row_begin", "out_rows", "out_col_begin", "out_col_end"))
+
+
+def test_band_pixels_from_registers():
+    """Every band [p0, p1) of row-major pixels of maps up to 4x6: the builder's registers give back exactly
+    those pixels in the reference's pixel list, n_pix = out_rows * out_width - out_col_begin - (out_width - E')
+    (flowtile.program.output_pixels) and the contract's own output_pixel_positions agree; whole rows keep both
+    new registers 0."""
+    from flowtile.program import output_pixel_positions, output_pixels
+    for width in range(1, 7):
+        for height in range(1, 5):
+            for begin in range(height * width):
+                for end in range(begin + 1, height * width + 1):
+                    config = dict(pixel_band_registers(begin, end, width), out_width=width)
+                    pixels = band_pixels(config)
+                    assert pixels == [(p // width, p % width) for p in range(begin, end)], (width, begin, end)
+                    last = config["out_col_end"] or width
+                    n_pix = config["out_rows"] * width - config["out_col_begin"] - (width - last)
+                    assert len(pixels) == n_pix == output_pixels(config), (width, begin, end)
+                    assert pixels == output_pixel_positions(config), (width, begin, end)
+                    assert config["out_col_begin"] < width and config["out_col_end"] <= width
+                    if begin % width == 0 and end % width == 0:
+                        assert config["out_col_begin"] == config["out_col_end"] == 0
+    assert band_pixels(dict(out_row_begin=2, out_rows=1, out_width=5, out_col_begin=1, out_col_end=4)) == \
+        [(2, 1), (2, 2), (2, 3)]
+    assert band_pixels(dict(out_row_begin=0, out_rows=2, out_width=3, out_col_begin=2, out_col_end=0)) == \
+        [(0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def test_builder_pixel_band_registers():
+    """program_builder's pixel bands: a 5x5 output split into 9, 9 and 7 pixels cuts rows 1 and 3 in the
+    middle; n_pass counts the earlier bands' words (9 pixels x N_r = 2); groups split each band; bad splits
+    are refused."""
+    rng = np.random.default_rng(40)
+    arch = Arch(rows=2, cols=3, lanes=2, sram_bytes=16384, max_tile_outputs=64)
+    conv = Conv(rng.integers(-128, 128, (3, 2, 3, 3), dtype=np.int8), rng.integers(-500, 500, 3), 2**30, 40,
+                pads=(1, 1, 1, 1), pixel_bands=[9, 9, 7])
+    program = build_program(arch, [conv], input_shape=(2, 5, 5))
+    assert [_band_registers(t.config) for t in program.tiles[:3]] == [(0, 2, 0, 4), (1, 3, 4, 3), (3, 2, 3, 0)]
+    assert [t.config["n_pass"] for t in program.tiles[:4]] == [0, 18, 36, 50]
+    assert [result_words(t.config, 2) for t in program.tiles[:3]] == [18, 18, 14]
+    grouped = build_program(arch, [conv._replace(channel_groups=[2, 1], pixel_bands=[12, 13])], input_shape=(2, 5, 5))
+    assert [_band_registers(t.config) for t in grouped.tiles[:4]] == [(0, 3, 0, 2)] * 2 + [(2, 3, 2, 0)] * 2
+    assert [(t.config["pass_per_pixel"], t.config["n_pass"]) for t in grouped.tiles[:4]] == \
+        [(0, 0), (1, 12), (0, 24), (1, 24 + 13)]
+    assert split_pixels(4, 3, 2) == [(0, 6), (6, 12)] and split_pixels(4, 3, 1, [5, 7]) == [(0, 5), (5, 12)]
+    with pytest.raises(ValueError, match=r"pixel bands \[9, 9, 6\] of 5x5 = 25 output pixels"):
+        build_program(arch, [conv._replace(pixel_bands=[9, 9, 6])], input_shape=(2, 5, 5))
+    with pytest.raises(ValueError, match=r"tiles = 2 must be 1 or 3"):
+        build_program(arch, [conv._replace(tiles=2)], input_shape=(2, 5, 5))
+
+
+def _hand_pixel_band_case():
+    """Section 4.1 by hand: lanes 2, router FIFOs of depth 2, a 1x1 max pool (the identity) over one channel
+    on a 2x3 map (K = 6 words, one word a pixel), split into bands of 4 and 2 pixels: tile 0 = row 0 and
+    column 0 of row 1 (out_rows 2, out_col_end 1: n_pix = 2 * 3 - 0 - (3 - 1) = 4, E = I = 4, forwards x),
+    tile 1 = columns 1, 2 of row 1 (out_col_begin 1: n_pix = 2, E = I = 2, P = 4 passed words); batch 2, ring
+    R = 8 (never full), d = 1 per word.
+
+    Host flits written at 0..11 (the W FIFO never fills). PE 0: RECV 1..6 (pushed), pops 2..7, a_0 = c_0 = 7,
+    a = 7, 8, 9, 10, COMPUTE [7, 13), EMITs at a + 3 = 10..13; inference 1 RECV 7..12 (>= c_0), pops 14..19
+    (after EMIT 3), c_1 = max(12 + 1, 10 + 1 + 2) = 13, COMPUTE [13, 19), EMITs after the pops: 20..23. Each
+    PE 0 output reaches PE 1 two cycles later. PE 1: RECV 4..9, c_0 = 10, a = 10, 11, COMPUTE [10, 14), PASS
+    12..15, pops 13..16, EMITs at max(17, 13) = 17, 18; inference 1: RECV 16..21, PASS 22..25, c_1 = max(21 +
+    1, 11 + 1 + 2) = 22, COMPUTE [22, 26), pops 23..26, EMITs 27, 28. The host gets each one cycle later.
+    Data: the input pixels in row-major order, band after band (padding lane 0)."""
+    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    layers, shape = [MaxPool(1, 1, pixel_bands=[4, 2])], (1, 2, 3)
+    x = np.array([[5, -3, 7, 100, -128, 1], [-9, 2, 64, -1, 0, 127]], np.int8)
+    expected = {"in_times": list(range(12)), "out_times": [14, 15, 16, 17, 18, 19, 24, 25, 26, 27, 28, 29],
+                0: {"input": list(range(1, 13)), "compute": [7, 13],
+                    "output": [2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
+                    "spans": [(0, 7, "RECV"), (7, 13, "RECV"), (7, 13, "COMPUTE"), (13, 19, "COMPUTE"),
+                              (0, 8, "FORWARD"), (8, 14, "EMIT"), (14, 20, "FORWARD"), (20, 24, "EMIT")]},
+                1: {"input": [4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25],
+                    "compute": [10, 22], "output": [13, 14, 15, 16, 17, 18, 23, 24, 25, 26, 27, 28],
+                    "spans": [(0, 10, "RECV"), (10, 16, "PASS"), (16, 22, "RECV"), (22, 26, "PASS"),
+                              (10, 14, "COMPUTE"), (22, 26, "COMPUTE"),
+                              (0, 17, "FORWARD"), (17, 19, "EMIT"), (19, 27, "FORWARD"), (27, 29, "EMIT")]}}
+    flits = np.stack([x.reshape(-1), np.zeros(12, np.int8)], axis=1)
+    program = build_program(arch, layers, input_shape=shape)
+    assert [_band_registers(t.config) for t in program.tiles] == [(0, 2, 0, 1), (1, 1, 1, 0)]
+    return program, layers, shape, x, expected, flits
+
+
+def test_reference_hand_computed_pixel_bands():
+    program, layers, shape, x, expected, expected_flits = _hand_pixel_band_case()
+    np.testing.assert_array_equal(network_golden(layers, x, shape, 2), expected_flits,
+                                  err_msg="the numpy golden disagrees with the hand-computed flits")
+    flits, out_times, in_times, pes = reference_run(program, _map_flits(program, x), 2)
+    assert [pe.pixels for pe in pes] == [[(0, 0), (0, 1), (0, 2), (1, 0)], [(1, 1), (1, 2)]]
+    pe_times = [dict(input=pe.input_times, compute=pe.compute_starts, output=pe.output_times) for pe in pes]
+    _check_hand("reference", in_times.tolist(), out_times.tolist(), flits, pe_times, [pe.spans for pe in pes],
+                expected, expected_flits)
+
+
+def test_emulator_hand_computed_pixel_bands():
+    program, _, _, x, expected, expected_flits = _hand_pixel_band_case()
+    result = emulate(program, _map_flits(program, x), 2)
+    pe_times = [dict(input=t.input.tolist(), compute=t.compute.tolist(), output=t.output.tolist())
+                for t in result.timing.pe_times]
+    spans = [[(int(s), int(e), str(p)) for s, e, p in timeline] for timeline in result.tile_timelines]
+    _check_hand("emulator", result.in_times.tolist(), result.out_times.tolist(), result.out_flits, pe_times,
+                spans, expected, expected_flits)
+
+
+def _pixel_band_case(name):
+    """(program, layers, input shape, x, expected band registers of the layer's tiles) of small programs whose
+    bands begin or end inside rows (section 4.1)."""
+    rng = np.random.default_rng({"conv-partial-rows": 41, "conv-single-row": 42, "maxpool": 43, "depthwise": 44,
+                                 "average": 45, "add": 46, "add-skip-b": 47, "concat": 48, "groups": 49}[name])
+
+    def conv(c_out, c_in, kh, kw, lanes, **kwargs):
+        window = kh * kw * -(-c_in // lanes) * lanes
+        return Conv(rng.integers(-128, 128, (c_out, c_in, kh, kw), dtype=np.int8), rng.integers(-2000, 2000, c_out),
+                    rng.integers(2**30, 2**31, c_out), 31 + int(np.log2(window)) + 4, int(rng.integers(-128, 128)),
+                    int(rng.integers(-20, 21)), **kwargs)
+
+    if name == "conv-partial-rows":
+        # 5x6 output, 5 channels on 4 lanes (a short last word): bands of 4, 17 and 9 pixels; the middle one
+        # runs from (0, 4) to (3, 2): a partial first row, two whole rows, a partial last row
+        lanes, shape = 4, (3, 5, 6)
+        layers = [conv(5, 3, 3, 3, lanes, pads=(1, 1, 1, 1), pixel_bands=[4, 17, 9])]
+        bands = [(0, 1, 0, 4), (0, 4, 4, 3), (3, 2, 3, 0)]
+    elif name == "conv-single-row":
+        # 3x4 output: single-row bands [0, 1), [1, 3) (partial at both ends), [3, 4) (ending at the row's end:
+        # out_col_end = 0), then (1, 0)..(2, 0) and (2, 1)..(2, 3)
+        lanes, shape = 2, (2, 4, 5)
+        layers = [conv(3, 2, 2, 2, lanes, clamp_lo=-10, pixel_bands=[1, 2, 1, 5, 3])]
+        bands = [(0, 1, 0, 1), (0, 1, 1, 3), (0, 1, 3, 0), (1, 2, 0, 1), (2, 1, 1, 0)]
+    elif name == "maxpool":
+        lanes, shape = 4, (5, 4, 4)
+        layers = [MaxPool(2, 2, 1, (0, 0, 1, 1), clamp_lo=-20, pixel_bands=[3, 6, 7])]
+        bands = [(0, 1, 0, 3), (0, 3, 3, 1), (2, 2, 1, 0)]
+    elif name == "depthwise":
+        lanes, shape = 2, (3, 5, 5)
+        layers = [Depthwise(rng.integers(-128, 128, (3, 3, 3), dtype=np.int8), rng.integers(-2000, 2000, 3),
+                            rng.integers(2**30, 2**31, 3), 31 + 3 + 4, zp_in=-7, zp_out=3, stride=2,
+                            pads=(1, 1, 1, 1), pixel_bands=[2, 5, 2])]
+        bands = [(0, 1, 0, 2), (0, 3, 2, 1), (2, 1, 1, 0)]
+    elif name == "average":
+        lanes, shape = 2, (3, 4, 4)
+        layers = [average_pool(3, 2, 2, 2**30, 32, bias=-4 * 9, zp_in=9, stride=2, pixel_bands=[1, 3])]
+        bands = [(0, 1, 0, 1), (0, 2, 1, 0)]
+    elif name in ("add", "add-skip-b"):
+        # a residual block on a 5x4 map: the main conv in bands of 7 and 13 pixels, the ADD tiles in bands of
+        # 5, 6 and 9 pixels ((0, 0)..(1, 0), (1, 1)..(2, 2), (2, 3)..(4, 3))
+        lanes, shape = 2, (3, 5, 4)
+        add = AddParams(int(rng.integers(2**21, 2**22)), 2**22, int(rng.integers(2**30, 2**31)), 53, zp_a=-5,
+                        zp_b=6, zp_out=-2, clamp_lo=-2)
+        main = [conv(3, 3, 3, 3, lanes, pads=(1, 1, 1, 1), pixel_bands=[7, 13])]
+        layers = [Residual(main, add, skip="a" if name == "add" else "b", pixel_bands=[5, 6, 9])]
+        bands = [(0, 2, 0, 1), (1, 2, 1, 3), (2, 3, 3, 0)]
+    elif name == "concat":
+        lanes, shape = 2, (3, 3, 4)
+        params = ConcatParams(2**22, int(rng.integers(2**21, 2**22)), int(rng.integers(2**30, 2**31)), 53,
+                              zp_a=4, zp_b=-3, zp_out=1)
+        layers = [Concat([conv(4, 3, 1, 1, lanes)], [], params, pixel_bands=[6, 5, 1])]
+        bands = [(0, 2, 0, 2), (1, 2, 2, 3), (2, 1, 3, 0)]
+    elif name == "groups":
+        # a conv over 2 bands (4 and 5 pixels of a 3x3 output) x 3 channel groups (2, 2, 1 channels on 2
+        # lanes): the group tiles interleave pass_per_pixel = 1, 2 pops per pixel of their partial bands
+        lanes, shape = 2, (2, 3, 3)
+        layers = [conv(5, 2, 2, 2, lanes, pads=(1, 0, 0, 1), channel_groups=[2, 2, 1], pixel_bands=[4, 5]),
+                  MaxPool(2, 2)]
+        bands = [(0, 2, 0, 1)] * 3 + [(1, 2, 1, 0)] * 3
+    else:
+        raise ValueError(name)
+    tiles = _layer_tiles(layers) + (4 if name == "groups" else 0)   # _layer_tiles counts bands, not groups
+    arch = Arch(rows=2, cols=-(-(tiles + 1) // 2), lanes=lanes, sram_bytes=lanes * 4096, max_tile_outputs=64,
+                router_fifo_depth=2)
+    program = build_program(arch, layers, input_shape=shape, act_fill=rng)
+    x = rng.integers(-128, 128, (3, int(np.prod(shape))), dtype=np.int8)
+    return program, layers, shape, x, bands
+
+
+PIXEL_BAND_CASES = ("conv-partial-rows", "conv-single-row", "maxpool", "depthwise", "average", "add", "add-skip-b",
+                    "concat", "groups")
+
+
+@pytest.mark.parametrize("name", PIXEL_BAND_CASES)
+def test_pixel_band_cases(name):
+    """Bands that begin or end inside a row, for every op: the expected registers, the functional result and
+    the emulator's against the unsplit numpy golden, and the emulator against the reference cycle by cycle."""
+    program, layers, shape, x, bands = _pixel_band_case(name)
+    op = {"maxpool": OP_MAX, "depthwise": OP_LANE, "average": OP_LANE, "add": OP_ADD, "add-skip-b": OP_ADD,
+          "concat": OP_CONCAT}.get(name, 0)
+    banded = [t for t in program.tiles if t.config["n_out"] and t.config["op"] == op][-len(bands):]
+    assert [_band_registers(t.config) for t in banded] == bands
+    if name == "groups":
+        assert [t.config["pass_per_pixel"] for t in banded] == [0, 1, 2] * 2
+        assert [t.config["n_pass"] for t in banded] == [0, 4, 8, 12, 12 + 5, 12 + 10]
+    batch = len(x)
+    flits = _map_flits(program, x)
+    golden = network_golden(layers, x, shape, program.arch.lanes)
+    result = assert_matches_reference(program, x, batch, flits=flits, golden=golden)
+    np.testing.assert_array_equal(result.out_flits, golden, err_msg="emulated output vs the unsplit numpy golden")
+    np.testing.assert_array_equal(run_functional(program, flits, batch).out_flits, golden,
+                                  err_msg="functional output vs the unsplit numpy golden")
+
+
+def test_pixel_band_chain_long_batch():
+    """A 5x5-output conv over 3 bands of 9, 9 and 7 pixels (cutting rows 1 and 3 in the middle), a max pool
+    over bands of 6 and 10 pixels of its 4x4 output and a dense layer; a batch past the probe: outputs against
+    the numpy golden, the emulator's times against the reference's (cycle by cycle) and plain sweeps'."""
+    rng = np.random.default_rng(50)
+    lanes = 2
+    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=16384, max_tile_outputs=64, router_fifo_depth=2)
+    conv = Conv(rng.integers(-128, 128, (3, 2, 3, 3), dtype=np.int8), rng.integers(-500, 500, 3), 2**30, 39,
+                zp_in=-4, zp_out=1, clamp_lo=1, pads=(1, 1, 1, 1), pixel_bands=[9, 9, 7])
+    pool = MaxPool(2, 2, stride=1, pixel_bands=[6, 10])
+    dense = random_layer(rng, 4 * 4 * 2 * lanes, 5, 1)
+    layers, shape = [conv, pool, dense], (2, 5, 5)
+    program = build_program(arch, layers, input_shape=shape)
+    assert [_band_registers(t.config) for t in program.tiles[:5]] == [(0, 2, 0, 4), (1, 3, 4, 3), (3, 2, 3, 0),
+                                                                     (0, 2, 0, 2), (1, 3, 2, 0)]
+    x = rng.integers(-128, 128, (3 * PROBE_BATCH, 50), dtype=np.int8)
+    assert_long_batch(program, layers, shape, x)
+
+
+def _random_pixel_split(rng, pixels, bands):
+    """``bands`` positive pixel counts summing to ``pixels``, cut at random pixels."""
+    cuts = np.sort(rng.choice(np.arange(1, pixels), bands - 1, replace=False)) if bands > 1 else np.zeros(0, int)
+    return [int(b - a) for a, b in zip([0, *cuts], [*cuts, pixels])]
+
+
+def _as_pixel_bands(rng, layers, shape):
+    """``layers`` with every windowed layer's and map join's bands redrawn as random bands of output pixels
+    (the same number of bands, so the same tiles); returns (layers, output shape)."""
+    out = []
+    for index, layer in enumerate(layers):
+        if len(shape) != 3:   # a vector: dense layers and joins of them only from here on
+            return out + list(layers[index:]), None
+        height, width = shape[1:]
+        if isinstance(layer, Dense):
+            out.append(layer)
+            shape = (layer.n_out,)
+            continue
+        if isinstance(layer, Residual):
+            main, _ = _as_pixel_bands(rng, layer.main, shape)
+            bands = layer_bands(layer)
+            out.append(layer._replace(main=main, tiles=bands,
+                                      pixel_bands=_random_pixel_split(rng, height * width, bands)))
+            continue
+        if isinstance(layer, Concat):
+            a_branch, shape_a = _as_pixel_bands(rng, layer.a_branch, shape) if layer.a_branch else ([], shape)
+            b_branch, shape_b = _as_pixel_bands(rng, layer.b_branch, shape) if layer.b_branch else ([], shape)
+            bands = layer_bands(layer)
+            out.append(layer._replace(a_branch=a_branch, b_branch=b_branch, tiles=bands,
+                                      pixel_bands=_random_pixel_split(rng, height * width, bands)))
+            shape = (shape_a[0] + shape_b[0], height, width)
+            continue
+        top, left, bottom, right = layer.pads
+        out_shape = (layer.weights.shape[0] if isinstance(layer, Conv) else shape[0],
+                     window_output_size(height, layer.kernel[0], layer.stride, top, bottom),
+                     window_output_size(width, layer.kernel[1], layer.stride, left, right))
+        bands = layer_bands(layer)
+        out.append(layer._replace(tiles=bands,
+                                  pixel_bands=_random_pixel_split(rng, out_shape[1] * out_shape[2], bands)))
+        shape = out_shape
+    return out, shape
+
+
+def random_pixel_band_program(rng, *, budget=20000):
+    """A random windowed, residual / concat or grouped program (the generators above) whose row bands are
+    redrawn as random bands of output pixels over the same tiles, redrawn until some band begins or ends
+    inside a row and the reference can step it in about ``budget`` cycles."""
+    while True:
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            program, layers, shape, x, batch = random_windowed_program(rng, budget=budget)
+        elif kind == 1:
+            program, layers, shape, x, batch = random_residual_program(rng, budget=budget, concat=0.3)
+        else:
+            program, layers, shape, x, batch = random_grouped_program(rng, budget=budget)
+        if shape is None:
+            continue
+        layers, _ = _as_pixel_bands(rng, layers, shape)
+        banded = build_program(program.arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
+                               input_shape=shape)
+        if not any(t.config["out_col_begin"] or t.config["out_col_end"] for t in banded.tiles):
+            continue
+        if _reference_cost(banded, batch) <= 2 * budget:
+            return banded, layers, shape, x, batch
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_pixel_band_programs_match_reference(seed):
+    """Random programs split into bands of output pixels: functional and emulated outputs against the numpy
+    golden, the emulator against the reference cycle by cycle."""
+    rng = np.random.default_rng(17000 + seed)
+    program, layers, shape, x, batch = random_pixel_band_program(rng)
+    flits = _map_flits(program, x)
+    golden = network_golden(layers, x, shape, program.arch.lanes)
+    result = assert_matches_reference(program, x, batch, flits=flits, golden=golden)
+    np.testing.assert_array_equal(run_functional(program, flits, batch).out_flits, golden,
+                                  err_msg="functional output vs the unsplit numpy golden")
+    np.testing.assert_array_equal(result.out_flits, golden, err_msg="emulated output vs the unsplit numpy golden")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_pixel_band_long_batches_match_reference(seed):
+    """Batches past the probe (periodic extrapolation or its fallback) through random pixel bands: outputs
+    against the golden, times against the reference cycle by cycle and against plain sweeps."""
+    rng = np.random.default_rng(27000 + seed)
+    program, layers, shape, x, _ = random_pixel_band_program(rng, budget=1500)
+    batch = int(rng.integers(2 * PROBE_BATCH, 3 * PROBE_BATCH))
+    assert_long_batch(program, layers, shape, rng.integers(-128, 128, (batch, x.shape[1]), dtype=np.int8))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(out_col_begin=3), r"out_col_begin = 3"),
+    (lambda c: c.update(out_col_end=4), r"out_col_end = 4"),
+    (lambda c: c.update(out_rows=1, out_col_begin=2, out_col_end=2), r"out_col_begin = 2, out_col_end = 2"),
+])
+def test_bad_pixel_bands_are_refused(change, message):
+    """Section 4.1's validity rule: out_col_begin < out_width, out_col_end <= out_width, n_pix >= 1 (here on
+    the hand-computed program's first tile, out_width = 3)."""
+    program = copy.deepcopy(_hand_pixel_band_case()[0])
+    change(program.tiles[0].config)
+    with pytest.raises((EmulatorError, ProgramError), match=message):
+        emulate(program, np.zeros((6, 2), np.int8), 1)
