@@ -711,9 +711,9 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
     chains = graph.chains
     spaced = _spaced_delays(graph)
     solves, full, prefix = 0, None, None
-    if probe_batch is not None and batch > 2 * probe_batch:
+    if probe_batch is not None and batch > probe_batch:
         probe = probe_batch
-        while probe * 2 < batch:
+        while probe < batch:
             system = _ChainSystem(graph, tail, probe, spaced=spaced)
             if prefix is not None:
                 system.warm_start(prefix)
