@@ -2622,14 +2622,19 @@ def test_reference_hand_computed_output_groups():
                 expected, expected_flits)
 
 
-def test_emulator_hand_computed_output_groups():
-    program, _, x, expected, expected_flits = _hand_groups_case()
+def _check_emulator_hand(program, x, expected, expected_flits) -> None:
+    """The emulator on a hand-computed two-inference case: every transfer time, span and flit."""
     result = emulate(program, _map_flits(program, x), 2)
     pe_times = [dict(input=t.input.tolist(), compute=t.compute.tolist(), output=t.output.tolist())
                 for t in result.timing.pe_times]
     spans = [[(int(s), int(e), str(p)) for s, e, p in timeline] for timeline in result.tile_timelines]
     _check_hand("emulator", result.in_times.tolist(), result.out_times.tolist(), result.out_flits, pe_times,
                 spans, expected, expected_flits)
+
+
+def test_emulator_hand_computed_output_groups():
+    program, _, x, expected, expected_flits = _hand_groups_case()
+    _check_emulator_hand(program, x, expected, expected_flits)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -2746,12 +2751,7 @@ def test_reference_hand_computed_pixel_bands():
 
 def test_emulator_hand_computed_pixel_bands():
     program, _, _, x, expected, expected_flits = _hand_pixel_band_case()
-    result = emulate(program, _map_flits(program, x), 2)
-    pe_times = [dict(input=t.input.tolist(), compute=t.compute.tolist(), output=t.output.tolist())
-                for t in result.timing.pe_times]
-    spans = [[(int(s), int(e), str(p)) for s, e, p in timeline] for timeline in result.tile_timelines]
-    _check_hand("emulator", result.in_times.tolist(), result.out_times.tolist(), result.out_flits, pe_times,
-                spans, expected, expected_flits)
+    _check_emulator_hand(program, x, expected, expected_flits)
 
 
 def _pixel_band_case(name):
