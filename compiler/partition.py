@@ -15,7 +15,7 @@ Rules (docs/architecture.md sections 1 and 6):
 * the pipeline's throughput is set by its slowest tile, so the tiles are balanced by a binary search for the
   smallest per-tile cycle budget at which every layer's fewest tiles within it fit the grid.
 
-Windowed layers (Conv, MaxPool, lane layers; section 4.1) split their *output rows* instead: every tile of
+Windowed layers (Conv, MaxPool, lane layers; section 4.1) split their *output pixels* instead: every tile of
 the layer receives the whole input map, stores only the input rows its band's windows read (twice: two banks;
 :func:`band_input_rows`), holds all the weights (``N_o * KH*KW*CW`` words, none for MaxPool, ``CW*KH*KW`` for op
 LANE; a convolution's channel group only its own, section 4.4) and computes a band of consecutive output pixels
@@ -215,7 +215,7 @@ def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | 
     return channels
 
 
-def _split_rows(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
+def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
     """Bands of output pixels (x output-channel groups for a convolution, section 4.4) whose tiles each take
     <= ``budget`` cycles, or None (as :func:`_split`): the fewest tiles over every uniform group count and over
     bands that each pick their own group count (each band's tiles are independent of the other bands', so they
@@ -466,7 +466,7 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
 
     def split(i: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
         if costs[i] is not None:
-            return _split_rows(costs[i], arch, i, budget, max_tiles)
+            return _split_window(costs[i], arch, i, budget, max_tiles)
         return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles)
 
     unlimited = float("inf")
@@ -481,7 +481,7 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             f"model does not fit {grid}: its layers need {sum(len(s) for s in splits)} tiles, there are "
             f"{n_tiles}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a "
             f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
-            f"bytes, or a channel group's) and two banks of the input rows of its band of output rows")
+            f"bytes, or a channel group's) and two banks of the input rows its band of output pixels reads")
     # balance: the pipeline runs at the pace of its slowest tile, so find the smallest per-tile budget for which
     # every layer's fewest tiles within it (its greedy split) still add up to the grid (binary search).
     def within(budget: int) -> list[list[TileSlice]] | None:
