@@ -73,12 +73,12 @@ class TileSlice:
     @property
     def row_begin(self) -> int:
         """The band's first output row."""
-        return self.pixel_begin // self.out_width
+        return pixel_rows(self.pixel_begin, self.pixels, self.out_width)[0]
 
     @property
     def rows(self) -> int:
         """Output rows the band touches (its first and last possibly partial)."""
-        return (self.pixel_begin + self.pixels - 1) // self.out_width - self.row_begin + 1 if self.pixels else 0
+        return pixel_rows(self.pixel_begin, self.pixels, self.out_width)[1] if self.pixels else 0
 
     @property
     def col_begin(self) -> int:
@@ -137,9 +137,7 @@ class WindowCosts:
         bank): the input rows the windows of the output rows it touches read."""
         if not self.row_words:
             return self.k
-        first_row = pixel_begin // self.out_width
-        rows = (pixel_begin + pixels - 1) // self.out_width - first_row + 1
-        return band_input_rows(self, first_row, rows)[1] * self.row_words
+        return band_input_rows(self, *pixel_rows(pixel_begin, pixels, self.out_width))[1] * self.row_words
 
     @property
     def pixel_issue(self) -> int:
@@ -148,6 +146,13 @@ class WindowCosts:
     @property
     def result_words_per_pixel(self) -> int:
         return self.row_results // self.out_width
+
+
+def pixel_rows(pixel_begin: int, pixels: int, width: int) -> tuple[int, int]:
+    """(first output row, rows touched) of the row-major pixels ``[pixel_begin, pixel_begin + pixels)`` of a
+    ``width``-wide map (``pixels >= 1``)."""
+    first = pixel_begin // width
+    return first, (pixel_begin + pixels - 1) // width - first + 1
 
 
 def band_input_rows(window, row_begin: int, rows: int) -> tuple[int, int]:

@@ -18,8 +18,8 @@ from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
-from flowtile.program import (Program, TensorSpec, forwarded_words, output_pixels, result_words, stored_words,
-                              tile_period_cycles, weight_words)
+from flowtile.program import (Program, TensorSpec, forwarded_words, output_pixel_positions, output_pixels,
+                              result_words, stored_words, tile_period_cycles, weight_words)
 
 import random_models
 
@@ -223,39 +223,34 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
         weight = tile.sram[c["w_base"]:c["w_base"] + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
         bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
     out = []
-    # the band's pixels (section 4.1): first row from out_col_begin, last row up to out_col_end (0: out_width)
-    first_col, end_col, rows = c["out_col_begin"], c["out_col_end"] or c["out_width"], c["out_rows"]
-    pixels = [(c["out_row_begin"] + r, x) for r in range(rows)
-              for x in range(first_col if r == 0 else 0, end_col if r == rows - 1 else c["out_width"])]
-    for oy, ox in pixels:
-        if True:
-            if c["op"] in (OP_ADD, OP_CONCAT):
-                if c["op"] == OP_ADD:
-                    acc = bias + words_a[oy, ox] * c["add_mult_a"] + words_b[oy, ox] * c["add_mult_b"]
-                else:
-                    acc = bias + np.concatenate([words_a[oy, ox] * c["add_mult_a"], words_b[oy, ox] * c["add_mult_b"]])
-                y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
-                out += list(y.astype(np.int8))
-                continue
-            window = []
-            for ky in range(kh):
-                for kx in range(kw):
-                    iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
-                    inside = 0 <= iy < height and 0 <= ix < width
-                    window.append(words[iy, ix] if inside else pad)
-            window = np.stack(window)  # [KH*KW, CW, L]
-            if c["op"] == OP_MAC:
-                acc = bias + weight @ window.reshape(-1)
-                y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
-            elif c["op"] == OP_LANE:
-                acc = bias + np.einsum("wkl,kwl->wl", weight, window)  # lane by lane, [CW, L]
-                y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"],
-                            c["clamp_hi"]).reshape(-1)
+    for oy, ox in output_pixel_positions(c):  # the band's pixels (section 4.1)
+        if c["op"] in (OP_ADD, OP_CONCAT):
+            if c["op"] == OP_ADD:
+                acc = bias + words_a[oy, ox] * c["add_mult_a"] + words_b[oy, ox] * c["add_mult_b"]
             else:
-                y = np.clip(window.max(axis=0).reshape(-1), c["clamp_lo"], c["clamp_hi"])
-            padded = np.zeros(n_r * lanes, np.int64)
-            padded[:len(y)] = y
-            out += list(padded.astype(np.int8).reshape(n_r, lanes))
+                acc = bias + np.concatenate([words_a[oy, ox] * c["add_mult_a"], words_b[oy, ox] * c["add_mult_b"]])
+            y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
+            out += list(y.astype(np.int8))
+            continue
+        window = []
+        for ky in range(kh):
+            for kx in range(kw):
+                iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
+                inside = 0 <= iy < height and 0 <= ix < width
+                window.append(words[iy, ix] if inside else pad)
+        window = np.stack(window)  # [KH*KW, CW, L]
+        if c["op"] == OP_MAC:
+            acc = bias + weight @ window.reshape(-1)
+            y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
+        elif c["op"] == OP_LANE:
+            acc = bias + np.einsum("wkl,kwl->wl", weight, window)  # lane by lane, [CW, L]
+            y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"],
+                        c["clamp_hi"]).reshape(-1)
+        else:
+            y = np.clip(window.max(axis=0).reshape(-1), c["clamp_lo"], c["clamp_hi"])
+        padded = np.zeros(n_r * lanes, np.int64)
+        padded[:len(y)] = y
+        out += list(padded.astype(np.int8).reshape(n_r, lanes))
     return out
 
 
