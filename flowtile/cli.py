@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .arch import Arch, ArchError
+from .output_paths import OutputPathError, check_distinct, check_output_file, check_parent_writable
 
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
@@ -70,8 +71,19 @@ def _progress(message: str) -> None:
 
 # --- commands ---------------------------------------------------------------------------------------
 
+def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """Every output path is checked before the work starts (one line and exit 2 for a bad one)."""
+    files = {option: check_output_file(path, option) for option, path in outputs.items()}
+    check_distinct(files, {option: Path(path) if path else None for option, path in inputs.items()})
+
+
 def cmd_compile(args) -> int:
     from compiler import compile_model, report
+    from .program import check_program_destination
+    check_program_destination(args.output)
+    check_parent_writable(Path(args.output), "-o/--output")
+    check_distinct({"-o/--output": Path(args.output)},
+                   {"model": Path(args.model), "--calibration": Path(args.calibration) if args.calibration else None})
     arch = _arch_from_args(args)
     calibration = _load_array(args.calibration, "calibration")[0] if args.calibration else None
     program = compile_model(args.model, arch, calibration=calibration)
@@ -108,16 +120,15 @@ def _waves_path(waves: str | None, simulator: str, name: str) -> Path | None:
     path = Path(waves) if waves else Path(f"{name or 'flowtile'}{suffix}")
     if path.parent == Path("."):
         path = WAVES_DIR / path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return check_output_file(path, "--waves")
 
 
-def _rtl(program, x, simulator, waves):
+def _rtl(program, x, simulator, waves_path):
     from hdl.simulate import simulate
     from .host import input_flits, outputs_from_flits
     _q_in, flits = input_flits(program, x)
-    waves_path = _waves_path(waves, simulator, program.model_name)
     if waves_path is not None:
+        waves_path.parent.mkdir(parents=True, exist_ok=True)
         _progress(f"writing waveform to {waves_path}")
     result = simulate(program, flits, x.shape[0], simulator=simulator, waves=waves_path)
     q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
@@ -126,6 +137,8 @@ def _rtl(program, x, simulator, waves):
 
 def cmd_emulate(args) -> int:
     from .reports import write_visuals
+    _check_outputs({"--output": args.output, "--report": args.report, "--trace": args.trace,
+                          "--heatmap": args.heatmap}, {"--input": args.input})
     program = _load_program(args.program)
     x, _ = _load_array(args.input, "input")
     result, _q, y, seconds = _emulate(program, x)
@@ -140,8 +153,11 @@ def cmd_emulate(args) -> int:
 
 def cmd_rtl(args) -> int:
     program = _load_program(args.program)
+    waves = _waves_path(args.waves, args.sim, program.model_name)
+    _check_outputs({"--output": args.output, "--report": args.report, "--waves": waves},
+                   {"--input": args.input})
     x, _ = _load_array(args.input, "input")
-    result, _q, y = _rtl(program, x, args.sim, args.waves)
+    result, _q, y = _rtl(program, x, args.sim, waves)
     _save_array(args.output, y)
     report = {"cycles": int(result.cycles), "batch": int(x.shape[0]), "simulator": args.sim,
               "wall_seconds": result.wall_seconds, "build_seconds": result.build_seconds}
@@ -152,6 +168,7 @@ def cmd_rtl(args) -> int:
 
 def cmd_verilog(args) -> int:
     from hdl.verilog import chip_verilog
+    check_output_file(args.output, "-o/--output")
     arch = _arch_from_args(args)
     text = chip_verilog(arch)
     out = Path(args.output)
@@ -168,6 +185,10 @@ def cmd_run(args) -> int:
     from .reports import write_visuals
 
     arch = _arch_from_args(args)
+    waves = _waves_path(args.waves, args.sim, Path(args.model).stem) if args.sim != "none" else None
+    _check_outputs({"--report": args.report, "--trace": args.trace, "--heatmap": args.heatmap, "--waves": waves},
+                   {"model": args.model, "--input": args.input, "--calibration": args.calibration,
+                    "--float-model": args.float_model})
     if args.input:
         x, labels = _load_array(args.input, "input")
     else:
@@ -195,7 +216,7 @@ def cmd_run(args) -> int:
     rtl = None
     if args.sim != "none":
         _progress(f"RTL simulation ({args.sim}) of batch {x.shape[0]}: building/simulating")
-        rtl, rtl_q, _rtl_y = _rtl(program, x, args.sim, args.waves)
+        rtl, rtl_q, _rtl_y = _rtl(program, x, args.sim, waves)
     _progress("onnxruntime reference (graph optimizations disabled)")
     ort_q, ort_y = onnxruntime_int8_output(model, program, x)  # the very int8 model that was compiled
 
@@ -316,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple[type, ...]:
     from .program import ProgramError
     from .host import InputError
-    known = [ArchError, ProgramError, InputError, UsageError, FileNotFoundError]
+    known = [ArchError, ProgramError, InputError, UsageError, OutputPathError, FileNotFoundError]
     try:
         from compiler.errors import CompileError
         known.append(CompileError)

@@ -11,6 +11,7 @@ See docs/architecture.md, "Program format", for every field.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .arch import ACTIVATION_BANKS, ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words", "operand_words",
            "channel_preserving", "tile_period_cycles", "result_word_issue_cycles",
-           "output_pixel_positions"]
+           "output_pixel_positions", "check_program_destination"]
 
 FORMAT_NAME = "flowtile-program"
 FORMAT_VERSION = 6
@@ -101,6 +102,44 @@ def result_word_issue_cycles(config: dict, lanes: int) -> list[int]:
 
 class ProgramError(ValueError):
     """A program directory is missing, malformed, or inconsistent with its arch."""
+
+
+PROGRAM_FILES = frozenset({"program.json", "arrays.npz"})
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_program_destination(directory: str | Path) -> Path:
+    """Check that :meth:`Program.save` may write ``directory``: it does not exist, or it is a flowtile program
+    directory (``program.json`` naming the format, plus at most ``arrays.npz``), which is then replaced. Any other
+    file or directory, the current directory or one holding it, is refused: flowtile never deletes what it did
+    not write."""
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return directory
+    if directory.is_symlink() or not directory.is_dir():
+        raise ProgramError(f"output '{directory}' exists and is not a directory; flowtile will not replace it")
+    if Path.cwd().resolve().is_relative_to(directory.resolve()):
+        raise ProgramError(f"output '{directory}' is the current directory or holds it; give a new directory name")
+    entries = {entry.name for entry in directory.iterdir()}
+    foreign = sorted(entries - PROGRAM_FILES)
+    if "program.json" not in entries or foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ProgramError(f"output '{directory}' is an existing directory that is not a flowtile program"
+                           + (f" (it holds {listed})" if foreign else " (no program.json)")
+                           + "; flowtile replaces only its own program directories: give a new directory name")
+    try:
+        is_program = json.loads((directory / "program.json").read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        is_program = False
+    if not is_program:
+        raise ProgramError(f"output '{directory}' holds a program.json that is not a {FORMAT_NAME} manifest; "
+                           f"flowtile will not replace it")
+    return directory
 
 
 def tile_period_cycles(config: dict, lanes: int) -> int:
@@ -351,7 +390,9 @@ class Program:
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write the program directory atomically (a failed save leaves no partial directory)."""
+        """Write the program directory atomically: into a hidden sibling, renamed into place, so a failed save
+        leaves no partial directory. An existing ``directory`` is replaced only if it is a flowtile program
+        directory (:func:`check_program_destination`); files and directories get the user's umask."""
         directory = Path(directory)
         self.validate()
         manifest = {
@@ -369,17 +410,27 @@ class Program:
         for tile in self.tiles:
             arrays[f"{tile.key}_sram"] = np.ascontiguousarray(tile.sram, dtype=np.int8)
             arrays[f"{tile.key}_params"] = np.ascontiguousarray(tile.params, dtype=np.int64)
+        check_program_destination(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".flowtile-prog-", dir=directory.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+        old = None
         try:
+            staging.chmod(0o777 & ~_umask())  # mkdtemp makes mode 700; a program directory follows the umask
             (staging / "program.json").write_text(json.dumps(manifest, indent=1))
             np.savez(staging / "arrays.npz", **arrays)
             if directory.exists():
-                shutil.rmtree(directory)
+                old = directory.with_name(staging.name.replace(".partial-", ".replaced-"))
+                directory.rename(old)
             staging.rename(directory)
         except BaseException:
+            if old is not None and not directory.exists():
+                old.rename(directory)
+                old = None
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         return directory
 
     @classmethod

@@ -1,0 +1,183 @@
+"""No command of flowtile deletes or overwrites a file that is not its own output (issue: reliability, item 1).
+
+Each case runs the command line in-process, as a user would call it, and checks three things: exit status 2, one
+line ``flowtile: error: ...`` naming the path, and every file that was there before still there, byte for byte.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowtile import cli
+from flowtile.program import Program
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_mlp.onnx"
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, argv, *fragments):
+    status = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("flowtile: error:")]
+    assert status == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def program_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prog") / "prog"
+    assert cli.main(["compile", str(DIGITS), "-o", str(path)]) == 0
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    with np.load(ROOT / "models" / "digits_test.npz") as data:
+        np.save(tmp_path / "x.npy", data["x"][:2])
+    return tmp_path / "x.npy"
+
+
+def test_compile_into_a_directory_of_user_files_is_refused(tmp_path, capsys):
+    mydata = tmp_path / "mydata"
+    mydata.mkdir()
+    (mydata / "notes.txt").write_text("precious")
+    (mydata / "sub").mkdir()
+    (mydata / "sub" / "more.bin").write_bytes(b"\0\1")
+    before = snapshot(mydata)
+    refused(capsys, ["compile", DIGITS, "-o", mydata], "mydata", "not a flowtile program", "notes.txt")
+    assert snapshot(mydata) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata"], "no staging directory left behind"
+
+
+def test_compile_into_an_empty_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    refused(capsys, ["compile", DIGITS, "-o", tmp_path / "empty"], "no program.json")
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_compile_into_the_working_directory_is_refused(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    refused(capsys, ["compile", "model.onnx", "-o", "."])
+    assert snapshot(tmp_path) == before
+    refused(capsys, ["compile", "model.onnx", "-o", tmp_path.parent])  # a directory holding the working directory
+    assert snapshot(tmp_path) == before
+
+
+def test_compile_onto_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "result.bin"
+    target.write_bytes(b"user data")
+    refused(capsys, ["compile", DIGITS, "-o", target], "result.bin", "not a directory")
+    assert target.read_bytes() == b"user data"
+    model = tmp_path / "model.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    refused(capsys, ["compile", model, "-o", model], "model.onnx")
+    assert model.read_bytes() == DIGITS.read_bytes()
+
+
+def test_compile_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "plain").write_text("x")
+    refused(capsys, ["compile", DIGITS, "-o", tmp_path / "plain" / "prog"], "is a file")
+
+
+def test_compile_directory_holding_a_foreign_program_json_is_refused(tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "program.json").write_text('{"format": "something-else"}')
+    refused(capsys, ["compile", DIGITS, "-o", other], "not a flowtile-program manifest")
+    assert (other / "program.json").read_text() == '{"format": "something-else"}'
+
+
+def test_compile_replaces_its_own_program_directory_atomically(tmp_path, capsys):
+    prog = tmp_path / "prog"
+    assert cli.main(["compile", str(DIGITS), "-o", str(prog)]) == 0
+    first = snapshot(prog)
+    assert cli.main(["compile", str(DIGITS), "--grid", "2x3", "-o", str(prog)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prog"], "no staging or replaced directory left"
+    assert snapshot(prog) != first and Program.load(prog).arch.cols == 3
+    # A program directory with a file the user added is no longer flowtile's alone: refused, nothing lost.
+    (prog / "my_notes.txt").write_text("mine")
+    refused(capsys, ["compile", DIGITS, "-o", prog], "my_notes.txt")
+    assert (prog / "my_notes.txt").read_text() == "mine"
+
+
+def test_failed_compile_keeps_the_previous_program(tmp_path, capsys):
+    prog = tmp_path / "prog"
+    assert cli.main(["compile", str(DIGITS), "-o", str(prog)]) == 0
+    before = snapshot(prog)
+    refused(capsys, ["compile", DIGITS, "--grid", "1x1", "-o", prog])  # 3 layers do not fit one tile
+    assert snapshot(prog) == before
+
+
+def test_program_directory_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["compile", str(DIGITS), "-o", str(tmp_path / "prog")]) == 0
+        os.umask(0o027)
+        assert cli.main(["compile", str(DIGITS), "-o", str(tmp_path / "prog2")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "prog").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "prog" / "program.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "prog2").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "prog2" / "arrays.npz").stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("option", ["--output", "--report", "--trace", "--heatmap"])
+def test_emulate_output_that_is_a_directory_is_refused_before_work(tmp_path, capsys, program_dir, inputs, option):
+    paths = {"--output": tmp_path / "y.npy", "--report": None, "--trace": None, "--heatmap": None}
+    paths[option] = tmp_path / "adir"
+    (tmp_path / "adir").mkdir()
+    argv = ["emulate", program_dir, "--input", inputs]
+    for name, path in paths.items():
+        if path is not None:
+            argv += [name, path]
+    refused(capsys, argv, option, "adir", "is a directory")
+    assert not (tmp_path / "y.npy").exists(), "the check comes before the work"
+
+
+def test_emulate_output_over_its_input_is_refused(tmp_path, capsys, program_dir, inputs):
+    before = inputs.read_bytes()
+    refused(capsys, ["emulate", program_dir, "--input", inputs, "--output", inputs], "--output", "--input")
+    assert inputs.read_bytes() == before
+    refused(capsys, ["emulate", program_dir, "--input", inputs, "--output", tmp_path / "y.npy",
+                     "--report", tmp_path / "y.npy"], "--report", "--output")
+
+
+def test_emulate_output_under_a_file_is_refused(tmp_path, capsys, program_dir, inputs):
+    (tmp_path / "plain").write_text("x")
+    refused(capsys, ["emulate", program_dir, "--input", inputs, "--output", tmp_path / "plain" / "y.npy"],
+            "is a file")
+
+
+def test_rtl_output_and_waves_are_checked_before_the_build(tmp_path, capsys, program_dir, inputs):
+    (tmp_path / "adir").mkdir()
+    refused(capsys, ["rtl", program_dir, "--input", inputs, "--output", tmp_path / "adir"], "--output", "adir")
+    refused(capsys, ["rtl", program_dir, "--input", inputs, "--output", tmp_path / "y.npy",
+                     "--waves", tmp_path / "adir"], "--waves", "adir")
+    assert not (tmp_path / "y.npy").exists()
+
+
+def test_run_report_trace_heatmap_are_checked_before_work(tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    for option in ("--report", "--trace", "--heatmap"):
+        refused(capsys, ["run", DIGITS, "--sim", "none", option, tmp_path / "adir"], option, "adir")
+    refused(capsys, ["run", DIGITS, "--sim", "none", "--report", DIGITS], "--report", "model")
+
+
+def test_verilog_output_directory_is_refused_at_once(tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    refused(capsys, ["verilog", "--grid", "11x11", "-o", tmp_path / "adir"], "-o/--output", "is a directory")
