@@ -11,19 +11,17 @@ section 6 rule 4), so the "solves" column counts chain solves; the cases with a 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from emulator import emulate  # noqa: E402
+from flowtile.emulator import emulate  # noqa: E402
 from flowtile.arch import Arch  # noqa: E402
 from flowtile.host import pack_flits  # noqa: E402
-from program_builder import Conv, Dense, MaxPool, build_program  # noqa: E402
+from flowtile.testing.program_builder import Conv, Dense, MaxPool, build_program  # noqa: E402
 
 #: Simulated cycles per second of the RTL (Verilator) simulation the emulator is compared with.
 RTL_CYCLES_PER_SECOND = 85_000

@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
-    from compiler import compile_model
-    from emulator import emulate
+    from flowtile.compiler import compile_model
+    from flowtile.emulator import emulate
     from flowtile.arch import Arch
     from flowtile.host import input_flits
-    from hdl.simulate import simulate
+    from flowtile.rtl.simulate import simulate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sim", choices=("verilator", "amaranth"), default="verilator")

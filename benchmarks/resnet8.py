@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 #: ResNet-8's blocks for tests/random_models.random_float_resnet.
 RESNET8_BLOCKS = [{"kind": "basic", "out": 16}, {"kind": "basic", "out": 32, "stride": 2},
@@ -27,12 +25,12 @@ RESNET8_BLOCKS = [{"kind": "basic", "out": 16}, {"kind": "basic", "out": 32, "st
 
 def main() -> None:
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
-    from compiler import compile_model, report
-    from emulator import emulate
+    from flowtile.compiler import compile_model, report
+    from flowtile.emulator import emulate
     from flowtile.arch import Arch
     from flowtile.host import input_flits, outputs_from_flits
     from flowtile.oracle import onnxruntime_int8_output
-    from random_models import random_float_resnet
+    from flowtile.testing.random_models import random_float_resnet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="11x11", help="tile grid RxC (default 11x11)")
@@ -93,7 +91,7 @@ def main() -> None:
         raise SystemExit(f"outputs differ from onnxruntime by {worst} LSB (> 1)")
 
     if args.rtl:
-        from hdl.simulate import simulate
+        from flowtile.rtl.simulate import simulate
         started = time.perf_counter()
         rtl = simulate(program, flits, args.batch)
         same = np.array_equal(rtl.out_flits, result.out_flits) and rtl.cycles == result.cycles

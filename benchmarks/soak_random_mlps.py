@@ -17,18 +17,17 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def main() -> int:
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
-    from compiler import CompileError, compile_model
-    from emulator import emulate
+    from flowtile.compiler import CompileError, compile_model
+    from flowtile.emulator import emulate
     from flowtile.arch import Arch
     from flowtile.host import input_flits, outputs_from_flits
     from flowtile.oracle import onnxruntime_int8_output
-    from hdl.simulate import simulate
-    from random_models import quantize_qdq, random_float_cnn, random_float_mlp
+    from flowtile.rtl.simulate import simulate
+    from flowtile.testing.random_models import quantize_qdq, random_float_cnn, random_float_mlp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=20)

@@ -78,7 +78,7 @@ def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]
 
 
 def cmd_compile(args) -> int:
-    from compiler import compile_model, report
+    from flowtile.compiler import compile_model, report
     from .program import check_program_destination
     check_program_destination(args.output)
     check_parent_writable(Path(args.output), "-o/--output")
@@ -99,7 +99,7 @@ def _load_program(path):
 
 
 def _emulate(program, x):
-    from emulator import emulate
+    from flowtile.emulator import emulate
     from .host import input_flits, outputs_from_flits
     q_in, flits = input_flits(program, x)
     started = time.perf_counter()
@@ -124,7 +124,7 @@ def _waves_path(waves: str | None, simulator: str, name: str) -> Path | None:
 
 
 def _rtl(program, x, simulator, waves_path):
-    from hdl.simulate import simulate
+    from flowtile.rtl.simulate import simulate
     from .host import input_flits, outputs_from_flits
     _q_in, flits = input_flits(program, x)
     if waves_path is not None:
@@ -167,7 +167,7 @@ def cmd_rtl(args) -> int:
 
 
 def cmd_verilog(args) -> int:
-    from hdl.verilog import chip_verilog
+    from flowtile.hdl.verilog import chip_verilog
     check_output_file(args.output, "-o/--output")
     arch = _arch_from_args(args)
     text = chip_verilog(arch)
@@ -179,8 +179,8 @@ def cmd_verilog(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from compiler import compile_model, report as compile_report
-    from compiler.onnx_import import load_model, quantize_float_model
+    from flowtile.compiler import compile_model, report as compile_report
+    from flowtile.compiler.onnx_import import load_model, quantize_float_model
     from .oracle import is_quantized, onnxruntime_int8_output
     from .reports import write_visuals
 
@@ -339,17 +339,17 @@ def _known_errors() -> tuple[type, ...]:
     from .host import InputError
     known = [ArchError, ProgramError, InputError, UsageError, OutputPathError, FileNotFoundError]
     try:
-        from compiler.errors import CompileError
+        from flowtile.compiler.errors import CompileError
         known.append(CompileError)
     except ImportError:
         pass
     try:
-        from hdl.simulate import RtlError
+        from flowtile.rtl.simulate import RtlError
         known.append(RtlError)
     except ImportError:
         pass
     try:
-        from emulator import EmulatorError
+        from flowtile.emulator import EmulatorError
         known.append(EmulatorError)
     except ImportError:
         pass

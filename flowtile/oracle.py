@@ -41,7 +41,7 @@ def onnxruntime_int8_output(model, program: Program, x: np.ndarray, *, calibrati
     """
     model = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     if not is_quantized(model):
-        from compiler.onnx_import import quantize_float_model
+        from flowtile.compiler.onnx_import import quantize_float_model
         model = quantize_float_model(model, calibration)
     y = _run(model, x)
     return quantize(y.reshape(y.shape[0], -1), program.output), y

@@ -15,9 +15,9 @@ __all__ = ["Chip"]
 
 
 class Chip(wiring.Component):
-    """A ``rows`` x ``cols`` mesh of :class:`~hdl.tile.Tile`.
+    """A ``rows`` x ``cols`` mesh of :class:`~flowtile.hdl.tile.Tile`.
 
-    Ports (section 5): ``load`` (:func:`hdl.layouts.load_signature`; tile index ``row * cols + col``),
+    Ports (section 5): ``load`` (:func:`flowtile.hdl.layouts.load_signature`; tile index ``row * cols + col``),
     ``run`` (In 1), ``i_host`` (flit stream into the W input FIFO of tile (0, 0)) and ``o_host`` (flit
     stream from the ``arch.exit_direction`` port of ``arch.exit_tile``). Neighbouring routers are
     connected E<->W and S<->N; every other edge input is never valid and every other edge output is

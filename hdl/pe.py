@@ -32,7 +32,7 @@ class PE(wiring.Component):
 
     Ports:
         i_flit: flits from the router's L output. o_flit: flits into the router's L input.
-        load: the chip's load bus (:func:`hdl.layouts.load_signature`); this PE takes the writes whose
+        load: the chip's load bus (:func:`flowtile.hdl.layouts.load_signature`); this PE takes the writes whose
             ``tile`` equals ``tile_index``, and only while ``run = 0``.
         run: while 0 every side is held at the start of inference 0 (input and compute bank 0, every
             counter and flag and the compute pipeline cleared, the forward queue held in reset, hence

@@ -1,4 +1,4 @@
-"""One mesh tile: a :class:`~hdl.router.Router` and a :class:`~hdl.pe.PE` (which holds the SRAM)."""
+"""One mesh tile: a :class:`~flowtile.hdl.router.Router` and a :class:`~flowtile.hdl.pe.PE` (which holds the SRAM)."""
 from __future__ import annotations
 
 from amaranth.hdl import Module

@@ -189,7 +189,7 @@ def main() -> None:
         calibration = data["x"]
     print(f"float accuracy (onnxruntime) on {EVAL.name}: {np.mean(np.argmax(_logits(model, x), 1) == y):.4f}")
     try:  # int8 exactly as flowtile quantizes a float model (needs the repository's compiler package)
-        from compiler.onnx_import import quantize_float_model
+        from flowtile.compiler.onnx_import import quantize_float_model
     except ImportError:
         print("int8 accuracy skipped: the compiler package is not importable")
     else:

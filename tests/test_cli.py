@@ -141,7 +141,7 @@ def test_run_compares_rtl_emulator_and_onnxruntime(tmp_path):
 @pytest.mark.rtl
 def test_run_exits_1_and_names_the_mismatch(tmp_path, monkeypatch, capsys):
     """A single flipped output bit in the emulator must be caught by the comparison."""
-    import emulator
+    import flowtile.emulator as emulator
     from flowtile import cli
 
     real_emulate = emulator.emulate

@@ -11,17 +11,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler import (CompileError, build_program, compile_model, import_onnx, lower_layers,
+from flowtile.compiler import (CompileError, build_program, compile_model, import_onnx, lower_layers,
                       assign_tiles, pack_input_window, quantize_multiplier, reference_forward, report, tile_cycles,
                       weight_rows)
-from compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
+from flowtile.compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
 from flowtile.program import (Program, TensorSpec, forwarded_words, output_pixel_positions, output_pixels,
                               result_words, stored_words, tile_period_cycles, weight_words)
 
-import random_models
+from flowtile.testing import random_models
 
 
 def shift_round_half_even(value, shift):
@@ -1011,7 +1011,7 @@ def test_narrow_first_convolution_is_packed_on_the_host(tmp_path):
     expected = reference_forward(layers, x_q)
     assert np.array_equal(run_functionally(packed, x_q), expected)
     assert np.array_equal(run_functionally(plain, x_q), expected)
-    from compiler.emit import estimated_interval
+    from flowtile.compiler.emit import estimated_interval
     assert estimated_interval(packed) < estimated_interval(plain)
     check_windowed_program(packed, layers, tmp_path)
 
@@ -1539,8 +1539,8 @@ def test_residual_stream_registers(tmp_path):
 
 
 def test_add_lowering():
-    from compiler.onnx_import import AddLayer
-    from compiler.lower import lower_layer
+    from flowtile.compiler.onnx_import import AddLayer
+    from flowtile.compiler.lower import lower_layer
     a, b, y = QuantParams(0.02, 5, "int8"), QuantParams(0.05, 130, "uint8"), QuantParams(0.04, -128, "int8")
     layer = lower_layer(AddLayer("add", (3, 2, 2), (a, b), y, False, (0, 1)))
     m_a, m_b = layer.add_mult
@@ -1624,7 +1624,7 @@ def test_resnet8_balance_fills_the_grid(tmp_path):
     """The partition of the MLPerf Tiny ResNet-8 shape on 11x11 (benchmarks/resnet8.py measures it on the
     emulator): bands of output pixels with per-band channel groups leave no tile idle, and the slowest tile alone
     (the compiler's estimate) keeps the whole network's MAC utilization >= 90 %."""
-    from compiler.emit import estimated_interval
+    from flowtile.compiler.emit import estimated_interval
     rng = np.random.default_rng(0)
     blocks = [{"kind": "basic", "out": 16}, {"kind": "basic", "out": 32, "stride": 2},
               {"kind": "basic", "out": 64, "stride": 2}]

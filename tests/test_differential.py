@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from compiler import compile_model
-from emulator import emulate
+from flowtile.compiler import compile_model
+from flowtile.emulator import emulate
 from flowtile.arch import Arch
 from flowtile.host import input_flits, outputs_from_flits
 from flowtile.oracle import onnxruntime_int8_output
-from random_models import quantize_qdq, random_float_mlp
+from flowtile.testing.random_models import quantize_qdq, random_float_mlp
 
 ARCHS = {
     "4x4-l8": Arch(),
@@ -54,7 +54,7 @@ def assert_emulator_matches_onnxruntime(model_path, program, x, calibration):
 
 
 def assert_rtl_matches_emulator(program, x):
-    from hdl.simulate import simulate
+    from flowtile.rtl.simulate import simulate
     _, flits = input_flits(program, x)
     emu = emulate(program, flits, len(x))
     rtl = simulate(program, flits, len(x), simulator="verilator")
@@ -119,7 +119,7 @@ CNN_IDS = [f"{c[1]}-{'x'.join(map(str, c[2]))}-{len(c[3])}conv-b{c[5]}-{c[6]}" f
 
 
 def build_cnn(tmp_path, seed, in_shape, blocks, classes, kind):
-    from random_models import random_float_cnn
+    from flowtile.testing.random_models import random_float_cnn
     rng = np.random.default_rng(seed)
     float_model = random_float_cnn(rng, in_shape, blocks, classes)
     return model_of_kind(tmp_path, float_model, rng.random((24, *in_shape)).astype(np.float32), kind)
@@ -162,7 +162,7 @@ RESNET_IDS = [f"{c[1]}-{'x'.join(map(str, c[2]))}-{'-'.join(b['kind'] for b in c
 
 
 def build_resnet(tmp_path, seed, in_shape, stem, blocks, classes, kind):
-    from random_models import random_float_resnet
+    from flowtile.testing.random_models import random_float_resnet
     rng = np.random.default_rng(seed)
     float_model = random_float_resnet(rng, in_shape, stem, blocks, classes)
     return model_of_kind(tmp_path, float_model, rng.standard_normal((24, *in_shape)).astype(np.float32), kind)

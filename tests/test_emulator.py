@@ -17,13 +17,13 @@ from collections import deque
 import numpy as np
 import pytest
 
-from emulator import EmulatorError, emulate
-from emulator.functional import run_functional
-from emulator.timing import PROBE_BATCH, solve_timing
+from flowtile.emulator import EmulatorError, emulate
+from flowtile.emulator.functional import run_functional
+from flowtile.emulator.timing import PROBE_BATCH, solve_timing
 from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 from flowtile.host import pack_flits
 from flowtile.program import ProgramError, compute_issue_cycles, result_words
-from program_builder import (AddParams, Concat, ConcatParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool,
+from flowtile.testing.program_builder import (AddParams, Concat, ConcatParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool,
                              build_program, dense_golden, layer_bands, network_golden, pixel_band_registers,
                              split_pixels, window_output_size)
 
@@ -879,8 +879,8 @@ def test_pe_times_interface():
     """emulator.timing.PETimes: a frozen dataclass of exactly input, compute, output; TimingResult.pe_times
     holds one per chain position (None for an idle PE); the timelines use PHASE_SPAN_DTYPE."""
     import dataclasses
-    from emulator import PHASE_SPAN_DTYPE
-    from emulator.timing import PETimes
+    from flowtile.emulator import PHASE_SPAN_DTYPE
+    from flowtile.emulator.timing import PETimes
     assert dataclasses.is_dataclass(PETimes) and PETimes.__dataclass_params__.frozen
     assert [f.name for f in dataclasses.fields(PETimes)] == ["input", "compute", "output"]
     program, _, x, _ = _hand_case("pass-tail")
@@ -1528,7 +1528,7 @@ def test_large_batches_are_gathered_in_slices(monkeypatch):
     program = build_program(arch, layers, input_shape=shape)
     x = rng.integers(-128, 128, (7, 3 * 6 * 6), dtype=np.int8)
     flits = pack_flits(x, 4, program.input)
-    import emulator.functional as functional
+    import flowtile.emulator.functional as functional
     monkeypatch.setattr(functional, "IM2COL_ELEMENTS", 1000)      # about one inference a slice
     np.testing.assert_array_equal(run_functional(program, flits, 7).out_flits, network_golden(layers, x, shape, 4))
 
@@ -1634,7 +1634,7 @@ def test_lane_long_batch_and_slices(monkeypatch):
     result = assert_matches_reference(program, x, batch, flits=flits)
     golden = network_golden(layers, x, shape, 8)
     np.testing.assert_array_equal(result.out_flits, golden)
-    import emulator.functional as functional
+    import flowtile.emulator.functional as functional
     monkeypatch.setattr(functional, "IM2COL_ELEMENTS", 500)
     np.testing.assert_array_equal(run_functional(program, flits, batch).out_flits, golden)
 
@@ -2093,7 +2093,7 @@ def _residual_base():
 def test_bad_residual_programs_are_refused(change, message):
     """The emulator names tile and register. Program.validate, which emulate() runs first, catches some
     of these with its own message; trace_data_path alone must still refuse them."""
-    from emulator.functional import trace_data_path
+    from flowtile.emulator.functional import trace_data_path
     program = _residual_base()
     change(program.tiles)
     x = np.zeros((8, 2), np.int8)
@@ -2386,7 +2386,7 @@ def _concat_base():
 ])
 def test_bad_concat_programs_are_refused(change, message):
     """The emulator names tile and register; Program.validate (run by emulate() first) refuses them too."""
-    from emulator.functional import trace_data_path
+    from flowtile.emulator.functional import trace_data_path
     program = _concat_base()
     change(program.tiles)
     with pytest.raises(EmulatorError, match=message):

@@ -9,11 +9,11 @@ from amaranth.sim import Simulator
 
 from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_MAC, Arch, dense_window_registers,
                            stream_registers)
-from hdl.chip import Chip
-from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
+from flowtile.hdl.chip import Chip
+from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
                          encode_param_entry, flit_layout, load_data_bits, load_layout, pack_flit, pack_lanes,
                          pack_load, param_layout, unpack_lanes, unpack_struct)
-from hdl.verilog import chip_verilog
+from flowtile.hdl.verilog import chip_verilog
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]

@@ -19,10 +19,10 @@ from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD
                            dense_window_registers, stream_registers)
 from flowtile.program import (compute_issue_cycles, forwarded_words, output_pixel_positions, output_pixels,
                               result_word_issue_cycles, result_words, stored_words, tile_period_cycles, weight_words)
-from hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
+from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                          config_field_index, encode_config, encode_config_value, encode_param_entry, pack_lanes,
                          unpack_lanes)
-from hdl.pe import PE
+from flowtile.hdl.pe import PE
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]

@@ -5,8 +5,8 @@ import pytest
 from amaranth.sim import Simulator
 
 from flowtile.arch import Arch
-from hdl.layouts import flit_layout
-from hdl.router import PORT_ORDER, Router, route_direction
+from flowtile.hdl.layouts import flit_layout
+from flowtile.hdl.router import PORT_ORDER, Router, route_direction
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]

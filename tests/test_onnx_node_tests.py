@@ -43,10 +43,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler import CompileError, compile_model
-from compiler.onnx_import import quantize_float_model
-from compiler.qoperator import qoperator_to_qdq, symmetric_int8
-from emulator import emulate
+from flowtile.compiler import CompileError, compile_model
+from flowtile.compiler.onnx_import import quantize_float_model
+from flowtile.compiler.qoperator import qoperator_to_qdq, symmetric_int8
+from flowtile.emulator import emulate
 from flowtile.arch import Arch
 from flowtile.host import input_flits, outputs_from_flits, pack_flits, unpack_flits
 from flowtile.oracle import ort_session

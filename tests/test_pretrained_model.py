@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from compiler import compile_model
+from flowtile.compiler import compile_model
 from flowtile.arch import Arch
 from flowtile.host import input_flits, outputs_from_flits
 from flowtile.oracle import onnxruntime_float_output, onnxruntime_int8_output

@@ -25,9 +25,9 @@ from amaranth.lib.wiring import In, Out
 from flowtile.arch import (OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers,
                            stream_registers)
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
-from hdl import simulate as rtl
-from hdl.harness import HARNESS_TOP_NAME
-from hdl.layouts import LOAD_TARGET_CONFIG, config_field_index, flit_signature, load_signature
+from flowtile.rtl import simulate as rtl
+from flowtile.rtl.harness import HARNESS_TOP_NAME
+from flowtile.hdl.layouts import LOAD_TARGET_CONFIG, config_field_index, flit_signature, load_signature
 
 def shift_round_half_even(value, shift):
     """``value / 2^shift`` rounded to nearest, ties to even (section 4), by floor division."""
@@ -464,7 +464,7 @@ RES_SHAPE, RES_BATCH = (3, 3, 3), 3
 def residual_case(request):
     """``skip``: which ADD operand the block input is ("b": operand b first in the stream)."""
     from flowtile.host import pack_flits
-    from program_builder import AddParams, Conv, Residual, build_program, network_golden
+    from flowtile.testing.program_builder import AddParams, Conv, Residual, build_program, network_golden
     rng = np.random.default_rng(5)
     channels = RES_SHAPE[0]
     conv = Conv(rng.integers(-128, 128, (channels, channels, 3, 3), dtype=np.int8), rng.integers(-3000, 3000, channels),
@@ -481,7 +481,7 @@ def residual_case(request):
 
 def _assert_verilator_equals_emulator_and_golden(program, in_flits, batch, golden):
     """Emulator and Verilator both produce ``golden``, with the same output transfer cycles."""
-    from emulator import emulate
+    from flowtile.emulator import emulate
     emulated = emulate(program, in_flits, batch)
     np.testing.assert_array_equal(emulated.out_flits, golden)
     result = rtl.simulate(program, in_flits, batch)
@@ -510,7 +510,7 @@ CAT_SHAPE, CAT_BATCH = (3, 3, 3), 3
 @pytest.fixture(scope="module")
 def concat_case():
     from flowtile.host import pack_flits
-    from program_builder import Concat, ConcatParams, Conv, build_program, network_golden
+    from flowtile.testing.program_builder import Concat, ConcatParams, Conv, build_program, network_golden
     rng = np.random.default_rng(6)
     channels = CAT_SHAPE[0]
     conv = Conv(rng.integers(-128, 128, (4, channels, 3, 3), dtype=np.int8), rng.integers(-3000, 3000, 4),

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from flowtile.arch import Arch
-from hdl.verilog import chip_verilog
+from flowtile.hdl.verilog import chip_verilog
 
 WAIVERS = ["-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "-Wno-CMPCONST", "-Wno-UNSIGNED", "-Wno-PROCASSINIT",
            "-Wno-DECLFILENAME", "-Wno-UNUSEDSIGNAL"]

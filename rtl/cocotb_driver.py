@@ -1,14 +1,14 @@
-"""Drives one harness job; the cocotb test module of :func:`hdl.simulate.simulate` (Verilator flow).
+"""Drives one harness job; the cocotb test module of :func:`flowtile.rtl.simulate.simulate` (Verilator flow).
 
-A *job* (JSON, written by :mod:`hdl.simulate`) holds everything the run needs as plain integers:
+A *job* (JSON, written by :mod:`flowtile.rtl.simulate`) holds everything the run needs as plain integers:
 the load-bus payloads (already packed), the input flits' data words, the flit counts, the cycle
 budget and where to write the result. :func:`run_job` is the one sequence both simulators follow,
 written against a tiny :class:`HarnessBus` interface: the cocotb bus here, an Amaranth bus in
-:mod:`hdl.simulate`. That keeps the two flows step-for-step identical.
+:mod:`flowtile.rtl.simulate`. That keeps the two flows step-for-step identical.
 
 The cocotb test reads the job path from the environment variable :data:`JOB_ENV`. It always writes a
 result file when the run itself finished (also on timeout, with ``status`` saying so) so that
-:mod:`hdl.simulate` can raise a precise error; a missing result file means the testbench crashed.
+:mod:`flowtile.rtl.simulate` can raise a precise error; a missing result file means the testbench crashed.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ CLOCK_PERIOD_NS = 10
 #: Cycles the synchronous reset is held before loading.
 RESET_CYCLES = 2
 
-# Harness ports (see hdl.harness.Harness); the load bus names come from the job because they are
+# Harness ports (see flowtile.rtl.harness.Harness); the load bus names come from the job because they are
 # the chip's own port names.
 _START, _IN_COUNT, _OUT_COUNT, _CYCLE_LIMIT = "start", "in_count", "out_count", "cycle_limit"
 _IN_WRITE_EN, _IN_WRITE_ADDR, _IN_WRITE_DATA = "in_write_en", "in_write_addr", "in_write_data"

@@ -85,7 +85,7 @@ class Harness(wiring.Component):
     Parameters:
         arch: the chip's architecture.
         chip: the chip to wrap (a ``wiring.Component`` with ports ``load``, ``run``, ``i_host``,
-            ``o_host`` per section 5). Default: ``hdl.chip.Chip(arch)``. Tests of the simulation flow
+            ``o_host`` per section 5). Default: ``flowtile.hdl.chip.Chip(arch)``. Tests of the simulation flow
             pass a stand-in here.
 
     Ports (besides the implicit ``clk`` / ``rst``):
@@ -107,7 +107,7 @@ class Harness(wiring.Component):
         if not isinstance(arch, Arch):
             raise HarnessError(f"arch must be a flowtile.arch.Arch, got {type(arch).__name__}")
         if chip is None:
-            from .chip import Chip  # imported here so that stand-in chips work without hdl.chip
+            from flowtile.hdl.chip import Chip  # imported here so that stand-in chips work without flowtile.hdl.chip
             chip = Chip(arch)
         _check_chip_signature(chip)
         chip_arch = getattr(chip, "arch", arch)

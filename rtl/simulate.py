@@ -1,7 +1,7 @@
 """Run a flowtile program on the RTL: Verilator (via cocotb) or Amaranth's simulator.
 
-Both simulators run the very same job through :class:`hdl.harness.Harness` with the very same
-sequence (:func:`hdl.cocotb_driver.run_job`): reset, load every tile (config registers in
+Both simulators run the very same job through :class:`flowtile.rtl.harness.Harness` with the very same
+sequence (:func:`flowtile.rtl.cocotb_driver.run_job`): reset, load every tile (config registers in
 ``CONFIG_FIELDS`` order, non-zero SRAM image words, parameter rows), fill the input buffer, pulse
 ``start``, wait for ``stopped`` without per-cycle Python, read back the output entries. Their results
 must therefore be identical; any difference is a simulator or harness bug.
@@ -41,7 +41,7 @@ from flowtile.program import Program, compute_issue_cycles, forwarded_words, res
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import HARNESS_TOP_NAME, STAMP_BITS, Harness
-from .layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
+from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
                       encode_param_entry, load_layout)
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
@@ -133,9 +133,9 @@ def _convert(arch: Arch, chip_factory) -> tuple[str, dict]:
 
 
 def harness_verilog(arch: Arch, chip_factory=None) -> str:
-    """Verilog text of the harness (top module :data:`hdl.harness.HARNESS_TOP_NAME`) for ``arch``.
+    """Verilog text of the harness (top module :data:`flowtile.rtl.harness.HARNESS_TOP_NAME`) for ``arch``.
 
-    ``chip_factory(arch)`` builds the chip (default ``hdl.chip.Chip``). Cached per process.
+    ``chip_factory(arch)`` builds the chip (default ``flowtile.hdl.chip.Chip``). Cached per process.
     """
     return _convert(arch, chip_factory)[0]
 
@@ -252,15 +252,17 @@ def _generation_key(arch: Arch, chip_factory, fingerprint: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _loaded_hdl_sources_digest() -> bytes:
-    """Digest of the ``hdl/`` sources and ``flowtile/arch.py`` as this process loaded them.
+    """Digest of the ``hdl/`` and ``rtl/`` sources and ``flowtile/arch.py`` as this process loaded them.
 
     Read once, right after importing the harness (which imports every module the Verilog comes from), so
     a long-lived process whose modules predate an edit keeps filing its builds under the key of the
     sources it really runs, never under the edited sources' key.
     """
     from . import harness  # noqa: F401  (the modules the Verilog is generated from)
+    import flowtile.hdl
     digest = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")) + [Path(inspect.getfile(Arch))]:
+    sources = sorted(Path(flowtile.hdl.__file__).parent.glob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
+    for source in sources + [Path(inspect.getfile(Arch))]:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     return digest.digest()
@@ -518,7 +520,7 @@ def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory) ->
         with _tools_on_path():
             runner = _quiet(get_runner("verilator"))
             try:
-                runner.test(test_module="hdl.cocotb_driver", hdl_toplevel=HARNESS_TOP_NAME,
+                runner.test(test_module="flowtile.rtl.cocotb_driver", hdl_toplevel=HARNESS_TOP_NAME,
                             hdl_toplevel_lang="verilog", build_dir=build.directory, test_dir=scratch,
                             extra_env={JOB_ENV: str(job_path)}, waves=waves is not None,
                             test_args=test_args, results_xml=str(scratch / "results.xml"),
@@ -596,7 +598,7 @@ def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: s
         waves: write a waveform to this path: Verilator writes FST (VCD if the path ends in ``.vcd``
             or FST support is missing; a traced build is cached separately), Amaranth writes VCD.
         build_root: cache directory of Verilator builds (default :data:`DEFAULT_BUILD_ROOT`).
-        chip_factory: ``arch -> chip`` (default ``hdl.chip.Chip``); for testing the flow itself.
+        chip_factory: ``arch -> chip`` (default ``flowtile.hdl.chip.Chip``); for testing the flow itself.
 
     Raises ``ValueError`` for inputs that do not match the program, :class:`RtlBuildError`,
     :class:`RtlTimeoutError` (with received/accepted flit counts) or :class:`RtlRunError`.
