@@ -29,6 +29,7 @@ def main() -> None:
     from flowtile.emulator import emulate
     from flowtile.arch import Arch
     from flowtile.host import input_flits, outputs_from_flits
+    from flowtile.compiler import int8_model
     from flowtile.oracle import onnxruntime_int8_output
     from flowtile.testing.random_models import random_float_resnet
 
@@ -52,7 +53,8 @@ def main() -> None:
                 forward_queue_words=args.queue_words).with_grid(args.grid)
 
     started = time.perf_counter()
-    program = compile_model(model, arch, calibration=calibration)
+    int8 = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
+    program = compile_model(int8, arch)
     print(f"compiled in {time.perf_counter() - started:.1f} s")
     print(report(program))
 
@@ -62,7 +64,7 @@ def main() -> None:
     result = emulate(program, flits, args.batch)
     emu_seconds = time.perf_counter() - started
     ours = outputs_from_flits(program, result.out_flits, args.batch)[0].astype(np.int32)
-    theirs = onnxruntime_int8_output(model, program, x, calibration=calibration)[0].astype(np.int32)
+    theirs = onnxruntime_int8_output(int8, program, x)[0].astype(np.int32)
     worst = int(np.abs(ours - theirs).max())
 
     # The pipeline is many inferences deep (latency / interval) and its tiles settle into their periodic schedule

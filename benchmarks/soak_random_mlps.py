@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
-    from flowtile.compiler import CompileError, compile_model
+    from flowtile.compiler import CompileError, compile_model, int8_model
     from flowtile.emulator import emulate
     from flowtile.arch import Arch
     from flowtile.host import input_flits, outputs_from_flits
@@ -73,7 +73,8 @@ def main() -> int:
             label = f"{index:3d} {arch.rows}x{arch.cols}/L{arch.lanes}/D{arch.router_fifo_depth} {kind:11s} " \
                     f"{'-'.join(map(str, widths)):24s} b{batch:<3d}"
             try:
-                program = compile_model(model, arch, calibration=calibration)
+                int8 = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
+    program = compile_model(int8, arch)
             except CompileError as error:
                 skipped += 1
                 print(f"{label} does not fit: {str(error)[:80]}")
@@ -83,7 +84,7 @@ def main() -> int:
             emu = emulate(program, flits, batch)
             rtl = simulate(program, flits, batch, simulator=args.sim)
             emu_q, _ = outputs_from_flits(program, emu.out_flits, batch)
-            ort_q, _ = onnxruntime_int8_output(model, program, x, calibration=calibration)
+            ort_q, _ = onnxruntime_int8_output(int8, program, x)
             lsb = int(np.abs(emu_q.astype(int) - ort_q.astype(int)).max())
             same = (np.array_equal(rtl.out_flits, emu.out_flits) and rtl.cycles == emu.cycles
                     and np.array_equal(rtl.out_times, emu.out_times))

@@ -11,10 +11,11 @@ from .emit import build_program, compile_model, report
 from .errors import CompileError
 from .lower import (LoweredLayer, lane_params, lower_layers, pack_input_window, quantize_multiplier,
                     reference_forward, weight_rows)
-from .onnx_import import AddLayer, DenseLayer, ImportedModel, PoolLayer, QuantParams, Window, import_onnx
+from .onnx_import import (AddLayer, DenseLayer, ImportedModel, PoolLayer, QuantParams, Window, import_onnx,
+                          int8_model, is_quantized)
 from .partition import TileSlice, assign_tiles, tile_cycles, window_tile_cycles
 
 __all__ = ["compile_model", "report", "CompileError", "import_onnx", "lower_layers", "reference_forward", "pack_input_window",
            "assign_tiles", "build_program", "tile_cycles", "quantize_multiplier", "DenseLayer", "LoweredLayer",
            "ImportedModel", "QuantParams", "TileSlice", "PoolLayer", "Window", "weight_rows",
-           "window_tile_cycles", "lane_params", "AddLayer"]
+           "window_tile_cycles", "lane_params", "AddLayer", "int8_model", "is_quantized"]

@@ -59,7 +59,7 @@ from flowtile.program import TensorSpec
 from .errors import CompileError
 from .qoperator import qoperator_to_qdq
 
-__all__ = ["QuantParams", "DenseLayer", "AddLayer", "ConcatLayer", "layer_sources", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model",
+__all__ = ["QuantParams", "DenseLayer", "AddLayer", "ConcatLayer", "layer_sources", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model", "int8_model", "is_quantized",
            "fuse_matmul_add", "DEFAULT_CALIBRATION_SAMPLES"]
 
 #: Samples in the seeded random-normal calibration set used when none is given.
@@ -1087,8 +1087,22 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
 # ---------------------------------------------------------------------------------------------------
 # float models: check, fuse MatMul+Add into Gemm, quantize with onnxruntime
 # ---------------------------------------------------------------------------------------------------
-def _is_quantized(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is already int8: QDQ nodes, or QOperator nodes (rewritten to QDQ on import)."""
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
+               for n in model.graph.node)
+
+
+def int8_model(model: str | os.PathLike | onnx.ModelProto, calibration: np.ndarray | None = None, *,
+               per_channel: bool = True, activation_type: str = "int8") -> onnx.ModelProto:
+    """The int8 model flowtile compiles: ``model`` itself if it is quantized, else ``model`` quantized once by
+    :func:`quantize_float_model`. Hand the same result to :func:`~flowtile.compiler.compile_model` and to the
+    onnxruntime oracle, so both see one int8 network (quantizing twice could differ in calibration)."""
+    proto = load_model(model)
+    if is_quantized(proto):
+        return proto
+    return load_model(quantize_float_model(proto, calibration=calibration, per_channel=per_channel,
+                                           activation_type=activation_type))
 
 
 def _check_float_ops(model: onnx.ModelProto) -> None:
@@ -1229,9 +1243,6 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto, *, calibration: np.n
     Raises :class:`CompileError` for anything that is not a supported MLP.
     """
     name = Path(model).stem if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
-    proto = load_model(model)
+    proto = int8_model(model, calibration, per_channel=per_channel, activation_type=activation_type)
     proto = qoperator_to_qdq(proto)  # QLinearConv/QLinearMatMul (QOperator format) -> QDQ
-    if not _is_quantized(proto):
-        proto = load_model(quantize_float_model(proto, calibration=calibration, per_channel=per_channel,
-                                                activation_type=activation_type))
     return _walk_qdq(_Graph(proto), name)

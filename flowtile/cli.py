@@ -179,9 +179,9 @@ def cmd_verilog(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from flowtile.compiler import compile_model, report as compile_report
-    from flowtile.compiler.onnx_import import load_model, quantize_float_model
-    from .oracle import is_quantized, onnxruntime_int8_output
+    from flowtile.compiler import compile_model, int8_model, is_quantized, report as compile_report
+    from flowtile.compiler.onnx_import import load_model
+    from .oracle import onnxruntime_int8_output
     from .reports import write_visuals
 
     arch = _arch_from_args(args)
@@ -198,7 +198,7 @@ def cmd_run(args) -> int:
     model = load_model(args.model)
     if not is_quantized(model):
         _progress("float model: quantizing to int8 QDQ with onnxruntime's quantizer")
-        model = quantize_float_model(model, calibration)
+    model = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
     model.graph.name = model.graph.name or Path(args.model).stem
     _progress(f"compiling {args.model} for a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
     program = compile_model(model, arch)

@@ -11,7 +11,7 @@ import onnx
 from .host import quantize
 from .program import Program
 
-__all__ = ["ort_session", "onnxruntime_int8_output", "onnxruntime_float_output", "is_quantized"]
+__all__ = ["ort_session", "onnxruntime_int8_output", "onnxruntime_float_output"]
 
 
 def ort_session(model: onnx.ModelProto):
@@ -23,26 +23,23 @@ def ort_session(model: onnx.ModelProto):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def is_quantized(model: onnx.ModelProto) -> bool:
-    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
-
-
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     session = ort_session(model)
     name = session.get_inputs()[0].name
     return session.run(None, {name: x.astype(np.float32)})[0]
 
 
-def onnxruntime_int8_output(model, program: Program, x: np.ndarray, *, calibration=None):
+def onnxruntime_int8_output(model, program: Program, x: np.ndarray):
     """(int8-domain outputs ``[batch, n]``, float outputs) of the int8 model as onnxruntime computes it.
 
-    ``model`` is a path or ModelProto. A float model is first quantized exactly as the compiler
-    quantizes it (same calibration), so both sides see the same int8 network.
+    ``model`` (path or ModelProto) must be the int8 model that was compiled: a float model is quantized once,
+    by :func:`flowtile.compiler.int8_model`, and that one result goes to the compiler and here.
     """
+    from flowtile.compiler import is_quantized
     model = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     if not is_quantized(model):
-        from flowtile.compiler.onnx_import import quantize_float_model
-        model = quantize_float_model(model, calibration)
+        raise ValueError("onnxruntime_int8_output needs the int8 model that was compiled, got a float model: "
+                         "quantize it once with flowtile.compiler.int8_model and pass the result to both")
     y = _run(model, x)
     return quantize(y.reshape(y.shape[0], -1), program.output), y
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from flowtile.compiler import compile_model
+from flowtile.compiler import compile_model, int8_model
 from flowtile.emulator import emulate
 from flowtile.arch import Arch
 from flowtile.host import input_flits, outputs_from_flits
@@ -46,7 +46,7 @@ def assert_emulator_matches_onnxruntime(model_path, program, x, calibration):
     _, flits = input_flits(program, x)
     emu = emulate(program, flits, len(x))
     emu_q, _ = outputs_from_flits(program, emu.out_flits, len(x))
-    ort_q, _ = onnxruntime_int8_output(model_path, program, x, calibration=calibration)
+    ort_q, _ = onnxruntime_int8_output(int8_model(model_path, calibration), program, x)
     diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
     worst = np.unravel_index(np.argmax(diff), diff.shape)
     assert diff.max() <= 1, (f"output {worst} differs by {diff.max()} LSB: flowtile {emu_q[worst]}, "

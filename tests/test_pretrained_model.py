@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from flowtile.compiler import compile_model
+from flowtile.compiler import compile_model, int8_model
 from flowtile.arch import Arch
 from flowtile.host import input_flits, outputs_from_flits
 from flowtile.oracle import onnxruntime_float_output, onnxruntime_int8_output
@@ -74,12 +74,13 @@ def test_emulator_matches_onnxruntime_int8(data):
     emulator = pytest.importorskip("emulator")
     x, y, x_cal = data
     x, y = x[:SLICE], y[:SLICE]
-    program = compile_model(MODEL, GRID, calibration=x_cal)
+    int8 = int8_model(MODEL, x_cal)  # quantized once: the compiler and the oracle get the same model
+    program = compile_model(int8, GRID)
     assert [layer.name for layer in program.layers] == ["conv1", "pool1", "conv2", "pool2", "fc1"]
     _q_in, flits = input_flits(program, x)
     result = emulator.emulate(program, flits, len(x))
     q_out, y_out = outputs_from_flits(program, result.out_flits, len(x))
-    ort_q, ort_y = onnxruntime_int8_output(MODEL, program, x, calibration=x_cal)
+    ort_q, ort_y = onnxruntime_int8_output(int8, program, x)
     assert np.abs(q_out.astype(np.int32) - ort_q.astype(np.int32)).max() <= 1
     flowtile_accuracy, ort_accuracy = accuracy(y_out, y), accuracy(ort_y, y)
     assert abs(flowtile_accuracy - ort_accuracy) <= 0.005, (flowtile_accuracy, ort_accuracy)
