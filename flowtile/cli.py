@@ -17,10 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from .arch import Arch, ArchError
+from .host import check_input
 from .output_paths import OutputPathError, check_distinct, check_output_file, check_parent_writable
 
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
+#: ``flowtile run`` without ``--input`` runs this many seeded random inputs unless ``--batch`` says otherwise.
+DEFAULT_RANDOM_BATCH = 8
+#: Inputs warn when more than this share of their values saturate the model's int8 input range.
+SATURATION_WARNING_SHARE = 0.01
 
 
 class UsageError(Exception):
@@ -77,6 +82,36 @@ def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]
     check_distinct(files, {option: Path(path) if path else None for option, path in inputs.items()})
 
 
+def _load_model(path: str, calibration: str | None):
+    """The ONNX model at ``path``, its graph named after the file (the program's ``model_name``);
+    ``--calibration`` on an already quantized model is an error (it would be silently ignored)."""
+    from flowtile.compiler import is_quantized
+    from flowtile.compiler.onnx_import import load_model
+    model = load_model(path)
+    if calibration and is_quantized(model):
+        raise UsageError(f"--calibration applies to float models only; '{path}' is already quantized (int8)")
+    model.graph.name = Path(path).stem
+    return model
+
+
+def _warn_if_inputs_saturate(program, x: np.ndarray) -> None:
+    """Warn when more than :data:`SATURATION_WARNING_SHARE` of the input values lie beyond the model's int8 input
+    range (they saturate): the usual cause is inputs scaled unlike the calibration data, e.g. 0..255 pixels for a
+    model calibrated on 0..1. ``--no-range-check`` silences it."""
+    from .host import dequantize, quantize
+    spec = program.input
+    flat = x.reshape(len(x), -1)
+    represented = dequantize(quantize(flat, spec), spec).reshape(flat.shape)
+    saturated = np.abs(flat - represented) > np.float32(spec.scale)  # more than a step away: clipped
+    share = float(np.mean(saturated))
+    if share > SATURATION_WARNING_SHARE:
+        lowest, highest = float(represented.min()), float(represented.max())
+        warnings.warn(f"{100 * share:.1f}% of the input values (seen: {float(flat.min()):g}..{float(flat.max()):g}) "
+                      f"fall outside the model's int8 input range and saturate (scale {spec.scale:g}, zero point "
+                      f"{spec.zero_point}: representable about {lowest:g}..{highest:g}); are the inputs scaled like "
+                      f"the calibration data? (--no-range-check silences this)")
+
+
 def cmd_compile(args) -> int:
     from flowtile.compiler import compile_model, report
     from .program import check_program_destination
@@ -85,8 +120,9 @@ def cmd_compile(args) -> int:
     check_distinct({"-o/--output": Path(args.output)},
                    {"model": Path(args.model), "--calibration": Path(args.calibration) if args.calibration else None})
     arch = _arch_from_args(args)
+    model = _load_model(args.model, args.calibration)
     calibration = _load_array(args.calibration, "calibration")[0] if args.calibration else None
-    program = compile_model(args.model, arch, calibration=calibration)
+    program = compile_model(model, arch, calibration=calibration)
     program.save(args.output)
     print(report(program))
     print(f"program written to {args.output}")
@@ -141,6 +177,8 @@ def cmd_emulate(args) -> int:
                           "--heatmap": args.heatmap}, {"--input": args.input})
     program = _load_program(args.program)
     x, _ = _load_array(args.input, "input")
+    if args.range_check:
+        _warn_if_inputs_saturate(program, check_input(x, program.input))
     result, _q, y, seconds = _emulate(program, x)
     _save_array(args.output, y)
     report = result.report() | {"emulator_seconds": seconds}
@@ -157,6 +195,8 @@ def cmd_rtl(args) -> int:
     _check_outputs({"--output": args.output, "--report": args.report, "--waves": waves},
                    {"--input": args.input})
     x, _ = _load_array(args.input, "input")
+    if args.range_check:
+        _warn_if_inputs_saturate(program, check_input(x, program.input))
     result, _q, y = _rtl(program, x, args.sim, waves)
     _save_array(args.output, y)
     report = {"cycles": int(result.cycles), "batch": int(x.shape[0]), "simulator": args.sim,
@@ -180,10 +220,13 @@ def cmd_verilog(args) -> int:
 
 def cmd_run(args) -> int:
     from flowtile.compiler import compile_model, int8_model, is_quantized, report as compile_report
-    from flowtile.compiler.onnx_import import load_model
     from .oracle import onnxruntime_int8_output
     from .reports import write_visuals
 
+    if args.input and args.batch is not None:
+        raise UsageError("--batch applies only without --input (the batch is the input file's first dimension)")
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
     arch = _arch_from_args(args)
     waves = _waves_path(args.waves, args.sim, Path(args.model).stem) if args.sim != "none" else None
     _check_outputs({"--report": args.report, "--trace": args.trace, "--heatmap": args.heatmap, "--waves": waves},
@@ -195,17 +238,18 @@ def cmd_run(args) -> int:
         x, labels = None, None
     calibration = _load_array(args.calibration, "calibration")[0] if args.calibration else None
 
-    model = load_model(args.model)
+    model = _load_model(args.model, args.calibration)
     if not is_quantized(model):
         _progress("float model: quantizing to int8 QDQ with onnxruntime's quantizer")
     model = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
-    model.graph.name = model.graph.name or Path(args.model).stem
     _progress(f"compiling {args.model} for a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
     program = compile_model(model, arch)
     if x is None:
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((args.batch,) + tuple(program.input.shape)).astype(np.float32)
-        _progress(f"no --input: using {args.batch} seeded random inputs")
+        batch = args.batch or DEFAULT_RANDOM_BATCH
+        x = np.random.default_rng(0).standard_normal((batch,) + tuple(program.input.shape)).astype(np.float32)
+        _progress(f"no --input: using {batch} seeded random inputs")
+    elif args.range_check:
+        _warn_if_inputs_saturate(program, check_input(x, program.input))
     with tempfile.TemporaryDirectory(prefix="flowtile-run-") as tmp:
         program.save(Path(tmp) / "prog")   # exercise the artifact: run what was written, as the CLI would
         program = _load_program(Path(tmp) / "prog")
@@ -278,60 +322,110 @@ def steady_state_utilization(program, interval_cycles: float) -> float:
 # --- argument parsing -------------------------------------------------------------------------------
 
 def _add_arch_options(parser):
-    parser.add_argument("--arch", metavar="A.toml", help="architecture description (TOML); default: built-in 4x4")
-    parser.add_argument("--grid", metavar="RxC", help="override the tile grid, e.g. 4x4")
+    parser.add_argument("--arch", metavar="A.toml", default=None,
+                        help="architecture description (TOML, any Arch field); default: the built-in Arch")
+    parser.add_argument("--grid", metavar="RxC", default=None, help="tile grid of the chip, e.g. 4x4; default: the arch's")
+
+
+def _add_output_options(parser, *, output: bool):
+    if output:
+        parser.add_argument("--output", required=True, metavar="Y.npy", help="float outputs (required)")
+    parser.add_argument("--report", metavar="R.json", default=None, help="JSON report; default: not written")
+
+
+def _add_visual_options(parser):
+    parser.add_argument("--trace", metavar="T.json", default=None,
+                        help="Perfetto/Chrome trace of every tile's phases; default: not written")
+    parser.add_argument("--heatmap", metavar="H.png", default=None,
+                        help="per-tile MAC utilization picture; default: not written")
+
+
+def _add_model_input_options(parser):
+    parser.add_argument("--calibration", metavar="X.npy", default=None,
+                        help="calibration inputs, for float models only; default: seeded random-normal samples")
+    parser.add_argument("--no-range-check", dest="range_check", action="store_false",
+                        help="do not warn when inputs saturate the model's int8 input range (default: warn)")
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help shows its default: stated in the help text, or appended as ``(default: X)``."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowtile", description=__doc__.splitlines()[0])
+    formatter = _DefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="flowtile", description=__doc__.splitlines()[0], formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"flowtile {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", help="compile an ONNX model into a program directory")
-    p.add_argument("model", metavar="MODEL.onnx")
+    p = sub.add_parser("compile", help="compile an ONNX model into a program directory", formatter_class=formatter)
+    p.add_argument("model", metavar="MODEL.onnx", help="int8 (QDQ/QOperator) or float ONNX model")
     _add_arch_options(p)
-    p.add_argument("--calibration", metavar="X.npy", help="calibration inputs for float models")
-    p.add_argument("-o", "--output", required=True, metavar="PROG")
+    p.add_argument("--calibration", metavar="X.npy", default=None,
+                   help="calibration inputs, for float models only; default: seeded random-normal samples")
+    p.add_argument("-o", "--output", required=True, metavar="PROG",
+                   help="program directory to create; replaces only an existing flowtile program directory (required)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("emulate", help="run a program on the emulator")
-    p.add_argument("program", metavar="PROG")
-    p.add_argument("--input", required=True, metavar="X.npy")
-    p.add_argument("--output", required=True, metavar="Y.npy")
-    p.add_argument("--report", metavar="R.json")
-    p.add_argument("--trace", metavar="T.json", help="Perfetto/Chrome trace of every tile's phases")
-    p.add_argument("--heatmap", metavar="H.png", help="per-tile MAC utilization picture")
+    p = sub.add_parser("emulate", help="run a program on the emulator", formatter_class=formatter)
+    p.add_argument("program", metavar="PROG", help="program directory from 'flowtile compile'")
+    p.add_argument("--input", required=True, metavar="X.npy", help="float inputs with a leading batch dimension")
+    p.add_argument("--no-range-check", dest="range_check", action="store_false",
+                   help="do not warn when inputs saturate the model's int8 input range (default: warn)")
+    _add_output_options(p, output=True)
+    _add_visual_options(p)
     p.set_defaults(func=cmd_emulate)
 
-    p = sub.add_parser("rtl", help="run a program on the RTL (Verilator or Amaranth simulator)")
-    p.add_argument("program", metavar="PROG")
-    p.add_argument("--input", required=True, metavar="X.npy")
-    p.add_argument("--output", required=True, metavar="Y.npy")
-    p.add_argument("--sim", choices=("verilator", "amaranth"), default="verilator")
-    p.add_argument("--waves", metavar="FILE", nargs="?", const="",
-                   help="write a waveform (FST for Verilator, VCD for Amaranth); a bare name goes to sim_waves/")
-    p.add_argument("--report", metavar="R.json")
+    p = sub.add_parser("rtl", help="run a program on the RTL (Verilator or Amaranth simulator)",
+                       formatter_class=formatter)
+    p.add_argument("program", metavar="PROG", help="program directory from 'flowtile compile'")
+    p.add_argument("--input", required=True, metavar="X.npy", help="float inputs with a leading batch dimension")
+    p.add_argument("--no-range-check", dest="range_check", action="store_false",
+                   help="do not warn when inputs saturate the model's int8 input range (default: warn)")
+    p.add_argument("--sim", choices=("verilator", "amaranth"), default="verilator", help="RTL simulator")
+    p.add_argument("--waves", metavar="FILE", nargs="?", const="", default=None,
+                   help="write a waveform (FST for Verilator, VCD for Amaranth); a bare name goes to sim_waves/; "
+                        "default: no waveform")
+    _add_output_options(p, output=True)
     p.set_defaults(func=cmd_rtl)
 
-    p = sub.add_parser("run", help="compile, emulate, RTL-simulate and compare with onnxruntime")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--input", metavar="X.npy", help=".npy inputs, or .npz with x and labels y")
-    p.add_argument("--batch", type=int, default=8, help="random inputs when --input is not given")
-    p.add_argument("--float-model", metavar="F.onnx", help="float model, to report its accuracy too")
-    p.add_argument("--calibration", metavar="X.npy", help="calibration inputs for float models")
+    p = sub.add_parser("run", help="compile, emulate, RTL-simulate and compare with onnxruntime",
+                       formatter_class=formatter)
+    p.add_argument("model", metavar="MODEL.onnx", help="int8 (QDQ/QOperator) or float ONNX model")
+    p.add_argument("--input", metavar="X.npy", default=None,
+                   help=".npy inputs, or .npz with x and labels y; default: --batch seeded random inputs")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"number of seeded random inputs, only without --input; default: {DEFAULT_RANDOM_BATCH}")
+    p.add_argument("--float-model", metavar="F.onnx", default=None,
+                   help="float model, to report its accuracy too; default: not reported")
+    _add_model_input_options(p)
     _add_arch_options(p)
-    p.add_argument("--sim", choices=("verilator", "amaranth", "none"), default="verilator")
-    p.add_argument("--waves", metavar="FILE", nargs="?", const="",
-                   help="waveform of the RTL run; a bare name (or none) goes to sim_waves/")
-    p.add_argument("--report", metavar="R.json")
-    p.add_argument("--trace", metavar="T.json")
-    p.add_argument("--heatmap", metavar="H.png")
+    p.add_argument("--sim", choices=("verilator", "amaranth", "none"), default="verilator",
+                   help="RTL simulator, or none to skip the RTL")
+    p.add_argument("--waves", metavar="FILE", nargs="?", const="", default=None,
+                   help="waveform of the RTL run; a bare name (or none) goes to sim_waves/; default: no waveform")
+    _add_output_options(p, output=False)
+    _add_visual_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("verilog", help="write the chip's Verilog")
+    p = sub.add_parser("verilog", help="write the chip's Verilog", formatter_class=formatter)
     _add_arch_options(p)
-    p.add_argument("-o", "--output", required=True, metavar="FILE.v")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.v", help="Verilog file to write (required)")
     p.set_defaults(func=cmd_verilog)
     return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("flowtile")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _known_errors() -> tuple[type, ...]:
@@ -364,9 +458,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
     warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
-    if args.command == "run" and args.batch < 1:
-        print("flowtile: error: --batch must be at least 1", file=sys.stderr)
-        return EXIT_BAD_INPUT
     try:
         return args.func(args)
     except _known_errors() as error:

@@ -193,3 +193,48 @@ def test_rtl_batch_larger_than_the_harness_is_a_clean_error(tmp_path):
     result = flowtile("rtl", prog, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
     assert_clean_error(result, "host_buffer_flits")
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_version_and_every_option_shows_its_default():
+    result = flowtile("--version")
+    assert result.returncode == 0 and result.stdout.startswith("flowtile "), result.stdout + result.stderr
+    from flowtile.cli import build_parser
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                shown = sub.formatter_class("flowtile")._get_help_string(action)
+                assert "default" in shown or (action.required and "(required)" in shown), (name, shown)
+
+
+def test_calibration_on_a_quantized_model_is_an_error(tmp_path):
+    np.save(tmp_path / "cal.npy", np.zeros((4, 64), np.float32))
+    assert_clean_error(flowtile("compile", DIGITS, "--calibration", tmp_path / "cal.npy", "-o", tmp_path / "p"),
+                       "--calibration", "already quantized")
+    assert not (tmp_path / "p").exists()
+    assert_clean_error(flowtile("run", DIGITS, "--sim", "none", "--calibration", tmp_path / "cal.npy"),
+                       "--calibration", "already quantized")
+
+
+def test_batch_beside_input_is_an_error(tmp_path):
+    assert_clean_error(flowtile("run", DIGITS, "--sim", "none", "--input", _digits_subset(tmp_path, 4),
+                                "--batch", "3"), "--batch", "--input")
+    assert_clean_error(flowtile("run", DIGITS, "--sim", "none", "--batch", "0"), "--batch")
+
+
+def test_inputs_that_saturate_warn_unless_silenced(tmp_path):
+    """The digits MLP takes pixels in 0..1; the same pixels as 0..255 saturate and must be flagged."""
+    prog = tmp_path / "prog"
+    assert flowtile("compile", DIGITS, "-o", prog).returncode == 0
+    with np.load(ROOT / "models" / "digits_test.npz") as data:
+        x = data["x"][:8]
+    np.save(tmp_path / "ok.npy", x)
+    np.save(tmp_path / "scaled.npy", x * 255)
+    out = tmp_path / "y.npy"
+    quiet = flowtile("emulate", prog, "--input", tmp_path / "ok.npy", "--output", out)
+    assert quiet.returncode == 0 and "saturate" not in quiet.stderr, quiet.stderr
+    loud = flowtile("emulate", prog, "--input", tmp_path / "scaled.npy", "--output", out)
+    assert loud.returncode == 0 and "saturate" in loud.stderr and "--no-range-check" in loud.stderr, loud.stderr
+    silenced = flowtile("emulate", prog, "--input", tmp_path / "scaled.npy", "--output", out, "--no-range-check")
+    assert silenced.returncode == 0 and "saturate" not in silenced.stderr, silenced.stderr
