@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("emulate", help="run a program on the emulator", formatter_class=formatter)
     p.add_argument("program", metavar="PROG", help="program directory from 'flowtile compile'")
-    p.add_argument("--input", required=True, metavar="X.npy", help="float inputs with a leading batch dimension")
+    p.add_argument("--input", required=True, metavar="X.npy", help="float inputs with a leading batch dimension (required)")
     p.add_argument("--no-range-check", dest="range_check", action="store_false",
                    help="do not warn when inputs saturate the model's int8 input range (default: warn)")
     _add_output_options(p, output=True)
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rtl", help="run a program on the RTL (Verilator or Amaranth simulator)",
                        formatter_class=formatter)
     p.add_argument("program", metavar="PROG", help="program directory from 'flowtile compile'")
-    p.add_argument("--input", required=True, metavar="X.npy", help="float inputs with a leading batch dimension")
+    p.add_argument("--input", required=True, metavar="X.npy", help="float inputs with a leading batch dimension (required)")
     p.add_argument("--no-range-check", dest="range_check", action="store_false",
                    help="do not warn when inputs saturate the model's int8 input range (default: warn)")
     p.add_argument("--sim", choices=("verilator", "amaranth"), default="verilator", help="RTL simulator")
