@@ -8,7 +8,7 @@ from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import Arch
 
-from .layouts import check_arch, check_tile_position, flit_layout, flit_signature
+from .layouts import check_arch, flit_layout, flit_signature
 
 __all__ = ["Router", "DirectionalPorts", "PORT_ORDER", "route_direction"]
 
@@ -46,9 +46,19 @@ class DirectionalPorts:
 
 
 class Router(DirectionalPorts, wiring.Component):
-    """Router of tile (``row``, ``col``) of ``arch``.
+    """The router of any tile of ``arch``; its position arrives on ports, so every tile shares one design.
 
-    Ports ``i_l, i_n, i_e, i_s, i_w`` (In) and ``o_l, ..., o_w`` (Out) are flit streams. Each input
+    Parameters
+    ----------
+    arch : the chip's :class:`~flowtile.arch.Arch`.
+
+    Members
+    -------
+    row, col : In(``arch.row_bits``), In(``arch.col_bits``)
+        The tile's position; must hold a tile of ``arch`` (constant while flits move).
+    i_l, i_n, i_e, i_s, i_w : In(flit stream);  o_l, o_n, o_e, o_s, o_w : Out(flit stream)
+
+    Each input
     has a ``SyncFIFO`` of depth ``arch.router_fifo_depth``; its head is routed XY (columns first;
     ``dest_host`` targets ``arch.exit_tile`` and leaves there by ``arch.exit_direction``). Each output
     grants, combinationally, the first requesting input in the order L, N, E, S, W starting at its
@@ -57,12 +67,11 @@ class Router(DirectionalPorts, wiring.Component):
     output is ready leaves in the first cycle it is readable (one cycle per hop).
     """
 
-    def __init__(self, arch: Arch, row: int, col: int):
-        check_arch(arch, "Router")
-        check_tile_position(arch, row, col, "Router")
-        self.arch, self.row, self.col = arch, row, col
+    def __init__(self, arch: Arch):
+        self.arch = check_arch(arch, "Router")
         flit = flit_signature(arch)
-        members = {}
+        # The same widths as the flit's dest_row / dest_col, so the comparisons below are like for like.
+        members = {"row": In(arch.row_bits), "col": In(arch.col_bits)}
         for port in PORT_ORDER:
             members[f"i_{port.lower()}"] = In(flit)
             members[f"o_{port.lower()}"] = Out(flit)

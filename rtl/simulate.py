@@ -64,6 +64,10 @@ BUDGET_FACTOR = 4
 #: ... plus this many cycles (covers pipeline fill of tiny programs).
 BUDGET_BASE_CYCLES = 1000
 _BUILD_STAMP = "flowtile-build.json"
+#: A cold (no ccache) Verilator build of the hierarchical harness on the project's 2-core machine takes
+#: about this much plus this much per tile; only used for the progress estimate.
+VERILATOR_BASE_SECONDS_ESTIMATE = 30
+VERILATOR_TILE_SECONDS_ESTIMATE = 0.5
 
 
 class RtlError(RuntimeError):
@@ -126,16 +130,24 @@ def _make_harness(arch: Arch, chip_factory) -> Harness:
 def _convert(arch: Arch, chip_factory) -> tuple[str, dict]:
     from amaranth.back import verilog
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
-    harness = _make_harness(arch, chip_factory)
-    load_ports = _load_port_names(harness)
     # Source locations are left out so that editing a comment does not invalidate the build cache.
-    return verilog.convert(harness, name=HARNESS_TOP_NAME, emit_src=False), load_ports
+    if chip_factory is not None:
+        harness = _make_harness(arch, chip_factory)
+        return verilog.convert(harness, name=HARNESS_TOP_NAME, emit_src=False), _load_port_names(harness)
+    # The real chip: its tiles as instances of one tile module, written (and compiled) once.
+    from flowtile.hdl.chip import Chip
+    from flowtile.hdl.verilog import hierarchical_verilog
+    harness = Harness(arch, chip=Chip(arch, tiles="instances"))
+    return (hierarchical_verilog(arch, harness, HARNESS_TOP_NAME, emit_src=False, quiet=True),
+            _load_port_names(harness))
 
 
 def harness_verilog(arch: Arch, chip_factory=None) -> str:
     """Verilog text of the harness (top module :data:`flowtile.rtl.harness.HARNESS_TOP_NAME`) for ``arch``.
 
-    ``chip_factory(arch)`` builds the chip (default ``flowtile.hdl.chip.Chip``). Cached per process.
+    ``chip_factory(arch)`` builds the chip (default: ``flowtile.hdl.chip.Chip(arch, tiles="instances")``,
+    whose text is the tile module, written once, followed by the harness and chip modules; Amaranth's
+    simulator runs ``Chip(arch)`` with real tile submodules instead, the same circuit). Cached per process.
     """
     return _convert(arch, chip_factory)[0]
 
@@ -235,8 +247,8 @@ def _log_tail(path: Path) -> str:
 def _generation_key(arch: Arch, chip_factory, fingerprint: str) -> str:
     """Key over everything the harness Verilog is generated from: the Arch, the HDL sources, the tools.
 
-    Generating the Verilog of a default 4x4 chip takes Yosys ~20 s, much longer than checking a cached
-    build, so a cache hit is first looked up by this key; only on a miss is the Verilog generated and
+    Generating the Verilog (a few seconds even for 11x11, since the tile module is written once) takes
+    much longer than checking a cached build, so a cache hit is first looked up by this key; only on a miss is the Verilog generated and
     hashed. Any edit of an ``hdl/`` source (or of the stand-in chip's module) changes the key, which
     at worst costs one regeneration that then maps to the existing build if the Verilog is unchanged.
     """
@@ -261,11 +273,28 @@ def _loaded_hdl_sources_digest() -> bytes:
     from . import harness  # noqa: F401  (the modules the Verilog is generated from)
     import flowtile.hdl
     digest = hashlib.sha256()
-    sources = sorted(Path(flowtile.hdl.__file__).parent.glob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
+    # rglob: a block split into a sub-package of hdl/ still changes the key.
+    sources = sorted(Path(flowtile.hdl.__file__).parent.rglob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
     for source in sources + [Path(inspect.getfile(Arch))]:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     return digest.digest()
+
+
+def progress(message: str) -> None:
+    """One ``[flowtile] ...`` progress line on stderr (the command line's convention)."""
+    print(f"[flowtile] {message}", file=sys.stderr, flush=True)
+
+
+def _generation_estimate(arch: Arch) -> float:
+    """Rough seconds to generate the harness Verilog (for the progress line only)."""
+    from flowtile.hdl.verilog import INSTANCE_SECONDS_ESTIMATE, TILE_SECONDS_ESTIMATE
+    return TILE_SECONDS_ESTIMATE + INSTANCE_SECONDS_ESTIMATE * arch.n_tiles + 1
+
+
+def _build_estimate(arch: Arch) -> float:
+    """Rough seconds of a cold Verilator build on 2 cores (for the progress line only)."""
+    return VERILATOR_BASE_SECONDS_ESTIMATE + VERILATOR_TILE_SECONDS_ESTIMATE * arch.n_tiles
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -309,11 +338,15 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
         if build is not None:
             return build
 
+    if chip_factory is None:
+        progress(f"generating harness Verilog for {arch.n_tiles} tiles "
+                 f"(usually ~{_generation_estimate(arch):.0f} s)")
     try:
         text, load_ports = _convert(arch, chip_factory)
     except Exception as error:
         raise RtlBuildError(f"Verilog generation of the harness for {arch} failed: "
                             f"{type(error).__name__}: {error}") from error
+    progress(f"Verilog generated in {time.perf_counter() - started:.1f} s ({len(text) / 1e6:.2f} MB)")
     digest = hashlib.sha256((fingerprint + "\n" + text).encode()).hexdigest()[:20]
     directory = root / f"{HARNESS_TOP_NAME}-{digest}"
     alias.parent.mkdir(parents=True, exist_ok=True)
@@ -323,8 +356,12 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
         fcntl.flock(lock, fcntl.LOCK_EX)
         build = cached_build(directory)
         if build is None:
+            compile_started = time.perf_counter()
+            progress(f"verilator build of {arch.n_tiles} tiles, usually ~{_build_estimate(arch):.0f} s "
+                     f"(much less when ccache has seen the C++)")
             _build_with_cocotb(directory, text, build_args, trace_format)
             seconds = time.perf_counter() - started
+            progress(f"verilator build done in {time.perf_counter() - compile_started:.0f} s")
             _write_atomically(directory / _BUILD_STAMP, json.dumps(
                 {"fingerprint": json.loads(fingerprint), "arch": arch.to_dict(), "seconds": seconds,
                  "load_ports": load_ports}, indent=1))

@@ -3,17 +3,21 @@ a residual block whose stream carries two tensors into an ADD split over two til
 channel CONCAT split over two tiles; a convolution split over bands of output pixels, whole rows or split
 inside a row, and output-channel groups), and Verilog generation."""
 
+import re
+
 import numpy as np
 import pytest
+from amaranth.hdl import Fragment, Instance
 from amaranth.sim import Simulator
 
 from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_MAC, Arch, dense_window_registers,
                            stream_registers)
-from flowtile.hdl.chip import Chip
+from flowtile.hdl.chip import TILE_MODULE_NAME, Chip
+from flowtile.hdl.tile import Tile
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
                          encode_param_entry, flit_layout, load_data_bits, load_layout, pack_flit, pack_lanes,
                          pack_load, param_layout, unpack_lanes, unpack_struct)
-from flowtile.hdl.verilog import chip_verilog
+from flowtile.hdl.verilog import chip_verilog, tile_verilog
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -390,16 +394,87 @@ def test_convolution_split_over_bands_and_output_channel_groups(rows, cols, spli
     assert cycles == sorted(set(cycles))
 
 
+TINY = Arch(rows=1, cols=2, lanes=2, sram_bytes=32, max_tile_outputs=2)
+
+
 def test_chip_verilog_names_the_module_and_ports():
-    text = chip_verilog(Arch(rows=1, cols=2, lanes=2, sram_bytes=32, max_tile_outputs=2), name="tiny_chip")
+    text = chip_verilog(TINY, name="tiny_chip", quiet=True)
     assert "module tiny_chip" in text
     for port in ("load__valid", "load__payload", "run", "i_host__payload", "o_host__valid"):
         assert port in text
 
 
-def test_chip_rejects_a_non_arch():
-    with pytest.raises(TypeError, match="Chip: parameter 'arch' must be a flowtile.arch.Arch"):
-        Chip({"rows": 2})
+def _module_names(text):
+    return re.findall(r"^module\s+(\S+?)\s*\(", text, re.M)
+
+
+def _tile_instantiations(text):
+    return re.findall(rf"^\s*{TILE_MODULE_NAME}\s+(tile_r\d+c\d+)\s*\(", text, re.M)
+
+
+@pytest.mark.parametrize("rows, cols", [(2, 3), (3, 3)])
+def test_chip_verilog_defines_the_tile_once_and_instantiates_it_per_tile(rows, cols):
+    arch = TINY.replace(rows=rows, cols=cols)
+    text = chip_verilog(arch, quiet=True)
+    modules = _module_names(text)
+    assert modules.count(TILE_MODULE_NAME) == 1
+    assert modules.count("flowtile_chip") == 1
+    # Besides the chip, only the tile and its own submodules (router, PE, FIFOs) are modules.
+    assert all(name == "flowtile_chip" or name.lstrip("\\").startswith(TILE_MODULE_NAME) for name in modules)
+    assert sorted(_tile_instantiations(text)) == sorted(f"tile_r{r}c{c}" for r in range(rows) for c in range(cols))
+
+
+def test_chip_verilog_grows_by_about_one_instantiation_per_tile():
+    sizes = {n: len(chip_verilog(TINY.replace(rows=1, cols=n), quiet=True)) for n in (2, 4, 8)}
+    per_tile = (sizes[8] - sizes[4]) / 4
+    assert (sizes[4] - sizes[2]) / 2 == pytest.approx(per_tile, rel=0.25)
+    # An instantiation with its nets is a few dozen lines, far below a tile module's text.
+    tile_module = len(tile_verilog(TINY))
+    assert per_tile < 4000 < tile_module
+    assert sizes[8] < tile_module + 8 * 4000
+
+
+def test_chip_verilog_reports_progress_on_stderr(capsys):
+    chip_verilog(TINY)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[flowtile] generating tile module")
+    assert lines[-1].startswith("[flowtile] Verilog generated in")
+
+
+def test_instance_form_elaborates_one_tile_instance_per_position():
+    # The instance form cannot run in Amaranth's simulator, but it elaborates to one Instance per tile.
+    chip = Chip(TINY, tiles="instances")
+    fragment = Fragment.get(chip, None)
+    instances = [sub for sub, _, _ in fragment.subfragments if isinstance(sub, Instance)]
+    assert len(instances) == TINY.n_tiles
+    assert {instance.type for instance in instances} == {TILE_MODULE_NAME}
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"arch": {"rows": 2}}, TypeError, "Chip: parameter 'arch' must be a flowtile.arch.Arch"),
+    ({"arch": TINY, "tiles": "flat"}, ValueError,
+     "Chip: parameter 'tiles' must be one of 'submodules', 'instances', got 'flat'"),
+    ({"arch": TINY, "tile_module": "flowtile tile"}, ValueError,
+     "Chip: parameter 'tile_module' must be a Verilog identifier, got 'flowtile tile'"),
+])
+def test_chip_parameter_validation(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        Chip(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"arch": "2x2"}, "chip_verilog: parameter 'arch' must be a flowtile.arch.Arch"),
+    ({"arch": TINY, "name": "1chip"}, "chip_verilog: parameter 'name' must be a Verilog identifier, got '1chip'"),
+    ({"arch": TINY, "name": TILE_MODULE_NAME}, "chip_verilog: parameter 'name' must differ from the tile module's name"),
+])
+def test_chip_verilog_parameter_validation(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        chip_verilog(**kwargs)
+
+
+def test_tile_rejects_a_non_arch():
+    with pytest.raises(TypeError, match="Tile: parameter 'arch' must be a flowtile.arch.Arch"):
+        Tile("4x4")
 
 
 @pytest.mark.parametrize("lanes", [1, 8, 16])
