@@ -888,7 +888,7 @@ def test_output_channel_group_interleaves_passed_words_per_pixel(request, op, la
     sit between the previous pixel's last result word and the pixel's first one)."""
     name = request.node.callspec.id.rsplit("-F", 1)[0]
     registers, n_pass, forward = draw_group_case(name, op, lanes, channels)
-    n_pix = output_pixels(registers)
+    n_pix = output_pixels(make_config(**registers))   # the counts want a whole config
     if name.endswith("-nobulk"):
         n_pass, forward = n_pix * registers["pass_per_pixel"], 0
     n_inferences = 3

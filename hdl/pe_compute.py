@@ -1,0 +1,244 @@
+"""The PE's COMPUTE sequencer: when COMPUTE runs and what each issue cycle reads (docs/architecture.md
+sections 4 and 4.1 to 4.3)."""
+from __future__ import annotations
+
+from amaranth.hdl import Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2, exact_log2
+
+from flowtile.arch import Arch
+
+from .layouts import check_arch, config_layout
+from .pe_loader import band_end
+from .pe_output import op_decode
+
+__all__ = ["ComputeSequencer", "issue_layout", "COMPUTE_DRAIN_CYCLES"]
+
+#: Cycles COMPUTE lasts beyond its ``I`` issue cycles: one to accumulate (or max) the last
+#: read words, one to requantize (or clamp) and write the last result.
+COMPUTE_DRAIN_CYCLES = 2
+
+
+def issue_layout(arch: Arch) -> data.StructLayout:
+    """One issue cycle of COMPUTE: the three read addresses and what the pipeline needs to know of it.
+
+    ``weight_addr``, ``activation_addr``: SRAM words; ``param_addr``: parameter-table bank address
+    (row ``o // L`` for MAC, word ``cw`` for the lane-wise ops); ``first`` / ``last``: first / last issue
+    of an output value (MAC: channel ``o``; the other ops: word ``cw``); ``word_last``: last issue of a
+    result word; ``padded``: the window position lies outside the input map; ``operand_b``: ADD or
+    CONCAT reads operand ``b``; ``slot``: the result ring slot of the word; ``lane``: ``o mod L`` (MAC).
+    """
+    sram_address = ceil_log2(arch.sram_words)
+    return data.StructLayout({
+        "weight_addr": sram_address,
+        "activation_addr": sram_address,
+        "param_addr": ceil_log2(-(-arch.max_tile_outputs // arch.lanes)),
+        "first": 1,
+        "last": 1,
+        "word_last": 1,
+        "padded": 1,
+        "operand_b": 1,
+        "slot": range(arch.result_words),
+        "lane": max(exact_log2(arch.lanes), 1),
+    })
+
+
+class ComputeSequencer(wiring.Component):
+    """COMPUTE's control and loop nest (docs/architecture.md section 4, "compute side"; the window loop
+    nest, section 4.1; ADD's operands, section 4.2; CONCAT's, section 4.3).
+
+    COMPUTE of inference ``s`` begins (``compute_start``, cycle ``c_s``) iff ``run``, ``computes``, RECV
+    word ``store_end - 1`` of ``s`` has arrived in an earlier cycle (``store_done``), no COMPUTE is
+    running (the previous one's two drain cycles included) and ``ring_free``. It reads bank ``s mod 2``
+    (``compute_bank``, which flips when a COMPUTE ends) and makes one issue a cycle (``issue.valid``) in
+    section 4.1's loop order over the band's output pixels, except that a result word's first issue
+    waits for ``ring_free``; ``word_issued`` marks a word's first issue (``a_j``). After the last issue
+    it drains :data:`COMPUTE_DRAIN_CYCLES` cycles. ``in_compute`` is high from ``c_s`` through the
+    last drain cycle. ``run = 0`` clears every flag (bank 0, no COMPUTE, nothing stored).
+
+    ``issue`` never stalls (``always_ready``); its payload (:func:`issue_layout`) is meaningful when
+    ``issue.valid``.
+
+    Parameters
+    ----------
+    arch : :class:`flowtile.arch.Arch`
+
+    Members
+    -------
+    config : ``In(config_layout())``
+    computes : ``In(1)``
+    run : ``In(1)``
+    store_done : ``In(1)``
+    ring_free : ``In(1)``
+    issue : ``Out(stream.Signature(issue_layout(arch), always_ready=True))``
+    word_issued : ``Out(1)``
+    compute_start : ``Out(1)``
+    compute_begun : ``Out(1)``
+        A COMPUTE is running or begins in this cycle.
+    compute_bank : ``Out(1)``
+    in_compute : ``Out(1)``
+    """
+
+    def __init__(self, arch: Arch):
+        check_arch(arch, "ComputeSequencer")
+        self.arch = arch
+        super().__init__({
+            "config": In(config_layout()),
+            "computes": In(1),
+            "run": In(1),
+            "store_done": In(1),
+            "ring_free": In(1),
+            "issue": Out(stream.Signature(issue_layout(arch), always_ready=True)),
+            "word_issued": Out(1),
+            "compute_start": Out(1),
+            "compute_begun": Out(1),
+            "compute_bank": Out(1),
+            "in_compute": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        arch, config, issue = self.arch, self.config, self.issue.payload
+        lane_bits = exact_log2(arch.lanes)
+        is_max, is_add, is_concat, two_operands, lane_wise, per_word = op_decode(config)
+        n_out = Mux(self.computes, config.n_out, 0)
+
+        # ``computing``: a COMPUTE has begun and not ended. ``stored``: RECV word store_end - 1 of the
+        # inference of the next COMPUTE has been received. Every term of compute_start is registered.
+        computing, stored, compute_bank = Signal(), Signal(), self.compute_bank
+        compute_start, in_compute = self.compute_start, self.in_compute
+        m.d.comb += [
+            compute_start.eq(self.run & self.computes & stored & ~computing & self.ring_free),
+            self.compute_begun.eq(computing | compute_start),
+            in_compute.eq(self.run & (computing | compute_start)),
+        ]
+        with m.If(compute_start):
+            m.d.sync += [computing.eq(1), stored.eq(0)]
+        # Set after the clear: RECV word store_end - 1 of inference s + 1 may arrive in cycle c_s itself.
+        with m.If(self.store_done):
+            m.d.sync += stored.eq(1)
+
+        # Loop nest of section 4.1, innermost last. MAC: output row, output column, channel o, ky, kx, cw
+        # (the weight order). MAX, LANE, ADD, CONCAT: output row, output column, cw, ky, kx.
+        out_row = Signal.like(config.out_rows)            # relative to out_row_begin
+        out_col = Signal.like(config.out_width)           # ox: out_col_begin .. in the band's first row
+        channel = Signal.like(config.n_out)               # o (MAC only)
+        kernel_y = Signal.like(config.kernel_h)
+        kernel_x = Signal.like(config.kernel_w)
+        word = Signal.like(config.words_per_pixel)        # cw
+        issue_done = Signal()
+        drain = Signal(range(COMPUTE_DRAIN_CYCLES))
+        issuing = in_compute & ~issue_done
+
+        last_word = word == config.words_per_pixel - 1
+        last_kernel_x = kernel_x == config.kernel_w - 1
+        last_kernel_y = kernel_y == config.kernel_h - 1
+        last_channel = channel == n_out - 1
+        last_out_row = out_row == config.out_rows - 1
+        last_out_col = out_col == Mux(last_out_row, band_end(config), config.out_width) - 1
+        window_done = last_kernel_x & last_kernel_y
+        pixel_done = Signal()
+        step_word, step_kernel_x, step_kernel_y, step_channel = Signal(), Signal(), Signal(), Signal()
+        with m.If(per_word):
+            m.d.comb += [
+                step_kernel_x.eq(1), step_kernel_y.eq(last_kernel_x), step_word.eq(window_done),
+                issue.first.eq((kernel_x == 0) & (kernel_y == 0)),
+                issue.last.eq(window_done),
+                pixel_done.eq(window_done & last_word),
+            ]
+        with m.Else():
+            m.d.comb += [
+                step_word.eq(1), step_kernel_x.eq(last_word), step_kernel_y.eq(last_word & last_kernel_x),
+                step_channel.eq(last_word & window_done),
+                issue.first.eq((word == 0) & (kernel_x == 0) & (kernel_y == 0)),
+                issue.last.eq(last_word & window_done),
+                pixel_done.eq(last_word & window_done & last_channel),
+            ]
+
+        def count(counter, step, last):
+            with m.If(step):
+                m.d.sync += counter.eq(Mux(last, 0, counter + 1))
+
+        # Result words: MAC fills a word with L channels, the per-word ops issue a whole word per window.
+        channel_lane = channel[:lane_bits] if lane_bits else Const(0, 1)
+        word_first = issue.first & (per_word | (channel_lane == 0))
+        m.d.comb += [
+            issue.word_last.eq(issue.last & (per_word | (channel_lane == arch.lanes - 1) | last_channel)),
+            issue.lane.eq(channel_lane),
+            # A word's first issue waits for a free ring slot; COMPUTE never waits inside a word. An
+            # inference's first issue has its slot already: compute_start requires ring_free.
+            self.issue.valid.eq(issuing & (~word_first | self.ring_free)),
+            self.word_issued.eq(self.issue.valid & word_first),
+        ]
+        weight_address = Signal.like(issue.weight_addr)
+        write_slot = Signal(range(arch.result_words))     # j mod R of the word being issued
+        m.d.comb += issue.slot.eq(write_slot)
+        with m.If(issuing):
+            with m.If(self.issue.valid):
+                count(word, step_word, last_word)
+                count(kernel_x, step_kernel_x, last_kernel_x)
+                count(kernel_y, step_kernel_y, last_kernel_y)
+                count(channel, step_channel, last_channel)
+                # A row after the first starts at column 0; the next inference's first row at out_col_begin.
+                with m.If(pixel_done):
+                    m.d.sync += out_col.eq(Mux(last_out_col, Mux(last_out_row, config.out_col_begin, 0), out_col + 1))
+                count(out_row, pixel_done & last_out_col, last_out_row)
+                # A pixel reads its weights in issue order, then starts over. MAX, ADD, CONCAT ignore them.
+                m.d.sync += weight_address.eq(Mux(pixel_done, config.w_base, weight_address + 1))
+                with m.If(issue.word_last):
+                    m.d.sync += write_slot.eq(Mux(write_slot == arch.result_words - 1, 0, write_slot + 1))
+                with m.If(pixel_done & last_out_col & last_out_row):
+                    m.d.sync += issue_done.eq(1)
+        with m.Elif(in_compute):
+            m.d.sync += drain.eq(drain + 1)
+            with m.If(drain == COMPUTE_DRAIN_CYCLES - 1):
+                # COMPUTE's last cycle: its last result word is written now; the next COMPUTE may begin next.
+                m.d.sync += [computing.eq(0), compute_bank.eq(~compute_bank), drain.eq(0), issue_done.eq(0)]
+        with m.If(~in_compute):
+            m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0), out_col.eq(config.out_col_begin),
+                         out_row.eq(0), issue_done.eq(0), drain.eq(0), weight_address.eq(config.w_base)]
+
+        self._addresses(m, is_add, is_concat, two_operands, lane_wise, out_row, out_col, channel, kernel_y, kernel_x,
+                        word, weight_address)
+        with m.If(~self.run):
+            m.d.sync += [computing.eq(0), compute_bank.eq(0), stored.eq(0), write_slot.eq(0)]
+        return m
+
+    def _addresses(self, m, is_add, is_concat, two_operands, lane_wise, out_row, out_col, channel, kernel_y,
+                   kernel_x, word, weight_address):
+        """The issue's read addresses and window position (sections 4.1 to 4.3).
+
+        ADD's window does not move with kx: its two issues of a word read pixel p of operand a (kx = 0) and
+        of operand b (kx = 1). CONCAT's word cw comes from operand a's word cw while cw < CWa, else from
+        operand b's word cw - CWa (maps of CWa and CWb = CW - CWa words a pixel). MAC, MAX and LANE read
+        the one map at act_base (offset 0, pitch CW). pixel_index * pitch is the one wide multiplier.
+        """
+        config, issue = self.config, self.issue.payload
+        concat_words_b = Signal.like(config.words_per_pixel)
+        bank_words = Signal.like(config.store_end)
+        m.d.comb += [
+            concat_words_b.eq(config.words_per_pixel - config.concat_words_a),
+            bank_words.eq(Mux(config.store_end > config.store_begin, config.store_end - config.store_begin, 0)),
+        ]
+        operand_b = (is_add & (kernel_x != 0)) | (is_concat & (word >= config.concat_words_a))
+        operand_offset = Mux(two_operands, Mux(operand_b, config.operand_b_offset, config.operand_a_offset), 0)
+        pixel_pitch = Mux(is_concat, Mux(operand_b, concat_words_b, config.concat_words_a), config.words_per_pixel)
+        operand_word = Mux(is_concat & operand_b, word - config.concat_words_a, word)[:len(word)]
+        window_y = (config.out_row_begin + out_row) * config.stride + kernel_y      # iy + pad_top
+        window_x = out_col * config.stride + Mux(is_add, 0, kernel_x)               # ix + pad_left
+        in_bounds = ((window_y >= config.pad_top) & (window_y < config.pad_top + config.in_height)
+                     & (window_x >= config.pad_left) & (window_x < config.pad_left + config.in_width))
+        input_y = (window_y - config.pad_top)[:len(config.in_height)]
+        input_x = (window_x - config.pad_left)[:len(config.in_width)]
+        activation_offset = operand_offset + (input_y * config.in_width + input_x) * pixel_pitch + operand_word
+        # Section 4: COMPUTE of inference s reads bank s mod 2, act_base + (s mod 2) * B onwards.
+        activation_address = config.act_base + Mux(self.compute_bank, bank_words, 0) + activation_offset
+        m.d.comb += [
+            issue.weight_addr.eq(weight_address),
+            issue.activation_addr.eq(activation_address[:len(issue.activation_addr)]),
+            # MAC needs row o (bank o % L, address o // L); the lane-wise ops rows cw*L + l (address cw).
+            issue.param_addr.eq(Mux(lane_wise, word, channel >> exact_log2(self.arch.lanes))),
+            issue.padded.eq(~in_bounds),
+            issue.operand_b.eq(operand_b),
+        ]
