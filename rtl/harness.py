@@ -17,14 +17,17 @@ One run per reset: the counters start from their reset values and ``start`` is i
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Shape, Signal, unsigned
+from types import SimpleNamespace
+
+from amaranth.hdl import ClockSignal, Instance, Module, Shape, Signal, Value, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import Arch
 
-__all__ = ["Harness", "HarnessError", "STAMP_BITS", "HARNESS_TOP_NAME"]
+__all__ = ["Harness", "HarnessError", "STAMP_BITS", "HARNESS_TOP_NAME", "BUFFER_FORMS", "BUFFER_MODULE_NAME",
+           "BUFFER_VERILOG"]
 
 #: Width of the cycle counter and of each output entry's cycle stamp (2**32 cycles is far beyond any
 #: simulation we can afford, so the counter never wraps in practice).
@@ -32,6 +35,30 @@ STAMP_BITS = 32
 
 #: Verilog module name of the harness top (what cocotb's runner is told to simulate).
 HARNESS_TOP_NAME = "flowtile_harness"
+
+#: How the harness holds its two host buffers: ``"memories"`` (``amaranth.lib.memory.Memory``, what
+#: Amaranth's simulator needs) or ``"instances"`` of :data:`BUFFER_MODULE_NAME`, whose Verilog is
+#: :data:`BUFFER_VERILOG` (what the Verilator flow uses: Amaranth writes a memory's initial contents word
+#: by word, 130k lines and ~30 s of Yosys for the default 65536-flit buffers, and Verilator then compiles
+#: them). The buffers' contents before a write are never observed, so both forms behave the same.
+BUFFER_FORMS = ("memories", "instances")
+#: Verilog module name of a host buffer in the ``"instances"`` form.
+BUFFER_MODULE_NAME = "flowtile_harness_buffer"
+#: One write port (written at the clock edge when ``we``), one combinational read port; no reset, no
+#: initial contents.
+BUFFER_VERILOG = f"""module {BUFFER_MODULE_NAME} #(parameter WIDTH = 1, parameter DEPTH = 1, parameter ADDR_BITS = 1) (
+  input clk,
+  input we,
+  input [ADDR_BITS-1:0] waddr,
+  input [WIDTH-1:0] wdata,
+  input [ADDR_BITS-1:0] raddr,
+  output [WIDTH-1:0] rdata
+);
+  reg [WIDTH-1:0] words [0:DEPTH-1];
+  always @(posedge clk) if (we) words[waddr] <= wdata;
+  assign rdata = words[raddr];
+endmodule
+"""
 
 #: Chip ports the harness relies on, with the direction the chip declares them in (section 5).
 _REQUIRED_CHIP_PORTS = {"load": wiring.In, "run": wiring.In, "i_host": wiring.In, "o_host": wiring.Out}
@@ -86,7 +113,9 @@ class Harness(wiring.Component):
         arch: the chip's architecture.
         chip: the chip to wrap (a ``wiring.Component`` with ports ``load``, ``run``, ``i_host``,
             ``o_host`` per section 5). Default: ``flowtile.hdl.chip.Chip(arch)``. Tests of the simulation flow
-            pass a stand-in here.
+            pass a stand-in here; the Verilog flow passes ``Chip(arch, tiles="instances")``.
+        buffers: one of :data:`BUFFER_FORMS` (default ``"memories"``); with ``"instances"`` the Verilog of
+            the harness must be accompanied by :data:`BUFFER_VERILOG`.
 
     Ports (besides the implicit ``clk`` / ``rst``):
         load: the chip's load bus, same signature, passed through unchanged.
@@ -103,9 +132,13 @@ class Harness(wiring.Component):
             the output buffer full (the chip emitted more than the program says it would).
     """
 
-    def __init__(self, arch: Arch, *, chip=None):
+    def __init__(self, arch: Arch, *, chip=None, buffers: str = "memories"):
         if not isinstance(arch, Arch):
             raise HarnessError(f"arch must be a flowtile.arch.Arch, got {type(arch).__name__}")
+        if buffers not in BUFFER_FORMS:
+            raise HarnessError(f"parameter 'buffers' must be one of {', '.join(map(repr, BUFFER_FORMS))}, "
+                               f"got {buffers!r}")
+        self.buffers = buffers
         if chip is None:
             from flowtile.hdl.chip import Chip  # imported here so that stand-in chips work without flowtile.hdl.chip
             chip = Chip(arch)
@@ -151,6 +184,24 @@ class Harness(wiring.Component):
             "unexpected_output": Out(1),
         })
 
+    def _buffer(self, m: Module, name: str, shape) -> tuple:
+        """A ``host_buffer_flits``-deep buffer of ``shape``: (write port, combinational read port), each
+        with ``addr`` and ``data`` (the write port also ``en``), in the form chosen by ``buffers``."""
+        depth = self.arch.host_buffer_flits
+        if self.buffers == "memories":
+            memory = m.submodules[name] = Memory(shape=shape, depth=depth, init=[])
+            return memory.write_port(), memory.read_port(domain="comb")
+        address_bits = _bits_to_address(depth)
+        write = SimpleNamespace(en=Signal(name=f"{name}_we"), addr=Signal(address_bits, name=f"{name}_waddr"),
+                                data=Signal(shape, name=f"{name}_wdata"))
+        read = SimpleNamespace(addr=Signal(address_bits, name=f"{name}_raddr"), data=Signal(shape, name=f"{name}_rdata"))
+        m.submodules[name] = Instance(
+            BUFFER_MODULE_NAME,
+            p_WIDTH=Shape.cast(shape).width, p_DEPTH=depth, p_ADDR_BITS=address_bits,
+            i_clk=ClockSignal(), i_we=write.en, i_waddr=write.addr, i_wdata=Value.cast(write.data),
+            i_raddr=read.addr, o_rdata=Value.cast(read.data))
+        return write, read
+
     def elaborate(self, platform):
         m = Module()
         arch = self.arch
@@ -173,10 +224,8 @@ class Harness(wiring.Component):
         m.d.comb += [chip.run.eq(running), self.running.eq(running)]
 
         # --- input side: offer flit `sent` until accepted, back to back ----------------------------
-        m.submodules.in_buffer = in_buffer = Memory(shape=unsigned(arch.flit_data_bits), depth=depth, init=[])
-        in_fill = in_buffer.write_port()
         # Combinational read so that flit `sent` is on the bus in the very cycle `sent` advances to it.
-        in_feed = in_buffer.read_port(domain="comb")
+        in_fill, in_feed = self._buffer(m, "in_buffer", unsigned(arch.flit_data_bits))
         m.d.comb += [in_fill.en.eq(self.in_write_en), in_fill.addr.eq(self.in_write_addr),
                      in_fill.data.eq(self.in_write_data)]
 
@@ -196,9 +245,7 @@ class Harness(wiring.Component):
             m.d.sync += sent.eq(sent + 1)
 
         # --- output side: always ready, store data + stamp --------------------------------------
-        m.submodules.out_buffer = out_buffer = Memory(shape=self.out_entry_layout, depth=depth, init=[])
-        out_store = out_buffer.write_port()
-        out_fetch = out_buffer.read_port(domain="comb")
+        out_store, out_fetch = self._buffer(m, "out_buffer", self.out_entry_layout)
         received = self.out_received
         arriving = chip.o_host.valid  # ready is constantly 1, so valid alone is a transfer
         buffer_has_room = received < depth

@@ -40,7 +40,7 @@ from flowtile.arch import Arch
 from flowtile.program import Program, compute_issue_cycles, forwarded_words, result_words
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
-from .harness import HARNESS_TOP_NAME, STAMP_BITS, Harness
+from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
                       encode_param_entry, load_layout)
 
@@ -131,15 +131,17 @@ def _convert(arch: Arch, chip_factory) -> tuple[str, dict]:
     from amaranth.back import verilog
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
     # Source locations are left out so that editing a comment does not invalidate the build cache.
+    # The host buffers are instances of a plain Verilog memory (see flowtile.rtl.harness.BUFFER_FORMS).
     if chip_factory is not None:
-        harness = _make_harness(arch, chip_factory)
-        return verilog.convert(harness, name=HARNESS_TOP_NAME, emit_src=False), _load_port_names(harness)
-    # The real chip: its tiles as instances of one tile module, written (and compiled) once.
-    from flowtile.hdl.chip import Chip
-    from flowtile.hdl.verilog import hierarchical_verilog
-    harness = Harness(arch, chip=Chip(arch, tiles="instances"))
-    return (hierarchical_verilog(arch, harness, HARNESS_TOP_NAME, emit_src=False, quiet=True),
-            _load_port_names(harness))
+        harness = Harness(arch, chip=chip_factory(arch), buffers="instances")
+        text = verilog.convert(harness, name=HARNESS_TOP_NAME, emit_src=False)
+    else:
+        # The real chip: its tiles as instances of one tile module, written (and compiled) once.
+        from flowtile.hdl.chip import Chip
+        from flowtile.hdl.verilog import hierarchical_verilog
+        harness = Harness(arch, chip=Chip(arch, tiles="instances"), buffers="instances")
+        text = hierarchical_verilog(arch, harness, HARNESS_TOP_NAME, emit_src=False, quiet=True)
+    return BUFFER_VERILOG + text, _load_port_names(harness)
 
 
 def harness_verilog(arch: Arch, chip_factory=None) -> str:
@@ -147,7 +149,8 @@ def harness_verilog(arch: Arch, chip_factory=None) -> str:
 
     ``chip_factory(arch)`` builds the chip (default: ``flowtile.hdl.chip.Chip(arch, tiles="instances")``,
     whose text is the tile module, written once, followed by the harness and chip modules; Amaranth's
-    simulator runs ``Chip(arch)`` with real tile submodules instead, the same circuit). Cached per process.
+    simulator runs ``Chip(arch)`` with real tile submodules instead, the same circuit). The host buffers
+    are instances of :data:`flowtile.rtl.harness.BUFFER_VERILOG` (first in the text). Cached per process.
     """
     return _convert(arch, chip_factory)[0]
 

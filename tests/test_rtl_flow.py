@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from flowtile.arch import (OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CON
                            stream_registers)
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 from flowtile.rtl import simulate as rtl
-from flowtile.rtl.harness import HARNESS_TOP_NAME
+from flowtile.hdl.chip import TILE_MODULE_NAME
+from flowtile.rtl.harness import BUFFER_MODULE_NAME, HARNESS_TOP_NAME, Harness, HarnessError
 from flowtile.hdl.layouts import LOAD_TARGET_CONFIG, config_field_index, flit_signature, load_signature
 
 def shift_round_half_even(value, shift):
@@ -166,6 +168,57 @@ def test_verilator_timeout_and_build_failure_are_reported(tmp_path, monkeypatch)
     monkeypatch.setattr(rtl, "VERILATOR_BUILD_ARGS", rtl.VERILATOR_BUILD_ARGS + ("--no-such-verilator-option",))
     with pytest.raises(rtl.RtlBuildError, match=r"(?s)last lines:.*no-such-verilator-option"):
         rtl.build_verilator(FLOW_ARCH, build_root=tmp_path, chip_factory=SilentChip)
+
+
+# --- (a') the Verilog the Verilator flow builds ---------------------------------------------------------
+
+def _module_names(text):
+    return re.findall(r"^module\s+(\S+?)\s*[(#]", text, re.M)
+
+
+def test_harness_verilog_is_hierarchical_and_writes_no_buffer_contents():
+    arch = Arch(rows=2, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4)  # default 65536-flit host buffers
+    text = rtl.harness_verilog(arch)
+    modules = _module_names(text)
+    assert modules.count(TILE_MODULE_NAME) == 1 and modules.count(BUFFER_MODULE_NAME) == 1
+    assert modules.count(HARNESS_TOP_NAME) == 1
+    tiles = re.findall(rf"^\s*{TILE_MODULE_NAME}\s+tile_r\d+c\d+\s*\(", text, re.M)
+    assert len(tiles) == arch.n_tiles
+    assert len(re.findall(rf"^\s*{BUFFER_MODULE_NAME}\s+#", text, re.M)) == 2
+    # The host buffers' contents are not written out word by word (the tile's own small memories are).
+    assert not re.search(r"^\s*(in|out)_buffer\[\d+\] =", text, re.M)
+    assert len(text) < 1_000_000
+
+
+def test_stand_in_harness_verilog_has_the_buffer_module_and_no_tile_module():
+    text = rtl.harness_verilog(FLOW_ARCH, chip_factory=LoopbackChip)
+    modules = _module_names(text)
+    assert BUFFER_MODULE_NAME in modules and TILE_MODULE_NAME not in modules
+
+
+@pytest.mark.filterwarnings("ignore:.*created but never used")
+def test_harness_rejects_an_unknown_buffer_form():
+    with pytest.raises(HarnessError, match=re.escape("parameter 'buffers' must be one of 'memories', 'instances', "
+                                                     "got 'registers'")):
+        Harness(FLOW_ARCH, chip=LoopbackChip(FLOW_ARCH), buffers="registers")
+
+
+def test_generation_key_changes_when_an_hdl_source_changes(monkeypatch):
+    fingerprint = "{}"
+    key = rtl._generation_key(CHIP_ARCH, None, fingerprint)
+    assert key == rtl._generation_key(CHIP_ARCH, None, fingerprint)
+    import flowtile.hdl.tile as tile_module
+    source = Path(tile_module.__file__)
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: original(self) + (b"# edited\n" if self == source else b""))
+    rtl._loaded_hdl_sources_digest.cache_clear()
+    try:
+        assert rtl._generation_key(CHIP_ARCH, None, fingerprint) != key
+    finally:
+        monkeypatch.undo()
+        rtl._loaded_hdl_sources_digest.cache_clear()
+    assert rtl._generation_key(CHIP_ARCH, None, fingerprint) == key
 
 
 # --- (b) a hand-built program on the real chip --------------------------------------------------------
