@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers
-from flowtile.program import (LayerInfo, Program, TileProgram, forwarded_words, stored_words,
-                              tile_period_cycles, weight_words)
+from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
+from flowtile.program import LayerInfo, Program, TileProgram
+from flowtile.tile_config import TileConfig
 
 from .errors import CompileError
 from .lower import LoweredLayer, lane_params, lower_layers, pack_input_window, weight_rows
@@ -83,14 +83,9 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int) -> list[
     return plans
 
 
-def _config(**values: int) -> dict[str, int]:
-    """A full register set: every CONFIG_FIELDS register, zero unless given (an idle tile)."""
-    config = {name: 0 for name, _, _ in CONFIG_FIELDS}
-    config.update({"clamp_lo": -128, "clamp_hi": 127})
-    unknown = set(values) - set(config)
-    assert not unknown, f"not config registers: {unknown}"
-    config.update({name: int(value) for name, value in values.items()})
-    return config
+def _config(**values: int) -> TileConfig:
+    """A full register set: every CONFIG_FIELDS register, zero unless given (an idle tile), clamps -128..127."""
+    return TileConfig(**{"clamp_lo": -128, "clamp_hi": 127, **values})
 
 
 def _destination(arch: Arch, position: int) -> dict[str, int]:
@@ -178,7 +173,7 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
         pad_top=w.pad_top - part.row_begin * w.stride + first_row, pad_left=w.pad_left,
         pad_value=layer.pad_value, out_row_begin=0, out_rows=part.rows, out_col_begin=part.col_begin,
         out_col_end=part.col_end, out_width=w.out_width, **extra, **_destination(arch, position))
-    assert weight_words(config) == sram.shape[0]
+    assert config.weight_words == sram.shape[0]
     row, col = arch.chain_position(position)
     return TileProgram(row, col, config, sram, params)
 
@@ -237,12 +232,12 @@ def _check_routes(tiles: list[TileProgram], arch: Arch) -> None:
     exactly one stream and no router output is contended: what makes section 6's timing exact."""
     for position, tile in enumerate(tiles):
         c = tile.config
-        if c["dest_host"]:
+        if c.dest_host:
             assert position == arch.n_tiles - 1, f"tile {tile.key} sends to the host before the chain's end"
             continue
-        hops = abs(c["dest_row"] - tile.row) + abs(c["dest_col"] - tile.col)
-        assert hops == 1 and (c["dest_row"], c["dest_col"]) == arch.chain_position(position + 1), \
-            f"tile {tile.key} sends to ({c['dest_row']},{c['dest_col']}), not its chain successor"
+        hops = abs(c.dest_row - tile.row) + abs(c.dest_col - tile.col)
+        assert hops == 1 and (c.dest_row, c.dest_col) == arch.chain_position(position + 1), \
+            f"tile {tile.key} sends to ({c.dest_row},{c.dest_col}), not its chain successor"
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, calibration: np.ndarray | None = None,
@@ -272,8 +267,8 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
 
 
 def estimated_interval(program: Program) -> int:
-    """The slowest tile's cycles per inference alone (:func:`flowtile.program.tile_period_cycles`)."""
-    return max(tile_period_cycles(tile.config, program.arch.lanes) for tile in program.tiles)
+    """The slowest tile's cycles per inference alone (:meth:`flowtile.tile_config.TileConfig.tile_period_cycles`)."""
+    return max(tile.config.tile_period_cycles(program.arch.lanes) for tile in program.tiles)
 
 
 def report(program: Program) -> str:
@@ -282,17 +277,17 @@ def report(program: Program) -> str:
     by_position = {(t.row, t.col): t for t in program.tiles}
 
     def cycles(tile: TileProgram) -> int:
-        return tile_period_cycles(tile.config, arch.lanes)
+        return tile.config.tile_period_cycles(arch.lanes)
 
     def sram_used(tile: TileProgram) -> int:
         c = tile.config
-        return (weight_words(c) + (ACTIVATION_BANKS * stored_words(c) if c["n_out"] else 0)) * arch.lanes
+        return (c.weight_words + (ACTIVATION_BANKS * c.stored_words if c.n_out else 0)) * arch.lanes
 
     rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "est. util",
              "SRAM bytes used/avail")]
     slowest = max([(max(cycles(by_position[t]) for t in layer.tiles), f"layer '{layer.name}'")
                    for layer in program.layers])
-    passing = [t for t in program.tiles if t.config["n_out"] == 0]
+    passing = [t for t in program.tiles if t.config.n_out == 0]
     if passing:
         slowest = max(slowest, (max(cycles(t) for t in passing), "pass-through tiles"))
     interval = slowest[0]
@@ -316,10 +311,13 @@ def report(program: Program) -> str:
                  f"{100 * program.macs_per_inference / (interval * arch.n_tiles * arch.lanes):.1f}%")
     lines.append("estimates are per tile without stalls (section 6 rule 4); back-pressure between the tiles of a "
                  "split layer can make the real interval longer")
-    queued = [t for t in program.tiles if forwarded_words(t.config) + t.config["n_pass"] > arch.forward_queue_words]
+    def queued_words(tile: TileProgram) -> int:
+        return tile.config.forwarded_words + tile.config.n_pass
+
+    queued = [t for t in program.tiles if queued_words(t) > arch.forward_queue_words]
     if queued:
-        worst = max(queued, key=lambda t: forwarded_words(t.config) + t.config["n_pass"])
-        need = forwarded_words(worst.config) + worst.config["n_pass"]
+        worst = max(queued, key=queued_words)
+        need = queued_words(worst)
         lines.append(f"{len(queued)} tile(s) forward and pass more words per inference than their forward queue holds "
                      f"(up to {need} at tile {worst.key}, arch field 'forward_queue_words' = "
                      f"{arch.forward_queue_words}): they cannot take a whole inference in while they compute")

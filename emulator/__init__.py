@@ -19,8 +19,9 @@ import numpy as np
 
 from flowtile.program import Program
 
-from .functional import (DataPath, EmulatorError, FunctionalResult, TileCounts, check_input_flits, run_functional,
-                         trace_data_path)
+from . import functional
+from .functional import FunctionalResult, check_input_flits
+from .path import DataPath, EmulatorError, TileCounts, trace_data_path
 from .timing import PETimes, TimingError, TimingResult, solve_timing
 
 __all__ = ["emulate", "EmulatorResult", "EmulatorError", "TimingError", "PHASE_SPAN_DTYPE", "PETimes",
@@ -140,11 +141,10 @@ def _phase_spans(pe_times: PETimes, compute_ends: np.ndarray, count: TileCounts,
 def emulate(program: Program, in_flits: np.ndarray, batch: int) -> EmulatorResult:
     """Run ``batch`` inferences of ``program`` on host input flits int8 ``[batch * input_words, lanes]``."""
     arch = program.arch
-    program.validate()
-    path: DataPath = trace_data_path(program)
+    path: DataPath = trace_data_path(program)      # validates the program
     check_input_flits(program, in_flits, batch)
     timing = solve_timing(program, batch, path)
-    functional = run_functional(program, in_flits, batch, path, timing)
+    data = functional.run_functional(program, in_flits, batch, path, timing)
 
     words = program.output_words
     out_times = timing.out_times
@@ -158,7 +158,16 @@ def emulate(program: Program, in_flits: np.ndarray, batch: int) -> EmulatorResul
         busy[tile.row, tile.col] = count.compute_cycles * batch
         macs[tile.row, tile.col] = count.mac_issue_cycles * arch.lanes * batch
     return EmulatorResult(
-        batch=batch, out_flits=functional.out_flits, out_times=out_times, in_times=timing.in_times,
+        batch=batch, out_flits=data.out_flits, out_times=out_times, in_times=timing.in_times,
         cycles=cycles, latency_cycles=int(last_flits[0]) + 1, interval_cycles=interval,
         mac_utilization=program.macs_per_inference * batch / (cycles * arch.n_tiles * arch.lanes),
-        tile_busy_cycles=busy, tile_macs=macs, functional=functional, timing=timing, path=path)
+        tile_busy_cycles=busy, tile_macs=macs, functional=data, timing=timing, path=path)
+
+
+def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: DataPath | None = None,
+                   timing: TimingResult | None = None) -> FunctionalResult:
+    """:func:`emulator.functional.run_functional`, solving the run's timing if a tile needs it (weights that overlap
+    an activation bank the input side may write during a COMPUTE) and ``timing`` is not given."""
+    path = path or trace_data_path(program)
+    return functional.run_functional(program, in_flits, batch, path,
+                                     timing or (lambda: solve_timing(program, batch, path)))

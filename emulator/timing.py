@@ -15,8 +15,8 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
     the PE's forward queue in the same cycle;
   - compute side (``N_o > 0`` only): one action per RESULT WORD (section 4, result ring), ``a_j``, its
     first issue cycle; the ``E`` words of an inference in issue order, word ``w`` taking ``d_w`` issue
-    cycles back to back (:meth:`emulator.functional.TileCounts.word_issue_cycles`, from
-    ``flowtile.program.result_word_issue_cycles``): ``d = d_{w-1}`` for ``w >= 1`` and ``d_{E-1} + 2`` for
+    cycles back to back (:meth:`emulator.path.TileCounts.word_issue_cycles`, from
+    ``TileConfig.result_word_issue_cycles``): ``d = d_{w-1}`` for ``w >= 1`` and ``d_{E-1} + 2`` for
     the first word (the previous COMPUTE's pipeline drains; the very first action has ``d = 1``, i.e. no
     bound of its own). ``c_s`` is ``a`` of the first word of ``s``; COMPUTE of ``s`` spans ``[c_s, a_last +
     d_last + 2)``;
@@ -27,10 +27,10 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
     local router FIFO; the pops are the actions reading the forward queue (not a prefix of the chain when
     ``pass_per_pixel > 0``).
 
-  ``n_pix`` is the number of the tile's output pixels, section 4.1's band (``flowtile.program.output_pixels``:
+  ``n_pix`` is the number of the tile's output pixels, section 4.1's band (``TileConfig.output_pixels``:
   ``out_rows * out_width - out_col_begin - (out_width - E')``, which may begin and end inside a row); the
   compute chain's ``E = n_pix * N_r`` words, their issue cycles and the per-pixel interleave all run over it
-  (:func:`emulator.functional.tile_counts`).
+  (:func:`emulator.path.tile_counts`).
 
 The chains are coupled by two kinds of edges:
 
@@ -110,7 +110,9 @@ import numpy as np
 
 from flowtile.program import Program
 
-from .functional import COMPUTE_DRAIN_CYCLES, HOST, DataPath, EmulatorError, TileCounts, trace_data_path
+from flowtile.arch import COMPUTE_DRAIN_CYCLES
+
+from .path import HOST, DataPath, EmulatorError, TileCounts, trace_data_path
 
 __all__ = ["TimingError", "Chain", "FifoEdge", "EventEdge", "TimingGraph", "PETimes", "TimingResult",
            "solve_timing", "timing_graph", "PROBE_BATCH", "NEVER"]

@@ -6,14 +6,13 @@ An ``Arch`` is frozen: build a new one with :meth:`Arch.replace` instead of muta
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 __all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS", "OP_MAC",
            "OP_MAX", "OP_LANE", "OP_ADD", "OP_CONCAT", "ADD_MULT_BITS", "ADD_MULT_MAX", "dense_window_registers",
-           "stream_registers", "ACTIVATION_BANKS"]
+           "stream_registers", "ACTIVATION_BANKS", "OP_NAMES", "COMPUTE_DRAIN_CYCLES", "index_bits"]
 
 #: Accumulator width of a PE. Accumulation wraps modulo 2**ACC_BITS (two's complement); the
 #: compiler proves that no layer it emits can reach the wrap (see docs/architecture.md).
@@ -89,6 +88,12 @@ OP_MAX = 1
 OP_LANE = 2
 OP_ADD = 3
 OP_CONCAT = 4
+#: Values of the ``op`` register and their names (the register is 3 bits; 5..7 are undefined).
+OP_NAMES = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE", OP_ADD: "OP_ADD", OP_CONCAT: "OP_CONCAT"}
+
+#: Cycles COMPUTE lasts beyond its ``I`` issue cycles (section 4.1; ``N_o * K`` for a dense layer):
+#: multiply-accumulate (or max) of the last read words, then requantization (or clamp) of the last output.
+COMPUTE_DRAIN_CYCLES = 2
 
 
 def dense_window_registers(n_in_words: int) -> dict[str, int]:
@@ -110,8 +115,9 @@ class ArchError(ValueError):
     """An architecture description is invalid; the message names the field."""
 
 
-def _ceil_log2(n: int) -> int:
-    return max(1, math.ceil(math.log2(n))) if n > 1 else 1
+def index_bits(n: int) -> int:
+    """Bits of an index into ``n >= 1`` things: ``ceil(log2(n))``, at least 1 (the spec's one ceil-log2)."""
+    return max(1, (n - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -181,11 +187,11 @@ class Arch:
 
     @property
     def row_bits(self) -> int:
-        return _ceil_log2(self.rows)
+        return index_bits(self.rows)
 
     @property
     def col_bits(self) -> int:
-        return _ceil_log2(self.cols)
+        return index_bits(self.cols)
 
     @property
     def param_bytes_per_output(self) -> int:

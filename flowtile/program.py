@@ -14,94 +14,106 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .arch import ACTIVATION_BANKS, ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, ArchError, CONFIG_FIELDS
+from .arch import ACC_BITS, MULTIPLIER_BITS, OP_MAX, SHIFT_BITS, Arch, ArchError
+from .tile_config import ConfigError, TileConfig
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words", "operand_words",
            "channel_preserving", "tile_period_cycles", "result_word_issue_cycles",
-           "output_pixel_positions", "check_program_destination"]
+           "output_pixel_positions", "check_program_destination", "TileConfig", "ConfigError"]
 
 FORMAT_NAME = "flowtile-program"
 FORMAT_VERSION = 6
 
 
-def output_pixels(config: dict) -> int:
-    """``n_pix`` of section 4.1: ``out_rows`` rows of ``out_width`` pixels, less the first row's columns before
-    ``out_col_begin`` and the last row's from ``out_col_end`` (0 meaning ``out_width``) on."""
-    width = config["out_width"]
-    end = config.get("out_col_end", 0) or width
-    return config["out_rows"] * width - config.get("out_col_begin", 0) - (width - end)
+# The derived counts of a tile's registers, for callers holding a dict or a TileConfig (the methods of
+# :class:`flowtile.tile_config.TileConfig`, which every flowtile model reads).
+
+def output_pixels(config: TileConfig | dict) -> int:
+    """:attr:`TileConfig.output_pixels` (``n_pix`` of section 4.1)."""
+    return TileConfig.coerce(config).output_pixels
 
 
-def output_pixel_positions(config: dict) -> list[tuple[int, int]]:
-    """The ``(oy, ox)`` of a tile's output pixels in order (section 4.1), ``oy`` counting from ``out_row_begin``."""
-    width, rows = config["out_width"], config["out_rows"]
-    begin, end = config.get("out_col_begin", 0), config.get("out_col_end", 0) or width
-    return [(config["out_row_begin"] + r, x) for r in range(rows)
-            for x in range(begin if r == 0 else 0, end if r == rows - 1 else width)]
+def output_pixel_positions(config: TileConfig | dict) -> list[tuple[int, int]]:
+    """:meth:`TileConfig.output_pixel_positions`."""
+    return TileConfig.coerce(config).output_pixel_positions()
 
 
-def stored_words(config: dict) -> int:
-    """RECV words a tile writes into its activation region per inference (section 4.2)."""
-    return max(0, config["store_end"] - config["store_begin"])
+def stored_words(config: TileConfig | dict) -> int:
+    """:attr:`TileConfig.stored_words`."""
+    return TileConfig.coerce(config).stored_words
 
 
-def forwarded_words(config: dict) -> int:
-    """RECV words a tile re-emits downstream per inference (section 4.2)."""
-    return max(0, config["forward_end"] - config["forward_begin"])
+def forwarded_words(config: TileConfig | dict) -> int:
+    """:attr:`TileConfig.forwarded_words`."""
+    return TileConfig.coerce(config).forwarded_words
 
 
-def channel_preserving(config: dict) -> bool:
-    """MAX, LANE, ADD and CONCAT compute one result word per (pixel, word): ``n_out = CW * L``."""
-    return config["op"] in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT)
+def channel_preserving(config: TileConfig | dict) -> bool:
+    """:attr:`TileConfig.channel_preserving`."""
+    return TileConfig.coerce(config).channel_preserving
 
 
-def weight_words(config: dict) -> int:
-    """SRAM words of weights a tile's registers imply (docs/architecture.md section 4.1)."""
-    if not config["n_out"] or config["op"] in (OP_MAX, OP_ADD, OP_CONCAT):
-        return 0
-    if config["op"] == OP_LANE:
-        return config["kernel_h"] * config["kernel_w"] * config["words_per_pixel"]
-    return config["n_out"] * config["kernel_h"] * config["kernel_w"] * config["words_per_pixel"]
+def weight_words(config: TileConfig | dict) -> int:
+    """:attr:`TileConfig.weight_words`."""
+    return TileConfig.coerce(config).weight_words
 
 
-def result_words(config: dict, lanes: int) -> int:
-    """Flits a tile emits from its result buffer per inference (``n_pix * N_r``)."""
-    return output_pixels(config) * -(-config["n_out"] // lanes) if config["n_out"] else 0
+def result_words(config: TileConfig | dict, lanes: int) -> int:
+    """:meth:`TileConfig.result_words`."""
+    return TileConfig.coerce(config).result_words(lanes)
 
 
-def compute_issue_cycles(config: dict) -> int:
-    """COMPUTE issue cycles per inference (``I`` of section 4.1; COMPUTE lasts ``I + 2``)."""
-    if not config["n_out"]:
-        return 0
-    window = config["kernel_h"] * config["kernel_w"]
-    if channel_preserving(config):  # ADD: kernel 1x2, one issue per operand; CONCAT: 1x1
-        return output_pixels(config) * config["words_per_pixel"] * window
-    return output_pixels(config) * config["n_out"] * window * config["words_per_pixel"]
+def compute_issue_cycles(config: TileConfig | dict) -> int:
+    """:attr:`TileConfig.compute_issue_cycles`."""
+    return TileConfig.coerce(config).compute_issue_cycles
 
 
-def result_word_issue_cycles(config: dict, lanes: int) -> list[int]:
-    """Issue cycles ``d`` of each result word of one output pixel, in order (docs/architecture.md section 4,
-    result ring): COMPUTE issues a word's cycles back to back and may wait for a ring slot only before a
-    word. MAC: ``L * K_w`` per word of ``L`` channels, ``(N_o mod L) * K_w`` for a last word with fewer;
-    MAX and LANE: ``KH * KW``; ADD: 2 (its 1x2 operand window); CONCAT: 1. Sums to ``I / n_pix``."""
-    if not config["n_out"]:
-        return []
-    window = config["kernel_h"] * config["kernel_w"]
-    if channel_preserving(config):
-        return [window] * config["words_per_pixel"]
-    per_channel = window * config["words_per_pixel"]
-    full, rest = divmod(config["n_out"], lanes)
-    return [lanes * per_channel] * full + ([rest * per_channel] if rest else [])
+def result_word_issue_cycles(config: TileConfig | dict, lanes: int) -> list[int]:
+    """:meth:`TileConfig.result_word_issue_cycles`."""
+    return TileConfig.coerce(config).result_word_issue_cycles(lanes)
+
+
+def tile_period_cycles(config: TileConfig | dict, lanes: int) -> int:
+    """:meth:`TileConfig.tile_period_cycles`."""
+    return TileConfig.coerce(config).tile_period_cycles(lanes)
+
+
+def operand_words(config: TileConfig | dict) -> tuple[int, int]:
+    """:attr:`TileConfig.operand_words`."""
+    return TileConfig.coerce(config).operand_words
 
 
 class ProgramError(ValueError):
     """A program directory is missing, malformed, or inconsistent with its arch."""
+
+
+#: What a parameter-table entry holds (section 4): bias wraps with the accumulator, the multiplier is unsigned,
+#: the right shift is in 1..2**SHIFT_BITS - 2.
+PARAMETER_RANGES = (("bias", -(1 << (ACC_BITS - 1)), (1 << (ACC_BITS - 1)) - 1),
+                    ("multiplier", 0, (1 << MULTIPLIER_BITS) - 1), ("shift", 1, (1 << SHIFT_BITS) - 2))
+
+
+def _check_parameters(tile: "TileProgram") -> None:
+    """The parameter table holds one ``(bias, multiplier, shift)`` row per output, each within its range; a
+    max-pooling tile's rows are never read (section 4.1), so only their shape counts."""
+    n_out = tile.config.n_out
+    params = np.asarray(tile.params)
+    if params.shape != (n_out, 3):
+        raise ProgramError(f"tile {tile.key}: parameter table must be [{n_out}, 3], got {list(params.shape)}")
+    if tile.config.op == OP_MAX:
+        return
+    for column, (name, low, high) in enumerate(PARAMETER_RANGES):
+        values = params[:, column]
+        bad = np.flatnonzero((values < low) | (values > high))
+        if bad.size:
+            raise ProgramError(f"tile {tile.key}: output {bad[0]} has {name} {values[bad[0]]}, outside {low}..{high}")
 
 
 PROGRAM_FILES = frozenset({"program.json", "arrays.npz"})
@@ -140,49 +152,6 @@ def check_program_destination(directory: str | Path) -> Path:
         raise ProgramError(f"output '{directory}' holds a program.json that is not a {FORMAT_NAME} manifest; "
                            f"flowtile will not replace it")
     return directory
-
-
-def tile_period_cycles(config: dict, lanes: int) -> int:
-    """Cycles per inference of a tile alone in steady state, never stalled (docs/architecture.md section 6,
-    rule 4): the busiest of its input side (``K + P`` transfers), its output side (``Q + E``) and its compute
-    side (``I + 2`` cycles of COMPUTE; results stream out through the ring while it runs)."""
-    n_in, n_pass = config["n_in_words"], config["n_pass"]
-    emits = result_words(config, lanes) if config["n_out"] else 0
-    compute = compute_issue_cycles(config) + 2 if config["n_out"] else 0
-    return max(n_in + n_pass, forwarded_words(config) + n_pass + emits, compute)
-
-
-def operand_words(config: dict) -> tuple[int, int]:
-    """Stored words of the two operand maps of an ADD or CONCAT tile (sections 4.2, 4.3)."""
-    pixels = config["in_height"] * config["in_width"]
-    if config["op"] == OP_CONCAT:
-        return pixels * config["concat_words_a"], pixels * (config["words_per_pixel"] - config["concat_words_a"])
-    return (pixels * config["words_per_pixel"],) * 2
-
-
-def _check_two_operands(key: str, config: dict, stored: int) -> None:
-    """The registers of an ADD or CONCAT tile describe two disjoint operand maps inside the stored words."""
-    name = "ADD" if config["op"] == OP_ADD else "CONCAT"
-    kernel = (1, 2) if config["op"] == OP_ADD else (1, 1)
-    if (config["kernel_h"], config["kernel_w"], config["stride"], config["pad_top"], config["pad_left"]) != \
-            (*kernel, 1, 0, 0):
-        raise ProgramError(f"tile {key}: {name} needs kernel {kernel[0]}x{kernel[1]}, stride 1 and no padding")
-    if config["op"] == OP_CONCAT and not 1 <= config["concat_words_a"] < config["words_per_pixel"]:
-        raise ProgramError(f"tile {key}: CONCAT register concat_words_a = {config['concat_words_a']} must be in "
-                           f"1..words_per_pixel - 1 = {config['words_per_pixel'] - 1}")
-    size_a, size_b = operand_words(config)
-    a, b = config["operand_a_offset"], config["operand_b_offset"]
-    if max(a + size_a, b + size_b) > stored or (a < b + size_b and b < a + size_a):
-        raise ProgramError(f"tile {key}: {name} operands of {size_a} and {size_b} words at operand_a_offset = {a} "
-                           f"and operand_b_offset = {b} must be disjoint and inside the {stored} stored words")
-    if config["out_width"] != config["in_width"] or config["out_row_begin"] + config["out_rows"] > config["in_height"]:
-        raise ProgramError(f"tile {key}: {name} output rows {config['out_row_begin']}.."
-                           f"{config['out_row_begin'] + config['out_rows'] - 1} x width {config['out_width']} must "
-                           f"lie inside the {config['in_height']}x{config['in_width']} map")
-    for register in ("add_mult_a", "add_mult_b"):
-        if config[register] > ADD_MULT_MAX:
-            raise ProgramError(f"tile {key}: register {register} = {config[register]} exceeds "
-                               f"ADD_MULT_MAX = {ADD_MULT_MAX}")
 
 
 @dataclass(frozen=True)
@@ -285,16 +254,23 @@ class LayerInfo:
 class TileProgram:
     """What one tile is loaded with before a run.
 
-    ``config`` holds every register of :data:`flowtile.arch.CONFIG_FIELDS`; ``sram`` is the SRAM image
-    from word 0 (int8 values, shape ``[words, lanes]``, words beyond it are zero); ``params`` is the
-    parameter table, one row per output neuron: ``(bias, multiplier, shift)``.
+    ``config`` holds every register of :data:`flowtile.arch.CONFIG_FIELDS` (a :class:`TileConfig`; a dict naming
+    every register is converted); ``sram`` is the SRAM image from word 0 (int8 values, shape ``[words, lanes]``,
+    words beyond it are zero); ``params`` is the parameter table, one row per output neuron:
+    ``(bias, multiplier, shift)``.
     """
 
     row: int
     col: int
-    config: dict[str, int]
+    config: TileConfig
     sram: np.ndarray = field(repr=False)
     params: np.ndarray = field(repr=False)
+
+    def __post_init__(self):
+        try:
+            self.config = TileConfig.coerce(self.config)
+        except ConfigError as error:
+            raise ProgramError(f"tile {self.key}: {error}") from None
 
     @property
     def key(self) -> str:
@@ -334,59 +310,19 @@ class Program:
             if (tile.row, tile.col) != arch.chain_position(position):
                 raise ProgramError(f"tile {position} is at ({tile.row},{tile.col}), "
                                    f"chain expects {arch.chain_position(position)}")
-            for name, bits, signed in CONFIG_FIELDS:
-                if name not in tile.config:
-                    raise ProgramError(f"tile {tile.key}: config register '{name}' missing")
-                value = int(tile.config[name])
-                lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-                if not lo <= value <= hi:
-                    raise ProgramError(f"tile {tile.key}: config register '{name}' = {value} outside {lo}..{hi}")
+            if not isinstance(tile.config, TileConfig):
+                raise ProgramError(f"tile {tile.key}: config must be a TileConfig, got {type(tile.config).__name__}")
+            try:
+                tile.config.validate(arch)
+            except ConfigError as error:
+                raise ProgramError(f"tile {tile.key}: {error}") from None
             if tile.sram.ndim != 2 or tile.sram.shape[1] != arch.lanes or tile.sram.dtype != np.int8:
                 raise ProgramError(f"tile {tile.key}: SRAM image must be int8 [words, {arch.lanes}], "
                                    f"got {tile.sram.dtype} {list(tile.sram.shape)}")
             if tile.sram.shape[0] > arch.sram_words:
                 raise ProgramError(f"tile {tile.key}: SRAM image needs {tile.sram.shape[0] * arch.lanes} bytes, "
                                    f"tile has {arch.sram_bytes} (arch field 'sram_bytes')")
-            n_out = tile.config["n_out"]
-            if tile.config["pass_per_pixel"] and not n_out:
-                raise ProgramError(f"tile {tile.key}: pass_per_pixel = {tile.config['pass_per_pixel']} needs a "
-                                   f"computing tile (n_out > 0; section 4.4)")
-            if tile.params.shape != (n_out, 3):
-                raise ProgramError(f"tile {tile.key}: parameter table must be [{n_out}, 3], got {list(tile.params.shape)}")
-            if n_out > arch.max_tile_outputs:
-                raise ProgramError(f"tile {tile.key}: {n_out} outputs exceed arch field 'max_tile_outputs' "
-                                   f"= {arch.max_tile_outputs}")
-            config = tile.config
-            k = config["n_in_words"]
-            for first, last in (("store_begin", "store_end"), ("forward_begin", "forward_end")):
-                if not config[first] <= config[last] <= k:
-                    raise ProgramError(f"tile {tile.key}: registers {first} = {config[first]}, {last} = "
-                                       f"{config[last]} must satisfy {first} <= {last} <= n_in_words = {k}")
-            act_end = config["act_base"] + ACTIVATION_BANKS * stored_words(config)
-            w_end = config["w_base"] + weight_words(config)
-            if max(act_end, w_end) > arch.sram_words:
-                raise ProgramError(f"tile {tile.key}: SRAM regions end at word {max(act_end, w_end)}, "
-                                   f"tile has {arch.sram_words} words (arch field 'sram_bytes')")
-            if n_out:
-                pixels = config["in_height"] * config["in_width"] * config["words_per_pixel"]
-                stored = stored_words(config)
-                if config["op"] in (OP_ADD, OP_CONCAT):
-                    _check_two_operands(tile.key, config, stored)
-                elif pixels != stored:
-                    raise ProgramError(f"tile {tile.key}: {stored} stored words (store_begin..store_end) but "
-                                       f"the input map is {config['in_height']}x{config['in_width']}x"
-                                       f"{config['words_per_pixel']} = {pixels} words")
-                begin, end, width = config["out_col_begin"], config["out_col_end"], config["out_width"]
-                if not (begin < width and end <= width and output_pixels(config) >= 1):
-                    raise ProgramError(f"tile {tile.key}: output pixel band out_col_begin = {begin}, out_col_end = "
-                                       f"{end} over {config['out_rows']} rows of out_width = {width} must satisfy "
-                                       f"out_col_begin < out_width, out_col_end <= out_width (0: out_width) and hold "
-                                       f">= 1 pixel (section 4.1)")
-                interleaved = output_pixels(config) * config["pass_per_pixel"]
-                if interleaved > config["n_pass"]:
-                    raise ProgramError(f"tile {tile.key}: pass_per_pixel = {config['pass_per_pixel']} over "
-                                       f"{output_pixels(config)} output pixels is {interleaved} passed words, more "
-                                       f"than n_pass = {config['n_pass']} (section 4.4)")
+            _check_parameters(tile)
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -403,7 +339,7 @@ class Program:
             "input": self.input.to_dict(),
             "output": self.output.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
-            "tiles": [{"row": t.row, "col": t.col, "config": {k: int(v) for k, v in t.config.items()}}
+            "tiles": [{"row": t.row, "col": t.col, "config": t.config.to_dict()}
                       for t in self.tiles],
         }
         arrays = {}
@@ -460,9 +396,11 @@ class Program:
                           output=TensorSpec.from_dict(manifest["output"]),
                           layers=[LayerInfo.from_dict(layer) for layer in manifest["layers"]],
                           tiles=tiles, model_name=manifest.get("model_name", ""))
-        except (KeyError, TypeError, ValueError, OSError) as error:
+        except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
             if isinstance(error, (ArchError, ProgramError)):
                 raise
-            raise ProgramError(f"'{directory}' is a malformed program: {type(error).__name__}: {error}") from None
+            broken = "arrays.npz" if isinstance(error, (OSError, EOFError, zipfile.BadZipFile)) else "program.json"
+            raise ProgramError(f"'{directory}' is a malformed program ({broken}): {type(error).__name__}: {error}") \
+                from None
         program.validate()
         return program

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .program import Program, output_pixels
+from .program import Program
+from .tile_config import TileConfig
 
 __all__ = ["tile_utilization", "perfetto_trace", "write_visuals", "pixel_band_label"]
 
@@ -19,15 +20,14 @@ def tile_utilization(program: Program, result) -> np.ndarray:
     return np.asarray(result.tile_macs, dtype=np.float64) / (max(1, int(result.cycles)) * program.arch.lanes)
 
 
-def pixel_band_label(config: dict) -> str:
+def pixel_band_label(config: TileConfig) -> str:
     """A computing windowed tile's output pixels (docs/architecture.md section 4.1), ``"px (oy,ox)..(oy,ox)"``,
     first and last in row-major order (a band may begin and end inside a row); ``""`` for a tile that computes
     nothing or a single pixel (dense layers)."""
-    if not config.get("n_out") or output_pixels(config) < 2:
+    if not config.n_out or config.output_pixels < 2:
         return ""
-    first_row, rows, width = config["out_row_begin"], config["out_rows"], config["out_width"]
-    end = config.get("out_col_end", 0) or width
-    return f"px ({first_row},{config.get('out_col_begin', 0)})..({first_row + rows - 1},{end - 1})"
+    first_row, last_row = config.out_row_begin, config.out_row_begin + config.out_rows - 1
+    return f"px ({first_row},{config.out_col_begin})..({last_row},{config.band_end - 1})"
 
 
 #: Which side of a PE (docs/architecture.md section 4) each timeline phase belongs to; each side is one track.

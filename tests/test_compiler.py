@@ -153,31 +153,31 @@ def check_program(program: Program, tmp_path: Path) -> None:
         k = -(-layer.n_in // lanes)
         tiles = program.tiles[position:position + len(layer.tiles)]
         assert [(t.row, t.col) for t in tiles] == list(layer.tiles)  # consecutive on the chain
-        assert sum(t.config["n_out"] for t in tiles) == layer.n_out
+        assert sum(t.config.n_out for t in tiles) == layer.n_out
         passed = 0
         for j, tile in enumerate(tiles):
             c = tile.config
             last = j == len(tiles) - 1
-            assert c["n_in_words"] == k and stored_words(c) == k and c["n_pass"] == passed
+            assert c.n_in_words == k and stored_words(c) == k and c.n_pass == passed
             assert forwarded_words(c) == (0 if last else k)
-            assert 1 <= c["n_out"] <= arch.max_tile_outputs
-            assert last or c["n_out"] % lanes == 0
-            assert c["w_base"] == 0 and c["act_base"] == c["n_out"] * k
-            assert (c["n_out"] + 1) * k <= arch.sram_words
-            assert tile.sram.shape == (c["n_out"] * k, lanes) and tile.params.shape == (c["n_out"], 3)
-            passed += -(-c["n_out"] // lanes)
+            assert 1 <= c.n_out <= arch.max_tile_outputs
+            assert last or c.n_out % lanes == 0
+            assert c.w_base == 0 and c.act_base == c.n_out * k
+            assert (c.n_out + 1) * k <= arch.sram_words
+            assert tile.sram.shape == (c.n_out * k, lanes) and tile.params.shape == (c.n_out, 3)
+            passed += -(-c.n_out // lanes)
         assert passed == -(-layer.n_out // lanes)
         position += len(tiles)
     for p, tile in enumerate(program.tiles):
-        assert set(tile.config) == {name for name, _, _ in CONFIG_FIELDS}
+        assert list(tile.config.to_dict()) == [name for name, _, _ in CONFIG_FIELDS]
         if p == arch.n_tiles - 1:
-            assert tile.config["dest_host"] == 1
+            assert tile.config.dest_host == 1
         else:
-            assert tile.config["dest_host"] == 0
-            assert (tile.config["dest_row"], tile.config["dest_col"]) == arch.chain_position(p + 1)
+            assert tile.config.dest_host == 0
+            assert (tile.config.dest_row, tile.config.dest_col) == arch.chain_position(p + 1)
         if p >= position:  # pass-through tiles behind the last layer
-            assert tile.config["n_out"] == 0 and tile.config["n_in_words"] == 0
-            assert tile.config["n_pass"] == program.output_words
+            assert tile.config.n_out == 0 and tile.config.n_in_words == 0
+            assert tile.config.n_pass == program.output_words
     loaded = Program.load(program.save(tmp_path / "prog"))
     assert [t.config for t in loaded.tiles] == [t.config for t in program.tiles]
     for a, b in zip(loaded.tiles, program.tiles):
@@ -191,7 +191,7 @@ def emulate_weights(program: Program, layers) -> None:
     position = 0
     for info, layer in zip(program.layers, layers):
         tiles = program.tiles[position:position + len(info.tiles)]
-        weight = np.concatenate([t.sram.reshape(t.config["n_out"], -1) for t in tiles])
+        weight = np.concatenate([t.sram.reshape(t.config.n_out, -1) for t in tiles])
         assert np.array_equal(weight[:, :layer.n_in], layer.weight) and not weight[:, layer.n_in:].any()
         assert weight.shape[1] % lanes == 0
         assert np.array_equal(np.concatenate([t.params for t in tiles]), layer.params)
@@ -201,53 +201,53 @@ def emulate_weights(program: Program, layers) -> None:
 def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
     """COMPUTE + EMIT of one tile as sections 4.1-4.3 state it, word by word from the SRAM image: int8 result words."""
     c = tile.config
-    height, width, cw = c["in_height"], c["in_width"], c["words_per_pixel"]
-    kh, kw, stride, n_out = c["kernel_h"], c["kernel_w"], c["stride"], c["n_out"]
-    words = act[:height * width * cw * lanes].reshape(height, width, cw, lanes) if c["op"] < OP_ADD else None
+    height, width, cw = c.in_height, c.in_width, c.words_per_pixel
+    kh, kw, stride, n_out = c.kernel_h, c.kernel_w, c.stride, c.n_out
+    words = act[:height * width * cw * lanes].reshape(height, width, cw, lanes) if c.op < OP_ADD else None
     n_r = -(-n_out // lanes)
-    pad = np.full((cw, lanes), c["pad_value"], np.int64)
-    if c["op"] == OP_MAC:
+    pad = np.full((cw, lanes), c.pad_value, np.int64)
+    if c.op == OP_MAC:
         k_w = kh * kw * cw
-        weight = tile.sram[c["w_base"]:c["w_base"] + n_out * k_w].astype(np.int64).reshape(n_out, k_w * lanes)
+        weight = tile.sram[c.w_base:c.w_base + n_out * k_w].astype(np.int64).reshape(n_out, k_w * lanes)
         bias, mult, shift = tile.params.T
-    elif c["op"] in (OP_ADD, OP_CONCAT):  # sections 4.2, 4.3: two operand maps at their offsets, lane by lane
-        assert n_out == cw * lanes and (kh, kw) == ((1, 2) if c["op"] == OP_ADD else (1, 1))
-        cw_a = cw if c["op"] == OP_ADD else c["concat_words_a"]
-        cw_b = cw if c["op"] == OP_ADD else cw - cw_a
-        a0, b0 = c["operand_a_offset"] * lanes, c["operand_b_offset"] * lanes
+    elif c.op in (OP_ADD, OP_CONCAT):  # sections 4.2, 4.3: two operand maps at their offsets, lane by lane
+        assert n_out == cw * lanes and (kh, kw) == ((1, 2) if c.op == OP_ADD else (1, 1))
+        cw_a = cw if c.op == OP_ADD else c.concat_words_a
+        cw_b = cw if c.op == OP_ADD else cw - cw_a
+        a0, b0 = c.operand_a_offset * lanes, c.operand_b_offset * lanes
         words_a = act[a0:a0 + height * width * cw_a * lanes].reshape(height, width, cw_a, lanes)
         words_b = act[b0:b0 + height * width * cw_b * lanes].reshape(height, width, cw_b, lanes)
         bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
-    elif c["op"] == OP_LANE:  # word cw*KH*KW + ky*KW + kx, lane l: channel cw*L + l; parameter row cw*L + l
+    elif c.op == OP_LANE:  # word cw*KH*KW + ky*KW + kx, lane l: channel cw*L + l; parameter row cw*L + l
         assert n_out == cw * lanes
-        weight = tile.sram[c["w_base"]:c["w_base"] + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
+        weight = tile.sram[c.w_base:c.w_base + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
         bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
     out = []
     for oy, ox in output_pixel_positions(c):  # the band's pixels (section 4.1)
-        if c["op"] in (OP_ADD, OP_CONCAT):
-            if c["op"] == OP_ADD:
-                acc = bias + words_a[oy, ox] * c["add_mult_a"] + words_b[oy, ox] * c["add_mult_b"]
+        if c.op in (OP_ADD, OP_CONCAT):
+            if c.op == OP_ADD:
+                acc = bias + words_a[oy, ox] * c.add_mult_a + words_b[oy, ox] * c.add_mult_b
             else:
-                acc = bias + np.concatenate([words_a[oy, ox] * c["add_mult_a"], words_b[oy, ox] * c["add_mult_b"]])
-            y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
+                acc = bias + np.concatenate([words_a[oy, ox] * c.add_mult_a, words_b[oy, ox] * c.add_mult_b])
+            y = np.clip(shift_round_half_even(acc * mult, shift) + c.zp_out, c.clamp_lo, c.clamp_hi)
             out += list(y.astype(np.int8))
             continue
         window = []
         for ky in range(kh):
             for kx in range(kw):
-                iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
+                iy, ix = oy * stride + ky - c.pad_top, ox * stride + kx - c.pad_left
                 inside = 0 <= iy < height and 0 <= ix < width
                 window.append(words[iy, ix] if inside else pad)
         window = np.stack(window)  # [KH*KW, CW, L]
-        if c["op"] == OP_MAC:
+        if c.op == OP_MAC:
             acc = bias + weight @ window.reshape(-1)
-            y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"], c["clamp_hi"])
-        elif c["op"] == OP_LANE:
+            y = np.clip(shift_round_half_even(acc * mult, shift) + c.zp_out, c.clamp_lo, c.clamp_hi)
+        elif c.op == OP_LANE:
             acc = bias + np.einsum("wkl,kwl->wl", weight, window)  # lane by lane, [CW, L]
-            y = np.clip(shift_round_half_even(acc * mult, shift) + c["zp_out"], c["clamp_lo"],
-                        c["clamp_hi"]).reshape(-1)
+            y = np.clip(shift_round_half_even(acc * mult, shift) + c.zp_out, c.clamp_lo,
+                        c.clamp_hi).reshape(-1)
         else:
-            y = np.clip(window.max(axis=0).reshape(-1), c["clamp_lo"], c["clamp_hi"])
+            y = np.clip(window.max(axis=0).reshape(-1), c.clamp_lo, c.clamp_hi)
         padded = np.zeros(n_r * lanes, np.int64)
         padded[:len(y)] = y
         out += list(padded.astype(np.int8).reshape(n_r, lanes))
@@ -264,13 +264,13 @@ def run_functionally(program: Program, x_q: np.ndarray) -> np.ndarray:
         stream = list(pack_flits(sample[None, :], lanes, program.input))
         for tile in program.tiles:
             c, out = tile.config, []
-            k, p, n_out = c["n_in_words"], c["n_pass"], c["n_out"]
+            k, p, n_out = c.n_in_words, c.n_pass, c.n_out
             assert len(stream) == k + p, f"tile {tile.key} receives {len(stream)} flits, expects {k + p}"
-            act = np.array(stream[c["store_begin"]:c["store_end"]], dtype=np.int64).reshape(-1)
-            out += stream[c["forward_begin"]:c["forward_end"]]
+            act = np.array(stream[c.store_begin:c.store_end], dtype=np.int64).reshape(-1)
+            out += stream[c.forward_begin:c.forward_end]
             results_of_tile = _pe_results(tile, act, lanes) if n_out else []
             # section 4.4: the last n_pix * pass_per_pixel passed words interleave with the results pixel by pixel
-            per_pixel = c["pass_per_pixel"]
+            per_pixel = c.pass_per_pixel
             n_pix = output_pixels(c) if n_out else 1
             bulk = p - n_pix * per_pixel
             out += stream[k:k + bulk]
@@ -303,7 +303,7 @@ def test_bundled_digits_model(tmp_path):
     emulate_weights(program, layers)
     assert np.array_equal(run_functionally(program, quantize(x[:40], program.input)), ours[:40])
     exact = compile_model(model, Arch(rows=1, cols=3, lanes=4))  # one tile per layer, no pass-through tiles
-    assert [len(layer.tiles) for layer in exact.layers] == [1, 1, 1] and exact.tiles[-1].config["n_out"] == 10
+    assert [len(layer.tiles) for layer in exact.layers] == [1, 1, 1] and exact.tiles[-1].config.n_out == 10
     check_program(exact, tmp_path)
     assert np.array_equal(run_functionally(exact, quantize(x[:40], exact.input)), ours[:40])
     text = report(program)
@@ -741,22 +741,22 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
             c = tile.config
             # a channel group passes the earlier bands' pixels and its band's words of the groups before it
             n_pix = output_pixels(c) if layer.window is not None else 1
-            assert c["n_pass"] - n_pix * c["pass_per_pixel"] == passed
-            assert stored_words(c) <= c["n_in_words"] and (layer.window is not None or stored_words(c) == c["n_in_words"])
-            assert forwarded_words(c) == (c["n_in_words"] if j < len(tiles) - 1 else 0)
-            assert c["act_base"] == weight_words(c) and c["act_base"] + 2 * stored_words(c) <= arch.sram_words
-            assert tile.params.shape == (c["n_out"], 3)
+            assert c.n_pass - n_pix * c.pass_per_pixel == passed
+            assert stored_words(c) <= c.n_in_words and (layer.window is not None or stored_words(c) == c.n_in_words)
+            assert forwarded_words(c) == (c.n_in_words if j < len(tiles) - 1 else 0)
+            assert c.act_base == weight_words(c) and c.act_base + 2 * stored_words(c) <= arch.sram_words
+            assert tile.params.shape == (c.n_out, 3)
             # a band's later channel groups pass its earlier groups' words of each pixel; a band's first tile none
-            band_ends = (layer.window is None or j == len(tiles) - 1 or tiles[j + 1].config["pass_per_pixel"] == 0)
+            band_ends = (layer.window is None or j == len(tiles) - 1 or tiles[j + 1].config.pass_per_pixel == 0)
             if band_ends:
-                passed += n_pix * (c["pass_per_pixel"] + -(-c["n_out"] // lanes)) if layer.window is not None \
+                passed += n_pix * (c.pass_per_pixel + -(-c.n_out // lanes)) if layer.window is not None \
                     else result_words(c, lanes)
         if layer.window is not None:
             w = layer.window
             cw = -(-w.channels // lanes)
             bands = []  # (first output pixel, pixels, tiles of the band): bands of consecutive row-major pixels
             for t in tiles:
-                if bands and t.config["pass_per_pixel"]:
+                if bands and t.config.pass_per_pixel:
                     assert output_pixels(t.config) == bands[-1][1]
                     bands[-1][2].append(t)
                 else:
@@ -769,56 +769,56 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                 start, before = 0, 0
                 assert len(band) == 1 or not (layer.is_pool or layer.is_lane or layer.is_join)
                 for t in band:
-                    assert t.config["pass_per_pixel"] == before
+                    assert t.config.pass_per_pixel == before
                     channel_start[id(t)] = start
-                    start += t.config["n_out"]
-                    before += -(-t.config["n_out"] // lanes)
+                    start += t.config.n_out
+                    before += -(-t.config.n_out // lanes)
                     if t is not band[-1]:
-                        assert t.config["n_out"] % lanes == 0
-                assert start == band[0].config["n_out"] if len(band) == 1 else start == layer.n_out
+                        assert t.config.n_out % lanes == 0
+                assert start == band[0].config.n_out if len(band) == 1 else start == layer.n_out
             for t in tiles:
                 c = t.config
-                assert (c["in_width"], c["words_per_pixel"]) == (w.width, cw)
-                assert (c["kernel_h"], c["kernel_w"], c["stride"], c["pad_left"], c["out_width"]) == \
+                assert (c.in_width, c.words_per_pixel) == (w.width, cw)
+                assert (c.kernel_h, c.kernel_w, c.stride, c.pad_left, c.out_width) == \
                     (w.kernel_h, w.kernel_w, w.stride, w.pad_left, w.out_width)
                 begin_pixel, n_pixels = band_of[id(t)]
                 begin, n = begin_pixel // w.out_width, (begin_pixel + n_pixels - 1) // w.out_width - begin_pixel // w.out_width + 1
-                assert (c["out_rows"], c["out_col_begin"]) == (n, begin_pixel % w.out_width)
-                assert (c["out_col_end"] or w.out_width) == (begin_pixel + n_pixels - 1) % w.out_width + 1
+                assert (c.out_rows, c.out_col_begin) == (n, begin_pixel % w.out_width)
+                assert (c.out_col_end or w.out_width) == (begin_pixel + n_pixels - 1) % w.out_width + 1
                 if layer.is_join:
-                    assert (c["in_height"], c["out_row_begin"]) == (w.height, begin)
+                    assert (c.in_height, c.out_row_begin) == (w.height, begin)
                     assert stored_words(c) == (2 if layer.is_add else 1) * w.height * w.width * cw
                 else:
                     # the band as a map of its own: the input rows its windows read, iy = oy*S + ky - pad_top
                     first = max(0, begin * w.stride - w.pad_top)
                     end = min(w.height, (begin + n - 1) * w.stride + w.kernel_h - w.pad_top)
-                    assert (c["out_row_begin"], c["in_height"], c["pad_top"]) == \
+                    assert (c.out_row_begin, c.in_height, c.pad_top) == \
                         (0, end - first, w.pad_top - begin * w.stride + first)
                     assert stored_words(c) == (end - first) * w.width * cw
-                    assert c["store_end"] <= c["n_in_words"]
+                    assert c.store_end <= c.n_in_words
                 if layer.is_pool:
-                    assert c["op"] == OP_MAX and c["n_out"] == cw * lanes and not t.params.any()
-                    assert c["pad_value"] == -128 and t.sram.shape[0] == 0
+                    assert c.op == OP_MAX and c.n_out == cw * lanes and not t.params.any()
+                    assert c.pad_value == -128 and t.sram.shape[0] == 0
                 elif layer.is_lane:
-                    assert c["op"] == OP_LANE and c["n_out"] == cw * lanes and c["pad_value"] == layer.pad_value
+                    assert c.op == OP_LANE and c.n_out == cw * lanes and c.pad_value == layer.pad_value
                     assert t.sram.shape == (cw * w.kernel_h * w.kernel_w, lanes) == weight_rows(layer, lanes).shape
                     assert np.array_equal(t.sram, weight_rows(layer, lanes))
                     assert np.array_equal(t.params[:w.channels], layer.params)
                     assert (t.params[w.channels:] == [0, 0, 1]).all()
                 else:
-                    begin, stop = channel_start[id(t)], channel_start[id(t)] + c["n_out"]
-                    assert c["op"] == OP_MAC and c["pad_value"] == layer.pad_value
-                    assert np.array_equal(t.sram.reshape(c["n_out"], -1), weight_rows(layer, lanes)[begin:stop])
+                    begin, stop = channel_start[id(t)], channel_start[id(t)] + c.n_out
+                    assert c.op == OP_MAC and c.pad_value == layer.pad_value
+                    assert np.array_equal(t.sram.reshape(c.n_out, -1), weight_rows(layer, lanes)[begin:stop])
                     assert np.array_equal(t.params, layer.params[begin:stop])
             out_words = -(-layer.n_out // lanes) if not (layer.is_pool or layer.is_lane) else cw
             assert passed == w.out_height * w.out_width * out_words
         else:
-            assert sum(t.config["n_out"] for t in tiles) == layer.n_out
-            weights = np.concatenate([t.sram.reshape(t.config["n_out"], -1) for t in tiles])
+            assert sum(t.config.n_out for t in tiles) == layer.n_out
+            weights = np.concatenate([t.sram.reshape(t.config.n_out, -1) for t in tiles])
             assert np.array_equal(weights, weight_rows(layer, lanes))
         position += len(tiles)
     for tile in program.tiles[position:]:
-        assert tile.config["n_out"] == 0 and tile.config["n_pass"] == program.output_words
+        assert tile.config.n_out == 0 and tile.config.n_pass == program.output_words
     loaded = Program.load(program.save(tmp_path / "cnn_prog"))
     assert [t.config for t in loaded.tiles] == [t.config for t in program.tiles]
     assert loaded.input == program.input and loaded.output == program.output
@@ -1006,7 +1006,7 @@ def test_narrow_first_convolution_is_packed_on_the_host(tmp_path):
     assert packed.input.layout == "im2col" and plain.input.layout == "chw"
     assert packed.input.window == (3, 3, 1, 1, 1, 10, 10)
     first = packed.tiles[0].config
-    assert (first["kernel_h"], first["kernel_w"], first["words_per_pixel"], first["pad_top"]) == (1, 1, 4, 0)
+    assert (first.kernel_h, first.kernel_w, first.words_per_pixel, first.pad_top) == (1, 1, 4, 0)
     x_q = quantize(rng.standard_normal((4, 3, 10, 10)).astype(np.float32), packed.input)
     expected = reference_forward(layers, x_q)
     assert np.array_equal(run_functionally(packed, x_q), expected)
@@ -1050,9 +1050,9 @@ def test_convolution_too_wide_for_one_tile_splits_over_channel_groups(tmp_path):
     layers, program = check_reference_and_program(imported, rng.standard_normal((8, 64, 6, 6)).astype(np.float32),
                                                   Arch(rows=2, cols=4), 3)
     conv_tiles = program.tiles[:len(program.layers[0].tiles)]
-    assert len({t.config["out_row_begin"] for t in conv_tiles}) < len(conv_tiles)  # some band has several groups
-    assert max(t.config["pass_per_pixel"] for t in conv_tiles) > 0
-    assert all(weight_words(t.config) * 8 <= 32768 - 2 * 8 * t.config["n_in_words"] for t in conv_tiles)
+    assert len({t.config.out_row_begin for t in conv_tiles}) < len(conv_tiles)  # some band has several groups
+    assert max(t.config.pass_per_pixel for t in conv_tiles) > 0
+    assert all(weight_words(t.config) * 8 <= 32768 - 2 * 8 * t.config.n_in_words for t in conv_tiles)
     check_windowed_program(program, layers, tmp_path)
 
 
@@ -1385,18 +1385,18 @@ def test_lane_lowering_of_depthwise_and_average_pools(tmp_path):
                 assert words[(c // lanes) * 9 + ky * 3 + kx, c % lanes] == expected
     program = build_program(lower_layers(imported.layers), Arch(lanes=lanes), input_spec=imported.input,
                             output_spec=imported.output)
-    tile = next(t for t in program.tiles if t.config["op"] == OP_LANE)
-    assert tile.config["n_out"] == 12 and tile.params.shape == (12, 3)
+    tile = next(t for t in program.tiles if t.config.op == OP_LANE)
+    assert tile.config.n_out == 12 and tile.params.shape == (12, 3)
     assert tuple(tile.params[11]) == (0, 0, 1) and np.array_equal(tile.params[:11], low_dw.params)
-    assert weight_words(tile.config) == 27 and tile.config["act_base"] == 27
+    assert weight_words(tile.config) == 27 and tile.config.act_base == 27
     # report: max(K + P, K_f + P + E, I + 2) per tile; MACs of a lane layer are C * OH*OW * KH*KW
     info = program.layers[1]
     assert info.macs == 11 * dw.window.out_height * dw.window.out_width * 9
     w, config = dw.window, tile.config
-    received, emits = w.height * w.width * 3, config["out_rows"] * w.out_width * 3
-    forwarded = config["forward_end"] - config["forward_begin"]
-    assert tile_period_cycles(config, lanes) == max(received + config["n_pass"], forwarded + config["n_pass"] + emits,
-                                               config["out_rows"] * w.out_width * 3 * 9 + 2)
+    received, emits = w.height * w.width * 3, config.out_rows * w.out_width * 3
+    forwarded = config.forward_end - config.forward_begin
+    assert tile_period_cycles(config, lanes) == max(received + config.n_pass, forwarded + config.n_pass + emits,
+                                               config.out_rows * w.out_width * 3 * 9 + 2)
     assert "DepthwiseConv" in report(program) and "GlobalAveragePool" in report(program)
 
 
@@ -1410,7 +1410,7 @@ def test_lane_bands_split_output_rows(tmp_path):
     layers = lower_layers(imported.layers)
     arch = Arch(rows=4, cols=4, max_tile_outputs=512)
     program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
-    dw_tiles = [t for t in program.tiles if t.config["op"] == OP_LANE]
+    dw_tiles = [t for t in program.tiles if t.config.op == OP_LANE]
     assert len(dw_tiles) >= 2 and sum(output_pixels(t.config) for t in dw_tiles) == 12 * 12
     check_windowed_program(program, layers, tmp_path)
     x_q = quantize(rng.standard_normal((2, *shape)).astype(np.float32), program.input)
@@ -1473,9 +1473,9 @@ def check_stream_program(program: Program, layers) -> None:
     emitted = program.input_words
     for tile in program.tiles:
         c = tile.config
-        assert c["n_in_words"] + c["n_pass"] == emitted, tile.key
-        assert 0 <= c["store_begin"] <= c["store_end"] <= c["n_in_words"]
-        emitted = forwarded_words(c) + c["n_pass"] + result_words(c, lanes)
+        assert c.n_in_words + c.n_pass == emitted, tile.key
+        assert 0 <= c.store_begin <= c.store_end <= c.n_in_words
+        emitted = forwarded_words(c) + c.n_pass + result_words(c, lanes)
     assert emitted == program.output_words
     by_position = {(t.row, t.col): t for t in program.tiles}
     for info, layer in zip(program.layers, layers):
@@ -1483,14 +1483,14 @@ def check_stream_program(program: Program, layers) -> None:
             c = by_position[key].config
             if layer.is_concat:
                 w, words_a = layer.window, layer.concat_channels_a // lanes
-                assert c["op"] == OP_CONCAT and c["concat_words_a"] == words_a
+                assert c.op == OP_CONCAT and c.concat_words_a == words_a
                 assert stored_words(c) == w.height * w.width * -(-layer.n_out // lanes)
             if layer.is_add:
                 map_words = layer.window.height * layer.window.width * -(-layer.n_out // lanes)
-                assert c["op"] == OP_ADD and stored_words(c) == 2 * map_words
-                assert sorted((c["operand_a_offset"], c["operand_b_offset"])) == [0, map_words]
-                assert c["add_mult_a"] <= ADD_MULT_MAX and c["add_mult_b"] <= ADD_MULT_MAX
-                assert max(c["add_mult_a"], c["add_mult_b"]) == ADD_MULT_MAX
+                assert c.op == OP_ADD and stored_words(c) == 2 * map_words
+                assert sorted((c.operand_a_offset, c.operand_b_offset)) == [0, map_words]
+                assert c.add_mult_a <= ADD_MULT_MAX and c.add_mult_b <= ADD_MULT_MAX
+                assert max(c.add_mult_a, c.add_mult_b) == ADD_MULT_MAX
 
 
 @pytest.mark.parametrize("case", sorted(RESNET_CASES))
@@ -1524,18 +1524,18 @@ def test_residual_stream_registers(tmp_path):
     proj, conv1, conv2, add = (by_name[n][-1] for n in ("block0_proj", "block0_conv1", "block0_conv2", "block0_add"))
 
     def stored_span(name):  # the words a windowed layer's tiles store, together (each its band's input rows)
-        return (min(c["store_begin"] for c in by_name[name]), max(c["store_end"] for c in by_name[name]))
+        return (min(c.store_begin for c in by_name[name]), max(c.store_end for c in by_name[name]))
 
     # the 1x1 stride-2 projection reads input rows 0, 2, 4, 6 only: row 7 is never stored
-    assert proj["n_in_words"] == x_words and stored_span("block0_proj") == (0, 7 * 8)
-    assert (proj["forward_begin"], proj["forward_end"]) == (0, x_words)        # x is still needed
-    assert conv1["n_in_words"] == x_words + p_words and stored_span("block0_conv1") == (0, x_words)
-    assert (conv1["forward_begin"], conv1["forward_end"]) == (x_words, x_words + p_words)  # only the projection
+    assert proj.n_in_words == x_words and stored_span("block0_proj") == (0, 7 * 8)
+    assert (proj.forward_begin, proj.forward_end) == (0, x_words)        # x is still needed
+    assert conv1.n_in_words == x_words + p_words and stored_span("block0_conv1") == (0, x_words)
+    assert (conv1.forward_begin, conv1.forward_end) == (x_words, x_words + p_words)  # only the projection
     assert stored_span("block0_conv2") == (p_words, 2 * p_words)
-    assert (conv2["forward_begin"], conv2["forward_end"]) == (0, p_words)
-    assert (add["n_in_words"], add["store_begin"], add["store_end"], add["forward_end"]) == (2 * p_words, 0, 2 * p_words, 0)
+    assert (conv2.forward_begin, conv2.forward_end) == (0, p_words)
+    assert (add.n_in_words, add.store_begin, add.store_end, add.forward_end) == (2 * p_words, 0, 2 * p_words, 0)
     # the projection comes first in the stream, but is the Add's second ONNX input
-    assert (add["operand_a_offset"], add["operand_b_offset"]) == (p_words, 0)
+    assert (add.operand_a_offset, add.operand_b_offset) == (p_words, 0)
 
 
 def test_add_lowering():

@@ -174,7 +174,7 @@ def test_resnet_emulator_matches_onnxruntime(tmp_path, seed, arch_name, in_shape
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     assert any(layer.op in ("Add", "Concat") for layer in program.layers)
     if seed in (38, 39):
-        assert any(tile.config["pass_per_pixel"] for tile in program.tiles)
+        assert any(tile.config.pass_per_pixel for tile in program.tiles)
     x = np.random.default_rng(seed + 100).standard_normal((batch, *in_shape)).astype(np.float32)
     assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
 

@@ -88,7 +88,7 @@ def _idle_config(**overrides) -> dict:
 def _loopback_program(arch: Arch, key: int, n_values: int) -> Program:
     tiles = [TileProgram(row, col, _idle_config(), np.zeros((0, arch.lanes), np.int8), np.zeros((0, 3), np.int64))
              for row, col in arch.chain]
-    tiles[0].config[KEY_REGISTER] = key
+    tiles[0].config = tiles[0].config.replace(**{KEY_REGISTER: key})
     spec = TensorSpec("x", (n_values,), 1.0, 0)
     return Program(arch=arch, input=spec, output=spec, layers=[], tiles=tiles, model_name="loopback")
 
@@ -546,10 +546,10 @@ def _assert_verilator_equals_emulator_and_golden(program, in_flits, batch, golde
 @pytest.mark.rtl
 def test_residual_block_verilator_matches_emulator(residual_case):
     program, in_flits, golden, skip = residual_case
-    assert [t.config["op"] for t in program.tiles] == [OP_MAC, OP_MAC, OP_ADD, OP_ADD]
+    assert [t.config.op for t in program.tiles] == [OP_MAC, OP_MAC, OP_ADD, OP_ADD]
     map_words = RES_SHAPE[1] * RES_SHAPE[2]        # 3 channels: one word a pixel
     offsets = (0, map_words) if skip == "a" else (map_words, 0)     # the skip is in front of the main output
-    assert [(t.config["operand_a_offset"], t.config["operand_b_offset"]) for t in program.tiles[2:]] == [offsets] * 2
+    assert [(t.config.operand_a_offset, t.config.operand_b_offset) for t in program.tiles[2:]] == [offsets] * 2
     _assert_verilator_equals_emulator_and_golden(program, in_flits, RES_BATCH, golden)
 
 
@@ -581,9 +581,9 @@ def concat_case():
 @pytest.mark.rtl
 def test_concat_block_verilator_matches_emulator(concat_case):
     program, in_flits, golden = concat_case
-    assert [t.config["op"] for t in program.tiles] == [OP_MAC, OP_MAC, OP_CONCAT, OP_CONCAT]
-    assert [(t.config["words_per_pixel"], t.config["concat_words_a"], t.config["operand_a_offset"],
-             t.config["operand_b_offset"]) for t in program.tiles[2:]] == [(2, 1, 9, 0)] * 2
+    assert [t.config.op for t in program.tiles] == [OP_MAC, OP_MAC, OP_CONCAT, OP_CONCAT]
+    assert [(t.config.words_per_pixel, t.config.concat_words_a, t.config.operand_a_offset,
+             t.config.operand_b_offset) for t in program.tiles[2:]] == [(2, 1, 9, 0)] * 2
     _assert_verilator_equals_emulator_and_golden(program, in_flits, CAT_BATCH, golden)
 
 

@@ -739,12 +739,13 @@ def build_program(arch: Arch, layers: Sequence[Dense | Conv | Depthwise | MaxPoo
             raise ValueError(f"tail must be 'pass' or 'direct', got {tail!r}")
         tiles.append(TileProgram(row, col, config, np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)))
     for position, tile in enumerate(tiles):
-        if tile.config["n_pass"] or tile.config["n_in_words"]:
+        if tile.config.n_pass or tile.config.n_in_words:
             last = position == arch.n_tiles - 1 or (tail == "direct" and position == last_layer_tile)
             if last:
-                tile.config["dest_host"] = 1
+                tile.config = tile.config.replace(dest_host=1)
             else:
-                tile.config["dest_row"], tile.config["dest_col"] = arch.chain_position(position + 1)
+                dest_row, dest_col = arch.chain_position(position + 1)
+                tile.config = tile.config.replace(dest_row=dest_row, dest_col=dest_col)
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
                       model_name="program_builder")
     program.validate()

@@ -1,0 +1,286 @@
+"""The data path of a flowtile run (docs/architecture.md sections 3 to 5): each PE's per-inference counts from
+its registers (:class:`TileCounts`) and the streams between the PEs (:func:`trace_data_path`). Shared by the
+emulator's data model (:mod:`.functional`) and its timing model (:mod:`.timing`); the register rules themselves are
+the spec's (:meth:`flowtile.tile_config.TileConfig.validate`, run by :meth:`flowtile.program.Program.validate`).
+
+:func:`trace_data_path` follows the flits the way the hardware moves them: from the host into tile (0,0), then from
+every PE along the XY route of its configured destination, to the next PE or to the host output. It checks what
+the exact timing model needs beyond a valid program (every router output carries at most one stream, every PE on
+the path consumes exactly the flits the previous one emits per inference) and raises :class:`EmulatorError`
+otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, Arch
+from flowtile.program import Program, TileProgram
+
+__all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "PORTS", "HOST"]
+
+
+class EmulatorError(ValueError):
+    """The program (or its input) is not one the emulator can run exactly; the message says why."""
+
+
+#: Router ports; the step each direction takes on the mesh as (d_row, d_col). Rows grow southward.
+PORTS = ("L", "N", "E", "S", "W")
+_STEP = {"N": (-1, 0), "E": (0, 1), "S": (1, 0), "W": (0, -1)}
+_OPPOSITE = {"N": "S", "S": "N", "E": "W", "W": "E"}
+#: Stands for the host as the producer of the first stream and the consumer of the last.
+HOST = -1
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """One PE's per-inference counts, from its registers (sections 4, 4.1, 4.2 and 4.3)."""
+
+    n_in_words: int     # K: RECV transfers
+    n_pass: int         # P: PASS transfers
+    n_out: int          # N_o: output channels computed (0: no COMPUTE, no EMIT)
+    n_result_words: int  # n_pix * ceil(N_o / L): EMIT transfers
+    issue_cycles: int = 0  # I: COMPUTE cycles that issue an SRAM read (n_pix * N_o * K_w, or n_pix * CW * KH*KW)
+    op: int = OP_MAC
+    # section 4.2: RECV word k is stored iff store_begin <= k < store_end and emitted (forwarded) iff
+    # forward_begin <= k < forward_end (empty ranges are normalized to (0, 0))
+    store_begin: int = 0
+    store_end: int = 0
+    forward_begin: int = 0
+    forward_end: int = 0
+    # section 4.4: per output pixel, pass_per_pixel PASS words (popped) before the pixel's result words
+    pass_per_pixel: int = 0
+    n_pix: int = 1      # output pixels of a computing tile (section 4.1's band: TileConfig.output_pixels)
+    # section 4, result ring: issue cycles d of each result word of one output pixel, in order
+    # (TileConfig.result_word_issue_cycles; empty without COMPUTE)
+    pixel_word_issue: tuple[int, ...] = ()
+
+    @property
+    def idle(self) -> bool:
+        return self.n_in_words == 0 and self.n_pass == 0 and self.n_out == 0
+
+    @property
+    def n_stored(self) -> int:
+        """RECV words written to the activation region per inference."""
+        return self.store_end - self.store_begin
+
+    @property
+    def n_forward(self) -> int:
+        """RECV words also emitted downstream per inference."""
+        return self.forward_end - self.forward_begin
+
+    @property
+    def forward_range(self) -> range:
+        """The forwarded RECV words ``k`` of an inference."""
+        return range(self.forward_begin, self.forward_end)
+
+    @property
+    def n_queue(self) -> int:
+        """``Q``: words per inference that go through the forward queue (section 4): the forwarded RECV
+        words and every PASS word are pushed by the input side and popped by the output side."""
+        return self.n_forward + self.n_pass
+
+    @property
+    def flits_in(self) -> int:
+        """Flits the PE reads per inference (input side: K RECV + P PASS transfers)."""
+        return self.n_in_words + self.n_pass
+
+    @property
+    def flits_out(self) -> int:
+        """Flits the PE emits per inference (output side: Q pops + E EMIT transfers)."""
+        return self.n_queue + self.n_result_words
+
+    @property
+    def result_words_per_pixel(self) -> int:
+        """``W_px = E / n_pix``: result words of one output pixel (section 4.4; 0 without COMPUTE)."""
+        return self.n_result_words // self.n_pix if self.n_out else 0
+
+    @property
+    def n_bulk_pops(self) -> int:
+        """``Q_f + P_bulk``: the pops that lead the output side of an inference, before any pixel's
+        interleaved pops and EMITs (section 4.4; all ``Q`` pops if ``pass_per_pixel = 0``)."""
+        return self.n_queue - self.n_pix * self.pass_per_pixel if self.n_out else self.n_queue
+
+    def output_is_pop(self) -> np.ndarray:
+        """bool ``[Q + E]``: which output-side transfers of one inference are pops (the rest are EMITs of
+        result words 0, 1, ... in order). Section 4.4: ``Q_f + P_bulk`` pops, then per output pixel
+        ``pass_per_pixel`` pops and the pixel's ``W_px`` EMITs."""
+        is_pop = np.zeros(self.flits_out, dtype=bool)
+        lead = self.n_bulk_pops
+        is_pop[:lead] = True
+        if self.n_out and self.pass_per_pixel:
+            step = self.pass_per_pixel + self.result_words_per_pixel
+            is_pop[lead:].reshape(self.n_pix, step)[:, :self.pass_per_pixel] = True
+        return is_pop
+
+    @property
+    def first_emit(self) -> int:
+        """Output-side transfer index (within an inference) of the first EMIT (section 4.4: after pixel
+        0's pops); only meaningful if the tile computes."""
+        return self.n_bulk_pops + self.pass_per_pixel
+
+    @property
+    def compute_issue_cycles(self) -> int:
+        """``I``: the COMPUTE cycles that issue an SRAM read (``TileConfig.compute_issue_cycles``)."""
+        return self.issue_cycles
+
+    @property
+    def compute_cycles(self) -> int:
+        """Cycles COMPUTE lasts per inference (0 if the PE has no COMPUTE phase)."""
+        return self.compute_issue_cycles + COMPUTE_DRAIN_CYCLES if self.n_out else 0
+
+    def word_issue_cycles(self) -> np.ndarray:
+        """int64 ``[E]``: ``d`` of each result word of an inference, in issue (and EMIT) order (section 4,
+        result ring): the pixel's words repeated for the ``n_pix`` output pixels; sums to ``I``."""
+        if not self.n_out:
+            return np.zeros(0, dtype=np.int64)
+        return np.tile(np.asarray(self.pixel_word_issue, dtype=np.int64), self.n_pix)
+
+    @property
+    def mac_issue_cycles(self) -> int:
+        """Issue cycles that multiply-accumulate ``L`` lanes: every one for MAC, LANE (which
+        multiplies lane by lane, ``L`` MACs a cycle), ADD and CONCAT (each issue multiplies an operand
+        word by ``add_mult_a`` or ``add_mult_b`` and accumulates, lane by lane), none for max pooling."""
+        return self.issue_cycles if self.op in (OP_MAC, OP_LANE, OP_ADD, OP_CONCAT) else 0
+
+
+def _recv_range(begin: int, end: int) -> tuple[int, int]:
+    return (begin, end) if begin < end else (0, 0)
+
+
+def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
+    config = tile.config
+    n_out = config.n_out
+    store_begin, store_end = _recv_range(config.store_begin, config.store_end)
+    forward_begin, forward_end = _recv_range(config.forward_begin, config.forward_end)
+    return TileCounts(n_in_words=config.n_in_words, n_pass=config.n_pass, n_out=n_out,
+                      n_result_words=config.result_words(arch.lanes), issue_cycles=config.compute_issue_cycles,
+                      op=config.op, store_begin=store_begin, store_end=store_end, forward_begin=forward_begin,
+                      forward_end=forward_end, pass_per_pixel=config.pass_per_pixel,
+                      n_pix=max(1, config.output_pixels) if n_out else 1,
+                      pixel_word_issue=tuple(config.result_word_issue_cycles(arch.lanes)))
+
+
+@dataclass(frozen=True)
+class Hop:
+    """The route of one stream between two consumers of flits.
+
+    ``fifos`` are the router input FIFOs the flits pass through, in order, as ``(row, col, port)``:
+    the producer's L FIFO first (or tile (0,0)'s W FIFO for the host stream), then the input FIFO of
+    every router the XY route enters. The last FIFO is read by ``consumer``'s PE, or by the host
+    output port when ``consumer`` is :data:`HOST`.
+    """
+
+    producer: int          # chain position, or HOST
+    consumer: int          # chain position, or HOST
+    fifos: tuple[tuple[int, int, str], ...]
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """How flits move through a program: PEs in stream order and the hops between them.
+
+    ``order[i]`` is the chain position of the i-th PE the data visits; ``hops[0]`` runs from the host
+    to ``order[0]``, ``hops[i + 1]`` from ``order[i]`` to ``order[i + 1]`` (the last one to the host).
+    """
+
+    order: tuple[int, ...]
+    hops: tuple[Hop, ...]
+    counts: tuple[TileCounts, ...]   # per chain position
+
+
+def _route(arch: Arch, start: tuple[int, int], first_fifo: str, target: tuple[int, int], to_host: bool,
+           who: str) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
+    """XY route (section 3) from the FIFO ``first_fifo`` of tile ``start``.
+
+    Returns (input FIFOs visited, router outputs used as ``(row, col, port)``); the last output is
+    the consumer's L port or the exit port.
+    """
+    row, col = start
+    fifos = [(row, col, first_fifo)]
+    outputs = []
+    for _ in range(arch.rows + arch.cols):  # an XY route never takes more hops than this
+        if target[1] != col:
+            port = "E" if target[1] > col else "W"
+        elif target[0] != row:
+            port = "S" if target[0] > row else "N"
+        else:
+            outputs.append((row, col, arch.exit_direction if to_host else "L"))
+            return fifos, outputs
+        outputs.append((row, col, port))
+        d_row, d_col = _STEP[port]
+        row, col = row + d_row, col + d_col
+        if not (0 <= row < arch.rows and 0 <= col < arch.cols):  # unreachable for in-grid targets
+            raise EmulatorError(f"{who}: its flits leave the mesh at tile ({row - d_row},{col - d_col}) "
+                                f"port {port}")
+        fifos.append((row, col, _OPPOSITE[port]))
+    raise AssertionError("XY route longer than the mesh")  # pragma: no cover
+
+
+def trace_data_path(program: Program) -> DataPath:
+    """Follow the flits from the host through the PEs back to the host; raise EmulatorError if the
+    program is not a single contention-free stream with consistent per-inference flit counts. Validates the
+    program first (:meth:`flowtile.program.Program.validate`: every register rule), so every entry point of the
+    emulator runs valid programs only."""
+    program.validate()
+    arch = program.arch
+    counts = tuple(tile_counts(tile, arch) for tile in program.tiles)
+    position_of = {arch.chain_position(p): p for p in range(arch.n_tiles)}
+    # The host's flits carry destination tile (0,0) and enter its W FIFO (sections 3 and 5).
+    host_fifos, host_outputs = _route(arch, (0, 0), "W", (0, 0), False, "host input")
+    hops = []
+    used_outputs = {out: "host input" for out in host_outputs}
+    order: list[int] = []
+    producer, fifos = HOST, host_fifos
+    consumer = position_of[(0, 0)]
+    flits_arriving = program.input_words
+    while True:
+        hops.append(Hop(producer, consumer, tuple(fifos)))
+        if consumer == HOST:
+            if flits_arriving != program.output_words:
+                raise EmulatorError(f"tile {program.tiles[producer].key} sends {flits_arriving} flits per "
+                                    f"inference to the host, the program's output needs "
+                                    f"{program.output_words} (output length {program.output.length}, "
+                                    f"{arch.lanes} lanes)")
+            break
+        tile, count = program.tiles[consumer], counts[consumer]
+        source = "the host" if producer == HOST else f"tile {program.tiles[producer].key}"
+        if consumer in order:
+            raise EmulatorError(f"the flits of {source} return to tile {tile.key}: the data path is a "
+                                f"cycle and never reaches the host")
+        if count.flits_in != flits_arriving:
+            raise EmulatorError(
+                f"tile {tile.key} (chain position {consumer}) reads n_in_words + n_pass = "
+                f"{count.n_in_words} + {count.n_pass} = {count.flits_in} flits per inference, but "
+                f"{source} sends it {flits_arriving}")
+        order.append(consumer)
+        if count.flits_out == 0:
+            raise EmulatorError(f"tile {tile.key} (chain position {consumer}) emits no flits, so nothing "
+                                f"reaches the host")
+        config = tile.config
+        who = f"tile {tile.key} (chain position {consumer})"
+        if config.dest_host:
+            target, next_consumer = arch.exit_tile, HOST
+        else:
+            target = (config.dest_row, config.dest_col)   # inside the grid: Program.validate
+            if target == (tile.row, tile.col):
+                raise EmulatorError(f"{who}: sends its flits to itself")
+            next_consumer = position_of[target]
+        fifos, outputs = _route(arch, (tile.row, tile.col), "L", target, bool(config.dest_host), who)
+        for out in outputs:
+            if out in used_outputs:
+                raise EmulatorError(
+                    f"{who}: its route uses router ({out[0]},{out[1]}) output {out[2]}, which "
+                    f"{used_outputs[out]} also uses; contended routes are not modelled exactly")
+            used_outputs[out] = who
+        producer, consumer, flits_arriving = consumer, next_consumer, count.flits_out
+
+    for position, count in enumerate(counts):
+        if not count.idle and position not in order:
+            raise EmulatorError(f"tile {program.tiles[position].key} (chain position {position}) is "
+                                f"configured (n_in_words={count.n_in_words}, n_pass={count.n_pass}, "
+                                f"n_out={count.n_out}) but no flits reach it")
+    return DataPath(order=tuple(order), hops=tuple(hops), counts=counts)
+
+

@@ -1,0 +1,391 @@
+"""One tile's configuration registers, typed: what they imply (the counts of docs/architecture.md sections 4 to
+4.4) and the one set of rules they must obey (:meth:`TileConfig.validate`).
+
+The emulator, the RTL's load encoding and the compiler all read registers through :class:`TileConfig`; none of them
+checks a register rule of its own. Plain dicts (program files, test benches) become a ``TileConfig`` at one
+boundary, :meth:`TileConfig.coerce`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .arch import (ACTIVATION_BANKS, ADD_MULT_MAX, COMPUTE_DRAIN_CYCLES, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE,
+                   OP_MAC, OP_MAX, OP_NAMES, Arch)
+
+__all__ = ["TileConfig", "ConfigError", "REGISTER_NAMES", "register_bounds", "TWO_OPERAND_WINDOWS", "WINDOW_RANGES"]
+
+#: The register names, in register-address order (:data:`flowtile.arch.CONFIG_FIELDS`).
+REGISTER_NAMES = tuple(name for name, _, _ in CONFIG_FIELDS)
+_BOUNDS = {name: ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1))
+           for name, bits, signed in CONFIG_FIELDS}
+
+#: Registers of the two-operand ops fixed by sections 4.2 and 4.3: ADD's 1x2 "kernel" (its two operands,
+#: one issue each) and CONCAT's 1x1 kernel (one issue per output word), stride 1, no padding.
+TWO_OPERAND_WINDOWS = {
+    OP_ADD: {"kernel_h": 1, "kernel_w": 2, "stride": 1, "pad_top": 0, "pad_left": 0},
+    OP_CONCAT: {"kernel_h": 1, "kernel_w": 1, "stride": 1, "pad_top": 0, "pad_left": 0},
+}
+
+#: Ranges of the windowing registers of a computing tile (section 4.1), beyond what their widths allow. Kernels
+#: may span a whole 8-bit map (global pools as LANE layers); the compiler, not the hardware, limits convolutions
+#: to 1..7.
+WINDOW_RANGES = {"in_height": (1, None), "in_width": (1, None), "words_per_pixel": (1, None),
+                 "kernel_h": (1, 255), "kernel_w": (1, 255), "stride": (1, 3), "out_rows": (1, None),
+                 "out_width": (1, None)}
+
+
+class ConfigError(ValueError):
+    """A tile configuration is malformed or breaks a register rule; the message names the registers."""
+
+
+def register_bounds(name: str) -> tuple[int, int]:
+    """``(low, high)`` of config register ``name``: what its width holds (two's complement if signed)."""
+    try:
+        return _BOUNDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown config register '{name}'; known: {', '.join(REGISTER_NAMES)}") from None
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Every register of :data:`flowtile.arch.CONFIG_FIELDS` (same names, same order; all default to 0, an idle
+    tile). Values are Python ints; :meth:`validate` checks them against their widths and every rule."""
+
+    n_in_words: int = 0
+    store_begin: int = 0
+    store_end: int = 0
+    forward_begin: int = 0
+    forward_end: int = 0
+    n_pass: int = 0
+    n_out: int = 0
+    w_base: int = 0
+    act_base: int = 0
+    dest_row: int = 0
+    dest_col: int = 0
+    dest_host: int = 0
+    zp_out: int = 0
+    clamp_lo: int = 0
+    clamp_hi: int = 0
+    op: int = 0
+    in_height: int = 0
+    in_width: int = 0
+    words_per_pixel: int = 0
+    kernel_h: int = 0
+    kernel_w: int = 0
+    stride: int = 0
+    pad_top: int = 0
+    pad_left: int = 0
+    pad_value: int = 0
+    out_row_begin: int = 0
+    out_rows: int = 0
+    out_width: int = 0
+    operand_a_offset: int = 0
+    operand_b_offset: int = 0
+    add_mult_a: int = 0
+    add_mult_b: int = 0
+    concat_words_a: int = 0
+    pass_per_pixel: int = 0
+    out_col_begin: int = 0
+    out_col_end: int = 0
+
+    def __post_init__(self):
+        for name in REGISTER_NAMES:
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, operator.index(value))
+            except TypeError:
+                raise ConfigError(f"config register '{name}' must be an integer, got {value!r}") from None
+
+    # --- the dict boundary ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping) -> "TileConfig":
+        """A config from a mapping that names every register exactly once (a program file's, a test bench's)."""
+        missing = [name for name in REGISTER_NAMES if name not in values]
+        unknown = sorted(set(values) - set(REGISTER_NAMES))
+        if missing:
+            raise ConfigError(f"config is missing register(s) {', '.join(missing)}")
+        if unknown:
+            raise ConfigError(f"config has unknown register(s) {', '.join(map(str, unknown))}")
+        return cls(**{name: values[name] for name in REGISTER_NAMES})
+
+    @classmethod
+    def coerce(cls, config: "TileConfig | Mapping") -> "TileConfig":
+        """``config`` itself if it is a TileConfig, else :meth:`from_dict` of it: the one place dicts are taken."""
+        return config if isinstance(config, TileConfig) else cls.from_dict(config)
+
+    def to_dict(self) -> dict[str, int]:
+        """The registers by name, in register-address order (the program file's ``config``)."""
+        return {name: getattr(self, name) for name in REGISTER_NAMES}
+
+    def replace(self, **changes) -> "TileConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- derived counts (sections 4 to 4.4) -----------------------------------------------------
+    @property
+    def band_end(self) -> int:
+        """``E'``: the column before which the band's last output row ends (``out_col_end``; 0 means ``out_width``)."""
+        return self.out_col_end or self.out_width
+
+    @property
+    def output_pixels(self) -> int:
+        """``n_pix`` of section 4.1: ``out_rows`` rows of ``out_width`` pixels, less the first row's columns before
+        ``out_col_begin`` and the last row's from ``E'`` (:attr:`band_end`) on."""
+        return self.out_rows * self.out_width - self.out_col_begin - (self.out_width - self.band_end)
+
+    def output_pixel_positions(self) -> list[tuple[int, int]]:
+        """The ``(oy, ox)`` of the output pixels in order (section 4.1), ``oy`` counting from ``out_row_begin``."""
+        width, rows = self.out_width, self.out_rows
+        return [(self.out_row_begin + r, x) for r in range(rows)
+                for x in range(self.out_col_begin if r == 0 else 0, self.band_end if r == rows - 1 else width)]
+
+    @property
+    def stored_words(self) -> int:
+        """RECV words written into the activation region per inference (section 4.2)."""
+        return max(0, self.store_end - self.store_begin)
+
+    @property
+    def forwarded_words(self) -> int:
+        """RECV words re-emitted downstream per inference (section 4.2)."""
+        return max(0, self.forward_end - self.forward_begin)
+
+    @property
+    def map_words(self) -> int:
+        """Words of the input map the windowing registers describe: ``in_height * in_width * words_per_pixel``."""
+        return self.in_height * self.in_width * self.words_per_pixel
+
+    @property
+    def channel_preserving(self) -> bool:
+        """MAX, LANE, ADD and CONCAT compute one result word per (pixel, word): ``n_out = CW * L``."""
+        return self.op in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT)
+
+    @property
+    def weight_words(self) -> int:
+        """SRAM words of weights from ``w_base`` (MAC: ``n_out * KH*KW*CW``, LANE: ``KH*KW*CW``; else 0)."""
+        if not self.n_out or self.op not in (OP_MAC, OP_LANE):
+            return 0
+        window = self.kernel_h * self.kernel_w * self.words_per_pixel
+        return window if self.op == OP_LANE else self.n_out * window
+
+    def result_words(self, lanes: int) -> int:
+        """Flits emitted from the result buffer per inference (``n_pix * N_r``)."""
+        return self.output_pixels * -(-self.n_out // lanes) if self.n_out else 0
+
+    @property
+    def compute_issue_cycles(self) -> int:
+        """COMPUTE issue cycles per inference (``I`` of section 4.1; COMPUTE lasts :attr:`compute_cycles`)."""
+        if not self.n_out:
+            return 0
+        window = self.kernel_h * self.kernel_w
+        if self.channel_preserving:  # ADD: kernel 1x2, one issue per operand; CONCAT: 1x1
+            return self.output_pixels * self.words_per_pixel * window
+        return self.output_pixels * self.n_out * window * self.words_per_pixel
+
+    @property
+    def compute_cycles(self) -> int:
+        """Cycles COMPUTE lasts per inference, ``I + COMPUTE_DRAIN_CYCLES`` (0 without COMPUTE)."""
+        return self.compute_issue_cycles + COMPUTE_DRAIN_CYCLES if self.n_out else 0
+
+    def result_word_issue_cycles(self, lanes: int) -> list[int]:
+        """Issue cycles ``d`` of each result word of one output pixel, in order (section 4, result ring): COMPUTE
+        issues a word's cycles back to back and may wait for a ring slot only before a word. MAC: ``L * K_w`` per
+        word of ``L`` channels, ``(N_o mod L) * K_w`` for a last word with fewer; MAX and LANE: ``KH * KW``; ADD: 2
+        (its 1x2 operand window); CONCAT: 1. Sums to ``I / n_pix``."""
+        if not self.n_out:
+            return []
+        window = self.kernel_h * self.kernel_w
+        if self.channel_preserving:
+            return [window] * self.words_per_pixel
+        per_channel = window * self.words_per_pixel
+        full, rest = divmod(self.n_out, lanes)
+        return [lanes * per_channel] * full + ([rest * per_channel] if rest else [])
+
+    def tile_period_cycles(self, lanes: int) -> int:
+        """Cycles per inference of the tile alone in steady state, never stalled (section 6, rule 4): the busiest
+        of its input side (``K + P`` transfers), its output side (``Q + E``) and its compute side (COMPUTE's
+        ``I + 2`` cycles; results stream out through the ring while it runs)."""
+        return max(self.n_in_words + self.n_pass, self.forwarded_words + self.n_pass + self.result_words(lanes),
+                   self.compute_cycles)
+
+    @property
+    def operand_layout(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``((offset, words per pixel), ...)`` of operands a and b of an ADD or CONCAT tile (sections 4.2 and
+        4.3): each starts at its stored-word offset and holds ``in_height * in_width`` pixels of ``CW`` words
+        (ADD), or of ``CWa = concat_words_a`` and ``CW - CWa`` words (CONCAT)."""
+        if self.op == OP_CONCAT:
+            words_a, words_b = self.concat_words_a, self.words_per_pixel - self.concat_words_a
+        else:
+            words_a = words_b = self.words_per_pixel
+        return (self.operand_a_offset, words_a), (self.operand_b_offset, words_b)
+
+    @property
+    def operand_words(self) -> tuple[int, int]:
+        """Stored words of the two operand maps of an ADD or CONCAT tile (sections 4.2, 4.3)."""
+        pixels = self.in_height * self.in_width
+        (_, words_a), (_, words_b) = self.operand_layout
+        return pixels * words_a, pixels * words_b
+
+    def pixel_formula(self) -> str:
+        """Section 4.1's ``n_pix`` spelled out with the register values (for messages)."""
+        width, end = self.out_width, self.out_col_end
+        named = f"out_col_end = {end}" if end else "out_width (out_col_end = 0)"
+        return (f"out_rows * out_width - out_col_begin - (out_width - E') = {self.out_rows} * {width} - "
+                f"{self.out_col_begin} - ({width} - {self.band_end}) = {self.output_pixels} with E' = {named}")
+
+    # --- the rules ------------------------------------------------------------------------------
+    def validate(self, arch: Arch) -> None:
+        """Raise :class:`ConfigError` unless the registers obey every rule of docs/architecture.md sections 4 to 4.4
+        for ``arch``: each register within its width; ``op`` one of :data:`flowtile.arch.OP_NAMES`; the RECV ranges
+        ``store_begin <= store_end <= n_in_words`` and ``forward_begin <= forward_end <= n_in_words``; ``n_out > 0``
+        requires ``n_in_words > 0``; ``n_out <= max_tile_outputs``; the two activation banks of the stored words
+        (``[act_base, act_base + ACTIVATION_BANKS * stored)``) and the weights fit the SRAM; ``pass_per_pixel > 0``
+        requires ``n_out > 0``; for a computing tile the windowing registers (:data:`WINDOW_RANGES`), the stored
+        words being the input map (ADD, CONCAT: :meth:`_validate_two_operands`), ``n_out = words_per_pixel *
+        lanes`` for the channel-preserving ops, section 4.1's band of output pixels (:meth:`_validate_band`) and
+        ``n_pix * pass_per_pixel <= n_pass`` (section 4.4); the destination tile exists; ``clamp_lo <= clamp_hi``.
+        Registers an op does not read (e.g. ``add_mult_a`` of a MAC tile) are only checked against their width.
+        Nothing bounds the result words: they stream out through the PE's result ring (section 4)."""
+        for name in REGISTER_NAMES:
+            value, (low, high) = getattr(self, name), _BOUNDS[name]
+            if not low <= value <= high:
+                raise ConfigError(f"config register '{name}' = {value} is out of range {low}..{high}")
+        if self.op not in OP_NAMES:
+            raise ConfigError(f"config register op = {self.op} is not an op (known: "
+                              f"{', '.join(f'{value} ({name})' for value, name in OP_NAMES.items())})")
+        k, n_out = self.n_in_words, self.n_out
+        for first, last in (("store_begin", "store_end"), ("forward_begin", "forward_end")):
+            begin, end = getattr(self, first), getattr(self, last)
+            if not begin <= end <= k:
+                raise ConfigError(f"config registers {first} = {begin}, {last} = {end} must satisfy "
+                                  f"{first} <= {last} <= n_in_words = {k}")
+        if n_out > 0 and k == 0:
+            raise ConfigError(f"config register n_out = {n_out} requires n_in_words > 0")
+        if n_out > arch.max_tile_outputs:
+            raise ConfigError(f"config register n_out = {n_out} exceeds max_tile_outputs = {arch.max_tile_outputs}")
+        activation_end = self.act_base + ACTIVATION_BANKS * self.stored_words
+        if activation_end > arch.sram_words:
+            raise ConfigError(f"config registers act_base + {ACTIVATION_BANKS} * (store_end - store_begin) = "
+                              f"{activation_end} exceed sram_words = {arch.sram_words} ({ACTIVATION_BANKS} "
+                              f"activation banks of the stored words)")
+        if self.pass_per_pixel and n_out == 0:
+            raise ConfigError(f"config register pass_per_pixel = {self.pass_per_pixel} requires a computing tile "
+                              f"(n_out > 0; section 4.4)")
+        if n_out > 0:
+            self._validate_window(arch)
+            self._validate_band()
+            interleaved = self.output_pixels * self.pass_per_pixel
+            if interleaved > self.n_pass:
+                raise ConfigError(f"config registers n_pix * pass_per_pixel = {self.output_pixels} * "
+                                  f"{self.pass_per_pixel} = {interleaved} interleaved passed words exceed n_pass = "
+                                  f"{self.n_pass} (n_pix = {self.pixel_formula()}; section 4.4)")
+        self._validate_weights(arch)
+        if not self.dest_host:
+            if self.dest_row >= arch.rows:
+                raise ConfigError(f"config register dest_row = {self.dest_row} outside 0..{arch.rows - 1}")
+            if self.dest_col >= arch.cols:
+                raise ConfigError(f"config register dest_col = {self.dest_col} outside 0..{arch.cols - 1}")
+        if self.clamp_lo > self.clamp_hi:
+            raise ConfigError(f"config registers clamp_lo = {self.clamp_lo} > clamp_hi = {self.clamp_hi}")
+
+    def _validate_window(self, arch: Arch) -> None:
+        """Sections 4.1 to 4.3 for a tile with ``n_out > 0``: the loop nest is non-empty and the registers describe
+        the stored input map (ADD, CONCAT: both operand maps); a channel-preserving op computes ``CW * L``
+        outputs."""
+        for name, (low, high) in WINDOW_RANGES.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                bound = f"{low}..{high}" if high is not None else f">= {low}"
+                raise ConfigError(f"config register {name} = {value} must be {bound} when n_out > 0")
+        if self.op in TWO_OPERAND_WINDOWS:
+            self._validate_two_operands()
+        elif self.map_words != self.stored_words:
+            raise ConfigError(f"config registers store_end - store_begin = {self.stored_words} stored words differ "
+                              f"from in_height * in_width * words_per_pixel = {self.in_height} * {self.in_width} * "
+                              f"{self.words_per_pixel} = {self.map_words}")
+        if self.channel_preserving and self.n_out != self.words_per_pixel * arch.lanes:
+            raise ConfigError(f"config register n_out = {self.n_out} must be words_per_pixel * lanes = "
+                              f"{self.words_per_pixel * arch.lanes} for op = {OP_NAMES[self.op]}")
+
+    def _validate_weights(self, arch: Arch) -> None:
+        """The weights COMPUTE reads, ``[w_base, w_base + weight_words)``, fit the SRAM."""
+        w_end = self.w_base + self.weight_words
+        if w_end <= arch.sram_words:
+            return
+        if not self.weight_words:   # no weights: only the base itself is out of range
+            raise ConfigError(f"config register w_base = {w_end} exceeds sram_words = {arch.sram_words}")
+        formula = ("kernel_h * kernel_w * words_per_pixel" if self.op == OP_LANE
+                   else "n_out * kernel_h * kernel_w * words_per_pixel")
+        raise ConfigError(f"config registers w_base + {formula} = {w_end} exceed sram_words = {arch.sram_words}")
+
+    def _validate_band(self) -> None:
+        """Section 4.1: a computing tile's output pixels are ``out_rows`` rows from ``out_row_begin``, the first
+        from column ``out_col_begin``, the last ending before column ``E'`` (:attr:`band_end`). Valid iff
+        ``out_col_begin < out_width``, ``out_col_end <= out_width`` and the band holds ``n_pix >= 1`` pixels (the PE
+        treats a tile breaking this as not computing)."""
+        begin, end, width = self.out_col_begin, self.out_col_end, self.out_width
+        if begin >= width:
+            raise ConfigError(f"config register out_col_begin = {begin} must be < out_width = {width} (section "
+                              f"4.1: the first output row starts at column out_col_begin)")
+        if end > width:
+            raise ConfigError(f"config register out_col_end = {end} must be <= out_width = {width} (section 4.1: "
+                              f"the last output row ends before column out_col_end; 0 means out_width)")
+        if self.output_pixels < 1:
+            raise ConfigError(f"config registers out_col_begin = {begin}, out_col_end = {end} leave no output "
+                              f"pixel: n_pix = {self.pixel_formula()} must be >= 1 (section 4.1)")
+
+    def _validate_two_operands(self) -> None:
+        """Sections 4.2 (op ADD) and 4.3 (op CONCAT): the fixed kernel registers; CONCAT's ``1 <= concat_words_a <
+        words_per_pixel``; operand a at stored offset ``operand_a_offset`` and operand b at ``operand_b_offset``,
+        each inside the stored words and not overlapping the other (in either order); operand multipliers at most
+        ADD_MULT_MAX (what keeps |acc| < 2^31); full-width rows inside the map."""
+        op, stored = self.op, self.stored_words
+        name = OP_NAMES[op]
+        window = TWO_OPERAND_WINDOWS[op]
+        kernel = f"kernel {window['kernel_h']}x{window['kernel_w']}, stride 1, no padding"
+        for register, value in window.items():
+            if getattr(self, register) != value:
+                raise ConfigError(f"config register {register} = {getattr(self, register)} must be {value} for "
+                                  f"op = {name} ({kernel})")
+        words_per_pixel, words_a = self.words_per_pixel, self.concat_words_a
+        if op == OP_CONCAT and not 1 <= words_a <= words_per_pixel - 1:
+            raise ConfigError(f"config register concat_words_a = {words_a} must be in 1..words_per_pixel - 1 = "
+                              f"{words_per_pixel - 1} for op = OP_CONCAT (each operand needs a word a pixel)")
+        height, width = self.in_height, self.in_width
+        if op == OP_CONCAT:
+            formulas = {"a": ("in_height * in_width * concat_words_a", f"{height} * {width} * {words_a}"),
+                        "b": ("in_height * in_width * (words_per_pixel - concat_words_a)",
+                              f"{height} * {width} * ({words_per_pixel} - {words_a})")}
+        else:
+            formulas = dict.fromkeys("ab", ("in_height * in_width * words_per_pixel",
+                                            f"{height} * {width} * {words_per_pixel}"))
+        spans = {}
+        for operand, size in zip("ab", self.operand_words):
+            register = f"operand_{operand}_offset"
+            offset = getattr(self, register)
+            formula, values = formulas[operand]
+            if offset + size > stored:
+                raise ConfigError(f"config registers {register} + {formula} = {offset} + {values} = "
+                                  f"{offset + size} exceed the {stored} stored words (store_end - store_begin) "
+                                  f"for op = {name} (operand {operand} must lie inside them)")
+            spans[operand] = (offset, offset + size)
+        (a_begin, a_end), (b_begin, b_end) = spans["a"], spans["b"]
+        if a_begin < b_end and b_begin < a_end:
+            raise ConfigError(f"config registers operand_a_offset = {a_begin} and operand_b_offset = {b_begin} "
+                              f"make the operands overlap (a: stored words {a_begin}..{a_end - 1}, b: "
+                              f"{b_begin}..{b_end - 1}); they must be disjoint for op = {name}")
+        for register in ("add_mult_a", "add_mult_b"):
+            if getattr(self, register) > ADD_MULT_MAX:
+                raise ConfigError(f"config register {register} = {getattr(self, register)} exceeds ADD_MULT_MAX = "
+                                  f"{ADD_MULT_MAX} for op = {name}")
+        if self.out_width != self.in_width:
+            raise ConfigError(f"config register out_width = {self.out_width} must equal in_width = {self.in_width} "
+                              f"for op = {name}")
+        if self.out_row_begin + self.out_rows > self.in_height:
+            raise ConfigError(f"config registers out_row_begin + out_rows = {self.out_row_begin + self.out_rows} "
+                              f"exceed in_height = {self.in_height} for op = {name}")
+
+
+assert tuple(f.name for f in dataclasses.fields(TileConfig)) == REGISTER_NAMES, \
+    "TileConfig's fields must be CONFIG_FIELDS' registers, in order"
