@@ -1,0 +1,648 @@
+"""Unit tests of the PE's components (hdl/pe_*.py), each against a plain golden model beside it, in the
+style of Amaranth's own tests/test_lib_fifo.py: the block is driven by an async testbench with seeded
+random stimulus, and the model is stepped in lockstep. The whole PE is tested in test_hdl_pe.py."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from amaranth.lib import data
+from amaranth.sim import Simulator
+
+from flowtile.arch import CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch
+from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, config_layout,
+                                  load_data_bits, param_layout)
+from flowtile.hdl.pe_compute import COMPUTE_DRAIN_CYCLES, ComputeSequencer
+from flowtile.hdl.pe_input import InputSide
+from flowtile.hdl.pe_loader import PELoader
+from flowtile.hdl.pe_output import OutputSide
+from flowtile.hdl.pe_params import ParamTable
+from flowtile.hdl.pe_pipeline import ComputePipeline, Requantizer
+from flowtile.hdl.pe_ring import ResultRing
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
+              pytest.mark.usefixtures("collect_unused_components")]
+
+ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, router_fifo_depth=2)
+LANES = ARCH.lanes
+SRAM_BITS = (ARCH.sram_words - 1).bit_length()
+WORD_MASK = (1 << ARCH.flit_data_bits) - 1
+FIELD_WIDTHS = {name: width for name, width, _ in CONFIG_FIELDS}
+SIGNED_FIELDS = {name for name, _, is_signed in CONFIG_FIELDS if is_signed}
+
+
+def simulate(dut, testbench, clocked=True):
+    sim = Simulator(dut)
+    if clocked:
+        sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+
+
+def as_signed(value, width):
+    value &= (1 << width) - 1
+    return value - (1 << width) if value >> (width - 1) else value
+
+
+def lanes_of(word, lanes=LANES):
+    return [as_signed(word >> (8 * lane), 8) for lane in range(lanes)]
+
+
+def word_of(values):
+    return sum((value & 0xFF) << (8 * lane) for lane, value in enumerate(values))
+
+
+def config_value(**fields):
+    """A whole config (every register 0 unless given), as a const of config_layout()."""
+    return config_layout().const({name: fields.get(name, 0) for name, _, _ in CONFIG_FIELDS})
+
+
+def round_half_even_shift(value, shift):
+    if shift == 0:
+        return value
+    quotient, remainder = divmod(value, 1 << shift)
+    half = 1 << (shift - 1)
+    return quotient + (remainder > half or (remainder == half and quotient & 1))
+
+
+def requantize(accumulator, multiplier, shift, zero_point, low, high):
+    """Section 4: clamp(round_half_even(acc * M / 2^S) + zp_out) (min(max(., low), high))."""
+    return min(max(round_half_even_shift(accumulator * multiplier, shift) + zero_point, low), high)
+
+
+# --- PELoader ----------------------------------------------------------------------------------------
+
+def computes_model(c):
+    """Section 4: does a tile with these registers compute (the loader's ``computes``)?"""
+    end = c["out_col_end"] or c["out_width"]
+    band = (c["out_col_begin"] < c["out_width"] and c["out_col_end"] <= c["out_width"]
+            and (c["out_rows"] != 1 or end > c["out_col_begin"]))
+    return int(bool(c["n_out"] and c["n_in_words"] and c["store_begin"] < c["store_end"] <= c["n_in_words"]
+                    and c["words_per_pixel"] and c["kernel_h"] and c["kernel_w"] and c["out_rows"]
+                    and c["out_width"] and band))
+
+
+class LoaderModel:
+    def __init__(self, arch, tile):
+        self.arch, self.tile = arch, tile
+        self.config = {name: 0 for name, _, _ in CONFIG_FIELDS}
+
+    def writes(self, run, valid, tile, target, addr, value):
+        """(sram en, param en) of this cycle; applies a config write (seen from the next cycle)."""
+        here = valid and not run and tile == self.tile
+        if here and target == LOAD_TARGET_CONFIG and addr < len(CONFIG_FIELDS):
+            name, width, _ = CONFIG_FIELDS[addr]
+            self.config[name] = (as_signed if name in SIGNED_FIELDS else lambda v, w: v & ((1 << w) - 1))(value, width)
+        return (here and target == LOAD_TARGET_SRAM and addr < self.arch.sram_words,
+                here and target == LOAD_TARGET_PARAMS and addr < self.arch.max_tile_outputs)
+
+
+def test_loader_matches_model():
+    rng = random.Random(1)
+    dut = PELoader(ARCH, 1)
+    model = LoaderModel(ARCH, 1)
+
+    # Loads of a computing config first, then random writes, most of them to the registers ``computes``
+    # reads, with small values (so that ``computes`` changes often); wide values exercise truncation.
+    base = {"n_out": 1, "n_in_words": 2, "store_begin": 0, "store_end": 1, "words_per_pixel": 1, "kernel_h": 1,
+            "kernel_w": 1, "out_rows": 1, "out_width": 3, "out_col_begin": 1, "out_col_end": 2}
+    index = {name: index for index, (name, _, _) in enumerate(CONFIG_FIELDS)}
+    stimulus = []
+    for _ in range(20):
+        stimulus += [(0, 1, 1, LOAD_TARGET_CONFIG, index[name], value) for name, value in base.items()]
+        for _ in range(25):
+            target = LOAD_TARGET_CONFIG if rng.random() < 0.5 else rng.randrange(4)
+            addr = rng.choice([index[rng.choice(list(base))], rng.randrange(len(CONFIG_FIELDS) + 2),
+                               rng.randrange(ARCH.sram_words + 2), 0xFFFF])
+            value = rng.randrange(4) if rng.random() < 0.8 else rng.getrandbits(load_data_bits(ARCH))
+            stimulus.append((rng.random() < 0.1, rng.random() < 0.9, rng.randrange(2), target, addr, value))
+
+    async def testbench(ctx):
+        for run, valid, tile, target, addr, value in stimulus:
+            ctx.set(dut.run, run)
+            ctx.set(dut.load.valid, valid)
+            ctx.set(dut.load.payload, {"tile": tile, "target": target, "addr": addr, "data": value})
+            sram_en, param_en = model.writes(run, valid, tile, target, addr, value)
+            assert ctx.get(dut.sram_write.en) == sram_en and ctx.get(dut.param_write.en) == param_en
+            if sram_en:
+                assert ctx.get(dut.sram_write.addr) == addr
+                assert ctx.get(dut.sram_write.data) == value & WORD_MASK
+            if param_en:
+                assert ctx.get(dut.param_write.addr) == addr
+                assert ctx.get(dut.param_write.data.as_value()) == value & ((1 << param_layout().size) - 1)
+            await ctx.tick()
+            assert ctx.get(dut.config.as_value()) == config_value(**model.config).as_bits()
+            assert ctx.get(dut.computes) == computes_model(model.config)
+
+    simulate(dut, testbench)
+
+
+# --- ParamTable ----------------------------------------------------------------------------------------
+
+def random_row(rng):
+    return {"bias": rng.randrange(-1 << 31, 1 << 31), "multiplier": rng.getrandbits(31), "shift": rng.randrange(64)}
+
+
+@pytest.mark.parametrize("rows, lanes", [(12, 4), (5, 2), (3, 1)])
+def test_param_table_matches_model(rows, lanes):
+    rng = random.Random(rows * 10 + lanes)
+    dut = ParamTable(rows, lanes)
+    zero = {"bias": 0, "multiplier": 0, "shift": 0}
+    table = [zero] * rows                        # the model: rows, banking invisible
+    reads = data.ArrayLayout(param_layout(), lanes)
+
+    def bank_word(address):
+        return reads.const([table[address * lanes + lane] if address * lanes + lane < rows else zero
+                            for lane in range(lanes)]).as_bits()
+
+    async def testbench(ctx):
+        expected = 0
+        for _ in range(200):
+            write, row, entry = rng.random() < 0.5, rng.randrange(rows), random_row(rng)
+            read_en, address = rng.random() < 0.8, rng.randrange(dut.bank_depth)
+            ctx.set(dut.write.en, write)
+            ctx.set(dut.write.addr, row)
+            ctx.set(dut.write.data, param_layout().const(entry))
+            ctx.set(dut.read.en, read_en)
+            ctx.set(dut.read.addr, address)
+            if read_en:                          # not transparent: the read sees the row before this write
+                expected = bank_word(address)
+            if write:
+                table[row] = entry
+            await ctx.tick()
+            assert ctx.get(dut.read.data.as_value()) == expected
+
+    simulate(dut, testbench)
+
+
+# --- ResultRing -----------------------------------------------------------------------------------------
+
+class RingModel:
+    def __init__(self, depth):
+        self.depth, self.slots = depth, [0] * depth
+        self.occupancy = self.written = self.read_slot = 0
+
+    def step(self, write_lanes, write_slot, write_word, issued, completed, sent, clear):
+        for lane in range(LANES):
+            if write_lanes >> lane & 1:
+                mask = 0xFF << (8 * lane)
+                self.slots[write_slot] = self.slots[write_slot] & ~mask | write_word & mask
+        self.occupancy += issued - sent
+        self.written += completed - sent
+        self.read_slot = (self.read_slot + sent) % self.depth
+        if clear:
+            self.occupancy = self.written = self.read_slot = 0
+
+
+@pytest.mark.parametrize("depth", [1, 3, 4])
+def test_result_ring_matches_model(depth):
+    rng = random.Random(depth)
+    dut = ResultRing(depth, LANES)
+    model = RingModel(depth)
+
+    async def testbench(ctx):
+        for _ in range(300):
+            free, valid = model.occupancy < depth, model.written != 0
+            assert ctx.get(dut.free) == free and ctx.get(dut.words.valid) == valid
+            if valid:
+                assert ctx.get(dut.words.payload) == model.slots[model.read_slot]
+            # A well-behaved writer: a word issued only into a free slot, completed only once issued.
+            issued = free and rng.random() < 0.5
+            completed = model.written < model.occupancy and rng.random() < 0.5
+            ready = rng.random() < 0.6
+            write_lanes, write_slot, write_word = rng.getrandbits(LANES), rng.randrange(depth), rng.getrandbits(32)
+            clear = rng.random() < 0.03
+            for port, value in ((dut.word_issued, issued), (dut.word_written, completed), (dut.words.ready, ready),
+                                (dut.write.en, write_lanes), (dut.write.addr, write_slot),
+                                (dut.write.data, write_word), (dut.clear, clear)):
+                ctx.set(port, value)
+            # words.valid never depends on words.ready.
+            assert ctx.get(dut.words.valid) == valid
+            model.step(write_lanes, write_slot, write_word, issued, completed, valid and ready, clear)
+            await ctx.tick()
+
+    simulate(dut, testbench)
+
+
+# --- InputSide -------------------------------------------------------------------------------------------
+
+class InputModel:
+    """Section 4's input side: K RECV then P PASS transfers an inference; stores and pushes by range."""
+
+    def __init__(self, c):
+        self.c, self.index, self.bank = c, 0, 0
+
+    def cycle(self, run, computes, valid, forward_ready, compute_bank, compute_begun):
+        c, k = self.c, self.index
+        total = c["n_in_words"] + c["n_pass"]
+        receiving = k < c["n_in_words"]
+        stores = receiving and c["store_begin"] <= k < c["store_end"]
+        pushes = not receiving or c["forward_begin"] <= k < c["forward_end"]
+        may_begin = not computes or k != 0 or (compute_bank ^ compute_begun) == self.bank
+        accepting = run and total != 0 and may_begin
+        ready = accepting and (not pushes or forward_ready)
+        transfer = valid and ready
+        bank_words = max(c["store_end"] - c["store_begin"], 0)
+        out = {"ready": ready, "push": valid and accepting and pushes, "store": transfer and stores,
+               "address": (c["act_base"] + self.bank * bank_words + k - c["store_begin"]) % ARCH.sram_words,
+               "store_done": transfer and stores and k + 1 == c["store_end"]}
+        if transfer:
+            self.index, self.bank = (0, self.bank ^ 1) if k == total - 1 else (k + 1, self.bank)
+        if not run:
+            self.index = self.bank = 0
+        return out
+
+
+def random_stream_registers(rng):
+    k = rng.randrange(0, 6)
+    begin = rng.randrange(k + 1)
+    forward_begin = rng.randrange(k + 1)
+    return {"n_in_words": k, "n_pass": rng.randrange(4), "store_begin": begin, "store_end": rng.randrange(begin, k + 1),
+            "forward_begin": forward_begin, "forward_end": rng.randrange(forward_begin, k + 1),
+            "act_base": rng.randrange(40)}
+
+
+def test_input_side_matches_model():
+    rng = random.Random(3)
+    dut = InputSide(ARCH)
+
+    async def testbench(ctx):
+        for _ in range(12):
+            registers = random_stream_registers(rng)
+            ctx.set(dut.config, config_value(**registers))
+            model = InputModel(registers)
+            ctx.set(dut.run, 0)
+            await ctx.tick()
+            model.cycle(0, 0, 0, 0, 0, 0)
+            computes = rng.randrange(2)
+            for _ in range(40):
+                run = rng.random() < 0.97
+                valid, forward_ready = rng.random() < 0.7, rng.random() < 0.6
+                compute_bank, compute_begun, flit = rng.randrange(2), rng.randrange(2), rng.getrandbits(32)
+                for port, value in ((dut.run, run), (dut.computes, computes), (dut.i_flit.valid, valid),
+                                    (dut.o_forward.ready, forward_ready), (dut.compute_bank, compute_bank),
+                                    (dut.compute_begun, compute_begun)):
+                    ctx.set(port, value)
+                ctx.set(dut.i_flit.payload, {"data": flit})
+                expected = model.cycle(run, computes, valid, forward_ready, compute_bank, compute_begun)
+                assert ctx.get(dut.i_flit.ready) == expected["ready"]
+                assert ctx.get(dut.o_forward.valid) == expected["push"]
+                assert ctx.get(dut.sram_write.en) == expected["store"]
+                assert ctx.get(dut.store_done) == expected["store_done"]
+                if expected["push"]:
+                    assert ctx.get(dut.o_forward.payload) == flit
+                if expected["store"]:
+                    assert (ctx.get(dut.sram_write.addr), ctx.get(dut.sram_write.data)) == (expected["address"], flit)
+                # o_forward.valid never depends on o_forward.ready.
+                ctx.set(dut.o_forward.ready, not forward_ready)
+                assert ctx.get(dut.o_forward.valid) == expected["push"]
+                ctx.set(dut.o_forward.ready, forward_ready)
+                await ctx.tick()
+
+    simulate(dut, testbench)
+
+
+# --- OutputSide ------------------------------------------------------------------------------------------
+
+def output_order(c, computes):
+    """Section 4.4's transfers of one inference: "pop" (forward queue) and "emit" (result ring)."""
+    popped = max(c["forward_end"] - c["forward_begin"], 0) + c["n_pass"]
+    if not computes:
+        return ["pop"] * popped
+    end = c["out_col_end"] or c["out_width"]
+    n_pix = c["out_rows"] * c["out_width"] - c["out_col_begin"] - (c["out_width"] - end)
+    n_out = c["n_out"]
+    per_pixel = c["words_per_pixel"] if c["op"] != OP_MAC else -(-n_out // LANES)
+    pops = c["pass_per_pixel"] if c["pass_per_pixel"] and n_pix * c["pass_per_pixel"] <= c["n_pass"] else 0
+    return ["pop"] * (popped - n_pix * pops) + (["pop"] * pops + ["emit"] * per_pixel) * n_pix
+
+
+def random_output_registers(rng):
+    out_rows, out_width = rng.randrange(1, 3), rng.randrange(1, 4)
+    begin = rng.randrange(out_width)
+    end = rng.choice([0] + list(range(begin + 1 if out_rows == 1 else 1, out_width + 1)))
+    forward_begin = rng.randrange(4)
+    return {"op": rng.choice([OP_MAC, OP_MAX, OP_LANE, OP_ADD, OP_CONCAT]), "n_out": rng.randrange(1, 10),
+            "words_per_pixel": rng.randrange(1, 3), "forward_begin": forward_begin,
+            "forward_end": rng.randrange(forward_begin, 6), "n_pass": rng.randrange(8), "out_rows": out_rows,
+            "out_width": out_width, "out_col_begin": begin, "out_col_end": end,
+            "pass_per_pixel": rng.choice([0, 1, 2]), "dest_row": 0, "dest_col": rng.randrange(2),
+            "dest_host": rng.randrange(2)}
+
+
+def test_output_side_matches_model():
+    rng = random.Random(4)
+    dut = OutputSide(ARCH)
+
+    async def testbench(ctx):
+        for case in range(24):
+            registers, computes = random_output_registers(rng), case % 3 != 0
+            order = output_order(registers, computes)
+            ctx.set(dut.config, config_value(**registers))
+            ctx.set(dut.computes, computes)
+            ctx.set(dut.run, 0)
+            await ctx.tick()
+            position, sent = 0, []
+            for _ in range(100):
+                run = rng.random() < 0.98
+                queue_valid, results_valid, ready = (rng.random() < 0.8 for _ in range(3))
+                queue_word, result_word = rng.getrandbits(32), rng.getrandbits(32)
+                for port, value in ((dut.run, run), (dut.i_queue.valid, queue_valid),
+                                    (dut.i_queue.payload, queue_word), (dut.i_results.valid, results_valid),
+                                    (dut.i_results.payload, result_word), (dut.o_flit.ready, ready)):
+                    ctx.set(port, value)
+                head = order[position % len(order)] if order else None
+                valid = bool(run and head and (results_valid if head == "emit" else queue_valid))
+                assert ctx.get(dut.o_flit.valid) == valid
+                assert ctx.get(dut.i_queue.ready) == (run and head == "pop" and ready)
+                assert ctx.get(dut.i_results.ready) == (run and head == "emit" and ready)
+                # o_flit.valid never depends on o_flit.ready.
+                ctx.set(dut.o_flit.ready, not ready)
+                assert ctx.get(dut.o_flit.valid) == valid
+                ctx.set(dut.o_flit.ready, ready)
+                if valid:
+                    payload = ctx.get(dut.o_flit.payload)
+                    assert int(payload.data) == (result_word if head == "emit" else queue_word)
+                    assert (payload.dest_col, payload.dest_host) == (registers["dest_col"], registers["dest_host"])
+                if valid and ready:
+                    position += 1
+                    sent.append(head)
+                if not run:
+                    position = 0
+                await ctx.tick()
+
+    simulate(dut, testbench)
+
+
+# --- Requantizer -----------------------------------------------------------------------------------------
+
+def test_requantizer_matches_section_4():
+    rng = random.Random(5)
+    dut = Requantizer()
+
+    async def testbench(ctx):
+        for case in range(600):
+            shift = rng.randrange(1, 63) if case % 50 else 0
+            multiplier = rng.getrandbits(31) if case % 3 else 1 << rng.randrange(31)
+            accumulator = rng.randrange(-1 << 31, 1 << 31)
+            if case % 4 == 0 and shift:             # an exact tie: acc * M = (2q + 1) * 2^(shift - 1)
+                shift, multiplier = rng.randrange(1, 31), 1
+                accumulator = (2 * rng.randrange(-(1 << (30 - shift)), 1 << (30 - shift)) + 1) << (shift - 1)
+            low, high = sorted((rng.randrange(-128, 128), rng.randrange(-128, 128)))
+            zero_point = rng.randrange(-256, 256)
+            for port, value in ((dut.accumulator, accumulator), (dut.multiplier, multiplier), (dut.shift, shift),
+                                (dut.zero_point, zero_point), (dut.clamp_lo, low), (dut.clamp_hi, high)):
+                ctx.set(port, value)
+            assert ctx.get(dut.result) == requantize(accumulator, multiplier, shift, zero_point, low, high), case
+
+    simulate(dut, testbench, clocked=False)
+
+
+# --- ComputeSequencer ------------------------------------------------------------------------------------
+
+def band_positions(c):
+    end = c["out_col_end"] or c["out_width"]
+    for row in range(c["out_rows"]):
+        first = c["out_col_begin"] if row == 0 else 0
+        last = end if row == c["out_rows"] - 1 else c["out_width"]
+        for col in range(first, last):
+            yield row, col
+
+
+def issue_list(c, bank):
+    """Section 4.1's issues of one COMPUTE reading bank ``bank``: (word_first, payload fields) in order.
+    ``activation_addr`` is None for a padded position (its address is not part of the contract)."""
+    op, cw_words = c["op"], c["words_per_pixel"]
+    per_word, lane_wise = op != OP_MAC, op in (OP_LANE, OP_ADD, OP_CONCAT)
+    bank_words = max(c["store_end"] - c["store_begin"], 0)
+    issues, slot = [], 0
+    for row, col in band_positions(c):
+        if per_word:
+            nest = [(0, cw, ky, kx) for cw in range(cw_words) for ky in range(c["kernel_h"])
+                    for kx in range(c["kernel_w"])]
+        else:
+            nest = [(o, cw, ky, kx) for o in range(c["n_out"]) for ky in range(c["kernel_h"])
+                    for kx in range(c["kernel_w"]) for cw in range(cw_words)]
+        for index, (o, cw, ky, kx) in enumerate(nest):
+            first = kx == 0 and ky == 0 and (per_word or cw == 0)
+            last = kx == c["kernel_w"] - 1 and ky == c["kernel_h"] - 1 and (per_word or cw == cw_words - 1)
+            lane = o % LANES
+            word_first = first and (per_word or lane == 0)
+            word_last = last and (per_word or lane == LANES - 1 or o == c["n_out"] - 1)
+            y = (c["out_row_begin"] + row) * c["stride"] + ky
+            x = col * c["stride"] + (0 if op == OP_ADD else kx)
+            padded = not (c["pad_top"] <= y < c["pad_top"] + c["in_height"]
+                          and c["pad_left"] <= x < c["pad_left"] + c["in_width"])
+            operand_b = (op == OP_ADD and kx != 0) or (op == OP_CONCAT and cw >= c["concat_words_a"])
+            offset = (c["operand_b_offset"] if operand_b else c["operand_a_offset"]) if op in (OP_ADD, OP_CONCAT) else 0
+            pitch = ((cw_words - c["concat_words_a"] if operand_b else c["concat_words_a"]) if op == OP_CONCAT
+                     else cw_words)
+            word = cw - c["concat_words_a"] if op == OP_CONCAT and operand_b else cw
+            pixel = (y - c["pad_top"]) * c["in_width"] + x - c["pad_left"]
+            address = (c["act_base"] + bank * bank_words + offset + pixel * pitch + word) % ARCH.sram_words
+            issues.append((word_first, {
+                "weight_addr": (c["w_base"] + index) % ARCH.sram_words,
+                "activation_addr": None if padded else address,
+                "param_addr": cw if lane_wise else o // LANES, "first": int(first), "last": int(last),
+                "word_last": int(word_last), "padded": int(padded), "operand_b": int(operand_b), "lane": lane}))
+    return issues
+
+
+def random_window_registers(rng, op):
+    """A window layer of op ``op`` whose band lies inside the output map (some positions padded, most not)."""
+    cw_words = rng.randrange(2, 4) if op == OP_CONCAT else rng.randrange(1, 3)
+    kernel_h, kernel_w = {OP_ADD: (1, 2), OP_CONCAT: (1, 1)}.get(op, (rng.randrange(1, 3), rng.randrange(1, 3)))
+    two_operands = op in (OP_ADD, OP_CONCAT)
+    stride, pad_top, pad_left = (1, 0, 0) if two_operands else (rng.randrange(1, 3), rng.randrange(2), rng.randrange(2))
+    height, width = rng.randrange(2, 5), rng.randrange(2, 5)
+    map_height = (height + 2 * pad_top - kernel_h) // stride + 1
+    map_width = width if op == OP_ADD else (width + 2 * pad_left - kernel_w) // stride + 1
+    row_begin = rng.randrange(map_height)
+    out_rows, out_width = rng.randrange(1, map_height - row_begin + 1), map_width
+    begin = rng.randrange(out_width)
+    k = rng.randrange(2, 8)
+    store_begin = rng.randrange(k)
+    return {"op": op, "n_in_words": k, "store_begin": store_begin, "store_end": rng.randrange(store_begin + 1, k + 1),
+            "n_out": rng.randrange(1, 7), "in_height": height, "in_width": width, "words_per_pixel": cw_words,
+            "kernel_h": kernel_h, "kernel_w": kernel_w, "stride": stride, "pad_top": pad_top, "pad_left": pad_left,
+            "out_row_begin": row_begin, "out_rows": out_rows, "out_width": out_width, "out_col_begin": begin,
+            "out_col_end": rng.choice([0, rng.randrange(begin + 1 if out_rows == 1 else 1, out_width + 1)]),
+            "w_base": rng.randrange(20), "act_base": rng.randrange(20), "operand_a_offset": rng.randrange(6),
+            "operand_b_offset": rng.randrange(6), "concat_words_a": rng.randrange(1, cw_words) if op == OP_CONCAT else 0}
+
+
+def test_compute_sequencer_matches_section_4_1():
+    rng = random.Random(6)
+    dut = ComputeSequencer(ARCH)
+
+    async def testbench(ctx):
+        for case in range(15):
+            registers = random_window_registers(rng, [OP_MAC, OP_MAX, OP_LANE, OP_ADD, OP_CONCAT][case % 5])
+            ctx.set(dut.config, config_value(**registers))
+            ctx.set(dut.computes, 1)
+            ctx.set(dut.run, 0)
+            await ctx.tick()
+            ctx.set(dut.run, 1)
+            computing = stored = bank = issued = drain = slot = 0
+            issues, starts = [], 0
+            for cycle in range(600):
+                store_done, ring_free = rng.random() < 0.05, rng.random() < 0.8
+                ctx.set(dut.store_done, store_done)
+                ctx.set(dut.ring_free, ring_free)
+                start = stored and not computing and ring_free
+                in_compute = computing or start
+                if start:
+                    issues, issued, starts = issue_list(registers, bank), 0, starts + 1
+                assert ctx.get(dut.compute_start) == start and ctx.get(dut.in_compute) == in_compute
+                assert ctx.get(dut.compute_bank) == bank and ctx.get(dut.compute_begun) == in_compute
+                valid = in_compute and issued < len(issues) and (ring_free or not issues[issued][0])
+                assert ctx.get(dut.issue.valid) == valid
+                assert ctx.get(dut.word_issued) == (valid and issues[issued][0])
+                ends = False
+                if valid:
+                    expected = dict(issues[issued][1], slot=slot)
+                    payload = ctx.get(dut.issue.payload)
+                    got = {name: int(getattr(payload, name)) for name in expected}
+                    if expected["activation_addr"] is None:
+                        got["activation_addr"] = None
+                    assert got == expected, (registers, cycle, issued)
+                    slot = (slot + expected["word_last"]) % ARCH.result_words
+                    issued += 1
+                elif in_compute and issued == len(issues):
+                    drain += 1
+                    ends = drain == COMPUTE_DRAIN_CYCLES
+                if start:
+                    computing, stored = 1, 0
+                stored = stored or store_done
+                if ends:
+                    computing, bank, drain = 0, bank ^ 1, 0
+                await ctx.tick()
+            assert starts >= 2
+
+    simulate(dut, testbench)
+
+
+# --- ComputePipeline ------------------------------------------------------------------------------------
+
+class PipelineModel:
+    """Stages 1 and 2 of section 4's compute side, fed with the read data the testbench plays."""
+
+    def __init__(self, c):
+        self.c = c
+        self.stage1 = self.stage2 = None        # issue payloads (dicts) with their valid bit
+        self.accumulators, self.window_max = [0] * LANES, [0] * LANES
+        self.multipliers, self.shifts = [0] * LANES, [0] * LANES
+
+    def write(self, enable):
+        """(en lanes, slot, word) of this cycle's ring write."""
+        c, stage2 = self.c, self.stage2
+        if not (stage2 and stage2["valid"] and enable):
+            return 0, None, None
+        clamp = lambda value: min(max(value, c["clamp_lo"]), c["clamp_hi"])  # noqa: E731
+        results = [requantize(acc, m, s, c["zp_out"], c["clamp_lo"], c["clamp_hi"])
+                   for acc, m, s in zip(self.accumulators, self.multipliers, self.shifts)]
+        if c["op"] == OP_MAX:
+            return 0xF, stage2["slot"], word_of([clamp(value) for value in self.window_max])
+        if c["op"] != OP_MAC:
+            return 0xF, stage2["slot"], word_of(results)
+        if stage2["lane"] == 0:
+            return 0xF, stage2["slot"], results[0] & 0xFF
+        return 1 << stage2["lane"], stage2["slot"], word_of([results[0]] * LANES)
+
+    def step(self, issue, weight, activation, rows, clear):
+        c, stage1 = self.c, self.stage1
+        lane_wise = c["op"] in (OP_LANE, OP_ADD, OP_CONCAT)
+        if stage1:
+            lane_rows = [rows[0] if lane_wise else rows[stage1["lane"]]] + rows[1:]
+            if stage1["valid"]:
+                acts = [c["pad_value"]] * LANES if stage1["padded"] else lanes_of(activation)
+                if c["op"] == OP_MAX:
+                    self.window_max = [a if stage1["first"] or a > m else m for a, m in zip(acts, self.window_max)]
+                else:
+                    if c["op"] in (OP_ADD, OP_CONCAT):
+                        factors = [c["add_mult_b"] if stage1["operand_b"] else c["add_mult_a"]] * LANES
+                    else:
+                        factors = lanes_of(weight)
+                    products = [f * a for f, a in zip(factors, acts)]
+                    addends = products if lane_wise else [sum(products)] + products[1:]
+                    self.accumulators = [as_signed((row["bias"] if stage1["first"] else acc) + addend, 32)
+                                         for acc, addend, row in zip(self.accumulators, addends, lane_rows)]
+            self.multipliers = [row["multiplier"] for row in lane_rows]
+            self.shifts = [row["shift"] for row in lane_rows]
+            self.stage2 = dict(stage1, valid=stage1["valid"] and stage1["last"])
+        self.stage1 = issue
+        if clear:
+            self.stage1 = self.stage1 and dict(self.stage1, valid=0)
+            self.stage2 = self.stage2 and dict(self.stage2, valid=0)
+
+
+@pytest.mark.parametrize("op", [OP_MAC, OP_MAX, OP_LANE, OP_ADD, OP_CONCAT])
+def test_compute_pipeline_matches_model(op):
+    rng = random.Random(op)
+    dut = ComputePipeline(ARCH)
+    registers = {"op": op, "pad_value": rng.randrange(-128, 128), "add_mult_a": rng.getrandbits(23),
+                 "add_mult_b": rng.getrandbits(23), "zp_out": rng.randrange(-20, 20), "clamp_lo": rng.randrange(-128, 0),
+                 "clamp_hi": rng.randrange(0, 128)}
+    model = PipelineModel(registers)
+
+    async def testbench(ctx):
+        ctx.set(dut.config, config_value(**registers))
+        left = 0                                  # issues left in the current output value
+        # The read data present in this cycle: the memories answer the previous cycle's addresses.
+        weight = activation = 0
+        rows = [{"bias": 0, "multiplier": 0, "shift": 0}] * LANES
+        for _ in range(250):
+            valid = rng.random() < 0.8
+            first = valid and left == 0
+            if first:
+                left = rng.randrange(1, 5)
+            issue = {"weight_addr": rng.randrange(ARCH.sram_words), "activation_addr": rng.randrange(ARCH.sram_words),
+                     "param_addr": rng.randrange(3), "first": int(first), "last": int(valid and left == 1),
+                     "word_last": rng.randrange(2), "padded": int(rng.random() < 0.2), "operand_b": rng.randrange(2),
+                     "slot": rng.randrange(ARCH.result_words), "lane": rng.randrange(LANES)}
+            left -= valid
+            enable, clear = rng.random() < 0.95, rng.random() < 0.02
+            ctx.set(dut.issue.valid, valid)
+            ctx.set(dut.issue.payload, issue)
+            ctx.set(dut.enable, enable)
+            ctx.set(dut.clear, clear)
+            assert (ctx.get(dut.weight_read.addr), ctx.get(dut.activation_read.addr),
+                    ctx.get(dut.param_read.addr)) == (issue["weight_addr"], issue["activation_addr"], issue["param_addr"])
+            en, slot, word = model.write(enable)
+            assert ctx.get(dut.result_write.en) == en
+            assert ctx.get(dut.word_written) == bool(en and model.stage2["word_last"])
+            if en:
+                assert ctx.get(dut.result_write.addr) == slot
+                mask = sum(0xFF << (8 * lane) for lane in range(LANES) if en >> lane & 1)
+                assert ctx.get(dut.result_write.data) & mask == word & mask
+            model.step(dict(issue, valid=valid), weight, activation, rows, clear)
+            await ctx.tick()
+            weight, activation = rng.getrandbits(32), rng.getrandbits(32)
+            rows = [{"bias": rng.randrange(-1 << 20, 1 << 20), "multiplier": rng.getrandbits(31),
+                     "shift": rng.randrange(20, 40)} for _ in range(LANES)]
+            ctx.set(dut.weight_read.data, weight)
+            ctx.set(dut.activation_read.data, activation)
+            ctx.set(dut.param_read.data, data.ArrayLayout(param_layout(), LANES).const(rows))
+
+    simulate(dut, testbench)
+
+
+# --- parameter validation -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: PELoader("arch", 0), r"^PELoader: parameter 'arch' must be a flowtile.arch.Arch, got 'arch'$"),
+    (lambda: PELoader(ARCH, 2), r"^PELoader: parameter 'tile_index' = 2 is outside 0..1 of the 1x2 arch$"),
+    (lambda: PELoader(ARCH, True), r"^PELoader: parameter 'tile_index' must be an integer, got True$"),
+    (lambda: ParamTable(0, 4), r"^ParamTable: parameter 'rows' must be a positive integer, got 0$"),
+    (lambda: ParamTable(12, 3), r"^ParamTable: parameter 'lanes' = 3 must be a power of two$"),
+    (lambda: ParamTable(12, True), r"^ParamTable: parameter 'lanes' must be a positive integer, got True$"),
+    (lambda: ResultRing(0, 4), r"^ResultRing: parameter 'depth' must be a positive integer, got 0$"),
+    (lambda: ResultRing(3, "4"), r"^ResultRing: parameter 'lanes' must be a positive integer, got '4'$"),
+    (lambda: InputSide(None), r"^InputSide: parameter 'arch' must be a flowtile.arch.Arch, got None$"),
+    (lambda: OutputSide(4), r"^OutputSide: parameter 'arch' must be a flowtile.arch.Arch, got 4$"),
+    (lambda: ComputeSequencer({}), r"^ComputeSequencer: parameter 'arch' must be a flowtile.arch.Arch, got \{\}$"),
+    (lambda: ComputePipeline(1.5), r"^ComputePipeline: parameter 'arch' must be a flowtile.arch.Arch, got 1.5$"),
+])
+def test_constructor_validation(call, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        call()
