@@ -2,10 +2,10 @@
 sections 4 and 4.1 to 4.3)."""
 from __future__ import annotations
 
-from amaranth.hdl import Const, Module, Mux, Signal
+from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
-from amaranth.utils import ceil_log2, exact_log2
+from amaranth.utils import exact_log2
 
 from flowtile.arch import Arch
 
@@ -29,23 +29,22 @@ def issue_layout(arch: Arch) -> data.StructLayout:
     result word; ``padded``: the window position lies outside the input map; ``operand_b``: ADD or
     CONCAT reads operand ``b``; ``slot``: the result ring slot of the word; ``lane``: ``o mod L`` (MAC).
     """
-    sram_address = ceil_log2(arch.sram_words)
     return data.StructLayout({
-        "weight_addr": sram_address,
-        "activation_addr": sram_address,
-        "param_addr": ceil_log2(-(-arch.max_tile_outputs // arch.lanes)),
+        "weight_addr": range(arch.sram_words),
+        "activation_addr": range(arch.sram_words),
+        "param_addr": range(-(-arch.max_tile_outputs // arch.lanes)),
         "first": 1,
         "last": 1,
         "word_last": 1,
         "padded": 1,
         "operand_b": 1,
         "slot": range(arch.result_words),
-        "lane": max(exact_log2(arch.lanes), 1),
+        "lane": range(arch.lanes),
     })
 
 
 class ComputeSequencer(wiring.Component):
-    """COMPUTE's control and loop nest (docs/architecture.md section 4, "compute side"; the window loop
+    """COMPUTE's control and loop nest (docs/architecture.md section 4, bullet "Compute side" and "Pipeline inside COMPUTE"; the window loop
     nest, section 4.1; ADD's operands, section 4.2; CONCAT's, section 4.3).
 
     COMPUTE of inference ``s`` begins (``compute_start``, cycle ``c_s``) iff ``run``, ``computes``, RECV
@@ -161,7 +160,7 @@ class ComputeSequencer(wiring.Component):
                 m.d.sync += counter.eq(Mux(last, 0, counter + 1))
 
         # Result words: MAC fills a word with L channels, the per-word ops issue a whole word per window.
-        channel_lane = channel[:lane_bits] if lane_bits else Const(0, 1)
+        channel_lane = channel[:lane_bits]
         word_first = issue.first & (per_word | (channel_lane == 0))
         m.d.comb += [
             issue.word_last.eq(issue.last & (per_word | (channel_lane == arch.lanes - 1) | last_channel)),

@@ -14,7 +14,7 @@ __all__ = ["InputSide"]
 
 
 class InputSide(wiring.Component):
-    """Input side of a PE (docs/architecture.md section 4, "input side"; the store and forward ranges,
+    """Input side of a PE (docs/architecture.md section 4, bullet "Input side"; the store and forward ranges,
     section 4.2).
 
     Per inference ``s = 0, 1, ...``: ``K = n_in_words`` RECV then ``P = n_pass`` PASS transfers on

@@ -1,4 +1,5 @@
-"""The PE's loader: its config registers and the load-bus decode (docs/architecture.md sections 4 and 5)."""
+"""The PE's loader: its config registers and the load-bus decode (docs/architecture.md section 5, "Chip ports
+and loading"; the registers: section 4)."""
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, unsigned
@@ -33,7 +34,7 @@ def param_write_signature(arch: Arch) -> WritePort.Signature:
 
 class PELoader(wiring.Component):
     """Config registers of the PE with load-bus index ``tile_index`` and the decode of the load bus
-    (docs/architecture.md section 5, "Loading"; the register meanings and the rule deciding whether a
+    (docs/architecture.md section 5, "Chip ports and loading"; the register meanings and the rule deciding whether a
     tile computes: section 4).
 
     A load-bus write takes effect iff ``load.valid``, ``run = 0`` and ``load.payload.tile = tile_index``:

@@ -29,7 +29,7 @@ def op_decode(config):
 
 
 class OutputSide(wiring.Component):
-    """Output side of a PE (docs/architecture.md section 4, "output side"; the per-pixel order of
+    """Output side of a PE (docs/architecture.md section 4, bullet "Output side"; the per-pixel order of
     output-channel groups, section 4.4).
 
     Per inference: ``Q = (forward_end - forward_begin) + P`` pops (the head of ``i_queue`` leaves on

@@ -1,4 +1,5 @@
-"""The PE's parameter table, banked by lane (docs/architecture.md section 4, "Parameter table")."""
+"""The PE's parameter table, banked by lane (docs/architecture.md section 4, "Arithmetic": row ``o``
+of the parameter table)."""
 from __future__ import annotations
 
 from amaranth.hdl import Module
@@ -14,7 +15,7 @@ __all__ = ["ParamTable"]
 
 class ParamTable(wiring.Component):
     """Parameter table of ``rows`` :func:`~flowtile.hdl.layouts.param_layout` rows, banked by lane
-    (docs/architecture.md section 4, "Parameter table"): row ``r`` lives in bank ``r % lanes`` at
+    (docs/architecture.md section 4, "Arithmetic", where row ``o`` holds ``(bias_o, M_o, S_o)``): row ``r`` lives in bank ``r % lanes`` at
     address ``r // lanes``, so that one read returns the ``lanes`` rows ``a*lanes .. a*lanes + lanes - 1``
     (LANE, ADD and CONCAT need rows ``cw*L + l`` of every lane ``l``; MAC picks row ``o`` from lane
     ``o % L``). Writes address rows; the banking is internal.

@@ -24,7 +24,7 @@ def clamp(value, low, high):
 
 
 class Requantizer(wiring.Component):
-    """Section 4's requantization of docs/architecture.md, combinational: ``result = clamp(round_half_even(
+    """Requantization of docs/architecture.md section 4, "Arithmetic", combinational: ``result = clamp(round_half_even(
     accumulator * multiplier / 2^shift) + zero_point, clamp_lo, clamp_hi)`` on the exact wide product.
 
     Ties go to even, as ONNX QuantizeLinear rounds (add ``2^(shift-1) - 1``, plus one when the truncated
@@ -71,7 +71,7 @@ def lane_of(value, lane):
 
 
 class ComputePipeline(wiring.Component):
-    """COMPUTE's datapath (docs/architecture.md section 4, "compute side" and its arithmetic; windows,
+    """COMPUTE's datapath (docs/architecture.md section 4, "Arithmetic" and "Pipeline inside COMPUTE"; windows,
     section 4.1; ADD, section 4.2; CONCAT, section 4.3), three stages behind the sequencer's issue.
 
     Issue (cycle ``c``, ``issue.valid``): the payload's addresses drive ``weight_read``,

@@ -1,9 +1,9 @@
-"""The PE's result ring (docs/architecture.md section 4, "Result ring")."""
+"""The PE's result ring (docs/architecture.md section 4, bullet "Result ring")."""
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import stream, wiring
-from amaranth.lib.memory import Memory, ReadPort, WritePort
+from amaranth.lib.memory import Memory, WritePort
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
@@ -13,7 +13,7 @@ __all__ = ["ResultRing"]
 
 
 class ResultRing(wiring.Component):
-    """Ring of ``depth`` result words of ``lanes`` int8 lanes (docs/architecture.md section 4, "Result
+    """Ring of ``depth`` result words of ``lanes`` int8 lanes (docs/architecture.md section 4, bullet "Result
     ring"; any ``depth >= 1``, not necessarily a power of two).
 
     Result words are numbered across inferences; word ``j`` lives in slot ``j mod depth``. The writer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from amaranth.hdl import signed
 from amaranth.lib import data
 from amaranth.sim import Simulator
 
@@ -44,12 +45,17 @@ def as_signed(value, width):
     return value - (1 << width) if value >> (width - 1) else value
 
 
-def lanes_of(word, lanes=LANES):
-    return [as_signed(word >> (8 * lane), 8) for lane in range(lanes)]
+#: A flit's data word: ``LANES`` int8 lanes, lane ``l`` at bits ``[8l, 8l + 8)``.
+WORD_LAYOUT = data.ArrayLayout(signed(8), LANES)
+
+
+def lanes_of(word):
+    view = WORD_LAYOUT.from_bits(word)
+    return [view[lane] for lane in range(LANES)]
 
 
 def word_of(values):
-    return sum((value & 0xFF) << (8 * lane) for lane, value in enumerate(values))
+    return WORD_LAYOUT.const(values).as_bits()
 
 
 def config_value(**fields):
