@@ -30,14 +30,6 @@ __all__ = ["PE", "COMPUTE_DRAIN_CYCLES"]
 class PE(wiring.Component):
     """PE of the tile with load-bus index ``tile_index`` (``row * cols + col``).
 
-    Ports:
-        i_flit: flits from the router's L output. o_flit: flits into the router's L input.
-        load: the chip's load bus (:func:`flowtile.hdl.layouts.load_signature`); this PE takes the writes whose
-            ``tile`` equals ``tile_index``, and only while ``run = 0``.
-        run: while 0 every side is held at the start of inference 0 (input and compute bank 0, every
-            counter and flag and the compute pipeline cleared, the forward queue held in reset, hence
-            empty) and no flit is transferred; config, SRAM and parameters keep what was loaded.
-
     Three sides work concurrently, each a fixed sequence per inference ``s = 0, 1, ...`` (section 4;
     ``K = n_in_words``, ``P = n_pass``, ``B = store_end - store_begin``, ``F = arch.forward_queue_words``,
     ``t`` = the cycle of a transfer):
@@ -131,9 +123,16 @@ class PE(wiring.Component):
     Members
     -------
     i_flit : ``In(flit_signature(arch))``
+        Flits from the router's L output.
     o_flit : ``Out(flit_signature(arch))``
+        Flits into the router's L input.
     load : ``In(load_signature(arch))``
+        The load bus; this PE takes the writes whose ``tile`` equals ``tile_index``, and only while
+        ``run = 0``.
     run : ``In(1)``
+        While 0 every side is held at the start of inference 0 (input and compute bank 0, every counter
+        and flag and the compute pipeline cleared, the forward queue held in reset, hence empty) and no
+        flit is transferred; config, SRAM and parameters keep what was loaded.
     """
 
     def __init__(self, arch: Arch, tile_index: int):
