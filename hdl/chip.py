@@ -99,9 +99,9 @@ class Chip(wiring.Component):
                 for row in range(arch.rows) for col in range(arch.cols)}
         for source, out_port, sink, in_port in self._neighbours():
             name = f"tile_r{source[0]}c{source[1]}__{out_port}"
-            for field, flit_bits in (("payload", flit_layout(arch).size), ("valid", 1), ("ready", 1)):
+            for field, width in (("payload", flit_layout(arch).size), ("valid", 1), ("ready", 1)):
                 nets[source][f"{out_port}__{field}"] = nets[sink][f"{in_port}__{field}"] = \
-                    Signal(flit_bits, name=f"{name}__{field}")
+                    Signal(width, name=f"{name}__{field}")
         exit_port = f"o_{arch.exit_direction.lower()}"
         for host, (position, port) in ((self.i_host, ((0, 0), "i_w")), (self.o_host, (arch.exit_tile, exit_port))):
             for field in ("payload", "valid", "ready"):

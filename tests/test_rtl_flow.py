@@ -196,7 +196,7 @@ def test_stand_in_harness_verilog_has_the_buffer_module_and_no_tile_module():
     assert BUFFER_MODULE_NAME in modules and TILE_MODULE_NAME not in modules
 
 
-@pytest.mark.filterwarnings("ignore:.*created but never used")
+@pytest.mark.usefixtures("collect_unused_components")
 def test_harness_rejects_an_unknown_buffer_form():
     with pytest.raises(HarnessError, match=re.escape("parameter 'buffers' must be one of 'memories', 'instances', "
                                                      "got 'registers'")):
