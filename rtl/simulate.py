@@ -41,12 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from flowtile.arch import Arch
-from flowtile.program import Program, compute_issue_cycles, forwarded_words, result_words
+from flowtile.program import Program
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
-from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
-                      encode_param_entry, load_layout)
+from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry,
+                      encode_registers, load_layout)
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
            "simulate", "build_verilator", "harness_verilog", "cycle_budget", "DEFAULT_BUILD_ROOT",
@@ -452,9 +452,9 @@ def cycle_budget(program: Program, batch: int) -> int:
     for tile in program.tiles:
         config = tile.config
         # input transfers, output transfers (forwarded and passed words leave through the forward queue) and EMITs
-        transfers = (int(config["n_in_words"]) + 2 * int(config["n_pass"]) + forwarded_words(config)
-                     + result_words(config, arch.lanes))
-        compute = compute_issue_cycles(config) + 3 if config["n_out"] else 0
+        transfers = (config.n_in_words + 2 * config.n_pass + config.forwarded_words
+                     + config.result_words(arch.lanes))
+        compute = config.compute_cycles + 1 if config.n_out else 0
         per_inference += transfers * hop_cycles + compute
     host = (program.input_words + program.output_words) * hop_cycles
     budget = BUDGET_FACTOR * (batch * (per_inference + host) + arch.n_tiles * hop_cycles) + BUDGET_BASE_CYCLES
@@ -485,8 +485,8 @@ def _load_payloads(program: Program) -> list[int]:
     payloads = []
     for tile in program.tiles:
         tile_index = tile.row * arch.cols + tile.col
-        # encode_config checks every register and yields them in CONFIG_FIELDS order.
-        for addr, value in encode_config(arch, tile.config):
+        # In CONFIG_FIELDS order; the caller validated the program (every register rule).
+        for addr, value in encode_registers(tile.config):
             payloads.append(payload(tile_index, LOAD_TARGET_CONFIG, addr, value))
         # SRAM starts zeroed after reset: only non-zero image words need a load cycle.
         for addr, word in enumerate(_pack_flit_data(tile.sram)):
