@@ -635,7 +635,7 @@ class PETimes:
     :attr:`TimingResult.compute_ends` the ends of the COMPUTE spans);
     ``output``: int64 ``[batch * (Q + E)]``, per inference the Q pops of the forward queue and the E EMITs in
     the output side's order (section 4.4: ``Q_f + P_bulk`` pops, then per output pixel ``pass_per_pixel``
-    pops and the pixel's EMITs; :meth:`emulator.functional.TileCounts.output_is_pop` marks the pops); with
+    pops and the pixel's EMITs; :meth:`emulator.path.TileCounts.output_is_pop` marks the pops); with
     ``pass_per_pixel = 0``, Q pops then E EMITs.
     """
 

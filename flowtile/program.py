@@ -302,7 +302,9 @@ class Program:
         return sum(layer.macs for layer in self.layers)
 
     def validate(self) -> None:
-        """Check the program against its arch: register ranges, SRAM and parameter-table sizes."""
+        """Check the program against its arch: tile positions, every tile's registers (:meth:`TileConfig.validate`:
+        the one place the register rules live), its SRAM image and its parameter table (shape and ranges). The
+        emulator and the RTL run call this and check no register rule of their own."""
         arch = self.arch
         if len(self.tiles) != arch.n_tiles:
             raise ProgramError(f"program has {len(self.tiles)} tiles, arch has {arch.n_tiles}")

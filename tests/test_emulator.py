@@ -21,8 +21,8 @@ from flowtile.emulator import EmulatorError, emulate, run_functional
 from flowtile.emulator.timing import PROBE_BATCH, solve_timing
 from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 from flowtile.host import pack_flits
-from flowtile.program import ProgramError, compute_issue_cycles, result_words
-from flowtile.tile_config import TileConfig
+from flowtile.program import ProgramError, TileProgram, compute_issue_cycles, result_words
+from flowtile.tile_config import ConfigError, TileConfig
 from flowtile.testing.program_builder import (AddParams, Concat, ConcatParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool,
                              build_program, dense_golden, layer_bands, network_golden, pixel_band_registers,
                              split_pixels, window_output_size)
@@ -357,60 +357,60 @@ class ReferencePE:
     def compute(self, act_base):
         """Section 4.1 word by word, reading the SRAM as the input side left it; ``act_base``: the bank base."""
         c, lanes = self.config, self.lanes
-        height, width, cw_count = c["in_height"], c["in_width"], c["words_per_pixel"]
-        kh, kw, stride = c["kernel_h"], c["kernel_w"], c["stride"]
+        height, width, cw_count = c.in_height, c.in_width, c.words_per_pixel
+        kh, kw, stride = c.kernel_h, c.kernel_w, c.stride
         window_words = kh * kw * cw_count
         words = []
         for oy, ox in self.pixels:   # section 4.1's pixel list, q = 0 .. n_pix - 1
             pixel = oy * width + ox
-            if c["op"] == OP_ADD:   # section 4.2: operands at act_base + operand_{a,b}_offset + pixel word
+            if c.op == OP_ADD:   # section 4.2: operands at act_base + operand_{a,b}_offset + pixel word
                 for cw in range(cw_count):
-                    a = self.sram[act_base + c["operand_a_offset"] + pixel * cw_count + cw]
-                    b = self.sram[act_base + c["operand_b_offset"] + pixel * cw_count + cw]
+                    a = self.sram[act_base + c.operand_a_offset + pixel * cw_count + cw]
+                    b = self.sram[act_base + c.operand_b_offset + pixel * cw_count + cw]
                     word = []
                     for l in range(lanes):
                         bias, multiplier, shift = self.params[cw * lanes + l]
-                        acc = bias + a[l] * c["add_mult_a"] + b[l] * c["add_mult_b"]
+                        acc = bias + a[l] * c.add_mult_a + b[l] * c.add_mult_b
                         acc = (acc + 2**31) % 2**32 - 2**31
-                        y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
-                        word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                        y = shift_round_half_even(acc * multiplier, shift) + c.zp_out
+                        word.append(min(max(y, c.clamp_lo), c.clamp_hi))
                     words.append(word)
                 continue
-            if c["op"] == OP_CONCAT:   # section 4.3: one issue per output word, from operand a or b
-                words_a = c["concat_words_a"]
+            if c.op == OP_CONCAT:   # section 4.3: one issue per output word, from operand a or b
+                words_a = c.concat_words_a
                 words_b = cw_count - words_a
                 for cw in range(cw_count):
                     if cw < words_a:
-                        source = self.sram[act_base + c["operand_a_offset"] + pixel * words_a + cw]
-                        factor = c["add_mult_a"]
+                        source = self.sram[act_base + c.operand_a_offset + pixel * words_a + cw]
+                        factor = c.add_mult_a
                     else:
-                        source = self.sram[act_base + c["operand_b_offset"] + pixel * words_b + cw - words_a]
-                        factor = c["add_mult_b"]
+                        source = self.sram[act_base + c.operand_b_offset + pixel * words_b + cw - words_a]
+                        factor = c.add_mult_b
                     word = []
                     for l in range(lanes):
                         bias, multiplier, shift = self.params[cw * lanes + l]
                         acc = bias + source[l] * factor
                         acc = (acc + 2**31) % 2**32 - 2**31
-                        y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
-                        word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                        y = shift_round_half_even(acc * multiplier, shift) + c.zp_out
+                        word.append(min(max(y, c.clamp_lo), c.clamp_hi))
                     words.append(word)
                 continue
 
             def activation(ky, kx, cw):
-                iy, ix = oy * stride + ky - c["pad_top"], ox * stride + kx - c["pad_left"]
+                iy, ix = oy * stride + ky - c.pad_top, ox * stride + kx - c.pad_left
                 if not (0 <= iy < height and 0 <= ix < width):
-                    return [c["pad_value"]] * lanes
+                    return [c.pad_value] * lanes
                 return self.sram[act_base + (iy * width + ix) * cw_count + cw]
-            if c["op"] == OP_MAX:
+            if c.op == OP_MAX:
                 for cw in range(cw_count):
                     best = None
                     for ky in range(kh):
                         for kx in range(kw):
                             a = activation(ky, kx, cw)
                             best = list(a) if best is None else [max(m, v) for m, v in zip(best, a)]
-                    words.append([min(max(v, c["clamp_lo"]), c["clamp_hi"]) for v in best])
+                    words.append([min(max(v, c.clamp_lo), c.clamp_hi) for v in best])
                 continue
-            if c["op"] == OP_LANE:
+            if c.op == OP_LANE:
                 for cw in range(cw_count):
                     word = []
                     for l in range(lanes):
@@ -418,11 +418,11 @@ class ReferencePE:
                         acc = bias
                         for ky in range(kh):
                             for kx in range(kw):
-                                weight = self.sram[c["w_base"] + cw * kh * kw + ky * kw + kx]
+                                weight = self.sram[c.w_base + cw * kh * kw + ky * kw + kx]
                                 acc += weight[l] * activation(ky, kx, cw)[l]
                         acc = (acc + 2**31) % 2**32 - 2**31
-                        y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
-                        word.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                        y = shift_round_half_even(acc * multiplier, shift) + c.zp_out
+                        word.append(min(max(y, c.clamp_lo), c.clamp_hi))
                     words.append(word)
                 continue
             results = []
@@ -433,11 +433,11 @@ class ReferencePE:
                     for kx in range(kw):
                         for cw in range(cw_count):
                             k = (ky * kw + kx) * cw_count + cw
-                            weight = self.sram[c["w_base"] + o * window_words + k]
+                            weight = self.sram[c.w_base + o * window_words + k]
                             acc += sum(w * a for w, a in zip(weight, activation(ky, kx, cw)))
                 acc = (acc + 2**31) % 2**32 - 2**31
-                y = shift_round_half_even(acc * multiplier, shift) + c["zp_out"]
-                results.append(min(max(y, c["clamp_lo"]), c["clamp_hi"]))
+                y = shift_round_half_even(acc * multiplier, shift) + c.zp_out
+                results.append(min(max(y, c.clamp_lo), c.clamp_hi))
             results += [0] * (-len(results) % lanes)
             words += [results[i:i + lanes] for i in range(0, len(results), lanes)]
         return words
@@ -1921,10 +1921,10 @@ def test_hand_computed_identity_skip():
     layers = [Residual([MaxPool(1, 1)], add)]
     program = build_program(arch, layers, input_shape=(3, 1, 2))
     pool, join = program.tiles[0].config, program.tiles[1].config
-    assert (pool["n_in_words"], pool["store_begin"], pool["store_end"], pool["forward_begin"], pool["forward_end"]) \
+    assert (pool.n_in_words, pool.store_begin, pool.store_end, pool.forward_begin, pool.forward_end) \
         == (4, 0, 4, 0, 4)
-    assert (join["op"], join["n_in_words"], join["store_begin"], join["store_end"], join["operand_a_offset"],
-            join["operand_b_offset"], join["forward_end"]) == (OP_ADD, 8, 0, 8, 0, 4, 0)
+    assert (join.op, join.n_in_words, join.store_begin, join.store_end, join.operand_a_offset,
+            join.operand_b_offset, join.forward_end) == (OP_ADD, 8, 0, 8, 0, 4, 0)
     flits = pack_flits(x, 2, program.input)
     result = assert_matches_reference(program, x, 1, flits=flits)
     # channel c at pixel p: a + 2 * (b - (-2)) + 5 = 3a + 9 with a = b; padding lane (channel 3): clamp(zp_out)
@@ -2012,7 +2012,7 @@ def test_skip_forwarded_through_split_layers():
     for position, stream in enumerate(expected):
         np.testing.assert_array_equal(streams[position].reshape(batch, -1, lanes), stream, err_msg=f"tile {position}")
     configs = [t.config for t in program.tiles]
-    assert [(c["store_begin"], c["store_end"], c["forward_begin"], c["forward_end"]) for c in configs] == \
+    assert [(c.store_begin, c.store_end, c.forward_begin, c.forward_end) for c in configs] == \
         [(0, 3, 0, 3)] * 3 + [(3, 6, 0, 6), (3, 6, 0, 3), (0, 6, 0, 0)]
     assert_matches_reference(program, x, batch)
 
@@ -2030,8 +2030,8 @@ def test_nested_residual_blocks():
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     k_map = 9 * 2
     inner_add = program.tiles[4].config
-    assert (inner_add["n_in_words"], inner_add["store_begin"], inner_add["operand_a_offset"],
-            inner_add["operand_b_offset"]) == (3 * k_map, k_map, 0, k_map)
+    assert (inner_add.n_in_words, inner_add.store_begin, inner_add.operand_a_offset,
+            inner_add.operand_b_offset) == (3 * k_map, k_map, 0, k_map)
     x = rng.integers(-128, 128, (3, 45), dtype=np.int8)
     result = assert_matches_reference(program, x, 3, flits=pack_flits(x, lanes, program.input))
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, lanes))
@@ -2124,7 +2124,7 @@ def test_hand_computed_skip_as_operand_b():
     layers = [Residual([MaxPool(1, 1, clamp_lo=0)], add, skip="b")]
     program = build_program(arch, layers, input_shape=(3, 1, 2))
     join = program.tiles[1].config
-    assert (join["op"], join["store_begin"], join["store_end"], join["operand_a_offset"], join["operand_b_offset"]) \
+    assert (join.op, join.store_begin, join.store_end, join.operand_a_offset, join.operand_b_offset) \
         == (OP_ADD, 0, 8, 4, 0)
     flits = pack_flits(x, 2, program.input)
     result = assert_matches_reference(program, x, 2, flits=flits)
@@ -2209,10 +2209,10 @@ def test_hand_computed_concat(identity):
     expected = np.clip(expected, -100, 100)
     program = build_program(arch, [block], input_shape=(2, 1, 2))
     join = program.tiles[1].config
-    assert (join["op"], join["kernel_h"], join["kernel_w"], join["store_begin"], join["forward_end"]) == \
+    assert (join.op, join.kernel_h, join.kernel_w, join.store_begin, join.forward_end) == \
         (OP_CONCAT, 1, 1, 0, 0)
-    assert (join["store_end"], join["words_per_pixel"], join["concat_words_a"], join["operand_a_offset"],
-            join["operand_b_offset"]) == registers
+    assert (join.store_end, join.words_per_pixel, join.concat_words_a, join.operand_a_offset,
+            join.operand_b_offset) == registers
     result = assert_matches_reference(program, x, 2, flits=pack_flits(x, 2, program.input))
     np.testing.assert_array_equal(result.out_flits.reshape(2, 2, -1), expected)
     np.testing.assert_array_equal(result.out_flits, network_golden([block], x, (2, 1, 2), 2))
@@ -2250,7 +2250,7 @@ def test_split_concat_block_across_archs(lanes, depth, batch, first):
     first_words, second_words = (pixels * words_a, pixels * words_b)[::1 if first == "a" else -1]
     configs = [t.config for t in program.tiles]
     # the first branch keeps x; the second branch's first layer reads x from the middle and drops it
-    assert [(c["n_in_words"], c["store_begin"], c["store_end"], c["forward_begin"], c["forward_end"])
+    assert [(c.n_in_words, c.store_begin, c.store_end, c.forward_begin, c.forward_end)
             for c in configs[:6]] == \
         [(x_words, 0, x_words, 0, x_words)] * 2 + \
         [(x_words + first_words, 0, x_words, 0, x_words + first_words),
@@ -2283,7 +2283,7 @@ def test_concat_inside_a_residual_main_branch():
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     x_words, half = 6 * 2, 6            # the map (and the pool's output): 2 words a pixel; a conv output: 1
     configs = [t.config for t in program.tiles]
-    assert [(c["n_in_words"], c["store_begin"], c["store_end"], c["forward_begin"], c["forward_end"])
+    assert [(c.n_in_words, c.store_begin, c.store_end, c.forward_begin, c.forward_end)
             for c in configs[:6]] == [
         (x_words, 0, x_words, 0, x_words),                                          # pool keeps the skip
         (2 * x_words, x_words, 2 * x_words, 0, 2 * x_words),                        # a: keeps its input too
@@ -2291,8 +2291,8 @@ def test_concat_inside_a_residual_main_branch():
         (2 * x_words + half, x_words, 2 * x_words, 0, 2 * x_words + half),          # b: keeps all
         (2 * x_words + 2 * half, x_words, 2 * x_words + 2 * half, 0, x_words),      # CONCAT: drops the pool output
         (2 * x_words, 0, 2 * x_words, 0, 0)]                                        # ADD
-    assert (configs[4]["operand_a_offset"], configs[4]["operand_b_offset"]) == (x_words, x_words + half)
-    assert (configs[5]["operand_a_offset"], configs[5]["operand_b_offset"]) == (x_words, 0)
+    assert (configs[4].operand_a_offset, configs[4].operand_b_offset) == (x_words, x_words + half)
+    assert (configs[5].operand_a_offset, configs[5].operand_b_offset) == (x_words, 0)
     x = rng.integers(-128, 128, (3, 24), dtype=np.int8)
     result = assert_matches_reference(program, x, 3, flits=pack_flits(x, lanes, program.input))
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, lanes))
@@ -2311,7 +2311,7 @@ def test_concat_of_downsampling_branches():
     arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=3)
     program = build_program(arch, layers, input_shape=(3, 5, 5), act_fill=rng)
     join = program.tiles[3].config
-    assert (join["in_height"], join["in_width"], join["words_per_pixel"], join["out_rows"]) == (3, 3, 2, 2)
+    assert (join.in_height, join.in_width, join.words_per_pixel, join.out_rows) == (3, 3, 2, 2)
     x = rng.integers(-128, 128, (4, 75), dtype=np.int8)
     result = assert_matches_reference(program, x, 4, flits=pack_flits(x, lanes, program.input))
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, (3, 5, 5), lanes))
@@ -2565,9 +2565,9 @@ def test_builder_groups_registers():
         for g in range(2):
             tile = program.tiles[2 * b + g]
             c = tile.config
-            assert (c["n_out"], c["out_row_begin"], c["out_rows"]) == (counts[g], 2 * b, rows), f"tile {b},{g}"
-            assert c["pass_per_pixel"] == words_before[g], f"tile ({b}, {g}): pass_per_pixel"
-            assert c["n_pass"] == 2 * b * 4 * 3 + rows * 4 * words_before[g], f"tile ({b}, {g}): n_pass"
+            assert (c.n_out, c.out_row_begin, c.out_rows) == (counts[g], 2 * b, rows), f"tile {b},{g}"
+            assert c.pass_per_pixel == words_before[g], f"tile ({b}, {g}): pass_per_pixel"
+            assert c.n_pass == 2 * b * 4 * 3 + rows * 4 * words_before[g], f"tile ({b}, {g}): n_pass"
             first = sum(counts[:g])
             np.testing.assert_array_equal(tile.params[:, 0], np.arange(first, first + counts[g]) * 10)
             np.testing.assert_array_equal(tile.sram[:counts[g] * 9, 0],
@@ -2990,3 +2990,48 @@ def test_bad_pixel_bands_are_refused(change, message):
     set_registers(program.tiles[0], **change)
     with pytest.raises(ProgramError, match=message):
         emulate(program, np.zeros((6, 2), np.int8), 1)
+
+
+# --- (9) the spec's register rules the programs above do not reach ----------------------------------
+
+_SPEC_ARCH = Arch(rows=1, cols=2, lanes=2, sram_bytes=128, max_tile_outputs=4, router_fifo_depth=2)   # 64 words
+#: A dense MAC tile of 2 outputs over 2 words: weights at words 0..3, activation banks at 4..7.
+_SPEC_TILE = TileConfig(n_in_words=2, store_end=2, n_out=2, w_base=0, act_base=4, dest_host=1, clamp_lo=-128,
+                        clamp_hi=127, in_height=1, in_width=1, words_per_pixel=2, kernel_h=1, kernel_w=1, stride=1,
+                        out_rows=1, out_width=1)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(n_out=5), r"^config register n_out = 5 exceeds max_tile_outputs = 4$"),
+    (dict(act_base=61), r"^config registers act_base \+ 2 \* \(store_end - store_begin\) = 65 exceed sram_words = 64 "
+                        r"\(2 activation banks of the stored words\)$"),
+    (dict(w_base=61, act_base=8), r"^config registers w_base \+ n_out \* kernel_h \* kernel_w \* words_per_pixel = 65 "
+                                  r"exceed sram_words = 64$"),
+    (dict(n_out=0, w_base=65), r"^config register w_base = 65 exceeds sram_words = 64$"),
+    (dict(n_out=0, n_pass=1, pass_per_pixel=1),
+     r"^config register pass_per_pixel = 1 requires a computing tile \(n_out > 0; section 4.4\)$"),
+    (dict(zp_out=256), r"^config register 'zp_out' = 256 is out of range -256..255$"),
+    (dict(dest_host=0, dest_row=1), r"^config register dest_row = 1 outside 0..0$"),
+])
+def test_spec_register_rules(changes, message):
+    """TileConfig.validate, the one home of the register rules (Program.validate runs it per tile, prefixing the
+    tile; the emulator and the RTL's encode_config go through it)."""
+    _SPEC_TILE.validate(_SPEC_ARCH)
+    with pytest.raises(ConfigError, match=message):
+        _SPEC_TILE.replace(**changes).validate(_SPEC_ARCH)
+
+
+def test_spec_config_boundary():
+    """Dicts become TileConfigs at one boundary: every register named once, integers only."""
+    registers = _SPEC_TILE.to_dict()
+    assert TileConfig.from_dict(registers) == TileConfig.coerce(registers) == _SPEC_TILE
+    assert TileConfig.coerce(_SPEC_TILE) is _SPEC_TILE
+    assert TileConfig(n_out=np.int64(3)).n_out == 3 and type(TileConfig(n_out=np.int64(3)).n_out) is int
+    with pytest.raises(ConfigError, match=r"config is missing register\(s\) n_in_words"):
+        TileConfig.from_dict({k: v for k, v in registers.items() if k != "n_in_words"})
+    with pytest.raises(ConfigError, match=r"config has unknown register\(s\) turbo"):
+        TileConfig.from_dict(dict(registers, turbo=1))
+    with pytest.raises(ConfigError, match=r"config register 'n_out' must be an integer, got 2.5"):
+        TileConfig(n_out=2.5)
+    with pytest.raises(ProgramError, match=r"tile r0c1: config is missing register"):
+        TileProgram(0, 1, {"n_out": 1}, np.zeros((0, 2), np.int8), np.zeros((0, 3), np.int64))

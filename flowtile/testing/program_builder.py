@@ -75,6 +75,7 @@ import numpy as np
 from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC,
                            OP_MAX, Arch, dense_window_registers)
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
+from flowtile.tile_config import TileConfig
 
 __all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "AddParams", "Residual", "ConcatParams", "Concat", "average_pool", "build_program",
            "dense_golden", "network_golden", "split_outputs", "split_rows", "split_pixels", "pixel_band_registers",
@@ -732,11 +733,9 @@ def build_program(arch: Arch, layers: Sequence[Dense | Conv | Depthwise | MaxPoo
     output_words = output_spec.words(lanes)
     while len(tiles) < arch.n_tiles:
         row, col = arch.chain_position(len(tiles))
-        config = blank_config()
-        if tail == "pass":
-            config["n_pass"] = output_words
-        elif tail != "direct":
+        if tail not in ("pass", "direct"):
             raise ValueError(f"tail must be 'pass' or 'direct', got {tail!r}")
+        config = TileConfig(n_pass=output_words if tail == "pass" else 0)
         tiles.append(TileProgram(row, col, config, np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)))
     for position, tile in enumerate(tiles):
         if tile.config.n_pass or tile.config.n_in_words:
