@@ -16,7 +16,7 @@ from amaranth.lib.wiring import In, Out
 from flowtile.arch import Arch
 
 from .layouts import check_arch, flit_signature, load_signature
-from .pe_compute import COMPUTE_DRAIN_CYCLES, ComputeSequencer
+from .pe_compute import ComputeSequencer
 from .pe_input import InputSide
 from .pe_loader import PELoader
 from .pe_output import OutputSide
@@ -24,7 +24,7 @@ from .pe_params import ParamTable
 from .pe_pipeline import ComputePipeline
 from .pe_ring import ResultRing
 
-__all__ = ["PE", "COMPUTE_DRAIN_CYCLES"]
+__all__ = ["PE"]
 
 
 class PE(wiring.Component):

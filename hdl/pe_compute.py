@@ -7,17 +7,13 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from flowtile.arch import Arch
+from flowtile.arch import COMPUTE_DRAIN_CYCLES, Arch
 
 from .layouts import check_arch, config_layout
 from .pe_loader import band_end
 from .pe_output import op_decode
 
-__all__ = ["ComputeSequencer", "issue_layout", "COMPUTE_DRAIN_CYCLES"]
-
-#: Cycles COMPUTE lasts beyond its ``I`` issue cycles: one to accumulate (or max) the last
-#: read words, one to requantize (or clamp) and write the last result.
-COMPUTE_DRAIN_CYCLES = 2
+__all__ = ["ComputeSequencer", "issue_layout"]
 
 
 def issue_layout(arch: Arch) -> data.StructLayout:

@@ -13,7 +13,8 @@ from amaranth.sim import Simulator
 from flowtile.arch import CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, config_layout,
                                   load_data_bits, param_layout)
-from flowtile.hdl.pe_compute import COMPUTE_DRAIN_CYCLES, ComputeSequencer
+from flowtile.arch import COMPUTE_DRAIN_CYCLES
+from flowtile.hdl.pe_compute import ComputeSequencer
 from flowtile.hdl.pe_input import InputSide
 from flowtile.hdl.pe_loader import PELoader
 from flowtile.hdl.pe_output import OutputSide
