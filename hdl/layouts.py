@@ -235,31 +235,22 @@ def pack_struct(layout: data.StructLayout, **fields) -> int:
     """The integer a flattened port carries for a struct payload (fields LSB first; missing fields 0).
 
     For drivers that see ports as plain bit vectors (Verilator/cocotb: ``load__payload``,
-    ``i_host__payload``)."""
-    word = 0
+    ``i_host__payload``). Amaranth's ``Layout.const`` truncates silently, so each value is range-checked first."""
     for name, value in fields.items():
         try:
-            field = layout[name]
+            shape = layout[name].shape
         except KeyError:
             raise LoadEncodingError(f"'{name}' is not a field of {layout!r}") from None
-        width = field.width
-        value = int(value)
-        low = -(1 << (width - 1)) if field.shape.signed else 0
-        high = (1 << (width - 1)) - 1 if field.shape.signed else (1 << width) - 1
-        _check_range(name, value, low, high)
-        word |= (value & ((1 << width) - 1)) << field.offset
-    return word
+        low = -(1 << (shape.width - 1)) if shape.signed else 0
+        high = (1 << (shape.width - 1)) - 1 if shape.signed else (1 << shape.width) - 1
+        _check_range(name, int(value), low, high)
+    return layout.const({name: int(value) for name, value in fields.items()}).as_bits()
 
 
 def unpack_struct(layout: data.StructLayout, word: int) -> dict:
     """The fields of a flattened struct payload as Python integers (signed fields sign-extended)."""
-    result = {}
-    for name, field in layout:
-        value = (int(word) >> field.offset) & ((1 << field.width) - 1)
-        if field.shape.signed and value >> (field.width - 1):
-            value -= 1 << field.width
-        result[name] = value
-    return result
+    view = layout.from_bits(int(word))
+    return {name: int(view[name]) for name, _field in layout}
 
 
 def pack_flit(arch: Arch, data: int, dest_row: int = 0, dest_col: int = 0, dest_host: int = 0) -> int:
