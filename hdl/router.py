@@ -58,8 +58,7 @@ class Router(DirectionalPorts, wiring.Component):
         The tile's position; must hold a tile of ``arch`` (constant while flits move).
     i_l, i_n, i_e, i_s, i_w : In(flit stream);  o_l, o_n, o_e, o_s, o_w : Out(flit stream)
 
-    Each input
-    has a ``SyncFIFO`` of depth ``arch.router_fifo_depth``; its head is routed XY (columns first;
+    Each input has a ``SyncFIFO`` of depth ``arch.router_fifo_depth``; its head is routed XY (columns first;
     ``dest_host`` targets ``arch.exit_tile`` and leaves there by ``arch.exit_direction``). Each output
     grants, combinationally, the first requesting input in the order L, N, E, S, W starting at its
     pointer; after a transfer the pointer moves to the input after the granted one. A grant depends
