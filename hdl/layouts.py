@@ -44,7 +44,7 @@ from flowtile.tile_config import ConfigError, TileConfig, register_bounds
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
     "PARAM_ENTRY_BITS", "LoadEncodingError", "encode_registers",
-    "check_arch", "check_tile_position", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
+    "check_arch", "check_tile_position", "check_tile_index", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
     "encode_param_entry", "encode_config", "encode_config_value", "pack_lanes", "unpack_lanes",
     "pack_struct", "unpack_struct", "pack_flit", "pack_load", "LANE_BITS",
@@ -82,6 +82,16 @@ def check_tile_position(arch: Arch, row: int, col: int, owner: str) -> None:
         if not 0 <= value < limit:
             raise ValueError(f"{owner}: parameter '{name}' = {value} is outside 0..{limit - 1} "
                              f"of the {arch.rows}x{arch.cols} arch")
+
+
+def check_tile_index(arch: Arch, tile_index: int, owner: str) -> int:
+    """Raise naming ``owner`` unless ``tile_index`` is a load-bus tile index (``row * cols + col``) of ``arch``."""
+    if isinstance(tile_index, bool) or not isinstance(tile_index, int):
+        raise TypeError(f"{owner}: parameter 'tile_index' must be an integer, got {tile_index!r}")
+    if not 0 <= tile_index < arch.n_tiles:
+        raise ValueError(f"{owner}: parameter 'tile_index' = {tile_index} is outside 0..{arch.n_tiles - 1} "
+                         f"of the {arch.rows}x{arch.cols} arch")
+    return tile_index
 
 
 def flit_layout(arch: Arch) -> data.StructLayout:

@@ -15,7 +15,7 @@ from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import Arch
 
-from .layouts import check_arch, flit_signature, load_signature
+from .layouts import check_arch, check_tile_index, flit_signature, load_signature
 from .pe_compute import ComputeSequencer
 from .pe_input import InputSide
 from .pe_loader import PELoader
@@ -137,11 +137,7 @@ class PE(wiring.Component):
 
     def __init__(self, arch: Arch, tile_index: int):
         check_arch(arch, "PE")
-        if isinstance(tile_index, bool) or not isinstance(tile_index, int):
-            raise TypeError(f"PE: parameter 'tile_index' must be an integer, got {tile_index!r}")
-        if not 0 <= tile_index < arch.n_tiles:
-            raise ValueError(f"PE: parameter 'tile_index' = {tile_index} is outside 0..{arch.n_tiles - 1} "
-                             f"of the {arch.rows}x{arch.cols} arch")
+        check_tile_index(arch, tile_index, "PE")
         self.arch, self.tile_index = arch, tile_index
         super().__init__({
             "i_flit": In(flit_signature(arch)),

@@ -10,7 +10,7 @@ from amaranth.utils import ceil_log2
 
 from flowtile.arch import CONFIG_FIELDS, Arch
 
-from .layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, check_arch, config_layout,
+from .layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, check_arch, check_tile_index, config_layout,
                       load_signature, param_layout)
 
 __all__ = ["PELoader", "band_end", "sram_write_signature", "param_write_signature"]
@@ -68,11 +68,7 @@ class PELoader(wiring.Component):
 
     def __init__(self, arch: Arch, tile_index: int):
         check_arch(arch, "PELoader")
-        if isinstance(tile_index, bool) or not isinstance(tile_index, int):
-            raise TypeError(f"PELoader: parameter 'tile_index' must be an integer, got {tile_index!r}")
-        if not 0 <= tile_index < arch.n_tiles:
-            raise ValueError(f"PELoader: parameter 'tile_index' = {tile_index} is outside 0..{arch.n_tiles - 1} "
-                             f"of the {arch.rows}x{arch.cols} arch")
+        check_tile_index(arch, tile_index, "PELoader")
         self.arch, self.tile_index = arch, tile_index
         super().__init__({
             "load": In(load_signature(arch)),
