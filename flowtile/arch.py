@@ -30,8 +30,9 @@ ADD_MULT_MAX = 1 << 22
 #: The per-tile configuration registers, in register-address order, with their widths in bits
 #: and whether they are signed. Program files name them; the RTL loader writes them by index.
 CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
-    ("n_in_words", 16, False),   # K: input flits of this tile's layer, stored into the activation region
-    # RECV word k (0 <= k < K) is stored at act_base + k - store_begin iff store_begin <= k < store_end,
+    ("n_in_words", 16, False),   # K: RECV words (input flits) per inference; the store range below is stored
+    # RECV word k (0 <= k < K) of inference s is stored at act_base + (s mod 2) * B + k - store_begin
+    # (activation bank s mod 2; B = store_end - store_begin, the bank size) iff store_begin <= k < store_end,
     # and re-emitted downstream iff forward_begin <= k < forward_end (section 4.2: several tensors
     # travel in one stream; a tile stores the one it reads and forwards those still needed later).
     ("store_begin", 16, False),
@@ -41,7 +42,7 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("n_pass", 16, False),       # P: flits passed through unchanged after the input flits
     ("n_out", 16, False),        # N_o: output neurons this tile computes (0: pass-through tile)
     ("w_base", 16, False),       # SRAM word address of weight row 0, chunk 0
-    ("act_base", 16, False),     # SRAM word address of activation chunk 0
+    ("act_base", 16, False),     # SRAM word address of activation bank 0 (bank 1 at act_base + B)
     ("dest_row", 8, False),      # destination tile of every flit this PE emits
     ("dest_col", 8, False),
     ("dest_host", 1, False),     # 1: flits go to the chip's host output port instead
@@ -63,7 +64,8 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("pad_value", 8, True),      # the input zero point for OP_MAC, -128 for OP_MAX
     ("out_row_begin", 8, False), # this tile computes output rows [out_row_begin, out_row_begin + out_rows)
     ("out_rows", 8, False),
-    ("out_width", 8, False),     # ... and all out_width output columns
+    ("out_width", 8, False),     # ... of out_width columns each (rows in between whole; the first row
+                                 # starts at out_col_begin, the last ends before out_col_end, below)
     # op = ADD / CONCAT (sections 4.2, 4.3): the two operand maps start at these stored-word offsets.
     ("operand_a_offset", 16, False),
     ("operand_b_offset", 16, False),
