@@ -24,70 +24,10 @@ from .arch import ACC_BITS, MULTIPLIER_BITS, OP_MAX, SHIFT_BITS, Arch, ArchError
 from .tile_config import ConfigError, TileConfig
 
 __all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
-           "output_pixels", "weight_words", "result_words", "compute_issue_cycles", "stored_words", "forwarded_words", "operand_words",
-           "channel_preserving", "tile_period_cycles", "result_word_issue_cycles",
-           "output_pixel_positions", "check_program_destination", "TileConfig", "ConfigError"]
+           "check_program_destination", "TileConfig", "ConfigError"]
 
 FORMAT_NAME = "flowtile-program"
 FORMAT_VERSION = 6
-
-
-# The derived counts of a tile's registers, for callers holding a dict or a TileConfig (the methods of
-# :class:`flowtile.tile_config.TileConfig`, which every flowtile model reads).
-
-def output_pixels(config: TileConfig | dict) -> int:
-    """:attr:`TileConfig.output_pixels` (``n_pix`` of section 4.1)."""
-    return TileConfig.coerce(config).output_pixels
-
-
-def output_pixel_positions(config: TileConfig | dict) -> list[tuple[int, int]]:
-    """:meth:`TileConfig.output_pixel_positions`."""
-    return TileConfig.coerce(config).output_pixel_positions()
-
-
-def stored_words(config: TileConfig | dict) -> int:
-    """:attr:`TileConfig.stored_words`."""
-    return TileConfig.coerce(config).stored_words
-
-
-def forwarded_words(config: TileConfig | dict) -> int:
-    """:attr:`TileConfig.forwarded_words`."""
-    return TileConfig.coerce(config).forwarded_words
-
-
-def channel_preserving(config: TileConfig | dict) -> bool:
-    """:attr:`TileConfig.channel_preserving`."""
-    return TileConfig.coerce(config).channel_preserving
-
-
-def weight_words(config: TileConfig | dict) -> int:
-    """:attr:`TileConfig.weight_words`."""
-    return TileConfig.coerce(config).weight_words
-
-
-def result_words(config: TileConfig | dict, lanes: int) -> int:
-    """:meth:`TileConfig.result_words`."""
-    return TileConfig.coerce(config).result_words(lanes)
-
-
-def compute_issue_cycles(config: TileConfig | dict) -> int:
-    """:attr:`TileConfig.compute_issue_cycles`."""
-    return TileConfig.coerce(config).compute_issue_cycles
-
-
-def result_word_issue_cycles(config: TileConfig | dict, lanes: int) -> list[int]:
-    """:meth:`TileConfig.result_word_issue_cycles`."""
-    return TileConfig.coerce(config).result_word_issue_cycles(lanes)
-
-
-def tile_period_cycles(config: TileConfig | dict, lanes: int) -> int:
-    """:meth:`TileConfig.tile_period_cycles`."""
-    return TileConfig.coerce(config).tile_period_cycles(lanes)
-
-
-def operand_words(config: TileConfig | dict) -> tuple[int, int]:
-    """:attr:`TileConfig.operand_words`."""
-    return TileConfig.coerce(config).operand_words
 
 
 class ProgramError(ValueError):

@@ -50,23 +50,23 @@ class PE(wiring.Component):
       never has to hold an inference's results: nothing bounds ``E``.
     * compute side (only if ``n_out > 0``): COMPUTE of inference ``s`` reads activation bank ``s mod 2``
       (every activation address below is relative to ``act_base + (s mod 2) * B``) and issues, in section 4.1's loop
-      order over the tile's output pixels (:func:`flowtile.program.output_pixel_positions`: rows ``out_row_begin
+      order over the tile's output pixels (:meth:`TileConfig.output_pixel_positions`: rows ``out_row_begin
       ..`` of ``out_rows``, the first from column ``out_col_begin``, the last up to column ``E' - 1``, ``E' =
       out_col_end`` or ``out_width`` if 0), result word by result word: word ``j`` takes ``d_j`` issue cycles back
-      to back (:func:`flowtile.program.result_word_issue_cycles`: MAC ``L * K_w``, or ``(N_o mod L) * K_w`` for a
+      to back (:meth:`TileConfig.result_word_issue_cycles`: MAC ``L * K_w``, or ``(N_o mod L) * K_w`` for a
       pixel's short last word; MAX, LANE ``KH * KW``; ADD 2; CONCAT 1), from its first issue cycle ``a_j``. COMPUTE
       waits only between words: ``a_j = max(a_{j-1} + d_{j-1}, t(EMIT j - R) + 1)``, and for the first word of ``s``
       also ``>= t(RECV word store_end - 1 of s) + 1`` with ``+ 2`` drain cycles after the previous word (``a_{j-1} +
       d_{j-1} + 2``); the EMIT term (absent for ``j < R``) is implemented as "occupancy < R", occupancy = words
       whose first issue has happened minus words emitted, both registered. ``c_s`` = ``a_j`` of the first word of
       ``s``; COMPUTE occupies ``[c_s, a_last + d_last + 2)`` (``I + 2`` cycles, ``I`` =
-      :func:`flowtile.program.compute_issue_cycles`, when it never waits for a slot). While the issue waits, issues
+      :attr:`TileConfig.compute_issue_cycles`, when it never waits for a slot). While the issue waits, issues
       in flight move on through the pipeline. Word ``j`` is written (its last lane, for MAC) in cycle ``a_j + d_j +
       1``.
     * output side: ``Q = (forward_end - forward_begin) + P`` pops (the queue's head word leaves on
-      ``o_flit``) and ``E`` = :func:`flowtile.program.result_words` EMIT transfers (EMIT ``j`` sends result
+      ``o_flit``) and ``E`` = :meth:`TileConfig.result_words` EMIT transfers (EMIT ``j`` sends result
       word ``j``), one a cycle at most, in this order (section 4.4, ``n_pix`` =
-      :func:`flowtile.program.output_pixels` = ``out_rows * out_width - out_col_begin - (out_width - E')``,
+      :attr:`TileConfig.output_pixels` = ``out_rows * out_width - out_col_begin - (out_width - E')``,
       ``W_px = E / n_pix``, ``R_p = pass_per_pixel``): ``Q - n_pix * R_p`` pops, then for each output pixel
       ``q``: ``R_p`` pops and EMITs ``q*W_px .. q*W_px + W_px - 1`` (with ``R_p = 0``: all pops, then all
       EMITs); the output side counts them from the registers (it may be ahead of or behind COMPUTE). A pop

@@ -18,8 +18,7 @@ from flowtile.compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_a
 from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
-from flowtile.program import (Program, TensorSpec, forwarded_words, output_pixel_positions, output_pixels,
-                              result_words, stored_words, tile_period_cycles, weight_words)
+from flowtile.program import Program, TensorSpec
 
 from flowtile.testing import random_models
 
@@ -158,8 +157,8 @@ def check_program(program: Program, tmp_path: Path) -> None:
         for j, tile in enumerate(tiles):
             c = tile.config
             last = j == len(tiles) - 1
-            assert c.n_in_words == k and stored_words(c) == k and c.n_pass == passed
-            assert forwarded_words(c) == (0 if last else k)
+            assert c.n_in_words == k and c.stored_words == k and c.n_pass == passed
+            assert c.forwarded_words == (0 if last else k)
             assert 1 <= c.n_out <= arch.max_tile_outputs
             assert last or c.n_out % lanes == 0
             assert c.w_base == 0 and c.act_base == c.n_out * k
@@ -223,7 +222,7 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
         weight = tile.sram[c.w_base:c.w_base + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
         bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
     out = []
-    for oy, ox in output_pixel_positions(c):  # the band's pixels (section 4.1)
+    for oy, ox in c.output_pixel_positions():  # the band's pixels (section 4.1)
         if c.op in (OP_ADD, OP_CONCAT):
             if c.op == OP_ADD:
                 acc = bias + words_a[oy, ox] * c.add_mult_a + words_b[oy, ox] * c.add_mult_b
@@ -271,7 +270,7 @@ def run_functionally(program: Program, x_q: np.ndarray) -> np.ndarray:
             results_of_tile = _pe_results(tile, act, lanes) if n_out else []
             # section 4.4: the last n_pix * pass_per_pixel passed words interleave with the results pixel by pixel
             per_pixel = c.pass_per_pixel
-            n_pix = output_pixels(c) if n_out else 1
+            n_pix = c.output_pixels if n_out else 1
             bulk = p - n_pix * per_pixel
             out += stream[k:k + bulk]
             pixel_words = len(results_of_tile) // n_pix
@@ -740,27 +739,27 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
         for j, tile in enumerate(tiles):
             c = tile.config
             # a channel group passes the earlier bands' pixels and its band's words of the groups before it
-            n_pix = output_pixels(c) if layer.window is not None else 1
+            n_pix = c.output_pixels if layer.window is not None else 1
             assert c.n_pass - n_pix * c.pass_per_pixel == passed
-            assert stored_words(c) <= c.n_in_words and (layer.window is not None or stored_words(c) == c.n_in_words)
-            assert forwarded_words(c) == (c.n_in_words if j < len(tiles) - 1 else 0)
-            assert c.act_base == weight_words(c) and c.act_base + 2 * stored_words(c) <= arch.sram_words
+            assert c.stored_words <= c.n_in_words and (layer.window is not None or c.stored_words == c.n_in_words)
+            assert c.forwarded_words == (c.n_in_words if j < len(tiles) - 1 else 0)
+            assert c.act_base == c.weight_words and c.act_base + 2 * c.stored_words <= arch.sram_words
             assert tile.params.shape == (c.n_out, 3)
             # a band's later channel groups pass its earlier groups' words of each pixel; a band's first tile none
             band_ends = (layer.window is None or j == len(tiles) - 1 or tiles[j + 1].config.pass_per_pixel == 0)
             if band_ends:
                 passed += n_pix * (c.pass_per_pixel + -(-c.n_out // lanes)) if layer.window is not None \
-                    else result_words(c, lanes)
+                    else c.result_words(lanes)
         if layer.window is not None:
             w = layer.window
             cw = -(-w.channels // lanes)
             bands = []  # (first output pixel, pixels, tiles of the band): bands of consecutive row-major pixels
             for t in tiles:
                 if bands and t.config.pass_per_pixel:
-                    assert output_pixels(t.config) == bands[-1][1]
+                    assert t.config.output_pixels == bands[-1][1]
                     bands[-1][2].append(t)
                 else:
-                    bands.append((sum(b[1] for b in bands), output_pixels(t.config), [t]))
+                    bands.append((sum(b[1] for b in bands), t.config.output_pixels, [t]))
             pixels = [b[1] for b in bands]
             assert sum(pixels) == w.out_height * w.out_width and min(pixels) >= 1
             band_of = {id(t): (begin, n) for begin, n, band in bands for t in band}
@@ -787,14 +786,14 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                 assert (c.out_col_end or w.out_width) == (begin_pixel + n_pixels - 1) % w.out_width + 1
                 if layer.is_join:
                     assert (c.in_height, c.out_row_begin) == (w.height, begin)
-                    assert stored_words(c) == (2 if layer.is_add else 1) * w.height * w.width * cw
+                    assert c.stored_words == (2 if layer.is_add else 1) * w.height * w.width * cw
                 else:
                     # the band as a map of its own: the input rows its windows read, iy = oy*S + ky - pad_top
                     first = max(0, begin * w.stride - w.pad_top)
                     end = min(w.height, (begin + n - 1) * w.stride + w.kernel_h - w.pad_top)
                     assert (c.out_row_begin, c.in_height, c.pad_top) == \
                         (0, end - first, w.pad_top - begin * w.stride + first)
-                    assert stored_words(c) == (end - first) * w.width * cw
+                    assert c.stored_words == (end - first) * w.width * cw
                     assert c.store_end <= c.n_in_words
                 if layer.is_pool:
                     assert c.op == OP_MAX and c.n_out == cw * lanes and not t.params.any()
@@ -953,9 +952,9 @@ def test_conv_bands_split_output_rows(tmp_path):
     # estimated cycles, the busiest side: max(K + P, K_f + P + n_pix*N_r, I + 2) (results stream out while COMPUTE
     # runs); the first tile forwards the whole map (K_f = K = 144) and passes nothing
     first = program.tiles[0].config
-    pixels = output_pixels(first)  # a band of pixels, not necessarily whole rows (section 4.1)
+    pixels = first.output_pixels  # a band of pixels, not necessarily whole rows (section 4.1)
     assert pixels < 12 * 12
-    assert tile_period_cycles(first, arch.lanes) == max(144, 144 + pixels * 2, pixels * 16 * 9 + 2)
+    assert first.tile_period_cycles(arch.lanes) == max(144, 144 + pixels * 2, pixels * 16 * 9 + 2)
 
 
 @pytest.mark.parametrize("dtype,kernel,stride,pads,lanes", [("int8", 3, 1, (1, 1), 8), ("uint8", 5, 2, (2, 1), 4),
@@ -1052,7 +1051,7 @@ def test_convolution_too_wide_for_one_tile_splits_over_channel_groups(tmp_path):
     conv_tiles = program.tiles[:len(program.layers[0].tiles)]
     assert len({t.config.out_row_begin for t in conv_tiles}) < len(conv_tiles)  # some band has several groups
     assert max(t.config.pass_per_pixel for t in conv_tiles) > 0
-    assert all(weight_words(t.config) * 8 <= 32768 - 2 * 8 * t.config.n_in_words for t in conv_tiles)
+    assert all(t.config.weight_words * 8 <= 32768 - 2 * 8 * t.config.n_in_words for t in conv_tiles)
     check_windowed_program(program, layers, tmp_path)
 
 
@@ -1388,14 +1387,14 @@ def test_lane_lowering_of_depthwise_and_average_pools(tmp_path):
     tile = next(t for t in program.tiles if t.config.op == OP_LANE)
     assert tile.config.n_out == 12 and tile.params.shape == (12, 3)
     assert tuple(tile.params[11]) == (0, 0, 1) and np.array_equal(tile.params[:11], low_dw.params)
-    assert weight_words(tile.config) == 27 and tile.config.act_base == 27
+    assert tile.config.weight_words == 27 and tile.config.act_base == 27
     # report: max(K + P, K_f + P + E, I + 2) per tile; MACs of a lane layer are C * OH*OW * KH*KW
     info = program.layers[1]
     assert info.macs == 11 * dw.window.out_height * dw.window.out_width * 9
     w, config = dw.window, tile.config
     received, emits = w.height * w.width * 3, config.out_rows * w.out_width * 3
     forwarded = config.forward_end - config.forward_begin
-    assert tile_period_cycles(config, lanes) == max(received + config.n_pass, forwarded + config.n_pass + emits,
+    assert config.tile_period_cycles(lanes) == max(received + config.n_pass, forwarded + config.n_pass + emits,
                                                config.out_rows * w.out_width * 3 * 9 + 2)
     assert "DepthwiseConv" in report(program) and "GlobalAveragePool" in report(program)
 
@@ -1411,7 +1410,7 @@ def test_lane_bands_split_output_rows(tmp_path):
     arch = Arch(rows=4, cols=4, max_tile_outputs=512)
     program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
     dw_tiles = [t for t in program.tiles if t.config.op == OP_LANE]
-    assert len(dw_tiles) >= 2 and sum(output_pixels(t.config) for t in dw_tiles) == 12 * 12
+    assert len(dw_tiles) >= 2 and sum(t.config.output_pixels for t in dw_tiles) == 12 * 12
     check_windowed_program(program, layers, tmp_path)
     x_q = quantize(rng.standard_normal((2, *shape)).astype(np.float32), program.input)
     assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
@@ -1475,7 +1474,7 @@ def check_stream_program(program: Program, layers) -> None:
         c = tile.config
         assert c.n_in_words + c.n_pass == emitted, tile.key
         assert 0 <= c.store_begin <= c.store_end <= c.n_in_words
-        emitted = forwarded_words(c) + c.n_pass + result_words(c, lanes)
+        emitted = c.forwarded_words + c.n_pass + c.result_words(lanes)
     assert emitted == program.output_words
     by_position = {(t.row, t.col): t for t in program.tiles}
     for info, layer in zip(program.layers, layers):
@@ -1484,10 +1483,10 @@ def check_stream_program(program: Program, layers) -> None:
             if layer.is_concat:
                 w, words_a = layer.window, layer.concat_channels_a // lanes
                 assert c.op == OP_CONCAT and c.concat_words_a == words_a
-                assert stored_words(c) == w.height * w.width * -(-layer.n_out // lanes)
+                assert c.stored_words == w.height * w.width * -(-layer.n_out // lanes)
             if layer.is_add:
                 map_words = layer.window.height * layer.window.width * -(-layer.n_out // lanes)
-                assert c.op == OP_ADD and stored_words(c) == 2 * map_words
+                assert c.op == OP_ADD and c.stored_words == 2 * map_words
                 assert sorted((c.operand_a_offset, c.operand_b_offset)) == [0, map_words]
                 assert c.add_mult_a <= ADD_MULT_MAX and c.add_mult_b <= ADD_MULT_MAX
                 assert max(c.add_mult_a, c.add_mult_b) == ADD_MULT_MAX

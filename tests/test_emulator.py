@@ -21,7 +21,7 @@ from flowtile.emulator import EmulatorError, emulate, run_functional
 from flowtile.emulator.timing import PROBE_BATCH, solve_timing
 from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 from flowtile.host import pack_flits
-from flowtile.program import ProgramError, TileProgram, compute_issue_cycles, result_words
+from flowtile.program import ProgramError, TileProgram
 from flowtile.tile_config import ConfigError, TileConfig
 from flowtile.testing.program_builder import (AddParams, Concat, ConcatParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool,
                              build_program, dense_golden, layer_bands, network_golden, pixel_band_registers,
@@ -1042,7 +1042,7 @@ def test_ring_behind_a_slower_tile(ring, depth):
     arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, router_fifo_depth=depth)
     layers, shape = [MaxPool(1, 1), random_layer(rng, 8, 2, 1)], (1, 1, 4)
     program = build_program(arch, layers, input_shape=shape)
-    assert program.arch.result_words == ring and result_words(program.tiles[0].config, lanes) == 4
+    assert program.arch.result_words == ring and program.tiles[0].config.result_words(lanes) == 4
     x = rng.integers(-128, 128, (3 * PROBE_BATCH, 4), dtype=np.int8)
     assert_long_batch(program, layers, shape, x)
     # the ring did make COMPUTE wait: some pool COMPUTE spans are longer than I + 2 = 6 cycles
@@ -1060,14 +1060,14 @@ def test_results_beyond_the_ring_run(ring):
     arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=4096, max_tile_outputs=max(4, lanes * ring),
                 router_fifo_depth=2)
     program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))   # n_out 4: R >= 2
-    assert result_words(program.tiles[0].config, lanes) == 18 > program.arch.result_words
+    assert program.tiles[0].config.result_words(lanes) == 18 > program.arch.result_words
     x = rng.integers(-128, 128, (3, 27), dtype=np.int8)
     result = assert_matches_reference(program, x, 3, flits=_map_flits(program, x))
     np.testing.assert_array_equal(result.out_flits, network_golden([MaxPool(1, 1)], x, (3, 3, 3), lanes))
     conv = Conv(rng.integers(-128, 128, (2, 3, 3, 3), dtype=np.int8), rng.integers(-500, 500, 2), 2**30, 40,
                 zp_in=3, pads=(1, 1, 1, 1))
     program = build_program(arch.replace(max_tile_outputs=lanes * ring), [conv], input_shape=(3, 4, 4))
-    assert (program.arch.result_words, result_words(program.tiles[0].config, lanes)) == (ring, 16)
+    assert (program.arch.result_words, program.tiles[0].config.result_words(lanes)) == (ring, 16)
     x = rng.integers(-128, 128, (3, 48), dtype=np.int8)
     result = assert_matches_reference(program, x, 3, flits=_map_flits(program, x))
     np.testing.assert_array_equal(result.out_flits, network_golden([conv], x, (3, 4, 4), lanes))
@@ -1083,9 +1083,8 @@ def test_short_last_word_under_a_small_ring():
     layers, shape = [conv, random_layer(rng, 3 * 3 * 8, 6, 2)], (3, 3, 3)
     arch = Arch(rows=1, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=7, router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
-    assert program.arch.result_words == 2 and result_words(program.tiles[0].config, lanes) == 18
-    from flowtile.program import result_word_issue_cycles
-    assert result_word_issue_cycles(program.tiles[0].config, lanes) == [4 * 4, 3 * 4]
+    assert program.arch.result_words == 2 and program.tiles[0].config.result_words(lanes) == 18
+    assert program.tiles[0].config.result_word_issue_cycles(lanes) == [4 * 4, 3 * 4]
     x = rng.integers(-128, 128, (2 * PROBE_BATCH + 3, 27), dtype=np.int8)
     assert_long_batch(program, layers, shape, x)
 
@@ -1367,8 +1366,8 @@ def _random_window_layer(rng, shape, lanes, max_tiles, *, kind):
 def _reference_cost(program, batch):
     """Cycles one inference keeps its busiest tile going, times the batch (the reference steps them all)."""
     lanes = program.arch.lanes
-    per_tile = [t.config.n_in_words + t.config.n_pass + compute_issue_cycles(t.config)
-                + result_words(t.config, lanes) for t in program.tiles]
+    per_tile = [t.config.n_in_words + t.config.n_pass + t.config.compute_issue_cycles
+                + t.config.result_words(lanes) for t in program.tiles]
     return batch * (max(per_tile) + sum(per_tile) // 4)
 
 
@@ -1541,7 +1540,7 @@ def test_more_results_than_the_ring_holds_run():
     refused while the result buffer had to hold an inference's results)."""
     arch = Arch(rows=1, cols=1, lanes=2, sram_bytes=4096, max_tile_outputs=16, router_fifo_depth=2)
     program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))
-    assert result_words(program.tiles[0].config, 2) == 18 > arch.result_words == 8
+    assert program.tiles[0].config.result_words(2) == 18 > arch.result_words == 8
     x = np.random.default_rng(27).integers(-128, 128, (4, 27), dtype=np.int8)
     result = assert_matches_reference(program, x, 4, flits=pack_flits(x, 2, program.input))
     np.testing.assert_array_equal(result.out_flits, network_golden([MaxPool(1, 1)], x, (3, 3, 3), 2))
@@ -1611,7 +1610,7 @@ def test_lane_statistics_and_chain():
     tiles = {(t.row, t.col): t for t in program.tiles}
     assert [tiles[(0, 2)].config.op, tiles[(1, 2)].config.op] == [OP_LANE, OP_LANE]
     for (row, col), cycles in issue.items():
-        assert compute_issue_cycles(tiles[(row, col)].config) == cycles
+        assert tiles[(row, col)].config.compute_issue_cycles == cycles
         assert result.tile_busy_cycles[row, col] == (cycles + 2) * batch
         assert result.tile_macs[row, col] == cycles * 4 * batch
     assert result.tile_macs[1, 0] == 0
@@ -1965,7 +1964,7 @@ def test_split_residual_block_across_archs(lanes, depth, batch):
     words_per_pixel = -(-shape[0] // lanes)
     for tile, rows in zip(program.tiles[4:6], (3, 2)):
         issue = rows * shape[2] * words_per_pixel * 2
-        assert tile.config.op == OP_ADD and compute_issue_cycles(tile.config) == issue
+        assert tile.config.op == OP_ADD and tile.config.compute_issue_cycles == issue
         assert result.tile_busy_cycles[tile.row, tile.col] == (issue + 2) * batch
         assert result.tile_macs[tile.row, tile.col] == issue * lanes * batch
 
@@ -2263,7 +2262,7 @@ def test_split_concat_block_across_archs(lanes, depth, batch, first):
         assert (config.op, config.words_per_pixel, config.concat_words_a, config.operand_a_offset,
                 config.operand_b_offset) == (OP_CONCAT, words_a + words_b, words_a, *offsets)
         issue = rows * 4 * (words_a + words_b)         # I = n_pix * CW, one issue per output word
-        assert compute_issue_cycles(config) == issue
+        assert config.compute_issue_cycles == issue
         assert result.tile_busy_cycles[tile.row, tile.col] == (issue + 2) * batch
         assert result.tile_macs[tile.row, tile.col] == issue * lanes * batch
 
@@ -2677,9 +2676,8 @@ def _band_registers(config):
 def test_band_pixels_from_registers():
     """Every band [p0, p1) of row-major pixels of maps up to 4x6: the builder's registers give back exactly
     those pixels in the reference's pixel list, n_pix = out_rows * out_width - out_col_begin - (out_width - E')
-    (flowtile.program.output_pixels) and the contract's own output_pixel_positions agree; whole rows keep both
+    (TileConfig.output_pixels) and the contract's own output_pixel_positions agree; whole rows keep both
     new registers 0."""
-    from flowtile.program import output_pixel_positions, output_pixels
     for width in range(1, 7):
         for height in range(1, 5):
             for begin in range(height * width):
@@ -2689,8 +2687,8 @@ def test_band_pixels_from_registers():
                     assert pixels == [(p // width, p % width) for p in range(begin, end)], (width, begin, end)
                     last = config.out_col_end or width
                     n_pix = config.out_rows * width - config.out_col_begin - (width - last)
-                    assert len(pixels) == n_pix == output_pixels(config), (width, begin, end)
-                    assert pixels == output_pixel_positions(config), (width, begin, end)
+                    assert len(pixels) == n_pix == config.output_pixels, (width, begin, end)
+                    assert pixels == config.output_pixel_positions(), (width, begin, end)
                     assert config.out_col_begin < width and config.out_col_end <= width
                     if begin % width == 0 and end % width == 0:
                         assert config.out_col_begin == config.out_col_end == 0
@@ -2711,7 +2709,7 @@ def test_builder_pixel_band_registers():
     program = build_program(arch, [conv], input_shape=(2, 5, 5))
     assert [_band_registers(t.config) for t in program.tiles[:3]] == [(0, 2, 0, 4), (1, 3, 4, 3), (3, 2, 3, 0)]
     assert [t.config.n_pass for t in program.tiles[:4]] == [0, 18, 36, 50]
-    assert [result_words(t.config, 2) for t in program.tiles[:3]] == [18, 18, 14]
+    assert [t.config.result_words(2) for t in program.tiles[:3]] == [18, 18, 14]
     grouped = build_program(arch, [conv._replace(channel_groups=[2, 1], pixel_bands=[12, 13])], input_shape=(2, 5, 5))
     assert [_band_registers(t.config) for t in grouped.tiles[:4]] == [(0, 3, 0, 2)] * 2 + [(2, 3, 2, 0)] * 2
     assert [(t.config.pass_per_pixel, t.config.n_pass) for t in grouped.tiles[:4]] == \

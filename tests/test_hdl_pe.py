@@ -3,7 +3,7 @@ functions (dense; convolution, max pooling and LANE written as plain loops from 
 section 4.2's formula and CONCAT from section 4.3's in numpy, both cross-checked against scalar loops), the
 store and forward ranges of a stream carrying several tensors, the two activation banks, section 4.1's bands
 of output pixels (partial first and last rows: out_col_begin, out_col_end; every golden iterates
-flowtile.program.output_pixel_positions), section 4.4's per-pixel interleaved output order of an
+TileConfig.output_pixel_positions), section 4.4's per-pixel interleaved output order of an
 output-channel group (pass_per_pixel), and the cycle of every input and output transfer, every COMPUTE start c_s and every result word's first issue a_j against section 6 rule 4's
 three chains (input side, compute side result word by result word, output side; coupled through the forward
 queue of F = Arch.forward_queue_words words and the result ring of R = Arch.result_words words), over several
@@ -17,12 +17,11 @@ from amaranth.sim import Simulator
 
 from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
                            dense_window_registers, stream_registers)
-from flowtile.program import (compute_issue_cycles, forwarded_words, output_pixel_positions, output_pixels,
-                              result_word_issue_cycles, result_words, stored_words, tile_period_cycles, weight_words)
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                          config_field_index, encode_config, encode_config_value, encode_param_entry, pack_lanes,
                          unpack_lanes)
 from flowtile.hdl.pe import PE
+from flowtile.tile_config import TileConfig
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -50,6 +49,11 @@ def make_config(*, forward=0, **overrides):
     return config
 
 
+def tile_config(config):
+    """The :class:`TileConfig` of a register dict (:func:`make_config`'s), for its derived counts."""
+    return TileConfig.from_dict(config)
+
+
 def is_forwarded(config, k):
     """Section 4.2: RECV word k is re-emitted iff forward_begin <= k < forward_end."""
     return config["forward_begin"] <= k < config["forward_end"]
@@ -69,7 +73,7 @@ def wrap32(value):
 def golden_outputs(weights, activations, params, config):
     """y_o of section 4 on exact Python integers; weights [N_o*K][L], activations [K][L] (the stored words:
     K = store_end - store_begin, which is n_in_words when the stream holds only the layer's input)."""
-    k_words, n_out = stored_words(config), config["n_out"]
+    k_words, n_out = tile_config(config).stored_words, config["n_out"]
     result = []
     for o in range(n_out):
         bias, multiplier, shift = params[o]
@@ -93,9 +97,10 @@ def output_order(config, lanes):
     """The kinds of one inference's output transfers in order, "forward" (a pop) or "emit" (section 4.4):
     Q_f + P_bulk pops, then for each output pixel q pass_per_pixel pops and its W_px EMITs (with
     pass_per_pixel = 0: all Q pops, then all E EMITs)."""
-    n_pops = forwarded_words(config) + config["n_pass"]
-    n_emits = result_words(config, lanes) if config["n_out"] else 0
-    n_pix = output_pixels(config) if n_emits else 1       # section 4.1's pixel list (a band of pixels)
+    counts = tile_config(config)
+    n_pops = counts.forwarded_words + config["n_pass"]
+    n_emits = counts.result_words(lanes) if config["n_out"] else 0
+    n_pix = counts.output_pixels if n_emits else 1       # section 4.1's pixel list (a band of pixels)
     per_pixel = config["pass_per_pixel"] if n_emits else 0
     assert n_emits % n_pix == 0 and n_pix * per_pixel <= config["n_pass"], "config outside section 4.4"
     order = ["forward"] * (n_pops - n_pix * per_pixel)
@@ -129,7 +134,7 @@ class Schedule:
     def __init__(self, config, lanes, n_inferences, available, ready, queue_words, ring_words):
         k_words, n_pass = config["n_in_words"], config["n_pass"]
         computes = config["n_out"] > 0
-        issue_cycles = compute_issue_cycles(config)
+        issue_cycles = tile_config(config).compute_issue_cycles
         # (kind, inference, word k, pushes into the queue)
         in_actions = [(("recv", s, k, is_forwarded(config, k)) if k < k_words else ("pass", s, k, True))
                       for s in range(n_inferences) for k in range(k_words + n_pass)]
@@ -138,8 +143,8 @@ class Schedule:
         last_stored = config["store_end"] - 1
         # Section 4's result ring: d_j issue cycles of each result word of one inference (one pixel's
         # words, pixel after pixel), the same for every inference.
-        n_pix = output_pixels(config) if computes else 0       # section 4.1's pixel list
-        durations = result_word_issue_cycles(config, lanes) * n_pix if computes else []
+        n_pix = tile_config(config).output_pixels if computes else 0       # section 4.1's pixel list
+        durations = tile_config(config).result_word_issue_cycles(lanes) * n_pix if computes else []
         per_inference = len(durations)
         assert sum(durations) == (issue_cycles if computes else 0)
         durations = durations * n_inferences
@@ -393,7 +398,7 @@ def test_transfer_cycles_follow_rule_4(forward, back_pressure, queue_words):
     emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
     accepted = [t for _, _, t in schedule.inputs]
     # A queue shorter than the K_f + P words of an inference fills (a push waits for a pop); a long one never.
-    assert (schedule.queue_waits > 0) == (queue_words < forwarded_words(config) + n_pass)
+    assert (schedule.queue_waits > 0) == (queue_words < tile_config(config).forwarded_words + n_pass)
     if not back_pressure and queue_words == 1024:
         # Spelled out: inference 0 RECV at 0..4, PASS at 5, 6 (popped at 1..7 if forwarded, else 6, 7);
         # COMPUTE [5, 5 + I + 2 = 37): result word 0 (channels 0..3, d = 4 * K = 20 issues) from a_0 = 5, word 1
@@ -404,7 +409,8 @@ def test_transfer_cycles_follow_rule_4(forward, back_pressure, queue_words):
         assert schedule.compute == [5, 37, 69] and schedule.words[:4] == [5, 25, 37, 57]
         assert emit_cycles[:4] == [27, 37, 59, 69]
         # Steady state of a tile alone: COMPUTE back to back with 2 drain cycles (section 6 rule 4).
-        assert schedule.compute[2] - schedule.compute[1] == tile_period_cycles(config, ARCH.lanes) == issue_cycles + 2
+        period = tile_config(config).tile_period_cycles(ARCH.lanes)
+        assert schedule.compute[2] - schedule.compute[1] == period == issue_cycles + 2
     elif not back_pressure:
         # F = 1: a push waits for the pop of the word before it (pushed at t, popped at t + 1, so the next
         # push at t + 2): the input side takes a word every other cycle; COMPUTE begins after RECV word 4 at 8.
@@ -610,7 +616,7 @@ def golden_window(config, sram, params, activations, lanes):
     words = []
     # Section 4.1's output pixels in order: the rows of the band, the first from out_col_begin, the last up to
     # out_col_end (0: out_width).
-    for oy, ox in output_pixel_positions(config):
+    for oy, ox in tile_config(config).output_pixel_positions():
         if config["op"] == OP_MAC:
             outputs = []
             for o in range(config["n_out"]):
@@ -719,7 +725,7 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
     config.update(operand_a_offset=unused.randint(1, 40), operand_b_offset=unused.randint(1, 40),
                   concat_words_a=unused.randint(1, 3), add_mult_a=unused.randint(1, (1 << 23) - 1),
                   add_mult_b=unused.randint(1, (1 << 23) - 1))
-    n_weight_words = weight_words(config)
+    n_weight_words = tile_config(config).weight_words
     config["act_base"] = config["w_base"] + n_weight_words + 1
     if average:
         weights = [[1] * lanes for _ in range(n_weight_words)]
@@ -740,8 +746,8 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
         # A few all-minimum words, so a window may hold nothing but -128 (and padding).
         for flit in rng.sample(range(len(inputs)), 3):
             inputs[flit] = [-128] * lanes
-    issue_cycles = compute_issue_cycles(config)
-    horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + result_words(config, lanes) + 3) + 200
+    issue_cycles = tile_config(config).compute_issue_cycles
+    horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + tile_config(config).result_words(lanes) + 3) + 200
     if back_pressure:
         available, cycle = [], 0
         for _ in inputs:
@@ -753,12 +759,12 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
     sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
     emitted, schedule = check_run(config, weights, params, inputs, available, ready, arch=arch,
                                   golden=lambda activations: golden_window(config, sram, params, activations, lanes))
-    if not back_pressure and not n_pass and queue_words >= forwarded_words(config):
+    if not back_pressure and not n_pass and queue_words >= tile_config(config).forwarded_words:
         # Spelled out for inference 0: last RECV at K - 1, result word 0 issued for d_0 cycles from K, then
         # EMITted 2 cycles later (written at K + d_0 + 1), while COMPUTE still runs.
         emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
-        assert emit_cycles[0] == (k_words - 1) + 1 + result_word_issue_cycles(config, lanes)[0] + 2
-        assert len(emit_cycles) == n_inferences * result_words(config, lanes)
+        assert emit_cycles[0] == (k_words - 1) + 1 + tile_config(config).result_word_issue_cycles(lanes)[0] + 2
+        assert len(emit_cycles) == n_inferences * tile_config(config).result_words(lanes)
     return config, weights, params, inputs, emitted, schedule
 
 
@@ -813,7 +819,8 @@ def test_lane_golden_is_a_depthwise_convolution():
                      pad_left=1, pad_value=-3, out_row_begin=0, out_rows=4, out_width=4, zp_out=2)
     k_words = 4 * 4 * 2
     lane_config = make_config(n_in_words=k_words, op=OP_LANE, n_out=2 * lanes, **registers)
-    lane_weights = {a: [rng.randint(-128, 127) for _ in range(lanes)] for a in range(weight_words(lane_config))}
+    lane_weights = {a: [rng.randint(-128, 127) for _ in range(lanes)]
+                    for a in range(tile_config(lane_config).weight_words)}
     params = [(rng.randint(-999, 999), rng.randint(1 << 30, (1 << 31) - 1), 36) for _ in range(2 * lanes)]
     activations = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(k_words)]
     lane_words = golden_window(lane_config, lane_weights, params, activations, lanes)
@@ -888,7 +895,7 @@ def test_output_channel_group_interleaves_passed_words_per_pixel(request, op, la
     sit between the previous pixel's last result word and the pixel's first one)."""
     name = request.node.callspec.id.rsplit("-F", 1)[0]
     registers, n_pass, forward = draw_group_case(name, op, lanes, channels)
-    n_pix = output_pixels(make_config(**registers))   # the counts want a whole config
+    n_pix = tile_config(make_config(**registers)).output_pixels   # the counts want a whole config
     if name.endswith("-nobulk"):
         n_pass, forward = n_pix * registers["pass_per_pixel"], 0
     n_inferences = 3
@@ -910,9 +917,9 @@ def check_interleaving(config, n_pass, inputs, emitted, n_inferences, lanes):
     word i of inference s is input flit s*(K + P) + K + i (random data; a collision would only make the check
     weaker, never wrong)."""
     k_words, per_pixel = config["n_in_words"], config["pass_per_pixel"]
-    n_pix = output_pixels(config)
-    w_px = result_words(config, lanes) // n_pix
-    bulk = forwarded_words(config) + n_pass - n_pix * per_pixel
+    n_pix = tile_config(config).output_pixels
+    w_px = tile_config(config).result_words(lanes) // n_pix
+    bulk = tile_config(config).forwarded_words + n_pass - n_pix * per_pixel
     per_inference = bulk + n_pix * (per_pixel + w_px)
     assert len(emitted) == n_inferences * per_inference
     for s in range(n_inferences):
@@ -940,7 +947,8 @@ def test_window_golden_reduces_to_the_dense_golden():
     activations = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(k_words)]
     assert golden_window(config, sram, params, activations, lanes) == \
         golden_result_words(golden_outputs(weights, activations, params, config), lanes)
-    assert compute_issue_cycles(config) == n_out * k_words and result_words(config, lanes) == -(-n_out // lanes)
+    counts = tile_config(config)
+    assert counts.compute_issue_cycles == n_out * k_words and counts.result_words(lanes) == -(-n_out // lanes)
 
 
 # --- several tensors in one stream and op ADD (section 4.2) ---------------------------------------
@@ -992,7 +1000,7 @@ def test_stream_of_several_tensors_stores_one_range_and_forwards_another(k_words
     config = make_config(n_in_words=k_words, n_out=n_out, n_pass=n_pass, act_base=act_base,
                          w_base=act_base + ACTIVATION_BANKS * stored, zp_out=2, **dense_window_registers(stored))
     config.update(store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
-    assert (stored_words(config), forwarded_words(config)) == (stored, forward[1] - forward[0])
+    assert (tile_config(config).stored_words, tile_config(config).forwarded_words) == (stored, forward[1] - forward[0])
     weights, params = dense_case(rng, stored, n_out, ARCH.lanes)
     n_inferences = 3
     inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range((k_words + n_pass) * n_inferences)]
@@ -1030,9 +1038,9 @@ def requantize_array(acc, table, config):
 
 
 def band_pixels(config, rows):
-    """The output pixels of section 4.1's band (:func:`output_pixel_positions`, in order) out of ``rows`` =
+    """The output pixels of section 4.1's band (:meth:`TileConfig.output_pixel_positions`, in order) out of ``rows`` =
     the array of the band's whole rows, (out_rows, out_width, ...)."""
-    positions = output_pixel_positions(config)
+    positions = tile_config(config).output_pixel_positions()
     return rows[[oy - config["out_row_begin"] for oy, _ in positions], [ox for _, ox in positions]]
 
 
@@ -1137,15 +1145,15 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=ring_words * lanes,
                                forward_queue_words=queue_words)
     k_words, n_pass = config["n_in_words"], config["n_pass"]
-    assert weight_words(config) == 0 and stream_prefix == config["store_begin"]
+    assert tile_config(config).weight_words == 0 and stream_prefix == config["store_begin"]
     sram = {address: [rng.randint(-128, 127) for _ in range(lanes)] for address in range(config["act_base"])}
     inputs = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range((k_words + n_pass) * n_inferences)]
     if extremes:
         for flit in inputs:
             for lane in range(lanes):
                 flit[lane] = rng.choice([-128, -128, 127, flit[lane]])
-    issue_cycles = compute_issue_cycles(config)
-    horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + result_words(config, lanes) + 3) + 200
+    issue_cycles = tile_config(config).compute_issue_cycles
+    horizon = 3 * n_inferences * (issue_cycles + k_words + n_pass + tile_config(config).result_words(lanes) + 3) + 200
     if back_pressure:
         available, ready = random_stalls(rng, len(inputs), horizon)
         if ready_bursts:
@@ -1155,11 +1163,11 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
     emitted, schedule = check_run(config, [], params, inputs, available, ready, arch=arch, sram=sram,
                                   golden=lambda stored: golden(config, params, stored, lanes))
     emits = [t for _, _, t, kind in emitted if kind == "emit"]
-    assert len(emits) == n_inferences * result_words(config, lanes)
-    if not back_pressure and not n_pass and queue_words >= forwarded_words(config):
+    assert len(emits) == n_inferences * tile_config(config).result_words(lanes)
+    if not back_pressure and not n_pass and queue_words >= tile_config(config).forwarded_words:
         # Spelled out for inference 0: last RECV at K - 1, result word 0 issued from K (ADD: 2 issues,
         # CONCAT: 1), written at K + d_0 + 1 and EMITted in the next cycle, while COMPUTE still runs.
-        assert emits[0] == (k_words - 1) + 1 + result_word_issue_cycles(config, lanes)[0] + 2
+        assert emits[0] == (k_words - 1) + 1 + tile_config(config).result_word_issue_cycles(lanes)[0] + 2
     return inputs, emitted, schedule
 
 
@@ -1190,7 +1198,7 @@ def test_add_matches_section_4_2_and_rule_4(height, width, cw_words, row_begin, 
                          zp_out=0 if mode == "ties" else zp_out, w_base=0, act_base=20,
                          pad_value=rng.randint(-128, 127), store_begin=store[0], store_end=store[1],
                          forward_begin=forward[0], forward_end=forward[1])
-    assert compute_issue_cycles(config) == out_rows * width * cw_words * 2
+    assert tile_config(config).compute_issue_cycles == out_rows * width * cw_words * 2
     n_inferences = 3
     inputs, emitted, _ = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
                                            queue_words=queue_words,
@@ -1331,7 +1339,7 @@ def test_concat_matches_section_4_3_and_rule_4(shape, order, stream, mode, back_
                          operand_a_offset=offset_a, operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b,
                          zp_out=zp_out, w_base=0, act_base=20, pad_value=rng.randint(-128, 127),
                          store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
-    assert compute_issue_cycles(config) == out_rows * width * cw_words    # one issue per output word
+    assert tile_config(config).compute_issue_cycles == out_rows * width * cw_words    # one issue per output word
     n_inferences = 3
     inputs, emitted, _ = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
                                            queue_words=queue_words,
@@ -1397,12 +1405,12 @@ def test_more_result_words_than_ring_slots():
     config = make_config(n_in_words=4, n_out=2, in_height=2, in_width=2, words_per_pixel=1, kernel_h=3, kernel_w=3,
                          stride=1, pad_top=1, pad_left=1, pad_value=-2, out_rows=2, out_width=2, w_base=0,
                          act_base=20, zp_out=1)
-    weights = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(weight_words(config))]
+    weights = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(tile_config(config).weight_words)]
     params = [(rng.randint(-3000, 3000), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(34, 37)) for _ in range(2)]
     sram = {a: w for a, w in enumerate(weights)}
     inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(8)]
-    assert result_words(config, ARCH.lanes) == 4 > ARCH.result_words == 3
-    assert result_word_issue_cycles(config, ARCH.lanes) == [18]           # 2 channels * 9 window words
+    assert tile_config(config).result_words(ARCH.lanes) == 4 > ARCH.result_words == 3
+    assert tile_config(config).result_word_issue_cycles(ARCH.lanes) == [18]           # 2 channels * 9 window words
 
     def run(ready, arch=ARCH):
         emitted, schedule = check_run(config, weights, params, inputs, [0] * len(inputs), ready, arch=arch,
@@ -1465,7 +1473,7 @@ def test_windowed_layer_through_a_ring_smaller_than_an_inference(registers, n_pa
     config, _, _, _, emitted, schedule = run_window_case(
         registers, n_pass, forward, True, 3, lanes, queue_words=queue_words, result_words_per_tile=ring_words,
         ready_bursts=True)
-    n_words = result_words(config, lanes)
+    n_words = tile_config(config).result_words(lanes)
     assert 8 <= n_words and ring_words < n_words
     assert schedule.ring_waits > 0
     if ring_words == 1:
@@ -1492,7 +1500,7 @@ def test_add_through_a_ring_smaller_than_an_inference(ring_words, cw_words, queu
                          operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b, zp_out=zp_out, w_base=0,
                          act_base=20, store_begin=store[0], store_end=store[1], forward_begin=forward[0],
                          forward_end=forward[1])
-    assert result_words(config, lanes) == height * width * cw_words > ring_words
+    assert tile_config(config).result_words(lanes) == height * width * cw_words > ring_words
     inputs, emitted, schedule = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=3,
                                                      back_pressure=True, extremes=False, golden=golden_add,
                                                      queue_words=queue_words, ring_words=ring_words,
@@ -1552,21 +1560,21 @@ def test_band_of_output_pixels_matches_golden_and_rule_4(registers, n_pass, forw
     """Section 4.1's band of output pixels (partial first and last rows, one partial row, a single pixel) for
     MAC, MAX and LANE through a result ring of R = 1 or 2 words, three inferences under seeded random input
     gaps and o_flit.ready in :func:`bursty_ready` bursts: every output word and transfer cycle, every c_s and
-    a_j against the golden models iterating flowtile.program.output_pixel_positions; E = n_pix * W_px EMITs."""
+    a_j against the golden models iterating TileConfig.output_pixel_positions; E = n_pix * W_px EMITs."""
     config, _, _, _, emitted, schedule = run_window_case(
         registers, n_pass, forward, True, 3, lanes, queue_words=queue_words, result_words_per_tile=ring_words,
         ready_bursts=True)
-    positions = output_pixel_positions(config)
+    positions = tile_config(config).output_pixel_positions()
     n_pix = len(positions)
-    assert n_pix == output_pixels(config) < config["out_rows"] * config["out_width"]
+    assert n_pix == tile_config(config).output_pixels < config["out_rows"] * config["out_width"]
     width, end = config["out_width"], config["out_col_end"] or config["out_width"]
     assert positions[0] == (config["out_row_begin"], config["out_col_begin"])
     assert positions[-1] == (config["out_row_begin"] + config["out_rows"] - 1, end - 1)
     assert end < width or config["out_col_begin"] > 0
-    n_words = result_words(config, lanes)
-    assert n_words == n_pix * len(result_word_issue_cycles(config, lanes))
+    n_words = tile_config(config).result_words(lanes)
+    assert n_words == n_pix * len(tile_config(config).result_word_issue_cycles(lanes))
     assert n_words > ring_words or n_pix == 1
-    assert compute_issue_cycles(config) == n_pix * sum(result_word_issue_cycles(config, lanes))
+    assert tile_config(config).compute_issue_cycles == n_pix * sum(tile_config(config).result_word_issue_cycles(lanes))
     assert len([kind for *_, kind in emitted if kind == "emit"]) == 3 * n_words
     assert schedule.ring_waits > 0 or n_words <= ring_words
 
@@ -1581,15 +1589,15 @@ def test_band_golden_is_the_whole_rows_golden_at_the_band_pixels():
         registers = dict(op=op, in_height=4, in_width=5, words_per_pixel=2, kernel_h=3, kernel_w=2, stride=1,
                          pad_top=1, pad_left=1, pad_value=-5, out_row_begin=1, out_rows=3, out_width=5, n_out=n_out)
         whole = make_config(n_in_words=40, w_base=0, **registers)
-        sram = {a: [rng.randint(-128, 127) for _ in range(lanes)] for a in range(weight_words(whole))}
+        sram = {a: [rng.randint(-128, 127) for _ in range(lanes)] for a in range(tile_config(whole).weight_words)}
         params = [(rng.randint(-999, 999), rng.randint(1 << 30, (1 << 31) - 1), 36) for _ in range(n_out)]
         activations = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(40)]
         words = golden_window(whole, sram, params, activations, lanes)
         w_px = len(words) // 15
         for begin, end in ((2, 3), (0, 1), (4, 0), (3, 4)):
             band = dict(whole, out_col_begin=begin, out_col_end=end)
-            indexes = [(oy - 1) * 5 + ox for oy, ox in output_pixel_positions(band)]
-            assert len(indexes) == output_pixels(band) == 15 - begin - (5 - (end or 5))
+            indexes = [(oy - 1) * 5 + ox for oy, ox in tile_config(band).output_pixel_positions()]
+            assert len(indexes) == tile_config(band).output_pixels == 15 - begin - (5 - (end or 5))
             assert golden_window(band, sram, params, activations, lanes) == \
                 [words[q * w_px + w] for q in indexes for w in range(w_px)]
     for op, golden in ((OP_ADD, golden_add), (OP_CONCAT, golden_concat)):
@@ -1601,7 +1609,7 @@ def test_band_golden_is_the_whole_rows_golden_at_the_band_pixels():
         stored = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(60)]
         words = golden(whole, params, stored, lanes)
         band = dict(whole, out_col_begin=3, out_col_end=2)      # (1, 3), (2, 0), (2, 1)
-        assert output_pixel_positions(band) == [(1, 3), (2, 0), (2, 1)]
+        assert tile_config(band).output_pixel_positions() == [(1, 3), (2, 0), (2, 1)]
         assert golden(band, params, stored, lanes) == [words[q * 2 + w] for q in (3, 4, 5) for w in range(2)]
 
 
@@ -1614,7 +1622,7 @@ def test_band_compute_iterates_n_pix_pixels():
                      out_col_end=1, n_out=3)
     config, _, _, _, emitted, schedule = run_window_case(registers, 0, 0, False, 3, 4, queue_words=1024)
     n_pix, issue_cycles = 9, 9 * 3 * 9
-    assert output_pixels(config) == n_pix and compute_issue_cycles(config) == issue_cycles
+    assert tile_config(config).output_pixels == n_pix and tile_config(config).compute_issue_cycles == issue_cycles
     k_words = 15
     assert schedule.compute == [k_words, k_words + issue_cycles + 2, k_words + 2 * (issue_cycles + 2)]
     assert schedule.words == [schedule.compute[s] + 27 * q for s in range(3) for q in range(n_pix)]
@@ -1658,8 +1666,8 @@ def test_two_operand_band_matches_golden_and_rule_4(op, height, width, words_a, 
                          operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b, zp_out=zp_out, w_base=0,
                          act_base=20, store_begin=store[0], store_end=store[1], forward_begin=forward[0],
                          forward_end=forward[1])
-    n_pix = output_pixels(config)
-    assert n_pix < out_rows * width and result_words(config, lanes) == n_pix * cw_words > ring_words
+    n_pix = tile_config(config).output_pixels
+    assert n_pix < out_rows * width and tile_config(config).result_words(lanes) == n_pix * cw_words > ring_words
     _, emitted, schedule = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=3,
                                                 back_pressure=True, extremes=False, golden=golden,
                                                 queue_words=queue_words, ring_words=ring_words, ready_bursts=True)
@@ -1701,10 +1709,10 @@ def test_output_channel_group_over_a_band_interleaves_per_band_pixel(registers, 
     config, _, _, inputs, emitted, schedule = run_window_case(
         registers, n_pass, forward, True, 3, lanes, queue_words=queue_words, result_words_per_tile=ring_words,
         ready_bursts=True)
-    n_pix = output_pixels(config)
+    n_pix = tile_config(config).output_pixels
     whole_rows = config["out_rows"] * config["out_width"]
     assert n_pix * config["pass_per_pixel"] <= n_pass < whole_rows * config["pass_per_pixel"]
-    assert result_words(config, lanes) > ring_words and schedule.ring_waits > 0
+    assert tile_config(config).result_words(lanes) > ring_words and schedule.ring_waits > 0
     check_interleaving(config, n_pass, inputs, emitted, 3, lanes)
 
 
@@ -1730,7 +1738,7 @@ def test_invalid_band_that_reaches_the_pe_makes_it_a_pass_through_tile(registers
                          **window, **registers)
     with pytest.raises(LoadEncodingError, match="out_col_begin|out_col_end"):
         encode_config(ARCH, loaded)
-    weights = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(weight_words(loaded))]
+    weights = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(tile_config(loaded).weight_words)]
     params = [(rng.randint(-99, 99), 1 << 30, 36) for _ in range(2)]
     inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(3 * 15)]
     available, ready = random_stalls(rng, len(inputs), 400)
