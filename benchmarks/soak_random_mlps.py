@@ -73,8 +73,8 @@ def main() -> int:
             label = f"{index:3d} {arch.rows}x{arch.cols}/L{arch.lanes}/D{arch.router_fifo_depth} {kind:11s} " \
                     f"{'-'.join(map(str, widths)):24s} b{batch:<3d}"
             try:
-                int8 = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
-    program = compile_model(int8, arch)
+                int8 = int8_model(model, calibration)  # one quantization for the compiler and the oracle
+                program = compile_model(int8, arch)
             except CompileError as error:
                 skipped += 1
                 print(f"{label} does not fit: {str(error)[:80]}")
