@@ -326,23 +326,33 @@ class Program:
         if manifest.get("version") != FORMAT_VERSION:
             raise ProgramError(f"'{manifest_path}' has format version {manifest.get('version')}, "
                                f"this flowtile reads version {FORMAT_VERSION}")
+        arrays_path = directory / "arrays.npz"
+        try:
+            with np.load(arrays_path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+            raise ProgramError(f"'{arrays_path}' is unreadable (truncated or not a .npz archive): "
+                               f"{type(error).__name__}: {error}") from None
+
+        def tile_array(tile: dict, kind: str, dtype) -> np.ndarray:
+            name = f"r{tile['row']}c{tile['col']}_{kind}"
+            if name not in arrays:
+                raise ProgramError(f"'{arrays_path}' has no array '{name}' for a tile that program.json lists")
+            return arrays[name].astype(dtype)
+
         try:
             arch = Arch.from_dict(manifest["arch"], source=str(manifest_path))
-            with np.load(directory / "arrays.npz", allow_pickle=False) as arrays:
-                tiles = [TileProgram(t["row"], t["col"], dict(t["config"]),
-                                     arrays[f"r{t['row']}c{t['col']}_sram"].astype(np.int8),
-                                     arrays[f"r{t['row']}c{t['col']}_params"].astype(np.int64))
-                         for t in manifest["tiles"]]
+            tiles = [TileProgram(t["row"], t["col"], dict(t["config"]), tile_array(t, "sram", np.int8),
+                                 tile_array(t, "params", np.int64))
+                     for t in manifest["tiles"]]
             program = cls(arch=arch,
                           input=TensorSpec.from_dict(manifest["input"]),
                           output=TensorSpec.from_dict(manifest["output"]),
                           layers=[LayerInfo.from_dict(layer) for layer in manifest["layers"]],
                           tiles=tiles, model_name=manifest.get("model_name", ""))
-        except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, (ArchError, ProgramError)):
                 raise
-            broken = "arrays.npz" if isinstance(error, (OSError, EOFError, zipfile.BadZipFile)) else "program.json"
-            raise ProgramError(f"'{directory}' is a malformed program ({broken}): {type(error).__name__}: {error}") \
-                from None
+            raise ProgramError(f"'{manifest_path}' is malformed: {type(error).__name__}: {error}") from None
         program.validate()
         return program

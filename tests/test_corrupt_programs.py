@@ -109,3 +109,17 @@ def test_sram_image_of_the_wrong_size(capsys, program):
     contents[name] = np.zeros(len(contents[name]) + 7, np.int8)
     np.savez(program / "arrays.npz", **contents)
     assert_refused(capsys, program, name.removesuffix("_sram"))
+
+
+def test_array_missing_for_a_listed_tile(capsys, program):
+    with np.load(program / "arrays.npz") as arrays:
+        contents = {name: arrays[name] for name in arrays.files}
+    name = next(name for name in contents if name.endswith("_params"))
+    del contents[name]
+    np.savez(program / "arrays.npz", **contents)
+    assert_refused(capsys, program, "arrays.npz", name)
+
+
+def test_manifest_missing_a_section(capsys, program):
+    edit_manifest(program, lambda m: m.pop("input"))
+    assert_refused(capsys, program, "program.json", "input")
