@@ -1,0 +1,110 @@
+"""MLPerf-Tiny-shaped networks on several grids: steady-state MAC utilization and the layer that limits it.
+
+Takes the committed QDQ int8 files ``models/public/mlperf_{resnet8,dscnn,mobilenet,autoencoder}_qdq.onnx``
+(made by ``models/make_public_models.py``: the MLPerf Tiny reference shapes with random fixed weights), compiles
+each for every grid given, runs a seeded batch on the emulator, checks it against onnxruntime (<= 1 LSB), and
+prints per (network, grid): tiles used, the compile report's estimated interval and bottleneck, the measured
+steady-state interval (over the last half of the batch, as ``benchmarks/resnet8.py`` measures it: the pipeline
+settles into its periodic schedule only after a transient) and the steady-state MAC utilization
+(MACs/inference / (interval x tiles x lanes)), over the whole grid and over the tiles that compute, and the layer
+whose tiles are busiest (the measured limiter: the highest per-tile utilization).
+
+Run: ``python benchmarks/mlperf_tiny.py [--grids 4x4,8x8,12x12] [--nets resnet8,dscnn] [--batch 16] [--report]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+NETS = ("resnet8", "dscnn", "mobilenet", "autoencoder")
+
+
+def main() -> None:
+    os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
+    import onnx
+    from flowtile.arch import Arch
+    from flowtile.compiler import CompileError, compile_model, int8_model, report
+    from flowtile.emulator import emulate
+    from flowtile.host import input_flits, outputs_from_flits
+    from flowtile.oracle import onnxruntime_int8_output
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grids", default="4x4,8x8,12x12", help="comma-separated RxC grids (default 4x4,8x8,12x12)")
+    parser.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
+    parser.add_argument("--sram-bytes", type=int, default=65536, help="per-tile SRAM (default 65536)")
+    parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
+    parser.add_argument("--queue-words", type=int, default=4096, help="per-tile forward queue depth (default 4096)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", action="store_true", help="also print each compile report")
+    args = parser.parse_args()
+
+    summary = []
+    for net in args.nets.split(","):
+        path = ROOT / "models" / "public" / f"mlperf_{net}_qdq.onnx"
+        model = int8_model(path)
+        shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+        x = np.random.default_rng(args.seed).standard_normal((args.batch, *shape)).astype(np.float32)
+        for grid in args.grids.split(","):
+            arch = Arch(sram_bytes=args.sram_bytes, max_tile_outputs=args.max_tile_outputs,
+                        forward_queue_words=args.queue_words).with_grid(grid)
+            started = time.perf_counter()
+            try:
+                program = compile_model(model, arch)
+            except CompileError as error:
+                print(f"{net} {grid}: does not compile: {error}")
+                summary.append((net, grid, None, None, None, f"does not compile: {str(error)[:90]}"))
+                continue
+            compile_seconds = time.perf_counter() - started
+            text = report(program)
+            if args.report:
+                print(text)
+            estimated = re.search(r"estimated interval (\d+) cycles/inference \(bottleneck: ([^)]*)\)", text)
+
+            _, flits = input_flits(program, x)
+            started = time.perf_counter()
+            result = emulate(program, flits, args.batch)
+            emu_seconds = time.perf_counter() - started
+            ours = outputs_from_flits(program, result.out_flits, args.batch)[0].astype(np.int32)
+            theirs = np.concatenate([onnxruntime_int8_output(model, program, x[i:i + 1])[0]
+                                     for i in range(args.batch)]).astype(np.int32)
+            worst = int(np.abs(ours - theirs).max())
+
+            words = program.output_words
+            last_flits = result.out_times.reshape(args.batch, words)[:, -1]
+            half = args.batch // 2
+            interval = (float(last_flits[-1] - last_flits[half]) / (args.batch - 1 - half) if args.batch >= 4
+                        else result.interval_cycles)
+            used = sum(len(layer.tiles) for layer in program.layers)
+            macs = program.macs_per_inference
+            whole = macs / (interval * arch.n_tiles * arch.lanes)
+            computing = macs / (interval * used * arch.lanes)
+            busiest = max(program.layers, key=lambda layer: layer.macs / (len(layer.tiles) * arch.lanes))
+            busiest_util = busiest.macs / (interval * len(busiest.tiles) * arch.lanes)
+            print(f"{net} {grid}: compiled in {compile_seconds:.1f} s, {used}/{arch.n_tiles} tiles compute, "
+                  f"{macs} MACs/inference; estimated interval {estimated.group(1) if estimated else '?'} "
+                  f"(bottleneck: {estimated.group(2) if estimated else '?'}); measured {interval:.0f} cycles/inference "
+                  f"(batch {args.batch}, emulator {emu_seconds:.1f} s, max |flowtile - onnxruntime| {worst} LSB); "
+                  f"steady-state MAC utilization {100 * whole:.1f}% of the grid, {100 * computing:.1f}% of the "
+                  f"computing tiles; busiest layer '{busiest.name}' ({busiest.op}, {len(busiest.tiles)} tiles, "
+                  f"{100 * busiest_util:.1f}%)")
+            summary.append((net, grid, interval, whole, computing,
+                            f"bottleneck {estimated.group(2) if estimated else '?'}; busiest '{busiest.name}'"
+                            + ("" if worst <= 1 else f"; MISMATCH {worst} LSB")))
+
+    print(f"\n{'network':12s} {'grid':6s} {'interval':>9s} {'util grid':>10s} {'util used':>10s}  limiter")
+    for net, grid, interval, whole, computing, note in summary:
+        if interval is None:
+            print(f"{net:12s} {grid:6s} {'-':>9s} {'-':>10s} {'-':>10s}  {note}")
+        else:
+            print(f"{net:12s} {grid:6s} {interval:9.0f} {100 * whole:9.1f}% {100 * computing:9.1f}%  {note}")
+
+
+if __name__ == "__main__":
+    main()
