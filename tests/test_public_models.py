@@ -38,7 +38,7 @@ MLPERF = [f"mlperf_{net}_{kind}.onnx" for net in ("resnet8", "dscnn", "mobilenet
 MODELS = TV + MLPERF
 #: The smallest model (about 1.4k parameters), the one compared with Verilator.
 SMALLEST = "tv_cnn_ts_fold_qdq.onnx"
-BATCH = 3
+BATCH = 16
 
 
 def input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
