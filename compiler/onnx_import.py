@@ -57,6 +57,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from flowtile.program import TensorSpec
 
 from .errors import CompileError
+from .normalize import normalize
 from .qoperator import qoperator_to_qdq
 
 __all__ = ["QuantParams", "DenseLayer", "AddLayer", "ConcatLayer", "layer_sources", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model", "int8_model", "is_quantized",
@@ -1098,7 +1099,7 @@ def int8_model(model: str | os.PathLike | onnx.ModelProto, calibration: np.ndarr
     """The int8 model flowtile compiles: ``model`` itself if it is quantized, else ``model`` quantized once by
     :func:`quantize_float_model`. Hand the same result to :func:`~flowtile.compiler.compile_model` and to the
     onnxruntime oracle, so both see one int8 network (quantizing twice could differ in calibration)."""
-    proto = load_model(model)
+    proto = normalize(load_model(model))  # exporter forms -> the forms the matcher knows (compiler/normalize.py)
     if is_quantized(proto):
         return proto
     return load_model(quantize_float_model(proto, calibration=calibration, per_channel=per_channel,

@@ -1,0 +1,568 @@
+"""Normalize before matching: rewrite the graph forms real exporters write into the forms the lowering understands.
+
+:func:`normalize` runs at the start of import (:func:`flowtile.compiler.int8_model`, hence :func:`import_onnx`,
+:func:`compile_model` and ``flowtile run``), on float and on int8 (QDQ / QOperator) models. It uses ONNX's and
+onnxruntime's own tools where they exist, and a small table of rewrite rules for the rest:
+
+1. *prepare*: initializers that old exporters (IR 3: CNTK, early torch) also list as graph inputs become plain
+   constants; ``onnx.version_converter`` brings opsets 7..22 to :data:`TARGET_OPSET` (one form per op for the
+   matcher; a model the converter cannot take down keeps its opset, the rules below accept both forms);
+   ``onnx.shape_inference`` types every tensor.
+2. *float models only*: onnxruntime's basic graph optimizations (``ORT_ENABLE_BASIC``, written out through
+   ``SessionOptions.optimized_model_filepath``): Conv+BatchNormalization, Conv+Add and Conv+Mul constant folding,
+   constant subgraphs, Identity/Dropout elimination. Never on QDQ models (it would fold ``DequantizeLinear`` of
+   the weights into float constants).
+3. the rewrite table :data:`RULES` to a fixed point: each rule is a small function ``rule(graph, node) -> bool``
+   with a docstring naming the exporter that writes the form it rewrites. Rules also run on QDQ models
+   (except those marked float-only), and leave Q/DQ nodes alone.
+4. the graph input's batch dimension becomes symbolic (``batch``): flowtile chooses the batch, whatever the
+   exporter traced with.
+
+Anything a rule recognizes but cannot rewrite raises :class:`CompileError` naming node, op and attribute; anything
+it does not recognize is left for the matcher (:mod:`.onnx_import`), which names node, op and attribute itself.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import CompileError
+
+__all__ = ["normalize", "RULES", "TARGET_OPSET"]
+
+#: The one opset the matcher sees (per-channel DequantizeLinear needs 13; ReduceMean still takes attribute axes).
+TARGET_OPSET = 17
+#: Ops never evaluated as constants: the quantization the matcher reads must stay as the model states it.
+_NO_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+            "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}
+_MAX_REWRITES = 10_000
+#: onnxruntime basic optimizers left out: they merge what the model states twice (two equal Convs, shared
+#: constants) -- a change of graph form the matcher would then report about a graph the user did not write.
+_ORT_KEEP = ["CommonSubexpressionElimination", "ConstantSharing"]
+
+
+def _describe(node: onnx.NodeProto) -> str:
+    return f"node '{node.name or node.output[0]}' ({node.op_type})"
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for index, attribute in enumerate(node.attribute):
+        if attribute.name == name:
+            del node.attribute[index]
+            break
+    if value is not None:
+        node.attribute.append(helper.make_attribute(name, value))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the graph the rules see
+# ---------------------------------------------------------------------------------------------------
+class Graph:
+    """A model under rewriting: constants, inferred shapes and types, producers and consumers.
+
+    Rules change ``model`` through the helpers below and return True; the engine then calls :meth:`refresh`.
+    """
+
+    def __init__(self, model: onnx.ModelProto, is_float: bool):
+        self.model = model
+        self.is_float = is_float
+        self.refresh()
+
+    def refresh(self) -> None:
+        graph = self.model.graph
+        del graph.value_info[:]
+        try:
+            self.model = onnx.shape_inference.infer_shapes(self.model)
+        except Exception:  # an unsupported construct: the matcher will name it; keep what we know
+            pass
+        graph = self.model.graph
+        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.shapes, self.types = {}, {}
+        for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+            tensor = info.type.tensor_type
+            self.types[info.name] = tensor.elem_type
+            if tensor.HasField("shape"):
+                self.shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                               for d in tensor.shape.dim)
+        for name, value in self.consts.items():
+            self.shapes[name] = tuple(value.shape)
+            self.types[name] = helper.np_dtype_to_tensor_dtype(value.dtype)
+        self.outputs = {o.name for o in graph.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return list(self.model.graph.node)
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.consts.get(name) if name else None
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        shape = self.shapes.get(name)
+        return shape if shape is not None and all(isinstance(d, int) and d > 0 for d in shape) else None
+
+    def only_reader(self, name: str) -> onnx.NodeProto | None:
+        readers = self.consumers.get(name, [])
+        return readers[0] if len(readers) == 1 and name not in self.outputs else None
+
+    def add_const(self, hint: str, value: np.ndarray) -> str:
+        names = {t.name for t in self.model.graph.initializer} | {o for n in self.model.graph.node for o in n.output}
+        name, k = hint, 0
+        while name in names:
+            k += 1
+            name = f"{hint}_{k}"
+        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        self.consts[name] = np.asarray(value)
+        return name
+
+    def replace(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
+        """Put ``new_nodes`` where ``node`` is (topological order is kept: they read what it read)."""
+        nodes = self.model.graph.node
+        index = next(i for i, n in enumerate(nodes) if n is node)
+        del nodes[index]
+        for offset, new in enumerate(new_nodes):
+            nodes.insert(index + offset, new)
+
+    def bypass(self, node: onnx.NodeProto, source: str) -> bool:
+        """Remove ``node``, whose (first) output equals its input ``source``: readers read ``source`` instead."""
+        target = node.output[0]
+        graph = self.model.graph
+        if target in self.outputs:
+            producer = next((n for n in graph.node if source in n.output), None)
+            if producer is None or source in self.outputs:
+                return False  # graph input (or output) straight to the output: keep the node
+            producer.output[list(producer.output).index(source)] = target
+            old, new = source, target
+        else:
+            old, new = target, source
+        self.replace(node, [])
+        for other in graph.node:
+            for i, name in enumerate(other.input):
+                if name == old:
+                    other.input[i] = new
+        return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# the rewrite table
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    ops: tuple[str, ...]
+    apply: Callable[[Graph, onnx.NodeProto], bool]
+    float_only: bool = False
+
+
+#: The rewrite rules in the order they are tried on each node (constant folding first).
+RULES: list[Rule] = []
+
+
+def rule(*ops: str, float_only: bool = False):
+    def register(function):
+        RULES.append(Rule(ops, function, float_only))
+        return function
+    return register
+
+
+def _evaluate(graph: Graph, node: onnx.NodeProto) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+    inputs = [name for name in node.input if name]
+    sub = helper.make_graph([node], "fold", [helper.make_tensor_value_info(name, graph.types[name], None)
+                                             for name in inputs],
+                           [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in node.output])
+    model = helper.make_model(sub, opset_imports=list(graph.model.opset_import))
+    return ReferenceEvaluator(model).run(None, {name: graph.consts[name] for name in inputs})
+
+
+@rule("*")
+def fold_constants(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A node whose inputs are all constants (or a Shape/Size of a statically shaped tensor) becomes constants.
+
+    torch's TorchScript exporter with constant folding off writes weights as ``Transpose(W)`` (nn.Linear on 3-D
+    input: ``Transpose(W) -> MatMul -> Add``) and Reshape targets as ``Shape -> Gather/Slice -> Unsqueeze ->
+    Concat``; CNTK reshapes its dense weight with a constant ``Reshape``; ``Constant`` nodes (every exporter)
+    become initializers. Q/DQ nodes are never folded (the matcher reads them).
+    """
+    if node.op_type in _NO_FOLD or node.domain not in ("", "ai.onnx") or any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        return False
+    if node.op_type in ("Shape", "Size"):
+        shape = graph.static_shape(node.input[0])
+        if shape is None:
+            return False
+        if node.op_type == "Size":
+            values = [np.array(int(np.prod(shape)), dtype=np.int64)]
+        else:
+            attrs = _attrs(node)
+            values = [np.array(shape[attrs.get("start", 0):attrs.get("end", len(shape))], dtype=np.int64)]
+    else:
+        if any(name and graph.const(name) is None for name in node.input):
+            return False
+        if node.op_type != "Constant" and not any(node.input):
+            return False
+        try:
+            values = _evaluate(graph, node)
+        except Exception:
+            return False  # the reference cannot evaluate it: leave it for onnxruntime / the matcher
+    names = [t.name for t in graph.model.graph.initializer]
+    for name, value in zip(node.output, values):
+        if name in names or name in graph.outputs:
+            return False
+    graph.replace(node, [])
+    for name, value in zip(node.output, values):
+        graph.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return True
+
+
+@rule("Identity", "Dropout")
+def remove_identity(graph: Graph, node: onnx.NodeProto) -> bool:
+    """``Identity`` (torch.onnx and tf2onnx write them around parameters and outputs) and inference ``Dropout``
+    (kept as a node by torch's exporter in training-export mode and by keras2onnx) pass their input through."""
+    if node.op_type == "Dropout":
+        if len(node.output) > 1 and node.output[1] and (graph.consumers.get(node.output[1]) or
+                                                        node.output[1] in graph.outputs):
+            raise CompileError(f"{_describe(node)}: output 'mask' is unsupported (inference Dropout only)")
+        training = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if (len(node.input) > 2 and node.input[2] and training is None) or (training is not None and bool(training)):
+            raise CompileError(f"{_describe(node)}: input 'training_mode' is unsupported (only false: inference)")
+    return graph.bypass(node, node.input[0])
+
+
+@rule("Cast")
+def remove_same_type_cast(graph: Graph, node: onnx.NodeProto) -> bool:
+    """``Cast`` to the type the tensor already has (torch's exporter writes them around dtype-generic ops, tf2onnx
+    after its own conversions). A Cast of a constant was folded before; any other Cast is rejected naming 'to'."""
+    target = _attrs(node).get("to")
+    source = graph.types.get(node.input[0])
+    if target is not None and source is not None and source != target:
+        raise CompileError(f"{_describe(node)}: attribute 'to' = {TensorProto.DataType.Name(target)} is unsupported "
+                           f"(the input is {TensorProto.DataType.Name(source)}; only a Cast to the same type, "
+                           f"which is removed)")
+    if target is None or source != target:
+        return False
+    return graph.bypass(node, node.input[0])
+
+
+def _explicit_pads(node: onnx.NodeProto, mode: str, in_hw: tuple[int, ...], kernel: list[int],
+                   strides: list[int], dilations: list[int]) -> list[int]:
+    begins, ends = [], []
+    for size, k, s, d in zip(in_hw, kernel, strides, dilations):
+        if mode == "VALID":
+            begins.append(0), ends.append(0)
+            continue
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if mode == "SAME_UPPER" else large)
+        ends.append(large if mode == "SAME_UPPER" else small)
+    return begins + ends
+
+
+@rule("Conv", "MaxPool", "AveragePool", "LpPool", "ConvInteger", "QLinearConv")
+def explicit_auto_pad(graph: Graph, node: onnx.NodeProto) -> bool:
+    """``auto_pad`` = SAME_UPPER / SAME_LOWER / VALID -> explicit ``pads`` computed from the inferred input shape.
+
+    CNTK (the ONNX Model Zoo's mnist-8), tf2onnx and keras2onnx (``padding='same'``) write SAME_UPPER."""
+    attrs = _attrs(node)
+    mode = attrs.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "NOTSET":
+        return False
+    if mode not in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        raise CompileError(f"{_describe(node)}: attribute 'auto_pad' = {mode} is unsupported")
+    shape = graph.shapes.get(node.input[0])
+    if shape is None or len(shape) < 3 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
+        raise CompileError(f"{_describe(node)}: attribute 'auto_pad' = {mode} is unsupported here: the input "
+                           f"shape is not known, so explicit pads cannot be computed")
+    spatial = shape[2:]  # the batch may be symbolic
+    weight_index = 3 if node.op_type == "QLinearConv" else 1
+    weight = graph.const(node.input[weight_index]) if node.op_type in ("Conv", "ConvInteger", "QLinearConv") \
+        and len(node.input) > weight_index else None
+    if weight is None and node.op_type == "Conv" and len(node.input) > 1:
+        weight_shape = graph.static_shape(node.input[1])  # a DequantizeLinear output in QDQ models
+    else:
+        weight_shape = weight.shape if weight is not None else None
+    kernel = [int(k) for k in attrs.get("kernel_shape", weight_shape[2:] if weight_shape else [])]
+    if len(kernel) != len(spatial):
+        raise CompileError(f"{_describe(node)}: attribute 'auto_pad' = {mode} is unsupported here: the kernel "
+                           f"shape is not known")
+    strides = [int(s) for s in attrs.get("strides", [1] * len(spatial))]
+    dilations = [int(d) for d in attrs.get("dilations", [1] * len(spatial))]
+    _set_attr(node, "auto_pad", None)
+    _set_attr(node, "pads", _explicit_pads(node, mode, spatial, kernel, strides, dilations))
+    return True
+
+
+def _bias_of(graph: Graph, add: onnx.NodeProto, x: str, channels: int, channel_axis: int, rank: int):
+    """The constant operand of ``add`` as a per-channel vector, if it is one (else None)."""
+    other = [name for name in add.input if name != x]
+    if len(other) != 1 or list(add.input).count(x) != 1:
+        return None
+    value = graph.const(other[0])
+    if value is None or value.ndim > rank:
+        return None
+    full = (1,) * (rank - value.ndim) + value.shape
+    if any(d != 1 for axis, d in enumerate(full) if axis != channel_axis) or full[channel_axis] not in (1, channels):
+        return None
+    return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float32)
+
+
+@rule("Conv", "Gemm", float_only=True)
+def fold_bias_add(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A float ``Add`` of a per-output-channel constant after Conv or Gemm -> the layer's own bias.
+
+    CNTK writes every Conv bias this way (mnist-8: ``Conv -> Add(Parameter6 [8, 1, 1])``), so do keras2onnx and
+    torch with constant folding off. (``MatMul -> Add`` becomes Gemm in :func:`~.onnx_import.fuse_matmul_add`;
+    QDQ models' bias Adds with their own Q/DQ are the matcher's.)"""
+    add = graph.only_reader(node.output[0])
+    if add is None or add.op_type != "Add":
+        return False
+    if node.op_type == "Conv":
+        weight = graph.const(node.input[1]) if len(node.input) > 1 else None
+        shape = graph.shapes.get(node.output[0])
+        if weight is None or shape is None:
+            return False
+        channels, channel_axis, rank = weight.shape[0], 1, len(shape)
+        bias = _bias_of(graph, add, node.output[0], channels, channel_axis, rank)
+        old = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(channels, np.float32)
+    else:
+        attrs = _attrs(node)
+        weight = graph.const(node.input[1])
+        if weight is None or weight.ndim != 2:
+            return False
+        channels = weight.shape[0] if attrs.get("transB", 0) else weight.shape[1]
+        bias = _bias_of(graph, add, node.output[0], channels, 1, 2)
+        old = np.zeros(channels, np.float32)
+        if len(node.input) > 2 and node.input[2]:
+            c = graph.const(node.input[2])
+            if c is None or c.size not in (1, channels):
+                return False
+            old = np.broadcast_to(c.reshape(-1), (channels,)) * float(attrs.get("beta", 1.0))
+    if bias is None or old is None:
+        return False
+    name = graph.add_const(f"{node.name or node.output[0]}_bias", (old.reshape(-1) + bias).astype(np.float32))
+    inputs = list(node.input[:2]) + [name]
+    fused = helper.make_node(node.op_type, inputs, [add.output[0]], name=node.name or add.name)
+    fused.attribute.extend(a for a in node.attribute if a.name != "beta")
+    graph.replace(add, [])
+    graph.replace(node, [fused])
+    return True
+
+
+def _flatten_target(graph: Graph, node: onnx.NodeProto) -> bool:
+    """Whether the Reshape ``node`` is a flatten ``[N, ...] -> [N, prod(...)]`` (its target shape constant)."""
+    target = graph.const(node.input[1]) if len(node.input) > 1 else None
+    shape = graph.shapes.get(node.input[0])
+    if target is None or shape is None or target.ndim != 1 or len(target) != 2 or len(shape) < 2:
+        return False
+    rest = shape[1:]
+    if not all(isinstance(d, int) and d > 0 for d in rest):
+        return False
+    n = int(np.prod(rest))
+    allowzero = _attrs(node).get("allowzero", 0) == 1
+    first, second = int(target[0]), int(target[1])
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    keeps_batch = (first == 0 and not allowzero) or (batch is not None and first == batch)
+    return (second == n and (keeps_batch or first == -1)) or (second == -1 and keeps_batch)
+
+
+@rule("Reshape")
+def reshape_to_flatten(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A ``Reshape`` to ``[N, C*H*W]`` with a constant target -> ``Flatten(axis=1)`` (which keeps any batch).
+
+    CNTK writes ``Reshape([1, 256])`` (mnist-8), torch's dynamo exporter a constant Reshape with ``allowzero=1``,
+    the TorchScript exporter a Shape/Gather/Concat target (constant once :func:`fold_constants` ran with the
+    traced input shape)."""
+    if not _flatten_target(graph, node):
+        return False
+    graph.replace(node, [helper.make_node("Flatten", [node.input[0]], list(node.output), name=node.name, axis=1)])
+    return True
+
+
+@rule("ReduceMean")
+def reduce_mean_to_global_pool(graph: Graph, node: onnx.NodeProto) -> bool:
+    """``ReduceMean`` over the spatial axes of an NCHW map -> ``GlobalAveragePool`` (+ ``Flatten`` if
+    ``keepdims=0``). torch's dynamo exporter (``x.mean((2, 3))``, adaptive_avg_pool2d(1)) and tf2onnx
+    (``GlobalAveragePooling2D``) write it; axes as attribute (opset < 18) or input (opset >= 18)."""
+    attrs = _attrs(node)
+    shape = graph.shapes.get(node.input[0])
+    if len(node.input) > 1 and node.input[1]:
+        axes = graph.const(node.input[1])
+        if axes is None:
+            return False  # a computed axes input: constant folding may still resolve it
+        axes = [int(a) for a in axes.reshape(-1)]
+    else:
+        axes = [int(a) for a in attrs.get("axes", [])]
+    if shape is None:
+        return False
+    rank = len(shape)
+    normalized = sorted(a % rank for a in axes) if axes else list(range(rank))
+    if rank != 4 or normalized != [2, 3]:
+        raise CompileError(f"{_describe(node)}: attribute 'axes' = {axes or 'all'} is unsupported (only the spatial "
+                           f"axes [2, 3] of an NCHW map, as GlobalAveragePool)")
+    name = node.name or node.output[0]
+    if attrs.get("keepdims", 1):
+        graph.replace(node, [helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=name)])
+    else:
+        pooled = f"{name}_pooled"
+        graph.replace(node, [helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=name),
+                             helper.make_node("Flatten", [pooled], list(node.output), name=f"{name}_flatten", axis=1)])
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# the passes
+# ---------------------------------------------------------------------------------------------------
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), TARGET_OPSET)
+
+
+def _is_float(model: onnx.ModelProto) -> bool:
+    return not any(node.op_type in _QUANT_OPS for node in model.graph.node)
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Initializers also listed as graph inputs (IR version 3, e.g. CNTK's mnist-8) are constants, not inputs."""
+    constants = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in constants]
+    if len(inputs) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+        model.ir_version = max(model.ir_version, 4)
+
+
+def convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``onnx.version_converter`` to :data:`TARGET_OPSET`; a model it cannot convert keeps its opset if that is
+    13 or newer (the rules accept both forms), else CompileError."""
+    version = _opset(model)
+    if version == TARGET_OPSET:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, TARGET_OPSET)
+        onnx.checker.check_model(converted)
+        return converted
+    except Exception as error:
+        if version >= 13:
+            return model
+        text = " ".join(str(error).split())[:200]
+        raise CompileError(f"opset {version} could not be converted to opset {TARGET_OPSET} "
+                           f"(onnx.version_converter: {text})") from None
+
+
+def onnxruntime_basic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's basic graph optimizations of a float model (Conv+BatchNormalization, Conv+Add/Mul constants,
+    constant subgraphs, Identity/Dropout/Cast eliminations), or ``model`` unchanged if onnxruntime cannot load it
+    (the matcher then names what it does not support)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="flowtile-normalize-") as tmp:
+        path = Path(tmp) / "basic.onnx"
+        options.optimized_model_filepath = str(path)
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=_ORT_KEEP)
+            optimized = onnx.load(str(path))
+        except Exception as error:
+            logging.getLogger(__name__).debug("onnxruntime basic optimizations skipped: %s", error)
+            return model
+    if any(node.domain not in ("", "ai.onnx") for node in optimized.graph.node):
+        return model
+    # onnxruntime lists all its domains as opset imports and names fused nodes "<name>/<Fusion>": keep ours
+    del optimized.opset_import[:]
+    optimized.opset_import.extend(model.opset_import)
+    taken = {node.name for node in optimized.graph.node}
+    for node in optimized.graph.node:
+        base, _, suffix = node.name.rpartition("/")
+        if base and suffix.endswith("Fusion") and base not in taken:
+            taken.add(base)
+            node.name = base
+    return optimized
+
+
+def drop_unused_constants(model: onnx.ModelProto) -> None:
+    """Initializers no node reads any more (a folded Reshape's target shape, a fused bias) are dropped."""
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    if len(kept) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+
+
+def apply_rules(graph: Graph) -> None:
+    """Apply :data:`RULES` until none matches (re-inferring shapes after every rewrite)."""
+    for _ in range(_MAX_REWRITES):
+        changed = False
+        for node in graph.nodes:
+            for entry in RULES:
+                if entry.float_only and not graph.is_float:
+                    continue
+                if "*" in entry.ops or node.op_type in entry.ops:
+                    if entry.apply(graph, node):
+                        changed = True
+                        break
+            if changed:
+                break
+        if not changed:
+            return
+        graph.refresh()
+    raise CompileError(f"normalization did not settle after {_MAX_REWRITES} rewrites")
+
+
+def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A graph input (and output) with a fixed batch of 1 gets a symbolic batch: the batch is flowtile's.
+
+    Exporters trace with one example (CNTK, torch without ``dynamic_axes``). Kept fixed if the graph still
+    depends on it (shape inference then fails)."""
+    constants = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in constants]
+    fixed = [i for i in inputs if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value == 1]
+    if not fixed:
+        return model
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    for tensor in list(candidate.graph.input) + list(candidate.graph.output):
+        if tensor.name in constants:
+            continue
+        dims = tensor.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value == 1:
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    del candidate.graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(candidate, check_type=True, strict_mode=True)
+    except Exception:
+        return model
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model in the forms :mod:`.onnx_import` matches (a new ModelProto; ``model`` is not changed)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    drop_initializer_inputs(work)
+    work = convert_opset(work)
+    is_float = _is_float(work)
+    if is_float:
+        work = onnxruntime_basic(work)
+    graph = Graph(work, is_float)
+    apply_rules(graph)
+    drop_unused_constants(graph.model)
+    work = free_batch(graph.model)
+    work.graph.name = model.graph.name
+    return work

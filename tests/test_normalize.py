@@ -1,0 +1,357 @@
+"""compiler/normalize.py: the graph forms real exporters write, rewritten before matching.
+
+One small hand-built model per rule (onnx.helper). Each is checked twice:
+
+* the rewrite is exact: the normalized float model computes what the model as written computes (onnxruntime,
+  graph optimizations off; a fixed-batch model run one sample at a time);
+* it compiles (:func:`flowtile.compiler.compile_model`) and the emulator's outputs are within 1 LSB of
+  onnxruntime's run of the same int8 model (the contract of tests/test_differential.py).
+
+Plus the rejections: what a rule recognizes but cannot rewrite still ends in one line naming node, op and
+attribute.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from flowtile.arch import Arch
+from flowtile.compiler import CompileError, compile_model, int8_model
+from flowtile.compiler.normalize import RULES, TARGET_OPSET, normalize
+from flowtile.emulator import emulate
+from flowtile.host import input_flits, outputs_from_flits
+from flowtile.oracle import onnxruntime_int8_output, ort_session
+
+ARCH = Arch()
+C, H, W = 2, 8, 8  # the test input map
+N_OUT = 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# building and checking models
+# ---------------------------------------------------------------------------------------------------
+def _const(rng, *shape, scale=0.4) -> np.ndarray:
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def make(nodes, inits: dict, *, x_shape=("N", C, H, W), opset=TARGET_OPSET, y_shape=(None, None)) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = max(model.ir_version, 4)  # IR 3 (opset < 8) would list the initializers as inputs
+    onnx.checker.check_model(model)
+    return model
+
+
+def dense_tail(rng, inits: dict, source: str, n_in: int) -> list:
+    """Flatten -> Gemm(n_in -> N_OUT) reading ``source``, writing ``y``."""
+    inits.update(fc_w=_const(rng, N_OUT, n_in), fc_b=_const(rng, N_OUT))
+    return [helper.make_node("Flatten", [source], ["flat"], name="flatten", axis=1),
+            helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
+
+
+def conv(rng, inits: dict, name: str, source: str, out: str, c_out=4, c_in=C, k=3, bias=True, **attrs):
+    inits[f"{name}_w"] = _const(rng, c_out, c_in, k, k)
+    inputs = [source, f"{name}_w"]
+    if bias:
+        inits[f"{name}_b"] = _const(rng, c_out, scale=0.1)
+        inputs.append(f"{name}_b")
+    attrs.setdefault("kernel_shape", [k, k])
+    return helper.make_node("Conv", inputs, [out], name=name, **attrs)
+
+
+def _ort_float(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort_session(model)
+    name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else len(x)
+    return np.concatenate([session.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)])
+
+
+def check(model: onnx.ModelProto, *, x_shape=(C, H, W), seed=0, batch=5, absent=(), present=()) -> onnx.ModelProto:
+    """The checks of the module docstring; ``absent``/``present``: ops the normalized float graph must (not) have."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *x_shape)).astype(np.float32)
+    normalized = normalize(model)
+    ops = {node.op_type for node in normalized.graph.node}
+    assert not ops & set(absent), f"still there: {ops & set(absent)}"
+    assert set(present) <= ops, f"missing: {set(present) - ops}"
+    expected, got = _ort_float(model, x), _ort_float(normalized, x)
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+
+    int8 = int8_model(model, rng.standard_normal((32, *x_shape)).astype(np.float32))
+    program = compile_model(int8, ARCH)
+    _, flits = input_flits(program, x)
+    result = emulate(program, flits, len(x))
+    emu_q, _ = outputs_from_flits(program, result.out_flits, len(x))
+    ort_q, _ = onnxruntime_int8_output(int8, program, x)
+    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
+    assert diff.max() <= 1, f"emulator vs onnxruntime: {diff.max()} LSB"
+    return normalized
+
+
+def rejects(model: onnx.ModelProto, node: str, op: str, what: str) -> None:
+    with pytest.raises(CompileError) as caught:
+        int8_model(model, np.random.default_rng(0).standard_normal((8, C, H, W)).astype(np.float32))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"node '{node}' ({op})" in message and re.search(what, message), message
+
+
+def test_every_rule_has_a_docstring_naming_its_exporter():
+    for rule in RULES:
+        doc = rule.apply.__doc__ or ""
+        assert re.search(r"torch|CNTK|tf2onnx|keras|exporter", doc), rule.apply.__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# auto_pad -> explicit pads
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode,k,stride", [("SAME_UPPER", 3, 1), ("SAME_UPPER", 5, 2), ("SAME_LOWER", 3, 1),
+                                           ("SAME_UPPER", 2, 1), ("VALID", 3, 1)])
+def test_conv_auto_pad(mode, k, stride):
+    rng = np.random.default_rng(1)
+    inits = {}
+    out = {"VALID": (H - k) // stride + 1}.get(mode, -(-H // stride))
+    nodes = [conv(rng, inits, "conv", "x", "c", k=k, auto_pad=mode, strides=[stride, stride]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")] + dense_tail(rng, inits, "r", 4 * out * out)
+    normalized = check(make(nodes, inits))
+    attrs = {a.name: helper.get_attribute_value(a) for a in normalized.graph.node[0].attribute}
+    assert "auto_pad" not in attrs and len(attrs["pads"]) == 4
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_pool_auto_pad_same_upper(op):
+    rng = np.random.default_rng(2)
+    inits = {}
+    extra = {"count_include_pad": 1} if op == "AveragePool" else {}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node(op, ["c"], ["p"], name="pool", kernel_shape=[3, 3], strides=[2, 2],
+                              auto_pad="SAME_UPPER", **extra)] + dense_tail(rng, inits, "p", 4 * 4 * 4)
+    check(make(nodes, inits))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bias Adds, BatchNormalization, weight Transposes
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias_shape", [(4, 1, 1), (1, 4, 1, 1)])
+def test_conv_bias_add_is_folded(bias_shape):
+    """CNTK's form (mnist-8): Conv without bias -> Add(B [C, 1, 1])."""
+    rng = np.random.default_rng(3)
+    inits = {"add_b": _const(rng, *bias_shape)}
+    nodes = [conv(rng, inits, "conv", "x", "c", bias=False, pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "add_b"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu")] + dense_tail(rng, inits, "r", 4 * H * W)
+    check(make(nodes, inits), absent={"Add"})
+
+
+def test_gemm_and_matmul_bias_adds_are_folded():
+    rng = np.random.default_rng(4)
+    inits = {"w1": _const(rng, 16, 8), "b1": _const(rng, 8), "w2": _const(rng, 8, 3), "b2": _const(rng, 1, 3)}
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["g"], name="fc1"),
+             helper.make_node("Add", ["g", "b1"], ["a"], name="add1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["m"], name="fc2"),
+             helper.make_node("Add", ["m", "b2"], ["y"], name="add2")]
+    check(make(nodes, inits, x_shape=("N", 16)), x_shape=(16,), absent={"Add"})
+
+
+def test_batchnorm_after_conv_is_folded():
+    """torch's TorchScript exporter with constant folding off (training-mode export) keeps BatchNormalization."""
+    rng = np.random.default_rng(5)
+    inits = {"scale": 1 + _const(rng, 4, scale=0.2), "shift": _const(rng, 4), "mean": _const(rng, 4),
+             "var": (0.5 + rng.random(4)).astype(np.float32)}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["bn"], name="bn",
+                              epsilon=1e-5),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu")] + dense_tail(rng, inits, "r", 4 * H * W)
+    check(make(nodes, inits), absent={"BatchNormalization"})
+
+
+def test_transposed_constant_weight_is_folded():
+    """torch's nn.Linear as ``Transpose(W) -> MatMul -> Add`` (constant folding off)."""
+    rng = np.random.default_rng(6)
+    inits = {"w": _const(rng, 5, 12), "b": _const(rng, 5)}
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], name="wT", perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["m"], name="linear"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="bias")]
+    check(make(nodes, inits, x_shape=("N", 12)), x_shape=(12,), absent={"Transpose"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# flattens, fixed batches, pass-through nodes, ReduceMean
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target,allowzero,batch", [([1, 4 * H * W], 0, 1), ([0, -1], 0, "N"),
+                                                    ([-1, 4 * H * W], 1, "N"), ([1, -1], 1, 1)])
+def test_constant_reshape_is_a_flatten(target, allowzero, batch):
+    """CNTK's ``Reshape([1, 256])`` with a traced batch of 1; torch dynamo's constant Reshape with allowzero=1."""
+    rng = np.random.default_rng(7)
+    inits = {"shape": np.array(target, np.int64), "fc_w": _const(rng, 4 * H * W, N_OUT), "fc_b": _const(rng, N_OUT)}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["flat"], name="reshape", allowzero=allowzero),
+             helper.make_node("MatMul", ["flat", "fc_w"], ["m"], name="fc"),
+             helper.make_node("Add", ["m", "fc_b"], ["y"], name="fc_bias")]
+    normalized = check(make(nodes, inits, x_shape=(batch, C, H, W)), absent={"Reshape"})
+    assert normalized.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # any batch
+
+
+def test_torchscript_computed_reshape_is_a_flatten():
+    """torch's TorchScript exporter: ``Shape -> Gather(0) -> Unsqueeze -> Concat([., -1]) -> Reshape``, traced
+    with batch 1."""
+    rng = np.random.default_rng(8)
+    inits = {"zero": np.array(0, np.int64), "axes0": np.array([0], np.int64), "minus1": np.array([-1], np.int64)}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "zero"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsqueeze"),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["r", "target"], ["flat"], name="reshape")]
+    inits.update(fc_w=_const(rng, N_OUT, 4 * H * W), fc_b=_const(rng, N_OUT))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1))
+    check(make(nodes, inits, x_shape=(1, C, H, W)), absent={"Shape", "Gather", "Concat", "Reshape"})
+
+
+def test_identity_dropout_and_same_type_cast_are_removed():
+    rng = np.random.default_rng(9)
+    inits = {}
+    nodes = [helper.make_node("Identity", ["x"], ["xi"], name="identity_in"),
+             conv(rng, inits, "conv", "xi", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["c"], ["cc"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["cc"], ["r"], name="relu"),
+             helper.make_node("Dropout", ["r"], ["d"], name="dropout")]
+    nodes += dense_tail(rng, inits, "d", 4 * H * W)
+    nodes[-1].output[0] = "g"
+    nodes.append(helper.make_node("Identity", ["g"], ["y"], name="identity_out"))
+    check(make(nodes, inits), absent={"Identity", "Dropout", "Cast"})
+
+
+def test_same_type_cast_is_removed_in_a_qdq_model():
+    """The rules also run on int8 models (onnxruntime's optimizations do not): Identity and Cast between layers,
+    and auto_pad, in a model quantized outside flowtile."""
+    from flowtile.testing.random_models import quantize_qdq
+    import tempfile
+    from pathlib import Path
+    rng = np.random.default_rng(10)
+    inits = {}
+    nodes = [conv(rng, inits, "conv", "x", "c", auto_pad="SAME_UPPER"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")] + dense_tail(rng, inits, "r", 4 * H * W)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(make(nodes, inits), Path(tmp) / "float.onnx")
+        path = quantize_qdq(Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx",
+                            rng.standard_normal((16, C, H, W)).astype(np.float32), activation_uint8=False,
+                            per_channel=True)
+        qdq = onnx.load(str(path))
+    index = next(i for i, n in enumerate(qdq.graph.node) if n.op_type == "Flatten")
+    flatten = qdq.graph.node[index]
+    qdq.graph.node.insert(index, helper.make_node("Identity", [flatten.input[0]], ["ident"], name="identity"))
+    qdq.graph.node.insert(index + 1, helper.make_node("Cast", ["ident"], ["casted"], name="cast", to=TensorProto.FLOAT))
+    flatten.input[0] = "casted"
+    check(qdq, absent={"Identity", "Cast"})
+
+
+@pytest.mark.parametrize("keepdims,opset", [(1, 13), (0, 13), (1, 18), (0, 20)])
+def test_spatial_reduce_mean_is_a_global_average_pool(keepdims, opset):
+    """torch dynamo (opset >= 18: axes an input) and tf2onnx write global average pooling as ReduceMean."""
+    rng = np.random.default_rng(11)
+    inits = {}
+    if opset >= 18:
+        inits["axes"] = np.array([-2, -1], np.int64)
+        reduce = helper.make_node("ReduceMean", ["r", "axes"], ["m"], name="mean", keepdims=keepdims)
+    else:
+        reduce = helper.make_node("ReduceMean", ["r"], ["m"], name="mean", axes=[2, 3], keepdims=keepdims)
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             reduce] + dense_tail(rng, inits, "m", 4)
+    check(make(nodes, inits, opset=opset), absent={"ReduceMean"}, present={"GlobalAveragePool"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# opsets 7..22, and mnist-8's whole form
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opset", [7, 9, 11, 13, 20, 22])
+def test_opsets_are_converted(opset):
+    rng = np.random.default_rng(12)
+    inits = {}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
+    nodes += dense_tail(rng, inits, "p", 4 * 4 * 4)
+    normalized = check(make(nodes, inits, opset=opset))
+    assert normalized.opset_import[0].version in (TARGET_OPSET, opset)
+
+
+def test_cntk_form_of_mnist8():
+    """All of mnist-8's forms at once, at its opset 8: initializers listed as graph inputs, fixed batch 1,
+    auto_pad SAME_UPPER, bias Adds of shape [C, 1, 1], a constant Reshape of the dense weight, Reshape([1, n])."""
+    rng = np.random.default_rng(13)
+    inits = {"b": _const(rng, 4, 1, 1), "wfc": _const(rng, 4, 4, 4, N_OUT), "wshape": np.array([64, N_OUT], np.int64),
+             "xshape": np.array([1, 64], np.int64), "bfc": _const(rng, 1, N_OUT)}
+    nodes = [helper.make_node("Reshape", ["wfc", "wshape"], ["wfc2"], name="wreshape"),
+             conv(rng, inits, "conv", "x", "c", bias=False, auto_pad="SAME_UPPER", kernel_shape=[3, 3]),
+             helper.make_node("Add", ["c", "b"], ["a"], name="plus"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Reshape", ["p", "xshape"], ["flat"], name="reshape"),
+             helper.make_node("MatMul", ["flat", "wfc2"], ["m"], name="times"),
+             helper.make_node("Add", ["m", "bfc"], ["y"], name="plus2")]
+    model = make(nodes, inits, x_shape=(1, C, H, W), opset=8)
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    model.ir_version = 3
+    normalized = check(model, absent={"Reshape", "Add"})
+    assert [i.name for i in normalized.graph.input] == ["x"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# rejections: one line naming node, op and attribute
+# ---------------------------------------------------------------------------------------------------
+def test_reduce_mean_over_channels_is_rejected():
+    rng = np.random.default_rng(20)
+    inits = {}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c"], ["m"], name="mean", axes=[1], keepdims=1)]
+    nodes += dense_tail(rng, inits, "m", H * W)
+    rejects(make(nodes, inits, opset=13), "mean", "ReduceMean", r"attribute 'axes' = \[1\] is unsupported")
+
+
+def test_cast_to_another_type_is_rejected():
+    rng = np.random.default_rng(21)
+    inits = {}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["c"], ["c16"], name="to_half", to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["c16"], ["cf"], name="to_float", to=TensorProto.FLOAT)]
+    nodes += dense_tail(rng, inits, "cf", 4 * H * W)
+    rejects(make(nodes, inits), "to_half", "Cast", r"attribute 'to' = FLOAT16 is unsupported")
+
+
+def test_dropout_mask_is_rejected():
+    rng = np.random.default_rng(22)
+    inits = {}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Dropout", ["c"], ["d", "mask"], name="drop"),
+             helper.make_node("Cast", ["mask"], ["maskf"], name="mask_float", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["d", "maskf"], ["dm"], name="mul")]
+    nodes += dense_tail(rng, inits, "dm", 4 * H * W)
+    rejects(make(nodes, inits), "drop", "Dropout", r"output 'mask' is unsupported")
+
+
+def test_auto_pad_with_dilation_still_names_the_attribute():
+    """auto_pad is made explicit, and the matcher then names what it does not support (dilations)."""
+    rng = np.random.default_rng(23)
+    inits = {}
+    nodes = [conv(rng, inits, "conv", "x", "c", auto_pad="SAME_UPPER", dilations=[2, 2]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")] + dense_tail(rng, inits, "r", 4 * H * W)
+    rejects(make(nodes, inits), "conv", "Conv", r"attribute 'dilations' = \[2, 2\] is unsupported")
+
+
+def test_unsupported_op_after_normalization_still_names_node_and_op():
+    rng = np.random.default_rng(24)
+    inits = {}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["s"], name="gate")] + dense_tail(rng, inits, "s", 4 * H * W)
+    rejects(make(nodes, inits), "gate", "Sigmoid", r"unsupported op")
