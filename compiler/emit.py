@@ -311,6 +311,13 @@ def report(program: Program) -> str:
                  f"{100 * program.macs_per_inference / (interval * arch.n_tiles * arch.lanes):.1f}%")
     lines.append("estimates are per tile without stalls (section 6 rule 4); back-pressure between the tiles of a "
                  "split layer can make the real interval longer")
+    output = program.output
+    if output.post == "softmax":
+        quantized = (f", then quantized and dequantized (scale {output.post_quant[0]:.6g}, zero point "
+                     f"{output.post_quant[1]}, {output.post_quant[2]}) as the model does" if output.post_quant else "")
+        lines.append(f"host: the model's last op, a Softmax over axis {output.post_axis} (output "
+                     f"'{output.post_name}'), runs on the host in float after the chip's last layer{quantized}; the "
+                     f"chip outputs its input '{output.name}' (int8, compared with onnxruntime's)")
     def queued_words(tile: TileProgram) -> int:
         return tile.config.forwarded_words + tile.config.n_pass
 

@@ -18,7 +18,10 @@ Convolutions lower exactly like dense layers, ``sum_j`` running over the ``C x K
 ``pad_value = z_x``. Lane layers (op LANE: depthwise Conv, AveragePool, GlobalAveragePool) too, per channel
 ``c`` over its own ``KH x KW`` window: ``bias_c = b_c - z_x * sum W[c]``; an average pool has all-one weights,
 ``b = 0`` and weight scale ``1 / (KH*KW)``, so ``bias_c = -z_x * KH*KW`` and ``M_c / 2^S_c ~= s_x / (KH*KW*s_y)``. Max pooling has no parameters: ``op`` MAX, ``pad_value = -128``, clamp
-``[-128, 127]`` (ReLU raises ``clamp_lo`` to the zero point). Weight *values* stay in ONNX order here;
+``[-128, 127]`` (ReLU raises ``clamp_lo`` to the zero point). An Affine layer (a per-channel ``a_c x + b_c``
+between its own Q/DQ pairs after a requantized layer: BatchNormalization, a bias Add, a Mul by a constant) is a
+1x1 lane layer with ``W_c = ±127``, ``w_c = |a_c|/127`` and ``B_c = rne(b_c / (s_x w_c))``: within 1 LSB of the
+model's second rounding (:func:`affine_integers` derives the bound). Weight *values* stay in ONNX order here;
 :func:`weight_rows` lays them out in SRAM words for a given lane count (section 4.1).
 
 A residual Add (op ADD, section 4.2) of ``a (s_a, z_a)`` and ``b (s_b, z_b)`` into ``(s_y, z_y)``: operand
@@ -41,7 +44,7 @@ from flowtile.arch import ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, SHIFT_BITS
 from .errors import CompileError
 from .onnx_import import LANE_OPS, AddLayer, ConcatLayer, DenseLayer, PoolLayer, Window, layer_sources
 
-__all__ = ["LoweredLayer", "lower_layers", "pack_input_window", "lower_layer", "quantize_multiplier", "reference_forward",
+__all__ = ["LoweredLayer", "lower_layers", "affine_integers", "pack_input_window", "lower_layer", "quantize_multiplier", "reference_forward",
            "weight_rows", "lane_params", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
 
 MIN_SHIFT = 1
@@ -179,10 +182,70 @@ def _lower_join(layer: AddLayer | ConcatLayer) -> LoweredLayer:
         concat_channels_a=getattr(layer, "channels_a", 0))
 
 
+#: The magnitude of an Affine layer's weights (the largest int8 magnitude both signs reach).
+AFFINE_WEIGHT = 127
+
+
+def affine_integers(layer: DenseLayer) -> DenseLayer:
+    """An imported op "Affine" layer (a per-channel ``a_c * x + b_c`` between Q/DQ pairs) with its integer weight,
+    bias and weight scales chosen, so that :func:`lower_layer` lowers it like any lane layer (op LANE, 1x1).
+
+    The model computes, per channel ``c``, from the first layer's int8 output ``y1`` (``s1, z1``; its clamp and
+    rounding are the first layer's own, reproduced by that layer) and the output quantization ``(s2, z2)``::
+
+        v = (s1 (y1 - z1) a_c + b_c) / s2,      y2 = clamp(rne(v) + z2)
+
+    The LANE layer computes ``acc = W_c (y1 - z1) + B_c`` (the ``- W_c z1`` folded into the bias as for every
+    layer) and ``y2' = clamp(rne(acc M_c / 2^S_c) + z2)``. Choose ``W_c = sign(a_c) * 127``, weight scale
+    ``w_c = |a_c| / 127`` (so ``W_c w_c = a_c`` exactly), ``B_c = rne(b_c / (s1 w_c))`` and
+    ``M_c / 2^S_c ~= r_c = s1 w_c / s2`` (:func:`quantize_multiplier`). Then::
+
+        acc r_c = s1 a_c (y1 - z1) / s2 + b_c / s2 + (B_c - b_c / (s1 w_c)) r_c = v + e_bias,
+        |e_bias| <= r_c / 2 = s1 |a_c| / (254 s2)
+
+    and the multiplier's relative error ``|M_c / 2^S_c - r_c| / r_c <= 2^-31`` adds ``|e_mult| <= 2^-31 |v|``:
+    below ``2^-22`` LSB wherever the output is not saturated (``|v| < 384``; saturated results stay saturated,
+    the clamp being monotonic; with ``S_c`` clamped to 62 the absolute error is below ``2^-32`` LSB). So the
+    pre-rounding value differs from the model's by ``e <= s1 |a_c| / (254 s2) + 2^-22`` LSB. Whenever ``e < 1``,
+    ``rne`` and the clamp move the result by at most 1 LSB, and not at all unless ``v`` lies within ``e`` of a
+    rounding tie (for a bias Add, ``a_c = 1`` and ``s1 ~= s2``: ``e ~= 0.004`` LSB, so about 0.8 % of values at
+    most, typically fewer). The compiler refuses a channel with ``s1 |a_c| / s2 >= 200`` (``e`` could approach 1:
+    one input step would be hundreds of output steps). A channel with ``a_c = 0`` gets ``W_c = 0`` and
+    ``w_c = s2 / (127 s1)`` (``r_c = 1/127``: the constant ``b_c / s2`` to within ``1/254`` LSB). ``|B_c|`` must
+    leave room for ``|W_c z1| + 128 * 127`` in the 32-bit accumulator, else CompileError (it needs
+    ``|b_c / s2| > 2^23 r_c``: an offset of millions of output steps per input step).
+
+    The bound assumes the first layer's ``y1`` equals onnxruntime's; that layer is itself within 1 LSB (section 8)
+    and, on the rare ``y1`` that differs, ``y2`` differs by about ``s1 |a_c| / s2`` LSB more.
+    """
+    a, b = (np.asarray(v, np.float64) for v in layer.affine)
+    s1, s2 = float(layer.input.scale), float(layer.output.scale)
+    where = f"layer '{layer.name}' (Affine)"
+    ratio = s1 * np.abs(a) / s2
+    if np.any(ratio >= 200):
+        c = int(np.argmax(ratio))
+        raise CompileError(f"{where}: channel {c} multiplies the input step by {ratio[c]:.4g} output steps "
+                           f"(scale {a[c]:.6g}, s_x {s1:.6g}, s_y {s2:.6g}); one LANE layer stays within 1 LSB "
+                           f"only below 200")
+    zero = a == 0
+    weight_scales = np.where(zero, s2 / (AFFINE_WEIGHT * s1), np.abs(a) / AFFINE_WEIGHT)
+    weight = np.where(zero, 0, np.where(a < 0, -AFFINE_WEIGHT, AFFINE_WEIGHT)).astype(np.int64)
+    bias = np.rint(b / (s1 * weight_scales))
+    room = _ACC_MAX - 128 * AFFINE_WEIGHT - AFFINE_WEIGHT * 128
+    if np.any(np.abs(bias) > room):
+        c = int(np.argmax(np.abs(bias)))
+        raise CompileError(f"{where}: channel {c}'s offset {b[c]:.6g} is {abs(bias[c]):.4g} accumulator units "
+                           f"(> {room}); the {ACC_BITS}-bit PE accumulator could wrap")
+    return dataclasses.replace(layer, weight=weight.reshape(-1, 1, 1, 1).astype(np.int8),
+                               bias=bias.astype(np.int32), weight_scales=weight_scales)
+
+
 def lower_layer(layer: DenseLayer | PoolLayer | AddLayer | ConcatLayer) -> LoweredLayer:
     """One imported layer -> :class:`LoweredLayer` (bias folding, multipliers, clamps, overflow proof)."""
     if isinstance(layer, (AddLayer, ConcatLayer)):
         return _lower_join(layer)
+    if isinstance(layer, DenseLayer) and layer.op == "Affine" and layer.affine is not None:
+        layer = affine_integers(layer)  # the integer form of a per-channel affine step (derivation there)
     if isinstance(layer, PoolLayer):
         channels = layer.window.channels
         zero = np.zeros(channels, np.int64)

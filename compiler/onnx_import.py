@@ -33,6 +33,17 @@ Accepted models are MLPs and CNNs, a chain from the graph input to the graph out
   the same height and width, the inputs' scales and zero points free. The layers
   keep their sources (:func:`layer_sources`); the shorter branch is listed first. Nested forks, forks of
   vectors, forks into more than two readers and broadcasting Adds are rejected naming the tensor or node.
+* a per-channel affine step after a requantized layer, between its own Q/DQ pairs (two roundings, as
+  ``quantize_static`` writes a float ``MatMul + Add`` such as torch's unfused ``nn.Linear``, or a Conv followed by a
+  BatchNormalization node)::
+
+      layer -> Q -> DQ -> (Add(DQ(b) | b) | Mul(DQ(a) | a) | BatchNormalization) -> [Relu|Clip] -> Q -> DQ
+
+  the constants per tensor or per channel: a second, lane layer of op ``"Affine"`` (:func:`match_affine`; its
+  integers and error bound: :func:`compiler.lower.affine_integers`).
+* a trailing ``Softmax [-> Q -> DQ]`` (the network's last op) runs on the host in float: the program's output is
+  the Softmax's input, with the post-op recorded in its :class:`~flowtile.program.TensorSpec`
+  (:func:`match_host_softmax`). A Softmax anywhere else is rejected naming it.
 * float models of the same ops (plus Add as a MatMul bias or a residual join), which :func:`import_onnx` first
   quantizes with ``quantize_static`` (QDQ format) and then imports as above.
 
@@ -68,9 +79,9 @@ DEFAULT_CALIBRATION_SAMPLES = 256
 
 _QUANT_DTYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
 _FLOAT_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Reshape", "Conv", "MaxPool", "Clip", "AveragePool",
-              "GlobalAveragePool", "Concat"}
+              "GlobalAveragePool", "Concat", "Mul", "BatchNormalization", "Softmax"}
 #: Layers the PE computes lane by lane (op = LANE, docs/architecture.md section 4.1).
-LANE_OPS = ("DepthwiseConv", "AveragePool", "GlobalAveragePool")
+LANE_OPS = ("DepthwiseConv", "AveragePool", "GlobalAveragePool", "Affine")
 _RESHAPE_OPS = {"Flatten", "Reshape"}
 
 
@@ -144,6 +155,11 @@ class DenseLayer:
     #: Conv only: its ONNX ``group`` when it is a grouped (not depthwise) convolution, whose ``weight`` is
     #: then already expanded to block-diagonal ``[n_out, C, KH, KW]``; 1 otherwise.
     groups: int = 1
+    #: op "Affine" (a requantized per-channel ``y = a_c * x + b_c``: BatchNormalization, a bias Add, a Mul by a
+    #: constant, between their own Q/DQ pairs): float64 ``(a [C], b [C])`` as the model states them. ``weight``
+    #: (int8 ``[C, 1, 1, 1]``), ``bias`` and ``weight_scales`` are placeholders until
+    #: :func:`compiler.lower.lower_layer` chooses them (``window``: the map, or a vector as ``(n, 1, 1)``, 1x1).
+    affine: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def is_lane(self) -> bool:
@@ -616,7 +632,7 @@ class _Cursor:
     def at_join(self) -> bool:
         """At an Add or Concat of two activations (the join of a residual block), not of a constant."""
         return (self.at("Add", "Concat") and len(self.node.input) == 2
-                and all(self.graph.const(name) is None for name in self.node.input))
+                and all(_affine_constant(self.graph, name) is None for name in self.node.input))
 
     def at(self, *ops: str) -> bool:
         return self.node is not None and self.node.op_type in ops
@@ -717,10 +733,8 @@ def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int,
         bias = match_bias_add(graph, cursor.node, cursor.tensor, acc_scale)
         cursor.take({"Add"}, "Add")
     out_params, relu, clip_max = match_output(cursor, dense)
-    if cursor.at("Add"):  # what quantize_static makes of a float MatMul + Add: two roundings, no single PE layer
-        raise CompileError(f"{_describe(cursor.node)}: adds a bias after {_describe(dense)}'s output was "
-                           f"requantized; one PE layer cannot reproduce the two roundings (compile the float "
-                           f"model, which fuses MatMul + Add into Gemm before quantizing)")
+    # An Add(bias) after the requantization (quantize_static's MatMul -> Q -> DQ -> Add -> Q -> DQ) is a layer of
+    # its own: the chain walk matches it as an affine step (match_affine), so both roundings happen.
     if bias is None:
         bias = np.zeros(weight.shape[0], np.int32)
     return DenseLayer(dense.name or f"{dense.op_type.lower()}_{index}", dense.op_type, weight, bias, x_params,
@@ -954,6 +968,11 @@ def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
                 raise CompileError(f"the branch from tensor '{fork}' through {_describe(reader)} ends at "
                                    f"'{walker.tensor}' without meeting an Add or Concat; flowtile compiles forks "
                                    f"only as residual blocks")
+            if _at_affine(walker):
+                layer = match_affine(walker, params, shape, len(layers) + len(found))
+                found.append(layer)
+                params, shape = layer.output, layer.out_shape
+                continue
             if not walker.at(*_WINDOWED_OPS):
                 _reject_unsupported(walker)
                 raise CompileError(f"{_describe(walker.node)}: unsupported op inside a residual branch (Conv, "
@@ -1013,10 +1032,149 @@ def _reject_unsupported(cursor: _Cursor) -> None:
     if node is not None and node.op_type == "Concat":
         raise CompileError(f"{_describe(node)}: a Concat here is unsupported (flowtile compiles a Concat as the join "
                            f"of a block whose two branches fork from one feature map)")
+    if node is not None and node.op_type == "Softmax":
+        raise CompileError(f"{_describe(node)}: a Softmax is supported only as the network's last op (it runs on the "
+                           f"host, after the chip's last layer)")
+    if node is not None and node.op_type == "Mul":
+        raise CompileError(f"{_describe(node)}: unsupported op here (flowtile compiles a Mul only by a per-channel "
+                           f"constant after a requantized layer, between Q/DQ pairs)")
     if node is not None and node.op_type in ("GlobalMaxPool",
                                               "BatchNormalization", "ConvTranspose", "Pad", "Resize"):
         raise CompileError(f"{_describe(node)}: unsupported op (flowtile compiles Conv, depthwise Conv, MaxPool, "
                            f"AveragePool, GlobalAveragePool, Relu, Flatten/Reshape and MatMul/Gemm layers)")
+
+
+_AFFINE_OPS = {"Add", "Mul", "BatchNormalization"}
+
+
+def _affine_constant(graph: _Graph, name: str) -> np.ndarray | None:
+    """A constant operand as onnxruntime sees it (float32): a float initializer/Constant, or a DequantizeLinear of
+    constants (``(q - zp) * scale``, per-axis scales broadcast); None for anything computed."""
+    value = graph.const(name)
+    if value is not None:
+        return value.astype(np.float32) if value.dtype.kind == "f" else None
+    node = graph.producer.get(name)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    q, scale = graph.const(node.input[0]), graph.const(node.input[1])
+    has_zp = len(node.input) > 2 and node.input[2]
+    zp = graph.const(node.input[2]) if has_zp else np.zeros((), np.int64)
+    if q is None or scale is None or zp is None:
+        return None
+    if scale.size > 1 or zp.size > 1:
+        axis = graph.attrs(node).get("axis", 1)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape) if scale.size > 1 else scale, zp.reshape(shape) if zp.size > 1 else zp
+    return (q.astype(np.int64) - zp.astype(np.int64)).astype(np.float32) * scale.astype(np.float32)
+
+
+def _at_affine(cursor: _Cursor) -> bool:
+    """At a BatchNormalization, or an Add/Mul of the activation and a constant (plain or dequantized)."""
+    if cursor.forks or cursor.node is None or not cursor.at(*_AFFINE_OPS):
+        return False
+    node = cursor.node
+    if node.op_type == "BatchNormalization":
+        return True
+    return len(node.input) == 2 and [_affine_constant(cursor.graph, name) is None for name in node.input].count(True) == 1
+
+
+def _channel_vector(graph: _Graph, node: onnx.NodeProto, name: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """The constant ``name`` broadcast against the activation ``[N, *shape]`` -> one float64 value per channel
+    (``shape[0]``), or CompileError if it would change the shape or vary within a channel."""
+    value = _affine_constant(graph, name)
+    if value is None:
+        raise CompileError(f"{_describe(node)}: {what} '{name}' must be a constant (or a DequantizeLinear of one)")
+    if node.op_type == "BatchNormalization":  # its parameters are 1-D [C], not broadcast
+        if value.ndim != 1 or value.size != shape[0]:
+            raise CompileError(f"{_describe(node)}: {what} has shape {list(value.shape)}, expected [{shape[0]}]")
+        return value.astype(np.float64)
+    full = (1, *shape)
+    try:
+        if value.ndim > len(full) or np.broadcast_shapes(value.shape, full) != full:
+            raise ValueError
+        expanded = np.broadcast_to(value, full)[0].reshape(shape[0], -1)
+    except ValueError:
+        raise CompileError(f"{_describe(node)}: {what} of shape {list(value.shape)} does not broadcast to the "
+                           f"activation [N, {', '.join(map(str, shape))}]") from None
+    if np.any(expanded != expanded[:, :1]):
+        raise CompileError(f"{_describe(node)}: {what} of shape {list(value.shape)} varies within a channel; only "
+                           f"per-tensor or per-channel constants are supported")
+    return expanded[:, 0].astype(np.float64)
+
+
+def match_affine(cursor: _Cursor, x_params: QuantParams, shape: tuple[int, ...], index: int) -> DenseLayer:
+    """A per-channel affine step ``y = a_c * DQ(x) + b_c`` after a requantized layer, with its own output
+    quantization: ``BatchNormalization`` (inference form), ``Add(x, b)`` (e.g. quantize_static's int8 bias after a
+    requantized MatMul) or ``Mul(x, a)``, the constant per tensor or per channel, plain or ``DQ(constant)``;
+    then ``[Relu|Clip] -> Q -> DQ``. ``shape``: the activation, a map ``(C, H, W)`` or a vector ``(n,)`` (channel
+    = element). Returns a lane layer of op ``"Affine"`` (1x1 window) carrying ``(a, b)``; its integer weight and
+    bias are chosen by lowering (:func:`compiler.lower.lower_layer`, where the error bound is derived).
+    """
+    graph = cursor.graph
+    x = cursor.tensor
+    node = cursor.take(_AFFINE_OPS, "an affine step")
+    channels = shape[0]
+    if node.op_type == "BatchNormalization":
+        attrs = graph.attrs(node)
+        if attrs.get("training_mode", 0) != 0:
+            raise CompileError(f"{_describe(node)}: attribute 'training_mode' = {attrs['training_mode']} is "
+                               f"unsupported (only inference, 0)")
+        if any(name for name in node.output[1:]):
+            raise CompileError(f"{_describe(node)}: outputs 'running_mean'/'running_var' are unsupported")
+        if node.input[0] != x or len(node.input) != 5:
+            raise CompileError(f"{_describe(node)}: expected BatchNormalization(X, scale, B, mean, var)")
+        if len(shape) != 3:
+            raise CompileError(f"{_describe(node)}: its input '{x}' is not a feature map [N, C, H, W]")
+        gamma, beta, mean, var = (_channel_vector(graph, node, name, shape, what) for name, what in
+                                  zip(node.input[1:], ("input 'scale'", "input 'B'", "input 'input_mean'",
+                                                       "input 'input_var'")))
+        a = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+        b = beta - mean * a
+    else:
+        operand = node.input[1] if node.input[0] == x else node.input[0]
+        value = _channel_vector(graph, node, operand, shape, "constant operand")
+        a, b = (np.ones(channels), value) if node.op_type == "Add" else (value, np.zeros(channels))
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise CompileError(f"{_describe(node)}: its per-channel scale or offset is not finite")
+    out_params, relu, clip_max = match_output(cursor, node)
+    window = (Window(channels, shape[1], shape[2], 1, 1, 1, 0, 0, shape[1], shape[2]) if len(shape) == 3
+              else Window(channels, 1, 1, 1, 1, 1, 0, 0, 1, 1))
+    return DenseLayer(node.name or f"affine_{index}", "Affine", np.zeros((channels, 1, 1, 1), np.int8),
+                      np.zeros(channels, np.int32), x_params, np.ones(channels), out_params, relu, window=window,
+                      clip_max=clip_max, affine=(a, b))
+
+
+def match_host_softmax(cursor: _Cursor, shape: tuple[int, ...]) -> dict:
+    """The network's last op: ``Softmax [-> Q -> DQ]`` after the chip's last layer, run on the host in float.
+
+    Returns the output :class:`TensorSpec` fields (``post``, ``post_axis``, ``post_quant``, ``post_name``) and
+    ``chip_output``: the Softmax's input, the tensor the chip computes. A Softmax that is not last raises naming it.
+    """
+    graph = cursor.graph
+    chip_output = cursor.tensor
+    softmax = cursor.take({"Softmax"}, "Softmax")
+    attrs = graph.attrs(softmax)
+    opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    rank = len(shape) + 1
+    axis = attrs.get("axis", -1 if opset >= 13 else 1)
+    if not -rank <= axis < rank:
+        raise CompileError(f"{_describe(softmax)}: attribute 'axis' = {axis} is out of range for rank {rank}")
+    axis %= rank
+    if axis == 0 or (opset < 13 and axis != rank - 1):
+        raise CompileError(f"{_describe(softmax)}: attribute 'axis' = {attrs.get('axis')} is unsupported "
+                           f"({'the batch axis' if axis == 0 else 'opset < 13 flattens from the axis'}; "
+                           f"the host applies Softmax along one non-batch axis)")
+    post_quant = None
+    if cursor.at("QuantizeLinear"):
+        params = match_qdq(cursor, f"the QuantizeLinear of {_describe(softmax)}'s output")
+        post_quant = (params.scale, params.zero_point, params.dtype)
+    if cursor.node is not None or cursor.forks:
+        following = cursor.node or cursor.forks[0]
+        raise CompileError(f"{_describe(softmax)} is not the network's last op ({_describe(following)} follows); "
+                           f"flowtile runs a Softmax on the host only after the chip's last layer")
+    return {"chip_output": chip_output, "post": "softmax", "post_axis": axis, "post_quant": post_quant,
+            "post_name": cursor.tensor}
 
 
 def _check_all_nodes_on_chain(graph: _Graph, cursor: _Cursor) -> None:
@@ -1045,10 +1203,20 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
     in_params = x_params = match_qdq(cursor, "the input QuantizeLinear")
     layers: list[DenseLayer | PoolLayer | AddLayer] = []
     source = -1  # the layer whose output the cursor's tensor is (-1: the graph input)
+    host_post: dict = {}  # a trailing Softmax run on the host (match_host_softmax)
     while not layers or cursor.node is not None or cursor.forks:
         if cursor.forks and fmap is not None:
             cursor, x_params, fmap, source = _match_residual(cursor, x_params, fmap, source, layers)
             continue
+        if layers and _at_affine(cursor):  # a requantized per-channel affine step: a second (LANE) layer
+            layer = match_affine(cursor, x_params, fmap if fmap is not None else (n,), len(layers))
+            layer.sources = (source,)
+            layers.append(layer)
+            x_params, source = layer.output, len(layers) - 1
+            continue
+        if layers and cursor.at("Softmax"):
+            host_post = match_host_softmax(cursor, fmap if fmap is not None else (n,))
+            break
         _reject_unsupported(cursor)
         if fmap is not None and cursor.at(*_WINDOWED_OPS):
             layer = _match_windowed(cursor, x_params, fmap, len(layers))
@@ -1076,11 +1244,13 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
                                 layout="chw")
     else:
         input_spec = TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype)
+    chip_output = host_post.pop("chip_output", cursor.tensor)  # with a host Softmax: the Softmax's input
     if fmap is not None:
-        output_spec = TensorSpec(cursor.tensor, tuple(fmap), x_params.scale, x_params.zero_point, x_params.dtype,
-                                 layout="chw")
+        output_spec = TensorSpec(chip_output, tuple(fmap), x_params.scale, x_params.zero_point, x_params.dtype,
+                                 layout="chw", **host_post)
     else:
-        output_spec = TensorSpec(cursor.tensor, (n,), x_params.scale, x_params.zero_point, x_params.dtype)
+        output_spec = TensorSpec(chip_output, (n,), x_params.scale, x_params.zero_point, x_params.dtype,
+                                 **host_post)
     return ImportedModel(name=model_name, layers=layers, input=input_spec, output=output_spec,
                          qdq_model=graph.model)
 

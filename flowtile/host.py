@@ -9,7 +9,7 @@ import numpy as np
 from .program import Program, TensorSpec
 
 __all__ = ["InputError", "check_input", "quantize", "dequantize", "pack_flits", "unpack_flits",
-           "input_flits", "outputs_from_flits"]
+           "input_flits", "outputs_from_flits", "apply_post"]
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
 
@@ -113,7 +113,31 @@ def input_flits(program: Program, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return q, pack_flits(q, program.arch.lanes, program.input)
 
 
+def apply_post(y: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """The output's host post-op (``spec.post``) on the dequantized float output ``[batch, *shape]``.
+
+    "softmax": float32 ``exp(y - max) / sum exp(y - max)`` along ``spec.post_axis``, as onnxruntime's Softmax; then,
+    if the model quantizes the Softmax's output (``spec.post_quant``), ONNX QuantizeLinear and DequantizeLinear with
+    those parameters, so the result is what onnxruntime returns for the model's output.
+    """
+    if spec.post is None:
+        return y
+    y = y.astype(np.float32)
+    shifted = np.exp(y - np.max(y, axis=spec.post_axis, keepdims=True))
+    y = (shifted / np.sum(shifted, axis=spec.post_axis, keepdims=True)).astype(np.float32)
+    if spec.post_quant is not None:
+        scale, zero_point, dtype = spec.post_quant
+        lo, hi = _RANGES[dtype]
+        q = np.clip(np.rint(y / np.float32(scale)) + zero_point, lo, hi)
+        y = ((q - zero_point) * np.float32(scale)).astype(np.float32)
+    return y
+
+
 def outputs_from_flits(program: Program, flits: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Received flits -> (int8 values ``[batch, n_out]``, float output ``[batch, *shape]``)."""
+    """Received flits -> (int8 values ``[batch, n_out]``, float output ``[batch, *shape]``).
+
+    The int8 values are the chip's output; the float output has the host post-op applied (:func:`apply_post`:
+    a model's trailing Softmax), so it is the model's output.
+    """
     q = unpack_flits(flits, batch, program.output.length, program.output)
-    return q, dequantize(q, program.output)
+    return q, apply_post(dequantize(q, program.output), program.output)

@@ -32,6 +32,10 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def onnxruntime_int8_output(model, program: Program, x: np.ndarray):
     """(int8-domain outputs ``[batch, n]``, float outputs) of the int8 model as onnxruntime computes it.
 
+    The int8 outputs are those of the chip's output tensor (``program.output.name``): with a host post-op (a
+    trailing Softmax, ``program.output.post``) the Softmax's input, quantized with the program's output
+    parameters; the float outputs are always the model's final output.
+
     ``model`` (path or ModelProto) must be the int8 model that was compiled: a float model is quantized once,
     by :func:`flowtile.compiler.int8_model`, and that one result goes to the compiler and here.
     """
@@ -40,8 +44,21 @@ def onnxruntime_int8_output(model, program: Program, x: np.ndarray):
     if not is_quantized(model):
         raise ValueError("onnxruntime_int8_output needs the int8 model that was compiled, got a float model: "
                          "quantize it once with flowtile.compiler.int8_model and pass the result to both")
-    y = _run(model, x)
-    return quantize(y.reshape(y.shape[0], -1), program.output), y
+    spec = program.output
+    if spec.post is None:
+        y = _run(model, x)
+        return quantize(y.reshape(y.shape[0], -1), spec), y
+    # A host post-op (a trailing Softmax): the chip computes the Softmax's input, so the int8 comparison is against
+    # that tensor, made an extra graph output of a copy; the float output is the model's own (after the Softmax).
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if spec.name not in [o.name for o in copy.graph.output]:
+        copy.graph.output.append(onnx.helper.make_tensor_value_info(spec.name, onnx.TensorProto.FLOAT, None))
+    session = ort_session(copy)
+    names = [o.name for o in session.get_outputs()]
+    wanted = [spec.post_name or names[0], spec.name]
+    y, logits = session.run(wanted, {session.get_inputs()[0].name: x.astype(np.float32)})
+    return quantize(logits.reshape(logits.shape[0], -1), spec), y
 
 
 def onnxruntime_float_output(model_path, x: np.ndarray) -> np.ndarray:

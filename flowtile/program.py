@@ -115,6 +115,16 @@ class TensorSpec:
     layout: str = "flat"
     #: layout "im2col": ``(kernel_h, kernel_w, stride, pad_top, pad_left, out_height, out_width)``
     window: tuple[int, ...] | None = None
+    #: Program outputs only: a host post-op applied in float after dequantizing (:func:`flowtile.host.outputs_from_flits`):
+    #: None, or "softmax" (the model's trailing Softmax; the chip computes its input, this tensor).
+    post: str | None = None
+    #: post "softmax": the axis of the float output ``[batch, *shape]`` it normalizes (1 .. len(shape)).
+    post_axis: int = -1
+    #: post "softmax" followed by Q/DQ in the model: ``(scale, zero_point, dtype)`` the host quantizes and
+    #: dequantizes the Softmax's output with (what onnxruntime returns); None: the float Softmax.
+    post_quant: tuple | None = None
+    #: post: the model's output tensor after the post-op (the name onnxruntime gives it).
+    post_name: str | None = None
 
     def __post_init__(self):
         if self.layout not in ("flat", "chw", "im2col"):
@@ -128,6 +138,15 @@ class TensorSpec:
                                         or min(self.window[:3] + self.window[5:]) < 1):
             raise ProgramError(f"tensor '{self.name}': window {list(self.window)} is not (kernel_h, kernel_w, "
                                f"stride, pad_top, pad_left, out_height, out_width) with positive sizes")
+        if self.post not in (None, "softmax"):
+            raise ProgramError(f"tensor '{self.name}': post-op '{self.post}' is not 'softmax'")
+        if self.post is not None and not 1 <= self.post_axis <= len(self.shape):
+            raise ProgramError(f"tensor '{self.name}': softmax axis {self.post_axis} is not an axis of "
+                               f"[batch, {', '.join(map(str, self.shape))}] other than the batch")
+        if self.post_quant is not None and (len(self.post_quant) != 3 or not float(self.post_quant[0]) > 0
+                                            or self.post_quant[2] not in ("int8", "uint8")):
+            raise ProgramError(f"tensor '{self.name}': post quantization {list(self.post_quant)} is not "
+                               f"(scale > 0, zero_point, 'int8' or 'uint8')")
 
     @property
     def length(self) -> int:
@@ -148,14 +167,21 @@ class TensorSpec:
              "zero_point": self.zero_point, "dtype": self.dtype, "layout": self.layout}
         if self.window is not None:
             d["window"] = list(self.window)
+        if self.post is not None:  # only then: programs without a post-op keep the version-6 manifest unchanged
+            d["post"] = {"op": self.post, "axis": self.post_axis, "name": self.post_name,
+                         "quant": list(self.post_quant) if self.post_quant is not None else None}
         return d
 
     @classmethod
     def from_dict(cls, d):
         window = d.get("window")
+        post = d.get("post") or {}
+        quant = post.get("quant")
         return cls(d["name"], tuple(int(s) for s in d["shape"]), float(d["scale"]), int(d["zero_point"]),
                    d.get("dtype", "int8"), d.get("layout", "flat"),
-                   tuple(int(v) for v in window) if window is not None else None)
+                   tuple(int(v) for v in window) if window is not None else None,
+                   post.get("op"), int(post.get("axis", -1)),
+                   (float(quant[0]), int(quant[1]), str(quant[2])) if quant is not None else None, post.get("name"))
 
 
 @dataclass(frozen=True)
