@@ -16,11 +16,13 @@ Accepted models are MLPs and CNNs, a chain from the graph input to the graph out
         -> MaxPool -> Q -> DQ (same scale and zero point as its input) -> [Relu -> Q -> DQ] ...
         -> Flatten|Reshape -> [Q -> DQ] -> Gemm/MatMul layers as above
 
-  Conv: 2-D, dilation 1, kernel 1..7, equal strides 1..3, pads 0..7, auto_pad NOTSET.
+  Conv: 2-D, dilation 1, kernel 1..255 (up to the padded map; 8-bit registers), equal strides 1..3, pads below
+  the kernel (top/bottom < KH, left/right < KW), auto_pad NOTSET.
   Depthwise Conv (group = input channels = output channels, weight ``[C, 1, KH, KW]``): the same limits,
   imported as op ``"DepthwiseConv"``; other grouped Convs become a Conv with a block-diagonal weight.
-  MaxPool: kernel 1..7, equal strides 1..3, pads < kernel and <= 7, ceil_mode 0, dilation 1.
-  AveragePool (same limits, ``count_include_pad = 1`` unless unpadded) and GlobalAveragePool (the whole map,
+  MaxPool: the same limits, ceil_mode 0.
+  AveragePool (same limits, ``count_include_pad = 1`` unless unpadded; an unpadded window over the whole map is
+  imported as a GlobalAveragePool) and GlobalAveragePool (the whole map,
   ``H x W`` window): ``DQ -> pool -> [Relu|Clip] -> Q -> DQ``, the output scale possibly new (quantize_static
   keeps an AveragePool's input quantization, but a folded Relu or a GlobalAveragePool gets its own).
   Depthwise Conv and the average pools are *lane layers* (:data:`LANE_OPS`, op LANE of section 4.1):
@@ -741,10 +743,11 @@ def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int,
                       scales, out_params, relu, input_map=input_map, clip_max=clip_max)
 
 
-#: Limits of the windowing registers (flowtile.arch.CONFIG_FIELDS widths).
-MAX_KERNEL = 7
+#: Limits of the windowing registers (flowtile.arch.CONFIG_FIELDS widths: kernel_h/kernel_w, pad_top/pad_left,
+#: the map registers 8 bits, stride 2 bits). Pads are further kept below the kernel (:func:`check_window_attributes`).
+MAX_KERNEL = 255
 MAX_STRIDE = 3
-MAX_PAD = 7
+MAX_PAD = MAX_KERNEL - 1  # pads stay below the kernel
 MAX_MAP = 255
 
 
@@ -770,7 +773,7 @@ def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int
                            f"(2-D windows{f' matching the weight {list(kernel)}' if kernel is not None else ''})")
     if not all(1 <= k <= MAX_KERNEL for k in shape):
         raise CompileError(f"{_describe(node)}: attribute 'kernel_shape' = {shape} is unsupported "
-                           f"(1..{MAX_KERNEL} each)")
+                           f"(1..{MAX_KERNEL} each: 8-bit kernel registers)")
     dilations = _ints(attrs, "dilations", [1, 1])
     if any(d != 1 for d in dilations):
         raise CompileError(f"{_describe(node)}: attribute 'dilations' = {dilations} is unsupported (only 1)")
@@ -779,8 +782,12 @@ def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int
         raise CompileError(f"{_describe(node)}: attribute 'strides' = {strides} is unsupported "
                            f"(equal strides 1..{MAX_STRIDE})")
     pads = _ints(attrs, "pads", [0, 0, 0, 0])
-    if len(pads) != 4 or not all(0 <= p <= MAX_PAD for p in pads):
-        raise CompileError(f"{_describe(node)}: attribute 'pads' = {pads} is unsupported (0..{MAX_PAD} each side)")
+    kh, kw = shape
+    # pads = [top, left, bottom, right]; below the kernel, every window reads at least one map row and column
+    # (so every band of output rows stores input rows, section 8)
+    if len(pads) != 4 or not all(0 <= p < k for p, k in zip(pads, (kh, kw, kh, kw))):
+        raise CompileError(f"{_describe(node)}: attribute 'pads' = {pads} is unsupported (below the {kh}x{kw} "
+                           f"kernel: top and bottom 0..{kh - 1}, left and right 0..{kw - 1})")
     if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0) == 0 and any(pads):
         raise CompileError(f"{_describe(node)}: attribute 'count_include_pad' = 0 with 'pads' = {pads} is unsupported "
                            f"(border windows would divide by their own sizes; use count_include_pad = 1 or no padding)")
@@ -801,8 +808,8 @@ def match_window(graph: _Graph, node: onnx.NodeProto, in_shape: tuple[int, int, 
     out_h = (height + top + bottom - kh) // stride + 1
     out_w = (width + left + right - kw) // stride + 1
     if out_h < 1 or out_w < 1:
-        raise CompileError(f"{_describe(node)}: a {kh}x{kw} window does not fit the padded "
-                           f"{height}x{width} input map")
+        raise CompileError(f"{_describe(node)}: attribute 'kernel_shape' = {[kh, kw]} is unsupported: the window "
+                           f"does not fit the padded {height}x{width} input map")
     for what, value in (("input height", height), ("input width", width), ("output height", out_h),
                         ("output width", out_w)):
         if value > MAX_MAP:
@@ -874,13 +881,14 @@ def match_avgpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
     """(Global)AveragePool(DQ(x)) [-> Relu|Clip] -> Q -> DQ [-> Relu -> Q -> DQ]: a lane layer with all-one
     weights, weight scale ``1 / (KH*KW)`` and no bias (the output scale may differ from the input's).
 
-    GlobalAveragePool windows the whole map (``H x W`` kernel, one output pixel). AveragePool: kernel 1..7,
-    equal strides 1..3, pads 0..7 and smaller than the kernel, ``count_include_pad = 1`` unless unpadded,
-    ceil_mode 0, dilation 1.
+    GlobalAveragePool windows the whole map (``H x W`` kernel, one output pixel). AveragePool: kernel 1..255,
+    equal strides 1..3, pads below the kernel, ``count_include_pad = 1`` unless unpadded, ceil_mode 0, dilation 1;
+    an unpadded ``H x W`` window (one output pixel, e.g. ResNet-8's 8x8 AveragePool) is a GlobalAveragePool.
     """
     graph = cursor.graph
     pool = cursor.take({"AveragePool", "GlobalAveragePool"}, "AveragePool or GlobalAveragePool")
     channels, height, width = in_shape
+    op_type = pool.op_type
     if pool.op_type == "GlobalAveragePool":
         if height > MAX_MAP or width > MAX_MAP:
             raise CompileError(f"{_describe(pool)}: a {height}x{width} window exceeds {MAX_MAP} (8-bit kernel registers)")
@@ -889,16 +897,18 @@ def match_avgpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
     else:
         window = match_window(graph, pool, in_shape, None, {"auto_pad", "ceil_mode", "count_include_pad",
                                                             "dilations", "kernel_shape", "pads", "strides"})
-        if max(window.pad_top, window.pad_left) >= min(window.kernel_h, window.kernel_w):
-            raise CompileError(f"{_describe(pool)}: attribute 'pads' must be smaller than the kernel")
         name = pool.name or f"averagepool_{index}"
+        if (window.kernel_h, window.kernel_w, window.pad_top, window.pad_left, window.out_height,
+                window.out_width) == (height, width, 0, 0, 1, 1):  # the whole map, unpadded: a global pool
+            window = Window(channels, height, width, height, width, 1, 0, 0, 1, 1)
+            op_type = "GlobalAveragePool"
     if cursor.node is None:
         raise CompileError(f"{_describe(pool)}: its output is not quantized (the graph ends there); flowtile needs "
                            f"a QuantizeLinear after it")
     out_params, relu, clip_max = match_output(cursor, pool)
     area = window.kernel_h * window.kernel_w
     weight = np.ones((channels, 1, window.kernel_h, window.kernel_w), np.int8)
-    return DenseLayer(name, pool.op_type, weight, np.zeros(channels, np.int32), x_params,
+    return DenseLayer(name, op_type, weight, np.zeros(channels, np.int32), x_params,
                       np.full(channels, 1.0 / area), out_params, relu, window=window, clip_max=clip_max)
 
 
@@ -915,8 +925,6 @@ def match_maxpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
         raise CompileError(f"{_describe(pool)}: attribute 'storage_order' = {attrs['storage_order']} is unsupported")
     window = match_window(graph, pool, in_shape, None,
                           {"auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides", "storage_order"})
-    if max(window.pad_top, window.pad_left) >= min(window.kernel_h, window.kernel_w):
-        raise CompileError(f"{_describe(pool)}: attribute 'pads' must be smaller than the kernel")
     node = cursor.node
     out_params = match_qdq(cursor, f"the QuantizeLinear of {_describe(pool)}'s output")
     if out_params != x_params:

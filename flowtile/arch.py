@@ -56,11 +56,11 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("in_height", 8, False),     # input feature map, stored pixel-major (row-major), words_per_pixel words a pixel
     ("in_width", 8, False),
     ("words_per_pixel", 16, False),
-    ("kernel_h", 8, False),      # window size (the compiler allows 1..7 for convolutions; global pools are larger)
+    ("kernel_h", 8, False),      # window size, 1..255 (any window up to the map: e.g. a global pool's H x W)
     ("kernel_w", 8, False),
     ("stride", 2, False),        # 1..3, both directions
-    ("pad_top", 3, False),       # window origin offset; positions outside the map read pad_value lanes
-    ("pad_left", 3, False),
+    ("pad_top", 8, False),       # window origin offset; positions outside the map read pad_value lanes (the
+    ("pad_left", 8, False),      # compiler keeps pads < kernel; the registers hold 0..255, as wide as the kernel)
     ("pad_value", 8, True),      # the input zero point for OP_MAC, -128 for OP_MAX
     ("out_row_begin", 8, False), # this tile computes output rows [out_row_begin, out_row_begin + out_rows)
     ("out_rows", 8, False),

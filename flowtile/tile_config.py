@@ -30,8 +30,9 @@ TWO_OPERAND_WINDOWS = {
 }
 
 #: Ranges of the windowing registers of a computing tile (section 4.1), beyond what their widths allow. Kernels
-#: may span a whole 8-bit map (global pools as LANE layers); the compiler, not the hardware, limits convolutions
-#: to 1..7.
+#: may span a whole 8-bit map (convolutions and pools alike: a global pool is a window over the whole map); the
+#: pads ``pad_top``/``pad_left`` may be anything their 8 bits hold (the compiler keeps them below the kernel, the
+#: hardware needs no such rule: a window that reads only padding is computed like any other).
 WINDOW_RANGES = {"in_height": (1, None), "in_width": (1, None), "words_per_pixel": (1, None),
                  "kernel_h": (1, 255), "kernel_w": (1, 255), "stride": (1, 3), "out_rows": (1, None),
                  "out_width": (1, None)}

@@ -1058,7 +1058,8 @@ def test_convolution_too_wide_for_one_tile_splits_over_channel_groups(tmp_path):
 
 UNSUPPORTED = [
     ([("conv", 4, 3, 1, [1, 1, 1, 1], {"dilations": [2, 2]})], r"node 'conv0' \(Conv\): attribute 'dilations'"),
-    ([("conv", 4, 9, 1, [4, 4, 4, 4])], r"node 'conv0' \(Conv\): attribute 'kernel_shape' = \[9, 9\]"),
+    ([("conv", 4, 3, 1, [1, 1, 1, 1]), ("pool", 3, 1, [0, 0, 3, 0])],
+     r"node 'pool1' \(MaxPool\): attribute 'pads' = \[0, 0, 3, 0\] is unsupported \(below the 3x3 kernel"),
     # auto_pad is made explicit on import (compiler/normalize.py); what the matcher cannot take is still named
     ([("conv", 4, 3, 1, [0, 0, 0, 0], {"auto_pad": "SAME_UPPER", "dilations": [2, 2]})],
      r"node 'conv0' \(Conv\): attribute 'dilations' = \[2, 2\]"),
@@ -1068,7 +1069,8 @@ UNSUPPORTED = [
      r"node 'avgpool1' \(AveragePool\): attribute 'count_include_pad' = 0 with 'pads' = \[1, 1, 1, 1\]"),
     ([("conv", 4, 3, 1, [1, 1, 1, 1]), ("avgpool", 2, 2, [0, 0, 0, 0], {"ceil_mode": 1})],
      r"node 'avgpool1' \(AveragePool\): attribute 'ceil_mode' = 1"),
-    ([("dw", 8, 1, [1, 1, 1, 1])], r"node 'conv0' \(Conv\): attribute 'kernel_shape' = \[8, 8\]"),
+    ([("dw", (5, 3), 1, [2, 3, 2, 1])], r"node 'conv0' \(Conv\): attribute 'pads' = \[2, 3, 2, 1\] is unsupported \(below "
+                                        r"the 5x3 kernel"),
 ]
 
 
