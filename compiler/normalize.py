@@ -232,14 +232,13 @@ def fold_constants(graph: Graph, node: onnx.NodeProto) -> bool:
 @rule("Identity", "Dropout")
 def remove_identity(graph: Graph, node: onnx.NodeProto) -> bool:
     """``Identity`` (torch.onnx and tf2onnx write them around parameters and outputs) and inference ``Dropout``
-    (kept as a node by torch's exporter in training-export mode and by keras2onnx) pass their input through."""
+    (kept as a node by torch's exporter in training-export mode and by keras2onnx) pass their input through.
+    flowtile runs inference: a ``training_mode`` input is ignored, as onnxruntime's EliminateDropout does; a
+    Dropout whose ``mask`` output is read is rejected."""
     if node.op_type == "Dropout":
         if len(node.output) > 1 and node.output[1] and (graph.consumers.get(node.output[1]) or
                                                         node.output[1] in graph.outputs):
             raise CompileError(f"{_describe(node)}: output 'mask' is unsupported (inference Dropout only)")
-        training = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if (len(node.input) > 2 and node.input[2] and training is None) or (training is not None and bool(training)):
-            raise CompileError(f"{_describe(node)}: input 'training_mode' is unsupported (only false: inference)")
     return graph.bypass(node, node.input[0])
 
 

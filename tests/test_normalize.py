@@ -231,28 +231,46 @@ def test_identity_dropout_and_same_type_cast_are_removed():
     check(make(nodes, inits), absent={"Identity", "Dropout", "Cast"})
 
 
-def test_same_type_cast_is_removed_in_a_qdq_model():
-    """The rules also run on int8 models (onnxruntime's optimizations do not): Identity and Cast between layers,
-    and auto_pad, in a model quantized outside flowtile."""
+def _qdq(nodes, inits, opset: int, seed: int) -> onnx.ModelProto:
+    """The float model of ``nodes`` quantized outside flowtile, as ``quantize_static`` writes it."""
     from flowtile.testing.random_models import quantize_qdq
     import tempfile
     from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(make(nodes, inits, opset=opset), Path(tmp) / "float.onnx")
+        path = quantize_qdq(Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx",
+                            np.random.default_rng(seed).standard_normal((16, C, H, W)).astype(np.float32),
+                            activation_uint8=False, per_channel=True)
+        return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_rules_run_on_qdq_models(opset):
+    """The rules also run on int8 models (onnxruntime's optimizations do not): auto_pad, and an Identity and a
+    same-type Cast between layers, in a model quantized outside flowtile (opset 21: converted down to 17)."""
     rng = np.random.default_rng(10)
     inits = {}
     nodes = [conv(rng, inits, "conv", "x", "c", auto_pad="SAME_UPPER"),
              helper.make_node("Relu", ["c"], ["r"], name="relu")] + dense_tail(rng, inits, "r", 4 * H * W)
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(make(nodes, inits), Path(tmp) / "float.onnx")
-        path = quantize_qdq(Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx",
-                            rng.standard_normal((16, C, H, W)).astype(np.float32), activation_uint8=False,
-                            per_channel=True)
-        qdq = onnx.load(str(path))
+    qdq = _qdq(nodes, inits, opset, 10)
     index = next(i for i, n in enumerate(qdq.graph.node) if n.op_type == "Flatten")
     flatten = qdq.graph.node[index]
     qdq.graph.node.insert(index, helper.make_node("Identity", [flatten.input[0]], ["ident"], name="identity"))
     qdq.graph.node.insert(index + 1, helper.make_node("Cast", ["ident"], ["casted"], name="cast", to=TensorProto.FLOAT))
     flatten.input[0] = "casted"
     check(qdq, absent={"Identity", "Cast"})
+
+
+def test_qdq_bias_add_with_its_own_quantization_is_left_alone():
+    """``MatMul -> Q -> DQ -> Add(DQ(b))`` (quantize_static on a raw export) is the matcher's: two roundings."""
+    rng = np.random.default_rng(14)
+    inits = {"w": _const(rng, 4 * H * W, N_OUT), "b": _const(rng, N_OUT)}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["flat"], name="flatten", axis=1),
+             helper.make_node("MatMul", ["flat", "w"], ["m"], name="fc"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="fc_bias")]
+    qdq = _qdq(nodes, inits, TARGET_OPSET, 14)
+    assert [n.op_type for n in normalize(qdq).graph.node] == [n.op_type for n in qdq.graph.node]
 
 
 @pytest.mark.parametrize("keepdims,opset", [(1, 13), (0, 13), (1, 18), (0, 20)])
