@@ -177,6 +177,30 @@ def test_affine_output_almost_always_exact(tmp_path):
     assert diff.max() <= 1 and np.mean(diff > 0) < 0.02, (diff.max(), np.mean(diff > 0))
 
 
+def test_batchnorm_inside_a_residual_branch(tmp_path):
+    """``conv -> relu -> [conv -> BN] + identity -> relu``: the Affine layer inside the residual branch, the block's
+    Add of two activations still a join."""
+    rng = np.random.default_rng(41)
+    c = 4
+    inits = {"w0": rng.standard_normal((c, 2, 3, 3)) * 0.4, "wa": rng.standard_normal((c, c, 3, 3)) * 0.3,
+             "gamma": rng.uniform(0.5, 2, c), "beta": rng.standard_normal(c) * 0.3,
+             "mean": rng.standard_normal(c) * 0.2, "var": rng.uniform(0.5, 2, c),
+             "fw": rng.standard_normal((3, c * 25)) * 0.2, "fb": np.zeros(3)}
+    nodes = [helper.make_node("Conv", ["input", "w0"], ["c0"], name="conv0", pads=[1] * 4),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "wa"], ["ca"], name="conva", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["ca", "gamma", "beta", "mean", "var"], ["bn"], name="bn"),
+             helper.make_node("Add", ["bn", "r0"], ["sum"], name="join"),
+             helper.make_node("Relu", ["sum"], ["r1"], name="relu1"),
+             helper.make_node("Flatten", ["r1"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fw", "fb"], ["y"], name="fc", transB=1)]
+    model = quantized(tmp_path, _model(nodes, inits, [2, 5, 5], "y", [3]),
+                      rng.standard_normal((64, 2, 5, 5)).astype(np.float32))
+    program = compile_model(model, ARCHS["4x4-l8"])
+    assert [layer.op.split("+")[0] for layer in program.layers] == ["Conv", "Conv", "Affine", "Add", "Gemm"]
+    run_and_compare(model, program, (1.5 * rng.standard_normal((8, 2, 5, 5))).astype(np.float32))
+
+
 def _affine_layer(a, b, s1, s2, z1=3, z2=-5):
     n = len(a)
     return DenseLayer("affine", "Affine", np.zeros((n, 1, 1, 1), np.int8), np.zeros(n, np.int32),
