@@ -312,7 +312,7 @@ def test_rtl_hand_built_9x9_conv_matches_golden():
     rng = np.random.default_rng(22)
     shape, batch = (3, 10, 10), 2
     conv = Conv(rng.integers(-20, 20, (5, 3, 9, 9), dtype=np.int8), rng.integers(-3000, 3000, 5),
-                5 << 28, 44, zp_in=-3, zp_out=2, clamp_lo=2, pads=(4, 4, 4, 4), pixel_bands=[37, 63])
+                5 << 28, 39, zp_in=-3, zp_out=2, clamp_lo=-100, pads=(4, 4, 4, 4), pixel_bands=[37, 63])
     program = build_program(RTL_ARCH, [conv], input_shape=shape, act_fill=rng)
     assert [(t.config.kernel_h, t.config.pad_left) for t in program.tiles[:2]] == [(9, 4)] * 2
     x = rng.integers(-128, 128, (batch, int(np.prod(shape))), dtype=np.int8)
