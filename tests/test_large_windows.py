@@ -305,16 +305,21 @@ def test_rtl_8x8_average_pool_matches_emulator(tmp_path):
 # (d) a hand-built program: a 9x9 convolution, pads 4, in two bands, against its golden model
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.rtl
-def test_rtl_hand_built_9x9_conv_matches_golden():
+@pytest.mark.parametrize("shape, kernel, pads, bands, shift", [
+    ((3, 10, 10), (9, 9), (4, 4, 4, 4), [37, 63], 39),
+    ((2, 3, 4), (12, 10), (11, 9, 11, 9), [100, 82], 37),   # pads beyond the former 3-bit registers
+], ids=["9x9-pad4", "12x10-pad11x9"])
+def test_rtl_hand_built_large_conv_matches_golden(shape, kernel, pads, bands, shift):
     from flowtile.host import pack_flits
     from flowtile.rtl.simulate import simulate
     from flowtile.testing.program_builder import Conv, build_program, network_golden
     rng = np.random.default_rng(22)
-    shape, batch = (3, 10, 10), 2
-    conv = Conv(rng.integers(-20, 20, (5, 3, 9, 9), dtype=np.int8), rng.integers(-3000, 3000, 5),
-                5 << 28, 39, zp_in=-3, zp_out=2, clamp_lo=-100, pads=(4, 4, 4, 4), pixel_bands=[37, 63])
+    batch = 2
+    conv = Conv(rng.integers(-20, 20, (5, shape[0], *kernel), dtype=np.int8), rng.integers(-3000, 3000, 5),
+                5 << 28, shift, zp_in=-3, zp_out=2, clamp_lo=-100, pads=pads, pixel_bands=bands)
     program = build_program(RTL_ARCH, [conv], input_shape=shape, act_fill=rng)
-    assert [(t.config.kernel_h, t.config.pad_left) for t in program.tiles[:2]] == [(9, 4)] * 2
+    assert [(t.config.kernel_h, t.config.kernel_w, t.config.pad_left) for t in program.tiles[:2]] == \
+        [(*kernel, pads[1])] * 2
     x = rng.integers(-128, 128, (batch, int(np.prod(shape))), dtype=np.int8)
     golden = network_golden([conv], x, shape, RTL_ARCH.lanes)
     assert len(np.unique(golden)) > 20

@@ -619,6 +619,24 @@ def test_qlinearconv_compiles_bit_exact_against_onnxruntime():
     assert diff.max() <= 1, f"max |diff| {diff.max()} LSB ({np.count_nonzero(diff)} of {diff.size} values)"
 
 
+@pytest.mark.parametrize("change", [
+    dict(kernel=9, pads=4),                              # a 9x9 window on the 6x6 map: most positions padded
+    dict(kernel=6, pads=5, stride=3, x_type=np.int8),    # the whole map, pads up to kernel - 1
+    dict(channels=4, group=4, outputs=4, kernel=6, pads=0),   # depthwise over the whole map (op LANE)
+], ids=["9x9-pad4", "6x6-pad5-stride3", "depthwise-6x6"])
+def test_qlinearconv_with_windows_as_large_as_the_map(change):
+    """Kernels beyond the former 1..7 and pads beyond kernel // 2 (up to kernel - 1): within 1 LSB of onnxruntime."""
+    rng = np.random.default_rng(6)
+    model, params = _random_qlinearconv(rng, **change)
+    program = compile_model(_with_float_io(model, (params["x_scale"], params["x_zero_point"]),
+                                           (params["y_scale"], params["y_zero_point"])), GRIDS[0], pack_input=False)
+    windows = {(t.config.kernel_h, t.config.kernel_w, t.config.pad_left) for t in program.tiles if t.config.n_out}
+    assert windows == {(change["kernel"], change["kernel"], change["pads"])}
+    x = _random_x(rng, model, batch=4)
+    diff = np.abs(_emulate_integers(program, x) - _ort(model, {"x": x}).astype(np.int64))
+    assert diff.max() <= 1, f"max |diff| {diff.max()} LSB ({np.count_nonzero(diff)} of {diff.size} values)"
+
+
 @pytest.mark.parametrize("change, pattern", [
     (dict(weight=np.array([0, 1] * 54, np.uint8).reshape(4, 3, 3, 3), w_type=np.uint8,
           w_zero_point=np.full((4,), 255, np.uint8)), r"node 'qc/dequantize_w' \(DequantizeLinear\): non-zero weight "
