@@ -424,6 +424,31 @@ def reduce_mean_to_global_pool(graph: Graph, node: onnx.NodeProto) -> bool:
     return True
 
 
+@rule("AveragePool")
+def whole_map_average_pool(graph: Graph, node: onnx.NodeProto) -> bool:
+    """An ``AveragePool`` whose one window covers the whole map (kernel = map, no top/left padding, a 1x1
+    output whatever the strides) -> ``GlobalAveragePool``. Keras' ``AveragePooling2D(pool_size=map)`` (its
+    strides default to the pool size) and torch's ``avg_pool2d(x, x.shape[2:])`` write it: MLPerf Tiny's
+    ResNet-8 (8x8) and DS-CNN (25x5). The window reads no padding, so ``count_include_pad`` does not matter."""
+    shape = graph.shapes.get(node.input[0])
+    attrs = _attrs(node)
+    if shape is None or len(shape) != 4 or attrs.get("ceil_mode", 0) or \
+            attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return False
+    height, width = shape[2], shape[3]
+    kernel = list(attrs.get("kernel_shape", []))
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    strides = list(attrs.get("strides", [1, 1]))
+    if kernel != [height, width] or len(pads) != 4 or pads[0] or pads[1] or len(strides) != 2:
+        return False
+    if any((size + pad_end - k) // stride + 1 != 1
+           for size, pad_end, k, stride in ((height, pads[2], height, strides[0]), (width, pads[3], width, strides[1]))):
+        return False
+    graph.replace(node, [helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                                          name=node.name or node.output[0])])
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------
 # the passes
 # ---------------------------------------------------------------------------------------------------

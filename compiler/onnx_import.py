@@ -21,8 +21,8 @@ Accepted models are MLPs and CNNs, a chain from the graph input to the graph out
   Depthwise Conv (group = input channels = output channels, weight ``[C, 1, KH, KW]``): the same limits,
   imported as op ``"DepthwiseConv"``; other grouped Convs become a Conv with a block-diagonal weight.
   MaxPool: the same limits, ceil_mode 0.
-  AveragePool (same limits, ``count_include_pad = 1`` unless unpadded; an unpadded window over the whole map is
-  imported as a GlobalAveragePool) and GlobalAveragePool (the whole map,
+  AveragePool (same limits, ``count_include_pad = 1`` unless unpadded; :mod:`.normalize` makes one window over
+  the whole map, whatever its strides, a GlobalAveragePool) and GlobalAveragePool (the whole map,
   ``H x W`` window): ``DQ -> pool -> [Relu|Clip] -> Q -> DQ``, the output scale possibly new (quantize_static
   keeps an AveragePool's input quantization, but a folded Relu or a GlobalAveragePool gets its own).
   Depthwise Conv and the average pools are *lane layers* (:data:`LANE_OPS`, op LANE of section 4.1):
@@ -898,10 +898,6 @@ def match_avgpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
         window = match_window(graph, pool, in_shape, None, {"auto_pad", "ceil_mode", "count_include_pad",
                                                             "dilations", "kernel_shape", "pads", "strides"})
         name = pool.name or f"averagepool_{index}"
-        if (window.kernel_h, window.kernel_w, window.pad_top, window.pad_left, window.out_height,
-                window.out_width) == (height, width, 0, 0, 1, 1):  # the whole map, unpadded: a global pool
-            window = Window(channels, height, width, height, width, 1, 0, 0, 1, 1)
-            op_type = "GlobalAveragePool"
     if cursor.node is None:
         raise CompileError(f"{_describe(pool)}: its output is not quantized (the graph ends there); flowtile needs "
                            f"a QuantizeLinear after it")
