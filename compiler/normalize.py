@@ -363,6 +363,57 @@ def fold_bias_add(graph: Graph, node: onnx.NodeProto) -> bool:
     return True
 
 
+@rule("BatchNormalization", float_only=True)
+def fold_dense_batchnorm(graph: Graph, node: onnx.NodeProto) -> bool:
+    """An inference ``BatchNormalization`` on a vector ``[N, C]`` straight after a float Gemm or MatMul (constant
+    2-D weight, 2-D activation) -> folded into that layer's weight and bias (a Gemm).
+
+    torch writes ``nn.Linear -> nn.BatchNorm1d`` this way (torchvision-style MLPs, MLPerf Tiny's FC autoencoder);
+    onnxruntime's basic optimizations fold Conv+BatchNormalization but not Gemm/MatMul+BatchNormalization. With
+    ``a = scale / sqrt(var + epsilon)``: ``W' = alpha * W * a`` along the output axis, ``bias' = a * beta_gemm * C + B - mean * a``
+    (so alpha = beta = 1). The same in float arithmetic as the graph states, up to float32 rounding."""
+    attrs = _attrs(node)
+    if attrs.get("training_mode", 0) != 0 or len(node.input) != 5 or any(name for name in node.output[1:]):
+        return False  # the matcher names what it does not support
+    shape = graph.shapes.get(node.input[0])
+    if shape is None or len(shape) != 2:
+        return False
+    dense = next((n for n in graph.model.graph.node if node.input[0] in n.output), None)
+    if dense is None or dense.op_type not in ("Gemm", "MatMul") or graph.only_reader(node.input[0]) is not node:
+        return False
+    params = [graph.const(name) for name in node.input[1:]]
+    weight = graph.const(dense.input[1]) if len(dense.input) > 1 else None
+    a_shape = graph.shapes.get(dense.input[0])
+    if weight is None or weight.ndim != 2 or a_shape is None or len(a_shape) != 2 or \
+            any(p is None or p.ndim != 1 for p in params):
+        return False
+    dense_attrs = _attrs(dense)
+    if dense.op_type == "Gemm" and dense_attrs.get("transA", 0):
+        return False
+    transposed = dense.op_type == "Gemm" and bool(dense_attrs.get("transB", 0))
+    channels = weight.shape[0] if transposed else weight.shape[1]
+    if any(p.size != channels for p in params):
+        return False
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    a = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+    old = np.zeros(channels)
+    if dense.op_type == "Gemm" and len(dense.input) > 2 and dense.input[2]:
+        c = graph.const(dense.input[2])
+        if c is None or c.size not in (1, channels):
+            return False
+        old = np.broadcast_to(c.astype(np.float64).reshape(-1), (channels,)) * float(dense_attrs.get("beta", 1.0))
+    alpha = float(dense_attrs.get("alpha", 1.0)) if dense.op_type == "Gemm" else 1.0
+    scaled = weight.astype(np.float64) * alpha * (a[:, None] if transposed else a[None, :])
+    name = dense.name or dense.output[0]
+    w_name = graph.add_const(f"{name}_bn_weight", scaled.astype(np.float32))
+    b_name = graph.add_const(f"{name}_bn_bias", (old * a + beta - mean * a).astype(np.float32))
+    fused = helper.make_node("Gemm", [dense.input[0], w_name, b_name], [node.output[0]], name=name,
+                             transB=int(transposed))
+    graph.replace(node, [])
+    graph.replace(dense, [fused])
+    return True
+
+
 def _flatten_target(graph: Graph, node: onnx.NodeProto) -> bool:
     """Whether the Reshape ``node`` is a flatten ``[N, ...] -> [N, prod(...)]`` (its target shape constant)."""
     target = graph.const(node.input[1]) if len(node.input) > 1 else None
@@ -517,6 +568,15 @@ def onnxruntime_basic(model: onnx.ModelProto) -> onnx.ModelProto:
         if base and suffix.endswith("Fusion") and base not in taken:
             taken.add(base)
             node.name = base
+    # ... or "<Fusion>_<Op>" (MatMul+BatchNormalization -> "MatMulBnFusion_Gemm"): the name of the one original
+    # node that read the same activation
+    original = {node.name for node in model.graph.node}
+    for node in optimized.graph.node:
+        if "Fusion" in node.name and node.name not in original and node.input:
+            readers = [n for n in model.graph.node if n.input and n.input[0] == node.input[0]]
+            if len(readers) == 1 and readers[0].name and readers[0].name not in taken:
+                taken.add(readers[0].name)
+                node.name = readers[0].name
     return optimized
 
 

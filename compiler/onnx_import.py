@@ -1109,7 +1109,8 @@ def _channel_vector(graph: _Graph, node: onnx.NodeProto, name: str, shape: tuple
 
 def match_affine(cursor: _Cursor, x_params: QuantParams, shape: tuple[int, ...], index: int) -> DenseLayer:
     """A per-channel affine step ``y = a_c * DQ(x) + b_c`` after a requantized layer, with its own output
-    quantization: ``BatchNormalization`` (inference form), ``Add(x, b)`` (e.g. quantize_static's int8 bias after a
+    quantization: ``BatchNormalization`` (inference form, on a map or on a vector ``[N, C]`` as torch's
+    ``BatchNorm1d`` after ``nn.Linear``), ``Add(x, b)`` (e.g. quantize_static's int8 bias after a
     requantized MatMul) or ``Mul(x, a)``, the constant per tensor or per channel, plain or ``DQ(constant)``;
     then ``[Relu|Clip] -> Q -> DQ``. ``shape``: the activation, a map ``(C, H, W)`` or a vector ``(n,)`` (channel
     = element). Returns a lane layer of op ``"Affine"`` (1x1 window) carrying ``(a, b)``; its integer weight and
@@ -1128,8 +1129,6 @@ def match_affine(cursor: _Cursor, x_params: QuantParams, shape: tuple[int, ...],
             raise CompileError(f"{_describe(node)}: outputs 'running_mean'/'running_var' are unsupported")
         if node.input[0] != x or len(node.input) != 5:
             raise CompileError(f"{_describe(node)}: expected BatchNormalization(X, scale, B, mean, var)")
-        if len(shape) != 3:
-            raise CompileError(f"{_describe(node)}: its input '{x}' is not a feature map [N, C, H, W]")
         gamma, beta, mean, var = (_channel_vector(graph, node, name, shape, what) for name, what in
                                   zip(node.input[1:], ("input 'scale'", "input 'B'", "input 'input_mean'",
                                                        "input 'input_var'")))

@@ -172,6 +172,39 @@ def test_batchnorm_after_conv_is_folded():
     check(make(nodes, inits), absent={"BatchNormalization"})
 
 
+def test_batchnorm_after_gemm_and_matmul_is_folded():
+    """torch's ``nn.Linear -> nn.BatchNorm1d`` on vectors ``[N, C]`` (onnxruntime folds only Conv+BN): a Gemm with
+    transB, alpha and beta, and a 2-D MatMul whose BatchNormalization writes the graph output."""
+    rng = np.random.default_rng(51)
+
+    def bn_params(prefix, n):
+        return {f"{prefix}_s": 1 + _const(rng, n, scale=0.3), f"{prefix}_b": _const(rng, n),
+                f"{prefix}_m": _const(rng, n), f"{prefix}_v": (0.5 + rng.random(n)).astype(np.float32)}
+
+    inits = {"w1": _const(rng, 8, 16), "b1": _const(rng, 8), "w2": _const(rng, 8, 5), **bn_params("bn1", 8),
+             **bn_params("bn2", 5)}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g"], name="fc1", transB=1, alpha=0.8, beta=1.5),
+             helper.make_node("BatchNormalization", ["g", "bn1_s", "bn1_b", "bn1_m", "bn1_v"], ["bn1"], name="bn1",
+                              epsilon=1e-3),
+             helper.make_node("Relu", ["bn1"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["m"], name="fc2"),
+             helper.make_node("BatchNormalization", ["m", "bn2_s", "bn2_b", "bn2_m", "bn2_v"], ["y"], name="bn2")]
+    normalized = check(make(nodes, inits, x_shape=("N", 16)), x_shape=(16,), absent={"BatchNormalization"})
+    assert [n.name for n in normalized.graph.node if n.op_type == "Gemm"] == ["fc1", "fc2"]
+
+
+def test_batchnorm_after_a_forked_gemm_is_left_to_the_matcher():
+    """A Gemm output read by the BatchNormalization and by something else cannot take the BN into its weights."""
+    rng = np.random.default_rng(52)
+    inits = {"w1": _const(rng, 8, 16), "s": np.ones(8, np.float32), "b": np.zeros(8, np.float32),
+             "m": np.zeros(8, np.float32), "v": np.ones(8, np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["g"], name="fc1", transB=1),
+             helper.make_node("BatchNormalization", ["g", "s", "b", "m", "v"], ["bn"], name="bn"),
+             helper.make_node("Add", ["g", "bn"], ["y"], name="join")]
+    normalized = normalize(make(nodes, inits, x_shape=("N", 16)))
+    assert "BatchNormalization" in {n.op_type for n in normalized.graph.node}
+
+
 def test_transposed_constant_weight_is_folded():
     """torch's nn.Linear as ``Transpose(W) -> MatMul -> Add`` (constant folding off)."""
     rng = np.random.default_rng(6)

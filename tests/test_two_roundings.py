@@ -201,6 +201,28 @@ def test_batchnorm_inside_a_residual_branch(tmp_path):
     run_and_compare(model, program, (1.5 * rng.standard_normal((8, 2, 5, 5))).astype(np.float32))
 
 
+@pytest.mark.parametrize("uint8,arch", [(False, "4x4-l8"), (True, "2x3-l4")])
+def test_batchnorm_on_vectors_two_roundings(tmp_path, uint8, arch):
+    """torch's ``nn.Linear -> nn.BatchNorm1d -> ReLU`` quantized outside flowtile: ``Gemm -> Q -> DQ ->
+    BatchNormalization -> Q -> DQ`` on a vector ``[N, C]``, an Affine layer on an ``(n, 1, 1)`` map."""
+    rng = np.random.default_rng(61)
+    n_in, hidden, classes = 12, 9, 4
+    inits = {"w1": rng.standard_normal((hidden, n_in)) * 0.4, "b1": rng.standard_normal(hidden) * 0.2,
+             "gamma": rng.uniform(0.5, 2, hidden), "beta": rng.standard_normal(hidden) * 0.3,
+             "mean": rng.standard_normal(hidden) * 0.2, "var": rng.uniform(0.5, 2, hidden),
+             "w2": rng.standard_normal((classes, hidden)) * 0.4, "b2": rng.standard_normal(classes) * 0.1}
+    nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["g1"], name="fc1", transB=1),
+             helper.make_node("BatchNormalization", ["g1", "gamma", "beta", "mean", "var"], ["bn"], name="bn1"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    model = quantized(tmp_path, _model(nodes, inits, [n_in], "y", [classes]),
+                      rng.standard_normal((64, n_in)).astype(np.float32), uint8=uint8)
+    assert "BatchNormalization" in [n.op_type for n in model.graph.node]
+    program = compile_model(model, ARCHS[arch])
+    assert [layer.op.split("+")[0] for layer in program.layers] == ["Gemm", "Affine", "Gemm"]
+    run_and_compare(model, program, (1.5 * rng.standard_normal((24, n_in))).astype(np.float32))
+
+
 def _affine_layer(a, b, s1, s2, z1=3, z2=-5):
     n = len(a)
     return DenseLayer("affine", "Affine", np.zeros((n, 1, 1, 1), np.int8), np.zeros(n, np.int32),
