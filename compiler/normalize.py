@@ -14,7 +14,8 @@ onnxruntime's own tools where they exist, and a small table of rewrite rules for
    the weights into float constants).
 3. the rewrite table :data:`RULES` to a fixed point: each rule is a small function ``rule(graph, node) -> bool``
    with a docstring naming the exporter that writes the form it rewrites. Rules also run on QDQ models
-   (except those marked float-only), and leave Q/DQ nodes alone.
+   (except those marked float-only), and leave Q/DQ nodes alone (one exception: a Flatten between a layer and
+   its per-tensor Q/DQ pair moves after the pair, :func:`flatten_after_its_quantization`).
 4. the graph input's batch dimension becomes symbolic (``batch``): flowtile chooses the batch, whatever the
    exporter traced with.
 
@@ -441,6 +442,45 @@ def reshape_to_flatten(graph: Graph, node: onnx.NodeProto) -> bool:
     if not _flatten_target(graph, node):
         return False
     graph.replace(node, [helper.make_node("Flatten", [node.input[0]], list(node.output), name=node.name, axis=1)])
+    return True
+
+
+@rule("Flatten")
+def flatten_after_its_quantization(graph: Graph, node: onnx.NodeProto) -> bool:
+    """``layer -> Flatten -> Q -> DQ`` (per-tensor Q/DQ) -> ``layer -> Q -> DQ -> Flatten``: the quantization of the
+    layer's output, then the flatten (a relabelling of the same values; exact, as per-tensor Q/DQ are elementwise).
+
+    torch's dynamo exporter followed by onnxruntime's ``quantize_static`` writes it after a pooled 1x1 map
+    (``x.mean((2, 3))`` / ``view(N, -1)`` -> ``GlobalAveragePool -> Flatten -> Q -> DQ -> Gemm``). The one rule that
+    moves Q/DQ nodes: only this pair, whose scale and zero point stay those the model states."""
+    if _attrs(node).get("axis", 1) != 1:
+        return False
+    source = node.input[0]
+    producer = next((n for n in graph.model.graph.node if source in n.output), None)
+    if producer is None or producer.op_type in _QUANT_OPS or graph.only_reader(source) is not node:
+        return False
+    quantize = graph.only_reader(node.output[0])
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] != node.output[0]:
+        return False
+    dequantize = graph.only_reader(quantize.output[0])
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.output[0] in graph.outputs:
+        return False
+    pair = list(quantize.input[1:]) + list(dequantize.input[1:])
+    if any(not name or graph.const(name) is None or graph.const(name).size != 1 for name in pair) or \
+            len(quantize.input) != len(dequantize.input):
+        return False  # per-axis or computed quantization: left for the matcher, which names it
+    taken = {o for n in graph.model.graph.node for o in n.output} | {t.name for t in graph.model.graph.initializer}
+    name, k = f"{dequantize.output[0]}_map", 0
+    while name in taken:
+        k += 1
+        name = f"{dequantize.output[0]}_map_{k}"
+    flat_output = dequantize.output[0]
+    quantize.input[0] = source
+    dequantize.output[0] = name
+    moved = helper.make_node("Flatten", [name], [flat_output], name=node.name or node.output[0], axis=1)
+    graph.replace(node, [])
+    nodes = graph.model.graph.node
+    nodes.insert(next(i for i, n in enumerate(nodes) if n is dequantize) + 1, moved)
     return True
 
 

@@ -306,6 +306,50 @@ def test_qdq_bias_add_with_its_own_quantization_is_left_alone():
     assert [n.op_type for n in normalize(qdq).graph.node] == [n.op_type for n in qdq.graph.node]
 
 
+@pytest.mark.parametrize("flatten_op", ["Flatten", "Reshape"])
+def test_flatten_before_the_quantization_of_a_pool_moves_after_it(flatten_op):
+    """torch dynamo + quantize_static: ``GlobalAveragePool -> Flatten -> Q -> DQ -> Gemm`` (the pool's output
+    quantized after the flatten) -> ``GlobalAveragePool -> Q -> DQ -> Flatten``; compiles within 1 LSB."""
+    from flowtile.testing.random_models import quantize_qdq
+    import tempfile
+    from pathlib import Path
+    rng = np.random.default_rng(15)
+    inits = {}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool")] + dense_tail(rng, inits, "p", 4)
+    calibration = rng.standard_normal((16, C, H, W)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(make(nodes, inits), Path(tmp) / "float.onnx")
+        qdq = onnx.load(str(quantize_qdq(Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx", calibration,
+                                         activation_uint8=False, per_channel=True)))
+    # the dynamo form: the Flatten reads the pool's float output; the pair quantizing it then quantizes the pool
+    kept = [n for n in qdq.graph.node if n.name not in ("p_QuantizeLinear", "p_DequantizeLinear")]
+    assert len(kept) == len(qdq.graph.node) - 2
+    flatten = next(n for n in kept if n.op_type == "Flatten")
+    if flatten_op == "Reshape":
+        qdq.graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"))
+        kept[kept.index(flatten)] = helper.make_node("Reshape", ["p", "flat_shape"], list(flatten.output), name="view")
+    else:
+        flatten.input[0] = "p"
+    del qdq.graph.node[:]
+    qdq.graph.node.extend(kept)
+    onnx.checker.check_model(qdq, full_check=True)
+    ops = [n.op_type for n in qdq.graph.node if n.op_type != "DequantizeLinear" or n.input[0] in
+           {q.output[0] for q in qdq.graph.node}]
+    assert ops[ops.index("GlobalAveragePool") + 1] == flatten_op
+    normalized = normalize(qdq)
+    ops = [n.op_type for n in normalized.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    assert ops == ["Conv", "GlobalAveragePool", "Flatten", "Gemm"], ops
+    pooled = next(n for n in normalized.graph.node if n.op_type == "GlobalAveragePool").output[0]
+    assert next(n for n in normalized.graph.node if pooled in n.input).op_type == "QuantizeLinear"
+    program = compile_model(int8_model(qdq), ARCH)
+    x = rng.standard_normal((4, C, H, W)).astype(np.float32)
+    _, flits = input_flits(program, x)
+    emu_q, _ = outputs_from_flits(program, emulate(program, flits, len(x)).out_flits, len(x))
+    ort_q = np.concatenate([onnxruntime_int8_output(qdq, program, x[i:i + 1])[0] for i in range(len(x))])
+    assert np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32)).max() <= 1
+
+
 @pytest.mark.parametrize("keepdims,opset", [(1, 13), (0, 13), (1, 18), (0, 20)])
 def test_spatial_reduce_mean_is_a_global_average_pool(keepdims, opset):
     """torch dynamo (opset >= 18: axes an input) and tf2onnx write global average pooling as ReduceMean."""
