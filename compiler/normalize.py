@@ -47,7 +47,11 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMu
 _MAX_REWRITES = 10_000
 #: onnxruntime basic optimizers left out: they merge what the model states twice (two equal Convs, shared
 #: constants) -- a change of graph form the matcher would then report about a graph the user did not write.
-_ORT_KEEP = ["CommonSubexpressionElimination", "ConstantSharing"]
+_ORT_KEEP = ["CommonSubexpressionElimination", "ConstantSharing",
+             # MatMulAddFusion writes a 3-D MatMul + Add as Reshape -> Gemm -> Reshape with the traced batch baked
+             # into both targets (torch dynamo's nn.Linear on [1, T, C]); 2-D ones become Gemms in the rules and in
+             # onnx_import.fuse_matmul_add
+             "MatMulAddFusion"]
 
 
 def _describe(node: onnx.NodeProto) -> str:
@@ -322,16 +326,31 @@ def _bias_of(graph: Graph, add: onnx.NodeProto, x: str, channels: int, channel_a
     return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float32)
 
 
-@rule("Conv", "Gemm", float_only=True)
+@rule("Conv", "Gemm", "MatMul", float_only=True)
 def fold_bias_add(graph: Graph, node: onnx.NodeProto) -> bool:
-    """A float ``Add`` of a per-output-channel constant after Conv or Gemm -> the layer's own bias.
+    """A float ``Add`` of a per-output-channel constant after Conv, Gemm or a 2-D MatMul -> the layer's own bias
+    (the MatMul becomes a Gemm, as onnxruntime's MatMulAddFusion would make it).
 
     CNTK writes every Conv bias this way (mnist-8: ``Conv -> Add(Parameter6 [8, 1, 1])``), so do keras2onnx and
-    torch with constant folding off. (``MatMul -> Add`` becomes Gemm in :func:`~.onnx_import.fuse_matmul_add`;
-    QDQ models' bias Adds with their own Q/DQ are the matcher's.)"""
+    torch with constant folding off (``nn.Linear`` as ``MatMul -> Add``). A MatMul on a 3-D activation is left as
+    it is (the matcher names it); QDQ models' bias Adds with their own Q/DQ are the matcher's."""
     add = graph.only_reader(node.output[0])
     if add is None or add.op_type != "Add":
         return False
+    if node.op_type == "MatMul":
+        a_shape = graph.shapes.get(node.input[0])
+        weight = graph.const(node.input[1])
+        if a_shape is None or len(a_shape) != 2 or weight is None or weight.ndim != 2:
+            return False
+        bias = _bias_of(graph, add, node.output[0], weight.shape[1], 1, 2)
+        if bias is None:
+            return False
+        name = graph.add_const(f"{node.name or node.output[0]}_bias", bias)
+        fused = helper.make_node("Gemm", [node.input[0], node.input[1], name], [add.output[0]],
+                                 name=node.name or add.name)
+        graph.replace(add, [])
+        graph.replace(node, [fused])
+        return True
     if node.op_type == "Conv":
         weight = graph.const(node.input[1]) if len(node.input) > 1 else None
         shape = graph.shapes.get(node.output[0])

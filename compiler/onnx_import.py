@@ -48,6 +48,8 @@ Accepted models are MLPs and CNNs, a chain from the graph input to the graph out
   (:func:`match_host_softmax`). A Softmax anywhere else is rejected naming it.
 * float models of the same ops (plus Add as a MatMul bias or a residual join), which :func:`import_onnx` first
   quantizes with ``quantize_static`` (QDQ format) and then imports as above.
+* not (yet): a MatMul over the last axis of a 3-D graph input ``[N, T, C]`` (``nn.Linear`` on a sequence), rejected
+  naming the MatMul and the input's shape.
 
 Anything else raises :class:`CompileError` naming the node, its op and, where it applies, the attribute.
 """
@@ -1202,6 +1204,7 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
         raise CompileError(f"{_describe(cursor.node)}: an average pool on the float graph input is left unquantized "
                            f"by onnxruntime's quantizer (it quantizes an average pool only after a quantized "
                            f"layer); put a Conv before it")
+    input_flattened = cursor.at(*_RESHAPE_OPS)
     n = match_flattens(cursor, input_shape, None)  # flatten of the float input
     in_params = x_params = match_qdq(cursor, "the input QuantizeLinear")
     layers: list[DenseLayer | PoolLayer | AddLayer] = []
@@ -1228,7 +1231,13 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
             x_params, fmap, source = layer.output, layer.out_shape, len(layers) - 1
             continue
         source_map = fmap if layers else None  # a flat input keeps model order: nothing to permute
+        input_flattened = input_flattened or (not layers and cursor.at(*_RESHAPE_OPS))
         n = match_flattens(cursor, fmap if fmap is not None else (input_shape if not layers else (n,)), x_params)
+        if not layers and not input_flattened and len(input_shape) > 1 and cursor.at("MatMul"):
+            raise CompileError(f"{_describe(cursor.node)}: its input '{cursor.tensor}' is the {len(input_shape) + 1}-D "
+                               f"graph input [N, {', '.join(map(str, input_shape))}]; a MatMul over the last axis of a "
+                               f"[N, T, C] tensor (nn.Linear on a sequence) is unsupported (dense layers read a vector "
+                               f"[N, n]: flatten the input first)")
         fmap = None
         _reject_unsupported(cursor)
         if source_map is not None and not cursor.at("MatMul", "Gemm"):

@@ -6,8 +6,8 @@ LANE layer (op "Affine") and stays within 1 LSB of onnxruntime (graph optimizati
 The models are float graphs quantized by onnxruntime's ``quantize_static`` as published models are (not by the
 compiler, which would fuse a 2-D MatMul + Add into a Gemm first). Test inputs are 1.5x wider than the calibration
 data, so the first QuantizeLinear saturates on some values (reproduced by the first layer's clamp). The compiler
-takes a graph input ``[N, n]`` or ``[N, C, H, W]`` only, so ``nn.Linear`` on a 3-D ``[N, T, C]`` input is not
-covered here.
+takes a graph input ``[N, n]`` or ``[N, C, H, W]`` only, so ``nn.Linear`` on a 3-D ``[N, T, C]`` input is
+rejected naming the MatMul (tests/test_normalize.py).
 """
 from __future__ import annotations
 
