@@ -30,9 +30,8 @@ def main() -> None:
     import onnx
     from flowtile.arch import Arch
     from flowtile.compiler import CompileError, compile_model, int8_model, report
-    from flowtile.emulator import emulate
-    from flowtile.host import input_flits, outputs_from_flits
-    from flowtile.oracle import onnxruntime_int8_output
+    from flowtile.testing.measure import steady_state
+    from flowtile.testing.oracle_checks import compare_with_onnxruntime, emulate_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grids", default="4x4,8x8,12x12", help="comma-separated RxC grids (default 4x4,8x8,12x12)")
@@ -67,26 +66,16 @@ def main() -> None:
                 print(text)
             estimated = re.search(r"estimated interval (\d+) cycles/inference \(bottleneck: ([^)]*)\)", text)
 
-            _, flits = input_flits(program, x)
             started = time.perf_counter()
-            result = emulate(program, flits, args.batch)
+            emulated = emulate_model(program, x)
             emu_seconds = time.perf_counter() - started
-            ours = outputs_from_flits(program, result.out_flits, args.batch)[0].astype(np.int32)
-            theirs = np.concatenate([onnxruntime_int8_output(model, program, x[i:i + 1])[0]
-                                     for i in range(args.batch)]).astype(np.int32)
-            worst = int(np.abs(ours - theirs).max())
+            worst = compare_with_onnxruntime(model, program, x, one_at_a_time=True, emulated=emulated).worst
 
-            words = program.output_words
-            last_flits = result.out_times.reshape(args.batch, words)[:, -1]
-            half = args.batch // 2
-            interval = (float(last_flits[-1] - last_flits[half]) / (args.batch - 1 - half) if args.batch >= 4
-                        else result.interval_cycles)
-            used = sum(len(layer.tiles) for layer in program.layers)
-            macs = program.macs_per_inference
-            whole = macs / (interval * arch.n_tiles * arch.lanes)
-            computing = macs / (interval * used * arch.lanes)
-            busiest = max(program.layers, key=lambda layer: layer.macs / (len(layer.tiles) * arch.lanes))
-            busiest_util = busiest.macs / (interval * len(busiest.tiles) * arch.lanes)
+            steady = steady_state(program, emulated.result, args.batch)
+            interval, used, macs = steady.interval, steady.used_tiles, program.macs_per_inference
+            whole, computing = steady.grid_utilization, steady.computing_utilization
+            busiest = steady.busiest_layer
+            busiest_util = steady.layer_utilization(busiest)
             print(f"{net} {grid}: compiled in {compile_seconds:.1f} s, {used}/{arch.n_tiles} tiles compute, "
                   f"{macs} MACs/inference; estimated interval {estimated.group(1) if estimated else '?'} "
                   f"(bottleneck: {estimated.group(2) if estimated else '?'}); measured {interval:.0f} cycles/inference "

@@ -26,11 +26,10 @@ RESNET8_BLOCKS = [{"kind": "basic", "out": 16}, {"kind": "basic", "out": 32, "st
 def main() -> None:
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
     from flowtile.compiler import compile_model, report
-    from flowtile.emulator import emulate
     from flowtile.arch import Arch
-    from flowtile.host import input_flits, outputs_from_flits
     from flowtile.compiler import int8_model
-    from flowtile.oracle import onnxruntime_int8_output
+    from flowtile.testing.measure import steady_state
+    from flowtile.testing.oracle_checks import compare_with_onnxruntime, emulate_model
     from flowtile.testing.random_models import random_float_resnet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,33 +58,25 @@ def main() -> None:
     print(report(program))
 
     x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
-    _, flits = input_flits(program, x)
     started = time.perf_counter()
-    result = emulate(program, flits, args.batch)
+    emulated = emulate_model(program, x)
     emu_seconds = time.perf_counter() - started
-    ours = outputs_from_flits(program, result.out_flits, args.batch)[0].astype(np.int32)
-    theirs = onnxruntime_int8_output(int8, program, x)[0].astype(np.int32)
-    worst = int(np.abs(ours - theirs).max())
+    result, flits = emulated.result, emulated.flits
+    worst = compare_with_onnxruntime(int8, program, x, emulated=emulated).worst
 
-    # The pipeline is many inferences deep (latency / interval) and its tiles settle into their periodic schedule
-    # only after a transient, so the steady-state interval is measured over the last half of the batch; the mean
-    # over the whole batch (EmulatorResult.interval_cycles) includes the fill.
-    words = program.output_words
-    last_flits = result.out_times.reshape(args.batch, words)[:, -1]
-    half = args.batch // 2
-    interval = (float(last_flits[-1] - last_flits[half]) / (args.batch - 1 - half) if args.batch >= 4
-                else result.interval_cycles)
-    lanes = arch.lanes
+    # steady state: over the last half of the batch (flowtile.testing.measure); the mean over the whole batch
+    # (EmulatorResult.interval_cycles) includes the fill.
+    steady = steady_state(program, result, args.batch)
+    interval = steady.interval
     print(f"\nemulator: batch {args.batch}, {result.cycles} cycles in {emu_seconds:.2f} s; latency "
           f"{result.latency_cycles}; interval {interval:.1f} cycles/inference over the last half of the batch "
           f"({result.interval_cycles:.1f} over all of it); max |flowtile - onnxruntime| = {worst} LSB")
     print(f"{'layer':18s} {'op':22s} {'tiles':>5s} {'MACs/inf':>10s} {'steady-state util':>18s}")
     for layer in program.layers:
-        util = layer.macs / (interval * len(layer.tiles) * lanes)
+        util = steady.layer_utilization(layer)
         print(f"{layer.name:18s} {layer.op + ('+Relu' if layer.relu else ''):22s} {len(layer.tiles):5d} "
               f"{layer.macs:10d} {100 * util:17.1f}%")
-    used = sum(len(layer.tiles) for layer in program.layers)
-    whole = program.macs_per_inference / (interval * arch.n_tiles * lanes)
+    used, whole = steady.used_tiles, steady.grid_utilization
     print(f"whole network: {program.macs_per_inference} MACs/inference on {arch.n_tiles} tiles ({used} computing): "
           f"steady-state MAC utilization {100 * whole:.1f}% (goal >= 90%); over the whole run "
           f"{100 * result.mac_utilization:.1f}%")

@@ -52,20 +52,19 @@ def check_output_file(path: str | os.PathLike | None, option: str) -> Path | Non
     return path
 
 
+def _given(paths: dict[str, Path | None]) -> list[tuple[str, Path, Path]]:
+    """(option, path, absolute path) for each option given a path."""
+    return [(option, path, Path(os.path.abspath(path))) for option, path in paths.items() if path is not None]
+
+
 def check_distinct(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
     """No two outputs share a path, and no output overwrites one of the command's inputs."""
     seen: dict[Path, str] = {}
-    for option, path in outputs.items():
-        if path is None:
-            continue
-        key = Path(os.path.abspath(path))
+    for option, path, key in _given(outputs):
         if key in seen:
             raise OutputPathError(f"{option} and {seen[key]} are the same path '{path}'")
         seen[key] = option
-    for option, path in inputs.items():
-        if path is None:
-            continue
-        key = Path(os.path.abspath(path))
+    for option, path, key in _given(inputs):
         if key in seen:
             raise OutputPathError(f"{seen[key]} '{path}' would overwrite the {option} file")
         if key.exists():

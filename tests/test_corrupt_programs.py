@@ -10,25 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowtile import cli
-
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "models" / "digits_mlp.onnx"
-
-
-@pytest.fixture(scope="module")
-def good_program(tmp_path_factory):
-    path = tmp_path_factory.mktemp("good") / "prog"
-    assert cli.main(["compile", str(DIGITS), "-o", str(path)]) == 0
-    return path
+from flowtile.testing.cli_checks import assert_cli_refuses
 
 
 @pytest.fixture
-def program(tmp_path, good_program):
+def program(tmp_path, digits_program, digits_inputs):
+    """A copy of the compiled digits program to corrupt, with ``x.npy`` beside it."""
     copy = tmp_path / "prog"
-    shutil.copytree(good_program, copy)
-    with np.load(ROOT / "models" / "digits_test.npz") as data:
-        np.save(tmp_path / "x.npy", data["x"][:2])
+    shutil.copytree(digits_program, copy)
     return copy
 
 
@@ -45,13 +34,8 @@ def first_computing_tile(manifest):
 def assert_refused(capsys, program: Path, *fragments):
     for command in ("emulate", "rtl"):
         output = program.parent / f"y_{command}.npy"
-        status = cli.main([command, str(program), "--input", str(program.parent / "x.npy"), "--output", str(output)])
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.startswith("flowtile: error:")]
-        assert status == 2, (command, err)
-        assert len(lines) == 1 and "Traceback" not in err, (command, err)
-        for fragment in fragments:
-            assert fragment in lines[0], (command, lines[0])
+        assert_cli_refuses(capsys, [command, program, "--input", program.parent / "x.npy", "--output", output],
+                           *fragments)
         assert not output.exists(), f"{command} wrote outputs for a corrupt program"
 
 

@@ -13,10 +13,8 @@ import onnx
 import pytest
 
 from flowtile.compiler import compile_model, int8_model
-from flowtile.emulator import emulate
 from flowtile.arch import Arch
-from flowtile.host import input_flits, outputs_from_flits
-from flowtile.oracle import onnxruntime_int8_output
+from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
 from flowtile.testing.random_models import quantize_qdq, random_float_mlp
 
 ARCHS = {
@@ -42,30 +40,6 @@ CASES = [
 
 
 MLP_IDS = [f"{c[1]}-{'-'.join(map(str, c[2]))}-b{c[3]}-{c[4]}" for c in CASES]
-def assert_emulator_matches_onnxruntime(model_path, program, x, calibration):
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
-    emu_q, _ = outputs_from_flits(program, emu.out_flits, len(x))
-    ort_q, _ = onnxruntime_int8_output(int8_model(model_path, calibration), program, x)
-    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
-    worst = np.unravel_index(np.argmax(diff), diff.shape)
-    assert diff.max() <= 1, (f"output {worst} differs by {diff.max()} LSB: flowtile {emu_q[worst]}, "
-                             f"onnxruntime {ort_q[worst]}")
-
-
-def assert_rtl_matches_emulator(program, x):
-    from flowtile.rtl.simulate import simulate
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
-    rtl = simulate(program, flits, len(x), simulator="verilator")
-    differing = np.flatnonzero(np.any(rtl.out_flits != emu.out_flits, axis=1))
-    assert differing.size == 0, (f"{differing.size} output flits differ; first, flit {differing[0]}: "
-                                 f"RTL {rtl.out_flits[differing[0]].tolist()} vs emulator "
-                                 f"{emu.out_flits[differing[0]].tolist()}")
-    late = np.flatnonzero(np.asarray(rtl.out_times) != np.asarray(emu.out_times))
-    assert late.size == 0, (f"{late.size} output flits at different cycles; first, flit {late[0]}: "
-                            f"RTL cycle {rtl.out_times[late[0]]} vs emulator {emu.out_times[late[0]]}")
-    assert rtl.cycles == emu.cycles
 
 
 def model_of_kind(tmp_path, float_model, calibration, kind):
@@ -91,7 +65,7 @@ def test_emulator_matches_onnxruntime(tmp_path, seed, arch_name, widths, batch, 
     model_path, calibration = build_model(tmp_path, seed, widths, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     x = np.random.default_rng(seed + 100).standard_normal((batch, widths[0])).astype(np.float32)
-    assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
+    assert_emulator_matches_onnxruntime(int8_model(model_path, calibration), program, x)
 
 
 @pytest.mark.rtl
@@ -130,7 +104,7 @@ def test_cnn_emulator_matches_onnxruntime(tmp_path, seed, arch_name, in_shape, b
     model_path, calibration = build_cnn(tmp_path, seed, in_shape, blocks, classes, kind)
     program = compile_model(model_path, ARCHS[arch_name], calibration=calibration)
     x = np.random.default_rng(seed + 100).random((batch, *in_shape)).astype(np.float32)
-    assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
+    assert_emulator_matches_onnxruntime(int8_model(model_path, calibration), program, x)
 
 
 @pytest.mark.rtl
@@ -176,7 +150,7 @@ def test_resnet_emulator_matches_onnxruntime(tmp_path, seed, arch_name, in_shape
     if seed in (38, 39):
         assert any(tile.config.pass_per_pixel for tile in program.tiles)
     x = np.random.default_rng(seed + 100).standard_normal((batch, *in_shape)).astype(np.float32)
-    assert_emulator_matches_onnxruntime(model_path, program, x, calibration)
+    assert_emulator_matches_onnxruntime(int8_model(model_path, calibration), program, x)
 
 
 @pytest.mark.rtl

@@ -20,10 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 from flowtile import cli
 from flowtile.arch import Arch
 from flowtile.compiler import CompileError, compile_model, int8_model, report
-from flowtile.emulator import emulate
-from flowtile.host import apply_post, dequantize, input_flits, outputs_from_flits
-from flowtile.oracle import onnxruntime_int8_output
+from flowtile.host import apply_post, dequantize
 from flowtile.program import Program, TensorSpec
+from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime
 from flowtile.testing.random_models import quantize_qdq
 
 
@@ -92,12 +91,8 @@ def quantized(tmp_path, float_model, calibration, *, uint8=False, keep_softmax_q
 
 
 def check_against_onnxruntime(model, program, x):
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
-    emu_q, emu_y = outputs_from_flits(program, emu.out_flits, len(x))
-    ort_q, ort_y = onnxruntime_int8_output(model, program, x)
-    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
-    assert diff.max() <= 1, f"logits differ by {diff.max()} LSB"
+    comparison = assert_emulator_matches_onnxruntime(model, program, x)  # the logits
+    emu_y, ort_q, ort_y = comparison.emulated.y, comparison.ort_q, comparison.ort_y
     spec = program.output
     tolerance = spec.scale / 2 + (spec.post_quant[0] if spec.post_quant else 0) + 1e-6
     assert emu_y.shape == ort_y.shape

@@ -16,9 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from flowtile.arch import CONFIG_FIELDS, OP_LANE, OP_MAC, OP_MAX, Arch
 from flowtile.compiler import CompileError, compile_model, import_onnx, int8_model, lower_layers
 from flowtile.emulator import emulate
-from flowtile.host import input_flits, outputs_from_flits
-from flowtile.oracle import onnxruntime_int8_output
 from flowtile.tile_config import ConfigError, TileConfig
+from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
 from flowtile.testing.random_models import quantize_qdq
 
 from test_compiler import check_windowed_program
@@ -88,15 +87,9 @@ def int8(tmp_path, model, calibration, kind):
 
 
 def emulator_vs_onnxruntime(program, model, x):
-    """Emulator outputs equal onnxruntime's (graph optimizations off) within 1 LSB; returns the emulation."""
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
-    emu_q, _ = outputs_from_flits(program, emu.out_flits, len(x))
-    ort_q, _ = onnxruntime_int8_output(model, program, x)
-    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
-    assert diff.max() <= 1, f"max |diff| {diff.max()} LSB ({np.count_nonzero(diff)} of {diff.size} values)"
-    assert len(np.unique(ort_q)) > 3, "the outputs must carry information"
-    return emu
+    """Emulator outputs equal onnxruntime's (graph optimizations off) within 1 LSB, and carry information."""
+    comparison = assert_emulator_matches_onnxruntime(model, program, x)
+    assert len(np.unique(comparison.ort_q)) > 3, "the outputs must carry information"
 
 
 def compiled(tmp_path, model, arch, **options):
@@ -260,16 +253,6 @@ def test_9x9_convolution(tmp_path, kind):
 # --------------------------------------------------------------------------------------------------
 # (c) RTL == emulator, cycle for cycle
 # --------------------------------------------------------------------------------------------------
-def assert_rtl_matches_emulator(program, x):
-    from flowtile.rtl.simulate import simulate
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
-    rtl = simulate(program, flits, len(x), simulator="verilator")
-    np.testing.assert_array_equal(rtl.out_flits, emu.out_flits)
-    np.testing.assert_array_equal(np.asarray(rtl.out_times), np.asarray(emu.out_times))
-    assert rtl.cycles == emu.cycles
-
-
 @pytest.mark.rtl
 @pytest.mark.parametrize("pack_input", [True, False], ids=["im2col", "windowed"])
 def test_rtl_ds_cnn_stem_matches_emulator(tmp_path, pack_input):

@@ -22,9 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 from flowtile.arch import Arch
 from flowtile.compiler import CompileError, compile_model, int8_model
 from flowtile.compiler.normalize import RULES, TARGET_OPSET, normalize
-from flowtile.emulator import emulate
-from flowtile.host import input_flits, outputs_from_flits
-from flowtile.oracle import onnxruntime_int8_output, ort_session
+from flowtile.oracle import ort_session
+from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime
 
 ARCH = Arch()
 C, H, W = 2, 8, 8  # the test input map
@@ -84,13 +83,7 @@ def check(model: onnx.ModelProto, *, x_shape=(C, H, W), seed=0, batch=5, absent=
     np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
 
     int8 = int8_model(model, rng.standard_normal((32, *x_shape)).astype(np.float32))
-    program = compile_model(int8, ARCH)
-    _, flits = input_flits(program, x)
-    result = emulate(program, flits, len(x))
-    emu_q, _ = outputs_from_flits(program, result.out_flits, len(x))
-    ort_q, _ = onnxruntime_int8_output(int8, program, x)
-    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
-    assert diff.max() <= 1, f"emulator vs onnxruntime: {diff.max()} LSB"
+    assert_emulator_matches_onnxruntime(int8, compile_model(int8, ARCH), x)
     return normalized
 
 
@@ -343,11 +336,8 @@ def test_flatten_before_the_quantization_of_a_pool_moves_after_it(flatten_op):
     pooled = next(n for n in normalized.graph.node if n.op_type == "GlobalAveragePool").output[0]
     assert next(n for n in normalized.graph.node if pooled in n.input).op_type == "QuantizeLinear"
     program = compile_model(int8_model(qdq), ARCH)
-    x = rng.standard_normal((4, C, H, W)).astype(np.float32)
-    _, flits = input_flits(program, x)
-    emu_q, _ = outputs_from_flits(program, emulate(program, flits, len(x)).out_flits, len(x))
-    ort_q = np.concatenate([onnxruntime_int8_output(qdq, program, x[i:i + 1])[0] for i in range(len(x))])
-    assert np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32)).max() <= 1
+    assert_emulator_matches_onnxruntime(qdq, program, rng.standard_normal((4, C, H, W)).astype(np.float32),
+                                        one_at_a_time=True)
 
 
 @pytest.mark.parametrize("keepdims,opset", [(1, 13), (0, 13), (1, 18), (0, 20)])

@@ -9,11 +9,11 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from flowtile import cli
 from flowtile.program import Program
+from flowtile.testing.cli_checks import assert_cli_refuses as refused
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_mlp.onnx"
@@ -21,31 +21,6 @@ DIGITS = ROOT / "models" / "digits_mlp.onnx"
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, argv, *fragments):
-    status = cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("flowtile: error:")]
-    assert status == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def program_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prog") / "prog"
-    assert cli.main(["compile", str(DIGITS), "-o", str(path)]) == 0
-    return path
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    with np.load(ROOT / "models" / "digits_test.npz") as data:
-        np.save(tmp_path / "x.npy", data["x"][:2])
-    return tmp_path / "x.npy"
 
 
 def test_compile_into_a_directory_of_user_files_is_refused(tmp_path, capsys):
@@ -137,11 +112,12 @@ def test_program_directory_follows_the_umask(tmp_path):
 
 
 @pytest.mark.parametrize("option", ["--output", "--report", "--trace", "--heatmap"])
-def test_emulate_output_that_is_a_directory_is_refused_before_work(tmp_path, capsys, program_dir, inputs, option):
+def test_emulate_output_that_is_a_directory_is_refused_before_work(tmp_path, capsys, digits_program, digits_inputs,
+                                                                   option):
     paths = {"--output": tmp_path / "y.npy", "--report": None, "--trace": None, "--heatmap": None}
     paths[option] = tmp_path / "adir"
     (tmp_path / "adir").mkdir()
-    argv = ["emulate", program_dir, "--input", inputs]
+    argv = ["emulate", digits_program, "--input", digits_inputs]
     for name, path in paths.items():
         if path is not None:
             argv += [name, path]
@@ -149,24 +125,26 @@ def test_emulate_output_that_is_a_directory_is_refused_before_work(tmp_path, cap
     assert not (tmp_path / "y.npy").exists(), "the check comes before the work"
 
 
-def test_emulate_output_over_its_input_is_refused(tmp_path, capsys, program_dir, inputs):
-    before = inputs.read_bytes()
-    refused(capsys, ["emulate", program_dir, "--input", inputs, "--output", inputs], "--output", "--input")
-    assert inputs.read_bytes() == before
-    refused(capsys, ["emulate", program_dir, "--input", inputs, "--output", tmp_path / "y.npy",
+def test_emulate_output_over_its_input_is_refused(tmp_path, capsys, digits_program, digits_inputs):
+    before = digits_inputs.read_bytes()
+    refused(capsys, ["emulate", digits_program, "--input", digits_inputs, "--output", digits_inputs],
+            "--output", "--input")
+    assert digits_inputs.read_bytes() == before
+    refused(capsys, ["emulate", digits_program, "--input", digits_inputs, "--output", tmp_path / "y.npy",
                      "--report", tmp_path / "y.npy"], "--report", "--output")
 
 
-def test_emulate_output_under_a_file_is_refused(tmp_path, capsys, program_dir, inputs):
+def test_emulate_output_under_a_file_is_refused(tmp_path, capsys, digits_program, digits_inputs):
     (tmp_path / "plain").write_text("x")
-    refused(capsys, ["emulate", program_dir, "--input", inputs, "--output", tmp_path / "plain" / "y.npy"],
+    refused(capsys, ["emulate", digits_program, "--input", digits_inputs, "--output", tmp_path / "plain" / "y.npy"],
             "is a file")
 
 
-def test_rtl_output_and_waves_are_checked_before_the_build(tmp_path, capsys, program_dir, inputs):
+def test_rtl_output_and_waves_are_checked_before_the_build(tmp_path, capsys, digits_program, digits_inputs):
     (tmp_path / "adir").mkdir()
-    refused(capsys, ["rtl", program_dir, "--input", inputs, "--output", tmp_path / "adir"], "--output", "adir")
-    refused(capsys, ["rtl", program_dir, "--input", inputs, "--output", tmp_path / "y.npy",
+    refused(capsys, ["rtl", digits_program, "--input", digits_inputs, "--output", tmp_path / "adir"],
+            "--output", "adir")
+    refused(capsys, ["rtl", digits_program, "--input", digits_inputs, "--output", tmp_path / "y.npy",
                      "--waves", tmp_path / "adir"], "--waves", "adir")
     assert not (tmp_path / "y.npy").exists()
 

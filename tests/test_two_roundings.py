@@ -20,9 +20,7 @@ from flowtile.arch import Arch
 from flowtile.compiler import CompileError, compile_model, import_onnx
 from flowtile.compiler.lower import affine_integers, quantize_multiplier
 from flowtile.compiler.onnx_import import DenseLayer, QuantParams, Window
-from flowtile.emulator import emulate
-from flowtile.host import input_flits, outputs_from_flits
-from flowtile.oracle import onnxruntime_int8_output
+from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
 from flowtile.testing.random_models import quantize_qdq
 
 ARCHS = {"4x4-l8": Arch(), "2x3-l4": Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=256)}
@@ -90,18 +88,6 @@ def quantized(tmp_path, float_model, calibration, *, uint8=False, per_channel=Tr
                                       activation_uint8=uint8, per_channel=per_channel)))
 
 
-def run_and_compare(model, program, x):
-    """Emulator vs onnxruntime on every output element: at most 1 LSB; returns the fraction not exact."""
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
-    emu_q, _ = outputs_from_flits(program, emu.out_flits, len(x))
-    ort_q, _ = onnxruntime_int8_output(model, program, x)
-    diff = np.abs(emu_q.astype(np.int32) - ort_q.astype(np.int32))
-    worst = np.unravel_index(np.argmax(diff), diff.shape)
-    assert diff.max() <= 1, f"output {worst} differs by {diff.max()} LSB: flowtile {emu_q[worst]}, ort {ort_q[worst]}"
-    return float(np.mean(diff > 0))
-
-
 # (seed, arch, widths, mul, uint8, per_channel, batch)
 MLP_CASES = [
     (1, "4x4-l8", [12, 9], False, False, True, 64),
@@ -125,7 +111,7 @@ def test_matmul_add_two_roundings(tmp_path, seed, arch, widths, mul, uint8, per_
     affine = [layer for layer in program.layers if layer.op.startswith("Affine")]
     assert len(affine) == (len(widths) - 1) * (2 if mul else 1)
     x = (1.5 * np.random.default_rng(seed + 100).standard_normal((batch, widths[0]))).astype(np.float32)
-    assert run_and_compare(model, program, x) < 0.05
+    assert assert_emulator_matches_onnxruntime(model, program, x).inexact_fraction < 0.05
 
 
 # (seed, arch, input, channels, kernel, classes, relu, mul, uint8, batch)
@@ -147,7 +133,8 @@ def test_conv_batchnorm_two_roundings(tmp_path, seed, arch, in_shape, channels, 
     program = compile_model(model, ARCHS[arch])
     assert [layer.op.split("+")[0] for layer in program.layers] == ["Conv", "Affine"] + ["Affine"] * mul + ["Gemm"]
     x = (1.5 * np.random.default_rng(seed + 100).standard_normal((batch, *in_shape))).astype(np.float32)
-    run_and_compare(model, program, x)  # (a rare 1-LSB step of the Affine layer moves the Gemm's sums: not 'exact')
+    # (a rare 1-LSB step of the Affine layer moves the Gemm's sums: not 'exact')
+    assert_emulator_matches_onnxruntime(model, program, x)
 
 
 def test_affine_output_almost_always_exact(tmp_path):
@@ -198,7 +185,8 @@ def test_batchnorm_inside_a_residual_branch(tmp_path):
                       rng.standard_normal((64, 2, 5, 5)).astype(np.float32))
     program = compile_model(model, ARCHS["4x4-l8"])
     assert [layer.op.split("+")[0] for layer in program.layers] == ["Conv", "Conv", "Affine", "Add", "Gemm"]
-    run_and_compare(model, program, (1.5 * rng.standard_normal((8, 2, 5, 5))).astype(np.float32))
+    x = (1.5 * rng.standard_normal((8, 2, 5, 5))).astype(np.float32)
+    assert_emulator_matches_onnxruntime(model, program, x)
 
 
 @pytest.mark.parametrize("uint8,arch", [(False, "4x4-l8"), (True, "2x3-l4")])
@@ -220,7 +208,8 @@ def test_batchnorm_on_vectors_two_roundings(tmp_path, uint8, arch):
     assert "BatchNormalization" in [n.op_type for n in model.graph.node]
     program = compile_model(model, ARCHS[arch])
     assert [layer.op.split("+")[0] for layer in program.layers] == ["Gemm", "Affine", "Gemm"]
-    run_and_compare(model, program, (1.5 * rng.standard_normal((24, n_in))).astype(np.float32))
+    x = (1.5 * rng.standard_normal((24, n_in))).astype(np.float32)
+    assert_emulator_matches_onnxruntime(model, program, x)
 
 
 def _affine_layer(a, b, s1, s2, z1=3, z2=-5):
@@ -266,11 +255,10 @@ def test_import_names_the_affine_layers(tmp_path):
 
 @pytest.mark.rtl
 def test_two_roundings_rtl_matches_emulator(tmp_path):
-    from tests.test_differential import assert_rtl_matches_emulator
     rng = np.random.default_rng(31)
     model = quantized(tmp_path, float_conv_bn(rng, (2, 4, 4), 4, 3, 3, relu=True),
                       rng.standard_normal((32, 2, 4, 4)).astype(np.float32))
     program = compile_model(model, ARCHS["2x3-l4"])
     x = (1.5 * np.random.default_rng(32).standard_normal((3, 2, 4, 4))).astype(np.float32)
-    run_and_compare(model, program, x)
+    assert_emulator_matches_onnxruntime(model, program, x)
     assert_rtl_matches_emulator(program, x)

@@ -1,0 +1,57 @@
+"""Steady-state throughput of an emulated batch, as the benchmarks report it.
+
+The pipeline is many inferences deep (latency / interval) and its tiles settle into their periodic schedule only
+after a transient, so the steady-state interval is measured over the last half of the batch; the mean over the
+whole batch (:attr:`flowtile.emulator.EmulatorResult.interval_cycles`) includes the fill.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowtile.emulator import EmulatorResult
+from flowtile.program import LayerInfo, Program
+
+__all__ = ["SteadyState", "steady_state"]
+
+
+@dataclass(frozen=True)
+class SteadyState:
+    """The steady-state ``interval`` (cycles/inference) of ``program`` and the MAC utilizations it gives
+    (MACs / (interval x tiles x lanes))."""
+    program: Program
+    interval: float
+
+    @property
+    def used_tiles(self) -> int:
+        """The tiles that compute (those of the layers)."""
+        return sum(len(layer.tiles) for layer in self.program.layers)
+
+    def layer_utilization(self, layer: LayerInfo) -> float:
+        """One layer's MACs over its own tiles."""
+        return layer.macs / (self.interval * len(layer.tiles) * self.program.arch.lanes)
+
+    @property
+    def grid_utilization(self) -> float:
+        """The network's MACs over the whole grid."""
+        arch = self.program.arch
+        return self.program.macs_per_inference / (self.interval * arch.n_tiles * arch.lanes)
+
+    @property
+    def computing_utilization(self) -> float:
+        """The network's MACs over the tiles that compute."""
+        return self.program.macs_per_inference / (self.interval * self.used_tiles * self.program.arch.lanes)
+
+    @property
+    def busiest_layer(self) -> LayerInfo:
+        """The layer whose tiles are busiest (the measured limiter: the highest per-tile utilization)."""
+        return max(self.program.layers, key=self.layer_utilization)
+
+
+def steady_state(program: Program, result: EmulatorResult, batch: int) -> SteadyState:
+    """The interval between the last output flits of consecutive inferences over the last half of the batch
+    (the whole run's mean, ``result.interval_cycles``, for a batch under 4)."""
+    last_flits = result.out_times.reshape(batch, program.output_words)[:, -1]
+    half = batch // 2
+    interval = (float(last_flits[-1] - last_flits[half]) / (batch - 1 - half) if batch >= 4
+                else result.interval_cycles)
+    return SteadyState(program, interval)
