@@ -76,13 +76,19 @@ def test_compile_directory_holding_a_foreign_program_json_is_refused(tmp_path, c
     assert (other / "program.json").read_text() == '{"format": "something-else"}'
 
 
+def compile_digits(out: Path, *options) -> dict[str, bytes]:
+    """``flowtile compile`` of the digits MLP into ``out`` (``options`` before ``-o``) succeeds; returns the
+    program directory's :func:`snapshot`."""
+    assert cli.main(["compile", str(DIGITS), *options, "-o", str(out)]) == 0
+    return snapshot(out)
+
+
 def test_compile_replaces_its_own_program_directory_atomically(tmp_path, capsys):
     prog = tmp_path / "prog"
-    assert cli.main(["compile", str(DIGITS), "-o", str(prog)]) == 0
-    first = snapshot(prog)
-    assert cli.main(["compile", str(DIGITS), "--grid", "2x3", "-o", str(prog)]) == 0
+    first = compile_digits(prog)
+    second = compile_digits(prog, "--grid", "2x3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prog"], "no staging or replaced directory left"
-    assert snapshot(prog) != first and Program.load(prog).arch.cols == 3
+    assert second != first and Program.load(prog).arch.cols == 3
     # A program directory with a file the user added is no longer flowtile's alone: refused, nothing lost.
     (prog / "my_notes.txt").write_text("mine")
     refused(capsys, ["compile", DIGITS, "-o", prog], "my_notes.txt")
@@ -91,8 +97,7 @@ def test_compile_replaces_its_own_program_directory_atomically(tmp_path, capsys)
 
 def test_failed_compile_keeps_the_previous_program(tmp_path, capsys):
     prog = tmp_path / "prog"
-    assert cli.main(["compile", str(DIGITS), "-o", str(prog)]) == 0
-    before = snapshot(prog)
+    before = compile_digits(prog)
     refused(capsys, ["compile", DIGITS, "--grid", "1x1", "-o", prog])  # 3 layers do not fit one tile
     assert snapshot(prog) == before
 
