@@ -140,6 +140,19 @@ class Arch:
             A tile takes a whole inference in while it computes only if the queue holds its forwarded plus
             passed words; a smaller queue makes it wait (timing stays exact).
         host_buffer_flits: depth of the simulation harness's input and output buffers (not part of the chip).
+
+    Multi-chip fields (the inter-chip link, ``hdl/link.py``; not wired into the chip yet, so they change
+    nothing else):
+        chips: chips joined edge port to edge port by links (1: a single chip, no link).
+        chip_topology: ``"line"`` (chip ``i`` feeds chip ``i + 1``) or ``"ring"`` (the last feeds the first too).
+        link_bits_per_cycle: wire bits a link carries per cycle each way; ``None`` (the default) means
+            ``max(1, flit_bits // 16)`` (:attr:`link_bits`).
+        link_latency_cycles: pipeline stages of the wire, each way.
+        link_frame_flits: flits per link frame (one sequence number and one CRC-32 per frame).
+        link_credit_frames: frames the receiver buffers; the sender holds one credit per frame.
+        link_replay_frames: sent frames the sender keeps until acknowledged (go-back-N window).
+        link_error_rate: probability that a wire bit flips in a cycle (fault injection; 0.0: none).
+        link_error_seed: seed of the fault injector's LFSRs (1..2**32 - 1).
     """
 
     rows: int = 4
@@ -150,6 +163,15 @@ class Arch:
     router_fifo_depth: int = 4
     forward_queue_words: int = 1024
     host_buffer_flits: int = 65536
+    chips: int = 1
+    chip_topology: str = "line"
+    link_bits_per_cycle: int | None = None
+    link_latency_cycles: int = 64
+    link_frame_flits: int = 4
+    link_credit_frames: int = 8
+    link_replay_frames: int = 8
+    link_error_rate: float = 0.0
+    link_error_seed: int = 1
 
     def __post_init__(self):
         def check(name, ok, why):
@@ -168,6 +190,29 @@ class Arch:
         check("router_fifo_depth", lambda v: 1 <= v <= 1024, "must be in 1..1024")
         check("forward_queue_words", lambda v: 1 <= v <= 65536, "must be in 1..65536")
         check("host_buffer_flits", lambda v: 1 <= v <= (1 << 24), "must be in 1..16777216")
+        check("chips", lambda v: 1 <= v <= 256, "must be in 1..256")
+        if self.chip_topology not in ("line", "ring"):
+            raise ArchError(f"arch field 'chip_topology' = {self.chip_topology!r} is invalid: "
+                            f"must be 'line' or 'ring'")
+        if self.chip_topology == "ring" and self.chips < 2:
+            raise ArchError(f"arch field 'chip_topology' = 'ring' is invalid with chips = {self.chips}: "
+                            f"a ring needs at least 2 chips")
+        if self.link_bits_per_cycle is not None:
+            check("link_bits_per_cycle", lambda v: 1 <= v <= self.flit_bits,
+                  f"must be in 1..{self.flit_bits} (the flit width), or None for flit_bits // 16")
+        check("link_latency_cycles", lambda v: 1 <= v <= 65536, "must be in 1..65536")
+        check("link_frame_flits", lambda v: 1 <= v <= 64, "must be in 1..64")
+        check("link_credit_frames", lambda v: 1 <= v <= 256, "must be in 1..256")
+        check("link_replay_frames", lambda v: 1 <= v <= 256, "must be in 1..256")
+        rate = self.link_error_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+            raise ArchError(f"arch field 'link_error_rate' must be a number, got {rate!r}")
+        if not 0.0 <= rate <= 0.5:
+            raise ArchError(f"arch field 'link_error_rate' = {rate} is invalid: must be in 0.0..0.5")
+        if rate > 0 and round(rate * (1 << 16)) == 0:
+            raise ArchError(f"arch field 'link_error_rate' = {rate} is invalid: below the injector's "
+                            f"resolution 2**-17 (use 0.0 for no faults)")
+        check("link_error_seed", lambda v: 1 <= v < (1 << 32), "must be in 1..4294967295")
 
     # --- derived quantities -------------------------------------------------------------------
     @property
@@ -177,6 +222,18 @@ class Arch:
     @property
     def flit_data_bits(self) -> int:
         return 8 * self.lanes
+
+    @property
+    def flit_bits(self) -> int:
+        """Width of a whole flit (``hdl.layouts.flit_layout``): data, dest_row, dest_col, dest_host."""
+        return self.flit_data_bits + self.row_bits + self.col_bits + 1
+
+    @property
+    def link_bits(self) -> int:
+        """Wire bits per cycle of an inter-chip link: ``link_bits_per_cycle``, or ``max(1, flit_bits // 16)``."""
+        if self.link_bits_per_cycle is not None:
+            return self.link_bits_per_cycle
+        return max(1, self.flit_bits // 16)
 
     @property
     def sram_words(self) -> int:

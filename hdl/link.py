@@ -1,0 +1,584 @@
+"""The inter-chip link: flits between an edge port of one chip and an edge port of the next over a slow,
+narrow, lossy wire (issue "Multi-chip: chips joined by slow links"). Not wired into the chip yet.
+
+Pieces (each a ``wiring.Component``):
+
+* :class:`LinkTx` -- groups flits into frames (sequence number, flit count, flits, CRC-32), keeps them in a
+  go-back-N replay buffer until acknowledged, sends one only when the receiver has credit for it, and
+  serializes frames onto ``bits`` wire bits per cycle.
+* :class:`LinkChannel` -- the wire one way: ``latency`` pipeline stages and a fault injector that flips
+  wire bits from seeded LFSRs at a bit-error rate.
+* :class:`LinkRx` -- deserializes, checks CRC and sequence number, buffers good in-order frames (at most
+  ``credit_frames``) and streams their flits out; sends status messages back on its own narrow wire.
+* :class:`Link` -- TX, a forward channel, RX and a return channel joined: flit stream in, flit stream out.
+
+Wire (both ways, :func:`link_wire_signature`): ``data`` (``bits``), ``valid``, ``first`` (first beat of a
+frame or message). The fault injector may flip any of them; the receiver resynchronizes on ``first``.
+
+Forward frame (:class:`LinkFormat`), LSB first: ``seq`` (``seq_bits``), ``count - 1`` (``count_bits``),
+``frame_flits`` flits (unused ones zero): ``payload_bits``, zero-padded to ``payload_beats`` beats of ``bits``
+bits; then CRC-32/ISO-HDLC of those payload beats (computed a beat at a time, ``bits``-bit words, as they go
+out), zero-padded to ``crc_beats`` beats. ``frame_beats = payload_beats + crc_beats``; beat 0 first, each
+beat's bit 0 on ``data[0]``; the ``first`` line is high on beat 0.
+
+Return message: ``ack`` (``seq_bits``: the next sequence number the receiver expects; cumulative),
+``freed`` (``seq_bits``: frames whose flits have all left the receiver; cumulative credit), ``nak`` (1),
+padded to whole beats, then CRC-16/IBM-3740 of those beats, padded likewise (``ret_beats`` in all; the
+message is 2 * seq_bits + 1 bits: a 16-bit CRC detects every error of up to 3 bits in it and all bursts up
+to 16 bits; its non-zero initial value catches an all-zero wire). The receiver sends one message after another, so every message refreshes the
+cumulative ack and credit: a lost message costs only time.
+
+Protocol: the sender may send frame ``s`` only if ``s - freed < credit_frames`` (so the receiver always has
+room for an in-order frame: nothing is dropped for back-pressure) and keeps at most ``replay_frames`` frames
+past ``ack``. The receiver accepts a frame iff its CRC holds and ``seq == ack``; a bad CRC or a frame ahead
+of ``ack`` is dropped and answered by one NAK (once per ``ack`` value); a frame behind ``ack`` (a duplicate)
+is dropped silently. On a NAK, or when no ack has advanced for ``timeout_cycles`` while frames are
+outstanding, the sender goes back to its oldest unacknowledged frame and resends from there.
+Sequence numbers count modulo ``2 ** seq_bits`` with ``2 ** seq_bits >= 2 * (replay + credit)`` rounded up.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.crc import catalog
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from flowtile.arch import Arch
+
+from .layouts import check_arch, flit_layout
+
+__all__ = ["LinkFormat", "LinkTx", "LinkRx", "LinkChannel", "Link", "link_wire_signature",
+           "error_threshold", "FRAME_CRC", "MESSAGE_CRC", "COUNTER_BITS", "lfsr_step_matrix"]
+
+#: CRC of a forward frame (the brief's choice: CRC-32, the Ethernet polynomial).
+FRAME_CRC = catalog.CRC32_ISO_HDLC
+#: CRC of a return message (short messages: 16 bits suffice, see the module docstring).
+MESSAGE_CRC = catalog.CRC16_IBM_3740
+#: Width of every status counter (they wrap).
+COUNTER_BITS = 32
+#: The fault injector compares a 16-bit LFSR field with this many bits of threshold.
+ERROR_RATE_BITS = 16
+#: 32-bit Galois LFSR taps (x^32 + x^22 + x^2 + x + 1, maximal length), right-shifting.
+LFSR_TAPS = 0x80200003
+
+
+def link_wire_signature(bits: int) -> wiring.Signature:
+    """One direction of the wire, driver's view: ``data`` (``bits``), ``valid``, ``first``."""
+    return wiring.Signature({"data": Out(bits), "valid": Out(1), "first": Out(1)})
+
+
+def _check_int(owner, name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: parameter '{name}' must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{owner}: parameter '{name}' = {value} is outside {low}..{high}")
+    return value
+
+
+def error_threshold(owner: str, error_rate) -> int:
+    """The injector's threshold for ``error_rate``: a bit flips when its 16-bit LFSR field is below it."""
+    if isinstance(error_rate, bool) or not isinstance(error_rate, (int, float)):
+        raise TypeError(f"{owner}: parameter 'error_rate' must be a number, got {error_rate!r}")
+    if not 0.0 <= error_rate <= 0.5:
+        raise ValueError(f"{owner}: parameter 'error_rate' = {error_rate} is outside 0.0..0.5")
+    threshold = round(error_rate * (1 << ERROR_RATE_BITS))
+    if error_rate > 0 and threshold == 0:
+        raise ValueError(f"{owner}: parameter 'error_rate' = {error_rate} is below the injector's resolution "
+                         f"2**-{ERROR_RATE_BITS + 1} (use 0.0 for no faults)")
+    return threshold
+
+
+def lfsr_step(state: int) -> int:
+    """One step of the injector's 32-bit Galois LFSR (the golden model of the hardware's)."""
+    return (state >> 1) ^ (LFSR_TAPS if state & 1 else 0)
+
+
+def lfsr_step_matrix(steps: int) -> list[int]:
+    """Bit ``i`` of the state after ``steps`` steps is the parity of ``state & masks[i]``."""
+    columns = []
+    for j in range(32):
+        state = 1 << j
+        for _ in range(steps):
+            state = lfsr_step(state)
+        columns.append(state)
+    return [sum(1 << j for j in range(32) if columns[j] >> i & 1) for i in range(32)]
+
+
+def lfsr_seed(seed: int, bit: int) -> int:
+    """Initial state of wire bit ``bit``'s LFSR (never zero)."""
+    state = (seed * 0x9E3779B1 + (bit + 1) * 0x85EBCA77) & 0xFFFFFFFF
+    return state or 1
+
+
+class LinkFormat:
+    """Frame and message geometry of a link, and plain-Python encoders/decoders (the tests' golden model).
+
+    Parameters are those of :class:`LinkTx`; ``owner`` names the component in validation messages."""
+
+    def __init__(self, arch: Arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None,
+                 owner="LinkFormat"):
+        check_arch(arch, owner)
+        self.arch = arch
+        self.bits = _check_int(owner, "bits", arch.link_bits if bits is None else bits, 1, 1024)
+        self.frame_flits = _check_int(owner, "frame_flits",
+                                      arch.link_frame_flits if frame_flits is None else frame_flits, 1, 64)
+        self.credit_frames = _check_int(owner, "credit_frames",
+                                        arch.link_credit_frames if credit_frames is None else credit_frames, 1, 256)
+        self.replay_frames = _check_int(owner, "replay_frames",
+                                        arch.link_replay_frames if replay_frames is None else replay_frames, 1, 256)
+        self.flit_layout = flit_layout(arch)
+        self.flit_bits = self.flit_layout.size
+        self.replay_depth = 1 << ceil_log2(self.replay_frames)
+        self.credit_depth = 1 << ceil_log2(self.credit_frames)
+        self.seq_bits = max(ceil_log2(2 * (self.replay_frames + self.credit_frames)),
+                            ceil_log2(self.replay_depth), ceil_log2(self.credit_depth), 1)
+        self.count_bits = max(1, ceil_log2(self.frame_flits))
+        self.flits_bits = self.frame_flits * self.flit_bits
+        self.payload_bits = self.seq_bits + self.count_bits + self.flits_bits
+        self.frame_crc = FRAME_CRC(self.bits)
+        self.payload_beats = -(-self.payload_bits // self.bits)
+        self.crc_beats = -(-FRAME_CRC.crc_width // self.bits)
+        self.frame_beats = self.payload_beats + self.crc_beats
+        self.msg_bits = 2 * self.seq_bits + 1
+        self.msg_crc = MESSAGE_CRC(self.bits)
+        self.msg_beats = -(-self.msg_bits // self.bits)
+        self.ret_beats = self.msg_beats + -(-MESSAGE_CRC.crc_width // self.bits)
+
+    # --- throughput and timing --------------------------------------------------------------------------
+    @property
+    def flits_per_cycle(self) -> float:
+        """Steady-state throughput with full frames and enough credit: ``frame_flits / frame_beats``."""
+        return self.frame_flits / self.frame_beats
+
+    def default_timeout(self, latency: int) -> int:
+        """Cycles without ack progress after which the sender goes back: a generous round trip."""
+        return 2 * self.frame_beats + 2 * latency + 3 * (self.ret_beats + 1) + 16
+
+    # --- golden encoders ------------------------------------------------------------------------------
+    def beats_of(self, word: int, beats: int) -> list[int]:
+        return [word >> (i * self.bits) & ((1 << self.bits) - 1) for i in range(beats)]
+
+    def encode_frame(self, seq: int, flits: list[int]) -> int:
+        """The frame's bits, beat 0 in the low ``bits`` bits."""
+        assert 1 <= len(flits) <= self.frame_flits
+        payload = seq % (1 << self.seq_bits) | (len(flits) - 1) << self.seq_bits
+        for i, flit in enumerate(flits):
+            payload |= flit << (self.seq_bits + self.count_bits + i * self.flit_bits)
+        crc = self.frame_crc.compute(self.beats_of(payload, self.payload_beats))
+        return payload | crc << (self.payload_beats * self.bits)
+
+    def decode_frame(self, frame: int):
+        """``(crc_ok, seq, flits)`` of a frame's bits."""
+        payload = frame & ((1 << (self.payload_beats * self.bits)) - 1)
+        crc = frame >> (self.payload_beats * self.bits) & 0xFFFFFFFF
+        crc_ok = crc == self.frame_crc.compute(self.beats_of(payload, self.payload_beats))
+        seq = payload & ((1 << self.seq_bits) - 1)
+        count = (payload >> self.seq_bits & ((1 << self.count_bits) - 1)) + 1
+        base = self.seq_bits + self.count_bits
+        flits = [payload >> (base + i * self.flit_bits) & ((1 << self.flit_bits) - 1) for i in range(count)]
+        return crc_ok, seq, flits
+
+    def encode_message(self, ack: int, freed: int, nak: int) -> int:
+        msg = ack | freed << self.seq_bits | nak << (2 * self.seq_bits)
+        return msg | self.msg_crc.compute(self.beats_of(msg, self.msg_beats)) << (self.msg_beats * self.bits)
+
+    def decode_message(self, bits_: int):
+        """``(crc_ok, ack, freed, nak)``."""
+        msg = bits_ & ((1 << (self.msg_beats * self.bits)) - 1)
+        crc = bits_ >> (self.msg_beats * self.bits) & 0xFFFF
+        mask = (1 << self.seq_bits) - 1
+        return crc == self.msg_crc.compute(self.beats_of(msg, self.msg_beats)), msg & mask, msg >> self.seq_bits & mask, msg >> (2 * self.seq_bits)
+
+
+class _Deserializer:
+    """Receiver logic: gathers ``beats`` beats of ``bits`` (resynchronizing on ``first``) and feeds the first
+    ``crc_after`` of them to a CRC ``Processor`` (``params``) as they arrive.
+
+    In the cycle the last beat arrives ``done`` is high, ``word`` is the whole word (beat 0 in the low bits)
+    and ``crc_ok`` tells whether the CRC of the first ``crc_after`` beats equals the bits after them."""
+
+    def __init__(self, m, name, wire, bits, beats, crc_after, params):
+        self.shift = Signal(bits * beats, name=f"{name}_shift")
+        self.index = Signal(range(beats + 1), name=f"{name}_index")
+        self.done = Signal(name=f"{name}_done")
+        self.word = Signal(bits * beats, name=f"{name}_word")
+        self.crc_ok = Signal(name=f"{name}_crc_ok")
+        crc = params.create()
+        m.submodules[f"{name}_crc"] = crc
+        m.d.comb += self.word.eq(Cat(self.shift[bits:], wire.data) if beats > 1 else wire.data)
+        beat = Signal(name=f"{name}_beat")
+        position = Signal(range(beats), name=f"{name}_position")
+        m.d.comb += [beat.eq(wire.valid & (wire.first | (self.index != 0))),
+                     position.eq(Mux(wire.first, 0, self.index)),
+                     crc.start.eq(beat & (position == 0)), crc.valid.eq(beat & (position < crc_after)),
+                     crc.data.eq(wire.data)]
+        crc_width = params.algorithm.crc_width
+        m.d.comb += self.crc_ok.eq(crc.crc == self.word[crc_after * bits:crc_after * bits + crc_width])
+        with m.If(beat):
+            m.d.sync += self.shift.eq(self.word)
+            with m.If(position == beats - 1):
+                m.d.comb += self.done.eq(1)
+                m.d.sync += self.index.eq(0)
+            with m.Else():
+                m.d.sync += self.index.eq(position + 1)
+
+
+class _Serializer:
+    """Sender logic: when ``load`` is high, takes ``payload`` and sends it as ``payload_beats`` beats, then its
+    CRC (``params``, computed a beat at a time as the beats go out) as ``crc_beats`` beats. ``free`` is high when a
+    ``load`` this cycle is taken (idle, or on the last beat: frames go back to back). ``loaded`` counts loads."""
+
+    def __init__(self, m, name, wire, bits, payload_beats, params):
+        crc_width = params.algorithm.crc_width
+        crc_beats = -(-crc_width // bits)
+        beats = payload_beats + crc_beats
+        self.load = Signal(name=f"{name}_load")
+        self.payload = Signal(payload_beats * bits, name=f"{name}_payload")
+        self.free = Signal(name=f"{name}_free")
+        crc = params.create()
+        m.submodules[f"{name}_crc"] = crc
+        shift = Signal(max(payload_beats, crc_beats) * bits, name=f"{name}_shift")
+        index = Signal(range(beats), name=f"{name}_index")
+        active = Signal(name=f"{name}_active")
+        crc_padded = Cat(crc.crc, Const(0, crc_beats * bits - crc_width))
+        at_crc = index == payload_beats
+        m.d.comb += [self.free.eq(~active | (index == beats - 1)),
+                     wire.valid.eq(active), wire.first.eq(active & (index == 0)),
+                     wire.data.eq(Mux(at_crc, crc_padded[:bits], shift[:bits])),
+                     crc.start.eq(active & (index == 0)), crc.valid.eq(active & (index < payload_beats)),
+                     crc.data.eq(shift[:bits])]
+        with m.If(active):
+            m.d.sync += [shift.eq(Mux(at_crc, crc_padded >> bits, shift >> bits)), index.eq(index + 1)]
+            with m.If(index == beats - 1):
+                m.d.sync += active.eq(0)
+        with m.If(self.load & self.free):
+            m.d.sync += [shift.eq(self.payload), index.eq(0), active.eq(1)]
+
+
+def _seq(fmt):
+    return Signal(fmt.seq_bits)
+
+
+def _sub(fmt, a, b):
+    """``(a - b) mod 2**seq_bits``."""
+    return (a - b)[:fmt.seq_bits]
+
+
+class LinkTx(wiring.Component):
+    """Sending side of a link.
+
+    Parameters
+    ----------
+    arch : :class:`~flowtile.arch.Arch`; its ``link_*`` fields give the defaults of the rest.
+    bits, frame_flits, credit_frames, replay_frames : int, optional
+    timeout_cycles : int, optional (default :meth:`LinkFormat.default_timeout` of ``latency``)
+    latency : int, optional -- the wire's latency each way, only to size the default timeout.
+
+    Members
+    -------
+    i : In(flit stream) -- flits to send.
+    o_wire : Out(:func:`link_wire_signature`) -- forward wire.
+    i_ret : In(:func:`link_wire_signature`) -- return wire (messages from the receiver).
+    frames_sent, replays, naks, timeouts, ret_crc_errors : Out(32) -- frames put on the wire (resends
+        included), go-back events (NAK or timeout), NAKs received, timeouts, return messages with a bad CRC.
+    """
+
+    def __init__(self, arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None,
+                 latency=None, timeout_cycles=None):
+        self.format = fmt = LinkFormat(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
+                                       replay_frames=replay_frames, owner="LinkTx")
+        self.latency = _check_int("LinkTx", "latency", arch.link_latency_cycles if latency is None else latency,
+                                  1, 65536)
+        default = fmt.default_timeout(self.latency)
+        self.timeout_cycles = _check_int("LinkTx", "timeout_cycles",
+                                         default if timeout_cycles is None else timeout_cycles, 1, 1 << 24)
+        super().__init__({
+            "i": In(stream.Signature(fmt.flit_layout)),
+            "o_wire": Out(link_wire_signature(fmt.bits)),
+            "i_ret": In(link_wire_signature(fmt.bits)),
+            "frames_sent": Out(COUNTER_BITS), "replays": Out(COUNTER_BITS), "naks": Out(COUNTER_BITS),
+            "timeouts": Out(COUNTER_BITS), "ret_crc_errors": Out(COUNTER_BITS),
+        })
+
+    def elaborate(self, platform):
+        fmt = self.format
+        m = Module()
+        F, FB, S, W = fmt.frame_flits, fmt.flit_bits, fmt.seq_bits, fmt.bits
+        depth_bits = ceil_log2(fmt.replay_depth)
+
+        next_seq, send_seq, ack_base, freed = _seq(fmt), _seq(fmt), _seq(fmt), _seq(fmt)
+
+        # --- assembler: flits into a frame, then into the replay buffer at next_seq ------------------------
+        asm = Signal(fmt.flits_bits)
+        asm_count = Signal(range(F + 1))
+        m.d.comb += self.i.ready.eq(asm_count < F)
+        with m.If(self.i.valid & self.i.ready):
+            for k in range(F):
+                with m.If(asm_count == k):
+                    m.d.sync += asm[k * FB:(k + 1) * FB].eq(self.i.payload)
+            m.d.sync += asm_count.eq(asm_count + 1)
+
+        m.submodules.replay = replay = Memory(shape=unsigned(fmt.count_bits + fmt.flits_bits),
+                                              depth=fmt.replay_depth, init=[])
+        wr = replay.write_port()
+        rd = replay.read_port(domain="comb")
+        window_full = _sub(fmt, next_seq, ack_base) >= fmt.replay_frames
+        idle = send_seq == next_seq
+        # A partial frame goes when the input pauses and nothing else waits to be sent.
+        close = ~window_full & ((asm_count == F) | ((asm_count != 0) & ~self.i.valid & idle))
+        m.d.comb += [wr.addr.eq(next_seq[:depth_bits] if depth_bits else 0),
+                     wr.data.eq(Cat((asm_count - 1)[:fmt.count_bits], asm)), wr.en.eq(close)]
+        with m.If(close):
+            m.d.sync += [next_seq.eq(next_seq + 1), asm_count.eq(0), asm.eq(0)]
+
+        # --- serializer: the frame at send_seq, if the receiver has credit for it ---------------------------
+        ser = _Serializer(m, "frame", self.o_wire, W, fmt.payload_beats, fmt.frame_crc)
+        can_send = ~idle & (_sub(fmt, send_seq, freed) < fmt.credit_frames)
+        m.d.comb += [rd.addr.eq(send_seq[:depth_bits] if depth_bits else 0),
+                     ser.payload.eq(Cat(send_seq, rd.data)), ser.load.eq(can_send)]
+        sent = can_send & ser.free
+        with m.If(sent):
+            m.d.sync += [send_seq.eq(send_seq + 1), self.frames_sent.eq(self.frames_sent + 1)]
+
+        # --- return messages --------------------------------------------------------------------------------
+        des = _Deserializer(m, "msg", self.i_ret, W, fmt.ret_beats, fmt.msg_beats, fmt.msg_crc)
+        msg = Signal(fmt.msg_bits)
+        msg_pending, msg_good = Signal(), Signal()
+        m.d.sync += msg_pending.eq(des.done)
+        with m.If(des.done):
+            m.d.sync += [msg.eq(des.word[:fmt.msg_bits]), msg_good.eq(des.crc_ok)]
+        msg_ack, msg_freed, msg_nak = msg[:S], msg[S:2 * S], msg[2 * S]
+        msg_ok = Signal()
+        m.d.comb += msg_ok.eq(msg_pending & msg_good)
+        with m.If(msg_pending & ~msg_good):
+            m.d.sync += self.ret_crc_errors.eq(self.ret_crc_errors + 1)
+
+        # Sanity: a message (CRC passed) must not claim frames never sent.
+        ack_plausible = _sub(fmt, msg_ack, ack_base) <= _sub(fmt, next_seq, ack_base)
+        freed_plausible = _sub(fmt, msg_freed, freed) <= _sub(fmt, msg_ack, freed)
+        use = msg_ok & ack_plausible
+        advance = use & (msg_ack != ack_base)
+        with m.If(use & freed_plausible):
+            m.d.sync += freed.eq(msg_freed)
+        with m.If(use):
+            m.d.sync += ack_base.eq(msg_ack)
+
+        # --- timeout and go-back ----------------------------------------------------------------------------
+        timer = Signal(range(self.timeout_cycles + 1))
+        timeout = Signal()
+        with m.If((send_seq == ack_base) | advance):
+            m.d.sync += timer.eq(0)
+        with m.Elif(timer == self.timeout_cycles - 1):
+            m.d.sync += timer.eq(0)
+            m.d.comb += timeout.eq(1)
+        with m.Else():
+            m.d.sync += timer.eq(timer + 1)
+        nak = use & msg_nak
+        with m.If(nak):
+            m.d.sync += self.naks.eq(self.naks + 1)
+        with m.If(timeout & ~nak):
+            m.d.sync += self.timeouts.eq(self.timeouts + 1)
+        # An ack beyond send_seq (possible after a go-back): skip the frames the receiver already has.
+        overtaken = use & (_sub(fmt, msg_ack, ack_base) > _sub(fmt, send_seq, ack_base))
+        with m.If(nak | timeout):
+            m.d.sync += [self.replays.eq(self.replays + 1), send_seq.eq(Mux(nak, msg_ack, ack_base))]
+        with m.Elif(overtaken):
+            m.d.sync += send_seq.eq(msg_ack)
+        return m
+
+
+class LinkRx(wiring.Component):
+    """Receiving side of a link (parameters as :class:`LinkTx`, less the timeout).
+
+    Members
+    -------
+    i_wire : In(:func:`link_wire_signature`) -- forward wire.
+    o : Out(flit stream) -- flits of good in-order frames, in order.
+    o_ret : Out(:func:`link_wire_signature`) -- return wire (status messages, one after another).
+    frames_accepted, crc_errors, seq_errors, duplicates, naks_sent, overflows : Out(32) -- frames accepted,
+        dropped for a bad CRC, dropped for being ahead of the expected sequence number, dropped as already
+        received, NAKs sent, and in-order frames dropped for want of room (never, if the sender honours credit).
+    """
+
+    def __init__(self, arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None):
+        self.format = fmt = LinkFormat(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
+                                       replay_frames=replay_frames, owner="LinkRx")
+        super().__init__({
+            "i_wire": In(link_wire_signature(fmt.bits)),
+            "o": Out(stream.Signature(fmt.flit_layout)),
+            "o_ret": Out(link_wire_signature(fmt.bits)),
+            "frames_accepted": Out(COUNTER_BITS), "crc_errors": Out(COUNTER_BITS), "seq_errors": Out(COUNTER_BITS),
+            "duplicates": Out(COUNTER_BITS), "naks_sent": Out(COUNTER_BITS), "overflows": Out(COUNTER_BITS),
+        })
+
+    def elaborate(self, platform):
+        fmt = self.format
+        m = Module()
+        F, FB, S, W = fmt.frame_flits, fmt.flit_bits, fmt.seq_bits, fmt.bits
+        depth_bits = ceil_log2(fmt.credit_depth)
+        rx_next, rx_freed = _seq(fmt), _seq(fmt)
+
+        # --- deserialize and check ----------------------------------------------------------------------------
+        des = _Deserializer(m, "frame", self.i_wire, W, fmt.frame_beats, fmt.payload_beats, fmt.frame_crc)
+        frame = Signal(fmt.payload_bits)
+        pending, crc_ok = Signal(), Signal()
+        m.d.sync += pending.eq(des.done)
+        with m.If(des.done):
+            m.d.sync += [frame.eq(des.word[:fmt.payload_bits]), crc_ok.eq(des.crc_ok)]
+        seq = frame[:S]
+        room = _sub(fmt, rx_next, rx_freed) < fmt.credit_frames
+        ahead = _sub(fmt, seq, rx_next)
+        accept = Signal()
+        m.d.comb += accept.eq(pending & crc_ok & (seq == rx_next) & room)
+
+        m.submodules.buffer = buffer = Memory(shape=unsigned(fmt.count_bits + fmt.flits_bits),
+                                              depth=fmt.credit_depth, init=[])
+        wr = buffer.write_port()
+        rd = buffer.read_port(domain="comb")
+        m.d.comb += [wr.addr.eq(rx_next[:depth_bits] if depth_bits else 0), wr.data.eq(frame[S:]),
+                     wr.en.eq(accept)]
+
+        nak_pending, nak_sent = Signal(), Signal()
+        nak_request = Signal()
+        with m.If(accept):
+            m.d.sync += [rx_next.eq(rx_next + 1), self.frames_accepted.eq(self.frames_accepted + 1)]
+        with m.Elif(pending & ~crc_ok):
+            m.d.sync += self.crc_errors.eq(self.crc_errors + 1)
+            m.d.comb += nak_request.eq(1)
+        with m.Elif(pending & (seq == rx_next)):
+            m.d.sync += self.overflows.eq(self.overflows + 1)
+        with m.Elif(pending & (ahead < (1 << (S - 1)))):
+            m.d.sync += self.seq_errors.eq(self.seq_errors + 1)
+            m.d.comb += nak_request.eq(1)
+        with m.Elif(pending):
+            m.d.sync += self.duplicates.eq(self.duplicates + 1)
+
+        # --- flits out -----------------------------------------------------------------------------------------
+        index = Signal(range(F))
+        count_m1 = rd.data[:fmt.count_bits]
+        flits = rd.data[fmt.count_bits:]
+        m.d.comb += [rd.addr.eq(rx_freed[:depth_bits] if depth_bits else 0),
+                     self.o.valid.eq(rx_next != rx_freed),
+                     self.o.payload.eq(flits.word_select(index, FB) if F > 1 else flits)]
+        with m.If(self.o.valid & self.o.ready):
+            with m.If(index == count_m1):
+                m.d.sync += [index.eq(0), rx_freed.eq(rx_freed + 1)]
+            with m.Else():
+                m.d.sync += index.eq(index + 1)
+
+        # --- return messages: one after another, each with the current ack, freed and NAK ------------------------
+        ser = _Serializer(m, "msg", self.o_ret, W, fmt.msg_beats, fmt.msg_crc)
+        m.d.comb += [ser.payload.eq(Cat(rx_next, rx_freed, nak_pending)), ser.load.eq(1)]
+        with m.If(ser.free & nak_pending):
+            m.d.sync += [nak_pending.eq(0), nak_sent.eq(1), self.naks_sent.eq(self.naks_sent + 1)]
+        with m.If(nak_request & ~nak_sent & ~nak_pending):
+            m.d.sync += nak_pending.eq(1)
+        with m.If(accept):   # a new expected frame: a NAK for the old one is stale, a new loss earns a NAK
+            m.d.sync += [nak_pending.eq(0), nak_sent.eq(0)]
+        return m
+
+
+class LinkChannel(wiring.Component):
+    """One direction of the wire: ``latency`` register stages, then a fault injector.
+
+    Each wire bit (``data``, ``valid``, ``first``) has its own 32-bit LFSR (seeded from ``seed`` and the bit's
+    index, :func:`lfsr_seed`), stepped 16 times a cycle; the bit flips when the LFSR's low 16 bits are below
+    ``round(error_rate * 2**16)``: a flip probability of ``error_rate`` per bit per cycle.
+
+    Parameters
+    ----------
+    bits : int -- data bits of the wire, 1..1024.
+    latency : int -- 1..65536 stages.
+    error_rate : float -- 0.0 (no faults) .. 0.5.
+    seed : int -- 1..2**32 - 1.
+
+    Members
+    -------
+    i : In(:func:`link_wire_signature`);  o : Out(:func:`link_wire_signature`)
+    flips : Out(32) -- wire bits flipped so far.
+    """
+
+    def __init__(self, bits, *, latency, error_rate=0.0, seed=1):
+        self.bits = _check_int("LinkChannel", "bits", bits, 1, 1024)
+        self.latency = _check_int("LinkChannel", "latency", latency, 1, 65536)
+        self.threshold = error_threshold("LinkChannel", error_rate)
+        self.error_rate = error_rate
+        self.seed = _check_int("LinkChannel", "seed", seed, 1, (1 << 32) - 1)
+        super().__init__({"i": In(link_wire_signature(bits)), "o": Out(link_wire_signature(bits)),
+                          "flips": Out(COUNTER_BITS)})
+
+    def elaborate(self, platform):
+        m = Module()
+        width = self.bits + 2
+        value = Cat(self.i.data, self.i.valid, self.i.first)
+        for stage in range(self.latency):
+            reg = Signal(width, name=f"stage{stage}")
+            m.d.sync += reg.eq(value)
+            value = reg
+        if self.threshold == 0:
+            m.d.comb += Cat(self.o.data, self.o.valid, self.o.first).eq(value)
+            return m
+        masks = lfsr_step_matrix(ERROR_RATE_BITS)
+        flip = Signal(width)
+        for bit in range(width):
+            state = Signal(32, init=lfsr_seed(self.seed, bit), name=f"lfsr{bit}")
+            nxt = [(state & Const(mask, 32)).xor() for mask in masks]
+            m.d.sync += state.eq(Cat(*nxt))
+            m.d.comb += flip[bit].eq(state[:ERROR_RATE_BITS] < self.threshold)
+        m.d.comb += Cat(self.o.data, self.o.valid, self.o.first).eq(value ^ flip)
+        m.d.sync += self.flips.eq(self.flips + sum(flip[b] for b in range(width)))
+        return m
+
+
+class Link(wiring.Component):
+    """A whole link: :class:`LinkTx` -> forward :class:`LinkChannel` -> :class:`LinkRx`, and the return
+    channel back. Parameters default to ``arch``'s ``link_*`` fields; the return channel's injector is
+    seeded with ``seed + 1`` (wrapping to 1) and flips at ``ret_error_rate`` (default: ``error_rate``).
+
+    Members
+    -------
+    i : In(flit stream);  o : Out(flit stream)
+    plus the status counters of the pieces, prefixed: ``tx_*`` (:class:`LinkTx`), ``rx_*`` (:class:`LinkRx`),
+    ``fwd_flips``, ``ret_flips``.
+    """
+
+    TX_COUNTERS = ("frames_sent", "replays", "naks", "timeouts", "ret_crc_errors")
+    RX_COUNTERS = ("frames_accepted", "crc_errors", "seq_errors", "duplicates", "naks_sent", "overflows")
+
+    def __init__(self, arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None,
+                 latency=None, error_rate=None, ret_error_rate=None, seed=None, timeout_cycles=None):
+        check_arch(arch, "Link")
+        latency = arch.link_latency_cycles if latency is None else latency
+        error_rate = arch.link_error_rate if error_rate is None else error_rate
+        seed = arch.link_error_seed if seed is None else seed
+        self.tx = LinkTx(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
+                         replay_frames=replay_frames, latency=latency, timeout_cycles=timeout_cycles)
+        self.format = fmt = self.tx.format
+        self.rx = LinkRx(arch, bits=fmt.bits, frame_flits=fmt.frame_flits, credit_frames=fmt.credit_frames,
+                         replay_frames=fmt.replay_frames)
+        self.fwd = LinkChannel(fmt.bits, latency=latency, error_rate=error_rate, seed=seed)
+        ret_seed = seed + 1 if isinstance(seed, int) and seed + 1 < (1 << 32) else 1
+        self.ret = LinkChannel(fmt.bits, latency=latency, seed=ret_seed,
+                               error_rate=error_rate if ret_error_rate is None else ret_error_rate)
+        members = {"i": In(stream.Signature(fmt.flit_layout)), "o": Out(stream.Signature(fmt.flit_layout)),
+                   "fwd_flips": Out(COUNTER_BITS), "ret_flips": Out(COUNTER_BITS)}
+        members.update({f"tx_{name}": Out(COUNTER_BITS) for name in self.TX_COUNTERS})
+        members.update({f"rx_{name}": Out(COUNTER_BITS) for name in self.RX_COUNTERS})
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.tx, m.submodules.rx = self.tx, self.rx
+        m.submodules.fwd, m.submodules.ret = self.fwd, self.ret
+        wiring.connect(m, wiring.flipped(self.i), self.tx.i)
+        wiring.connect(m, self.tx.o_wire, self.fwd.i)
+        wiring.connect(m, self.fwd.o, self.rx.i_wire)
+        wiring.connect(m, self.rx.o, wiring.flipped(self.o))
+        wiring.connect(m, self.rx.o_ret, self.ret.i)
+        wiring.connect(m, self.ret.o, self.tx.i_ret)
+        m.d.comb += [self.fwd_flips.eq(self.fwd.flips), self.ret_flips.eq(self.ret.flips)]
+        m.d.comb += [getattr(self, f"tx_{n}").eq(getattr(self.tx, n)) for n in self.TX_COUNTERS]
+        m.d.comb += [getattr(self, f"rx_{n}").eq(getattr(self.rx, n)) for n in self.RX_COUNTERS]
+        return m
