@@ -17,6 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
+from flowtile.host import HostPattern
 from flowtile.program import Program
 
 from . import functional
@@ -138,12 +139,16 @@ def _phase_spans(pe_times: PETimes, compute_ends: np.ndarray, count: TileCounts,
     return np.concatenate(pieces) if pieces else np.empty(0, dtype=PHASE_SPAN_DTYPE)
 
 
-def emulate(program: Program, in_flits: np.ndarray, batch: int) -> EmulatorResult:
-    """Run ``batch`` inferences of ``program`` on host input flits int8 ``[batch * input_words, lanes]``."""
+def emulate(program: Program, in_flits: np.ndarray, batch: int, *,
+            host_pattern: HostPattern | None = None) -> EmulatorResult:
+    """Run ``batch`` inferences of ``program`` on host input flits int8 ``[batch * input_words, lanes]``.
+
+    ``host_pattern``: host output stalls and input gaps (:class:`flowtile.host.HostPattern`); outputs are the
+    same with or without, only the cycles change."""
     arch = program.arch
     path: DataPath = trace_data_path(program)      # validates the program
     check_input_flits(program, in_flits, batch)
-    timing = solve_timing(program, batch, path)
+    timing = solve_timing(program, batch, path, host_pattern=host_pattern)
     data = functional.run_functional(program, in_flits, batch, path, timing)
 
     words = program.output_words

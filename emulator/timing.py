@@ -111,11 +111,12 @@ import numpy as np
 from flowtile.program import Program
 
 from flowtile.arch import COMPUTE_DRAIN_CYCLES
+from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
 
 from .path import HOST, DataPath, EmulatorError, TileCounts, trace_data_path
 
 __all__ = ["TimingError", "Chain", "FifoEdge", "EventEdge", "TimingGraph", "PETimes", "TimingResult",
-           "solve_timing", "timing_graph", "PROBE_BATCH", "NEVER"]
+           "solve_timing", "timing_graph", "PROBE_BATCH", "NEVER", "Gate"]
 
 #: "No constraint yet": below any cycle, far enough from the int64 limits that ``+ offset`` and ``- C``
 #: cannot overflow.
@@ -133,6 +134,47 @@ PROBE_GROWTH = 2
 #: looped on forever.
 ROUNDS_PER_INFERENCE = 8
 ROUNDS_MINIMUM = 64
+
+
+class Gate:
+    """The cycles in which a host chain may transfer (:class:`flowtile.host.HostPattern`): cycle ``t`` is on iff
+    ``bits[t % period]``. Its on cycles in increasing order ``C[0] < C[1] < ...`` (``C[k] = (k // n) * period +
+    on[k % n]``, ``n`` on cycles per period).
+
+    A gated chain with ``d = 1`` is ``t_j = next_on(max(lb_j, t_{j-1} + 1))`` (the first on cycle at or after
+    the bound). ``next_on`` is monotone, so in on-cycle indices ``k_j`` (``t_j = C[k_j]``) it is again a plain
+    max-plus chain, ``k_j = max(rank(lb_j), k_{j-1} + 1)`` with ``rank(x)`` the index of ``next_on(x)``, solved
+    by the same prefix scan."""
+
+    def __init__(self, bits: np.ndarray):
+        bits = np.asarray(bits, dtype=bool)
+        self.period = len(bits)
+        self.on = np.flatnonzero(bits).astype(np.int64)
+        if not len(self.on):
+            raise ValueError("a host pattern needs at least one on cycle per period")
+        self.n = len(self.on)
+
+    def rank(self, cycles: np.ndarray) -> np.ndarray:
+        """Index of the first on cycle >= ``max(cycles, 0)``."""
+        cycles = np.maximum(cycles, 0)
+        turns, within = np.divmod(cycles, self.period)
+        return turns * self.n + np.searchsorted(self.on, within, side="left")
+
+    def cycle(self, ranks: np.ndarray) -> np.ndarray:
+        """``C[ranks]``."""
+        turns, within = np.divmod(ranks, self.n)
+        return turns * self.period + self.on[within]
+
+
+def host_gates(host_pattern: HostPattern | None, n_chains: int) -> dict[int, Gate]:
+    """Chain index -> :class:`Gate` for the host input (chain 0) and the host output (the last chain)."""
+    gates: dict[int, Gate] = {}
+    if host_pattern is not None:
+        if host_pattern.gaps_input:
+            gates[0] = Gate(host_pattern.in_valid())
+        if host_pattern.stalls_output:
+            gates[n_chains - 1] = Gate(host_pattern.out_ready())
+    return gates
 
 
 class TimingError(EmulatorError):
@@ -422,8 +464,11 @@ class _ChainSystem:
     """
 
     def __init__(self, graph: TimingGraph, solved: int, batch: int, *, times: list[np.ndarray] | None = None,
-                 spaced: list[tuple[np.ndarray, int | None]] | None = None):
+                 spaced: list[tuple[np.ndarray, int | None]] | None = None, gates: dict[int, Gate] | None = None):
         self.graph, self.solved, self.batch = graph, solved, batch
+        # gated host chains (d = 1 for every action, no event edge, no skip): solved in on-cycle indices
+        self.gates = {j: gate for j, gate in (gates or {}).items() if j < solved}
+        self.gated_flits = sum(batch * graph.chains[j].per_inference for j in self.gates)
         chains = graph.chains[:solved]
         self.sizes = [batch * c.per_inference for c in chains]
         # per chain: (writer times index, global write slots or None, own global read slots or None, read offset
@@ -489,6 +534,8 @@ class _ChainSystem:
         ``lb - C = M - (C - 1)``; an event bound ``t + offset`` enters ``M`` as ``t + offset - 1``. The ``-1``
         floor only matters through the prefix maximum, so it is applied to the first element alone."""
         times, size = self.times, self.sizes[j]
+        if j in self.gates:
+            return self._solve_gated(j)
         lower = None
         for writer, writes, reads, extra in self.reads_from[j]:  # rule 1: readable the cycle after its write
             written = times[writer] if writes is None else times[writer][writes]
@@ -536,6 +583,45 @@ class _ChainSystem:
         lower += self.cumulative[j]
         return lower
 
+    def _lower_bounds(self, j: int) -> np.ndarray:
+        """The lower bound ``lb`` of every action of chain ``j`` from its FIFO edges (rule 1) and event edges."""
+        times, size = self.times, self.sizes[j]
+        lower = np.full(size, NEVER)
+        for writer, writes, reads, extra in self.reads_from[j]:
+            written = times[writer] if writes is None else times[writer][writes]
+            if extra is not None:
+                written = written + extra
+            if reads is None:
+                np.maximum(lower, written + 1, out=lower)
+            else:
+                lower[reads] = np.maximum(lower[reads], written + 1)
+        for reader, source, target, depth in self.space_from[j]:
+            if target is None:
+                if size > depth:
+                    freed = times[reader][:-depth] if source is None else times[reader][source]
+                    np.maximum(lower[depth:], freed + 1, out=lower[depth:])
+            elif len(target):
+                freed = times[reader][:-depth] if source is None else times[reader][source]
+                lower[target] = np.maximum(lower[target], freed + 1)
+        width = self.graph.chains[j].per_inference
+        for event in self.events_into[j]:
+            source_width = self.graph.chains[event.source].per_inference
+            bound = times[event.source][event.source_slot::source_width][:self.batch - event.shift] + event.offset
+            view = lower[event.shift * width + event.target_slot::width]
+            np.maximum(view, bound, out=view)
+        return lower
+
+    def _solve_gated(self, j: int) -> np.ndarray:
+        """A gated host chain (:class:`Gate`): ``k = cummax(rank(lb) - i) + i`` in on-cycle indices, ``t = C[k]``
+        (``t_{-1} = -1`` makes ``t_0 >= 0``, which ``rank`` already ensures)."""
+        gate = self.gates[j]
+        ranks = gate.rank(self._lower_bounds(j))
+        steps = np.arange(len(ranks), dtype=np.int64)
+        ranks -= steps
+        np.maximum.accumulate(ranks, out=ranks)
+        ranks += steps
+        return gate.cycle(ranks)
+
     def _skip_scan(self, lower: np.ndarray, width: int, steps: np.ndarray) -> None:
         """In place: ``v = cummax(u)`` (``u = lb - C``, ``t = C + v``) with, in addition, ``v(s, 0) >= v(s - 1, 0)
         + excess`` (``excess`` = the chain's skip minus its delay per inference, > 0; ``steps = s * excess``).
@@ -559,6 +645,8 @@ class _ChainSystem:
         constrains, until no time changes; returns the number of chain solves."""
         n = self.solved
         max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n) * self.graph.ring_rounds)
+        # a stalled host output behind full FIFOs can take a round per stall that holds the chip back
+        max_rounds += 2 * self.gated_flits
         dirty = [True] * n
         solves = 0
         times = self.times
@@ -700,23 +788,31 @@ def _pass_through_tail(graph: TimingGraph) -> int:
 
 
 def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
-                 probe_batch: int | None = PROBE_BATCH) -> TimingResult:
+                 probe_batch: int | None = PROBE_BATCH, host_pattern: HostPattern | None = None) -> TimingResult:
     """Solve section 6's recurrences for ``batch`` inferences.
 
     Sweeps solve the chains before the pass-through tail, first for ``probe_batch`` inferences whose
     periodic continuation is checked against the whole batch (growing the probe while the check
     fails); ``probe_batch=None`` sweeps the whole batch directly (slow for large batches, same result).
+
+    ``host_pattern`` (:class:`flowtile.host.HostPattern`): the host input transfers only in cycles its input is
+    offered, the host output only in cycles it is ready (a :class:`Gate` on the first and the last chain).
+    A stalled output holds the chain before it back, so there is no pass-through tail then; the gated chains
+    keep ``d = 1`` (the depth-1 spacing is implied by rule 1, leaving it out only costs sweep rounds).
     """
     path = path or trace_data_path(program)
     graph = timing_graph(program, path)
-    tail = _pass_through_tail(graph)
     chains = graph.chains
+    gates = host_gates(host_pattern, len(chains))
+    tail = len(chains) if len(chains) - 1 in gates else _pass_through_tail(graph)
     spaced = _spaced_delays(graph)
+    for j in gates:
+        spaced[j] = (np.ones(chains[j].per_inference, dtype=np.int64), None)
     solves, full, prefix = 0, None, None
     if probe_batch is not None and batch > probe_batch:
         probe = probe_batch
         while probe < batch:
-            system = _ChainSystem(graph, tail, probe, spaced=spaced)
+            system = _ChainSystem(graph, tail, probe, spaced=spaced, gates=gates)
             if prefix is not None:
                 system.warm_start(prefix)
             probe_solves = system.sweep_until_stable()
@@ -724,7 +820,7 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
             prefix = system.solution()
             candidate = _extrapolate(prefix, chains[:tail], probe, batch)
             if candidate is not None:
-                full = _ChainSystem(graph, tail, batch, times=candidate, spaced=spaced)
+                full = _ChainSystem(graph, tail, batch, times=candidate, spaced=spaced, gates=gates)
                 if full.is_exact():
                     break
                 full = None
@@ -735,7 +831,7 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
             probe *= PROBE_GROWTH
     extrapolated = full is not None
     if not extrapolated:
-        full = _ChainSystem(graph, tail, batch, spaced=spaced)
+        full = _ChainSystem(graph, tail, batch, spaced=spaced, gates=gates)
         if prefix is not None:
             full.warm_start(prefix)
         solves += full.sweep_until_stable()

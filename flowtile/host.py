@@ -4,12 +4,15 @@ Shared by the emulator and the RTL drivers so that both see the very same input 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .program import Program, TensorSpec
 
 __all__ = ["InputError", "check_input", "quantize", "dequantize", "pack_flits", "unpack_flits",
-           "input_flits", "outputs_from_flits", "apply_post"]
+           "input_flits", "outputs_from_flits", "apply_post", "HostPattern", "HOST_PATTERN_CYCLES",
+           "stall_bits"]
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
 
@@ -55,7 +58,8 @@ def pack_flits(values: np.ndarray, lanes: int, spec: TensorSpec | None = None) -
     """int8 ``[batch, n]`` (model element order) -> ``[batch * words, lanes]`` flits.
 
     Flat tensors: ``lanes`` consecutive elements a flit. ``chw`` tensors travel pixel-major with the
-    channels of a pixel padded to whole flits (docs/architecture.md section 4.1). Padding lanes are zero.
+    channels of a pixel padded to whole flits (docs/architecture.md section 4.1). ``tc`` tensors (a sequence
+    ``(T, C)``) travel the same way as a 1 x T map: step ``t`` is pixel ``t``. Padding lanes are zero.
     """
     batch, n = values.shape
     if spec is not None and spec.layout == "im2col":
@@ -65,6 +69,11 @@ def pack_flits(values: np.ndarray, lanes: int, spec: TensorSpec | None = None) -
         words_per_pixel = -(-channels // lanes)
         pixels = np.zeros((batch, height, width, words_per_pixel * lanes), dtype=np.int8)
         pixels[..., :channels] = values.reshape(batch, channels, height, width).transpose(0, 2, 3, 1)
+        return pixels.reshape(-1, lanes)
+    if spec is not None and spec.layout == "tc":
+        steps, channels = spec.shape
+        pixels = np.zeros((batch, steps, -(-channels // lanes) * lanes), dtype=np.int8)
+        pixels[..., :channels] = values.reshape(batch, steps, channels)
         return pixels.reshape(-1, lanes)
     words = -(-n // lanes)
     padded = np.zeros((batch, words * lanes), dtype=np.int8)
@@ -104,6 +113,9 @@ def unpack_flits(flits: np.ndarray, batch: int, n: int, spec: TensorSpec | None 
         channels, height, width = spec.shape
         pixels = flits.reshape(batch, height, width, -1)[..., :channels]
         return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)).reshape(batch, -1)
+    if spec is not None and spec.layout == "tc":
+        steps, channels = spec.shape
+        return np.ascontiguousarray(flits.reshape(batch, steps, -1)[..., :channels]).reshape(batch, -1)
     return flits.reshape(batch, -1)[:, :n]
 
 
@@ -141,3 +153,84 @@ def outputs_from_flits(program: Program, flits: np.ndarray, batch: int) -> tuple
     """
     q = unpack_flits(flits, batch, program.output.length, program.output)
     return q, apply_post(dequantize(q, program.output), program.output)
+
+
+# --- host stalls: a seeded per-cycle pattern of output ready and input valid ----------------------------------
+
+#: Period of a :class:`HostPattern`: the host's bit in run cycle ``t`` is ``bits[t % HOST_PATTERN_CYCLES]``
+#: (a power of two: the simulation harness indexes its pattern memory with the low bits of its cycle counter).
+HOST_PATTERN_CYCLES = 4096
+
+
+def stall_bits(rng: np.random.Generator, duty: float, burst: float, cycles: int = HOST_PATTERN_CYCLES) -> np.ndarray:
+    """One on/off process as bool ``[cycles]`` (True = on: the host is ready / offers a flit).
+
+    ``duty >= 1``: all on. Otherwise alternating runs, off runs ``Geometric(1 / burst)`` cycles long (mean
+    ``burst``), on runs ``Geometric(1 / on_mean)``, ``on_mean = max(1, burst * duty / (1 - duty))`` (so the
+    fraction of on cycles is about ``duty``); the first run is on with probability ``duty`` (one uniform draw,
+    then ``cycles`` on-run lengths, then ``cycles`` off-run lengths, in this order from ``rng``). A pattern with
+    no on cycle gets its cycle 0 on (a host that never transfers would deadlock the run).
+    """
+    if duty >= 1:
+        return np.ones(cycles, dtype=bool)
+    first_on = bool(rng.random() < duty)
+    on_mean = max(1.0, burst * duty / (1.0 - duty))
+    on = rng.geometric(1.0 / on_mean, cycles)
+    off = rng.geometric(1.0 / burst, cycles)
+    lengths = np.empty(2 * cycles, dtype=np.int64)
+    values = np.empty(2 * cycles, dtype=bool)
+    lengths[0::2], lengths[1::2] = (on, off) if first_on else (off, on)
+    values[0::2], values[1::2] = first_on, not first_on
+    bits = np.repeat(values, lengths)[:cycles]
+    if not bits.any():
+        bits[0] = True
+    return bits
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    """Host-side back-pressure and input gaps of a run, the same for the RTL harness and the emulator.
+
+    In run cycle ``t`` (0 = the first cycle with ``run = 1``) the host output is ready iff
+    ``out_ready()[t % HOST_PATTERN_CYCLES]`` and the host offers its next input flit (if any is left) iff
+    ``in_valid()[t % HOST_PATTERN_CYCLES]``. Both are :func:`stall_bits` processes drawn from
+    ``numpy.random.default_rng([seed, 0])`` (output: ``out_duty``, ``out_burst``) and ``default_rng([seed,
+    1])`` (input: ``in_duty``, ``in_burst``). ``duty`` is the wanted fraction of cycles on, in ``(0, 1]``
+    (1: never stalled, today's behaviour); ``burst`` the mean length of an off run in cycles, >= 1. The
+    bit vectors are the contract: the RTL runner loads them into the harness's pattern memory and the
+    emulator reads the same vectors.
+    """
+
+    seed: int = 0
+    out_duty: float = 1.0
+    out_burst: float = 4.0
+    in_duty: float = 1.0
+    in_burst: float = 4.0
+
+    def __post_init__(self):
+        for name in ("out_duty", "in_duty"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"HostPattern.{name} must be in (0, 1], got {value}")
+        for name in ("out_burst", "in_burst"):
+            value = getattr(self, name)
+            if not value >= 1:
+                raise ValueError(f"HostPattern.{name} must be >= 1 (mean stall length in cycles), got {value}")
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise ValueError(f"HostPattern.seed must be a non-negative integer, got {self.seed}")
+
+    @property
+    def stalls_output(self) -> bool:
+        return self.out_duty < 1
+
+    @property
+    def gaps_input(self) -> bool:
+        return self.in_duty < 1
+
+    def out_ready(self) -> np.ndarray:
+        """bool ``[HOST_PATTERN_CYCLES]``: host output ready per cycle of the period."""
+        return stall_bits(np.random.default_rng([int(self.seed), 0]), self.out_duty, self.out_burst)
+
+    def in_valid(self) -> np.ndarray:
+        """bool ``[HOST_PATTERN_CYCLES]``: host input offered per cycle of the period."""
+        return stall_bits(np.random.default_rng([int(self.seed), 1]), self.in_duty, self.in_burst)

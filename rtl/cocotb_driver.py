@@ -36,6 +36,8 @@ _IN_WRITE_EN, _IN_WRITE_ADDR, _IN_WRITE_DATA = "in_write_en", "in_write_addr", "
 _OUT_READ_ADDR, _OUT_READ_DATA, _OUT_READ_STAMP = "out_read_addr", "out_read_data", "out_read_stamp"
 _DONE, _TIMED_OUT, _UNEXPECTED = "done", "timed_out", "unexpected_output"
 _SENT, _RECEIVED, _CYCLE = "in_sent", "out_received", "cycle"
+_PATTERN_WRITE_EN, _PATTERN_WRITE_ADDR, _PATTERN_WRITE_DATA = "pattern_write_en", "pattern_write_addr", "pattern_write_data"
+_OUT_GATE, _IN_GATE = "out_gate", "in_gate"
 
 
 class HarnessBus:
@@ -82,6 +84,18 @@ async def run_job(bus: HarnessBus, job: dict) -> dict:
         bus.set(_IN_WRITE_DATA, word)
         await bus.tick()
     bus.set(_IN_WRITE_EN, 0)
+
+    # Host stalls (optional job keys): the pattern entries (bit 0 output ready, bit 1 input valid) and the gates.
+    pattern = job.get("pattern") or []
+    if pattern:
+        bus.set(_PATTERN_WRITE_EN, 1)
+        for index, entry in enumerate(pattern):
+            bus.set(_PATTERN_WRITE_ADDR, index)
+            bus.set(_PATTERN_WRITE_DATA, entry)
+            await bus.tick()
+        bus.set(_PATTERN_WRITE_EN, 0)
+    bus.set(_OUT_GATE, int(job.get("out_gate", 0)))
+    bus.set(_IN_GATE, int(job.get("in_gate", 0)))
 
     bus.set(_IN_COUNT, job["in_count"])
     bus.set(_OUT_COUNT, job["out_count"])

@@ -8,6 +8,10 @@ whole run (all inference batches) happens in hardware without a testbench touchi
 * a one-cycle ``start`` pulse starts the run: cycle 0 is the first cycle with the chip's ``run = 1``;
 * input flit ``i`` is offered to the chip's host input with destination tile (0,0) from cycle 0 on,
   back to back, each until accepted; the chip's host output is always ready;
+* host stalls (``flowtile.host.HostPattern``): with ``in_gate`` set, the input is offered only in cycles ``t``
+  whose pattern entry ``t % HOST_PATTERN_CYCLES`` has bit 1 (in valid) set; with ``out_gate`` set, the output is
+  ready only in cycles whose entry has bit 0 (out ready) set. The testbench writes the pattern memory through
+  ``pattern_write_*`` before ``start``; with both gates clear (the default) the pattern is never read;
 * every received flit is stored in the output buffer with the number of the cycle of its transfer;
 * ``done`` rises once ``out_count`` flits have arrived, ``timed_out`` once ``cycle_limit`` cycles passed
   (``stopped`` is their OR: the one signal a testbench waits for);
@@ -25,6 +29,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import Arch
+from flowtile.host import HOST_PATTERN_CYCLES
 
 __all__ = ["Harness", "HarnessError", "STAMP_BITS", "HARNESS_TOP_NAME", "BUFFER_FORMS", "BUFFER_MODULE_NAME",
            "BUFFER_VERILOG"]
@@ -125,6 +130,11 @@ class Harness(wiring.Component):
         in_write_en, in_write_addr, in_write_data: write one input flit's data (lane ``l`` in bits
             ``[8l, 8l+8)``) into the input buffer per cycle, before ``start``.
         out_read_addr -> out_read_data, out_read_stamp: combinational read of one output entry.
+        pattern_write_en, pattern_write_addr, pattern_write_data: write one entry of the host pattern (bit 0:
+            output ready, bit 1: input valid, for cycles ``t`` with ``t % HOST_PATTERN_CYCLES == addr``) per cycle,
+            before ``start``.
+        out_gate, in_gate: apply the pattern to the host output's ready / the host input's valid; hold stable
+            from ``start`` to the end (clear: always ready / offered back to back).
         running: the chip's ``run``; cycle: cycles since cycle 0 (the current cycle's number).
         in_sent: input flits the chip accepted so far; out_received: output flits stored so far.
         done, timed_out, stopped (= done | timed_out): status, sticky for the rest of the run.
@@ -172,6 +182,11 @@ class Harness(wiring.Component):
             "in_write_addr": In(address_bits),
             "in_write_data": In(arch.flit_data_bits),
             "out_read_addr": In(address_bits),
+            "pattern_write_en": In(1),
+            "pattern_write_addr": In(_bits_to_address(HOST_PATTERN_CYCLES)),
+            "pattern_write_data": In(2),
+            "out_gate": In(1),
+            "in_gate": In(1),
             "out_read_data": Out(arch.flit_data_bits),
             "out_read_stamp": Out(STAMP_BITS),
             "running": Out(1),
@@ -184,10 +199,10 @@ class Harness(wiring.Component):
             "unexpected_output": Out(1),
         })
 
-    def _buffer(self, m: Module, name: str, shape) -> tuple:
-        """A ``host_buffer_flits``-deep buffer of ``shape``: (write port, combinational read port), each
-        with ``addr`` and ``data`` (the write port also ``en``), in the form chosen by ``buffers``."""
-        depth = self.arch.host_buffer_flits
+    def _buffer(self, m: Module, name: str, shape, depth: int | None = None) -> tuple:
+        """A ``depth``-deep (default ``host_buffer_flits``) buffer of ``shape``: (write port, combinational read
+        port), each with ``addr`` and ``data`` (the write port also ``en``), in the form chosen by ``buffers``."""
+        depth = self.arch.host_buffer_flits if depth is None else depth
         if self.buffers == "memories":
             memory = m.submodules[name] = Memory(shape=shape, depth=depth, init=[])
             return memory.write_port(), memory.read_port(domain="comb")
@@ -229,10 +244,23 @@ class Harness(wiring.Component):
         m.d.comb += [in_fill.en.eq(self.in_write_en), in_fill.addr.eq(self.in_write_addr),
                      in_fill.data.eq(self.in_write_data)]
 
+        # --- host pattern: entry cycle % HOST_PATTERN_CYCLES (bit 0 output ready, bit 1 input valid) -----
+        # An Amaranth memory in both forms: its 4096 two-bit initial entries cost little to write out.
+        pattern = m.submodules.pattern = Memory(shape=unsigned(2), depth=HOST_PATTERN_CYCLES, init=[])
+        pattern_fill, pattern_now = pattern.write_port(), pattern.read_port(domain="comb")
+        pattern_bits = _bits_to_address(HOST_PATTERN_CYCLES)
+        m.d.comb += [pattern_fill.en.eq(self.pattern_write_en), pattern_fill.addr.eq(self.pattern_write_addr),
+                     pattern_fill.data.eq(self.pattern_write_data),
+                     pattern_now.addr.eq(self.cycle[:pattern_bits])]
+        host_ready = Signal()
+        host_offers = Signal()
+        m.d.comb += [host_ready.eq(~self.out_gate | pattern_now.data[0]),
+                     host_offers.eq(~self.in_gate | pattern_now.data[1])]
+
         sent = self.in_sent
         offering = Signal()
         m.d.comb += [
-            offering.eq(running & (sent < self.in_count)),
+            offering.eq(running & (sent < self.in_count) & host_offers),
             in_feed.addr.eq(sent),
             chip.i_host.valid.eq(offering),
             chip.i_host.payload.data.eq(in_feed.data),
@@ -244,13 +272,13 @@ class Harness(wiring.Component):
         with m.If(offering & chip.i_host.ready):
             m.d.sync += sent.eq(sent + 1)
 
-        # --- output side: always ready, store data + stamp --------------------------------------
+        # --- output side: ready unless the pattern stalls it, store data + stamp ------------------
         out_store, out_fetch = self._buffer(m, "out_buffer", self.out_entry_layout)
         received = self.out_received
-        arriving = chip.o_host.valid  # ready is constantly 1, so valid alone is a transfer
+        arriving = chip.o_host.valid & host_ready  # a transfer
         buffer_has_room = received < depth
         m.d.comb += [
-            chip.o_host.ready.eq(1),
+            chip.o_host.ready.eq(host_ready),
             out_store.en.eq(arriving & buffer_has_room),
             out_store.addr.eq(received),
             out_store.data.data.eq(chip.o_host.payload.data),

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from flowtile.arch import Arch
+from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
 from flowtile.program import Program
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
@@ -520,7 +521,27 @@ def _check_inputs(program: Program, in_flits, batch) -> np.ndarray:
     return in_flits
 
 
-def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports: dict) -> dict:
+def _pattern_job(host_pattern: HostPattern | None) -> dict:
+    """The job keys of a host pattern: the harness's pattern memory entries (bit 0 output ready, bit 1 input
+    valid) and its two gates; none when the host neither stalls nor gaps (the pattern memory is then not
+    written and never read)."""
+    if host_pattern is None or not (host_pattern.stalls_output or host_pattern.gaps_input):
+        return {}
+    entries = host_pattern.out_ready().astype(np.int64) | (host_pattern.in_valid().astype(np.int64) << 1)
+    return {"pattern": [int(e) for e in entries], "out_gate": int(host_pattern.stalls_output),
+            "in_gate": int(host_pattern.gaps_input)}
+
+
+def _stalled_budget(budget: int, host_pattern: HostPattern | None) -> int:
+    """The cycle budget stretched by the host's least on-fraction (a stalled host slows the whole run)."""
+    if host_pattern is None:
+        return budget
+    on = min(float(host_pattern.out_ready().mean()), float(host_pattern.in_valid().mean()))
+    return min(int(np.ceil(budget / on)) + 2 * HOST_PATTERN_CYCLES, (1 << STAMP_BITS) - 1)
+
+
+def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports: dict,
+              host_pattern: HostPattern | None = None) -> dict:
     return {
         "load_valid_port": harness_ports["valid"],
         "load_payload_port": harness_ports["payload"],
@@ -528,8 +549,9 @@ def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports:
         "in_words": _pack_flit_data(in_flits),
         "in_count": int(in_flits.shape[0]),
         "out_count": int(batch * program.output_words),
-        "cycle_limit": cycle_budget(program, batch),
+        "cycle_limit": _stalled_budget(cycle_budget(program, batch), host_pattern),
         "stop_slack_cycles": STOP_SLACK_CYCLES,
+        **_pattern_job(host_pattern),
     }
 
 
@@ -567,12 +589,12 @@ def _result_from(job: dict, result: dict, program: Program, started: float, buil
 
 # --- the two simulators -------------------------------------------------------------------------
 
-def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory) -> RtlResult:
+def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory, host_pattern=None) -> RtlResult:
     trace_format = _trace_format_for(waves)
     build = build_verilator(program.arch, waves=trace_format or False, build_root=build_root,
                             chip_factory=chip_factory)
     started = time.perf_counter()
-    job = _make_job(program, in_flits, batch, build.load_ports)
+    job = _make_job(program, in_flits, batch, build.load_ports, host_pattern)
     from cocotb_tools.runner import get_runner
     with tempfile.TemporaryDirectory(prefix="flowtile-rtl-") as scratch:
         scratch = Path(scratch)
@@ -623,7 +645,7 @@ class _AmaranthBus(HarnessBus):
         await self.ctx.posedge(self.stopped).delay(limit_cycles * CLOCK_PERIOD_NS * 1e-9)
 
 
-def _run_amaranth(program, in_flits, batch, waves, chip_factory) -> RtlResult:
+def _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern=None) -> RtlResult:
     from amaranth.hdl import Value
     from amaranth.sim import Simulator
 
@@ -631,7 +653,7 @@ def _run_amaranth(program, in_flits, batch, waves, chip_factory) -> RtlResult:
     harness = _make_harness(program.arch, chip_factory)
     ports = {"__".join(map(str, path)): Value.cast(value)
              for path, _, value in harness.signature.flatten(harness)}
-    job = _make_job(program, in_flits, batch, _load_port_names(harness))
+    job = _make_job(program, in_flits, batch, _load_port_names(harness), host_pattern)
     simulator = Simulator(harness)
     simulator.add_clock(CLOCK_PERIOD_NS * 1e-9)
     outcome = {}
@@ -654,7 +676,7 @@ def _run_amaranth(program, in_flits, batch, waves, chip_factory) -> RtlResult:
 
 def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: str = "verilator",
              waves: str | Path | None = None, build_root: str | Path | None = None,
-             chip_factory=None) -> RtlResult:
+             chip_factory=None, host_pattern: HostPattern | None = None) -> RtlResult:
     """Run ``batch`` inferences of ``program`` on the RTL and return the received flits and their times.
 
     Parameters:
@@ -666,6 +688,8 @@ def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: s
             or FST support is missing; a traced build is cached separately), Amaranth writes VCD.
         build_root: cache directory of Verilator builds (default :data:`DEFAULT_BUILD_ROOT`).
         chip_factory: ``arch -> chip`` (default ``flowtile.hdl.chip.Chip``); for testing the flow itself.
+        host_pattern: host output stalls and input gaps (:class:`flowtile.host.HostPattern`, loaded into the
+            harness's pattern memory); None or duties of 1: ready and offered in every cycle.
 
     Raises ``ValueError`` for inputs that do not match the program, :class:`RtlBuildError`,
     :class:`RtlTimeoutError` (with received/accepted flit counts) or :class:`RtlRunError`.
@@ -676,5 +700,5 @@ def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: s
     batch = int(batch)
     waves = None if waves is None else Path(waves)
     if simulator == "verilator":
-        return _run_verilator(program, in_flits, batch, waves, build_root, chip_factory)
-    return _run_amaranth(program, in_flits, batch, waves, chip_factory)
+        return _run_verilator(program, in_flits, batch, waves, build_root, chip_factory, host_pattern)
+    return _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern)

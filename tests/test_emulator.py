@@ -443,9 +443,14 @@ class ReferencePE:
         return words
 
 
-def reference_run(program, in_flits, batch, max_cycles=200_000):
+def reference_run(program, in_flits, batch, max_cycles=200_000, host_pattern=None):
     """Step the whole mesh cycle by cycle. Returns (out_flits, out_times, in_times, PEs by chain position)
-    (each PE's ``input_times``, ``compute_starts``, ``output_times``, ``spans``)."""
+    (each PE's ``input_times``, ``compute_starts``, ``output_times``, ``spans``). ``host_pattern``
+    (:class:`flowtile.host.HostPattern`): the host output is ready and the host input offered only in the
+    cycles its bits allow (default: always)."""
+    from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
+    host_pattern = host_pattern or HostPattern()
+    host_ready, host_offers = host_pattern.out_ready(), host_pattern.in_valid()
     arch = program.arch
     depth, lanes = arch.router_fifo_depth, arch.lanes
     tiles = {(t.row, t.col): t for t in program.tiles}
@@ -501,7 +506,7 @@ def reference_run(program, in_flits, batch, max_cycles=200_000):
             if out == "L":
                 ready = pe_in_ready[pos]
             elif pos == arch.exit_tile and out == arch.exit_direction:
-                ready = True
+                ready = bool(host_ready[cycle % HOST_PATTERN_CYCLES])
             else:
                 neighbour = (pos[0] + STEP[out][0], pos[1] + STEP[out][1])
                 ready = neighbour in tiles and writable[(neighbour, OPPOSITE[out])]
@@ -516,7 +521,7 @@ def reference_run(program, in_flits, batch, max_cycles=200_000):
                 out_times.append(cycle)
             else:
                 pushes.append(((neighbour, OPPOSITE[out]), flit))
-        if len(in_times) < len(host_in) and writable[((0, 0), "W")]:
+        if len(in_times) < len(host_in) and writable[((0, 0), "W")] and host_offers[cycle % HOST_PATTERN_CYCLES]:
             pushes.append((((0, 0), "W"), host_in[len(in_times)]))
             in_times.append(cycle)
         # PE state updates
@@ -612,14 +617,14 @@ def assert_same_times(actual, expected, what, actions=None):
                              f"cycle {actual[index]}, reference cycle {expected[index]}")
 
 
-def assert_matches_reference(program, x, batch, *, flits=None, golden=None):
+def assert_matches_reference(program, x, batch, *, flits=None, golden=None, host_pattern=None):
     """The emulator against the reference, flit by flit and cycle by cycle; ``golden``: the reference's output
     flits are first checked against it (so a failure of the emulator alone still shows the reference agreeing)."""
     flits = pack_flits(x, program.arch.lanes) if flits is None else flits
-    ref_flits, ref_out, ref_in, ref_pes = reference_run(program, flits, batch)
+    ref_flits, ref_out, ref_in, ref_pes = reference_run(program, flits, batch, host_pattern=host_pattern)
     if golden is not None:
         np.testing.assert_array_equal(ref_flits, golden, err_msg="the reference's output vs the numpy golden")
-    result = emulate(program, flits, batch)
+    result = emulate(program, flits, batch, **({} if host_pattern is None else {"host_pattern": host_pattern}))
     assert_same_times(result.in_times, ref_in, "host input transfer cycles")
     assert_same_times(result.out_times, ref_out, "host output transfer cycles")
     np.testing.assert_array_equal(result.out_flits, ref_flits, err_msg="output flit data")
@@ -683,6 +688,25 @@ def test_random_programs_match_reference(seed):
     np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], golden)
 
 
+def random_host_pattern(rng):
+    """A seeded :class:`flowtile.host.HostPattern`: output stalls and/or input gaps, short or long bursts."""
+    from flowtile.host import HostPattern
+    duties = [1.0, 0.8, 0.5, 0.2, 0.05]
+    return HostPattern(int(rng.integers(0, 1 << 16)), float(rng.choice(duties)), float(rng.choice([1, 3, 20, 100])),
+                       float(rng.choice(duties)), float(rng.choice([1, 3, 20])))
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_random_programs_under_host_stalls_match_reference(seed):
+    """Host output stalls and input gaps (flowtile.host.HostPattern): every transfer cycle against the
+    cycle-stepping reference, data unchanged."""
+    rng = np.random.default_rng(7000 + seed)
+    program, layers, x, batch = random_program(rng, max_batch=8)
+    result = assert_matches_reference(program, x, batch, host_pattern=random_host_pattern(rng))
+    golden = dense_golden(layers, x)
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], golden)
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_random_long_batches_match_reference(seed):
     """Batches past the probe: periodic extrapolation (or its fallback), cycle by cycle."""
@@ -693,6 +717,21 @@ def test_random_long_batches_match_reference(seed):
     result = assert_matches_reference(program, x, batch)
     np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], dense_golden(layers, x))
 
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_long_batches_under_host_stalls_match_reference(seed):
+    """Batches past the probe under host stalls: the probe/extrapolation path (or its fallback) cycle by cycle,
+    and the same times as plain sweeps of the whole batch."""
+    rng = np.random.default_rng(9000 + seed)
+    program, layers, x, _ = random_program(rng)
+    batch = int(rng.integers(2 * PROBE_BATCH, 4 * PROBE_BATCH))
+    x = rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8)
+    pattern = random_host_pattern(rng)
+    result = assert_matches_reference(program, x, batch, host_pattern=pattern)
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], dense_golden(layers, x))
+    plain = solve_timing(program, batch, probe_batch=None, host_pattern=pattern)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
 
 def _layer(rng, n_in, n_out, tiles=1):
     return random_layer(rng, n_in, n_out, tiles)
@@ -1427,6 +1466,16 @@ def test_random_windowed_programs_match_reference(seed):
     golden = network_golden(layers, x, shape, program.arch.lanes)
     np.testing.assert_array_equal(run_functional(program, flits, batch).out_flits, golden)
     assert_matches_reference(program, x, batch, flits=flits)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_windowed_programs_under_host_stalls_match_reference(seed):
+    """Windowed programs under host output stalls and input gaps, cycle by cycle against the reference."""
+    rng = np.random.default_rng(5000 + seed)
+    program, layers, shape, x, batch = random_windowed_program(rng)
+    flits = _map_flits(program, x)
+    golden = network_golden(layers, x, shape, program.arch.lanes)
+    assert_matches_reference(program, x, batch, flits=flits, golden=golden, host_pattern=random_host_pattern(rng))
 
 
 @pytest.mark.parametrize("seed", range(60))
