@@ -86,6 +86,12 @@ class LoweredLayer:
     add_mult: tuple[int, int] | None = None
     #: op "Concat": channels of the first input (the output's first channels).
     concat_channels_a: int = 0
+    #: Sequence layers (``nn.Linear`` over the last axis of ``[N, T, C]``, an affine step on such a sequence): the
+    #: maps it reads and writes are sequences ``[T, C]`` run as 1 x T maps, in model element order ``t*C + c``
+    #: (channels last, the order onnxruntime's ``[N, T, C]`` tensors have, and the on-chip pixel-major order).
+    #: A dense layer after the flatten of such a sequence (``input_map = (C, 1, T)``): its weight columns are in
+    #: that order too, ``t*C + c``, not NCHW.
+    channels_last: bool = False
 
     @property
     def is_pool(self) -> bool:
@@ -278,7 +284,7 @@ def lower_layer(layer: DenseLayer | PoolLayer | AddLayer | ConcatLayer) -> Lower
         zp_out=zp_out, clamp_lo=max(-128, zp_out) if layer.relu else -128, clamp_hi=clamp_hi,
         relu=layer.relu or zp_out == -128, window=layer.window, input_map=layer.input_map,
         pad_value=layer.input.int8_zero_point if layer.window is not None else 0, sources=tuple(layer.sources),
-        groups=layer.groups)
+        groups=layer.groups, channels_last=layer.channels_last)
 
 
 def lower_layers(layers: list[DenseLayer | PoolLayer | AddLayer | ConcatLayer]) -> list[LoweredLayer]:
@@ -334,7 +340,8 @@ def weight_rows(layer: LoweredLayer, lanes: int) -> np.ndarray:
     * dense: ``K = ceil(n_in / L)`` words, zero-padded;
     * dense after a flatten of a ``(C, H, W)`` map: the map travels pixel-major with ``CW = ceil(C / L)``
       words a pixel, so ONNX column ``c*H*W + y*W + x`` moves to ``((y*W + x)*CW + c // L)*L + c % L``;
-      padding lanes are zero (``K = H*W*CW``);
+      padding lanes are zero (``K = H*W*CW``); after the flatten of a sequence (``channels_last``) column
+      ``t*C + c`` moves to ``(t*CW + c // L)*L + c % L``;
     * Conv: ``K_w = KH*KW*CW`` words, word ``(ky*KW + kx)*CW + cw`` holding channels ``cw*L .. cw*L+L-1``
       of ``W[o, :, ky, kx]`` (section 4.1);
     * MaxPool, Add, Concat: no weights (``[CW*L, 0]``);
@@ -359,7 +366,10 @@ def weight_rows(layer: LoweredLayer, lanes: int) -> np.ndarray:
     if layer.input_map is not None:
         channels, height, width = layer.input_map
         padded = np.zeros((n_out, height, width, _words(channels, lanes) * lanes), np.int8)
-        padded[..., :channels] = layer.weight.reshape(n_out, channels, height, width).transpose(0, 2, 3, 1)
+        if layer.channels_last:  # the flatten of a sequence: columns already pixel-major, t*C + c
+            padded[..., :channels] = layer.weight.reshape(n_out, height, width, channels)
+        else:
+            padded[..., :channels] = layer.weight.reshape(n_out, channels, height, width).transpose(0, 2, 3, 1)
         return padded.reshape(n_out, -1)
     rows = np.zeros((n_out, _words(layer.n_in, lanes) * lanes), np.int8)
     rows[:, :layer.n_in] = layer.weight
@@ -427,7 +437,11 @@ def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray
             acc = layer.bias.reshape(1, -1, 1, 1) + np.concatenate([a, b], axis=1)
             a = _requantize(_wrap32(acc), layer, (1, -1, 1, 1))
         elif layer.window is not None:
-            a = a.reshape(batch, *layer.window.input_shape)
+            if layer.channels_last:  # a sequence [T, C] in model order: as the (C, 1, T) map it is on chip
+                channels, height, width = layer.window.input_shape
+                a = a.reshape(batch, height, width, channels).transpose(0, 3, 1, 2)
+            else:
+                a = a.reshape(batch, *layer.window.input_shape)
             if layer.is_pool:
                 out = None
                 for _, _, view in _windows(a, layer.window, layer.pad_value):
@@ -445,8 +459,11 @@ def reference_forward(layers: list[LoweredLayer], x_q: np.ndarray) -> np.ndarray
                 for ky, kx, view in _windows(a, layer.window, layer.pad_value):
                     acc = acc + np.einsum("bchw,oc->bohw", view, weight[:, :, ky, kx])
                 a = _requantize(_wrap32(acc), layer, (1, -1, 1, 1))
+            if layer.channels_last:  # back to the model order of the sequence [T, C]
+                a = np.ascontiguousarray(a.transpose(0, 2, 3, 1))
         else:
-            a = a.reshape(batch, -1)  # a flatten: NCHW order, what the ONNX weight columns expect
+            # a flatten: NCHW order (a sequence's: t*C + c), what the ONNX weight columns expect
+            a = a.reshape(batch, -1)
             acc = _wrap32(layer.bias + a @ layer.weight.astype(np.int64).T)
             a = _requantize(acc, layer, (1, -1))
         outputs[index] = a

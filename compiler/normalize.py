@@ -464,6 +464,76 @@ def reshape_to_flatten(graph: Graph, node: onnx.NodeProto) -> bool:
     return True
 
 
+def _producer(graph: Graph, name: str) -> onnx.NodeProto | None:
+    return next((n for n in graph.model.graph.node if name in n.output), None)
+
+
+def _batch_of(graph: Graph, name: str, data: str) -> bool:
+    """Whether ``name`` is ``Unsqueeze(Gather(Shape(t), 0), [0])`` (or ``Shape(t, start=0, end=1)``) with ``t``'s
+    dimension 0 the same (symbolic) batch as ``data``'s: a Reshape target entry that keeps the batch."""
+    node = _producer(graph, name)
+    if node is not None and node.op_type == "Unsqueeze":
+        axes = graph.const(node.input[1]) if len(node.input) > 1 else np.array(_attrs(node).get("axes", []))
+        if axes is None or [int(a) for a in np.ravel(axes)] != [0]:
+            return False
+        node = _producer(graph, node.input[0])
+        if node is None or node.op_type != "Gather" or _attrs(node).get("axis", 0) != 0:
+            return False
+        index = graph.const(node.input[1])
+        if index is None or index.size != 1 or int(index.reshape(())) != 0:
+            return False
+        node = _producer(graph, node.input[0])
+        if node is None or node.op_type != "Shape" or _attrs(node).get("start", 0) != 0:
+            return False
+    elif node is None or node.op_type != "Shape" or _attrs(node).get("start", 0) != 0 or \
+            _attrs(node).get("end") != 1:
+        return False
+    shape, data_shape = graph.shapes.get(node.input[0]), graph.shapes.get(data)
+    return bool(shape) and bool(data_shape) and shape[0] is not None and shape[0] == data_shape[0]
+
+
+def _remove_dead(graph: Graph, names: list[str]) -> None:
+    """Remove the shape computation that produced ``names`` (Concat/Unsqueeze/Gather/Shape) where nothing reads it."""
+    pending = list(names)
+    while pending:
+        node = _producer(graph, pending.pop())
+        if node is None or node.op_type not in ("Concat", "Unsqueeze", "Gather", "Shape", "Slice", "Squeeze", "Cast"):
+            continue
+        read = {i for n in graph.model.graph.node for i in n.input} | graph.outputs
+        if any(o in read for o in node.output):
+            continue
+        graph.replace(node, [])
+        pending.extend(i for i in node.input if i)
+
+
+@rule("Reshape")
+def reshape_batch_target_to_flatten(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A ``Reshape`` to ``Concat(batch, [n])`` with ``batch`` read from a tensor's shape (``Unsqueeze(Gather(Shape(x),
+    0))``, the batch symbolic so :func:`fold_constants` cannot fold it) and ``n = prod(rest)`` or -1 ->
+    ``Flatten(axis=1)``; the shape computation is removed.
+
+    torch's TorchScript exporter with a dynamic batch writes ``x.reshape(x.shape[0], -1)`` this way (nn.Linear on a
+    sequence, then a flatten: ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``); quantized, the Shape reads the
+    same DequantizeLinear output as the Reshape."""
+    if len(node.input) < 2 or graph.const(node.input[1]) is not None:
+        return False
+    concat = _producer(graph, node.input[1])
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 or graph.only_reader(concat.output[0]) \
+            is not node:
+        return False
+    rest = graph.const(concat.input[1])
+    shape = graph.shapes.get(node.input[0])
+    if rest is None or rest.size != 1 or not shape or len(shape) < 2 or not _batch_of(graph, concat.input[0],
+                                                                                        node.input[0]):
+        return False
+    dims = shape[1:]
+    if not all(isinstance(d, int) and d > 0 for d in dims) or int(rest.reshape(-1)[0]) not in (-1, int(np.prod(dims))):
+        return False
+    graph.replace(node, [helper.make_node("Flatten", [node.input[0]], list(node.output), name=node.name, axis=1)])
+    _remove_dead(graph, [node.input[1]])
+    return True
+
+
 @rule("Flatten")
 def flatten_after_its_quantization(graph: Graph, node: onnx.NodeProto) -> bool:
     """``layer -> Flatten -> Q -> DQ`` (per-tensor Q/DQ) -> ``layer -> Q -> DQ -> Flatten``: the quantization of the
@@ -521,6 +591,10 @@ def reduce_mean_to_global_pool(graph: Graph, node: onnx.NodeProto) -> bool:
         return False
     rank = len(shape)
     normalized = sorted(a % rank for a in axes) if axes else list(range(rank))
+    if rank == 3 and normalized != [0]:  # a sequence [N, T, C] (nn.Linear's input): no reduction on chip
+        raise CompileError(f"{_describe(node)}: its input '{node.input[0]}' is a sequence [N, "
+                           f"{', '.join(map(str, shape[1:]))}]; attribute 'axes' = {axes or 'all'} is unsupported "
+                           f"(only the spatial axes [2, 3] of an NCHW map, as GlobalAveragePool)")
     if rank != 4 or normalized != [2, 3]:
         raise CompileError(f"{_describe(node)}: attribute 'axes' = {axes or 'all'} is unsupported (only the spatial "
                            f"axes [2, 3] of an NCHW map, as GlobalAveragePool)")

@@ -48,8 +48,18 @@ Accepted models are MLPs and CNNs, a chain from the graph input to the graph out
   (:func:`match_host_softmax`). A Softmax anywhere else is rejected naming it.
 * float models of the same ops (plus Add as a MatMul bias or a residual join), which :func:`import_onnx` first
   quantizes with ``quantize_static`` (QDQ format) and then imports as above.
-* not (yet): a MatMul over the last axis of a 3-D graph input ``[N, T, C]`` (``nn.Linear`` on a sequence), rejected
-  naming the MatMul and the input's shape.
+* sequences ``[N, T, C]`` (a 3-D graph input, ``nn.Linear`` on a sequence; tf2onnx's Dense on a sequence)::
+
+      x [N, T, C] -> Q -> DQ -> MatMul(DQ(W int8 [C, K])) [-> Add(bias)] [-> Relu|Clip] -> Q -> DQ
+        -> [affine step, e.g. quantize_static's bias Add] -> [MatMul ... (another such layer)]
+        -> Flatten|Reshape to [N, T*K] -> [Q -> DQ] -> Gemm/MatMul layers as above
+
+  A MatMul over the last axis is a 1x1 convolution over a 1 x T map of C channels, and ``[T][C]`` row-major is
+  the on-chip pixel-major order: the layer is op ``"MatMul"`` with a 1x1 :class:`Window` over ``(C, 1, T)`` and
+  weight ``[K, C, 1, 1]``, ``channels_last`` (its maps in model order ``t*C + c``); the input's layout is ``"tc"``
+  (:class:`~flowtile.program.TensorSpec`); the dense layer after the flatten reads ``input_map = (K, 1, T)`` with
+  its columns in that order. ``T`` up to 255 (the 8-bit map registers). Other uses of a sequence (a MatMul of two
+  activations, a reduction over ``T``, a BatchNormalization over ``T``) are rejected naming node, op and input.
 
 Anything else raises :class:`CompileError` naming the node, its op and, where it applies, the attribute.
 """
@@ -164,6 +174,10 @@ class DenseLayer:
     #: (int8 ``[C, 1, 1, 1]``), ``bias`` and ``weight_scales`` are placeholders until
     #: :func:`compiler.lower.lower_layer` chooses them (``window``: the map, or a vector as ``(n, 1, 1)``, 1x1).
     affine: tuple[np.ndarray, np.ndarray] | None = None
+    #: A sequence layer (``window`` over ``(C, 1, T)``: MatMul over the last axis of ``[N, T, C]``, or an affine
+    #: step on a sequence) reading and writing ``[T, C]`` in model order ``t*C + c``; or a dense layer after the
+    #: flatten of a sequence (``input_map = (C, 1, T)``), its weight columns in order ``t*C + c``.
+    channels_last: bool = False
 
     @property
     def is_lane(self) -> bool:
@@ -490,9 +504,71 @@ def _per_channel(values: np.ndarray, axis: int, rank: int, channel_axis: int, n:
                        f"per-output-channel (axis {channel_axis}, {n} values) quantization is supported")
 
 
+def _quantized_at_run_time(graph: _Graph, name: str, consumer: onnx.NodeProto, what: str, report: bool = True):
+    """``DQ(Q(float constant))`` with constant parameters (``quantize_static`` on a weight the exporter computes, e.g.
+    TorchScript without constant folding: ``Transpose(W)``, folded on import, then quantized as an activation, per
+    tensor with a zero point) -> ``(q - zp`` int8, scale, zero point 0, axis), or None for any other form.
+
+    The values onnxruntime multiplies are ``(q - zp) * scale`` exactly, so the centred integers with zero point 0 are
+    the same weight when they fit int8. An output channel whose centred values do not (the zero point moves the range
+    to e.g. -133..122) is requantized symmetrically with scale ``max|q - zp| * scale / 127``: not exact (each weight
+    within half a new step), logged as a warning; a per-axis scale along another axis raises naming the
+    QuantizeLinear."""
+    dq = graph.producer.get(name)
+    quantize = graph.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        return None
+    values = graph.const(quantize.input[0])
+    params = [graph.const(n) if len(node.input) > i and node.input[i] else None
+              for node in (quantize, dq) for i, n in ((1, node.input[1]), (2, node.input[2] if len(node.input) > 2
+                                                                            else ""))]
+    if values is None or values.dtype.kind != "f" or any(p is None for p in params):
+        return None
+    scale, zp, dq_scale, dq_zp = params
+    axis = graph.attrs(quantize).get("axis", 1)
+    if (graph.attrs(dq).get("axis", 1) != axis or scale.shape != dq_scale.shape or zp.shape != dq_zp.shape
+            or np.any(scale != dq_scale) or np.any(zp != dq_zp) or zp.dtype not in (np.int8, np.uint8)):
+        raise CompileError(f"{_describe(dq)} feeding the {what} of {_describe(consumer)}: dequantizes with other "
+                           f"parameters than {_describe(quantize)} quantizes with")
+    if axis < 0:
+        axis += values.ndim
+    shape = [1] * values.ndim
+    if scale.size > 1:
+        shape[axis] = -1
+    lo, hi = (-128, 127) if zp.dtype == np.int8 else (0, 255)
+    q = np.clip(np.rint(values.astype(np.float32) / scale.astype(np.float32).reshape(shape))
+                + zp.astype(np.int64).reshape(shape if zp.size > 1 else ()), lo, hi).astype(np.int64)
+    centred = q - zp.astype(np.int64).reshape(shape if zp.size > 1 else ())
+    if centred.min() >= -128 and centred.max() <= 127:
+        return centred.astype(np.int8), scale.astype(np.float64), np.zeros(zp.shape, np.int8), axis
+    # The centred values reach beyond int8 (a zero point moves the range): per output channel (axis ``channel``),
+    # a channel that does not fit is requantized symmetrically, scale max|q - zp| * s / 127, rounding to nearest.
+    # Not exact: each of its weights moves by at most half its new scale.
+    channel = 0 if consumer.op_type == "Gemm" and graph.attrs(consumer).get("transB", 0) else values.ndim - 1
+    moved = np.moveaxis(centred, channel, 0).reshape(centred.shape[channel], -1).astype(np.float64)
+    base = np.broadcast_to(scale.astype(np.float64).reshape(shape), values.shape)
+    base = np.moveaxis(base, channel, 0).reshape(centred.shape[channel], -1)
+    if np.any(base != base[:, :1]):
+        raise CompileError(f"{_describe(quantize)} quantizes the {what} of {_describe(consumer)} with zero point "
+                           f"{int(np.ravel(zp)[0])}: centred values reach {int(centred.min())}..{int(centred.max())}, "
+                           f"outside int8; the PE multiplies raw int8 weights (zero point 0)")
+    peak = np.abs(moved).max(axis=1)
+    factor = np.where(peak > 127, peak / 127.0, 1.0)
+    requantized = np.clip(np.rint(moved / factor[:, None]), -127, 127).astype(np.int8)
+    out = np.moveaxis(requantized.reshape(np.moveaxis(centred, channel, 0).shape), 0, channel)
+    if report:
+        logging.getLogger(__name__).warning(
+            "%s quantizes the %s of %s with zero point %s: %d output channel(s) requantized symmetrically to fit int8 "
+            "(within half a new weight step of the model's weights)", _describe(quantize), what, _describe(consumer),
+            int(np.ravel(zp)[0]), int((peak > 127).sum()))
+    return out, base[:, 0] * factor, np.zeros(centred.shape[channel], np.int8), channel
+
+
 def match_weight(graph: _Graph, node: onnx.NodeProto, transposed: bool):
-    """The weight operand (input 1) of MatMul/Gemm: ``DQ(int8 W, scale, zp=0)`` -> (W [n_out, n_in], s_w [n_out])."""
-    found = match_quantized_const(graph, node.input[1], node, "weight")
+    """The weight operand (input 1) of MatMul/Gemm: ``DQ(int8 W, scale, zp=0)`` -> (W [n_out, n_in], s_w [n_out]);
+    also ``DQ(Q(float W))`` (:func:`_quantized_at_run_time`)."""
+    found = (_quantized_at_run_time(graph, node.input[1], node, "weight")
+             or match_quantized_const(graph, node.input[1], node, "weight"))
     if found is None:
         raise CompileError(f"{_describe(node)}: weight '{node.input[1]}' must be a DequantizeLinear of a constant "
                            f"int8 tensor (a quantized model); got "
@@ -743,6 +819,37 @@ def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int,
         bias = np.zeros(weight.shape[0], np.int32)
     return DenseLayer(dense.name or f"{dense.op_type.lower()}_{index}", dense.op_type, weight, bias, x_params,
                       scales, out_params, relu, input_map=input_map, clip_max=clip_max)
+
+
+def _sequence(shape: tuple[int, int]) -> str:
+    return f"a sequence [N, {shape[0]}, {shape[1]}]"
+
+
+def match_sequence_linear(cursor: _Cursor, x_params: QuantParams, seq: tuple[int, int], index: int) -> DenseLayer:
+    """``MatMul(DQ(x [N, T, C]), DQ(W int8 [C, K])) [-> Add(bias)] [-> Relu|Clip] -> Q -> DQ``: ``nn.Linear`` over the
+    last axis of a sequence, i.e. a 1x1 convolution over the 1 x T map of C channels the sequence is on chip
+    (``[T][C]`` row-major is pixel-major). Returns op ``"MatMul"`` with weight ``[K, C, 1, 1]``, a 1x1 window over
+    ``(C, 1, T)`` and ``channels_last`` (its output, ``[N, T, K]``, in model order ``t*K + k``)."""
+    graph, node = cursor.graph, cursor.node
+    steps, channels = seq
+    if node.input[0] != cursor.tensor:
+        raise CompileError(f"{_describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)} read as the second "
+                           f"operand (B); flowtile compiles a MatMul over the last axis of a sequence (nn.Linear: "
+                           f"x @ W, W a constant [C, K])")
+    if _affine_constant(graph, node.input[1]) is None and \
+            _quantized_at_run_time(graph, node.input[1], node, "weight", report=False) is None:
+        raise CompileError(f"{_describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)} multiplied by the "
+                           f"computed tensor '{node.input[1]}'; a MatMul of two activations (attention) is "
+                           f"unsupported (only nn.Linear: a constant weight [C, K])")
+    if steps > MAX_MAP:
+        raise CompileError(f"{_describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)}; T = {steps} exceeds "
+                           f"{MAX_MAP} (the sequence runs as a 1 x T map; 8-bit map registers)")
+    layer = match_layer(cursor, x_params, channels, index)
+    n_out = layer.n_out
+    layer.weight = np.ascontiguousarray(layer.weight.reshape(n_out, channels, 1, 1))
+    layer.window = Window(channels, 1, steps, 1, 1, 1, 0, 0, 1, steps)
+    layer.channels_last = True
+    return layer
 
 
 #: Limits of the windowing registers (flowtile.arch.CONFIG_FIELDS widths: kernel_h/kernel_w, pad_top/pad_left,
@@ -1085,9 +1192,11 @@ def _at_affine(cursor: _Cursor) -> bool:
     return len(node.input) == 2 and [_affine_constant(cursor.graph, name) is None for name in node.input].count(True) == 1
 
 
-def _channel_vector(graph: _Graph, node: onnx.NodeProto, name: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+def _channel_vector(graph: _Graph, node: onnx.NodeProto, name: str, shape: tuple[int, ...], what: str,
+                    channels_last: bool = False) -> np.ndarray:
     """The constant ``name`` broadcast against the activation ``[N, *shape]`` -> one float64 value per channel
-    (``shape[0]``), or CompileError if it would change the shape or vary within a channel."""
+    (``shape[0]``; ``shape[-1]`` with ``channels_last``: a sequence ``(T, C)``), or CompileError if it would change
+    the shape or vary within a channel."""
     value = _affine_constant(graph, name)
     if value is None:
         raise CompileError(f"{_describe(node)}: {what} '{name}' must be a constant (or a DequantizeLinear of one)")
@@ -1099,7 +1208,9 @@ def _channel_vector(graph: _Graph, node: onnx.NodeProto, name: str, shape: tuple
     try:
         if value.ndim > len(full) or np.broadcast_shapes(value.shape, full) != full:
             raise ValueError
-        expanded = np.broadcast_to(value, full)[0].reshape(shape[0], -1)
+        expanded = np.broadcast_to(value, full)[0]
+        expanded = (np.moveaxis(expanded, -1, 0) if channels_last else expanded).reshape(shape[-1 if channels_last
+                                                                                            else 0], -1)
     except ValueError:
         raise CompileError(f"{_describe(node)}: {what} of shape {list(value.shape)} does not broadcast to the "
                            f"activation [N, {', '.join(map(str, shape))}]") from None
@@ -1109,19 +1220,24 @@ def _channel_vector(graph: _Graph, node: onnx.NodeProto, name: str, shape: tuple
     return expanded[:, 0].astype(np.float64)
 
 
-def match_affine(cursor: _Cursor, x_params: QuantParams, shape: tuple[int, ...], index: int) -> DenseLayer:
+def match_affine(cursor: _Cursor, x_params: QuantParams, shape: tuple[int, ...], index: int,
+                 sequence: bool = False) -> DenseLayer:
     """A per-channel affine step ``y = a_c * DQ(x) + b_c`` after a requantized layer, with its own output
     quantization: ``BatchNormalization`` (inference form, on a map or on a vector ``[N, C]`` as torch's
     ``BatchNorm1d`` after ``nn.Linear``), ``Add(x, b)`` (e.g. quantize_static's int8 bias after a
     requantized MatMul) or ``Mul(x, a)``, the constant per tensor or per channel, plain or ``DQ(constant)``;
     then ``[Relu|Clip] -> Q -> DQ``. ``shape``: the activation, a map ``(C, H, W)`` or a vector ``(n,)`` (channel
-    = element). Returns a lane layer of op ``"Affine"`` (1x1 window) carrying ``(a, b)``; its integer weight and
+    = element), or with ``sequence`` a sequence ``(T, C)`` (channels last: the constant broadcasts over ``T``).
+    Returns a lane layer of op ``"Affine"`` (1x1 window) carrying ``(a, b)``; its integer weight and
     bias are chosen by lowering (:func:`compiler.lower.lower_layer`, where the error bound is derived).
     """
     graph = cursor.graph
     x = cursor.tensor
     node = cursor.take(_AFFINE_OPS, "an affine step")
-    channels = shape[0]
+    channels = shape[-1] if sequence else shape[0]
+    if sequence and node.op_type == "BatchNormalization":
+        raise CompileError(f"{_describe(node)}: its input '{x}' is a sequence [N, {', '.join(map(str, shape))}]; a "
+                           f"BatchNormalization normalizes axis 1 (T), not the channels: unsupported")
     if node.op_type == "BatchNormalization":
         attrs = graph.attrs(node)
         if attrs.get("training_mode", 0) != 0:
@@ -1138,16 +1254,20 @@ def match_affine(cursor: _Cursor, x_params: QuantParams, shape: tuple[int, ...],
         b = beta - mean * a
     else:
         operand = node.input[1] if node.input[0] == x else node.input[0]
-        value = _channel_vector(graph, node, operand, shape, "constant operand")
+        value = _channel_vector(graph, node, operand, shape, "constant operand", channels_last=sequence)
         a, b = (np.ones(channels), value) if node.op_type == "Add" else (value, np.zeros(channels))
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise CompileError(f"{_describe(node)}: its per-channel scale or offset is not finite")
     out_params, relu, clip_max = match_output(cursor, node)
-    window = (Window(channels, shape[1], shape[2], 1, 1, 1, 0, 0, shape[1], shape[2]) if len(shape) == 3
-              else Window(channels, 1, 1, 1, 1, 1, 0, 0, 1, 1))
+    if sequence:  # the sequence (T, C) as the 1 x T map it is on chip
+        window = Window(channels, 1, shape[0], 1, 1, 1, 0, 0, 1, shape[0])
+    elif len(shape) == 3:
+        window = Window(channels, shape[1], shape[2], 1, 1, 1, 0, 0, shape[1], shape[2])
+    else:
+        window = Window(channels, 1, 1, 1, 1, 1, 0, 0, 1, 1)
     return DenseLayer(node.name or f"affine_{index}", "Affine", np.zeros((channels, 1, 1, 1), np.int8),
                       np.zeros(channels, np.int32), x_params, np.ones(channels), out_params, relu, window=window,
-                      clip_max=clip_max, affine=(a, b))
+                      clip_max=clip_max, affine=(a, b), channels_last=sequence)
 
 
 def match_host_softmax(cursor: _Cursor, shape: tuple[int, ...]) -> dict:
@@ -1188,6 +1308,11 @@ def _check_all_nodes_on_chain(graph: _Graph, cursor: _Cursor) -> None:
             continue
         if node.op_type == "DequantizeLinear" and graph.const(node.input[0]) is not None:
             continue  # a quantized weight or bias, matched through its consumer
+        source = graph.producer.get(node.input[0])
+        if node.op_type == "QuantizeLinear" and graph.const(node.input[0]) is not None or (
+                node.op_type == "DequantizeLinear" and source is not None and source.op_type == "QuantizeLinear"
+                and graph.const(source.input[0]) is not None):
+            continue  # a weight quantized at run time (_quantized_at_run_time), matched through its consumer
         raise CompileError(f"{_describe(node)} is not on the chain from the input to the output "
                            f"(branches are unsupported)")
 
@@ -1200,6 +1325,8 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
     input_name, input_shape = _graph_input(graph)
     cursor = _Cursor(graph, input_name)
     fmap = input_shape if len(input_shape) == 3 and not cursor.at(*_RESHAPE_OPS) else None
+    # a sequence [N, T, C] (nn.Linear over its last axis: match_sequence_linear), as (T, C)
+    seq = input_shape if len(input_shape) == 2 and not cursor.at(*_RESHAPE_OPS) else None
     if cursor.at("AveragePool", "GlobalAveragePool"):
         raise CompileError(f"{_describe(cursor.node)}: an average pool on the float graph input is left unquantized "
                            f"by onnxruntime's quantizer (it quantizes an average pool only after a quantized "
@@ -1215,15 +1342,34 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
             cursor, x_params, fmap, source = _match_residual(cursor, x_params, fmap, source, layers)
             continue
         if layers and _at_affine(cursor):  # a requantized per-channel affine step: a second (LANE) layer
-            layer = match_affine(cursor, x_params, fmap if fmap is not None else (n,), len(layers))
+            layer = match_affine(cursor, x_params, fmap if fmap is not None else (seq or (n,)), len(layers),
+                                 sequence=seq is not None)
             layer.sources = (source,)
             layers.append(layer)
             x_params, source = layer.output, len(layers) - 1
             continue
         if layers and cursor.at("Softmax"):
-            host_post = match_host_softmax(cursor, fmap if fmap is not None else (n,))
+            host_post = match_host_softmax(cursor, fmap if fmap is not None else (seq or (n,)))
             break
         _reject_unsupported(cursor)
+        if seq is not None and cursor.forks:
+            raise CompileError(f"tensor '{cursor.tensor}' is {_sequence(seq)} read by "
+                               f"{' and '.join(_describe(n) for n in cursor.forks)}; forks of a sequence (attention: a "
+                               f"MatMul of two activations) are unsupported")
+        if seq is not None and cursor.at("MatMul"):  # nn.Linear over the sequence's last axis
+            layer = match_sequence_linear(cursor, x_params, seq, len(layers))
+            layer.sources = (source,)
+            layers.append(layer)
+            x_params, seq, source = layer.output, (seq[0], layer.n_out), len(layers) - 1
+            continue
+        if seq is not None and cursor.node is not None and not cursor.at(*_RESHAPE_OPS, *_WINDOWED_OPS):
+            # (a windowed op reads [N, C, L], not a sequence: match_layer names its attribute)
+            raise CompileError(f"{_describe(cursor.node)}: its input '{cursor.tensor}' is {_sequence(seq)}; on a "
+                               f"sequence flowtile compiles a MatMul over the last axis (nn.Linear), per-channel "
+                               f"affine steps and a Flatten/Reshape to [N, T*C] into dense layers")
+        sequence_flatten = seq is not None and bool(layers)  # dense columns in the sequence's order t*C + c
+        if seq is not None:
+            fmap = (seq[1], 1, seq[0])
         if fmap is not None and cursor.at(*_WINDOWED_OPS):
             layer = _match_windowed(cursor, x_params, fmap, len(layers))
             layer.sources = (source,)
@@ -1232,12 +1378,14 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
             continue
         source_map = fmap if layers else None  # a flat input keeps model order: nothing to permute
         input_flattened = input_flattened or (not layers and cursor.at(*_RESHAPE_OPS))
-        n = match_flattens(cursor, fmap if fmap is not None else (input_shape if not layers else (n,)), x_params)
-        if not layers and not input_flattened and len(input_shape) > 1 and cursor.at("MatMul"):
+        n = match_flattens(cursor, seq or (fmap if fmap is not None else (input_shape if not layers else (n,))),
+                           x_params)
+        seq = None
+        if not layers and not input_flattened and len(input_shape) > 2 and cursor.at("MatMul"):
             raise CompileError(f"{_describe(cursor.node)}: its input '{cursor.tensor}' is the {len(input_shape) + 1}-D "
                                f"graph input [N, {', '.join(map(str, input_shape))}]; a MatMul over the last axis of a "
-                               f"[N, T, C] tensor (nn.Linear on a sequence) is unsupported (dense layers read a vector "
-                               f"[N, n]: flatten the input first)")
+                               f"{len(input_shape) + 1}-D tensor is unsupported (dense layers read a vector [N, n] or a "
+                               f"sequence [N, T, C]: flatten the input first)")
         fmap = None
         _reject_unsupported(cursor)
         if source_map is not None and not cursor.at("MatMul", "Gemm"):
@@ -1245,19 +1393,26 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
             if node is not None and node.op_type in ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool"):
                 raise CompileError(f"{_describe(node)}: its input is not a [N, C, H, W] feature map")
         layers.append(match_layer(cursor, x_params, n, len(layers), input_map=source_map))
+        layers[-1].channels_last = sequence_flatten
         layers[-1].sources = (source,)
         x_params, n, source = layers[-1].output, layers[-1].n_out, len(layers) - 1
     if len(graph.outputs) != 1:
         raise CompileError(f"the graph has {len(graph.outputs)} outputs; flowtile compiles models with exactly one")
     _check_all_nodes_on_chain(graph, cursor)
     windowed_input = layers[0].window is not None
-    if windowed_input:
+    if windowed_input and getattr(layers[0], "channels_last", False):  # a sequence [N, T, C]: a 1 x T map
+        input_spec = TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype,
+                                layout="tc")
+    elif windowed_input:
         input_spec = TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype,
                                 layout="chw")
     else:
         input_spec = TensorSpec(input_name, input_shape, in_params.scale, in_params.zero_point, in_params.dtype)
     chip_output = host_post.pop("chip_output", cursor.tensor)  # with a host Softmax: the Softmax's input
-    if fmap is not None:
+    if seq is not None:
+        output_spec = TensorSpec(chip_output, tuple(seq), x_params.scale, x_params.zero_point, x_params.dtype,
+                                 layout="tc", **host_post)
+    elif fmap is not None:
         output_spec = TensorSpec(chip_output, tuple(fmap), x_params.scale, x_params.zero_point, x_params.dtype,
                                  layout="chw", **host_post)
     else:

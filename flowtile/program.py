@@ -111,7 +111,9 @@ class TensorSpec:
     #: travels as a feature map, pixel-major, ``ceil(C / L)`` words a pixel (section 4.1). "im2col" (program
     #: inputs only, section 7): the host sends, for every output pixel of the first layer's window
     #: (``window``), the window's values as channels ``(ky*KW + kx)*C + c``, padded positions holding the zero
-    #: point, ``ceil(KH*KW*C / L)`` words a pixel.
+    #: point, ``ceil(KH*KW*C / L)`` words a pixel. "tc": ``shape`` is (T, C), a sequence ``[N, T, C]`` (what
+    #: ``nn.Linear`` reads over its last axis) travelling as a 1 x T map of C channels: ``[T][C]`` row-major is
+    #: already pixel-major, so step ``t`` is pixel ``t``, ``ceil(C / L)`` words a pixel, padding lanes zero.
     layout: str = "flat"
     #: layout "im2col": ``(kernel_h, kernel_w, stride, pad_top, pad_left, out_height, out_width)``
     window: tuple[int, ...] | None = None
@@ -127,11 +129,13 @@ class TensorSpec:
     post_name: str | None = None
 
     def __post_init__(self):
-        if self.layout not in ("flat", "chw", "im2col"):
-            raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' is not 'flat', 'chw' or 'im2col'")
+        if self.layout not in ("flat", "chw", "im2col", "tc"):
+            raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' is not 'flat', 'chw', 'im2col' or 'tc'")
         if self.layout in ("chw", "im2col") and len(self.shape) != 3:
             raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' needs a (C, H, W) shape, "
                                f"got {list(self.shape)}")
+        if self.layout == "tc" and (len(self.shape) != 2 or min(self.shape) < 1):
+            raise ProgramError(f"tensor '{self.name}': layout 'tc' needs a (T, C) shape, got {list(self.shape)}")
         if (self.layout == "im2col") != (self.window is not None):
             raise ProgramError(f"tensor '{self.name}': a window is given iff the layout is 'im2col'")
         if self.window is not None and (len(self.window) != 7 or min(self.window) < 0
@@ -160,6 +164,9 @@ class TensorSpec:
         if self.layout == "im2col":
             kernel_h, kernel_w, _, _, _, out_height, out_width = self.window
             return out_height * out_width * -(-kernel_h * kernel_w * self.shape[0] // lanes)
+        if self.layout == "tc":
+            steps, channels = self.shape
+            return steps * -(-channels // lanes)
         return -(-self.length // lanes)
 
     def to_dict(self):

@@ -105,16 +105,7 @@ NOT_CLASSIFIERS = ("mlperf_autoencoder_",)
 
 #: Models flowtile does not compile today -> the CompileError fragment flowtile.compiler raises for each (on
 #: every arch). Remove an entry when support lands: the test fails as soon as a listed model compiles.
-_SEQUENCE_LINEAR = ("its input 'x_DequantizeLinear_Output' is the 3-D graph input [N, 8, 8]; a MatMul over the last "
-                    "axis of a [N, T, C] tensor (nn.Linear on a sequence) is unsupported")
-EXPECTED_COMPILE_ERRORS = {
-    "tv_seq_ts_fold_float.onnx": f"node '/proj/MatMul' (MatMul): {_SEQUENCE_LINEAR}",
-    "tv_seq_ts_fold_qdq.onnx": f"node '/proj/MatMul' (MatMul): {_SEQUENCE_LINEAR}",
-    "tv_seq_ts_nofold_float.onnx": f"node '/proj/MatMul' (MatMul): {_SEQUENCE_LINEAR}",
-    "tv_seq_ts_nofold_qdq.onnx": f"node '/proj/MatMul' (MatMul): {_SEQUENCE_LINEAR}",
-    "tv_seq_dynamo_float.onnx": f"node 'node_MatMul_1' (MatMul): {_SEQUENCE_LINEAR}",
-    "tv_seq_dynamo_qdq.onnx": f"node 'node_MatMul_1' (MatMul): {_SEQUENCE_LINEAR}",
-}
+EXPECTED_COMPILE_ERRORS: dict[str, str] = {}
 COMPILING = [name for name in MODELS if name not in EXPECTED_COMPILE_ERRORS]
 
 
