@@ -6,6 +6,7 @@ mismatch found by ``flowtile run`` exits 1. Set ``FLOWTILE_DEBUG=1`` to see trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -134,12 +135,29 @@ def _load_program(path):
     return Program.load(path)
 
 
-def _emulate(program, x):
+def _host_pattern(args):
+    """The run's :class:`flowtile.host.HostPattern` from the stall options, or None (never stalled)."""
+    from .host import HostPattern
+    if args.out_duty >= 1 and args.in_duty >= 1:
+        return None
+    try:
+        return HostPattern(args.stall_seed, args.out_duty, args.out_burst, args.in_duty, args.in_burst)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _pattern_report(host_pattern) -> dict:
+    if host_pattern is None:
+        return {}
+    return {"host_pattern": dataclasses.asdict(host_pattern)}
+
+
+def _emulate(program, x, host_pattern=None):
     from flowtile.emulator import emulate
     from .host import input_flits, outputs_from_flits
     q_in, flits = input_flits(program, x)
     started = time.perf_counter()
-    result = emulate(program, flits, x.shape[0])
+    result = emulate(program, flits, x.shape[0], **({} if host_pattern is None else {"host_pattern": host_pattern}))
     seconds = time.perf_counter() - started
     q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
     return result, q_out, y, seconds
@@ -159,14 +177,15 @@ def _waves_path(waves: str | None, simulator: str, name: str) -> Path | None:
     return check_output_file(path, "--waves")
 
 
-def _rtl(program, x, simulator, waves_path):
+def _rtl(program, x, simulator, waves_path, host_pattern=None):
     from flowtile.rtl.simulate import simulate
     from .host import input_flits, outputs_from_flits
     _q_in, flits = input_flits(program, x)
     if waves_path is not None:
         waves_path.parent.mkdir(parents=True, exist_ok=True)
         _progress(f"writing waveform to {waves_path}")
-    result = simulate(program, flits, x.shape[0], simulator=simulator, waves=waves_path)
+    result = simulate(program, flits, x.shape[0], simulator=simulator, waves=waves_path,
+                      **({} if host_pattern is None else {"host_pattern": host_pattern}))
     q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
     return result, q_out, y
 
@@ -176,12 +195,13 @@ def cmd_emulate(args) -> int:
     _check_outputs({"--output": args.output, "--report": args.report, "--trace": args.trace,
                           "--heatmap": args.heatmap}, {"--input": args.input})
     program = _load_program(args.program)
+    host_pattern = _host_pattern(args)
     x, _ = _load_array(args.input, "input")
     if args.range_check:
         _warn_if_inputs_saturate(program, check_input(x, program.input))
-    result, _q, y, seconds = _emulate(program, x)
+    result, _q, y, seconds = _emulate(program, x, host_pattern)
     _save_array(args.output, y)
-    report = result.report() | {"emulator_seconds": seconds}
+    report = result.report() | {"emulator_seconds": seconds} | _pattern_report(host_pattern)
     _write_json(args.report, report)
     if args.trace or args.heatmap:
         write_visuals(program, result, trace=args.trace, heatmap=args.heatmap)
@@ -194,13 +214,14 @@ def cmd_rtl(args) -> int:
     waves = _waves_path(args.waves, args.sim, program.model_name)
     _check_outputs({"--output": args.output, "--report": args.report, "--waves": waves},
                    {"--input": args.input})
+    host_pattern = _host_pattern(args)
     x, _ = _load_array(args.input, "input")
     if args.range_check:
         _warn_if_inputs_saturate(program, check_input(x, program.input))
-    result, _q, y = _rtl(program, x, args.sim, waves)
+    result, _q, y = _rtl(program, x, args.sim, waves, host_pattern)
     _save_array(args.output, y)
     report = {"cycles": int(result.cycles), "batch": int(x.shape[0]), "simulator": args.sim,
-              "wall_seconds": result.wall_seconds, "build_seconds": result.build_seconds}
+              "wall_seconds": result.wall_seconds, "build_seconds": result.build_seconds} | _pattern_report(host_pattern)
     _write_json(args.report, report)
     print(json.dumps(report, indent=2))
     return 0
@@ -347,6 +368,21 @@ def _add_model_input_options(parser):
                         help="do not warn when inputs saturate the model's int8 input range (default: warn)")
 
 
+def _add_stall_options(parser):
+    """Host back-pressure and input gaps (flowtile.host.HostPattern); the same options give the same cycles on
+    the emulator and the RTL."""
+    parser.add_argument("--stall-seed", type=int, default=0, metavar="N",
+                        help="seed of the host's per-cycle stall pattern")
+    parser.add_argument("--out-duty", type=float, default=1.0, metavar="F",
+                        help="fraction of cycles the host output is ready, in (0, 1]; 1 = never stalls")
+    parser.add_argument("--out-burst", type=float, default=4.0, metavar="C",
+                        help="mean length of a host output stall in cycles (>= 1)")
+    parser.add_argument("--in-duty", type=float, default=1.0, metavar="F",
+                        help="fraction of cycles the host offers its next input flit, in (0, 1]; 1 = back to back")
+    parser.add_argument("--in-burst", type=float, default=4.0, metavar="C",
+                        help="mean length of a host input gap in cycles (>= 1)")
+
+
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every option's help shows its default: stated in the help text, or appended as ``(default: X)``."""
 
@@ -377,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="X.npy", help="float inputs with a leading batch dimension (required)")
     p.add_argument("--no-range-check", dest="range_check", action="store_false",
                    help="do not warn when inputs saturate the model's int8 input range (default: warn)")
+    _add_stall_options(p)
     _add_output_options(p, output=True)
     _add_visual_options(p)
     p.set_defaults(func=cmd_emulate)
@@ -391,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--waves", metavar="FILE", nargs="?", const="", default=None,
                    help="write a waveform (FST for Verilator, VCD for Amaranth); a bare name goes to sim_waves/; "
                         "default: no waveform")
+    _add_stall_options(p)
     _add_output_options(p, output=True)
     p.set_defaults(func=cmd_rtl)
 

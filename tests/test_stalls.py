@@ -161,3 +161,51 @@ def test_amaranth_simulator_matches_emulator_under_stalls():
     np.testing.assert_array_equal(result.out_flits, emulated.out_flits)
     np.testing.assert_array_equal(result.out_times, emulated.out_times)
     assert result.cycles == emulated.cycles
+
+
+# --- (d) the CLI ------------------------------------------------------------------------------------------
+
+def test_cli_emulate_takes_the_stall_options(digits_program, digits_inputs, tmp_path, capsys):
+    import json
+    from flowtile import cli
+    out = tmp_path / "y.npy"
+    assert cli.main(["emulate", str(digits_program), "--input", str(digits_inputs), "--output", str(out)]) == 0
+    free = json.loads(capsys.readouterr().out)
+    y_free = np.load(out)
+    assert cli.main(["emulate", str(digits_program), "--input", str(digits_inputs), "--output", str(out),
+                     "--stall-seed", "3", "--out-duty", "0.3", "--out-burst", "10", "--in-duty", "0.5"]) == 0
+    stalled = json.loads(capsys.readouterr().out)
+    np.testing.assert_array_equal(np.load(out), y_free)
+    assert stalled["cycles"] > free["cycles"]
+    assert stalled["host_pattern"] == {"seed": 3, "out_duty": 0.3, "out_burst": 10.0, "in_duty": 0.5, "in_burst": 4.0}
+    assert "host_pattern" not in free
+    assert cli.main(["emulate", str(digits_program), "--input", str(digits_inputs), "--output", str(out),
+                     "--out-duty", "0"]) == cli.EXIT_BAD_INPUT
+    assert "out_duty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["emulate", "rtl"])
+def test_cli_help_shows_the_stall_defaults(command, capsys):
+    from flowtile import cli
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--stall-seed", "--out-duty", "--out-burst", "--in-duty", "--in-burst"):
+        assert option in text
+    assert "(default: 1.0)" in text and "(default: 4.0)" in text
+
+
+@pytest.mark.rtl
+def test_cli_rtl_takes_the_stall_options(digits_program, digits_inputs, tmp_path, capsys):
+    import json
+    from flowtile import cli
+    options = ["--stall-seed", "5", "--out-duty", "0.4", "--out-burst", "6", "--in-duty", "0.6", "--in-burst", "2"]
+    assert cli.main(["emulate", str(digits_program), "--input", str(digits_inputs), "--output",
+                     str(tmp_path / "e.npy"), *options]) == 0
+    emulated = json.loads(capsys.readouterr().out)
+    assert cli.main(["rtl", str(digits_program), "--input", str(digits_inputs), "--output",
+                     str(tmp_path / "r.npy"), *options]) == 0
+    simulated = json.loads(capsys.readouterr().out)
+    assert simulated["cycles"] == emulated["cycles"]
+    assert simulated["host_pattern"] == emulated["host_pattern"]
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npy"), np.load(tmp_path / "e.npy"))
