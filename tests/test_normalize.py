@@ -425,26 +425,6 @@ def test_dropout_mask_is_rejected():
     rejects(make(nodes, inits), "drop", "Dropout", r"output 'mask' is unsupported")
 
 
-@pytest.mark.parametrize("batch", [1, "N"])
-def test_linear_on_a_sequence_is_rejected_naming_the_matmul(batch):
-    """nn.Linear on ``[N, T, C]`` (MatMul over the last axis, then a flatten): one line naming the MatMul and the 3-D
-    input. With torch dynamo's fixed batch of 1, onnxruntime's MatMulAddFusion (left out) would have baked the batch
-    into Reshape targets and quantize_static would have failed on a calibration batch instead."""
-    rng = np.random.default_rng(53)
-    inits = {"w": _const(rng, 6, 5), "b": _const(rng, 5), "target": np.array([batch if batch == 1 else 0, 20], np.int64),
-             "fc_w": _const(rng, N_OUT, 20), "fc_b": _const(rng, N_OUT)}
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="proj"),
-             helper.make_node("Add", ["m", "b"], ["a"], name="proj_bias"),
-             helper.make_node("Relu", ["a"], ["r"], name="relu"),
-             helper.make_node("Reshape", ["r", "target"], ["flat"], name="view"),
-             helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
-    model = make(nodes, inits, x_shape=(batch, 4, 6))
-    with pytest.raises(CompileError) as caught:
-        compile_model(int8_model(model, rng.standard_normal((8, 4, 6)).astype(np.float32)), ARCH)
-    message = str(caught.value)
-    assert "\n" not in message and "node 'proj' (MatMul)" in message and "3-D graph input [N, 4, 6]" in message, message
-
-
 def test_auto_pad_with_dilation_still_names_the_attribute():
     """auto_pad is made explicit, and the matcher then names what it does not support (dilations)."""
     rng = np.random.default_rng(23)

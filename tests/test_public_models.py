@@ -42,10 +42,8 @@ requantization multiplier, so one layer may differ by 1 LSB on values near a rou
       sample agrees when flowtile's top-1 is one of onnxruntime's maximal classes or vice versa (the strict
       first-maximum agreement is in the failure message). Applied to float and QDQ files alike.
 
-Models that do not compile today are not skipped: :data:`EXPECTED_COMPILE_ERRORS` lists each with the one-line
-CompileError fragment (node, op, attribute) ``flowtile.compiler`` raises for it, on every architecture tried; when
-a listed model starts compiling, :func:`test_unsupported_model_raises_its_recorded_error` fails until its entry
-is removed (and, for a deep model, its drift is pinned in :data:`DEEP_DRIFT_LSB`).
+Every model in ``models/public`` compiles and is held to all of the above (a file added there that does not compile
+fails its test: none is skipped).
 """
 from __future__ import annotations
 
@@ -103,10 +101,7 @@ DEEP_DRIFT_LSB = {
 TOP1_AGREEMENT = 0.995
 NOT_CLASSIFIERS = ("mlperf_autoencoder_",)
 
-#: Models flowtile does not compile today -> the CompileError fragment flowtile.compiler raises for each (on
-#: every arch). Remove an entry when support lands: the test fails as soon as a listed model compiles.
-EXPECTED_COMPILE_ERRORS: dict[str, str] = {}
-COMPILING = [name for name in MODELS if name not in EXPECTED_COMPILE_ERRORS]
+
 
 
 def input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
@@ -158,7 +153,7 @@ def measured(name: str) -> dict:
                 tensors=tensors, values=values, onnxruntime=values[tensors.outputs[-1]])
 
 
-@pytest.mark.parametrize("name", COMPILING)
+@pytest.mark.parametrize("name", MODELS)
 def test_emulator_is_bit_exact_with_the_compilers_reference(name):
     """(a) the emulator computes exactly what the compiler's integer model says."""
     m = measured(name)
@@ -170,7 +165,7 @@ def test_emulator_is_bit_exact_with_the_compilers_reference(name):
                                  f"reference {meant[tuple(differing[0])]}")
 
 
-@pytest.mark.parametrize("name", COMPILING)
+@pytest.mark.parametrize("name", MODELS)
 def test_every_layer_teacher_forced_within_1_lsb(name):
     """(b) each lowered layer alone on onnxruntime's int8 input(s) gives onnxruntime's int8 output within 1 LSB."""
     m = measured(name)
@@ -182,7 +177,7 @@ def test_every_layer_teacher_forced_within_1_lsb(name):
     assert m["onnxruntime"].shape == m["reference"].shape
 
 
-@pytest.mark.parametrize("name", COMPILING)
+@pytest.mark.parametrize("name", MODELS)
 def test_end_to_end_drift_is_bounded(name):
     """(c) within 1 LSB up to SHALLOW_DEPTH layers, within the pinned DEEP_DRIFT_LSB beyond."""
     m = measured(name)
@@ -203,7 +198,7 @@ def test_end_to_end_drift_is_bounded(name):
                     f"outputs more than 1 LSB off; drift per layer on the first {EMULATED} samples: {profile}")
 
 
-@pytest.mark.parametrize("name", [n for n in COMPILING if not n.startswith(NOT_CLASSIFIERS)])
+@pytest.mark.parametrize("name", [n for n in MODELS if not n.startswith(NOT_CLASSIFIERS)])
 def test_classifier_top1_agrees_with_onnxruntime_int8(name):
     """(c) top-1 (tie-aware) agreement with onnxruntime's int8 model on the seeded batch >= TOP1_AGREEMENT."""
     m = measured(name)
@@ -213,22 +208,6 @@ def test_classifier_top1_agrees_with_onnxruntime_int8(name):
     agree = ((theirs[rows, ours_top] == theirs.max(axis=1)) | (ours[rows, theirs_top] == ours.max(axis=1))).mean()
     assert agree >= TOP1_AGREEMENT, (f"{name}: top-1 agreement {agree:.4f} < {TOP1_AGREEMENT} (strict first-maximum "
                                      f"agreement {(ours_top == theirs_top).mean():.4f}, {len(ours)} samples)")
-
-
-@pytest.mark.parametrize("name", sorted(EXPECTED_COMPILE_ERRORS))
-def test_unsupported_model_raises_its_recorded_error(name):
-    """A model in EXPECTED_COMPILE_ERRORS raises exactly its recorded one-line CompileError on every arch."""
-    expected = EXPECTED_COMPILE_ERRORS[name]
-    for arch_name, arch in ARCHS:
-        try:
-            compile_model(quantized(name), arch)
-        except CompileError as error:
-            message = str(error)
-            assert "\n" not in message, f"{name} ({arch_name}): the CompileError is not one line: {message!r}"
-            assert expected in message, f"{name} ({arch_name}): CompileError {message!r}, expected {expected!r}"
-        else:
-            pytest.fail(f"{name} now compiles ({arch_name}): remove it from EXPECTED_COMPILE_ERRORS (and, if it is "
-                        f"deeper than SHALLOW_DEPTH, pin its drift in DEEP_DRIFT_LSB)")
 
 
 @pytest.mark.rtl
@@ -248,7 +227,7 @@ def test_rtl_matches_emulator_on_smallest_model():
 def test_every_public_model_is_tested_and_its_provenance_recorded():
     on_disk = sorted(p.name for p in PUBLIC.glob("*.onnx"))
     assert on_disk == sorted(MODELS), f"models/public and MODELS differ: {set(on_disk) ^ set(MODELS)}"
-    assert set(EXPECTED_COMPILE_ERRORS) <= set(MODELS) and set(DEEP_DRIFT_LSB) <= set(MODELS)
+    assert set(DEEP_DRIFT_LSB) <= set(MODELS)
     readme = (PUBLIC / "README.md").read_text()
     recorded = dict(re.findall(r"^\| `([^`]+\.onnx)` \|.*\| `([0-9a-f]{64})` \|$", readme, flags=re.M))
     for name in MODELS:
