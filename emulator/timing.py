@@ -7,7 +7,8 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
 * host input: one write per flit into tile (0,0)'s W FIFO, ``d = 1`` (rule 5);
 * link (a router hop): one action per flit that reads a router input FIFO and writes the next one
   in the same cycle (rule 3), ``d = 1`` (rule 2);
-* host output: one read per flit, ``d = 1``; the host is always ready;
+* host output: one read per flit, ``d = 1``; the host is ready in every cycle unless a host pattern gates it
+  (then the host chains are solved in on-cycle indices, see :func:`solve_timing`);
 * every non-idle PE is three chains (section 4, rule 4):
 
   - input side: per inference ``K`` RECV then ``P`` PASS actions, ``d = 1``; each reads the router FIFO
@@ -764,7 +765,7 @@ def _pass_through_tail(graph: TimingGraph) -> int:
     before it and writes it to the FIFO after it; no event edge); the "entry" FIFO is the one chain
     ``k0 - 1`` writes and chain ``k0`` reads. Claim: in the tail, chain ``k`` transfers flit ``i`` at
     ``t_k[i] = t_{k-1}[i] + 1`` (one cycle after its write into the FIFO before it), and the tail never
-    holds chain ``k0 - 1`` back. By induction from the host output (always ready): ``t_{k-1}[i] + 1``
+    holds chain ``k0 - 1`` back. By induction from the host output (always ready: the tail is used only without an output pattern): ``t_{k-1}[i] + 1``
     meets rule 1's read bound with equality and rule 2 because writes are strictly increasing; rule 1's
     space bound of a FIFO of depth ``n`` asks ``t_k[i] >= t_{k+1}[i-n] + 1 = t_k[i-n] + 2``, true for
     ``n >= 2`` by strict increase, and for ``n = 1`` if the tail's times are >= 2 cycles apart. They are

@@ -138,12 +138,19 @@ def _load_program(path):
 def _host_pattern(args):
     """The run's :class:`flowtile.host.HostPattern` from the stall options, or None (never stalled)."""
     from .host import HostPattern
-    if args.out_duty >= 1 and args.in_duty >= 1:
-        return None
     try:
-        return HostPattern(args.stall_seed, args.out_duty, args.out_burst, args.in_duty, args.in_burst)
+        pattern = HostPattern(args.stall_seed, args.out_duty, args.out_burst, args.in_duty, args.in_burst)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if args.out_duty >= 1 and args.in_duty >= 1:
+        unused = [option for option, value, default in (("--stall-seed", pattern.seed, HostPattern.seed),
+                                                        ("--out-burst", pattern.out_burst, HostPattern.out_burst),
+                                                        ("--in-burst", pattern.in_burst, HostPattern.in_burst))
+                  if value != default]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} do nothing unless --out-duty or --in-duty is below 1")
+        return None
+    return pattern
 
 
 def _pattern_report(host_pattern) -> dict:

@@ -7,7 +7,8 @@ whole run (all inference batches) happens in hardware without a testbench touchi
   buffer through ``in_write_*`` and sets ``in_count`` / ``out_count`` / ``cycle_limit``;
 * a one-cycle ``start`` pulse starts the run: cycle 0 is the first cycle with the chip's ``run = 1``;
 * input flit ``i`` is offered to the chip's host input with destination tile (0,0) from cycle 0 on,
-  back to back, each until accepted; the chip's host output is always ready;
+  back to back, each until accepted, and the chip's host output is ready in every cycle, unless host stalls
+  gate them (next point);
 * host stalls (``flowtile.host.HostPattern``): with ``in_gate`` set, the input is offered only in cycles ``t``
   whose pattern entry ``t % HOST_PATTERN_CYCLES`` has bit 1 (in valid) set; with ``out_gate`` set, the output is
   ready only in cycles whose entry has bit 0 (out ready) set. The testbench writes the pattern memory through

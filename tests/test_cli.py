@@ -238,3 +238,12 @@ def test_inputs_that_saturate_warn_unless_silenced(tmp_path):
     assert loud.returncode == 0 and "saturate" in loud.stderr and "--no-range-check" in loud.stderr, loud.stderr
     silenced = flowtile("emulate", prog, "--input", tmp_path / "scaled.npy", "--output", out, "--no-range-check")
     assert silenced.returncode == 0 and "saturate" not in silenced.stderr, silenced.stderr
+
+
+def test_stall_options_that_do_nothing_are_an_error(tmp_path, digits_program, digits_inputs):
+    out = tmp_path / "y.npy"
+    assert_clean_error(flowtile("emulate", digits_program, "--input", digits_inputs, "--output", out,
+                                "--out-burst", "9"), "--out-burst", "do nothing")
+    assert_clean_error(flowtile("emulate", digits_program, "--input", digits_inputs, "--output", out,
+                                "--out-duty", "0.5", "--out-burst", "0.2"), "burst")
+    assert not out.exists()
