@@ -85,7 +85,8 @@ def main() -> None:
                   f"{100 * busiest_util:.1f}%)")
             summary.append((net, grid, interval, whole, computing,
                             f"bottleneck {estimated.group(2) if estimated else '?'}; busiest '{busiest.name}'"
-                            + ("" if worst <= 1 else f"; MISMATCH {worst} LSB")))
+                            + ("" if worst <= 1 else f"; end-to-end drift {worst} LSB (1-LSB per-layer differences "
+                                                     f"carried through a deep network: see tests/test_public_models.py)")))
 
     print(f"\n{'network':12s} {'grid':6s} {'interval':>9s} {'util grid':>10s} {'util used':>10s}  limiter")
     for net, grid, interval, whole, computing, note in summary:
