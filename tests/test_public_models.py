@@ -57,10 +57,11 @@ import onnx
 import pytest
 
 from flowtile.arch import Arch
-from flowtile.compiler import CompileError, compile_model, import_onnx, int8_model, lower_layers, reference_forward
+from flowtile.compiler import import_onnx, int8_model, lower_layers, reference_forward
 from flowtile.emulator import emulate
 from flowtile.host import input_flits, outputs_from_flits, quantize
 from flowtile.testing.layer_oracle import free_running, map_layers, ort_int8_tensors, teacher_forced
+from flowtile.testing.oracle_checks import compile_first_fitting
 
 PUBLIC = Path(__file__).resolve().parents[1] / "models" / "public"
 
@@ -127,13 +128,8 @@ def quantized(name: str) -> onnx.ModelProto:
 def compiled(name: str):
     """(int8 model, program, arch name): the model quantized once and compiled for the first arch it fits."""
     int8 = quantized(name)
-    errors = []
-    for arch_name, arch in ARCHS:
-        try:
-            return int8, compile_model(int8, arch), arch_name
-        except CompileError as error:
-            errors.append(f"{arch_name}: {error}")
-    raise AssertionError(f"{name} compiles for none of the archs; " + " | ".join(errors))
+    program, arch_name = compile_first_fitting(int8, ARCHS)
+    return int8, program, arch_name
 
 
 @functools.lru_cache(maxsize=None)

@@ -104,3 +104,16 @@ def assert_rtl_matches_emulator(program: Program, x: np.ndarray) -> None:
     assert late.size == 0, (f"{late.size} output flits at different cycles; first, flit {late[0]}: "
                             f"RTL cycle {rtl_times[late[0]]} vs emulator {emu_times[late[0]]}")
     assert rtl.cycles == emu.cycles
+
+
+def compile_first_fitting(int8_model, archs) -> tuple:
+    """``(program, arch name)`` for the first ``(name, Arch)`` of ``archs`` the model compiles on; AssertionError
+    listing every arch's one-line CompileError if none fits."""
+    from flowtile.compiler import CompileError, compile_model
+    errors = []
+    for arch_name, arch in archs:
+        try:
+            return compile_model(int8_model, arch), arch_name
+        except CompileError as error:
+            errors.append(f"{arch_name}: {error}")
+    raise AssertionError("compiles for none of the archs; " + " | ".join(errors))
