@@ -1,4 +1,4 @@
-"""``flowtile`` command line: compile, emulate, rtl, run, verilog.
+"""``flowtile`` command line: compile, emulate, rtl, run, fuzz, verilog.
 
 Every known kind of bad input ends in one line ``flowtile: error: ...`` and exit status 2; a
 mismatch found by ``flowtile run`` exits 1. Set ``FLOWTILE_DEBUG=1`` to see tracebacks.
@@ -458,11 +458,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_visual_options(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("fuzz", help="random networks on random archs: compiler, emulator, Verilator, onnxruntime "
+                                    "(on Dask)", formatter_class=formatter)
+    p.add_argument("--programs", type=int, required=True, metavar="N", help="number of random programs (required)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="campaign seed (case i has seed S*1000000+i)")
+    p.add_argument("--archs", type=int, default=6, metavar="K",
+                   help="size of the seeded pool of random architectures the cases draw from")
+    p.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="Dask scheduler address (e.g. tcp://host:8786); default: a local cluster of --workers processes")
+    p.add_argument("--workers", type=int, default=2, metavar="W", help="worker processes of the local cluster")
+    p.add_argument("--out", metavar="DIR", default="fuzz-out",
+                   help="results.jsonl (appended; cases in it are skipped) and reproducers of disagreeing cases")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (default: a tqdm bar on stderr)")
+    p.set_defaults(func=cmd_fuzz)
+
     p = sub.add_parser("verilog", help="write the chip's Verilog", formatter_class=formatter)
     _add_arch_options(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.v", help="Verilog file to write (required)")
     p.set_defaults(func=cmd_verilog)
     return parser
+
+
+def cmd_fuzz(args) -> int:
+    """Exit 0 iff every program agreed (ok or did not fit); the last line is the campaign's summary.
+    ``FLOWTILE_FUZZ_FAULT=flip-emulator-bit`` injects a fault in every case (to test the fuzzer itself)."""
+    from .fuzz import FAULTS, run_campaign
+    fault = os.environ.get("FLOWTILE_FUZZ_FAULT") or None
+    if fault is not None and fault not in FAULTS:
+        raise UsageError(f"FLOWTILE_FUZZ_FAULT={fault!r} is not a known fault ({', '.join(FAULTS)})")
+    for name in ("programs", "archs", "workers"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    summary = run_campaign(programs=args.programs, seed=args.seed, archs=args.archs, out_dir=args.out,
+                           workers=args.workers, scheduler=args.scheduler,
+                           fault=fault,
+                           progress=args.progress, log=_progress)
+    print(summary.last_line(), flush=True)
+    return 0 if summary.agreed else EXIT_MISMATCH
 
 
 def _version() -> str:

@@ -2,7 +2,8 @@
 
 Layers, bottom to top; an arrow is "may import"::
 
-                     top: flowtile.cli, flowtile.oracle, flowtile.reports, flowtile.output_paths, flowtile.testing.*
+                     top: flowtile.cli, flowtile.fuzz, flowtile.oracle, flowtile.reports, flowtile.output_paths,
+                          flowtile.testing.*
                       |   (may import anything)
                       v
                      rtl: flowtile.rtl.*  (the RTL runner)
@@ -39,7 +40,7 @@ PACKAGES = {"flowtile": "flowtile", "compiler": "flowtile.compiler", "emulator":
             "hdl": "flowtile.hdl", "rtl": "flowtile.rtl"}
 
 SPEC = frozenset({"flowtile", "flowtile.arch", "flowtile.program", "flowtile.tile_config", "flowtile.host"})
-TOP = frozenset({"flowtile.cli", "flowtile.oracle", "flowtile.reports", "flowtile.output_paths"})
+TOP = frozenset({"flowtile.cli", "flowtile.oracle", "flowtile.reports", "flowtile.output_paths", "flowtile.fuzz"})
 
 #: What each layer may import (itself included).
 ALLOWED = {

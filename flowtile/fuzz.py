@@ -1,0 +1,400 @@
+"""``flowtile fuzz``: seeded random networks on seeded random architectures, compiler -> emulator -> Verilator ->
+onnxruntime, run on Dask.
+
+A campaign ``(seed, programs, archs)`` is a list of cases. Case ``i`` has the seed
+``case_seed = seed * CASE_SEED_STRIDE + i``, which alone determines its network (an MLP, a CNN or a residual CNN
+from :mod:`flowtile.testing.random_models`, quantized by onnxruntime's quantizer: int8 or uint8 activations,
+per-tensor or per-channel weights), its inputs and which of the campaign's ``archs`` architectures it runs on.
+The architectures form a small pool drawn from ``seed`` (:func:`arch_pool`), so each Verilator build is made
+once and shared by every case (and worker) that uses it, through the RTL build cache and its file locks.
+
+Each case ends in one status:
+
+* ``ok``: RTL == emulator (every output flit, its cycle stamp, the cycle count) and emulator within 1 LSB of
+  onnxruntime on every output element;
+* ``mismatch-bits``: an RTL output flit differs from the emulator's (or their counts differ);
+* ``mismatch-cycles``: same flits, but a cycle stamp or the cycle count differs;
+* ``ort-lsb``: RTL == emulator, but the emulator is more than 1 LSB away from onnxruntime;
+* ``does-not-fit``: the compiler refused the model for the arch (CompileError) or the batch does not fit the
+  harness buffers: not a disagreement;
+* ``error``: anything else raised (emulator, RTL timeout, crash): a disagreement.
+
+Results are appended to ``DIR/results.jsonl`` one JSON object a case as cases finish, so an interrupted campaign
+resumes: cases whose seed is already in the file are not run again. For each disagreeing case the program
+directory, its inputs and its int8 model go to ``DIR/case_<seed>/`` and ``DIR/test_repro_<seed>.py`` replays it
+with pytest. (Shrinking a failing case to a smaller reproducer is not done.)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flowtile.arch import Arch
+
+__all__ = ["STATUSES", "AGREEING", "CASE_SEED_STRIDE", "arch_pool", "case_seeds", "run_case", "run_campaign",
+           "CampaignSummary", "FAULTS"]
+
+STATUSES = ("ok", "mismatch-bits", "mismatch-cycles", "ort-lsb", "does-not-fit", "error")
+#: Statuses that are not a disagreement.
+AGREEING = ("ok", "does-not-fit")
+MISMATCHES = ("mismatch-bits", "mismatch-cycles", "ort-lsb")
+#: Case ``i`` of a campaign with seed ``s`` has the seed ``s * CASE_SEED_STRIDE + i``.
+CASE_SEED_STRIDE = 1_000_000
+#: The emulator may differ from onnxruntime by this many LSB (the project's contract).
+ORT_LSB = 1
+#: Fault injection for testing the fuzzer itself: "flip-emulator-bit" flips bit 0 of the emulator's first
+#: output flit in the worker before the RTL comparison.
+FAULTS = ("flip-emulator-bit",)
+RESULTS_FILE = "results.jsonl"
+
+
+# --- what a case is ------------------------------------------------------------------------------
+
+def arch_pool(seed: int, count: int) -> list[Arch]:
+    """``count`` seeded random architectures: lanes 4/8/16, grids of 1-3 rows by 2-4 columns (mostly not
+    square), router FIFOs of 1-4 flits, forward queues and result tables down to a few words, small SRAMs."""
+    rng = np.random.default_rng([seed, 0xA5C4])
+    pool = []
+    for _ in range(count):
+        lanes = int(rng.choice([4, 8, 16]))
+        pool.append(Arch(rows=int(rng.integers(1, 4)), cols=int(rng.integers(2, 5)), lanes=lanes,
+                         sram_bytes=lanes * int(rng.choice([256, 512, 1024, 2048, 4096])),
+                         max_tile_outputs=int(rng.choice([4, 8, 16, 32, 64, 512])),
+                         router_fifo_depth=int(rng.integers(1, 5)),
+                         forward_queue_words=int(rng.choice([1, 2, 4, 8, 32, 1024])),
+                         host_buffer_flits=4096))
+    return pool
+
+
+def case_seeds(seed: int, programs: int) -> list[int]:
+    return [seed * CASE_SEED_STRIDE + i for i in range(programs)]
+
+
+def arch_name(arch: Arch) -> str:
+    return (f"{arch.rows}x{arch.cols}-l{arch.lanes}-s{arch.sram_bytes}-o{arch.max_tile_outputs}"
+            f"-f{arch.router_fifo_depth}-q{arch.forward_queue_words}")
+
+
+def _draw_network(rng: np.random.Generator, lanes: int):
+    """(kind, description, float model, input shape): a small random MLP, CNN or residual CNN. A Concat's first
+    input has a multiple of ``lanes`` channels (the compiler's rule for Concat)."""
+    from flowtile.testing.random_models import random_float_cnn, random_float_mlp, random_float_resnet
+    kind = str(rng.choice(["mlp", "cnn", "resnet"]))
+    if kind == "mlp":
+        widths = [int(rng.integers(1, 65)) for _ in range(int(rng.integers(2, 5)))]
+        return kind, {"widths": widths}, random_float_mlp(rng, widths), (widths[0],)
+    channels, height, width = int(rng.integers(1, 4)), int(rng.integers(3, 9)), int(rng.integers(3, 9))
+    in_shape = (channels, height, width)
+    classes = int(rng.integers(2, 11))
+    if kind == "cnn":
+        blocks = []
+        h, w = height, width
+        for _ in range(int(rng.integers(1, 3))):
+            k = int(rng.choice([1, 3])) if min(h, w) >= 3 else 1
+            pad = int(rng.integers(0, k // 2 + 1))
+            stride = int(rng.choice([1, 2])) if min(h, w) >= 4 else 1
+            h, w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+            block = {"out": int(rng.integers(2, 9)), "k": k, "stride": stride, "pad": pad, "pool": None}
+            if min(h, w) >= 2 and rng.random() < 0.5:
+                block["pool"] = (2, 2)
+                h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+            blocks.append(block)
+        return kind, {"in_shape": in_shape, "blocks": blocks, "classes": classes}, \
+            random_float_cnn(rng, in_shape, blocks, classes), in_shape
+    block_kind = str(rng.choice(["basic", "inverted", "fire", "dense"]))
+    if block_kind == "basic":
+        block = {"kind": "basic", "out": int(rng.integers(2, 9)), "stride": int(rng.choice([1, 2]))}
+    elif block_kind == "inverted":
+        block = {"kind": "inverted", "expand": int(rng.integers(2, 13))}
+    elif block_kind == "fire":
+        block = {"kind": "fire", "squeeze": int(rng.integers(2, 5)), "expand": lanes * int(rng.integers(1, 3))}
+    else:
+        block = {"kind": "dense", "growth": int(rng.integers(2, 7)), "identity_first": bool(rng.random() < 0.5)}
+        if not block["identity_first"]:
+            block["growth"] = lanes
+    stem = lanes * int(rng.integers(1, 3)) if block_kind == "dense" and block["identity_first"] else \
+        int(rng.integers(2, 9))
+    return kind, {"in_shape": in_shape, "stem": stem, "blocks": [block], "classes": classes}, \
+        random_float_resnet(rng, in_shape, stem, [block], classes), in_shape
+
+
+# --- one case (runs on a Dask worker) ------------------------------------------------------------
+
+def _program_files(program, x: np.ndarray, model_bytes: bytes) -> dict[str, bytes]:
+    """The files of a disagreeing case, relative to its case directory: the program, the inputs, the model."""
+    files = {}
+    with tempfile.TemporaryDirectory(prefix="flowtile-fuzz-save-") as scratch:
+        program_dir = program.save(Path(scratch) / "program")
+        for path in program_dir.iterdir():
+            files[f"program/{path.name}"] = path.read_bytes()
+        np.save(Path(scratch) / "x.npy", x)
+        files["x.npy"] = (Path(scratch) / "x.npy").read_bytes()
+    files["model.onnx"] = model_bytes
+    return files
+
+
+def run_case(case_seed: int, arch: Arch, arch_index: int, fault: str | None = None,
+             build_root: str | None = None) -> dict:
+    """Run one case end to end and return its record (plus ``files`` to save when it disagrees)."""
+    from flowtile.compiler import CompileError, compile_model
+    from flowtile.rtl.simulate import RtlCapacityError, simulate
+    from flowtile.testing.oracle_checks import compare_with_onnxruntime, emulate_model
+    from flowtile.testing.random_models import quantize_qdq
+    import onnx
+
+    started = time.perf_counter()
+    rng = np.random.default_rng(case_seed)
+    activation_uint8, per_channel = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+    quant = f"{'uint8' if activation_uint8 else 'int8'}-{'per-channel' if per_channel else 'per-tensor'}"
+    batch = int(rng.integers(1, 5))
+    record = {"seed": case_seed, "arch_index": arch_index, "arch_name": arch_name(arch), "arch": arch.to_dict(),
+              "kind": None, "quant": quant, "batch": batch, "status": "error", "cycles": None,
+              "worst_lsb": None, "message": "", "wall_seconds": None, "build_seconds": None}
+    program, x, model_bytes = None, None, b""
+    try:
+        kind, description, float_model, in_shape = _draw_network(rng, arch.lanes)
+        record.update(kind=kind, network=description)
+        calibration = rng.standard_normal((16, *in_shape)).astype(np.float32)
+        x = rng.standard_normal((batch, *in_shape)).astype(np.float32)
+        with tempfile.TemporaryDirectory(prefix="flowtile-fuzz-") as scratch:
+            float_path = Path(scratch) / "float.onnx"
+            onnx.save(float_model, float_path)
+            model_path = quantize_qdq(float_path, Path(scratch) / "qdq.onnx", calibration,
+                                      activation_uint8=activation_uint8, per_channel=per_channel)
+            model_bytes = model_path.read_bytes()
+            try:
+                program = compile_model(model_path, arch)
+            except CompileError as error:
+                record.update(status="does-not-fit", message=str(error))
+                return record
+            record["tiles_used"] = len(program.tiles)
+            emulated = emulate_model(program, x)
+            emu = emulated.result
+            record["cycles"] = int(emu.cycles)
+            comparison = compare_with_onnxruntime(model_path, program, x, emulated=emulated)
+            if comparison.emulated.q.shape != comparison.ort_q.shape:
+                raise AssertionError(f"output shapes differ: flowtile {comparison.emulated.q.shape}, "
+                                     f"onnxruntime {comparison.ort_q.shape}")
+            record["worst_lsb"] = comparison.worst
+            emu_flits, emu_times = np.array(emu.out_flits), np.asarray(emu.out_times)
+            if fault == "flip-emulator-bit":
+                emu_flits[0, 0] ^= 1
+            elif fault is not None:
+                raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+            try:
+                rtl = simulate(program, emulated.flits, batch, simulator="verilator", build_root=build_root)
+            except RtlCapacityError as error:
+                record.update(status="does-not-fit", message=str(error))
+                return record
+            record["rtl_cycles"] = int(rtl.cycles)
+            record["build_seconds"] = round(rtl.build_seconds, 3)
+            rtl_flits, rtl_times = np.asarray(rtl.out_flits), np.asarray(rtl.out_times)
+            if rtl_flits.shape != emu_flits.shape or not np.array_equal(rtl_flits, emu_flits):
+                differing = (np.flatnonzero(np.any(rtl_flits != emu_flits, axis=1))
+                             if rtl_flits.shape == emu_flits.shape else [])
+                record.update(status="mismatch-bits", message=(
+                    f"output flits: RTL {list(rtl_flits.shape)} vs emulator {list(emu_flits.shape)}"
+                    if rtl_flits.shape != emu_flits.shape else
+                    f"{len(differing)} output flits differ; first, flit {differing[0]}: RTL "
+                    f"{rtl_flits[differing[0]].tolist()} vs emulator {emu_flits[differing[0]].tolist()}"))
+            elif not np.array_equal(rtl_times, emu_times) or rtl.cycles != emu.cycles:
+                late = np.flatnonzero(rtl_times != emu_times)
+                record.update(status="mismatch-cycles", message=(
+                    f"{late.size} output flits at different cycles"
+                    + (f"; first, flit {late[0]}: RTL {rtl_times[late[0]]} vs emulator {emu_times[late[0]]}"
+                       if late.size else "") + f"; cycles RTL {rtl.cycles} vs emulator {emu.cycles}"))
+            elif comparison.worst > ORT_LSB:
+                record.update(status="ort-lsb", message=(
+                    f"emulator vs onnxruntime: {comparison.worst} LSB (> {ORT_LSB}), "
+                    f"{np.count_nonzero(comparison.diff)} of {comparison.diff.size} values differ"))
+            else:
+                record["status"] = "ok"
+            if record["status"] not in AGREEING:
+                record["files"] = _program_files(program, x, model_bytes)
+    except Exception as error:  # noqa: BLE001 -- any failure of the flow is a finding
+        record.update(status="error", message=f"{type(error).__name__}: {error}"[:2000],
+                      traceback=traceback.format_exc()[-4000:])
+        if program is not None and x is not None:
+            try:
+                record["files"] = _program_files(program, x, model_bytes)
+            except Exception:  # noqa: BLE001
+                pass
+    finally:
+        record["wall_seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+# --- the campaign (client side) ------------------------------------------------------------------
+
+_REPRO = '''"""Reproducer written by `flowtile fuzz` for case seed {seed} ({status}: {message_line}).
+
+Arch {arch_name}; network {kind} ({quant}), batch {batch}. Replays the saved program on the saved inputs.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowtile.program import Program
+from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
+
+CASE = Path(__file__).resolve().parent / "case_{seed}"
+
+
+@pytest.mark.rtl
+def test_rtl_matches_emulator_{seed}():
+    program = Program.load(CASE / "program")
+    x = np.load(CASE / "x.npy")
+    assert_rtl_matches_emulator(program, x)
+
+
+def test_emulator_matches_onnxruntime_{seed}():
+    program = Program.load(CASE / "program")
+    x = np.load(CASE / "x.npy")
+    assert_emulator_matches_onnxruntime(str(CASE / "model.onnx"), program, x, lsb={lsb})
+'''
+
+
+def _save_case(out_dir: Path, record: dict) -> None:
+    files = record.pop("files", None)
+    if not files:
+        return
+    from flowtile.program import check_program_destination
+    seed = record["seed"]
+    case_dir = out_dir / f"case_{seed}"
+    program_dir = case_dir / "program"
+    if program_dir.exists():
+        check_program_destination(program_dir)   # replace only a program directory
+    for relative, data in files.items():
+        path = case_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    message_line = record["message"].splitlines()[0] if record["message"] else ""
+    (out_dir / f"test_repro_{seed}.py").write_text(_REPRO.format(
+        seed=seed, status=record["status"], message_line=message_line.replace('"""', "'''")[:200],
+        arch_name=record["arch_name"], kind=record["kind"], quant=record["quant"], batch=record["batch"],
+        lsb=ORT_LSB))
+    record["saved"] = str(case_dir)
+
+
+def read_results(path: Path) -> dict[int, dict]:
+    """The records of ``results.jsonl`` by seed (a torn last line from an interrupted run is ignored)."""
+    records = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "seed" in record:
+                records[record["seed"]] = record
+    return records
+
+
+@dataclass
+class CampaignSummary:
+    programs: int
+    new: int
+    architectures: int
+    counts: dict
+    wall_seconds: float
+
+    @property
+    def mismatches(self) -> int:
+        return sum(self.counts.get(status, 0) for status in MISMATCHES)
+
+    @property
+    def agreed(self) -> bool:
+        return all(self.counts.get(status, 0) == 0 for status in STATUSES if status not in AGREEING)
+
+    def last_line(self) -> str:
+        detail = ", ".join(f"{status} {self.counts[status]}" for status in MISMATCHES if self.counts.get(status))
+        def count(n, noun):
+            return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('h') else 's'}"
+        return (f"fuzz: {count(self.programs, 'program')} run ({self.new} new, {self.programs - self.new} from "
+                f"{RESULTS_FILE}), {count(self.architectures, 'architecture')}, "
+                f"{count(self.mismatches, 'mismatch')}"
+                + (f" ({detail})" if detail else "")
+                + f", {self.counts.get('does-not-fit', 0)} did not fit, {count(self.counts.get('error', 0), 'error')}, "
+                  f"wall time {self.wall_seconds:.1f} s")
+
+
+def run_campaign(*, programs: int, seed: int = 0, archs: int = 6, out_dir: str | Path = "fuzz-out",
+                 workers: int = 2, scheduler: str | None = None, fault: str | None = None,
+                 progress: bool = True, log=None) -> CampaignSummary:
+    """Run (or resume) a campaign on Dask and return its summary (over every case of the campaign, including
+    those already in ``results.jsonl``)."""
+    from distributed import Client, LocalCluster, as_completed
+    from tqdm import tqdm
+
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+    log = log or (lambda message: print(f"[flowtile] {message}", file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / RESULTS_FILE
+    pool = arch_pool(seed, archs)
+    seeds = case_seeds(seed, programs)
+    done = read_results(results_path)
+    pending = [s for s in seeds if s not in done]
+    if len(pending) < len(seeds):
+        log(f"{len(seeds) - len(pending)} of {len(seeds)} cases already in {results_path}: skipped")
+    records = {s: done[s] for s in seeds if s in done}
+    if pending:
+        if scheduler:
+            client, cluster = Client(scheduler), None
+            log(f"running {len(pending)} cases on the Dask scheduler at {scheduler}")
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(cluster)
+            log(f"running {len(pending)} cases on a local Dask cluster of {workers} worker processes")
+        try:
+            futures = []
+            for case_seed in pending:
+                index = int(np.random.default_rng([case_seed, 0xA2C4]).integers(len(pool)))
+                futures.append(client.submit(run_case, case_seed, pool[index], index, fault,
+                                             key=f"flowtile-fuzz-{case_seed}-{fault or 'clean'}", pure=False))
+            if results_path.is_file() and results_path.stat().st_size:
+                with open(results_path, "rb") as results:
+                    results.seek(-1, os.SEEK_END)
+                    torn = results.read(1) != b"\n"
+                if torn:   # an interrupted write: start on a fresh line (the torn one is ignored when read)
+                    with open(results_path, "a") as results:
+                        results.write("\n")
+            with open(results_path, "a") as results:
+                for future in tqdm(as_completed(futures), total=len(futures), desc="fuzz", unit="program",
+                                   file=sys.stderr, disable=not progress, dynamic_ncols=True):
+                    try:
+                        record = future.result()
+                    except Exception as error:  # noqa: BLE001 -- a worker died, or the task could not run
+                        case_seed = int(future.key.split("-")[2])
+                        record = {"seed": case_seed, "status": "error", "kind": None,
+                                  "message": f"task failed: {type(error).__name__}: {error}"[:2000]}
+                    _save_case(out_dir, record)
+                    results.write(json.dumps(record, sort_keys=True) + "\n")
+                    results.flush()
+                    records[record["seed"]] = record
+                    if record["status"] not in AGREEING:
+                        tqdm.write(f"[flowtile] case {record['seed']}: {record['status']}: "
+                                   f"{record.get('message', '')[:300]}", file=sys.stderr)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    counts = {status: 0 for status in STATUSES}
+    for record in records.values():
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    architectures = len({json.dumps(r.get("arch"), sort_keys=True) for r in records.values() if r.get("arch")})
+    return CampaignSummary(programs=len(records), new=len(pending), architectures=architectures, counts=counts,
+                           wall_seconds=time.perf_counter() - started)
