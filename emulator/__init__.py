@@ -24,8 +24,10 @@ from . import functional
 from .functional import FunctionalResult, check_input_flits
 from .path import DataPath, EmulatorError, TileCounts, trace_data_path
 from .timing import PETimes, TimingError, TimingResult, solve_timing
+from .watchdog import DeadlockError, WatchdogError, cycle_budget, cycle_limit, flit_progress, progress_at
 
-__all__ = ["emulate", "EmulatorResult", "EmulatorError", "TimingError", "PHASE_SPAN_DTYPE", "PETimes",
+__all__ = ["emulate", "EmulatorResult", "EmulatorError", "TimingError", "DeadlockError", "WatchdogError",
+           "cycle_budget", "cycle_limit", "flit_progress", "PHASE_SPAN_DTYPE", "PETimes",
            "run_functional", "solve_timing", "trace_data_path"]
 
 #: One span of a PE side's activity: cycles ``[start, end)`` spent in ``phase`` (input side: RECV, PASS;
@@ -140,15 +142,24 @@ def _phase_spans(pe_times: PETimes, compute_ends: np.ndarray, count: TileCounts,
 
 
 def emulate(program: Program, in_flits: np.ndarray, batch: int, *,
-            host_pattern: HostPattern | None = None) -> EmulatorResult:
+            host_pattern: HostPattern | None = None, max_cycles: int | None = None) -> EmulatorResult:
     """Run ``batch`` inferences of ``program`` on host input flits int8 ``[batch * input_words, lanes]``.
 
     ``host_pattern``: host output stalls and input gaps (:class:`flowtile.host.HostPattern`); outputs are the
-    same with or without, only the cycles change."""
+    same with or without, only the cycles change. ``max_cycles``: the run's cycle limit (as the RTL harness's
+    ``cycle_limit``): a run that needs more raises :class:`WatchdogError`, naming each unfinished tile's flits
+    in and out by then. A program that cannot finish (flit counts that do not add up) raises
+    :class:`DeadlockError` naming the stuck tile, its port and its words received of expected."""
     arch = program.arch
     path: DataPath = trace_data_path(program)      # validates the program
     check_input_flits(program, in_flits, batch)
     timing = solve_timing(program, batch, path, host_pattern=host_pattern)
+    if max_cycles is not None:
+        if isinstance(max_cycles, bool) or not isinstance(max_cycles, (int, np.integer)) or max_cycles < 1:
+            raise EmulatorError(f"max_cycles must be a positive integer, got {max_cycles!r}")
+        stopped = progress_at(program, batch, path, timing, int(max_cycles))
+        if stopped is not None:
+            raise stopped
     data = functional.run_functional(program, in_flits, batch, path, timing)
 
     words = program.output_words

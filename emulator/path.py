@@ -218,6 +218,18 @@ def _route(arch: Arch, start: tuple[int, int], first_fifo: str, target: tuple[in
     raise AssertionError("XY route longer than the mesh")  # pragma: no cover
 
 
+def _raise_count_mismatch(program: Program, message: str):
+    """Raise for flit counts that do not add up: :class:`emulator.watchdog.DeadlockError` (an EmulatorError) if
+    the run would stall, naming where (stuck tile, port, words received of expected, for one inference), else
+    EmulatorError (the surplus flits would be read as the next inference's)."""
+    from .watchdog import DeadlockError, flit_progress, stuck_summary
+    progress = flit_progress(program, 1)
+    summary = stuck_summary(progress)
+    if summary:
+        raise DeadlockError(f"{message}; the run would stall: {summary}", progress)
+    raise EmulatorError(f"{message}; the surplus flits would be read as the next inference's")
+
+
 def trace_data_path(program: Program) -> DataPath:
     """Follow the flits from the host through the PEs back to the host; raise EmulatorError if the
     program is not a single contention-free stream with consistent per-inference flit counts. Validates the
@@ -239,10 +251,10 @@ def trace_data_path(program: Program) -> DataPath:
         hops.append(Hop(producer, consumer, tuple(fifos)))
         if consumer == HOST:
             if flits_arriving != program.output_words:
-                raise EmulatorError(f"tile {program.tiles[producer].key} sends {flits_arriving} flits per "
-                                    f"inference to the host, the program's output needs "
-                                    f"{program.output_words} (output length {program.output.length}, "
-                                    f"{arch.lanes} lanes)")
+                _raise_count_mismatch(program, f"tile {program.tiles[producer].key} sends {flits_arriving} flits per "
+                                      f"inference to the host, the program's output needs "
+                                      f"{program.output_words} (output length {program.output.length}, "
+                                      f"{arch.lanes} lanes)")
             break
         tile, count = program.tiles[consumer], counts[consumer]
         source = "the host" if producer == HOST else f"tile {program.tiles[producer].key}"
@@ -250,8 +262,8 @@ def trace_data_path(program: Program) -> DataPath:
             raise EmulatorError(f"the flits of {source} return to tile {tile.key}: the data path is a "
                                 f"cycle and never reaches the host")
         if count.flits_in != flits_arriving:
-            raise EmulatorError(
-                f"tile {tile.key} (chain position {consumer}) reads n_in_words + n_pass = "
+            _raise_count_mismatch(
+                program, f"tile {tile.key} (chain position {consumer}) reads n_in_words + n_pass = "
                 f"{count.n_in_words} + {count.n_pass} = {count.flits_in} flits per inference, but "
                 f"{source} sends it {flits_arriving}")
         order.append(consumer)

@@ -159,12 +159,13 @@ def _pattern_report(host_pattern) -> dict:
     return {"host_pattern": dataclasses.asdict(host_pattern)}
 
 
-def _emulate(program, x, host_pattern=None):
+def _emulate(program, x, host_pattern=None, max_cycles=None):
     from flowtile.emulator import emulate
     from .host import input_flits, outputs_from_flits
     q_in, flits = input_flits(program, x)
     started = time.perf_counter()
-    result = emulate(program, flits, x.shape[0], **({} if host_pattern is None else {"host_pattern": host_pattern}))
+    result = emulate(program, flits, x.shape[0], **({} if host_pattern is None else {"host_pattern": host_pattern}),
+                     **({} if max_cycles is None else {"max_cycles": max_cycles}))
     seconds = time.perf_counter() - started
     q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
     return result, q_out, y, seconds
@@ -184,7 +185,7 @@ def _waves_path(waves: str | None, simulator: str, name: str) -> Path | None:
     return check_output_file(path, "--waves")
 
 
-def _rtl(program, x, simulator, waves_path, host_pattern=None):
+def _rtl(program, x, simulator, waves_path, host_pattern=None, max_cycles=None):
     from flowtile.rtl.simulate import simulate
     from .host import input_flits, outputs_from_flits
     _q_in, flits = input_flits(program, x)
@@ -192,7 +193,8 @@ def _rtl(program, x, simulator, waves_path, host_pattern=None):
         waves_path.parent.mkdir(parents=True, exist_ok=True)
         _progress(f"writing waveform to {waves_path}")
     result = simulate(program, flits, x.shape[0], simulator=simulator, waves=waves_path,
-                      **({} if host_pattern is None else {"host_pattern": host_pattern}))
+                      **({} if host_pattern is None else {"host_pattern": host_pattern}),
+                      **({} if max_cycles is None else {"max_cycles": max_cycles}))
     q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
     return result, q_out, y
 
@@ -206,7 +208,10 @@ def cmd_emulate(args) -> int:
     x, _ = _load_array(args.input, "input")
     if args.range_check:
         _warn_if_inputs_saturate(program, check_input(x, program.input))
-    result, _q, y, seconds = _emulate(program, x, host_pattern)
+    # the emulator stops where the RTL harness would: at --max-cycles, by default the program's cycle limit
+    from flowtile.emulator import cycle_limit
+    limit = args.max_cycles if args.max_cycles is not None else cycle_limit(program, x.shape[0], host_pattern)
+    result, _q, y, seconds = _emulate(program, x, host_pattern, limit)
     _save_array(args.output, y)
     report = result.report() | {"emulator_seconds": seconds} | _pattern_report(host_pattern)
     _write_json(args.report, report)
@@ -225,7 +230,7 @@ def cmd_rtl(args) -> int:
     x, _ = _load_array(args.input, "input")
     if args.range_check:
         _warn_if_inputs_saturate(program, check_input(x, program.input))
-    result, _q, y = _rtl(program, x, args.sim, waves, host_pattern)
+    result, _q, y = _rtl(program, x, args.sim, waves, host_pattern, args.max_cycles)
     _save_array(args.output, y)
     report = {"cycles": int(result.cycles), "batch": int(x.shape[0]), "simulator": args.sim,
               "wall_seconds": result.wall_seconds, "build_seconds": result.build_seconds} | _pattern_report(host_pattern)
@@ -390,6 +395,24 @@ def _add_stall_options(parser):
                         help="mean length of a host input gap in cycles (>= 1)")
 
 
+def _max_cycles(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if not 1 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"must be in 1..{(1 << 32) - 1}, got {value}")
+    return value
+
+
+def _add_max_cycles_option(parser):
+    """The run's cycle limit (the watchdog, flowtile.emulator.watchdog): the emulator and the RTL stop at the same
+    cycle and name the unfinished or stuck tiles (exit status 2)."""
+    parser.add_argument("--max-cycles", type=_max_cycles, default=None, metavar="N",
+                        help="stop the run after N cycles and report the stuck tiles (exit 2); default: derived "
+                             "from the program (a generous budget from its flit counts, stretched by host stalls)")
+
+
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every option's help shows its default: stated in the help text, or appended as ``(default: X)``."""
 
@@ -421,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-range-check", dest="range_check", action="store_false",
                    help="do not warn when inputs saturate the model's int8 input range (default: warn)")
     _add_stall_options(p)
+    _add_max_cycles_option(p)
     _add_output_options(p, output=True)
     _add_visual_options(p)
     p.set_defaults(func=cmd_emulate)
@@ -436,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a waveform (FST for Verilator, VCD for Amaranth); a bare name goes to sim_waves/; "
                         "default: no waveform")
     _add_stall_options(p)
+    _add_max_cycles_option(p)
     _add_output_options(p, output=True)
     p.set_defaults(func=cmd_rtl)
 

@@ -61,10 +61,43 @@ class HarnessBus:
     async def wait_stopped(self, limit_cycles: int) -> None: ...
 
 
+#: The watchdog looks at the host transfer counts this many times per stall window.
+STALL_POLLS_PER_WINDOW = 4
+
+
+async def _wait_for_stop(bus: HarnessBus, job: dict) -> bool:
+    """Wait until the harness stopped (done or timed out); with a ``stall_window`` in the job, look
+    :data:`STALL_POLLS_PER_WINDOW` times per window at the host transfer counts (input flits accepted, output flits
+    received) and give up (return True) once they stayed the same for a whole window, i.e. between 1 and 1.25
+    windows after the last transfer. Returns right after a clock edge."""
+    limit = job["cycle_limit"] + job["stop_slack_cycles"]
+    window = int(job.get("stall_window") or 0)
+    if not window:
+        await bus.wait_stopped(limit)
+        await bus.tick()
+        return False
+    poll = max(1, window // STALL_POLLS_PER_WINDOW)
+    seen, quiet, waited = None, 0, 0
+    while True:
+        await bus.wait_stopped(poll)
+        await bus.tick()
+        if bus.get(_DONE) or bus.get(_TIMED_OUT):
+            return False
+        waited += poll + 1
+        now = (bus.get(_SENT), bus.get(_RECEIVED))
+        quiet = quiet + poll + 1 if now == seen else 0
+        if quiet >= window:
+            return True
+        seen = now
+        if waited > limit:
+            return False
+
+
 async def run_job(bus: HarnessBus, job: dict) -> dict:
     """Load the chip, fill the input buffer, run, read back. Returns the result dictionary.
 
-    Result keys: ``status`` ("ok", "timeout" or "unexpected_output"), ``out_data`` and
+    Result keys: ``status`` ("ok", "timeout", "stalled": no host transfer for a whole ``stall_window``, or
+    "unexpected_output"), ``out_data`` and
     ``out_stamps`` (lists of ints, one per stored output entry up to ``out_count``), ``in_sent`` and
     ``out_received`` (flit counts), ``cycle`` (counter one cycle after the stop).
     """
@@ -104,9 +137,9 @@ async def run_job(bus: HarnessBus, job: dict) -> dict:
     await bus.tick()
     bus.set(_START, 0)
 
-    # The run itself: no Python until the harness says it stopped.
-    await bus.wait_stopped(job["cycle_limit"] + job["stop_slack_cycles"])
-    await bus.tick()
+    # The run itself: no Python until the harness says it stopped, or (watchdog) once per stall window to see
+    # whether any host transfer happened since the last look; none in a whole window: the run is stuck.
+    stalled = await _wait_for_stop(bus, job)
     done, timed_out = bus.get(_DONE), bus.get(_TIMED_OUT)
     unexpected, sent, received = bus.get(_UNEXPECTED), bus.get(_SENT), bus.get(_RECEIVED)
     cycle = bus.get(_CYCLE)
@@ -119,7 +152,7 @@ async def run_job(bus: HarnessBus, job: dict) -> dict:
         out_stamps.append(bus.get(_OUT_READ_STAMP))
 
     if not done:
-        status = "timeout" if timed_out else "not_stopped"
+        status = "timeout" if timed_out else "stalled" if stalled else "not_stopped"
     elif unexpected:
         status = "unexpected_output"
     else:

@@ -43,6 +43,8 @@ import numpy as np
 from flowtile.arch import Arch
 from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
 from flowtile.program import Program
+from flowtile.emulator.watchdog import (BUDGET_BASE_CYCLES, BUDGET_FACTOR, MAX_CYCLE_LIMIT, cycle_budget,
+                                        flit_progress, stall_window, stretched, stuck_summary)
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
@@ -50,7 +52,7 @@ from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_T
                       encode_registers, load_layout)
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
-           "simulate", "build_verilator", "harness_verilog", "cycle_budget", "DEFAULT_BUILD_ROOT",
+           "simulate", "build_verilator", "harness_verilog", "cycle_budget", "stall_window", "DEFAULT_BUILD_ROOT",
            "SIMULATORS"]
 
 #: Where Verilator builds are cached unless ``build_root`` is given.
@@ -64,10 +66,8 @@ VERILATOR_BUILD_ARGS = ("-Wno-WIDTH", "-Wno-lint")
 LOG_TAIL_LINES = 40
 #: Extra cycles the testbench's safety timer allows beyond the harness's own cycle limit.
 STOP_SLACK_CYCLES = 64
-#: The cycle budget is this many times a sequential (no overlap at all) estimate of the run ...
-BUDGET_FACTOR = 4
-#: ... plus this many cycles (covers pipeline fill of tiny programs).
-BUDGET_BASE_CYCLES = 1000
+# The cycle budget (BUDGET_FACTOR times a sequential estimate plus BUDGET_BASE_CYCLES) and the no-progress window
+# are the watchdog's (flowtile.emulator.watchdog), shared with the emulator's --max-cycles.
 _BUILD_STAMP = "flowtile-build.json"
 #: A cold (no ccache) hierarchical Verilator build of the harness on the project's 2-core machine takes
 #: about this much plus this much per tile (4x4: ~26 s, 11x11: ~40 s); only used for the progress estimate.
@@ -84,7 +84,17 @@ class RtlBuildError(RtlError):
 
 
 class RtlTimeoutError(RtlError):
-    """The chip did not deliver all output flits within the cycle budget."""
+    """The chip did not deliver all output flits: the run reached its cycle limit (the program's budget or
+    ``max_cycles``) or made no host transfer for a whole stall window. The one-line message names the cycles, the
+    flits in and out expected vs seen, the last output cycle and the suspected stuck tiles (from the program's
+    flit counts, :func:`flowtile.emulator.watchdog.flit_progress`). Attributes: ``reason`` ("cycle limit" or
+    "no progress"), ``cycle`` (the harness's cycle counter at the stop), ``in_sent``, ``in_count``,
+    ``out_received``, ``out_count``, ``last_output_cycle`` (None before the first output flit), ``stuck`` (the
+    suspected stuck tiles' :class:`flowtile.emulator.watchdog.TileProgress`, data order)."""
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.__dict__.update(details)
 
 
 class RtlRunError(RtlError):
@@ -439,30 +449,6 @@ def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_forma
 
 # --- the job ------------------------------------------------------------------------------------
 
-def cycle_budget(program: Program, batch: int) -> int:
-    """A generous cycle limit for ``batch`` inferences of ``program``.
-
-    Upper bound idea: even if no two tiles ever overlapped, every tile's work per inference is its
-    input and output transfers (a forwarded or passed word is both), its COMPUTE (``I + 2``, plus 1 to
-    enter it; docs/architecture.md section 4) and a few cycles per flit of FIFO hops; the budget is
-    :data:`BUDGET_FACTOR` times that plus :data:`BUDGET_BASE_CYCLES`.
-    """
-    arch = program.arch
-    hop_cycles = arch.router_fifo_depth + 2
-    per_inference = 0
-    for tile in program.tiles:
-        config = tile.config
-        # input transfers, output transfers (forwarded and passed words leave through the forward queue) and EMITs
-        transfers = (config.n_in_words + 2 * config.n_pass + config.forwarded_words
-                     + config.result_words(arch.lanes))
-        compute = config.compute_cycles + 1 if config.n_out else 0
-        per_inference += transfers * hop_cycles + compute
-    host = (program.input_words + program.output_words) * hop_cycles
-    budget = BUDGET_FACTOR * (batch * (per_inference + host) + arch.n_tiles * hop_cycles) + BUDGET_BASE_CYCLES
-    # The harness compares against its cycle counter, which stops being meaningful when it wraps.
-    return min(budget, (1 << STAMP_BITS) - 1)
-
-
 def _pack_flit_data(flits: np.ndarray) -> list[int]:
     """int8 ``[n, lanes]`` -> flit ``data`` integers (lane ``l`` at bits ``[8l, 8l+8)``)."""
     return [int.from_bytes(row.astype(np.int8).tobytes(), "little") for row in np.asarray(flits)]
@@ -534,14 +520,21 @@ def _pattern_job(host_pattern: HostPattern | None) -> dict:
 
 def _stalled_budget(budget: int, host_pattern: HostPattern | None) -> int:
     """The cycle budget stretched by the host's least on-fraction (a stalled host slows the whole run)."""
-    if host_pattern is None:
-        return budget
-    on = min(float(host_pattern.out_ready().mean()), float(host_pattern.in_valid().mean()))
-    return min(int(np.ceil(budget / on)) + 2 * HOST_PATTERN_CYCLES, (1 << STAMP_BITS) - 1)
+    return stretched(budget, host_pattern)
+
+
+def _check_max_cycles(max_cycles) -> int | None:
+    if max_cycles is None:
+        return None
+    if isinstance(max_cycles, bool) or not isinstance(max_cycles, (int, np.integer)) \
+            or not 1 <= max_cycles <= MAX_CYCLE_LIMIT:
+        raise ValueError(f"max_cycles must be an integer in 1..{MAX_CYCLE_LIMIT}, got {max_cycles!r}")
+    return int(max_cycles)
 
 
 def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports: dict,
-              host_pattern: HostPattern | None = None) -> dict:
+              host_pattern: HostPattern | None = None, max_cycles: int | None = None) -> dict:
+    limit = _stalled_budget(cycle_budget(program, batch), host_pattern) if max_cycles is None else max_cycles
     return {
         "load_valid_port": harness_ports["valid"],
         "load_payload_port": harness_ports["payload"],
@@ -549,7 +542,10 @@ def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports:
         "in_words": _pack_flit_data(in_flits),
         "in_count": int(in_flits.shape[0]),
         "out_count": int(batch * program.output_words),
-        "cycle_limit": _stalled_budget(cycle_budget(program, batch), host_pattern),
+        "cycle_limit": limit,
+        "limit_source": "budget" if max_cycles is None else "max_cycles",
+        # no host transfer for this many cycles: stuck (the testbench looks once a window, see run_job)
+        "stall_window": min(limit, _stalled_budget(stall_window(program), host_pattern)),
         "stop_slack_cycles": STOP_SLACK_CYCLES,
         **_pattern_job(host_pattern),
     }
@@ -566,15 +562,47 @@ def _load_port_names(harness: Harness) -> dict:
     return names
 
 
+def _timeout_error(job: dict, result: dict, program: Program, simulator: str) -> RtlTimeoutError:
+    """The one-line report of a run that did not finish: why it stopped, the flits in and out expected vs seen,
+    the last output cycle and the suspected stuck tiles (from the program's flit counts)."""
+    expected, status = job["out_count"], result["status"]
+    stamps = result.get("out_stamps") or []
+    last_output = int(max(stamps)) if stamps else None
+    cycle = int(result.get("cycle", 0))
+    if status == "stalled":
+        reason = "no progress"
+        why = (f"stopped at cycle {cycle}: no host transfer for {job['stall_window']} cycles (the stall window "
+               f"derived from the program)")
+    else:
+        reason = "cycle limit"
+        source = "max_cycles" if job.get("limit_source") == "max_cycles" else "the budget for this program"
+        why = f"timed out after {job['cycle_limit']} cycles ({source})"
+    batch = job["in_count"] // max(1, program.input_words)
+    progress = flit_progress(program, max(1, batch))
+    summary = stuck_summary(progress)
+    if summary:
+        suspects = f"suspected stuck (the program's flit counts do not add up): {summary}"
+    else:
+        word = result["out_received"]
+        words = program.output_words
+        suspects = (f"the program's flit counts add up, so no tile should wait forever; the first missing output "
+                    f"flit is {word} (inference {word // words}, word {word % words}) from tile "
+                    f"{progress.tiles[-1].key if progress.tiles else '?'}")
+    last = "no output flit" if last_output is None else f"last output flit at cycle {last_output}"
+    return RtlTimeoutError(
+        f"{simulator}: RTL run {why}: received {result['out_received']} of {expected} output flits ({last}), "
+        f"the chip accepted {result['in_sent']} of {job['in_count']} input flits; {suspects}",
+        reason=reason, cycle=cycle, in_sent=result["in_sent"], in_count=job["in_count"],
+        out_received=result["out_received"], out_count=expected, last_output_cycle=last_output,
+        stuck=progress.stuck)
+
+
 def _result_from(job: dict, result: dict, program: Program, started: float, build_seconds: float,
                  simulator: str) -> RtlResult:
     status = result["status"]
     expected = job["out_count"]
-    if status in ("timeout", "not_stopped"):
-        raise RtlTimeoutError(
-            f"{simulator}: RTL run timed out after {job['cycle_limit']} cycles (the budget for this program): "
-            f"received {result['out_received']} of {expected} output flits, "
-            f"the chip accepted {result['in_sent']} of {job['in_count']} input flits")
+    if status in ("timeout", "not_stopped", "stalled"):
+        raise _timeout_error(job, result, program, simulator)
     if status == "unexpected_output":
         raise RtlRunError(f"{simulator}: the chip emitted an output flit before start or beyond the "
                           f"{expected} the program produces (received {result['out_received']})")
@@ -589,12 +617,13 @@ def _result_from(job: dict, result: dict, program: Program, started: float, buil
 
 # --- the two simulators -------------------------------------------------------------------------
 
-def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory, host_pattern=None) -> RtlResult:
+def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory, host_pattern=None,
+                   max_cycles=None) -> RtlResult:
     trace_format = _trace_format_for(waves)
     build = build_verilator(program.arch, waves=trace_format or False, build_root=build_root,
                             chip_factory=chip_factory)
     started = time.perf_counter()
-    job = _make_job(program, in_flits, batch, build.load_ports, host_pattern)
+    job = _make_job(program, in_flits, batch, build.load_ports, host_pattern, max_cycles)
     from cocotb_tools.runner import get_runner
     with tempfile.TemporaryDirectory(prefix="flowtile-rtl-") as scratch:
         scratch = Path(scratch)
@@ -642,10 +671,14 @@ class _AmaranthBus(HarnessBus):
         await self.ctx.tick()
 
     async def wait_stopped(self, limit_cycles):
-        await self.ctx.posedge(self.stopped).delay(limit_cycles * CLOCK_PERIOD_NS * 1e-9)
+        from amaranth.sim import BrokenTrigger
+        try:
+            await self.ctx.posedge(self.stopped).delay(limit_cycles * CLOCK_PERIOD_NS * 1e-9)
+        except BrokenTrigger:
+            pass   # both fired in the same step (the watchdog's window ended as the harness stopped): woken anyway
 
 
-def _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern=None) -> RtlResult:
+def _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern=None, max_cycles=None) -> RtlResult:
     from amaranth.hdl import Value
     from amaranth.sim import Simulator
 
@@ -653,7 +686,7 @@ def _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern=No
     harness = _make_harness(program.arch, chip_factory)
     ports = {"__".join(map(str, path)): Value.cast(value)
              for path, _, value in harness.signature.flatten(harness)}
-    job = _make_job(program, in_flits, batch, _load_port_names(harness), host_pattern)
+    job = _make_job(program, in_flits, batch, _load_port_names(harness), host_pattern, max_cycles)
     simulator = Simulator(harness)
     simulator.add_clock(CLOCK_PERIOD_NS * 1e-9)
     outcome = {}
@@ -676,7 +709,7 @@ def _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern=No
 
 def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: str = "verilator",
              waves: str | Path | None = None, build_root: str | Path | None = None,
-             chip_factory=None, host_pattern: HostPattern | None = None) -> RtlResult:
+             chip_factory=None, host_pattern: HostPattern | None = None, max_cycles: int | None = None) -> RtlResult:
     """Run ``batch`` inferences of ``program`` on the RTL and return the received flits and their times.
 
     Parameters:
@@ -690,15 +723,20 @@ def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: s
         chip_factory: ``arch -> chip`` (default ``flowtile.hdl.chip.Chip``); for testing the flow itself.
         host_pattern: host output stalls and input gaps (:class:`flowtile.host.HostPattern`, loaded into the
             harness's pattern memory); None or duties of 1: ready and offered in every cycle.
+        max_cycles: the harness's cycle limit (default: :func:`cycle_budget`, stretched by the host pattern).
+            Independently, a run without any host transfer for a stall window (:func:`stall_window`, stretched
+            the same way, at most the limit) stops within two windows of its last transfer.
 
     Raises ``ValueError`` for inputs that do not match the program, :class:`RtlBuildError`,
-    :class:`RtlTimeoutError` (with received/accepted flit counts) or :class:`RtlRunError`.
+    :class:`RtlTimeoutError` (with received/accepted flit counts and the suspected stuck tiles) or
+    :class:`RtlRunError`.
     """
     if simulator not in SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, got {simulator!r}")
     in_flits = _check_inputs(program, in_flits, batch)
+    max_cycles = _check_max_cycles(max_cycles)
     batch = int(batch)
     waves = None if waves is None else Path(waves)
     if simulator == "verilator":
-        return _run_verilator(program, in_flits, batch, waves, build_root, chip_factory, host_pattern)
-    return _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern)
+        return _run_verilator(program, in_flits, batch, waves, build_root, chip_factory, host_pattern, max_cycles)
+    return _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern, max_cycles)
