@@ -18,7 +18,8 @@ import numpy as np
 from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, Arch
 from flowtile.program import Program, TileProgram
 
-__all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "PORTS", "HOST"]
+__all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "PORTS", "HOST",
+           "TileProgress", "FlitProgress", "flit_progress", "stuck_summary", "DeadlockError"]
 
 
 class EmulatorError(ValueError):
@@ -222,7 +223,6 @@ def _raise_count_mismatch(program: Program, message: str):
     """Raise for flit counts that do not add up: :class:`emulator.watchdog.DeadlockError` (an EmulatorError) if
     the run would stall, naming where (stuck tile, port, words received of expected, for one inference), else
     EmulatorError (the surplus flits would be read as the next inference's)."""
-    from .watchdog import DeadlockError, flit_progress, stuck_summary
     progress = flit_progress(program, 1)
     summary = stuck_summary(progress)
     if summary:
@@ -296,3 +296,160 @@ def trace_data_path(program: Program) -> DataPath:
     return DataPath(order=tuple(order), hops=tuple(hops), counts=counts)
 
 
+# --- where a program whose flit counts do not add up gets stuck (the watchdog's count model) ---------------
+
+@dataclass(frozen=True)
+class TileProgress:
+    """One tile on the flits' path, over a whole batch (counts of flits, not cycles)."""
+
+    position: int          # chain position
+    row: int
+    col: int
+    port: str              # the router input port its flits arrive on (N, E, S, W)
+    source: str            # "the host" or "tile rXcY"
+    reads: int             # flits it reads per inference (n_in_words + n_pass)
+    emits: int             # flits it emits per inference
+    arriving: int          # flits that reach it over the batch
+    received: int          # flits it reads over the batch
+    emitted: int           # flits it emits over the batch
+    finished: int          # inferences whose every input flit it read
+    batch: int
+
+    @property
+    def key(self) -> str:
+        return f"r{self.row}c{self.col}"
+
+    @property
+    def stuck(self) -> bool:
+        """Whether its input side waits forever (it never reads all inferences' flits)."""
+        return self.finished < self.batch
+
+    @property
+    def waiting_has(self) -> int:
+        """Flits it has of the inference it waits in (``stuck`` only)."""
+        return self.received - self.finished * self.reads
+
+    def describe(self) -> str:
+        if self.reads == 0:
+            return (f"tile ({self.row},{self.col}) input side reads no flits (n_in_words + n_pass = 0) but "
+                    f"{self.source} sends it {self.arriving}")
+        total = f" ({self.received} of {self.reads * self.batch} over the batch)" if self.batch > 1 else ""
+        return (f"tile ({self.row},{self.col}) input side waits on port {self.port} (from {self.source}) in "
+                f"inference {self.finished}: {self.waiting_has} of {self.reads} words received{total}")
+
+
+@dataclass(frozen=True)
+class FlitProgress:
+    """Where the flits of a batch go (:func:`flit_progress`)."""
+
+    tiles: tuple[TileProgress, ...]     # in data order
+    host_received: int                  # output flits the host would receive
+    host_expected: int
+    host_sent: int                      # input flits the host sends (tile (0,0) reads at most these)
+    cycle: bool                         # the path returns to a tile instead of reaching the host
+
+    @property
+    def stuck(self) -> list[TileProgress]:
+        return [tile for tile in self.tiles if tile.stuck]
+
+    @property
+    def completes(self) -> bool:
+        return not self.stuck and not self.cycle and self.host_received >= self.host_expected
+
+
+def _partial_emits(count: TileCounts, received: int) -> int:
+    """Output transfers a tile makes for an inference of which it has read ``received`` input flits: the longest
+    prefix of its output order (section 4.4) whose pops have their words pushed and whose EMITs have their COMPUTE
+    (which begins once the last stored word arrived)."""
+    if received >= count.flits_in:
+        return count.flits_out
+    recv = min(received, count.n_in_words)
+    pushes = max(0, min(recv, count.forward_end) - count.forward_begin) if count.n_forward else 0
+    pushes += max(0, received - count.n_in_words)
+    computed = bool(count.n_out) and recv >= count.store_end
+    done = popped = 0
+    for is_pop in count.output_is_pop():
+        if is_pop:
+            if popped >= pushes:
+                break
+            popped += 1
+        elif not computed:
+            break
+        done += 1
+    return done
+
+
+def flit_progress(program: Program, batch: int) -> FlitProgress:
+    """Follow ``batch`` inferences' flits by their counts along the configured destinations (see the module
+    docstring); works on programs whose counts do not add up (the registers must pass ``Program.validate``)."""
+    arch = program.arch
+    counts = [tile_counts(tile, arch) for tile in program.tiles]
+    position_of = {arch.chain_position(p): p for p in range(arch.n_tiles)}
+    arriving = batch * program.input_words
+    host_sent = arriving
+    position, port, source = position_of[(0, 0)], "W", "the host"
+    tiles: list[TileProgress] = []
+    seen: set[int] = set()
+    cycle = False
+    while True:
+        if position in seen:
+            cycle = True
+            break
+        seen.add(position)
+        tile, count = program.tiles[position], counts[position]
+        reads = count.flits_in
+        if reads:
+            finished = min(batch, arriving // reads)
+            received = min(arriving, batch * reads)
+            emitted = finished * count.flits_out
+            if finished < batch:
+                emitted += _partial_emits(count, received - finished * reads)
+        else:
+            finished = batch if arriving == 0 else 0
+            received, emitted = 0, 0
+        tiles.append(TileProgress(position, tile.row, tile.col, port, source, reads, count.flits_out, arriving,
+                                  received, emitted, finished, batch))
+        config = tile.config
+        if config.dest_host:
+            target = arch.exit_tile
+        else:
+            target = (config.dest_row, config.dest_col)
+        expected = batch * program.output_words
+        if count.flits_out == 0:
+            return FlitProgress(tuple(tiles), 0, expected, host_sent, cycle)
+        if not config.dest_host and target == (tile.row, tile.col):
+            return FlitProgress(tuple(tiles), 0, expected, host_sent, True)
+        try:
+            fifos, _ = _route(arch, (tile.row, tile.col), "L", target, bool(config.dest_host), f"tile {tile.key}")
+        except EmulatorError:
+            return FlitProgress(tuple(tiles), 0, expected, host_sent, cycle)
+        if config.dest_host:
+            return FlitProgress(tuple(tiles), emitted, expected, host_sent, cycle)
+        port, source = fifos[-1][2], f"tile {tile.key}"
+        position, arriving = position_of[target], emitted
+    return FlitProgress(tuple(tiles), 0, batch * program.output_words, host_sent, cycle)
+
+
+def stuck_summary(progress: FlitProgress, limit: int = 2) -> str:
+    """One clause naming where a run that cannot finish stalls (the first stuck tiles in data order, the host
+    output's count), or '' if it finishes."""
+    stuck = progress.stuck
+    parts = [tile.describe() for tile in stuck[:limit]]
+    if len(stuck) > limit:
+        parts.append(f"{len(stuck) - limit} more tile(s) downstream starve")
+    if progress.cycle:
+        parts.append("the data path returns to a tile and never reaches the host")
+    if progress.host_received < progress.host_expected:
+        parts.append(f"the host output would receive {progress.host_received} of {progress.host_expected} flits")
+    return "; ".join(parts)
+
+
+class DeadlockError(EmulatorError):
+    """The program cannot finish: its flit counts do not add up, so a tile waits forever for flits its upstream
+    never sends. ``stuck``: the :class:`TileProgress` of the tiles that wait (data order, the root cause first);
+    ``progress``: the whole :class:`FlitProgress`."""
+
+    def __init__(self, message: str, progress: FlitProgress | None = None):
+        super().__init__(message)
+        self.progress = progress
+        self.stuck = [] if progress is None else progress.stuck

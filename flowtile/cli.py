@@ -192,11 +192,31 @@ def _rtl(program, x, simulator, waves_path, host_pattern=None, max_cycles=None):
     if waves_path is not None:
         waves_path.parent.mkdir(parents=True, exist_ok=True)
         _progress(f"writing waveform to {waves_path}")
-    result = simulate(program, flits, x.shape[0], simulator=simulator, waves=waves_path,
-                      **({} if host_pattern is None else {"host_pattern": host_pattern}),
-                      **({} if max_cycles is None else {"max_cycles": max_cycles}))
+    from flowtile.rtl.simulate import RtlTimeoutError
+    try:
+        result = simulate(program, flits, x.shape[0], simulator=simulator, waves=waves_path,
+                          **({} if host_pattern is None else {"host_pattern": host_pattern}),
+                          **({} if max_cycles is None else {"max_cycles": max_cycles}))
+    except RtlTimeoutError as error:
+        raise RtlTimeoutError(f"{error}; {_suspected_stuck(program, error.batch, error.out_received)}",
+                              **{k: v for k, v in vars(error).items() if not k.startswith("_")}) from None
     q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
     return result, q_out, y
+
+
+def _suspected_stuck(program, batch: int, out_received: int) -> str:
+    """Where an RTL run that stopped is stuck, from the program's flit counts as the emulator follows them (the
+    RTL runner has no model of the machine; this top layer asks the emulator's)."""
+    from flowtile.emulator import flit_progress
+    from flowtile.emulator.watchdog import stuck_summary
+    progress = flit_progress(program, max(1, batch))
+    summary = stuck_summary(progress)
+    if summary:
+        return f"suspected stuck (the program's flit counts do not add up): {summary}"
+    words = program.output_words
+    last_tile = progress.tiles[-1].key if progress.tiles else "?"
+    return (f"the program's flit counts add up, so no tile should wait forever; the first missing output flit is "
+            f"{out_received} (inference {out_received // words}, word {out_received % words}) from tile {last_tile}")
 
 
 def cmd_emulate(args) -> int:

@@ -43,8 +43,8 @@ import numpy as np
 from flowtile.arch import Arch
 from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
 from flowtile.program import Program
-from flowtile.emulator.watchdog import (BUDGET_BASE_CYCLES, BUDGET_FACTOR, MAX_CYCLE_LIMIT, cycle_budget,
-                                        flit_progress, stall_window, stretched, stuck_summary)
+from flowtile.run_limits import (BUDGET_BASE_CYCLES, BUDGET_FACTOR, MAX_CYCLE_LIMIT, cycle_budget, stall_window,
+                                 stretched)
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
@@ -67,7 +67,7 @@ LOG_TAIL_LINES = 40
 #: Extra cycles the testbench's safety timer allows beyond the harness's own cycle limit.
 STOP_SLACK_CYCLES = 64
 # The cycle budget (BUDGET_FACTOR times a sequential estimate plus BUDGET_BASE_CYCLES) and the no-progress window
-# are the watchdog's (flowtile.emulator.watchdog), shared with the emulator's --max-cycles.
+# are the spec's (flowtile.run_limits), shared with the emulator's --max-cycles.
 _BUILD_STAMP = "flowtile-build.json"
 #: A cold (no ccache) hierarchical Verilator build of the harness on the project's 2-core machine takes
 #: about this much plus this much per tile (4x4: ~26 s, 11x11: ~40 s); only used for the progress estimate.
@@ -86,11 +86,11 @@ class RtlBuildError(RtlError):
 class RtlTimeoutError(RtlError):
     """The chip did not deliver all output flits: the run reached its cycle limit (the program's budget or
     ``max_cycles``) or made no host transfer for a whole stall window. The one-line message names the cycles, the
-    flits in and out expected vs seen, the last output cycle and the suspected stuck tiles (from the program's
-    flit counts, :func:`flowtile.emulator.watchdog.flit_progress`). Attributes: ``reason`` ("cycle limit" or
-    "no progress"), ``cycle`` (the harness's cycle counter at the stop), ``in_sent``, ``in_count``,
-    ``out_received``, ``out_count``, ``last_output_cycle`` (None before the first output flit), ``stuck`` (the
-    suspected stuck tiles' :class:`flowtile.emulator.watchdog.TileProgress`, data order)."""
+    flits in and out expected vs seen and the last output cycle; the RTL runner knows no model of the machine, so
+    the suspected stuck tiles are named by the caller that has one (``flowtile rtl`` asks the emulator's
+    :func:`flowtile.emulator.flit_progress`). Attributes: ``reason`` ("cycle limit" or "no progress"), ``cycle``
+    (the harness's cycle counter at the stop), ``in_sent``, ``in_count``, ``out_received``, ``out_count``,
+    ``last_output_cycle`` (None before the first output flit), ``batch``."""
 
     def __init__(self, message: str, **details):
         super().__init__(message)
@@ -563,8 +563,8 @@ def _load_port_names(harness: Harness) -> dict:
 
 
 def _timeout_error(job: dict, result: dict, program: Program, simulator: str) -> RtlTimeoutError:
-    """The one-line report of a run that did not finish: why it stopped, the flits in and out expected vs seen,
-    the last output cycle and the suspected stuck tiles (from the program's flit counts)."""
+    """The one-line report of a run that did not finish: why it stopped, the flits in and out expected vs seen and
+    the last output cycle."""
     expected, status = job["out_count"], result["status"]
     stamps = result.get("out_stamps") or []
     last_output = int(max(stamps)) if stamps else None
@@ -578,23 +578,12 @@ def _timeout_error(job: dict, result: dict, program: Program, simulator: str) ->
         source = "max_cycles" if job.get("limit_source") == "max_cycles" else "the budget for this program"
         why = f"timed out after {job['cycle_limit']} cycles ({source})"
     batch = job["in_count"] // max(1, program.input_words)
-    progress = flit_progress(program, max(1, batch))
-    summary = stuck_summary(progress)
-    if summary:
-        suspects = f"suspected stuck (the program's flit counts do not add up): {summary}"
-    else:
-        word = result["out_received"]
-        words = program.output_words
-        suspects = (f"the program's flit counts add up, so no tile should wait forever; the first missing output "
-                    f"flit is {word} (inference {word // words}, word {word % words}) from tile "
-                    f"{progress.tiles[-1].key if progress.tiles else '?'}")
     last = "no output flit" if last_output is None else f"last output flit at cycle {last_output}"
     return RtlTimeoutError(
         f"{simulator}: RTL run {why}: received {result['out_received']} of {expected} output flits ({last}), "
-        f"the chip accepted {result['in_sent']} of {job['in_count']} input flits; {suspects}",
+        f"the chip accepted {result['in_sent']} of {job['in_count']} input flits",
         reason=reason, cycle=cycle, in_sent=result["in_sent"], in_count=job["in_count"],
-        out_received=result["out_received"], out_count=expected, last_output_cycle=last_output,
-        stuck=progress.stuck)
+        out_received=result["out_received"], out_count=expected, last_output_cycle=last_output, batch=batch)
 
 
 def _result_from(job: dict, result: dict, program: Program, started: float, build_seconds: float,

@@ -14,7 +14,7 @@ Layers, bottom to top; an arrow is "may import"::
             |                       |                                |
             +-----------------------+--------------------------------+
                                     v
-          spec: flowtile.arch, flowtile.program, flowtile.tile_config, flowtile.host (and the flowtile package)
+          spec: flowtile.arch, flowtile.program, flowtile.tile_config, flowtile.host, flowtile.run_limits (and the flowtile package)
 
 * spec imports only spec: the architecture, the program format and the tile registers with their one set of rules
   (``TileConfig.validate``) and derived counts.
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"flowtile": "flowtile", "compiler": "flowtile.compiler", "emulator": "flowtile.emulator",
             "hdl": "flowtile.hdl", "rtl": "flowtile.rtl"}
 
-SPEC = frozenset({"flowtile", "flowtile.arch", "flowtile.program", "flowtile.tile_config", "flowtile.host"})
+SPEC = frozenset({"flowtile", "flowtile.arch", "flowtile.program", "flowtile.tile_config", "flowtile.host",
+                  "flowtile.run_limits"})
 TOP = frozenset({"flowtile.cli", "flowtile.oracle", "flowtile.reports", "flowtile.output_paths", "flowtile.fuzz"})
 
 #: What each layer may import (itself included).

@@ -1,0 +1,67 @@
+"""How long a run may take, the same for the emulator and the RTL runner (docs/architecture.md sections 5 and 6):
+a generous cycle budget from a program's registers alone (no model of the machine), stretched by host stalls, and
+the no-progress window after which a run counts as stuck. Spec layer: both models read it, neither owns it."""
+from __future__ import annotations
+
+import numpy as np
+
+from .host import HOST_PATTERN_CYCLES
+from .program import Program
+
+__all__ = ["BUDGET_FACTOR", "BUDGET_BASE_CYCLES", "MAX_CYCLE_LIMIT", "cycle_budget", "cycle_limit", "stretched",
+           "stall_window"]
+
+#: The cycle budget is this many times a sequential (no overlap at all) estimate of the run ...
+BUDGET_FACTOR = 4
+#: ... plus this many cycles (covers pipeline fill of tiny programs).
+BUDGET_BASE_CYCLES = 1000
+#: The largest cycle limit the harness's 32-bit cycle counter can compare against.
+MAX_CYCLE_LIMIT = (1 << 32) - 1
+
+
+def cycle_budget(program: Program, batch: int) -> int:
+    """A generous cycle limit for ``batch`` inferences of ``program``, from its registers only.
+
+    Upper bound idea: even if no two tiles ever overlapped, every tile's work per inference is its
+    input and output transfers (a forwarded or passed word is both), its COMPUTE (``I + 2``, plus 1 to
+    enter it; docs/architecture.md section 4) and a few cycles per flit of FIFO hops; the budget is
+    :data:`BUDGET_FACTOR` times that plus :data:`BUDGET_BASE_CYCLES`.
+    """
+    arch = program.arch
+    hop_cycles = arch.router_fifo_depth + 2
+    per_inference = 0
+    for tile in program.tiles:
+        config = tile.config
+        # input transfers, output transfers (forwarded and passed words leave through the forward queue) and EMITs
+        transfers = (config.n_in_words + 2 * config.n_pass + config.forwarded_words
+                     + config.result_words(arch.lanes))
+        compute = config.compute_cycles + 1 if config.n_out else 0
+        per_inference += transfers * hop_cycles + compute
+    host = (program.input_words + program.output_words) * hop_cycles
+    budget = BUDGET_FACTOR * (batch * (per_inference + host) + arch.n_tiles * hop_cycles) + BUDGET_BASE_CYCLES
+    return min(budget, MAX_CYCLE_LIMIT)
+
+
+def stretched(budget: int, host_pattern=None) -> int:
+    """``budget`` stretched by a host pattern's least on-fraction (a stalled host slows the whole run), as the RTL
+    runner's limits are: ``ceil(budget / on) + 2 * HOST_PATTERN_CYCLES``, at most :data:`MAX_CYCLE_LIMIT`."""
+    if host_pattern is None:
+        return budget
+    on = min(float(host_pattern.out_ready().mean()), float(host_pattern.in_valid().mean()))
+    return min(int(np.ceil(budget / on)) + 2 * HOST_PATTERN_CYCLES, MAX_CYCLE_LIMIT)
+
+
+def cycle_limit(program: Program, batch: int, host_pattern=None) -> int:
+    """The default cycle limit of a run, the same on the emulator and the RTL: :func:`cycle_budget` stretched by
+    the host pattern (:func:`stretched`)."""
+    return stretched(cycle_budget(program, batch), host_pattern)
+
+
+def stall_window(program: Program) -> int:
+    """Cycles without any host transfer (input accepted or output received) after which a run counts as stuck:
+    half the budget of a whole inference (:func:`cycle_budget` of batch 1), i.e. twice the sequential estimate of
+    one inference (every transfer, hop and COMPUTE of every tile one after the other), which bounds the gap between
+    two host transfers of a run that progresses: in the pipeline's fill the first output comes within one
+    inference's latency, later outputs within a bottleneck period (without host stalls; the RTL runner stretches
+    the window by the host pattern)."""
+    return max(1, cycle_budget(program, 1) // 2)
