@@ -16,7 +16,6 @@ finish gets stuck, and the one-line reports the emulator and the RTL runner give
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from flowtile.program import Program
