@@ -61,7 +61,7 @@ from flowtile.compiler import import_onnx, int8_model, lower_layers, reference_f
 from flowtile.emulator import emulate
 from flowtile.host import input_flits, outputs_from_flits, quantize
 from flowtile.testing.layer_oracle import free_running, map_layers, ort_int8_tensors, teacher_forced
-from flowtile.testing.oracle_checks import compile_first_fitting
+from flowtile.testing.oracle_checks import assert_rtl_matches_emulator, compile_first_fitting
 
 PUBLIC = Path(__file__).resolve().parents[1] / "models" / "public"
 
@@ -208,16 +208,9 @@ def test_classifier_top1_agrees_with_onnxruntime_int8(name):
 
 @pytest.mark.rtl
 def test_rtl_matches_emulator_on_smallest_model():
-    from flowtile.rtl.simulate import simulate
     int8, program, _ = compiled(SMALLEST)
     x = seeded(SMALLEST, EMULATED, input_shape(int8), 2)
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
-    rtl = simulate(program, flits, len(x), simulator="verilator")
-    differing = np.flatnonzero(np.any(rtl.out_flits != emu.out_flits, axis=1))
-    assert differing.size == 0, f"{differing.size} output flits differ, first flit {differing[0]}"
-    assert np.array_equal(np.asarray(rtl.out_times), np.asarray(emu.out_times))
-    assert rtl.cycles == emu.cycles
+    assert_rtl_matches_emulator(program, x)
 
 
 def test_every_public_model_is_tested_and_its_provenance_recorded():

@@ -22,6 +22,7 @@ from flowtile.emulator import emulate
 from flowtile.host import input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import onnxruntime_int8_output
 from flowtile.program import Program, ProgramError, TensorSpec
+from flowtile.testing.oracle_checks import assert_rtl_matches_emulator
 
 T, C, K, CLASSES = 6, 5, 12, 10  # C and K not multiples of the 8 lanes: channel padding on both maps
 
@@ -226,15 +227,8 @@ def test_attention_like_matmul_of_two_activations_is_rejected(tmp_path):
 
 @pytest.mark.rtl
 def test_rtl_matches_emulator_on_a_sequence_model(tmp_path):
-    from flowtile.rtl.simulate import simulate
     int8 = int8_model(quantize_static_qdq(sequence_model(13), tmp_path, uint8=False))
     program = compile_model(int8, Arch())
     assert program.input.layout == "tc"
     x = samples(4, 14)
-    _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
-    rtl = simulate(program, flits, len(x), simulator="verilator")
-    differing = np.flatnonzero(np.any(rtl.out_flits != emu.out_flits, axis=1))
-    assert differing.size == 0, f"{differing.size} output flits differ, first flit {differing[0]}"
-    assert np.array_equal(np.asarray(rtl.out_times), np.asarray(emu.out_times))
-    assert rtl.cycles == emu.cycles
+    assert_rtl_matches_emulator(program, x)
