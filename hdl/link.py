@@ -49,7 +49,7 @@ from flowtile.arch import Arch
 
 from .layouts import check_arch, flit_layout
 
-__all__ = ["LinkFormat", "LinkTx", "LinkRx", "LinkChannel", "Link", "link_wire_signature",
+__all__ = ["LinkFormat", "LinkTx", "LinkRx", "LinkChannel", "Link", "Serializer", "Deserializer", "link_wire_signature",
            "error_threshold", "FRAME_CRC", "MESSAGE_CRC", "COUNTER_BITS", "lfsr_step_matrix"]
 
 #: CRC of a forward frame (the brief's choice: CRC-32, the Ethernet polynomial).
@@ -192,56 +192,89 @@ class LinkFormat:
         return crc == self.msg_crc.compute(self.beats_of(msg, self.msg_beats)), msg & mask, msg >> self.seq_bits & mask, msg >> (2 * self.seq_bits)
 
 
-class _Deserializer:
-    """Receiver logic: gathers ``beats`` beats of ``bits`` (resynchronizing on ``first``) and feeds the first
-    ``crc_after`` of them to a CRC ``Processor`` (``params``) as they arrive.
+class Deserializer(wiring.Component):
+    """Receiver of one wire direction: gathers ``beats`` beats of ``bits`` (resynchronizing on ``first``) and feeds
+    the first ``crc_after`` of them to a CRC (``params``) as they arrive.
 
-    In the cycle the last beat arrives ``done`` is high, ``word`` is the whole word (beat 0 in the low bits)
-    and ``crc_ok`` tells whether the CRC of the first ``crc_after`` beats equals the bits after them."""
+    The cycle after the last beat arrived, ``valid`` is high for one cycle; ``word`` (beat 0 in the low bits) and
+    ``crc_ok`` (the CRC of the first ``crc_after`` beats equals the bits after them) hold that word's values until
+    the next one.
 
-    def __init__(self, m, name, wire, bits, beats, crc_after, params):
-        self.shift = Signal(bits * beats, name=f"{name}_shift")
-        self.index = Signal(range(beats + 1), name=f"{name}_index")
-        self.done = Signal(name=f"{name}_done")
-        self.word = Signal(bits * beats, name=f"{name}_word")
-        self.crc_ok = Signal(name=f"{name}_crc_ok")
-        crc = params.create()
-        m.submodules[f"{name}_crc"] = crc
-        m.d.comb += self.word.eq(Cat(self.shift[bits:], wire.data) if beats > 1 else wire.data)
-        beat = Signal(name=f"{name}_beat")
-        position = Signal(range(beats), name=f"{name}_position")
-        m.d.comb += [beat.eq(wire.valid & (wire.first | (self.index != 0))),
-                     position.eq(Mux(wire.first, 0, self.index)),
+    Members
+    -------
+    wire : ``In(link_wire_signature(bits))``
+    valid, crc_ok : ``Out(1)``
+    word : ``Out(bits * beats)``
+    """
+
+    def __init__(self, bits: int, beats: int, crc_after: int, params):
+        for name, value, low in (("bits", bits, 1), ("beats", beats, 1), ("crc_after", crc_after, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Deserializer: parameter '{name}' must be an integer >= {low}, got {value!r}")
+        if crc_after * bits + params.algorithm.crc_width > bits * beats:
+            raise ValueError(f"Deserializer: {crc_after} CRC'd beats plus a {params.algorithm.crc_width}-bit CRC "
+                             f"do not fit {beats} beats of {bits} bits")
+        self.bits, self.beats, self.crc_after, self.params = bits, beats, crc_after, params
+        super().__init__({"wire": In(link_wire_signature(bits)), "valid": Out(1), "crc_ok": Out(1),
+                          "word": Out(bits * beats)})
+
+    def elaborate(self, platform):
+        m = Module()
+        bits, beats, crc_after, wire = self.bits, self.beats, self.crc_after, self.wire
+        m.submodules.crc = crc = self.params.create()
+        shift = Signal(bits * beats)
+        index = Signal(range(beats + 1))
+        word = Signal(bits * beats)
+        m.d.comb += word.eq(Cat(shift[bits:], wire.data) if beats > 1 else wire.data)
+        beat = Signal()
+        position = Signal(range(beats))
+        m.d.comb += [beat.eq(wire.valid & (wire.first | (index != 0))),
+                     position.eq(Mux(wire.first, 0, index)),
                      crc.start.eq(beat & (position == 0)), crc.valid.eq(beat & (position < crc_after)),
                      crc.data.eq(wire.data)]
-        crc_width = params.algorithm.crc_width
-        m.d.comb += self.crc_ok.eq(crc.crc == self.word[crc_after * bits:crc_after * bits + crc_width])
+        crc_width = self.params.algorithm.crc_width
+        last = beat & (position == beats - 1)
+        m.d.sync += self.valid.eq(last)
+        with m.If(last):
+            m.d.sync += [self.word.eq(word),
+                         self.crc_ok.eq(crc.crc == word[crc_after * bits:crc_after * bits + crc_width])]
         with m.If(beat):
-            m.d.sync += self.shift.eq(self.word)
-            with m.If(position == beats - 1):
-                m.d.comb += self.done.eq(1)
-                m.d.sync += self.index.eq(0)
-            with m.Else():
-                m.d.sync += self.index.eq(position + 1)
+            m.d.sync += [shift.eq(word), index.eq(Mux(last, 0, position + 1))]
+        return m
 
 
-class _Serializer:
-    """Sender logic: when ``load`` is high, takes ``payload`` and sends it as ``payload_beats`` beats, then its
-    CRC (``params``, computed a beat at a time as the beats go out) as ``crc_beats`` beats. ``free`` is high when a
-    ``load`` this cycle is taken (idle, or on the last beat: frames go back to back). ``loaded`` counts loads."""
+class Serializer(wiring.Component):
+    """Sender of one wire direction: when ``load`` is high and ``free``, takes ``payload`` and sends it as
+    ``payload_beats`` beats of ``bits``, then its CRC (``params``, computed a beat at a time as the beats go out)
+    as ``ceil(crc_width / bits)`` beats. ``free`` is high when a ``load`` this cycle is taken (idle, or on the last
+    beat: words go back to back).
 
-    def __init__(self, m, name, wire, bits, payload_beats, params):
-        crc_width = params.algorithm.crc_width
+    Members
+    -------
+    payload : ``In(payload_beats * bits)``
+    load : ``In(1)``
+    free : ``Out(1)``
+    wire : ``Out(link_wire_signature(bits))``
+    """
+
+    def __init__(self, bits: int, payload_beats: int, params):
+        for name, value in (("bits", bits), ("payload_beats", payload_beats)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Serializer: parameter '{name}' must be an integer >= 1, got {value!r}")
+        self.bits, self.payload_beats, self.params = bits, payload_beats, params
+        super().__init__({"payload": In(payload_beats * bits), "load": In(1), "free": Out(1),
+                          "wire": Out(link_wire_signature(bits))})
+
+    def elaborate(self, platform):
+        m = Module()
+        bits, payload_beats, wire = self.bits, self.payload_beats, self.wire
+        crc_width = self.params.algorithm.crc_width
         crc_beats = -(-crc_width // bits)
         beats = payload_beats + crc_beats
-        self.load = Signal(name=f"{name}_load")
-        self.payload = Signal(payload_beats * bits, name=f"{name}_payload")
-        self.free = Signal(name=f"{name}_free")
-        crc = params.create()
-        m.submodules[f"{name}_crc"] = crc
-        shift = Signal(max(payload_beats, crc_beats) * bits, name=f"{name}_shift")
-        index = Signal(range(beats), name=f"{name}_index")
-        active = Signal(name=f"{name}_active")
+        m.submodules.crc = crc = self.params.create()
+        shift = Signal(max(payload_beats, crc_beats) * bits)
+        index = Signal(range(beats))
+        active = Signal()
         crc_padded = Cat(crc.crc, Const(0, crc_beats * bits - crc_width))
         at_crc = index == payload_beats
         m.d.comb += [self.free.eq(~active | (index == beats - 1)),
@@ -255,6 +288,7 @@ class _Serializer:
                 m.d.sync += active.eq(0)
         with m.If(self.load & self.free):
             m.d.sync += [shift.eq(self.payload), index.eq(0), active.eq(1)]
+        return m
 
 
 def _seq(fmt):
@@ -334,7 +368,8 @@ class LinkTx(wiring.Component):
             m.d.sync += [next_seq.eq(next_seq + 1), asm_count.eq(0), asm.eq(0)]
 
         # --- serializer: the frame at send_seq, if the receiver has credit for it ---------------------------
-        ser = _Serializer(m, "frame", self.o_wire, W, fmt.payload_beats, fmt.frame_crc)
+        m.submodules.frame_serializer = ser = Serializer(W, fmt.payload_beats, fmt.frame_crc)
+        wiring.connect(m, ser.wire, wiring.flipped(self.o_wire))
         can_send = ~idle & (_sub(fmt, send_seq, freed) < fmt.credit_frames)
         m.d.comb += [rd.addr.eq(send_seq[:depth_bits] if depth_bits else 0),
                      ser.payload.eq(Cat(send_seq, rd.data)), ser.load.eq(can_send)]
@@ -343,12 +378,9 @@ class LinkTx(wiring.Component):
             m.d.sync += [send_seq.eq(send_seq + 1), self.frames_sent.eq(self.frames_sent + 1)]
 
         # --- return messages --------------------------------------------------------------------------------
-        des = _Deserializer(m, "msg", self.i_ret, W, fmt.ret_beats, fmt.msg_beats, fmt.msg_crc)
-        msg = Signal(fmt.msg_bits)
-        msg_pending, msg_good = Signal(), Signal()
-        m.d.sync += msg_pending.eq(des.done)
-        with m.If(des.done):
-            m.d.sync += [msg.eq(des.word[:fmt.msg_bits]), msg_good.eq(des.crc_ok)]
+        m.submodules.msg_deserializer = des = Deserializer(W, fmt.ret_beats, fmt.msg_beats, fmt.msg_crc)
+        wiring.connect(m, wiring.flipped(self.i_ret), des.wire)
+        msg, msg_pending, msg_good = des.word[:fmt.msg_bits], des.valid, des.crc_ok
         msg_ack, msg_freed, msg_nak = msg[:S], msg[S:2 * S], msg[2 * S]
         msg_ok = Signal()
         m.d.comb += msg_ok.eq(msg_pending & msg_good)
@@ -421,12 +453,9 @@ class LinkRx(wiring.Component):
         rx_next, rx_freed = _seq(fmt), _seq(fmt)
 
         # --- deserialize and check ----------------------------------------------------------------------------
-        des = _Deserializer(m, "frame", self.i_wire, W, fmt.frame_beats, fmt.payload_beats, fmt.frame_crc)
-        frame = Signal(fmt.payload_bits)
-        pending, crc_ok = Signal(), Signal()
-        m.d.sync += pending.eq(des.done)
-        with m.If(des.done):
-            m.d.sync += [frame.eq(des.word[:fmt.payload_bits]), crc_ok.eq(des.crc_ok)]
+        m.submodules.frame_deserializer = des = Deserializer(W, fmt.frame_beats, fmt.payload_beats, fmt.frame_crc)
+        wiring.connect(m, wiring.flipped(self.i_wire), des.wire)
+        frame, pending, crc_ok = des.word[:fmt.payload_bits], des.valid, des.crc_ok
         seq = frame[:S]
         room = _sub(fmt, rx_next, rx_freed) < fmt.credit_frames
         ahead = _sub(fmt, seq, rx_next)
@@ -469,7 +498,8 @@ class LinkRx(wiring.Component):
                 m.d.sync += index.eq(index + 1)
 
         # --- return messages: one after another, each with the current ack, freed and NAK ------------------------
-        ser = _Serializer(m, "msg", self.o_ret, W, fmt.msg_beats, fmt.msg_crc)
+        m.submodules.msg_serializer = ser = Serializer(W, fmt.msg_beats, fmt.msg_crc)
+        wiring.connect(m, ser.wire, wiring.flipped(self.o_ret))
         m.d.comb += [ser.payload.eq(Cat(rx_next, rx_freed, nak_pending)), ser.load.eq(1)]
         with m.If(ser.free & nak_pending):
             m.d.sync += [nak_pending.eq(0), nak_sent.eq(1), self.naks_sent.eq(self.naks_sent + 1)]
