@@ -534,9 +534,28 @@ class _ChainSystem:
         Every FIFO bound is ``(a time) + 1``: the maximum ``M`` of those times is taken first and
         ``lb - C = M - (C - 1)``; an event bound ``t + offset`` enters ``M`` as ``t + offset - 1``. The ``-1``
         floor only matters through the prefix maximum, so it is applied to the first element alone."""
-        times, size = self.times, self.sizes[j]
         if j in self.gates:
             return self._solve_gated(j)
+        lower = self._latest(j)
+        if self.cumulative_less_one is None:
+            lower -= self.cumulative[j]
+            lower += 1
+        else:
+            lower -= self.cumulative_less_one[j]
+        if len(lower) and lower[0] < -1:
+            lower[0] = -1
+        skip = self.skips[j]
+        if skip is None:
+            np.maximum.accumulate(lower, out=lower)
+        else:
+            self._skip_scan(lower, skip[0], self.steps[j])
+        lower += self.cumulative[j]
+        return lower
+
+    def _latest(self, j: int) -> np.ndarray:
+        """``lb - 1`` for every action of chain ``j``: the latest write into the FIFO it reads (rule 1: readable
+        the cycle after), the latest freeing of its slot in the FIFO it writes, event bounds ``t + offset - 1``."""
+        times, size = self.times, self.sizes[j]
         lower = None
         for writer, writes, reads, extra in self.reads_from[j]:  # rule 1: readable the cycle after its write
             written = times[writer] if writes is None else times[writer][writes]
@@ -562,52 +581,10 @@ class _ChainSystem:
             elif len(target):
                 lower[target] = np.maximum(lower[target],
                                            times[reader][:-depth] if source is None else times[reader][source])
-        batch = self.batch
-        width = self.graph.chains[j].per_inference
+        width, batch = self.graph.chains[j].per_inference, self.batch
         for event in self.events_into[j]:
             source_width = self.graph.chains[event.source].per_inference
             bound = times[event.source][event.source_slot::source_width][:batch - event.shift] + (event.offset - 1)
-            view = lower[event.shift * width + event.target_slot::width]
-            np.maximum(view, bound, out=view)
-        if self.cumulative_less_one is None:
-            lower -= self.cumulative[j]
-            lower += 1
-        else:
-            lower -= self.cumulative_less_one[j]
-        if size and lower[0] < -1:
-            lower[0] = -1
-        skip = self.skips[j]
-        if skip is None:
-            np.maximum.accumulate(lower, out=lower)
-        else:
-            self._skip_scan(lower, skip[0], self.steps[j])
-        lower += self.cumulative[j]
-        return lower
-
-    def _lower_bounds(self, j: int) -> np.ndarray:
-        """The lower bound ``lb`` of every action of chain ``j`` from its FIFO edges (rule 1) and event edges."""
-        times, size = self.times, self.sizes[j]
-        lower = np.full(size, NEVER)
-        for writer, writes, reads, extra in self.reads_from[j]:
-            written = times[writer] if writes is None else times[writer][writes]
-            if extra is not None:
-                written = written + extra
-            if reads is None:
-                np.maximum(lower, written + 1, out=lower)
-            else:
-                lower[reads] = np.maximum(lower[reads], written + 1)
-        for reader, source, target, depth in self.space_from[j]:
-            if target is None:
-                if size > depth:
-                    freed = times[reader][:-depth] if source is None else times[reader][source]
-                    np.maximum(lower[depth:], freed + 1, out=lower[depth:])
-            elif len(target):
-                freed = times[reader][:-depth] if source is None else times[reader][source]
-                lower[target] = np.maximum(lower[target], freed + 1)
-        width = self.graph.chains[j].per_inference
-        for event in self.events_into[j]:
-            source_width = self.graph.chains[event.source].per_inference
-            bound = times[event.source][event.source_slot::source_width][:self.batch - event.shift] + event.offset
             view = lower[event.shift * width + event.target_slot::width]
             np.maximum(view, bound, out=view)
         return lower
@@ -616,7 +593,7 @@ class _ChainSystem:
         """A gated host chain (:class:`Gate`): ``k = cummax(rank(lb) - i) + i`` in on-cycle indices, ``t = C[k]``
         (``t_{-1} = -1`` makes ``t_0 >= 0``, which ``rank`` already ensures)."""
         gate = self.gates[j]
-        ranks = gate.rank(self._lower_bounds(j))
+        ranks = gate.rank(self._latest(j) + 1)
         steps = np.arange(len(ranks), dtype=np.int64)
         ranks -= steps
         np.maximum.accumulate(ranks, out=ranks)
@@ -765,8 +742,8 @@ def _pass_through_tail(graph: TimingGraph) -> int:
     before it and writes it to the FIFO after it; no event edge); the "entry" FIFO is the one chain
     ``k0 - 1`` writes and chain ``k0`` reads. Claim: in the tail, chain ``k`` transfers flit ``i`` at
     ``t_k[i] = t_{k-1}[i] + 1`` (one cycle after its write into the FIFO before it), and the tail never
-    holds chain ``k0 - 1`` back. By induction from the host output (always ready: the tail is used only without an output pattern): ``t_{k-1}[i] + 1``
-    meets rule 1's read bound with equality and rule 2 because writes are strictly increasing; rule 1's
+    holds chain ``k0 - 1`` back. By induction from the host output (always ready: the tail is used only without
+    an output pattern): ``t_{k-1}[i] + 1`` meets rule 1's read bound with equality and rule 2 because writes are strictly increasing; rule 1's
     space bound of a FIFO of depth ``n`` asks ``t_k[i] >= t_{k+1}[i-n] + 1 = t_k[i-n] + 2``, true for
     ``n >= 2`` by strict increase, and for ``n = 1`` if the tail's times are >= 2 cycles apart. They are
     if the entry FIFO has depth 1 (rule 1 spaces the writes into it, :func:`_space_one_apart`), so the
