@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import CompileError
+from .errors import CompileError, describe
 
 __all__ = ["normalize", "RULES", "TARGET_OPSET"]
 
@@ -52,10 +52,6 @@ _ORT_KEEP = ["CommonSubexpressionElimination", "ConstantSharing",
              # into both targets (torch dynamo's nn.Linear on [1, T, C]); 2-D ones become Gemms in the rules and in
              # onnx_import.fuse_matmul_add
              "MatMulAddFusion"]
-
-
-def _describe(node: onnx.NodeProto) -> str:
-    return f"node '{node.name or node.output[0]}' ({node.op_type})"
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -243,7 +239,7 @@ def remove_identity(graph: Graph, node: onnx.NodeProto) -> bool:
     if node.op_type == "Dropout":
         if len(node.output) > 1 and node.output[1] and (graph.consumers.get(node.output[1]) or
                                                         node.output[1] in graph.outputs):
-            raise CompileError(f"{_describe(node)}: output 'mask' is unsupported (inference Dropout only)")
+            raise CompileError(f"{describe(node)}: output 'mask' is unsupported (inference Dropout only)")
     return graph.bypass(node, node.input[0])
 
 
@@ -254,7 +250,7 @@ def remove_same_type_cast(graph: Graph, node: onnx.NodeProto) -> bool:
     target = _attrs(node).get("to")
     source = graph.types.get(node.input[0])
     if target is not None and source is not None and source != target:
-        raise CompileError(f"{_describe(node)}: attribute 'to' = {TensorProto.DataType.Name(target)} is unsupported "
+        raise CompileError(f"{describe(node)}: attribute 'to' = {TensorProto.DataType.Name(target)} is unsupported "
                            f"(the input is {TensorProto.DataType.Name(source)}; only a Cast to the same type, "
                            f"which is removed)")
     if target is None or source != target:
@@ -288,10 +284,10 @@ def explicit_auto_pad(graph: Graph, node: onnx.NodeProto) -> bool:
     if mode == "NOTSET":
         return False
     if mode not in ("SAME_UPPER", "SAME_LOWER", "VALID"):
-        raise CompileError(f"{_describe(node)}: attribute 'auto_pad' = {mode} is unsupported")
+        raise CompileError(f"{describe(node)}: attribute 'auto_pad' = {mode} is unsupported")
     shape = graph.shapes.get(node.input[0])
     if shape is None or len(shape) < 3 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
-        raise CompileError(f"{_describe(node)}: attribute 'auto_pad' = {mode} is unsupported here: the input "
+        raise CompileError(f"{describe(node)}: attribute 'auto_pad' = {mode} is unsupported here: the input "
                            f"shape is not known, so explicit pads cannot be computed")
     spatial = shape[2:]  # the batch may be symbolic
     weight_index = 3 if node.op_type == "QLinearConv" else 1
@@ -303,7 +299,7 @@ def explicit_auto_pad(graph: Graph, node: onnx.NodeProto) -> bool:
         weight_shape = weight.shape if weight is not None else None
     kernel = [int(k) for k in attrs.get("kernel_shape", weight_shape[2:] if weight_shape else [])]
     if len(kernel) != len(spatial):
-        raise CompileError(f"{_describe(node)}: attribute 'auto_pad' = {mode} is unsupported here: the kernel "
+        raise CompileError(f"{describe(node)}: attribute 'auto_pad' = {mode} is unsupported here: the kernel "
                            f"shape is not known")
     strides = [int(s) for s in attrs.get("strides", [1] * len(spatial))]
     dilations = [int(d) for d in attrs.get("dilations", [1] * len(spatial))]
@@ -592,11 +588,11 @@ def reduce_mean_to_global_pool(graph: Graph, node: onnx.NodeProto) -> bool:
     rank = len(shape)
     normalized = sorted(a % rank for a in axes) if axes else list(range(rank))
     if rank == 3 and normalized != [0]:  # a sequence [N, T, C] (nn.Linear's input): no reduction on chip
-        raise CompileError(f"{_describe(node)}: its input '{node.input[0]}' is a sequence [N, "
+        raise CompileError(f"{describe(node)}: its input '{node.input[0]}' is a sequence [N, "
                            f"{', '.join(map(str, shape[1:]))}]; attribute 'axes' = {axes or 'all'} is unsupported "
                            f"(only the spatial axes [2, 3] of an NCHW map, as GlobalAveragePool)")
     if rank != 4 or normalized != [2, 3]:
-        raise CompileError(f"{_describe(node)}: attribute 'axes' = {axes or 'all'} is unsupported (only the spatial "
+        raise CompileError(f"{describe(node)}: attribute 'axes' = {axes or 'all'} is unsupported (only the spatial "
                            f"axes [2, 3] of an NCHW map, as GlobalAveragePool)")
     name = node.name or node.output[0]
     if attrs.get("keepdims", 1):

@@ -81,7 +81,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from flowtile.program import TensorSpec
 
-from .errors import CompileError
+from .errors import CompileError, describe
 from .normalize import normalize
 from .qoperator import qoperator_to_qdq
 
@@ -334,10 +334,6 @@ def _one_line(error: Exception) -> str:
 # ---------------------------------------------------------------------------------------------------
 # graph access
 # ---------------------------------------------------------------------------------------------------
-def _describe(node: onnx.NodeProto) -> str:
-    return f"node '{node.name or node.output[0]}' ({node.op_type})"
-
-
 class _Graph:
     """Producer/consumer maps and constants of one ONNX graph."""
 
@@ -350,7 +346,7 @@ class _Graph:
             if node.op_type == "Constant" and not node.input:
                 attribute = node.attribute[0]
                 if attribute.name != "value":
-                    raise CompileError(f"{_describe(node)}: attribute '{attribute.name}' is unsupported (only 'value')")
+                    raise CompileError(f"{describe(node)}: attribute '{attribute.name}' is unsupported (only 'value')")
                 self.consts[node.output[0]] = numpy_helper.to_array(attribute.t)
         self.producer = {out: node for node in self.nodes for out in node.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -370,7 +366,7 @@ class _Graph:
         readers = self.consumers.get(tensor, [])
         if readers and tensor in self.outputs:
             raise CompileError(f"tensor '{tensor}' is the graph output and also feeds "
-                               f"{' and '.join(_describe(n) for n in readers)}; unsupported")
+                               f"{' and '.join(describe(n) for n in readers)}; unsupported")
         if not readers and tensor not in self.outputs:
             raise CompileError(f"tensor '{tensor}' is read by no node and is not the graph output")
         return readers
@@ -379,7 +375,7 @@ class _Graph:
         """The single node that reads ``tensor`` (None at the graph output); a second reader is a branch."""
         readers = self.consumers.get(tensor, [])
         if len(readers) + (tensor in self.outputs) > 1:
-            names = [_describe(n) for n in readers] + (["the graph output"] if tensor in self.outputs else [])
+            names = [describe(n) for n in readers] + (["the graph output"] if tensor in self.outputs else [])
             raise CompileError(f"tensor '{tensor}' feeds {' and '.join(names)}: branches are unsupported "
                                f"(flowtile compiles a single chain of dense layers)")
         if not readers:
@@ -428,7 +424,7 @@ def _expect(node: onnx.NodeProto | None, ops: set[str], where: str, after: str) 
     if node is None:
         raise CompileError(f"the graph ends at '{after}' but {where} was expected there")
     if node.op_type not in ops:
-        raise CompileError(f"{_describe(node)}: unsupported op here (expected {where}); "
+        raise CompileError(f"{describe(node)}: unsupported op here (expected {where}); "
                            f"flowtile compiles chains of quantized Conv/MaxPool/MatMul/Gemm [+Add] [+Relu] layers")
     return node
 
@@ -436,10 +432,10 @@ def _expect(node: onnx.NodeProto | None, ops: set[str], where: str, after: str) 
 def _scalar(graph: _Graph, node: onnx.NodeProto, index: int, what: str) -> np.ndarray:
     value = graph.const(node.input[index]) if len(node.input) > index and node.input[index] else None
     if value is None:
-        raise CompileError(f"{_describe(node)}: {what} '{node.input[index] if len(node.input) > index else ''}' "
+        raise CompileError(f"{describe(node)}: {what} '{node.input[index] if len(node.input) > index else ''}' "
                            f"must be a constant")
     if value.size != 1:
-        raise CompileError(f"{_describe(node)}: {what} has {value.size} values; activations must be "
+        raise CompileError(f"{describe(node)}: {what} has {value.size} values; activations must be "
                            f"quantized per tensor")
     return value
 
@@ -456,11 +452,11 @@ def match_quantize(graph: _Graph, node: onnx.NodeProto) -> QuantParams:
         dtype = _QUANT_DTYPES.get(attrs.get("output_dtype", onnx.TensorProto.UINT8))
         zero_point = 0
     if dtype is None:
-        raise CompileError(f"{_describe(node)}: quantized type must be int8 or uint8")
+        raise CompileError(f"{describe(node)}: quantized type must be int8 or uint8")
     if attrs.get("saturate", 1) != 1 or attrs.get("block_size", 0) != 0:
-        raise CompileError(f"{_describe(node)}: attribute 'saturate'/'block_size' is unsupported")
+        raise CompileError(f"{describe(node)}: attribute 'saturate'/'block_size' is unsupported")
     if not (scale > 0 and math.isfinite(scale)):
-        raise CompileError(f"{_describe(node)}: scale {scale} must be positive and finite")
+        raise CompileError(f"{describe(node)}: scale {scale} must be positive and finite")
     return QuantParams(scale, zero_point, dtype)
 
 
@@ -468,7 +464,7 @@ def match_dequantize(graph: _Graph, node: onnx.NodeProto, expected: QuantParams)
     """DequantizeLinear undoing the QuantizeLinear just before it (same scale and zero point)."""
     got = match_quantize(graph, node)
     if got != expected:
-        raise CompileError(f"{_describe(node)}: dequantizes with {got}, but its QuantizeLinear used {expected}")
+        raise CompileError(f"{describe(node)}: dequantizes with {got}, but its QuantizeLinear used {expected}")
 
 
 def match_quantized_const(graph: _Graph, name: str, consumer: onnx.NodeProto, what: str):
@@ -481,11 +477,11 @@ def match_quantized_const(graph: _Graph, name: str, consumer: onnx.NodeProto, wh
     has_zp = len(node.input) > 2 and node.input[2]
     zp = graph.const(node.input[2]) if has_zp else np.zeros((), q.dtype if q is not None else np.uint8)
     if q is None or scale is None or zp is None:
-        raise CompileError(f"{_describe(node)} feeding the {what} of {_describe(consumer)}: "
+        raise CompileError(f"{describe(node)} feeding the {what} of {describe(consumer)}: "
                            f"input, scale and zero point must be constants")
     attrs = graph.attrs(node)
     if attrs.get("block_size", 0) != 0:
-        raise CompileError(f"{_describe(node)}: attribute 'block_size' (blocked quantization) is unsupported")
+        raise CompileError(f"{describe(node)}: attribute 'block_size' (blocked quantization) is unsupported")
     axis = attrs.get("axis", 1)
     if axis < 0:
         axis += q.ndim
@@ -500,7 +496,7 @@ def _per_channel(values: np.ndarray, axis: int, rank: int, channel_axis: int, n:
         return np.full(n, flat[0])
     if flat.size == n and (axis == channel_axis or rank == 1):
         return flat
-    raise CompileError(f"{_describe(node)}: {what} has {flat.size} values along axis {axis}; only per-tensor or "
+    raise CompileError(f"{describe(node)}: {what} has {flat.size} values along axis {axis}; only per-tensor or "
                        f"per-output-channel (axis {channel_axis}, {n} values) quantization is supported")
 
 
@@ -528,8 +524,8 @@ def _quantized_at_run_time(graph: _Graph, name: str, consumer: onnx.NodeProto, w
     axis = graph.attrs(quantize).get("axis", 1)
     if (graph.attrs(dq).get("axis", 1) != axis or scale.shape != dq_scale.shape or zp.shape != dq_zp.shape
             or np.any(scale != dq_scale) or np.any(zp != dq_zp) or zp.dtype not in (np.int8, np.uint8)):
-        raise CompileError(f"{_describe(dq)} feeding the {what} of {_describe(consumer)}: dequantizes with other "
-                           f"parameters than {_describe(quantize)} quantizes with")
+        raise CompileError(f"{describe(dq)} feeding the {what} of {describe(consumer)}: dequantizes with other "
+                           f"parameters than {describe(quantize)} quantizes with")
     if axis < 0:
         axis += values.ndim
     shape = [1] * values.ndim
@@ -549,7 +545,7 @@ def _quantized_at_run_time(graph: _Graph, name: str, consumer: onnx.NodeProto, w
     base = np.broadcast_to(scale.astype(np.float64).reshape(shape), values.shape)
     base = np.moveaxis(base, channel, 0).reshape(centred.shape[channel], -1)
     if np.any(base != base[:, :1]):
-        raise CompileError(f"{_describe(quantize)} quantizes the {what} of {_describe(consumer)} with zero point "
+        raise CompileError(f"{describe(quantize)} quantizes the {what} of {describe(consumer)} with zero point "
                            f"{int(np.ravel(zp)[0])}: centred values reach {int(centred.min())}..{int(centred.max())}, "
                            f"outside int8; the PE multiplies raw int8 weights (zero point 0)")
     peak = np.abs(moved).max(axis=1)
@@ -559,7 +555,7 @@ def _quantized_at_run_time(graph: _Graph, name: str, consumer: onnx.NodeProto, w
     if report:
         logging.getLogger(__name__).warning(
             "%s quantizes the %s of %s with zero point %s: %d output channel(s) requantized symmetrically to fit int8 "
-            "(within half a new weight step of the model's weights)", _describe(quantize), what, _describe(consumer),
+            "(within half a new weight step of the model's weights)", describe(quantize), what, describe(consumer),
             int(np.ravel(zp)[0]), int((peak > 127).sum()))
     return out, base[:, 0] * factor, np.zeros(centred.shape[channel], np.int8), channel
 
@@ -570,28 +566,28 @@ def match_weight(graph: _Graph, node: onnx.NodeProto, transposed: bool):
     found = (_quantized_at_run_time(graph, node.input[1], node, "weight")
              or match_quantized_const(graph, node.input[1], node, "weight"))
     if found is None:
-        raise CompileError(f"{_describe(node)}: weight '{node.input[1]}' must be a DequantizeLinear of a constant "
+        raise CompileError(f"{describe(node)}: weight '{node.input[1]}' must be a DequantizeLinear of a constant "
                            f"int8 tensor (a quantized model); got "
                            f"{'a float constant' if graph.const(node.input[1]) is not None else 'a computed tensor'}")
     q, scale, zp, axis = found
     dq = graph.producer[node.input[1]]
     if q.ndim != 2:
-        raise CompileError(f"{_describe(node)}: weight has rank {q.ndim}, expected a 2-D matrix")
+        raise CompileError(f"{describe(node)}: weight has rank {q.ndim}, expected a 2-D matrix")
     channel_axis = 0 if transposed else 1
     n_out = q.shape[channel_axis]
     zp = _per_channel(zp, axis, q.ndim, channel_axis, n_out, dq, "weight zero point").astype(np.int64)
     if q.dtype not in (np.int8, np.uint8):
-        raise CompileError(f"{_describe(dq)}: weight type {q.dtype} is unsupported "
+        raise CompileError(f"{describe(dq)}: weight type {q.dtype} is unsupported "
                            f"(int8, or uint8 with zero point 128)")
     offset = 128 if q.dtype == np.uint8 else 0  # uint8 weights with zero point 128 are int8 weights + 128
     if np.any(zp != offset):
-        raise CompileError(f"{_describe(dq)}: non-zero weight zero point {int(zp[zp != offset][0]) - offset}"
+        raise CompileError(f"{describe(dq)}: non-zero weight zero point {int(zp[zp != offset][0]) - offset}"
                            f"{' (int8 domain)' if offset else ''}; the PE multiplies raw int8 weights, so weights "
                            f"must be quantized symmetrically (zero point 0)")
     q = q.astype(np.int64) - offset
     scales = _per_channel(scale, axis, q.ndim, channel_axis, n_out, dq, "weight scale")
     if not np.all((scales > 0) & np.isfinite(scales)):
-        raise CompileError(f"{_describe(dq)}: weight scales must be positive and finite")
+        raise CompileError(f"{describe(dq)}: weight scales must be positive and finite")
     weight = q.astype(np.int8) if transposed else q.T.astype(np.int8)
     return np.ascontiguousarray(weight), scales
 
@@ -618,7 +614,7 @@ def match_bias(graph: _Graph, name: str, consumer: onnx.NodeProto, acc_scale: np
     else:
         value = graph.const(name)
         if value is None:
-            raise CompileError(f"{_describe(consumer)}: bias '{name}' must be a constant (branches are unsupported)")
+            raise CompileError(f"{describe(consumer)}: bias '{name}' must be a constant (branches are unsupported)")
         real = _broadcast_vector(value, n_out, consumer, "bias").astype(np.float64)
     return _to_int32(np.rint(real / acc_scale), consumer)
 
@@ -628,12 +624,12 @@ def _broadcast_vector(value: np.ndarray, n: int, node: onnx.NodeProto, what: str
         return np.full(n, value.reshape(-1)[0])
     if value.size == n and value.shape[-1] == n:
         return value.reshape(n)
-    raise CompileError(f"{_describe(node)}: {what} of shape {list(value.shape)} does not broadcast to [{n}]")
+    raise CompileError(f"{describe(node)}: {what} of shape {list(value.shape)} does not broadcast to [{n}]")
 
 
 def _to_int32(values: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
     if np.any(np.abs(values) > 2**31 - 1):
-        raise CompileError(f"{_describe(node)}: bias exceeds the int32 range at the accumulator's scale")
+        raise CompileError(f"{describe(node)}: bias exceeds the int32 range at the accumulator's scale")
     return values.astype(np.int32)
 
 
@@ -641,17 +637,17 @@ def match_dense(graph: _Graph, node: onnx.NodeProto, x: str, x_params: QuantPara
     """MatMul(x, DQ(W)) or Gemm(x, DQ(W)[, bias]) -> (weight, weight scales, bias or None)."""
     attrs = graph.attrs(node)
     if node.input[0] != x:
-        raise CompileError(f"{_describe(node)}: the activation must be the first input (A), not the weight")
+        raise CompileError(f"{describe(node)}: the activation must be the first input (A), not the weight")
     transposed = False
     if node.op_type == "Gemm":
         for name, ok in (("alpha", 1.0), ("beta", 1.0), ("transA", 0)):
             if attrs.get(name, ok) != ok:
-                raise CompileError(f"{_describe(node)}: attribute '{name}' = {attrs[name]} is unsupported "
+                raise CompileError(f"{describe(node)}: attribute '{name}' = {attrs[name]} is unsupported "
                                    f"(must be {ok})")
         transposed = bool(attrs.get("transB", 0))
     weight, scales = match_weight(graph, node, transposed)
     if weight.shape[1] != n_in:
-        raise CompileError(f"{_describe(node)}: weight has {weight.shape[1]} inputs, the activation has {n_in}")
+        raise CompileError(f"{describe(node)}: weight has {weight.shape[1]} inputs, the activation has {n_in}")
     bias = None
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         bias = match_bias(graph, node.input[2], node, x_params.scale * scales)
@@ -662,7 +658,7 @@ def match_bias_add(graph: _Graph, node: onnx.NodeProto, x: str, acc_scale: np.nd
     """Add(x, bias constant) straight after MatMul/Gemm (before any requantization)."""
     other = [name for name in node.input if name != x]
     if len(other) != 1:
-        raise CompileError(f"{_describe(node)}: expected Add(activation, bias constant)")
+        raise CompileError(f"{describe(node)}: expected Add(activation, bias constant)")
     return match_bias(graph, other[0], node, acc_scale)
 
 
@@ -671,16 +667,16 @@ def match_flatten(graph: _Graph, node: onnx.NodeProto, shape: tuple[int, ...]) -
     n = int(np.prod(shape))
     if node.op_type == "Flatten":
         if graph.attrs(node).get("axis", 1) != 1:
-            raise CompileError(f"{_describe(node)}: attribute 'axis' = {graph.attrs(node)['axis']} is unsupported "
+            raise CompileError(f"{describe(node)}: attribute 'axis' = {graph.attrs(node)['axis']} is unsupported "
                                f"(only axis 1 flattens to [batch, n])")
         return n
     target = graph.const(node.input[1])
     if target is None:
-        raise CompileError(f"{_describe(node)}: the target shape must be a constant")
+        raise CompileError(f"{describe(node)}: the target shape must be a constant")
     target = [int(v) for v in target.reshape(-1)]
     if len(target) == 2 and ((target[1] == n and target[0] in (-1, 0)) or (target[1] == -1 and target[0] == 0)):
         return n
-    raise CompileError(f"{_describe(node)}: reshapes to {target}; only [batch, {n}] (e.g. [-1, {n}]) is supported")
+    raise CompileError(f"{describe(node)}: reshapes to {target}; only [batch, {n}] (e.g. [-1, {n}]) is supported")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -720,7 +716,7 @@ class _Cursor:
     def take(self, ops: set[str], what: str) -> onnx.NodeProto:
         """The current node, which must be one of ``ops``; the cursor moves to its output."""
         if self.forks:
-            raise CompileError(f"tensor '{self.tensor}' feeds {' and '.join(_describe(n) for n in self.forks)} where "
+            raise CompileError(f"tensor '{self.tensor}' feeds {' and '.join(describe(n) for n in self.forks)} where "
                                f"{what} was expected; flowtile compiles a fork only as a residual block (two branches "
                                f"of feature-map layers that meet at one Add)")
         node = _expect(self.node, ops, what, self.tensor)
@@ -744,7 +740,7 @@ def match_flattens(cursor: _Cursor, shape: tuple[int, ...], params: QuantParams 
         if params is not None and cursor.at("QuantizeLinear"):
             node = cursor.node
             if match_qdq(cursor, "QuantizeLinear") != params:
-                raise CompileError(f"{_describe(node)}: requantizes a reshaped tensor to new parameters; unsupported")
+                raise CompileError(f"{describe(node)}: requantizes a reshaped tensor to new parameters; unsupported")
     return n
 
 
@@ -757,7 +753,7 @@ def match_relu_requantized(cursor: _Cursor, params: QuantParams) -> bool:
     if cursor.node is not None:
         requantize = cursor.node
         if match_qdq(cursor, "QuantizeLinear after Relu") != params:
-            raise CompileError(f"{_describe(requantize)}: requantizes the output of {_describe(relu)} to new "
+            raise CompileError(f"{describe(requantize)}: requantizes the output of {describe(relu)} to new "
                                f"parameters; unsupported")
     return True
 
@@ -773,11 +769,11 @@ def match_output(cursor: _Cursor, producer: onnx.NodeProto) -> tuple[QuantParams
         lo = _clip_bound(cursor.graph, clip, 1, "min")
         hi = _clip_bound(cursor.graph, clip, 2, "max")
         if lo is None or lo != 0.0 or (hi is not None and not hi > 0):
-            raise CompileError(f"{_describe(clip)}: attribute/input 'min' = {lo}, 'max' = {hi} is unsupported "
+            raise CompileError(f"{describe(clip)}: attribute/input 'min' = {lo}, 'max' = {hi} is unsupported "
                                f"(only Clip(0, m) with m > 0, a ReLU with an upper bound)")
         cursor.take({"Clip"}, "Clip")
         relu, clip_max = True, hi
-    out_params = match_qdq(cursor, f"the QuantizeLinear of {_describe(producer)}'s output")
+    out_params = match_qdq(cursor, f"the QuantizeLinear of {describe(producer)}'s output")
     relu = match_relu_requantized(cursor, out_params) or relu
     return out_params, relu, clip_max
 
@@ -790,7 +786,7 @@ def _clip_bound(graph: _Graph, node: onnx.NodeProto, index: int, what: str) -> f
         return None
     value = graph.const(node.input[index])
     if value is None or value.size != 1:
-        raise CompileError(f"{_describe(node)}: input '{what}' must be a scalar constant")
+        raise CompileError(f"{describe(node)}: input '{what}' must be a scalar constant")
     return float(value.reshape(()))
 
 
@@ -802,14 +798,14 @@ def match_layer(cursor: _Cursor, x_params: QuantParams, n_in: int, index: int,
     if cursor.at("Conv", "MaxPool", "AveragePool"):  # a windowed op on a tensor that is not a (C, H, W) map
         node = cursor.node
         check_window_attributes(node, {a.name: helper.get_attribute_value(a) for a in node.attribute}, None)
-        raise CompileError(f"{_describe(node)}: its input '{x}' is not a 2-D feature map [N, C, H, W]; windowed "
+        raise CompileError(f"{describe(node)}: its input '{x}' is not a 2-D feature map [N, C, H, W]; windowed "
                            f"layers need one")
     dense = cursor.take({"MatMul", "Gemm"}, "MatMul or Gemm")
     weight, scales, bias = match_dense(graph, dense, x, x_params, n_in)
     acc_scale = x_params.scale * scales
     if cursor.at("Add"):
         if bias is not None:
-            raise CompileError(f"{_describe(cursor.node)}: a second bias after {_describe(dense)} is unsupported")
+            raise CompileError(f"{describe(cursor.node)}: a second bias after {describe(dense)} is unsupported")
         bias = match_bias_add(graph, cursor.node, cursor.tensor, acc_scale)
         cursor.take({"Add"}, "Add")
     out_params, relu, clip_max = match_output(cursor, dense)
@@ -833,16 +829,16 @@ def match_sequence_linear(cursor: _Cursor, x_params: QuantParams, seq: tuple[int
     graph, node = cursor.graph, cursor.node
     steps, channels = seq
     if node.input[0] != cursor.tensor:
-        raise CompileError(f"{_describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)} read as the second "
+        raise CompileError(f"{describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)} read as the second "
                            f"operand (B); flowtile compiles a MatMul over the last axis of a sequence (nn.Linear: "
                            f"x @ W, W a constant [C, K])")
     if _affine_constant(graph, node.input[1]) is None and \
             _quantized_at_run_time(graph, node.input[1], node, "weight", report=False) is None:
-        raise CompileError(f"{_describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)} multiplied by the "
+        raise CompileError(f"{describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)} multiplied by the "
                            f"computed tensor '{node.input[1]}'; a MatMul of two activations (attention) is "
                            f"unsupported (only nn.Linear: a constant weight [C, K])")
     if steps > MAX_MAP:
-        raise CompileError(f"{_describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)}; T = {steps} exceeds "
+        raise CompileError(f"{describe(node)}: its input '{cursor.tensor}' is {_sequence(seq)}; T = {steps} exceeds "
                            f"{MAX_MAP} (the sequence runs as a 1 x T map; 8-bit map registers)")
     layer = match_layer(cursor, x_params, channels, index)
     n_out = layer.n_out
@@ -870,35 +866,35 @@ def check_window_attributes(node: onnx.NodeProto, attrs: dict, kernel: tuple[int
     (A Conv's ``group`` needs the channel counts: :func:`match_conv` checks it.)
     """
     if node.op_type in ("MaxPool", "AveragePool") and attrs.get("ceil_mode", 0) != 0:
-        raise CompileError(f"{_describe(node)}: attribute 'ceil_mode' = {attrs['ceil_mode']} is unsupported (only 0)")
+        raise CompileError(f"{describe(node)}: attribute 'ceil_mode' = {attrs['ceil_mode']} is unsupported (only 0)")
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         value = attrs["auto_pad"]
-        raise CompileError(f"{_describe(node)}: attribute 'auto_pad' = "
+        raise CompileError(f"{describe(node)}: attribute 'auto_pad' = "
                            f"{value.decode() if isinstance(value, bytes) else value} is unsupported (only NOTSET, "
                            f"with explicit 'pads')")
     shape = _ints(attrs, "kernel_shape", list(kernel) if kernel is not None else [])
     if len(shape) != 2 or (kernel is not None and tuple(shape) != tuple(kernel)):
-        raise CompileError(f"{_describe(node)}: attribute 'kernel_shape' = {shape} is unsupported "
+        raise CompileError(f"{describe(node)}: attribute 'kernel_shape' = {shape} is unsupported "
                            f"(2-D windows{f' matching the weight {list(kernel)}' if kernel is not None else ''})")
     if not all(1 <= k <= MAX_KERNEL for k in shape):
-        raise CompileError(f"{_describe(node)}: attribute 'kernel_shape' = {shape} is unsupported "
+        raise CompileError(f"{describe(node)}: attribute 'kernel_shape' = {shape} is unsupported "
                            f"(1..{MAX_KERNEL} each: 8-bit kernel registers)")
     dilations = _ints(attrs, "dilations", [1, 1])
     if any(d != 1 for d in dilations):
-        raise CompileError(f"{_describe(node)}: attribute 'dilations' = {dilations} is unsupported (only 1)")
+        raise CompileError(f"{describe(node)}: attribute 'dilations' = {dilations} is unsupported (only 1)")
     strides = _ints(attrs, "strides", [1, 1])
     if len(strides) != 2 or strides[0] != strides[1] or not 1 <= strides[0] <= MAX_STRIDE:
-        raise CompileError(f"{_describe(node)}: attribute 'strides' = {strides} is unsupported "
+        raise CompileError(f"{describe(node)}: attribute 'strides' = {strides} is unsupported "
                            f"(equal strides 1..{MAX_STRIDE})")
     pads = _ints(attrs, "pads", [0, 0, 0, 0])
     kh, kw = shape
     # pads = [top, left, bottom, right]; below the kernel, every window reads at least one map row and column
     # (so every band of output rows stores input rows, section 8)
     if len(pads) != 4 or not all(0 <= p < k for p, k in zip(pads, (kh, kw, kh, kw))):
-        raise CompileError(f"{_describe(node)}: attribute 'pads' = {pads} is unsupported (below the {kh}x{kw} "
+        raise CompileError(f"{describe(node)}: attribute 'pads' = {pads} is unsupported (below the {kh}x{kw} "
                            f"kernel: top and bottom 0..{kh - 1}, left and right 0..{kw - 1})")
     if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0) == 0 and any(pads):
-        raise CompileError(f"{_describe(node)}: attribute 'count_include_pad' = 0 with 'pads' = {pads} is unsupported "
+        raise CompileError(f"{describe(node)}: attribute 'count_include_pad' = 0 with 'pads' = {pads} is unsupported "
                            f"(border windows would divide by their own sizes; use count_include_pad = 1 or no padding)")
     return shape, strides, pads
 
@@ -909,7 +905,7 @@ def match_window(graph: _Graph, node: onnx.NodeProto, in_shape: tuple[int, int, 
     attribute."""
     attrs = graph.attrs(node)
     for name in sorted(set(attrs) - allowed):
-        raise CompileError(f"{_describe(node)}: attribute '{name}' = {attrs[name]} is unsupported")
+        raise CompileError(f"{describe(node)}: attribute '{name}' = {attrs[name]} is unsupported")
     channels, height, width = in_shape
     shape, strides, pads = check_window_attributes(node, attrs, kernel)
     (kh, kw), stride = shape, strides[0]
@@ -917,12 +913,12 @@ def match_window(graph: _Graph, node: onnx.NodeProto, in_shape: tuple[int, int, 
     out_h = (height + top + bottom - kh) // stride + 1
     out_w = (width + left + right - kw) // stride + 1
     if out_h < 1 or out_w < 1:
-        raise CompileError(f"{_describe(node)}: attribute 'kernel_shape' = {[kh, kw]} is unsupported: the window "
+        raise CompileError(f"{describe(node)}: attribute 'kernel_shape' = {[kh, kw]} is unsupported: the window "
                            f"does not fit the padded {height}x{width} input map")
     for what, value in (("input height", height), ("input width", width), ("output height", out_h),
                         ("output width", out_w)):
         if value > MAX_MAP:
-            raise CompileError(f"{_describe(node)}: {what} {value} exceeds {MAX_MAP} (8-bit map registers)")
+            raise CompileError(f"{describe(node)}: {what} {value} exceeds {MAX_MAP} (8-bit map registers)")
     return Window(channels, height, width, kh, kw, stride, top, left, out_h, out_w)
 
 
@@ -932,42 +928,42 @@ def match_conv(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, int,
     x = cursor.tensor
     conv = cursor.take({"Conv"}, "Conv")
     if conv.input[0] != x:
-        raise CompileError(f"{_describe(conv)}: the activation must be the first input (X)")
+        raise CompileError(f"{describe(conv)}: the activation must be the first input (X)")
     attrs = graph.attrs(conv)
     group = attrs.get("group", 1)
     found = match_quantized_const(graph, conv.input[1], conv, "weight")
     if found is None:
-        raise CompileError(f"{_describe(conv)}: weight '{conv.input[1]}' must be a DequantizeLinear of a constant "
+        raise CompileError(f"{describe(conv)}: weight '{conv.input[1]}' must be a DequantizeLinear of a constant "
                            f"int8 tensor (a quantized model)")
     q, scale, zp, axis = found
     dq = graph.producer[conv.input[1]]
     if q.ndim != 4:
-        raise CompileError(f"{_describe(conv)}: weight has rank {q.ndim}; only 2-D convolutions are supported")
+        raise CompileError(f"{describe(conv)}: weight has rank {q.ndim}; only 2-D convolutions are supported")
     depthwise = group != 1 and group == in_shape[0] == q.shape[0] and q.shape[1] == 1
     if group < 1 or in_shape[0] % group or q.shape[0] % group:
-        raise CompileError(f"{_describe(conv)}: attribute 'group' = {group} does not divide the {in_shape[0]} input "
+        raise CompileError(f"{describe(conv)}: attribute 'group' = {group} does not divide the {in_shape[0]} input "
                            f"and {q.shape[0]} output channels")
     if q.shape[1] * group != in_shape[0]:
-        raise CompileError(f"{_describe(conv)}: weight has {q.shape[1]} input channels, the input map has "
+        raise CompileError(f"{describe(conv)}: weight has {q.shape[1]} input channels, the input map has "
                            f"{in_shape[0]}")
     if q.dtype not in (np.int8, np.uint8):
-        raise CompileError(f"{_describe(dq)}: weight type {q.dtype} is unsupported (int8)")
+        raise CompileError(f"{describe(dq)}: weight type {q.dtype} is unsupported (int8)")
     n_out = q.shape[0]
     offset = 128 if q.dtype == np.uint8 else 0
     zp = _per_channel(zp, axis, q.ndim, 0, n_out, dq, "weight zero point").astype(np.int64)
     if np.any(zp != offset):
-        raise CompileError(f"{_describe(dq)}: non-zero weight zero point {int(zp[zp != offset][0]) - offset}; the PE "
+        raise CompileError(f"{describe(dq)}: non-zero weight zero point {int(zp[zp != offset][0]) - offset}; the PE "
                            f"multiplies raw int8 weights, so weights must be quantized symmetrically (zero point 0)")
     scales = _per_channel(scale, axis, q.ndim, 0, n_out, dq, "weight scale")
     if not np.all((scales > 0) & np.isfinite(scales)):
-        raise CompileError(f"{_describe(dq)}: weight scales must be positive and finite")
+        raise CompileError(f"{describe(dq)}: weight scales must be positive and finite")
     window = match_window(graph, conv, in_shape, q.shape[2:],
                           {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})
     bias = None
     if len(conv.input) > 2 and conv.input[2]:
         bias = match_bias(graph, conv.input[2], conv, x_params.scale * scales)
     if cursor.at("Add"):
-        raise CompileError(f"{_describe(cursor.node)}: an Add after {_describe(conv)} is unsupported "
+        raise CompileError(f"{describe(cursor.node)}: an Add after {describe(conv)} is unsupported "
                            f"(residual connections and separate biases are not compiled yet)")
     out_params, relu, clip_max = match_output(cursor, conv)
     if bias is None:
@@ -1000,7 +996,7 @@ def match_avgpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
     op_type = pool.op_type
     if pool.op_type == "GlobalAveragePool":
         if height > MAX_MAP or width > MAX_MAP:
-            raise CompileError(f"{_describe(pool)}: a {height}x{width} window exceeds {MAX_MAP} (8-bit kernel registers)")
+            raise CompileError(f"{describe(pool)}: a {height}x{width} window exceeds {MAX_MAP} (8-bit kernel registers)")
         window = Window(channels, height, width, height, width, 1, 0, 0, 1, 1)
         name = pool.name or f"globalaveragepool_{index}"
     else:
@@ -1008,7 +1004,7 @@ def match_avgpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
                                                             "dilations", "kernel_shape", "pads", "strides"})
         name = pool.name or f"averagepool_{index}"
     if cursor.node is None:
-        raise CompileError(f"{_describe(pool)}: its output is not quantized (the graph ends there); flowtile needs "
+        raise CompileError(f"{describe(pool)}: its output is not quantized (the graph ends there); flowtile needs "
                            f"a QuantizeLinear after it")
     out_params, relu, clip_max = match_output(cursor, pool)
     area = window.kernel_h * window.kernel_w
@@ -1022,19 +1018,19 @@ def match_maxpool(cursor: _Cursor, x_params: QuantParams, in_shape: tuple[int, i
     graph = cursor.graph
     pool = cursor.take({"MaxPool"}, "MaxPool")
     if len(pool.output) > 1 and pool.output[1]:
-        raise CompileError(f"{_describe(pool)}: output 'Indices' is unsupported")
+        raise CompileError(f"{describe(pool)}: output 'Indices' is unsupported")
     attrs = graph.attrs(pool)
     if attrs.get("ceil_mode", 0) != 0:
-        raise CompileError(f"{_describe(pool)}: attribute 'ceil_mode' = {attrs['ceil_mode']} is unsupported (only 0)")
+        raise CompileError(f"{describe(pool)}: attribute 'ceil_mode' = {attrs['ceil_mode']} is unsupported (only 0)")
     if attrs.get("storage_order", 0) != 0:
-        raise CompileError(f"{_describe(pool)}: attribute 'storage_order' = {attrs['storage_order']} is unsupported")
+        raise CompileError(f"{describe(pool)}: attribute 'storage_order' = {attrs['storage_order']} is unsupported")
     window = match_window(graph, pool, in_shape, None,
                           {"auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides", "storage_order"})
     node = cursor.node
-    out_params = match_qdq(cursor, f"the QuantizeLinear of {_describe(pool)}'s output")
+    out_params = match_qdq(cursor, f"the QuantizeLinear of {describe(pool)}'s output")
     if out_params != x_params:
-        raise CompileError(f"{_describe(pool)}: its output is quantized with {out_params} (by "
-                           f"{_describe(node)}), its input with {x_params}; max pooling on int8 values needs "
+        raise CompileError(f"{describe(pool)}: its output is quantized with {out_params} (by "
+                           f"{describe(node)}), its input with {x_params}; max pooling on int8 values needs "
                            f"equal scales and zero points (a Relu right after a MaxPool is folded into its output "
                            f"quantization by quantize_static: put the Relu before the MaxPool)")
     relu = match_relu_requantized(cursor, out_params)
@@ -1067,7 +1063,7 @@ def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
     fork = cursor.tensor
     readers = cursor.forks
     if len(readers) != 2:
-        raise CompileError(f"tensor '{fork}' feeds {len(readers)} nodes ({', '.join(_describe(n) for n in readers)}); "
+        raise CompileError(f"tensor '{fork}' feeds {len(readers)} nodes ({', '.join(describe(n) for n in readers)}); "
                            f"flowtile compiles forks into two branches that meet at one Add")
     branches = []
     for reader in readers:
@@ -1078,7 +1074,7 @@ def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
                 raise CompileError(f"tensor '{walker.tensor}' forks again inside the residual branch from '{fork}'; "
                                    f"nested residual blocks are unsupported")
             if walker.node is None:
-                raise CompileError(f"the branch from tensor '{fork}' through {_describe(reader)} ends at "
+                raise CompileError(f"the branch from tensor '{fork}' through {describe(reader)} ends at "
                                    f"'{walker.tensor}' without meeting an Add or Concat; flowtile compiles forks "
                                    f"only as residual blocks")
             if _at_affine(walker):
@@ -1088,7 +1084,7 @@ def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
                 continue
             if not walker.at(*_WINDOWED_OPS):
                 _reject_unsupported(walker)
-                raise CompileError(f"{_describe(walker.node)}: unsupported op inside a residual branch (Conv, "
+                raise CompileError(f"{describe(walker.node)}: unsupported op inside a residual branch (Conv, "
                                    f"depthwise Conv, MaxPool, AveragePool and GlobalAveragePool layers)")
             layer = _match_windowed(walker, params, shape, len(layers) + len(found))
             found.append(layer)
@@ -1096,18 +1092,18 @@ def _match_residual(cursor: _Cursor, x_params: QuantParams, fmap: tuple[int, int
         branches.append((walker, found, params, shape))
     add = branches[0][0].node
     if branches[1][0].node is not add:
-        raise CompileError(f"the branches from tensor '{fork}' end at {_describe(add)} and "
-                           f"{_describe(branches[1][0].node)}; flowtile compiles forks whose branches meet at one "
+        raise CompileError(f"the branches from tensor '{fork}' end at {describe(add)} and "
+                           f"{describe(branches[1][0].node)}; flowtile compiles forks whose branches meet at one "
                            f"Add or Concat")
     if add.op_type == "Concat":
         axis = cursor.graph.attrs(add).get("axis")
         if axis not in (1, -3):
-            raise CompileError(f"{_describe(add)}: attribute 'axis' = {axis} is unsupported (only 1: channels)")
+            raise CompileError(f"{describe(add)}: attribute 'axis' = {axis} is unsupported (only 1: channels)")
         if branches[0][3][1:] != branches[1][3][1:]:
-            raise CompileError(f"{_describe(add)}: concatenates maps of shapes {list(branches[0][3])} and "
+            raise CompileError(f"{describe(add)}: concatenates maps of shapes {list(branches[0][3])} and "
                                f"{list(branches[1][3])}; their heights and widths must agree")
     elif branches[0][3] != branches[1][3]:
-        raise CompileError(f"{_describe(add)}: adds maps of shapes {list(branches[0][3])} and {list(branches[1][3])}; "
+        raise CompileError(f"{describe(add)}: adds maps of shapes {list(branches[0][3])} and {list(branches[1][3])}; "
                            f"only maps of one shape are added (no broadcasting)")
     ends = []
     for order in sorted(range(2), key=lambda i: len(branches[i][1])):  # the shorter branch first
@@ -1140,20 +1136,20 @@ def _reject_unsupported(cursor: _Cursor) -> None:
     """A clear message for the ops CNNs commonly use that flowtile does not compile yet."""
     node = cursor.node
     if node is not None and node.op_type == "Add":
-        raise CompileError(f"{_describe(node)}: an Add here is unsupported (flowtile compiles an Add as the join of a "
+        raise CompileError(f"{describe(node)}: an Add here is unsupported (flowtile compiles an Add as the join of a "
                            f"residual block of feature maps, or as a MatMul's bias)")
     if node is not None and node.op_type == "Concat":
-        raise CompileError(f"{_describe(node)}: a Concat here is unsupported (flowtile compiles a Concat as the join "
+        raise CompileError(f"{describe(node)}: a Concat here is unsupported (flowtile compiles a Concat as the join "
                            f"of a block whose two branches fork from one feature map)")
     if node is not None and node.op_type == "Softmax":
-        raise CompileError(f"{_describe(node)}: a Softmax is supported only as the network's last op (it runs on the "
+        raise CompileError(f"{describe(node)}: a Softmax is supported only as the network's last op (it runs on the "
                            f"host, after the chip's last layer)")
     if node is not None and node.op_type == "Mul":
-        raise CompileError(f"{_describe(node)}: unsupported op here (flowtile compiles a Mul only by a per-channel "
+        raise CompileError(f"{describe(node)}: unsupported op here (flowtile compiles a Mul only by a per-channel "
                            f"constant after a requantized layer, between Q/DQ pairs)")
     if node is not None and node.op_type in ("GlobalMaxPool",
                                               "BatchNormalization", "ConvTranspose", "Pad", "Resize"):
-        raise CompileError(f"{_describe(node)}: unsupported op (flowtile compiles Conv, depthwise Conv, MaxPool, "
+        raise CompileError(f"{describe(node)}: unsupported op (flowtile compiles Conv, depthwise Conv, MaxPool, "
                            f"AveragePool, GlobalAveragePool, Relu, Flatten/Reshape and MatMul/Gemm layers)")
 
 
@@ -1199,10 +1195,10 @@ def _channel_vector(graph: _Graph, node: onnx.NodeProto, name: str, shape: tuple
     the shape or vary within a channel."""
     value = _affine_constant(graph, name)
     if value is None:
-        raise CompileError(f"{_describe(node)}: {what} '{name}' must be a constant (or a DequantizeLinear of one)")
+        raise CompileError(f"{describe(node)}: {what} '{name}' must be a constant (or a DequantizeLinear of one)")
     if node.op_type == "BatchNormalization":  # its parameters are 1-D [C], not broadcast
         if value.ndim != 1 or value.size != shape[0]:
-            raise CompileError(f"{_describe(node)}: {what} has shape {list(value.shape)}, expected [{shape[0]}]")
+            raise CompileError(f"{describe(node)}: {what} has shape {list(value.shape)}, expected [{shape[0]}]")
         return value.astype(np.float64)
     full = (1, *shape)
     try:
@@ -1212,10 +1208,10 @@ def _channel_vector(graph: _Graph, node: onnx.NodeProto, name: str, shape: tuple
         expanded = (np.moveaxis(expanded, -1, 0) if channels_last else expanded).reshape(shape[-1 if channels_last
                                                                                             else 0], -1)
     except ValueError:
-        raise CompileError(f"{_describe(node)}: {what} of shape {list(value.shape)} does not broadcast to the "
+        raise CompileError(f"{describe(node)}: {what} of shape {list(value.shape)} does not broadcast to the "
                            f"activation [N, {', '.join(map(str, shape))}]") from None
     if np.any(expanded != expanded[:, :1]):
-        raise CompileError(f"{_describe(node)}: {what} of shape {list(value.shape)} varies within a channel; only "
+        raise CompileError(f"{describe(node)}: {what} of shape {list(value.shape)} varies within a channel; only "
                            f"per-tensor or per-channel constants are supported")
     return expanded[:, 0].astype(np.float64)
 
@@ -1236,17 +1232,17 @@ def match_affine(cursor: _Cursor, x_params: QuantParams, shape: tuple[int, ...],
     node = cursor.take(_AFFINE_OPS, "an affine step")
     channels = shape[-1] if sequence else shape[0]
     if sequence and node.op_type == "BatchNormalization":
-        raise CompileError(f"{_describe(node)}: its input '{x}' is a sequence [N, {', '.join(map(str, shape))}]; a "
+        raise CompileError(f"{describe(node)}: its input '{x}' is a sequence [N, {', '.join(map(str, shape))}]; a "
                            f"BatchNormalization normalizes axis 1 (T), not the channels: unsupported")
     if node.op_type == "BatchNormalization":
         attrs = graph.attrs(node)
         if attrs.get("training_mode", 0) != 0:
-            raise CompileError(f"{_describe(node)}: attribute 'training_mode' = {attrs['training_mode']} is "
+            raise CompileError(f"{describe(node)}: attribute 'training_mode' = {attrs['training_mode']} is "
                                f"unsupported (only inference, 0)")
         if any(name for name in node.output[1:]):
-            raise CompileError(f"{_describe(node)}: outputs 'running_mean'/'running_var' are unsupported")
+            raise CompileError(f"{describe(node)}: outputs 'running_mean'/'running_var' are unsupported")
         if node.input[0] != x or len(node.input) != 5:
-            raise CompileError(f"{_describe(node)}: expected BatchNormalization(X, scale, B, mean, var)")
+            raise CompileError(f"{describe(node)}: expected BatchNormalization(X, scale, B, mean, var)")
         gamma, beta, mean, var = (_channel_vector(graph, node, name, shape, what) for name, what in
                                   zip(node.input[1:], ("input 'scale'", "input 'B'", "input 'input_mean'",
                                                        "input 'input_var'")))
@@ -1257,7 +1253,7 @@ def match_affine(cursor: _Cursor, x_params: QuantParams, shape: tuple[int, ...],
         value = _channel_vector(graph, node, operand, shape, "constant operand", channels_last=sequence)
         a, b = (np.ones(channels), value) if node.op_type == "Add" else (value, np.zeros(channels))
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise CompileError(f"{_describe(node)}: its per-channel scale or offset is not finite")
+        raise CompileError(f"{describe(node)}: its per-channel scale or offset is not finite")
     out_params, relu, clip_max = match_output(cursor, node)
     if sequence:  # the sequence (T, C) as the 1 x T map it is on chip
         window = Window(channels, 1, shape[0], 1, 1, 1, 0, 0, 1, shape[0])
@@ -1284,19 +1280,19 @@ def match_host_softmax(cursor: _Cursor, shape: tuple[int, ...]) -> dict:
     rank = len(shape) + 1
     axis = attrs.get("axis", -1 if opset >= 13 else 1)
     if not -rank <= axis < rank:
-        raise CompileError(f"{_describe(softmax)}: attribute 'axis' = {axis} is out of range for rank {rank}")
+        raise CompileError(f"{describe(softmax)}: attribute 'axis' = {axis} is out of range for rank {rank}")
     axis %= rank
     if axis == 0 or (opset < 13 and axis != rank - 1):
-        raise CompileError(f"{_describe(softmax)}: attribute 'axis' = {attrs.get('axis')} is unsupported "
+        raise CompileError(f"{describe(softmax)}: attribute 'axis' = {attrs.get('axis')} is unsupported "
                            f"({'the batch axis' if axis == 0 else 'opset < 13 flattens from the axis'}; "
                            f"the host applies Softmax along one non-batch axis)")
     post_quant = None
     if cursor.at("QuantizeLinear"):
-        params = match_qdq(cursor, f"the QuantizeLinear of {_describe(softmax)}'s output")
+        params = match_qdq(cursor, f"the QuantizeLinear of {describe(softmax)}'s output")
         post_quant = (params.scale, params.zero_point, params.dtype)
     if cursor.node is not None or cursor.forks:
         following = cursor.node or cursor.forks[0]
-        raise CompileError(f"{_describe(softmax)} is not the network's last op ({_describe(following)} follows); "
+        raise CompileError(f"{describe(softmax)} is not the network's last op ({describe(following)} follows); "
                            f"flowtile runs a Softmax on the host only after the chip's last layer")
     return {"chip_output": chip_output, "post": "softmax", "post_axis": axis, "post_quant": post_quant,
             "post_name": cursor.tensor}
@@ -1313,7 +1309,7 @@ def _check_all_nodes_on_chain(graph: _Graph, cursor: _Cursor) -> None:
                 node.op_type == "DequantizeLinear" and source is not None and source.op_type == "QuantizeLinear"
                 and graph.const(source.input[0]) is not None):
             continue  # a weight quantized at run time (_quantized_at_run_time), matched through its consumer
-        raise CompileError(f"{_describe(node)} is not on the chain from the input to the output "
+        raise CompileError(f"{describe(node)} is not on the chain from the input to the output "
                            f"(branches are unsupported)")
 
 
@@ -1328,7 +1324,7 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
     # a sequence [N, T, C] (nn.Linear over its last axis: match_sequence_linear), as (T, C)
     seq = input_shape if len(input_shape) == 2 and not cursor.at(*_RESHAPE_OPS) else None
     if cursor.at("AveragePool", "GlobalAveragePool"):
-        raise CompileError(f"{_describe(cursor.node)}: an average pool on the float graph input is left unquantized "
+        raise CompileError(f"{describe(cursor.node)}: an average pool on the float graph input is left unquantized "
                            f"by onnxruntime's quantizer (it quantizes an average pool only after a quantized "
                            f"layer); put a Conv before it")
     input_flattened = cursor.at(*_RESHAPE_OPS)
@@ -1354,7 +1350,7 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
         _reject_unsupported(cursor)
         if seq is not None and cursor.forks:
             raise CompileError(f"tensor '{cursor.tensor}' is {_sequence(seq)} read by "
-                               f"{' and '.join(_describe(n) for n in cursor.forks)}; forks of a sequence (attention: a "
+                               f"{' and '.join(describe(n) for n in cursor.forks)}; forks of a sequence (attention: a "
                                f"MatMul of two activations) are unsupported")
         if seq is not None and cursor.at("MatMul"):  # nn.Linear over the sequence's last axis
             layer = match_sequence_linear(cursor, x_params, seq, len(layers))
@@ -1364,7 +1360,7 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
             continue
         if seq is not None and cursor.node is not None and not cursor.at(*_RESHAPE_OPS, *_WINDOWED_OPS):
             # (a windowed op reads [N, C, L], not a sequence: match_layer names its attribute)
-            raise CompileError(f"{_describe(cursor.node)}: its input '{cursor.tensor}' is {_sequence(seq)}; on a "
+            raise CompileError(f"{describe(cursor.node)}: its input '{cursor.tensor}' is {_sequence(seq)}; on a "
                                f"sequence flowtile compiles a MatMul over the last axis (nn.Linear), per-channel "
                                f"affine steps and a Flatten/Reshape to [N, T*C] into dense layers")
         sequence_flatten = seq is not None and bool(layers)  # dense columns in the sequence's order t*C + c
@@ -1382,7 +1378,7 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
                            x_params)
         seq = None
         if not layers and not input_flattened and len(input_shape) > 2 and cursor.at("MatMul"):
-            raise CompileError(f"{_describe(cursor.node)}: its input '{cursor.tensor}' is the {len(input_shape) + 1}-D "
+            raise CompileError(f"{describe(cursor.node)}: its input '{cursor.tensor}' is the {len(input_shape) + 1}-D "
                                f"graph input [N, {', '.join(map(str, input_shape))}]; a MatMul over the last axis of a "
                                f"{len(input_shape) + 1}-D tensor is unsupported (dense layers read a vector [N, n] or a "
                                f"sequence [N, T, C]: flatten the input first)")
@@ -1391,7 +1387,7 @@ def _walk_qdq(graph: _Graph, model_name: str) -> ImportedModel:
         if source_map is not None and not cursor.at("MatMul", "Gemm"):
             node = cursor.node
             if node is not None and node.op_type in ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool"):
-                raise CompileError(f"{_describe(node)}: its input is not a [N, C, H, W] feature map")
+                raise CompileError(f"{describe(node)}: its input is not a [N, C, H, W] feature map")
         layers.append(match_layer(cursor, x_params, n, len(layers), input_map=source_map))
         layers[-1].channels_last = sequence_flatten
         layers[-1].sources = (source,)
@@ -1447,7 +1443,7 @@ def _check_float_ops(model: onnx.ModelProto) -> None:
     consts = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type not in _FLOAT_OPS | {"Constant"} or node.domain not in ("", "ai.onnx"):
-            raise CompileError(f"{_describe(node)}: unsupported op; float models may use "
+            raise CompileError(f"{describe(node)}: unsupported op; float models may use "
                                f"{', '.join(sorted(_FLOAT_OPS))}")
         if node.op_type in ("Conv", "MaxPool", "AveragePool"):  # before quantize_static, which may fail less clearly
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

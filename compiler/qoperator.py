@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import CompileError
+from .errors import CompileError, describe
 
 __all__ = ["qoperator_to_qdq", "QOPERATOR_OPS", "symmetric_int8"]
 
@@ -47,10 +47,6 @@ __all__ = ["qoperator_to_qdq", "QOPERATOR_OPS", "symmetric_int8"]
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul")
 _MIN_OPSET = 13
 _INT8_TYPES = (TensorProto.INT8, TensorProto.UINT8)
-
-
-def _describe(node: onnx.NodeProto) -> str:
-    return f"node '{node.name or node.output[0]}' ({node.op_type})"
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -389,6 +385,6 @@ def qoperator_to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(model)
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as error:
-        names = ", ".join(_describe(n) for n in rewritten)
+        names = ", ".join(describe(n) for n in rewritten)
         raise CompileError(f"rewriting {names} into QDQ form gave an invalid model: {type(error).__name__}: "
                            f"{' '.join(str(error).split())[:200]}") from None
