@@ -141,10 +141,12 @@ class Arch:
             passed words; a smaller queue makes it wait (timing stays exact).
         host_buffer_flits: depth of the simulation harness's input and output buffers (not part of the chip).
 
-    Multi-chip fields (the inter-chip link, ``hdl/link.py``; not wired into the chip yet, so they change
-    nothing else):
-        chips: chips joined edge port to edge port by links (1: a single chip, no link).
-        chip_topology: ``"line"`` (chip ``i`` feeds chip ``i + 1``) or ``"ring"`` (the last feeds the first too).
+    Multi-chip fields (docs/architecture.md section 12; ``rows`` x ``cols`` is the grid of one chip):
+        chips: chips joined by links (1: a single chip, no link). The host feeds chip 0's host input and takes
+            results from the last chip's host output; chip ``k``'s host output feeds link ``k`` into chip
+            ``k + 1``'s host input.
+        chip_topology: ``"line"`` (chip ``i`` feeds chip ``i + 1``); ``"ring"`` (the last feeds the first too) is
+            accepted by the spec but no tool builds it yet.
         link_bits_per_cycle: wire bits a link carries per cycle each way; ``None`` (the default) means
             ``max(1, flit_bits // 16)`` (:attr:`link_bits`).
         link_latency_cycles: pipeline stages of the wire, each way.
@@ -268,6 +270,20 @@ class Arch:
         row, offset = divmod(position, self.cols)
         col = offset if row % 2 == 0 else self.cols - 1 - offset
         return row, col
+
+    @property
+    def system_tiles(self) -> int:
+        """Tiles of all chips: ``chips * n_tiles``."""
+        return self.chips * self.n_tiles
+
+    def system_position(self, position: int) -> tuple[int, int, int]:
+        """(chip, row, col) of the tile at ``position`` on the system chain: chip ``position // n_tiles``'s
+        serpentine chain, the chips in line order (the last tile of chip ``k`` sends over link ``k`` to tile
+        (0, 0) of chip ``k + 1``)."""
+        if not 0 <= position < self.system_tiles:
+            raise ArchError(f"system chain position {position} outside 0..{self.system_tiles - 1}")
+        chip, within = divmod(position, self.n_tiles)
+        return (chip, *self.chain_position(within))
 
     @property
     def chain(self) -> tuple[tuple[int, int], ...]:

@@ -23,11 +23,11 @@ import numpy as np
 from .arch import ACC_BITS, MULTIPLIER_BITS, OP_MAX, SHIFT_BITS, Arch, ArchError
 from .tile_config import ConfigError, TileConfig
 
-__all__ = ["Program", "TileProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
+__all__ = ["Program", "TileProgram", "LinkProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "check_program_destination", "TileConfig", "ConfigError"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 
 class ProgramError(ValueError):
@@ -230,7 +230,7 @@ class TileProgram:
     ``config`` holds every register of :data:`flowtile.arch.CONFIG_FIELDS` (a :class:`TileConfig`; a dict naming
     every register is converted); ``sram`` is the SRAM image from word 0 (int8 values, shape ``[words, lanes]``,
     words beyond it are zero); ``params`` is the parameter table, one row per output neuron:
-    ``(bias, multiplier, shift)``.
+    ``(bias, multiplier, shift)``. ``chip``: which chip of a multi-chip system (``Arch.chips``) the tile is on.
     """
 
     row: int
@@ -238,6 +238,7 @@ class TileProgram:
     config: TileConfig
     sram: np.ndarray = field(repr=False)
     params: np.ndarray = field(repr=False)
+    chip: int = 0
 
     def __post_init__(self):
         try:
@@ -247,7 +248,27 @@ class TileProgram:
 
     @property
     def key(self) -> str:
-        return f"r{self.row}c{self.col}"
+        """``r{row}c{col}``, prefixed ``chip{k}.`` on chips after the first (names the tile in messages and arrays)."""
+        return f"r{self.row}c{self.col}" if self.chip == 0 else f"chip{self.chip}.r{self.row}c{self.col}"
+
+
+@dataclass(frozen=True)
+class LinkProgram:
+    """The registers of the link from chip ``k`` to chip ``k + 1`` (``Program.links[k]``): ``inference_flits``,
+    the flits that cross it per inference (its frames never span inferences, docs/architecture.md section 12).
+    It equals what chip ``k``'s exit tile emits per inference (:meth:`Program.validate` checks it)."""
+
+    inference_flits: int
+
+    def to_dict(self) -> dict:
+        return {"inference_flits": self.inference_flits}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LinkProgram":
+        unknown = sorted(set(values) - {"inference_flits"})
+        if unknown:
+            raise ProgramError(f"link registers: unknown field(s) {', '.join(map(repr, unknown))}")
+        return cls(int(values["inference_flits"]))
 
 
 @dataclass
@@ -256,8 +277,9 @@ class Program:
     input: TensorSpec
     output: TensorSpec
     layers: list[LayerInfo]
-    tiles: list[TileProgram]          # in chain order: tiles[p] sits at arch.chain_position(p)
+    tiles: list[TileProgram]          # in system chain order: tiles[p] sits at arch.system_position(p)
     model_name: str = ""
+    links: list[LinkProgram] = field(default_factory=list)   # one per link: arch.chips - 1 (a line of chips)
 
     # --- derived ------------------------------------------------------------------------------
     @property
@@ -279,12 +301,17 @@ class Program:
         the one place the register rules live), its SRAM image and its parameter table (shape and ranges). The
         emulator and the RTL run call this and check no register rule of their own."""
         arch = self.arch
-        if len(self.tiles) != arch.n_tiles:
-            raise ProgramError(f"program has {len(self.tiles)} tiles, arch has {arch.n_tiles}")
+        if len(self.tiles) != arch.system_tiles:
+            raise ProgramError(f"program has {len(self.tiles)} tiles, arch has {arch.system_tiles}"
+                               + (f" ({arch.chips} chips of {arch.n_tiles})" if arch.chips > 1 else ""))
+        if len(self.links) != arch.chips - 1:
+            raise ProgramError(f"program has {len(self.links)} link register set(s), arch has {arch.chips} chip(s) "
+                               f"in a line, so {arch.chips - 1} link(s)")
         for position, tile in enumerate(self.tiles):
-            if (tile.row, tile.col) != arch.chain_position(position):
-                raise ProgramError(f"tile {position} is at ({tile.row},{tile.col}), "
-                                   f"chain expects {arch.chain_position(position)}")
+            if (tile.chip, tile.row, tile.col) != arch.system_position(position):
+                expected = arch.system_position(position)
+                raise ProgramError(f"tile {position} is at chip {tile.chip} ({tile.row},{tile.col}), "
+                                   f"the chain expects chip {expected[0]} ({expected[1]},{expected[2]})")
             if not isinstance(tile.config, TileConfig):
                 raise ProgramError(f"tile {tile.key}: config must be a TileConfig, got {type(tile.config).__name__}")
             try:
@@ -298,6 +325,16 @@ class Program:
                 raise ProgramError(f"tile {tile.key}: SRAM image needs {tile.sram.shape[0] * arch.lanes} bytes, "
                                    f"tile has {arch.sram_bytes} (arch field 'sram_bytes')")
             _check_parameters(tile)
+        for chip, link in enumerate(self.links):
+            exit_tile = self.tiles[(chip + 1) * arch.n_tiles - 1]
+            emitted = exit_tile.config.output_flits(arch.lanes)
+            if not isinstance(link.inference_flits, int) or link.inference_flits != emitted:
+                raise ProgramError(f"link {chip} (chip {chip} -> chip {chip + 1}): register inference_flits = "
+                                   f"{link.inference_flits}, but exit tile {exit_tile.key} of chip {chip} sends "
+                                   f"{emitted} flits per inference")
+            if not exit_tile.config.dest_host:
+                raise ProgramError(f"link {chip}: exit tile {exit_tile.key} of chip {chip} does not send to the host "
+                                   f"port (dest_host = 0), so nothing would cross the link")
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -314,8 +351,9 @@ class Program:
             "input": self.input.to_dict(),
             "output": self.output.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
-            "tiles": [{"row": t.row, "col": t.col, "config": t.config.to_dict()}
-                      for t in self.tiles],
+            "tiles": [{**({"chip": t.chip} if t.chip else {}), "row": t.row, "col": t.col,
+                       "config": t.config.to_dict()} for t in self.tiles],
+            "links": [link.to_dict() for link in self.links],
         }
         arrays = {}
         for tile in self.tiles:
@@ -368,7 +406,8 @@ class Program:
                                f"{type(error).__name__}: {error}") from None
 
         def tile_array(tile: dict, kind: str, dtype) -> np.ndarray:
-            name = f"r{tile['row']}c{tile['col']}_{kind}"
+            chip = tile.get("chip", 0)
+            name = f"{'' if not chip else f'chip{chip}.'}r{tile['row']}c{tile['col']}_{kind}"
             if name not in arrays:
                 raise ProgramError(f"'{arrays_path}' has no array '{name}' for a tile that program.json lists")
             return arrays[name].astype(dtype)
@@ -376,13 +415,14 @@ class Program:
         try:
             arch = Arch.from_dict(manifest["arch"], source=str(manifest_path))
             tiles = [TileProgram(t["row"], t["col"], dict(t["config"]), tile_array(t, "sram", np.int8),
-                                 tile_array(t, "params", np.int64))
+                                 tile_array(t, "params", np.int64), chip=int(t.get("chip", 0)))
                      for t in manifest["tiles"]]
             program = cls(arch=arch,
                           input=TensorSpec.from_dict(manifest["input"]),
                           output=TensorSpec.from_dict(manifest["output"]),
                           layers=[LayerInfo.from_dict(layer) for layer in manifest["layers"]],
-                          tiles=tiles, model_name=manifest.get("model_name", ""))
+                          tiles=tiles, model_name=manifest.get("model_name", ""),
+                          links=[LinkProgram.from_dict(link) for link in manifest.get("links", [])])
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, (ArchError, ProgramError)):
                 raise

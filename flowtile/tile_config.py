@@ -174,6 +174,10 @@ class TileConfig:
         """Flits emitted from the result buffer per inference (``n_pix * N_r``)."""
         return self.output_pixels * -(-self.n_out // lanes) if self.n_out else 0
 
+    def output_flits(self, lanes: int) -> int:
+        """Flits the PE emits per inference (section 4.4): forwarded and passed words, then its result words."""
+        return self.forwarded_words + self.n_pass + self.result_words(lanes)
+
     @property
     def compute_issue_cycles(self) -> int:
         """COMPUTE issue cycles per inference (``I`` of section 4.1; COMPUTE lasts :attr:`compute_cycles`)."""
@@ -207,8 +211,7 @@ class TileConfig:
         """Cycles per inference of the tile alone in steady state, never stalled (section 6, rule 4): the busiest
         of its input side (``K + P`` transfers), its output side (``Q + E``) and its compute side (COMPUTE's
         ``I + 2`` cycles; results stream out through the ring while it runs)."""
-        return max(self.n_in_words + self.n_pass, self.forwarded_words + self.n_pass + self.result_words(lanes),
-                   self.compute_cycles)
+        return max(self.n_in_words + self.n_pass, self.output_flits(lanes), self.compute_cycles)
 
     @property
     def operand_layout(self) -> tuple[tuple[int, int], tuple[int, int]]:
