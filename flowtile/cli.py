@@ -35,7 +35,9 @@ class UsageError(Exception):
 
 def _arch_from_args(args) -> Arch:
     arch = Arch.from_toml(args.arch) if getattr(args, "arch", None) else Arch()
-    return arch.with_grid(getattr(args, "grid", None))
+    arch = arch.with_grid(getattr(args, "grid", None))
+    chips = getattr(args, "chips", None)
+    return arch if chips is None else arch.replace(chips=chips)
 
 
 def _load_array(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -295,7 +297,8 @@ def cmd_run(args) -> int:
     if not is_quantized(model):
         _progress("float model: quantizing to int8 QDQ with onnxruntime's quantizer")
     model = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
-    _progress(f"compiling {args.model} for a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
+    chips = f"{arch.chips} chips of " if arch.chips > 1 else ""
+    _progress(f"compiling {args.model} for {chips}a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
     program = compile_model(model, arch)
     if x is None:
         batch = args.batch or DEFAULT_RANDOM_BATCH
@@ -369,7 +372,7 @@ def cmd_run(args) -> int:
 def steady_state_utilization(program, interval_cycles: float) -> float:
     """Network MACs per inference / (cycles per inference in steady state x tiles x lanes)."""
     arch = program.arch
-    return program.macs_per_inference / (interval_cycles * arch.n_tiles * arch.lanes) if interval_cycles else 0.0
+    return program.macs_per_inference / (interval_cycles * arch.system_tiles * arch.lanes) if interval_cycles else 0.0
 
 
 # --- argument parsing -------------------------------------------------------------------------------
@@ -378,6 +381,9 @@ def _add_arch_options(parser):
     parser.add_argument("--arch", metavar="A.toml", default=None,
                         help="architecture description (TOML, any Arch field); default: the built-in Arch")
     parser.add_argument("--grid", metavar="RxC", default=None, help="tile grid of the chip, e.g. 4x4; default: the arch's")
+    parser.add_argument("--chips", type=int, default=None, metavar="N",
+                        help="chips in a line joined by links (the grid is one chip's; link fields via --arch); "
+                             "default: the arch's (1)")
 
 
 def _add_output_options(parser, *, output: bool):

@@ -36,6 +36,8 @@ _IN_WRITE_EN, _IN_WRITE_ADDR, _IN_WRITE_DATA = "in_write_en", "in_write_addr", "
 _OUT_READ_ADDR, _OUT_READ_DATA, _OUT_READ_STAMP = "out_read_addr", "out_read_data", "out_read_stamp"
 _DONE, _TIMED_OUT, _UNEXPECTED = "done", "timed_out", "unexpected_output"
 _SENT, _RECEIVED, _CYCLE = "in_sent", "out_received", "cycle"
+_IN_AVAILABLE, _OUT_CONSUMED, _IN_LOW, _OUT_HIGH = "in_available", "out_consumed", "in_low", "out_high"
+_UNDERRUN = "underrun"
 _PATTERN_WRITE_EN, _PATTERN_WRITE_ADDR, _PATTERN_WRITE_DATA = "pattern_write_en", "pattern_write_addr", "pattern_write_data"
 _OUT_GATE, _IN_GATE = "out_gate", "in_gate"
 
@@ -46,8 +48,8 @@ class HarnessBus:
     ``set`` takes effect for the next clock edge; ``tick`` waits for one clock edge; ``get`` right
     after ``tick`` returns a combinational output as it was just before that edge (cocotb's rule),
     which equals its settled value whenever the inputs it depends on did not change at that edge.
-    ``wait_stopped`` returns after the harness's ``stopped`` rose (or after ``limit_cycles`` more
-    cycles as a safety net), without waking Python on every cycle.
+    ``wait_for_harness`` returns after the harness's ``stopped``, ``in_low`` or ``out_high`` rose (or after
+    ``limit_cycles`` more cycles as a safety net), without waking Python on every cycle.
     """
 
     async def reset(self) -> None: ...
@@ -58,48 +60,104 @@ class HarnessBus:
 
     async def tick(self) -> None: ...
 
-    async def wait_stopped(self, limit_cycles: int) -> None: ...
+    async def wait_for_harness(self, limit_cycles: int) -> None: ...
 
 
-#: The watchdog looks at the host transfer counts this many times per stall window.
-STALL_POLLS_PER_WINDOW = 4
+#: The watchdog looks at the host transfer counts this many times per stall window: a transfer is seen at most
+#: one look (1/8 window) after it happened, and the run is stopped at the first look a whole window after that,
+#: so between 1 and 1.25 windows after the last transfer.
+STALL_POLLS_PER_WINDOW = 8
 
 
-async def _wait_for_stop(bus: HarnessBus, job: dict) -> bool:
-    """Wait until the harness stopped (done or timed out); with a ``stall_window`` in the job, look
+class _Rings:
+    """The testbench's side of the harness's input and output rings (see flowtile.rtl.harness: streaming)."""
+
+    def __init__(self, job: dict):
+        self.depth = job["buffer_depth"]
+        self.in_words = job["in_words"]
+        self.out_count = job["out_count"]
+        self.written = 0
+        self.out_data: list[int] = []
+        self.out_stamps: list[int] = []
+
+    async def fill(self, bus: HarnessBus) -> None:
+        """Before start: the first ``depth`` input flits."""
+        bus.set(_IN_WRITE_EN, 1)
+        for index in range(min(self.depth, len(self.in_words))):
+            bus.set(_IN_WRITE_ADDR, index)
+            bus.set(_IN_WRITE_DATA, self.in_words[index])
+            await bus.tick()
+        bus.set(_IN_WRITE_EN, 0)
+        self.written = min(self.depth, len(self.in_words))
+        bus.set(_IN_AVAILABLE, self.written)
+
+    async def service(self, bus: HarnessBus, *, drain: bool = False) -> None:
+        """Move one entry each way per cycle: write input flits while the input ring has room and read output
+        entries while any are unread, until the input ring is full (or every flit written) and at most a
+        quarter of the output ring is unread (``drain``: none), or the run stopped. The counts read after a
+        tick are those from before its edge, i.e. lower bounds: never an overwrite of an unsent or unread entry."""
+        while True:
+            sent, received = bus.get(_SENT), bus.get(_RECEIVED)
+            received = min(received, self.out_count)
+            unread = received - len(self.out_data)
+            write = self.written < len(self.in_words) and self.written - sent < self.depth
+            read = unread > 0
+            if not write and unread <= (0 if drain else self.depth // 4):
+                break
+            if not drain and (bus.get(_DONE) or bus.get(_TIMED_OUT)):
+                break
+            bus.set(_IN_WRITE_EN, int(write))
+            if write:
+                bus.set(_IN_WRITE_ADDR, self.written % self.depth)
+                bus.set(_IN_WRITE_DATA, self.in_words[self.written])
+            if read:
+                bus.set(_OUT_READ_ADDR, len(self.out_data) % self.depth)
+            await bus.tick()
+            if write:
+                self.written += 1
+                bus.set(_IN_AVAILABLE, self.written)
+            if read:
+                self.out_data.append(bus.get(_OUT_READ_DATA))
+                self.out_stamps.append(bus.get(_OUT_READ_STAMP))
+                bus.set(_OUT_CONSUMED, len(self.out_data))
+        bus.set(_IN_WRITE_EN, 0)
+
+
+async def _run_until_stop(bus: HarnessBus, job: dict, rings: _Rings) -> bool:
+    """Stream the rings until the harness stopped (done or timed out); with a ``stall_window`` in the job, look
     :data:`STALL_POLLS_PER_WINDOW` times per window at the host transfer counts (input flits accepted, output flits
-    received) and give up (return True) once they stayed the same for a whole window, i.e. between 1 and 1.25
-    windows after the last transfer. Returns right after a clock edge."""
+    received) and give up (return True) once they stayed the same for a whole window since the look that saw
+    them change, i.e. between 1 and 1.25 windows after the last transfer. Returns right after a clock edge."""
     limit = job["cycle_limit"] + job["stop_slack_cycles"]
     window = int(job.get("stall_window") or 0)
-    if not window:
-        await bus.wait_stopped(limit)
-        await bus.tick()
-        return False
-    poll = max(1, window // STALL_POLLS_PER_WINDOW)
-    seen, quiet, waited = None, 0, 0
+    poll = max(1, window // STALL_POLLS_PER_WINDOW) if window else limit
+    seen, changed_at = None, 0
     while True:
-        await bus.wait_stopped(poll)
+        await bus.wait_for_harness(poll)
         await bus.tick()
         if bus.get(_DONE) or bus.get(_TIMED_OUT):
             return False
-        waited += poll + 1
+        if bus.get(_IN_LOW) or bus.get(_OUT_HIGH):
+            await rings.service(bus)
+            if bus.get(_DONE) or bus.get(_TIMED_OUT):
+                return False
+        cycle = bus.get(_CYCLE)
         now = (bus.get(_SENT), bus.get(_RECEIVED))
-        quiet = quiet + poll + 1 if now == seen else 0
-        if quiet >= window:
+        if now != seen:
+            seen, changed_at = now, cycle
+        elif window and cycle - changed_at >= window:
             return True
-        seen = now
-        if waited > limit:
+        if cycle > limit:
             return False
 
 
 async def run_job(bus: HarnessBus, job: dict) -> dict:
-    """Load the chip, fill the input buffer, run, read back. Returns the result dictionary.
+    """Load the chip, fill the input ring, run (streaming the rings), read back. Returns the result dictionary.
 
-    Result keys: ``status`` ("ok", "timeout", "stalled": no host transfer for a whole ``stall_window``, or
-    "unexpected_output"), ``out_data`` and
-    ``out_stamps`` (lists of ints, one per stored output entry up to ``out_count``), ``in_sent`` and
-    ``out_received`` (flit counts), ``cycle`` (counter one cycle after the stop).
+    Result keys: ``status`` ("ok", "timeout", "stalled": no host transfer for a whole ``stall_window``,
+    "unexpected_output" or "underrun"), ``out_data`` and ``out_stamps`` (lists of ints, one per stored output entry
+    up to ``out_count``), ``in_sent`` and ``out_received`` (flit counts), ``cycle`` (counter one cycle after the
+    stop).
     """
     await bus.reset()
 
@@ -111,12 +169,8 @@ async def run_job(bus: HarnessBus, job: dict) -> dict:
         await bus.tick()
     bus.set(valid_port, 0)
 
-    bus.set(_IN_WRITE_EN, 1)
-    for index, word in enumerate(job["in_words"]):
-        bus.set(_IN_WRITE_ADDR, index)
-        bus.set(_IN_WRITE_DATA, word)
-        await bus.tick()
-    bus.set(_IN_WRITE_EN, 0)
+    rings = _Rings(job)
+    await rings.fill(bus)
 
     # Host stalls (optional job keys): the pattern entries (bit 0 output ready, bit 1 input valid) and the gates.
     pattern = job.get("pattern") or []
@@ -137,27 +191,23 @@ async def run_job(bus: HarnessBus, job: dict) -> dict:
     await bus.tick()
     bus.set(_START, 0)
 
-    # The run itself: no Python until the harness says it stopped, or (watchdog) once per stall window to see
-    # whether any host transfer happened since the last look; none in a whole window: the run is stuck.
-    stalled = await _wait_for_stop(bus, job)
+    # The run itself: no Python until the harness says it stopped or needs its rings served, or (watchdog) once
+    # per stall window to see whether any host transfer happened since the last look.
+    stalled = await _run_until_stop(bus, job, rings)
     done, timed_out = bus.get(_DONE), bus.get(_TIMED_OUT)
-    unexpected, sent, received = bus.get(_UNEXPECTED), bus.get(_SENT), bus.get(_RECEIVED)
-    cycle = bus.get(_CYCLE)
-
-    out_data, out_stamps = [], []
-    for index in range(min(received, job["out_count"])):
-        bus.set(_OUT_READ_ADDR, index)
-        await bus.tick()
-        out_data.append(bus.get(_OUT_READ_DATA))
-        out_stamps.append(bus.get(_OUT_READ_STAMP))
+    unexpected, underrun = bus.get(_UNEXPECTED), bus.get(_UNDERRUN)
+    sent, received, cycle = bus.get(_SENT), bus.get(_RECEIVED), bus.get(_CYCLE)
+    await rings.service(bus, drain=True)
 
     if not done:
         status = "timeout" if timed_out else "stalled" if stalled else "not_stopped"
     elif unexpected:
         status = "unexpected_output"
+    elif underrun:
+        status = "underrun"
     else:
         status = "ok"
-    return {"status": status, "out_data": out_data, "out_stamps": out_stamps,
+    return {"status": status, "out_data": rings.out_data, "out_stamps": rings.out_stamps,
             "in_sent": sent, "out_received": received, "cycle": cycle}
 
 
@@ -187,8 +237,9 @@ class _CocotbBus(HarnessBus):
     async def tick(self):
         await RisingEdge(self.dut.clk)
 
-    async def wait_stopped(self, limit_cycles):
-        await First(RisingEdge(self.dut.stopped), Timer(limit_cycles * CLOCK_PERIOD_NS, unit="ns"))
+    async def wait_for_harness(self, limit_cycles):
+        await First(RisingEdge(self.dut.stopped), RisingEdge(self.dut.in_low), RisingEdge(self.dut.out_high),
+                    Timer(limit_cycles * CLOCK_PERIOD_NS, unit="ns"))
 
 
 @cocotb.test()

@@ -4,7 +4,7 @@ The harness implements the "Simulation harness" paragraph of docs/architecture.m
 whole run (all inference batches) happens in hardware without a testbench touching every cycle:
 
 * before a run the testbench drives the chip's ``load`` bus (passed straight through), fills the input
-  buffer through ``in_write_*`` and sets ``in_count`` / ``out_count`` / ``cycle_limit``;
+  buffer through ``in_write_*`` and sets ``in_count`` / ``out_count`` / ``cycle_limit`` / ``in_available``;
 * a one-cycle ``start`` pulse starts the run: cycle 0 is the first cycle with the chip's ``run = 1``;
 * input flit ``i`` is offered to the chip's host input with destination tile (0,0) from cycle 0 on,
   back to back, each until accepted, and the chip's host output is ready in every cycle, unless host stalls
@@ -16,7 +16,16 @@ whole run (all inference batches) happens in hardware without a testbench touchi
 * every received flit is stored in the output buffer with the number of the cycle of its transfer;
 * ``done`` rises once ``out_count`` flits have arrived, ``timed_out`` once ``cycle_limit`` cycles passed
   (``stopped`` is their OR: the one signal a testbench waits for);
-* after that the testbench reads entries back through ``out_read_*`` (combinational read).
+* the testbench reads entries back through ``out_read_*`` (combinational read).
+
+Streaming (any batch): both buffers are rings of ``host_buffer_flits`` entries; input flit ``i`` sits in entry
+``i % depth``, output flit ``j`` in entry ``j % depth``. A batch larger than the buffers streams: the testbench
+tells the harness how many input flits it has written (``in_available``) and how many output entries it has read
+(``out_consumed``), and is woken by ``in_low`` (at most half a buffer of unsent input left, more to come) and
+``out_high`` (at least half a buffer unread). Moving one entry each way per cycle from then on, it always stays
+ahead, so streaming never changes the chip's timing; if it did fall behind, the harness flags it (``underrun``:
+an input flit was due but not written; ``unexpected_output``: an output entry would be overwritten unread)
+rather than silently stalling the chip.
 
 One run per reset: the counters start from their reset values and ``start`` is ignored while running.
 """
@@ -24,7 +33,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from amaranth.hdl import ClockSignal, Instance, Module, Shape, Signal, Value, unsigned
+from amaranth.hdl import ClockSignal, Instance, Module, Mux, Shape, Signal, Value, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -76,11 +85,6 @@ class HarnessError(ValueError):
     """The harness cannot be built around the given chip; the message names the offending port."""
 
 
-def _bits_to_count(n: int) -> int:
-    """Bits of an unsigned counter holding 0..n inclusive."""
-    return max(1, n.bit_length())
-
-
 def _bits_to_address(depth: int) -> int:
     """Bits of an address into ``depth`` entries."""
     return max(1, (depth - 1).bit_length())
@@ -127,6 +131,8 @@ class Harness(wiring.Component):
         load: the chip's load bus, same signature, passed through unchanged.
         start: pulse for one cycle to start the run (the next cycle is cycle 0).
         in_count, out_count: flits to send / to expect; hold stable from ``start`` to the end.
+        in_available: input flits written into the input ring so far (input flit ``i`` may be offered only if
+            ``i < in_available``); out_consumed: output entries the testbench has read so far.
         cycle_limit: ``timed_out`` rises when the cycle counter reaches it.
         in_write_en, in_write_addr, in_write_data: write one input flit's data (lane ``l`` in bits
             ``[8l, 8l+8)``) into the input buffer per cycle, before ``start``.
@@ -139,8 +145,10 @@ class Harness(wiring.Component):
         running: the chip's ``run``; cycle: cycles since cycle 0 (the current cycle's number).
         in_sent: input flits the chip accepted so far; out_received: output flits stored so far.
         done, timed_out, stopped (= done | timed_out): status, sticky for the rest of the run.
+        in_low, out_high: the streaming testbench's wake-ups (module docstring).
         unexpected_output: sticky; a flit arrived before ``start``, beyond ``out_count``, or with
-            the output buffer full (the chip emitted more than the program says it would).
+            the output ring full of unread entries.
+        underrun: sticky; an input flit was due (running, host offering) but not yet written.
     """
 
     def __init__(self, arch: Arch, *, chip=None, buffers: str = "memories"):
@@ -167,7 +175,7 @@ class Harness(wiring.Component):
                                f"needs {arch.flit_data_bits}")
 
         depth = arch.host_buffer_flits
-        count_bits = _bits_to_count(depth)
+        count_bits = STAMP_BITS   # flit counts of a whole streamed batch
         address_bits = _bits_to_address(depth)
         #: One output buffer entry: the received flit's data and the cycle of its transfer.
         self.out_entry_layout = data.StructLayout({"data": unsigned(arch.flit_data_bits),
@@ -178,6 +186,8 @@ class Harness(wiring.Component):
             "start": In(1),
             "in_count": In(count_bits),
             "out_count": In(count_bits),
+            "in_available": In(count_bits),
+            "out_consumed": In(count_bits),
             "cycle_limit": In(STAMP_BITS),
             "in_write_en": In(1),
             "in_write_addr": In(address_bits),
@@ -197,7 +207,10 @@ class Harness(wiring.Component):
             "done": Out(1),
             "timed_out": Out(1),
             "stopped": Out(1),
+            "in_low": Out(1),
+            "out_high": Out(1),
             "unexpected_output": Out(1),
+            "underrun": Out(1),
         })
 
     def _buffer(self, m: Module, name: str, shape, depth: int | None = None) -> tuple:
@@ -259,10 +272,12 @@ class Harness(wiring.Component):
                      host_offers.eq(~self.in_gate | pattern_now.data[1])]
 
         sent = self.in_sent
-        offering = Signal()
+        offering, due = Signal(), Signal()
+        in_address = Signal(_bits_to_address(depth))     # sent % depth
         m.d.comb += [
-            offering.eq(running & (sent < self.in_count) & host_offers),
-            in_feed.addr.eq(sent),
+            due.eq(running & (sent < self.in_count) & host_offers),
+            offering.eq(due & (sent < self.in_available)),
+            in_feed.addr.eq(in_address),
             chip.i_host.valid.eq(offering),
             chip.i_host.payload.data.eq(in_feed.data),
             # Host input flits are addressed to tile (0,0) (section 5).
@@ -271,17 +286,20 @@ class Harness(wiring.Component):
             chip.i_host.payload.dest_host.eq(0),
         ]
         with m.If(offering & chip.i_host.ready):
-            m.d.sync += sent.eq(sent + 1)
+            m.d.sync += [sent.eq(sent + 1), in_address.eq(Mux(in_address == depth - 1, 0, in_address + 1))]
+        with m.If(due & ~offering):
+            m.d.sync += self.underrun.eq(1)
 
         # --- output side: ready unless the pattern stalls it, store data + stamp ------------------
         out_store, out_fetch = self._buffer(m, "out_buffer", self.out_entry_layout)
         received = self.out_received
+        out_address = Signal(_bits_to_address(depth))    # received % depth
         arriving = chip.o_host.valid & host_ready  # a transfer
-        buffer_has_room = received < depth
+        buffer_has_room = (received - self.out_consumed)[:STAMP_BITS] < depth
         m.d.comb += [
             chip.o_host.ready.eq(host_ready),
             out_store.en.eq(arriving & buffer_has_room),
-            out_store.addr.eq(received),
+            out_store.addr.eq(out_address),
             out_store.data.data.eq(chip.o_host.payload.data),
             out_store.data.stamp.eq(self.cycle),
             out_fetch.addr.eq(self.out_read_addr),
@@ -290,7 +308,8 @@ class Harness(wiring.Component):
         ]
         with m.If(arriving):
             with m.If(buffer_has_room):
-                m.d.sync += received.eq(received + 1)
+                m.d.sync += [received.eq(received + 1),
+                             out_address.eq(Mux(out_address == depth - 1, 0, out_address + 1))]
             with m.If(~running | (received >= self.out_count) | ~buffer_has_room):
                 m.d.sync += self.unexpected_output.eq(1)
 
@@ -299,5 +318,8 @@ class Harness(wiring.Component):
             self.done.eq(running & (received >= self.out_count)),
             self.timed_out.eq(running & (self.cycle >= self.cycle_limit)),
             self.stopped.eq(self.done | self.timed_out),
+            self.in_low.eq((self.in_available < self.in_count)
+                           & ((self.in_available - sent)[:STAMP_BITS] <= depth // 2)),
+            self.out_high.eq((received - self.out_consumed)[:STAMP_BITS] >= max(1, depth // 2)),
         ]
         return m

@@ -66,6 +66,9 @@ VERILATOR_BUILD_ARGS = ("-Wno-WIDTH", "-Wno-lint")
 LOG_TAIL_LINES = 40
 #: Extra cycles the testbench's safety timer allows beyond the harness's own cycle limit.
 STOP_SLACK_CYCLES = 64
+#: Host buffers at least this deep stream batches larger than themselves (flowtile.rtl.harness: streaming; the
+#: half-buffer wake-up margin must cover the cycle the testbench needs to react).
+MIN_STREAMING_BUFFER = 8
 # The cycle budget (BUDGET_FACTOR times a sequential estimate plus BUDGET_BASE_CYCLES) and the no-progress window
 # are the spec's (flowtile.run_limits), shared with the emulator's --max-cycles.
 _BUILD_STAMP = "flowtile-build.json"
@@ -499,11 +502,12 @@ def _check_inputs(program: Program, in_flits, batch) -> np.ndarray:
     if in_flits.shape != expected:
         raise ValueError(f"in_flits has shape {list(in_flits.shape)}, expected [batch*input_words, lanes] = "
                          f"[{batch}*{program.input_words}, {arch.lanes}] = {list(expected)}")
-    for what, count in (("input", expected[0]), ("output", batch * program.output_words)):
-        if count > arch.host_buffer_flits:
-            raise RtlCapacityError(f"{count} {what} flits ({batch} inferences) exceed the harness buffer of "
-                             f"{arch.host_buffer_flits} flits (arch field 'host_buffer_flits'); "
-                             f"use a smaller batch or a larger host_buffer_flits")
+    streams = max(expected[0], batch * program.output_words) > arch.host_buffer_flits
+    if streams and arch.host_buffer_flits < MIN_STREAMING_BUFFER:
+        raise RtlCapacityError(f"a batch of {batch} inferences ({expected[0]} input, {batch * program.output_words} "
+                               f"output flits) exceeds the harness buffers of {arch.host_buffer_flits} flits (arch "
+                               f"field 'host_buffer_flits') and buffers below {MIN_STREAMING_BUFFER} flits cannot "
+                               f"stream; use at least {MIN_STREAMING_BUFFER} or a smaller batch")
     return in_flits
 
 
@@ -541,6 +545,7 @@ def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports:
         "load_payloads": _load_payloads(program),
         "in_words": _pack_flit_data(in_flits),
         "in_count": int(in_flits.shape[0]),
+        "buffer_depth": program.arch.host_buffer_flits,
         "out_count": int(batch * program.output_words),
         "cycle_limit": limit,
         "limit_source": "budget" if max_cycles is None else "max_cycles",
@@ -592,6 +597,9 @@ def _result_from(job: dict, result: dict, program: Program, started: float, buil
     expected = job["out_count"]
     if status in ("timeout", "not_stopped", "stalled"):
         raise _timeout_error(job, result, program, simulator)
+    if status == "underrun":
+        raise RtlRunError(f"{simulator}: the testbench fell behind streaming the host input (an input flit was due "
+                          f"before it was written into the harness's ring): the run's timing is not the chip's")
     if status == "unexpected_output":
         raise RtlRunError(f"{simulator}: the chip emitted an output flit before start or beyond the "
                           f"{expected} the program produces (received {result['out_received']})")
@@ -643,8 +651,9 @@ def _run_verilator(program, in_flits, batch, waves, build_root, chip_factory, ho
 
 
 class _AmaranthBus(HarnessBus):
-    def __init__(self, ctx, ports: dict, stopped):
-        self.ctx, self.ports, self.stopped = ctx, ports, stopped
+    def __init__(self, ctx, ports: dict, harness):
+        self.ctx, self.ports = ctx, ports
+        self.stopped, self.in_low, self.out_high = harness.stopped, harness.in_low, harness.out_high
 
     async def reset(self):
         # The simulator starts from reset values; the ticks only mirror the cocotb sequence.
@@ -659,10 +668,11 @@ class _AmaranthBus(HarnessBus):
     async def tick(self):
         await self.ctx.tick()
 
-    async def wait_stopped(self, limit_cycles):
+    async def wait_for_harness(self, limit_cycles):
         from amaranth.sim import BrokenTrigger
         try:
-            await self.ctx.posedge(self.stopped).delay(limit_cycles * CLOCK_PERIOD_NS * 1e-9)
+            await (self.ctx.posedge(self.stopped).posedge(self.in_low).posedge(self.out_high)
+                   .delay(limit_cycles * CLOCK_PERIOD_NS * 1e-9))
         except BrokenTrigger:
             pass   # both fired in the same step (the watchdog's window ended as the harness stopped): woken anyway
 
@@ -681,7 +691,7 @@ def _run_amaranth(program, in_flits, batch, waves, chip_factory, host_pattern=No
     outcome = {}
 
     async def testbench(ctx):
-        outcome.update(await run_job(_AmaranthBus(ctx, ports, harness.stopped), job))
+        outcome.update(await run_job(_AmaranthBus(ctx, ports, harness), job))
 
     simulator.add_testbench(testbench)
     build_seconds = time.perf_counter() - setup_started

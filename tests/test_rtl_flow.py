@@ -116,6 +116,24 @@ def test_flow_amaranth_with_stand_in_chip(loopback_case):
     assert result.cycles == len(in_flits) + 1
 
 
+STREAM_ARCH = FLOW_ARCH.replace(host_buffer_flits=rtl.MIN_STREAMING_BUFFER)
+
+
+@pytest.mark.parametrize("simulator", ["amaranth", pytest.param("verilator", marks=pytest.mark.rtl)])
+def test_batch_larger_than_the_host_buffers_streams_without_changing_timing(simulator, tmp_path):
+    """A batch of 25 times the buffers streams through the harness's rings: every flit, every time stamp as if
+    the buffers held the whole batch (flit i in cycle i, out in cycle i + 1)."""
+    batch = 2 * 25 * STREAM_ARCH.host_buffer_flits // 3 + 1
+    program = _loopback_program(STREAM_ARCH, LOOPBACK_KEY, LOOPBACK_VALUES)
+    rng = np.random.default_rng(5)
+    in_flits = rng.integers(-128, 128, size=(batch * program.input_words, STREAM_ARCH.lanes)).astype(np.int8)
+    assert len(in_flits) > 20 * STREAM_ARCH.host_buffer_flits
+    result = rtl.simulate(program, in_flits, batch, simulator=simulator, build_root=tmp_path,
+                          chip_factory=LoopbackChip)
+    np.testing.assert_array_equal(result.out_flits, (in_flits.view(np.uint8) ^ LOOPBACK_KEY).view(np.int8))
+    np.testing.assert_array_equal(result.out_times, np.arange(len(in_flits)) + 1)
+
+
 @pytest.mark.rtl
 def test_flow_verilator_with_stand_in_chip_and_build_cache(loopback_case, tmp_path):
     program, in_flits, expected, expected_times = loopback_case
@@ -139,8 +157,9 @@ def test_input_validation_names_the_problem():
         rtl.simulate(program, np.zeros((2, 4), np.int16), 1, simulator="amaranth", chip_factory=LoopbackChip)
     with pytest.raises(ValueError, match=r"expected \[batch\*input_words, lanes\]"):
         rtl.simulate(program, np.zeros((3, 4), np.int8), 1, simulator="amaranth", chip_factory=LoopbackChip)
+    tiny = _loopback_program(FLOW_ARCH.replace(host_buffer_flits=rtl.MIN_STREAMING_BUFFER - 1), 1, 8)
     with pytest.raises(ValueError, match="host_buffer_flits"):
-        rtl.simulate(program, np.zeros((66, 4), np.int8), 33, simulator="amaranth", chip_factory=LoopbackChip)
+        rtl.simulate(tiny, np.zeros((66, 4), np.int8), 33, simulator="amaranth", chip_factory=LoopbackChip)
     with pytest.raises(ValueError, match="simulator must be one of"):
         rtl.simulate(program, np.zeros((2, 4), np.int8), 1, simulator="icarus")
 

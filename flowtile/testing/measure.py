@@ -34,7 +34,7 @@ class SteadyState:
     def grid_utilization(self) -> float:
         """The network's MACs over the whole grid."""
         arch = self.program.arch
-        return self.program.macs_per_inference / (self.interval * arch.n_tiles * arch.lanes)
+        return self.program.macs_per_inference / (self.interval * arch.system_tiles * arch.lanes)
 
     @property
     def computing_utilization(self) -> float:
