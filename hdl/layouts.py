@@ -16,20 +16,31 @@ Contract (docs/architecture.md sections 2 and 5):
   ========  ===========================================  =============================================
   field     width                                        meaning
   ========  ===========================================  =============================================
-  tile      :func:`load_tile_bits` = ceil(log2(n_tiles))  tile index ``row * cols + col``
+  tile      :func:`load_tile_bits` = ceil(log2(n_tiles))  tile index ``row * cols + col`` on its chip
             (at least 1)
   target    :data:`LOAD_TARGET_BITS` = 2                 :data:`LOAD_TARGET_SRAM` (0),
                                                          :data:`LOAD_TARGET_PARAMS` (1),
-                                                         :data:`LOAD_TARGET_CONFIG` (2)
-  addr      :data:`LOAD_ADDR_BITS` = 16                  SRAM word / parameter row / config register
+                                                         :data:`LOAD_TARGET_CONFIG` (2),
+                                                         :data:`LOAD_TARGET_LINK` (3)
+  addr      :data:`LOAD_ADDR_BITS` = 16                  SRAM word / parameter row / config register /
+                                                         link register
   data      :func:`load_data_bits` = max(8 * lanes, 69)  see below
+  chip      :func:`load_chip_bits` = ceil(log2(chips))   chip ``k`` of a multi-chip system (0 on one chip);
+            (at least 1)                                 the most significant field, so that the others
+                                                         sit where they did before it existed
   ========  ===========================================  =============================================
 
   Data per target: SRAM word = a flit's ``data`` (low ``8 * lanes`` bits); parameter entry =
   :func:`param_layout` (bias ``[0, 32)`` signed, multiplier ``[32, 63)``, shift ``[63, 69)``), built
   by :func:`encode_param_entry`; config register ``addr`` = its index in ``CONFIG_FIELDS``, value in
-  the low bits, two's complement for signed registers, built by :func:`encode_config`.
-  Writes beyond a memory's depth, to an unknown config address or to target 3 are ignored.
+  the low bits, two's complement for signed registers, built by :func:`encode_config`; link register
+  (:data:`LOAD_TARGET_LINK`, only :class:`flowtile.hdl.system.System` decodes it): ``addr``
+  :data:`LINK_REG_INFERENCE_FLITS` (0) = ``inference_flits`` of link ``chip`` (the link leaving that chip,
+  ``Program.links[chip]``), the low :data:`LINK_INFERENCE_FLITS_BITS` bits of ``data``
+  (:func:`pack_link_load`); ``tile`` is ignored. A :class:`~flowtile.hdl.chip.Chip` ignores ``chip``
+  (:class:`~flowtile.hdl.system.System` passes a write to chip ``k`` only if ``chip = k``).
+  Writes beyond a memory's depth, to an unknown config or link address, to a chip or link that does
+  not exist, or to target 3 of a tile are ignored.
 """
 from __future__ import annotations
 
@@ -38,11 +49,12 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import Out
 from amaranth.utils import ceil_log2
 
-from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch
+from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch, index_bits
 from flowtile.tile_config import ConfigError, TileConfig, register_bounds
 
 __all__ = [
-    "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_BITS", "LOAD_ADDR_BITS",
+    "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_LINK", "LOAD_TARGET_BITS",
+    "LOAD_ADDR_BITS", "LINK_REG_INFERENCE_FLITS", "LINK_INFERENCE_FLITS_BITS", "load_chip_bits", "pack_link_load",
     "PARAM_ENTRY_BITS", "LoadEncodingError", "encode_registers",
     "check_arch", "check_tile_position", "check_tile_index", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
@@ -53,8 +65,14 @@ __all__ = [
 LOAD_TARGET_SRAM = 0
 LOAD_TARGET_PARAMS = 1
 LOAD_TARGET_CONFIG = 2
-#: Width of the load ``target`` field (three targets).
+#: Link registers (of a multi-chip System; tiles ignore this target).
+LOAD_TARGET_LINK = 3
+#: Width of the load ``target`` field (four targets).
 LOAD_TARGET_BITS = 2
+#: Link register address of ``inference_flits`` (flits that cross the link per inference).
+LINK_REG_INFERENCE_FLITS = 0
+#: Width of a link's ``inference_flits`` register (and of LinkTx's port): up to ``2**24 - 1`` flits per inference.
+LINK_INFERENCE_FLITS_BITS = 24
 #: Width of the load ``addr`` field (docs/architecture.md section 5).
 LOAD_ADDR_BITS = 16
 #: One parameter-table entry: bias, multiplier, shift.
@@ -120,14 +138,21 @@ def load_tile_bits(arch: Arch) -> int:
     return max(1, ceil_log2(arch.n_tiles))
 
 
+def load_chip_bits(arch: Arch) -> int:
+    """Width of the load ``chip`` field: enough for ``chips - 1``, at least 1."""
+    return index_bits(arch.chips)
+
+
 def load_layout(arch: Arch) -> data.StructLayout:
-    """The load-bus payload (``valid`` is the stream's, see the module docstring)."""
+    """The load-bus payload (``valid`` is the stream's, see the module docstring); ``chip`` is the most
+    significant field."""
     check_arch(arch, "load_layout")
     return data.StructLayout({
         "tile": unsigned(load_tile_bits(arch)),
         "target": unsigned(LOAD_TARGET_BITS),
         "addr": unsigned(LOAD_ADDR_BITS),
         "data": unsigned(load_data_bits(arch)),
+        "chip": unsigned(load_chip_bits(arch)),
     })
 
 
@@ -268,6 +293,19 @@ def pack_flit(arch: Arch, data: int, dest_row: int = 0, dest_col: int = 0, dest_
     return pack_struct(flit_layout(arch), data=data, dest_row=dest_row, dest_col=dest_col, dest_host=dest_host)
 
 
-def pack_load(arch: Arch, tile: int, target: int, addr: int, data: int) -> int:
+def pack_load(arch: Arch, tile: int, target: int, addr: int, data: int, chip: int = 0) -> int:
     """A load-bus write as the integer on ``load__payload``."""
-    return pack_struct(load_layout(arch), tile=tile, target=target, addr=addr, data=data)
+    return pack_struct(load_layout(arch), tile=tile, target=target, addr=addr, data=data, chip=chip)
+
+
+def pack_link_load(arch: Arch, chip: int, inference_flits: int) -> int:
+    """The load-bus write (the integer on ``load__payload``) setting ``inference_flits`` of link ``chip`` (chip
+    ``chip`` -> chip ``chip + 1``, ``Program.links[chip]``); raises :class:`LoadEncodingError` naming the value if
+    ``chip`` is not the first chip of a link of ``arch`` or ``inference_flits`` does not fit its register."""
+    check_arch(arch, "pack_link_load")
+    if arch.chips == 1:
+        raise LoadEncodingError("arch has 1 chip, so no link to load")
+    _check_range("link chip", chip, 0, arch.chips - 2)
+    _check_range("link register inference_flits", inference_flits, 0, (1 << LINK_INFERENCE_FLITS_BITS) - 1)
+    return pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_INFERENCE_FLITS, inference_flits, chip=chip)
+

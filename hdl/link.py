@@ -1,15 +1,20 @@
 """The inter-chip link: flits between an edge port of one chip and an edge port of the next over a slow,
-narrow, lossy wire (issue "Multi-chip: chips joined by slow links"). Not wired into the chip yet.
+narrow, lossy wire (issue "Multi-chip: chips joined by slow links"); :class:`flowtile.hdl.system.System` puts one
+between every two chips of a line. The geometry and the fault-free timing contract are the spec's
+(:class:`flowtile.link_format.LinkGeometry`, whose module docstring is the contract this hardware meets to the cycle).
 
 Pieces (each a ``wiring.Component``):
 
-* :class:`LinkTx` -- groups flits into frames (sequence number, flit count, flits, CRC-32), keeps them in a
+* :class:`LinkTx` -- groups flits into frames (sequence number, flit count, flits, CRC-32; frames never span
+  inferences: an inference of ``inference_flits`` flits makes ``ceil(inference_flits / frame_flits)`` frames, all
+  full but the last), keeps them in a
   go-back-N replay buffer until acknowledged, sends one only when the receiver has credit for it, and
   serializes frames onto ``bits`` wire bits per cycle.
 * :class:`LinkChannel` -- the wire one way: ``latency`` pipeline stages and a fault injector that flips
   wire bits from seeded LFSRs at a bit-error rate.
 * :class:`LinkRx` -- deserializes, checks CRC and sequence number, buffers good in-order frames (at most
-  ``credit_frames``) and streams their flits out; sends status messages back on its own narrow wire.
+  ``credit_frames``) and streams their flits out with ``dest_host`` cleared; while ``run`` is high it sends
+  status messages back on its own narrow wire, message ``m`` starting in cycle ``m * ret_beats`` of the run.
 * :class:`Link` -- TX, a forward channel, RX and a return channel joined: flit stream in, flit stream out.
 
 Wire (both ways, :func:`link_wire_signature`): ``data`` (``bits``), ``valid``, ``first`` (first beat of a
@@ -46,16 +51,22 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
 from flowtile.arch import Arch
+from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry
 
-from .layouts import check_arch, flit_layout
+from .layouts import LINK_INFERENCE_FLITS_BITS, check_arch, flit_layout
 
 __all__ = ["LinkFormat", "LinkTx", "LinkRx", "LinkChannel", "Link", "Serializer", "Deserializer", "link_wire_signature",
-           "error_threshold", "FRAME_CRC", "MESSAGE_CRC", "COUNTER_BITS", "lfsr_step_matrix"]
+           "link_signature", "error_threshold", "FRAME_CRC", "MESSAGE_CRC", "COUNTER_BITS", "lfsr_step_matrix",
+           "lfsr_seed", "ret_seed"]
 
 #: CRC of a forward frame (the brief's choice: CRC-32, the Ethernet polynomial).
 FRAME_CRC = catalog.CRC32_ISO_HDLC
 #: CRC of a return message (short messages: 16 bits suffice, see the module docstring).
 MESSAGE_CRC = catalog.CRC16_IBM_3740
+# The spec sizes frames and messages with these widths (flowtile.link_format).
+if FRAME_CRC.crc_width != FRAME_CRC_BITS or MESSAGE_CRC.crc_width != MESSAGE_CRC_BITS:  # pragma: no cover
+    raise ImportError(f"hdl.link: FRAME_CRC / MESSAGE_CRC are {FRAME_CRC.crc_width} / {MESSAGE_CRC.crc_width} bits, "
+                      f"the spec's FRAME_CRC_BITS / MESSAGE_CRC_BITS {FRAME_CRC_BITS} / {MESSAGE_CRC_BITS}")
 #: Width of every status counter (they wrap).
 COUNTER_BITS = 32
 #: The fault injector compares a 16-bit LFSR field with this many bits of threshold.
@@ -106,55 +117,33 @@ def lfsr_step_matrix(steps: int) -> list[int]:
     return [sum(1 << j for j in range(32) if columns[j] >> i & 1) for i in range(32)]
 
 
+#: :func:`lfsr_seed`'s constants.
+LFSR_SEED_MULTIPLIER = 0x9E3779B1
+LFSR_SEED_STRIDE = 0x85EBCA77
+
+
 def lfsr_seed(seed: int, bit: int) -> int:
     """Initial state of wire bit ``bit``'s LFSR (never zero)."""
-    state = (seed * 0x9E3779B1 + (bit + 1) * 0x85EBCA77) & 0xFFFFFFFF
+    state = (seed * LFSR_SEED_MULTIPLIER + (bit + 1) * LFSR_SEED_STRIDE) & 0xFFFFFFFF
     return state or 1
 
 
-class LinkFormat:
-    """Frame and message geometry of a link, and plain-Python encoders/decoders (the tests' golden model).
+class LinkFormat(LinkGeometry):
+    """The spec's :class:`~flowtile.link_format.LinkGeometry` (every geometry number and delay is written there,
+    once) plus the hardware's CRC parameters and plain-Python encoders/decoders (the tests' golden model).
 
-    Parameters are those of :class:`LinkTx`; ``owner`` names the component in validation messages."""
+    Parameters are those of :class:`LinkTx` (``latency`` only sizes the default timeout and the delays);
+    ``owner`` names the component in validation messages."""
 
     def __init__(self, arch: Arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None,
-                 owner="LinkFormat"):
+                 latency=None, owner="LinkFormat"):
         check_arch(arch, owner)
-        self.arch = arch
-        self.bits = _check_int(owner, "bits", arch.link_bits if bits is None else bits, 1, 1024)
-        self.frame_flits = _check_int(owner, "frame_flits",
-                                      arch.link_frame_flits if frame_flits is None else frame_flits, 1, 64)
-        self.credit_frames = _check_int(owner, "credit_frames",
-                                        arch.link_credit_frames if credit_frames is None else credit_frames, 1, 256)
-        self.replay_frames = _check_int(owner, "replay_frames",
-                                        arch.link_replay_frames if replay_frames is None else replay_frames, 1, 256)
+        super().__init__(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
+                         replay_frames=replay_frames, latency=latency, owner=owner)
         self.flit_layout = flit_layout(arch)
-        self.flit_bits = self.flit_layout.size
-        self.replay_depth = 1 << ceil_log2(self.replay_frames)
-        self.credit_depth = 1 << ceil_log2(self.credit_frames)
-        self.seq_bits = max(ceil_log2(2 * (self.replay_frames + self.credit_frames)),
-                            ceil_log2(self.replay_depth), ceil_log2(self.credit_depth), 1)
-        self.count_bits = max(1, ceil_log2(self.frame_flits))
-        self.flits_bits = self.frame_flits * self.flit_bits
-        self.payload_bits = self.seq_bits + self.count_bits + self.flits_bits
+        assert self.flit_layout.size == self.flit_bits, "flit_layout and Arch.flit_bits disagree"
         self.frame_crc = FRAME_CRC(self.bits)
-        self.payload_beats = -(-self.payload_bits // self.bits)
-        self.crc_beats = -(-FRAME_CRC.crc_width // self.bits)
-        self.frame_beats = self.payload_beats + self.crc_beats
-        self.msg_bits = 2 * self.seq_bits + 1
         self.msg_crc = MESSAGE_CRC(self.bits)
-        self.msg_beats = -(-self.msg_bits // self.bits)
-        self.ret_beats = self.msg_beats + -(-MESSAGE_CRC.crc_width // self.bits)
-
-    # --- throughput and timing --------------------------------------------------------------------------
-    @property
-    def flits_per_cycle(self) -> float:
-        """Steady-state throughput with full frames and enough credit: ``frame_flits / frame_beats``."""
-        return self.frame_flits / self.frame_beats
-
-    def default_timeout(self, latency: int) -> int:
-        """Cycles without ack progress after which the sender goes back: a generous round trip."""
-        return 2 * self.frame_beats + 2 * latency + 3 * (self.ret_beats + 1) + 16
 
     # --- golden encoders ------------------------------------------------------------------------------
     def beats_of(self, word: int, beats: int) -> list[int]:
@@ -303,6 +292,16 @@ def _sub(fmt, a, b):
 class LinkTx(wiring.Component):
     """Sending side of a link.
 
+    Framing is static (the timing contract of :mod:`flowtile.link_format`): frames never span inferences. With
+    ``n = inference_flits``, each inference's flits go into ``ceil(n / frame_flits)`` frames, all full but the last
+    (``n mod frame_flits`` flits, if not 0). ``i.ready`` is high while the frame being assembled has fewer flits than
+    its size ``min(frame_flits, flits of the inference not yet framed)``; the frame closes (into the replay buffer)
+    in the first cycle it has them all and the go-back-N window has room (``next - ack < replay_frames``), and the
+    first flit of the next frame is taken no earlier than the cycle after. ``inference_flits = 0`` means no
+    inference boundary: every frame is full (``frame_flits`` flits). The position in the inference counts from reset
+    (0: an inference starts with the first flit after reset); ``inference_flits`` must hold its value while flits
+    move (System loads it while ``run = 0``).
+
     Parameters
     ----------
     arch : :class:`~flowtile.arch.Arch`; its ``link_*`` fields give the defaults of the rest.
@@ -313,8 +312,11 @@ class LinkTx(wiring.Component):
     Members
     -------
     i : In(flit stream) -- flits to send.
+    inference_flits : In(:data:`~flowtile.hdl.layouts.LINK_INFERENCE_FLITS_BITS`) -- flits per inference.
     o_wire : Out(:func:`link_wire_signature`) -- forward wire.
     i_ret : In(:func:`link_wire_signature`) -- return wire (messages from the receiver).
+    ack, freed : Out(``seq_bits``) -- the receiver's ``ack`` and ``freed`` as the sender holds them (updated
+        ``message_delay`` cycles after the start of a good return message).
     frames_sent, replays, naks, timeouts, ret_crc_errors : Out(32) -- frames put on the wire (resends
         included), go-back events (NAK or timeout), NAKs received, timeouts, return messages with a bad CRC.
     """
@@ -322,16 +324,17 @@ class LinkTx(wiring.Component):
     def __init__(self, arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None,
                  latency=None, timeout_cycles=None):
         self.format = fmt = LinkFormat(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
-                                       replay_frames=replay_frames, owner="LinkTx")
-        self.latency = _check_int("LinkTx", "latency", arch.link_latency_cycles if latency is None else latency,
-                                  1, 65536)
-        default = fmt.default_timeout(self.latency)
+                                       replay_frames=replay_frames, latency=latency, owner="LinkTx")
+        self.latency = fmt.latency
+        default = fmt.default_timeout()
         self.timeout_cycles = _check_int("LinkTx", "timeout_cycles",
                                          default if timeout_cycles is None else timeout_cycles, 1, 1 << 24)
         super().__init__({
             "i": In(stream.Signature(fmt.flit_layout)),
+            "inference_flits": In(LINK_INFERENCE_FLITS_BITS),
             "o_wire": Out(link_wire_signature(fmt.bits)),
             "i_ret": In(link_wire_signature(fmt.bits)),
+            "ack": Out(fmt.seq_bits), "freed": Out(fmt.seq_bits),
             "frames_sent": Out(COUNTER_BITS), "replays": Out(COUNTER_BITS), "naks": Out(COUNTER_BITS),
             "timeouts": Out(COUNTER_BITS), "ret_crc_errors": Out(COUNTER_BITS),
         })
@@ -343,11 +346,20 @@ class LinkTx(wiring.Component):
         depth_bits = ceil_log2(fmt.replay_depth)
 
         next_seq, send_seq, ack_base, freed = _seq(fmt), _seq(fmt), _seq(fmt), _seq(fmt)
+        m.d.comb += [self.ack.eq(ack_base), self.freed.eq(freed)]
+
+        # --- static framing: this frame's size from the flits of the inference not yet framed ---------------
+        # left: flits of the current inference not in a closed frame (0: an inference starts with this frame).
+        left = Signal(LINK_INFERENCE_FLITS_BITS)
+        remaining = Signal(LINK_INFERENCE_FLITS_BITS)
+        size = Signal(range(F + 1))
+        m.d.comb += [remaining.eq(Mux(left == 0, self.inference_flits, left)),
+                     size.eq(Mux((remaining == 0) | (remaining >= F), F, remaining))]
 
         # --- assembler: flits into a frame, then into the replay buffer at next_seq ------------------------
         asm = Signal(fmt.flits_bits)
         asm_count = Signal(range(F + 1))
-        m.d.comb += self.i.ready.eq(asm_count < F)
+        m.d.comb += self.i.ready.eq(asm_count < size)
         with m.If(self.i.valid & self.i.ready):
             for k in range(F):
                 with m.If(asm_count == k):
@@ -360,12 +372,13 @@ class LinkTx(wiring.Component):
         rd = replay.read_port(domain="comb")
         window_full = _sub(fmt, next_seq, ack_base) >= fmt.replay_frames
         idle = send_seq == next_seq
-        # A partial frame goes when the input pauses and nothing else waits to be sent.
-        close = ~window_full & ((asm_count == F) | ((asm_count != 0) & ~self.i.valid & idle))
+        close = Signal()
+        m.d.comb += close.eq(~window_full & (asm_count == size))
         m.d.comb += [wr.addr.eq(next_seq[:depth_bits] if depth_bits else 0),
                      wr.data.eq(Cat((asm_count - 1)[:fmt.count_bits], asm)), wr.en.eq(close)]
         with m.If(close):
-            m.d.sync += [next_seq.eq(next_seq + 1), asm_count.eq(0), asm.eq(0)]
+            m.d.sync += [next_seq.eq(next_seq + 1), asm_count.eq(0), asm.eq(0),
+                         left.eq(Mux(remaining > F, remaining - F, 0))]
 
         # --- serializer: the frame at send_seq, if the receiver has credit for it ---------------------------
         m.submodules.frame_serializer = ser = Serializer(W, fmt.payload_beats, fmt.frame_crc)
@@ -422,23 +435,34 @@ class LinkTx(wiring.Component):
 
 
 class LinkRx(wiring.Component):
-    """Receiving side of a link (parameters as :class:`LinkTx`, less the timeout).
+    """Receiving side of a link (parameters as :class:`LinkTx`, less the timeout; ``latency`` only sets the
+    format's delays).
+
+    Timing (fault-free; the contract of :mod:`flowtile.link_format`): a frame whose last beat arrives in cycle
+    ``t`` is checked and accepted in ``t + 1``; its first flit is offered from ``t + 2``, the others one a cycle as
+    ``o.ready`` takes them. Return messages go back to back while ``run`` is high: message ``m`` starts (its
+    serializer loads ``ack``, ``freed`` and the NAK flag as they stand in that cycle) in cycle ``m * ret_beats`` of
+    the run, cycle 0 being the first with ``run = 1``; none starts while ``run = 0`` (one under way finishes).
 
     Members
     -------
     i_wire : In(:func:`link_wire_signature`) -- forward wire.
-    o : Out(flit stream) -- flits of good in-order frames, in order.
+    run : In(1) -- return messages start only while it is high.
+    o : Out(flit stream) -- flits of good in-order frames, in order, with ``dest_host`` cleared: a flit leaves
+        chip ``k`` through its host port (``dest_host = 1``, ``dest_row``/``dest_col`` naming a tile of chip
+        ``k + 1``) and enters chip ``k + 1`` addressed to that tile.
     o_ret : Out(:func:`link_wire_signature`) -- return wire (status messages, one after another).
     frames_accepted, crc_errors, seq_errors, duplicates, naks_sent, overflows : Out(32) -- frames accepted,
         dropped for a bad CRC, dropped for being ahead of the expected sequence number, dropped as already
         received, NAKs sent, and in-order frames dropped for want of room (never, if the sender honours credit).
     """
 
-    def __init__(self, arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None):
+    def __init__(self, arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None, latency=None):
         self.format = fmt = LinkFormat(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
-                                       replay_frames=replay_frames, owner="LinkRx")
+                                       replay_frames=replay_frames, latency=latency, owner="LinkRx")
         super().__init__({
             "i_wire": In(link_wire_signature(fmt.bits)),
+            "run": In(1),
             "o": Out(stream.Signature(fmt.flit_layout)),
             "o_ret": Out(link_wire_signature(fmt.bits)),
             "frames_accepted": Out(COUNTER_BITS), "crc_errors": Out(COUNTER_BITS), "seq_errors": Out(COUNTER_BITS),
@@ -488,20 +512,22 @@ class LinkRx(wiring.Component):
         index = Signal(range(F))
         count_m1 = rd.data[:fmt.count_bits]
         flits = rd.data[fmt.count_bits:]
+        flit = flits.word_select(index, FB) if F > 1 else flits
+        host = fmt.flit_layout["dest_host"].offset
         m.d.comb += [rd.addr.eq(rx_freed[:depth_bits] if depth_bits else 0),
                      self.o.valid.eq(rx_next != rx_freed),
-                     self.o.payload.eq(flits.word_select(index, FB) if F > 1 else flits)]
+                     self.o.payload.eq(Cat(flit[:host], Const(0, 1), flit[host + 1:]))]
         with m.If(self.o.valid & self.o.ready):
             with m.If(index == count_m1):
                 m.d.sync += [index.eq(0), rx_freed.eq(rx_freed + 1)]
             with m.Else():
                 m.d.sync += index.eq(index + 1)
 
-        # --- return messages: one after another, each with the current ack, freed and NAK ------------------------
+        # --- return messages: back to back while running, each with the current ack, freed and NAK -------------
         m.submodules.msg_serializer = ser = Serializer(W, fmt.msg_beats, fmt.msg_crc)
         wiring.connect(m, ser.wire, wiring.flipped(self.o_ret))
-        m.d.comb += [ser.payload.eq(Cat(rx_next, rx_freed, nak_pending)), ser.load.eq(1)]
-        with m.If(ser.free & nak_pending):
+        m.d.comb += [ser.payload.eq(Cat(rx_next, rx_freed, nak_pending)), ser.load.eq(self.run)]
+        with m.If(ser.free & self.run & nak_pending):
             m.d.sync += [nak_pending.eq(0), nak_sent.eq(1), self.naks_sent.eq(self.naks_sent + 1)]
         with m.If(nak_request & ~nak_sent & ~nak_pending):
             m.d.sync += nak_pending.eq(1)
@@ -522,22 +548,33 @@ class LinkChannel(wiring.Component):
     bits : int -- data bits of the wire, 1..1024.
     latency : int -- 1..65536 stages.
     error_rate : float -- 0.0 (no faults) .. 0.5.
-    seed : int -- 1..2**32 - 1.
+    seed : int -- 1..2**32 - 1 (ignored with ``seed_port``).
+    seed_port : bool -- the seed comes from the input port ``seed`` instead (one circuit for any seed, so that a
+        Verilog module is written once for links that differ only in their seeds). The port must hold a constant
+        1..2**32 - 1 from reset on: the LFSRs take :func:`lfsr_seed` of it in the first cycle after reset, so the
+        flips are cycle for cycle those of the constant form with that seed.
 
     Members
     -------
     i : In(:func:`link_wire_signature`);  o : Out(:func:`link_wire_signature`)
+    seed : In(32), only with ``seed_port``.
     flips : Out(32) -- wire bits flipped so far.
     """
 
-    def __init__(self, bits, *, latency, error_rate=0.0, seed=1):
+    def __init__(self, bits, *, latency, error_rate=0.0, seed=1, seed_port=False):
         self.bits = _check_int("LinkChannel", "bits", bits, 1, 1024)
         self.latency = _check_int("LinkChannel", "latency", latency, 1, 65536)
         self.threshold = error_threshold("LinkChannel", error_rate)
         self.error_rate = error_rate
-        self.seed = _check_int("LinkChannel", "seed", seed, 1, (1 << 32) - 1)
-        super().__init__({"i": In(link_wire_signature(bits)), "o": Out(link_wire_signature(bits)),
-                          "flips": Out(COUNTER_BITS)})
+        if not isinstance(seed_port, bool):
+            raise TypeError(f"LinkChannel: parameter 'seed_port' must be a bool, got {seed_port!r}")
+        self.seed_port = seed_port
+        members = {"i": In(link_wire_signature(bits)), "o": Out(link_wire_signature(bits)), "flips": Out(COUNTER_BITS)}
+        if seed_port:
+            members["seed"] = In(32)
+        else:
+            self.seed = _check_int("LinkChannel", "seed", seed, 1, (1 << 32) - 1)
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -552,24 +589,61 @@ class LinkChannel(wiring.Component):
             return m
         masks = lfsr_step_matrix(ERROR_RATE_BITS)
         flip = Signal(width)
+        if self.seed_port:
+            # lfsr_seed in hardware, used in the first cycle after reset (seeded = 0) instead of the state.
+            seeded = Signal()
+            m.d.sync += seeded.eq(1)
+            mixed = Signal(32)
+            m.d.comb += mixed.eq((self.seed * LFSR_SEED_MULTIPLIER)[:32])
         for bit in range(width):
-            state = Signal(32, init=lfsr_seed(self.seed, bit), name=f"lfsr{bit}")
-            nxt = [(state & Const(mask, 32)).xor() for mask in masks]
+            if self.seed_port:
+                state = Signal(32, name=f"lfsr{bit}")
+                initial = Signal(32, name=f"lfsr{bit}_seed")
+                m.d.comb += initial.eq((mixed + ((bit + 1) * LFSR_SEED_STRIDE & 0xFFFFFFFF))[:32])
+                current = Signal(32, name=f"lfsr{bit}_now")
+                m.d.comb += current.eq(Mux(seeded, state, Mux(initial == 0, 1, initial)))
+            else:
+                state = current = Signal(32, init=lfsr_seed(self.seed, bit), name=f"lfsr{bit}")
+            nxt = [(current & Const(mask, 32)).xor() for mask in masks]
             m.d.sync += state.eq(Cat(*nxt))
-            m.d.comb += flip[bit].eq(state[:ERROR_RATE_BITS] < self.threshold)
+            m.d.comb += flip[bit].eq(current[:ERROR_RATE_BITS] < self.threshold)
         m.d.comb += Cat(self.o.data, self.o.valid, self.o.first).eq(value ^ flip)
         m.d.sync += self.flips.eq(self.flips + sum(flip[b] for b in range(width)))
         return m
 
 
+def ret_seed(seed: int) -> int:
+    """Seed of a link's return channel: ``seed + 1``, or 1 if that reaches ``2**32``."""
+    return seed + 1 if seed + 1 < (1 << 32) else 1
+
+
+def link_signature(fmt: LinkFormat, *, seed_port: bool = False) -> wiring.Signature:
+    """The ports of :class:`Link` (component's view) for ``fmt``; with ``seed_port`` also ``seed`` (In 32)."""
+    members = {"i": In(stream.Signature(fmt.flit_layout)), "o": Out(stream.Signature(fmt.flit_layout)),
+               "run": In(1), "inference_flits": In(LINK_INFERENCE_FLITS_BITS)}
+    if seed_port:
+        members["seed"] = In(32)
+    members.update({"tx_ack": Out(fmt.seq_bits), "tx_freed": Out(fmt.seq_bits),
+                    "fwd_flips": Out(COUNTER_BITS), "ret_flips": Out(COUNTER_BITS)})
+    members.update({f"tx_{name}": Out(COUNTER_BITS) for name in Link.TX_COUNTERS})
+    members.update({f"rx_{name}": Out(COUNTER_BITS) for name in Link.RX_COUNTERS})
+    return wiring.Signature(members)
+
+
 class Link(wiring.Component):
     """A whole link: :class:`LinkTx` -> forward :class:`LinkChannel` -> :class:`LinkRx`, and the return
     channel back. Parameters default to ``arch``'s ``link_*`` fields; the return channel's injector is
-    seeded with ``seed + 1`` (wrapping to 1) and flips at ``ret_error_rate`` (default: ``error_rate``).
+    seeded with :func:`ret_seed` of ``seed`` and flips at ``ret_error_rate`` (default: ``error_rate``).
+    With ``seed_port`` the seed is the input port ``seed`` (see :class:`LinkChannel`; the return channel gets
+    :func:`ret_seed` of it, computed in hardware) and the ``seed`` parameter is ignored.
 
-    Members
+    Members (:func:`link_signature`)
     -------
-    i : In(flit stream);  o : Out(flit stream)
+    i : In(flit stream);  o : Out(flit stream; ``dest_host`` cleared, see :class:`LinkRx`)
+    run : In(1) -- to :class:`LinkRx` (return messages start only while it is high).
+    inference_flits : In(24) -- to :class:`LinkTx` (static framing).
+    seed : In(32), only with ``seed_port``.
+    tx_ack, tx_freed : Out(``seq_bits``) -- :class:`LinkTx`'s ``ack`` and ``freed``.
     plus the status counters of the pieces, prefixed: ``tx_*`` (:class:`LinkTx`), ``rx_*`` (:class:`LinkRx`),
     ``fwd_flips``, ``ret_flips``.
     """
@@ -578,25 +652,24 @@ class Link(wiring.Component):
     RX_COUNTERS = ("frames_accepted", "crc_errors", "seq_errors", "duplicates", "naks_sent", "overflows")
 
     def __init__(self, arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None,
-                 latency=None, error_rate=None, ret_error_rate=None, seed=None, timeout_cycles=None):
+                 latency=None, error_rate=None, ret_error_rate=None, seed=None, timeout_cycles=None,
+                 seed_port=False):
         check_arch(arch, "Link")
-        latency = arch.link_latency_cycles if latency is None else latency
         error_rate = arch.link_error_rate if error_rate is None else error_rate
         seed = arch.link_error_seed if seed is None else seed
         self.tx = LinkTx(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
                          replay_frames=replay_frames, latency=latency, timeout_cycles=timeout_cycles)
         self.format = fmt = self.tx.format
         self.rx = LinkRx(arch, bits=fmt.bits, frame_flits=fmt.frame_flits, credit_frames=fmt.credit_frames,
-                         replay_frames=fmt.replay_frames)
-        self.fwd = LinkChannel(fmt.bits, latency=latency, error_rate=error_rate, seed=seed)
-        ret_seed = seed + 1 if isinstance(seed, int) and seed + 1 < (1 << 32) else 1
-        self.ret = LinkChannel(fmt.bits, latency=latency, seed=ret_seed,
+                         replay_frames=fmt.replay_frames, latency=fmt.latency)
+        if not isinstance(seed_port, bool):
+            raise TypeError(f"Link: parameter 'seed_port' must be a bool, got {seed_port!r}")
+        self.seed_port = seed_port
+        self.fwd = LinkChannel(fmt.bits, latency=fmt.latency, error_rate=error_rate, seed=seed, seed_port=seed_port)
+        self.ret = LinkChannel(fmt.bits, latency=fmt.latency, seed_port=seed_port,
+                               seed=ret_seed(seed) if isinstance(seed, int) and not isinstance(seed, bool) else seed,
                                error_rate=error_rate if ret_error_rate is None else ret_error_rate)
-        members = {"i": In(stream.Signature(fmt.flit_layout)), "o": Out(stream.Signature(fmt.flit_layout)),
-                   "fwd_flips": Out(COUNTER_BITS), "ret_flips": Out(COUNTER_BITS)}
-        members.update({f"tx_{name}": Out(COUNTER_BITS) for name in self.TX_COUNTERS})
-        members.update({f"rx_{name}": Out(COUNTER_BITS) for name in self.RX_COUNTERS})
-        super().__init__(members)
+        super().__init__(link_signature(fmt, seed_port=seed_port))
 
     def elaborate(self, platform):
         m = Module()
@@ -608,6 +681,11 @@ class Link(wiring.Component):
         wiring.connect(m, self.rx.o, wiring.flipped(self.o))
         wiring.connect(m, self.rx.o_ret, self.ret.i)
         wiring.connect(m, self.ret.o, self.tx.i_ret)
+        m.d.comb += [self.rx.run.eq(self.run), self.tx.inference_flits.eq(self.inference_flits),
+                     self.tx_ack.eq(self.tx.ack), self.tx_freed.eq(self.tx.freed)]
+        if self.seed_port:
+            m.d.comb += [self.fwd.seed.eq(self.seed),
+                         self.ret.seed.eq(Mux(self.seed == (1 << 32) - 1, 1, self.seed + 1))]
         m.d.comb += [self.fwd_flips.eq(self.fwd.flips), self.ret_flips.eq(self.ret.flips)]
         m.d.comb += [getattr(self, f"tx_{n}").eq(getattr(self.tx, n)) for n in self.TX_COUNTERS]
         m.d.comb += [getattr(self, f"rx_{n}").eq(getattr(self.rx, n)) for n in self.RX_COUNTERS]

@@ -2,9 +2,13 @@
 
 The golden model (:class:`Scoreboard`) watches the sender's wire before the fault injector and the flit
 streams at both ends: every frame on the wire must decode (LinkFormat, CRC computed in Python), carry the
-next sequence number or a resend of an unacknowledged one with the same flits, respect the receiver's
-credit (seq < frames the receiver has emptied + credit_frames, as seen at the output stream), and the output
-must be the input, each flit once, in order.
+next sequence number or a resend of an unacknowledged one with the same flits, hold the flits static framing
+puts in it (frames split at inference boundaries, :func:`frame_sizes`), respect the receiver's credit (seq <
+frames the receiver has emptied + credit_frames, as seen at the output stream), and the output must be the
+input (``dest_host`` cleared), each flit once, in order.
+
+:func:`check_link_contract` checks a fault-free run cycle by cycle against the timing contract of
+flowtile/link_format.py (also used by tests/test_hdl_system.py).
 """
 import random
 
@@ -15,8 +19,9 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from flowtile.arch import Arch, ArchError
-from flowtile.hdl.link import (FRAME_CRC, Deserializer, Link, LinkChannel, LinkFormat, LinkRx, LinkTx, Serializer, lfsr_seed, lfsr_step,
-                               lfsr_step_matrix)
+from flowtile.hdl.link import (FRAME_CRC, MESSAGE_CRC, Deserializer, Link, LinkChannel, LinkFormat, LinkRx, LinkTx,
+                               Serializer, lfsr_seed, lfsr_step, lfsr_step_matrix, ret_seed)
+from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -26,11 +31,31 @@ ARCH = Arch(rows=2, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4)
 SMALL = dict(bits=4, frame_flits=4, credit_frames=4, replay_frames=4, latency=6)
 
 
+def frame_sizes(inference_flits: int, total: int, frame_flits: int) -> list[int]:
+    """Golden static framing: the sizes of the frames of ``total`` flits, frames never spanning an inference of
+    ``inference_flits`` flits (0: no boundary, every frame full); a trailing frame the flits do not fill is left out."""
+    per_inference = [frame_flits] * (inference_flits // frame_flits) + \
+        ([inference_flits % frame_flits] if inference_flits % frame_flits else [])
+    sizes, used = [], 0
+    while True:
+        for size in per_inference or [frame_flits]:
+            if used + size > total:
+                return sizes
+            sizes.append(size)
+            used += size
+
+
+def clear_host(fmt: LinkFormat, flit: int) -> int:
+    """``flit`` as the link delivers it: ``dest_host`` cleared."""
+    return flit & ~(1 << fmt.flit_layout["dest_host"].offset)
+
+
 class Scoreboard:
     """Go-back-N golden model: checks each frame the sender puts on the wire, and the output order."""
 
-    def __init__(self, fmt: LinkFormat, sent: list[int]):
+    def __init__(self, fmt: LinkFormat, sent: list[int], inference_flits: int = 0):
         self.fmt, self.sent = fmt, sent
+        self.sizes = frame_sizes(inference_flits, len(sent), fmt.frame_flits)
         self.frames = []          # unwrapped seq -> flits, as first sent
         self.frame_end = []       # unwrapped seq -> index in `sent` after its last flit
         self.beats = []
@@ -59,6 +84,8 @@ class Scoreboard:
         assert unwrapped <= base, f"frame {unwrapped} skips ahead of {base}"
         if unwrapped == base:       # a new frame: the next flits of the input, in order
             start = self.frame_end[-1] if self.frame_end else 0
+            assert len(flits) == self.sizes[unwrapped], \
+                f"frame {unwrapped} has {len(flits)} flits, static framing says {self.sizes[unwrapped]}"
             assert flits == self.sent[start:start + len(flits)], f"frame {unwrapped} does not carry the next flits"
             self.frames.append(flits)
             self.frame_end.append(start + len(flits))
@@ -72,20 +99,123 @@ class Scoreboard:
         assert unwrapped >= emptied - self.fmt.replay_frames - self.fmt.credit_frames
 
 
-def run_link(dut, flits, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=20000, monitor=True,
-             out_hold=0):
-    """Drive ``flits`` through ``dut`` (a :class:`Link`) with seeded random stalls on both ends.
+class LinkProbe:
+    """Records, each cycle, what :func:`check_link_contract` needs of a :class:`Link` (inside a larger design too)."""
 
-    ``out_hold``: the receiver takes nothing for that many cycles first. Returns
+    def __init__(self, link: Link):
+        self.link = link
+        self.cycles = []
+
+    def sample(self, ctx):
+        link = self.link
+        self.cycles.append(dict(
+            i_valid=ctx.get(link.i.valid), i_ready=ctx.get(link.i.ready),
+            o_valid=ctx.get(link.o.valid), o_ready=ctx.get(link.o.ready),
+            wire_first=ctx.get(link.tx.o_wire.valid) and ctx.get(link.tx.o_wire.first),
+            ret_first=ctx.get(link.rx.o_ret.valid) and ctx.get(link.rx.o_ret.first),
+            accepted=ctx.get(link.rx_frames_accepted), ack=ctx.get(link.tx_ack), freed=ctx.get(link.tx_freed)))
+
+
+def check_link_contract(fmt: LinkGeometry, inference_flits: int, cycles: list[dict]) -> dict:
+    """Check a fault-free run of a link against the timing contract of flowtile/link_format.py, cycle by cycle.
+
+    ``cycles[t]`` (:class:`LinkProbe`) is cycle ``t`` of the run (``run = 1`` from cycle 0). From what the
+    neighbours did (the cycles the sender's input offered flits, the receiver's output took them), the contract's
+    formulas give every other event; each must be observed in exactly that cycle: when the sender takes each flit
+    (the first of a frame no earlier than close + 1 of the one before), the serializer loads of frames (``send_f``,
+    one cycle before beat 0), the receiver's accepts (``send_f + accept_delay``), the cycles each flit is offered
+    (first one the cycle after the accept), the message starts (``m * ret_beats``) and the sender's ``ack`` and
+    ``freed`` registers in every cycle (``ack_seen``, ``freed_seen``). Returns counts of what was checked and of
+    the frames whose close waited for an ack (window) and whose send waited for credit."""
+    F, FB, RB = fmt.frame_flits, fmt.frame_beats, fmt.ret_beats
+    R, C, MD, AD = fmt.replay_frames, fmt.credit_frames, fmt.message_delay, fmt.accept_delay
+    T = len(cycles)
+    col = {name: [c[name] for c in cycles] for name in cycles[0]}
+    takes = [t for t in range(T) if col["i_valid"][t] and col["i_ready"][t]]
+    delivers = [t for t in range(T) if col["o_valid"][t] and col["o_ready"][t]]
+    sends = [t - 1 for t in range(T) if col["wire_first"][t]]
+    accepts = [t for t in range(T - 1) if col["accepted"][t + 1] != col["accepted"][t]]
+    starts = [t - 1 for t in range(T) if col["ret_first"][t]]
+
+    def next_message(t):
+        return -(-t // RB) * RB
+
+    sizes = frame_sizes(inference_flits, len(takes), F)
+    assert sum(sizes) == len(takes), f"{len(takes)} flits taken, not a whole number of frames {sizes}"
+    assert len(delivers) == len(takes), "every flit taken must have been delivered by the end of the trace"
+    ends = [sum(sizes[:f + 1]) for f in range(len(sizes))]
+    close, send, accept, ack_seen, freed_seen = [], [], [], [], []
+    window_bound = credit_bound = 0
+    for f, size in enumerate(sizes):
+        c = takes[ends[f] - 1] + 1
+        if f:
+            c = max(c, close[f - 1] + 1)
+        if f >= R and ack_seen[f - R] > c:
+            c, window_bound = ack_seen[f - R], window_bound + 1
+        close.append(c)
+        s = c + 1
+        if f:
+            s = max(s, send[f - 1] + FB)
+        if f >= C and freed_seen[f - C] > s:
+            s, credit_bound = freed_seen[f - C], credit_bound + 1
+        send.append(s)
+        accept.append(s + AD)
+        ack_seen.append(next_message(accept[f] + 1) + MD)
+        freed_seen.append(next_message(delivers[ends[f] - 1] + 1) + MD)
+    assert sends == send, f"serializer loads {sends}, contract {send}"
+    assert accepts == accept, f"receiver accepts {accepts}, contract {accept}"
+    # The sender's input: flit j is taken as soon as offered, the first of frame f no earlier than close_{f-1} + 1.
+    first_of = {ends[f]: close[f] + 1 for f in range(len(sizes) - 1)}
+    previous = -1
+    for j, taken in enumerate(takes):
+        offered = next(t for t in range(previous + 1, T) if col["i_valid"][t])
+        assert taken == max(offered, first_of.get(j, 0)), f"flit {j} offered in {offered}, taken in {taken}"
+        previous = taken
+    # The receiver's output: flit j offered from max(accept of its frame + 1, delivery of flit j - 1 + 1).
+    valid = [0] * T
+    previous = -1
+    frame = 0
+    for j, delivered in enumerate(delivers):
+        while j >= ends[frame]:
+            frame += 1
+        offer = max(accept[frame] + 1, previous + 1)
+        assert delivered >= offer, f"flit {j} delivered in {delivered}, before its offer in {offer}"
+        for t in range(offer, delivered + 1):
+            valid[t] = 1
+        previous = delivered
+    mismatch = [t for t in range(T) if valid[t] != col["o_valid"][t]]
+    assert not mismatch, f"receiver's o.valid differs from the contract in cycles {mismatch[:10]}"
+    # Return messages back to back from cycle 0; the sender's registers follow them message_delay later.
+    assert starts == [m * RB for m in range(len(starts))] and starts[-1] >= T - 2 * RB - 1, starts[:10]
+    modulus = 1 << fmt.seq_bits
+    for t in range(T):
+        assert col["ack"][t] == sum(1 for x in ack_seen if x <= t) % modulus, f"sender's ack in cycle {t}"
+        assert col["freed"][t] == sum(1 for x in freed_seen if x <= t) % modulus, f"sender's freed in cycle {t}"
+    return dict(frames=len(sizes), messages=len(starts), window_bound=window_bound, credit_bound=credit_bound,
+                last_freed_seen=freed_seen[-1] if freed_seen else 0)
+
+
+def run_link(dut, flits, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=20000, monitor=True,
+             out_hold=0, inference_flits=None, probe=None, tail=0):
+    """Drive ``flits`` through ``dut`` (a :class:`Link`, ``run = 1`` from cycle 0) with seeded random stalls on
+    both ends; ``inference_flits`` (default: all of ``flits``, one inference) goes to its register.
+
+    ``out_hold``: the receiver takes nothing for that many cycles first; ``probe``: a :class:`LinkProbe` sampled
+    every cycle; ``tail``: cycles to run on after the last flit came out. Returns
     ``(received, out_cycles, counters, scoreboard)``."""
     rng = random.Random(seed)
     fmt = dut.format
-    board = Scoreboard(fmt, flits)
+    inference_flits = len(flits) if inference_flits is None else inference_flits
+    board = Scoreboard(fmt, flits, inference_flits)
     received, out_cycles, counters = [], [], {}
 
     async def testbench(ctx):
-        index, cycle, valid = 0, 0, False
-        while len(received) < len(flits) and cycle < max_cycles:
+        ctx.set(dut.run, 1)
+        ctx.set(dut.inference_flits, inference_flits)
+        index, cycle, valid, extra = 0, 0, False, 0
+        while (len(received) < len(flits) or extra < tail) and cycle < max_cycles:
+            if len(received) == len(flits):
+                extra += 1
             # producer: valid stays up until the transfer
             if not valid and index < len(flits) and rng.random() >= in_stall:
                 valid = True
@@ -103,12 +233,14 @@ def run_link(dut, flits, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=2000
                                        ctx.get(dut.tx.o_wire.data))
                 if word is not None:
                     board.frame(word, len(received))
+            if probe is not None:
+                probe.sample(ctx)
             await ctx.tick()
             cycle += 1
             if took:
                 index, valid = index + 1, False
         for name, _ in dut.signature.members.items():
-            if name not in ("i", "o"):
+            if name not in ("i", "o", "run", "inference_flits", "seed"):
                 counters[name] = ctx.get(getattr(dut, name))
         counters["cycles"] = cycle
 
@@ -122,6 +254,11 @@ def run_link(dut, flits, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=2000
 def random_flits(fmt, n, seed):
     rng = random.Random(seed)
     return [rng.getrandbits(fmt.flit_bits) for _ in range(n)]
+
+
+def delivered(fmt, flits):
+    """What the link's output carries for ``flits``: the same, ``dest_host`` cleared."""
+    return [clear_host(fmt, flit) for flit in flits]
 
 
 # --- golden format --------------------------------------------------------------------------------------------
@@ -163,7 +300,7 @@ def test_no_faults_in_order_and_throughput():
     fmt = dut.format
     flits = random_flits(fmt, 160, seed=1)
     received, cycles, counters, board = run_link(dut, flits)
-    assert received == flits
+    assert received == delivered(dut.format, flits)
     assert counters["tx_replays"] == counters["rx_crc_errors"] == counters["tx_ret_crc_errors"] == 0
     assert counters["tx_frames_sent"] == counters["rx_frames_accepted"] == 40 and board.resends == 0
     # Steady state: one full frame per frame_beats cycles, i.e.
@@ -180,7 +317,7 @@ def test_random_stalls_both_ends():
     dut = Link(ARCH, **SMALL)
     flits = random_flits(dut.format, 60, seed=2)
     received, _, counters, _ = run_link(dut, flits, in_stall=0.5, out_stall=0.6, seed=3)
-    assert received == flits
+    assert received == delivered(dut.format, flits)
     assert counters["rx_overflows"] == 0 and counters["tx_replays"] == 0
 
 
@@ -188,7 +325,7 @@ def test_single_flit_frames_and_one_wire_bit():
     dut = Link(ARCH, bits=1, frame_flits=1, credit_frames=2, replay_frames=3, latency=4)
     flits = random_flits(dut.format, 8, seed=4)
     received, _, counters, _ = run_link(dut, flits, in_stall=0.3, out_stall=0.3, seed=5)
-    assert received == flits and counters["rx_overflows"] == 0
+    assert received == delivered(dut.format, flits) and counters["rx_overflows"] == 0
 
 
 # --- (b) receiver stalled: credits, nothing dropped ------------------------------------------------------------------
@@ -198,7 +335,7 @@ def test_receiver_stalled_nothing_dropped():
     flits = random_flits(fmt, 48, seed=6)
     # The receiver takes nothing for 1500 cycles: the sender must stop after credit_frames frames.
     received, _, counters, board = run_link(dut, flits, out_hold=1500, out_stall=0.7, seed=7)
-    assert received == flits
+    assert received == delivered(dut.format, flits)
     assert counters["rx_overflows"] == 0 and counters["rx_seq_errors"] == 0 and counters["tx_replays"] == 0
     assert counters["tx_frames_sent"] == counters["rx_frames_accepted"] == 12
 
@@ -208,7 +345,7 @@ def test_bit_errors_recovered_and_counted():
     dut = Link(ARCH, **SMALL, error_rate=0.002, seed=99)
     flits = random_flits(dut.format, 80, seed=8)
     received, _, counters, board = run_link(dut, flits, in_stall=0.2, out_stall=0.3, seed=9)
-    assert received == flits
+    assert received == delivered(dut.format, flits)
     assert counters["fwd_flips"] > 0 and counters["ret_flips"] > 0
     assert counters["rx_crc_errors"] > 0
     assert counters["tx_replays"] > 0 and board.resends > 0
@@ -223,7 +360,7 @@ def test_corrupted_messages_recovered():
     dut = Link(ARCH, **SMALL, error_rate=0.0, ret_error_rate=0.01, seed=5)
     flits = random_flits(dut.format, 48, seed=10)
     received, _, counters, _ = run_link(dut, flits, out_stall=0.6, seed=11)
-    assert received == flits
+    assert received == delivered(dut.format, flits)
     assert counters["fwd_flips"] == 0 and counters["rx_crc_errors"] == 0
     assert counters["ret_flips"] > 0 and counters["tx_ret_crc_errors"] > 0
     assert counters["rx_overflows"] == 0
@@ -233,7 +370,7 @@ def test_lost_nak_recovered_by_timeout():
     dut = Link(ARCH, **SMALL, error_rate=0.003, ret_error_rate=0.02, seed=21)
     flits = random_flits(dut.format, 40, seed=12)
     received, _, counters, _ = run_link(dut, flits, seed=13, max_cycles=30000)
-    assert received == flits
+    assert received == delivered(dut.format, flits)
     assert counters["tx_timeouts"] > 0 and counters["tx_ret_crc_errors"] > 0 and counters["rx_crc_errors"] > 0
 
 
@@ -245,8 +382,174 @@ def test_defaults_with_errors():
     assert (fmt.bits, dut.fwd.latency, fmt.frame_beats) == (4, 64, 79)
     flits = random_flits(fmt, 24, seed=14)
     received, _, counters, board = run_link(dut, flits, seed=15)
-    assert received == flits and counters["rx_overflows"] == 0
+    assert received == delivered(dut.format, flits) and counters["rx_overflows"] == 0
     assert counters["fwd_flips"] > 0 and counters["tx_replays"] > 0 and board.resends > 0
+
+
+# --- static framing, the run gate and the timing contract (flowtile/link_format.py) ----------------------------------
+def test_format_is_the_spec_geometry():
+    """Every geometry number comes from flowtile.link_format.LinkGeometry; the CRCs have the spec's widths."""
+    for arch, kwargs in ((ARCH, SMALL), (Arch(), {}), (ARCH, dict(bits=1, frame_flits=1, credit_frames=2,
+                                                                    replay_frames=3, latency=4))):
+        fmt = LinkFormat(arch, **kwargs)
+        geometry = LinkGeometry(arch, **kwargs)
+        assert isinstance(fmt, LinkGeometry)
+        for name in ("bits", "frame_flits", "credit_frames", "replay_frames", "latency", "seq_bits", "count_bits",
+                     "payload_bits", "payload_beats", "crc_beats", "frame_beats", "msg_bits", "msg_beats",
+                     "ret_beats", "accept_delay", "message_delay", "message_period", "flit_bits"):
+            assert getattr(fmt, name) == getattr(geometry, name), name
+        assert fmt.default_timeout() == geometry.default_timeout()
+        assert fmt.flit_layout.size == arch.flit_bits
+    assert FRAME_CRC.crc_width == FRAME_CRC_BITS and MESSAGE_CRC.crc_width == MESSAGE_CRC_BITS
+    assert LinkTx(ARCH, **SMALL).timeout_cycles == LinkGeometry(ARCH, **SMALL).default_timeout()
+
+
+def test_golden_frame_sizes():
+    assert frame_sizes(7, 21, 4) == [4, 3, 4, 3, 4, 3]
+    assert frame_sizes(8, 16, 4) == [4, 4, 4, 4]
+    assert frame_sizes(2, 6, 4) == [2, 2, 2]
+    assert frame_sizes(0, 10, 4) == [4, 4]      # no boundary: full frames; 2 flits left over
+    assert frame_sizes(5, 5, 1) == [1] * 5
+
+
+@pytest.mark.parametrize("inference_flits, n, frame_flits", [(7, 21, 4), (2, 12, 4), (9, 18, 3), (0, 16, 4),
+                                                               (1, 5, 4)])
+def test_static_framing_splits_frames_at_inference_boundaries(inference_flits, n, frame_flits):
+    """Frames never span inferences (the scoreboard checks every frame's size against frame_sizes), whatever the
+    input stalls; the output is the input, dest_host cleared; frame count = inferences * ceil(n / F)."""
+    dut = Link(ARCH, **{**SMALL, "frame_flits": frame_flits})
+    flits = random_flits(dut.format, n, seed=n)
+    received, _, counters, board = run_link(dut, flits, in_stall=0.4, out_stall=0.4, seed=inference_flits,
+                                            inference_flits=inference_flits)
+    assert received == delivered(dut.format, flits)
+    assert counters["tx_frames_sent"] == len(board.frames) == len(frame_sizes(inference_flits, n, frame_flits))
+    assert [len(frame) for frame in board.frames] == frame_sizes(inference_flits, n, frame_flits)
+
+
+def test_a_partial_frame_waits_for_its_flits():
+    """The old rule (a partial frame goes when the input pauses) is gone: 3 flits of a 4-flit frame wait for the
+    4th, however long the input pauses; then one frame of 4 goes."""
+    dut = Link(ARCH, **SMALL)
+    fmt = dut.format
+    flits = random_flits(fmt, 4, seed=30)
+    seen = {}
+
+    async def testbench(ctx):
+        ctx.set(dut.run, 1)
+        ctx.set(dut.inference_flits, 4)
+        ctx.set(dut.o.ready, 1)
+        out = []
+        for cycle in range(400):
+            index = 3 if cycle >= 300 else cycle
+            ctx.set(dut.i.valid, cycle < 3 or cycle == 300)
+            if index < 4:
+                ctx.set(dut.i.payload.as_value(), flits[index])
+            if cycle == 299:
+                seen["before"] = (ctx.get(dut.tx_frames_sent), ctx.get(dut.tx.o_wire.valid), ctx.get(dut.i.ready))
+            if ctx.get(dut.o.valid):
+                out.append(ctx.get(dut.o.payload.as_value()))
+            await ctx.tick()
+        seen["after"], seen["out"] = ctx.get(dut.tx_frames_sent), out
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+    assert seen["before"] == (0, 0, 1)
+    assert seen["after"] == 1 and seen["out"] == delivered(fmt, flits)
+
+
+def test_inference_flits_zero_means_full_frames_only():
+    """inference_flits = 0: no boundary, every frame full; 6 flits with frames of 4 send one frame, the 2 others
+    wait for more."""
+    dut = Link(ARCH, **SMALL)
+    flits = random_flits(dut.format, 6, seed=31)
+    received, _, counters, _ = run_link(dut, flits, inference_flits=0, max_cycles=600, monitor=False)
+    assert received == delivered(dut.format, flits[:4]) and counters["tx_frames_sent"] == 1
+
+
+def test_run_gates_the_return_messages():
+    """No message starts while run = 0 (so the sender gets no credit beyond its initial credit_frames: no frame
+    after them is accepted); from the first cycle with run = 1, message m starts in cycle m * ret_beats (beat 0 on the receiver's
+    return wire the cycle after)."""
+    dut = Link(ARCH, **SMALL)
+    fmt = dut.format
+    flits = random_flits(fmt, 40, seed=32)
+    RUN_AT = 500
+    ret_firsts, wire_valid_before = [], []
+    received = []
+
+    async def testbench(ctx):
+        ctx.set(dut.inference_flits, 40)
+        ctx.set(dut.o.ready, 1)
+        index = 0
+        for cycle in range(RUN_AT + 800):
+            ctx.set(dut.run, cycle >= RUN_AT)
+            ctx.set(dut.i.valid, index < len(flits))
+            if index < len(flits):
+                ctx.set(dut.i.payload.as_value(), flits[index])
+            took = index < len(flits) and ctx.get(dut.i.ready)
+            if ctx.get(dut.rx.o_ret.valid):
+                if cycle < RUN_AT:
+                    wire_valid_before.append(cycle)
+                elif ctx.get(dut.rx.o_ret.first):
+                    ret_firsts.append(cycle - RUN_AT)
+            if ctx.get(dut.o.valid):
+                received.append(ctx.get(dut.o.payload.as_value()))
+            if cycle == RUN_AT - 1:   # (resends after timeouts are duplicates: no new frame without credit)
+                assert ctx.get(dut.rx_frames_accepted) == fmt.credit_frames
+                assert ctx.get(dut.tx_ack) == 0 and ctx.get(dut.tx_freed) == 0
+            await ctx.tick()
+            index += took
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+    assert wire_valid_before == []
+    assert ret_firsts[:20] == [m * fmt.ret_beats + 1 for m in range(20)]
+    assert received == delivered(fmt, flits)
+
+
+#: Link configurations for the contract check: the window (replay) and the credit both bind in some.
+CONTRACT_CASES = {
+    "window-and-credit": (dict(bits=8, frame_flits=4, credit_frames=2, replay_frames=2, latency=6), 7, 0.3, 0.5),
+    "one-frame-each": (dict(bits=8, frame_flits=3, credit_frames=1, replay_frames=1, latency=1), 5, 0.2, 0.3),
+    "wide-wire": (dict(bits=19, frame_flits=1, credit_frames=3, replay_frames=2, latency=3), 0, 0.0, 0.6),
+    "narrow-wire": (dict(bits=3, frame_flits=4, credit_frames=4, replay_frames=4, latency=9), 10, 0.5, 0.2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTRACT_CASES))
+def test_timing_contract_cycle_by_cycle(case):
+    """A fault-free run with random stalls on both ends: every event in the cycle flowtile/link_format.py says
+    (check_link_contract); the window and the credit each bind at least once over the cases."""
+    kwargs, inference_flits, in_stall, out_stall = CONTRACT_CASES[case]
+    dut = Link(ARCH, **kwargs)
+    fmt = dut.format
+    n = 3 * (inference_flits or 8)
+    flits = random_flits(fmt, n, seed=40)
+    probe = LinkProbe(dut)
+    received, _, counters, _ = run_link(dut, flits, in_stall=in_stall, out_stall=out_stall, seed=41,
+                                        inference_flits=inference_flits, probe=probe,
+                                        tail=fmt.message_delay + 2 * fmt.ret_beats)
+    assert received == delivered(fmt, flits)
+    stats = check_link_contract(fmt, inference_flits, probe.cycles)
+    assert stats["frames"] == counters["tx_frames_sent"] == len(frame_sizes(inference_flits, n, fmt.frame_flits))
+    assert stats["last_freed_seen"] < len(probe.cycles)
+    TIMING_BINDS[case] = stats
+
+
+TIMING_BINDS = {}
+
+
+def test_timing_contract_cases_exercise_window_and_credit():
+    """(After the parametrized runs.) The cases above hit both the window rule and the credit rule."""
+    for case in CONTRACT_CASES:
+        if case not in TIMING_BINDS:
+            test_timing_contract_cycle_by_cycle(case)
+    assert any(stats["window_bound"] for stats in TIMING_BINDS.values())
+    assert any(stats["credit_bound"] for stats in TIMING_BINDS.values())
 
 
 # --- (e) parameter validation -----------------------------------------------------------------------------------------
@@ -271,6 +574,11 @@ def test_defaults_with_errors():
     (lambda: LinkRx(ARCH, bits=2000), ValueError, "LinkRx: parameter 'bits' = 2000 is outside 1..1024"),
     (lambda: Link(ARCH, ret_error_rate=0.9), ValueError,
      "LinkChannel: parameter 'error_rate' = 0.9 is outside 0.0..0.5"),
+    (lambda: LinkChannel(4, latency=4, seed_port=1), TypeError,
+     "LinkChannel: parameter 'seed_port' must be a bool, got 1"),
+    (lambda: Link(ARCH, seed_port="yes"), TypeError, "Link: parameter 'seed_port' must be a bool, got 'yes'"),
+    (lambda: Link(ARCH, seed=0), ValueError, "LinkChannel: parameter 'seed' = 0 is outside 1..4294967295"),
+    (lambda: LinkRx(ARCH, latency=0), ValueError, "LinkRx: parameter 'latency' = 0 is outside 1..65536"),
 ])
 def test_component_validation(make, error, message):
     with pytest.raises(error) as info:
@@ -321,13 +629,15 @@ def test_converts_to_rtlil():
     assert "module \\link" in text
 
 
-@pytest.mark.parametrize("error_rate", [0.0, 0.05])
-def test_channel_latency_and_injector_golden(error_rate):
+@pytest.mark.parametrize("error_rate, seed, seed_port", [(0.0, 4242, False), (0.05, 4242, False), (0.05, 4242, True),
+                                                         (0.05, (1 << 32) - 1, True)])
+def test_channel_latency_and_injector_golden(error_rate, seed, seed_port):
     """LinkChannel alone: output = input ``latency`` cycles later, XOR the flips a plain-Python model of the
-    per-bit LFSRs predicts; the flip counter counts them; the flip rate is near error_rate."""
+    per-bit LFSRs predicts; the flip counter counts them; the flip rate is near error_rate. With ``seed_port`` the
+    seed is an input port (held from reset): the same flips, cycle for cycle."""
     from flowtile.hdl.link import error_threshold
-    bits, latency, seed, cycles = 3, 5, 4242, 600
-    dut = LinkChannel(bits, latency=latency, error_rate=error_rate, seed=seed)
+    bits, latency, cycles = 3, 5, 600
+    dut = LinkChannel(bits, latency=latency, error_rate=error_rate, seed=seed, seed_port=seed_port)
     threshold = error_threshold("test", error_rate)
     width = bits + 2
     states = [lfsr_seed(seed, b) for b in range(width)]
@@ -336,6 +646,8 @@ def test_channel_latency_and_injector_golden(error_rate):
     seen = []
 
     async def testbench(ctx):
+        if seed_port:
+            ctx.set(dut.seed, seed)
         for cycle in range(cycles):
             word = inputs[cycle]
             ctx.set(dut.i.data, word & ((1 << bits) - 1))
@@ -350,6 +662,7 @@ def test_channel_latency_and_injector_golden(error_rate):
     sim.add_testbench(testbench)
     sim.run()
     flips_counted = seen.pop()
+    assert ret_seed(seed) == (seed + 1 if seed < (1 << 32) - 1 else 1)
     flips = 0
     for cycle in range(cycles):
         mask = 0

@@ -1,0 +1,163 @@
+"""A multi-chip system: ``arch.chips`` chips in a line, each joined to the next by an inter-chip link
+(docs/architecture.md section 12; issue "multi-chip").
+
+::
+
+    i_host --> chip 0 --o_host--> link 0 --> chip 1 --o_host--> link 1 --> ... --> chip n-1 --o_host--> o_host
+
+Chip ``k``'s host output feeds link ``k`` (:class:`flowtile.hdl.link.Link`), whose output feeds chip ``k + 1``'s host
+input (with ``dest_host`` cleared, so a flit leaving chip ``k`` for the host enters chip ``k + 1`` addressed to the
+tile its ``dest_row``/``dest_col`` name). The system's ports are the chip's (``load``, ``run``, ``i_host``,
+``o_host``), so a harness built for a :class:`~flowtile.hdl.chip.Chip` drives a System unchanged; the load bus has
+a ``chip`` field (:func:`flowtile.hdl.layouts.load_layout`) and one more target, the link registers.
+With ``arch.chips = 1`` a System is one chip (no link) that takes only the load writes with ``chip = 0``.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import ClockSignal, Const, Instance, Module, ResetSignal, Shape, Signal, Value
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from flowtile.arch import Arch
+
+from .chip import TILE_FORMS, TILE_MODULE_NAME, Chip
+from .layouts import (LINK_INFERENCE_FLITS_BITS, LINK_REG_INFERENCE_FLITS, LOAD_TARGET_LINK, check_arch,
+                      flit_signature, load_signature)
+from .link import COUNTER_BITS, Link, LinkFormat, link_signature
+
+__all__ = ["System", "LINK_MODULE_NAME", "LINK_STATUS_COUNTERS", "link_seed", "link_status_signature"]
+
+#: Default Verilog module name of the shared link (``Link(arch, seed_port=True)``) in the instance form.
+LINK_MODULE_NAME = "flowtile_link"
+#: The 32-bit status counters of a link the system brings out (:class:`flowtile.hdl.link.Link`'s names).
+LINK_STATUS_COUNTERS = tuple(f"tx_{name}" for name in Link.TX_COUNTERS) + \
+    tuple(f"rx_{name}" for name in Link.RX_COUNTERS) + ("fwd_flips", "ret_flips")
+
+
+def link_seed(error_seed: int, k: int) -> int:
+    """Fault-injector seed of link ``k``'s forward channel: ``error_seed + 2k``, wrapped into ``1 .. 2**32 - 1``
+    (``(error_seed - 1 + 2k) mod (2**32 - 1) + 1``). Its return channel takes :func:`flowtile.hdl.link.ret_seed` of
+    it (one more), so every channel of a system has its own seed, and link 0's are those of ``Link(arch)``."""
+    return (error_seed - 1 + 2 * k) % ((1 << 32) - 1) + 1
+
+
+def link_status_signature(fmt: LinkFormat) -> wiring.Signature:
+    """What the system shows of each link (driver's view): ``inference_flits`` (the register, 24 bits),
+    ``tx_ack`` and ``tx_freed`` (the sender's view of the receiver, ``seq_bits`` each) and the 32-bit counters of
+    :data:`LINK_STATUS_COUNTERS` (wrapping)."""
+    members = {"inference_flits": Out(LINK_INFERENCE_FLITS_BITS),
+               "tx_ack": Out(fmt.seq_bits), "tx_freed": Out(fmt.seq_bits)}
+    members.update({name: Out(COUNTER_BITS) for name in LINK_STATUS_COUNTERS})
+    return wiring.Signature(members)
+
+
+class System(wiring.Component):
+    """``arch.chips`` :class:`~flowtile.hdl.chip.Chip`\\ s of ``arch`` in a line, joined by ``arch.chips - 1`` links.
+
+    Parameters
+    ----------
+    arch : :class:`~flowtile.arch.Arch`; ``rows`` x ``cols`` is one chip, the ``link_*`` fields set every link
+        (``bits = arch.link_bits``, latency, frame, credit and replay frames, error rate; link ``k``'s seed is
+        :func:`link_seed` of ``arch.link_error_seed`` and ``k``). ``chip_topology`` must be ``"line"``.
+    tiles, tile_module : as :class:`~flowtile.hdl.chip.Chip` (every chip holds its tiles that way).
+    link_module : ``None`` (default): each link is a :class:`~flowtile.hdl.link.Link` submodule (what Amaranth's
+        simulator needs); a Verilog identifier: each link is an ``Instance`` of that module, which must be
+        ``Link(arch, seed_port=True)`` converted under that name (:func:`flowtile.hdl.verilog.system_verilog` does
+        both). Every link of a system is the same circuit but for its seed, which arrives on the link's ``seed``
+        port as a constant; both forms are that circuit.
+
+    Members
+    -------
+    load : ``In(load_signature(arch))`` -- a write goes to chip ``k`` iff ``payload.chip = k`` and its target is not
+        :data:`~flowtile.hdl.layouts.LOAD_TARGET_LINK` (the chip decodes ``tile``, ``target``, ``addr`` as ever). A
+        write with target ``LOAD_TARGET_LINK``, ``chip = k``, ``addr = 0`` while ``run = 0`` sets link ``k``'s
+        ``inference_flits`` register to the low 24 bits of ``data`` (from the next cycle; 0 after reset). Other
+        link addresses, and chips or links that do not exist, are ignored.
+    run : ``In(1)`` -- to every chip and every link (return messages start with it: the timing contract's cycle 0 is
+        the first cycle with ``run = 1``; keep it high for the whole run).
+    i_host : ``In(flit stream)`` -- chip 0's host input.
+    o_host : ``Out(flit stream)`` -- the last chip's host output.
+    link0, link1, ... : ``Out(link_status_signature(...))``, one per link (none with one chip) -- flattened
+        ``link{k}__inference_flits``, ``link{k}__tx_ack``, ``link{k}__tx_freed``, ``link{k}__tx_frames_sent``,
+        ... (:data:`LINK_STATUS_COUNTERS`).
+
+    Attributes: ``chips`` (the :class:`Chip` of each position) and ``links`` (the :class:`Link`\\ s; empty in the
+    instance form).
+    """
+
+    def __init__(self, arch: Arch, *, tiles: str = "submodules", tile_module: str = TILE_MODULE_NAME,
+                 link_module: str | None = None):
+        self.arch = check_arch(arch, "System")
+        if arch.chip_topology != "line":
+            raise ValueError(f"System: arch field 'chip_topology' = {arch.chip_topology!r} is not built yet "
+                             f"(only 'line')")
+        if tiles not in TILE_FORMS:
+            raise ValueError(f"System: parameter 'tiles' must be one of {', '.join(map(repr, TILE_FORMS))}, "
+                             f"got {tiles!r}")
+        if not isinstance(tile_module, str) or not tile_module.isidentifier():
+            raise ValueError(f"System: parameter 'tile_module' must be a Verilog identifier, got {tile_module!r}")
+        if link_module is not None:
+            if not isinstance(link_module, str) or not link_module.isidentifier():
+                raise ValueError(f"System: parameter 'link_module' must be None or a Verilog identifier, "
+                                 f"got {link_module!r}")
+            if link_module == tile_module:
+                raise ValueError(f"System: parameters 'link_module' and 'tile_module' must differ, both are "
+                                 f"{link_module!r}")
+        self.tiles, self.tile_module, self.link_module = tiles, tile_module, link_module
+        self.n_links = arch.chips - 1
+        self.format = LinkFormat(arch, owner="System")
+        members = {
+            "load": In(load_signature(arch)),
+            "run": In(1),
+            "i_host": In(flit_signature(arch)),
+            "o_host": Out(flit_signature(arch)),
+        }
+        members.update({f"link{k}": Out(link_status_signature(self.format)) for k in range(self.n_links)})
+        super().__init__(members)
+        self.chips = [Chip(arch, tiles=tiles, tile_module=tile_module) for _ in range(arch.chips)]
+        self.links = [Link(arch, seed_port=True) for _ in range(self.n_links)] if link_module is None else []
+
+    def elaborate(self, platform):
+        m = Module()
+        arch, load = self.arch, self.load.payload
+        for k, chip in enumerate(self.chips):
+            m.submodules[f"chip{k}"] = chip
+            m.d.comb += [chip.load.valid.eq(self.load.valid & (load.chip == k) & (load.target != LOAD_TARGET_LINK)),
+                         chip.load.payload.eq(load), chip.run.eq(self.run)]
+        wiring.connect(m, wiring.flipped(self.i_host), self.chips[0].i_host)
+        wiring.connect(m, self.chips[-1].o_host, wiring.flipped(self.o_host))
+
+        link_write = (self.load.valid & ~self.run & (load.target == LOAD_TARGET_LINK)
+                      & (load.addr == LINK_REG_INFERENCE_FLITS))
+        for k in range(self.n_links):
+            register = Signal(LINK_INFERENCE_FLITS_BITS, name=f"link{k}_inference_flits")
+            with m.If(link_write & (load.chip == k)):
+                m.d.sync += register.eq(load.data[:LINK_INFERENCE_FLITS_BITS])
+            status = getattr(self, f"link{k}")
+            m.d.comb += status.inference_flits.eq(register)
+            source, sink = self.chips[k].o_host, self.chips[k + 1].i_host
+            seed = Const(link_seed(arch.link_error_seed, k), 32)
+            if self.link_module is None:
+                link = m.submodules[f"link{k}"] = self.links[k]
+                wiring.connect(m, source, link.i)
+                wiring.connect(m, link.o, sink)
+                m.d.comb += [link.run.eq(self.run), link.inference_flits.eq(register), link.seed.eq(seed)]
+                m.d.comb += [getattr(status, name).eq(getattr(link, name))
+                             for name in ("tx_ack", "tx_freed", *LINK_STATUS_COUNTERS)]
+            else:
+                nets = {"run": self.run, "inference_flits": register, "seed": seed}
+                for port, stream in (("i", source), ("o", sink)):
+                    for field in ("payload", "valid", "ready"):
+                        nets[f"{port}__{field}"] = Value.cast(getattr(stream, field))
+                for name in ("tx_ack", "tx_freed", *LINK_STATUS_COUNTERS):
+                    nets[name] = getattr(status, name)
+                connections = [("i", "clk", ClockSignal()), ("i", "rst", ResetSignal())]
+                for path, member in link_signature(self.format, seed_port=True).members.flatten():
+                    if not member.is_port:
+                        continue
+                    port = "__".join(path)  # how verilog.convert flattens a Component's ports
+                    net = nets[port]
+                    assert Shape.cast(member.shape).width == len(net), port
+                    connections.append(("i" if member.flow is wiring.Flow.In else "o", port, net))
+                m.submodules[f"link{k}"] = Instance(self.link_module, *connections)
+        return m
