@@ -8,15 +8,17 @@ import numpy as np
 import onnx
 
 from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
-from flowtile.program import LayerInfo, Program, TileProgram
+from flowtile.link_format import LinkGeometry
+from flowtile.program import LayerInfo, LinkProgram, Program, TileProgram
 from flowtile.tile_config import TileConfig
 
 from .errors import CompileError
 from .lower import LoweredLayer, lane_params, lower_layers, pack_input_window, weight_rows
 from .onnx_import import import_onnx, layer_sources
-from .partition import TileSlice, assign_tiles, band_input_rows, words
+from .partition import TileSlice, band_input_rows, link_cycles, place_layers, words
 
-__all__ = ["compile_model", "build_program", "report", "output_words", "StreamPlan", "plan_streams"]
+__all__ = ["compile_model", "build_program", "report", "output_words", "StreamPlan", "plan_streams", "estimated_interval",
+           "chip_macs"]
 
 
 @dataclass(frozen=True)
@@ -89,12 +91,22 @@ def _config(**values: int) -> TileConfig:
 
 
 def _destination(arch: Arch, position: int) -> dict[str, int]:
-    """Every tile sends to the next chain position; the last one sends to the host output."""
-    if position == arch.n_tiles - 1:
-        row, col = arch.chain_position(position)
+    """Every tile sends to the next position of the system chain. A chip's last chain tile sends to its host
+    output port: the last chip's to the host (as on one chip), with its own place as the destination; the others'
+    into link ``k``, addressed to tile (0, 0) of chip ``k + 1``, where the link delivers them (it clears
+    ``dest_host``; section 12)."""
+    chip, within = divmod(position, arch.n_tiles)
+    if within == arch.n_tiles - 1:
+        row, col = arch.chain_position(within) if chip == arch.chips - 1 else arch.chain_position(0)
         return {"dest_row": row, "dest_col": col, "dest_host": 1}
-    row, col = arch.chain_position(position + 1)
+    row, col = arch.chain_position(within + 1)
     return {"dest_row": row, "dest_col": col, "dest_host": 0}
+
+
+def _tile(arch: Arch, position: int, config: TileConfig, sram: np.ndarray, params: np.ndarray) -> TileProgram:
+    """A tile at ``position`` of the system chain (``arch.system_position``)."""
+    chip, row, col = arch.system_position(position)
+    return TileProgram(row, col, config, sram, params, chip=chip)
 
 
 def _stream_registers(plan: StreamPlan, part: TileSlice) -> dict[str, int]:
@@ -116,9 +128,7 @@ def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlic
     config = _config(**_stream_registers(plan, part), n_pass=part.n_pass, n_out=part.n_out,
                      w_base=0, act_base=part.n_out * k, zp_out=layer.zp_out, clamp_lo=layer.clamp_lo,
                      clamp_hi=layer.clamp_hi, **dense_window_registers(k), **_destination(arch, position))
-    row, col = arch.chain_position(position)
-    return TileProgram(row, col, config, rows.reshape(part.n_out * k, lanes),
-                       layer.params[part.start:part.stop].copy())
+    return _tile(arch, position, config, rows.reshape(part.n_out * k, lanes), layer.params[part.start:part.stop].copy())
 
 
 def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
@@ -135,8 +145,7 @@ def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, 
         out_width=w.width, operand_a_offset=plan.operands[0], operand_b_offset=plan.operands[1],
         add_mult_a=layer.add_mult[0], add_mult_b=layer.add_mult[1],
         concat_words_a=layer.concat_channels_a // lanes if layer.is_concat else 0, **_destination(arch, position))
-    row, col = arch.chain_position(position)
-    return TileProgram(row, col, config, np.zeros((0, lanes), np.int8), lane_params(layer, lanes))
+    return _tile(arch, position, config, np.zeros((0, lanes), np.int8), lane_params(layer, lanes))
 
 
 def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
@@ -174,8 +183,7 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
         pad_value=layer.pad_value, out_row_begin=0, out_rows=part.rows, out_col_begin=part.col_begin,
         out_col_end=part.col_end, out_width=w.out_width, **extra, **_destination(arch, position))
     assert config.weight_words == sram.shape[0]
-    row, col = arch.chain_position(position)
-    return TileProgram(row, col, config, sram, params)
+    return _tile(arch, position, config, sram, params)
 
 
 def _layer_info(layer: LoweredLayer, tiles: tuple) -> LayerInfo:
@@ -203,40 +211,65 @@ def output_words(layer: LoweredLayer, lanes: int) -> int:
 
 
 def _pass_tile(arch: Arch, position: int, n_pass: int) -> TileProgram:
-    row, col = arch.chain_position(position)
-    return TileProgram(row, col, _config(n_pass=n_pass, **_destination(arch, position)),
-                       np.zeros((0, arch.lanes), np.int8), np.zeros((0, 3), np.int64))
+    return _tile(arch, position, _config(n_pass=n_pass, **_destination(arch, position)),
+                 np.zeros((0, arch.lanes), np.int8), np.zeros((0, 3), np.int64))
+
+
+def _tile_place(arch: Arch, position: int) -> tuple[int, ...]:
+    """A tile's place in :attr:`LayerInfo.tiles`: ``(row, col)`` on one chip, ``(chip, row, col)`` on several."""
+    place = arch.system_position(position)
+    return place[1:] if arch.chips == 1 else place
 
 
 def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "") -> Program:
-    """Partition lowered layers over the chain and emit every tile's registers, SRAM image and parameters."""
-    plans = plan_streams(layers, arch.lanes, input_spec.words(arch.lanes))
-    splits = assign_tiles(layers, arch, [plan.carried for plan in plans])
-    tiles: list[TileProgram] = []
+    """Partition lowered layers over the (system) chain and emit every tile's registers, SRAM image and parameters,
+    and on several chips the links' registers. Tiles that compute nothing pass their stream on: a chip's tiles
+    after its last slice (the next chip starts at a narrow cut, :func:`compiler.partition.place_layers`) and the
+    last chip's tiles after the last layer."""
+    if arch.chips > 1 and arch.chip_topology != "line":
+        raise CompileError(f"arch field 'chip_topology' = {arch.chip_topology!r}: the compiler places layers on a line "
+                           f"of chips only (chip_topology = 'line')")
+    in_words = input_spec.words(arch.lanes)
+    plans = plan_streams(layers, arch.lanes, in_words)
+    stream_words = [plan.n_words for plan in plans] + [output_words(layers[-1], arch.lanes)]
+    placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words)
+    tiles: list[TileProgram | None] = [None] * arch.system_tiles
     infos: list[LayerInfo] = []
-    for layer, slices, plan in zip(layers, splits, plans):
-        first = len(tiles)
-        tiles += [_compute_tile(arch, first + i, layer, part, plan) for i, part in enumerate(slices)]
-        infos.append(_layer_info(layer, tuple(arch.chain_position(p) for p in range(first, len(tiles)))))
-    last_words = output_words(layers[-1], arch.lanes)
-    tiles += [_pass_tile(arch, p, last_words) for p in range(len(tiles), arch.n_tiles)]
+    for layer, slices, plan, positions in zip(layers, placement.splits, plans, placement.positions(arch)):
+        for position, part in zip(positions, slices):
+            tiles[position] = _compute_tile(arch, position, layer, part, plan)
+        infos.append(_layer_info(layer, tuple(_tile_place(arch, p) for p in positions)))
+    for position in range(arch.system_tiles):
+        if tiles[position] is None:  # pass on what the tile before emits (the host input at position 0)
+            n_pass = tiles[position - 1].config.output_flits(arch.lanes) if position else in_words
+            tiles[position] = _pass_tile(arch, position, n_pass)
     _check_routes(tiles, arch)
+    links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].config.output_flits(arch.lanes))
+             for chip in range(arch.chips - 1)]
+    assert tuple(link.inference_flits for link in links) == placement.link_words
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
-                      model_name=model_name)
+                      model_name=model_name, links=links)
     program.validate()
     return program
 
 
 def _check_routes(tiles: list[TileProgram], arch: Arch) -> None:
-    """Every stream is one hop between chain neighbours (or into the exit port), so each mesh link carries
-    exactly one stream and no router output is contended: what makes section 6's timing exact."""
+    """Every stream is one hop between chain neighbours of a chip, or into its exit port (section 1): the last
+    chip's to the host, the others' into their link, addressed to tile (0, 0) of the next chip (the first tile of
+    its chain, where the link delivers). So each mesh link carries exactly one stream and no router output is
+    contended: what makes section 6's timing exact."""
     for position, tile in enumerate(tiles):
         c = tile.config
-        if c.dest_host:
-            assert position == arch.n_tiles - 1, f"tile {tile.key} sends to the host before the chain's end"
+        chip, within = divmod(position, arch.n_tiles)
+        if within == arch.n_tiles - 1:
+            assert c.dest_host, f"tile {tile.key} ends chip {chip}'s chain but does not send to its exit port"
+            if chip < arch.chips - 1:
+                assert (c.dest_row, c.dest_col) == arch.chain_position(0) == (0, 0), \
+                    f"tile {tile.key} sends over link {chip} to ({c.dest_row},{c.dest_col}), not to tile (0,0)"
             continue
+        assert not c.dest_host, f"tile {tile.key} sends to the host port before its chip's chain ends"
         hops = abs(c.dest_row - tile.row) + abs(c.dest_col - tile.col)
-        assert hops == 1 and (c.dest_row, c.dest_col) == arch.chain_position(position + 1), \
+        assert hops == 1 and (c.dest_row, c.dest_col) == arch.chain_position(within + 1), \
             f"tile {tile.key} sends to ({c.dest_row},{c.dest_col}), not its chain successor"
 
 
@@ -267,14 +300,24 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
 
 
 def estimated_interval(program: Program) -> int:
-    """The slowest tile's cycles per inference alone (:meth:`flowtile.tile_config.TileConfig.tile_period_cycles`)."""
-    return max(tile.config.tile_period_cycles(program.arch.lanes) for tile in program.tiles)
+    """The slowest stage's cycles per inference alone: a tile's
+    (:meth:`flowtile.tile_config.TileConfig.tile_period_cycles`) or, on several chips, a link's
+    (:func:`compiler.partition.link_cycles` of the flits it carries)."""
+    return max([tile.config.tile_period_cycles(program.arch.lanes) for tile in program.tiles]
+               + [link_cycles(program.arch, link.inference_flits) for link in program.links])
 
 
 def report(program: Program) -> str:
-    """A table: per layer its op, size, tiles, estimated cycles per inference and SRAM bytes used/available."""
+    """A table: per layer its op, size, tiles, estimated cycles per inference and SRAM bytes used/available; on
+    several chips also per chip (tiles computing, MACs, utilization) and per link (flits per inference, frames,
+    cycles per inference, utilization, the link bound on the interval), with a warning when a link is the
+    bottleneck."""
     arch = program.arch
-    by_position = {(t.row, t.col): t for t in program.tiles}
+    by_position = {(t.chip, t.row, t.col): t for t in program.tiles}
+    position_of = {(t.chip, t.row, t.col): p for p, t in enumerate(program.tiles)}
+
+    def place(tile: tuple[int, ...]) -> tuple[int, int, int]:
+        return tuple(tile) if len(tile) == 3 else (0, *tile)
 
     def cycles(tile: TileProgram) -> int:
         return tile.config.tile_period_cycles(arch.lanes)
@@ -285,16 +328,21 @@ def report(program: Program) -> str:
 
     rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "est. util",
              "SRAM bytes used/avail")]
-    slowest = max([(max(cycles(by_position[t]) for t in layer.tiles), f"layer '{layer.name}'")
+    slowest = max([(max(cycles(by_position[place(t)]) for t in layer.tiles), f"layer '{layer.name}'")
                    for layer in program.layers])
     passing = [t for t in program.tiles if t.config.n_out == 0]
     if passing:
         slowest = max(slowest, (max(cycles(t) for t in passing), "pass-through tiles"))
+    slowest_tile = slowest
+    link_stages = [link_cycles(arch, link.inference_flits) for link in program.links]
+    if link_stages and max(link_stages) > slowest[0]:
+        busiest = max(range(len(link_stages)), key=lambda k: link_stages[k])
+        slowest = (link_stages[busiest], f"link {busiest} (chip {busiest} -> chip {busiest + 1})")
     interval = slowest[0]
     for layer in program.layers:
-        tiles = [by_position[t] for t in layer.tiles]
-        span = f"{len(tiles)} ({_chain_index(arch, layer.tiles[0])}..{_chain_index(arch, layer.tiles[-1])})"
-        # steady state: the layer's MACs over its tiles' lanes for one interval of the slowest tile
+        tiles = [by_position[place(t)] for t in layer.tiles]
+        span = f"{len(tiles)} ({position_of[place(layer.tiles[0])]}..{position_of[place(layer.tiles[-1])]})"
+        # steady state: the layer's MACs over its tiles' lanes for one interval of the slowest stage
         utilization = layer.macs / (interval * len(tiles) * arch.lanes)
         rows.append((layer.name, layer.op + ("+Relu" if layer.relu else ""), f"{layer.n_in} -> {layer.n_out}",
                      str(layer.macs), span, str(max(cycles(t) for t in tiles)), f"{100 * utilization:.1f}%",
@@ -302,15 +350,17 @@ def report(program: Program) -> str:
     if passing:
         rows.append(("(pass-through)", "-", "-", "0", str(len(passing)), str(max(cycles(t) for t in passing)), "0.0%",
                      f"0/{len(passing) * arch.sram_bytes}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"{program.model_name or 'model'}: {arch.rows}x{arch.cols} tiles, {arch.lanes} lanes, "
+    lines = _table(rows)
+    grid = (f"{arch.rows}x{arch.cols} tiles" if arch.chips == 1
+            else f"{arch.chips} chips of {arch.rows}x{arch.cols} tiles")
+    lines.append(f"{program.model_name or 'model'}: {grid}, {arch.lanes} lanes, "
                  f"{program.macs_per_inference} MACs/inference; estimated interval {interval} cycles/inference "
                  f"(bottleneck: {slowest[1]}); estimated steady-state MAC utilization "
-                 f"{100 * program.macs_per_inference / (interval * arch.n_tiles * arch.lanes):.1f}%")
+                 f"{100 * program.macs_per_inference / (interval * arch.system_tiles * arch.lanes):.1f}%")
     lines.append("estimates are per tile without stalls (section 6 rule 4); back-pressure between the tiles of a "
                  "split layer can make the real interval longer")
+    if arch.chips > 1:
+        lines += _chip_report(program, interval, link_stages, slowest_tile)
     output = program.output
     if output.post == "softmax":
         quantized = (f", then quantized and dequantized (scale {output.post_quant[0]:.6g}, zero point "
@@ -321,7 +371,8 @@ def report(program: Program) -> str:
     def queued_words(tile: TileProgram) -> int:
         return tile.config.forwarded_words + tile.config.n_pass
 
-    queued = [t for t in program.tiles if queued_words(t) > arch.forward_queue_words]
+    # a pass-through tile computes nothing, so streaming through its queue never holds anything up
+    queued = [t for t in program.tiles if t.config.n_out and queued_words(t) > arch.forward_queue_words]
     if queued:
         worst = max(queued, key=queued_words)
         need = queued_words(worst)
@@ -331,5 +382,56 @@ def report(program: Program) -> str:
     return "\n".join(lines)
 
 
-def _chain_index(arch: Arch, tile: tuple[int, int]) -> int:
-    return arch.chain.index(tuple(tile))
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def chip_macs(program: Program) -> list[int]:
+    """MACs per inference each chip computes: every layer's MACs shared among its tiles in proportion to their
+    COMPUTE issue cycles."""
+    arch = program.arch
+    by_place = {(t.chip, t.row, t.col): t for t in program.tiles}
+    macs = [0.0] * arch.chips
+    for layer in program.layers:
+        tiles = [by_place[tuple(t) if len(t) == 3 else (0, *t)] for t in layer.tiles]
+        issue = [t.config.compute_issue_cycles for t in tiles]
+        for tile, cycles in zip(tiles, issue):
+            macs[tile.chip] += layer.macs * (cycles / sum(issue) if sum(issue) else 1 / len(tiles))
+    return [round(m) for m in macs]
+
+
+def _chip_report(program: Program, interval: int, link_stages: list[int], slowest_tile: tuple[int, str]) -> list[str]:
+    """Per chip: computing tiles, MACs, slowest tile, estimated utilization; per link: flits, frames, cycles per
+    inference, utilization; the link bound; a warning when a link is the bottleneck."""
+    arch, lanes = program.arch, program.arch.lanes
+    geometry = LinkGeometry(arch)
+    macs = chip_macs(program)
+    rows = [("chip", "tiles computing", "MACs/inf", "slowest tile cycles/inf", "est. util", "exit flits/inf")]
+    for chip in range(arch.chips):
+        tiles = program.tiles[chip * arch.n_tiles:(chip + 1) * arch.n_tiles]
+        computing = sum(1 for t in tiles if t.config.n_out)
+        rows.append((str(chip), f"{computing}/{arch.n_tiles}", str(macs[chip]),
+                     str(max(t.config.tile_period_cycles(lanes) for t in tiles)),
+                     f"{100 * macs[chip] / (interval * arch.n_tiles * lanes):.1f}%",
+                     str(tiles[-1].config.output_flits(lanes))))
+    lines = [""] + _table(rows)
+    rows = [("link", "flits/inf", "frames/inf", "link cycles/inf", "est. util")]
+    for k, (link, stage) in enumerate(zip(program.links, link_stages)):
+        rows.append((f"{k} (chip {k} -> {k + 1})", str(link.inference_flits),
+                     str(geometry.frames(link.inference_flits)), str(stage), f"{100 * stage / interval:.1f}%"))
+    lines += [""] + _table(rows)
+    busiest = max(range(len(link_stages)), key=lambda k: link_stages[k])
+    flits = program.links[busiest].inference_flits
+    bound = link_stages[busiest]
+    lines.append(f"links: {arch.link_bits} wire bits/cycle, frames of {geometry.frame_flits} flits in "
+                 f"{geometry.frame_beats} beats ({geometry.flits_per_cycle:.4f} flits/cycle at best), latency "
+                 f"{geometry.latency} cycles (delay only); link bound on the interval: {bound} cycles/inference "
+                 f"(link {busiest}: {flits} flits/inference x {bound / max(flits, 1):.2f} cycles/flit)")
+    if bound > slowest_tile[0]:
+        lines.append(f"warning: link {busiest} is the bottleneck: {bound} cycles/inference, "
+                     f"{bound / slowest_tile[0]:.2f}x the slowest tile's {slowest_tile[0]} ({slowest_tile[1]}); "
+                     f"tiles idle {100 * (1 - slowest_tile[0] / bound):.0f}% of the interval waiting for it")
+    return lines

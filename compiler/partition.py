@@ -22,17 +22,27 @@ LANE; a convolution's channel group only its own, section 4.4) and computes a ba
 (row-major; whole rows or not, section 4.1), so that a tile can take any share of a layer. A join (Add, Concat)
 stores both operand maps whole. Its estimated cycles per inference are
 ``max(K + P, K_f + P + n_pix*N_r, I + 2)`` with ``I`` the COMPUTE issue cycles (:func:`window_tile_cycles`).
+
+Several chips (``arch.chips``, a line; section 12): the chips' chains form one system chain, chip ``k``'s last tile
+sending over link ``k`` to chip ``k + 1``'s first. A link is a pipeline stage too, of :func:`link_cycles` cycles per
+inference for the flits crossing it: the stream at that point, the layer's input and every tensor forwarded past it
+(inside a split layer also the results of its tiles so far). :func:`place_layers` balances tiles and links together:
+the smallest budget at which every layer's fewest tiles within it can be cut into the chips with every link within
+it too, a chip ending early (pass-through tiles) where that puts the next cut at a narrow stream.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from flowtile.arch import ACTIVATION_BANKS, Arch
+from flowtile.link_format import LinkGeometry
 
 from .errors import CompileError
 
-__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "assign_tiles", "words",
+__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "assign_tiles", "words", "Placement", "place_layers",
+           "link_cycles",
            "WindowCosts", "window_costs", "band_input_rows"]
 
 
@@ -426,11 +436,17 @@ def _does_not_fit(layers: Sequence[_Layer], ks: list[int], counts: list[int], ar
                   f"{lanes}-lane flits)" if per_tile % lanes and layer.n_out > per_tile else "")
     total = sum(l.n_out * kk * lanes for l, kk in zip(layers, ks))
     return CompileError(
-        f"model does not fit {grid}: its layers need {sum(counts)} tiles, there are {arch.n_tiles}; "
+        f"model does not fit {grid}: its layers need {sum(counts)} tiles, there are {_tiles_there(arch)}; "
         f"{_describe(layer)} alone needs {counts[worst]}: its weights need {layer.n_out * k * lanes} bytes "
         f"(rows padded to {k} words of {lanes} bytes) and each of its tiles also buffers the {k * lanes}-byte "
         f"input twice (two banks), so a {arch.sram_bytes}-byte tile holds at most {per_tile} outputs ({limit}){split_note}; "
-        f"all weights need {total} bytes, the grid has {arch.n_tiles * arch.sram_bytes} bytes of SRAM")
+        f"all weights need {total} bytes, the {'grid has' if arch.chips == 1 else 'chips have'} "
+        f"{arch.system_tiles * arch.sram_bytes} bytes of SRAM")
+
+
+def _tiles_there(arch: Arch) -> str:
+    """The tiles there are, for messages: ``16``, or ``32 (16 a chip)``."""
+    return str(arch.n_tiles) if arch.chips == 1 else f"{arch.system_tiles} ({arch.n_tiles} a chip)"
 
 
 def _input_words(layer, lanes: int) -> int:
@@ -444,14 +460,132 @@ def _input_words(layer, lanes: int) -> int:
     return words(layer.n_in, lanes)
 
 
-def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None) -> list[list[TileSlice]]:
+def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None,
+                 stream_words: Sequence[int] | None = None) -> list[list[TileSlice]]:
     """Slices per layer, in chain order (layer 0 starts at chain position 0); CompileError if it cannot fit.
 
     ``carried[i]``: stream words layer ``i``'s tiles receive and forward without storing (the other tensors
-    of a residual block, section 4.2); only windowed layers sit inside residual blocks.
+    of a residual block, section 4.2); only windowed layers sit inside residual blocks. On several chips
+    (``arch.chips > 1``) the slices are those of :func:`place_layers` (which needs ``stream_words``).
     """
-    lanes, n_tiles = arch.lanes, arch.n_tiles
-    grid = f"the {arch.rows}x{arch.cols} grid (arch fields 'rows', 'cols')"
+    return place_layers(layers, arch, carried, stream_words).splits
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Layers over the system chain (``arch.chips`` chips in a line, section 12): each layer's slices, on consecutive
+    tiles in model order, and where each chip starts. ``starts[k]`` is the index, in the slices of all layers in
+    chain order, of chip ``k``'s first slice: chip ``k`` computes slices ``starts[k] .. starts[k + 1] - 1`` on its
+    chain positions ``0, 1, ...`` and passes its stream through its remaining tiles (pads, so that the next chip
+    starts at a narrow cut). ``link_words[k]``: flits crossing link ``k`` (chip ``k`` -> ``k + 1``) per inference."""
+
+    splits: list[list[TileSlice]]
+    starts: tuple[int, ...] = (0,)
+    link_words: tuple[int, ...] = ()
+
+    def positions(self, arch: Arch) -> list[list[int]]:
+        """System chain position of every slice, per layer."""
+        bounds = list(self.starts) + [sum(len(s) for s in self.splits)]
+        chip_of = []
+        for chip in range(len(self.starts)):
+            chip_of += [chip] * (bounds[chip + 1] - bounds[chip])
+        result, index = [], 0
+        for slices in self.splits:
+            result.append([chip_of[i] * arch.n_tiles + i - self.starts[chip_of[i]]
+                           for i in range(index, index + len(slices))])
+            index += len(slices)
+        return result
+
+
+def link_cycles(arch: Arch, flits: int) -> int:
+    """Estimated cycles per inference a link of ``arch`` is busy carrying ``flits`` flits per inference (its stage
+    time in the pipeline; docs/architecture.md section 12, ``flowtile.link_format``): ``frames(flits)`` frames
+    (frames never span inferences, the last may be partial), one every ``frame_beats`` cycles, unless the credit or
+    go-back-N window cannot cover a frame's round trip (then one window per round trip); and the sender takes at
+    most one flit a cycle plus a cycle to seal each frame. The wire latency adds delay, not cycles per inference,
+    as long as the windows cover it."""
+    frame_flits, frame_period = _link_frames(arch)
+    frames = -(-flits // frame_flits)
+    return max(frames * frame_period, flits + frames)
+
+
+@functools.lru_cache(maxsize=64)
+def _link_frames(arch: Arch) -> tuple[int, int]:
+    """(flits a frame, estimated cycles between frames in steady state) of a link of ``arch``."""
+    geometry = LinkGeometry(arch)
+    wait = geometry.message_period  # the next return message starts within this many cycles
+    credit_trip = geometry.accept_delay + geometry.frame_flits + 1 + wait + geometry.message_delay
+    ack_trip = 1 + geometry.accept_delay + 1 + wait + geometry.message_delay
+    return geometry.frame_flits, max(geometry.frame_beats, -(-credit_trip // geometry.credit_frames),
+                                     -(-ack_trip // geometry.replay_frames))
+
+
+def _system_name(arch: Arch) -> str:
+    if arch.chips == 1:
+        return f"the {arch.rows}x{arch.cols} grid (arch fields 'rows', 'cols')"
+    return f"{arch.chips} chips of {arch.rows}x{arch.cols} tiles (arch fields 'chips', 'rows', 'cols')"
+
+
+def _slice_out_words(s: TileSlice, stream_in: int, stream_next: int, costs: WindowCosts | None, lanes: int) -> int:
+    """Flits a tile computing slice ``s`` emits per inference (what a link behind it carries): the layer's last
+    tile the stream into the next layer, the others the whole stream, the passed words and their results."""
+    if not s.forward:
+        return stream_next
+    results = words(s.n_out, lanes) * (s.pixels if costs is not None else 1)
+    return stream_in + s.n_pass + results
+
+
+def _cut_words(splits: list[list[TileSlice]], stream_words: Sequence[int], costs, lanes: int) -> list[int]:
+    """Flits per inference crossing a cut before slice ``c`` of the chain (``c = 0``: the host input; ``c`` = all
+    slices: the output), for every ``c``."""
+    cut = [stream_words[0]]
+    for i, slices in enumerate(splits):
+        cut += [_slice_out_words(s, stream_words[i], stream_words[i + 1], costs[i], lanes) for s in slices]
+    return cut
+
+
+def _cut_chips(cut_cycles: list[int], arch: Arch, limit: float) -> tuple[int, ...] | None:
+    """Where each chip starts (:attr:`Placement.starts`) so that every link takes <= ``limit`` cycles per inference,
+    or None. Each chip takes the most slices it can, up to the last cut within the limit: a chip that starts later
+    can finish no fewer slices (the cut it starts at is itself one it may end at), so the greedy fits whenever any
+    placement of these slices does."""
+    total, n = len(cut_cycles) - 1, arch.n_tiles
+    starts = [0]
+    for _ in range(arch.chips - 1):
+        begin = starts[-1]
+        end = min(begin + n, total)
+        while end >= begin and cut_cycles[end] > limit:
+            end -= 1
+        if end < begin:
+            return None
+        starts.append(end)
+    return tuple(starts) if total - starts[-1] <= n else None
+
+
+def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None,
+                 stream_words: Sequence[int] | None = None) -> Placement:
+    """Slices per layer and their places on the system chain; CompileError if the model cannot fit.
+
+    ``stream_words``: flits of the stream into each layer per inference, then those of the output (what a cut
+    before each layer and after the last carries; :func:`compiler.emit.plan_streams`); needed on several chips.
+
+    One chip: the smallest per-tile cycle budget at which every layer's fewest tiles within it (its greedy split)
+    add up to the grid (binary search). Several chips: the smallest budget ``B`` at which those slices can be cut
+    into the chips' chains with every link's stage time (:func:`link_cycles` of the flits crossing it) <= ``B`` too;
+    a chip may end at any cut (between layers, or between two tiles of a split layer, whose link then carries the
+    whole stream there) and passes its stream through its remaining tiles. Then, at that budget, the lowest link
+    limit at which the slices still fit, so that among equally fast placements the cuts sit where the stream is
+    narrowest.
+    """
+    lanes, n_tiles = arch.lanes, arch.system_tiles
+    grid = _system_name(arch)
+    if arch.chips > 1:
+        if arch.chip_topology != "line":
+            raise CompileError(f"arch field 'chip_topology' = {arch.chip_topology!r}: the compiler places layers on a "
+                               f"line of chips only (chip_topology = 'line')")
+        if stream_words is None or len(stream_words) != len(layers) + 1:
+            raise CompileError("internal: placing layers on several chips needs the stream words before every layer "
+                               "and of the output")
     carried = list(carried) if carried is not None else [0] * len(layers)
     ks = [_input_words(layer, lanes) for layer in layers]
     costs = [window_costs(layer, lanes, extra) if getattr(layer, "window", None) is not None else None
@@ -460,9 +594,11 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         raise CompileError("internal: a dense layer inside a residual block")
     if len(layers) > n_tiles:
         total = sum((c.weight_words if c else layer.n_out * k) * lanes for layer, k, c in zip(layers, ks, costs))
-        raise CompileError(f"the model has {len(layers)} layers but {grid} has {n_tiles} tiles, and every layer "
-                           f"needs at least one; its weights need {total} bytes, the grid has "
-                           f"{n_tiles * arch.sram_bytes} bytes of SRAM")
+        raise CompileError(f"the model has {len(layers)} layers but {grid} {'has' if arch.chips == 1 else 'have'} "
+                           f"{n_tiles} tiles, and every layer "
+                           f"needs at least one; its weights need {total} bytes, the "
+                           f"{'grid has' if arch.chips == 1 else 'chips have'} {n_tiles * arch.sram_bytes} bytes "
+                           f"of SRAM")
     for layer, k, c in zip(layers, ks, costs):
         if c is not None:
             _check_window_fits(layer, c, arch)
@@ -484,12 +620,18 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         c = costs[worst]
         raise CompileError(
             f"model does not fit {grid}: its layers need {sum(len(s) for s in splits)} tiles, there are "
-            f"{n_tiles}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a "
+            f"{_tiles_there(arch)}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a "
             f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
             f"bytes, or a channel group's) and two banks of the input rows its band of output pixels reads")
-    # balance: the pipeline runs at the pace of its slowest tile, so find the smallest per-tile budget for which
-    # every layer's fewest tiles within it (its greedy split) still add up to the grid (binary search).
-    def within(budget: int) -> list[list[TileSlice]] | None:
+
+    def cut_cycles(found: list[list[TileSlice]]) -> list[int]:
+        if arch.chips == 1:
+            return [0] * (sum(len(s) for s in found) + 1)
+        return [link_cycles(arch, n) for n in _cut_words(found, stream_words, costs, lanes)]
+
+    # balance: the pipeline runs at the pace of its slowest stage (tile or link), so find the smallest budget for
+    # which every layer's fewest tiles within it (its greedy split) still fit the chips, cut at links within it.
+    def within(budget: float, link_limit: float | None = None) -> Placement | None:
         found = []
         for i in range(len(layers)):
             layer_split = split(i, budget, n_tiles)
@@ -498,10 +640,20 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             found.append(layer_split)
             if sum(len(s) for s in found) > n_tiles:
                 return None
-        return found
+        return placement(found, budget if link_limit is None else link_limit)
 
-    lo, hi = 0, max(_slowest(s, lanes, c) for s, c in zip(splits, costs))  # infeasible at lo, feasible at hi
-    balanced = within(hi) or splits
+    def placement(found: list[list[TileSlice]], limit: float) -> Placement | None:
+        cycles = cut_cycles(found)
+        starts = _cut_chips(cycles, arch, limit)
+        if starts is None:
+            return None
+        if arch.chips == 1:
+            return Placement(found)
+        cut = _cut_words(found, stream_words, costs, lanes)
+        return Placement(found, starts, tuple(cut[s] for s in starts[1:]))
+
+    lo, hi = 0, max(max(_slowest(s, lanes, c) for s, c in zip(splits, costs)), max(cut_cycles(splits)))
+    balanced = within(hi) or placement(splits, unlimited)  # infeasible at lo, feasible at hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         found = within(mid)
@@ -509,5 +661,14 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             lo = mid
         else:
             hi, balanced = mid, found
-    splits = balanced
-    return splits
+    if arch.chips > 1:  # the same slices, cut where the links carry least
+        cycles = cut_cycles(balanced.splits)
+        lo, hi = -1, max(cycles[s] for s in balanced.starts[1:])
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _cut_chips(cycles, arch, mid) is None:
+                lo = mid
+            else:
+                hi = mid
+        balanced = placement(balanced.splits, hi)
+    return balanced
