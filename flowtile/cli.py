@@ -515,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="campaign seed (case i has seed S*1000000+i)")
     p.add_argument("--archs", type=int, default=6, metavar="K",
                    help="size of the seeded pool of random architectures the cases draw from")
+    p.add_argument("--shrink-attempts", type=int, default=None, metavar="N",
+                   help="candidate networks tried when shrinking a disagreeing case to a small reproducer "
+                        "(0: save the case as it is); default: flowtile.fuzz.SHRINK_ATTEMPTS (24)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None,
                    help="Dask scheduler address (e.g. tcp://host:8786); default: a local cluster of --workers processes")
     p.add_argument("--workers", type=int, default=2, metavar="W", help="worker processes of the local cluster")
@@ -543,9 +546,11 @@ def cmd_fuzz(args) -> int:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.shrink_attempts is not None and args.shrink_attempts < 0:
+        raise UsageError(f"--shrink-attempts must be >= 0, got {args.shrink_attempts}")
     summary = run_campaign(programs=args.programs, seed=args.seed, archs=args.archs, out_dir=args.out,
                            workers=args.workers, scheduler=args.scheduler,
-                           fault=fault,
+                           fault=fault, shrink_attempts=args.shrink_attempts,
                            progress=args.progress, log=_progress)
     print(summary.last_line(), flush=True)
     return 0 if summary.agreed else EXIT_MISMATCH

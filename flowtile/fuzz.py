@@ -22,7 +22,9 @@ Each case ends in one status:
 Results are appended to ``DIR/results.jsonl`` one JSON object a case as cases finish, so an interrupted campaign
 resumes: cases whose seed is already in the file are not run again. For each disagreeing case the program
 directory, its inputs and its int8 model go to ``DIR/case_<seed>/`` and ``DIR/test_repro_<seed>.py`` replays it
-with pytest. (Shrinking a failing case to a smaller reproducer is not done.)
+with pytest. Before that the worker shrinks the case (:func:`shrink_case`): one inference instead of the batch,
+then fewer and narrower layers and a smaller input, as long as the case still ends in the same status; the saved
+reproducer is the smallest such network (its record's ``shrunk`` field says which).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import numpy as np
 from flowtile.arch import Arch
 
 __all__ = ["STATUSES", "AGREEING", "CASE_SEED_STRIDE", "arch_pool", "case_seeds", "run_case", "run_campaign",
-           "CampaignSummary", "FAULTS"]
+           "CampaignSummary", "FAULTS", "shrink_case", "SHRINK_ATTEMPTS"]
 
 STATUSES = ("ok", "mismatch-bits", "mismatch-cycles", "ort-lsb", "does-not-fit", "error")
 #: Statuses that are not a disagreement.
@@ -127,6 +129,73 @@ def _draw_network(rng: np.random.Generator, lanes: int):
         random_float_resnet(rng, in_shape, stem, [block], classes), in_shape
 
 
+def _build_network(rng: np.random.Generator, kind: str, description: dict):
+    """(float model, input shape) of a network ``description`` as :func:`_draw_network` draws them, weights from
+    ``rng``; raises (ValueError, KeyError, ...) for a description that makes no valid network."""
+    from flowtile.testing.random_models import random_float_cnn, random_float_mlp, random_float_resnet
+    if kind == "mlp":
+        widths = description["widths"]
+        if len(widths) < 2 or min(widths) < 1:
+            raise ValueError(f"an MLP needs >= 2 widths >= 1, got {widths}")
+        return random_float_mlp(rng, widths), (widths[0],)
+    in_shape = tuple(description["in_shape"])
+    if kind == "cnn":
+        return random_float_cnn(rng, in_shape, description["blocks"], description["classes"]), in_shape
+    return random_float_resnet(rng, in_shape, description["stem"], description["blocks"], description["classes"]), \
+        in_shape
+
+
+def _smaller_descriptions(kind: str, description: dict):
+    """Candidate reductions of a network description, most drastic first: fewer layers or blocks, then narrower
+    ones, then a smaller input and fewer classes. Some candidates make invalid networks (a map too small for a
+    kernel, a Concat off the lane grid); the shrinker drops those (they do not reproduce)."""
+    import copy
+
+    def variant(change):
+        candidate = copy.deepcopy(description)
+        change(candidate)
+        return candidate
+
+    if kind == "mlp":
+        widths = description["widths"]
+        for i in range(1, len(widths) - 1):
+            yield variant(lambda d, i=i: d["widths"].pop(i))
+        for i, width in enumerate(widths):
+            if width > 1:
+                yield variant(lambda d, i=i: d["widths"].__setitem__(i, max(1, d["widths"][i] // 2)))
+        return
+    blocks = description["blocks"]
+    if kind == "cnn":
+        for i in range(len(blocks)):
+            if len(blocks) > 1:
+                yield variant(lambda d, i=i: d["blocks"].pop(i))
+        for i, block in enumerate(blocks):
+            if block.get("pool"):
+                yield variant(lambda d, i=i: d["blocks"][i].__setitem__("pool", None))
+            if block["out"] > 1:
+                yield variant(lambda d, i=i: d["blocks"][i].__setitem__("out", max(1, d["blocks"][i]["out"] // 2)))
+            if block["k"] > 1:
+                yield variant(lambda d, i=i: d["blocks"][i].update(k=1, pad=0))
+            if block["stride"] > 1:
+                yield variant(lambda d, i=i: d["blocks"][i].__setitem__("stride", 1))
+    else:
+        if description["stem"] > 1:
+            yield variant(lambda d: d.__setitem__("stem", max(1, d["stem"] // 2)))
+        for i, block in enumerate(blocks):
+            for key in ("out", "expand", "squeeze", "growth"):
+                if block.get(key, 0) > 1:
+                    yield variant(lambda d, i=i, key=key: d["blocks"][i].__setitem__(key, max(1, d["blocks"][i][key] // 2)))
+            if block.get("stride", 1) > 1:
+                yield variant(lambda d, i=i: d["blocks"][i].__setitem__("stride", 1))
+    channels, height, width = description["in_shape"]
+    for axis, size in enumerate((channels, height, width)):
+        if size > 1:
+            yield variant(lambda d, axis=axis: d.__setitem__(
+                "in_shape", [max(1, v // 2) if a == axis else v for a, v in enumerate(d["in_shape"])]))
+    if description["classes"] > 2:
+        yield variant(lambda d: d.__setitem__("classes", max(2, d["classes"] // 2)))
+
+
 # --- one case (runs on a Dask worker) ------------------------------------------------------------
 
 def _program_files(program, x: np.ndarray, model_bytes: bytes) -> dict[str, bytes]:
@@ -143,26 +212,107 @@ def _program_files(program, x: np.ndarray, model_bytes: bytes) -> dict[str, byte
 
 
 def run_case(case_seed: int, arch: Arch, arch_index: int, fault: str | None = None,
-             build_root: str | None = None) -> dict:
-    """Run one case end to end and return its record (plus ``files`` to save when it disagrees)."""
+             build_root: str | None = None, shrink_attempts: int | None = None) -> dict:
+    """Run one case end to end and return its record (plus ``files`` to save when it disagrees). A disagreeing
+    case is shrunk (:func:`shrink_case`, at most ``shrink_attempts`` candidates, default :data:`SHRINK_ATTEMPTS`;
+    0: not shrunk); the files saved are then the smallest
+    network and batch that still disagree the same way, and ``record["shrunk"]`` describes them."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(case_seed)
+    activation_uint8, per_channel = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+    batch = int(rng.integers(1, 5))
+    record = _new_record(case_seed, arch, arch_index, activation_uint8, per_channel, batch)
+    try:
+        kind, description, float_model, in_shape = _draw_network(rng, arch.lanes)
+    except Exception as error:  # noqa: BLE001 -- any failure of the flow is a finding
+        record.update(status="error", message=f"{type(error).__name__}: {error}"[:2000],
+                      traceback=traceback.format_exc()[-4000:], wall_seconds=round(time.perf_counter() - started, 3))
+        return record
+    record.update(kind=kind, network=description)
+    _evaluate(record, arch, float_model, in_shape, rng, fault, build_root)
+    attempts = SHRINK_ATTEMPTS if shrink_attempts is None else shrink_attempts
+    if attempts and record["status"] not in AGREEING and "files" in record:
+        shrink_case(record, arch, fault, build_root, attempts=attempts)
+    record["wall_seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def _new_record(case_seed, arch, arch_index, activation_uint8, per_channel, batch) -> dict:
+    quant = f"{'uint8' if activation_uint8 else 'int8'}-{'per-channel' if per_channel else 'per-tensor'}"
+    return {"seed": case_seed, "arch_index": arch_index, "arch_name": arch_name(arch), "arch": arch.to_dict(),
+            "kind": None, "quant": quant, "batch": batch, "status": "error", "cycles": None,
+            "worst_lsb": None, "message": "", "wall_seconds": None, "build_seconds": None}
+
+
+#: Candidate networks the shrinker tries at most, per disagreeing case (each is a compile, an emulation and an
+#: RTL run on the case's cached Verilator build).
+SHRINK_ATTEMPTS = 24
+
+
+def shrink_case(record: dict, arch: Arch, fault: str | None = None, build_root: str | None = None, *,
+                attempts: int = SHRINK_ATTEMPTS) -> None:
+    """Greedy delta debugging of a disagreeing case, in place: first one inference instead of the batch, then
+    smaller networks (:func:`_smaller_descriptions`), keeping each change after which the case still ends in the
+    same status, until no candidate does or ``attempts`` candidates ran. Candidates get fresh weights and inputs
+    (seeded by the case seed and the attempt), so the reproducer stands alone; ``record["shrunk"]`` holds the
+    smallest network, its batch and the attempts made, ``record["files"]`` its files."""
+    status = record["status"]
+    best = {"kind": record["kind"], "network": record["network"], "batch": record["batch"]}
+    best_files = record.get("files")
+    budget, attempts = attempts, 0
+
+    def reproduces(description: dict, batch: int) -> dict | None:
+        nonlocal attempts
+        attempts += 1
+        trial = dict(record, batch=batch, network=description, message="", files=None)
+        trial.pop("files")
+        rng = np.random.default_rng([record["seed"], attempts])
+        try:
+            float_model, in_shape = _build_network(rng, record["kind"], description)
+        except Exception:  # noqa: BLE001 -- not a network: does not reproduce
+            return None
+        _evaluate(trial, arch, float_model, in_shape, rng, fault, build_root)
+        return trial if trial["status"] == status and "files" in trial else None
+
+    def keep(trial: dict, description: dict, batch: int) -> None:
+        nonlocal best_files
+        best.update(network=description, batch=batch)
+        best_files, record["message"] = trial["files"], trial["message"] or record["message"]
+
+    if best["batch"] > 1:
+        trial = reproduces(best["network"], 1)
+        if trial is not None:
+            keep(trial, best["network"], 1)
+    progressed = True
+    while progressed and attempts < budget:
+        progressed = False
+        for description in _smaller_descriptions(record["kind"], best["network"]):
+            if attempts >= budget:
+                break
+            trial = reproduces(description, best["batch"])
+            if trial is not None:
+                keep(trial, description, best["batch"])
+                progressed = True
+                break
+    record["shrunk"] = {**best, "attempts": attempts}
+    if best_files is not None:
+        record["files"] = best_files
+
+
+def _evaluate(record: dict, arch: Arch, float_model, in_shape, rng: np.random.Generator, fault: str | None,
+              build_root: str | None) -> None:
+    """Quantize, compile, emulate, simulate and compare one network; fills ``record`` (status, message, cycles,
+    and ``files`` when the case disagrees)."""
     from flowtile.compiler import CompileError, compile_model
     from flowtile.rtl.simulate import RtlCapacityError, simulate
     from flowtile.testing.oracle_checks import compare_with_onnxruntime, emulate_model
     from flowtile.testing.random_models import quantize_qdq
     import onnx
 
-    started = time.perf_counter()
-    rng = np.random.default_rng(case_seed)
-    activation_uint8, per_channel = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
-    quant = f"{'uint8' if activation_uint8 else 'int8'}-{'per-channel' if per_channel else 'per-tensor'}"
-    batch = int(rng.integers(1, 5))
-    record = {"seed": case_seed, "arch_index": arch_index, "arch_name": arch_name(arch), "arch": arch.to_dict(),
-              "kind": None, "quant": quant, "batch": batch, "status": "error", "cycles": None,
-              "worst_lsb": None, "message": "", "wall_seconds": None, "build_seconds": None}
+    activation_uint8, per_channel = record["quant"].startswith("uint8"), record["quant"].endswith("per-channel")
+    batch = record["batch"]
     program, x, model_bytes = None, None, b""
     try:
-        kind, description, float_model, in_shape = _draw_network(rng, arch.lanes)
-        record.update(kind=kind, network=description)
         calibration = rng.standard_normal((16, *in_shape)).astype(np.float32)
         x = rng.standard_normal((batch, *in_shape)).astype(np.float32)
         with tempfile.TemporaryDirectory(prefix="flowtile-fuzz-") as scratch:
@@ -175,7 +325,7 @@ def run_case(case_seed: int, arch: Arch, arch_index: int, fault: str | None = No
                 program = compile_model(model_path, arch)
             except CompileError as error:
                 record.update(status="does-not-fit", message=str(error))
-                return record
+                return
             record["tiles_used"] = len(program.tiles)
             emulated = emulate_model(program, x)
             emu = emulated.result
@@ -194,7 +344,7 @@ def run_case(case_seed: int, arch: Arch, arch_index: int, fault: str | None = No
                 rtl = simulate(program, emulated.flits, batch, simulator="verilator", build_root=build_root)
             except RtlCapacityError as error:
                 record.update(status="does-not-fit", message=str(error))
-                return record
+                return
             record["rtl_cycles"] = int(rtl.cycles)
             record["build_seconds"] = round(rtl.build_seconds, 3)
             rtl_flits, rtl_times = np.asarray(rtl.out_flits), np.asarray(rtl.out_times)
@@ -228,16 +378,13 @@ def run_case(case_seed: int, arch: Arch, arch_index: int, fault: str | None = No
                 record["files"] = _program_files(program, x, model_bytes)
             except Exception:  # noqa: BLE001
                 pass
-    finally:
-        record["wall_seconds"] = round(time.perf_counter() - started, 3)
-    return record
 
 
 # --- the campaign (client side) ------------------------------------------------------------------
 
 _REPRO = '''"""Reproducer written by `flowtile fuzz` for case seed {seed} ({status}: {message_line}).
 
-Arch {arch_name}; network {kind} ({quant}), batch {batch}. Replays the saved program on the saved inputs.
+Arch {arch_name}; network {kind} ({quant}), batch {batch}{shrunk}. Replays the saved program on the saved inputs.
 """
 from pathlib import Path
 
@@ -281,8 +428,10 @@ def _save_case(out_dir: Path, record: dict) -> None:
     message_line = record["message"].splitlines()[0] if record["message"] else ""
     (out_dir / f"test_repro_{seed}.py").write_text(_REPRO.format(
         seed=seed, status=record["status"], message_line=message_line.replace('"""', "'''")[:200],
-        arch_name=record["arch_name"], kind=record["kind"], quant=record["quant"], batch=record["batch"],
-        lsb=ORT_LSB))
+        arch_name=record["arch_name"], kind=record["kind"], quant=record["quant"],
+        batch=record.get("shrunk", record)["batch"], lsb=ORT_LSB,
+        shrunk=(f", shrunk in {record['shrunk']['attempts']} attempts to {json.dumps(record['shrunk']['network'])}"
+                if record.get("shrunk") else "")))
     record["saved"] = str(case_dir)
 
 
@@ -330,7 +479,7 @@ class CampaignSummary:
 
 def run_campaign(*, programs: int, seed: int = 0, archs: int = 6, out_dir: str | Path = "fuzz-out",
                  workers: int = 2, scheduler: str | None = None, fault: str | None = None,
-                 progress: bool = True, log=None) -> CampaignSummary:
+                 shrink_attempts: int | None = None, progress: bool = True, log=None) -> CampaignSummary:
     """Run (or resume) a campaign on Dask and return its summary (over every case of the campaign, including
     those already in ``results.jsonl``)."""
     from distributed import Client, LocalCluster, as_completed
@@ -364,7 +513,7 @@ def run_campaign(*, programs: int, seed: int = 0, archs: int = 6, out_dir: str |
             for case_seed in pending:
                 index = int(np.random.default_rng([case_seed, 0xA2C4]).integers(len(pool)))
                 futures.append(client.submit(run_case, case_seed, pool[index], index, fault,
-                                             key=f"flowtile-fuzz-{case_seed}-{fault or 'clean'}", pure=False))
+                                             shrink_attempts=shrink_attempts, key=f"flowtile-fuzz-{case_seed}-{fault or 'clean'}", pure=False))
             if results_path.is_file() and results_path.stat().st_size:
                 with open(results_path, "rb") as results:
                     results.seek(-1, os.SEEK_END)

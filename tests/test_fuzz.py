@@ -73,7 +73,7 @@ def test_slice_passes_and_resumes(tmp_path, capsys):
 def test_forced_mismatch_saves_a_reproducer(tmp_path, capsys, monkeypatch):
     out = tmp_path / "campaign"
     monkeypatch.setenv("FLOWTILE_FUZZ_FAULT", "flip-emulator-bit")   # flips one emulator output bit in the worker
-    status = cli.main(SLICE + ["--programs", "2", "--out", str(out)])
+    status = cli.main(SLICE + ["--programs", "2", "--out", str(out), "--shrink-attempts", "3"])
     monkeypatch.delenv("FLOWTILE_FUZZ_FAULT")
     assert status == cli.EXIT_MISMATCH
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -81,12 +81,18 @@ def test_forced_mismatch_saves_a_reproducer(tmp_path, capsys, monkeypatch):
     records = _records(out)
     assert [r["status"] for r in records] == ["mismatch-bits"] * 2
     assert "files" not in records[0] and "output flits differ" in records[0]["message"]
+    # shrunk: the fault makes every candidate disagree, so each attempt is kept: one inference, then smaller networks
+    for record in records:
+        shrunk = record["shrunk"]
+        assert 1 <= shrunk["attempts"] <= 3 and shrunk["batch"] == 1 and shrunk["kind"] == record["kind"]
+        assert shrunk["network"] != record["network"] or shrunk["attempts"] == 1
     seed = case_seeds(1, 1)[0]
     case = out / f"case_{seed}"
     assert (case / "program" / "program.json").is_file() and (case / "x.npy").is_file()
     assert (case / "model.onnx").is_file()
     repro = out / f"test_repro_{seed}.py"
-    assert repro.is_file()
+    assert repro.is_file() and "shrunk in" in repro.read_text()
+    assert len(__import__("numpy").load(case / "x.npy")) == 1
     # The fault was injected in the fuzzer, not in the flow: the saved case replays clean.
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(repro)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
