@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .host import HOST_PATTERN_CYCLES
+from .link_format import LinkGeometry
 from .program import Program
 
 __all__ = ["BUDGET_FACTOR", "BUDGET_BASE_CYCLES", "MAX_CYCLE_LIMIT", "cycle_budget", "cycle_limit", "stretched",
@@ -24,7 +25,8 @@ def cycle_budget(program: Program, batch: int) -> int:
 
     Upper bound idea: even if no two tiles ever overlapped, every tile's work per inference is its
     input and output transfers (a forwarded or passed word is both), its COMPUTE (``I + 2``, plus 1 to
-    enter it; docs/architecture.md section 4) and a few cycles per flit of FIFO hops; the budget is
+    enter it; docs/architecture.md section 4) and a few cycles per flit of FIFO hops, and every link's frames each
+    a whole round trip (section 12); the budget is
     :data:`BUDGET_FACTOR` times that plus :data:`BUDGET_BASE_CYCLES`.
     """
     arch = program.arch
@@ -38,7 +40,15 @@ def cycle_budget(program: Program, batch: int) -> int:
         compute = config.compute_cycles + 1 if config.n_out else 0
         per_inference += transfers * hop_cycles + compute
     host = (program.input_words + program.output_words) * hop_cycles
-    budget = BUDGET_FACTOR * (batch * (per_inference + host) + arch.n_tiles * hop_cycles) + BUDGET_BASE_CYCLES
+    # a link (section 12) per inference: its frames one after another, each a whole round trip (frame, wire both
+    # ways, a return message period and its delay) as if nothing overlapped
+    links = 0
+    if program.links:
+        geometry = LinkGeometry(arch)
+        round_trip = geometry.accept_delay + geometry.message_period + geometry.message_delay
+        links = sum(geometry.frames(link.inference_flits) * round_trip for link in program.links)
+    budget = BUDGET_FACTOR * (batch * (per_inference + host + links) + arch.system_tiles * hop_cycles) \
+        + BUDGET_BASE_CYCLES
     return min(budget, MAX_CYCLE_LIMIT)
 
 

@@ -48,7 +48,7 @@ from flowtile.run_limits import (BUDGET_BASE_CYCLES, BUDGET_FACTOR, MAX_CYCLE_LI
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
-from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry,
+from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry, pack_link_load,
                       encode_registers, load_layout)
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
@@ -141,6 +141,9 @@ class VerilatorBuild:
 # --- Verilog and the build cache -----------------------------------------------------------------
 
 def _make_harness(arch: Arch, chip_factory) -> Harness:
+    if chip_factory is None and arch.chips > 1:
+        from flowtile.hdl.system import System
+        return Harness(arch, chip=System(arch))
     return Harness(arch, chip=None if chip_factory is None else chip_factory(arch))
 
 
@@ -153,6 +156,13 @@ def _convert(arch: Arch, chip_factory) -> tuple[str, dict]:
     if chip_factory is not None:
         harness = Harness(arch, chip=chip_factory(arch), buffers="instances")
         text = verilog.convert(harness, name=HARNESS_TOP_NAME, emit_src=False)
+    elif arch.chips > 1:
+        # A line of chips: one tile module and one link module, each written (and compiled) once.
+        from flowtile.hdl.system import LINK_MODULE_NAME, System
+        from flowtile.hdl.verilog import hierarchical_verilog
+        harness = Harness(arch, chip=System(arch, tiles="instances", link_module=LINK_MODULE_NAME), buffers="instances")
+        text = hierarchical_verilog(arch, harness, HARNESS_TOP_NAME, link_module=LINK_MODULE_NAME, emit_src=False,
+                                    quiet=True)
     else:
         # The real chip: its tiles as instances of one tile module, written (and compiled) once.
         from flowtile.hdl.chip import Chip
@@ -328,12 +338,12 @@ def progress(message: str) -> None:
 def _generation_estimate(arch: Arch) -> float:
     """Rough seconds to generate the harness Verilog (for the progress line only)."""
     from flowtile.hdl.verilog import INSTANCE_SECONDS_ESTIMATE, TILE_SECONDS_ESTIMATE
-    return TILE_SECONDS_ESTIMATE + INSTANCE_SECONDS_ESTIMATE * arch.n_tiles + 1
+    return TILE_SECONDS_ESTIMATE + INSTANCE_SECONDS_ESTIMATE * arch.system_tiles + 1
 
 
 def _build_estimate(arch: Arch) -> float:
     """Rough seconds of a cold Verilator build on 2 cores (for the progress line only)."""
-    return VERILATOR_BASE_SECONDS_ESTIMATE + VERILATOR_TILE_SECONDS_ESTIMATE * arch.n_tiles
+    return VERILATOR_BASE_SECONDS_ESTIMATE + VERILATOR_TILE_SECONDS_ESTIMATE * arch.system_tiles
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -382,7 +392,7 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
             return build
 
     if chip_factory is None:
-        progress(f"generating harness Verilog for {arch.n_tiles} tiles "
+        progress(f"generating harness Verilog for {arch.system_tiles} tiles "
                  f"(usually ~{_generation_estimate(arch):.0f} s)")
     try:
         text, load_ports = _convert(arch, chip_factory)
@@ -400,7 +410,7 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
         build = cached_build(directory)
         if build is None:
             compile_started = time.perf_counter()
-            progress(f"verilator build of {arch.n_tiles} tiles, usually ~{_build_estimate(arch):.0f} s "
+            progress(f"verilator build of {arch.system_tiles} tiles, usually ~{_build_estimate(arch):.0f} s "
                      f"(much less when ccache has seen the C++)")
             _build_with_cocotb(directory, text, build_args, trace_format, control, hierarchical)
             seconds = time.perf_counter() - started
@@ -463,18 +473,20 @@ def _unpack_flit_data(words: list[int], lanes: int) -> np.ndarray:
 
 
 def _load_payloads(program: Program) -> list[int]:
-    """Packed load-bus payloads for every tile, in loading order: config, SRAM, parameters."""
+    """Packed load-bus payloads for every tile, in loading order: config, SRAM, parameters; then every link's
+    registers."""
     arch = program.arch
     layout = load_layout(arch)
     offsets = {name: field.offset for name, field in layout}
 
-    def payload(tile_index: int, target: int, addr: int, value: int) -> int:
-        return ((tile_index << offsets["tile"]) | (target << offsets["target"])
-                | (addr << offsets["addr"]) | (value << offsets["data"]))
-
     payloads = []
     for tile in program.tiles:
         tile_index = tile.row * arch.cols + tile.col
+
+        def payload(tile_index: int, target: int, addr: int, value: int, chip: int = tile.chip) -> int:
+            return ((chip << offsets["chip"]) | (tile_index << offsets["tile"]) | (target << offsets["target"])
+                    | (addr << offsets["addr"]) | (value << offsets["data"]))
+
         # In CONFIG_FIELDS order; the caller validated the program (every register rule).
         for addr, value in encode_registers(tile.config):
             payloads.append(payload(tile_index, LOAD_TARGET_CONFIG, addr, value))
@@ -485,6 +497,8 @@ def _load_payloads(program: Program) -> list[int]:
         for addr, (bias, multiplier, shift) in enumerate(np.asarray(tile.params, dtype=np.int64).tolist()):
             payloads.append(payload(tile_index, LOAD_TARGET_PARAMS, addr,
                                     encode_param_entry(bias, multiplier, shift)))
+    # the link registers (section 12): frames never span inferences
+    payloads += [pack_link_load(arch, chip, link.inference_flits) for chip, link in enumerate(program.links)]
     return payloads
 
 
