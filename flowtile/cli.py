@@ -262,14 +262,17 @@ def cmd_rtl(args) -> int:
 
 
 def cmd_verilog(args) -> int:
-    from flowtile.hdl.verilog import chip_verilog
+    from flowtile.hdl.verilog import chip_verilog, system_verilog
     check_output_file(args.output, "-o/--output")
     arch = _arch_from_args(args)
-    text = chip_verilog(arch)
+    # one chip: module flowtile_chip; a line of chips: module flowtile_system (chips and links, one tile module
+    # and one link module)
+    text = system_verilog(arch) if arch.chips > 1 else chip_verilog(arch)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"wrote {out} ({arch.rows}x{arch.cols} tiles, {arch.lanes} lanes, {len(text.splitlines())} lines)")
+    chips = f"{arch.chips} chips of " if arch.chips > 1 else ""
+    print(f"wrote {out} ({chips}{arch.rows}x{arch.cols} tiles, {arch.lanes} lanes, {len(text.splitlines())} lines)")
     return 0
 
 
