@@ -297,7 +297,9 @@ class LinkTx(wiring.Component):
     (``n mod frame_flits`` flits, if not 0). ``i.ready`` is high while the frame being assembled has fewer flits than
     its size ``min(frame_flits, flits of the inference not yet framed)``; the frame closes (into the replay buffer)
     in the first cycle it has them all and the go-back-N window has room (``next - ack < replay_frames``), and the
-    first flit of the next frame is taken no earlier than the cycle after. ``inference_flits = 0`` means no
+    first flit of the next frame is taken no earlier than the cycle after: ``i.ready`` is low from the cycle after a
+    frame's last flit is taken through the cycle it closes (at least one cycle), high otherwise. ``inference_flits =
+    0`` means no
     inference boundary: every frame is full (``frame_flits`` flits). The position in the inference counts from reset
     (0: an inference starts with the first flit after reset); ``inference_flits`` must hold its value while flits
     move (System loads it while ``run = 0``).
