@@ -9,30 +9,70 @@ recurrences of section 6: ``result.timing.pe_times[p]`` is the :class:`PETimes` 
 COMPUTE starts, output-side transfers) of the PE at chain position ``p``, ``result.timing.word_starts[p]`` the
 first issue cycle of each of its result words (section 4, result ring), ``result.tile_timelines[p]`` its
 phase spans per side.
+
+Several chips (``Arch.chips``): chain positions are system chain positions (all chips, in line order); the host
+feeds chip 0 and reads the last chip; ``result.links[k]`` has link ``k``'s figures (:class:`LinkStats`) and
+``result.timing.link_times[k]`` the cycle of each of its events (:class:`emulator.timing.LinkTimes`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from flowtile.host import HostPattern
+from flowtile.link_format import LinkGeometry
 from flowtile.program import Program
 
 from . import functional
 from .functional import FunctionalResult, check_input_flits
 from .path import DataPath, EmulatorError, TileCounts, trace_data_path
-from .timing import PETimes, TimingError, TimingResult, solve_timing
+from .timing import LinkTimes, PETimes, TimingError, TimingResult, solve_timing
 from .watchdog import DeadlockError, WatchdogError, cycle_budget, cycle_limit, flit_progress, progress_at
 
 __all__ = ["emulate", "EmulatorResult", "EmulatorError", "TimingError", "DeadlockError", "WatchdogError",
-           "cycle_budget", "cycle_limit", "flit_progress", "PHASE_SPAN_DTYPE", "PETimes",
+           "cycle_budget", "cycle_limit", "flit_progress", "PHASE_SPAN_DTYPE", "PETimes", "LinkTimes", "LinkStats",
            "run_functional", "solve_timing", "trace_data_path"]
 
 #: One span of a PE side's activity: cycles ``[start, end)`` spent in ``phase`` (input side: RECV, PASS;
 #: compute side: COMPUTE; output side: FORWARD, EMIT).
 PHASE_SPAN_DTYPE = np.dtype([("start", np.int64), ("end", np.int64), ("phase", "U7")])
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """Figures of link ``link`` (chip ``link`` -> chip ``link + 1``) over a run, fault free (docs/architecture.md
+    section 12, :mod:`flowtile.link_format`).
+
+    ``flits_per_inference`` / ``frames_per_inference``: what crosses per inference (``ceil(n / frame_flits)``
+    frames, all full but the last); ``flits`` / ``frames``: over the batch; ``frame_beats``: wire cycles a frame
+    takes; ``busy_cycles``: ``frames * frame_beats``, the cycles the forward wire carries frame beats;
+    ``first_send`` / ``last_send``: the cycles the serializer loads the batch's first and last frame (its beats
+    follow from the next cycle); ``last_delivery``: the cycle the receiver hands the batch's last flit to chip
+    ``link + 1``; ``utilization``: ``busy_cycles / cycles`` of the run; ``flits_per_cycle``: the link's peak,
+    ``frame_flits / frame_beats``."""
+
+    link: int
+    flits_per_inference: int
+    frames_per_inference: int
+    frame_flits: int
+    frame_beats: int
+    flits: int
+    frames: int
+    busy_cycles: int
+    first_send: int
+    last_send: int
+    last_delivery: int
+    utilization: float
+    flits_per_cycle: float
+
+    def report(self) -> dict:
+        return {"link": self.link, "flits": self.flits, "frames": self.frames,
+                "flits_per_inference": self.flits_per_inference, "frames_per_inference": self.frames_per_inference,
+                "frame_beats": self.frame_beats, "busy_cycles": self.busy_cycles, "first_send": self.first_send,
+                "last_send": self.last_send, "last_delivery": self.last_delivery,
+                "utilization": float(self.utilization), "flits_per_cycle": float(self.flits_per_cycle)}
 
 
 @dataclass
@@ -43,8 +83,8 @@ class EmulatorResult:
     ``in_times``: int64 host-output / host-input transfer cycle per flit; ``cycles``: last output
     transfer + 1; ``latency_cycles``: last output flit of inference 0 + 1; ``interval_cycles``: mean
     distance between the last output flits of consecutive inferences (``cycles`` if batch is 1);
-    ``mac_utilization``: network MACs / (cycles x tiles x lanes); ``tile_busy_cycles`` /
-    ``tile_macs``: int64 ``[rows, cols]``, COMPUTE cycles (``I + 2`` per inference: issue and drain, not the
+    ``mac_utilization``: network MACs / (cycles x tiles x lanes, every chip's tiles); ``tile_busy_cycles`` /
+    ``tile_macs``: int64 ``[rows, cols]`` (several chips: ``[chips, rows, cols]``), COMPUTE cycles (``I + 2`` per inference: issue and drain, not the
     waits for a result-ring slot between words that a COMPUTE span of ``tile_timelines`` includes) and lane-MACs
     issued (``I * L`` per inference for a MAC tile, ``I = n_pix * N_o * K_w`` of section 4.1, which is
     ``N_o*K`` for a dense layer; ``I * L`` for a LANE tile, ``I = n_pix * CW * KH*KW``, every lane
@@ -61,7 +101,8 @@ class EmulatorResult:
     output span runs from the end of the same side's
     previous span (cycle 0 for its first) to its phase's last transfer + 1, so waiting counts in; a COMPUTE
     span is ``[c_s, a_last + d_last + 2)`` (section 4, result ring: ``I + 2`` cycles, plus any wait for a ring
-    slot between result words). Empty for idle tiles.
+    slot between result words). Empty for idle tiles. ``links``: per link (several chips) its :class:`LinkStats`;
+    empty for one chip.
     """
 
     batch: int
@@ -77,6 +118,7 @@ class EmulatorResult:
     functional: FunctionalResult
     timing: TimingResult
     path: DataPath
+    links: list[LinkStats] = field(default_factory=list)
 
     @cached_property
     def tile_timelines(self) -> list[np.ndarray]:
@@ -89,8 +131,13 @@ class EmulatorResult:
         return timelines
 
     def report(self) -> dict:
-        return {"batch": int(self.batch), "cycles": int(self.cycles), "latency_cycles": int(self.latency_cycles),
-                "interval_cycles": float(self.interval_cycles), "mac_utilization": float(self.mac_utilization)}
+        """The run's figures; with several chips also ``chips`` and per link :meth:`LinkStats.report`."""
+        report = {"batch": int(self.batch), "cycles": int(self.cycles), "latency_cycles": int(self.latency_cycles),
+                  "interval_cycles": float(self.interval_cycles), "mac_utilization": float(self.mac_utilization)}
+        if self.links:
+            report["chips"] = len(self.links) + 1
+            report["links"] = [link.report() for link in self.links]
+        return report
 
 
 def _side_spans(times: np.ndarray, phases: list[tuple[str, int]],
@@ -167,17 +214,35 @@ def emulate(program: Program, in_flits: np.ndarray, batch: int, *,
     cycles = int(out_times[-1]) + 1
     last_flits = out_times[words - 1::words]
     interval = float(cycles) if batch == 1 else float(last_flits[-1] - last_flits[0]) / (batch - 1)
-    busy = np.zeros((arch.rows, arch.cols), dtype=np.int64)
-    macs = np.zeros((arch.rows, arch.cols), dtype=np.int64)
+    busy = np.zeros((arch.chips, arch.rows, arch.cols), dtype=np.int64)
+    macs = np.zeros((arch.chips, arch.rows, arch.cols), dtype=np.int64)
     for position, tile in enumerate(program.tiles):
         count = path.counts[position]
-        busy[tile.row, tile.col] = count.compute_cycles * batch
-        macs[tile.row, tile.col] = count.mac_issue_cycles * arch.lanes * batch
+        busy[tile.chip, tile.row, tile.col] = count.compute_cycles * batch
+        macs[tile.chip, tile.row, tile.col] = count.mac_issue_cycles * arch.lanes * batch
+    if arch.chips == 1:
+        busy, macs = busy[0], macs[0]
     return EmulatorResult(
         batch=batch, out_flits=data.out_flits, out_times=out_times, in_times=timing.in_times,
         cycles=cycles, latency_cycles=int(last_flits[0]) + 1, interval_cycles=interval,
-        mac_utilization=program.macs_per_inference * batch / (cycles * arch.n_tiles * arch.lanes),
-        tile_busy_cycles=busy, tile_macs=macs, functional=data, timing=timing, path=path)
+        mac_utilization=program.macs_per_inference * batch / (cycles * arch.system_tiles * arch.lanes),
+        tile_busy_cycles=busy, tile_macs=macs, functional=data, timing=timing, path=path,
+        links=link_stats(program, path, timing, batch, cycles))
+
+
+def link_stats(program: Program, path: DataPath, timing: TimingResult, batch: int, cycles: int) -> list[LinkStats]:
+    """Per link of a multi-chip run its :class:`LinkStats` (empty for one chip)."""
+    stats = []
+    for index, (flits, times) in enumerate(zip(path.link_flits, timing.link_times)):
+        geometry = LinkGeometry(program.arch, owner=f"link {index}")
+        frames = geometry.frames(flits)
+        busy = batch * frames * geometry.frame_beats
+        stats.append(LinkStats(
+            link=index, flits_per_inference=flits, frames_per_inference=frames, frame_flits=geometry.frame_flits,
+            frame_beats=geometry.frame_beats, flits=batch * flits, frames=batch * frames, busy_cycles=busy,
+            first_send=int(times.send[0]), last_send=int(times.send[-1]), last_delivery=int(times.deliver[-1]),
+            utilization=busy / cycles, flits_per_cycle=geometry.flits_per_cycle))
+    return stats
 
 
 def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: DataPath | None = None,

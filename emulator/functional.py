@@ -369,7 +369,9 @@ def _two_operand_results(tile: TileProgram, count: TileCounts, activations: np.n
 @dataclass
 class FunctionalResult:
     """Flit data of a run. ``tile_out_flits[p]`` is int8 ``[batch * flits_out, L]``, the stream PE ``p``
-    (chain position) emits, in emission order; None for idle tiles. ``out_flits`` is what the host receives."""
+    (system chain position) emits, in emission order; None for idle tiles. ``out_flits`` is what the host
+    receives (from the last chip). Several chips: a link passes its flits unchanged (only their ``dest_host``
+    bit, which is not data, is cleared), so what chip ``k``'s sending PE emits is chip ``k + 1``'s input stream."""
 
     tile_out_flits: list[np.ndarray | None]
     out_flits: np.ndarray
@@ -401,7 +403,7 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: Dat
     arch = program.arch
     path = path or trace_data_path(program)
     stream = check_input_flits(program, in_flits, batch).reshape(batch, program.input_words, arch.lanes)
-    tile_out: list[np.ndarray | None] = [None] * arch.n_tiles
+    tile_out: list[np.ndarray | None] = [None] * arch.system_tiles
     with _single_threaded_blas():
         for position in path.order:
             tile, count = program.tiles[position], path.counts[position]

@@ -7,7 +7,9 @@ the spec's (:meth:`flowtile.tile_config.TileConfig.validate`, run by :meth:`flow
 every PE along the XY route of its configured destination, to the next PE or to the host output. It checks what
 the exact timing model needs beyond a valid program (every router output carries at most one stream, every PE on
 the path consumes exactly the flits the previous one emits per inference) and raises :class:`EmulatorError`
-otherwise.
+otherwise. Several chips (``Arch.chips``) form one system chain: a PE of chip ``k`` that sends to the host port
+sends over link ``k`` into chip ``k + 1``'s tile (0,0) W FIFO, as the host feeds chip 0 (the link's timing is
+:mod:`.timing`'s, its framing and messages :mod:`flowtile.link_format`'s).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_CONCAT, OP_LANE, OP_M
 from flowtile.program import Program, TileProgram
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "PORTS", "HOST",
-           "TileProgress", "FlitProgress", "flit_progress", "stuck_summary", "DeadlockError"]
+           "TileProgress", "FlitProgress", "flit_progress", "stuck_summary", "DeadlockError", "link_delivered",
+           "tile_label"]
 
 
 class EmulatorError(ValueError):
@@ -167,28 +170,50 @@ def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
 class Hop:
     """The route of one stream between two consumers of flits.
 
-    ``fifos`` are the router input FIFOs the flits pass through, in order, as ``(row, col, port)``:
-    the producer's L FIFO first (or tile (0,0)'s W FIFO for the host stream), then the input FIFO of
-    every router the XY route enters. The last FIFO is read by ``consumer``'s PE, or by the host
-    output port when ``consumer`` is :data:`HOST`.
+    ``fifos`` are the router input FIFOs the flits pass through on chip ``chip``, in order, as ``(row, col,
+    port)``: the producer's L FIFO first (or tile (0,0)'s W FIFO for the host stream), then the input FIFO of
+    every router the XY route enters. The last FIFO is read by ``consumer``'s PE, or by the host output port
+    when ``consumer`` is :data:`HOST`. A stream that leaves chip ``k`` (not the last) through its host output
+    port crosses link ``link = k`` after ``fifos`` (its sender reads the last of them) and continues through
+    ``link_fifos``, router input FIFOs on chip ``k + 1``: tile (0,0)'s W FIFO (the link's receiver writes it,
+    as the host writes chip 0's) and those of the XY route to ``consumer``, which reads the last.
     """
 
-    producer: int          # chain position, or HOST
-    consumer: int          # chain position, or HOST
+    producer: int          # system chain position, or HOST
+    consumer: int          # system chain position, or HOST
     fifos: tuple[tuple[int, int, str], ...]
+    chip: int = 0          # the chip of ``fifos`` (the producer's; 0 for the host stream)
+    link: int | None = None
+    link_fifos: tuple[tuple[int, int, str], ...] = ()
+
+    @property
+    def last_fifo(self) -> tuple[int, int, int, str]:
+        """``(chip, row, col, port)`` of the FIFO the consumer reads."""
+        if self.link is None:
+            return (self.chip, *self.fifos[-1])
+        return (self.link + 1, *self.link_fifos[-1])
 
 
 @dataclass(frozen=True)
 class DataPath:
     """How flits move through a program: PEs in stream order and the hops between them.
 
-    ``order[i]`` is the chain position of the i-th PE the data visits; ``hops[0]`` runs from the host
-    to ``order[0]``, ``hops[i + 1]`` from ``order[i]`` to ``order[i + 1]`` (the last one to the host).
+    ``order[i]`` is the system chain position of the i-th PE the data visits; ``hops[0]`` runs from the host
+    to ``order[0]``, ``hops[i + 1]`` from ``order[i]`` to ``order[i + 1]`` (the last one to the host); a hop
+    between chips crosses a link (:attr:`Hop.link`). ``link_flits[k]``: flits crossing link ``k`` per
+    inference (empty for one chip).
     """
 
     order: tuple[int, ...]
     hops: tuple[Hop, ...]
-    counts: tuple[TileCounts, ...]   # per chain position
+    counts: tuple[TileCounts, ...]   # per system chain position
+    link_flits: tuple[int, ...] = ()
+
+
+def tile_label(chip: int, row: int, col: int) -> str:
+    """A tile's name in messages and chain names: ``r{row}c{col}``, prefixed ``chip{k}.`` after the first chip
+    (as :attr:`flowtile.program.TileProgram.key`)."""
+    return f"r{row}c{col}" if chip == 0 else f"chip{chip}.r{row}c{col}"
 
 
 def _route(arch: Arch, start: tuple[int, int], first_fifo: str, target: tuple[int, int], to_host: bool,
@@ -234,21 +259,28 @@ def trace_data_path(program: Program) -> DataPath:
     """Follow the flits from the host through the PEs back to the host; raise EmulatorError if the
     program is not a single contention-free stream with consistent per-inference flit counts. Validates the
     program first (:meth:`flowtile.program.Program.validate`: every register rule), so every entry point of the
-    emulator runs valid programs only."""
+    emulator runs valid programs only.
+
+    Several chips (``Arch.chips``, a line): chip ``k`` is an ordinary chip; a PE of chip ``k`` (not the last)
+    sending to the host port (``dest_host = 1``) sends over link ``k``: its flits leave through chip ``k``'s
+    exit port, cross the link and enter chip ``k + 1``'s tile (0,0) W FIFO with ``dest_host`` cleared, then follow
+    the XY route to the tile its ``dest_row``, ``dest_col`` name on chip ``k + 1``. Link ``k`` must carry
+    ``Program.links[k].inference_flits`` flits per inference."""
     program.validate()
     arch = program.arch
     counts = tuple(tile_counts(tile, arch) for tile in program.tiles)
-    position_of = {arch.chain_position(p): p for p in range(arch.n_tiles)}
+    position_of = {arch.system_position(p): p for p in range(arch.system_tiles)}
     # The host's flits carry destination tile (0,0) and enter its W FIFO (sections 3 and 5).
     host_fifos, host_outputs = _route(arch, (0, 0), "W", (0, 0), False, "host input")
     hops = []
-    used_outputs = {out: "host input" for out in host_outputs}
+    used_outputs = {(0, *out): "host input" for out in host_outputs}
     order: list[int] = []
-    producer, fifos = HOST, host_fifos
-    consumer = position_of[(0, 0)]
+    link_flits: list[int] = []
+    producer, fifos, chip, link, link_fifos = HOST, host_fifos, 0, None, []
+    consumer = position_of[(0, 0, 0)]
     flits_arriving = program.input_words
     while True:
-        hops.append(Hop(producer, consumer, tuple(fifos)))
+        hops.append(Hop(producer, consumer, tuple(fifos), chip, link, tuple(link_fifos)))
         if consumer == HOST:
             if flits_arriving != program.output_words:
                 _raise_count_mismatch(program, f"tile {program.tiles[producer].key} sends {flits_arriving} flits per "
@@ -257,7 +289,10 @@ def trace_data_path(program: Program) -> DataPath:
                                       f"{arch.lanes} lanes)")
             break
         tile, count = program.tiles[consumer], counts[consumer]
-        source = "the host" if producer == HOST else f"tile {program.tiles[producer].key}"
+        if producer == HOST:
+            source = "the host"
+        else:
+            source = f"tile {program.tiles[producer].key}" + (f" over link {link}" if link is not None else "")
         if consumer in order:
             raise EmulatorError(f"the flits of {source} return to tile {tile.key}: the data path is a "
                                 f"cycle and never reaches the host")
@@ -271,21 +306,42 @@ def trace_data_path(program: Program) -> DataPath:
             raise EmulatorError(f"tile {tile.key} (chain position {consumer}) emits no flits, so nothing "
                                 f"reaches the host")
         config = tile.config
+        chip = tile.chip
         who = f"tile {tile.key} (chain position {consumer})"
+        link, link_fifos, link_outputs = None, [], []
         if config.dest_host:
-            target, next_consumer = arch.exit_tile, HOST
+            target = arch.exit_tile
+            if chip == arch.chips - 1:
+                next_consumer = HOST
+            else:
+                link = chip
+                inference_flits = program.links[link].inference_flits
+                if count.flits_out != inference_flits:
+                    raise EmulatorError(
+                        f"link {link} (chip {link} -> chip {link + 1}): register inference_flits = {inference_flits}, "
+                        f"but {who} sends {count.flits_out} flits per inference over it (the link frames each "
+                        f"inference's flits by that register)")
+                link_flits.append(count.flits_out)
+                # the flits enter chip k + 1 like host input flits, dest_host cleared: its tile (0,0)'s W FIFO, then
+                # the XY route to (dest_row, dest_col) of chip k + 1
+                landing = (config.dest_row, config.dest_col)
+                link_fifos, link_outputs = _route(arch, (0, 0), "W", landing, False, f"{who} over link {link}")
+                next_consumer = position_of[(chip + 1, *landing)]
         else:
             target = (config.dest_row, config.dest_col)   # inside the grid: Program.validate
             if target == (tile.row, tile.col):
                 raise EmulatorError(f"{who}: sends its flits to itself")
-            next_consumer = position_of[target]
+            next_consumer = position_of[(chip, *target)]
         fifos, outputs = _route(arch, (tile.row, tile.col), "L", target, bool(config.dest_host), who)
-        for out in outputs:
-            if out in used_outputs:
-                raise EmulatorError(
-                    f"{who}: its route uses router ({out[0]},{out[1]}) output {out[2]}, which "
-                    f"{used_outputs[out]} also uses; contended routes are not modelled exactly")
-            used_outputs[out] = who
+        for out_chip, used in ((chip, outputs), (chip + 1, link_outputs)):
+            for out in used:
+                key = (out_chip, *out)
+                if key in used_outputs:
+                    raise EmulatorError(
+                        f"{who}: its route uses router {'' if out_chip == 0 else f'chip {out_chip} '}({out[0]},{out[1]}) "
+                        f"output {out[2]}, which {used_outputs[key]} also uses; contended routes are not modelled "
+                        f"exactly")
+                used_outputs[key] = who
         producer, consumer, flits_arriving = consumer, next_consumer, count.flits_out
 
     for position, count in enumerate(counts):
@@ -293,7 +349,7 @@ def trace_data_path(program: Program) -> DataPath:
             raise EmulatorError(f"tile {program.tiles[position].key} (chain position {position}) is "
                                 f"configured (n_in_words={count.n_in_words}, n_pass={count.n_pass}, "
                                 f"n_out={count.n_out}) but no flits reach it")
-    return DataPath(order=tuple(order), hops=tuple(hops), counts=counts)
+    return DataPath(order=tuple(order), hops=tuple(hops), counts=counts, link_flits=tuple(link_flits))
 
 
 # --- where a program whose flit counts do not add up gets stuck (the watchdog's count model) ---------------
@@ -302,11 +358,11 @@ def trace_data_path(program: Program) -> DataPath:
 class TileProgress:
     """One tile on the flits' path, over a whole batch (counts of flits, not cycles)."""
 
-    position: int          # chain position
+    position: int          # system chain position
     row: int
     col: int
     port: str              # the router input port its flits arrive on (N, E, S, W)
-    source: str            # "the host" or "tile rXcY"
+    source: str            # "the host", "tile rXcY" or "tile rXcY over link k"
     reads: int             # flits it reads per inference (n_in_words + n_pass)
     emits: int             # flits it emits per inference
     arriving: int          # flits that reach it over the batch
@@ -314,10 +370,16 @@ class TileProgress:
     emitted: int           # flits it emits over the batch
     finished: int          # inferences whose every input flit it read
     batch: int
+    chip: int = 0
 
     @property
     def key(self) -> str:
-        return f"r{self.row}c{self.col}"
+        return tile_label(self.chip, self.row, self.col)
+
+    @property
+    def place(self) -> str:
+        """``(row,col)``, preceded by ``chip k`` after the first chip."""
+        return f"({self.row},{self.col})" if self.chip == 0 else f"chip {self.chip} ({self.row},{self.col})"
 
     @property
     def stuck(self) -> bool:
@@ -331,10 +393,10 @@ class TileProgress:
 
     def describe(self) -> str:
         if self.reads == 0:
-            return (f"tile ({self.row},{self.col}) input side reads no flits (n_in_words + n_pass = 0) but "
+            return (f"tile {self.place} input side reads no flits (n_in_words + n_pass = 0) but "
                     f"{self.source} sends it {self.arriving}")
         total = f" ({self.received} of {self.reads * self.batch} over the batch)" if self.batch > 1 else ""
-        return (f"tile ({self.row},{self.col}) input side waits on port {self.port} (from {self.source}) in "
+        return (f"tile {self.place} input side waits on port {self.port} (from {self.source}) in "
                 f"inference {self.finished}: {self.waiting_has} of {self.reads} words received{total}")
 
 
@@ -379,18 +441,30 @@ def _partial_emits(count: TileCounts, received: int) -> int:
     return done
 
 
+def link_delivered(sent: int, inference_flits: int, frame_flits: int) -> int:
+    """Flits a link delivers of the ``sent`` its sender takes: those of closed frames. Frames never span
+    inferences (:mod:`flowtile.link_format`): each inference's ``inference_flits`` form frames of ``frame_flits``,
+    the last maybe partial, and a frame closes only once it has all its flits."""
+    if inference_flits <= 0:
+        return 0
+    whole, rest = divmod(sent, inference_flits)
+    return whole * inference_flits + rest // frame_flits * frame_flits
+
+
 def flit_progress(program: Program, batch: int) -> FlitProgress:
     """Follow ``batch`` inferences' flits by their counts along the configured destinations (see the module
-    docstring); works on programs whose counts do not add up (the registers must pass ``Program.validate``)."""
+    docstring), across the links of a multi-chip program; works on programs whose counts do not add up (the
+    registers must pass ``Program.validate``)."""
     arch = program.arch
     counts = [tile_counts(tile, arch) for tile in program.tiles]
-    position_of = {arch.chain_position(p): p for p in range(arch.n_tiles)}
+    position_of = {arch.system_position(p): p for p in range(arch.system_tiles)}
     arriving = batch * program.input_words
     host_sent = arriving
-    position, port, source = position_of[(0, 0)], "W", "the host"
+    position, port, source = position_of[(0, 0, 0)], "W", "the host"
     tiles: list[TileProgress] = []
     seen: set[int] = set()
     cycle = False
+    expected = batch * program.output_words
     while True:
         if position in seen:
             cycle = True
@@ -408,13 +482,12 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
             finished = batch if arriving == 0 else 0
             received, emitted = 0, 0
         tiles.append(TileProgress(position, tile.row, tile.col, port, source, reads, count.flits_out, arriving,
-                                  received, emitted, finished, batch))
+                                  received, emitted, finished, batch, tile.chip))
         config = tile.config
         if config.dest_host:
             target = arch.exit_tile
         else:
             target = (config.dest_row, config.dest_col)
-        expected = batch * program.output_words
         if count.flits_out == 0:
             return FlitProgress(tuple(tiles), 0, expected, host_sent, cycle)
         if not config.dest_host and target == (tile.row, tile.col):
@@ -424,10 +497,18 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
         except EmulatorError:
             return FlitProgress(tuple(tiles), 0, expected, host_sent, cycle)
         if config.dest_host:
-            return FlitProgress(tuple(tiles), emitted, expected, host_sent, cycle)
+            if tile.chip == arch.chips - 1:
+                return FlitProgress(tuple(tiles), emitted, expected, host_sent, cycle)
+            link = tile.chip         # over link k into chip k + 1's tile (0,0) W FIFO, on to (dest_row, dest_col)
+            landing = (config.dest_row, config.dest_col)
+            fifos, _ = _route(arch, (0, 0), "W", landing, False, f"tile {tile.key} over link {link}")
+            port, source = fifos[-1][2], f"tile {tile.key} over link {link}"
+            arriving = link_delivered(emitted, program.links[link].inference_flits, arch.link_frame_flits)
+            position = position_of[(link + 1, *landing)]
+            continue
         port, source = fifos[-1][2], f"tile {tile.key}"
-        position, arriving = position_of[target], emitted
-    return FlitProgress(tuple(tiles), 0, batch * program.output_words, host_sent, cycle)
+        position, arriving = position_of[(tile.chip, *target)], emitted
+    return FlitProgress(tuple(tiles), 0, expected, host_sent, cycle)
 
 
 def stuck_summary(progress: FlitProgress, limit: int = 2) -> str:

@@ -113,11 +113,13 @@ from flowtile.program import Program
 
 from flowtile.arch import COMPUTE_DRAIN_CYCLES
 from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
+from flowtile.link_format import LinkGeometry
 
-from .path import HOST, DataPath, EmulatorError, TileCounts, trace_data_path
+from .path import HOST, DataPath, EmulatorError, TileCounts, tile_label, trace_data_path
 
-__all__ = ["TimingError", "Chain", "FifoEdge", "EventEdge", "TimingGraph", "PETimes", "TimingResult",
-           "solve_timing", "timing_graph", "PROBE_BATCH", "NEVER", "Gate"]
+__all__ = ["TimingError", "Chain", "FifoEdge", "EventEdge", "FrameEdge", "LinkChains", "TimingGraph", "PETimes",
+           "LinkTimes", "TimingResult", "solve_timing", "timing_graph", "PROBE_BATCH", "NEVER", "Gate",
+           "next_message"]
 
 #: "No constraint yet": below any cycle, far enough from the int64 limits that ``+ offset`` and ``- C``
 #: cannot overflow.
@@ -230,18 +232,89 @@ class EventEdge:
     offset: int
 
 
+def next_message(cycles, period: int):
+    """The start of the first return message in or after ``cycles`` (:mod:`flowtile.link_format`): the smallest
+    multiple of ``period`` ``>= max(cycles, 0)``; elementwise on int64 arrays."""
+    cycles = np.maximum(cycles, 0)
+    return -(-cycles // period) * period
+
+
+@dataclass(frozen=True)
+class FrameEdge:
+    """``t[target][target_slots](g) >= round(t[source][source_slots](g - shift) + before) + after`` for every
+    ``g >= shift``, ``g`` numbering the slots over the whole batch (``*_slots``: the chain's actions of one
+    inference, None: all of them; both sides have as many per inference: one per link frame); ``round`` is
+    :func:`next_message` with ``period`` (a link's return messages), or nothing if ``period`` is 0. The bound is
+    monotone in the source time and ``>= source + before + after``."""
+
+    name: str
+    target: int
+    target_slots: np.ndarray | None
+    source: int
+    source_slots: np.ndarray | None
+    shift: int
+    before: int
+    after: int = 0
+    period: int = 0
+
+
+@dataclass(frozen=True)
+class SelfBound:
+    """An implied bound of a chain on its own earlier actions (a link's send chain, see :func:`timing_graph`):
+    ``t(g) >= next_message(t(g - shift) + before[g mod per_inference], period) + after`` over the whole batch
+    (``before``: per action of one inference). Implied by the rules, so it leaves the solution unchanged; it lets
+    one chain solve see what would otherwise take a sweep round per ``shift`` actions to emerge."""
+
+    name: str
+    chain: int
+    shift: int
+    before: np.ndarray
+    after: int
+    period: int
+
+
+@dataclass(frozen=True)
+class LinkChains:
+    """The chains of link ``index`` (chip ``index`` -> chip ``index + 1``) and the slots of its events.
+
+    ``sender``: per inference, per frame its flits' accepts (the sender takes flit ``i`` from chip ``index``'s
+    exit FIFO: that chip's host output transfer) then the frame's close, ``d = 1``; ``send``: one action per frame,
+    the serializer loading it, ``d = frame_beats`` (the batch's first ``d = 1``); ``deliver``: one action per flit,
+    the receiver writing it into chip ``index + 1``'s tile (0,0) W FIFO (that chip's host input transfer), ``d = 1``.
+    ``flit_slots`` / ``close_slots``: the sender's actions of one inference that take a flit / close a frame;
+    ``first_flits`` / ``last_flits``: per frame of one inference its first and last flit."""
+
+    index: int
+    sender: int
+    send: int
+    deliver: int
+    flits: int                  # per inference
+    frames: int                 # per inference
+    flit_slots: np.ndarray
+    close_slots: np.ndarray
+    first_flits: np.ndarray
+    last_flits: np.ndarray
+    geometry: LinkGeometry
+
+
 @dataclass(frozen=True)
 class TimingGraph:
     """The chains of a program (line order: host input first, host output last; a PE's input, compute,
-    output chains in this order), its FIFOs and event edges, and per chain position the indices of the
-    PE's (input, compute or None, output) chains; ``ring_rounds`` scales the sweep budget (a ring that holds
-    back COMPUTE couples the compute and output chains about once per ``R`` words)."""
+    output chains in this order; a link's sender, send and delivery chains between the chips it joins), its
+    FIFOs, event and frame edges, per chain position the indices of the PE's (input, compute or None, output)
+    chains and the links' chains; ``ring_rounds`` scales the sweep budget (a ring that holds back COMPUTE couples
+    the compute and output chains about once per ``R`` words), ``link_rounds`` too (a link's credit and replay
+    windows couple its chains about once per ``min(credit_frames, replay_frames)`` frames)."""
 
     chains: list[Chain]
     fifos: list[FifoEdge]
     events: list[EventEdge]
     pe_chains: dict[int, tuple[int, int | None, int]]
     ring_rounds: int = 1      # max over computing PEs of ceil(E / R): result words per ring turn
+    frame_edges: list[FrameEdge] = field(default_factory=list)
+    links: list[LinkChains] = field(default_factory=list)
+    link_rounds: int = 1      # 1 + max over links of ceil(frames per inference / min(credit, replay frames))
+    self_bounds: list[SelfBound] = field(default_factory=list)
 
 
 def timing_graph(program: Program, path: DataPath) -> TimingGraph:
@@ -266,34 +339,89 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         chains.append(chain)
         return len(chains) - 1
 
+    frame_edges: list[FrameEdge] = []
+    links: list[LinkChains] = []
+    self_bounds: list[SelfBound] = []
+    link_rounds = 1
+
+    def fifo_name(chip: int, row: int, col: int, port: str) -> str:
+        return f"router {tile_label(chip, row, col)} {port} FIFO"
+
+    def add_link(index: int, flits: int, exit_writer: int, exit_fifo: str) -> int:
+        """Link ``index``'s chains and edges (module docstring); its sender reads ``exit_fifo`` (written by chain
+        ``exit_writer``). Returns the delivery chain (it writes the next chip's tile (0,0) W FIFO)."""
+        nonlocal link_rounds
+        geometry = LinkGeometry(arch, owner=f"link {index}")
+        frame_flits = geometry.frame_flits
+        frames = geometry.frames(flits)
+        first = np.arange(frames, dtype=np.int64) * frame_flits
+        last = np.minimum(first + frame_flits, flits) - 1
+        flit_slots = np.arange(flits, dtype=np.int64) + np.arange(flits, dtype=np.int64) // frame_flits
+        close_slots = last + 1 + np.arange(frames, dtype=np.int64)
+        label = f"link {index}"
+        sender = add(Chain(f"{label} sender (accept, close)", HOST, "link sender", ones(flits + frames)))
+        fifos.append(FifoEdge(exit_fifo, exit_writer, sender, depth, read_slots=flit_slots))
+        send = add(Chain(f"{label} send", HOST, "link send", np.full(frames, geometry.frame_beats, dtype=np.int64),
+                         first_delay=1))
+        deliver = add(Chain(f"{label} delivery", HOST, "link delivery", ones(flits)))
+        accept = geometry.accept_delay
+        frame_edges.extend([
+            FrameEdge(f"{label}: send_f >= close_f + 1", send, None, sender, close_slots, 0, 1),
+            FrameEdge(f"{label}: first flit of f delivered >= send_f + accept_delay + 1", deliver, first, send, None,
+                      0, accept + 1),
+            FrameEdge(f"{label}: close_f >= ack_seen(f - replay_frames)", sender, close_slots, send, None,
+                      geometry.replay_frames, accept + 1, geometry.message_delay, geometry.message_period),
+            FrameEdge(f"{label}: send_f >= freed_seen(f - credit_frames)", send, None, deliver, last,
+                      geometry.credit_frames, 1, geometry.message_delay, geometry.message_period)])
+        # implied (module docstring): without back-pressure from the next chip, frame g's last flit leaves no
+        # earlier than send_g + accept + 1 + (its flits - 1) * spacing (2 behind a depth-1 FIFO, rule 1), so
+        # send_f >= next_message(send_g + accept + 1 + span_g + 1) + message_delay for g = f - credit_frames; and
+        # send_f >= close_f + 1 >= next_message(send_g + accept + 1) + message_delay + 1 for g = f - replay_frames
+        span = (last - first) * (2 if depth == 1 else 1)
+        period, delay = geometry.message_period, geometry.message_delay
+        self_bounds.extend([
+            SelfBound(f"{label}: credit round trip", send, geometry.credit_frames, accept + 2 + span, delay, period),
+            SelfBound(f"{label}: ack round trip", send, geometry.replay_frames,
+                      np.full(frames, accept + 1, dtype=np.int64), delay + 1, period)])
+        links.append(LinkChains(index, sender, send, deliver, flits, frames, flit_slots, close_slots, first, last,
+                                geometry))
+        window = min(geometry.credit_frames, geometry.replay_frames)
+        link_rounds = max(link_rounds, 1 + -(-frames // window))
+        return deliver
+
     writer = add(Chain("host input", HOST, "host input", ones(program.input_words)))
     flits = program.input_words
     for hop in path.hops:
-        for k, (row, col, port) in enumerate(hop.fifos):
-            fifo_name = f"router r{row}c{col} {port} FIFO"
-            if k + 1 < len(hop.fifos):  # a router hop between every two FIFOs of the route
-                reader = add(Chain(f"{fifo_name} -> next hop", HOST, "link", ones(flits), pass_through=True))
-            elif hop.consumer == HOST:
-                reader = add(Chain("host output", HOST, "host output", ones(flits), pass_through=True))
-            else:
-                reader = None
-            if reader is not None:
-                fifos.append(FifoEdge(fifo_name, writer, reader, depth))
-                writer = reader
+        # the FIFOs on the producer's chip, and after a link those on the next chip
+        segments = [(hop.chip, hop.fifos)] + ([(hop.link + 1, hop.link_fifos)] if hop.link is not None else [])
+        for segment, (chip, route) in enumerate(segments):
+            for k, (row, col, port) in enumerate(route):
+                name = fifo_name(chip, row, col, port)
+                if k + 1 < len(route):  # a router hop between every two FIFOs of the route
+                    reader = add(Chain(f"{name} -> next hop", HOST, "link", ones(flits), pass_through=True))
+                elif segment + 1 < len(segments):  # the chip's exit FIFO, read by the link's sender
+                    writer = add_link(hop.link, flits, writer, name)
+                    continue
+                elif hop.consumer == HOST:
+                    reader = add(Chain("host output", HOST, "host output", ones(flits), pass_through=True))
+                else:
+                    reader = None
+                if reader is not None:
+                    fifos.append(FifoEdge(name, writer, reader, depth))
+                    writer = reader
         if hop.consumer == HOST:
             break
         position = hop.consumer
         count, tile = path.counts[position], program.tiles[position]
         name = f"PE {tile.key}"
-        last_fifo = hop.fifos[-1]
+        last_fifo = hop.last_fifo
         computes = count.n_out > 0
         pushes = np.concatenate([np.arange(count.forward_begin, count.forward_end, dtype=np.int64),
                                  np.arange(count.n_in_words, count.flits_in, dtype=np.int64)])
         pushes_all = count.n_queue == count.flits_in      # every RECV word forwarded (forward = [0, K))
         input_chain = add(Chain(f"{name} input side", position, "input", ones(count.flits_in),
                                 pass_through=not computes and pushes_all))
-        fifos.append(FifoEdge(f"router r{last_fifo[0]}c{last_fifo[1]} {last_fifo[2]} FIFO", writer, input_chain,
-                              depth))
+        fifos.append(FifoEdge(fifo_name(*last_fifo), writer, input_chain, depth))
         compute_chain = None
         output_delays = ones(count.flits_out)
         output_first = None
@@ -325,7 +453,8 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
                 events.append(EventEdge(input_chain, side.stall[0], compute_chain, 0, 1, side.stall[1]))
         pe_chains[position] = (input_chain, compute_chain, output_chain)
         writer, flits = output_chain, count.flits_out
-    return TimingGraph(chains, fifos, events, pe_chains, ring_rounds)
+    return TimingGraph(chains, fifos, events, pe_chains, ring_rounds, frame_edges, links, link_rounds,
+                       self_bounds)
 
 
 @dataclass(frozen=True)
@@ -499,6 +628,21 @@ class _ChainSystem:
         for event in graph.events:
             self.events_into[event.target].append(event)
             dependents[event.source].add(event.target)
+        # per chain: (frame edge, the source's global slots or None, own global target slots[shift:] or None)
+        self.frames_into: list[list[tuple[FrameEdge, np.ndarray | None, np.ndarray | None]]] = [[] for _ in chains]
+        for edge in graph.frame_edges:
+            if edge.target >= solved or edge.source >= solved:  # links end before the last chip: never in the tail
+                raise AssertionError(f"frame edge {edge.name} reaches into the pass-through tail")
+            sources = _tile_slots(edge.source_slots, graph.chains[edge.source].per_inference, batch)
+            targets = _tile_slots(edge.target_slots, graph.chains[edge.target].per_inference, batch)
+            self.frames_into[edge.target].append((edge, sources, None if targets is None else targets[edge.shift:]))
+            dependents[edge.source].add(edge.target)
+        # per chain: its implied bounds on itself (SelfBound), ``before`` over the whole batch
+        self.self_bounds: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
+        for bound in graph.self_bounds:
+            if bound.chain < solved:
+                self.self_bounds.setdefault(bound.chain, []).append(
+                    (bound.shift, np.tile(bound.before, batch), bound.after, bound.period))
         self.dependents = [sorted(d) for d in dependents]
         self.cumulative = []
         inferences = np.arange(batch, dtype=np.int64)[:, None]
@@ -537,6 +681,12 @@ class _ChainSystem:
         if j in self.gates:
             return self._solve_gated(j)
         lower = self._latest(j)
+        if j in self.self_bounds:
+            return self._solve_self_bounded(j, lower)
+        return self._scan(j, lower)
+
+    def _scan(self, j: int, lower: np.ndarray) -> np.ndarray:
+        """In place: the times of chain ``j`` from ``lower`` = ``lb - 1`` (:meth:`_latest`)."""
         if self.cumulative_less_one is None:
             lower -= self.cumulative[j]
             lower += 1
@@ -551,6 +701,36 @@ class _ChainSystem:
             self._skip_scan(lower, skip[0], self.steps[j])
         lower += self.cumulative[j]
         return lower
+
+    def _solve_self_bounded(self, j: int, lower: np.ndarray) -> np.ndarray:
+        """A chain with implied bounds on itself (:class:`SelfBound`): the plain solve, and if it breaks one of
+        them, from the first broken action on ``t_k = max(lb_k, t_{k-1} + d_k, bounds on t_{k - shift})`` one action
+        at a time (actions before it are final: the bounds reach forward only)."""
+        bounds = self.self_bounds[j]
+        times = self._scan(j, lower.copy())
+        size, first = len(times), None
+        for shift, before, after, period in bounds:
+            if size > shift:
+                need = next_message(times[:-shift] + before[:size - shift], period) + after
+                broken = np.flatnonzero(need > times[shift:])
+                if broken.size and (first is None or broken[0] + shift < first):
+                    first = int(broken[0]) + shift
+        if first is None:
+            return times
+        cumulative = self.cumulative[j]
+        steps = np.diff(cumulative[first - 1:]).tolist()        # d_k for k = first..size-1 (first >= shift >= 1)
+        lows = (lower[first:] + 1).tolist()
+        values = times.tolist()
+        sources = [(shift, before.tolist(), after, period) for shift, before, after, period in bounds]
+        previous = values[first - 1]
+        for k in range(first, size):
+            value = max(lows[k - first], previous + steps[k - first])
+            for shift, before, after, period in sources:
+                if k >= shift:
+                    x = max(values[k - shift] + before[k - shift], 0)
+                    value = max(value, -(-x // period) * period + after)
+            values[k] = previous = value
+        return np.array(values, dtype=np.int64)
 
     def _latest(self, j: int) -> np.ndarray:
         """``lb - 1`` for every action of chain ``j``: the latest write into the FIFO it reads (rule 1: readable
@@ -587,6 +767,23 @@ class _ChainSystem:
             bound = times[event.source][event.source_slot::source_width][:batch - event.shift] + (event.offset - 1)
             view = lower[event.shift * width + event.target_slot::width]
             np.maximum(view, bound, out=view)
+        for edge, sources, targets in self.frames_into[j]:  # a link's frame edges (FrameEdge)
+            source = times[edge.source] if sources is None else times[edge.source][sources]
+            count = len(source) - edge.shift
+            if count <= 0:
+                continue
+            bound = source[:count] + edge.before
+            if edge.period:   # next_message, in place
+                np.maximum(bound, 0, out=bound)
+                bound += edge.period - 1
+                bound //= edge.period
+                bound *= edge.period
+            bound += edge.after - 1
+            if targets is None:
+                view = lower[edge.shift:]
+                np.maximum(view, bound, out=view)
+            else:
+                lower[targets] = np.maximum(lower[targets], bound)
         return lower
 
     def _solve_gated(self, j: int) -> np.ndarray:
@@ -622,7 +819,8 @@ class _ChainSystem:
         """Gauss-Seidel sweeps, downstream then upstream, re-solving only chains a changed chain
         constrains, until no time changes; returns the number of chain solves."""
         n = self.solved
-        max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n) * self.graph.ring_rounds)
+        max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n) * self.graph.ring_rounds
+                         * self.graph.link_rounds)
         # a stalled host output behind full FIFOs can take a round per stall that holds the chip back
         max_rounds += 2 * self.gated_flits
         dirty = [True] * n
@@ -710,6 +908,25 @@ class PETimes:
     output: np.ndarray
 
 
+@dataclass(frozen=True)
+class LinkTimes:
+    """Cycles of link ``k``'s events over the batch (:mod:`flowtile.link_format`, fault free), per flit or frame
+    numbered across inferences (each inference's flits form ``ceil(n / frame_flits)`` frames, all full but the
+    last).
+
+    ``accept``: int64 ``[batch * n]``, the sender takes flit ``i`` from chip ``k``'s exit FIFO (chip ``k``'s host
+    output transfer); ``close``: int64 ``[batch * frames]``, ``close_f``; ``send``: ``send_f``, the serializer
+    loads frame ``f`` (its beat ``b`` is on the sender's wire in ``send_f + 1 + b``); ``received``: the receiver
+    accepts frame ``f``, ``send_f + accept_delay``; ``deliver``: int64 ``[batch * n]``, flit ``i`` written into
+    chip ``k + 1``'s tile (0,0) W FIFO (chip ``k + 1``'s host input transfer)."""
+
+    accept: np.ndarray
+    close: np.ndarray
+    send: np.ndarray
+    received: np.ndarray
+    deliver: np.ndarray
+
+
 @dataclass
 class TimingResult:
     """Transfer cycle of every action of every chain.
@@ -721,7 +938,9 @@ class TimingResult:
     ``word_starts[p]``: int64 ``[batch * E]``, ``a_j`` (first issue cycle) of every result word of the PE at
     chain position ``p``, numbered across inferences (section 4, result ring; empty without COMPUTE, None if
     idle); ``compute_ends[p]``: int64 ``[batch]``, the end of each COMPUTE, ``a_last + d_last + 2`` (COMPUTE
-    of ``s`` spans ``[c_s, compute_ends[p][s])``, waits for the ring included).
+    of ``s`` spans ``[c_s, compute_ends[p][s])``, waits for the ring included). Chain positions are system chain
+    positions (all chips); ``in_times`` is chip 0's host input, ``out_times`` the last chip's host output.
+    ``link_times[k]``: the :class:`LinkTimes` of link ``k`` (empty for one chip).
     """
 
     in_times: np.ndarray
@@ -733,6 +952,7 @@ class TimingResult:
     extrapolated: bool
     word_starts: list[np.ndarray | None] = field(default_factory=list)
     compute_ends: list[np.ndarray | None] = field(default_factory=list)
+    link_times: list[LinkTimes] = field(default_factory=list)
 
 
 def _pass_through_tail(graph: TimingGraph) -> int:
@@ -818,7 +1038,7 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
         writes = full.writes_of[tail - 1]
         into_tail = times[tail - 1] if writes is None else times[tail - 1][writes]
         times += [into_tail + hop for hop in range(1, len(chains) - tail + 1)]
-    n_tiles = program.arch.n_tiles
+    n_tiles = program.arch.system_tiles
     pe_times: list[PETimes | None] = [None] * n_tiles
     word_starts: list[np.ndarray | None] = [None] * n_tiles
     compute_ends: list[np.ndarray | None] = [None] * n_tiles
@@ -834,7 +1054,14 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
             ends = words[width - 1::width] + (int(count.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES)
         pe_times[position] = PETimes(input=times[input_chain], compute=starts, output=times[output_chain])
         word_starts[position], compute_ends[position] = words, ends
+    link_times = []
+    for link in graph.links:
+        sender, send = times[link.sender], times[link.send]
+        width = link.flits + link.frames
+        link_times.append(LinkTimes(accept=sender[_tile_slots(link.flit_slots, width, batch)],
+                                    close=sender[_tile_slots(link.close_slots, width, batch)], send=send,
+                                    received=send + link.geometry.accept_delay, deliver=times[link.deliver]))
     return TimingResult(in_times=times[0], out_times=times[-1], pe_times=pe_times,
                         stream_names=[c.name for c in chains], stream_times=times,
                         solves=solves, extrapolated=extrapolated, word_starts=word_starts,
-                        compute_ends=compute_ends)
+                        compute_ends=compute_ends, link_times=link_times)

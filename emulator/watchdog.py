@@ -61,10 +61,20 @@ def progress_at(program: Program, batch: int, path, timing, limit: int) -> Watch
                 last.append(int(times[times < limit].max()))
         if got < want_in or sent < want_out:
             tiles.append((tile.row, tile.col, got, want_in, sent, want_out))
-            parts.append(f"({tile.row},{tile.col}) in {got}/{want_in} out {sent}/{want_out}")
+            place = f"({tile.row},{tile.col})" if tile.chip == 0 else f"chip {tile.chip} ({tile.row},{tile.col})"
+            parts.append(f"{place} in {got}/{want_in} out {sent}/{want_out}")
+    links = []
+    for index, times in enumerate(getattr(timing, "link_times", [])):   # several chips
+        taken, delivered = int(np.count_nonzero(times.accept < limit)), int(np.count_nonzero(times.deliver < limit))
+        if delivered < times.deliver.size:
+            links.append(f"link {index} took {taken}, delivered {delivered} of {times.deliver.size} flits")
+        for events in (times.accept, times.deliver):
+            if np.any(events < limit):
+                last.append(int(events[events < limit].max()))
     last_progress = max(last) if last else None
     message = (f"run stopped at the cycle limit of {limit} cycles (it needs {cycles}): the host output received "
                f"{out_done} of {out_times.size} flits, the chip accepted {in_done} of {timing.in_times.size} input "
                f"flits, last transfer at cycle {last_progress}; unfinished tiles (flits in/out of expected): "
-               + ", ".join(parts[:6]) + (f" and {len(parts) - 6} more" if len(parts) > 6 else ""))
+               + ", ".join(parts[:6]) + (f" and {len(parts) - 6} more" if len(parts) > 6 else "")
+               + ("; " + ", ".join(links) if links else ""))
     return WatchdogError(message, limit, cycles, tiles)

@@ -1,0 +1,488 @@
+"""The emulator on multi-chip programs (``Arch.chips`` chips in a line joined by links, fault free):
+
+* outputs equal the same network on one chip (and the numpy golden): a link passes flits unchanged;
+* every link's event times (accept, close, send, receive, deliver) equal a slow, cycle-stepped reference of the
+  link written here from the timing contract of :mod:`flowtile.link_format` (a plain loop per cycle: the sender
+  taking flits and closing frames, the serializer, the wire's latency stages, the receiver accepting frames and
+  handing out flits, the return messages every ``ret_beats`` cycles and the sender's ack / freed registers), given
+  the cycles in which chip ``k`` offers each flit and chip ``k + 1``'s input FIFO has room for it, both from the
+  emulator's solution; and they satisfy the contract's recurrences with equality (the hardware fires in the first
+  cycle its rules allow);
+* large batches: the probe and its extrapolation equal plain sweeps of the whole batch;
+* a slow link is the bottleneck: the interval is ``frames * frame_beats`` per inference;
+* programs the emulator cannot run are refused naming the link or the chip.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from flowtile.arch import Arch
+from flowtile.emulator import DeadlockError, EmulatorError, WatchdogError, emulate
+from flowtile.emulator.timing import next_message, solve_timing, timing_graph
+from flowtile.host import HostPattern, pack_flits
+from flowtile.link_format import LinkGeometry
+from flowtile.program import LinkProgram, Program, TileProgram
+from flowtile.testing.program_builder import Dense, build_program, dense_golden
+
+
+# --- programs: one network on a line of chips, and the same network on one chip --------------------------------
+
+def on_chips(single: Program, chip_arch: Arch) -> Program:
+    """``single`` (a chain of ``chip_arch.system_tiles`` tiles on one chip) cut into ``chip_arch.chips`` chips: tile
+    ``p`` of the chain goes to system position ``p``; within a chip each tile sends to the next chain tile, the exit
+    tile of chip ``k`` sends to the host port (``dest_host = 1``) naming tile (0,0) of chip ``k + 1``, over link
+    ``k``; the last chip's exit tile sends to the host."""
+    n = chip_arch.n_tiles
+    assert len(single.tiles) == chip_arch.system_tiles
+    tiles = []
+    for position, tile in enumerate(single.tiles):
+        chip, row, col = chip_arch.system_position(position)
+        config = tile.config
+        if config.n_in_words or config.n_pass:
+            if (position + 1) % n == 0:
+                config = config.replace(dest_host=1, dest_row=0, dest_col=0)
+            else:
+                dest_row, dest_col = chip_arch.chain_position((position + 1) % n)
+                config = config.replace(dest_host=0, dest_row=dest_row, dest_col=dest_col)
+        tiles.append(TileProgram(row, col, config, tile.sram, tile.params, chip=chip))
+    links = [LinkProgram(tiles[(k + 1) * n - 1].config.output_flits(chip_arch.lanes))
+             for k in range(chip_arch.chips - 1)]
+    program = Program(chip_arch, single.input, single.output, single.layers, tiles, "multichip", links)
+    program.validate()
+    return program
+
+
+def networks(layers, chips, rows=1, cols=2, *, lanes=4, depth=4, queue=1024, **link):
+    """(multi-chip program, one-chip program) of dense ``layers`` on ``chips`` chips of ``rows x cols`` tiles
+    (``link``: Arch link fields)."""
+    common = dict(lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64, router_fifo_depth=depth,
+                  forward_queue_words=queue)
+    line = Arch(rows=1, cols=chips * rows * cols, **common)
+    single = build_program(line, layers)
+    return on_chips(single, Arch(rows=rows, cols=cols, chips=chips, **common, **link)), single
+
+
+def dense(rng, n_in, n_out, tiles=1, shift=None):
+    weights = rng.integers(-128, 128, (n_out, n_in), dtype=np.int8)
+    bias = rng.integers(-2000, 2000, n_out)
+    multiplier = rng.integers(2**30, 2**31, n_out)
+    shift = np.full(n_out, shift or 31 + max(0, int(np.log2(max(1, n_in)) + 4)))
+    return Dense(weights, bias, multiplier, shift, int(rng.integers(-10, 11)), -128, 127, tiles)
+
+
+def run(program, x, batch, **options):
+    return emulate(program, pack_flits(x, program.arch.lanes), batch, **options)
+
+
+# --- the link, one cycle at a time (the contract of flowtile.link_format) ---------------------------------------
+
+def link_boundary(program, result, k):
+    """From the emulator's solution, the cycles from which chip ``k`` offers each flit to link ``k`` (its exit
+    FIFO's write + 1) and from which chip ``k + 1``'s tile (0,0) W FIFO has room for each flit (the read of the
+    flit ``depth`` before it + 1; 0 for the first ``depth``)."""
+    graph = timing_graph(program, result.path)
+    link, times = graph.links[k], result.timing.stream_times
+    into = next(f for f in graph.fifos if f.reader == link.sender)
+    out = next(f for f in graph.fifos if f.writer == link.deliver)
+    assert into.write_slots is None and out.read_slots is None
+    offers = times[into.writer] + 1
+    reads = times[out.reader]
+    rooms = np.zeros_like(reads)
+    rooms[out.depth:] = reads[:-out.depth] + 1
+    return offers, rooms
+
+
+def link_reference(geometry: LinkGeometry, n: int, batch: int, offers, rooms, max_cycles=1_000_000):
+    """Step link ``geometry`` cycle by cycle, carrying ``batch`` inferences of ``n`` flits: chip ``k`` offers flit
+    ``i`` from cycle ``offers[i]``, chip ``k + 1``'s input FIFO takes it from cycle ``rooms[i]``. Every decision of
+    cycle ``t`` reads the state at the start of ``t``; counters and registers updated in ``t`` show from ``t + 1``.
+
+    Sender: takes one flit a cycle into the frame it fills, the first flit of frame ``f`` only once frame ``f - 1``
+    has closed (in an earlier cycle); closes frame ``f`` once all its flits are in (taken in earlier cycles), in an
+    earlier cycle than nothing else, and while its ack register shows at most ``replay_frames - 1`` closed frames
+    unacknowledged; frames never span inferences. Serializer: loads the next closed frame once the previous
+    frame's beats are out (``frame_beats`` cycles after its load) and while the freed register leaves credit
+    (``f - freed < credit_frames``); the frame's beat ``b`` is on the wire in load + 1 + ``b``; the wire has
+    ``latency`` stages. Receiver: sees a frame's last beat, accepts the frame the cycle after (ack counter + 1);
+    its flits are handed out in order, one a cycle, from the cycle after the accept, each when the next chip's
+    FIFO has room; the frame is freed (freed counter + 1) when its last flit has left. Return messages: message
+    ``m`` starts in cycle ``m * ret_beats`` with the counters as they stand in that cycle; its ``ret_beats``
+    beats follow from the next cycle, cross the ``latency`` stages, are checked one cycle after the last, and the
+    sender's registers hold its counters from the cycle after that.
+
+    Returns dict of int64 arrays: accept, deliver (per flit), close, send, received (per frame)."""
+    g = geometry
+    frame_flits, beats, latency, period = g.frame_flits, g.frame_beats, g.latency, g.ret_beats
+    total = n * batch
+    frames = []                         # (first flit, end flit) per frame, over the batch
+    for s in range(batch):
+        for first in range(0, n, frame_flits):
+            frames.append((s * n + first, s * n + min(first + frame_flits, n)))
+    accept, deliver = [None] * total, [None] * total
+    close, send, received = [None] * len(frames), [None] * len(frames), [None] * len(frames)
+    frame_of = {flit: f for f, (lo, hi) in enumerate(frames) for flit in range(lo, hi)}
+    taken = closed = loaded = 0                 # sender: flits taken, frames closed, frames loaded
+    ack_register = freed_register = 0           # the sender's view of the receiver's counters
+    acked = freed = 0                           # the receiver's counters
+    messages = deque()                          # (holds from, ack, freed)
+    wire = deque([None] * latency)              # the forward wire's stages: (frame, beat) or None
+    seen_last = None                            # frame whose last beat the deserializer saw in the cycle before
+    buffer = deque()                            # (flit, offered from)
+    delivered = 0
+    for t in range(max_cycles):
+        if delivered == total:
+            break
+        while messages and messages[0][0] <= t:
+            _, ack_register, freed_register = messages.popleft()
+        if t % period == 0:                      # message m starts in cycle m * ret_beats
+            messages.append((t + period + latency + 2, acked, freed))
+        # the wire: the beat on the sender's side in t (from the frame loaded last), the receiver's side in t
+        beat = None
+        if loaded and send[loaded - 1] + 1 <= t <= send[loaded - 1] + beats:
+            beat = (loaded - 1, t - send[loaded - 1] - 1)
+        wire.append(beat)
+        arriving = wire.popleft()
+        # decisions from the state at the start of t
+        accept_frame = seen_last
+        deliver_flit = None
+        if buffer and buffer[0][1] <= t and rooms[buffer[0][0]] <= t:
+            deliver_flit = buffer[0][0]
+        take = None
+        if taken < total and offers[taken] <= t:
+            f = frame_of[taken]
+            if taken > frames[f][0] or closed == f:     # a frame's first flit: the frame before has closed
+                take = taken
+        close_frame = None
+        if closed < len(frames) and taken >= frames[closed][1] and accept[frames[closed][1] - 1] < t \
+                and ack_register >= closed - g.replay_frames + 1:
+            close_frame = closed
+        load = None
+        if loaded < closed and (loaded == 0 or t >= send[loaded - 1] + beats) \
+                and freed_register >= loaded - g.credit_frames + 1:
+            load = loaded
+        # apply
+        seen_last = arriving[0] if arriving is not None and arriving[1] == beats - 1 else None
+        if accept_frame is not None:
+            assert accept_frame == acked, "frames arrive in order"
+            assert acked - freed < g.credit_frames, f"frame {accept_frame} arrives without room (credit broken)"
+            received[accept_frame] = t
+            acked += 1
+            lo, hi = frames[accept_frame]
+            buffer.extend((flit, t + 1) for flit in range(lo, hi))
+        if deliver_flit is not None:
+            buffer.popleft()
+            deliver[deliver_flit] = t
+            delivered += 1
+            if deliver_flit == frames[frame_of[deliver_flit]][1] - 1:
+                freed += 1
+        if take is not None:
+            accept[take] = t
+            taken += 1
+        if close_frame is not None:
+            close[close_frame] = t
+            closed += 1
+        if load is not None:
+            send[load] = t
+            loaded += 1
+    else:
+        raise AssertionError(f"the link reference did not finish in {max_cycles} cycles")
+    return {name: np.array(values, dtype=np.int64) for name, values in
+            (("accept", accept), ("close", close), ("send", send), ("received", received), ("deliver", deliver))}
+
+
+def assert_contract(geometry: LinkGeometry, n: int, batch: int, offers, rooms, times) -> set[str]:
+    """The contract's recurrences, each event in the first cycle its bounds allow (equality with their max).
+    Returns the names of the bounds that were alone the largest somewhere (the rules that held an event back)."""
+    g = geometry
+    frame_starts = [s * n + first for s in range(batch) for first in range(0, n, g.frame_flits)]
+    frame_ends = [s * n + min(first + g.frame_flits, n) for s in range(batch) for first in range(0, n, g.frame_flits)]
+    starts = {lo: f for f, lo in enumerate(frame_starts)}
+    accept, close, send = times.accept, times.close, times.send
+    binding = set()
+
+    def fired(event, value, bounds):
+        values = list(bounds.values())
+        assert value == max(values), f"{event}: cycle {value}, bounds {bounds}"
+        top = [name for name, bound in bounds.items() if bound == value]
+        if len(top) == 1:
+            binding.add(top[0])
+    received, deliver = times.received, times.deliver
+    np.testing.assert_array_equal(received, send + g.accept_delay)
+    for i in range(n * batch):
+        bounds = {"offered": int(offers[i]), "run": 0}
+        if i:
+            bounds["accept one a cycle"] = int(accept[i - 1]) + 1
+        if i in starts and starts[i]:
+            bounds["accept after close"] = int(close[starts[i] - 1]) + 1
+        fired(f"accept of flit {i}", accept[i], bounds)
+    for f, (lo, hi) in enumerate(zip(frame_starts, frame_ends)):
+        bounds = {"close after last flit": int(accept[hi - 1]) + 1}
+        if f:
+            bounds["close one a cycle"] = int(close[f - 1]) + 1
+        if f >= g.replay_frames:
+            bounds["ack_seen"] = int(next_message(received[f - g.replay_frames] + 1, g.message_period)) \
+                + g.message_delay
+        fired(f"close of frame {f}", close[f], bounds)
+        bounds = {"send after close": int(close[f]) + 1}
+        if f:
+            bounds["send back to back"] = int(send[f - 1]) + g.frame_beats
+        else:
+            bounds["run"] = 0
+        if f >= g.credit_frames:
+            bounds["freed_seen"] = int(next_message(deliver[frame_ends[f - g.credit_frames] - 1] + 1,
+                                                    g.message_period)) + g.message_delay
+        fired(f"send of frame {f}", send[f], bounds)
+    for i in range(n * batch):
+        bounds = {"room": int(rooms[i]), "run": 0}
+        if i:
+            bounds["deliver one a cycle"] = int(deliver[i - 1]) + 1
+        if i in starts:
+            bounds["deliver after accept"] = int(received[starts[i]]) + 1
+        fired(f"delivery of flit {i}", deliver[i], bounds)
+    return binding
+
+
+def assert_links_match_reference(program, result) -> set[str]:
+    """Every link's times against :func:`assert_contract` and :func:`link_reference`; returns the rules that
+    held events back."""
+    binding = set()
+    for k, times in enumerate(result.timing.link_times):
+        geometry = LinkGeometry(program.arch)
+        n = program.links[k].inference_flits
+        offers, rooms = link_boundary(program, result, k)
+        binding |= assert_contract(geometry, n, result.batch, offers, rooms, times)
+        reference = link_reference(geometry, n, result.batch, offers, rooms)
+        for name, expected in reference.items():
+            actual = getattr(times, name)
+            differing = np.flatnonzero(actual != expected)
+            assert not differing.size, (f"link {k} {name}: {differing.size} times differ from the reference, first "
+                                        f"at {differing[0]}: emulator {actual[differing[0]]}, reference "
+                                        f"{expected[differing[0]]}")
+    return binding
+
+
+# --- tests ----------------------------------------------------------------------------------------------------
+
+#: (chips, per layer (n_out, tiles), pass-through tiles follow the layers); each chip 1x2
+LAYOUTS = {
+    "2 chips, a MAC layer, pass-through": (2, [(6, 1)]),
+    "2 chips, a layer across the link": (2, [(12, 1), (10, 2)]),
+    "3 chips, two layers": (3, [(9, 2), (5, 1)]),
+    "3 chips, pass-through only after one tile": (3, [(4, 1)]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_outputs_equal_one_chip_and_links_match_reference(layout):
+    chips, shape = LAYOUTS[layout]
+    rng = np.random.default_rng(sorted(LAYOUTS).index(layout))
+    layers, width = [], 10
+    for n_out, tiles in shape:
+        layers.append(dense(rng, width, n_out, tiles))
+        width = n_out
+    program, single = networks(layers, chips)
+    batch = 7
+    x = rng.integers(-128, 128, (batch, 10), dtype=np.int8)
+    result, one_chip = run(program, x, batch), run(single, x, batch)
+    np.testing.assert_array_equal(result.out_flits, one_chip.out_flits)
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :width], dense_golden(layers, x))
+    assert len(result.links) == chips - 1 == len(result.timing.link_times)
+    assert result.cycles > one_chip.cycles
+    assert_links_match_reference(program, result)
+    # chip k + 1's host input is the link's delivery, chip k's host output its sender's accepts
+    for k, times in enumerate(result.timing.link_times):
+        receiver = program.tiles[(k + 1) * program.arch.n_tiles]
+        np.testing.assert_array_equal(result.timing.pe_times[(k + 1) * program.arch.n_tiles].input,
+                                      times.deliver + 1, err_msg=f"{receiver.key} reads each flit the cycle after")
+
+
+#: link and chip settings (Arch fields) whose rules bind in turn: tiny credit / replay windows, one-flit frames,
+#: partial frames, a short and a long wire, the fastest link, depth-1 FIFOs, a slow receiving chip
+LINKS = {
+    "defaults": {},
+    "credit 1, replay 1": {"link_credit_frames": 1, "link_replay_frames": 1},
+    "credit 1, replay 3, latency 5": {"link_credit_frames": 1, "link_replay_frames": 3, "link_latency_cycles": 5},
+    "credit 2, replay 1, latency 1": {"link_credit_frames": 2, "link_replay_frames": 1, "link_latency_cycles": 1},
+    "one-flit frames": {"link_frame_flits": 1, "link_credit_frames": 2, "link_replay_frames": 2},
+    "partial frames": {"link_frame_flits": 3},
+    "fastest link, latency 1": {"link_bits_per_cycle": 35, "link_latency_cycles": 1, "link_credit_frames": 1},
+    "depth-1 FIFOs": {"depth": 1, "link_credit_frames": 2, "link_latency_cycles": 3},
+    "long wire": {"link_latency_cycles": 300, "link_credit_frames": 2, "link_replay_frames": 4},
+}
+
+
+def link_case(name, slow_receiver, batch, seed):
+    """(program, one-chip program, x) of LINKS[name] on 2 chips of 1x2; ``slow_receiver``: a wide MAC layer on
+    chip 1's first tile, slower per inference than the link, so that credit holds the link back."""
+    rng = np.random.default_rng(seed)
+    settings = dict(LINKS[name])
+    depth = settings.pop("depth", 4)
+    layers = [dense(rng, 6, 7)] + ([dense(rng, 7, 7), dense(rng, 7, 64)] if slow_receiver else [])
+    program, single = networks(layers, 2, depth=depth, **settings)
+    assert not slow_receiver or program.tiles[2].config.n_out == 64
+    return program, single, rng.integers(-128, 128, (batch, 6), dtype=np.int8)
+
+
+@pytest.mark.parametrize("name", sorted(LINKS))
+@pytest.mark.parametrize("slow_receiver", [False, True])
+def test_link_times_match_cycle_reference(name, slow_receiver):
+    program, single, x = link_case(name, slow_receiver, 12, sorted(LINKS).index(name) + 100 * slow_receiver)
+    result = run(program, x, len(x))
+    np.testing.assert_array_equal(result.out_flits, run(single, x, len(x)).out_flits)
+    assert_links_match_reference(program, result)
+
+
+def test_every_contract_rule_holds_events_back():
+    """Over the LINKS cases each rule of the contract is alone the one that sets some event's cycle (so the
+    reference comparisons above exercise them all)."""
+    binding = set()
+    for name in sorted(LINKS):
+        for slow_receiver in (False, True):
+            program, _, x = link_case(name, slow_receiver, 12, 1)
+            binding |= assert_links_match_reference(program, run(program, x, len(x)))
+    assert binding >= {"offered", "accept one a cycle", "accept after close", "close after last flit", "ack_seen",
+                       "send after close", "send back to back", "freed_seen", "room", "deliver one a cycle",
+                       "deliver after accept"}, binding
+
+
+def test_frames_never_span_inferences():
+    """5 flits per inference in frames of 4: frames of 4 and 1 flits, each inference's last frame partial."""
+    rng = np.random.default_rng(5)
+    program, _ = networks([dense(rng, 8, 20)], 2, lanes=4)
+    assert program.links[0].inference_flits == 5
+    result = run(program, rng.integers(-128, 128, (3, 8), dtype=np.int8), 3)
+    times = result.timing.link_times[0]
+    assert len(times.close) == len(times.send) == 6 and result.links[0].frames_per_inference == 2
+    accept = times.accept.reshape(3, 5)
+    close = times.close.reshape(3, 2)
+    assert (close[:, 0] > accept[:, 3]).all()
+    assert (accept[:, 4] > close[:, 0]).all() and (close[:, 1] > accept[:, 4]).all()
+    assert (accept[1:, 0] > close[:-1, 1]).all()
+    assert_links_match_reference(program, result)
+
+
+@pytest.mark.parametrize("name", ["defaults", "credit 1, replay 1", "one-flit frames", "depth-1 FIFOs",
+                                  "long wire"])
+def test_large_batch_probe_equals_direct_sweep(name):
+    rng = np.random.default_rng(7 + sorted(LINKS).index(name))
+    settings = dict(LINKS[name])
+    depth = settings.pop("depth", 4)
+    layers = [dense(rng, 6, 7), dense(rng, 7, 9), dense(rng, 9, 5)]
+    program, single = networks(layers, 3, depth=depth, **settings)
+    batch = 120
+    x = rng.integers(-128, 128, (batch, 6), dtype=np.int8)
+    result = run(program, x, batch)
+    direct = solve_timing(program, batch, probe_batch=None)
+    for name_, probed, swept in zip(result.timing.stream_names, result.timing.stream_times, direct.stream_times):
+        np.testing.assert_array_equal(probed, swept, err_msg=f"chain {name_}: probe + extrapolation vs sweeps")
+    np.testing.assert_array_equal(result.out_flits, run(single, x, batch).out_flits)
+    assert_links_match_reference(program, result)
+
+
+def test_slow_link_is_the_bottleneck():
+    """One wire bit a cycle, 64 latency stages: the link carries a frame every frame_beats cycles, so in steady
+    state an inference takes frames * frame_beats cycles."""
+    rng = np.random.default_rng(11)
+    program, single = networks([dense(rng, 8, 12), dense(rng, 12, 8)], 2, link_bits_per_cycle=1,
+                               link_latency_cycles=64)
+    geometry = LinkGeometry(program.arch)
+    frames = geometry.frames(program.links[0].inference_flits)
+    batch = 40
+    x = rng.integers(-128, 128, (batch, 8), dtype=np.int8)
+    result = run(program, x, batch)
+    words = program.output_words
+    last = result.out_times[words - 1::words]
+    steady = np.diff(last[batch // 2:])
+    assert (steady == frames * geometry.frame_beats).all(), steady
+    send = result.timing.link_times[0].send
+    np.testing.assert_array_equal(np.diff(send), geometry.frame_beats)       # frames back to back
+    stats = result.links[0]
+    assert stats.busy_cycles == batch * frames * geometry.frame_beats and stats.frames == batch * frames
+    assert stats.first_send == send[0] and stats.last_send == send[-1]
+    assert stats.utilization > 0.9
+    assert result.interval_cycles > 0.9 * frames * geometry.frame_beats
+    assert run(single, x, batch).interval_cycles < result.interval_cycles / 4
+    assert_links_match_reference(program, result)
+
+
+def test_host_stalls_on_a_multichip_run():
+    """A host pattern gates chip 0's host input and the last chip's host output only."""
+    rng = np.random.default_rng(13)
+    program, single = networks([dense(rng, 6, 7), dense(rng, 7, 5)], 3, queue=1, link_latency_cycles=7,
+                               link_credit_frames=2)
+    batch = 40
+    x = rng.integers(-128, 128, (batch, 6), dtype=np.int8)
+    # an output ready about 1 cycle in 200 is slower than the links: its stalls hold the last chip and, by credit, the
+    # links back
+    pattern = HostPattern(seed=3, out_duty=0.005, out_burst=200, in_duty=0.6)
+    free, stalled = run(program, x, batch), run(program, x, batch, host_pattern=pattern)
+    np.testing.assert_array_equal(free.out_flits, stalled.out_flits)
+    assert stalled.cycles > 2 * free.cycles
+    assert (stalled.in_times >= free.in_times).all() and (stalled.in_times > free.in_times).any()
+    assert pattern.out_ready()[stalled.out_times % len(pattern.out_ready())].all()
+    direct = solve_timing(program, batch, probe_batch=None, host_pattern=pattern)
+    for probed, swept in zip(stalled.timing.stream_times, direct.stream_times):
+        np.testing.assert_array_equal(probed, swept)
+    assert "freed_seen" in assert_links_match_reference(program, stalled)
+
+
+def test_report_and_statistics():
+    rng = np.random.default_rng(17)
+    program, single = networks([dense(rng, 6, 7), dense(rng, 7, 5)], 3)
+    batch = 4
+    x = rng.integers(-128, 128, (batch, 6), dtype=np.int8)
+    result, one_chip = run(program, x, batch), run(single, x, batch)
+    report = result.report()
+    assert report["chips"] == 3 and [link["link"] for link in report["links"]] == [0, 1]
+    geometry = LinkGeometry(program.arch)
+    for k, link in enumerate(report["links"]):
+        n = program.links[k].inference_flits
+        times = result.timing.link_times[k]
+        assert link["flits"] == batch * n and link["frames"] == batch * geometry.frames(n)
+        assert link["busy_cycles"] == link["frames"] * geometry.frame_beats
+        assert (link["first_send"], link["last_send"]) == (times.send[0], times.send[-1])
+        assert link["last_delivery"] == times.deliver[-1]
+    assert result.tile_busy_cycles.shape == result.tile_macs.shape == (3, 1, 2)
+    assert result.tile_macs.sum() == one_chip.tile_macs.sum()
+    assert result.tile_busy_cycles.sum() == one_chip.tile_busy_cycles.sum()
+    assert len(result.tile_timelines) == 6 and all(len(t) for t in result.tile_timelines)
+    # one chip: no link figures, [rows, cols] arrays
+    assert "links" not in one_chip.report() and one_chip.links == [] and one_chip.timing.link_times == []
+    assert one_chip.tile_macs.shape == (1, 6)
+
+
+def test_link_register_must_match_what_crosses():
+    """A tile of chip 0 other than the exit tile sends to the host port: its flits cross link 0, whose register
+    (the exit tile's count, 0) does not match."""
+    rng = np.random.default_rng(19)
+    program, _ = networks([dense(rng, 6, 7)], 2)
+    first, exit_tile = program.tiles[0], program.tiles[1]
+    first.config = first.config.replace(dest_host=1, dest_row=0, dest_col=0)
+    exit_tile.config = exit_tile.config.replace(n_in_words=0, n_pass=0, store_end=0, forward_end=0)
+    program.links[0] = LinkProgram(0)
+    with pytest.raises(EmulatorError, match=r"link 0 \(chip 0 -> chip 1\): register inference_flits = 0, but tile "
+                                            r"r0c0 .* sends 2 flits per inference over it"):
+        run(program, np.zeros((1, 6), np.int8), 1)
+
+
+def test_count_mismatch_across_a_link_names_the_chip():
+    rng = np.random.default_rng(23)
+    program, _ = networks([dense(rng, 6, 7)], 2)
+    receiver = program.tiles[2]       # chip 1's (0,0): reads one flit more than link 0 brings
+    receiver.config = receiver.config.replace(n_pass=receiver.config.n_pass + 1)
+    with pytest.raises(DeadlockError, match=r"tile chip1.r0c0 .* reads .* but tile r0c1 over link 0 sends it 2"
+                                            r".*tile chip 1 \(0,0\) input side waits on port W \(from tile r0c1 "
+                                            r"over link 0\)"):
+        run(program, np.zeros((2, 6), np.int8), 2)
+
+
+def test_watchdog_names_the_links():
+    rng = np.random.default_rng(29)
+    program, _ = networks([dense(rng, 6, 7)], 2, link_bits_per_cycle=1)
+    result = run(program, np.zeros((3, 6), np.int8), 3)
+    limit = int(result.timing.link_times[0].deliver[2])
+    with pytest.raises(WatchdogError, match=r"link 0 took \d+, delivered 3 of 6 flits"):
+        run(program, np.zeros((3, 6), np.int8), 3, max_cycles=limit + 1)
