@@ -33,7 +33,20 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
   compute chain's ``E = n_pix * N_r`` words, their issue cycles and the per-pixel interleave all run over it
   (:func:`emulator.path.tile_counts`).
 
-The chains are coupled by two kinds of edges:
+* several chips (``Arch.chips``, a line): each chip's chains as above, in system chain order; the first chain is
+  chip 0's host input, the last the last chip's host output. Link ``k`` (the timing contract of
+  :mod:`flowtile.link_format`, fault free) replaces chip ``k``'s host output and chip ``k + 1``'s host input by
+  three chains (:class:`LinkChains`), with ``n`` flits per inference in ``ceil(n / frame_flits)`` frames (frames
+  never span inferences; ``f`` counts frames over the batch):
+
+  - sender: per frame its flits' accepts (each reads chip ``k``'s exit FIFO, chip ``k``'s host output
+    transfer), then the frame's close, ``d = 1``: in chain order this is ``A(first of f) >= close_{f-1} + 1``,
+    ``close_f >= A(last of f) + 1``, ``close_f >= close_{f-1} + 1`` and one flit a cycle;
+  - send: one action per frame, ``send_f``, ``d = frame_beats`` (the batch's first ``d = 1``);
+  - delivery: one action per flit, writing chip ``k + 1``'s tile (0,0) W FIFO (chip ``k + 1``'s host input
+    transfer, with rule 1's space bound), ``d = 1``.
+
+The chains are coupled by three kinds of edges:
 
 * FIFO edges (rule 1, depth ``D`` for a router FIFO, ``F = Arch.forward_queue_words`` for a forward
   queue): the writes ``w`` of flits ``i`` belong to one chain, the reads ``r`` to another, and
@@ -45,7 +58,14 @@ The chains are coupled by two kinds of edges:
   1`` (the FIFO space rule: slot ``j mod R`` has been emitted);
 * event edges ``t_target(s, a) >= t_source(s - shift, b) + offset`` of one PE:
   ``c_s >= input(s, RECV word store_end - 1) + 1`` (compute action 0 of ``s``); ``input(s, 0) >=
-  c_{s-1}`` (``s >= 1``).
+  c_{s-1}`` (``s >= 1``);
+* frame edges of a link (:class:`FrameEdge`), between per-frame actions numbered over the batch: ``send_f >=
+  close_f + 1``; ``deliver(first flit of f) >= send_f + accept_delay + 1``; ``close_f >= ack_seen(f -
+  replay_frames)`` with ``ack_seen(g) = next_message(send_g + accept_delay + 1) + message_delay``; ``send_f >=
+  freed_seen(f - credit_frames)`` with ``freed_seen(g) = next_message(deliver(last flit of g) + 1) +
+  message_delay``; ``next_message(t)`` is the first multiple of ``message_period`` ``>= max(t, 0)``
+  (:func:`next_message`). Such a bound is a monotone function of its source time, at least the source plus a
+  positive weight, so the sweeps below still climb to the least solution and the exactness argument holds.
 
 Given its lower bounds a chain is solved in closed form (max-plus prefix scan)::
 
@@ -79,7 +99,16 @@ leave the solution unchanged and spare the sweep rounds through which they would
   is solved in closed form after the rest (:func:`_pass_through_tail`). A pass-through PE is two such
   chains around its queue, so a flit crossing its tile takes 3 cycles (its input side, its output side, the
   link behind its local FIFO) where a plain router hop takes 1. A forward queue of depth 1 behind deeper
-  router FIFOs can hold the chain before it back, so the tail then starts behind the last depth-1 FIFO.
+  router FIFOs can hold the chain before it back, so the tail then starts behind the last depth-1 FIFO. A link
+  is not pass-through (its credit holds the chip before it back), so the tail lies after the last chip's host
+  input;
+* a link's send chain carries two implied bounds on itself (:class:`SelfBound`, solved by
+  :meth:`_ChainSystem._solve_self_bounded`): the credit round trip ``send_f >= next_message(send_g + accept_delay
+  + 2 + span_g) + message_delay`` for ``g = f - credit_frames`` (the last flit of ``g`` leaves no earlier than
+  ``span_g`` = its flits - 1, times 2 behind a depth-1 FIFO, cycles after the first) and the ack round trip
+  ``send_f >= next_message(send_g + accept_delay + 1) + message_delay + 1`` for ``g = f - replay_frames``
+  (through ``close_f``). Without them a credit- or window-limited link would cost a sweep round per
+  ``credit_frames`` (``replay_frames``) frames; the sweep budget still allows for it (:attr:`TimingGraph.link_rounds`).
 
 Large batches. Sweeps need about one round (downstream + upstream) per inference when a PE's
 progress depends on its downstream neighbour's (back-pressure) while that neighbour waits for its
@@ -89,15 +118,19 @@ recurrence hold with equality? Why that is exact:
 
 * a prefix of inferences is a closed subsystem: every edge goes from a flit or inference to the same or
   an earlier one (FIFO space: flit ``i - depth``, result ring: word ``j - R``; the event edges and skips:
-  inference ``s`` or ``s - 1``), so the
+  inference ``s`` or ``s - 1``; a link's frame edges and self bounds: frame ``f``, ``f - replay_frames`` or ``f -
+  credit_frames``), so the
   probe's times are the first inferences' times of the whole batch;
 * every edge has weight >= 1 except ``input(s, 0) >= c_{s-1} + 0``, and no cycle consists of that edge
   alone (it runs from a compute chain to an input chain, never back), so every cycle of the dependency
-  graph has positive weight (the result ring's edges weigh ``d_j + 2`` and 1, a skip ``> 0``). A candidate
+  graph has positive weight (the result ring's edges weigh ``d_j + 2`` and 1, a skip ``> 0``; a frame edge or
+  self bound ``t_v >= next_message(t_u + before) + after >= t_u + before + after`` weighs at least 1). A candidate
   satisfying all equations with finite times satisfies ``t_v >= t_u + w`` on every edge, impossible around a
   positive cycle: the graph is acyclic, its solution unique, and the candidate is it. (The implied delays,
-  event edges and skips hold in the least solution of the rules, so it satisfies the equations with them as
-  well: the candidate that passes is that solution.)
+  event edges, skips and self bounds hold in the least solution of the rules, so it satisfies the equations with
+  them as well: the candidate that passes is that solution.) A link's message rounding makes its times periodic
+  only over periods of a multiple of ``message_period`` cycles; a probe that has not found one grows, as through
+  any transient.
 
 If the check fails, a longer probe (and in the end the whole batch) is solved by sweeps; a probe whose sweeps
 settled in a few rounds (:data:`CHEAP_SWEEP_SOLVES_PER_CHAIN`) is not grown, the whole batch is swept at once

@@ -25,7 +25,8 @@ from flowtile.emulator.timing import next_message, solve_timing, timing_graph
 from flowtile.host import HostPattern, pack_flits
 from flowtile.link_format import LinkGeometry
 from flowtile.program import LinkProgram, Program, TileProgram
-from flowtile.testing.program_builder import Dense, build_program, dense_golden
+from flowtile.testing.program_builder import Conv, Dense, MaxPool, build_program, dense_golden, network_golden
+from flowtile.tile_config import TileConfig
 
 
 # --- programs: one network on a line of chips, and the same network on one chip --------------------------------
@@ -55,13 +56,13 @@ def on_chips(single: Program, chip_arch: Arch) -> Program:
     return program
 
 
-def networks(layers, chips, rows=1, cols=2, *, lanes=4, depth=4, queue=1024, **link):
-    """(multi-chip program, one-chip program) of dense ``layers`` on ``chips`` chips of ``rows x cols`` tiles
-    (``link``: Arch link fields)."""
+def networks(layers, chips, rows=1, cols=2, *, lanes=4, depth=4, queue=1024, input_shape=None, **link):
+    """(multi-chip program, one-chip program) of ``layers`` (program_builder layers; ``input_shape`` as for
+    ``build_program``) on ``chips`` chips of ``rows x cols`` tiles (``link``: Arch link fields)."""
     common = dict(lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64, router_fifo_depth=depth,
                   forward_queue_words=queue)
     line = Arch(rows=1, cols=chips * rows * cols, **common)
-    single = build_program(line, layers)
+    single = build_program(line, layers, input_shape=input_shape)
     return on_chips(single, Arch(rows=rows, cols=cols, chips=chips, **common, **link)), single
 
 
@@ -74,7 +75,7 @@ def dense(rng, n_in, n_out, tiles=1, shift=None):
 
 
 def run(program, x, batch, **options):
-    return emulate(program, pack_flits(x, program.arch.lanes), batch, **options)
+    return emulate(program, pack_flits(x, program.arch.lanes, program.input), batch, **options)
 
 
 # --- the link, one cycle at a time (the contract of flowtile.link_format) ---------------------------------------
@@ -299,6 +300,64 @@ def test_outputs_equal_one_chip_and_links_match_reference(layout):
                                       times.deliver + 1, err_msg=f"{receiver.key} reads each flit the cycle after")
 
 
+def test_windowed_network_on_chips_of_2x2():
+    """A convolution (3 row bands), a max pool (2 bands) and a dense layer (2 tiles) over 3 chips of 2x2 (the
+    exit port of a 2-row chip faces west); large enough a batch for the probe."""
+    rng = np.random.default_rng(31)
+    lanes = 4
+    conv = Conv(rng.integers(-128, 128, (5, 3, 3, 3), dtype=np.int8), rng.integers(-500, 500, 5), 2**30, 40,
+                zp_in=-3, zp_out=2, clamp_lo=2, pads=(1, 1, 1, 1), tiles=3)
+    layers, shape = [conv, MaxPool(2, 2, stride=2, tiles=2), dense(rng, 3 * 3 * 2 * lanes, 7, 2)], (3, 6, 6)
+    program, single = networks(layers, 3, 2, 2, lanes=lanes, input_shape=shape, link_credit_frames=2,
+                               link_latency_cycles=9)
+    assert program.arch.exit_direction == "W" and [link.inference_flits for link in program.links] == [84, 2]
+    batch = 40
+    x = rng.integers(-128, 128, (batch, 3 * 6 * 6), dtype=np.int8)
+    result = run(program, x, batch)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, lanes))
+    np.testing.assert_array_equal(result.out_flits, run(single, x, batch).out_flits)
+    direct = solve_timing(program, batch, probe_batch=None)
+    for probed, swept in zip(result.timing.stream_times, direct.stream_times):
+        np.testing.assert_array_equal(probed, swept)
+    assert_links_match_reference(program, result)
+
+
+def test_flits_land_on_another_tile_of_the_next_chip():
+    """Chip 0's exit tile names tile (0,1) of chip 1: its flits enter chip 1's tile (0,0) W FIFO, whose router
+    sends them east; tile (0,0) of chip 1 stays idle."""
+    rng = np.random.default_rng(37)
+    layers = [dense(rng, 6, 7), dense(rng, 7, 9)]
+    common = dict(lanes=4, sram_bytes=2048, max_tile_outputs=64)
+    single = build_program(Arch(rows=1, cols=5, **common), layers)      # 2 computing tiles, 3 passing
+    places = [(0, 0), (0, 1), (0, 2), None, (0, 1), (0, 2)]             # chip 1's (0,0) idle
+    sends = [dict(dest_row=0, dest_col=1), dict(dest_row=0, dest_col=2), dict(dest_host=1, dest_row=0, dest_col=1),
+             None, dict(dest_row=0, dest_col=2), dict(dest_host=1)]
+    line = iter(single.tiles)
+    tiles = []
+    for position, (place, dest) in enumerate(zip(places, sends)):
+        chip = position // 3
+        if place is None:
+            tiles.append(TileProgram(0, 0, TileConfig(), np.zeros((0, 4), np.int8), np.zeros((0, 3), np.int64),
+                                     chip=chip))
+            continue
+        tile = next(line)
+        config = tile.config.replace(dest_host=0, dest_row=0, dest_col=0).replace(**dest)
+        tiles.append(TileProgram(*place, config, tile.sram, tile.params, chip=chip))
+    arch = Arch(rows=1, cols=3, chips=2, **common)
+    program = Program(arch, single.input, single.output, single.layers, tiles, "landing",
+                      [LinkProgram(tiles[2].config.output_flits(4))])
+    batch = 6
+    x = rng.integers(-128, 128, (batch, 6), dtype=np.int8)
+    result = run(program, x, batch)
+    np.testing.assert_array_equal(result.out_flits, run(single, x, batch).out_flits)
+    crossing = next(hop for hop in result.path.hops if hop.link is not None)
+    assert (crossing.producer, crossing.consumer, crossing.link_fifos) == (2, 4, ((0, 0, "W"), (0, 1, "W")))
+    assert result.timing.pe_times[3] is None and result.path.order == (0, 1, 2, 4, 5)
+    # the landing tile reads each flit two cycles after delivery: one router hop from (0,0) W to (0,1) W
+    np.testing.assert_array_equal(result.timing.pe_times[4].input, result.timing.link_times[0].deliver + 2)
+    assert_links_match_reference(program, result)
+
+
 #: link and chip settings (Arch fields) whose rules bind in turn: tiny credit / replay windows, one-flit frames,
 #: partial frames, a short and a long wire, the fastest link, depth-1 FIFOs, a slow receiving chip
 LINKS = {
@@ -486,3 +545,47 @@ def test_watchdog_names_the_links():
     limit = int(result.timing.link_times[0].deliver[2])
     with pytest.raises(WatchdogError, match=r"link 0 took \d+, delivered 3 of 6 flits"):
         run(program, np.zeros((3, 6), np.int8), 3, max_cycles=limit + 1)
+
+
+def random_case(seed):
+    """A seeded random multi-chip dense chain: lanes 1..8, 2 or 3 chips of 1x2, 2x1, 2x2 or 1x3 tiles, FIFO depths
+    1..4, forward queues of 1..5 words or large, random link geometry (wire width, latency, frame size, credit
+    and replay windows), batches up to 70, sometimes a host pattern."""
+    rng = np.random.default_rng(seed)
+    lanes = int(rng.choice([1, 2, 4, 8]))
+    chips = int(rng.integers(2, 4))
+    rows, cols = [(1, 2), (2, 1), (2, 2), (1, 3)][int(rng.integers(0, 4))]
+    n_layers = int(rng.integers(1, min(4, chips * rows * cols) + 1))
+    n_in = width = int(rng.integers(1, 4 * lanes + 1))
+    layers = []
+    for _ in range(n_layers):
+        n_out = int(rng.integers(1, min(64, 6 * lanes) + 1))
+        layers.append(dense(rng, width, n_out))
+        width = n_out
+    link = {"link_latency_cycles": int(rng.choice([1, 2, 5, 20, 64, 200])),
+            "link_frame_flits": int(rng.choice([1, 2, 3, 4, 8])),
+            "link_credit_frames": int(rng.choice([1, 2, 3, 8])),
+            "link_replay_frames": int(rng.choice([1, 2, 3, 8]))}
+    if rng.random() < 0.5:
+        link["link_bits_per_cycle"] = int(rng.integers(1, 8 * lanes + 3 + 1))
+    program, single = networks(layers, chips, rows, cols, lanes=lanes, depth=int(rng.integers(1, 5)),
+                               queue=int(rng.choice([1, 2, 5, 1024])), **link)
+    batch = int(rng.integers(1, 71))
+    pattern = None
+    if rng.random() < 0.4:
+        pattern = HostPattern(seed=seed, out_duty=float(rng.choice([1.0, 0.5, 0.05, 0.01])),
+                              out_burst=float(rng.choice([1, 4, 50])), in_duty=float(rng.choice([1.0, 0.5, 0.1])))
+    return program, single, rng.integers(-128, 128, (batch, n_in), dtype=np.int8), layers, pattern
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_multichip_programs(seed):
+    program, single, x, layers, pattern = random_case(seed)
+    batch = len(x)
+    result = run(program, x, batch, **({} if pattern is None else {"host_pattern": pattern}))
+    np.testing.assert_array_equal(result.out_flits, run(single, x, batch).out_flits)
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], dense_golden(layers, x))
+    direct = solve_timing(program, batch, probe_batch=None, host_pattern=pattern)
+    for name, probed, swept in zip(result.timing.stream_names, result.timing.stream_times, direct.stream_times):
+        np.testing.assert_array_equal(probed, swept, err_msg=f"chain {name}: probe + extrapolation vs sweeps")
+    assert_links_match_reference(program, result)
