@@ -1,0 +1,62 @@
+"""Several chips in a line on Verilator (issue "multi-chip", faults off): the RTL of chips joined by links against
+the emulator, bit for bit and cycle for cycle, and the outputs against one chip with the same tiles.
+
+Networks come from :mod:`flowtile.testing.random_models` (quantized by onnxruntime), compiled by the multi-chip
+partitioner; the chips are small (2x2 and 1x2 tiles) so that each network needs the chips and every link carries a
+stream. Each Arch is one Verilator build (cached).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from flowtile.arch import Arch
+from flowtile.compiler import compile_model
+from flowtile.testing.oracle_checks import assert_rtl_matches_emulator, emulate_model
+from flowtile.testing.random_models import quantize_qdq, random_float_mlp, random_float_resnet
+
+pytestmark = pytest.mark.rtl
+
+#: (name, chips, one chip's grid, link fields): fast and slow links, a window and a credit of one frame.
+SYSTEMS = [
+    ("2 chips of 2x2, link 1/16, latency 16", 2, (2, 2), {"link_latency_cycles": 16}),
+    ("4 chips of 1x2, 1-bit link, latency 64, window and credit 2", 4, (1, 2),
+     {"link_bits_per_cycle": 1, "link_latency_cycles": 64, "link_replay_frames": 2, "link_credit_frames": 2}),
+]
+
+
+def _int8_model(tmp_path, float_model, in_shape, seed):
+    rng = np.random.default_rng(seed)
+    onnx.save(float_model, tmp_path / "float.onnx")
+    calibration = rng.standard_normal((16, *in_shape)).astype(np.float32)
+    return quantize_qdq(tmp_path / "float.onnx", tmp_path / "qdq.onnx", calibration, activation_uint8=False,
+                        per_channel=True)
+
+
+def _networks(tmp_path):
+    rng = np.random.default_rng(11)
+    mlp = random_float_mlp(rng, [24, 32, 20, 12, 10])
+    resnet = random_float_resnet(rng, (3, 6, 6), 8, [{"kind": "basic", "out": 8, "stride": 1}], 5)
+    (tmp_path / "mlp").mkdir()
+    (tmp_path / "resnet").mkdir()
+    return [("mlp", _int8_model(tmp_path / "mlp", mlp, (24,), 1), (24,)),
+            ("resnet", _int8_model(tmp_path / "resnet", resnet, (3, 6, 6), 2), (3, 6, 6))]
+
+
+@pytest.mark.parametrize("name, chips, grid, link", SYSTEMS, ids=[s[0] for s in SYSTEMS])
+def test_chips_in_a_line_match_the_emulator_and_one_chip(tmp_path, name, chips, grid, link):
+    arch = Arch(rows=grid[0], cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=chips, **link)
+    big = Arch(rows=grid[0] * chips, cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64)
+    rng = np.random.default_rng(chips)
+    for network, model, in_shape in _networks(tmp_path):
+        program = compile_model(model, arch)
+        crossing = [link.inference_flits for link in program.links]
+        assert len(crossing) == chips - 1 and min(crossing) > 0, (network, crossing)
+        used = {tile.chip for tile in program.tiles if tile.config.n_out}
+        assert len(used) >= 2, f"{network} computes on chips {sorted(used)} only"
+        x = rng.standard_normal((3, *in_shape)).astype(np.float32)
+        assert_rtl_matches_emulator(program, x)
+        # the outputs are those of one chip with as many tiles (the links move flits, never change them)
+        one_chip = emulate_model(compile_model(model, big), x)
+        np.testing.assert_array_equal(emulate_model(program, x).result.out_flits, one_chip.result.out_flits)
