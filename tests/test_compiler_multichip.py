@@ -239,3 +239,36 @@ def test_build_program_places_the_same_layers_on_any_chip_count():
         program = build_program(layers, SMALL.replace(chips=chips), input_spec=imported.input,
                                 output_spec=imported.output)
         check_system(program)
+
+
+# --- emulated: N chips compute what one chip with all their tiles computes, at the estimated interval ---------------
+@pytest.mark.parametrize("make, chips, bits", [(lambda: mlp([64, 64, 64, 8, 64, 64, 64, 10]), 2, 1),
+                                               (lambda: mlp([64, 512, 10], seed=1), 4, None), (cnn, 2, None),
+                                               (cnn, 4, 1), (resnet, 4, None)],
+                         ids=["mlp-narrow-2", "mlp-split-4", "cnn-2", "cnn-4-slow", "resnet-4"])
+def test_emulated_outputs_equal_one_big_chip(make, chips, bits):
+    from flowtile.testing.measure import steady_state
+    from flowtile.testing.oracle_checks import emulate_model
+
+    model, calibration = make()
+    arch = SMALL.replace(chips=chips, link_bits_per_cycle=bits)
+    program = _compile(model, calibration, arch)
+    big = _compile(model, calibration, arch.replace(chips=1, cols=arch.cols * chips))
+    x = np.resize(calibration, (12, *calibration.shape[1:]))
+    emulated, alone = emulate_model(program, x), emulate_model(big, x)
+    np.testing.assert_array_equal(emulated.q, alone.q)
+    assert [stats.flits_per_inference for stats in emulated.result.links] == [l.inference_flits for l in program.links]
+    # these programs' forward queues hold what their tiles forward, so the estimate is the emulated steady state
+    assert steady_state(program, emulated.result, len(x)).interval == estimated_interval(program)
+
+
+def test_emulated_interval_is_the_link_bound_when_the_link_is_the_bottleneck():
+    from flowtile.testing.measure import steady_state
+    from flowtile.testing.oracle_checks import emulate_model
+
+    model, calibration = cnn()
+    program = _compile(model, calibration, SMALL.replace(chips=2, link_bits_per_cycle=1))
+    bound = link_cycles(program.arch, program.links[0].inference_flits)
+    assert bound > max(t.config.tile_period_cycles(8) for t in program.tiles)
+    x = np.resize(calibration, (12, *calibration.shape[1:]))
+    assert steady_state(program, emulate_model(program, x).result, len(x)).interval == bound
