@@ -15,9 +15,16 @@ __all__ = ["tile_utilization", "perfetto_trace", "write_visuals", "pixel_band_la
 
 
 def tile_utilization(program: Program, result) -> np.ndarray:
-    """[rows, cols] fraction of each PE's lane-cycles that issued a MAC over the whole run (padding lanes of
-    a word count as issued; ``result.mac_utilization`` is the useful fraction of the whole chip)."""
-    return np.asarray(result.tile_macs, dtype=np.float64) / (max(1, int(result.cycles)) * program.arch.lanes)
+    """[chips, rows, cols] fraction of each PE's lane-cycles that issued a MAC over the whole run (padding lanes of
+    a word count as issued; ``result.mac_utilization`` is the useful fraction of all chips)."""
+    arch = program.arch
+    macs = np.asarray(result.tile_macs, dtype=np.float64).reshape(arch.chips, arch.rows, arch.cols)
+    return macs / (max(1, int(result.cycles)) * arch.lanes)
+
+
+def _layer_places(program: Program) -> dict[tuple[int, int, int], str]:
+    """(chip, row, col) -> name of the layer computing there (``LayerInfo.tiles`` holds (row, col) on one chip)."""
+    return {tuple(t) if len(t) == 3 else (0, *t): layer.name for layer in program.layers for t in layer.tiles}
 
 
 def pixel_band_label(config: TileConfig) -> str:
@@ -45,11 +52,12 @@ def perfetto_trace(program: Program, result) -> dict:
     Timestamps are cycles (shown as microseconds by the viewers: 1 us = 1 cycle).
     """
     events = []
-    layer_of = {tuple(t): layer.name for layer in program.layers for t in layer.tiles}
+    layer_of = _layer_places(program)
     for position, (tile, spans) in enumerate(zip(program.tiles, result.tile_timelines)):
-        label = f"tile {position} ({tile.row},{tile.col})"
-        if (tile.row, tile.col) in layer_of:
-            label += f" {layer_of[(tile.row, tile.col)]}"
+        chip = f"chip {tile.chip} " if program.arch.chips > 1 else ""
+        label = f"tile {position} {chip}({tile.row},{tile.col})"
+        if (tile.chip, tile.row, tile.col) in layer_of:
+            label += f" {layer_of[(tile.chip, tile.row, tile.col)]}"
         band = pixel_band_label(tile.config)
         if band:
             label += f" {band}"
@@ -74,26 +82,31 @@ def write_heatmap(program: Program, result, path: str | Path) -> Path:
 
     util = tile_utilization(program, result)
     arch = program.arch
-    fig, ax = plt.subplots(figsize=(1.2 * arch.cols + 2, 1.2 * arch.rows + 1))
-    image = ax.imshow(100 * util, vmin=0, vmax=100, cmap="viridis")
-    layer_of = {tuple(t): layer.name for layer in program.layers for t in layer.tiles}
-    for r in range(arch.rows):
-        for c in range(arch.cols):
-            text = f"{100 * util[r, c]:.0f}%\n{layer_of.get((r, c), 'pass')}"
-            ax.text(c, r, text, ha="center", va="center", fontsize=7,
-                    color="white" if util[r, c] < 0.6 else "black")
-    ax.set_xticks(range(arch.cols))
-    ax.set_yticks(range(arch.rows))
-    ax.set_xlabel("column")
-    ax.set_ylabel("row")
-    ax.set_title(f"MAC lanes issued per tile, {int(result.cycles)} cycles\n"
-                 f"(padding lanes count as issued; useful MAC utilization of the chip: "
+    # one panel per chip, side by side in line order (the links join each panel's exit to the next one's (0,0))
+    fig, axes = plt.subplots(1, arch.chips, figsize=(arch.chips * (1.2 * arch.cols + 0.5) + 1.5, 1.2 * arch.rows + 1.2),
+                             squeeze=False)
+    layer_of = _layer_places(program)
+    for chip, ax in enumerate(axes[0]):
+        image = ax.imshow(100 * util[chip], vmin=0, vmax=100, cmap="viridis")
+        for r in range(arch.rows):
+            for c in range(arch.cols):
+                text = f"{100 * util[chip, r, c]:.0f}%\n{layer_of.get((chip, r, c), 'pass')}"
+                ax.text(c, r, text, ha="center", va="center", fontsize=7,
+                        color="white" if util[chip, r, c] < 0.6 else "black")
+        ax.set_xticks(range(arch.cols))
+        ax.set_yticks(range(arch.rows))
+        ax.set_xlabel("column")
+        ax.set_ylabel("row")
+        if arch.chips > 1:
+            ax.set_title(f"chip {chip}", fontsize=9)
+    whole = "the chip" if arch.chips == 1 else f"all {arch.chips} chips"
+    fig.suptitle(f"MAC lanes issued per tile, {int(result.cycles)} cycles\n"
+                 f"(padding lanes count as issued; useful MAC utilization of {whole}: "
                  f"{100 * result.mac_utilization:.1f}%)", fontsize=9)
-    fig.colorbar(image, ax=ax, label="% of lane-cycles issued")
-    fig.tight_layout()
+    fig.colorbar(image, ax=list(axes[0]), label="% of lane-cycles issued")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

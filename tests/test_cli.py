@@ -183,13 +183,13 @@ def test_cnn_input_of_the_wrong_shape_names_expected_and_given(tmp_path):
     assert_clean_error(result, "[2, 64]", "1, 8, 8")
 
 
-def test_rtl_batch_larger_than_the_harness_is_a_clean_error(tmp_path):
+def test_rtl_batch_larger_than_a_harness_too_small_to_stream_is_a_clean_error(tmp_path):
     arch = tmp_path / "small_host.toml"
-    arch.write_text("host_buffer_flits = 8\n")
+    arch.write_text("host_buffer_flits = 4\n")   # below MIN_STREAMING_BUFFER: larger batches cannot stream
     prog = tmp_path / "prog"
     assert flowtile("compile", DIGITS, "--arch", arch, "-o", prog).returncode == 0
     with np.load(ROOT / "models" / "digits_test.npz") as data:
-        np.save(tmp_path / "x.npy", data["x"][:3])   # 3 inferences x 8 input flits > 8
+        np.save(tmp_path / "x.npy", data["x"][:3])   # 3 inferences x 8 input flits > 4
     result = flowtile("rtl", prog, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
     assert_clean_error(result, "host_buffer_flits")
     assert not (tmp_path / "y.npy").exists()
