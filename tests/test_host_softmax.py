@@ -21,7 +21,7 @@ from flowtile import cli
 from flowtile.arch import Arch
 from flowtile.compiler import CompileError, compile_model, int8_model, report
 from flowtile.host import apply_post, dequantize
-from flowtile.program import Program, TensorSpec
+from flowtile.program import FORMAT_VERSION, Program, TensorSpec
 from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime
 from flowtile.testing.random_models import quantize_qdq
 
@@ -148,10 +148,10 @@ def test_program_round_trip_and_report(tmp_path):
     assert "Softmax" in text and "host" in text and program.output.post_name in text
     program.save(tmp_path / "prog")
     manifest = json.loads((tmp_path / "prog" / "program.json").read_text())
-    assert manifest["version"] == 6 and manifest["output"]["post"]["op"] == "softmax"
+    assert manifest["version"] == FORMAT_VERSION and manifest["output"]["post"]["op"] == "softmax"
     loaded = Program.load(tmp_path / "prog")
     assert loaded.output == program.output
-    # a program without a post-op writes no "post" key (version-6 files as before), and old files load
+    # a program without a post-op writes no "post" key
     plain = TensorSpec("y", (4,), 0.1, 0, "int8")
     assert "post" not in plain.to_dict() and TensorSpec.from_dict(plain.to_dict()) == plain
 
