@@ -185,3 +185,32 @@ def random_float_resnet(rng: np.random.Generator, in_shape: tuple[int, int, int]
             raise ValueError(f"block {i}: unknown kind {block['kind']!r}")
     nodes.append(helper.make_node("GlobalAveragePool", [current], ["pooled"], name="gap"))
     return _classifier_head(rng, nodes, inits, "pooled", channels, in_shape, n_classes, "random_resnet")
+
+
+#: MobileNetV1's 13 depthwise-separable blocks at alpha 1.0: (pointwise output channels, depthwise stride).
+MOBILENET_V1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1),
+                       (512, 1), (512, 1), (1024, 2), (1024, 1))
+
+
+def random_float_mobilenet_v1(rng: np.random.Generator, *, alpha: float = 1.0, resolution: int = 96,
+                              n_classes: int = 1000) -> onnx.ModelProto:
+    """MobileNetV1 (BN folded into the convolutions' biases) with He-scaled random weights: input ``[batch, 3,
+    resolution, resolution]``; a 3x3 stride-2 Conv to ``32 * alpha`` channels + Relu; 13 depthwise-separable blocks
+    (:data:`MOBILENET_V1_BLOCKS`: a 3x3 depthwise Conv (``group`` = channels, the block's stride) + Relu, a 1x1
+    pointwise Conv + Relu); GlobalAveragePool, Flatten and a Gemm to ``n_classes`` logits.
+
+    At alpha 1.0 and 1000 classes it has 4,221,032 parameters (3,196,032 without the classifier), at any
+    resolution; 96x96 gives a 3x3x1024 map before the pool."""
+    def width(channels: int) -> int:
+        return max(1, int(channels * alpha))
+
+    nodes, inits = [], []
+    channels = width(32)
+    current = _conv(nodes, inits, rng, "stem", "input", 3, channels, 3, 2)
+    for i, (out, stride) in enumerate(MOBILENET_V1_BLOCKS):
+        current = _conv(nodes, inits, rng, f"block{i}_dw", current, channels, channels, 3, stride, group=channels)
+        current = _conv(nodes, inits, rng, f"block{i}_pw", current, channels, width(out), 1, 1)
+        channels = width(out)
+    nodes.append(helper.make_node("GlobalAveragePool", [current], ["pooled"], name="gap"))
+    return _classifier_head(rng, nodes, inits, "pooled", channels, (3, resolution, resolution), n_classes,
+                            "random_mobilenet_v1")
