@@ -146,6 +146,7 @@ from flowtile.program import Program
 
 from flowtile.arch import COMPUTE_DRAIN_CYCLES
 from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
+from flowtile.link_faults import link_seed, ret_seed
 from flowtile.link_format import LinkGeometry
 
 from .path import HOST, DataPath, EmulatorError, TileCounts, tile_label, trace_data_path
@@ -328,6 +329,7 @@ class LinkChains:
     first_flits: np.ndarray
     last_flits: np.ndarray
     geometry: LinkGeometry
+    faults: bool = False        # error rate > 0: solved by the link simulation (emulator/link_faults.py)
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,12 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
                          first_delay=1))
         deliver = add(Chain(f"{label} delivery", HOST, "link delivery", ones(flits)))
         accept = geometry.accept_delay
+        if arch.link_error_rate > 0:
+            # faults on: the three chains are solved together by simulating the link (module docstring); no
+            # frame edge or self bound (they are the fault-free contract)
+            links.append(LinkChains(index, sender, send, deliver, flits, frames, flit_slots, close_slots, first, last,
+                                    geometry, faults=True))
+            return deliver
         frame_edges.extend([
             FrameEdge(f"{label}: send_f >= close_f + 1", send, None, sender, close_slots, 0, 1),
             FrameEdge(f"{label}: first flit of f delivered >= send_f + accept_delay + 1", deliver, first, send, None,
@@ -676,6 +684,21 @@ class _ChainSystem:
             if bound.chain < solved:
                 self.self_bounds.setdefault(bound.chain, []).append(
                     (bound.shift, np.tile(bound.before, batch), bound.after, bound.period))
+        # links with faults: their three chains are one simulation (emulator/link_faults.py), re-run when the bounds
+        # it reads change (chip k's exit FIFO writes, chip k + 1's input FIFO reads); each chain's solve returns its
+        # part of the latest run
+        self.faulty: dict[int, LinkChains] = {}
+        self.link_runs: dict[int, tuple] = {}     # link index -> (key, {chain: times}, LinkRun)
+        self.link_flips: dict[int, tuple] = {}
+        for link in graph.links:
+            if not link.faults:
+                continue
+            group = {link.sender, link.send, link.deliver}
+            if max(group) >= solved:  # pragma: no cover - links end before the last chip's host input
+                raise AssertionError(f"link {link.index} reaches into the pass-through tail")
+            for j in group:
+                self.faulty[j] = link
+                dependents[j] |= group - {j}
         self.dependents = [sorted(d) for d in dependents]
         self.cumulative = []
         inferences = np.arange(batch, dtype=np.int64)[:, None]
@@ -713,10 +736,64 @@ class _ChainSystem:
         floor only matters through the prefix maximum, so it is applied to the first element alone."""
         if j in self.gates:
             return self._solve_gated(j)
+        if j in self.faulty:
+            return self._solve_faulty_link(self.faulty[j], j)
         lower = self._latest(j)
         if j in self.self_bounds:
             return self._solve_self_bounded(j, lower)
         return self._scan(j, lower)
+
+    def _solve_faulty_link(self, link: LinkChains, j: int) -> np.ndarray:
+        """Chain ``j`` of a link with faults: simulate the link (:func:`emulator.link_faults.simulate_link`) with
+        chip ``k`` offering flit ``i`` from its exit FIFO write + 1 and chip ``k + 1``'s input FIFO taking it from
+        the read that frees its slot + 1 (the bounds the other chains put on the sender and delivery chains now),
+        unless those bounds are the last run's."""
+        width = link.flits + link.frames
+        flit_slots = _tile_slots(link.flit_slots, width, self.batch)
+        close_slots = _tile_slots(link.close_slots, width, self.batch)
+        offers = self._latest(link.sender)[flit_slots] + 1
+        rooms = self._latest(link.deliver) + 1
+        key = (offers.tobytes(), rooms.tobytes())
+        last = self.link_runs.get(link.index)
+        if last is None or last[0] != key:
+            run = self._simulate(link, offers, rooms)
+            sender = np.empty(width * self.batch, dtype=np.int64)
+            sender[flit_slots] = run.accept
+            sender[close_slots] = run.close
+            last = self.link_runs[link.index] = (key, {link.sender: sender, link.send: run.send,
+                                                       link.deliver: run.deliver}, run)
+        return last[1][j].copy()
+
+    def _simulate(self, link: LinkChains, offers: np.ndarray, rooms: np.ndarray, end: int | None = None):
+        from .link_faults import ChannelFlips, LinkSimulationError, simulate_link
+        arch = link.geometry.arch
+        flips = self.link_flips.get(link.index)
+        if flips is None:
+            seed = link_seed(arch.link_error_seed, link.index)
+            flips = self.link_flips[link.index] = tuple(
+                ChannelFlips(s, link.geometry.bits, arch.link_error_rate, arch.link_burst_cycles)
+                for s in (seed, ret_seed(seed)))
+        try:
+            run = simulate_link(link.geometry, link.flits, np.maximum(offers, 0), np.maximum(rooms, 0),
+                                fwd=flips[0], ret=flips[1], end=end)
+        except LinkSimulationError as error:
+            raise TimingError(f"link {link.index}: {error}") from None
+        if run.counters["undetected"]:
+            raise TimingError(f"link {link.index}: a corrupted frame passed its CRC-32 (an undetected error in the "
+                              f"hardware too; the emulator does not model its data)")
+        return run
+
+    def link_counters(self, end: int) -> dict[int, object]:
+        """Per faulty link, its run through cycle ``end`` (counters as they stand after it), from the solved
+        bounds."""
+        runs = {}
+        for link in {id(link): link for link in self.faulty.values()}.values():
+            width = link.flits + link.frames
+            flit_slots = _tile_slots(link.flit_slots, width, self.batch)
+            offers = self._latest(link.sender)[flit_slots] + 1
+            rooms = self._latest(link.deliver) + 1
+            runs[link.index] = self._simulate(link, offers, rooms, end=end)
+        return runs
 
     def _scan(self, j: int, lower: np.ndarray) -> np.ndarray:
         """In place: the times of chain ``j`` from ``lower`` = ``lb - 1`` (:meth:`_latest`)."""
@@ -958,6 +1035,8 @@ class LinkTimes:
     send: np.ndarray
     received: np.ndarray
     deliver: np.ndarray
+    counters: dict | None = None
+    sends: list | None = None
 
 
 @dataclass
@@ -1040,7 +1119,8 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
     for j in gates:
         spaced[j] = (np.ones(chains[j].per_inference, dtype=np.int64), None)
     solves, full, prefix = 0, None, None
-    if probe_batch is not None and batch > probe_batch:
+    faulty = any(link.faults for link in graph.links)
+    if probe_batch is not None and batch > probe_batch and not faulty:
         probe = probe_batch
         while probe < batch:
             system = _ChainSystem(graph, tail, probe, spaced=spaced, gates=gates)
@@ -1088,12 +1168,16 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
         pe_times[position] = PETimes(input=times[input_chain], compute=starts, output=times[output_chain])
         word_starts[position], compute_ends[position] = words, ends
     link_times = []
+    runs = full.link_counters(int(times[-1][-1])) if faulty else {}
     for link in graph.links:
         sender, send = times[link.sender], times[link.send]
         width = link.flits + link.frames
+        run = runs.get(link.index)
         link_times.append(LinkTimes(accept=sender[_tile_slots(link.flit_slots, width, batch)],
                                     close=sender[_tile_slots(link.close_slots, width, batch)], send=send,
-                                    received=send + link.geometry.accept_delay, deliver=times[link.deliver]))
+                                    received=send + link.geometry.accept_delay if run is None else run.received,
+                                    deliver=times[link.deliver], counters=None if run is None else run.counters,
+                                    sends=None if run is None else run.sends))
     return TimingResult(in_times=times[0], out_times=times[-1], pe_times=pe_times,
                         stream_names=[c.name for c in chains], stream_times=times,
                         solves=solves, extrapolated=extrapolated, word_starts=word_starts,

@@ -155,6 +155,10 @@ class Arch:
         link_replay_frames: sent frames the sender keeps until acknowledged (go-back-N window).
         link_error_rate: probability that a wire bit flips in a cycle (fault injection; 0.0: none).
         link_error_seed: seed of the fault injector's LFSRs (1..2**32 - 1).
+        link_burst_cycles: length of a fault burst in cycles (1..4096; 1: no bursts, every wire bit flips on its
+            own). Above 1 every fault comes in bursts of that many cycles, in which each wire bit flips with
+            probability 1/2; bursts start often enough that the long-run rate stays ``link_error_rate``
+            (flowtile/link_faults.py).
     """
 
     rows: int = 4
@@ -174,6 +178,7 @@ class Arch:
     link_replay_frames: int = 8
     link_error_rate: float = 0.0
     link_error_seed: int = 1
+    link_burst_cycles: int = 1
 
     def __post_init__(self):
         def check(name, ok, why):
@@ -215,6 +220,7 @@ class Arch:
             raise ArchError(f"arch field 'link_error_rate' = {rate} is invalid: below the injector's "
                             f"resolution 2**-17 (use 0.0 for no faults)")
         check("link_error_seed", lambda v: 1 <= v < (1 << 32), "must be in 1..4294967295")
+        check("link_burst_cycles", lambda v: 1 <= v <= 4096, "must be in 1..4096")
 
     # --- derived quantities -------------------------------------------------------------------
     @property

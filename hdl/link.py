@@ -51,6 +51,9 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
 from flowtile.arch import Arch
+from flowtile.link_faults import (BURST_FLIP_BIT, LFSR_SEED_MULTIPLIER, LFSR_SEED_STRIDE, STEPS_PER_CYCLE,
+                                  THRESHOLD_BITS, burst_threshold, channel_lines, line_threshold, lfsr_seed, lfsr_step,
+                                  lfsr_step_matrix, ret_seed)
 from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry
 
 from .layouts import LINK_INFERENCE_FLITS_BITS, check_arch, flit_layout
@@ -69,12 +72,6 @@ if FRAME_CRC.crc_width != FRAME_CRC_BITS or MESSAGE_CRC.crc_width != MESSAGE_CRC
                       f"the spec's FRAME_CRC_BITS / MESSAGE_CRC_BITS {FRAME_CRC_BITS} / {MESSAGE_CRC_BITS}")
 #: Width of every status counter (they wrap).
 COUNTER_BITS = 32
-#: The fault injector compares a 16-bit LFSR field with this many bits of threshold.
-ERROR_RATE_BITS = 16
-#: 32-bit Galois LFSR taps (x^32 + x^22 + x^2 + x + 1, maximal length), right-shifting.
-LFSR_TAPS = 0x80200003
-
-
 def link_wire_signature(bits: int) -> wiring.Signature:
     """One direction of the wire, driver's view: ``data`` (``bits``), ``valid``, ``first``."""
     return wiring.Signature({"data": Out(bits), "valid": Out(1), "first": Out(1)})
@@ -89,43 +86,9 @@ def _check_int(owner, name, value, low, high):
 
 
 def error_threshold(owner: str, error_rate) -> int:
-    """The injector's threshold for ``error_rate``: a bit flips when its 16-bit LFSR field is below it."""
-    if isinstance(error_rate, bool) or not isinstance(error_rate, (int, float)):
-        raise TypeError(f"{owner}: parameter 'error_rate' must be a number, got {error_rate!r}")
-    if not 0.0 <= error_rate <= 0.5:
-        raise ValueError(f"{owner}: parameter 'error_rate' = {error_rate} is outside 0.0..0.5")
-    threshold = round(error_rate * (1 << ERROR_RATE_BITS))
-    if error_rate > 0 and threshold == 0:
-        raise ValueError(f"{owner}: parameter 'error_rate' = {error_rate} is below the injector's resolution "
-                         f"2**-{ERROR_RATE_BITS + 1} (use 0.0 for no faults)")
-    return threshold
-
-
-def lfsr_step(state: int) -> int:
-    """One step of the injector's 32-bit Galois LFSR (the golden model of the hardware's)."""
-    return (state >> 1) ^ (LFSR_TAPS if state & 1 else 0)
-
-
-def lfsr_step_matrix(steps: int) -> list[int]:
-    """Bit ``i`` of the state after ``steps`` steps is the parity of ``state & masks[i]``."""
-    columns = []
-    for j in range(32):
-        state = 1 << j
-        for _ in range(steps):
-            state = lfsr_step(state)
-        columns.append(state)
-    return [sum(1 << j for j in range(32) if columns[j] >> i & 1) for i in range(32)]
-
-
-#: :func:`lfsr_seed`'s constants.
-LFSR_SEED_MULTIPLIER = 0x9E3779B1
-LFSR_SEED_STRIDE = 0x85EBCA77
-
-
-def lfsr_seed(seed: int, bit: int) -> int:
-    """Initial state of wire bit ``bit``'s LFSR (never zero)."""
-    state = (seed * LFSR_SEED_MULTIPLIER + (bit + 1) * LFSR_SEED_STRIDE) & 0xFFFFFFFF
-    return state or 1
+    """The injector's line threshold for ``error_rate`` without bursts (:func:`flowtile.link_faults.line_threshold`):
+    a line flips when its LFSR's low 16 bits are below it."""
+    return line_threshold(owner, error_rate, 1)
 
 
 class LinkFormat(LinkGeometry):
@@ -539,39 +502,47 @@ class LinkRx(wiring.Component):
 
 
 class LinkChannel(wiring.Component):
-    """One direction of the wire: ``latency`` register stages, then a fault injector.
+    """One direction of the wire: ``latency`` register stages, then a fault injector implementing the fault model of
+    :mod:`flowtile.link_faults` (the definition: lines, LFSRs, seeds, the per-line and burst rules).
 
-    Each wire bit (``data``, ``valid``, ``first``) has its own 32-bit LFSR (seeded from ``seed`` and the bit's
-    index, :func:`lfsr_seed`), stepped 16 times a cycle; the bit flips when the LFSR's low 16 bits are below
-    ``round(error_rate * 2**16)``: a flip probability of ``error_rate`` per bit per cycle.
+    Each line (``data``, ``valid``, ``first``) has its own 32-bit LFSR (seeded from ``seed`` and the line's index,
+    :func:`lfsr_seed`), stepped 16 times a cycle of the run; without bursts a line flips when its LFSR's low 16
+    bits are below ``round(error_rate * 2**16)``: a flip probability of ``error_rate`` per line per cycle. With
+    ``burst_cycles > 1`` one more LFSR starts bursts of ``burst_cycles`` cycles in which each line flips when bit
+    15 of its LFSR is 1.
 
     Parameters
     ----------
     bits : int -- data bits of the wire, 1..1024.
     latency : int -- 1..65536 stages.
     error_rate : float -- 0.0 (no faults) .. 0.5.
+    burst_cycles : int -- 1 (no bursts) .. 4096.
     seed : int -- 1..2**32 - 1 (ignored with ``seed_port``).
     seed_port : bool -- the seed comes from the input port ``seed`` instead (one circuit for any seed, so that a
         Verilog module is written once for links that differ only in their seeds). The port must hold a constant
-        1..2**32 - 1 from reset on: the LFSRs take :func:`lfsr_seed` of it in the first cycle after reset, so the
-        flips are cycle for cycle those of the constant form with that seed.
+        1..2**32 - 1 from reset on: the LFSRs take :func:`lfsr_seed` of it in the first cycle with ``run = 1``, so
+        the flips are cycle for cycle those of the constant form with that seed.
 
     Members
     -------
     i : In(:func:`link_wire_signature`);  o : Out(:func:`link_wire_signature`)
+    run : In(1, init 1) -- the injector counts only cycles with ``run = 1`` (its LFSRs step and lines flip only
+        then): run cycle ``r`` of a system sees the same flips whatever happened before the run.
     seed : In(32), only with ``seed_port``.
-    flips : Out(32) -- wire bits flipped so far.
+    flips : Out(32) -- line flips so far.
     """
 
-    def __init__(self, bits, *, latency, error_rate=0.0, seed=1, seed_port=False):
+    def __init__(self, bits, *, latency, error_rate=0.0, seed=1, seed_port=False, burst_cycles=1):
         self.bits = _check_int("LinkChannel", "bits", bits, 1, 1024)
         self.latency = _check_int("LinkChannel", "latency", latency, 1, 65536)
-        self.threshold = error_threshold("LinkChannel", error_rate)
-        self.error_rate = error_rate
+        self.threshold = line_threshold("LinkChannel", error_rate, burst_cycles)
+        self.burst_threshold = burst_threshold("LinkChannel", error_rate, burst_cycles)
+        self.error_rate, self.burst_cycles = error_rate, burst_cycles
         if not isinstance(seed_port, bool):
             raise TypeError(f"LinkChannel: parameter 'seed_port' must be a bool, got {seed_port!r}")
         self.seed_port = seed_port
-        members = {"i": In(link_wire_signature(bits)), "o": Out(link_wire_signature(bits)), "flips": Out(COUNTER_BITS)}
+        members = {"i": In(link_wire_signature(bits)), "o": Out(link_wire_signature(bits)), "run": In(1, init=1),
+                   "flips": Out(COUNTER_BITS)}
         if seed_port:
             members["seed"] = In(32)
         else:
@@ -580,43 +551,59 @@ class LinkChannel(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        width = self.bits + 2
+        width = channel_lines(self.bits)
         value = Cat(self.i.data, self.i.valid, self.i.first)
         for stage in range(self.latency):
             reg = Signal(width, name=f"stage{stage}")
             m.d.sync += reg.eq(value)
             value = reg
-        if self.threshold == 0:
+        if self.threshold == 0 and self.burst_threshold == 0:
             m.d.comb += Cat(self.o.data, self.o.valid, self.o.first).eq(value)
             return m
-        masks = lfsr_step_matrix(ERROR_RATE_BITS)
+        masks = lfsr_step_matrix(STEPS_PER_CYCLE)
         flip = Signal(width)
+        run = self.run
         if self.seed_port:
-            # lfsr_seed in hardware, used in the first cycle after reset (seeded = 0) instead of the state.
+            # lfsr_seed in hardware, used in the first run cycle (seeded = 0) instead of the state.
             seeded = Signal()
-            m.d.sync += seeded.eq(1)
+            with m.If(run):
+                m.d.sync += seeded.eq(1)
             mixed = Signal(32)
             m.d.comb += mixed.eq((self.seed * LFSR_SEED_MULTIPLIER)[:32])
-        for bit in range(width):
+
+        def lfsr(line):
             if self.seed_port:
-                state = Signal(32, name=f"lfsr{bit}")
-                initial = Signal(32, name=f"lfsr{bit}_seed")
-                m.d.comb += initial.eq((mixed + ((bit + 1) * LFSR_SEED_STRIDE & 0xFFFFFFFF))[:32])
-                current = Signal(32, name=f"lfsr{bit}_now")
+                state = Signal(32, name=f"lfsr{line}")
+                initial = Signal(32, name=f"lfsr{line}_seed")
+                m.d.comb += initial.eq((mixed + ((line + 1) * LFSR_SEED_STRIDE & 0xFFFFFFFF))[:32])
+                current = Signal(32, name=f"lfsr{line}_now")
                 m.d.comb += current.eq(Mux(seeded, state, Mux(initial == 0, 1, initial)))
             else:
-                state = current = Signal(32, init=lfsr_seed(self.seed, bit), name=f"lfsr{bit}")
-            nxt = [(current & Const(mask, 32)).xor() for mask in masks]
-            m.d.sync += state.eq(Cat(*nxt))
-            m.d.comb += flip[bit].eq(current[:ERROR_RATE_BITS] < self.threshold)
+                state = current = Signal(32, init=lfsr_seed(self.seed, line), name=f"lfsr{line}")
+            with m.If(run):
+                m.d.sync += state.eq(Cat(*[(current & Const(mask, 32)).xor() for mask in masks]))
+            return current
+
+        active = Const(0, 1)
+        if self.burst_threshold:
+            burst = lfsr(width)
+            left = Signal(range(self.burst_cycles), name="burst_left")
+            start = Signal(name="burst_start")
+            active = Signal(name="burst_active")
+            m.d.comb += [start.eq(run & (left == 0) & (burst < self.burst_threshold)),
+                         active.eq(start | (left != 0))]
+            with m.If(run):
+                with m.If(start):
+                    m.d.sync += left.eq(self.burst_cycles - 1)
+                with m.Elif(left != 0):
+                    m.d.sync += left.eq(left - 1)
+        for line in range(width):
+            current = lfsr(line)
+            m.d.comb += flip[line].eq(run & Mux(active, current[BURST_FLIP_BIT],
+                                                current[:THRESHOLD_BITS] < self.threshold))
         m.d.comb += Cat(self.o.data, self.o.valid, self.o.first).eq(value ^ flip)
         m.d.sync += self.flips.eq(self.flips + sum(flip[b] for b in range(width)))
         return m
-
-
-def ret_seed(seed: int) -> int:
-    """Seed of a link's return channel: ``seed + 1``, or 1 if that reaches ``2**32``."""
-    return seed + 1 if seed + 1 < (1 << 32) else 1
 
 
 def link_signature(fmt: LinkFormat, *, seed_port: bool = False) -> wiring.Signature:
@@ -635,7 +622,8 @@ def link_signature(fmt: LinkFormat, *, seed_port: bool = False) -> wiring.Signat
 class Link(wiring.Component):
     """A whole link: :class:`LinkTx` -> forward :class:`LinkChannel` -> :class:`LinkRx`, and the return
     channel back. Parameters default to ``arch``'s ``link_*`` fields; the return channel's injector is
-    seeded with :func:`ret_seed` of ``seed`` and flips at ``ret_error_rate`` (default: ``error_rate``).
+    seeded with :func:`ret_seed` of ``seed`` and flips at ``ret_error_rate`` (default: ``error_rate``); both channels
+    have bursts of ``burst_cycles`` (default ``arch.link_burst_cycles``) and count cycles with ``run = 1``.
     With ``seed_port`` the seed is the input port ``seed`` (see :class:`LinkChannel`; the return channel gets
     :func:`ret_seed` of it, computed in hardware) and the ``seed`` parameter is ignored.
 
@@ -655,9 +643,10 @@ class Link(wiring.Component):
 
     def __init__(self, arch, *, bits=None, frame_flits=None, credit_frames=None, replay_frames=None,
                  latency=None, error_rate=None, ret_error_rate=None, seed=None, timeout_cycles=None,
-                 seed_port=False):
+                 seed_port=False, burst_cycles=None):
         check_arch(arch, "Link")
         error_rate = arch.link_error_rate if error_rate is None else error_rate
+        burst_cycles = arch.link_burst_cycles if burst_cycles is None else burst_cycles
         seed = arch.link_error_seed if seed is None else seed
         self.tx = LinkTx(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
                          replay_frames=replay_frames, latency=latency, timeout_cycles=timeout_cycles)
@@ -667,8 +656,9 @@ class Link(wiring.Component):
         if not isinstance(seed_port, bool):
             raise TypeError(f"Link: parameter 'seed_port' must be a bool, got {seed_port!r}")
         self.seed_port = seed_port
-        self.fwd = LinkChannel(fmt.bits, latency=fmt.latency, error_rate=error_rate, seed=seed, seed_port=seed_port)
-        self.ret = LinkChannel(fmt.bits, latency=fmt.latency, seed_port=seed_port,
+        self.fwd = LinkChannel(fmt.bits, latency=fmt.latency, error_rate=error_rate, seed=seed, seed_port=seed_port,
+                               burst_cycles=burst_cycles)
+        self.ret = LinkChannel(fmt.bits, latency=fmt.latency, seed_port=seed_port, burst_cycles=burst_cycles,
                                seed=ret_seed(seed) if isinstance(seed, int) and not isinstance(seed, bool) else seed,
                                error_rate=error_rate if ret_error_rate is None else ret_error_rate)
         super().__init__(link_signature(fmt, seed_port=seed_port))
@@ -683,7 +673,8 @@ class Link(wiring.Component):
         wiring.connect(m, self.rx.o, wiring.flipped(self.o))
         wiring.connect(m, self.rx.o_ret, self.ret.i)
         wiring.connect(m, self.ret.o, self.tx.i_ret)
-        m.d.comb += [self.rx.run.eq(self.run), self.tx.inference_flits.eq(self.inference_flits),
+        m.d.comb += [self.rx.run.eq(self.run), self.fwd.run.eq(self.run), self.ret.run.eq(self.run),
+                     self.tx.inference_flits.eq(self.inference_flits),
                      self.tx_ack.eq(self.tx.ack), self.tx_freed.eq(self.tx.freed)]
         if self.seed_port:
             m.d.comb += [self.fwd.seed.eq(self.seed),

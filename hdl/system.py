@@ -19,6 +19,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import Arch
+from flowtile.link_faults import link_seed  # the seed rule is the spec's (re-exported here)
 
 from .chip import TILE_FORMS, TILE_MODULE_NAME, Chip
 from .layouts import (LINK_INFERENCE_FLITS_BITS, LINK_REG_INFERENCE_FLITS, LOAD_TARGET_LINK, check_arch,
@@ -32,13 +33,6 @@ LINK_MODULE_NAME = "flowtile_link"
 #: The 32-bit status counters of a link the system brings out (:class:`flowtile.hdl.link.Link`'s names).
 LINK_STATUS_COUNTERS = tuple(f"tx_{name}" for name in Link.TX_COUNTERS) + \
     tuple(f"rx_{name}" for name in Link.RX_COUNTERS) + ("fwd_flips", "ret_flips")
-
-
-def link_seed(error_seed: int, k: int) -> int:
-    """Fault-injector seed of link ``k``'s forward channel: ``error_seed + 2k``, wrapped into ``1 .. 2**32 - 1``
-    (``(error_seed - 1 + 2k) mod (2**32 - 1) + 1``). Its return channel takes :func:`flowtile.hdl.link.ret_seed` of
-    it (one more), so every channel of a system has its own seed, and link 0's are those of ``Link(arch)``."""
-    return (error_seed - 1 + 2 * k) % ((1 << 32) - 1) + 1
 
 
 def link_status_signature(fmt: LinkFormat) -> wiring.Signature:

@@ -353,6 +353,59 @@ def test_bit_errors_recovered_and_counted():
     assert counters["rx_overflows"] == 0
 
 
+def test_burst_errors_recovered_and_counted():
+    """Bursts (flowtile/link_faults.py): runs of corrupted beats on both channels; still exactly once, in order."""
+    dut = Link(ARCH, **SMALL, error_rate=0.006, burst_cycles=6, seed=31)
+    assert dut.fwd.burst_cycles == dut.ret.burst_cycles == 6 and dut.fwd.threshold == 0
+    flits = random_flits(dut.format, 80, seed=16)
+    received, _, counters, board = run_link(dut, flits, in_stall=0.2, out_stall=0.3, seed=17, max_cycles=40000)
+    assert received == delivered(dut.format, flits)
+    assert counters["fwd_flips"] > 0 and counters["ret_flips"] > 0
+    assert counters["rx_crc_errors"] + counters["rx_seq_errors"] > 0
+    assert counters["tx_replays"] > 0 and board.resends > 0 and counters["rx_overflows"] == 0
+
+
+@pytest.mark.parametrize("error_rate, burst, seed_port", [(0.01, 1, False), (0.004, 5, False), (0.004, 5, True),
+                                                         (0.02, 2, True)])
+def test_channel_injector_is_the_spec_model_and_counts_run_cycles(error_rate, burst, seed_port):
+    """LinkChannel == flowtile.link_faults.reference_flips in run cycles, with bursts; while run = 0 nothing flips
+    and the generators hold (run cycle r sees the same flips however many cycles passed before)."""
+    from flowtile.link_faults import reference_flips
+    bits, latency, cycles, seed = 3, 4, 2400, 4242
+    dut = LinkChannel(bits, latency=latency, error_rate=error_rate, seed=seed, seed_port=seed_port,
+                      burst_cycles=burst)
+    golden = reference_flips(seed, bits, error_rate, burst, cycles)
+    rng = random.Random(3)
+    runs = [rng.random() < 0.7 for _ in range(2000)]
+    seen = []
+
+    async def testbench(ctx):
+        if seed_port:
+            ctx.set(dut.seed, seed)
+        for run in runs:
+            ctx.set(dut.run, run)
+            seen.append((run, ctx.get(dut.o.data) | ctx.get(dut.o.valid) << bits | ctx.get(dut.o.first) << (bits + 1)))
+            await ctx.tick()
+        seen.append((None, ctx.get(dut.flips)))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+    flips_counted = seen.pop()[1]
+    r = flips = 0
+    for run, value in seen:
+        if not run:
+            assert value == 0
+            continue
+        if r < cycles:
+            assert value == golden[r], r
+            flips += bin(golden[r]).count("1")
+        r += 1
+    assert r > 1200 and any(golden[:r])
+    assert flips_counted == flips
+
+
 # --- (d) corrupted acks/credits recovered ---------------------------------------------------------------------------
 def test_corrupted_messages_recovered():
     """Faults on the return channel only: acks, credits and NAKs get lost; the periodic cumulative
@@ -563,6 +616,10 @@ def test_timing_contract_cases_exercise_window_and_credit():
      "LinkChannel: parameter 'error_rate' = 1e-06 is below the injector's resolution 2**-17"),
     (lambda: LinkChannel(4, latency=4, error_rate="x"), TypeError,
      "LinkChannel: parameter 'error_rate' must be a number, got 'x'"),
+    (lambda: LinkChannel(4, latency=4, burst_cycles=0), ValueError,
+     "LinkChannel: parameter 'burst_cycles' = 0 is outside 1..4096"),
+    (lambda: LinkChannel(4, latency=4, burst_cycles=2.0), TypeError,
+     "LinkChannel: parameter 'burst_cycles' must be an integer, got 2.0"),
     (lambda: LinkChannel(4, latency=4, seed=0), ValueError,
      "LinkChannel: parameter 'seed' = 0 is outside 1..4294967295"),
     (lambda: LinkTx(ARCH, frame_flits=0), ValueError, "LinkTx: parameter 'frame_flits' = 0 is outside 1..64"),
@@ -600,6 +657,9 @@ def test_component_validation(make, error, message):
     ({"link_error_rate": "0.1"}, "arch field 'link_error_rate' must be a number, got '0.1'"),
     ({"link_error_rate": 1e-7}, "below the injector's resolution 2**-17"),
     ({"link_error_seed": 0}, "arch field 'link_error_seed' = 0 is invalid: must be in 1..4294967295"),
+    ({"link_burst_cycles": 0}, "arch field 'link_burst_cycles' = 0 is invalid: must be in 1..4096"),
+    ({"link_burst_cycles": 4097}, "arch field 'link_burst_cycles' = 4097 is invalid: must be in 1..4096"),
+    ({"link_burst_cycles": 1.5}, "arch field 'link_burst_cycles' must be an integer, got 1.5"),
 ])
 def test_arch_link_field_validation(changes, message):
     with pytest.raises(ArchError) as info:

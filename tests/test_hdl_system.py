@@ -156,7 +156,8 @@ def test_contract_binds_window_and_credit_in_the_system():
 
 
 def test_bit_errors_on_the_link_still_deliver_every_flit_once_in_order():
-    arch = ARCH.replace(link_error_rate=0.003, link_error_seed=77)
+    # (the injector counts run cycles: flowtile/link_faults.py; seed 78 corrupts frames in this short run)
+    arch = ARCH.replace(link_error_rate=0.003, link_error_seed=78)
     sent, received, _, status = run_system(arch, 5, 3, out_stall=0.3, seed=4, max_cycles=20000)
     assert [flit["data"] for flit in received] == sent
     assert status[0]["fwd_flips"] > 0 and status[0]["tx_frames_sent"] > status[0]["rx_frames_accepted"]
