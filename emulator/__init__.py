@@ -27,6 +27,7 @@ from flowtile.program import Program
 
 from . import functional
 from .functional import FunctionalResult, check_input_flits
+from .link_faults import LINK_COUNTERS
 from .path import DataPath, EmulatorError, TileCounts, trace_data_path
 from .timing import LinkTimes, PETimes, TimingError, TimingResult, solve_timing
 from .watchdog import DeadlockError, WatchdogError, cycle_budget, cycle_limit, flit_progress, progress_at
@@ -51,7 +52,17 @@ class LinkStats:
     ``first_send`` / ``last_send``: the cycles the serializer loads the batch's first and last frame (its beats
     follow from the next cycle); ``last_delivery``: the cycle the receiver hands the batch's last flit to chip
     ``link + 1``; ``utilization``: ``busy_cycles / cycles`` of the run; ``flits_per_cycle``: the link's peak,
-    ``frame_flits / frame_beats``."""
+    ``frame_flits / frame_beats``.
+
+    ``counters``: the link's status counters at the end of the run, named as the RTL's
+    (:data:`emulator.link_faults.LINK_COUNTERS`: ``tx_frames_sent`` (resends included), ``tx_replays`` (go-backs),
+    ``tx_naks``, ``tx_timeouts``, ``tx_ret_crc_errors`` (return messages with a bad CRC-16), ``rx_frames_accepted``,
+    ``rx_crc_errors`` (frames with a bad CRC-32), ``rx_seq_errors``, ``rx_duplicates``, ``rx_naks_sent``,
+    ``rx_overflows``, ``fwd_flips`` / ``ret_flips`` (bits the injector flipped on each channel), ``undetected``);
+    fault free every frame is sent and accepted once and the rest are 0. With faults (``Arch.link_error_rate >
+    0``) ``frames`` still counts distinct frames, ``busy_cycles`` every frame put on the wire (resends included).
+    ``detected_errors``: frames and messages the link found corrupted or out of order (CRC-32 and CRC-16
+    failures, sequence errors)."""
 
     link: int
     flits_per_inference: int
@@ -66,9 +77,16 @@ class LinkStats:
     last_delivery: int
     utilization: float
     flits_per_cycle: float
+    counters: dict = field(default_factory=dict)
+
+    @property
+    def detected_errors(self) -> int:
+        c = self.counters
+        return c.get("rx_crc_errors", 0) + c.get("rx_seq_errors", 0) + c.get("tx_ret_crc_errors", 0)
 
     def report(self) -> dict:
-        return {"link": self.link, "flits": self.flits, "frames": self.frames,
+        return {"detected_errors": self.detected_errors, "replays": self.counters.get("tx_replays", 0),
+                "counters": dict(self.counters), "link": self.link, "flits": self.flits, "frames": self.frames,
                 "flits_per_inference": self.flits_per_inference, "frames_per_inference": self.frames_per_inference,
                 "frame_beats": self.frame_beats, "busy_cycles": self.busy_cycles, "first_send": self.first_send,
                 "last_send": self.last_send, "last_delivery": self.last_delivery,
@@ -236,12 +254,16 @@ def link_stats(program: Program, path: DataPath, timing: TimingResult, batch: in
     for index, (flits, times) in enumerate(zip(path.link_flits, timing.link_times)):
         geometry = LinkGeometry(program.arch, owner=f"link {index}")
         frames = geometry.frames(flits)
-        busy = batch * frames * geometry.frame_beats
+        counters = times.counters
+        if counters is None:
+            counters = dict.fromkeys(LINK_COUNTERS, 0)
+            counters["tx_frames_sent"] = counters["rx_frames_accepted"] = batch * frames
+        busy = counters["tx_frames_sent"] * geometry.frame_beats
         stats.append(LinkStats(
             link=index, flits_per_inference=flits, frames_per_inference=frames, frame_flits=geometry.frame_flits,
             frame_beats=geometry.frame_beats, flits=batch * flits, frames=batch * frames, busy_cycles=busy,
-            first_send=int(times.send[0]), last_send=int(times.send[-1]), last_delivery=int(times.deliver[-1]),
-            utilization=busy / cycles, flits_per_cycle=geometry.flits_per_cycle))
+            first_send=int(times.send[0]), last_send=int(times.send[-1] if not times.sends else max(t for t, _ in times.sends)), last_delivery=int(times.deliver[-1]),
+            utilization=busy / cycles, flits_per_cycle=geometry.flits_per_cycle, counters=dict(counters)))
     return stats
 
 

@@ -151,3 +151,103 @@ def test_link_model_equals_rtl(case):
     expected = {name: model.counters[name] for name in counters}
     assert counters == expected
     assert model.counters["undetected"] == 0
+
+
+# --- the simulation without flips is the fault-free contract ------------------------------------------------------
+def _multichip_case(seed, **link):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_emulator_multichip import dense, networks, run
+    rng = np.random.default_rng(seed)
+    layers = [dense(rng, 10, 12), dense(rng, 12, 9, 2)]
+    program, single = networks(layers, 2, **link)
+    x = rng.integers(-128, 128, (9, 10), dtype=np.int8)
+    return program, single, x, run
+
+
+@pytest.mark.parametrize("link", [{}, {"link_credit_frames": 1, "link_replay_frames": 2, "link_frame_flits": 2},
+                                  {"link_bits_per_cycle": 1, "link_latency_cycles": 3}])
+def test_simulation_without_flips_is_the_contract(link):
+    """Fault free, the emulator solves links in closed form (flowtile/link_format.py's contract); the cycle-exact
+    simulation with no flips, given the same offers and rooms, finds the same cycle for every event."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_emulator_multichip import link_boundary
+    program, _, x, run = _multichip_case(1, **link)
+    result = run(program, x, len(x))
+    geometry = result.links and __import__("flowtile.link_format", fromlist=["LinkGeometry"]).LinkGeometry(program.arch)
+    times = result.timing.link_times[0]
+    offers, rooms = link_boundary(program, result, 0)
+    off = ChannelFlips(1, geometry.bits, 0.0)
+    sim = simulate_link(geometry, program.links[0].inference_flits, offers, rooms, fwd=off, ret=off)
+    for name in ("accept", "close", "send", "received", "deliver"):
+        np.testing.assert_array_equal(getattr(sim, name), getattr(times, name), err_msg=name)
+    assert sim.counters["tx_frames_sent"] == sim.counters["rx_frames_accepted"] == len(times.send)
+    assert sim.counters["tx_replays"] == sim.counters["tx_timeouts"] == 0
+
+
+@pytest.mark.parametrize("rate, burst, seed", [(0.002, 1, 3), (0.004, 4, 5), (0.004, 16, 8)])
+def test_emulator_with_faults_outputs_clean_and_links_consistent(rate, burst, seed):
+    """With faults the emulator's outputs are the clean run's; each faulty link's events are the simulation's for
+    the final offers and rooms (the solution is a fixed point); counters are reported."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_emulator_multichip import link_boundary
+    program, _, x, run = _multichip_case(2, link_error_rate=rate, link_burst_cycles=burst, link_error_seed=seed)
+    clean, _, _, _ = _multichip_case(2)
+    result, reference = run(program, x, len(x)), run(clean, x, len(x))
+    np.testing.assert_array_equal(result.out_flits, reference.out_flits)
+    assert result.cycles >= reference.cycles
+    stats = result.links[0]
+    assert stats.counters["fwd_flips"] + stats.counters["ret_flips"] > 0 and stats.counters["undetected"] == 0
+    report = result.report()["links"][0]
+    assert report["detected_errors"] == stats.detected_errors and report["replays"] == stats.counters["tx_replays"]
+    from flowtile.link_format import LinkGeometry
+    geometry = LinkGeometry(program.arch)
+    offers, rooms = link_boundary(program, result, 0)
+    sim = simulate_link(geometry, program.links[0].inference_flits, offers, rooms,
+                        fwd=ChannelFlips(link_seed(seed, 0), geometry.bits, rate, burst),
+                        ret=ChannelFlips(ret_seed(link_seed(seed, 0)), geometry.bits, rate, burst))
+    times = result.timing.link_times[0]
+    for name in ("accept", "close", "send", "received", "deliver"):
+        np.testing.assert_array_equal(getattr(sim, name), getattr(times, name), err_msg=name)
+
+
+def test_fault_free_reports_counters():
+    program, _, x, run = _multichip_case(3)
+    stats = run(program, x, len(x)).links[0]
+    assert stats.counters["tx_frames_sent"] == stats.counters["rx_frames_accepted"] == stats.frames
+    assert stats.detected_errors == 0 and stats.counters["tx_replays"] == 0
+
+
+# --- undetected errors --------------------------------------------------------------------------------------------
+def campaign(flits, rate, burst, seed):
+    """A long run of the simulation on a busy link: (flips injected on both channels, counters)."""
+    from flowtile.link_format import LinkGeometry
+    geometry = LinkGeometry(ARCH, **SMALL)
+    offers = list(range(flits))
+    fwd = ChannelFlips(seed, geometry.bits, rate, burst)
+    ret = ChannelFlips(ret_seed(seed), geometry.bits, rate, burst)
+    run = simulate_link(geometry, 12, offers, offers, fwd=fwd, ret=ret)
+    assert (run.deliver >= 0).all() and np.all(np.diff(run.deliver) > 0)
+    return run.counters["fwd_flips"] + run.counters["ret_flips"], run.counters
+
+
+def test_undetected_campaign_small():
+    """Every corrupted frame whose beats line up is checked exactly (CRC-32 linearity): none passes."""
+    flips, counters = campaign(1500, 0.004, 4, 21)
+    assert flips > 500 and counters["rx_crc_errors"] + counters["rx_seq_errors"] > 10 and counters["undetected"] == 0
+
+
+
+def test_undetected_campaign_large():
+    """>= 10**4 injected flips, with and without bursts: zero undetected."""
+    total = 0
+    for burst, seed in ((1, 31), (4, 32), (16, 33)):
+        flips, counters = campaign(6000, 0.004, burst, seed)
+        assert counters["undetected"] == 0
+        total += flips
+    assert total >= 10_000

@@ -1,0 +1,57 @@
+"""Chips in a line on Verilator with faults on (issue "multi-chip", the bit-error rate done-when): the RTL of chips
+joined by faulty links against the emulator (which simulates each faulty link exactly, emulator/link_faults.py),
+with the same seed, rate and bursts: every output flit, every output cycle stamp and the cycle count equal; the
+outputs equal a clean run's bit for bit; the emulator saw the link detect errors and replay frames.
+
+Error rates are high (1e-3 .. 1e-2) so that a short run sees several errors, with and without bursts. Each Arch is
+one Verilator build (cached).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from flowtile.arch import Arch
+from flowtile.compiler import compile_model
+from flowtile.emulator import emulate
+from flowtile.testing.oracle_checks import input_flits
+from flowtile.testing.random_models import quantize_qdq, random_float_mlp
+
+pytestmark = pytest.mark.rtl
+
+#: (name, link fields)
+FAULTS = [
+    ("2e-3 per bit, no bursts", {"link_error_rate": 0.002, "link_error_seed": 5}),
+    ("6e-3 per bit, bursts of 4 cycles", {"link_error_rate": 0.006, "link_burst_cycles": 4, "link_error_seed": 9}),
+]
+
+
+def _mlp(tmp_path):
+    rng = np.random.default_rng(11)
+    onnx.save(random_float_mlp(rng, [24, 32, 20, 12, 10]), tmp_path / "float.onnx")
+    calibration = np.random.default_rng(1).standard_normal((16, 24)).astype(np.float32)
+    return quantize_qdq(tmp_path / "float.onnx", tmp_path / "qdq.onnx", calibration, activation_uint8=False,
+                        per_channel=True)
+
+
+@pytest.mark.parametrize("name, faults", FAULTS, ids=[f[0] for f in FAULTS])
+def test_faulty_links_rtl_equals_emulator_and_a_clean_run(tmp_path, name, faults):
+    from flowtile.rtl.simulate import simulate
+    common = dict(rows=2, cols=2, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=2, link_latency_cycles=16)
+    model = _mlp(tmp_path)
+    program = compile_model(model, Arch(**common, **faults))
+    clean = compile_model(model, Arch(**common))
+    x = np.random.default_rng(2).standard_normal((8, 24)).astype(np.float32)
+    _, flits = input_flits(program, x)
+    batch = len(x)
+    emu = emulate(program, flits, batch)
+    reference = emulate(clean, flits, batch)
+    np.testing.assert_array_equal(emu.out_flits, reference.out_flits)
+    counters = emu.links[0].counters
+    assert counters["tx_replays"] > 0 and counters["rx_crc_errors"] + counters["rx_seq_errors"] > 0, counters
+    assert counters["undetected"] == 0 and emu.cycles > reference.cycles
+    rtl = simulate(program, flits, batch, simulator="verilator", max_cycles=20 * emu.cycles + 10_000)
+    np.testing.assert_array_equal(np.asarray(rtl.out_flits), np.asarray(emu.out_flits))
+    np.testing.assert_array_equal(np.asarray(rtl.out_times), np.asarray(emu.out_times))
+    assert rtl.cycles == emu.cycles
