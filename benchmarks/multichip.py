@@ -5,13 +5,14 @@ per-tile SRAM, so the same total tiles and SRAM) and N chips of ``R x C`` tiles 
 ``flit_bits // f`` wire bits per cycle for every ``f`` in ``--fractions`` (a link at 1/f of the on-chip flit
 bandwidth: a mesh link carries one ``flit_bits``-bit flit a cycle), latency ``--latency`` cycles, the other link
 fields at their Arch defaults. Each system is compiled (a CompileError is reported in one line), a seeded batch is
-emulated (exact: RTL == emulator), and the N-chip outputs are checked bit-identical to the one chip's.
+emulated (exact: RTL == emulator), and the N-chip outputs are checked bit-identical to the one chip's. One chip of
+``R x C`` tiles is run too (for the replication estimate). Measured, not asserted.
 
-Columns of the table:
+Rows ``1 of RxC``: a single chip (its interval and its slowest layer); rows ``N of RxC``: the N-chip system, with
 
 * ``interval``: the measured steady-state interval, cycles per inference (``flowtile.testing.measure.steady_state``:
   over the last half of the batch);
-* ``retained``: ``interval(one chip) / interval(N chips)``, the throughput the N chips keep;
+* ``retained``: ``interval(one N*R x C chip) / interval(N chips)``, the throughput the N chips keep;
 * ``link bound``: the busiest link of the compiled partition, its wire cycles per inference: ``frames x
   frame_beats`` (``flowtile.link_format.LinkGeometry``; ``frames = ceil(flits / frame_flits)`` of the flits that
   cross it per inference, ``Program.links``). No schedule of that partition is faster;
@@ -20,35 +21,40 @@ Columns of the table:
 * ``layout cap``: the same for the one chip's own layout cut into N chips: the one chip's tiles in chain order, cut
   into chips of at most R*C consecutive tiles where the busiest link (the stream crossing each cut:
   ``output_flits`` of the tile before it) is cheapest. It is what cutting the layer chain costs without giving up
-  tiles: a partition that keeps every tile the one chip uses cannot keep more (the compiler may give up tiles to
-  move a cut to a narrower stream, so it can beat this cap but not ``link cap``);
-* ``limiter``: ``link`` (its wire bound is within 5% of the interval), ``link window`` (the compiler's link
+  tiles (the compiler may give tiles up to move a cut to a narrower stream, so it can beat this cap);
+* ``repl cap``: the same for pure replication (not built yet): each chip runs the whole network on its R x C tiles
+  for every N-th inference (``interval(one R x C chip) / N``) and link ``k`` carries the inputs of the chips after
+  it and the outputs of those up to it, in lane-padded flits as links send them today; ``-`` where the network does
+  not fit one R x C chip;
+* ``limiter``: ``link`` (the wire bound is within 5% of the interval), ``link window`` (the compiler's link
   estimate, which adds the credit and go-back-N round trips at this latency, is; the wire alone is not),
-  ``tiles`` (no slower than the one chip: the same tiles limit), ``partition`` (the compiler's slowest tile is
-  slower than the one chip's: it gave tiles up to pass streams through, or put them where a cut is narrow),
-  ``stalls`` (none of these estimates explains the interval: back-pressure);
+  ``tiles (as one chip)`` (no slower than the one chip), ``partition`` (the compiler's slowest tile is slower than
+  the one chip's: it gave tiles up, to pass streams through to a narrow cut, leaving chips idle), ``stalls`` (the
+  interval exceeds the compiler's estimate: back-pressure);
 * ``s``: wall seconds of the row (compile + emulate).
 
 A final line per network checks 4 chips at 1/16 and 1/64 against issue 11's targets: >= 90% retained at 1/16,
 >= 75% at 1/64, or, where the link cap is below the target, >= 90% of the link cap.
 
 Networks: the committed MLPerf-Tiny-shaped QDQ models (``models/public/mlperf_{resnet8,dscnn,mobilenet,
-autoencoder}_qdq.onnx``; ``mobilenet`` is MobileNetV1-0.25) with ``--sram-bytes`` / ``--queue-words``, and
-``mobilenet-1.0``: MobileNetV1 alpha 1.0 at 96x96 with 1000 classes (4.2 M parameters, random fixed weights,
-``flowtile.testing.random_models.random_float_mobilenet_v1``, quantized by onnxruntime into a temporary
-directory), whose weights do not fit one chip, with ``--large-sram-bytes`` / ``--large-queue-words`` (at 256 KiB
-tiles it needs 45 tiles; its 20480-word forward queues let every tile take a whole inference in while it
-computes, so the one chip runs at its estimated interval).
+autoencoder}_qdq.onnx``; ``mobilenet`` is MobileNetV1-0.25) with ``--sram-bytes`` tiles, and ``mobilenet-1.0``:
+MobileNetV1 alpha 1.0 at 96x96 with 1000 classes (4.2 M parameters, random fixed weights,
+``flowtile.testing.random_models.random_float_mobilenet_v1``, quantized by onnxruntime into a temporary directory),
+whose weights do not fit one chip, with ``--large-sram-bytes`` tiles (at 256 KiB it needs 45 tiles: 4 and 8 chips of
+4x4). Forward queues of ``--queue-words`` = 20480 words let every tile take a whole inference in while it computes,
+so every reference runs at its estimated interval (``benchmarks/mlperf_tiny.py``'s 4096 make the one-chip
+references stall, e.g. ResNet-8 on 16x4 at 42382 instead of 29697 cycles, which flatters the N chips).
 
 Default (about 5 minutes on 2 cores): ``python benchmarks/multichip.py`` = ``--chips 2,4,8 --grid 4x4
---fractions 4,16,64 --batch 16``. The issue's size (8x8 chips; a few times longer):
-``python benchmarks/multichip.py --grid 8x8 --large-sram-bytes 65536`` (MobileNet-1.0 then needs 152 tiles: 4 and 8
-chips). ``--report`` prints every compile report. Nothing is cached.
+--fractions 4,16,64 --batch 16``. The issue's chip size (8x8; longer): ``python benchmarks/multichip.py --grid 8x8
+--large-sram-bytes 65536`` (MobileNet-1.0 then needs 152 tiles: 4 and 8 chips). ``--report`` prints every compile
+report. Nothing is cached.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -144,12 +150,11 @@ def layout_bound(one_chip, chips: int, chip_tiles: int, geometry) -> int:
 
 
 def limiter(multi: Run, one: Run, bound: tuple[int, int, int]) -> str:
-    from flowtile.compiler import link_cycles
-    program, lanes = multi.program, multi.arch.lanes
+    """What limits the N-chip run (see the module docstring)."""
+    from flowtile.compiler import estimated_interval, link_cycles
+    program, arch = multi.program, multi.arch
     busiest, flits, wire = bound
-    window = link_cycles(multi.arch, flits)
-    slowest_tile = max(t.config.tile_period_cycles(lanes) for t in program.tiles)
-    one_tile = max(t.config.tile_period_cycles(lanes) for t in one.program.tiles) if one.program else None
+    window = link_cycles(arch, flits)
     where = f"link {busiest}: {flits} flits/inf"
     if wire >= 0.95 * multi.interval:
         return f"link ({where})"
@@ -157,13 +162,57 @@ def limiter(multi: Run, one: Run, bound: tuple[int, int, int]) -> str:
         return f"link window ({where}, est. {window})"
     if one.interval is not None and multi.interval <= 1.02 * one.interval:
         return "tiles (as one chip)"
-    if one_tile is not None and slowest_tile > 1.02 * one_tile:
-        by_place = {(t.chip, t.row, t.col): t for t in program.tiles}
-        name = next((layer.name for layer in program.layers
-                     if any(by_place[tuple(t) if len(t) == 3 else (0, *t)].config.tile_period_cycles(lanes)
-                            == slowest_tile for t in layer.tiles)), "pass-through")
-        return f"partition (slowest tile {slowest_tile} vs {one_tile}: {name})"
-    return f"stalls (tiles est. {slowest_tile}, {where})"
+    parts = []
+    slowest, one_slowest = slowest_tile(program), slowest_tile(one.program) if one.program else None
+    if one_slowest is not None and slowest[0] > 1.02 * one_slowest[0]:
+        computing = len({t.chip for t in program.tiles if t.config.n_out})
+        parts.append(f"partition (slowest tile {slowest[0]} vs {one_slowest[0]}: {slowest[1]}; "
+                     f"{computing}/{arch.chips} chips compute)")
+    estimate = estimated_interval(program)
+    if multi.interval > 1.05 * estimate or not parts:
+        parts.append(f"stalls (+{100 * (multi.interval / estimate - 1):.0f}% over est. {estimate})")
+    return " + ".join(parts)
+
+
+def slowest_tile(program) -> tuple[int, str]:
+    """(the slowest tile's estimated cycles per inference, its layer) of ``program``."""
+    lanes = program.arch.lanes
+    by_place = {(t.chip, t.row, t.col): t for t in program.tiles}
+    best = (0, "pass-through")
+    for layer in program.layers:
+        for place in layer.tiles:
+            cycles = by_place[tuple(place) if len(place) == 3 else (0, *place)].config.tile_period_cycles(lanes)
+            best = max(best, (cycles, layer.name))
+    passing = [t.config.tile_period_cycles(lanes) for t in program.tiles if not t.config.n_out]
+    return max(best, (max(passing, default=0), "pass-through"))
+
+
+def queue_note(program) -> str:
+    """A note when tiles that compute forward and pass more words per inference than their forward queue holds
+    (they cannot take a whole inference in while they compute: the interval exceeds the estimate)."""
+    short = [t for t in program.tiles
+             if t.config.n_out and t.config.forwarded_words + t.config.n_pass > program.arch.forward_queue_words]
+    return f"; {len(short)} tiles' queues too short" if short else ""
+
+
+def replication_bound(small: Run, one: Run, chips: int, geometry) -> float | None:
+    """Throughput kept (vs the one large chip) by pure replication: every chip runs the whole network on its own
+    R x C tiles for every N-th inference (``interval(one R x C chip) / N``); link ``k`` then carries the inputs of
+    chips ``k + 1 ..`` and the outputs of chips ``.. k``, each inference in its own frames of lane-padded flits, as
+    today's links send them. None if the network does not fit one R x C chip."""
+    if small.interval is None or one.interval is None:
+        return None
+    program = small.program
+    frames_in, frames_out = geometry.frames(program.input_words), geometry.frames(program.output_words)
+    link = max(((chips - 1 - k) * frames_in + (k + 1) * frames_out) * geometry.frame_beats / chips
+               for k in range(chips - 1))
+    return one.interval / max(one.interval, small.interval / chips, link)
+
+
+def short_error(error: str) -> str:
+    """A CompileError's first clause, without the arch-field hints (the full text goes to stderr)."""
+    error = re.sub(r" \(arch fields? [^)]*\)", "", error)
+    return error.split(";")[0]
 
 
 def load(net: str, workdir: Path, seed: int):
@@ -181,9 +230,14 @@ def load(net: str, workdir: Path, seed: int):
     return int8_model(qdq_path)
 
 
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def main() -> None:
     os.environ.setdefault("AMARANTH_USE_YOSYS", "builtin")
     from flowtile.arch import Arch
+    from flowtile.compiler import estimated_interval
     from flowtile.link_format import LinkGeometry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -194,11 +248,11 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=64, help="link latency in cycles (default 64)")
     parser.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     parser.add_argument("--sram-bytes", type=int, default=65536, help="per-tile SRAM, MLPerf nets (default 65536)")
-    parser.add_argument("--queue-words", type=int, default=4096, help="forward queue depth, MLPerf nets (default 4096)")
     parser.add_argument("--large-sram-bytes", type=int, default=262144,
                         help=f"per-tile SRAM for {LARGE} (default 262144)")
-    parser.add_argument("--large-queue-words", type=int, default=20480,
-                        help=f"forward queue depth for {LARGE} (default 20480)")
+    parser.add_argument("--queue-words", type=int, default=20480,
+                        help="per-tile forward queue depth (default 20480: no tile waits for its queue; "
+                             "benchmarks/mlperf_tiny.py's 4096 makes the one-chip references stall)")
     parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -214,6 +268,26 @@ def main() -> None:
     rows = []  # table rows (tuples of str)
     summary = []
     total_started = time.perf_counter()
+
+    def reference(net: str, model, arch, x) -> Run:
+        """One chip of ``arch``: a row of the table."""
+        grid = f"{arch.rows}x{arch.cols}"
+        progress(f"{net}: one chip of {grid} ...")
+        one = run(model, arch, x, args.report)
+        if one.error:
+            progress(f"{net}: one chip of {grid}: {one.error}")
+            rows.append((net, f"1 of {grid}", "-", "-", "-", "-", "-", "-", "-", "-",
+                         f"does not compile: {short_error(one.error)}", f"{one.seconds:.1f}"))
+            return one
+        estimate = estimated_interval(one.program)
+        stalls = (f" + stalls (+{100 * (one.interval / estimate - 1):.0f}% over est. {estimate})"
+                  if one.interval > 1.05 * estimate else "")
+        why = f"tiles ({slowest_tile(one.program)[1]}){stalls}{queue_note(one.program)}"
+        progress(f"{net}: one chip of {grid}: interval {one.interval:.0f}, {why} ({one.seconds:.1f} s)")
+        rows.append((net, f"1 of {grid}", "-", f"{one.interval:.0f}", "-", "-", "-", "-", "-", "-", why,
+                     f"{one.seconds:.1f}"))
+        return one
+
     with tempfile.TemporaryDirectory(prefix="flowtile_multichip_") as workdir:
         for net in nets:
             started = time.perf_counter()
@@ -221,21 +295,13 @@ def main() -> None:
             progress(f"{net}: loaded in {time.perf_counter() - started:.1f} s")
             shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
             x = np.random.default_rng(args.seed).standard_normal((args.batch, *shape)).astype(np.float32)
-            large = net == LARGE
-            base = Arch(sram_bytes=args.large_sram_bytes if large else args.sram_bytes,
-                        max_tile_outputs=args.max_tile_outputs,
-                        forward_queue_words=args.large_queue_words if large else args.queue_words,
+            base = Arch(sram_bytes=args.large_sram_bytes if net == LARGE else args.sram_bytes,
+                        max_tile_outputs=args.max_tile_outputs, forward_queue_words=args.queue_words,
                         link_latency_cycles=args.latency).with_grid(args.grid)
+            small = reference(net, model, base, x)  # one R x C chip: the replication estimate
             retained_at = {}
             for n in chip_counts:
-                one_arch = base.replace(rows=n * base.rows)
-                progress(f"{net}: one chip of {one_arch.rows}x{one_arch.cols} ...")
-                one = run(model, one_arch, x, args.report)
-                progress(f"{net}: one chip of {one_arch.rows}x{one_arch.cols}: "
-                         + (one.error or f"interval {one.interval:.0f}") + f" ({one.seconds:.1f} s)")
-                rows.append((net, f"1 of {one_arch.rows}x{one_arch.cols}", "-",
-                             "-" if one.error else f"{one.interval:.0f}", "100%" if not one.error else "-",
-                             "-", "-", "-", "-", one.error or "tiles", f"{one.seconds:.0f}"))
+                one = reference(net, model, base.replace(rows=n * base.rows), x)
                 for fraction in fractions:
                     arch = base.replace(chips=n, link_bits_per_cycle=max(1, base.flit_bits // fraction))
                     geometry = LinkGeometry(arch)
@@ -245,8 +311,8 @@ def main() -> None:
                     if multi is None or multi.error:
                         why = "needs 2 or more chips" if multi is None else multi.error
                         progress(f"{net}: {n} chips, link {label}: {why}")
-                        rows.append((net, f"{n} of {args.grid}", label, "-", "-", "-", "-", "-", "-",
-                                     f"does not compile: {why}", f"{multi.seconds if multi else 0:.0f}"))
+                        rows.append((net, f"{n} of {args.grid}", label, "-", "-", "-", "-", "-", "-", "-",
+                                     f"does not compile: {short_error(why)}", f"{multi.seconds if multi else 0:.1f}"))
                         continue
                     bound = link_bound(multi.program)
                     retained = cap = of_cap = layout = None
@@ -259,30 +325,29 @@ def main() -> None:
                                                     layout_bound(one.program, n, base.n_tiles, geometry))
                         if not np.array_equal(multi.q, one.q):
                             same = "; OUTPUTS DIFFER FROM ONE CHIP"
-                    why = limiter(multi, one, bound) + same
+                    replicated = replication_bound(small, one, n, geometry)
+                    why = limiter(multi, one, bound) + queue_note(multi.program) + same
                     if retained is not None:
                         retained_at[(n, fraction)] = (retained, cap, layout, why)
                     progress(f"{net}: {n} chips, link {label}: interval {multi.interval:.0f}"
                              + (f", retained {100 * retained:.1f}%" if retained is not None else "")
                              + f", {why} ({multi.seconds:.1f} s)")
-
-                    def pct(v):
-                        return "-" if v is None else f"{100 * v:.1f}%"
                     rows.append((net, f"{n} of {args.grid}", label, f"{multi.interval:.0f}", pct(retained),
-                                 str(bound[2]), pct(cap), pct(of_cap), pct(layout), why, f"{multi.seconds:.0f}"))
+                                 str(bound[2]), pct(cap), pct(of_cap), pct(layout), pct(replicated), why,
+                                 f"{multi.seconds:.1f}"))
             summary.append(verdict(net, retained_at))
 
     header = ("network", "chips", "link", "interval", "retained", "link bound", "link cap", "of cap", "layout cap",
-              "limiter", "s")
+              "repl cap", "limiter", "s")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {3, 4, 5, 6, 7, 8, 10}
+    right = {3, 4, 5, 6, 7, 8, 9, 11}
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     print(f"\nlinks: latency {args.latency} cycles, frames of {Arch.link_frame_flits} flits, credit "
           f"{Arch.link_credit_frames} frames, replay {Arch.link_replay_frames} frames; batch {args.batch}; tiles: "
-          f"{args.sram_bytes} B SRAM, {args.queue_words}-word queues ({LARGE}: {args.large_sram_bytes} B, "
-          f"{args.large_queue_words} words); intervals in cycles/inference")
+          f"{args.sram_bytes} B SRAM ({LARGE}: {args.large_sram_bytes} B), {args.queue_words}-word forward queues; "
+          f"intervals in cycles/inference")
     print(line(header).rstrip())
     print("  ".join("-" * w for w in widths))
     for row in rows:
