@@ -31,7 +31,7 @@ from flowtile.link_faults import (BURST_FLIP_BIT, CRC16_IBM_3740, CRC32_ISO_HDLC
                                   channel_lines, channel_seeds, crc_compute, line_threshold, lfsr_step)
 from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry
 
-__all__ = ["ChannelFlips", "LinkRun", "simulate_link", "LINK_COUNTERS", "LinkSimulationError"]
+__all__ = ["ChannelFlips", "Checkpoints", "LinkRun", "simulate_link", "LINK_COUNTERS", "LinkSimulationError"]
 
 #: Counters of a link run, named as the RTL's (:class:`flowtile.hdl.link.Link`: ``tx_*``, ``rx_*``, ``*_flips``),
 #: plus ``undetected`` (frames accepted with flipped bits: 0 unless a CRC-32 misses an error).
@@ -208,22 +208,39 @@ def frame_sizes(inference_flits: int, total: int, frame_flits: int) -> list[int]
     return sizes
 
 
+class Checkpoints:
+    """Snapshots of one link's simulation (every :data:`SNAPSHOT_CYCLES` cycles) and the inputs it ran on, so that a
+    run on new offers and rooms restarts from the last snapshot before the first cycle they change (the simulation
+    is causal: cycle ``t`` reads offers and rooms only through ``offers[i] <= t``, ``rooms[i] <= t``). Pass the same
+    object to successive :func:`simulate_link` calls of one link (same geometry, framing, flips, timeout)."""
+
+    def __init__(self):
+        self.offers = self.rooms = None
+        self.snapshots: list[tuple] = []       # (t, state), increasing t
+        self.outputs = None
+
+
+#: Cycles between two snapshots of :class:`Checkpoints`.
+SNAPSHOT_CYCLES = 2048
+
+
 def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *, fwd: ChannelFlips,
                   ret: ChannelFlips, timeout_cycles: int | None = None, end: int | None = None,
-                  max_cycles: int | None = None) -> LinkRun:
+                  max_cycles: int | None = None, checkpoints: Checkpoints | None = None) -> LinkRun:
     """Run the link of ``geometry`` (static framing with ``inference_flits`` per inference) on ``len(offers)``
     flits: chip ``k`` offers flit ``i`` from cycle ``offers[i]`` on, chip ``k + 1`` has room for it from cycle
     ``rooms[i]`` on (both non-decreasing in the hardware; any int). ``fwd`` / ``ret``: the channels' flips.
     Runs until every flit is delivered and, if ``end`` is given, through cycle ``end`` (the counters are those
-    after it). ``max_cycles``: budget (default generous); exceeded raises :class:`LinkSimulationError`."""
+    after it). ``max_cycles``: budget (default generous); exceeded raises :class:`LinkSimulationError`.
+    ``checkpoints``: reuse the snapshots of earlier runs of this link (:class:`Checkpoints`); same result."""
     g = geometry
     F, FB, S, W, L = g.frame_flits, g.frame_beats, g.seq_bits, g.bits, g.latency
     RB, MB, PB = g.ret_beats, g.msg_beats, g.payload_beats
     MOD, HALF = 1 << S, 1 << (S - 1)
     R, C = g.replay_frames, g.credit_frames
     T = g.default_timeout() if timeout_cycles is None else timeout_cycles
-    offers = [int(x) for x in np.asarray(offers, dtype=np.int64)]
-    rooms = [int(x) for x in np.asarray(rooms, dtype=np.int64)]
+    offers_array, rooms_array = np.asarray(offers, dtype=np.int64), np.asarray(rooms, dtype=np.int64)
+    offers, rooms = offers_array.tolist(), rooms_array.tolist()
     total = len(offers)
     sizes = frame_sizes(inference_flits, total, F)
     n_frames = len(sizes)
@@ -288,7 +305,41 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
     messages = []                               # encoded message m
     t = 0
     limit = max_cycles
+    snapshots = []
+    if checkpoints is not None:
+        restart = None
+        if checkpoints.offers is not None and len(checkpoints.offers) == total:
+            restart = 1 << 62
+            for old, new in ((checkpoints.offers, offers_array), (checkpoints.rooms, rooms_array)):
+                differ = np.flatnonzero(old != new)
+                if differ.size:
+                    restart = min(restart, int(np.minimum(old[differ], new[differ]).min()))
+        snapshots = checkpoints.snapshots if restart is not None else []
+        while snapshots and snapshots[-1][0] > restart:
+            snapshots.pop()
+        checkpoints.snapshots, checkpoints.offers, checkpoints.rooms = snapshots, offers_array, rooms_array
+        if snapshots:
+            accept, deliver, close, first_send, received, sends, messages = checkpoints.outputs
+            (t, state, txw, rd_beats, buffer, cnt, n_messages, n_sends) = snapshots[-1][1:]
+            (left, asm_count, taken, next_seq, send_seq, ack_base, freed, closed, ser_active, ser_index, ser_frame,
+             timer, md_index, md_word, md_valid, md_ok, md_out, rd_index, rd_valid, rd_out, rx_next, rx_freed,
+             out_index, delivered, nak_pending, nak_sent) = state
+            txw, rd_beats, buffer, cnt = dict(txw), list(rd_beats), list(buffer), dict(cnt)
+            del messages[n_messages:]
+            del sends[n_sends:]
+            for f, cycle in enumerate(first_send):
+                if cycle is not None and cycle >= t:
+                    first_send[f] = None
+        checkpoints.outputs = (accept, deliver, close, first_send, received, sends, messages)
+    next_snapshot = (t // SNAPSHOT_CYCLES + 1) * SNAPSHOT_CYCLES if checkpoints is not None else 1 << 62
     while True:
+        if t >= next_snapshot:
+            next_snapshot += SNAPSHOT_CYCLES
+            state = (left, asm_count, taken, next_seq, send_seq, ack_base, freed, closed, ser_active, ser_index,
+                     ser_frame, timer, md_index, md_word, md_valid, md_ok, md_out, rd_index, rd_valid, rd_out,
+                     rx_next, rx_freed, out_index, delivered, nak_pending, nak_sent)
+            snapshots.append((t, t, state, dict(txw), list(rd_beats), list(buffer), dict(cnt), len(messages),
+                              len(sends)))
         if delivered == total and (end is None or t > end):
             break
         if t > limit:
@@ -472,7 +523,8 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
     cnt["ret_flips"] = ret.count(last)
     as_array = lambda values: np.array([-1 if v is None else v for v in values], dtype=np.int64)  # noqa: E731
     return LinkRun(accept=as_array(accept), deliver=as_array(deliver), close=as_array(close),
-                   send=as_array(first_send), received=as_array(received), sends=sends, counters=cnt, end=last)
+                   send=as_array(first_send), received=as_array(received), sends=list(sends), counters=cnt,
+                   end=last)
 
 
 def _check_word(beats, FB, W, S, count_bits, sizes, crc_lin, crc_field, payload_mask, MOD):

@@ -690,6 +690,7 @@ class _ChainSystem:
         self.faulty: dict[int, LinkChains] = {}
         self.link_runs: dict[int, tuple] = {}     # link index -> (key, {chain: times}, LinkRun)
         self.link_flips: dict[int, tuple] = {}
+        self.link_checkpoints: dict[int, object] = {}   # link index -> emulator.link_faults.Checkpoints
         for link in graph.links:
             if not link.faults:
                 continue
@@ -765,17 +766,19 @@ class _ChainSystem:
         return last[1][j].copy()
 
     def _simulate(self, link: LinkChains, offers: np.ndarray, rooms: np.ndarray, end: int | None = None):
-        from .link_faults import ChannelFlips, LinkSimulationError, simulate_link
+        from .link_faults import ChannelFlips, Checkpoints, LinkSimulationError, simulate_link
         arch = link.geometry.arch
         flips = self.link_flips.get(link.index)
         if flips is None:
+            self.link_checkpoints[link.index] = Checkpoints()
             seed = link_seed(arch.link_error_seed, link.index)
             flips = self.link_flips[link.index] = tuple(
                 ChannelFlips(s, link.geometry.bits, arch.link_error_rate, arch.link_burst_cycles)
                 for s in (seed, ret_seed(seed)))
         try:
             run = simulate_link(link.geometry, link.flits, np.maximum(offers, 0), np.maximum(rooms, 0),
-                                fwd=flips[0], ret=flips[1], end=end)
+                                fwd=flips[0], ret=flips[1], end=end,
+                                checkpoints=self.link_checkpoints[link.index])
         except LinkSimulationError as error:
             raise TimingError(f"link {link.index}: {error}") from None
         if run.counters["undetected"]:

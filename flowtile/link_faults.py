@@ -19,7 +19,8 @@ seeded ``lfsr_seed(seed, b)``; with bursts (``burst_cycles > 1``) the channel ha
 Rule, per run cycle (``p = error_rate``, ``B = burst_cycles``):
 
 * ``B = 1`` (no bursts): line ``b`` flips iff ``current_b & 0xFFFF < line_threshold``, ``line_threshold =
-  round(p * 2**16)`` (:func:`line_threshold`): each line flips independently with probability ``p``;
+  round(p * 2**16)`` (:func:`line_threshold`): each line flips independently with probability
+  ``line_threshold / 2**16`` (``p`` rounded to a multiple of 2**-16: 1e-5 gives 1.53e-5);
 * ``B > 1`` (bursts only): a burst starts in cycle ``r`` iff no burst is under way (``left = 0``) and the burst
   LFSR's whole state ``< burst_threshold = round(2 * p / B * 2**32)`` (:func:`burst_threshold`); it covers cycles
   ``r .. r + B - 1`` (``left`` counts the cycles after this one: ``B - 1`` after a start, then down to 0). In a
@@ -103,7 +104,7 @@ def line_threshold(owner: str, error_rate, burst_cycles: int = 1) -> int:
     _check_rate(owner, error_rate)
     _check_burst(owner, burst_cycles)
     threshold = round(error_rate * (1 << THRESHOLD_BITS))
-    if error_rate > 0 and threshold == 0:
+    if error_rate > 0 and threshold == 0 and burst_cycles == 1:
         raise ValueError(f"{owner}: parameter 'error_rate' = {error_rate} is below the injector's resolution "
                          f"2**-{THRESHOLD_BITS + 1} (use 0.0 for no faults)")
     return threshold if burst_cycles == 1 else 0
@@ -111,9 +112,9 @@ def line_threshold(owner: str, error_rate, burst_cycles: int = 1) -> int:
 
 def burst_threshold(owner: str, error_rate, burst_cycles: int) -> int:
     """A burst starts (none under way) when the burst LFSR's state is below this: ``round(2 * error_rate /
-    burst_cycles * 2**32)``, at least 1 if ``error_rate > 0``; 0 without bursts (``burst_cycles = 1``)."""
-    line_threshold(owner, error_rate, 1)
-    _check_burst(owner, burst_cycles)
+    burst_cycles * 2**32)``, at least 1 if ``error_rate > 0``; 0 without bursts (``burst_cycles = 1``). (Its
+    resolution is 2**-32: with bursts any rate > 0 is representable, without them rates are multiples of 2**-16.)"""
+    line_threshold(owner, error_rate, burst_cycles)
     if burst_cycles == 1 or error_rate == 0:
         return 0
     return min(max(1, round(2 * error_rate / burst_cycles * (1 << 32))), (1 << 32) - 1)

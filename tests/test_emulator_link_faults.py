@@ -251,3 +251,31 @@ def test_undetected_campaign_large():
         assert counters["undetected"] == 0
         total += flips
     assert total >= 10_000
+
+
+def test_checkpoints_give_the_fresh_result():
+    """A run restarted from the snapshots of earlier runs on other offers and rooms equals a fresh run."""
+    from flowtile.emulator.link_faults import Checkpoints
+    from flowtile.link_format import LinkGeometry
+    geometry = LinkGeometry(ARCH, **SMALL)
+    rng = random.Random(5)
+    n = 600
+    checkpoints = Checkpoints()
+    for trial in range(5):
+        offers = random_times(rng, n, 30)
+        rooms = random_times(rng, n, 40, start=rng.randrange(30))
+        if trial % 2:   # change only a late part
+            cut = n // 2 + rng.randrange(n // 2)
+            offers = offers[:cut] + [x + 50 for x in offers[cut:]]
+
+        def channels():
+            return ChannelFlips(8, geometry.bits, 0.004, 3), ChannelFlips(9, geometry.bits, 0.004, 3)
+        fwd, ret = channels()
+        restarted = simulate_link(geometry, 10, offers, rooms, fwd=fwd, ret=ret, checkpoints=checkpoints,
+                                  end=offers[-1] + 3000)
+        fwd, ret = channels()
+        fresh = simulate_link(geometry, 10, offers, rooms, fwd=fwd, ret=ret, end=offers[-1] + 3000)
+        for name in ("accept", "close", "send", "received", "deliver"):
+            np.testing.assert_array_equal(getattr(restarted, name), getattr(fresh, name), err_msg=name)
+        assert restarted.counters == fresh.counters and restarted.sends == fresh.sends
+        assert len(checkpoints.snapshots) > 2
