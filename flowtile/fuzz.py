@@ -62,12 +62,14 @@ RESULTS_FILE = "results.jsonl"
 # --- what a case is ------------------------------------------------------------------------------
 
 def arch_pool(seed: int, count: int) -> list[Arch]:
-    """``count`` seeded random architectures: lanes 4/8/16, grids of 1-3 rows by 2-4 columns (mostly not
-    square), router FIFOs of 1-4 flits, forward queues and result tables down to a few words, small SRAMs."""
+    """``count`` seeded random architectures: lanes 4/8/16 (each of them in every pool of 3 or more, in a seeded
+    order), grids of 1-3 rows by 2-4 columns (mostly not square), router FIFOs of 1-4 flits, forward queues and
+    result tables down to a few words, small SRAMs."""
     rng = np.random.default_rng([seed, 0xA5C4])
     pool = []
-    for _ in range(count):
-        lanes = int(rng.choice([4, 8, 16]))
+    lane_choices = [int(lanes) for lanes in rng.permutation([4, 8, 16])]
+    for index in range(count):
+        lanes = lane_choices[index % len(lane_choices)]
         pool.append(Arch(rows=int(rng.integers(1, 4)), cols=int(rng.integers(2, 5)), lanes=lanes,
                          sram_bytes=lanes * int(rng.choice([256, 512, 1024, 2048, 4096])),
                          max_tile_outputs=int(rng.choice([4, 8, 16, 32, 64, 512])),

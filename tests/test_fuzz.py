@@ -1,6 +1,6 @@
 """``flowtile fuzz``: a small fixed slice on a local Dask cluster, resuming, and a forced mismatch.
 
-Every test uses campaign seed 1 with ``--archs 1``: one 1x4 grid (8 lanes), so the Verilator build is made once
+Every test uses campaign seed 1 with ``--archs 1``: one 3x4 grid (8 lanes), so the Verilator build is made once
 (cached across tests and runs).
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ def test_arch_pool_and_case_seeds_are_seeded():
     assert case_seeds(1, 3) == [1_000_000, 1_000_001, 1_000_002]
     for arch in arch_pool(0, 20):
         assert arch.lanes in (4, 8, 16) and 1 <= arch.router_fifo_depth <= 4
+    for seed in range(5):   # every pool of 3 or more covers every lane count
+        assert {arch.lanes for arch in arch_pool(seed, 3)} == {4, 8, 16}
 
 
 def test_last_line_counts():
@@ -55,7 +57,8 @@ def test_slice_passes_and_resumes(tmp_path, capsys):
     assert sorted(r["seed"] for r in records) == case_seeds(1, 3)
     for record in records:
         assert record["status"] in STATUSES and record["status"] in AGREEING, record
-        assert record["wall_seconds"] > 0 and record["arch"]["rows"] == 1 and record["kind"] in ("mlp", "cnn", "resnet")
+        assert record["wall_seconds"] > 0 and record["arch"]["rows"] == arch_pool(1, 1)[0].rows
+        assert record["kind"] in ("mlp", "cnn", "resnet")
     assert any(r["status"] == "ok" and r["cycles"] == r["rtl_cycles"] > 0 for r in records)
     # resume: nothing runs again (no cluster is even started), the file keeps its 3 lines
     assert cli.main(SLICE + ["--programs", "3", "--out", str(out)]) == 0
