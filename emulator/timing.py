@@ -110,6 +110,24 @@ leave the solution unchanged and spare the sweep rounds through which they would
   (through ``close_f``). Without them a credit- or window-limited link would cost a sweep round per
   ``credit_frames`` (``replay_frames``) frames; the sweep budget still allows for it (:attr:`TimingGraph.link_rounds`).
 
+Links with faults (``Arch.link_error_rate > 0``). The contract above is the fault-free link. With faults a link's
+three chains are solved together by simulating the link cycle by cycle (:func:`emulator.link_faults.simulate_link`,
+which mirrors :class:`flowtile.hdl.link.Link` register by register and takes the injector's flips from
+:mod:`flowtile.link_faults`): its inputs are the bounds the neighbouring chains put on the link now (chip ``k``
+offers flit ``i`` from its exit FIFO write + 1, chip ``k + 1``'s input FIFO has room for it from the read that frees
+its slot + 1), its outputs the sender's accepts and closes, the first send of every frame and the deliveries; the
+link is re-simulated inside the sweeps whenever those bounds change (restarting from a snapshot before the first
+cycle they change), and no frame edge or self bound is added. Why a simulation: a faulty link is not monotone (a
+later send can dodge a fault, a NAK waits for the message cadence, a timeout for a timer), so it is no max-plus
+chain and the least-solution argument does not apply. What still holds: every dependency has a positive delay (the
+link reads an offer or a room only in a later cycle than the transfer that made it; the chips' rules are
+unchanged), so the system is causal and its solution, the hardware's behaviour, is the unique fixed point of the
+equations: a sweep iteration that stops changing has found it exactly. The sweeps from "no constraint yet"
+converge (each round fixes at least every event up to the earliest one still wrong); the round budget of
+:meth:`_ChainSystem.sweep_until_stable` bounds them and raises :class:`TimingError` otherwise, and a link that
+cannot deliver within its own cycle budget raises it naming the link. Faulty runs are not periodic, so the probe
+and its extrapolation are skipped: the whole batch is swept. A fault-free program never takes this path.
+
 Large batches. Sweeps need about one round (downstream + upstream) per inference when a PE's
 progress depends on its downstream neighbour's (back-pressure) while that neighbour waits for its
 data. So a short probe batch is solved first, its per-inference times are extrapolated once they
@@ -1031,7 +1049,12 @@ class LinkTimes:
     output transfer); ``close``: int64 ``[batch * frames]``, ``close_f``; ``send``: ``send_f``, the serializer
     loads frame ``f`` (its beat ``b`` is on the sender's wire in ``send_f + 1 + b``); ``received``: the receiver
     accepts frame ``f``, ``send_f + accept_delay``; ``deliver``: int64 ``[batch * n]``, flit ``i`` written into
-    chip ``k + 1``'s tile (0,0) W FIFO (chip ``k + 1``'s host input transfer)."""
+    chip ``k + 1``'s tile (0,0) W FIFO (chip ``k + 1``'s host input transfer).
+
+    With faults (``Arch.link_error_rate > 0``, emulator/link_faults.py): ``send`` is each frame's first send,
+    ``received`` the cycle the receiver accepted it; ``sends`` lists every load ``(cycle, frame)`` (resends
+    included) and ``counters`` the link's status counters at the end of the run (the RTL's names,
+    :data:`emulator.link_faults.LINK_COUNTERS`); both None fault free."""
 
     accept: np.ndarray
     close: np.ndarray

@@ -11,7 +11,8 @@ Pieces (each a ``wiring.Component``):
   go-back-N replay buffer until acknowledged, sends one only when the receiver has credit for it, and
   serializes frames onto ``bits`` wire bits per cycle.
 * :class:`LinkChannel` -- the wire one way: ``latency`` pipeline stages and a fault injector that flips
-  wire bits from seeded LFSRs at a bit-error rate.
+  wire bits from seeded LFSRs at a bit-error rate, alone or in bursts (the fault model is defined once, in
+  :mod:`flowtile.link_faults`, which the emulator predicts too: emulator/link_faults.py).
 * :class:`LinkRx` -- deserializes, checks CRC and sequence number, buffers good in-order frames (at most
   ``credit_frames``) and streams their flits out with ``dest_host`` cleared; while ``run`` is high it sends
   status messages back on its own narrow wire, message ``m`` starting in cycle ``m * ret_beats`` of the run.

@@ -51,8 +51,9 @@ class System(wiring.Component):
     Parameters
     ----------
     arch : :class:`~flowtile.arch.Arch`; ``rows`` x ``cols`` is one chip, the ``link_*`` fields set every link
-        (``bits = arch.link_bits``, latency, frame, credit and replay frames, error rate; link ``k``'s seed is
-        :func:`link_seed` of ``arch.link_error_seed`` and ``k``). ``chip_topology`` must be ``"line"``.
+        (``bits = arch.link_bits``, latency, frame, credit and replay frames, error rate and burst length; link
+        ``k``'s seed is :func:`link_seed` of ``arch.link_error_seed`` and ``k``, :mod:`flowtile.link_faults`; the
+        injectors count the cycles with ``run = 1``, so run cycle ``r`` sees the flips the emulator predicts). ``chip_topology`` must be ``"line"``.
     tiles, tile_module : as :class:`~flowtile.hdl.chip.Chip` (every chip holds its tiles that way).
     link_module : ``None`` (default): each link is a :class:`~flowtile.hdl.link.Link` submodule (what Amaranth's
         simulator needs); a Verilog identifier: each link is an ``Instance`` of that module, which must be
