@@ -276,6 +276,25 @@ def cmd_verilog(args) -> int:
     return 0
 
 
+def cmd_area(args) -> int:
+    """``flowtile area``: per-component hardware cost of one tile, the chip and the link from Yosys
+    (:mod:`flowtile.area`); ``--fpga`` adds an ECP5 place and route of one tile."""
+    from .area import AreaError, format_table, fpga_tile, synthesise
+    check_output_file(args.json, "--json")
+    arch = _arch_from_args(args)
+    try:
+        report = synthesise(arch)
+        if args.fpga:
+            report.fpga = fpga_tile(arch)
+    except AreaError as error:
+        raise UsageError(str(error)) from None
+    print(format_table(report))
+    if args.json:
+        _write_json(args.json, report.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from flowtile.compiler import compile_model, int8_model, is_quantized, report as compile_report
     from .oracle import onnxruntime_int8_output
@@ -534,6 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_arch_options(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.v", help="Verilog file to write (required)")
     p.set_defaults(func=cmd_verilog)
+
+    p = sub.add_parser("area", help="hardware cost per component (cells, flip-flops, multipliers, memory bits) "
+                                    "of one tile, the chip and the link, from Yosys", formatter_class=formatter)
+    _add_arch_options(p)
+    p.add_argument("--fpga", action="store_true",
+                   help="also place and route one tile on an ECP5 (LUT4s, DSPs, block RAMs, fmax estimate; minutes) "
+                        "(default: off)")
+    p.add_argument("--json", metavar="OUT.json", default=None, help="write the numbers as JSON; default: not written")
+    p.set_defaults(func=cmd_area)
     return parser
 
 

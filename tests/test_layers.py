@@ -3,7 +3,7 @@
 Layers, bottom to top; an arrow is "may import"::
 
                      top: flowtile.cli, flowtile.fuzz, flowtile.oracle, flowtile.reports, flowtile.output_paths,
-                          flowtile.testing.*
+                          flowtile.area, flowtile.testing.*
                       |   (may import anything)
                       v
                      rtl: flowtile.rtl.*  (the RTL runner)
@@ -42,7 +42,8 @@ PACKAGES = {"flowtile": "flowtile", "compiler": "flowtile.compiler", "emulator":
 
 SPEC = frozenset({"flowtile", "flowtile.arch", "flowtile.program", "flowtile.tile_config", "flowtile.host",
                   "flowtile.run_limits", "flowtile.link_format"})
-TOP = frozenset({"flowtile.cli", "flowtile.oracle", "flowtile.reports", "flowtile.output_paths", "flowtile.fuzz"})
+TOP = frozenset({"flowtile.cli", "flowtile.oracle", "flowtile.reports", "flowtile.output_paths", "flowtile.fuzz",
+                 "flowtile.area"})
 
 #: What each layer may import (itself included).
 ALLOWED = {
