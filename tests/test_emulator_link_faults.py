@@ -279,3 +279,27 @@ def test_checkpoints_give_the_fresh_result():
             np.testing.assert_array_equal(getattr(restarted, name), getattr(fresh, name), err_msg=name)
         assert restarted.counters == fresh.counters and restarted.sends == fresh.sends
         assert len(checkpoints.snapshots) > 2
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("FLOWTILE_LONG"), reason="long: set FLOWTILE_LONG=1 (~3 min)")
+def test_undetected_campaign_rtl():
+    """The RTL with real data: >= 10**4 flips injected (bursts), every delivered flit equals the sent one, and the
+    simulation still equals the RTL in every cycle and counter over the long run."""
+    from flowtile.hdl.link import LinkFormat
+    fmt = LinkFormat(ARCH, **SMALL)
+    rate, burst, seed, n = 0.01, 3, 99, 8000
+    rng = random.Random(seed)
+    flits = [rng.getrandbits(fmt.flit_bits) for _ in range(n)]
+    offers = rooms = [0] * n
+    model = simulate_link(fmt, 8, offers, rooms, fwd=ChannelFlips(seed, fmt.bits, rate, burst),
+                          ret=ChannelFlips(ret_seed(seed), fmt.bits, rate, burst))
+    cycles = int(model.deliver[-1]) + 30
+    accept, deliver, out, counters = rtl_link(dict(SMALL, error_rate=rate, burst_cycles=burst, seed=seed), 8, flits,
+                                              offers, rooms, cycles)
+    host = fmt.flit_layout["dest_host"].offset
+    assert out == [f & ~(1 << host) for f in flits]
+    assert counters["fwd_flips"] + counters["ret_flips"] >= 10_000
+    assert deliver == model.deliver.tolist() and accept == model.accept.tolist()
+    model = simulate_link(fmt, 8, offers, rooms, fwd=ChannelFlips(seed, fmt.bits, rate, burst),
+                          ret=ChannelFlips(ret_seed(seed), fmt.bits, rate, burst), end=cycles - 1)
+    assert counters == {name: model.counters[name] for name in counters} and model.counters["undetected"] == 0
