@@ -226,13 +226,16 @@ SNAPSHOT_CYCLES = 2048
 
 def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *, fwd: ChannelFlips,
                   ret: ChannelFlips, timeout_cycles: int | None = None, end: int | None = None,
-                  max_cycles: int | None = None, checkpoints: Checkpoints | None = None) -> LinkRun:
+                  max_cycles: int | None = None, checkpoints: Checkpoints | None = None,
+                  deliver_gap: int = 1) -> LinkRun:
     """Run the link of ``geometry`` (static framing with ``inference_flits`` per inference) on ``len(offers)``
     flits: chip ``k`` offers flit ``i`` from cycle ``offers[i]`` on, chip ``k + 1`` has room for it from cycle
     ``rooms[i]`` on (both non-decreasing in the hardware; any int). ``fwd`` / ``ret``: the channels' flips.
     Runs until every flit is delivered and, if ``end`` is given, through cycle ``end`` (the counters are those
     after it). ``max_cycles``: budget (default generous); exceeded raises :class:`LinkSimulationError`.
-    ``checkpoints``: reuse the snapshots of earlier runs of this link (:class:`Checkpoints`); same result."""
+    ``checkpoints``: reuse the snapshots of earlier runs of this link (:class:`Checkpoints`); same result.
+    ``deliver_gap``: cycles at least between two deliveries (2 into a FIFO of depth 1 whose reader the caller does
+    not model: rule 1 implies it, docs/architecture.md section 6)."""
     g = geometry
     F, FB, S, W, L = g.frame_flits, g.frame_beats, g.seq_bits, g.bits, g.latency
     RB, MB, PB = g.ret_beats, g.msg_beats, g.payload_beats
@@ -418,7 +421,8 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
             else:
                 cnt["rx_duplicates"] += 1
         out_valid = rx_next != rx_freed
-        deliver_now = out_valid and delivered < total and rooms[delivered] <= t
+        deliver_now = out_valid and delivered < total and rooms[delivered] <= t and (
+            deliver_gap == 1 or delivered == 0 or deliver[delivered - 1] + deliver_gap <= t)
         msg_load = t % RB == 0                  # the message serializer is free (run from cycle 0)
         if msg_load:
             messages.append(encode_message(rx_next, rx_freed, 1 if nak_pending else 0))

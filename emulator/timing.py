@@ -794,9 +794,12 @@ class _ChainSystem:
                 ChannelFlips(s, link.geometry.bits, arch.link_error_rate, arch.link_burst_cycles)
                 for s in (seed, ret_seed(seed)))
         try:
+            # into a depth-1 FIFO deliveries are >= 2 cycles apart (rule 1); said explicitly because the FIFO's reader
+            # may be in the pass-through tail, whose space bound is left out (_pass_through_tail)
+            depth = next(f.depth for f in self.graph.fifos if f.writer == link.deliver)
             run = simulate_link(link.geometry, link.flits, np.maximum(offers, 0), np.maximum(rooms, 0),
                                 fwd=flips[0], ret=flips[1], end=end,
-                                checkpoints=self.link_checkpoints[link.index])
+                                checkpoints=self.link_checkpoints[link.index], deliver_gap=2 if depth == 1 else 1)
         except LinkSimulationError as error:
             raise TimingError(f"link {link.index}: {error}") from None
         if run.counters["undetected"]:

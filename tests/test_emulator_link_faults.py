@@ -303,3 +303,54 @@ def test_undetected_campaign_rtl():
     model = simulate_link(fmt, 8, offers, rooms, fwd=ChannelFlips(seed, fmt.bits, rate, burst),
                           ret=ChannelFlips(ret_seed(seed), fmt.bits, rate, burst), end=cycles - 1)
     assert counters == {name: model.counters[name] for name in counters} and model.counters["undetected"] == 0
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_faulty_multichip_programs(seed):
+    """Seeded random multi-chip dense chains (2 or 3 chips, random link geometry and FIFO depths, sometimes a host
+    pattern) with faults: the sweeps converge, the outputs are the clean run's, and every faulty link's events are
+    the link simulation's for the final offers and rooms."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_emulator_multichip import dense, link_boundary, networks, run
+    from flowtile.host import HostPattern
+    from flowtile.link_format import LinkGeometry
+    rng = np.random.default_rng(seed + 500)
+    lanes = int(rng.choice([1, 2, 4, 8]))
+    chips = int(rng.integers(2, 4))
+    n_in = width = int(rng.integers(1, 4 * lanes + 1))
+    layers = []
+    for _ in range(int(rng.integers(1, 4))):
+        n_out = int(rng.integers(1, min(48, 6 * lanes) + 1))
+        layers.append(dense(rng, width, n_out))
+        width = n_out
+    link = {"link_latency_cycles": int(rng.choice([1, 2, 5, 20, 64])),
+            "link_frame_flits": int(rng.choice([1, 2, 3, 4, 8])),
+            "link_credit_frames": int(rng.choice([1, 2, 3, 8])),
+            "link_replay_frames": int(rng.choice([1, 2, 3, 8]))}
+    if rng.random() < 0.5:
+        link["link_bits_per_cycle"] = int(rng.integers(1, 8 * lanes + 3 + 1))
+    depth = int(rng.integers(1, 5))
+    clean, _ = networks(layers, chips, 1, 2, lanes=lanes, depth=depth, **link)
+    geometry = LinkGeometry(clean.arch)
+    burst = int(rng.choice([1, 4, 16]))
+    rate = max(2 ** -15, min(0.01, 0.3 / (geometry.frame_beats * (geometry.bits + 2))))
+    faulty, _ = networks(layers, chips, 1, 2, lanes=lanes, depth=depth, link_error_rate=rate,
+                         link_burst_cycles=burst, link_error_seed=seed + 1, **link)
+    batch = int(rng.integers(1, 21))
+    x = rng.integers(-128, 128, (batch, n_in), dtype=np.int8)
+    options = {}
+    if rng.random() < 0.3:
+        options["host_pattern"] = HostPattern(seed=seed, out_duty=0.5, out_burst=4.0, in_duty=0.5)
+    result, reference = run(faulty, x, batch, **options), run(clean, x, batch, **options)
+    np.testing.assert_array_equal(result.out_flits, reference.out_flits)
+    for k, times in enumerate(result.timing.link_times):
+        offers, rooms = link_boundary(faulty, result, k)
+        seed_k = link_seed(faulty.arch.link_error_seed, k)
+        sim = simulate_link(geometry, faulty.links[k].inference_flits, offers, rooms,
+                            fwd=ChannelFlips(seed_k, geometry.bits, rate, burst),
+                            ret=ChannelFlips(ret_seed(seed_k), geometry.bits, rate, burst))
+        for name in ("accept", "close", "send", "received", "deliver"):
+            np.testing.assert_array_equal(getattr(sim, name), getattr(times, name), err_msg=f"link {k} {name}")
+        assert result.links[k].counters["undetected"] == 0
