@@ -24,6 +24,8 @@ pytestmark = pytest.mark.rtl
 FAULTS = [
     ("2e-3 per bit, no bursts", {"link_error_rate": 0.002, "link_error_seed": 5}),
     ("6e-3 per bit, bursts of 4 cycles", {"link_error_rate": 0.006, "link_burst_cycles": 4, "link_error_seed": 9}),
+    ("4e-3 per bit, bursts of 2, router FIFOs of depth 1",
+     {"link_error_rate": 0.004, "link_burst_cycles": 2, "link_error_seed": 4, "router_fifo_depth": 1}),
 ]
 
 
@@ -41,7 +43,7 @@ def test_faulty_links_rtl_equals_emulator_and_a_clean_run(tmp_path, name, faults
     common = dict(rows=2, cols=2, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=2, link_latency_cycles=16)
     model = _mlp(tmp_path)
     program = compile_model(model, Arch(**common, **faults))
-    clean = compile_model(model, Arch(**common))
+    clean = compile_model(model, Arch(**common, **{k: v for k, v in faults.items() if not k.startswith("link_")}))
     x = np.random.default_rng(2).standard_normal((8, 24)).astype(np.float32)
     _, flits = input_flits(program, x)
     batch = len(x)
