@@ -20,12 +20,15 @@ from flowtile.testing.random_models import quantize_qdq, random_float_mlp
 
 pytestmark = pytest.mark.rtl
 
-#: (name, link fields)
+#: (name, link fields; 2 chips of 2x2 with a latency of 16 unless they say otherwise)
 FAULTS = [
     ("2e-3 per bit, no bursts", {"link_error_rate": 0.002, "link_error_seed": 5}),
     ("6e-3 per bit, bursts of 4 cycles", {"link_error_rate": 0.006, "link_burst_cycles": 4, "link_error_seed": 9}),
     ("4e-3 per bit, bursts of 2, router FIFOs of depth 1",
      {"link_error_rate": 0.004, "link_burst_cycles": 2, "link_error_seed": 4, "router_fifo_depth": 1}),
+    ("4 chips of 1x2, 1-bit links, latency 64, window and credit 2, 5e-4 per bit in bursts of 3",
+     {"rows": 1, "cols": 2, "chips": 4, "link_bits_per_cycle": 1, "link_latency_cycles": 64, "link_replay_frames": 2,
+      "link_credit_frames": 2, "link_error_rate": 0.0005, "link_burst_cycles": 3, "link_error_seed": 12}),
 ]
 
 
@@ -41,16 +44,17 @@ def _mlp(tmp_path):
 def test_faulty_links_rtl_equals_emulator_and_a_clean_run(tmp_path, name, faults):
     from flowtile.rtl.simulate import simulate
     common = dict(rows=2, cols=2, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=2, link_latency_cycles=16)
+    common.update(faults)
     model = _mlp(tmp_path)
-    program = compile_model(model, Arch(**common, **faults))
-    clean = compile_model(model, Arch(**common, **{k: v for k, v in faults.items() if not k.startswith("link_")}))
+    program = compile_model(model, Arch(**common))
+    clean = compile_model(model, Arch(**{**common, "link_error_rate": 0.0, "link_burst_cycles": 1}))
     x = np.random.default_rng(2).standard_normal((8, 24)).astype(np.float32)
     _, flits = input_flits(program, x)
     batch = len(x)
     emu = emulate(program, flits, batch)
     reference = emulate(clean, flits, batch)
     np.testing.assert_array_equal(emu.out_flits, reference.out_flits)
-    counters = emu.links[0].counters
+    counters = {name: sum(link.counters[name] for link in emu.links) for name in emu.links[0].counters}
     assert counters["tx_replays"] > 0 and counters["rx_crc_errors"] + counters["rx_seq_errors"] > 0, counters
     assert counters["undetected"] == 0 and emu.cycles > reference.cycles
     rtl = simulate(program, flits, batch, simulator="verilator", max_cycles=20 * emu.cycles + 10_000)
