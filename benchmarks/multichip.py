@@ -24,8 +24,8 @@ Rows ``1 of RxC``: a single chip (its interval and its slowest layer); rows ``N 
   tiles (the compiler may give tiles up to move a cut to a narrower stream, so it can beat this cap);
 * ``repl cap``: the same for pure replication (not built yet): each chip runs the whole network on its R x C tiles
   for every N-th inference (``interval(one R x C chip) / N``) and link ``k`` carries the inputs of the chips after
-  it and the outputs of those up to it, in lane-padded flits as links send them today; ``-`` where the network does
-  not fit one R x C chip;
+  it and the outputs of those up to it, in lane-padded flits as links send them today (the input as plain flits,
+  ``ceil(C / lanes)`` a pixel); ``-`` where the network does not fit one R x C chip;
 * ``limiter``: ``link`` (the wire bound is within 5% of the interval), ``link window`` (the compiler's link
   estimate, which adds the credit and go-back-N round trips at this latency, is; the wire alone is not),
   ``tiles (as one chip)`` (no slower than the one chip), ``partition`` (the compiler's slowest tile is slower than
@@ -47,8 +47,9 @@ references stall, e.g. ResNet-8 on 16x4 at 42382 instead of 29697 cycles, which 
 
 Default (about 5 minutes on 2 cores): ``python benchmarks/multichip.py`` = ``--chips 2,4,8 --grid 4x4
 --fractions 4,16,64 --batch 16``. The issue's chip size (8x8; longer): ``python benchmarks/multichip.py --grid 8x8
---large-sram-bytes 65536`` (MobileNet-1.0 then needs 152 tiles: 4 and 8 chips). ``--report`` prints every compile
-report. Nothing is cached.
+--large-sram-bytes 65536 --queue-words 65536`` (MobileNet-1.0 then needs 152 tiles: 4 and 8 chips; its tiles on
+32x8 need queues deeper than 20480 words; ``--chips 2,4`` takes about 9 minutes, 8 chips much longer).
+``--report`` prints every compile report. Nothing is cached.
 """
 from __future__ import annotations
 
@@ -195,18 +196,27 @@ def queue_note(program) -> str:
     return f"; {len(short)} tiles' queues too short" if short else ""
 
 
-def replication_bound(small: Run, one: Run, chips: int, geometry) -> float | None:
+def replication_bound(small: Run, one: Run, chips: int, geometry, input_flits: int) -> float | None:
     """Throughput kept (vs the one large chip) by pure replication: every chip runs the whole network on its own
     R x C tiles for every N-th inference (``interval(one R x C chip) / N``); link ``k`` then carries the inputs of
     chips ``k + 1 ..`` and the outputs of chips ``.. k``, each inference in its own frames of lane-padded flits, as
-    today's links send them. None if the network does not fit one R x C chip."""
+    today's links send them (``input_flits``: the plain input; the host's window packing, which the compiler may
+    choose on one chip, would send more). None if the network does not fit one R x C chip."""
     if small.interval is None or one.interval is None:
         return None
     program = small.program
-    frames_in, frames_out = geometry.frames(program.input_words), geometry.frames(program.output_words)
+    frames_in, frames_out = geometry.frames(input_flits), geometry.frames(program.output_words)
     link = max(((chips - 1 - k) * frames_in + (k + 1) * frames_out) * geometry.frame_beats / chips
                for k in range(chips - 1))
     return one.interval / max(one.interval, small.interval / chips, link)
+
+
+def plain_input_flits(shape: tuple[int, ...], lanes: int) -> int:
+    """Flits of one input of ``shape`` (without the batch) as plain lane-padded flits: a ``C x H x W`` map
+    ``ceil(C / lanes)`` flits a pixel, anything else ``ceil(elements / lanes)``."""
+    if len(shape) == 3:
+        return shape[1] * shape[2] * -(-shape[0] // lanes)
+    return -(-int(np.prod(shape)) // lanes)
 
 
 def short_error(error: str) -> str:
@@ -325,7 +335,7 @@ def main() -> None:
                                                     layout_bound(one.program, n, base.n_tiles, geometry))
                         if not np.array_equal(multi.q, one.q):
                             same = "; OUTPUTS DIFFER FROM ONE CHIP"
-                    replicated = replication_bound(small, one, n, geometry)
+                    replicated = replication_bound(small, one, n, geometry, plain_input_flits(shape, base.lanes))
                     why = limiter(multi, one, bound) + queue_note(multi.program) + same
                     if retained is not None:
                         retained_at[(n, fraction)] = (retained, cap, layout, why)
