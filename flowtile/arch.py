@@ -216,11 +216,15 @@ class Arch:
             raise ArchError(f"arch field 'link_error_rate' must be a number, got {rate!r}")
         if not 0.0 <= rate <= 0.5:
             raise ArchError(f"arch field 'link_error_rate' = {rate} is invalid: must be in 0.0..0.5")
-        if rate > 0 and round(rate * (1 << 16)) == 0:
-            raise ArchError(f"arch field 'link_error_rate' = {rate} is invalid: below the injector's "
-                            f"resolution 2**-17 (use 0.0 for no faults)")
         check("link_error_seed", lambda v: 1 <= v < (1 << 32), "must be in 1..4294967295")
         check("link_burst_cycles", lambda v: 1 <= v <= 4096, "must be in 1..4096")
+        from .link_faults import line_threshold   # the injector's resolution is the fault model's rule
+        try:
+            line_threshold("arch", rate, self.link_burst_cycles)
+        except ValueError:
+            raise ArchError(f"arch field 'link_error_rate' = {rate} is invalid: without bursts the injector's "
+                            f"resolution is 2**-17 (use 0.0 for no faults, or link_burst_cycles > 1, with which "
+                            f"any rate > 0 is representable)") from None
 
     # --- derived quantities -------------------------------------------------------------------
     @property

@@ -655,7 +655,7 @@ def test_component_validation(make, error, message):
     ({"link_replay_frames": 0}, "arch field 'link_replay_frames' = 0 is invalid: must be in 1..256"),
     ({"link_error_rate": -0.1}, "arch field 'link_error_rate' = -0.1 is invalid: must be in 0.0..0.5"),
     ({"link_error_rate": "0.1"}, "arch field 'link_error_rate' must be a number, got '0.1'"),
-    ({"link_error_rate": 1e-7}, "below the injector's resolution 2**-17"),
+    ({"link_error_rate": 1e-7}, "without bursts the injector's resolution is 2**-17"),
     ({"link_error_seed": 0}, "arch field 'link_error_seed' = 0 is invalid: must be in 1..4294967295"),
     ({"link_burst_cycles": 0}, "arch field 'link_burst_cycles' = 0 is invalid: must be in 1..4096"),
     ({"link_burst_cycles": 4097}, "arch field 'link_burst_cycles' = 4097 is invalid: must be in 1..4096"),
@@ -665,6 +665,10 @@ def test_arch_link_field_validation(changes, message):
     with pytest.raises(ArchError) as info:
         Arch(**changes)
     assert message in str(info.value)
+
+
+def test_with_bursts_any_error_rate_is_representable():
+    assert Arch(link_error_rate=1e-7, link_burst_cycles=8).link_error_rate == 1e-7
 
 
 def test_arch_link_defaults_and_old_programs():
