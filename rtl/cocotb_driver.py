@@ -157,7 +157,7 @@ async def run_job(bus: HarnessBus, job: dict) -> dict:
     Result keys: ``status`` ("ok", "timeout", "stalled": no host transfer for a whole ``stall_window``,
     "unexpected_output" or "underrun"), ``out_data`` and ``out_stamps`` (lists of ints, one per stored output entry
     up to ``out_count``), ``in_sent`` and ``out_received`` (flit counts), ``cycle`` (counter one cycle after the
-    stop).
+    stop), ``chip_status`` (the job's ``status_ports`` read in that same cycle).
     """
     await bus.reset()
 
@@ -197,6 +197,8 @@ async def run_job(bus: HarnessBus, job: dict) -> dict:
     done, timed_out = bus.get(_DONE), bus.get(_TIMED_OUT)
     unexpected, underrun = bus.get(_UNEXPECTED), bus.get(_UNDERRUN)
     sent, received, cycle = bus.get(_SENT), bus.get(_RECEIVED), bus.get(_CYCLE)
+    # the chip's status counters (a System's links) as they stood in that same cycle
+    chip_status = {port: bus.get(port) for port in job.get("status_ports", [])}
     await rings.service(bus, drain=True)
 
     if not done:
@@ -208,7 +210,7 @@ async def run_job(bus: HarnessBus, job: dict) -> dict:
     else:
         status = "ok"
     return {"status": status, "out_data": rings.out_data, "out_stamps": rings.out_stamps,
-            "in_sent": sent, "out_received": received, "cycle": cycle}
+            "in_sent": sent, "out_received": received, "cycle": cycle, "chip_status": chip_status}
 
 
 class _CocotbBus(HarnessBus):

@@ -149,6 +149,8 @@ class Harness(wiring.Component):
         unexpected_output: sticky; a flit arrived before ``start``, beyond ``out_count``, or with
             the output ring full of unread entries.
         underrun: sticky; an input flit was due (running, host offering) but not yet written.
+        every other output member of the chip (a :class:`flowtile.hdl.system.System`'s ``link{k}`` status
+        counters), passed through under its own name.
     """
 
     def __init__(self, arch: Arch, *, chip=None, buffers: str = "memories"):
@@ -180,7 +182,11 @@ class Harness(wiring.Component):
         #: One output buffer entry: the received flit's data and the cycle of its transfer.
         self.out_entry_layout = data.StructLayout({"data": unsigned(arch.flit_data_bits),
                                                    "stamp": unsigned(STAMP_BITS)})
+        #: The chip's status outputs beyond section 5's ports (a System's ``link{k}`` counters), passed through.
+        self.status_ports = [name for name, member in chip_ports.items()
+                             if name not in _REQUIRED_CHIP_PORTS and member.flow is wiring.Out]
         super().__init__({
+            **{name: chip_ports[name] for name in self.status_ports},
             # The very member the chip declares: same signature, same (input) direction.
             "load": chip_ports["load"],
             "start": In(1),
@@ -242,6 +248,9 @@ class Harness(wiring.Component):
             wiring.connect(m, wiring.flipped(self.load), chip.load)
         else:
             m.d.comb += chip.load.eq(self.load)
+
+        for name in self.status_ports:
+            wiring.connect(m, getattr(chip, name), wiring.flipped(getattr(self, name)))
 
         # --- run control -----------------------------------------------------------------------
         running = Signal()

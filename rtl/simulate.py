@@ -118,6 +118,8 @@ class RtlResult:
     wall_seconds: time of the simulation itself (loading, running, reading back).
     build_seconds: Verilog generation + Verilator build (near zero on a cache hit), or Amaranth's
         simulator setup.
+    link_counters: per link (several chips), its status counters (:data:`flowtile.hdl.system.LINK_STATUS_COUNTERS`)
+        as they stood ``counters_cycle`` (normally ``cycles``: the cycle after the last output transfer).
     """
 
     out_flits: np.ndarray
@@ -125,6 +127,8 @@ class RtlResult:
     cycles: int
     wall_seconds: float
     build_seconds: float
+    link_counters: tuple = ()
+    counters_cycle: int | None = None
 
 
 @dataclass(frozen=True)
@@ -566,8 +570,15 @@ def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports:
         # no host transfer for this many cycles: stuck (the testbench looks once a window, see run_job)
         "stall_window": min(limit, _stalled_budget(stall_window(program), host_pattern)),
         "stop_slack_cycles": STOP_SLACK_CYCLES,
+        "status_ports": _link_status_ports(program.arch),
         **_pattern_job(host_pattern),
     }
+
+
+def _link_status_ports(arch: Arch) -> list[str]:
+    """Flattened names of the links' status counters on the harness (a System passes them through)."""
+    from flowtile.hdl.system import LINK_STATUS_COUNTERS
+    return [f"link{k}__{name}" for k in range(arch.chips - 1) for name in LINK_STATUS_COUNTERS]
 
 
 def _load_port_names(harness: Harness) -> dict:
@@ -621,9 +632,13 @@ def _result_from(job: dict, result: dict, program: Program, started: float, buil
         raise RtlRunError(f"{simulator}: run ended with status {status!r} and "
                           f"{len(result['out_data'])} of {expected} output flits")
     out_times = np.asarray(result["out_stamps"], dtype=np.int64)
+    status = result.get("chip_status") or {}
+    counters = tuple({port.split("__", 1)[1]: int(value) for port, value in status.items()
+                      if port.startswith(f"link{k}__")} for k in range(program.arch.chips - 1))
     return RtlResult(out_flits=_unpack_flit_data(result["out_data"], program.arch.lanes),
                      out_times=out_times, cycles=int(out_times.max()) + 1,
-                     wall_seconds=time.perf_counter() - started, build_seconds=build_seconds)
+                     wall_seconds=time.perf_counter() - started, build_seconds=build_seconds,
+                     link_counters=counters if status else (), counters_cycle=int(result["cycle"]))
 
 
 # --- the two simulators -------------------------------------------------------------------------

@@ -61,3 +61,8 @@ def test_faulty_links_rtl_equals_emulator_and_a_clean_run(tmp_path, name, faults
     np.testing.assert_array_equal(np.asarray(rtl.out_flits), np.asarray(emu.out_flits))
     np.testing.assert_array_equal(np.asarray(rtl.out_times), np.asarray(emu.out_times))
     assert rtl.cycles == emu.cycles
+    # every link's status counters (errors detected, replays, NAKs, timeouts, flips injected, ...) as the RTL's
+    # registers hold them the cycle after the last output transfer, which is where the emulator reports them
+    assert rtl.counters_cycle == emu.cycles and len(rtl.link_counters) == len(emu.links)
+    for link, rtl_counters in zip(emu.links, rtl.link_counters):
+        assert rtl_counters == {name: link.counters[name] for name in rtl_counters}, (link.link, rtl_counters)
