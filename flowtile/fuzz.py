@@ -506,8 +506,10 @@ def run_campaign(*, programs: int, seed: int = 0, archs: int = 6, out_dir: str |
             client, cluster = Client(scheduler), None
             log(f"running {len(pending)} cases on the Dask scheduler at {scheduler}")
         else:
+            # Dask's own transient trouble (a missed heartbeat on a busy machine, recovered) would print tracebacks;
+            # a task that really fails is recorded as an "error" case instead
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+                                   dashboard_address=None, silence_logs=logging.CRITICAL)
             client = Client(cluster)
             log(f"running {len(pending)} cases on a local Dask cluster of {workers} worker processes")
         try:
