@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from flowtile.arch import Arch
-from flowtile.compiler import compile_model
+from flowtile.compiler import CompileError, compile_model
 from flowtile.testing.oracle_checks import assert_rtl_matches_emulator, emulate_model
 from flowtile.testing.random_models import quantize_qdq, random_float_mlp, random_float_resnet
 
@@ -50,6 +50,9 @@ def test_chips_in_a_line_match_the_emulator_and_one_chip(tmp_path, name, chips, 
     big = Arch(rows=grid[0] * chips, cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64)
     rng = np.random.default_rng(chips)
     for network, model, in_shape in _networks(tmp_path):
+        if chips == 4:   # these chips are too small for either network alone
+            with pytest.raises(CompileError):
+                compile_model(model, arch.replace(chips=1))
         program = compile_model(model, arch)
         crossing = [link.inference_flits for link in program.links]
         assert len(crossing) == chips - 1 and min(crossing) > 0, (network, crossing)
