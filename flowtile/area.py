@@ -93,10 +93,14 @@ class ComponentCost:
         self.memory_bits += times * other.memory_bits
         self.memories += other.memories * times
 
-    def to_dict(self) -> dict:
-        return {"cells": self.cells, "ff_bits": self.ff_bits, "multipliers": len(self.multipliers),
-                "multiplier_widths": [f"{a}x{b}" for a, b in self.multipliers], "memory_bits": self.memory_bits,
-                "memories": self.memories}
+    def to_dict(self, memories: bool = False) -> dict:
+        """Counts; ``multiplier_widths`` maps ``"AxB"`` to how many; ``memories`` lists each memory (a component's)."""
+        widths: dict[str, int] = {}
+        for a, b in sorted(self.multipliers):
+            widths[f"{a}x{b}"] = widths.get(f"{a}x{b}", 0) + 1
+        payload = {"cells": self.cells, "ff_bits": self.ff_bits, "multipliers": len(self.multipliers),
+                   "multiplier_widths": widths, "memory_bits": self.memory_bits}
+        return payload | {"memories": self.memories} if memories else payload
 
 
 @dataclass
@@ -111,19 +115,27 @@ class AreaReport:
     seconds: float
     fpga: dict | None = None
 
+    def system(self) -> ComponentCost | None:
+        """All ``arch.chips`` chips and their ``chips - 1`` links (None without the link's numbers)."""
+        if self.link is None:
+            return None
+        system = ComponentCost()
+        system.add(self.chip, self.arch.chips)
+        system.add(self.link, self.arch.chips - 1)
+        return system
+
     def to_dict(self) -> dict:
         payload = {
             "arch": self.arch.to_dict(), "yosys": self.yosys, "seconds": round(self.seconds, 1),
             "method": "yosys coarse synth + memory -nomap + techmap/opt (no flatten, no ABC); "
                       "memories counted as memory bits, not flip-flops",
-            "components": {name: cost.to_dict() for name, cost in self.components.items()},
+            "components": {name: cost.to_dict(memories=True) for name, cost in self.components.items()},
             "tile": self.tile.to_dict(),
             "chip": {"tiles": self.arch.n_tiles, "glue": self.chip_glue.to_dict(), "total": self.chip.to_dict()},
-            "link": None if self.link is None else self.link.to_dict(),
+            "link": None if self.link is None else self.link.to_dict(memories=True),
+            "system": None if self.arch.chips == 1 or self.link is None else self.system().to_dict(),
             "throughput_per_area": throughput_per_area(self),
         }
-        for cost in payload["components"].values():
-            cost.pop("memories")
         if self.fpga is not None:
             payload["fpga"] = self.fpga
         return payload
@@ -423,10 +435,9 @@ def format_table(report: AreaReport) -> str:
     if report.link is not None:
         lines.append(row("link (each, chips > 1)", report.link))
         if arch.chips > 1:
-            system = ComponentCost()
-            system.add(report.chip, arch.chips)
-            system.add(report.link, arch.chips - 1)
-            lines.append(row(f"system: {arch.chips} chips + {arch.chips - 1} links", system, widths=False))
+            links = arch.chips - 1
+            lines.append(row(f"system: {arch.chips} chips + {links} link{'s' if links > 1 else ''}", report.system(),
+                             widths=False))
     metric = throughput_per_area(report)
     lines += ["", f"peak throughput per area: {arch.lanes} MACs/cycle per tile = "
                   f"{metric['macs_per_cycle_per_1000_cells']} MACs/cycle per 1000 cells and "

@@ -56,6 +56,9 @@ def test_every_memory_is_memory_bits_derived_from_the_arch(tiny_cli):
         assert components[name]["memory_bits"] == 0, name
     # Memories are not flip-flops: the SRAM and the parameter table have no FF bits at all.
     assert components["sram"]["ff_bits"] == 0 and components["params"]["ff_bits"] == 0
+    assert components["sram"]["memories"] == [{"name": "sram", "width": word, "depth": arch.sram_words,
+                                               "read_ports": 2, "write_ports": 1}]
+    assert len(components["params"]["memories"]) == arch.lanes
     assert report["tile"]["memory_bits"] == sum(expected.values())
 
 
@@ -64,8 +67,8 @@ def test_multipliers_registers_and_totals(tiny_cli):
     arch = Arch(**TINY)
     components = report["components"]
     # One int8 x 24-bit multiplier per lane in the MAC datapath, one 32 x 32 per requantizer.
-    assert components["pe_compute"]["multiplier_widths"] == ["24x8"] * arch.lanes
-    assert components["requantizers"]["multiplier_widths"] == ["32x32"] * arch.lanes
+    assert components["pe_compute"]["multiplier_widths"] == {"24x8": arch.lanes}
+    assert components["requantizers"]["multiplier_widths"] == {"32x32": arch.lanes}
     assert components["requantizers"]["ff_bits"] == 0  # combinational; their operands are registered upstream
     # The loader holds every configuration register.
     assert components["loader"]["ff_bits"] >= sum(width for _, width, _ in CONFIG_FIELDS)
