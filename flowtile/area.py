@@ -277,7 +277,7 @@ def _total(name: str, costs: dict[str, ComponentCost], children: dict[str, dict[
 def _component_of(path: str) -> str:
     best = max((prefix for prefix in _MODULE_COMPONENTS
                 if path == prefix or path.startswith(prefix + ".") or
-                (prefix.endswith("requantizer") and path.startswith(prefix))), key=len)
+                (prefix.endswith("requantizer") and path.startswith(prefix))), key=len, default="")
     return _MODULE_COMPONENTS[best]
 
 
