@@ -370,8 +370,9 @@ def _two_operand_results(tile: TileProgram, count: TileCounts, activations: np.n
 class FunctionalResult:
     """Flit data of a run. ``tile_out_flits[p]`` is int8 ``[batch * flits_out, L]``, the stream PE ``p``
     (system chain position) emits, in emission order; None for idle tiles. ``out_flits`` is what the host
-    receives (from the last chip). Several chips: a link passes its flits unchanged (only their ``dest_host``
-    bit, which is not data, is cleared), so what chip ``k``'s sending PE emits is chip ``k + 1``'s input stream."""
+    receives (from the last chip). Several chips: a link carries its flits' data unchanged (their destination
+    does not cross: chip ``k + 1`` receives them addressed to its tile (0,0)), so what chip ``k``'s sending PE emits
+    is chip ``k + 1``'s input stream."""
 
     tile_out_flits: list[np.ndarray | None]
     out_flits: np.ndarray

@@ -176,7 +176,8 @@ class Hop:
     when ``consumer`` is :data:`HOST`. A stream that leaves chip ``k`` (not the last) through its host output
     port crosses link ``link = k`` after ``fifos`` (its sender reads the last of them) and continues through
     ``link_fifos``, router input FIFOs on chip ``k + 1``: tile (0,0)'s W FIFO (the link's receiver writes it,
-    as the host writes chip 0's) and those of the XY route to ``consumer``, which reads the last.
+    as the host writes chip 0's, every flit addressed to tile (0,0)), which ``consumer``, tile (0,0) of chip
+    ``k + 1``, reads.
     """
 
     producer: int          # system chain position, or HOST
@@ -263,9 +264,10 @@ def trace_data_path(program: Program) -> DataPath:
 
     Several chips (``Arch.chips``, a line): chip ``k`` is an ordinary chip; a PE of chip ``k`` (not the last)
     sending to the host port (``dest_host = 1``) sends over link ``k``: its flits leave through chip ``k``'s
-    exit port, cross the link and enter chip ``k + 1``'s tile (0,0) W FIFO with ``dest_host`` cleared, then follow
-    the XY route to the tile its ``dest_row``, ``dest_col`` name on chip ``k + 1``. Link ``k`` must carry
-    ``Program.links[k].inference_flits`` flits per inference."""
+    exit port, only their data crosses the link, and they enter chip ``k + 1``'s tile (0,0) W FIFO addressed to
+    that tile (the link's receiver rebuilds them with ``dest_row = dest_col = dest_host = 0``; their sender's
+    ``dest_row``, ``dest_col`` do not cross, and :meth:`~flowtile.program.Program.validate` requires (0,0) of the
+    exit tile). Link ``k`` must carry ``Program.links[k].inference_flits`` flits per inference."""
     program.validate()
     arch = program.arch
     counts = tuple(tile_counts(tile, arch) for tile in program.tiles)
@@ -322,9 +324,9 @@ def trace_data_path(program: Program) -> DataPath:
                         f"but {who} sends {count.flits_out} flits per inference over it (the link frames each "
                         f"inference's flits by that register)")
                 link_flits.append(count.flits_out)
-                # the flits enter chip k + 1 like host input flits, dest_host cleared: its tile (0,0)'s W FIFO, then
-                # the XY route to (dest_row, dest_col) of chip k + 1
-                landing = (config.dest_row, config.dest_col)
+                # only the data crosses: the flits enter chip k + 1 like host input flits, addressed to its tile
+                # (0,0) (the receiver rebuilds dest_row = dest_col = dest_host = 0), through that tile's W FIFO
+                landing = (0, 0)
                 link_fifos, link_outputs = _route(arch, (0, 0), "W", landing, False, f"{who} over link {link}")
                 next_consumer = position_of[(chip + 1, *landing)]
         else:
@@ -499,8 +501,8 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
         if config.dest_host:
             if tile.chip == arch.chips - 1:
                 return FlitProgress(tuple(tiles), emitted, expected, host_sent, cycle)
-            link = tile.chip         # over link k into chip k + 1's tile (0,0) W FIFO, on to (dest_row, dest_col)
-            landing = (config.dest_row, config.dest_col)
+            link = tile.chip         # over link k into chip k + 1's tile (0,0) W FIFO, addressed to that tile
+            landing = (0, 0)
             fifos, _ = _route(arch, (0, 0), "W", landing, False, f"tile {tile.key} over link {link}")
             port, source = fifos[-1][2], f"tile {tile.key} over link {link}"
             arriving = link_delivered(emitted, program.links[link].inference_flits, arch.link_frame_flits)

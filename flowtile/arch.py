@@ -150,7 +150,9 @@ class Arch:
         link_bits_per_cycle: wire bits a link carries per cycle each way; ``None`` (the default) means
             ``max(1, flit_bits // 16)`` (:attr:`link_bits`).
         link_latency_cycles: pipeline stages of the wire, each way.
-        link_frame_flits: flits per link frame (one sequence number and one CRC-32 per frame).
+        link_frame_flits: flits per link frame (one sequence number, one flit count and one CRC-32 per frame; a
+            flit crosses as its ``flit_data_bits`` data bits only). The default 16 makes a frame of 64-bit flits
+            about 96% data.
         link_credit_frames: frames the receiver buffers; the sender holds one credit per frame.
         link_replay_frames: sent frames the sender keeps until acknowledged (go-back-N window).
         link_error_rate: probability that a wire bit flips in a cycle (fault injection; 0.0: none).
@@ -173,7 +175,7 @@ class Arch:
     chip_topology: str = "line"
     link_bits_per_cycle: int | None = None
     link_latency_cycles: int = 64
-    link_frame_flits: int = 4
+    link_frame_flits: int = 16
     link_credit_frames: int = 8
     link_replay_frames: int = 8
     link_error_rate: float = 0.0

@@ -3,7 +3,11 @@ and a return message take, how sequence numbers count, and the fixed delays betw
 (:mod:`flowtile.hdl.link`) implements these numbers and the emulator (:mod:`flowtile.emulator.timing`) computes
 with them; neither imports the other.
 
-A link carries the flits of one chip's host output to the next chip's host input. Frames never span inferences:
+A link carries the flits of one chip's host output to the next chip's host input, but only their ``data`` field
+(``arch.flit_data_bits`` bits a flit: :attr:`LinkGeometry.flit_data_bits`): chip ``k``'s exit tile always sends to
+tile (0,0) of chip ``k + 1`` (``dest_host = 1``, ``dest_row = dest_col = 0``; :meth:`flowtile.program.Program.validate`
+checks it), so the receiver rebuilds every flit with ``dest_row = dest_col = 0`` and ``dest_host = 0`` and the
+destination never crosses the wire. Frames never span inferences:
 inference ``s``'s ``n`` flits (``Program.links[k].inference_flits``) form ``ceil(n / frame_flits)`` frames, all full
 but the last. With faults off, the cycles of frame ``f`` (``f`` counted over the whole batch) are, with
 ``FB = frame_beats``, ``RB = ret_beats``, ``L = latency``:
@@ -57,13 +61,14 @@ class LinkGeometry:
                                         arch.link_replay_frames if replay_frames is None else replay_frames, 1, 256)
         self.latency = _check_int(owner, "latency", arch.link_latency_cycles if latency is None else latency,
                                   1, 65536)
-        self.flit_bits = arch.flit_bits
+        #: Bits a flit takes in a frame: its data only (the receiver rebuilds the destination, tile (0,0)).
+        self.flit_data_bits = arch.flit_data_bits
         self.replay_depth = 1 << ceil_log2(self.replay_frames)
         self.credit_depth = 1 << ceil_log2(self.credit_frames)
         self.seq_bits = max(ceil_log2(2 * (self.replay_frames + self.credit_frames)),
                             ceil_log2(self.replay_depth), ceil_log2(self.credit_depth), 1)
         self.count_bits = max(1, ceil_log2(self.frame_flits))
-        self.flits_bits = self.frame_flits * self.flit_bits
+        self.flits_bits = self.frame_flits * self.flit_data_bits
         self.payload_bits = self.seq_bits + self.count_bits + self.flits_bits
         self.payload_beats = -(-self.payload_bits // self.bits)
         self.crc_beats = -(-FRAME_CRC_BITS // self.bits)

@@ -335,6 +335,12 @@ class Program:
             if not exit_tile.config.dest_host:
                 raise ProgramError(f"link {chip}: exit tile {exit_tile.key} of chip {chip} does not send to the host "
                                    f"port (dest_host = 0), so nothing would cross the link")
+            destination = (exit_tile.config.dest_row, exit_tile.config.dest_col)
+            if destination != (0, 0):
+                raise ProgramError(f"link {chip}: exit tile {exit_tile.key} of chip {chip} sends to tile "
+                                   f"({destination[0]},{destination[1]}) of chip {chip + 1}, but a link carries only "
+                                   f"data and delivers every flit to tile (0,0): exit tile of chip {chip} must send to "
+                                   f"(0,0) with dest_host = 1")
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

@@ -5,16 +5,16 @@ between every two chips of a line. The geometry and the fault-free timing contra
 
 Pieces (each a ``wiring.Component``):
 
-* :class:`LinkTx` -- groups flits into frames (sequence number, flit count, flits, CRC-32; frames never span
-  inferences: an inference of ``inference_flits`` flits makes ``ceil(inference_flits / frame_flits)`` frames, all
-  full but the last), keeps them in a
-  go-back-N replay buffer until acknowledged, sends one only when the receiver has credit for it, and
-  serializes frames onto ``bits`` wire bits per cycle.
+* :class:`LinkTx` -- groups flits into frames (sequence number, flit count, the flits' ``data``, CRC-32; frames never
+  span inferences: an inference of ``inference_flits`` flits makes ``ceil(inference_flits / frame_flits)`` frames,
+  all full but the last), keeps them in a go-back-N replay buffer until acknowledged, sends one only when the
+  receiver has credit for it, and serializes frames onto ``bits`` wire bits per cycle.
 * :class:`LinkChannel` -- the wire one way: ``latency`` pipeline stages and a fault injector that flips
   wire bits from seeded LFSRs at a bit-error rate, alone or in bursts (the fault model is defined once, in
   :mod:`flowtile.link_faults`, which the emulator predicts too: emulator/link_faults.py).
 * :class:`LinkRx` -- deserializes, checks CRC and sequence number, buffers good in-order frames (at most
-  ``credit_frames``) and streams their flits out with ``dest_host`` cleared; while ``run`` is high it sends
+  ``credit_frames``) and streams their flits out addressed to tile (0,0) (``dest_row = dest_col = 0``,
+  ``dest_host = 0``: only the data crosses the wire, see below); while ``run`` is high it sends
   status messages back on its own narrow wire, message ``m`` starting in cycle ``m * ret_beats`` of the run.
 * :class:`Link` -- TX, a forward channel, RX and a return channel joined: flit stream in, flit stream out.
 
@@ -22,7 +22,9 @@ Wire (both ways, :func:`link_wire_signature`): ``data`` (``bits``), ``valid``, `
 frame or message). The fault injector may flip any of them; the receiver resynchronizes on ``first``.
 
 Forward frame (:class:`LinkFormat`), LSB first: ``seq`` (``seq_bits``), ``count - 1`` (``count_bits``),
-``frame_flits`` flits (unused ones zero): ``payload_bits``, zero-padded to ``payload_beats`` beats of ``bits``
+``frame_flits`` flit data words of ``flit_data_bits`` bits (unused ones zero; a flit's destination does not cross
+the wire: chip ``k``'s exit tile always sends to tile (0,0) of chip ``k + 1``, which the receiver writes back,
+:meth:`flowtile.program.Program.validate`): ``payload_bits``, zero-padded to ``payload_beats`` beats of ``bits``
 bits; then CRC-32/ISO-HDLC of those payload beats (computed a beat at a time, ``bits``-bit words, as they go
 out), zero-padded to ``crc_beats`` beats. ``frame_beats = payload_beats + crc_beats``; beat 0 first, each
 beat's bit 0 on ``data[0]``; the ``first`` line is high on beat 0.
@@ -105,7 +107,8 @@ class LinkFormat(LinkGeometry):
         super().__init__(arch, bits=bits, frame_flits=frame_flits, credit_frames=credit_frames,
                          replay_frames=replay_frames, latency=latency, owner=owner)
         self.flit_layout = flit_layout(arch)
-        assert self.flit_layout.size == self.flit_bits, "flit_layout and Arch.flit_bits disagree"
+        assert self.flit_layout.size == arch.flit_bits, "flit_layout and Arch.flit_bits disagree"
+        assert self.flit_layout["data"].offset == 0 and self.flit_layout["data"].shape.width == self.flit_data_bits
         self.frame_crc = FRAME_CRC(self.bits)
         self.msg_crc = MESSAGE_CRC(self.bits)
 
@@ -114,23 +117,25 @@ class LinkFormat(LinkGeometry):
         return [word >> (i * self.bits) & ((1 << self.bits) - 1) for i in range(beats)]
 
     def encode_frame(self, seq: int, flits: list[int]) -> int:
-        """The frame's bits, beat 0 in the low ``bits`` bits."""
+        """The frame's bits, beat 0 in the low ``bits`` bits; ``flits`` are data words (``flit_data_bits`` each)."""
         assert 1 <= len(flits) <= self.frame_flits
         payload = seq % (1 << self.seq_bits) | (len(flits) - 1) << self.seq_bits
         for i, flit in enumerate(flits):
-            payload |= flit << (self.seq_bits + self.count_bits + i * self.flit_bits)
+            assert 0 <= flit < 1 << self.flit_data_bits
+            payload |= flit << (self.seq_bits + self.count_bits + i * self.flit_data_bits)
         crc = self.frame_crc.compute(self.beats_of(payload, self.payload_beats))
         return payload | crc << (self.payload_beats * self.bits)
 
     def decode_frame(self, frame: int):
-        """``(crc_ok, seq, flits)`` of a frame's bits."""
+        """``(crc_ok, seq, flits)`` of a frame's bits (``flits``: the data words)."""
         payload = frame & ((1 << (self.payload_beats * self.bits)) - 1)
         crc = frame >> (self.payload_beats * self.bits) & 0xFFFFFFFF
         crc_ok = crc == self.frame_crc.compute(self.beats_of(payload, self.payload_beats))
         seq = payload & ((1 << self.seq_bits) - 1)
         count = (payload >> self.seq_bits & ((1 << self.count_bits) - 1)) + 1
         base = self.seq_bits + self.count_bits
-        flits = [payload >> (base + i * self.flit_bits) & ((1 << self.flit_bits) - 1) for i in range(count)]
+        mask = (1 << self.flit_data_bits) - 1
+        flits = [payload >> (base + i * self.flit_data_bits) & mask for i in range(count)]
         return crc_ok, seq, flits
 
     def encode_message(self, ack: int, freed: int, nak: int) -> int:
@@ -277,7 +282,7 @@ class LinkTx(wiring.Component):
 
     Members
     -------
-    i : In(flit stream) -- flits to send.
+    i : In(flit stream) -- flits to send; only their ``data`` is framed (the receiver addresses them to tile (0,0)).
     inference_flits : In(:data:`~flowtile.hdl.layouts.LINK_INFERENCE_FLITS_BITS`) -- flits per inference.
     o_wire : Out(:func:`link_wire_signature`) -- forward wire.
     i_ret : In(:func:`link_wire_signature`) -- return wire (messages from the receiver).
@@ -308,7 +313,7 @@ class LinkTx(wiring.Component):
     def elaborate(self, platform):
         fmt = self.format
         m = Module()
-        F, FB, S, W = fmt.frame_flits, fmt.flit_bits, fmt.seq_bits, fmt.bits
+        F, FB, S, W = fmt.frame_flits, fmt.flit_data_bits, fmt.seq_bits, fmt.bits
         depth_bits = ceil_log2(fmt.replay_depth)
 
         next_seq, send_seq, ack_base, freed = _seq(fmt), _seq(fmt), _seq(fmt), _seq(fmt)
@@ -329,7 +334,7 @@ class LinkTx(wiring.Component):
         with m.If(self.i.valid & self.i.ready):
             for k in range(F):
                 with m.If(asm_count == k):
-                    m.d.sync += asm[k * FB:(k + 1) * FB].eq(self.i.payload)
+                    m.d.sync += asm[k * FB:(k + 1) * FB].eq(self.i.payload.data)   # only the data crosses
             m.d.sync += asm_count.eq(asm_count + 1)
 
         m.submodules.replay = replay = Memory(shape=unsigned(fmt.count_bits + fmt.flits_bits),
@@ -414,9 +419,10 @@ class LinkRx(wiring.Component):
     -------
     i_wire : In(:func:`link_wire_signature`) -- forward wire.
     run : In(1) -- return messages start only while it is high.
-    o : Out(flit stream) -- flits of good in-order frames, in order, with ``dest_host`` cleared: a flit leaves
-        chip ``k`` through its host port (``dest_host = 1``, ``dest_row``/``dest_col`` naming a tile of chip
-        ``k + 1``) and enters chip ``k + 1`` addressed to that tile.
+    o : Out(flit stream) -- flits of good in-order frames, in order: each one's data with ``dest_row = dest_col
+        = 0`` and ``dest_host = 0``. A flit leaves chip ``k`` through its host port (``dest_host = 1``, addressed
+        to tile (0,0), :meth:`flowtile.program.Program.validate`), only its data crosses the wire, and it enters
+        chip ``k + 1`` addressed to its tile (0,0), the next chain position.
     o_ret : Out(:func:`link_wire_signature`) -- return wire (status messages, one after another).
     frames_accepted, crc_errors, seq_errors, duplicates, naks_sent, overflows : Out(32) -- frames accepted,
         dropped for a bad CRC, dropped for being ahead of the expected sequence number, dropped as already
@@ -438,7 +444,7 @@ class LinkRx(wiring.Component):
     def elaborate(self, platform):
         fmt = self.format
         m = Module()
-        F, FB, S, W = fmt.frame_flits, fmt.flit_bits, fmt.seq_bits, fmt.bits
+        F, FB, S, W = fmt.frame_flits, fmt.flit_data_bits, fmt.seq_bits, fmt.bits
         depth_bits = ceil_log2(fmt.credit_depth)
         rx_next, rx_freed = _seq(fmt), _seq(fmt)
 
@@ -479,10 +485,11 @@ class LinkRx(wiring.Component):
         count_m1 = rd.data[:fmt.count_bits]
         flits = rd.data[fmt.count_bits:]
         flit = flits.word_select(index, FB) if F > 1 else flits
-        host = fmt.flit_layout["dest_host"].offset
         m.d.comb += [rd.addr.eq(rx_freed[:depth_bits] if depth_bits else 0),
                      self.o.valid.eq(rx_next != rx_freed),
-                     self.o.payload.eq(Cat(flit[:host], Const(0, 1), flit[host + 1:]))]
+                     # the flit rebuilt: its data, addressed to tile (0,0) (dest_row = dest_col = dest_host = 0)
+                     self.o.payload.data.eq(flit), self.o.payload.dest_row.eq(0), self.o.payload.dest_col.eq(0),
+                     self.o.payload.dest_host.eq(0)]
         with m.If(self.o.valid & self.o.ready):
             with m.If(index == count_m1):
                 m.d.sync += [index.eq(0), rx_freed.eq(rx_freed + 1)]
@@ -630,7 +637,7 @@ class Link(wiring.Component):
 
     Members (:func:`link_signature`)
     -------
-    i : In(flit stream);  o : Out(flit stream; ``dest_host`` cleared, see :class:`LinkRx`)
+    i : In(flit stream; only ``data`` crosses);  o : Out(flit stream; addressed to tile (0,0), see :class:`LinkRx`)
     run : In(1) -- to :class:`LinkRx` (return messages start only while it is high).
     inference_flits : In(24) -- to :class:`LinkTx` (static framing).
     seed : In(32), only with ``seed_port``.

@@ -6,10 +6,11 @@
     i_host --> chip 0 --o_host--> link 0 --> chip 1 --o_host--> link 1 --> ... --> chip n-1 --o_host--> o_host
 
 Chip ``k``'s host output feeds link ``k`` (:class:`flowtile.hdl.link.Link`), whose output feeds chip ``k + 1``'s host
-input (with ``dest_host`` cleared, so a flit leaving chip ``k`` for the host enters chip ``k + 1`` addressed to the
-tile its ``dest_row``/``dest_col`` name). The system's ports are the chip's (``load``, ``run``, ``i_host``,
-``o_host``), so a harness built for a :class:`~flowtile.hdl.chip.Chip` drives a System unchanged; the load bus has
-a ``chip`` field (:func:`flowtile.hdl.layouts.load_layout`) and one more target, the link registers.
+input: only the flits' data crosses the link, and each flit enters chip ``k + 1`` addressed to its tile (0,0)
+(``dest_row = dest_col = dest_host = 0``), the next chain position (chip ``k``'s exit tile sends to tile (0,0) with
+``dest_host = 1``, :meth:`flowtile.program.Program.validate`). The system's ports are the chip's (``load``, ``run``,
+``i_host``, ``o_host``), so a harness built for a :class:`~flowtile.hdl.chip.Chip` drives a System unchanged; the
+load bus has a ``chip`` field (:func:`flowtile.hdl.layouts.load_layout`) and one more target, the link registers.
 With ``arch.chips = 1`` a System is one chip (no link) that takes only the load writes with ``chip = 0``.
 """
 from __future__ import annotations

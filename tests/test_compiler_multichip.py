@@ -122,7 +122,9 @@ def test_cut_lands_at_the_narrow_tensor():
     """64 -> 64 -> 64 -> 8 -> 64 -> 64 -> 64 -> 10 on two 2x2 chips with one-bit links: the cut goes where the
     stream is one flit (the 8-wide tensor), not at the fourth tile, and the estimated interval is shorter."""
     model, calibration = mlp([64, 64, 64, 8, 64, 64, 64, 10])
-    arch = SMALL.replace(chips=2, link_bits_per_cycle=1)
+    # frames of 4 flits: the 8-flit 64-wide stream takes two frames, the 8-wide one one (frames are fixed-size, so
+    # with the default 16 both would take one frame and cost the same)
+    arch = SMALL.replace(chips=2, link_bits_per_cycle=1, link_frame_flits=4)
     program = _compile(model, calibration, arch)
     check_system(program)
     assert program.links[0].inference_flits == 1
@@ -135,7 +137,7 @@ def test_cut_lands_at_the_narrow_tensor():
 @pytest.mark.parametrize("chips", [2, 4])
 def test_cut_beats_fill_first_with_slow_links(chips):
     model, calibration = mlp([64, 128, 8, 128, 10])
-    arch = SMALL.replace(chips=chips, link_bits_per_cycle=1)
+    arch = SMALL.replace(chips=chips, link_bits_per_cycle=1, link_frame_flits=4)   # as above: streams of 2+ frames
     program = _compile(model, calibration, arch)
     check_system(program)
     assert program.links[0].inference_flits == 1

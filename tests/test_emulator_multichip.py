@@ -1,6 +1,7 @@
 """The emulator on multi-chip programs (``Arch.chips`` chips in a line joined by links, fault free):
 
-* outputs equal the same network on one chip (and the numpy golden): a link passes flits unchanged;
+* outputs equal the same network on one chip (and the numpy golden): a link passes the flits' data unchanged
+  (every flit lands on tile (0,0) of the next chip);
 * every link's event times (accept, close, send, receive, deliver) equal a slow, cycle-stepped reference of the
   link written here from the timing contract of :mod:`flowtile.link_format` (a plain loop per cycle: the sender
   taking flits and closing frames, the serializer, the wire's latency stages, the receiver accepting frames and
@@ -14,6 +15,7 @@
 """
 from __future__ import annotations
 
+import copy
 from collections import deque
 
 import numpy as np
@@ -24,7 +26,7 @@ from flowtile.emulator import DeadlockError, EmulatorError, WatchdogError, emula
 from flowtile.emulator.timing import next_message, solve_timing, timing_graph
 from flowtile.host import HostPattern, pack_flits
 from flowtile.link_format import LinkGeometry
-from flowtile.program import LinkProgram, Program, TileProgram
+from flowtile.program import LinkProgram, Program, ProgramError, TileProgram
 from flowtile.testing.program_builder import Conv, Dense, MaxPool, build_program, dense_golden, network_golden
 from flowtile.tile_config import TileConfig
 
@@ -322,40 +324,37 @@ def test_windowed_network_on_chips_of_2x2():
     assert_links_match_reference(program, result)
 
 
-def test_flits_land_on_another_tile_of_the_next_chip():
-    """Chip 0's exit tile names tile (0,1) of chip 1: its flits enter chip 1's tile (0,0) W FIFO, whose router
-    sends them east; tile (0,0) of chip 1 stays idle."""
+def test_flits_cross_as_data_and_land_on_tile_0_0_of_the_next_chip():
+    """Only data crosses a link: every flit enters chip ``k + 1`` through its tile (0,0) W FIFO addressed to that
+    tile, which reads it (no router hop on chip ``k + 1``); a program whose exit tile names another tile of the next
+    chip is refused by the spec (Program.validate, so by the emulator too), in one line."""
     rng = np.random.default_rng(37)
     layers = [dense(rng, 6, 7), dense(rng, 7, 9)]
-    common = dict(lanes=4, sram_bytes=2048, max_tile_outputs=64)
-    single = build_program(Arch(rows=1, cols=5, **common), layers)      # 2 computing tiles, 3 passing
-    places = [(0, 0), (0, 1), (0, 2), None, (0, 1), (0, 2)]             # chip 1's (0,0) idle
-    sends = [dict(dest_row=0, dest_col=1), dict(dest_row=0, dest_col=2), dict(dest_host=1, dest_row=0, dest_col=1),
-             None, dict(dest_row=0, dest_col=2), dict(dest_host=1)]
-    line = iter(single.tiles)
-    tiles = []
-    for position, (place, dest) in enumerate(zip(places, sends)):
-        chip = position // 3
-        if place is None:
-            tiles.append(TileProgram(0, 0, TileConfig(), np.zeros((0, 4), np.int8), np.zeros((0, 3), np.int64),
-                                     chip=chip))
-            continue
-        tile = next(line)
-        config = tile.config.replace(dest_host=0, dest_row=0, dest_col=0).replace(**dest)
-        tiles.append(TileProgram(*place, config, tile.sram, tile.params, chip=chip))
-    arch = Arch(rows=1, cols=3, chips=2, **common)
-    program = Program(arch, single.input, single.output, single.layers, tiles, "landing",
-                      [LinkProgram(tiles[2].config.output_flits(4))])
+    program, single = networks(layers, 2)
     batch = 6
     x = rng.integers(-128, 128, (batch, 6), dtype=np.int8)
     result = run(program, x, batch)
     np.testing.assert_array_equal(result.out_flits, run(single, x, batch).out_flits)
     crossing = next(hop for hop in result.path.hops if hop.link is not None)
-    assert (crossing.producer, crossing.consumer, crossing.link_fifos) == (2, 4, ((0, 0, "W"), (0, 1, "W")))
-    assert result.timing.pe_times[3] is None and result.path.order == (0, 1, 2, 4, 5)
-    # the landing tile reads each flit two cycles after delivery: one router hop from (0,0) W to (0,1) W
-    np.testing.assert_array_equal(result.timing.pe_times[4].input, result.timing.link_times[0].deliver + 2)
+    assert (crossing.producer, crossing.consumer, crossing.link, crossing.link_fifos) == (1, 2, 0, ((0, 0, "W"),))
+    # chip 1's tile (0,0) reads each flit the cycle after the link delivers it
+    np.testing.assert_array_equal(result.timing.pe_times[2].input, result.timing.link_times[0].deliver + 1)
     assert_links_match_reference(program, result)
+
+    for dest in (dict(dest_row=0, dest_col=1), dict(dest_row=1, dest_col=0)):
+        wrong = copy.deepcopy(program)
+        wrong.tiles[1].config = wrong.tiles[1].config.replace(**dest)
+        expected = (rf"link 0: exit tile r0c1 of chip 0 sends to tile \({dest['dest_row']},{dest['dest_col']}\) of "
+                    rf"chip 1, .* exit tile of chip 0 must send to \(0,0\) with dest_host = 1")
+        with pytest.raises(ProgramError, match=expected) as refused:
+            wrong.validate()
+        assert "\n" not in str(refused.value)
+        with pytest.raises(ProgramError, match=expected):
+            run(wrong, x, batch)
+    # the last chip's exit tile sends to the host: its dest_row / dest_col are not a link's concern
+    last = copy.deepcopy(program)
+    last.tiles[3].config = last.tiles[3].config.replace(dest_row=0, dest_col=1)
+    last.validate()
 
 
 #: link and chip settings (Arch fields) whose rules bind in turn: tiny credit / replay windows, one-flit frames,
@@ -410,7 +409,7 @@ def test_every_contract_rule_holds_events_back():
 def test_frames_never_span_inferences():
     """5 flits per inference in frames of 4: frames of 4 and 1 flits, each inference's last frame partial."""
     rng = np.random.default_rng(5)
-    program, _ = networks([dense(rng, 8, 20)], 2, lanes=4)
+    program, _ = networks([dense(rng, 8, 20)], 2, lanes=4, link_frame_flits=4)
     assert program.links[0].inference_flits == 5
     result = run(program, rng.integers(-128, 128, (3, 8), dtype=np.int8), 3)
     times = result.timing.link_times[0]
@@ -471,7 +470,7 @@ def test_host_stalls_on_a_multichip_run():
     """A host pattern gates chip 0's host input and the last chip's host output only."""
     rng = np.random.default_rng(13)
     program, single = networks([dense(rng, 6, 7), dense(rng, 7, 5)], 3, queue=1, link_latency_cycles=7,
-                               link_credit_frames=2)
+                               link_credit_frames=2, link_frame_flits=4)
     batch = 40
     x = rng.integers(-128, 128, (batch, 6), dtype=np.int8)
     # an output ready about 1 cycle in 200 is slower than the links: its stalls hold the last chip and, by credit, the

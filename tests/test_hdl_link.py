@@ -2,10 +2,11 @@
 
 The golden model (:class:`Scoreboard`) watches the sender's wire before the fault injector and the flit
 streams at both ends: every frame on the wire must decode (LinkFormat, CRC computed in Python), carry the
-next sequence number or a resend of an unacknowledged one with the same flits, hold the flits static framing
+next sequence number or a resend of an unacknowledged one with the same flits (their data: only data crosses the
+wire), hold the flits static framing
 puts in it (frames split at inference boundaries, :func:`frame_sizes`), respect the receiver's credit (seq <
 frames the receiver has emptied + credit_frames, as seen at the output stream), and the output must be the
-input (``dest_host`` cleared), each flit once, in order.
+input's data addressed to tile (0,0) (``dest_row = dest_col = dest_host = 0``), each flit once, in order.
 
 :func:`check_link_contract` checks a fault-free run cycle by cycle against the timing contract of
 flowtile/link_format.py (also used by tests/test_hdl_system.py).
@@ -45,16 +46,23 @@ def frame_sizes(inference_flits: int, total: int, frame_flits: int) -> list[int]
             used += size
 
 
-def clear_host(fmt: LinkFormat, flit: int) -> int:
-    """``flit`` as the link delivers it: ``dest_host`` cleared."""
-    return flit & ~(1 << fmt.flit_layout["dest_host"].offset)
+def data_of(fmt: LinkFormat, flit: int) -> int:
+    """``flit``'s data field (the low ``flit_data_bits`` bits): what crosses the wire of it."""
+    return flit & ((1 << fmt.flit_data_bits) - 1)
+
+
+def rebuilt(fmt: LinkFormat, flit: int) -> int:
+    """``flit`` as the link delivers it: its data, ``dest_row = dest_col = dest_host = 0`` (tile (0,0))."""
+    layout = fmt.flit_layout
+    assert layout["data"].offset == 0 and layout.size == fmt.arch.flit_bits
+    return data_of(fmt, flit)
 
 
 class Scoreboard:
     """Go-back-N golden model: checks each frame the sender puts on the wire, and the output order."""
 
     def __init__(self, fmt: LinkFormat, sent: list[int], inference_flits: int = 0):
-        self.fmt, self.sent = fmt, sent
+        self.fmt, self.sent = fmt, [data_of(fmt, flit) for flit in sent]
         self.sizes = frame_sizes(inference_flits, len(sent), fmt.frame_flits)
         self.frames = []          # unwrapped seq -> flits, as first sent
         self.frame_end = []       # unwrapped seq -> index in `sent` after its last flit
@@ -113,7 +121,9 @@ class LinkProbe:
             o_valid=ctx.get(link.o.valid), o_ready=ctx.get(link.o.ready),
             wire_first=ctx.get(link.tx.o_wire.valid) and ctx.get(link.tx.o_wire.first),
             ret_first=ctx.get(link.rx.o_ret.valid) and ctx.get(link.rx.o_ret.first),
-            accepted=ctx.get(link.rx_frames_accepted), ack=ctx.get(link.tx_ack), freed=ctx.get(link.tx_freed)))
+            accepted=ctx.get(link.rx_frames_accepted), ack=ctx.get(link.tx_ack), freed=ctx.get(link.tx_freed),
+            o_dest=tuple(int(ctx.get(getattr(link.o.payload, name)))
+                         for name in ("dest_row", "dest_col", "dest_host"))))
 
 
 def check_link_contract(fmt: LinkGeometry, inference_flits: int, cycles: list[dict]) -> dict:
@@ -253,23 +263,27 @@ def run_link(dut, flits, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=2000
 
 def random_flits(fmt, n, seed):
     rng = random.Random(seed)
-    return [rng.getrandbits(fmt.flit_bits) for _ in range(n)]
+    return [rng.getrandbits(fmt.arch.flit_bits) for _ in range(n)]
 
 
 def delivered(fmt, flits):
-    """What the link's output carries for ``flits``: the same, ``dest_host`` cleared."""
-    return [clear_host(fmt, flit) for flit in flits]
+    """What the link's output carries for ``flits`` (whole flits, random destinations): their data, addressed to
+    tile (0,0)."""
+    return [rebuilt(fmt, flit) for flit in flits]
 
 
 # --- golden format --------------------------------------------------------------------------------------------
 def test_format_round_trip_and_geometry():
     fmt = LinkFormat(ARCH, bits=4, frame_flits=4, credit_frames=4, replay_frames=4)
-    assert fmt.flit_bits == 19 and fmt.seq_bits == 4 and fmt.count_bits == 2
-    assert fmt.payload_bits == 4 + 2 + 4 * 19
-    assert fmt.frame_beats == -(-fmt.payload_bits // 4) + 32 // 4 == 29
+    # only the 16 data bits of a 19-bit flit cross
+    assert (ARCH.flit_bits, fmt.flit_data_bits, fmt.seq_bits, fmt.count_bits) == (19, 16, 4, 2)
+    assert fmt.payload_bits == 4 + 2 + 4 * 16
+    assert fmt.frame_beats == -(-fmt.payload_bits // 4) + 32 // 4 == 26
     assert fmt.ret_beats == -(-(2 * 4 + 1) // 4) + 16 // 4 == 7
-    word = fmt.encode_frame(19, [1, 2, 3])
-    assert fmt.decode_frame(word) == (True, 3, [1, 2, 3])
+    word = fmt.encode_frame(19, [1, 2, 0xFFFF])
+    assert fmt.decode_frame(word) == (True, 3, [1, 2, 0xFFFF])
+    with pytest.raises(AssertionError):
+        fmt.encode_frame(0, [1 << 16])       # a flit's data word: 16 bits here
     assert not fmt.decode_frame(word ^ (1 << 40))[0]
     assert not fmt.decode_frame(word ^ (1 << (fmt.payload_beats * 4 + 5)))[0]
     # The CRC is CRC-32/ISO-HDLC over the payload's 4-bit beats, as amaranth.lib.crc computes it.
@@ -279,10 +293,15 @@ def test_format_round_trip_and_geometry():
     msg = fmt.encode_message(5, 3, 1)
     assert fmt.decode_message(msg) == (True, 5, 3, 1)
     assert not fmt.decode_message(msg ^ 2)[0]
-    # Defaults: flit 69 bits, 4 wire bits, frames of 4 flits.
+    # Defaults: flit 69 bits of which 64 data cross, 4 wire bits, frames of 16 flits; seq_bits = ceil(log2(2 * (8 +
+    # 8))) = 5, count_bits = ceil(log2(16)) = 4.
     default = LinkFormat(Arch())
-    assert (default.bits, default.frame_flits, default.credit_frames, default.replay_frames) == (4, 4, 8, 8)
-    assert default.frame_beats == -(-(5 + 2 + 4 * 69) // 4) + 8 == 79
+    assert (default.bits, default.frame_flits, default.credit_frames, default.replay_frames) == (4, 16, 8, 8)
+    assert (Arch().flit_bits, default.flit_data_bits, default.seq_bits, default.count_bits) == (69, 64, 5, 4)
+    assert default.payload_bits == 5 + 4 + 16 * 64 == 1033
+    assert default.frame_beats == -(-1033 // 4) + 32 // 4 == 267
+    # data is 16 * 64 of the frame's 267 * 4 wire bits: 95.9% (frames of 4 whole 69-bit flits: 4 * 64 of 79 * 4, 81.0%)
+    assert round(100 * default.flits_bits / (default.frame_beats * default.bits), 1) == 95.9
 
 
 def test_lfsr_matrix_matches_steps():
@@ -304,12 +323,13 @@ def test_no_faults_in_order_and_throughput():
     assert counters["tx_replays"] == counters["rx_crc_errors"] == counters["tx_ret_crc_errors"] == 0
     assert counters["tx_frames_sent"] == counters["rx_frames_accepted"] == 40 and board.resends == 0
     # Steady state: one full frame per frame_beats cycles, i.e.
-    #   flits/cycle = frame_flits / (ceil((seq_bits + count_bits + frame_flits * flit_bits) / bits) + ceil(32 / bits))
-    # = 4 / (ceil(82 / 4) + 8) = 4 / 29 here: link_bits_per_cycle times the framing efficiency 76 / 116.
+    #   flits/cycle = frame_flits / (ceil((seq_bits + count_bits + frame_flits * flit_data_bits) / bits)
+    #                                + ceil(32 / bits))
+    # = 4 / (ceil(70 / 4) + 8) = 4 / 26 here: link_bits_per_cycle times the framing efficiency 64 / 104.
     first, last = 40, 159
     measured = (last - first) / (cycles[last] - cycles[first])
     expected = fmt.frame_flits / fmt.frame_beats
-    assert expected == 4 / 29
+    assert expected == 4 / 26
     assert measured == pytest.approx(expected, rel=0.03), (measured, expected)
 
 
@@ -432,7 +452,7 @@ def test_defaults_with_errors():
     arch = Arch(link_error_rate=0.0005, link_error_seed=7)
     dut = Link(arch)
     fmt = dut.format
-    assert (fmt.bits, dut.fwd.latency, fmt.frame_beats) == (4, 64, 79)
+    assert (fmt.bits, dut.fwd.latency, fmt.frame_flits, fmt.frame_beats) == (4, 64, 16, 267)
     flits = random_flits(fmt, 24, seed=14)
     received, _, counters, board = run_link(dut, flits, seed=15)
     assert received == delivered(dut.format, flits) and counters["rx_overflows"] == 0
@@ -449,10 +469,10 @@ def test_format_is_the_spec_geometry():
         assert isinstance(fmt, LinkGeometry)
         for name in ("bits", "frame_flits", "credit_frames", "replay_frames", "latency", "seq_bits", "count_bits",
                      "payload_bits", "payload_beats", "crc_beats", "frame_beats", "msg_bits", "msg_beats",
-                     "ret_beats", "accept_delay", "message_delay", "message_period", "flit_bits"):
+                     "ret_beats", "accept_delay", "message_delay", "message_period", "flit_data_bits", "flits_bits"):
             assert getattr(fmt, name) == getattr(geometry, name), name
         assert fmt.default_timeout() == geometry.default_timeout()
-        assert fmt.flit_layout.size == arch.flit_bits
+        assert fmt.flit_layout.size == arch.flit_bits and fmt.flit_data_bits == arch.flit_data_bits
     assert FRAME_CRC.crc_width == FRAME_CRC_BITS and MESSAGE_CRC.crc_width == MESSAGE_CRC_BITS
     assert LinkTx(ARCH, **SMALL).timeout_cycles == LinkGeometry(ARCH, **SMALL).default_timeout()
 
@@ -469,7 +489,7 @@ def test_golden_frame_sizes():
                                                                (1, 5, 4)])
 def test_static_framing_splits_frames_at_inference_boundaries(inference_flits, n, frame_flits):
     """Frames never span inferences (the scoreboard checks every frame's size against frame_sizes), whatever the
-    input stalls; the output is the input, dest_host cleared; frame count = inferences * ceil(n / F)."""
+    input stalls; the output is the input's data addressed to tile (0,0); frame count = inferences * ceil(n / F)."""
     dut = Link(ARCH, **{**SMALL, "frame_flits": frame_flits})
     flits = random_flits(dut.format, n, seed=n)
     received, _, counters, board = run_link(dut, flits, in_stall=0.4, out_stall=0.4, seed=inference_flits,

@@ -24,8 +24,8 @@ from test_hdl_link import LinkProbe, check_link_contract
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
-#: Two chips of 1x2 tiles with 19-bit flits; an 8-bit link wire (15-beat frames, 3-beat messages), small credit and
-#: replay windows so that both bind.
+#: Two chips of 1x2 tiles with 19-bit flits (16 data bits cross a link); an 8-bit link wire (13-beat frames, 3-beat
+#: messages), small credit and replay windows so that both bind.
 ARCH = Arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, router_fifo_depth=2, chips=2,
             link_bits_per_cycle=8, link_latency_cycles=3, link_frame_flits=4, link_credit_frames=2,
             link_replay_frames=2)
@@ -38,10 +38,11 @@ def blank_config(**values):
     return config
 
 
-def pass_through_program(arch, n_pass, last_dest=(0, 0)):
+def pass_through_program(arch, n_pass, last_dest=(0, 0), link_dest=(0, 0)):
     """{(chip, row, col): config}: every tile passes ``n_pass`` flits an inference to its chain successor; the last
-    tile of each chip sends to the host port with dest (0, 0) (the next chip's first tile), the last chip's with
-    dest ``last_dest`` (seen in the output flits)."""
+    tile of each chip sends to the host port with dest ``link_dest`` ((0, 0): the next chip's first tile, the only
+    valid program; the destination does not cross the link), the last chip's with dest ``last_dest`` (seen in the
+    output flits)."""
     configs = {}
     for chip in range(arch.chips):
         chain = arch.chain
@@ -49,7 +50,7 @@ def pass_through_program(arch, n_pass, last_dest=(0, 0)):
             if position + 1 < len(chain):
                 dest = dict(dest_row=chain[position + 1][0], dest_col=chain[position + 1][1])
             else:
-                target = last_dest if chip == arch.chips - 1 else (0, 0)
+                target = last_dest if chip == arch.chips - 1 else link_dest
                 dest = dict(dest_host=1, dest_row=target[0], dest_col=target[1])
             configs[chip, row, col] = blank_config(n_pass=n_pass, **dest)
     return configs
@@ -73,7 +74,7 @@ async def load_program(ctx, dut, arch, configs, inference_flits):
         await load(ctx, dut, chip=k, tile=0, target=LOAD_TARGET_LINK, addr=0, data=inference_flits)
 
 
-def run_system(arch, n_pass, inferences, *, out_stall, in_stall=0.0, seed=0, max_cycles=6000):
+def run_system(arch, n_pass, inferences, *, out_stall, in_stall=0.0, seed=0, max_cycles=6000, link_dest=(0, 0)):
     """Load the pass-through program, run, stream ``n_pass * inferences`` random flits in (seeded input gaps) and
     take them from the host output (seeded random ready stalls) until all came out, then ``tail`` more cycles.
     Returns ``(sent, received, probes, status)``: the data words, the output flits as dicts, a
@@ -89,7 +90,7 @@ def run_system(arch, n_pass, inferences, *, out_stall, in_stall=0.0, seed=0, max
     last_dest = (0, arch.cols - 1)
 
     async def testbench(ctx):
-        await load_program(ctx, dut, arch, pass_through_program(arch, n_pass, last_dest), n_pass)
+        await load_program(ctx, dut, arch, pass_through_program(arch, n_pass, last_dest, link_dest), n_pass)
         ctx.set(dut.run, 1)
         index, cycle, extra, valid = 0, 0, 0, False
         while len(received) < total or extra < tail:
@@ -124,6 +125,17 @@ def run_system(arch, n_pass, inferences, *, out_stall, in_stall=0.0, seed=0, max
 
 
 # --- flits through the system, and the timing contract of every link -----------------------------------------------
+def test_only_data_crosses_a_link():
+    """Chip 0's exit tile addresses tile (0,1) of chip 1 (a program Program.validate refuses): the destination does
+    not cross the wire: the link's receiver delivers every flit addressed to chip 1's tile (0,0) (dest_row =
+    dest_col = dest_host = 0), and the data flows through chip 1's chain."""
+    sent, received, probes, status = run_system(ARCH, 5, 2, out_stall=0.3, seed=3, link_dest=(0, 1))
+    assert [flit["data"] for flit in received] == sent
+    delivered = [cycle["o_dest"] for cycle in probes[0].cycles if cycle["o_valid"] and cycle["o_ready"]]
+    assert delivered == [(0, 0, 0)] * len(sent)
+    assert status[0]["rx_frames_accepted"] == 2 * LinkFormat(ARCH).frames(5)
+
+
 @pytest.mark.parametrize("arch, n_pass, inferences, out_stall", [
     (ARCH, 5, 4, 0.5),                                            # frames 4 + 1 per inference
     (ARCH.replace(rows=2, cols=2, link_frame_flits=3), 6, 2, 0.3),  # 2x2 chips, frames 3 + 3

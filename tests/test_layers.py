@@ -15,7 +15,7 @@ Layers, bottom to top; an arrow is "may import"::
             +-----------------------+--------------------------------+
                                     v
           spec: flowtile.arch, flowtile.program, flowtile.tile_config, flowtile.host, flowtile.run_limits,
-                flowtile.link_format (and the flowtile package)
+                flowtile.link_format, flowtile.link_faults (and the flowtile package)
 
 * spec imports only spec: the architecture, the program format and the tile registers with their one set of rules
   (``TileConfig.validate``) and derived counts.
@@ -41,7 +41,7 @@ PACKAGES = {"flowtile": "flowtile", "compiler": "flowtile.compiler", "emulator":
             "hdl": "flowtile.hdl", "rtl": "flowtile.rtl"}
 
 SPEC = frozenset({"flowtile", "flowtile.arch", "flowtile.program", "flowtile.tile_config", "flowtile.host",
-                  "flowtile.run_limits", "flowtile.link_format"})
+                  "flowtile.run_limits", "flowtile.link_format", "flowtile.link_faults"})
 TOP = frozenset({"flowtile.cli", "flowtile.oracle", "flowtile.reports", "flowtile.output_paths", "flowtile.fuzz",
                  "flowtile.area"})
 
