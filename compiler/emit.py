@@ -93,8 +93,8 @@ def _config(**values: int) -> TileConfig:
 def _destination(arch: Arch, position: int) -> dict[str, int]:
     """Every tile sends to the next position of the system chain. A chip's last chain tile sends to its host
     output port: the last chip's to the host (as on one chip), with its own place as the destination; the others'
-    into link ``k``, addressed to tile (0, 0) of chip ``k + 1``, where the link delivers them (it clears
-    ``dest_host``; section 12)."""
+    into link ``k``, addressed to tile (0, 0) of chip ``k + 1``, where the link delivers them (only their data
+    crosses; the receiver addresses every flit to that tile; section 12)."""
     chip, within = divmod(position, arch.n_tiles)
     if within == arch.n_tiles - 1:
         row, col = arch.chain_position(within) if chip == arch.chips - 1 else arch.chain_position(0)

@@ -9,13 +9,15 @@ from .host import HOST_PATTERN_CYCLES
 from .link_format import LinkGeometry
 from .program import Program
 
-__all__ = ["BUDGET_FACTOR", "BUDGET_BASE_CYCLES", "MAX_CYCLE_LIMIT", "cycle_budget", "cycle_limit", "stretched",
+__all__ = ["BUDGET_FACTOR", "BUDGET_BASE_CYCLES", "MAX_CYCLE_LIMIT", "FAULT_GO_BACKS", "cycle_budget", "cycle_limit", "stretched",
            "stall_window"]
 
 #: The cycle budget is this many times a sequential (no overlap at all) estimate of the run ...
 BUDGET_FACTOR = 4
 #: ... plus this many cycles (covers pipeline fill of tiny programs).
 BUDGET_BASE_CYCLES = 1000
+#: Consecutive go-backs of a faulty link the no-progress window allows for (:func:`stall_window`).
+FAULT_GO_BACKS = 16
 #: The largest cycle limit the harness's 32-bit cycle counter can compare against.
 MAX_CYCLE_LIMIT = (1 << 32) - 1
 
@@ -73,5 +75,12 @@ def stall_window(program: Program) -> int:
     one inference (every transfer, hop and COMPUTE of every tile one after the other), which bounds the gap between
     two host transfers of a run that progresses: in the pipeline's fill the first output comes within one
     inference's latency, later outputs within a bottleneck period (without host stalls; the RTL runner stretches
-    the window by the host pattern)."""
-    return max(1, cycle_budget(program, 1) // 2)
+    the window by the host pattern). With faults on the links (``link_error_rate > 0``) each link may also spend
+    :data:`FAULT_GO_BACKS` go-backs in a row (a timeout, then its whole replay window again) before the gap counts
+    as stuck: a link too noisy to get a frame through that often is reported as where the run is stuck."""
+    window = max(1, cycle_budget(program, 1) // 2)
+    if program.links and program.arch.link_error_rate > 0:
+        geometry = LinkGeometry(program.arch)
+        go_back = geometry.default_timeout() + geometry.replay_frames * geometry.frame_beats
+        window += len(program.links) * FAULT_GO_BACKS * go_back
+    return window
