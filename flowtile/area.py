@@ -451,7 +451,8 @@ def format_table(report: AreaReport) -> str:
     if report.fpga is not None:
         fpga = report.fpga
         fmax = ", ".join(f"{clock} {mhz} MHz" for clock, mhz in fpga["fmax_mhz"].items()) or "n/a"
-        lines.append(f"FPGA ({fpga['device']}, one tile, out of context): {fpga['lut4']:,} LUT4, {fpga['ff']:,} FF, "
+        lines.append(f"FPGA ({fpga['device']}, one tile, out of context): {fpga['lut4']:,} LUT4 + {fpga['ccu2c']:,} CCU2C "
+                     f"carry cells, {fpga['ff']:,} FF, "
                      f"{fpga['dsp_mult18']} MULT18X18D, {fpga['bram_dp16kd']} DP16KD, "
                      f"{fpga['lutram_dpr16x4']} DPR16X4 LUT RAM; fmax estimate {fmax} ({fpga['seconds']} s)")
         if fpga["critical_path"]:
