@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flowtile.link_faults import (BURST_FLIP_BIT, CRC16_IBM_3740, CRC32_ISO_HDLC, STEPS_PER_CYCLE, burst_threshold,
-                                  channel_lines, channel_seeds, crc_compute, line_threshold, lfsr_step)
+                                  channel_lines, channel_seeds, crc_compute, lfsr_step_columns, line_threshold)
 from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry
 
 __all__ = ["ChannelFlips", "Checkpoints", "LinkRun", "simulate_link", "LINK_COUNTERS", "LinkSimulationError"]
@@ -47,16 +47,6 @@ class LinkSimulationError(RuntimeError):
 
 
 # --- the injector in bulk ----------------------------------------------------------------------------------------
-def _columns(steps: int) -> list[int]:
-    cols = []
-    for j in range(32):
-        state = 1 << j
-        for _ in range(steps):
-            state = lfsr_step(state)
-        cols.append(state)
-    return cols
-
-
 def _tables(cols) -> np.ndarray:
     """Byte lookup tables of a GF(2) 32x32 matrix given by its columns: ``A x = XOR_k T[k][byte k of x]``."""
     cols = np.asarray(cols, dtype=np.uint32)
@@ -79,7 +69,7 @@ _POWERS: list[np.ndarray] = []
 def _power_tables(k: int) -> np.ndarray:
     """Tables of ``M^(2^k)``, ``M`` = one cycle (16 steps)."""
     if not _POWERS:
-        _POWERS.append(_tables(_columns(STEPS_PER_CYCLE)))
+        _POWERS.append(_tables(lfsr_step_columns(STEPS_PER_CYCLE)))
     while len(_POWERS) <= k:
         last = _POWERS[-1]
         cols = _apply(last, _apply(last, np.array([1 << j for j in range(32)], dtype=np.uint32)))

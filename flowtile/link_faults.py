@@ -55,14 +55,21 @@ def lfsr_step(state: int) -> int:
     return (state >> 1) ^ (LFSR_TAPS if state & 1 else 0)
 
 
-def lfsr_step_matrix(steps: int) -> list[int]:
-    """Bit ``i`` of the state after ``steps`` steps is the parity of ``state & masks[i]``."""
+def lfsr_step_columns(steps: int) -> list[int]:
+    """Column ``j``: the state after ``steps`` steps from state ``1 << j`` (the LFSR is linear over GF(2), so the
+    state after ``steps`` steps is the XOR of the columns of the set bits)."""
     columns = []
     for j in range(32):
         state = 1 << j
         for _ in range(steps):
             state = lfsr_step(state)
         columns.append(state)
+    return columns
+
+
+def lfsr_step_matrix(steps: int) -> list[int]:
+    """Bit ``i`` of the state after ``steps`` steps is the parity of ``state & masks[i]``."""
+    columns = lfsr_step_columns(steps)
     return [sum(1 << j for j in range(32) if columns[j] >> i & 1) for i in range(32)]
 
 

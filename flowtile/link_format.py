@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from .arch import Arch
 
-__all__ = ["LinkGeometry", "FRAME_CRC_BITS", "MESSAGE_CRC_BITS", "ceil_log2"]
+__all__ = ["LinkGeometry", "check_int", "FRAME_CRC_BITS", "MESSAGE_CRC_BITS", "ceil_log2"]
 
 #: Width of a frame's CRC (CRC-32/ISO-HDLC, the Ethernet polynomial).
 FRAME_CRC_BITS = 32
@@ -52,14 +52,14 @@ class LinkGeometry:
         if not isinstance(arch, Arch):
             raise TypeError(f"{owner}: parameter 'arch' must be a flowtile.arch.Arch, got {arch!r}")
         self.arch = arch
-        self.bits = _check_int(owner, "bits", arch.link_bits if bits is None else bits, 1, 1024)
-        self.frame_flits = _check_int(owner, "frame_flits",
+        self.bits = check_int(owner, "bits", arch.link_bits if bits is None else bits, 1, 1024)
+        self.frame_flits = check_int(owner, "frame_flits",
                                       arch.link_frame_flits if frame_flits is None else frame_flits, 1, 64)
-        self.credit_frames = _check_int(owner, "credit_frames",
+        self.credit_frames = check_int(owner, "credit_frames",
                                         arch.link_credit_frames if credit_frames is None else credit_frames, 1, 256)
-        self.replay_frames = _check_int(owner, "replay_frames",
+        self.replay_frames = check_int(owner, "replay_frames",
                                         arch.link_replay_frames if replay_frames is None else replay_frames, 1, 256)
-        self.latency = _check_int(owner, "latency", arch.link_latency_cycles if latency is None else latency,
+        self.latency = check_int(owner, "latency", arch.link_latency_cycles if latency is None else latency,
                                   1, 65536)
         #: Bits a flit takes in a frame: its data only (the receiver rebuilds the destination, tile (0,0)).
         self.flit_data_bits = arch.flit_data_bits
@@ -111,7 +111,8 @@ class LinkGeometry:
         return 2 * self.frame_beats + 2 * latency + 3 * (self.ret_beats + 1) + 16
 
 
-def _check_int(owner, name, value, low, high):
+def check_int(owner, name, value, low, high):
+    """``value`` if it is an integer in ``low..high``; else TypeError/ValueError naming ``owner`` and ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}: parameter '{name}' must be an integer, got {value!r}")
     if not low <= value <= high:

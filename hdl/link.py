@@ -57,7 +57,7 @@ from flowtile.arch import Arch
 from flowtile.link_faults import (BURST_FLIP_BIT, LFSR_SEED_MULTIPLIER, LFSR_SEED_STRIDE, STEPS_PER_CYCLE,
                                   THRESHOLD_BITS, burst_threshold, channel_lines, line_threshold, lfsr_seed, lfsr_step,
                                   lfsr_step_matrix, ret_seed)
-from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry
+from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry, check_int
 
 from .layouts import LINK_INFERENCE_FLITS_BITS, check_arch, flit_layout
 
@@ -79,13 +79,6 @@ def link_wire_signature(bits: int) -> wiring.Signature:
     """One direction of the wire, driver's view: ``data`` (``bits``), ``valid``, ``first``."""
     return wiring.Signature({"data": Out(bits), "valid": Out(1), "first": Out(1)})
 
-
-def _check_int(owner, name, value, low, high):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: parameter '{name}' must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{owner}: parameter '{name}' = {value} is outside {low}..{high}")
-    return value
 
 
 def error_threshold(owner: str, error_rate) -> int:
@@ -298,7 +291,7 @@ class LinkTx(wiring.Component):
                                        replay_frames=replay_frames, latency=latency, owner="LinkTx")
         self.latency = fmt.latency
         default = fmt.default_timeout()
-        self.timeout_cycles = _check_int("LinkTx", "timeout_cycles",
+        self.timeout_cycles = check_int("LinkTx", "timeout_cycles",
                                          default if timeout_cycles is None else timeout_cycles, 1, 1 << 24)
         super().__init__({
             "i": In(stream.Signature(fmt.flit_layout)),
@@ -541,8 +534,8 @@ class LinkChannel(wiring.Component):
     """
 
     def __init__(self, bits, *, latency, error_rate=0.0, seed=1, seed_port=False, burst_cycles=1):
-        self.bits = _check_int("LinkChannel", "bits", bits, 1, 1024)
-        self.latency = _check_int("LinkChannel", "latency", latency, 1, 65536)
+        self.bits = check_int("LinkChannel", "bits", bits, 1, 1024)
+        self.latency = check_int("LinkChannel", "latency", latency, 1, 65536)
         self.threshold = line_threshold("LinkChannel", error_rate, burst_cycles)
         self.burst_threshold = burst_threshold("LinkChannel", error_rate, burst_cycles)
         self.error_rate, self.burst_cycles = error_rate, burst_cycles
@@ -554,7 +547,7 @@ class LinkChannel(wiring.Component):
         if seed_port:
             members["seed"] = In(32)
         else:
-            self.seed = _check_int("LinkChannel", "seed", seed, 1, (1 << 32) - 1)
+            self.seed = check_int("LinkChannel", "seed", seed, 1, (1 << 32) - 1)
         super().__init__(members)
 
     def elaborate(self, platform):
