@@ -357,6 +357,13 @@ def report(program: Program) -> str:
                  f"{program.macs_per_inference} MACs/inference; estimated interval {interval} cycles/inference "
                  f"(bottleneck: {slowest[1]}); estimated steady-state MAC utilization "
                  f"{100 * program.macs_per_inference / (interval * arch.system_tiles * arch.lanes):.1f}%")
+    memory = arch.tile_memory_bits
+    total_mbit = arch.system_tiles * sum(memory.values()) / 1e6
+    lines.append(f"throughput per area: {program.macs_per_inference / interval / total_mbit:.2f} MACs/cycle per Mbit "
+                 f"of memory ({total_mbit:.2f} Mbit in {arch.system_tiles} tiles: "
+                 + ", ".join(f"{name.replace('_', ' ')} {bits * arch.system_tiles / 1e6:.2f}"
+                             for name, bits in memory.items())
+                 + "); logic cells per tile: `flowtile area` (docs/area.md)")
     lines.append("estimates are per tile without stalls (section 6 rule 4); back-pressure between the tiles of a "
                  "split layer can make the real interval longer")
     if arch.chips > 1:

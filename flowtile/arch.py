@@ -267,6 +267,18 @@ class Arch:
         return index_bits(self.cols)
 
     @property
+    def tile_memory_bits(self) -> dict[str, int]:
+        """Memory bits of one tile by memory (what ``flowtile area`` measures as memory bits, docs/area.md): the
+        SRAM, the forward queue and the result ring (``8 * lanes`` bits a word), the parameter table (one bank per
+        lane of ``ceil(max_tile_outputs / lanes)`` rows of bias, multiplier and shift) and the router's five input
+        FIFOs of whole flits."""
+        word = 8 * self.lanes
+        return {"sram": self.sram_bytes * 8, "forward_queue": self.forward_queue_words * word,
+                "result_ring": self.result_words * word,
+                "params": self.lanes * self.result_words * (ACC_BITS + MULTIPLIER_BITS + SHIFT_BITS),
+                "router": 5 * self.router_fifo_depth * self.flit_bits}
+
+    @property
     def param_bytes_per_output(self) -> int:
         """SRAM-equivalent bytes of one parameter-table entry (bias 32 + multiplier 31 + shift 6 bits)."""
         return -(-(ACC_BITS + MULTIPLIER_BITS + SHIFT_BITS) // 8)

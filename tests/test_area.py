@@ -60,6 +60,7 @@ def test_every_memory_is_memory_bits_derived_from_the_arch(tiny_cli):
                                                "read_ports": 2, "write_ports": 1}]
     assert len(components["params"]["memories"]) == arch.lanes
     assert report["tile"]["memory_bits"] == sum(expected.values())
+    assert arch.tile_memory_bits == expected   # the spec's count, which the compile report uses
 
 
 def test_multipliers_registers_and_totals(tiny_cli):

@@ -1645,3 +1645,18 @@ def test_resnet8_balance_fills_the_grid(tmp_path):
     imported = import_onnx(model, calibration=calibration)
     layers, _ = pack_input_window(lower_layers(imported.layers), imported.input, arch.lanes)
     check_stream_program(program, layers)
+
+
+def test_report_gives_throughput_per_memory_area():
+    """The report's MACs/cycle per Mbit is the network's MACs over the estimated interval and the memory bits of all
+    tiles (Arch.tile_memory_bits, which flowtile area checks against synthesis)."""
+    import re
+    from flowtile.compiler import report
+    arch = Arch(rows=4, cols=4)
+    program = compile_model(str(Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"), arch)
+    text = report(program)
+    interval = int(re.search(r"estimated interval (\d+) cycles/inference", text).group(1))
+    per_mbit = float(re.search(r"throughput per area: ([\d.]+) MACs/cycle per Mbit", text).group(1))
+    mbit = arch.n_tiles * sum(arch.tile_memory_bits.values()) / 1e6
+    assert per_mbit == pytest.approx(program.macs_per_inference / interval / mbit, abs=0.006)
+    assert arch.tile_memory_bits["sram"] == 8 * arch.sram_bytes
