@@ -22,7 +22,10 @@ Rows ``1 of RxC``: a single chip (its interval and its slowest layer); rows ``N 
   into chips of at most R*C consecutive tiles where the busiest link (the stream crossing each cut:
   ``output_flits`` of the tile before it) is cheapest. It is what cutting the layer chain costs without giving up
   tiles (the compiler may give tiles up to move a cut to a narrower stream, so it can beat this cap);
-* ``repl cap``: the same for pure replication (not built yet): each chip runs the whole network on its R x C tiles
+* ``copies``: copies of the network the compiler placed (``--replicas``: ``auto``, its choice; 1: cut the layer
+  chain only): a replicated system runs ``--batch`` program inferences of ``copies`` inferences each, and its
+  interval, link bound and estimates are per inference (per program inference over ``copies``);
+* ``repl cap``: the same for pure replication: each chip runs the whole network on its R x C tiles
   for every N-th inference (``interval(one R x C chip) / N``) and link ``k`` carries the inputs of the chips after
   it and the outputs of those up to it, in lane-padded flits as links send them today (the input as plain flits,
   ``ceil(C / lanes)`` a pixel); ``-`` where the network does not fit one R x C chip;
@@ -87,21 +90,27 @@ class Run:
     error: str | None = None
 
 
-def run(model, arch, x, show_report: bool) -> Run:
+def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
+    """Compile (``replicas``: copies of the network, None: the compiler's choice on several chips) and emulate.
+    A replicated program runs ``len(x)`` program inferences (``x`` repeated to ``len(x) * replicas`` real ones), its
+    interval is the steady state per program inference over its copies; ``q`` holds the first ``len(x)`` outputs."""
     from flowtile.compiler import CompileError, compile_model, report
     from flowtile.testing.measure import steady_state
     from flowtile.testing.oracle_checks import emulate_model
 
     started = time.perf_counter()
     try:
-        program = compile_model(model, arch)
+        program = compile_model(model, arch, replicas=replicas if arch.chips > 1 else None)
     except CompileError as error:
         return Run(arch, time.perf_counter() - started, error=str(error).splitlines()[0])
     if show_report:
         print(report(program))
-    emulated = emulate_model(program, x)
-    interval = steady_state(program, emulated.result, len(x)).interval
-    return Run(arch, time.perf_counter() - started, program, interval, emulated.q)
+    copies = program.replicas
+    batch = np.resize(x, (len(x) * copies, *x.shape[1:])) if copies > 1 else x
+    emulated = emulate_model(program, batch)
+    view, count = program.program_inferences(len(batch))
+    interval = steady_state(view, emulated.result, count).interval / copies
+    return Run(arch, time.perf_counter() - started, program, interval, emulated.q[:len(x)])
 
 
 def wire_cycles(geometry, flits: int) -> int:
@@ -110,12 +119,13 @@ def wire_cycles(geometry, flits: int) -> int:
 
 
 def link_bound(program) -> tuple[int, int, int]:
-    """(busiest link, its flits per inference, its wire cycles per inference) of a multi-chip program."""
+    """(busiest link, its flits per program inference, its wire cycles per inference) of a multi-chip program (a
+    replicated one: the program inference's cycles over its copies)."""
     from flowtile.link_format import LinkGeometry
     geometry = LinkGeometry(program.arch)
     cycles = [wire_cycles(geometry, link.inference_flits) for link in program.links]
     busiest = max(range(len(cycles)), key=cycles.__getitem__)
-    return busiest, program.links[busiest].inference_flits, cycles[busiest]
+    return busiest, program.links[busiest].inference_flits, round(cycles[busiest] / program.replicas)
 
 
 def layout_bound(one_chip, chips: int, chip_tiles: int, geometry) -> int:
@@ -155,8 +165,9 @@ def limiter(multi: Run, one: Run, bound: tuple[int, int, int]) -> str:
     from flowtile.compiler import estimated_interval, link_cycles
     program, arch = multi.program, multi.arch
     busiest, flits, wire = bound
-    window = link_cycles(arch, flits)
-    where = f"link {busiest}: {flits} flits/inf"
+    copies = program.replicas   # per real inference: a program inference's cycles over its copies
+    window = link_cycles(arch, flits) / copies
+    where = f"link {busiest}: {flits} flits/inf" + (f" of {copies} copies" if copies > 1 else "")
     if wire >= 0.95 * multi.interval:
         return f"link ({where})"
     if window >= 0.95 * multi.interval:
@@ -165,13 +176,14 @@ def limiter(multi: Run, one: Run, bound: tuple[int, int, int]) -> str:
         return "tiles (as one chip)"
     parts = []
     slowest, one_slowest = slowest_tile(program), slowest_tile(one.program) if one.program else None
+    slowest = (slowest[0] / copies, slowest[1])
     if one_slowest is not None and slowest[0] > 1.02 * one_slowest[0]:
         computing = len({t.chip for t in program.tiles if t.config.n_out})
-        parts.append(f"partition (slowest tile {slowest[0]} vs {one_slowest[0]}: {slowest[1]}; "
+        parts.append(f"partition (slowest tile {slowest[0]:.0f} vs {one_slowest[0]}: {slowest[1]}; "
                      f"{computing}/{arch.chips} chips compute)")
-    estimate = estimated_interval(program)
+    estimate = estimated_interval(program) / copies
     if multi.interval > 1.05 * estimate or not parts:
-        parts.append(f"stalls (+{100 * (multi.interval / estimate - 1):.0f}% over est. {estimate})")
+        parts.append(f"stalls (+{100 * (multi.interval / estimate - 1):.0f}% over est. {estimate:.0f})")
     return " + ".join(parts)
 
 
@@ -267,8 +279,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="also print each compile report")
+    parser.add_argument("--replicas", default="auto",
+                        help="copies of the network on N chips (alternate inferences): 'auto' (default, the "
+                             "compiler's choice) or a number (1: cut the layer chain only)")
     args = parser.parse_args()
     chip_counts = [int(n) for n in args.chips.split(",")]
+    replicas = None if args.replicas == "auto" else int(args.replicas)
     fractions = [int(f) for f in args.fractions.split(",")]
     nets = args.nets.split(",")
     unknown = sorted(set(nets) - set(NETS))
@@ -286,7 +302,7 @@ def main() -> None:
         one = run(model, arch, x, args.report)
         if one.error:
             progress(f"{net}: one chip of {grid}: {one.error}")
-            rows.append((net, f"1 of {grid}", "-", "-", "-", "-", "-", "-", "-", "-",
+            rows.append((net, f"1 of {grid}", "-", "-", "-", "-", "-", "-", "-", "-", "-",
                          f"does not compile: {short_error(one.error)}", f"{one.seconds:.1f}"))
             return one
         estimate = estimated_interval(one.program)
@@ -294,7 +310,7 @@ def main() -> None:
                   if one.interval > 1.05 * estimate else "")
         why = f"tiles ({slowest_tile(one.program)[1]}){stalls}{queue_note(one.program)}"
         progress(f"{net}: one chip of {grid}: interval {one.interval:.0f}, {why} ({one.seconds:.1f} s)")
-        rows.append((net, f"1 of {grid}", "-", f"{one.interval:.0f}", "-", "-", "-", "-", "-", "-", why,
+        rows.append((net, f"1 of {grid}", "-", "1", f"{one.interval:.0f}", "-", "-", "-", "-", "-", "-", why,
                      f"{one.seconds:.1f}"))
         return one
 
@@ -317,11 +333,11 @@ def main() -> None:
                     geometry = LinkGeometry(arch)
                     label = f"1/{fraction} ({arch.link_bits} b)"
                     progress(f"{net}: {n} chips of {args.grid}, link {label} ...")
-                    multi = run(model, arch, x, args.report) if n > 1 else None
+                    multi = run(model, arch, x, args.report, replicas) if n > 1 else None
                     if multi is None or multi.error:
                         why = "needs 2 or more chips" if multi is None else multi.error
                         progress(f"{net}: {n} chips, link {label}: {why}")
-                        rows.append((net, f"{n} of {args.grid}", label, "-", "-", "-", "-", "-", "-", "-",
+                        rows.append((net, f"{n} of {args.grid}", label, "-", "-", "-", "-", "-", "-", "-", "-",
                                      f"does not compile: {short_error(why)}", f"{multi.seconds if multi else 0:.1f}"))
                         continue
                     bound = link_bound(multi.program)
@@ -342,15 +358,15 @@ def main() -> None:
                     progress(f"{net}: {n} chips, link {label}: interval {multi.interval:.0f}"
                              + (f", retained {100 * retained:.1f}%" if retained is not None else "")
                              + f", {why} ({multi.seconds:.1f} s)")
-                    rows.append((net, f"{n} of {args.grid}", label, f"{multi.interval:.0f}", pct(retained),
-                                 str(bound[2]), pct(cap), pct(of_cap), pct(layout), pct(replicated), why,
-                                 f"{multi.seconds:.1f}"))
+                    rows.append((net, f"{n} of {args.grid}", label, str(multi.program.replicas),
+                                 f"{multi.interval:.0f}", pct(retained), str(bound[2]), pct(cap), pct(of_cap),
+                                 pct(layout), pct(replicated), why, f"{multi.seconds:.1f}"))
             summary.append(verdict(net, retained_at))
 
-    header = ("network", "chips", "link", "interval", "retained", "link bound", "link cap", "of cap", "layout cap",
-              "repl cap", "limiter", "s")
+    header = ("network", "chips", "link", "copies", "interval", "retained", "link bound", "link cap", "of cap",
+              "layout cap", "repl cap", "limiter", "s")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {3, 4, 5, 6, 7, 8, 9, 11}
+    right = {3, 4, 5, 6, 7, 8, 9, 10, 12}
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))

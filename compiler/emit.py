@@ -1,6 +1,7 @@
 """Program emission: partitioned, lowered layers -> a :class:`flowtile.program.Program`, and its report."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from .onnx_import import import_onnx, layer_sources
 from .partition import TileSlice, band_input_rows, link_cycles, place_layers, words
 
 __all__ = ["compile_model", "build_program", "report", "output_words", "StreamPlan", "plan_streams", "estimated_interval",
-           "chip_macs"]
+           "chip_macs", "replicate_layers"]
 
 
 @dataclass(frozen=True)
@@ -42,21 +43,43 @@ class StreamPlan:
         return self.n_words - (self.store[1] - self.store[0])
 
 
-def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int) -> list[StreamPlan]:
+def replicate_layers(layers: list[LoweredLayer], replicas: int) -> list[LoweredLayer]:
+    """``replicas`` copies of the layer chain, one after the other (alternate inferences, section 12): copy ``j``'s
+    layers are named ``"<name> [copy j]"``, read source ``s + j * len(layers)`` for a layer ``s >= 0`` and stream
+    tensor ``-1 - j`` (copy ``j``'s input) for the graph input, every one with explicit sources. One copy: the
+    layers themselves."""
+    if replicas == 1:
+        return list(layers)
+    n, sources = len(layers), layer_sources(layers)
+    return [dataclasses.replace(layer, name=f"{layer.name} [copy {j}]",
+                                sources=tuple(s + j * n if s >= 0 else -1 - j for s in reads))
+            for j in range(replicas) for layer, reads in zip(layers, sources)]
+
+
+def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int, replicas: int = 1) -> list[StreamPlan]:
     """Which tensors ride in the stream into each layer, in chain order: the stream starts as the host input;
     each layer's last tile forwards the tensors a later layer still reads and appends its own output.
+
+    ``replicas`` copies of a network (:func:`replicate_layers`): the stream starts as the copies' inputs (stream
+    tensors ``-1, -2, ...``, ``in_words`` each) and ends as their last layers' outputs, in copy order; each copy's
+    output rides to the end.
 
     A tensor's words are contiguous in the stream; the tensors a layer forwards must be adjacent (they are
     one register range), as must an Add's or Concat's two operands: CompileError otherwise. A Concat's first
     input must have a multiple of ``lanes`` channels (its words then end where the second input's begin).
     """
     sources = layer_sources(layers)
+    copy_layers = len(layers) // replicas
+    finals = [(j + 1) * copy_layers - 1 for j in range(replicas)]
     last_reader = {}
     for index, reads in enumerate(sources):
         for source in reads:
             last_reader[source] = index
-    names = {-1: "the graph input", **{i: f"layer '{layer.name}''s output" for i, layer in enumerate(layers)}}
-    stream = [(-1, in_words)]
+    for final in finals[:-1]:  # an earlier copy's output rides in the stream to the host
+        last_reader[final] = len(layers)
+    names = {-1 - j: f"copy {j}'s graph input" for j in range(replicas)} if replicas > 1 else {}
+    names = {-1: "the graph input", **names, **{i: f"layer '{layer.name}''s output" for i, layer in enumerate(layers)}}
+    stream = [(-1 - j, in_words) for j in range(replicas)]
     plans = []
     for index, (layer, reads) in enumerate(zip(layers, sources)):
         offsets = np.cumsum([0] + [n for _, n in stream])
@@ -81,7 +104,7 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int) -> list[
         operands = tuple(int(offsets[where[source]]) - store[0] for source in reads) if layer.is_join else (0, 0)
         plans.append(StreamPlan(int(offsets[-1]), store, forward, operands))
         stream = [stream[p] for p in live] + [(index, output_words(layer, lanes))]
-    assert [tensor for tensor, _ in stream] == [len(layers) - 1], "tensors left in the stream after the last layer"
+    assert [tensor for tensor, _ in stream] == finals, "tensors left in the stream after the last layer"
     return plans
 
 
@@ -221,17 +244,24 @@ def _tile_place(arch: Arch, position: int) -> tuple[int, ...]:
     return place[1:] if arch.chips == 1 else place
 
 
-def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "") -> Program:
+def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "",
+                  replicas: int = 1) -> Program:
     """Partition lowered layers over the (system) chain and emit every tile's registers, SRAM image and parameters,
     and on several chips the links' registers. Tiles that compute nothing pass their stream on: a chip's tiles
     after its last slice (the next chip starts at a narrow cut, :func:`compiler.partition.place_layers`) and the
-    last chip's tiles after the last layer."""
+    last chip's tiles after the last layer.
+
+    ``replicas``: copies of the network on the chain (:func:`replicate_layers`), taking alternate inferences: a
+    program inference is ``replicas`` real ones, their inputs and outputs back to back in the stream."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise CompileError(f"replicas must be a positive integer (copies of the network), got {replicas!r}")
     if arch.chips > 1 and arch.chip_topology != "line":
         raise CompileError(f"arch field 'chip_topology' = {arch.chip_topology!r}: the compiler places layers on a line "
                            f"of chips only (chip_topology = 'line')")
     in_words = input_spec.words(arch.lanes)
-    plans = plan_streams(layers, arch.lanes, in_words)
-    stream_words = [plan.n_words for plan in plans] + [output_words(layers[-1], arch.lanes)]
+    layers = replicate_layers(layers, replicas)
+    plans = plan_streams(layers, arch.lanes, in_words, replicas)
+    stream_words = [plan.n_words for plan in plans] + [replicas * output_words(layers[-1], arch.lanes)]
     placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words)
     tiles: list[TileProgram | None] = [None] * arch.system_tiles
     infos: list[LayerInfo] = []
@@ -241,14 +271,14 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
         infos.append(_layer_info(layer, tuple(_tile_place(arch, p) for p in positions)))
     for position in range(arch.system_tiles):
         if tiles[position] is None:  # pass on what the tile before emits (the host input at position 0)
-            n_pass = tiles[position - 1].config.output_flits(arch.lanes) if position else in_words
+            n_pass = tiles[position - 1].config.output_flits(arch.lanes) if position else replicas * in_words
             tiles[position] = _pass_tile(arch, position, n_pass)
     _check_routes(tiles, arch)
     links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].config.output_flits(arch.lanes))
              for chip in range(arch.chips - 1)]
     assert tuple(link.inference_flits for link in links) == placement.link_words
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
-                      model_name=model_name, links=links)
+                      model_name=model_name, links=links, replicas=replicas)
     program.validate()
     return program
 
@@ -274,18 +304,43 @@ def _check_routes(tiles: list[TileProgram], arch: Arch) -> None:
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, calibration: np.ndarray | None = None,
-                  per_channel: bool = True, pack_input: bool = True) -> Program:
+                  per_channel: bool = True, pack_input: bool = True, replicas: int | None = None) -> Program:
     """Compile an ONNX MLP or small CNN (int8 QDQ, or float: quantized first) for ``arch``.
 
     ``calibration`` (``[n, *input shape]`` float) and ``per_channel`` only matter for float models.
     ``pack_input``: let the host pack the first convolution's window into channels
     (:func:`compiler.lower.pack_input_window`) when the packed program fits and its estimated interval is no
     longer.
+    ``replicas``: copies of the network on the chain, taking alternate inferences (:func:`replicate_layers`);
+    None: on one chip 1, on several the ``N`` in ``1 .. arch.chips`` that fits with the shortest estimated
+    interval per real inference (the interval per program inference over ``N``; the fewest copies on a tie).
     Raises :class:`compiler.CompileError` when the model is unsupported or does not fit.
     """
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+        raise CompileError(f"replicas must be a positive integer (copies of the network), got {replicas!r}")
     imported = import_onnx(model, calibration=calibration, per_channel=per_channel)
     layers = lower_layers(imported.layers)
-    plain = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output, model_name=imported.name)
+    if replicas is not None or arch.chips == 1:
+        return _compile_copies(layers, imported, arch, pack_input, replicas or 1)
+    best, first_error = None, None
+    for copies in range(1, arch.chips + 1):
+        try:
+            program = _compile_copies(layers, imported, arch, pack_input, copies)
+        except CompileError as error:
+            first_error = first_error or error
+            continue
+        if best is None or estimated_interval(program) * best.replicas < estimated_interval(best) * copies:
+            best = program
+    if best is None:
+        raise first_error
+    return best
+
+
+def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input: bool, replicas: int) -> Program:
+    """``replicas`` copies of the lowered ``layers``, with the host packing the first window when that fits and
+    is no slower."""
+    plain = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output,
+                          model_name=imported.name, replicas=replicas)
     if not pack_input:
         return plain
     packed_layers, packed_spec = pack_input_window(layers, imported.input, arch.lanes)
@@ -293,14 +348,14 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
         return plain
     try:  # the packed map is larger (OH*OW pixels of more words): it may not fit where the plain one does
         packed = build_program(packed_layers, arch, input_spec=packed_spec, output_spec=imported.output,
-                               model_name=imported.name)
+                               model_name=imported.name, replicas=replicas)
     except CompileError:
         return plain
     return packed if estimated_interval(packed) <= estimated_interval(plain) else plain
 
 
 def estimated_interval(program: Program) -> int:
-    """The slowest stage's cycles per inference alone: a tile's
+    """The slowest stage's cycles per (program) inference alone: a tile's
     (:meth:`flowtile.tile_config.TileConfig.tile_period_cycles`) or, on several chips, a link's
     (:func:`compiler.partition.link_cycles` of the flits it carries)."""
     return max([tile.config.tile_period_cycles(program.arch.lanes) for tile in program.tiles]
@@ -353,13 +408,19 @@ def report(program: Program) -> str:
     lines = _table(rows)
     grid = (f"{arch.rows}x{arch.cols} tiles" if arch.chips == 1
             else f"{arch.chips} chips of {arch.rows}x{arch.cols} tiles")
+    copies = program.replicas
+    per = "cycles/inference" if copies == 1 else "cycles per program inference"
     lines.append(f"{program.model_name or 'model'}: {grid}, {arch.lanes} lanes, "
-                 f"{program.macs_per_inference} MACs/inference; estimated interval {interval} cycles/inference "
+                 f"{program.macs_per_inference} MACs/inference; estimated interval {interval} {per} "
                  f"(bottleneck: {slowest[1]}); estimated steady-state MAC utilization "
-                 f"{100 * program.macs_per_inference / (interval * arch.system_tiles * arch.lanes):.1f}%")
+                 f"{100 * program.macs_per_inference * copies / (interval * arch.system_tiles * arch.lanes):.1f}%")
     memory = arch.tile_memory_bits
     total_mbit = arch.system_tiles * sum(memory.values()) / 1e6
-    lines.append(f"throughput per area: {program.macs_per_inference / interval / total_mbit:.2f} MACs/cycle per Mbit "
+    if program.replicas > 1:
+        lines.append(f"{copies} copies of the network (alternate inferences): a program inference is {copies} "
+                     f"inferences, their inputs and outputs back to back; estimated interval {interval} cycles per "
+                     f"program inference / {copies} = {interval / copies:.1f} cycles per inference")
+    lines.append(f"throughput per area: {program.macs_per_inference * copies / interval / total_mbit:.2f} MACs/cycle per Mbit "
                  f"of memory ({total_mbit:.2f} Mbit in {arch.system_tiles} tiles: "
                  + ", ".join(f"{name.replace('_', ' ')} {bits * arch.system_tiles / 1e6:.2f}"
                              for name, bits in memory.items())

@@ -363,8 +363,16 @@ def _tile_capacity(k: int, arch: Arch) -> int:
     return min(arch.max_tile_outputs, (arch.sram_words - ACTIVATION_BANKS * k) // k)
 
 
-def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
-    """Greedy split of one layer into slices whose tiles each take <= ``budget`` cycles, or None.
+def _dense_cycles(k: int, carried: int, n_pass: int, n_out: int, lanes: int, forwarded: int) -> int:
+    """:func:`tile_cycles` of a dense tile that also receives ``carried`` stream words it does not store (the
+    other inferences' tensors of a replicated network, section 12)."""
+    return max(tile_cycles(k, n_pass, n_out, lanes, forwarded), k + carried + n_pass)
+
+
+def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles: float,
+           carried: int = 0) -> list[TileSlice] | None:
+    """Greedy split of one layer into slices whose tiles each take <= ``budget`` cycles, or None. ``carried``:
+    stream words the tiles receive and forward without storing (the layer's last tile forwards them).
 
     Taking as many outputs as allowed on each tile is optimal: a fuller prefix only raises the pass
     count of later tiles by one word per ``lanes`` outputs it takes off them, which saves them ``k``
@@ -378,14 +386,14 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
         if len(slices) >= max_tiles:
             return None
         remaining = n_out - start
-        if remaining <= capacity and tile_cycles(k, n_pass, remaining, lanes) <= budget:
+        if remaining <= capacity and _dense_cycles(k, carried, n_pass, remaining, lanes, carried) <= budget:
             take = remaining  # the layer's last tile: any size
         else:  # not the last tile: it forwards the k input words
             chunks = min(capacity // lanes, (remaining - 1) // lanes)
             if budget != float("inf"):
-                if k + n_pass > budget:
+                if k + carried + n_pass > budget:
                     return None
-                chunks = min(chunks, int((budget - 2) // (lanes * k + 1)), int(budget - k - n_pass))
+                chunks = min(chunks, int((budget - 2) // (lanes * k + 1)), int(budget - k - carried - n_pass))
             if chunks <= 0:
                 return None
             take = chunks * lanes
@@ -396,15 +404,16 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
             for i, s in enumerate(slices)]
 
 
-def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None) -> int:
+def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
     if costs is not None:
         grouped = costs.channel_words and s.n_out != costs.n_out
         return window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes)
-    return tile_cycles(s.n_in_words, s.n_pass, s.n_out, lanes, s.n_in_words if s.forward else 0)
+    return _dense_cycles(s.n_in_words, carried, s.n_pass, s.n_out, lanes,
+                         s.n_in_words + carried if s.forward else carried)
 
 
-def _slowest(slices: list[TileSlice], lanes: int, costs: WindowCosts | None = None) -> int:
-    return max(_slice_cycles(s, lanes, costs) for s in slices)
+def _slowest(slices: list[TileSlice], lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
+    return max(_slice_cycles(s, lanes, costs, carried) for s in slices)
 
 
 def _describe(layer: _Layer) -> str:
@@ -465,7 +474,7 @@ def assign_tiles(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     """Slices per layer, in chain order (layer 0 starts at chain position 0); CompileError if it cannot fit.
 
     ``carried[i]``: stream words layer ``i``'s tiles receive and forward without storing (the other tensors
-    of a residual block, section 4.2); only windowed layers sit inside residual blocks. On several chips
+    of a residual block, section 4.2, or other inferences' of a replicated network, section 12). On several chips
     (``arch.chips > 1``) the slices are those of :func:`place_layers` (which needs ``stream_words``).
     """
     return place_layers(layers, arch, carried, stream_words).splits
@@ -590,8 +599,6 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     ks = [_input_words(layer, lanes) for layer in layers]
     costs = [window_costs(layer, lanes, extra) if getattr(layer, "window", None) is not None else None
              for layer, extra in zip(layers, carried)]
-    if any(extra and cost is None for extra, cost in zip(carried, costs)):
-        raise CompileError("internal: a dense layer inside a residual block")
     if len(layers) > n_tiles:
         total = sum((c.weight_words if c else layer.n_out * k) * lanes for layer, k, c in zip(layers, ks, costs))
         raise CompileError(f"the model has {len(layers)} layers but {grid} {'has' if arch.chips == 1 else 'have'} "
@@ -608,7 +615,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     def split(i: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
         if costs[i] is not None:
             return _split_window(costs[i], arch, i, budget, max_tiles)
-        return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles)
+        return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i])
 
     unlimited = float("inf")
     splits = [split(i, unlimited, unlimited) for i in range(len(layers))]
@@ -652,7 +659,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         cut = _cut_words(found, stream_words, costs, lanes)
         return Placement(found, starts, tuple(cut[s] for s in starts[1:]))
 
-    lo, hi = 0, max(max(_slowest(s, lanes, c) for s, c in zip(splits, costs)), max(cut_cycles(splits)))
+    lo, hi = 0, max(max(_slowest(s, lanes, c, extra) for s, c, extra in zip(splits, costs, carried)), max(cut_cycles(splits)))
     balanced = within(hi) or placement(splits, unlimited)  # infeasible at lo, feasible at hi
     while hi - lo > 1:
         mid = (lo + hi) // 2

@@ -125,7 +125,7 @@ def cmd_compile(args) -> int:
     arch = _arch_from_args(args)
     model = _load_model(args.model, args.calibration)
     calibration = _load_array(args.calibration, "calibration")[0] if args.calibration else None
-    program = compile_model(model, arch, calibration=calibration)
+    program = compile_model(model, arch, calibration=calibration, replicas=_replicas(args))
     program.save(args.output)
     print(report(program))
     print(f"program written to {args.output}")
@@ -163,14 +163,16 @@ def _pattern_report(host_pattern) -> dict:
 
 def _emulate(program, x, host_pattern=None, max_cycles=None):
     from flowtile.emulator import emulate
-    from .host import input_flits, outputs_from_flits
-    q_in, flits = input_flits(program, x)
+    from .host import input_flits, outputs_from_flits, pad_batch
+    padded = pad_batch(program, x)  # a replicated program: zero inputs up to a multiple of its copies, dropped after
+    q_in, flits = input_flits(program, padded)
+    view, count = program.program_inferences(padded.shape[0])   # the emulator counts program inferences
     started = time.perf_counter()
-    result = emulate(program, flits, x.shape[0], **({} if host_pattern is None else {"host_pattern": host_pattern}),
+    result = emulate(view, flits, count, **({} if host_pattern is None else {"host_pattern": host_pattern}),
                      **({} if max_cycles is None else {"max_cycles": max_cycles}))
     seconds = time.perf_counter() - started
-    q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
-    return result, q_out, y, seconds
+    q_out, y = outputs_from_flits(program, result.out_flits, padded.shape[0])
+    return result, q_out[:x.shape[0]], y[:x.shape[0]], seconds
 
 
 WAVES_DIR = Path("sim_waves")
@@ -189,7 +191,9 @@ def _waves_path(waves: str | None, simulator: str, name: str) -> Path | None:
 
 def _rtl(program, x, simulator, waves_path, host_pattern=None, max_cycles=None):
     from flowtile.rtl.simulate import simulate
-    from .host import input_flits, outputs_from_flits
+    from .host import input_flits, outputs_from_flits, pad_batch
+    real = x.shape[0]
+    x = pad_batch(program, x)  # a replicated program: zero inputs up to a multiple of its copies, dropped after
     _q_in, flits = input_flits(program, x)
     if waves_path is not None:
         waves_path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,10 +204,11 @@ def _rtl(program, x, simulator, waves_path, host_pattern=None, max_cycles=None):
                           **({} if host_pattern is None else {"host_pattern": host_pattern}),
                           **({} if max_cycles is None else {"max_cycles": max_cycles}))
     except RtlTimeoutError as error:
-        raise RtlTimeoutError(f"{error}; {_suspected_stuck(program, error.batch, error.out_received)}",
+        view, _ = program.program_inferences(x.shape[0])   # the runner counts program inferences
+        raise RtlTimeoutError(f"{error}; {_suspected_stuck(view, error.batch, error.out_received)}",
                               **{k: v for k, v in vars(error).items() if not k.startswith("_")}) from None
     q_out, y = outputs_from_flits(program, result.out_flits, x.shape[0])
-    return result, q_out, y
+    return result, q_out[:real], y[:real]
 
 
 def _suspected_stuck(program, batch: int, out_received: int) -> str:
@@ -232,10 +237,15 @@ def cmd_emulate(args) -> int:
         _warn_if_inputs_saturate(program, check_input(x, program.input))
     # the emulator stops where the RTL harness would: at --max-cycles, by default the program's cycle limit
     from flowtile.emulator import cycle_limit
-    limit = args.max_cycles if args.max_cycles is not None else cycle_limit(program, x.shape[0], host_pattern)
+    from .host import pad_batch
+    view, count = program.program_inferences(len(pad_batch(program, x)))  # a replicated program's own inferences
+    limit = args.max_cycles if args.max_cycles is not None else cycle_limit(view, count, host_pattern)
     result, _q, y, seconds = _emulate(program, x, host_pattern, limit)
     _save_array(args.output, y)
     report = result.report() | {"emulator_seconds": seconds} | _pattern_report(host_pattern)
+    if program.replicas > 1:   # the emulator counted program inferences of replicas real ones (padded batch)
+        report |= {"replicas": program.replicas, "inferences": int(x.shape[0]),
+                   "interval_cycles_per_inference": report["interval_cycles"] / program.replicas}
     _write_json(args.report, report)
     if args.trace or args.heatmap:
         write_visuals(program, result, trace=args.trace, heatmap=args.heatmap)
@@ -321,7 +331,7 @@ def cmd_run(args) -> int:
     model = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
     chips = f"{arch.chips} chips of " if arch.chips > 1 else ""
     _progress(f"compiling {args.model} for {chips}a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
-    program = compile_model(model, arch)
+    program = compile_model(model, arch, replicas=_replicas(args))
     if x is None:
         batch = args.batch or DEFAULT_RANDOM_BATCH
         x = np.random.default_rng(0).standard_normal((batch,) + tuple(program.input.shape)).astype(np.float32)
@@ -370,9 +380,13 @@ def cmd_run(args) -> int:
     rep = emu.report()
     rows.append(("cycles (batch)", str(rep["cycles"]), ""))
     rows.append(("latency (cycles)", str(rep["latency_cycles"]), ""))
-    rows.append(("interval (cycles/inference)", f"{rep['interval_cycles']:.1f}", ""))
+    copies = program.replicas   # the emulator counts program inferences: copies real ones each
+    if copies > 1:
+        rep["replicas"] = copies
+        rows.append(("copies of the network", f"{copies} (alternate inferences)", ""))
+    rows.append(("interval (cycles/inference)", f"{rep['interval_cycles'] / copies:.1f}", ""))
     rows.append(("MAC utilization (whole run)", f"{100 * rep['mac_utilization']:.1f}%", ""))
-    steady = steady_state_utilization(program, rep["interval_cycles"])
+    steady = steady_state_utilization(program, rep["interval_cycles"] / copies)
     rep["steady_state_mac_utilization"] = steady
     rows.append(("MAC utilization (steady state)", f"{100 * steady:.1f}%", ""))
     rows.append(("emulator wall time", f"{emu_seconds * 1e3:.1f} ms", ""))
@@ -406,6 +420,19 @@ def _add_arch_options(parser):
     parser.add_argument("--chips", type=int, default=None, metavar="N",
                         help="chips in a line joined by links (the grid is one chip's; link fields via --arch); "
                              "default: the arch's (1)")
+
+
+def _add_replicas_option(parser):
+    parser.add_argument("--replicas", type=int, default=None, metavar="N",
+                        help="copies of the network on the chips, taking alternate inferences (the host sends N "
+                             "inputs back to back; a batch is padded to a multiple of N); default: on several chips "
+                             "the count with the shortest estimated interval per inference, on one chip 1")
+
+
+def _replicas(args) -> int | None:
+    if args.replicas is not None and args.replicas < 1:
+        raise UsageError(f"--replicas must be at least 1, got {args.replicas}")
+    return args.replicas
 
 
 def _add_output_options(parser, *, output: bool):
@@ -480,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile an ONNX model into a program directory", formatter_class=formatter)
     p.add_argument("model", metavar="MODEL.onnx", help="int8 (QDQ/QOperator) or float ONNX model")
     _add_arch_options(p)
+    _add_replicas_option(p)
     p.add_argument("--calibration", metavar="X.npy", default=None,
                    help="calibration inputs, for float models only; default: seeded random-normal samples")
     p.add_argument("-o", "--output", required=True, metavar="PROG",
@@ -523,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float model, to report its accuracy too; default: not reported")
     _add_model_input_options(p)
     _add_arch_options(p)
+    _add_replicas_option(p)
     p.add_argument("--sim", choices=("verilator", "amaranth", "none"), default="verilator",
                    help="RTL simulator, or none to skip the RTL")
     p.add_argument("--waves", metavar="FILE", nargs="?", const="", default=None,

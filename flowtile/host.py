@@ -125,6 +125,15 @@ def input_flits(program: Program, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return q, pack_flits(q, program.arch.lanes, program.input)
 
 
+def pad_batch(program: Program, x: np.ndarray) -> np.ndarray:
+    """``x`` (``[batch, ...]``) with zero inputs appended up to a multiple of ``program.replicas`` (a replicated
+    program runs its copies' inferences together, :attr:`Program.replicas`); the caller drops their outputs."""
+    short = -len(x) % program.replicas
+    if not short:
+        return x
+    return np.concatenate([x, np.zeros((short, *x.shape[1:]), dtype=x.dtype)])
+
+
 def apply_post(y: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """The output's host post-op (``spec.post``) on the dequantized float output ``[batch, *shape]``.
 

@@ -280,27 +280,68 @@ class Program:
     tiles: list[TileProgram]          # in system chain order: tiles[p] sits at arch.system_position(p)
     model_name: str = ""
     links: list[LinkProgram] = field(default_factory=list)   # one per link: arch.chips - 1 (a line of chips)
+    #: copies of the network on the chain, taking alternate inferences (section 12): one program inference is
+    #: ``replicas`` real ones, whose inputs the host sends back to back and whose outputs it receives in order
+    replicas: int = 1
 
     # --- derived ------------------------------------------------------------------------------
     @property
     def input_words(self) -> int:
-        """Flits the host sends per inference."""
+        """Flits the host sends per (real) inference."""
         return self.input.words(self.arch.lanes)
 
     @property
     def output_words(self) -> int:
-        """Flits the host receives per inference."""
+        """Flits the host receives per (real) inference."""
         return self.output.words(self.arch.lanes)
 
     @property
+    def program_input_words(self) -> int:
+        """Flits the host sends per program inference: ``replicas`` inputs back to back (what the tiles' and the
+        links' per-inference registers count)."""
+        return self.replicas * self.input_words
+
+    @property
+    def program_output_words(self) -> int:
+        """Flits the host receives per program inference: ``replicas`` outputs in order."""
+        return self.replicas * self.output_words
+
+    def program_inferences(self, batch: int) -> tuple["Program", int]:
+        """``(program, count)`` to run ``batch`` real inferences as ``count = batch // replicas`` program
+        inferences: ``self`` when ``replicas`` is 1, else a one-copy view of it whose host tensors are one
+        program inference's flits (flat, ``replicas`` inputs and outputs back to back), what the emulator and
+        the RTL harness count per inference. The flits sent and received are the same either way.
+        ValueError when ``batch`` is not a multiple of ``replicas`` (the host pads: :func:`flowtile.host.pad_batch`)."""
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        if batch % self.replicas:
+            raise ValueError(f"batch {batch} is not a multiple of the program's {self.replicas} copies of the network "
+                             f"(replicas): each program inference runs {self.replicas} inferences; pad the batch "
+                             f"(flowtile.host.pad_batch)")
+        if self.replicas == 1:
+            return self, int(batch)
+        lanes = self.arch.lanes
+
+        def flat(spec: TensorSpec, words: int) -> TensorSpec:
+            return TensorSpec(f"{spec.name} x{self.replicas}", (words * lanes,), spec.scale, spec.zero_point)
+
+        view = Program(arch=self.arch, input=flat(self.input, self.program_input_words),
+                       output=flat(self.output, self.program_output_words), layers=self.layers, tiles=self.tiles,
+                       model_name=self.model_name, links=self.links)
+        return view, int(batch) // self.replicas
+
+    @property
     def macs_per_inference(self) -> int:
-        return sum(layer.macs for layer in self.layers)
+        """MACs per (real) inference: the layers' over the copies of the network."""
+        return sum(layer.macs for layer in self.layers) // self.replicas
 
     def validate(self) -> None:
         """Check the program against its arch: tile positions, every tile's registers (:meth:`TileConfig.validate`:
         the one place the register rules live), its SRAM image and its parameter table (shape and ranges). The
         emulator and the RTL run call this and check no register rule of their own."""
         arch = self.arch
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, (int, np.integer)) or self.replicas < 1:
+            raise ProgramError(f"replicas must be a positive integer (copies of the network), got {self.replicas!r}")
         if len(self.tiles) != arch.system_tiles:
             raise ProgramError(f"program has {len(self.tiles)} tiles, arch has {arch.system_tiles}"
                                + (f" ({arch.chips} chips of {arch.n_tiles})" if arch.chips > 1 else ""))
@@ -360,6 +401,7 @@ class Program:
             "tiles": [{**({"chip": t.chip} if t.chip else {}), "row": t.row, "col": t.col,
                        "config": t.config.to_dict()} for t in self.tiles],
             "links": [link.to_dict() for link in self.links],
+            **({"replicas": int(self.replicas)} if self.replicas != 1 else {}),  # one copy: the manifest as before
         }
         arrays = {}
         for tile in self.tiles:
@@ -428,7 +470,8 @@ class Program:
                           output=TensorSpec.from_dict(manifest["output"]),
                           layers=[LayerInfo.from_dict(layer) for layer in manifest["layers"]],
                           tiles=tiles, model_name=manifest.get("model_name", ""),
-                          links=[LinkProgram.from_dict(link) for link in manifest.get("links", [])])
+                          links=[LinkProgram.from_dict(link) for link in manifest.get("links", [])],
+                          replicas=manifest.get("replicas", 1))
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, (ArchError, ProgramError)):
                 raise

@@ -743,7 +743,8 @@ def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: s
     Parameters:
         program: a validated :class:`flowtile.program.Program` (its ``arch`` selects the chip).
         in_flits: int8 ``[batch * program.input_words, lanes]``, the host input flits in order.
-        batch: number of inferences in ``in_flits``.
+        batch: number of inferences in ``in_flits``; for a replicated program (``program.replicas > 1``) a multiple
+            of its copies, run as ``batch // replicas`` program inferences (the result's counts are theirs).
         simulator: "verilator" (cocotb + cached Verilator build) or "amaranth" (Amaranth's simulator).
         waves: write a waveform to this path: Verilator writes FST (VCD if the path ends in ``.vcd``
             or FST support is missing; a traced build is cached separately), Amaranth writes VCD.
@@ -761,6 +762,9 @@ def simulate(program: Program, in_flits: np.ndarray, batch: int, *, simulator: s
     """
     if simulator not in SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(SIMULATORS)}, got {simulator!r}")
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a flowtile.program.Program, got {type(program).__name__}")
+    program, batch = program.program_inferences(batch)  # a replicated program: its copies' inferences together
     in_flits = _check_inputs(program, in_flits, batch)
     max_cycles = _check_max_cycles(max_cycles)
     batch = int(batch)

@@ -52,7 +52,7 @@ def check_system(program: Program) -> None:
     program.validate()
     arch, lanes, n = program.arch, program.arch.lanes, program.arch.n_tiles
     assert len(program.tiles) == arch.system_tiles and len(program.links) == arch.chips - 1
-    emitted = program.input_words  # what reaches each tile: the stream is one line through every chip
+    emitted = program.program_input_words  # what reaches each tile: the stream is one line through every chip
     for position, tile in enumerate(program.tiles):
         c = tile.config
         assert (tile.chip, tile.row, tile.col) == arch.system_position(position)
@@ -66,7 +66,7 @@ def check_system(program: Program) -> None:
                 assert program.links[chip].inference_flits == emitted
         else:
             assert c.dest_host == 0 and (c.dest_row, c.dest_col) == arch.chain_position(within + 1)
-    assert emitted == program.output_words
+    assert emitted == program.program_output_words
     for layer in program.layers:  # report-only places name the chip
         assert all(len(place) == 3 and place[0] < arch.chips for place in layer.tiles)
 
@@ -83,7 +83,8 @@ def test_programs_validate_and_route_over_links(make, chips, tmp_path):
     loaded = Program.load(program.save(tmp_path / "prog"))
     check_system(loaded)
     assert [link.inference_flits for link in loaded.links] == [link.inference_flits for link in program.links]
-    assert sum(chip_macs(program)) == pytest.approx(program.macs_per_inference, abs=len(program.layers))
+    assert sum(chip_macs(program)) == pytest.approx(program.macs_per_inference * program.replicas,
+                                                    abs=len(program.layers))
 
 
 def test_network_too_large_for_one_chip_fits_two_and_four():
@@ -261,7 +262,8 @@ def test_emulated_outputs_equal_one_big_chip(make, chips, bits):
     np.testing.assert_array_equal(emulated.q, alone.q)
     assert [stats.flits_per_inference for stats in emulated.result.links] == [l.inference_flits for l in program.links]
     # these programs' forward queues hold what their tiles forward, so the estimate is the emulated steady state
-    assert steady_state(program, emulated.result, len(x)).interval == estimated_interval(program)
+    view, count = program.program_inferences(len(x))  # a replicated program: per program inference
+    assert steady_state(view, emulated.result, count).interval == estimated_interval(program)
 
 
 def test_emulated_interval_is_the_link_bound_when_the_link_is_the_bottleneck():

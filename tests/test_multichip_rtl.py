@@ -65,4 +65,6 @@ def test_chips_in_a_line_match_the_emulator_and_one_chip(tmp_path, name, chips, 
         assert_rtl_matches_emulator(program, x)
         # the outputs are those of one chip with as many tiles (the links move flits, never change them)
         one_chip = emulate_model(compile_model(model, big), x)
-        np.testing.assert_array_equal(emulate_model(program, x).result.out_flits, one_chip.result.out_flits)
+        # (N chips may run copies of the network on alternate inferences: their batch is padded to a multiple)
+        np.testing.assert_array_equal(emulate_model(program, x).result.out_flits[:len(one_chip.result.out_flits)],
+                                      one_chip.result.out_flits)

@@ -8,18 +8,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from flowtile.emulator import EmulatorResult, emulate
-from flowtile.host import input_flits, outputs_from_flits
+from flowtile.host import input_flits, outputs_from_flits, pad_batch
 from flowtile.oracle import onnxruntime_int8_output
 from flowtile.program import Program
 
-__all__ = ["Emulated", "OracleComparison", "emulate_model", "compare_with_onnxruntime",
+__all__ = ["Emulated", "OracleComparison", "emulate_batch", "emulate_model", "compare_with_onnxruntime",
            "assert_emulator_matches_onnxruntime", "assert_rtl_matches_emulator"]
+
+
+def emulate_batch(program: Program, flits: np.ndarray, batch: int, **options) -> EmulatorResult:
+    """The emulator's run of ``batch`` real inferences (a multiple of ``program.replicas``, else ValueError:
+    :func:`flowtile.host.pad_batch`) on their host input flits: ``batch // replicas`` program inferences
+    (:meth:`flowtile.program.Program.program_inferences`); the result counts program inferences, its ``out_flits``
+    are the ``batch`` outputs in order."""
+    view, count = program.program_inferences(batch)
+    return emulate(view, flits, count, **options)
 
 
 @dataclass(frozen=True)
 class Emulated:
     """One emulated run of a batch: the emulator's result, the flits sent, the int8-domain outputs ``q``
-    (``[batch, n]``) and the float outputs ``y`` the host makes of them."""
+    (``[batch, n]``) and the float outputs ``y`` the host makes of them. A replicated program's batch is padded to
+    a multiple of its copies (:func:`flowtile.host.pad_batch`): ``result`` and ``flits`` are the padded run's,
+    ``q`` and ``y`` the real inferences' only."""
     result: EmulatorResult
     flits: np.ndarray
     q: np.ndarray
@@ -27,11 +38,13 @@ class Emulated:
 
 
 def emulate_model(program: Program, x: np.ndarray) -> Emulated:
-    """Emulate ``program`` on the float inputs ``x`` (``[batch, ...]``), as the host sends and reads them."""
-    _, flits = input_flits(program, x)
-    result = emulate(program, flits, len(x))
-    q, y = outputs_from_flits(program, result.out_flits, len(x))
-    return Emulated(result, flits, q, y)
+    """Emulate ``program`` on the float inputs ``x`` (``[batch, ...]``), as the host sends and reads them (a
+    replicated program: ``batch`` a multiple of its copies, :func:`flowtile.host.pad_batch`)."""
+    padded = pad_batch(program, x)
+    _, flits = input_flits(program, padded)
+    result = emulate_batch(program, flits, len(padded))
+    q, y = outputs_from_flits(program, result.out_flits, len(padded))
+    return Emulated(result, flits, q[:len(x)], y[:len(x)])
 
 
 @dataclass(frozen=True)
@@ -87,10 +100,11 @@ def assert_emulator_matches_onnxruntime(int8_model, program: Program, x: np.ndar
 
 def assert_rtl_matches_emulator(program: Program, x: np.ndarray) -> None:
     """Verilator's run of the RTL equals the emulator's: every output flit, every output flit's cycle stamp, the
-    cycle count."""
+    cycle count (a replicated program: on ``x`` padded to a multiple of its copies)."""
     from flowtile.rtl.simulate import simulate
+    x = pad_batch(program, x)
     _, flits = input_flits(program, x)
-    emu = emulate(program, flits, len(x))
+    emu = emulate_batch(program, flits, len(x))
     rtl = simulate(program, flits, len(x), simulator="verilator")
     rtl_flits, emu_flits = np.asarray(rtl.out_flits), np.asarray(emu.out_flits)
     assert rtl_flits.shape == emu_flits.shape, f"output flits: RTL {rtl_flits.shape} vs emulator {emu_flits.shape}"
