@@ -985,24 +985,460 @@ class _ChainSystem:
         return all(np.array_equal(self.solve_chain(j), self.times[j]) for j in range(self.solved))
 
 
-def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batch: int) -> list[np.ndarray] | None:
+#: Index arrays of a window up to this size are kept for the next window of as many inferences.
+CACHED_INDEX_ELEMENTS = 1 << 18
+
+
+class _WindowSystem:
+    """The chains ``0..solved-1`` of a whole batch solved window by window: inferences ``[lo, hi)`` are swept to
+    their fixed point while every earlier inference is final (a prefix of inferences is a closed subsystem, module
+    docstring), so each sweep round costs the window's actions only, not the whole batch's. The same Gauss-Seidel
+    sweeps as :class:`_ChainSystem` on the same recurrences; used for programs without links, self bounds or
+    host gates (those take :class:`_ChainSystem`'s whole-batch sweeps).
+
+    A chain's solve over a window is the max-plus scan of :meth:`_ChainSystem._scan` started from the chain's
+    time just before the window (``t_{k0 - 1}``, final), i.e. ``u[0] >= t_{k0-1} - C_{k0-1}``; a compute chain's
+    skip likewise starts from its first action of inference ``lo - 1``."""
+
+    def __init__(self, graph: TimingGraph, solved: int, batch: int,
+                 spaced: list[tuple[np.ndarray, int | None]]):
+        self.graph, self.solved, self.batch = graph, solved, batch
+        chains = graph.chains[:solved]
+        self.widths = [c.per_inference for c in chains]
+        # times of the inferences before the window being swept; from there on unset (sweep_window starts each
+        # window from "no constraint yet")
+        self.times = [np.empty(batch * w, dtype=np.int64) for w in self.widths]
+        # per chain: per-inference cumulative delays, their sum, the first-action adjustment
+        self.delays = []
+        self.skips: list[int] = []
+        for chain, (delays, first) in zip(chains, spaced[:solved]):
+            cs = np.cumsum(delays)
+            period = int(cs[-1]) if len(cs) else 0
+            adjust = int(delays[0] - first) if first is not None else 0
+            self.delays.append((cs, period, adjust))
+            excess = chain.skip - int(delays.sum()) if chain.skip else 0
+            self.skips.append(excess if excess > 0 else 0)
+        # FIFO edges: (writer, reader, flits per inference, write slots, read slots, read offsets - 1, depth)
+        self.reads_from: list[list[tuple]] = [[] for _ in chains]
+        self.space_from: list[list[tuple]] = [[] for _ in chains]
+        self.events_into: list[list[EventEdge]] = [[] for _ in chains]
+        dependents: list[set[int]] = [set() for _ in chains]
+        self.writes_of: dict[int, np.ndarray | None] = {}
+        for fifo in graph.fifos:
+            if fifo.writer >= solved:
+                continue
+            if fifo.reader >= solved:
+                self.writes_of[fifo.writer] = _tile_slots(fifo.write_slots, graph.chains[fifo.writer].per_inference,
+                                                          batch)
+                continue
+            flits = len(fifo.write_slots) if fifo.write_slots is not None else self.widths[fifo.writer]
+            extra = None if fifo.read_offsets is None else fifo.read_offsets - 1
+            edge = (fifo.writer, fifo.reader, flits, fifo.write_slots, fifo.read_slots, extra, fifo.depth)
+            self.reads_from[fifo.reader].append(edge)
+            self.space_from[fifo.writer].append(edge)
+            dependents[fifo.writer].add(fifo.reader)
+            dependents[fifo.reader].add(fifo.writer)
+        for event in graph.events:
+            self.events_into[event.target].append(event)
+            dependents[event.source].add(event.target)
+        self.dependents = [sorted(d) for d in dependents]
+        self._cache: dict = {}
+        # a computing PE's compute and output chains, coupled through its result ring once per ring turn: solved
+        # together (sweep_window) so that a round does not end after one turn
+        self.ring_pair: dict[int, tuple[int, int]] = {}
+        for _, compute, output in graph.pe_chains.values():
+            if compute is not None and output < solved:
+                self.ring_pair[compute] = self.ring_pair[output] = (compute, output)
+
+    # --- index arrays of a window of n inferences, relative to its start (the same for every window of n) ---
+
+    def _slots(self, slots: np.ndarray, width: int, n: int) -> np.ndarray:
+        key = ("slots", id(slots), width, n)
+        found = self._cache.get(key)
+        if found is None:
+            found = (slots[None, :] + width * np.arange(n, dtype=np.int64)[:, None]).ravel()
+            if len(found) <= CACHED_INDEX_ELEMENTS:
+                self._cache[key] = found
+        return found
+
+    def _tiled(self, values: np.ndarray, n: int) -> np.ndarray:
+        key = ("tile", id(values), n)
+        found = self._cache.get(key)
+        if found is None:
+            found = np.tile(values, n)
+            if len(found) <= CACHED_INDEX_ELEMENTS:
+                self._cache[key] = found
+        return found
+
+    def _space_sources(self, edge: tuple, n: int) -> np.ndarray:
+        """Reader action (relative to the window's first reader action, maybe negative) that frees the slot of
+        each flit of the window: flit ``f - depth``, i.e. for flit ``s * flits + k`` of the window ``s`` reader
+        widths after that of flit ``k``."""
+        key = ("space", id(edge), n)
+        found = self._cache.get(key)
+        if found is None:
+            _, reader, flits, _, read_slots, _, depth = edge
+            if n == 1:
+                x = np.arange(flits, dtype=np.int64) - depth
+                if read_slots is None:
+                    found = x
+                else:
+                    turns, within = np.divmod(x, flits)
+                    found = turns * self.widths[reader] + read_slots[within]
+            else:
+                one = self._space_sources(edge, 1)
+                found = (one[None, :] + self.widths[reader] * np.arange(n, dtype=np.int64)[:, None]).ravel()
+            if n == 1 or n * flits <= CACHED_INDEX_ELEMENTS:
+                self._cache[key] = found
+        return found
+
+    def _cumulative(self, j: int, lo: int, hi: int) -> np.ndarray:
+        """``C`` of chain ``j`` for actions ``[lo * w - 1, hi * w)`` (the action before the window first; for
+        ``lo = 0`` that entry is unused)."""
+        cs, period, adjust = self.delays[j]
+        w = self.widths[j]
+        n = hi - lo
+        out = np.empty(n * w + 1, dtype=np.int64)
+        body = out[1:].reshape(n, w)
+        np.add(np.arange(lo, hi, dtype=np.int64)[:, None] * period, cs[None, :], out=body)
+        out[0] = lo * period            # C of the inference before's last action (unused for lo = 0)
+        out -= adjust
+        return out
+
+    def _bounds(self, j: int, lo: int, hi: int, source: int | None = None, exclude: int | None = None):
+        """The lower bounds on chain ``j``'s actions of inferences ``[lo, hi)``, edge by edge (of every edge, or
+        of those from chain ``source``): ``(target, values, fresh)`` with ``values`` = ``lb - 1`` of the actions
+        ``target`` (a slice or an index array, relative to the window) and ``fresh`` whether ``values`` is a new
+        array (:meth:`_ChainSystem._latest`: a FIFO read is bounded by the write + 1, a write by the read that
+        freed its slot + 1, an event target by its source + offset)."""
+        times, w = self.times, self.widths[j]
+        n = hi - lo
+        for writer, _, flits, write_slots, read_slots, extra, _ in self.reads_from[j]:
+            if (source is not None and writer != source) or writer == exclude:
+                continue
+            if write_slots is None:
+                written, fresh = times[writer][lo * flits:hi * flits], False
+            else:
+                ww = self.widths[writer]
+                written, fresh = times[writer][lo * ww:hi * ww][self._slots(write_slots, ww, n)], True
+            if extra is not None:   # the result ring: EMIT of word j from a_j + d_j + 2
+                written, fresh = written + self._tiled(extra, n), True
+            yield (slice(None) if read_slots is None else self._slots(read_slots, w, n)), written, fresh
+        for edge in self.space_from[j]:   # rule 1: flit f takes the slot flit f - depth freed
+            _, reader, flits, write_slots, read_slots, _, depth = edge
+            if (source is not None and reader != source) or reader == exclude:
+                continue
+            skip = max(0, depth - lo * flits)
+            if skip >= n * flits:
+                continue
+            reader_times = times[reader]
+            if read_slots is None:
+                freed, fresh = reader_times[lo * flits - depth + skip:hi * flits - depth], False
+            else:
+                wr = self.widths[reader]
+                freed, fresh = reader_times[lo * wr + self._space_sources(edge, n)[skip:]], True
+            yield (slice(skip, None) if write_slots is None else self._slots(write_slots, w, n)[skip:]), freed, fresh
+        for event in self.events_into[j]:
+            if (source is not None and event.source != source) or event.source == exclude:
+                continue
+            first = max(lo, event.shift)
+            if first >= hi:
+                continue
+            sw = self.widths[event.source]
+            begin = (first - event.shift) * sw + event.source_slot
+            bound = times[event.source][begin:(hi - event.shift - 1) * sw + event.source_slot + 1:sw] \
+                + (event.offset - 1)
+            yield slice((first - lo) * w + event.target_slot, None, w), bound, True
+
+    def _lower(self, j: int, lo: int, hi: int, exclude: int) -> np.ndarray:
+        """``lb - 1`` of chain ``j``'s actions of inferences ``[lo, hi)`` from every edge but chain ``exclude``'s."""
+        lower = np.full((hi - lo) * self.widths[j], NEVER)
+        for target, values, _ in self._bounds(j, lo, hi, exclude=exclude):
+            if isinstance(target, slice):
+                view = lower[target]
+                np.maximum(view, values, out=view)
+            else:
+                lower[target] = np.maximum(lower[target], values)
+        return lower
+
+    def solve_ring_pair(self, compute: int, output: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """The compute and output chains of one PE solved together over inferences ``[lo, hi)``, given the other
+        chains: their least solution, which alternating solves of the two (one ring turn each) reach in the end.
+
+        Result word ``g`` (over the window) is bounded by the EMIT of word ``g - R`` (the ring's space) and the
+        skip by word ``g - E``; every output transfer up to the EMIT of word ``g`` is bounded by words ``<= g``
+        only. So in blocks of ``min(R, E)`` words: the block's compute actions (a scan from the word before),
+        then the output actions up to the block's last EMIT (a scan from the action before)."""
+        times, widths = self.times, self.widths
+        n = hi - lo
+        words, flits = widths[compute], widths[output]
+        ring = next(edge for edge in self.reads_from[output] if edge[0] == compute)
+        _, _, _, _, read_slots, extra, depth = ring
+        emits = np.arange(n * words, dtype=np.int64) if read_slots is None else self._slots(read_slots, flits, n)
+        extra = self._tiled(extra, n)
+        a_low = self._lower(compute, lo, hi, output)
+        o_low = self._lower(output, lo, hi, compute)
+        sources = self._space_sources(ring, n)         # EMIT of word g - R, relative to the window's output
+        before = sources < 0
+        first = max(0, depth - lo * words)             # words whose g - R exists
+        if before[first:].any():                       # g - R before the window: final times
+            index = np.flatnonzero(before[first:]) + first
+            np.maximum.at(a_low, index, times[output][lo * flits + sources[index]])
+        a_cum = self._cumulative(compute, lo, hi)
+        o_cum = self._cumulative(output, lo, hi)
+        a_times, o_times = times[compute], times[output]
+        if lo == 0:
+            a_carry = o_carry = -1
+        else:
+            a_carry = a_times[lo * words - 1] - a_cum[0]
+            o_carry = o_times[lo * flits - 1] - o_cum[0]
+        excess = self.skips[compute]
+        if excess:
+            cs, period, adjust = self.delays[compute]
+            skip = excess + period                     # t(s, 0) >= t(s - 1, 0) + skip
+            if lo:
+                a_low[0] = max(a_low[0], a_times[(lo - 1) * words] + skip - 1)
+        a_new = np.empty(n * words, dtype=np.int64)
+        o_new = np.empty(n * flits, dtype=np.int64)
+        block = min(depth, words)
+        total = n * words
+        o_start = 0
+        for start in range(0, total, block):
+            end = min(start + block, total)
+            u = a_low[start:end]
+            inside = sources[start:end]
+            if start + block > depth and end > depth:   # ring bounds from this window's EMITs
+                low = max(start, depth)
+                view = u[low - start:]
+                np.maximum(view, o_new[inside[low - start:]], out=view)
+            if excess:
+                s0 = -(-max(start, words) // words)    # inference starts in the block (not the window's first)
+                for r in range(s0 * words, end, words):
+                    bound = a_new[r - words] + skip - 1
+                    if u[r - start] < bound:
+                        u[r - start] = bound
+            u -= a_cum[1 + start:1 + end]
+            u += 1
+            if u[0] < a_carry:
+                u[0] = a_carry
+            np.maximum.accumulate(u, out=u)
+            a_carry = int(u[-1])
+            u += a_cum[1 + start:1 + end]
+            a_new[start:end] = u
+            o_end = int(emits[end - 1]) + 1 if end < total else n * flits
+            v = o_low[o_start:o_end]
+            at = emits[start:end] - o_start
+            v[at] = np.maximum(v[at], u + extra[start:end])
+            v -= o_cum[1 + o_start:1 + o_end]
+            v += 1
+            if len(v):
+                if v[0] < o_carry:
+                    v[0] = o_carry
+                np.maximum.accumulate(v, out=v)
+                o_carry = int(v[-1])
+            v += o_cum[1 + o_start:1 + o_end]
+            o_new[o_start:o_end] = v
+            o_start = o_end
+        return a_new, o_new
+
+    def _latest(self, j: int, lo: int, hi: int) -> np.ndarray:
+        """``lb - 1`` of chain ``j``'s actions of inferences ``[lo, hi)`` (:meth:`_ChainSystem._latest`)."""
+        size = (hi - lo) * self.widths[j]
+        bounds = list(self._bounds(j, lo, hi))
+        # start from a bound on a contiguous run of actions (a FIFO read or write of every action)
+        first = next((i for i, b in enumerate(bounds) if isinstance(b[0], slice) and b[0].step is None), None)
+        if first is None:
+            lower = np.full(size, NEVER)
+        else:
+            target, values, fresh = bounds.pop(first)
+            begin = target.start or 0
+            if begin == 0:
+                lower = values if fresh else values.copy()
+            else:
+                lower = np.empty(size, dtype=np.int64)
+                lower[:begin] = NEVER
+                lower[begin:] = values
+        for target, values, _ in bounds:
+            if isinstance(target, slice):
+                view = lower[target]
+                np.maximum(view, values, out=view)
+            else:
+                lower[target] = np.maximum(lower[target], values)
+        return lower
+
+    def _satisfied(self, j: int, sources, lo: int, hi: int) -> bool:
+        """Whether chain ``j``'s current times of inferences ``[lo, hi)`` meet every bound from the chains
+        ``sources``: then, the other chains unchanged since ``j``'s last solve and times only growing, that solve
+        still gives them (they satisfy the new bounds, which are no lower than the old)."""
+        w = self.widths[j]
+        current = self.times[j][lo * w:hi * w]
+        for k in sources:
+            for target, values, _ in self._bounds(j, lo, hi, k):
+                if not (values < current[target]).all():
+                    return False
+        return True
+
+    def solve(self, j: int, lo: int, hi: int) -> np.ndarray:
+        """Times of chain ``j``'s actions of inferences ``[lo, hi)`` given the others' (earlier inferences final)."""
+        w = self.widths[j]
+        lower = self._latest(j, lo, hi)
+        cumulative = self._cumulative(j, lo, hi)
+        body = cumulative[1:]
+        lower -= body
+        lower += 1
+        times = self.times[j]
+        if lo == 0:
+            if lower[0] < -1:
+                lower[0] = -1
+        else:
+            carry = times[lo * w - 1] - cumulative[0]
+            if lower[0] < carry:
+                lower[0] = carry
+        excess = self.skips[j]
+        if not excess:
+            np.maximum.accumulate(lower, out=lower)
+        else:
+            rows = lower.reshape(-1, w)
+            first = rows[:, 0].copy()
+            if w > 1:
+                np.maximum(first[1:], rows[:-1, 1:].max(axis=1), out=first[1:])
+            steps = np.arange(hi - lo, dtype=np.int64) * excess
+            if lo:
+                # h_{lo-1} + excess: the first action of the inference before, in u = t - C terms
+                cs, period, adjust = self.delays[j]
+                previous = times[(lo - 1) * w] - ((lo - 1) * period + cs[0] - adjust)
+                if first[0] < previous + excess:
+                    first[0] = previous + excess
+            first -= steps
+            np.maximum.accumulate(first, out=first)
+            first += steps
+            rows[:, 0] = first
+            np.maximum.accumulate(rows, axis=1, out=rows)
+        lower += body
+        return lower
+
+    def sweep_window(self, lo: int, hi: int) -> tuple[int, int]:
+        """Gauss-Seidel sweeps (downstream, then upstream) of inferences ``[lo, hi)`` until no time changes;
+        returns (rounds, chain solves)."""
+        n = self.solved
+        max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (hi - lo + n) * self.graph.ring_rounds
+                         * self.graph.link_rounds)
+        for times, w in zip(self.times, self.widths):
+            times[lo * w:hi * w] = NEVER
+        # per chain: None (its times stand), ALL (solve it) or the chains whose change may have moved its bounds
+        ALL = True
+        pending: list = [ALL] * n
+        solves = 0
+        times, widths, pairs = self.times, self.widths, self.ring_pair
+
+        def update(j: int) -> bool:
+            w = widths[j]
+            new = self.solve(j, lo, hi)
+            current = times[j][lo * w:hi * w]
+            if np.array_equal(new, current):
+                return False
+            current[...] = new
+            for k in self.dependents[j]:
+                sources = pending[k]
+                if sources is None:
+                    pending[k] = {j}
+                elif sources is not ALL:
+                    sources.add(j)
+            return True
+
+        def stands(j: int) -> bool:
+            sources = pending[j]
+            return sources is None or (sources is not ALL and self._satisfied(j, sources, lo, hi))
+
+        downstream, upstream = range(n), range(n - 1, -1, -1)
+        for rounds in range(1, max_rounds + 1):
+            for order in (downstream, upstream):
+                for j in order:
+                    if pending[j] is None:
+                        continue
+                    pair = pairs.get(j)
+                    if pair is None:
+                        if not stands(j):
+                            pending[j] = None
+                            solves += 1
+                            update(j)
+                        pending[j] = None
+                        continue
+                    # the compute and output chains of one PE until neither changes (nothing else changes meanwhile)
+                    compute, output = pair
+                    if stands(compute) and stands(output):
+                        pending[compute] = pending[output] = None
+                        continue
+                    pending[compute] = pending[output] = None
+                    # one solve each (enough unless the ring holds COMPUTE back), else solved together
+                    old = [times[chain][lo * widths[chain]:hi * widths[chain]].copy() for chain in pair]
+                    solves += 2
+                    for chain in pair:
+                        times[chain][lo * widths[chain]:hi * widths[chain]] = self.solve(chain, lo, hi)
+                    if not self._satisfied(compute, (output,), lo, hi):
+                        solves += 2
+                        for chain, new in zip(pair, self.solve_ring_pair(compute, output, lo, hi)):
+                            times[chain][lo * widths[chain]:hi * widths[chain]] = new
+                    for chain, previous in zip(pair, old):
+                        if not np.array_equal(previous, times[chain][lo * widths[chain]:hi * widths[chain]]):
+                            for k in self.dependents[chain]:
+                                sources = pending[k]
+                                if sources is None:
+                                    pending[k] = {chain}
+                                elif sources is not ALL:
+                                    sources.add(chain)
+                    pending[compute] = pending[output] = None
+            if all(sources is None for sources in pending):
+                return rounds, solves
+        dirty = [sources is not None for sources in pending]
+        stuck = [self.graph.chains[j].name for j in range(n) if dirty[j]]
+        raise TimingError(f"timing did not converge after {max_rounds} sweep rounds (inferences {lo}..{hi - 1} of "
+                          f"batch {self.batch}): a deadlock or a model bug; still changing: {', '.join(stuck[:4])}"
+                          + (f" and {len(stuck) - 4} more" if len(stuck) > 4 else ""))
+
+    def holds(self, lo: int) -> bool:
+        """Whether the current times of inferences ``[lo, batch)`` satisfy every chain's recurrence with equality
+        (the Jacobi check; inferences before ``lo`` are a solved prefix)."""
+        hi = self.batch
+        return all(np.array_equal(self.solve(j, lo, hi), self.times[j][lo * self.widths[j]:])
+                   for j in range(self.solved))
+
+    def solution(self) -> list[np.ndarray]:
+        return list(self.times)
+
+
+def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batch: int,
+                 out: list[np.ndarray] | None = None) -> list[np.ndarray] | None:
     """Continue the probe's per-inference times periodically, or None if they do not yet repeat.
+    ``out``: whole-batch arrays whose first ``probe`` inferences are the probe's, continued in place.
 
     Looks for the smallest period ``c`` such that ``T[b + c] - T[b]`` is one and the same vector (over
     all actions of all chains) for the last ``c + 1`` or more inferences ``b`` of the probe, then sets
     ``T[b] = T[b - c] + that vector`` for the rest of the batch.
     """
     widths = [c.per_inference for c in chains]
-    per_inference = np.concatenate([times.reshape(probe, width) for times, width in zip(prefix, widths)], axis=1)
+    rows: dict[int, np.ndarray] = {}
+
+    def row(b: int) -> np.ndarray:          # all chains' times of inference b, side by side
+        if b not in rows:
+            rows[b] = np.concatenate([times[b * width:(b + 1) * width] for times, width in zip(prefix, widths)])
+        return rows[b]
+
+    # the first action of every chain per inference: a period that fails on these fails on all actions
+    sample = np.stack([times[::width][:probe] for times, width in zip(prefix, widths)], axis=1)
     for period in range(1, probe // 2):
-        step = per_inference[period:] - per_inference[:-period]
-        differs = np.flatnonzero(np.any(step != step[-1], axis=1))
-        repeats = len(step) - (differs[-1] + 1 if differs.size else 0)
-        if repeats >= period + 1:
+        # the increments T[b + period] - T[b] of the last period + 1 inferences b of the probe all equal the last
+        # one (the later inferences first: a transient usually shows there)
+        sampled = sample[probe - 2 * period - 1 + period:] - sample[probe - 2 * period - 1:probe - period]
+        if not (sampled == sampled[-1]).all():
+            continue
+        last = row(probe - 1) - row(probe - 1 - period)
+        if all(np.array_equal(row(b + period) - row(b), last)
+               for b in range(probe - 2 - period, probe - 2 * period - 2, -1)):
             # a lasting steady state advances every action of every chain alike (FIFO and event edges bound
             # the distance between chains, a chain's actions are ordered): unequal increments are a transient
             # (an upstream PE's lead over the bottleneck drifting until the FIFOs fill), so no candidate
-            if not (step[-1] == step[-1, 0]).all():
+            if not (last == last[0]).all():
                 return None
             break
     else:
@@ -1011,15 +1447,28 @@ def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batc
     repeats = -(-later // period)                              # periods after the probe, the last maybe partial
     multiples = np.arange(1, repeats + 1, dtype=np.int64)[:, None, None]
     extended, column = [], 0
-    for times, width in zip(prefix, widths):
+    for index, (times, width) in enumerate(zip(prefix, widths)):
+        increment = last[column:column + width]
+        column += width
+        if out is not None:
+            # in place, one period after another (doubling the filled stretch each time): inference b repeats
+            # b - period one increment later
+            full = out[index].reshape(batch, width)
+            filled = min(period, later)
+            np.add(full[probe - period:probe - period + filled], increment, out=full[probe:probe + filled])
+            while filled < later:
+                step = min(filled, later - filled)
+                np.add(full[probe:probe + step], (filled // period) * increment,
+                       out=full[probe + filled:probe + filled + step])
+                filled += step
+            extended.append(out[index])
+            continue
         full = np.empty((batch, width), dtype=np.int64)
         full[:probe] = times.reshape(probe, width)
-        increment = step[-1, column:column + width]
         # inference probe + r*period + i repeats probe - period + i, (r + 1) periods later
         tail = full[probe - period:probe][None] + multiples * increment
         full[probe:] = tail.reshape(repeats * period, width)[:later]
         extended.append(full.ravel())
-        column += width
     return extended
 
 
@@ -1126,6 +1575,50 @@ def _pass_through_tail(graph: TimingGraph) -> int:
     return start
 
 
+#: Inferences per window of :class:`_WindowSystem` at first; a window that settles in at most
+#: :data:`WINDOW_CHEAP_ROUNDS` sweep rounds doubles the next one, one that takes more halves it and caps the
+#: windows after it at that size (wider windows then only cost more rounds).
+WINDOW_FIRST = 1
+WINDOW_CHEAP_ROUNDS = 2
+#: Windowed solves look for a periodic steady state from this many solved inferences on (or ``probe_batch`` if
+#: smaller), after every window; a candidate that fails its check defers the next look until the solved prefix
+#: has grown by :data:`PROBE_GROWTH`.
+WINDOW_PROBE = 4
+
+
+def _solve_in_windows(graph: TimingGraph, tail: int, batch: int, probe_batch: int,
+                      spaced: list[tuple[np.ndarray, int | None]]) -> tuple["_WindowSystem", int, bool]:
+    """The probe and extrapolation of :func:`solve_timing`, with the probe solved window by window
+    (:class:`_WindowSystem`): the first inferences exactly, then, once ``min(probe_batch, WINDOW_PROBE)`` are
+    solved, after every window the periodic candidate for the rest (:func:`_extrapolate`), checked by one Jacobi
+    pass over the inferences after the solved prefix; while no candidate passes, windows continue, up to the whole
+    batch. Returns (system, chain solves, extrapolated)."""
+    chains = graph.chains[:tail]
+    system = _WindowSystem(graph, tail, batch, spaced)
+    solves, done, width, cap = 0, 0, WINDOW_FIRST, batch
+    look = min(probe_batch, WINDOW_PROBE)
+    while done < batch:
+        hi = min(done + width, batch)
+        rounds, used = system.sweep_window(done, hi)
+        solves += used
+        if rounds <= WINDOW_CHEAP_ROUNDS:
+            width = min(width * 2, cap)
+        else:
+            width = cap = max(1, width // 2)
+        done = hi
+        if done < look or done >= batch:
+            continue
+        prefix = [times[:done * w] for times, w in zip(system.times, system.widths)]
+        # the candidate goes into the times of the inferences not solved yet (each window starts its own afresh)
+        if _extrapolate(prefix, chains, done, batch, out=system.times) is None:
+            continue
+        solves += tail
+        if system.holds(done):
+            return system, solves, True
+        look = done * PROBE_GROWTH
+    return system, solves, False
+
+
 def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
                  probe_batch: int | None = PROBE_BATCH, host_pattern: HostPattern | None = None) -> TimingResult:
     """Solve section 6's recurrences for ``batch`` inferences.
@@ -1149,7 +1642,12 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
         spaced[j] = (np.ones(chains[j].per_inference, dtype=np.int64), None)
     solves, full, prefix = 0, None, None
     faulty = any(link.faults for link in graph.links)
-    if probe_batch is not None and batch > probe_batch and not faulty:
+    # without links and host gates the probe is solved window by window (_WindowSystem)
+    windowed = (probe_batch is not None and batch > probe_batch and not faulty and not gates and not graph.links
+                and not graph.self_bounds)
+    if windowed:
+        full, solves, extrapolated = _solve_in_windows(graph, tail, batch, probe_batch, spaced)
+    elif probe_batch is not None and batch > probe_batch and not faulty:
         probe = probe_batch
         while probe < batch:
             system = _ChainSystem(graph, tail, probe, spaced=spaced, gates=gates)
@@ -1169,8 +1667,9 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
                 # whole batch settles in as few, cheaper than growing probes through a long transient
                 break
             probe *= PROBE_GROWTH
-    extrapolated = full is not None
-    if not extrapolated:
+    if not windowed:
+        extrapolated = full is not None
+    if full is None:
         full = _ChainSystem(graph, tail, batch, spaced=spaced, gates=gates)
         if prefix is not None:
             full.warm_start(prefix)
