@@ -153,6 +153,20 @@ recurrence hold with equality? Why that is exact:
 If the check fails, a longer probe (and in the end the whole batch) is solved by sweeps; a probe whose sweeps
 settled in a few rounds (:data:`CHEAP_SWEEP_SOLVES_PER_CHAIN`) is not grown, the whole batch is swept at once
 (nothing couples its inferences round by round, so that is cheaper than probing through a long transient).
+
+Windows (:class:`_WindowSystem`, programs without links or host patterns). Whole-batch sweeps redo every
+inference in every round although the first ones settle early (a prefix is closed), so the probe is solved window
+by window instead: inferences ``[lo, hi)`` are swept to their fixed point with every earlier inference final (a
+chain's solve over a window is the same scan started from its time just before the window), the window growing
+while it settles in a couple of rounds and shrinking when wider windows only cost more rounds
+(:func:`_solve_in_windows`). Three exact shortcuts make a round cheap: a computing PE's compute and output chains,
+which the result ring couples once per ring turn, are solved together (:meth:`_WindowSystem.solve_ring_pair`:
+word ``g`` waits for the EMIT of ``g - R``, so in blocks of ``min(R, E)`` words the compute actions, then the output
+actions up to the block's last EMIT, each a scan); a chain whose changed neighbours' new bounds its times already
+meet is not re-solved (times only grow, so its last solve's least solution still is one, and the least:
+:meth:`_WindowSystem._satisfied`); and after every window (from :data:`WINDOW_PROBE` inferences on) the
+periodic continuation is tried and checked over the rest of the batch as above, so a network whose steady state
+sets in after a few inferences is solved from those.
 """
 from __future__ import annotations
 
@@ -1043,6 +1057,7 @@ class _WindowSystem:
             dependents[event.source].add(event.target)
         self.dependents = [sorted(d) for d in dependents]
         self._cache: dict = {}
+        self.seen: list[bool] | None = None   # during a window's sweeps: which chains it has solved
         # a computing PE's compute and output chains, coupled through its result ring once per ring turn: solved
         # together (sweep_window) so that a round does not end after one turn
         self.ring_pair: dict[int, tuple[int, int]] = {}
@@ -1111,10 +1126,10 @@ class _WindowSystem:
         ``target`` (a slice or an index array, relative to the window) and ``fresh`` whether ``values`` is a new
         array (:meth:`_ChainSystem._latest`: a FIFO read is bounded by the write + 1, a write by the read that
         freed its slot + 1, an event target by its source + offset)."""
-        times, w = self.times, self.widths[j]
+        times, w, seen = self.times, self.widths[j], self.seen
         n = hi - lo
         for writer, _, flits, write_slots, read_slots, extra, _ in self.reads_from[j]:
-            if (source is not None and writer != source) or writer == exclude:
+            if (source is not None and writer != source) or writer == exclude or (seen and not seen[writer]):
                 continue
             if write_slots is None:
                 written, fresh = times[writer][lo * flits:hi * flits], False
@@ -1126,7 +1141,7 @@ class _WindowSystem:
             yield (slice(None) if read_slots is None else self._slots(read_slots, w, n)), written, fresh
         for edge in self.space_from[j]:   # rule 1: flit f takes the slot flit f - depth freed
             _, reader, flits, write_slots, read_slots, _, depth = edge
-            if (source is not None and reader != source) or reader == exclude:
+            if (source is not None and reader != source) or reader == exclude or (seen and not seen[reader]):
                 continue
             skip = max(0, depth - lo * flits)
             if skip >= n * flits:
@@ -1139,7 +1154,8 @@ class _WindowSystem:
                 freed, fresh = reader_times[lo * wr + self._space_sources(edge, n)[skip:]], True
             yield (slice(skip, None) if write_slots is None else self._slots(write_slots, w, n)[skip:]), freed, fresh
         for event in self.events_into[j]:
-            if (source is not None and event.source != source) or event.source == exclude:
+            if ((source is not None and event.source != source) or event.source == exclude
+                    or (seen and not seen[event.source])):
                 continue
             first = max(lo, event.shift)
             if first >= hi:
@@ -1323,8 +1339,8 @@ class _WindowSystem:
         n = self.solved
         max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (hi - lo + n) * self.graph.ring_rounds
                          * self.graph.link_rounds)
-        for times, w in zip(self.times, self.widths):
-            times[lo * w:hi * w] = NEVER
+        # a chain not yet solved in this window has no times there yet: it bounds nothing ("no constraint yet")
+        seen = self.seen = [False] * n
         # per chain: None (its times stand), ALL (solve it) or the chains whose change may have moved its bounds
         ALL = True
         pending: list = [ALL] * n
@@ -1335,8 +1351,9 @@ class _WindowSystem:
             w = widths[j]
             new = self.solve(j, lo, hi)
             current = times[j][lo * w:hi * w]
-            if np.array_equal(new, current):
+            if seen[j] and np.array_equal(new, current):
                 return False
+            seen[j] = True
             current[...] = new
             for k in self.dependents[j]:
                 sources = pending[k]
@@ -1371,16 +1388,19 @@ class _WindowSystem:
                         continue
                     pending[compute] = pending[output] = None
                     # one solve each (enough unless the ring holds COMPUTE back), else solved together
-                    old = [times[chain][lo * widths[chain]:hi * widths[chain]].copy() for chain in pair]
+                    old = [times[chain][lo * widths[chain]:hi * widths[chain]].copy() if seen[chain] else None
+                           for chain in pair]
                     solves += 2
                     for chain in pair:
                         times[chain][lo * widths[chain]:hi * widths[chain]] = self.solve(chain, lo, hi)
+                        seen[chain] = True
                     if not self._satisfied(compute, (output,), lo, hi):
                         solves += 2
                         for chain, new in zip(pair, self.solve_ring_pair(compute, output, lo, hi)):
                             times[chain][lo * widths[chain]:hi * widths[chain]] = new
                     for chain, previous in zip(pair, old):
-                        if not np.array_equal(previous, times[chain][lo * widths[chain]:hi * widths[chain]]):
+                        if previous is None or not np.array_equal(
+                                previous, times[chain][lo * widths[chain]:hi * widths[chain]]):
                             for k in self.dependents[chain]:
                                 sources = pending[k]
                                 if sources is None:
@@ -1389,7 +1409,9 @@ class _WindowSystem:
                                     sources.add(chain)
                     pending[compute] = pending[output] = None
             if all(sources is None for sources in pending):
+                self.seen = None
                 return rounds, solves
+        self.seen = None
         dirty = [sources is not None for sources in pending]
         stuck = [self.graph.chains[j].name for j in range(n) if dirty[j]]
         raise TimingError(f"timing did not converge after {max_rounds} sweep rounds (inferences {lo}..{hi - 1} of "
