@@ -290,8 +290,12 @@ def _shift_round_half_even(product: np.ndarray, shift: np.ndarray) -> np.ndarray
     The hardware's form: ``(p + 2^(S-1) - 1 + ((p >> S) & 1)) >> S``. ``|p| < 2^62`` and the added term
     is below ``2^61``, so the int64 arithmetic is exact.
     """
-    one = np.int64(1)
-    return (product + np.left_shift(one, shift - 1) - one + ((product >> shift) & one)) >> shift
+    rounded = product >> shift          # the same sum, in place (five passes over the products, no temporaries)
+    rounded &= 1
+    rounded += product
+    rounded += np.left_shift(np.int64(1), shift - 1) - 1
+    rounded >>= shift
+    return rounded
 
 
 def _requantize(accumulator: np.ndarray, bias: np.ndarray, multiplier: np.ndarray, shift: np.ndarray,
@@ -315,11 +319,12 @@ def _lane_results(tile: TileProgram, count: TileCounts, windows: np.ndarray, wei
     batch, n_pix, window, words_per_pixel = windows.shape[:4]
     # weight word cw*KH*KW + k -> [.., KH*KW, CW, L] like the windows
     weights = np.swapaxes(weights.reshape(weights.shape[:-2] + (words_per_pixel, window, lanes)), -3, -2)
-    # exact in int64: |sum| <= KH*KW * 2^14 (KH, KW <= 255)
+    # exact in int32: |sum| <= KH*KW * 2^14 <= 255^2 * 2^14 < 2^31 (KH, KW <= 255)
     if weights.ndim == 3:
-        dot = np.einsum("bqkcl,kcl->bqcl", windows, weights, dtype=np.int64)
+        dot = np.einsum("bqkcl,kcl->bqcl", windows, weights, dtype=np.int32)
     else:
-        dot = np.einsum("bqkcl,bkcl->bqcl", windows, weights, dtype=np.int64)
+        dot = np.einsum("bqkcl,bkcl->bqcl", windows, weights, dtype=np.int32)
+    dot = dot.astype(np.int64)
     params = np.asarray(tile.params, dtype=np.int64).reshape(words_per_pixel, lanes, 3)
     result = _requantize(dot, params[..., 0], params[..., 1], params[..., 2], config)
     return result.astype(np.int8).reshape(batch, n_pix * words_per_pixel, lanes)
