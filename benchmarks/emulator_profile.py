@@ -7,9 +7,23 @@ model (``run_functional``), with the cycles, the chain solves and whether the st
 ``--profile`` adds the top entries of a cProfile run of each part. Run:
 ``python benchmarks/emulator_profile.py [--nets mobilenet,resnet8] [--batch 64] [--repeats 3] [--profile]``.
 
-Measured (issue 12 item 4, batch 64, one core of a shared 2-core machine): before the windowed timing solver,
-MobileNetV1-0.25 took 8.1 s in the timing model and 0.3 s in the data model, ResNet-8 6.8 s and 0.2 s; see the
-commit history of emulator/timing.py for the figures after.
+Measured (issue 12 item 4, batch 64, seconds on a lightly loaded 2-core machine; ``emulate_model`` as a whole, cold,
+in brackets):
+
+=============  ==========================  ==========================
+network        before (timing + data)      after (timing + data)
+=============  ==========================  ==========================
+MobileNet      6.8 + 0.30 = 7.1            0.47 + 0.23 = 0.70 (0.87)
+ResNet-8       5.8 + 0.18 = 5.9            0.62 + 0.16 = 0.78 (1.36)
+=============  ==========================  ==========================
+
+Before: whole-batch Gauss-Seidel sweeps of a 16-inference probe (MobileNet: 96 rounds, 40,034 chain solves, one
+ring turn of a PE's result ring per round), and for ResNet-8, whose times never become periodic within 64
+inferences, probes of 16 and 32 and then the whole batch. After: windows of a few inferences
+(emulator/timing.py, :class:`_WindowSystem`), the compute and output chains of a PE solved together, no re-solve
+of chains whose new bounds already hold, extrapolation tried after every window (MobileNet's steady state sets in
+after 5 inferences); the same times, action for action (tests/test_emulator_fast_paths.py). A cold run of
+ResNet-8 spends about 0.5 s of its time first touching the 540 MB of times (68 M transfers) the result holds.
 """
 from __future__ import annotations
 
