@@ -154,7 +154,8 @@ If the check fails, a longer probe (and in the end the whole batch) is solved by
 settled in a few rounds (:data:`CHEAP_SWEEP_SOLVES_PER_CHAIN`) is not grown, the whole batch is swept at once
 (nothing couples its inferences round by round, so that is cheaper than probing through a long transient).
 
-Windows (:class:`_WindowSystem`, programs without links or host patterns). Whole-batch sweeps redo every
+Windows (:class:`_WindowSystem`, programs without links or host patterns of at least :data:`WINDOW_MIN_ACTIONS`
+actions per inference). Whole-batch sweeps redo every
 inference in every round although the first ones settle early (a prefix is closed), so the probe is solved window
 by window instead: inferences ``[lo, hi)`` are swept to their fixed point with every earlier inference final (a
 chain's solve over a window is the same scan started from its time just before the window), the window growing
@@ -1602,6 +1603,9 @@ def _pass_through_tail(graph: TimingGraph) -> int:
 #: windows after it at that size (wider windows then only cost more rounds).
 WINDOW_FIRST = 1
 WINDOW_CHEAP_ROUNDS = 2
+#: Programs with fewer actions per inference (over the swept chains) than this are swept over the whole probe as
+#: before: their chain solves cost mostly Python overhead, so fewer, wider solves are faster than windows.
+WINDOW_MIN_ACTIONS = 16384
 #: Windowed solves look for a periodic steady state from this many solved inferences on (or ``probe_batch`` if
 #: smaller), after every window; a candidate that fails its check defers the next look until the solved prefix
 #: has grown by :data:`PROBE_GROWTH`.
@@ -1664,9 +1668,9 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
         spaced[j] = (np.ones(chains[j].per_inference, dtype=np.int64), None)
     solves, full, prefix = 0, None, None
     faulty = any(link.faults for link in graph.links)
-    # without links and host gates the probe is solved window by window (_WindowSystem)
+    # large programs without links and host gates: the probe is solved window by window (_WindowSystem)
     windowed = (probe_batch is not None and batch > probe_batch and not faulty and not gates and not graph.links
-                and not graph.self_bounds)
+                and not graph.self_bounds and sum(c.per_inference for c in chains[:tail]) >= WINDOW_MIN_ACTIONS)
     if windowed:
         full, solves, extrapolated = _solve_in_windows(graph, tail, batch, probe_batch, spaced)
     elif probe_batch is not None and batch > probe_batch and not faulty:
