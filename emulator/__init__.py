@@ -214,7 +214,16 @@ def emulate(program: Program, in_flits: np.ndarray, batch: int, *,
     same with or without, only the cycles change. ``max_cycles``: the run's cycle limit (as the RTL harness's
     ``cycle_limit``): a run that needs more raises :class:`WatchdogError`, naming each unfinished tile's flits
     in and out by then. A program that cannot finish (flit counts that do not add up) raises
-    :class:`DeadlockError` naming the stuck tile, its port and its words received of expected."""
+    :class:`DeadlockError` naming the stuck tile, its port and its words received of expected.
+
+    ``batch`` counts real inferences: a replicated program (``program.replicas`` copies of the network taking
+    alternate inferences) runs ``batch // replicas`` program inferences, each ``replicas`` inferences' flits back to
+    back (ValueError if ``batch`` is not a multiple; the host pads). The result counts program inferences."""
+    if program.replicas > 1:
+        try:
+            program, batch = program.program_inferences(batch)
+        except ValueError as error:
+            raise EmulatorError(str(error)) from None
     arch = program.arch
     path: DataPath = trace_data_path(program)      # validates the program
     check_input_flits(program, in_flits, batch)

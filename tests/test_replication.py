@@ -151,3 +151,17 @@ def test_replicated_rtl_matches_emulator(models):
     program = compile_model(model, _arch(2, link_latency_cycles=16), replicas=2)
     x = np.random.default_rng(3).standard_normal((4, *in_shape)).astype(np.float32)
     assert_rtl_matches_emulator(program, x)
+
+
+def test_emulate_takes_real_inferences_of_a_replicated_program(models):
+    """emulate() counts real inferences: the same flits as the one-copy program's give the same output flits; a
+    batch that is not a multiple of the copies is refused in one line."""
+    from flowtile.emulator import EmulatorError, emulate
+    model, shape = models["mlp"]
+    program = compile_model(model, _arch(2), replicas=2)
+    single = compile_model(model, _arch(2), replicas=1)
+    x = np.random.default_rng(9).standard_normal((4, *shape)).astype(np.float32)
+    _, flits = input_flits(single, x)
+    np.testing.assert_array_equal(emulate(program, flits, 4).out_flits, emulate(single, flits, 4).out_flits)
+    with pytest.raises(EmulatorError, match="not a multiple of the program's 2 copies"):
+        emulate(program, flits[: 3 * single.input_words], 3)
