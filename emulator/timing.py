@@ -660,6 +660,29 @@ def _tile_slots(slots: np.ndarray | None, per_inference: int, batch: int) -> np.
     return (slots[None, :] + per_inference * np.arange(batch, dtype=np.int64)[:, None]).ravel()
 
 
+def _edge_skeleton(graph: TimingGraph, solved: int, batch: int):
+    """What both sweep systems take from the FIFO and event edges of chains ``0..solved-1``: the FIFOs with both
+    ends solved; per writer into the pass-through tail its write slots over the batch (None: every action); per
+    chain its event edges; per chain the chains its times constrain (FIFO edges both ways, events forward)."""
+    events_into: list[list[EventEdge]] = [[] for _ in range(solved)]
+    dependents: list[set[int]] = [set() for _ in range(solved)]
+    writes_of: dict[int, np.ndarray | None] = {}
+    fifos = []
+    for fifo in graph.fifos:
+        if fifo.writer >= solved:
+            continue
+        if fifo.reader >= solved:
+            writes_of[fifo.writer] = _tile_slots(fifo.write_slots, graph.chains[fifo.writer].per_inference, batch)
+            continue
+        fifos.append(fifo)
+        dependents[fifo.writer].add(fifo.reader)
+        dependents[fifo.reader].add(fifo.writer)
+    for event in graph.events:
+        events_into[event.target].append(event)
+        dependents[event.source].add(event.target)
+    return fifos, writes_of, events_into, dependents
+
+
 class _ChainSystem:
     """The coupled chains ``0..solved-1`` of one batch size, with their current times.
 
@@ -681,27 +704,15 @@ class _ChainSystem:
             [[] for _ in chains]
         # per chain: (reader index, reader's global read slots[:-depth] or None, own write slots[depth:] or None, depth)
         self.space_from: list[list[tuple[int, np.ndarray | None, np.ndarray | None, int]]] = [[] for _ in chains]
-        self.events_into: list[list[EventEdge]] = [[] for _ in chains]
-        dependents: list[set[int]] = [set() for _ in chains]
-        self.writes_of: dict[int, np.ndarray | None] = {}
-        for fifo in graph.fifos:
-            if fifo.writer >= solved:
-                continue
+        fifos, self.writes_of, self.events_into, dependents = _edge_skeleton(graph, solved, batch)
+        for fifo in fifos:
             writes = _tile_slots(fifo.write_slots, graph.chains[fifo.writer].per_inference, batch)
-            if fifo.reader >= solved:
-                self.writes_of[fifo.writer] = writes   # into the tail
-                continue
             reads = _tile_slots(fifo.read_slots, graph.chains[fifo.reader].per_inference, batch)
             extra = None if fifo.read_offsets is None else np.tile(fifo.read_offsets - 1, batch)
             self.reads_from[fifo.reader].append((fifo.writer, writes, reads, extra))
             source = None if reads is None else reads[:-fifo.depth]
             target = None if writes is None else writes[fifo.depth:]
             self.space_from[fifo.writer].append((fifo.reader, source, target, fifo.depth))
-            dependents[fifo.writer].add(fifo.reader)
-            dependents[fifo.reader].add(fifo.writer)
-        for event in graph.events:
-            self.events_into[event.target].append(event)
-            dependents[event.source].add(event.target)
         # per chain: (frame edge, the source's global slots or None, own global target slots[shift:] or None)
         self.frames_into: list[list[tuple[FrameEdge, np.ndarray | None, np.ndarray | None]]] = [[] for _ in chains]
         for edge in graph.frame_edges:
@@ -1036,26 +1047,13 @@ class _WindowSystem:
         # FIFO edges: (writer, reader, flits per inference, write slots, read slots, read offsets - 1, depth)
         self.reads_from: list[list[tuple]] = [[] for _ in chains]
         self.space_from: list[list[tuple]] = [[] for _ in chains]
-        self.events_into: list[list[EventEdge]] = [[] for _ in chains]
-        dependents: list[set[int]] = [set() for _ in chains]
-        self.writes_of: dict[int, np.ndarray | None] = {}
-        for fifo in graph.fifos:
-            if fifo.writer >= solved:
-                continue
-            if fifo.reader >= solved:
-                self.writes_of[fifo.writer] = _tile_slots(fifo.write_slots, graph.chains[fifo.writer].per_inference,
-                                                          batch)
-                continue
+        fifos, self.writes_of, self.events_into, dependents = _edge_skeleton(graph, solved, batch)
+        for fifo in fifos:
             flits = len(fifo.write_slots) if fifo.write_slots is not None else self.widths[fifo.writer]
             extra = None if fifo.read_offsets is None else fifo.read_offsets - 1
             edge = (fifo.writer, fifo.reader, flits, fifo.write_slots, fifo.read_slots, extra, fifo.depth)
             self.reads_from[fifo.reader].append(edge)
             self.space_from[fifo.writer].append(edge)
-            dependents[fifo.writer].add(fifo.reader)
-            dependents[fifo.reader].add(fifo.writer)
-        for event in graph.events:
-            self.events_into[event.target].append(event)
-            dependents[event.source].add(event.target)
         self.dependents = [sorted(d) for d in dependents]
         self._cache: dict = {}
         self.seen: list[bool] | None = None   # during a window's sweeps: which chains it has solved
