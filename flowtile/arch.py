@@ -10,6 +10,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .link_faults import line_threshold
+
 __all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS", "OP_MAC",
            "OP_MAX", "OP_LANE", "OP_ADD", "OP_CONCAT", "ADD_MULT_BITS", "ADD_MULT_MAX", "dense_window_registers",
            "stream_registers", "ACTIVATION_BANKS", "OP_NAMES", "COMPUTE_DRAIN_CYCLES", "index_bits"]
@@ -220,7 +222,6 @@ class Arch:
             raise ArchError(f"arch field 'link_error_rate' = {rate} is invalid: must be in 0.0..0.5")
         check("link_error_seed", lambda v: 1 <= v < (1 << 32), "must be in 1..4294967295")
         check("link_burst_cycles", lambda v: 1 <= v <= 4096, "must be in 1..4096")
-        from .link_faults import line_threshold   # the injector's resolution is the fault model's rule
         try:
             line_threshold("arch", rate, self.link_burst_cycles)
         except ValueError:

@@ -266,8 +266,8 @@ def shrink_case(record: dict, arch: Arch, fault: str | None = None, build_root: 
     def reproduces(description: dict, batch: int) -> dict | None:
         nonlocal attempts
         attempts += 1
-        trial = dict(record, batch=batch, network=description, message="", files=None)
-        trial.pop("files")
+        trial = {key: value for key, value in record.items() if key != "files"}
+        trial.update(batch=batch, network=description, message="")
         rng = np.random.default_rng([record["seed"], attempts])
         try:
             float_model, in_shape = _build_network(rng, record["kind"], description)

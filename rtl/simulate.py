@@ -483,23 +483,21 @@ def _load_payloads(program: Program) -> list[int]:
     layout = load_layout(arch)
     offsets = {name: field.offset for name, field in layout}
 
+    def payload(tile_address: int, target: int, addr: int, value: int) -> int:
+        return tile_address | (target << offsets["target"]) | (addr << offsets["addr"]) | (value << offsets["data"])
+
     payloads = []
     for tile in program.tiles:
-        tile_index = tile.row * arch.cols + tile.col
-
-        def payload(tile_index: int, target: int, addr: int, value: int, chip: int = tile.chip) -> int:
-            return ((chip << offsets["chip"]) | (tile_index << offsets["tile"]) | (target << offsets["target"])
-                    | (addr << offsets["addr"]) | (value << offsets["data"]))
-
+        tile_address = (tile.chip << offsets["chip"]) | ((tile.row * arch.cols + tile.col) << offsets["tile"])
         # In CONFIG_FIELDS order; the caller validated the program (every register rule).
         for addr, value in encode_registers(tile.config):
-            payloads.append(payload(tile_index, LOAD_TARGET_CONFIG, addr, value))
+            payloads.append(payload(tile_address, LOAD_TARGET_CONFIG, addr, value))
         # SRAM starts zeroed after reset: only non-zero image words need a load cycle.
         for addr, word in enumerate(_pack_flit_data(tile.sram)):
             if word:
-                payloads.append(payload(tile_index, LOAD_TARGET_SRAM, addr, word))
+                payloads.append(payload(tile_address, LOAD_TARGET_SRAM, addr, word))
         for addr, (bias, multiplier, shift) in enumerate(np.asarray(tile.params, dtype=np.int64).tolist()):
-            payloads.append(payload(tile_index, LOAD_TARGET_PARAMS, addr,
+            payloads.append(payload(tile_address, LOAD_TARGET_PARAMS, addr,
                                     encode_param_entry(bias, multiplier, shift)))
     # the link registers (section 12): frames never span inferences
     payloads += [pack_link_load(arch, chip, link.inference_flits) for chip, link in enumerate(program.links)]
