@@ -1015,6 +1015,18 @@ class _ChainSystem:
 CACHED_INDEX_ELEMENTS = 1 << 18
 
 
+def _raise_to(lower: np.ndarray, bounds) -> np.ndarray:
+    """``lower`` raised, in place, to every ``(target, values, _)`` of ``bounds``: a slice view (strided, no
+    repeats) or an index array of ``lower``, and the values there."""
+    for target, values, _ in bounds:
+        if isinstance(target, slice):
+            view = lower[target]
+            np.maximum(view, values, out=view)
+        else:
+            lower[target] = np.maximum(lower[target], values)
+    return lower
+
+
 class _WindowSystem:
     """The chains ``0..solved-1`` of a whole batch solved window by window: inferences ``[lo, hi)`` are swept to
     their fixed point while every earlier inference is final (a prefix of inferences is a closed subsystem, module
@@ -1167,14 +1179,7 @@ class _WindowSystem:
 
     def _lower(self, j: int, lo: int, hi: int, exclude: int) -> np.ndarray:
         """``lb - 1`` of chain ``j``'s actions of inferences ``[lo, hi)`` from every edge but chain ``exclude``'s."""
-        lower = np.full((hi - lo) * self.widths[j], NEVER)
-        for target, values, _ in self._bounds(j, lo, hi, exclude=exclude):
-            if isinstance(target, slice):
-                view = lower[target]
-                np.maximum(view, values, out=view)
-            else:
-                lower[target] = np.maximum(lower[target], values)
-        return lower
+        return _raise_to(np.full((hi - lo) * self.widths[j], NEVER), self._bounds(j, lo, hi, exclude=exclude))
 
     def solve_ring_pair(self, compute: int, output: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """The compute and output chains of one PE solved together over inferences ``[lo, hi)``, given the other
@@ -1273,13 +1278,7 @@ class _WindowSystem:
                 lower = np.empty(size, dtype=np.int64)
                 lower[:begin] = NEVER
                 lower[begin:] = values
-        for target, values, _ in bounds:
-            if isinstance(target, slice):
-                view = lower[target]
-                np.maximum(view, values, out=view)
-            else:
-                lower[target] = np.maximum(lower[target], values)
-        return lower
+        return _raise_to(lower, bounds)
 
     def _satisfied(self, j: int, sources, lo: int, hi: int) -> bool:
         """Whether chain ``j``'s current times of inferences ``[lo, hi)`` meet every bound from the chains
