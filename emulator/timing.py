@@ -1015,6 +1015,21 @@ class _ChainSystem:
 CACHED_INDEX_ELEMENTS = 1 << 18
 
 
+def _carry_scan(block: np.ndarray, cumulative: np.ndarray, carry: int) -> int:
+    """In place, one block of a chain continued from the block before: ``block`` holds ``lb - 1`` and becomes ``t =
+    C + cummax(max(lb - C, carry))`` (``C``: ``cumulative``, the block's cumulative delays); returns the carry for
+    the next block (``carry`` unchanged for an empty block)."""
+    block -= cumulative
+    block += 1
+    if len(block):
+        if block[0] < carry:
+            block[0] = carry
+        np.maximum.accumulate(block, out=block)
+        carry = int(block[-1])
+    block += cumulative
+    return carry
+
+
 def _raise_to(lower: np.ndarray, bounds) -> np.ndarray:
     """``lower`` raised, in place, to every ``(target, values, _)`` of ``bounds``: a slice view (strided, no
     repeats) or an index array of ``lower``, and the values there."""
@@ -1237,26 +1252,13 @@ class _WindowSystem:
                     bound = a_new[r - words] + skip - 1
                     if u[r - start] < bound:
                         u[r - start] = bound
-            u -= a_cum[1 + start:1 + end]
-            u += 1
-            if u[0] < a_carry:
-                u[0] = a_carry
-            np.maximum.accumulate(u, out=u)
-            a_carry = int(u[-1])
-            u += a_cum[1 + start:1 + end]
+            a_carry = _carry_scan(u, a_cum[1 + start:1 + end], a_carry)
             a_new[start:end] = u
             o_end = int(emits[end - 1]) + 1 if end < total else n * flits
             v = o_low[o_start:o_end]
             at = emits[start:end] - o_start
             v[at] = np.maximum(v[at], u + extra[start:end])
-            v -= o_cum[1 + o_start:1 + o_end]
-            v += 1
-            if len(v):
-                if v[0] < o_carry:
-                    v[0] = o_carry
-                np.maximum.accumulate(v, out=v)
-                o_carry = int(v[-1])
-            v += o_cum[1 + o_start:1 + o_end]
+            o_carry = _carry_scan(v, o_cum[1 + o_start:1 + o_end], o_carry)
             o_new[o_start:o_end] = v
             o_start = o_end
         return a_new, o_new
