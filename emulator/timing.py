@@ -1347,6 +1347,15 @@ class _WindowSystem:
         solves = 0
         times, widths, pairs = self.times, self.widths, self.ring_pair
 
+        def notify(changed: int) -> None:
+            """The chains ``changed`` bounds may have moved: mark it among their pending sources."""
+            for k in self.dependents[changed]:
+                sources = pending[k]
+                if sources is None:
+                    pending[k] = {changed}
+                elif sources is not ALL:
+                    sources.add(changed)
+
         def update(j: int) -> bool:
             w = widths[j]
             new = self.solve(j, lo, hi)
@@ -1355,12 +1364,7 @@ class _WindowSystem:
                 return False
             seen[j] = True
             current[...] = new
-            for k in self.dependents[j]:
-                sources = pending[k]
-                if sources is None:
-                    pending[k] = {j}
-                elif sources is not ALL:
-                    sources.add(j)
+            notify(j)
             return True
 
         def stands(j: int) -> bool:
@@ -1401,12 +1405,7 @@ class _WindowSystem:
                     for chain, previous in zip(pair, old):
                         if previous is None or not np.array_equal(
                                 previous, times[chain][lo * widths[chain]:hi * widths[chain]]):
-                            for k in self.dependents[chain]:
-                                sources = pending[k]
-                                if sources is None:
-                                    pending[k] = {chain}
-                                elif sources is not ALL:
-                                    sources.add(chain)
+                            notify(chain)
                     pending[compute] = pending[output] = None
             if all(sources is None for sources in pending):
                 self.seen = None
