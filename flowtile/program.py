@@ -22,12 +22,13 @@ import numpy as np
 
 from .arch import ACC_BITS, MULTIPLIER_BITS, OP_MAX, SHIFT_BITS, Arch, ArchError
 from .tile_config import ConfigError, TileConfig
+from .link_format import LaneSegment, check_lane_table
 
 __all__ = ["Program", "TileProgram", "LinkProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
            "check_program_destination", "TileConfig", "ConfigError"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 
 
 class ProgramError(ValueError):
@@ -255,20 +256,29 @@ class TileProgram:
 @dataclass(frozen=True)
 class LinkProgram:
     """The registers of the link from chip ``k`` to chip ``k + 1`` (``Program.links[k]``): ``inference_flits``,
-    the flits that cross it per inference (its frames never span inferences, docs/architecture.md section 12).
-    It equals what chip ``k``'s exit tile emits per inference (:meth:`Program.validate` checks it)."""
+    the flits that cross it per inference (its frames never span inferences, docs/architecture.md section 12),
+    and ``segments``, its lane table (:class:`flowtile.link_format.LaneSegment`: how many lanes each flit carries;
+    the others are channel padding, not sent and zero on arrival). ``inference_flits`` equals what chip ``k``'s exit
+    tile emits per inference (:meth:`Program.validate` checks it and the table)."""
 
     inference_flits: int
+    segments: tuple[LaneSegment, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"inference_flits": self.inference_flits}
+        return {"inference_flits": self.inference_flits,
+                "segments": [segment.to_list() for segment in self.segments]}
 
     @classmethod
     def from_dict(cls, values: dict) -> "LinkProgram":
-        unknown = sorted(set(values) - {"inference_flits"})
+        unknown = sorted(set(values) - {"inference_flits", "segments"})
         if unknown:
             raise ProgramError(f"link registers: unknown field(s) {', '.join(map(repr, unknown))}")
-        return cls(int(values["inference_flits"]))
+        try:
+            segments = tuple(LaneSegment(*map(int, segment)) for segment in values.get("segments", []))
+        except (TypeError, ValueError):
+            raise ProgramError(f"link registers: 'segments' must be a list of [flits, period, last_lanes], got "
+                               f"{values.get('segments')!r}") from None
+        return cls(int(values["inference_flits"]), segments)
 
 
 @dataclass
@@ -373,6 +383,10 @@ class Program:
                 raise ProgramError(f"link {chip} (chip {chip} -> chip {chip + 1}): register inference_flits = "
                                    f"{link.inference_flits}, but exit tile {exit_tile.key} of chip {chip} sends "
                                    f"{emitted} flits per inference")
+            try:
+                check_lane_table(link.segments, link.inference_flits, arch.lanes, owner=f"link {chip} lane table")
+            except ValueError as error:
+                raise ProgramError(str(error)) from None
             if not exit_tile.config.dest_host:
                 raise ProgramError(f"link {chip}: exit tile {exit_tile.key} of chip {chip} does not send to the host "
                                    f"port (dest_host = 0), so nothing would cross the link")

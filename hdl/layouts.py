@@ -37,7 +37,9 @@ Contract (docs/architecture.md sections 2 and 5):
   (:data:`LOAD_TARGET_LINK`, only :class:`flowtile.hdl.system.System` decodes it): ``addr``
   :data:`LINK_REG_INFERENCE_FLITS` (0) = ``inference_flits`` of link ``chip`` (the link leaving that chip,
   ``Program.links[chip]``), the low :data:`LINK_INFERENCE_FLITS_BITS` bits of ``data``
-  (:func:`pack_link_load`); ``tile`` is ignored. A :class:`~flowtile.hdl.chip.Chip` ignores ``chip``
+  (:func:`pack_link_load`); ``addr`` :data:`LINK_REG_LANE_SEGMENT0` + ``s`` (``s <`` 
+  :data:`~flowtile.link_format.LINK_LANE_SEGMENTS`) = lane segment ``s`` of its lane table, encoded by
+  :func:`flowtile.link_format.encode_lane_segment` (0: unused; :func:`pack_link_segment_load`); ``tile`` is ignored. A :class:`~flowtile.hdl.chip.Chip` ignores ``chip``
   (:class:`~flowtile.hdl.system.System` passes a write to chip ``k`` only if ``chip = k``).
   Writes beyond a memory's depth, to an unknown config or link address, to a chip or link that does
   not exist, or to target 3 of a tile are ignored.
@@ -50,11 +52,12 @@ from amaranth.lib.wiring import Out
 from amaranth.utils import ceil_log2
 
 from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch, index_bits
+from flowtile.link_format import LINK_LANE_SEGMENTS, LaneSegment, encode_lane_segment
 from flowtile.tile_config import ConfigError, TileConfig, register_bounds
 
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_LINK", "LOAD_TARGET_BITS",
-    "LOAD_ADDR_BITS", "LINK_REG_INFERENCE_FLITS", "LINK_INFERENCE_FLITS_BITS", "load_chip_bits", "pack_link_load",
+    "LOAD_ADDR_BITS", "LINK_REG_INFERENCE_FLITS", "LINK_INFERENCE_FLITS_BITS", "LINK_REG_LANE_SEGMENT0", "pack_link_segment_load", "load_chip_bits", "pack_link_load",
     "PARAM_ENTRY_BITS", "LoadEncodingError", "encode_registers",
     "check_arch", "check_tile_position", "check_tile_index", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
@@ -73,6 +76,8 @@ LOAD_TARGET_BITS = 2
 LINK_REG_INFERENCE_FLITS = 0
 #: Width of a link's ``inference_flits`` register (and of LinkTx's port): up to ``2**24 - 1`` flits per inference.
 LINK_INFERENCE_FLITS_BITS = 24
+#: Link register address of lane segment 0 of the link's lane table (segment ``s`` at ``+ s``).
+LINK_REG_LANE_SEGMENT0 = 1
 #: Width of the load ``addr`` field (docs/architecture.md section 5).
 LOAD_ADDR_BITS = 16
 #: One parameter-table entry: bias, multiplier, shift.
@@ -309,3 +314,18 @@ def pack_link_load(arch: Arch, chip: int, inference_flits: int) -> int:
     _check_range("link register inference_flits", inference_flits, 0, (1 << LINK_INFERENCE_FLITS_BITS) - 1)
     return pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_INFERENCE_FLITS, inference_flits, chip=chip)
 
+
+
+def pack_link_segment_load(arch: Arch, chip: int, index: int, segment: LaneSegment | None) -> int:
+    """The load-bus write setting lane segment ``index`` of link ``chip``'s lane table to ``segment`` (``None``:
+    unused); raises :class:`LoadEncodingError` naming the value if the link, the index or the segment is invalid."""
+    check_arch(arch, "pack_link_segment_load")
+    if arch.chips == 1:
+        raise LoadEncodingError("arch has 1 chip, so no link to load")
+    _check_range("link chip", chip, 0, arch.chips - 2)
+    _check_range("link lane segment index", index, 0, LINK_LANE_SEGMENTS - 1)
+    try:
+        value = encode_lane_segment(segment, arch.lanes)
+    except ValueError as error:
+        raise LoadEncodingError(f"link {chip} lane segment {index}: {error}") from None
+    return pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_LANE_SEGMENT0 + index, value, chip=chip)
