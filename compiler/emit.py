@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
-from flowtile.link_format import LinkGeometry
+from flowtile.link_format import LinkGeometry, flit_lanes
 from flowtile.program import LayerInfo, LinkProgram, Program, TileProgram
 from flowtile.tile_config import TileConfig
 
@@ -29,13 +29,16 @@ class StreamPlan:
     ``n_words``: RECV words per inference (every tensor in the stream); the tiles store words
     ``[store[0], store[1])`` (the layer's input, or both operands of an Add or Concat) and the layer's last
     tile forwards ``[forward[0], forward[1])`` (the tensors still needed later); ``operands``: for an Add or
-    Concat, the stored-word offsets of its first and second ONNX input.
+    Concat, the stored-word offsets of its first and second ONNX input; ``tensors``: the stream's tensors in order,
+    each ``(pixels, channels)`` (pixel-major, ``ceil(channels / L)`` words a pixel: what a link's lane table
+    describes, :func:`flowtile.link_format.lane_segments_of_tensors`).
     """
 
     n_words: int
     store: tuple[int, int]
     forward: tuple[int, int]
     operands: tuple[int, int] = (0, 0)
+    tensors: tuple[tuple[int, int], ...] = ()
 
     @property
     def carried(self) -> int:
@@ -56,13 +59,15 @@ def replicate_layers(layers: list[LoweredLayer], replicas: int) -> list[LoweredL
             for j in range(replicas) for layer, reads in zip(layers, sources)]
 
 
-def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int, replicas: int = 1) -> list[StreamPlan]:
+def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int, replicas: int = 1,
+                 in_shape: tuple[int, int] | None = None) -> list[StreamPlan]:
     """Which tensors ride in the stream into each layer, in chain order: the stream starts as the host input;
     each layer's last tile forwards the tensors a later layer still reads and appends its own output.
 
     ``replicas`` copies of a network (:func:`replicate_layers`): the stream starts as the copies' inputs (stream
     tensors ``-1, -2, ...``, ``in_words`` each) and ends as their last layers' outputs, in copy order; each copy's
-    output rides to the end.
+    output rides to the end. ``in_shape``: the input's ``(pixels, channels)`` (:func:`lane_shape`; default one
+    pixel of ``in_words * lanes`` channels, every lane used).
 
     A tensor's words are contiguous in the stream; the tensors a layer forwards must be adjacent (they are
     one register range), as must an Add's or Concat's two operands: CompileError otherwise. A Concat's first
@@ -80,6 +85,7 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int, replicas
     names = {-1 - j: f"copy {j}'s graph input" for j in range(replicas)} if replicas > 1 else {}
     names = {-1: "the graph input", **names, **{i: f"layer '{layer.name}''s output" for i, layer in enumerate(layers)}}
     stream = [(-1 - j, in_words) for j in range(replicas)]
+    shapes = {-1 - j: in_shape or (1, in_words * lanes) for j in range(replicas)}
     plans = []
     for index, (layer, reads) in enumerate(zip(layers, sources)):
         offsets = np.cumsum([0] + [n for _, n in stream])
@@ -102,8 +108,10 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int, replicas
                                f"stream; flowtile forwards one contiguous range")
         forward = (int(offsets[live[0]]), int(offsets[live[-1] + 1])) if live else (0, 0)
         operands = tuple(int(offsets[where[source]]) - store[0] for source in reads) if layer.is_join else (0, 0)
-        plans.append(StreamPlan(int(offsets[-1]), store, forward, operands))
+        plans.append(StreamPlan(int(offsets[-1]), store, forward, operands,
+                                tuple(shapes[tensor] for tensor, _ in stream)))
         stream = [stream[p] for p in live] + [(index, output_words(layer, lanes))]
+        shapes[index] = output_shape(layer)
     assert [tensor for tensor, _ in stream] == finals, "tensors left in the stream after the last layer"
     return plans
 
@@ -233,6 +241,29 @@ def output_words(layer: LoweredLayer, lanes: int) -> int:
     return layer.window.out_height * layer.window.out_width * words(layer.n_out, lanes)
 
 
+def output_shape(layer: LoweredLayer) -> tuple[int, int]:
+    """``(pixels, channels)`` of ``layer``'s output in the stream (:func:`output_words` = ``pixels * ceil(channels /
+    L)``)."""
+    if layer.window is None:
+        return 1, layer.n_out
+    return layer.window.out_height * layer.window.out_width, layer.n_out
+
+
+def lane_shape(spec) -> tuple[int, int]:
+    """``(pixels, channels)`` of a host tensor (:class:`flowtile.program.TensorSpec`) as it travels: its
+    ``words(L) = pixels * ceil(channels / L)``, channel ``c`` of a pixel in word ``c // L``, lane ``c % L``."""
+    if spec.layout == "chw":
+        channels, height, width = spec.shape
+        return height * width, channels
+    if spec.layout == "im2col":
+        kernel_h, kernel_w, _, _, _, out_height, out_width = spec.window
+        return out_height * out_width, kernel_h * kernel_w * spec.shape[0]
+    if spec.layout == "tc":
+        steps, channels = spec.shape
+        return steps, channels
+    return 1, spec.length
+
+
 def _pass_tile(arch: Arch, position: int, n_pass: int) -> TileProgram:
     return _tile(arch, position, _config(n_pass=n_pass, **_destination(arch, position)),
                  np.zeros((0, arch.lanes), np.int8), np.zeros((0, 3), np.int64))
@@ -260,9 +291,10 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
                            f"of chips only (chip_topology = 'line')")
     in_words = input_spec.words(arch.lanes)
     layers = replicate_layers(layers, replicas)
-    plans = plan_streams(layers, arch.lanes, in_words, replicas)
+    plans = plan_streams(layers, arch.lanes, in_words, replicas, lane_shape(input_spec))
     stream_words = [plan.n_words for plan in plans] + [replicas * output_words(layers[-1], arch.lanes)]
-    placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words)
+    stream_tensors = [plan.tensors for plan in plans] + [(output_shape(layers[-1]),) * replicas]
+    placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words, stream_tensors)
     tiles: list[TileProgram | None] = [None] * arch.system_tiles
     infos: list[LayerInfo] = []
     for layer, slices, plan, positions in zip(layers, placement.splits, plans, placement.positions(arch)):
@@ -274,8 +306,8 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
             n_pass = tiles[position - 1].config.output_flits(arch.lanes) if position else replicas * in_words
             tiles[position] = _pass_tile(arch, position, n_pass)
     _check_routes(tiles, arch)
-    links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].config.output_flits(arch.lanes))
-             for chip in range(arch.chips - 1)]
+    links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].config.output_flits(arch.lanes), segments)
+             for chip, segments in zip(range(arch.chips - 1), placement.link_segments)]
     assert tuple(link.inference_flits for link in links) == placement.link_words
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
                       model_name=model_name, links=links, replicas=replicas)
@@ -359,7 +391,7 @@ def estimated_interval(program: Program) -> int:
     (:meth:`flowtile.tile_config.TileConfig.tile_period_cycles`) or, on several chips, a link's
     (:func:`compiler.partition.link_cycles` of the flits it carries)."""
     return max([tile.config.tile_period_cycles(program.arch.lanes) for tile in program.tiles]
-               + [link_cycles(program.arch, link.inference_flits) for link in program.links])
+               + [link_cycles(program.arch, link.inference_flits, link.segments) for link in program.links])
 
 
 def report(program: Program) -> str:
@@ -389,7 +421,7 @@ def report(program: Program) -> str:
     if passing:
         slowest = max(slowest, (max(cycles(t) for t in passing), "pass-through tiles"))
     slowest_tile = slowest
-    link_stages = [link_cycles(arch, link.inference_flits) for link in program.links]
+    link_stages = [link_cycles(arch, link.inference_flits, link.segments) for link in program.links]
     if link_stages and max(link_stages) > slowest[0]:
         busiest = max(range(len(link_stages)), key=lambda k: link_stages[k])
         slowest = (link_stages[busiest], f"link {busiest} (chip {busiest} -> chip {busiest + 1})")
@@ -486,15 +518,18 @@ def _chip_report(program: Program, interval: int, link_stages: list[int], slowes
                      f"{100 * macs[chip] / (interval * arch.n_tiles * lanes):.1f}%",
                      str(tiles[-1].config.output_flits(lanes))))
     lines = [""] + _table(rows)
-    rows = [("link", "flits/inf", "frames/inf", "link cycles/inf", "est. util")]
+    rows = [("link", "flits/inf", "frames/inf", "link cycles/inf", "est. util", "bytes carried/sent")]
     for k, (link, stage) in enumerate(zip(program.links, link_stages)):
+        carried = int(flit_lanes(link.segments, link.inference_flits, lanes).sum())
         rows.append((f"{k} (chip {k} -> {k + 1})", str(link.inference_flits),
-                     str(geometry.frames(link.inference_flits)), str(stage), f"{100 * stage / interval:.1f}%"))
+                     str(geometry.frames(link.inference_flits, link.segments)), str(stage),
+                     f"{100 * stage / interval:.1f}%", f"{carried}/{link.inference_flits * lanes}"))
     lines += [""] + _table(rows)
     busiest = max(range(len(link_stages)), key=lambda k: link_stages[k])
     flits = program.links[busiest].inference_flits
     bound = link_stages[busiest]
-    lines.append(f"links: {arch.link_bits} wire bits/cycle, frames of {geometry.frame_flits} flits in "
+    lines.append(f"links: {arch.link_bits} wire bits/cycle, frames of {geometry.frame_bytes} bytes ("
+                 f"{geometry.frame_flits} flits of every lane; only channels cross, not their padding lanes) in "
                  f"{geometry.frame_beats} beats ({geometry.flits_per_cycle:.4f} flits/cycle at best), latency "
                  f"{geometry.latency} cycles (delay only); link bound on the interval: {bound} cycles/inference "
                  f"(link {busiest}: {flits} flits/inference x {bound / max(flits, 1):.2f} cycles/flit)")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from flowtile.arch import ACTIVATION_BANKS, Arch
-from flowtile.link_format import LinkGeometry
+from flowtile.link_format import LaneSegment, LinkGeometry, lane_segments_of_tensors
 
 from .errors import CompileError
 
@@ -486,11 +486,13 @@ class Placement:
     tiles in model order, and where each chip starts. ``starts[k]`` is the index, in the slices of all layers in
     chain order, of chip ``k``'s first slice: chip ``k`` computes slices ``starts[k] .. starts[k + 1] - 1`` on its
     chain positions ``0, 1, ...`` and passes its stream through its remaining tiles (pads, so that the next chip
-    starts at a narrow cut). ``link_words[k]``: flits crossing link ``k`` (chip ``k`` -> ``k + 1``) per inference."""
+    starts at a narrow cut). ``link_words[k]``: flits crossing link ``k`` (chip ``k`` -> ``k + 1``) per inference;
+    ``link_segments[k]``: its lane table (the lanes those flits carry, the rest is channel padding)."""
 
     splits: list[list[TileSlice]]
     starts: tuple[int, ...] = (0,)
     link_words: tuple[int, ...] = ()
+    link_segments: tuple[tuple[LaneSegment, ...], ...] = ()
 
     def positions(self, arch: Arch) -> list[list[int]]:
         """System chain position of every slice, per layer."""
@@ -506,15 +508,16 @@ class Placement:
         return result
 
 
-def link_cycles(arch: Arch, flits: int) -> int:
-    """Estimated cycles per inference a link of ``arch`` is busy carrying ``flits`` flits per inference (its stage
-    time in the pipeline; docs/architecture.md section 12, ``flowtile.link_format``): ``frames(flits)`` frames
-    (frames never span inferences, the last may be partial), one every ``frame_beats`` cycles, unless the credit or
-    go-back-N window cannot cover a frame's round trip (then one window per round trip); and the sender takes at
-    most one flit a cycle plus a cycle to seal each frame. The wire latency adds delay, not cycles per inference,
-    as long as the windows cover it."""
-    frame_flits, frame_period = _link_frames(arch)
-    frames = -(-flits // frame_flits)
+@functools.lru_cache(maxsize=4096)
+def link_cycles(arch: Arch, flits: int, segments: tuple[LaneSegment, ...] = ()) -> int:
+    """Estimated cycles per inference a link of ``arch`` is busy carrying ``flits`` flits per inference with lane
+    table ``segments`` (its stage time in the pipeline; docs/architecture.md section 12, ``flowtile.link_format``):
+    its frames (dense: a frame holds ``frame_flits * L`` carried lanes; frames never span inferences, the last may
+    be partial), one every ``frame_beats`` cycles, unless the credit or go-back-N window cannot cover a frame's
+    round trip (then one window per round trip); and the sender takes at most one flit a cycle plus a cycle to seal
+    each frame. The wire latency adds delay, not cycles per inference, as long as the windows cover it."""
+    frame_period = _link_frames(arch)[1]
+    frames = LinkGeometry(arch).frames(flits, segments)
     return max(frames * frame_period, flits + frames)
 
 
@@ -535,21 +538,24 @@ def _system_name(arch: Arch) -> str:
     return f"{arch.chips} chips of {arch.rows}x{arch.cols} tiles (arch fields 'chips', 'rows', 'cols')"
 
 
-def _slice_out_words(s: TileSlice, stream_in: int, stream_next: int, costs: WindowCosts | None, lanes: int) -> int:
-    """Flits a tile computing slice ``s`` emits per inference (what a link behind it carries): the layer's last
-    tile the stream into the next layer, the others the whole stream, the passed words and their results."""
+def _slice_out(s: TileSlice, stream_in: tuple, stream_next: tuple, costs: WindowCosts | None,
+               lanes: int) -> tuple[int, tuple]:
+    """Flits a tile computing slice ``s`` emits per inference and their tensors ``(pixels, channels)`` (what a link
+    behind it carries): the layer's last tile the stream into the next layer, the others the whole stream, then the
+    passed words and their results (counted as words whose every lane is carried)."""
     if not s.forward:
         return stream_next
     results = words(s.n_out, lanes) * (s.pixels if costs is not None else 1)
-    return stream_in + s.n_pass + results
+    return stream_in[0] + s.n_pass + results, stream_in[1] + ((s.n_pass + results, lanes),)
 
 
-def _cut_words(splits: list[list[TileSlice]], stream_words: Sequence[int], costs, lanes: int) -> list[int]:
-    """Flits per inference crossing a cut before slice ``c`` of the chain (``c = 0``: the host input; ``c`` = all
-    slices: the output), for every ``c``."""
-    cut = [stream_words[0]]
+def _cut_streams(splits: list[list[TileSlice]], streams: Sequence[tuple], costs, lanes: int) -> list[tuple]:
+    """``(flits, tensors)`` per inference crossing a cut before slice ``c`` of the chain (``c = 0``: the host input;
+    ``c`` = all slices: the output), for every ``c``; ``streams[i]``: ``(flits, tensors)`` into layer ``i``, then
+    the output."""
+    cut = [streams[0]]
     for i, slices in enumerate(splits):
-        cut += [_slice_out_words(s, stream_words[i], stream_words[i + 1], costs[i], lanes) for s in slices]
+        cut += [_slice_out(s, streams[i], streams[i + 1], costs[i], lanes) for s in slices]
     return cut
 
 
@@ -572,11 +578,15 @@ def _cut_chips(cut_cycles: list[int], arch: Arch, limit: float) -> tuple[int, ..
 
 
 def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None,
-                 stream_words: Sequence[int] | None = None) -> Placement:
+                 stream_words: Sequence[int] | None = None,
+                 stream_tensors: Sequence[Sequence[tuple[int, int]]] | None = None) -> Placement:
     """Slices per layer and their places on the system chain; CompileError if the model cannot fit.
 
     ``stream_words``: flits of the stream into each layer per inference, then those of the output (what a cut
     before each layer and after the last carries; :func:`compiler.emit.plan_streams`); needed on several chips.
+    ``stream_tensors``: the tensors ``(pixels, channels)`` of those streams (``StreamPlan.tensors``), from which a
+    link's lane table follows (dense frames carry only the channels, not their padding lanes); default: every lane
+    of every word carried.
 
     One chip: the smallest per-tile cycle budget at which every layer's fewest tiles within it (its greedy split)
     add up to the grid (binary search). Several chips: the smallest budget ``B`` at which those slices can be cut
@@ -631,10 +641,24 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
             f"bytes, or a channel group's) and two banks of the input rows its band of output pixels reads")
 
+    if arch.chips > 1:
+        if stream_tensors is None:
+            stream_tensors = [((n, lanes),) for n in stream_words]
+        streams = [(n, tuple(tensors)) for n, tensors in zip(stream_words, stream_tensors)]
+
+    def cut_tables(found: list[list[TileSlice]]) -> list[tuple[int, tuple]]:
+        """Per cut: flits per inference and lane table."""
+        tables = []
+        for flits, tensors in _cut_streams(found, streams, costs, lanes):
+            segments, total = lane_segments_of_tensors(tensors, lanes)
+            assert total == flits, f"stream tensors make {total} flits, the stream has {flits}"
+            tables.append((flits, segments))
+        return tables
+
     def cut_cycles(found: list[list[TileSlice]]) -> list[int]:
         if arch.chips == 1:
             return [0] * (sum(len(s) for s in found) + 1)
-        return [link_cycles(arch, n) for n in _cut_words(found, stream_words, costs, lanes)]
+        return [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
 
     # balance: the pipeline runs at the pace of its slowest stage (tile or link), so find the smallest budget for
     # which every layer's fewest tiles within it (its greedy split) still fit the chips, cut at links within it.
@@ -656,8 +680,8 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             return None
         if arch.chips == 1:
             return Placement(found)
-        cut = _cut_words(found, stream_words, costs, lanes)
-        return Placement(found, starts, tuple(cut[s] for s in starts[1:]))
+        cut = cut_tables(found)
+        return Placement(found, starts, tuple(cut[s][0] for s in starts[1:]), tuple(cut[s][1] for s in starts[1:]))
 
     lo, hi = 0, max(max(_slowest(s, lanes, c, extra) for s, c, extra in zip(splits, costs, carried)), max(cut_cycles(splits)))
     balanced = within(hi) or placement(splits, unlimited)  # infeasible at lo, feasible at hi

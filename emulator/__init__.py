@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 
 from flowtile.host import HostPattern
-from flowtile.link_format import LinkGeometry
+from flowtile.link_format import LinkGeometry, flit_lanes
 from flowtile.program import Program
 
 from . import functional
@@ -46,13 +46,15 @@ class LinkStats:
     """Figures of link ``link`` (chip ``link`` -> chip ``link + 1``) over a run, fault free (docs/architecture.md
     section 12, :mod:`flowtile.link_format`).
 
-    ``flits_per_inference`` / ``frames_per_inference``: what crosses per inference (``ceil(n / frame_flits)``
-    frames, all full but the last); ``flits`` / ``frames``: over the batch; ``frame_beats``: wire cycles a frame
+    ``flits_per_inference`` / ``frames_per_inference``: what crosses per inference (dense frames by the link's
+    lane table, :meth:`flowtile.link_format.LinkGeometry.inference_frame_sizes`; ``ceil(n / frame_flits)`` when
+    every lane is carried); ``carried_bytes_per_inference``: the lanes those flits carry over the link (the rest
+    is channel padding, not sent); ``flits`` / ``frames``: over the batch; ``frame_beats``: wire cycles a frame
     takes; ``busy_cycles``: ``frames * frame_beats``, the cycles the forward wire carries frame beats;
     ``first_send`` / ``last_send``: the cycles the serializer loads the batch's first and last frame (its beats
     follow from the next cycle); ``last_delivery``: the cycle the receiver hands the batch's last flit to chip
     ``link + 1``; ``utilization``: ``busy_cycles / cycles`` of the run; ``flits_per_cycle``: the link's peak,
-    ``frame_flits / frame_beats``.
+    ``frame_flits / frame_beats`` with every lane carried.
 
     ``counters``: the link's status counters at the end of the run, named as the RTL's
     (:data:`emulator.link_faults.LINK_COUNTERS`: ``tx_frames_sent`` (resends included), ``tx_replays`` (go-backs),
@@ -78,6 +80,7 @@ class LinkStats:
     utilization: float
     flits_per_cycle: float
     counters: dict = field(default_factory=dict)
+    carried_bytes_per_inference: int = 0
 
     @property
     def detected_errors(self) -> int:
@@ -262,7 +265,8 @@ def link_stats(program: Program, path: DataPath, timing: TimingResult, batch: in
     stats = []
     for index, (flits, times) in enumerate(zip(path.link_flits, timing.link_times)):
         geometry = LinkGeometry(program.arch, owner=f"link {index}")
-        frames = geometry.frames(flits)
+        segments = program.links[index].segments
+        frames = geometry.frames(flits, segments)
         counters = times.counters
         if counters is None:
             counters = dict.fromkeys(LINK_COUNTERS, 0)
@@ -272,7 +276,8 @@ def link_stats(program: Program, path: DataPath, timing: TimingResult, batch: in
             link=index, flits_per_inference=flits, frames_per_inference=frames, frame_flits=geometry.frame_flits,
             frame_beats=geometry.frame_beats, flits=batch * flits, frames=batch * frames, busy_cycles=busy,
             first_send=int(times.send[0]), last_send=int(times.send[-1] if not times.sends else max(t for t, _ in times.sends)), last_delivery=int(times.deliver[-1]),
-            utilization=busy / cycles, flits_per_cycle=geometry.flits_per_cycle, counters=dict(counters)))
+            utilization=busy / cycles, flits_per_cycle=geometry.flits_per_cycle, counters=dict(counters),
+            carried_bytes_per_inference=int(flit_lanes(segments, flits, geometry.lanes).sum())))
     return stats
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flowtile.arch import ACC_BITS, ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch
+from flowtile.link_format import flit_lanes
 from flowtile.program import Program, TileProgram
 from flowtile.tile_config import TileConfig
 
@@ -375,9 +376,10 @@ def _two_operand_results(tile: TileProgram, count: TileCounts, activations: np.n
 class FunctionalResult:
     """Flit data of a run. ``tile_out_flits[p]`` is int8 ``[batch * flits_out, L]``, the stream PE ``p``
     (system chain position) emits, in emission order; None for idle tiles. ``out_flits`` is what the host
-    receives (from the last chip). Several chips: a link carries its flits' data unchanged (their destination
-    does not cross: chip ``k + 1`` receives them addressed to its tile (0,0)), so what chip ``k``'s sending PE emits
-    is chip ``k + 1``'s input stream."""
+    receives (from the last chip). Several chips: a link carries the lanes of its flits' data that its lane table
+    says they carry (their destination and padding lanes do not cross: chip ``k + 1`` receives them addressed to
+    its tile (0,0), the other lanes zero), so chip ``k + 1``'s input stream is what chip ``k``'s sending PE emits
+    with those lanes zeroed (:func:`link_stream`)."""
 
     tile_out_flits: list[np.ndarray | None]
     out_flits: np.ndarray
@@ -411,7 +413,7 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: Dat
     stream = check_input_flits(program, in_flits, batch).reshape(batch, program.input_words, arch.lanes)
     tile_out: list[np.ndarray | None] = [None] * arch.system_tiles
     with _single_threaded_blas():
-        for position in path.order:
+        for step, position in enumerate(path.order):
             tile, count = program.tiles[position], path.counts[position]
             race_checked = False
             if count.n_out and racing_banks(tile, count, batch):
@@ -425,7 +427,19 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: Dat
                 race_checked = True
             stream = _pe_stream(tile, count, stream, arch, race_checked)
             tile_out[position] = stream.reshape(-1, arch.lanes)
+            link = path.hops[step + 1].link      # the hop to the next PE (or the host) crosses this link, if any
+            if link is not None:
+                stream = link_stream(program.links[link], stream, arch.lanes)
     return FunctionalResult(tile_out_flits=tile_out, out_flits=stream.reshape(-1, arch.lanes))
+
+
+def link_stream(link, stream: np.ndarray, lanes: int) -> np.ndarray:
+    """What a link with registers ``link`` (:class:`flowtile.program.LinkProgram`) delivers of ``stream``
+    (``[batch, flits, L]`` per inference): the lanes its lane table carries, the others zero."""
+    if not link.segments:
+        return stream
+    carried = flit_lanes(link.segments, stream.shape[1], lanes)
+    return np.where(np.arange(lanes)[None, :] < carried[:, None], stream, np.int8(0))
 
 
 def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: Arch,

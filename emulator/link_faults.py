@@ -29,7 +29,7 @@ import numpy as np
 
 from flowtile.link_faults import (BURST_FLIP_BIT, CRC16_IBM_3740, CRC32_ISO_HDLC, STEPS_PER_CYCLE, burst_threshold,
                                   channel_lines, channel_seeds, crc_compute, lfsr_step_columns, line_threshold)
-from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry
+from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry, flit_lanes, frame_sizes
 
 __all__ = ["ChannelFlips", "Checkpoints", "LinkRun", "simulate_link", "LINK_COUNTERS", "LinkSimulationError"]
 
@@ -181,21 +181,18 @@ class _Crc32Linear:
         return value
 
 
-def frame_sizes(inference_flits: int, total: int, frame_flits: int) -> list[int]:
-    """Static framing: sizes of the frames of ``total`` flits (inferences of ``inference_flits``, 0: all full)."""
+def batch_frame_sizes(geometry: LinkGeometry, inference_flits: int, segments, total: int) -> list[int]:
+    """Static framing over a run: the sizes of the frames of ``total`` flits, inferences of ``inference_flits``
+    (0: no inference boundary, every frame as full as the lane table allows) with lane table ``segments``
+    (:meth:`~flowtile.link_format.LinkGeometry.inference_frame_sizes`; frames never span inferences)."""
     if inference_flits == 0:
-        per = [frame_flits]
-    else:
-        per = [frame_flits] * (inference_flits // frame_flits) + \
-            ([inference_flits % frame_flits] if inference_flits % frame_flits else [])
-    sizes, used = [], 0
-    while used < total:
-        for size in per:
-            if used >= total:
-                break
-            sizes.append(size)
-            used += size
-    return sizes
+        return frame_sizes(flit_lanes(segments, total, geometry.lanes), geometry.frame_bytes).tolist()
+    per = geometry.inference_frame_sizes(inference_flits, segments).tolist()
+    whole, rest = divmod(total, inference_flits)
+    sizes = per * whole
+    if rest:
+        sizes += np.minimum(per, np.maximum(0, rest - np.concatenate(([0], np.cumsum(per)[:-1])))).tolist()
+    return [size for size in sizes if size]
 
 
 class Checkpoints:
@@ -214,11 +211,12 @@ class Checkpoints:
 SNAPSHOT_CYCLES = 2048
 
 
-def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *, fwd: ChannelFlips,
+def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *, segments=(), fwd: ChannelFlips,
                   ret: ChannelFlips, timeout_cycles: int | None = None, end: int | None = None,
                   max_cycles: int | None = None, checkpoints: Checkpoints | None = None,
                   deliver_gap: int = 1) -> LinkRun:
-    """Run the link of ``geometry`` (static framing with ``inference_flits`` per inference) on ``len(offers)``
+    """Run the link of ``geometry`` (static framing with ``inference_flits`` per inference and lane table
+    ``segments``, :func:`batch_frame_sizes`) on ``len(offers)``
     flits: chip ``k`` offers flit ``i`` from cycle ``offers[i]`` on, chip ``k + 1`` has room for it from cycle
     ``rooms[i]`` on (both non-decreasing in the hardware; any int). ``fwd`` / ``ret``: the channels' flips.
     Runs until every flit is delivered and, if ``end`` is given, through cycle ``end`` (the counters are those
@@ -235,7 +233,7 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
     offers_array, rooms_array = np.asarray(offers, dtype=np.int64), np.asarray(rooms, dtype=np.int64)
     offers, rooms = offers_array.tolist(), rooms_array.tolist()
     total = len(offers)
-    sizes = frame_sizes(inference_flits, total, F)
+    sizes = batch_frame_sizes(g, inference_flits, segments, total)
     n_frames = len(sizes)
     frame_first = [0] * n_frames
     for f in range(1, n_frames):
@@ -277,7 +275,7 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
     cnt = dict.fromkeys(LINK_COUNTERS, 0)
 
     # TX registers
-    left = asm_count = taken = 0
+    asm_count = taken = 0
     next_seq = send_seq = ack_base = freed = 0
     closed = 0                                  # frames closed (unwrapped next_seq)
     ser_active, ser_index, ser_frame = False, 0, 0
@@ -314,7 +312,7 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
         if snapshots:
             accept, deliver, close, first_send, received, sends, messages = checkpoints.outputs
             (t, state, txw, rd_beats, buffer, cnt, n_messages, n_sends) = snapshots[-1][1:]
-            (left, asm_count, taken, next_seq, send_seq, ack_base, freed, closed, ser_active, ser_index, ser_frame,
+            (asm_count, taken, next_seq, send_seq, ack_base, freed, closed, ser_active, ser_index, ser_frame,
              timer, md_index, md_word, md_valid, md_ok, md_out, rd_index, rd_valid, rd_out, rx_next, rx_freed,
              out_index, delivered, nak_pending, nak_sent) = state
             txw, rd_beats, buffer, cnt = dict(txw), list(rd_beats), list(buffer), dict(cnt)
@@ -328,7 +326,7 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
     while True:
         if t >= next_snapshot:
             next_snapshot += SNAPSHOT_CYCLES
-            state = (left, asm_count, taken, next_seq, send_seq, ack_base, freed, closed, ser_active, ser_index,
+            state = (asm_count, taken, next_seq, send_seq, ack_base, freed, closed, ser_active, ser_index,
                      ser_frame, timer, md_index, md_word, md_valid, md_ok, md_out, rd_index, rd_valid, rd_out,
                      rx_next, rx_freed, out_index, delivered, nak_pending, nak_sent)
             snapshots.append((t, t, state, dict(txw), list(rd_beats), list(buffer), dict(cnt), len(messages),
@@ -340,8 +338,7 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
                                       f"({delivered} delivered)")
         # ---------------- TX, combinational from the registers of cycle t ------------------------------------
         closed_start, next_seq_start = closed, next_seq
-        remaining = inference_flits if left == 0 else left
-        size = F if (remaining == 0 or remaining >= F) else remaining
+        size = sizes[closed] if closed < n_frames else F
         take = asm_count < size and taken < total and offers[taken] <= t
         window_full = (next_seq - ack_base) % MOD >= R
         do_close = (not window_full) and asm_count == size
@@ -451,7 +448,6 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
             closed += 1
             next_seq = (next_seq + 1) % MOD
             asm_count = 0
-            left = remaining - F if remaining > F else 0
         if ser_active:
             if ser_index == FB - 1:
                 ser_active = False

@@ -19,6 +19,7 @@ import numpy as np
 
 from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, Arch
 from flowtile.program import Program, TileProgram
+from flowtile.link_format import LinkGeometry
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "PORTS", "HOST",
            "TileProgress", "FlitProgress", "flit_progress", "stuck_summary", "DeadlockError", "link_delivered",
@@ -443,14 +444,18 @@ def _partial_emits(count: TileCounts, received: int) -> int:
     return done
 
 
-def link_delivered(sent: int, inference_flits: int, frame_flits: int) -> int:
-    """Flits a link delivers of the ``sent`` its sender takes: those of closed frames. Frames never span
-    inferences (:mod:`flowtile.link_format`): each inference's ``inference_flits`` form frames of ``frame_flits``,
-    the last maybe partial, and a frame closes only once it has all its flits."""
+def link_delivered(sent: int, link, arch: Arch) -> int:
+    """Flits a link with registers ``link`` (:class:`flowtile.program.LinkProgram`) delivers of the ``sent`` its
+    sender takes: those of closed frames. Frames never span inferences (:mod:`flowtile.link_format`): each
+    inference's ``inference_flits`` form the frames of its lane table, and a frame closes only once it has all its
+    flits."""
+    inference_flits = link.inference_flits
     if inference_flits <= 0:
         return 0
     whole, rest = divmod(sent, inference_flits)
-    return whole * inference_flits + rest // frame_flits * frame_flits
+    ends = np.cumsum(LinkGeometry(arch, owner="link").inference_frame_sizes(inference_flits, link.segments))
+    return whole * inference_flits + int(ends[np.searchsorted(ends, rest, side="right") - 1]
+                                         if rest >= ends[0] else 0)
 
 
 def flit_progress(program: Program, batch: int) -> FlitProgress:
@@ -505,7 +510,7 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
             landing = (0, 0)
             fifos, _ = _route(arch, (0, 0), "W", landing, False, f"tile {tile.key} over link {link}")
             port, source = fifos[-1][2], f"tile {tile.key} over link {link}"
-            arriving = link_delivered(emitted, program.links[link].inference_flits, arch.link_frame_flits)
+            arriving = link_delivered(emitted, program.links[link], arch)
             position = position_of[(link + 1, *landing)]
             continue
         port, source = fifos[-1][2], f"tile {tile.key}"

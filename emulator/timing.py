@@ -36,8 +36,9 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
 * several chips (``Arch.chips``, a line): each chip's chains as above, in system chain order; the first chain is
   chip 0's host input, the last the last chip's host output. Link ``k`` (the timing contract of
   :mod:`flowtile.link_format`, fault free) replaces chip ``k``'s host output and chip ``k + 1``'s host input by
-  three chains (:class:`LinkChains`), with ``n`` flits per inference in ``ceil(n / frame_flits)`` frames (frames
-  never span inferences; ``f`` counts frames over the batch):
+  three chains (:class:`LinkChains`), with ``n`` flits per inference in the frames of its lane table
+  (:meth:`flowtile.link_format.LinkGeometry.inference_frame_sizes`: dense frames; ``ceil(n / frame_flits)`` when
+  every lane is carried; frames never span inferences; ``f`` counts frames over the batch):
 
   - sender: per frame its flits' accepts (each reads chip ``k``'s exit FIFO, chip ``k``'s host output
     transfer), then the frame's close, ``d = 1``: in chain order this is ``A(first of f) >= close_{f-1} + 1``,
@@ -363,6 +364,7 @@ class LinkChains:
     last_flits: np.ndarray
     geometry: LinkGeometry
     faults: bool = False        # error rate > 0: solved by the link simulation (emulator/link_faults.py)
+    segments: tuple = ()        # the link's lane table (Program.links[index].segments)
 
 
 @dataclass(frozen=True)
@@ -420,11 +422,11 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         ``exit_writer``). Returns the delivery chain (it writes the next chip's tile (0,0) W FIFO)."""
         nonlocal link_rounds
         geometry = LinkGeometry(arch, owner=f"link {index}")
-        frame_flits = geometry.frame_flits
-        frames = geometry.frames(flits)
-        first = np.arange(frames, dtype=np.int64) * frame_flits
-        last = np.minimum(first + frame_flits, flits) - 1
-        flit_slots = np.arange(flits, dtype=np.int64) + np.arange(flits, dtype=np.int64) // frame_flits
+        sizes = geometry.inference_frame_sizes(flits, program.links[index].segments)
+        frames = len(sizes)
+        last = np.cumsum(sizes) - 1
+        first = last - sizes + 1
+        flit_slots = np.arange(flits, dtype=np.int64) + np.repeat(np.arange(frames, dtype=np.int64), sizes)
         close_slots = last + 1 + np.arange(frames, dtype=np.int64)
         label = f"link {index}"
         sender = add(Chain(f"{label} sender (accept, close)", HOST, "link sender", ones(flits + frames)))
@@ -437,7 +439,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
             # faults on: the three chains are solved together by simulating the link (module docstring); no
             # frame edge or self bound (they are the fault-free contract)
             links.append(LinkChains(index, sender, send, deliver, flits, frames, flit_slots, close_slots, first, last,
-                                    geometry, faults=True))
+                                    geometry, faults=True, segments=program.links[index].segments))
             return deliver
         frame_edges.extend([
             FrameEdge(f"{label}: send_f >= close_f + 1", send, None, sender, close_slots, 0, 1),
@@ -824,7 +826,7 @@ class _ChainSystem:
             # may be in the pass-through tail, whose space bound is left out (_pass_through_tail)
             depth = next(f.depth for f in self.graph.fifos if f.writer == link.deliver)
             run = simulate_link(link.geometry, link.flits, np.maximum(offers, 0), np.maximum(rooms, 0),
-                                fwd=flips[0], ret=flips[1], end=end,
+                                segments=link.segments, fwd=flips[0], ret=flips[1], end=end,
                                 checkpoints=self.link_checkpoints[link.index], deliver_gap=2 if depth == 1 else 1)
         except LinkSimulationError as error:
             raise TimingError(f"link {link.index}: {error}") from None
@@ -1515,8 +1517,8 @@ class PETimes:
 @dataclass(frozen=True)
 class LinkTimes:
     """Cycles of link ``k``'s events over the batch (:mod:`flowtile.link_format`, fault free), per flit or frame
-    numbered across inferences (each inference's flits form ``ceil(n / frame_flits)`` frames, all full but the
-    last).
+    numbered across inferences (each inference's flits form the frames of
+    :meth:`flowtile.link_format.LinkGeometry.inference_frame_sizes`: dense frames, by the link's lane table).
 
     ``accept``: int64 ``[batch * n]``, the sender takes flit ``i`` from chip ``k``'s exit FIFO (chip ``k``'s host
     output transfer); ``close``: int64 ``[batch * frames]``, ``close_f``; ``send``: ``send_f``, the serializer

@@ -216,6 +216,35 @@ def test_emulator_with_faults_outputs_clean_and_links_consistent(rate, burst, se
         np.testing.assert_array_equal(getattr(sim, name), getattr(times, name), err_msg=name)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.003])
+def test_dense_frames_in_the_link_simulation(rate):
+    """A link with a lane table (dense frames: 3 pixels of 5 channels a 16-byte frame): the register-level
+    simulation frames as the spec says, fault free it is the closed-form contract event for event, and with faults
+    each event is the simulation's for the final offers and rooms; outputs equal the clean run's."""
+    import copy
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_emulator_multichip import dense_frames_case, link_boundary, run
+    from flowtile.link_format import LinkGeometry, lane_segments_of_tensors
+    segments = lane_segments_of_tensors([(36, 5)], 4)[0]
+    clean, _, _, _, x = dense_frames_case(segments, batch=6)
+    program, *_ = dense_frames_case(segments, batch=6, link_error_rate=rate, link_error_seed=7)
+    result, reference = run(program, x, len(x)), run(clean, x, len(x))
+    np.testing.assert_array_equal(result.out_flits, reference.out_flits)
+    geometry = LinkGeometry(program.arch)
+    offers, rooms = link_boundary(clean if rate == 0 else program, result, 0)
+    seed = link_seed(7, 0)
+    sim = simulate_link(geometry, 72, offers, rooms, segments=segments,
+                        fwd=ChannelFlips(seed, geometry.bits, rate), ret=ChannelFlips(ret_seed(seed), geometry.bits, rate))
+    times = result.timing.link_times[0]
+    assert len(times.send) == 6 * 12
+    for name in ("accept", "close", "send", "received", "deliver"):
+        np.testing.assert_array_equal(getattr(sim, name), getattr(times, name), err_msg=name)
+    if rate:
+        assert result.links[0].counters["fwd_flips"] > 0 and result.links[0].counters["undetected"] == 0
+
+
 def test_fault_free_reports_counters():
     program, _, x, run = _multichip_case(3)
     stats = run(program, x, len(x)).links[0]

@@ -25,7 +25,7 @@ from flowtile.arch import Arch
 from flowtile.emulator import DeadlockError, EmulatorError, WatchdogError, emulate
 from flowtile.emulator.timing import next_message, solve_timing, timing_graph
 from flowtile.host import HostPattern, pack_flits
-from flowtile.link_format import LinkGeometry
+from flowtile.link_format import LaneSegment, LinkGeometry, lane_segments_of_tensors
 from flowtile.program import LinkProgram, Program, ProgramError, TileProgram
 from flowtile.testing.program_builder import Conv, Dense, MaxPool, build_program, dense_golden, network_golden
 from flowtile.tile_config import TileConfig
@@ -33,11 +33,12 @@ from flowtile.tile_config import TileConfig
 
 # --- programs: one network on a line of chips, and the same network on one chip --------------------------------
 
-def on_chips(single: Program, chip_arch: Arch) -> Program:
+def on_chips(single: Program, chip_arch: Arch, segments=None) -> Program:
     """``single`` (a chain of ``chip_arch.system_tiles`` tiles on one chip) cut into ``chip_arch.chips`` chips: tile
     ``p`` of the chain goes to system position ``p``; within a chip each tile sends to the next chain tile, the exit
     tile of chip ``k`` sends to the host port (``dest_host = 1``) naming tile (0,0) of chip ``k + 1``, over link
-    ``k``; the last chip's exit tile sends to the host."""
+    ``k``; the last chip's exit tile sends to the host. ``segments``: each link's lane table (default: none, every
+    lane carried)."""
     n = chip_arch.n_tiles
     assert len(single.tiles) == chip_arch.system_tiles
     tiles = []
@@ -51,21 +52,23 @@ def on_chips(single: Program, chip_arch: Arch) -> Program:
                 dest_row, dest_col = chip_arch.chain_position((position + 1) % n)
                 config = config.replace(dest_host=0, dest_row=dest_row, dest_col=dest_col)
         tiles.append(TileProgram(row, col, config, tile.sram, tile.params, chip=chip))
-    links = [LinkProgram(tiles[(k + 1) * n - 1].config.output_flits(chip_arch.lanes))
+    segments = segments or [()] * (chip_arch.chips - 1)
+    links = [LinkProgram(tiles[(k + 1) * n - 1].config.output_flits(chip_arch.lanes), tuple(segments[k]))
              for k in range(chip_arch.chips - 1)]
     program = Program(chip_arch, single.input, single.output, single.layers, tiles, "multichip", links)
     program.validate()
     return program
 
 
-def networks(layers, chips, rows=1, cols=2, *, lanes=4, depth=4, queue=1024, input_shape=None, **link):
+def networks(layers, chips, rows=1, cols=2, *, lanes=4, depth=4, queue=1024, input_shape=None, segments=None,
+             **link):
     """(multi-chip program, one-chip program) of ``layers`` (program_builder layers; ``input_shape`` as for
     ``build_program``) on ``chips`` chips of ``rows x cols`` tiles (``link``: Arch link fields)."""
     common = dict(lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64, router_fifo_depth=depth,
                   forward_queue_words=queue)
     line = Arch(rows=1, cols=chips * rows * cols, **common)
     single = build_program(line, layers, input_shape=input_shape)
-    return on_chips(single, Arch(rows=rows, cols=cols, chips=chips, **common, **link)), single
+    return on_chips(single, Arch(rows=rows, cols=cols, chips=chips, **common, **link), segments), single
 
 
 def dense(rng, n_in, n_out, tiles=1, shift=None):
@@ -98,14 +101,21 @@ def link_boundary(program, result, k):
     return offers, rooms
 
 
-def link_reference(geometry: LinkGeometry, n: int, batch: int, offers, rooms, max_cycles=1_000_000):
+def frame_bounds(geometry: LinkGeometry, n: int, batch: int, segments=()) -> list[tuple[int, int]]:
+    """(first flit, end flit) of every frame over the batch: each inference's frames by the spec's greedy packing
+    of its flits' carried lanes (:func:`flowtile.link_format.frame_sizes`)."""
+    ends = np.cumsum(geometry.inference_frame_sizes(n, segments)).tolist()
+    return [(s * n + lo, s * n + hi) for s in range(batch) for lo, hi in zip([0] + ends[:-1], ends)]
+
+
+def link_reference(geometry: LinkGeometry, n: int, batch: int, offers, rooms, max_cycles=1_000_000, segments=()):
     """Step link ``geometry`` cycle by cycle, carrying ``batch`` inferences of ``n`` flits: chip ``k`` offers flit
     ``i`` from cycle ``offers[i]``, chip ``k + 1``'s input FIFO takes it from cycle ``rooms[i]``. Every decision of
     cycle ``t`` reads the state at the start of ``t``; counters and registers updated in ``t`` show from ``t + 1``.
 
     Sender: takes one flit a cycle into the frame it fills, the first flit of frame ``f`` only once frame ``f - 1``
-    has closed (in an earlier cycle); closes frame ``f`` once all its flits are in (taken in earlier cycles), in an
-    earlier cycle than nothing else, and while its ack register shows at most ``replay_frames - 1`` closed frames
+    has closed (in an earlier cycle); closes frame ``f`` (flits by :func:`frame_bounds`) once all its flits are in
+    (taken in earlier cycles), in an earlier cycle than nothing else, and while its ack register shows at most ``replay_frames - 1`` closed frames
     unacknowledged; frames never span inferences. Serializer: loads the next closed frame once the previous
     frame's beats are out (``frame_beats`` cycles after its load) and while the freed register leaves credit
     (``f - freed < credit_frames``); the frame's beat ``b`` is on the wire in load + 1 + ``b``; the wire has
@@ -118,12 +128,9 @@ def link_reference(geometry: LinkGeometry, n: int, batch: int, offers, rooms, ma
 
     Returns dict of int64 arrays: accept, deliver (per flit), close, send, received (per frame)."""
     g = geometry
-    frame_flits, beats, latency, period = g.frame_flits, g.frame_beats, g.latency, g.ret_beats
+    beats, latency, period = g.frame_beats, g.latency, g.ret_beats
     total = n * batch
-    frames = []                         # (first flit, end flit) per frame, over the batch
-    for s in range(batch):
-        for first in range(0, n, frame_flits):
-            frames.append((s * n + first, s * n + min(first + frame_flits, n)))
+    frames = frame_bounds(g, n, batch, segments)   # (first flit, end flit) per frame, over the batch
     accept, deliver = [None] * total, [None] * total
     close, send, received = [None] * len(frames), [None] * len(frames), [None] * len(frames)
     frame_of = {flit: f for f, (lo, hi) in enumerate(frames) for flit in range(lo, hi)}
@@ -196,12 +203,11 @@ def link_reference(geometry: LinkGeometry, n: int, batch: int, offers, rooms, ma
             (("accept", accept), ("close", close), ("send", send), ("received", received), ("deliver", deliver))}
 
 
-def assert_contract(geometry: LinkGeometry, n: int, batch: int, offers, rooms, times) -> set[str]:
+def assert_contract(geometry: LinkGeometry, n: int, batch: int, offers, rooms, times, segments=()) -> set[str]:
     """The contract's recurrences, each event in the first cycle its bounds allow (equality with their max).
     Returns the names of the bounds that were alone the largest somewhere (the rules that held an event back)."""
     g = geometry
-    frame_starts = [s * n + first for s in range(batch) for first in range(0, n, g.frame_flits)]
-    frame_ends = [s * n + min(first + g.frame_flits, n) for s in range(batch) for first in range(0, n, g.frame_flits)]
+    frame_starts, frame_ends = map(list, zip(*frame_bounds(g, n, batch, segments)))
     starts = {lo: f for f, lo in enumerate(frame_starts)}
     accept, close, send = times.accept, times.close, times.send
     binding = set()
@@ -256,8 +262,9 @@ def assert_links_match_reference(program, result) -> set[str]:
         geometry = LinkGeometry(program.arch)
         n = program.links[k].inference_flits
         offers, rooms = link_boundary(program, result, k)
-        binding |= assert_contract(geometry, n, result.batch, offers, rooms, times)
-        reference = link_reference(geometry, n, result.batch, offers, rooms)
+        segments = program.links[k].segments
+        binding |= assert_contract(geometry, n, result.batch, offers, rooms, times, segments)
+        reference = link_reference(geometry, n, result.batch, offers, rooms, segments=segments)
         for name, expected in reference.items():
             actual = getattr(times, name)
             differing = np.flatnonzero(actual != expected)
@@ -438,6 +445,70 @@ def test_large_batch_probe_equals_direct_sweep(name):
         np.testing.assert_array_equal(probed, swept, err_msg=f"chain {name_}: probe + extrapolation vs sweeps")
     np.testing.assert_array_equal(result.out_flits, run(single, x, batch).out_flits)
     assert_links_match_reference(program, result)
+
+
+def dense_frames_case(segments, batch=30, seed=41, **link):
+    """A 3x3 convolution of a 1 x 6 x 6 map to 5 channels on chip 0 (36 pixels of 2 words: 4 + 1 channels), then
+    a 2x2 max pool on chip 1 and a dense layer on chip 2 (chips of one tile, lanes 4, frames of 4 flits = 16
+    bytes): link 0 carries the convolution's output with lane table ``segments``, link 1 the pool's (9 pixels of 5
+    channels) with the table that describes it."""
+    rng = np.random.default_rng(seed)
+    lanes, shape = 4, (1, 6, 6)
+    conv = Conv(rng.integers(-128, 128, (5, 1, 3, 3), dtype=np.int8), rng.integers(-500, 500, 5), 2**30, 38,
+                zp_in=-3, zp_out=2, clamp_lo=-128, pads=(1, 1, 1, 1), tiles=1)
+    layers = [conv, MaxPool(2, 2, stride=2, tiles=1), dense(rng, 3 * 3 * 2 * lanes, 7, 1)]
+    program, single = networks(layers, 3, 1, 1, lanes=lanes, input_shape=shape,
+                               segments=[segments, lane_segments_of_tensors([(9, 5)], lanes)[0]],
+                               link_frame_flits=4, link_bits_per_cycle=1, **link)
+    x = rng.integers(-128, 128, (batch, 36), dtype=np.int8)
+    return program, single, layers, shape, x
+
+
+def test_dense_frames_carry_only_the_channels():
+    """The convolution's 5 channels cross as 5 bytes a pixel, not 8: frames of 16 bytes hold 3 pixels (6 flits),
+    so an inference takes 12 frames instead of 18, and the link (the bottleneck at 1 wire bit a cycle) takes 2/3
+    of the cycles; outputs as on one chip, every link event as the cycle reference says."""
+    segments, flits = lane_segments_of_tensors([(36, 5)], 4)
+    assert segments == (LaneSegment(72, 2, 1),) and flits == 72
+    dense_program, single, layers, shape, x = dense_frames_case(segments)
+    padded_program, *_ = dense_frames_case(())
+    geometry = LinkGeometry(dense_program.arch)
+    assert geometry.frames(72, segments) == 12 and geometry.frames(72) == 18
+    batch = len(x)
+    dense_run, padded_run = run(dense_program, x, batch), run(padded_program, x, batch)
+    golden = network_golden(layers, x, shape, 4)
+    for result in (dense_run, padded_run):
+        np.testing.assert_array_equal(result.out_flits, golden)
+    np.testing.assert_array_equal(dense_run.out_flits, run(single, x, batch).out_flits)
+    assert dense_run.links[0].frames_per_inference == 12 and padded_run.links[0].frames_per_inference == 18
+    assert dense_run.links[0].carried_bytes_per_inference == 36 * 5
+    steady = [np.diff(r.out_times[r.out_times.size // 2:][::dense_program.output_words]).max()
+              for r in (dense_run, padded_run)]
+    assert steady[0] * 3 <= steady[1] * 2 + 3, steady
+    assert_links_match_reference(dense_program, dense_run)
+    assert_links_match_reference(padded_program, padded_run)
+
+
+def test_lane_table_decides_what_crosses():
+    """A lane table that carries only lane 0 of every flit loses channels 1..3 (the emulator zeroes what the
+    table does not carry, as the receiver does), so the outputs change: the table is part of the data path."""
+    program, _, layers, shape, x = dense_frames_case((LaneSegment(72, 1, 1),))
+    result = run(program, x, len(x))
+    assert (result.out_flits != network_golden(layers, x, shape, 4)).any()
+    assert result.links[0].frames_per_inference == 72 // 16 + (72 % 16 > 0)
+    assert_links_match_reference(program, result)
+
+
+def test_lane_table_is_validated():
+    program, *_ = dense_frames_case(())
+    for segments, message in (((LaneSegment(73, 2, 1),), r"the segments cover 73 flits, more than the 72"),
+                              ((LaneSegment(8, 2, 5),), r"segment 0 field 'last_lanes' = 5 is outside 1..4"),
+                              ((LaneSegment(8, 0, 1),), r"segment 0 field 'period' = 0 is outside"),
+                              ((LaneSegment(1, 1, 1),) * 5, r"5 lane segments, a link holds at most 4")):
+        wrong = copy.deepcopy(program)
+        wrong.links[0] = LinkProgram(72, segments)
+        with pytest.raises(ProgramError, match=r"link 0 lane table: " + message):
+            wrong.validate()
 
 
 def test_slow_link_is_the_bottleneck():
