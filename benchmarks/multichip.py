@@ -14,21 +14,23 @@ Rows ``1 of RxC``: a single chip (its interval and its slowest layer); rows ``N 
   over the last half of the batch);
 * ``retained``: ``interval(one N*R x C chip) / interval(N chips)``, the throughput the N chips keep;
 * ``link bound``: the busiest link of the compiled partition, its wire cycles per inference: ``frames x
-  frame_beats`` (``flowtile.link_format.LinkGeometry``; ``frames = ceil(flits / frame_flits)`` of the flits that
-  cross it per inference, ``Program.links``). No schedule of that partition is faster;
+  frame_beats`` (``flowtile.link_format.LinkGeometry.frames`` of the flits that cross it per inference and its lane
+  table, ``Program.links``: dense frames carry only channels, not their padding lanes). No schedule of that
+  partition is faster;
 * ``link cap``: ``interval(one chip) / max(interval(one chip), link bound)``: the most throughput that partition
   can keep (the link as the only loss); ``of cap``: ``retained / link cap``, how close the run comes to it;
 * ``layout cap``: the same for the one chip's own layout cut into N chips: the one chip's tiles in chain order, cut
   into chips of at most R*C consecutive tiles where the busiest link (the stream crossing each cut:
-  ``output_flits`` of the tile before it) is cheapest. It is what cutting the layer chain costs without giving up
+  ``output_flits`` of the tile before it, counted with every lane: the one chip's tiles carry no lane table) is
+  cheapest. It is what cutting the layer chain costs without giving up
   tiles (the compiler may give tiles up to move a cut to a narrower stream, so it can beat this cap);
 * ``copies``: copies of the network the compiler placed (``--replicas``: ``auto``, its choice; 1: cut the layer
   chain only): a replicated system runs ``--batch`` program inferences of ``copies`` inferences each, and its
   interval, link bound and estimates are per inference (per program inference over ``copies``);
 * ``repl cap``: the same for pure replication: each chip runs the whole network on its R x C tiles
   for every N-th inference (``interval(one R x C chip) / N``) and link ``k`` carries the inputs of the chips after
-  it and the outputs of those up to it, in lane-padded flits as links send them today (the input as plain flits,
-  ``ceil(C / lanes)`` a pixel); ``-`` where the network does not fit one R x C chip;
+  it and the outputs of those up to it, in dense frames (the plain input's ``C`` channels a pixel, not the host's
+  window packing); ``-`` where the network does not fit one R x C chip;
 * ``limiter``: ``link`` (the wire bound is within 5% of the interval), ``link window`` (the compiler's link
   estimate, which adds the credit and go-back-N round trips at this latency, is; the wire alone is not),
   ``tiles (as one chip)`` (no slower than the one chip), ``partition`` (the compiler's slowest tile is slower than
@@ -113,9 +115,10 @@ def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
     return Run(arch, time.perf_counter() - started, program, interval, emulated.q[:len(x)])
 
 
-def wire_cycles(geometry, flits: int) -> int:
-    """Wire cycles per inference of a link carrying ``flits`` flits per inference: whole frames, back to back."""
-    return geometry.frames(flits) * geometry.frame_beats
+def wire_cycles(geometry, flits: int, segments=()) -> int:
+    """Wire cycles per inference of a link carrying ``flits`` flits per inference with lane table ``segments``:
+    whole frames, back to back."""
+    return geometry.frames(flits, segments) * geometry.frame_beats
 
 
 def link_bound(program) -> tuple[int, int, int]:
@@ -123,7 +126,7 @@ def link_bound(program) -> tuple[int, int, int]:
     replicated one: the program inference's cycles over its copies)."""
     from flowtile.link_format import LinkGeometry
     geometry = LinkGeometry(program.arch)
-    cycles = [wire_cycles(geometry, link.inference_flits) for link in program.links]
+    cycles = [wire_cycles(geometry, link.inference_flits, link.segments) for link in program.links]
     busiest = max(range(len(cycles)), key=cycles.__getitem__)
     return busiest, program.links[busiest].inference_flits, round(cycles[busiest] / program.replicas)
 
@@ -166,7 +169,7 @@ def limiter(multi: Run, one: Run, bound: tuple[int, int, int]) -> str:
     program, arch = multi.program, multi.arch
     busiest, flits, wire = bound
     copies = program.replicas   # per real inference: a program inference's cycles over its copies
-    window = link_cycles(arch, flits) / copies
+    window = link_cycles(arch, flits, program.links[busiest].segments) / copies
     where = f"link {busiest}: {flits} flits/inf" + (f" of {copies} copies" if copies > 1 else "")
     if wire >= 0.95 * multi.interval:
         return f"link ({where})"
@@ -208,27 +211,30 @@ def queue_note(program) -> str:
     return f"; {len(short)} tiles' queues too short" if short else ""
 
 
-def replication_bound(small: Run, one: Run, chips: int, geometry, input_flits: int) -> float | None:
+def replication_bound(small: Run, one: Run, chips: int, geometry, input_tensor: tuple[int, int]) -> float | None:
     """Throughput kept (vs the one large chip) by pure replication: every chip runs the whole network on its own
     R x C tiles for every N-th inference (``interval(one R x C chip) / N``); link ``k`` then carries the inputs of
-    chips ``k + 1 ..`` and the outputs of chips ``.. k``, each inference in its own frames of lane-padded flits, as
-    today's links send them (``input_flits``: the plain input; the host's window packing, which the compiler may
+    chips ``k + 1 ..`` and the outputs of chips ``.. k``, each inference in its own dense frames
+    (``input_tensor``: the plain input's ``(pixels, channels)``; the host's window packing, which the compiler may
     choose on one chip, would send more). None if the network does not fit one R x C chip."""
+    from flowtile.link_format import lane_segments_of_tensors
     if small.interval is None or one.interval is None:
         return None
     program = small.program
-    frames_in, frames_out = geometry.frames(input_flits), geometry.frames(program.output_words)
+    lanes = program.arch.lanes
+    frames_in = geometry.frames(*reversed(lane_segments_of_tensors([input_tensor], lanes)))
+    frames_out = geometry.frames(*reversed(lane_segments_of_tensors([(1, program.output.length)], lanes)))
     link = max(((chips - 1 - k) * frames_in + (k + 1) * frames_out) * geometry.frame_beats / chips
                for k in range(chips - 1))
     return one.interval / max(one.interval, small.interval / chips, link)
 
 
-def plain_input_flits(shape: tuple[int, ...], lanes: int) -> int:
-    """Flits of one input of ``shape`` (without the batch) as plain lane-padded flits: a ``C x H x W`` map
-    ``ceil(C / lanes)`` flits a pixel, anything else ``ceil(elements / lanes)``."""
+def plain_input_tensor(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(pixels, channels)`` of one input of ``shape`` (without the batch) as a plain stream tensor: a ``C x H x W``
+    map ``H * W`` pixels of ``C`` channels, anything else one pixel of all its elements."""
     if len(shape) == 3:
-        return shape[1] * shape[2] * -(-shape[0] // lanes)
-    return -(-int(np.prod(shape)) // lanes)
+        return shape[1] * shape[2], shape[0]
+    return 1, int(np.prod(shape))
 
 
 def short_error(error: str) -> str:
@@ -351,7 +357,7 @@ def main() -> None:
                                                     layout_bound(one.program, n, base.n_tiles, geometry))
                         if not np.array_equal(multi.q, one.q):
                             same = "; OUTPUTS DIFFER FROM ONE CHIP"
-                    replicated = replication_bound(small, one, n, geometry, plain_input_flits(shape, base.lanes))
+                    replicated = replication_bound(small, one, n, geometry, plain_input_tensor(shape))
                     why = limiter(multi, one, bound) + queue_note(multi.program) + same
                     if retained is not None:
                         retained_at[(n, fraction)] = (retained, cap, layout, why)
@@ -370,7 +376,7 @@ def main() -> None:
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    print(f"\nlinks: latency {args.latency} cycles, frames of {Arch.link_frame_flits} flits, credit "
+    print(f"\nlinks: latency {args.latency} cycles, frames of {Arch.link_frame_flits} flits' bytes (dense), credit "
           f"{Arch.link_credit_frames} frames, replay {Arch.link_replay_frames} frames; batch {args.batch}; tiles: "
           f"{args.sram_bytes} B SRAM ({LARGE}: {args.large_sram_bytes} B), {args.queue_words}-word forward queues; "
           f"intervals in cycles/inference")

@@ -69,8 +69,9 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int, replicas
     output rides to the end. ``in_shape``: the input's ``(pixels, channels)`` (:func:`lane_shape`; default one
     pixel of ``in_words * lanes`` channels, every lane used).
 
-    A tensor's words are contiguous in the stream; the tensors a layer forwards must be adjacent (they are
-    one register range), as must an Add's or Concat's two operands: CompileError otherwise. A Concat's first
+    A tensor's words are contiguous in the stream; a layer forwards one register range, from the first to the
+    last tensor still needed after it (a tensor no longer needed between them rides along until it sits at an
+    end); an Add's or Concat's two operands must be adjacent: CompileError otherwise. A Concat's first
     input must have a multiple of ``lanes`` channels (its words then end where the second input's begin).
     """
     sources = layer_sources(layers)
@@ -101,11 +102,11 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int, replicas
                                f"not a multiple of the {lanes} lanes (arch field 'lanes'), so the second input's "
                                f"channels would not start at a word boundary")
         store = (int(offsets[positions[0]]), int(offsets[positions[-1] + 1]))
-        live = [position for position, (tensor, _) in enumerate(stream) if last_reader[tensor] > index]
-        if live and live != list(range(live[0], live[-1] + 1)):
-            raise CompileError(f"layer '{layer.name}': the tensors still needed after it "
-                               f"({', '.join(names[stream[p][0]] for p in live)}) are not adjacent in its input "
-                               f"stream; flowtile forwards one contiguous range")
+        live = [position for position, (tensor, _) in enumerate(stream) if last_reader.get(tensor, -1) > index]
+        # a tile forwards one contiguous range: a tensor no longer needed between two that are rides along (e.g. a
+        # residual block's input between another copy's input and the shortcut's output) and is dropped by the
+        # first layer after which it sits at an end of the live range
+        live = list(range(live[0], live[-1] + 1)) if live else []
         forward = (int(offsets[live[0]]), int(offsets[live[-1] + 1])) if live else (0, 0)
         operands = tuple(int(offsets[where[source]]) - store[0] for source in reads) if layer.is_join else (0, 0)
         plans.append(StreamPlan(int(offsets[-1]), store, forward, operands,
