@@ -5,29 +5,47 @@ between every two chips of a line. The geometry and the fault-free timing contra
 
 Pieces (each a ``wiring.Component``):
 
-* :class:`LinkTx` -- groups flits into frames (sequence number, flit count, the flits' ``data``, CRC-32; frames never
-  span inferences: an inference of ``inference_flits`` flits makes ``ceil(inference_flits / frame_flits)`` frames,
-  all full but the last), keeps them in a go-back-N replay buffer until acknowledged, sends one only when the
-  receiver has credit for it, and serializes frames onto ``bits`` wire bits per cycle.
+* :class:`LaneSequencer` -- walks a link's *lane table* (:func:`lane_table_layout`, the spec's
+  :class:`~flowtile.link_format.LaneSegment` registers) flit by flit: how many lanes (bytes) the current flit of the
+  stream carries (:func:`flowtile.link_format.flit_lanes`) and whether it starts an inference. Sender and receiver
+  each hold one, fed from the same registers, so both agree on every flit's lanes and on where frames end.
+* :class:`LinkTx` -- packs the carried lanes of flits densely into frames (sequence number, flit count, data area,
+  CRC-32; frames never span inferences and are cut greedily where the next flit's lanes no longer fit,
+  :func:`flowtile.link_format.frame_sizes`), keeps them in a go-back-N replay buffer until acknowledged, sends one
+  only when the receiver has credit for it, and serializes frames onto ``bits`` wire bits per cycle.
 * :class:`LinkChannel` -- the wire one way: ``latency`` pipeline stages and a fault injector that flips
   wire bits from seeded LFSRs at a bit-error rate, alone or in bursts (the fault model is defined once, in
   :mod:`flowtile.link_faults`, which the emulator predicts too: emulator/link_faults.py).
 * :class:`LinkRx` -- deserializes, checks CRC and sequence number, buffers good in-order frames (at most
   ``credit_frames``) and streams their flits out addressed to tile (0,0) (``dest_row = dest_col = 0``,
-  ``dest_host = 0``: only the data crosses the wire, see below); while ``run`` is high it sends
-  status messages back on its own narrow wire, message ``m`` starting in cycle ``m * ret_beats`` of the run.
+  ``dest_host = 0``: only the carried lanes of the data cross the wire, the others arrive zero, see below); while
+  ``run`` is high it sends status messages back on its own narrow wire, message ``m`` starting in cycle ``m *
+  ret_beats`` of the run.
 * :class:`Link` -- TX, a forward channel, RX and a return channel joined: flit stream in, flit stream out.
 
 Wire (both ways, :func:`link_wire_signature`): ``data`` (``bits``), ``valid``, ``first`` (first beat of a
 frame or message). The fault injector may flip any of them; the receiver resynchronizes on ``first``.
 
-Forward frame (:class:`LinkFormat`), LSB first: ``seq`` (``seq_bits``), ``count - 1`` (``count_bits``),
-``frame_flits`` flit data words of ``flit_data_bits`` bits (unused ones zero; a flit's destination does not cross
-the wire: chip ``k``'s exit tile always sends to tile (0,0) of chip ``k + 1``, which the receiver writes back,
-:meth:`flowtile.program.Program.validate`): ``payload_bits``, zero-padded to ``payload_beats`` beats of ``bits``
-bits; then CRC-32/ISO-HDLC of those payload beats (computed a beat at a time, ``bits``-bit words, as they go
-out), zero-padded to ``crc_beats`` beats. ``frame_beats = payload_beats + crc_beats``; beat 0 first, each
-beat's bit 0 on ``data[0]``; the ``first`` line is high on beat 0.
+Forward frame (:class:`LinkFormat`), LSB first: ``seq`` (``seq_bits``), ``count - 1`` (``count_bits = max(1,
+ceil_log2(frame_bytes))``; ``count`` in flits, up to ``frame_bytes`` of one lane each), then the data area of
+``frame_bytes = frame_flits * lanes`` bytes (``flits_bits`` bits): the carried lanes of the frame's flits back to
+back, in flit order, lane 0 first, from bit 0 of the area (byte ``b`` at bits ``[8b, 8b + 8)``), the unused rest
+zero. A flit carries lanes ``0 .. c - 1`` with ``c`` from the lane table (:func:`flowtile.link_format.flit_lanes`;
+``c = lanes`` for every flit without a table, and then the area is ``frame_flits`` whole data words as before); its
+other lanes (channel padding) and its destination do not cross the wire: chip ``k``'s exit tile always sends to
+tile (0,0) of chip ``k + 1``, which the receiver writes back, :meth:`flowtile.program.Program.validate`. Frame
+boundaries follow from the table alone (a flit joins the open frame iff it belongs to the same inference and its
+lanes still fit, :func:`flowtile.link_format.frame_sizes`). ``payload_bits`` in all, zero-padded to
+``payload_beats`` beats of ``bits`` bits; then CRC-32/ISO-HDLC of those payload beats (computed a beat at a time,
+``bits``-bit words, as they go out), zero-padded to ``crc_beats`` beats. ``frame_beats = payload_beats +
+crc_beats``; beat 0 first, each beat's bit 0 on ``data[0]``; the ``first`` line is high on beat 0.
+
+Lane table (:func:`lane_table_layout`): :data:`~flowtile.link_format.LINK_LANE_SEGMENTS` registers, each the
+spec's :func:`~flowtile.link_format.encode_lane_segment` (``flits`` bits ``[0, 24)``, ``period`` ``[24, 40)``,
+``last_lanes`` from bit 40); a register with ``flits = 0`` ends the table. Sender and receiver count the stream's
+flits from reset, back to 0 after ``inference_flits`` of them (never with ``inference_flits = 0``); both must hold
+the table and ``inference_flits`` constant while flits move (:class:`flowtile.hdl.system.System` loads them while
+``run = 0``).
 
 Return message: ``ack`` (``seq_bits``: the next sequence number the receiver expects; cumulative),
 ``freed`` (``seq_bits``: frames whose flits have all left the receiver; cumulative credit), ``nak`` (1),
@@ -47,7 +65,7 @@ Sequence numbers count modulo ``2 ** seq_bits`` with ``2 ** seq_bits >= 2 * (rep
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.crc import catalog
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -57,13 +75,14 @@ from flowtile.arch import Arch
 from flowtile.link_faults import (BURST_FLIP_BIT, LFSR_SEED_MULTIPLIER, LFSR_SEED_STRIDE, STEPS_PER_CYCLE,
                                   THRESHOLD_BITS, burst_threshold, channel_lines, line_threshold, lfsr_seed, lfsr_step,
                                   lfsr_step_matrix, ret_seed)
-from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry, check_int
+from flowtile.link_format import (FRAME_CRC_BITS, LANE_SEGMENT_FLITS_BITS, LANE_SEGMENT_PERIOD_BITS,
+                                  LINK_LANE_SEGMENTS, MESSAGE_CRC_BITS, LinkGeometry, check_int)
 
 from .layouts import LINK_INFERENCE_FLITS_BITS, check_arch, flit_layout
 
-__all__ = ["LinkFormat", "LinkTx", "LinkRx", "LinkChannel", "Link", "Serializer", "Deserializer", "link_wire_signature",
-           "link_signature", "error_threshold", "FRAME_CRC", "MESSAGE_CRC", "COUNTER_BITS", "lfsr_step_matrix",
-           "lfsr_seed", "ret_seed"]
+__all__ = ["LinkFormat", "LinkTx", "LinkRx", "LinkChannel", "Link", "Serializer", "Deserializer", "LaneSequencer",
+           "link_wire_signature", "link_signature", "lane_table_layout", "error_threshold", "FRAME_CRC", "MESSAGE_CRC",
+           "COUNTER_BITS", "lfsr_step_matrix", "lfsr_seed", "ret_seed"]
 
 #: CRC of a forward frame (the brief's choice: CRC-32, the Ethernet polynomial).
 FRAME_CRC = catalog.CRC32_ISO_HDLC
@@ -109,26 +128,47 @@ class LinkFormat(LinkGeometry):
     def beats_of(self, word: int, beats: int) -> list[int]:
         return [word >> (i * self.bits) & ((1 << self.bits) - 1) for i in range(beats)]
 
-    def encode_frame(self, seq: int, flits: list[int]) -> int:
-        """The frame's bits, beat 0 in the low ``bits`` bits; ``flits`` are data words (``flit_data_bits`` each)."""
-        assert 1 <= len(flits) <= self.frame_flits
-        payload = seq % (1 << self.seq_bits) | (len(flits) - 1) << self.seq_bits
-        for i, flit in enumerate(flits):
-            assert 0 <= flit < 1 << self.flit_data_bits
-            payload |= flit << (self.seq_bits + self.count_bits + i * self.flit_data_bits)
+    def encode_frame(self, seq: int, flits: list[int], carried=None) -> int:
+        """The frame's bits, beat 0 in the low ``bits`` bits. ``flits`` are data words (``flit_data_bits`` each);
+        ``carried`` the lanes each carries (default: all ``lanes``): lanes ``0 .. carried[i] - 1`` of flit ``i`` go
+        into the data area back to back, its other lanes are dropped (as the sender drops them)."""
+        carried = [self.lanes] * len(flits) if carried is None else [int(c) for c in carried]
+        assert len(carried) == len(flits) and 1 <= len(flits) <= self.frame_bytes
+        area = fill = 0
+        for flit, lanes in zip(flits, carried):
+            assert 0 <= flit < 1 << self.flit_data_bits and 1 <= lanes <= self.lanes
+            area |= (flit & ((1 << 8 * lanes) - 1)) << (8 * fill)
+            fill += lanes
+        assert fill <= self.frame_bytes, f"{fill} bytes of lanes do not fit a frame of {self.frame_bytes}"
+        payload = seq % (1 << self.seq_bits) | (len(flits) - 1) << self.seq_bits | \
+            area << (self.seq_bits + self.count_bits)
         crc = self.frame_crc.compute(self.beats_of(payload, self.payload_beats))
         return payload | crc << (self.payload_beats * self.bits)
 
-    def decode_frame(self, frame: int):
-        """``(crc_ok, seq, flits)`` of a frame's bits (``flits``: the data words)."""
+    def decode_frame_area(self, frame: int):
+        """``(crc_ok, seq, count, area)`` of a frame's bits: ``count`` its flits, ``area`` its data area (an integer
+        of ``frame_bytes`` bytes, byte ``b`` at bits ``[8b, 8b + 8)``)."""
         payload = frame & ((1 << (self.payload_beats * self.bits)) - 1)
         crc = frame >> (self.payload_beats * self.bits) & 0xFFFFFFFF
         crc_ok = crc == self.frame_crc.compute(self.beats_of(payload, self.payload_beats))
         seq = payload & ((1 << self.seq_bits) - 1)
         count = (payload >> self.seq_bits & ((1 << self.count_bits) - 1)) + 1
-        base = self.seq_bits + self.count_bits
-        mask = (1 << self.flit_data_bits) - 1
-        flits = [payload >> (base + i * self.flit_data_bits) & mask for i in range(count)]
+        area = payload >> (self.seq_bits + self.count_bits) & ((1 << self.flits_bits) - 1)
+        return crc_ok, seq, count, area
+
+    def decode_frame(self, frame: int, carried=None):
+        """``(crc_ok, seq, flits)`` of a frame's bits: ``flits`` the data words rebuilt as the receiver does
+        (uncarried lanes zero). ``carried`` gives the lanes of the flits from the frame's first on (at least
+        ``count`` entries; default: every flit carries all ``lanes``)."""
+        crc_ok, seq, count, area = self.decode_frame_area(frame)
+        carried = [self.lanes] * count if carried is None else [int(c) for c in carried[:count]]
+        if len(carried) < count:
+            raise ValueError(f"decode_frame: the frame holds {count} flits, 'carried' gives the lanes of "
+                             f"{len(carried)}")
+        flits, fill = [], 0
+        for lanes in carried:
+            flits.append(area >> (8 * fill) & ((1 << 8 * lanes) - 1))
+            fill += lanes
         return crc_ok, seq, flits
 
     def encode_message(self, ack: int, freed: int, nak: int) -> int:
@@ -141,6 +181,84 @@ class LinkFormat(LinkGeometry):
         crc = bits_ >> (self.msg_beats * self.bits) & 0xFFFF
         mask = (1 << self.seq_bits) - 1
         return crc == self.msg_crc.compute(self.beats_of(msg, self.msg_beats)), msg & mask, msg >> self.seq_bits & mask, msg >> (2 * self.seq_bits)
+
+
+def lane_table_layout(arch: Arch) -> data.ArrayLayout:
+    """A link's lane table as a port or register: :data:`~flowtile.link_format.LINK_LANE_SEGMENTS` entries, each a
+    ``StructLayout`` of ``flits`` (24 bits), ``period`` (16) and ``last_lanes`` (``ceil_log2(lanes + 1)``), entry
+    ``s`` from bit ``s * entry_size``: an entry's bits are :func:`flowtile.link_format.encode_lane_segment` of its
+    segment (0: an unused entry, which ends the table)."""
+    check_arch(arch, "lane_table_layout")
+    entry = data.StructLayout({"flits": LANE_SEGMENT_FLITS_BITS, "period": LANE_SEGMENT_PERIOD_BITS,
+                               "last_lanes": ceil_log2(arch.lanes + 1)})
+    return data.ArrayLayout(entry, LINK_LANE_SEGMENTS)
+
+
+class LaneSequencer(wiring.Component):
+    """The carried lanes of a link's flit stream, a flit at a time (the hardware form of
+    :func:`flowtile.link_format.flit_lanes`).
+
+    The stream position counts the flits from reset (each ``advance`` is one) and goes back to 0 after
+    ``inference_flits`` of them (never with ``inference_flits = 0``). At position ``p`` the lane table's segments
+    apply in order: flit ``i`` of a segment carries ``last_lanes`` lanes if ``i mod period = period - 1``, all
+    ``lanes`` otherwise; a segment with ``flits = 0`` ends the table, and every flit past the table carries all
+    ``lanes``. Outside the spec's ranges (:func:`flowtile.link_format.check_lane_table`, which a loaded program
+    meets) the hardware is still defined: a ``last_lanes`` of 0 or above ``lanes`` reads as ``lanes`` (every flit
+    carries at least one lane), with ``period = 0`` no flit is a pixel's last, and a table longer than
+    ``inference_flits`` is cut off where the inference ends.
+
+    Parameters
+    ----------
+    arch : :class:`~flowtile.arch.Arch` -- ``lanes`` sizes the table's ``last_lanes`` and the output.
+
+    Members
+    -------
+    segments : In(:func:`lane_table_layout`) -- the table; hold it while flits move.
+    inference_flits : In(:data:`~flowtile.hdl.layouts.LINK_INFERENCE_FLITS_BITS`) -- flits per inference (0: no
+        boundary); hold it while flits move.
+    advance : In(1) -- the current flit moves on (the next one becomes current from the next cycle).
+    lanes : Out(range(lanes + 1)) -- lanes the current flit carries, 1 .. ``lanes`` (a function of registers and
+        ``segments``: no path from ``advance``).
+    inference_start : Out(1) -- the current flit is flit 0 of an inference (never with ``inference_flits = 0``).
+    """
+
+    def __init__(self, arch: Arch):
+        check_arch(arch, "LaneSequencer")
+        self.arch, self.lanes_max = arch, arch.lanes
+        super().__init__({"segments": In(lane_table_layout(arch)), "inference_flits": In(LINK_INFERENCE_FLITS_BITS),
+                          "advance": In(1), "lanes": Out(range(arch.lanes + 1)), "inference_start": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        L, S = self.lanes_max, LINK_LANE_SEGMENTS
+        position = Signal(LINK_INFERENCE_FLITS_BITS)       # flits of this inference before the current one
+        segment = Signal(range(S))                         # the table entry in use
+        done = Signal()                                    # past the last entry
+        within = Signal(LANE_SEGMENT_FLITS_BITS)           # flits of this segment before the current one
+        phase = Signal(LANE_SEGMENT_PERIOD_BITS)           # within mod period
+        entry = self.segments[segment]
+        active = Signal()
+        pixel_end = Signal()
+        m.d.comb += [active.eq(~done & (entry.flits != 0)),
+                     pixel_end.eq(phase + 1 == entry.period),
+                     self.lanes.eq(Mux(active & pixel_end & (entry.last_lanes != 0) & (entry.last_lanes <= L),
+                                       entry.last_lanes, L)),
+                     self.inference_start.eq((position == 0) & (self.inference_flits != 0))]
+        with m.If(self.advance):
+            with m.If((self.inference_flits != 0) & (position + 1 == self.inference_flits)):
+                m.d.sync += [position.eq(0), segment.eq(0), done.eq(0), within.eq(0), phase.eq(0)]
+            with m.Else():
+                m.d.sync += position.eq(position + 1)
+                with m.If(active):
+                    with m.If(within + 1 == entry.flits):
+                        m.d.sync += [within.eq(0), phase.eq(0)]
+                        with m.If(segment == S - 1):
+                            m.d.sync += done.eq(1)
+                        with m.Else():
+                            m.d.sync += segment.eq(segment + 1)
+                    with m.Else():
+                        m.d.sync += [within.eq(within + 1), phase.eq(Mux(pixel_end, 0, phase + 1))]
+        return m
 
 
 class Deserializer(wiring.Component):
@@ -251,20 +369,45 @@ def _sub(fmt, a, b):
     return (a - b)[:fmt.seq_bits]
 
 
+def _lane_mask(fmt, lanes):
+    """``8 * lanes`` bits: lanes ``0 .. lanes - 1`` all ones, the others zero."""
+    return Cat(*[Mux(lanes > lane, 0xFF, 0) for lane in range(fmt.lanes)])
+
+
+def _rotate_bytes(m, value, amount, left, name):
+    """``value`` (whole bytes) rotated by ``amount`` bytes (a signal below the byte count, which is a power of two):
+    one 2:1 multiplexer stage per bit of ``amount``."""
+    for bit in range(len(amount)):
+        rotated = value.rotate_left(8 << bit) if left else value.rotate_right(8 << bit)
+        stage = Signal(len(value), name=f"{name}{bit}")
+        m.d.comb += stage.eq(Mux(amount[bit], rotated, value))
+        value = stage
+    return value
+
+
 class LinkTx(wiring.Component):
     """Sending side of a link.
 
-    Framing is static (the timing contract of :mod:`flowtile.link_format`): frames never span inferences. With
-    ``n = inference_flits``, each inference's flits go into ``ceil(n / frame_flits)`` frames, all full but the last
-    (``n mod frame_flits`` flits, if not 0). ``i.ready`` is high while the frame being assembled has fewer flits than
-    its size ``min(frame_flits, flits of the inference not yet framed)``; the frame closes (into the replay buffer)
-    in the first cycle it has them all and the go-back-N window has room (``next - ack < replay_frames``), and the
-    first flit of the next frame is taken no earlier than the cycle after: ``i.ready`` is low from the cycle after a
-    frame's last flit is taken through the cycle it closes (at least one cycle), high otherwise. ``inference_flits =
-    0`` means no
-    inference boundary: every frame is full (``frame_flits`` flits). The position in the inference counts from reset
-    (0: an inference starts with the first flit after reset); ``inference_flits`` must hold its value while flits
-    move (System loads it while ``run = 0``).
+    Framing is static (the timing contract of :mod:`flowtile.link_format`): a :class:`LaneSequencer` on the
+    ``segments`` and ``inference_flits`` inputs gives the lanes each flit carries and where inferences start. A flit
+    joins the frame being assembled iff it belongs to the same inference and the frame's bytes so far plus its
+    carried lanes fit ``frame_bytes`` (:func:`flowtile.link_format.frame_sizes`); otherwise that frame is *full*.
+    ``i.ready`` is low exactly while the frame is full (non-empty, and the next flit starts an inference or does not
+    fit); a full frame closes (into the replay buffer) in the first cycle the go-back-N window has room (``next -
+    ack < replay_frames``), and the first flit of the next frame is taken no earlier than the cycle after: ``i.ready``
+    is low from the cycle after a frame's last flit is taken through the cycle it closes (at least one cycle), high
+    otherwise. Without a table every flit carries all lanes: an inference of ``n = inference_flits`` flits makes
+    ``ceil(n / frame_flits)`` frames, all full but the last; ``inference_flits = 0`` means no inference boundary.
+    The stream position counts from reset (0: an inference starts with the first flit after reset); ``segments``
+    and ``inference_flits`` must hold their values while flits move (System loads them while ``run = 0``).
+
+    Assembly: the frame is a register of ``frame_flits`` words of ``8 * lanes`` bits and a byte fill count ``fill``
+    (``lanes`` is a power of two: ``fill // lanes`` and ``fill mod lanes`` are bit slices). A flit's data is rotated
+    left by ``fill mod lanes`` bytes (``log2(lanes)`` multiplexer stages over one word); frame byte ``fill + b``
+    takes byte lane ``(fill + b) mod lanes`` of it for each carried byte ``b``, in word ``fill // lanes`` or the next:
+    a byte-enable per frame byte from a word decoder and two ``lanes``-bit lane ranges, no frame-wide shifter and no
+    data multiplexer in front of the frame register. The frame register is cleared when the frame closes, so the
+    bytes past ``fill`` are zero.
 
     Parameters
     ----------
@@ -275,7 +418,9 @@ class LinkTx(wiring.Component):
 
     Members
     -------
-    i : In(flit stream) -- flits to send; only their ``data`` is framed (the receiver addresses them to tile (0,0)).
+    i : In(flit stream) -- flits to send; only the carried lanes of their ``data`` are framed (the receiver
+        addresses them to tile (0,0) and zeroes the other lanes).
+    segments : In(:func:`lane_table_layout`) -- the lane table (all zero: every flit carries all lanes).
     inference_flits : In(:data:`~flowtile.hdl.layouts.LINK_INFERENCE_FLITS_BITS`) -- flits per inference.
     o_wire : Out(:func:`link_wire_signature`) -- forward wire.
     i_ret : In(:func:`link_wire_signature`) -- return wire (messages from the receiver).
@@ -295,6 +440,7 @@ class LinkTx(wiring.Component):
                                          default if timeout_cycles is None else timeout_cycles, 1, 1 << 24)
         super().__init__({
             "i": In(stream.Signature(fmt.flit_layout)),
+            "segments": In(lane_table_layout(arch)),
             "inference_flits": In(LINK_INFERENCE_FLITS_BITS),
             "o_wire": Out(link_wire_signature(fmt.bits)),
             "i_ret": In(link_wire_signature(fmt.bits)),
@@ -312,23 +458,39 @@ class LinkTx(wiring.Component):
         next_seq, send_seq, ack_base, freed = _seq(fmt), _seq(fmt), _seq(fmt), _seq(fmt)
         m.d.comb += [self.ack.eq(ack_base), self.freed.eq(freed)]
 
-        # --- static framing: this frame's size from the flits of the inference not yet framed ---------------
-        # left: flits of the current inference not in a closed frame (0: an inference starts with this frame).
-        left = Signal(LINK_INFERENCE_FLITS_BITS)
-        remaining = Signal(LINK_INFERENCE_FLITS_BITS)
-        size = Signal(range(F + 1))
-        m.d.comb += [remaining.eq(Mux(left == 0, self.inference_flits, left)),
-                     size.eq(Mux((remaining == 0) | (remaining >= F), F, remaining))]
+        # --- static framing: the next flit's lanes and inference from the lane table --------------------------
+        m.submodules.lanes = lanes = LaneSequencer(fmt.arch)
+        take = Signal()
+        m.d.comb += [lanes.segments.eq(self.segments), lanes.inference_flits.eq(self.inference_flits),
+                     lanes.advance.eq(take), take.eq(self.i.valid & self.i.ready)]
 
-        # --- assembler: flits into a frame, then into the replay buffer at next_seq ------------------------
+        # --- assembler: carried lanes packed at byte `fill`, then the frame into the replay buffer at next_seq --
         asm = Signal(fmt.flits_bits)
-        asm_count = Signal(range(F + 1))
-        m.d.comb += self.i.ready.eq(asm_count < size)
-        with m.If(self.i.valid & self.i.ready):
-            for k in range(F):
-                with m.If(asm_count == k):
-                    m.d.sync += asm[k * FB:(k + 1) * FB].eq(self.i.payload.data)   # only the data crosses
-            m.d.sync += asm_count.eq(asm_count + 1)
+        asm_count = Signal(range(fmt.frame_bytes + 1))      # flits in the frame
+        fill = Signal(range(fmt.frame_bytes + 1))           # bytes in the frame
+        full = Signal()
+        m.d.comb += [full.eq((asm_count != 0) & (lanes.inference_start | (fill + lanes.lanes > fmt.frame_bytes))),
+                     self.i.ready.eq(~full)]
+        # Flit byte b goes to frame byte fill + b (b < its lanes): rotated left by `offset` it sits in byte lane
+        # (offset + b) mod L, of word `word` (lanes offset ..) or `word + 1` (lanes .. offset - 1). Each frame byte
+        # is written from its lane of the rotated flit when enabled (a flip-flop enable, no data multiplexer);
+        # the bytes past `fill` are zero (the frame is cleared when it closes).
+        lane_bits = ceil_log2(fmt.lanes)
+        offset, word = fill[:lane_bits], fill[lane_bits:]
+        rotated = _rotate_bytes(m, self.i.payload.data, offset, True, "asm_rotate")
+        end = Signal(range(2 * fmt.lanes))
+        m.d.comb += end.eq(offset + lanes.lanes)          # one past the flit's last byte lane (may wrap to word + 1)
+        in_word = Cat(*[(lane >= offset) & (lane < end) for lane in range(fmt.lanes)])
+        in_next = Cat(*[lane + fmt.lanes < end for lane in range(fmt.lanes)])
+        for k in range(F):
+            enable = Signal(fmt.lanes, name=f"asm_enable{k}")
+            m.d.comb += enable.eq(Mux(word == k, in_word, 0) | (Mux(word == k - 1, in_next, 0) if k else 0))
+            for lane in range(fmt.lanes):
+                with m.If(take & enable[lane]):
+                    byte = (k * fmt.lanes + lane) * 8
+                    m.d.sync += asm[byte:byte + 8].eq(rotated[lane * 8:lane * 8 + 8])
+        with m.If(take):
+            m.d.sync += [asm_count.eq(asm_count + 1), fill.eq(fill + lanes.lanes)]
 
         m.submodules.replay = replay = Memory(shape=unsigned(fmt.count_bits + fmt.flits_bits),
                                               depth=fmt.replay_depth, init=[])
@@ -337,12 +499,11 @@ class LinkTx(wiring.Component):
         window_full = _sub(fmt, next_seq, ack_base) >= fmt.replay_frames
         idle = send_seq == next_seq
         close = Signal()
-        m.d.comb += close.eq(~window_full & (asm_count == size))
+        m.d.comb += close.eq(~window_full & full)
         m.d.comb += [wr.addr.eq(next_seq[:depth_bits] if depth_bits else 0),
                      wr.data.eq(Cat((asm_count - 1)[:fmt.count_bits], asm)), wr.en.eq(close)]
         with m.If(close):
-            m.d.sync += [next_seq.eq(next_seq + 1), asm_count.eq(0), asm.eq(0),
-                         left.eq(Mux(remaining > F, remaining - F, 0))]
+            m.d.sync += [next_seq.eq(next_seq + 1), asm_count.eq(0), fill.eq(0), asm.eq(0)]
 
         # --- serializer: the frame at send_seq, if the receiver has credit for it ---------------------------
         m.submodules.frame_serializer = ser = Serializer(W, fmt.payload_beats, fmt.frame_crc)
@@ -408,14 +569,26 @@ class LinkRx(wiring.Component):
     serializer loads ``ack``, ``freed`` and the NAK flag as they stand in that cycle) in cycle ``m * ret_beats`` of
     the run, cycle 0 being the first with ``run = 1``; none starts while ``run = 0`` (one under way finishes).
 
+    Flits out: the frame at ``freed`` is read from the credit buffer (a combinational read of its whole entry);
+    its flits leave one a cycle, flit ``j`` carrying the lanes a :class:`LaneSequencer` (on ``segments`` and
+    ``inference_flits``, stepped by each flit delivered, so it sees the sender's stream flit for flit) gives it.
+    Its bytes start at byte ``pos`` of the data area (the carried lanes of the frame's flits before it), so flit
+    byte ``b`` is byte lane ``(pos + b) mod lanes`` of word ``pos // lanes`` or the next: each byte lane selects its
+    word of the entry (together one multiplexer over the frame's words, as wide as a flit's data), the result is
+    rotated right by ``pos mod lanes`` bytes and masked to the carried lanes (the other lanes zero). The frame's
+    ``count`` says which flit is its last.
+
     Members
     -------
     i_wire : In(:func:`link_wire_signature`) -- forward wire.
     run : In(1) -- return messages start only while it is high.
-    o : Out(flit stream) -- flits of good in-order frames, in order: each one's data with ``dest_row = dest_col
-        = 0`` and ``dest_host = 0``. A flit leaves chip ``k`` through its host port (``dest_host = 1``, addressed
-        to tile (0,0), :meth:`flowtile.program.Program.validate`), only its data crosses the wire, and it enters
-        chip ``k + 1`` addressed to its tile (0,0), the next chain position.
+    segments : In(:func:`lane_table_layout`) -- the lane table, the sender's (all zero: every lane carried).
+    inference_flits : In(:data:`~flowtile.hdl.layouts.LINK_INFERENCE_FLITS_BITS`) -- the sender's.
+    o : Out(flit stream) -- flits of good in-order frames, in order: each one's carried lanes of its data, the
+        other lanes zero, with ``dest_row = dest_col = 0`` and ``dest_host = 0``. A flit leaves chip ``k`` through
+        its host port (``dest_host = 1``, addressed to tile (0,0), :meth:`flowtile.program.Program.validate`), only
+        its carried data crosses the wire, and it enters chip ``k + 1`` addressed to its tile (0,0), the next chain
+        position.
     o_ret : Out(:func:`link_wire_signature`) -- return wire (status messages, one after another).
     frames_accepted, crc_errors, seq_errors, duplicates, naks_sent, overflows : Out(32) -- frames accepted,
         dropped for a bad CRC, dropped for being ahead of the expected sequence number, dropped as already
@@ -428,6 +601,8 @@ class LinkRx(wiring.Component):
         super().__init__({
             "i_wire": In(link_wire_signature(fmt.bits)),
             "run": In(1),
+            "segments": In(lane_table_layout(arch)),
+            "inference_flits": In(LINK_INFERENCE_FLITS_BITS),
             "o": Out(stream.Signature(fmt.flit_layout)),
             "o_ret": Out(link_wire_signature(fmt.bits)),
             "frames_accepted": Out(COUNTER_BITS), "crc_errors": Out(COUNTER_BITS), "seq_errors": Out(COUNTER_BITS),
@@ -437,7 +612,7 @@ class LinkRx(wiring.Component):
     def elaborate(self, platform):
         fmt = self.format
         m = Module()
-        F, FB, S, W = fmt.frame_flits, fmt.flit_data_bits, fmt.seq_bits, fmt.bits
+        FB, S, W = fmt.flit_data_bits, fmt.seq_bits, fmt.bits
         depth_bits = ceil_log2(fmt.credit_depth)
         rx_next, rx_freed = _seq(fmt), _seq(fmt)
 
@@ -473,21 +648,41 @@ class LinkRx(wiring.Component):
         with m.Elif(pending):
             m.d.sync += self.duplicates.eq(self.duplicates + 1)
 
-        # --- flits out -----------------------------------------------------------------------------------------
-        index = Signal(range(F))
+        # --- flits out: flit `index` of the frame at rx_freed, its bytes from byte `pos` of the data area --------
+        deliver = Signal()
+        m.submodules.lanes = lanes = LaneSequencer(fmt.arch)
+        m.d.comb += [lanes.segments.eq(self.segments), lanes.inference_flits.eq(self.inference_flits),
+                     lanes.advance.eq(deliver), deliver.eq(self.o.valid & self.o.ready)]
+        index = Signal(range(fmt.frame_bytes))
+        pos = Signal(range(fmt.frame_bytes + 1))
         count_m1 = rd.data[:fmt.count_bits]
-        flits = rd.data[fmt.count_bits:]
-        flit = flits.word_select(index, FB) if F > 1 else flits
+        # Flit byte b is frame byte pos + b: byte lane (offset + b) mod L of word `word` (lanes offset ..) or
+        # `word + 1` (lanes .. offset - 1). Each byte lane picks its word (one multiplexer over the frame's words,
+        # as for whole flits; a zero word past the end), then the lanes are rotated right by `offset` and masked.
+        L = fmt.lanes
+        lane_bits = ceil_log2(L)
+        offset, word = pos[:lane_bits], pos[lane_bits:]
+        area = Cat(rd.data[fmt.count_bits:], Const(0, FB))
+        picked = []
+        for lane in range(L):
+            column = Cat(*[area[(k * L + lane) * 8:(k * L + lane) * 8 + 8] for k in range(fmt.frame_flits + 1)])
+            row = Signal(range(fmt.frame_flits + 1), name=f"out_word{lane}")
+            m.d.comb += row.eq(word + (lane < offset))
+            picked.append(column.word_select(row, 8))
+        merged = Signal(FB)
+        m.d.comb += merged.eq(Cat(*picked))
+        flit = Signal(FB)
+        m.d.comb += flit.eq(_rotate_bytes(m, merged, offset, False, "out_rotate") & _lane_mask(fmt, lanes.lanes))
         m.d.comb += [rd.addr.eq(rx_freed[:depth_bits] if depth_bits else 0),
                      self.o.valid.eq(rx_next != rx_freed),
-                     # the flit rebuilt: its data, addressed to tile (0,0) (dest_row = dest_col = dest_host = 0)
+                     # the flit rebuilt: its carried lanes (the others zero), addressed to tile (0,0)
                      self.o.payload.data.eq(flit), self.o.payload.dest_row.eq(0), self.o.payload.dest_col.eq(0),
                      self.o.payload.dest_host.eq(0)]
-        with m.If(self.o.valid & self.o.ready):
+        with m.If(deliver):
             with m.If(index == count_m1):
-                m.d.sync += [index.eq(0), rx_freed.eq(rx_freed + 1)]
+                m.d.sync += [index.eq(0), pos.eq(0), rx_freed.eq(rx_freed + 1)]
             with m.Else():
-                m.d.sync += index.eq(index + 1)
+                m.d.sync += [index.eq(index + 1), pos.eq(pos + lanes.lanes)]
 
         # --- return messages: back to back while running, each with the current ack, freed and NAK -------------
         m.submodules.msg_serializer = ser = Serializer(W, fmt.msg_beats, fmt.msg_crc)
@@ -610,7 +805,8 @@ class LinkChannel(wiring.Component):
 def link_signature(fmt: LinkFormat, *, seed_port: bool = False) -> wiring.Signature:
     """The ports of :class:`Link` (component's view) for ``fmt``; with ``seed_port`` also ``seed`` (In 32)."""
     members = {"i": In(stream.Signature(fmt.flit_layout)), "o": Out(stream.Signature(fmt.flit_layout)),
-               "run": In(1), "inference_flits": In(LINK_INFERENCE_FLITS_BITS)}
+               "run": In(1), "inference_flits": In(LINK_INFERENCE_FLITS_BITS),
+               "segments": In(lane_table_layout(fmt.arch))}
     if seed_port:
         members["seed"] = In(32)
     members.update({"tx_ack": Out(fmt.seq_bits), "tx_freed": Out(fmt.seq_bits),
@@ -632,7 +828,9 @@ class Link(wiring.Component):
     -------
     i : In(flit stream; only ``data`` crosses);  o : Out(flit stream; addressed to tile (0,0), see :class:`LinkRx`)
     run : In(1) -- to :class:`LinkRx` (return messages start only while it is high).
-    inference_flits : In(24) -- to :class:`LinkTx` (static framing).
+    inference_flits : In(24) -- to :class:`LinkTx` and :class:`LinkRx` (static framing, the inference boundaries
+        of the lane table).
+    segments : In(:func:`lane_table_layout`) -- the lane table, to :class:`LinkTx` and :class:`LinkRx`.
     seed : In(32), only with ``seed_port``.
     tx_ack, tx_freed : Out(``seq_bits``) -- :class:`LinkTx`'s ``ack`` and ``freed``.
     plus the status counters of the pieces, prefixed: ``tx_*`` (:class:`LinkTx`), ``rx_*`` (:class:`LinkRx`),
@@ -675,7 +873,8 @@ class Link(wiring.Component):
         wiring.connect(m, self.rx.o_ret, self.ret.i)
         wiring.connect(m, self.ret.o, self.tx.i_ret)
         m.d.comb += [self.rx.run.eq(self.run), self.fwd.run.eq(self.run), self.ret.run.eq(self.run),
-                     self.tx.inference_flits.eq(self.inference_flits),
+                     self.tx.inference_flits.eq(self.inference_flits), self.rx.inference_flits.eq(self.inference_flits),
+                     self.tx.segments.eq(self.segments), self.rx.segments.eq(self.segments),
                      self.tx_ack.eq(self.tx.ack), self.tx_freed.eq(self.tx.freed)]
         if self.seed_port:
             m.d.comb += [self.fwd.seed.eq(self.seed),

@@ -21,11 +21,12 @@ from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import Arch
 from flowtile.link_faults import link_seed  # the seed rule is the spec's (re-exported here)
+from flowtile.link_format import LINK_LANE_SEGMENTS
 
 from .chip import TILE_FORMS, TILE_MODULE_NAME, Chip
-from .layouts import (LINK_INFERENCE_FLITS_BITS, LINK_REG_INFERENCE_FLITS, LOAD_TARGET_LINK, check_arch,
-                      flit_signature, load_signature)
-from .link import COUNTER_BITS, Link, LinkFormat, link_signature
+from .layouts import (LINK_INFERENCE_FLITS_BITS, LINK_REG_INFERENCE_FLITS, LINK_REG_LANE_SEGMENT0, LOAD_TARGET_LINK,
+                      check_arch, flit_signature, load_signature)
+from .link import COUNTER_BITS, Link, LinkFormat, lane_table_layout, link_signature
 
 __all__ = ["System", "LINK_MODULE_NAME", "LINK_STATUS_COUNTERS", "link_seed", "link_status_signature"]
 
@@ -66,9 +67,14 @@ class System(wiring.Component):
     -------
     load : ``In(load_signature(arch))`` -- a write goes to chip ``k`` iff ``payload.chip = k`` and its target is not
         :data:`~flowtile.hdl.layouts.LOAD_TARGET_LINK` (the chip decodes ``tile``, ``target``, ``addr`` as ever). A
-        write with target ``LOAD_TARGET_LINK``, ``chip = k``, ``addr = 0`` while ``run = 0`` sets link ``k``'s
-        ``inference_flits`` register to the low 24 bits of ``data`` (from the next cycle; 0 after reset). Other
-        link addresses, and chips or links that do not exist, are ignored.
+        write with target ``LOAD_TARGET_LINK``, ``chip = k`` while ``run = 0`` sets a register of link ``k``
+        from the next cycle (all 0 after reset): ``addr = 0``
+        (:data:`~flowtile.hdl.layouts.LINK_REG_INFERENCE_FLITS`) its ``inference_flits`` to the low 24 bits of
+        ``data``; ``addr = LINK_REG_LANE_SEGMENT0 + s`` (``s <``
+        :data:`~flowtile.link_format.LINK_LANE_SEGMENTS`) entry ``s`` of its lane table to the low bits of
+        ``data`` (the entry's size, :func:`~flowtile.hdl.link.lane_table_layout`: the segment as
+        :func:`~flowtile.link_format.encode_lane_segment` encodes it, 0 for an unused entry). Both go to the
+        link's sender and receiver. Other link addresses, and chips or links that do not exist, are ignored.
     run : ``In(1)`` -- to every chip and every link (return messages start with it: the timing contract's cycle 0 is
         the first cycle with ``run = 1``; keep it high for the whole run).
     i_host : ``In(flit stream)`` -- chip 0's host input.
@@ -123,12 +129,20 @@ class System(wiring.Component):
         wiring.connect(m, wiring.flipped(self.i_host), self.chips[0].i_host)
         wiring.connect(m, self.chips[-1].o_host, wiring.flipped(self.o_host))
 
-        link_write = (self.load.valid & ~self.run & (load.target == LOAD_TARGET_LINK)
-                      & (load.addr == LINK_REG_INFERENCE_FLITS))
+        link_write = self.load.valid & ~self.run & (load.target == LOAD_TARGET_LINK)
+        table_layout = lane_table_layout(arch)
+        entry_bits = table_layout.elem_shape.size
         for k in range(self.n_links):
             register = Signal(LINK_INFERENCE_FLITS_BITS, name=f"link{k}_inference_flits")
+            segments = Signal(table_layout, name=f"link{k}_segments")
             with m.If(link_write & (load.chip == k)):
-                m.d.sync += register.eq(load.data[:LINK_INFERENCE_FLITS_BITS])
+                with m.Switch(load.addr):
+                    with m.Case(LINK_REG_INFERENCE_FLITS):
+                        m.d.sync += register.eq(load.data[:LINK_INFERENCE_FLITS_BITS])
+                    for s in range(LINK_LANE_SEGMENTS):
+                        with m.Case(LINK_REG_LANE_SEGMENT0 + s):
+                            m.d.sync += segments.as_value()[s * entry_bits:(s + 1) * entry_bits].eq(
+                                load.data[:entry_bits])
             status = getattr(self, f"link{k}")
             m.d.comb += status.inference_flits.eq(register)
             source, sink = self.chips[k].o_host, self.chips[k + 1].i_host
@@ -137,11 +151,12 @@ class System(wiring.Component):
                 link = m.submodules[f"link{k}"] = self.links[k]
                 wiring.connect(m, source, link.i)
                 wiring.connect(m, link.o, sink)
-                m.d.comb += [link.run.eq(self.run), link.inference_flits.eq(register), link.seed.eq(seed)]
+                m.d.comb += [link.run.eq(self.run), link.inference_flits.eq(register), link.segments.eq(segments),
+                             link.seed.eq(seed)]
                 m.d.comb += [getattr(status, name).eq(getattr(link, name))
                              for name in ("tx_ack", "tx_freed", *LINK_STATUS_COUNTERS)]
             else:
-                nets = {"run": self.run, "inference_flits": register, "seed": seed}
+                nets = {"run": self.run, "inference_flits": register, "segments": segments.as_value(), "seed": seed}
                 for port, stream in (("i", source), ("o", sink)):
                     for field in ("payload", "valid", "ready"):
                         nets[f"{port}__{field}"] = Value.cast(getattr(stream, field))

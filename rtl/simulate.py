@@ -49,7 +49,8 @@ from flowtile.run_limits import (BUDGET_BASE_CYCLES, BUDGET_FACTOR, MAX_CYCLE_LI
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry, pack_link_load,
-                      encode_registers, load_layout)
+                      encode_registers, load_layout, pack_link_segment_load)
+from flowtile.link_format import LINK_LANE_SEGMENTS
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
            "simulate", "build_verilator", "harness_verilog", "cycle_budget", "stall_window", "DEFAULT_BUILD_ROOT",
@@ -499,8 +500,11 @@ def _load_payloads(program: Program) -> list[int]:
         for addr, (bias, multiplier, shift) in enumerate(np.asarray(tile.params, dtype=np.int64).tolist()):
             payloads.append(payload(tile_address, LOAD_TARGET_PARAMS, addr,
                                     encode_param_entry(bias, multiplier, shift)))
-    # the link registers (section 12): frames never span inferences
-    payloads += [pack_link_load(arch, chip, link.inference_flits) for chip, link in enumerate(program.links)]
+    # the link registers (section 12): frames never span inferences; every entry of the lane table (unused: 0)
+    for chip, link in enumerate(program.links):
+        payloads.append(pack_link_load(arch, chip, link.inference_flits))
+        table = list(link.segments) + [None] * (LINK_LANE_SEGMENTS - len(link.segments))
+        payloads += [pack_link_segment_load(arch, chip, index, segment) for index, segment in enumerate(table)]
     return payloads
 
 

@@ -2,11 +2,12 @@
 
 The golden model (:class:`Scoreboard`) watches the sender's wire before the fault injector and the flit
 streams at both ends: every frame on the wire must decode (LinkFormat, CRC computed in Python), carry the
-next sequence number or a resend of an unacknowledged one with the same flits (their data: only data crosses the
-wire), hold the flits static framing
-puts in it (frames split at inference boundaries, :func:`frame_sizes`), respect the receiver's credit (seq <
-frames the receiver has emptied + credit_frames, as seen at the output stream), and the output must be the
-input's data addressed to tile (0,0) (``dest_row = dest_col = dest_host = 0``), each flit once, in order.
+next sequence number or a resend of an unacknowledged one (the same bits), hold the flits static framing
+puts in it (dense frames: the carried lanes of the lane table packed back to back, frames split at inference
+boundaries and where the next flit's lanes do not fit, :func:`flowtile.link_format.frame_sizes`), respect the
+receiver's credit (seq < frames the receiver has emptied + credit_frames, as seen at the output stream), and the
+output must be the input's carried lanes (the others zero) addressed to tile (0,0) (``dest_row = dest_col =
+dest_host = 0``), each flit once, in order.
 
 :func:`check_link_contract` checks a fault-free run cycle by cycle against the timing contract of
 flowtile/link_format.py (also used by tests/test_hdl_system.py).
@@ -14,57 +15,96 @@ flowtile/link_format.py (also used by tests/test_hdl_system.py).
 import random
 
 import pytest
-from amaranth.hdl import Module
+from amaranth.hdl import Module, Shape
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from flowtile.arch import Arch, ArchError
-from flowtile.hdl.link import (FRAME_CRC, MESSAGE_CRC, Deserializer, Link, LinkChannel, LinkFormat, LinkRx, LinkTx,
-                               Serializer, lfsr_seed, lfsr_step, lfsr_step_matrix, ret_seed)
-from flowtile.link_format import FRAME_CRC_BITS, MESSAGE_CRC_BITS, LinkGeometry
+from flowtile.hdl.link import (FRAME_CRC, MESSAGE_CRC, Deserializer, LaneSequencer, Link, LinkChannel, LinkFormat,
+                               LinkRx, LinkTx, Serializer, lane_table_layout, lfsr_seed, lfsr_step, lfsr_step_matrix,
+                               ret_seed)
+from flowtile.link_format import (FRAME_CRC_BITS, LINK_LANE_SEGMENTS, MESSAGE_CRC_BITS, LaneSegment, LinkGeometry,
+                                  encode_lane_segment, flit_lanes)
+from flowtile.link_format import frame_sizes as spec_frame_sizes
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
 #: A small chip: 19-bit flits (16 data + row + col + host).
 ARCH = Arch(rows=2, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4)
+#: Eight lanes (67-bit flits): lane tables with up to 8 lanes a flit.
+ARCH8 = Arch(rows=1, cols=2, lanes=8, sram_bytes=64, max_tile_outputs=8)
 SMALL = dict(bits=4, frame_flits=4, credit_frames=4, replay_frames=4, latency=6)
 
 
-def frame_sizes(inference_flits: int, total: int, frame_flits: int) -> list[int]:
-    """Golden static framing: the sizes of the frames of ``total`` flits, frames never spanning an inference of
-    ``inference_flits`` flits (0: no boundary, every frame full); a trailing frame the flits do not fill is left out."""
-    per_inference = [frame_flits] * (inference_flits // frame_flits) + \
-        ([inference_flits % frame_flits] if inference_flits % frame_flits else [])
+def stream_lanes(inference_flits: int, total: int, lanes: int, segments=()) -> list[int]:
+    """Lanes carried by each of the first ``total`` flits of a link's stream (the lane table restarts with every
+    inference of ``inference_flits`` flits; 0: one endless inference)."""
+    if inference_flits == 0:
+        return [int(c) for c in flit_lanes(segments, total, lanes)]
+    one = flit_lanes(segments, inference_flits, lanes)
+    return [int(one[j % inference_flits]) for j in range(total)]
+
+
+def frame_sizes(inference_flits: int, total: int, frame_flits: int, lanes: int = 1, segments=()) -> list[int]:
+    """Golden static framing: the sizes of the frames of ``total`` flits of ``lanes`` lanes with lane table
+    ``segments``, frames of ``frame_flits * lanes`` bytes never spanning an inference of ``inference_flits`` flits
+    (0: no boundary; the spec's :func:`flowtile.link_format.frame_sizes` per inference); a trailing frame the flits
+    do not fill (which would take more flits) is left out."""
+    frame_bytes = frame_flits * lanes
+    if inference_flits == 0:
+        # the flits after `total` (by the table) decide whether the last frames are closed
+        per_stream = spec_frame_sizes(flit_lanes(segments, total + frame_bytes + 1, lanes), frame_bytes)
+    else:
+        per_stream = spec_frame_sizes(flit_lanes(segments, inference_flits, lanes), frame_bytes)
     sizes, used = [], 0
     while True:
-        for size in per_inference or [frame_flits]:
+        for size in per_stream:
             if used + size > total:
                 return sizes
-            sizes.append(size)
+            sizes.append(int(size))
             used += size
+        if inference_flits == 0:
+            return sizes
 
 
 def data_of(fmt: LinkFormat, flit: int) -> int:
-    """``flit``'s data field (the low ``flit_data_bits`` bits): what crosses the wire of it."""
+    """``flit``'s data field (the low ``flit_data_bits`` bits)."""
     return flit & ((1 << fmt.flit_data_bits) - 1)
 
 
-def rebuilt(fmt: LinkFormat, flit: int) -> int:
-    """``flit`` as the link delivers it: its data, ``dest_row = dest_col = dest_host = 0`` (tile (0,0))."""
+def carried_data(fmt: LinkFormat, flit: int, lanes: int) -> int:
+    """What crosses the wire of ``flit`` carrying ``lanes`` lanes: lanes ``0 .. lanes - 1`` of its data."""
+    return flit & ((1 << 8 * lanes) - 1)
+
+
+def rebuilt(fmt: LinkFormat, flit: int, lanes: int | None = None) -> int:
+    """``flit`` as the link delivers it: its carried lanes (default all), the others zero, ``dest_row = dest_col =
+    dest_host = 0`` (tile (0,0))."""
     layout = fmt.flit_layout
     assert layout["data"].offset == 0 and layout.size == fmt.arch.flit_bits
-    return data_of(fmt, flit)
+    return carried_data(fmt, flit, fmt.lanes if lanes is None else lanes)
+
+
+def table_value(arch: Arch, segments) -> int:
+    """The lane table port's value for ``segments`` (unused entries 0): entry ``s`` is encode_lane_segment, from bit
+    ``s`` times the entry's size."""
+    entry = lane_table_layout(arch).elem_shape.size
+    padded = list(segments) + [None] * (LINK_LANE_SEGMENTS - len(segments))
+    return sum(encode_lane_segment(segment, arch.lanes) << (s * entry) for s, segment in enumerate(padded))
 
 
 class Scoreboard:
     """Go-back-N golden model: checks each frame the sender puts on the wire, and the output order."""
 
-    def __init__(self, fmt: LinkFormat, sent: list[int], inference_flits: int = 0):
-        self.fmt, self.sent = fmt, [data_of(fmt, flit) for flit in sent]
-        self.sizes = frame_sizes(inference_flits, len(sent), fmt.frame_flits)
-        self.frames = []          # unwrapped seq -> flits, as first sent
+    def __init__(self, fmt: LinkFormat, sent: list[int], inference_flits: int = 0, segments=()):
+        self.fmt = fmt
+        self.carried = stream_lanes(inference_flits, len(sent), fmt.lanes, segments)
+        self.sent = [carried_data(fmt, flit, lanes) for flit, lanes in zip(sent, self.carried)]
+        self.sizes = frame_sizes(inference_flits, len(sent), fmt.frame_flits, fmt.lanes, segments)
+        self.frames = []          # unwrapped seq -> flits (the carried data), as first sent
+        self.words = []           # unwrapped seq -> the frame's bits, as first sent
         self.frame_end = []       # unwrapped seq -> index in `sent` after its last flit
         self.beats = []
         self.resends = 0
@@ -81,7 +121,7 @@ class Scoreboard:
             return word
 
     def frame(self, word, delivered):
-        ok, seq, flits = self.fmt.decode_frame(word)
+        ok, seq, count, _ = self.fmt.decode_frame_area(word)
         assert ok, "the sender put a frame with a bad CRC on the wire"
         modulus = 1 << self.fmt.seq_bits
         base = len(self.frames)
@@ -92,13 +132,17 @@ class Scoreboard:
         assert unwrapped <= base, f"frame {unwrapped} skips ahead of {base}"
         if unwrapped == base:       # a new frame: the next flits of the input, in order
             start = self.frame_end[-1] if self.frame_end else 0
-            assert len(flits) == self.sizes[unwrapped], \
-                f"frame {unwrapped} has {len(flits)} flits, static framing says {self.sizes[unwrapped]}"
-            assert flits == self.sent[start:start + len(flits)], f"frame {unwrapped} does not carry the next flits"
+            assert count == self.sizes[unwrapped], \
+                f"frame {unwrapped} has {count} flits, static framing says {self.sizes[unwrapped]}"
+            _, _, flits = self.fmt.decode_frame(word, self.carried[start:])
+            assert flits == self.sent[start:start + count], f"frame {unwrapped} does not carry the next flits"
+            # the whole frame, bit for bit: dense data area (unused bytes zero), count, seq, CRC
+            assert word == self.fmt.encode_frame(seq, flits, self.carried[start:start + count])
             self.frames.append(flits)
-            self.frame_end.append(start + len(flits))
-        else:                       # a resend: the same flits as first sent
-            assert flits == self.frames[unwrapped], f"resent frame {unwrapped} differs"
+            self.words.append(word)
+            self.frame_end.append(start + count)
+        else:                       # a resend: the same frame as first sent
+            assert word == self.words[unwrapped], f"resent frame {unwrapped} differs"
             self.resends += 1
         # Credit: the receiver has room for frame `unwrapped` (frames emptied <= frames fully delivered).
         emptied = sum(1 for end in self.frame_end if end <= delivered)
@@ -126,10 +170,11 @@ class LinkProbe:
                          for name in ("dest_row", "dest_col", "dest_host"))))
 
 
-def check_link_contract(fmt: LinkGeometry, inference_flits: int, cycles: list[dict]) -> dict:
+def check_link_contract(fmt: LinkGeometry, inference_flits: int, cycles: list[dict], segments=()) -> dict:
     """Check a fault-free run of a link against the timing contract of flowtile/link_format.py, cycle by cycle.
 
-    ``cycles[t]`` (:class:`LinkProbe`) is cycle ``t`` of the run (``run = 1`` from cycle 0). From what the
+    ``cycles[t]`` (:class:`LinkProbe`) is cycle ``t`` of the run (``run = 1`` from cycle 0); ``segments`` is the
+    link's lane table (the frames follow from it: :func:`frame_sizes`). From what the
     neighbours did (the cycles the sender's input offered flits, the receiver's output took them), the contract's
     formulas give every other event; each must be observed in exactly that cycle: when the sender takes each flit
     (the first of a frame no earlier than close + 1 of the one before), the serializer loads of frames (``send_f``,
@@ -150,7 +195,7 @@ def check_link_contract(fmt: LinkGeometry, inference_flits: int, cycles: list[di
     def next_message(t):
         return -(-t // RB) * RB
 
-    sizes = frame_sizes(inference_flits, len(takes), F)
+    sizes = frame_sizes(inference_flits, len(takes), F, fmt.lanes, segments)
     assert sum(sizes) == len(takes), f"{len(takes)} flits taken, not a whole number of frames {sizes}"
     assert len(delivers) == len(takes), "every flit taken must have been delivered by the end of the trace"
     ends = [sum(sizes[:f + 1]) for f in range(len(sizes))]
@@ -206,9 +251,10 @@ def check_link_contract(fmt: LinkGeometry, inference_flits: int, cycles: list[di
 
 
 def run_link(dut, flits, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=20000, monitor=True,
-             out_hold=0, inference_flits=None, probe=None, tail=0):
+             out_hold=0, inference_flits=None, probe=None, tail=0, segments=()):
     """Drive ``flits`` through ``dut`` (a :class:`Link`, ``run = 1`` from cycle 0) with seeded random stalls on
-    both ends; ``inference_flits`` (default: all of ``flits``, one inference) goes to its register.
+    both ends; ``inference_flits`` (default: all of ``flits``, one inference) and the lane table ``segments`` go to
+    its registers.
 
     ``out_hold``: the receiver takes nothing for that many cycles first; ``probe``: a :class:`LinkProbe` sampled
     every cycle; ``tail``: cycles to run on after the last flit came out. Returns
@@ -216,12 +262,13 @@ def run_link(dut, flits, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=2000
     rng = random.Random(seed)
     fmt = dut.format
     inference_flits = len(flits) if inference_flits is None else inference_flits
-    board = Scoreboard(fmt, flits, inference_flits)
+    board = Scoreboard(fmt, flits, inference_flits, segments)
     received, out_cycles, counters = [], [], {}
 
     async def testbench(ctx):
         ctx.set(dut.run, 1)
         ctx.set(dut.inference_flits, inference_flits)
+        ctx.set(dut.segments.as_value(), table_value(fmt.arch, segments))
         index, cycle, valid, extra = 0, 0, False, 0
         while (len(received) < len(flits) or extra < tail) and cycle < max_cycles:
             if len(received) == len(flits):
@@ -250,7 +297,7 @@ def run_link(dut, flits, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=2000
             if took:
                 index, valid = index + 1, False
         for name, _ in dut.signature.members.items():
-            if name not in ("i", "o", "run", "inference_flits", "seed"):
+            if name not in ("i", "o", "run", "inference_flits", "seed", "segments"):
                 counters[name] = ctx.get(getattr(dut, name))
         counters["cycles"] = cycle
 
@@ -266,18 +313,21 @@ def random_flits(fmt, n, seed):
     return [rng.getrandbits(fmt.arch.flit_bits) for _ in range(n)]
 
 
-def delivered(fmt, flits):
-    """What the link's output carries for ``flits`` (whole flits, random destinations): their data, addressed to
-    tile (0,0)."""
-    return [rebuilt(fmt, flit) for flit in flits]
+def delivered(fmt, flits, inference_flits=0, segments=()):
+    """What the link's output carries for ``flits`` (whole flits, random destinations): their carried lanes (the
+    lane table ``segments``, restarting every ``inference_flits`` flits), the others zero, addressed to tile
+    (0,0)."""
+    carried = stream_lanes(inference_flits, len(flits), fmt.lanes, segments)
+    return [rebuilt(fmt, flit, lanes) for flit, lanes in zip(flits, carried)]
 
 
 # --- golden format --------------------------------------------------------------------------------------------
 def test_format_round_trip_and_geometry():
     fmt = LinkFormat(ARCH, bits=4, frame_flits=4, credit_frames=4, replay_frames=4)
     # only the 16 data bits of a 19-bit flit cross
-    assert (ARCH.flit_bits, fmt.flit_data_bits, fmt.seq_bits, fmt.count_bits) == (19, 16, 4, 2)
-    assert fmt.payload_bits == 4 + 2 + 4 * 16
+    # count_bits: a frame of 4 * 2 bytes holds up to 8 one-lane flits
+    assert (ARCH.flit_bits, fmt.flit_data_bits, fmt.seq_bits, fmt.frame_bytes, fmt.count_bits) == (19, 16, 4, 8, 3)
+    assert fmt.payload_bits == 4 + 3 + 4 * 16
     assert fmt.frame_beats == -(-fmt.payload_bits // 4) + 32 // 4 == 26
     assert fmt.ret_beats == -(-(2 * 4 + 1) // 4) + 16 // 4 == 7
     word = fmt.encode_frame(19, [1, 2, 0xFFFF])
@@ -293,13 +343,13 @@ def test_format_round_trip_and_geometry():
     msg = fmt.encode_message(5, 3, 1)
     assert fmt.decode_message(msg) == (True, 5, 3, 1)
     assert not fmt.decode_message(msg ^ 2)[0]
-    # Defaults: flit 69 bits of which 64 data cross, 4 wire bits, frames of 16 flits; seq_bits = ceil(log2(2 * (8 +
-    # 8))) = 5, count_bits = ceil(log2(16)) = 4.
+    # Defaults: flit 69 bits of which 64 data cross, 4 wire bits, frames of 16 flits (128 bytes); seq_bits =
+    # ceil(log2(2 * (8 + 8))) = 5, count_bits = ceil(log2(128)) = 7.
     default = LinkFormat(Arch())
     assert (default.bits, default.frame_flits, default.credit_frames, default.replay_frames) == (4, 16, 8, 8)
-    assert (Arch().flit_bits, default.flit_data_bits, default.seq_bits, default.count_bits) == (69, 64, 5, 4)
-    assert default.payload_bits == 5 + 4 + 16 * 64 == 1033
-    assert default.frame_beats == -(-1033 // 4) + 32 // 4 == 267
+    assert (Arch().flit_bits, default.flit_data_bits, default.seq_bits, default.count_bits) == (69, 64, 5, 7)
+    assert default.payload_bits == 5 + 7 + 16 * 64 == 1036
+    assert default.frame_beats == -(-1036 // 4) + 32 // 4 == 267
     # data is 16 * 64 of the frame's 267 * 4 wire bits: 95.9% (frames of 4 whole 69-bit flits: 4 * 64 of 79 * 4, 81.0%)
     assert round(100 * default.flits_bits / (default.frame_beats * default.bits), 1) == 95.9
 
@@ -325,7 +375,7 @@ def test_no_faults_in_order_and_throughput():
     # Steady state: one full frame per frame_beats cycles, i.e.
     #   flits/cycle = frame_flits / (ceil((seq_bits + count_bits + frame_flits * flit_data_bits) / bits)
     #                                + ceil(32 / bits))
-    # = 4 / (ceil(70 / 4) + 8) = 4 / 26 here: link_bits_per_cycle times the framing efficiency 64 / 104.
+    # = 4 / (ceil(71 / 4) + 8) = 4 / 26 here: link_bits_per_cycle times the framing efficiency 64 / 104.
     first, last = 40, 159
     measured = (last - first) / (cycles[last] - cycles[first])
     expected = fmt.frame_flits / fmt.frame_beats
@@ -469,7 +519,8 @@ def test_format_is_the_spec_geometry():
         assert isinstance(fmt, LinkGeometry)
         for name in ("bits", "frame_flits", "credit_frames", "replay_frames", "latency", "seq_bits", "count_bits",
                      "payload_bits", "payload_beats", "crc_beats", "frame_beats", "msg_bits", "msg_beats",
-                     "ret_beats", "accept_delay", "message_delay", "message_period", "flit_data_bits", "flits_bits"):
+                     "ret_beats", "accept_delay", "message_delay", "message_period", "flit_data_bits", "flits_bits",
+                     "frame_bytes", "lanes"):
             assert getattr(fmt, name) == getattr(geometry, name), name
         assert fmt.default_timeout() == geometry.default_timeout()
         assert fmt.flit_layout.size == arch.flit_bits and fmt.flit_data_bits == arch.flit_data_bits
@@ -625,6 +676,218 @@ def test_timing_contract_cases_exercise_window_and_credit():
     assert any(stats["credit_bound"] for stats in TIMING_BINDS.values())
 
 
+# --- dense frames: lane tables (flowtile/link_format.py: LaneSegment, flit_lanes, frame_sizes) -----------------------
+def random_table(rng, lanes, limit=None, max_flits=12):
+    """0 .. LINK_LANE_SEGMENTS random segments (periods 1..4, any last_lanes) covering at most ``limit`` flits."""
+    segments, total = [], 0
+    for _ in range(rng.randint(0, LINK_LANE_SEGMENTS)):
+        flits = rng.randint(1, max_flits)
+        if limit is not None:
+            flits = min(flits, limit - total)
+            if flits < 1:
+                break
+        segments.append(LaneSegment(flits, rng.randint(1, 4), rng.randint(1, lanes)))
+        total += flits
+    return tuple(segments)
+
+
+def test_lane_table_layout_is_the_spec_encoding():
+    """Entry s of the table port holds encode_lane_segment of segment s (flits [0,24), period [24,40), last_lanes
+    from 40), entry s from bit s * entry size."""
+    for arch in (ARCH, ARCH8, Arch(lanes=1, sram_bytes=1024), Arch(lanes=32)):
+        layout = lane_table_layout(arch)
+        entry = layout.elem_shape
+        assert layout.length == LINK_LANE_SEGMENTS
+        assert [(name, field.offset, Shape.cast(field.shape).width) for name, field in entry] == \
+            [("flits", 0, 24), ("period", 24, 16), ("last_lanes", 40, (arch.lanes).bit_length())]
+        segments = (LaneSegment(5, 3, 1), LaneSegment((1 << 24) - 1, (1 << 16) - 1, arch.lanes))
+        value = table_value(arch, segments)
+        assert value == encode_lane_segment(segments[0], arch.lanes) | \
+            encode_lane_segment(segments[1], arch.lanes) << entry.size
+        as_view = layout.const([{"flits": s.flits, "period": s.period, "last_lanes": s.last_lanes}
+                                for s in segments] + [{"flits": 0, "period": 0, "last_lanes": 0}] * 2)
+        assert as_view.as_value().value == value
+
+
+def test_format_dense_round_trip():
+    """encode_frame packs the carried lanes back to back from bit 0 of the data area (the rest zero);
+    decode_frame rebuilds the flits with the other lanes zero, decode_frame_area gives count and area."""
+    fmt = LinkFormat(ARCH8, bits=8, frame_flits=2)
+    assert (fmt.frame_bytes, fmt.count_bits, fmt.flits_bits) == (16, 4, 128)
+    flits = [0x0706050403020100, 0x1716151413121110, 0x2726252423222120, 0x3736353433323130]
+    word = fmt.encode_frame(9, flits, [3, 8, 1, 4])
+    ok, seq, count, area = fmt.decode_frame_area(word)
+    assert (ok, seq, count) == (True, 9 % (1 << fmt.seq_bits), 4)
+    assert area.to_bytes(16, "little") == bytes([0, 1, 2, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x20,
+                                                 0x30, 0x31, 0x32, 0x33])
+    assert fmt.decode_frame(word, [3, 8, 1, 4, 8, 8]) == (True, seq, [0x020100, 0x1716151413121110, 0x20,
+                                                                      0x33323130])
+    # 16 one-lane flits fill a frame; without 'carried' every flit carries all lanes (the old format)
+    assert fmt.decode_frame_area(fmt.encode_frame(0, list(range(16)), [1] * 16))[2] == 16
+    assert fmt.decode_frame(fmt.encode_frame(1, flits[:2]))[2] == flits[:2]
+    with pytest.raises(AssertionError):
+        fmt.encode_frame(0, flits[:3], [8, 8, 1])     # 17 bytes
+    with pytest.raises(ValueError, match=r"decode_frame: the frame holds 4 flits, 'carried' gives the lanes of 3"):
+        fmt.decode_frame(word, [3, 8, 1])
+
+
+def run_sequencer(arch, segments_value, inference_flits, steps, seed):
+    """Advance a LaneSequencer on random cycles; returns [(lanes, inference_start)] of each flit it passed."""
+    dut = LaneSequencer(arch)
+    rng = random.Random(seed)
+    seen = []
+
+    async def testbench(ctx):
+        ctx.set(dut.segments.as_value(), segments_value)
+        ctx.set(dut.inference_flits, inference_flits)
+        while len(seen) < steps:
+            advance = rng.random() < 0.7
+            ctx.set(dut.advance, advance)
+            if advance:
+                seen.append((ctx.get(dut.lanes), ctx.get(dut.inference_start)))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lane_sequencer_is_flit_lanes(seed):
+    """The sequencer's lanes, flit by flit, are flit_lanes of the table, restarting every inference_flits flits
+    (0: never); inference_start marks flit 0 of each inference. Random tables (periods > 1, tables longer than an
+    inference: cut off), several inferences, random advance gaps."""
+    rng = random.Random(seed)
+    arch = (ARCH, ARCH8)[seed % 2]
+    inference_flits = (0, 1, 7, 13, 30, 21)[seed]
+    segments = random_table(rng, arch.lanes)
+    steps = 3 * (inference_flits or 25) + 2
+    seen = run_sequencer(arch, table_value(arch, segments), inference_flits, steps, seed)
+    lanes = stream_lanes(inference_flits, steps, arch.lanes, segments)
+    starts = [int(bool(inference_flits) and j % inference_flits == 0) for j in range(steps)]
+    assert seen == list(zip(lanes, starts))
+
+
+def test_lane_sequencer_table_ends_at_an_empty_entry_and_out_of_range_values():
+    """An entry with flits = 0 ends the table (the ones after it are ignored); a last_lanes of 0 or above lanes
+    reads as all lanes; period = 0: no flit is a pixel's last."""
+    entry = lane_table_layout(ARCH8).elem_shape.size
+
+    def raw(flits, period, last):
+        return flits | period << 24 | last << 40
+
+    value = raw(4, 2, 3) | raw(0, 1, 1) << entry | raw(5, 1, 1) << 2 * entry
+    seen = run_sequencer(ARCH8, value, 0, 8, 1)
+    assert [lanes for lanes, _ in seen] == [8, 3, 8, 3, 8, 8, 8, 8]
+    value = raw(2, 1, 0) | raw(2, 1, 9) << entry | raw(3, 0, 2) << 2 * entry | raw(2, 1, 5) << 3 * entry
+    seen = run_sequencer(ARCH8, value, 0, 11, 2)
+    assert [lanes for lanes, _ in seen] == [8, 8, 8, 8, 8, 8, 8, 5, 5, 8, 8]
+
+
+#: (arch, link parameters, inference_flits, flits, in_stall, out_stall) of the dense-frame runs; the lane tables are
+#: random (seeded by the case's index).
+DENSE_CASES = [
+    (ARCH, SMALL, 11, 33, 0.4, 0.5),
+    (ARCH, dict(SMALL, frame_flits=1), 6, 24, 0.3, 0.3),           # frames of 2 bytes: 1 or 2 flits
+    (ARCH8, dict(bits=8, frame_flits=2, credit_frames=3, replay_frames=2, latency=4), 17, 51, 0.3, 0.6),
+    (ARCH8, dict(bits=5, frame_flits=3, credit_frames=2, replay_frames=3, latency=2), 0, 40, 0.5, 0.2),
+    (ARCH8, dict(bits=8, frame_flits=1, credit_frames=4, replay_frames=4, latency=3), 9, 36, 0.2, 0.4),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DENSE_CASES)))
+def test_dense_frames_random_lane_tables(case):
+    """Random lane tables, random stalls on both ends: every frame on the wire is the spec's (the scoreboard: the
+    flits frame_sizes puts in it, their carried lanes packed densely, the rest zero), the output is each input flit
+    with its uncarried lanes zero, and the frames sent and accepted are as many as frame_sizes says."""
+    arch, kwargs, inference_flits, n, in_stall, out_stall = DENSE_CASES[case]
+    rng = random.Random(100 + case)
+    segments = random_table(rng, arch.lanes, inference_flits or None)
+    while not segments:
+        segments = random_table(rng, arch.lanes, inference_flits or None)
+    dut = Link(arch, **kwargs)
+    fmt = dut.format
+    flits = random_flits(fmt, n, seed=case)
+    received, _, counters, board = run_link(dut, flits, in_stall=in_stall, out_stall=out_stall, seed=case,
+                                            inference_flits=inference_flits, segments=segments)
+    sizes = frame_sizes(inference_flits, n, fmt.frame_flits, fmt.lanes, segments)
+    expected = delivered(fmt, flits, inference_flits, segments)
+    # a trailing frame that never fills (inference_flits = 0) stays in the sender
+    assert received == expected[:sum(sizes)] if not inference_flits else received == expected
+    assert [len(frame) for frame in board.frames] == sizes
+    assert counters["tx_frames_sent"] == counters["rx_frames_accepted"] == len(sizes)
+    assert counters["tx_replays"] == counters["rx_overflows"] == 0
+    if inference_flits:
+        per_inference = LinkGeometry(arch, **{k: v for k, v in kwargs.items() if k != "latency"}).frames(
+            inference_flits, segments)
+        assert len(sizes) == per_inference * (n // inference_flits)
+
+
+def test_dense_frames_carry_more_flits():
+    """One-lane flits of 8 lanes: a 2-flit frame holds 16 of them (count up to frame_bytes); an inference of 16
+    one-lane flits then 3 full ones makes frames of 16 and 2 + 1 (the full ones: 16 bytes a frame)."""
+    segments = (LaneSegment(16, 1, 1),)
+    dut = Link(ARCH8, bits=8, frame_flits=2, credit_frames=4, replay_frames=4, latency=3)
+    fmt = dut.format
+    assert frame_sizes(19, 38, 2, 8, segments) == [16, 2, 1, 16, 2, 1]
+    flits = random_flits(fmt, 38, seed=5)
+    received, _, counters, board = run_link(dut, flits, out_stall=0.3, seed=6, inference_flits=19,
+                                            segments=segments)
+    assert received == delivered(fmt, flits, 19, segments)
+    assert all(flit >> 8 == 0 for flit in received[:16]) and [len(f) for f in board.frames] == [16, 2, 1] * 2
+    assert counters["tx_frames_sent"] == 6
+
+
+#: Dense-frame links for the contract check (arch, parameters, inference_flits, lane table, stalls).
+DENSE_CONTRACT_CASES = {
+    "dense-window-and-credit": (ARCH8, dict(bits=8, frame_flits=2, credit_frames=2, replay_frames=2, latency=5), 14,
+                                (LaneSegment(6, 3, 2), LaneSegment(5, 1, 5)), 0.3, 0.6),
+    "dense-endless": (ARCH, dict(bits=3, frame_flits=3, credit_frames=3, replay_frames=2, latency=2), 0,
+                      (LaneSegment(9, 2, 1), LaneSegment(4, 1, 1)), 0.4, 0.3),
+    "dense-one-flit-frames": (ARCH8, dict(bits=16, frame_flits=1, credit_frames=1, replay_frames=1, latency=1), 7,
+                              (LaneSegment(7, 1, 3),), 0.2, 0.2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DENSE_CONTRACT_CASES))
+def test_dense_frames_meet_the_timing_contract(case):
+    """With lane tables the timing contract is unchanged (the frames are frame_sizes'): every event on its cycle."""
+    arch, kwargs, inference_flits, segments, in_stall, out_stall = DENSE_CONTRACT_CASES[case]
+    dut = Link(arch, **kwargs)
+    fmt = dut.format
+    n = 3 * (inference_flits or 13)
+    flits = random_flits(fmt, n, seed=50)
+    probe = LinkProbe(dut)
+    if not inference_flits:       # endless: only whole frames go; offer exactly those flits
+        n = sum(frame_sizes(0, n, fmt.frame_flits, fmt.lanes, segments))
+        flits = flits[:n]
+    received, _, counters, _ = run_link(dut, flits, in_stall=in_stall, out_stall=out_stall, seed=51,
+                                        inference_flits=inference_flits, probe=probe, segments=segments,
+                                        tail=fmt.message_delay + 2 * fmt.ret_beats)
+    assert received == delivered(fmt, flits, inference_flits, segments)
+    stats = check_link_contract(fmt, inference_flits, probe.cycles, segments)
+    assert stats["frames"] == counters["tx_frames_sent"] == len(frame_sizes(inference_flits, n, fmt.frame_flits,
+                                                                            fmt.lanes, segments))
+    assert stats["frames"] < len(frame_sizes(inference_flits, n, fmt.frame_flits))   # fewer than without a table
+
+
+def test_dense_frames_with_bit_errors():
+    """Faults on both channels with a lane table: resends carry the same dense frames; every flit once, in order,
+    its uncarried lanes zero."""
+    segments = (LaneSegment(5, 2, 3), LaneSegment(6, 3, 1), LaneSegment(2, 1, 7))
+    dut = Link(ARCH8, bits=8, frame_flits=2, credit_frames=3, replay_frames=3, latency=4, error_rate=0.003, seed=77)
+    fmt = dut.format
+    flits = random_flits(fmt, 60, seed=18)
+    received, _, counters, board = run_link(dut, flits, in_stall=0.2, out_stall=0.3, seed=19, inference_flits=15,
+                                            segments=segments, max_cycles=40000)
+    assert received == delivered(fmt, flits, 15, segments)
+    assert counters["rx_crc_errors"] > 0 and counters["tx_replays"] > 0 and board.resends > 0
+    assert counters["rx_frames_accepted"] == len(frame_sizes(15, 60, 2, 8, segments))
+    assert counters["rx_overflows"] == 0
+
+
 # --- (e) parameter validation -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make, error, message", [
     (lambda: LinkChannel(0, latency=4), ValueError, "LinkChannel: parameter 'bits' = 0 is outside 1..1024"),
@@ -656,6 +919,9 @@ def test_timing_contract_cases_exercise_window_and_credit():
     (lambda: Link(ARCH, seed_port="yes"), TypeError, "Link: parameter 'seed_port' must be a bool, got 'yes'"),
     (lambda: Link(ARCH, seed=0), ValueError, "LinkChannel: parameter 'seed' = 0 is outside 1..4294967295"),
     (lambda: LinkRx(ARCH, latency=0), ValueError, "LinkRx: parameter 'latency' = 0 is outside 1..65536"),
+    (lambda: LaneSequencer("arch"), TypeError,
+     "LaneSequencer: parameter 'arch' must be a flowtile.arch.Arch, got 'arch'"),
+    (lambda: lane_table_layout(None), TypeError, "lane_table_layout: parameter 'arch' must be a flowtile.arch.Arch"),
 ])
 def test_component_validation(make, error, message):
     with pytest.raises(error) as info:

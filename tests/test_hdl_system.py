@@ -13,13 +13,15 @@ from amaranth.sim import Simulator
 
 from flowtile.arch import CONFIG_FIELDS, Arch, index_bits
 from flowtile.hdl.chip import TILE_MODULE_NAME
-from flowtile.hdl.layouts import (LINK_INFERENCE_FLITS_BITS, LOAD_TARGET_CONFIG, LOAD_TARGET_LINK, LoadEncodingError,
-                                  encode_config, load_chip_bits, load_layout, pack_link_load, pack_load)
+from flowtile.hdl.layouts import (LINK_INFERENCE_FLITS_BITS, LINK_REG_LANE_SEGMENT0, LOAD_TARGET_CONFIG,
+                                  LOAD_TARGET_LINK, LoadEncodingError, encode_config, load_chip_bits, load_layout,
+                                  pack_link_load, pack_link_segment_load, pack_load)
 from flowtile.hdl.link import LinkFormat, lfsr_seed, ret_seed
 from flowtile.hdl.system import (LINK_MODULE_NAME, LINK_STATUS_COUNTERS, System, link_seed,
                                  link_status_signature)
 from flowtile.hdl.verilog import link_verilog, system_verilog
-from test_hdl_link import LinkProbe, check_link_contract
+from flowtile.link_format import LINK_LANE_SEGMENTS, LaneSegment, encode_lane_segment
+from test_hdl_link import LinkProbe, check_link_contract, stream_lanes, table_value
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -63,20 +65,34 @@ async def load(ctx, dut, **fields):
     ctx.set(dut.load.valid, 0)
 
 
-async def load_program(ctx, dut, arch, configs, inference_flits):
+async def load_program(ctx, dut, arch, configs, inference_flits, segments=()):
     """Configs of the last chip first (so a write leaking into a later chip would be overwritten visibly), then
-    the link registers."""
+    the link registers (``segments``: every link's lane table, written whole, unused entries 0, as
+    rtl/simulate.py loads them)."""
     for (chip, row, col), config in sorted(configs.items(), reverse=True):
         for addr, value in encode_config(arch, config):
             await load(ctx, dut, chip=chip, tile=row * arch.cols + col, target=LOAD_TARGET_CONFIG, addr=addr,
                        data=value)
+    padded = list(segments) + [None] * (LINK_LANE_SEGMENTS - len(segments))
     for k in range(arch.chips - 1):
         await load(ctx, dut, chip=k, tile=0, target=LOAD_TARGET_LINK, addr=0, data=inference_flits)
+        for index, segment in enumerate(padded):
+            await load_word(ctx, dut, pack_link_segment_load(arch, k, index, segment))
 
 
-def run_system(arch, n_pass, inferences, *, out_stall, in_stall=0.0, seed=0, max_cycles=6000, link_dest=(0, 0)):
-    """Load the pass-through program, run, stream ``n_pass * inferences`` random flits in (seeded input gaps) and
-    take them from the host output (seeded random ready stalls) until all came out, then ``tail`` more cycles.
+async def load_word(ctx, dut, word):
+    """One load-bus write of a packed payload (:func:`pack_load` and friends)."""
+    ctx.set(dut.load.valid, 1)
+    ctx.set(dut.load.payload.as_value(), word)
+    await ctx.tick()
+    ctx.set(dut.load.valid, 0)
+
+
+def run_system(arch, n_pass, inferences, *, out_stall, in_stall=0.0, seed=0, max_cycles=6000, link_dest=(0, 0),
+               segments=()):
+    """Load the pass-through program (every link with lane table ``segments``), run, stream ``n_pass *
+    inferences`` random flits in (seeded input gaps) and take them from the host output (seeded random ready
+    stalls) until all came out, then ``tail`` more cycles.
     Returns ``(sent, received, probes, status)``: the data words, the output flits as dicts, a
     :class:`LinkProbe` per link (cycle 0 = first cycle with run = 1) and each link's status members at the end."""
     rng = random.Random(seed)
@@ -90,7 +106,8 @@ def run_system(arch, n_pass, inferences, *, out_stall, in_stall=0.0, seed=0, max
     last_dest = (0, arch.cols - 1)
 
     async def testbench(ctx):
-        await load_program(ctx, dut, arch, pass_through_program(arch, n_pass, last_dest, link_dest), n_pass)
+        await load_program(ctx, dut, arch, pass_through_program(arch, n_pass, last_dest, link_dest), n_pass,
+                           segments)
         ctx.set(dut.run, 1)
         index, cycle, extra, valid = 0, 0, 0, False
         while len(received) < total or extra < tail:
@@ -176,6 +193,25 @@ def test_bit_errors_on_the_link_still_deliver_every_flit_once_in_order():
     assert status[0]["rx_overflows"] == 0
 
 
+def test_lane_tables_on_the_links():
+    """Every link loaded with the same lane table over the load bus: each flit comes out with only its carried
+    lanes (the others zero, whichever link dropped them), the frames are the dense ones (fewer than without the
+    table) and every link still meets the timing contract on its cycles."""
+    arch = ARCH.replace(rows=1, cols=1, chips=3, lanes=4, sram_bytes=64, link_frame_flits=2)
+    segments = (LaneSegment(4, 2, 1), LaneSegment(3, 1, 3))
+    n_pass, inferences = 9, 3
+    sent, received, probes, status = run_system(arch, n_pass, inferences, out_stall=0.4, in_stall=0.2, seed=9,
+                                                segments=segments)
+    carried = stream_lanes(n_pass, len(sent), arch.lanes, segments)
+    assert [flit["data"] for flit in received] == [word & ((1 << 8 * c) - 1) for word, c in zip(sent, carried)]
+    fmt = LinkFormat(arch)
+    frames = inferences * fmt.frames(n_pass, segments)
+    assert fmt.frames(n_pass, segments) < fmt.frames(n_pass)
+    for probe, link in zip(probes, status):
+        stats = check_link_contract(fmt, n_pass, probe.cycles, segments)
+        assert stats["frames"] == frames == link["tx_frames_sent"] == link["rx_frames_accepted"]
+
+
 # --- the load bus: chip field and link registers ------------------------------------------------------------------
 def test_load_layout_chip_field_is_on_top_and_moves_nothing():
     for chips in (1, 2, 3, 5, 256):
@@ -212,7 +248,8 @@ def test_link_registers_load_only_at_addr_0_of_an_existing_link_while_not_runnin
     async def testbench(ctx):
         await load(ctx, dut, chip=0, tile=0, target=LOAD_TARGET_LINK, addr=0, data=(1 << 30) | 77)
         await load(ctx, dut, chip=1, tile=0, target=LOAD_TARGET_LINK, addr=0, data=12)
-        await load(ctx, dut, chip=1, tile=0, target=LOAD_TARGET_LINK, addr=1, data=99)   # unknown register
+        await load(ctx, dut, chip=1, tile=0, target=LOAD_TARGET_LINK, addr=LINK_REG_LANE_SEGMENT0 + LINK_LANE_SEGMENTS,
+                   data=99)                                                                 # unknown register
         await load(ctx, dut, chip=2, tile=0, target=LOAD_TARGET_LINK, addr=0, data=98)   # no link leaves chip 2
         await load(ctx, dut, chip=3, tile=0, target=LOAD_TARGET_LINK, addr=0, data=97)   # no chip 3
         await load(ctx, dut, chip=0, tile=0, target=LOAD_TARGET_CONFIG, addr=0, data=96)  # a tile's register
@@ -226,6 +263,49 @@ def test_link_registers_load_only_at_addr_0_of_an_existing_link_while_not_runnin
     sim.add_testbench(testbench)
     sim.run()
     assert seen == [(77, 12), (77, 12)]
+
+
+def test_lane_segment_registers_load_over_the_bus():
+    """addr LINK_REG_LANE_SEGMENT0 + s of link k sets entry s of its lane table (the encoded segment; both its
+    sender and receiver see it) from the next cycle, only while run = 0; other chips, links and addresses are
+    ignored, a register can be cleared again, and the high bits of data beyond the entry are dropped."""
+    arch = ARCH.replace(chips=3, rows=1, cols=1, lanes=4, sram_bytes=64)
+    dut = System(arch)
+    a, b, c = LaneSegment(7, 3, 2), LaneSegment(100, 1, 4), LaneSegment((1 << 24) - 1, (1 << 16) - 1, 1)
+    entry = dut.links[0].segments.shape().elem_shape.size
+    seen = []
+
+    def tables(ctx):
+        """Per link: the table at its port, its sender's and its receiver's."""
+        return tuple(tuple(ctx.get(view.as_value()) for view in (link.segments, link.tx.segments, link.rx.segments))
+                     for link in dut.links)
+
+    async def testbench(ctx):
+        assert tables(ctx) == ((0, 0, 0), (0, 0, 0))            # all 0 after reset
+        await load_word(ctx, dut, pack_link_segment_load(arch, 0, 0, a))
+        await load_word(ctx, dut, pack_link_segment_load(arch, 0, 3, c))
+        await load_word(ctx, dut, pack_link_segment_load(arch, 1, 1, b))
+        await load_word(ctx, dut, pack_link_segment_load(arch, 1, 2, a))
+        await load_word(ctx, dut, pack_link_segment_load(arch, 1, 2, None))      # cleared again
+        # no link leaves chip 2; addr past the table; a tile's target; high data bits beyond the entry
+        await load(ctx, dut, chip=2, tile=0, target=LOAD_TARGET_LINK, addr=LINK_REG_LANE_SEGMENT0, data=5)
+        await load(ctx, dut, chip=0, tile=0, target=LOAD_TARGET_LINK, addr=LINK_REG_LANE_SEGMENT0 + LINK_LANE_SEGMENTS,
+                   data=6)
+        await load(ctx, dut, chip=0, tile=0, target=LOAD_TARGET_CONFIG, addr=LINK_REG_LANE_SEGMENT0 + 1, data=7)
+        await load(ctx, dut, chip=1, tile=0, target=LOAD_TARGET_LINK, addr=LINK_REG_LANE_SEGMENT0 + 3,
+                   data=(1 << 60) | encode_lane_segment(a, arch.lanes))
+        seen.append(tables(ctx))
+        ctx.set(dut.run, 1)
+        await load_word(ctx, dut, pack_link_segment_load(arch, 0, 1, b))         # running: ignored
+        seen.append(tables(ctx))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(testbench)
+    sim.run()
+    link0, link1 = table_value(arch, (a, None, None, c)), table_value(arch, (None, b, None, a))
+    assert link1 >> (3 * entry) == encode_lane_segment(a, arch.lanes)
+    assert seen == [((link0,) * 3, (link1,) * 3)] * 2
 
 
 def test_link_seeds_differ_per_channel_and_start_from_the_arch_seed():
