@@ -10,7 +10,7 @@ import onnx
 
 from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
 from flowtile.link_format import LinkGeometry, flit_lanes
-from flowtile.program import LayerInfo, LinkProgram, Program, TileProgram
+from flowtile.program import LayerInfo, LinkProgram, Program, ProgramError, TileProgram
 from flowtile.tile_config import TileConfig
 
 from .errors import CompileError
@@ -312,7 +312,11 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     assert tuple(link.inference_flits for link in links) == placement.link_words
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
                       model_name=model_name, links=links, replicas=replicas)
-    program.validate()
+    try:
+        program.validate()
+    except ProgramError as error:  # e.g. a stream longer than a register counts (many copies of a large input)
+        copies = f" with {replicas} copies of the network" if replicas > 1 else ""
+        raise CompileError(f"the program{copies} does not fit the registers: {error}") from None
     return program
 
 
