@@ -68,3 +68,40 @@ def test_chips_in_a_line_match_the_emulator_and_one_chip(tmp_path, name, chips, 
         # (N chips may run copies of the network on alternate inferences: their batch is padded to a multiple)
         np.testing.assert_array_equal(emulate_model(program, x).result.out_flits[:len(one_chip.result.out_flits)],
                                       one_chip.result.out_flits)
+
+
+def test_dense_frames_with_pixel_periods_match_the_emulator():
+    """Lane tables whose pixels span two words (12 channels in 8 lanes: 8 + 4 bytes a pixel) on the Verilator build
+    of the second system above (same Arch, so the same cached build): a 3x3 convolution in two row bands on chip 0,
+    whose output crosses link 0 as 12 bytes a pixel instead of 16, then a max pool and a dense layer. RTL ==
+    emulator in every output flit and cycle; the outputs are the network's (program_builder's golden model)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_emulator_multichip import dense, networks, run
+    from flowtile.host import pack_flits
+    from flowtile.link_format import LaneSegment, lane_segments_of_tensors
+    from flowtile.rtl.simulate import simulate
+    from flowtile.testing.program_builder import Conv, MaxPool, network_golden
+    rng = np.random.default_rng(23)
+    shape, lanes = (1, 6, 6), 8
+    conv = Conv(rng.integers(-128, 128, (12, 1, 3, 3), dtype=np.int8), rng.integers(-500, 500, 12), 2**30, 38,
+                zp_in=-3, zp_out=2, clamp_lo=-128, pads=(1, 1, 1, 1), tiles=2)
+    layers = [conv, MaxPool(2, 2, stride=2, tiles=1), dense(rng, 3 * 3 * 2 * lanes, 7, 1)]
+    tables = [lane_segments_of_tensors([(36, 12)], lanes)[0], lane_segments_of_tensors([(1, 7)], lanes)[0],
+              lane_segments_of_tensors([(1, 7)], lanes)[0]]
+    assert tables[0] == (LaneSegment(72, 2, 4),)
+    link = SYSTEMS[1][3]
+    program, _ = networks(layers, 4, 1, 2, lanes=lanes, input_shape=shape, segments=tables, **link)
+    assert program.arch == Arch(rows=1, cols=2, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=4, **link)
+    assert program.links[0].inference_flits == 72
+    batch = 4
+    x = rng.integers(-128, 128, (batch, 36), dtype=np.int8)
+    emulated = run(program, x, batch)
+    # 10 pixels (120 bytes) a frame of 128 bytes: 36 pixels in 4 frames (5 with every lane sent)
+    assert emulated.links[0].frames_per_inference == 4
+    np.testing.assert_array_equal(emulated.out_flits, network_golden(layers, x, shape, lanes))
+    rtl = simulate(program, pack_flits(x, lanes, program.input), batch, simulator="verilator")
+    np.testing.assert_array_equal(np.asarray(rtl.out_flits), emulated.out_flits)
+    np.testing.assert_array_equal(np.asarray(rtl.out_times), emulated.out_times)
+    assert rtl.cycles == emulated.cycles
