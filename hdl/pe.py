@@ -3,8 +3,9 @@ ring, forward queue and its three concurrent sides, input, compute and output (d
 section 4; windowed layers, convolution, max pooling and lane-wise multiply-accumulate (depthwise
 convolution, average pools), section 4.1; store and forward ranges of a stream that carries several
 tensors, and the elementwise residual join op ADD, section 4.2; the channel concatenation op CONCAT,
-section 4.3; the per-pixel interleaved output order of output-channel groups (register pass_per_pixel),
-section 4.4; timing, section 6 rule 4)."""
+section 4.3; the per-pixel interleaved output order of output-channel groups (register pass_per_pixel) and
+the channel groups of MAX, LANE and ADD (registers group_word_begin, group_words), section 4.4; timing,
+section 6 rule 4)."""
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, ResetInserter, unsigned
@@ -82,6 +83,13 @@ class PE(wiring.Component):
     pipeline: sections 4 and 4.1 of docs/architecture.md; the RECV ranges and op ADD: section 4.2; op CONCAT:
     section 4.3.
 
+    Channel groups (section 4.4): MAX, LANE and ADD compute the ``N_g`` channel words ``[group_word_begin,
+    group_word_begin + N_g)`` of each pixel (``N_g = group_words``, or ``words_per_pixel`` if it is 0; ``n_out =
+    N_g * L``): their word loop runs ``cw = 0 .. N_g - 1``, issue ``(pixel, cw, ky, kx)`` reads channel word
+    ``group_word_begin + cw`` of its pixel (``p*CW + group_word_begin + cw`` of the map, of each operand for ADD),
+    LANE weight word ``w_base + cw*KH*KW + ky*KW + kx`` and parameter rows ``cw*L + l`` (both group-local), and
+    writes result word ``q*N_g + cw``; ``W_px = N_g``. MAC and CONCAT do not read the two registers.
+
     ADD runs LANE's loop nest with the 1x2 kernel the compiler writes for it: issue ``(pixel p = oy*in_width
     + ox, word cw, kx)`` reads activation word ``act_base + operand_a_offset + p*CW + cw`` (operand ``a``,
     ``kx = 0``) or ``act_base + operand_b_offset + p*CW + cw`` (operand ``b``, ``kx = 1``; either operand
@@ -99,7 +107,7 @@ class PE(wiring.Component):
     ``CW``, ``CWa`` or ``CWb``.
 
     Registers an op does not read (the operand offsets, multipliers and ``concat_words_a`` of MAC, MAX and
-    LANE; ``concat_words_a`` of ADD) do not affect it.
+    LANE; ``concat_words_a`` of ADD; ``group_word_begin`` and ``group_words`` of MAC and CONCAT) do not affect it.
 
     The parameter table is banked by lane (row ``r`` in bank ``r % L`` at address ``r // L``) so that
     LANE, ADD and CONCAT read the ``L`` rows ``cw*L + l`` of one word in one cycle; MAC reads row ``o``

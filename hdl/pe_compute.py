@@ -11,7 +11,7 @@ from flowtile.arch import COMPUTE_DRAIN_CYCLES, Arch
 
 from .layouts import check_arch, config_layout
 from .pe_loader import band_end
-from .pe_output import op_decode
+from .pe_output import channel_group, op_decode
 
 __all__ = ["ComputeSequencer", "issue_layout"]
 
@@ -41,7 +41,8 @@ def issue_layout(arch: Arch) -> data.StructLayout:
 
 class ComputeSequencer(wiring.Component):
     """COMPUTE's control and loop nest (docs/architecture.md section 4, bullet "Compute side" and "Pipeline inside COMPUTE"; the window loop
-    nest, section 4.1; ADD's operands, section 4.2; CONCAT's, section 4.3).
+    nest, section 4.1; ADD's operands, section 4.2; CONCAT's, section 4.3; the channel groups of MAX, LANE and ADD,
+    section 4.4: their word loop runs over the group's N_g words, read from channel word group_word_begin on).
 
     COMPUTE of inference ``s`` begins (``compute_start``, cycle ``c_s``) iff ``run``, ``computes``, RECV
     word ``store_end - 1`` of ``s`` has arrived in an earlier cycle (``store_done``), no COMPUTE is
@@ -121,12 +122,15 @@ class ComputeSequencer(wiring.Component):
         channel = Signal.like(config.n_out)               # o (MAC only)
         kernel_y = Signal.like(config.kernel_h)
         kernel_x = Signal.like(config.kernel_w)
-        word = Signal.like(config.words_per_pixel)        # cw
+        word = Signal.like(config.words_per_pixel)        # cw (the per-word ops: within the channel group)
         issue_done = Signal()
         drain = Signal(range(COMPUTE_DRAIN_CYCLES))
         issuing = in_compute & ~issue_done
 
-        last_word = word == config.words_per_pixel - 1
+        # cw runs over a pixel's words_per_pixel input words (MAC) or the N_g words of the channel group (section
+        # 4.4; N_g = words_per_pixel without a group, and always for CONCAT).
+        group_first_word, group_words = channel_group(config)
+        last_word = word == group_words - 1
         last_kernel_x = kernel_x == config.kernel_w - 1
         last_kernel_y = kernel_y == config.kernel_h - 1
         last_channel = channel == n_out - 1
@@ -195,19 +199,21 @@ class ComputeSequencer(wiring.Component):
                          out_row.eq(0), issue_done.eq(0), drain.eq(0), weight_address.eq(config.w_base)]
 
         self._addresses(m, is_add, is_concat, two_operands, lane_wise, out_row, out_col, channel, kernel_y, kernel_x,
-                        word, weight_address)
+                        word, weight_address, group_first_word)
         with m.If(~self.run):
             m.d.sync += [computing.eq(0), compute_bank.eq(0), stored.eq(0), write_slot.eq(0)]
         return m
 
     def _addresses(self, m, is_add, is_concat, two_operands, lane_wise, out_row, out_col, channel, kernel_y,
-                   kernel_x, word, weight_address):
+                   kernel_x, word, weight_address, group_first_word):
         """The issue's read addresses and window position (sections 4.1 to 4.3).
 
         ADD's window does not move with kx: its two issues of a word read pixel p of operand a (kx = 0) and
         of operand b (kx = 1). CONCAT's word cw comes from operand a's word cw while cw < CWa, else from
         operand b's word cw - CWa (maps of CWa and CWb = CW - CWa words a pixel). MAC, MAX and LANE read
         the one map at act_base (offset 0, pitch CW). pixel_index * pitch is the one wide multiplier.
+        MAX, LANE and ADD read channel word group_word_begin + cw of a pixel (``group_first_word``, 0 for MAC and
+        CONCAT: section 4.4's channel groups); weight and parameter addresses count cw within the group.
         """
         config, issue = self.config, self.issue.payload
         concat_words_b = Signal.like(config.words_per_pixel)
@@ -219,7 +225,7 @@ class ComputeSequencer(wiring.Component):
         operand_b = (is_add & (kernel_x != 0)) | (is_concat & (word >= config.concat_words_a))
         operand_offset = Mux(two_operands, Mux(operand_b, config.operand_b_offset, config.operand_a_offset), 0)
         pixel_pitch = Mux(is_concat, Mux(operand_b, concat_words_b, config.concat_words_a), config.words_per_pixel)
-        operand_word = Mux(is_concat & operand_b, word - config.concat_words_a, word)[:len(word)]
+        operand_word = Mux(is_concat & operand_b, (word - config.concat_words_a)[:len(word)], word + group_first_word)
         window_y = (config.out_row_begin + out_row) * config.stride + kernel_y      # iy + pad_top
         window_x = out_col * config.stride + Mux(is_add, 0, kernel_x)               # ix + pad_left
         in_bounds = ((window_y >= config.pad_top) & (window_y < config.pad_top + config.in_height)

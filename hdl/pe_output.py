@@ -12,7 +12,7 @@ from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 from .layouts import check_arch, config_layout, flit_signature
 from .pe_loader import band_end
 
-__all__ = ["OutputSide", "op_decode"]
+__all__ = ["OutputSide", "op_decode", "channel_group"]
 
 
 def op_decode(config):
@@ -28,6 +28,18 @@ def op_decode(config):
     return is_max, is_add, is_concat, two_operands, lane_wise, is_max | lane_wise
 
 
+def channel_group(config):
+    """``(first word, N_g)`` of the channel group a tile computes (section 4.4): for MAX, LANE and ADD channel words
+    ``[group_word_begin, group_word_begin + N_g)`` of each pixel, ``N_g = group_words`` or all ``words_per_pixel``
+    if it is 0; for MAC and CONCAT, which do not read the two group registers, ``(0, words_per_pixel)``. ``N_g`` is
+    the bound of COMPUTE's word loop ``cw`` (MAC: the input words of a pixel; the per-word ops: the result words of
+    a pixel, ``W_px``)."""
+    grouped = (config.op == OP_MAX) | (config.op == OP_LANE) | (config.op == OP_ADD)
+    first_word = Mux(grouped, config.group_word_begin, 0)
+    words = Mux(grouped & (config.group_words != 0), config.group_words, config.words_per_pixel)
+    return first_word, words
+
+
 class OutputSide(wiring.Component):
     """Output side of a PE (docs/architecture.md section 4, bullet "Output side"; the per-pixel order of
     output-channel groups, section 4.4).
@@ -36,9 +48,12 @@ class OutputSide(wiring.Component):
     ``o_flit``) and ``E = n_pix * W_px`` EMITs (the head of ``i_results``), at most one transfer a cycle,
     in this order (``R_p = pass_per_pixel``): ``Q - n_pix * R_p`` pops, then for each output pixel ``q``
     of the band (section 4.1), ``R_p`` pops and the ``W_px`` EMITs of result words ``q*W_px ..``
-    (``R_p = 0``: all pops, then all EMITs). ``W_px`` is ``ceil(n_out / L)`` for MAC,
-    ``words_per_pixel`` for the other ops. A tile that does not compute (``computes = 0``), or whose
-    ``n_pix * R_p`` exceeds ``n_pass``, has ``R_p = 0`` and (if not computing) no EMITs.
+    (``R_p = 0``: all pops, then all EMITs). ``W_px`` is ``ceil(n_out / L)`` for MAC and the ``N_g``
+    words COMPUTE issues a pixel for the other ops (:func:`channel_group`: ``group_words``, or
+    ``words_per_pixel`` if it is 0, for MAX, LANE and ADD; ``words_per_pixel`` for CONCAT), which is
+    ``ceil(n_out / L)`` too in every config encode_config accepts (``n_out = N_g * L``). A tile that does
+    not compute (``computes = 0``), or whose ``n_pix * R_p`` exceeds ``n_pass``, has ``R_p = 0`` and (if
+    not computing) no EMITs.
 
     ``o_flit.valid`` is the chosen source's ``valid`` (and ``run``), never ``o_flit.ready``; the chosen
     source's ``ready`` is ``run & o_flit.ready``, the other's 0. Every flit carries the configured
@@ -79,7 +94,8 @@ class OutputSide(wiring.Component):
         per_word = op_decode(config)[-1]
         n_out = Mux(computes, config.n_out, 0)
         n_result_words = (n_out + (self.arch.lanes - 1)) >> exact_log2(self.arch.lanes)
-        pixel_result_words = Signal(max(len(config.words_per_pixel), len(n_result_words)))   # W_px
+        _, group_words = channel_group(config)
+        pixel_result_words = Signal(max(len(group_words), len(n_result_words)))   # W_px
         forwarded = Mux(config.forward_end > config.forward_begin, config.forward_end - config.forward_begin, 0)
         popped_words = Signal(len(config.n_in_words) + 1)       # Q
         end = Signal.like(config.out_width)                     # E'
@@ -88,7 +104,8 @@ class OutputSide(wiring.Component):
         n_pix = Signal(len(config.out_rows) + len(config.out_width))
         interleaved_pops = Signal(len(n_pix) + len(config.pass_per_pixel))
         m.d.comb += [
-            pixel_result_words.eq(Mux(per_word, config.words_per_pixel, n_result_words)),
+            # The per-word ops: the N_g words COMPUTE issues a pixel (n_out = N_g * L makes it ceil(n_out / L)).
+            pixel_result_words.eq(Mux(per_word, group_words, n_result_words)),
             popped_words.eq(forwarded + config.n_pass),
             end.eq(band_end(config)),
             n_pix.eq(config.out_rows * config.out_width - config.out_col_begin - (config.out_width - end)),

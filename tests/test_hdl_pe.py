@@ -4,7 +4,8 @@ section 4.2's formula and CONCAT from section 4.3's in numpy, both cross-checked
 store and forward ranges of a stream carrying several tensors, the two activation banks, section 4.1's bands
 of output pixels (partial first and last rows: out_col_begin, out_col_end; every golden iterates
 TileConfig.output_pixel_positions), section 4.4's per-pixel interleaved output order of an
-output-channel group (pass_per_pixel), and the cycle of every input and output transfer, every COMPUTE start c_s and every result word's first issue a_j against section 6 rule 4's
+output-channel group (pass_per_pixel) and the channel groups of MAX, LANE and ADD (group_word_begin, group_words;
+their goldens cross-checked against the emulator's pe_results), and the cycle of every input and output transfer, every COMPUTE start c_s and every result word's first issue a_j against section 6 rule 4's
 three chains (input side, compute side result word by result word, output side; coupled through the forward
 queue of F = Arch.forward_queue_words words and the result ring of R = Arch.result_words words), over several
 inferences, seeded random input gaps and output back-pressure, queue depths from 1 to 1024, and rings from
@@ -601,9 +602,13 @@ WINDOW_ARCH = ARCH.replace(sram_bytes=4096, max_tile_outputs=256)
 
 def golden_window(config, sram, params, activations, lanes):
     """One inference's result words, straight from section 4.1 with nested loops.
-    ``sram`` {addr: lanes} holds the weights; ``activations`` is the stored input map [K][L]."""
+    ``sram`` {addr: lanes} holds the weights; ``activations`` is the stored input map [K][L]. MAX and LANE compute
+    the channel group of section 4.4 (as emulator/functional.py's _gather_windows): channel words first_word + cw
+    of each pixel for cw < N_g (group_word_begin, N_g = group_words or all words_per_pixel), with the group-local
+    LANE weight word w_base + cw*KH*KW + ky*KW + kx and parameter row cw*L + l, into result word q*N_g + cw."""
     height, width, cw_words = config["in_height"], config["in_width"], config["words_per_pixel"]
     kh, kw, stride = config["kernel_h"], config["kernel_w"], config["stride"]
+    first_word, group_words = config["group_word_begin"], tile_config(config).computed_words
 
     def input_word(iy, ix, cw):
         if 0 <= iy < height and 0 <= ix < width:
@@ -634,8 +639,8 @@ def golden_window(config, sram, params, activations, lanes):
                 outputs.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
             words += golden_result_words(outputs, lanes)
         elif config["op"] == OP_LANE:
-            # Depthwise: lane l of word cw is channel c = cw*L + l, with its own weights and row c.
-            for cw in range(cw_words):
+            # Depthwise: lane l of word cw of the group is channel c = cw*L + l, with its own weights and row c.
+            for cw in range(group_words):
                 word = []
                 for lane in range(lanes):
                     bias, multiplier, shift = params[cw * lanes + lane]
@@ -644,15 +649,15 @@ def golden_window(config, sram, params, activations, lanes):
                         for kx in range(kw):
                             weight = sram.get(config["w_base"] + cw * kh * kw + ky * kw + kx, [0] * lanes)
                             a = input_word(oy * stride + ky - config["pad_top"],
-                                           ox * stride + kx - config["pad_left"], cw)
+                                           ox * stride + kx - config["pad_left"], first_word + cw)
                             acc += weight[lane] * a[lane]
                     acc = wrap32(acc)
                     word.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
                 words.append(word)
         else:
-            for cw in range(cw_words):
-                window = [input_word(oy * stride + ky - config["pad_top"], ox * stride + kx - config["pad_left"], cw)
-                          for ky in range(kh) for kx in range(kw)]
+            for cw in range(group_words):
+                window = [input_word(oy * stride + ky - config["pad_top"], ox * stride + kx - config["pad_left"],
+                                     first_word + cw) for ky in range(kh) for kx in range(kw)]
                 words.append([clamp(max(w[lane] for w in window)) for lane in range(lanes)])
     return words
 
@@ -707,12 +712,14 @@ def test_windowed_layer_matches_golden_and_rule_4(registers, n_pass, forward, ba
 
 
 def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lanes, *, queue_words, average=False,
-                    result_words_per_tile=None, ready_bursts=False):
+                    result_words_per_tile=None, ready_bursts=False, unread=None):
     """One windowed layer on a PE with ``lanes`` lanes, checked value by value and cycle by cycle.
     ``average``: all-one weights and multipliers near 2^S / (KH*KW) (an average pool as a LANE layer).
     ``result_words_per_tile``: result ring depth R (default: WINDOW_ARCH's outputs at ``lanes``).
     ``back_pressure``: seeded random input gaps and o_flit.ready stalls (:func:`bursty_ready` if
-    ``ready_bursts``, else high in 60% of the cycles). Returns (config, weights, params, inputs, emitted, schedule)."""
+    ``ready_bursts``, else high in 60% of the cycles). ``unread``: registers the op does not read, loaded (unchecked,
+    encode_config may reject them) on top of the config, which must behave as without them.
+    Returns (config, weights, params, inputs, emitted, schedule)."""
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes, forward_queue_words=queue_words)
     if result_words_per_tile is not None:
         arch = arch.replace(max_tile_outputs=result_words_per_tile * lanes)
@@ -758,7 +765,8 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
         available, ready = [0] * len(inputs), [True] * horizon
     sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
     emitted, schedule = check_run(config, weights, params, inputs, available, ready, arch=arch,
-                                  golden=lambda activations: golden_window(config, sram, params, activations, lanes))
+                                  golden=lambda activations: golden_window(config, sram, params, activations, lanes),
+                                  loaded=dict(config, **unread) if unread else None)
     if not back_pressure and not n_pass and queue_words >= tile_config(config).forwarded_words:
         # Spelled out for inference 0: last RECV at K - 1, result word 0 issued for d_0 cycles from K, then
         # EMITted 2 cycles later (written at K + d_0 + 1), while COMPUTE still runs.
@@ -1046,17 +1054,19 @@ def band_pixels(config, rows):
 
 def golden_add(config, params, stored, lanes):
     """One inference's result words of op ADD, section 4.2 in numpy: operand a = the stored words from
-    operand_a_offset, b = from operand_b_offset, both (in_height, in_width, CW, L); output pixels
-    (:func:`band_pixels`) of the rows [out_row_begin, +out_rows)."""
+    operand_a_offset, b = from operand_b_offset, both (in_height, in_width, CW, L), of which the channel group's
+    words [group_word_begin, + N_g) (section 4.4; N_g = group_words or all CW; as emulator/functional.py's
+    _two_operand_results); output pixels (:func:`band_pixels`) of the rows [out_row_begin, +out_rows)."""
     height, width, cw_words = config["in_height"], config["in_width"], config["words_per_pixel"]
     n_map = height * width * cw_words
+    group = slice(config["group_word_begin"], config["group_word_begin"] + tile_config(config).computed_words)
     words = np.array(stored, dtype=np.int64)
-    a = words[config["operand_a_offset"]:][:n_map].reshape(height, width, cw_words, lanes)
-    b = words[config["operand_b_offset"]:][:n_map].reshape(height, width, cw_words, lanes)
+    a = words[config["operand_a_offset"]:][:n_map].reshape(height, width, cw_words, lanes)[:, :, group]
+    b = words[config["operand_b_offset"]:][:n_map].reshape(height, width, cw_words, lanes)[:, :, group]
     rows = slice(config["out_row_begin"], config["out_row_begin"] + config["out_rows"])
-    table = np.array(params, dtype=np.int64).reshape(cw_words, lanes, 3)   # row c = cw*L + l
+    table = np.array(params, dtype=np.int64).reshape(-1, lanes, 3)   # row c = cw*L + l, cw < N_g
     acc = table[..., 0] + a[rows] * config["add_mult_a"] + b[rows] * config["add_mult_b"]
-    return band_pixels(config, requantize_array(acc, table, config)).reshape(-1, lanes).tolist()   # word q*CW + cw
+    return band_pixels(config, requantize_array(acc, table, config)).reshape(-1, lanes).tolist()   # word q*N_g + cw
 
 
 def golden_concat(config, params, stored, lanes):
@@ -1136,12 +1146,13 @@ def lowered_scales(s_a, s_b, s_y):
 
 
 def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferences, back_pressure, extremes,
-                         golden, queue_words, ring_words=32, ready_bursts=False):
+                         golden, queue_words, ring_words=32, ready_bursts=False, unread=None):
     """Run an ADD or CONCAT tile (``config`` complete) on an arch with ``lanes`` lanes and a result ring of
     ``ring_words`` words for ``n_inferences`` random inferences, with seeded random stalls if ``back_pressure``
     (o_flit.ready in :func:`bursty_ready` bursts if ``ready_bursts``), checking every transfer against
     ``golden`` and rule 4 with a forward queue of ``queue_words``; random "weights" fill the SRAM below
-    act_base (neither op reads a weight). Returns (inputs, emitted, schedule)."""
+    act_base (neither op reads a weight). ``unread``: as :func:`run_window_case`'s. Returns (inputs, emitted,
+    schedule)."""
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=ring_words * lanes,
                                forward_queue_words=queue_words)
     k_words, n_pass = config["n_in_words"], config["n_pass"]
@@ -1161,7 +1172,8 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
     else:
         available, ready = [0] * len(inputs), [True] * horizon
     emitted, schedule = check_run(config, [], params, inputs, available, ready, arch=arch, sram=sram,
-                                  golden=lambda stored: golden(config, params, stored, lanes))
+                                  golden=lambda stored: golden(config, params, stored, lanes),
+                                  loaded=dict(config, **unread) if unread else None)
     emits = [t for _, _, t, kind in emitted if kind == "emit"]
     assert len(emits) == n_inferences * tile_config(config).result_words(lanes)
     if not back_pressure and not n_pass and queue_words >= tile_config(config).forwarded_words:
@@ -1748,6 +1760,222 @@ def test_invalid_band_that_reaches_the_pe_makes_it_a_pass_through_tile(registers
     assert schedule.compute == [] and [kind for *_, kind in emitted] == ["forward"] * 3 * 15
 
 
+# --- channel groups of the per-word ops MAX, LANE and ADD (section 4.4: group_word_begin, group_words) ------
+
+#: MAX and LANE tiles that compute a channel group: (id, registers, n_pass, forward, back pressure, lanes, average).
+#: A group after the first interleaves the words of the groups before it: pass_per_pixel = group_word_begin
+#: passed words before each pixel's N_g own ones (n_pass = n_pix * pass_per_pixel + the bulk words).
+CHANNEL_GROUP_WINDOW_CASES = [
+    # Word 1 of 3 (a middle group of one word), rows 1..2 of a 4x4 map, one bulk passed word.
+    ("max3x3-p1-word1of3", dict(op=OP_MAX, in_height=4, in_width=4, words_per_pixel=3, kernel_h=3, kernel_w=3,
+                                stride=1, pad_top=1, pad_left=1, pad_value=-128, out_row_begin=1, out_rows=2,
+                                out_width=4, n_out=4, clamp_lo=-90, clamp_hi=100, group_word_begin=1,
+                                group_words=1, pass_per_pixel=1), 8 * 1 + 1, 1, True, 4, False),
+    # The first group, words 0..1 of 3 (nothing before it to interleave), no stalls: timing spelled out.
+    ("max2x2-s2-words0to1of3-l8", dict(op=OP_MAX, in_height=4, in_width=4, words_per_pixel=3, kernel_h=2,
+                                       kernel_w=2, stride=2, pad_top=0, pad_left=0, pad_value=-128, out_row_begin=0,
+                                       out_rows=2, out_width=2, n_out=16, group_word_begin=0, group_words=2),
+     0, 0, False, 8, False),
+    # The last group, words 1..2 of 3, of a depthwise 3x3 over a band (row 0 from column 1, row 2 up to column 2:
+    # n_pix = 10), 2 bulk passed words.
+    ("lane3x3-p1-words1to2of3-band", dict(op=OP_LANE, in_height=3, in_width=4, words_per_pixel=3, kernel_h=3,
+                                          kernel_w=3, stride=1, pad_top=1, pad_left=1, pad_value=4, out_row_begin=0,
+                                          out_rows=3, out_width=4, out_col_begin=1, out_col_end=3, n_out=8, zp_out=-3,
+                                          group_word_begin=1, group_words=2, pass_per_pixel=1), 10 * 1 + 2, 0, True,
+     4, False),
+    # An average pool's group, word 2 of 4, on 8 lanes: two earlier words a pixel, no bulk, the stream forwarded.
+    ("avgpool2x2-s2-word2of4-l8", dict(op=OP_LANE, in_height=4, in_width=4, words_per_pixel=4, kernel_h=2,
+                                       kernel_w=2, stride=2, pad_top=0, pad_left=0, pad_value=0, out_row_begin=0,
+                                       out_rows=2, out_width=2, n_out=8, zp_out=1, group_word_begin=2, group_words=1,
+                                       pass_per_pixel=2), 4 * 2, 1, True, 8, True),
+]
+
+
+@pytest.mark.parametrize("registers, n_pass, forward, back_pressure, lanes, average, queue_words",
+                         with_queue_depths(CHANNEL_GROUP_WINDOW_CASES))
+def test_channel_group_of_max_and_lane_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, lanes,
+                                                                 average, queue_words):
+    """Section 4.4's channel groups of MAX and LANE, three inferences: the tile issues the N_g words of its group a
+    pixel (I = n_pix * N_g * KH*KW), reads channel words group_word_begin + cw, the group-local weights and
+    parameter rows, and emits N_g result words a pixel after the pass_per_pixel words of the groups before it:
+    every word and transfer cycle, c_s and a_j against the golden models (golden_window, as the emulator), and the
+    interleaving by content."""
+    n_inferences = 3
+    config, weights, params, inputs, emitted, _ = run_window_case(
+        registers, n_pass, forward, back_pressure, n_inferences, lanes, queue_words=queue_words, average=average,
+        result_words_per_tile=LANE_RESULT_WORDS)
+    counts = tile_config(config)
+    n_pix, group_words, window = counts.output_pixels, counts.computed_words, config["kernel_h"] * config["kernel_w"]
+    assert group_words == config["group_words"] < config["words_per_pixel"] and config["n_out"] == group_words * lanes
+    assert counts.compute_issue_cycles == n_pix * group_words * window
+    assert len(weights) == (group_words * window if config["op"] == OP_LANE else 0)
+    results = [word for word, *_, kind in emitted if kind == "emit"]
+    assert len(results) == n_inferences * n_pix * group_words
+    if config["pass_per_pixel"]:
+        check_interleaving(config, n_pass, inputs, emitted, n_inferences, lanes)
+    # The group's words are not the map's first words: reading words 0.. instead would show.
+    per_inference = config["n_in_words"] + n_pass
+    stored = [stored_part(config, inputs[s * per_inference:][:config["n_in_words"]]) for s in range(n_inferences)]
+    sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
+    if config["group_word_begin"]:
+        shifted = dict(config, group_word_begin=0)
+        assert results != [word for words in stored for word in golden_window(shifted, sram, params, words, lanes)]
+
+
+#: ADD tiles that compute a channel group: (id, in_height, in_width, words_per_pixel, group_word_begin, group_words,
+#: out_row_begin, out_rows, order, stream, mode, bulk passed words, back pressure, lanes); pass_per_pixel =
+#: group_word_begin. ``order``, ``stream``: :func:`two_operand_stream`; ``mode``: :func:`add_operands`.
+CHANNEL_GROUP_ADD_CASES = [
+    ("add-word1of3", 3, 2, 3, 1, 1, 0, 3, "a-first", "joined", "random", 1, True, 4),
+    ("add-words1to2of3-band-l8", 4, 2, 3, 1, 2, 1, 2, "b-first", "prefix-gap", "scales", 0, False, 8),
+    ("add-words0to1of3", 2, 3, 3, 0, 2, 0, 2, "b-first", "prefix-gap", "random", 2, True, 4),
+]
+
+
+@pytest.mark.parametrize("height, width, cw_words, first_word, group_words, row_begin, out_rows, order, stream, mode, "
+                         "bulk, back_pressure, lanes, queue_words", with_queue_depths(CHANNEL_GROUP_ADD_CASES))
+def test_channel_group_of_add_matches_golden_and_rule_4(height, width, cw_words, first_word, group_words, row_begin,
+                                                        out_rows, order, stream, mode, bulk, back_pressure, lanes,
+                                                        queue_words):
+    """Section 4.4's channel groups of ADD, three inferences: issue (pixel p, cw, kx) reads word operand_{a,b}_offset
+    + p*CW + group_word_begin + cw (cw < N_g), parameter rows cw*L + l, result word q*N_g + cw, after the
+    pass_per_pixel words of the groups before it: every word and transfer cycle against golden_add (as the
+    emulator) and rule 4, and the interleaving by content."""
+    rng = random.Random(f"add-group-{height}-{width}-{cw_words}-{first_word}-{group_words}-{order}-{stream}-{lanes}")
+    n_map = height * width * cw_words
+    k_words, store, forward, offset_a, offset_b = two_operand_stream((n_map, n_map), order, stream)
+    m_a, m_b, params, zp_out, _ = add_operands(rng, mode, group_words, lanes)
+    n_pix = out_rows * width
+    config = make_config(n_in_words=k_words, n_pass=n_pix * first_word + bulk, op=OP_ADD, in_height=height,
+                         in_width=width, words_per_pixel=cw_words, kernel_h=1, kernel_w=2, stride=1,
+                         out_row_begin=row_begin, out_rows=out_rows, out_width=width, n_out=group_words * lanes,
+                         operand_a_offset=offset_a, operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b,
+                         zp_out=zp_out, w_base=0, act_base=20, store_begin=store[0], store_end=store[1],
+                         forward_begin=forward[0], forward_end=forward[1], group_word_begin=first_word,
+                         group_words=group_words, pass_per_pixel=first_word)
+    assert tile_config(config).compute_issue_cycles == n_pix * group_words * 2
+    n_inferences = 3
+    inputs, emitted, _ = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
+                                              queue_words=queue_words, back_pressure=back_pressure, extremes=False,
+                                              golden=golden_add)
+    results = [word for word, *_, kind in emitted if kind == "emit"]
+    assert len(results) == n_inferences * n_pix * group_words
+    assert len({value for word in results for value in word}) > 2 * lanes
+    if first_word:
+        check_interleaving(config, config["n_pass"], inputs, emitted, n_inferences, lanes)
+        per_inference = k_words + config["n_pass"]
+        stored = [inputs[s * per_inference:][store[0]:store[1]] for s in range(n_inferences)]
+        shifted = dict(config, group_word_begin=0)
+        assert results != [word for words in stored for word in golden_add(shifted, params, words, lanes)]
+
+
+def split_into_groups(config, sram, params, groups, lanes):
+    """Section 4.4's channel groups of a MAX, LANE or ADD tile ``config`` (no group) computing all CW words:
+    one (config, sram, params) per group ``(group_word_begin, group_words)``, each holding only its group's
+    weights (LANE: weight words [begin*KH*KW, (begin + N_g)*KH*KW) moved to w_base) and parameter rows
+    [begin*L, (begin + N_g)*L), with pass_per_pixel = group_word_begin."""
+    window = config["kernel_h"] * config["kernel_w"]
+    tiles = []
+    for first_word, group_words in groups:
+        group = dict(config, group_word_begin=first_word, group_words=group_words, n_out=group_words * lanes,
+                     pass_per_pixel=first_word)
+        group_sram = {config["w_base"] + a: sram[config["w_base"] + first_word * window + a]
+                      for a in range(group_words * window)} if config["op"] == OP_LANE else {}
+        tiles.append((group, group_sram, params[first_word * lanes:(first_word + group_words) * lanes]))
+    return tiles
+
+
+def emulator_results(config, sram, params, stored, arch):
+    """The emulator's result words of one inference (emulator.functional.pe_results) of a tile loaded with
+    ``sram`` {addr: lanes} and ``params``, the stored words ``stored``."""
+    from emulator.functional import pe_results
+    from emulator.path import tile_counts
+    from flowtile.program import TileProgram
+
+    image = np.zeros((arch.sram_words, arch.lanes), dtype=np.int8)
+    for address, word in sram.items():
+        image[address] = word
+    tile = TileProgram(row=0, col=0, config=tile_config(config), sram=image,
+                       params=np.array(params, dtype=np.int64).reshape(-1, 3))
+    words = pe_results(tile, tile_counts(tile, arch), np.array([stored], dtype=np.int8), arch)
+    return words[0].tolist()
+
+
+@pytest.mark.parametrize("op", [OP_MAX, OP_LANE, OP_ADD])
+def test_channel_groups_compose_to_the_whole_layer_and_match_the_emulator(op):
+    """The goldens of the channel groups of a layer (CW = 4 words split 1 + 2 + 1), interleaved pixel by pixel as
+    section 4.4's chain does (each group after the words of the groups before it), are the golden of the tile that
+    computes all words; and each group's golden is the emulator's (emulator/functional.py) bit for bit."""
+    rng = random.Random(f"group-compose-{op}")
+    lanes, cw_words, groups = 4, 4, [(0, 1), (1, 2), (3, 1)]
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes)
+    if op == OP_ADD:
+        height, width = 3, 2
+        n_map = height * width * cw_words
+        config = make_config(n_in_words=2 * n_map + 1, op=OP_ADD, in_height=height, in_width=width,
+                             words_per_pixel=cw_words, kernel_h=1, kernel_w=2, stride=1, out_row_begin=1, out_rows=2,
+                             out_width=width, out_col_begin=1, n_out=cw_words * lanes, operand_a_offset=n_map + 1,
+                             operand_b_offset=0, add_mult_a=rng.randint(0, ADD_MULT_MAX),
+                             add_mult_b=rng.randint(0, ADD_MULT_MAX), act_base=0, zp_out=-2)
+        golden = lambda c, sram, p, stored: golden_add(c, p, stored, lanes)  # noqa: E731
+        params = [(rng.randint(-999, 999), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(50, 54))
+                  for _ in range(cw_words * lanes)]
+    else:
+        config = make_config(n_in_words=4 * 4 * cw_words, op=op, in_height=4, in_width=4, words_per_pixel=cw_words,
+                             kernel_h=3, kernel_w=3, stride=2, pad_top=1, pad_left=1,
+                             pad_value=-128 if op == OP_MAX else 3, out_row_begin=0, out_rows=2, out_width=2,
+                             out_col_end=1, n_out=cw_words * lanes, w_base=2, zp_out=1)
+        golden = lambda c, sram, p, stored: golden_window(c, sram, p, stored, lanes)  # noqa: E731
+        params = ([(0, 0, 0)] * (cw_words * lanes) if op == OP_MAX else
+                  [(rng.randint(-3000, 3000), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(34, 38))
+                   for _ in range(cw_words * lanes)])
+    config["act_base"] = config["w_base"] + tile_config(config).weight_words + 1
+    sram = {config["w_base"] + a: [rng.randint(-128, 127) for _ in range(lanes)]
+            for a in range(tile_config(config).weight_words)}
+    stored = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(tile_config(config).stored_words)]
+    whole = golden(config, sram, params, stored)
+    n_pix = tile_config(config).output_pixels
+    assert whole == emulator_results(config, sram, params, stored, arch)
+    per_group = []
+    for group, group_sram, group_params in split_into_groups(config, sram, params, groups, lanes):
+        assert encode_config(arch, dict(group, n_pass=n_pix * group["pass_per_pixel"]))
+        words = golden(group, group_sram, group_params, stored)
+        assert len(words) == n_pix * group["group_words"]
+        assert words == emulator_results(group, group_sram, group_params, stored, arch)
+        per_group.append(words)
+    interleaved = [word for q in range(n_pix) for (first_word, group_words), words in zip(groups, per_group)
+                   for word in words[q * group_words:(q + 1) * group_words]]
+    assert interleaved == whole
+    assert len({value for word in whole for value in word}) > 2 * lanes
+
+
+def test_mac_and_concat_ignore_the_channel_group_registers():
+    """MAC and CONCAT do not read group_word_begin and group_words (encode_config rejects non-zero values for
+    them): loaded anyway, the tiles compute exactly what they compute without them (a MAC convolution of 2 words
+    a pixel, a CONCAT of 2 + 1 words a pixel), every word and transfer cycle against the goldens and rule 4."""
+    unread = {"group_word_begin": 1, "group_words": 1}
+    registers = dict(op=OP_MAC, in_height=3, in_width=3, words_per_pixel=2, kernel_h=2, kernel_w=2, stride=1,
+                     pad_top=0, pad_left=1, pad_value=-5, out_row_begin=0, out_rows=2, out_width=3, n_out=5, zp_out=2)
+    with pytest.raises(LoadEncodingError, match="must be 0 for op = OP_MAC"):
+        encode_config(WINDOW_ARCH, make_config(n_in_words=18, **registers, **unread))
+    run_window_case(registers, 0, 1, True, 2, 4, queue_words=1024, unread=unread)
+
+    rng = random.Random("concat-unread-group")
+    lanes, height, width, words_a, words_b = 4, 2, 2, 2, 1
+    k_words, store, forward, offset_a, offset_b = two_operand_stream((4 * words_a, 4 * words_b), "a-first", "joined")
+    m_a, m_b, params, zp_out, _ = concat_operands(rng, "random", words_a, words_b, lanes)
+    config = make_config(n_in_words=k_words, op=OP_CONCAT, in_height=height, in_width=width,
+                         words_per_pixel=words_a + words_b, concat_words_a=words_a, kernel_h=1, kernel_w=1, stride=1,
+                         out_row_begin=0, out_rows=height, out_width=width, n_out=(words_a + words_b) * lanes,
+                         operand_a_offset=offset_a, operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b,
+                         zp_out=zp_out, w_base=0, act_base=20, store_begin=store[0], store_end=store[1],
+                         forward_begin=forward[0], forward_end=forward[1])
+    with pytest.raises(LoadEncodingError, match="must be 0 for op = OP_CONCAT"):
+        encode_config(WINDOW_ARCH, dict(config, **unread))
+    run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=2, back_pressure=True, extremes=False,
+                         golden=golden_concat, queue_words=1024, unread=unread)
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 def add_config(**overrides):
@@ -1801,6 +2029,17 @@ def test_valid_add_concat_and_stream_configs_encode():
     assert encode_config(ARCH, window_config(out_rows=2, out_width=2, act_base=20))          # 4 result words
     assert encode_config(ARCH, add_config(out_rows=2))                                       # 4
     assert encode_config(ARCH, concat_config(out_row_begin=1, out_rows=2))                  # 6
+    # Section 4.4's channel groups of MAX, LANE and ADD: any words [group_word_begin, + group_words) of a pixel,
+    # n_out = group_words * lanes, LANE's weights KH*KW*group_words words; group_words = 0 means all the words.
+    assert encode_config(ARCH, window_config(op=OP_MAX, n_in_words=12, words_per_pixel=3, n_out=4,
+                                             group_word_begin=2, group_words=1, pass_per_pixel=2, n_pass=2))
+    assert encode_config(ARCH, window_config(op=OP_LANE, n_in_words=12, words_per_pixel=3, n_out=8,
+                                             group_word_begin=1, group_words=2, w_base=46, act_base=20))
+    assert encode_config(ARCH, window_config(op=OP_LANE, n_in_words=8, words_per_pixel=2, n_out=8, group_words=2))
+    assert encode_config(ARCH, add_config(n_in_words=24, words_per_pixel=3, operand_b_offset=12, n_out=4,
+                                          group_word_begin=2, group_words=1, pass_per_pixel=2, n_pass=4))
+    # A tile that does not compute does not read the group registers either.
+    assert encode_config(ARCH, make_config(n_in_words=2, forward_end=2, group_word_begin=9, group_words=9))
 
 
 def window_config(**overrides):
@@ -1964,6 +2203,36 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
      r"out_col_begin = 2, out_col_end = 1 leave no output pixel: n_pix = .* = 1 \* 3 - 2 - \(3 - 1\) = -1 "),
     (lambda: encode_config(ARCH, window_config(pass_per_pixel=1 << 16, n_pass=5)),
      "config register pass_per_pixel' = 65536 is out of range 0..65535"),
+    # Section 4.4: channel groups of MAX, LANE and ADD only, inside a pixel's words, n_out = group_words * lanes.
+    (lambda: encode_config(ARCH, window_config(group_words=1)),
+     r"config registers group_word_begin = 0, group_words = 1 must be 0 for op = OP_MAC \(channel groups of MAX, "
+     r"LANE and ADD only; section 4.4\)"),
+    (lambda: encode_config(ARCH, window_config(n_in_words=8, words_per_pixel=2, group_word_begin=1)),
+     r"config registers group_word_begin = 1, group_words = 0 must be 0 for op = OP_MAC"),
+    (lambda: encode_config(ARCH, concat_config(group_word_begin=1, group_words=1)),
+     r"config registers group_word_begin = 1, group_words = 1 must be 0 for op = OP_CONCAT \(channel groups of "
+     r"MAX, LANE and ADD only; section 4.4\)"),
+    (lambda: encode_config(ARCH, window_config(op=OP_MAX, n_in_words=8, words_per_pixel=2, n_out=4,
+                                               group_word_begin=1, group_words=2)),
+     r"config registers group_word_begin \+ group_words = 1 \+ 2 exceed words_per_pixel = 2 \(section 4.4\)"),
+    # group_words = 0 means all words_per_pixel: then group_word_begin must be 0.
+    (lambda: encode_config(ARCH, window_config(op=OP_LANE, n_in_words=8, words_per_pixel=2, n_out=8,
+                                               group_word_begin=1)),
+     r"config registers group_word_begin \+ group_words = 1 \+ 2 exceed words_per_pixel = 2 \(section 4.4\)"),
+    (lambda: encode_config(ARCH, add_config(n_in_words=16, words_per_pixel=2, operand_b_offset=8, n_out=4,
+                                            group_word_begin=2, group_words=1)),
+     r"config registers group_word_begin \+ group_words = 2 \+ 1 exceed words_per_pixel = 2 \(section 4.4\)"),
+    (lambda: encode_config(ARCH, window_config(op=OP_LANE, n_in_words=8, words_per_pixel=2, n_out=8,
+                                               group_words=1)),
+     r"config register n_out = 8 must be group_words \* lanes = 4 for op = OP_LANE"),
+    (lambda: encode_config(ARCH, add_config(n_in_words=24, words_per_pixel=3, operand_b_offset=12, n_out=12,
+                                            group_word_begin=1, group_words=2)),
+     r"config register n_out = 12 must be group_words \* lanes = 8 for op = OP_ADD"),
+    (lambda: encode_config(ARCH, window_config(op=OP_LANE, n_in_words=8, words_per_pixel=2, n_out=4,
+                                               group_word_begin=1, group_words=1, w_base=56, act_base=20)),
+     r"config registers w_base \+ kernel_h \* kernel_w \* group_words = 65 exceed sram_words = 64"),
+    (lambda: encode_config(ARCH, window_config(group_words=1 << 16)),
+     "config register group_words' = 65536 is out of range 0..65535"),
     (lambda: encode_param_entry(0, 1 << 31, 1), "'multiplier' = 2147483648 is out of range"),
     (lambda: encode_param_entry(0, 1, 0), "'shift' = 0 is out of range 1..62"),
     (lambda: encode_param_entry(1 << 31, 1, 1), "'bias' = 2147483648 is out of range"),

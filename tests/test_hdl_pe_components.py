@@ -311,6 +311,20 @@ def test_input_side_matches_model():
 
 # --- OutputSide ------------------------------------------------------------------------------------------
 
+GROUPED_OPS = (OP_MAX, OP_LANE, OP_ADD)
+
+
+def group_words(c):
+    """``N_g`` (section 4.4): the channel words a pixel of the group MAX, LANE and ADD compute (``group_words``, or
+    ``words_per_pixel`` if 0); ``words_per_pixel`` for MAC and CONCAT, which ignore the group registers."""
+    return (c["group_words"] or c["words_per_pixel"]) if c["op"] in GROUPED_OPS else c["words_per_pixel"]
+
+
+def group_first_word(c):
+    """The first channel word of the group (``group_word_begin`` for MAX, LANE and ADD, else 0)."""
+    return c["group_word_begin"] if c["op"] in GROUPED_OPS else 0
+
+
 def output_order(c, computes):
     """Section 4.4's transfers of one inference: "pop" (forward queue) and "emit" (result ring)."""
     popped = max(c["forward_end"] - c["forward_begin"], 0) + c["n_pass"]
@@ -319,7 +333,7 @@ def output_order(c, computes):
     end = c["out_col_end"] or c["out_width"]
     n_pix = c["out_rows"] * c["out_width"] - c["out_col_begin"] - (c["out_width"] - end)
     n_out = c["n_out"]
-    per_pixel = c["words_per_pixel"] if c["op"] != OP_MAC else -(-n_out // LANES)
+    per_pixel = group_words(c) if c["op"] != OP_MAC else -(-n_out // LANES)
     pops = c["pass_per_pixel"] if c["pass_per_pixel"] and n_pix * c["pass_per_pixel"] <= c["n_pass"] else 0
     return ["pop"] * (popped - n_pix * pops) + (["pop"] * pops + ["emit"] * per_pixel) * n_pix
 
@@ -334,7 +348,7 @@ def random_output_registers(rng):
             "forward_end": rng.randrange(forward_begin, 6), "n_pass": rng.randrange(8), "out_rows": out_rows,
             "out_width": out_width, "out_col_begin": begin, "out_col_end": end,
             "pass_per_pixel": rng.choice([0, 1, 2]), "dest_row": 0, "dest_col": rng.randrange(2),
-            "dest_host": rng.randrange(2)}
+            "dest_host": rng.randrange(2), "group_word_begin": rng.randrange(3), "group_words": rng.choice([0, 1, 3])}
 
 
 def test_output_side_matches_model():
@@ -418,14 +432,15 @@ def band_positions(c):
 
 def issue_list(c, bank):
     """Section 4.1's issues of one COMPUTE reading bank ``bank``: (word_first, payload fields) in order.
-    ``activation_addr`` is None for a padded position (its address is not part of the contract)."""
-    op, cw_words = c["op"], c["words_per_pixel"]
+    ``activation_addr`` is None for a padded position (its address is not part of the contract). MAX, LANE and
+    ADD issue the N_g words of their channel group (section 4.4), reading channel word group_word_begin + cw."""
+    op, cw_words, loop_words = c["op"], c["words_per_pixel"], group_words(c)
     per_word, lane_wise = op != OP_MAC, op in (OP_LANE, OP_ADD, OP_CONCAT)
     bank_words = max(c["store_end"] - c["store_begin"], 0)
     issues, slot = [], 0
     for row, col in band_positions(c):
         if per_word:
-            nest = [(0, cw, ky, kx) for cw in range(cw_words) for ky in range(c["kernel_h"])
+            nest = [(0, cw, ky, kx) for cw in range(loop_words) for ky in range(c["kernel_h"])
                     for kx in range(c["kernel_w"])]
         else:
             nest = [(o, cw, ky, kx) for o in range(c["n_out"]) for ky in range(c["kernel_h"])
@@ -444,7 +459,7 @@ def issue_list(c, bank):
             offset = (c["operand_b_offset"] if operand_b else c["operand_a_offset"]) if op in (OP_ADD, OP_CONCAT) else 0
             pitch = ((cw_words - c["concat_words_a"] if operand_b else c["concat_words_a"]) if op == OP_CONCAT
                      else cw_words)
-            word = cw - c["concat_words_a"] if op == OP_CONCAT and operand_b else cw
+            word = cw - c["concat_words_a"] if op == OP_CONCAT and operand_b else group_first_word(c) + cw
             pixel = (y - c["pad_top"]) * c["in_width"] + x - c["pad_left"]
             address = (c["act_base"] + bank * bank_words + offset + pixel * pitch + word) % ARCH.sram_words
             issues.append((word_first, {
@@ -475,7 +490,10 @@ def random_window_registers(rng, op):
             "out_row_begin": row_begin, "out_rows": out_rows, "out_width": out_width, "out_col_begin": begin,
             "out_col_end": rng.choice([0, rng.randrange(begin + 1 if out_rows == 1 else 1, out_width + 1)]),
             "w_base": rng.randrange(20), "act_base": rng.randrange(20), "operand_a_offset": rng.randrange(6),
-            "operand_b_offset": rng.randrange(6), "concat_words_a": rng.randrange(1, cw_words) if op == OP_CONCAT else 0}
+            "operand_b_offset": rng.randrange(6),
+            "concat_words_a": rng.randrange(1, cw_words) if op == OP_CONCAT else 0,
+            # Section 4.4's channel group (MAX, LANE, ADD; MAC and CONCAT must ignore the registers).
+            "group_word_begin": rng.randrange(3), "group_words": rng.choice([0, 1, 2])}
 
 
 def test_compute_sequencer_matches_section_4_1():
