@@ -168,16 +168,30 @@ def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, 
     no weights; the operands where the stream put them."""
     lanes, w = arch.lanes, layer.window
     cw = words(w.channels, lanes)
+    group = _word_group(layer, part, lanes, cw)
     config = _config(
-        **_stream_registers(plan, part), n_pass=part.n_pass, n_out=cw * lanes, w_base=0, act_base=0,
-        zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi,
+        **_stream_registers(plan, part), n_pass=part.n_pass, n_out=part.n_out, w_base=0, act_base=0,
+        zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi, **group,
         op=OP_ADD if layer.is_add else OP_CONCAT, in_height=w.height, in_width=w.width, words_per_pixel=cw,
         kernel_h=1, kernel_w=2 if layer.is_add else 1, stride=1, out_row_begin=part.row_begin, out_rows=part.rows,
         out_col_begin=part.col_begin, out_col_end=part.col_end,
         out_width=w.width, operand_a_offset=plan.operands[0], operand_b_offset=plan.operands[1],
         add_mult_a=layer.add_mult[0], add_mult_b=layer.add_mult[1],
         concat_words_a=layer.concat_channels_a // lanes if layer.is_concat else 0, **_destination(arch, position))
-    return _tile(arch, position, config, np.zeros((0, lanes), np.int8), lane_params(layer, lanes))
+    return _tile(arch, position, config, np.zeros((0, lanes), np.int8),
+                 lane_params(layer, lanes)[part.start:part.stop].copy())
+
+
+def _word_group(layer: LoweredLayer, part: TileSlice, lanes: int, cw: int) -> dict[str, int]:
+    """The channel-group registers of a per-word op's tile (MaxPool, lane layer, Add; section 4.4): none when it
+    computes every word of a pixel, else its words ``[start / L, stop / L)`` and the earlier groups' words a
+    pixel, which it passes before its own."""
+    if part.n_out == cw * lanes:
+        assert part.start == 0
+        return {}
+    assert part.start % lanes == 0 and part.n_out % lanes == 0 and not layer.is_concat
+    return {"group_word_begin": part.start // lanes, "group_words": part.n_out // lanes,
+            "pass_per_pixel": part.pass_per_pixel}
 
 
 def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
@@ -194,12 +208,15 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
                   store_end=plan.store[0] + (first_row + stored_rows) * row_words)
     weights = weight_rows(layer, lanes)  # [N_o, K_w * lanes]; [CW*L, 0] for MaxPool; [CW*KH*KW, L] for LANE
     extra = {}
-    if layer.is_lane:
-        n_out, op = words(w.channels, lanes) * lanes, OP_LANE
-        params = lane_params(layer, lanes)
-    elif layer.is_pool:
-        n_out, op = weights.shape[0], OP_MAX
-        params = np.zeros((n_out, 3), np.int64)  # MAX reads no parameters; the table holds zero rows
+    if layer.is_lane or layer.is_pool:  # all the words of a pixel, or one channel group of them (section 4.4)
+        extra = _word_group(layer, part, lanes, words(w.channels, lanes))
+        n_out = part.n_out
+        if layer.is_lane:
+            window = w.kernel_h * w.kernel_w
+            weights = weights[part.start // lanes * window:part.stop // lanes * window]
+            op, params = OP_LANE, lane_params(layer, lanes)[part.start:part.stop].copy()
+        else:
+            op, params = OP_MAX, np.zeros((n_out, 3), np.int64)  # MAX reads no parameters: zero rows
     else:  # a convolution: all its output channels, or one group of them (section 4.4)
         weights, params = weights[part.start:part.stop], layer.params[part.start:part.stop].copy()
         n_out, op = weights.shape[0], OP_MAC

@@ -131,7 +131,7 @@ class WindowCosts:
     #: RECV words of other tensors riding in the same stream (section 4.2): not stored, but each costs a cycle
     carried: int = 0
     #: weight words per output channel (``KH*KW*CW``) of a convolution that may be split over output-channel
-    #: groups (section 4.4); 0 for the layers that cannot (pools, lane layers, joins)
+    #: groups (section 4.4); 0 for the other layers
     channel_words: int = 0
     out_width: int = 1
     #: geometry of the rows a band stores (section 4.1): input height, words per input row, kernel height,
@@ -141,6 +141,27 @@ class WindowCosts:
     kernel_h: int = 1
     stride: int = 1
     pad_top: int = 0
+    #: the per-word ops (MaxPool, lane layers, Add), which split over channel groups of whole words too (section
+    #: 4.4): COMPUTE issue cycles and weight words per output word of a pixel; ``word_issue = 0`` for the layers
+    #: that cannot (convolutions, which group by channel_words; Concat)
+    word_issue: int = 0
+    word_weights: int = 0
+
+    @property
+    def groupable(self) -> bool:
+        return bool(self.channel_words or self.word_issue)
+
+    def group_weights(self, channels: int, lanes: int) -> int:
+        """Weight words a tile of a channel group of ``channels`` output channels holds."""
+        if self.channel_words:
+            return channels * self.channel_words
+        return words(channels, lanes) * self.word_weights
+
+    def group_issue(self, channels: int, lanes: int) -> int:
+        """COMPUTE issue cycles a pixel of a channel group of ``channels`` output channels."""
+        if self.channel_words:
+            return channels * self.channel_words
+        return words(channels, lanes) * self.word_issue
 
     def stored_words(self, pixel_begin: int, pixels: int) -> int:
         """Words a tile computing output pixels ``[pixel_begin, pixel_begin + pixels)`` stores per inference (one
@@ -183,7 +204,7 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
     window_words = w.kernel_h * w.kernel_w * cw
     if layer.op == "Add":  # op ADD: both operand maps stored, two issues per (pixel, cw)
         return WindowCosts(2 * k, cw * lanes, 0, w.out_width * cw * 2, w.out_width * cw, w.out_height, carried,
-                           out_width=w.out_width)
+                           out_width=w.out_width, word_issue=2)
     if layer.op == "Concat":  # op CONCAT: both operand maps stored (k words in all), one issue per output word
         return WindowCosts(k, cw * lanes, 0, w.out_width * cw, w.out_width * cw, w.out_height, carried,
                            out_width=w.out_width)
@@ -199,7 +220,8 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
         return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height,
                            carried, window_words, w.out_width, **geometry)
     return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height, carried,
-                       0, w.out_width, **geometry)
+                       0, w.out_width, **geometry, word_issue=w.kernel_h * w.kernel_w,
+                       word_weights=w.kernel_h * w.kernel_w if weight_words else 0)
 
 
 def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bool = False,
@@ -213,13 +235,13 @@ def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bo
         results, issue = pixels * costs.result_words_per_pixel, pixels * costs.pixel_issue
     else:
         results = pixels * words(channels, lanes)
-        issue = pixels * channels * costs.channel_words
+        issue = pixels * costs.group_issue(channels, lanes)
     forwarded = received if forward else costs.carried
     return max(received + n_pass, forwarded + n_pass + results, issue + 2)
 
 
 def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | None:
-    """Output channels per group when a convolution's ``N_o`` channels are split into ``groups`` groups of whole
+    """Output channels per group when a layer's ``N_o`` channels are split into ``groups`` groups of whole
     words (earlier groups take the spare words), or None if there are fewer words than groups."""
     total_words = words(costs.n_out, lanes)
     if groups > total_words:
@@ -236,7 +258,7 @@ def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max
     bands that each pick their own group count (each band's tiles are independent of the other bands', so they
     may differ; on a small map with many channels a band's pixel count is coarse and mixing helps)."""
     lanes = arch.lanes
-    max_groups = words(costs.n_out, lanes) if costs.channel_words else 1
+    max_groups = words(costs.n_out, lanes) if costs.groupable else 1
     options = []
     for groups in range(1, max_groups + 1):
         channels = [costs.n_out] if groups == 1 else _channel_groups(costs, groups, lanes)
@@ -268,7 +290,7 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         grouped = len(channels) > 1
         group_words = [words(c, lanes) for c in channels] if grouped else [pixel_words]
         before = [sum(group_words[:g]) for g in range(len(channels))]
-        weights = max(channels) * costs.channel_words if grouped else costs.weight_words
+        weights = costs.group_weights(max(channels), lanes) if grouped else costs.weight_words
         return grouped, before, weights
 
     layouts = [layout(channels) for channels in options]
@@ -328,19 +350,19 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
 
 
 def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
-    """A tile must hold the smallest share of the layer: all its weights and output channels, or for a
-    convolution (which splits over output-channel groups, section 4.4) one word of them; and, twice (two banks),
-    the input rows of one output row (a join: both operand maps)."""
+    """A tile must hold the smallest share of the layer: all its weights and output channels, or for a layer that
+    splits over output-channel groups (a convolution, a pool, a lane layer, an Add; section 4.4) one word of them;
+    and, twice (two banks), the input rows of one output row (a join: both operand maps)."""
     lanes = arch.lanes
     what = f"{_describe_window(layer)}"
-    groupable = costs.channel_words and costs.n_out > lanes
+    groupable = costs.groupable and costs.n_out > lanes
     least_channels = lanes if groupable else costs.n_out
-    least_weights = lanes * costs.channel_words if groupable else costs.weight_words
+    least_weights = costs.group_weights(lanes, lanes) if groupable else costs.weight_words
     least_stored = max(costs.stored_words(row * costs.out_width, 1) for row in range(costs.out_height))
     need = (least_weights + ACTIVATION_BANKS * least_stored) * lanes
     if need > arch.sram_bytes:
-        held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)" if groupable
-                else f"all its weights ({costs.weight_words * lanes} bytes)")
+        held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)"
+                if groupable and least_weights else f"all its weights ({costs.weight_words * lanes} bytes)")
         stored = ("both operand maps" if not costs.row_words
                   else f"the input rows of one output row ({least_stored // costs.row_words} rows)")
         raise CompileError(

@@ -111,14 +111,17 @@ def _is_dense(config: TileConfig) -> bool:
 
 
 def _gather_windows(config: TileConfig, activations: np.ndarray, lanes: int) -> np.ndarray:
-    """im2col: int8 ``[batch, n_pix, KH*KW, CW, L]``, the activation words every issue cycle reads.
+    """im2col: int8 ``[batch, n_pix, KH*KW, CW, L]``, the activation words every issue cycle reads (MAX and LANE:
+    only their channel group's ``N_g`` words of a pixel, from ``group_word_begin``, section 4.4).
 
     ``activations`` is int8 ``[batch, stored words, L]`` (what RECV wrote at ``act_base``); padding positions
     read a word whose every lane is ``pad_value``."""
     batch = activations.shape[0]
-    words_per_pixel = config.words_per_pixel
     n_pixels = config.in_height * config.in_width
-    pixels = activations.reshape(batch, n_pixels, words_per_pixel, lanes)
+    pixels = activations.reshape(batch, n_pixels, config.words_per_pixel, lanes)
+    if config.op in (OP_MAX, OP_LANE) and config.computed_words != config.words_per_pixel:
+        pixels = pixels[:, :, config.group_word_begin:config.group_word_begin + config.computed_words]
+    words_per_pixel = pixels.shape[2]
     if _is_dense(config):  # the single window is the whole input
         return pixels[:, None]
     index = window_pixels(config)
@@ -151,7 +154,7 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     # im2col copies every window: bound its size (float64 / int64 below) by working on slices of the batch
     per_inference = (count.n_result_words * config.kernel_h * config.kernel_w
                      * config.words_per_pixel * lanes)
-    if count.op == OP_LANE:  # n_pix * KH*KW * CW * L window elements (n_result_words already counts CW)
+    if count.op == OP_LANE:  # n_pix * KH*KW * N_g * L window elements (n_result_words already counts N_g)
         per_inference //= config.words_per_pixel
     chunk = max(1, IM2COL_ELEMENTS // max(1, per_inference))
     if batch > chunk:
@@ -350,17 +353,21 @@ def _two_operand_results(tile: TileProgram, count: TileCounts, activations: np.n
     at ``(oy, ox)`` (``p = oy*in_width + ox``), lane ``l``, parameter row ``c = cw*L + l``:
 
     * ADD: ``requantize(bias_c + A_a[l] * add_mult_a + A_b[l] * add_mult_b)`` with ``A_a``, ``A_b`` the
-      stored words ``operand_{a,b}_offset + p*CW + cw``;
+      stored words ``operand_{a,b}_offset + p*CW + group_word_begin + cw`` (``cw < N_g``, result word ``q*N_g +
+      cw``, parameter row ``cw*L + l``: a channel group, section 4.4);
     * CONCAT: ``requantize(bias_c + A[l] * m)`` with ``A`` the stored word ``operand_a_offset + p*CWa + cw``
       and ``m = add_mult_a`` if ``cw < CWa = concat_words_a``, else ``operand_b_offset + p*CWb + (cw - CWa)``
       and ``m = add_mult_b`` (``CWb = CW - CWa``).
     """
     config = tile.config
-    words_per_pixel = config.words_per_pixel
+    words_per_pixel = config.computed_words          # ADD: its channel group's N_g words (section 4.4)
     batch, n_pix = activations.shape[0], count.n_result_words // words_per_pixel
     (offset_a, words_a), (offset_b, words_b) = config.operand_layout
     operand_a = _operand_rows(activations, config, offset_a, words_a, n_pix).astype(np.int64)
     operand_b = _operand_rows(activations, config, offset_b, words_b, n_pix).astype(np.int64)
+    if count.op == OP_ADD and words_per_pixel != words_a:
+        group = slice(config.group_word_begin, config.group_word_begin + words_per_pixel)
+        operand_a, operand_b = operand_a[:, :, group], operand_b[:, :, group]
     mult_a, mult_b = config.add_mult_a, config.add_mult_b
     # |a*m_a + b*m_b| <= 2 * 128 * 2^22 = 2^30: exact in int64 (wrap32 then adds the bias)
     if count.op == OP_ADD:

@@ -80,6 +80,11 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # ends before out_col_end (0: out_width, a full row); rows in between are whole.
     ("out_col_begin", 8, False),
     ("out_col_end", 8, False),
+    # Channel groups of the per-word ops MAX, LANE and ADD (section 4.4): the tile computes channel words
+    # [group_word_begin, group_word_begin + N_g) of each pixel, N_g = group_words (0: all words_per_pixel).
+    # Both 0 for MAC (its groups are its weights' rows) and CONCAT.
+    ("group_word_begin", 16, False),
+    ("group_words", 16, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads

@@ -91,6 +91,8 @@ class TileConfig:
     pass_per_pixel: int = 0
     out_col_begin: int = 0
     out_col_end: int = 0
+    group_word_begin: int = 0
+    group_words: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -159,16 +161,24 @@ class TileConfig:
 
     @property
     def channel_preserving(self) -> bool:
-        """MAX, LANE, ADD and CONCAT compute one result word per (pixel, word): ``n_out = CW * L``."""
+        """MAX, LANE, ADD and CONCAT compute one result word per (pixel, word they compute): ``n_out = N_g * L``
+        (:attr:`computed_words`)."""
         return self.op in (OP_MAX, OP_LANE, OP_ADD, OP_CONCAT)
 
     @property
+    def computed_words(self) -> int:
+        """``N_g``, the channel words a pixel a channel-preserving op computes: ``group_words``, or all
+        ``words_per_pixel`` when it is 0 (words ``[group_word_begin, group_word_begin + N_g)``, section 4.4)."""
+        return self.group_words or self.words_per_pixel
+
+    @property
     def weight_words(self) -> int:
-        """SRAM words of weights from ``w_base`` (MAC: ``n_out * KH*KW*CW``, LANE: ``KH*KW*CW``; else 0)."""
+        """SRAM words of weights from ``w_base`` (MAC: ``n_out * KH*KW*CW``, LANE: ``KH*KW*N_g``; else 0)."""
         if not self.n_out or self.op not in (OP_MAC, OP_LANE):
             return 0
-        window = self.kernel_h * self.kernel_w * self.words_per_pixel
-        return window if self.op == OP_LANE else self.n_out * window
+        if self.op == OP_LANE:
+            return self.kernel_h * self.kernel_w * self.computed_words
+        return self.n_out * self.kernel_h * self.kernel_w * self.words_per_pixel
 
     def result_words(self, lanes: int) -> int:
         """Flits emitted from the result buffer per inference (``n_pix * N_r``)."""
@@ -185,7 +195,7 @@ class TileConfig:
             return 0
         window = self.kernel_h * self.kernel_w
         if self.channel_preserving:  # ADD: kernel 1x2, one issue per operand; CONCAT: 1x1
-            return self.output_pixels * self.words_per_pixel * window
+            return self.output_pixels * self.computed_words * window
         return self.output_pixels * self.n_out * window * self.words_per_pixel
 
     @property
@@ -202,7 +212,7 @@ class TileConfig:
             return []
         window = self.kernel_h * self.kernel_w
         if self.channel_preserving:
-            return [window] * self.words_per_pixel
+            return [window] * self.computed_words
         per_channel = window * self.words_per_pixel
         full, rest = divmod(self.n_out, lanes)
         return [lanes * per_channel] * full + ([rest * per_channel] if rest else [])
@@ -246,8 +256,8 @@ class TileConfig:
         requires ``n_in_words > 0``; ``n_out <= max_tile_outputs``; the two activation banks of the stored words
         (``[act_base, act_base + ACTIVATION_BANKS * stored)``) and the weights fit the SRAM; ``pass_per_pixel > 0``
         requires ``n_out > 0``; for a computing tile the windowing registers (:data:`WINDOW_RANGES`), the stored
-        words being the input map (ADD, CONCAT: :meth:`_validate_two_operands`), ``n_out = words_per_pixel *
-        lanes`` for the channel-preserving ops, section 4.1's band of output pixels (:meth:`_validate_band`) and
+        words being the input map (ADD, CONCAT: :meth:`_validate_two_operands`), ``n_out = N_g * lanes`` for the
+        channel-preserving ops (:attr:`computed_words`; channel groups of MAX, LANE and ADD only, inside the pixel), section 4.1's band of output pixels (:meth:`_validate_band`) and
         ``n_pix * pass_per_pixel <= n_pass`` (section 4.4); the destination tile exists; ``clamp_lo <= clamp_hi``.
         Registers an op does not read (e.g. ``add_mult_a`` of a MAC tile) are only checked against their width.
         Nothing bounds the result words: they stream out through the PE's result ring (section 4)."""
@@ -308,9 +318,18 @@ class TileConfig:
             raise ConfigError(f"config registers store_end - store_begin = {self.stored_words} stored words differ "
                               f"from in_height * in_width * words_per_pixel = {self.in_height} * {self.in_width} * "
                               f"{self.words_per_pixel} = {self.map_words}")
-        if self.channel_preserving and self.n_out != self.words_per_pixel * arch.lanes:
-            raise ConfigError(f"config register n_out = {self.n_out} must be words_per_pixel * lanes = "
-                              f"{self.words_per_pixel * arch.lanes} for op = {OP_NAMES[self.op]}")
+        grouped = self.group_word_begin or self.group_words
+        if grouped and self.op not in (OP_MAX, OP_LANE, OP_ADD):
+            raise ConfigError(f"config registers group_word_begin = {self.group_word_begin}, group_words = "
+                              f"{self.group_words} must be 0 for op = {OP_NAMES[self.op]} (channel groups of MAX, "
+                              f"LANE and ADD only; section 4.4)")
+        if self.group_word_begin + self.computed_words > self.words_per_pixel:
+            raise ConfigError(f"config registers group_word_begin + group_words = {self.group_word_begin} + "
+                              f"{self.computed_words} exceed words_per_pixel = {self.words_per_pixel} (section 4.4)")
+        if self.channel_preserving and self.n_out != self.computed_words * arch.lanes:
+            which = "group_words" if self.group_words else "words_per_pixel"
+            raise ConfigError(f"config register n_out = {self.n_out} must be {which} * lanes = "
+                              f"{self.computed_words * arch.lanes} for op = {OP_NAMES[self.op]}")
 
     def _validate_weights(self, arch: Arch) -> None:
         """The weights COMPUTE reads, ``[w_base, w_base + weight_words)``, fit the SRAM."""
@@ -319,7 +338,8 @@ class TileConfig:
             return
         if not self.weight_words:   # no weights: only the base itself is out of range
             raise ConfigError(f"config register w_base = {w_end} exceeds sram_words = {arch.sram_words}")
-        formula = ("kernel_h * kernel_w * words_per_pixel" if self.op == OP_LANE
+        formula = ("kernel_h * kernel_w * group_words" if self.op == OP_LANE and self.group_words
+                   else "kernel_h * kernel_w * words_per_pixel" if self.op == OP_LANE
                    else "n_out * kernel_h * kernel_w * words_per_pixel")
         raise ConfigError(f"config registers w_base + {formula} = {w_end} exceed sram_words = {arch.sram_words}")
 

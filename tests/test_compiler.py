@@ -204,19 +204,24 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
     kh, kw, stride, n_out = c.kernel_h, c.kernel_w, c.stride, c.n_out
     words = act[:height * width * cw * lanes].reshape(height, width, cw, lanes) if c.op < OP_ADD else None
     n_r = -(-n_out // lanes)
+    group = slice(c.group_word_begin, c.group_word_begin + c.computed_words)  # section 4.4: a per-word op's group
+    if c.op in (OP_MAX, OP_LANE):
+        words, cw = words[:, :, group], c.computed_words
     pad = np.full((cw, lanes), c.pad_value, np.int64)
     if c.op == OP_MAC:
         k_w = kh * kw * cw
         weight = tile.sram[c.w_base:c.w_base + n_out * k_w].astype(np.int64).reshape(n_out, k_w * lanes)
         bias, mult, shift = tile.params.T
     elif c.op in (OP_ADD, OP_CONCAT):  # sections 4.2, 4.3: two operand maps at their offsets, lane by lane
-        assert n_out == cw * lanes and (kh, kw) == ((1, 2) if c.op == OP_ADD else (1, 1))
+        assert n_out == c.computed_words * lanes and (kh, kw) == ((1, 2) if c.op == OP_ADD else (1, 1))
         cw_a = cw if c.op == OP_ADD else c.concat_words_a
         cw_b = cw if c.op == OP_ADD else cw - cw_a
         a0, b0 = c.operand_a_offset * lanes, c.operand_b_offset * lanes
         words_a = act[a0:a0 + height * width * cw_a * lanes].reshape(height, width, cw_a, lanes)
         words_b = act[b0:b0 + height * width * cw_b * lanes].reshape(height, width, cw_b, lanes)
-        bias, mult, shift = (v.reshape(cw, lanes) for v in tile.params.T)
+        if c.op == OP_ADD:
+            words_a, words_b = words_a[:, :, group], words_b[:, :, group]
+        bias, mult, shift = (v.reshape(c.computed_words, lanes) for v in tile.params.T)
     elif c.op == OP_LANE:  # word cw*KH*KW + ky*KW + kx, lane l: channel cw*L + l; parameter row cw*L + l
         assert n_out == cw * lanes
         weight = tile.sram[c.w_base:c.w_base + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
@@ -767,15 +772,21 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
             channel_start = {}
             for _, _, band in bands:
                 start, before = 0, 0
-                assert len(band) == 1 or not (layer.is_pool or layer.is_lane or layer.is_join)
+                assert len(band) == 1 or not getattr(layer, "is_concat", False)
                 for t in band:
                     assert t.config.pass_per_pixel == before
                     channel_start[id(t)] = start
+                    if layer.is_pool or layer.is_lane or layer.is_join:  # a per-word op's channel group
+                        grouped = len(band) > 1
+                        assert (t.config.group_word_begin, t.config.group_words) == \
+                            ((start // lanes, t.config.n_out // lanes) if grouped else (0, 0))
                     start += t.config.n_out
                     before += -(-t.config.n_out // lanes)
                     if t is not band[-1]:
                         assert t.config.n_out % lanes == 0
-                assert start == band[0].config.n_out if len(band) == 1 else start == layer.n_out
+                per_word = layer.is_pool or layer.is_lane or layer.is_join
+                assert start == band[0].config.n_out if len(band) == 1 else \
+                    start == (cw * lanes if per_word else layer.n_out)
             for t in tiles:
                 c = t.config
                 assert (c.in_width, c.words_per_pixel) == (w.width, cw)
@@ -796,15 +807,17 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                         (0, end - first, w.pad_top - begin * w.stride + first)
                     assert c.stored_words == (end - first) * w.width * cw
                     assert c.store_end <= c.n_in_words
+                group = slice(channel_start[id(t)], channel_start[id(t)] + c.n_out)
                 if layer.is_pool:
-                    assert c.op == OP_MAX and c.n_out == cw * lanes and not t.params.any()
+                    assert c.op == OP_MAX and c.n_out == c.computed_words * lanes and not t.params.any()
                     assert c.pad_value == -128 and t.sram.shape[0] == 0
                 elif layer.is_lane:
-                    assert c.op == OP_LANE and c.n_out == cw * lanes and c.pad_value == layer.pad_value
-                    assert t.sram.shape == (cw * w.kernel_h * w.kernel_w, lanes) == weight_rows(layer, lanes).shape
-                    assert np.array_equal(t.sram, weight_rows(layer, lanes))
-                    assert np.array_equal(t.params[:w.channels], layer.params)
-                    assert (t.params[w.channels:] == [0, 0, 1]).all()
+                    assert c.op == OP_LANE and c.n_out == c.computed_words * lanes and c.pad_value == layer.pad_value
+                    window = w.kernel_h * w.kernel_w
+                    rows = weight_rows(layer, lanes)[group.start // lanes * window:group.stop // lanes * window]
+                    assert t.sram.shape == (c.computed_words * window, lanes) and np.array_equal(t.sram, rows)
+                    padded = np.concatenate([layer.params, np.tile([0, 0, 1], (cw * lanes - w.channels, 1))])
+                    assert np.array_equal(t.params, padded[group])
                 else:
                     begin, stop = channel_start[id(t)], channel_start[id(t)] + c.n_out
                     assert c.op == OP_MAC and c.pad_value == layer.pad_value
