@@ -5,8 +5,8 @@ A campaign ``(seed, programs, archs)`` is a list of cases. Case ``i`` has the se
 ``case_seed = seed * CASE_SEED_STRIDE + i``, which alone determines its network (an MLP, a CNN or a residual CNN
 from :mod:`flowtile.testing.random_models`, quantized by onnxruntime's quantizer: int8 or uint8 activations,
 per-tensor or per-channel weights), its inputs and which of the campaign's ``archs`` architectures it runs on.
-The architectures form a small pool drawn from ``seed`` (:func:`arch_pool`), so each Verilator build is made
-once and shared by every case (and worker) that uses it, through the RTL build cache and its file locks.
+The architectures form a small pool drawn from ``seed`` (:func:`arch_pool`; every third one is a line of chips
+joined by links), so each Verilator build is made once and shared by every case (and worker) that uses it, through the RTL build cache and its file locks.
 
 Each case ends in one status:
 
@@ -61,21 +61,37 @@ RESULTS_FILE = "results.jsonl"
 
 # --- what a case is ------------------------------------------------------------------------------
 
+#: Every this-many-th architecture of a pool (the third, sixth, ...) is a line of 2 or 3 chips joined by links.
+MULTICHIP_EVERY = 3
+
+
 def arch_pool(seed: int, count: int) -> list[Arch]:
     """``count`` seeded random architectures: lanes 4/8/16 (each of them in every pool of 3 or more, in a seeded
     order), grids of 1-3 rows by 2-4 columns (mostly not square), router FIFOs of 1-4 flits, forward queues and
-    result tables down to a few words, small SRAMs."""
+    result tables down to a few words, small SRAMs. Every :data:`MULTICHIP_EVERY`-th is 2 or 3 such chips in a line
+    with random links (wire width 1 bit to a whole flit, latency 1-64, frames of 1-16 flits, credit and go-back-N
+    windows of 1-8 frames; fault free), which the compiler may fill with copies of the network; its link fields
+    come from a generator of their own, so the single-chip architectures are those of pools without them."""
     rng = np.random.default_rng([seed, 0xA5C4])
+    link_rng = np.random.default_rng([seed, 0x11C4])
     pool = []
     lane_choices = [int(lanes) for lanes in rng.permutation([4, 8, 16])]
     for index in range(count):
         lanes = lane_choices[index % len(lane_choices)]
-        pool.append(Arch(rows=int(rng.integers(1, 4)), cols=int(rng.integers(2, 5)), lanes=lanes,
-                         sram_bytes=lanes * int(rng.choice([256, 512, 1024, 2048, 4096])),
-                         max_tile_outputs=int(rng.choice([4, 8, 16, 32, 64, 512])),
-                         router_fifo_depth=int(rng.integers(1, 5)),
-                         forward_queue_words=int(rng.choice([1, 2, 4, 8, 32, 1024])),
-                         host_buffer_flits=4096))
+        arch = Arch(rows=int(rng.integers(1, 4)), cols=int(rng.integers(2, 5)), lanes=lanes,
+                    sram_bytes=lanes * int(rng.choice([256, 512, 1024, 2048, 4096])),
+                    max_tile_outputs=int(rng.choice([4, 8, 16, 32, 64, 512])),
+                    router_fifo_depth=int(rng.integers(1, 5)),
+                    forward_queue_words=int(rng.choice([1, 2, 4, 8, 32, 1024])),
+                    host_buffer_flits=4096)
+        if index % MULTICHIP_EVERY == MULTICHIP_EVERY - 1:
+            arch = arch.replace(chips=int(link_rng.integers(2, 4)),
+                                link_bits_per_cycle=int(link_rng.integers(1, arch.flit_data_bits + 1)),
+                                link_latency_cycles=int(link_rng.choice([1, 3, 16, 64])),
+                                link_frame_flits=int(link_rng.choice([1, 2, 4, 16])),
+                                link_credit_frames=int(link_rng.integers(1, 9)),
+                                link_replay_frames=int(link_rng.integers(1, 9)))
+        pool.append(arch)
     return pool
 
 
@@ -84,7 +100,10 @@ def case_seeds(seed: int, programs: int) -> list[int]:
 
 
 def arch_name(arch: Arch) -> str:
-    return (f"{arch.rows}x{arch.cols}-l{arch.lanes}-s{arch.sram_bytes}-o{arch.max_tile_outputs}"
+    chips = "" if arch.chips == 1 else (
+        f"{arch.chips}x-b{arch.link_bits}-d{arch.link_latency_cycles}-F{arch.link_frame_flits}"
+        f"-c{arch.link_credit_frames}-r{arch.link_replay_frames}-")
+    return (f"{chips}{arch.rows}x{arch.cols}-l{arch.lanes}-s{arch.sram_bytes}-o{arch.max_tile_outputs}"
             f"-f{arch.router_fifo_depth}-q{arch.forward_queue_words}")
 
 
@@ -306,6 +325,7 @@ def _evaluate(record: dict, arch: Arch, float_model, in_shape, rng: np.random.Ge
     """Quantize, compile, emulate, simulate and compare one network; fills ``record`` (status, message, cycles,
     and ``files`` when the case disagrees)."""
     from flowtile.compiler import CompileError, compile_model
+    from flowtile.host import pad_batch
     from flowtile.rtl.simulate import RtlCapacityError, simulate
     from flowtile.testing.oracle_checks import compare_with_onnxruntime, emulate_model
     from flowtile.testing.random_models import quantize_qdq
@@ -329,6 +349,9 @@ def _evaluate(record: dict, arch: Arch, float_model, in_shape, rng: np.random.Ge
                 record.update(status="does-not-fit", message=str(error))
                 return
             record["tiles_used"] = len(program.tiles)
+            # copies of the network on several chips run whole program inferences: zero inputs fill the last one
+            x = pad_batch(program, x)
+            batch = len(x)
             emulated = emulate_model(program, x)
             emu = emulated.result
             record["cycles"] = int(emu.cycles)

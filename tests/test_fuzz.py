@@ -101,3 +101,16 @@ def test_forced_mismatch_saves_a_reproducer(tmp_path, capsys, monkeypatch):
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 passed" in run.stdout
+
+
+def test_every_third_architecture_is_a_line_of_chips():
+    """Multi-chip systems are fuzzed too (dense link frames, copies of the network, cuts): every third architecture
+    of a pool is 2 or 3 chips with random links (fault free), named with their link fields."""
+    from flowtile.fuzz import MULTICHIP_EVERY, arch_name
+    pool = arch_pool(4, 9)
+    for index, arch in enumerate(pool):
+        multichip = index % MULTICHIP_EVERY == MULTICHIP_EVERY - 1
+        assert (arch.chips > 1) == multichip and arch.link_error_rate == 0
+        assert arch_name(arch).startswith(f"{arch.chips}x-b{arch.link_bits}-") == multichip
+        if multichip:
+            assert 1 <= arch.link_bits <= arch.flit_data_bits and 1 <= arch.link_credit_frames <= 8
