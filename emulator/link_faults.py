@@ -184,7 +184,9 @@ class _Crc32Linear:
 def batch_frame_sizes(geometry: LinkGeometry, inference_flits: int, segments, total: int) -> list[int]:
     """Static framing over a run: the sizes of the frames of ``total`` flits, inferences of ``inference_flits``
     (0: no inference boundary, every frame as full as the lane table allows) with lane table ``segments``
-    (:meth:`~flowtile.link_format.LinkGeometry.inference_frame_sizes`; frames never span inferences)."""
+    (:meth:`~flowtile.link_format.LinkGeometry.inference_frame_sizes`; frames never span inferences). A trailing
+    partial inference's last frame is taken to close after its last flit; the hardware would wait for the flits that
+    complete it (programs always run whole inferences, so only a unit test of the link can tell)."""
     if inference_flits == 0:
         return frame_sizes(flit_lanes(segments, total, geometry.lanes), geometry.frame_bytes).tolist()
     per = geometry.inference_frame_sizes(inference_flits, segments).tolist()
