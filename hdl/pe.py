@@ -32,12 +32,15 @@ class PE(wiring.Component):
     """PE of the tile with load-bus index ``tile_index`` (``row * cols + col``).
 
     Three sides work concurrently, each a fixed sequence per inference ``s = 0, 1, ...`` (section 4;
-    ``K = n_in_words``, ``P = n_pass``, ``B = store_end - store_begin``, ``F = arch.forward_queue_words``,
+    ``K = n_in_words``, ``P = n_pass``, ``B = B1 + (store2_end - store2_begin)`` the stored words of an inference
+    with ``B1 = store_end - store_begin`` (each difference 0 if negative), ``F = arch.forward_queue_words``,
     ``t`` = the cycle of a transfer):
 
     * input side: ``K`` RECV then ``P`` PASS transfers on ``i_flit``, one a cycle at most, in order. RECV
       word ``k`` is written to SRAM word ``act_base + (s mod 2) * B + k - store_begin`` iff
-      ``store_begin <= k < store_end`` and pushed into the forward queue iff
+      ``store_begin <= k < store_end`` (the first store range), to ``act_base + (s mod 2) * B + B1 + k -
+      store2_begin`` iff ``store2_begin <= k < store2_end`` (the second, after the first: the stored words are
+      the first range's then the second's, section 4.2), and pushed into the forward queue iff
       ``forward_begin <= k < forward_end``; every PASS word is pushed. A pushing transfer needs a free
       queue slot (``i_flit.ready`` depends on the queue's fill level, never on ``o_flit``). In a computing
       tile the first transfer of inference ``s >= 1`` happens at a cycle ``>= c_{s-1}`` (possibly in
@@ -57,7 +60,8 @@ class PE(wiring.Component):
       to back (:meth:`TileConfig.result_word_issue_cycles`: MAC ``L * K_w``, or ``(N_o mod L) * K_w`` for a
       pixel's short last word; MAX, LANE ``KH * KW``; ADD 2; CONCAT 1), from its first issue cycle ``a_j``. COMPUTE
       waits only between words: ``a_j = max(a_{j-1} + d_{j-1}, t(EMIT j - R) + 1)``, and for the first word of ``s``
-      also ``>= t(RECV word store_end - 1 of s) + 1`` with ``+ 2`` drain cycles after the previous word (``a_{j-1} +
+      also ``>= t(RECV word store_until - 1 of s) + 1`` (the last stored word: ``store_until`` is ``store2_end``
+      with a second store range, else ``store_end``) with ``+ 2`` drain cycles after the previous word (``a_{j-1} +
       d_{j-1} + 2``); the EMIT term (absent for ``j < R``) is implemented as "occupancy < R", occupancy = words
       whose first issue has happened minus words emitted, both registered. ``c_s`` = ``a_j`` of the first word of
       ``s``; COMPUTE occupies ``[c_s, a_last + d_last + 2)`` (``I + 2`` cycles, ``I`` =

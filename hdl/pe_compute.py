@@ -10,6 +10,7 @@ from amaranth.utils import exact_log2
 from flowtile.arch import COMPUTE_DRAIN_CYCLES, Arch
 
 from .layouts import check_arch, config_layout
+from .pe_input import bank_words
 from .pe_loader import band_end
 from .pe_output import channel_group, op_decode
 
@@ -45,11 +46,11 @@ class ComputeSequencer(wiring.Component):
     section 4.4: their word loop runs over the group's N_g words, read from channel word group_word_begin on).
 
     COMPUTE of inference ``s`` begins (``compute_start``, cycle ``c_s``) iff ``run``, ``computes``, RECV
-    word ``store_end - 1`` of ``s`` has arrived in an earlier cycle (``store_done``), no COMPUTE is
-    running (the previous one's two drain cycles included) and ``ring_free``. It reads bank ``s mod 2``
-    (``compute_bank``, which flips when a COMPUTE ends) and makes one issue a cycle (``issue.valid``) in
-    section 4.1's loop order over the band's output pixels, except that a result word's first issue
-    waits for ``ring_free``; ``word_issued`` marks a word's first issue (``a_j``). After the last issue
+    word ``store_until - 1`` of ``s`` (its last stored word, section 4.2) has arrived in an earlier cycle
+    (``store_done``), no COMPUTE is running (the previous one's two drain cycles included) and ``ring_free``.
+    It reads bank ``s mod 2`` (``compute_bank``, which flips when a COMPUTE ends) and makes one issue a cycle
+    (``issue.valid``) in section 4.1's loop order over the band's output pixels, except that a result word's
+    first issue waits for ``ring_free``; ``word_issued`` marks a word's first issue (``a_j``). After the last issue
     it drains :data:`COMPUTE_DRAIN_CYCLES` cycles. ``in_compute`` is high from ``c_s`` through the
     last drain cycle. ``run = 0`` clears every flag (bank 0, no COMPUTE, nothing stored).
 
@@ -100,7 +101,7 @@ class ComputeSequencer(wiring.Component):
         is_max, is_add, is_concat, two_operands, lane_wise, per_word = op_decode(config)
         n_out = Mux(self.computes, config.n_out, 0)
 
-        # ``computing``: a COMPUTE has begun and not ended. ``stored``: RECV word store_end - 1 of the
+        # ``computing``: a COMPUTE has begun and not ended. ``stored``: RECV word store_until - 1 of the
         # inference of the next COMPUTE has been received. Every term of compute_start is registered.
         computing, stored, compute_bank = Signal(), Signal(), self.compute_bank
         compute_start, in_compute = self.compute_start, self.in_compute
@@ -111,7 +112,7 @@ class ComputeSequencer(wiring.Component):
         ]
         with m.If(compute_start):
             m.d.sync += [computing.eq(1), stored.eq(0)]
-        # Set after the clear: RECV word store_end - 1 of inference s + 1 may arrive in cycle c_s itself.
+        # Set after the clear: RECV word store_until - 1 of inference s + 1 may arrive in cycle c_s itself.
         with m.If(self.store_done):
             m.d.sync += stored.eq(1)
 
@@ -217,10 +218,10 @@ class ComputeSequencer(wiring.Component):
         """
         config, issue = self.config, self.issue.payload
         concat_words_b = Signal.like(config.words_per_pixel)
-        bank_words = Signal.like(config.store_end)
+        stored_words = Signal(len(config.store_end) + 1)     # B, both store ranges (section 4.2)
         m.d.comb += [
             concat_words_b.eq(config.words_per_pixel - config.concat_words_a),
-            bank_words.eq(Mux(config.store_end > config.store_begin, config.store_end - config.store_begin, 0)),
+            stored_words.eq(bank_words(config)),
         ]
         operand_b = (is_add & (kernel_x != 0)) | (is_concat & (word >= config.concat_words_a))
         operand_offset = Mux(two_operands, Mux(operand_b, config.operand_b_offset, config.operand_a_offset), 0)
@@ -233,8 +234,9 @@ class ComputeSequencer(wiring.Component):
         input_y = (window_y - config.pad_top)[:len(config.in_height)]
         input_x = (window_x - config.pad_left)[:len(config.in_width)]
         activation_offset = operand_offset + (input_y * config.in_width + input_x) * pixel_pitch + operand_word
-        # Section 4: COMPUTE of inference s reads bank s mod 2, act_base + (s mod 2) * B onwards.
-        activation_address = config.act_base + Mux(self.compute_bank, bank_words, 0) + activation_offset
+        # Section 4: COMPUTE of inference s reads bank s mod 2, act_base + (s mod 2) * B onwards (B: both store
+        # ranges' words; the stored words are the first range's then the second's).
+        activation_address = config.act_base + Mux(self.compute_bank, stored_words, 0) + activation_offset
         m.d.comb += [
             issue.weight_addr.eq(weight_address),
             issue.activation_addr.eq(activation_address[:len(issue.activation_addr)]),

@@ -22,7 +22,7 @@ from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_T
                          config_field_index, encode_config, encode_config_value, encode_param_entry, pack_lanes,
                          unpack_lanes)
 from flowtile.hdl.pe import PE
-from flowtile.tile_config import TileConfig
+from flowtile.tile_config import ConfigError, TileConfig
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -61,8 +61,10 @@ def is_forwarded(config, k):
 
 
 def stored_part(config, flits):
-    """The RECV words of one inference a tile stores (store_begin <= k < store_end), in order."""
-    return flits[config["store_begin"]:config["store_end"]]
+    """The RECV words of one inference a tile stores, as they lie in its activation bank (section 4.2): those of
+    the first store range (store_begin <= k < store_end), then those of the second (store2_begin <= k <
+    store2_end; none when both are 0)."""
+    return flits[config["store_begin"]:config["store_end"]] + flits[config["store2_begin"]:config["store2_end"]]
 
 
 # --- golden models ---------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def wrap32(value):
 
 def golden_outputs(weights, activations, params, config):
     """y_o of section 4 on exact Python integers; weights [N_o*K][L], activations [K][L] (the stored words:
-    K = store_end - store_begin, which is n_in_words when the stream holds only the layer's input)."""
+    K = :attr:`TileConfig.stored_words`, which is n_in_words when the stream holds only the layer's input)."""
     k_words, n_out = tile_config(config).stored_words, config["n_out"]
     result = []
     for o in range(n_out):
@@ -141,7 +143,7 @@ class Schedule:
                       for s in range(n_inferences) for k in range(k_words + n_pass)]
         # Section 4.4's order: bulk pops, then per output pixel its interleaved pops and its EMITs.
         out_actions = [(kind, s) for s in range(n_inferences) for kind in output_order(config, lanes)]
-        last_stored = config["store_end"] - 1
+        last_stored = tile_config(config).store_until - 1      # the last stored RECV word (section 4.2)
         # Section 4's result ring: d_j issue cycles of each result word of one inference (one pixel's
         # words, pixel after pixel), the same for every inference.
         n_pix = tile_config(config).output_pixels if computes else 0       # section 4.1's pixel list
@@ -1146,13 +1148,13 @@ def lowered_scales(s_a, s_b, s_y):
 
 
 def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferences, back_pressure, extremes,
-                         golden, queue_words, ring_words=32, ready_bursts=False, unread=None):
+                         golden, queue_words, ring_words=32, ready_bursts=False, unread=None, sram_image=None):
     """Run an ADD or CONCAT tile (``config`` complete) on an arch with ``lanes`` lanes and a result ring of
     ``ring_words`` words for ``n_inferences`` random inferences, with seeded random stalls if ``back_pressure``
     (o_flit.ready in :func:`bursty_ready` bursts if ``ready_bursts``), checking every transfer against
     ``golden`` and rule 4 with a forward queue of ``queue_words``; random "weights" fill the SRAM below
-    act_base (neither op reads a weight). ``unread``: as :func:`run_window_case`'s. Returns (inputs, emitted,
-    schedule)."""
+    act_base (neither op reads a weight). ``unread``: as :func:`run_window_case`'s; ``sram_image``: as
+    :func:`simulate`'s. Returns (inputs, emitted, schedule)."""
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=ring_words * lanes,
                                forward_queue_words=queue_words)
     k_words, n_pass = config["n_in_words"], config["n_pass"]
@@ -1173,13 +1175,16 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
         available, ready = [0] * len(inputs), [True] * horizon
     emitted, schedule = check_run(config, [], params, inputs, available, ready, arch=arch, sram=sram,
                                   golden=lambda stored: golden(config, params, stored, lanes),
-                                  loaded=dict(config, **unread) if unread else None)
+                                  loaded=dict(config, **unread) if unread else None, sram_image=sram_image)
     emits = [t for _, _, t, kind in emitted if kind == "emit"]
     assert len(emits) == n_inferences * tile_config(config).result_words(lanes)
-    if not back_pressure and not n_pass and queue_words >= tile_config(config).forwarded_words:
-        # Spelled out for inference 0: last RECV at K - 1, result word 0 issued from K (ADD: 2 issues,
-        # CONCAT: 1), written at K + d_0 + 1 and EMITted in the next cycle, while COMPUTE still runs.
-        assert emits[0] == (k_words - 1) + 1 + tile_config(config).result_word_issue_cycles(lanes)[0] + 2
+    until = tile_config(config).store_until
+    if (not back_pressure and not n_pass and queue_words >= tile_config(config).forwarded_words
+            and config["forward_end"] <= until):
+        # Spelled out for inference 0: last stored RECV word (store_until - 1, section 4.2) at cycle store_until - 1,
+        # result word 0 issued from store_until (ADD: 2 issues, CONCAT: 1), written at store_until + d_0 + 1 and
+        # EMITted in the next cycle, while COMPUTE still runs (every forwarded word has been popped by then).
+        assert emits[0] == (until - 1) + 1 + tile_config(config).result_word_issue_cycles(lanes)[0] + 2
     return inputs, emitted, schedule
 
 
@@ -1262,6 +1267,218 @@ def test_add_golden_is_the_elementwise_formula():
 
 
 # --- op CONCAT (section 4.3) -------------------------------------------------------------------------
+
+# --- a second store range (section 4.2) ------------------------------------------------------------
+
+def split_stream(sizes, prefix, between, after, forward):
+    """RECV layout of a tile storing two ranges of its stream: ``prefix`` words, the first range (``sizes[0]``
+    words), ``between`` words, the second range (``sizes[1]``), ``after`` words. Returns (n_in_words, (store_begin,
+    store_end), (store2_begin, store2_end), (forward_begin, forward_end)); ``forward`` names the forwarded words:
+    "none", "prefix", "between", "prefix+first" (the prefix and the first range), "second+after" or "all"."""
+    first, second = sizes
+    store = (prefix, prefix + first)
+    store2 = (store[1] + between, store[1] + between + second)
+    k_words = store2[1] + after
+    forwards = {"none": (0, 0), "prefix": (0, prefix), "between": (store[1], store2[0]), "prefix+first": (0, store[1]),
+                "second+after": (store2[0], k_words), "all": (0, k_words)}
+    return k_words, store, store2, forwards[forward]
+
+
+def expected_banks(config, inputs, sram, sram_words, lanes, n_inferences):
+    """The SRAM after a run of ``n_inferences``: the loaded image ``sram`` {addr: lanes}, and the two activation
+    banks holding the stored words (first range, then second: :func:`stored_part`) of the last two inferences,
+    inference s at act_base + (s mod 2) * B; every other word 0 (never written)."""
+    expected = [[0] * lanes for _ in range(sram_words)]
+    for address, word in sram.items():
+        expected[address] = word
+    per_inference, stored = config["n_in_words"] + config["n_pass"], tile_config(config).stored_words
+    for s in range(max(0, n_inferences - 2), n_inferences):
+        bank = config["act_base"] + (s % 2) * stored
+        expected[bank:bank + stored] = stored_part(config, inputs[s * per_inference:(s + 1) * per_inference])
+    return expected
+
+
+#: op ADD whose operands are two separate ranges of a longer stream (a band of a residual Add stores its rows
+#: of both maps): (id, in_height, in_width, words_per_pixel, out_row_begin, out_rows, order, prefix, between, after,
+#: forward, mode, n_pass, back pressure, lanes). ``order``: "a-first" (range 1 is operand a: operand_a_offset = 0,
+#: operand_b_offset = B1) or "b-first"; the rest: :func:`split_stream`, :func:`add_operands`.
+SPLIT_ADD_CASES = [
+    ("a|b-forward-between-scales", 3, 2, 2, 0, 3, "a-first", 4, 3, 2, "between", "scales", 0, False, 4),
+    ("b|a-forward-prefix-first-bp", 3, 3, 1, 0, 3, "b-first", 2, 3, 1, "prefix+first", "random", 1, True, 4),
+    ("band-a|b-forward-second-after-bp", 4, 2, 1, 1, 2, "a-first", 1, 1, 3, "second+after", "random", 0, True, 8),
+    ("a|b-adjacent-forward-all-extremes", 2, 3, 2, 0, 2, "a-first", 0, 0, 2, "all", "extremes", 2, False, 4),
+]
+
+
+@pytest.mark.parametrize("height, width, cw_words, row_begin, out_rows, order, prefix, between, after, forward, mode, "
+                         "n_pass, back_pressure, lanes, queue_words", with_queue_depths(SPLIT_ADD_CASES))
+def test_add_of_two_store_ranges_matches_section_4_2_and_rule_4(height, width, cw_words, row_begin, out_rows, order,
+                                                                prefix, between, after, forward, mode, n_pass,
+                                                                back_pressure, lanes, queue_words):
+    """Section 4.2's second store range: the operands of an ADD are two separate ranges of the stream (other words
+    before, between and after them, some forwarded). The stored words are range 1's then range 2's (operand
+    offsets 0 and B1), bank s mod 2 at act_base + (s mod 2) * B with B = both ranges' words; COMPUTE waits for RECV
+    word store2_end - 1 (rule 4, :class:`Schedule`), not for the words after it. Every output word and cycle is
+    checked against the golden, and the SRAM after the run against the two banks."""
+    rng = random.Random(f"split-add-{height}-{width}-{cw_words}-{row_begin}-{order}-{prefix}-{between}-{after}-{mode}")
+    n_map = height * width * cw_words
+    k_words, store, store2, forwards = split_stream((n_map, n_map), prefix, between, after, forward)
+    offset_a, offset_b = (0, n_map) if order == "a-first" else (n_map, 0)
+    m_a, m_b, params, zp_out, reference = add_operands(rng, mode, cw_words, lanes)
+    config = make_config(n_in_words=k_words, n_pass=n_pass, op=OP_ADD, in_height=height, in_width=width,
+                         words_per_pixel=cw_words, kernel_h=1, kernel_w=2, stride=1, out_row_begin=row_begin,
+                         out_rows=out_rows, out_width=width, n_out=cw_words * lanes, operand_a_offset=offset_a,
+                         operand_b_offset=offset_b, add_mult_a=m_a, add_mult_b=m_b, zp_out=zp_out, w_base=0,
+                         act_base=9, pad_value=rng.randint(-128, 127), store_begin=store[0], store_end=store[1],
+                         store2_begin=store2[0], store2_end=store2[1], forward_begin=forwards[0],
+                         forward_end=forwards[1])
+    tile = tile_config(config)
+    tile.validate(WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes))
+    assert (tile.stored_words, tile.store_until) == (2 * n_map, store2[1])
+    assert tile.store_until < k_words      # words after the second range: COMPUTE must not wait for them
+    n_inferences = 3
+    sram_image = []
+    inputs, emitted, schedule = run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=n_inferences,
+                                                     queue_words=queue_words, back_pressure=back_pressure,
+                                                     extremes=mode == "extremes", golden=golden_add,
+                                                     sram_image=sram_image)
+    per_inference = k_words + n_pass
+    for s, start in enumerate(schedule.compute):
+        # Rule 4: COMPUTE of s begins after RECV word store2_end - 1 of s, and (no stalls) right after it.
+        last_stored = schedule.inputs[s * per_inference + store2[1] - 1]
+        assert start > last_stored[2]
+        if not back_pressure and not schedule.queue_waits and s == 0:
+            assert start == last_stored[2] + 1 == store2[1]
+    assert sum(kind == "forward" for *_, kind in emitted) == n_inferences * (forwards[1] - forwards[0] + n_pass)
+    # The stored words of each inference are range 1 then range 2, also in the SRAM.
+    sram = {address: word for address, word in enumerate(sram_image[:config["act_base"]])}
+    assert sram_image == expected_banks(config, inputs, sram, len(sram_image), lanes, n_inferences)
+    results = [word for word, _, _, kind in emitted if kind == "emit"]
+    if reference is not None:
+        for i in range(n_inferences):
+            flits = inputs[i * per_inference:(i + 1) * per_inference]
+            a = np.array(flits[store[0]:store[1]] if order == "a-first" else flits[store2[0]:store2[1]])
+            b = np.array(flits[store2[0]:store2[1]] if order == "a-first" else flits[store[0]:store[1]])
+            rows = slice(row_begin, row_begin + out_rows)
+            want = reference(a.reshape(height, -1)[rows], b.reshape(height, -1)[rows]).reshape(-1, lanes)
+            got = np.array(results[i * len(want):(i + 1) * len(want)])
+            assert np.abs(got - want).max() <= 1
+    assert len({value for word in results for value in word}) > (4 if mode == "extremes" else 2 * lanes)
+
+
+#: Windowed layers whose input map is split over two store ranges (the op does not matter to the input side):
+#: (id, registers, words of the map in range 1, prefix, between, after, forward, n_pass, back pressure, lanes).
+SPLIT_WINDOW_CASES = [
+    ("maxpool2x2-s2", dict(op=OP_MAX, in_height=4, in_width=4, words_per_pixel=2, kernel_h=2, kernel_w=2, stride=2,
+                           pad_top=0, pad_left=0, pad_value=-128, out_row_begin=0, out_rows=2, out_width=2, n_out=8,
+                           clamp_lo=-100, clamp_hi=90), 12, 3, 4, 2, "between", 1, True, 4),
+    ("conv3x3-s1-p1", dict(op=OP_MAC, in_height=3, in_width=3, words_per_pixel=2, kernel_h=3, kernel_w=3, stride=1,
+                           pad_top=1, pad_left=1, pad_value=-7, out_row_begin=0, out_rows=3, out_width=3, n_out=5,
+                           zp_out=-3), 7, 0, 3, 1, "prefix+first", 0, False, 4),
+]
+
+
+@pytest.mark.parametrize("registers, split, prefix, between, after, forward, n_pass, back_pressure, lanes, "
+                         "queue_words", with_queue_depths(SPLIT_WINDOW_CASES))
+def test_windowed_layer_over_two_store_ranges_matches_golden_and_rule_4(registers, split, prefix, between, after,
+                                                                        forward, n_pass, back_pressure, lanes,
+                                                                        queue_words):
+    """The second store range is op-independent: a MAX or MAC tile whose map is words [0, split) of range 1 and
+    [split, map words) of range 2 (not on a pixel boundary for the MAC) computes what it computes on the map stored
+    in one piece; every transfer and cycle against the goldens, and the SRAM after the run."""
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes, forward_queue_words=queue_words)
+    rng = random.Random("split-window-" + repr(sorted(registers.items())) + str(split))
+    n_map = registers["in_height"] * registers["in_width"] * registers["words_per_pixel"]
+    k_words, store, store2, forwards = split_stream((split, n_map - split), prefix, between, after, forward)
+    config = make_config(n_in_words=k_words, n_pass=n_pass, w_base=3, **registers)
+    config.update(store_begin=store[0], store_end=store[1], store2_begin=store2[0], store2_end=store2[1],
+                  forward_begin=forwards[0], forward_end=forwards[1])
+    n_weight_words = tile_config(config).weight_words
+    config["act_base"] = config["w_base"] + n_weight_words + 1
+    tile_config(config).validate(arch)
+    weights = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(n_weight_words)]
+    if registers["op"] == OP_MAX:
+        params = [(0, 0, 0)] * config["n_out"]
+    else:
+        params = [(rng.randint(-3000, 3000), rng.randint(1 << 30, (1 << 31) - 1), rng.randint(34, 38))
+                  for _ in range(config["n_out"])]
+    n_inferences = 3
+    inputs = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range((k_words + n_pass) * n_inferences)]
+    horizon = 3 * n_inferences * (tile_config(config).compute_issue_cycles + k_words + n_pass
+                                  + tile_config(config).result_words(lanes) + 3) + 200
+    if back_pressure:
+        available, ready = random_stalls(rng, len(inputs), horizon)
+    else:
+        available, ready = [0] * len(inputs), [True] * horizon
+    sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
+    sram_image = []
+    emitted, schedule = check_run(config, weights, params, inputs, available, ready, arch=arch, sram_image=sram_image,
+                                  golden=lambda activations: golden_window(config, sram, params, activations, lanes))
+    assert sram_image == expected_banks(config, inputs, sram, arch.sram_words, lanes, n_inferences)
+    per_inference = k_words + n_pass
+    assert all(start > schedule.inputs[s * per_inference + store2[1] - 1][2]
+               for s, start in enumerate(schedule.compute))
+    if not back_pressure and not schedule.queue_waits:
+        assert schedule.compute[0] == store2[1] < k_words
+    # The same map stored in one piece gives the same results (the golden of the joined stored words).
+    for i in range(n_inferences):
+        flits = inputs[i * per_inference:(i + 1) * per_inference]
+        joined = flits[store[0]:store[1]] + flits[store2[0]:store2[1]]
+        assert stored_part(config, flits) == joined and len(joined) == n_map
+
+
+def second_range_add_config(**overrides):
+    """:func:`add_config`'s ADD (operands a, b of 4 words each) in a 12-word stream: a = words [0, 4) (range 1),
+    b = words [6, 10) (range 2, at stored word B1 = 4)."""
+    registers = dict(n_in_words=12, store_begin=0, store_end=4, store2_begin=6, store2_end=10, forward_begin=0,
+                     forward_end=0)
+    registers.update(overrides)
+    return add_config(**registers)
+
+
+def test_valid_second_store_ranges_encode():
+    assert len(encode_config(ARCH, second_range_add_config())) == len(CONFIG_FIELDS)
+    # Adjacent ranges, a forwarded prefix and suffix, and a MAX map split in two.
+    assert encode_config(ARCH, second_range_add_config(n_in_words=11, store_begin=2, store_end=6, store2_begin=6,
+                                                       store2_end=10, forward_begin=8, forward_end=11))
+    assert encode_config(ARCH, window_config(op=OP_MAX, n_in_words=7, store_begin=1, store_end=2, store2_begin=4,
+                                             store2_end=7, forward_end=7, n_out=4, kernel_h=1, kernel_w=1,
+                                             pad_top=0, pad_left=0, out_rows=2, out_width=2))
+    assert tile_config(second_range_add_config()).store_until == 10
+    assert tile_config(second_range_add_config(store2_begin=0, store2_end=0, operand_b_offset=0)).store_until == 4
+
+
+SECOND_RANGE_MESSAGE = ("config registers store2_begin = {}, store2_end = {} must satisfy store_end = {} <= "
+                        "store2_begin < store2_end <= n_in_words = {} \\(a second store range after the first; both "
+                        "0 for none\\)")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    pytest.param(dict(store_begin=6, store_end=10, store2_begin=0, store2_end=4),
+                 SECOND_RANGE_MESSAGE.format(0, 4, 10, 12), id="before-the-first"),
+    pytest.param(dict(store_begin=0, store_end=6, store2_begin=4, store2_end=8),
+                 SECOND_RANGE_MESSAGE.format(4, 8, 6, 12), id="overlapping-the-first"),
+    pytest.param(dict(store2_begin=8, store2_end=13), SECOND_RANGE_MESSAGE.format(8, 13, 4, 12),
+                 id="beyond-n_in_words"),
+    pytest.param(dict(store2_begin=6, store2_end=0), SECOND_RANGE_MESSAGE.format(6, 0, 4, 12),
+                 id="begin-without-end"),
+    pytest.param(dict(store2_begin=6, store2_end=6), SECOND_RANGE_MESSAGE.format(6, 6, 4, 12), id="empty"),
+    # Both ranges count: 4 + 4 stored words differ from the 2x2 map of one operand ... (MAX reads one map).
+    pytest.param(dict(op=OP_MAX, kernel_w=1, n_out=4),
+                 r"config registers store_end - store_begin \+ store2_end - store2_begin = 8 stored words differ "
+                 r"from in_height \* in_width \* words_per_pixel = 2 \* 2 \* 1 = 4", id="max-map-is-both-ranges"),
+    # ... and the operands must lie inside both ranges' words, and the two banks of them inside the SRAM.
+    pytest.param(dict(store2_end=9, operand_b_offset=4),
+                 r"operand_b_offset \+ in_height \* in_width \* words_per_pixel = 4 \+ 2 \* 2 \* 1 = 8 exceed the 7 "
+                 r"stored words \(store_end - store_begin \+ store2_end - store2_begin\)", id="operand-beyond-ranges"),
+    pytest.param(dict(act_base=49), r"act_base \+ 2 \* .* = 65 exceed sram_words = 64", id="banks-of-both-ranges"),
+])
+def test_second_store_range_validation(overrides, message):
+    with pytest.raises(LoadEncodingError, match=message):
+        encode_config(ARCH, second_range_add_config(**overrides))
+    with pytest.raises(ConfigError, match=message):
+        tile_config(second_range_add_config(**overrides)).validate(ARCH)
+
 
 def concat_operands(rng, mode, words_a, words_b, lanes):
     """(add_mult_a, add_mult_b, parameter rows, zp_out, float reference or None) as section 4.3 lowers

@@ -243,16 +243,21 @@ class InputModel:
         c, k = self.c, self.index
         total = c["n_in_words"] + c["n_pass"]
         receiving = k < c["n_in_words"]
-        stores = receiving and c["store_begin"] <= k < c["store_end"]
+        first = c["store_begin"] <= k < c["store_end"]
+        second = c["store2_begin"] <= k < c["store2_end"]
+        stores = receiving and (first or second)
         pushes = not receiving or c["forward_begin"] <= k < c["forward_end"]
         may_begin = not computes or k != 0 or (compute_bank ^ compute_begun) == self.bank
         accepting = run and total != 0 and may_begin
         ready = accepting and (not pushes or forward_ready)
         transfer = valid and ready
-        bank_words = max(c["store_end"] - c["store_begin"], 0)
+        # Section 4.2: the stored words are the first range's, then the second's; B counts both.
+        first_words = max(c["store_end"] - c["store_begin"], 0)
+        stored_index = k - c["store_begin"] if first else first_words + k - c["store2_begin"]
+        store_until = c["store2_end"] if c["store2_end"] > c["store2_begin"] else c["store_end"]
         out = {"ready": ready, "push": valid and accepting and pushes, "store": transfer and stores,
-               "address": (c["act_base"] + self.bank * bank_words + k - c["store_begin"]) % ARCH.sram_words,
-               "store_done": transfer and stores and k + 1 == c["store_end"]}
+               "address": (c["act_base"] + self.bank * stored_words(c) + stored_index) % ARCH.sram_words,
+               "store_done": transfer and stores and k + 1 == store_until}
         if transfer:
             self.index, self.bank = (0, self.bank ^ 1) if k == total - 1 else (k + 1, self.bank)
         if not run:
@@ -260,13 +265,28 @@ class InputModel:
         return out
 
 
+def stored_words(c):
+    """``B`` (section 4.2): the words of both store ranges, each difference 0 if negative."""
+    return max(c["store_end"] - c["store_begin"], 0) + max(c["store2_end"] - c["store2_begin"], 0)
+
+
+def second_store_range(rng, store_end, k, chance=0.5):
+    """``store2_begin``, ``store2_end``: a non-empty range in ``[store_end, k)`` with probability ``chance`` (if
+    there is room), else none (0, 0)."""
+    if store_end >= k or rng.random() >= chance:
+        return {"store2_begin": 0, "store2_end": 0}
+    begin = rng.randrange(store_end, k)
+    return {"store2_begin": begin, "store2_end": rng.randrange(begin + 1, k + 1)}
+
+
 def random_stream_registers(rng):
-    k = rng.randrange(0, 6)
+    k = rng.randrange(0, 8)
     begin = rng.randrange(k + 1)
     forward_begin = rng.randrange(k + 1)
-    return {"n_in_words": k, "n_pass": rng.randrange(4), "store_begin": begin, "store_end": rng.randrange(begin, k + 1),
+    end = rng.randrange(begin, k + 1)
+    return {"n_in_words": k, "n_pass": rng.randrange(4), "store_begin": begin, "store_end": end,
             "forward_begin": forward_begin, "forward_end": rng.randrange(forward_begin, k + 1),
-            "act_base": rng.randrange(40)}
+            "act_base": rng.randrange(40), **second_store_range(rng, end, k)}
 
 
 def test_input_side_matches_model():
@@ -274,7 +294,7 @@ def test_input_side_matches_model():
     dut = InputSide(ARCH)
 
     async def testbench(ctx):
-        for _ in range(12):
+        for _ in range(24):
             registers = random_stream_registers(rng)
             ctx.set(dut.config, config_value(**registers))
             model = InputModel(registers)
@@ -436,7 +456,7 @@ def issue_list(c, bank):
     ADD issue the N_g words of their channel group (section 4.4), reading channel word group_word_begin + cw."""
     op, cw_words, loop_words = c["op"], c["words_per_pixel"], group_words(c)
     per_word, lane_wise = op != OP_MAC, op in (OP_LANE, OP_ADD, OP_CONCAT)
-    bank_words = max(c["store_end"] - c["store_begin"], 0)
+    bank_words = stored_words(c)
     issues, slot = [], 0
     for row, col in band_positions(c):
         if per_word:
@@ -484,7 +504,10 @@ def random_window_registers(rng, op):
     begin = rng.randrange(out_width)
     k = rng.randrange(2, 8)
     store_begin = rng.randrange(k)
-    return {"op": op, "n_in_words": k, "store_begin": store_begin, "store_end": rng.randrange(store_begin + 1, k + 1),
+    # Often short of k, leaving room for a second store range (section 4.2), which moves bank 1.
+    store_end = rng.randrange(store_begin + 1, k + 1 if rng.random() < 0.4 else max(store_begin + 2, k))
+    return {"op": op, "n_in_words": k, "store_begin": store_begin, "store_end": store_end,
+            **second_store_range(rng, store_end, k, chance=0.8),
             "n_out": rng.randrange(1, 7), "in_height": height, "in_width": width, "words_per_pixel": cw_words,
             "kernel_h": kernel_h, "kernel_w": kernel_w, "stride": stride, "pad_top": pad_top, "pad_left": pad_left,
             "out_row_begin": row_begin, "out_rows": out_rows, "out_width": out_width, "out_col_begin": begin,
@@ -501,7 +524,7 @@ def test_compute_sequencer_matches_section_4_1():
     dut = ComputeSequencer(ARCH)
 
     async def testbench(ctx):
-        for case in range(15):
+        for case in range(20):
             registers = random_window_registers(rng, [OP_MAC, OP_MAX, OP_LANE, OP_ADD, OP_CONCAT][case % 5])
             ctx.set(dut.config, config_value(**registers))
             ctx.set(dut.computes, 1)
