@@ -165,17 +165,29 @@ def _compute_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlic
 
 def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, plan: StreamPlan) -> TileProgram:
     """A band of output pixels of a residual Add (op ADD, section 4.2) or channel Concat (op CONCAT, section 4.3):
-    no weights; the operands where the stream put them."""
+    no weights; the operands where the stream put them. A band of fewer than all rows stores only its rows of each
+    operand map: the earlier operand's in the first store range, the later's in the second, so the band is a map of
+    its own (``in_height`` = its rows, ``out_row_begin = 0``) with operand offsets 0 and the first range's size."""
     lanes, w = arch.lanes, layer.window
     cw = words(w.channels, lanes)
     group = _word_group(layer, part, lanes, cw)
+    stream, height, row_begin, operands = _stream_registers(plan, part), w.height, part.row_begin, plan.operands
+    if part.rows < w.height:
+        words_a = layer.concat_channels_a // lanes if layer.is_concat else cw
+        row_words = {0: w.width * words_a, 1: w.width * (cw - words_a if layer.is_concat else cw)}
+        ranges = sorted((plan.store[0] + operands[x] + part.row_begin * row_words[x], part.rows * row_words[x], x)
+                        for x in (0, 1))
+        (first, size, first_operand), (second, size2, _) = ranges
+        stream.update(store_begin=first, store_end=first + size, store2_begin=second, store2_end=second + size2)
+        operands = (0, size) if first_operand == 0 else (size, 0)
+        height, row_begin = part.rows, 0
     config = _config(
-        **_stream_registers(plan, part), n_pass=part.n_pass, n_out=part.n_out, w_base=0, act_base=0,
+        **stream, n_pass=part.n_pass, n_out=part.n_out, w_base=0, act_base=0,
         zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi, **group,
-        op=OP_ADD if layer.is_add else OP_CONCAT, in_height=w.height, in_width=w.width, words_per_pixel=cw,
-        kernel_h=1, kernel_w=2 if layer.is_add else 1, stride=1, out_row_begin=part.row_begin, out_rows=part.rows,
+        op=OP_ADD if layer.is_add else OP_CONCAT, in_height=height, in_width=w.width, words_per_pixel=cw,
+        kernel_h=1, kernel_w=2 if layer.is_add else 1, stride=1, out_row_begin=row_begin, out_rows=part.rows,
         out_col_begin=part.col_begin, out_col_end=part.col_end,
-        out_width=w.width, operand_a_offset=plan.operands[0], operand_b_offset=plan.operands[1],
+        out_width=w.width, operand_a_offset=operands[0], operand_b_offset=operands[1],
         add_mult_a=layer.add_mult[0], add_mult_b=layer.add_mult[1],
         concat_words_a=layer.concat_channels_a // lanes if layer.is_concat else 0, **_destination(arch, position))
     return _tile(arch, position, config, np.zeros((0, lanes), np.int8),

@@ -19,8 +19,9 @@ Windowed layers (Conv, MaxPool, lane layers; section 4.1) split their *output pi
 the layer receives the whole input map, stores only the input rows its band's windows read (twice: two banks;
 :func:`band_input_rows`), holds all the weights (``N_o * KH*KW*CW`` words, none for MaxPool, ``CW*KH*KW`` for op
 LANE; a convolution's channel group only its own, section 4.4) and computes a band of consecutive output pixels
-(row-major; whole rows or not, section 4.1), so that a tile can take any share of a layer. A join (Add, Concat)
-stores both operand maps whole. Its estimated cycles per inference are
+(row-major; whole rows or not, section 4.1), so that a tile can take any share of a layer. A band of a join (Add,
+Concat) stores its rows of both operand maps (all of them for a single band; else in two store ranges, section
+4.2). Its estimated cycles per inference are
 ``max(K + P, K_f + P + n_pix*N_r, I + 2)`` with ``I`` the COMPUTE issue cycles (:func:`window_tile_cycles`).
 
 Several chips (``arch.chips``, a line; section 12): the chips' chains form one system chain, chip ``k``'s last tile
@@ -134,8 +135,8 @@ class WindowCosts:
     #: groups (section 4.4); 0 for the other layers
     channel_words: int = 0
     out_width: int = 1
-    #: geometry of the rows a band stores (section 4.1): input height, words per input row, kernel height,
-    #: stride, top padding; ``row_words = 0`` for joins, whose tiles store the whole operand maps
+    #: geometry of the rows a band stores (section 4.1): input height, words per input row (a join: of both
+    #: operand maps), kernel height, stride, top padding
     in_height: int = 1
     row_words: int = 0
     kernel_h: int = 1
@@ -146,6 +147,8 @@ class WindowCosts:
     #: that cannot (convolutions, which group by channel_words; Concat)
     word_issue: int = 0
     word_weights: int = 0
+    #: a join (Add, Concat): ``row_words`` counts a row of both operand maps, which a band stores in two ranges
+    join: bool = False
 
     @property
     def groupable(self) -> bool:
@@ -202,12 +205,14 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
     cw = words(w.channels, lanes)
     k = w.height * w.width * cw
     window_words = w.kernel_h * w.kernel_w * cw
-    if layer.op == "Add":  # op ADD: both operand maps stored, two issues per (pixel, cw)
+    # the joins: a band stores its rows of both operand maps (two store ranges, section 4.2), like a 1x1 window
+    join_rows = dict(in_height=w.height, kernel_h=1, stride=1, pad_top=0, join=True)
+    if layer.op == "Add":  # op ADD: two issues per (pixel, cw); a row of both maps is 2 * W * CW words
         return WindowCosts(2 * k, cw * lanes, 0, w.out_width * cw * 2, w.out_width * cw, w.out_height, carried,
-                           out_width=w.out_width, word_issue=2)
-    if layer.op == "Concat":  # op CONCAT: both operand maps stored (k words in all), one issue per output word
+                           out_width=w.out_width, word_issue=2, row_words=2 * w.width * cw, **join_rows)
+    if layer.op == "Concat":  # op CONCAT: one issue per output word; a row of both maps is W * CW words
         return WindowCosts(k, cw * lanes, 0, w.out_width * cw, w.out_width * cw, w.out_height, carried,
-                           out_width=w.out_width)
+                           out_width=w.out_width, row_words=w.width * cw, **join_rows)
     geometry = dict(in_height=w.height, row_words=w.width * cw, kernel_h=w.kernel_h, stride=w.stride,
                     pad_top=w.pad_top)
     if layer.op == "MaxPool":
@@ -363,7 +368,7 @@ def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
     if need > arch.sram_bytes:
         held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)"
                 if groupable and least_weights else f"all its weights ({costs.weight_words * lanes} bytes)")
-        stored = ("both operand maps" if not costs.row_words
+        stored = ("one row of both operand maps" if costs.join
                   else f"the input rows of one output row ({least_stored // costs.row_words} rows)")
         raise CompileError(
             f"{what}: every tile of it holds {held} and {stored} twice ({ACTIVATION_BANKS} banks of "

@@ -14,7 +14,7 @@ never from the compiler's layer descriptions. Two parts:
   the tile (``TileConfig.output_pixel_positions``): ``out_rows`` rows from ``out_row_begin``, the first from
   column ``out_col_begin``, the last ending before column ``out_col_end`` (0: ``out_width``); ``n_pix``, the
   result word numbering and the interleaving run over it. COMPUTE of inference ``s``
-  reads the stored RECV words ``store_begin..store_end`` of ``s`` from activation bank ``s mod 2``
+  reads the stored RECV words ``store_begin..store_end`` (and ``store2_begin..store2_end``) of ``s`` from activation bank ``s mod 2``
   (section 4.2: a stream may hold several tensors, one after the other); weights overlapping the banks are
   modelled bank by bank (:func:`weight_memory`), and refused where what COMPUTE reads would depend on
   timing. Results follow section 4.1 (windowed layers): the windows of
@@ -137,8 +137,9 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
                weights: np.ndarray | None = None) -> np.ndarray:
     """Result words of one PE for a batch: int8 ``[batch, n_pix * N_r, L]`` (sections 4 to 4.3).
 
-    ``activations`` is int8 ``[batch, store_end - store_begin, L]``, the stored RECV flits of each
-    inference ``s``, written to SRAM bank ``s mod 2`` (words ``act_base + (s mod 2) * B + k - store_begin``)
+    ``activations`` is int8 ``[batch, B, L]``, the stored RECV flits of each inference ``s`` (both store ranges,
+    the second's after the first's), written to SRAM bank ``s mod 2`` (words ``act_base + (s mod 2) * B + k -
+    store_begin`` for the first range)
     before COMPUTE reads them. MAC and LANE also read weight words (MAC: ``w_base + o*K_w + k``, LANE:
     ``w_base + cw*KH*KW + ky*KW + kx``); ``weights`` is what they read, int8 ``[w_words, L]`` or per inference
     ``[batch, w_words, L]`` (default: :func:`weight_memory` of the whole batch; give it when ``activations``
@@ -228,7 +229,7 @@ def check_bank_races(tile: TileProgram, count: TileCounts, batch: int, pe_times,
     for b in racing_banks(tile, count, batch):
         base = _bank_bases(tile, count)[b]
         first, last = max(w_base, base), min(w_end, base + bank_words)      # overlapping SRAM words
-        recv = count.store_begin + np.arange(first - base, last - base)     # the RECV words written there
+        recv = count.stored_recv_words[first - base:last - base]           # the RECV words written there
         readers = np.arange(batch - 1)
         readers = readers[(readers + 1) % ACTIVATION_BANKS == b]           # COMPUTE of s, RECV of s + 1
         writes = inputs[readers + 1][:, recv]
@@ -462,7 +463,7 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
     parts.append(stream[:, count.n_in_words:])
     if not count.n_out:
         return np.concatenate(parts, axis=1)
-    activations = stream[:, count.store_begin:count.store_end]
+    activations = count.stored(stream)
     weights = None
     if count.op in (OP_MAC, OP_LANE):
         weights = weight_memory(tile, count, activations, arch.lanes, race_checked=race_checked)

@@ -54,6 +54,9 @@ class TileCounts:
     store_end: int = 0
     forward_begin: int = 0
     forward_end: int = 0
+    # the second store range (register store2_begin / store2_end; (0, 0): none): its words follow the first's
+    store2_begin: int = 0
+    store2_end: int = 0
     # section 4.4: per output pixel, pass_per_pixel PASS words (popped) before the pixel's result words
     pass_per_pixel: int = 0
     n_pix: int = 1      # output pixels of a computing tile (section 4.1's band: TileConfig.output_pixels)
@@ -67,8 +70,26 @@ class TileCounts:
 
     @property
     def n_stored(self) -> int:
-        """RECV words written to the activation region per inference."""
-        return self.store_end - self.store_begin
+        """RECV words written to the activation region per inference (both store ranges)."""
+        return self.store_end - self.store_begin + self.store2_end - self.store2_begin
+
+    @property
+    def store_until(self) -> int:
+        """One past the last stored RECV word (COMPUTE of an inference waits for word ``store_until - 1``)."""
+        return self.store2_end if self.store2_end else self.store_end
+
+    @property
+    def stored_recv_words(self) -> np.ndarray:
+        """int64 ``[n_stored]``: the RECV word stored at each word of a bank, in order (section 4.2)."""
+        return np.concatenate([np.arange(self.store_begin, self.store_end),
+                               np.arange(self.store2_begin, self.store2_end)]).astype(np.int64)
+
+    def stored(self, stream: np.ndarray) -> np.ndarray:
+        """The stored words of ``stream`` (``[batch, words, ...]``, the RECV words first), as a bank holds them."""
+        first = stream[:, self.store_begin:self.store_end]
+        if not self.store2_end:
+            return first
+        return np.concatenate([first, stream[:, self.store2_begin:self.store2_end]], axis=1)
 
     @property
     def n_forward(self) -> int:
@@ -158,10 +179,12 @@ def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
     config = tile.config
     n_out = config.n_out
     store_begin, store_end = _recv_range(config.store_begin, config.store_end)
+    store2_begin, store2_end = _recv_range(config.store2_begin, config.store2_end)
     forward_begin, forward_end = _recv_range(config.forward_begin, config.forward_end)
     return TileCounts(n_in_words=config.n_in_words, n_pass=config.n_pass, n_out=n_out,
                       n_result_words=config.result_words(arch.lanes), issue_cycles=config.compute_issue_cycles,
-                      op=config.op, store_begin=store_begin, store_end=store_end, forward_begin=forward_begin,
+                      op=config.op, store_begin=store_begin, store_end=store_end, store2_begin=store2_begin,
+                      store2_end=store2_end, forward_begin=forward_begin,
                       forward_end=forward_end, pass_per_pixel=config.pass_per_pixel,
                       n_pix=max(1, config.output_pixels) if n_out else 1,
                       pixel_word_issue=tuple(config.result_word_issue_cycles(arch.lanes)))
@@ -431,7 +454,7 @@ def _partial_emits(count: TileCounts, received: int) -> int:
     recv = min(received, count.n_in_words)
     pushes = max(0, min(recv, count.forward_end) - count.forward_begin) if count.n_forward else 0
     pushes += max(0, received - count.n_in_words)
-    computed = bool(count.n_out) and recv >= count.store_end
+    computed = bool(count.n_out) and recv >= count.store_until
     done = popped = 0
     for is_pop in count.output_is_pop():
         if is_pop:

@@ -58,7 +58,7 @@ The chains are coupled by three kinds of edges:
   per word: ``EMIT_j >= a_j + d_j + 2`` (the word is written in ``a_j + d_j + 1``) and ``a_j >= EMIT_{j-R} +
   1`` (the FIFO space rule: slot ``j mod R`` has been emitted);
 * event edges ``t_target(s, a) >= t_source(s - shift, b) + offset`` of one PE:
-  ``c_s >= input(s, RECV word store_end - 1) + 1`` (compute action 0 of ``s``); ``input(s, 0) >=
+  ``c_s >= input(s, RECV word store_until - 1) + 1`` (``store_until``: one past the last stored word) (compute action 0 of ``s``); ``input(s, 0) >=
   c_{s-1}`` (``s >= 1``);
 * frame edges of a link (:class:`FrameEdge`), between per-frame actions numbered over the batch: ``send_f >=
   close_f + 1``; ``deliver(first flit of f) >= send_f + accept_delay + 1``; ``close_f >= ack_seen(f -
@@ -85,7 +85,7 @@ leave the solution unchanged and spare the sweep rounds through which they would
   (:func:`_space_one_apart`);
 * the sides of a computing PE wait on each other around loops that would cost a sweep round per inference
   or per word (:func:`_compute_side`): ``c_s -> input of s + 1 -> c_{s+1}`` (``c_{s+1} >= c_s +
-  (store_end - 1) * in_gap + 1``); with a full queue ``c_s -> EMITs of s -> pops of s + 1 -> pushes of s + 1
+  (store_until - 1) * in_gap + 1``); with a full queue ``c_s -> EMITs of s -> pops of s + 1 -> pushes of s + 1
   -> c_{s+1}`` (an extra event edge ``input(s+1, push F) >= c_s + ...`` and a ``c_{s+1} - c_s`` bound); with
   ``pass_per_pixel > 0`` pushes of ``s`` that wait for pops following EMITs of ``s``. The ``c_{s+1} - c_s``
   bounds exceeding the chain's own per-inference delay become the compute chain's ``skip`` (``t(s, 0) >= t(s
@@ -523,7 +523,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
             fifos.append(FifoEdge(f"{name} result ring", compute_chain, output_chain, ring,
                                   read_slots=None if not count.n_queue else emit_slots,
                                   read_offsets=side.word_issue + 2))
-            events += [EventEdge(compute_chain, 0, input_chain, count.store_end - 1, 0, 1),
+            events += [EventEdge(compute_chain, 0, input_chain, count.store_until - 1, 0, 1),
                        EventEdge(input_chain, 0, compute_chain, 0, 1, 0)]
             if side.stall is not None:
                 events.append(EventEdge(input_chain, side.stall[0], compute_chain, 0, 1, side.stall[1]))
@@ -559,7 +559,7 @@ def _compute_side(count: TileCounts, pushes: np.ndarray, is_pop: np.ndarray, dep
     transfers of ``s``: EMIT of word ``m`` ``>= S_m + d_m + 2`` (``S_m`` = the compute chain's delays
     from word 0 to word ``m``), then the output chain's delays. From them:
 
-    * ``c_{s+1} >= input(s+1, store_end - 1) + 1 >= input(s+1, 0) + (store_end - 1) * in_gap + 1`` and
+    * ``c_{s+1} >= input(s+1, store_until - 1) + 1 >= input(s+1, 0) + (store_until - 1) * in_gap + 1`` and
       ``input(s+1, 0) >= c_s``;
     * if ``Q > F``: push ``F`` of ``s + 1`` needs pop 0 of ``s + 1`` (output transfer 0, a pop whenever ``Q >
       0``), which follows the last output transfer of ``s`` (an EMIT): ``input(s+1, push F) >= c_s +
@@ -598,19 +598,19 @@ def _compute_side(count: TileCounts, pushes: np.ndarray, is_pop: np.ndarray, dep
     after = np.maximum.accumulate(base - along) + along
     known = np.arange(count.flits_out) >= emit_slots[0]
     last = int(after[-1])                                   # the last output transfer is an EMIT
-    bounds = [(count.store_end - 1) * in_gap + 1]
+    bounds = [(count.store_until - 1) * in_gap + 1]
     stall = None
     n_queue = len(pushes)
     if n_queue > queue_depth:
         stall = (int(pushes[queue_depth]), last + gap + 1)
-        if stall[0] < count.store_end:
-            bounds.append(stall[1] + (count.store_end - 1 - stall[0]) * in_gap + 1)
+        if stall[0] < count.store_until:
+            bounds.append(stall[1] + (count.store_until - 1 - stall[0]) * in_gap + 1)
         pop_slots = np.flatnonzero(is_pop)
         waiting = pop_slots[:n_queue - queue_depth]         # pop i - F of push i, i = F..Q-1
         later = known[waiting]
         if later.any():
             reach = after[waiting[later]] + 1 + (count.flits_in - pushes[queue_depth:][later]) * in_gap
-            bounds.append(int(reach.max()) + (count.store_end - 1) * in_gap + 1)
+            bounds.append(int(reach.max()) + (count.store_until - 1) * in_gap + 1)
     period = int(compute_delays.sum())
     skip = max(bounds)
     return _ComputeSide(word_issue=word_issue, compute_delays=compute_delays, skip=skip if skip > period else 0,

@@ -34,7 +34,7 @@ ADD_MULT_MAX = 1 << 22
 CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     ("n_in_words", 16, False),   # K: RECV words (input flits) per inference; the store range below is stored
     # RECV word k (0 <= k < K) of inference s is stored at act_base + (s mod 2) * B + k - store_begin
-    # (activation bank s mod 2; B = store_end - store_begin, the bank size) iff store_begin <= k < store_end,
+    # (activation bank s mod 2; B = stored words of both store ranges, the bank size) iff store_begin <= k < store_end,
     # and re-emitted downstream iff forward_begin <= k < forward_end (section 4.2: several tensors
     # travel in one stream; a tile stores the one it reads and forwards those still needed later).
     ("store_begin", 16, False),
@@ -85,6 +85,10 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # Both 0 for MAC (its groups are its weights' rows) and CONCAT.
     ("group_word_begin", 16, False),
     ("group_words", 16, False),
+    # A second store range (section 4.2): RECV word k is also stored iff store2_begin <= k < store2_end, behind the
+    # first range's words (a band of a join stores its rows of both operands); 0, 0: none.
+    ("store2_begin", 16, False),
+    ("store2_end", 16, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads

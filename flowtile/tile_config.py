@@ -93,6 +93,8 @@ class TileConfig:
     out_col_end: int = 0
     group_word_begin: int = 0
     group_words: int = 0
+    store2_begin: int = 0
+    store2_end: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -146,8 +148,20 @@ class TileConfig:
 
     @property
     def stored_words(self) -> int:
-        """RECV words written into the activation region per inference (section 4.2)."""
-        return max(0, self.store_end - self.store_begin)
+        """RECV words written into the activation region per inference (section 4.2): both store ranges."""
+        return max(0, self.store_end - self.store_begin) + max(0, self.store2_end - self.store2_begin)
+
+    @property
+    def stored_formula(self) -> str:
+        """How :attr:`stored_words` is counted, for messages."""
+        second = " + store2_end - store2_begin" if self.store2_end > self.store2_begin else ""
+        return f"store_end - store_begin{second}"
+
+    @property
+    def store_until(self) -> int:
+        """One past the last stored RECV word: ``store2_end`` with a second store range, else ``store_end`` (COMPUTE
+        of an inference waits for RECV word ``store_until - 1``)."""
+        return self.store2_end if self.store2_end > self.store2_begin else self.store_end
 
     @property
     def forwarded_words(self) -> int:
@@ -274,13 +288,19 @@ class TileConfig:
             if not begin <= end <= k:
                 raise ConfigError(f"config registers {first} = {begin}, {last} = {end} must satisfy "
                                   f"{first} <= {last} <= n_in_words = {k}")
+        if (self.store2_begin or self.store2_end) and not (
+                self.store_begin < self.store_end <= self.store2_begin < self.store2_end <= k):
+            raise ConfigError(f"config registers store2_begin = {self.store2_begin}, store2_end = {self.store2_end} "
+                              f"must satisfy store_begin = {self.store_begin} < store_end = {self.store_end} <= "
+                              f"store2_begin < store2_end <= n_in_words = {k} (a second store range after a non-empty "
+                              f"first; both 0 for none)")
         if n_out > 0 and k == 0:
             raise ConfigError(f"config register n_out = {n_out} requires n_in_words > 0")
         if n_out > arch.max_tile_outputs:
             raise ConfigError(f"config register n_out = {n_out} exceeds max_tile_outputs = {arch.max_tile_outputs}")
         activation_end = self.act_base + ACTIVATION_BANKS * self.stored_words
         if activation_end > arch.sram_words:
-            raise ConfigError(f"config registers act_base + {ACTIVATION_BANKS} * (store_end - store_begin) = "
+            raise ConfigError(f"config registers act_base + {ACTIVATION_BANKS} * ({self.stored_formula}) = "
                               f"{activation_end} exceed sram_words = {arch.sram_words} ({ACTIVATION_BANKS} "
                               f"activation banks of the stored words)")
         if self.pass_per_pixel and n_out == 0:
@@ -315,7 +335,7 @@ class TileConfig:
         if self.op in TWO_OPERAND_WINDOWS:
             self._validate_two_operands()
         elif self.map_words != self.stored_words:
-            raise ConfigError(f"config registers store_end - store_begin = {self.stored_words} stored words differ "
+            raise ConfigError(f"config registers {self.stored_formula} = {self.stored_words} stored words differ "
                               f"from in_height * in_width * words_per_pixel = {self.in_height} * {self.in_width} * "
                               f"{self.words_per_pixel} = {self.map_words}")
         grouped = self.group_word_begin or self.group_words
@@ -391,7 +411,7 @@ class TileConfig:
             formula, values = formulas[operand]
             if offset + size > stored:
                 raise ConfigError(f"config registers {register} + {formula} = {offset} + {values} = "
-                                  f"{offset + size} exceed the {stored} stored words (store_end - store_begin) "
+                                  f"{offset + size} exceed the {stored} stored words ({self.stored_formula}) "
                                   f"for op = {name} (operand {operand} must lie inside them)")
             spans[operand] = (offset, offset + size)
         (a_begin, a_end), (b_begin, b_end) = spans["a"], spans["b"]

@@ -2,7 +2,9 @@
 op): a depthwise convolution, a max pool, a residual Add and a global average pool with more channels than
 ``max_tile_outputs`` are split into tiles that each compute a group of whole words of every pixel (registers
 ``group_word_begin`` and ``group_words``, docs/architecture.md section 4.4), the later groups passing the earlier
-groups' words of each pixel before their own.
+groups' words of each pixel before their own. And bands of a residual Add too large for one tile's SRAM: each band
+stores only its rows of both operand maps, in two store ranges (registers ``store2_begin``, ``store2_end``,
+section 4.2).
 
 Oracles: onnxruntime for the emulator (within 1 LSB, as every compiled model), the emulator for Verilator (bit and
 cycle exact). Both networks run on one small Arch (lanes 4, at most 8 outputs a tile), so one Verilator build.
@@ -32,6 +34,9 @@ def models(tmp_path_factory):
         "inverted": (random_float_resnet(rng, (4, 6, 6), 12, [{"kind": "inverted", "expand": 16}], 5), (4, 6, 6)),
         # a 3x3 convolution to 12 channels and a 2x2 max pool (12)
         "pool": (random_float_cnn(rng, (3, 8, 8), [{"out": 12, "k": 3, "pad": 1, "pool": (2, 2)}], 5), (3, 8, 8)),
+        # a basic residual block on an 8x8 map of 12 channels: both operands of its Add (2 x 192 words, twice) do
+        # not fit a 512-word tile, so it splits into bands of rows (and channel groups)
+        "residual": (random_float_resnet(rng, (3, 8, 8), 12, [{"kind": "basic", "out": 12}], 5), (3, 8, 8)),
     }
     result = {}
     for name, (model, shape) in floats.items():
@@ -52,7 +57,7 @@ def grouped(program) -> dict[int, list[tuple[int, int]]]:
     return groups
 
 
-@pytest.mark.parametrize("name, ops", [("inverted", {OP_LANE, OP_ADD}), ("pool", {OP_MAX})])
+@pytest.mark.parametrize("name, ops", [("inverted", {OP_LANE, OP_ADD}), ("pool", {OP_MAX}), ("residual", {OP_ADD})])
 def test_wide_per_word_layers_split_into_channel_groups(models, name, ops):
     model, shape = models[name]
     program = compile_model(model, ARCH)
@@ -75,8 +80,24 @@ def test_a_group_is_at_least_a_word(models):
     assert "\n" not in str(refused.value)
 
 
+def test_add_bands_store_their_rows_of_both_operands(models):
+    """The residual Add's bands each store their rows of both operand maps (two store ranges): fewer words than
+    both whole maps, operand b right behind operand a's rows, and the outputs still onnxruntime's."""
+    model, shape = models["residual"]
+    program = compile_model(model, ARCH)
+    adds = [t.config for t in program.tiles if t.config.op == OP_ADD]
+    banded = [c for c in adds if c.store2_end]
+    assert banded and len({(c.store_begin, c.store2_begin) for c in banded}) >= 2   # two bands at least
+    map_words = 8 * 8 * 3
+    for c in banded:
+        assert c.stored_words < 2 * map_words and c.stored_words == 2 * c.in_height * 8 * 3
+        assert (c.operand_a_offset, c.operand_b_offset) in ((0, c.store_end - c.store_begin),
+                                                            (c.store_end - c.store_begin, 0))
+        assert c.act_base + 2 * c.stored_words <= ARCH.sram_words
+
+
 @pytest.mark.rtl
-@pytest.mark.parametrize("name", ["inverted", "pool"])
+@pytest.mark.parametrize("name", ["inverted", "pool", "residual"])
 def test_channel_groups_rtl_matches_emulator(models, name):
     model, shape = models[name]
     program = compile_model(model, ARCH)

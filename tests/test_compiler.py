@@ -270,7 +270,8 @@ def run_functionally(program: Program, x_q: np.ndarray) -> np.ndarray:
             c, out = tile.config, []
             k, p, n_out = c.n_in_words, c.n_pass, c.n_out
             assert len(stream) == k + p, f"tile {tile.key} receives {len(stream)} flits, expects {k + p}"
-            act = np.array(stream[c.store_begin:c.store_end], dtype=np.int64).reshape(-1)
+            stored = stream[c.store_begin:c.store_end] + stream[c.store2_begin:c.store2_end]  # section 4.2
+            act = np.array(stored, dtype=np.int64).reshape(-1)
             out += stream[c.forward_begin:c.forward_end]
             results_of_tile = _pe_results(tile, act, lanes) if n_out else []
             # section 4.4: the last n_pix * pass_per_pixel passed words interleave with the results pixel by pixel
@@ -796,7 +797,11 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                 begin, n = begin_pixel // w.out_width, (begin_pixel + n_pixels - 1) // w.out_width - begin_pixel // w.out_width + 1
                 assert (c.out_rows, c.out_col_begin) == (n, begin_pixel % w.out_width)
                 assert (c.out_col_end or w.out_width) == (begin_pixel + n_pixels - 1) % w.out_width + 1
-                if layer.is_join:
+                if layer.is_join and c.store2_end:  # a band of fewer rows stores its rows of both operand maps
+                    assert (c.in_height, c.out_row_begin) == (n, 0) and n < w.height
+                    assert c.stored_words == (2 if layer.is_add else 1) * n * w.width * cw
+                    assert {c.operand_a_offset, c.operand_b_offset} == {0, c.store_end - c.store_begin}
+                elif layer.is_join:
                     assert (c.in_height, c.out_row_begin) == (w.height, begin)
                     assert c.stored_words == (2 if layer.is_add else 1) * w.height * w.width * cw
                 else:
@@ -1498,12 +1503,14 @@ def check_stream_program(program: Program, layers) -> None:
     for info, layer in zip(program.layers, layers):
         for key in info.tiles:
             c = by_position[key].config
+            # a join's band stores its rows (all, or in_height of them in two store ranges) of both operand maps
+            rows = c.in_height if c.store2_end else layer.window.height if layer.is_join else 0
             if layer.is_concat:
                 w, words_a = layer.window, layer.concat_channels_a // lanes
                 assert c.op == OP_CONCAT and c.concat_words_a == words_a
-                assert c.stored_words == w.height * w.width * -(-layer.n_out // lanes)
+                assert c.stored_words == rows * w.width * -(-layer.n_out // lanes)
             if layer.is_add:
-                map_words = layer.window.height * layer.window.width * -(-layer.n_out // lanes)
+                map_words = rows * layer.window.width * -(-layer.n_out // lanes)
                 assert c.op == OP_ADD and c.stored_words == 2 * map_words
                 assert sorted((c.operand_a_offset, c.operand_b_offset)) == [0, map_words]
                 assert c.add_mult_a <= ADD_MULT_MAX and c.add_mult_b <= ADD_MULT_MAX
@@ -1525,6 +1532,22 @@ def test_residual_blocks_match_onnxruntime(case, tmp_path):
         program.validate()
         check_stream_program(program, layers)
         assert np.array_equal(run_functionally(program, quantize(x[:2], program.input)), ours[:2])
+
+
+@pytest.mark.parametrize("case", ["basic-identity", "inverted"])
+def test_join_bands_store_their_rows_of_both_operands(case, tmp_path):
+    """On tiles too small for both operand maps of an Add (twice), the Add splits into bands of rows, each storing
+    its rows of both maps in two store ranges (section 4.2): the independent dataflow model above agrees with the
+    integer reference."""
+    qdq, x = _resnet(case, tmp_path)
+    imported = import_onnx(qdq)
+    layers = lower_layers(imported.layers)
+    program = build_program(layers, Arch(rows=6, cols=6, sram_bytes=1536), input_spec=imported.input,
+                            output_spec=imported.output)
+    assert any(t.config.op == OP_ADD and t.config.store2_end for t in program.tiles)
+    check_stream_program(program, layers)
+    ours = reference_forward(layers, quantize(x[:2], imported.input)).astype(np.int32)
+    assert np.array_equal(run_functionally(program, quantize(x[:2], program.input)), ours)
 
 
 def test_residual_stream_registers(tmp_path):

@@ -1448,21 +1448,23 @@ def test_valid_second_store_ranges_encode():
     assert tile_config(second_range_add_config(store2_begin=0, store2_end=0, operand_b_offset=0)).store_until == 4
 
 
-SECOND_RANGE_MESSAGE = ("config registers store2_begin = {}, store2_end = {} must satisfy store_end = {} <= "
-                        "store2_begin < store2_end <= n_in_words = {} \\(a second store range after the first; both "
-                        "0 for none\\)")
+SECOND_RANGE_MESSAGE = ("config registers store2_begin = {}, store2_end = {} must satisfy store_begin = {} < "
+                        "store_end = {} <= store2_begin < store2_end <= n_in_words = {} \\(a second store range after "
+                        "a non-empty first; both 0 for none\\)")
 
 
 @pytest.mark.parametrize("overrides, message", [
     pytest.param(dict(store_begin=6, store_end=10, store2_begin=0, store2_end=4),
-                 SECOND_RANGE_MESSAGE.format(0, 4, 10, 12), id="before-the-first"),
+                 SECOND_RANGE_MESSAGE.format(0, 4, 6, 10, 12), id="before-the-first"),
     pytest.param(dict(store_begin=0, store_end=6, store2_begin=4, store2_end=8),
-                 SECOND_RANGE_MESSAGE.format(4, 8, 6, 12), id="overlapping-the-first"),
-    pytest.param(dict(store2_begin=8, store2_end=13), SECOND_RANGE_MESSAGE.format(8, 13, 4, 12),
+                 SECOND_RANGE_MESSAGE.format(4, 8, 0, 6, 12), id="overlapping-the-first"),
+    pytest.param(dict(store2_begin=8, store2_end=13), SECOND_RANGE_MESSAGE.format(8, 13, 0, 4, 12),
                  id="beyond-n_in_words"),
-    pytest.param(dict(store2_begin=6, store2_end=0), SECOND_RANGE_MESSAGE.format(6, 0, 4, 12),
+    pytest.param(dict(store2_begin=6, store2_end=0), SECOND_RANGE_MESSAGE.format(6, 0, 0, 4, 12),
                  id="begin-without-end"),
-    pytest.param(dict(store2_begin=6, store2_end=6), SECOND_RANGE_MESSAGE.format(6, 6, 4, 12), id="empty"),
+    pytest.param(dict(store2_begin=6, store2_end=6), SECOND_RANGE_MESSAGE.format(6, 6, 0, 4, 12), id="empty"),
+    pytest.param(dict(store_begin=0, store_end=0, store2_begin=0, store2_end=8),
+                 SECOND_RANGE_MESSAGE.format(0, 8, 0, 0, 12), id="empty-first-range"),
     # Both ranges count: 4 + 4 stored words differ from the 2x2 map of one operand ... (MAX reads one map).
     pytest.param(dict(op=OP_MAX, kernel_w=1, n_out=4),
                  r"config registers store_end - store_begin \+ store2_end - store2_begin = 8 stored words differ "
