@@ -128,6 +128,14 @@ def wire_cycles(geometry, flits: int, segments=()) -> int:
     return geometry.frames(flits, segments) * geometry.frame_beats
 
 
+def tensor_wire_cycles(geometry, tensors) -> int:
+    """Wire cycles per inference of a link carrying a stream of ``tensors`` (``(pixels, channels)`` each) in dense
+    frames (its lane table: :func:`flowtile.link_format.lane_segments_of_tensors`)."""
+    from flowtile.link_format import lane_segments_of_tensors
+    segments, flits = lane_segments_of_tensors(tensors, geometry.lanes)
+    return wire_cycles(geometry, flits, segments)
+
+
 def link_bound(program) -> tuple[int, int, int]:
     """(busiest link, its flits per program inference, its wire cycles per inference) of a multi-chip program (a
     replicated one: the program inference's cycles over its copies)."""
@@ -224,15 +232,11 @@ def replication_bound(small: Run, one: Run, chips: int, geometry, input_tensor: 
     chips ``k + 1 ..`` and the outputs of chips ``.. k``, each inference in its own dense frames
     (``input_tensor``: the plain input's ``(pixels, channels)``; the host's window packing, which the compiler may
     choose on one chip, would send more). None if the network does not fit one R x C chip."""
-    from flowtile.link_format import lane_segments_of_tensors
     if small.interval is None or one.interval is None:
         return None
-    program = small.program
-    lanes = program.arch.lanes
-    frames_in = geometry.frames(*reversed(lane_segments_of_tensors([input_tensor], lanes)))
-    frames_out = geometry.frames(*reversed(lane_segments_of_tensors([(1, program.output.length)], lanes)))
-    link = max(((chips - 1 - k) * frames_in + (k + 1) * frames_out) * geometry.frame_beats / chips
-               for k in range(chips - 1))
+    wire_in = tensor_wire_cycles(geometry, [input_tensor])
+    wire_out = tensor_wire_cycles(geometry, [(1, small.program.output.length)])
+    link = max(((chips - 1 - k) * wire_in + (k + 1) * wire_out) / chips for k in range(chips - 1))
     return one.interval / max(one.interval, small.interval / chips, link)
 
 
@@ -254,11 +258,7 @@ def any_placement_interval(shares: list[float], tensors: list[tuple], chip0_cycl
     """The shortest interval per inference any placement can reach through link 0 (see ``any cap``): over mixes of
     cuts ``c`` (chip 0 busy ``shares[c] * chip0_cycles``, link 0 busy its dense frames' wire cycles), the least
     ``max`` of the two, on the lower hull of the points (a mix of at most two cuts)."""
-    from flowtile.link_format import lane_segments_of_tensors
-    points = []
-    for share, stream in zip(shares, tensors):
-        segments, flits = lane_segments_of_tensors(stream, geometry.lanes)
-        points.append((share * chip0_cycles, geometry.frames(flits, segments) * geometry.frame_beats))
+    points = [(share * chip0_cycles, tensor_wire_cycles(geometry, stream)) for share, stream in zip(shares, tensors)]
     best = min(max(a, b) for a, b in points)
     for i, (a1, b1) in enumerate(points):
         for a2, b2 in points[i + 1:]:

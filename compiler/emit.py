@@ -170,16 +170,16 @@ def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, 
     its own (``in_height`` = its rows, ``out_row_begin = 0``) with operand offsets 0 and the first range's size."""
     lanes, w = arch.lanes, layer.window
     cw = words(w.channels, lanes)
+    words_a = layer.concat_channels_a // lanes if layer.is_concat else 0
     group = _word_group(layer, part, lanes, cw)
     stream, height, row_begin, operands = _stream_registers(plan, part), w.height, part.row_begin, plan.operands
     if part.rows < w.height:
-        words_a = layer.concat_channels_a // lanes if layer.is_concat else cw
-        row_words = {0: w.width * words_a, 1: w.width * (cw - words_a if layer.is_concat else cw)}
-        ranges = sorted((plan.store[0] + operands[x] + part.row_begin * row_words[x], part.rows * row_words[x], x)
-                        for x in (0, 1))
-        (first, size, first_operand), (second, size2, _) = ranges
+        # (first stored word, words) of the band's rows of operand a and of operand b
+        a, b = ((plan.store[0] + offset + part.row_begin * w.width * pixel_words, part.rows * w.width * pixel_words)
+                for offset, pixel_words in zip(operands, (words_a or cw, cw - words_a)))
+        (first, size), (second, size2) = sorted((a, b))
         stream.update(store_begin=first, store_end=first + size, store2_begin=second, store2_end=second + size2)
-        operands = (0, size) if first_operand == 0 else (size, 0)
+        operands = (0, size) if a[0] < b[0] else (size, 0)
         height, row_begin = part.rows, 0
     config = _config(
         **stream, n_pass=part.n_pass, n_out=part.n_out, w_base=0, act_base=0,
@@ -189,7 +189,7 @@ def _join_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice, 
         out_col_begin=part.col_begin, out_col_end=part.col_end,
         out_width=w.width, operand_a_offset=operands[0], operand_b_offset=operands[1],
         add_mult_a=layer.add_mult[0], add_mult_b=layer.add_mult[1],
-        concat_words_a=layer.concat_channels_a // lanes if layer.is_concat else 0, **_destination(arch, position))
+        concat_words_a=words_a, **_destination(arch, position))
     return _tile(arch, position, config, np.zeros((0, lanes), np.int8),
                  lane_params(layer, lanes)[part.start:part.stop].copy())
 
@@ -213,15 +213,16 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
     shifted so that output row 0's windows start where the global ones do (zero for every band below the top
     padding: its first stored row is its first window row)."""
     lanes, w = arch.lanes, layer.window
+    cw = words(w.channels, lanes)
     first_row, stored_rows = band_input_rows(w, part.row_begin, part.rows)
-    row_words = w.width * words(w.channels, lanes)
+    row_words = w.width * cw
     stream = _stream_registers(plan, part)
     stream.update(store_begin=plan.store[0] + first_row * row_words,
                   store_end=plan.store[0] + (first_row + stored_rows) * row_words)
     weights = weight_rows(layer, lanes)  # [N_o, K_w * lanes]; [CW*L, 0] for MaxPool; [CW*KH*KW, L] for LANE
     extra = {}
     if layer.is_lane or layer.is_pool:  # all the words of a pixel, or one channel group of them (section 4.4)
-        extra = _word_group(layer, part, lanes, words(w.channels, lanes))
+        extra = _word_group(layer, part, lanes, cw)
         n_out = part.n_out
         if layer.is_lane:
             window = w.kernel_h * w.kernel_w
@@ -239,7 +240,7 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
         **stream, n_pass=part.n_pass, n_out=n_out, w_base=0,
         act_base=sram.shape[0], zp_out=layer.zp_out, clamp_lo=layer.clamp_lo, clamp_hi=layer.clamp_hi,
         op=op, in_height=stored_rows, in_width=w.width,
-        words_per_pixel=words(w.channels, lanes), kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
+        words_per_pixel=cw, kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
         pad_top=w.pad_top - part.row_begin * w.stride + first_row, pad_left=w.pad_left,
         pad_value=layer.pad_value, out_row_begin=0, out_rows=part.rows, out_col_begin=part.col_begin,
         out_col_end=part.col_end, out_width=w.out_width, **extra, **_destination(arch, position))

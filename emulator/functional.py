@@ -119,8 +119,8 @@ def _gather_windows(config: TileConfig, activations: np.ndarray, lanes: int) -> 
     batch = activations.shape[0]
     n_pixels = config.in_height * config.in_width
     pixels = activations.reshape(batch, n_pixels, config.words_per_pixel, lanes)
-    if config.op in (OP_MAX, OP_LANE) and config.computed_words != config.words_per_pixel:
-        pixels = pixels[:, :, config.group_word_begin:config.group_word_begin + config.computed_words]
+    if config.op in (OP_MAX, OP_LANE):
+        pixels = pixels[:, :, config.group_slice]
     words_per_pixel = pixels.shape[2]
     if _is_dense(config):  # the single window is the whole input
         return pixels[:, None]
@@ -366,9 +366,8 @@ def _two_operand_results(tile: TileProgram, count: TileCounts, activations: np.n
     (offset_a, words_a), (offset_b, words_b) = config.operand_layout
     operand_a = _operand_rows(activations, config, offset_a, words_a, n_pix).astype(np.int64)
     operand_b = _operand_rows(activations, config, offset_b, words_b, n_pix).astype(np.int64)
-    if count.op == OP_ADD and words_per_pixel != words_a:
-        group = slice(config.group_word_begin, config.group_word_begin + words_per_pixel)
-        operand_a, operand_b = operand_a[:, :, group], operand_b[:, :, group]
+    if count.op == OP_ADD:
+        operand_a, operand_b = operand_a[:, :, config.group_slice], operand_b[:, :, config.group_slice]
     mult_a, mult_b = config.add_mult_a, config.add_mult_b
     # |a*m_a + b*m_b| <= 2 * 128 * 2^22 = 2^30: exact in int64 (wrap32 then adds the bias)
     if count.op == OP_ADD:

@@ -47,7 +47,7 @@ from .arch import Arch
 
 __all__ = ["LinkGeometry", "check_int", "FRAME_CRC_BITS", "MESSAGE_CRC_BITS", "ceil_log2", "LaneSegment",
            "LINK_LANE_SEGMENTS", "LANE_SEGMENT_FLITS_BITS", "LANE_SEGMENT_PERIOD_BITS", "flit_lanes", "frame_sizes",
-           "check_lane_table", "encode_lane_segment", "decode_lane_segment", "lane_segments_of_tensors"]
+           "check_lane_table", "encode_lane_segment", "lane_segments_of_tensors"]
 
 #: Width of a frame's CRC (CRC-32/ISO-HDLC, the Ethernet polynomial).
 FRAME_CRC_BITS = 32
@@ -109,15 +109,6 @@ def encode_lane_segment(segment: LaneSegment | None, lanes: int) -> int:
     check_lane_table([segment], 0, lanes)
     return (segment.flits | segment.period << LANE_SEGMENT_FLITS_BITS
             | segment.last_lanes << (LANE_SEGMENT_FLITS_BITS + LANE_SEGMENT_PERIOD_BITS))
-
-
-def decode_lane_segment(value: int) -> LaneSegment | None:
-    """Inverse of :func:`encode_lane_segment` (``None`` for a register whose ``flits`` is 0)."""
-    flits = value & ((1 << LANE_SEGMENT_FLITS_BITS) - 1)
-    if flits == 0:
-        return None
-    period = value >> LANE_SEGMENT_FLITS_BITS & ((1 << LANE_SEGMENT_PERIOD_BITS) - 1)
-    return LaneSegment(flits, period, value >> (LANE_SEGMENT_FLITS_BITS + LANE_SEGMENT_PERIOD_BITS))
 
 
 def flit_lanes(segments: Sequence[LaneSegment], count: int, lanes: int) -> np.ndarray:

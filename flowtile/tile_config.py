@@ -186,6 +186,11 @@ class TileConfig:
         return self.group_words or self.words_per_pixel
 
     @property
+    def group_slice(self) -> slice:
+        """The words of a pixel a channel-preserving op computes: ``[group_word_begin, group_word_begin + N_g)``."""
+        return slice(self.group_word_begin, self.group_word_begin + self.computed_words)
+
+    @property
     def weight_words(self) -> int:
         """SRAM words of weights from ``w_base`` (MAC: ``n_out * KH*KW*CW``, LANE: ``KH*KW*N_g``; else 0)."""
         if not self.n_out or self.op not in (OP_MAC, OP_LANE):
@@ -271,7 +276,8 @@ class TileConfig:
         (``[act_base, act_base + ACTIVATION_BANKS * stored)``) and the weights fit the SRAM; ``pass_per_pixel > 0``
         requires ``n_out > 0``; for a computing tile the windowing registers (:data:`WINDOW_RANGES`), the stored
         words being the input map (ADD, CONCAT: :meth:`_validate_two_operands`), ``n_out = N_g * lanes`` for the
-        channel-preserving ops (:attr:`computed_words`; channel groups of MAX, LANE and ADD only, inside the pixel), section 4.1's band of output pixels (:meth:`_validate_band`) and
+        channel-preserving ops (:attr:`computed_words`; channel groups of MAX, LANE and ADD only, inside the
+        pixel), section 4.1's band of output pixels (:meth:`_validate_band`) and
         ``n_pix * pass_per_pixel <= n_pass`` (section 4.4); the destination tile exists; ``clamp_lo <= clamp_hi``.
         Registers an op does not read (e.g. ``add_mult_a`` of a MAC tile) are only checked against their width.
         Nothing bounds the result words: they stream out through the PE's result ring (section 4)."""

@@ -37,9 +37,10 @@ Contract (docs/architecture.md sections 2 and 5):
   (:data:`LOAD_TARGET_LINK`, only :class:`flowtile.hdl.system.System` decodes it): ``addr``
   :data:`LINK_REG_INFERENCE_FLITS` (0) = ``inference_flits`` of link ``chip`` (the link leaving that chip,
   ``Program.links[chip]``), the low :data:`LINK_INFERENCE_FLITS_BITS` bits of ``data``
-  (:func:`pack_link_load`); ``addr`` :data:`LINK_REG_LANE_SEGMENT0` + ``s`` (``s <`` 
+  (:func:`pack_link_load`); ``addr`` :data:`LINK_REG_LANE_SEGMENT0` + ``s`` (``s <``
   :data:`~flowtile.link_format.LINK_LANE_SEGMENTS`) = lane segment ``s`` of its lane table, encoded by
-  :func:`flowtile.link_format.encode_lane_segment` (0: unused; :func:`pack_link_segment_load`); ``tile`` is ignored. A :class:`~flowtile.hdl.chip.Chip` ignores ``chip``
+  :func:`flowtile.link_format.encode_lane_segment` (0: unused; :func:`pack_link_segment_load`); ``tile`` is
+  ignored. A :class:`~flowtile.hdl.chip.Chip` ignores ``chip``
   (:class:`~flowtile.hdl.system.System` passes a write to chip ``k`` only if ``chip = k``).
   Writes beyond a memory's depth, to an unknown config or link address, to a chip or link that does
   not exist, or to target 3 of a tile are ignored.
@@ -57,7 +58,8 @@ from flowtile.tile_config import ConfigError, TileConfig, register_bounds
 
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_LINK", "LOAD_TARGET_BITS",
-    "LOAD_ADDR_BITS", "LINK_REG_INFERENCE_FLITS", "LINK_INFERENCE_FLITS_BITS", "LINK_REG_LANE_SEGMENT0", "pack_link_segment_load", "load_chip_bits", "pack_link_load",
+    "LOAD_ADDR_BITS", "LINK_REG_INFERENCE_FLITS", "LINK_INFERENCE_FLITS_BITS", "LINK_REG_LANE_SEGMENT0",
+    "pack_link_segment_load", "load_chip_bits", "pack_link_load",
     "PARAM_ENTRY_BITS", "LoadEncodingError", "encode_registers",
     "check_arch", "check_tile_position", "check_tile_index", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
@@ -303,29 +305,29 @@ def pack_load(arch: Arch, tile: int, target: int, addr: int, data: int, chip: in
     return pack_struct(load_layout(arch), tile=tile, target=target, addr=addr, data=data, chip=chip)
 
 
+def _pack_link_register(arch: Arch, owner: str, chip: int, addr: int, value: int) -> int:
+    """The load-bus write of register ``addr`` of link ``chip``; LoadEncodingError unless ``chip`` starts a link."""
+    check_arch(arch, owner)
+    if arch.chips == 1:
+        raise LoadEncodingError("arch has 1 chip, so no link to load")
+    _check_range("link chip", chip, 0, arch.chips - 2)
+    return pack_load(arch, 0, LOAD_TARGET_LINK, addr, value, chip=chip)
+
+
 def pack_link_load(arch: Arch, chip: int, inference_flits: int) -> int:
     """The load-bus write (the integer on ``load__payload``) setting ``inference_flits`` of link ``chip`` (chip
     ``chip`` -> chip ``chip + 1``, ``Program.links[chip]``); raises :class:`LoadEncodingError` naming the value if
     ``chip`` is not the first chip of a link of ``arch`` or ``inference_flits`` does not fit its register."""
-    check_arch(arch, "pack_link_load")
-    if arch.chips == 1:
-        raise LoadEncodingError("arch has 1 chip, so no link to load")
-    _check_range("link chip", chip, 0, arch.chips - 2)
     _check_range("link register inference_flits", inference_flits, 0, (1 << LINK_INFERENCE_FLITS_BITS) - 1)
-    return pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_INFERENCE_FLITS, inference_flits, chip=chip)
-
+    return _pack_link_register(arch, "pack_link_load", chip, LINK_REG_INFERENCE_FLITS, inference_flits)
 
 
 def pack_link_segment_load(arch: Arch, chip: int, index: int, segment: LaneSegment | None) -> int:
     """The load-bus write setting lane segment ``index`` of link ``chip``'s lane table to ``segment`` (``None``:
     unused); raises :class:`LoadEncodingError` naming the value if the link, the index or the segment is invalid."""
-    check_arch(arch, "pack_link_segment_load")
-    if arch.chips == 1:
-        raise LoadEncodingError("arch has 1 chip, so no link to load")
-    _check_range("link chip", chip, 0, arch.chips - 2)
     _check_range("link lane segment index", index, 0, LINK_LANE_SEGMENTS - 1)
     try:
         value = encode_lane_segment(segment, arch.lanes)
     except ValueError as error:
         raise LoadEncodingError(f"link {chip} lane segment {index}: {error}") from None
-    return pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_LANE_SEGMENT0 + index, value, chip=chip)
+    return _pack_link_register(arch, "pack_link_segment_load", chip, LINK_REG_LANE_SEGMENT0 + index, value)

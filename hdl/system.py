@@ -141,8 +141,7 @@ class System(wiring.Component):
                         m.d.sync += register.eq(load.data[:LINK_INFERENCE_FLITS_BITS])
                     for s in range(LINK_LANE_SEGMENTS):
                         with m.Case(LINK_REG_LANE_SEGMENT0 + s):
-                            m.d.sync += segments.as_value()[s * entry_bits:(s + 1) * entry_bits].eq(
-                                load.data[:entry_bits])
+                            m.d.sync += segments[s].eq(load.data[:entry_bits])
             status = getattr(self, f"link{k}")
             m.d.comb += status.inference_flits.eq(register)
             source, sink = self.chips[k].o_host, self.chips[k + 1].i_host

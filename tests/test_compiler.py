@@ -204,7 +204,7 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
     kh, kw, stride, n_out = c.kernel_h, c.kernel_w, c.stride, c.n_out
     words = act[:height * width * cw * lanes].reshape(height, width, cw, lanes) if c.op < OP_ADD else None
     n_r = -(-n_out // lanes)
-    group = slice(c.group_word_begin, c.group_word_begin + c.computed_words)  # section 4.4: a per-word op's group
+    group = c.group_slice  # section 4.4: a per-word op's channel group
     if c.op in (OP_MAX, OP_LANE):
         words, cw = words[:, :, group], c.computed_words
     pad = np.full((cw, lanes), c.pad_value, np.int64)
