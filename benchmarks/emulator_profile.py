@@ -44,8 +44,8 @@ NETS = ("mobilenet", "resnet8")
 
 def arch_for(net: str):
     from flowtile.arch import Arch
-    if net == "resnet8":   # README / benchmarks/resnet8.py: 11x11 tiles of 64 KiB, 4096-word forward queues
-        return Arch(rows=11, cols=11, sram_bytes=65536, max_tile_outputs=2048, forward_queue_words=4096)
+    if net == "resnet8":   # README / benchmarks/resnet8.py: 11x11 tiles of 64 KiB
+        return Arch(rows=11, cols=11, sram_bytes=65536, max_tile_outputs=2048)
     return Arch(rows=8, cols=8)
 
 

@@ -26,7 +26,7 @@ from flowtile.testing.program_builder import Conv, Dense, MaxPool, build_program
 #: Simulated cycles per second of the RTL (Verilator) simulation the emulator is compared with.
 RTL_CYCLES_PER_SECOND = 85_000
 
-# (name, arch, layer widths, tiles per layer, batch)
+# (name, arch, layer widths, tiles per layer, batch[, forward queue words of every tile: default all free SRAM])
 CASES = [
     ("64-32-10, 1+1 tiles", Arch(), [64, 32, 10], [1, 1], 360),
     ("64-32-10, 4+1 tiles", Arch(), [64, 32, 10], [4, 1], 360),
@@ -36,9 +36,8 @@ CASES = [
      [8, 4, 2], 360),
     ("200-64-10 on 3x2, 16 lanes", Arch(rows=3, cols=2, lanes=16, sram_bytes=65536, router_fifo_depth=1),
      [200, 64, 10], [2, 1], 1000),
-    ("64-32-10, 4+1 tiles, F=2", Arch(forward_queue_words=2), [64, 32, 10], [4, 1], 2000),
-    ("256-128-64-10, 6+4+2 tiles, F=3, D=1", Arch(forward_queue_words=3, router_fifo_depth=1),
-     [256, 128, 64, 10], [6, 4, 2], 360),
+    ("64-32-10, 4+1 tiles, F=2", Arch(), [64, 32, 10], [4, 1], 2000, 2),
+    ("256-128-64-10, 6+4+2 tiles, F=3, D=1", Arch(router_fifo_depth=1), [256, 128, 64, 10], [6, 4, 2], 360, 3),
 ]
 
 
@@ -64,12 +63,12 @@ def build_cnn(arch: Arch, shape, c_out: int, conv_bands: int, pool_bands: int, n
     return build_program(arch, [conv, MaxPool(pool, pool, pool, tiles=pool_bands), dense], input_shape=shape)
 
 
-def build(arch: Arch, widths: list[int], tiles: list[int], rng: np.random.Generator):
+def build(arch: Arch, widths: list[int], tiles: list[int], rng: np.random.Generator, queue_words: int | None = None):
     layers = []
     for n_in, n_out, span in zip(widths[:-1], widths[1:], tiles):
         layers.append(Dense(rng.integers(-128, 128, (n_out, n_in), dtype=np.int8), rng.integers(-5000, 5000, n_out),
                             1 << 30, 40, 0, 0, 127, span))
-    return build_program(arch, layers)
+    return build_program(arch, layers, queue_words=queue_words)
 
 
 def main() -> None:
@@ -78,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"{'program':38s} {'batch':>6s} {'cycles':>10s} {'best ms':>9s} {'cycles/s':>12s} {'vs RTL':>8s}  timing")
-    cases = [(name, arch, batch, build(arch, widths, tiles, rng)) for name, arch, widths, tiles, batch in CASES]
+    cases = [(name, arch, batch, build(arch, widths, tiles, rng, *queue)) for name, arch, widths, tiles, batch, *queue in CASES]
     cases += [(name, arch, batch, build_cnn(arch, shape, c_out, conv_bands, pool_bands, n_out, rng))
               for name, arch, shape, c_out, conv_bands, pool_bands, n_out, batch in CNN_CASES]
     for name, arch, batch, program in cases:

@@ -53,14 +53,13 @@ autoencoder}_qdq.onnx``; ``mobilenet`` is MobileNetV1-0.25) with ``--sram-bytes`
 MobileNetV1 alpha 1.0 at 96x96 with 1000 classes (4.2 M parameters, random fixed weights,
 ``flowtile.testing.random_models.random_float_mobilenet_v1``, quantized by onnxruntime into a temporary directory),
 whose weights do not fit one chip, with ``--large-sram-bytes`` tiles (at 256 KiB it needs 45 tiles: 4 and 8 chips of
-4x4). Forward queues of ``--queue-words`` = 20480 words let every tile take a whole inference in while it computes,
-so every reference runs at its estimated interval (``benchmarks/mlperf_tiny.py``'s 4096 make the one-chip
-references stall, e.g. ResNet-8 on 16x4 at 42382 instead of 29697 cycles, which flatters the N chips).
+4x4). Every tile's forward queue is the SRAM its weights and banks leave free (docs/architecture.md section 4); its
+result ring holds ``--ring-words`` words (default the Arch's).
 
 Default (about 5 minutes on 2 cores): ``python benchmarks/multichip.py`` = ``--chips 2,4,8 --grid 4x4
 --fractions 4,16,64 --batch 16``. The issue's chip size (8x8; longer): ``python benchmarks/multichip.py --grid 8x8
---large-sram-bytes 65536 --queue-words 65536`` (MobileNet-1.0 then needs 152 tiles: 4 and 8 chips; its tiles on
-32x8 need queues deeper than 20480 words; ``--chips 2,4`` takes about 9 minutes, 8 chips much longer).
+--large-sram-bytes 65536`` (MobileNet-1.0 then needs 152 tiles: 4 and 8 chips; ``--chips 2,4`` takes about 9
+minutes, 8 chips much longer).
 ``--report`` prints every compile report. Nothing is cached.
 """
 from __future__ import annotations
@@ -222,7 +221,7 @@ def queue_note(program) -> str:
     """A note when tiles that compute forward and pass more words per inference than their forward queue holds
     (they cannot take a whole inference in while they compute: the interval exceeds the estimate)."""
     short = [t for t in program.tiles
-             if t.config.n_out and t.config.forwarded_words + t.config.n_pass > program.arch.forward_queue_words]
+             if t.config.n_out and t.config.queued_words > t.config.queue_words]
     return f"; {len(short)} tiles' queues too short" if short else ""
 
 
@@ -318,9 +317,8 @@ def main() -> None:
     parser.add_argument("--sram-bytes", type=int, default=65536, help="per-tile SRAM, MLPerf nets (default 65536)")
     parser.add_argument("--large-sram-bytes", type=int, default=262144,
                         help=f"per-tile SRAM for {LARGE} (default 262144)")
-    parser.add_argument("--queue-words", type=int, default=20480,
-                        help="per-tile forward queue depth (default 20480: no tile waits for its queue; "
-                             "benchmarks/mlperf_tiny.py's 4096 makes the one-chip references stall)")
+    parser.add_argument("--ring-words", type=int, default=None,
+                        help="per-tile result ring depth (default: the Arch's)")
     parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -368,7 +366,8 @@ def main() -> None:
             shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
             x = np.random.default_rng(args.seed).standard_normal((args.batch, *shape)).astype(np.float32)
             base = Arch(sram_bytes=args.large_sram_bytes if net == LARGE else args.sram_bytes,
-                        max_tile_outputs=args.max_tile_outputs, forward_queue_words=args.queue_words,
+                        max_tile_outputs=args.max_tile_outputs,
+                        result_ring_words=args.ring_words or Arch.result_ring_words,
                         link_latency_cycles=args.latency).with_grid(args.grid)
             small = reference(net, model, base, x)  # one R x C chip: the replication estimate
             cuts = cut_costs(model, base.lanes)
@@ -427,7 +426,8 @@ def main() -> None:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     print(f"\nlinks: latency {args.latency} cycles, frames of {Arch.link_frame_flits} flits' bytes (dense), credit "
           f"{Arch.link_credit_frames} frames, replay {Arch.link_replay_frames} frames; batch {args.batch}; tiles: "
-          f"{args.sram_bytes} B SRAM ({LARGE}: {args.large_sram_bytes} B), {args.queue_words}-word forward queues; "
+          f"{args.sram_bytes} B SRAM ({LARGE}: {args.large_sram_bytes} B) holding the forward queues, "
+          f"{args.ring_words or Arch.result_ring_words}-word result rings; "
           f"intervals in cycles/inference")
     print(line(header).rstrip())
     print("  ".join("-" * w for w in widths))

@@ -18,7 +18,7 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ROOT / "models" / "public"
-BIG = dict(sram_bytes=65536, max_tile_outputs=2048, forward_queue_words=4096)
+BIG = dict(sram_bytes=65536, max_tile_outputs=2048)
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ Compiles it (float in, quantized by flowtile with a random calibration set) for 
 runs a batch on the emulator, checks the outputs against onnxruntime's int8 model (<= 1 LSB), and prints
 per-layer tiles and steady-state MAC utilization (layer MACs / (interval x layer tiles x lanes)) and the
 whole network's. Optionally runs the same program in Verilator and compares (the first build of a large grid
-takes many minutes). Run: ``python benchmarks/resnet8.py [--grid 11x11] [--batch 128] [--queue-words 4096] [--rtl]``.
+takes many minutes). Run: ``python benchmarks/resnet8.py [--grid 11x11] [--batch 128] [--ring-words 1024] [--rtl]``.
 """
 from __future__ import annotations
 
@@ -36,10 +36,8 @@ def main() -> None:
     parser.add_argument("--grid", default="11x11", help="tile grid RxC (default 11x11)")
     parser.add_argument("--sram-bytes", type=int, default=65536, help="per-tile SRAM (default 65536)")
     parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
-    # 4096-word forward queues: a tile then takes a whole inference in while it computes (docs/architecture.md
-    # section 10); the Arch default (1024) makes ResNet-8's tiles wait for their queues.
-    parser.add_argument("--queue-words", type=int, default=4096,
-                        help=f"per-tile forward queue depth (default 4096; Arch default {Arch.forward_queue_words})")
+    parser.add_argument("--ring-words", type=int, default=Arch.result_ring_words,
+                        help=f"per-tile result ring depth (default {Arch.result_ring_words}, the Arch default)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rtl", action="store_true", help="also run Verilator and compare")
@@ -49,7 +47,7 @@ def main() -> None:
     model = random_float_resnet(rng, (3, 32, 32), 16, RESNET8_BLOCKS, 10)
     calibration = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
     arch = Arch(sram_bytes=args.sram_bytes, max_tile_outputs=args.max_tile_outputs,
-                forward_queue_words=args.queue_words).with_grid(args.grid)
+                result_ring_words=args.ring_words).with_grid(args.grid)
 
     started = time.perf_counter()
     int8 = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model

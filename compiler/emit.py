@@ -16,9 +16,10 @@ from flowtile.tile_config import TileConfig
 from .errors import CompileError
 from .lower import LoweredLayer, lane_params, lower_layers, pack_input_window, weight_rows
 from .onnx_import import import_onnx, layer_sources
-from .partition import TileSlice, band_input_rows, link_cycles, place_layers, words
+from .partition import TileSlice, band_input_rows, link_cycles, place_layers, queue_shortfall_cycles, words
 
 __all__ = ["compile_model", "build_program", "report", "output_words", "StreamPlan", "plan_streams", "estimated_interval",
+           "tile_estimate",
            "chip_macs", "replicate_layers"]
 
 
@@ -337,6 +338,10 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
             n_pass = tiles[position - 1].config.output_flits(arch.lanes) if position else replicas * in_words
             tiles[position] = _pass_tile(arch, position, n_pass)
     _check_routes(tiles, arch)
+    # every tile's forward queue: all the SRAM its weights and banks leave free (partition reserves some)
+    for tile in tiles:
+        if tile.config.queued_words:
+            tile.config = tile.config.with_queue(arch)
     links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].config.output_flits(arch.lanes), segments)
              for chip, segments in zip(range(arch.chips - 1), placement.link_segments)]
     assert tuple(link.inference_flits for link in links) == placement.link_words
@@ -421,11 +426,20 @@ def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input
     return packed if estimated_interval(packed) <= estimated_interval(plain) else plain
 
 
+def tile_estimate(config: TileConfig, lanes: int) -> int:
+    """A tile's estimated cycles per inference: its busiest side
+    (:meth:`flowtile.tile_config.TileConfig.tile_period_cycles`), COMPUTE charged with the words its forward queue
+    cannot take in while it computes (:func:`compiler.partition.queue_shortfall_cycles`)."""
+    period = config.tile_period_cycles(lanes)
+    if not config.n_out:
+        return period
+    return max(period, config.compute_cycles + queue_shortfall_cycles(config.queued_words, config.queue_words))
+
+
 def estimated_interval(program: Program) -> int:
-    """The slowest stage's cycles per (program) inference alone: a tile's
-    (:meth:`flowtile.tile_config.TileConfig.tile_period_cycles`) or, on several chips, a link's
-    (:func:`compiler.partition.link_cycles` of the flits it carries)."""
-    return max([tile.config.tile_period_cycles(program.arch.lanes) for tile in program.tiles]
+    """The slowest stage's cycles per (program) inference alone: a tile's (:func:`tile_estimate`) or, on several
+    chips, a link's (:func:`compiler.partition.link_cycles` of the flits it carries)."""
+    return max([tile_estimate(tile.config, program.arch.lanes) for tile in program.tiles]
                + [link_cycles(program.arch, link.inference_flits, link.segments) for link in program.links])
 
 
@@ -442,7 +456,7 @@ def report(program: Program) -> str:
         return tuple(tile) if len(tile) == 3 else (0, *tile)
 
     def cycles(tile: TileProgram) -> int:
-        return tile.config.tile_period_cycles(arch.lanes)
+        return tile_estimate(tile.config, arch.lanes)
 
     def sram_used(tile: TileProgram) -> int:
         c = tile.config
@@ -503,17 +517,15 @@ def report(program: Program) -> str:
         lines.append(f"host: the model's last op, a Softmax over axis {output.post_axis} (output "
                      f"'{output.post_name}'), runs on the host in float after the chip's last layer{quantized}; the "
                      f"chip outputs its input '{output.name}' (int8, compared with onnxruntime's)")
-    def queued_words(tile: TileProgram) -> int:
-        return tile.config.forwarded_words + tile.config.n_pass
-
     # a pass-through tile computes nothing, so streaming through its queue never holds anything up
-    queued = [t for t in program.tiles if t.config.n_out and queued_words(t) > arch.forward_queue_words]
-    if queued:
-        worst = max(queued, key=queued_words)
-        need = queued_words(worst)
-        lines.append(f"{len(queued)} tile(s) forward and pass more words per inference than their forward queue holds "
-                     f"(up to {need} at tile {worst.key}, arch field 'forward_queue_words' = "
-                     f"{arch.forward_queue_words}): they cannot take a whole inference in while they compute")
+    short = [t for t in program.tiles if t.config.n_out and t.config.queued_words > t.config.queue_words]
+    if short:
+        worst = max(short, key=lambda t: t.config.queued_words - t.config.queue_words)
+        c = worst.config
+        lines.append(f"{len(short)} tile(s) forward and pass more words per inference than their forward queue (the "
+                     f"SRAM their weights and banks leave free) holds (e.g. tile {worst.key}: {c.queued_words} words, "
+                     f"queue {c.queue_words}; arch field 'sram_bytes' = {arch.sram_bytes}): they cannot take a whole "
+                     f"inference in while they compute")
     return "\n".join(lines)
 
 

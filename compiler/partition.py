@@ -42,7 +42,7 @@ from flowtile.link_format import LaneSegment, LinkGeometry, lane_segments_of_ten
 
 from .errors import CompileError
 
-__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "assign_tiles", "words", "Placement", "place_layers",
+__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "queue_shortfall_cycles", "assign_tiles", "words", "Placement", "place_layers",
            "link_cycles",
            "WindowCosts", "window_costs", "band_input_rows"]
 
@@ -76,6 +76,8 @@ class TileSlice:
     pixels: int = 0
     out_width: int = 1
     pass_per_pixel: int = 0
+    #: the tile's forward queue: the SRAM words its weights and banks leave free (None: as deep as it needs)
+    queue_words: int | None = None
 
     @property
     def stop(self) -> int:
@@ -229,12 +231,22 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
                        word_weights=w.kernel_h * w.kernel_w if weight_words else 0)
 
 
+def queue_shortfall_cycles(queued: int, queue_words: int | None) -> int:
+    """The estimate's charge for a computing tile whose forward queue is shorter than the ``queued`` words it forwards
+    and passes per inference: ``max(0, queued - F)``. The output side sends the queued words of inference ``s + 1``
+    only after the results of ``s`` (section 4.4's order), so while COMPUTE of ``s`` runs the queue must take in
+    ``s + 1``'s queued words; the input side stalls for those that do not fit, and they follow COMPUTE one a cycle
+    instead of overlapping it (section 6, rule 4; the emulator gives the exact interval)."""
+    return 0 if queue_words is None else max(0, queued - queue_words)
+
+
 def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bool = False,
-                       channels: int | None = None, lanes: int = 1) -> int:
+                       channels: int | None = None, lanes: int = 1, queue_words: int | None = None) -> int:
     """Estimated cycles per inference of a tile computing ``pixels`` output pixels (of ``channels`` output channels of
     a convolution split over channel groups, else all), its busiest side: ``max(K + P, K_f + P + n_pix*N_r,
-    I + 2)`` (``K`` counting the carried words; ``K_f`` = ``K`` if more tiles of the layer follow
-    (``forward``), else the carried words)."""
+    I + 2 + shortfall)`` (``K`` counting the carried words; ``K_f`` = ``K`` if more tiles of the layer follow
+    (``forward``), else the carried words; ``shortfall``: :func:`queue_shortfall_cycles` of ``K_f + P`` with a queue
+    of ``queue_words``)."""
     received = costs.k + costs.carried
     if channels is None:
         results, issue = pixels * costs.result_words_per_pixel, pixels * costs.pixel_issue
@@ -242,7 +254,8 @@ def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bo
         results = pixels * words(channels, lanes)
         issue = pixels * costs.group_issue(channels, lanes)
     forwarded = received if forward else costs.carried
-    return max(received + n_pass, forwarded + n_pass + results, issue + 2)
+    return max(received + n_pass, forwarded + n_pass + results,
+               issue + 2 + queue_shortfall_cycles(forwarded + n_pass, queue_words))
 
 
 def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | None:
@@ -257,11 +270,14 @@ def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | 
     return channels
 
 
-def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
+def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float,
+                  deep_queues: bool = False) -> list[TileSlice] | None:
     """Bands of output pixels (x output-channel groups for a convolution, section 4.4) whose tiles each take
     <= ``budget`` cycles, or None (as :func:`_split`): the fewest tiles over every uniform group count and over
     bands that each pick their own group count (each band's tiles are independent of the other bands', so they
-    may differ; on a small map with many channels a band's pixel count is coarse and mixing helps)."""
+    may differ; on a small map with many channels a band's pixel count is coarse and mixing helps).
+    ``deep_queues``: every tile's forward queue (the SRAM its weights and banks leave free) also holds all the words
+    it forwards and passes per inference, so that it takes a whole inference in while it computes."""
     lanes = arch.lanes
     max_groups = words(costs.n_out, lanes) if costs.groupable else 1
     options = []
@@ -275,14 +291,15 @@ def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max
     for choice in [[channels] for channels in options] + ([options] if len(options) > 1 else []):
         if best is not None and len(choice) == 1 and len(choice[0]) > len(best):
             continue  # a band needs that many tiles: no fewer tiles than the best so far
-        found = _split_bands(costs, arch, layer, budget, min(max_tiles, len(best) - 1 if best else max_tiles), choice)
+        found = _split_bands(costs, arch, layer, budget, min(max_tiles, len(best) - 1 if best else max_tiles), choice,
+                             deep_queues)
         if found is not None:
             best = found
     return best
 
 
 def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float,
-                 options: list[list[int]]) -> list[TileSlice] | None:
+                 options: list[list[int]], deep_queues: bool = False) -> list[TileSlice] | None:
     """Greedy bands of output pixels, each split into one of the channel groupings in ``options`` (``[n_out]``:
     one tile a band): each band takes the most pixels whose tiles fit the budget and the SRAM (both grow with the
     band, so a binary search finds it), with the grouping that gives the most pixels per tile, or, for the last
@@ -303,13 +320,24 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
     def n_pass(begin: int, pixels: int, before: list[int], g: int) -> int:
         return begin * pixel_words + pixels * before[g]
 
+    def queue_words(option: int, begin: int, pixels: int) -> int:
+        """The band tile's forward queue: what its weights and banks leave of the SRAM."""
+        return arch.sram_words - layouts[option][2] - ACTIVATION_BANKS * costs.stored_words(begin, pixels)
+
     def band_fits(option: int, begin: int, pixels: int, last_band: bool) -> bool:
         channels, (grouped, before, weights) = options[option], layouts[option]
-        if weights + ACTIVATION_BANKS * costs.stored_words(begin, pixels) > arch.sram_words:
+        queue = queue_words(option, begin, pixels)
+        if queue < QUEUE_RESERVE_WORDS:
             return False
+        if deep_queues:
+            received = costs.k + costs.carried
+            for g in range(len(channels)):
+                forwarded = costs.carried if last_band and g == len(channels) - 1 else received
+                if forwarded + n_pass(begin, pixels, before, g) > queue:
+                    return False
         return all(window_tile_cycles(costs, n_pass(begin, pixels, before, g), pixels,
                                       not (last_band and g == len(channels) - 1),
-                                      channels[g] if grouped else None, lanes) <= budget
+                                      channels[g] if grouped else None, lanes, queue) <= budget
                    for g in range(len(channels)))
 
     def most_pixels(option: int, begin: int, limit: int) -> int:
@@ -350,7 +378,8 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         for g in range(len(channels)):
             last = b == len(bands) - 1 and g == len(channels) - 1
             slices.append(TileSlice(layer, starts[g], channels[g], costs.k, n_pass(begin, pixels, before, g), not last,
-                                    begin, pixels, costs.out_width, before[g] if grouped else 0))
+                                    begin, pixels, costs.out_width, before[g] if grouped else 0,
+                                    queue_words(option, begin, pixels)))
     return slices
 
 
@@ -364,7 +393,7 @@ def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
     least_channels = lanes if groupable else costs.n_out
     least_weights = costs.group_weights(lanes, lanes) if groupable else costs.weight_words
     least_stored = max(costs.stored_words(row * costs.out_width, 1) for row in range(costs.out_height))
-    need = (least_weights + ACTIVATION_BANKS * least_stored) * lanes
+    need = (least_weights + ACTIVATION_BANKS * least_stored + QUEUE_RESERVE_WORDS) * lanes
     if need > arch.sram_bytes:
         held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)"
                 if groupable and least_weights else f"all its weights ({costs.weight_words * lanes} bytes)")
@@ -372,7 +401,8 @@ def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
                   else f"the input rows of one output row ({least_stored // costs.row_words} rows)")
         raise CompileError(
             f"{what}: every tile of it holds {held} and {stored} twice ({ACTIVATION_BANKS} banks of "
-            f"{least_stored * lanes} bytes): {need} bytes, a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
+            f"{least_stored * lanes} bytes) and a forward queue of at least {QUEUE_RESERVE_WORDS} words: {need} bytes, "
+            f"a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
     if least_channels > arch.max_tile_outputs:
         raise CompileError(f"{what}: {costs.n_out} output channels exceed arch field 'max_tile_outputs' = "
                            f"{arch.max_tile_outputs}")
@@ -384,10 +414,21 @@ def _describe_window(layer) -> str:
             f"{layer.n_out}x{w.out_height}x{w.out_width})")
 
 
+#: SRAM words every tile keeps free for its forward queue (section 4: the queue is the SRAM the weights and banks
+#: leave free): two, so that a stream passes through at one word a cycle (a queue of one word halves the rate,
+#: section 6 rule 1). Everything else the weights and banks leave free deepens the queue (compiler.emit).
+QUEUE_RESERVE_WORDS = 2
+
+
+def data_words(arch: Arch) -> int:
+    """SRAM words a tile's weights and activation banks may use: all but :data:`QUEUE_RESERVE_WORDS`."""
+    return arch.sram_words - QUEUE_RESERVE_WORDS
+
+
 def _tile_capacity(k: int, arch: Arch) -> int:
     """Most outputs one tile can hold for a layer of ``k`` input words: SRAM (weights and two activation
     banks) and parameter table."""
-    return min(arch.max_tile_outputs, (arch.sram_words - ACTIVATION_BANKS * k) // k)
+    return min(arch.max_tile_outputs, (data_words(arch) - ACTIVATION_BANKS * k) // k)
 
 
 def _dense_cycles(k: int, carried: int, n_pass: int, n_out: int, lanes: int, forwarded: int) -> int:
@@ -434,9 +475,18 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
 def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
     if costs is not None:
         grouped = costs.channel_words and s.n_out != costs.n_out
-        return window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes)
+        return window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes,
+                                  s.queue_words)
     return _dense_cycles(s.n_in_words, carried, s.n_pass, s.n_out, lanes,
                          s.n_in_words + carried if s.forward else carried)
+
+
+def _slice_shortfall(s: TileSlice, costs: WindowCosts | None, lanes: int) -> int:
+    """:func:`queue_shortfall_cycles` of a windowed slice (dense slices: 0, their queues are not sized here)."""
+    if costs is None:
+        return 0
+    forwarded = costs.k + costs.carried if s.forward else costs.carried
+    return queue_shortfall_cycles(forwarded + s.n_pass, s.queue_words)
 
 
 def _slowest(slices: list[TileSlice], lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
@@ -649,84 +699,102 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         else:
             _check_one_tile_fits(layer, k, arch)
 
-    def split(i: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
-        if costs[i] is not None:
-            return _split_window(costs[i], arch, i, budget, max_tiles)
-        return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i])
-
-    unlimited = float("inf")
-    splits = [split(i, unlimited, unlimited) for i in range(len(layers))]
-    if sum(len(s) for s in splits) > n_tiles:
-        windowed = [i for i in range(len(layers)) if costs[i] is not None]
-        worst = max(range(len(layers)), key=lambda i: len(splits[i]))
-        if costs[worst] is None or not windowed:
-            raise _does_not_fit(layers, ks, [len(s) for s in splits], arch, grid)
-        c = costs[worst]
-        raise CompileError(
-            f"model does not fit {grid}: its layers need {sum(len(s) for s in splits)} tiles, there are "
-            f"{_tiles_there(arch)}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a "
-            f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
-            f"bytes, or a channel group's) and two banks of the input rows its band of output pixels reads")
-
     if arch.chips > 1:
         if stream_tensors is None:
             stream_tensors = [((n, lanes),) for n in stream_words]
         streams = [(n, tuple(tensors)) for n, tensors in zip(stream_words, stream_tensors)]
 
-    def cut_tables(found: list[list[TileSlice]]) -> list[tuple[int, tuple]]:
-        """Per cut: flits per inference and lane table."""
-        tables = []
-        for flits, tensors in _cut_streams(found, streams, costs, lanes):
-            segments, total = lane_segments_of_tensors(tensors, lanes)
-            assert total == flits, f"stream tensors make {total} flits, the stream has {flits}"
-            tables.append((flits, segments))
-        return tables
+    def balance(deep: bool) -> Placement | None:
+        """The balanced placement; ``deep``: with deep queues (:func:`_split_window`), None if they do not fit."""
+        def split(i: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
+            if costs[i] is not None:
+                return _split_window(costs[i], arch, i, budget, max_tiles, deep)
+            return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i])
 
-    def cut_cycles(found: list[list[TileSlice]]) -> list[int]:
-        if arch.chips == 1:
-            return [0] * (sum(len(s) for s in found) + 1)
-        return [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
-
-    # balance: the pipeline runs at the pace of its slowest stage (tile or link), so find the smallest budget for
-    # which every layer's fewest tiles within it (its greedy split) still fit the chips, cut at links within it.
-    def within(budget: float, link_limit: float | None = None) -> Placement | None:
-        found = []
-        for i in range(len(layers)):
-            layer_split = split(i, budget, n_tiles)
-            if layer_split is None:
-                return None
-            found.append(layer_split)
-            if sum(len(s) for s in found) > n_tiles:
-                return None
-        return placement(found, budget if link_limit is None else link_limit)
-
-    def placement(found: list[list[TileSlice]], limit: float) -> Placement | None:
-        cycles = cut_cycles(found)
-        starts = _cut_chips(cycles, arch, limit)
-        if starts is None:
+        unlimited = float("inf")
+        splits = [split(i, unlimited, unlimited) for i in range(len(layers))]
+        if deep and any(s is None for s in splits):
             return None
-        if arch.chips == 1:
-            return Placement(found)
-        cut = cut_tables(found)
-        return Placement(found, starts, tuple(cut[s][0] for s in starts[1:]), tuple(cut[s][1] for s in starts[1:]))
+        if sum(len(s) for s in splits) > n_tiles:
+            if deep:
+                return None
+            windowed = [i for i in range(len(layers)) if costs[i] is not None]
+            worst = max(range(len(layers)), key=lambda i: len(splits[i]))
+            if costs[worst] is None or not windowed:
+                raise _does_not_fit(layers, ks, [len(s) for s in splits], arch, grid)
+            c = costs[worst]
+            raise CompileError(
+                f"model does not fit {grid}: its layers need {sum(len(s) for s in splits)} tiles, there are "
+                f"{_tiles_there(arch)}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a "
+                f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
+                f"bytes, or a channel group's) and two banks of the input rows its band of output pixels reads")
 
-    lo, hi = 0, max(max(_slowest(s, lanes, c, extra) for s, c, extra in zip(splits, costs, carried)), max(cut_cycles(splits)))
-    balanced = within(hi) or placement(splits, unlimited)  # infeasible at lo, feasible at hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        found = within(mid)
-        if found is None:
-            lo = mid
-        else:
-            hi, balanced = mid, found
-    if arch.chips > 1:  # the same slices, cut where the links carry least
-        cycles = cut_cycles(balanced.splits)
-        lo, hi = -1, max(cycles[s] for s in balanced.starts[1:])
+
+        def cut_tables(found: list[list[TileSlice]]) -> list[tuple[int, tuple]]:
+            """Per cut: flits per inference and lane table."""
+            tables = []
+            for flits, tensors in _cut_streams(found, streams, costs, lanes):
+                segments, total = lane_segments_of_tensors(tensors, lanes)
+                assert total == flits, f"stream tensors make {total} flits, the stream has {flits}"
+                tables.append((flits, segments))
+            return tables
+
+        def cut_cycles(found: list[list[TileSlice]]) -> list[int]:
+            if arch.chips == 1:
+                return [0] * (sum(len(s) for s in found) + 1)
+            return [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
+
+        # balance: the pipeline runs at the pace of its slowest stage (tile or link), so find the smallest budget for
+        # which every layer's fewest tiles within it (its greedy split) still fit the chips, cut at links within it.
+        def within(budget: float, link_limit: float | None = None) -> Placement | None:
+            found = []
+            for i in range(len(layers)):
+                layer_split = split(i, budget, n_tiles)
+                if layer_split is None:
+                    return None
+                found.append(layer_split)
+                if sum(len(s) for s in found) > n_tiles:
+                    return None
+            return placement(found, budget if link_limit is None else link_limit)
+
+        def placement(found: list[list[TileSlice]], limit: float) -> Placement | None:
+            cycles = cut_cycles(found)
+            starts = _cut_chips(cycles, arch, limit)
+            if starts is None:
+                return None
+            if arch.chips == 1:
+                return Placement(found)
+            cut = cut_tables(found)
+            return Placement(found, starts, tuple(cut[s][0] for s in starts[1:]), tuple(cut[s][1] for s in starts[1:]))
+
+        lo, hi = 0, max(max(_slowest(s, lanes, c, extra) for s, c, extra in zip(splits, costs, carried)), max(cut_cycles(splits)))
+        balanced = within(hi) or placement(splits, unlimited)  # infeasible at lo, feasible at hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if _cut_chips(cycles, arch, mid) is None:
+            found = within(mid)
+            if found is None:
                 lo = mid
             else:
-                hi = mid
-        balanced = placement(balanced.splits, hi)
-    return balanced
+                hi, balanced = mid, found
+        if arch.chips > 1:  # the same slices, cut where the links carry least
+            cycles = cut_cycles(balanced.splits)
+            lo, hi = -1, max(cycles[s] for s in balanced.starts[1:])
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if _cut_chips(cycles, arch, mid) is None:
+                    lo = mid
+                else:
+                    hi = mid
+            balanced = placement(balanced.splits, hi)
+        return balanced
+
+    # deep queues cost tiles (smaller bands) but avoid stalls: keep them unless the shallow placement's estimate,
+    # charged with its largest queue shortfall (which holds the tiles before it back), is faster
+    shallow = balance(False)
+    deep = balance(True)
+    if deep is None:
+        return shallow
+    estimate = [max(_slowest(s, lanes, c, extra) for s, c, extra in zip(found.splits, costs, carried))
+                + max(_slice_shortfall(sl, c, lanes) for s, c in zip(found.splits, costs) for sl in s)
+                for found in (shallow, deep)]
+    return deep if estimate[1] <= estimate[0] else shallow

@@ -49,8 +49,8 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
 
 The chains are coupled by three kinds of edges:
 
-* FIFO edges (rule 1, depth ``D`` for a router FIFO, ``F = Arch.forward_queue_words`` for a forward
-  queue): the writes ``w`` of flits ``i`` belong to one chain, the reads ``r`` to another, and
+* FIFO edges (rule 1, depth ``D`` for a router FIFO, ``F`` = the tile's register ``queue_words`` for its
+  forward queue): the writes ``w`` of flits ``i`` belong to one chain, the reads ``r`` to another, and
   ``r_i >= w_i + 1``, ``w_i >= r_{i-depth} + 1``. Router FIFOs and the host streams form a line
   ``host input -> FIFO -> [link -> FIFO ->] PE input -> queue -> PE output -> FIFO -> ... -> host output``.
   The result ring of a computing PE is one more FIFO edge, of depth ``R = Arch.result_words``, written by
@@ -390,7 +390,7 @@ class TimingGraph:
 def timing_graph(program: Program, path: DataPath) -> TimingGraph:
     """Chains, FIFOs and event edges of a program (section 6)."""
     arch = program.arch
-    depth, queue_depth = arch.router_fifo_depth, arch.forward_queue_words
+    depth = arch.router_fifo_depth
     chains: list[Chain] = []
     fifos: list[FifoEdge] = []
     events: list[EventEdge] = []
@@ -492,6 +492,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         name = f"PE {tile.key}"
         last_fifo = hop.last_fifo
         computes = count.n_out > 0
+        queue_depth = tile.config.queue_words      # F: the tile's forward queue, a region of its SRAM
         pushes = np.concatenate([np.arange(count.forward_begin, count.forward_end, dtype=np.int64),
                                  np.arange(count.n_in_words, count.flits_in, dtype=np.int64)])
         pushes_all = count.n_queue == count.flits_in      # every RECV word forwarded (forward = [0, K))

@@ -89,6 +89,11 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # first range's words (a band of a join stores its rows of both operands); 0, 0: none.
     ("store2_begin", 16, False),
     ("store2_end", 16, False),
+    # The forward queue lives in the tile's SRAM (section 4): the circular region [queue_base, queue_base +
+    # queue_words) holds the forwarded and passed words between the input side and the output side. A tile that
+    # forwards or passes anything needs queue_words >= 1; the region overlaps neither the weights nor the banks.
+    ("queue_base", 16, False),
+    ("queue_words", 17, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads
@@ -140,16 +145,20 @@ class Arch:
     Fields:
         rows, cols: tile grid size.
         lanes: int8 MAC lanes per PE; also the number of int8 values in one flit.
-        sram_bytes: per-tile SRAM (weights and the activation buffer), in bytes; a word is ``lanes`` bytes.
+        sram_bytes: per-tile SRAM (weights, the two activation banks and the forward queue, each where the tile's
+            registers put it), in bytes; a word is ``lanes`` bytes. There is no forward queue beside it: a tile's
+            queue is the SRAM its weights and banks leave free (registers ``queue_base``, ``queue_words``,
+            docs/architecture.md section 4), so a tile that stores a band of a map has a deep queue and takes a
+            whole inference in while it computes.
         max_tile_outputs: depth of a tile's per-output parameter table (bias, multiplier, shift): the most
-            output channels one tile computes. Its result ring holds ``ceil(max_tile_outputs / lanes)``
-            words (:attr:`result_words`); results stream out through it while COMPUTE runs, so the ring
-            bounds no tile's result count (docs/architecture.md section 4).
+            output channels one tile computes.
+        result_ring_words: words of a PE's result ring (:attr:`result_words`, ``R``): results stream out through it
+            while COMPUTE runs, so it bounds no tile's result count, but COMPUTE runs at most ``R`` words ahead of
+            the output side, which sends a tile's results only after the words it passes (section 4.4's order).
+            A tile of a split layer whose passed words arrive at the pace of the tiles before it computes freely
+            only if the ring holds its results of an inference: the default 1024 (8 KiB at 8 lanes) does for
+            the MLPerf-Tiny networks on 8x8 tiles (docs/architecture.md section 4; docs/area.md).
         router_fifo_depth: flits each router input FIFO holds.
-        forward_queue_words: words a PE's forward queue holds (the FIFO between its input side and its
-            output side through which every forwarded and passed word goes, docs/architecture.md section 4).
-            A tile takes a whole inference in while it computes only if the queue holds its forwarded plus
-            passed words; a smaller queue makes it wait (timing stays exact).
         host_buffer_flits: depth of the simulation harness's input and output buffers (not part of the chip).
 
     Multi-chip fields (docs/architecture.md section 12; ``rows`` x ``cols`` is the grid of one chip):
@@ -179,8 +188,8 @@ class Arch:
     lanes: int = 8
     sram_bytes: int = 32768
     max_tile_outputs: int = 512
+    result_ring_words: int = 1024
     router_fifo_depth: int = 4
-    forward_queue_words: int = 1024
     host_buffer_flits: int = 65536
     chips: int = 1
     chip_topology: str = "line"
@@ -207,8 +216,8 @@ class Arch:
         check("sram_bytes", lambda v: v > 0 and v % self.lanes == 0 and v // self.lanes <= 65536,
               f"must be a positive multiple of lanes ({self.lanes}) and at most {65536 * self.lanes}")
         check("max_tile_outputs", lambda v: 1 <= v <= 65535, "must be in 1..65535")
+        check("result_ring_words", lambda v: 1 <= v <= 65536, "must be in 1..65536")
         check("router_fifo_depth", lambda v: 1 <= v <= 1024, "must be in 1..1024")
-        check("forward_queue_words", lambda v: 1 <= v <= 65536, "must be in 1..65536")
         check("host_buffer_flits", lambda v: 1 <= v <= (1 << 24), "must be in 1..16777216")
         check("chips", lambda v: 1 <= v <= 256, "must be in 1..256")
         if self.chip_topology not in ("line", "ring"):
@@ -265,7 +274,12 @@ class Arch:
 
     @property
     def result_words(self) -> int:
-        """Depth ``R`` of a PE's result ring, in flits (section 4)."""
+        """Depth ``R`` of a PE's result ring, in flits (section 4): ``result_ring_words``."""
+        return self.result_ring_words
+
+    @property
+    def param_rows_per_lane(self) -> int:
+        """Rows of each of a PE's ``lanes`` parameter-table banks: ``ceil(max_tile_outputs / lanes)``."""
         return -(-self.max_tile_outputs // self.lanes)
 
     @property
@@ -279,13 +293,12 @@ class Arch:
     @property
     def tile_memory_bits(self) -> dict[str, int]:
         """Memory bits of one tile by memory (what ``flowtile area`` measures as memory bits, docs/area.md): the
-        SRAM, the forward queue and the result ring (``8 * lanes`` bits a word), the parameter table (one bank per
-        lane of ``ceil(max_tile_outputs / lanes)`` rows of bias, multiplier and shift) and the router's five input
-        FIFOs of whole flits."""
+        SRAM (which holds the forward queue too) and the result ring (``8 * lanes`` bits a word), the parameter
+        table (one bank per lane of ``ceil(max_tile_outputs / lanes)`` rows of bias, multiplier and shift) and the
+        router's five input FIFOs of whole flits."""
         word = 8 * self.lanes
-        return {"sram": self.sram_bytes * 8, "forward_queue": self.forward_queue_words * word,
-                "result_ring": self.result_words * word,
-                "params": self.lanes * self.result_words * (ACC_BITS + MULTIPLIER_BITS + SHIFT_BITS),
+        return {"sram": self.sram_bytes * 8, "result_ring": self.result_words * word,
+                "params": self.lanes * self.param_rows_per_lane * (ACC_BITS + MULTIPLIER_BITS + SHIFT_BITS),
                 "router": 5 * self.router_fifo_depth * self.flit_bits}
 
     @property
@@ -353,6 +366,10 @@ class Arch:
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "arch") -> "Arch":
         known = {f.name for f in fields(cls)}
+        if "forward_queue_words" in values:
+            raise ArchError(f"{source}: arch field 'forward_queue_words' no longer exists: a tile's forward queue is "
+                            f"the SRAM its weights and banks leave free (registers queue_base and queue_words, "
+                            f"docs/architecture.md section 4); size the tile with 'sram_bytes'")
         unknown = sorted(set(values) - known)
         if unknown:
             raise ArchError(f"{source}: unknown arch field(s) {', '.join(map(repr, unknown))}; "

@@ -5,7 +5,7 @@ form) and the link module are converted to RTLIL with Amaranth and synthesised t
 from PyPI) **without flattening**, so that Yosys' per-module statistics are per component:
 
 * coarse synthesis as ``synth`` does it (``proc``, ``opt``, ``fsm``, ``wreduce``, ``alumacc``, ``share``) with
-  ``memory -nomap``: every :class:`amaranth.lib.memory.Memory` (SRAM, forward queue, result ring, parameter-table
+  ``memory -nomap``: every :class:`amaranth.lib.memory.Memory` (SRAM, result ring, parameter-table
   banks, router FIFOs) stays one ``$mem_v2`` cell and is reported as **memory bits** (width x depth), never as
   flip-flops (a real chip builds the large ones from SRAM macros, an FPGA from block RAM);
 * multipliers are the ``$mul`` cells after ``wreduce`` (before ``alumacc`` turns them into ``$macc``), with their
@@ -51,9 +51,9 @@ COMPONENTS: dict[str, str] = {
     "input_side": "input side: RECV/PASS counting, store and forward ranges",
     "output_side": "output side: pop/EMIT order, per-pixel interleave counters",
     "loader": "loader: load-bus decode and the configuration registers",
-    "sram": "SRAM: sram_bytes (1 write port, 2 read ports)",
-    "forward_queue": "forward queue: forward_queue_words words (SyncFIFO)",
-    "result_ring": "result ring: ceil(max_tile_outputs / lanes) words",
+    "sram": "SRAM: sram_bytes, weights, banks and the forward queue's words (2 write ports, 3 read ports)",
+    "forward_queue": "forward queue control: head, tail and level of its SRAM region (registers queue_base, queue_words)",
+    "result_ring": "result ring: result_ring_words words",
     "params": "parameter table: max_tile_outputs rows of bias 32 + multiplier 31 + shift 6 bits, lanes banks",
     "glue": "tile and PE wiring: load-address decode, SRAM write-port mux",
 }
@@ -414,7 +414,7 @@ def format_table(report: AreaReport) -> str:
     arch = report.arch
     lines = [
         f"flowtile area: one tile of lanes={arch.lanes}, sram_bytes={arch.sram_bytes}, "
-        f"max_tile_outputs={arch.max_tile_outputs}, forward_queue_words={arch.forward_queue_words}, "
+        f"max_tile_outputs={arch.max_tile_outputs}, result_ring_words={arch.result_ring_words}, "
         f"router_fifo_depth={arch.router_fifo_depth}; chip {arch.rows}x{arch.cols}",
         f"{report.yosys}: generic cells after techmap + opt (2-input gates, MUX, NOT, one cell per flip-flop bit; no "
         f"ABC, no flattening); memories kept as $mem (memory -nomap) and counted as memory bits, not flip-flops",

@@ -67,8 +67,9 @@ MULTICHIP_EVERY = 3
 
 def arch_pool(seed: int, count: int) -> list[Arch]:
     """``count`` seeded random architectures: lanes 4/8/16 (each of them in every pool of 3 or more, in a seeded
-    order), grids of 1-3 rows by 2-4 columns (mostly not square), router FIFOs of 1-4 flits, forward queues and
-    result tables down to a few words, small SRAMs. Every :data:`MULTICHIP_EVERY`-th is 2 or 3 such chips in a line
+    order), grids of 1-3 rows by 2-4 columns (mostly not square), router FIFOs of 1-4 flits, result rings and
+    parameter tables down to a few words, small SRAMs (the forward queues, in SRAM, are capped per case:
+    :data:`QUEUE_CAPS`). Every :data:`MULTICHIP_EVERY`-th is 2 or 3 such chips in a line
     with random links (wire width 1 bit to a whole flit, latency 1-64, frames of 1-16 flits, credit and go-back-N
     windows of 1-8 frames; fault free), which the compiler may fill with copies of the network; its link fields
     come from a generator of their own, so the single-chip architectures are those of pools without them."""
@@ -82,7 +83,7 @@ def arch_pool(seed: int, count: int) -> list[Arch]:
                     sram_bytes=lanes * int(rng.choice([256, 512, 1024, 2048, 4096])),
                     max_tile_outputs=int(rng.choice([4, 8, 16, 32, 64, 512])),
                     router_fifo_depth=int(rng.integers(1, 5)),
-                    forward_queue_words=int(rng.choice([1, 2, 4, 8, 32, 1024])),
+                    result_ring_words=int(rng.choice([1, 2, 4, 8, 32, 1024])),
                     host_buffer_flits=4096)
         if index % MULTICHIP_EVERY == MULTICHIP_EVERY - 1:
             arch = arch.replace(chips=int(link_rng.integers(2, 4)),
@@ -95,6 +96,27 @@ def arch_pool(seed: int, count: int) -> list[Arch]:
     return pool
 
 
+#: The deepest forward queue a case's tiles keep, by the case's arch index (cycling): the compiler gives every tile
+#: all the SRAM its weights and banks leave free, so without a cap the fuzzer would hardly ever fill a queue.
+QUEUE_CAPS = (1, 2, 4, 8, 32, None)
+
+
+def queue_cap(arch_index: int) -> int | None:
+    """The forward-queue cap of the cases on the pool's ``arch_index``-th architecture (None: no cap)."""
+    return QUEUE_CAPS[arch_index % len(QUEUE_CAPS)]
+
+
+def cap_queues(program, cap: int | None):
+    """``program`` with every tile's forward queue shortened to at most ``cap`` words (in place; None: unchanged).
+    Still a valid program: a shorter queue only makes the tile wait (section 4)."""
+    if cap is not None:
+        for tile in program.tiles:
+            if tile.config.queue_words > cap:
+                tile.config = tile.config.with_queue(program.arch, cap)
+        program.validate()
+    return program
+
+
 def case_seeds(seed: int, programs: int) -> list[int]:
     return [seed * CASE_SEED_STRIDE + i for i in range(programs)]
 
@@ -104,7 +126,7 @@ def arch_name(arch: Arch) -> str:
         f"{arch.chips}x-b{arch.link_bits}-d{arch.link_latency_cycles}-F{arch.link_frame_flits}"
         f"-c{arch.link_credit_frames}-r{arch.link_replay_frames}-")
     return (f"{chips}{arch.rows}x{arch.cols}-l{arch.lanes}-s{arch.sram_bytes}-o{arch.max_tile_outputs}"
-            f"-f{arch.router_fifo_depth}-q{arch.forward_queue_words}")
+            f"-f{arch.router_fifo_depth}-r{arch.result_ring_words}")
 
 
 def _draw_network(rng: np.random.Generator, lanes: int):
@@ -261,6 +283,7 @@ def run_case(case_seed: int, arch: Arch, arch_index: int, fault: str | None = No
 def _new_record(case_seed, arch, arch_index, activation_uint8, per_channel, batch) -> dict:
     quant = f"{'uint8' if activation_uint8 else 'int8'}-{'per-channel' if per_channel else 'per-tensor'}"
     return {"seed": case_seed, "arch_index": arch_index, "arch_name": arch_name(arch), "arch": arch.to_dict(),
+            "queue_cap": queue_cap(arch_index),
             "kind": None, "quant": quant, "batch": batch, "status": "error", "cycles": None,
             "worst_lsb": None, "message": "", "wall_seconds": None, "build_seconds": None}
 
@@ -344,7 +367,7 @@ def _evaluate(record: dict, arch: Arch, float_model, in_shape, rng: np.random.Ge
                                       activation_uint8=activation_uint8, per_channel=per_channel)
             model_bytes = model_path.read_bytes()
             try:
-                program = compile_model(model_path, arch)
+                program = cap_queues(compile_model(model_path, arch), record["queue_cap"])
             except CompileError as error:
                 record.update(status="does-not-fit", message=str(error))
                 return

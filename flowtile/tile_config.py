@@ -95,6 +95,8 @@ class TileConfig:
     group_words: int = 0
     store2_begin: int = 0
     store2_end: int = 0
+    queue_base: int = 0
+    queue_words: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -167,6 +169,31 @@ class TileConfig:
     def forwarded_words(self) -> int:
         """RECV words re-emitted downstream per inference (section 4.2)."""
         return max(0, self.forward_end - self.forward_begin)
+
+    @property
+    def queued_words(self) -> int:
+        """``Q``: words per inference through the forward queue, forwarded RECV words plus passed words."""
+        return self.forwarded_words + self.n_pass
+
+    @property
+    def data_end(self) -> int:
+        """One past the highest SRAM word the tile's weights and activation banks use (0 if none)."""
+        ends = [self.act_base + ACTIVATION_BANKS * self.stored_words if self.stored_words else 0]
+        if self.weight_words:
+            ends.append(self.w_base + self.weight_words)
+        return max(ends)
+
+    def with_queue(self, arch: Arch, words: int | None = None) -> "TileConfig":
+        """This config with its forward queue placed right after :attr:`data_end`: ``words`` words, or every free
+        word up to ``arch.sram_words`` (None). A tile that queues nothing and gets no ``words`` keeps no queue
+        (``queue_base = queue_words = 0``). Raises :class:`ConfigError` if ``words`` do not fit."""
+        base = self.data_end
+        if words is None:
+            words = arch.sram_words - base if self.queued_words else 0
+        if words and base + words > arch.sram_words:
+            raise ConfigError(f"a forward queue of {words} words does not fit behind the tile's weights and banks "
+                              f"(SRAM words {base}..{arch.sram_words - 1} are free, sram_words = {arch.sram_words})")
+        return self.replace(queue_base=base if words else 0, queue_words=words)
 
     @property
     def map_words(self) -> int:
@@ -279,6 +306,7 @@ class TileConfig:
         channel-preserving ops (:attr:`computed_words`; channel groups of MAX, LANE and ADD only, inside the
         pixel), section 4.1's band of output pixels (:meth:`_validate_band`) and
         ``n_pix * pass_per_pixel <= n_pass`` (section 4.4); the destination tile exists; ``clamp_lo <= clamp_hi``.
+        The forward queue (:meth:`_validate_queue`): present iff needed, inside the SRAM, apart from banks and weights.
         Registers an op does not read (e.g. ``add_mult_a`` of a MAC tile) are only checked against their width.
         Nothing bounds the result words: they stream out through the PE's result ring (section 4)."""
         for name in REGISTER_NAMES:
@@ -321,6 +349,7 @@ class TileConfig:
                                   f"{self.pass_per_pixel} = {interleaved} interleaved passed words exceed n_pass = "
                                   f"{self.n_pass} (n_pix = {self.pixel_formula()}; section 4.4)")
         self._validate_weights(arch)
+        self._validate_queue(arch)
         if not self.dest_host:
             if self.dest_row >= arch.rows:
                 raise ConfigError(f"config register dest_row = {self.dest_row} outside 0..{arch.rows - 1}")
@@ -368,6 +397,29 @@ class TileConfig:
                    else "kernel_h * kernel_w * words_per_pixel" if self.op == OP_LANE
                    else "n_out * kernel_h * kernel_w * words_per_pixel")
         raise ConfigError(f"config registers w_base + {formula} = {w_end} exceed sram_words = {arch.sram_words}")
+
+    def _validate_queue(self, arch: Arch) -> None:
+        """The forward queue (section 4): a tile that forwards or passes words has one (``queue_words >= 1``); its
+        region ``[queue_base, queue_base + queue_words)`` fits the SRAM and overlaps neither the activation banks nor
+        the weights (the queue writes its words while COMPUTE reads them)."""
+        base, words = self.queue_base, self.queue_words
+        if self.queued_words and not words:
+            raise ConfigError(f"config register queue_words = 0, but the tile forwards and passes "
+                              f"forward_end - forward_begin + n_pass = {self.queued_words} words per inference "
+                              f"through its forward queue (queue_words >= 1 needed; section 4)")
+        if not words:
+            return
+        if base + words > arch.sram_words:
+            raise ConfigError(f"config registers queue_base + queue_words = {base} + {words} = {base + words} exceed "
+                              f"sram_words = {arch.sram_words}")
+        regions = [("act_base", self.act_base, ACTIVATION_BANKS * self.stored_words,
+                    f"{ACTIVATION_BANKS} * ({self.stored_formula})"),
+                   ("w_base", self.w_base, self.weight_words, "the weight words")]
+        for register, begin, size, what in regions:
+            if size and begin < base + words and base < begin + size:
+                raise ConfigError(f"config registers queue_base = {base}, queue_words = {words}: the forward queue "
+                                  f"[{base}, {base + words}) overlaps [{register}, {register} + {what}) = "
+                                  f"[{begin}, {begin + size}) (section 4)")
 
     def _validate_band(self) -> None:
         """Section 4.1: a computing tile's output pixels are ``out_rows`` rows from ``out_row_begin``, the first

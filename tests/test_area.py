@@ -13,7 +13,7 @@ import pytest
 from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch
 from flowtile.cli import main
 
-TINY = {"rows": 1, "cols": 2, "lanes": 2, "sram_bytes": 256, "max_tile_outputs": 6, "forward_queue_words": 8,
+TINY = {"rows": 1, "cols": 2, "lanes": 2, "sram_bytes": 256, "max_tile_outputs": 6, "result_ring_words": 5,
         "router_fifo_depth": 2}
 PARAM_ROW_BITS = ACC_BITS + MULTIPLIER_BITS + SHIFT_BITS
 LOGIC = ("router", "pe_compute", "requantizers", "sequencer", "input_side", "output_side", "loader",
@@ -45,7 +45,6 @@ def test_every_memory_is_memory_bits_derived_from_the_arch(tiny_cli):
     components = report["components"]
     expected = {
         "sram": arch.sram_bytes * 8,
-        "forward_queue": arch.forward_queue_words * word,
         "result_ring": arch.result_words * word,
         "params": arch.lanes * -(-arch.max_tile_outputs // arch.lanes) * PARAM_ROW_BITS,
         "router": 5 * arch.router_fifo_depth * arch.flit_bits,
@@ -57,7 +56,7 @@ def test_every_memory_is_memory_bits_derived_from_the_arch(tiny_cli):
     # Memories are not flip-flops: the SRAM and the parameter table have no FF bits at all.
     assert components["sram"]["ff_bits"] == 0 and components["params"]["ff_bits"] == 0
     assert components["sram"]["memories"] == [{"name": "sram", "width": word, "depth": arch.sram_words,
-                                               "read_ports": 2, "write_ports": 1}]
+                                               "read_ports": 3, "write_ports": 2}]
     assert len(components["params"]["memories"]) == arch.lanes
     assert report["tile"]["memory_bits"] == sum(expected.values())
     assert arch.tile_memory_bits == expected   # the spec's count, which the compile report uses

@@ -1042,13 +1042,14 @@ def test_windowed_layer_size_errors():
     calibration = rng.standard_normal((8, 8, 16, 16)).astype(np.float32)
     with pytest.raises(CompileError, match=r"layer 'pool1' \(MaxPool, 32x16x16 -> 32x16x16\): every tile of it holds "
                                            r"all its weights \(0 bytes\) and the input rows of one output row \(3 rows\) "
-                                           r"twice \(2 banks of 1536 bytes\): 3072 bytes, a tile has 2048"):
+                                           r"twice \(2 banks of 1536 bytes\) and a forward queue of at least 2 words: 3088 bytes, "
+                                           r"a tile has 2048"):
         compile_model(model, Arch(sram_bytes=2048), calibration=calibration)
     # a convolution splits its channels down to one word of them and its rows down to one output row
     model = float_cnn(rng, (8, 16, 16), [("conv", 32, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
     with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*weights of at least 8 output channels \(576 bytes\)"
-                                           r".*input rows of one output row \(3 rows\) twice \(2 banks of 384 bytes\): "
-                                           r"1344 bytes.*'sram_bytes'"):
+                                           r".*input rows of one output row \(3 rows\) twice \(2 banks of 384 bytes\) "
+                                           r"and a forward queue of at least 2 words: 1360 bytes.*'sram_bytes'"):
         compile_model(model, Arch(sram_bytes=1024), calibration=calibration)
     # enough SRAM for each layer alone, not enough tiles for all: the error names the layer needing the most
     model = float_cnn(rng, (64, 6, 6), [("conv", 64, 3, 1, [1, 1, 1, 1]), ("relu",), ("flatten",), ("gemm", 5)])
@@ -1542,7 +1543,7 @@ def test_join_bands_store_their_rows_of_both_operands(case, tmp_path):
     qdq, x = _resnet(case, tmp_path)
     imported = import_onnx(qdq)
     layers = lower_layers(imported.layers)
-    program = build_program(layers, Arch(rows=6, cols=6, sram_bytes=1536), input_spec=imported.input,
+    program = build_program(layers, Arch(rows=6, cols=6, sram_bytes=1552), input_spec=imported.input,
                             output_spec=imported.output)
     assert any(t.config.op == OP_ADD and t.config.store2_end for t in program.tiles)
     check_stream_program(program, layers)
@@ -1670,7 +1671,7 @@ def test_resnet8_balance_fills_the_grid(tmp_path):
               {"kind": "basic", "out": 64, "stride": 2}]
     model = random_models.random_float_resnet(rng, (3, 32, 32), 16, blocks, 10)
     calibration = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
-    arch = Arch(sram_bytes=65536, max_tile_outputs=2048, forward_queue_words=4096).with_grid("11x11")
+    arch = Arch(sram_bytes=65536, max_tile_outputs=2048).with_grid("11x11")
     program = compile_model(model, arch, calibration=calibration)
     assert program.input.layout == "im2col"  # the stem's packed map fits once a band stores only its rows
     assert sum(len(layer.tiles) for layer in program.layers) == arch.n_tiles

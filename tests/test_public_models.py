@@ -66,7 +66,7 @@ from flowtile.testing.oracle_checks import assert_rtl_matches_emulator, compile_
 PUBLIC = Path(__file__).resolve().parents[1] / "models" / "public"
 
 #: Tried in order; a model is compiled for the first one it fits.
-BIG = dict(sram_bytes=65536, max_tile_outputs=2048, forward_queue_words=4096)
+BIG = dict(sram_bytes=65536, max_tile_outputs=2048)
 ARCHS = [("4x4 (default)", Arch()), ("8x8 big", Arch(**BIG).with_grid("8x8")),
          ("12x12 big", Arch(**BIG).with_grid("12x12"))]
 

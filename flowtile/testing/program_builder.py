@@ -715,10 +715,14 @@ class _Builder:
 
 def build_program(arch: Arch, layers: Sequence[Dense | Conv | Depthwise | MaxPool | Residual | Concat], *,
                   tail: str = "pass", act_fill: np.random.Generator | None = None,
-                  input_shape: tuple[int, int, int] | None = None) -> Program:
+                  input_shape: tuple[int, int, int] | None = None,
+                  queue_words: int | Sequence[int] | None = None) -> Program:
     """A validated Program for ``layers`` on ``arch``. ``act_fill``: fill activation buffers with
     random bytes (the hardware overwrites them) instead of zeros. ``input_shape``: ``(C, H, W)`` if the
-    network input is a feature map (needed when the first layer is a Conv or MaxPool)."""
+    network input is a feature map (needed when the first layer is a Conv or MaxPool). ``queue_words``: the forward
+    queue of every tile that forwards or passes words (:meth:`TileConfig.with_queue`, right after its weights and
+    banks): None, every free SRAM word; an int, that many words; a sequence, one entry per chain position (an entry
+    that the tile's free SRAM cannot hold is an error)."""
     lanes = arch.lanes
     first = _first_layer(layers)
     shape: tuple[int, ...] = tuple(input_shape) if input_shape is not None else (first.n_in,)
@@ -738,6 +742,9 @@ def build_program(arch: Arch, layers: Sequence[Dense | Conv | Depthwise | MaxPoo
         config = TileConfig(n_pass=output_words if tail == "pass" else 0)
         tiles.append(TileProgram(row, col, config, np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)))
     for position, tile in enumerate(tiles):
+        words = queue_words if queue_words is None or isinstance(queue_words, int) else queue_words[position]
+        if tile.config.queued_words:
+            tile.config = tile.config.with_queue(arch, words)
         if tile.config.n_pass or tile.config.n_in_words:
             last = position == arch.n_tiles - 1 or (tail == "direct" and position == last_layer_tile)
             if last:
