@@ -1,6 +1,6 @@
-"""The processing element of one tile: SRAM (weights and two activation banks), parameter table, result
-ring, forward queue and its three concurrent sides, input, compute and output (docs/architecture.md
-section 4; windowed layers, convolution, max pooling and lane-wise multiply-accumulate (depthwise
+"""The processing element of one tile: SRAM (weights, two activation banks and the forward queue's region),
+parameter table, result ring, forward queue and its three concurrent sides, input, compute and output
+(docs/architecture.md section 4; windowed layers, convolution, max pooling and lane-wise multiply-accumulate (depthwise
 convolution, average pools), section 4.1; store and forward ranges of a stream that carries several
 tensors, and the elementwise residual join op ADD, section 4.2; the channel concatenation op CONCAT,
 section 4.3; the per-pixel interleaved output order of output-channel groups (register pass_per_pixel) and
@@ -8,9 +8,8 @@ the channel groups of MAX, LANE and ADD (registers group_word_begin, group_words
 section 6 rule 4)."""
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, ResetInserter, unsigned
+from amaranth.hdl import Module, Mux, unsigned
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -23,6 +22,7 @@ from .pe_loader import PELoader
 from .pe_output import OutputSide
 from .pe_params import ParamTable
 from .pe_pipeline import ComputePipeline
+from .pe_queue import ForwardQueue
 from .pe_ring import ResultRing
 
 __all__ = ["PE"]
@@ -33,7 +33,7 @@ class PE(wiring.Component):
 
     Three sides work concurrently, each a fixed sequence per inference ``s = 0, 1, ...`` (section 4;
     ``K = n_in_words``, ``P = n_pass``, ``B = B1 + (store2_end - store2_begin)`` the stored words of an inference
-    with ``B1 = store_end - store_begin`` (each difference 0 if negative), ``F = arch.forward_queue_words``,
+    with ``B1 = store_end - store_begin`` (each difference 0 if negative), ``F = queue_words`` (the register),
     ``t`` = the cycle of a transfer):
 
     * input side: ``K`` RECV then ``P`` PASS transfers on ``i_flit``, one a cycle at most, in order. RECV
@@ -45,9 +45,12 @@ class PE(wiring.Component):
       queue slot (``i_flit.ready`` depends on the queue's fill level, never on ``o_flit``). In a computing
       tile the first transfer of inference ``s >= 1`` happens at a cycle ``>= c_{s-1}`` (possibly in
       cycle ``c_{s-1}`` itself).
-    * forward queue: a :class:`~amaranth.lib.fifo.SyncFIFO` of ``F`` words: pushable iff it holds fewer
-      than ``F`` words (also in a cycle it is popped), a word pushed in cycle ``t`` is poppable from
-      ``t + 1``.
+    * forward queue (:class:`~flowtile.hdl.pe_queue.ForwardQueue`): a FIFO of ``F`` words kept in the SRAM's
+      circular region ``[queue_base, queue_base + F)`` (push ``i`` of a run in word ``queue_base + i mod F``):
+      pushable iff it holds fewer than ``F`` words (also in a cycle it is popped), a word pushed in cycle ``t`` is
+      poppable from ``t + 1``. A tile with ``F = 0`` pushes nothing (its input side then waits at a word it would
+      push); encode_config requires ``F >= 1`` of a tile that forwards or passes words, and a region that overlaps
+      neither the activation banks nor the weights.
     * result ring: ``R = arch.result_words`` words (any ``R >= 1``, not necessarily a power of two).
       Result words are numbered across inferences, ``j = s * E + (index within s)``, ``E = n_pix * W_px``;
       word ``j`` lives in slot ``j mod R`` (a write slot and a read slot register wrap at ``R``). It
@@ -120,9 +123,11 @@ class PE(wiring.Component):
     The PE is a composition (each part's docstring states its share of this contract):
     :class:`~flowtile.hdl.pe_loader.PELoader` (config registers, load decode),
     :class:`~flowtile.hdl.pe_params.ParamTable`, :class:`~flowtile.hdl.pe_ring.ResultRing`, the SRAM (a
-    :class:`~amaranth.lib.memory.Memory`, submodule ``sram``: one write port, the loader's while
-    ``run = 0`` and the input side's while ``run = 1``, and the pipeline's two read ports), the forward
-    queue, :class:`~flowtile.hdl.pe_input.InputSide`, :class:`~flowtile.hdl.pe_compute.ComputeSequencer`
+    :class:`~amaranth.lib.memory.Memory`, submodule ``sram``, with two write ports and three read ports: write port
+    0 the loader's while ``run = 0`` and the input side's while ``run = 1``, write port 1 the forward queue's; the
+    pipeline's two read ports (weights, activations) and the queue's, transparent for the queue's write port), the
+    forward queue (:class:`~flowtile.hdl.pe_queue.ForwardQueue`, submodule ``forward_queue``: its control, the words
+    being in the SRAM), :class:`~flowtile.hdl.pe_input.InputSide`, :class:`~flowtile.hdl.pe_compute.ComputeSequencer`
     and :class:`~flowtile.hdl.pe_pipeline.ComputePipeline` (the compute side) and
     :class:`~flowtile.hdl.pe_output.OutputSide`.
 
@@ -143,7 +148,7 @@ class PE(wiring.Component):
         ``run = 0``.
     run : ``In(1)``
         While 0 every side is held at the start of inference 0 (input and compute bank 0, every counter
-        and flag and the compute pipeline cleared, the forward queue held in reset, hence empty) and no
+        and flag and the compute pipeline cleared, the forward queue emptied) and no
         flit is transferred; config, SRAM and parameters keep what was loaded.
     """
 
@@ -165,29 +170,33 @@ class PE(wiring.Component):
         m.submodules.sram = sram = Memory(shape=unsigned(arch.flit_data_bits), depth=arch.sram_words, init=[])
         m.submodules.params = params = ParamTable(arch.max_tile_outputs, arch.lanes)
         m.submodules.result_ring = ring = ResultRing(arch.result_words, arch.lanes)
-        # The forward queue: F words, SyncFIFO's rule (section 4). Held in reset while run = 0, so it is empty
-        # when run rises (whatever an interrupted run left in it).
-        queue = SyncFIFO(width=arch.flit_data_bits, depth=arch.forward_queue_words)
-        m.submodules.forward_queue = ResetInserter({"sync": ~run})(queue)
+        # The forward queue: F = queue_words words of the SRAM (section 4), emptied while run = 0 (whatever an
+        # interrupted run left in it).
+        m.submodules.forward_queue = queue = ForwardQueue(arch)
         m.submodules.input_side = input_side = InputSide(arch)
         m.submodules.sequencer = sequencer = ComputeSequencer(arch)
         m.submodules.pipeline = pipeline = ComputePipeline(arch)
         m.submodules.output_side = output_side = OutputSide(arch)
 
         wiring.connect(m, wiring.flipped(self.load), loader.load)
-        for side in (input_side, sequencer, pipeline, output_side):
+        for side in (input_side, sequencer, pipeline, output_side, queue):
             m.d.comb += side.config.eq(loader.config)
         for side in (input_side, sequencer, output_side):
             m.d.comb += [side.run.eq(run), side.computes.eq(loader.computes)]
-        m.d.comb += [loader.run.eq(run), pipeline.clear.eq(~run), ring.clear.eq(~run)]
+        m.d.comb += [loader.run.eq(run), queue.run.eq(run), pipeline.clear.eq(~run), ring.clear.eq(~run)]
 
-        # The SRAM's one write port: the loader's while run = 0, the input side's while run = 1.
+        # The SRAM's write port 0: the loader's while run = 0, the input side's while run = 1. Write port 1: the
+        # forward queue's (it writes only while run = 1, into its region, which no other write reaches).
         sram_write = sram.write_port()
         for member in ("addr", "data", "en"):
             m.d.comb += getattr(sram_write, member).eq(
                 Mux(run, getattr(input_side.sram_write, member), getattr(loader.sram_write, member)))
+        queue_write = sram.write_port()
+        wiring.connect(m, queue.sram_write, queue_write)
         wiring.connect(m, pipeline.weight_read, sram.read_port())
         wiring.connect(m, pipeline.activation_read, sram.read_port())
+        # The queue reads its next head word a cycle ahead; a word it writes in the same cycle is read through.
+        wiring.connect(m, queue.sram_read, sram.read_port(transparent_for=(queue_write,)))
         wiring.connect(m, loader.param_write, params.write)
         wiring.connect(m, pipeline.param_read, params.read)
 

@@ -18,12 +18,13 @@ from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_T
                          encode_param_entry, flit_layout, load_data_bits, load_layout, pack_flit, pack_lanes,
                          pack_load, param_layout, unpack_lanes, unpack_struct)
 from flowtile.hdl.verilog import chip_verilog, tile_verilog
+from flowtile.tile_config import TileConfig
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
 
-ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=8, router_fifo_depth=2)
+ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=8, result_ring_words=2, router_fifo_depth=2)
 #: Also a row (exit by E, eastward hops) and a column (southward hops, exit by E since rows is odd).
 GRIDS = [(2, 2), (1, 3), (3, 1)]
 N_IN, N_OUT = 7, 6
@@ -34,6 +35,12 @@ def blank_config(**values):
     config.update(clamp_lo=-128, clamp_hi=127)
     config.update(values)
     return config
+
+
+def with_queue(config, arch):
+    """``config`` with its forward queue (registers queue_base, queue_words) in every SRAM word its weights and
+    banks leave free, as a compiled program's (:meth:`TileConfig.with_queue`; none if it queues nothing)."""
+    return TileConfig.coerce(config).with_queue(arch).to_dict()
 
 
 def build_program(rng, arch):
@@ -58,7 +65,7 @@ def build_program(rng, arch):
                                              **dense_window_registers(k_words),
                                              **stream_registers(k_words, forward=False))
         else:
-            configs[row, col] = blank_config(n_pass=n_result, **dest)
+            configs[row, col] = with_queue(blank_config(n_pass=n_result, **dest), arch)
     # Weight row o, chunk k is SRAM word w_base + o*K + k; unused lanes are zero.
     padded = np.zeros((N_OUT, k_words * lanes), dtype=np.int64)
     padded[:, :N_IN] = weights
@@ -177,7 +184,7 @@ def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols, ring_wo
     later tiles pass z to the host. With a result ring of 4 words (as many as tile 0's results) and of 1
     word (section 4: every result word then waits for the EMIT of the one before)."""
     lanes = ARCH.lanes
-    arch = ARCH.replace(rows=rows, cols=cols, max_tile_outputs=ring_words * lanes)
+    arch = ARCH.replace(rows=rows, cols=cols, max_tile_outputs=ring_words * lanes, result_ring_words=ring_words)
     rng = np.random.default_rng(4242)
     height, width, n_pix = 2, 2, 4                  # one word (lanes channels) a pixel
     conv_weights = rng.integers(-128, 128, size=(lanes, lanes))
@@ -206,7 +213,7 @@ def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols, ring_wo
                                   **stream_registers(2 * n_pix, forward=position == 1))
         else:
             config = blank_config(n_pass=n_pix)
-        configs[row, col] = dict(config, **dest)
+        configs[row, col] = with_queue(dict(config, **dest), arch)
     srams = {chain[0]: {o: conv_weights[o].tolist() for o in range(lanes)}}
     tables = {chain[0]: conv_table.tolist(), chain[1]: add_table.tolist(), chain[2]: add_table.tolist()}
     inputs = [rng.integers(-128, 128, size=(n_pix, lanes)) for _ in range(2)]
@@ -243,7 +250,7 @@ def test_conv_and_its_input_concatenated_by_a_split_concat(rows, cols):
     channels first, so operand a = y is stored after operand b = x) in two row bands; later tiles pass z
     (two words a pixel) to the host."""
     lanes = ARCH.lanes
-    arch = ARCH.replace(rows=rows, cols=cols, max_tile_outputs=4 * lanes)
+    arch = ARCH.replace(rows=rows, cols=cols, max_tile_outputs=4 * lanes, result_ring_words=4)
     rng = np.random.default_rng(4343)
     height, width, n_pix = 2, 2, 4
     conv_weights = rng.integers(-128, 128, size=(lanes, lanes))
@@ -274,7 +281,7 @@ def test_conv_and_its_input_concatenated_by_a_split_concat(rows, cols):
                                   **stream_registers(2 * n_pix, forward=position == 1))
         else:
             config = blank_config(n_pass=2 * n_pix)
-        configs[row, col] = dict(config, **dest)
+        configs[row, col] = with_queue(dict(config, **dest), arch)
     srams = {chain[0]: {o: conv_weights[o].tolist() for o in range(lanes)}}
     tables = {chain[0]: conv_table.tolist(), chain[1]: concat_table.tolist(), chain[2]: concat_table.tolist()}
     inputs = [rng.integers(-128, 128, size=(n_pix, lanes)) for _ in range(2)]
@@ -333,7 +340,8 @@ def test_convolution_split_over_bands_and_output_channel_groups(rows, cols, spli
     complete pixels (P_bulk). The host receives the whole output map pixel-major with all channels (three
     words a pixel), two inferences."""
     lanes = ARCH.lanes
-    arch = ARCH.replace(rows=rows, cols=cols, sram_bytes=128 * lanes, max_tile_outputs=8 * lanes)
+    arch = ARCH.replace(rows=rows, cols=cols, sram_bytes=128 * lanes, max_tile_outputs=8 * lanes,
+                        result_ring_words=8)
     rng = np.random.default_rng(4444)
     height, width, pad = 3, 2, 1
     n_pix = height * width
@@ -376,7 +384,7 @@ def test_convolution_split_over_bands_and_output_channel_groups(rows, cols, spli
             passed = n_pass + band_pixels * group_words[g]
         else:
             config = blank_config(n_pass=passed)
-        configs[row, col] = dict(config, **dest)
+        configs[row, col] = with_queue(dict(config, **dest), arch)
     assert passed == n_pix * sum(group_words)
     inputs = [rng.integers(-128, 128, size=(height, width, lanes)) for _ in range(2)]
     flits = [pack_lanes(pixel.tolist(), lanes) for x in inputs for pixel in x.reshape(n_pix, lanes)]
@@ -394,7 +402,7 @@ def test_convolution_split_over_bands_and_output_channel_groups(rows, cols, spli
     assert cycles == sorted(set(cycles))
 
 
-TINY = Arch(rows=1, cols=2, lanes=2, sram_bytes=32, max_tile_outputs=2)
+TINY = Arch(rows=1, cols=2, lanes=2, sram_bytes=32, max_tile_outputs=2, result_ring_words=1)
 
 
 def test_chip_verilog_names_the_module_and_ports():

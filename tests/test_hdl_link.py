@@ -967,7 +967,7 @@ def test_arch_link_defaults_and_old_programs():
     assert Arch(chips=3, chip_topology="ring").chip_topology == "ring"
     # A program.json arch written before these fields existed loads with the defaults.
     old = {"rows": 4, "cols": 4, "lanes": 8, "sram_bytes": 32768, "max_tile_outputs": 512, "router_fifo_depth": 4,
-           "forward_queue_words": 1024, "host_buffer_flits": 65536}
+           "host_buffer_flits": 65536}
     assert Arch.from_dict(old) == Arch()
     assert Arch.from_dict(Arch(chips=2, link_error_rate=0.01).to_dict()) == Arch(chips=2, link_error_rate=0.01)
 

@@ -7,9 +7,10 @@ TileConfig.output_pixel_positions), section 4.4's per-pixel interleaved output o
 output-channel group (pass_per_pixel) and the channel groups of MAX, LANE and ADD (group_word_begin, group_words;
 their goldens cross-checked against the emulator's pe_results), and the cycle of every input and output transfer, every COMPUTE start c_s and every result word's first issue a_j against section 6 rule 4's
 three chains (input side, compute side result word by result word, output side; coupled through the forward
-queue of F = Arch.forward_queue_words words and the result ring of R = Arch.result_words words), over several
-inferences, seeded random input gaps and output back-pressure, queue depths from 1 to 1024, and rings from
-1 word (smaller than an inference's results) to more than an inference's."""
+queue of F = the tile's register queue_words words, a circular region of its SRAM, and the result ring of R =
+Arch.result_words words), over several inferences, seeded random input gaps and output back-pressure, queue depths
+from 1 word to all the SRAM the weights and banks leave free (the SRAM after a run: the queue's region holds the
+words last pushed), and rings from 1 word (smaller than an inference's results) to more than an inference's."""
 import random
 
 import numpy as np
@@ -34,7 +35,7 @@ def shift_round_half_even(value, shift):
     half = 1 << (shift - 1)
     return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
 
-ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, router_fifo_depth=2)
+ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3, router_fifo_depth=2)
 TILE = 1          # the PE under test; loads for tile 0 must not reach it
 DEST = {"dest_row": 0, "dest_col": 0, "dest_host": 1}
 
@@ -53,6 +54,27 @@ def make_config(*, forward=0, **overrides):
 def tile_config(config):
     """The :class:`TileConfig` of a register dict (:func:`make_config`'s), for its derived counts."""
     return TileConfig.from_dict(config)
+
+
+def with_queue(config, arch, words=None):
+    """``config`` (a register dict) with its forward queue (registers queue_base, queue_words) right after its
+    weights and banks (:meth:`TileConfig.with_queue`): ``words`` words, or every SRAM word of ``arch`` they leave
+    free (None; no queue for a tile that queues nothing)."""
+    placed = tile_config(config).with_queue(arch, words)
+    return dict(config, queue_base=placed.queue_base, queue_words=placed.queue_words)
+
+
+def queue_image(config, inputs, n_inferences):
+    """{SRAM address: lanes} of the forward queue's region after ``n_inferences`` inferences of ``inputs`` went
+    through the tile: push i (the forwarded RECV words, then the passed words, inference by inference) in word
+    queue_base + i mod F, the later pushes over the earlier ones (section 4)."""
+    k_words, per_inference = config["n_in_words"], config["n_in_words"] + config["n_pass"]
+    pushed = [flit for s in range(n_inferences) for k, flit in enumerate(inputs[s * per_inference:][:per_inference])
+              if k >= k_words or is_forwarded(config, k)]
+    image = {}
+    for index, flit in enumerate(pushed):
+        image[config["queue_base"] + index % config["queue_words"]] = flit
+    return image
 
 
 def is_forwarded(config, k):
@@ -132,7 +154,7 @@ class Schedule:
     the first word of s); ``queue_waits``: how many input transfers waited for queue space; ``ring_waits``:
     how many result words waited for a ring slot (the EMIT j - R term beyond every other bound).
     ``available[i]``: first cycle input flit i is offered (it stays offered until accepted); ``ready[t]``:
-    o_flit.ready in cycle t; ``queue_words``: F; ``ring_words``: R."""
+    o_flit.ready in cycle t; ``queue_words``: F (the tile's register queue_words); ``ring_words``: R."""
 
     def __init__(self, config, lanes, n_inferences, available, ready, queue_words, ring_words):
         k_words, n_pass = config["n_in_words"], config["n_pass"]
@@ -333,7 +355,7 @@ def dense_case(rng, k_words, n_out, lanes):
 def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, golden=None, sram=None,
               sram_image=None, loaded=None):
     """Run the PE and compare every transfer (content and cycle), every COMPUTE start and every result word's
-    first issue with the golden models (F = ``arch.forward_queue_words``, R = ``arch.result_words``).
+    first issue with the golden models (F = the register ``queue_words``, R = ``arch.result_words``).
     ``golden(stored words)`` gives one inference's result words (default: the dense golden over the weights).
     ``sram`` {addr: lanes} is the SRAM image loaded (default: ``weights`` at ``w_base``); ``sram_image`` receives
     the SRAM after the run (see :func:`simulate`). ``loaded``: the (unchecked) config written to the PE's registers
@@ -346,7 +368,7 @@ def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, g
     assert n_inferences * per_inference == len(inputs)
     if sram is None:
         sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
-    schedule = golden_schedule(config, ARCH.lanes, n_inferences, available, ready, ARCH.forward_queue_words,
+    schedule = golden_schedule(config, ARCH.lanes, n_inferences, available, ready, config["queue_words"],
                                ARCH.result_words)
     accepted, emitted, starts, word_starts = simulate(config, sram, params, inputs, available, ready,
                                                       len(schedule.outputs), arch=arch, sram_image=sram_image,
@@ -373,18 +395,18 @@ def check_run(config, weights, params, inputs, available, ready, *, arch=ARCH, g
 # --- tests -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("forward, back_pressure, queue_words",
-                         [(1, False, 1024), (1, True, 1024), (0, True, 1024), (1, False, 1), (1, True, 1),
+                         [(1, False, None), (1, True, None), (0, True, None), (1, False, 1), (1, True, 1),
                           (1, True, 2), (0, True, 1), (1, True, 4)])
 def test_transfer_cycles_follow_rule_4(forward, back_pressure, queue_words):
     """A dense tile that forwards (or not) and passes: every transfer and every COMPUTE start against rule 4,
     with forward queues from one word (every push waits for the pop before it) to more than an inference's
     K_f + P words (7, or 2 without forwarding; F = 1, 2, 4 fill while COMPUTE or back-pressure holds the
-    output side, F = 1024 never does)."""
-    arch = ARCH.replace(forward_queue_words=queue_words)
-    rng = random.Random(7 + forward + 2 * back_pressure + 4 * queue_words)
+    output side; None: the 14 SRAM words behind the banks [40, 50), which never fill)."""
+    rng = random.Random(7 + forward + 2 * back_pressure + 4 * (queue_words or 1024))
     k_words, n_pass, n_out, n_inferences = 5, 2, 6, 3
-    config = make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, n_out=n_out,
-                         w_base=4, act_base=40, zp_out=-3)
+    config = with_queue(make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, n_out=n_out,
+                                    w_base=4, act_base=40, zp_out=-3), ARCH, queue_words)
+    assert (config["queue_base"], config["queue_words"]) == (50, queue_words or 14)
     weights, params = dense_case(rng, k_words, n_out, ARCH.lanes)
     inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range((k_words + n_pass) * n_inferences)]
     horizon = 600
@@ -396,13 +418,18 @@ def test_transfer_cycles_follow_rule_4(forward, back_pressure, queue_words):
         ready = [rng.random() < 0.6 for _ in range(horizon)]
     else:
         available, ready = [0] * len(inputs), [True] * horizon
-    emitted, schedule = check_run(config, weights, params, inputs, available, ready, arch=arch)
+    sram_image = []
+    emitted, schedule = check_run(config, weights, params, inputs, available, ready, sram_image=sram_image)
+    # The SRAM after the run: the weights, the last two inferences' banks and the queue's region (push i in word
+    # queue_base + i mod F), nothing else written.
+    sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
+    assert sram_image == expected_banks(config, inputs, sram, ARCH.sram_words, ARCH.lanes, n_inferences)
     issue_cycles = n_out * k_words
     emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
     accepted = [t for _, _, t in schedule.inputs]
     # A queue shorter than the K_f + P words of an inference fills (a push waits for a pop); a long one never.
-    assert (schedule.queue_waits > 0) == (queue_words < tile_config(config).forwarded_words + n_pass)
-    if not back_pressure and queue_words == 1024:
+    assert (schedule.queue_waits > 0) == (config["queue_words"] < tile_config(config).forwarded_words + n_pass)
+    if not back_pressure and queue_words is None:
         # Spelled out: inference 0 RECV at 0..4, PASS at 5, 6 (popped at 1..7 if forwarded, else 6, 7);
         # COMPUTE [5, 5 + I + 2 = 37): result word 0 (channels 0..3, d = 4 * K = 20 issues) from a_0 = 5, word 1
         # (channels 4, 5, d = 10) from a_1 = 25; word 0 is written at 26 and EMITted at 27, word 1 at 35 + 2 = 37.
@@ -427,7 +454,8 @@ def test_bank_alternation_and_queue_depth_matter():
     inference 2 overwrites bank 0 while COMPUTE of 1 reads bank 1. One bank would give inference 0 results
     over inference 1's words (and inference 1 over 2's): they differ, and the results must match the golden.
     Then the same forwarding tile with F = 1 and F = 16 under the same stalls: both exact, and only the
-    small queue makes the input side wait for space."""
+    small queue makes the input side wait for space. The 16-word queue is the free region between the weights and
+    the banks (words [24, 40)), the 1-word one the word behind the banks."""
     rng = random.Random(31)
     k_words, n_out, n_inferences = 2, 6, 3
     config = make_config(n_in_words=k_words, n_out=n_out, w_base=0, act_base=40)
@@ -448,9 +476,12 @@ def test_bank_alternation_and_queue_depth_matter():
     inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(8 * n_inferences)]
     available, ready = random_stalls(rng, len(inputs), 600)
     accepted = {}
-    for queue_words in (1, 16):
-        _, schedule = check_run(forward_config, weights, params, inputs, available, ready,
-                                arch=ARCH.replace(forward_queue_words=queue_words))
+    for queue_words, queue_base in ((1, 52), (16, 24)):
+        queued = dict(forward_config, queue_base=queue_base, queue_words=queue_words)
+        sram_image = []
+        _, schedule = check_run(queued, weights, params, inputs, available, ready, sram_image=sram_image)
+        sram = {a: w for a, w in enumerate(weights)}
+        assert sram_image == expected_banks(queued, inputs, sram, ARCH.sram_words, ARCH.lanes, n_inferences)
         accepted[queue_words] = [t for _, _, t in schedule.inputs]
         assert (schedule.queue_waits > 0) == (queue_words == 1)
     assert all(small >= large for small, large in zip(accepted[1], accepted[16])) and accepted[1] != accepted[16]
@@ -497,7 +528,7 @@ def test_arithmetic_edge_cases(relu):
 
 
 def test_pass_only_tile_passes_from_cycle_0_and_idle_tile_never_accepts():
-    config = make_config(n_pass=2)
+    config = with_queue(make_config(n_pass=2), ARCH)
     inputs = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
     emitted, schedule = check_run(config, [], [], inputs, [0] * 4, [True] * 50)
     # Each word spends one cycle in the forward queue.
@@ -507,11 +538,11 @@ def test_pass_only_tile_passes_from_cycle_0_and_idle_tile_never_accepts():
 @pytest.mark.parametrize("forward", [0, 1])
 def test_run_low_holds_the_initial_phase_clears_counters_and_blocks_loads_while_running(forward):
     """A flit accepted before run drops is forgotten: after run rises again RECV restarts at word 0 of
-    bank 0, and (``forward``) the word it pushed into the forward queue is gone (the queue is held in reset
-    while run = 0). A config load issued while run = 1 is ignored (the destination stays)."""
+    bank 0, and (``forward``) the word it pushed into the forward queue is gone (the queue is emptied while
+    run = 0). A config load issued while run = 1 is ignored (the destination stays)."""
     k_words, n_out = 2, 3
     rng = random.Random(5)
-    config = make_config(n_in_words=k_words, n_out=n_out, w_base=0, act_base=30, forward=forward)
+    config = with_queue(make_config(n_in_words=k_words, n_out=n_out, w_base=0, act_base=30, forward=forward), ARCH)
     weights, params = dense_case(rng, k_words, n_out, ARCH.lanes)
     flits = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(3)]
     dut = PE(ARCH, TILE)
@@ -586,20 +617,22 @@ def test_idle_tile_holds_its_input():
 
 # --- windowed layers (section 4.1) -----------------------------------------------------------------
 
-#: Forward queue depths (Arch.forward_queue_words) the case lists below cycle through: one word, two, three
-#: (all smaller than most inferences' forwarded plus passed words, so the queue fills) and the default.
-QUEUE_DEPTHS = (1, 2, 3, 1024)
+#: Forward queue depths (the tile's register queue_words) the case lists below cycle through: one word, two, three
+#: (all smaller than most inferences' forwarded plus passed words, so the queue fills) and None, every SRAM word
+#: the weights and banks leave free (:func:`with_queue`; what a compiled program gets).
+QUEUE_DEPTHS = (1, 2, 3, None)
 
 
 def with_queue_depths(cases, first=1):
     """``cases`` (id first) as pytest parameters with a forward queue depth appended, cycling through
-    QUEUE_DEPTHS, each with its id and ``-F<depth>``."""
+    QUEUE_DEPTHS, each with its id and ``-F<depth>`` (``-Ffree`` for None)."""
     depths = [QUEUE_DEPTHS[i % len(QUEUE_DEPTHS)] for i in range(len(cases))]
-    return [pytest.param(*case[first:], depth, id=f"{case[0]}-F{depth}") for case, depth in zip(cases, depths)]
+    return [pytest.param(*case[first:], depth, id=f"{case[0]}-F{'free' if depth is None else depth}")
+            for case, depth in zip(cases, depths)]
 
 
 #: Room for 5x5 maps: 1024 SRAM words, 64 result words.
-WINDOW_ARCH = ARCH.replace(sram_bytes=4096, max_tile_outputs=256)
+WINDOW_ARCH = ARCH.replace(sram_bytes=4096, max_tile_outputs=256, result_ring_words=64)
 
 
 def golden_window(config, sram, params, activations, lanes):
@@ -717,14 +750,18 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
                     result_words_per_tile=None, ready_bursts=False, unread=None):
     """One windowed layer on a PE with ``lanes`` lanes, checked value by value and cycle by cycle.
     ``average``: all-one weights and multipliers near 2^S / (KH*KW) (an average pool as a LANE layer).
-    ``result_words_per_tile``: result ring depth R (default: WINDOW_ARCH's outputs at ``lanes``).
+    ``result_words_per_tile``: result ring depth R (default: ceil(WINDOW_ARCH's max_tile_outputs / ``lanes``), a
+    ring of as many words as the tile's largest result count).
     ``back_pressure``: seeded random input gaps and o_flit.ready stalls (:func:`bursty_ready` if
     ``ready_bursts``, else high in 60% of the cycles). ``unread``: registers the op does not read, loaded (unchecked,
-    encode_config may reject them) on top of the config, which must behave as without them.
-    Returns (config, weights, params, inputs, emitted, schedule)."""
-    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes, forward_queue_words=queue_words)
+    encode_config may reject them) on top of the config, which must behave as without them. ``queue_words``: the
+    forward queue's words (:func:`with_queue`; None: all free SRAM). Also checks the SRAM after the run
+    (:func:`expected_banks`: weights, banks, the queue's region). Returns (config, weights, params, inputs, emitted,
+    schedule)."""
+    ring_words = -(-WINDOW_ARCH.max_tile_outputs // lanes)
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes, result_ring_words=ring_words)
     if result_words_per_tile is not None:
-        arch = arch.replace(max_tile_outputs=result_words_per_tile * lanes)
+        arch = arch.replace(max_tile_outputs=result_words_per_tile * lanes, result_ring_words=result_words_per_tile)
     rng = random.Random(repr(sorted(registers.items())) + str(lanes))   # a str seed is stable across runs
     k_words = registers["in_height"] * registers["in_width"] * registers["words_per_pixel"]
     config = make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, w_base=3, **registers)
@@ -736,6 +773,7 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
                   add_mult_b=unused.randint(1, (1 << 23) - 1))
     n_weight_words = tile_config(config).weight_words
     config["act_base"] = config["w_base"] + n_weight_words + 1
+    config = with_queue(config, arch, queue_words)
     if average:
         weights = [[1] * lanes for _ in range(n_weight_words)]
     else:
@@ -766,10 +804,12 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
     else:
         available, ready = [0] * len(inputs), [True] * horizon
     sram = {config["w_base"] + a: w for a, w in enumerate(weights)}
+    sram_image = []
     emitted, schedule = check_run(config, weights, params, inputs, available, ready, arch=arch,
                                   golden=lambda activations: golden_window(config, sram, params, activations, lanes),
-                                  loaded=dict(config, **unread) if unread else None)
-    if not back_pressure and not n_pass and queue_words >= tile_config(config).forwarded_words:
+                                  loaded=dict(config, **unread) if unread else None, sram_image=sram_image)
+    assert sram_image == expected_banks(config, inputs, sram, arch.sram_words, lanes, n_inferences)
+    if not back_pressure and not n_pass and config["queue_words"] >= tile_config(config).forwarded_words:
         # Spelled out for inference 0: last RECV at K - 1, result word 0 issued for d_0 cycles from K, then
         # EMITted 2 cycles later (written at K + d_0 + 1), while COMPUTE still runs.
         emit_cycles = [t for _, _, t, kind in emitted if kind == "emit"]
@@ -1003,21 +1043,22 @@ def test_stream_of_several_tensors_stores_one_range_and_forwards_another(k_words
     the weights untouched, the two activation banks holding the stored words of the last two inferences
     (inference s in bank s mod 2, at act_base + (s mod 2) * B) and nothing else written (the activation
     region sits right after zero words and right before the weights, so a write of a word outside the store
-    range, or to a wrong address, shows)."""
+    range, or to a wrong address, shows), and the forward queue's region behind the weights holding the words last
+    pushed (push i in word queue_base + i mod F)."""
     rng = random.Random("stream-" + repr((k_words, store, forward, n_out, n_pass)))
     stored = store[1] - store[0]
     act_base = 6
     config = make_config(n_in_words=k_words, n_out=n_out, n_pass=n_pass, act_base=act_base,
                          w_base=act_base + ACTIVATION_BANKS * stored, zp_out=2, **dense_window_registers(stored))
     config.update(store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
+    config = with_queue(config, ARCH, queue_words)
     assert (tile_config(config).stored_words, tile_config(config).forwarded_words) == (stored, forward[1] - forward[0])
     weights, params = dense_case(rng, stored, n_out, ARCH.lanes)
     n_inferences = 3
     inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range((k_words + n_pass) * n_inferences)]
     available, ready = random_stalls(rng, len(inputs), 600)
     sram_image = []
-    emitted, schedule = check_run(config, weights, params, inputs, available, ready, sram_image=sram_image,
-                                  arch=ARCH.replace(forward_queue_words=queue_words))
+    emitted, schedule = check_run(config, weights, params, inputs, available, ready, sram_image=sram_image)
     assert sum(kind == "forward" for *_, kind in emitted) == n_inferences * (forward[1] - forward[0] + n_pass)
 
     expected = [[0] * ARCH.lanes for _ in range(ARCH.sram_words)]
@@ -1027,6 +1068,8 @@ def test_stream_of_several_tensors_stores_one_range_and_forwards_another(k_words
         bank = act_base + (s % 2) * stored
         expected[bank:bank + stored] = flits[store[0]:store[1]]
     expected[config["w_base"]:config["w_base"] + len(weights)] = weights
+    for address, flit in queue_image(config, inputs, n_inferences).items():
+        expected[address] = flit
     assert sram_image == expected
 
 
@@ -1152,11 +1195,13 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
     """Run an ADD or CONCAT tile (``config`` complete) on an arch with ``lanes`` lanes and a result ring of
     ``ring_words`` words for ``n_inferences`` random inferences, with seeded random stalls if ``back_pressure``
     (o_flit.ready in :func:`bursty_ready` bursts if ``ready_bursts``), checking every transfer against
-    ``golden`` and rule 4 with a forward queue of ``queue_words``; random "weights" fill the SRAM below
+    ``golden`` and rule 4 with a forward queue of ``queue_words`` (None: all free SRAM; :func:`with_queue`, which
+    sets registers queue_base and queue_words of ``config`` in place); random "weights" fill the SRAM below
     act_base (neither op reads a weight). ``unread``: as :func:`run_window_case`'s; ``sram_image``: as
     :func:`simulate`'s. Returns (inputs, emitted, schedule)."""
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=ring_words * lanes,
-                               forward_queue_words=queue_words)
+                               result_ring_words=ring_words)
+    config.update(with_queue(config, arch, queue_words))
     k_words, n_pass = config["n_in_words"], config["n_pass"]
     assert tile_config(config).weight_words == 0 and stream_prefix == config["store_begin"]
     sram = {address: [rng.randint(-128, 127) for _ in range(lanes)] for address in range(config["act_base"])}
@@ -1179,7 +1224,7 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
     emits = [t for _, _, t, kind in emitted if kind == "emit"]
     assert len(emits) == n_inferences * tile_config(config).result_words(lanes)
     until = tile_config(config).store_until
-    if (not back_pressure and not n_pass and queue_words >= tile_config(config).forwarded_words
+    if (not back_pressure and not n_pass and config["queue_words"] >= tile_config(config).forwarded_words
             and config["forward_end"] <= until):
         # Spelled out for inference 0: last stored RECV word (store_until - 1, section 4.2) at cycle store_until - 1,
         # result word 0 issued from store_until (ADD: 2 issues, CONCAT: 1), written at store_until + d_0 + 1 and
@@ -1285,9 +1330,10 @@ def split_stream(sizes, prefix, between, after, forward):
 
 
 def expected_banks(config, inputs, sram, sram_words, lanes, n_inferences):
-    """The SRAM after a run of ``n_inferences``: the loaded image ``sram`` {addr: lanes}, and the two activation
+    """The SRAM after a run of ``n_inferences``: the loaded image ``sram`` {addr: lanes}, the two activation
     banks holding the stored words (first range, then second: :func:`stored_part`) of the last two inferences,
-    inference s at act_base + (s mod 2) * B; every other word 0 (never written)."""
+    inference s at act_base + (s mod 2) * B, and the forward queue's region holding the words last pushed
+    (:func:`queue_image`); every other word 0 (never written)."""
     expected = [[0] * lanes for _ in range(sram_words)]
     for address, word in sram.items():
         expected[address] = word
@@ -1295,6 +1341,8 @@ def expected_banks(config, inputs, sram, sram_words, lanes, n_inferences):
     for s in range(max(0, n_inferences - 2), n_inferences):
         bank = config["act_base"] + (s % 2) * stored
         expected[bank:bank + stored] = stored_part(config, inputs[s * per_inference:(s + 1) * per_inference])
+    for address, flit in queue_image(config, inputs, n_inferences).items():
+        expected[address] = flit
     return expected
 
 
@@ -1332,8 +1380,10 @@ def test_add_of_two_store_ranges_matches_section_4_2_and_rule_4(height, width, c
                          act_base=9, pad_value=rng.randint(-128, 127), store_begin=store[0], store_end=store[1],
                          store2_begin=store2[0], store2_end=store2[1], forward_begin=forwards[0],
                          forward_end=forwards[1])
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes)      # run_two_operand_case's SRAM
+    config = with_queue(config, arch, queue_words)
     tile = tile_config(config)
-    tile.validate(WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes))
+    tile.validate(arch)
     assert (tile.stored_words, tile.store_until) == (2 * n_map, store2[1])
     assert tile.store_until < k_words      # words after the second range: COMPUTE must not wait for them
     n_inferences = 3
@@ -1386,7 +1436,7 @@ def test_windowed_layer_over_two_store_ranges_matches_golden_and_rule_4(register
     """The second store range is op-independent: a MAX or MAC tile whose map is words [0, split) of range 1 and
     [split, map words) of range 2 (not on a pixel boundary for the MAC) computes what it computes on the map stored
     in one piece; every transfer and cycle against the goldens, and the SRAM after the run."""
-    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes, forward_queue_words=queue_words)
+    arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=1024 * lanes)
     rng = random.Random("split-window-" + repr(sorted(registers.items())) + str(split))
     n_map = registers["in_height"] * registers["in_width"] * registers["words_per_pixel"]
     k_words, store, store2, forwards = split_stream((split, n_map - split), prefix, between, after, forward)
@@ -1395,6 +1445,7 @@ def test_windowed_layer_over_two_store_ranges_matches_golden_and_rule_4(register
                   forward_begin=forwards[0], forward_end=forwards[1])
     n_weight_words = tile_config(config).weight_words
     config["act_base"] = config["w_base"] + n_weight_words + 1
+    config = with_queue(config, arch, queue_words)
     tile_config(config).validate(arch)
     weights = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(n_weight_words)]
     if registers["op"] == OP_MAX:
@@ -1439,11 +1490,13 @@ def second_range_add_config(**overrides):
 def test_valid_second_store_ranges_encode():
     assert len(encode_config(ARCH, second_range_add_config())) == len(CONFIG_FIELDS)
     # Adjacent ranges, a forwarded prefix and suffix, and a MAX map split in two.
-    assert encode_config(ARCH, second_range_add_config(n_in_words=11, store_begin=2, store_end=6, store2_begin=6,
-                                                       store2_end=10, forward_begin=8, forward_end=11))
-    assert encode_config(ARCH, window_config(op=OP_MAX, n_in_words=7, store_begin=1, store_end=2, store2_begin=4,
-                                             store2_end=7, forward_end=7, n_out=4, kernel_h=1, kernel_w=1,
-                                             pad_top=0, pad_left=0, out_rows=2, out_width=2))
+    assert encode_config(ARCH, with_queue(second_range_add_config(n_in_words=11, store_begin=2, store_end=6,
+                                                                  store2_begin=6, store2_end=10, forward_begin=8,
+                                                                  forward_end=11), ARCH))
+    assert encode_config(ARCH, with_queue(window_config(op=OP_MAX, n_in_words=7, store_begin=1, store_end=2,
+                                                        store2_begin=4, store2_end=7, forward_end=7, n_out=4,
+                                                        kernel_h=1, kernel_w=1, pad_top=0, pad_left=0, out_rows=2,
+                                                        out_width=2), ARCH))
     assert tile_config(second_range_add_config()).store_until == 10
     assert tile_config(second_range_add_config(store2_begin=0, store2_end=0, operand_b_offset=0)).store_until == 4
 
@@ -1662,14 +1715,14 @@ def test_more_result_words_than_ring_slots():
     assert schedule.words == [4, 22, 40, 58, 78, 96, 114, 132] and schedule.ring_waits == 0
     assert emits == [a + 18 + 2 for a in schedule.words]
     # (3) R = 1: a_{j+1} = EMIT j + 1 = a_j + 18 + 3; c_1 = max(a_3 + 18 + 2 = 87, EMIT 3 + 1 = 88) = 88.
-    emits, schedule = run([True] * 300, ARCH.replace(max_tile_outputs=ARCH.lanes))
+    emits, schedule = run([True] * 300, ARCH.replace(max_tile_outputs=ARCH.lanes, result_ring_words=1))
     assert schedule.words == [4, 25, 46, 67, 88, 109, 130, 151] and schedule.compute == [4, 88]
     assert emits == [a + 18 + 2 for a in schedule.words] and schedule.ring_waits == 7
     assert schedule.start_ring_waits == 1
 
 
 #: Tiles on L = 8 lanes whose E = n_pix * W_px result words an inference exceed the ring's R =
-#: max_tile_outputs / 8 words: (id, registers, n_pass, forward, R).
+#: result_ring_words words: (id, registers, n_pass, forward, R).
 RING_CASES = [
     # N_o = 11 = L + 3 (not a multiple of L): two words a pixel, d = 8 * K_w = 16 and 3 * K_w = 6 (a 1x2
     # kernel, short enough words for two to be written during one output stall); 9 pixels, E = 18.
@@ -1714,7 +1767,7 @@ def test_windowed_layer_through_a_ring_smaller_than_an_inference(registers, n_pa
     assert len([kind for *_, kind in emitted if kind == "emit"]) == 3 * n_words
 
 
-@pytest.mark.parametrize("ring_words, cw_words, queue_words", [(1, 1, 2), (2, 2, 1024)])
+@pytest.mark.parametrize("ring_words, cw_words, queue_words", [(1, 1, 2), (2, 2, None)])
 def test_add_through_a_ring_smaller_than_an_inference(ring_words, cw_words, queue_words):
     """Op ADD (section 4.2, d = 2 a word) through a ring of R = 1 or 2 words on L = 8 lanes, a 3x3 map of
     CW = 1 or 2 words a pixel (E = 9 or 18 result words an inference), operand b stored first after a
@@ -1851,7 +1904,7 @@ def test_band_compute_iterates_n_pix_pixels():
     registers = dict(op=OP_MAC, in_height=3, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=3, stride=1,
                      pad_top=1, pad_left=1, pad_value=1, out_row_begin=0, out_rows=3, out_width=5, out_col_begin=2,
                      out_col_end=1, n_out=3)
-    config, _, _, _, emitted, schedule = run_window_case(registers, 0, 0, False, 3, 4, queue_words=1024)
+    config, _, _, _, emitted, schedule = run_window_case(registers, 0, 0, False, 3, 4, queue_words=None)
     n_pix, issue_cycles = 9, 9 * 3 * 9
     assert tile_config(config).output_pixels == n_pix and tile_config(config).compute_issue_cycles == issue_cycles
     k_words = 15
@@ -1965,8 +2018,8 @@ def test_invalid_band_that_reaches_the_pe_makes_it_a_pass_through_tile(registers
     rng = random.Random("invalid-band-" + repr(sorted(registers.items())))
     window = dict(in_height=3, in_width=3, words_per_pixel=1, kernel_h=3, kernel_w=3, stride=1, pad_top=1,
                   pad_left=1, out_row_begin=0)
-    loaded = make_config(n_in_words=9, forward=1, n_out=2, n_pass=6, pass_per_pixel=1, w_base=0, act_base=30,
-                         **window, **registers)
+    loaded = with_queue(make_config(n_in_words=9, forward=1, n_out=2, n_pass=6, pass_per_pixel=1, w_base=0,
+                                    act_base=30, **window, **registers), ARCH)
     with pytest.raises(LoadEncodingError, match="out_col_begin|out_col_end"):
         encode_config(ARCH, loaded)
     weights = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(tile_config(loaded).weight_words)]
@@ -2157,7 +2210,7 @@ def test_channel_groups_compose_to_the_whole_layer_and_match_the_emulator(op):
     assert whole == emulator_results(config, sram, params, stored, arch)
     per_group = []
     for group, group_sram, group_params in split_into_groups(config, sram, params, groups, lanes):
-        assert encode_config(arch, dict(group, n_pass=n_pix * group["pass_per_pixel"]))
+        assert encode_config(arch, with_queue(dict(group, n_pass=n_pix * group["pass_per_pixel"]), arch))
         words = golden(group, group_sram, group_params, stored)
         assert len(words) == n_pix * group["group_words"]
         assert words == emulator_results(group, group_sram, group_params, stored, arch)
@@ -2177,7 +2230,7 @@ def test_mac_and_concat_ignore_the_channel_group_registers():
                      pad_top=0, pad_left=1, pad_value=-5, out_row_begin=0, out_rows=2, out_width=3, n_out=5, zp_out=2)
     with pytest.raises(LoadEncodingError, match="must be 0 for op = OP_MAC"):
         encode_config(WINDOW_ARCH, make_config(n_in_words=18, **registers, **unread))
-    run_window_case(registers, 0, 1, True, 2, 4, queue_words=1024, unread=unread)
+    run_window_case(registers, 0, 1, True, 2, 4, queue_words=None, unread=unread)
 
     rng = random.Random("concat-unread-group")
     lanes, height, width, words_a, words_b = 4, 2, 2, 2, 1
@@ -2192,7 +2245,7 @@ def test_mac_and_concat_ignore_the_channel_group_registers():
     with pytest.raises(LoadEncodingError, match="must be 0 for op = OP_CONCAT"):
         encode_config(WINDOW_ARCH, dict(config, **unread))
     run_two_operand_case(config, params, lanes, store[0], rng, n_inferences=2, back_pressure=True, extremes=False,
-                         golden=golden_concat, queue_words=1024, unread=unread)
+                         golden=golden_concat, queue_words=None, unread=unread)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -2217,48 +2270,60 @@ def concat_config(**overrides):
 
 
 def test_valid_add_concat_and_stream_configs_encode():
-    assert len(encode_config(ARCH, add_config())) == len(CONFIG_FIELDS)
-    assert len(encode_config(ARCH, add_config(n_in_words=11, store_begin=2, store_end=10, forward_begin=10,
-                                              forward_end=11, operand_b_offset=4, out_row_begin=1))) == len(CONFIG_FIELDS)
+    def encodes(config):
+        """encode_config of ``config`` with a forward queue in the SRAM behind its weights and banks if it queues
+        words (section 4: a tile that forwards or passes words needs one)."""
+        return encode_config(ARCH, with_queue(config, ARCH))
+
+    assert len(encodes(add_config())) == len(CONFIG_FIELDS)
+    assert len(encodes(add_config(n_in_words=11, store_begin=2, store_end=10, forward_begin=10,
+                                  forward_end=11, operand_b_offset=4, out_row_begin=1))) == len(CONFIG_FIELDS)
     # Operand b may come first, with a gap; ADD does not read concat_words_a.
-    assert encode_config(ARCH, add_config(n_in_words=9, operand_a_offset=5, operand_b_offset=0, concat_words_a=9))
-    assert encode_config(ARCH, concat_config())
-    assert encode_config(ARCH, concat_config(operand_a_offset=0, operand_b_offset=6, n_in_words=9))
+    assert encodes(add_config(n_in_words=9, operand_a_offset=5, operand_b_offset=0, concat_words_a=9))
+    assert encodes(concat_config())
+    assert encodes(concat_config(operand_a_offset=0, operand_b_offset=6, n_in_words=9))
     # A pass-through tile may forward part of its RECV words and store none.
-    assert encode_config(ARCH, make_config(n_in_words=5, forward_begin=1, forward_end=5))
+    assert encodes(make_config(n_in_words=5, forward_begin=1, forward_end=5))
     # Section 4.4: n_pix * pass_per_pixel may use up all of n_pass (no bulk passed words), for any op.
-    assert encode_config(ARCH, window_config(out_width=2, pass_per_pixel=2, n_pass=4))
-    assert encode_config(ARCH, add_config(pass_per_pixel=3, n_pass=6))
+    assert encodes(window_config(out_width=2, pass_per_pixel=2, n_pass=4))
+    assert encodes(add_config(pass_per_pixel=3, n_pass=6))
     # Section 4.1's bands of pixels: n_pix (here 3 of the 2 x 2 pixels) bounds the interleaved passed words; a
     # single row [1, 2); an empty first row part is impossible (out_col_begin < out_width), a whole last row
     # (out_col_end = 0 or out_width) is fine.
-    assert encode_config(ARCH, window_config(out_rows=2, out_width=2, out_col_begin=1, pass_per_pixel=2, n_pass=6,
-                                             act_base=20))
-    assert encode_config(ARCH, window_config(out_width=2, out_col_begin=1, out_col_end=2))
-    assert encode_config(ARCH, add_config(out_rows=2, out_col_begin=1, out_col_end=1, pass_per_pixel=1, n_pass=2))
-    assert encode_config(ARCH, concat_config(out_row_begin=1, out_rows=2, out_col_begin=0, out_col_end=1))
+    assert encodes(window_config(out_rows=2, out_width=2, out_col_begin=1, pass_per_pixel=2, n_pass=6,
+                                 act_base=20))
+    assert encodes(window_config(out_width=2, out_col_begin=1, out_col_end=2))
+    assert encodes(add_config(out_rows=2, out_col_begin=1, out_col_end=1, pass_per_pixel=1, n_pass=2))
+    assert encodes(concat_config(out_row_begin=1, out_rows=2, out_col_begin=0, out_col_end=1))
     # A tile that does not compute does not read the band registers.
-    assert encode_config(ARCH, make_config(n_in_words=2, forward_end=2, out_col_begin=9, out_col_end=200))
+    assert encodes(make_config(n_in_words=2, forward_end=2, out_col_begin=9, out_col_end=200))
     # Registers an op does not read are only checked against their width (as the emulator does).
-    assert encode_config(ARCH, make_config(n_in_words=2, n_out=1, add_mult_a=(1 << 23) - 1, operand_a_offset=9,
-                                           operand_b_offset=1, concat_words_a=7))
+    assert encodes(make_config(n_in_words=2, n_out=1, add_mult_a=(1 << 23) - 1, operand_a_offset=9,
+                               operand_b_offset=1, concat_words_a=7))
     # Results stream out through the ring (section 4): more result words an inference than its R = 3 words
     # (program format 5 rejected these) encode.
     assert ARCH.result_words == 3
-    assert encode_config(ARCH, window_config(out_rows=2, out_width=2, act_base=20))          # 4 result words
-    assert encode_config(ARCH, add_config(out_rows=2))                                       # 4
-    assert encode_config(ARCH, concat_config(out_row_begin=1, out_rows=2))                  # 6
+    assert encodes(window_config(out_rows=2, out_width=2, act_base=20))     # 4 result words
+    assert encodes(add_config(out_rows=2))                                  # 4
+    assert encodes(concat_config(out_row_begin=1, out_rows=2))              # 6
     # Section 4.4's channel groups of MAX, LANE and ADD: any words [group_word_begin, + group_words) of a pixel,
     # n_out = group_words * lanes, LANE's weights KH*KW*group_words words; group_words = 0 means all the words.
-    assert encode_config(ARCH, window_config(op=OP_MAX, n_in_words=12, words_per_pixel=3, n_out=4,
-                                             group_word_begin=2, group_words=1, pass_per_pixel=2, n_pass=2))
-    assert encode_config(ARCH, window_config(op=OP_LANE, n_in_words=12, words_per_pixel=3, n_out=8,
-                                             group_word_begin=1, group_words=2, w_base=46, act_base=20))
-    assert encode_config(ARCH, window_config(op=OP_LANE, n_in_words=8, words_per_pixel=2, n_out=8, group_words=2))
-    assert encode_config(ARCH, add_config(n_in_words=24, words_per_pixel=3, operand_b_offset=12, n_out=4,
-                                          group_word_begin=2, group_words=1, pass_per_pixel=2, n_pass=4))
+    assert encodes(window_config(op=OP_MAX, n_in_words=12, words_per_pixel=3, n_out=4,
+                                 group_word_begin=2, group_words=1, pass_per_pixel=2, n_pass=2))
+    assert encodes(window_config(op=OP_LANE, n_in_words=12, words_per_pixel=3, n_out=8,
+                                 group_word_begin=1, group_words=2, w_base=46, act_base=20))
+    assert encodes(window_config(op=OP_LANE, n_in_words=8, words_per_pixel=2, n_out=8, group_words=2))
+    assert encodes(add_config(n_in_words=24, words_per_pixel=3, operand_b_offset=12, n_out=4,
+                              group_word_begin=2, group_words=1, pass_per_pixel=2, n_pass=4))
     # A tile that does not compute does not read the group registers either.
-    assert encode_config(ARCH, make_config(n_in_words=2, forward_end=2, group_word_begin=9, group_words=9))
+    assert encodes(make_config(n_in_words=2, forward_end=2, group_word_begin=9, group_words=9))
+    # Section 4: the forward queue may be any region apart from the weights and the banks (here between them, or
+    # reaching the SRAM's last word); a tile that queues nothing may have one.
+    dense = make_config(n_in_words=4, n_out=1, forward=1, w_base=0, act_base=20)
+    assert encode_config(ARCH, dict(dense, queue_base=4, queue_words=16))
+    assert encode_config(ARCH, dict(dense, queue_base=28, queue_words=36))
+    assert encode_config(ARCH, dict(dense, forward_end=0, queue_base=63, queue_words=1))
+    assert with_queue(dense, ARCH) == dict(dense, queue_base=28, queue_words=36)
 
 
 def window_config(**overrides):
@@ -2287,6 +2352,21 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
      r"of the stored words\)"),
     (lambda: encode_config(ARCH, make_config(zp_out=256)), "zp_out' = 256 is out of range -256..255"),
     (lambda: encode_config(ARCH, make_config(dest_host=0, dest_col=2)), "dest_col = 2 outside 0..1"),
+    # Section 4: the forward queue, a region of the SRAM, needed by a tile that forwards or passes words.
+    (lambda: encode_config(ARCH, make_config(n_in_words=5, forward_begin=1, forward_end=5)),
+     r"config register queue_words = 0, but the tile forwards and passes forward_end - forward_begin \+ n_pass = 4 "
+     r"words per inference through its forward queue \(queue_words >= 1 needed; section 4\)"),
+    (lambda: encode_config(ARCH, make_config(n_pass=2, queue_base=60, queue_words=5)),
+     r"config registers queue_base \+ queue_words = 60 \+ 5 = 65 exceed sram_words = 64"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=4, n_out=1, forward=1, w_base=0, act_base=20, queue_base=27,
+                                             queue_words=4)),
+     r"config registers queue_base = 27, queue_words = 4: the forward queue \[27, 31\) overlaps \[act_base, "
+     r"act_base \+ 2 \* \(store_end - store_begin\)\) = \[20, 28\) \(section 4\)"),
+    (lambda: encode_config(ARCH, make_config(n_in_words=4, n_out=1, forward=1, w_base=0, act_base=20, queue_base=3,
+                                             queue_words=17)),
+     r"the forward queue \[3, 20\) overlaps \[w_base, w_base \+ the weight words\) = \[0, 4\)"),
+    (lambda: encode_config(ARCH, make_config(n_pass=1, queue_words=1 << 17)),
+     "config register queue_words' = 131072 is out of range 0..131071"),
     (lambda: encode_config(ARCH, {"n_in_words": 1}), "config is missing register"),
     (lambda: encode_config(ARCH, window_config(kernel_h=0)), "config register kernel_h = 0 must be 1..255"),
     (lambda: encode_config(ARCH, window_config(kernel_w=256)), "kernel_w' = 256 is out of range 0..255"),

@@ -4,10 +4,12 @@ random stimulus, and the model is stepped in lockstep. The whole PE is tested in
 from __future__ import annotations
 
 import random
+from collections import deque
 
 import pytest
-from amaranth.hdl import signed
-from amaranth.lib import data
+from amaranth.hdl import Elaboratable, Module, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
 from flowtile.arch import CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch
@@ -20,12 +22,13 @@ from flowtile.hdl.pe_loader import PELoader
 from flowtile.hdl.pe_output import OutputSide
 from flowtile.hdl.pe_params import ParamTable
 from flowtile.hdl.pe_pipeline import ComputePipeline, Requantizer
+from flowtile.hdl.pe_queue import ForwardQueue
 from flowtile.hdl.pe_ring import ResultRing
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
-ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, router_fifo_depth=2)
+ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3, router_fifo_depth=2)
 LANES = ARCH.lanes
 SRAM_BITS = (ARCH.sram_words - 1).bit_length()
 WORD_MASK = (1 << ARCH.flit_data_bits) - 1
@@ -229,6 +232,120 @@ def test_result_ring_matches_model(depth):
             await ctx.tick()
 
     simulate(dut, testbench)
+
+
+# --- ForwardQueue ----------------------------------------------------------------------------------------
+
+class QueueModel:
+    """Section 4's forward queue, plainly: a FIFO of F words (a deque), pushable iff it holds fewer than F words
+    (before this cycle's pop), poppable iff it holds a word pushed in an earlier cycle; emptied by run = 0. The
+    items are whatever the testbench pushes (here (word, push cycle))."""
+
+    def __init__(self, depth):
+        self.depth, self.words = depth, deque()
+
+    def ready(self, run):
+        return bool(run) and len(self.words) < self.depth
+
+    def valid(self, run):
+        return bool(run) and len(self.words) > 0
+
+    def step(self, run, pushed, popped):
+        """Apply one cycle: ``pushed`` the item pushed (or None), ``popped`` whether the head left."""
+        if popped:
+            self.words.popleft()
+        if pushed is not None:
+            self.words.append(pushed)
+        if not run:
+            self.words.clear()
+
+
+class QueueBench(Elaboratable):
+    """A :class:`ForwardQueue` beside a real SRAM, wired as the PE wires them: write port 0 another writer's (the
+    testbench drives ``other_write``; in the PE the loader or input side), write port 1 the queue's, and a read
+    port transparent for the queue's write port."""
+
+    def __init__(self, arch):
+        self.queue = ForwardQueue(arch)
+        self.sram = Memory(shape=unsigned(arch.flit_data_bits), depth=arch.sram_words, init=[])
+        self.other_write = self.sram.write_port()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.queue, m.submodules.sram = self.queue, self.sram
+        queue_write = self.sram.write_port()
+        wiring.connect(m, self.queue.sram_write, queue_write)
+        wiring.connect(m, self.queue.sram_read, self.sram.read_port(transparent_for=(queue_write,)))
+        return m
+
+
+#: queue_base of the first half of every queue test (the second puts the region at the top of the SRAM).
+QUEUE_BASE = 37
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5, 8])
+def test_forward_queue_matches_a_fifo_of_queue_words(depth):
+    """The forward queue against a plain FIFO of F = queue_words words, cycle by cycle under seeded random pushes
+    and pops, in phases that mostly push (the queue fills: a full queue refuses a push also in a cycle it is
+    popped), mostly pop (it empties: a word pushed into an empty queue leaves one cycle later, through the SRAM
+    read port's transparency) or both; run = 0 now and then, also with words held (they are gone afterwards).
+    Every cycle: w_stream.ready, r_stream.valid (neither depending on r_stream.ready), the payload whenever valid,
+    the SRAM write (push i of a run in word queue_base + i mod F) and the read address (inside the region). Another
+    write port writes random words outside the region every cycle: the queue must not depend on them. The region
+    is at queue_base = 37 first, then (moved while run = 0) at the SRAM's top."""
+    rng = random.Random(f"forward-queue-{depth}")
+    dut = QueueBench(ARCH)
+    queue = dut.queue
+    bases = (QUEUE_BASE, ARCH.sram_words - depth)
+    seen = {"full_refused": 0, "full_popped": 0, "next_cycle_pops": 0, "cleared": 0, "wraps": 0, "pops": 0}
+
+    async def testbench(ctx):
+        for base in bases:
+            ctx.set(queue.config, config_value(queue_base=base, queue_words=depth))
+            ctx.set(queue.run, 0)
+            await ctx.tick()
+            model, pushes = QueueModel(depth), 0           # pushes since run rose: the next one's index
+            push_chance = pop_chance = 0.5
+            for cycle in range(500):
+                if cycle % 40 == 0:
+                    push_chance, pop_chance = rng.choice([(0.9, 0.2), (0.2, 0.9), (0.6, 0.6), (1.0, 1.0)])
+                run = rng.random() >= 0.02
+                valid, ready, word = rng.random() < push_chance, rng.random() < pop_chance, rng.getrandbits(32)
+                other = rng.choice([a for a in range(ARCH.sram_words) if not base <= a < base + depth])
+                for port, value in ((queue.run, run), (queue.w_stream.valid, valid), (queue.w_stream.payload, word),
+                                    (queue.r_stream.ready, ready), (dut.other_write.en, 1),
+                                    (dut.other_write.addr, other), (dut.other_write.data, rng.getrandbits(32))):
+                    ctx.set(port, value)
+                push_ready, pop_valid = model.ready(run), model.valid(run)
+                assert ctx.get(queue.w_stream.ready) == push_ready, (base, cycle)
+                assert ctx.get(queue.r_stream.valid) == pop_valid, (base, cycle)
+                if pop_valid:
+                    assert ctx.get(queue.r_stream.payload) == model.words[0][0], (base, cycle)
+                # Neither r_stream.valid nor w_stream.ready depends on r_stream.ready.
+                ctx.set(queue.r_stream.ready, not ready)
+                assert (ctx.get(queue.r_stream.valid), ctx.get(queue.w_stream.ready)) == (pop_valid, push_ready)
+                ctx.set(queue.r_stream.ready, ready)
+                pushed = word if valid and push_ready else None
+                popped = pop_valid and ready
+                assert ctx.get(queue.sram_write.en) == (pushed is not None)
+                if pushed is not None:
+                    assert ctx.get(queue.sram_write.addr) == base + pushes % depth
+                    assert ctx.get(queue.sram_write.data) == word
+                assert base <= ctx.get(queue.sram_read.addr) < base + depth
+                full = len(model.words) == depth
+                seen["full_refused"] += run and full and valid
+                seen["full_popped"] += run and full and valid and popped
+                seen["next_cycle_pops"] += popped and model.words[0][1] == cycle - 1
+                seen["cleared"] += not run and bool(model.words)
+                seen["wraps"] += pushed is not None and pushes % depth == depth - 1
+                seen["pops"] += popped
+                pushes = 0 if not run else pushes + (pushed is not None)
+                model.step(run, pushed if pushed is None else (pushed, cycle), popped)
+                await ctx.tick()
+
+    simulate(dut, testbench)
+    assert seen["pops"] > 200 and seen["wraps"] >= 20 and seen["cleared"] >= 2
+    assert seen["full_refused"] >= 20 and seen["full_popped"] >= 5 and seen["next_cycle_pops"] >= 20, seen
 
 
 # --- InputSide -------------------------------------------------------------------------------------------
@@ -687,6 +804,7 @@ def test_compute_pipeline_matches_model(op):
     (lambda: ResultRing(0, 4), r"^ResultRing: parameter 'depth' must be a positive integer, got 0$"),
     (lambda: ResultRing(3, "4"), r"^ResultRing: parameter 'lanes' must be a positive integer, got '4'$"),
     (lambda: InputSide(None), r"^InputSide: parameter 'arch' must be a flowtile.arch.Arch, got None$"),
+    (lambda: ForwardQueue("arch"), r"^ForwardQueue: parameter 'arch' must be a flowtile.arch.Arch, got 'arch'$"),
     (lambda: OutputSide(4), r"^OutputSide: parameter 'arch' must be a flowtile.arch.Arch, got 4$"),
     (lambda: ComputeSequencer({}), r"^ComputeSequencer: parameter 'arch' must be a flowtile.arch.Arch, got \{\}$"),
     (lambda: ComputePipeline(1.5), r"^ComputePipeline: parameter 'arch' must be a flowtile.arch.Arch, got 1.5$"),

@@ -21,6 +21,7 @@ from flowtile.hdl.system import (LINK_MODULE_NAME, LINK_STATUS_COUNTERS, System,
                                  link_status_signature)
 from flowtile.hdl.verilog import link_verilog, system_verilog
 from flowtile.link_format import LINK_LANE_SEGMENTS, LaneSegment, encode_lane_segment
+from flowtile.tile_config import TileConfig
 from test_hdl_link import LinkProbe, check_link_contract, stream_lanes, table_value
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
@@ -28,8 +29,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
 
 #: Two chips of 1x2 tiles with 19-bit flits (16 data bits cross a link); an 8-bit link wire (13-beat frames, 3-beat
 #: messages), small credit and replay windows so that both bind.
-ARCH = Arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, router_fifo_depth=2, chips=2,
-            link_bits_per_cycle=8, link_latency_cycles=3, link_frame_flits=4, link_credit_frames=2,
+ARCH = Arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, router_fifo_depth=2,
+            chips=2, link_bits_per_cycle=8, link_latency_cycles=3, link_frame_flits=4, link_credit_frames=2,
             link_replay_frames=2)
 
 
@@ -41,10 +42,10 @@ def blank_config(**values):
 
 
 def pass_through_program(arch, n_pass, last_dest=(0, 0), link_dest=(0, 0)):
-    """{(chip, row, col): config}: every tile passes ``n_pass`` flits an inference to its chain successor; the last
-    tile of each chip sends to the host port with dest ``link_dest`` ((0, 0): the next chip's first tile, the only
-    valid program; the destination does not cross the link), the last chip's with dest ``last_dest`` (seen in the
-    output flits)."""
+    """{(chip, row, col): config}: every tile passes ``n_pass`` flits an inference to its chain successor (through a
+    forward queue of all its SRAM words, as a compiled program's pass-through tile); the last tile of each chip sends
+    to the host port with dest ``link_dest`` ((0, 0): the next chip's first tile, the only valid program; the
+    destination does not cross the link), the last chip's with dest ``last_dest`` (seen in the output flits)."""
     configs = {}
     for chip in range(arch.chips):
         chain = arch.chain
@@ -54,7 +55,7 @@ def pass_through_program(arch, n_pass, last_dest=(0, 0), link_dest=(0, 0)):
             else:
                 target = last_dest if chip == arch.chips - 1 else link_dest
                 dest = dict(dest_host=1, dest_row=target[0], dest_col=target[1])
-            configs[chip, row, col] = blank_config(n_pass=n_pass, **dest)
+            configs[chip, row, col] = TileConfig.coerce(blank_config(n_pass=n_pass, **dest)).with_queue(arch).to_dict()
     return configs
 
 
@@ -336,8 +337,8 @@ def test_instance_form_has_one_link_instance_per_link():
 
 @pytest.fixture(scope="module")
 def three_chip_verilog():
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, chips=3, link_latency_cycles=2,
-                link_error_rate=0.01)
+    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, chips=3,
+                link_latency_cycles=2, link_error_rate=0.01)
     return arch, system_verilog(arch, quiet=True)
 
 

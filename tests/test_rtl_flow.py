@@ -196,7 +196,8 @@ def _module_names(text):
 
 
 def test_harness_verilog_is_hierarchical_and_writes_no_buffer_contents():
-    arch = Arch(rows=2, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4)  # default 65536-flit host buffers
+    # default 65536-flit host buffers
+    arch = Arch(rows=2, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2)
     text = rtl.harness_verilog(arch)
     modules = _module_names(text)
     assert modules.count(TILE_MODULE_NAME) == 1 and modules.count(BUFFER_MODULE_NAME) == 1
@@ -242,8 +243,8 @@ def test_generation_key_changes_when_an_hdl_source_changes(monkeypatch):
 
 # --- (b) a hand-built program on the real chip --------------------------------------------------------
 
-CHIP_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=4,
-                 host_buffer_flits=256)
+CHIP_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
+                 router_fifo_depth=4, host_buffer_flits=256)
 N_IN, N_OUT, BATCH = 12, 6, 3
 ZP_OUT, CLAMP_LO, CLAMP_HI = 3, -100, 100
 #: Requantization around 1/1024: multiplier 1.25 * 2^30, shift 40, so outputs hit the clamps sometimes.
@@ -282,6 +283,8 @@ def _dense_program(arch: Arch, seed: int = 0):
         else:
             tiles.append(TileProgram(row, col, _idle_config(n_pass=result_words, **route),
                                      np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)))
+    for tile in tiles:          # the pass-through tiles' forward queues: all their SRAM
+        tile.config = tile.config.with_queue(arch)
     program = Program(arch=arch, input=TensorSpec("x", (N_IN,), 1.0, 0), output=TensorSpec("y", (N_OUT,), 1.0, 0),
                       layers=[LayerInfo("dense", "Gemm", N_IN, N_OUT, (chain[0],))], tiles=tiles,
                       model_name="hand-dense")
@@ -344,8 +347,8 @@ def test_dense_layer_verilator_matches_amaranth(dense_case, amaranth_dense):
 #: 2x2 chain: tiles 0 and 1 split a 3x3 convolution (stride 1, pad 1) of a 5x5 map by output rows,
 #: tile 2 max-pools its 5x5 output (2x2, stride 2), tile 3 applies a depthwise 3x3 convolution (pad 1,
 #: op = LANE, per-channel parameters) to the pooled map and sends the result to the host.
-CONV_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=512, max_tile_outputs=64, router_fifo_depth=2,
-                 host_buffer_flits=256)
+CONV_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=512, max_tile_outputs=64, result_ring_words=16,
+                 router_fifo_depth=2, host_buffer_flits=256)
 CONV_C, CONV_HW, CONV_OUT, CONV_BATCH = 3, 5, 4, 2
 CONV_BANDS = ((0, 3), (3, 2))           # (out_row_begin, out_rows) of chain tiles 0 and 1
 CONV_PAD_VALUE = -5                      # the input zero point: padding is a real zero
@@ -414,6 +417,8 @@ def _conv_program(arch: Arch, seed: int = 3):
     dw_table[:CONV_OUT] = dw_params
     tiles.append(TileProgram(*chain[3], dw, np.concatenate([dw_image, np.zeros((dw_in_words, lanes), np.int8)]),
                              dw_table))
+    for tile in tiles:          # tile 0 forwards the map, tile 1 passes tile 0's rows: queues of all free SRAM
+        tile.config = tile.config.with_queue(arch)
     program = Program(arch=arch, input=TensorSpec("x", (CONV_C, CONV_HW, CONV_HW), 1.0, 0, layout="chw"),
                       output=TensorSpec("y", (CONV_OUT, POOL_OUT, POOL_OUT), 1.0, 0, layout="chw"),
                       layers=[LayerInfo("conv", "Conv", CONV_C * CONV_HW ** 2, CONV_OUT * CONV_HW ** 2, chain[:2]),
