@@ -48,7 +48,8 @@ def resnet(seed=0):
 
 def check_system(program: Program) -> None:
     """The invariants of a multi-chip program beyond Program.validate: tiles in system-chain order with their chip,
-    one stream along the whole chain, routes, link registers."""
+    one stream along the whole chain, routes, link registers; every tile that forwards or passes words has all the
+    SRAM its weights and banks leave free as its forward queue (registers queue_base, queue_words)."""
     program.validate()
     arch, lanes, n = program.arch, program.arch.lanes, program.arch.n_tiles
     assert len(program.tiles) == arch.system_tiles and len(program.links) == arch.chips - 1
@@ -57,6 +58,10 @@ def check_system(program: Program) -> None:
         c = tile.config
         assert (tile.chip, tile.row, tile.col) == arch.system_position(position)
         assert c.n_in_words + c.n_pass == emitted, f"tile {tile.key} takes {c.n_in_words}+{c.n_pass}, gets {emitted}"
+        if c.queued_words:
+            assert (c.queue_base, c.queue_base + c.queue_words) == (c.data_end, arch.sram_words), \
+                f"tile {tile.key}: forward queue [{c.queue_base}, {c.queue_base + c.queue_words}), free SRAM " \
+                f"[{c.data_end}, {arch.sram_words})"
         emitted = c.output_flits(lanes)
         chip, within = divmod(position, n)
         if within == n - 1:
@@ -262,6 +267,7 @@ def test_emulated_outputs_equal_one_big_chip(make, chips, bits):
     np.testing.assert_array_equal(emulated.q, alone.q)
     assert [stats.flits_per_inference for stats in emulated.result.links] == [l.inference_flits for l in program.links]
     # these programs' forward queues hold what their tiles forward, so the estimate is the emulated steady state
+    assert all(t.config.queue_words >= t.config.queued_words for t in program.tiles)
     view, count = program.program_inferences(len(x))  # a replicated program: per program inference
     assert steady_state(view, emulated.result, count).interval == estimated_interval(program)
 

@@ -63,10 +63,11 @@ def band_pixels(config):
 
 class ReferencePE:
     """Section 4's PE, one cycle at a time: an input side (per inference K RECV then P PASS transfers), a
-    forward queue of F words, a compute side issuing result word by result word into a result ring of
-    R = Arch.result_words words, and an output side (per inference Q pops then E EMIT transfers; with
-    pass_per_pixel > 0, section 4.4, Q_f + P_bulk pops, then per output pixel pass_per_pixel pops and the
-    pixel's W_px EMITs), with a plain-Python SRAM holding two activation banks and plain-Python arithmetic.
+    forward queue of F = queue_words words (the tile's register; a circular region of its SRAM from queue_base:
+    queue word i is written at SRAM word queue_base + i mod F and popped from there), a compute side issuing
+    result word by result word into a result ring of R = Arch.result_words words, and an output side (per
+    inference Q pops then E EMIT transfers; with pass_per_pixel > 0, section 4.4, Q_f + P_bulk pops, then per
+    output pixel pass_per_pixel pops and the pixel's W_px EMITs), with a plain-Python SRAM holding two activation banks and plain-Python arithmetic.
     Output pixels are section 4.1's pixel list of the tile (:func:`band_pixels`, from the registers: a band
     may begin and end inside a row); n_pix, I, E, the word numbering q * W_px + ... and the per-pixel pops run
     over it.
@@ -166,9 +167,14 @@ class ReferencePE:
                 self.out_actions += [None] * self.pass_per_pixel + list(range(q * per_pixel, (q + 1) * per_pixel))
         assert len(self.out_actions) == self.pops + self.emits
         self.weights = range(config.w_base, config.w_base + weight_words) if self.computes else range(0)
-        self.queue_words = arch.forward_queue_words                          # F
+        self.queue_words = config.queue_words                               # F: this tile's queue depth
+        self.queue_base = config.queue_base
+        assert self.queue_words or not self.pops, (f"chain position {position}: {self.pops} words per inference "
+                                                   f"through a forward queue of 0 words")
         # state of the three sides and the queue
-        self.queue: deque = deque()           # (word, cycle pushed)
+        self.queue: deque = deque()           # (SRAM address, cycle pushed) of every word in the queue
+        self.pushed = 0                       # words pushed into the queue so far
+        self.max_queued = 0                   # the most words the queue held at the end of a cycle
         self.input_times: list[int] = []
         self.output_times: list[int] = []
         self.compute_starts: list[int] = []
@@ -258,7 +264,7 @@ class ReferencePE:
         word = self.out_actions[j]
         if word is None:
             if self.queue and self.queue[0][1] < cycle:
-                return self.queue[0][0]
+                return list(self.sram[self.queue[0][0]])
             return None
         index = s * self.emits + word
         if len(self.word_starts) > index and cycle >= self.word_starts[index] + self.word_d_of(index) + 2:
@@ -275,8 +281,13 @@ class ReferencePE:
             self.sram_writes.append((cycle, address))
             if j == self.store.stop - 1:
                 self.stored_done.append(cycle)
-        if pushes:
-            self.queue.append((list(data), cycle))
+        if pushes:   # the queue's slot in the SRAM (never a word COMPUTE reads: the region is apart)
+            address = self.queue_base + self.pushed % self.queue_words
+            self.check_no_race(cycle, address)
+            self.sram[address] = list(data)
+            self.queue.append((address, cycle))
+            self.pushed += 1
+            self.max_queued = max(self.max_queued, len(self.queue))
         self.input_times.append(cycle)
         begin = self.input_spans[-1][1] if self.input_spans else 0
         if j == self.k - 1:
@@ -561,19 +572,24 @@ def random_layer(rng, n_in, n_out, tiles, *, extreme=False):
     return Dense(weights, bias, multiplier, shift, zp_out, clamp_lo, 127, tiles)
 
 
-def random_queue_words(rng):
-    """Arch.forward_queue_words: the default (never full in these programs) or a queue of 1..5 words, so
-    that the input side waits for queue space (section 4) in a good share of the random programs."""
-    return 1024 if rng.random() < 0.5 else int(rng.integers(1, 6))
+def random_queue_words(rng, n_tiles):
+    """``build_program``'s ``queue_words`` (each tile's register queue_words, section 4): None (every queue all
+    the SRAM its tile's weights and banks leave free, hundreds of words or more in these programs) or per chain
+    position a queue of 1..5 words (or, one in five, all the free SRAM), so that input sides wait for queue
+    space in a good share of the random programs, with different depths on different tiles."""
+    if rng.random() < 0.5:
+        return None
+    return [int(rng.integers(1, 6)) if rng.random() < 0.8 else None for _ in range(n_tiles)]
 
 
 def random_program(rng, *, max_batch=6):
-    """Seeded random dense chain (lanes 1..8, 1x1..2x3 grids, 1-3 layers split over tiles, queues of 1..5
-    words or large, FIFO depths 1..4), sometimes on the smallest result ring its tiles allow (section 4)."""
+    """Seeded random dense chain (lanes 1..8, 1x1..2x3 grids, 1-3 layers split over tiles, per-tile queues of
+    1..5 words or large, FIFO depths 1..4), sometimes on the smallest result ring its tiles allow (section 4)."""
     lanes = int(rng.choice([1, 2, 4, 8]))
     rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
     arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64,
-                router_fifo_depth=int(rng.integers(1, 5)), forward_queue_words=random_queue_words(rng))
+                result_ring_words=64 // lanes, router_fifo_depth=int(rng.integers(1, 5)))   # rings of 8..64 words
+    queues = random_queue_words(rng, arch.n_tiles)
     n_tiles = arch.n_tiles
     n_layers = int(rng.integers(1, min(3, n_tiles) + 1))
     spans = [1] * n_layers
@@ -586,7 +602,7 @@ def random_program(rng, *, max_batch=6):
         layers.append(random_layer(rng, width, n_out, span, extreme=rng.random() < 0.2))
         width = n_out
     tail = "direct" if rng.random() < 0.3 else "pass"
-    program = _random_ring(rng, build_program(arch, layers, tail=tail, act_fill=rng))
+    program = _random_ring(rng, build_program(arch, layers, tail=tail, act_fill=rng, queue_words=queues))
     batch = int(rng.integers(1, max_batch + 1))
     x = rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8)
     return program, layers, x, batch
@@ -844,11 +860,12 @@ def _hand_case(name):
         # One dense layer (4 outputs) over two tiles of 2: tile 0 stores and forwards x (Q = 2 pops), tile 1
         # stores x and passes tile 0's result word (P = 1, Q = 1). A hop from PE 0's output to PE 1's input
         # takes 2 cycles (PE 0's L FIFO, PE 1's W FIFO). Both tiles: one result word, d = 4, R = 8.
-        queue = 1024 if name == "split" else 1
-        arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2,
-                    forward_queue_words=queue)
+        # "split": both tiles' queues all their free SRAM (hundreds of words, never full); "split-queue-1":
+        # queue_words = 1 on both tiles.
+        queue = None if name == "split" else 1
+        arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
         layers = [_layer(rng, 4, 4, tiles=2)]
-        if queue == 1024:
+        if queue is None:
             # PE 0: RECV 1, 2 (pushed), pops at 2, 3 (a word pushed at t can be popped from t + 1), c_0 = 3;
             # inference 1 is received at 3, 4 into the queue while COMPUTE 0 runs; EMIT 0 at 3 + 4 + 2 = 9,
             # then the queued pops at 10, 11; c_1 = max(4 + 1, 3 + 4 + 2) = 9; inference 2 at 9, 10 (>= c_1),
@@ -890,7 +907,9 @@ def _hand_case(name):
                             "output": [13, 14, 22, 23, 31, 32]}}
     else:
         raise ValueError(name)
-    program = build_program(arch, layers)
+    program = build_program(arch, layers, queue_words=queue if name.startswith("split") else None)
+    if name == "split":
+        assert min(t.config.queue_words for t in program.tiles) >= 400, "the split case's queues are never full"
     x = rng.integers(-128, 128, (batch, 4), dtype=np.int8)
     return program, layers, x, expected
 
@@ -955,6 +974,53 @@ def test_emulator_hand_computed_cycles(name):
             assert spans == want["spans"], f"chain position {position}: tile_timelines"
 
 
+def test_per_tile_queue_depths_set_the_interval():
+    """Each tile's forward queue holds its own register queue_words (F, section 4; a region of its SRAM), not one
+    depth for every tile. A dense layer of K = 8 input words split over two tiles, then a pass-through tile: tile 0
+    forwards all 8 words of an inference through its queue, tile 1 passes 1, tile 2 passes 2. Tile 0's depth F_0
+    alone sets the interval: the smaller F_0, the longer, down to F_0 = 8, beyond which nothing changes; tiles 1
+    and 2 at F = 1 change nothing. Every run equals the cycle-stepping reference cycle by cycle (and the golden),
+    and the reference's tile 0 queue fills to exactly F_0 words whenever F_0 <= 8."""
+    rng = np.random.default_rng(31)
+    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    layers = [random_layer(rng, 16, 4, 2)]
+    batch = 12
+    x = rng.integers(-128, 128, (batch, 16), dtype=np.int8)
+    golden = dense_golden(layers, x)
+    base = build_program(arch, layers)
+
+    def run(depths):
+        program = build_program(arch, layers, queue_words=depths)
+        assert [t.config.queued_words for t in program.tiles] == [8, 1, 2]
+        for tile, plain, depth in zip(program.tiles, base.tiles, depths):   # only queue_words differs
+            assert tile.config.replace(queue_words=plain.config.queue_words) == plain.config
+            assert tile.config.queue_words == (plain.config.queue_words if depth is None else depth)
+        result = assert_matches_reference(program, x, batch)
+        np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :4], golden)
+        pes = reference_run(program, pack_flits(x, 2), batch)[3]
+        last = result.out_times.reshape(batch, program.output_words)[:, -1]
+        steady = np.diff(last)[batch // 2:]
+        assert (steady == steady[0]).all(), f"queues {depths}: no steady interval, {np.diff(last)}"
+        return int(steady[0]), pes[0].max_queued
+
+    free = base.tiles[0].config.queue_words
+    assert free >= 400
+    intervals = {}
+    for depth in (1, 2, 3, 4, 6, 7, 8, 12, None):
+        intervals[depth], queued = run([depth, None, None])
+        if depth is not None and depth <= 8:
+            assert queued == depth, f"F_0 = {depth}: tile 0's queue held at most {queued} words"
+        else:
+            assert 8 <= queued <= min(depth or free, free)
+    small = [intervals[d] for d in (1, 2, 3, 4, 6, 7, 8)]
+    assert all(a > b for a, b in zip(small, small[1:])), f"intervals by F_0: {intervals}"
+    assert intervals[8] == intervals[12] == intervals[None]
+    assert intervals[1] > 1.5 * intervals[None]
+    # the other tiles' depths do not bind here: F = 1 on tiles 1 and 2 leaves the interval alone
+    assert run([None, 1, 1])[0] == intervals[None]
+    assert run([1, 1, 1])[0] == intervals[1]
+
+
 # --- the result ring (section 4): COMPUTE waits for a free ring slot -------------------------------
 
 def _ring_case(name):
@@ -999,10 +1065,11 @@ def _ring_case(name):
                 "input": [1, 3, 5, 7, 9, 11], "compute": [6, 12], "output": [9, 11, 13, 15, 17, 19],
                 "spans": [(0, 6, "RECV"), (6, 12, "RECV"), (6, 11, "COMPUTE"), (12, 17, "COMPUTE"),
                           (0, 14, "EMIT"), (14, 20, "EMIT")]}}
-        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, router_fifo_depth=1)
+        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, result_ring_words=ring,
+                    router_fifo_depth=1)
     elif name == "mac-short-R2":
-        # a 1x1 conv from one channel to N_o = 3 channels (L does not divide N_o) on a 1x2 map, the smallest
-        # ring its parameter table allows (max_tile_outputs = 3: R = 2): per pixel word 0 (channels 0, 1) of
+        # a 1x1 conv from one channel to N_o = 3 channels (L does not divide N_o) on a 1x2 map, a ring of a
+        # pixel's result words (R = result_ring_words = 2): per pixel word 0 (channels 0, 1) of
         # d = L * K_w = 2 and the short word 1 (channel 2) of d = (3 mod 2) * K_w = 1; E = 4, I = 6.
         # Host flits written at 0, 2, 4, 6; RECV 1, 3 and (>= c_0) 5, 7.
         # Inference 0: a_0 = c_0 = 4, a_1 = 6; a_2 = max(6 + 1, EMIT 0 + 1) with EMIT 0 at 4 + 2 + 2 = 8: 9;
@@ -1011,7 +1078,8 @@ def _ring_case(name):
         # 1 + 2 = 14, EMIT 2 + 1 = 14) = 14; a_5 = max(14 + 2, EMIT 3 + 1) = 16; EMIT 4 at max(17, 14 + 4) = 18;
         # a_6 = max(16 + 1, EMIT 4 + 1) = 19; EMIT 5 at max(20, 16 + 3) = 20; a_7 = max(19 + 2, EMIT 5 + 1) =
         # 21; EMIT 6 at max(22, 19 + 4) = 23; EMIT 7 at max(25, 21 + 3) = 25; COMPUTE [14, 24).
-        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=3, router_fifo_depth=1)
+        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=3, result_ring_words=2,
+                    router_fifo_depth=1)
         layers, shape = [Conv(np.array([3, -2, 5], np.int8).reshape(3, 1, 1, 1), [1, 2, 3], 2**30, 30)], (1, 1, 2)
         x = rng.integers(-40, 40, (2, 2), dtype=np.int8)
         expected = {"in_times": [0, 2, 4, 6], "out_times": [9, 11, 14, 16, 19, 21, 24, 26], 0: {
@@ -1078,7 +1146,8 @@ def test_ring_behind_a_slower_tile(ring, depth):
     pool's output side stalls on the link, its ring fills and its COMPUTE waits between words."""
     rng = np.random.default_rng(20 + ring)
     lanes = 2
-    arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, router_fifo_depth=depth)
+    arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, result_ring_words=ring,
+                router_fifo_depth=depth)
     layers, shape = [MaxPool(1, 1), random_layer(rng, 8, 2, 1)], (1, 1, 4)
     program = build_program(arch, layers, input_shape=shape)
     assert program.arch.result_words == ring and program.tiles[0].config.result_words(lanes) == 4
@@ -1097,7 +1166,7 @@ def test_results_beyond_the_ring_run(ring):
     lanes = 2
     rng = np.random.default_rng(25)
     arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=4096, max_tile_outputs=max(4, lanes * ring),
-                router_fifo_depth=2)
+                result_ring_words=max(2, ring), router_fifo_depth=2)
     program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))   # n_out 4: R >= 2
     assert program.tiles[0].config.result_words(lanes) == 18 > program.arch.result_words
     x = rng.integers(-128, 128, (3, 27), dtype=np.int8)
@@ -1105,7 +1174,8 @@ def test_results_beyond_the_ring_run(ring):
     np.testing.assert_array_equal(result.out_flits, network_golden([MaxPool(1, 1)], x, (3, 3, 3), lanes))
     conv = Conv(rng.integers(-128, 128, (2, 3, 3, 3), dtype=np.int8), rng.integers(-500, 500, 2), 2**30, 40,
                 zp_in=3, pads=(1, 1, 1, 1))
-    program = build_program(arch.replace(max_tile_outputs=lanes * ring), [conv], input_shape=(3, 4, 4))
+    program = build_program(arch.replace(max_tile_outputs=lanes * ring, result_ring_words=ring), [conv],
+                            input_shape=(3, 4, 4))
     assert (program.arch.result_words, program.tiles[0].config.result_words(lanes)) == (ring, 16)
     x = rng.integers(-128, 128, (3, 48), dtype=np.int8)
     result = assert_matches_reference(program, x, 3, flits=_map_flits(program, x))
@@ -1120,7 +1190,8 @@ def test_short_last_word_under_a_small_ring():
     conv = Conv(rng.integers(-128, 128, (7, 3, 2, 2), dtype=np.int8), rng.integers(-500, 500, 7), 2**30, 39,
                 zp_in=-2, pads=(0, 0, 1, 1))
     layers, shape = [conv, random_layer(rng, 3 * 3 * 8, 6, 2)], (3, 3, 3)
-    arch = Arch(rows=1, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=7, router_fifo_depth=1)
+    arch = Arch(rows=1, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=7, result_ring_words=2,
+                router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     assert program.arch.result_words == 2 and program.tiles[0].config.result_words(lanes) == 18
     assert program.tiles[0].config.result_word_issue_cycles(lanes) == [4 * 4, 3 * 4]
@@ -1129,12 +1200,13 @@ def test_short_last_word_under_a_small_ring():
 
 
 def _smallest_ring(program, extra=0):
-    """A copy of ``program`` on an arch whose result ring is the smallest every tile's parameter table allows
-    (R = the most result words a pixel of any tile, max_tile_outputs = L * R) plus ``extra`` words."""
+    """A copy of ``program`` on an arch whose result ring (``result_ring_words``) holds the most result words a
+    pixel of any tile has plus ``extra`` words (R = that, and the parameter table the smallest that holds every
+    tile's outputs, max_tile_outputs = L * R, as when R was the table's depth)."""
     lanes = program.arch.lanes
     widest = max([-(-t.config.n_out // lanes) for t in program.tiles if t.config.n_out] or [1])
     program = copy.deepcopy(program)
-    program.arch = program.arch.replace(max_tile_outputs=lanes * (widest + extra))
+    program.arch = program.arch.replace(max_tile_outputs=lanes * (widest + extra), result_ring_words=widest + extra)
     program.validate()
     return program
 
@@ -1301,7 +1373,7 @@ def test_unreached_configured_tile_is_refused():
     rng = np.random.default_rng(15)
     arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     program = build_program(arch, [_layer(rng, 4, 2)], tail="direct")
-    set_registers(program.tiles[2], n_pass=1)
+    program.tiles[2].config = program.tiles[2].config.replace(n_pass=1).with_queue(arch)
     with pytest.raises(EmulatorError, match=r"tile r0c2 .* no flits reach it"):
         emulate(program, np.zeros((2, 2), np.int8), 1)
 
@@ -1328,11 +1400,12 @@ def _random_clamp(rng, zp_out):
 WINDOW_KINDS = ("conv", "maxpool", "depthwise", "average")
 
 
-def _program_within_budget(rng, arch, layers, input_shape, max_batch, budget):
+def _program_within_budget(rng, arch, layers, input_shape, max_batch, budget, queues):
     """The program of ``layers`` with a random tail and batch, and a random input, as
-    ``(program, layers, input_shape, x, batch)``; None when the reference would take more than ``budget``."""
+    ``(program, layers, input_shape, x, batch)``; None when the reference would take more than ``budget``.
+    ``queues``: ``build_program``'s ``queue_words``."""
     program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
-                            input_shape=input_shape)
+                            input_shape=input_shape, queue_words=queues)
     batch = int(rng.integers(1, max_batch + 1))
     if _reference_cost(program, batch) > budget:
         return None
@@ -1420,7 +1493,8 @@ def random_windowed_program(rng, *, max_batch=4, budget=30000):
         lanes = int(rng.choice([1, 2, 4, 8]))
         rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
         arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
-                    router_fifo_depth=int(rng.integers(1, 5)), forward_queue_words=random_queue_words(rng))
+                    router_fifo_depth=int(rng.integers(1, 5)))
+        queues = random_queue_words(rng, arch.n_tiles)
         shape = (int(rng.integers(1, 21)), int(rng.integers(3, 10)), int(rng.integers(3, 10)))
         input_shape = shape
         layers, used = [], 0
@@ -1449,7 +1523,7 @@ def random_windowed_program(rng, *, max_batch=4, budget=30000):
                 layers.append(random_layer(rng, n_in, n_out, span, extreme=rng.random() < 0.15))
                 used += span
                 n_in = n_out
-        drawn = _program_within_budget(rng, arch, layers, input_shape, max_batch, budget)
+        drawn = _program_within_budget(rng, arch, layers, input_shape, max_batch, budget, queues)
         if drawn is not None:
             return drawn
 
@@ -1587,7 +1661,7 @@ def test_large_batches_are_gathered_in_slices(monkeypatch):
 def test_more_results_than_the_ring_holds_run():
     """Program format 6 (section 4): E = 9 pixels x 2 words = 18 > R = 8 words is valid and runs (it was
     refused while the result buffer had to hold an inference's results)."""
-    arch = Arch(rows=1, cols=1, lanes=2, sram_bytes=4096, max_tile_outputs=16, router_fifo_depth=2)
+    arch = Arch(rows=1, cols=1, lanes=2, sram_bytes=4096, max_tile_outputs=16, result_ring_words=8, router_fifo_depth=2)
     program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))
     assert program.tiles[0].config.result_words(2) == 18 > arch.result_words == 8
     x = np.random.default_rng(27).integers(-128, 128, (4, 27), dtype=np.int8)
@@ -1925,10 +1999,10 @@ def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=
         if cols > 8:
             continue
         arch = Arch(rows=rows, cols=cols, lanes=lanes_now, sram_bytes=lanes_now * 65536, max_tile_outputs=65535,
-                    router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth,
-                    forward_queue_words=random_queue_words(rng))
+                    router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth)
+        queues = random_queue_words(rng, arch.n_tiles)
         program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
-                                input_shape=input_shape)
+                                input_shape=input_shape, queue_words=queues)
         if concat and not any(t.config.op == OP_CONCAT and t.config.n_out for t in program.tiles):
             continue
         batch = int(rng.integers(1, max_batch + 1))
@@ -2022,7 +2096,8 @@ def test_residual_long_batch_matches_reference():
     """Batch past the probe with router_fifo_depth 1: the extrapolated timing, cycle by cycle."""
     rng = np.random.default_rng(41)
     layers, shape = _conv_residual(rng, 4, channels=3, size=(3, 3), bands=(2, 1, 2))
-    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=1)
+    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, result_ring_words=64,
+                router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
     x = rng.integers(-128, 128, (batch, 27), dtype=np.int8)
@@ -2098,7 +2173,7 @@ def test_tile_that_only_forwards_part_of_its_stream(keep, forward):
     drop = program.tiles[2]
     assert drop.config.op == OP_ADD
     config = TileConfig(n_in_words=6, forward_begin=forward[0], forward_end=forward[1],
-                        dest_row=drop.config.dest_row, dest_col=drop.config.dest_col)
+                        dest_row=drop.config.dest_row, dest_col=drop.config.dest_col).with_queue(arch)
     drop.config, drop.sram, drop.params = config, np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)
     batch = 4
     x = rng.integers(-128, 128, (batch, 6), dtype=np.int8)
@@ -2203,6 +2278,7 @@ def test_add_operands_inside_a_larger_stored_region():
         config = tile.config
         assert (config.store_begin, config.operand_a_offset, config.operand_b_offset) == (k_map, k_map, 0)
         set_registers(tile, store_begin=0, operand_a_offset=2 * k_map, operand_b_offset=k_map)
+        tile.config = tile.config.with_queue(arch)   # the larger banks: the queue (still thousands of words) behind
         tile.sram = rng.integers(-128, 128, (3 * k_map, lanes), dtype=np.int8)
     result = assert_matches_reference(program, x, 3, flits=flits)
     np.testing.assert_array_equal(result.out_flits, plain.out_flits)
@@ -2384,7 +2460,8 @@ def test_concat_long_batch_matches_reference():
     """Batch past the probe with router_fifo_depth 1: the extrapolated timing, cycle by cycle."""
     rng = np.random.default_rng(64)
     layers, shape = _conv_concat(rng, 4, "b", size=(3, 3), bands=(2, 1, 2))
-    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=1)
+    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, result_ring_words=64,
+                router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
     x = rng.integers(-128, 128, (batch, 54), dtype=np.int8)
@@ -2542,8 +2619,9 @@ def random_grouped_program(rng, *, max_batch=4, budget=25000):
         cols = int(rng.integers(2, 5))
         rows = -(-needed // cols) + int(rng.integers(0, 2))
         arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
-                    router_fifo_depth=int(rng.integers(1, 4)), forward_queue_words=random_queue_words(rng))
-        drawn = _program_within_budget(rng, arch, layers, input_shape, max_batch, budget)
+                    router_fifo_depth=int(rng.integers(1, 4)))
+        queues = random_queue_words(rng, arch.n_tiles)
+        drawn = _program_within_budget(rng, arch, layers, input_shape, max_batch, budget, queues)
         if drawn is not None:
             return drawn
 
@@ -2576,19 +2654,21 @@ def test_random_grouped_long_batches_match_reference(seed):
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
 
 
-@pytest.mark.parametrize("queue", [1024, 2])
+@pytest.mark.parametrize("queue", [None, 2], ids=["free-sram", "2"])
 def test_grouped_conv_long_batch_extrapolates(queue):
     """Two bands x three groups (a ragged last one) and a pool reading the merged stream, batch past the
     probe: the times equal the reference's and plain sweeps'. With 2-word queues back-pressure couples the
-    inferences and the steady state is extrapolated; with large queues the probe settles in a few sweep rounds
-    and the emulator sweeps the whole batch directly (emulator.timing.CHEAP_SWEEP_SOLVES_PER_CHAIN)."""
+    inferences and the steady state is extrapolated; with large queues (all the free SRAM, thousands of words)
+    the probe settles in a few sweep rounds and the emulator sweeps the whole batch directly
+    (emulator.timing.CHEAP_SWEEP_SOLVES_PER_CHAIN)."""
     rng = np.random.default_rng(23)
-    arch = Arch(rows=2, cols=4, lanes=2, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2,
-                forward_queue_words=queue)
+    arch = Arch(rows=2, cols=4, lanes=2, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
     conv = Conv(rng.integers(-128, 128, (5, 2, 2, 2), dtype=np.int8), rng.integers(-500, 500, 5), 2**30, 38,
                 zp_in=7, pads=(1, 0, 0, 1), tiles=2, channel_groups=[2, 2, 1])
     layers, shape = [conv, MaxPool(2, 2, stride=2)], (2, 3, 3)
-    program = build_program(arch, layers, input_shape=shape)
+    program = build_program(arch, layers, input_shape=shape, queue_words=queue)
+    queued = [t.config.queue_words for t in program.tiles if t.config.queued_words]
+    assert queued and (all(q == 2 for q in queued) if queue else min(queued) >= 1024)
     assert [t.config.pass_per_pixel for t in program.tiles[:6]] == [0, 1, 2] * 2
     batch = 6 * PROBE_BATCH   # long enough for the longer probe this program needs with a large queue
     x = rng.integers(-128, 128, (batch, 18), dtype=np.int8)
@@ -2883,7 +2963,7 @@ def _pixel_band_case(name):
         raise ValueError(name)
     tiles = _layer_tiles(layers) + (4 if name == "groups" else 0)   # _layer_tiles counts bands, not groups
     arch = Arch(rows=2, cols=-(-(tiles + 1) // 2), lanes=lanes, sram_bytes=lanes * 4096, max_tile_outputs=64,
-                router_fifo_depth=2)
+                result_ring_words=64 // lanes, router_fifo_depth=2)
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     x = rng.integers(-128, 128, (3, int(np.prod(shape))), dtype=np.int8)
     return program, layers, shape, x, bands

@@ -60,14 +60,17 @@ def on_chips(single: Program, chip_arch: Arch, segments=None) -> Program:
     return program
 
 
-def networks(layers, chips, rows=1, cols=2, *, lanes=4, depth=4, queue=1024, input_shape=None, segments=None,
+def networks(layers, chips, rows=1, cols=2, *, lanes=4, depth=4, queue=None, input_shape=None, segments=None,
              **link):
     """(multi-chip program, one-chip program) of ``layers`` (program_builder layers; ``input_shape`` as for
-    ``build_program``) on ``chips`` chips of ``rows x cols`` tiles (``link``: Arch link fields)."""
-    common = dict(lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64, router_fifo_depth=depth,
-                  forward_queue_words=queue)
+    ``build_program``) on ``chips`` chips of ``rows x cols`` tiles (``link``: Arch link fields). ``queue``: the
+    tiles' forward queues, ``build_program``'s ``queue_words`` (None: all the SRAM their weights and banks leave
+    free; an int: that many words each; a sequence: per chain position); both programs have the same. Result rings
+    of ceil(64 / lanes) words (the parameter table's depth, which was the ring's before it had its own field)."""
+    common = dict(lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64, result_ring_words=-(-64 // lanes),
+                  router_fifo_depth=depth)
     line = Arch(rows=1, cols=chips * rows * cols, **common)
-    single = build_program(line, layers, input_shape=input_shape)
+    single = build_program(line, layers, input_shape=input_shape, queue_words=queue)
     return on_chips(single, Arch(rows=rows, cols=cols, chips=chips, **common, **link), segments), single
 
 
@@ -619,8 +622,9 @@ def test_watchdog_names_the_links():
 
 def random_case(seed):
     """A seeded random multi-chip dense chain: lanes 1..8, 2 or 3 chips of 1x2, 2x1, 2x2 or 1x3 tiles, FIFO depths
-    1..4, forward queues of 1..5 words or large, random link geometry (wire width, latency, frame size, credit
-    and replay windows), batches up to 70, sometimes a host pattern."""
+    1..4, forward queues of 1, 2 or 5 words or large (all the free SRAM) drawn per tile (or large on every tile),
+    random link geometry (wire width, latency, frame size, credit and replay windows), batches up to 70, sometimes a
+    host pattern."""
     rng = np.random.default_rng(seed)
     lanes = int(rng.choice([1, 2, 4, 8]))
     chips = int(rng.integers(2, 4))
@@ -638,8 +642,10 @@ def random_case(seed):
             "link_replay_frames": int(rng.choice([1, 2, 3, 8]))}
     if rng.random() < 0.5:
         link["link_bits_per_cycle"] = int(rng.integers(1, 8 * lanes + 3 + 1))
-    program, single = networks(layers, chips, rows, cols, lanes=lanes, depth=int(rng.integers(1, 5)),
-                               queue=int(rng.choice([1, 2, 5, 1024])), **link)
+    depths = [1, 2, 5, None]     # None: all the tile's free SRAM (hundreds of words)
+    queue = None if rng.random() < 0.25 else [depths[int(rng.integers(0, 4))] for _ in range(chips * rows * cols)]
+    program, single = networks(layers, chips, rows, cols, lanes=lanes, depth=int(rng.integers(1, 5)), queue=queue,
+                               **link)
     batch = int(rng.integers(1, 71))
     pattern = None
     if rng.random() < 0.4:
