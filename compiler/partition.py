@@ -327,14 +327,12 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
     def band_fits(option: int, begin: int, pixels: int, last_band: bool) -> bool:
         channels, (grouped, before, weights) = options[option], layouts[option]
         queue = queue_words(option, begin, pixels)
-        if queue < QUEUE_RESERVE_WORDS:
-            return False
-        if deep_queues:
-            received = costs.k + costs.carried
-            for g in range(len(channels)):
-                forwarded = costs.carried if last_band and g == len(channels) - 1 else received
-                if forwarded + n_pass(begin, pixels, before, g) > queue:
-                    return False
+        received = costs.k + costs.carried
+        for g in range(len(channels)):
+            forwarded = costs.carried if last_band and g == len(channels) - 1 else received
+            queued = forwarded + n_pass(begin, pixels, before, g)
+            if queue < min(queued, QUEUE_RESERVE_WORDS) or (deep_queues and queued > queue):
+                return False
         return all(window_tile_cycles(costs, n_pass(begin, pixels, before, g), pixels,
                                       not (last_band and g == len(channels) - 1),
                                       channels[g] if grouped else None, lanes, queue) <= budget
@@ -414,9 +412,10 @@ def _describe_window(layer) -> str:
             f"{layer.n_out}x{w.out_height}x{w.out_width})")
 
 
-#: SRAM words every tile keeps free for its forward queue (section 4: the queue is the SRAM the weights and banks
-#: leave free): two, so that a stream passes through at one word a cycle (a queue of one word halves the rate,
-#: section 6 rule 1). Everything else the weights and banks leave free deepens the queue (compiler.emit).
+#: SRAM words a tile that forwards or passes words keeps free for its forward queue (section 4: the queue is the
+#: SRAM the weights and banks leave free), at least: two, so that a stream passes through at one word a cycle (a
+#: queue of one word halves the rate, section 6 rule 1), or one if it queues one word. Everything else the weights
+#: and banks leave free deepens the queue (compiler.emit). Dense tiles and the fit checks keep two always.
 QUEUE_RESERVE_WORDS = 2
 
 
