@@ -5,7 +5,7 @@ Compiles it (float in, quantized by flowtile with a random calibration set) for 
 runs a batch on the emulator, checks the outputs against onnxruntime's int8 model (<= 1 LSB), and prints
 per-layer tiles and steady-state MAC utilization (layer MACs / (interval x layer tiles x lanes)) and the
 whole network's. Optionally runs the same program in Verilator and compares (the first build of a large grid
-takes many minutes). Run: ``python benchmarks/resnet8.py [--grid 11x11] [--batch 128] [--ring-words 1024] [--rtl]``.
+takes many minutes). Run: ``python benchmarks/resnet8.py [--grid 11x11] [--batch 256] [--ring-words 1024] [--rtl]``.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
     parser.add_argument("--ring-words", type=int, default=Arch.result_ring_words,
                         help=f"per-tile result ring depth (default {Arch.result_ring_words}, the Arch default)")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=256,
+                        help="inferences (default 256: a chain of 121 tiles settles after about two inferences a tile)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rtl", action="store_true", help="also run Verilator and compare")
     args = parser.parse_args()
