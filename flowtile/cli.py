@@ -295,7 +295,7 @@ def cmd_area(args) -> int:
     try:
         report = synthesise(arch)
         if args.fpga:
-            report.fpga = fpga_tile(arch)
+            report.fpga = fpga_tile(arch, report=report)
     except AreaError as error:
         raise UsageError(str(error)) from None
     print(format_table(report))

@@ -128,3 +128,22 @@ def test_help_shows_defaults(capsys):
         main(["area", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--fpga" in text and "(default: off)" in text and "default: not written" in text
+
+
+def test_fpga_refuses_an_sram_with_more_ports_than_a_block_ram():
+    """The tile SRAM (which holds the forward queue: 2 write and 3 read ports) does not map to ECP5 block RAMs; the
+    FPGA flow says so before it starts instead of running Yosys out of memory. Small memories (LUT RAM) pass."""
+    from flowtile.area import AreaError, AreaReport, ComponentCost, fpga_tile, fpga_unmappable
+    arch = Arch()
+    sram = ComponentCost(memory_bits=262144, memories=[{"name": "sram", "width": 64, "depth": 4096,
+                                                        "read_ports": 3, "write_ports": 2}])
+    ring = ComponentCost(memory_bits=4096, memories=[{"name": "ring", "width": 64, "depth": 64,
+                                                      "read_ports": 1, "write_ports": 2}])
+    report = AreaReport(arch, {"sram": sram, "result_ring": ring}, ComponentCost(), ComponentCost(), ComponentCost(),
+                        None, "yosys", 0.0)
+    assert fpga_unmappable(report) == ["sram (4096 x 64 bits, 2 write and 3 read ports)"]
+    with pytest.raises(AreaError, match=r"--fpga: sram \(4096 x 64 bits, 2 write and 3 read ports\) do\(es\) not map "
+                                        r"to ECP5 block RAMs"):
+        fpga_tile(arch, report=report)
+    sram.memories[0]["write_ports"] = 1
+    assert fpga_unmappable(report) == []
