@@ -11,7 +11,8 @@ emulated (exact: RTL == emulator), and the N-chip outputs are checked bit-identi
 Rows ``1 of RxC``: a single chip (its interval and its slowest layer); rows ``N of RxC``: the N-chip system, with
 
 * ``interval``: the measured steady-state interval, cycles per inference (``flowtile.testing.measure.steady_state``:
-  over the last half of a batch of ``max(--batch, 2 x tiles)`` program inferences, at most 256 inferences: a chain of many
+  over the last half of a batch of ``max(--batch, 2 x tiles)`` program inferences, at most 256 inferences and 4e8 PE
+  transfers (memory): a chain of many
   tiles settles into its periodic schedule only after a transient of about two inferences a tile; a run whose last
   quarter's interval still differs from its last half's by more than 1 % says so, ``flowtile.testing.measure.settled``);
 * ``retained``: ``interval(one N*R x C chip) / interval(N chips)``, the throughput the N chips keep;
@@ -81,9 +82,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ("resnet8", "dscnn", "mobilenet", "autoencoder")
 LARGE = "mobilenet-1.0"
 NETS = (*PUBLIC, LARGE)
-#: the most inferences (over all copies) a run takes so that its last half is steady state (memory: the emulator
-#: holds every transfer time; 256 inferences of ResNet-8 on 256 tiles take about 6.4 GB)
+#: the most inferences (over all copies) a run takes so that its last half is steady state, and the most PE transfers
+#: (input and output sides, over the batch): the emulator holds every transfer time, about 24 bytes each (256
+#: inferences of ResNet-8 on 256 tiles, 2.7e8 transfers, take 6.4 GB)
 MAX_BATCH = 256
+MAX_TRANSFERS = 400_000_000
 #: issue 11's targets for 4 chips: retained throughput at a link fraction
 TARGETS = {16: 0.90, 64: 0.75}
 
@@ -122,7 +125,9 @@ def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
     # a pipeline of many tiles settles into its periodic schedule only after a transient of about two inferences a
     # tile (ResNet-8 on 32x8 tiles, estimate 6482: 10069 cycles over the last half of a batch of 16, 8730 of 64,
     # 6956 of 256, 6482 of 512), so the batch grows with the tiles, up to MAX_BATCH program inferences
-    count = max(1, min(MAX_BATCH // copies, max(len(x), 2 * arch.system_tiles)))
+    lanes = arch.lanes
+    transfers = sum(t.config.n_in_words + t.config.n_pass + t.config.output_flits(lanes) for t in program.tiles)
+    count = max(1, min(MAX_BATCH // copies, MAX_TRANSFERS // max(1, transfers), max(len(x), 2 * arch.system_tiles)))
     inputs = np.resize(x, (count, *x.shape[1:]))
     batch = np.resize(inputs, (count * copies, *x.shape[1:])) if copies > 1 else inputs
     emulated = emulate_model(program, batch)
