@@ -122,14 +122,11 @@ def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
     if show_report:
         print(report(program))
     copies = program.replicas
-    # a pipeline of many tiles settles into its periodic schedule only after a transient of about two inferences a
-    # tile (ResNet-8 on 32x8 tiles, estimate 6482: 10069 cycles over the last half of a batch of 16, 8730 of 64,
-    # 6956 of 256, 6482 of 512), so the batch grows with the tiles, up to MAX_BATCH program inferences
-    lanes = arch.lanes
-    transfers = sum(t.config.n_in_words + t.config.n_pass + t.config.output_flits(lanes) for t in program.tiles)
+    # a chain of many tiles settles into its periodic schedule only after about two inferences a tile
+    # (measure.settled), so the batch grows with the tiles, within MAX_BATCH inferences and MAX_TRANSFERS
+    transfers = sum(t.config.n_in_words + t.config.n_pass + t.config.output_flits(arch.lanes) for t in program.tiles)
     count = max(1, min(MAX_BATCH // copies, MAX_TRANSFERS // max(1, transfers), max(len(x), 2 * arch.system_tiles)))
-    inputs = np.resize(x, (count, *x.shape[1:]))
-    batch = np.resize(inputs, (count * copies, *x.shape[1:])) if copies > 1 else inputs
+    batch = np.resize(x, (count * copies, *x.shape[1:]))   # x first, repeated: count program inferences
     emulated = emulate_model(program, batch)
     view, count = program.program_inferences(len(batch))
     interval = steady_state(view, emulated.result, count).interval

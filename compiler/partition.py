@@ -156,6 +156,11 @@ class WindowCosts:
     def groupable(self) -> bool:
         return bool(self.channel_words or self.word_issue)
 
+    def forwarded(self, forward: bool) -> int:
+        """``K_f``, the words a tile of the layer forwards: every word it receives (``k`` and the carried ones) if
+        more tiles of the layer follow (``forward``), else only the carried words."""
+        return self.k + self.carried if forward else self.carried
+
     def group_weights(self, channels: int, lanes: int) -> int:
         """Weight words a tile of a channel group of ``channels`` output channels holds."""
         if self.channel_words:
@@ -247,14 +252,13 @@ def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bo
     I + 2 + shortfall)`` (``K`` counting the carried words; ``K_f`` = ``K`` if more tiles of the layer follow
     (``forward``), else the carried words; ``shortfall``: :func:`queue_shortfall_cycles` of ``K_f + P`` with a queue
     of ``queue_words``)."""
-    received = costs.k + costs.carried
     if channels is None:
         results, issue = pixels * costs.result_words_per_pixel, pixels * costs.pixel_issue
     else:
         results = pixels * words(channels, lanes)
         issue = pixels * costs.group_issue(channels, lanes)
-    forwarded = received if forward else costs.carried
-    return max(received + n_pass, forwarded + n_pass + results,
+    forwarded = costs.forwarded(forward)
+    return max(costs.k + costs.carried + n_pass, forwarded + n_pass + results,
                issue + 2 + queue_shortfall_cycles(forwarded + n_pass, queue_words))
 
 
@@ -327,16 +331,15 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
     def band_fits(option: int, begin: int, pixels: int, last_band: bool) -> bool:
         channels, (grouped, before, weights) = options[option], layouts[option]
         queue = queue_words(option, begin, pixels)
-        received = costs.k + costs.carried
         for g in range(len(channels)):
-            forwarded = costs.carried if last_band and g == len(channels) - 1 else received
-            queued = forwarded + n_pass(begin, pixels, before, g)
+            forward = not (last_band and g == len(channels) - 1)
+            queued = costs.forwarded(forward) + n_pass(begin, pixels, before, g)
             if queue < min(queued, QUEUE_RESERVE_WORDS) or (deep_queues and queued > queue):
                 return False
-        return all(window_tile_cycles(costs, n_pass(begin, pixels, before, g), pixels,
-                                      not (last_band and g == len(channels) - 1),
-                                      channels[g] if grouped else None, lanes, queue) <= budget
-                   for g in range(len(channels)))
+            if window_tile_cycles(costs, n_pass(begin, pixels, before, g), pixels, forward,
+                                  channels[g] if grouped else None, lanes, queue) > budget:
+                return False
+        return True
 
     def most_pixels(option: int, begin: int, limit: int) -> int:
         lo, hi = 0, limit
@@ -419,15 +422,10 @@ def _describe_window(layer) -> str:
 QUEUE_RESERVE_WORDS = 2
 
 
-def data_words(arch: Arch) -> int:
-    """SRAM words a tile's weights and activation banks may use: all but :data:`QUEUE_RESERVE_WORDS`."""
-    return arch.sram_words - QUEUE_RESERVE_WORDS
-
-
 def _tile_capacity(k: int, arch: Arch) -> int:
-    """Most outputs one tile can hold for a layer of ``k`` input words: SRAM (weights and two activation
-    banks) and parameter table."""
-    return min(arch.max_tile_outputs, (data_words(arch) - ACTIVATION_BANKS * k) // k)
+    """Most outputs one tile can hold for a layer of ``k`` input words: SRAM (weights, two activation banks and
+    :data:`QUEUE_RESERVE_WORDS` of queue) and parameter table."""
+    return min(arch.max_tile_outputs, (arch.sram_words - QUEUE_RESERVE_WORDS - ACTIVATION_BANKS * k) // k)
 
 
 def _dense_cycles(k: int, carried: int, n_pass: int, n_out: int, lanes: int, forwarded: int) -> int:
@@ -484,8 +482,7 @@ def _slice_shortfall(s: TileSlice, costs: WindowCosts | None, lanes: int) -> int
     """:func:`queue_shortfall_cycles` of a windowed slice (dense slices: 0, their queues are not sized here)."""
     if costs is None:
         return 0
-    forwarded = costs.k + costs.carried if s.forward else costs.carried
-    return queue_shortfall_cycles(forwarded + s.n_pass, s.queue_words)
+    return queue_shortfall_cycles(costs.forwarded(s.forward) + s.n_pass, s.queue_words)
 
 
 def _slowest(slices: list[TileSlice], lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
@@ -703,6 +700,30 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             stream_tensors = [((n, lanes),) for n in stream_words]
         streams = [(n, tuple(tensors)) for n, tensors in zip(stream_words, stream_tensors)]
 
+    def cut_tables(found: list[list[TileSlice]]) -> list[tuple[int, tuple]]:
+        """Per cut: flits per inference and lane table."""
+        tables = []
+        for flits, tensors in _cut_streams(found, streams, costs, lanes):
+            segments, total = lane_segments_of_tensors(tensors, lanes)
+            assert total == flits, f"stream tensors make {total} flits, the stream has {flits}"
+            tables.append((flits, segments))
+        return tables
+
+    def cut_cycles(found: list[list[TileSlice]]) -> list[int]:
+        if arch.chips == 1:
+            return [0] * (sum(len(s) for s in found) + 1)
+        return [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
+
+    def placement(found: list[list[TileSlice]], limit: float) -> Placement | None:
+        cycles = cut_cycles(found)
+        starts = _cut_chips(cycles, arch, limit)
+        if starts is None:
+            return None
+        if arch.chips == 1:
+            return Placement(found)
+        cut = cut_tables(found)
+        return Placement(found, starts, tuple(cut[s][0] for s in starts[1:]), tuple(cut[s][1] for s in starts[1:]))
+
     def balance(deep: bool) -> Placement | None:
         """The balanced placement; ``deep``: with deep queues (:func:`_split_window`), None if they do not fit."""
         def split(i: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
@@ -728,21 +749,6 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
                 f"bytes, or a channel group's) and two banks of the input rows its band of output pixels reads")
 
-
-        def cut_tables(found: list[list[TileSlice]]) -> list[tuple[int, tuple]]:
-            """Per cut: flits per inference and lane table."""
-            tables = []
-            for flits, tensors in _cut_streams(found, streams, costs, lanes):
-                segments, total = lane_segments_of_tensors(tensors, lanes)
-                assert total == flits, f"stream tensors make {total} flits, the stream has {flits}"
-                tables.append((flits, segments))
-            return tables
-
-        def cut_cycles(found: list[list[TileSlice]]) -> list[int]:
-            if arch.chips == 1:
-                return [0] * (sum(len(s) for s in found) + 1)
-            return [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
-
         # balance: the pipeline runs at the pace of its slowest stage (tile or link), so find the smallest budget for
         # which every layer's fewest tiles within it (its greedy split) still fit the chips, cut at links within it.
         def within(budget: float, link_limit: float | None = None) -> Placement | None:
@@ -755,16 +761,6 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 if sum(len(s) for s in found) > n_tiles:
                     return None
             return placement(found, budget if link_limit is None else link_limit)
-
-        def placement(found: list[list[TileSlice]], limit: float) -> Placement | None:
-            cycles = cut_cycles(found)
-            starts = _cut_chips(cycles, arch, limit)
-            if starts is None:
-                return None
-            if arch.chips == 1:
-                return Placement(found)
-            cut = cut_tables(found)
-            return Placement(found, starts, tuple(cut[s][0] for s in starts[1:]), tuple(cut[s][1] for s in starts[1:]))
 
         lo, hi = 0, max(max(_slowest(s, lanes, c, extra) for s, c, extra in zip(splits, costs, carried)), max(cut_cycles(splits)))
         balanced = within(hi) or placement(splits, unlimited)  # infeasible at lo, feasible at hi
@@ -787,13 +783,17 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             balanced = placement(balanced.splits, hi)
         return balanced
 
+    def shortfall(found: Placement) -> int:
+        return max(_slice_shortfall(sl, c, lanes) for s, c in zip(found.splits, costs) for sl in s)
+
+    def estimate(found: Placement) -> int:
+        """The slowest slice, plus the largest queue shortfall (which holds the tiles before it back)."""
+        return max(_slowest(s, lanes, c, extra) for s, c, extra in zip(found.splits, costs, carried)) + shortfall(found)
+
     # deep queues cost tiles (smaller bands) but avoid stalls: keep them unless the shallow placement's estimate,
     # charged with its largest queue shortfall (which holds the tiles before it back), is faster
     shallow = balance(False)
-    deep = balance(True)
-    if deep is None:
+    if not shortfall(shallow):   # every queue already holds what its tile queues: a deep-queue placement
         return shallow
-    estimate = [max(_slowest(s, lanes, c, extra) for s, c, extra in zip(found.splits, costs, carried))
-                + max(_slice_shortfall(sl, c, lanes) for s, c in zip(found.splits, costs) for sl in s)
-                for found in (shallow, deep)]
-    return deep if estimate[1] <= estimate[0] else shallow
+    deep = balance(True)
+    return deep if deep is not None and estimate(deep) <= estimate(shallow) else shallow

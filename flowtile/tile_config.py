@@ -178,10 +178,8 @@ class TileConfig:
     @property
     def data_end(self) -> int:
         """One past the highest SRAM word the tile's weights and activation banks use (0 if none)."""
-        ends = [self.act_base + ACTIVATION_BANKS * self.stored_words if self.stored_words else 0]
-        if self.weight_words:
-            ends.append(self.w_base + self.weight_words)
-        return max(ends)
+        banks = self.act_base + ACTIVATION_BANKS * self.stored_words if self.stored_words else 0
+        return max(banks, self.w_base + self.weight_words if self.weight_words else 0)
 
     def with_queue(self, arch: Arch, words: int | None = None) -> "TileConfig":
         """This config with its forward queue placed right after :attr:`data_end`: ``words`` words, or every free
@@ -232,7 +230,7 @@ class TileConfig:
 
     def output_flits(self, lanes: int) -> int:
         """Flits the PE emits per inference (section 4.4): forwarded and passed words, then its result words."""
-        return self.forwarded_words + self.n_pass + self.result_words(lanes)
+        return self.queued_words + self.result_words(lanes)
 
     @property
     def compute_issue_cycles(self) -> int:

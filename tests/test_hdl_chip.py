@@ -18,7 +18,7 @@ from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_T
                          encode_param_entry, flit_layout, load_data_bits, load_layout, pack_flit, pack_lanes,
                          pack_load, param_layout, unpack_lanes, unpack_struct)
 from flowtile.hdl.verilog import chip_verilog, tile_verilog
-from flowtile.tile_config import TileConfig
+from flowtile.testing.program_builder import config_with_queue
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -35,12 +35,6 @@ def blank_config(**values):
     config.update(clamp_lo=-128, clamp_hi=127)
     config.update(values)
     return config
-
-
-def with_queue(config, arch):
-    """``config`` with its forward queue (registers queue_base, queue_words) in every SRAM word its weights and
-    banks leave free, as a compiled program's (:meth:`TileConfig.with_queue`; none if it queues nothing)."""
-    return TileConfig.coerce(config).with_queue(arch).to_dict()
 
 
 def build_program(rng, arch):
@@ -65,7 +59,7 @@ def build_program(rng, arch):
                                              **dense_window_registers(k_words),
                                              **stream_registers(k_words, forward=False))
         else:
-            configs[row, col] = with_queue(blank_config(n_pass=n_result, **dest), arch)
+            configs[row, col] = config_with_queue(blank_config(n_pass=n_result, **dest), arch)
     # Weight row o, chunk k is SRAM word w_base + o*K + k; unused lanes are zero.
     padded = np.zeros((N_OUT, k_words * lanes), dtype=np.int64)
     padded[:, :N_IN] = weights
@@ -213,7 +207,7 @@ def test_residual_block_carries_two_tensors_into_a_split_add(rows, cols, ring_wo
                                   **stream_registers(2 * n_pix, forward=position == 1))
         else:
             config = blank_config(n_pass=n_pix)
-        configs[row, col] = with_queue(dict(config, **dest), arch)
+        configs[row, col] = config_with_queue(dict(config, **dest), arch)
     srams = {chain[0]: {o: conv_weights[o].tolist() for o in range(lanes)}}
     tables = {chain[0]: conv_table.tolist(), chain[1]: add_table.tolist(), chain[2]: add_table.tolist()}
     inputs = [rng.integers(-128, 128, size=(n_pix, lanes)) for _ in range(2)]
@@ -281,7 +275,7 @@ def test_conv_and_its_input_concatenated_by_a_split_concat(rows, cols):
                                   **stream_registers(2 * n_pix, forward=position == 1))
         else:
             config = blank_config(n_pass=2 * n_pix)
-        configs[row, col] = with_queue(dict(config, **dest), arch)
+        configs[row, col] = config_with_queue(dict(config, **dest), arch)
     srams = {chain[0]: {o: conv_weights[o].tolist() for o in range(lanes)}}
     tables = {chain[0]: conv_table.tolist(), chain[1]: concat_table.tolist(), chain[2]: concat_table.tolist()}
     inputs = [rng.integers(-128, 128, size=(n_pix, lanes)) for _ in range(2)]
@@ -384,7 +378,7 @@ def test_convolution_split_over_bands_and_output_channel_groups(rows, cols, spli
             passed = n_pass + band_pixels * group_words[g]
         else:
             config = blank_config(n_pass=passed)
-        configs[row, col] = with_queue(dict(config, **dest), arch)
+        configs[row, col] = config_with_queue(dict(config, **dest), arch)
     assert passed == n_pix * sum(group_words)
     inputs = [rng.integers(-128, 128, size=(height, width, lanes)) for _ in range(2)]
     flits = [pack_lanes(pixel.tolist(), lanes) for x in inputs for pixel in x.reshape(n_pix, lanes)]

@@ -23,6 +23,7 @@ from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_T
                          config_field_index, encode_config, encode_config_value, encode_param_entry, pack_lanes,
                          unpack_lanes)
 from flowtile.hdl.pe import PE
+from flowtile.testing.program_builder import config_with_queue
 from flowtile.tile_config import ConfigError, TileConfig
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
@@ -54,14 +55,6 @@ def make_config(*, forward=0, **overrides):
 def tile_config(config):
     """The :class:`TileConfig` of a register dict (:func:`make_config`'s), for its derived counts."""
     return TileConfig.from_dict(config)
-
-
-def with_queue(config, arch, words=None):
-    """``config`` (a register dict) with its forward queue (registers queue_base, queue_words) right after its
-    weights and banks (:meth:`TileConfig.with_queue`): ``words`` words, or every SRAM word of ``arch`` they leave
-    free (None; no queue for a tile that queues nothing)."""
-    placed = tile_config(config).with_queue(arch, words)
-    return dict(config, queue_base=placed.queue_base, queue_words=placed.queue_words)
 
 
 def queue_image(config, inputs, n_inferences):
@@ -404,7 +397,7 @@ def test_transfer_cycles_follow_rule_4(forward, back_pressure, queue_words):
     output side; None: the 14 SRAM words behind the banks [40, 50), which never fill)."""
     rng = random.Random(7 + forward + 2 * back_pressure + 4 * (queue_words or 1024))
     k_words, n_pass, n_out, n_inferences = 5, 2, 6, 3
-    config = with_queue(make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, n_out=n_out,
+    config = config_with_queue(make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, n_out=n_out,
                                     w_base=4, act_base=40, zp_out=-3), ARCH, queue_words)
     assert (config["queue_base"], config["queue_words"]) == (50, queue_words or 14)
     weights, params = dense_case(rng, k_words, n_out, ARCH.lanes)
@@ -528,7 +521,7 @@ def test_arithmetic_edge_cases(relu):
 
 
 def test_pass_only_tile_passes_from_cycle_0_and_idle_tile_never_accepts():
-    config = with_queue(make_config(n_pass=2), ARCH)
+    config = config_with_queue(make_config(n_pass=2), ARCH)
     inputs = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
     emitted, schedule = check_run(config, [], [], inputs, [0] * 4, [True] * 50)
     # Each word spends one cycle in the forward queue.
@@ -542,7 +535,7 @@ def test_run_low_holds_the_initial_phase_clears_counters_and_blocks_loads_while_
     run = 0). A config load issued while run = 1 is ignored (the destination stays)."""
     k_words, n_out = 2, 3
     rng = random.Random(5)
-    config = with_queue(make_config(n_in_words=k_words, n_out=n_out, w_base=0, act_base=30, forward=forward), ARCH)
+    config = config_with_queue(make_config(n_in_words=k_words, n_out=n_out, w_base=0, act_base=30, forward=forward), ARCH)
     weights, params = dense_case(rng, k_words, n_out, ARCH.lanes)
     flits = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range(3)]
     dut = PE(ARCH, TILE)
@@ -619,7 +612,7 @@ def test_idle_tile_holds_its_input():
 
 #: Forward queue depths (the tile's register queue_words) the case lists below cycle through: one word, two, three
 #: (all smaller than most inferences' forwarded plus passed words, so the queue fills) and None, every SRAM word
-#: the weights and banks leave free (:func:`with_queue`; what a compiled program gets).
+#: the weights and banks leave free (:func:`config_with_queue`; what a compiled program gets).
 QUEUE_DEPTHS = (1, 2, 3, None)
 
 
@@ -755,7 +748,7 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
     ``back_pressure``: seeded random input gaps and o_flit.ready stalls (:func:`bursty_ready` if
     ``ready_bursts``, else high in 60% of the cycles). ``unread``: registers the op does not read, loaded (unchecked,
     encode_config may reject them) on top of the config, which must behave as without them. ``queue_words``: the
-    forward queue's words (:func:`with_queue`; None: all free SRAM). Also checks the SRAM after the run
+    forward queue's words (:func:`config_with_queue`; None: all free SRAM). Also checks the SRAM after the run
     (:func:`expected_banks`: weights, banks, the queue's region). Returns (config, weights, params, inputs, emitted,
     schedule)."""
     ring_words = -(-WINDOW_ARCH.max_tile_outputs // lanes)
@@ -773,7 +766,7 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
                   add_mult_b=unused.randint(1, (1 << 23) - 1))
     n_weight_words = tile_config(config).weight_words
     config["act_base"] = config["w_base"] + n_weight_words + 1
-    config = with_queue(config, arch, queue_words)
+    config = config_with_queue(config, arch, queue_words)
     if average:
         weights = [[1] * lanes for _ in range(n_weight_words)]
     else:
@@ -1051,7 +1044,7 @@ def test_stream_of_several_tensors_stores_one_range_and_forwards_another(k_words
     config = make_config(n_in_words=k_words, n_out=n_out, n_pass=n_pass, act_base=act_base,
                          w_base=act_base + ACTIVATION_BANKS * stored, zp_out=2, **dense_window_registers(stored))
     config.update(store_begin=store[0], store_end=store[1], forward_begin=forward[0], forward_end=forward[1])
-    config = with_queue(config, ARCH, queue_words)
+    config = config_with_queue(config, ARCH, queue_words)
     assert (tile_config(config).stored_words, tile_config(config).forwarded_words) == (stored, forward[1] - forward[0])
     weights, params = dense_case(rng, stored, n_out, ARCH.lanes)
     n_inferences = 3
@@ -1195,13 +1188,13 @@ def run_two_operand_case(config, params, lanes, stream_prefix, rng, *, n_inferen
     """Run an ADD or CONCAT tile (``config`` complete) on an arch with ``lanes`` lanes and a result ring of
     ``ring_words`` words for ``n_inferences`` random inferences, with seeded random stalls if ``back_pressure``
     (o_flit.ready in :func:`bursty_ready` bursts if ``ready_bursts``), checking every transfer against
-    ``golden`` and rule 4 with a forward queue of ``queue_words`` (None: all free SRAM; :func:`with_queue`, which
+    ``golden`` and rule 4 with a forward queue of ``queue_words`` (None: all free SRAM; :func:`config_with_queue`, which
     sets registers queue_base and queue_words of ``config`` in place); random "weights" fill the SRAM below
     act_base (neither op reads a weight). ``unread``: as :func:`run_window_case`'s; ``sram_image``: as
     :func:`simulate`'s. Returns (inputs, emitted, schedule)."""
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes, max_tile_outputs=ring_words * lanes,
                                result_ring_words=ring_words)
-    config.update(with_queue(config, arch, queue_words))
+    config.update(config_with_queue(config, arch, queue_words))
     k_words, n_pass = config["n_in_words"], config["n_pass"]
     assert tile_config(config).weight_words == 0 and stream_prefix == config["store_begin"]
     sram = {address: [rng.randint(-128, 127) for _ in range(lanes)] for address in range(config["act_base"])}
@@ -1381,7 +1374,7 @@ def test_add_of_two_store_ranges_matches_section_4_2_and_rule_4(height, width, c
                          store2_begin=store2[0], store2_end=store2[1], forward_begin=forwards[0],
                          forward_end=forwards[1])
     arch = WINDOW_ARCH.replace(lanes=lanes, sram_bytes=256 * lanes)      # run_two_operand_case's SRAM
-    config = with_queue(config, arch, queue_words)
+    config = config_with_queue(config, arch, queue_words)
     tile = tile_config(config)
     tile.validate(arch)
     assert (tile.stored_words, tile.store_until) == (2 * n_map, store2[1])
@@ -1445,7 +1438,7 @@ def test_windowed_layer_over_two_store_ranges_matches_golden_and_rule_4(register
                   forward_begin=forwards[0], forward_end=forwards[1])
     n_weight_words = tile_config(config).weight_words
     config["act_base"] = config["w_base"] + n_weight_words + 1
-    config = with_queue(config, arch, queue_words)
+    config = config_with_queue(config, arch, queue_words)
     tile_config(config).validate(arch)
     weights = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(n_weight_words)]
     if registers["op"] == OP_MAX:
@@ -1490,10 +1483,10 @@ def second_range_add_config(**overrides):
 def test_valid_second_store_ranges_encode():
     assert len(encode_config(ARCH, second_range_add_config())) == len(CONFIG_FIELDS)
     # Adjacent ranges, a forwarded prefix and suffix, and a MAX map split in two.
-    assert encode_config(ARCH, with_queue(second_range_add_config(n_in_words=11, store_begin=2, store_end=6,
+    assert encode_config(ARCH, config_with_queue(second_range_add_config(n_in_words=11, store_begin=2, store_end=6,
                                                                   store2_begin=6, store2_end=10, forward_begin=8,
                                                                   forward_end=11), ARCH))
-    assert encode_config(ARCH, with_queue(window_config(op=OP_MAX, n_in_words=7, store_begin=1, store_end=2,
+    assert encode_config(ARCH, config_with_queue(window_config(op=OP_MAX, n_in_words=7, store_begin=1, store_end=2,
                                                         store2_begin=4, store2_end=7, forward_end=7, n_out=4,
                                                         kernel_h=1, kernel_w=1, pad_top=0, pad_left=0, out_rows=2,
                                                         out_width=2), ARCH))
@@ -2018,7 +2011,7 @@ def test_invalid_band_that_reaches_the_pe_makes_it_a_pass_through_tile(registers
     rng = random.Random("invalid-band-" + repr(sorted(registers.items())))
     window = dict(in_height=3, in_width=3, words_per_pixel=1, kernel_h=3, kernel_w=3, stride=1, pad_top=1,
                   pad_left=1, out_row_begin=0)
-    loaded = with_queue(make_config(n_in_words=9, forward=1, n_out=2, n_pass=6, pass_per_pixel=1, w_base=0,
+    loaded = config_with_queue(make_config(n_in_words=9, forward=1, n_out=2, n_pass=6, pass_per_pixel=1, w_base=0,
                                     act_base=30, **window, **registers), ARCH)
     with pytest.raises(LoadEncodingError, match="out_col_begin|out_col_end"):
         encode_config(ARCH, loaded)
@@ -2210,7 +2203,7 @@ def test_channel_groups_compose_to_the_whole_layer_and_match_the_emulator(op):
     assert whole == emulator_results(config, sram, params, stored, arch)
     per_group = []
     for group, group_sram, group_params in split_into_groups(config, sram, params, groups, lanes):
-        assert encode_config(arch, with_queue(dict(group, n_pass=n_pix * group["pass_per_pixel"]), arch))
+        assert encode_config(arch, config_with_queue(dict(group, n_pass=n_pix * group["pass_per_pixel"]), arch))
         words = golden(group, group_sram, group_params, stored)
         assert len(words) == n_pix * group["group_words"]
         assert words == emulator_results(group, group_sram, group_params, stored, arch)
@@ -2273,7 +2266,7 @@ def test_valid_add_concat_and_stream_configs_encode():
     def encodes(config):
         """encode_config of ``config`` with a forward queue in the SRAM behind its weights and banks if it queues
         words (section 4: a tile that forwards or passes words needs one)."""
-        return encode_config(ARCH, with_queue(config, ARCH))
+        return encode_config(ARCH, config_with_queue(config, ARCH))
 
     assert len(encodes(add_config())) == len(CONFIG_FIELDS)
     assert len(encodes(add_config(n_in_words=11, store_begin=2, store_end=10, forward_begin=10,
@@ -2323,7 +2316,7 @@ def test_valid_add_concat_and_stream_configs_encode():
     assert encode_config(ARCH, dict(dense, queue_base=4, queue_words=16))
     assert encode_config(ARCH, dict(dense, queue_base=28, queue_words=36))
     assert encode_config(ARCH, dict(dense, forward_end=0, queue_base=63, queue_words=1))
-    assert with_queue(dense, ARCH) == dict(dense, queue_base=28, queue_words=36)
+    assert config_with_queue(dense, ARCH) == dict(dense, queue_base=28, queue_words=36)
 
 
 def window_config(**overrides):

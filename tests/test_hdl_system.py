@@ -21,7 +21,7 @@ from flowtile.hdl.system import (LINK_MODULE_NAME, LINK_STATUS_COUNTERS, System,
                                  link_status_signature)
 from flowtile.hdl.verilog import link_verilog, system_verilog
 from flowtile.link_format import LINK_LANE_SEGMENTS, LaneSegment, encode_lane_segment
-from flowtile.tile_config import TileConfig
+from flowtile.testing.program_builder import config_with_queue
 from test_hdl_link import LinkProbe, check_link_contract, stream_lanes, table_value
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
@@ -55,7 +55,7 @@ def pass_through_program(arch, n_pass, last_dest=(0, 0), link_dest=(0, 0)):
             else:
                 target = last_dest if chip == arch.chips - 1 else link_dest
                 dest = dict(dest_host=1, dest_row=target[0], dest_col=target[1])
-            configs[chip, row, col] = TileConfig.coerce(blank_config(n_pass=n_pass, **dest)).with_queue(arch).to_dict()
+            configs[chip, row, col] = config_with_queue(blank_config(n_pass=n_pass, **dest), arch)
     return configs
 
 

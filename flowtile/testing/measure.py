@@ -47,26 +47,27 @@ class SteadyState:
         return max(self.program.layers, key=self.layer_utilization)
 
 
+def _interval_after(program: Program, result: EmulatorResult, batch: int, first: int) -> float:
+    """Mean cycles between the last output flits of consecutive inferences from inference ``first`` on."""
+    last_flits = result.out_times.reshape(batch, program.output_words)[:, -1]
+    return float(last_flits[-1] - last_flits[first]) / (batch - 1 - first)
+
+
 def steady_state(program: Program, result: EmulatorResult, batch: int) -> SteadyState:
     """The interval between the last output flits of consecutive inferences over the last half of the batch
     (the whole run's mean, ``result.interval_cycles``, for a batch under 4)."""
-    last_flits = result.out_times.reshape(batch, program.output_words)[:, -1]
-    half = batch // 2
-    interval = (float(last_flits[-1] - last_flits[half]) / (batch - 1 - half) if batch >= 4
-                else result.interval_cycles)
+    interval = _interval_after(program, result, batch, batch // 2) if batch >= 4 else result.interval_cycles
     return SteadyState(program, interval)
-
 
 
 def settled(program: Program, result: EmulatorResult, batch: int, tolerance: float = 0.01) -> bool:
     """Whether the batch's last half is steady state: the interval over its last quarter is within ``tolerance`` of
-    the one over its last half (:func:`steady_state`). A deep pipeline settles into its periodic schedule only after
-    a transient several times its latency (ResNet-8 on 32x8 tiles: 10069 cycles over the last half of a batch of 16,
-    9511 of 32, 8730 of 64), so a benchmark that grows its batch until this holds does not flatter anything."""
+    the one over its last half (:func:`steady_state`; False for a batch under 8). A chain of many tiles settles into
+    its periodic schedule only after a long transient (ResNet-8 on 32x8 tiles: 10069 cycles over the last half of a
+    batch of 16, 8730 of 64, 6482, its estimate, of 512; docs/architecture.md section 10), so a benchmark checks it
+    instead of reporting part of the fill as steady state."""
     if batch < 8:
         return False
-    last_flits = result.out_times.reshape(batch, program.output_words)[:, -1]
-    half, quarter = batch // 2, batch - batch // 4
-    over_half = (last_flits[-1] - last_flits[half]) / (batch - 1 - half)
-    over_quarter = (last_flits[-1] - last_flits[quarter]) / (batch - 1 - quarter)
+    over_half = _interval_after(program, result, batch, batch // 2)
+    over_quarter = _interval_after(program, result, batch, batch - batch // 4)
     return abs(over_half - over_quarter) <= tolerance * over_quarter

@@ -381,6 +381,14 @@ def blank_config() -> dict[str, int]:
     return {name: 0 for name, _, _ in CONFIG_FIELDS}
 
 
+def config_with_queue(config: dict[str, int], arch: Arch, words: int | None = None) -> dict[str, int]:
+    """A register dict (every register, as :func:`blank_config`'s) with its forward queue placed by
+    :meth:`TileConfig.with_queue`: right after its weights and banks, ``words`` words or every SRAM word they leave
+    free (None; no queue for a tile that queues nothing)."""
+    placed = TileConfig.from_dict(config).with_queue(arch, words)
+    return dict(config, queue_base=placed.queue_base, queue_words=placed.queue_words)
+
+
 def split_outputs(n_out: int, tiles: int | Sequence[int], lanes: int) -> list[int]:
     """Output counts per tile: whole flits as evenly as possible (or the explicit split, checked)."""
     if not isinstance(tiles, int):
