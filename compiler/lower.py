@@ -21,7 +21,8 @@ Convolutions lower exactly like dense layers, ``sum_j`` running over the ``C x K
 ``[-128, 127]`` (ReLU raises ``clamp_lo`` to the zero point). An Affine layer (a per-channel ``a_c x + b_c``
 between its own Q/DQ pairs after a requantized layer: BatchNormalization, a bias Add, a Mul by a constant) is a
 1x1 lane layer with ``W_c = ±127``, ``w_c = |a_c|/127`` and ``B_c = rne(b_c / (s_x w_c))``: within 1 LSB of the
-model's second rounding (:func:`affine_integers` derives the bound). Weight *values* stay in ONNX order here;
+model's second rounding (:func:`affine_integers` derives the bound); then :func:`exact_affine` searches, per
+channel, integers equal to the model on all 256 int8 inputs. Weight *values* stay in ONNX order here;
 :func:`weight_rows` lays them out in SRAM words for a given lane count (section 4.1).
 
 A residual Add (op ADD, section 4.2) of ``a (s_a, z_a)`` and ``b (s_b, z_b)`` into ``(s_y, z_y)``: operand
@@ -44,7 +45,7 @@ from flowtile.arch import ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, SHIFT_BITS
 from .errors import CompileError
 from .onnx_import import LANE_OPS, AddLayer, ConcatLayer, DenseLayer, PoolLayer, Window, layer_sources
 
-__all__ = ["LoweredLayer", "lower_layers", "affine_integers", "pack_input_window", "lower_layer", "quantize_multiplier", "reference_forward",
+__all__ = ["LoweredLayer", "lower_layers", "affine_integers", "pack_input_window", "lower_layer", "exact_affine", "affine_targets", "quantize_multiplier", "reference_forward",
            "weight_rows", "lane_params", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
 
 MIN_SHIFT = 1
@@ -246,12 +247,111 @@ def affine_integers(layer: DenseLayer) -> DenseLayer:
                                bias=bias.astype(np.int32), weight_scales=weight_scales)
 
 
+#: Every int8 input value an Affine layer can read: :func:`exact_affine` checks all of them.
+_INT8_VALUES = np.arange(-128, 128, dtype=np.int64)
+
+
+def affine_targets(layer: DenseLayer, lowered: LoweredLayer) -> np.ndarray:
+    """The model's int8 results of an Affine layer for every int8 input value: ``[channels, 256]``, entry
+    ``[c, y + 128]`` = ``clamp(rne((s1 (y - z1) a_c + b_c) / s2) + z2)`` evaluated in float64 (the exact value of
+    the model's constants up to ``2^-52`` relative: ONNX's float32 differs from it only within ``~2^-24`` of a tie)
+    with the lowered layer's clamp."""
+    a, b = (np.asarray(v, np.float64).reshape(-1, 1) for v in layer.affine)
+    s1, s2 = float(layer.input.scale), float(layer.output.scale)
+    values = (s1 * (_INT8_VALUES - layer.input.int8_zero_point) * a + b) / s2
+    return np.clip(np.rint(values) + lowered.zp_out, lowered.clamp_lo, lowered.clamp_hi).astype(np.int64)
+
+
+def _multiplier_interval(acc: np.ndarray, wanted: np.ndarray, lowered: LoweredLayer) -> tuple[np.ndarray, np.ndarray]:
+    """For candidate accumulators ``acc[k, y]`` with wanted results ``wanted[y]``: per candidate ``k`` the open
+    interval ``(lo, hi)`` of ratios ``r > 0`` with ``clamp(rne(acc r) + zp_out) == wanted`` for every ``y`` (empty
+    when ``lo >= hi``). A saturated result only needs ``acc r`` on the saturated side."""
+    step = (wanted - lowered.zp_out).astype(np.float64)
+    low = np.where(wanted > lowered.clamp_lo, step - 0.5, -np.inf)   # acc r must exceed this ...
+    high = np.where(wanted < lowered.clamp_hi, step + 0.5, np.inf)   # ... and stay below this
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positive, negative = acc > 0, acc < 0
+        lower = np.where(positive, low / acc, np.where(negative, high / acc, -np.inf))
+        upper = np.where(positive, high / acc, np.where(negative, low / acc, np.inf))
+    zero_ok = np.where(acc == 0, (low < 0) & (high > 0), True).all(axis=1)
+    lo = np.maximum(np.nan_to_num(lower, nan=-np.inf).max(axis=1), 0.0)
+    hi = np.nan_to_num(upper, nan=np.inf).min(axis=1)
+    return np.where(zero_ok, lo, np.inf), hi
+
+
+def exact_affine(lowered: LoweredLayer, layer: DenseLayer) -> LoweredLayer:
+    """Per channel, replace :func:`affine_integers`' parameters (within 1 LSB) by ones whose results equal the
+    model's (:func:`affine_targets`) for **every** int8 input, when such integers exist; return the layer.
+
+    The search: a channel computes ``acc = W (y - z1) + B`` and ``clamp(rne(acc M / 2^S) + z2)``. For each
+    ``W`` (the sign of ``a_c``, magnitudes 127 down to 1; ``W = 0`` when ``a_c = 0``) and the integers ``B`` next to
+    the ideal ``b_c W / (s1 a_c)`` (or the wanted constant when ``W = 0``), the wanted results bound the ratio
+    ``r = M / 2^S`` to an open interval (:func:`_multiplier_interval`); the first non-empty one gives ``r`` at its
+    middle, rounded by :func:`quantize_multiplier`, and the candidate is kept only if the integer requantization
+    of all 256 inputs (as :func:`reference_forward` computes it) gives the wanted results. Why: the two roundings'
+    bounded error (up to ``s1 |a_c| / (254 s2)`` LSB) flips about 0.2 % of a BatchNormalization's results, and
+    deep networks amplify those flips (the autoencoder's ten affine steps: 8 LSB end to end). A channel with no
+    exact integers keeps the bounded parameters.
+    """
+    wanted_all = affine_targets(layer, lowered)
+    a = np.asarray(layer.affine[0], np.float64).reshape(-1)
+    b = np.asarray(layer.affine[1], np.float64).reshape(-1)
+    s1, z1 = float(layer.input.scale), layer.input.int8_zero_point
+    weight = lowered.weight.astype(np.int64).reshape(len(a), -1).copy()
+    bias, multiplier, shift = lowered.bias.copy(), lowered.multiplier.copy(), lowered.shift.copy()
+    room = _ACC_MAX - AFFINE_WEIGHT * 256
+    for c, wanted in enumerate(wanted_all):
+        for weights in _affine_weight_candidates(a[c]):
+            found = _exact_channel(weights, a[c], b[c], s1, z1, wanted, lowered, room)
+            if found is not None:
+                weight[c], bias[c], multiplier[c], shift[c] = found
+                break
+    return dataclasses.replace(lowered, weight=weight.reshape(lowered.weight.shape).astype(np.int8), bias=bias,
+                               multiplier=multiplier, shift=shift)
+
+
+def _affine_weight_candidates(a_c: float) -> list[np.ndarray]:
+    """The weights :func:`exact_affine` tries, in order: the largest magnitude first (most channels are exact
+    with it), then every smaller one."""
+    if a_c == 0:
+        return [np.zeros(1, np.int64)]
+    sign = int(np.sign(a_c))
+    return [np.array([sign * AFFINE_WEIGHT]), sign * np.arange(AFFINE_WEIGHT - 1, 0, -1, dtype=np.int64)]
+
+
+def _exact_channel(weights: np.ndarray, a_c: float, b_c: float, s1: float, z1: int, wanted: np.ndarray,
+                   lowered: LoweredLayer, room: int) -> tuple[int, int, int, int] | None:
+    """(weight, folded bias, M, S) of the first exact candidate among ``weights`` (see :func:`exact_affine`)."""
+    if a_c == 0:
+        ideal = np.array([float(wanted[0] - lowered.zp_out)])
+    else:
+        ideal = b_c * weights / (s1 * a_c)
+    offsets = np.floor(ideal)[:, None] + np.array([0, 1, -1, 2])[None, :]
+    w_cand = np.repeat(weights, 4)
+    b_cand = offsets.reshape(-1)
+    keep = np.abs(b_cand) <= room
+    w_cand, b_cand = w_cand[keep], b_cand[keep].astype(np.int64)
+    acc = w_cand[:, None] * (_INT8_VALUES - z1)[None, :] + b_cand[:, None]
+    lo, hi = _multiplier_interval(acc.astype(np.float64), wanted, lowered)
+    for k in np.flatnonzero(lo < hi):
+        ratio = (lo[k] + hi[k]) / 2 if np.isfinite(hi[k]) else max(2 * lo[k], 1.0)
+        if not 0 < ratio < 2.0 ** (MULTIPLIER_BITS - MIN_SHIFT):
+            continue
+        m, s = quantize_multiplier(float(ratio))
+        trial = dataclasses.replace(lowered, multiplier=np.array([m]), shift=np.array([s]))
+        if np.array_equal(_requantize(acc[k], trial, (1,)), wanted):
+            return int(w_cand[k]), int(b_cand[k]) - z1 * int(w_cand[k]), m, s
+    return None
+
+
 def lower_layer(layer: DenseLayer | PoolLayer | AddLayer | ConcatLayer) -> LoweredLayer:
     """One imported layer -> :class:`LoweredLayer` (bias folding, multipliers, clamps, overflow proof)."""
     if isinstance(layer, (AddLayer, ConcatLayer)):
         return _lower_join(layer)
     if isinstance(layer, DenseLayer) and layer.op == "Affine" and layer.affine is not None:
-        layer = affine_integers(layer)  # the integer form of a per-channel affine step (derivation there)
+        # the integer form of a per-channel affine step (the bound derived there), then made exact where possible
+        bounded = lower_layer(dataclasses.replace(affine_integers(layer), affine=None))
+        return exact_affine(bounded, layer)
     if isinstance(layer, PoolLayer):
         channels = layer.window.channels
         zero = np.zeros(channels, np.int64)

@@ -32,7 +32,10 @@ requantization multiplier, so one layer may differ by 1 LSB on values near a rou
       pinned value must stay ``<= depth``: the bound (b) gives if every later layer passed a difference on with
       gain <= 1 (each of ``depth`` layers adding at most 1 LSB). The pin is a regression bound, not a proof: a model
       whose drift grows fails, with the layer-by-layer drift profile in the message; a deep model that starts
-      compiling fails until its measured drift is recorded; a pin may be lowered when the drift shrinks.
+      compiling fails until its measured drift is recorded; a pin may be lowered when the drift shrinks. Only
+      ResNet-8 (QDQ) and MobileNet are pinned above 1, and there onnxruntime disagrees with itself as much:
+      its own integer kernels (graph optimizations on) are 2, 8 and 9 LSB from its float32 path on the same
+      batch, where flowtile is 3, 8 and 11 (``benchmarks/oracle_spread.py``; docs/architecture.md section 8).
     * classifiers (every model but the autoencoder): top-1 agreement with onnxruntime's int8 model. The issue's
       criterion for float models is top-1 accuracy within 0.5 points of onnxruntime int8; the MLPerf shapes have
       random weights and the batch is random, so there are no labels, and the test asserts argmax agreement
@@ -60,7 +63,8 @@ from flowtile.arch import Arch
 from flowtile.compiler import import_onnx, int8_model, lower_layers, reference_forward
 from flowtile.emulator import emulate
 from flowtile.host import input_flits, outputs_from_flits, quantize
-from flowtile.testing.layer_oracle import free_running, map_layers, ort_int8_tensors, teacher_forced
+from flowtile.testing.layer_oracle import (exact_int8_tensors, free_running, map_layers, ort_int8_tensors,
+                                           teacher_forced)
 from flowtile.testing.oracle_checks import assert_rtl_matches_emulator, compile_first_fitting
 
 PUBLIC = Path(__file__).resolve().parents[1] / "models" / "public"
@@ -88,15 +92,15 @@ SHALLOW_DEPTH = 4
 #: (c): deeper networks' max end-to-end drift (LSB) on the seeded BATCH: max(1, the value measured when the entry
 #: was recorded) (see the module docstring); "depth" is the number of lowered layers.
 DEEP_DRIFT_LSB = {
-    "tv_cnn_ts_nofold_qdq.onnx": 2,      # depth 6 (two Conv -> BatchNormalization pairs: affine steps)
+    "tv_cnn_ts_nofold_qdq.onnx": 1,      # depth 6 (two Conv -> BatchNormalization pairs: affine steps); measured 0
     "mlperf_resnet8_float.onnx": 1,      # depth 14
-    "mlperf_resnet8_qdq.onnx": 3,        # depth 14
+    "mlperf_resnet8_qdq.onnx": 3,        # depth 14; onnxruntime's integer kernels: 2
     "mlperf_dscnn_float.onnx": 1,        # depth 11
     "mlperf_dscnn_qdq.onnx": 1,          # depth 11
-    "mlperf_mobilenet_float.onnx": 8,    # depth 29; 8.2 % of logits more than 1 LSB off
-    "mlperf_mobilenet_qdq.onnx": 11,     # depth 29; 11.3 % of logits more than 1 LSB off
+    "mlperf_mobilenet_float.onnx": 8,    # depth 29; 8.2 % of logits more than 1 LSB off; ORT integer kernels: 8
+    "mlperf_mobilenet_qdq.onnx": 11,     # depth 29; 11.3 % of logits more than 1 LSB off; ORT integer kernels: 9
     "mlperf_autoencoder_float.onnx": 1,  # depth 10 (BatchNormalization folded into the Gemms); measured 0
-    "mlperf_autoencoder_qdq.onnx": 8,    # depth 19 (each BatchNormalization its own affine step); 15 % > 1 LSB
+    "mlperf_autoencoder_qdq.onnx": 1,    # depth 19 (each BatchNormalization its own affine step, exact)
 }
 #: (c): classifiers' tie-aware top-1 agreement with onnxruntime's int8 model, at least.
 TOP1_AGREEMENT = 0.995
@@ -144,9 +148,11 @@ def measured(name: str) -> dict:
     _, flits = input_flits(program, x[:EMULATED])
     chip, _ = outputs_from_flits(program, emulate(program, flits, EMULATED).out_flits, EMULATED)
     tensors = map_layers(imported.qdq_model, imported.layers)
-    values = ort_int8_tensors(imported.qdq_model, [tensors.input, *tensors.outputs], x)
+    names = [tensors.input, *tensors.outputs]
+    values = ort_int8_tensors(imported.qdq_model, names, x)
     return dict(arch=arch_name, lowered=lowered, x_q=x_q, reference=reference, chip=chip.astype(np.int64),
-                tensors=tensors, values=values, onnxruntime=values[tensors.outputs[-1]])
+                tensors=tensors, values=values, onnxruntime=values[tensors.outputs[-1]],
+                exact=exact_int8_tensors(imported.qdq_model, names, x))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -161,11 +167,14 @@ def test_emulator_is_bit_exact_with_the_compilers_reference(name):
                                  f"reference {meant[tuple(differing[0])]}")
 
 
+@pytest.mark.parametrize("oracle", ["onnxruntime", "exact"])
 @pytest.mark.parametrize("name", MODELS)
-def test_every_layer_teacher_forced_within_1_lsb(name):
-    """(b) each lowered layer alone on onnxruntime's int8 input(s) gives onnxruntime's int8 output within 1 LSB."""
+def test_every_layer_teacher_forced_within_1_lsb(name, oracle):
+    """(b) each lowered layer alone on the oracle's int8 input(s) gives the oracle's int8 output within 1 LSB:
+    onnxruntime, and ONNX's reference evaluator in float64 (the graph's exact values, rounded once per
+    QuantizeLinear: :func:`flowtile.testing.layer_oracle.exact_int8_tensors`)."""
     m = measured(name)
-    checks = teacher_forced(m["lowered"], m["tensors"], m["values"])
+    checks = teacher_forced(m["lowered"], m["tensors"], m["values"] if oracle == "onnxruntime" else m["exact"])
     bad = [c for c in checks if c.max_lsb > LAYER_LSB]
     assert not bad, "; ".join(f"layer {c.index} '{c.name}' ({c.op}): {c.max_lsb} LSB, {c.differing}/{c.size} "
                               f"values differ" for c in bad)

@@ -27,15 +27,20 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
 from flowtile.compiler import LoweredLayer, QuantParams, Window, reference_forward
 from flowtile.compiler.onnx_import import layer_sources
 from flowtile.oracle import ort_session
 
-__all__ = ["LayerTensors", "map_layers", "ort_int8_tensors", "run_layer_alone", "teacher_forced", "free_running",
-           "LayerCheck"]
+__all__ = ["LayerTensors", "map_layers", "ort_int8_tensors", "exact_int8_tensors", "with_outputs", "int8_runs",
+           "run_layer_alone", "teacher_forced", "free_running", "LayerCheck"]
 
 _RELABEL = ("Relu", "Flatten", "Reshape")
+#: The opset whose QuantizeLinear/DequantizeLinear signatures the exact evaluator's kernels take (see the toolchain
+#: notes: older QDQ models run on the reference evaluator only with the opset import raised).
+_REFERENCE_QDQ_OPSET = 21
 
 
 @dataclass
@@ -131,10 +136,8 @@ def map_layers(qdq_model: onnx.ModelProto, layers: list) -> LayerTensors:
     return LayerTensors(input_q, [_output_quantize(graph, layer, i).output[0] for i, layer in enumerate(layers)])
 
 
-def ort_int8_tensors(qdq_model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
-    """onnxruntime's values of the int8 tensors ``names`` for float input ``x``: int64 ``[batch, n]`` in the on-chip
-    int8 domain (uint8 minus 128), each sample's tensor flattened NCHW. A model with a fixed batch dimension
-    (dynamo exports: 1) is run that many samples at a time."""
+def with_outputs(qdq_model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``qdq_model`` with the tensors ``names`` (deduplicated, in order) made graph outputs."""
     model = onnx.ModelProto()
     model.CopyFrom(qdq_model)
     present = {o.name for o in model.graph.output}
@@ -142,18 +145,84 @@ def ort_int8_tensors(qdq_model: onnx.ModelProto, names: list[str], x: np.ndarray
     for name in wanted:
         if name not in present:
             model.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
-    session = ort_session(model)
-    first = session.get_inputs()[0]
-    batch = first.shape[0] if isinstance(first.shape[0], int) and first.shape[0] > 0 else len(x)
-    runs = [session.run(wanted, {first.name: x[i:i + batch].astype(np.float32)}) for i in range(0, len(x), batch)]
+    return model, wanted
+
+
+def int8_runs(run, first_shape, wanted: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """``run(names, batch)`` over ``x`` in the model's batch size (fixed, or all at once), as int64 ``[batch, n]``
+    in the on-chip int8 domain."""
+    batch = first_shape[0] if isinstance(first_shape[0], int) and first_shape[0] > 0 else len(x)
+    runs = [run(wanted, x[i:i + batch].astype(np.float32)) for i in range(0, len(x), batch)]
     out = {}
     for k, name in enumerate(wanted):
-        parts = [run[k] for run in runs]
+        parts = [np.asarray(r[k]) for r in runs]
         shift = 128 if parts[0].dtype == np.uint8 else 0
         if parts[0].dtype not in (np.uint8, np.int8):
             raise TypeError(f"tensor '{name}' is {parts[0].dtype}, not an int8/uint8 QuantizeLinear output")
         out[name] = np.concatenate([p.reshape(p.shape[0], -1).astype(np.int64) - shift for p in parts])
     return out
+
+
+def ort_int8_tensors(qdq_model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """onnxruntime's values of the int8 tensors ``names`` for float input ``x``: int64 ``[batch, n]`` in the on-chip
+    int8 domain (uint8 minus 128), each sample's tensor flattened NCHW. A model with a fixed batch dimension
+    (dynamo exports: 1) is run that many samples at a time."""
+    model, wanted = with_outputs(qdq_model, names)
+    session = ort_session(model)
+    first = session.get_inputs()[0]
+    return int8_runs(lambda n, xb: session.run(n, {first.name: xb}), first.shape, wanted, x)
+
+
+class _ExactDequantizeLinear(OpRun):
+    """DequantizeLinear in float64: ``(x - zero_point) * scale`` exact for int8 x and float32 scales."""
+
+    op_domain = ""
+
+    def _run(self, x, x_scale, x_zero_point=None, axis=None, block_size=None, output_dtype=None):
+        scale, zero = _per_axis(x.ndim, x_scale, x_zero_point, self.axis if axis is None else axis)
+        return ((x.astype(np.float64) - zero) * scale,)
+
+
+class _ExactQuantizeLinear(OpRun):
+    """QuantizeLinear of a float64 value: round half to even of ``x / scale`` (one rounding), saturated."""
+
+    op_domain = ""
+
+    def _run(self, x, y_scale, y_zero_point=None, axis=None, saturate=None, block_size=None, output_dtype=None,
+             precision=None):
+        dtype = np.uint8 if y_zero_point is None else np.asarray(y_zero_point).dtype
+        scale, zero = _per_axis(np.ndim(x), y_scale, y_zero_point, self.axis if axis is None else axis)
+        info = np.iinfo(dtype)
+        return (np.clip(np.rint(np.asarray(x, np.float64) / scale) + zero, info.min, info.max).astype(dtype),)
+
+
+def _per_axis(ndim: int, scale, zero_point, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    scale = np.asarray(scale, np.float64)
+    zero = np.zeros((), np.float64) if zero_point is None else np.asarray(zero_point).astype(np.float64)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zero = zero.reshape(shape) if zero.ndim == 1 else zero
+    return scale, zero
+
+
+def exact_int8_tensors(qdq_model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """The same tensors as :func:`ort_int8_tensors`, computed by ONNX's reference evaluator
+    (``onnx.reference.ReferenceEvaluator``) with DequantizeLinear and QuantizeLinear in float64: every operation
+    between two roundings (convolution sums, pools, adds, affine steps) runs in float64, so the result is the
+    graph's exact value (its float32 constants taken as exact) rounded once per QuantizeLinear, up to ``~2^-40``
+    LSB. onnxruntime computes those sums in float32, which moves results lying within ``~2^-20`` LSB of a rounding
+    tie; deep networks carry such flips on. This is the oracle for "does the chip compute the model?"; onnxruntime
+    stays the oracle for "does the chip agree with the runtime people use?"."""
+    model, wanted = with_outputs(qdq_model, names)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < _REFERENCE_QDQ_OPSET:
+            opset.version = _REFERENCE_QDQ_OPSET  # the evaluator's QDQ kernels need it; the graph's ops are unchanged
+    evaluator = ReferenceEvaluator(model, new_ops=[_ExactDequantizeLinear, _ExactQuantizeLinear])
+    first = model.graph.input[0]
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in first.type.tensor_type.shape.dim]
+    return int8_runs(lambda n, xb: evaluator.run(n, {first.name: xb}), shape, wanted, x)
 
 
 def _selector(window_shape: tuple[int, int, int], first: int, count: int, name: str) -> LoweredLayer:
