@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowtile.arch import ACC_BITS, ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch
+from flowtile.arch import ACC_BITS, ACTIVATION_BANKS, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch
 from flowtile.link_format import flit_lanes
 from flowtile.program import Program, TileProgram
 from flowtile.tile_config import TileConfig
@@ -150,7 +150,7 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     config = tile.config
     if count.op in (OP_ADD, OP_CONCAT):
         return _two_operand_results(tile, count, activations, lanes)
-    if weights is None and count.op in (OP_MAC, OP_LANE):
+    if weights is None and count.op in (OP_MAC, OP_LANE, OP_BCAST):
         weights = weight_memory(tile, count, activations, lanes)
     # im2col copies every window: bound its size (float64 / int64 below) by working on slices of the batch
     per_inference = (count.n_result_words * config.kernel_h * config.kernel_w
@@ -172,6 +172,8 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
         return pooled.reshape(batch, count.n_result_words, lanes)
     if count.op == OP_LANE:
         return _lane_results(tile, count, windows, weights, lanes)
+    if count.op == OP_BCAST:
+        return _broadcast_results(tile, windows, weights, lanes)
 
     n_out = count.n_out
     window_words = windows.shape[2] * windows.shape[3]           # K_w = KH*KW*CW
@@ -335,6 +337,28 @@ def _lane_results(tile: TileProgram, count: TileCounts, windows: np.ndarray, wei
     return result.astype(np.int8).reshape(batch, n_pix * words_per_pixel, lanes)
 
 
+def _broadcast_results(tile: TileProgram, windows: np.ndarray, weights: np.ndarray, lanes: int) -> np.ndarray:
+    """op = BCAST (section 4.5): lane ``l`` of word ``g`` of output pixel ``q`` accumulates
+    ``bias_o + sum_{ky,kx,c} W[w_base + g*KH*KW*C + (ky*KW + kx)*C + c][l] * A[(ky, kx), c div L][c mod L]``
+    (``o = g*L + l``; every lane reads the same activation byte) and is requantized with parameter row ``o``;
+    result word ``q*N_g + g``.
+
+    ``windows`` is the im2col gather int8 ``[batch, n_pix, KH*KW, CW, L]``; ``weights`` the weight words,
+    ``[N_g*KH*KW*C, L]`` or per inference ``[batch, N_g*KH*KW*C, L]`` (:func:`weight_memory`)."""
+    config = tile.config
+    batch, n_pix, window = windows.shape[:3]
+    channels, groups = config.in_channels, config.computed_words
+    values = windows.reshape(batch, n_pix, window, -1)[..., :channels].astype(np.int64)   # [b, q, k, c]
+    weights = weights.reshape(weights.shape[:-2] + (groups, window, channels, lanes)).astype(np.int64)
+    if weights.ndim == 4:
+        dot = np.einsum("bqkc,gkcl->bqgl", values, weights)
+    else:
+        dot = np.einsum("bqkc,bgkcl->bqgl", values, weights)
+    params = np.asarray(tile.params, dtype=np.int64).reshape(groups, lanes, 3)
+    result = _requantize(dot, params[..., 0], params[..., 1], params[..., 2], config)
+    return result.astype(np.int8).reshape(batch, n_pix * groups, lanes)
+
+
 def _operand_rows(activations: np.ndarray, config: TileConfig, offset: int, words_per_pixel: int,
                   n_pix: int) -> np.ndarray:
     """The words of one ADD / CONCAT operand that the tile's output band reads: int8 ``[batch, n_pix,
@@ -464,7 +488,7 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
         return np.concatenate(parts, axis=1)
     activations = count.stored(stream)
     weights = None
-    if count.op in (OP_MAC, OP_LANE):
+    if count.op in (OP_MAC, OP_LANE, OP_BCAST):
         weights = weight_memory(tile, count, activations, arch.lanes, race_checked=race_checked)
     results = pe_results(tile, count, activations, arch, weights)
     if not count.pass_per_pixel:

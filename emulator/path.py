@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, Arch
+from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, Arch
 from flowtile.program import Program, TileProgram
 from flowtile.link_format import LinkGeometry
 
@@ -168,7 +168,7 @@ class TileCounts:
         """Issue cycles that multiply-accumulate ``L`` lanes: every one for MAC, LANE (which
         multiplies lane by lane, ``L`` MACs a cycle), ADD and CONCAT (each issue multiplies an operand
         word by ``add_mult_a`` or ``add_mult_b`` and accumulates, lane by lane), none for max pooling."""
-        return self.issue_cycles if self.op in (OP_MAC, OP_LANE, OP_ADD, OP_CONCAT) else 0
+        return self.issue_cycles if self.op in (OP_MAC, OP_LANE, OP_ADD, OP_CONCAT, OP_BCAST) else 0
 
 
 def _recv_range(begin: int, end: int) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .link_faults import line_threshold
 
 __all__ = ["Arch", "ArchError", "ACC_BITS", "MULTIPLIER_BITS", "SHIFT_BITS", "CONFIG_FIELDS", "OP_MAC",
-           "OP_MAX", "OP_LANE", "OP_ADD", "OP_CONCAT", "ADD_MULT_BITS", "ADD_MULT_MAX", "dense_window_registers",
+           "OP_MAX", "OP_LANE", "OP_ADD", "OP_CONCAT", "OP_BCAST", "ADD_MULT_BITS", "ADD_MULT_MAX", "dense_window_registers",
            "stream_registers", "ACTIVATION_BANKS", "OP_NAMES", "COMPUTE_DRAIN_CYCLES", "index_bits"]
 
 #: Accumulator width of a PE. Accumulation wraps modulo 2**ACC_BITS (two's complement); the
@@ -54,7 +54,8 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # Windowed layers (docs/architecture.md section 4.1). A dense layer is the 1x1 case:
     # in_height = in_width = 1, words_per_pixel = n_in_words, 1x1 kernel, one output pixel.
     ("op", 3, False),            # OP_MAC (dense/conv), OP_MAX (max pool), OP_LANE (depthwise conv, average pools),
-                                 # OP_ADD (residual Add), OP_CONCAT (channel Concat)
+                                 # OP_ADD (residual Add), OP_CONCAT (channel Concat), OP_BCAST (conv, lanes over
+                                 # output channels)
     ("in_height", 8, False),     # input feature map, stored pixel-major (row-major), words_per_pixel words a pixel
     ("in_width", 8, False),
     ("words_per_pixel", 16, False),
@@ -94,6 +95,9 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # forwards or passes anything needs queue_words >= 1; the region overlaps neither the weights nor the banks.
     ("queue_base", 16, False),
     ("queue_words", 17, False),
+    # op = BCAST (section 4.5): the input channels C a window position reads, one an issue cycle (lane c mod L of
+    # word c div L, broadcast to every lane); 0 for the other ops.
+    ("in_channels", 16, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads
@@ -106,8 +110,10 @@ OP_MAX = 1
 OP_LANE = 2
 OP_ADD = 3
 OP_CONCAT = 4
-#: Values of the ``op`` register and their names (the register is 3 bits; 5..7 are undefined).
-OP_NAMES = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE", OP_ADD: "OP_ADD", OP_CONCAT: "OP_CONCAT"}
+OP_BCAST = 5
+#: Values of the ``op`` register and their names (the register is 3 bits; 6 and 7 are undefined).
+OP_NAMES = {OP_MAC: "OP_MAC", OP_MAX: "OP_MAX", OP_LANE: "OP_LANE", OP_ADD: "OP_ADD", OP_CONCAT: "OP_CONCAT",
+            OP_BCAST: "OP_BCAST"}
 
 #: Cycles COMPUTE lasts beyond its ``I`` issue cycles (section 4.1; ``N_o * K`` for a dense layer):
 #: multiply-accumulate (or max) of the last read words, then requantization (or clamp) of the last output.

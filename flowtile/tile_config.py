@@ -12,7 +12,8 @@ import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .arch import (ACTIVATION_BANKS, ADD_MULT_MAX, COMPUTE_DRAIN_CYCLES, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE,
+from .arch import (ACTIVATION_BANKS, ADD_MULT_MAX, COMPUTE_DRAIN_CYCLES, CONFIG_FIELDS, OP_ADD, OP_BCAST, OP_CONCAT,
+                   OP_LANE,
                    OP_MAC, OP_MAX, OP_NAMES, Arch)
 
 __all__ = ["TileConfig", "ConfigError", "REGISTER_NAMES", "register_bounds", "TWO_OPERAND_WINDOWS", "WINDOW_RANGES"]
@@ -97,6 +98,7 @@ class TileConfig:
     store2_end: int = 0
     queue_base: int = 0
     queue_words: int = 0
+    in_channels: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -206,9 +208,22 @@ class TileConfig:
 
     @property
     def computed_words(self) -> int:
-        """``N_g``, the channel words a pixel a channel-preserving op computes: ``group_words``, or all
-        ``words_per_pixel`` when it is 0 (words ``[group_word_begin, group_word_begin + N_g)``, section 4.4)."""
+        """``N_g``, the result words a pixel a per-word op computes: for the channel-preserving ops ``group_words``,
+        or all ``words_per_pixel`` when it is 0 (words ``[group_word_begin, group_word_begin + N_g)``, section
+        4.4); for BCAST ``group_words`` (its output channel words, section 4.5)."""
         return self.group_words or self.words_per_pixel
+
+    @property
+    def per_word(self) -> bool:
+        """The ops that compute a whole result word per (pixel, word): MAX, LANE, ADD, CONCAT and BCAST."""
+        return self.channel_preserving or self.op == OP_BCAST
+
+    @property
+    def window_issues(self) -> int:
+        """Issue cycles of one result word of a per-word op: ``KH * KW`` (MAX, LANE; ADD's 1x2, CONCAT's 1x1),
+        ``KH * KW * C`` for BCAST (one per window position and input channel)."""
+        window = self.kernel_h * self.kernel_w
+        return window * self.in_channels if self.op == OP_BCAST else window
 
     @property
     def group_slice(self) -> slice:
@@ -217,11 +232,12 @@ class TileConfig:
 
     @property
     def weight_words(self) -> int:
-        """SRAM words of weights from ``w_base`` (MAC: ``n_out * KH*KW*CW``, LANE: ``KH*KW*N_g``; else 0)."""
-        if not self.n_out or self.op not in (OP_MAC, OP_LANE):
+        """SRAM words of weights from ``w_base`` (MAC: ``n_out * KH*KW*CW``, LANE: ``KH*KW*N_g``, BCAST:
+        ``N_g * KH*KW*C``; else 0)."""
+        if not self.n_out or self.op not in (OP_MAC, OP_LANE, OP_BCAST):
             return 0
-        if self.op == OP_LANE:
-            return self.kernel_h * self.kernel_w * self.computed_words
+        if self.op in (OP_LANE, OP_BCAST):
+            return self.window_issues * self.computed_words
         return self.n_out * self.kernel_h * self.kernel_w * self.words_per_pixel
 
     def result_words(self, lanes: int) -> int:
@@ -237,10 +253,9 @@ class TileConfig:
         """COMPUTE issue cycles per inference (``I`` of section 4.1; COMPUTE lasts :attr:`compute_cycles`)."""
         if not self.n_out:
             return 0
-        window = self.kernel_h * self.kernel_w
-        if self.channel_preserving:  # ADD: kernel 1x2, one issue per operand; CONCAT: 1x1
-            return self.output_pixels * self.computed_words * window
-        return self.output_pixels * self.n_out * window * self.words_per_pixel
+        if self.per_word:  # ADD: kernel 1x2, one issue per operand; CONCAT: 1x1; BCAST: KH*KW*C a word
+            return self.output_pixels * self.computed_words * self.window_issues
+        return self.output_pixels * self.n_out * self.kernel_h * self.kernel_w * self.words_per_pixel
 
     @property
     def compute_cycles(self) -> int:
@@ -251,13 +266,12 @@ class TileConfig:
         """Issue cycles ``d`` of each result word of one output pixel, in order (section 4, result ring): COMPUTE
         issues a word's cycles back to back and may wait for a ring slot only before a word. MAC: ``L * K_w`` per
         word of ``L`` channels, ``(N_o mod L) * K_w`` for a last word with fewer; MAX and LANE: ``KH * KW``; ADD: 2
-        (its 1x2 operand window); CONCAT: 1. Sums to ``I / n_pix``."""
+        (its 1x2 operand window); CONCAT: 1; BCAST: ``KH * KW * C``. Sums to ``I / n_pix``."""
         if not self.n_out:
             return []
-        window = self.kernel_h * self.kernel_w
-        if self.channel_preserving:
-            return [window] * self.computed_words
-        per_channel = window * self.words_per_pixel
+        if self.per_word:
+            return [self.window_issues] * self.computed_words
+        per_channel = self.kernel_h * self.kernel_w * self.words_per_pixel
         full, rest = divmod(self.n_out, lanes)
         return [lanes * per_channel] * full + ([rest * per_channel] if rest else [])
 
@@ -371,6 +385,12 @@ class TileConfig:
             raise ConfigError(f"config registers {self.stored_formula} = {self.stored_words} stored words differ "
                               f"from in_height * in_width * words_per_pixel = {self.in_height} * {self.in_width} * "
                               f"{self.words_per_pixel} = {self.map_words}")
+        if self.op == OP_BCAST:
+            self._validate_broadcast(arch)
+            return
+        if self.in_channels:
+            raise ConfigError(f"config register in_channels = {self.in_channels} must be 0 for op = "
+                              f"{OP_NAMES[self.op]} (it counts OP_BCAST's input channels; section 4.5)")
         grouped = self.group_word_begin or self.group_words
         if grouped and self.op not in (OP_MAX, OP_LANE, OP_ADD):
             raise ConfigError(f"config registers group_word_begin = {self.group_word_begin}, group_words = "
@@ -384,6 +404,22 @@ class TileConfig:
             raise ConfigError(f"config register n_out = {self.n_out} must be {which} * lanes = "
                               f"{self.computed_words * arch.lanes} for op = {OP_NAMES[self.op]}")
 
+    def _validate_broadcast(self, arch: Arch) -> None:
+        """Section 4.5 (op BCAST): ``1 <= in_channels <= words_per_pixel * L`` (the channels of the stored pixels it
+        reads); its ``N_g = group_words >= 1`` result words a pixel hold ``n_out = N_g * L`` output channels; no
+        input channel group (``group_word_begin = 0``)."""
+        channels, lanes = self.in_channels, arch.lanes
+        if not 1 <= channels <= self.words_per_pixel * lanes:
+            raise ConfigError(f"config register in_channels = {channels} must be in 1..words_per_pixel * lanes = "
+                              f"{self.words_per_pixel * lanes} for op = OP_BCAST (section 4.5)")
+        if self.group_word_begin:
+            raise ConfigError(f"config register group_word_begin = {self.group_word_begin} must be 0 for op = "
+                              f"OP_BCAST (it reads every input word; section 4.5)")
+        if self.group_words < 1 or self.n_out != self.group_words * lanes:
+            raise ConfigError(f"config registers n_out = {self.n_out}, group_words = {self.group_words}: op = "
+                              f"OP_BCAST computes group_words >= 1 result words a pixel, n_out = group_words * "
+                              f"lanes = {self.group_words * lanes} (section 4.5)")
+
     def _validate_weights(self, arch: Arch) -> None:
         """The weights COMPUTE reads, ``[w_base, w_base + weight_words)``, fit the SRAM."""
         w_end = self.w_base + self.weight_words
@@ -391,7 +427,8 @@ class TileConfig:
             return
         if not self.weight_words:   # no weights: only the base itself is out of range
             raise ConfigError(f"config register w_base = {w_end} exceeds sram_words = {arch.sram_words}")
-        formula = ("kernel_h * kernel_w * group_words" if self.op == OP_LANE and self.group_words
+        formula = ("group_words * kernel_h * kernel_w * in_channels" if self.op == OP_BCAST
+                   else "kernel_h * kernel_w * group_words" if self.op == OP_LANE and self.group_words
                    else "kernel_h * kernel_w * words_per_pixel" if self.op == OP_LANE
                    else "n_out * kernel_h * kernel_w * words_per_pixel")
         raise ConfigError(f"config registers w_base + {formula} = {w_end} exceed sram_words = {arch.sram_words}")

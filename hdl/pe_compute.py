@@ -7,7 +7,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from flowtile.arch import COMPUTE_DRAIN_CYCLES, Arch
+from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_BCAST, Arch
 
 from .layouts import check_arch, config_layout
 from .pe_input import bank_words
@@ -43,7 +43,8 @@ def issue_layout(arch: Arch) -> data.StructLayout:
 class ComputeSequencer(wiring.Component):
     """COMPUTE's control and loop nest (docs/architecture.md section 4, bullet "Compute side" and "Pipeline inside COMPUTE"; the window loop
     nest, section 4.1; ADD's operands, section 4.2; CONCAT's, section 4.3; the channel groups of MAX, LANE and ADD,
-    section 4.4: their word loop runs over the group's N_g words, read from channel word group_word_begin on).
+    section 4.4: their word loop runs over the group's N_g words, read from channel word group_word_begin on; BCAST,
+    section 4.5: an input-channel loop inside the window loop).
 
     COMPUTE of inference ``s`` begins (``compute_start``, cycle ``c_s``) iff ``run``, ``computes``, RECV
     word ``store_until - 1`` of ``s`` (its last stored word, section 4.2) has arrived in an earlier cycle
@@ -99,6 +100,7 @@ class ComputeSequencer(wiring.Component):
         arch, config, issue = self.arch, self.config, self.issue.payload
         lane_bits = exact_log2(arch.lanes)
         is_max, is_add, is_concat, two_operands, lane_wise, per_word = op_decode(config)
+        is_broadcast = config.op == OP_BCAST
         n_out = Mux(self.computes, config.n_out, 0)
 
         # ``computing``: a COMPUTE has begun and not ended. ``stored``: RECV word store_until - 1 of the
@@ -117,10 +119,11 @@ class ComputeSequencer(wiring.Component):
             m.d.sync += stored.eq(1)
 
         # Loop nest of section 4.1, innermost last. MAC: output row, output column, channel o, ky, kx, cw
-        # (the weight order). MAX, LANE, ADD, CONCAT: output row, output column, cw, ky, kx.
+        # (the weight order). MAX, LANE, ADD, CONCAT: output row, output column, cw, ky, kx. BCAST (section 4.5):
+        # output row, output column, cw (its output word g), ky, kx, input channel c (counted in ``channel``).
         out_row = Signal.like(config.out_rows)            # relative to out_row_begin
         out_col = Signal.like(config.out_width)           # ox: out_col_begin .. in the band's first row
-        channel = Signal.like(config.n_out)               # o (MAC only)
+        channel = Signal(max(len(config.n_out), len(config.in_channels)))   # o (MAC), c (BCAST)
         kernel_y = Signal.like(config.kernel_h)
         kernel_x = Signal.like(config.kernel_w)
         word = Signal.like(config.words_per_pixel)        # cw (the per-word ops: within the channel group)
@@ -134,13 +137,21 @@ class ComputeSequencer(wiring.Component):
         last_word = word == group_words - 1
         last_kernel_x = kernel_x == config.kernel_w - 1
         last_kernel_y = kernel_y == config.kernel_h - 1
-        last_channel = channel == n_out - 1
+        last_channel = channel == Mux(is_broadcast, config.in_channels, n_out) - 1
         last_out_row = out_row == config.out_rows - 1
         last_out_col = out_col == Mux(last_out_row, band_end(config), config.out_width) - 1
         window_done = last_kernel_x & last_kernel_y
         pixel_done = Signal()
         step_word, step_kernel_x, step_kernel_y, step_channel = Signal(), Signal(), Signal(), Signal()
-        with m.If(per_word):
+        with m.If(is_broadcast):
+            m.d.comb += [
+                step_channel.eq(1), step_kernel_x.eq(last_channel), step_kernel_y.eq(last_channel & last_kernel_x),
+                step_word.eq(last_channel & window_done),
+                issue.first.eq((channel == 0) & (kernel_x == 0) & (kernel_y == 0)),
+                issue.last.eq(last_channel & window_done),
+                pixel_done.eq(last_channel & window_done & last_word),
+            ]
+        with m.Elif(per_word):
             m.d.comb += [
                 step_kernel_x.eq(1), step_kernel_y.eq(last_kernel_x), step_word.eq(window_done),
                 issue.first.eq((kernel_x == 0) & (kernel_y == 0)),
@@ -199,14 +210,14 @@ class ComputeSequencer(wiring.Component):
             m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0), out_col.eq(config.out_col_begin),
                          out_row.eq(0), issue_done.eq(0), drain.eq(0), weight_address.eq(config.w_base)]
 
-        self._addresses(m, is_add, is_concat, two_operands, lane_wise, out_row, out_col, channel, kernel_y, kernel_x,
-                        word, weight_address, group_first_word)
+        self._addresses(m, is_add, is_concat, is_broadcast, two_operands, lane_wise, out_row, out_col, channel,
+                        kernel_y, kernel_x, word, weight_address, group_first_word)
         with m.If(~self.run):
             m.d.sync += [computing.eq(0), compute_bank.eq(0), stored.eq(0), write_slot.eq(0)]
         return m
 
-    def _addresses(self, m, is_add, is_concat, two_operands, lane_wise, out_row, out_col, channel, kernel_y,
-                   kernel_x, word, weight_address, group_first_word):
+    def _addresses(self, m, is_add, is_concat, is_broadcast, two_operands, lane_wise, out_row, out_col, channel,
+                   kernel_y, kernel_x, word, weight_address, group_first_word):
         """The issue's read addresses and window position (sections 4.1 to 4.3).
 
         ADD's window does not move with kx: its two issues of a word read pixel p of operand a (kx = 0) and
@@ -214,7 +225,8 @@ class ComputeSequencer(wiring.Component):
         operand b's word cw - CWa (maps of CWa and CWb = CW - CWa words a pixel). MAC, MAX and LANE read
         the one map at act_base (offset 0, pitch CW). pixel_index * pitch is the one wide multiplier.
         MAX, LANE and ADD read channel word group_word_begin + cw of a pixel (``group_first_word``, 0 for MAC and
-        CONCAT: section 4.4's channel groups); weight and parameter addresses count cw within the group.
+        CONCAT: section 4.4's channel groups); weight and parameter addresses count cw within the group. BCAST reads
+        input word ``c div L`` of the window's pixel (its lane ``c mod L`` is the issue's ``lane``).
         """
         config, issue = self.config, self.issue.payload
         concat_words_b = Signal.like(config.words_per_pixel)
@@ -226,7 +238,9 @@ class ComputeSequencer(wiring.Component):
         operand_b = (is_add & (kernel_x != 0)) | (is_concat & (word >= config.concat_words_a))
         operand_offset = Mux(two_operands, Mux(operand_b, config.operand_b_offset, config.operand_a_offset), 0)
         pixel_pitch = Mux(is_concat, Mux(operand_b, concat_words_b, config.concat_words_a), config.words_per_pixel)
-        operand_word = Mux(is_concat & operand_b, (word - config.concat_words_a)[:len(word)], word + group_first_word)
+        operand_word = Mux(is_broadcast, channel >> exact_log2(self.arch.lanes),
+                           Mux(is_concat & operand_b, (word - config.concat_words_a)[:len(word)],
+                               word + group_first_word))
         window_y = (config.out_row_begin + out_row) * config.stride + kernel_y      # iy + pad_top
         window_x = out_col * config.stride + Mux(is_add, 0, kernel_x)               # ix + pad_left
         in_bounds = ((window_y >= config.pad_top) & (window_y < config.pad_top + config.in_height)

@@ -7,7 +7,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
+from flowtile.arch import OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAX, Arch
 
 from .layouts import check_arch, config_layout, flit_signature
 from .pe_loader import band_end
@@ -22,19 +22,20 @@ def op_decode(config):
     is_concat = config.op == OP_CONCAT
     # ADD and CONCAT read two operand maps and multiply by an operand multiplier instead of a weight.
     two_operands = is_add | is_concat
-    # LANE, ADD and CONCAT accumulate and requantize each lane on its own, with parameter row cw*L + l.
-    lane_wise = (config.op == OP_LANE) | two_operands
-    # MAX, LANE, ADD and CONCAT produce one whole result word per (pixel, cw) and preserve channels.
+    # LANE, ADD, CONCAT and BCAST accumulate and requantize each lane on its own, with parameter row cw*L + l.
+    lane_wise = (config.op == OP_LANE) | two_operands | (config.op == OP_BCAST)
+    # MAX, LANE, ADD, CONCAT and BCAST produce one whole result word per (pixel, cw).
     return is_max, is_add, is_concat, two_operands, lane_wise, is_max | lane_wise
 
 
 def channel_group(config):
     """``(first word, N_g)`` of the channel group a tile computes (section 4.4): for MAX, LANE and ADD channel words
     ``[group_word_begin, group_word_begin + N_g)`` of each pixel, ``N_g = group_words`` or all ``words_per_pixel``
-    if it is 0; for MAC and CONCAT, which do not read the two group registers, ``(0, words_per_pixel)``. ``N_g`` is
+    if it is 0; for BCAST ``(0, group_words)`` (section 4.5: its output words; it reads every input word); for MAC
+    and CONCAT, which do not read the two group registers, ``(0, words_per_pixel)``. ``N_g`` is
     the bound of COMPUTE's word loop ``cw`` (MAC: the input words of a pixel; the per-word ops: the result words of
     a pixel, ``W_px``)."""
-    grouped = (config.op == OP_MAX) | (config.op == OP_LANE) | (config.op == OP_ADD)
+    grouped = (config.op == OP_MAX) | (config.op == OP_LANE) | (config.op == OP_ADD) | (config.op == OP_BCAST)
     first_word = Mux(grouped, config.group_word_begin, 0)
     words = Mux(grouped & (config.group_words != 0), config.group_words, config.words_per_pixel)
     return first_word, words

@@ -8,7 +8,7 @@ from amaranth.lib.memory import ReadPort, WritePort
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-from flowtile.arch import ACC_BITS, ADD_MULT_BITS, Arch
+from flowtile.arch import ACC_BITS, ADD_MULT_BITS, OP_BCAST, Arch
 
 from .layouts import LANE_BITS, check_arch, config_layout, param_layout
 from .pe_compute import issue_layout
@@ -77,9 +77,9 @@ class ComputePipeline(wiring.Component):
     Issue (cycle ``c``, ``issue.valid``): the payload's addresses drive ``weight_read``,
     ``activation_read`` and ``param_read``. Stage 1 (``c + 1``): the words read are present; a padded
     issue replaces the activation by ``pad_value`` in every lane. MAC adds the lane sum of the
-    int8 x int8 products to accumulator 0, LANE, ADD and CONCAT each lane's product to its own (the
+    int8 x int8 products to accumulator 0, LANE, ADD, CONCAT and BCAST each lane's product to its own (the
     multiplicand is the weight lane, or for ADD and CONCAT the operand multiplier ``add_mult_a`` /
-    ``add_mult_b``), starting from the parameter row's bias at an output's first issue, wrapping modulo
+    ``add_mult_b``; BCAST multiplies it by the one activation lane ``issue.lane``, section 4.5), starting from the parameter row's bias at an output's first issue, wrapping modulo
     ``2^ACC_BITS``; MAX keeps the lane-wise maximum. Stage 2 (``c + 2``, for an output's last issue):
     requantize (:class:`Requantizer`) or clamp and write ``result_write`` at the issue's ring slot, if
     ``enable``: the per-word ops a whole word; MAC lane ``o mod L`` (lane 0 writes the whole word,
@@ -139,6 +139,9 @@ class ComputePipeline(wiring.Component):
         stage1 = Signal(issue_layout(self.arch))
         m.d.sync += [stage1_valid.eq(self.issue.valid), stage1.eq(issue)]
         activation = Mux(stage1.padded, Cat(*([config.pad_value] * lanes)), self.activation_read.data)
+        # BCAST (section 4.5) multiplies every lane's weight by one activation byte, lane c mod L of the word.
+        is_broadcast = config.op == OP_BCAST
+        broadcast = activation.word_select(stage1.lane, LANE_BITS).as_signed() if lanes > 1 else lane_of(activation, 0)
         # Parameter rows, one per lane: the lane-wise ops use bank l for lane l; MAC feeds lane 0's
         # accumulator and requantizer with row o from bank o % L (stage1.lane = o mod L).
         param_rows = self.param_read.data
@@ -155,7 +158,7 @@ class ComputePipeline(wiring.Component):
         for lane in range(lanes):
             multiplicand = Mux(two_operands, add_multiplier, lane_of(self.weight_read.data, lane))
             product = Signal(signed(LANE_BITS + ADD_MULT_BITS), name=f"product{lane}")
-            m.d.comb += product.eq(multiplicand * lane_of(activation, lane))
+            m.d.comb += product.eq(multiplicand * Mux(is_broadcast, broadcast, lane_of(activation, lane)))
             products.append(product)
         # MAC sums int8 x int8 products, which fit 16 bits: the adder tree stays narrow.
         narrow_products = [product[:2 * LANE_BITS].as_signed() for product in products]

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
+from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC,
+                           OP_MAX, Arch,
                            dense_window_registers, stream_registers)
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                          config_field_index, encode_config, encode_config_value, encode_param_entry, pack_lanes,
@@ -682,6 +683,27 @@ def golden_window(config, sram, params, activations, lanes):
                     acc = wrap32(acc)
                     word.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
                 words.append(word)
+        elif config["op"] == OP_BCAST:
+            # Section 4.5: lane l of output word g is channel o = g*L + l; every input channel c of every window
+            # position multiplies weight word w_base + g*KH*KW*C + (ky*KW + kx)*C + c (lane l) by the one value
+            # lane c mod L of input word c div L.
+            channels = config["in_channels"]
+            for g in range(group_words):
+                word = []
+                for lane in range(lanes):
+                    bias, multiplier, shift = params[g * lanes + lane]
+                    acc = bias
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            for c in range(channels):
+                                address = config["w_base"] + (g * kh * kw + ky * kw + kx) * channels + c
+                                weight = sram.get(address, [0] * lanes)
+                                a = input_word(oy * stride + ky - config["pad_top"],
+                                               ox * stride + kx - config["pad_left"], c // lanes)
+                                acc += weight[lane] * a[c % lanes]
+                    acc = wrap32(acc)
+                    word.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
+                words.append(word)
         else:
             for cw in range(group_words):
                 window = [input_word(oy * stride + ky - config["pad_top"], ox * stride + kx - config["pad_left"],
@@ -852,6 +874,71 @@ def test_lane_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_p
     if not average:
         # Not all saturated: the values carry the arithmetic.
         assert len({value for word in results for value in word}) > 2 * lanes
+
+
+#: BCAST layers (section 4.5): (id, registers, n_pass, forward, back pressure, inferences). n_out = group_words * L
+#: is filled in per lane count; in_channels below one word, exactly one, and across words.
+BCAST_OP_CASES = [
+    ("bcast3x3-c1-s1-p1", dict(op=OP_BCAST, in_height=5, in_width=4, words_per_pixel=1, in_channels=1, group_words=2,
+                               kernel_h=3, kernel_w=3, stride=1, pad_top=1, pad_left=1, pad_value=-6, out_row_begin=0,
+                               out_rows=5, out_width=4, zp_out=-2), 0, 1, False, 3),
+    ("bcast4x2-c3-s2-band-bp", dict(op=OP_BCAST, in_height=6, in_width=5, words_per_pixel=1, in_channels=3,
+                                    group_words=1, kernel_h=4, kernel_w=2, stride=2, pad_top=1, pad_left=0,
+                                    pad_value=9, out_row_begin=1, out_rows=2, out_width=3, zp_out=5, clamp_lo=5),
+     2, 1, True, 3),
+    ("bcast2x2-c6-words2", dict(op=OP_BCAST, in_height=4, in_width=4, words_per_pixel=2, in_channels=6,
+                                group_words=2, kernel_h=2, kernel_w=2, stride=1, pad_top=0, pad_left=0, pad_value=0,
+                                out_row_begin=0, out_rows=3, out_width=3, zp_out=1), 1, 0, True, 3),
+]
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+@pytest.mark.parametrize("registers, n_pass, forward, back_pressure, n_inferences, queue_words",
+                         with_queue_depths(BCAST_OP_CASES))
+def test_broadcast_layer_matches_golden_and_rule_4(registers, n_pass, forward, back_pressure, n_inferences,
+                                                   queue_words, lanes):
+    registers = dict(registers, n_out=registers["group_words"] * lanes)
+    if registers["in_channels"] > registers["words_per_pixel"] * lanes:
+        pytest.skip("fewer lanes than the case's input channels")
+    config, weights, params, inputs, emitted, _ = run_window_case(
+        registers, n_pass, forward, back_pressure, n_inferences, lanes, queue_words=queue_words,
+        result_words_per_tile=LANE_RESULT_WORDS)
+    assert len(weights) == (config["group_words"] * config["kernel_h"] * config["kernel_w"]
+                            * config["in_channels"])
+    results = [word for word, _, _, kind in emitted if kind == "emit"]
+    assert len({value for word in results for value in word}) > lanes   # not all saturated
+
+
+def test_broadcast_golden_is_a_convolution():
+    """Cross-check the BCAST golden against the MAC golden of the same convolution: weight W[o, c, ky, kx] at BCAST
+    word (g*KH*KW + ky*KW + kx)*C + c lane l (o = g*L + l), at MAC word o*KH*KW*CW + (ky*KW + kx)*CW + c div L
+    lane c mod L."""
+    rng = random.Random(23)
+    lanes, channels, outputs = 4, 3, 8
+    registers = dict(in_height=4, in_width=5, words_per_pixel=1, kernel_h=3, kernel_w=2, stride=1, pad_top=1,
+                     pad_left=0, pad_value=-3, out_row_begin=0, out_rows=4, out_width=4, zp_out=2)
+    k_words = 4 * 5
+    weight = [[[[rng.randint(-128, 127) for _ in range(2)] for _ in range(3)] for _ in range(channels)]
+              for _ in range(outputs)]
+    bcast_config = make_config(n_in_words=k_words, op=OP_BCAST, n_out=outputs, group_words=outputs // lanes,
+                               in_channels=channels, **registers)
+    bcast_weights = {}
+    for g in range(outputs // lanes):
+        for ky in range(3):
+            for kx in range(2):
+                for c in range(channels):
+                    bcast_weights[(g * 6 + ky * 2 + kx) * channels + c] = [weight[g * lanes + l][c][ky][kx]
+                                                                          for l in range(lanes)]
+    mac_config = make_config(n_in_words=k_words, op=OP_MAC, n_out=outputs, **registers)
+    mac_weights = {}
+    for o in range(outputs):
+        for ky in range(3):
+            for kx in range(2):
+                mac_weights[o * 6 + ky * 2 + kx] = [weight[o][c][ky][kx] if c < channels else 0 for c in range(lanes)]
+    params = [(rng.randint(-999, 999), rng.randint(1 << 30, (1 << 31) - 1), 33) for _ in range(outputs)]
+    activations = [[rng.randint(-128, 127) for _ in range(lanes)] for _ in range(k_words)]
+    assert (golden_window(bcast_config, bcast_weights, params, activations, lanes)
+            == golden_window(mac_config, mac_weights, params, activations, lanes))
 
 
 def test_lane_golden_is_a_depthwise_convolution():
@@ -2364,9 +2451,16 @@ def test_zero_parameter_row_of_a_max_pool_tile_encodes():
     (lambda: encode_config(ARCH, window_config(kernel_h=0)), "config register kernel_h = 0 must be 1..255"),
     (lambda: encode_config(ARCH, window_config(kernel_w=256)), "kernel_w' = 256 is out of range 0..255"),
     (lambda: encode_config(ARCH, window_config(op=8)), "config register op' = 8 is out of range 0..7"),
-    (lambda: encode_config(ARCH, window_config(op=5)),
-     r"config register op = 5 is not an op \(known: 0 \(OP_MAC\), 1 \(OP_MAX\), 2 \(OP_LANE\), 3 \(OP_ADD\), "
-     r"4 \(OP_CONCAT\)\)"),
+    (lambda: encode_config(ARCH, window_config(op=6)),
+     r"config register op = 6 is not an op \(known: 0 \(OP_MAC\), 1 \(OP_MAX\), 2 \(OP_LANE\), 3 \(OP_ADD\), "
+     r"4 \(OP_CONCAT\), 5 \(OP_BCAST\)\)"),
+    (lambda: encode_config(ARCH, window_config(op=OP_BCAST, group_words=1, n_out=2)),
+     r"config register in_channels = 0 must be in 1..words_per_pixel \* lanes = \d+ for op = OP_BCAST"),
+    (lambda: encode_config(ARCH, window_config(op=OP_BCAST, in_channels=1, group_words=1, n_out=3)),
+     r"config registers n_out = 3, group_words = 1: op = OP_BCAST computes group_words >= 1 result words a pixel, "
+     r"n_out = group_words \* lanes = 4"),
+    (lambda: encode_config(ARCH, window_config(in_channels=2)),
+     r"config register in_channels = 2 must be 0 for op = OP_MAC"),
     (lambda: encode_config(ARCH, window_config(op=OP_LANE)),
      "n_out = 2 must be words_per_pixel \\* lanes = 4 for op = OP_LANE"),
     (lambda: encode_config(ARCH, window_config(op=OP_LANE, n_out=4, w_base=60)),
