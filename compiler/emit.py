@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from flowtile.arch import ACTIVATION_BANKS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, dense_window_registers
+from flowtile.arch import (ACTIVATION_BANKS, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
+                           dense_window_registers)
 from flowtile.link_format import LinkGeometry, flit_lanes
 from flowtile.program import LayerInfo, LinkProgram, Program, ProgramError, TileProgram
 from flowtile.tile_config import TileConfig
@@ -222,7 +223,12 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
                   store_end=plan.store[0] + (first_row + stored_rows) * row_words)
     weights = weight_rows(layer, lanes)  # [N_o, K_w * lanes]; [CW*L, 0] for MaxPool; [CW*KH*KW, L] for LANE
     extra = {}
-    if layer.is_lane or layer.is_pool:  # all the words of a pixel, or one channel group of them (section 4.4)
+    if layer.broadcasts(lanes):  # output words [start / L, stop / L) of every pixel (sections 4.4, 4.5)
+        issues = w.kernel_h * w.kernel_w * w.channels
+        weights = weights[part.start // lanes * issues:part.stop // lanes * issues]
+        op, params, n_out = OP_BCAST, layer.params[part.start:part.stop].copy(), part.n_out
+        extra = {"in_channels": w.channels, "group_words": part.n_out // lanes, "pass_per_pixel": part.pass_per_pixel}
+    elif layer.is_lane or layer.is_pool:  # all the words of a pixel, or one channel group of them (section 4.4)
         extra = _word_group(layer, part, lanes, cw)
         n_out = part.n_out
         if layer.is_lane:
@@ -381,8 +387,9 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
 
     ``calibration`` (``[n, *input shape]`` float) and ``per_channel`` only matter for float models.
     ``pack_input``: let the host pack the first convolution's window into channels
-    (:func:`compiler.lower.pack_input_window`) when the packed program fits and its estimated interval is no
-    longer.
+    (:func:`compiler.lower.pack_input_window`) when the packed program fits and its estimated interval is
+    shorter (on a tie the plain input wins: fewer words on the host link; op BCAST, section 4.5, already runs a
+    convolution over few channels at the packed rate).
     ``replicas``: copies of the network on the chain, taking alternate inferences (:func:`replicate_layers`);
     None: on one chip 1, on several the ``N`` in ``1 .. arch.chips`` that fits with the shortest estimated
     interval per real inference (the interval per program inference over ``N``; the fewest copies on a tie).
@@ -410,7 +417,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
 
 def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input: bool, replicas: int) -> Program:
     """``replicas`` copies of the lowered ``layers``, with the host packing the first window when that fits and
-    is no slower."""
+    is faster."""
     plain = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output,
                           model_name=imported.name, replicas=replicas)
     if not pack_input:
@@ -423,7 +430,7 @@ def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input
                                model_name=imported.name, replicas=replicas)
     except CompileError:
         return plain
-    return packed if estimated_interval(packed) <= estimated_interval(plain) else plain
+    return packed if estimated_interval(packed) < estimated_interval(plain) else plain
 
 
 def tile_estimate(config: TileConfig, lanes: int) -> int:

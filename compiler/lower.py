@@ -118,6 +118,15 @@ class LoweredLayer:
         """Computed by op LANE (depthwise Conv, AveragePool, GlobalAveragePool): ``weight`` int8 ``[C, 1, KH, KW]``."""
         return self.op in LANE_OPS
 
+    def broadcasts(self, lanes: int) -> bool:
+        """Computed by op BCAST on ``lanes`` lanes (section 4.5): a convolution (a window, one group) whose input
+        channels leave padding lanes (``C mod L != 0``) and whose output channels fill whole words (``N_o mod L =
+        0``). One input channel an issue, broadcast to ``L`` output channels, takes ``C / (CW * L)`` of op MAC's
+        issue cycles and weight words, so such a layer always runs as BCAST."""
+        if self.window is None or self.is_pool or self.is_lane or self.is_join or self.groups != 1:
+            return False
+        return self.window.channels % lanes != 0 and self.n_out % lanes == 0
+
     @property
     def n_in(self) -> int:
         """Input elements (dense), input channels (Conv, MaxPool, lane layers)."""
@@ -447,10 +456,17 @@ def weight_rows(layer: LoweredLayer, lanes: int) -> np.ndarray:
     * MaxPool, Add, Concat: no weights (``[CW*L, 0]``);
     * lane layers: ``[CW*KH*KW, L]``, *not* one row per output: the SRAM words themselves, word
       ``cw*KH*KW + ky*KW + kx`` holding in lane ``l`` the weight of channel ``cw*L + l`` at ``(ky, kx)``
-      (zero for padding channels; section 4.1, op LANE).
+      (zero for padding channels; section 4.1, op LANE);
+    * a convolution run as op BCAST (:meth:`LoweredLayer.broadcasts`): ``[N_g*KH*KW*C, L]``, the SRAM words, word
+      ``(g*KH*KW + ky*KW + kx)*C + c`` holding in lane ``l`` ``W[g*L + l, c, ky, kx]`` (section 4.5).
     """
     if layer.is_pool or layer.is_join:
         return np.zeros((_words(layer.n_in, lanes) * lanes, 0), np.int8)
+    if layer.broadcasts(lanes):
+        # word (g*KH*KW + ky*KW + kx)*C + c, lane l: W[g*L + l, c, ky, kx] (section 4.5)
+        n_out, channels, kh, kw = layer.weight.shape
+        grouped = layer.weight.reshape(n_out // lanes, lanes, channels, kh, kw).transpose(0, 3, 4, 2, 1)
+        return np.ascontiguousarray(grouped.reshape(-1, lanes))
     if layer.is_lane:
         channels, _, kh, kw = layer.weight.shape
         cw = _words(channels, lanes)

@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import CompileError, describe
 
-__all__ = ["normalize", "RULES", "TARGET_OPSET"]
+__all__ = ["normalize", "RULES", "TARGET_OPSET", "INPUT_TRANSPOSE_KEY", "host_transpose", "to_model_layout"]
 
 #: The one opset the matcher sees (per-channel DequantizeLinear needs 13; ReduceMean still takes attribute axes).
 TARGET_OPSET = 17
@@ -44,6 +44,10 @@ TARGET_OPSET = 17
 _NO_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
             "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}
+_INDEX_TYPES = {TensorProto.INT32, TensorProto.INT64}
+#: ``metadata_props`` key: the model's input is the published model's input transposed by this permutation
+#: (comma-separated, batch axis included), :func:`channels_last_input`; the host transposes (:func:`host_transpose`).
+INPUT_TRANSPOSE_KEY = "flowtile.input_transpose"
 _MAX_REWRITES = 10_000
 #: onnxruntime basic optimizers left out: they merge what the model states twice (two equal Convs, shared
 #: constants) -- a change of graph form the matcher would then report about a graph the user did not write.
@@ -101,10 +105,28 @@ class Graph:
             self.shapes[name] = tuple(value.shape)
             self.types[name] = helper.np_dtype_to_tensor_dtype(value.dtype)
         self.outputs = {o.name for o in graph.output}
+        self._propagated: dict | None = None
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
+
+    def propagated_shape(self, name: str) -> tuple | None:
+        """``name``'s shape as ONNX shape inference gives it with data propagation (``data_prop=True``: the values
+        of shape computations, ``Shape -> Cast -> Gather/Slice -> Concat``, followed symbolically, so a computed
+        Reshape target has known entries where the batch is symbolic); computed on first use after a rewrite."""
+        if self._propagated is None:
+            self._propagated = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
+            except Exception:
+                return None
+            for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+                tensor = info.type.tensor_type
+                if tensor.HasField("shape"):
+                    self._propagated[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                                        for d in tensor.shape.dim)
+        return self._propagated.get(name)
 
     @property
     def nodes(self) -> list[onnx.NodeProto]:
@@ -246,9 +268,13 @@ def remove_identity(graph: Graph, node: onnx.NodeProto) -> bool:
 @rule("Cast")
 def remove_same_type_cast(graph: Graph, node: onnx.NodeProto) -> bool:
     """``Cast`` to the type the tensor already has (torch's exporter writes them around dtype-generic ops, tf2onnx
-    after its own conversions). A Cast of a constant was folded before; any other Cast is rejected naming 'to'."""
+    after its own conversions). A Cast of a constant was folded before; a Cast between int32 and int64 is shape
+    arithmetic (tf2onnx casts every computed Reshape target), left for :func:`reshape_static_target`, which removes
+    the computation; any other Cast is rejected naming 'to'."""
     target = _attrs(node).get("to")
     source = graph.types.get(node.input[0])
+    if target in _INDEX_TYPES and source in _INDEX_TYPES:
+        return False  # shape arithmetic (tf2onnx: Shape -> Cast(int32) -> ... -> Cast(int64) -> Reshape target)
     if target is not None and source is not None and source != target:
         raise CompileError(f"{describe(node)}: attribute 'to' = {TensorProto.DataType.Name(target)} is unsupported "
                            f"(the input is {TensorProto.DataType.Name(source)}; only a Cast to the same type, "

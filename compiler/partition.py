@@ -222,6 +222,12 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
                            out_width=w.out_width, row_words=w.width * cw, **join_rows)
     geometry = dict(in_height=w.height, row_words=w.width * cw, kernel_h=w.kernel_h, stride=w.stride,
                     pad_top=w.pad_top)
+    if getattr(layer, "broadcasts", None) and layer.broadcasts(lanes):  # op BCAST: KH*KW*C issues and weight words per output word (section 4.5)
+        word_issue = w.kernel_h * w.kernel_w * w.channels
+        output_words = layer.n_out // lanes
+        return WindowCosts(k, layer.n_out, output_words * word_issue, w.out_width * output_words * word_issue,
+                           w.out_width * output_words, w.out_height, carried, 0, w.out_width, **geometry,
+                           word_issue=word_issue, word_weights=word_issue)
     if layer.op == "MaxPool":
         n_out, weight_words, row_issue = cw * lanes, 0, w.out_width * window_words
     elif getattr(layer, "is_lane", False):  # op LANE: one weight word per (cw, ky, kx), issued once per pixel

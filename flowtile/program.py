@@ -28,7 +28,7 @@ __all__ = ["Program", "TileProgram", "LinkProgram", "TensorSpec", "LayerInfo", "
            "check_program_destination", "TileConfig", "ConfigError"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 9
+FORMAT_VERSION = 10
 
 
 class ProgramError(ValueError):

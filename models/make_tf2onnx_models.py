@@ -12,10 +12,13 @@ batch dimension dynamic: ``input_signature`` with ``None``) and one output ``y``
 ``y``), and each model as
 
 * ``*_float.onnx``: ``tf2onnx.convert.from_keras(model, input_signature)``, everything else tf2onnx's default
-  (its default opset, its own graph optimizers on), saved as it is returned (``PYTHONHASHSEED=0``, which the script sets by re-running
-  itself: tf2onnx's optimizers name folded constants in set order);
+  (its default opset, its own graph optimizers on), saved as it is returned;
 * ``*_qdq.onnx``: onnxruntime's ``quantize_static`` of that file (QDQ, int8 activations, per-channel int8
   weights, calibrated on 128 training images), as a user would.
+
+Reruns give the same weights and graphs; the bytes may still differ in a constant's name (tf2onnx's duplicate-constant
+merging keeps one of two equal constants in an order that varies from run to run: ``tf_cnn``'s Slice reads
+``const_axes__58`` or ``const_axes__61``), so the committed files are one run's and the README records their sha256.
 
 The Keras models (the forms a Keras user gets; inputs channels-last, as Keras wants them):
 
@@ -211,6 +214,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("PYTHONHASHSEED") != "0":  # tf2onnx's optimizers name constants in set order: fix the hash
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     main()

@@ -15,7 +15,7 @@ from flowtile.compiler import (CompileError, build_program, compile_model, impor
                       assign_tiles, pack_input_window, quantize_multiplier, reference_forward, report, tile_cycles,
                       weight_rows)
 from flowtile.compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
-from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
+from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
 from flowtile.program import Program, TensorSpec
@@ -202,7 +202,8 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
     c = tile.config
     height, width, cw = c.in_height, c.in_width, c.words_per_pixel
     kh, kw, stride, n_out = c.kernel_h, c.kernel_w, c.stride, c.n_out
-    words = act[:height * width * cw * lanes].reshape(height, width, cw, lanes) if c.op < OP_ADD else None
+    two_operands = c.op in (OP_ADD, OP_CONCAT)
+    words = None if two_operands else act[:height * width * cw * lanes].reshape(height, width, cw, lanes)
     n_r = -(-n_out // lanes)
     group = c.group_slice  # section 4.4: a per-word op's channel group
     if c.op in (OP_MAX, OP_LANE):
@@ -222,6 +223,12 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
         if c.op == OP_ADD:
             words_a, words_b = words_a[:, :, group], words_b[:, :, group]
         bias, mult, shift = (v.reshape(c.computed_words, lanes) for v in tile.params.T)
+    elif c.op == OP_BCAST:  # section 4.5: word (g*KH*KW + ky*KW + kx)*C + c, lane l: W[g*L + l, c, ky, kx]
+        groups, channels = c.computed_words, c.in_channels
+        assert n_out == groups * lanes
+        weight = tile.sram[c.w_base:c.w_base + groups * kh * kw * channels].astype(np.int64).reshape(
+            groups, kh * kw, channels, lanes)
+        bias, mult, shift = (v.reshape(groups, lanes) for v in tile.params.T)
     elif c.op == OP_LANE:  # word cw*KH*KW + ky*KW + kx, lane l: channel cw*L + l; parameter row cw*L + l
         assert n_out == cw * lanes
         weight = tile.sram[c.w_base:c.w_base + cw * kh * kw].astype(np.int64).reshape(cw, kh * kw, lanes)
@@ -246,6 +253,11 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
         if c.op == OP_MAC:
             acc = bias + weight @ window.reshape(-1)
             y = np.clip(shift_round_half_even(acc * mult, shift) + c.zp_out, c.clamp_lo, c.clamp_hi)
+        elif c.op == OP_BCAST:  # one input value a product, broadcast over the L output channels of word g
+            values = window.reshape(kh * kw, cw * lanes)[:, :c.in_channels]
+            acc = bias + np.einsum("gkcl,kc->gl", weight, values)
+            y = np.clip(shift_round_half_even(acc * mult, shift) + c.zp_out, c.clamp_lo,
+                        c.clamp_hi).reshape(-1)
         elif c.op == OP_LANE:
             acc = bias + np.einsum("wkl,kwl->wl", weight, window)  # lane by lane, [CW, L]
             y = np.clip(shift_round_half_even(acc * mult, shift) + c.zp_out, c.clamp_lo,
@@ -823,6 +835,12 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                     assert t.sram.shape == (c.computed_words * window, lanes) and np.array_equal(t.sram, rows)
                     padded = np.concatenate([layer.params, np.tile([0, 0, 1], (cw * lanes - w.channels, 1))])
                     assert np.array_equal(t.params, padded[group])
+                elif layer.broadcasts(lanes):  # section 4.5: its output words' weight words, every input word
+                    issues = w.kernel_h * w.kernel_w * w.channels
+                    assert c.op == OP_BCAST and c.pad_value == layer.pad_value and c.in_channels == w.channels
+                    assert (c.group_word_begin, c.group_words) == (0, c.n_out // lanes)
+                    rows = weight_rows(layer, lanes)[group.start // lanes * issues:group.stop // lanes * issues]
+                    assert np.array_equal(t.sram, rows) and np.array_equal(t.params, layer.params[group])
                 else:
                     begin, stop = channel_start[id(t)], channel_start[id(t)] + c.n_out
                     assert c.op == OP_MAC and c.pad_value == layer.pad_value
@@ -862,9 +880,9 @@ def test_bundled_digits_cnn(tmp_path):
     program = compile_model(MODELS / "digits_cnn.onnx", Arch())
     text = report(program)
     assert "conv1" in text and "MaxPool" in text and "bottleneck" in text
-    # `make demo` runs the whole test set through the RTL harness in one batch: its input must fit the buffer
-    # (the host-packed input of section 8 is 9x the map)
-    assert program.input.layout == "im2col"
+    # `make demo` runs the whole test set through the RTL harness in one batch: its input must fit the buffer.
+    # conv1 reads one channel: op BCAST (section 4.5) runs it at the host-packed rate from the plain map
+    assert program.input.layout == "chw" and program.tiles[0].config.op == OP_BCAST
     assert program.input_words * len(x) <= Arch().host_buffer_flits
 
 
@@ -1011,10 +1029,11 @@ def test_im2col_input_packing_matches_a_direct_window_gather(dtype, kernel, stri
 
 
 def test_narrow_first_convolution_is_packed_on_the_host(tmp_path):
-    """A 3-channel 3x3 first convolution issues 9 words of 3 useful lanes a window; packed by the host it is a
-    1x1 convolution over 27 channels (4 words): the program computes the same and its estimate is shorter."""
+    """A 3-channel 3x3 first convolution of 5 outputs (op MAC: outputs leave a word's lanes unused, so no BCAST)
+    issues 9 words of 3 useful lanes a window; packed by the host it is a 1x1 convolution over 27 channels (4
+    words): the program computes the same and its estimate is shorter."""
     rng = np.random.default_rng(45)
-    model = float_cnn(rng, (3, 10, 10), [("conv", 8, 3, 1, [1, 1, 1, 1]), ("relu",), ("pool", 2, 2, [0, 0, 0, 0]),
+    model = float_cnn(rng, (3, 10, 10), [("conv", 5, 3, 1, [1, 1, 1, 1]), ("relu",), ("pool", 2, 2, [0, 0, 0, 0]),
                                          ("conv", 8, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
     calibration = rng.standard_normal((16, 3, 10, 10)).astype(np.float32)
     layers = lower_layers(import_onnx(model, calibration=calibration).layers)
@@ -1663,8 +1682,9 @@ def test_concat_of_a_channel_count_off_the_lanes_is_rejected(tmp_path):
 
 def test_resnet8_balance_fills_the_grid(tmp_path):
     """The partition of the MLPerf Tiny ResNet-8 shape on 11x11 (benchmarks/resnet8.py measures it on the
-    emulator): bands of output pixels with per-band channel groups leave no tile idle, and the slowest tile alone
-    (the compiler's estimate) keeps the whole network's MAC utilization >= 90 %."""
+    emulator): bands of output pixels with per-band channel groups leave at most one tile idle (the budget below
+    which no layer fits; the op BCAST stem, section 4.5, needs a tile fewer than its MAC form did), and the slowest
+    tile alone (the compiler's estimate) keeps the whole network's MAC utilization >= 90 %."""
     from flowtile.compiler.emit import estimated_interval
     rng = np.random.default_rng(0)
     blocks = [{"kind": "basic", "out": 16}, {"kind": "basic", "out": 32, "stride": 2},
@@ -1673,15 +1693,14 @@ def test_resnet8_balance_fills_the_grid(tmp_path):
     calibration = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
     arch = Arch(sram_bytes=65536, max_tile_outputs=2048).with_grid("11x11")
     program = compile_model(model, arch, calibration=calibration)
-    assert program.input.layout == "im2col"  # the stem's packed map fits once a band stores only its rows
-    assert sum(len(layer.tiles) for layer in program.layers) == arch.n_tiles
+    assert program.input.layout == "chw" and program.tiles[0].config.op == OP_BCAST   # the 3-channel stem (4.5)
+    assert sum(len(layer.tiles) for layer in program.layers) >= arch.n_tiles - 1
     utilization = program.macs_per_inference / (estimated_interval(program) * arch.n_tiles * arch.lanes)
     assert utilization >= 0.90, f"estimated utilization {utilization:.3f}"
     joins = [layer for layer in program.layers if layer.op.startswith("Add")]
     assert [len(layer.tiles) for layer in joins] == [1, 1, 1]  # results stream out: one Add tile per block
     imported = import_onnx(model, calibration=calibration)
-    layers, _ = pack_input_window(lower_layers(imported.layers), imported.input, arch.lanes)
-    check_stream_program(program, layers)
+    check_stream_program(program, lower_layers(imported.layers))
 
 
 def test_report_gives_throughput_per_memory_area():
@@ -1697,3 +1716,40 @@ def test_report_gives_throughput_per_memory_area():
     mbit = arch.n_tiles * sum(arch.tile_memory_bits.values()) / 1e6
     assert per_mbit == pytest.approx(program.macs_per_inference / interval / mbit, abs=0.006)
     assert arch.tile_memory_bits["sram"] == 8 * arch.sram_bytes
+
+
+def test_padded_channel_convolution_runs_as_broadcast(tmp_path):
+    """A convolution over 3 channels (5 padding lanes of 8) with 16 outputs runs as op BCAST (section 4.5): ``I =
+    n_pix * N_g * KH*KW*C`` = 3/8 of op MAC's, the same rate as the host's window packing, which the compiler then
+    does not use (a tie goes to the plain input: fewer host words); a 1-channel convolution too, split over
+    output-channel groups on a small grid. Both compute the lowered layers' arithmetic exactly."""
+    from flowtile.compiler.emit import estimated_interval
+    rng = np.random.default_rng(46)
+    model = float_cnn(rng, (3, 10, 10), [("conv", 16, 3, 1, [1, 1, 1, 1]), ("relu",), ("pool", 2, 2, [0, 0, 0, 0]),
+                                         ("conv", 8, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
+    calibration = rng.standard_normal((16, 3, 10, 10)).astype(np.float32)
+    layers = lower_layers(import_onnx(model, calibration=calibration).layers)
+    assert layers[0].broadcasts(8) and not layers[1].broadcasts(8) and not layers[2].broadcasts(8)
+    arch = Arch(rows=3, cols=3)
+    program = compile_model(model, arch, calibration=calibration)
+    assert program.input.layout == "chw"
+    first = program.tiles[0].config
+    assert first.op == OP_BCAST and first.in_channels == 3
+    assert sum(t.config.compute_issue_cycles for t in program.tiles[:len(program.layers[0].tiles)]) == 100 * 2 * 27
+    x_q = quantize(rng.standard_normal((3, 3, 10, 10)).astype(np.float32), program.input)
+    assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
+    check_windowed_program(program, layers, tmp_path)
+    packed_layers, packed_spec = pack_input_window(layers, program.input, arch.lanes)
+    packed = build_program(packed_layers, arch, input_spec=packed_spec, output_spec=program.output)
+    assert estimated_interval(packed) >= estimated_interval(program)
+
+    narrow = float_cnn(rng, (1, 12, 12), [("conv", 32, 5, 1, [2, 2, 2, 2]), ("relu",), ("flatten",), ("gemm", 3)])
+    calibration = rng.standard_normal((16, 1, 12, 12)).astype(np.float32)
+    layers = lower_layers(import_onnx(narrow, calibration=calibration).layers)
+    small = Arch(rows=4, cols=4, lanes=8, max_tile_outputs=16)   # 32 outputs: two groups of two words at least
+    program = compile_model(narrow, small, calibration=calibration, pack_input=False)
+    conv = program.tiles[:len(program.layers[0].tiles)]
+    assert {t.config.op for t in conv} == {OP_BCAST} and any(t.config.pass_per_pixel for t in conv)
+    x_q = quantize(rng.standard_normal((3, 1, 12, 12)).astype(np.float32), program.input)
+    assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
+    check_windowed_program(program, layers, tmp_path)
