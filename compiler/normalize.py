@@ -14,10 +14,18 @@ onnxruntime's own tools where they exist, and a small table of rewrite rules for
    the weights into float constants).
 3. the rewrite table :data:`RULES` to a fixed point: each rule is a small function ``rule(graph, node) -> bool``
    with a docstring naming the exporter that writes the form it rewrites. Rules also run on QDQ models
-   (except those marked float-only), and leave Q/DQ nodes alone (one exception: a Flatten between a layer and
-   its per-tensor Q/DQ pair moves after the pair, :func:`flatten_after_its_quantization`).
+   (except those marked float-only), and leave Q/DQ nodes alone (exceptions: a Flatten between a layer and
+   its per-tensor Q/DQ pair moves after the pair, :func:`flatten_after_its_quantization`; the Q/DQ pair
+   ``quantize_static`` writes after a Reshape, Transpose or Squeeze with its input's own scale and zero point, an
+   identity, goes with the Reshape or Transpose a rule removes, :func:`_requantization_after`). A computed Reshape
+   target is read with ONNX's shape inference with data propagation (:meth:`Graph.propagated_shape`).
 4. the graph input's batch dimension becomes symbolic (``batch``): flowtile chooses the batch, whatever the
    exporter traced with.
+
+One rule changes the model's interface: :func:`channels_last_input` makes an NHWC graph input that only a
+Transpose to NCHW reads (tf2onnx's Keras image models) the NCHW input itself and records the permutation in the
+model's ``metadata_props`` (:data:`INPUT_TRANSPOSE_KEY`, :func:`host_transpose`); the program input carries it
+(``TensorSpec.host_transpose``) and the host transposes the published NHWC samples (:func:`flowtile.host.model_layout`).
 
 Anything a rule recognizes but cannot rewrite raises :class:`CompileError` naming node, op and attribute; anything
 it does not recognize is left for the matcher (:mod:`.onnx_import`), which names node, op and attribute itself.
@@ -36,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import CompileError, describe
 
-__all__ = ["normalize", "RULES", "TARGET_OPSET", "INPUT_TRANSPOSE_KEY", "host_transpose", "to_model_layout"]
+__all__ = ["normalize", "RULES", "TARGET_OPSET", "INPUT_TRANSPOSE_KEY", "host_transpose"]
 
 #: The one opset the matcher sees (per-channel DequantizeLinear needs 13; ReduceMean still takes attribute axes).
 TARGET_OPSET = 17
@@ -405,6 +413,49 @@ def fold_bias_add(graph: Graph, node: onnx.NodeProto) -> bool:
     return True
 
 
+@rule("Gemm", "MatMul", float_only=True)
+def fold_dense_scale(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A float ``Mul`` by a per-output-channel constant after a Gemm or a 2-D MatMul (constant 2-D weight) -> the
+    layer's weight and bias scaled (a Gemm): ``W' = alpha * W * a`` along the output axis, ``bias' = a * beta * C``.
+    A following ``Add`` of a constant is then :func:`fold_bias_add`'s.
+
+    tf2onnx writes Keras' ``Dense -> BatchNormalization`` on vectors this way (TensorFlow's inference batchnorm is
+    ``x * a + (beta - mean * a)``: ``MatMul -> Add(bias) -> Mul(a) -> Add(c)``); onnxruntime's basic optimizations
+    fold such constants into a Conv, not into a MatMul or Gemm. The same in float arithmetic as the graph states,
+    up to float32 rounding."""
+    mul = graph.only_reader(node.output[0])
+    if mul is None or mul.op_type != "Mul":
+        return False
+    weight = graph.const(node.input[1]) if len(node.input) > 1 else None
+    a_shape = graph.shapes.get(node.input[0])
+    if weight is None or weight.ndim != 2 or a_shape is None or len(a_shape) != 2:
+        return False
+    attrs = _attrs(node) if node.op_type == "Gemm" else {}
+    if attrs.get("transA", 0):
+        return False
+    transposed = bool(attrs.get("transB", 0))
+    channels = weight.shape[0] if transposed else weight.shape[1]
+    scale = _bias_of(graph, mul, node.output[0], channels, 1, 2)
+    if scale is None:
+        return False
+    old = np.zeros(channels, np.float64)
+    if len(node.input) > 2 and node.input[2]:
+        c = graph.const(node.input[2])
+        if c is None or c.size not in (1, channels):
+            return False
+        old = np.broadcast_to(c.astype(np.float64).reshape(-1), (channels,)) * float(attrs.get("beta", 1.0))
+    a = scale.astype(np.float64)
+    scaled = weight.astype(np.float64) * float(attrs.get("alpha", 1.0)) * (a[:, None] if transposed else a[None, :])
+    name = node.name or node.output[0]
+    w_name = graph.add_const(f"{name}_scaled_weight", scaled.astype(np.float32))
+    b_name = graph.add_const(f"{name}_scaled_bias", (old * a).astype(np.float32))
+    fused = helper.make_node("Gemm", [node.input[0], w_name, b_name], [mul.output[0]], name=name,
+                             transB=int(transposed))
+    graph.replace(mul, [])
+    graph.replace(node, [fused])
+    return True
+
+
 @rule("BatchNormalization", float_only=True)
 def fold_dense_batchnorm(graph: Graph, node: onnx.NodeProto) -> bool:
     """An inference ``BatchNormalization`` on a vector ``[N, C]`` straight after a float Gemm or MatMul (constant
@@ -553,6 +604,278 @@ def reshape_batch_target_to_flatten(graph: Graph, node: onnx.NodeProto) -> bool:
         return False
     graph.replace(node, [helper.make_node("Flatten", [node.input[0]], list(node.output), name=node.name, axis=1)])
     _remove_dead(graph, [node.input[1]])
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# tf2onnx (Keras): channels-last inputs and flattens, computed Reshape targets, tensordot, Squeeze
+# ---------------------------------------------------------------------------------------------------
+def _readers_read(graph: Graph, old: str, new: str) -> None:
+    """Every node reading ``old`` reads ``new`` instead."""
+    for other in graph.model.graph.node:
+        for i, name in enumerate(other.input):
+            if name == old:
+                other.input[i] = new
+
+
+def _static(dims) -> bool:
+    return all(isinstance(d, int) and d > 0 for d in dims)
+
+
+def _qdq_after(graph: Graph, tensor: str) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """``tensor -> Q -> DQ``, each the only reader of its input, scale and zero point constant and per tensor."""
+    quantize = graph.only_reader(tensor)
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] != tensor:
+        return None
+    dequantize = graph.only_reader(quantize.output[0])
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    params = [name for name in list(quantize.input[1:]) + list(dequantize.input[1:]) if name]
+    if any(graph.const(name) is None or graph.const(name).size != 1 for name in params):
+        return None
+    return quantize, dequantize
+
+
+def _same_quantization(graph: Graph, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
+    """Whether the Q/DQ nodes ``a`` and ``b`` state equal constant scales and zero points (values and types)."""
+    if len(a.input) != len(b.input) or _attrs(a).get("axis", 1) != _attrs(b).get("axis", 1):
+        return False
+    for x, y in zip(a.input[1:], b.input[1:]):
+        vx, vy = graph.const(x), graph.const(y)
+        if vx is None or vy is None or vx.dtype != vy.dtype or vx.shape != vy.shape or not np.array_equal(vx, vy):
+            return False
+    return True
+
+
+def _requantization_after(graph: Graph, tensor: str, like: onnx.NodeProto | None):
+    """``tensor -> Q -> DQ`` quantizing exactly as the DequantizeLinear ``like`` does, where ``tensor`` holds values
+    ``like`` wrote (moved, not changed): ``Q(DQ(q)) = q``, an identity (``quantize_static`` writes one after every
+    Reshape, Transpose and Squeeze, sharing its input's scale and zero point)."""
+    pair = _qdq_after(graph, tensor)
+    if pair is None or like is None or like.op_type != "DequantizeLinear":
+        return None
+    return pair if all(_same_quantization(graph, node, like) for node in pair) else None
+
+
+@rule("Transpose", "Reshape")
+def channels_last_input(graph: Graph, node: onnx.NodeProto) -> bool:
+    """The graph input ``[N, H, W, C]`` read only by ``Transpose(perm=[0, 3, 1, 2])`` -> the graph input is
+    ``[N, C, H, W]`` (same name) and the Transpose goes: **the host transposes**.
+
+    tf2onnx writes a Keras model's channels-last image input this way (Keras' Conv2D is NHWC, ONNX's Conv NCHW);
+    with one channel (``C = 1``) its optimizer writes the transpose as ``Reshape(x, [-1, 1, H, W])``, taken alike.
+    The model records the permutation in ``metadata_props`` (:data:`INPUT_TRANSPOSE_KEY` = ``"0,3,1,2"``); the
+    importer copies it into the program input's ``TensorSpec.host_transpose``, and the host
+    (:func:`flowtile.host.model_layout`: ``flowtile run/emulate/rtl --input``, and the calibration samples of
+    :func:`flowtile.compiler.int8_model`) transposes samples given in the published ``[N, H, W, C]`` layout."""
+    source = node.input[0]
+    graph_input = next((i for i in graph.model.graph.input if i.name == source), None)
+    if graph_input is None or graph.only_reader(source) is not node or node.output[0] in graph.outputs or \
+            host_transpose(graph.model) is not None:
+        return False
+    shape = graph.shapes.get(source)
+    if shape is None or len(shape) != 4 or not _static(shape[1:]):
+        return False
+    if node.op_type == "Transpose":
+        if [int(p) for p in _attrs(node).get("perm", [])] != [0, 3, 1, 2]:
+            return False
+    else:
+        target = graph.const(node.input[1]) if len(node.input) > 1 else None
+        _, height, width, channels = shape
+        if target is None or target.size != 4 or channels != 1 or \
+                [int(t) for t in target.reshape(-1)[1:]] != [1, height, width]:
+            return False
+        first = int(target.reshape(-1)[0])
+        if not (first == -1 or (first == 0 and not _attrs(node).get("allowzero", 0)) or first == shape[0]):
+            return False
+    dims = graph_input.type.tensor_type.shape.dim
+    published = [onnx.TensorShapeProto.Dimension() for _ in dims]
+    for copy, dim in zip(published, dims):
+        copy.CopyFrom(dim)
+    for axis, taken in enumerate((0, 3, 1, 2)):
+        dims[axis].CopyFrom(published[taken])
+    graph.replace(node, [])
+    _readers_read(graph, node.output[0], source)
+    entry = graph.model.metadata_props.add()
+    entry.key, entry.value = INPUT_TRANSPOSE_KEY, "0,3,1,2"
+    return True
+
+
+@rule("Reshape")
+def reshape_static_target(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A ``Reshape`` whose target is computed from a tensor's shape, whose output ONNX shape inference with data
+    propagation knows but for (at most) one entry, the batch -> the constant target, that entry ``-1``; the shape
+    computation is removed where nothing else reads it.
+
+    tf2onnx writes Keras' reshapes this way when the batch is dynamic: ``Dense`` on ``[N, T, C]`` (``tf.tensordot``:
+    ``Reshape(MatMul, Cast(Concat(Gather(Cast(Shape(x)), [0, 1]), [K])))``) and ``Flatten`` after a channels-last
+    map (``Reshape(t, Cast(Concat(Slice(Cast(Gather(Shape(m), perm)), 0, 1), [n])))``); the batch is symbolic, so
+    :func:`fold_constants` cannot fold them. The static entries are the values the graph computes; the one unknown
+    entry is what ``-1`` gives (the element count is the input's)."""
+    if len(node.input) < 2 or not node.input[1] or graph.const(node.input[1]) is not None:
+        return False
+    out = graph.propagated_shape(node.output[0])
+    if not out:
+        return False
+    unknown = [axis for axis, d in enumerate(out) if not (isinstance(d, int) and d > 0)]
+    if len(unknown) > 1:
+        return False
+    computed = node.input[1]
+    node.input[1] = graph.add_const(f"{node.name or node.output[0]}_target",
+                                    np.array([-1 if axis in unknown else d for axis, d in enumerate(out)], np.int64))
+    _set_attr(node, "allowzero", None)
+    _remove_dead(graph, [computed])
+    return True
+
+
+@rule("MatMul")
+def tensordot_to_matmul(graph: Graph, node: onnx.NodeProto) -> bool:
+    """``x [N, T, C] -> Reshape([-1, C]) -> MatMul(W [C, K]) -> Reshape([-1, T, K])`` -> ``MatMul(x, W)`` on the
+    3-D tensor (``nn.Linear``'s form on a sequence, which the matcher takes as a sequence layer). Exact: the same
+    rows multiplied. In QDQ models the Q/DQ pairs ``quantize_static`` wrote after the Reshapes, with the scale and
+    zero point of their input (identities, :func:`_requantization_after`), go with them.
+
+    tf2onnx writes Keras' ``Dense`` on a 3-D input this way (Keras computes it with ``tf.tensordot``); the second
+    target is computed from ``Shape(x)`` (made constant first by :func:`reshape_static_target`)."""
+    weight = graph.static_shape(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or len(weight) != 2:
+        return False
+    channels, k = weight
+    # backwards: x -> Reshape A -> [Q -> DQ] -> MatMul
+    into, head = None, node.input[0]
+    producer = _producer(graph, head)
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        quantize = _producer(graph, producer.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear" or graph.only_reader(head) is not node or \
+                graph.only_reader(quantize.output[0]) is not producer:
+            return False
+        into, head = (quantize, producer), quantize.input[0]
+        producer = _producer(graph, head)
+    first = producer
+    if first is None or first.op_type != "Reshape" or graph.only_reader(head) is not (into[0] if into else node):
+        return False
+    target = graph.const(first.input[1]) if len(first.input) > 1 else None
+    x = first.input[0]
+    shape = graph.shapes.get(x)
+    if target is None or [int(t) for t in target.reshape(-1)] != [-1, channels] or shape is None or len(shape) < 3 \
+            or shape[-1] != channels or not _static(shape[1:]):
+        return False
+    steps = [int(d) for d in shape[1:-1]]
+    # forwards: MatMul -> [Q -> DQ] -> Reshape B -> [Q -> DQ quantizing as the pair before it]
+    pair = _qdq_after(graph, node.output[0])
+    tensor = pair[1].output[0] if pair else node.output[0]
+    second = graph.only_reader(tensor)
+    if second is None or second.op_type != "Reshape" or second.input[0] != tensor:
+        return False
+    target = graph.const(second.input[1]) if len(second.input) > 1 else None
+    if target is None or [int(t) for t in target.reshape(-1)] != [-1, *steps, k]:
+        return False
+    after = _requantization_after(graph, second.output[0], pair[1]) if pair else None
+    last = after[1].output[0] if after else second.output[0]
+    if last in graph.outputs:
+        return False
+    before = _requantization_after(graph, head, _producer(graph, x)) if into else None  # x -> Q -> DQ -> A -> Q -> DQ
+    graph.replace(first, [])
+    _readers_read(graph, head, x)
+    if before is not None:
+        for removed in before:
+            graph.replace(removed, [])
+        _readers_read(graph, into[1].output[0], x)
+    for removed in [second, *(after or [])]:
+        graph.replace(removed, [])
+    _readers_read(graph, last, tensor)
+    return True
+
+
+@rule("Transpose")
+def channels_last_flatten(graph: Graph, node: onnx.NodeProto) -> bool:
+    """``map [N, C, H, W] -> Transpose(perm=[0, 2, 3, 1]) -> Reshape to [N, H*W*C] | Flatten -> [Q -> DQ] ->
+    MatMul | Gemm`` with a constant weight (float, or int8 behind its DequantizeLinear) -> ``map -> Flatten -> [Q ->
+    DQ] -> MatMul | Gemm`` with the weight's input rows permuted from ``(h, w, c)`` to ``(c, h, w)`` order (and a
+    per-row quantization scale with them). Exact: the same products, summed in another order. In QDQ models the
+    identity Q/DQ pair ``quantize_static`` writes after the Transpose goes with it.
+
+    tf2onnx writes Keras' ``Flatten`` after a Conv2D or MaxPooling2D this way (Keras flattens a channels-last map in
+    ``(h, w, c)`` order, tf2onnx computes in NCHW and transposes back first)."""
+    if [int(p) for p in _attrs(node).get("perm", [])] != [0, 2, 3, 1]:
+        return False
+    source = node.input[0]
+    shape = graph.shapes.get(source)
+    if shape is None or len(shape) != 4 or not _static(shape[1:]):
+        return False
+    channels, height, width = shape[1:]
+    middle = _requantization_after(graph, node.output[0], _producer(graph, source))
+    tensor = middle[1].output[0] if middle else node.output[0]
+    flat = graph.only_reader(tensor)
+    if flat is None or flat.input[0] != tensor:
+        return False
+    if not ((flat.op_type == "Flatten" and _attrs(flat).get("axis", 1) == 1) or
+            (flat.op_type == "Reshape" and _flatten_target(graph, flat))):
+        return False
+    pair = _qdq_after(graph, flat.output[0])
+    tensor = pair[1].output[0] if pair else flat.output[0]
+    dense = graph.only_reader(tensor)
+    if dense is None or dense.op_type not in ("MatMul", "Gemm") or dense.input[0] != tensor or len(dense.input) < 2:
+        return False
+    attrs = _attrs(dense)
+    if dense.op_type == "Gemm" and attrs.get("transA", 0):
+        return False
+    axis = 1 if dense.op_type == "Gemm" and attrs.get("transB", 0) else 0  # the weight's input axis
+    weight_name, dequantize = dense.input[1], None
+    value = graph.const(weight_name)
+    if value is None:
+        dequantize = _producer(graph, weight_name)
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or \
+                graph.only_reader(weight_name) is not dense:
+            return False
+        value = graph.const(dequantize.input[0])
+        if value is None or len(graph.consumers.get(dequantize.input[0], [])) != 1:
+            return False
+    elif len(graph.consumers.get(weight_name, [])) != 1:
+        return False
+    n = channels * height * width
+    if value.ndim != 2 or value.shape[axis] != n:
+        return False
+    order = np.arange(n).reshape(height, width, channels).transpose(2, 0, 1).reshape(-1)  # (c, h, w) -> (h, w, c)
+    permuted = np.take(value, order, axis=axis)
+    if dequantize is None:
+        dense.input[1] = graph.add_const(f"{weight_name}_chw", permuted)
+    else:
+        if _attrs(dequantize).get("axis", 1) % 2 == axis:
+            for index in (1, 2):
+                param = graph.const(dequantize.input[index]) if len(dequantize.input) > index else None
+                if param is None and len(dequantize.input) > index and dequantize.input[index]:
+                    return False
+                if param is not None and param.size > 1:
+                    dequantize.input[index] = graph.add_const(f"{dequantize.input[index]}_chw", param[order])
+        dequantize.input[0] = graph.add_const(f"{dequantize.input[0]}_chw", permuted)
+    graph.replace(flat, [helper.make_node("Flatten", [source], list(flat.output), name=flat.name or flat.output[0],
+                                          axis=1)])
+    for removed in [node, *(middle or [])]:
+        graph.replace(removed, [])
+    return True
+
+
+@rule("Squeeze")
+def squeeze_to_flatten(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A ``Squeeze`` of size-1 axes (not the batch) that leaves ``[N, n]`` -> ``Flatten(axis=1)``, the same values.
+
+    tf2onnx writes Keras' ``GlobalAveragePooling2D`` as ``GlobalAveragePool -> Squeeze(axes=[2, 3])``."""
+    shape = graph.shapes.get(node.input[0])
+    if len(node.input) > 1 and node.input[1]:
+        axes = graph.const(node.input[1])
+        if axes is None:
+            return False
+        axes = [int(a) for a in axes.reshape(-1)]
+    else:
+        axes = [int(a) for a in _attrs(node).get("axes", [])]
+    if shape is None or len(shape) < 3 or not axes or not _static(shape[1:]):
+        return False
+    axes = sorted({a % len(shape) for a in axes})
+    if 0 in axes or any(shape[a] != 1 for a in axes) or len(shape) - len(axes) != 2:
+        return False
+    graph.replace(node, [helper.make_node("Flatten", [node.input[0]], list(node.output),
+                                          name=node.name or node.output[0], axis=1)])
     return True
 
 
@@ -788,6 +1111,13 @@ def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(candidate, check_type=True, strict_mode=True)
     except Exception:
         return model
+
+
+def host_transpose(model: onnx.ModelProto) -> tuple[int, ...] | None:
+    """The permutation the host applies to the published model's input (batch axis included) to get this model's
+    input, as :func:`channels_last_input` recorded it (:data:`INPUT_TRANSPOSE_KEY`), or None."""
+    value = next((p.value for p in model.metadata_props if p.key == INPUT_TRANSPOSE_KEY), None)
+    return tuple(int(v) for v in value.split(",")) if value else None
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -65,6 +65,7 @@ Anything else raises :class:`CompileError` naming the node, its op and, where it
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import logging
 import os
@@ -79,10 +80,11 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from flowtile.host import published_to_model
 from flowtile.program import TensorSpec
 
 from .errors import CompileError, describe
-from .normalize import normalize
+from .normalize import host_transpose, normalize
 from .qoperator import qoperator_to_qdq
 
 __all__ = ["QuantParams", "DenseLayer", "AddLayer", "ConcatLayer", "layer_sources", "LANE_OPS", "Window", "PoolLayer", "ImportedModel", "import_onnx", "load_model", "quantize_float_model", "int8_model", "is_quantized",
@@ -1435,6 +1437,8 @@ def int8_model(model: str | os.PathLike | onnx.ModelProto, calibration: np.ndarr
     proto = normalize(load_model(model))  # exporter forms -> the forms the matcher knows (compiler/normalize.py)
     if is_quantized(proto):
         return proto
+    if calibration is not None:  # given in the published input layout (an NHWC image): as the normalized model's
+        calibration = published_to_model(calibration, host_transpose(proto), _graph_input(_Graph(proto))[1])
     return load_model(quantize_float_model(proto, calibration=calibration, per_channel=per_channel,
                                            activation_type=activation_type))
 
@@ -1578,5 +1582,9 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto, *, calibration: np.n
     """
     name = Path(model).stem if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
     proto = int8_model(model, calibration, per_channel=per_channel, activation_type=activation_type)
+    transpose = host_transpose(proto)  # the host transposes the published input (normalize.channels_last_input)
     proto = qoperator_to_qdq(proto)  # QLinearConv/QLinearMatMul (QOperator format) -> QDQ
-    return _walk_qdq(_Graph(proto), name)
+    imported = _walk_qdq(_Graph(proto), name)
+    if transpose is not None:
+        imported.input = dataclasses.replace(imported.input, host_transpose=transpose)
+    return imported

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .arch import Arch, ArchError
-from .host import check_input
+from .host import check_input, model_layout
 from .output_paths import OutputPathError, check_distinct, check_output_file, check_parent_writable
 
 EXIT_MISMATCH = 1
@@ -232,7 +232,7 @@ def cmd_emulate(args) -> int:
                           "--heatmap": args.heatmap}, {"--input": args.input})
     program = _load_program(args.program)
     host_pattern = _host_pattern(args)
-    x, _ = _load_array(args.input, "input")
+    x = model_layout(_load_array(args.input, "input")[0], program.input)  # e.g. NHWC images: the host transposes
     if args.range_check:
         _warn_if_inputs_saturate(program, check_input(x, program.input))
     # the emulator stops where the RTL harness would: at --max-cycles, by default the program's cycle limit
@@ -259,7 +259,7 @@ def cmd_rtl(args) -> int:
     _check_outputs({"--output": args.output, "--report": args.report, "--waves": waves},
                    {"--input": args.input})
     host_pattern = _host_pattern(args)
-    x, _ = _load_array(args.input, "input")
+    x = model_layout(_load_array(args.input, "input")[0], program.input)  # e.g. NHWC images: the host transposes
     if args.range_check:
         _warn_if_inputs_saturate(program, check_input(x, program.input))
     result, _q, y = _rtl(program, x, args.sim, waves, host_pattern, args.max_cycles)
@@ -332,12 +332,15 @@ def cmd_run(args) -> int:
     chips = f"{arch.chips} chips of " if arch.chips > 1 else ""
     _progress(f"compiling {args.model} for {chips}a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
     program = compile_model(model, arch, replicas=_replicas(args))
+    published_x = x  # the float model (--float-model) takes the input as given
     if x is None:
         batch = args.batch or DEFAULT_RANDOM_BATCH
         x = np.random.default_rng(0).standard_normal((batch,) + tuple(program.input.shape)).astype(np.float32)
         _progress(f"no --input: using {batch} seeded random inputs")
-    elif args.range_check:
-        _warn_if_inputs_saturate(program, check_input(x, program.input))
+    else:
+        x = model_layout(x, program.input)  # e.g. NHWC images of a tf2onnx model: the host transposes
+        if args.range_check:
+            _warn_if_inputs_saturate(program, check_input(x, program.input))
     with tempfile.TemporaryDirectory(prefix="flowtile-run-") as tmp:
         program.save(Path(tmp) / "prog")   # exercise the artifact: run what was written, as the CLI would
         program = _load_program(Path(tmp) / "prog")
@@ -375,7 +378,7 @@ def cmd_run(args) -> int:
         rows.append(("accuracy flowtile", f"{np.mean(np.argmax(emu_y.reshape(len(x), -1), 1) == labels):.4f}", ""))
         if args.float_model:
             from .oracle import onnxruntime_float_output
-            float_y = onnxruntime_float_output(args.float_model, x)
+            float_y = onnxruntime_float_output(args.float_model, published_x)
             rows.insert(-2, ("accuracy float (onnxruntime)", f"{np.mean(np.argmax(float_y.reshape(len(x), -1), 1) == labels):.4f}", ""))
     rep = emu.report()
     rows.append(("cycles (batch)", str(rep["cycles"]), ""))

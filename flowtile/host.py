@@ -10,8 +10,8 @@ import numpy as np
 
 from .program import Program, TensorSpec
 
-__all__ = ["InputError", "check_input", "quantize", "dequantize", "pack_flits", "unpack_flits",
-           "input_flits", "outputs_from_flits", "apply_post", "HostPattern", "HOST_PATTERN_CYCLES",
+__all__ = ["InputError", "check_input", "published_to_model", "model_layout", "quantize", "dequantize", "pack_flits",
+           "unpack_flits", "input_flits", "outputs_from_flits", "apply_post", "HostPattern", "HOST_PATTERN_CYCLES",
            "stall_bits"]
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
@@ -35,6 +35,30 @@ def check_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise InputError("input contains NaN or infinity")
     return x.astype(np.float32)
+
+
+def published_to_model(x: np.ndarray, perm: tuple[int, ...] | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Samples ``x`` in the published model's input layout -> the compiled model's ``[batch, *shape]``: transposed
+    by ``perm`` (batch axis included) when ``x`` has the published shape (``shape`` permuted back); ``x`` unchanged
+    otherwise (already in the model's layout, or no ``perm``). Where the two layouts have the same shape (an NHWC
+    input with H = W = C) ``x`` is taken as published."""
+    x = np.asarray(x)
+    if perm is None or x.ndim != len(perm):
+        return x
+    full = (None, *shape)
+    published = [0] * len(perm)
+    for axis, taken in enumerate(perm):
+        published[taken] = full[axis]
+    if tuple(x.shape[1:]) != tuple(published[1:]):
+        return x
+    return np.ascontiguousarray(x.transpose(perm))
+
+
+def model_layout(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Host inputs as the published model takes them -> the program input's layout ``[batch, *spec.shape]``
+    (:attr:`TensorSpec.host_transpose`: e.g. an NHWC image of a tf2onnx model, transposed to NCHW); inputs already
+    in the program's layout pass unchanged. The CLI applies it to ``--input`` files."""
+    return published_to_model(x, spec.host_transpose, tuple(spec.shape))
 
 
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:

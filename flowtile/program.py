@@ -128,6 +128,12 @@ class TensorSpec:
     post_quant: tuple | None = None
     #: post: the model's output tensor after the post-op (the name onnxruntime gives it).
     post_name: str | None = None
+    #: Program inputs only: the published model's input is ``[batch, *shape]`` laid out otherwise, and the host
+    #: transposes it by this permutation (batch axis included, as an ONNX ``Transpose``'s ``perm``) into
+    #: ``[batch, *shape]``: ``(0, 3, 1, 2)`` for an NHWC image input (tf2onnx's Keras models; the importer removed
+    #: the model's leading Transpose, compiler/normalize.py ``channels_last_input``). :func:`flowtile.host.model_layout`
+    #: applies it; None: the input is taken as it is.
+    host_transpose: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.layout not in ("flat", "chw", "im2col", "tc"):
@@ -148,6 +154,10 @@ class TensorSpec:
         if self.post is not None and not 1 <= self.post_axis <= len(self.shape):
             raise ProgramError(f"tensor '{self.name}': softmax axis {self.post_axis} is not an axis of "
                                f"[batch, {', '.join(map(str, self.shape))}] other than the batch")
+        if self.host_transpose is not None and (sorted(self.host_transpose) != list(range(len(self.shape) + 1))
+                                                or self.host_transpose[0] != 0):
+            raise ProgramError(f"tensor '{self.name}': host transpose {list(self.host_transpose)} is not a permutation "
+                               f"of the {len(self.shape) + 1} axes keeping the batch axis 0 first")
         if self.post_quant is not None and (len(self.post_quant) != 3 or not float(self.post_quant[0]) > 0
                                             or self.post_quant[2] not in ("int8", "uint8")):
             raise ProgramError(f"tensor '{self.name}': post quantization {list(self.post_quant)} is not "
@@ -175,6 +185,8 @@ class TensorSpec:
              "zero_point": self.zero_point, "dtype": self.dtype, "layout": self.layout}
         if self.window is not None:
             d["window"] = list(self.window)
+        if self.host_transpose is not None:  # only then, like "post"
+            d["host_transpose"] = list(self.host_transpose)
         if self.post is not None:  # only then: programs without a post-op keep the version-6 manifest unchanged
             d["post"] = {"op": self.post, "axis": self.post_axis, "name": self.post_name,
                          "quant": list(self.post_quant) if self.post_quant is not None else None}
@@ -189,7 +201,8 @@ class TensorSpec:
                    d.get("dtype", "int8"), d.get("layout", "flat"),
                    tuple(int(v) for v in window) if window is not None else None,
                    post.get("op"), int(post.get("axis", -1)),
-                   (float(quant[0]), int(quant[1]), str(quant[2])) if quant is not None else None, post.get("name"))
+                   (float(quant[0]), int(quant[1]), str(quant[2])) if quant is not None else None, post.get("name"),
+                   tuple(int(v) for v in d["host_transpose"]) if d.get("host_transpose") is not None else None)
 
 
 @dataclass(frozen=True)

@@ -374,6 +374,11 @@ def write_readme(rows, versions: str) -> None:
     for file, how, opset, notes in rows:
         path = OUT / file
         lines.append(f"| `{file}` | {how} | {opset} | {notes} | {path.stat().st_size} | `{sha256(path)}` |")
+    # the tf_* rows and their paragraph are models/make_tf2onnx_models.py's (TensorFlow): kept as they are
+    old = (OUT / "README.md").read_text().splitlines() if (OUT / "README.md").exists() else []
+    theirs = [line for line in old if line.startswith("The `tf_*` rows")]
+    lines[lines.index("| file | made by | opset | notes | bytes | sha256 |"):0] = [*theirs, ""] if theirs else []
+    lines += [line for line in old if line.startswith("| `tf_")]
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
 
 

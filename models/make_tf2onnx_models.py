@@ -17,8 +17,9 @@ batch dimension dynamic: ``input_signature`` with ``None``) and one output ``y``
   weights, calibrated on 128 training images), as a user would.
 
 Reruns give the same weights and graphs; the bytes may still differ in a constant's name (tf2onnx's duplicate-constant
-merging keeps one of two equal constants in an order that varies from run to run: ``tf_cnn``'s Slice reads
-``const_axes__58`` or ``const_axes__61``), so the committed files are one run's and the README records their sha256.
+merging keeps one of two equal constants in an order that varies from run to run: ``tf_cnn``'s Slice reads its
+``starts`` and ``axes`` from one constant named ``const_axes__NN`` or ``const_starts__NN``), so the committed files
+are one run's and the README records their sha256.
 
 The Keras models (the forms a Keras user gets; inputs channels-last, as Keras wants them):
 
@@ -30,13 +31,30 @@ The Keras models (the forms a Keras user gets; inputs channels-last, as Keras wa
 * ``tf_cnn_rgb``: ``[N, 8, 8, 3]`` (NHWC; the grey digit in all three channels, as grey images are fed to RGB
   networks) -> Conv2D 8 3x3 ``same`` -> BatchNormalization -> ReLU -> MaxPooling2D 2 -> Conv2D 16 3x3 stride 2
   ``same`` (ReLU) -> GlobalAveragePooling2D -> Dense 10.
+
+What tf2onnx 1.17 writes for them (flowtile's import normalizes each form: compiler/normalize.py, its rules named):
+
+* every Dense: ``MatMul -> Add(bias)``; BatchNormalization on a vector: ``Mul(a) -> Add(beta - mean * a)``
+  (``fold_bias_add``, ``fold_dense_scale``); Dropout: nothing;
+* Dense on ``[N, T, C]``: ``Reshape(x, [-1, C]) -> MatMul -> Reshape(., Cast(Concat(Gather(Cast(Shape(x), int32),
+  [0, 1]), [K]), int64)) -> Add -> Relu`` (``reshape_static_target``, ``tensordot_to_matmul``); Flatten:
+  ``Reshape(., [-1, T*K])``;
+* an NHWC input: ``Transpose(perm=[0, 3, 1, 2])`` first, with one channel ``Reshape(x, [-1, 1, H, W])``
+  (``channels_last_input``: the host transposes); the Conv2Ds, pools and BatchNormalization in NCHW between them
+  (``padding='same'`` as explicit, with stride 2 asymmetric, pads; BatchNormalization after a Conv as ``Mul -> Add``,
+  which onnxruntime folds into the Conv); Flatten after a map: ``Transpose(perm=[0, 2, 3, 1]) -> Reshape(.,
+  Cast(Concat(Slice(Cast(Gather(Shape(map), [0, 2, 3, 1])), 0, 1), [n])))`` (``reshape_static_target``,
+  ``channels_last_flatten``); GlobalAveragePooling2D: ``GlobalAveragePool -> Squeeze(axes=[2, 3])``
+  (``squeeze_to_flatten``).
+
+``quantize_static`` then adds a Q/DQ pair after every Reshape, Transpose and Squeeze with its input's scale and zero
+point, and quantizes bias Adds and BatchNormalization's Mul and Add as separate steps (affine layers).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -134,7 +152,7 @@ def export(model, path: Path) -> int:
     import tensorflow as tf
     import tf2onnx
     signature = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="x"),)
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, output_path=str(path))
+    tf2onnx.convert.from_keras(model, input_signature=signature, output_path=str(path))
     return _opset(path)
 
 

@@ -356,6 +356,214 @@ def test_spatial_reduce_mean_is_a_global_average_pool(keepdims, opset):
 
 
 # ---------------------------------------------------------------------------------------------------
+# tf2onnx's forms (Keras): computed Reshape targets, tensordot, channels-last flatten and input, Squeeze,
+# Dense -> BatchNormalization
+# ---------------------------------------------------------------------------------------------------
+def _quantize_static(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
+    """``model`` as onnxruntime's quantize_static writes it (QDQ, int8, per-channel weights)."""
+    from flowtile.testing.random_models import quantize_qdq
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, Path(tmp) / "float.onnx")
+        return onnx.load(str(quantize_qdq(Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx", calibration,
+                                          activation_uint8=False, per_channel=True)))
+
+
+def _computed_target(prefix: str, source: str, take, tail: list[int], out: str) -> tuple[list, dict]:
+    """tf2onnx's computed Reshape target: ``Cast(Concat(Gather(Cast(Shape(source), int32), take) | its Slice
+    [0:1], tail), int64)``; ``take`` a list of indices (tensordot's free axes) or ("perm", perm) (a Flatten after
+    a transposed map: Gather the permuted shape, then Slice the batch)."""
+    inits = {f"{prefix}_tail": np.array(tail, np.int32)}
+    nodes = [helper.make_node("Shape", [source], [f"{prefix}_shape"], name=f"{prefix}/Shape"),
+             helper.make_node("Cast", [f"{prefix}_shape"], [f"{prefix}_shape32"], name=f"{prefix}/Cast",
+                              to=TensorProto.INT32)]
+    if take[0] == "perm":
+        inits.update({f"{prefix}_perm": np.array(take[1], np.int64), f"{prefix}_zero": np.array([0], np.int64),
+                      f"{prefix}_one": np.array([1], np.int64)})
+        nodes += [helper.make_node("Gather", [f"{prefix}_shape32", f"{prefix}_perm"], [f"{prefix}_taken"],
+                                   name=f"{prefix}/Gather", axis=0),
+                  helper.make_node("Slice", [f"{prefix}_taken", f"{prefix}_zero", f"{prefix}_one", f"{prefix}_zero"],
+                                   [f"{prefix}_batch"], name=f"{prefix}/strided_slice")]
+        head = f"{prefix}_batch"
+    else:
+        inits[f"{prefix}_free"] = np.array(take, np.int64)
+        nodes.append(helper.make_node("Gather", [f"{prefix}_shape32", f"{prefix}_free"], [f"{prefix}_taken"],
+                                      name=f"{prefix}/GatherV2", axis=0))
+        head = f"{prefix}_taken"
+    nodes += [helper.make_node("Concat", [head, f"{prefix}_tail"], [f"{prefix}_target32"], name=f"{prefix}/concat",
+                               axis=0),
+              helper.make_node("Cast", [f"{prefix}_target32"], [out], name=f"{prefix}/Cast_1", to=TensorProto.INT64)]
+    return nodes, inits
+
+
+SHAPE_OPS = {"Shape", "Cast", "Gather", "Slice", "Concat"}
+
+
+@pytest.mark.parametrize("kind", ["float", "qdq"])
+def test_tensordot_dense_on_a_sequence_is_a_3d_matmul(kind):
+    """tf2onnx's Keras ``Dense`` on ``[N, T, C]`` (tf.tensordot): ``Reshape(x, [-1, C]) -> MatMul -> Reshape(.,
+    computed [N, T, K]) -> Add -> Relu``, then a Keras Flatten and Dense; quantized, a Q/DQ pair after every
+    Reshape. Becomes ``MatMul(x [N, T, C], W) -> Add -> Relu`` (a sequence layer); the shape computation goes."""
+    steps, channels, k = 4, 5, 6
+    rng = np.random.default_rng(30)
+    inits = {"flat_target": np.array([-1, channels], np.int64), "w": _const(rng, channels, k), "b": _const(rng, k),
+             "seq_target": np.array([-1, steps * k], np.int64), "w2": _const(rng, steps * k, N_OUT),
+             "b2": _const(rng, N_OUT)}
+    shape_nodes, shape_inits = _computed_target("td", "x", [0, 1], [k], "td_target")
+    inits.update(shape_inits)
+    nodes = shape_nodes + [
+        helper.make_node("Reshape", ["x", "flat_target"], ["rows"], name="dense/Tensordot/Reshape"),
+        helper.make_node("MatMul", ["rows", "w"], ["mm"], name="dense/Tensordot/MatMul"),
+        helper.make_node("Reshape", ["mm", "td_target"], ["seq"], name="dense/Tensordot"),
+        helper.make_node("Add", ["seq", "b"], ["biased"], name="dense/BiasAdd"),
+        helper.make_node("Relu", ["biased"], ["h"], name="dense/Relu"),
+        helper.make_node("Reshape", ["h", "seq_target"], ["flat"], name="flatten/Reshape"),
+        helper.make_node("MatMul", ["flat", "w2"], ["m2"], name="head/MatMul"),
+        helper.make_node("Add", ["m2", "b2"], ["y"], name="head/BiasAdd")]
+    model = make(nodes, inits, x_shape=("N", steps, channels))
+    if kind == "qdq":
+        model = _quantize_static(model, rng.standard_normal((32, steps, channels)).astype(np.float32))
+    normalized = check(model, x_shape=(steps, channels), absent=SHAPE_OPS)
+    first = next(n for n in normalized.graph.node if n.op_type == "MatMul")
+    source = next((n for n in normalized.graph.node if first.input[0] in n.output), None)
+    assert source is None or source.op_type == "DequantizeLinear"  # the MatMul reads the (quantized) 3-D input
+    assert sum(n.op_type == "Reshape" for n in normalized.graph.node) == 0  # the flatten became a Flatten
+
+
+def test_computed_reshape_target_becomes_constant():
+    """tf2onnx's Keras Flatten with a dynamic batch: the target computed from the map's shape (Shape -> Gather ->
+    Cast -> Slice -> Concat -> Cast), static but for the batch by ONNX's data propagation: a constant, -1 for the
+    batch (here a plain NCHW flatten, so a Flatten after that)."""
+    rng = np.random.default_rng(31)
+    inits = {}
+    shape_nodes, shape_inits = _computed_target("fl", "r", ("perm", [0, 1, 2, 3]), [4 * H * W], "fl_target")
+    inits.update(shape_inits)
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")] + shape_nodes + [
+        helper.make_node("Reshape", ["r", "fl_target"], ["flat"], name="flatten/Reshape")]
+    inits.update(fc_w=_const(rng, 4 * H * W, N_OUT), fc_b=_const(rng, N_OUT))
+    nodes += [helper.make_node("MatMul", ["flat", "fc_w"], ["m"], name="fc"),
+              helper.make_node("Add", ["m", "fc_b"], ["y"], name="fc_bias")]
+    check(make(nodes, inits), absent=SHAPE_OPS | {"Reshape"}, present={"Flatten"})
+
+
+@pytest.mark.parametrize("kind", ["float", "qdq"])
+def test_channels_last_flatten_permutes_the_dense_weight(kind):
+    """tf2onnx's Keras Flatten after a channels-last map: ``Transpose(perm=[0, 2, 3, 1]) -> Reshape(computed [N,
+    n]) -> MatMul``; becomes ``Flatten -> MatMul`` with the weight's rows in (c, h, w) order (int8 rows behind the
+    per-channel DequantizeLinear, quantized). A non-square map (4 x 3) so that h and w cannot be confused."""
+    rng = np.random.default_rng(32)
+    height, width, n = 8, 6, 4 * 4 * 3
+    inits = {"fc_w": _const(rng, n, N_OUT), "fc_b": _const(rng, N_OUT)}
+    shape_nodes, shape_inits = _computed_target("fl", "p", ("perm", [0, 2, 3, 1]), [n], "fl_target")
+    inits.update(shape_inits)
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Transpose", ["p"], ["t"], name="Transpose__7", perm=[0, 2, 3, 1])] + shape_nodes + [
+        helper.make_node("Reshape", ["t", "fl_target"], ["flat"], name="flatten/Reshape"),
+        helper.make_node("MatMul", ["flat", "fc_w"], ["m"], name="fc/MatMul"),
+        helper.make_node("Add", ["m", "fc_b"], ["y"], name="fc/BiasAdd")]
+    model = make(nodes, inits, x_shape=("N", C, height, width))
+    if kind == "qdq":
+        model = _quantize_static(model, rng.standard_normal((32, C, height, width)).astype(np.float32))
+    check(model, x_shape=(C, height, width), absent=SHAPE_OPS | {"Transpose", "Reshape"}, present={"Flatten"})
+
+
+@pytest.mark.parametrize("kind", ["float", "qdq"])
+def test_squeeze_after_global_pool_is_a_flatten(kind):
+    """tf2onnx's Keras GlobalAveragePooling2D: ``GlobalAveragePool -> Squeeze(axes=[2, 3]) -> MatMul``."""
+    rng = np.random.default_rng(33)
+    inits = {"axes": np.array([2, 3], np.int64), "fc_w": _const(rng, 4, N_OUT), "fc_b": _const(rng, N_OUT)}
+    nodes = [conv(rng, inits, "conv", "x", "c", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="mean"),
+             helper.make_node("Squeeze", ["g", "axes"], ["s"], name="mean_squeeze"),
+             helper.make_node("MatMul", ["s", "fc_w"], ["m"], name="fc/MatMul"),
+             helper.make_node("Add", ["m", "fc_b"], ["y"], name="fc/BiasAdd")]
+    model = make(nodes, inits)
+    if kind == "qdq":
+        model = _quantize_static(model, rng.standard_normal((32, C, H, W)).astype(np.float32))
+    check(model, absent={"Squeeze"}, present={"Flatten"})
+
+
+def test_dense_batchnorm_as_mul_add_is_folded():
+    """tf2onnx's Keras ``Dense -> BatchNormalization`` on vectors: ``MatMul -> Add(bias) -> Mul(a) -> Add(c) ->
+    Relu``; folded into one Gemm."""
+    rng = np.random.default_rng(34)
+    inits = {"w1": _const(rng, 16, 8), "b1": _const(rng, 8), "a": 1 + _const(rng, 8, scale=0.3), "c": _const(rng, 8),
+             "w2": _const(rng, 8, N_OUT), "b2": _const(rng, N_OUT)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"], name="dense/MatMul"),
+             helper.make_node("Add", ["m", "b1"], ["d"], name="dense/BiasAdd"),
+             helper.make_node("Mul", ["d", "a"], ["bn_mul"], name="batch_normalization/batchnorm/mul_1"),
+             helper.make_node("Add", ["bn_mul", "c"], ["bn"], name="batch_normalization/batchnorm/add_1"),
+             helper.make_node("Relu", ["bn"], ["r"], name="re_lu/Relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["m2"], name="dense_1/MatMul"),
+             helper.make_node("Add", ["m2", "b2"], ["y"], name="dense_1/BiasAdd")]
+    normalized = check(make(nodes, inits, x_shape=("N", 16)), x_shape=(16,))
+    assert [n.op_type for n in normalized.graph.node] == ["Gemm", "Relu", "Gemm"]
+
+
+def _nhwc_model(channels: int, form: str) -> onnx.ModelProto:
+    """tf2onnx's Keras Conv2D on a channels-last input ``[N, H, W, C]``: ``Transpose(perm=[0, 3, 1, 2])`` first, or
+    with one channel ``Reshape(x, [-1, 1, H, W])``."""
+    rng = np.random.default_rng(35)
+    inits = {}
+    if form == "transpose":
+        first = helper.make_node("Transpose", ["x"], ["xt"], name="conv2d/BiasAdd__6", perm=[0, 3, 1, 2])
+    else:
+        inits["new_shape"] = np.array([-1, 1, H, W], np.int64)
+        first = helper.make_node("Reshape", ["x", "new_shape"], ["xt"], name="conv2d/BiasAdd__6")
+    nodes = [first, conv(rng, inits, "conv2d/BiasAdd", "xt", "c", c_in=channels, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")] + dense_tail(rng, inits, "r", 4 * H * W)
+    return make(nodes, inits, x_shape=("N", H, W, channels))
+
+
+@pytest.mark.parametrize("channels,form,kind", [(3, "transpose", "float"), (3, "transpose", "qdq"),
+                                                (1, "reshape", "float"), (1, "reshape", "qdq")])
+def test_channels_last_input_is_transposed_by_the_host(channels, form, kind, tmp_path):
+    """The graph input ``[N, H, W, C]`` read by tf2onnx's leading Transpose (or, C = 1, Reshape) becomes ``[N, C, H,
+    W]`` and the model records the permutation; the program input carries it (``host_transpose``, saved with the
+    program), the host transposes NHWC samples (calibration too), and the result is onnxruntime's on the model as
+    published."""
+    from flowtile.compiler.normalize import host_transpose
+    from flowtile.host import model_layout
+    from flowtile.program import Program
+    rng = np.random.default_rng(36)
+    model = _nhwc_model(channels, form)
+    calibration = rng.random((32, H, W, channels)).astype(np.float32)
+    if kind == "qdq":
+        model = _quantize_static(model, calibration)
+    x = rng.random((5, H, W, channels)).astype(np.float32)
+    normalized = normalize(model)
+    assert [d.dim_value for d in normalized.graph.input[0].type.tensor_type.shape.dim[1:]] == [channels, H, W]
+    assert host_transpose(normalized) == (0, 3, 1, 2) and host_transpose(model) is None
+    assert not {"Transpose", "Reshape"} & {n.op_type for n in normalized.graph.node}
+    np.testing.assert_allclose(_ort_float(normalized, x.transpose(0, 3, 1, 2)), _ort_float(model, x),
+                               rtol=1e-5, atol=1e-5)
+
+    int8 = int8_model(model, calibration)  # NHWC calibration samples, as the published model takes them
+    program = compile_model(int8, ARCH)
+    assert program.input.host_transpose == (0, 3, 1, 2)
+    program.save(tmp_path / "prog")
+    assert Program.load(tmp_path / "prog").input.host_transpose == (0, 3, 1, 2)
+    nchw = model_layout(x, program.input)
+    np.testing.assert_array_equal(nchw, x.transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(model_layout(nchw, program.input), nchw)  # already the program's layout
+    assert_emulator_matches_onnxruntime(int8, program, nchw)
+
+
+def test_other_input_transposes_are_rejected():
+    """Only the NHWC -> NCHW transpose of the graph input is the host's; another one is left for the matcher,
+    which names node and op."""
+    rng = np.random.default_rng(37)
+    inits = {}
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], name="swap_hw", perm=[0, 1, 3, 2]),
+             conv(rng, inits, "conv", "xt", "c", pads=[1, 1, 1, 1])] + dense_tail(rng, inits, "c", 4 * H * W)
+    rejects(make(nodes, inits), "swap_hw", "Transpose", r"unsupported op")
+
+
+# ---------------------------------------------------------------------------------------------------
 # opsets 7..22, and mnist-8's whole form
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("opset", [7, 9, 11, 13, 20, 22])

@@ -1,9 +1,10 @@
 """Public-model regression: ONNX files as torch's exporters and onnxruntime's quantizer write them.
 
 ``models/public/`` (made by ``models/make_public_models.py``, provenance in its README.md) holds small
-torchvision-style modules exported three ways (TorchScript with and without constant folding, dynamo) and
-the MLPerf Tiny shapes (ResNet-8, DS-CNN, MobileNetV1-0.25, the FC autoencoder), each as float and as
-onnxruntime QDQ int8. For every file: quantize once (:func:`flowtile.compiler.int8_model`; float files with a
+torchvision-style modules exported three ways (TorchScript with and without constant folding, dynamo),
+the MLPerf Tiny shapes (ResNet-8, DS-CNN, MobileNetV1-0.25, the FC autoencoder), and Keras models as tf2onnx writes
+them (``models/make_tf2onnx_models.py``: an MLP with BatchNormalization, Dense on a sequence ``[N, T, C]``, two
+channels-last CNNs whose ``[N, H, W, C]`` input the host transposes), each as float and as onnxruntime QDQ int8. For every file: quantize once (:func:`flowtile.compiler.int8_model`; float files with a
 seeded calibration set), compile on the first architecture it fits (the default 4x4 Arch, then 8x8, then
 12x12 with larger SRAM, parameter tables and forward queues).
 
@@ -78,7 +79,9 @@ TV = [f"tv_{net}_{form}_{kind}.onnx" for net in ("mlp", "seq", "cnn") for form i
       for kind in ("float", "qdq")]
 MLPERF = [f"mlperf_{net}_{kind}.onnx" for net in ("resnet8", "dscnn", "mobilenet", "autoencoder")
           for kind in ("float", "qdq")]
-MODELS = TV + MLPERF
+#: Keras models as tf2onnx writes them (models/make_tf2onnx_models.py): an MLP, Dense on a sequence, two NHWC CNNs.
+TF = [f"tf_{net}_{kind}.onnx" for net in ("mlp", "seq", "cnn", "cnn_rgb") for kind in ("float", "qdq")]
+MODELS = TV + MLPERF + TF
 #: The smallest model (about 1.4k parameters), the one compared with Verilator.
 SMALLEST = "tv_cnn_ts_fold_qdq.onnx"
 #: Samples run on the emulator (check (a)); the first EMULATED of the BATCH samples checks (b) and (c) use.
@@ -101,6 +104,11 @@ DEEP_DRIFT_LSB = {
     "mlperf_mobilenet_qdq.onnx": 11,     # depth 29; 11.3 % of logits more than 1 LSB off; ORT integer kernels: 9
     "mlperf_autoencoder_float.onnx": 1,  # depth 10 (BatchNormalization folded into the Gemms); measured 0
     "mlperf_autoencoder_qdq.onnx": 1,    # depth 19 (each BatchNormalization its own affine step, exact)
+    "tf_mlp_qdq.onnx": 1,                # depth 6 (bias Add, BatchNormalization's Mul, Add: affine steps); measured 0
+    "tf_cnn_float.onnx": 1,              # depth 5; measured 0
+    "tf_cnn_qdq.onnx": 1,                # depth 6; measured 0
+    "tf_cnn_rgb_float.onnx": 1,          # depth 5; measured 0
+    "tf_cnn_rgb_qdq.onnx": 1,            # depth 8 (BatchNormalization's Mul, Add after the Conv: affine); measured 0
 }
 #: (c): classifiers' tie-aware top-1 agreement with onnxruntime's int8 model, at least.
 TOP1_AGREEMENT = 0.995
