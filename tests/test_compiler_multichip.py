@@ -19,10 +19,10 @@ from flowtile.testing.random_models import random_float_cnn, random_float_mlp, r
 SMALL = Arch(rows=2, cols=2, lanes=8)
 
 
-def _compile(model, calibration, arch):
+def _compile(model, calibration, arch, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return compile_model(model, arch, calibration=calibration)
+        return compile_model(model, arch, calibration=calibration, **options)
 
 
 def mlp(widths, seed=0):
@@ -152,9 +152,10 @@ def test_cut_beats_fill_first_with_slow_links(chips):
 
 def test_slow_links_keep_the_network_on_few_chips():
     """When every feature map costs more on the link than the tiles gain, the chips after the network only pass
-    the output through: the links carry the logits."""
+    the output through: the links carry the logits (one copy of the network: replicas=1; with copies each link also
+    carries the later copies' inputs, test_replication.py)."""
     model, calibration = cnn()
-    program = _compile(model, calibration, SMALL.replace(chips=4, link_bits_per_cycle=1))
+    program = _compile(model, calibration, SMALL.replace(chips=4, link_bits_per_cycle=1), replicas=1)
     check_system(program)
     assert program.links[-1].inference_flits == program.output_words
     assert all(t.config.n_out == 0 for t in program.tiles[3 * SMALL.n_tiles:])

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flowtile.arch import CONFIG_FIELDS, OP_LANE, OP_MAC, OP_MAX, Arch
+from flowtile.arch import CONFIG_FIELDS, OP_BCAST, OP_LANE, OP_MAC, OP_MAX, Arch
 from flowtile.compiler import CompileError, compile_model, import_onnx, int8_model, lower_layers
 from flowtile.emulator import emulate
 from flowtile.tile_config import ConfigError, TileConfig
@@ -196,20 +196,24 @@ DS_CNN = [("conv", 8, (10, 4), 2, [4, 1, 5, 1]), ("relu",), ("avgpool", (25, 5),
 
 
 @pytest.mark.parametrize("kind", ["float", "qdq"])
-@pytest.mark.parametrize("pack_input", [True, False], ids=["im2col", "windowed"])
-def test_ds_cnn_stem_10x4_stride2(tmp_path, kind, pack_input):
+@pytest.mark.parametrize("stem_outputs, layout", [(8, "chw"), (6, "im2col")], ids=["broadcast", "im2col"])
+def test_ds_cnn_stem_10x4_stride2(tmp_path, kind, stem_outputs, layout):
+    """8 stem outputs fill a word: the stem runs as op BCAST (section 4.5) on the plain map, windowed by bands; 6 do
+    not: op MAC, and the host packs its window (im2col, section 8), the faster program."""
     rng = np.random.default_rng(10)
     calibration = rng.standard_normal((16, 1, 49, 10)).astype(np.float32)
-    model = int8(tmp_path, float_model(rng, (1, 49, 10), DS_CNN), calibration, kind)
+    ops = [("conv", stem_outputs, *DS_CNN[0][2:])] + DS_CNN[1:]
+    model = int8(tmp_path, float_model(rng, (1, 49, 10), ops), calibration, kind)
     layers = import_onnx(model).layers
     assert [layer.op for layer in layers] == ["Conv", "GlobalAveragePool", "Gemm"]
     w = layers[0].window
     assert (w.kernel_h, w.kernel_w, w.stride, w.pad_top, w.pad_left, w.out_height, w.out_width) == (10, 4, 2, 4, 1,
                                                                                                     25, 5)
-    program = compiled(tmp_path, model, Arch(), pack_input=pack_input)
-    assert program.input.layout == ("im2col" if pack_input else "chw")
+    program = compiled(tmp_path, model, Arch())
+    assert program.input.layout == layout
     conv = program.tiles[:len(program.layers[0].tiles)]
-    if not pack_input:
+    if layout == "chw":
+        assert {t.config.op for t in conv} == {OP_BCAST}
         assert {(t.config.kernel_h, t.config.kernel_w) for t in conv} == {(10, 4)}
         assert len(conv) > 1 and max(t.config.pad_top for t in conv) == 4   # bands: the first keeps the top pad
         assert all(t.config.in_height < 49 for t in conv[1:-1])              # a band stores the rows it reads

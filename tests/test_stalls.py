@@ -88,7 +88,8 @@ def test_long_output_stalls_back_pressure_the_chip(model_case):
     """With a host that is rarely ready, the exit FIFO fills and the chip itself is held back: the last hop
     before the host transfers later than without stalls."""
     _, program, _, _, x = model_case
-    batch = len(x)          # more output flits than the FIFOs before the host hold
+    x = np.concatenate([x, x])
+    batch = len(x)          # more output flits than the queues and FIFOs between the last computing tile and the host hold
     _, flits = input_flits(program, x)
     free = emulate(program, flits, batch)
     stalled = emulate(program, flits, batch, host_pattern=HostPattern(4, 0.05, 200))
