@@ -757,10 +757,12 @@ def tensordot_to_matmul(graph: Graph, node: onnx.NodeProto) -> bool:
     target = graph.const(first.input[1]) if len(first.input) > 1 else None
     x = first.input[0]
     shape = graph.shapes.get(x)
-    if target is None or [int(t) for t in target.reshape(-1)] != [-1, channels] or shape is None or len(shape) < 3 \
-            or shape[-1] != channels or not _static(shape[1:]):
+    if target is None or shape is None or len(shape) < 3 or shape[-1] != channels or not _static(shape[1:]):
         return False
     steps = [int(d) for d in shape[1:-1]]
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None  # a traced batch: targets may state it
+    if [int(t) for t in target.reshape(-1)] not in ([-1, channels], [batch and batch * int(np.prod(steps)), channels]):
+        return False
     # forwards: MatMul -> [Q -> DQ] -> Reshape B -> [Q -> DQ quantizing as the pair before it]
     pair = _qdq_after(graph, node.output[0])
     tensor = pair[1].output[0] if pair else node.output[0]
@@ -768,7 +770,7 @@ def tensordot_to_matmul(graph: Graph, node: onnx.NodeProto) -> bool:
     if second is None or second.op_type != "Reshape" or second.input[0] != tensor:
         return False
     target = graph.const(second.input[1]) if len(second.input) > 1 else None
-    if target is None or [int(t) for t in target.reshape(-1)] != [-1, *steps, k]:
+    if target is None or [int(t) for t in target.reshape(-1)] not in ([-1, *steps, k], [batch, *steps, k]):
         return False
     after = _requantization_after(graph, second.output[0], pair[1]) if pair else None
     last = after[1].output[0] if after else second.output[0]

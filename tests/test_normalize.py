@@ -400,14 +400,16 @@ def _computed_target(prefix: str, source: str, take, tail: list[int], out: str) 
 SHAPE_OPS = {"Shape", "Cast", "Gather", "Slice", "Concat"}
 
 
-@pytest.mark.parametrize("kind", ["float", "qdq"])
-def test_tensordot_dense_on_a_sequence_is_a_3d_matmul(kind):
+@pytest.mark.parametrize("kind,batch", [("float", "N"), ("qdq", "N"), ("float", 1)])
+def test_tensordot_dense_on_a_sequence_is_a_3d_matmul(kind, batch):
     """tf2onnx's Keras ``Dense`` on ``[N, T, C]`` (tf.tensordot): ``Reshape(x, [-1, C]) -> MatMul -> Reshape(.,
     computed [N, T, K]) -> Add -> Relu``, then a Keras Flatten and Dense; quantized, a Q/DQ pair after every
-    Reshape. Becomes ``MatMul(x [N, T, C], W) -> Add -> Relu`` (a sequence layer); the shape computation goes."""
+    Reshape. Becomes ``MatMul(x [N, T, C], W) -> Add -> Relu`` (a sequence layer); the shape computation goes.
+    Traced with a fixed batch of 1, the targets state it (``[T, C]``, ``[1, T, K]``); the batch is then freed."""
     steps, channels, k = 4, 5, 6
     rng = np.random.default_rng(30)
-    inits = {"flat_target": np.array([-1, channels], np.int64), "w": _const(rng, channels, k), "b": _const(rng, k),
+    rows = -1 if batch == "N" else batch * steps
+    inits = {"flat_target": np.array([rows, channels], np.int64), "w": _const(rng, channels, k), "b": _const(rng, k),
              "seq_target": np.array([-1, steps * k], np.int64), "w2": _const(rng, steps * k, N_OUT),
              "b2": _const(rng, N_OUT)}
     shape_nodes, shape_inits = _computed_target("td", "x", [0, 1], [k], "td_target")
@@ -421,10 +423,11 @@ def test_tensordot_dense_on_a_sequence_is_a_3d_matmul(kind):
         helper.make_node("Reshape", ["h", "seq_target"], ["flat"], name="flatten/Reshape"),
         helper.make_node("MatMul", ["flat", "w2"], ["m2"], name="head/MatMul"),
         helper.make_node("Add", ["m2", "b2"], ["y"], name="head/BiasAdd")]
-    model = make(nodes, inits, x_shape=("N", steps, channels))
+    model = make(nodes, inits, x_shape=(batch, steps, channels))
     if kind == "qdq":
         model = _quantize_static(model, rng.standard_normal((32, steps, channels)).astype(np.float32))
-    normalized = check(model, x_shape=(steps, channels), absent=SHAPE_OPS)
+    normalized = check(model, x_shape=(steps, channels), absent=SHAPE_OPS, batch=4)
+    assert normalized.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # any batch
     first = next(n for n in normalized.graph.node if n.op_type == "MatMul")
     source = next((n for n in normalized.graph.node if first.input[0] in n.output), None)
     assert source is None or source.op_type == "DequantizeLinear"  # the MatMul reads the (quantized) 3-D input
