@@ -262,7 +262,7 @@ def cut_costs(model, lanes: int) -> tuple[list[float], list[tuple]]:
     from flowtile.compiler.onnx_import import import_onnx
     imported = import_onnx(model)
     layers = lower_layers(imported.layers)
-    plans = plan_streams(layers, lanes, imported.input.words(lanes), 1, lane_shape(imported.input))
+    plans = plan_streams(layers, lanes, imported.input.words(lanes), 1, lane_shape(imported.input, lanes))
     tensors = [plan.tensors for plan in plans] + [(output_shape(layers[-1]),)]
     macs = np.array([0] + [_layer_info(layer, ()).macs for layer in layers], dtype=np.float64)
     return list(np.cumsum(macs) / macs.sum()), tensors

@@ -228,6 +228,11 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
         weights = weights[part.start // lanes * issues:part.stop // lanes * issues]
         op, params, n_out = OP_BCAST, layer.params[part.start:part.stop].copy(), part.n_out
         extra = {"in_channels": w.channels, "group_words": part.n_out // lanes, "pass_per_pixel": part.pass_per_pixel}
+        if layer.dense_input:  # its rows' bytes, from the word holding the first one (section 4.5)
+            row_bytes = w.width * w.channels
+            begin, end = first_row * row_bytes, (first_row + stored_rows) * row_bytes
+            stream.update(store_begin=plan.store[0] + begin // lanes, store_end=plan.store[0] + -(-end // lanes))
+            extra.update(in_dense=1, in_dense_offset=begin % lanes)
     elif layer.is_lane or layer.is_pool:  # all the words of a pixel, or one channel group of them (section 4.4)
         extra = _word_group(layer, part, lanes, cw)
         n_out = part.n_out
@@ -287,9 +292,10 @@ def output_shape(layer: LoweredLayer) -> tuple[int, int]:
     return layer.window.out_height * layer.window.out_width, layer.n_out
 
 
-def lane_shape(spec) -> tuple[int, int]:
+def lane_shape(spec, lanes: int) -> tuple[int, int]:
     """``(pixels, channels)`` of a host tensor (:class:`flowtile.program.TensorSpec`) as it travels: its
-    ``words(L) = pixels * ceil(channels / L)``, channel ``c`` of a pixel in word ``c // L``, lane ``c % L``."""
+    ``words(L) = pixels * ceil(channels / L)``, channel ``c`` of a pixel in word ``c // L``, lane ``c % L`` (a
+    dense map: its words as pixels of ``L`` channels)."""
     if spec.layout == "chw":
         channels, height, width = spec.shape
         return height * width, channels
@@ -299,6 +305,8 @@ def lane_shape(spec) -> tuple[int, int]:
     if spec.layout == "tc":
         steps, channels = spec.shape
         return steps, channels
+    if spec.layout == "dense":  # every lane carries a value: words of L channels
+        return spec.words(lanes), lanes
     return 1, spec.length
 
 
@@ -311,6 +319,21 @@ def _tile_place(arch: Arch, position: int) -> tuple[int, ...]:
     """A tile's place in :attr:`LayerInfo.tiles`: ``(row, col)`` on one chip, ``(chip, row, col)`` on several."""
     place = arch.system_position(position)
     return place[1:] if arch.chips == 1 else place
+
+
+def dense_graph_input(layers: list[LoweredLayer], input_spec, lanes: int) -> tuple[list[LoweredLayer], object]:
+    """The graph input in layout "dense" (section 4.5) when every layer reading it runs as op BCAST: its
+    ``ceil(C*H*W / L)`` words instead of ``H*W*ceil(C / L)`` (3/8 for an RGB image on 8 lanes, 1/8 for one channel)
+    on the host link, through every tile that passes it and on chip links, at the same COMPUTE cost. Else
+    unchanged."""
+    if input_spec.layout != "chw":
+        return layers, input_spec
+    readers = [index for index, reads in enumerate(layer_sources(layers)) if -1 in reads]
+    if not readers or not all(layers[index].broadcasts(lanes) for index in readers):
+        return layers, input_spec
+    dense = [dataclasses.replace(layer, dense_input=True) if index in readers else layer
+             for index, layer in enumerate(layers)]
+    return dense, dataclasses.replace(input_spec, layout="dense")
 
 
 def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "",
@@ -327,9 +350,10 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     if arch.chips > 1 and arch.chip_topology != "line":
         raise CompileError(f"arch field 'chip_topology' = {arch.chip_topology!r}: the compiler places layers on a line "
                            f"of chips only (chip_topology = 'line')")
+    layers, input_spec = dense_graph_input(layers, input_spec, arch.lanes)
     in_words = input_spec.words(arch.lanes)
     layers = replicate_layers(layers, replicas)
-    plans = plan_streams(layers, arch.lanes, in_words, replicas, lane_shape(input_spec))
+    plans = plan_streams(layers, arch.lanes, in_words, replicas, lane_shape(input_spec, arch.lanes))
     stream_words = [plan.n_words for plan in plans] + [replicas * output_words(layers[-1], arch.lanes)]
     stream_tensors = [plan.tensors for plan in plans] + [(output_shape(layers[-1]),) * replicas]
     placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words, stream_tensors)

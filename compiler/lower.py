@@ -93,6 +93,9 @@ class LoweredLayer:
     #: A dense layer after the flatten of such a sequence (``input_map = (C, 1, T)``): its weight columns are in
     #: that order too, ``t*C + c``, not NCHW.
     channels_last: bool = False
+    #: An op BCAST convolution (:meth:`broadcasts`) reading the graph input densely packed (layout "dense", section
+    #: 4.5): its input map is ``ceil(C*H*W / L)`` words, pixel ``p``'s channel ``c`` at byte ``p*C + c``.
+    dense_input: bool = False
 
     @property
     def is_pool(self) -> bool:

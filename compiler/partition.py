@@ -151,6 +151,10 @@ class WindowCosts:
     word_weights: int = 0
     #: a join (Add, Concat): ``row_words`` counts a row of both operand maps, which a band stores in two ranges
     join: bool = False
+    #: an op BCAST layer reading a densely packed map (section 4.5): bytes a row and lanes a word (a band's rows
+    #: start inside a word: it stores ``ceil(rows * row bytes / L) + 1`` words at most)
+    dense_row_bytes: int = 0
+    dense_lanes: int = 0
 
     @property
     def groupable(self) -> bool:
@@ -178,7 +182,10 @@ class WindowCosts:
         bank): the input rows the windows of the output rows it touches read."""
         if not self.row_words:
             return self.k
-        return band_input_rows(self, *pixel_rows(pixel_begin, pixels, self.out_width))[1] * self.row_words
+        rows = band_input_rows(self, *pixel_rows(pixel_begin, pixels, self.out_width))[1]
+        if self.dense_row_bytes:
+            return min(self.k, -(-rows * self.dense_row_bytes // self.dense_lanes) + 1)
+        return rows * self.row_words
 
     @property
     def pixel_issue(self) -> int:
@@ -225,6 +232,10 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
     if getattr(layer, "broadcasts", None) and layer.broadcasts(lanes):  # op BCAST: KH*KW*C issues and weight words per output word (section 4.5)
         word_issue = w.kernel_h * w.kernel_w * w.channels
         output_words = layer.n_out // lanes
+        if getattr(layer, "dense_input", False):  # the graph input packed densely (section 4.5)
+            row_bytes = w.width * w.channels
+            k = words(w.height * row_bytes, lanes)
+            geometry.update(row_words=words(row_bytes, lanes), dense_row_bytes=row_bytes, dense_lanes=lanes)
         return WindowCosts(k, layer.n_out, output_words * word_issue, w.out_width * output_words * word_issue,
                            w.out_width * output_words, w.out_height, carried, 0, w.out_width, **geometry,
                            word_issue=word_issue, word_weights=word_issue)

@@ -118,6 +118,12 @@ def _gather_windows(config: TileConfig, activations: np.ndarray, lanes: int) -> 
     read a word whose every lane is ``pad_value``."""
     batch = activations.shape[0]
     n_pixels = config.in_height * config.in_width
+    if config.op == OP_BCAST and config.in_dense:   # section 4.5: byte in_dense_offset + p*C + c -> pixel-major
+        channels, offset = config.in_channels, config.in_dense_offset
+        dense = activations.reshape(batch, -1)[:, offset:offset + n_pixels * channels]
+        padded = np.zeros((batch, n_pixels, config.words_per_pixel * lanes), dtype=np.int8)
+        padded[:, :, :channels] = dense.reshape(batch, n_pixels, channels)
+        activations = padded
     pixels = activations.reshape(batch, n_pixels, config.words_per_pixel, lanes)
     if config.op in (OP_MAX, OP_LANE):
         pixels = pixels[:, :, config.group_slice]

@@ -98,6 +98,10 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # op = BCAST (section 4.5): the input channels C a window position reads, one an issue cycle (lane c mod L of
     # word c div L, broadcast to every lane); 0 for the other ops.
     ("in_channels", 16, False),
+    # op = BCAST over a densely packed map (section 4.5): channel c of stored pixel p is byte in_dense_offset + p*C + c
+    # of the stored words (word f div L, lane f mod L); 0, 0: the map is pixel-major with CW words a pixel.
+    ("in_dense", 1, False),
+    ("in_dense_offset", 8, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads

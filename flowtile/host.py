@@ -82,7 +82,8 @@ def pack_flits(values: np.ndarray, lanes: int, spec: TensorSpec | None = None) -
     """int8 ``[batch, n]`` (model element order) -> ``[batch * words, lanes]`` flits.
 
     Flat tensors: ``lanes`` consecutive elements a flit. ``chw`` tensors travel pixel-major with the
-    channels of a pixel padded to whole flits (docs/architecture.md section 4.1). ``tc`` tensors (a sequence
+    channels of a pixel padded to whole flits (docs/architecture.md section 4.1); ``dense`` ones pixel-major with
+    no padding (section 4.5). ``tc`` tensors (a sequence
     ``(T, C)``) travel the same way as a 1 x T map: step ``t`` is pixel ``t``. Padding lanes are zero.
     """
     batch, n = values.shape
@@ -94,6 +95,11 @@ def pack_flits(values: np.ndarray, lanes: int, spec: TensorSpec | None = None) -
         pixels = np.zeros((batch, height, width, words_per_pixel * lanes), dtype=np.int8)
         pixels[..., :channels] = values.reshape(batch, channels, height, width).transpose(0, 2, 3, 1)
         return pixels.reshape(-1, lanes)
+    if spec is not None and spec.layout == "dense":   # pixel-major, channels back to back across flits
+        channels, height, width = spec.shape
+        packed = np.zeros((batch, spec.words(lanes) * lanes), dtype=np.int8)
+        packed[:, :n] = values.reshape(batch, channels, height, width).transpose(0, 2, 3, 1).reshape(batch, n)
+        return packed.reshape(-1, lanes)
     if spec is not None and spec.layout == "tc":
         steps, channels = spec.shape
         pixels = np.zeros((batch, steps, -(-channels // lanes) * lanes), dtype=np.int8)
@@ -140,6 +146,10 @@ def unpack_flits(flits: np.ndarray, batch: int, n: int, spec: TensorSpec | None 
     if spec is not None and spec.layout == "tc":
         steps, channels = spec.shape
         return np.ascontiguousarray(flits.reshape(batch, steps, -1)[..., :channels]).reshape(batch, -1)
+    if spec is not None and spec.layout == "dense":
+        channels, height, width = spec.shape
+        pixels = flits.reshape(batch, -1)[:, :n].reshape(batch, height, width, channels)
+        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)).reshape(batch, -1)
     return flits.reshape(batch, -1)[:, :n]
 
 

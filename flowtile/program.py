@@ -115,6 +115,9 @@ class TensorSpec:
     #: point, ``ceil(KH*KW*C / L)`` words a pixel. "tc": ``shape`` is (T, C), a sequence ``[N, T, C]`` (what
     #: ``nn.Linear`` reads over its last axis) travelling as a 1 x T map of C channels: ``[T][C]`` row-major is
     #: already pixel-major, so step ``t`` is pixel ``t``, ``ceil(C / L)`` words a pixel, padding lanes zero.
+    #: "dense" (program inputs only, section 4.5): ``shape`` is (C, H, W) and the map travels pixel-major with no
+    #: padding lanes: element ``(c, y, x)`` is byte ``(y*W + x)*C + c`` of the tensor, ``L`` bytes a flit,
+    #: ``ceil(C*H*W / L)`` flits (the last one zero-padded); only op BCAST tiles read it.
     layout: str = "flat"
     #: layout "im2col": ``(kernel_h, kernel_w, stride, pad_top, pad_left, out_height, out_width)``
     window: tuple[int, ...] | None = None
@@ -136,9 +139,10 @@ class TensorSpec:
     host_transpose: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.layout not in ("flat", "chw", "im2col", "tc"):
-            raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' is not 'flat', 'chw', 'im2col' or 'tc'")
-        if self.layout in ("chw", "im2col") and len(self.shape) != 3:
+        if self.layout not in ("flat", "chw", "im2col", "tc", "dense"):
+            raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' is not 'flat', 'chw', 'im2col', 'tc' "
+                               f"or 'dense'")
+        if self.layout in ("chw", "im2col", "dense") and len(self.shape) != 3:
             raise ProgramError(f"tensor '{self.name}': layout '{self.layout}' needs a (C, H, W) shape, "
                                f"got {list(self.shape)}")
         if self.layout == "tc" and (len(self.shape) != 2 or min(self.shape) < 1):

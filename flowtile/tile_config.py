@@ -99,6 +99,8 @@ class TileConfig:
     queue_base: int = 0
     queue_words: int = 0
     in_channels: int = 0
+    in_dense: int = 0
+    in_dense_offset: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -381,6 +383,8 @@ class TileConfig:
                 raise ConfigError(f"config register {name} = {value} must be {bound} when n_out > 0")
         if self.op in TWO_OPERAND_WINDOWS:
             self._validate_two_operands()
+        elif self.op == OP_BCAST and self.in_dense:
+            pass   # a dense map's stored words: _validate_broadcast
         elif self.map_words != self.stored_words:
             raise ConfigError(f"config registers {self.stored_formula} = {self.stored_words} stored words differ "
                               f"from in_height * in_width * words_per_pixel = {self.in_height} * {self.in_width} * "
@@ -388,9 +392,10 @@ class TileConfig:
         if self.op == OP_BCAST:
             self._validate_broadcast(arch)
             return
-        if self.in_channels:
-            raise ConfigError(f"config register in_channels = {self.in_channels} must be 0 for op = "
-                              f"{OP_NAMES[self.op]} (it counts OP_BCAST's input channels; section 4.5)")
+        for register in ("in_channels", "in_dense", "in_dense_offset"):
+            if getattr(self, register):
+                raise ConfigError(f"config register {register} = {getattr(self, register)} must be 0 for op = "
+                                  f"{OP_NAMES[self.op]} (an OP_BCAST register; section 4.5)")
         grouped = self.group_word_begin or self.group_words
         if grouped and self.op not in (OP_MAX, OP_LANE, OP_ADD):
             raise ConfigError(f"config registers group_word_begin = {self.group_word_begin}, group_words = "
@@ -419,6 +424,26 @@ class TileConfig:
             raise ConfigError(f"config registers n_out = {self.n_out}, group_words = {self.group_words}: op = "
                               f"OP_BCAST computes group_words >= 1 result words a pixel, n_out = group_words * "
                               f"lanes = {self.group_words * lanes} (section 4.5)")
+        offset = self.in_dense_offset
+        if not self.in_dense:
+            if offset:
+                raise ConfigError(f"config register in_dense_offset = {offset} must be 0 unless in_dense = 1 "
+                                  f"(section 4.5)")
+            return
+        if offset >= lanes:
+            raise ConfigError(f"config register in_dense_offset = {offset} must be < lanes = {lanes} (a byte of "
+                              f"the first stored word; section 4.5)")
+        dense = self.dense_map_words(lanes)
+        if dense != self.stored_words:
+            raise ConfigError(f"config registers {self.stored_formula} = {self.stored_words} stored words differ "
+                              f"from the dense map's ceil((in_dense_offset + in_height * in_width * in_channels) / "
+                              f"lanes) = ceil(({offset} + {self.in_height} * {self.in_width} * {channels}) / "
+                              f"{lanes}) = {dense} (section 4.5)")
+
+    def dense_map_words(self, lanes: int) -> int:
+        """Words of a densely packed map (op BCAST, ``in_dense = 1``): ``ceil((in_dense_offset + in_height *
+        in_width * in_channels) / L)``."""
+        return -(-(self.in_dense_offset + self.in_height * self.in_width * self.in_channels) // lanes)
 
     def _validate_weights(self, arch: Arch) -> None:
         """The weights COMPUTE reads, ``[w_base, w_base + weight_words)``, fit the SRAM."""

@@ -176,7 +176,6 @@ class ComputeSequencer(wiring.Component):
         word_first = issue.first & (per_word | (channel_lane == 0))
         m.d.comb += [
             issue.word_last.eq(issue.last & (per_word | (channel_lane == arch.lanes - 1) | last_channel)),
-            issue.lane.eq(channel_lane),
             # A word's first issue waits for a free ring slot; COMPUTE never waits inside a word. An
             # inference's first issue has its slot already: compute_start requires ring_free.
             self.issue.valid.eq(issuing & (~word_first | self.ring_free)),
@@ -237,7 +236,9 @@ class ComputeSequencer(wiring.Component):
         ]
         operand_b = (is_add & (kernel_x != 0)) | (is_concat & (word >= config.concat_words_a))
         operand_offset = Mux(two_operands, Mux(operand_b, config.operand_b_offset, config.operand_a_offset), 0)
-        pixel_pitch = Mux(is_concat, Mux(operand_b, concat_words_b, config.concat_words_a), config.words_per_pixel)
+        dense = is_broadcast & config.in_dense
+        pixel_pitch = Mux(dense, config.in_channels,
+                          Mux(is_concat, Mux(operand_b, concat_words_b, config.concat_words_a), config.words_per_pixel))
         operand_word = Mux(is_broadcast, channel >> exact_log2(self.arch.lanes),
                            Mux(is_concat & operand_b, (word - config.concat_words_a)[:len(word)],
                                word + group_first_word))
@@ -247,7 +248,11 @@ class ComputeSequencer(wiring.Component):
                      & (window_x >= config.pad_left) & (window_x < config.pad_left + config.in_width))
         input_y = (window_y - config.pad_top)[:len(config.in_height)]
         input_x = (window_x - config.pad_left)[:len(config.in_width)]
-        activation_offset = operand_offset + (input_y * config.in_width + input_x) * pixel_pitch + operand_word
+        pixel_offset = (input_y * config.in_width + input_x) * pixel_pitch
+        # a dense map (section 4.5): channel c of the pixel is byte in_dense_offset + p*C + c of the stored words
+        dense_byte = config.in_dense_offset + pixel_offset + channel
+        lane_bits = exact_log2(self.arch.lanes)
+        activation_offset = Mux(dense, dense_byte >> lane_bits, operand_offset + pixel_offset + operand_word)
         # Section 4: COMPUTE of inference s reads bank s mod 2, act_base + (s mod 2) * B onwards (B: both store
         # ranges' words; the stored words are the first range's then the second's).
         activation_address = config.act_base + Mux(self.compute_bank, stored_words, 0) + activation_offset
@@ -257,5 +262,7 @@ class ComputeSequencer(wiring.Component):
             # MAC needs row o (bank o % L, address o // L); the lane-wise ops rows cw*L + l (address cw).
             issue.param_addr.eq(Mux(lane_wise, word, channel >> exact_log2(self.arch.lanes))),
             issue.padded.eq(~in_bounds),
+            # MAC: o mod L (the accumulator lane); BCAST: the lane of the activation byte every lane multiplies
+            issue.lane.eq(Mux(dense, dense_byte[:lane_bits], channel[:lane_bits])),
             issue.operand_b.eq(operand_b),
         ]

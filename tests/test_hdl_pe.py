@@ -688,6 +688,14 @@ def golden_window(config, sram, params, activations, lanes):
             # position multiplies weight word w_base + g*KH*KW*C + (ky*KW + kx)*C + c (lane l) by the one value
             # lane c mod L of input word c div L.
             channels = config["in_channels"]
+
+            def value(iy, ix, c):
+                if not (0 <= iy < height and 0 <= ix < width):
+                    return config["pad_value"]
+                if config["in_dense"]:   # byte in_dense_offset + p*C + c of the stored words
+                    byte = config["in_dense_offset"] + (iy * width + ix) * channels + c
+                    return activations[byte // lanes][byte % lanes]
+                return activations[(iy * width + ix) * cw_words + c // lanes][c % lanes]
             for g in range(group_words):
                 word = []
                 for lane in range(lanes):
@@ -698,9 +706,8 @@ def golden_window(config, sram, params, activations, lanes):
                             for c in range(channels):
                                 address = config["w_base"] + (g * kh * kw + ky * kw + kx) * channels + c
                                 weight = sram.get(address, [0] * lanes)
-                                a = input_word(oy * stride + ky - config["pad_top"],
-                                               ox * stride + kx - config["pad_left"], c // lanes)
-                                acc += weight[lane] * a[c % lanes]
+                                acc += weight[lane] * value(oy * stride + ky - config["pad_top"],
+                                                            ox * stride + kx - config["pad_left"], c)
                     acc = wrap32(acc)
                     word.append(clamp(shift_round_half_even(acc * multiplier, shift) + config["zp_out"]))
                 words.append(word)
@@ -779,6 +786,9 @@ def run_window_case(registers, n_pass, forward, back_pressure, n_inferences, lan
         arch = arch.replace(max_tile_outputs=result_words_per_tile * lanes, result_ring_words=result_words_per_tile)
     rng = random.Random(repr(sorted(registers.items())) + str(lanes))   # a str seed is stable across runs
     k_words = registers["in_height"] * registers["in_width"] * registers["words_per_pixel"]
+    if registers.get("in_dense"):   # section 4.5: the map's bytes back to back from in_dense_offset
+        k_words = -(-(registers["in_dense_offset"] + registers["in_height"] * registers["in_width"]
+                      * registers["in_channels"]) // lanes)
     config = make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, w_base=3, **registers)
     # Registers MAC, MAX and LANE do not read (sections 4.2, 4.3) hold non-zero values: they must not move
     # the map or change a product (a separate generator keeps the case's own draws unchanged).
@@ -889,6 +899,15 @@ BCAST_OP_CASES = [
     ("bcast2x2-c6-words2", dict(op=OP_BCAST, in_height=4, in_width=4, words_per_pixel=2, in_channels=6,
                                 group_words=2, kernel_h=2, kernel_w=2, stride=1, pad_top=0, pad_left=0, pad_value=0,
                                 out_row_begin=0, out_rows=3, out_width=3, zp_out=1), 1, 0, True, 3),
+    # dense maps: pixels' channels back to back, across word boundaries, from a byte offset (a band's first row)
+    ("bcast3x3-c3-dense", dict(op=OP_BCAST, in_height=5, in_width=5, words_per_pixel=1, in_channels=3, in_dense=1,
+                               in_dense_offset=0, group_words=1, kernel_h=3, kernel_w=3, stride=1, pad_top=1,
+                               pad_left=1, pad_value=-4, out_row_begin=0, out_rows=5, out_width=5, zp_out=-1),
+     0, 1, True, 3),
+    ("bcast3x2-c1-dense-offset3", dict(op=OP_BCAST, in_height=4, in_width=5, words_per_pixel=1, in_channels=1,
+                                       in_dense=1, in_dense_offset=3, group_words=2, kernel_h=3, kernel_w=2, stride=2,
+                                       pad_top=0, pad_left=1, pad_value=7, out_row_begin=0, out_rows=1, out_width=3,
+                                       zp_out=2), 2, 0, False, 3),
 ]
 
 
