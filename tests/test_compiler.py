@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from flowtile.compiler import (CompileError, build_program, compile_model, import_onnx, lower_layers,
                       assign_tiles, pack_input_window, quantize_multiplier, reference_forward, report, tile_cycles,
                       weight_rows)
+from flowtile.compiler.emit import dense_graph_input
 from flowtile.compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
@@ -203,7 +204,13 @@ def _pe_results(tile, act: np.ndarray, lanes: int) -> list:
     height, width, cw = c.in_height, c.in_width, c.words_per_pixel
     kh, kw, stride, n_out = c.kernel_h, c.kernel_w, c.stride, c.n_out
     two_operands = c.op in (OP_ADD, OP_CONCAT)
-    words = None if two_operands else act[:height * width * cw * lanes].reshape(height, width, cw, lanes)
+    if c.op == OP_BCAST and c.in_dense:  # section 4.5: channel c of pixel p is byte in_dense_offset + p*C + c
+        dense = act[c.in_dense_offset:c.in_dense_offset + height * width * c.in_channels]
+        words = np.zeros((height, width, cw * lanes), np.int64)
+        words[..., :c.in_channels] = dense.reshape(height, width, c.in_channels)
+        words = words.reshape(height, width, cw, lanes)
+    else:
+        words = None if two_operands else act[:height * width * cw * lanes].reshape(height, width, cw, lanes)
     n_r = -(-n_out // lanes)
     group = c.group_slice  # section 4.4: a per-word op's channel group
     if c.op in (OP_MAX, OP_LANE):
@@ -746,6 +753,9 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
     round trip."""
     arch, lanes = program.arch, program.arch.lanes
     program.validate()
+    if program.input.layout == "dense":  # the layers reading the graph input read it densely (section 4.5)
+        layers, dense_input = dense_graph_input(layers, dataclasses.replace(program.input, layout="chw"), lanes)
+        assert dense_input == program.input
     if program.input.layout == "im2col":  # the host packs the first convolution's window (section 7)
         plain_input = dataclasses.replace(program.input, layout="chw", window=None)
         layers, packed_input = pack_input_window(layers, plain_input, lanes)
@@ -822,7 +832,13 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
                     end = min(w.height, (begin + n - 1) * w.stride + w.kernel_h - w.pad_top)
                     assert (c.out_row_begin, c.in_height, c.pad_top) == \
                         (0, end - first, w.pad_top - begin * w.stride + first)
-                    assert c.stored_words == (end - first) * w.width * cw
+                    if c.in_dense:  # section 4.5: the rows' bytes, from the word holding the first
+                        row_bytes = w.width * w.channels
+                        assert program.input.layout == "dense" and layer.dense_input
+                        assert c.in_dense_offset == first * row_bytes % lanes
+                        assert c.stored_words == -(-(end * row_bytes) // lanes) - first * row_bytes // lanes
+                    else:
+                        assert c.stored_words == (end - first) * w.width * cw
                     assert c.store_end <= c.n_in_words
                 group = slice(channel_start[id(t)], channel_start[id(t)] + c.n_out)
                 if layer.is_pool:
@@ -882,7 +898,7 @@ def test_bundled_digits_cnn(tmp_path):
     assert "conv1" in text and "MaxPool" in text and "bottleneck" in text
     # `make demo` runs the whole test set through the RTL harness in one batch: its input must fit the buffer.
     # conv1 reads one channel: op BCAST (section 4.5) runs it at the host-packed rate from the plain map
-    assert program.input.layout == "chw" and program.tiles[0].config.op == OP_BCAST
+    assert program.input.layout == "dense" and program.tiles[0].config.op == OP_BCAST
     assert program.input_words * len(x) <= Arch().host_buffer_flits
 
 
@@ -1693,7 +1709,7 @@ def test_resnet8_balance_fills_the_grid(tmp_path):
     calibration = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
     arch = Arch(sram_bytes=65536, max_tile_outputs=2048).with_grid("11x11")
     program = compile_model(model, arch, calibration=calibration)
-    assert program.input.layout == "chw" and program.tiles[0].config.op == OP_BCAST   # the 3-channel stem (4.5)
+    assert program.input.layout == "dense" and program.tiles[0].config.op == OP_BCAST   # the 3-channel stem (4.5)
     assert sum(len(layer.tiles) for layer in program.layers) >= arch.n_tiles - 1
     utilization = program.macs_per_inference / (estimated_interval(program) * arch.n_tiles * arch.lanes)
     assert utilization >= 0.90, f"estimated utilization {utilization:.3f}"
@@ -1728,18 +1744,19 @@ def test_padded_channel_convolution_runs_as_broadcast(tmp_path):
     model = float_cnn(rng, (3, 10, 10), [("conv", 16, 3, 1, [1, 1, 1, 1]), ("relu",), ("pool", 2, 2, [0, 0, 0, 0]),
                                          ("conv", 8, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
     calibration = rng.standard_normal((16, 3, 10, 10)).astype(np.float32)
-    layers = lower_layers(import_onnx(model, calibration=calibration).layers)
+    imported = import_onnx(model, calibration=calibration)
+    layers = lower_layers(imported.layers)
     assert layers[0].broadcasts(8) and not layers[1].broadcasts(8) and not layers[2].broadcasts(8)
     arch = Arch(rows=3, cols=3)
     program = compile_model(model, arch, calibration=calibration)
-    assert program.input.layout == "chw"
+    assert program.input.layout == "dense" and program.input_words == 3 * 10 * 10 // 8 + 1   # was 100: 5/8 padding
     first = program.tiles[0].config
-    assert first.op == OP_BCAST and first.in_channels == 3
+    assert first.op == OP_BCAST and first.in_channels == 3 and first.in_dense
     assert sum(t.config.compute_issue_cycles for t in program.tiles[:len(program.layers[0].tiles)]) == 100 * 2 * 27
     x_q = quantize(rng.standard_normal((3, 3, 10, 10)).astype(np.float32), program.input)
     assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
     check_windowed_program(program, layers, tmp_path)
-    packed_layers, packed_spec = pack_input_window(layers, program.input, arch.lanes)
+    packed_layers, packed_spec = pack_input_window(layers, imported.input, arch.lanes)
     packed = build_program(packed_layers, arch, input_spec=packed_spec, output_spec=program.output)
     assert estimated_interval(packed) >= estimated_interval(program)
 
@@ -1753,3 +1770,26 @@ def test_padded_channel_convolution_runs_as_broadcast(tmp_path):
     x_q = quantize(rng.standard_normal((3, 1, 12, 12)).astype(np.float32), program.input)
     assert np.array_equal(run_functionally(program, x_q), reference_forward(layers, x_q))
     check_windowed_program(program, layers, tmp_path)
+
+
+@pytest.mark.parametrize("channels, lanes", [(1, 8), (3, 8), (3, 4), (5, 16)])
+def test_dense_layout_packs_channels_back_to_back(channels, lanes):
+    """Layout "dense" (section 4.5): element (c, y, x) is byte (y*W + x)*C + c of the tensor, L bytes a flit, the
+    last flit zero-padded; unpack_flits inverts it."""
+    rng = np.random.default_rng(channels * 100 + lanes)
+    height, width = 5, 7
+    spec = TensorSpec("x", (channels, height, width), 0.1, 3, "int8", "dense")
+    values = rng.integers(-128, 128, (2, channels * height * width)).astype(np.int8)
+    flits = pack_flits(values, lanes, spec)
+    n = channels * height * width
+    assert spec.words(lanes) == -(-n // lanes) and flits.shape == (2 * spec.words(lanes), lanes)
+    stream = flits.reshape(2, -1)
+    maps = values.reshape(2, channels, height, width)
+    for b in range(2):
+        for c in range(channels):
+            for y in range(height):
+                for x in range(width):
+                    assert stream[b, (y * width + x) * channels + c] == maps[b, c, y, x]
+        assert not stream[b, n:].any()
+    assert np.array_equal(unpack_flits(flits, 2, n, spec), values)
+    assert TensorSpec.from_dict(spec.to_dict()) == spec
