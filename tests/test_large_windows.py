@@ -196,9 +196,9 @@ DS_CNN = [("conv", 8, (10, 4), 2, [4, 1, 5, 1]), ("relu",), ("avgpool", (25, 5),
 
 
 @pytest.mark.parametrize("kind", ["float", "qdq"])
-@pytest.mark.parametrize("stem_outputs, layout", [(8, "chw"), (6, "im2col")], ids=["broadcast", "im2col"])
+@pytest.mark.parametrize("stem_outputs, layout", [(8, "dense"), (6, "im2col")], ids=["broadcast", "im2col"])
 def test_ds_cnn_stem_10x4_stride2(tmp_path, kind, stem_outputs, layout):
-    """8 stem outputs fill a word: the stem runs as op BCAST (section 4.5) on the plain map, windowed by bands; 6 do
+    """8 stem outputs fill a word: the stem runs as op BCAST (section 4.5) on the dense map, windowed by bands; 6 do
     not: op MAC, and the host packs its window (im2col, section 8), the faster program."""
     rng = np.random.default_rng(10)
     calibration = rng.standard_normal((16, 1, 49, 10)).astype(np.float32)
@@ -212,8 +212,8 @@ def test_ds_cnn_stem_10x4_stride2(tmp_path, kind, stem_outputs, layout):
     program = compiled(tmp_path, model, Arch())
     assert program.input.layout == layout
     conv = program.tiles[:len(program.layers[0].tiles)]
-    if layout == "chw":
-        assert {t.config.op for t in conv} == {OP_BCAST}
+    if layout == "dense":   # the graph input's one channel packed 8 a word (section 4.5)
+        assert {t.config.op for t in conv} == {OP_BCAST} and all(t.config.in_dense for t in conv)
         assert {(t.config.kernel_h, t.config.kernel_w) for t in conv} == {(10, 4)}
         assert len(conv) > 1 and max(t.config.pad_top for t in conv) == 4   # bands: the first keeps the top pad
         assert all(t.config.in_height < 49 for t in conv[1:-1])              # a band stores the rows it reads
