@@ -11,7 +11,7 @@ emulated (exact: RTL == emulator), and the N-chip outputs are checked bit-identi
 Rows ``1 of RxC``: a single chip (its interval and its slowest layer); rows ``N of RxC``: the N-chip system, with
 
 * ``interval``: the measured steady-state interval, cycles per inference (``flowtile.testing.measure.steady_state``:
-  over the last half of a batch of ``max(--batch, 2 x tiles)`` program inferences, at most 256 inferences and 4e8 PE
+  over the last half of a batch of ``max(--batch, 2 x tiles)`` program inferences, at most 512 program inferences and 6e8 PE
   transfers (memory): a chain of many
   tiles settles into its periodic schedule only after a transient of about two inferences a tile; a run whose last
   quarter's interval still differs from its last half's by more than 1 % says so, ``flowtile.testing.measure.settled``);
@@ -82,11 +82,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ("resnet8", "dscnn", "mobilenet", "autoencoder")
 LARGE = "mobilenet-1.0"
 NETS = (*PUBLIC, LARGE)
-#: the most inferences (over all copies) a run takes so that its last half is steady state, and the most PE transfers
-#: (input and output sides, over the batch): the emulator holds every transfer time, about 24 bytes each (256
-#: inferences of ResNet-8 on 256 tiles, 2.7e8 transfers, take 6.4 GB)
-MAX_BATCH = 256
-MAX_TRANSFERS = 400_000_000
+#: the most program inferences a run takes so that its last half is steady state (a chain settles after about two
+#: inferences a tile: 512 for 256 tiles; a replicated program's chain is as long as one chip's, so it counts
+#: program inferences, not its copies' real ones), and the most PE transfers (input and output sides, over the
+#: batch): the emulator holds every transfer time, about 24 bytes each (256 inferences of ResNet-8 on 256 tiles,
+#: 2.7e8 transfers, take 6.4 GB; the cap, 6e8, about 14 GB)
+MAX_BATCH = 512
+MAX_TRANSFERS = 600_000_000
 #: issue 11's targets for 4 chips: retained throughput at a link fraction
 TARGETS = {16: 0.90, 64: 0.75}
 
@@ -123,9 +125,9 @@ def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
         print(report(program))
     copies = program.replicas
     # a chain of many tiles settles into its periodic schedule only after about two inferences a tile
-    # (measure.settled), so the batch grows with the tiles, within MAX_BATCH inferences and MAX_TRANSFERS
+    # (measure.settled), so the batch grows with the tiles, within MAX_BATCH program inferences and MAX_TRANSFERS
     transfers = sum(t.config.n_in_words + t.config.n_pass + t.config.output_flits(arch.lanes) for t in program.tiles)
-    count = max(1, min(MAX_BATCH // copies, MAX_TRANSFERS // max(1, transfers), max(len(x), 2 * arch.system_tiles)))
+    count = max(1, min(MAX_BATCH, MAX_TRANSFERS // max(1, transfers), max(len(x), 2 * arch.system_tiles)))
     batch = np.resize(x, (count * copies, *x.shape[1:]))   # x first, repeated: count program inferences
     emulated = emulate_model(program, batch)
     view, count = program.program_inferences(len(batch))
