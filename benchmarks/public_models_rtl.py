@@ -26,7 +26,7 @@ def main() -> int:
     from flowtile.arch import Arch
     from flowtile.compiler import int8_model
     from flowtile.emulator import emulate
-    from flowtile.host import input_flits
+    from flowtile.host import input_flits, model_layout
     from flowtile.rtl.simulate import simulate
     from flowtile.testing.oracle_checks import compile_first_fitting
 
@@ -45,7 +45,7 @@ def main() -> int:
         draw = rng.random if name.startswith("tv_") else rng.standard_normal
         int8 = int8_model(path, draw((32, *shape)).astype(np.float32))
         program, arch_name = compile_first_fitting(int8, archs)
-        x = draw((args.batch, *shape)).astype(np.float32)
+        x = model_layout(draw((args.batch, *shape)).astype(np.float32), program.input)   # NHWC models: transposed
         _, flits = input_flits(program, x)
         emu = emulate(program, flits, args.batch)
         started = time.perf_counter()
