@@ -148,7 +148,10 @@ def _draw_network(rng: np.random.Generator, lanes: int):
             pad = int(rng.integers(0, k // 2 + 1))
             stride = int(rng.choice([1, 2])) if min(h, w) >= 4 else 1
             h, w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-            block = {"out": int(rng.integers(2, 9)), "k": k, "stride": stride, "pad": pad, "pool": None}
+            # whole output words a third of the time: with the input's 1-3 channels, the stem then runs as op BCAST
+            # on the dense input (docs/architecture.md section 4.5)
+            out = lanes * int(rng.integers(1, 3)) if rng.random() < 1 / 3 else int(rng.integers(2, 9))
+            block = {"out": out, "k": k, "stride": stride, "pad": pad, "pool": None}
             if min(h, w) >= 2 and rng.random() < 0.5:
                 block["pool"] = (2, 2)
                 h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
@@ -166,8 +169,8 @@ def _draw_network(rng: np.random.Generator, lanes: int):
         block = {"kind": "dense", "growth": int(rng.integers(2, 7)), "identity_first": bool(rng.random() < 0.5)}
         if not block["identity_first"]:
             block["growth"] = lanes
-    stem = lanes * int(rng.integers(1, 3)) if block_kind == "dense" and block["identity_first"] else \
-        int(rng.integers(2, 9))
+    stem = lanes * int(rng.integers(1, 3)) if (block_kind == "dense" and block["identity_first"]) \
+        or rng.random() < 1 / 3 else int(rng.integers(2, 9))
     return kind, {"in_shape": in_shape, "stem": stem, "blocks": [block], "classes": classes}, \
         random_float_resnet(rng, in_shape, stem, [block], classes), in_shape
 

@@ -63,7 +63,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: E402
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "public"
@@ -75,21 +75,8 @@ NETS = ("tf_mlp", "tf_seq", "tf_cnn", "tf_cnn_rgb")
 PARAGRAPH = "The `tf_*` rows are written by `/tmp/tfenv/bin/python models/make_tf2onnx_models.py`"
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray):
-        self.batches = iter([{"x": x}])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target.astype(np.int64)
-    return train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+# the torch models' calibration reader and digits split (this script runs beside it, in models/)
+from make_public_models import _Reader, digits  # noqa: E402
 
 
 def as_input(name: str, x: np.ndarray) -> np.ndarray:
@@ -158,8 +145,9 @@ def export(model, path: Path) -> int:
 
 def quantize(float_path: Path, qdq_path: Path, calibration: np.ndarray) -> None:
     logging.getLogger().setLevel(logging.ERROR)
-    quantize_static(str(float_path), str(qdq_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    quantize_static(str(float_path), str(qdq_path), _Reader(calibration, "x", fixed_batch=False),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=True)
 
 
 def ort_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
