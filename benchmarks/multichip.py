@@ -11,7 +11,7 @@ emulated (exact: RTL == emulator), and the N-chip outputs are checked bit-identi
 Rows ``1 of RxC``: a single chip (its interval and its slowest layer); rows ``N of RxC``: the N-chip system, with
 
 * ``interval``: the measured steady-state interval, cycles per inference (``flowtile.testing.measure.steady_state``:
-  over the last half of a batch of ``max(--batch, 2 x tiles)`` program inferences, at most 512 program inferences and 3e8 PE
+  over the last half of a batch of ``max(--batch, 2 x tiles)`` program inferences, at most 512 program inferences and 6e8 PE (3.5e8 on linked chips)
   transfers (memory): a chain of many
   tiles settles into its periodic schedule only after a transient of about two inferences a tile; a run whose last
   quarter's interval still differs from its last half's by more than 1 % says so, ``flowtile.testing.measure.settled``);
@@ -85,10 +85,11 @@ NETS = (*PUBLIC, LARGE)
 #: the most program inferences a run takes so that its last half is steady state (a chain settles after about two
 #: inferences a tile: 512 for 256 tiles; a replicated program's chain is as long as one chip's, so it counts
 #: program inferences, not its copies' real ones), and the most PE transfers (input and output sides, over the
-#: batch): the emulator holds every transfer time and more, up to about 40 bytes each (6e8 transfers of 4 copies
-#: of ResNet-8 on 4 chips of 8x8 ran out of 24 GB; the cap, 3e8, about 12 GB)
+#: batch): the emulator holds every transfer time, about 24 bytes each on one chip (512 inferences of ResNet-8 on
+#: 32x8 tiles, 5.4e8 transfers, fit in 14 GB) and up to about 40 with links (6e8 transfers of 4 copies of ResNet-8
+#: on 4 chips of 8x8 ran out of 24 GB): the caps keep either within about 14 GB
 MAX_BATCH = 512
-MAX_TRANSFERS = 300_000_000
+MAX_TRANSFERS = {"one chip": 600_000_000, "linked chips": 350_000_000}
 #: issue 11's targets for 4 chips: retained throughput at a link fraction
 TARGETS = {16: 0.90, 64: 0.75}
 
@@ -127,7 +128,8 @@ def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
     # a chain of many tiles settles into its periodic schedule only after about two inferences a tile
     # (measure.settled), so the batch grows with the tiles, within MAX_BATCH program inferences and MAX_TRANSFERS
     transfers = sum(t.config.n_in_words + t.config.n_pass + t.config.output_flits(arch.lanes) for t in program.tiles)
-    count = max(1, min(MAX_BATCH, MAX_TRANSFERS // max(1, transfers), max(len(x), 2 * arch.system_tiles)))
+    cap = MAX_TRANSFERS["one chip" if arch.chips == 1 else "linked chips"]
+    count = max(1, min(MAX_BATCH, cap // max(1, transfers), max(len(x), 2 * arch.system_tiles)))
     batch = np.resize(x, (count * copies, *x.shape[1:]))   # x first, repeated: count program inferences
     emulated = emulate_model(program, batch)
     view, count = program.program_inferences(len(batch))
