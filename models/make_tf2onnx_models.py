@@ -52,7 +52,6 @@ point, and quantizes bias Adds and BatchNormalization's Mul and Add as separate 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -76,7 +75,7 @@ PARAGRAPH = "The `tf_*` rows are written by `/tmp/tfenv/bin/python models/make_t
 
 
 # the torch models' calibration reader and digits split (this script runs beside it, in models/)
-from make_public_models import _Reader, digits  # noqa: E402
+from make_public_models import _Reader, digits, ort_accuracy, sha256  # noqa: E402
 
 
 def as_input(name: str, x: np.ndarray) -> np.ndarray:
@@ -150,20 +149,8 @@ def quantize(float_path: Path, qdq_path: Path, calibration: np.ndarray) -> None:
                     per_channel=True)
 
 
-def ort_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return float(np.mean(np.argmax(session.run(None, {"x": x})[0], axis=1) == y))
-
-
 def _opset(path: Path) -> int:
     return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def update_readme(rows, versions: str) -> None:
