@@ -30,6 +30,7 @@ def main() -> None:
     import onnx
     from flowtile.arch import Arch
     from flowtile.compiler import CompileError, compile_model, int8_model, report
+    from flowtile.host import pad_batch
     from flowtile.testing.measure import steady_state
     from flowtile.testing.oracle_checks import compare_with_onnxruntime, emulate_model
 
@@ -65,19 +66,25 @@ def main() -> None:
             text = report(program)
             if args.report:
                 print(text)
-            estimated = re.search(r"estimated interval (\d+) cycles/inference \(bottleneck: ([^)]*)\)", text)
+            estimated = re.search(r"estimated interval (\d+) cycles(?:/inference| per program inference) "
+                                  r"\(bottleneck: ([^)]*)\)", text)
 
             started = time.perf_counter()
             emulated = emulate_model(program, x)
             emu_seconds = time.perf_counter() - started
             worst = compare_with_onnxruntime(model, program, x, one_at_a_time=True, emulated=emulated).worst
 
-            steady = steady_state(program, emulated.result, args.batch)
-            interval, used, macs = steady.interval, steady.used_tiles, program.macs_per_inference
+            # a program with copies of the network (compile_model's choice on a large grid) runs program inferences
+            # of `replicas` real ones: its steady state is per program inference, its interval per real one
+            view, count = program.program_inferences(len(pad_batch(program, x)))
+            steady = steady_state(view, emulated.result, count)
+            interval, used = steady.interval / program.replicas, steady.used_tiles
+            macs = program.macs_per_inference
             whole, computing = steady.grid_utilization, steady.computing_utilization
             busiest = steady.busiest_layer
             busiest_util = steady.layer_utilization(busiest)
-            print(f"{net} {grid}: compiled in {compile_seconds:.1f} s, {used}/{arch.n_tiles} tiles compute, "
+            copies = f", {program.replicas} copies" if program.replicas > 1 else ""
+            print(f"{net} {grid}: compiled in {compile_seconds:.1f} s{copies}, {used}/{arch.n_tiles} tiles compute, "
                   f"{macs} MACs/inference; estimated interval {estimated.group(1) if estimated else '?'} "
                   f"(bottleneck: {estimated.group(2) if estimated else '?'}); measured {interval:.0f} cycles/inference "
                   f"(batch {args.batch}, emulator {emu_seconds:.1f} s, max |flowtile - onnxruntime| {worst} LSB); "

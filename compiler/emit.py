@@ -415,18 +415,20 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
     shorter (on a tie the plain input wins: fewer words on the host link; op BCAST, section 4.5, already runs a
     convolution over few channels at the packed rate).
     ``replicas``: copies of the network on the chain, taking alternate inferences (:func:`replicate_layers`);
-    None: on one chip 1, on several the ``N`` in ``1 .. arch.chips`` that fits with the shortest estimated
-    interval per real inference (the interval per program inference over ``N``; the fewest copies on a tie).
+    None: the ``N`` in ``1 .. max_copies(...)`` (:func:`max_copies`: up to one a chip on several chips, up to
+    :data:`ONE_CHIP_COPIES` on one chip large enough) that fits with the shortest estimated interval per real
+    inference (the interval per program inference over ``N``; the fewest copies on a tie).
     Raises :class:`compiler.CompileError` when the model is unsupported or does not fit.
     """
     if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
         raise CompileError(f"replicas must be a positive integer (copies of the network), got {replicas!r}")
     imported = import_onnx(model, calibration=calibration, per_channel=per_channel)
     layers = lower_layers(imported.layers)
-    if replicas is not None or arch.chips == 1:
+    most = max_copies(arch, len(layers))
+    if replicas is not None or most == 1:
         return _compile_copies(layers, imported, arch, pack_input, replicas or 1)
     best, first_error = None, None
-    for copies in range(1, arch.chips + 1):
+    for copies in range(1, most + 1):
         try:
             program = _compile_copies(layers, imported, arch, pack_input, copies)
         except CompileError as error:
@@ -437,6 +439,28 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
     if best is None:
         raise first_error
     return best
+
+
+#: The most copies of a network :func:`compile_model` tries on one chip, and the tiles a layer each copy must have
+#: at least (:func:`max_copies`). A copy takes alternate inferences on its own share of the tiles: where one copy
+#: cannot use a large grid (layers that split no further, the balance's granularity), several do (the FC autoencoder
+#: on 12x12: 642 -> 321 cycles an inference with 2 copies, measured; DS-CNN on 32x8 tiles of 64 KiB: 1976 -> 1409,
+#: estimated). On smaller grids a copy would have too few tiles to gain.
+ONE_CHIP_COPIES = 4
+ONE_CHIP_TILES_PER_LAYER = 2
+#: One chip's tiles below which copies are not tried (4x4 and such: a copy would have too few tiles to gain).
+ONE_CHIP_MIN_TILES = 64
+
+
+def max_copies(arch: Arch, n_layers: int) -> int:
+    """Copies :func:`compile_model` tries: on several chips up to one a chip; on one chip of at least
+    :data:`ONE_CHIP_MIN_TILES` tiles up to :data:`ONE_CHIP_COPIES` while every copy keeps
+    :data:`ONE_CHIP_TILES_PER_LAYER` tiles a layer; else 1."""
+    if arch.chips > 1:
+        return arch.chips
+    if arch.n_tiles < ONE_CHIP_MIN_TILES:
+        return 1
+    return max(1, min(ONE_CHIP_COPIES, arch.n_tiles // (ONE_CHIP_TILES_PER_LAYER * max(1, n_layers))))
 
 
 def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input: bool, replicas: int) -> Program:

@@ -172,3 +172,26 @@ def test_emulate_takes_real_inferences_of_a_replicated_program(models):
     np.testing.assert_array_equal(emulate(program, flits, 4).out_flits, emulate(single, flits, 4).out_flits)
     with pytest.raises(EmulatorError, match="not a multiple of the program's 2 copies"):
         emulate(program, flits[: 3 * single.input_words], 3)
+
+
+def test_automatic_choice_replicates_on_one_large_chip(models):
+    """On one chip of at least ONE_CHIP_MIN_TILES tiles compile_model also tries copies (max_copies): where one copy
+    cannot use the grid, copies on their own shares of it run alternate inferences faster, the emulator agreeing
+    with the estimate's ordering and the outputs those of one copy; a 4x4 chip is never replicated unasked."""
+    from flowtile.compiler.emit import ONE_CHIP_MIN_TILES, max_copies
+    model, in_shape = models["mlp"]
+    arch = Arch(rows=8, cols=8, lanes=8, sram_bytes=4096, max_tile_outputs=64)
+    assert arch.n_tiles >= ONE_CHIP_MIN_TILES and max_copies(arch, 4) > 1
+    one = compile_model(model, arch, replicas=1)
+    chosen = compile_model(model, arch)
+    assert chosen.replicas > 1
+    assert estimated_interval(chosen) / chosen.replicas < estimated_interval(one)
+    x = np.random.default_rng(3).standard_normal((8 * chosen.replicas * 8, *in_shape)).astype(np.float32)
+    runs = {copies: emulate_model(program, x) for copies, program in ((1, one), (chosen.replicas, chosen))}
+    measured = {}
+    for copies, program in ((1, one), (chosen.replicas, chosen)):
+        view, count = program.program_inferences(len(x))
+        measured[copies] = steady_state(view, runs[copies].result, count).interval / copies
+    assert measured[chosen.replicas] < measured[1], measured
+    assert np.array_equal(runs[chosen.replicas].q, runs[1].q)
+    assert compile_model(model, arch.replace(rows=4, cols=4)).replicas == 1
