@@ -373,7 +373,7 @@ def main() -> None:
                   if one.interval > 1.05 * estimate else "")
         why = f"tiles ({slowest_tile(one.program)[1]}){stalls}{queue_note(one.program)}"
         progress(f"{net}: one chip of {grid}: interval {one.interval:.0f}, {why} ({one.seconds:.1f} s)")
-        rows.append((net, f"1 of {grid}", "-", "1", f"{one.interval:.0f}", "-", "-", "-", "-", "-", "-", "-", "-", why,
+        rows.append((net, f"1 of {grid}", "-", str(one.program.replicas), f"{one.interval:.0f}", "-", "-", "-", "-", "-", "-", "-", "-", why,
                      f"{one.seconds:.1f}"))
         return one
 
