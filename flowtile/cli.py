@@ -428,8 +428,9 @@ def _add_arch_options(parser):
 def _add_replicas_option(parser):
     parser.add_argument("--replicas", type=int, default=None, metavar="N",
                         help="copies of the network on the chips, taking alternate inferences (the host sends N "
-                             "inputs back to back; a batch is padded to a multiple of N); default: on several chips "
-                             "the count with the shortest estimated interval per inference, on one chip 1")
+                             "inputs back to back; a batch is padded to a multiple of N); default: the count with "
+                             "the shortest estimated interval per inference, up to one a chip on several chips and "
+                             "up to 4 on one chip of 64 tiles or more (1 on smaller chips)")
 
 
 def _replicas(args) -> int | None:
