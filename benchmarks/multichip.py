@@ -89,7 +89,8 @@ NETS = (*PUBLIC, LARGE)
 #: 32x8 tiles, 5.4e8 transfers, fit in 14 GB) and up to about 40 with links (6e8 transfers of 4 copies of ResNet-8
 #: on 4 chips of 8x8 ran out of 24 GB): the caps keep either within about 14 GB
 MAX_BATCH = 512
-MAX_TRANSFERS = {"one chip": 600_000_000, "linked chips": 350_000_000}
+MAX_TRANSFERS_ONE_CHIP = 600_000_000
+MAX_TRANSFERS_LINKED = 350_000_000
 #: issue 11's targets for 4 chips: retained throughput at a link fraction
 TARGETS = {16: 0.90, 64: 0.75}
 
@@ -126,9 +127,9 @@ def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
         print(report(program))
     copies = program.replicas
     # a chain of many tiles settles into its periodic schedule only after about two inferences a tile
-    # (measure.settled), so the batch grows with the tiles, within MAX_BATCH program inferences and MAX_TRANSFERS
+    # (measure.settled), so the batch grows with the tiles, within MAX_BATCH program inferences and the transfer caps
     transfers = sum(t.config.n_in_words + t.config.n_pass + t.config.output_flits(arch.lanes) for t in program.tiles)
-    cap = MAX_TRANSFERS["one chip" if arch.chips == 1 else "linked chips"]
+    cap = MAX_TRANSFERS_ONE_CHIP if arch.chips == 1 else MAX_TRANSFERS_LINKED
     count = max(1, min(MAX_BATCH, cap // max(1, transfers), max(len(x), 2 * arch.system_tiles)))
     batch = np.resize(x, (count * copies, *x.shape[1:]))   # x first, repeated: count program inferences
     emulated = emulate_model(program, batch)

@@ -45,8 +45,9 @@ from flowtile.arch import ACC_BITS, ADD_MULT_MAX, MULTIPLIER_BITS, SHIFT_BITS
 from .errors import CompileError
 from .onnx_import import LANE_OPS, AddLayer, ConcatLayer, DenseLayer, PoolLayer, Window, layer_sources
 
-__all__ = ["LoweredLayer", "lower_layers", "affine_integers", "pack_input_window", "lower_layer", "exact_affine", "affine_targets", "quantize_multiplier", "reference_forward",
-           "weight_rows", "lane_params", "input_words", "MIN_SHIFT", "MAX_SHIFT"]
+__all__ = ["LoweredLayer", "lower_layers", "affine_integers", "exact_affine", "affine_targets", "pack_input_window",
+           "lower_layer", "quantize_multiplier", "reference_forward", "weight_rows", "lane_params", "input_words",
+           "MIN_SHIFT", "MAX_SHIFT"]
 
 MIN_SHIFT = 1
 MAX_SHIFT = (1 << SHIFT_BITS) - 2  # 62: keeps acc * M + 2^(S-1) inside a signed 64-bit product
@@ -286,8 +287,8 @@ def _multiplier_interval(acc: np.ndarray, wanted: np.ndarray, lowered: LoweredLa
         lower = np.where(positive, low / acc, np.where(negative, high / acc, -np.inf))
         upper = np.where(positive, high / acc, np.where(negative, low / acc, np.inf))
     zero_ok = np.where(acc == 0, (low < 0) & (high > 0), True).all(axis=1)
-    lo = np.maximum(np.nan_to_num(lower, nan=-np.inf).max(axis=1), 0.0)
-    hi = np.nan_to_num(upper, nan=np.inf).min(axis=1)
+    lo = np.maximum(lower.max(axis=1), 0.0)   # acc == 0 contributes no bound (the where above picks +-inf)
+    hi = upper.min(axis=1)
     return np.where(zero_ok, lo, np.inf), hi
 
 

@@ -182,11 +182,15 @@ class Graph:
         else:
             old, new = target, source
         self.replace(node, [])
-        for other in graph.node:
+        self.redirect_readers(old, new)
+        return True
+
+    def redirect_readers(self, old: str, new: str) -> None:
+        """Every node reading ``old`` reads ``new`` instead."""
+        for other in self.model.graph.node:
             for i, name in enumerate(other.input):
                 if name == old:
                     other.input[i] = new
-        return True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -610,14 +614,6 @@ def reshape_batch_target_to_flatten(graph: Graph, node: onnx.NodeProto) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # tf2onnx (Keras): channels-last inputs and flattens, computed Reshape targets, tensordot, Squeeze
 # ---------------------------------------------------------------------------------------------------
-def _readers_read(graph: Graph, old: str, new: str) -> None:
-    """Every node reading ``old`` reads ``new`` instead."""
-    for other in graph.model.graph.node:
-        for i, name in enumerate(other.input):
-            if name == old:
-                other.input[i] = new
-
-
 def _static(dims) -> bool:
     return all(isinstance(d, int) and d > 0 for d in dims)
 
@@ -695,7 +691,7 @@ def channels_last_input(graph: Graph, node: onnx.NodeProto) -> bool:
     for axis, taken in enumerate((0, 3, 1, 2)):
         dims[axis].CopyFrom(published[taken])
     graph.replace(node, [])
-    _readers_read(graph, node.output[0], source)
+    graph.redirect_readers(node.output[0], source)
     entry = graph.model.metadata_props.add()
     entry.key, entry.value = INPUT_TRANSPOSE_KEY, "0,3,1,2"
     return True
@@ -778,14 +774,14 @@ def tensordot_to_matmul(graph: Graph, node: onnx.NodeProto) -> bool:
         return False
     before = _requantization_after(graph, head, _producer(graph, x)) if into else None  # x -> Q -> DQ -> A -> Q -> DQ
     graph.replace(first, [])
-    _readers_read(graph, head, x)
+    graph.redirect_readers(head, x)
     if before is not None:
         for removed in before:
             graph.replace(removed, [])
-        _readers_read(graph, into[1].output[0], x)
+        graph.redirect_readers(into[1].output[0], x)
     for removed in [second, *(after or [])]:
         graph.replace(removed, [])
-    _readers_read(graph, last, tensor)
+    graph.redirect_readers(last, tensor)
     return True
 
 

@@ -229,7 +229,8 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
                            out_width=w.out_width, row_words=w.width * cw, **join_rows)
     geometry = dict(in_height=w.height, row_words=w.width * cw, kernel_h=w.kernel_h, stride=w.stride,
                     pad_top=w.pad_top)
-    if getattr(layer, "broadcasts", None) and layer.broadcasts(lanes):  # op BCAST: KH*KW*C issues and weight words per output word (section 4.5)
+    if getattr(layer, "broadcasts", None) and layer.broadcasts(lanes):
+        # op BCAST (section 4.5): KH*KW*C issues and weight words per output word
         word_issue = w.kernel_h * w.kernel_w * w.channels
         output_words = layer.n_out // lanes
         if getattr(layer, "dense_input", False):  # the graph input packed densely (section 4.5)

@@ -143,20 +143,15 @@ class ComputeSequencer(wiring.Component):
         window_done = last_kernel_x & last_kernel_y
         pixel_done = Signal()
         step_word, step_kernel_x, step_kernel_y, step_channel = Signal(), Signal(), Signal(), Signal()
-        with m.If(is_broadcast):
+        with m.If(per_word):
+            # BCAST's input-channel loop runs inside the window loop; the other per-word ops have none (one pass)
+            channel_done = ~is_broadcast | last_channel
             m.d.comb += [
-                step_channel.eq(1), step_kernel_x.eq(last_channel), step_kernel_y.eq(last_channel & last_kernel_x),
-                step_word.eq(last_channel & window_done),
-                issue.first.eq((channel == 0) & (kernel_x == 0) & (kernel_y == 0)),
-                issue.last.eq(last_channel & window_done),
-                pixel_done.eq(last_channel & window_done & last_word),
-            ]
-        with m.Elif(per_word):
-            m.d.comb += [
-                step_kernel_x.eq(1), step_kernel_y.eq(last_kernel_x), step_word.eq(window_done),
-                issue.first.eq((kernel_x == 0) & (kernel_y == 0)),
-                issue.last.eq(window_done),
-                pixel_done.eq(window_done & last_word),
+                step_channel.eq(is_broadcast), step_kernel_x.eq(channel_done),
+                step_kernel_y.eq(channel_done & last_kernel_x), step_word.eq(channel_done & window_done),
+                issue.first.eq((~is_broadcast | (channel == 0)) & (kernel_x == 0) & (kernel_y == 0)),
+                issue.last.eq(channel_done & window_done),
+                pixel_done.eq(channel_done & window_done & last_word),
             ]
         with m.Else():
             m.d.comb += [
