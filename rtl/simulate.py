@@ -53,7 +53,7 @@ from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_T
 from flowtile.link_format import LINK_LANE_SEGMENTS
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
-           "simulate", "build_verilator", "harness_verilog", "cycle_budget", "stall_window", "DEFAULT_BUILD_ROOT",
+           "simulate", "build_verilator", "evict_builds", "harness_verilog", "cycle_budget", "stall_window", "DEFAULT_BUILD_ROOT",
            "SIMULATORS"]
 
 #: Where Verilator builds are cached unless ``build_root`` is given.
@@ -73,6 +73,12 @@ MIN_STREAMING_BUFFER = 8
 # The cycle budget (BUDGET_FACTOR times a sequential estimate plus BUDGET_BASE_CYCLES) and the no-progress window
 # are the spec's (flowtile.run_limits), shared with the emulator's --max-cycles.
 _BUILD_STAMP = "flowtile-build.json"
+#: The build cache's size limit in GiB unless ``FLOWTILE_RTL_CACHE_GB`` says otherwise: a Verilator build of the
+#: harness takes 0.1-0.3 GB, and a cache without a limit grew past 40 GB over a few weeks of work on one machine.
+#: The test suite's own builds take about 5 GB; below that it rebuilds (ccache makes that cheap, not free).
+DEFAULT_CACHE_GB = 12.0
+#: A build used (or finished) this recently is never evicted: another process may be running it.
+CACHE_IN_USE_SECONDS = 3600
 #: A cold (no ccache) hierarchical Verilator build of the harness on the project's 2-core machine takes
 #: about this much plus this much per tile (4x4: ~26 s, 11x11: ~40 s); only used for the progress estimate.
 VERILATOR_BASE_SECONDS_ESTIMATE = 20
@@ -388,6 +394,8 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
             return None
         if "load_ports" not in stamp:
             return None  # written by an older flow: rebuild
+        with contextlib.suppress(OSError):
+            os.utime(directory / _BUILD_STAMP)  # the eviction's "last used"
         return VerilatorBuild(directory, True, time.perf_counter() - started, trace_format, stamp["load_ports"])
 
     alias = root / "by-source" / f"{_generation_key(arch, chip_factory, fingerprint)}.json"
@@ -424,8 +432,73 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
                 {"fingerprint": json.loads(fingerprint), "arch": arch.to_dict(), "seconds": seconds,
                  "load_ports": load_ports}, indent=1))
             build = VerilatorBuild(directory, False, seconds, trace_format, load_ports)
+            evict_builds(root, keep=directory)
     _write_atomically(alias, json.dumps({"build": directory.name}))
     return build
+
+
+def cache_limit_bytes() -> int:
+    """The build cache's size limit: ``FLOWTILE_RTL_CACHE_GB`` (GiB, a number > 0) or :data:`DEFAULT_CACHE_GB`."""
+    text = os.environ.get("FLOWTILE_RTL_CACHE_GB")
+    if text is None:
+        return int(DEFAULT_CACHE_GB * 2**30)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"FLOWTILE_RTL_CACHE_GB = {text!r}: must be a number of GiB > 0")
+    return int(value * 2**30)
+
+
+def _tree_bytes(directory: Path) -> int:
+    total = 0
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+    return total
+
+
+def evict_builds(root: str | Path, *, keep: Path | None = None, limit_bytes: int | None = None,
+                 now: float | None = None) -> list[Path]:
+    """Delete cached Verilator builds under ``root``, least recently used first, until the builds take at most
+    ``limit_bytes`` (default :func:`cache_limit_bytes`); returns the deleted directories.
+
+    "Used" is the mtime of a build's stamp, which every cache hit refreshes. Never deleted: ``keep``, and any
+    build used or written in the last :data:`CACHE_IN_USE_SECONDS` (another process may be running it), so the
+    cache may stay above the limit for a while. A directory without a stamp older than that is an interrupted
+    build: it is deleted first. A deleted build's ``by-source`` aliases are left: a lookup through one finds no
+    stamp and rebuilds.
+    """
+    root = Path(root)
+    limit = cache_limit_bytes() if limit_bytes is None else limit_bytes
+    now = time.time() if now is None else now
+    builds = []
+    for directory in root.glob(f"{HARNESS_TOP_NAME}-*"):
+        if not directory.is_dir():
+            continue
+        stamp = directory / _BUILD_STAMP
+        try:
+            used = stamp.stat().st_mtime
+            finished = True
+        except OSError:
+            used, finished = directory.stat().st_mtime, False
+        builds.append((finished, used, directory, _tree_bytes(directory)))
+    total = sum(size for *_, size in builds)
+    deleted = []
+    for finished, used, directory, size in sorted(builds, key=lambda build: build[:2]):
+        if total <= limit and finished:
+            break
+        if directory == keep or now - used < CACHE_IN_USE_SECONDS:
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        total -= size
+        deleted.append(directory)
+    if deleted:
+        progress(f"RTL build cache: removed {len(deleted)} least recently used build(s) of {root}; "
+                 f"{total / 2**30:.1f} GiB left (limit {limit / 2**30:.1f} GiB, FLOWTILE_RTL_CACHE_GB)")
+    return deleted
 
 
 def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_format: str | None, control_text: str,

@@ -241,6 +241,53 @@ def test_generation_key_changes_when_an_hdl_source_changes(monkeypatch):
     assert rtl._generation_key(CHIP_ARCH, None, fingerprint) == key
 
 
+
+def _fake_build(root: Path, name: str, megabytes: float, used: float | None, now: float) -> Path:
+    """A cache entry of ``megabytes`` whose stamp was last touched ``used`` seconds before ``now`` (None: no
+    stamp, an interrupted build, its directory that old instead)."""
+    directory = root / f"{HARNESS_TOP_NAME}-{name}"
+    directory.mkdir(parents=True)
+    (directory / "obj").write_bytes(b"\0" * int(megabytes * 2**20))
+    import os
+    if used is None:
+        os.utime(directory, (now - 7200, now - 7200))
+    else:
+        stamp = directory / rtl._BUILD_STAMP
+        stamp.write_text("{}")
+        os.utime(stamp, (now - used, now - used))
+    return directory
+
+
+def test_build_cache_evicts_least_recently_used_builds_down_to_its_limit(tmp_path):
+    now = time.time()
+    hour = rtl.CACHE_IN_USE_SECONDS
+    oldest = _fake_build(tmp_path, "a", 3, 10 * hour, now)
+    older = _fake_build(tmp_path, "b", 3, 5 * hour, now)
+    recent = _fake_build(tmp_path, "c", 3, 2 * hour, now)
+    running = _fake_build(tmp_path, "d", 3, hour / 2, now)     # used a moment ago: maybe running
+    interrupted = _fake_build(tmp_path, "e", 1, None, now)     # no stamp, 2 hours old
+    deleted = rtl.evict_builds(tmp_path, limit_bytes=7 * 2**20, now=now)
+    # The interrupted build goes whatever the size; then the oldest until 3 + 3 <= 7 MiB.
+    assert deleted == [interrupted, oldest, older]
+    assert recent.is_dir() and running.is_dir()
+    # Below the limit nothing else goes; a build in use stays even when the limit says otherwise.
+    assert rtl.evict_builds(tmp_path, limit_bytes=7 * 2**20, now=now) == []
+    assert rtl.evict_builds(tmp_path, limit_bytes=1, now=now, keep=recent) == []
+    assert rtl.evict_builds(tmp_path, limit_bytes=1, now=now) == [recent]
+    assert running.is_dir()
+
+
+def test_build_cache_limit_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FLOWTILE_RTL_CACHE_GB", raising=False)
+    assert rtl.cache_limit_bytes() == int(rtl.DEFAULT_CACHE_GB * 2**30)
+    monkeypatch.setenv("FLOWTILE_RTL_CACHE_GB", "0.5")
+    assert rtl.cache_limit_bytes() == 2**29
+    for bad in ("0", "-2", "lots"):
+        monkeypatch.setenv("FLOWTILE_RTL_CACHE_GB", bad)
+        with pytest.raises(ValueError, match="FLOWTILE_RTL_CACHE_GB = .* must be a number of GiB > 0"):
+            rtl.cache_limit_bytes()
+
+
 # --- (b) a hand-built program on the real chip --------------------------------------------------------
 
 CHIP_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
