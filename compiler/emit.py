@@ -119,6 +119,45 @@ def plan_streams(layers: list[LoweredLayer], lanes: int, in_words: int, replicas
     return plans
 
 
+def _first_stored_word(config: TileConfig, n_words: int) -> int:
+    """The first RECV word a tile stores (either store range), ``n_words`` if it stores none."""
+    begins = [begin for begin, end in ((config.store_begin, config.store_end), (config.store2_begin, config.store2_end))
+              if end > begin]
+    return min(begins, default=n_words)
+
+
+def forward_only_what_follows(configs: list[TileConfig], plan: StreamPlan) -> list[TileConfig]:
+    """The registers of one layer's tiles (chain order; each built to receive the whole stream of ``plan``, a tile
+    with tiles of its layer after it forwarding all of it) rewritten so that each tile forwards only the stream's
+    suffix from the first word a later tile of the layer stores or the layer's last tile forwards (``plan.forward``,
+    the tensors still needed later). A band of output rows reads only its rows: the rows above the next band's
+    windows end their journey there, so they cost the later tiles no RECV cycle and no queue slot (section 4.2's
+    forward range; a forward range is one contiguous run of words, so the stream is cut only at its front). Tile
+    ``t`` then receives words ``[g_t, n_words)`` of the layer's stream and its store and forward ranges count from
+    ``g_t``."""
+    n_words = plan.n_words
+    live = plan.forward if plan.forward[1] > plan.forward[0] else None
+    starts = [0] * len(configs)
+    need = live[0] if live else n_words
+    for t in range(len(configs) - 1, 0, -1):
+        need = min(need, _first_stored_word(configs[t], n_words))
+        starts[t] = need
+    trimmed = []
+    for t, (config, start) in enumerate(zip(configs, starts)):
+        if t + 1 < len(configs):
+            forward = (starts[t + 1] - start, n_words - start)
+        else:
+            forward = (live[0] - start, live[1] - start) if live else (0, 0)
+        ranges = {}
+        for begin, end in (("store_begin", "store_end"), ("store2_begin", "store2_end")):
+            if getattr(config, end) > getattr(config, begin):
+                ranges.update({begin: getattr(config, begin) - start, end: getattr(config, end) - start})
+        assert config.n_in_words == n_words and all(value >= 0 for value in ranges.values())
+        trimmed.append(config.replace(n_in_words=n_words - start, forward_begin=forward[0], forward_end=forward[1],
+                                      **ranges))
+    return trimmed
+
+
 def _config(**values: int) -> TileConfig:
     """A full register set: every CONFIG_FIELDS register, zero unless given (an idle tile), clamps -128..127."""
     return TileConfig(**{"clamp_lo": -128, "clamp_hi": 127, **values})
@@ -144,8 +183,9 @@ def _tile(arch: Arch, position: int, config: TileConfig, sram: np.ndarray, param
 
 
 def _stream_registers(plan: StreamPlan, part: TileSlice) -> dict[str, int]:
-    """RECV registers (section 4.2): every tile stores the layer's input; a tile with more tiles of its layer
-    after it forwards the whole stream, the layer's last tile only the tensors still needed later."""
+    """RECV registers (section 4.2) of a tile receiving the layer's whole stream: it stores the layer's input; a tile
+    with more tiles of its layer after it forwards the whole stream, the layer's last tile only the tensors still
+    needed later (:func:`forward_only_what_follows` then trims the later tiles' streams)."""
     forward = (0, plan.n_words) if part.forward else plan.forward
     return {"n_in_words": plan.n_words, "store_begin": plan.store[0], "store_end": plan.store[1],
             "forward_begin": forward[0], "forward_end": forward[1]}
@@ -356,12 +396,21 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     plans = plan_streams(layers, arch.lanes, in_words, replicas, lane_shape(input_spec, arch.lanes))
     stream_words = [plan.n_words for plan in plans] + [replicas * output_words(layers[-1], arch.lanes)]
     stream_tensors = [plan.tensors for plan in plans] + [(output_shape(layers[-1]),) * replicas]
-    placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words, stream_tensors)
+    # one chip: the partition costs each band with the stream it receives (forward_only_what_follows); on several
+    # chips a layer cut by a chip boundary keeps whole streams, so every tile is costed with the whole stream
+    fronts = ([(plan.store[0], plan.forward[0] if plan.forward[1] > plan.forward[0] else plan.n_words)
+               for plan in plans] if arch.chips == 1 else None)
+    placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words, stream_tensors, fronts)
     tiles: list[TileProgram | None] = [None] * arch.system_tiles
     infos: list[LayerInfo] = []
     for layer, slices, plan, positions in zip(layers, placement.splits, plans, placement.positions(arch)):
         for position, part in zip(positions, slices):
             tiles[position] = _compute_tile(arch, position, layer, part, plan)
+        if len({position // arch.n_tiles for position in positions}) == 1:
+            # a layer cut by a chip boundary keeps whole streams: a link carries what the placement counted
+            for position, config in zip(positions, forward_only_what_follows([tiles[p].config for p in positions],
+                                                                              plan)):
+                tiles[position].config = config
         infos.append(_layer_info(layer, tuple(_tile_place(arch, p) for p in positions)))
     for position in range(arch.system_tiles):
         if tiles[position] is None:  # pass on what the tile before emits (the host input at position 0)

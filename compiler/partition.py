@@ -33,6 +33,7 @@ it too, a chip ending early (pass-through tiles) where that puts the next cut at
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -155,15 +156,34 @@ class WindowCosts:
     #: start inside a word: it stores ``ceil(rows * row bytes / L) + 1`` words at most)
     dense_row_bytes: int = 0
     dense_lanes: int = 0
+    #: the stream's words before the layer's input map, and how many of the stream's first words the layer's tiles
+    #: may drop at most (the first word of a tensor still needed after the layer, else all of them): a tile forwards
+    #: only the suffix of the stream from the first word a later tile of the layer stores
+    #: (:func:`compiler.emit.forward_only_what_follows`); ``stream_keep = 0``: every tile counted with the whole stream
+    stream_front: int = 0
+    stream_keep: int = 0
 
     @property
     def groupable(self) -> bool:
         return bool(self.channel_words or self.word_issue)
 
-    def forwarded(self, forward: bool) -> int:
-        """``K_f``, the words a tile of the layer forwards: every word it receives (``k`` and the carried ones) if
-        more tiles of the layer follow (``forward``), else only the carried words."""
-        return self.k + self.carried if forward else self.carried
+    def received(self, pixel_begin: int = 0) -> int:
+        """``K``, the stream words a tile of the layer whose band starts at output pixel ``pixel_begin`` receives:
+        the whole stream (``k`` and the carried words) for the layer's first band; a later band's tile receives it
+        from the first word its band stores (or the first word still needed after the layer, if that comes
+        earlier)."""
+        whole = self.k + self.carried
+        if not pixel_begin or not self.stream_keep or not self.row_words:
+            return whole
+        first_row = band_input_rows(self, *pixel_rows(pixel_begin, 1, self.out_width))[0]
+        offset = (first_row * self.dense_row_bytes // self.dense_lanes if self.dense_row_bytes
+                  else first_row * self.row_words)
+        return whole - min(self.stream_keep, self.stream_front + offset)
+
+    def forwarded(self, forward: bool, pixel_begin: int = 0) -> int:
+        """``K_f``, the words a tile of the layer forwards: if more tiles of the layer follow (``forward``) at most
+        every word it receives (counted so: the next band starts later), else only the carried words."""
+        return self.received(pixel_begin) if forward else self.carried
 
     def group_weights(self, channels: int, lanes: int) -> int:
         """Weight words a tile of a channel group of ``channels`` output channels holds."""
@@ -264,19 +284,20 @@ def queue_shortfall_cycles(queued: int, queue_words: int | None) -> int:
 
 
 def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bool = False,
-                       channels: int | None = None, lanes: int = 1, queue_words: int | None = None) -> int:
+                       channels: int | None = None, lanes: int = 1, queue_words: int | None = None,
+                       pixel_begin: int = 0) -> int:
     """Estimated cycles per inference of a tile computing ``pixels`` output pixels (of ``channels`` output channels of
     a convolution split over channel groups, else all), its busiest side: ``max(K + P, K_f + P + n_pix*N_r,
-    I + 2 + shortfall)`` (``K`` counting the carried words; ``K_f`` = ``K`` if more tiles of the layer follow
-    (``forward``), else the carried words; ``shortfall``: :func:`queue_shortfall_cycles` of ``K_f + P`` with a queue
-    of ``queue_words``)."""
+    I + 2 + shortfall)`` (``K`` = :meth:`WindowCosts.received` of a band from output pixel ``pixel_begin``, counting
+    the carried words; ``K_f`` = ``K`` if more tiles of the layer follow (``forward``), else the carried words;
+    ``shortfall``: :func:`queue_shortfall_cycles` of ``K_f + P`` with a queue of ``queue_words``)."""
     if channels is None:
         results, issue = pixels * costs.result_words_per_pixel, pixels * costs.pixel_issue
     else:
         results = pixels * words(channels, lanes)
         issue = pixels * costs.group_issue(channels, lanes)
-    forwarded = costs.forwarded(forward)
-    return max(costs.k + costs.carried + n_pass, forwarded + n_pass + results,
+    forwarded = costs.forwarded(forward, pixel_begin)
+    return max(costs.received(pixel_begin) + n_pass, forwarded + n_pass + results,
                issue + 2 + queue_shortfall_cycles(forwarded + n_pass, queue_words))
 
 
@@ -351,11 +372,11 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         queue = queue_words(option, begin, pixels)
         for g in range(len(channels)):
             forward = not (last_band and g == len(channels) - 1)
-            queued = costs.forwarded(forward) + n_pass(begin, pixels, before, g)
+            queued = costs.forwarded(forward, begin) + n_pass(begin, pixels, before, g)
             if queue < min(queued, QUEUE_RESERVE_WORDS) or (deep_queues and queued > queue):
                 return False
             if window_tile_cycles(costs, n_pass(begin, pixels, before, g), pixels, forward,
-                                  channels[g] if grouped else None, lanes, queue) > budget:
+                                  channels[g] if grouped else None, lanes, queue, begin) > budget:
                 return False
         return True
 
@@ -491,7 +512,7 @@ def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None, ca
     if costs is not None:
         grouped = costs.channel_words and s.n_out != costs.n_out
         return window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes,
-                                  s.queue_words)
+                                  s.queue_words, s.pixel_begin)
     return _dense_cycles(s.n_in_words, carried, s.n_pass, s.n_out, lanes,
                          s.n_in_words + carried if s.forward else carried)
 
@@ -500,7 +521,7 @@ def _slice_shortfall(s: TileSlice, costs: WindowCosts | None, lanes: int) -> int
     """:func:`queue_shortfall_cycles` of a windowed slice (dense slices: 0, their queues are not sized here)."""
     if costs is None:
         return 0
-    return queue_shortfall_cycles(costs.forwarded(s.forward) + s.n_pass, s.queue_words)
+    return queue_shortfall_cycles(costs.forwarded(s.forward, s.pixel_begin) + s.n_pass, s.queue_words)
 
 
 def _slowest(slices: list[TileSlice], lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
@@ -670,7 +691,8 @@ def _cut_chips(cut_cycles: list[int], arch: Arch, limit: float) -> tuple[int, ..
 
 def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None,
                  stream_words: Sequence[int] | None = None,
-                 stream_tensors: Sequence[Sequence[tuple[int, int]]] | None = None) -> Placement:
+                 stream_tensors: Sequence[Sequence[tuple[int, int]]] | None = None,
+                 stream_fronts: Sequence[tuple[int, int]] | None = None) -> Placement:
     """Slices per layer and their places on the system chain; CompileError if the model cannot fit.
 
     ``stream_words``: flits of the stream into each layer per inference, then those of the output (what a cut
@@ -678,6 +700,10 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     ``stream_tensors``: the tensors ``(pixels, channels)`` of those streams (``StreamPlan.tensors``), from which a
     link's lane table follows (dense frames carry only the channels, not their padding lanes); default: every lane
     of every word carried.
+    ``stream_fronts``: per layer ``(stream_front, stream_keep)`` (:class:`WindowCosts`): the bands of a windowed layer
+    (not a join) are costed with the stream they receive when each tile forwards only what the later ones store
+    (:func:`compiler.emit.forward_only_what_follows`, which the emitter applies to a layer on one chip); default:
+    every tile with the whole stream.
 
     One chip: the smallest per-tile cycle budget at which every layer's fewest tiles within it (its greedy split)
     add up to the grid (binary search). Several chips: the smallest budget ``B`` at which those slices can be cut
@@ -700,6 +726,9 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     ks = [_input_words(layer, lanes) for layer in layers]
     costs = [window_costs(layer, lanes, extra) if getattr(layer, "window", None) is not None else None
              for layer, extra in zip(layers, carried)]
+    if stream_fronts is not None:  # the bands' tiles receive the stream from their first stored word on
+        costs = [dataclasses.replace(c, stream_front=front, stream_keep=keep) if c is not None and not c.join else c
+                 for c, (front, keep) in zip(costs, stream_fronts)]
     if len(layers) > n_tiles:
         total = sum((c.weight_words if c else layer.n_out * k) * lanes for layer, k, c in zip(layers, ks, costs))
         raise CompileError(f"the model has {len(layers)} layers but {grid} {'has' if arch.chips == 1 else 'have'} "

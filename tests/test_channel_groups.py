@@ -18,6 +18,7 @@ import pytest
 from flowtile.arch import OP_ADD, OP_LANE, OP_MAX, Arch
 from flowtile.compiler import CompileError, compile_model
 from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
+from flowtile.testing.program_builder import stream_offsets
 from flowtile.testing.random_models import quantize_qdq, random_float_cnn, random_float_resnet
 
 #: 12- and 16-channel layers (3 and 4 words of 4 lanes) against at most 8 outputs (2 words) a tile
@@ -85,9 +86,14 @@ def test_add_bands_store_their_rows_of_both_operands(models):
     both whole maps, operand b right behind operand a's rows, and the outputs still onnxruntime's."""
     model, shape = models["residual"]
     program = compile_model(model, ARCH)
-    adds = [t.config for t in program.tiles if t.config.op == OP_ADD]
-    banded = [c for c in adds if c.store2_end]
-    assert banded and len({(c.store_begin, c.store2_begin) for c in banded}) >= 2   # two bands at least
+    tiles = {(t.row, t.col): t.config for t in program.tiles}
+    adds = [[tiles[key] for key in info.tiles] for info in program.layers if info.op == "Add"]
+    # each band's store ranges where they sit in the Add's stream (a tile's stream starts where the one before it
+    # forwards from)
+    banded = [(offset + c.store_begin, offset + c.store2_begin, c)
+              for configs in adds for offset, c in zip(stream_offsets(configs), configs) if c.store2_end]
+    assert banded and len({(first, second) for first, second, _ in banded}) >= 2   # two bands at least
+    banded = [c for *_, c in banded]
     map_words = 8 * 8 * 3
     for c in banded:
         assert c.stored_words < 2 * map_words and c.stored_words == 2 * c.in_height * 8 * 3

@@ -22,6 +22,7 @@ from flowtile.oracle import ort_session
 from flowtile.program import Program, TensorSpec
 
 from flowtile.testing import random_models
+from flowtile.testing.program_builder import stream_offsets
 
 
 def shift_round_half_even(value, shift):
@@ -771,7 +772,10 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
             n_pix = c.output_pixels if layer.window is not None else 1
             assert c.n_pass - n_pix * c.pass_per_pixel == passed
             assert c.stored_words <= c.n_in_words and (layer.window is not None or c.stored_words == c.n_in_words)
-            assert c.forwarded_words == (c.n_in_words if j < len(tiles) - 1 else 0)
+            if j < len(tiles) - 1:  # a suffix of its stream: what the next tile receives
+                assert c.forward_end == c.n_in_words and c.forwarded_words == tiles[j + 1].config.n_in_words
+            else:
+                assert c.forwarded_words == 0
             assert c.act_base == c.weight_words and c.act_base + 2 * c.stored_words <= arch.sram_words
             assert tile.params.shape == (c.n_out, 3)
             # a band's later channel groups pass its earlier groups' words of each pixel; a band's first tile none
@@ -779,6 +783,14 @@ def check_windowed_program(program: Program, layers, tmp_path: Path) -> None:
             if band_ends:
                 passed += n_pix * (c.pass_per_pixel + -(-c.n_out // lanes)) if layer.window is not None \
                     else c.result_words(lanes)
+        # each later tile's stream starts at the first word it or a tile after it stores (section 4.2: nothing is
+        # forwarded that no later tile of the layer reads)
+        starts = np.cumsum([0] + [t.config.forward_begin for t in tiles[:-1]])
+        firsts = [start + min(b for b, e in ((t.config.store_begin, t.config.store_end),
+                                             (t.config.store2_begin, t.config.store2_end)) if e > b)
+                  for start, t in zip(starts, tiles)]
+        for j in range(1, len(tiles)):
+            assert starts[j] == min(firsts[j:]), (info.name, j)
         if layer.window is not None:
             w = layer.window
             cw = -(-w.channels // lanes)
@@ -1599,14 +1611,21 @@ def test_residual_stream_registers(tmp_path):
     x_words, p_words = 8 * 8 * 1, 4 * 4 * 2  # the block input (8 ch, 8x8) and the projection (16 ch, 4x4)
     proj, conv1, conv2, add = (by_name[n][-1] for n in ("block0_proj", "block0_conv1", "block0_conv2", "block0_add"))
 
-    def stored_span(name):  # the words a windowed layer's tiles store, together (each its band's input rows)
-        return (min(c.store_begin for c in by_name[name]), max(c.store_end for c in by_name[name]))
+    def stored_span(name):  # the words of the layer's stream its tiles store, together (each its band's input rows)
+        configs = by_name[name]
+        offsets = stream_offsets(configs)
+        return (min(o + c.store_begin for o, c in zip(offsets, configs)),
+                max(o + c.store_end for o, c in zip(offsets, configs)))
 
     # the 1x1 stride-2 projection reads input rows 0, 2, 4, 6 only: row 7 is never stored
     assert proj.n_in_words == x_words and stored_span("block0_proj") == (0, 7 * 8)
     assert (proj.forward_begin, proj.forward_end) == (0, x_words)        # x is still needed
-    assert conv1.n_in_words == x_words + p_words and stored_span("block0_conv1") == (0, x_words)
-    assert (conv1.forward_begin, conv1.forward_end) == (x_words, x_words + p_words)  # only the projection
+    # conv1's first tile receives both, its last one only its band's rows of x and the projection behind them,
+    # which it alone forwards (section 4.2: a tile forwards only what later tiles read)
+    conv1_first, conv1_offset = by_name["block0_conv1"][0], stream_offsets(by_name["block0_conv1"])[-1]
+    assert conv1_first.n_in_words == x_words + p_words and stored_span("block0_conv1") == (0, x_words)
+    assert conv1.n_in_words == x_words + p_words - conv1_offset and conv1.store_begin == 0 and conv1_offset > 0
+    assert (conv1.forward_begin, conv1.forward_end) == (x_words - conv1_offset, x_words + p_words - conv1_offset)
     assert stored_span("block0_conv2") == (p_words, 2 * p_words)
     assert (conv2.forward_begin, conv2.forward_end) == (0, p_words)
     assert (add.n_in_words, add.store_begin, add.store_end, add.forward_end) == (2 * p_words, 0, 2 * p_words, 0)

@@ -77,9 +77,19 @@ from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 from flowtile.tile_config import TileConfig
 
-__all__ = ["Dense", "Conv", "Depthwise", "MaxPool", "AddParams", "Residual", "ConcatParams", "Concat", "average_pool", "build_program",
+__all__ = ["stream_offsets", "Dense", "Conv", "Depthwise", "MaxPool", "AddParams", "Residual", "ConcatParams", "Concat", "average_pool", "build_program",
            "dense_golden", "network_golden", "split_outputs", "split_rows", "split_pixels", "pixel_band_registers",
            "layer_bands", "blank_config", "window_output_size"]
+
+
+def stream_offsets(configs) -> list[int]:
+    """Where each tile's stream starts in its layer's stream (the stream into the layer's first tile), for the
+    tiles of one layer in chain order: a tile receives what the one before it forwards (section 4.2), a suffix from
+    that tile's ``forward_begin``, so tile ``t``'s RECV word ``k`` is word ``offset[t] + k`` of the layer's stream."""
+    offsets = [0]
+    for config in list(configs)[:-1]:
+        offsets.append(offsets[-1] + config.forward_begin)
+    return offsets
 
 
 def shift_round_half_even(value, shift):
