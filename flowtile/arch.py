@@ -173,10 +173,12 @@ class Arch:
 
     Multi-chip fields (docs/architecture.md section 12; ``rows`` x ``cols`` is the grid of one chip):
         chips: chips joined by links (1: a single chip, no link). The host feeds chip 0's host input and takes
-            results from the last chip's host output; chip ``k``'s host output feeds link ``k`` into chip
-            ``k + 1``'s host input.
-        chip_topology: ``"line"`` (chip ``i`` feeds chip ``i + 1``); ``"ring"`` (the last feeds the first too) is
-            accepted by the spec but no tool builds it yet.
+            results from the last chip's host output (in a ring, behind the return link); chip ``k``'s host output
+            feeds link ``k`` into chip ``k + 1``'s host input.
+        chip_topology: ``"line"`` (chip ``i`` feeds chip ``i + 1``) or ``"ring"`` (at least 2 chips): as the line,
+            plus link ``chips - 1`` (the return link) from the last chip's exit port back to chip 0's board, where
+            its receiver feeds the host output: the host is attached to chip 0 only, and the results pay that
+            link's serialization, latency and faults (docs/architecture.md section 12).
         link_bits_per_cycle: wire bits a link carries per cycle each way; ``None`` (the default) means
             ``max(1, flit_bits // 16)`` (:attr:`link_bits`).
         link_latency_cycles: pipeline stages of the wire, each way.

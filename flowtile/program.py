@@ -25,7 +25,7 @@ from .tile_config import ConfigError, TileConfig
 from .link_format import LaneSegment, check_lane_table
 
 __all__ = ["Program", "TileProgram", "LinkProgram", "TensorSpec", "LayerInfo", "ProgramError", "FORMAT_VERSION",
-           "check_program_destination", "TileConfig", "ConfigError"]
+           "check_program_destination", "TileConfig", "ConfigError", "link_count", "link_name"]
 
 FORMAT_NAME = "flowtile-program"
 FORMAT_VERSION = 10
@@ -33,6 +33,23 @@ FORMAT_VERSION = 10
 
 class ProgramError(ValueError):
     """A program directory is missing, malformed, or inconsistent with its arch."""
+
+
+def link_count(arch: Arch) -> int:
+    """The links of a system of ``arch`` (docs/architecture.md section 12): none on one chip; ``chips - 1`` in a
+    line (link ``k`` joins chip ``k`` to chip ``k + 1``); ``chips`` in a ring, whose link ``chips - 1`` (the return
+    link) joins the last chip's exit port back to chip 0's board, where its receiver delivers to the host output."""
+    if arch.chips == 1:
+        return 0
+    return arch.chips if arch.chip_topology == "ring" else arch.chips - 1
+
+
+def link_name(arch: Arch, k: int) -> str:
+    """Link ``k`` in messages and reports: ``link k (chip k -> chip k+1)``, or for a ring's return link ``link k (chip
+    k -> host at chip 0)``."""
+    if arch.chip_topology == "ring" and k == arch.chips - 1:
+        return f"link {k} (chip {k} -> host at chip 0)"
+    return f"link {k} (chip {k} -> chip {k + 1})"
 
 
 #: What a parameter-table entry holds (section 4): bias wraps with the accumulator, the multiplier is unsigned,
@@ -272,7 +289,8 @@ class TileProgram:
 
 @dataclass(frozen=True)
 class LinkProgram:
-    """The registers of the link from chip ``k`` to chip ``k + 1`` (``Program.links[k]``): ``inference_flits``,
+    """The registers of link ``k`` (``Program.links[k]``), from chip ``k`` to chip ``k + 1`` (in a ring, link
+    ``chips - 1`` from the last chip to the host output on chip 0's board, :func:`link_count`): ``inference_flits``,
     the flits that cross it per inference (its frames never span inferences, docs/architecture.md section 12),
     and ``segments``, its lane table (:class:`flowtile.link_format.LaneSegment`: how many lanes each flit carries;
     the others are channel padding, not sent and zero on arrival). ``inference_flits`` equals what chip ``k``'s exit
@@ -306,7 +324,9 @@ class Program:
     layers: list[LayerInfo]
     tiles: list[TileProgram]          # in system chain order: tiles[p] sits at arch.system_position(p)
     model_name: str = ""
-    links: list[LinkProgram] = field(default_factory=list)   # one per link: arch.chips - 1 (a line of chips)
+    #: one per link (:func:`link_count`): ``chips - 1`` in a line; ``chips`` in a ring, the last one the return link
+    #: that carries the last chip's output stream to the host
+    links: list[LinkProgram] = field(default_factory=list)
     #: copies of the network on the chain, taking alternate inferences (section 12): one program inference is
     #: ``replicas`` real ones, whose inputs the host sends back to back and whose outputs it receives in order
     replicas: int = 1
@@ -372,9 +392,13 @@ class Program:
         if len(self.tiles) != arch.system_tiles:
             raise ProgramError(f"program has {len(self.tiles)} tiles, arch has {arch.system_tiles}"
                                + (f" ({arch.chips} chips of {arch.n_tiles})" if arch.chips > 1 else ""))
-        if len(self.links) != arch.chips - 1:
+        links = link_count(arch)
+        if len(self.links) != links:
+            shape = (f"in a ring (arch field 'chip_topology' = 'ring': the last chip's output returns to the host at "
+                     f"chip 0 over link {arch.chips - 1})" if arch.chip_topology == "ring" and arch.chips > 1
+                     else "in a line")
             raise ProgramError(f"program has {len(self.links)} link register set(s), arch has {arch.chips} chip(s) "
-                               f"in a line, so {arch.chips - 1} link(s)")
+                               f"{shape}, so {links} link(s)")
         for position, tile in enumerate(self.tiles):
             if (tile.chip, tile.row, tile.col) != arch.system_position(position):
                 expected = arch.system_position(position)
@@ -396,10 +420,11 @@ class Program:
         for chip, link in enumerate(self.links):
             exit_tile = self.tiles[(chip + 1) * arch.n_tiles - 1]
             emitted = exit_tile.config.output_flits(arch.lanes)
+            name = link_name(arch, chip)
+            to_host = chip == arch.chips - 1     # a ring's return link: its receiver feeds the host output
             if not isinstance(link.inference_flits, int) or link.inference_flits != emitted:
-                raise ProgramError(f"link {chip} (chip {chip} -> chip {chip + 1}): register inference_flits = "
-                                   f"{link.inference_flits}, but exit tile {exit_tile.key} of chip {chip} sends "
-                                   f"{emitted} flits per inference")
+                raise ProgramError(f"{name}: register inference_flits = {link.inference_flits}, but exit tile "
+                                   f"{exit_tile.key} of chip {chip} sends {emitted} flits per inference")
             try:
                 check_lane_table(link.segments, link.inference_flits, arch.lanes, owner=f"link {chip} lane table")
             except ValueError as error:
@@ -408,7 +433,7 @@ class Program:
                 raise ProgramError(f"link {chip}: exit tile {exit_tile.key} of chip {chip} does not send to the host "
                                    f"port (dest_host = 0), so nothing would cross the link")
             destination = (exit_tile.config.dest_row, exit_tile.config.dest_col)
-            if destination != (0, 0):
+            if destination != (0, 0) and not to_host:
                 raise ProgramError(f"link {chip}: exit tile {exit_tile.key} of chip {chip} sends to tile "
                                    f"({destination[0]},{destination[1]}) of chip {chip + 1}, but a link carries only "
                                    f"data and delivers every flit to tile (0,0): exit tile of chip {chip} must send to "
