@@ -1,14 +1,19 @@
-"""A multi-chip system: ``arch.chips`` chips in a line, each joined to the next by an inter-chip link
+"""A multi-chip system: ``arch.chips`` chips in a line (or a ring), each joined to the next by an inter-chip link
 (docs/architecture.md section 12; issue "multi-chip").
 
 ::
 
-    i_host --> chip 0 --o_host--> link 0 --> chip 1 --o_host--> link 1 --> ... --> chip n-1 --o_host--> o_host
+    line: i_host --> chip 0 --o_host--> link 0 --> chip 1 --o_host--> link 1 --> ... --> chip n-1 --o_host--> o_host
+    ring: i_host --> chip 0 --o_host--> link 0 --> chip 1 --o_host--> link 1 --> ... --> chip n-1 --o_host--> link n-1
+                                                                                                      --> o_host
 
 Chip ``k``'s host output feeds link ``k`` (:class:`flowtile.hdl.link.Link`), whose output feeds chip ``k + 1``'s host
 input: only the flits' data crosses the link, and each flit enters chip ``k + 1`` addressed to its tile (0,0)
 (``dest_row = dest_col = dest_host = 0``), the next chain position (chip ``k``'s exit tile sends to tile (0,0) with
-``dest_host = 1``, :meth:`flowtile.program.Program.validate`). The system's ports are the chip's (``load``, ``run``,
+``dest_host = 1``, :meth:`flowtile.program.Program.validate`). In a ring (``arch.chip_topology = "ring"``) the host
+is attached to chip 0's board only: one more link, link ``n - 1`` (the return link), carries the last chip's host
+output back to chip 0's board, where its receiver is the system's host output (its flits as the receiver rebuilds
+them: the data, destination fields 0; no chip takes them in). The system's ports are the chip's (``load``, ``run``,
 ``i_host``, ``o_host``), so a harness built for a :class:`~flowtile.hdl.chip.Chip` drives a System unchanged; the
 load bus has a ``chip`` field (:func:`flowtile.hdl.layouts.load_layout`) and one more target, the link registers.
 With ``arch.chips = 1`` a System is one chip (no link) that takes only the load writes with ``chip = 0``.
@@ -22,6 +27,7 @@ from amaranth.lib.wiring import In, Out
 from flowtile.arch import Arch
 from flowtile.link_faults import link_seed  # the seed rule is the spec's (re-exported here)
 from flowtile.link_format import LINK_LANE_SEGMENTS
+from flowtile.program import link_count
 
 from .chip import TILE_FORMS, TILE_MODULE_NAME, Chip
 from .layouts import (LINK_INFERENCE_FLITS_BITS, LINK_REG_INFERENCE_FLITS, LINK_REG_LANE_SEGMENT0, LOAD_TARGET_LINK,
@@ -48,14 +54,16 @@ def link_status_signature(fmt: LinkFormat) -> wiring.Signature:
 
 
 class System(wiring.Component):
-    """``arch.chips`` :class:`~flowtile.hdl.chip.Chip`\\ s of ``arch`` in a line, joined by ``arch.chips - 1`` links.
+    """``arch.chips`` :class:`~flowtile.hdl.chip.Chip`\\ s of ``arch`` in a line, joined by ``arch.chips - 1`` links, or
+    in a ring, with one more link from the last chip to the host output (:func:`flowtile.program.link_count`).
 
     Parameters
     ----------
     arch : :class:`~flowtile.arch.Arch`; ``rows`` x ``cols`` is one chip, the ``link_*`` fields set every link
         (``bits = arch.link_bits``, latency, frame, credit and replay frames, error rate and burst length; link
         ``k``'s seed is :func:`link_seed` of ``arch.link_error_seed`` and ``k``, :mod:`flowtile.link_faults`; the
-        injectors count the cycles with ``run = 1``, so run cycle ``r`` sees the flips the emulator predicts). ``chip_topology`` must be ``"line"``.
+        injectors count the cycles with ``run = 1``, so run cycle ``r`` sees the flips the emulator predicts).
+        ``chip_topology``: ``"line"``, or ``"ring"`` (link ``chips - 1`` from the last chip to ``o_host``).
     tiles, tile_module : as :class:`~flowtile.hdl.chip.Chip` (every chip holds its tiles that way).
     link_module : ``None`` (default): each link is a :class:`~flowtile.hdl.link.Link` submodule (what Amaranth's
         simulator needs); a Verilog identifier: each link is an ``Instance`` of that module, which must be
@@ -78,8 +86,10 @@ class System(wiring.Component):
     run : ``In(1)`` -- to every chip and every link (return messages start with it: the timing contract's cycle 0 is
         the first cycle with ``run = 1``; keep it high for the whole run).
     i_host : ``In(flit stream)`` -- chip 0's host input.
-    o_host : ``Out(flit stream)`` -- the last chip's host output.
-    link0, link1, ... : ``Out(link_status_signature(...))``, one per link (none with one chip) -- flattened
+    o_host : ``Out(flit stream)`` -- the last chip's host output; in a ring the output of link ``chips - 1`` (the
+        last chip's host output after the return link: the flits' data, ``dest_row = dest_col = dest_host = 0``).
+    link0, link1, ... : ``Out(link_status_signature(...))``, one per link (none with one chip; ``chips`` of them in a
+        ring) -- flattened
         ``link{k}__inference_flits``, ``link{k}__tx_ack``, ``link{k}__tx_freed``, ``link{k}__tx_frames_sent``,
         ... (:data:`LINK_STATUS_COUNTERS`).
 
@@ -90,9 +100,6 @@ class System(wiring.Component):
     def __init__(self, arch: Arch, *, tiles: str = "submodules", tile_module: str = TILE_MODULE_NAME,
                  link_module: str | None = None):
         self.arch = check_arch(arch, "System")
-        if arch.chip_topology != "line":
-            raise ValueError(f"System: arch field 'chip_topology' = {arch.chip_topology!r} is not built yet "
-                             f"(only 'line')")
         if tiles not in TILE_FORMS:
             raise ValueError(f"System: parameter 'tiles' must be one of {', '.join(map(repr, TILE_FORMS))}, "
                              f"got {tiles!r}")
@@ -106,7 +113,7 @@ class System(wiring.Component):
                 raise ValueError(f"System: parameters 'link_module' and 'tile_module' must differ, both are "
                                  f"{link_module!r}")
         self.tiles, self.tile_module, self.link_module = tiles, tile_module, link_module
-        self.n_links = arch.chips - 1
+        self.n_links = link_count(arch)    # a ring: one more, the return link to the host output
         self.format = LinkFormat(arch, owner="System")
         members = {
             "load": In(load_signature(arch)),
@@ -127,7 +134,8 @@ class System(wiring.Component):
             m.d.comb += [chip.load.valid.eq(self.load.valid & (load.chip == k) & (load.target != LOAD_TARGET_LINK)),
                          chip.load.payload.eq(load), chip.run.eq(self.run)]
         wiring.connect(m, wiring.flipped(self.i_host), self.chips[0].i_host)
-        wiring.connect(m, self.chips[-1].o_host, wiring.flipped(self.o_host))
+        if self.n_links < arch.chips:  # a line: the last chip's host output is the system's (a ring: its return link's)
+            wiring.connect(m, self.chips[-1].o_host, wiring.flipped(self.o_host))
 
         link_write = self.load.valid & ~self.run & (load.target == LOAD_TARGET_LINK)
         table_layout = lane_table_layout(arch)
@@ -144,12 +152,14 @@ class System(wiring.Component):
                             m.d.sync += segments[s].eq(load.data[:entry_bits])
             status = getattr(self, f"link{k}")
             m.d.comb += status.inference_flits.eq(register)
-            source, sink = self.chips[k].o_host, self.chips[k + 1].i_host
+            # link k feeds chip k + 1; a ring's return link (k = chips - 1) the host output on chip 0's board
+            returns = k + 1 == arch.chips
+            source, sink = self.chips[k].o_host, self.o_host if returns else self.chips[k + 1].i_host
             seed = Const(link_seed(arch.link_error_seed, k), 32)
             if self.link_module is None:
                 link = m.submodules[f"link{k}"] = self.links[k]
                 wiring.connect(m, source, link.i)
-                wiring.connect(m, link.o, sink)
+                wiring.connect(m, link.o, wiring.flipped(sink) if returns else sink)
                 m.d.comb += [link.run.eq(self.run), link.inference_flits.eq(register), link.segments.eq(segments),
                              link.seed.eq(seed)]
                 m.d.comb += [getattr(status, name).eq(getattr(link, name))

@@ -105,14 +105,16 @@ def chip_verilog(arch: Arch, name: str = "flowtile_chip", *, emit_src: bool = Fa
 
 
 def system_verilog(arch: Arch, name: str = "flowtile_system", *, emit_src: bool = False, quiet: bool = False) -> str:
-    """Verilog text of the system for ``arch`` (``arch.chips`` chips in a line, :class:`flowtile.hdl.system.System`)
-    as module ``name``, preceded by the one tile module (:data:`flowtile.hdl.chip.TILE_MODULE_NAME`) and, with more
-    than one chip, the one link module (:data:`flowtile.hdl.system.LINK_MODULE_NAME`, :func:`link_verilog`) it
-    instantiates; each chip is a small module of tile instances.
+    """Verilog text of the system for ``arch`` (``arch.chips`` chips in a line or a ring,
+    :class:`flowtile.hdl.system.System`) as module ``name``, preceded by the one tile module
+    (:data:`flowtile.hdl.chip.TILE_MODULE_NAME`) and, with more than one chip, the one link module
+    (:data:`flowtile.hdl.system.LINK_MODULE_NAME`, :func:`link_verilog`) it instantiates; each chip is a small module
+    of tile instances.
 
-    Ports as :func:`chip_verilog`'s (``load__payload`` has the ``chip`` field on top) plus, per link ``k``, the
-    status outputs ``link{k}__inference_flits``, ``link{k}__tx_ack``, ``link{k}__tx_freed`` and
-    ``link{k}__<counter>`` (:data:`flowtile.hdl.system.LINK_STATUS_COUNTERS`).
+    Ports as :func:`chip_verilog`'s (``load__payload`` has the ``chip`` field on top) plus, per link ``k``
+    (``chips - 1`` links in a line, ``chips`` in a ring), the status outputs ``link{k}__inference_flits``,
+    ``link{k}__tx_ack``, ``link{k}__tx_freed`` and ``link{k}__<counter>``
+    (:data:`flowtile.hdl.system.LINK_STATUS_COUNTERS`).
     """
     check_arch(arch, "system_verilog")
     _check_name(name, "system_verilog", "name")

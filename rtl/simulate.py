@@ -42,15 +42,16 @@ import numpy as np
 
 from flowtile.arch import Arch
 from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
-from flowtile.program import Program
+from flowtile.program import Program, link_count
 from flowtile.run_limits import (BUDGET_BASE_CYCLES, BUDGET_FACTOR, MAX_CYCLE_LIMIT, cycle_budget, stall_window,
                                  stretched)
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
-from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry, pack_link_load,
-                      encode_registers, load_layout, pack_link_segment_load)
-from flowtile.link_format import LINK_LANE_SEGMENTS
+from flowtile.hdl.layouts import (LINK_REG_INFERENCE_FLITS, LINK_REG_LANE_SEGMENT0, LOAD_TARGET_CONFIG,
+                                  LOAD_TARGET_LINK, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry, encode_registers,
+                                  load_layout, pack_link_load, pack_link_segment_load, pack_load)
+from flowtile.link_format import LINK_LANE_SEGMENTS, encode_lane_segment
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
            "simulate", "build_verilator", "evict_builds", "harness_verilog", "cycle_budget", "stall_window", "DEFAULT_BUILD_ROOT",
@@ -168,7 +169,7 @@ def _convert(arch: Arch, chip_factory) -> tuple[str, dict]:
         harness = Harness(arch, chip=chip_factory(arch), buffers="instances")
         text = verilog.convert(harness, name=HARNESS_TOP_NAME, emit_src=False)
     elif arch.chips > 1:
-        # A line of chips: one tile module and one link module, each written (and compiled) once.
+        # Chips in a line or a ring: one tile module and one link module, each written (and compiled) once.
         from flowtile.hdl.system import LINK_MODULE_NAME, System
         from flowtile.hdl.verilog import hierarchical_verilog
         harness = Harness(arch, chip=System(arch, tiles="instances", link_module=LINK_MODULE_NAME), buffers="instances")
@@ -574,11 +575,23 @@ def _load_payloads(program: Program) -> list[int]:
             payloads.append(payload(tile_address, LOAD_TARGET_PARAMS, addr,
                                     encode_param_entry(bias, multiplier, shift)))
     # the link registers (section 12): frames never span inferences; every entry of the lane table (unused: 0)
-    for chip, link in enumerate(program.links):
-        payloads.append(pack_link_load(arch, chip, link.inference_flits))
-        table = list(link.segments) + [None] * (LINK_LANE_SEGMENTS - len(link.segments))
-        payloads += [pack_link_segment_load(arch, chip, index, segment) for index, segment in enumerate(table)]
+    for index, link in enumerate(program.links):
+        payloads += _link_payloads(arch, index, link)
     return payloads
+
+
+def _link_payloads(arch: Arch, index: int, link) -> list[int]:
+    """The load writes of link ``index``'s registers: ``inference_flits``, then every entry of its lane table (unused:
+    0). A ring's return link (``index = chips - 1``, chip ``chips - 1`` on the load bus) is packed here from the load
+    layout: :func:`flowtile.hdl.layouts.pack_link_load` knows the links between chips only (the values were checked
+    by :meth:`flowtile.program.Program.validate`)."""
+    table = list(link.segments) + [None] * (LINK_LANE_SEGMENTS - len(link.segments))
+    if index < arch.chips - 1:
+        return [pack_link_load(arch, index, link.inference_flits)] + \
+            [pack_link_segment_load(arch, index, s, segment) for s, segment in enumerate(table)]
+    return [pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_INFERENCE_FLITS, link.inference_flits, chip=index)] + \
+        [pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_LANE_SEGMENT0 + s, encode_lane_segment(segment, arch.lanes),
+                   chip=index) for s, segment in enumerate(table)]
 
 
 def _check_inputs(program: Program, in_flits, batch) -> np.ndarray:
@@ -653,7 +666,7 @@ def _make_job(program: Program, in_flits: np.ndarray, batch: int, harness_ports:
 def _link_status_ports(arch: Arch) -> list[str]:
     """Flattened names of the links' status counters on the harness (a System passes them through)."""
     from flowtile.hdl.system import LINK_STATUS_COUNTERS
-    return [f"link{k}__{name}" for k in range(arch.chips - 1) for name in LINK_STATUS_COUNTERS]
+    return [f"link{k}__{name}" for k in range(link_count(arch)) for name in LINK_STATUS_COUNTERS]
 
 
 def _load_port_names(harness: Harness) -> dict:
@@ -709,7 +722,7 @@ def _result_from(job: dict, result: dict, program: Program, started: float, buil
     out_times = np.asarray(result["out_stamps"], dtype=np.int64)
     status = result.get("chip_status") or {}
     counters = tuple({port.split("__", 1)[1]: int(value) for port, value in status.items()
-                      if port.startswith(f"link{k}__")} for k in range(program.arch.chips - 1))
+                      if port.startswith(f"link{k}__")} for k in range(link_count(program.arch)))
     return RtlResult(out_flits=_unpack_flit_data(result["out_data"], program.arch.lanes),
                      out_times=out_times, cycles=int(out_times.max()) + 1,
                      wall_seconds=time.perf_counter() - started, build_seconds=build_seconds,

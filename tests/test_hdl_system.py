@@ -370,8 +370,6 @@ def test_link_module_lints_clean(tmp_path):
 # --- parameter validation -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"arch": "2x2"}, TypeError, "System: parameter 'arch' must be a flowtile.arch.Arch"),
-    ({"arch": ARCH.replace(chips=3, chip_topology="ring")}, ValueError,
-     "System: arch field 'chip_topology' = 'ring' is not built yet (only 'line')"),
     ({"arch": ARCH, "tiles": "flat"}, ValueError,
      "System: parameter 'tiles' must be one of 'submodules', 'instances', got 'flat'"),
     ({"arch": ARCH, "tile_module": "a tile"}, ValueError,
