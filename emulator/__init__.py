@@ -11,7 +11,8 @@ first issue cycle of each of its result words (section 4, result ring), ``result
 phase spans per side.
 
 Several chips (``Arch.chips``): chain positions are system chain positions (all chips, in line order); the host
-feeds chip 0 and reads the last chip; ``result.links[k]`` has link ``k``'s figures (:class:`LinkStats`) and
+feeds chip 0 and reads the last chip (in a ring, ``chip_topology = "ring"``, behind link ``chips - 1``, the return
+link to the host at chip 0); ``result.links[k]`` has link ``k``'s figures (:class:`LinkStats`) and
 ``result.timing.link_times[k]`` the cycle of each of its events (:class:`emulator.timing.LinkTimes`).
 """
 from __future__ import annotations
@@ -43,8 +44,8 @@ PHASE_SPAN_DTYPE = np.dtype([("start", np.int64), ("end", np.int64), ("phase", "
 
 @dataclass(frozen=True)
 class LinkStats:
-    """Figures of link ``link`` (chip ``link`` -> chip ``link + 1``) over a run, fault free (docs/architecture.md
-    section 12, :mod:`flowtile.link_format`).
+    """Figures of link ``link`` (chip ``link`` -> chip ``link + 1``; a ring's link ``chips - 1``: the last chip -> the
+    host at chip 0) over a run, fault free (docs/architecture.md section 12, :mod:`flowtile.link_format`).
 
     ``flits_per_inference`` / ``frames_per_inference``: what crosses per inference (dense frames by the link's
     lane table, :meth:`flowtile.link_format.LinkGeometry.inference_frame_sizes`; ``ceil(n / frame_flits)`` when
@@ -53,7 +54,7 @@ class LinkStats:
     takes; ``busy_cycles``: ``frames * frame_beats``, the cycles the forward wire carries frame beats;
     ``first_send`` / ``last_send``: the cycles the serializer loads the batch's first and last frame (its beats
     follow from the next cycle); ``last_delivery``: the cycle the receiver hands the batch's last flit to chip
-    ``link + 1``; ``utilization``: ``busy_cycles / cycles`` of the run; ``flits_per_cycle``: the link's peak,
+    ``link + 1`` (the return link: to the host); ``utilization``: ``busy_cycles / cycles`` of the run; ``flits_per_cycle``: the link's peak,
     ``frame_flits / frame_beats`` with every lane carried.
 
     ``counters``: the link's status counters at the end of the run, named as the RTL's
@@ -123,7 +124,7 @@ class EmulatorResult:
     previous span (cycle 0 for its first) to its phase's last transfer + 1, so waiting counts in; a COMPUTE
     span is ``[c_s, a_last + d_last + 2)`` (section 4, result ring: ``I + 2`` cycles, plus any wait for a ring
     slot between result words). Empty for idle tiles. ``links``: per link (several chips) its :class:`LinkStats`;
-    empty for one chip.
+    empty for one chip. ``chips``, ``chip_topology``: the system's (``Arch.chips``, ``Arch.chip_topology``).
     """
 
     batch: int
@@ -140,6 +141,8 @@ class EmulatorResult:
     timing: TimingResult
     path: DataPath
     links: list[LinkStats] = field(default_factory=list)
+    chips: int = 1
+    chip_topology: str = "line"
 
     @cached_property
     def tile_timelines(self) -> list[np.ndarray]:
@@ -152,11 +155,13 @@ class EmulatorResult:
         return timelines
 
     def report(self) -> dict:
-        """The run's figures; with several chips also ``chips`` and per link :meth:`LinkStats.report`."""
+        """The run's figures; with several chips also ``chips``, ``chip_topology`` and per link
+        :meth:`LinkStats.report` (a ring's return link last)."""
         report = {"batch": int(self.batch), "cycles": int(self.cycles), "latency_cycles": int(self.latency_cycles),
                   "interval_cycles": float(self.interval_cycles), "mac_utilization": float(self.mac_utilization)}
         if self.links:
-            report["chips"] = len(self.links) + 1
+            report["chips"] = int(self.chips)
+            report["chip_topology"] = self.chip_topology
             report["links"] = [link.report() for link in self.links]
         return report
 
@@ -257,7 +262,7 @@ def emulate(program: Program, in_flits: np.ndarray, batch: int, *,
         cycles=cycles, latency_cycles=int(last_flits[0]) + 1, interval_cycles=interval,
         mac_utilization=program.macs_per_inference * batch / (cycles * arch.system_tiles * arch.lanes),
         tile_busy_cycles=busy, tile_macs=macs, functional=data, timing=timing, path=path,
-        links=link_stats(program, path, timing, batch, cycles))
+        links=link_stats(program, path, timing, batch, cycles), chips=arch.chips, chip_topology=arch.chip_topology)
 
 
 def link_stats(program: Program, path: DataPath, timing: TimingResult, batch: int, cycles: int) -> list[LinkStats]:

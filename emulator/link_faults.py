@@ -216,7 +216,7 @@ SNAPSHOT_CYCLES = 2048
 def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *, segments=(), fwd: ChannelFlips,
                   ret: ChannelFlips, timeout_cycles: int | None = None, end: int | None = None,
                   max_cycles: int | None = None, checkpoints: Checkpoints | None = None,
-                  deliver_gap: int = 1) -> LinkRun:
+                  deliver_gap: int = 1, deliver_ready=None) -> LinkRun:
     """Run the link of ``geometry`` (static framing with ``inference_flits`` per inference and lane table
     ``segments``, :func:`batch_frame_sizes`) on ``len(offers)``
     flits: chip ``k`` offers flit ``i`` from cycle ``offers[i]`` on, chip ``k + 1`` has room for it from cycle
@@ -225,7 +225,10 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
     after it). ``max_cycles``: budget (default generous); exceeded raises :class:`LinkSimulationError`.
     ``checkpoints``: reuse the snapshots of earlier runs of this link (:class:`Checkpoints`); same result.
     ``deliver_gap``: cycles at least between two deliveries (2 into a FIFO of depth 1 whose reader the caller does
-    not model: rule 1 implies it, docs/architecture.md section 6)."""
+    not model: rule 1 implies it, docs/architecture.md section 6). ``deliver_ready``: None (the next chip or the host
+    may take a flit in every cycle its room allows), or a bool pattern repeating every ``len(deliver_ready)``
+    cycles: a flit is delivered only in cycles ``t`` with ``deliver_ready[t % len]`` (a ring's return link into a
+    host output that a host pattern stalls, :class:`flowtile.host.HostPattern`)."""
     g = geometry
     F, FB, S, W, L = g.frame_flits, g.frame_beats, g.seq_bits, g.bits, g.latency
     RB, MB, PB = g.ret_beats, g.msg_beats, g.payload_beats
@@ -234,6 +237,10 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
     T = g.default_timeout() if timeout_cycles is None else timeout_cycles
     offers_array, rooms_array = np.asarray(offers, dtype=np.int64), np.asarray(rooms, dtype=np.int64)
     offers, rooms = offers_array.tolist(), rooms_array.tolist()
+    ready = None if deliver_ready is None else [bool(b) for b in np.asarray(deliver_ready, dtype=bool)]
+    ready_period = 1 if ready is None else len(ready)
+    if ready is not None and not any(ready):
+        raise ValueError("simulate_link: deliver_ready needs at least one ready cycle per period")
     total = len(offers)
     sizes = batch_frame_sizes(g, inference_flits, segments, total)
     n_frames = len(sizes)
@@ -243,6 +250,12 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
     if max_cycles is None:
         horizon = max([0] + [x for x in offers + rooms if x < (1 << 40)])
         max_cycles = horizon + (n_frames + 4) * (4 * FB + 2 * L + 4 * RB + 2 * T) * 4 + 10_000
+        if ready is not None:   # each delivery may wait out the pattern's longest run of stalled cycles
+            stalled = longest = 0
+            for bit in ready + ready:
+                stalled = 0 if bit else stalled + 1
+                longest = max(longest, stalled)
+            max_cycles += total * (longest + 1)
     data_mask = (1 << W) - 1
     valid_bit, first_bit = 1 << W, 1 << (W + 1)
     crc_lin = _Crc32Linear(W, PB)
@@ -411,7 +424,8 @@ def simulate_link(geometry: LinkGeometry, inference_flits: int, offers, rooms, *
                 cnt["rx_duplicates"] += 1
         out_valid = rx_next != rx_freed
         deliver_now = out_valid and delivered < total and rooms[delivered] <= t and (
-            deliver_gap == 1 or delivered == 0 or deliver[delivered - 1] + deliver_gap <= t)
+            deliver_gap == 1 or delivered == 0 or deliver[delivered - 1] + deliver_gap <= t) and (
+            ready is None or ready[t % ready_period])
         msg_load = t % RB == 0                  # the message serializer is free (run from cycle 0)
         if msg_load:
             messages.append(encode_message(rx_next, rx_freed, 1 if nak_pending else 0))

@@ -9,7 +9,8 @@ the exact timing model needs beyond a valid program (every router output carries
 the path consumes exactly the flits the previous one emits per inference) and raises :class:`EmulatorError`
 otherwise. Several chips (``Arch.chips``) form one system chain: a PE of chip ``k`` that sends to the host port
 sends over link ``k`` into chip ``k + 1``'s tile (0,0) W FIFO, as the host feeds chip 0 (the link's timing is
-:mod:`.timing`'s, its framing and messages :mod:`flowtile.link_format`'s).
+:mod:`.timing`'s, its framing and messages :mod:`flowtile.link_format`'s); in a ring (``chip_topology = "ring"``)
+the last chip's exit stream crosses link ``chips - 1``, whose receiver delivers it to the host output.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, Arch
-from flowtile.program import Program, TileProgram
+from flowtile.program import Program, TileProgram, link_name
 from flowtile.link_format import LinkGeometry
 
 __all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "PORTS", "HOST",
@@ -201,7 +202,8 @@ class Hop:
     port crosses link ``link = k`` after ``fifos`` (its sender reads the last of them) and continues through
     ``link_fifos``, router input FIFOs on chip ``k + 1``: tile (0,0)'s W FIFO (the link's receiver writes it,
     as the host writes chip 0's, every flit addressed to tile (0,0)), which ``consumer``, tile (0,0) of chip
-    ``k + 1``, reads.
+    ``k + 1``, reads. In a ring the last chip's stream crosses link ``chips - 1`` to the host (``consumer`` is
+    :data:`HOST`, ``link_fifos`` empty: the receiver hands each flit to the host output).
     """
 
     producer: int          # system chain position, or HOST
@@ -291,7 +293,9 @@ def trace_data_path(program: Program) -> DataPath:
     exit port, only their data crosses the link, and they enter chip ``k + 1``'s tile (0,0) W FIFO addressed to
     that tile (the link's receiver rebuilds them with ``dest_row = dest_col = dest_host = 0``; their sender's
     ``dest_row``, ``dest_col`` do not cross, and :meth:`~flowtile.program.Program.validate` requires (0,0) of the
-    exit tile). Link ``k`` must carry ``Program.links[k].inference_flits`` flits per inference."""
+    exit tile). In a ring the last chip's PE sending to the host port sends over link ``chips - 1`` (the return
+    link), whose receiver delivers to the host output. Link ``k`` must carry ``Program.links[k].inference_flits``
+    flits per inference."""
     program.validate()
     arch = program.arch
     counts = tuple(tile_counts(tile, arch) for tile in program.tiles)
@@ -337,22 +341,26 @@ def trace_data_path(program: Program) -> DataPath:
         link, link_fifos, link_outputs = None, [], []
         if config.dest_host:
             target = arch.exit_tile
-            if chip == arch.chips - 1:
+            if chip == arch.chips - 1 and chip >= len(program.links):
                 next_consumer = HOST
             else:
                 link = chip
                 inference_flits = program.links[link].inference_flits
                 if count.flits_out != inference_flits:
                     raise EmulatorError(
-                        f"link {link} (chip {link} -> chip {link + 1}): register inference_flits = {inference_flits}, "
+                        f"{link_name(arch, link)}: register inference_flits = {inference_flits}, "
                         f"but {who} sends {count.flits_out} flits per inference over it (the link frames each "
                         f"inference's flits by that register)")
                 link_flits.append(count.flits_out)
-                # only the data crosses: the flits enter chip k + 1 like host input flits, addressed to its tile
-                # (0,0) (the receiver rebuilds dest_row = dest_col = dest_host = 0), through that tile's W FIFO
-                landing = (0, 0)
-                link_fifos, link_outputs = _route(arch, (0, 0), "W", landing, False, f"{who} over link {link}")
-                next_consumer = position_of[(chip + 1, *landing)]
+                if chip == arch.chips - 1:
+                    # a ring's return link: its receiver, on chip 0's board, delivers to the host output
+                    next_consumer = HOST
+                else:
+                    # only the data crosses: the flits enter chip k + 1 like host input flits, addressed to its tile
+                    # (0,0) (the receiver rebuilds dest_row = dest_col = dest_host = 0), through that tile's W FIFO
+                    landing = (0, 0)
+                    link_fifos, link_outputs = _route(arch, (0, 0), "W", landing, False, f"{who} over link {link}")
+                    next_consumer = position_of[(chip + 1, *landing)]
         else:
             target = (config.dest_row, config.dest_col)   # inside the grid: Program.validate
             if target == (tile.row, tile.col):
@@ -528,6 +536,8 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
             return FlitProgress(tuple(tiles), 0, expected, host_sent, cycle)
         if config.dest_host:
             if tile.chip == arch.chips - 1:
+                if tile.chip < len(program.links):    # a ring: the host reads behind the return link
+                    emitted = link_delivered(emitted, program.links[tile.chip], arch)
                 return FlitProgress(tuple(tiles), emitted, expected, host_sent, cycle)
             link = tile.chip         # over link k into chip k + 1's tile (0,0) W FIFO, addressed to that tile
             landing = (0, 0)

@@ -34,7 +34,9 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
   (:func:`emulator.path.tile_counts`).
 
 * several chips (``Arch.chips``, a line): each chip's chains as above, in system chain order; the first chain is
-  chip 0's host input, the last the last chip's host output. Link ``k`` (the timing contract of
+  chip 0's host input, the last the last chip's host output (in a ring, ``chip_topology = "ring"``, the delivery
+  chain of link ``chips - 1``, the return link: it reads the last chip's exit FIFO and hands its flits to the host
+  output, ready in every cycle unless a host pattern gates it). Link ``k`` (the timing contract of
   :mod:`flowtile.link_format`, fault free) replaces chip ``k``'s host output and chip ``k + 1``'s host input by
   three chains (:class:`LinkChains`), with ``n`` flits per inference in the frames of its lane table
   (:meth:`flowtile.link_format.LinkGeometry.inference_frame_sizes`: dense frames; ``ceil(n / frame_flits)`` when
@@ -45,7 +47,7 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
     ``close_f >= A(last of f) + 1``, ``close_f >= close_{f-1} + 1`` and one flit a cycle;
   - send: one action per frame, ``send_f``, ``d = frame_beats`` (the batch's first ``d = 1``);
   - delivery: one action per flit, writing chip ``k + 1``'s tile (0,0) W FIFO (chip ``k + 1``'s host input
-    transfer, with rule 1's space bound), ``d = 1``.
+    transfer, with rule 1's space bound), ``d = 1``; for a ring's return link the host output transfer.
 
 The chains are coupled by three kinds of edges:
 
@@ -102,7 +104,7 @@ leave the solution unchanged and spare the sweep rounds through which they would
   link behind its local FIFO) where a plain router hop takes 1. A forward queue of depth 1 behind deeper
   router FIFOs can hold the chain before it back, so the tail then starts behind the last depth-1 FIFO. A link
   is not pass-through (its credit holds the chip before it back), so the tail lies after the last chip's host
-  input;
+  input (and a ring, whose last chain is its return link's delivery, has none);
 * a link's send chain carries two implied bounds on itself (:class:`SelfBound`, solved by
   :meth:`_ChainSystem._solve_self_bounded`): the credit round trip ``send_f >= next_message(send_g + accept_delay
   + 2 + span_g) + message_delay`` for ``g = f - credit_frames`` (the last flit of ``g`` leaves no earlier than
@@ -219,6 +221,7 @@ class Gate:
 
     def __init__(self, bits: np.ndarray):
         bits = np.asarray(bits, dtype=bool)
+        self.bits = bits
         self.period = len(bits)
         self.on = np.flatnonzero(bits).astype(np.int64)
         if not len(self.on):
@@ -238,7 +241,8 @@ class Gate:
 
 
 def host_gates(host_pattern: HostPattern | None, n_chains: int) -> dict[int, Gate]:
-    """Chain index -> :class:`Gate` for the host input (chain 0) and the host output (the last chain)."""
+    """Chain index -> :class:`Gate` for the host input (chain 0) and the host output (the last chain: in a ring the
+    return link's delivery chain, whose receiver hands its flits to the host output)."""
     gates: dict[int, Gate] = {}
     if host_pattern is not None:
         if host_pattern.gaps_input:
@@ -343,12 +347,14 @@ class SelfBound:
 
 @dataclass(frozen=True)
 class LinkChains:
-    """The chains of link ``index`` (chip ``index`` -> chip ``index + 1``) and the slots of its events.
+    """The chains of link ``index`` (chip ``index`` -> chip ``index + 1``, or a ring's return link: the last chip ->
+    the host output, ``to_host``) and the slots of its events.
 
     ``sender``: per inference, per frame its flits' accepts (the sender takes flit ``i`` from chip ``index``'s
     exit FIFO: that chip's host output transfer) then the frame's close, ``d = 1``; ``send``: one action per frame,
     the serializer loading it, ``d = frame_beats`` (the batch's first ``d = 1``); ``deliver``: one action per flit,
-    the receiver writing it into chip ``index + 1``'s tile (0,0) W FIFO (that chip's host input transfer), ``d = 1``.
+    the receiver writing it into chip ``index + 1``'s tile (0,0) W FIFO (that chip's host input transfer), or for
+    the return link handing it to the host (the host output transfer, the last chain), ``d = 1``.
     ``flit_slots`` / ``close_slots``: the sender's actions of one inference that take a flit / close a frame;
     ``first_flits`` / ``last_flits``: per frame of one inference its first and last flit."""
 
@@ -365,6 +371,7 @@ class LinkChains:
     geometry: LinkGeometry
     faults: bool = False        # error rate > 0: solved by the link simulation (emulator/link_faults.py)
     segments: tuple = ()        # the link's lane table (Program.links[index].segments)
+    to_host: bool = False       # a ring's return link: its deliveries are the host output transfers
 
 
 @dataclass(frozen=True)
@@ -417,9 +424,10 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
     def fifo_name(chip: int, row: int, col: int, port: str) -> str:
         return f"router {tile_label(chip, row, col)} {port} FIFO"
 
-    def add_link(index: int, flits: int, exit_writer: int, exit_fifo: str) -> int:
+    def add_link(index: int, flits: int, exit_writer: int, exit_fifo: str, to_host: bool) -> int:
         """Link ``index``'s chains and edges (module docstring); its sender reads ``exit_fifo`` (written by chain
-        ``exit_writer``). Returns the delivery chain (it writes the next chip's tile (0,0) W FIFO)."""
+        ``exit_writer``). Returns the delivery chain (it writes the next chip's tile (0,0) W FIFO; ``to_host``, a
+        ring's return link: it is the host output, ready in every cycle unless a host pattern gates it)."""
         nonlocal link_rounds
         geometry = LinkGeometry(arch, owner=f"link {index}")
         sizes = geometry.inference_frame_sizes(flits, program.links[index].segments)
@@ -433,13 +441,14 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         fifos.append(FifoEdge(exit_fifo, exit_writer, sender, depth, read_slots=flit_slots))
         send = add(Chain(f"{label} send", HOST, "link send", np.full(frames, geometry.frame_beats, dtype=np.int64),
                          first_delay=1))
-        deliver = add(Chain(f"{label} delivery", HOST, "link delivery", ones(flits)))
+        deliver = add(Chain(f"{label} delivery" + (" (host output)" if to_host else ""), HOST,
+                            "host output" if to_host else "link delivery", ones(flits)))
         accept = geometry.accept_delay
         if arch.link_error_rate > 0:
             # faults on: the three chains are solved together by simulating the link (module docstring); no
             # frame edge or self bound (they are the fault-free contract)
             links.append(LinkChains(index, sender, send, deliver, flits, frames, flit_slots, close_slots, first, last,
-                                    geometry, faults=True, segments=program.links[index].segments))
+                                    geometry, faults=True, segments=program.links[index].segments, to_host=to_host))
             return deliver
         frame_edges.extend([
             FrameEdge(f"{label}: send_f >= close_f + 1", send, None, sender, close_slots, 0, 1),
@@ -450,17 +459,18 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
             FrameEdge(f"{label}: send_f >= freed_seen(f - credit_frames)", send, None, deliver, last,
                       geometry.credit_frames, 1, geometry.message_delay, geometry.message_period)])
         # implied (module docstring): without back-pressure from the next chip, frame g's last flit leaves no
-        # earlier than send_g + accept + 1 + (its flits - 1) * spacing (2 behind a depth-1 FIFO, rule 1), so
-        # send_f >= next_message(send_g + accept + 1 + span_g + 1) + message_delay for g = f - credit_frames; and
-        # send_f >= close_f + 1 >= next_message(send_g + accept + 1) + message_delay + 1 for g = f - replay_frames
-        span = (last - first) * (2 if depth == 1 else 1)
+        # earlier than send_g + accept + 1 + (its flits - 1) * spacing (2 behind a depth-1 FIFO, rule 1; 1 into
+        # the host output), so send_f >= next_message(send_g + accept + 1 + span_g + 1) + message_delay for
+        # g = f - credit_frames; and send_f >= close_f + 1 >= next_message(send_g + accept + 1) + message_delay + 1
+        # for g = f - replay_frames
+        span = (last - first) * (2 if depth == 1 and not to_host else 1)
         period, delay = geometry.message_period, geometry.message_delay
         self_bounds.extend([
             SelfBound(f"{label}: credit round trip", send, geometry.credit_frames, accept + 2 + span, delay, period),
             SelfBound(f"{label}: ack round trip", send, geometry.replay_frames,
                       np.full(frames, accept + 1, dtype=np.int64), delay + 1, period)])
         links.append(LinkChains(index, sender, send, deliver, flits, frames, flit_slots, close_slots, first, last,
-                                geometry))
+                                geometry, to_host=to_host))
         window = min(geometry.credit_frames, geometry.replay_frames)
         link_rounds = max(link_rounds, 1 + -(-frames // window))
         return deliver
@@ -468,7 +478,8 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
     writer = add(Chain("host input", HOST, "host input", ones(program.input_words)))
     flits = program.input_words
     for hop in path.hops:
-        # the FIFOs on the producer's chip, and after a link those on the next chip
+        # the FIFOs on the producer's chip, and after a link those on the next chip (none after a ring's return
+        # link, whose delivery chain is the host output)
         segments = [(hop.chip, hop.fifos)] + ([(hop.link + 1, hop.link_fifos)] if hop.link is not None else [])
         for segment, (chip, route) in enumerate(segments):
             for k, (row, col, port) in enumerate(route):
@@ -476,7 +487,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
                 if k + 1 < len(route):  # a router hop between every two FIFOs of the route
                     reader = add(Chain(f"{name} -> next hop", HOST, "link", ones(flits), pass_through=True))
                 elif segment + 1 < len(segments):  # the chip's exit FIFO, read by the link's sender
-                    writer = add_link(hop.link, flits, writer, name)
+                    writer = add_link(hop.link, flits, writer, name, to_host=hop.consumer == HOST)
                     continue
                 elif hop.consumer == HOST:
                     reader = add(Chain("host output", HOST, "host output", ones(flits), pass_through=True))
@@ -782,10 +793,10 @@ class _ChainSystem:
         Every FIFO bound is ``(a time) + 1``: the maximum ``M`` of those times is taken first and
         ``lb - C = M - (C - 1)``; an event bound ``t + offset`` enters ``M`` as ``t + offset - 1``. The ``-1``
         floor only matters through the prefix maximum, so it is applied to the first element alone."""
+        if j in self.faulty:   # a ring's return link: its (gated) delivery chain is part of the link's simulation
+            return self._solve_faulty_link(self.faulty[j], j)
         if j in self.gates:
             return self._solve_gated(j)
-        if j in self.faulty:
-            return self._solve_faulty_link(self.faulty[j], j)
         lower = self._latest(j)
         if j in self.self_bounds:
             return self._solve_self_bounded(j, lower)
@@ -824,11 +835,14 @@ class _ChainSystem:
                 for s in (seed, ret_seed(seed)))
         try:
             # into a depth-1 FIFO deliveries are >= 2 cycles apart (rule 1); said explicitly because the FIFO's reader
-            # may be in the pass-through tail, whose space bound is left out (_pass_through_tail)
-            depth = next(f.depth for f in self.graph.fifos if f.writer == link.deliver)
+            # may be in the pass-through tail, whose space bound is left out (_pass_through_tail). A ring's return
+            # link delivers to the host output (no FIFO), in the cycles a host pattern lets it take a flit.
+            depth = next((f.depth for f in self.graph.fifos if f.writer == link.deliver), None)
+            gate = self.gates.get(link.deliver)
             run = simulate_link(link.geometry, link.flits, np.maximum(offers, 0), np.maximum(rooms, 0),
                                 segments=link.segments, fwd=flips[0], ret=flips[1], end=end,
-                                checkpoints=self.link_checkpoints[link.index], deliver_gap=2 if depth == 1 else 1)
+                                checkpoints=self.link_checkpoints[link.index], deliver_gap=2 if depth == 1 else 1,
+                                deliver_ready=None if gate is None else gate.bits)
         except LinkSimulationError as error:
             raise TimingError(f"link {link.index}: {error}") from None
         if run.counters["undetected"]:
@@ -1525,7 +1539,8 @@ class LinkTimes:
     output transfer); ``close``: int64 ``[batch * frames]``, ``close_f``; ``send``: ``send_f``, the serializer
     loads frame ``f`` (its beat ``b`` is on the sender's wire in ``send_f + 1 + b``); ``received``: the receiver
     accepts frame ``f``, ``send_f + accept_delay``; ``deliver``: int64 ``[batch * n]``, flit ``i`` written into
-    chip ``k + 1``'s tile (0,0) W FIFO (chip ``k + 1``'s host input transfer).
+    chip ``k + 1``'s tile (0,0) W FIFO (chip ``k + 1``'s host input transfer; a ring's return link: the host output
+    transfer).
 
     With faults (``Arch.link_error_rate > 0``, emulator/link_faults.py): ``send`` is each frame's first send,
     ``received`` the cycle the receiver accepted it; ``sends`` lists every load ``(cycle, frame)`` (resends
@@ -1553,7 +1568,8 @@ class TimingResult:
     chain position ``p``, numbered across inferences (section 4, result ring; empty without COMPUTE, None if
     idle); ``compute_ends[p]``: int64 ``[batch]``, the end of each COMPUTE, ``a_last + d_last + 2`` (COMPUTE
     of ``s`` spans ``[c_s, compute_ends[p][s])``, waits for the ring included). Chain positions are system chain
-    positions (all chips); ``in_times`` is chip 0's host input, ``out_times`` the last chip's host output.
+    positions (all chips); ``in_times`` is chip 0's host input, ``out_times`` the host output (the last chip's, or
+    in a ring the deliveries of the return link, link ``chips - 1``).
     ``link_times[k]``: the :class:`LinkTimes` of link ``k`` (empty for one chip).
     """
 
