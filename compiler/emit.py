@@ -11,7 +11,7 @@ import onnx
 from flowtile.arch import (ACTIVATION_BANKS, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
                            dense_window_registers)
 from flowtile.link_format import LinkGeometry, flit_lanes
-from flowtile.program import LayerInfo, LinkProgram, Program, ProgramError, TileProgram
+from flowtile.program import LayerInfo, LinkProgram, Program, ProgramError, TileProgram, link_count, link_name
 from flowtile.tile_config import TileConfig
 
 from .errors import CompileError
@@ -379,17 +379,15 @@ def dense_graph_input(layers: list[LoweredLayer], input_spec, lanes: int) -> tup
 def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "",
                   replicas: int = 1) -> Program:
     """Partition lowered layers over the (system) chain and emit every tile's registers, SRAM image and parameters,
-    and on several chips the links' registers. Tiles that compute nothing pass their stream on: a chip's tiles
-    after its last slice (the next chip starts at a narrow cut, :func:`compiler.partition.place_layers`) and the
-    last chip's tiles after the last layer.
+    and on several chips the links' registers (in a ring, ``arch.chip_topology = "ring"``, also the return link's,
+    which carries the output stream from the last chip to the host at chip 0). Tiles that compute nothing pass their
+    stream on: a chip's tiles after its last slice (the next chip starts at a narrow cut,
+    :func:`compiler.partition.place_layers`) and the last chip's tiles after the last layer.
 
     ``replicas``: copies of the network on the chain (:func:`replicate_layers`), taking alternate inferences: a
     program inference is ``replicas`` real ones, their inputs and outputs back to back in the stream."""
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise CompileError(f"replicas must be a positive integer (copies of the network), got {replicas!r}")
-    if arch.chips > 1 and arch.chip_topology != "line":
-        raise CompileError(f"arch field 'chip_topology' = {arch.chip_topology!r}: the compiler places layers on a line "
-                           f"of chips only (chip_topology = 'line')")
     layers, input_spec = dense_graph_input(layers, input_spec, arch.lanes)
     in_words = input_spec.words(arch.lanes)
     layers = replicate_layers(layers, replicas)
@@ -421,8 +419,9 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     for tile in tiles:
         if tile.config.queued_words:
             tile.config = tile.config.with_queue(arch)
+    # link k leaves chip k's exit tile; a ring's last link (chips - 1) carries the last chip's output to the host
     links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].config.output_flits(arch.lanes), segments)
-             for chip, segments in zip(range(arch.chips - 1), placement.link_segments)]
+             for chip, segments in zip(range(link_count(arch)), placement.link_segments)]
     assert tuple(link.inference_flits for link in links) == placement.link_words
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
                       model_name=model_name, links=links, replicas=replicas)
@@ -542,7 +541,7 @@ def tile_estimate(config: TileConfig, lanes: int) -> int:
 
 def estimated_interval(program: Program) -> int:
     """The slowest stage's cycles per (program) inference alone: a tile's (:func:`tile_estimate`) or, on several
-    chips, a link's (:func:`compiler.partition.link_cycles` of the flits it carries)."""
+    chips, a link's (:func:`compiler.partition.link_cycles` of the flits it carries; a ring's return link too)."""
     return max([tile_estimate(tile.config, program.arch.lanes) for tile in program.tiles]
                + [link_cycles(program.arch, link.inference_flits, link.segments) for link in program.links])
 
@@ -577,7 +576,7 @@ def report(program: Program) -> str:
     link_stages = [link_cycles(arch, link.inference_flits, link.segments) for link in program.links]
     if link_stages and max(link_stages) > slowest[0]:
         busiest = max(range(len(link_stages)), key=lambda k: link_stages[k])
-        slowest = (link_stages[busiest], f"link {busiest} (chip {busiest} -> chip {busiest + 1})")
+        slowest = (link_stages[busiest], link_name(arch, busiest))
     interval = slowest[0]
     for layer in program.layers:
         tiles = [by_position[place(t)] for t in layer.tiles]
@@ -672,7 +671,8 @@ def _chip_report(program: Program, interval: int, link_stages: list[int], slowes
     rows = [("link", "flits/inf", "frames/inf", "link cycles/inf", "est. util", "bytes carried/sent")]
     for k, (link, stage) in enumerate(zip(program.links, link_stages)):
         carried = int(flit_lanes(link.segments, link.inference_flits, lanes).sum())
-        rows.append((f"{k} (chip {k} -> {k + 1})", str(link.inference_flits),
+        to = f"-> {k + 1}" if k + 1 < arch.chips else "-> host at chip 0"   # a ring's return link: to the host
+        rows.append((f"{k} (chip {k} {to})", str(link.inference_flits),
                      str(geometry.frames(link.inference_flits, link.segments)), str(stage),
                      f"{100 * stage / interval:.1f}%", f"{carried}/{link.inference_flits * lanes}"))
     lines += [""] + _table(rows)

@@ -25,8 +25,9 @@ Concat) stores its rows of both operand maps (all of them for a single band; els
 ``max(K + P, K_f + P + n_pix*N_r, I + 2)`` with ``I`` the COMPUTE issue cycles (:func:`window_tile_cycles`).
 
 Several chips (``arch.chips``, a line; section 12): the chips' chains form one system chain, chip ``k``'s last tile
-sending over link ``k`` to chip ``k + 1``'s first. A link is a pipeline stage too, of :func:`link_cycles` cycles per
-inference for the flits crossing it: the stream at that point, the layer's input and every tensor forwarded past it
+sending over link ``k`` to chip ``k + 1``'s first (a ring adds link ``chips - 1``, the last chip's output stream back
+to the host at chip 0: a stage of fixed time, placed around as in a line). A link is a pipeline stage too, of
+:func:`link_cycles` cycles per inference for the flits crossing it: the stream at that point, the layer's input and every tensor forwarded past it
 (inside a split layer also the results of its tiles so far). :func:`place_layers` balances tiles and links together:
 the smallest budget at which every layer's fewest tiles within it can be cut into the chips with every link within
 it too, a chip ending early (pass-through tiles) where that puts the next cut at a narrow stream.
@@ -599,7 +600,9 @@ class Placement:
     chain order, of chip ``k``'s first slice: chip ``k`` computes slices ``starts[k] .. starts[k + 1] - 1`` on its
     chain positions ``0, 1, ...`` and passes its stream through its remaining tiles (pads, so that the next chip
     starts at a narrow cut). ``link_words[k]``: flits crossing link ``k`` (chip ``k`` -> ``k + 1``) per inference;
-    ``link_segments[k]``: its lane table (the lanes those flits carry, the rest is channel padding)."""
+    ``link_segments[k]``: its lane table (the lanes those flits carry, the rest is channel padding). In a ring
+    (``arch.chip_topology = "ring"``) both have one more entry, the return link ``chips - 1``: the output stream,
+    from the last chip to the host at chip 0."""
 
     splits: list[list[TileSlice]]
     starts: tuple[int, ...] = (0,)
@@ -712,13 +715,14 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     whole stream there) and passes its stream through its remaining tiles. Then, at that budget, the lowest link
     limit at which the slices still fit, so that among equally fast placements the cuts sit where the stream is
     narrowest.
+
+    A ring (``arch.chip_topology = "ring"``) is placed as a line: its return link (the last chip -> the host at chip
+    0) carries the output stream whatever the placement, so it is one more stage of fixed time
+    (:attr:`Placement.link_words` and ``link_segments`` name it last) that no cut can shorten.
     """
     lanes, n_tiles = arch.lanes, arch.system_tiles
     grid = _system_name(arch)
     if arch.chips > 1:
-        if arch.chip_topology != "line":
-            raise CompileError(f"arch field 'chip_topology' = {arch.chip_topology!r}: the compiler places layers on a "
-                               f"line of chips only (chip_topology = 'line')")
         if stream_words is None or len(stream_words) != len(layers) + 1:
             raise CompileError("internal: placing layers on several chips needs the stream words before every layer "
                                "and of the output")
@@ -769,7 +773,9 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         if arch.chips == 1:
             return Placement(found)
         cut = cut_tables(found)
-        return Placement(found, starts, tuple(cut[s][0] for s in starts[1:]), tuple(cut[s][1] for s in starts[1:]))
+        # a ring's return link carries the output stream (the last cut) from the last chip to the host at chip 0
+        ends = list(starts[1:]) + ([len(cut) - 1] if arch.chip_topology == "ring" else [])
+        return Placement(found, starts, tuple(cut[s][0] for s in ends), tuple(cut[s][1] for s in ends))
 
     def balance(deep: bool) -> Placement | None:
         """The balanced placement; ``deep``: with deep queues (:func:`_split_window`), None if they do not fit."""

@@ -36,8 +36,9 @@ class UsageError(Exception):
 def _arch_from_args(args) -> Arch:
     arch = Arch.from_toml(args.arch) if getattr(args, "arch", None) else Arch()
     arch = arch.with_grid(getattr(args, "grid", None))
-    chips = getattr(args, "chips", None)
-    return arch if chips is None else arch.replace(chips=chips)
+    chips, topology = getattr(args, "chips", None), getattr(args, "topology", None)
+    fields = {name: value for name, value in (("chips", chips), ("chip_topology", topology)) if value is not None}
+    return arch.replace(**fields) if fields else arch
 
 
 def _load_array(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -275,13 +276,13 @@ def cmd_verilog(args) -> int:
     from flowtile.hdl.verilog import chip_verilog, system_verilog
     check_output_file(args.output, "-o/--output")
     arch = _arch_from_args(args)
-    # one chip: module flowtile_chip; a line of chips: module flowtile_system (chips and links, one tile module
-    # and one link module)
+    # one chip: module flowtile_chip; a line or ring of chips: module flowtile_system (chips and links, one tile
+    # module and one link module)
     text = system_verilog(arch) if arch.chips > 1 else chip_verilog(arch)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    chips = f"{arch.chips} chips of " if arch.chips > 1 else ""
+    chips = f"{arch.chips} chips{' in a ring' if arch.chip_topology == 'ring' else ''} of " if arch.chips > 1 else ""
     print(f"wrote {out} ({chips}{arch.rows}x{arch.cols} tiles, {arch.lanes} lanes, {len(text.splitlines())} lines)")
     return 0
 
@@ -423,6 +424,9 @@ def _add_arch_options(parser):
     parser.add_argument("--chips", type=int, default=None, metavar="N",
                         help="chips in a line joined by links (the grid is one chip's; link fields via --arch); "
                              "default: the arch's (1)")
+    parser.add_argument("--topology", choices=("line", "ring"), default=None,
+                        help="how the chips are joined (arch field chip_topology): 'line', or 'ring' (the host on chip "
+                             "0 only: one more link returns the last chip's output to it); default: the arch's (line)")
 
 
 def _add_replicas_option(parser):

@@ -208,13 +208,6 @@ def test_report_warns_when_a_link_is_the_bottleneck():
     assert f"warning: link 0 is the bottleneck: {bound} cycles/inference, {bound / slowest_tile:.2f}x" in text
 
 
-def test_ring_topology_is_refused_in_one_line():
-    model, calibration = mlp([64, 32, 10])
-    with pytest.raises(CompileError, match=r"chip_topology.*'ring'.*line") as error:
-        _compile(model, calibration, SMALL.replace(chips=2, chip_topology="ring"))
-    assert "\n" not in str(error.value)
-
-
 def test_impossible_partition_is_refused_in_one_line():
     model, calibration = mlp([64, 1024, 1024, 10])
     with pytest.raises(CompileError, match=r"does not fit 4 chips of 2x2 tiles .*there are 16 \(4 a chip\); "
