@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arch import Arch
+from .program import link_count
 
 __all__ = ["fpga_unmappable", "ECP5_BLOCK_RAM_PORTS", "AreaError", "ComponentCost", "AreaReport", "COMPONENTS", "synthesise", "format_table",
            "throughput_per_area", "fpga_tile", "TILE_SECONDS_ESTIMATE"]
@@ -116,12 +117,13 @@ class AreaReport:
     fpga: dict | None = None
 
     def system(self) -> ComponentCost | None:
-        """All ``arch.chips`` chips and their ``chips - 1`` links (None without the link's numbers)."""
+        """All ``arch.chips`` chips and their links (:func:`flowtile.program.link_count`: ``chips - 1`` in a line,
+        ``chips`` in a ring; None without the link's numbers)."""
         if self.link is None:
             return None
         system = ComponentCost()
         system.add(self.chip, self.arch.chips)
-        system.add(self.link, self.arch.chips - 1)
+        system.add(self.link, link_count(self.arch))
         return system
 
     def to_dict(self) -> dict:
@@ -469,7 +471,7 @@ def format_table(report: AreaReport) -> str:
     if report.link is not None:
         lines.append(row("link (each, chips > 1)", report.link))
         if arch.chips > 1:
-            links = arch.chips - 1
+            links = link_count(arch)
             lines.append(row(f"system: {arch.chips} chips + {links} link{'s' if links > 1 else ''}", report.system(),
                              widths=False))
     metric = throughput_per_area(report)

@@ -54,6 +54,7 @@ from amaranth.utils import ceil_log2
 
 from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch, index_bits
 from flowtile.link_format import LINK_LANE_SEGMENTS, LaneSegment, encode_lane_segment
+from flowtile.program import link_count
 from flowtile.tile_config import ConfigError, TileConfig, register_bounds
 
 __all__ = [
@@ -306,18 +307,20 @@ def pack_load(arch: Arch, tile: int, target: int, addr: int, data: int, chip: in
 
 
 def _pack_link_register(arch: Arch, owner: str, chip: int, addr: int, value: int) -> int:
-    """The load-bus write of register ``addr`` of link ``chip``; LoadEncodingError unless ``chip`` starts a link."""
+    """The load-bus write of register ``addr`` of link ``chip``; LoadEncodingError unless ``arch`` has link ``chip``
+    (:func:`flowtile.program.link_count`: a ring's return link is link ``chips - 1``)."""
     check_arch(arch, owner)
     if arch.chips == 1:
         raise LoadEncodingError("arch has 1 chip, so no link to load")
-    _check_range("link chip", chip, 0, arch.chips - 2)
+    _check_range("link chip", chip, 0, link_count(arch) - 1)
     return pack_load(arch, 0, LOAD_TARGET_LINK, addr, value, chip=chip)
 
 
 def pack_link_load(arch: Arch, chip: int, inference_flits: int) -> int:
     """The load-bus write (the integer on ``load__payload``) setting ``inference_flits`` of link ``chip`` (chip
-    ``chip`` -> chip ``chip + 1``, ``Program.links[chip]``); raises :class:`LoadEncodingError` naming the value if
-    ``chip`` is not the first chip of a link of ``arch`` or ``inference_flits`` does not fit its register."""
+    ``chip`` -> chip ``chip + 1``, or a ring's return link to the host, ``Program.links[chip]``); raises
+    :class:`LoadEncodingError` naming the value if ``arch`` has no link ``chip`` or ``inference_flits`` does not fit
+    its register."""
     _check_range("link register inference_flits", inference_flits, 0, (1 << LINK_INFERENCE_FLITS_BITS) - 1)
     return _pack_link_register(arch, "pack_link_load", chip, LINK_REG_INFERENCE_FLITS, inference_flits)
 

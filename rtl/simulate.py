@@ -48,10 +48,9 @@ from flowtile.run_limits import (BUDGET_BASE_CYCLES, BUDGET_FACTOR, MAX_CYCLE_LI
 
 from .cocotb_driver import CLOCK_PERIOD_NS, JOB_ENV, HarnessBus, RESET_CYCLES, run_job
 from .harness import BUFFER_VERILOG, HARNESS_TOP_NAME, STAMP_BITS, Harness
-from flowtile.hdl.layouts import (LINK_REG_INFERENCE_FLITS, LINK_REG_LANE_SEGMENT0, LOAD_TARGET_CONFIG,
-                                  LOAD_TARGET_LINK, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry, encode_registers,
-                                  load_layout, pack_link_load, pack_link_segment_load, pack_load)
-from flowtile.link_format import LINK_LANE_SEGMENTS, encode_lane_segment
+from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_param_entry,
+                                  encode_registers, load_layout, pack_link_load, pack_link_segment_load)
+from flowtile.link_format import LINK_LANE_SEGMENTS
 
 __all__ = ["RtlResult", "VerilatorBuild", "RtlError", "RtlBuildError", "RtlTimeoutError", "RtlRunError",
            "simulate", "build_verilator", "evict_builds", "harness_verilog", "cycle_budget", "stall_window", "DEFAULT_BUILD_ROOT",
@@ -581,17 +580,11 @@ def _load_payloads(program: Program) -> list[int]:
 
 
 def _link_payloads(arch: Arch, index: int, link) -> list[int]:
-    """The load writes of link ``index``'s registers: ``inference_flits``, then every entry of its lane table (unused:
-    0). A ring's return link (``index = chips - 1``, chip ``chips - 1`` on the load bus) is packed here from the load
-    layout: :func:`flowtile.hdl.layouts.pack_link_load` knows the links between chips only (the values were checked
-    by :meth:`flowtile.program.Program.validate`)."""
+    """The load writes of link ``index``'s registers (a ring's return link is link ``chips - 1``, chip ``chips - 1``
+    on the load bus): ``inference_flits``, then every entry of its lane table (unused: 0)."""
     table = list(link.segments) + [None] * (LINK_LANE_SEGMENTS - len(link.segments))
-    if index < arch.chips - 1:
-        return [pack_link_load(arch, index, link.inference_flits)] + \
-            [pack_link_segment_load(arch, index, s, segment) for s, segment in enumerate(table)]
-    return [pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_INFERENCE_FLITS, link.inference_flits, chip=index)] + \
-        [pack_load(arch, 0, LOAD_TARGET_LINK, LINK_REG_LANE_SEGMENT0 + s, encode_lane_segment(segment, arch.lanes),
-                   chip=index) for s, segment in enumerate(table)]
+    return [pack_link_load(arch, index, link.inference_flits)] + \
+        [pack_link_segment_load(arch, index, s, segment) for s, segment in enumerate(table)]
 
 
 def _check_inputs(program: Program, in_flits, batch) -> np.ndarray:

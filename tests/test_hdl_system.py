@@ -228,10 +228,13 @@ def test_load_layout_chip_field_is_on_top_and_moves_nothing():
     word = pack_load(arch, tile=5, target=LOAD_TARGET_LINK, addr=0, data=9, chip=2)
     assert word >> load_layout(arch)["chip"].offset == 2
     assert pack_link_load(arch, 1, 1234) == pack_load(arch, 0, LOAD_TARGET_LINK, 0, 1234, chip=1)
+    ring = arch.replace(chip_topology="ring")   # the return link is link chips - 1
+    assert pack_link_load(ring, 2, 77) == pack_load(ring, 0, LOAD_TARGET_LINK, 0, 77, chip=2)
 
 
 @pytest.mark.parametrize("arch, chip, flits, message", [
     (Arch(chips=3), 2, 5, "'link chip' = 2 is out of range 0..1"),
+    (Arch(chips=3, chip_topology="ring"), 3, 5, "'link chip' = 3 is out of range 0..2"),
     (Arch(chips=2), 0, 1 << LINK_INFERENCE_FLITS_BITS, "'link register inference_flits' = 16777216 is out of range"),
     (Arch(chips=2), 0, -1, "'link register inference_flits' = -1 is out of range"),
     (Arch(), 0, 5, "arch has 1 chip, so no link to load"),
