@@ -824,6 +824,19 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 lo = mid
             else:
                 hi, balanced = mid, found
+        if arch.chips > 1:
+            # where a link binds, the chips hold the slices of a lower tile budget too (the spare tiles are left to pass
+            # through otherwise): re-split at the lowest tile budget whose cuts keep every link within the interval.
+            # The interval stays, and every tile gets slack below it, which absorbs the stalls of the tiles whose
+            # queues are shorter than what they forward (section 6 rule 4: they take their stream in bursts)
+            interval, lo = hi, 0
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                found = within(mid, interval)
+                if found is None:
+                    lo = mid
+                else:
+                    hi, balanced = mid, found
         if arch.chips > 1:  # the same slices, cut where the links carry least
             cycles = cut_cycles(balanced.splits)
             lo, hi = -1, max(cycles[s] for s in balanced.starts[1:])

@@ -161,6 +161,20 @@ def test_slow_links_keep_the_network_on_few_chips():
     assert all(t.config.n_out == 0 for t in program.tiles[3 * SMALL.n_tiles:])
 
 
+
+def test_when_a_link_binds_the_spare_tiles_give_every_tile_slack():
+    """A link slower than the tiles sets the interval; the chips' spare tiles then take the slices of the lowest tile
+    budget whose cuts keep every link within it, instead of passing the stream through: the interval is the link's,
+    and every tile has slack below it (which absorbs the bursts of tiles whose queues are short)."""
+    model, calibration = mlp([64, 128, 8, 128, 10])
+    arch = SMALL.replace(chips=2, link_bits_per_cycle=1)
+    program = _compile(model, calibration, arch, replicas=1)
+    check_system(program)
+    bound = link_cycles(arch, program.links[0].inference_flits, program.links[0].segments)
+    assert estimated_interval(program) == bound
+    periods = [t.config.tile_period_cycles(arch.lanes) for t in program.tiles if t.config.n_out]
+    assert len(periods) > len(program.layers) and 2 * max(periods) < bound
+
 def test_link_cycles_follow_the_link_format():
     """At 1/16 and 1/64 of the flit width the credit and replay windows cover the round trip: a link is busy
     frames x frame_beats cycles per inference (the last frame partial)."""
