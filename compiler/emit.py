@@ -685,7 +685,7 @@ def _chip_report(program: Program, interval: int, link_stages: list[int], slowes
                  f"{geometry.latency} cycles (delay only); link bound on the interval: {bound} cycles/inference "
                  f"(link {busiest}: {flits} flits/inference x {bound / max(flits, 1):.2f} cycles/flit)")
     if bound > slowest_tile[0]:
-        lines.append(f"warning: link {busiest} is the bottleneck: {bound} cycles/inference, "
+        lines.append(f"warning: {link_name(arch, busiest)} is the bottleneck: {bound} cycles/inference, "
                      f"{bound / slowest_tile[0]:.2f}x the slowest tile's {slowest_tile[0]} ({slowest_tile[1]}); "
                      f"tiles idle {100 * (1 - slowest_tile[0] / bound):.0f}% of the interval waiting for it")
     return lines

@@ -203,7 +203,7 @@ def test_report_per_chip_and_per_link():
     assert link_row.split()[5:8] == [str(flits), str(geometry.frames(flits)), str(link_cycles(slow.arch, flits))]
     assert "link bound on the interval" in text
     assert link_cycles(slow.arch, flits) > max(t.config.tile_period_cycles(8) for t in slow.tiles)
-    assert "warning: link 0 is the bottleneck" in text and "(bottleneck: link 0 (chip 0 -> chip 1))" in text
+    assert "warning: link 0 (chip 0 -> chip 1) is the bottleneck" in text and "(bottleneck: link 0 (chip 0 -> chip 1))" in text
     fast = _compile(model, calibration, SMALL.replace(chips=2, link_bits_per_cycle=SMALL.flit_bits))
     assert "is the bottleneck" not in report(fast)
     single = report(_compile(*mlp([64, 32, 10]), SMALL))
@@ -219,7 +219,7 @@ def test_report_warns_when_a_link_is_the_bottleneck():
     bound = link_cycles(program.arch, program.links[0].inference_flits)
     slowest_tile = max(t.config.tile_period_cycles(8) for t in program.tiles)
     assert bound > slowest_tile and estimated_interval(program) == bound
-    assert f"warning: link 0 is the bottleneck: {bound} cycles/inference, {bound / slowest_tile:.2f}x" in text
+    assert f"warning: link 0 (chip 0 -> chip 1) is the bottleneck: {bound} cycles/inference, {bound / slowest_tile:.2f}x" in text
 
 
 def test_impossible_partition_is_refused_in_one_line():

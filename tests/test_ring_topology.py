@@ -103,7 +103,7 @@ def test_report_names_the_return_link(model, tmp_path):
     assert estimated_interval(ring) == stage > estimated_interval(compile_for(wide, 2, "line", link_frame_flits=1))
     text = report(ring)
     assert f"estimated interval {stage} cycles/inference (bottleneck: link 1 (chip 1 -> host at chip 0))" in text
-    assert f"warning: link 1 is the bottleneck: {stage} cycles/inference" in text
+    assert f"warning: link 1 (chip 1 -> host at chip 0) is the bottleneck: {stage} cycles/inference" in text
 
 
 def test_validate_refuses_a_ring_program_without_its_return_link(model, tmp_path):
