@@ -341,7 +341,7 @@ def trace_data_path(program: Program) -> DataPath:
         link, link_fifos, link_outputs = None, [], []
         if config.dest_host:
             target = arch.exit_tile
-            if chip == arch.chips - 1 and chip >= len(program.links):
+            if chip == arch.chips - 1 and arch.chip_topology != "ring":
                 next_consumer = HOST
             else:
                 link = chip
@@ -536,7 +536,7 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
             return FlitProgress(tuple(tiles), 0, expected, host_sent, cycle)
         if config.dest_host:
             if tile.chip == arch.chips - 1:
-                if tile.chip < len(program.links):    # a ring: the host reads behind the return link
+                if arch.chip_topology == "ring":    # the host reads behind the return link
                     emitted = link_delivered(emitted, program.links[tile.chip], arch)
                 return FlitProgress(tuple(tiles), emitted, expected, host_sent, cycle)
             link = tile.chip         # over link k into chip k + 1's tile (0,0) W FIFO, addressed to that tile

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -73,6 +74,8 @@ MIN_STREAMING_BUFFER = 8
 # The cycle budget (BUDGET_FACTOR times a sequential estimate plus BUDGET_BASE_CYCLES) and the no-progress window
 # are the spec's (flowtile.run_limits), shared with the emulator's --max-cycles.
 _BUILD_STAMP = "flowtile-build.json"
+#: A build's directory is ``<HARNESS_TOP_NAME>-<this many hex digits of its digest>`` under the build root.
+_BUILD_DIGEST_CHARS = 20
 #: The build cache's size limit in GiB unless ``FLOWTILE_RTL_CACHE_GB`` says otherwise: a Verilator build of the
 #: harness takes 0.1-0.3 GB, and a cache without a limit grew past 40 GB over a few weeks of work on one machine.
 #: The test suite's own builds take about 5 GB; below that it rebuilds (ccache makes that cheap, not free).
@@ -413,7 +416,7 @@ def build_verilator(arch: Arch, *, waves: bool | str = False, build_root: str | 
         raise RtlBuildError(f"Verilog generation of the harness for {arch} failed: "
                             f"{type(error).__name__}: {error}") from error
     progress(f"Verilog generated in {time.perf_counter() - started:.1f} s ({len(text) / 1e6:.2f} MB)")
-    digest = hashlib.sha256((fingerprint + "\n" + text).encode()).hexdigest()[:20]
+    digest = hashlib.sha256((fingerprint + "\n" + text).encode()).hexdigest()[:_BUILD_DIGEST_CHARS]
     directory = root / f"{HARNESS_TOP_NAME}-{digest}"
     alias.parent.mkdir(parents=True, exist_ok=True)
 
@@ -469,14 +472,15 @@ def evict_builds(root: str | Path, *, keep: Path | None = None, limit_bytes: int
     build used or written in the last :data:`CACHE_IN_USE_SECONDS` (another process may be running it), so the
     cache may stay above the limit for a while. A directory without a stamp older than that is an interrupted
     build: it is deleted first. A deleted build's ``by-source`` aliases are left: a lookup through one finds no
-    stamp and rebuilds.
+    stamp and rebuilds. Only what this module writes is ever deleted (:func:`_is_build_directory`): ``root`` may be a
+    folder of the user's (``build_root``), whose other entries, symbolic links included, are left alone.
     """
     root = Path(root)
     limit = cache_limit_bytes() if limit_bytes is None else limit_bytes
     now = time.time() if now is None else now
     builds = []
     for directory in root.glob(f"{HARNESS_TOP_NAME}-*"):
-        if not directory.is_dir():
+        if not _is_build_directory(directory):
             continue
         stamp = directory / _BUILD_STAMP
         try:
@@ -499,6 +503,16 @@ def evict_builds(root: str | Path, *, keep: Path | None = None, limit_bytes: int
         progress(f"RTL build cache: removed {len(deleted)} least recently used build(s) of {root}; "
                  f"{total / 2**30:.1f} GiB left (limit {limit / 2**30:.1f} GiB, FLOWTILE_RTL_CACHE_GB)")
     return deleted
+
+
+def _is_build_directory(path: Path) -> bool:
+    """``path`` is a build directory this module wrote: a real directory (not a symbolic link) named
+    ``<HARNESS_TOP_NAME>-<digest>`` that holds a build stamp or, an interrupted build, the harness Verilog."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not re.fullmatch(rf"{re.escape(HARNESS_TOP_NAME)}-[0-9a-f]{{{_BUILD_DIGEST_CHARS}}}", path.name):
+        return False
+    return (path / _BUILD_STAMP).is_file() or (path / f"{HARNESS_TOP_NAME}.v").is_file()
 
 
 def _build_with_cocotb(directory: Path, text: str, build_args: list, trace_format: str | None, control_text: str,

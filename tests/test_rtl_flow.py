@@ -243,13 +243,15 @@ def test_generation_key_changes_when_an_hdl_source_changes(monkeypatch):
 
 
 def _fake_build(root: Path, name: str, megabytes: float, used: float | None, now: float) -> Path:
-    """A cache entry of ``megabytes`` whose stamp was last touched ``used`` seconds before ``now`` (None: no
-    stamp, an interrupted build, its directory that old instead)."""
-    directory = root / f"{HARNESS_TOP_NAME}-{name}"
+    """A cache entry (named by ``name``, one hex digit, repeated to a digest's length) of ``megabytes`` whose stamp
+    was last touched ``used`` seconds before ``now`` (None: no stamp, an interrupted build that wrote its harness
+    Verilog, its directory that old instead)."""
+    directory = root / f"{HARNESS_TOP_NAME}-{name * rtl._BUILD_DIGEST_CHARS}"
     directory.mkdir(parents=True)
     (directory / "obj").write_bytes(b"\0" * int(megabytes * 2**20))
     import os
     if used is None:
+        (directory / f"{HARNESS_TOP_NAME}.v").write_text("module flowtile_harness; endmodule\n")
         os.utime(directory, (now - 7200, now - 7200))
     else:
         stamp = directory / rtl._BUILD_STAMP
@@ -275,6 +277,30 @@ def test_build_cache_evicts_least_recently_used_builds_down_to_its_limit(tmp_pat
     assert rtl.evict_builds(tmp_path, limit_bytes=1, now=now, keep=recent) == []
     assert rtl.evict_builds(tmp_path, limit_bytes=1, now=now) == [recent]
     assert running.is_dir()
+
+
+def test_build_cache_eviction_never_touches_what_it_did_not_write(tmp_path):
+    """``build_root`` may be a folder of the user's: only directories this module wrote (its name pattern and a
+    stamp or the harness Verilog inside) are ever deleted, never a lookalike, never through a symbolic link."""
+    import os
+    now, old = time.time(), time.time() - 10 * rtl.CACHE_IN_USE_SECONDS
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    lookalikes = [tmp_path / f"{HARNESS_TOP_NAME}-notes",                            # not a digest
+                  tmp_path / f"{HARNESS_TOP_NAME}-{'0' * rtl._BUILD_DIGEST_CHARS}"]  # a digest, but nothing of ours
+    for directory in lookalikes:
+        directory.mkdir()
+        (directory / "data.bin").write_bytes(b"\0" * 2**20)
+        os.utime(directory, (old, old))
+    link = tmp_path / f"{HARNESS_TOP_NAME}-{'1' * rtl._BUILD_DIGEST_CHARS}"
+    link.symlink_to(user, target_is_directory=True)
+    (user / rtl._BUILD_STAMP).write_text("{}")     # even a stamp behind the link does not make it ours
+    os.utime(user / rtl._BUILD_STAMP, (old, old))
+    ours = _fake_build(tmp_path, "f", 1, 10 * rtl.CACHE_IN_USE_SECONDS, now)
+    assert rtl.evict_builds(tmp_path, limit_bytes=1, now=now) == [ours]
+    assert all(directory.is_dir() for directory in lookalikes) and link.is_symlink()
+    assert (user / "notes.txt").read_text() == "keep me"
 
 
 def test_build_cache_limit_comes_from_the_environment(monkeypatch):
