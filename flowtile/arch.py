@@ -102,6 +102,10 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # of the stored words (word f div L, lane f mod L); 0, 0: the map is pixel-major with CW words a pixel.
     ("in_dense", 1, False),
     ("in_dense_offset", 8, False),
+    # Several layers per tile (section 4.6): the context's parameter row r is table row param_base + r; loop_back = 1
+    # sends what the context emits into the tile's loop-back FIFO, to its next context (0: the tile's last context).
+    ("param_base", 16, False),
+    ("loop_back", 1, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads
@@ -168,7 +172,9 @@ class Arch:
             A tile of a split layer whose passed words arrive at the pace of the tiles before it computes freely
             only if the ring holds its results of an inference: the default 1024 (8 KiB at 8 lanes) does for
             the MLPerf-Tiny networks on 8x8 tiles (docs/architecture.md section 4; docs/area.md).
-        router_fifo_depth: flits each router input FIFO holds.
+        router_fifo_depth: flits each router input FIFO holds (and a tile's loop-back FIFO between contexts).
+        tile_contexts: the most contexts a tile holds (docs/architecture.md section 4.6): consecutive layers a
+            tile runs in turn, each with a register file of its own; 1 is the PE of sections 4 to 4.5.
         host_buffer_flits: depth of the simulation harness's input and output buffers (not part of the chip).
 
     Multi-chip fields (docs/architecture.md section 12; ``rows`` x ``cols`` is the grid of one chip):
@@ -203,6 +209,7 @@ class Arch:
     result_ring_words: int = 1024
     router_fifo_depth: int = 4
     host_buffer_flits: int = 65536
+    tile_contexts: int = 1
     chips: int = 1
     chip_topology: str = "line"
     link_bits_per_cycle: int | None = None
@@ -231,6 +238,7 @@ class Arch:
         check("result_ring_words", lambda v: 1 <= v <= 65536, "must be in 1..65536")
         check("router_fifo_depth", lambda v: 1 <= v <= 1024, "must be in 1..1024")
         check("host_buffer_flits", lambda v: 1 <= v <= (1 << 24), "must be in 1..16777216")
+        check("tile_contexts", lambda v: 1 <= v <= 16, "must be in 1..16")
         check("chips", lambda v: 1 <= v <= 256, "must be in 1..256")
         if self.chip_topology not in ("line", "ring"):
             raise ArchError(f"arch field 'chip_topology' = {self.chip_topology!r} is invalid: "

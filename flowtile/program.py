@@ -28,7 +28,7 @@ __all__ = ["Program", "TileProgram", "LinkProgram", "TensorSpec", "LayerInfo", "
            "check_program_destination", "TileConfig", "ConfigError", "link_count", "link_name"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 10
+FORMAT_VERSION = 11
 
 
 class ProgramError(ValueError):
@@ -59,19 +59,65 @@ PARAMETER_RANGES = (("bias", -(1 << (ACC_BITS - 1)), (1 << (ACC_BITS - 1)) - 1),
 
 
 def _check_parameters(tile: "TileProgram") -> None:
-    """The parameter table holds one ``(bias, multiplier, shift)`` row per output, each within its range; a
-    max-pooling tile's rows are never read (section 4.1), so only their shape counts."""
-    n_out = tile.config.n_out
+    """The parameter table holds one ``(bias, multiplier, shift)`` row per output of each context (context ``c``'s
+    rows from ``param_base``, section 4.6; ``max(param_base + n_out)`` rows), each within its range; a max-pooling
+    context's rows are never read (section 4.1), so only the table's shape counts for them."""
+    rows = max(config.param_base + config.n_out for config in tile.contexts)
     params = np.asarray(tile.params)
-    if params.shape != (n_out, 3):
-        raise ProgramError(f"tile {tile.key}: parameter table must be [{n_out}, 3], got {list(params.shape)}")
-    if tile.config.op == OP_MAX:
+    if params.shape != (rows, 3):
+        what = "max(param_base + n_out) over its contexts" if tile.later_contexts else "n_out"
+        raise ProgramError(f"tile {tile.key}: parameter table must be [{rows}, 3] ({what}), got "
+                           f"{list(params.shape)}")
+    for config in tile.contexts:
+        if config.op == OP_MAX:
+            continue
+        for column, (name, low, high) in enumerate(PARAMETER_RANGES):
+            values = params[config.param_base:config.param_base + config.n_out, column]
+            bad = np.flatnonzero((values < low) | (values > high))
+            if bad.size:
+                raise ProgramError(f"tile {tile.key}: output {bad[0]} has {name} {values[bad[0]]}, outside "
+                                   f"{low}..{high}")
+
+
+def _check_contexts(tile: "TileProgram", arch: Arch) -> None:
+    """The rules between the contexts of one tile (docs/architecture.md section 4.6): at most ``tile_contexts``;
+    with two or more, each computes, ``loop_back`` is 1 in all but the last, each context ``c >= 1`` queues a whole
+    inference of what it forwards and passes (else the loop-back FIFO could deadlock), and SRAM regions and
+    parameter rows are pairwise disjoint. A tile of one context needs ``loop_back = 0``."""
+    contexts = tile.contexts
+    if len(contexts) > arch.tile_contexts:
+        raise ProgramError(f"tile {tile.key}: {len(contexts)} contexts exceed arch field 'tile_contexts' = "
+                           f"{arch.tile_contexts}")
+    for index, config in enumerate(contexts):
+        last = index == len(contexts) - 1
+        if config.loop_back != (0 if last else 1):
+            why = ("the tile's last context emits to the router" if last
+                   else f"it feeds context {index + 1} through the loop-back FIFO")
+            raise ProgramError(f"tile {tile.key} context {index}: config register loop_back = {config.loop_back} must "
+                               f"be {0 if last else 1} ({why}; section 4.6)")
+    if len(contexts) == 1:
         return
-    for column, (name, low, high) in enumerate(PARAMETER_RANGES):
-        values = params[:, column]
-        bad = np.flatnonzero((values < low) | (values > high))
-        if bad.size:
-            raise ProgramError(f"tile {tile.key}: output {bad[0]} has {name} {values[bad[0]]}, outside {low}..{high}")
+    for index, config in enumerate(contexts):
+        if config.n_out == 0:
+            raise ProgramError(f"tile {tile.key} context {index}: n_out = 0, but every context of a tile with "
+                               f"several computes (section 4.6)")
+        if index and config.queue_words < config.queued_words:
+            raise ProgramError(f"tile {tile.key} context {index}: queue_words = {config.queue_words} is less than "
+                               f"the {config.queued_words} words it forwards and passes per inference; a later "
+                               f"context's queue must hold them, else the loop-back FIFO can deadlock (section 4.6)")
+    claimed = []
+    for index, config in enumerate(contexts):
+        for what, begin, end in config.sram_regions():
+            for other, other_what, other_begin, other_end in claimed:
+                if other != index and begin < other_end and other_begin < end:
+                    raise ProgramError(f"tile {tile.key}: context {index}'s {what} = [{begin}, {end}) overlaps "
+                                       f"context {other}'s {other_what} = [{other_begin}, {other_end}) (section 4.6)")
+            claimed.append((index, what, begin, end))
+    rows = sorted((config.param_base, config.param_base + config.n_out, index) for index, config in enumerate(contexts))
+    for (begin, end, index), (other_begin, _, other) in zip(rows, rows[1:]):
+        if other_begin < end:
+            raise ProgramError(f"tile {tile.key}: context {other}'s parameter rows from param_base = {other_begin} "
+                               f"overlap context {index}'s [{begin}, {end}) (section 4.6)")
 
 
 PROGRAM_FILES = frozenset({"program.json", "arrays.npz"})
@@ -266,6 +312,8 @@ class TileProgram:
     every register is converted); ``sram`` is the SRAM image from word 0 (int8 values, shape ``[words, lanes]``,
     words beyond it are zero); ``params`` is the parameter table, one row per output neuron:
     ``(bias, multiplier, shift)``. ``chip``: which chip of a multi-chip system (``Arch.chips``) the tile is on.
+    ``later_contexts``: the tile's contexts after the first (docs/architecture.md section 4.6), each a layer the
+    tile runs in turn after ``config``'s; ``sram`` and ``params`` then hold every context's words and rows.
     """
 
     row: int
@@ -274,12 +322,19 @@ class TileProgram:
     sram: np.ndarray = field(repr=False)
     params: np.ndarray = field(repr=False)
     chip: int = 0
+    later_contexts: tuple[TileConfig, ...] = ()
 
     def __post_init__(self):
         try:
             self.config = TileConfig.coerce(self.config)
+            self.later_contexts = tuple(TileConfig.coerce(config) for config in self.later_contexts)
         except ConfigError as error:
             raise ProgramError(f"tile {self.key}: {error}") from None
+
+    @property
+    def contexts(self) -> tuple[TileConfig, ...]:
+        """Every context's registers in turn order: ``config`` (context 0), then ``later_contexts``."""
+        return (self.config, *self.later_contexts)
 
     @property
     def key(self) -> str:
@@ -406,10 +461,15 @@ class Program:
                                    f"the chain expects chip {expected[0]} ({expected[1]},{expected[2]})")
             if not isinstance(tile.config, TileConfig):
                 raise ProgramError(f"tile {tile.key}: config must be a TileConfig, got {type(tile.config).__name__}")
-            try:
-                tile.config.validate(arch)
-            except ConfigError as error:
-                raise ProgramError(f"tile {tile.key}: {error}") from None
+            for index, config in enumerate(tile.contexts):
+                if not isinstance(config, TileConfig):
+                    raise ProgramError(f"tile {tile.key}: config must be a TileConfig, got {type(config).__name__}")
+                try:
+                    config.validate(arch)
+                except ConfigError as error:
+                    where = f"tile {tile.key}" + (f" context {index}" if tile.later_contexts else "")
+                    raise ProgramError(f"{where}: {error}") from None
+            _check_contexts(tile, arch)
             if tile.sram.ndim != 2 or tile.sram.shape[1] != arch.lanes or tile.sram.dtype != np.int8:
                 raise ProgramError(f"tile {tile.key}: SRAM image must be int8 [words, {arch.lanes}], "
                                    f"got {tile.sram.dtype} {list(tile.sram.shape)}")
@@ -455,7 +515,9 @@ class Program:
             "output": self.output.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
             "tiles": [{**({"chip": t.chip} if t.chip else {}), "row": t.row, "col": t.col,
-                       "config": t.config.to_dict()} for t in self.tiles],
+                       "config": t.config.to_dict(),
+                       **({"later_contexts": [c.to_dict() for c in t.later_contexts]} if t.later_contexts else {})}
+                      for t in self.tiles],
             "links": [link.to_dict() for link in self.links],
             **({"replicas": int(self.replicas)} if self.replicas != 1 else {}),  # one copy: the manifest as before
         }
@@ -519,7 +581,8 @@ class Program:
         try:
             arch = Arch.from_dict(manifest["arch"], source=str(manifest_path))
             tiles = [TileProgram(t["row"], t["col"], dict(t["config"]), tile_array(t, "sram", np.int8),
-                                 tile_array(t, "params", np.int64), chip=int(t.get("chip", 0)))
+                                 tile_array(t, "params", np.int64), chip=int(t.get("chip", 0)),
+                                 later_contexts=tuple(dict(c) for c in t.get("later_contexts", ())))
                      for t in manifest["tiles"]]
             program = cls(arch=arch,
                           input=TensorSpec.from_dict(manifest["input"]),

@@ -101,6 +101,8 @@ class TileConfig:
     in_channels: int = 0
     in_dense: int = 0
     in_dense_offset: int = 0
+    param_base: int = 0
+    loop_back: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -319,7 +321,9 @@ class TileConfig:
         words being the input map (ADD, CONCAT: :meth:`_validate_two_operands`), ``n_out = N_g * lanes`` for the
         channel-preserving ops (:attr:`computed_words`; channel groups of MAX, LANE and ADD only, inside the
         pixel), section 4.1's band of output pixels (:meth:`_validate_band`) and
-        ``n_pix * pass_per_pixel <= n_pass`` (section 4.4); the destination tile exists; ``clamp_lo <= clamp_hi``.
+        ``n_pix * pass_per_pixel <= n_pass`` (section 4.4); the destination tile exists; ``clamp_lo <= clamp_hi``;
+        the parameter rows ``[param_base, param_base + n_out)`` inside the table (section 4.6; the rules between
+        the contexts of one tile are :meth:`flowtile.program.Program.validate`'s).
         The forward queue (:meth:`_validate_queue`): present iff needed, inside the SRAM, apart from banks and weights.
         Registers an op does not read (e.g. ``add_mult_a`` of a MAC tile) are only checked against their width.
         Nothing bounds the result words: they stream out through the PE's result ring (section 4)."""
@@ -346,6 +350,9 @@ class TileConfig:
             raise ConfigError(f"config register n_out = {n_out} requires n_in_words > 0")
         if n_out > arch.max_tile_outputs:
             raise ConfigError(f"config register n_out = {n_out} exceeds max_tile_outputs = {arch.max_tile_outputs}")
+        if self.param_base + n_out > arch.max_tile_outputs:
+            raise ConfigError(f"config registers param_base + n_out = {self.param_base} + {n_out} exceed "
+                              f"max_tile_outputs = {arch.max_tile_outputs} (the parameter table's rows; section 4.6)")
         activation_end = self.act_base + ACTIVATION_BANKS * self.stored_words
         if activation_end > arch.sram_words:
             raise ConfigError(f"config registers act_base + {ACTIVATION_BANKS} * ({self.stored_formula}) = "
@@ -480,6 +487,16 @@ class TileConfig:
                 raise ConfigError(f"config registers queue_base = {base}, queue_words = {words}: the forward queue "
                                   f"[{base}, {base + words}) overlaps [{register}, {register} + {what}) = "
                                   f"[{begin}, {begin + size}) (section 4)")
+
+    def sram_regions(self) -> list[tuple[str, int, int]]:
+        """The SRAM regions the registers claim, as ``(what, begin, end)``: the weights, the two activation banks and
+        the forward queue (empty ones left out); the contexts of one tile must keep theirs apart (section 4.6)."""
+        regions = [("weights [w_base, w_base + weight words)", self.w_base, self.w_base + self.weight_words),
+                   (f"activation banks [act_base, act_base + {ACTIVATION_BANKS} * stored words)", self.act_base,
+                    self.act_base + ACTIVATION_BANKS * self.stored_words),
+                   ("forward queue [queue_base, queue_base + queue_words)", self.queue_base,
+                    self.queue_base + self.queue_words)]
+        return [(what, begin, end) for what, begin, end in regions if end > begin]
 
     def _validate_band(self) -> None:
         """Section 4.1: a computing tile's output pixels are ``out_rows`` rows from ``out_row_begin``, the first
