@@ -20,7 +20,7 @@ from .onnx_import import import_onnx, layer_sources
 from .partition import TileSlice, band_input_rows, link_cycles, place_layers, queue_shortfall_cycles, words
 
 __all__ = ["compile_model", "build_program", "report", "output_words", "StreamPlan", "plan_streams", "estimated_interval",
-           "tile_estimate",
+           "tile_estimate", "tile_program_estimate", "merge_contexts",
            "chip_macs", "replicate_layers"]
 
 
@@ -300,12 +300,12 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
     return _tile(arch, position, config, sram, params)
 
 
-def _layer_info(layer: LoweredLayer, tiles: tuple) -> LayerInfo:
+def _layer_info(layer: LoweredLayer, tiles: tuple, contexts: tuple = ()) -> LayerInfo:
     """Report-only sizes: input and output elements and the useful MACs (a MaxPool has none; a Conv has
     ``C*KH*KW / groups`` per output element, a lane layer (depthwise Conv, average pools) ``KH*KW``, border positions
     included)."""
     if layer.window is None:
-        return LayerInfo(layer.name, layer.op, layer.n_in, layer.n_out, tiles, layer.relu)
+        return LayerInfo(layer.name, layer.op, layer.n_in, layer.n_out, tiles, layer.relu, contexts=contexts)
     w = layer.window
     outputs = layer.n_out * w.out_height * w.out_width
     if layer.is_pool or layer.is_join:
@@ -314,7 +314,7 @@ def _layer_info(layer: LoweredLayer, tiles: tuple) -> LayerInfo:
         macs = outputs * w.kernel_h * w.kernel_w
     else:
         macs = outputs * (w.channels // layer.groups) * w.kernel_h * w.kernel_w
-    return LayerInfo(layer.name, layer.op, w.channels * w.height * w.width, outputs, tiles, layer.relu, macs)
+    return LayerInfo(layer.name, layer.op, w.channels * w.height * w.width, outputs, tiles, layer.relu, macs, contexts)
 
 
 def output_words(layer: LoweredLayer, lanes: int) -> int:
@@ -399,28 +399,34 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     fronts = ([(plan.store[0], plan.forward[0] if plan.forward[1] > plan.forward[0] else plan.n_words)
                for plan in plans] if arch.chips == 1 else None)
     placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words, stream_tensors, fronts)
-    tiles: list[TileProgram | None] = [None] * arch.system_tiles
+    contexts: dict[int, list[TileProgram]] = {}   # per position, the tiles of its contexts in turn order
     infos: list[LayerInfo] = []
-    for layer, slices, plan, positions in zip(layers, placement.splits, plans, placement.positions(arch)):
-        for position, part in zip(positions, slices):
-            tiles[position] = _compute_tile(arch, position, layer, part, plan)
-        if len({position // arch.n_tiles for position in positions}) == 1:
+    for layer, slices, plan, places in zip(layers, placement.splits, plans, placement.places(arch)):
+        layer_tiles = [_compute_tile(arch, position, layer, part, plan) for (position, _), part in zip(places, slices)]
+        if len({position // arch.n_tiles for position, _ in places}) == 1:
             # a layer cut by a chip boundary keeps whole streams: a link carries what the placement counted
-            for position, config in zip(positions, forward_only_what_follows([tiles[p].config for p in positions],
-                                                                              plan)):
-                tiles[position].config = config
-        infos.append(_layer_info(layer, tuple(_tile_place(arch, p) for p in positions)))
+            for tile, config in zip(layer_tiles, forward_only_what_follows([tile.config for tile in layer_tiles], plan)):
+                tile.config = config
+        for (position, context), tile in zip(places, layer_tiles):
+            contexts.setdefault(position, []).append(tile)
+            assert len(contexts[position]) == context + 1
+        infos.append(_layer_info(layer, tuple(_tile_place(arch, position) for position, _ in places),
+                                 tuple(context for _, context in places)))
+    tiles: list[TileProgram | None] = [None] * arch.system_tiles
+    for position, parts in contexts.items():
+        tiles[position] = parts[0] if len(parts) == 1 else merge_contexts(arch, parts)
     for position in range(arch.system_tiles):
         if tiles[position] is None:  # pass on what the tile before emits (the host input at position 0)
-            n_pass = tiles[position - 1].config.output_flits(arch.lanes) if position else replicas * in_words
+            n_pass = tiles[position - 1].output_config.output_flits(arch.lanes) if position else replicas * in_words
             tiles[position] = _pass_tile(arch, position, n_pass)
     _check_routes(tiles, arch)
-    # every tile's forward queue: all the SRAM its weights and banks leave free (partition reserves some)
+    # every tile's forward queue: all the SRAM its weights and banks leave free (partition reserves some); a tile of
+    # several contexts got its queues from merge_contexts
     for tile in tiles:
-        if tile.config.queued_words:
+        if tile.config.queued_words and not tile.later_contexts:
             tile.config = tile.config.with_queue(arch)
     # link k leaves chip k's exit tile; a ring's last link (chips - 1) carries the last chip's output to the host
-    links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].config.output_flits(arch.lanes), segments)
+    links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].output_config.output_flits(arch.lanes), segments)
              for chip, segments in zip(range(link_count(arch)), placement.link_segments)]
     assert tuple(link.inference_flits for link in links) == placement.link_words
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
@@ -433,13 +439,52 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     return program
 
 
+def merge_contexts(arch: Arch, parts: list[TileProgram]) -> TileProgram:
+    """One tile running ``parts`` (tiles as emitted for one position each, in chain order) in turn as its contexts
+    (docs/architecture.md section 4.6). Each part's data (weights from its word 0, then its two activation banks) moves
+    behind the previous part's, its parameter rows behind the previous part's rows (``param_base``); every context
+    but the last sends into the loop-back FIFO (``loop_back = 1``, destination registers 0); contexts after the
+    first get a forward queue of exactly what they forward and pass per inference (what keeps the loop-back from
+    deadlocking), behind all the data, and context 0 every SRAM word left. CompileError if they do not fit."""
+    lanes = arch.lanes
+    configs, offset, rows = [], 0, 0
+    images, tables = [], []
+    for index, part in enumerate(parts):
+        c = part.config
+        assert c.w_base == 0 and c.n_out and not c.queue_words, "merge_contexts takes tiles as emitted"
+        last = index == len(parts) - 1
+        moved = c.replace(w_base=offset, act_base=c.act_base + offset, param_base=rows, loop_back=int(not last),
+                          **({} if last else {"dest_row": 0, "dest_col": 0, "dest_host": 0}))
+        configs.append(moved)
+        images.append((offset, part.sram))
+        tables.append(part.params)
+        offset += c.data_end
+        rows += c.n_out
+    for index in range(1, len(configs)):
+        queued = configs[index].queued_words
+        configs[index] = configs[index].replace(queue_base=offset if queued else 0, queue_words=queued)
+        offset += queued
+    if offset > arch.sram_words or (configs[0].queued_words and offset >= arch.sram_words):
+        raise CompileError(f"tile {parts[0].key}: its {len(parts)} contexts need {offset} SRAM words and a forward "
+                           f"queue, the tile has {arch.sram_words} (arch field 'sram_bytes' = {arch.sram_bytes})")
+    if configs[0].queued_words:
+        configs[0] = configs[0].replace(queue_base=offset, queue_words=arch.sram_words - offset)
+    end = max(base + image.shape[0] for base, image in images)
+    sram = np.zeros((end, lanes), np.int8)
+    for base, image in images:
+        sram[base:base + image.shape[0]] = image
+    first = parts[0]
+    return TileProgram(first.row, first.col, configs[0], sram, np.concatenate(tables), chip=first.chip,
+                       later_contexts=tuple(configs[1:]))
+
+
 def _check_routes(tiles: list[TileProgram], arch: Arch) -> None:
     """Every stream is one hop between chain neighbours of a chip, or into its exit port (section 1): the last
     chip's to the host, the others' into their link, addressed to tile (0, 0) of the next chip (the first tile of
     its chain, where the link delivers). So each mesh link carries exactly one stream and no router output is
     contended: what makes section 6's timing exact."""
     for position, tile in enumerate(tiles):
-        c = tile.config
+        c = tile.output_config
         chip, within = divmod(position, arch.n_tiles)
         if within == arch.n_tiles - 1:
             assert c.dest_host, f"tile {tile.key} ends chip {chip}'s chain but does not send to its exit port"
@@ -539,10 +584,17 @@ def tile_estimate(config: TileConfig, lanes: int) -> int:
     return max(period, config.compute_cycles + queue_shortfall_cycles(config.queued_words, config.queue_words))
 
 
+def tile_program_estimate(tile: TileProgram, lanes: int) -> int:
+    """A tile's estimated cycles per inference: :func:`tile_estimate` summed over its contexts, which each side
+    serves in turn (docs/architecture.md section 4.6)."""
+    return sum(tile_estimate(config, lanes) for config in tile.contexts)
+
+
 def estimated_interval(program: Program) -> int:
-    """The slowest stage's cycles per (program) inference alone: a tile's (:func:`tile_estimate`) or, on several
-    chips, a link's (:func:`compiler.partition.link_cycles` of the flits it carries; a ring's return link too)."""
-    return max([tile_estimate(tile.config, program.arch.lanes) for tile in program.tiles]
+    """The slowest stage's cycles per (program) inference alone: a tile's (:func:`tile_program_estimate`) or, on
+    several chips, a link's (:func:`compiler.partition.link_cycles` of the flits it carries; a ring's return link
+    too)."""
+    return max([tile_program_estimate(tile, program.arch.lanes) for tile in program.tiles]
                + [link_cycles(program.arch, link.inference_flits, link.segments) for link in program.links])
 
 
@@ -559,11 +611,11 @@ def report(program: Program) -> str:
         return tuple(tile) if len(tile) == 3 else (0, *tile)
 
     def cycles(tile: TileProgram) -> int:
-        return tile_estimate(tile.config, arch.lanes)
+        return tile_program_estimate(tile, arch.lanes)
 
     def sram_used(tile: TileProgram) -> int:
-        c = tile.config
-        return (c.weight_words + (ACTIVATION_BANKS * c.stored_words if c.n_out else 0)) * arch.lanes
+        return sum((c.weight_words + (ACTIVATION_BANKS * c.stored_words if c.n_out else 0)) * arch.lanes
+                   for c in tile.contexts)
 
     rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "est. util",
              "SRAM bytes used/avail")]
@@ -579,13 +631,14 @@ def report(program: Program) -> str:
         slowest = (link_stages[busiest], link_name(arch, busiest))
     interval = slowest[0]
     for layer in program.layers:
-        tiles = [by_position[place(t)] for t in layer.tiles]
+        tiles = list({place(t): by_position[place(t)] for t in layer.tiles}.values())   # a tile once
         span = f"{len(tiles)} ({position_of[place(layer.tiles[0])]}..{position_of[place(layer.tiles[-1])]})"
         # steady state: the layer's MACs over its tiles' lanes for one interval of the slowest stage
         utilization = layer.macs / (interval * len(tiles) * arch.lanes)
         rows.append((layer.name, layer.op + ("+Relu" if layer.relu else ""), f"{layer.n_in} -> {layer.n_out}",
                      str(layer.macs), span, str(max(cycles(t) for t in tiles)), f"{100 * utilization:.1f}%",
                      f"{sum(sram_used(t) for t in tiles)}/{len(tiles) * arch.sram_bytes}"))
+    shared = [t for t in program.tiles if t.later_contexts]
     if passing:
         rows.append(("(pass-through)", "-", "-", "0", str(len(passing)), str(max(cycles(t) for t in passing)), "0.0%",
                      f"0/{len(passing) * arch.sram_bytes}"))
@@ -620,6 +673,10 @@ def report(program: Program) -> str:
         lines.append(f"host: the model's last op, a Softmax over axis {output.post_axis} (output "
                      f"'{output.post_name}'), runs on the host in float after the chip's last layer{quantized}; the "
                      f"chip outputs its input '{output.name}' (int8, compared with onnxruntime's)")
+    if shared:
+        lines.append(f"{len(shared)} tile(s) run several layers in turn (contexts, docs/architecture.md section 4.6; "
+                     f"arch field 'tile_contexts' = {arch.tile_contexts}): "
+                     + ", ".join(f"{t.key} {len(t.contexts)}" for t in shared[:8]) + (", ..." if len(shared) > 8 else ""))
     # a pass-through tile computes nothing, so streaming through its queue never holds anything up
     short = [t for t in program.tiles if t.config.n_out and t.config.queued_words > t.config.queue_words]
     if short:
@@ -647,7 +704,7 @@ def chip_macs(program: Program) -> list[int]:
     macs = [0.0] * arch.chips
     for layer in program.layers:
         tiles = [by_place[tuple(t) if len(t) == 3 else (0, *t)] for t in layer.tiles]
-        issue = [t.config.compute_issue_cycles for t in tiles]
+        issue = [t.contexts[layer.context_of(i)].compute_issue_cycles for i, t in enumerate(tiles)]
         for tile, cycles in zip(tiles, issue):
             macs[tile.chip] += layer.macs * (cycles / sum(issue) if sum(issue) else 1 / len(tiles))
     return [round(m) for m in macs]
@@ -664,9 +721,9 @@ def _chip_report(program: Program, interval: int, link_stages: list[int], slowes
         tiles = program.tiles[chip * arch.n_tiles:(chip + 1) * arch.n_tiles]
         computing = sum(1 for t in tiles if t.config.n_out)
         rows.append((str(chip), f"{computing}/{arch.n_tiles}", str(macs[chip]),
-                     str(max(t.config.tile_period_cycles(lanes) for t in tiles)),
+                     str(max(sum(c.tile_period_cycles(lanes) for c in t.contexts) for t in tiles)),
                      f"{100 * macs[chip] / (interval * arch.n_tiles * lanes):.1f}%",
-                     str(tiles[-1].config.output_flits(lanes))))
+                     str(tiles[-1].output_config.output_flits(lanes))))
     lines = [""] + _table(rows)
     rows = [("link", "flits/inf", "frames/inf", "link cycles/inf", "est. util", "bytes carried/sent")]
     for k, (link, stage) in enumerate(zip(program.links, link_stages)):

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from flowtile.arch import ACTIVATION_BANKS, Arch
 from flowtile.link_format import LaneSegment, LinkGeometry, lane_segments_of_tensors
@@ -608,19 +608,34 @@ class Placement:
     starts: tuple[int, ...] = (0,)
     link_words: tuple[int, ...] = ()
     link_segments: tuple[tuple[LaneSegment, ...], ...] = ()
+    #: consecutive slices that share a tile as its contexts (docs/architecture.md section 4.6): the sizes of the runs,
+    #: over all slices in chain order (a run never spans two chips); empty: every slice a tile of its own
+    groups: tuple[int, ...] = ()
 
-    def positions(self, arch: Arch) -> list[list[int]]:
-        """System chain position of every slice, per layer."""
-        bounds = list(self.starts) + [sum(len(s) for s in self.splits)]
-        chip_of = []
-        for chip in range(len(self.starts)):
-            chip_of += [chip] * (bounds[chip + 1] - bounds[chip])
+    def places(self, arch: Arch) -> list[list[tuple[int, int]]]:
+        """``(system chain position, context)`` of every slice, per layer."""
+        total = sum(len(s) for s in self.splits)
+        groups = self.groups or (1,) * total
+        bounds = list(self.starts) + [total]
+        flat, index, chip = [], 0, 0
+        position = 0
+        for size in groups:
+            while chip + 1 < len(self.starts) and index >= bounds[chip + 1]:
+                chip += 1
+                position = chip * arch.n_tiles
+            assert index + size <= bounds[chip + 1], "a group of contexts spans two chips"
+            flat += [(position, context) for context in range(size)]
+            index += size
+            position += 1
         result, index = [], 0
         for slices in self.splits:
-            result.append([chip_of[i] * arch.n_tiles + i - self.starts[chip_of[i]]
-                           for i in range(index, index + len(slices))])
+            result.append(flat[index:index + len(slices)])
             index += len(slices)
         return result
+
+    def positions(self, arch: Arch) -> list[list[int]]:
+        """System chain position of every slice, per layer (slices sharing a tile as contexts share it)."""
+        return [[position for position, _ in layer] for layer in self.places(arch)]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -674,22 +689,74 @@ def _cut_streams(splits: list[list[TileSlice]], streams: Sequence[tuple], costs,
     return cut
 
 
-def _cut_chips(cut_cycles: list[int], arch: Arch, limit: float) -> tuple[int, ...] | None:
+def _cut_chips(cut_cycles: list[int], arch: Arch, limit: float,
+               reach: Callable[[int], int] | None = None) -> tuple[int, ...] | None:
     """Where each chip starts (:attr:`Placement.starts`) so that every link takes <= ``limit`` cycles per inference,
     or None. Each chip takes the most slices it can, up to the last cut within the limit: a chip that starts later
     can finish no fewer slices (the cut it starts at is itself one it may end at), so the greedy fits whenever any
-    placement of these slices does."""
+    placement of these slices does. ``reach(begin)``: one past the last slice a chip starting at slice ``begin``
+    holds (default ``begin + n_tiles``; with contexts, :func:`_reach`)."""
     total, n = len(cut_cycles) - 1, arch.n_tiles
+    reach = reach or (lambda begin: begin + n)
     starts = [0]
     for _ in range(arch.chips - 1):
         begin = starts[-1]
-        end = min(begin + n, total)
+        end = min(reach(begin), total)
         while end >= begin and cut_cycles[end] > limit:
             end -= 1
         if end < begin:
             return None
         starts.append(end)
-    return tuple(starts) if total - starts[-1] <= n else None
+    return tuple(starts) if reach(starts[-1]) >= total else None
+
+
+def _slice_needs(s: TileSlice, costs: WindowCosts | None, carried: int, arch: Arch) -> tuple[int, int]:
+    """``(SRAM words, parameter rows)`` a slice needs as one context of a tile (section 4.6): its weights, its two
+    activation banks and a forward queue of every word it forwards and passes per inference (a context then never
+    waits on its queue, and a later context must have that much, else the loop-back FIFO could deadlock)."""
+    if costs is not None:
+        data = arch.sram_words - s.queue_words if s.queue_words is not None else None
+        if data is None:
+            grouped = costs.channel_words and s.n_out != costs.n_out
+            weights = costs.group_weights(s.n_out, arch.lanes) if grouped else costs.weight_words
+            data = weights + ACTIVATION_BANKS * costs.stored_words(s.pixel_begin, s.pixels)
+        queued = costs.forwarded(s.forward, s.pixel_begin) + s.n_pass
+    else:
+        k = s.n_in_words
+        data = s.n_out * k + ACTIVATION_BANKS * k
+        queued = (k + carried if s.forward else carried) + s.n_pass
+    return data + queued, s.n_out
+
+
+def _group_totals(needs: Sequence[tuple[int, int, int]], arch: Arch, budget: float) -> list[tuple[int, int, int]]:
+    """:func:`group_contexts`' runs as their summed ``(cycles, SRAM words, parameter rows)``."""
+    totals, index = [], 0
+    for size in group_contexts(needs, arch, budget):
+        run = needs[index:index + size]
+        totals.append(tuple(sum(values) for values in zip(*run)))
+        index += size
+    return totals
+
+
+def group_contexts(needs: Sequence[tuple[int, int, int]], arch: Arch, budget: float) -> list[int]:
+    """Runs of consecutive slices that share a tile as its contexts (section 4.6), greedily: a run takes the next
+    slice while it has fewer than ``tile_contexts`` slices and their summed cycles (the sides serve the contexts in
+    turn), SRAM words and parameter rows stay within ``budget``, ``sram_words`` and ``max_tile_outputs``. ``needs``:
+    per slice ``(cycles, SRAM words, parameter rows)``. Greedy runs are as few as any: every constraint is a sum
+    over the run, so a run that takes a slice never forces more runs later."""
+    sizes: list[int] = []
+    run = None
+    for cycles, sram, rows in needs:
+        if (run is not None and run[0] < arch.tile_contexts and run[1] + cycles <= budget
+                and run[2] + sram <= arch.sram_words and run[3] + rows <= arch.max_tile_outputs):
+            run = [run[0] + 1, run[1] + cycles, run[2] + sram, run[3] + rows]
+        else:
+            if run is not None:
+                sizes.append(run[0])
+            run = [1, cycles, sram, rows]
+    if run is not None:
+        sizes.append(run[0])
+    return sizes
 
 
 def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None,
@@ -733,11 +800,12 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     if stream_fronts is not None:  # the bands' tiles receive the stream from their first stored word on
         costs = [dataclasses.replace(c, stream_front=front, stream_keep=keep) if c is not None and not c.join else c
                  for c, (front, keep) in zip(costs, stream_fronts)]
-    if len(layers) > n_tiles:
+    if len(layers) > n_tiles * arch.tile_contexts:
         total = sum((c.weight_words if c else layer.n_out * k) * lanes for layer, k, c in zip(layers, ks, costs))
+        holds = (f"every layer needs at least one" if arch.tile_contexts == 1 else
+                 f"a tile holds at most {arch.tile_contexts} layers (arch field 'tile_contexts')")
         raise CompileError(f"the model has {len(layers)} layers but {grid} {'has' if arch.chips == 1 else 'have'} "
-                           f"{n_tiles} tiles, and every layer "
-                           f"needs at least one; its weights need {total} bytes, the "
+                           f"{n_tiles} tiles, and {holds}; its weights need {total} bytes, the "
                            f"{'grid has' if arch.chips == 1 else 'chips have'} {n_tiles * arch.sram_bytes} bytes "
                            f"of SRAM")
     for layer, k, c in zip(layers, ks, costs):
@@ -765,17 +833,44 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             return [0] * (sum(len(s) for s in found) + 1)
         return [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
 
-    def placement(found: list[list[TileSlice]], limit: float) -> Placement | None:
+    contexts = arch.tile_contexts > 1
+
+    def needs_of(found: list[list[TileSlice]]) -> list[tuple[int, int, int]]:
+        """Per slice in chain order: (cycles, SRAM words, parameter rows) as a context (section 4.6)."""
+        return [(_slice_cycles(s, lanes, costs[i], carried[i]), *_slice_needs(s, costs[i], carried[i], arch))
+                for i, slices in enumerate(found) for s in slices]
+
+    def tiles_needed(found: list[list[TileSlice]], budget: float) -> int:
+        """Tiles the slices take on one chain: one each, or with contexts their greedy runs within ``budget``."""
+        if not contexts:
+            return sum(len(s) for s in found)
+        return len(group_contexts(needs_of(found), arch, budget))
+
+    def placement(found: list[list[TileSlice]], limit: float, budget: float = float("inf")) -> Placement | None:
+        """The slices cut into the chips (links within ``limit``); with contexts, their runs within the tile
+        ``budget`` (each chip's slices grouped from its first)."""
         cycles = cut_cycles(found)
-        starts = _cut_chips(cycles, arch, limit)
+        reach = None
+        if contexts:
+            needs = needs_of(found)
+
+            def reach(begin: int) -> int:
+                sizes = group_contexts(needs[begin:], arch, budget)
+                return begin + sum(sizes[:arch.n_tiles])
+        starts = _cut_chips(cycles, arch, limit, reach)
         if starts is None:
             return None
+        groups = ()
+        if contexts:
+            bounds = list(starts) + [len(needs)]
+            groups = tuple(size for chip in range(len(starts))
+                           for size in group_contexts(needs[bounds[chip]:bounds[chip + 1]], arch, budget))
         if arch.chips == 1:
-            return Placement(found)
+            return Placement(found, groups=groups)
         cut = cut_tables(found)
         # a ring's return link carries the output stream (the last cut) from the last chip to the host at chip 0
         ends = list(starts[1:]) + ([len(cut) - 1] if arch.chip_topology == "ring" else [])
-        return Placement(found, starts, tuple(cut[s][0] for s in ends), tuple(cut[s][1] for s in ends))
+        return Placement(found, starts, tuple(cut[s][0] for s in ends), tuple(cut[s][1] for s in ends), groups)
 
     def balance(deep: bool) -> Placement | None:
         """The balanced placement; ``deep``: with deep queues (:func:`_split_window`), None if they do not fit."""
@@ -788,7 +883,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         splits = [split(i, unlimited, unlimited) for i in range(len(layers))]
         if deep and any(s is None for s in splits):
             return None
-        if sum(len(s) for s in splits) > n_tiles:
+        if tiles_needed(splits, unlimited) > n_tiles:
             if deep:
                 return None
             windowed = [i for i in range(len(layers)) if costs[i] is not None]
@@ -811,12 +906,16 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 if layer_split is None:
                     return None
                 found.append(layer_split)
-                if sum(len(s) for s in found) > n_tiles:
+                if sum(len(s) for s in found) > n_tiles * arch.tile_contexts:
                     return None
-            return placement(found, budget if link_limit is None else link_limit)
+            if tiles_needed(found, budget) > n_tiles:
+                return None
+            return placement(found, budget if link_limit is None else link_limit, budget)
 
         lo, hi = 0, max(max(_slowest(s, lanes, c, extra) for s, c, extra in zip(splits, costs, carried)), max(cut_cycles(splits)))
-        balanced = within(hi) or placement(splits, unlimited)  # infeasible at lo, feasible at hi
+        if contexts:  # the runs of contexts at the unlimited split's budget take their summed cycles
+            hi = max(hi, max(group_cycles for group_cycles, _, _ in _group_totals(needs_of(splits), arch, unlimited)))
+        balanced = within(hi) or placement(splits, unlimited, unlimited)  # infeasible at lo, feasible at hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
             found = within(mid)
@@ -824,6 +923,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 lo = mid
             else:
                 hi, balanced = mid, found
+        budget = hi
         if arch.chips > 1:
             # where a link binds, the chips hold the slices of a lower tile budget too (the spare tiles are left to pass
             # through otherwise): re-split at the lowest tile budget whose cuts keep every link within the interval.
@@ -837,24 +937,32 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                     lo = mid
                 else:
                     hi, balanced = mid, found
+            budget = hi
         if arch.chips > 1:  # the same slices, cut where the links carry least
             cycles = cut_cycles(balanced.splits)
             lo, hi = -1, max(cycles[s] for s in balanced.starts[1:])
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if _cut_chips(cycles, arch, mid) is None:
+                if placement(balanced.splits, mid, budget) is None:
                     lo = mid
                 else:
                     hi = mid
-            balanced = placement(balanced.splits, hi)
+            balanced = placement(balanced.splits, hi, budget)
         return balanced
 
     def shortfall(found: Placement) -> int:
         return max(_slice_shortfall(sl, c, lanes) for s, c in zip(found.splits, costs) for sl in s)
 
     def estimate(found: Placement) -> int:
-        """The slowest slice, plus the largest queue shortfall (which holds the tiles before it back)."""
-        return max(_slowest(s, lanes, c, extra) for s, c, extra in zip(found.splits, costs, carried)) + shortfall(found)
+        """The slowest slice (with contexts: the slowest tile, its contexts' summed cycles), plus the largest queue
+        shortfall (which holds the tiles before it back)."""
+        slowest = max(_slowest(s, lanes, c, extra) for s, c, extra in zip(found.splits, costs, carried))
+        if found.groups:
+            needs, index = needs_of(found.splits), 0
+            for size in found.groups:
+                slowest = max(slowest, sum(cycles for cycles, _, _ in needs[index:index + size]))
+                index += size
+        return slowest + shortfall(found)
 
     # deep queues cost tiles (smaller bands) but avoid stalls: keep them unless the shallow placement's estimate,
     # charged with its largest queue shortfall (which holds the tiles before it back), is faster

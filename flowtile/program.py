@@ -284,10 +284,17 @@ class LayerInfo:
     relu: bool = False
     #: The layer's multiply-accumulates per inference, padding excluded; None: dense, ``n_in * n_out``.
     mac_count: int | None = None
+    #: the context of each of ``tiles`` that computes the layer (section 4.6); empty: context 0 of each
+    contexts: tuple[int, ...] = ()
+
+    def context_of(self, index: int) -> int:
+        """The context of ``tiles[index]`` that computes this layer."""
+        return self.contexts[index] if self.contexts else 0
 
     def __post_init__(self):
         if self.mac_count is None:
             object.__setattr__(self, "mac_count", self.n_in * self.n_out)
+        object.__setattr__(self, "contexts", tuple(self.contexts) if any(self.contexts) else ())
 
     @property
     def macs(self) -> int:
@@ -295,13 +302,14 @@ class LayerInfo:
 
     def to_dict(self):
         return {"name": self.name, "op": self.op, "n_in": self.n_in, "n_out": self.n_out,
-                "tiles": [list(t) for t in self.tiles], "relu": self.relu, "macs": self.macs}
+                "tiles": [list(t) for t in self.tiles], "relu": self.relu, "macs": self.macs,
+                **({"contexts": list(self.contexts)} if any(self.contexts) else {})}
 
     @classmethod
     def from_dict(cls, d):
         return cls(d["name"], d["op"], int(d["n_in"]), int(d["n_out"]),
                    tuple(tuple(int(v) for v in t) for t in d["tiles"]), bool(d.get("relu", False)),
-                   int(d["macs"]) if "macs" in d else None)
+                   int(d["macs"]) if "macs" in d else None, tuple(int(c) for c in d.get("contexts", ())))
 
 
 @dataclass
@@ -335,6 +343,11 @@ class TileProgram:
     def contexts(self) -> tuple[TileConfig, ...]:
         """Every context's registers in turn order: ``config`` (context 0), then ``later_contexts``."""
         return (self.config, *self.later_contexts)
+
+    @property
+    def output_config(self) -> TileConfig:
+        """The registers of the context whose output stream is the tile's: the last (section 4.6)."""
+        return self.later_contexts[-1] if self.later_contexts else self.config
 
     @property
     def key(self) -> str:
@@ -479,7 +492,8 @@ class Program:
             _check_parameters(tile)
         for chip, link in enumerate(self.links):
             exit_tile = self.tiles[(chip + 1) * arch.n_tiles - 1]
-            emitted = exit_tile.config.output_flits(arch.lanes)
+            exit_config = exit_tile.output_config
+            emitted = exit_config.output_flits(arch.lanes)
             name = link_name(arch, chip)
             to_host = chip == arch.chips - 1     # a ring's return link: its receiver feeds the host output
             if not isinstance(link.inference_flits, int) or link.inference_flits != emitted:
@@ -489,10 +503,10 @@ class Program:
                 check_lane_table(link.segments, link.inference_flits, arch.lanes, owner=f"link {chip} lane table")
             except ValueError as error:
                 raise ProgramError(str(error)) from None
-            if not exit_tile.config.dest_host:
+            if not exit_config.dest_host:
                 raise ProgramError(f"link {chip}: exit tile {exit_tile.key} of chip {chip} does not send to the host "
                                    f"port (dest_host = 0), so nothing would cross the link")
-            destination = (exit_tile.config.dest_row, exit_tile.config.dest_col)
+            destination = (exit_config.dest_row, exit_config.dest_col)
             if destination != (0, 0) and not to_host:
                 raise ProgramError(f"link {chip}: exit tile {exit_tile.key} of chip {chip} sends to tile "
                                    f"({destination[0]},{destination[1]}) of chip {chip + 1}, but a link carries only "
