@@ -112,7 +112,9 @@ def cap_queues(program, cap: int | None):
     if cap is not None:
         for tile in program.tiles:
             if tile.config.queue_words > cap:
-                tile.config = tile.config.with_queue(program.arch, cap)
+                # a tile of several contexts keeps its regions (section 4.6): context 0's queue just gets shorter
+                tile.config = (tile.config.replace(queue_words=cap) if tile.later_contexts
+                               else tile.config.with_queue(program.arch, cap))
         program.validate()
     return program
 

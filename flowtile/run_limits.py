@@ -35,12 +35,12 @@ def cycle_budget(program: Program, batch: int) -> int:
     hop_cycles = arch.router_fifo_depth + 2
     per_inference = 0
     for tile in program.tiles:
-        config = tile.config
-        # input transfers, output transfers (forwarded and passed words leave through the forward queue) and EMITs
-        transfers = (config.n_in_words + 2 * config.n_pass + config.forwarded_words
-                     + config.result_words(arch.lanes))
-        compute = config.compute_cycles + 1 if config.n_out else 0
-        per_inference += transfers * hop_cycles + compute
+        for config in tile.contexts:   # a tile's contexts (section 4.6) one after another, each like a tile
+            # input transfers, output transfers (forwarded and passed words leave through the forward queue) and EMITs
+            transfers = (config.n_in_words + 2 * config.n_pass + config.forwarded_words
+                         + config.result_words(arch.lanes))
+            compute = config.compute_cycles + 1 if config.n_out else 0
+            per_inference += transfers * hop_cycles + compute
     host = (program.input_words + program.output_words) * hop_cycles
     # a link (section 12) per inference: its frames one after another, each a whole round trip (frame, wire both
     # ways, a return message period and its delay) as if nothing overlapped
