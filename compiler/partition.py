@@ -547,8 +547,10 @@ def _check_one_tile_fits(layer: _Layer, k: int, arch: Arch) -> None:
         f"and {arch.max_tile_outputs} parameter entries (arch field 'max_tile_outputs')")
 
 
-def _does_not_fit(layers: Sequence[_Layer], ks: list[int], counts: list[int], arch: Arch, grid: str) -> CompileError:
-    """The error for a model whose layers need more tiles than the grid has, naming the largest layer."""
+def _does_not_fit(layers: Sequence[_Layer], ks: list[int], counts: list[int], arch: Arch, grid: str,
+                  packed: int | None = None) -> CompileError:
+    """The error for a model whose layers need more tiles than the grid has, naming the largest layer (``packed``:
+    the tiles they need with several slices a tile, section 4.6)."""
     lanes = arch.lanes
     worst = max(range(len(layers)), key=lambda i: counts[i])
     layer, k = layers[worst], ks[worst]
@@ -557,8 +559,10 @@ def _does_not_fit(layers: Sequence[_Layer], ks: list[int], counts: list[int], ar
     split_note = (f" ({per_tile // lanes * lanes} in a tile that is not the layer's last: those hold whole "
                   f"{lanes}-lane flits)" if per_tile % lanes and layer.n_out > per_tile else "")
     total = sum(l.n_out * kk * lanes for l, kk in zip(layers, ks))
+    needed = (f"{sum(counts)} tiles" if packed is None else
+              f"{packed} tiles with up to {arch.tile_contexts} slices a tile (arch field 'tile_contexts')")
     return CompileError(
-        f"model does not fit {grid}: its layers need {sum(counts)} tiles, there are {_tiles_there(arch)}; "
+        f"model does not fit {grid}: its layers need {needed}, there are {_tiles_there(arch)}; "
         f"{_describe(layer)} alone needs {counts[worst]}: its weights need {layer.n_out * k * lanes} bytes "
         f"(rows padded to {k} words of {lanes} bytes) and each of its tiles also buffers the {k * lanes}-byte "
         f"input twice (two banks), so a {arch.sram_bytes}-byte tile holds at most {per_tile} outputs ({limit}){split_note}; "
@@ -889,10 +893,14 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             windowed = [i for i in range(len(layers)) if costs[i] is not None]
             worst = max(range(len(layers)), key=lambda i: len(splits[i]))
             if costs[worst] is None or not windowed:
-                raise _does_not_fit(layers, ks, [len(s) for s in splits], arch, grid)
+                raise _does_not_fit(layers, ks, [len(s) for s in splits], arch, grid,
+                                    tiles_needed(splits, unlimited) if contexts else None)
             c = costs[worst]
+            needed = (f"{sum(len(s) for s in splits)} tiles" if not contexts else
+                      f"{tiles_needed(splits, unlimited)} tiles with up to {arch.tile_contexts} slices a tile (arch "
+                      f"field 'tile_contexts')")
             raise CompileError(
-                f"model does not fit {grid}: its layers need {sum(len(s) for s in splits)} tiles, there are "
+                f"model does not fit {grid}: its layers need {needed}, there are "
                 f"{_tiles_there(arch)}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a "
                 f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
                 f"bytes, or a channel group's) and two banks of the input rows its band of output pixels reads")
