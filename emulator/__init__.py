@@ -8,7 +8,8 @@ parameter tables; :mod:`.timing` computes the cycle of every transfer by solving
 recurrences of section 6: ``result.timing.pe_times[p]`` is the :class:`PETimes` (input-side transfers,
 COMPUTE starts, output-side transfers) of the PE at chain position ``p``, ``result.timing.word_starts[p]`` the
 first issue cycle of each of its result words (section 4, result ring), ``result.tile_timelines[p]`` its
-phase spans per side.
+phase spans per side. A tile of several contexts (docs/architecture.md section 4.6) has its contexts' actions in
+turn order on each side (``result.timing.context_times[p]``: per context).
 
 Several chips (``Arch.chips``): chain positions are system chain positions (all chips, in line order); the host
 feeds chip 0 and reads the last chip (in a ring, ``chip_topology = "ring"``, behind link ``chips - 1``, the return
@@ -116,7 +117,9 @@ class EmulatorResult:
     ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a :data:`PHASE_SPAN_DTYPE`
     array (iterates as ``(start, end, phase)``): all input-side spans (per inference RECV then PASS), then
     all COMPUTE spans, then all output-side spans (per inference FORWARD, then EMIT); an empty phase has no
-    span. FORWARD covers the ``Q_f + P_bulk`` forward-queue pops that lead an inference's output side and
+    span; a tile of several contexts (section 4.6) has per inference each context's spans in turn (RECV, PASS of
+    context 0, then of context 1, ...; COMPUTE of context 0, 1, ...; FORWARD, EMIT of context 0, then 1, ...).
+    ``tile_busy_cycles`` and ``tile_macs`` count every context. FORWARD covers the ``Q_f + P_bulk`` forward-queue pops that lead an inference's output side and
     EMIT the rest of its ``Q + E`` output transfers: with ``pass_per_pixel > 0`` (section 4.4) those are
     the per-pixel interleaved pops and EMITs, so an EMIT span then includes ``n_pix * pass_per_pixel``
     pops; with ``pass_per_pixel = 0`` FORWARD is all ``Q`` pops and EMIT the ``E`` EMITs. An input or
@@ -196,11 +199,17 @@ def _phase_spans(pe_times: PETimes, compute_ends: np.ndarray, count: TileCounts,
     output-side spans (per inference FORWARD, the ``Q_f + P_bulk`` leading queue pops, then EMIT, the
     remaining output transfers: with ``pass_per_pixel > 0`` the interleaved per-pixel pops and EMITs, section
     4.4); an empty phase has no span."""
-    blocks = [_side_spans(pe_times.input, [("RECV", count.n_in_words), ("PASS", count.n_pass)], batch)]
-    if count.n_out:
-        blocks.append([("COMPUTE", pe_times.compute, compute_ends)])
-    lead = count.n_bulk_pops
-    blocks.append(_side_spans(pe_times.output, [("FORWARD", lead), ("EMIT", count.flits_out - lead)], batch))
+    contexts = count.per_context      # section 4.6: a tile's contexts in turn, each side's spans in turn order
+    blocks = [_side_spans(pe_times.input, [phase for c in contexts
+                                           for phase in (("RECV", c.n_in_words), ("PASS", c.n_pass))], batch)]
+    computing = [index for index, c in enumerate(contexts) if c.n_out]
+    if computing:
+        width = len(contexts) if count.contexts else 1
+        blocks.append([("COMPUTE", pe_times.compute[index::width], compute_ends[index::width])
+                       for index in computing])
+    blocks.append(_side_spans(pe_times.output, [phase for c in contexts for phase in
+                                                (("FORWARD", c.n_bulk_pops), ("EMIT", c.flits_out - c.n_bulk_pops))],
+                              batch))
     pieces = []
     for columns in blocks:
         if not columns:
@@ -253,8 +262,8 @@ def emulate(program: Program, in_flits: np.ndarray, batch: int, *,
     macs = np.zeros((arch.chips, arch.rows, arch.cols), dtype=np.int64)
     for position, tile in enumerate(program.tiles):
         count = path.counts[position]
-        busy[tile.chip, tile.row, tile.col] = count.compute_cycles * batch
-        macs[tile.chip, tile.row, tile.col] = count.mac_issue_cycles * arch.lanes * batch
+        busy[tile.chip, tile.row, tile.col] = count.tile_compute_cycles * batch
+        macs[tile.chip, tile.row, tile.col] = count.tile_mac_issue_cycles * arch.lanes * batch
     if arch.chips == 1:
         busy, macs = busy[0], macs[0]
     return EmulatorResult(

@@ -24,6 +24,10 @@ never from the compiler's layer descriptions. Two parts:
   pools). ADD (section 4.2, residual joins) and CONCAT (section 4.3, channel concatenation) need no
   gather: each of their two operands is a contiguous slice of the stored words (at ``operand_a_offset``
   and ``operand_b_offset``, in either order).
+
+A tile of several contexts (section 4.6) runs its contexts in turn on the stream: context ``c`` reads context ``c -
+1``'s output stream, each with its own registers, weights and banks in the tile's one SRAM image and its parameter
+rows from ``param_base`` (:func:`context_program`); the last context's output is the tile's.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from flowtile.tile_config import TileConfig
 from .path import DataPath, EmulatorError, TileCounts, trace_data_path
 
 __all__ = ["FunctionalResult", "run_functional", "pe_results", "weight_memory", "racing_banks", "check_bank_races",
-           "window_pixels", "check_input_flits"]
+           "window_pixels", "check_input_flits", "context_program"]
 
 
 # --- arithmetic ---------------------------------------------------------------------------------
@@ -451,23 +455,37 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: Dat
     tile_out: list[np.ndarray | None] = [None] * arch.system_tiles
     with _single_threaded_blas():
         for step, position in enumerate(path.order):
-            tile, count = program.tiles[position], path.counts[position]
-            race_checked = False
-            if count.n_out and racing_banks(tile, count, batch):
-                if timing is None:
-                    raise EmulatorError(f"tile {tile.key}: its weights overlap an activation bank the input side may "
-                                        f"write during COMPUTE; run_functional needs the run's timing for it")
-                if callable(timing):
-                    timing = timing()
-                check_bank_races(tile, count, batch, timing.pe_times[position], position,
-                                 timing.compute_ends[position])
-                race_checked = True
-            stream = _pe_stream(tile, count, stream, arch, race_checked)
+            tile, counts = program.tiles[position], path.counts[position].per_context
+            # section 4.6: a tile's contexts in turn, each reading what the one before emits
+            for index, count in enumerate(counts):
+                context = context_program(tile, index)
+                race_checked = False
+                if count.n_out and racing_banks(context, count, batch):
+                    if timing is None:
+                        raise EmulatorError(f"tile {tile.key}: its weights overlap an activation bank the input side "
+                                            f"may write during COMPUTE; run_functional needs the run's timing for it")
+                    if callable(timing):
+                        timing = timing()
+                    check_bank_races(context, count, batch, timing.context_times[position][index], position,
+                                     timing.context_compute_ends[position][index])
+                    race_checked = True
+                stream = _pe_stream(context, count, stream, arch, race_checked)
             tile_out[position] = stream.reshape(-1, arch.lanes)
             link = path.hops[step + 1].link      # the hop to the next PE (or the host) crosses this link, if any
             if link is not None:
                 stream = link_stream(program.links[link], stream, arch.lanes)
     return FunctionalResult(tile_out_flits=tile_out, out_flits=stream.reshape(-1, arch.lanes))
+
+
+def context_program(tile: TileProgram, index: int) -> TileProgram:
+    """Context ``index`` of ``tile`` as a tile of its own (section 4.6): its registers, the tile's SRAM image (its
+    weights and banks are at its own ``w_base`` and ``act_base``) and its parameter rows, table rows ``param_base
+    .. param_base + n_out - 1``. A tile of one context with ``param_base = 0`` is returned as it is."""
+    config = tile.contexts[index] if index else tile.config
+    if not index and not tile.later_contexts and not config.param_base:
+        return tile
+    params = np.asarray(tile.params)[config.param_base:config.param_base + config.n_out]
+    return TileProgram(tile.row, tile.col, config, tile.sram, params, chip=tile.chip)
 
 
 def link_stream(link, stream: np.ndarray, lanes: int) -> np.ndarray:

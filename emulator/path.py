@@ -11,10 +11,16 @@ otherwise. Several chips (``Arch.chips``) form one system chain: a PE of chip ``
 sends over link ``k`` into chip ``k + 1``'s tile (0,0) W FIFO, as the host feeds chip 0 (the link's timing is
 :mod:`.timing`'s, its framing and messages :mod:`flowtile.link_format`'s); in a ring (``chip_topology = "ring"``)
 the last chip's exit stream crosses link ``chips - 1``, whose receiver delivers it to the host output.
+
+A tile of several contexts (``TileProgram.later_contexts``, docs/architecture.md section 4.6) is one stop of the data
+path: its first context reads the stream that reaches the tile, each later context the one before's output (through
+the tile's loop-back FIFO; :func:`trace_data_path` checks the counts match), and its last context's output leaves the
+tile by that context's destination registers (:func:`last_context`). :func:`tile_counts` gives such a tile context
+0's counts with every context's in :attr:`TileCounts.contexts`; the ``tile_*`` properties are the tile's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -22,9 +28,9 @@ from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_BCAST, OP_CONCAT, OP_
 from flowtile.program import Program, TileProgram, link_name
 from flowtile.link_format import LinkGeometry
 
-__all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "PORTS", "HOST",
+__all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "config_counts", "PORTS", "HOST",
            "TileProgress", "FlitProgress", "flit_progress", "stuck_summary", "DeadlockError", "link_delivered",
-           "tile_label"]
+           "tile_label", "last_context"]
 
 
 class EmulatorError(ValueError):
@@ -64,6 +70,9 @@ class TileCounts:
     # section 4, result ring: issue cycles d of each result word of one output pixel, in order
     # (TileConfig.result_word_issue_cycles; empty without COMPUTE)
     pixel_word_issue: tuple[int, ...] = ()
+    # section 4.6: a tile of several contexts has the counts of context 0 above and every context's counts here, in
+    # turn order (context 0's again first, each with no contexts of its own); empty for a tile of one context
+    contexts: tuple["TileCounts", ...] = ()
 
     @property
     def idle(self) -> bool:
@@ -165,6 +174,28 @@ class TileCounts:
         return np.tile(np.asarray(self.pixel_word_issue, dtype=np.int64), self.n_pix)
 
     @property
+    def per_context(self) -> tuple["TileCounts", ...]:
+        """Every context's counts in turn order (section 4.6): ``contexts``, or this one for a tile of one context.
+        The other properties of a tile of several contexts are context 0's, except the ``tile_*`` ones."""
+        return self.contexts or (self,)
+
+    @property
+    def tile_flits_out(self) -> int:
+        """Flits the tile emits to its router per inference: its last context's output transfers (section 4.6;
+        :attr:`flits_out` for a tile of one context)."""
+        return self.contexts[-1].flits_out if self.contexts else self.flits_out
+
+    @property
+    def tile_compute_cycles(self) -> int:
+        """COMPUTE cycles of the tile per inference, every context's ``I + 2`` (section 4.6)."""
+        return sum(count.compute_cycles for count in self.per_context)
+
+    @property
+    def tile_mac_issue_cycles(self) -> int:
+        """:attr:`mac_issue_cycles` of every context of the tile (section 4.6)."""
+        return sum(count.mac_issue_cycles for count in self.per_context)
+
+    @property
     def mac_issue_cycles(self) -> int:
         """Issue cycles that multiply-accumulate ``L`` lanes: every one for MAC, LANE (which
         multiplies lane by lane, ``L`` MACs a cycle), ADD and CONCAT (each issue multiplies an operand
@@ -177,7 +208,17 @@ def _recv_range(begin: int, end: int) -> tuple[int, int]:
 
 
 def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
-    config = tile.config
+    """A tile's counts: its one context's, or for a tile of several contexts (section 4.6) context 0's with every
+    context's in :attr:`TileCounts.contexts`."""
+    later = getattr(tile, "later_contexts", ())
+    if not later:
+        return config_counts(tile.config, arch)
+    contexts = tuple(config_counts(config, arch) for config in (tile.config, *later))
+    return replace(contexts[0], contexts=contexts)
+
+
+def config_counts(config, arch: Arch) -> TileCounts:
+    """The counts of one context's registers (a :class:`flowtile.tile_config.TileConfig`)."""
     n_out = config.n_out
     store_begin, store_end = _recv_range(config.store_begin, config.store_end)
     store2_begin, store2_end = _recv_range(config.store2_begin, config.store2_end)
@@ -241,6 +282,12 @@ def tile_label(chip: int, row: int, col: int) -> str:
     """A tile's name in messages and chain names: ``r{row}c{col}``, prefixed ``chip{k}.`` after the first chip
     (as :attr:`flowtile.program.TileProgram.key`)."""
     return f"r{row}c{col}" if chip == 0 else f"chip{chip}.r{row}c{col}"
+
+
+def last_context(tile: TileProgram):
+    """The registers of the context that emits a tile's flits to its router: its last (section 4.6)."""
+    later = getattr(tile, "later_contexts", ())
+    return later[-1] if later else tile.config
 
 
 def _route(arch: Arch, start: tuple[int, int], first_fifo: str, target: tuple[int, int], to_host: bool,
@@ -332,10 +379,17 @@ def trace_data_path(program: Program) -> DataPath:
                 f"{count.n_in_words} + {count.n_pass} = {count.flits_in} flits per inference, but "
                 f"{source} sends it {flits_arriving}")
         order.append(consumer)
-        if count.flits_out == 0:
+        for index in range(1, len(count.contexts)):   # section 4.6: context c reads what context c - 1 emits
+            before, after = count.contexts[index - 1], count.contexts[index]
+            if after.flits_in != before.flits_out:
+                raise EmulatorError(
+                    f"tile {tile.key} (chain position {consumer}) context {index} reads n_in_words + n_pass = "
+                    f"{after.n_in_words} + {after.n_pass} = {after.flits_in} flits per inference, but context "
+                    f"{index - 1} emits {before.flits_out} into the loop-back FIFO (section 4.6)")
+        if count.tile_flits_out == 0:
             raise EmulatorError(f"tile {tile.key} (chain position {consumer}) emits no flits, so nothing "
                                 f"reaches the host")
-        config = tile.config
+        config = last_context(tile)       # the destination registers of the context that emits to the router
         chip = tile.chip
         who = f"tile {tile.key} (chain position {consumer})"
         link, link_fifos, link_outputs = None, [], []
@@ -346,12 +400,12 @@ def trace_data_path(program: Program) -> DataPath:
             else:
                 link = chip
                 inference_flits = program.links[link].inference_flits
-                if count.flits_out != inference_flits:
+                if count.tile_flits_out != inference_flits:
                     raise EmulatorError(
                         f"{link_name(arch, link)}: register inference_flits = {inference_flits}, "
-                        f"but {who} sends {count.flits_out} flits per inference over it (the link frames each "
-                        f"inference's flits by that register)")
-                link_flits.append(count.flits_out)
+                        f"but {who} sends {count.tile_flits_out} flits per inference over it (the link frames "
+                        f"each inference's flits by that register)")
+                link_flits.append(count.tile_flits_out)
                 if chip == arch.chips - 1:
                     # a ring's return link: its receiver, on chip 0's board, delivers to the host output
                     next_consumer = HOST
@@ -376,7 +430,7 @@ def trace_data_path(program: Program) -> DataPath:
                         f"output {out[2]}, which {used_outputs[key]} also uses; contended routes are not modelled "
                         f"exactly")
                 used_outputs[key] = who
-        producer, consumer, flits_arriving = consumer, next_consumer, count.flits_out
+        producer, consumer, flits_arriving = consumer, next_consumer, count.tile_flits_out
 
     for position, count in enumerate(counts):
         if not count.idle and position not in order:
@@ -513,20 +567,23 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
         if reads:
             finished = min(batch, arriving // reads)
             received = min(arriving, batch * reads)
-            emitted = finished * count.flits_out
+            emitted = finished * count.tile_flits_out
             if finished < batch:
-                emitted += _partial_emits(count, received - finished * reads)
+                partial = received - finished * reads
+                for context in count.per_context:    # section 4.6: each context reads what the one before emits
+                    partial = _partial_emits(context, partial)
+                emitted += partial
         else:
             finished = batch if arriving == 0 else 0
             received, emitted = 0, 0
-        tiles.append(TileProgress(position, tile.row, tile.col, port, source, reads, count.flits_out, arriving,
-                                  received, emitted, finished, batch, tile.chip))
-        config = tile.config
+        tiles.append(TileProgress(position, tile.row, tile.col, port, source, reads, count.tile_flits_out,
+                                  arriving, received, emitted, finished, batch, tile.chip))
+        config = last_context(tile)
         if config.dest_host:
             target = arch.exit_tile
         else:
             target = (config.dest_row, config.dest_col)
-        if count.flits_out == 0:
+        if count.tile_flits_out == 0:
             return FlitProgress(tuple(tiles), 0, expected, host_sent, cycle)
         if not config.dest_host and target == (tile.row, tile.col):
             return FlitProgress(tuple(tiles), 0, expected, host_sent, True)

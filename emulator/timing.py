@@ -49,6 +49,12 @@ with times ``t_j = max(lb_j, t_{j-1} + d_j)`` and ``t_{-1} = -1``:
   - delivery: one action per flit, writing chip ``k + 1``'s tile (0,0) W FIFO (chip ``k + 1``'s host input
     transfer, with rule 1's space bound), ``d = 1``; for a ring's return link the host output transfer.
 
+* a tile of several contexts (docs/architecture.md section 4.6) is still three chains, whose actions per inference
+  are its contexts' actions in turn order (input: context 0's ``K_0 + P_0``, then context 1's ``K_1 + P_1``, ...;
+  compute: context 0's ``E_0`` result words, then context 1's, ..., ``d`` the previous word's and ``+ 2`` before
+  every context's first word, the pipeline draining between contexts as between inferences; output: context 0's
+  ``Q_0 + E_0`` in section 4.4's order, then context 1's, ...): :func:`_add_context_tile`.
+
 The chains are coupled by three kinds of edges:
 
 * FIFO edges (rule 1, depth ``D`` for a router FIFO, ``F`` = the tile's register ``queue_words`` for its
@@ -62,6 +68,14 @@ The chains are coupled by three kinds of edges:
 * event edges ``t_target(s, a) >= t_source(s - shift, b) + offset`` of one PE:
   ``c_s >= input(s, RECV word store_until - 1) + 1`` (``store_until``: one past the last stored word) (compute action 0 of ``s``); ``input(s, 0) >=
   c_{s-1}`` (``s >= 1``);
+* with several contexts (section 4.6), per edge the actions of the context it belongs to (:attr:`FifoEdge.write_slots`,
+  :attr:`FifoEdge.read_slots`, :attr:`EventEdge` slots): the router FIFO before the tile is read by context 0's
+  input actions only; the tile's loop-back FIFO (depth ``D``) runs from the output actions of contexts ``0 .. C' -
+  2`` to the input actions of contexts ``1 .. C' - 1``; context ``c``'s forward queue (depth ``F_c``) from its pushes
+  to its pops; the result ring is one FIFO edge of depth ``R`` from every word (numbered over contexts and
+  inferences in compute order) to its EMIT; the tile's local router FIFO takes the last context's output actions;
+  the event edges hold per context (``c_{c,s} >= input(c, s, RECV word store_until_c - 1) + 1``, ``input(c, s, 0)
+  >= c_{c,s-1}``);
 * frame edges of a link (:class:`FrameEdge`), between per-frame actions numbered over the batch: ``send_f >=
   close_f + 1``; ``deliver(first flit of f) >= send_f + accept_delay + 1``; ``close_f >= ack_seen(f -
   replay_frames)`` with ``ack_seen(g) = next_message(send_g + accept_delay + 1) + message_delay``; ``send_f >=
@@ -112,6 +126,26 @@ leave the solution unchanged and spare the sweep rounds through which they would
   ``send_f >= next_message(send_g + accept_delay + 1) + message_delay + 1`` for ``g = f - replay_frames``
   (through ``close_f``). Without them a credit- or window-limited link would cost a sweep round per
   ``credit_frames`` (``replay_frames``) frames; the sweep budget still allows for it (:attr:`TimingGraph.link_rounds`).
+
+Tiles of several contexts and the shortcuts. The shortcuts above were derived for the PE of one context; for a tile
+of several (section 4.6):
+
+* :func:`_compute_side`'s skip and stall bounds are left out (:func:`_context_side`): they only spare sweep rounds,
+  and the sweeps reach the same least solution without them (the budget grows with the contexts,
+  :attr:`TimingGraph.context_rounds`). The one-word ring's bounds are kept: their derivation uses only the ring's
+  FIFO rule and ``EMIT_j >= a_j + d_j + 2``, which hold with the words numbered in compute order over contexts;
+* :func:`_space_one_apart` is per FIFO side and its slots: two adjacent actions of a chain that both write (read) one
+  FIFO move consecutive flits through it, whatever their contexts, so it holds for the loop-back FIFO, each context's
+  queue, the ring and the router FIFOs facing one context alone;
+* the pass-through tail never holds a tile of several contexts (every context computes); its writer may be such a
+  tile's output chain, writing through its last context's slots: writes into a depth-1 entry FIFO by adjacent
+  actions are spaced by rule 1 as before, by non-adjacent ones by at least 2 anyway, so the tail's argument holds;
+* the windows (:class:`_WindowSystem`) and the probe's extrapolation and check are unchanged: every edge still runs
+  from an action of the same or an earlier inference (the loop-back FIFO within an inference, its space bound and
+  the ring's to earlier flits), every edge has weight >= 1 but ``input(c, s, 0) >= c_{c,s-1}`` (from the compute
+  chain to the input chain, never alone on a cycle), and the compute and output chains are still coupled by the
+  ring alone, so :meth:`_WindowSystem.solve_ring_pair`'s blocks hold (its input chain's bounds, the loop-back FIFO
+  included, are those of the chains it does not solve).
 
 Links with faults (``Arch.link_error_rate > 0``). The contract above is the fault-free link. With faults a link's
 three chains are solved together by simulating the link cycle by cycle (:func:`emulator.link_faults.simulate_link`,
@@ -392,6 +426,7 @@ class TimingGraph:
     links: list[LinkChains] = field(default_factory=list)
     link_rounds: int = 1      # 1 + max over links of ceil(frames per inference / min(credit, replay frames))
     self_bounds: list[SelfBound] = field(default_factory=list)
+    context_rounds: int = 1   # the most contexts of a tile (section 4.6: each loop-back turn may cost a round)
 
 
 def timing_graph(program: Program, path: DataPath) -> TimingGraph:
@@ -404,6 +439,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
     pe_chains: dict[int, tuple[int, int | None, int]] = {}
     ring = arch.result_words
     ring_rounds = 1
+    context_rounds = 1
 
     ones_of: dict[int, np.ndarray] = {}
 
@@ -424,7 +460,8 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
     def fifo_name(chip: int, row: int, col: int, port: str) -> str:
         return f"router {tile_label(chip, row, col)} {port} FIFO"
 
-    def add_link(index: int, flits: int, exit_writer: int, exit_fifo: str, to_host: bool) -> int:
+    def add_link(index: int, flits: int, exit_writer: int, exit_fifo: str, to_host: bool,
+                 exit_slots: np.ndarray | None = None) -> int:
         """Link ``index``'s chains and edges (module docstring); its sender reads ``exit_fifo`` (written by chain
         ``exit_writer``). Returns the delivery chain (it writes the next chip's tile (0,0) W FIFO; ``to_host``, a
         ring's return link: it is the host output, ready in every cycle unless a host pattern gates it)."""
@@ -438,7 +475,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         close_slots = last + 1 + np.arange(frames, dtype=np.int64)
         label = f"link {index}"
         sender = add(Chain(f"{label} sender (accept, close)", HOST, "link sender", ones(flits + frames)))
-        fifos.append(FifoEdge(exit_fifo, exit_writer, sender, depth, read_slots=flit_slots))
+        fifos.append(FifoEdge(exit_fifo, exit_writer, sender, depth, write_slots=exit_slots, read_slots=flit_slots))
         send = add(Chain(f"{label} send", HOST, "link send", np.full(frames, geometry.frame_beats, dtype=np.int64),
                          first_delay=1))
         deliver = add(Chain(f"{label} delivery" + (" (host output)" if to_host else ""), HOST,
@@ -476,6 +513,9 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         return deliver
 
     writer = add(Chain("host input", HOST, "host input", ones(program.input_words)))
+    # the actions of ``writer`` that write the next FIFO (None: every action; a tile of several contexts: its last
+    # context's output actions, section 4.6)
+    writer_slots = None
     flits = program.input_words
     for hop in path.hops:
         # the FIFOs on the producer's chip, and after a link those on the next chip (none after a ring's return
@@ -487,21 +527,32 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
                 if k + 1 < len(route):  # a router hop between every two FIFOs of the route
                     reader = add(Chain(f"{name} -> next hop", HOST, "link", ones(flits), pass_through=True))
                 elif segment + 1 < len(segments):  # the chip's exit FIFO, read by the link's sender
-                    writer = add_link(hop.link, flits, writer, name, to_host=hop.consumer == HOST)
+                    writer = add_link(hop.link, flits, writer, name, to_host=hop.consumer == HOST,
+                                      exit_slots=writer_slots)
+                    writer_slots = None
                     continue
                 elif hop.consumer == HOST:
                     reader = add(Chain("host output", HOST, "host output", ones(flits), pass_through=True))
                 else:
                     reader = None
                 if reader is not None:
-                    fifos.append(FifoEdge(name, writer, reader, depth))
-                    writer = reader
+                    fifos.append(FifoEdge(name, writer, reader, depth, write_slots=writer_slots))
+                    writer, writer_slots = reader, None
         if hop.consumer == HOST:
             break
         position = hop.consumer
         count, tile = path.counts[position], program.tiles[position]
         name = f"PE {tile.key}"
         last_fifo = hop.last_fifo
+        if count.contexts:   # section 4.6: several contexts
+            input_chain, compute_chain, output_chain, writer_slots = _add_context_tile(
+                add, fifos, events, name, position, tile, count, fifo_name(*last_fifo), writer, writer_slots, depth,
+                ring)
+            ring_rounds = max(ring_rounds, -(-sum(c.n_result_words for c in count.contexts) // ring))
+            context_rounds = max(context_rounds, len(count.contexts))
+            pe_chains[position] = (input_chain, compute_chain, output_chain)
+            writer, flits = output_chain, count.tile_flits_out
+            continue
         computes = count.n_out > 0
         queue_depth = tile.config.queue_words      # F: the tile's forward queue, a region of its SRAM
         pushes = np.concatenate([np.arange(count.forward_begin, count.forward_end, dtype=np.int64),
@@ -509,7 +560,8 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         pushes_all = count.n_queue == count.flits_in      # every RECV word forwarded (forward = [0, K))
         input_chain = add(Chain(f"{name} input side", position, "input", ones(count.flits_in),
                                 pass_through=not computes and pushes_all))
-        fifos.append(FifoEdge(fifo_name(*last_fifo), writer, input_chain, depth))
+        fifos.append(FifoEdge(fifo_name(*last_fifo), writer, input_chain, depth, write_slots=writer_slots))
+        writer_slots = None
         compute_chain = None
         output_delays = ones(count.flits_out)
         output_first = None
@@ -542,7 +594,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         pe_chains[position] = (input_chain, compute_chain, output_chain)
         writer, flits = output_chain, count.flits_out
     return TimingGraph(chains, fifos, events, pe_chains, ring_rounds, frame_edges, links, link_rounds,
-                       self_bounds)
+                       self_bounds, context_rounds)
 
 
 @dataclass(frozen=True)
@@ -627,6 +679,98 @@ def _compute_side(count: TileCounts, pushes: np.ndarray, is_pop: np.ndarray, dep
     skip = max(bounds)
     return _ComputeSide(word_issue=word_issue, compute_delays=compute_delays, skip=skip if skip > period else 0,
                         output_delays=output_delays, output_first=output_first, stall=stall)
+
+
+def _offsets(widths: list[int]) -> np.ndarray:
+    """Where each part of a concatenation begins: ``[0, w_0, w_0 + w_1, ...]`` (one entry more than ``widths``)."""
+    return np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+
+
+def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name: str, position: int, tile,
+                      count: TileCounts, in_fifo: str, writer: int, writer_slots: np.ndarray | None, depth: int,
+                      ring: int) -> tuple[int, int, int, np.ndarray]:
+    """The chains and edges of a tile of several contexts (docs/architecture.md section 4.6): three chains whose
+    actions per inference are its contexts' actions in turn order (input: context 0's ``K_0 + P_0`` transfers,
+    then context 1's, ...; compute: context 0's ``E_0`` result words, then context 1's, ...; output: context 0's
+    ``Q_0 + E_0`` transfers in section 4.4's order, then context 1's, ...), coupled by
+
+    * the router FIFO before the tile (written by ``writer``'s actions ``writer_slots``), read by context 0's
+      input actions only;
+    * the loop-back FIFO (depth ``D``, rule 1): written by the output actions of contexts ``0 .. C' - 2``, read by
+      the input actions of contexts ``1 .. C' - 1``, flit for flit in that order (context ``c``'s output stream is
+      context ``c + 1``'s input stream);
+    * per context ``c`` its forward queue (depth ``F_c`` = its ``queue_words``) from its pushes to its pops;
+    * the one result ring (depth ``R``) from every result word (numbered over contexts and inferences in compute
+      order) to its EMIT, read offsets ``d_j + 2``;
+    * per context the event edges of section 4: input ``(c, s)``'s first action ``>= c_{c, s-1}`` and ``c_{c, s}
+      >= input (c, s)``'s RECV word ``store_until_c - 1`` + 1;
+    * the compute chain's delays: ``d`` of the word before, ``+ 2`` before the first word of every context (the
+      pipeline drains between contexts as between inferences; the batch's very first word has no bound).
+
+    The implied bounds of :func:`_compute_side` were derived for one context: a tile of several gets none of its
+    skip and stall bounds (they only spare sweep rounds; the sweeps find the same least solution without them),
+    only the bounds of a one-word ring (``R = 1``), which hold for any numbering of the words
+    (:func:`_context_side`). Returns (input chain, compute chain, output chain, the output actions that write the
+    router: the last context's)."""
+    contexts = count.contexts
+    in_at = _offsets([c.flits_in for c in contexts])
+    out_at = _offsets([c.flits_out for c in contexts])
+    word_at = _offsets([c.n_result_words for c in contexts])
+    is_pop = np.concatenate([c.output_is_pop() for c in contexts])
+    word_issue = np.concatenate([c.word_issue_cycles() for c in contexts])
+    first_words = word_at[:-1]
+    delays, output_delays, output_first = _context_side(word_issue, first_words, is_pop, ring)
+    input_chain = add(Chain(f"{name} input side", position, "input", np.ones(int(in_at[-1]), dtype=np.int64)))
+    fifos.append(FifoEdge(in_fifo, writer, input_chain, depth, write_slots=writer_slots,
+                          read_slots=np.arange(in_at[1], dtype=np.int64)))
+    compute_chain = add(Chain(f"{name} compute side", position, "compute", delays, first_delay=1))
+    output_chain = add(Chain(f"{name} output side", position, "output", output_delays, first_delay=output_first))
+    for index, (context, config) in enumerate(zip(contexts, tile.contexts)):
+        if not context.n_queue:
+            continue
+        pushes = np.concatenate([np.arange(context.forward_begin, context.forward_end, dtype=np.int64),
+                                 np.arange(context.n_in_words, context.flits_in, dtype=np.int64)])
+        pops = np.flatnonzero(context.output_is_pop()).astype(np.int64)
+        fifos.append(FifoEdge(f"{name} context {index} forward queue", input_chain, output_chain, config.queue_words,
+                              write_slots=pushes + in_at[index], read_slots=pops + out_at[index]))
+    fifos.append(FifoEdge(f"{name} loop-back FIFO", output_chain, input_chain, depth,
+                          write_slots=np.arange(out_at[-2], dtype=np.int64),
+                          read_slots=np.arange(in_at[1], in_at[-1], dtype=np.int64)))
+    fifos.append(FifoEdge(f"{name} result ring", compute_chain, output_chain, ring,
+                          read_slots=np.flatnonzero(~is_pop).astype(np.int64), read_offsets=word_issue + 2))
+    for index, context in enumerate(contexts):
+        events += [EventEdge(compute_chain, int(word_at[index]), input_chain,
+                             int(in_at[index]) + context.store_until - 1, 0, 1),
+                   EventEdge(input_chain, int(in_at[index]), compute_chain, int(word_at[index]), 1, 0)]
+    return input_chain, compute_chain, output_chain, np.arange(out_at[-2], out_at[-1], dtype=np.int64)
+
+
+def _context_side(word_issue: np.ndarray, first_words: np.ndarray, is_pop: np.ndarray,
+                  ring: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """The compute chain's delays of a tile of several contexts (``word_issue``: ``d`` of every result word of an
+    inference in compute order; ``first_words``: each context's first word), and its output chain's delays and
+    first delay (``is_pop``: its output actions of an inference, pops or EMITs in order).
+
+    ``a_j - a_{j-1} >= d_{j-1}``, ``+ 2`` where ``j`` is a context's first word (section 4.6). With a ring of one
+    word (``R = 1``) the bounds of :func:`_compute_side` hold as they are, the ring's words being numbered in compute
+    (= emit) order whatever their context: ``a_j >= EMIT_{j-1} + 1 >= a_{j-1} + d_{j-1} + 3``, and ``EMIT_j >= a_j +
+    d_j + 2 >= EMIT_{j-1} + d_j + 3`` where EMIT ``j`` directly follows EMIT ``j - 1`` in the output chain (also
+    across contexts and, when the first output action is an EMIT, across inferences: the last output action of an
+    inference is always an EMIT of its last context)."""
+    previous = np.roll(word_issue, 1)
+    delays = previous.copy()
+    delays[first_words] += COMPUTE_DRAIN_CYCLES
+    output_delays = np.ones(len(is_pop), dtype=np.int64)
+    output_first = None
+    if ring == 1:
+        np.maximum(delays, previous + 3, out=delays)
+        emit_slots = np.flatnonzero(~is_pop)
+        follows = np.flatnonzero(np.diff(emit_slots) == 1) + 1
+        output_delays[emit_slots[follows]] = word_issue[follows] + 3
+        if emit_slots[0] == 0:
+            output_delays[0] = word_issue[0] + 3
+            output_first = 1
+    return delays, output_delays, output_first
 
 
 def _space_one_apart(delays: np.ndarray, slots: np.ndarray | None) -> bool:
@@ -997,7 +1141,7 @@ class _ChainSystem:
         constrains, until no time changes; returns the number of chain solves."""
         n = self.solved
         max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n) * self.graph.ring_rounds
-                         * self.graph.link_rounds)
+                         * self.graph.link_rounds * self.graph.context_rounds)
         # a stalled host output behind full FIFOs can take a round per stall that holds the chip back
         max_rounds += 2 * self.gated_flits
         dirty = [True] * n
@@ -1355,7 +1499,7 @@ class _WindowSystem:
         returns (rounds, chain solves)."""
         n = self.solved
         max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (hi - lo + n) * self.graph.ring_rounds
-                         * self.graph.link_rounds)
+                         * self.graph.link_rounds * self.graph.context_rounds)
         # a chain not yet solved in this window has no times there yet: it bounds nothing ("no constraint yet")
         seen = self.seen = [False] * n
         # per chain: None (its times stand), ALL (solve it) or the chains whose change may have moved its bounds
@@ -1571,6 +1715,15 @@ class TimingResult:
     positions (all chips); ``in_times`` is chip 0's host input, ``out_times`` the host output (the last chip's, or
     in a ring the deliveries of the return link, link ``chips - 1``).
     ``link_times[k]``: the :class:`LinkTimes` of link ``k`` (empty for one chip).
+
+    A tile of several contexts (section 4.6): ``pe_times[p]`` holds its three chains, every context's actions in
+    turn order (``input``: per inference context 0's ``K_0 + P_0`` transfers, then context 1's, ...; ``output``
+    likewise with ``Q_c + E_c``), and in ``compute`` the start ``c`` of every context's COMPUTE, ``[batch * C']``
+    inference-major (``compute_ends[p]`` likewise); ``word_starts[p]`` numbers the words in compute order over
+    contexts and inferences (the result ring's numbering). ``context_times[p]``: per context the :class:`PETimes`
+    a tile of that context alone would have (its own actions, ``c_s`` ``[batch]``), and
+    ``context_compute_ends[p]`` its COMPUTE ends; for a tile of one context ``(pe_times[p],)`` and
+    ``(compute_ends[p],)`` (None if idle).
     """
 
     in_times: np.ndarray
@@ -1583,6 +1736,8 @@ class TimingResult:
     word_starts: list[np.ndarray | None] = field(default_factory=list)
     compute_ends: list[np.ndarray | None] = field(default_factory=list)
     link_times: list[LinkTimes] = field(default_factory=list)
+    context_times: list[tuple[PETimes, ...] | None] = field(default_factory=list)
+    context_compute_ends: list[tuple[np.ndarray, ...] | None] = field(default_factory=list)
 
 
 def _pass_through_tail(graph: TimingGraph) -> int:
@@ -1727,17 +1882,25 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
     word_starts: list[np.ndarray | None] = [None] * n_tiles
     compute_ends: list[np.ndarray | None] = [None] * n_tiles
     empty = np.empty(0, dtype=np.int64)
+    context_times: list[tuple[PETimes, ...] | None] = [None] * n_tiles
+    context_ends: list[tuple[np.ndarray, ...] | None] = [None] * n_tiles
     for position, (input_chain, compute_chain, output_chain) in graph.pe_chains.items():
+        count = path.counts[position]
+        if count.contexts:
+            pe_times[position], word_starts[position], compute_ends[position], context_times[position], \
+                context_ends[position] = _context_times(count, batch, times[input_chain], times[compute_chain],
+                                                        times[output_chain])
+            continue
         if compute_chain is None:
             words = starts = ends = empty
         else:
-            count = path.counts[position]
             width = count.n_result_words
             words = times[compute_chain]
             starts = words[::width].copy()
             ends = words[width - 1::width] + (int(count.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES)
         pe_times[position] = PETimes(input=times[input_chain], compute=starts, output=times[output_chain])
         word_starts[position], compute_ends[position] = words, ends
+        context_times[position], context_ends[position] = (pe_times[position],), (ends,)
     link_times = []
     runs = full.link_counters(int(times[-1][-1])) if faulty else {}
     for link in graph.links:
@@ -1752,4 +1915,31 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
     return TimingResult(in_times=times[0], out_times=times[-1], pe_times=pe_times,
                         stream_names=[c.name for c in chains], stream_times=times,
                         solves=solves, extrapolated=extrapolated, word_starts=word_starts,
-                        compute_ends=compute_ends, link_times=link_times)
+                        compute_ends=compute_ends, link_times=link_times, context_times=context_times,
+                        context_compute_ends=context_ends)
+
+
+def _context_times(count: TileCounts, batch: int, inputs: np.ndarray, words: np.ndarray, outputs: np.ndarray):
+    """The times of a tile of several contexts (section 4.6) from its three chains: ``(PETimes of the tile,
+    word_starts, compute_ends, PETimes per context, compute ends per context)``; the tile's ``compute`` and
+    ``compute_ends`` hold ``c`` and the COMPUTE end of every context of every inference, ``[batch * C']``,
+    inference-major."""
+    contexts = count.contexts
+    in_at = _offsets([c.flits_in for c in contexts])
+    out_at = _offsets([c.flits_out for c in contexts])
+    word_at = _offsets([c.n_result_words for c in contexts])
+    by_input = inputs.reshape(batch, -1)
+    by_word = words.reshape(batch, -1)
+    by_output = outputs.reshape(batch, -1)
+    per_context, ends = [], []
+    for index, context in enumerate(contexts):
+        first, last = int(word_at[index]), int(word_at[index + 1]) - 1
+        end = by_word[:, last] + (int(context.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES)
+        per_context.append(PETimes(input=by_input[:, in_at[index]:in_at[index + 1]].ravel(),
+                                   compute=by_word[:, first].copy(),
+                                   output=by_output[:, out_at[index]:out_at[index + 1]].ravel()))
+        ends.append(end)
+    starts = np.stack([times.compute for times in per_context], axis=1).ravel()
+    tile_ends = np.stack(ends, axis=1).ravel()
+    return (PETimes(input=inputs, compute=starts, output=outputs), words, tile_ends, tuple(per_context),
+            tuple(ends))

@@ -53,9 +53,12 @@ def progress_at(program: Program, batch: int, path, timing, limit: int) -> Watch
     for position in path.order:
         pe_times, count = timing.pe_times[position], path.counts[position]
         tile = program.tiles[position]
-        got = int(np.count_nonzero(pe_times.input < limit))
-        sent = int(np.count_nonzero(pe_times.output < limit))
-        want_in, want_out = batch * count.flits_in, batch * count.flits_out
+        # the flits the tile takes from and gives to its router: with several contexts (section 4.6) its first
+        # context's input transfers and its last context's output transfers (the rest cross its loop-back FIFO)
+        contexts = timing.context_times[position] if count.contexts else (pe_times,)
+        got = int(np.count_nonzero(contexts[0].input < limit))
+        sent = int(np.count_nonzero(contexts[-1].output < limit))
+        want_in, want_out = batch * count.flits_in, batch * count.tile_flits_out
         for times in (pe_times.input, pe_times.output):
             if np.any(times < limit):
                 last.append(int(times[times < limit].max()))

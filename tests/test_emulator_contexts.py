@@ -1,0 +1,649 @@
+"""Several layers per tile (docs/architecture.md section 4.6, tile contexts) in the emulator.
+
+A program's consecutive computing tiles are packed into the contexts of fewer tiles (:func:`pack_contexts`, written
+here from section 4.6: each context's weights and banks relocated into the tile's one SRAM image, its parameter rows
+from ``param_base``, ``loop_back`` in all contexts but the last, every later context's forward queue holding a whole
+inference of what it forwards and passes). Checked:
+
+(a) data: the packed program's outputs equal the unpacked program's, the numpy golden and, for a compiled network,
+    the compiler's integer reference (``reference_forward``);
+(b) timing, two independent oracles: a cycle-stepping reference of the whole mesh in which a tile of several
+    contexts is stepped from section 4.6's text (:class:`ReferenceContextTile`, its contexts' data and registers
+    from ``test_emulator.ReferencePE``), compared transfer by transfer; and a checker of the solved times alone
+    (:func:`check_context_tile`): per side one action a cycle in turn order, the per-context event rules, the
+    forward queues, the loop-back FIFO, the shared result ring, the router FIFOs around the tile, and that every
+    transfer happens in the first cycle its rules allow (the least solution);
+(c) the fast paths (probe and extrapolation, windows) against plain whole-batch sweeps, action for action.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from flowtile.arch import Arch
+from flowtile.emulator import EmulatorError, emulate, run_functional
+from flowtile.emulator import timing
+from flowtile.emulator.path import trace_data_path
+from flowtile.emulator.timing import solve_timing
+from flowtile.host import HOST_PATTERN_CYCLES, HostPattern, pack_flits
+from flowtile.program import Program, TileProgram
+from flowtile.tile_config import TileConfig
+from flowtile.testing.program_builder import Dense, build_program, dense_golden, network_golden
+
+from test_emulator import (OPPOSITE, PORT_ORDER, STEP, ReferencePE, assert_same_times, random_layer,
+                           random_program, random_residual_program, random_windowed_program, random_grouped_program)
+
+
+# --- packing consecutive tiles into contexts (section 4.6) ------------------------------------------------------
+
+def pack_contexts(program: Program, groups, *, queue_words=None, tail: str = "pass", ring: int | None = None,
+                  depth: int | None = None) -> Program:
+    """``program`` with its computing tiles (a prefix of its data path) packed into tiles of several contexts:
+    ``groups`` lists how many consecutive computing tiles each new tile holds, in order; the new tiles take chain
+    positions ``0, 1, ...``, the rest pass the output through (``tail = "pass"``) or stay idle while the last new tile
+    sends to the host (``"direct"``).
+
+    Each context keeps its tile's registers with its weights and banks moved into the new tile's SRAM image, one
+    member after another (``w_base``, ``act_base`` shifted), its parameter rows at ``param_base``, its forward queue
+    behind all of them: ``queue_words(context index, words it queues)`` words (default: exactly what it queues), but
+    in a tile of several contexts at least what it queues: a later context needs that (section 4.6), and so does
+    context 0, whose pops go into the loop-back FIFO, which the input side reads only after context 0's turn (a
+    context-0 queue of ``F_0 < Q_0`` words deadlocks once ``Q_0 - F_0`` exceeds what the loop-back FIFO takes in
+    meanwhile). ``ring``, ``depth``: the arch's result ring and FIFO depth (default: ``program``'s)."""
+    arch0 = program.arch
+    lanes = arch0.lanes
+    order = list(trace_data_path(program).order)
+    computing = [p for p in order if program.tiles[p].config.n_out]
+    assert order[:len(computing)] == computing, "the computing tiles must lead the data path"
+    assert sum(groups) == len(computing), (groups, len(computing))
+    packed, start = [], 0
+    for size in groups:
+        members = [program.tiles[p] for p in computing[start:start + size]]
+        start += size
+        configs, images, rows, offset, row = [], [], [], 0, 0
+        for tile in members:
+            config = tile.config
+            end = config.data_end
+            image = np.zeros((end, lanes), dtype=np.int8)
+            image[:min(end, len(tile.sram))] = tile.sram[:end]
+            images.append(image)
+            rows.append(np.asarray(tile.params)[:config.n_out])
+            configs.append(config.replace(w_base=config.w_base + offset if config.weight_words else 0,
+                                          act_base=config.act_base + offset, param_base=row))
+            offset += end
+            row += config.n_out
+        for index, config in enumerate(configs):
+            queued = config.queued_words
+            words = 0
+            if queued:
+                least = queued if len(configs) > 1 else 1
+                words = queued if queue_words is None else max(queue_words(index, queued), least)
+            configs[index] = config.replace(queue_base=offset if words else 0, queue_words=words)
+            offset += words
+        for index in range(len(configs) - 1):
+            configs[index] = configs[index].replace(loop_back=1, dest_row=0, dest_col=0, dest_host=0)
+        packed.append((members[0], configs, np.concatenate(images), np.concatenate(rows), offset, row))
+    words_needed = max(offset for *_, offset, _ in packed)
+    rows_needed = max(row for *_, row in packed)
+    sram_words = min(65536, max(arch0.sram_words, words_needed))
+    arch = arch0.replace(tile_contexts=max(max(groups), 1), sram_bytes=sram_words * lanes,
+                         max_tile_outputs=max(arch0.max_tile_outputs, rows_needed),
+                         **({} if ring is None else {"result_ring_words": ring}),
+                         **({} if depth is None else {"router_fifo_depth": depth}))
+    output_words = program.output_words
+    tiles = []
+    for position in range(arch.n_tiles):
+        row_, col_ = arch.chain_position(position)
+        if position < len(packed):
+            first, configs, image, params, *_ = packed[position]
+            sram = np.zeros((arch.sram_words, lanes), dtype=np.int8)
+            sram[:len(image)] = image
+            tiles.append(TileProgram(row_, col_, configs[0], sram, params, later_contexts=tuple(configs[1:])))
+        elif tail == "pass":
+            config = TileConfig(n_pass=output_words).with_queue(arch, None)
+            tiles.append(TileProgram(row_, col_, config, np.zeros((0, lanes), np.int8), np.zeros((0, 3), np.int64)))
+        else:
+            tiles.append(TileProgram(row_, col_, TileConfig(), np.zeros((0, lanes), np.int8),
+                                     np.zeros((0, 3), np.int64)))
+    working = len(packed) if tail == "direct" else arch.n_tiles
+    for position in range(working):
+        tile = tiles[position]
+        last = tile.contexts[-1]
+        if position == working - 1:
+            last = last.replace(dest_row=0, dest_col=0, dest_host=1)
+        else:
+            dest_row, dest_col = arch.chain_position(position + 1)
+            last = last.replace(dest_row=dest_row, dest_col=dest_col, dest_host=0)
+        if tile.later_contexts:
+            tile.later_contexts = (*tile.later_contexts[:-1], last)
+        else:
+            tile.config = last
+    result = Program(arch=arch, input=program.input, output=program.output, layers=program.layers, tiles=tiles,
+                     model_name=program.model_name)
+    result.validate()
+    return result
+
+
+def random_groups(rng, n: int, most: int) -> list[int]:
+    """A random split of ``n`` consecutive tiles into groups of 1..``most``."""
+    groups = []
+    while n:
+        size = int(rng.integers(1, min(most, n) + 1))
+        groups.append(size)
+        n -= size
+    return groups
+
+
+# --- (b) the cycle-stepping reference of a tile of several contexts -------------------------------------------------
+
+def _turn(widths, n):
+    """``(inference, context, index within the context's actions)`` of a side's ``n``-th action, the contexts'
+    ``widths`` actions per inference in turn order."""
+    s, r = divmod(n, sum(widths))
+    for c, width in enumerate(widths):
+        if r < width:
+            return s, c, r
+        r -= width
+    raise AssertionError("unreachable")
+
+
+class ReferenceContextTile:
+    """A tile of several contexts stepped cycle by cycle from section 4.6's text. Each context is a
+    ``test_emulator.ReferencePE`` of its registers, its parameter rows (``param_base``) and the tile's one SRAM (shared
+    by all contexts): it keeps the context's queue, banks, records and arithmetic. The tile serves them in turn:
+
+    * input side: per inference context 0's ``K_0 + P_0`` transfers (from the router's L FIFO), then context 1's (from
+      the loop-back FIFO), ...; each with its context's rules (queue space, the first transfer of ``(c, s)`` after
+      COMPUTE of ``(c, s - 1)`` began, which the context's own ReferencePE checks);
+    * compute side: result words numbered over contexts and inferences in turn order; word ``j`` begins in the first
+      cycle after the previous word's issues (``+ 2`` drain cycles before a context's first word), for a context's
+      first word after its RECV word ``store_end - 1`` of that inference, and for ``j >= R`` after the EMIT of word
+      ``j - R`` (one ring for all contexts);
+    * output side: per inference context 0's ``Q_0 + E_0`` transfers in section 4.4's order, then context 1's, ...;
+      a context's EMIT of its word ``w`` is the ring's word ``j`` of that (context, inference), readable from ``a_j +
+      d_j + 2``; all but the last context write the loop-back FIFO (depth D: writable iff it held fewer than D words
+      at the start of the cycle; a word is readable from the cycle after its write), the last the router.
+
+    Records ``input_times``, ``word_starts`` (a_j, ring numbering), ``output_times`` (the tile's chains in turn order)
+    and per (inference, context) the COMPUTE start ``compute_starts``."""
+
+    def __init__(self, tile, arch, position):
+        self.contexts = []
+        for config in tile.contexts:
+            view = TileProgram(tile.row, tile.col, config, tile.sram,
+                               np.asarray(tile.params)[config.param_base:config.param_base + config.n_out],
+                               chip=tile.chip)
+            self.contexts.append(ReferencePE(view, arch, position))
+        for context in self.contexts[1:]:
+            context.sram = self.contexts[0].sram            # one SRAM for the tile
+        self.position = position
+        self.dest = self.contexts[-1].dest
+        self.depth, self.ring = arch.router_fifo_depth, arch.result_words
+        self.in_widths = [c.k + c.p for c in self.contexts]
+        self.out_widths = [c.pops + c.emits for c in self.contexts]
+        self.word_widths = [c.emits for c in self.contexts]
+        self.word_d = [d for c in self.contexts for d in c.word_d]     # per inference, in compute order
+        self.loop_back: deque = deque()                                # (word, cycle written)
+        self.input_times, self.output_times, self.word_starts, self.emit_times = [], [], [], []
+        self.compute_starts: list[int] = []                            # per (s, c), in compute order
+        self.planned = []
+
+    idle = False
+
+    def finished(self, batch):
+        return (len(self.input_times) == batch * sum(self.in_widths)
+                and len(self.word_starts) == batch * sum(self.word_widths)
+                and len(self.output_times) == batch * sum(self.out_widths))
+
+    def start_compute(self, cycle):
+        j = len(self.word_starts)
+        s, c, w = _turn(self.word_widths, j)
+        context = self.contexts[c]
+        if j and cycle < self.word_starts[-1] + self.word_d[(j - 1) % len(self.word_d)] + (2 if w == 0 else 0):
+            return
+        if w == 0 and (len(context.stored_done) <= s or context.stored_done[s] >= cycle):
+            return
+        if j >= self.ring and (len(self.emit_times) <= j - self.ring or self.emit_times[j - self.ring] >= cycle):
+            return
+        self.word_starts.append(cycle)
+        context.word_starts.append(cycle)
+        if w == 0:
+            self.compute_starts.append(cycle)
+            context.compute_starts.append(cycle)
+            context.results.append(context.compute(context.config.act_base + (s % 2) * context.bank_words))
+
+    def _input_turn(self):
+        return _turn(self.in_widths, len(self.input_times))[1]
+
+    def _output_turn(self):
+        return _turn(self.out_widths, len(self.output_times))[1]
+
+    def input_ready(self):
+        """Ready for a flit from the router: context 0's turn and its rules."""
+        return self._input_turn() == 0 and self.contexts[0].input_ready()
+
+    def output_word(self, cycle):
+        """The word offered to the router: the last context's turn and its rules."""
+        c = self._output_turn()
+        return self.contexts[c].output_word(cycle) if c == len(self.contexts) - 1 else None
+
+    def plan_loop_back(self, cycle):
+        """The loop-back transfers of this cycle, decided on the state at its start."""
+        self.planned = []
+        c = self._output_turn()
+        if c < len(self.contexts) - 1 and len(self.loop_back) < self.depth:
+            word = self.contexts[c].output_word(cycle)
+            if word is not None:
+                self.planned.append(("out", c, word))
+        c = self._input_turn()
+        if c and self.loop_back and self.loop_back[0][1] < cycle and self.contexts[c].input_ready():
+            self.planned.append(("in", c, self.loop_back[0][0]))
+
+    def _output(self, c, cycle):
+        context = self.contexts[c]
+        emits = context.out_actions[len(context.output_times) % len(context.out_actions)] is not None
+        context.do_output(cycle)
+        self.output_times.append(cycle)
+        if emits:
+            self.emit_times.append(cycle)
+
+    def do_output(self, cycle):
+        self._output(len(self.contexts) - 1, cycle)
+
+    def do_input(self, cycle, data):
+        self.contexts[0].do_input(cycle, data)
+        self.input_times.append(cycle)
+
+    def apply_loop_back(self, cycle):
+        for kind, c, word in self.planned:
+            if kind == "out":
+                self._output(c, cycle)
+                self.loop_back.append((list(word), cycle))
+            else:
+                self.loop_back.popleft()
+                self.contexts[c].do_input(cycle, word)
+                self.input_times.append(cycle)
+
+
+def reference_run(program, in_flits, batch, max_cycles=300_000, host_pattern=None):
+    """``test_emulator.reference_run`` (the whole mesh stepped every cycle: router FIFOs, round-robin grants, the
+    host) with :class:`ReferenceContextTile` for the tiles of several contexts. Returns (out_flits, out_times,
+    in_times, PEs by chain position)."""
+    host_pattern = host_pattern or HostPattern()
+    host_ready, host_offers = host_pattern.out_ready(), host_pattern.in_valid()
+    arch = program.arch
+    depth, lanes = arch.router_fifo_depth, arch.lanes
+    tiles = {(t.row, t.col): t for t in program.tiles}
+    fifos = {(pos, port): deque() for pos in tiles for port in PORT_ORDER}
+    pointers = {(pos, port): 0 for pos in tiles for port in PORT_ORDER}
+    pes = {(t.row, t.col): (ReferenceContextTile(t, arch, p) if t.later_contexts else ReferencePE(t, arch, p))
+           for p, t in enumerate(program.tiles)}
+    host_in = [(list(map(int, f)), (0, 0, 0)) for f in np.asarray(in_flits)]
+    out_flits, out_times, in_times = [], [], []
+    expected = batch * program.output_words
+
+    def route(pos, dest):
+        row, col = pos
+        d_row, d_col, d_host = dest
+        if d_host:
+            d_row, d_col = arch.exit_tile
+        if d_col != col:
+            return "E" if d_col > col else "W"
+        if d_row != row:
+            return "S" if d_row > row else "N"
+        return arch.exit_direction if d_host else "L"
+
+    for cycle in range(max_cycles):
+        if len(out_flits) == expected and all(pe.finished(batch) for pe in pes.values()):
+            break
+        writable = {key: len(fifo) < depth for key, fifo in fifos.items()}
+        grants = {}
+        for pos in tiles:
+            requests = {}
+            for port in PORT_ORDER:
+                if fifos[(pos, port)]:
+                    requests.setdefault(route(pos, fifos[(pos, port)][0][1]), []).append(port)
+            for out, inputs in requests.items():
+                start = pointers[(pos, out)]
+                grants[(pos, out)] = next(PORT_ORDER[(start + i) % 5] for i in range(5)
+                                          if PORT_ORDER[(start + i) % 5] in inputs)
+        pe_in_ready, pe_out_word = {}, {}
+        for pos, pe in pes.items():
+            if pe.idle:
+                pe_in_ready[pos], pe_out_word[pos] = False, None
+                continue
+            pe.start_compute(cycle)
+            pe_in_ready[pos] = pe.input_ready()
+            word = pe.output_word(cycle)
+            pe_out_word[pos] = word if word is not None and writable[(pos, "L")] else None
+            if isinstance(pe, ReferenceContextTile):
+                pe.plan_loop_back(cycle)
+        pushes, to_pe = [], {}
+        for (pos, out), granted in grants.items():
+            if out == "L":
+                ready = pe_in_ready[pos]
+            elif pos == arch.exit_tile and out == arch.exit_direction:
+                ready = bool(host_ready[cycle % HOST_PATTERN_CYCLES])
+            else:
+                neighbour = (pos[0] + STEP[out][0], pos[1] + STEP[out][1])
+                ready = neighbour in tiles and writable[(neighbour, OPPOSITE[out])]
+            if not ready:
+                continue
+            flit = fifos[(pos, granted)].popleft()
+            pointers[(pos, out)] = (PORT_ORDER.index(granted) + 1) % 5
+            if out == "L":
+                to_pe[pos] = flit
+            elif pos == arch.exit_tile and out == arch.exit_direction:
+                out_flits.append(flit[0])
+                out_times.append(cycle)
+            else:
+                pushes.append(((neighbour, OPPOSITE[out]), flit))
+        if len(in_times) < len(host_in) and writable[((0, 0), "W")] and host_offers[cycle % HOST_PATTERN_CYCLES]:
+            pushes.append((((0, 0), "W"), host_in[len(in_times)]))
+            in_times.append(cycle)
+        for pos, pe in pes.items():
+            if pe_out_word[pos] is not None:
+                pe.do_output(cycle)
+                pushes.append(((pos, "L"), (list(pe_out_word[pos]), pe.dest)))
+            if pos in to_pe:
+                pe.do_input(cycle, to_pe[pos][0])
+            if isinstance(pe, ReferenceContextTile):
+                pe.apply_loop_back(cycle)
+        for key, flit in pushes:
+            fifos[key].append(flit)
+    else:
+        raise AssertionError(f"reference did not finish in {max_cycles} cycles")
+    by_position = [pes[arch.chain_position(p)] for p in range(arch.n_tiles)]
+    for pe in by_position:
+        if isinstance(pe, ReferencePE) and not pe.idle:
+            pe.check_rules(batch)
+    return (np.array(out_flits, dtype=np.int8).reshape(-1, lanes), np.array(out_times), np.array(in_times),
+            by_position)
+
+
+def assert_matches_reference(program, flits, batch, *, host_pattern=None):
+    """The emulator against :func:`reference_run`, flit by flit and cycle by cycle; returns the emulator's result."""
+    ref_flits, ref_out, ref_in, ref_pes = reference_run(program, flits, batch, host_pattern=host_pattern)
+    result = emulate(program, flits, batch, **({} if host_pattern is None else {"host_pattern": host_pattern}))
+    np.testing.assert_array_equal(result.out_flits, ref_flits, err_msg="output flit data")
+    assert_same_times(result.in_times, ref_in, "host input transfer cycles")
+    assert_same_times(result.out_times, ref_out, "host output transfer cycles")
+    for position, pe in enumerate(ref_pes):
+        where = f"chain position {position}"
+        times = result.timing.pe_times[position]
+        if pe.idle:
+            assert times is None, f"{where} is idle but has PE times"
+            continue
+        assert_same_times(times.input, pe.input_times, f"{where}: input-side transfer cycles")
+        assert_same_times(times.output, pe.output_times, f"{where}: output-side transfer cycles")
+        assert_same_times(result.timing.word_starts[position], pe.word_starts, f"{where}: result word starts a_j")
+        if isinstance(pe, ReferenceContextTile):
+            assert_same_times(times.compute, pe.compute_starts, f"{where}: COMPUTE starts per (inference, context)")
+            for index, (context_times, context) in enumerate(zip(result.timing.context_times[position], pe.contexts)):
+                what = f"{where} context {index}"
+                assert_same_times(context_times.input, context.input_times, f"{what}: input-side transfer cycles")
+                assert_same_times(context_times.compute, context.compute_starts, f"{what}: COMPUTE starts")
+                assert_same_times(context_times.output, context.output_times, f"{what}: output-side transfer cycles")
+        else:
+            assert_same_times(times.compute, pe.compute_starts, f"{where}: COMPUTE starts")
+    return result
+
+
+# --- (b) the solved times against section 4.6's rules ---------------------------------------------------------------
+
+def _router_flits(program, result, index):
+    """The times at which chain ``index`` (of ``result.timing``'s streams) writes or reads the router FIFO beside a
+    tile: all its actions, or for a tile of several contexts the part that faces the router (the first context's
+    input, the last context's output)."""
+    name = result.timing.stream_names[index]
+    times = result.timing.stream_times[index]
+    for position, tile in enumerate(program.tiles):
+        if tile.later_contexts and name.startswith(f"PE {tile.key} "):
+            contexts = result.timing.context_times[position]
+            if name.endswith("input side"):
+                return contexts[0].input
+            assert name.endswith("output side"), name
+            return contexts[-1].output
+    return times
+
+
+def check_context_tile(program, result, position):
+    """The solved times of the tile of several contexts at chain ``position`` against section 4.6 (with sections 4
+    and 6), from the times alone: every inequality of the rules, and every transfer at the maximum of its lower bounds
+    (the first cycle its rules allow: the least solution)."""
+    tile, arch = program.tiles[position], program.arch
+    batch = result.batch
+    depth, ring = arch.router_fifo_depth, arch.result_words
+    configs = tile.contexts
+    n = len(configs)
+    contexts = result.timing.context_times[position]
+    ends = result.timing.context_compute_ends[position]
+    pe = result.timing.pe_times[position]
+    words = result.timing.word_starts[position]
+    counts = result.path.counts[position].contexts
+    assert len(contexts) == n == len(counts)
+    where = f"tile {tile.key}"
+    # the chains, per inference in turn order
+    for name, times in (("input", pe.input), ("output", pe.output)):
+        assert (np.diff(times) >= 1).all(), f"{where}: two {name} transfers in one cycle"
+        np.testing.assert_array_equal(np.concatenate([getattr(c, name).reshape(batch, -1) for c in contexts],
+                                                     axis=1).ravel(), times, err_msg=f"{where}: {name} turn order")
+    # per context: its words, d, the ring numbering
+    d_all, context_of_word, first_of_context = [], [], []
+    for index, count in enumerate(counts):
+        d = list(count.word_issue_cycles())
+        first_of_context += [True] + [False] * (len(d) - 1)
+        d_all += d
+        context_of_word += [index] * len(d)
+    width_words = len(d_all)
+    d_batch = np.tile(d_all, batch)
+    first_batch = np.tile(first_of_context, batch)
+    assert len(words) == batch * width_words
+    # EMIT times in ring order: each context's EMITs of inference s, contexts in turn, inferences in order
+    emits = np.concatenate([
+        np.concatenate([c.output.reshape(batch, -1)[:, ~count.output_is_pop()] for c, count in zip(contexts, counts)],
+                       axis=1)], axis=1).ravel()
+    assert len(emits) == len(words)
+    # --- compute side: a_j = max(a_{j-1} + d_{j-1} (+2 for a context's first word), store + 1, EMIT_{j-R} + 1)
+    store_done = []
+    for c, count in zip(contexts, counts):
+        store_done.append(c.input.reshape(batch, -1)[:, count.store_until - 1])
+    word_context = np.tile(context_of_word, batch)
+    word_inference = np.repeat(np.arange(batch), width_words)
+    for j in range(len(words)):
+        bounds = [0]
+        if j:
+            bounds.append(words[j - 1] + d_batch[j - 1] + (2 if first_batch[j] else 0))
+        if first_batch[j]:
+            bounds.append(store_done[word_context[j]][word_inference[j]] + 1)
+        if j >= ring:
+            bounds.append(emits[j - ring] + 1)
+        assert words[j] == max(bounds), f"{where}: result word {j} begins at {words[j]}, the rules give {bounds}"
+        assert emits[j] >= words[j] + d_batch[j] + 2, f"{where}: EMIT of word {j} before it is written"
+    for index, (c, count) in enumerate(zip(contexts, counts)):
+        first_words = words.reshape(batch, width_words)[:, context_of_word.index(index)]
+        np.testing.assert_array_equal(c.compute, first_words, err_msg=f"{where} context {index}: c_s")
+        last = context_of_word.index(index) + count.n_result_words - 1
+        np.testing.assert_array_equal(ends[index], words.reshape(batch, width_words)[:, last] + d_all[last] + 2)
+    # --- the loop-back FIFO: contexts 0..n-2's output transfers, read by contexts 1..n-1's input transfers
+    written = np.concatenate([c.output.reshape(batch, -1) for c in contexts[:-1]], axis=1).ravel()
+    read = np.concatenate([c.input.reshape(batch, -1) for c in contexts[1:]], axis=1).ravel()
+    assert len(written) == len(read)
+    assert (read >= written + 1).all(), f"{where}: a loop-back word read before it was written"
+    assert (written[depth:] >= read[:-depth] + 1).all(), f"{where}: a loop-back word written into a full FIFO"
+    # --- the router FIFOs beside the tile (the tile's input FIFO, its local output FIFO)
+    names = result.timing.stream_names
+    in_index, out_index = names.index(f"PE {tile.key} input side"), names.index(f"PE {tile.key} output side")
+    router_in = _router_flits(program, result, in_index - 1)       # writes the tile's input FIFO
+    router_out = _router_flits(program, result, out_index + 1)     # reads the tile's local FIFO
+    assert len(router_in) == len(contexts[0].input) and len(router_out) == len(contexts[-1].output)
+    # --- per side, every transfer at the maximum of its bounds
+    queues = []
+    for index, (c, count, config) in enumerate(zip(contexts, counts, configs)):
+        per_in = count.flits_in
+        pushing = np.zeros(per_in, dtype=bool)
+        pushing[count.forward_begin:count.forward_end] = True
+        pushing[count.n_in_words:] = True
+        pushes = c.input.reshape(batch, per_in)[:, pushing].ravel()
+        pops = c.output.reshape(batch, -1)[:, count.output_is_pop()].ravel()
+        assert len(pushes) == len(pops)
+        assert (pops >= pushes + 1).all(), f"{where} context {index}: a queue word popped before its push"
+        F = config.queue_words
+        assert (pushes[F:] >= pops[:-F or None][:len(pushes) - F] + 1).all() if len(pushes) > F else True
+        queues.append((pushing, pushes, pops, F))
+    # input chain
+    loop_read = 0
+    lb_index = {}
+    k = 0
+    for s in range(batch):
+        for index, (c, count) in enumerate(zip(contexts, counts)):
+            pushing, pushes, pops, F = queues[index]
+            push_number = s * int(pushing.sum())
+            for a in range(count.flits_in):
+                t = int(c.input[s * count.flits_in + a])
+                bounds = [int(pe.input[k - 1]) + 1 if k else 0]
+                if index == 0:
+                    bounds.append(int(router_in[s * count.flits_in + a]) + 1)
+                else:
+                    bounds.append(int(written[loop_read]) + 1)
+                    lb_index[loop_read] = k
+                    loop_read += 1
+                if pushing[a]:
+                    if push_number >= F:
+                        bounds.append(int(pops[push_number - F]) + 1)
+                    push_number += 1
+                if a == 0 and s >= 1:
+                    bounds.append(int(c.compute[s - 1]))
+                assert t == int(pe.input[k]) and t == max(bounds), \
+                    f"{where}: input transfer {a} of context {index}, inference {s}, at {t}; the rules give {bounds}"
+                k += 1
+    # output chain
+    k = word = loop_write = 0
+    for s in range(batch):
+        for index, (c, count) in enumerate(zip(contexts, counts)):
+            pushing, pushes, pops, F = queues[index]
+            pop_number = s * int(pushing.sum())
+            is_pop = count.output_is_pop()
+            for a in range(count.flits_out):
+                t = int(c.output[s * count.flits_out + a])
+                bounds = [int(pe.output[k - 1]) + 1 if k else 0]
+                if is_pop[a]:
+                    bounds.append(int(pushes[pop_number]) + 1)
+                    pop_number += 1
+                else:
+                    bounds.append(int(words[word]) + int(d_batch[word]) + 2)
+                    word += 1
+                if index < n - 1:
+                    if loop_write >= depth:
+                        bounds.append(int(read[loop_write - depth]) + 1)
+                    loop_write += 1
+                else:
+                    flit = s * count.flits_out + a
+                    if flit >= depth:
+                        bounds.append(int(router_out[flit - depth]) + 1)
+                assert t == int(pe.output[k]) and t == max(bounds), \
+                    f"{where}: output transfer {a} of context {index}, inference {s}, at {t}; the rules give {bounds}"
+                k += 1
+    # the router FIFOs: read after written, written when there is space
+    assert (contexts[0].input >= router_in + 1).all()
+    assert (router_out >= contexts[-1].output + 1).all()
+
+
+def check_all_context_tiles(program, result):
+    for position, tile in enumerate(program.tiles):
+        if tile.later_contexts:
+            check_context_tile(program, result, position)
+
+
+# --- (a) data -------------------------------------------------------------------------------------------------------
+
+def _dense_chain(rng, lanes=4, layers=4):
+    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=lanes * 4096, router_fifo_depth=2)
+    width = int(rng.integers(2, 3 * lanes))
+    built = []
+    for _ in range(layers):
+        n_out = int(rng.integers(1, 3 * lanes))
+        built.append(random_layer(rng, width, n_out, 1))
+        width = n_out
+    return arch, built
+
+
+@pytest.mark.parametrize("groups", [[2, 2], [3, 1], [1, 3], [4], [2, 1, 1]])
+def test_dense_contexts_equal_separate_tiles(groups):
+    """Four dense layers, packed 2+2, 3+1, 1+3, 4 or 2+1+1 into tiles of contexts: the outputs equal the layers on
+    separate tiles and the numpy golden; the times equal the cycle-stepping reference's and meet every rule."""
+    rng = np.random.default_rng(11 + sum(g * 7 ** i for i, g in enumerate(groups)))
+    arch, layers = _dense_chain(rng)
+    program = build_program(arch, layers, act_fill=rng, queue_words=8)
+    batch = 5
+    x = rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8)
+    flits = pack_flits(x, arch.lanes)
+    packed = pack_contexts(program, groups)
+    assert [len(t.contexts) for t in packed.tiles[:len(groups)]] == groups
+    separate = emulate(program, flits, batch)
+    result = assert_matches_reference(packed, flits, batch)
+    np.testing.assert_array_equal(result.out_flits, separate.out_flits)
+    golden = dense_golden(layers, x)
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], golden)
+    check_all_context_tiles(packed, result)
+
+
+def _random_source(rng, kind):
+    if kind == "dense":
+        program, layers, x, batch = random_program(rng)
+        return program, layers, None, x, batch
+    if kind == "windowed":
+        return random_windowed_program(rng, budget=12000)
+    if kind == "residual":
+        return random_residual_program(rng, budget=12000, concat=0.3)
+    return random_grouped_program(rng, budget=12000)
+
+
+KINDS = ("dense", "windowed", "residual", "grouped")
+
+
+def _random_packed(rng, kind, *, most=3):
+    """A random program of ``kind`` packed into tiles of up to ``most`` contexts (random groups, later queues from
+    exactly what they queue to a few words more, context 0's from 1 word), on a ring of its own, a FIFO depth of 1..4
+    and a pass or direct tail; with its layers, input shape, input and batch."""
+    program, layers, shape, x, batch = _random_source(rng, kind)
+    computing = sum(1 for t in program.tiles if t.config.n_out)
+    groups = random_groups(rng, computing, most)
+    extra = [int(rng.integers(0, 4)) for _ in range(most)]
+    small = rng.random() < 0.5
+
+    def queue_words(index, queued):
+        if index == 0 and small:
+            return int(rng.integers(1, 6))
+        return queued + extra[index]
+
+    ring = None
+    if rng.random() < 0.4:
+        widest = max(-(-t.config.n_out // program.arch.lanes) for t in program.tiles if t.config.n_out)
+        ring = int(rng.integers(1, widest + 3)) if rng.random() < 0.5 else int(rng.integers(1, 4))
+    depth = int(rng.integers(1, 5))
+    packed = pack_contexts(program, groups, queue_words=queue_words, ring=ring, depth=depth,
+                           tail="direct" if rng.random() < 0.3 else "pass")
+    try:
+        trace_data_path(packed)
+    except EmulatorError as error:          # a direct tail whose XY route meets another stream: pass instead
+        assert "contended" in str(error), error
+        packed = pack_contexts(program, groups, queue_words=queue_words, ring=ring, depth=depth)
+    return program, packed, layers, shape, x, batch
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_random_packed_programs_match_reference(seed):
+    """Random dense, windowed, residual / concat and grouped programs packed into tiles of up to three contexts:
+    outputs equal the unpacked program's and the golden; every transfer equals the cycle-stepping reference's and
+    meets section 4.6's rules, each at the first cycle they allow."""
+    rng = np.random.default_rng(46000 + seed)
+    kind = KINDS[seed % 4]
+    program, packed, layers, shape, x, batch = _random_packed(rng, kind)
+    flits = pack_flits(x, program.arch.lanes, program.input)
+    golden = network_golden(layers, x, shape, program.arch.lanes)
+    result = assert_matches_reference(packed, flits, batch)
+    np.testing.assert_array_equal(result.out_flits, golden)
+    check_all_context_tiles(packed, result)
