@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 
 from flowtile.arch import Arch
-from flowtile.emulator import EmulatorError, emulate, run_functional
+from flowtile.emulator import DeadlockError, EmulatorError, emulate, run_functional
 from flowtile.emulator import timing
 from flowtile.emulator.path import trace_data_path
 from flowtile.emulator.timing import solve_timing
 from flowtile.host import HOST_PATTERN_CYCLES, HostPattern, pack_flits
-from flowtile.program import Program, TileProgram
+from flowtile.program import Program, ProgramError, TileProgram
 from flowtile.tile_config import TileConfig
 from flowtile.testing.program_builder import Dense, build_program, dense_golden, network_golden
 
@@ -39,7 +39,7 @@ from test_emulator import (OPPOSITE, PORT_ORDER, STEP, ReferencePE, assert_same_
 # --- packing consecutive tiles into contexts (section 4.6) ------------------------------------------------------
 
 def pack_contexts(program: Program, groups, *, queue_words=None, tail: str = "pass", ring: int | None = None,
-                  depth: int | None = None) -> Program:
+                  depth: int | None = None, whole_queues: bool = True, validate: bool = True) -> Program:
     """``program`` with its computing tiles (a prefix of its data path) packed into tiles of several contexts:
     ``groups`` lists how many consecutive computing tiles each new tile holds, in order; the new tiles take chain
     positions ``0, 1, ...``, the rest pass the output through (``tail = "pass"``) or stay idle while the last new tile
@@ -51,7 +51,8 @@ def pack_contexts(program: Program, groups, *, queue_words=None, tail: str = "pa
     in a tile of several contexts at least what it queues: a later context needs that (section 4.6), and so does
     context 0, whose pops go into the loop-back FIFO, which the input side reads only after context 0's turn (a
     context-0 queue of ``F_0 < Q_0`` words deadlocks once ``Q_0 - F_0`` exceeds what the loop-back FIFO takes in
-    meanwhile). ``ring``, ``depth``: the arch's result ring and FIFO depth (default: ``program``'s)."""
+    meanwhile; ``whole_queues = False`` lifts that for context 0). ``ring``, ``depth``: the arch's result ring and
+    FIFO depth (default: ``program``'s). ``validate``: run ``Program.validate`` on the result."""
     arch0 = program.arch
     lanes = arch0.lanes
     order = list(trace_data_path(program).order)
@@ -78,7 +79,7 @@ def pack_contexts(program: Program, groups, *, queue_words=None, tail: str = "pa
             queued = config.queued_words
             words = 0
             if queued:
-                least = queued if len(configs) > 1 else 1
+                least = queued if len(configs) > 1 and (index or whole_queues) else 1
                 words = queued if queue_words is None else max(queue_words(index, queued), least)
             configs[index] = config.replace(queue_base=offset if words else 0, queue_words=words)
             offset += words
@@ -122,7 +123,8 @@ def pack_contexts(program: Program, groups, *, queue_words=None, tail: str = "pa
             tile.config = last
     result = Program(arch=arch, input=program.input, output=program.output, layers=program.layers, tiles=tiles,
                      model_name=program.model_name)
-    result.validate()
+    if validate:
+        result.validate()
     return result
 
 
@@ -608,9 +610,14 @@ def _random_packed(rng, kind, *, most=3):
     """A random program of ``kind`` packed into tiles of up to ``most`` contexts (random groups, later queues from
     exactly what they queue to a few words more, context 0's from 1 word), on a ring of its own, a FIFO depth of 1..4
     and a pass or direct tail; with its layers, input shape, input and batch."""
-    program, layers, shape, x, batch = _random_source(rng, kind)
-    computing = sum(1 for t in program.tiles if t.config.n_out)
-    groups = random_groups(rng, computing, most)
+    while True:            # at least two computing tiles, so that some tile gets several contexts
+        program, layers, shape, x, batch = _random_source(rng, kind)
+        computing = sum(1 for t in program.tiles if t.config.n_out)
+        if computing >= 2:
+            break
+    groups = [1]
+    while max(groups) == 1:
+        groups = random_groups(rng, computing, most)
     extra = [int(rng.integers(0, 4)) for _ in range(most)]
     small = rng.random() < 0.5
 
@@ -647,3 +654,251 @@ def test_random_packed_programs_match_reference(seed):
     result = assert_matches_reference(packed, flits, batch)
     np.testing.assert_array_equal(result.out_flits, golden)
     check_all_context_tiles(packed, result)
+
+
+def test_short_first_queue_deadlocks_or_runs():
+    """Context 0 of a tile of several contexts sends its pops into the loop-back FIFO, which the input side reads
+    only after context 0's turn: a queue of ``F_0`` words with ``Q_0 - F_0`` beyond what the FIFO takes meanwhile
+    (``D``, pops leading) would wait forever, and the emulator names it; one word more runs, equal to the reference.
+    (Section 4.6's rule asks a whole inference's queue of the later contexts only.)"""
+    rng = np.random.default_rng(5)
+    lanes, depth = 4, 2
+    arch = Arch(rows=1, cols=3, lanes=lanes, sram_bytes=lanes * 4096, router_fifo_depth=depth)
+    first = random_layer(rng, 6 * lanes, 2 * lanes, 2)        # over two tiles: the first forwards its 6 input words
+    layers = [first, random_layer(rng, 2 * lanes, 5, 1)]
+    program = build_program(arch, layers, act_fill=rng, queue_words=8)
+    assert program.tiles[0].config.queued_words == 6
+    batch = 3
+    x = rng.integers(-128, 128, (batch, first.n_in), dtype=np.int8)
+    flits = pack_flits(x, lanes)
+    for words, stalls in ((6 - depth - 1, True), (6 - depth, False), (6, False)):
+        packed = pack_contexts(program, [2, 1], queue_words=lambda index, queued: words if index == 0 else queued,
+                               whole_queues=False, validate=False)
+        assert packed.tiles[0].config.queue_words == words
+        try:
+            packed.validate()
+        except ProgramError as error:        # a program rule may ask it of context 0 too
+            assert "deadlock" in str(error) and words < 6
+            continue
+        if stalls:
+            with pytest.raises(DeadlockError, match=r"context 0: its forward queue of queue_words = 3 words .* would "
+                                                    r"wait forever at its input transfer 5 of context 0"):
+                emulate(packed, flits, batch)
+            continue
+        result = assert_matches_reference(packed, flits, batch)
+        np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :5], dense_golden(layers, x))
+        check_all_context_tiles(packed, result)
+
+
+# --- (c) the fast paths against plain sweeps ------------------------------------------------------------------------
+
+def _assert_same_timing(plain, fast, what):
+    assert plain.stream_names == fast.stream_names
+    for name, a, b in zip(plain.stream_names, plain.stream_times, fast.stream_times):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name}, {what}")
+    for position, (a, b) in enumerate(zip(plain.compute_ends, fast.compute_ends)):
+        if a is None:
+            assert b is None
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=f"compute ends of chain position {position}, {what}")
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_fast_paths_equal_plain_sweeps(seed, monkeypatch):
+    """Probes with their periodic extrapolation (whole-batch sweeps of a probe) and windows (a few inferences at a
+    time, a PE's compute and output chains solved together through the ring, extrapolation after every window) give
+    every action of every chain exactly as plain whole-batch sweeps, on packed random programs over 37 inferences;
+    the solved times meet every rule of section 4.6 at the first cycle it allows."""
+    rng = np.random.default_rng(47000 + seed)
+    program, packed, *_ = _random_packed(rng, KINDS[seed % 4])
+    batch = 37
+    plain = solve_timing(packed, batch, probe_batch=None)
+    for probe in (2, 4, 16):
+        _assert_same_timing(plain, solve_timing(packed, batch, probe_batch=probe), f"probe {probe}")
+    monkeypatch.setattr(timing, "WINDOW_MIN_ACTIONS", 0)      # windows for these small programs too
+    for probe in (1, 4, 16):
+        _assert_same_timing(plain, solve_timing(packed, batch, probe_batch=probe), f"windows, probe {probe}")
+    monkeypatch.setattr(timing, "WINDOW_PROBE", batch)        # every inference in windows, no extrapolation
+    graph = timing.timing_graph(packed, trace_data_path(packed))
+    tail = timing._pass_through_tail(graph)
+    system, _, extrapolated = timing._solve_in_windows(graph, tail, batch, batch, timing._spaced_delays(graph))
+    assert not extrapolated
+    for name, a, b in zip(plain.stream_names, plain.stream_times, system.solution()):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name}, all windows")
+    # the solution against the rules (the emulate() result carries path and batch for the checker)
+    flits = np.zeros((batch * packed.input_words, packed.arch.lanes), dtype=np.int8)
+    check_all_context_tiles(packed, emulate(packed, flits, batch))
+
+
+def test_long_batch_extrapolates():
+    """A packed dense chain over 200 inferences: the probe's steady state is extrapolated (the fast path taken), and
+    equals plain sweeps."""
+    rng = np.random.default_rng(8)
+    arch, layers = _dense_chain(rng, layers=5)
+    packed = pack_contexts(build_program(arch, layers, act_fill=rng, queue_words=8), [3, 2])
+    batch = 200
+    fast = solve_timing(packed, batch)
+    assert fast.extrapolated
+    _assert_same_timing(solve_timing(packed, batch, probe_batch=None), fast, "probe")
+
+
+# --- (a) a compiled network: the compiler's packing and its integer reference ---------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled_models(tmp_path_factory):
+    """int8 QDQ models and float inputs: an MLP 24 -> 32 -> 20 -> 12 -> 10 and a residual CNN on an 8-channel 6x6
+    map (stem, a basic block with a projection, pooling, a classifier: MAC, ADD, LANE layers; 8 channels, so that no
+    layer runs as BCAST, which the cycle-stepping reference does not model)."""
+    import onnx
+    from flowtile.testing.random_models import quantize_qdq, random_float_mlp, random_float_resnet
+    path = tmp_path_factory.mktemp("contexts_models")
+    rng = np.random.default_rng(31)
+    onnx.save(random_float_mlp(rng, [24, 32, 20, 12, 10]), path / "mlp.onnx")
+    onnx.save(random_float_resnet(rng, (8, 6, 6), 8, [{"kind": "basic", "out": 16, "stride": 2}], 5),
+              path / "resnet.onnx")
+    models = {}
+    for name, shape in (("mlp", (24,)), ("resnet", (8, 6, 6))):
+        model = quantize_qdq(path / f"{name}.onnx", path / f"{name}_qdq.onnx",
+                             rng.standard_normal((16, *shape)).astype(np.float32), activation_uint8=False,
+                             per_channel=True)
+        models[name] = (model, rng.standard_normal((3, *shape)).astype(np.float32))
+    return models
+
+
+@pytest.mark.parametrize("name, rows, cols, contexts, ring", [
+    ("mlp", 1, 2, 3, 16), ("mlp", 1, 3, 2, 16), ("mlp", 1, 2, 4, 2), ("mlp", 1, 2, 4, 1),
+    ("resnet", 2, 2, 4, 16), ("resnet", 1, 3, 4, 16), ("resnet", 1, 3, 4, 1)])
+def test_compiled_network_in_contexts(compiled_models, name, rows, cols, contexts, ring):
+    """The compiler packs a network's layers into tiles of up to ``contexts`` contexts: the emulator's integer
+    outputs equal the compiler's integer reference (``reference_forward``) and the same network on one context a
+    tile; its times equal the cycle-stepping reference's and meet section 4.6's rules."""
+    import warnings
+    from flowtile.compiler import compile_model, import_onnx, lower_layers, reference_forward
+    from flowtile.host import input_flits, outputs_from_flits, quantize
+    model, x = compiled_models[name]
+    small = dict(lanes=8, sram_bytes=8192, max_tile_outputs=64, result_ring_words=ring)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = compile_model(model, Arch(rows=rows, cols=cols, tile_contexts=contexts, **small), replicas=1)
+        alone = compile_model(model, Arch(rows=4, cols=4, **small), replicas=1)
+    assert any(tile.later_contexts for tile in program.tiles)
+    batch = len(x)
+    _, flits = input_flits(program, x)
+    result = assert_matches_reference(program, flits, batch)
+    check_all_context_tiles(program, result)
+    chip, _ = outputs_from_flits(program, result.out_flits, batch)
+    imported = import_onnx(model)
+    np.testing.assert_array_equal(chip, reference_forward(lower_layers(imported.layers), quantize(x, imported.input)))
+    _, alone_flits = input_flits(alone, x)
+    np.testing.assert_array_equal(chip, outputs_from_flits(alone, emulate(alone, alone_flits, batch).out_flits,
+                                                           batch)[0])
+
+
+# --- host stalls, reports, the watchdog, refusals --------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(12))
+def test_packed_programs_under_host_stalls(seed):
+    """Host output stalls and input gaps (gated host chains, no pass-through tail) on packed random programs: every
+    transfer equals the cycle-stepping reference's, the data the golden."""
+    rng = np.random.default_rng(48000 + seed)
+    program, packed, layers, shape, x, batch = _random_packed(rng, KINDS[seed % 4])
+    duties = [0.8, 0.5, 0.2]
+    pattern = HostPattern(int(rng.integers(0, 1 << 16)), float(rng.choice(duties)), float(rng.choice([1, 3, 20])),
+                          float(rng.choice(duties + [1.0])), float(rng.choice([1, 3])))
+    flits = pack_flits(x, program.arch.lanes, program.input)
+    result = assert_matches_reference(packed, flits, batch, host_pattern=pattern)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
+    check_all_context_tiles(packed, result)
+
+
+def test_timelines_and_busy_cycles_of_a_context_tile():
+    """A tile of three contexts: its timeline has per inference each context's RECV (and PASS), then COMPUTE spans in
+    turn, then FORWARD / EMIT spans in turn (section 6's conventions: a side's span runs from the end of its previous
+    one); its busy cycles and lane-MACs count every context."""
+    rng = np.random.default_rng(21)
+    arch, layers = _dense_chain(rng, layers=4)
+    program = build_program(arch, layers, act_fill=rng, queue_words=8)
+    packed = pack_contexts(program, [3, 1])
+    batch = 3
+    flits = pack_flits(rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8), arch.lanes)
+    result = emulate(packed, flits, batch)
+    tile, times = packed.tiles[0], result.timing
+    contexts = times.context_times[0]
+    spans = [(int(s), int(e), str(p)) for s, e, p in result.tile_timelines[0]]
+    expected_in, expected_compute, expected_out = [], [], []
+    end_in = end_out = 0
+    for s in range(batch):
+        for index, config in enumerate(tile.contexts):
+            ins = contexts[index].input.reshape(batch, -1)[s]
+            outs = contexts[index].output.reshape(batch, -1)[s]
+            for phase, part in (("RECV", ins[:config.n_in_words]), ("PASS", ins[config.n_in_words:])):
+                if len(part):
+                    expected_in.append((end_in, int(part[-1]) + 1, phase))
+                    end_in = int(part[-1]) + 1
+            lead = config.queued_words
+            for phase, part in (("FORWARD", outs[:lead]), ("EMIT", outs[lead:])):
+                if len(part):
+                    expected_out.append((end_out, int(part[-1]) + 1, phase))
+                    end_out = int(part[-1]) + 1
+            expected_compute.append((int(contexts[index].compute[s]), int(times.context_compute_ends[0][index][s]),
+                                     "COMPUTE"))
+    assert spans == expected_in + expected_compute + expected_out
+    counts = result.path.counts[0].contexts
+    row, col = tile.row, tile.col
+    assert result.tile_busy_cycles[row, col] == batch * sum(c.compute_issue_cycles + 2 for c in counts)
+    assert result.tile_macs[row, col] == batch * arch.lanes * sum(c.issue_cycles for c in counts)
+    np.testing.assert_array_equal(times.compute_ends[0],
+                                  np.stack(times.context_compute_ends[0], axis=1).ravel())
+
+
+def test_watchdog_counts_the_router_flits_of_a_context_tile():
+    """A run stopped at a cycle limit names, for a tile of several contexts, the flits it took from its router (its
+    first context's input transfers) and gave to it (its last context's output transfers)."""
+    from flowtile.emulator import WatchdogError
+    rng = np.random.default_rng(22)
+    arch, layers = _dense_chain(rng, layers=3)
+    packed = pack_contexts(build_program(arch, layers, act_fill=rng, queue_words=8), [3])
+    batch = 4
+    flits = pack_flits(rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8), arch.lanes)
+    full = emulate(packed, flits, batch)
+    limit = full.cycles // 2
+    contexts = full.timing.context_times[0]
+    got = int((contexts[0].input < limit).sum())
+    sent = int((contexts[-1].output < limit).sum())
+    want_in = batch * packed.tiles[0].config.n_in_words
+    want_out = batch * -(-layers[-1].n_out // arch.lanes)
+    with pytest.raises(WatchdogError, match=rf"\(0,0\) in {got}/{want_in} out {sent}/{want_out}"):
+        emulate(packed, flits, batch, max_cycles=limit)
+
+
+def test_one_context_with_parameter_rows_from_param_base():
+    """A tile of one context reads its parameter rows from ``param_base`` too (section 4.6's register): rows moved
+    down behind junk rows give the same outputs and times."""
+    rng = np.random.default_rng(23)
+    arch, layers = _dense_chain(rng, layers=2)
+    program = build_program(arch, layers, act_fill=rng, queue_words=8)
+    batch = 3
+    flits = pack_flits(rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8), arch.lanes)
+    before = emulate(program, flits, batch)
+    tile = program.tiles[1]
+    junk = np.tile(np.array([[123456, 1 << 30, 40]], dtype=np.int64), (5, 1))
+    tile.params = np.concatenate([junk, tile.params])
+    tile.config = tile.config.replace(param_base=5)
+    program.validate()
+    after = emulate(program, flits, batch)
+    np.testing.assert_array_equal(after.out_flits, before.out_flits)
+    np.testing.assert_array_equal(after.out_times, before.out_times)
+
+
+def test_contexts_whose_counts_do_not_chain_are_refused():
+    """Context ``c`` reads what context ``c - 1`` emits: a context whose ``n_in_words + n_pass`` differs is refused,
+    naming the tile and both contexts."""
+    rng = np.random.default_rng(24)
+    arch, layers = _dense_chain(rng, layers=3)
+    packed = pack_contexts(build_program(arch, layers, act_fill=rng, queue_words=8), [2, 1])
+    tile = packed.tiles[0]
+    later = tile.later_contexts[0]
+    free = max(end for config in tile.contexts for _, _, end in config.sram_regions())
+    tile.later_contexts = (later.replace(n_pass=1, queue_base=free, queue_words=later.queued_words + 1),)
+    with pytest.raises((EmulatorError, ProgramError), match=r"context 1 .*context 0|context 0 .*context 1"):
+        trace_data_path(packed)
