@@ -401,6 +401,8 @@ def _router_flits(program, result, index):
     input, the last context's output)."""
     name = result.timing.stream_names[index]
     times = result.timing.stream_times[index]
+    if name.startswith("link ") and " sender " in name:      # a link's sender: its accepts read the exit FIFO
+        return result.timing.link_times[int(name.split()[1])].accept
     for position, tile in enumerate(program.tiles):
         if tile.later_contexts and name.startswith(f"PE {tile.key} "):
             contexts = result.timing.context_times[position]
@@ -902,3 +904,61 @@ def test_contexts_whose_counts_do_not_chain_are_refused():
     tile.later_contexts = (later.replace(n_pass=1, queue_base=free, queue_words=later.queued_words + 1),)
     with pytest.raises((EmulatorError, ProgramError), match=r"context 1 .*context 0|context 0 .*context 1"):
         trace_data_path(packed)
+
+
+@pytest.mark.parametrize("topology, error_rate", [("line", 0.0), ("ring", 0.0), ("line", 1e-3)])
+def test_contexts_on_several_chips(compiled_models, topology, error_rate):
+    """The residual CNN compiled onto two chips of 1x2 tiles with up to four contexts a tile (chip 0's exit tile, of
+    several contexts, feeds link 0; chip 1's last tile the host or a ring's return link; with link faults too): the
+    outputs equal the compiler's integer reference, the tiles' times meet section 4.6's rules, and fault free the
+    probe's times equal plain sweeps'."""
+    import warnings
+    from flowtile.compiler import compile_model, import_onnx, lower_layers, reference_forward
+    from flowtile.host import input_flits, outputs_from_flits, quantize
+    model, x = compiled_models["resnet"]
+    arch = Arch(rows=1, cols=2, chips=2, chip_topology=topology, tile_contexts=4, lanes=8, sram_bytes=8192,
+                max_tile_outputs=64, result_ring_words=16, link_error_rate=error_rate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = compile_model(model, arch, replicas=1)
+    assert program.tiles[1].later_contexts and program.tiles[-1].later_contexts
+    batch = len(x)
+    _, flits = input_flits(program, x)
+    result = emulate(program, flits, batch)
+    chip, _ = outputs_from_flits(program, result.out_flits, batch)
+    imported = import_onnx(model)
+    np.testing.assert_array_equal(chip, reference_forward(lower_layers(imported.layers), quantize(x, imported.input)))
+    check_all_context_tiles(program, result)
+    if not error_rate:
+        longer = 20
+        _assert_same_timing(solve_timing(program, longer, probe_batch=None), solve_timing(program, longer),
+                            "two chips")
+
+
+@pytest.mark.parametrize("where, shift", [("first", 1), ("first", 2), ("later", 1), ("later", 2)])
+def test_context_weights_overlapping_its_banks(where, shift):
+    """A context's weights overlapping its own activation banks (one SRAM, each context's regions its own): COMPUTE
+    reads what that context's input side left there, as the reference steps it (``shift`` = 1: bank 0 over the last
+    output's weight row; 2: both banks inside the weights). In a tile of several contexts the input side cannot race
+    a running COMPUTE: the next inference of a context arrives only after the output side passed every EMIT of that
+    context's inference before (context 0's next input follows the last context's input, which is the last but
+    one's output, EMITs included, and these follow context 0's COMPUTE in compute order); the emulator, which checks
+    the times, and the reference, which refuses a race, agree."""
+    rng = np.random.default_rng(25)
+    lanes = 4
+    arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=lanes * 1024, router_fifo_depth=2)
+    layers = [random_layer(rng, 8, 8, 1), random_layer(rng, 8, 4, 1)]
+    packed = pack_contexts(build_program(arch, layers, act_fill=rng, queue_words=8), [2])
+    tile = packed.tiles[0]
+    index = 0 if where == "first" else 1
+    config = tile.contexts[index]
+    moved = config.replace(act_base=config.act_base - (config.n_in_words if shift == 1 else 2 * config.n_in_words + 1))
+    if index:
+        tile.later_contexts = (moved,)
+    else:
+        tile.config = moved
+    packed.validate()
+    batch = 3
+    x = rng.integers(-128, 128, (batch, 8), dtype=np.int8)
+    result = assert_matches_reference(packed, pack_flits(x, lanes), batch)
+    check_all_context_tiles(packed, result)
