@@ -28,6 +28,12 @@ Contract (docs/architecture.md sections 2 and 5):
   chip      :func:`load_chip_bits` = ceil(log2(chips))   chip ``k`` of a multi-chip system (0 on one chip);
             (at least 1)                                 the most significant field, so that the others
                                                          sit where they did before it existed
+  context   :func:`load_context_bits` =                  only when ``arch.tile_contexts > 1``: the context
+            ``index_bits(tile_contexts)``                whose register a config write sets (section 4.6);
+                                                         SRAM and parameter writes ignore it. Above
+                                                         ``chip``, so that no other field moves; a tile of
+                                                         one context has no such field (its load bus is
+                                                         exactly the one before contexts existed)
   ========  ===========================================  =============================================
 
   Data per target: SRAM word = a flit's ``data`` (low ``8 * lanes`` bits); parameter entry =
@@ -60,7 +66,7 @@ from flowtile.tile_config import ConfigError, TileConfig, register_bounds
 __all__ = [
     "LOAD_TARGET_SRAM", "LOAD_TARGET_PARAMS", "LOAD_TARGET_CONFIG", "LOAD_TARGET_LINK", "LOAD_TARGET_BITS",
     "LOAD_ADDR_BITS", "LINK_REG_INFERENCE_FLITS", "LINK_INFERENCE_FLITS_BITS", "LINK_REG_LANE_SEGMENT0",
-    "pack_link_segment_load", "load_chip_bits", "pack_link_load",
+    "pack_link_segment_load", "load_chip_bits", "load_context_bits", "pack_link_load",
     "PARAM_ENTRY_BITS", "LoadEncodingError", "encode_registers",
     "check_arch", "check_tile_position", "check_tile_index", "flit_layout", "flit_signature", "load_layout", "load_signature", "load_data_bits",
     "load_tile_bits", "param_layout", "config_layout", "config_field_index",
@@ -151,17 +157,27 @@ def load_chip_bits(arch: Arch) -> int:
     return index_bits(arch.chips)
 
 
+def load_context_bits(arch: Arch) -> int:
+    """Width of the load ``context`` field (docs/architecture.md section 4.6): ``index_bits(tile_contexts)``. The
+    field exists only when ``arch.tile_contexts > 1`` (:func:`load_layout`)."""
+    return index_bits(arch.tile_contexts)
+
+
 def load_layout(arch: Arch) -> data.StructLayout:
-    """The load-bus payload (``valid`` is the stream's, see the module docstring); ``chip`` is the most
-    significant field."""
+    """The load-bus payload (``valid`` is the stream's, see the module docstring): ``tile``, ``target``, ``addr``,
+    ``data``, ``chip`` and, only when ``arch.tile_contexts > 1``, ``context`` on top (so that with one context
+    per tile the payload is bit for bit the one before contexts existed)."""
     check_arch(arch, "load_layout")
-    return data.StructLayout({
+    fields = {
         "tile": unsigned(load_tile_bits(arch)),
         "target": unsigned(LOAD_TARGET_BITS),
         "addr": unsigned(LOAD_ADDR_BITS),
         "data": unsigned(load_data_bits(arch)),
         "chip": unsigned(load_chip_bits(arch)),
-    })
+    }
+    if arch.tile_contexts > 1:
+        fields["context"] = unsigned(load_context_bits(arch))
+    return data.StructLayout(fields)
 
 
 def load_signature(arch: Arch) -> wiring.Signature:
@@ -301,9 +317,13 @@ def pack_flit(arch: Arch, data: int, dest_row: int = 0, dest_col: int = 0, dest_
     return pack_struct(flit_layout(arch), data=data, dest_row=dest_row, dest_col=dest_col, dest_host=dest_host)
 
 
-def pack_load(arch: Arch, tile: int, target: int, addr: int, data: int, chip: int = 0) -> int:
-    """A load-bus write as the integer on ``load__payload``."""
-    return pack_struct(load_layout(arch), tile=tile, target=target, addr=addr, data=data, chip=chip)
+def pack_load(arch: Arch, tile: int, target: int, addr: int, data: int, chip: int = 0, context: int = 0) -> int:
+    """A load-bus write as the integer on ``load__payload``; ``context`` (section 4.6) selects the register file a
+    config write sets, in ``0 .. arch.tile_contexts - 1`` (an arch of one context per tile has no ``context``
+    field: only 0 is accepted)."""
+    context = _check_range("context", context, 0, arch.tile_contexts - 1)
+    fields = {"context": context} if arch.tile_contexts > 1 else {}
+    return pack_struct(load_layout(arch), tile=tile, target=target, addr=addr, data=data, chip=chip, **fields)
 
 
 def _pack_link_register(arch: Arch, owner: str, chip: int, addr: int, value: int) -> int:

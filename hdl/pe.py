@@ -8,8 +8,9 @@ the channel groups of MAX, LANE and ADD (registers group_word_begin, group_words
 section 6 rule 4)."""
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, unsigned
+from amaranth.hdl import Module, Mux, ResetInserter, Signal, unsigned
 from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -26,6 +27,17 @@ from .pe_queue import ForwardQueue
 from .pe_ring import ResultRing
 
 __all__ = ["PE"]
+
+
+def _select(m, index, values):
+    """``values[index]`` (a list of same-shaped values; ``index`` within the list), as a signal driven by a
+    switch."""
+    selected = Signal.like(values[0])
+    with m.Switch(index):
+        for case, value in enumerate(values):
+            with m.Case(case):
+                m.d.comb += selected.eq(value)
+    return selected
 
 
 class PE(wiring.Component):
@@ -166,47 +178,73 @@ class PE(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         arch, run = self.arch, self.run
+        contexts = arch.tile_contexts
         m.submodules.loader = loader = PELoader(arch, self.tile_index)
         m.submodules.sram = sram = Memory(shape=unsigned(arch.flit_data_bits), depth=arch.sram_words, init=[])
         m.submodules.params = params = ParamTable(arch.max_tile_outputs, arch.lanes)
         m.submodules.result_ring = ring = ResultRing(arch.result_words, arch.lanes)
         # The forward queue: F = queue_words words of the SRAM (section 4), emptied while run = 0 (whatever an
-        # interrupted run left in it).
-        m.submodules.forward_queue = queue = ForwardQueue(arch)
+        # interrupted run left in it). Section 4.6: one a context, each with its own region and state.
+        queues = [ForwardQueue(arch) for _ in range(contexts)]
+        if contexts == 1:
+            m.submodules.forward_queue = queues[0]
+        else:
+            for index, queue in enumerate(queues):
+                m.submodules[f"forward_queue{index}"] = queue
         m.submodules.input_side = input_side = InputSide(arch)
         m.submodules.sequencer = sequencer = ComputeSequencer(arch)
         m.submodules.pipeline = pipeline = ComputePipeline(arch)
         m.submodules.output_side = output_side = OutputSide(arch)
 
         wiring.connect(m, wiring.flipped(self.load), loader.load)
-        for side in (input_side, sequencer, pipeline, output_side, queue):
-            m.d.comb += side.config.eq(loader.config)
-        for side in (input_side, sequencer, output_side):
-            m.d.comb += [side.run.eq(run), side.computes.eq(loader.computes)]
-        m.d.comb += [loader.run.eq(run), queue.run.eq(run), pipeline.clear.eq(~run), ring.clear.eq(~run)]
+        if contexts == 1:
+            for side in (input_side, sequencer, pipeline, output_side, queues[0]):
+                m.d.comb += side.config.eq(loader.config[0])
+            for side in (input_side, sequencer, output_side):
+                m.d.comb += [side.run.eq(run), side.computes.eq(loader.computes[0])]
+        else:
+            # Section 4.6: each side works with the registers of the context it serves; the pipeline with the
+            # sequencer's (the drain keeps two contexts' words apart); each queue with its own context's.
+            for side, context in ((input_side, input_side.context), (sequencer, sequencer.context),
+                                  (output_side, output_side.context)):
+                m.d.comb += [side.config.eq(loader.config[context]), side.run.eq(run),
+                             side.computes.eq(loader.computes.bit_select(context, 1))]
+            m.d.comb += pipeline.config.eq(loader.config[sequencer.context])
+            for index, queue in enumerate(queues):
+                m.d.comb += queue.config.eq(loader.config[index])
+        m.d.comb += [loader.run.eq(run), pipeline.clear.eq(~run), ring.clear.eq(~run)]
+        for queue in queues:
+            m.d.comb += queue.run.eq(run)
 
         # The SRAM's write port 0: the loader's while run = 0, the input side's while run = 1. Write port 1: the
-        # forward queue's (it writes only while run = 1, into its region, which no other write reaches).
+        # forward queues' (they write only while run = 1, into their regions, which no other write reaches).
         sram_write = sram.write_port()
         for member in ("addr", "data", "en"):
             m.d.comb += getattr(sram_write, member).eq(
                 Mux(run, getattr(input_side.sram_write, member), getattr(loader.sram_write, member)))
         queue_write = sram.write_port()
-        wiring.connect(m, queue.sram_write, queue_write)
         wiring.connect(m, pipeline.weight_read, sram.read_port())
         wiring.connect(m, pipeline.activation_read, sram.read_port())
         # The queue reads its next head word a cycle ahead; a word it writes in the same cycle is read through.
-        wiring.connect(m, queue.sram_read, sram.read_port(transparent_for=(queue_write,)))
+        queue_read = sram.read_port(transparent_for=(queue_write,))
         wiring.connect(m, loader.param_write, params.write)
         wiring.connect(m, pipeline.param_read, params.read)
+        m.d.comb += params.read_skew.eq(pipeline.param_skew)
 
         # Input side -> forward queue -> output side; sequencer -> pipeline -> result ring -> output side.
-        wiring.connect(m, wiring.flipped(self.i_flit), input_side.i_flit)
-        wiring.connect(m, input_side.o_forward, queue.w_stream)
-        wiring.connect(m, queue.r_stream, output_side.i_queue)
+        if contexts == 1:
+            wiring.connect(m, queues[0].sram_write, queue_write)
+            wiring.connect(m, queues[0].sram_read, queue_read)
+            wiring.connect(m, wiring.flipped(self.i_flit), input_side.i_flit)
+            wiring.connect(m, input_side.o_forward, queues[0].w_stream)
+            wiring.connect(m, queues[0].r_stream, output_side.i_queue)
+            m.d.comb += [
+                input_side.compute_bank.eq(sequencer.compute_bank),
+                input_side.compute_begun.eq(sequencer.compute_begun),
+            ]
+        else:
+            self._connect_contexts(m, queues, queue_write, queue_read, input_side, sequencer, output_side)
         m.d.comb += [
-            input_side.compute_bank.eq(sequencer.compute_bank),
-            input_side.compute_begun.eq(sequencer.compute_begun),
             sequencer.store_done.eq(input_side.store_done),
             sequencer.ring_free.eq(ring.free),
             ring.word_issued.eq(sequencer.word_issued),
@@ -216,11 +254,83 @@ class PE(wiring.Component):
         wiring.connect(m, sequencer.issue, pipeline.issue)
         wiring.connect(m, pipeline.result_write, ring.write)
         wiring.connect(m, ring.words, output_side.i_results)
-        wiring.connect(m, output_side.o_flit, wiring.flipped(self.o_flit))
+        if contexts == 1:
+            wiring.connect(m, output_side.o_flit, wiring.flipped(self.o_flit))
 
         #: Internal signals a simulation testbench may watch (not ports): COMPUTE begins in this cycle
         #: (``c_s``, the first issue of an inference), a result word's first issue happens in this cycle
-        #: (``a_j``), and the bank COMPUTE reads or will read next.
+        #: (``a_j``), and the bank COMPUTE reads or will read next; with contexts (section 4.6) also the context
+        #: each side serves (``input_context``, ``compute_context``, ``output_context``) and the loop-back FIFO's
+        #: writes and reads in this cycle (``loop_write``, ``loop_read``).
         self.probes = {"compute_start": sequencer.compute_start, "word_start": sequencer.word_issued,
                        "compute_bank": sequencer.compute_bank}
+        if contexts > 1:
+            self.probes.update({"input_context": input_side.context, "compute_context": sequencer.context,
+                                "output_context": output_side.context, "loop_write": self._loop_write,
+                                "loop_read": self._loop_read})
         return m
+
+    def _connect_contexts(self, m, queues, queue_write, queue_read, input_side, sequencer, output_side):
+        """Section 4.6's wiring of ``C > 1`` contexts: the loop-back FIFO, the sides' sources and sinks by context,
+        the forward queues sharing the SRAM's queue write port (the input side's context pushes) and its read port
+        (the head of the output side's next-cycle context is read one cycle ahead), the per-context hand-over."""
+        arch, run = self.arch, self.run
+        in_context, out_context = input_side.context, output_side.context
+        out_loops_back = output_side.config.loop_back
+        # The loop-back FIFO: D = router_fifo_depth words of flit data (section 6 rule 1, as a router FIFO), from
+        # the output side of a context with loop_back = 1 to the input side of the next context; emptied while
+        # run = 0.
+        loop_back = SyncFIFO(width=arch.flit_data_bits, depth=arch.router_fifo_depth)
+        m.submodules.loop_back = ResetInserter(~run)(loop_back)
+        self._loop_write, self._loop_read = Signal(), Signal()      # probes: a word enters / leaves the FIFO
+        m.d.comb += [self._loop_write.eq(loop_back.w_en & loop_back.w_rdy),
+                     self._loop_read.eq(loop_back.r_en & loop_back.r_rdy)]
+
+        # Input side: context 0 reads the router, the later contexts the loop-back FIFO.
+        from_router = in_context == 0
+        m.d.comb += [
+            input_side.i_flit.valid.eq(Mux(from_router, self.i_flit.valid, loop_back.r_rdy)),
+            input_side.i_flit.payload.data.eq(Mux(from_router, self.i_flit.payload.data, loop_back.r_data)),
+            input_side.i_flit.payload.dest_row.eq(self.i_flit.payload.dest_row),
+            input_side.i_flit.payload.dest_col.eq(self.i_flit.payload.dest_col),
+            input_side.i_flit.payload.dest_host.eq(self.i_flit.payload.dest_host),
+            self.i_flit.ready.eq(input_side.i_flit.ready & from_router),
+            loop_back.r_en.eq(input_side.i_flit.ready & ~from_router),
+        ]
+        # Output side: a context with loop_back = 1 emits into the loop-back FIFO, the tile's last to the router.
+        out_flit = output_side.o_flit
+        m.d.comb += [
+            self.o_flit.valid.eq(out_flit.valid & ~out_loops_back),
+            self.o_flit.payload.eq(out_flit.payload),
+            loop_back.w_en.eq(out_flit.valid & out_loops_back),
+            loop_back.w_data.eq(out_flit.payload.data),
+            out_flit.ready.eq(Mux(out_loops_back, loop_back.w_rdy, self.o_flit.ready)),
+        ]
+
+        # The forward queues: pushes go to the input side's context, pops come from the output side's.
+        forward = input_side.o_forward
+        m.d.comb += [
+            forward.ready.eq(_select(m, in_context, [queue.w_stream.ready for queue in queues])),
+            output_side.i_queue.valid.eq(_select(m, out_context, [queue.r_stream.valid for queue in queues])),
+            output_side.i_queue.payload.eq(queue_read.data),
+        ]
+        for index, queue in enumerate(queues):
+            m.d.comb += [
+                queue.w_stream.valid.eq(forward.valid & (in_context == index)),
+                queue.w_stream.payload.eq(forward.payload),
+                queue.r_stream.ready.eq(output_side.i_queue.ready & (out_context == index)),
+                queue.sram_read.data.eq(queue_read.data),
+            ]
+        # Only the input side's context pushes (one push a cycle): its queue drives the queue write port.
+        for member in ("addr", "data", "en"):
+            m.d.comb += getattr(queue_write, member).eq(
+                _select(m, in_context, [getattr(queue.sram_write, member) for queue in queues]))
+        # One read port for every queue: it reads the head (after this cycle's pop) of the queue the output side
+        # serves next cycle, whose payload it is then (a queue's read address is its own next head).
+        m.d.comb += [queue_read.addr.eq(_select(m, output_side.next_context,
+                                                [queue.sram_read.addr for queue in queues])),
+                     queue_read.en.eq(1)]
+
+        # The bank hand-over, per context (section 4.6): the input side counts its turns against COMPUTE's starts.
+        m.d.comb += [input_side.compute_start.eq(sequencer.compute_start),
+                     input_side.compute_context.eq(sequencer.context)]

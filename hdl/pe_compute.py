@@ -53,7 +53,19 @@ class ComputeSequencer(wiring.Component):
     (``issue.valid``) in section 4.1's loop order over the band's output pixels, except that a result word's
     first issue waits for ``ring_free``; ``word_issued`` marks a word's first issue (``a_j``). After the last issue
     it drains :data:`COMPUTE_DRAIN_CYCLES` cycles. ``in_compute`` is high from ``c_s`` through the
-    last drain cycle. ``run = 0`` clears every flag (bank 0, no COMPUTE, nothing stored).
+    last drain cycle. ``run = 0`` clears every flag (bank 0, no COMPUTE, nothing stored, context 0).
+
+    With ``C = arch.tile_contexts > 1`` (section 4.6) COMPUTE serves the contexts in turn, ``0 .. C' - 1`` per
+    inference: ``context`` (a register) is the context of the COMPUTE running or next to run, and ``config`` and
+    ``computes`` must be that context's (the PE selects them, and the pipeline's registers, by ``context``). A
+    COMPUTE of context ``c`` is section 4's COMPUTE with ``c``'s registers; in its last cycle (the last drain cycle)
+    ``context`` moves on to ``c + 1``, or to 0 if ``c`` is the tile's last context (``loop_back = 0``, or ``c = C -
+    1``), and only then does ``compute_bank`` flip. The drain separates any two words of different contexts (the
+    next COMPUTE begins at the earliest in the cycle after the previous one's last drain cycle). ``store_done``
+    pulses are counted (up to ``C``: the input side may run up to ``C'`` turns ahead); COMPUTE begins only with a
+    count above 0 registered before the cycle, and its start takes one off: the ``n``-th COMPUTE begins after the
+    ``n``-th ``store_done`` (the ``n``-th turn's last stored word), in an earlier cycle. The window counters start
+    a COMPUTE from its own context's ``out_col_begin`` and ``w_base`` (the previous COMPUTE left them at its own).
 
     ``issue`` never stalls (``always_ready``); its payload (:func:`issue_layout`) is meaningful when
     ``issue.valid``.
@@ -76,6 +88,8 @@ class ComputeSequencer(wiring.Component):
         A COMPUTE is running or begins in this cycle.
     compute_bank : ``Out(1)``
     in_compute : ``Out(1)``
+    context : ``Out(range(C))``
+        Only with ``C > 1``: the context of the COMPUTE running or next to run.
     """
 
     def __init__(self, arch: Arch):
@@ -93,6 +107,7 @@ class ComputeSequencer(wiring.Component):
             "compute_begun": Out(1),
             "compute_bank": Out(1),
             "in_compute": Out(1),
+            **({"context": Out(range(arch.tile_contexts))} if arch.tile_contexts > 1 else {}),
         })
 
     def elaborate(self, platform):
@@ -105,24 +120,46 @@ class ComputeSequencer(wiring.Component):
 
         # ``computing``: a COMPUTE has begun and not ended. ``stored``: RECV word store_until - 1 of the
         # inference of the next COMPUTE has been received. Every term of compute_start is registered.
-        computing, stored, compute_bank = Signal(), Signal(), self.compute_bank
+        contexts = arch.tile_contexts
+        computing, compute_bank = Signal(), self.compute_bank
         compute_start, in_compute = self.compute_start, self.in_compute
+        if contexts == 1:
+            stored = Signal()
+        else:
+            # Section 4.6: the input side may have stored up to C' turns COMPUTE has not begun.
+            stored = Signal(range(contexts + 1))
         m.d.comb += [
-            compute_start.eq(self.run & self.computes & stored & ~computing & self.ring_free),
+            compute_start.eq(self.run & self.computes & (stored if contexts == 1 else stored != 0) & ~computing
+                             & self.ring_free),
             self.compute_begun.eq(computing | compute_start),
             in_compute.eq(self.run & (computing | compute_start)),
         ]
-        with m.If(compute_start):
-            m.d.sync += [computing.eq(1), stored.eq(0)]
-        # Set after the clear: RECV word store_until - 1 of inference s + 1 may arrive in cycle c_s itself.
-        with m.If(self.store_done):
-            m.d.sync += stored.eq(1)
+        if contexts == 1:
+            with m.If(compute_start):
+                m.d.sync += [computing.eq(1), stored.eq(0)]
+            # Set after the clear: RECV word store_until - 1 of inference s + 1 may arrive in cycle c_s itself.
+            with m.If(self.store_done):
+                m.d.sync += stored.eq(1)
+        else:
+            with m.If(compute_start):
+                m.d.sync += computing.eq(1)
+            m.d.sync += stored.eq(stored + self.store_done - compute_start)
 
         # Loop nest of section 4.1, innermost last. MAC: output row, output column, channel o, ky, kx, cw
         # (the weight order). MAX, LANE, ADD, CONCAT: output row, output column, cw, ky, kx. BCAST (section 4.5):
         # output row, output column, cw (its output word g), ky, kx, input channel c (counted in ``channel``).
         out_row = Signal.like(config.out_rows)            # relative to out_row_begin
-        out_col = Signal.like(config.out_width)           # ox: out_col_begin .. in the band's first row
+        out_col_register = Signal.like(config.out_width, name="out_col")   # ox: out_col_begin .. in the first row
+        weight_address_register = Signal.like(issue.weight_addr, name="weight_address")
+        if contexts == 1:
+            out_col, weight_address = out_col_register, weight_address_register
+        else:
+            # Section 4.6: the previous COMPUTE (another context's, possibly) left the counters at its own
+            # out_col_begin and w_base; a COMPUTE's first issue (the cycle it begins) starts from its own.
+            out_col = Signal.like(out_col_register, name="out_col_now")
+            weight_address = Signal.like(weight_address_register, name="weight_address_now")
+            m.d.comb += [out_col.eq(Mux(computing, out_col_register, config.out_col_begin)),
+                         weight_address.eq(Mux(computing, weight_address_register, config.w_base))]
         channel = Signal(max(len(config.n_out), len(config.in_channels)))   # o (MAC), c (BCAST)
         kernel_y = Signal.like(config.kernel_h)
         kernel_x = Signal.like(config.kernel_w)
@@ -176,7 +213,6 @@ class ComputeSequencer(wiring.Component):
             self.issue.valid.eq(issuing & (~word_first | self.ring_free)),
             self.word_issued.eq(self.issue.valid & word_first),
         ]
-        weight_address = Signal.like(issue.weight_addr)
         write_slot = Signal(range(arch.result_words))     # j mod R of the word being issued
         m.d.comb += issue.slot.eq(write_slot)
         with m.If(issuing):
@@ -187,10 +223,11 @@ class ComputeSequencer(wiring.Component):
                 count(channel, step_channel, last_channel)
                 # A row after the first starts at column 0; the next inference's first row at out_col_begin.
                 with m.If(pixel_done):
-                    m.d.sync += out_col.eq(Mux(last_out_col, Mux(last_out_row, config.out_col_begin, 0), out_col + 1))
+                    m.d.sync += out_col_register.eq(
+                        Mux(last_out_col, Mux(last_out_row, config.out_col_begin, 0), out_col + 1))
                 count(out_row, pixel_done & last_out_col, last_out_row)
                 # A pixel reads its weights in issue order, then starts over. MAX, ADD, CONCAT ignore them.
-                m.d.sync += weight_address.eq(Mux(pixel_done, config.w_base, weight_address + 1))
+                m.d.sync += weight_address_register.eq(Mux(pixel_done, config.w_base, weight_address + 1))
                 with m.If(issue.word_last):
                     m.d.sync += write_slot.eq(Mux(write_slot == arch.result_words - 1, 0, write_slot + 1))
                 with m.If(pixel_done & last_out_col & last_out_row):
@@ -199,15 +236,27 @@ class ComputeSequencer(wiring.Component):
             m.d.sync += drain.eq(drain + 1)
             with m.If(drain == COMPUTE_DRAIN_CYCLES - 1):
                 # COMPUTE's last cycle: its last result word is written now; the next COMPUTE may begin next.
-                m.d.sync += [computing.eq(0), compute_bank.eq(~compute_bank), drain.eq(0), issue_done.eq(0)]
+                m.d.sync += [computing.eq(0), drain.eq(0), issue_done.eq(0)]
+                if contexts == 1:
+                    m.d.sync += compute_bank.eq(~compute_bank)
+                else:
+                    # Section 4.6: the next context's COMPUTE, or context 0's of s + 1 after the tile's last.
+                    context = self.context
+                    last_context = ~config.loop_back | (context == contexts - 1)
+                    m.d.sync += context.eq(Mux(last_context, 0, context + 1))
+                    with m.If(last_context):
+                        m.d.sync += compute_bank.eq(~compute_bank)
         with m.If(~in_compute):
-            m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0), out_col.eq(config.out_col_begin),
-                         out_row.eq(0), issue_done.eq(0), drain.eq(0), weight_address.eq(config.w_base)]
+            m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0),
+                         out_col_register.eq(config.out_col_begin), out_row.eq(0), issue_done.eq(0), drain.eq(0),
+                         weight_address_register.eq(config.w_base)]
 
         self._addresses(m, is_add, is_concat, is_broadcast, two_operands, lane_wise, out_row, out_col, channel,
                         kernel_y, kernel_x, word, weight_address, group_first_word)
         with m.If(~self.run):
             m.d.sync += [computing.eq(0), compute_bank.eq(0), stored.eq(0), write_slot.eq(0)]
+            if contexts > 1:
+                m.d.sync += self.context.eq(0)
         return m
 
     def _addresses(self, m, is_add, is_concat, is_broadcast, two_operands, lane_wise, out_row, out_col, channel,

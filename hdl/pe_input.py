@@ -27,7 +27,7 @@ def bank_words(config):
 
 class InputSide(wiring.Component):
     """Input side of a PE (docs/architecture.md section 4, bullet "Input side"; the store and forward ranges,
-    section 4.2).
+    section 4.2; contexts, section 4.6).
 
     Per inference ``s = 0, 1, ...``: ``K = n_in_words`` RECV then ``P = n_pass`` PASS transfers on
     ``i_flit``, at most one a cycle. RECV word ``k`` is stored (``sram_write``, in the transfer's cycle) iff
@@ -42,10 +42,24 @@ class InputSide(wiring.Component):
 
     ``i_flit.ready`` is high iff ``run``, ``K + P > 0``, the transfer needs no push or
     ``o_forward.ready`` is high, and, in a computing tile (``computes``) at the first transfer of an
-    inference, the inference's parity ``s mod 2`` equals that of the COMPUTEs begun so far
-    (``compute_bank ^ compute_begun``): inference ``s >= 1`` starts at a cycle ``>= c_{s-1}``.
-    ``o_forward.valid`` does not depend on ``o_forward.ready`` (it is ``i_flit.valid`` and the other
-    terms). ``run = 0`` returns the side to word 0 of inference 0 (bank 0) and blocks every transfer.
+    inference, COMPUTE of the same context's previous inference has begun (inference ``s >= 1`` starts at a cycle
+    ``>= c_{s-1}``, possibly ``c_{s-1}`` itself). ``o_forward.valid`` does not depend on ``o_forward.ready``
+    (it is ``i_flit.valid`` and the other terms). ``run = 0`` returns the side to word 0 of inference 0 (bank 0,
+    context 0) and blocks every transfer.
+
+    With ``C = arch.tile_contexts = 1`` (the PE of sections 4 to 4.5) the hand-over compares parities: the
+    inference's parity ``s mod 2`` must equal that of the COMPUTEs begun so far (``compute_bank ^ compute_begun``).
+
+    With ``C > 1`` (section 4.6) the side serves the contexts in turn, ``0 .. C' - 1`` per inference: ``context``
+    (a register) is the context whose ``K + P`` transfers it makes; ``config`` and ``computes`` must be that
+    context's (the PE selects them by ``context``; so is ``i_flit``: the router for context 0, the loop-back FIFO
+    after it, and ``o_forward``: the context's forward queue). After a context's last transfer the next cycle is in
+    the next context, ``context + 1``, or in context 0 of inference ``s + 1`` if the context is the tile's last
+    (``loop_back = 0``, or ``context = C - 1``); only then does the bank ``s mod 2`` flip. The hand-over is per
+    context: a flag per context, set by the first transfer of a computing context's turn and cleared when COMPUTE
+    of that context begins (``compute_start`` with ``compute_context``); a turn's first transfer needs the flag
+    clear or cleared in the same cycle, i.e. the first transfer of ``(c, s)``, ``s >= 1``, happens at a cycle
+    ``>= c_{c,s-1}``.
 
     Parameters
     ----------
@@ -54,34 +68,47 @@ class InputSide(wiring.Component):
     Members
     -------
     config : ``In(config_layout())``
+        The current context's registers.
     computes : ``In(1)``
+        The current context computes.
     run : ``In(1)``
     i_flit : ``In(flit_signature(arch))``
     o_forward : ``Out(stream.Signature(unsigned(arch.flit_data_bits)))``
-        Into the forward queue.
+        Into the forward queue (of the current context).
     sram_write : ``In(sram_write_signature(arch))``
         Drives the SRAM's write port (the PE hands it to the input side while ``run = 1``).
     compute_bank : ``In(1)``
-        The bank of the COMPUTE running or next to run.
+        Only with ``C = 1``: the bank of the COMPUTE running or next to run.
     compute_begun : ``In(1)``
-        A COMPUTE is running or begins in this cycle.
+        Only with ``C = 1``: a COMPUTE is running or begins in this cycle.
+    compute_start : ``In(1)``
+        Only with ``C > 1``: a COMPUTE begins in this cycle ...
+    compute_context : ``In(range(C))``
+        Only with ``C > 1``: ... of this context.
+    context : ``Out(range(C))``
+        Only with ``C > 1``: the context served.
     store_done : ``Out(1)``
     """
 
     def __init__(self, arch: Arch):
         check_arch(arch, "InputSide")
         self.arch = arch
-        super().__init__({
+        contexts = arch.tile_contexts
+        members = {
             "config": In(config_layout()),
             "computes": In(1),
             "run": In(1),
             "i_flit": In(flit_signature(arch)),
             "o_forward": Out(stream.Signature(unsigned(arch.flit_data_bits))),
             "sram_write": In(sram_write_signature(arch)),
-            "compute_bank": In(1),
-            "compute_begun": In(1),
             "store_done": Out(1),
-        })
+        }
+        if contexts == 1:
+            members.update({"compute_bank": In(1), "compute_begun": In(1)})
+        else:
+            members.update({"compute_start": In(1), "compute_context": In(range(contexts)),
+                            "context": Out(range(contexts))})
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -105,10 +132,19 @@ class InputSide(wiring.Component):
         stores_second = (in_index >= config.store2_begin) & (in_index < config.store2_end)
         stores = receiving & (stores_first | stores_second)
         pushes = ~receiving | ((in_index >= config.forward_begin) & (in_index < config.forward_end))
-        # At in_index = 0 of inference s the COMPUTEs begun so far (this cycle's included) number s - 1 or s
-        # (COMPUTE of s needs a RECV of s; inference s - 1 began at >= c_{s-2}), so comparing parities
-        # decides. s = 0: both are 0.
-        may_begin = ~self.computes | (in_index != 0) | ((self.compute_bank ^ self.compute_begun) == in_bank)
+        contexts = self.arch.tile_contexts
+        if contexts == 1:
+            # At in_index = 0 of inference s the COMPUTEs begun so far (this cycle's included) number s - 1 or s
+            # (COMPUTE of s needs a RECV of s; inference s - 1 began at >= c_{s-2}), so comparing parities
+            # decides. s = 0: both are 0.
+            may_begin = ~self.computes | (in_index != 0) | ((self.compute_bank ^ self.compute_begun) == in_bank)
+        else:
+            # Section 4.6, per context: pending[c] = the input side began a turn of context c whose COMPUTE has not
+            # begun; the next turn of c may begin once it has (in the cycle it begins, too).
+            context = self.context
+            pending = Signal(contexts)
+            started_here = self.compute_start & (self.compute_context == context)
+            may_begin = ~self.computes | (in_index != 0) | ~pending.bit_select(context, 1) | started_here
         accepting = Signal()
         m.d.comb += [
             accepting.eq(self.run & (input_words != 0) & may_begin),
@@ -117,11 +153,29 @@ class InputSide(wiring.Component):
             i_flit.ready.eq(accepting & (~pushes | self.o_forward.ready)),
         ]
         transfer = i_flit.valid & i_flit.ready
-        with m.If(transfer):
-            with m.If(in_index == input_words - 1):
-                m.d.sync += [in_index.eq(0), in_bank.eq(~in_bank)]
-            with m.Else():
-                m.d.sync += in_index.eq(in_index + 1)
+        if contexts == 1:
+            with m.If(transfer):
+                with m.If(in_index == input_words - 1):
+                    m.d.sync += [in_index.eq(0), in_bank.eq(~in_bank)]
+                with m.Else():
+                    m.d.sync += in_index.eq(in_index + 1)
+        else:
+            # The context's turn ends with its last transfer; the tile's last context (loop_back = 0) ends the
+            # inference.
+            last_context = ~config.loop_back | (context == contexts - 1)
+            with m.If(transfer):
+                with m.If(in_index == input_words - 1):
+                    m.d.sync += [in_index.eq(0), context.eq(Mux(last_context, 0, context + 1))]
+                    with m.If(last_context):
+                        m.d.sync += in_bank.eq(~in_bank)
+                with m.Else():
+                    m.d.sync += in_index.eq(in_index + 1)
+            for index in range(contexts):
+                with m.If(self.compute_start & (self.compute_context == index)):
+                    m.d.sync += pending[index].eq(0)
+                # Set after the clear: COMPUTE of (c, s - 1) may begin in the cycle of (c, s)'s first transfer.
+                with m.If(transfer & (in_index == 0) & self.computes & (context == index)):
+                    m.d.sync += pending[index].eq(1)
 
         # Section 4.2: RECV word k is stored iff store_begin <= k < store_end (stored word k - store_begin) or
         # store2_begin <= k < store2_end (stored word B1 + k - store2_begin), into bank s mod 2. The ranges are
@@ -137,4 +191,6 @@ class InputSide(wiring.Component):
         ]
         with m.If(~self.run):
             m.d.sync += [in_index.eq(0), in_bank.eq(0)]
+            if contexts > 1:
+                m.d.sync += [context.eq(0), pending.eq(0)]
         return m

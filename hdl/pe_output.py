@@ -58,7 +58,17 @@ class OutputSide(wiring.Component):
 
     ``o_flit.valid`` is the chosen source's ``valid`` (and ``run``), never ``o_flit.ready``; the chosen
     source's ``ready`` is ``run & o_flit.ready``, the other's 0. Every flit carries the configured
-    destination. ``run = 0`` returns the side to the first transfer of an inference.
+    destination. ``run = 0`` returns the side to the first transfer of an inference (and to context 0).
+
+    With ``C = arch.tile_contexts > 1`` (section 4.6) the side serves the contexts in turn, ``0 .. C' - 1`` per
+    inference: ``context`` (a register) is the context whose ``Q + E`` transfers it makes, and ``config``,
+    ``computes`` and ``i_queue`` must be that context's (the PE selects them by ``context``, and routes ``o_flit``
+    into the loop-back FIFO while the context's ``loop_back`` is 1, to the router otherwise). A turn ends with the
+    context's last transfer (the last EMIT of a computing context; the last pop of one that does not compute); the
+    next cycle is in context ``context + 1``, or 0 after the tile's last context (``loop_back = 0``, or ``context =
+    C - 1``). ``next_context`` is the context of the next cycle (``context``, or the next one in the cycle of a
+    turn's last transfer: it depends on ``o_flit.ready``): the PE reads that context's forward-queue head one cycle
+    ahead.
 
     Parameters
     ----------
@@ -74,20 +84,27 @@ class OutputSide(wiring.Component):
     i_results : ``In(stream.Signature(unsigned(arch.flit_data_bits)))``
         The result ring's words.
     o_flit : ``Out(flit_signature(arch))``
+    context : ``Out(range(C))``
+        Only with ``C > 1``: the context served.
+    next_context : ``Out(range(C))``
+        Only with ``C > 1``: the context served in the next cycle.
     """
 
     def __init__(self, arch: Arch):
         check_arch(arch, "OutputSide")
         self.arch = arch
         word = unsigned(arch.flit_data_bits)
-        super().__init__({
+        members = {
             "config": In(config_layout()),
             "computes": In(1),
             "run": In(1),
             "i_queue": In(stream.Signature(word)),
             "i_results": In(stream.Signature(word)),
             "o_flit": Out(flit_signature(arch)),
-        })
+        }
+        if arch.tile_contexts > 1:
+            members.update({"context": Out(range(arch.tile_contexts)), "next_context": Out(range(arch.tile_contexts))})
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -140,6 +157,11 @@ class OutputSide(wiring.Component):
             self.i_queue.ready.eq(self.run & pop_phase & o_flit.ready),
             self.i_results.ready.eq(self.run & emit_phase & o_flit.ready),
         ]
+        # The last transfer of an inference (of the context's turn, section 4.6): its last EMIT, or the last bulk
+        # pop of a tile that does not compute.
+        contexts = self.arch.tile_contexts
+        turn_done = Signal()
+        ends_turn = [] if contexts == 1 else [turn_done.eq(1)]
         with m.If(o_flit.valid & o_flit.ready):
             with m.If(emit_phase):
                 with m.If(pixel_word == pixel_result_words - 1):
@@ -149,6 +171,7 @@ class OutputSide(wiring.Component):
                         with m.If(emit_last_row):
                             # The inference's last EMIT: the next transfer is a pop (or EMIT) of s + 1.
                             m.d.sync += [emit_row.eq(0), out_emitting.eq(0)]
+                            m.d.comb += ends_turn
                         with m.Else():
                             m.d.sync += emit_row.eq(emit_row + 1)
                     with m.Else():
@@ -163,9 +186,19 @@ class OutputSide(wiring.Component):
             with m.Else():
                 with m.If(out_index == bulk_pops - 1):
                     m.d.sync += [out_index.eq(0), out_emitting.eq(computes)]
+                    if ends_turn:
+                        with m.If(~computes):
+                            m.d.comb += ends_turn
                 with m.Else():
                     m.d.sync += out_index.eq(out_index + 1)
+        if contexts > 1:
+            context = self.context
+            last_context = ~config.loop_back | (context == contexts - 1)
+            m.d.comb += self.next_context.eq(Mux(turn_done, Mux(last_context, 0, context + 1), context))
+            m.d.sync += context.eq(self.next_context)
         with m.If(~self.run):
             m.d.sync += [out_index.eq(0), out_emitting.eq(0), pixel_popped.eq(0), pixel_word.eq(0),
                          emit_col.eq(0), emit_row.eq(0)]
+            if contexts > 1:
+                m.d.sync += self.context.eq(0)
         return m

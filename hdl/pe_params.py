@@ -5,7 +5,7 @@ from __future__ import annotations
 from amaranth.hdl import Module
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory, ReadPort, WritePort
-from amaranth.lib.wiring import Out
+from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
 from .layouts import param_layout
@@ -24,6 +24,13 @@ class ParamTable(wiring.Component):
     port: ``read.data[l]`` is row ``a*lanes + l`` one cycle after ``read.addr = a`` (with ``read.en``);
     a row never written reads 0. Reads are not transparent to a write in the same cycle.
 
+    ``read_skew`` (``k``, 0 if unused) reads the ``lanes`` consecutive rows from row ``a*lanes + k`` instead,
+    for a context's parameter rows that start at an arbitrary ``param_base`` (docs/architecture.md section 4.6):
+    bank ``l < k`` reads address ``a + 1``, the others ``a``, so ``read.data[l]`` is row ``a*lanes + l`` for
+    ``l >= k`` and row ``(a + 1)*lanes + l`` for ``l < k`` (the data stay in bank order: row ``a*lanes + k + i``
+    is ``read.data[(k + i) mod lanes]``). A bank whose address ``a + 1`` lies beyond its depth reads an
+    unspecified row.
+
     Parameters
     ----------
     rows : int
@@ -36,6 +43,8 @@ class ParamTable(wiring.Component):
     write : ``Out(WritePort.Signature(addr_width=ceil_log2(rows), shape=param_layout()))``
     read : ``Out(ReadPort.Signature(addr_width=ceil_log2(ceil(rows / lanes)),
         shape=data.ArrayLayout(param_layout(), lanes)))``
+    read_skew : ``In(range(lanes))``
+        The first row's bank (with ``read.addr``).
     """
 
     def __init__(self, rows: int, lanes: int):
@@ -50,6 +59,7 @@ class ParamTable(wiring.Component):
             "write": Out(WritePort.Signature(addr_width=ceil_log2(rows), shape=param_layout())),
             "read": Out(ReadPort.Signature(addr_width=ceil_log2(self.bank_depth),
                                                   shape=data.ArrayLayout(param_layout(), lanes))),
+            "read_skew": In(range(lanes)),
         })
 
     def elaborate(self, platform):
@@ -63,7 +73,9 @@ class ParamTable(wiring.Component):
                 bank_write.addr.eq(self.write.addr >> lane_bits),
                 bank_write.data.eq(self.write.data),
                 bank_write.en.eq(self.write.en & (write_bank == lane)),
-                bank_read.addr.eq(self.read.addr),
+                # banks below the skew hold the window's last rows, one address further (never the last bank)
+                bank_read.addr.eq(self.read.addr + (lane < self.read_skew) if lane < self.lanes - 1
+                                  else self.read.addr),
                 bank_read.en.eq(self.read.en),
                 self.read.data[lane].eq(bank_read.data),
             ]

@@ -75,7 +75,10 @@ class ComputePipeline(wiring.Component):
     section 4.1; ADD, section 4.2; CONCAT, section 4.3), three stages behind the sequencer's issue.
 
     Issue (cycle ``c``, ``issue.valid``): the payload's addresses drive ``weight_read``,
-    ``activation_read`` and ``param_read``. Stage 1 (``c + 1``): the words read are present; a padded
+    ``activation_read`` and ``param_read`` (with ``param_skew``: the rows read are the ``L`` table rows from row ``f =
+    param_base + r``, ``r`` the issue's first parameter row, ``o`` for MAC (``param_addr * L + lane``), ``cw * L`` for
+    the lane-wise ops (``param_addr * L``): ``param_read.addr = f div L``, ``param_skew = f mod L``, section 4.6's
+    register ``param_base``; MAC takes row ``f``, lane ``l`` of a lane-wise op row ``f + l``). Stage 1 (``c + 1``): the words read are present; a padded
     issue replaces the activation by ``pad_value`` in every lane. MAC adds the lane sum of the
     int8 x int8 products to accumulator 0, LANE, ADD, CONCAT and BCAST each lane's product to its own (the
     multiplicand is the weight lane, or for ADD and CONCAT the operand multiplier ``add_mult_a`` /
@@ -100,6 +103,8 @@ class ComputePipeline(wiring.Component):
         shape=unsigned(arch.flit_data_bits)))``
     param_read : ``In(ReadPort.Signature(addr_width=..., shape=data.ArrayLayout(param_layout(), L)))``
         A :class:`~flowtile.hdl.pe_params.ParamTable`'s read port.
+    param_skew : ``Out(range(L))``
+        To the table's ``read_skew``: the bank of the first row read.
     result_write : ``In(WritePort.Signature(addr_width=ceil_log2(arch.result_words),
         shape=unsigned(arch.flit_data_bits), granularity=8))``
     word_written : ``Out(1)``
@@ -120,6 +125,7 @@ class ComputePipeline(wiring.Component):
             "param_read": In(ReadPort.Signature(
                 addr_width=ceil_log2(-(-arch.max_tile_outputs // arch.lanes)),
                 shape=data.ArrayLayout(param_layout(), arch.lanes))),
+            "param_skew": Out(range(arch.lanes)),
             "result_write": In(WritePort.Signature(
                 addr_width=ceil_log2(arch.result_words), shape=unsigned(arch.flit_data_bits), granularity=LANE_BITS)),
             "word_written": Out(1),
@@ -129,27 +135,41 @@ class ComputePipeline(wiring.Component):
         m = Module()
         lanes, config, issue = self.arch.lanes, self.config, self.issue.payload
         is_max, _, _, two_operands, lane_wise, _ = op_decode(config)
+        lane_bits = exact_log2(lanes)
+        # Section 4.6: the context's parameter row r is table row param_base + r. The issue's first row r is o
+        # (MAC: param_addr * L + lane) or cw * L (the lane-wise ops: param_addr * L); the table returns the L rows
+        # from f = param_base + r (bank f mod L first, the window wrapping into the next address).
+        first_row = Signal(max(len(config.param_base), len(issue.param_addr) + lane_bits) + 1)
         m.d.comb += [
+            first_row.eq(config.param_base + (issue.param_addr << lane_bits) + Mux(lane_wise, 0, issue.lane)),
             self.weight_read.addr.eq(issue.weight_addr),
             self.activation_read.addr.eq(issue.activation_addr),
-            self.param_read.addr.eq(issue.param_addr),
+            self.param_read.addr.eq((first_row >> lane_bits)[:len(self.param_read.addr)]),
         ]
         # Stage 1: the words read for the issue are present.
         stage1_valid = Signal()
         stage1 = Signal(issue_layout(self.arch))
+        stage1_skew = Signal(range(lanes))          # f mod L of the rows read
         m.d.sync += [stage1_valid.eq(self.issue.valid), stage1.eq(issue)]
+        if lanes > 1:
+            m.d.comb += self.param_skew.eq(first_row[:lane_bits])
+            m.d.sync += stage1_skew.eq(self.param_skew)
         activation = Mux(stage1.padded, Cat(*([config.pad_value] * lanes)), self.activation_read.data)
         # BCAST (section 4.5) multiplies every lane's weight by one activation byte, lane c mod L of the word.
         is_broadcast = config.op == OP_BCAST
         broadcast = activation.word_select(stage1.lane, LANE_BITS).as_signed() if lanes > 1 else lane_of(activation, 0)
-        # Parameter rows, one per lane: the lane-wise ops use bank l for lane l; MAC feeds lane 0's
-        # accumulator and requantizer with row o from bank o % L (stage1.lane = o mod L).
+        # Parameter rows, one per lane, from the window of L rows at f = param_base + r read in bank order: lane l
+        # takes row f + l from bank (f + l) mod L. The lane-wise ops use every lane; MAC feeds lane 0's accumulator
+        # and requantizer with row f = param_base + o (with param_base = 0 this is bank o % L, stage1.lane = o mod L).
         param_rows = self.param_read.data
-        mac_param_row = Signal(param_layout())
-        m.d.comb += mac_param_row.eq(param_rows[stage1.lane if lanes > 1 else 0])
-        lane0_param_row = Signal(param_layout())
-        m.d.comb += lane0_param_row.eq(Mux(lane_wise, param_rows[0].as_value(), mac_param_row.as_value()))
-        lane_param_rows = [lane0_param_row] + [param_rows[lane] for lane in range(1, lanes)]
+        if lanes > 1:
+            lane_param_rows = []
+            for lane in range(lanes):
+                row = Signal(param_layout(), name=f"param_row{lane}")
+                m.d.comb += row.eq(param_rows[(stage1_skew + lane)[:lane_bits]])
+                lane_param_rows.append(row)
+        else:
+            lane_param_rows = [param_rows[0]]
 
         # One int8 x signed 24-bit multiplier per lane: the weight lane (MAC, LANE) or the unsigned operand
         # multiplier (ADD, CONCAT). |int8 x uint23| < 2^30 fits 31 signed bits.
