@@ -2,7 +2,7 @@
 
 Both simulators run the very same job through :class:`flowtile.rtl.harness.Harness` with the very same
 sequence (:func:`flowtile.rtl.cocotb_driver.run_job`): reset, load every tile (config registers in
-``CONFIG_FIELDS`` order, non-zero SRAM image words, parameter rows), fill the input buffer, pulse
+``CONFIG_FIELDS`` order, every context's in turn, non-zero SRAM image words, parameter rows), fill the input buffer, pulse
 ``start``, wait for ``stopped`` without per-cycle Python, read back the output entries. Their results
 must therefore be identical; any difference is a simulator or harness bug.
 
@@ -565,8 +565,9 @@ def _unpack_flit_data(words: list[int], lanes: int) -> np.ndarray:
 
 
 def _load_payloads(program: Program) -> list[int]:
-    """Packed load-bus payloads for every tile, in loading order: config, SRAM, parameters; then every link's
-    registers."""
+    """Packed load-bus payloads for every tile, in loading order: config (context 0's registers, then each later
+    context's with the payload's ``context`` field, docs/architecture.md section 4.6), SRAM, parameters; then every
+    link's registers."""
     arch = program.arch
     layout = load_layout(arch)
     offsets = {name: field.offset for name, field in layout}
@@ -577,9 +578,12 @@ def _load_payloads(program: Program) -> list[int]:
     payloads = []
     for tile in program.tiles:
         tile_address = (tile.chip << offsets["chip"]) | ((tile.row * arch.cols + tile.col) << offsets["tile"])
-        # In CONFIG_FIELDS order; the caller validated the program (every register rule).
-        for addr, value in encode_registers(tile.config):
-            payloads.append(payload(tile_address, LOAD_TARGET_CONFIG, addr, value))
+        # In CONFIG_FIELDS order, context by context; the caller validated the program (every register rule, at
+        # most arch.tile_contexts contexts: a later context implies the load bus's context field).
+        for context, config in enumerate(tile.contexts):
+            context_address = tile_address | (context << offsets["context"]) if context else tile_address
+            for addr, value in encode_registers(config):
+                payloads.append(payload(context_address, LOAD_TARGET_CONFIG, addr, value))
         # SRAM starts zeroed after reset: only non-zero image words need a load cycle.
         for addr, word in enumerate(_pack_flit_data(tile.sram)):
             if word:
