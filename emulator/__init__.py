@@ -113,13 +113,13 @@ class EmulatorResult:
     ``N_o*K`` for a dense layer; ``I * L`` for a LANE tile, ``I = n_pix * CW * KH*KW``, every lane
     multiplying; ``I * L`` for an ADD tile, ``I = n_pix * CW * 2``, and for a CONCAT tile,
     ``I = n_pix * CW``, each issue multiplying an operand word by ``add_mult_a`` or ``add_mult_b``; 0 for
-    max pooling, which multiplies nothing) per PE;
+    max pooling, which multiplies nothing) per PE (a tile of several contexts: the sum over its contexts);
     ``tile_timelines[p]``: the phase spans of the PE at chain position ``p``, a :data:`PHASE_SPAN_DTYPE`
     array (iterates as ``(start, end, phase)``): all input-side spans (per inference RECV then PASS), then
     all COMPUTE spans, then all output-side spans (per inference FORWARD, then EMIT); an empty phase has no
     span; a tile of several contexts (section 4.6) has per inference each context's spans in turn (RECV, PASS of
     context 0, then of context 1, ...; COMPUTE of context 0, 1, ...; FORWARD, EMIT of context 0, then 1, ...).
-    ``tile_busy_cycles`` and ``tile_macs`` count every context. FORWARD covers the ``Q_f + P_bulk`` forward-queue pops that lead an inference's output side and
+    FORWARD covers the ``Q_f + P_bulk`` forward-queue pops that lead an inference's output side and
     EMIT the rest of its ``Q + E`` output transfers: with ``pass_per_pixel > 0`` (section 4.4) those are
     the per-pixel interleaved pops and EMITs, so an EMIT span then includes ``n_pix * pass_per_pixel``
     pops; with ``pass_per_pixel = 0`` FORWARD is all ``Q`` pops and EMIT the ``E`` EMITs. An input or

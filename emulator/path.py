@@ -12,11 +12,12 @@ sends over link ``k`` into chip ``k + 1``'s tile (0,0) W FIFO, as the host feeds
 :mod:`.timing`'s, its framing and messages :mod:`flowtile.link_format`'s); in a ring (``chip_topology = "ring"``)
 the last chip's exit stream crosses link ``chips - 1``, whose receiver delivers it to the host output.
 
-A tile of several contexts (``TileProgram.later_contexts``, docs/architecture.md section 4.6) is one stop of the data
-path: its first context reads the stream that reaches the tile, each later context the one before's output (through
-the tile's loop-back FIFO; :func:`trace_data_path` checks the counts match), and its last context's output leaves the
-tile by that context's destination registers (:func:`last_context`). :func:`tile_counts` gives such a tile context
-0's counts with every context's in :attr:`TileCounts.contexts`; the ``tile_*`` properties are the tile's.
+A tile of several contexts (``TileProgram.later_contexts``, docs/architecture.md section 4.6) is one stop of the
+data path: its first context reads the stream that reaches the tile, each later context the one before's output
+(through the tile's loop-back FIFO; :func:`trace_data_path` checks the counts match), and its last context's output
+leaves the tile by that context's destination registers (``TileProgram.output_config``). :func:`tile_counts` gives
+such a tile context 0's counts with every context's in :attr:`TileCounts.contexts`; the ``tile_*`` properties are the
+tile's.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_ADD, OP_BCAST, OP_CONCAT, OP_
 from flowtile.program import Program, TileProgram, link_name
 from flowtile.link_format import LinkGeometry
 
-__all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "config_counts", "PORTS", "HOST",
-           "TileProgress", "FlitProgress", "flit_progress", "stuck_summary", "DeadlockError", "link_delivered",
-           "tile_label", "last_context"]
+__all__ = ["EmulatorError", "TileCounts", "Hop", "DataPath", "trace_data_path", "tile_counts", "config_counts", "PORTS",
+           "HOST", "TileProgress", "FlitProgress", "flit_progress", "stuck_summary", "DeadlockError", "link_delivered",
+           "tile_label"]
 
 
 class EmulatorError(ValueError):
@@ -210,10 +211,9 @@ def _recv_range(begin: int, end: int) -> tuple[int, int]:
 def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
     """A tile's counts: its one context's, or for a tile of several contexts (section 4.6) context 0's with every
     context's in :attr:`TileCounts.contexts`."""
-    later = getattr(tile, "later_contexts", ())
-    if not later:
+    if not tile.later_contexts:
         return config_counts(tile.config, arch)
-    contexts = tuple(config_counts(config, arch) for config in (tile.config, *later))
+    contexts = tuple(config_counts(config, arch) for config in tile.contexts)
     return replace(contexts[0], contexts=contexts)
 
 
@@ -282,12 +282,6 @@ def tile_label(chip: int, row: int, col: int) -> str:
     """A tile's name in messages and chain names: ``r{row}c{col}``, prefixed ``chip{k}.`` after the first chip
     (as :attr:`flowtile.program.TileProgram.key`)."""
     return f"r{row}c{col}" if chip == 0 else f"chip{chip}.r{row}c{col}"
-
-
-def last_context(tile: TileProgram):
-    """The registers of the context that emits a tile's flits to its router: its last (section 4.6)."""
-    later = getattr(tile, "later_contexts", ())
-    return later[-1] if later else tile.config
 
 
 def _route(arch: Arch, start: tuple[int, int], first_fifo: str, target: tuple[int, int], to_host: bool,
@@ -437,7 +431,7 @@ def trace_data_path(program: Program) -> DataPath:
         if count.tile_flits_out == 0:
             raise EmulatorError(f"tile {tile.key} (chain position {consumer}) emits no flits, so nothing "
                                 f"reaches the host")
-        config = last_context(tile)       # the destination registers of the context that emits to the router
+        config = tile.output_config       # the destination registers of the context that emits to the router
         chip = tile.chip
         who = f"tile {tile.key} (chain position {consumer})"
         link, link_fifos, link_outputs = None, [], []
@@ -626,7 +620,7 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
             received, emitted = 0, 0
         tiles.append(TileProgress(position, tile.row, tile.col, port, source, reads, count.tile_flits_out,
                                   arriving, received, emitted, finished, batch, tile.chip))
-        config = last_context(tile)
+        config = tile.output_config
         if config.dest_host:
             target = arch.exit_tile
         else:
