@@ -130,7 +130,30 @@ class PE(wiring.Component):
 
     The parameter table is banked by lane (row ``r`` in bank ``r % L`` at address ``r // L``) so that
     LANE, ADD and CONCAT read the ``L`` rows ``cw*L + l`` of one word in one cycle; MAC reads row ``o``
-    from bank ``o % L``. The load bus still addresses rows, the banking is internal.
+    from bank ``o % L``. The load bus still addresses rows, the banking is internal. Register ``param_base``
+    (section 4.6) moves every row a context reads: its row ``r`` is table row ``param_base + r``; the ``L`` rows of
+    a lane-wise word then start in any bank (the table reads banks below the first row's one address further, the
+    pipeline rotates them into lanes).
+
+    Contexts (docs/architecture.md section 4.6; ``C = arch.tile_contexts``, ``C = 1`` being everything above). The
+    PE holds ``C`` register files (the load bus's ``context`` field picks the one a config write sets) and runs
+    contexts ``0 .. C' - 1`` per inference, the tile's last being the first with ``loop_back = 0``. Each side
+    serves them in turn with the registers of the context it serves (a ``context`` register per side): the input
+    side context 0's ``K + P`` transfers (from the router), then context 1's (from the loop-back FIFO), ...; COMPUTE
+    context 0's result words, then context 1's, ... (each a COMPUTE of section 4 with its drain, the pipeline
+    working with the sequencer's context's registers); the output side context 0's ``Q + E`` transfers (into the
+    loop-back FIFO while ``loop_back = 1``), then context 1's, ..., the last context's to the router. A side's turn
+    ends with its context's last transfer (COMPUTE: its last drain cycle) and the next context's first transfer may
+    come in the next cycle. Context ``c``'s transfers store into its own banks (``act_base``, bank ``s mod 2``) and
+    push into and pop from its own forward queue (a :class:`~flowtile.hdl.pe_queue.ForwardQueue` a context,
+    submodules ``forward_queue.context0`` ...): the queues share the SRAM's queue write port (the input side's context
+    pushes) and its queue read port, which reads the next head of the queue the output side serves in the next
+    cycle (``OutputSide.next_context``), so that a turn's first pop finds its head word on the read data. The
+    hand-over holds per context: the first input transfer of ``(c, s)``, ``s >= 1``, at ``>= c_{c,s-1}``; COMPUTE
+    of the ``n``-th turn begins after the input side's ``n``-th ``store_done`` (a count: it may be up to ``C'``
+    turns ahead). The loop-back FIFO (submodule ``loop_back``, an :class:`~amaranth.lib.fifo.SyncFIFO` of
+    ``router_fifo_depth`` words of flit data: section 6 rule 1) is emptied while ``run = 0``. The result ring, the
+    pipeline, the SRAM and the parameter table are shared; the ring numbers words in compute order over contexts.
 
     The PE is a composition (each part's docstring states its share of this contract):
     :class:`~flowtile.hdl.pe_loader.PELoader` (config registers, load decode),
@@ -141,7 +164,7 @@ class PE(wiring.Component):
     forward queue (:class:`~flowtile.hdl.pe_queue.ForwardQueue`, submodule ``forward_queue``: its control, the words
     being in the SRAM), :class:`~flowtile.hdl.pe_input.InputSide`, :class:`~flowtile.hdl.pe_compute.ComputeSequencer`
     and :class:`~flowtile.hdl.pe_pipeline.ComputePipeline` (the compute side) and
-    :class:`~flowtile.hdl.pe_output.OutputSide`.
+    :class:`~flowtile.hdl.pe_output.OutputSide`; with several contexts also the loop-back FIFO.
 
     Parameters
     ----------
@@ -157,10 +180,10 @@ class PE(wiring.Component):
         Flits into the router's L input.
     load : ``In(load_signature(arch))``
         The load bus; this PE takes the writes whose ``tile`` equals ``tile_index``, and only while
-        ``run = 0``.
+        ``run = 0`` (a config write into the register file of context ``context``, a field only when ``C > 1``).
     run : ``In(1)``
-        While 0 every side is held at the start of inference 0 (input and compute bank 0, every counter
-        and flag and the compute pipeline cleared, the forward queue emptied) and no
+        While 0 every side is held at the start of inference 0 (input and compute bank 0, context 0, every counter
+        and flag and the compute pipeline cleared, the forward queues and the loop-back FIFO emptied) and no
         flit is transferred; config, SRAM and parameters keep what was loaded.
     """
 
@@ -189,8 +212,12 @@ class PE(wiring.Component):
         if contexts == 1:
             m.submodules.forward_queue = queues[0]
         else:
+            # one submodule holding the contexts' queues (forward_queue.context<c>), so that a hierarchy by
+            # component (flowtile area) finds them where a single context's is
+            holder = Module()
             for index, queue in enumerate(queues):
-                m.submodules[f"forward_queue{index}"] = queue
+                holder.submodules[f"context{index}"] = queue
+            m.submodules.forward_queue = holder
         m.submodules.input_side = input_side = InputSide(arch)
         m.submodules.sequencer = sequencer = ComputeSequencer(arch)
         m.submodules.pipeline = pipeline = ComputePipeline(arch)

@@ -42,7 +42,9 @@ class ForwardQueue(wiring.Component):
     <amaranth.lib.memory.Memory.read_port>`): a word pushed into an empty queue in cycle ``t`` is read in ``t`` and is
     the payload in ``t + 1``. No other write port may write the region while ``run = 1``
     (:meth:`TileConfig.validate <flowtile.tile_config.TileConfig.validate>` keeps it apart from the activation banks
-    and the weights); the queue reads no other SRAM word.
+    and the weights); the queue reads no other SRAM word. A PE of several contexts (section 4.6) shares one read
+    port between its contexts' queues and serves, each cycle, the read address of the queue the output side pops in
+    the next cycle: only that queue's payload is then meaningful, which is the one the output side reads.
 
     The head and tail offsets (``0 .. F - 1``) and the count of words held (``0 .. F``) are registers as wide as
     ``queue_words``: the FIFO behaves for every value the register holds; the SRAM addresses are

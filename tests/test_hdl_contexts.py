@@ -930,3 +930,22 @@ def test_one_context_tile_has_the_ports_of_before():
         assert "context" not in side.signature.members
     assert "compute_bank" in InputSide(arch).signature.members
     assert "compute_start" in InputSide(arch.replace(tile_contexts=2)).signature.members
+
+
+def test_tile_of_contexts_lints_clean(tmp_path):
+    """The tile module of 3 contexts passes `verilator --lint-only -Wall` with tests/test_verilog_lint.py's waivers."""
+    import os
+    import shutil
+    import subprocess
+
+    from flowtile.hdl.verilog import tile_verilog
+    verilator = shutil.which("verilator")
+    if not verilator:
+        pytest.skip("verilator is not on PATH")
+    waivers = ["-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "-Wno-CMPCONST", "-Wno-UNSIGNED", "-Wno-PROCASSINIT",
+               "-Wno-DECLFILENAME", "-Wno-UNUSEDSIGNAL"]
+    path = tmp_path / "tile.v"
+    path.write_text(tile_verilog(Arch(rows=2, cols=3, lanes=4, sram_bytes=2048, tile_contexts=3), "tile"))
+    result = subprocess.run([verilator, "--lint-only", "-Wall", *waivers, "--top-module", "tile", str(path)],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-4000:]
