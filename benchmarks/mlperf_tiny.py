@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
     parser.add_argument("--ring-words", type=int, default=Arch.result_ring_words,
                         help=f"per-tile result ring depth (default {Arch.result_ring_words}, the Arch default)")
+    parser.add_argument("--tile-contexts", type=int, default=Arch.tile_contexts,
+                        help=f"layers a tile may hold (arch field tile_contexts, default {Arch.tile_contexts})")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="also print each compile report")
@@ -54,7 +56,7 @@ def main() -> None:
         x = np.random.default_rng(args.seed).standard_normal((args.batch, *shape)).astype(np.float32)
         for grid in args.grids.split(","):
             arch = Arch(sram_bytes=args.sram_bytes, max_tile_outputs=args.max_tile_outputs,
-                        result_ring_words=args.ring_words).with_grid(grid)
+                        result_ring_words=args.ring_words, tile_contexts=args.tile_contexts).with_grid(grid)
             started = time.perf_counter()
             try:
                 program = compile_model(model, arch)

@@ -111,7 +111,8 @@ class Run:
     error: str | None = None
 
 
-def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
+def run(model, arch, x, show_report: bool, replicas: int | None = None,
+        max_transfers_linked: int = MAX_TRANSFERS_LINKED) -> Run:
     """Compile (``replicas``: copies of the network, None: the compiler's choice on several chips) and emulate.
     A replicated program runs ``len(x)`` program inferences (``x`` repeated to ``len(x) * replicas`` real ones), its
     interval is the steady state per program inference over its copies; ``q`` holds the first ``len(x)`` outputs."""
@@ -129,8 +130,8 @@ def run(model, arch, x, show_report: bool, replicas: int | None = None) -> Run:
     copies = program.replicas
     # a chain of many tiles settles into its periodic schedule only after about two inferences a tile
     # (measure.settled), so the batch grows with the tiles, within MAX_BATCH program inferences and the transfer caps
-    transfers = sum(t.config.n_in_words + t.config.n_pass + t.config.output_flits(arch.lanes) for t in program.tiles)
-    cap = MAX_TRANSFERS_ONE_CHIP if arch.chips == 1 else MAX_TRANSFERS_LINKED
+    transfers = sum(c.n_in_words + c.n_pass + c.output_flits(arch.lanes) for t in program.tiles for c in t.contexts)
+    cap = MAX_TRANSFERS_ONE_CHIP if arch.chips == 1 else max_transfers_linked
     count = max(1, min(MAX_BATCH, cap // max(1, transfers), max(len(x), 2 * arch.system_tiles)))
     batch = np.resize(x, (count * copies, *x.shape[1:]))   # x first, repeated: count program inferences
     emulated = emulate_model(program, batch)
@@ -341,6 +342,11 @@ def main() -> None:
     parser.add_argument("--ring-words", type=int, default=None,
                         help="per-tile result ring depth (default: the Arch's)")
     parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
+    parser.add_argument("--tile-contexts", type=int, default=Arch.tile_contexts,
+                        help=f"layers a tile may hold (arch field tile_contexts, default {Arch.tile_contexts})")
+    parser.add_argument("--max-transfers", type=float, default=MAX_TRANSFERS_LINKED,
+                        help=f"PE transfers one emulation of linked chips may hold (memory: about 45-70 bytes each; "
+                             f"default {MAX_TRANSFERS_LINKED:.0e}); a long chain needs more to settle")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="also print each compile report")
@@ -389,6 +395,7 @@ def main() -> None:
             base = Arch(sram_bytes=args.large_sram_bytes if net == LARGE else args.sram_bytes,
                         max_tile_outputs=args.max_tile_outputs,
                         result_ring_words=args.ring_words or Arch.result_ring_words,
+                        tile_contexts=args.tile_contexts,
                         link_latency_cycles=args.latency).with_grid(args.grid)
             small = reference(net, model, base, x)  # one R x C chip: the replication estimate
             cuts = cut_costs(model, base.lanes)
@@ -400,7 +407,7 @@ def main() -> None:
                     geometry = LinkGeometry(arch)
                     label = f"1/{fraction} ({arch.link_bits} b)"
                     progress(f"{net}: {n} chips of {args.grid}, link {label} ...")
-                    multi = run(model, arch, x, args.report, replicas) if n > 1 else None
+                    multi = run(model, arch, x, args.report, replicas, int(args.max_transfers)) if n > 1 else None
                     if multi is None or multi.error:
                         why = "needs 2 or more chips" if multi is None else multi.error
                         progress(f"{net}: {n} chips, link {label}: {why}")
