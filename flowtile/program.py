@@ -81,9 +81,10 @@ def _check_parameters(tile: "TileProgram") -> None:
 
 def _check_contexts(tile: "TileProgram", arch: Arch) -> None:
     """The rules between the contexts of one tile (docs/architecture.md section 4.6): at most ``tile_contexts``;
-    with two or more, each computes, ``loop_back`` is 1 in all but the last, each context ``c >= 1`` queues a whole
-    inference of what it forwards and passes (else the loop-back FIFO could deadlock), and SRAM regions and
-    parameter rows are pairwise disjoint. A tile of one context needs ``loop_back = 0``."""
+    with two or more, each computes, ``loop_back`` is 1 in all but the last, each queues a whole inference of what
+    it forwards and passes (else the loop-back FIFO could deadlock), each context ``c >= 1`` receives what context
+    ``c - 1`` emits, and SRAM regions and parameter rows are pairwise disjoint. A tile of one context needs
+    ``loop_back = 0``."""
     contexts = tile.contexts
     if len(contexts) > arch.tile_contexts:
         raise ProgramError(f"tile {tile.key}: {len(contexts)} contexts exceed arch field 'tile_contexts' = "
@@ -101,10 +102,18 @@ def _check_contexts(tile: "TileProgram", arch: Arch) -> None:
         if config.n_out == 0:
             raise ProgramError(f"tile {tile.key} context {index}: n_out = 0, but every context of a tile with "
                                f"several computes (section 4.6)")
-        if index and config.queue_words < config.queued_words:
+        if config.queue_words < config.queued_words:
             raise ProgramError(f"tile {tile.key} context {index}: queue_words = {config.queue_words} is less than "
-                               f"the {config.queued_words} words it forwards and passes per inference; a later "
-                               f"context's queue must hold them, else the loop-back FIFO can deadlock (section 4.6)")
+                               f"the {config.queued_words} words it forwards and passes per inference; in a tile of "
+                               f"several contexts each queue must hold them, else the loop-back FIFO can deadlock "
+                               f"(section 4.6)")
+        if index:
+            emitted = contexts[index - 1].output_flits(arch.lanes)
+            received = config.n_in_words + config.n_pass
+            if received != emitted:
+                raise ProgramError(f"tile {tile.key} context {index}: n_in_words + n_pass = {received}, but context "
+                                   f"{index - 1} emits {emitted} words per inference into the loop-back FIFO "
+                                   f"(section 4.6)")
     claimed = []
     for index, config in enumerate(contexts):
         for what, begin, end in config.sram_regions():
