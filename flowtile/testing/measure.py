@@ -23,11 +23,11 @@ class SteadyState:
 
     @property
     def used_tiles(self) -> int:
-        """The tiles that compute (those of the layers)."""
-        return sum(len(layer.tiles) for layer in self.program.layers)
+        """The tiles that compute (those of the layers; a tile of several contexts once, section 4.6)."""
+        return len({tuple(tile) for layer in self.program.layers for tile in layer.tiles})
 
     def layer_utilization(self, layer: LayerInfo) -> float:
-        """One layer's MACs over its own tiles."""
+        """One layer's MACs over its own tiles (a tile shared with other layers as contexts counts whole)."""
         return layer.macs / (self.interval * len(layer.tiles) * self.program.arch.lanes)
 
     @property
