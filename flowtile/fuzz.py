@@ -72,9 +72,12 @@ def arch_pool(seed: int, count: int) -> list[Arch]:
     :data:`QUEUE_CAPS`). Every :data:`MULTICHIP_EVERY`-th is 2 or 3 such chips in a line
     with random links (wire width 1 bit to a whole flit, latency 1-64, frames of 1-16 flits, credit and go-back-N
     windows of 1-8 frames; fault free), which the compiler may fill with copies of the network; its link fields
-    come from a generator of their own, so the single-chip architectures are those of pools without them."""
+    come from a generator of their own, so the single-chip architectures are those of pools without them. Every
+    other architecture lets a tile hold 2 to 4 layers (``tile_contexts``, docs/architecture.md section 4.6; a
+    generator of its own too), so that the compiler packs small layers into contexts."""
     rng = np.random.default_rng([seed, 0xA5C4])
     link_rng = np.random.default_rng([seed, 0x11C4])
+    context_rng = np.random.default_rng([seed, 0xC0C7])
     pool = []
     lane_choices = [int(lanes) for lanes in rng.permutation([4, 8, 16])]
     for index in range(count):
@@ -92,6 +95,8 @@ def arch_pool(seed: int, count: int) -> list[Arch]:
                                 link_frame_flits=int(link_rng.choice([1, 2, 4, 16])),
                                 link_credit_frames=int(link_rng.integers(1, 9)),
                                 link_replay_frames=int(link_rng.integers(1, 9)))
+        if index % 2:
+            arch = arch.replace(tile_contexts=int(context_rng.integers(2, 5)))
         pool.append(arch)
     return pool
 
@@ -108,13 +113,13 @@ def queue_cap(arch_index: int) -> int | None:
 
 def cap_queues(program, cap: int | None):
     """``program`` with every tile's forward queue shortened to at most ``cap`` words (in place; None: unchanged).
-    Still a valid program: a shorter queue only makes the tile wait (section 4)."""
+    Still a valid program: a shorter queue only makes the tile wait (section 4); a tile of several contexts keeps
+    its whole queues (section 4.6)."""
     if cap is not None:
         for tile in program.tiles:
-            if tile.config.queue_words > cap:
-                # a tile of several contexts keeps its regions (section 4.6): context 0's queue just gets shorter
-                tile.config = (tile.config.replace(queue_words=cap) if tile.later_contexts
-                               else tile.config.with_queue(program.arch, cap))
+            # a tile of several contexts keeps whole queues (section 4.6: a short one could deadlock its loop-back)
+            if tile.config.queue_words > cap and not tile.later_contexts:
+                tile.config = tile.config.with_queue(program.arch, cap)
         program.validate()
     return program
 
@@ -128,7 +133,8 @@ def arch_name(arch: Arch) -> str:
         f"{arch.chips}x-b{arch.link_bits}-d{arch.link_latency_cycles}-F{arch.link_frame_flits}"
         f"-c{arch.link_credit_frames}-r{arch.link_replay_frames}-")
     return (f"{chips}{arch.rows}x{arch.cols}-l{arch.lanes}-s{arch.sram_bytes}-o{arch.max_tile_outputs}"
-            f"-f{arch.router_fifo_depth}-r{arch.result_ring_words}")
+            f"-f{arch.router_fifo_depth}-r{arch.result_ring_words}"
+            + (f"-x{arch.tile_contexts}" if arch.tile_contexts > 1 else ""))
 
 
 def _draw_network(rng: np.random.Generator, lanes: int):
