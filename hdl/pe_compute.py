@@ -65,7 +65,11 @@ class ComputeSequencer(wiring.Component):
     pulses are counted (up to ``C``: the input side may run up to ``C'`` turns ahead); COMPUTE begins only with a
     count above 0 registered before the cycle, and its start takes one off: the ``n``-th COMPUTE begins after the
     ``n``-th ``store_done`` (the ``n``-th turn's last stored word), in an earlier cycle. The window counters start
-    a COMPUTE from its own context's ``out_col_begin`` and ``w_base`` (the previous COMPUTE left them at its own).
+    a COMPUTE from its own context's ``out_col_begin`` and ``w_base`` (the previous COMPUTE, possibly begun in the
+    cycle after its own last drain cycle, left them at its own): its first issue reads them, and the column and
+    weight registers take them in that issue, so that every issue of its first pixel reads its own column. The other
+    loop counters (``word``, ``kernel_x``, ``kernel_y``, the channel counter, ``out_row``) wrap to 0 with the
+    previous COMPUTE's last issue.
 
     ``issue`` never stalls (``always_ready``); its payload (:func:`issue_layout`) is meaningful when
     ``issue.valid``.
@@ -225,6 +229,13 @@ class ComputeSequencer(wiring.Component):
                 with m.If(pixel_done):
                     m.d.sync += out_col_register.eq(
                         Mux(last_out_col, Mux(last_out_row, config.out_col_begin, 0), out_col + 1))
+                if contexts > 1:
+                    # Section 4.6: a COMPUTE's first issue reads its own out_col_begin through ``out_col``; unless
+                    # that issue ends a pixel, the register must take it too (it holds what the previous
+                    # COMPUTE, another context's, left: that context's out_col_begin), or the following issues of
+                    # the first pixel would read the previous context's column.
+                    with m.Elif(~computing):
+                        m.d.sync += out_col_register.eq(out_col)
                 count(out_row, pixel_done & last_out_col, last_out_row)
                 # A pixel reads its weights in issue order, then starts over. MAX, ADD, CONCAT ignore them.
                 m.d.sync += weight_address_register.eq(Mux(pixel_done, config.w_base, weight_address + 1))

@@ -18,7 +18,7 @@ from flowtile.compiler import CompileError, compile_model, estimated_interval, r
 from flowtile.program import Program, ProgramError
 from flowtile.testing.oracle_checks import (assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator,
                                             emulate_model)
-from flowtile.testing.random_models import quantize_qdq, random_float_mlp, random_float_resnet
+from flowtile.testing.random_models import quantize_qdq, random_float_cnn, random_float_mlp, random_float_resnet
 
 #: small tiles, so that small networks split and pack
 SMALL = dict(lanes=8, sram_bytes=8192, max_tile_outputs=64, result_ring_words=16)
@@ -26,8 +26,10 @@ SMALL = dict(lanes=8, sram_bytes=8192, max_tile_outputs=64, result_ring_words=16
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """int8 QDQ models: an MLP 24 -> 32 -> 20 -> 12 -> 10 and a residual CNN (stem, a basic block with a projection,
-    pooling, a classifier: Conv, Add, pools and Gemm layers)."""
+    """int8 QDQ models: an MLP 24 -> 32 -> 20 -> 12 -> 10, a residual CNN (stem, a basic block with a projection,
+    pooling, a classifier: Conv, Add, pools and Gemm layers) and a plain CNN (two Conv + MaxPool blocks, a Gemm: on
+    2x2 tiles a BCAST stem and its pool share a tile, and a convolution band starting inside a row shares one with
+    its pool and the classifier)."""
     path = tmp_path_factory.mktemp("contexts")
     rng = np.random.default_rng(31)
     onnx.save(random_float_mlp(rng, [24, 32, 20, 12, 10]), path / "mlp.onnx")
@@ -38,7 +40,11 @@ def models(tmp_path_factory):
     resnet = quantize_qdq(path / "resnet.onnx", path / "resnet_qdq.onnx",
                           rng.standard_normal((16, 3, 6, 6)).astype(np.float32), activation_uint8=False,
                           per_channel=True)
-    return {"mlp": (mlp, (24,)), "resnet": (resnet, (3, 6, 6))}
+    onnx.save(random_float_cnn(rng, (1, 8, 8), [{"out": 8, "k": 3, "pad": 1, "pool": (2, 2)},
+                                               {"out": 16, "k": 3, "pad": 1, "pool": (2, 2)}], 10), path / "cnn.onnx")
+    cnn = quantize_qdq(path / "cnn.onnx", path / "cnn_qdq.onnx", rng.standard_normal((16, 1, 8, 8)).astype(np.float32),
+                       activation_uint8=False, per_channel=True)
+    return {"mlp": (mlp, (24,)), "resnet": (resnet, (3, 6, 6)), "cnn": (cnn, (1, 8, 8))}
 
 
 def compiled(model, rows: int, cols: int, contexts: int, **fields) -> Program:
@@ -53,7 +59,7 @@ def inputs(shape, n: int = 5, seed: int = 3) -> np.ndarray:
 
 
 #: (model, grid rows, cols, tile_contexts): each packs several layers into some tile
-CASES = [("mlp", 1, 2, 3), ("mlp", 1, 3, 2), ("resnet", 2, 2, 4), ("resnet", 1, 3, 4)]
+CASES = [("mlp", 1, 2, 3), ("mlp", 1, 3, 2), ("resnet", 2, 2, 4), ("resnet", 1, 3, 4), ("cnn", 2, 2, 4)]
 
 
 def packed(models, name, rows, cols, contexts) -> Program:

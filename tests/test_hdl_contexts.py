@@ -2,7 +2,9 @@
 the loader's register files, the parameter table's skewed read (register ``param_base``), the three sides serving
 the contexts in turn (InputSide, ComputeSequencer, OutputSide against plain lockstep models) and the whole PE with 2
 and 3 contexts against golden models written from section 4.6 alone: the data (dense MAC, LANE and MAX contexts
-chained through the loop-back FIFO, their parameter rows from unaligned ``param_base`` values) and the cycle of every
+chained through the loop-back FIFO, their parameter rows from unaligned ``param_base`` values; windowed contexts of
+every op: BCAST over a dense map, MAC bands in an output-channel group's order, MAX, LANE channel groups, a second
+store range, run with COMPUTEs of different contexts back to back) and the cycle of every
 transfer, every COMPUTE start and every result word's first issue (section 6 rule 4 with contexts: the sides'
 chains concatenate the contexts' actions, the loop-back FIFO and the per-context forward queues are FIFO edges, the
 hand-over and the store rule hold per context, the drain separates contexts, one result ring numbers words in compute
@@ -19,7 +21,7 @@ from amaranth.hdl import Elaboratable, Module, Signal, signed
 from amaranth.lib import data
 from amaranth.sim import Simulator
 
-from flowtile.arch import CONFIG_FIELDS, OP_LANE, OP_MAC, OP_MAX, Arch, index_bits
+from flowtile.arch import CONFIG_FIELDS, OP_BCAST, OP_LANE, OP_MAC, OP_MAX, Arch, index_bits
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                                   config_layout, encode_config, encode_param_entry, load_context_bits, load_layout,
                                   pack_lanes, pack_load, param_layout, unpack_lanes)
@@ -31,6 +33,7 @@ from flowtile.hdl.pe_output import OutputSide
 from flowtile.hdl.pe_params import ParamTable
 from flowtile.hdl.tile import Tile
 from flowtile.tile_config import TileConfig
+from test_hdl_pe import golden_window
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -463,7 +466,9 @@ def requantize(acc, row, c):
 
 class Context:
     """One context of a tile under test: its registers (a dict of every register), its weight words and its
-    parameter rows (context-relative, row r is table row param_base + r), and its golden results."""
+    parameter rows (context-relative, row r is table row param_base + r), and its golden results. Kinds: "dense",
+    "lane" (1x1), "max" (1x2 window) with their own goldens below, and "window": any windowed op of sections 4.1 to
+    4.5 (MAC, MAX, LANE with channel groups, BCAST on a padded or a dense map), by test_hdl_pe's golden_window."""
 
     def __init__(self, kind, registers, weights, rows):
         self.kind, self.registers, self.weights, self.rows = kind, registers, weights, rows
@@ -475,6 +480,9 @@ class Context:
     def results(self, stored):
         """One inference's result words from its stored words (section 4 / 4.1 arithmetic)."""
         c = self.registers
+        if self.kind == "window":
+            weights = {c["w_base"] + i: word for i, word in enumerate(self.weights)}
+            return golden_window(c, weights, self.rows, stored, LANES)
         if self.kind == "dense":
             k, outputs = c["words_per_pixel"], []
             for o in range(c["n_out"]):
@@ -496,17 +504,27 @@ class Context:
         return words
 
     def output(self, flits):
-        """One inference's output words (forwarded and passed words as popped, then the results)."""
+        """One inference's output words: the forwarded and passed words as popped and the results, in section 4.4's
+        order (pass_per_pixel = 0: all pops, then the results). The stored words are both store ranges' (section
+        4.2)."""
         c = self.registers
         k = c["n_in_words"]
         pops = [f for i, f in enumerate(flits[:k]) if c["forward_begin"] <= i < c["forward_end"]] + flits[k:]
-        stored = flits[c["store_begin"]:c["store_end"]]
-        return pops + self.results(stored)
+        stored = flits[c["store_begin"]:c["store_end"]] + flits[c["store2_begin"]:c["store2_end"]]
+        results = self.results(stored)
+        per_pixel, n_pix = c["pass_per_pixel"], self.counts.output_pixels
+        bulk = len(pops) - n_pix * per_pixel
+        out, width = pops[:bulk], len(results) // n_pix
+        for q in range(n_pix):
+            out += pops[bulk + q * per_pixel:bulk + (q + 1) * per_pixel] + results[q * width:(q + 1) * width]
+        return out
 
     def output_kinds(self):
         c = self.registers
-        return ["pop"] * (max(c["forward_end"] - c["forward_begin"], 0) + c["n_pass"]) + \
-            ["emit"] * self.counts.result_words(LANES)
+        pops = max(c["forward_end"] - c["forward_begin"], 0) + c["n_pass"]
+        per_pixel, n_pix = c["pass_per_pixel"], self.counts.output_pixels
+        width = self.counts.result_words(LANES) // n_pix
+        return ["pop"] * (pops - n_pix * per_pixel) + (["pop"] * per_pixel + ["emit"] * width) * n_pix
 
 
 def build_contexts(rng, plan, k_first, queue_first):
@@ -701,6 +719,10 @@ class ContextSchedule:
                                         if out_actions[j][0] != out_actions[j - 1][0] and t_out[j] == t_out[j - 1] + 1)
         self.switch_pops = sum(1 for j in range(1, len(out_actions)) if out_actions[j][0] != out_actions[j - 1][0]
                                and out_actions[j][2] == "pop" and t_out[j] == t_out[j - 1] + 1)
+        # COMPUTEs that begin in the cycle after the previous COMPUTE's last drain cycle, as (previous context,
+        # context): nothing idles the compute side between them
+        self.back_to_back_computes = [(words[j - 1][0], c) for j, (c, s, _) in enumerate(words)
+                                      if j and words[j - 1][:2] != (c, s) and a[j] == a[j - 1] + words[j - 1][2] + 2]
 
 
 class ProbedPE(PE):
@@ -796,10 +818,10 @@ def stimulus(contexts, n_inferences, rng, *, back_pressure, horizon=1500):
     return inputs, available, ready
 
 
-def check_contexts(contexts, n_inferences, rng, *, back_pressure, arch=ARCH):
+def check_contexts(contexts, n_inferences, rng, *, back_pressure, arch=ARCH, horizon=1500):
     """Run a PE of ``contexts`` and compare data and every cycle with the golden models; returns the schedule."""
     k_first = contexts[0].registers["n_in_words"] + contexts[0].registers["n_pass"]
-    inputs, available, ready = stimulus(contexts, n_inferences, rng, back_pressure=back_pressure)
+    inputs, available, ready = stimulus(contexts, n_inferences, rng, back_pressure=back_pressure, horizon=horizon)
     expected = []
     for s in range(n_inferences):
         stream = inputs[s * k_first:(s + 1) * k_first]
@@ -892,6 +914,122 @@ def test_pe_one_context_in_a_contexts_arch():
     assert schedule.binding["hand_over"] >= 1
     check_contexts(contexts, 3, rng, back_pressure=True)
     check_contexts(contexts, 2, rng, back_pressure=False, arch=ARCH.replace(tile_contexts=1))
+
+
+# --- windowed contexts: every op, bands, channel groups, second store ranges ----------------------------------------
+
+#: Room for windowed contexts: 1024 SRAM words, 64 parameter rows; ARCH's ring of 3 words and loop-back FIFO of 2.
+WINDOW_ARCH = ARCH.replace(sram_bytes=4096, max_tile_outputs=64)
+
+
+def window_contexts(rng, specs, k_first, arch=WINDOW_ARCH):
+    """Contexts of one tile from ``specs``, one a context: the op's registers and its stream registers (``n_pass``,
+    the store and forward ranges, ``pass_per_pixel``); ``n_in_words`` is what the previous context emits (context
+    0: ``k_first`` words) less ``n_pass``. Random weights, parameter rows, zero point and pad value; SRAM regions and
+    parameter rows one after another (a spec may place its rows at a later ``param_base``); every context's queue
+    holds a whole inference of what it queues (section 4.6)."""
+    contexts, cursor, row_cursor, incoming = [], 0, 0, k_first
+    for index, spec in enumerate(specs):
+        last = index == len(specs) - 1
+        registers = {name: 0 for name, _, _ in CONFIG_FIELDS}
+        registers.update({"clamp_lo": -128, "clamp_hi": 127, "stride": 1, "zp_out": rng.randrange(-6, 6),
+                          "pad_value": rng.randrange(-20, 20), "loop_back": int(not last), "param_base": row_cursor,
+                          **(DEST if last else {})})
+        registers.update(spec)
+        registers["n_in_words"] = incoming - registers["n_pass"]
+        counts = TileConfig.from_dict(registers)
+        weights = [[rng.randint(-128, 127) for _ in range(LANES)] for _ in range(counts.weight_words)]
+        rows = [(rng.randint(-3000, 3000), rng.randint(1 << 29, (1 << 31) - 1), rng.randint(37, 43))
+                for _ in range(registers["n_out"])]
+        registers["w_base"] = cursor
+        cursor += len(weights)
+        registers["act_base"] = cursor
+        cursor += 2 * counts.stored_words
+        registers.update(queue_base=cursor if counts.queued_words else 0, queue_words=counts.queued_words)
+        cursor += counts.queued_words
+        row_cursor = registers["param_base"] + registers["n_out"]
+        encode_config(arch, registers)        # every register rule of TileConfig.validate
+        context = Context("window", registers, weights, rows)
+        contexts.append(context)
+        incoming = len(context.output_kinds())
+    assert cursor <= arch.sram_words and row_cursor <= arch.max_tile_outputs
+    return contexts
+
+
+#: (words into the tile an inference, the contexts' registers, the pairs of contexts (previous, next) whose
+#: COMPUTEs run back to back). Each context's band starts at another column than the one before it ends at
+#: (out_col_begin differs), and the compute side runs a COMPUTE right after another context's drain
+#: (test_window_plans_run_contexts_back_to_back), so that a register or counter a COMPUTE takes over from the
+#: previous context's shows.
+WINDOW_PLANS = {
+    # the compiler's BCAST -> MAX tile: a 2x2 convolution over a densely packed 3-channel map (in_dense_offset 1),
+    # a band from column 1, parameter rows from 3; then a 2x2 max pool over its results
+    "bcast-dense-max": (9, [
+        dict(op=OP_BCAST, in_height=3, in_width=3, words_per_pixel=1, in_channels=3, in_dense=1, in_dense_offset=1,
+             kernel_h=2, kernel_w=2, pad_top=1, pad_left=1, out_rows=3, out_width=3, out_col_begin=1, group_words=1,
+             n_out=4, n_pass=1, forward_begin=0, forward_end=1, store_begin=1, store_end=8, param_base=3),
+        dict(op=OP_MAX, in_height=2, in_width=4, words_per_pixel=1, kernel_h=2, kernel_w=2, pad_value=-128,
+             clamp_lo=-50, out_rows=1, out_width=3, out_col_end=2, n_out=4, n_pass=0, forward_begin=0, forward_end=2,
+             store_begin=2, store_end=10),
+    ], {(1, 0)}),
+    # the compiler's MAC -> MAX tile: a 3x3 convolution band of 6 pixels from column 2, 6 outputs (a short last
+    # word) in an output-channel group's interleaved order; a 2x2 max pool from column 1, parameter rows from 6
+    "mac-max": (14, [
+        dict(op=OP_MAC, in_height=2, in_width=4, words_per_pixel=1, kernel_h=3, kernel_w=3, pad_top=1, pad_left=1,
+             out_rows=2, out_width=4, out_col_begin=2, n_out=6, n_pass=6, pass_per_pixel=1, store_begin=0,
+             store_end=8),
+        dict(op=OP_MAX, in_height=3, in_width=3, words_per_pixel=2, kernel_h=2, kernel_w=2, pad_value=-128,
+             out_rows=2, out_width=2, out_col_begin=1, n_out=8, n_pass=0, store_begin=0, store_end=18),
+    ], {(1, 0)}),
+    # a LANE channel group (words 1..2 of 3) over two store ranges with a word between them, a band from column 1;
+    # a BCAST from parameter row 10 that stores only the words in front of LANE's results (it passes them), so that
+    # its COMPUTE follows LANE's drain within an inference; a MAX channel group over those results, likewise
+    "lane-store2-bcast-max": (16, [
+        dict(op=OP_LANE, in_height=2, in_width=2, words_per_pixel=3, kernel_h=2, kernel_w=2, pad_top=1, pad_left=1,
+             out_rows=2, out_width=2, out_col_begin=1, group_word_begin=1, group_words=2, n_out=8, n_pass=2,
+             forward_begin=0, forward_end=1, store_begin=1, store_end=6, store2_begin=7, store2_end=14),
+        dict(op=OP_BCAST, in_height=1, in_width=3, words_per_pixel=1, in_channels=3, kernel_h=1, kernel_w=2,
+             out_rows=1, out_width=2, group_words=2, n_out=8, n_pass=6, store_begin=0, store_end=3, param_base=10),
+        dict(op=OP_MAX, in_height=1, in_width=3, words_per_pixel=2, kernel_h=1, kernel_w=2, pad_value=-128,
+             out_rows=1, out_width=2, out_col_begin=1, group_word_begin=1, group_words=1, n_out=4, n_pass=4,
+             forward_begin=0, forward_end=6, store_begin=0, store_end=6),
+    ], {(0, 1), (1, 2)}),
+}
+
+
+def window_case(plan, back_pressure):
+    rng = random.Random(f"window-{plan}-{back_pressure}")
+    k_first, specs, _ = WINDOW_PLANS[plan]
+    return window_contexts(rng, specs, k_first), rng
+
+
+@pytest.mark.parametrize("back_pressure", [False, True], ids=["free", "stalled"])
+@pytest.mark.parametrize("plan", sorted(WINDOW_PLANS))
+def test_pe_window_contexts_match_golden(plan, back_pressure):
+    """A PE of 2 or 3 windowed contexts (section 4.6 with sections 4.1 to 4.5) over 3 inferences, every output word
+    and every cycle against the golden models: BCAST over a dense map, MAC bands with a short last word and the
+    interleaved order of an output-channel group, MAX, LANE channel groups, a second store range, parameter rows
+    from unaligned param_base. The cases run COMPUTEs of different contexts back to back: each must start its loop
+    nest from its own registers (a regression: the sequencer's column counter kept the previous context's
+    out_col_begin for a COMPUTE's first pixel)."""
+    contexts, rng = window_case(plan, back_pressure)
+    check_contexts(contexts, 3, rng, back_pressure=back_pressure, arch=WINDOW_ARCH)
+
+
+def test_window_plans_run_contexts_back_to_back():
+    """The golden schedules of test_pe_window_contexts_match_golden's cases (without back-pressure) begin a COMPUTE
+    in the cycle after another context's last drain cycle, from each plan's listed context to the next (from the
+    tile's last context to context 0 of the next inference, or within an inference), between contexts whose bands
+    start at different columns."""
+    for plan, (_, _, expected) in WINDOW_PLANS.items():
+        contexts, rng = window_case(plan, False)
+        _, available, ready = stimulus(contexts, 3, rng, back_pressure=False)
+        schedule = ContextSchedule(contexts, 3, available, ready, WINDOW_ARCH.result_words,
+                                   WINDOW_ARCH.router_fifo_depth)
+        pairs = set(schedule.back_to_back_computes)
+        assert expected <= pairs, (plan, pairs)
+        for previous, context in pairs:
+            assert contexts[previous].registers["out_col_begin"] != contexts[context].registers["out_col_begin"]
 
 
 # --- one context: the design of before ----------------------------------------------------------------------------
