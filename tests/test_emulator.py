@@ -454,11 +454,13 @@ class ReferencePE:
         return words
 
 
-def reference_run(program, in_flits, batch, max_cycles=200_000, host_pattern=None):
+def reference_run(program, in_flits, batch, max_cycles=200_000, host_pattern=None, pe_factory=None):
     """Step the whole mesh cycle by cycle. Returns (out_flits, out_times, in_times, PEs by chain position)
     (each PE's ``input_times``, ``compute_starts``, ``output_times``, ``spans``). ``host_pattern``
     (:class:`flowtile.host.HostPattern`): the host output is ready and the host input offered only in the
-    cycles its bits allow (default: always)."""
+    cycles its bits allow (default: always). ``pe_factory(tile, arch, position)``: the model of each tile (default
+    :class:`ReferencePE`); a model with ``plan_loop_back(cycle)`` and ``apply_loop_back(cycle)`` (a tile of several
+    contexts, tests/test_emulator_contexts.py) gets them called after its handshakes and after its updates."""
     from flowtile.host import HOST_PATTERN_CYCLES, HostPattern
     host_pattern = host_pattern or HostPattern()
     host_ready, host_offers = host_pattern.out_ready(), host_pattern.in_valid()
@@ -467,7 +469,7 @@ def reference_run(program, in_flits, batch, max_cycles=200_000, host_pattern=Non
     tiles = {(t.row, t.col): t for t in program.tiles}
     fifos = {(pos, port): deque() for pos in tiles for port in PORT_ORDER}
     pointers = {(pos, port): 0 for pos in tiles for port in PORT_ORDER}
-    pes = {(t.row, t.col): ReferencePE(t, arch, p) for p, t in enumerate(program.tiles)}
+    pes = {(t.row, t.col): (pe_factory or ReferencePE)(t, arch, p) for p, t in enumerate(program.tiles)}
     host_in = [(list(map(int, f)), (0, 0, 0)) for f in np.asarray(in_flits)]
     out_flits, out_times, in_times = [], [], []
     expected = batch * program.output_words
@@ -511,6 +513,8 @@ def reference_run(program, in_flits, batch, max_cycles=200_000, host_pattern=Non
             pe_in_ready[pos] = pe.input_ready()
             word = pe.output_word(cycle)
             pe_out_word[pos] = word if word is not None and writable[(pos, "L")] else None
+            if hasattr(pe, "plan_loop_back"):
+                pe.plan_loop_back(cycle)
         # router transfers (decided on start-of-cycle state, applied afterwards)
         pushes, to_pe = [], {}
         for (pos, out), granted in grants.items():
@@ -542,13 +546,15 @@ def reference_run(program, in_flits, batch, max_cycles=200_000, host_pattern=Non
                 pushes.append(((pos, "L"), (list(pe_out_word[pos]), pe.dest)))
             if pos in to_pe:
                 pe.do_input(cycle, to_pe[pos][0])
+            if hasattr(pe, "apply_loop_back"):
+                pe.apply_loop_back(cycle)
         for key, flit in pushes:
             fifos[key].append(flit)
     else:
         raise AssertionError(f"reference did not finish in {max_cycles} cycles")
     by_position = [pes[arch.chain_position(p)] for p in range(arch.n_tiles)]
     for pe in by_position:
-        if not pe.idle:
+        if isinstance(pe, ReferencePE) and not pe.idle:
             pe.check_rules(batch)
     return (np.array(out_flits, dtype=np.int8).reshape(-1, lanes), np.array(out_times), np.array(in_times),
             by_position)

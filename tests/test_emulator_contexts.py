@@ -27,12 +27,13 @@ from flowtile.emulator import DeadlockError, EmulatorError, emulate, run_functio
 from flowtile.emulator import timing
 from flowtile.emulator.path import trace_data_path
 from flowtile.emulator.timing import solve_timing
-from flowtile.host import HOST_PATTERN_CYCLES, HostPattern, pack_flits
+from flowtile.host import HostPattern, pack_flits
 from flowtile.program import Program, ProgramError, TileProgram
 from flowtile.tile_config import TileConfig
 from flowtile.testing.program_builder import Dense, build_program, dense_golden, network_golden
 
-from test_emulator import (OPPOSITE, PORT_ORDER, STEP, ReferencePE, assert_same_times, random_layer,
+import test_emulator
+from test_emulator import (ReferencePE, assert_same_times, random_layer,
                            random_program, random_residual_program, random_windowed_program, random_grouped_program)
 
 
@@ -273,96 +274,9 @@ def reference_run(program, in_flits, batch, max_cycles=300_000, host_pattern=Non
     """``test_emulator.reference_run`` (the whole mesh stepped every cycle: router FIFOs, round-robin grants, the
     host) with :class:`ReferenceContextTile` for the tiles of several contexts. Returns (out_flits, out_times,
     in_times, PEs by chain position)."""
-    host_pattern = host_pattern or HostPattern()
-    host_ready, host_offers = host_pattern.out_ready(), host_pattern.in_valid()
-    arch = program.arch
-    depth, lanes = arch.router_fifo_depth, arch.lanes
-    tiles = {(t.row, t.col): t for t in program.tiles}
-    fifos = {(pos, port): deque() for pos in tiles for port in PORT_ORDER}
-    pointers = {(pos, port): 0 for pos in tiles for port in PORT_ORDER}
-    pes = {(t.row, t.col): (ReferenceContextTile(t, arch, p) if t.later_contexts else ReferencePE(t, arch, p))
-           for p, t in enumerate(program.tiles)}
-    host_in = [(list(map(int, f)), (0, 0, 0)) for f in np.asarray(in_flits)]
-    out_flits, out_times, in_times = [], [], []
-    expected = batch * program.output_words
-
-    def route(pos, dest):
-        row, col = pos
-        d_row, d_col, d_host = dest
-        if d_host:
-            d_row, d_col = arch.exit_tile
-        if d_col != col:
-            return "E" if d_col > col else "W"
-        if d_row != row:
-            return "S" if d_row > row else "N"
-        return arch.exit_direction if d_host else "L"
-
-    for cycle in range(max_cycles):
-        if len(out_flits) == expected and all(pe.finished(batch) for pe in pes.values()):
-            break
-        writable = {key: len(fifo) < depth for key, fifo in fifos.items()}
-        grants = {}
-        for pos in tiles:
-            requests = {}
-            for port in PORT_ORDER:
-                if fifos[(pos, port)]:
-                    requests.setdefault(route(pos, fifos[(pos, port)][0][1]), []).append(port)
-            for out, inputs in requests.items():
-                start = pointers[(pos, out)]
-                grants[(pos, out)] = next(PORT_ORDER[(start + i) % 5] for i in range(5)
-                                          if PORT_ORDER[(start + i) % 5] in inputs)
-        pe_in_ready, pe_out_word = {}, {}
-        for pos, pe in pes.items():
-            if pe.idle:
-                pe_in_ready[pos], pe_out_word[pos] = False, None
-                continue
-            pe.start_compute(cycle)
-            pe_in_ready[pos] = pe.input_ready()
-            word = pe.output_word(cycle)
-            pe_out_word[pos] = word if word is not None and writable[(pos, "L")] else None
-            if isinstance(pe, ReferenceContextTile):
-                pe.plan_loop_back(cycle)
-        pushes, to_pe = [], {}
-        for (pos, out), granted in grants.items():
-            if out == "L":
-                ready = pe_in_ready[pos]
-            elif pos == arch.exit_tile and out == arch.exit_direction:
-                ready = bool(host_ready[cycle % HOST_PATTERN_CYCLES])
-            else:
-                neighbour = (pos[0] + STEP[out][0], pos[1] + STEP[out][1])
-                ready = neighbour in tiles and writable[(neighbour, OPPOSITE[out])]
-            if not ready:
-                continue
-            flit = fifos[(pos, granted)].popleft()
-            pointers[(pos, out)] = (PORT_ORDER.index(granted) + 1) % 5
-            if out == "L":
-                to_pe[pos] = flit
-            elif pos == arch.exit_tile and out == arch.exit_direction:
-                out_flits.append(flit[0])
-                out_times.append(cycle)
-            else:
-                pushes.append(((neighbour, OPPOSITE[out]), flit))
-        if len(in_times) < len(host_in) and writable[((0, 0), "W")] and host_offers[cycle % HOST_PATTERN_CYCLES]:
-            pushes.append((((0, 0), "W"), host_in[len(in_times)]))
-            in_times.append(cycle)
-        for pos, pe in pes.items():
-            if pe_out_word[pos] is not None:
-                pe.do_output(cycle)
-                pushes.append(((pos, "L"), (list(pe_out_word[pos]), pe.dest)))
-            if pos in to_pe:
-                pe.do_input(cycle, to_pe[pos][0])
-            if isinstance(pe, ReferenceContextTile):
-                pe.apply_loop_back(cycle)
-        for key, flit in pushes:
-            fifos[key].append(flit)
-    else:
-        raise AssertionError(f"reference did not finish in {max_cycles} cycles")
-    by_position = [pes[arch.chain_position(p)] for p in range(arch.n_tiles)]
-    for pe in by_position:
-        if isinstance(pe, ReferencePE) and not pe.idle:
-            pe.check_rules(batch)
-    return (np.array(out_flits, dtype=np.int8).reshape(-1, lanes), np.array(out_times), np.array(in_times),
-            by_position)
+    def tile_model(tile, arch, position):
+        return (ReferenceContextTile if tile.later_contexts else ReferencePE)(tile, arch, position)
+    return test_emulator.reference_run(program, in_flits, batch, max_cycles, host_pattern, pe_factory=tile_model)
 
 
 def assert_matches_reference(program, flits, batch, *, host_pattern=None):
