@@ -34,6 +34,7 @@ from flowtile.hdl.pe_params import ParamTable
 from flowtile.hdl.tile import Tile
 from flowtile.tile_config import TileConfig
 from test_hdl_pe import golden_window
+from test_hdl_pe_components import as_signed
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -52,11 +53,6 @@ def run_simulation(dut, testbench):
     sim.add_clock(1e-6)
     sim.add_testbench(testbench)
     sim.run()
-
-
-def as_signed(value, width):
-    value &= (1 << width) - 1
-    return value - (1 << width) if value >> (width - 1) else value
 
 
 def config_value(**fields):
