@@ -156,8 +156,13 @@ def test_emulator_matches_onnxruntime_and_one_context_per_tile(models, name, row
 
 
 # --- RTL -------------------------------------------------------------------------------------------------------------
+#: the RTL cases: two Verilator builds (1x2 with 3 contexts, 2x2 with 4), the suite's time being what it is; the other
+#: cases differ in grid and context count only, which tests/test_hdl_contexts.py covers in Amaranth's simulator
+RTL_CASES = [case for case in CASES if (case[1], case[2]) in ((1, 2), (2, 2))]
+
+
 @pytest.mark.rtl
-@pytest.mark.parametrize("name, rows, cols, contexts", CASES)
+@pytest.mark.parametrize("name, rows, cols, contexts", RTL_CASES)
 def test_rtl_equals_the_emulator(models, name, rows, cols, contexts):
     program = packed(models, name, rows, cols, contexts)
     assert_rtl_matches_emulator(program, inputs(models[name][1], n=4))
