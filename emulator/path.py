@@ -312,52 +312,6 @@ def _route(arch: Arch, start: tuple[int, int], first_fifo: str, target: tuple[in
     raise AssertionError("XY route longer than the mesh")  # pragma: no cover
 
 
-def _first_queue_stall(count: TileCounts, queue_words: int, depth: int) -> int | None:
-    """In a tile of several contexts, the input action of context 0 at which the input side would wait forever, or
-    None (section 4.6). Context 0's pops and EMITs go into the loop-back FIFO, which the input side reads only in
-    context 1's turn, after context 0's: while it is in context 0's turn the output side can make at most ``D``
-    transfers of context 0 (the FIFO is empty when the turn begins: the input side read every word of the inference
-    before). A push beyond the queue's ``F_0`` words needs a pop, a pop its word pushed, an EMIT the COMPUTE that
-    waits for RECV word ``store_until - 1``; following these counts to where nothing moves decides it (``F_0 >= Q_0``
-    never stalls; the program rules require that only of the later contexts)."""
-    if count.n_queue <= queue_words:
-        return None
-    pushing = np.zeros(count.flits_in, dtype=bool)
-    pushing[count.forward_begin:count.forward_end] = True
-    pushing[count.n_in_words:] = True
-    is_pop = count.output_is_pop()[:depth]
-    done = pushes = pops = out = 0
-    stored = False
-    while True:
-        moved = False
-        while done < count.flits_in and not (pushing[done] and pushes - pops >= queue_words):
-            pushes += int(pushing[done])
-            stored |= done == count.store_until - 1
-            done += 1
-            moved = True
-        while out < len(is_pop) and (pops < pushes if is_pop[out] else stored):
-            pops += int(is_pop[out])
-            out += 1
-            moved = True
-        if done == count.flits_in:
-            return None
-        if not moved:
-            return done
-
-
-def _check_first_queue(tile: TileProgram, count: TileCounts, arch: Arch) -> None:
-    """Refuse a tile of several contexts whose context 0 would deadlock on its forward queue
-    (:func:`_first_queue_stall`), naming it, instead of letting the timing sweeps find no end."""
-    queue_words = tile.config.queue_words
-    stall = _first_queue_stall(count.contexts[0], queue_words, arch.router_fifo_depth)
-    if stall is not None:
-        raise DeadlockError(
-            f"tile {tile.key} context 0: its forward queue of queue_words = {queue_words} words holds less than the "
-            f"{count.contexts[0].n_queue} words it forwards and passes per inference, and its output goes into the "
-            f"loop-back FIFO ({arch.router_fifo_depth} words), which the input side reads only after context 0's "
-            f"turn: the input side would wait forever at its input transfer {stall} of context 0 (section 4.6)")
-
-
 def _raise_count_mismatch(program: Program, message: str):
     """Raise for flit counts that do not add up: :class:`emulator.watchdog.DeadlockError` (an EmulatorError) if
     the run would stall, naming where (stuck tile, port, words received of expected, for one inference), else
@@ -418,16 +372,8 @@ def trace_data_path(program: Program) -> DataPath:
                 program, f"tile {tile.key} (chain position {consumer}) reads n_in_words + n_pass = "
                 f"{count.n_in_words} + {count.n_pass} = {count.flits_in} flits per inference, but "
                 f"{source} sends it {flits_arriving}")
+        # a tile's contexts chain their counts and queue whole inferences (section 4.6): Program.validate's rules
         order.append(consumer)
-        for index in range(1, len(count.contexts)):   # section 4.6: context c reads what context c - 1 emits
-            before, after = count.contexts[index - 1], count.contexts[index]
-            if after.flits_in != before.flits_out:
-                raise EmulatorError(
-                    f"tile {tile.key} (chain position {consumer}) context {index} reads n_in_words + n_pass = "
-                    f"{after.n_in_words} + {after.n_pass} = {after.flits_in} flits per inference, but context "
-                    f"{index - 1} emits {before.flits_out} into the loop-back FIFO (section 4.6)")
-        if count.contexts:
-            _check_first_queue(tile, count, arch)
         if count.tile_flits_out == 0:
             raise EmulatorError(f"tile {tile.key} (chain position {consumer}) emits no flits, so nothing "
                                 f"reaches the host")

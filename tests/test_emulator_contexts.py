@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from flowtile.arch import Arch
-from flowtile.emulator import DeadlockError, EmulatorError, emulate, run_functional
+from flowtile.emulator import EmulatorError, emulate, run_functional
 from flowtile.emulator import timing
 from flowtile.emulator.path import trace_data_path
 from flowtile.emulator.timing import solve_timing
@@ -33,6 +33,7 @@ from flowtile.tile_config import TileConfig
 from flowtile.testing.program_builder import Dense, build_program, dense_golden, network_golden
 
 import test_emulator
+from test_emulator_fast_paths import _assert_same
 from test_emulator import (ReferencePE, assert_same_times, random_layer,
                            random_program, random_residual_program, random_windowed_program, random_grouped_program)
 
@@ -572,11 +573,11 @@ def test_random_packed_programs_match_reference(seed):
     check_all_context_tiles(packed, result)
 
 
-def test_short_first_queue_deadlocks_or_runs():
+def test_short_first_queue_is_refused_and_a_whole_one_runs():
     """Context 0 of a tile of several contexts sends its pops into the loop-back FIFO, which the input side reads
-    only after context 0's turn: a queue of ``F_0`` words with ``Q_0 - F_0`` beyond what the FIFO takes meanwhile
-    (``D``, pops leading) would wait forever, and the emulator names it; one word more runs, equal to the reference.
-    (Section 4.6's rule asks a whole inference's queue of the later contexts only.)"""
+    only after context 0's turn: a queue of fewer than ``Q_0`` words could wait forever (the cycle-stepping reference
+    deadlocked at ``Q_0 - D - 1``), so the program rules refuse any, naming the deadlock; a whole inference's queue
+    runs, equal to the reference."""
     rng = np.random.default_rng(5)
     lanes, depth = 4, 2
     arch = Arch(rows=1, cols=3, lanes=lanes, sram_bytes=lanes * 4096, router_fifo_depth=depth)
@@ -587,19 +588,14 @@ def test_short_first_queue_deadlocks_or_runs():
     batch = 3
     x = rng.integers(-128, 128, (batch, first.n_in), dtype=np.int8)
     flits = pack_flits(x, lanes)
-    for words, stalls in ((6 - depth - 1, True), (6 - depth, False), (6, False)):
+    for words in (6 - depth - 1, 6 - depth, 6):
         packed = pack_contexts(program, [2, 1], queue_words=lambda index, queued: words if index == 0 else queued,
                                whole_queues=False, validate=False)
         assert packed.tiles[0].config.queue_words == words
-        try:
-            packed.validate()
-        except ProgramError as error:        # a program rule may ask it of context 0 too
-            assert "deadlock" in str(error) and words < 6
-            continue
-        if stalls:
-            with pytest.raises(DeadlockError, match=r"context 0: its forward queue of queue_words = 3 words .* would "
-                                                    r"wait forever at its input transfer 5 of context 0"):
-                emulate(packed, flits, batch)
+        if words < 6:
+            with pytest.raises(ProgramError, match=r"context 0: queue_words = \d+ is less than the 6 words .* "
+                                                   r"deadlock"):
+                packed.validate()
             continue
         result = assert_matches_reference(packed, flits, batch)
         np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :5], dense_golden(layers, x))
@@ -607,17 +603,6 @@ def test_short_first_queue_deadlocks_or_runs():
 
 
 # --- (c) the fast paths against plain sweeps ------------------------------------------------------------------------
-
-def _assert_same_timing(plain, fast, what):
-    assert plain.stream_names == fast.stream_names
-    for name, a, b in zip(plain.stream_names, plain.stream_times, fast.stream_times):
-        np.testing.assert_array_equal(a, b, err_msg=f"{name}, {what}")
-    for position, (a, b) in enumerate(zip(plain.compute_ends, fast.compute_ends)):
-        if a is None:
-            assert b is None
-        else:
-            np.testing.assert_array_equal(a, b, err_msg=f"compute ends of chain position {position}, {what}")
-
 
 @pytest.mark.parametrize("seed", range(16))
 def test_fast_paths_equal_plain_sweeps(seed, monkeypatch):
@@ -630,10 +615,10 @@ def test_fast_paths_equal_plain_sweeps(seed, monkeypatch):
     batch = 37
     plain = solve_timing(packed, batch, probe_batch=None)
     for probe in (2, 4, 16):
-        _assert_same_timing(plain, solve_timing(packed, batch, probe_batch=probe), f"probe {probe}")
+        _assert_same(plain, solve_timing(packed, batch, probe_batch=probe), f"probe {probe}")
     monkeypatch.setattr(timing, "WINDOW_MIN_ACTIONS", 0)      # windows for these small programs too
     for probe in (1, 4, 16):
-        _assert_same_timing(plain, solve_timing(packed, batch, probe_batch=probe), f"windows, probe {probe}")
+        _assert_same(plain, solve_timing(packed, batch, probe_batch=probe), f"windows, probe {probe}")
     monkeypatch.setattr(timing, "WINDOW_PROBE", batch)        # every inference in windows, no extrapolation
     graph = timing.timing_graph(packed, trace_data_path(packed))
     tail = timing._pass_through_tail(graph)
@@ -655,7 +640,7 @@ def test_long_batch_extrapolates():
     batch = 200
     fast = solve_timing(packed, batch)
     assert fast.extrapolated
-    _assert_same_timing(solve_timing(packed, batch, probe_batch=None), fast, "probe")
+    _assert_same(solve_timing(packed, batch, probe_batch=None), fast, "probe")
 
 
 # --- (a) a compiled network: the compiler's packing and its integer reference ---------------------------------------
@@ -845,7 +830,7 @@ def test_contexts_on_several_chips(compiled_models, topology, error_rate):
     check_all_context_tiles(program, result)
     if not error_rate:
         longer = 20
-        _assert_same_timing(solve_timing(program, longer, probe_batch=None), solve_timing(program, longer),
+        _assert_same(solve_timing(program, longer, probe_batch=None), solve_timing(program, longer),
                             "two chips")
 
 

@@ -34,7 +34,7 @@ from flowtile.hdl.pe_params import ParamTable
 from flowtile.hdl.tile import Tile
 from flowtile.tile_config import TileConfig
 from test_hdl_pe import golden_window
-from test_hdl_pe_components import as_signed
+from test_hdl_pe_components import as_signed, computes_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
@@ -86,16 +86,6 @@ def test_load_layout_context_field():
                 pack_load(arch, 0, LOAD_TARGET_CONFIG, 0, 0, context=contexts)
     with pytest.raises(LoadEncodingError, match=r"'context' = 1 is out of range 0..0"):
         pack_load(Arch(), 0, LOAD_TARGET_CONFIG, 0, 0, context=1)
-
-
-def computes_model(c):
-    """Section 4: does a context with these registers compute?"""
-    end = c["out_col_end"] or c["out_width"]
-    band = (c["out_col_begin"] < c["out_width"] and c["out_col_end"] <= c["out_width"]
-            and (c["out_rows"] != 1 or end > c["out_col_begin"]))
-    return int(bool(c["n_out"] and c["n_in_words"] and c["store_begin"] < c["store_end"] <= c["n_in_words"]
-                    and c["words_per_pixel"] and c["kernel_h"] and c["kernel_w"] and c["out_rows"]
-                    and c["out_width"] and band))
 
 
 @pytest.mark.parametrize("contexts", [2, 3])
