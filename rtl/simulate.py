@@ -204,7 +204,19 @@ def _tool_versions() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "absent"
+    # The built simulator loads cocotb's VPI library from this directory (its RUNPATH): a cache shared by several
+    # virtual environments (another checkout's, a CI run's) must not hand one a build linked to another's libraries,
+    # which may be gone ("error while loading shared libraries: libcocotbvpi_verilator.so").
+    versions["cocotb_libs"] = _cocotb_libs_dir()
     return versions
+
+
+def _cocotb_libs_dir() -> str:
+    try:
+        import cocotb
+    except ImportError:
+        return "absent"
+    return str(Path(cocotb.__file__).resolve().parent / "libs")
 
 
 def _fst_available() -> bool:

@@ -241,8 +241,13 @@ def test_generation_key_changes_when_an_hdl_source_changes(monkeypatch):
     assert rtl._generation_key(CHIP_ARCH, None, fingerprint) == key
 
 
-
-def _fake_build(root: Path, name: str, megabytes: float, used: float | None, now: float) -> Path:
+def test_build_key_names_the_cocotb_libraries_the_simulator_links():
+    """A built simulator loads cocotb's VPI library through a RUNPATH into one virtual environment: the cache key
+    holds that directory, so a cache shared with another environment (a CI checkout's) never hands this one a build
+    whose library is gone."""
+    libs = Path(rtl._tool_versions()["cocotb_libs"])
+    assert (libs / "libcocotbvpi_verilator.so").is_file()
+root: Path, name: str, megabytes: float, used: float | None, now: float) -> Path:
     """A cache entry (named by ``name``, one hex digit, repeated to a digest's length) of ``megabytes`` whose stamp
     was last touched ``used`` seconds before ``now`` (None: no stamp, an interrupted build that wrote its harness
     Verilog, its directory that old instead)."""
