@@ -247,7 +247,9 @@ def test_build_key_names_the_cocotb_libraries_the_simulator_links():
     whose library is gone."""
     libs = Path(rtl._tool_versions()["cocotb_libs"])
     assert (libs / "libcocotbvpi_verilator.so").is_file()
-root: Path, name: str, megabytes: float, used: float | None, now: float) -> Path:
+
+
+def _fake_build(root: Path, name: str, megabytes: float, used: float | None, now: float) -> Path:
     """A cache entry (named by ``name``, one hex digit, repeated to a digest's length) of ``megabytes`` whose stamp
     was last touched ``used`` seconds before ``now`` (None: no stamp, an interrupted build that wrote its harness
     Verilog, its directory that old instead)."""
