@@ -475,18 +475,28 @@ def _dense_cycles(k: int, carried: int, n_pass: int, n_out: int, lanes: int, for
 
 
 def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles: float,
-           carried: int = 0) -> list[TileSlice] | None:
+           carried: int = 0, room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
     """Greedy split of one layer into slices whose tiles each take <= ``budget`` cycles, or None. ``carried``:
     stream words the tiles receive and forward without storing (the layer's last tile forwards them).
 
     Taking as many outputs as allowed on each tile is optimal: a fuller prefix only raises the pass
     count of later tiles by one word per ``lanes`` outputs it takes off them, which saves them ``k``
     weight words of compute per output.
+
+    ``room``: ``(cycles, SRAM words, parameter rows)`` left on the tile the previous layer's last slice opened, which
+    takes the first slice as one more context (section 4.6): the first slice is then the most outputs that fit it
+    (:func:`_first_slice_in`), and the rest split as above.
     """
     lanes = arch.lanes
     capacity = _tile_capacity(k, arch)
     slices: list[TileSlice] = []
     start = n_pass = 0
+    if room is not None:
+        first = _first_slice_in(room, n_out, k, arch, layer, carried)
+        if first is None:
+            return None
+        slices.append(first)
+        start, n_pass = first.n_out, words(first.n_out, lanes)
     while start < n_out:
         if len(slices) >= max_tiles:
             return None
@@ -507,6 +517,28 @@ def _split(n_out: int, k: int, arch: Arch, layer: int, budget: float, max_tiles:
         n_pass += words(take, lanes)
     return [TileSlice(s.layer, s.start, s.n_out, s.n_in_words, s.n_pass, forward=i < len(slices) - 1)
             for i, s in enumerate(slices)]
+
+
+def _first_slice_in(room: tuple[float, int, int], n_out: int, k: int, arch: Arch, layer: int,
+                    carried: int) -> TileSlice | None:
+    """The first slice of a dense layer as large as fits ``room`` (cycles, SRAM words, parameter rows as a context,
+    :func:`_slice_cycles` and :func:`_slice_needs`): the whole layer if it fits, else the most whole words of outputs
+    (it then forwards the input), or None if not even one word fits."""
+    cycles, sram, rows = room
+    lanes = arch.lanes
+
+    def fits(s: TileSlice) -> bool:
+        need_sram, need_rows = _slice_needs(s, None, carried, arch)
+        return _slice_cycles(s, lanes, None, carried) <= cycles and need_sram <= sram and need_rows <= rows
+
+    whole = TileSlice(layer, 0, n_out, k, 0, forward=False)
+    if n_out <= _tile_capacity(k, arch) and fits(whole):
+        return whole
+    # every bound grows with the slice: the most chunks whose slice fits (compute, k words each output, binds first)
+    chunks = min((n_out - 1) // lanes, _tile_capacity(k, arch) // lanes, int(max(0, cycles - 2) // (lanes * k)))
+    while chunks > 0 and not fits(TileSlice(layer, 0, chunks * lanes, k, 0, forward=True)):
+        chunks -= 1
+    return TileSlice(layer, 0, chunks * lanes, k, 0, forward=True) if chunks > 0 else None
 
 
 def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
@@ -878,10 +910,36 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
 
     def balance(deep: bool) -> Placement | None:
         """The balanced placement; ``deep``: with deep queues (:func:`_split_window`), None if they do not fit."""
-        def split(i: int, budget: float, max_tiles: float) -> list[TileSlice] | None:
+        def split(i: int, budget: float, max_tiles: float,
+                  room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
             if costs[i] is not None:
                 return _split_window(costs[i], arch, i, budget, max_tiles, deep)
-            return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i])
+            return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i], room)
+
+        def filling_split(found: list[list[TileSlice]], i: int, budget: float) -> list[TileSlice] | None:
+            """Layer ``i``'s split after the slices ``found``; with contexts, a dense layer's first slice may fill
+            the room left on the tile of the last run (:func:`group_contexts`) when that takes no more tiles:
+            consecutive layers then share tiles the way one long layer would (a linear partition of the chain's
+            work), not only whole small slices."""
+            plain = split(i, budget, n_tiles)
+            if not contexts or costs[i] is not None or not found or plain is None:
+                return plain
+            needs = needs_of(found)
+            last = group_contexts(needs, arch, budget)[-1]
+            run = needs[len(needs) - last:]
+            if last >= arch.tile_contexts:
+                return plain
+            room = (budget - sum(n[0] for n in run), arch.sram_words - sum(n[1] for n in run),
+                    arch.max_tile_outputs - sum(n[2] for n in run))
+            filled = split(i, budget, n_tiles, room)
+            if filled is None:
+                return plain
+
+            def runs(candidate: list[TileSlice]) -> tuple[int, int]:
+                sizes = group_contexts(needs + needs_of([candidate]), arch, budget)
+                tail = (needs + needs_of([candidate]))[-sizes[-1]:]
+                return len(sizes), sum(n[0] for n in tail)
+            return filled if runs(filled) <= runs(plain) else plain
 
         unlimited = float("inf")
         splits = [split(i, unlimited, unlimited) for i in range(len(layers))]
@@ -910,7 +968,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         def within(budget: float, link_limit: float | None = None) -> Placement | None:
             found = []
             for i in range(len(layers)):
-                layer_split = split(i, budget, n_tiles)
+                layer_split = filling_split(found, i, budget)
                 if layer_split is None:
                     return None
                 found.append(layer_split)
