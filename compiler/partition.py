@@ -315,13 +315,14 @@ def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | 
 
 
 def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float,
-                  deep_queues: bool = False) -> list[TileSlice] | None:
+                  deep_queues: bool = False, room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
     """Bands of output pixels (x output-channel groups for a convolution, section 4.4) whose tiles each take
     <= ``budget`` cycles, or None (as :func:`_split`): the fewest tiles over every uniform group count and over
     bands that each pick their own group count (each band's tiles are independent of the other bands', so they
     may differ; on a small map with many channels a band's pixel count is coarse and mixing helps).
     ``deep_queues``: every tile's forward queue (the SRAM its weights and banks leave free) also holds all the words
-    it forwards and passes per inference, so that it takes a whole inference in while it computes."""
+    it forwards and passes per inference, so that it takes a whole inference in while it computes.
+    ``room``: as :func:`_split`'s, for the first band (of one tile: all output channels)."""
     lanes = arch.lanes
     max_groups = words(costs.n_out, lanes) if costs.groupable else 1
     options = []
@@ -336,18 +337,20 @@ def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max
         if best is not None and len(choice) == 1 and len(choice[0]) > len(best):
             continue  # a band needs that many tiles: no fewer tiles than the best so far
         found = _split_bands(costs, arch, layer, budget, min(max_tiles, len(best) - 1 if best else max_tiles), choice,
-                             deep_queues)
+                             deep_queues, room)
         if found is not None:
             best = found
     return best
 
 
 def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float,
-                 options: list[list[int]], deep_queues: bool = False) -> list[TileSlice] | None:
+                 options: list[list[int]], deep_queues: bool = False,
+                 room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
     """Greedy bands of output pixels, each split into one of the channel groupings in ``options`` (``[n_out]``:
     one tile a band): each band takes the most pixels whose tiles fit the budget and the SRAM (both grow with the
     band, so a binary search finds it), with the grouping that gives the most pixels per tile, or, for the last
-    band, the fewest tiles that finish the layer."""
+    band, the fewest tiles that finish the layer. ``room``: the first band is one tile (``[n_out]`` must be among
+    the options, else None) of the most pixels that fit the room as a context (:func:`_split`), or None if none."""
     lanes = arch.lanes
     pixel_words = costs.result_words_per_pixel
     total = costs.out_height * costs.out_width
@@ -394,6 +397,15 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
     bands: list[tuple[int, int, int]] = []  # (first pixel, pixels, option)
     tiles = 0
     begin = 0
+    if room is not None:
+        single = next((o for o, channels in enumerate(options) if len(channels) == 1), None)
+        if single is None:
+            return None
+        first = _first_band_in(room, costs, layouts[single][2], lanes)
+        if first == 0:
+            return None
+        bands.append((0, first, single))
+        tiles, begin = 1, first
     while begin < total:
         remaining = total - begin
         finishing = [o for o in range(len(options)) if band_fits(o, begin, remaining, True)]
@@ -422,6 +434,26 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
                                     begin, pixels, costs.out_width, before[g] if grouped else 0,
                                     queue_words(option, begin, pixels)))
     return slices
+
+
+def _first_band_in(room: tuple[float, int, int], costs: WindowCosts, weights: int, lanes: int) -> int:
+    """Pixels of a windowed layer's first band, on one tile of all its output channels (``weights`` words), as large
+    as fits ``room`` as a context (:func:`_split`): the whole map if it fits, else the most pixels (0: none)."""
+    total = costs.out_height * costs.out_width
+
+    def fits(pixels: int) -> bool:
+        # as a context the band's queue holds all it queues (section 4.6): no shortfall, its SRAM counts it
+        forward = pixels < total
+        data = weights + ACTIVATION_BANKS * costs.stored_words(0, pixels)
+        return (window_tile_cycles(costs, 0, pixels, forward, None, lanes, None, 0) <= room[0]
+                and data + costs.forwarded(forward, 0) <= room[1] and costs.n_out <= room[2])
+    if fits(total):
+        return total
+    lo, hi = 0, total - 1   # cycles and SRAM grow with the band: the most pixels that fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
@@ -913,16 +945,16 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         def split(i: int, budget: float, max_tiles: float,
                   room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
             if costs[i] is not None:
-                return _split_window(costs[i], arch, i, budget, max_tiles, deep)
+                return _split_window(costs[i], arch, i, budget, max_tiles, deep, room)
             return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i], room)
 
         def filling_split(found: list[list[TileSlice]], i: int, budget: float) -> list[TileSlice] | None:
-            """Layer ``i``'s split after the slices ``found``; with contexts, a dense layer's first slice may fill
-            the room left on the tile of the last run (:func:`group_contexts`) when that takes no more tiles:
-            consecutive layers then share tiles the way one long layer would (a linear partition of the chain's
-            work), not only whole small slices."""
+            """Layer ``i``'s split after the slices ``found``; with contexts, its first slice (a dense layer's
+            outputs, a windowed layer's band of pixels) may fill the room left on the tile of the last run
+            (:func:`group_contexts`) when that takes no more tiles: consecutive layers then share tiles the way
+            one long layer would (a linear partition of the chain's work), not only whole small slices."""
             plain = split(i, budget, n_tiles)
-            if not contexts or costs[i] is not None or not found or plain is None:
+            if not contexts or not found or plain is None:
                 return plain
             needs = needs_of(found)
             last = group_contexts(needs, arch, budget)[-1]
