@@ -398,7 +398,8 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     # chips a layer cut by a chip boundary keeps whole streams, so every tile is costed with the whole stream
     fronts = ([(plan.store[0], plan.forward[0] if plan.forward[1] > plan.forward[0] else plan.n_words)
                for plan in plans] if arch.chips == 1 else None)
-    placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words, stream_tensors, fronts)
+    placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words, stream_tensors, fronts,
+                             [plan.forward[1] - plan.forward[0] for plan in plans])
     contexts: dict[int, list[TileProgram]] = {}   # per position, the tiles of its contexts in turn order
     infos: list[LayerInfo] = []
     for layer, slices, plan, places in zip(layers, placement.splits, plans, placement.places(arch)):

@@ -163,6 +163,10 @@ class WindowCosts:
     #: (:func:`compiler.emit.forward_only_what_follows`); ``stream_keep = 0``: every tile counted with the whole stream
     stream_front: int = 0
     stream_keep: int = 0
+    #: the words the layer's last tile forwards (the stream's tensors still needed after the layer,
+    #: ``StreamPlan.forward``: the carried ones, and the layer's own input when a later layer reads it too, as a
+    #: residual block's first convolution's); None: the carried words
+    last_forwarded: int | None = None
 
     @property
     def groupable(self) -> bool:
@@ -183,8 +187,11 @@ class WindowCosts:
 
     def forwarded(self, forward: bool, pixel_begin: int = 0) -> int:
         """``K_f``, the words a tile of the layer forwards: if more tiles of the layer follow (``forward``) at most
-        every word it receives (counted so: the next band starts later), else only the carried words."""
-        return self.received(pixel_begin) if forward else self.carried
+        every word it receives (counted so: the next band starts later), else what the layer's last tile forwards
+        (:attr:`last_forwarded`)."""
+        if forward:
+            return self.received(pixel_begin)
+        return self.carried if self.last_forwarded is None else self.last_forwarded
 
     def group_weights(self, channels: int, lanes: int) -> int:
         """Weight words a tile of a channel group of ``channels`` output channels holds."""
@@ -830,7 +837,8 @@ def group_contexts(needs: Sequence[tuple[int, int, int]], arch: Arch, budget: fl
 def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None,
                  stream_words: Sequence[int] | None = None,
                  stream_tensors: Sequence[Sequence[tuple[int, int]]] | None = None,
-                 stream_fronts: Sequence[tuple[int, int]] | None = None) -> Placement:
+                 stream_fronts: Sequence[tuple[int, int]] | None = None,
+                 last_forwarded: Sequence[int] | None = None) -> Placement:
     """Slices per layer and their places on the system chain; CompileError if the model cannot fit.
 
     ``stream_words``: flits of the stream into each layer per inference, then those of the output (what a cut
@@ -842,6 +850,10 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     (not a join) are costed with the stream they receive when each tile forwards only what the later ones store
     (:func:`compiler.emit.forward_only_what_follows`, which the emitter applies to a layer on one chip); default:
     every tile with the whole stream.
+    ``last_forwarded``: per layer, the words its last tile forwards (``StreamPlan.forward``); default: the carried
+    words. It differs where a later layer reads the layer's input too (a residual block's fork): the last tile then
+    forwards that input as well, which its output side and its queue must hold (windowed layers; a dense layer's
+    input is never read twice, forks of vectors are not supported).
 
     One chip: the smallest per-tile cycle budget at which every layer's fewest tiles within it (its greedy split)
     add up to the grid (binary search). Several chips: the smallest budget ``B`` at which those slices can be cut
@@ -868,6 +880,9 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     if stream_fronts is not None:  # the bands' tiles receive the stream from their first stored word on
         costs = [dataclasses.replace(c, stream_front=front, stream_keep=keep) if c is not None and not c.join else c
                  for c, (front, keep) in zip(costs, stream_fronts)]
+    if last_forwarded is not None:
+        costs = [dataclasses.replace(c, last_forwarded=words_out) if c is not None else c
+                 for c, words_out in zip(costs, last_forwarded)]
     if len(layers) > n_tiles * arch.tile_contexts:
         total = sum((c.weight_words if c else layer.n_out * k) * lanes for layer, k, c in zip(layers, ks, costs))
         holds = (f"every layer needs at least one" if arch.tile_contexts == 1 else
@@ -940,7 +955,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         ends = list(starts[1:]) + ([len(cut) - 1] if arch.chip_topology == "ring" else [])
         return Placement(found, starts, tuple(cut[s][0] for s in ends), tuple(cut[s][1] for s in ends), groups)
 
-    def balance(deep: bool) -> Placement | None:
+    def balance(deep: bool, fill: bool) -> Placement | None:
         """The balanced placement; ``deep``: with deep queues (:func:`_split_window`), None if they do not fit."""
         def split(i: int, budget: float, max_tiles: float,
                   room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
@@ -954,7 +969,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             (:func:`group_contexts`) when that takes no more tiles: consecutive layers then share tiles the way
             one long layer would (a linear partition of the chain's work), not only whole small slices."""
             plain = split(i, budget, n_tiles)
-            if not contexts or not found or plain is None:
+            if not fill or not found or plain is None:
                 return plain
             needs = needs_of(found)
             last = group_contexts(needs, arch, budget)[-1]
@@ -1062,10 +1077,23 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 index += size
         return slowest + shortfall(found)
 
+    def interval(found: Placement) -> int:
+        """:func:`estimate`, or the slowest link's stage time if a link binds."""
+        return max([estimate(found)] + [link_cycles(arch, words, segments)
+                                        for words, segments in zip(found.link_words, found.link_segments)])
+
+    def fastest(deep: bool) -> Placement | None:
+        """:func:`balance` with contexts filling tiles across layer boundaries; on several chips also without, and
+        the faster of the two: the fill sizes a layer's first slice to the room of the chain's last tile, but a chip
+        may start right there (its runs never span chips) and leave that slice a tile of its own."""
+        fills = (True, False) if contexts and arch.chips > 1 else (contexts,)
+        found = [placement for placement in (balance(deep, fill) for fill in fills) if placement is not None]
+        return min(found, key=interval) if found else None
+
     # deep queues cost tiles (smaller bands) but avoid stalls: keep them unless the shallow placement's estimate,
     # charged with its largest queue shortfall (which holds the tiles before it back), is faster
-    shallow = balance(False)
+    shallow = fastest(False)
     if not shortfall(shallow):   # every queue already holds what its tile queues: a deep-queue placement
         return shallow
-    deep = balance(True)
+    deep = fastest(True)
     return deep if deep is not None and estimate(deep) <= estimate(shallow) else shallow

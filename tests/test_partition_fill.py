@@ -109,3 +109,34 @@ def test_fc_autoencoder_on_16_tiles_reaches_90_percent_of_the_mac_bound(monkeypa
     measured = steady_state(filled, comparison.emulated.result, len(x)).interval
     assert near_the_estimate(filled, comparison.emulated.result, len(x))
     assert utilization(filled, measured) >= 0.90
+
+
+@pytest.fixture(scope="module")
+def two_block_resnet(tmp_path_factory):
+    """A residual CNN of two basic blocks (the second with a projection): the first block's first convolution and
+    the second's shortcut are forks, their last tiles forward the block input too."""
+    path = tmp_path_factory.mktemp("forks")
+    rng = np.random.default_rng(7)
+    onnx.save(random_float_resnet(rng, (3, 8, 8), 8, [{"kind": "basic", "out": 8, "stride": 1},
+                                                      {"kind": "basic", "out": 16, "stride": 2}], 5),
+              path / "resnet.onnx")
+    return quantize_qdq(path / "resnet.onnx", path / "resnet_qdq.onnx",
+                        rng.standard_normal((16, 3, 8, 8)).astype(np.float32), activation_uint8=False,
+                        per_channel=True)
+
+
+@pytest.mark.parametrize("fields, replicas", [
+    (dict(rows=2, cols=3, tile_contexts=4, sram_bytes=8192), 2),
+    (dict(rows=2, cols=2, tile_contexts=2, sram_bytes=4096, chips=2), 1),
+], ids=["2x3, 4 contexts, 2 copies", "2 chips of 2x2, 2 contexts"])
+def test_the_last_tile_of_a_fork_counts_the_input_it_forwards(two_block_resnet, fields, replicas):
+    """The partition once costed a layer's last tile as forwarding only the stream's carried words, while a fork's
+    forwards the layer input as well (a later layer reads it): its output side and its queue were undercounted, and
+    these placements packed contexts whose queues did not fit ("queue_words = 80 is less than ..."). They compile now,
+    and run as estimated."""
+    arch = Arch(**{**SMALL, **fields})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = compile_model(two_block_resnet, arch, replicas=replicas)
+    x = np.random.default_rng(4).standard_normal((4 * replicas, 3, 8, 8)).astype(np.float32)
+    assert_emulator_matches_onnxruntime(two_block_resnet, program, x)
