@@ -549,12 +549,14 @@ ONE_CHIP_MIN_TILES = 64
 def max_copies(arch: Arch, n_layers: int) -> int:
     """Copies :func:`compile_model` tries: on several chips up to one a chip; on one chip of at least
     :data:`ONE_CHIP_MIN_TILES` tiles up to :data:`ONE_CHIP_COPIES` while every copy keeps
-    :data:`ONE_CHIP_TILES_PER_LAYER` tiles a layer; else 1."""
+    :data:`ONE_CHIP_TILES_PER_LAYER` tiles a layer (with contexts, a tile holds up to ``tile_contexts`` layers, so
+    a copy needs that many times fewer); else 1."""
     if arch.chips > 1:
         return arch.chips
     if arch.n_tiles < ONE_CHIP_MIN_TILES:
         return 1
-    return max(1, min(ONE_CHIP_COPIES, arch.n_tiles // (ONE_CHIP_TILES_PER_LAYER * max(1, n_layers))))
+    tiles_of_layers = -(-max(1, n_layers) // arch.tile_contexts)
+    return max(1, min(ONE_CHIP_COPIES, arch.n_tiles // (ONE_CHIP_TILES_PER_LAYER * tiles_of_layers)))
 
 
 def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input: bool, replicas: int) -> Program:

@@ -140,3 +140,18 @@ def test_the_last_tile_of_a_fork_counts_the_input_it_forwards(two_block_resnet, 
         program = compile_model(two_block_resnet, arch, replicas=replicas)
     x = np.random.default_rng(4).standard_normal((4 * replicas, 3, 8, 8)).astype(np.float32)
     assert_emulator_matches_onnxruntime(two_block_resnet, program, x)
+
+
+def test_with_contexts_a_copy_needs_fewer_tiles(monkeypatch):
+    """compile_model tries copies on one large chip while each keeps two tiles a layer; a tile of 8 contexts holds 8
+    layers, so the autoencoder's 19 layers get copies on 8x8 tiles, which it runs faster (estimate) than one copy."""
+    from flowtile.compiler.emit import max_copies
+    model = int8_model(ROOT / "models" / "public" / "mlperf_autoencoder_qdq.onnx")
+    arch = Arch(tile_contexts=8).with_grid("8x8")
+    assert max_copies(arch.replace(tile_contexts=1), 19) == 1 < max_copies(arch, 19)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chosen = compile_model(model, arch)
+    one = compiled(model, arch, True, monkeypatch)
+    assert chosen.replicas > 1
+    assert estimated_interval(chosen) / chosen.replicas < estimated_interval(one)
