@@ -44,7 +44,8 @@ from flowtile.link_format import LaneSegment, LinkGeometry, lane_segments_of_ten
 
 from .errors import CompileError
 
-__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "queue_shortfall_cycles", "assign_tiles", "words", "Placement", "place_layers",
+__all__ = ["TileSlice", "tile_cycles", "window_tile_cycles", "queue_shortfall_cycles", "ring_overflow_cycles",
+           "coupled_ring_cycles", "assign_tiles", "words", "Placement", "place_layers",
            "link_cycles",
            "WindowCosts", "window_costs", "band_input_rows"]
 
@@ -309,6 +310,39 @@ def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bo
                issue + 2 + queue_shortfall_cycles(forwarded + n_pass, queue_words))
 
 
+def ring_overflow_cycles(issue: int, results: int, ring_words: int) -> int:
+    """COMPUTE cycles of a tile (``issue`` issue cycles, ``results`` result words per inference) that cannot run
+    before its first EMIT of the inference: its result ring takes ``ring_words`` results ahead of the EMITs, then each
+    word waits for one (section 4's rule ``a_j >= t(EMIT j - R) + 1``). Results spread evenly over the issue cycles."""
+    if results <= ring_words:
+        return 0
+    return -(-issue * (results - ring_words) // results)
+
+
+def coupled_ring_cycles(before: tuple[int, int, int, int], overflow: int, results: int, queued: int,
+                        queue_words: int, ring_words: int) -> tuple[int, int]:
+    """A band tile's place in a run of coupled bands of a windowed layer (:func:`_split_bands`): ``(the run's overflow
+    cycles through this tile, the run's cycles per inference)``.
+
+    The tile emits its ``results`` words only after the ``queued`` words it forwards and passes (section 4.4's
+    order), the last of them the previous band's results, so its ``overflow`` (:func:`ring_overflow_cycles`) runs after
+    the previous band's last EMIT. If its forward queue (``queue_words``) cannot take the ``queued`` words of inference
+    ``s + 1`` while it emits ``s``, the last ``queued - queue_words`` of them wait for its last EMIT of ``s`` (section 6
+    rule 4): the previous band's last EMITs among them, and the COMPUTE behind them that its ring cannot hold, then
+    repeat every inference after this tile's, and so does the run before the previous band if the wait reaches its
+    words too. ``before``: the previous band's ``(run, overflow, issue cycles, result words)`` (zeros for none); the
+    run takes its overflow cycles, then the tile's own overflow or its EMITs, whichever is longer."""
+    run_before, overflow_before, issue_before, results_before = before
+    waiting = queued - queue_words
+    carried = 0
+    if waiting > 0 and results_before:
+        blocked = min(waiting, results_before)
+        carried = ring_overflow_cycles(-(-issue_before * blocked // results_before), blocked, ring_words)
+        if waiting > results_before:
+            carried += run_before - overflow_before
+    return carried + overflow, carried + max(overflow, results)
+
+
 def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | None:
     """Output channels per group when a layer's ``N_o`` channels are split into ``groups`` groups of whole
     words (earlier groups take the spare words), or None if there are fewer words than groups."""
@@ -357,7 +391,13 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
     one tile a band): each band takes the most pixels whose tiles fit the budget and the SRAM (both grow with the
     band, so a binary search finds it), with the grouping that gives the most pixels per tile, or, for the last
     band, the fewest tiles that finish the layer. ``room``: the first band is one tile (``[n_out]`` must be among
-    the options, else None) of the most pixels that fit the room as a context (:func:`_split`), or None if none."""
+    the options, else None) of the most pixels that fit the room as a context (:func:`_split`), or None if none.
+
+    Bands whose COMPUTE outruns the result ring run in series (:func:`coupled_ring_cycles`): a band emits its results
+    only after the words it passes, the results of the bands before it, so the COMPUTE its ring cannot hold
+    (:func:`ring_overflow_cycles`) runs after theirs; and a band whose forward queue cannot take its words of the next
+    inference while it emits holds the bands before it back until its last EMIT (section 6 rule 4). Such a run of
+    coupled bands repeats every inference, so its overflow cycles, then the last band's EMITs, must fit the budget."""
     lanes = arch.lanes
     pixel_words = costs.result_words_per_pixel
     total = costs.out_height * costs.out_width
@@ -378,9 +418,31 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         """The band tile's forward queue: what its weights and banks leave of the SRAM."""
         return arch.sram_words - layouts[option][2] - ACTIVATION_BANKS * costs.stored_words(begin, pixels)
 
+    def overflow(option: int, pixels: int) -> tuple[int, int, int]:
+        """(overflow cycles, issue cycles, result words) of the band's tile whose COMPUTE overflows its ring most."""
+        channels, (grouped, _, _) = options[option], layouts[option]
+        worst = (0, 0, 0)
+        for g in range(len(channels)):
+            if grouped:
+                results, issue = pixels * words(channels[g], lanes), pixels * costs.group_issue(channels[g], lanes)
+            else:
+                results, issue = pixels * pixel_words, pixels * costs.pixel_issue
+            worst = max(worst, (ring_overflow_cycles(issue, results, arch.result_ring_words), issue, results))
+        return worst
+
+    def run_into(option: int, begin: int, pixels: int, last_band: bool) -> tuple[int, int]:
+        """:func:`coupled_ring_cycles` of the band after the run of the bands before it."""
+        channels, (_, before, _) = options[option], layouts[option]
+        queued = costs.forwarded(not (last_band and len(channels) == 1), begin) + n_pass(begin, pixels, before, 0)
+        behind, _, results = overflow(option, pixels)
+        return coupled_ring_cycles(previous, behind, results, queued, queue_words(option, begin, pixels),
+                                   arch.result_ring_words)
+
     def band_fits(option: int, begin: int, pixels: int, last_band: bool) -> bool:
         channels, (grouped, before, weights) = options[option], layouts[option]
         queue = queue_words(option, begin, pixels)
+        if run_into(option, begin, pixels, last_band)[1] > budget:
+            return False
         for g in range(len(channels)):
             forward = not (last_band and g == len(channels) - 1)
             queued = costs.forwarded(forward, begin) + n_pass(begin, pixels, before, g)
@@ -402,6 +464,7 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         return lo
 
     bands: list[tuple[int, int, int]] = []  # (first pixel, pixels, option)
+    previous = (0, 0, 0, 0)   # the previous band's (run, overflow, issue cycles, result words)
     tiles = 0
     begin = 0
     if room is not None:
@@ -409,9 +472,10 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         if single is None:
             return None
         first = _first_band_in(room, costs, layouts[single][2], lanes)
-        if first == 0:
+        if first == 0 or run_into(single, 0, first, first >= total)[1] > room[0]:
             return None
         bands.append((0, first, single))
+        previous = (run_into(single, 0, first, first >= total)[0], *overflow(single, first))
         tiles, begin = 1, first
     while begin < total:
         remaining = total - begin
@@ -430,6 +494,7 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         if tiles > max_tiles:
             return None
         bands.append((begin, take, option))
+        previous = (run_into(option, begin, take, begin + take >= total)[0], *overflow(option, take))
         begin += take
     slices = []
     for b, (begin, pixels, option) in enumerate(bands):
