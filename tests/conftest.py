@@ -81,17 +81,21 @@ def _designs() -> list[dict]:
     return designs
 
 
+@pytest.hookimpl(trylast=True)      # after -m / -k / --deselect have deselected theirs
 def pytest_collection_modifyitems(session, config, items):
     rtl = [item for item in items if item.get_closest_marker("rtl") is not None]
-    if not rtl or not _prebuild_wanted({item.path for item in rtl}):
+    if not rtl or config.option.collectonly or not _prebuild_wanted({item.path for item in rtl}):
         return
     rtl_ids = {id(item) for item in rtl}
     items[:] = [item for item in items if id(item) not in rtl_ids] + rtl
+    from flowtile.rtl.simulate import DEFAULT_BUILD_ROOT
     env = dict(os.environ, AMARANTH_USE_YOSYS=os.environ.get("AMARANTH_USE_YOSYS", "builtin"))
-    config._flowtile_prebuild = subprocess.Popen(
-        [sys.executable, "-m", "flowtile.testing.prebuild", json.dumps(_designs())], cwd=ROOT, env=env,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=lambda: os.nice(19))
+    DEFAULT_BUILD_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(DEFAULT_BUILD_ROOT / "prebuild.log", "w") as log:     # its progress lines (the last run's)
+        config._flowtile_prebuild = subprocess.Popen(
+            [sys.executable, "-m", "flowtile.testing.prebuild", json.dumps(_designs())], cwd=ROOT, env=env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=lambda: os.nice(19))
 
 
 def pytest_unconfigure(config):

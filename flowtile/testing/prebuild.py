@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 
 def main(argv: list[str] | None = None) -> int:
     from flowtile.arch import Arch
     from flowtile.rtl.simulate import build_verilator
     designs = json.loads((sys.argv[1:] if argv is None else argv)[0])
-    for design in designs:
+    started = time.perf_counter()
+    for index, design in enumerate(designs, 1):
         try:
-            build_verilator(Arch.from_dict(design["arch"]), waves=design.get("waves", False))
+            build = build_verilator(Arch.from_dict(design["arch"]), waves=design.get("waves", False))
         except Exception as error:  # noqa: BLE001 - the test that needs the design builds it and reports
-            print(f"prebuild: {design}: {type(error).__name__}: {error}", file=sys.stderr)
+            print(f"prebuild: {design}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            continue
+        print(f"prebuild: {index}/{len(designs)} {build.directory.name} {'cached' if build.cached else 'built'} "
+              f"({time.perf_counter() - started:.0f} s since the start)", file=sys.stderr, flush=True)
     return 0
 
 
