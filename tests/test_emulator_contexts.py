@@ -558,7 +558,9 @@ def _random_packed(rng, kind, *, most=3):
     return program, packed, layers, shape, x, batch
 
 
-@pytest.mark.parametrize("seed", range(48))
+# 24 seeds (was 48), six of each kind: the fast-path and host-stall tests below pack 28 more random programs of
+# the four kinds.
+@pytest.mark.parametrize("seed", range(24))
 def test_random_packed_programs_match_reference(seed):
     """Random dense, windowed, residual / concat and grouped programs packed into tiles of up to three contexts:
     outputs equal the unpacked program's and the golden; every transfer equals the cycle-stepping reference's and

@@ -6,9 +6,18 @@ outputs equal a clean run's bit for bit; the emulator saw the link detect errors
 Error rates are high (1e-3 .. 1e-2) so that a short run sees several errors, with and without bursts; at such rates
 the cases use frames of 4 flits (a frame of the default 16 flits of 64 bits is 267 beats of a 4-bit wire: at 2e-3
 per line it would see about 3 flips and rarely get through). One case runs the default frames at a rate they
-survive. Each Arch is one Verilator build (cached).
+survive. Each Arch is one Verilator build (cached): the link's error rate, seed and bursts are constants of its
+Verilog, so every case is a build of its own (15-60 s on a machine without a build cache).
+
+Two cases run only with ``FLOWTILE_LONG=1``, because the cases that always run check the same in kind: "2e-3 per
+bit, no bursts" (faults without bursts on 2 chips of 2x2: the default-frames case; frames of 4 flits with faults:
+the depth-1 case) and "6e-3 per bit, bursts of 4 cycles" (bursts on 2 chips of 2x2 with frames of 4: the depth-1
+case, bursts of 2; longer bursts: the 4-chip case, bursts of 3). tests/test_emulator_link_faults.py checks the
+link's own error injection, detection and replay against the RTL over many rates, seeds and bursts.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import onnx
@@ -22,10 +31,15 @@ from flowtile.testing.random_models import quantize_qdq, random_float_mlp
 
 pytestmark = pytest.mark.rtl
 
+LONG = pytest.mark.skipif(not os.environ.get("FLOWTILE_LONG"),
+                          reason="long: set FLOWTILE_LONG=1 (a Verilator build each; the other cases cover them in kind)")
 #: (name, link fields; 2 chips of 2x2 with a latency of 16 and frames of 4 flits unless they say otherwise)
 FAULTS = [
-    ("2e-3 per bit, no bursts", {"link_error_rate": 0.002, "link_error_seed": 5}),
-    ("6e-3 per bit, bursts of 4 cycles", {"link_error_rate": 0.006, "link_burst_cycles": 4, "link_error_seed": 9}),
+    pytest.param("2e-3 per bit, no bursts", {"link_error_rate": 0.002, "link_error_seed": 5}, marks=LONG,
+                 id="2e-3 per bit, no bursts"),
+    pytest.param("6e-3 per bit, bursts of 4 cycles", {"link_error_rate": 0.006, "link_burst_cycles": 4,
+                                                      "link_error_seed": 9}, marks=LONG,
+                 id="6e-3 per bit, bursts of 4 cycles"),
     ("4e-3 per bit, bursts of 2, router FIFOs of depth 1",
      {"link_error_rate": 0.004, "link_burst_cycles": 2, "link_error_seed": 4, "router_fifo_depth": 1}),
     ("4 chips of 1x2, 1-bit links, latency 64, window and credit 2, 5e-4 per bit in bursts of 3",
@@ -44,7 +58,7 @@ def _mlp(tmp_path):
                         per_channel=True)
 
 
-@pytest.mark.parametrize("name, faults", FAULTS, ids=[f[0] for f in FAULTS])
+@pytest.mark.parametrize("name, faults", FAULTS, ids=[f.id if hasattr(f, "id") else f[0] for f in FAULTS])
 def test_faulty_links_rtl_equals_emulator_and_a_clean_run(tmp_path, name, faults):
     from flowtile.rtl.simulate import simulate
     common = dict(rows=2, cols=2, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=2, link_latency_cycles=16,

@@ -155,7 +155,9 @@ def test_program_inferences_view(models):
 @pytest.mark.rtl
 def test_replicated_rtl_matches_emulator(models):
     model, in_shape = models["mlp"]
-    program = compile_model(model, _arch(2, link_latency_cycles=16), replicas=2)
+    # rings of 8 words: the Arch of tests/test_multichip_rtl.py's 2-chip system, so the same Verilator build
+    program = compile_model(model, _arch(2, link_latency_cycles=16, result_ring_words=8), replicas=2)
+    assert program.replicas == 2
     x = np.random.default_rng(3).standard_normal((4, *in_shape)).astype(np.float32)
     assert_rtl_matches_emulator(program, x)
 
