@@ -96,6 +96,47 @@ def pytest_collection_modifyitems(session, config, items):
             [sys.executable, "-m", "flowtile.testing.prebuild", json.dumps(_designs())], cwd=ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=lambda: os.nice(19))
+    config._flowtile_prebuild_full = len({item.path for item in rtl}) >= PREBUILD_MIN_FILES
+    _record_builds(config)
+
+
+def _record_builds(config) -> None:
+    """Keep the list above honest: note every design the tests build in this process (into the default cache), and
+    whether it was there already, for :func:`pytest_terminal_summary`."""
+    from flowtile.rtl import simulate
+    original, builds = simulate.build_verilator, []
+    config._flowtile_builds = builds
+
+    def recording(arch, *args, **kwargs):
+        build = original(arch, *args, **kwargs)
+        if kwargs.get("build_root") is None and kwargs.get("chip_factory") is None:
+            builds.append((json.dumps(arch.to_dict(), sort_keys=True), bool(kwargs.get("waves")), build.cached))
+        return build
+    simulate.build_verilator = recording
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """With the builds ahead of time on: the designs tests built themselves (missing from PREBUILD_DESIGNS, or listed
+    with other fields) and the listed designs no test used (stale), so that the list is fixed where it drifts."""
+    builds = getattr(config, "_flowtile_builds", None)
+    if builds is None:
+        return
+    from flowtile.arch import Arch
+    defaults = Arch().to_dict()
+
+    def fields(arch: str) -> str:   # what differs from the default Arch, as PREBUILD_DESIGNS writes it
+        return json.dumps({k: v for k, v in json.loads(arch).items() if defaults.get(k) != v})
+    # the fuzzer's design (None in the list) is built in its Dask workers, which this process does not see
+    listed = {(json.dumps(Arch.from_dict(d["arch"]).to_dict(), sort_keys=True), bool(d.get("waves")))
+              for d in PREBUILD_DESIGNS if d is not None}
+    used = {(arch, waves) for arch, waves, _ in builds}
+    for arch, waves in sorted({(arch, waves) for arch, waves, cached in builds if not cached} - listed):
+        terminalreporter.write_line(f"prebuild: a test built a design that PREBUILD_DESIGNS (tests/conftest.py) "
+                                    f"does not list: {fields(arch)}{' with waves' if waves else ''}")
+    if config._flowtile_prebuild_full:   # the whole suite's rtl tests (about): what none of them used is stale
+        for arch, waves in sorted(listed - used):
+            terminalreporter.write_line(f"prebuild: no test used the listed design {fields(arch)}"
+                                        f"{' with waves' if waves else ''} (stale?)")
 
 
 def pytest_unconfigure(config):
