@@ -589,8 +589,14 @@ def tile_estimate(config: TileConfig, lanes: int) -> int:
 
 def tile_program_estimate(tile: TileProgram, lanes: int) -> int:
     """A tile's estimated cycles per inference: :func:`tile_estimate` summed over its contexts, which each side
-    serves in turn (docs/architecture.md section 4.6)."""
-    return sum(tile_estimate(config, lanes) for config in tile.contexts)
+    serves in turn (docs/architecture.md section 4.6); with several, at least context 0's COMPUTE plus the RECV words
+    up to its last stored one: context 1's input is context 0's output, whose last word follows context 0's COMPUTE,
+    and the input side takes context 0's next inference only after context 1's turn, so that COMPUTE cannot overlap
+    the next inference's RECV as one context's two banks let it."""
+    total = sum(tile_estimate(config, lanes) for config in tile.contexts)
+    if tile.later_contexts:
+        total = max(total, tile.config.compute_cycles + tile.config.store_until)
+    return total
 
 
 def estimated_interval(program: Program) -> int:

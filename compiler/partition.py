@@ -868,32 +868,53 @@ def _slice_needs(s: TileSlice, costs: WindowCosts | None, carried: int, arch: Ar
     return data + queued, s.n_out
 
 
-def _group_totals(needs: Sequence[tuple[int, int, int]], arch: Arch, budget: float) -> list[tuple[int, int, int]]:
-    """:func:`group_contexts`' runs as their summed ``(cycles, SRAM words, parameter rows)``."""
+def _slice_lead(s: TileSlice, costs: WindowCosts | None, carried: int, lanes: int) -> int:
+    """A slice's COMPUTE cycles plus the stream words it receives (at most) before its last stored word: a bound on
+    the period of a tile whose context 0 it is, when the tile has more contexts (section 4.6,
+    :func:`compiler.emit.tile_program_estimate`): context 1's input is context 0's output, whose last word follows
+    context 0's COMPUTE, and the input side serves context 0's next inference only after context 1's turn."""
+    if costs is not None:
+        grouped = costs.channel_words and s.n_out != costs.n_out
+        issue = s.pixels * costs.group_issue(s.n_out, lanes) if grouped else s.pixels * costs.pixel_issue
+        return issue + 2 + costs.received(s.pixel_begin)
+    return s.n_out * s.n_in_words + 2 + s.n_in_words + carried
+
+
+def _run_cycles(run: Sequence[tuple[int, int, int, int]]) -> int:
+    """A run of contexts' cycles per inference: the sum of theirs (the sides serve them in turn), and with several at
+    least its first slice's lead (:func:`_slice_lead`)."""
+    total = sum(need[0] for need in run)
+    return max(total, run[0][3]) if len(run) > 1 else total
+
+
+def _group_totals(needs: Sequence[tuple[int, int, int, int]], arch: Arch,
+                  budget: float) -> list[tuple[int, int, int]]:
+    """:func:`group_contexts`' runs as their ``(cycles, SRAM words, parameter rows)`` (:func:`_run_cycles`, sums)."""
     totals, index = [], 0
     for size in group_contexts(needs, arch, budget):
         run = needs[index:index + size]
-        totals.append(tuple(sum(values) for values in zip(*run)))
+        totals.append((_run_cycles(run), sum(need[1] for need in run), sum(need[2] for need in run)))
         index += size
     return totals
 
 
-def group_contexts(needs: Sequence[tuple[int, int, int]], arch: Arch, budget: float) -> list[int]:
+def group_contexts(needs: Sequence[tuple[int, int, int, int]], arch: Arch, budget: float) -> list[int]:
     """Runs of consecutive slices that share a tile as its contexts (section 4.6), greedily: a run takes the next
-    slice while it has fewer than ``tile_contexts`` slices and their summed cycles (the sides serve the contexts in
-    turn), SRAM words and parameter rows stay within ``budget``, ``sram_words`` and ``max_tile_outputs``. ``needs``:
-    per slice ``(cycles, SRAM words, parameter rows)``. Greedy runs are as few as any: every constraint is a sum
-    over the run, so a run that takes a slice never forces more runs later."""
+    slice while it has fewer than ``tile_contexts`` slices, its cycles (:func:`_run_cycles`: the summed cycles, the
+    sides serving the contexts in turn, and at least its first slice's lead) stay within ``budget`` and its SRAM
+    words and parameter rows within ``sram_words`` and ``max_tile_outputs``. ``needs``: per slice ``(cycles, SRAM
+    words, parameter rows, lead)``. Greedy runs are as few as any: every constraint is a sum over the run or fixed by
+    its first slice, so a run that takes a slice never forces more runs later."""
     sizes: list[int] = []
     run = None
-    for cycles, sram, rows in needs:
-        if (run is not None and run[0] < arch.tile_contexts and run[1] + cycles <= budget
+    for cycles, sram, rows, lead in needs:
+        if (run is not None and run[0] < arch.tile_contexts and max(run[1] + cycles, run[4]) <= budget
                 and run[2] + sram <= arch.sram_words and run[3] + rows <= arch.max_tile_outputs):
-            run = [run[0] + 1, run[1] + cycles, run[2] + sram, run[3] + rows]
+            run = [run[0] + 1, run[1] + cycles, run[2] + sram, run[3] + rows, run[4]]
         else:
             if run is not None:
                 sizes.append(run[0])
-            run = [1, cycles, sram, rows]
+            run = [1, cycles, sram, rows, lead]
     if run is not None:
         sizes.append(run[0])
     return sizes
@@ -983,9 +1004,10 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
 
     contexts = arch.tile_contexts > 1
 
-    def needs_of(found: list[list[TileSlice]]) -> list[tuple[int, int, int]]:
-        """Per slice in chain order: (cycles, SRAM words, parameter rows) as a context (section 4.6)."""
-        return [(_slice_cycles(s, lanes, costs[i], carried[i]), *_slice_needs(s, costs[i], carried[i], arch))
+    def needs_of(found: list[list[TileSlice]]) -> list[tuple[int, int, int, int]]:
+        """Per slice in chain order: (cycles, SRAM words, parameter rows, lead) as a context (section 4.6)."""
+        return [(_slice_cycles(s, lanes, costs[i], carried[i]), *_slice_needs(s, costs[i], carried[i], arch),
+                 _slice_lead(s, costs[i], carried[i], lanes))
                 for i, slices in enumerate(found) for s in slices]
 
     def tiles_needed(found: list[list[TileSlice]], budget: float) -> int:
@@ -1041,6 +1063,8 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             run = needs[len(needs) - last:]
             if last >= arch.tile_contexts:
                 return plain
+            if run[0][3] > budget:   # the run's first slice cannot lead a tile of several contexts
+                return plain
             room = (budget - sum(n[0] for n in run), arch.sram_words - sum(n[1] for n in run),
                     arch.max_tile_outputs - sum(n[2] for n in run))
             filled = split(i, budget, n_tiles, room)
@@ -1050,7 +1074,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             def runs(candidate: list[TileSlice]) -> tuple[int, int]:
                 sizes = group_contexts(needs + needs_of([candidate]), arch, budget)
                 tail = (needs + needs_of([candidate]))[-sizes[-1]:]
-                return len(sizes), sum(n[0] for n in tail)
+                return len(sizes), _run_cycles(tail)
             return filled if runs(filled) <= runs(plain) else plain
 
         unlimited = float("inf")
@@ -1138,7 +1162,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         if found.groups:
             needs, index = needs_of(found.splits), 0
             for size in found.groups:
-                slowest = max(slowest, sum(cycles for cycles, _, _ in needs[index:index + size]))
+                slowest = max(slowest, _run_cycles(needs[index:index + size]))
                 index += size
         return slowest + shortfall(found)
 
