@@ -206,6 +206,13 @@ class WindowCosts:
             return channels * self.channel_words
         return words(channels, lanes) * self.word_issue
 
+    def band_work(self, pixels: int, channels: int | None, lanes: int) -> tuple[int, int]:
+        """``(COMPUTE issue cycles, result words)`` per inference of a tile computing ``pixels`` output pixels, of
+        ``channels`` output channels of a layer split over channel groups (section 4.4), or of all (None)."""
+        if channels is None:
+            return pixels * self.pixel_issue, pixels * self.result_words_per_pixel
+        return pixels * self.group_issue(channels, lanes), pixels * words(channels, lanes)
+
     def stored_words(self, pixel_begin: int, pixels: int) -> int:
         """Words a tile computing output pixels ``[pixel_begin, pixel_begin + pixels)`` stores per inference (one
         bank): the input rows the windows of the output rows it touches read."""
@@ -300,11 +307,7 @@ def window_tile_cycles(costs: WindowCosts, n_pass: int, pixels: int, forward: bo
     I + 2 + shortfall)`` (``K`` = :meth:`WindowCosts.received` of a band from output pixel ``pixel_begin``, counting
     the carried words; ``K_f`` = ``K`` if more tiles of the layer follow (``forward``), else the carried words;
     ``shortfall``: :func:`queue_shortfall_cycles` of ``K_f + P`` with a queue of ``queue_words``)."""
-    if channels is None:
-        results, issue = pixels * costs.result_words_per_pixel, pixels * costs.pixel_issue
-    else:
-        results = pixels * words(channels, lanes)
-        issue = pixels * costs.group_issue(channels, lanes)
+    issue, results = costs.band_work(pixels, channels, lanes)
     forwarded = costs.forwarded(forward, pixel_begin)
     return max(costs.received(pixel_begin) + n_pass, forwarded + n_pass + results,
                issue + 2 + queue_shortfall_cycles(forwarded + n_pass, queue_words))
@@ -423,10 +426,7 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         channels, (grouped, _, _) = options[option], layouts[option]
         worst = (0, 0, 0)
         for g in range(len(channels)):
-            if grouped:
-                results, issue = pixels * words(channels[g], lanes), pixels * costs.group_issue(channels[g], lanes)
-            else:
-                results, issue = pixels * pixel_words, pixels * costs.pixel_issue
+            issue, results = costs.band_work(pixels, channels[g] if grouped else None, lanes)
             worst = max(worst, (ring_overflow_cycles(issue, results, arch.result_ring_words), issue, results))
         return worst
 
@@ -472,10 +472,11 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         if single is None:
             return None
         first = _first_band_in(room, costs, layouts[single][2], lanes)
-        if first == 0 or run_into(single, 0, first, first >= total)[1] > room[0]:
+        run = run_into(single, 0, first, first >= total) if first else None
+        if run is None or run[1] > room[0]:
             return None
         bands.append((0, first, single))
-        previous = (run_into(single, 0, first, first >= total)[0], *overflow(single, first))
+        previous = (run[0], *overflow(single, first))
         tiles, begin = 1, first
     while begin < total:
         remaining = total - begin
@@ -875,7 +876,7 @@ def _slice_lead(s: TileSlice, costs: WindowCosts | None, carried: int, lanes: in
     context 0's COMPUTE, and the input side serves context 0's next inference only after context 1's turn."""
     if costs is not None:
         grouped = costs.channel_words and s.n_out != costs.n_out
-        issue = s.pixels * costs.group_issue(s.n_out, lanes) if grouped else s.pixels * costs.pixel_issue
+        issue, _ = costs.band_work(s.pixels, s.n_out if grouped else None, lanes)
         return issue + 2 + costs.received(s.pixel_begin)
     return s.n_out * s.n_in_words + 2 + s.n_in_words + carried
 
@@ -1061,9 +1062,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             needs = needs_of(found)
             last = group_contexts(needs, arch, budget)[-1]
             run = needs[len(needs) - last:]
-            if last >= arch.tile_contexts:
-                return plain
-            if run[0][3] > budget:   # the run's first slice cannot lead a tile of several contexts
+            if last >= arch.tile_contexts or run[0][3] > budget:   # no free context, or no tile of several
                 return plain
             room = (budget - sum(n[0] for n in run), arch.sram_words - sum(n[1] for n in run),
                     arch.max_tile_outputs - sum(n[2] for n in run))
@@ -1072,9 +1071,9 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 return plain
 
             def runs(candidate: list[TileSlice]) -> tuple[int, int]:
-                sizes = group_contexts(needs + needs_of([candidate]), arch, budget)
-                tail = (needs + needs_of([candidate]))[-sizes[-1]:]
-                return len(sizes), _run_cycles(tail)
+                chain = needs + needs_of([candidate])
+                sizes = group_contexts(chain, arch, budget)
+                return len(sizes), _run_cycles(chain[-sizes[-1]:])
             return filled if runs(filled) <= runs(plain) else plain
 
         unlimited = float("inf")
