@@ -12,11 +12,11 @@ whose tiles are busiest (the measured limiter: the highest per-tile utilization)
 Run: ``python benchmarks/mlperf_tiny.py [--grids 4x4,8x8,12x12] [--nets resnet8,dscnn] [--batch 16] [--report]``.
 
 ``--issue-table`` prints issue "efficiency per area"'s table instead: the five networks (the four above and the
-bundled digits CNN, ``models/digits_cnn.onnx``) each at its recommended grid, on the default Arch and on the Arch with
-the contexts that help it (``tile_contexts``, docs/architecture.md section 4.6), and on the committed preset
-``archs/efficient.toml`` (64 KiB tiles, 8 contexts) at its best grid, measured in steady state, beside SCALE-Sim's
-figures on the same shapes as the issue quotes them and the 0.90 target (about 20 minutes: the 12x12 chains need
-batches of about two inferences a tile to settle).
+bundled digits CNN, ``models/digits_cnn.onnx``) each at its recommended grid, on the default Arch (64 KiB tiles of 8
+contexts, docs/architecture.md section 4.6) and, for comparison, on ``archs/lean.toml`` (the smallest tile: 32 KiB, one
+layer a tile; the default until the eleventh session), measured in steady state, beside SCALE-Sim's figures on the
+same shapes as the issue quotes them and the 0.90 target (about 20 minutes: the 12x12 chains need batches of about two
+inferences a tile to settle).
 """
 from __future__ import annotations
 
@@ -30,20 +30,18 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = ("resnet8", "dscnn", "mobilenet", "autoencoder")
-#: --issue-table: per network, the grid README recommends, the batch that settles there, the tile_contexts that help
-#: it (1: none do) and SCALE-Sim's steady-state share of the MAC bound on the same shape (issue "efficiency per area")
+#: --issue-table: per network, the grid README recommends and SCALE-Sim's steady-state share of the MAC bound on the
+#: same shape (issue "efficiency per area")
 ISSUE_TABLE = {
-    "resnet8": ("12x12", 320, 1, 0.87),
-    "dscnn": ("12x12", 320, 1, 0.31),
-    "mobilenet": ("12x12", 320, 3, 0.24),
-    "autoencoder": ("4x4", 64, 8, 0.055),
-    "digits_cnn": ("4x4", 64, 2, 0.39),
+    "resnet8": ("12x12", 0.87),
+    "dscnn": ("4x4", 0.31),
+    "mobilenet": ("12x12", 0.24),
+    "autoencoder": ("4x4", 0.055),
+    "digits_cnn": ("4x4", 0.39),
 }
 TARGET = 0.90
-#: --issue-table's third column: the committed preset for networks of many small layers, at the grid (of these) where
-#: the compiler's estimate is highest (the smallest on a tie)
-PRESET = ROOT / "archs" / "efficient.toml"
-PRESET_GRIDS = ("4x4", "8x8", "12x12")
+#: --issue-table's comparison column: the smallest tile (32 KiB, one layer a tile)
+LEAN = ROOT / "archs" / "lean.toml"
 
 
 def model_path(net: str) -> Path:
@@ -93,78 +91,39 @@ def seeded_batch(model, batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
 
 
-def best_preset_grid(model, preset):
-    """``(grid, program)``: the grid of :data:`PRESET_GRIDS` where the compiler estimates ``model`` on ``preset`` best,
-    and the program it compiled there (``(None, None)``: none fits)."""
-    import warnings
-    from flowtile.compiler import CompileError, compile_model, estimated_interval
-
-    estimates, programs = {}, {}
-    for grid in PRESET_GRIDS:
-        arch = preset.with_grid(grid)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                program = compile_model(model, arch)
-        except CompileError:
-            continue
-        interval = estimated_interval(program) / program.replicas
-        estimates[grid], programs[grid] = program.macs_per_inference / (interval * arch.n_tiles * arch.lanes), program
-    best = max(estimates, key=lambda grid: (round(estimates[grid], 3), -PRESET_GRIDS.index(grid)), default=None)
-    return best, programs.get(best)
-
-
 def issue_table(args) -> None:
     from flowtile.arch import Arch
     from flowtile.compiler import CompileError, int8_model
 
-    preset = Arch.from_toml(PRESET)
+    lean = Arch.from_toml(LEAN)
     rows = []
-    for net, (grid, batch, contexts, scale_sim) in ISSUE_TABLE.items():
+    for net, (grid, scale_sim) in ISSUE_TABLE.items():
         model = int8_model(model_path(net))
-        x = seeded_batch(model, batch, args.seed)
-        preset_grid, preset_program = best_preset_grid(model, preset)
-        if preset_grid is not None:
-            on_grid = preset.with_grid(preset_grid)   # a chain settles after about two inferences a tile
-            found = measure(model, on_grid, seeded_batch(model, max(64, 2 * on_grid.n_tiles + 32), args.seed),
-                            args.report, preset_program)
-            print(f"{net} {preset_grid} {PRESET.name}: {100 * found['whole']:.1f}% (interval {found['interval']:.0f}, "
-                  f"estimate {found['estimate']:.0f}, max |flowtile - onnxruntime| {found['worst']} LSB)", flush=True)
-            preset_figure = (preset_grid, found["whole"])
-        else:
-            preset_figure = (None, None)
         figures = []
-        for tile_contexts in sorted({1, contexts}):
-            arch = Arch(tile_contexts=tile_contexts).with_grid(grid)
+        for name, base in (("default Arch", Arch()), (LEAN.name, lean)):
+            arch = base.with_grid(grid)
+            # a chain settles after about two inferences a tile (copies: per program inference)
+            x = seeded_batch(model, max(64, 2 * arch.n_tiles + 32), args.seed)
             try:
                 found = measure(model, arch, x, args.report)
             except CompileError as error:
-                figures.append((tile_contexts, None, f"does not compile: {error}"))
+                print(f"{net} {grid} {name}: does not compile: {error}", flush=True)
+                figures.append(None)
                 continue
             copies = f", {found['program'].replicas} copies" if found["program"].replicas > 1 else ""
-            print(f"{net} {grid} tile_contexts={tile_contexts}{copies}: {100 * found['whole']:.1f}% "
-                  f"(interval {found['interval']:.0f}, estimate {found['estimate']:.0f}, limiter "
-                  f"{found['bottleneck']}, max |flowtile - onnxruntime| {found['worst']} LSB, emulator "
-                  f"{found['emu_seconds']:.1f} s)", flush=True)
-            figures.append((tile_contexts, found["whole"], copies))
-        rows.append((net, grid, figures, preset_figure, scale_sim))
+            print(f"{net} {grid} {name}{copies}: {100 * found['whole']:.1f}% (interval {found['interval']:.1f}, "
+                  f"estimate {found['estimate']:.1f}, limiter {found['bottleneck']}, max |flowtile - onnxruntime| "
+                  f"{found['worst']} LSB, emulator {found['emu_seconds']:.1f} s for {len(x)})", flush=True)
+            figures.append(found["whole"])
+        rows.append((net, grid, figures, scale_sim))
 
     def cell(figure) -> str:
-        return "-" if figure is None else f"{100 * figure:.1f}%"
-    print(f"\n{'network':12s} {'grid':6s} {'default Arch':>13s} {'with contexts':>22s} {PRESET.name + ' (grid)':>26s} "
-          f"{'SCALE-Sim':>10s}  >= {100 * TARGET:.0f}%")
-    for net, grid, figures, (preset_grid, preset_figure), scale_sim in rows:
-        default = figures[0][1]
-        best_contexts, best, _ = max(figures, key=lambda f: -1 if f[1] is None else f[1])
-        with_contexts = (f"{cell(best)} ({best_contexts} contexts)" if best_contexts > 1 else "(none help)")
-        on_preset = f"{cell(preset_figure)} ({preset_grid})" if preset_grid else "does not fit"
-        verdict = ("met on the default Arch" if default is not None and default >= TARGET else
-                   f"met with tile_contexts = {best_contexts}" if best is not None and best >= TARGET else
-                   f"met on {PRESET.name}" if preset_figure is not None and preset_figure >= TARGET else "not met")
-        print(f"{net:12s} {grid:6s} {cell(default):>13s} {with_contexts:>22s} {on_preset:>26s} "
-              f"{100 * scale_sim:9.1f}%  {verdict}")
-
-
+        return "does not compile" if figure is None else f"{100 * figure:.1f}%"
+    print(f"\n{'network':12s} {'grid':6s} {'default Arch':>13s} {LEAN.name:>17s} {'SCALE-Sim':>10s}  "
+          f">= {100 * TARGET:.0f}% on the default Arch")
+    for net, grid, (default, on_lean), scale_sim in rows:
+        verdict = "met" if default is not None and default >= TARGET else "not met"
+        print(f"{net:12s} {grid:6s} {cell(default):>13s} {cell(on_lean):>17s} {100 * scale_sim:9.1f}%  {verdict}")
 
 
 def main() -> None:
@@ -185,7 +144,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="also print each compile report")
     parser.add_argument("--issue-table", action="store_true",
-                        help="the five networks at their recommended grids on the default Arch and with contexts, "
+                        help="the five networks at their recommended grids on the default Arch and on archs/lean.toml, "
                              "beside SCALE-Sim (the other options but --seed and --report are ignored)")
     args = parser.parse_args()
     if args.issue_table:

@@ -204,12 +204,12 @@ class Arch:
     rows: int = 4
     cols: int = 4
     lanes: int = 8
-    sram_bytes: int = 32768
+    sram_bytes: int = 65536
     max_tile_outputs: int = 512
     result_ring_words: int = 1024
     router_fifo_depth: int = 4
     host_buffer_flits: int = 65536
-    tile_contexts: int = 1
+    tile_contexts: int = 8
     chips: int = 1
     chip_topology: str = "line"
     link_bits_per_cycle: int | None = None

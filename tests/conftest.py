@@ -23,14 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # whose test changed its Arch) is built by its test as before, only not ahead of time.
 
 PREBUILD_MIN_FILES = 8
-#: The suite's Verilator designs, in the order its rtl tests first need them: the Arch fields that differ from the
-#: defaults (a traced build with "waves"; "subprocess": built by a `flowtile` command the test runs). The fuzzer's is
-#: added from flowtile.fuzz (tests/test_fuzz.py's slice). pytest_terminal_summary reports where this list drifts.
+#: The suite's Verilator designs, in the order its rtl tests first need them: the Arch fields that differ from
+#: ``archs/lean.toml`` (flowtile.testing.archs.lean_arch: the tiles most tests pin; a traced build with "waves";
+#: "subprocess": built by a `flowtile` command the test runs). The fuzzer's is added from flowtile.fuzz
+#: (tests/test_fuzz.py's slice). pytest_terminal_summary reports where this list drifts.
 _L8_S4K = {"lanes": 8, "sram_bytes": 4096, "max_tile_outputs": 64}
+_DEFAULT = {"sram_bytes": 65536, "tile_contexts": 8}     # the built-in default Arch, against archs/lean.toml
 PREBUILD_DESIGNS = [
     {"arch": {"lanes": 4, "sram_bytes": 2048, "max_tile_outputs": 8}},                    # test_channel_groups
-    {"arch": {}},                                                                          # default 4x4: many
-    {"arch": {"rows": 2, "cols": 2}, "waves": True, "subprocess": True},                   # test_cli, --waves
+    {"arch": {}},                                                                          # lean 4x4: many
+    {"arch": _DEFAULT},                                                                    # test_default_arch
+    {"arch": {**_DEFAULT, "rows": 2, "cols": 2}, "waves": True, "subprocess": True},       # test_cli, --waves
     {"arch": {"rows": 1, "cols": 2, "sram_bytes": 8192, "max_tile_outputs": 64, "result_ring_words": 16,
               "tile_contexts": 3}},                                                        # test_contexts
     {"arch": {"rows": 2, "cols": 2, "sram_bytes": 8192, "max_tile_outputs": 64, "result_ring_words": 16,
@@ -73,11 +76,14 @@ def _prebuild_wanted(rtl_files: set) -> bool:
 
 
 def _designs() -> list[dict]:
+    from flowtile.testing.archs import lean_arch
     designs = []
     for design in PREBUILD_DESIGNS:
         if design is None:
             from flowtile.fuzz import arch_pool
             design = {"arch": arch_pool(1, 1)[0].to_dict()}
+        else:
+            design = {**design, "arch": lean_arch(**design["arch"]).to_dict()}
         designs.append(design)
     return designs
 
@@ -122,14 +128,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     builds = getattr(config, "_flowtile_builds", None)
     if builds is None:
         return
-    from flowtile.arch import Arch
-    defaults = Arch().to_dict()
+    from flowtile.testing.archs import lean_arch
+    defaults = lean_arch().to_dict()
 
-    def fields(arch: str) -> str:   # what differs from the default Arch, as PREBUILD_DESIGNS writes it
+    def fields(arch: str) -> str:   # what differs from archs/lean.toml, as PREBUILD_DESIGNS writes it
         return json.dumps({k: v for k, v in json.loads(arch).items() if defaults.get(k) != v})
     # the fuzzer's design (None in the list) is built in its Dask workers, and test_cli's ("subprocess") by the
     # flowtile command: this process does not see those builds
-    listed = {(json.dumps(Arch.from_dict(d["arch"]).to_dict(), sort_keys=True), bool(d.get("waves")))
+    listed = {(json.dumps(lean_arch(**d["arch"]).to_dict(), sort_keys=True), bool(d.get("waves")))
               for d in PREBUILD_DESIGNS if d is not None and not d.get("subprocess")}
     used = {(arch, waves) for arch, waves, _ in builds}
     for arch, waves in sorted({(arch, waves) for arch, waves, cached in builds if not cached} - listed):
@@ -161,10 +167,12 @@ def collect_unused_components():
 
 @pytest.fixture(scope="session")
 def digits_program(tmp_path_factory):
-    """models/digits_mlp.onnx compiled by ``flowtile compile`` into a program directory (read it, copy it to edit)."""
+    """models/digits_mlp.onnx compiled by ``flowtile compile`` for ``archs/lean.toml`` (one copy, one layer a tile)
+    into a program directory (read it, copy it to edit)."""
     from flowtile import cli
     path = tmp_path_factory.mktemp("digits") / "prog"
-    assert cli.main(["compile", str(ROOT / "models" / "digits_mlp.onnx"), "-o", str(path)]) == 0
+    assert cli.main(["compile", str(ROOT / "models" / "digits_mlp.onnx"), "--arch", str(ROOT / "archs" / "lean.toml"),
+                     "-o", str(path)]) == 0
     return path
 
 

@@ -11,10 +11,11 @@ import json
 import pytest
 
 from flowtile.arch import ACC_BITS, CONFIG_FIELDS, MULTIPLIER_BITS, SHIFT_BITS, Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.cli import main
 
 TINY = {"rows": 1, "cols": 2, "lanes": 2, "sram_bytes": 256, "max_tile_outputs": 6, "result_ring_words": 5,
-        "router_fifo_depth": 2}
+        "router_fifo_depth": 2, "tile_contexts": 1}
 PARAM_ROW_BITS = ACC_BITS + MULTIPLIER_BITS + SHIFT_BITS
 LOGIC = ("router", "pe_compute", "requantizers", "sequencer", "input_side", "output_side", "loader",
          "forward_queue", "result_ring")
@@ -40,7 +41,7 @@ def tiny_cli(tmp_path_factory):
 
 def test_every_memory_is_memory_bits_derived_from_the_arch(tiny_cli):
     _, report = tiny_cli
-    arch = Arch(**TINY)
+    arch = lean_arch(**TINY)
     word = 8 * arch.lanes
     components = report["components"]
     expected = {
@@ -64,7 +65,7 @@ def test_every_memory_is_memory_bits_derived_from_the_arch(tiny_cli):
 
 def test_multipliers_registers_and_totals(tiny_cli):
     _, report = tiny_cli
-    arch = Arch(**TINY)
+    arch = lean_arch(**TINY)
     components = report["components"]
     # One int8 x 24-bit multiplier per lane in the MAC datapath, one 32 x 32 per requantizer.
     assert components["pe_compute"]["multiplier_widths"] == {"24x8": arch.lanes}
@@ -99,7 +100,7 @@ def test_requantizer_and_mac_cost_scale_with_lanes(tiny_cli):
     SRAM word width at the same word count (sram_bytes doubled)."""
     from flowtile.area import synthesise
     _, small = tiny_cli
-    wide = synthesise(Arch(**(TINY | {"lanes": 4, "sram_bytes": 512, "max_tile_outputs": 12})), link=False, quiet=True)
+    wide = synthesise(lean_arch(**(TINY | {"lanes": 4, "sram_bytes": 512, "max_tile_outputs": 12})), link=False, quiet=True)
     assert wide.components["requantizers"].cells == 2 * small["components"]["requantizers"]["cells"]
     assert len(wide.components["pe_compute"].multipliers) == 4
     assert wide.components["sram"].memory_bits == 2 * small["components"]["sram"]["memory_bits"]
@@ -134,7 +135,7 @@ def test_fpga_refuses_an_sram_with_more_ports_than_a_block_ram():
     """The tile SRAM (which holds the forward queue: 2 write and 3 read ports) does not map to ECP5 block RAMs; the
     FPGA flow says so before it starts instead of running Yosys out of memory. Small memories (LUT RAM) pass."""
     from flowtile.area import AreaError, AreaReport, ComponentCost, fpga_tile, fpga_unmappable
-    arch = Arch()
+    arch = lean_arch()
     sram = ComponentCost(memory_bits=262144, memories=[{"name": "sram", "width": 64, "depth": 4096,
                                                         "read_ports": 3, "write_ports": 2}])
     ring = ComponentCost(memory_bits=4096, memories=[{"name": "ring", "width": 64, "depth": 64,

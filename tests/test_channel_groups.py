@@ -16,13 +16,14 @@ import onnx
 import pytest
 
 from flowtile.arch import OP_ADD, OP_LANE, OP_MAX, Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import CompileError, compile_model
 from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
 from flowtile.testing.program_builder import stream_offsets
 from flowtile.testing.random_models import quantize_qdq, random_float_cnn, random_float_resnet
 
 #: 12- and 16-channel layers (3 and 4 words of 4 lanes) against at most 8 outputs (2 words) a tile
-ARCH = Arch(rows=4, cols=4, lanes=4, sram_bytes=2048, max_tile_outputs=8)
+ARCH = lean_arch(rows=4, cols=4, lanes=4, sram_bytes=2048, max_tile_outputs=8)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from flowtile.program import Program
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_mlp.onnx"
 
@@ -110,7 +112,12 @@ def test_emulate_writes_outputs_report_trace_and_heatmap(tmp_path):
         spans.sort()
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
     computing = {pid for pid, tid in tracks if tid == 1}
-    assert computing and all(len(tracks[(pid, 1)]) == 16 for pid in computing)  # one COMPUTE per inference
+    # one COMPUTE per program inference (the default Arch may run copies of the network) and context of a tile
+    program = Program.load(prog)
+    per_inference = -(-16 // program.replicas)    # the host pads the batch to a multiple of the copies
+    expected = [per_inference * sum(1 for config in (tile.config, *tile.later_contexts) if config.n_out)
+                for tile in program.tiles]
+    assert computing and sorted(len(tracks[(pid, 1)]) for pid in computing) == sorted(n for n in expected if n)
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -17,6 +17,7 @@ from flowtile.compiler import (CompileError, build_program, compile_model, impor
 from flowtile.compiler.emit import dense_graph_input
 from flowtile.compiler.onnx_import import DenseLayer, QuantParams, fuse_matmul_add
 from flowtile.arch import ADD_MULT_MAX, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS
+from flowtile.testing.archs import lean_arch
 from flowtile.host import dequantize, input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
 from flowtile.oracle import ort_session
 from flowtile.program import Program, TensorSpec
@@ -323,11 +324,11 @@ def test_bundled_digits_model(tmp_path):
     theirs = quantize(run_ort(imported.qdq_model, x), imported.output)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     assert np.mean(np.argmax(dequantize(ours, imported.output), axis=1) == y) >= 0.93
-    program = compile_model(model, Arch())
+    program = compile_model(model, lean_arch())
     check_program(program, tmp_path)
     emulate_weights(program, layers)
     assert np.array_equal(run_functionally(program, quantize(x[:40], program.input)), ours[:40])
-    exact = compile_model(model, Arch(rows=1, cols=3, lanes=4))  # one tile per layer, no pass-through tiles
+    exact = compile_model(model, lean_arch(rows=1, cols=3, lanes=4))  # one tile per layer, no pass-through tiles
     assert [len(layer.tiles) for layer in exact.layers] == [1, 1, 1] and exact.tiles[-1].config.n_out == 10
     check_program(exact, tmp_path)
     assert np.array_equal(run_functionally(exact, quantize(x[:40], exact.input)), ours[:40])
@@ -340,7 +341,7 @@ def test_float_model_is_quantized_with_calibration(tmp_path):
     x = test["x"]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="no calibration")  # calibration given: no warning
-        program = compile_model(MODELS / "digits_mlp_float.onnx", Arch(), calibration=x[:100])
+        program = compile_model(MODELS / "digits_mlp_float.onnx", lean_arch(), calibration=x[:100])
     check_program(program, tmp_path)
     with pytest.warns(UserWarning, match="calibration"):
         import_onnx(MODELS / "digits_mlp_float.onnx")
@@ -374,7 +375,7 @@ def test_random_mlp_matches_onnxruntime(case, tmp_path):
     qdq = quantize_qdq(model, calibration, activation=activation, per_channel=per_channel, tmp_path=tmp_path)
     assert max_lsb_diff(qdq, x) <= 1
     layers = lower_layers(import_onnx(qdq).layers)
-    for arch in (Arch(), Arch(rows=3, cols=5, lanes=4, sram_bytes=16384, max_tile_outputs=64)):
+    for arch in (lean_arch(), lean_arch(rows=3, cols=5, lanes=4, sram_bytes=16384, max_tile_outputs=64)):
         program = compile_model(qdq, arch)
         check_program(program, tmp_path)
         emulate_weights(program, layers)
@@ -531,7 +532,7 @@ def test_accumulator_overflow_is_rejected():
 # partitioning
 # --------------------------------------------------------------------------------------------------
 def test_partition_balances_and_respects_limits():
-    arch = Arch(rows=2, cols=4, lanes=8, sram_bytes=4096, max_tile_outputs=40)  # 512 words
+    arch = lean_arch(rows=2, cols=4, lanes=8, sram_bytes=4096, max_tile_outputs=40)  # 512 words
     layers = [_dense("a", n_in=100, n_out=70), _dense("b", n_in=70, n_out=9), _dense("c", n_in=9, n_out=3)]
     splits = assign_tiles(layers, arch)
     assert sum(len(s) for s in splits) <= arch.n_tiles
@@ -578,7 +579,7 @@ def test_oversize_model_names_bytes_needed_and_available():
     model = float_mlp(rng, [512, 512, 10])
     calibration = rng.standard_normal((16, 512)).astype(np.float32)
     with pytest.raises(CompileError) as info:
-        compile_model(model, Arch(rows=2, cols=2), calibration=calibration)
+        compile_model(model, lean_arch(rows=2, cols=2), calibration=calibration)
     message = str(info.value)
     assert "dense0" in message and "Gemm" in message
     assert "262144 bytes" in message          # 512 x 512 int8 weights needed
@@ -589,7 +590,7 @@ def test_oversize_model_names_bytes_needed_and_available():
 def test_more_layers_than_tiles():
     model = float_mlp(np.random.default_rng(4), [4, 4, 4, 4])
     with pytest.raises(CompileError, match=r"3 layers.*2 tiles"):
-        compile_model(model, Arch(rows=1, cols=2), calibration=np.zeros((4, 4), np.float32))
+        compile_model(model, lean_arch(rows=1, cols=2), calibration=np.zeros((4, 4), np.float32))
 
 
 def test_unsupported_op_names_node_and_op():
@@ -598,16 +599,16 @@ def test_unsupported_op_names_node_and_op():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
     with pytest.raises(CompileError, match=r"node 'squash' \(Sigmoid\)"):
-        compile_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), Arch())
+        compile_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), lean_arch())
 
 
 def test_malformed_file(tmp_path):
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"\x08\x07this is not a protobuf\xff\xff")
     with pytest.raises(CompileError, match=r"broken.onnx' is not a valid ONNX model"):
-        compile_model(path, Arch())
+        compile_model(path, lean_arch())
     with pytest.raises(CompileError, match="does not exist"):
-        compile_model(tmp_path / "missing.onnx", Arch())
+        compile_model(tmp_path / "missing.onnx", lean_arch())
 
 
 def _qdq_model(tmp_path, seed=6):
@@ -901,17 +902,17 @@ def test_bundled_digits_cnn(tmp_path):
     theirs = quantize(run_ort(imported.qdq_model, x), imported.output)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     assert np.mean(np.argmax(dequantize(ours, imported.output), axis=1) == y) >= 0.93
-    for arch in (Arch(), Arch(rows=1, cols=5, lanes=4), Arch(rows=2, cols=4, lanes=16, max_tile_outputs=256)):
+    for arch in (lean_arch(), lean_arch(rows=1, cols=5, lanes=4), lean_arch(rows=2, cols=4, lanes=16, max_tile_outputs=256)):
         program = compile_model(MODELS / "digits_cnn.onnx", arch)
         check_windowed_program(program, layers, tmp_path)
         assert np.array_equal(run_functionally(program, quantize(x[:12], program.input)), ours[:12])
-    program = compile_model(MODELS / "digits_cnn.onnx", Arch())
+    program = compile_model(MODELS / "digits_cnn.onnx", lean_arch())
     text = report(program)
     assert "conv1" in text and "MaxPool" in text and "bottleneck" in text
     # `make demo` runs the whole test set through the RTL harness in one batch: its input must fit the buffer.
     # conv1 reads one channel: op BCAST (section 4.5) runs it at the host-packed rate from the plain map
     assert program.input.layout == "dense" and program.tiles[0].config.op == OP_BCAST
-    assert program.input_words * len(x) <= Arch().host_buffer_flits
+    assert program.input_words * len(x) <= lean_arch().host_buffer_flits
 
 
 def test_bundled_digits_cnn_float_model(tmp_path):
@@ -920,14 +921,14 @@ def test_bundled_digits_cnn_float_model(tmp_path):
     imported = import_onnx(MODELS / "digits_cnn_float.onnx", calibration=x[:100])
     ours = reference_forward(lower_layers(imported.layers), quantize(x, imported.input)).astype(int)
     assert np.abs(ours - quantize(run_ort(imported.qdq_model, x), imported.output)).max() <= 1
-    check_windowed_program(compile_model(MODELS / "digits_cnn_float.onnx", Arch(), calibration=x[:100]),
+    check_windowed_program(compile_model(MODELS / "digits_cnn_float.onnx", lean_arch(), calibration=x[:100]),
                            lower_layers(imported.layers), tmp_path)
 
 
 def test_digits_cnn_on_the_emulator():
     """The emulator (section 4.1 support written concurrently by its own engineer) agrees with reference_forward."""
     emulator = pytest.importorskip("emulator")
-    program = compile_model(MODELS / "digits_cnn.onnx", Arch())
+    program = compile_model(MODELS / "digits_cnn.onnx", lean_arch())
     test = np.load(MODELS / "digits_cnn_test.npz")
     x, y = test["x"], test["y"]
     x_q, flits = input_flits(program, x)
@@ -976,7 +977,7 @@ def test_random_cnn_matches_onnxruntime(case, tmp_path):
     theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= 1
-    for arch in (Arch(), Arch(rows=3, cols=4, lanes=4, max_tile_outputs=256)):
+    for arch in (lean_arch(), lean_arch(rows=3, cols=4, lanes=4, max_tile_outputs=256)):
         program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
         check_windowed_program(program, layers, tmp_path)
         assert np.array_equal(run_functionally(program, quantize(x[:3], program.input)), ours[:3])
@@ -1006,7 +1007,7 @@ def test_conv_bands_split_output_rows(tmp_path):
     layers = lower_layers(imported.layers)
     # 12 rows x 12 pixels x 2 words = 288 result words stream out through a ring of 64 words; the balance splits
     # the rows over several tiles
-    arch = Arch(rows=4, cols=4, max_tile_outputs=512)
+    arch = lean_arch(rows=4, cols=4, max_tile_outputs=512)
     program = compile_model(model, arch, calibration=calibration)
     conv_tiles = program.layers[0].tiles
     assert len(conv_tiles) >= 6
@@ -1065,7 +1066,7 @@ def test_narrow_first_convolution_is_packed_on_the_host(tmp_path):
                                          ("conv", 8, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
     calibration = rng.standard_normal((16, 3, 10, 10)).astype(np.float32)
     layers = lower_layers(import_onnx(model, calibration=calibration).layers)
-    arch = Arch(rows=3, cols=3)
+    arch = lean_arch(rows=3, cols=3)
     packed = compile_model(model, arch, calibration=calibration)
     plain = compile_model(model, arch, calibration=calibration, pack_input=False)
     assert packed.input.layout == "im2col" and plain.input.layout == "chw"
@@ -1091,19 +1092,19 @@ def test_windowed_layer_size_errors():
                                            r"all its weights \(0 bytes\) and the input rows of one output row \(3 rows\) "
                                            r"twice \(2 banks of 1536 bytes\) and a forward queue of at least 2 words: 3088 bytes, "
                                            r"a tile has 2048"):
-        compile_model(model, Arch(sram_bytes=2048), calibration=calibration)
+        compile_model(model, lean_arch(sram_bytes=2048), calibration=calibration)
     # a convolution splits its channels down to one word of them and its rows down to one output row
     model = float_cnn(rng, (8, 16, 16), [("conv", 32, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
     with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*weights of at least 8 output channels \(576 bytes\)"
                                            r".*input rows of one output row \(3 rows\) twice \(2 banks of 384 bytes\) "
                                            r"and a forward queue of at least 2 words: 1360 bytes.*'sram_bytes'"):
-        compile_model(model, Arch(sram_bytes=1024), calibration=calibration)
+        compile_model(model, lean_arch(sram_bytes=1024), calibration=calibration)
     # enough SRAM for each layer alone, not enough tiles for all: the error names the layer needing the most
     model = float_cnn(rng, (64, 6, 6), [("conv", 64, 3, 1, [1, 1, 1, 1]), ("relu",), ("flatten",), ("gemm", 5)])
     calibration = rng.standard_normal((8, 64, 6, 6)).astype(np.float32)
     with pytest.raises(CompileError, match=r"model does not fit the 1x2 grid .*its layers need 3 tiles, there are 2; "
                                            r"layer 'conv0' \(Conv, 64x6x6 -> 64x6x6\) alone needs 2: a 32768-byte tile"):
-        compile_model(model, Arch(rows=1, cols=2, sram_bytes=32768), calibration=calibration)
+        compile_model(model, lean_arch(rows=1, cols=2, sram_bytes=32768), calibration=calibration)
 
 
 def test_convolution_too_wide_for_one_tile_splits_over_channel_groups(tmp_path):
@@ -1114,7 +1115,7 @@ def test_convolution_too_wide_for_one_tile_splits_over_channel_groups(tmp_path):
     calibration = rng.standard_normal((16, 64, 6, 6)).astype(np.float32)
     imported = import_onnx(model, calibration=calibration)
     layers, program = check_reference_and_program(imported, rng.standard_normal((8, 64, 6, 6)).astype(np.float32),
-                                                  Arch(rows=2, cols=4), 3)
+                                                  lean_arch(rows=2, cols=4), 3)
     conv_tiles = program.tiles[:len(program.layers[0].tiles)]
     assert len({t.config.out_row_begin for t in conv_tiles}) < len(conv_tiles)  # some band has several groups
     assert max(t.config.pass_per_pixel for t in conv_tiles) > 0
@@ -1196,7 +1197,7 @@ def test_residual_add_of_the_graph_input(tmp_path):
     assert [layer.op for layer in imported.layers] == ["Conv", "Add", "Gemm"]
     assert [layer.sources for layer in imported.layers] == [(-1,), (0, -1), (1,)]
     x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
-    check_reference_and_program(imported, x, Arch(rows=2, cols=3), 4)
+    check_reference_and_program(imported, x, lean_arch(rows=2, cols=3), 4)
 
 
 @pytest.mark.parametrize("first", [("pool", 2, 2, [0, 0, 0, 0]), ("avgpool", 3, 1, [1, 1, 1, 1])])
@@ -1209,7 +1210,7 @@ def test_float_model_whose_first_op_is_a_pool(first):
     imported = import_onnx(model, calibration=calibration)
     assert [layer.op for layer in imported.layers] == [{"pool": "MaxPool", "avgpool": "AveragePool"}[first[0]],
                                                        "Conv", "Gemm"]
-    check_reference_and_program(imported, rng.standard_normal((16, 3, 8, 8)).astype(np.float32), Arch(), 4)
+    check_reference_and_program(imported, rng.standard_normal((16, 3, 8, 8)).astype(np.float32), lean_arch(), 4)
 
 
 @pytest.mark.parametrize("kernel", [[2], [2, 2, 2]])
@@ -1276,7 +1277,7 @@ def test_explicit_relu_after_maxpool_and_clip_in_qdq_model(tmp_path):
     x = rng.standard_normal((64, 3, 7, 7)).astype(np.float32)
     ours = reference_forward(layers, quantize(x, imported.input)).astype(int)
     assert np.abs(ours - quantize(run_ort(qdq, x), imported.output)).max() <= 1
-    program = compile_model(qdq, Arch())
+    program = compile_model(qdq, lean_arch())
     assert np.array_equal(run_functionally(program, quantize(x[:3], program.input)), ours[:3])
 
 
@@ -1416,7 +1417,7 @@ def test_lane_layers_match_onnxruntime(case, tmp_path):
     # End to end, per-layer 1-LSB differences (the fixed-point multiplier vs onnxruntime's float scale) may
     # accumulate through average pools; measured over these 22 networks: 0 LSB in 17, 1 in 3, 2 in 2.
     assert LANE_MAX_DIFF[case] <= 2, ops
-    for arch in (Arch(), Arch(rows=4, cols=6, lanes=4, max_tile_outputs=256)):
+    for arch in (lean_arch(), lean_arch(rows=4, cols=6, lanes=4, max_tile_outputs=256)):
         program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
         check_windowed_program(program, layers, tmp_path)
         assert np.array_equal(run_functionally(program, quantize(x[:3], program.input)), ours[:3])
@@ -1453,7 +1454,7 @@ def test_lane_lowering_of_depthwise_and_average_pools(tmp_path):
             for kx in range(3):
                 expected = dw.weight[c, 0, ky, kx] if c < 11 else 0
                 assert words[(c // lanes) * 9 + ky * 3 + kx, c % lanes] == expected
-    program = build_program(lower_layers(imported.layers), Arch(lanes=lanes), input_spec=imported.input,
+    program = build_program(lower_layers(imported.layers), lean_arch(lanes=lanes), input_spec=imported.input,
                             output_spec=imported.output)
     tile = next(t for t in program.tiles if t.config.op == OP_LANE)
     assert tile.config.n_out == 12 and tile.params.shape == (12, 3)
@@ -1478,7 +1479,7 @@ def test_lane_bands_split_output_rows(tmp_path):
     calibration = rng.standard_normal((16, *shape)).astype(np.float32)
     imported = import_onnx(model, calibration=calibration)
     layers = lower_layers(imported.layers)
-    arch = Arch(rows=4, cols=4, max_tile_outputs=512)
+    arch = lean_arch(rows=4, cols=4, max_tile_outputs=512)
     program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
     dw_tiles = [t for t in program.tiles if t.config.op == OP_LANE]
     assert len(dw_tiles) >= 2 and sum(t.config.output_pixels for t in dw_tiles) == 12 * 12
@@ -1493,7 +1494,7 @@ def test_lane_network_on_the_emulator(tmp_path):
     rng, shape, ops, activation, per_channel = _lane_model(0)
     qdq = quantize_qdq(float_cnn(rng, shape, ops), rng.standard_normal((32, *shape)).astype(np.float32),
                        activation=activation, per_channel=per_channel, tmp_path=tmp_path)
-    program = compile_model(qdq, Arch())
+    program = compile_model(qdq, lean_arch())
     x = rng.standard_normal((8, *shape)).astype(np.float32)
     x_q, flits = input_flits(program, x)
     try:
@@ -1575,7 +1576,7 @@ def test_residual_blocks_match_onnxruntime(case, tmp_path):
     ours = reference_forward(layers, quantize(x, imported.input)).astype(np.int32)
     theirs = quantize(run_ort(imported.qdq_model, x), imported.output).astype(np.int32)
     assert np.abs(ours - theirs).max() <= 1, f"max {np.abs(ours - theirs).max()} LSB vs onnxruntime"
-    for arch in (Arch(rows=4, cols=4, sram_bytes=65536), Arch(rows=3, cols=5, lanes=4, sram_bytes=65536)):
+    for arch in (lean_arch(rows=4, cols=4, sram_bytes=65536), lean_arch(rows=3, cols=5, lanes=4, sram_bytes=65536)):
         program = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output)
         program.validate()
         check_stream_program(program, layers)
@@ -1590,7 +1591,7 @@ def test_join_bands_store_their_rows_of_both_operands(case, tmp_path):
     qdq, x = _resnet(case, tmp_path)
     imported = import_onnx(qdq)
     layers = lower_layers(imported.layers)
-    program = build_program(layers, Arch(rows=6, cols=6, sram_bytes=1552), input_spec=imported.input,
+    program = build_program(layers, lean_arch(rows=6, cols=6, sram_bytes=1552), input_spec=imported.input,
                             output_spec=imported.output)
     assert any(t.config.op == OP_ADD and t.config.store2_end for t in program.tiles)
     check_stream_program(program, layers)
@@ -1604,7 +1605,7 @@ def test_residual_stream_registers(tmp_path):
     qdq, _ = _resnet("basic-projection", tmp_path)
     layers = lower_layers(import_onnx(qdq).layers)
     assert [layer.name for layer in layers][1:5] == ["block0_proj", "block0_conv1", "block0_conv2", "block0_add"]
-    program = build_program(layers, Arch(rows=3, cols=4), input_spec=import_onnx(qdq).input,
+    program = build_program(layers, lean_arch(rows=3, cols=4), input_spec=import_onnx(qdq).input,
                             output_spec=import_onnx(qdq).output)
     by_name = {info.name: [next(t for t in program.tiles if (t.row, t.col) == key).config for key in info.tiles]
                for info in program.layers}
@@ -1697,7 +1698,7 @@ def test_grouped_convolutions_match_onnxruntime(ops, tmp_path):
     grouped = [layer for layer in imported.layers if layer.groups > 1]
     assert len(grouped) == 1
     x = rng.standard_normal((32, 2, 7, 7)).astype(np.float32)
-    _, program = check_reference_and_program(imported, x, Arch(rows=2, cols=3), 2)
+    _, program = check_reference_and_program(imported, x, lean_arch(rows=2, cols=3), 2)
     layer = grouped[0]
     info = next(i for i in program.layers if i.name == layer.name)
     w = layer.window
@@ -1711,8 +1712,8 @@ def test_concat_of_a_channel_count_off_the_lanes_is_rejected(tmp_path):
     qdq = quantize_qdq(model, rng.standard_normal((16, 2, 5, 5)).astype(np.float32), tmp_path=tmp_path)
     with pytest.raises(CompileError, match=r"layer 'block0_concat' \(Concat\): its first input has 6 channels, "
                                            r"not a multiple of the 8 lanes \(arch field 'lanes'\)"):
-        compile_model(qdq, Arch())
-    compile_model(qdq, Arch(lanes=2))  # 6 channels are 3 whole words of 2 lanes
+        compile_model(qdq, lean_arch())
+    compile_model(qdq, lean_arch(lanes=2))  # 6 channels are 3 whole words of 2 lanes
 
 
 def test_resnet8_balance_fills_the_grid(tmp_path):
@@ -1726,7 +1727,7 @@ def test_resnet8_balance_fills_the_grid(tmp_path):
               {"kind": "basic", "out": 64, "stride": 2}]
     model = random_models.random_float_resnet(rng, (3, 32, 32), 16, blocks, 10)
     calibration = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
-    arch = Arch(sram_bytes=65536, max_tile_outputs=2048).with_grid("11x11")
+    arch = lean_arch(sram_bytes=65536, max_tile_outputs=2048).with_grid("11x11")
     program = compile_model(model, arch, calibration=calibration)
     assert program.input.layout == "dense" and program.tiles[0].config.op == OP_BCAST   # the 3-channel stem (4.5)
     assert sum(len(layer.tiles) for layer in program.layers) >= arch.n_tiles - 1
@@ -1743,7 +1744,7 @@ def test_report_gives_throughput_per_memory_area():
     tiles (Arch.tile_memory_bits, which flowtile area checks against synthesis)."""
     import re
     from flowtile.compiler import report
-    arch = Arch(rows=4, cols=4)
+    arch = lean_arch(rows=4, cols=4)
     program = compile_model(str(Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"), arch)
     text = report(program)
     interval = int(re.search(r"estimated interval (\d+) cycles/inference", text).group(1))
@@ -1766,7 +1767,7 @@ def test_padded_channel_convolution_runs_as_broadcast(tmp_path):
     imported = import_onnx(model, calibration=calibration)
     layers = lower_layers(imported.layers)
     assert layers[0].broadcasts(8) and not layers[1].broadcasts(8) and not layers[2].broadcasts(8)
-    arch = Arch(rows=3, cols=3)
+    arch = lean_arch(rows=3, cols=3)
     program = compile_model(model, arch, calibration=calibration)
     assert program.input.layout == "dense" and program.input_words == 3 * 10 * 10 // 8 + 1   # was 100: 5/8 padding
     first = program.tiles[0].config
@@ -1782,7 +1783,7 @@ def test_padded_channel_convolution_runs_as_broadcast(tmp_path):
     narrow = float_cnn(rng, (1, 12, 12), [("conv", 32, 5, 1, [2, 2, 2, 2]), ("relu",), ("flatten",), ("gemm", 3)])
     calibration = rng.standard_normal((16, 1, 12, 12)).astype(np.float32)
     layers = lower_layers(import_onnx(narrow, calibration=calibration).layers)
-    small = Arch(rows=4, cols=4, lanes=8, max_tile_outputs=16)   # 32 outputs: two groups of two words at least
+    small = lean_arch(rows=4, cols=4, lanes=8, max_tile_outputs=16)   # 32 outputs: two groups of two words at least
     program = compile_model(narrow, small, calibration=calibration, pack_input=False)
     conv = program.tiles[:len(program.layers[0].tiles)]
     assert {t.config.op for t in conv} == {OP_BCAST} and any(t.config.pass_per_pixel for t in conv)

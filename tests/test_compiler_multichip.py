@@ -9,14 +9,14 @@ import warnings
 import numpy as np
 import pytest
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import (CompileError, build_program, chip_macs, compile_model, estimated_interval,
                                import_onnx, link_cycles, lower_layers, report)
 from flowtile.link_format import LinkGeometry
 from flowtile.program import Program
 from flowtile.testing.random_models import random_float_cnn, random_float_mlp, random_float_resnet
 
-SMALL = Arch(rows=2, cols=2, lanes=8)
+SMALL = lean_arch(rows=2, cols=2, lanes=8)
 
 
 def _compile(model, calibration, arch, **options):
@@ -179,11 +179,11 @@ def test_link_cycles_follow_the_link_format():
     """At 1/16 and 1/64 of the flit width the credit and replay windows cover the round trip: a link is busy
     frames x frame_beats cycles per inference (the last frame partial)."""
     for divisor in (16, 64):
-        arch = Arch(chips=2, link_bits_per_cycle=Arch().flit_bits // divisor)
+        arch = lean_arch(chips=2, link_bits_per_cycle=lean_arch().flit_bits // divisor)
         geometry = LinkGeometry(arch)
         for flits in (1, 4, 5, 1000):
             assert link_cycles(arch, flits) == geometry.frames(flits) * geometry.frame_beats
-    fast = Arch(chips=2, link_bits_per_cycle=Arch().flit_bits)
+    fast = lean_arch(chips=2, link_bits_per_cycle=lean_arch().flit_bits)
     assert link_cycles(fast, 400) >= 400 + LinkGeometry(fast).frames(400)  # one flit a cycle in, plus the seals
 
 

@@ -14,6 +14,7 @@ import onnx
 import pytest
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import CompileError, compile_model, estimated_interval, report
 from flowtile.program import Program, ProgramError
 from flowtile.testing.oracle_checks import (assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator,
@@ -50,7 +51,7 @@ def models(tmp_path_factory):
 def compiled(model, rows: int, cols: int, contexts: int, **fields) -> Program:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return compile_model(model, Arch(rows=rows, cols=cols, tile_contexts=contexts, **{**SMALL, **fields}),
+        return compile_model(model, lean_arch(rows=rows, cols=cols, tile_contexts=contexts, **{**SMALL, **fields}),
                              replicas=1)
 
 

@@ -13,15 +13,15 @@ import onnx
 import pytest
 
 from flowtile.compiler import compile_model, int8_model
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
 from flowtile.testing.random_models import quantize_qdq, random_float_mlp
 
 ARCHS = {
-    "4x4-l8": Arch(),
-    "2x3-l4-d2": Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, router_fifo_depth=2, max_tile_outputs=256,
+    "4x4-l8": lean_arch(),
+    "2x3-l4-d2": lean_arch(rows=2, cols=3, lanes=4, sram_bytes=16384, router_fifo_depth=2, max_tile_outputs=256,
                       host_buffer_flits=8192),
-    "3x2-l16-d1": Arch(rows=3, cols=2, lanes=16, sram_bytes=65536, router_fifo_depth=1, max_tile_outputs=320,
+    "3x2-l16-d1": lean_arch(rows=3, cols=2, lanes=16, sram_bytes=65536, router_fifo_depth=1, max_tile_outputs=320,
                        host_buffer_flits=4096),
 }
 

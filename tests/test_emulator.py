@@ -20,6 +20,7 @@ import pytest
 from flowtile.emulator import EmulatorError, emulate, run_functional
 from flowtile.emulator.timing import PROBE_BATCH, solve_timing
 from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.host import pack_flits
 from flowtile.program import ProgramError, TileProgram
 from flowtile.tile_config import ConfigError, TileConfig
@@ -593,7 +594,7 @@ def random_program(rng, *, max_batch=6):
     1..5 words or large, FIFO depths 1..4), sometimes on the smallest result ring its tiles allow (section 4)."""
     lanes = int(rng.choice([1, 2, 4, 8]))
     rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
-    arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64,
+    arch = lean_arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64,
                 result_ring_words=64 // lanes, router_fifo_depth=int(rng.integers(1, 5)))   # rings of 8..64 words
     queues = random_queue_words(rng, arch.n_tiles)
     n_tiles = arch.n_tiles
@@ -763,7 +764,7 @@ def _layer(rng, n_in, n_out, tiles=1):
 def test_slow_tile_behind_fast_ones_depth(depth):
     """Heavy back-pressure: a long COMPUTE at the end of the chain stalls every FIFO before it."""
     rng = np.random.default_rng(100 + depth)
-    arch = Arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=depth)
+    arch = lean_arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=depth)
     layers = [_layer(rng, 4, 4), _layer(rng, 4, 2), _layer(rng, 2, 24)]
     program = build_program(arch, layers)
     x = rng.integers(-128, 128, (6, 4), dtype=np.int8)
@@ -774,7 +775,7 @@ def test_forwarding_chain_longer_than_its_fifos():
     """A layer split over 3 tiles with K = 6 > 2D: forwarding stalls on the next tiles' input sides, which
     wait for their COMPUTE of the previous inference to begin."""
     rng = np.random.default_rng(7)
-    arch = Arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
+    arch = lean_arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
     layers = [_layer(rng, 12, 6, tiles=3)]
     program = build_program(arch, layers)
     x = rng.integers(-128, 128, (5, 12), dtype=np.int8)
@@ -784,7 +785,7 @@ def test_forwarding_chain_longer_than_its_fifos():
 def test_long_batch_extrapolation_matches_reference():
     """Batch above the probe: the periodic extrapolation, checked cycle by cycle."""
     rng = np.random.default_rng(8)
-    arch = Arch(rows=2, cols=3, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     layers = [_layer(rng, 6, 6, tiles=2), _layer(rng, 6, 3, tiles=2)]
     program = build_program(arch, layers)
     batch = 3 * PROBE_BATCH
@@ -797,7 +798,7 @@ def test_overlapping_weight_and_activation_regions():
     """COMPUTE reads the SRAM as the input side left it: weights overlapping activation bank 0 see inference
     0's inputs in both inferences (inference 1 is stored in bank 1 and leaves bank 0 alone)."""
     rng = np.random.default_rng(9)
-    arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     layer = _layer(rng, 8, 4)
     program = build_program(arch, [layer])
     tile = program.tiles[0]
@@ -816,7 +817,7 @@ def test_reference_refuses_a_compute_read_racing_an_input_write():
     """Weights overlapping bank 1: inference 1 is received into bank 1 while COMPUTE of inference 0 reads
     those words as weights, an order the contract leaves open: the reference refuses the run."""
     rng = np.random.default_rng(9)
-    arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     program = build_program(arch, [_layer(rng, 8, 4)])
     set_registers(program.tiles[0], act_base=3)  # bank 0 at words 3..4, bank 1 at 5..6: both inside the weights
     x = rng.integers(-128, 128, (3, 8), dtype=np.int8)
@@ -843,7 +844,7 @@ def _hand_case(name):
         # a_0 + d + 2 = 9, to the host at 10; c_1 = a_1 = max(4 + 1, a_0 + d + 2 = 9) = 9 (no term for the
         # EMIT of inference 0 any more: it would have been 10); inference 2 waits for c_1: RECV at 9, 10; EMIT
         # 1 at 9 + 6 = 15; c_2 = max(10 + 1, 9 + 6) = 15; EMIT 2 at 21.
-        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+        arch = lean_arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
         layers = [_layer(rng, 4, 2)]
         expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [10, 16, 22], 0: {
             "input": [1, 2, 3, 4, 9, 10], "compute": [3, 9, 15], "output": [9, 15, 21],
@@ -855,7 +856,7 @@ def _hand_case(name):
         # each EMIT (9, 15, 21) reaches PE 1 two cycles later (PASS at 11, 17, 23), is popped one cycle
         # after its push (12, 18, 24) and reaches the host one cycle later: 3 cycles more than without the
         # pass-through tile (section 6).
-        arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+        arch = lean_arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
         layers = [_layer(rng, 4, 2)]
         expected = {"in_times": [0, 1, 2, 3, 4, 5], "out_times": [13, 19, 25],
                     0: {"input": [1, 2, 3, 4, 9, 10], "compute": [3, 9, 15], "output": [9, 15, 21]},
@@ -869,7 +870,7 @@ def _hand_case(name):
         # "split": both tiles' queues all their free SRAM (hundreds of words, never full); "split-queue-1":
         # queue_words = 1 on both tiles.
         queue = None if name == "split" else 1
-        arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+        arch = lean_arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
         layers = [_layer(rng, 4, 4, tiles=2)]
         if queue is None:
             # PE 0: RECV 1, 2 (pushed), pops at 2, 3 (a word pushed at t can be popped from t + 1), c_0 = 3;
@@ -988,7 +989,7 @@ def test_per_tile_queue_depths_set_the_interval():
     and 2 at F = 1 change nothing. Every run equals the cycle-stepping reference cycle by cycle (and the golden),
     and the reference's tile 0 queue fills to exactly F_0 words whenever F_0 <= 8."""
     rng = np.random.default_rng(31)
-    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     layers = [random_layer(rng, 16, 4, 2)]
     batch = 12
     x = rng.integers(-128, 128, (batch, 16), dtype=np.int8)
@@ -1071,7 +1072,7 @@ def _ring_case(name):
                 "input": [1, 3, 5, 7, 9, 11], "compute": [6, 12], "output": [9, 11, 13, 15, 17, 19],
                 "spans": [(0, 6, "RECV"), (6, 12, "RECV"), (6, 11, "COMPUTE"), (12, 17, "COMPUTE"),
                           (0, 14, "EMIT"), (14, 20, "EMIT")]}}
-        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, result_ring_words=ring,
+        arch = lean_arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, result_ring_words=ring,
                     router_fifo_depth=1)
     elif name == "mac-short-R2":
         # a 1x1 conv from one channel to N_o = 3 channels (L does not divide N_o) on a 1x2 map, a ring of a
@@ -1084,7 +1085,7 @@ def _ring_case(name):
         # 1 + 2 = 14, EMIT 2 + 1 = 14) = 14; a_5 = max(14 + 2, EMIT 3 + 1) = 16; EMIT 4 at max(17, 14 + 4) = 18;
         # a_6 = max(16 + 1, EMIT 4 + 1) = 19; EMIT 5 at max(20, 16 + 3) = 20; a_7 = max(19 + 2, EMIT 5 + 1) =
         # 21; EMIT 6 at max(22, 19 + 4) = 23; EMIT 7 at max(25, 21 + 3) = 25; COMPUTE [14, 24).
-        arch = Arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=3, result_ring_words=2,
+        arch = lean_arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=3, result_ring_words=2,
                     router_fifo_depth=1)
         layers, shape = [Conv(np.array([3, -2, 5], np.int8).reshape(3, 1, 1, 1), [1, 2, 3], 2**30, 30)], (1, 1, 2)
         x = rng.integers(-40, 40, (2, 2), dtype=np.int8)
@@ -1152,7 +1153,7 @@ def test_ring_behind_a_slower_tile(ring, depth):
     pool's output side stalls on the link, its ring fills and its COMPUTE waits between words."""
     rng = np.random.default_rng(20 + ring)
     lanes = 2
-    arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, result_ring_words=ring,
+    arch = lean_arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, result_ring_words=ring,
                 router_fifo_depth=depth)
     layers, shape = [MaxPool(1, 1), random_layer(rng, 8, 2, 1)], (1, 1, 4)
     program = build_program(arch, layers, input_shape=shape)
@@ -1171,7 +1172,7 @@ def test_results_beyond_the_ring_run(ring):
     cycle by cycle."""
     lanes = 2
     rng = np.random.default_rng(25)
-    arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=4096, max_tile_outputs=max(4, lanes * ring),
+    arch = lean_arch(rows=1, cols=2, lanes=lanes, sram_bytes=4096, max_tile_outputs=max(4, lanes * ring),
                 result_ring_words=max(2, ring), router_fifo_depth=2)
     program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))   # n_out 4: R >= 2
     assert program.tiles[0].config.result_words(lanes) == 18 > program.arch.result_words
@@ -1196,7 +1197,7 @@ def test_short_last_word_under_a_small_ring():
     conv = Conv(rng.integers(-128, 128, (7, 3, 2, 2), dtype=np.int8), rng.integers(-500, 500, 7), 2**30, 39,
                 zp_in=-2, pads=(0, 0, 1, 1))
     layers, shape = [conv, random_layer(rng, 3 * 3 * 8, 6, 2)], (3, 3, 3)
-    arch = Arch(rows=1, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=7, result_ring_words=2,
+    arch = lean_arch(rows=1, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=7, result_ring_words=2,
                 router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     assert program.arch.result_words == 2 and program.tiles[0].config.result_words(lanes) == 18
@@ -1259,7 +1260,7 @@ def test_extrapolation_equals_plain_sweeps(seed):
 def test_deep_forwarding_chain_converges(depth):
     """A layer forwarded across six tiles with K >> 2D: every PE waits on the next one each inference."""
     rng = np.random.default_rng(300 + depth)
-    arch = Arch(rows=2, cols=4, lanes=4, sram_bytes=16384, max_tile_outputs=64, router_fifo_depth=depth)
+    arch = lean_arch(rows=2, cols=4, lanes=4, sram_bytes=16384, max_tile_outputs=64, router_fifo_depth=depth)
     layers = [_layer(rng, 96, 24, tiles=6), _layer(rng, 24, 5)]
     program = build_program(arch, layers)
     batch = 50
@@ -1273,7 +1274,7 @@ def test_deep_forwarding_chain_converges(depth):
 
 def test_report_and_per_tile_statistics():
     rng = np.random.default_rng(11)
-    arch = Arch(rows=2, cols=2, lanes=4, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     layers = [_layer(rng, 10, 9, tiles=2), _layer(rng, 9, 5)]
     program = build_program(arch, layers)
     batch = 4
@@ -1298,7 +1299,7 @@ def test_report_and_per_tile_statistics():
 
 def test_saturation_wrap_and_relu():
     rng = np.random.default_rng(12)
-    arch = Arch(rows=1, cols=3, lanes=4, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=3, lanes=4, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     n_in = 8
     weights = np.full((6, n_in), 127, dtype=np.int8)
     bias = np.array([2**31 - 1, -2**31, 0, 0, 5, -5])   # outputs 0 and 1 wrap
@@ -1323,7 +1324,7 @@ def test_saturation_wrap_and_relu():
 def test_functional_streams_on_every_link():
     """Tile p's stream per inference: forwarded inputs ++ passed flits ++ its result words."""
     rng = np.random.default_rng(13)
-    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=3, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     layers = [_layer(rng, 4, 5, tiles=2)]
     program = build_program(arch, layers)
     x = rng.integers(-128, 128, (3, 4), dtype=np.int8)
@@ -1340,7 +1341,7 @@ def test_functional_streams_on_every_link():
 
 def _base_program():
     rng = np.random.default_rng(14)
-    arch = Arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     return build_program(arch, [_layer(rng, 4, 4, tiles=2), _layer(rng, 4, 2)])
 
 
@@ -1377,7 +1378,7 @@ def test_inconsistent_programs_are_refused(change, message):
 
 def test_unreached_configured_tile_is_refused():
     rng = np.random.default_rng(15)
-    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=3, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     program = build_program(arch, [_layer(rng, 4, 2)], tail="direct")
     program.tiles[2].config = program.tiles[2].config.replace(n_pass=1).with_queue(arch)
     with pytest.raises(EmulatorError, match=r"tile r0c2 .* no flits reach it"):
@@ -1498,7 +1499,7 @@ def random_windowed_program(rng, *, max_batch=4, budget=30000):
     while True:
         lanes = int(rng.choice([1, 2, 4, 8]))
         rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
-        arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
+        arch = lean_arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
                     router_fifo_depth=int(rng.integers(1, 5)))
         queues = random_queue_words(rng, arch.n_tiles)
         shape = (int(rng.integers(1, 21)), int(rng.integers(3, 10)), int(rng.integers(3, 10)))
@@ -1574,7 +1575,7 @@ def test_random_windowed_programs_match_golden(seed):
 def test_hand_computed_conv_and_pool():
     """Small cases worked out by hand: a 3x3 box filter with padding reading the input zero point,
     then max pooling whose padding never wins and whose ReLU floor also lifts the padding lane."""
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     x = np.arange(9, dtype=np.int8).reshape(1, 9)                  # one channel, 3x3 map [[0,1,2],[3,4,5],[6,7,8]]
     box = Conv(np.ones((1, 1, 3, 3), np.int8), [0], 1 << 30, 30, zp_in=5, pads=(1, 1, 1, 1))
     program = build_program(arch, [box], input_shape=(1, 3, 3))
@@ -1605,7 +1606,7 @@ def _conv_pool_dense(rng, arch, bands=(2, 1)):
 
 def test_windowed_statistics():
     rng = np.random.default_rng(21)
-    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
     layers, shape = _conv_pool_dense(rng, arch)
     program = build_program(arch, layers, input_shape=shape)
     batch = 3
@@ -1627,7 +1628,7 @@ def test_windowed_statistics():
 def test_windowed_long_batch_matches_reference():
     """Batch past the probe through conv bands and a pool: extrapolation, cycle by cycle."""
     rng = np.random.default_rng(22)
-    arch = Arch(rows=2, cols=2, lanes=8, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=1)
+    arch = lean_arch(rows=2, cols=2, lanes=8, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=1)
     conv = Conv(rng.integers(-128, 128, (4, 2, 2, 2), dtype=np.int8), rng.integers(-500, 500, 4), 2**30, 38,
                 zp_in=7, stride=2, pads=(1, 0, 0, 1), tiles=2)
     pool = MaxPool(3, 2, stride=1, pads=(1, 1, 1, 0), tiles=2)
@@ -1645,7 +1646,7 @@ def test_windowed_long_batch_matches_reference():
     (lambda t: set_registers(t, out_rows=0), r"config register out_rows = 0 must be >= 1 when n_out > 0"),
 ])
 def test_bad_window_registers_are_refused(change, message):
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     program = build_program(arch, [MaxPool(2, 2)], input_shape=(3, 3, 3))
     change(program.tiles[0])
     program.tiles[0].params = np.zeros((program.tiles[0].config.n_out, 3), np.int64)
@@ -1656,7 +1657,7 @@ def test_bad_window_registers_are_refused(change, message):
 def test_large_batches_are_gathered_in_slices(monkeypatch):
     """The im2col gather works on slices of the batch when it would be large: same results."""
     rng = np.random.default_rng(23)
-    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
     layers, shape = _conv_pool_dense(rng, arch)
     program = build_program(arch, layers, input_shape=shape)
     x = rng.integers(-128, 128, (7, 3 * 6 * 6), dtype=np.int8)
@@ -1669,7 +1670,7 @@ def test_large_batches_are_gathered_in_slices(monkeypatch):
 def test_more_results_than_the_ring_holds_run():
     """Program format 6 (section 4): E = 9 pixels x 2 words = 18 > R = 8 words is valid and runs (it was
     refused while the result buffer had to hold an inference's results)."""
-    arch = Arch(rows=1, cols=1, lanes=2, sram_bytes=4096, max_tile_outputs=16, result_ring_words=8, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=1, lanes=2, sram_bytes=4096, max_tile_outputs=16, result_ring_words=8, router_fifo_depth=2)
     program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))
     assert program.tiles[0].config.result_words(2) == 18 > arch.result_words == 8
     x = np.random.default_rng(27).integers(-128, 128, (4, 27), dtype=np.int8)
@@ -1682,7 +1683,7 @@ def test_more_results_than_the_ring_holds_run():
 def test_hand_computed_depthwise_and_average_pool():
     """A 2x2 depthwise filter per channel (lane by lane, per-lane parameters), a global average pool
     rounding to nearest, and a padded average pool whose folded bias cancels the input zero point."""
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     x = np.concatenate([np.arange(9), np.full(9, 2)]).astype(np.int8).reshape(1, 18)   # 2 channels, 3x3
     weights = np.array([[[1, 0], [0, -1]], [[1, 1], [1, 1]]], np.int8)
     layer = Depthwise(weights, [0, 4], 1 << 30, [30, 31], zp_out=1)
@@ -1729,7 +1730,7 @@ def test_lane_statistics_and_chain():
     """Conv -> depthwise (stride 2) -> global average pool -> dense: LANE issue counts, lane-MACs,
     report MACs, golden data and the cycle-stepping reference."""
     rng = np.random.default_rng(31)
-    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
     layers, shape = _conv_depthwise_pool_dense(rng, 4)
     program = build_program(arch, layers, input_shape=shape)
     batch = 3
@@ -1755,7 +1756,7 @@ def test_lane_statistics_and_chain():
 def test_lane_long_batch_and_slices(monkeypatch):
     """Past the probe (extrapolation) through LANE bands, and the im2col gather in slices."""
     rng = np.random.default_rng(32)
-    arch = Arch(rows=2, cols=2, lanes=8, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=1)
+    arch = lean_arch(rows=2, cols=2, lanes=8, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=1)
     depthwise = Depthwise(rng.integers(-128, 128, (10, 3, 2), dtype=np.int8), rng.integers(-500, 500, 10),
                           2**30, 37, zp_in=7, stride=1, pads=(1, 0, 1, 1), clamp_lo=0, tiles=2)
     mean = average_pool(10, 2, 2, 2**31 - 1, 33, stride=2, tiles=2)
@@ -1776,7 +1777,7 @@ def test_lane_weights_overlapping_activations():
     """A LANE tile whose weight words overlap activation bank 0: inference 0 reads its own inputs as
     weights, inference 1 (stored in bank 1) reads inference 0's."""
     rng = np.random.default_rng(33)
-    arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     layer = Depthwise(rng.integers(-128, 128, (6, 2, 2), dtype=np.int8), rng.integers(-99, 99, 6), 2**30, 36)
     program = build_program(arch, [layer], input_shape=(6, 3, 2))
     set_registers(program.tiles[0], act_base=5)   # weights at words 0..7, bank 0 at words 5..16, bank 1 at 17..28
@@ -1789,7 +1790,7 @@ def test_lane_weights_overlapping_activations():
 def test_global_average_pool_over_a_large_map():
     """A global window larger than any convolution kernel (kernel registers are 8 bits): 12x20."""
     rng = np.random.default_rng(34)
-    arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=65536, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=65536, max_tile_outputs=64, router_fifo_depth=2)
     mean = average_pool(6, 12, 20, rng.integers(2**30, 2**31, 6), 38, bias=240 * 5, zp_in=-5, zp_out=-2)
     layers, shape = [mean], (6, 12, 20)
     program = build_program(arch, layers, input_shape=shape)
@@ -1806,7 +1807,7 @@ def test_global_average_pool_over_a_large_map():
     (lambda t: t.params.__setitem__((3, 2), 0), r"output 3 has shift 0"),   # padding channel: valid shift too
 ])
 def test_bad_lane_tiles_are_refused(change, message):
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     program = build_program(arch, [average_pool(3, 2, 2, 2**30, 32)], input_shape=(3, 3, 3))
     tile = program.tiles[0]
     change(tile)
@@ -2006,7 +2007,7 @@ def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=
         cols = -(-needed // rows)
         if cols > 8:
             continue
-        arch = Arch(rows=rows, cols=cols, lanes=lanes_now, sram_bytes=lanes_now * 65536, max_tile_outputs=65535,
+        arch = lean_arch(rows=rows, cols=cols, lanes=lanes_now, sram_bytes=lanes_now * 65536, max_tile_outputs=65535,
                     router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth)
         queues = random_queue_words(rng, arch.n_tiles)
         program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
@@ -2047,7 +2048,7 @@ def test_random_residual_programs_match_golden(seed):
 def test_hand_computed_identity_skip():
     """y = x + 2 * main(x) with main = a 1x1 max pool (a copy): every value is 3x plus the folded bias,
     clamped; the skip travels in front of the main branch's output."""
-    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
+    arch = lean_arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
     x = np.array([[1, -3, 40, 7, 0, -50]], dtype=np.int8)                 # 3 channels, 1x2 map
     add = AddParams(1, 2, 1 << 30, 30, zp_a=0, zp_b=-2, zp_out=5, clamp_lo=-100, clamp_hi=100)
     layers = [Residual([MaxPool(1, 1)], add)]
@@ -2085,7 +2086,7 @@ def test_split_residual_block_across_archs(lanes, depth, batch):
     """Split main layers and a split ADD, several arch configurations: golden data, reference timing."""
     rng = np.random.default_rng(40 + lanes + depth)
     layers, shape = _conv_residual(rng, lanes)
-    arch = Arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=1024, router_fifo_depth=depth)
+    arch = lean_arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=1024, router_fifo_depth=depth)
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     x = rng.integers(-128, 128, (batch, int(np.prod(shape))), dtype=np.int8)
     flits = pack_flits(x, lanes, program.input)
@@ -2106,7 +2107,7 @@ def test_residual_long_batch_matches_reference():
     """Batch past the probe with router_fifo_depth 1: the extrapolated timing, cycle by cycle."""
     rng = np.random.default_rng(41)
     layers, shape = _conv_residual(rng, 4, channels=3, size=(3, 3), bands=(2, 1, 2))
-    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, result_ring_words=64,
+    arch = lean_arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, result_ring_words=64,
                 router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
@@ -2122,7 +2123,7 @@ def test_skip_forwarded_through_split_layers():
     first, second = random_layer(rng, n, middle, 3), random_layer(rng, middle, n, 2)
     add = AddParams(2**21, 2**22, 2**31 - 1, 54, zp_a=3, zp_b=first.zp_out, zp_out=-4)
     layers = [Residual([first, second], add)]
-    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     program = build_program(arch, layers)
     batch = 3
     x = rng.integers(-128, 128, (batch, n), dtype=np.int8)
@@ -2159,7 +2160,7 @@ def test_nested_residual_blocks():
     outer = Residual([_random_same_shape_layer(rng, "depthwise", channels, channels, lanes, 3, 1), inner],
                      _random_add(rng, channels))
     layers = [outer, MaxPool(2, 2, 1)]
-    arch = Arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     k_map = 9 * 2
     inner_add = program.tiles[4].config
@@ -2178,7 +2179,7 @@ def test_tile_that_only_forwards_part_of_its_stream(keep, forward):
     lanes = 2
     first = random_layer(rng, 6, 6, 2)
     layers = [Residual([first], AddParams(1, 1, 1 << 30, 30))]
-    arch = Arch(rows=1, cols=4, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
+    arch = lean_arch(rows=1, cols=4, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
     program = build_program(arch, layers)
     drop = program.tiles[2]
     assert drop.config.op == OP_ADD
@@ -2195,7 +2196,7 @@ def test_tile_that_only_forwards_part_of_its_stream(keep, forward):
 
 def _residual_base():
     rng = np.random.default_rng(45)
-    arch = Arch(rows=1, cols=4, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=4, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     layers = [Residual([MaxPool(1, 1), MaxPool(3, 3, 1, (1, 1, 1, 1))], _random_add(rng, 3), tiles=2)]
     return build_program(arch, layers, input_shape=(3, 2, 2))
 
@@ -2251,7 +2252,7 @@ def test_hand_computed_skip_as_operand_b():
     """Residual(skip="b"): y = add(a = main(x), b = x), operand b first in the stream (operand_b_offset = 0,
     operand_a_offset = x's words). main = a 1x1 max pool raised to 0 (a ReLU copy), so swapping the
     operands would change every negative value."""
-    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
+    arch = lean_arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
     x = np.array([[1, -3, 40, -7, 0, -50], [-128, 127, -1, 2, -60, 60]], dtype=np.int8)   # 3 channels, 1x2 map
     add = AddParams(1, 2, 1 << 30, 30, zp_a=-2, zp_b=0, zp_out=5, clamp_lo=-100, clamp_hi=100)
     layers = [Residual([MaxPool(1, 1, clamp_lo=0)], add, skip="b")]
@@ -2278,7 +2279,7 @@ def test_add_operands_inside_a_larger_stored_region():
                      _random_add(rng, channels), tiles=2, skip="b")
     outer = Residual([_random_same_shape_layer(rng, "depthwise", channels, channels, lanes, 3, 1), inner],
                      _random_add(rng, channels))
-    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=lanes, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
     program = build_program(arch, [outer], input_shape=shape, act_fill=rng)
     x = rng.integers(-128, 128, (3, 45), dtype=np.int8)
     flits = pack_flits(x, lanes, program.input)
@@ -2325,7 +2326,7 @@ def test_random_concat_programs_match_golden(seed):
 def test_hand_computed_concat(identity):
     """concat(x, f(x)) and concat(g(x), x) on 2 lanes: a 2-channel identity operand (one word a pixel) and a
     computed one, each channel requantized with its operand's multiplicand (M / 2^S = 1, so y = acc + zp_out)."""
-    arch = Arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
+    arch = lean_arch(rows=1, cols=3, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=1)
     x = np.array([[1, -3, 40, -7], [-128, 127, -1, 60]], dtype=np.int8)       # 2 channels, 1x2 map
     params = ConcatParams(1, 2, 1 << 30, 30, zp_a=3, zp_b=-1, zp_out=-4, clamp_lo=-100, clamp_hi=100)
     values = x.reshape(2, 2, 2).transpose(0, 2, 1).astype(int)               # [batch, pixel, channel]
@@ -2373,7 +2374,7 @@ def test_split_concat_block_across_archs(lanes, depth, batch, first):
     the stream registers of section 4.2 and the counts of section 4.3."""
     rng = np.random.default_rng(60 + lanes + depth)
     layers, shape = _conv_concat(rng, lanes, first)
-    arch = Arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=1024, router_fifo_depth=depth)
+    arch = lean_arch(rows=2, cols=4, lanes=lanes, sram_bytes=16384, max_tile_outputs=1024, router_fifo_depth=depth)
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     x = rng.integers(-128, 128, (batch, int(np.prod(shape))), dtype=np.int8)
     result = assert_matches_reference(program, x, batch, flits=pack_flits(x, lanes, program.input))
@@ -2414,7 +2415,7 @@ def test_concat_inside_a_residual_main_branch():
     b_conv = _random_same_shape_layer(rng, "conv", 4, 2, lanes, 3, 1)
     concat = Concat([a_conv], [b_conv], _random_concat_params(rng, 4), tiles=1)
     layers = [Residual([pool, concat], _random_add(rng, 4), skip="b")]
-    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=2)
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     x_words, half = 6 * 2, 6            # the map (and the pool's output): 2 words a pixel; a conv output: 1
     configs = [t.config for t in program.tiles]
@@ -2443,7 +2444,7 @@ def test_concat_of_downsampling_branches():
     pool = MaxPool(3, 3, 2, (1, 1, 1, 1), tiles=2)
     layers = [Concat([conv], [pool], _random_concat_params(rng, 7), tiles=(2, 1), first="b"),
               random_layer(rng, 9 * 2 * lanes, 5, 1)]
-    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=3)
+    arch = lean_arch(rows=2, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=256, router_fifo_depth=3)
     program = build_program(arch, layers, input_shape=(3, 5, 5), act_fill=rng)
     join = program.tiles[3].config
     assert (join.in_height, join.in_width, join.words_per_pixel, join.out_rows) == (3, 3, 2, 2)
@@ -2459,7 +2460,7 @@ def test_flat_concat_of_dense_branches():
     a = random_layer(rng, 5, 4, 2)
     b1, b2 = random_layer(rng, 5, 6, 2), random_layer(rng, 6, 3, 1)
     layers = [Concat([a], [b1, b2], _random_concat_params(rng, 7), first="b")]
-    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
+    arch = lean_arch(rows=2, cols=3, lanes=lanes, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=1)
     program = build_program(arch, layers, act_fill=rng)
     x = rng.integers(-128, 128, (4, 5), dtype=np.int8)
     result = assert_matches_reference(program, x, 4)
@@ -2471,7 +2472,7 @@ def test_concat_long_batch_matches_reference():
     """Batch past the probe with router_fifo_depth 1: the extrapolated timing, cycle by cycle."""
     rng = np.random.default_rng(64)
     layers, shape = _conv_concat(rng, 4, "b", size=(3, 3), bands=(2, 1, 2))
-    arch = Arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, result_ring_words=64,
+    arch = lean_arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, result_ring_words=64,
                 router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
@@ -2480,7 +2481,7 @@ def test_concat_long_batch_matches_reference():
 
 
 def test_builder_refuses_unmappable_concats():
-    arch = Arch(rows=2, cols=4, lanes=4, sram_bytes=8192, max_tile_outputs=256)
+    arch = lean_arch(rows=2, cols=4, lanes=4, sram_bytes=8192, max_tile_outputs=256)
     rng = np.random.default_rng(65)
     three = _random_same_shape_layer(rng, "conv", 4, 3, 4, 3, 1)
     params = _random_concat_params(rng, 7)
@@ -2499,7 +2500,7 @@ def _concat_base():
     """Conv (3 -> 2 channels, 1 word a pixel) as operand a after x (3 channels, 2 words a pixel) as the
     identity operand b: the CONCAT tiles store 8 + 4 words, b at 0, a at 8; CW = 3, concat_words_a = 1."""
     rng = np.random.default_rng(66)
-    arch = Arch(rows=1, cols=4, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=4, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
     conv = _random_same_shape_layer(rng, "conv", 3, 2, 2, 2, 1)
     layers = [Concat([conv], [], _random_concat_params(rng, 5), tiles=2)]
     program = build_program(arch, layers, input_shape=(3, 2, 2))
@@ -2629,7 +2630,7 @@ def random_grouped_program(rng, *, max_batch=4, budget=25000):
         needed = len(layers) - 1 + bands * groups + residual
         cols = int(rng.integers(2, 5))
         rows = -(-needed // cols) + int(rng.integers(0, 2))
-        arch = Arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
+        arch = lean_arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
                     router_fifo_depth=int(rng.integers(1, 4)))
         queues = random_queue_words(rng, arch.n_tiles)
         drawn = _program_within_budget(rng, arch, layers, input_shape, max_batch, budget, queues)
@@ -2674,7 +2675,7 @@ def test_grouped_conv_long_batch_extrapolates(queue):
     the probe settles in a few sweep rounds and the emulator sweeps the whole batch directly
     (emulator.timing.CHEAP_SWEEP_SOLVES_PER_CHAIN)."""
     rng = np.random.default_rng(23)
-    arch = Arch(rows=2, cols=4, lanes=2, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=4, lanes=2, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
     conv = Conv(rng.integers(-128, 128, (5, 2, 2, 2), dtype=np.int8), rng.integers(-500, 500, 5), 2**30, 38,
                 zp_in=7, pads=(1, 0, 0, 1), tiles=2, channel_groups=[2, 2, 1])
     layers, shape = [conv, MaxPool(2, 2, stride=2)], (2, 3, 3)
@@ -2695,7 +2696,7 @@ def test_builder_groups_registers():
     pass_per_pixel; every group but the last must be whole words."""
     rng = np.random.default_rng(24)
     lanes = 4
-    arch = Arch(rows=2, cols=4, lanes=lanes, sram_bytes=65536, max_tile_outputs=512)
+    arch = lean_arch(rows=2, cols=4, lanes=lanes, sram_bytes=65536, max_tile_outputs=512)
     weights = rng.integers(-128, 128, (11, 3, 3, 3), dtype=np.int8)
     conv = Conv(weights, np.arange(11) * 10, np.arange(11) + 2**30, 40, pads=(1, 1, 1, 1), tiles=[2, 3],
                 channel_groups=[8, 3])
@@ -2737,7 +2738,7 @@ def _hand_groups_case():
     14, a_3 = 15, COMPUTE [14, 18); pop 16, EMIT word 2 at max(17, 14 + 3) = 17, pop 18, EMIT word 3 at
     max(19, 15 + 3) = 19; the host gets each one cycle later. Output spans of PE 1: no FORWARD (Q_f + P_bulk
     = 0), EMIT from the end of the previous output span to the last output transfer + 1."""
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     conv = Conv(np.array([3, -2, 5], np.int8).reshape(3, 1, 1, 1), [1, 2, 3], 2**30, 30, zp_out=-1,
                 channel_groups=[2, 1])
     x = np.array([[4, -7], [10, 20]], np.int8)
@@ -2844,7 +2845,7 @@ def test_builder_pixel_band_registers():
     middle; n_pass counts the earlier bands' words (9 pixels x N_r = 2); groups split each band; bad splits
     are refused."""
     rng = np.random.default_rng(40)
-    arch = Arch(rows=2, cols=3, lanes=2, sram_bytes=16384, max_tile_outputs=64)
+    arch = lean_arch(rows=2, cols=3, lanes=2, sram_bytes=16384, max_tile_outputs=64)
     conv = Conv(rng.integers(-128, 128, (3, 2, 3, 3), dtype=np.int8), rng.integers(-500, 500, 3), 2**30, 40,
                 pads=(1, 1, 1, 1), pixel_bands=[9, 9, 7])
     program = build_program(arch, [conv], input_shape=(2, 5, 5))
@@ -2876,7 +2877,7 @@ def _hand_pixel_band_case():
     12..15, pops 13..16, EMITs at max(17, 13) = 17, 18; inference 1: RECV 16..21, PASS 22..25, c_1 = max(21 +
     1, 11 + 1 + 2) = 22, COMPUTE [22, 26), pops 23..26, EMITs 27, 28. The host gets each one cycle later.
     Data: the input pixels in row-major order, band after band (padding lane 0)."""
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=1024, max_tile_outputs=16, router_fifo_depth=2)
     layers, shape = [MaxPool(1, 1, pixel_bands=[4, 2])], (1, 2, 3)
     x = np.array([[5, -3, 7, 100, -128, 1], [-9, 2, 64, -1, 0, 127]], np.int8)
     expected = {"in_times": list(range(12)), "out_times": [14, 15, 16, 17, 18, 19, 24, 25, 26, 27, 28, 29],
@@ -2974,7 +2975,7 @@ def _pixel_band_case(name):
     else:
         raise ValueError(name)
     tiles = _layer_tiles(layers) + (4 if name == "groups" else 0)   # _layer_tiles counts bands, not groups
-    arch = Arch(rows=2, cols=-(-(tiles + 1) // 2), lanes=lanes, sram_bytes=lanes * 4096, max_tile_outputs=64,
+    arch = lean_arch(rows=2, cols=-(-(tiles + 1) // 2), lanes=lanes, sram_bytes=lanes * 4096, max_tile_outputs=64,
                 result_ring_words=64 // lanes, router_fifo_depth=2)
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     x = rng.integers(-128, 128, (3, int(np.prod(shape))), dtype=np.int8)
@@ -3012,7 +3013,7 @@ def test_pixel_band_chain_long_batch():
     the numpy golden, the emulator's times against the reference's (cycle by cycle) and plain sweeps'."""
     rng = np.random.default_rng(50)
     lanes = 2
-    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=16384, max_tile_outputs=64, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=lanes, sram_bytes=16384, max_tile_outputs=64, router_fifo_depth=2)
     conv = Conv(rng.integers(-128, 128, (3, 2, 3, 3), dtype=np.int8), rng.integers(-500, 500, 3), 2**30, 39,
                 zp_in=-4, zp_out=1, clamp_lo=1, pads=(1, 1, 1, 1), pixel_bands=[9, 9, 7])
     pool = MaxPool(2, 2, stride=1, pixel_bands=[6, 10])
@@ -3134,7 +3135,7 @@ def test_bad_pixel_bands_are_refused(change, message):
 
 # --- (9) the spec's register rules the programs above do not reach ----------------------------------
 
-_SPEC_ARCH = Arch(rows=1, cols=2, lanes=2, sram_bytes=128, max_tile_outputs=4, router_fifo_depth=2)   # 64 words
+_SPEC_ARCH = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=128, max_tile_outputs=4, router_fifo_depth=2)   # 64 words
 #: A dense MAC tile of 2 outputs over 2 words: weights at words 0..3, activation banks at 4..7.
 _SPEC_TILE = TileConfig(n_in_words=2, store_end=2, n_out=2, w_base=0, act_base=4, dest_host=1, clamp_lo=-128,
                         clamp_hi=127, in_height=1, in_width=1, words_per_pixel=2, kernel_h=1, kernel_w=1, stride=1,

@@ -22,7 +22,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.emulator import EmulatorError, emulate, run_functional
 from flowtile.emulator import timing
 from flowtile.emulator.path import trace_data_path
@@ -479,7 +479,7 @@ def check_all_context_tiles(program, result):
 # --- (a) data -------------------------------------------------------------------------------------------------------
 
 def _dense_chain(rng, lanes=4, layers=4):
-    arch = Arch(rows=2, cols=3, lanes=lanes, sram_bytes=lanes * 4096, router_fifo_depth=2)
+    arch = lean_arch(rows=2, cols=3, lanes=lanes, sram_bytes=lanes * 4096, router_fifo_depth=2)
     width = int(rng.integers(2, 3 * lanes))
     built = []
     for _ in range(layers):
@@ -582,7 +582,7 @@ def test_short_first_queue_is_refused_and_a_whole_one_runs():
     runs, equal to the reference."""
     rng = np.random.default_rng(5)
     lanes, depth = 4, 2
-    arch = Arch(rows=1, cols=3, lanes=lanes, sram_bytes=lanes * 4096, router_fifo_depth=depth)
+    arch = lean_arch(rows=1, cols=3, lanes=lanes, sram_bytes=lanes * 4096, router_fifo_depth=depth)
     first = random_layer(rng, 6 * lanes, 2 * lanes, 2)        # over two tiles: the first forwards its 6 input words
     layers = [first, random_layer(rng, 2 * lanes, 5, 1)]
     program = build_program(arch, layers, act_fill=rng, queue_words=8)
@@ -682,8 +682,8 @@ def test_compiled_network_in_contexts(compiled_models, name, rows, cols, context
     small = dict(lanes=8, sram_bytes=8192, max_tile_outputs=64, result_ring_words=ring)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = compile_model(model, Arch(rows=rows, cols=cols, tile_contexts=contexts, **small), replicas=1)
-        alone = compile_model(model, Arch(rows=4, cols=4, **small), replicas=1)
+        program = compile_model(model, lean_arch(rows=rows, cols=cols, tile_contexts=contexts, **small), replicas=1)
+        alone = compile_model(model, lean_arch(rows=4, cols=4, **small), replicas=1)
     assert any(tile.later_contexts for tile in program.tiles)
     batch = len(x)
     _, flits = input_flits(program, x)
@@ -817,7 +817,7 @@ def test_contexts_on_several_chips(compiled_models, topology, error_rate):
     from flowtile.compiler import compile_model, import_onnx, lower_layers, reference_forward
     from flowtile.host import input_flits, outputs_from_flits, quantize
     model, x = compiled_models["resnet"]
-    arch = Arch(rows=1, cols=2, chips=2, chip_topology=topology, tile_contexts=4, lanes=8, sram_bytes=8192,
+    arch = lean_arch(rows=1, cols=2, chips=2, chip_topology=topology, tile_contexts=4, lanes=8, sram_bytes=8192,
                 max_tile_outputs=64, result_ring_words=16, link_error_rate=error_rate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -847,7 +847,7 @@ def test_context_weights_overlapping_its_banks(where, shift):
     the times, and the reference, which refuses a race, agree."""
     rng = np.random.default_rng(25)
     lanes = 4
-    arch = Arch(rows=1, cols=2, lanes=lanes, sram_bytes=lanes * 1024, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=lanes, sram_bytes=lanes * 1024, router_fifo_depth=2)
     layers = [random_layer(rng, 8, 8, 1), random_layer(rng, 8, 4, 1)]
     packed = pack_contexts(build_program(arch, layers, act_fill=rng, queue_words=8), [2])
     tile = packed.tiles[0]

@@ -19,7 +19,7 @@ import pytest
 from amaranth.lib.crc import catalog
 from amaranth.sim import Simulator
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.emulator.link_faults import LINK_COUNTERS, ChannelFlips, simulate_link
 from flowtile.hdl.link import Link
 from flowtile.link_format import LaneSegment, flit_lanes
@@ -28,7 +28,7 @@ from flowtile.link_faults import (CRC16_IBM_3740, CRC32_ISO_HDLC, crc_compute, l
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used")]
 
-ARCH = Arch(rows=2, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4)
+ARCH = lean_arch(rows=2, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4)
 SMALL = dict(bits=4, frame_flits=4, credit_frames=4, replay_frames=4, latency=6)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.emulator import DeadlockError, EmulatorError, WatchdogError, emulate
 from flowtile.emulator.timing import next_message, solve_timing, timing_graph
 from flowtile.host import HostPattern, pack_flits
@@ -69,9 +70,9 @@ def networks(layers, chips, rows=1, cols=2, *, lanes=4, depth=4, queue=None, inp
     of ceil(64 / lanes) words (the parameter table's depth, which was the ring's before it had its own field)."""
     common = dict(lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64, result_ring_words=-(-64 // lanes),
                   router_fifo_depth=depth)
-    line = Arch(rows=1, cols=chips * rows * cols, **common)
+    line = lean_arch(rows=1, cols=chips * rows * cols, **common)
     single = build_program(line, layers, input_shape=input_shape, queue_words=queue)
-    return on_chips(single, Arch(rows=rows, cols=cols, chips=chips, **common, **link), segments), single
+    return on_chips(single, lean_arch(rows=rows, cols=cols, chips=chips, **common, **link), segments), single
 
 
 def dense(rng, n_in, n_out, tiles=1, shift=None):

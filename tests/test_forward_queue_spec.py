@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from flowtile.arch import OP_MAC, Arch, ArchError
+from flowtile.testing.archs import lean_arch
 from flowtile.tile_config import ConfigError, TileConfig
 from flowtile.testing.program_builder import Dense, build_program
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256)   # 64 SRAM words
+ARCH = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=256)   # 64 SRAM words
 
 #: A computing dense tile: 4 input words, all stored (banks [20, 28)), 2 outputs (weights [0, 8)), forwarding its
 #: input (4 queued words).
@@ -70,18 +71,18 @@ def test_forward_queue_words_is_gone_with_a_clear_error(tmp_path):
 
 
 def test_result_ring_depth_is_its_own_field():
-    assert Arch(max_tile_outputs=16).result_words == Arch().result_ring_words == 1024
-    assert Arch(result_ring_words=3).result_words == 3
-    assert Arch(max_tile_outputs=20, lanes=8).param_rows_per_lane == 3
+    assert lean_arch(max_tile_outputs=16).result_words == lean_arch().result_ring_words == 1024
+    assert lean_arch(result_ring_words=3).result_words == 3
+    assert lean_arch(max_tile_outputs=20, lanes=8).param_rows_per_lane == 3
     with pytest.raises(ArchError, match=r"arch field 'result_ring_words' = 0 is invalid: must be in 1\.\.65536"):
-        Arch(result_ring_words=0)
+        lean_arch(result_ring_words=0)
 
 
 def test_program_builder_queues():
     rng = np.random.default_rng(0)
     layers = [Dense(rng.integers(-128, 128, (8, 16), dtype=np.int8), rng.integers(-99, 99, 8), 1 << 30, 40, 0,
                     -128, 127, 2)]
-    arch = Arch(rows=1, cols=3, lanes=4, sram_bytes=1024)
+    arch = lean_arch(rows=1, cols=3, lanes=4, sram_bytes=1024)
     deep = build_program(arch, layers)
     shallow = build_program(arch, layers, queue_words=2)
     for tile in deep.tiles:
@@ -92,7 +93,7 @@ def test_program_builder_queues():
 
 def test_compiler_gives_every_tile_its_free_sram():
     from flowtile.compiler import compile_model
-    program = compile_model(str(ROOT / "models" / "digits_cnn.onnx"), Arch(rows=4, cols=4))
+    program = compile_model(str(ROOT / "models" / "digits_cnn.onnx"), lean_arch(rows=4, cols=4))
     queued = [t.config for t in program.tiles if t.config.queued_words]
     assert queued
     for c in queued:
@@ -105,9 +106,9 @@ def test_deep_queues_where_the_sram_allows():
     estimate; on 32 KiB tiles some cannot, and the report says so."""
     from flowtile.compiler import compile_model, int8_model, report
     model = int8_model(ROOT / "models" / "public" / "mlperf_resnet8_qdq.onnx")
-    roomy = compile_model(model, Arch(sram_bytes=65536).with_grid("8x8"))
+    roomy = compile_model(model, lean_arch(sram_bytes=65536).with_grid("8x8"))
     assert all(t.config.queued_words <= t.config.queue_words for t in roomy.tiles if t.config.n_out)
     assert "cannot take a whole inference in" not in report(roomy)
-    tight = compile_model(model, Arch().with_grid("8x8"))
+    tight = compile_model(model, lean_arch().with_grid("8x8"))
     assert re.search(r"\d+ tile\(s\) forward and pass more words per inference than their forward queue",
                      report(tight))

@@ -12,6 +12,7 @@ from amaranth.sim import Simulator
 
 from flowtile.arch import (ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_MAC, Arch, dense_window_registers,
                            stream_registers)
+from flowtile.testing.archs import lean_arch
 from flowtile.hdl.chip import TILE_MODULE_NAME, Chip
 from flowtile.hdl.tile import Tile
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, encode_config,
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
 
-ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=8, result_ring_words=2, router_fifo_depth=2)
+ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=8, result_ring_words=2, router_fifo_depth=2)
 #: Also a row (exit by E, eastward hops) and a column (southward hops, exit by E since rows is odd).
 GRIDS = [(2, 2), (1, 3), (3, 1)]
 N_IN, N_OUT = 7, 6
@@ -396,7 +397,7 @@ def test_convolution_split_over_bands_and_output_channel_groups(rows, cols, spli
     assert cycles == sorted(set(cycles))
 
 
-TINY = Arch(rows=1, cols=2, lanes=2, sram_bytes=32, max_tile_outputs=2, result_ring_words=1)
+TINY = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=32, max_tile_outputs=2, result_ring_words=1)
 
 
 def test_chip_verilog_names_the_module_and_ports():
@@ -481,7 +482,7 @@ def test_tile_rejects_a_non_arch():
 
 @pytest.mark.parametrize("lanes", [1, 8, 16])
 def test_layout_widths_and_flat_packing_match_amaranth(lanes):
-    arch = Arch(rows=3, cols=5, lanes=lanes)
+    arch = lean_arch(rows=3, cols=5, lanes=lanes)
     assert flit_layout(arch).size == 8 * lanes + arch.row_bits + arch.col_bits + 1
     assert load_data_bits(arch) == max(8 * lanes, 69)
     assert param_layout().size == 69

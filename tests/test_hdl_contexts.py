@@ -22,6 +22,7 @@ from amaranth.lib import data
 from amaranth.sim import Simulator
 
 from flowtile.arch import CONFIG_FIELDS, OP_BCAST, OP_LANE, OP_MAC, OP_MAX, Arch, index_bits
+from flowtile.testing.archs import lean_arch
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                                   config_layout, encode_config, encode_param_entry, load_context_bits, load_layout,
                                   pack_lanes, pack_load, param_layout, unpack_lanes)
@@ -40,7 +41,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
 LANES = 4
-ARCH = Arch(rows=1, cols=2, lanes=LANES, sram_bytes=1024, max_tile_outputs=32, result_ring_words=3,
+ARCH = lean_arch(rows=1, cols=2, lanes=LANES, sram_bytes=1024, max_tile_outputs=32, result_ring_words=3,
             router_fifo_depth=2, tile_contexts=3)
 TILE = 1
 DEST = {"dest_row": 0, "dest_col": 0, "dest_host": 1}
@@ -67,10 +68,10 @@ def test_load_layout_context_field():
     ``index_bits(tile_contexts)`` wide, no other field moved; pack_load packs it and refuses a context outside the
     arch."""
     for chips in (1, 3):
-        one = load_layout(Arch(chips=chips))
+        one = load_layout(lean_arch(chips=chips))
         assert [name for name, _ in one] == ["tile", "target", "addr", "data", "chip"]
         for contexts in (2, 3, 4, 5, 16):
-            arch = Arch(chips=chips, tile_contexts=contexts)
+            arch = lean_arch(chips=chips, tile_contexts=contexts)
             layout = load_layout(arch)
             assert [name for name, _ in layout] == ["tile", "target", "addr", "data", "chip", "context"]
             assert load_context_bits(arch) == index_bits(contexts) == layout["context"].shape.width
@@ -85,7 +86,7 @@ def test_load_layout_context_field():
             with pytest.raises(LoadEncodingError, match=rf"'context' = {contexts} is out of range 0..{contexts - 1}"):
                 pack_load(arch, 0, LOAD_TARGET_CONFIG, 0, 0, context=contexts)
     with pytest.raises(LoadEncodingError, match=r"'context' = 1 is out of range 0..0"):
-        pack_load(Arch(), 0, LOAD_TARGET_CONFIG, 0, 0, context=1)
+        pack_load(lean_arch(), 0, LOAD_TARGET_CONFIG, 0, 0, context=1)
 
 
 @pytest.mark.parametrize("contexts", [2, 3])
@@ -1020,7 +1021,7 @@ def test_window_plans_run_contexts_back_to_back():
 
 # --- one context: the design of before ----------------------------------------------------------------------------
 
-#: The ports of ``Tile(Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3,
+#: The ports of ``Tile(lean_arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3,
 #: router_fifo_depth=2))`` in its Verilog, as they were before contexts existed: (direction, width, name).
 PORTS_BEFORE_CONTEXTS = sorted([
     ("input", 1, "clk"), ("input", 1, "rst"), ("input", 1, "row"), ("input", 1, "col"), ("input", 1, "run"),
@@ -1046,7 +1047,7 @@ def test_one_context_tile_has_the_ports_of_before():
     """tile_contexts = 1 elaborates a Tile with exactly the Verilog ports it had before contexts (the load payload
     without a context field); 2 contexts add one load-payload bit and nothing else. The PE's sides of one context
     have no context members."""
-    arch = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3, router_fifo_depth=2)
+    arch = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3, router_fifo_depth=2)
     assert verilog_ports(verilog.convert(Tile(arch), name="tile"), "tile") == PORTS_BEFORE_CONTEXTS
     two = verilog_ports(verilog.convert(Tile(arch.replace(tile_contexts=2)), name="tile"), "tile")
     assert two == sorted((d, w + (n == "load__payload"), n) for d, w, n in PORTS_BEFORE_CONTEXTS)
@@ -1069,7 +1070,7 @@ def test_tile_of_contexts_lints_clean(tmp_path):
     waivers = ["-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "-Wno-CMPCONST", "-Wno-UNSIGNED", "-Wno-PROCASSINIT",
                "-Wno-DECLFILENAME", "-Wno-UNUSEDSIGNAL"]
     path = tmp_path / "tile.v"
-    path.write_text(tile_verilog(Arch(rows=2, cols=3, lanes=4, sram_bytes=2048, tile_contexts=3), "tile"))
+    path.write_text(tile_verilog(lean_arch(rows=2, cols=3, lanes=4, sram_bytes=2048, tile_contexts=3), "tile"))
     result = subprocess.run([verilator, "--lint-only", "-Wall", *waivers, "--top-module", "tile", str(path)],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-4000:]

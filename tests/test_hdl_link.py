@@ -21,6 +21,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from flowtile.arch import Arch, ArchError
+from flowtile.testing.archs import lean_arch
 from flowtile.hdl.link import (FRAME_CRC, MESSAGE_CRC, Deserializer, LaneSequencer, Link, LinkChannel, LinkFormat,
                                LinkRx, LinkTx, Serializer, lane_table_layout, lfsr_seed, lfsr_step, lfsr_step_matrix,
                                ret_seed)
@@ -32,9 +33,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
 #: A small chip: 19-bit flits (16 data + row + col + host).
-ARCH = Arch(rows=2, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4)
+ARCH = lean_arch(rows=2, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4)
 #: Eight lanes (67-bit flits): lane tables with up to 8 lanes a flit.
-ARCH8 = Arch(rows=1, cols=2, lanes=8, sram_bytes=64, max_tile_outputs=8)
+ARCH8 = lean_arch(rows=1, cols=2, lanes=8, sram_bytes=64, max_tile_outputs=8)
 SMALL = dict(bits=4, frame_flits=4, credit_frames=4, replay_frames=4, latency=6)
 
 
@@ -345,9 +346,9 @@ def test_format_round_trip_and_geometry():
     assert not fmt.decode_message(msg ^ 2)[0]
     # Defaults: flit 69 bits of which 64 data cross, 4 wire bits, frames of 16 flits (128 bytes); seq_bits =
     # ceil(log2(2 * (8 + 8))) = 5, count_bits = ceil(log2(128)) = 7.
-    default = LinkFormat(Arch())
+    default = LinkFormat(lean_arch())
     assert (default.bits, default.frame_flits, default.credit_frames, default.replay_frames) == (4, 16, 8, 8)
-    assert (Arch().flit_bits, default.flit_data_bits, default.seq_bits, default.count_bits) == (69, 64, 5, 7)
+    assert (lean_arch().flit_bits, default.flit_data_bits, default.seq_bits, default.count_bits) == (69, 64, 5, 7)
     assert default.payload_bits == 5 + 7 + 16 * 64 == 1036
     assert default.frame_beats == -(-1036 // 4) + 32 // 4 == 267
     # data is 16 * 64 of the frame's 267 * 4 wire bits: 95.9% (frames of 4 whole 69-bit flits: 4 * 64 of 79 * 4, 81.0%)
@@ -499,7 +500,7 @@ def test_lost_nak_recovered_by_timeout():
 
 # --- one run at the defaults ----------------------------------------------------------------------------------------
 def test_defaults_with_errors():
-    arch = Arch(link_error_rate=0.0005, link_error_seed=7)
+    arch = lean_arch(link_error_rate=0.0005, link_error_seed=7)
     dut = Link(arch)
     fmt = dut.format
     assert (fmt.bits, dut.fwd.latency, fmt.frame_flits, fmt.frame_beats) == (4, 64, 16, 267)
@@ -512,7 +513,7 @@ def test_defaults_with_errors():
 # --- static framing, the run gate and the timing contract (flowtile/link_format.py) ----------------------------------
 def test_format_is_the_spec_geometry():
     """Every geometry number comes from flowtile.link_format.LinkGeometry; the CRCs have the spec's widths."""
-    for arch, kwargs in ((ARCH, SMALL), (Arch(), {}), (ARCH, dict(bits=1, frame_flits=1, credit_frames=2,
+    for arch, kwargs in ((ARCH, SMALL), (lean_arch(), {}), (ARCH, dict(bits=1, frame_flits=1, credit_frames=2,
                                                                     replay_frames=3, latency=4))):
         fmt = LinkFormat(arch, **kwargs)
         geometry = LinkGeometry(arch, **kwargs)
@@ -694,7 +695,7 @@ def random_table(rng, lanes, limit=None, max_flits=12):
 def test_lane_table_layout_is_the_spec_encoding():
     """Entry s of the table port holds encode_lane_segment of segment s (flits [0,24), period [24,40), last_lanes
     from 40), entry s from bit s * entry size."""
-    for arch in (ARCH, ARCH8, Arch(lanes=1, sram_bytes=1024), Arch(lanes=32)):
+    for arch in (ARCH, ARCH8, lean_arch(lanes=1, sram_bytes=1024), lean_arch(lanes=32)):
         layout = lane_table_layout(arch)
         entry = layout.elem_shape
         assert layout.length == LINK_LANE_SEGMENTS
@@ -949,27 +950,27 @@ def test_component_validation(make, error, message):
 ])
 def test_arch_link_field_validation(changes, message):
     with pytest.raises(ArchError) as info:
-        Arch(**changes)
+        lean_arch(**changes)
     assert message in str(info.value)
 
 
 def test_with_bursts_any_error_rate_is_representable():
-    assert Arch(link_error_rate=1e-7, link_burst_cycles=8).link_error_rate == 1e-7
+    assert lean_arch(link_error_rate=1e-7, link_burst_cycles=8).link_error_rate == 1e-7
 
 
 def test_arch_link_defaults_and_old_programs():
-    arch = Arch()
+    arch = lean_arch()
     assert (arch.chips, arch.chip_topology, arch.link_latency_cycles, arch.link_error_rate) == (1, "line", 64, 0.0)
     assert arch.link_bits_per_cycle is None and arch.link_bits == arch.flit_bits // 16 == 4
-    assert Arch(lanes=1, sram_bytes=1024).link_bits == 1   # 13-bit flits
-    assert Arch(lanes=32).link_bits == (256 + 2 + 2 + 1) // 16
-    assert Arch(link_bits_per_cycle=7).link_bits == 7
-    assert Arch(chips=3, chip_topology="ring").chip_topology == "ring"
+    assert lean_arch(lanes=1, sram_bytes=1024).link_bits == 1   # 13-bit flits
+    assert lean_arch(lanes=32).link_bits == (256 + 2 + 2 + 1) // 16
+    assert lean_arch(link_bits_per_cycle=7).link_bits == 7
+    assert lean_arch(chips=3, chip_topology="ring").chip_topology == "ring"
     # A program.json arch written before these fields existed loads with the defaults.
     old = {"rows": 4, "cols": 4, "lanes": 8, "sram_bytes": 32768, "max_tile_outputs": 512, "router_fifo_depth": 4,
            "host_buffer_flits": 65536}
-    assert Arch.from_dict(old) == Arch()
-    assert Arch.from_dict(Arch(chips=2, link_error_rate=0.01).to_dict()) == Arch(chips=2, link_error_rate=0.01)
+    assert Arch.from_dict(old) == Arch(sram_bytes=32768)
+    assert Arch.from_dict(lean_arch(chips=2, link_error_rate=0.01).to_dict()) == lean_arch(chips=2, link_error_rate=0.01)
 
 
 def test_converts_to_rtlil():

@@ -20,6 +20,7 @@ from amaranth.sim import Simulator
 from flowtile.arch import (ACTIVATION_BANKS, ADD_MULT_MAX, CONFIG_FIELDS, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC,
                            OP_MAX, Arch,
                            dense_window_registers, stream_registers)
+from flowtile.testing.archs import lean_arch
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, LoadEncodingError,
                          config_field_index, encode_config, encode_config_value, encode_param_entry, pack_lanes,
                          unpack_lanes)
@@ -37,7 +38,7 @@ def shift_round_half_even(value, shift):
     half = 1 << (shift - 1)
     return quotient + ((remainder > half) | ((remainder == half) & ((quotient & 1) == 1)))
 
-ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3, router_fifo_depth=2)
+ARCH = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3, router_fifo_depth=2)
 TILE = 1          # the PE under test; loads for tile 0 must not reach it
 DEST = {"dest_row": 0, "dest_col": 0, "dest_host": 1}
 

@@ -13,6 +13,7 @@ from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
 from flowtile.arch import CONFIG_FIELDS, OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.hdl.layouts import (LOAD_TARGET_CONFIG, LOAD_TARGET_PARAMS, LOAD_TARGET_SRAM, config_layout,
                                   load_data_bits, param_layout)
 from flowtile.arch import COMPUTE_DRAIN_CYCLES
@@ -28,7 +29,7 @@ from flowtile.hdl.pe_ring import ResultRing
 pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
-ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3, router_fifo_depth=2)
+ARCH = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=12, result_ring_words=3, router_fifo_depth=2)
 LANES = ARCH.lanes
 SRAM_BITS = (ARCH.sram_words - 1).bit_length()
 WORD_MASK = (1 << ARCH.flit_data_bits) - 1

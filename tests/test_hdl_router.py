@@ -6,6 +6,7 @@ from amaranth.lib.wiring import In
 from amaranth.sim import Simulator
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.hdl.layouts import flit_layout
 from flowtile.hdl.router import PORT_ORDER, Router, route_direction
 
@@ -13,7 +14,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
               pytest.mark.usefixtures("collect_unused_components")]
 
 
-ARCH = Arch(rows=3, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4, router_fifo_depth=2)
+ARCH = lean_arch(rows=3, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4, router_fifo_depth=2)
 CENTRE = (1, 1)
 
 
@@ -50,7 +51,7 @@ def test_golden_xy_route_examples():
     assert route_direction(ARCH, 1, 1, 1, 1, 0) == "L"
     assert route_direction(ARCH, 1, 1, 0, 0, 1) == "E"
     assert route_direction(ARCH, 2, 2, 0, 0, 1) == "E"
-    assert route_direction(Arch(rows=2, cols=2), 1, 0, 0, 0, 1) == "W"
+    assert route_direction(lean_arch(rows=2, cols=2), 1, 0, 0, 0, 1) == "W"
 
 
 def test_random_traffic_with_stalls_is_routed_in_order_without_loss():
@@ -174,9 +175,9 @@ def test_round_robin_order_starts_at_l_and_moves_past_the_granted_input():
     assert grants == [0, 1, 2, 3, 4, 16, 17, 18, 19, 20]
 
 
-@pytest.mark.parametrize("arch", [Arch(rows=3, cols=4, lanes=2, sram_bytes=64, max_tile_outputs=4),
-                                  Arch(rows=4, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4),
-                                  Arch(rows=1, cols=5, lanes=2, sram_bytes=64, max_tile_outputs=4)],
+@pytest.mark.parametrize("arch", [lean_arch(rows=3, cols=4, lanes=2, sram_bytes=64, max_tile_outputs=4),
+                                  lean_arch(rows=4, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4),
+                                  lean_arch(rows=1, cols=5, lanes=2, sram_bytes=64, max_tile_outputs=4)],
                          ids=["3x4", "4x3", "1x5"])
 def test_position_ports_route_like_the_golden_model_at_every_position(arch):
     """One router stands in for every tile: each destination's flit waits at the head of the L FIFO

@@ -12,6 +12,7 @@ from amaranth.hdl import Fragment, Instance
 from amaranth.sim import Simulator
 
 from flowtile.arch import CONFIG_FIELDS, Arch, index_bits
+from flowtile.testing.archs import lean_arch
 from flowtile.hdl.chip import TILE_MODULE_NAME
 from flowtile.hdl.layouts import (LINK_INFERENCE_FLITS_BITS, LINK_REG_LANE_SEGMENT0, LOAD_TARGET_CONFIG,
                                   LOAD_TARGET_LINK, LoadEncodingError, encode_config, load_chip_bits, load_layout,
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
 
 #: Two chips of 1x2 tiles with 19-bit flits (16 data bits cross a link); an 8-bit link wire (13-beat frames, 3-beat
 #: messages), small credit and replay windows so that both bind.
-ARCH = Arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, router_fifo_depth=2,
+ARCH = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, router_fifo_depth=2,
             chips=2, link_bits_per_cycle=8, link_latency_cycles=3, link_frame_flits=4, link_credit_frames=2,
             link_replay_frames=2)
 
@@ -216,7 +217,7 @@ def test_lane_tables_on_the_links():
 # --- the load bus: chip field and link registers ------------------------------------------------------------------
 def test_load_layout_chip_field_is_on_top_and_moves_nothing():
     for chips in (1, 2, 3, 5, 256):
-        arch = Arch(rows=3, cols=5, lanes=4, chips=chips)
+        arch = lean_arch(rows=3, cols=5, lanes=4, chips=chips)
         layout = load_layout(arch)
         assert [name for name, _ in layout] == ["tile", "target", "addr", "data", "chip"]
         assert load_chip_bits(arch) == index_bits(chips) == layout["chip"].shape.width
@@ -224,7 +225,7 @@ def test_load_layout_chip_field_is_on_top_and_moves_nothing():
         assert (layout["tile"].offset, layout["target"].offset, layout["addr"].offset, layout["data"].offset) == \
             (0, 4, 6, 22)
         assert layout.size == 22 + 69 + index_bits(chips)
-    arch = Arch(chips=3)
+    arch = lean_arch(chips=3)
     word = pack_load(arch, tile=5, target=LOAD_TARGET_LINK, addr=0, data=9, chip=2)
     assert word >> load_layout(arch)["chip"].offset == 2
     assert pack_link_load(arch, 1, 1234) == pack_load(arch, 0, LOAD_TARGET_LINK, 0, 1234, chip=1)
@@ -233,11 +234,11 @@ def test_load_layout_chip_field_is_on_top_and_moves_nothing():
 
 
 @pytest.mark.parametrize("arch, chip, flits, message", [
-    (Arch(chips=3), 2, 5, "'link chip' = 2 is out of range 0..1"),
-    (Arch(chips=3, chip_topology="ring"), 3, 5, "'link chip' = 3 is out of range 0..2"),
-    (Arch(chips=2), 0, 1 << LINK_INFERENCE_FLITS_BITS, "'link register inference_flits' = 16777216 is out of range"),
-    (Arch(chips=2), 0, -1, "'link register inference_flits' = -1 is out of range"),
-    (Arch(), 0, 5, "arch has 1 chip, so no link to load"),
+    (lean_arch(chips=3), 2, 5, "'link chip' = 2 is out of range 0..1"),
+    (lean_arch(chips=3, chip_topology="ring"), 3, 5, "'link chip' = 3 is out of range 0..2"),
+    (lean_arch(chips=2), 0, 1 << LINK_INFERENCE_FLITS_BITS, "'link register inference_flits' = 16777216 is out of range"),
+    (lean_arch(chips=2), 0, -1, "'link register inference_flits' = -1 is out of range"),
+    (lean_arch(), 0, 5, "arch has 1 chip, so no link to load"),
 ])
 def test_pack_link_load_rejects_what_does_not_fit(arch, chip, flits, message):
     with pytest.raises(LoadEncodingError, match=re.escape(message)):
@@ -340,7 +341,7 @@ def test_instance_form_has_one_link_instance_per_link():
 
 @pytest.fixture(scope="module")
 def three_chip_verilog():
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, chips=3,
+    arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, chips=3,
                 link_latency_cycles=2, link_error_rate=0.01)
     return arch, system_verilog(arch, quiet=True)
 

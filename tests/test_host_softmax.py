@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from flowtile import cli
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import CompileError, compile_model, int8_model, report
 from flowtile.host import apply_post, dequantize
 from flowtile.program import FORMAT_VERSION, Program, TensorSpec
@@ -112,7 +112,7 @@ def test_mlp_softmax_on_host(tmp_path, seed, widths, uint8, keep_qdq):
     rng = np.random.default_rng(seed)
     model = quantized(tmp_path, float_mlp_softmax(rng, widths),
                       rng.standard_normal((64, widths[0])).astype(np.float32), uint8=uint8, keep_softmax_qdq=keep_qdq)
-    program = compile_model(model, Arch())
+    program = compile_model(model, lean_arch())
     spec = program.output
     assert spec.post == "softmax" and spec.post_axis == 1 and (spec.post_quant is not None) == keep_qdq
     assert spec.name != spec.post_name and spec.post_name == model.graph.output[0].name
@@ -125,7 +125,7 @@ def test_mlp_softmax_on_host(tmp_path, seed, widths, uint8, keep_qdq):
 def test_cnn_softmax_on_host(tmp_path):
     rng = np.random.default_rng(5)
     model = quantized(tmp_path, float_cnn_softmax(rng, (2, 6, 6), 4, 5), rng.standard_normal((32, 2, 6, 6)).astype(np.float32))
-    program = compile_model(model, Arch())
+    program = compile_model(model, lean_arch())
     x = np.random.default_rng(6).standard_normal((8, 2, 6, 6)).astype(np.float32)
     check_against_onnxruntime(model, program, x)
 
@@ -135,7 +135,7 @@ def test_float_model_with_softmax_compiles(tmp_path):
     rng = np.random.default_rng(8)
     calibration = rng.standard_normal((64, 12)).astype(np.float32)
     model = int8_model(float_mlp_softmax(rng, [12, 8, 4]), calibration)
-    program = compile_model(model, Arch())
+    program = compile_model(model, lean_arch())
     assert program.output.post == "softmax"
     check_against_onnxruntime(model, program, rng.standard_normal((10, 12)).astype(np.float32))
 
@@ -143,7 +143,7 @@ def test_float_model_with_softmax_compiles(tmp_path):
 def test_program_round_trip_and_report(tmp_path):
     rng = np.random.default_rng(3)
     model = quantized(tmp_path, float_mlp_softmax(rng, [10, 6]), rng.standard_normal((32, 10)).astype(np.float32))
-    program = compile_model(model, Arch())
+    program = compile_model(model, lean_arch())
     text = report(program)
     assert "Softmax" in text and "host" in text and program.output.post_name in text
     program.save(tmp_path / "prog")
@@ -161,7 +161,7 @@ def test_softmax_not_last_is_refused(tmp_path):
     model = quantized(tmp_path, float_mlp_softmax(rng, [8, 6], after=("Gemm",)),
                       rng.standard_normal((32, 8)).astype(np.float32))
     with pytest.raises(CompileError, match=r"node 'softmax' \(Softmax\) is not the network's last op"):
-        compile_model(model, Arch())
+        compile_model(model, lean_arch())
 
 
 def test_softmax_axis_over_batch_is_refused(tmp_path):
@@ -170,7 +170,7 @@ def test_softmax_axis_over_batch_is_refused(tmp_path):
     next(n for n in model.graph.node if n.op_type == "Softmax").attribute[0].i = 0
     model = quantized(tmp_path, model, rng.standard_normal((32, 8)).astype(np.float32))
     with pytest.raises(CompileError, match=r"node 'softmax' \(Softmax\): attribute 'axis' = 0 is unsupported"):
-        compile_model(model, Arch())
+        compile_model(model, lean_arch())
 
 
 def test_cli_run_with_host_softmax(tmp_path, capsys):

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from flowtile.arch import CONFIG_FIELDS, OP_BCAST, OP_LANE, OP_MAC, OP_MAX, Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import CompileError, compile_model, import_onnx, int8_model, lower_layers
 from flowtile.emulator import emulate
 from flowtile.tile_config import ConfigError, TileConfig
@@ -23,7 +24,7 @@ from flowtile.testing.random_models import quantize_qdq
 from test_compiler import check_windowed_program
 
 #: The small grid the RTL tests run on (one Verilator build for all of them).
-RTL_ARCH = Arch(rows=2, cols=2)
+RTL_ARCH = lean_arch(rows=2, cols=2)
 
 
 def float_model(rng, input_shape, ops, *, opset=17) -> onnx.ModelProto:
@@ -123,7 +124,7 @@ def test_window_registers_are_8_bits():
          out_width=1, stride=1),       # a global pool over the whole 49x10 map
 ])
 def test_tile_config_accepts_large_windows(changes):
-    _window_tile(**changes).validate(Arch())
+    _window_tile(**changes).validate(lean_arch())
 
 
 @pytest.mark.parametrize("changes, pattern", [
@@ -136,13 +137,13 @@ def test_tile_config_accepts_large_windows(changes):
 ])
 def test_tile_config_rejects_beyond_the_widened_ranges(changes, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        _window_tile(**changes).validate(Arch())
+        _window_tile(**changes).validate(lean_arch())
 
 
 def test_load_encoding_carries_wide_pads():
     from flowtile.hdl.layouts import config_field_index, encode_config
     tile = _window_tile(op=OP_MAX, pad_value=-128, pad_top=200, pad_left=131, kernel_h=201, kernel_w=132)
-    encoded = dict(encode_config(Arch(), tile))
+    encoded = dict(encode_config(lean_arch(), tile))
     assert [encoded[config_field_index(name)] for name in ("pad_top", "pad_left", "kernel_h", "kernel_w")] == \
         [200, 131, 201, 132]
 
@@ -209,7 +210,7 @@ def test_ds_cnn_stem_10x4_stride2(tmp_path, kind, stem_outputs, layout):
     w = layers[0].window
     assert (w.kernel_h, w.kernel_w, w.stride, w.pad_top, w.pad_left, w.out_height, w.out_width) == (10, 4, 2, 4, 1,
                                                                                                     25, 5)
-    program = compiled(tmp_path, model, Arch())
+    program = compiled(tmp_path, model, lean_arch())
     assert program.input.layout == layout
     conv = program.tiles[:len(program.layers[0].tiles)]
     if layout == "dense":   # the graph input's one channel packed 8 a word (section 4.5)
@@ -237,7 +238,7 @@ def test_large_pools_on_an_8x8_map(tmp_path, pool, op):
     assert layers[1].op == op
     if op == "GlobalAveragePool":
         assert (layers[1].window.kernel_h, layers[1].window.kernel_w, layers[1].window.out_height) == (8, 8, 1)
-    program = compiled(tmp_path, model, Arch())
+    program = compiled(tmp_path, model, lean_arch())
     emulator_vs_onnxruntime(program, model, rng.standard_normal((6, 3, 8, 8)).astype(np.float32))
 
 
@@ -248,7 +249,7 @@ def test_9x9_convolution(tmp_path, kind):
            ("conv", 4, (9, 7), 2, [8, 0, 0, 6]), ("relu",), ("flatten",), ("gemm", 5)]
     calibration = rng.standard_normal((16, 2, 12, 12)).astype(np.float32)
     model = int8(tmp_path, float_model(rng, (2, 12, 12), ops), calibration, kind)
-    program = compiled(tmp_path, model, Arch(), pack_input=False)
+    program = compiled(tmp_path, model, lean_arch(), pack_input=False)
     big = program.tiles[len(program.layers[0].tiles):][:len(program.layers[1].tiles)]
     assert {(t.config.kernel_h, t.config.kernel_w) for t in big} == {(9, 9)}
     emulator_vs_onnxruntime(program, model, rng.standard_normal((4, 2, 12, 12)).astype(np.float32))

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.emulator import emulate
 from flowtile.testing.measure import settled, steady_state
 from flowtile.testing.program_builder import Dense, build_program
@@ -34,7 +34,7 @@ def test_a_small_pipeline_settles_at_its_interval():
                     -128, 127, 2),
               Dense(rng.integers(-128, 128, (8, 16), dtype=np.int8), rng.integers(-99, 99, 8), 1 << 30, 40, 0,
                     -128, 127, 1)]
-    arch = Arch(rows=1, cols=4, lanes=8)
+    arch = lean_arch(rows=1, cols=4, lanes=8)
     program = build_program(arch, layers)
     batch = 32
     flits = rng.integers(-128, 128, (batch * program.input_words, arch.lanes), dtype=np.int8)

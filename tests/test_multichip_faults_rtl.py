@@ -24,6 +24,7 @@ import onnx
 import pytest
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import compile_model
 from flowtile.emulator import emulate
 from flowtile.testing.oracle_checks import input_flits
@@ -65,8 +66,8 @@ def test_faulty_links_rtl_equals_emulator_and_a_clean_run(tmp_path, name, faults
                   link_frame_flits=4)
     common.update(faults)
     model = _mlp(tmp_path)
-    program = compile_model(model, Arch(**common))
-    clean = compile_model(model, Arch(**{**common, "link_error_rate": 0.0, "link_burst_cycles": 1}))
+    program = compile_model(model, lean_arch(**common))
+    clean = compile_model(model, lean_arch(**{**common, "link_error_rate": 0.0, "link_burst_cycles": 1}))
     x = np.random.default_rng(2).standard_normal((8, 24)).astype(np.float32)
     _, flits = input_flits(program, x)
     batch = len(x)

@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import CompileError, compile_model
 from flowtile.testing.oracle_checks import assert_rtl_matches_emulator, emulate_model
 from flowtile.testing.random_models import quantize_qdq, random_float_mlp, random_float_resnet
@@ -50,9 +51,9 @@ def _networks(tmp_path):
 @pytest.mark.parametrize("name, chips, grid, link", SYSTEMS, ids=[s[0] for s in SYSTEMS])
 def test_chips_in_a_line_match_the_emulator_and_one_chip(tmp_path, name, chips, grid, link):
     # rings of 8 words (what max_tile_outputs = 64 gave before the ring had its field): rings that fill
-    arch = Arch(rows=grid[0], cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8,
+    arch = lean_arch(rows=grid[0], cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8,
                 chips=chips, **link)
-    big = Arch(rows=grid[0] * chips, cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8)
+    big = lean_arch(rows=grid[0] * chips, cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8)
     rng = np.random.default_rng(chips)
     for network, model, in_shape in _networks(tmp_path):
         if chips == 4:   # these chips are too small for either network alone
@@ -95,7 +96,7 @@ def test_dense_frames_with_pixel_periods_match_the_emulator():
     assert tables[0] == (LaneSegment(72, 2, 4),)
     link = SYSTEMS[1][3]
     program, _ = networks(layers, 4, 1, 2, lanes=lanes, input_shape=shape, segments=tables, **link)
-    assert program.arch == Arch(rows=1, cols=2, lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8,
+    assert program.arch == lean_arch(rows=1, cols=2, lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8,
                                 chips=4, **link)
     assert program.links[0].inference_flits == 72
     batch = 4

@@ -19,13 +19,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import CompileError, compile_model, int8_model
 from flowtile.compiler.normalize import RULES, TARGET_OPSET, normalize
 from flowtile.oracle import ort_session
 from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime
 
-ARCH = Arch()
+ARCH = lean_arch()
 C, H, W = 2, 8, 8  # the test input map
 N_OUT = 3
 

@@ -47,14 +47,14 @@ from flowtile.compiler import CompileError, compile_model
 from flowtile.compiler.onnx_import import quantize_float_model
 from flowtile.compiler.qoperator import qoperator_to_qdq, symmetric_int8
 from flowtile.emulator import emulate
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.host import input_flits, outputs_from_flits, pack_flits, unpack_flits
 from flowtile.oracle import ort_session
 
 OPS = ("QLinearConv", "ConvInteger", "MaxPool", "AveragePool", "GlobalAveragePool")
 #: Grids tried in order; a case takes the first its layers fit (the 32x32 maps need 4x4: each tile's result
 #: buffer holds 64 words, two output rows of 31 pixels).
-GRIDS = (Arch(rows=2, cols=2), Arch(rows=4, cols=4))
+GRIDS = (lean_arch(rows=2, cols=2), lean_arch(rows=4, cols=4))
 
 # --------------------------------------------------------------------------------------------------
 # the classification: every case name of OPS is in exactly one of these

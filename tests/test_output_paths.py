@@ -98,7 +98,8 @@ def test_compile_replaces_its_own_program_directory_atomically(tmp_path, capsys)
 def test_failed_compile_keeps_the_previous_program(tmp_path, capsys):
     prog = tmp_path / "prog"
     before = compile_digits(prog)
-    refused(capsys, ["compile", DIGITS, "--grid", "1x1", "-o", prog])  # 3 layers do not fit one tile
+    # 3 layers do not fit one tile of one context
+    refused(capsys, ["compile", DIGITS, "--arch", ROOT / "archs" / "lean.toml", "--grid", "1x1", "-o", prog])
     assert snapshot(prog) == before
 
 

@@ -19,6 +19,7 @@ import pytest
 
 import flowtile.compiler.partition as partition
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import compile_model, estimated_interval, int8_model
 from flowtile.testing.measure import steady_state
 from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, emulate_model
@@ -66,7 +67,7 @@ FILLED = {"mlp": (1, 2, 3), "resnet": (1, 3, 4)}
 def test_filling_a_tile_across_a_layer_boundary_is_faster_and_exact(models, name, monkeypatch):
     model, shape = models[name]
     rows, cols, contexts = FILLED[name]
-    arch = Arch(rows=rows, cols=cols, tile_contexts=contexts, **SMALL)
+    arch = lean_arch(rows=rows, cols=cols, tile_contexts=contexts, **SMALL)
     filled, plain = compiled(model, arch, True, monkeypatch), compiled(model, arch, False, monkeypatch)
     assert split_layers_sharing_their_first_tile(filled)
     assert not split_layers_sharing_their_first_tile(plain)
@@ -78,13 +79,13 @@ def test_filling_a_tile_across_a_layer_boundary_is_faster_and_exact(models, name
 
 def test_without_contexts_nothing_changes(models, monkeypatch):
     mlp = models["mlp"][0]
-    arch = Arch(rows=2, cols=4, **SMALL)
+    arch = lean_arch(rows=2, cols=4, **SMALL)
     filled, plain = compiled(mlp, arch, True, monkeypatch), compiled(mlp, arch, False, monkeypatch)
     assert [layer.tiles for layer in filled.layers] == [layer.tiles for layer in plain.layers]
 
 
-@pytest.mark.parametrize("arch", [Arch(tile_contexts=8), Arch.from_toml(ROOT / "archs" / "efficient.toml")],
-                         ids=["default tiles, 8 contexts", "archs/efficient.toml"])
+@pytest.mark.parametrize("arch", [lean_arch(tile_contexts=8), Arch()],
+                         ids=["32 KiB tiles, 8 contexts", "default Arch"])
 def test_fc_autoencoder_on_16_tiles_reaches_90_percent_of_the_mac_bound(arch, monkeypatch):
     """The MLPerf-Tiny FC autoencoder (19 layers: 10 Gemms, 9 BatchNormalizations) on 4x4 tiles with 8 contexts (and
     on the committed preset for such networks): its two 640-input/-output Gemms cut into chunks of 8 outputs, the rest
@@ -125,7 +126,7 @@ def test_the_last_tile_of_a_fork_counts_the_input_it_forwards(two_block_resnet, 
     forwards the layer input as well (a later layer reads it): its output side and its queue were undercounted, and
     these placements packed contexts whose queues did not fit ("queue_words = 80 is less than ..."). They compile now,
     and run as estimated."""
-    arch = Arch(**{**SMALL, **fields})
+    arch = lean_arch(**{**SMALL, **fields})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = compile_model(two_block_resnet, arch, replicas=replicas)
@@ -138,7 +139,7 @@ def test_with_contexts_a_copy_needs_fewer_tiles(monkeypatch):
     layers, so the autoencoder's 19 layers get copies on 8x8 tiles, which it runs faster (estimate) than one copy."""
     from flowtile.compiler.emit import max_copies
     model = int8_model(ROOT / "models" / "public" / "mlperf_autoencoder_qdq.onnx")
-    arch = Arch(tile_contexts=8).with_grid("8x8")
+    arch = lean_arch(tile_contexts=8).with_grid("8x8")
     assert max_copies(arch.replace(tile_contexts=1), 19) == 1 < max_copies(arch, 19)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -155,7 +156,7 @@ def test_a_heavy_first_context_is_not_packed_beyond_its_lead(monkeypatch):
     whole depthwise layer (5186 cycles of COMPUTE, 2304 words stored) and ran at 7492 cycles against an estimate of
     7042. The partition now keeps such runs within the budget, and the emulator measures the estimate."""
     model = int8_model(ROOT / "models" / "public" / "mlperf_mobilenet_qdq.onnx")
-    program = compiled(model, Arch(sram_bytes=65536, tile_contexts=8).with_grid("12x12"), True, monkeypatch)
+    program = compiled(model, lean_arch(sram_bytes=65536, tile_contexts=8).with_grid("12x12"), True, monkeypatch)
     assert any(tile.later_contexts for tile in program.tiles)
     shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
     x = np.random.default_rng(0).standard_normal((320, *shape)).astype(np.float32)

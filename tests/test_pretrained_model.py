@@ -22,7 +22,7 @@ import onnx
 import pytest
 
 from flowtile.compiler import compile_model, int8_model
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.host import input_flits, outputs_from_flits
 from flowtile.oracle import onnxruntime_float_output, onnxruntime_int8_output
 
@@ -31,7 +31,7 @@ MODELS = ROOT / "models"
 MODEL = MODELS / "mnist8.onnx"
 #: mnist-8 as the ONNX Model Zoo publishes it (validated/vision/classification/mnist/model/mnist-8.onnx)
 MNIST8_SHA256 = "2f06e72de813a8635c9bc0397ac447a601bdbfa7df4bebc278723b958831c9bf"
-GRID = Arch(rows=6, cols=6)
+GRID = lean_arch(rows=6, cols=6)
 #: Evaluation digits run on the emulator (all 1000: about 8.5 s here); the file's order is class-interleaved,
 #: so a shorter prefix stays class-balanced.
 SLICE = 1000

@@ -61,6 +61,7 @@ import onnx
 import pytest
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import import_onnx, int8_model, lower_layers, reference_forward
 from flowtile.emulator import emulate
 from flowtile.host import input_flits, outputs_from_flits, quantize
@@ -72,8 +73,8 @@ PUBLIC = Path(__file__).resolve().parents[1] / "models" / "public"
 
 #: Tried in order; a model is compiled for the first one it fits.
 BIG = dict(sram_bytes=65536, max_tile_outputs=2048)
-ARCHS = [("4x4 (default)", Arch()), ("8x8 big", Arch(**BIG).with_grid("8x8")),
-         ("12x12 big", Arch(**BIG).with_grid("12x12"))]
+ARCHS = [("4x4 (default)", lean_arch()), ("8x8 big", lean_arch(**BIG).with_grid("8x8")),
+         ("12x12 big", lean_arch(**BIG).with_grid("12x12"))]
 
 TV = [f"tv_{net}_{form}_{kind}.onnx" for net in ("mlp", "seq", "cnn") for form in ("ts_fold", "ts_nofold", "dynamo")
       for kind in ("float", "qdq")]

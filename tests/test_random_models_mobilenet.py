@@ -3,7 +3,7 @@ small one (alpha 0.25, 32x32) quantized by onnxruntime, compiled and emulated wi
 import numpy as np
 import onnx
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import compile_model, int8_model
 from flowtile.testing.oracle_checks import compare_with_onnxruntime
 from flowtile.testing.random_models import MOBILENET_V1_BLOCKS, quantize_qdq, random_float_mobilenet_v1
@@ -36,6 +36,6 @@ def test_mobilenet_v1_compiles_and_matches_onnxruntime(tmp_path):
     quantize_qdq(float_path, qdq_path, rng.standard_normal((8, 3, 32, 32)).astype(np.float32),
                  activation_uint8=False, per_channel=True)
     model = int8_model(qdq_path)
-    program = compile_model(model, Arch(rows=6, cols=6, sram_bytes=65536, max_tile_outputs=2048))
+    program = compile_model(model, lean_arch(rows=6, cols=6, sram_bytes=65536, max_tile_outputs=2048))
     x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
     assert compare_with_onnxruntime(model, program, x).worst <= 1

@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import compile_model, report
 from flowtile.compiler.emit import estimated_interval
 from flowtile.host import input_flits, pad_batch
@@ -38,7 +39,7 @@ def _int8_model(tmp_path, name, float_model, in_shape, seed):
 
 def _arch(chips: int, rows: int = 2, cols: int = 2, **link) -> Arch:
     """Small chips with slow links (the default 1/16 of the flit width), frames of 4 flits."""
-    return Arch(rows=rows, cols=cols, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=chips,
+    return lean_arch(rows=rows, cols=cols, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=chips,
                 link_frame_flits=4, **link)
 
 
@@ -185,7 +186,7 @@ def test_automatic_choice_replicates_on_one_large_chip(models):
     with the estimate's ordering and the outputs those of one copy; a 4x4 chip is never replicated unasked."""
     from flowtile.compiler.emit import ONE_CHIP_MIN_TILES, max_copies
     model, in_shape = models["mlp"]
-    arch = Arch(rows=8, cols=8, lanes=8, sram_bytes=4096, max_tile_outputs=64)
+    arch = lean_arch(rows=8, cols=8, lanes=8, sram_bytes=4096, max_tile_outputs=64)
     assert arch.n_tiles >= ONE_CHIP_MIN_TILES and max_copies(arch, 4) > 1
     one = compile_model(model, arch, replicas=1)
     chosen = compile_model(model, arch)
@@ -209,7 +210,7 @@ def test_small_chip_of_contexts_tries_copies():
     same outputs."""
     from flowtile.compiler.emit import ONE_CHIP_MIN_TILES, SMALL_CHIP_COPIES, max_copies
     model = onnx.load(ROOT / "models" / "digits_cnn.onnx")
-    arch = Arch(tile_contexts=4).with_grid("4x4")
+    arch = lean_arch(tile_contexts=4).with_grid("4x4")
     assert arch.n_tiles < ONE_CHIP_MIN_TILES
     assert max_copies(arch.replace(tile_contexts=1), 5) == 1
     assert max_copies(arch, 5) == min(SMALL_CHIP_COPIES, arch.n_tiles // 2)

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 import flowtile.compiler.partition as partition
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import compile_model, estimated_interval, int8_model
 from flowtile.compiler.partition import coupled_ring_cycles, ring_overflow_cycles
 from flowtile.testing import random_models
@@ -65,7 +65,7 @@ def test_partition_keeps_coupled_bands_within_the_estimate(monkeypatch, tmp_path
     onnx.save(float_model, str(float_path))
     random_models.quantize_qdq(float_path, qdq_path, calibration, activation_uint8=False, per_channel=True)
     model = int8_model(qdq_path)
-    arch = Arch(sram_bytes=sram_bytes, max_tile_outputs=512, result_ring_words=ring_words).with_grid("4x6")
+    arch = lean_arch(sram_bytes=sram_bytes, max_tile_outputs=512, result_ring_words=ring_words).with_grid("4x6")
 
     program = compile_model(model, arch, replicas=1)
     interval = _interval(program, resolution)

@@ -23,6 +23,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import compile_model, estimated_interval, link_cycles, report
 from flowtile.emulator import emulate
 from flowtile.host import HostPattern
@@ -49,7 +50,7 @@ def model(tmp_path_factory):
 def compile_for(model, chips: int, topology: str = "ring", **fields) -> Program:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return compile_model(model, Arch(chips=chips, chip_topology=topology, **{**CHIP, **fields}), replicas=1)
+        return compile_model(model, lean_arch(chips=chips, chip_topology=topology, **{**CHIP, **fields}), replicas=1)
 
 
 def run(program: Program, x: np.ndarray, **options):
@@ -188,7 +189,7 @@ def test_system_ring_delivers_through_the_return_link_on_the_contracts_cycles():
 def test_system_verilog_has_a_link_per_chip_in_a_ring():
     from flowtile.hdl.system import LINK_MODULE_NAME
     from flowtile.hdl.verilog import system_verilog
-    arch = Arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, chips=3,
+    arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, chips=3,
                 chip_topology="ring", link_latency_cycles=2)
     text = system_verilog(arch, quiet=True)
     assert len(re.findall(rf"^\s*{LINK_MODULE_NAME} \S+ \(", text, re.M)) == 3

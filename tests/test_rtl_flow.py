@@ -25,6 +25,7 @@ from amaranth.lib.wiring import In, Out
 
 from flowtile.arch import (OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CONFIG_FIELDS, dense_window_registers,
                            stream_registers)
+from flowtile.testing.archs import lean_arch
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
 from flowtile.rtl import simulate as rtl
 from flowtile.hdl.chip import TILE_MODULE_NAME
@@ -45,7 +46,7 @@ def shift_round_half_even(value, shift):
 KEY_REGISTER = "n_in_words"
 LANE_MASK = 0xFF
 
-FLOW_ARCH = Arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=4, router_fifo_depth=2,
+FLOW_ARCH = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=4, router_fifo_depth=2,
                  host_buffer_flits=64)
 
 
@@ -197,7 +198,7 @@ def _module_names(text):
 
 def test_harness_verilog_is_hierarchical_and_writes_no_buffer_contents():
     # default 65536-flit host buffers
-    arch = Arch(rows=2, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2)
+    arch = lean_arch(rows=2, cols=3, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2)
     text = rtl.harness_verilog(arch)
     modules = _module_names(text)
     assert modules.count(TILE_MODULE_NAME) == 1 and modules.count(BUFFER_MODULE_NAME) == 1
@@ -323,7 +324,7 @@ def test_build_cache_limit_comes_from_the_environment(monkeypatch):
 
 # --- (b) a hand-built program on the real chip --------------------------------------------------------
 
-CHIP_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
+CHIP_ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
                  router_fifo_depth=4, host_buffer_flits=256)
 N_IN, N_OUT, BATCH = 12, 6, 3
 ZP_OUT, CLAMP_LO, CLAMP_HI = 3, -100, 100
@@ -427,7 +428,7 @@ def test_dense_layer_verilator_matches_amaranth(dense_case, amaranth_dense):
 #: 2x2 chain: tiles 0 and 1 split a 3x3 convolution (stride 1, pad 1) of a 5x5 map by output rows,
 #: tile 2 max-pools its 5x5 output (2x2, stride 2), tile 3 applies a depthwise 3x3 convolution (pad 1,
 #: op = LANE, per-channel parameters) to the pooled map and sends the result to the host.
-CONV_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=512, max_tile_outputs=64, result_ring_words=16,
+CONV_ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=512, max_tile_outputs=64, result_ring_words=16,
                  router_fifo_depth=2, host_buffer_flits=256)
 CONV_C, CONV_HW, CONV_OUT, CONV_BATCH = 3, 5, 4, 2
 CONV_BANDS = ((0, 3), (3, 2))           # (out_row_begin, out_rows) of chain tiles 0 and 1

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import CompileError, compile_model, import_onnx, int8_model, lower_layers, reference_forward
 from flowtile.emulator import emulate
 from flowtile.host import input_flits, outputs_from_flits, pack_flits, quantize, unpack_flits
@@ -111,7 +111,7 @@ def check_within_1_lsb(int8, program: Program, x: np.ndarray) -> None:
 @pytest.mark.parametrize("tail", ["flatten", "reshape"])
 def test_float_sequence_linear_compiles_and_matches_onnxruntime(tail):
     int8 = int8_model(sequence_model(0, tail=tail), samples(64, 1))
-    program = compile_model(int8, Arch())
+    program = compile_model(int8, lean_arch())
     assert program.input.layout == "tc" and program.input.shape == (T, C)
     assert program.input.words(8) == T * 1
     ops = [layer.op for layer in program.layers]
@@ -122,7 +122,7 @@ def test_float_sequence_linear_compiles_and_matches_onnxruntime(tail):
 @pytest.mark.parametrize("uint8", [False, True], ids=["int8", "uint8"])
 def test_qdq_sequence_linear_matches_onnxruntime(tmp_path, uint8):
     int8 = int8_model(quantize_static_qdq(sequence_model(3), tmp_path, uint8=uint8))
-    program = compile_model(int8, Arch())
+    program = compile_model(int8, lean_arch())
     assert program.input.layout == "tc"
     check_within_1_lsb(int8, program, samples(32, 4))
 
@@ -130,7 +130,7 @@ def test_qdq_sequence_linear_matches_onnxruntime(tmp_path, uint8):
 def test_two_sequence_linears_then_dense(tmp_path):
     """A MatMul over the last axis of an intermediate [N, T, K] (the first linear's output)."""
     int8 = int8_model(quantize_static_qdq(sequence_model(5, linears=2), tmp_path, uint8=False))
-    program = compile_model(int8, Arch())
+    program = compile_model(int8, lean_arch())
     assert [layer.op for layer in program.layers].count("MatMul") == 2
     check_within_1_lsb(int8, program, samples(32, 6))
 
@@ -150,7 +150,7 @@ def test_fixed_batch_export_with_a_constant_reshape(batch):
     target.CopyFrom(numpy_helper.from_array(np.array([1 if batch == 1 else 0, T * K], np.int64), "target"))
     calibration = samples(1 if batch == 1 else 64, 1)
     int8 = int8_model(model, calibration)
-    program = compile_model(int8, Arch())
+    program = compile_model(int8, lean_arch())
     assert program.input.layout == "tc"
     x = samples(8, 10)
     if batch == 1:  # a fixed-batch int8 model runs one sample at a time in onnxruntime
@@ -165,7 +165,7 @@ def test_fixed_batch_export_with_a_constant_reshape(batch):
 def test_sequence_output_travels_as_tc():
     """A network ending on the sequence [N, T, K]: the output is unpacked from pixel-major flits to model order."""
     int8 = int8_model(sequence_model(7, head=False), samples(64, 1))
-    program = compile_model(int8, Arch())
+    program = compile_model(int8, lean_arch())
     assert program.output.layout == "tc" and program.output.shape == (T, K)
     check_within_1_lsb(int8, program, samples(16, 8))
 
@@ -187,7 +187,7 @@ def test_tc_layout_validation_and_program_round_trip(tmp_path):
     spec = TensorSpec("x", (T, C), 0.5, 3, "uint8", layout="tc")
     assert TensorSpec.from_dict(spec.to_dict()) == spec
     int8 = int8_model(sequence_model(0), samples(64, 1))
-    program = compile_model(int8, Arch())
+    program = compile_model(int8, lean_arch())
     loaded = Program.load(program.save(tmp_path / "prog"))
     assert loaded.input == program.input and loaded.input.layout == "tc"
     x = samples(4, 9)
@@ -213,7 +213,7 @@ def test_reduction_over_the_sequence_is_rejected_naming_node_and_input(tmp_path)
     mean = helper.make_node("ReduceMean", ["h0"], ["y"], name="/mean", axes=[1], keepdims=0)
     int8 = _qdq_with(tmp_path, [mean], [], ["N", K])
     with pytest.raises(CompileError, match=r"node '/mean' \(ReduceMean\): its input '.*' is a sequence \[N, 6, 12\]"):
-        compile_model(int8, Arch())
+        compile_model(int8, lean_arch())
 
 
 def test_attention_like_matmul_of_two_activations_is_rejected(tmp_path):
@@ -222,13 +222,13 @@ def test_attention_like_matmul_of_two_activations_is_rejected(tmp_path):
     int8 = _qdq_with(tmp_path, [transpose, scores], [], ["N", T, T])
     with pytest.raises(CompileError, match=r"tensor '.*' is a sequence \[N, 6, 12\] read by node '/t' \(Transpose\) "
                                            r"and node '/scores' \(MatMul\); forks of a sequence \(attention"):
-        compile_model(int8, Arch())
+        compile_model(int8, lean_arch())
 
 
 @pytest.mark.rtl
 def test_rtl_matches_emulator_on_a_sequence_model(tmp_path):
     int8 = int8_model(quantize_static_qdq(sequence_model(13), tmp_path, uint8=False))
-    program = compile_model(int8, Arch())
+    program = compile_model(int8, lean_arch())
     assert program.input.layout == "tc"
     x = samples(4, 14)
     assert_rtl_matches_emulator(program, x)

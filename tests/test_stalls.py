@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.host import HOST_PATTERN_CYCLES, HostPattern, input_flits
 from flowtile.emulator import emulate
 
@@ -36,7 +36,7 @@ def model_case(request):
     from flowtile.compiler import compile_model
     model, data = {"mlp": ("digits_mlp.onnx", "digits_test.npz"),
                    "cnn": ("digits_cnn.onnx", "digits_cnn_test.npz")}[request.param]
-    program = compile_model(ROOT / "models" / model, Arch())
+    program = compile_model(ROOT / "models" / model, lean_arch())
     batch = 8 if request.param == "mlp" else 4
     with np.load(ROOT / "models" / data) as samples:
         x = samples["x"][:16]
@@ -149,7 +149,7 @@ def test_verilator_matches_emulator_under_stalls(model_case, pattern):
 
 #: A small chip for Amaranth's simulator (that of tests/test_rtl_flow.py's hand-built dense layer): the harness's
 #: pattern memory does not depend on the grid, and a 4x4 chip of the default tiles simulates many times slower.
-AMARANTH_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
+AMARANTH_ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
                      host_buffer_flits=256)
 
 

@@ -19,13 +19,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.compiler import CompileError, compile_model, import_onnx
 from flowtile.compiler.lower import affine_integers, lower_layer, quantize_multiplier
 from flowtile.compiler.onnx_import import DenseLayer, QuantParams, Window
 from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
 from flowtile.testing.random_models import quantize_qdq
 
-ARCHS = {"4x4-l8": Arch(), "2x3-l4": Arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=256)}
+ARCHS = {"4x4-l8": lean_arch(), "2x3-l4": lean_arch(rows=2, cols=3, lanes=4, sram_bytes=16384, max_tile_outputs=256)}
 #: The RTL case's Arch: 2x3-l4 with the router FIFOs and host buffers of tests/test_differential.py's "2x3-l4-d2", so
 #: that it runs on that test's Verilator build instead of a build of its own (neither field touches the arithmetic).
 RTL_ARCH = ARCHS["2x3-l4"].replace(router_fifo_depth=2, host_buffer_flits=8192)

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.hdl.chip import TILE_MODULE_NAME
 from flowtile.hdl.verilog import chip_verilog, tile_verilog
 
@@ -32,8 +32,8 @@ def _lint(tmp_path, text: str, top: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("arch", [Arch(rows=2, cols=2, sram_bytes=4096), Arch(rows=1, cols=3, lanes=4, sram_bytes=2048),
-                                  Arch(rows=3, cols=3, lanes=2, sram_bytes=256, max_tile_outputs=8)],
+@pytest.mark.parametrize("arch", [lean_arch(rows=2, cols=2, sram_bytes=4096), lean_arch(rows=1, cols=3, lanes=4, sram_bytes=2048),
+                                  lean_arch(rows=3, cols=3, lanes=2, sram_bytes=256, max_tile_outputs=8)],
                          ids=["2x2-l8", "1x3-l4", "3x3-l2"])
 def test_chip_verilog_lints_clean(tmp_path, arch):
     # The hierarchical chip: every tile instance's pins must name ports of the one tile module
@@ -42,4 +42,4 @@ def test_chip_verilog_lints_clean(tmp_path, arch):
 
 
 def test_tile_module_lints_clean_on_its_own(tmp_path):
-    _lint(tmp_path, tile_verilog(Arch(rows=2, cols=3, lanes=4, sram_bytes=2048)), TILE_MODULE_NAME)
+    _lint(tmp_path, tile_verilog(lean_arch(rows=2, cols=3, lanes=4, sram_bytes=2048)), TILE_MODULE_NAME)

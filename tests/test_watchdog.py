@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from flowtile import cli
-from flowtile.arch import Arch
+from flowtile.testing.archs import lean_arch
 from flowtile.emulator import DeadlockError, EmulatorError, WatchdogError, cycle_budget, emulate, flit_progress
 from flowtile.host import pack_flits
 from flowtile.testing.program_builder import Dense, build_program
 
-ARCH = Arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+ARCH = lean_arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
 #: The Verilator tests' grid (shared with tests/test_rtl_flow.py, so its build is usually cached).
-RTL_ARCH = Arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
+RTL_ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
                 router_fifo_depth=4, host_buffer_flits=256)
 
 
