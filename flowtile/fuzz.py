@@ -87,7 +87,7 @@ def arch_pool(seed: int, count: int) -> list[Arch]:
                     max_tile_outputs=int(rng.choice([4, 8, 16, 32, 64, 512])),
                     router_fifo_depth=int(rng.integers(1, 5)),
                     result_ring_words=int(rng.choice([1, 2, 4, 8, 32, 1024])),
-                    host_buffer_flits=4096)
+                    host_buffer_flits=4096, tile_contexts=1)   # one context unless chosen below
         if index % MULTICHIP_EVERY == MULTICHIP_EVERY - 1:
             arch = arch.replace(chips=int(link_rng.integers(2, 4)),
                                 link_bits_per_cycle=int(link_rng.integers(1, arch.flit_data_bits + 1)),
