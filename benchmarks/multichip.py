@@ -342,8 +342,9 @@ def main() -> None:
     parser.add_argument("--ring-words", type=int, default=None,
                         help="per-tile result ring depth (default: the Arch's)")
     parser.add_argument("--max-tile-outputs", type=int, default=2048, help="parameter/result depth (default 2048)")
-    parser.add_argument("--tile-contexts", type=int, default=Arch.tile_contexts,
-                        help=f"layers a tile may hold (arch field tile_contexts, default {Arch.tile_contexts})")
+    parser.add_argument("--tile-contexts", type=int, default=1,
+                        help=f"layers a tile may hold (arch field tile_contexts; default 1, as README's tables were "
+                             f"measured unless they say otherwise; the Arch default is {Arch.tile_contexts})")
     parser.add_argument("--max-transfers", type=float, default=MAX_TRANSFERS_LINKED,
                         help=f"PE transfers one emulation of linked chips may hold (memory: about 45-70 bytes each; "
                              f"default {MAX_TRANSFERS_LINKED:.0e}); a long chain needs more to settle")

@@ -40,6 +40,9 @@ def main() -> None:
                         help=f"per-tile result ring depth (default {Arch.result_ring_words}, the Arch default)")
     parser.add_argument("--batch", type=int, default=256,
                         help="inferences (default 256: a chain of 121 tiles settles after about two inferences a tile)")
+    parser.add_argument("--tile-contexts", type=int, default=1,
+                        help=f"layers a tile may hold (arch field tile_contexts; default 1, as README's ResNet-8 "
+                             f"figures were measured; the Arch default is {Arch.tile_contexts})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rtl", action="store_true", help="also run Verilator and compare")
     args = parser.parse_args()
@@ -48,7 +51,7 @@ def main() -> None:
     model = random_float_resnet(rng, (3, 32, 32), 16, RESNET8_BLOCKS, 10)
     calibration = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
     arch = Arch(sram_bytes=args.sram_bytes, max_tile_outputs=args.max_tile_outputs,
-                result_ring_words=args.ring_words).with_grid(args.grid)
+                result_ring_words=args.ring_words, tile_contexts=args.tile_contexts).with_grid(args.grid)
 
     started = time.perf_counter()
     int8 = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
