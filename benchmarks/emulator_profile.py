@@ -42,11 +42,15 @@ ROOT = Path(__file__).resolve().parents[1]
 NETS = ("mobilenet", "resnet8")
 
 
-def arch_for(net: str):
+#: The README's grids (its MLPerf Tiny table), on the default Arch.
+README_GRIDS = {"mobilenet": "12x12", "resnet8": "12x12"}
+
+
+def arch_for(net: str, tile_contexts: int | None = None):
+    """The default Arch on ``net``'s README grid; ``tile_contexts``: that many contexts a tile instead."""
     from flowtile.arch import Arch
-    if net == "resnet8":   # README / benchmarks/resnet8.py: 11x11 tiles of 64 KiB
-        return Arch(rows=11, cols=11, sram_bytes=65536, max_tile_outputs=2048)
-    return Arch(rows=8, cols=8)
+    arch = Arch() if tile_contexts is None else Arch(tile_contexts=tile_contexts)
+    return arch.with_grid(README_GRIDS[net])
 
 
 def best_of(repeats: int, run):
@@ -83,13 +87,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per part (the best time is kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile summary of each part")
+    parser.add_argument("--tile-contexts", type=int, default=None,
+                        help="contexts a tile (default: the default Arch's)")
     args = parser.parse_args()
 
     print(f"{'network':10s} {'batch':>5s} {'path s':>7s} {'timing s':>9s} {'data s':>7s} {'total s':>8s} "
           f"{'(CPU s)':>8s} {'cycles':>10s} {'solves':>7s}  steady state")
     for net in args.nets.split(","):
         model = int8_model(ROOT / "models" / "public" / f"mlperf_{net}_qdq.onnx")
-        program = compile_model(model, arch_for(net))
+        program = compile_model(model, arch_for(net, args.tile_contexts))
         shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
         x = np.random.default_rng(args.seed).standard_normal((args.batch, *shape)).astype(np.float32)
         _, flits = input_flits(program, x)
