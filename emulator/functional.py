@@ -358,12 +358,16 @@ def _broadcast_results(tile: TileProgram, windows: np.ndarray, weights: np.ndarr
     config = tile.config
     batch, n_pix, window = windows.shape[:3]
     channels, groups = config.in_channels, config.computed_words
-    values = windows.reshape(batch, n_pix, window, -1)[..., :channels].astype(np.int64)   # [b, q, k, c]
-    weights = weights.reshape(weights.shape[:-2] + (groups, window, channels, lanes)).astype(np.int64)
+    values = windows.reshape(batch, n_pix, window, -1)[..., :channels]                    # [b, q, k, c]
+    weights = weights.reshape(weights.shape[:-2] + (groups, window, channels, lanes))
     if weights.ndim == 4:
-        dot = np.einsum("bqkc,gkcl->bqgl", values, weights)
+        # one 2-D float64 GEMM, exact as the MAC tile's: every partial sum is an integer of magnitude <=
+        # KH*KW*C * 2^14 < 2^53
+        matrix = weights.transpose(1, 2, 0, 3).reshape(window * channels, groups * lanes).astype(np.float64)
+        flat = values.reshape(batch * n_pix, window * channels).astype(np.float64)
+        dot = (flat @ matrix).astype(np.int64).reshape(batch, n_pix, groups, lanes)
     else:
-        dot = np.einsum("bqkc,bgkcl->bqgl", values, weights)
+        dot = np.einsum("bqkc,bgkcl->bqgl", values.astype(np.int64), weights.astype(np.int64))
     params = np.asarray(tile.params, dtype=np.int64).reshape(groups, lanes, 3)
     result = _requantize(dot, params[..., 0], params[..., 1], params[..., 2], config)
     return result.astype(np.int8).reshape(batch, n_pix * groups, lanes)
