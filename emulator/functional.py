@@ -509,9 +509,12 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
     ``P_bulk`` passed flits, then per output pixel ``pass_per_pixel`` passed flits and the pixel's ``W_px``
     result words."""
     parts = []
-    if count.n_forward:
-        parts.append(stream[:, count.forward_begin:count.forward_end])
-    parts.append(stream[:, count.n_in_words:])
+    if count.n_forward and count.forward_end == count.n_in_words:
+        parts.append(stream[:, count.forward_begin:])      # forwarded words and passed flits: one slice, no copy
+    else:
+        if count.n_forward:
+            parts.append(stream[:, count.forward_begin:count.forward_end])
+        parts.append(stream[:, count.n_in_words:])
     if not count.n_out:
         return np.concatenate(parts, axis=1)
     activations = count.stored(stream)
@@ -523,8 +526,12 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
         parts.append(results)
         return np.concatenate(parts, axis=1)
     queued = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    out = np.empty((stream.shape[0], count.flits_out, arch.lanes), dtype=np.int8)
-    is_pop = count.output_is_pop()
-    out[:, is_pop] = queued
-    out[:, ~is_pop] = results
+    batch, lanes = stream.shape[0], arch.lanes
+    out = np.empty((batch, count.flits_out, lanes), dtype=np.int8)
+    # the layout of TileCounts.output_is_pop, by slices (a boolean mask over the stream copies far slower)
+    lead, per_pass, per_emit = count.n_bulk_pops, count.pass_per_pixel, count.result_words_per_pixel
+    out[:, :lead] = queued[:, :lead]
+    pixels = out[:, lead:].reshape(batch, count.n_pix, per_pass + per_emit, lanes)
+    pixels[:, :, :per_pass] = queued[:, lead:].reshape(batch, count.n_pix, per_pass, lanes)
+    pixels[:, :, per_pass:] = results.reshape(batch, count.n_pix, per_emit, lanes)
     return out
