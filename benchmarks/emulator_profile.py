@@ -7,8 +7,9 @@ model (``run_functional``), with the cycles, the chain solves and whether the st
 ``--profile`` adds the top entries of a cProfile run of each part. Run:
 ``python benchmarks/emulator_profile.py [--nets mobilenet,resnet8] [--batch 64] [--repeats 3] [--profile]``.
 
-Measured (issue 12 item 4, batch 64, seconds on a lightly loaded 2-core machine; ``emulate_model`` as a whole, cold,
-in brackets):
+Measured (issue 12 item 4, batch 64, seconds on a lightly loaded 2-core machine, best of 3; ``emulate_model`` as a
+whole in brackets, cold). Before the windows (11x11 tiles of 64 KiB for ResNet-8, 8x8 for MobileNet, one context a
+tile):
 
 =============  ==========================  ==========================
 network        before (timing + data)      after (timing + data)
@@ -24,6 +25,24 @@ inferences, probes of 16 and 32 and then the whole batch. After: windows of a fe
 of chains whose new bounds already hold, extrapolation tried after every window (MobileNet's steady state sets in
 after 5 inferences); the same times, action for action (tests/test_emulator_fast_paths.py). A cold run of
 ResNet-8 spends about 0.5 s of its time first touching the 540 MB of times (68 M transfers) the result holds.
+
+The default Arch's tiles of 8 contexts, on the README's grids (12x12 both; this script's defaults since;
+``emulate_model`` as a whole in brackets, the second run in a process):
+
+=====================  ==========================  ==========================
+network                before (timing + data)      after (timing + data)
+=====================  ==========================  ==========================
+MobileNet              0.47 + 0.39 = 0.86 (1.10)   0.50 + 0.28 = 0.78 (1.03)
+ResNet-8               1.78 + 0.44 = 2.23 (2.6)    0.89 + 0.23 = 1.13 (1.45)
+ResNet-8, 1 context    0.82 + 0.24 = 1.06 (1.5)    0.83 + 0.16 = 1.00 (1.34)
+=====================  ==========================  ==========================
+
+Before: ResNet-8's tile of 4 contexts settles its loop-back FIFO a sweep round later than the rest, so every window
+took 3 rounds and the windows shrank to one inference (64 windows, 37,939 solves); after, a window also counts as
+cheap by its solves per chain (7 windows, 4,155 solves), BCAST results come from one GEMM and passed flits are
+interleaved by slices. A batch of 320 (ResNet-8, 12x12, 8 contexts): 55.7 s before, 7.7 to 11 s after (one
+context: 5.6 to 6.6 s): from inference 104 on its first 22 chains run 36 cycles an inference ahead of the rest, a
+drifting candidate that the windows' check keeps up to inference 170, where a FIFO fills.
 """
 from __future__ import annotations
 
