@@ -358,12 +358,16 @@ def _broadcast_results(tile: TileProgram, windows: np.ndarray, weights: np.ndarr
     config = tile.config
     batch, n_pix, window = windows.shape[:3]
     channels, groups = config.in_channels, config.computed_words
-    values = windows.reshape(batch, n_pix, window, -1)[..., :channels].astype(np.int64)   # [b, q, k, c]
-    weights = weights.reshape(weights.shape[:-2] + (groups, window, channels, lanes)).astype(np.int64)
+    values = windows.reshape(batch, n_pix, window, -1)[..., :channels]                    # [b, q, k, c]
+    weights = weights.reshape(weights.shape[:-2] + (groups, window, channels, lanes))
     if weights.ndim == 4:
-        dot = np.einsum("bqkc,gkcl->bqgl", values, weights)
+        # one 2-D float64 GEMM, exact as the MAC tile's: every partial sum is an integer of magnitude <=
+        # KH*KW*C * 2^14 < 2^53
+        matrix = weights.transpose(1, 2, 0, 3).reshape(window * channels, groups * lanes).astype(np.float64)
+        flat = values.reshape(batch * n_pix, window * channels).astype(np.float64)
+        dot = (flat @ matrix).astype(np.int64).reshape(batch, n_pix, groups, lanes)
     else:
-        dot = np.einsum("bqkc,bgkcl->bqgl", values, weights)
+        dot = np.einsum("bqkc,bgkcl->bqgl", values.astype(np.int64), weights.astype(np.int64))
     params = np.asarray(tile.params, dtype=np.int64).reshape(groups, lanes, 3)
     result = _requantize(dot, params[..., 0], params[..., 1], params[..., 2], config)
     return result.astype(np.int8).reshape(batch, n_pix * groups, lanes)
@@ -505,9 +509,12 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
     ``P_bulk`` passed flits, then per output pixel ``pass_per_pixel`` passed flits and the pixel's ``W_px``
     result words."""
     parts = []
-    if count.n_forward:
-        parts.append(stream[:, count.forward_begin:count.forward_end])
-    parts.append(stream[:, count.n_in_words:])
+    if count.n_forward and count.forward_end == count.n_in_words:
+        parts.append(stream[:, count.forward_begin:])      # forwarded words and passed flits: one slice, no copy
+    else:
+        if count.n_forward:
+            parts.append(stream[:, count.forward_begin:count.forward_end])
+        parts.append(stream[:, count.n_in_words:])
     if not count.n_out:
         return np.concatenate(parts, axis=1)
     activations = count.stored(stream)
@@ -519,8 +526,12 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
         parts.append(results)
         return np.concatenate(parts, axis=1)
     queued = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    out = np.empty((stream.shape[0], count.flits_out, arch.lanes), dtype=np.int8)
-    is_pop = count.output_is_pop()
-    out[:, is_pop] = queued
-    out[:, ~is_pop] = results
+    batch, lanes = stream.shape[0], arch.lanes
+    out = np.empty((batch, count.flits_out, lanes), dtype=np.int8)
+    # the layout of TileCounts.output_is_pop, by slices (a boolean mask over the stream copies far slower)
+    lead, per_pass, per_emit = count.n_bulk_pops, count.pass_per_pixel, count.result_words_per_pixel
+    out[:, :lead] = queued[:, :lead]
+    pixels = out[:, lead:].reshape(batch, count.n_pix, per_pass + per_emit, lanes)
+    pixels[:, :, :per_pass] = queued[:, lead:].reshape(batch, count.n_pix, per_pass, lanes)
+    pixels[:, :, per_pass:] = results.reshape(batch, count.n_pix, per_emit, lanes)
     return out

@@ -204,7 +204,12 @@ actions up to the block's last EMIT, each a scan); a chain whose changed neighbo
 meet is not re-solved (times only grow, so its last solve's least solution still is one, and the least:
 :meth:`_WindowSystem._satisfied`); and after every window (from :data:`WINDOW_PROBE` inferences on) the
 periodic continuation is tried and checked over the rest of the batch as above, so a network whose steady state
-sets in after a few inferences is solved from those.
+sets in after a few inferences is solved from those. The windows' continuation may let some chains gain on others
+at a steady rate (:func:`_periodic` with ``drift``: an upstream PE's lead over the bottleneck that grows by a few
+cycles an inference until a FIFO between them fills, which in a large network can take hundreds of inferences), and
+its check (:meth:`_WindowSystem.exact_until`) runs stretch by stretch and keeps the inferences up to the first one
+whose equations fail: those are exact by the same argument (a prefix of inferences is closed), and the windows go
+on from there.
 """
 from __future__ import annotations
 
@@ -236,6 +241,8 @@ CHEAP_SWEEP_SOLVES_PER_CHAIN = 4
 #: Factor by which the probe grows when it is not yet periodic or its extrapolation fails the check
 #: (the solved prefix is kept, so only the new inferences cost sweeps).
 PROBE_GROWTH = 2
+#: Actions per chain and inference that the search for a period tests first (:func:`_periodic`).
+PERIOD_SAMPLE_ACTIONS = 16
 #: Sweep rounds allowed per inference (+ per chain): legitimate programs need about one round per
 #: inference at worst; one that needs far more (a deadlock, or a model bug) is reported rather than
 #: looped on forever.
@@ -1578,25 +1585,51 @@ class _WindowSystem:
                           f"batch {self.batch}): a deadlock or a model bug; still changing: {', '.join(stuck[:4])}"
                           + (f" and {len(stuck) - 4} more" if len(stuck) > 4 else ""))
 
-    def holds(self, lo: int) -> bool:
-        """Whether the current times of inferences ``[lo, batch)`` satisfy every chain's recurrence with equality
-        (the Jacobi check; inferences before ``lo`` are a solved prefix)."""
-        hi = self.batch
-        return all(np.array_equal(self.solve(j, lo, hi), self.times[j][lo * self.widths[j]:])
-                   for j in range(self.solved))
+    def exact_until(self, lo: int, chunk: int, fill) -> tuple[int, int]:
+        """How far a candidate for inferences ``[lo, batch)`` (after the solved prefix ``[0, lo)``) is the solution:
+        the first inference ``b >= lo`` of which some action's recurrence does not hold with equality, ``batch`` if
+        none (the Jacobi check). ``fill(start, end)`` writes the candidate's inferences ``[start, end)`` into the
+        times; it is called in order, each stretch before it is checked, none after the one that fails. Returns
+        ``(b, chain solves)``.
+
+        Inferences ``[lo, b)`` are then exact: with the prefix before ``lo`` they satisfy every equation of the
+        closed subsystem of inferences ``[0, b)`` (every edge runs to the same or a later inference, and a chain's
+        solve over ``[start, end)`` gives action ``k`` from its bounds and the action before alone), whose solution is
+        unique (module docstring). Checked in stretches of ``chunk`` inferences, doubling, so that a candidate that
+        fails early costs little more than the stretch it fails in."""
+        start, solves = lo, 0
+        while start < self.batch:
+            end = min(start + chunk, self.batch)
+            fill(start, end)
+            for j in range(self.solved):
+                w = self.widths[j]
+                differ = np.flatnonzero(self.solve(j, start, end) != self.times[j][start * w:end * w])
+                solves += 1
+                if len(differ):
+                    end = start + int(differ[0]) // w      # the later chains need checking before it only
+                    if end == start:
+                        return start, solves
+            if end < min(start + chunk, self.batch):
+                return end, solves
+            start, chunk = end, chunk * PROBE_GROWTH
+        return self.batch, solves
 
     def solution(self) -> list[np.ndarray]:
         return list(self.times)
 
 
-def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batch: int,
-                 out: list[np.ndarray] | None = None) -> list[np.ndarray] | None:
-    """Continue the probe's per-inference times periodically, or None if they do not yet repeat.
-    ``out``: whole-batch arrays whose first ``probe`` inferences are the probe's, continued in place.
+def _periodic(prefix: list[np.ndarray], chains: list[Chain], probe: int,
+              drift: bool = False) -> tuple[int, np.ndarray] | None:
+    """The period ``c`` and the increment (over all actions of all chains, side by side) of the probe's
+    per-inference times, or None if they do not yet repeat.
 
-    Looks for the smallest period ``c`` such that ``T[b + c] - T[b]`` is one and the same vector (over
-    all actions of all chains) for the last ``c + 1`` or more inferences ``b`` of the probe, then sets
-    ``T[b] = T[b - c] + that vector`` for the rest of the batch.
+    Looks for the smallest period ``c`` such that ``T[b + c] - T[b]`` is one and the same vector for the last
+    ``c + 1`` or more inferences ``b`` of the probe. Without ``drift`` that vector must advance every action alike
+    (else None); with ``drift`` it need not: a candidate in which some chains keep gaining on others at a steady
+    rate (an upstream PE's lead over the bottleneck growing by a few cycles an inference, for longer than the batch
+    lasts, or than the stretch the caller keeps, before the FIFOs between them fill) is returned as well. Either
+    way the continuation is only a guess; the caller checks it (module docstring: one that satisfies every equation
+    is the solution).
     """
     widths = [c.per_inference for c in chains]
     rows: dict[int, np.ndarray] = {}
@@ -1606,45 +1639,85 @@ def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batc
             rows[b] = np.concatenate([times[b * width:(b + 1) * width] for times, width in zip(prefix, widths)])
         return rows[b]
 
-    # the first action of every chain per inference: a period that fails on these fails on all actions
-    sample = np.stack([times[::width][:probe] for times, width in zip(prefix, widths)], axis=1)
+    # a few actions of every chain per inference, its first and last among them, and every action a whole row
+    # failed on for a shorter period: a period that fails on these fails on all actions, and they are cheap to test
+    # every period on (a whole row is not: a drifting lead moves the few actions a FIFO holds back inside a chain
+    # from one inference to the next, and they fail every period)
+    sample = np.concatenate([times[:probe * width].reshape(probe, width)[:, _sampled_actions(width)]
+                             for times, width in zip(prefix, widths)], axis=1)
+    steps = np.diff(sample, axis=0)          # steps[b] = T[b + 1] - T[b], sampled
+    starts = _offsets(widths)
     for period in range(1, probe // 2):
         # the increments T[b + period] - T[b] of the last period + 1 inferences b of the probe all equal the last
-        # one (the later inferences first: a transient usually shows there)
-        sampled = sample[probe - 2 * period - 1 + period:] - sample[probe - 2 * period - 1:probe - period]
-        if not (sampled == sampled[-1]).all():
+        # one, i.e. the steps of the last 2 * period inferences repeat with the period (the latest first: a
+        # transient usually shows there)
+        recent, before = probe - period - 1, probe - 2 * period - 1
+        if not (np.array_equal(steps[probe - 2], steps[probe - 2 - period])
+                and np.array_equal(steps[recent:probe - 1], steps[before:recent])):
             continue
         last = row(probe - 1) - row(probe - 1 - period)
-        if all(np.array_equal(row(b + period) - row(b), last)
-               for b in range(probe - 2 - period, probe - 2 * period - 2, -1)):
+        failed = next((wrong for wrong in (np.flatnonzero(row(b + period) - row(b) != last)
+                                           for b in range(probe - 2 - period, probe - 2 * period - 2, -1))
+                       if len(wrong)), None)
+        if failed is not None:
+            chain = np.searchsorted(starts, failed[:PERIOD_SAMPLE_ACTIONS], side="right") - 1
+            added = np.stack([prefix[j][a:probe * widths[j]:widths[j]]
+                              for j, a in zip(chain, failed[:PERIOD_SAMPLE_ACTIONS] - starts[chain])], axis=1)
+            sample = np.concatenate([sample, added], axis=1)
+            steps = np.diff(sample, axis=0)
+        else:
             # a lasting steady state advances every action of every chain alike (FIFO and event edges bound
             # the distance between chains, a chain's actions are ordered): unequal increments are a transient
-            # (an upstream PE's lead over the bottleneck drifting until the FIFOs fill), so no candidate
-            if not (last == last[0]).all():
+            # (an upstream PE's lead over the bottleneck drifting until the FIFOs fill), so no candidate unless
+            # the caller asks for one (the drift may outlast the batch)
+            if not drift and not (last == last[0]).all():
                 return None
-            break
-    else:
+            return period, last
+    return None
+
+
+def _sampled_actions(width: int) -> np.ndarray:
+    """The actions of a chain (of ``width`` an inference) :func:`_periodic` tests every period on first: up to
+    :data:`PERIOD_SAMPLE_ACTIONS` of them, evenly spaced, the first and the last included."""
+    return np.unique(np.linspace(0, width - 1, min(width, PERIOD_SAMPLE_ACTIONS)).astype(np.int64))
+
+
+def _fill_periodic(out: list[np.ndarray], widths: list[int], batch: int, period: int, increment: np.ndarray,
+                   lo: int, hi: int) -> None:
+    """Write the periodic continuation of :func:`_periodic` into inferences ``[lo, hi)`` of the whole-batch arrays
+    ``out`` (one per chain, ``widths`` actions an inference), whose inferences ``[lo - period, lo)`` are set:
+    inference ``b`` is inference ``b - period`` one ``increment`` (per action, chains side by side) later."""
+    column = 0
+    for times, width in zip(out, widths):
+        step_up = increment[column:column + width]
+        column += width
+        full = times.reshape(batch, width)
+        # one period after another, doubling the filled stretch each time: lo + f + r repeats lo + r, f / period
+        # increments later (f a multiple of the period)
+        filled = min(period, hi - lo)
+        np.add(full[lo - period:lo - period + filled], step_up, out=full[lo:lo + filled])
+        while filled < hi - lo:
+            step = min(filled, hi - lo - filled)
+            np.add(full[lo:lo + step], (filled // period) * step_up, out=full[lo + filled:lo + filled + step])
+            filled += step
+
+
+def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batch: int) -> list[np.ndarray] | None:
+    """Continue the probe's per-inference times periodically (:func:`_periodic`, every action advancing alike), or
+    None if they do not yet repeat: whole-batch arrays, one per chain, whose first ``probe`` inferences are the
+    probe's and each later inference ``b`` is ``T[b - c] +`` the increment."""
+    found = _periodic(prefix, chains, probe)
+    if found is None:
         return None
+    period, last = found
+    widths = [c.per_inference for c in chains]
     later = batch - probe
     repeats = -(-later // period)                              # periods after the probe, the last maybe partial
     multiples = np.arange(1, repeats + 1, dtype=np.int64)[:, None, None]
     extended, column = [], 0
-    for index, (times, width) in enumerate(zip(prefix, widths)):
+    for times, width in zip(prefix, widths):
         increment = last[column:column + width]
         column += width
-        if out is not None:
-            # in place, one period after another (doubling the filled stretch each time): inference b repeats
-            # b - period one increment later
-            full = out[index].reshape(batch, width)
-            filled = min(period, later)
-            np.add(full[probe - period:probe - period + filled], increment, out=full[probe:probe + filled])
-            while filled < later:
-                step = min(filled, later - filled)
-                np.add(full[probe:probe + step], (filled // period) * increment,
-                       out=full[probe + filled:probe + filled + step])
-                filled += step
-            extended.append(out[index])
-            continue
         full = np.empty((batch, width), dtype=np.int64)
         full[:probe] = times.reshape(probe, width)
         # inference probe + r*period + i repeats probe - period + i, (r + 1) periods later
@@ -1707,7 +1780,8 @@ class TimingResult:
     ``in_times``: host-input transfer per input flit; ``out_times``: host-output transfer per output
     flit; ``pe_times[p]``: the :class:`PETimes` of the PE at chain position ``p`` (None if idle);
     ``stream_names`` / ``stream_times``: every chain's name and times in line order (diagnostics and
-    tests); ``solves``: chain solves used; ``extrapolated``: whether the periodic extrapolation passed;
+    tests); ``solves``: chain solves used; ``extrapolated``: whether the periodic extrapolation passed (windows:
+    for the rest of the batch or, checked, for a stretch of it);
     ``word_starts[p]``: int64 ``[batch * E]``, ``a_j`` (first issue cycle) of every result word of the PE at
     chain position ``p``, numbered across inferences (section 4, result ring; empty without COMPUTE, None if
     idle); ``compute_ends[p]``: int64 ``[batch]``, the end of each COMPUTE, ``a_last + d_last + 2`` (COMPUTE
@@ -1770,9 +1844,12 @@ def _pass_through_tail(graph: TimingGraph) -> int:
     return start
 
 
-#: Inferences per window of :class:`_WindowSystem` at first; a window that settles in at most
-#: :data:`WINDOW_CHEAP_ROUNDS` sweep rounds doubles the next one, one that takes more halves it and caps the
-#: windows after it at that size (wider windows then only cost more rounds).
+#: Inferences per window of :class:`_WindowSystem` at first; a cheap window (one that settles in at most
+#: :data:`WINDOW_CHEAP_ROUNDS` sweep rounds, or in at most that many chain solves per swept chain) doubles the next
+#: one, any other halves it and caps the windows after it at that size (wider windows then only cost more rounds).
+#: The solves count too because a round costs the chains it re-solves: a tile of several contexts settles its
+#: loop-back FIFO in a round or two more than the rest of the chip (section 4.6), whatever the window's width, but
+#: those rounds re-solve its own three chains alone.
 WINDOW_FIRST = 1
 WINDOW_CHEAP_ROUNDS = 2
 #: Programs with fewer actions per inference (over the swept chains) than this are swept over the whole probe as
@@ -1782,24 +1859,31 @@ WINDOW_MIN_ACTIONS = 16384
 #: smaller), after every window; a candidate that fails its check defers the next look until the solved prefix
 #: has grown by :data:`PROBE_GROWTH`.
 WINDOW_PROBE = 4
+#: Inferences of a candidate's first checked stretch at least (:meth:`_WindowSystem.exact_until`; the window width
+#: when larger): enough that a candidate which holds costs few stretches, few enough that one which fails soon costs
+#: little.
+WINDOW_CHECK_FIRST = 8
 
 
 def _solve_in_windows(graph: TimingGraph, tail: int, batch: int, probe_batch: int,
                       spaced: list[tuple[np.ndarray, int | None]]) -> tuple["_WindowSystem", int, bool]:
     """The probe and extrapolation of :func:`solve_timing`, with the probe solved window by window
     (:class:`_WindowSystem`): the first inferences exactly, then, once ``min(probe_batch, WINDOW_PROBE)`` are
-    solved, after every window the periodic candidate for the rest (:func:`_extrapolate`), checked by one Jacobi
-    pass over the inferences after the solved prefix; while no candidate passes, windows continue, up to the whole
-    batch. Returns (system, chain solves, extrapolated)."""
+    solved, after every window the periodic candidate for the rest (:func:`_periodic`, drifting leads allowed),
+    checked by one Jacobi pass over the inferences after the solved prefix, stretch by stretch
+    (:meth:`_WindowSystem.exact_until`); the inferences up to the first one it fails on are kept, and windows
+    continue after them, up to the whole batch. Returns (system, chain solves, extrapolated: whether a candidate
+    gave any inference)."""
     chains = graph.chains[:tail]
     system = _WindowSystem(graph, tail, batch, spaced)
     solves, done, width, cap = 0, 0, WINDOW_FIRST, batch
     look = min(probe_batch, WINDOW_PROBE)
+    extrapolated = False
     while done < batch:
         hi = min(done + width, batch)
         rounds, used = system.sweep_window(done, hi)
         solves += used
-        if rounds <= WINDOW_CHEAP_ROUNDS:
+        if rounds <= WINDOW_CHEAP_ROUNDS or used <= WINDOW_CHEAP_ROUNDS * tail:
             width = min(width * 2, cap)
         else:
             width = cap = max(1, width // 2)
@@ -1807,14 +1891,30 @@ def _solve_in_windows(graph: TimingGraph, tail: int, batch: int, probe_batch: in
         if done < look or done >= batch:
             continue
         prefix = [times[:done * w] for times, w in zip(system.times, system.widths)]
-        # the candidate goes into the times of the inferences not solved yet (each window starts its own afresh)
-        if _extrapolate(prefix, chains, done, batch, out=system.times) is None:
+        found = _periodic(prefix, chains, done, drift=True)
+        if found is None:
             continue
-        solves += tail
-        if system.holds(done):
+        # the candidate goes into the times of the inferences not solved yet (each window starts its own afresh),
+        # stretch by stretch as it is checked
+        period, increment = found
+
+        def fill(lo: int, hi: int) -> None:
+            _fill_periodic(system.times, system.widths, batch, period, increment, lo, hi)
+
+        exact, used = system.exact_until(done, max(width, WINDOW_CHECK_FIRST), fill)
+        solves += used
+        if exact >= batch:
             return system, solves, True
-        look = done * PROBE_GROWTH
-    return system, solves, False
+        if exact > done:
+            # the candidate held up to ``exact`` (a lead that drifted until a FIFO filled): kept; a new steady
+            # state may set in soon after, so the windows narrow to look for it early
+            extrapolated = True
+            look, width = exact, min(width, WINDOW_CHECK_FIRST)
+        else:
+            # held for no inference: the next look waits until the solved prefix has grown, as a longer probe would
+            look = done * PROBE_GROWTH
+        done = exact
+    return system, solves, extrapolated
 
 
 def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,

@@ -633,6 +633,93 @@ def test_fast_paths_equal_plain_sweeps(seed, monkeypatch):
     check_all_context_tiles(packed, emulate(packed, flits, batch))
 
 
+def _windowed_system(packed, batch):
+    """``packed``'s chains solved wholly in windows (no extrapolation), with its graph and pass-through tail."""
+    graph = timing.timing_graph(packed, trace_data_path(packed))
+    tail = timing._pass_through_tail(graph)
+    probe = timing.WINDOW_PROBE
+    try:
+        timing.WINDOW_PROBE = batch
+        system, _, _ = timing._solve_in_windows(graph, tail, batch, batch, timing._spaced_delays(graph))
+    finally:
+        timing.WINDOW_PROBE = probe
+    return system, graph, tail
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_check_finds_the_first_wrong_inference(seed):
+    """:meth:`_WindowSystem.exact_until` on a packed random program: the solution continued as a candidate holds to
+    the end; one with a single action moved by a cycle (earlier or later) fails exactly at that action's inference,
+    in whichever checked stretch it lies, and the stretches before it are kept."""
+    rng = np.random.default_rng(53000 + seed)
+    _, packed, *_ = _random_packed(rng, KINDS[seed % 4])
+    batch = 23
+    system, graph, tail = _windowed_system(packed, batch)
+    solution = [times.copy() for times in system.times]
+
+    def fill(lo, hi):
+        for times, right, w in zip(system.times, candidate, system.widths):
+            times[lo * w:hi * w] = right[lo * w:hi * w]
+
+    lo = 3
+    candidate = solution
+    assert system.exact_until(lo, 2, fill)[0] == batch
+    for _ in range(4):
+        j = int(rng.integers(0, tail))
+        while not system.widths[j]:
+            j = int(rng.integers(0, tail))
+        wrong = int(rng.integers(lo, batch))
+        action = wrong * system.widths[j] + int(rng.integers(0, system.widths[j]))
+        candidate = [times.copy() for times in solution]
+        candidate[j][action] += int(rng.choice([-1, 1]))
+        assert system.exact_until(lo, int(rng.integers(1, 5)), fill)[0] == wrong, graph.chains[j].name
+        for times, right, w in zip(system.times, solution, system.widths):
+            np.testing.assert_array_equal(times[:wrong * w], right[:wrong * w])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_candidates_kept_in_part_equal_plain_sweeps(seed, monkeypatch):
+    """Windows whose every look yields a candidate that holds for a few inferences and then fails (the solution with
+    one action of a later inference moved by a cycle, as a drifting lead's continuation fails where a FIFO fills):
+    the stretches the check keeps and the windows after them give every chain's every time exactly as plain
+    whole-batch sweeps."""
+    rng = np.random.default_rng(59000 + seed)
+    _, packed, *_ = _random_packed(rng, KINDS[seed % 4])
+    batch = 37
+    plain = solve_timing(packed, batch, probe_batch=None)
+    solution = plain.stream_times
+    wrong = {}
+
+    def candidate(prefix, chains, probe, drift=False):
+        widths = [c.per_inference for c in chains]
+        wrong["at"] = probe + int(rng.integers(0, 9))        # sometimes past the batch: the candidate holds
+        wrong["chain"] = int(rng.choice([j for j, w in enumerate(widths) if w]))
+        return 1, None
+
+    def fill(out, widths, batch_, period, increment, lo, hi):
+        for times, right, w in zip(out, solution, widths):
+            times[lo * w:hi * w] = right[lo * w:hi * w]
+        at, j = wrong["at"], wrong["chain"]
+        if lo <= at < hi:
+            out[j][at * widths[j] + int(rng.integers(0, widths[j]))] += int(rng.choice([-1, 1]))
+
+    kept = []
+    exact_until = timing._WindowSystem.exact_until
+
+    def spy(self, lo, chunk, fill_):
+        found = exact_until(self, lo, chunk, fill_)
+        kept.append((lo, found[0], wrong["at"]))
+        return found
+
+    monkeypatch.setattr(timing, "_periodic", candidate)
+    monkeypatch.setattr(timing, "_fill_periodic", fill)
+    monkeypatch.setattr(timing._WindowSystem, "exact_until", spy)
+    monkeypatch.setattr(timing, "WINDOW_MIN_ACTIONS", 0)
+    _assert_same(plain, solve_timing(packed, batch, probe_batch=4), "candidates kept in part")
+    assert kept and all(found == min(at, batch) for _, found, at in kept), kept
+    assert any(lo < found < batch for lo, found, _ in kept), kept
+
+
 def test_long_batch_extrapolates():
     """A packed dense chain over 200 inferences: the probe's steady state is extrapolated (the fast path taken), and
     equals plain sweeps."""
