@@ -20,7 +20,7 @@ def main() -> None:
     from flowtile.compiler import compile_model
     from flowtile.emulator import emulate
     from flowtile.arch import Arch
-    from flowtile.host import input_flits
+    from flowtile.host import input_flits, pad_batch
     from flowtile.rtl.simulate import simulate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,6 +37,7 @@ def main() -> None:
             x = data["x"]
         if args.batch:
             x = np.resize(x, (args.batch,) + x.shape[1:])
+        x = pad_batch(program, x)     # a program of copies takes batches that are multiples of them
         _, flits = input_flits(program, x)
         batch = x.shape[0]
 
@@ -50,7 +51,8 @@ def main() -> None:
         print(f"{label}, batch {batch}, {arch.rows}x{arch.cols} tiles x {arch.lanes} lanes")
         print(f"  simulated cycles          {emu.cycles}")
         print(f"  emulator                  {emu_seconds * 1e3:9.2f} ms  ({emu.cycles / emu_seconds:,.0f} cycles/s)")
-        simulate(program, flits[: program.input_words], 1, simulator=args.sim)  # warm the build cache
+        warm = pad_batch(program, x[:1])
+        simulate(program, input_flits(program, warm)[1], len(warm), simulator=args.sim)  # warm the build cache
         rtl = simulate(program, flits, batch, simulator=args.sim)
         print(f"  RTL ({args.sim:9s})      {rtl.wall_seconds * 1e3:9.2f} ms  "
               f"({rtl.cycles / rtl.wall_seconds:,.0f} cycles/s)  [build cached]")
