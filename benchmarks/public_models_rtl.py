@@ -26,7 +26,7 @@ def main() -> int:
     from flowtile.arch import Arch
     from flowtile.compiler import int8_model
     from flowtile.emulator import emulate
-    from flowtile.host import input_flits, model_layout
+    from flowtile.host import input_flits, model_layout, pad_batch
     from flowtile.rtl.simulate import simulate
     from flowtile.testing.oracle_checks import compile_first_fitting
 
@@ -46,10 +46,11 @@ def main() -> int:
         int8 = int8_model(path, draw((32, *shape)).astype(np.float32))
         program, arch_name = compile_first_fitting(int8, archs)
         x = model_layout(draw((args.batch, *shape)).astype(np.float32), program.input)   # NHWC models: transposed
+        x = pad_batch(program, x)   # a program of copies takes batches that are multiples of them
         _, flits = input_flits(program, x)
-        emu = emulate(program, flits, args.batch)
+        emu = emulate(program, flits, len(x))
         started = time.perf_counter()
-        rtl = simulate(program, flits, args.batch, simulator="verilator")
+        rtl = simulate(program, flits, len(x), simulator="verilator")
         seconds = time.perf_counter() - started
         same = (np.array_equal(rtl.out_flits, emu.out_flits) and rtl.cycles == emu.cycles
                 and np.array_equal(np.asarray(rtl.out_times), np.asarray(emu.out_times)))

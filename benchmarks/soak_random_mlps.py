@@ -24,7 +24,7 @@ def main() -> int:
     from flowtile.compiler import CompileError, compile_model, int8_model
     from flowtile.emulator import emulate
     from flowtile.arch import Arch
-    from flowtile.host import input_flits, outputs_from_flits
+    from flowtile.host import input_flits, outputs_from_flits, pad_batch
     from flowtile.oracle import onnxruntime_int8_output
     from flowtile.rtl.simulate import simulate
     from flowtile.testing.random_models import quantize_qdq, random_float_cnn, random_float_mlp
@@ -80,6 +80,8 @@ def main() -> int:
                 print(f"{label} does not fit: {str(error)[:80]}")
                 continue
             x = rng.random((batch, *sample_shape)).astype(np.float32)
+            x = pad_batch(program, x)   # a program of copies takes batches that are multiples of them
+            batch = len(x)
             _, flits = input_flits(program, x)
             emu = emulate(program, flits, batch)
             rtl = simulate(program, flits, batch, simulator=args.sim)
