@@ -67,6 +67,12 @@ def _single_threaded_blas():
     return _blas_controller.limit(limits=1, user_api="blas")
 
 
+def _int8_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` of two int8 matrices as int64, by one float64 GEMM: exact, since every partial sum is an integer of
+    magnitude at most ``K * 2^14`` (``K`` = ``a.shape[1]``, far below ``2^53`` for any window a tile reads)."""
+    return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+
+
 def _wrap_accumulator(values: np.ndarray) -> np.ndarray:
     """Two's-complement wrap of int64 values to ACC_BITS bits."""
     half = np.int64(1 << (ACC_BITS - 1))
@@ -191,10 +197,8 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
     bias, multiplier, shift = params[:, 0], params[:, 1], params[:, 2]
     columns = windows.reshape(batch, n_pix, window_words * lanes)
     if weights.ndim == 2:
-        matrix = weights.reshape(n_out, window_words * lanes).astype(np.float64)
-        # float64 matmul is exact: every partial sum is an integer of magnitude <= K_w*L*2^14 < 2^53.
-        flat = columns.reshape(batch * n_pix, window_words * lanes).astype(np.float64)
-        dot = (flat @ matrix.T).astype(np.int64).reshape(batch, n_pix, n_out)   # one 2-D GEMM
+        dot = _int8_matmul(columns.reshape(batch * n_pix, window_words * lanes),
+                           weights.reshape(n_out, window_words * lanes).T).reshape(batch, n_pix, n_out)
     else:  # the weight region overlaps the activation banks: each inference reads its own weights
         matrix = weights.reshape(batch, n_out, window_words * lanes).astype(np.int64)
         dot = np.einsum("bqi,boi->bqo", columns.astype(np.int64), matrix)
@@ -361,11 +365,9 @@ def _broadcast_results(tile: TileProgram, windows: np.ndarray, weights: np.ndarr
     values = windows.reshape(batch, n_pix, window, -1)[..., :channels]                    # [b, q, k, c]
     weights = weights.reshape(weights.shape[:-2] + (groups, window, channels, lanes))
     if weights.ndim == 4:
-        # one 2-D float64 GEMM, exact as the MAC tile's: every partial sum is an integer of magnitude <=
-        # KH*KW*C * 2^14 < 2^53
-        matrix = weights.transpose(1, 2, 0, 3).reshape(window * channels, groups * lanes).astype(np.float64)
-        flat = values.reshape(batch * n_pix, window * channels).astype(np.float64)
-        dot = (flat @ matrix).astype(np.int64).reshape(batch, n_pix, groups, lanes)
+        dot = _int8_matmul(values.reshape(batch * n_pix, window * channels),
+                           weights.transpose(1, 2, 0, 3).reshape(window * channels, groups * lanes))
+        dot = dot.reshape(batch, n_pix, groups, lanes)
     else:
         dot = np.einsum("bqkc,bgkcl->bqgl", values.astype(np.int64), weights.astype(np.int64))
     params = np.asarray(tile.params, dtype=np.int64).reshape(groups, lanes, 3)
@@ -508,13 +510,10 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
     words, in the output side's order (sections 4, 4.2 and 4.4): the forwarded words and the first
     ``P_bulk`` passed flits, then per output pixel ``pass_per_pixel`` passed flits and the pixel's ``W_px``
     result words."""
-    parts = []
-    if count.n_forward and count.forward_end == count.n_in_words:
-        parts.append(stream[:, count.forward_begin:])      # forwarded words and passed flits: one slice, no copy
-    else:
-        if count.n_forward:
-            parts.append(stream[:, count.forward_begin:count.forward_end])
-        parts.append(stream[:, count.n_in_words:])
+    if count.n_forward and count.forward_end < count.n_in_words:
+        parts = [stream[:, count.forward_begin:count.forward_end], stream[:, count.n_in_words:]]
+    else:   # the forwarded words (if any) run into the passed flits: one slice, no copy
+        parts = [stream[:, count.forward_begin if count.n_forward else count.n_in_words:]]
     if not count.n_out:
         return np.concatenate(parts, axis=1)
     activations = count.stored(stream)
@@ -526,12 +525,4 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
         parts.append(results)
         return np.concatenate(parts, axis=1)
     queued = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    batch, lanes = stream.shape[0], arch.lanes
-    out = np.empty((batch, count.flits_out, lanes), dtype=np.int8)
-    # the layout of TileCounts.output_is_pop, by slices (a boolean mask over the stream copies far slower)
-    lead, per_pass, per_emit = count.n_bulk_pops, count.pass_per_pixel, count.result_words_per_pixel
-    out[:, :lead] = queued[:, :lead]
-    pixels = out[:, lead:].reshape(batch, count.n_pix, per_pass + per_emit, lanes)
-    pixels[:, :, :per_pass] = queued[:, lead:].reshape(batch, count.n_pix, per_pass, lanes)
-    pixels[:, :, per_pass:] = results.reshape(batch, count.n_pix, per_emit, lanes)
-    return out
+    return count.interleave_output(queued, results)

@@ -151,6 +151,19 @@ class TileCounts:
             is_pop[lead:].reshape(self.n_pix, step)[:, :self.pass_per_pixel] = True
         return is_pop
 
+    def interleave_output(self, popped: np.ndarray, results: np.ndarray) -> np.ndarray:
+        """``[batch, Q + E, L]``: the output side's flits of each inference, the ``popped`` flits ``[batch, Q, L]``
+        and the ``results`` ``[batch, E, L]`` in the order :meth:`output_is_pop` gives, assembled by slices (a
+        boolean mask over the stream copies far slower)."""
+        batch, lanes = popped.shape[0], popped.shape[2]
+        out = np.empty((batch, self.flits_out, lanes), dtype=popped.dtype)
+        lead, per_pass, per_emit = self.n_bulk_pops, self.pass_per_pixel, self.result_words_per_pixel
+        out[:, :lead] = popped[:, :lead]
+        pixels = out[:, lead:].reshape(batch, self.n_pix, per_pass + per_emit, lanes)
+        pixels[:, :, :per_pass] = popped[:, lead:].reshape(batch, self.n_pix, per_pass, lanes)
+        pixels[:, :, per_pass:] = results.reshape(batch, self.n_pix, per_emit, lanes)
+        return out
+
     @property
     def first_emit(self) -> int:
         """Output-side transfer index (within an inference) of the first EMIT (section 4.4: after pixel

@@ -1711,19 +1711,12 @@ def _extrapolate(prefix: list[np.ndarray], chains: list[Chain], probe: int, batc
         return None
     period, last = found
     widths = [c.per_inference for c in chains]
-    later = batch - probe
-    repeats = -(-later // period)                              # periods after the probe, the last maybe partial
-    multiples = np.arange(1, repeats + 1, dtype=np.int64)[:, None, None]
-    extended, column = [], 0
+    extended = []
     for times, width in zip(prefix, widths):
-        increment = last[column:column + width]
-        column += width
-        full = np.empty((batch, width), dtype=np.int64)
-        full[:probe] = times.reshape(probe, width)
-        # inference probe + r*period + i repeats probe - period + i, (r + 1) periods later
-        tail = full[probe - period:probe][None] + multiples * increment
-        full[probe:] = tail.reshape(repeats * period, width)[:later]
-        extended.append(full.ravel())
+        full = np.empty(batch * width, dtype=np.int64)
+        full[:probe * width] = times[:probe * width]
+        extended.append(full)
+    _fill_periodic(extended, widths, batch, period, last, probe, batch)
     return extended
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from flowtile.arch import Arch
-from flowtile.compiler import compile_model, int8_model
+from flowtile.compiler import CompileError, compile_model, int8_model
 from flowtile.compiler.emit import estimated_interval
 from flowtile.testing.archs import lean_arch
 from flowtile.testing.measure import steady_state
@@ -70,7 +70,7 @@ def test_small_networks_reach_the_target_on_the_default_arch_and_not_on_the_lean
     lean = lean_arch().with_grid("4x4")
     try:
         on_lean = _compile(model, lean)
-    except Exception as error:   # the autoencoder's 19 layers do not fit 16 one-context tiles
+    except CompileError as error:   # the autoencoder's 19 layers do not fit 16 one-context tiles
         assert "16 tiles" in str(error)
         return
     assert on_lean.replicas == 1

@@ -20,9 +20,9 @@ from flowtile.testing.random_models import quantize_qdq, random_float_mlp
 ARCHS = {
     "4x4-l8": lean_arch(),
     "2x3-l4-d2": lean_arch(rows=2, cols=3, lanes=4, sram_bytes=16384, router_fifo_depth=2, max_tile_outputs=256,
-                      host_buffer_flits=8192),
+                           host_buffer_flits=8192),
     "3x2-l16-d1": lean_arch(rows=3, cols=2, lanes=16, sram_bytes=65536, router_fifo_depth=1, max_tile_outputs=320,
-                       host_buffer_flits=4096),
+                            host_buffer_flits=4096),
 }
 
 # (seed, arch, widths, batch, kind) -- kind: float | int8 | uint8 | int8-tensor (per-tensor weights)

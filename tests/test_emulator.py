@@ -595,7 +595,7 @@ def random_program(rng, *, max_batch=6):
     lanes = int(rng.choice([1, 2, 4, 8]))
     rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
     arch = lean_arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 512, max_tile_outputs=64,
-                result_ring_words=64 // lanes, router_fifo_depth=int(rng.integers(1, 5)))   # rings of 8..64 words
+                     result_ring_words=64 // lanes, router_fifo_depth=int(rng.integers(1, 5)))   # rings of 8..64 words
     queues = random_queue_words(rng, arch.n_tiles)
     n_tiles = arch.n_tiles
     n_layers = int(rng.integers(1, min(3, n_tiles) + 1))
@@ -1073,7 +1073,7 @@ def _ring_case(name):
                 "spans": [(0, 6, "RECV"), (6, 12, "RECV"), (6, 11, "COMPUTE"), (12, 17, "COMPUTE"),
                           (0, 14, "EMIT"), (14, 20, "EMIT")]}}
         arch = lean_arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, result_ring_words=ring,
-                    router_fifo_depth=1)
+                         router_fifo_depth=1)
     elif name == "mac-short-R2":
         # a 1x1 conv from one channel to N_o = 3 channels (L does not divide N_o) on a 1x2 map, a ring of a
         # pixel's result words (R = result_ring_words = 2): per pixel word 0 (channels 0, 1) of
@@ -1086,7 +1086,7 @@ def _ring_case(name):
         # a_6 = max(16 + 1, EMIT 4 + 1) = 19; EMIT 5 at max(20, 16 + 3) = 20; a_7 = max(19 + 2, EMIT 5 + 1) =
         # 21; EMIT 6 at max(22, 19 + 4) = 23; EMIT 7 at max(25, 21 + 3) = 25; COMPUTE [14, 24).
         arch = lean_arch(rows=1, cols=1, lanes=lanes, sram_bytes=1024, max_tile_outputs=3, result_ring_words=2,
-                    router_fifo_depth=1)
+                         router_fifo_depth=1)
         layers, shape = [Conv(np.array([3, -2, 5], np.int8).reshape(3, 1, 1, 1), [1, 2, 3], 2**30, 30)], (1, 1, 2)
         x = rng.integers(-40, 40, (2, 2), dtype=np.int8)
         expected = {"in_times": [0, 2, 4, 6], "out_times": [9, 11, 14, 16, 19, 21, 24, 26], 0: {
@@ -1154,7 +1154,7 @@ def test_ring_behind_a_slower_tile(ring, depth):
     rng = np.random.default_rng(20 + ring)
     lanes = 2
     arch = lean_arch(rows=1, cols=2, lanes=lanes, sram_bytes=1024, max_tile_outputs=lanes * ring, result_ring_words=ring,
-                router_fifo_depth=depth)
+                     router_fifo_depth=depth)
     layers, shape = [MaxPool(1, 1), random_layer(rng, 8, 2, 1)], (1, 1, 4)
     program = build_program(arch, layers, input_shape=shape)
     assert program.arch.result_words == ring and program.tiles[0].config.result_words(lanes) == 4
@@ -1173,7 +1173,7 @@ def test_results_beyond_the_ring_run(ring):
     lanes = 2
     rng = np.random.default_rng(25)
     arch = lean_arch(rows=1, cols=2, lanes=lanes, sram_bytes=4096, max_tile_outputs=max(4, lanes * ring),
-                result_ring_words=max(2, ring), router_fifo_depth=2)
+                     result_ring_words=max(2, ring), router_fifo_depth=2)
     program = build_program(arch, [MaxPool(1, 1)], input_shape=(3, 3, 3))   # n_out 4: R >= 2
     assert program.tiles[0].config.result_words(lanes) == 18 > program.arch.result_words
     x = rng.integers(-128, 128, (3, 27), dtype=np.int8)
@@ -1198,7 +1198,7 @@ def test_short_last_word_under_a_small_ring():
                 zp_in=-2, pads=(0, 0, 1, 1))
     layers, shape = [conv, random_layer(rng, 3 * 3 * 8, 6, 2)], (3, 3, 3)
     arch = lean_arch(rows=1, cols=3, lanes=lanes, sram_bytes=8192, max_tile_outputs=7, result_ring_words=2,
-                router_fifo_depth=1)
+                     router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     assert program.arch.result_words == 2 and program.tiles[0].config.result_words(lanes) == 18
     assert program.tiles[0].config.result_word_issue_cycles(lanes) == [4 * 4, 3 * 4]
@@ -1500,7 +1500,7 @@ def random_windowed_program(rng, *, max_batch=4, budget=30000):
         lanes = int(rng.choice([1, 2, 4, 8]))
         rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 4))
         arch = lean_arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
-                    router_fifo_depth=int(rng.integers(1, 5)))
+                         router_fifo_depth=int(rng.integers(1, 5)))
         queues = random_queue_words(rng, arch.n_tiles)
         shape = (int(rng.integers(1, 21)), int(rng.integers(3, 10)), int(rng.integers(3, 10)))
         input_shape = shape
@@ -2008,7 +2008,7 @@ def random_residual_program(rng, *, lanes=None, depth=None, max_batch=3, budget=
         if cols > 8:
             continue
         arch = lean_arch(rows=rows, cols=cols, lanes=lanes_now, sram_bytes=lanes_now * 65536, max_tile_outputs=65535,
-                    router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth)
+                         router_fifo_depth=int(rng.integers(1, 5)) if depth is None else depth)
         queues = random_queue_words(rng, arch.n_tiles)
         program = build_program(arch, layers, tail="direct" if rng.random() < 0.3 else "pass", act_fill=rng,
                                 input_shape=input_shape, queue_words=queues)
@@ -2108,7 +2108,7 @@ def test_residual_long_batch_matches_reference():
     rng = np.random.default_rng(41)
     layers, shape = _conv_residual(rng, 4, channels=3, size=(3, 3), bands=(2, 1, 2))
     arch = lean_arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, result_ring_words=64,
-                router_fifo_depth=1)
+                     router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
     x = rng.integers(-128, 128, (batch, 27), dtype=np.int8)
@@ -2473,7 +2473,7 @@ def test_concat_long_batch_matches_reference():
     rng = np.random.default_rng(64)
     layers, shape = _conv_concat(rng, 4, "b", size=(3, 3), bands=(2, 1, 2))
     arch = lean_arch(rows=2, cols=3, lanes=4, sram_bytes=8192, max_tile_outputs=256, result_ring_words=64,
-                router_fifo_depth=1)
+                     router_fifo_depth=1)
     program = build_program(arch, layers, input_shape=shape)
     batch = 3 * PROBE_BATCH
     x = rng.integers(-128, 128, (batch, 54), dtype=np.int8)
@@ -2631,7 +2631,7 @@ def random_grouped_program(rng, *, max_batch=4, budget=25000):
         cols = int(rng.integers(2, 5))
         rows = -(-needed // cols) + int(rng.integers(0, 2))
         arch = lean_arch(rows=rows, cols=cols, lanes=lanes, sram_bytes=lanes * 65536, max_tile_outputs=65535,
-                    router_fifo_depth=int(rng.integers(1, 4)))
+                         router_fifo_depth=int(rng.integers(1, 4)))
         queues = random_queue_words(rng, arch.n_tiles)
         drawn = _program_within_budget(rng, arch, layers, input_shape, max_batch, budget, queues)
         if drawn is not None:
@@ -2976,7 +2976,7 @@ def _pixel_band_case(name):
         raise ValueError(name)
     tiles = _layer_tiles(layers) + (4 if name == "groups" else 0)   # _layer_tiles counts bands, not groups
     arch = lean_arch(rows=2, cols=-(-(tiles + 1) // 2), lanes=lanes, sram_bytes=lanes * 4096, max_tile_outputs=64,
-                result_ring_words=64 // lanes, router_fifo_depth=2)
+                     result_ring_words=64 // lanes, router_fifo_depth=2)
     program = build_program(arch, layers, input_shape=shape, act_fill=rng)
     x = rng.integers(-128, 128, (3, int(np.prod(shape))), dtype=np.int8)
     return program, layers, shape, x, bands

@@ -905,7 +905,7 @@ def test_contexts_on_several_chips(compiled_models, topology, error_rate):
     from flowtile.host import input_flits, outputs_from_flits, quantize
     model, x = compiled_models["resnet"]
     arch = lean_arch(rows=1, cols=2, chips=2, chip_topology=topology, tile_contexts=4, lanes=8, sram_bytes=8192,
-                max_tile_outputs=64, result_ring_words=16, link_error_rate=error_rate)
+                     max_tile_outputs=64, result_ring_words=16, link_error_rate=error_rate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = compile_model(model, arch, replicas=1)

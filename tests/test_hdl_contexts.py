@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
 
 LANES = 4
 ARCH = lean_arch(rows=1, cols=2, lanes=LANES, sram_bytes=1024, max_tile_outputs=32, result_ring_words=3,
-            router_fifo_depth=2, tile_contexts=3)
+                 router_fifo_depth=2, tile_contexts=3)
 TILE = 1
 DEST = {"dest_row": 0, "dest_col": 0, "dest_host": 1}
 FIELD_WIDTHS = {name: width for name, width, _ in CONFIG_FIELDS}

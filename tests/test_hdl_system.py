@@ -31,8 +31,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*created but never used"),
 #: Two chips of 1x2 tiles with 19-bit flits (16 data bits cross a link); an 8-bit link wire (13-beat frames, 3-beat
 #: messages), small credit and replay windows so that both bind.
 ARCH = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, router_fifo_depth=2,
-            chips=2, link_bits_per_cycle=8, link_latency_cycles=3, link_frame_flits=4, link_credit_frames=2,
-            link_replay_frames=2)
+                 chips=2, link_bits_per_cycle=8, link_latency_cycles=3, link_frame_flits=4, link_credit_frames=2,
+                 link_replay_frames=2)
 
 
 def blank_config(**values):
@@ -342,7 +342,7 @@ def test_instance_form_has_one_link_instance_per_link():
 @pytest.fixture(scope="module")
 def three_chip_verilog():
     arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, chips=3,
-                link_latency_cycles=2, link_error_rate=0.01)
+                     link_latency_cycles=2, link_error_rate=0.01)
     return arch, system_verilog(arch, quiet=True)
 
 

@@ -52,7 +52,7 @@ def _networks(tmp_path):
 def test_chips_in_a_line_match_the_emulator_and_one_chip(tmp_path, name, chips, grid, link):
     # rings of 8 words (what max_tile_outputs = 64 gave before the ring had its field): rings that fill
     arch = lean_arch(rows=grid[0], cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8,
-                chips=chips, **link)
+                     chips=chips, **link)
     big = lean_arch(rows=grid[0] * chips, cols=grid[1], lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8)
     rng = np.random.default_rng(chips)
     for network, model, in_shape in _networks(tmp_path):
@@ -97,7 +97,7 @@ def test_dense_frames_with_pixel_periods_match_the_emulator():
     link = SYSTEMS[1][3]
     program, _ = networks(layers, 4, 1, 2, lanes=lanes, input_shape=shape, segments=tables, **link)
     assert program.arch == lean_arch(rows=1, cols=2, lanes=8, sram_bytes=4096, max_tile_outputs=64, result_ring_words=8,
-                                chips=4, **link)
+                                     chips=4, **link)
     assert program.links[0].inference_flits == 72
     batch = 4
     x = rng.integers(-128, 128, (batch, 36), dtype=np.int8)

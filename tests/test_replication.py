@@ -40,7 +40,7 @@ def _int8_model(tmp_path, name, float_model, in_shape, seed):
 def _arch(chips: int, rows: int = 2, cols: int = 2, **link) -> Arch:
     """Small chips with slow links (the default 1/16 of the flit width), frames of 4 flits."""
     return lean_arch(rows=rows, cols=cols, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=chips,
-                link_frame_flits=4, **link)
+                     link_frame_flits=4, **link)
 
 
 @pytest.fixture(scope="module")

@@ -190,7 +190,7 @@ def test_system_verilog_has_a_link_per_chip_in_a_ring():
     from flowtile.hdl.system import LINK_MODULE_NAME
     from flowtile.hdl.verilog import system_verilog
     arch = lean_arch(rows=1, cols=2, lanes=2, sram_bytes=64, max_tile_outputs=4, result_ring_words=2, chips=3,
-                chip_topology="ring", link_latency_cycles=2)
+                     chip_topology="ring", link_latency_cycles=2)
     text = system_verilog(arch, quiet=True)
     assert len(re.findall(rf"^\s*{LINK_MODULE_NAME} \S+ \(", text, re.M)) == 3
     assert re.search(r"\boutput\b[^;]*\blink2__rx_frames_accepted\b", text)

@@ -47,7 +47,7 @@ KEY_REGISTER = "n_in_words"
 LANE_MASK = 0xFF
 
 FLOW_ARCH = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=256, max_tile_outputs=4, router_fifo_depth=2,
-                 host_buffer_flits=64)
+                      host_buffer_flits=64)
 
 
 class LoopbackChip(wiring.Component):
@@ -325,7 +325,7 @@ def test_build_cache_limit_comes_from_the_environment(monkeypatch):
 # --- (b) a hand-built program on the real chip --------------------------------------------------------
 
 CHIP_ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
-                 router_fifo_depth=4, host_buffer_flits=256)
+                      router_fifo_depth=4, host_buffer_flits=256)
 N_IN, N_OUT, BATCH = 12, 6, 3
 ZP_OUT, CLAMP_LO, CLAMP_HI = 3, -100, 100
 #: Requantization around 1/1024: multiplier 1.25 * 2^30, shift 40, so outputs hit the clamps sometimes.
@@ -429,7 +429,7 @@ def test_dense_layer_verilator_matches_amaranth(dense_case, amaranth_dense):
 #: tile 2 max-pools its 5x5 output (2x2, stride 2), tile 3 applies a depthwise 3x3 convolution (pad 1,
 #: op = LANE, per-channel parameters) to the pooled map and sends the result to the host.
 CONV_ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=512, max_tile_outputs=64, result_ring_words=16,
-                 router_fifo_depth=2, host_buffer_flits=256)
+                      router_fifo_depth=2, host_buffer_flits=256)
 CONV_C, CONV_HW, CONV_OUT, CONV_BATCH = 3, 5, 4, 2
 CONV_BANDS = ((0, 3), (3, 2))           # (out_row_begin, out_rows) of chain tiles 0 and 1
 CONV_PAD_VALUE = -5                      # the input zero point: padding is a real zero

@@ -150,7 +150,7 @@ def test_verilator_matches_emulator_under_stalls(model_case, pattern):
 #: A small chip for Amaranth's simulator (that of tests/test_rtl_flow.py's hand-built dense layer): the harness's
 #: pattern memory does not depend on the grid, and a 4x4 chip of the default tiles simulates many times slower.
 AMARANTH_ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
-                     host_buffer_flits=256)
+                          host_buffer_flits=256)
 
 
 @pytest.mark.rtl

@@ -21,7 +21,7 @@ from flowtile.testing.program_builder import Dense, build_program
 ARCH = lean_arch(rows=2, cols=2, lanes=2, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
 #: The Verilator tests' grid (shared with tests/test_rtl_flow.py, so its build is usually cached).
 RTL_ARCH = lean_arch(rows=2, cols=2, lanes=4, sram_bytes=1024, max_tile_outputs=16, result_ring_words=4,
-                router_fifo_depth=4, host_buffer_flits=256)
+                     router_fifo_depth=4, host_buffer_flits=256)
 
 
 def _dense(rng, n_in, n_out, tiles=1):
