@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from flowtile.arch import (ACTIVATION_BANKS, OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
+from flowtile.arch import (OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch,
                            dense_window_registers)
 from flowtile.link_format import LinkGeometry, flit_lanes
 from flowtile.program import LayerInfo, LinkProgram, Program, ProgramError, TileProgram, link_count, link_name
@@ -295,7 +295,8 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
         words_per_pixel=cw, kernel_h=w.kernel_h, kernel_w=w.kernel_w, stride=w.stride,
         pad_top=w.pad_top - part.row_begin * w.stride + first_row, pad_left=w.pad_left,
         pad_value=layer.pad_value, out_row_begin=0, out_rows=part.rows, out_col_begin=part.col_begin,
-        out_col_end=part.col_end, out_width=w.out_width, **extra, **_destination(arch, position))
+        out_col_end=part.col_end, out_width=w.out_width, single_bank=int(part.single_bank), **extra,
+        **_destination(arch, position))
     assert config.weight_words == sram.shape[0]
     return _tile(arch, position, config, sram, params)
 
@@ -634,7 +635,7 @@ def report(program: Program) -> str:
         return tile_program_estimate(tile, arch.lanes)
 
     def sram_used(tile: TileProgram) -> int:
-        return sum((c.weight_words + (ACTIVATION_BANKS * c.stored_words if c.n_out else 0)) * arch.lanes
+        return sum((c.weight_words + (c.activation_words if c.n_out else 0)) * arch.lanes
                    for c in tile.contexts)
 
     rows = [("layer", "op", "elements in -> out", "MACs/inf", "tiles", "est. cycles/inf", "est. util",

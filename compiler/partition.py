@@ -81,6 +81,13 @@ class TileSlice:
     pass_per_pixel: int = 0
     #: the tile's forward queue: the SRAM words its weights and banks leave free (None: as deep as it needs)
     queue_words: int | None = None
+    #: one activation bank (register ``single_bank``, section 4): the stored words take half the SRAM, and the tile's
+    #: RECV of an inference waits for the previous COMPUTE to end (windowed layers whose two banks do not fit)
+    single_bank: bool = False
+
+    @property
+    def banks(self) -> int:
+        return 1 if self.single_bank else ACTIVATION_BANKS
 
     @property
     def stop(self) -> int:
@@ -222,6 +229,27 @@ class WindowCosts:
         if self.dense_row_bytes:
             return min(self.k, -(-rows * self.dense_row_bytes // self.dense_lanes) + 1)
         return rows * self.row_words
+
+    @property
+    def single_bank_able(self) -> bool:
+        """Whether a tile of the layer may keep one activation bank (section 4): a layer storing whole input rows of
+        one map (not a join's two maps, not a densely packed map)."""
+        return not self.join and not self.dense_row_bytes
+
+    def store_until(self, pixel_begin: int, pixels: int) -> int:
+        """One past the last stored word of a band's tile in the stream it receives (:meth:`received`), at most:
+        with the stream's front known (``stream_keep``) exactly, else every word it receives."""
+        received = self.received(pixel_begin)
+        if not self.stream_keep or not self.row_words:
+            return received
+        first, rows = band_input_rows(self, *pixel_rows(pixel_begin, pixels, self.out_width))
+        dropped = self.k + self.carried - received
+        return min(received, self.stream_front + (first + rows) * self.row_words - dropped)
+
+    def alternation_cycles(self, pixel_begin: int, pixels: int, issue: int) -> int:
+        """A one-bank tile's cycles per inference through its input and compute sides in turn (section 4): its RECV
+        words up to the last stored one, then COMPUTE (``issue`` cycles and the drain)."""
+        return self.store_until(pixel_begin, pixels) + issue + 2
 
     @property
     def pixel_issue(self) -> int:
@@ -417,9 +445,9 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
     def n_pass(begin: int, pixels: int, before: list[int], g: int) -> int:
         return begin * pixel_words + pixels * before[g]
 
-    def queue_words(option: int, begin: int, pixels: int) -> int:
-        """The band tile's forward queue: what its weights and banks leave of the SRAM."""
-        return arch.sram_words - layouts[option][2] - ACTIVATION_BANKS * costs.stored_words(begin, pixels)
+    def queue_words(option: int, begin: int, pixels: int, banks: int = ACTIVATION_BANKS) -> int:
+        """The band tile's forward queue: what its weights and ``banks`` leave of the SRAM."""
+        return arch.sram_words - layouts[option][2] - banks * costs.stored_words(begin, pixels)
 
     def overflow(option: int, pixels: int) -> tuple[int, int, int]:
         """(overflow cycles, issue cycles, result words) of the band's tile whose COMPUTE overflows its ring most."""
@@ -430,18 +458,19 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
             worst = max(worst, (ring_overflow_cycles(issue, results, arch.result_ring_words), issue, results))
         return worst
 
-    def run_into(option: int, begin: int, pixels: int, last_band: bool) -> tuple[int, int]:
+    def run_into(option: int, begin: int, pixels: int, last_band: bool,
+                 banks: int = ACTIVATION_BANKS) -> tuple[int, int]:
         """:func:`coupled_ring_cycles` of the band after the run of the bands before it."""
         channels, (_, before, _) = options[option], layouts[option]
         queued = costs.forwarded(not (last_band and len(channels) == 1), begin) + n_pass(begin, pixels, before, 0)
         behind, _, results = overflow(option, pixels)
-        return coupled_ring_cycles(previous, behind, results, queued, queue_words(option, begin, pixels),
+        return coupled_ring_cycles(previous, behind, results, queued, queue_words(option, begin, pixels, banks),
                                    arch.result_ring_words)
 
-    def band_fits(option: int, begin: int, pixels: int, last_band: bool) -> bool:
+    def fits_with(option: int, begin: int, pixels: int, last_band: bool, banks: int) -> bool:
         channels, (grouped, before, weights) = options[option], layouts[option]
-        queue = queue_words(option, begin, pixels)
-        if run_into(option, begin, pixels, last_band)[1] > budget:
+        queue = queue_words(option, begin, pixels, banks)
+        if run_into(option, begin, pixels, last_band, banks)[1] > budget:
             return False
         for g in range(len(channels)):
             forward = not (last_band and g == len(channels) - 1)
@@ -451,7 +480,22 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
             if window_tile_cycles(costs, n_pass(begin, pixels, before, g), pixels, forward,
                                   channels[g] if grouped else None, lanes, queue, begin) > budget:
                 return False
+            if banks == 1:
+                issue, _ = costs.band_work(pixels, channels[g] if grouped else None, lanes)
+                if costs.alternation_cycles(begin, pixels, issue) > budget:
+                    return False
         return True
+
+    def band_banks(option: int, begin: int, pixels: int, last_band: bool) -> int | None:
+        """The band's activation banks: two where they fit, else one where that fits (the SRAM of the second bank
+        is worth more than the overlap of RECV and COMPUTE it buys), else None."""
+        for banks in (ACTIVATION_BANKS, 1) if costs.single_bank_able else (ACTIVATION_BANKS,):
+            if fits_with(option, begin, pixels, last_band, banks):
+                return banks
+        return None
+
+    def band_fits(option: int, begin: int, pixels: int, last_band: bool) -> bool:
+        return band_banks(option, begin, pixels, last_band) is not None
 
     def most_pixels(option: int, begin: int, limit: int) -> int:
         lo, hi = 0, limit
@@ -475,7 +519,7 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         run = run_into(single, 0, first, first >= total) if first else None
         if run is None or run[1] > room[0]:
             return None
-        bands.append((0, first, single))
+        bands.append((0, first, single, ACTIVATION_BANKS))
         previous = (run[0], *overflow(single, first))
         tiles, begin = 1, first
     while begin < total:
@@ -494,18 +538,19 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
         tiles += len(options[option])
         if tiles > max_tiles:
             return None
-        bands.append((begin, take, option))
-        previous = (run_into(option, begin, take, begin + take >= total)[0], *overflow(option, take))
+        banks = band_banks(option, begin, take, begin + take >= total)
+        bands.append((begin, take, option, banks))
+        previous = (run_into(option, begin, take, begin + take >= total, banks)[0], *overflow(option, take))
         begin += take
     slices = []
-    for b, (begin, pixels, option) in enumerate(bands):
+    for b, (begin, pixels, option, banks) in enumerate(bands):
         channels, (grouped, before, _) = options[option], layouts[option]
         starts = [sum(channels[:g]) for g in range(len(channels))]
         for g in range(len(channels)):
             last = b == len(bands) - 1 and g == len(channels) - 1
             slices.append(TileSlice(layer, starts[g], channels[g], costs.k, n_pass(begin, pixels, before, g), not last,
                                     begin, pixels, costs.out_width, before[g] if grouped else 0,
-                                    queue_words(option, begin, pixels)))
+                                    queue_words(option, begin, pixels, banks), banks == 1))
     return slices
 
 
@@ -539,16 +584,18 @@ def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
     least_channels = lanes if groupable else costs.n_out
     least_weights = costs.group_weights(lanes, lanes) if groupable else costs.weight_words
     least_stored = max(costs.stored_words(row * costs.out_width, 1) for row in range(costs.out_height))
-    need = (least_weights + ACTIVATION_BANKS * least_stored + QUEUE_RESERVE_WORDS) * lanes
+    banks = 1 if costs.single_bank_able else ACTIVATION_BANKS
+    need = (least_weights + banks * least_stored + QUEUE_RESERVE_WORDS) * lanes
     if need > arch.sram_bytes:
         held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)"
                 if groupable and least_weights else f"all its weights ({costs.weight_words * lanes} bytes)")
         stored = ("one row of both operand maps" if costs.join
                   else f"the input rows of one output row ({least_stored // costs.row_words} rows)")
+        times = (f"once (one activation bank of {least_stored * lanes} bytes)" if banks == 1 else
+                 f"twice ({ACTIVATION_BANKS} banks of {least_stored * lanes} bytes)")
         raise CompileError(
-            f"{what}: every tile of it holds {held} and {stored} twice ({ACTIVATION_BANKS} banks of "
-            f"{least_stored * lanes} bytes) and a forward queue of at least {QUEUE_RESERVE_WORDS} words: {need} bytes, "
-            f"a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
+            f"{what}: every tile of it holds {held} and {stored} {times} and a forward queue of at least "
+            f"{QUEUE_RESERVE_WORDS} words: {need} bytes, a tile has {arch.sram_bytes} (arch field 'sram_bytes')")
     if least_channels > arch.max_tile_outputs:
         raise CompileError(f"{what}: {costs.n_out} output channels exceed arch field 'max_tile_outputs' = "
                            f"{arch.max_tile_outputs}")
@@ -649,8 +696,12 @@ def _first_slice_in(room: tuple[float, int, int], n_out: int, k: int, arch: Arch
 def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
     if costs is not None:
         grouped = costs.channel_words and s.n_out != costs.n_out
-        return window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes,
-                                  s.queue_words, s.pixel_begin)
+        cycles = window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes,
+                                    s.queue_words, s.pixel_begin)
+        if s.single_bank:
+            issue, _ = costs.band_work(s.pixels, s.n_out if grouped else None, lanes)
+            cycles = max(cycles, costs.alternation_cycles(s.pixel_begin, s.pixels, issue))
+        return cycles
     return _dense_cycles(s.n_in_words, carried, s.n_pass, s.n_out, lanes,
                          s.n_in_words + carried if s.forward else carried)
 
@@ -860,7 +911,7 @@ def _slice_needs(s: TileSlice, costs: WindowCosts | None, carried: int, arch: Ar
         if data is None:
             grouped = costs.channel_words and s.n_out != costs.n_out
             weights = costs.group_weights(s.n_out, arch.lanes) if grouped else costs.weight_words
-            data = weights + ACTIVATION_BANKS * costs.stored_words(s.pixel_begin, s.pixels)
+            data = weights + s.banks * costs.stored_words(s.pixel_begin, s.pixels)
         queued = costs.forwarded(s.forward, s.pixel_begin) + s.n_pass
     else:
         k = s.n_in_words

@@ -213,7 +213,7 @@ def pe_results(tile: TileProgram, count: TileCounts, activations: np.ndarray, ar
 
 def _bank_bases(tile: TileProgram, count: TileCounts) -> list[int]:
     """First SRAM word of each activation bank (section 4: bank ``b`` at ``act_base + b * B``)."""
-    return [tile.config.act_base + b * count.n_stored for b in range(ACTIVATION_BANKS)]
+    return [tile.config.act_base + b * count.n_stored for b in range(tile.config.activation_banks)]
 
 
 def racing_banks(tile: TileProgram, count: TileCounts, batch: int) -> list[int]:
@@ -285,7 +285,7 @@ def weight_memory(tile: TileProgram, count: TileCounts, activations: np.ndarray,
     batch, bank = activations.shape[0], count.n_stored
     w_words = tile.config.weight_words
     w_base, act_base = config.w_base, config.act_base
-    w_end, act_end = w_base + w_words, act_base + ACTIVATION_BANKS * bank
+    w_end, act_end = w_base + w_words, act_base + config.activation_banks * bank
     image = np.zeros((max(w_end, act_end), lanes), dtype=np.int8)
     stored = tile.sram[: image.shape[0]]
     image[: stored.shape[0]] = stored

@@ -74,6 +74,9 @@ class TileCounts:
     # section 4.6: a tile of several contexts has the counts of context 0 above and every context's counts here, in
     # turn order (context 0's again first, each with no contexts of its own); empty for a tile of one context
     contexts: tuple["TileCounts", ...] = ()
+    # section 4, one bank (register single_bank): the first input transfer of inference s >= 1 waits until COMPUTE of
+    # s - 1 has ended (two banks: until it has begun)
+    single_bank: bool = False
 
     @property
     def idle(self) -> bool:
@@ -242,7 +245,8 @@ def config_counts(config, arch: Arch) -> TileCounts:
                       store2_end=store2_end, forward_begin=forward_begin,
                       forward_end=forward_end, pass_per_pixel=config.pass_per_pixel,
                       n_pix=max(1, config.output_pixels) if n_out else 1,
-                      pixel_word_issue=tuple(config.result_word_issue_cycles(arch.lanes)))
+                      pixel_word_issue=tuple(config.result_word_issue_cycles(arch.lanes)),
+                      single_bank=bool(config.single_bank and n_out))
 
 
 @dataclass(frozen=True)

@@ -595,13 +595,26 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
                                   read_slots=None if not count.n_queue else emit_slots,
                                   read_offsets=side.word_issue + 2))
             events += [EventEdge(compute_chain, 0, input_chain, count.store_until - 1, 0, 1),
-                       EventEdge(input_chain, 0, compute_chain, 0, 1, 0)]
+                       _bank_edge(input_chain, 0, compute_chain, 0, count)]
             if side.stall is not None:
                 events.append(EventEdge(input_chain, side.stall[0], compute_chain, 0, 1, side.stall[1]))
         pe_chains[position] = (input_chain, compute_chain, output_chain)
         writer, flits = output_chain, count.flits_out
     return TimingGraph(chains, fifos, events, pe_chains, ring_rounds, frame_edges, links, link_rounds,
                        self_bounds, context_rounds)
+
+
+def _bank_edge(input_chain: int, first_input: int, compute_chain: int, first_word: int,
+               count: TileCounts) -> EventEdge:
+    """The bank hand-over of one context (section 4): its first input transfer of inference ``s >= 1`` at a cycle
+    ``>= c_{s-1}`` (two banks: COMPUTE of ``s - 1`` has begun, action ``first_word`` of the compute chain), or with
+    one bank ``>= a_last + d_last + 2`` of ``s - 1`` (that COMPUTE has ended: its last word's first issue, its
+    issues and the drain)."""
+    if not count.single_bank:
+        return EventEdge(input_chain, first_input, compute_chain, first_word, 1, 0)
+    last_word = first_word + count.n_result_words - 1
+    return EventEdge(input_chain, first_input, compute_chain, last_word, 1,
+                     int(count.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES)
 
 
 @dataclass(frozen=True)
@@ -670,6 +683,8 @@ def _compute_side(count: TileCounts, pushes: np.ndarray, is_pop: np.ndarray, dep
     known = np.arange(count.flits_out) >= emit_slots[0]
     last = int(after[-1])                                   # the last output transfer is an EMIT
     bounds = [(count.store_until - 1) * in_gap + 1]
+    if count.single_bank:   # input(s+1, 0) >= the end of COMPUTE of s: its later words' delays, d_last and the drain
+        bounds.append(int(compute_delays[1:].sum()) + int(word_issue[-1]) + COMPUTE_DRAIN_CYCLES + bounds[0])
     stall = None
     n_queue = len(pushes)
     if n_queue > queue_depth:
@@ -748,7 +763,7 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
     for index, context in enumerate(contexts):
         events += [EventEdge(compute_chain, int(word_at[index]), input_chain,
                              int(in_at[index]) + context.store_until - 1, 0, 1),
-                   EventEdge(input_chain, int(in_at[index]), compute_chain, int(word_at[index]), 1, 0)]
+                   _bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[index]), context)]
     return input_chain, compute_chain, output_chain, np.arange(out_at[-2], out_at[-1], dtype=np.int64)
 
 

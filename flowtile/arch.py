@@ -106,10 +106,16 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # sends what the context emits into the tile's loop-back FIFO, to its next context (0: the tile's last context).
     ("param_base", 16, False),
     ("loop_back", 1, False),
+    # One activation bank (section 4, "One bank"): the stored words of every inference go to act_base onwards, and
+    # the first input transfer of inference s >= 1 waits until COMPUTE of s - 1 has ended (two banks: begun). A tile
+    # whose COMPUTE is long against its RECV (a large weight matrix over a small map) halves its activation SRAM
+    # for a few cycles an inference. The weights may not overlap the bank (TileConfig.validate).
+    ("single_bank", 1, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads
-#: the other (docs/architecture.md section 4); a tile's activation region is this many times its stored words.
+#: the other (docs/architecture.md section 4); a tile's activation region is this many times its stored words,
+#: unless its register ``single_bank`` is 1 (one bank; :attr:`flowtile.tile_config.TileConfig.activation_banks`).
 ACTIVATION_BANKS = 2
 
 #: Values of the ``op`` register.

@@ -103,6 +103,7 @@ class TileConfig:
     in_dense_offset: int = 0
     param_base: int = 0
     loop_back: int = 0
+    single_bank: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -182,9 +183,19 @@ class TileConfig:
         return self.forwarded_words + self.n_pass
 
     @property
+    def activation_banks(self) -> int:
+        """Activation banks of the stored words: :data:`flowtile.arch.ACTIVATION_BANKS`, 1 with ``single_bank``."""
+        return 1 if self.single_bank else ACTIVATION_BANKS
+
+    @property
+    def activation_words(self) -> int:
+        """SRAM words of the activation region ``[act_base, act_base + activation_banks * stored words)``."""
+        return self.activation_banks * self.stored_words
+
+    @property
     def data_end(self) -> int:
         """One past the highest SRAM word the tile's weights and activation banks use (0 if none)."""
-        banks = self.act_base + ACTIVATION_BANKS * self.stored_words if self.stored_words else 0
+        banks = self.act_base + self.activation_words if self.stored_words else 0
         return max(banks, self.w_base + self.weight_words if self.weight_words else 0)
 
     def with_queue(self, arch: Arch, words: int | None = None) -> "TileConfig":
@@ -282,8 +293,10 @@ class TileConfig:
     def tile_period_cycles(self, lanes: int) -> int:
         """Cycles per inference of the tile alone in steady state, never stalled (section 6, rule 4): the busiest
         of its input side (``K + P`` transfers), its output side (``Q + E``) and its compute side (COMPUTE's
-        ``I + 2`` cycles; results stream out through the ring while it runs)."""
-        return max(self.n_in_words + self.n_pass, self.output_flits(lanes), self.compute_cycles)
+        ``I + 2`` cycles; results stream out through the ring while it runs); with one activation bank
+        (``single_bank``) at least its RECV words up to the last stored one plus COMPUTE, which then alternate."""
+        alternating = self.store_until + self.compute_cycles if self.single_bank and self.n_out else 0
+        return max(self.n_in_words + self.n_pass, self.output_flits(lanes), self.compute_cycles, alternating)
 
     @property
     def operand_layout(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -353,11 +366,18 @@ class TileConfig:
         if self.param_base + n_out > arch.max_tile_outputs:
             raise ConfigError(f"config registers param_base + n_out = {self.param_base} + {n_out} exceed "
                               f"max_tile_outputs = {arch.max_tile_outputs} (the parameter table's rows; section 4.6)")
-        activation_end = self.act_base + ACTIVATION_BANKS * self.stored_words
+        banks = self.activation_banks
+        activation_end = self.act_base + self.activation_words
         if activation_end > arch.sram_words:
-            raise ConfigError(f"config registers act_base + {ACTIVATION_BANKS} * ({self.stored_formula}) = "
-                              f"{activation_end} exceed sram_words = {arch.sram_words} ({ACTIVATION_BANKS} "
-                              f"activation banks of the stored words)")
+            raise ConfigError(f"config registers act_base + {banks} * ({self.stored_formula}) = "
+                              f"{activation_end} exceed sram_words = {arch.sram_words} ({banks} "
+                              f"activation bank{'s' if banks > 1 else ''} of the stored words)")
+        if self.single_bank and self.weight_words and self.stored_words and (
+                self.w_base < activation_end and self.act_base < self.w_base + self.weight_words):
+            raise ConfigError(f"config register single_bank = 1: the weights [w_base, w_base + weight words) = "
+                              f"[{self.w_base}, {self.w_base + self.weight_words}) overlap the activation bank "
+                              f"[act_base, act_base + {self.stored_formula}) = [{self.act_base}, {activation_end}), "
+                              f"which the next inference overwrites (section 4, one bank)")
         if self.pass_per_pixel and n_out == 0:
             raise ConfigError(f"config register pass_per_pixel = {self.pass_per_pixel} requires a computing tile "
                               f"(n_out > 0; section 4.4)")
@@ -479,8 +499,8 @@ class TileConfig:
         if base + words > arch.sram_words:
             raise ConfigError(f"config registers queue_base + queue_words = {base} + {words} = {base + words} exceed "
                               f"sram_words = {arch.sram_words}")
-        regions = [("act_base", self.act_base, ACTIVATION_BANKS * self.stored_words,
-                    f"{ACTIVATION_BANKS} * ({self.stored_formula})"),
+        regions = [("act_base", self.act_base, self.activation_words,
+                    f"{self.activation_banks} * ({self.stored_formula})"),
                    ("w_base", self.w_base, self.weight_words, "the weight words")]
         for register, begin, size, what in regions:
             if size and begin < base + words and base < begin + size:
@@ -492,8 +512,8 @@ class TileConfig:
         """The SRAM regions the registers claim, as ``(what, begin, end)``: the weights, the two activation banks and
         the forward queue (empty ones left out); the contexts of one tile must keep theirs apart (section 4.6)."""
         regions = [("weights [w_base, w_base + weight words)", self.w_base, self.w_base + self.weight_words),
-                   (f"activation banks [act_base, act_base + {ACTIVATION_BANKS} * stored words)", self.act_base,
-                    self.act_base + ACTIVATION_BANKS * self.stored_words),
+                   (f"activation banks [act_base, act_base + {self.activation_banks} * stored words)", self.act_base,
+                    self.act_base + self.activation_words),
                    ("forward queue [queue_base, queue_base + queue_words)", self.queue_base,
                     self.queue_base + self.queue_words)]
         return [(what, begin, end) for what, begin, end in regions if end > begin]

@@ -94,6 +94,9 @@ class ComputeSequencer(wiring.Component):
     in_compute : ``Out(1)``
     context : ``Out(range(C))``
         Only with ``C > 1``: the context of the COMPUTE running or next to run.
+    bank_free : ``Out(1)``
+        Only with ``C > 1``: the COMPUTE of ``context`` no longer reads its bank after this cycle: ``compute_start``
+        with two banks, its last (drain) cycle with one (``single_bank``).
     """
 
     def __init__(self, arch: Arch):
@@ -111,7 +114,7 @@ class ComputeSequencer(wiring.Component):
             "compute_begun": Out(1),
             "compute_bank": Out(1),
             "in_compute": Out(1),
-            **({"context": Out(range(arch.tile_contexts))} if arch.tile_contexts > 1 else {}),
+            **({"context": Out(range(arch.tile_contexts)), "bank_free": Out(1)} if arch.tile_contexts > 1 else {}),
         })
 
     def elaborate(self, platform):
@@ -171,6 +174,9 @@ class ComputeSequencer(wiring.Component):
         issue_done = Signal()
         drain = Signal(range(COMPUTE_DRAIN_CYCLES))
         issuing = in_compute & ~issue_done
+        if contexts > 1:
+            last_cycle = in_compute & issue_done & (drain == COMPUTE_DRAIN_CYCLES - 1)
+            m.d.comb += self.bank_free.eq(Mux(config.single_bank, last_cycle, compute_start))
 
         # cw runs over a pixel's words_per_pixel input words (MAC) or the N_g words of the channel group (section
         # 4.4; N_g = words_per_pixel without a group, and always for CONCAT).
@@ -310,7 +316,8 @@ class ComputeSequencer(wiring.Component):
         activation_offset = Mux(dense, dense_byte >> lane_bits, operand_offset + pixel_offset + operand_word)
         # Section 4: COMPUTE of inference s reads bank s mod 2, act_base + (s mod 2) * B onwards (B: both store
         # ranges' words; the stored words are the first range's then the second's).
-        activation_address = config.act_base + Mux(self.compute_bank, stored_words, 0) + activation_offset
+        activation_address = (config.act_base + Mux(self.compute_bank & ~config.single_bank, stored_words, 0)
+                              + activation_offset)
         m.d.comb += [
             issue.weight_addr.eq(weight_address),
             issue.activation_addr.eq(activation_address[:len(issue.activation_addr)]),

@@ -50,6 +50,12 @@ class InputSide(wiring.Component):
     With ``C = arch.tile_contexts = 1`` (the PE of sections 4 to 4.5) the hand-over compares parities: the
     inference's parity ``s mod 2`` must equal that of the COMPUTEs begun so far (``compute_bank ^ compute_begun``).
 
+    One bank (register ``single_bank``, section 4): every inference's stored words go to ``act_base + k -
+    store_begin`` onwards (bank 0), and the first transfer of inference ``s >= 1`` waits until COMPUTE of ``s - 1``
+    has ended: it happens at a cycle ``>= e_{s-1}``, the cycle after that COMPUTE's last (drain) cycle. With ``C =
+    1`` the parity of the COMPUTEs ended so far (``compute_bank``) must equal ``s mod 2``; with ``C > 1`` the
+    context's flag is cleared by ``bank_free`` in that COMPUTE's last cycle.
+
     With ``C > 1`` (section 4.6) the side serves the contexts in turn, ``0 .. C' - 1`` per inference: ``context``
     (a register) is the context whose ``K + P`` transfers it makes; ``config`` and ``computes`` must be that
     context's (the PE selects them by ``context``; so is ``i_flit``: the router for context 0, the loop-back FIFO
@@ -83,6 +89,9 @@ class InputSide(wiring.Component):
         Only with ``C = 1``: a COMPUTE is running or begins in this cycle.
     compute_start : ``In(1)``
         Only with ``C > 1``: a COMPUTE begins in this cycle ...
+    bank_free : ``In(1)``
+        Only with ``C > 1``: ... the COMPUTE no longer needs its bank after this cycle (its start with two banks,
+        its last cycle with one) ...
     compute_context : ``In(range(C))``
         Only with ``C > 1``: ... of this context.
     context : ``Out(range(C))``
@@ -106,7 +115,7 @@ class InputSide(wiring.Component):
         if contexts == 1:
             members.update({"compute_bank": In(1), "compute_begun": In(1)})
         else:
-            members.update({"compute_start": In(1), "compute_context": In(range(contexts)),
+            members.update({"compute_start": In(1), "bank_free": In(1), "compute_context": In(range(contexts)),
                             "context": Out(range(contexts))})
         super().__init__(members)
 
@@ -137,13 +146,18 @@ class InputSide(wiring.Component):
             # At in_index = 0 of inference s the COMPUTEs begun so far (this cycle's included) number s - 1 or s
             # (COMPUTE of s needs a RECV of s; inference s - 1 began at >= c_{s-2}), so comparing parities
             # decides. s = 0: both are 0.
-            may_begin = ~self.computes | (in_index != 0) | ((self.compute_bank ^ self.compute_begun) == in_bank)
+            # One bank (single_bank): the COMPUTEs ended so far number s - 1 or s, and compute_bank is their parity,
+            # so it equals s mod 2 once COMPUTE of s - 1 has ended (from the cycle after its last cycle).
+            may_begin = ~self.computes | (in_index != 0) | Mux(
+                config.single_bank, self.compute_bank == in_bank, (self.compute_bank ^ self.compute_begun) == in_bank)
         else:
             # Section 4.6, per context: pending[c] = the input side began a turn of context c whose COMPUTE has not
             # begun; the next turn of c may begin once it has (in the cycle it begins, too).
+            # With one bank (single_bank) the flag is cleared when that COMPUTE ends (bank_free), and the turn begins
+            # in the cycle after.
             context = self.context
             pending = Signal(contexts)
-            started_here = self.compute_start & (self.compute_context == context)
+            started_here = self.compute_start & (self.compute_context == context) & ~config.single_bank
             may_begin = ~self.computes | (in_index != 0) | ~pending.bit_select(context, 1) | started_here
         accepting = Signal()
         m.d.comb += [
@@ -171,7 +185,7 @@ class InputSide(wiring.Component):
                 with m.Else():
                     m.d.sync += in_index.eq(in_index + 1)
             for index in range(contexts):
-                with m.If(self.compute_start & (self.compute_context == index)):
+                with m.If(self.bank_free & (self.compute_context == index)):
                     m.d.sync += pending[index].eq(0)
                 # Set after the clear: COMPUTE of (c, s - 1) may begin in the cycle of (c, s)'s first transfer.
                 with m.If(transfer & (in_index == 0) & self.computes & (context == index)):
@@ -180,7 +194,7 @@ class InputSide(wiring.Component):
         # Section 4.2: RECV word k is stored iff store_begin <= k < store_end (stored word k - store_begin) or
         # store2_begin <= k < store2_end (stored word B1 + k - store2_begin), into bank s mod 2. The ranges are
         # disjoint in a valid config; the first one wins otherwise.
-        bank_base = config.act_base + Mux(in_bank, stored_words, 0)
+        bank_base = config.act_base + Mux(in_bank & ~config.single_bank, stored_words, 0)
         stored_index = Mux(stores_first, in_index - config.store_begin, first_words + in_index - config.store2_begin)
         address = self.sram_write.addr
         m.d.comb += [

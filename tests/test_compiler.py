@@ -1084,21 +1084,21 @@ def test_narrow_first_convolution_is_packed_on_the_host(tmp_path):
 
 def test_windowed_layer_size_errors():
     rng = np.random.default_rng(4)
-    # a band of one output row of a 3x3 pool stores 3 input rows (16 pixels x 4 words each), twice
+    # a band of one output row of a 3x3 pool stores 3 input rows (16 pixels x 4 words each), at least once (one bank)
     model = float_cnn(rng, (8, 16, 16), [("conv", 32, 1, 1, [0, 0, 0, 0]), ("pool", 3, 1, [1, 1, 1, 1]), ("flatten",),
                                          ("gemm", 4)])
     calibration = rng.standard_normal((8, 8, 16, 16)).astype(np.float32)
     with pytest.raises(CompileError, match=r"layer 'pool1' \(MaxPool, 32x16x16 -> 32x16x16\): every tile of it holds "
                                            r"all its weights \(0 bytes\) and the input rows of one output row \(3 rows\) "
-                                           r"twice \(2 banks of 1536 bytes\) and a forward queue of at least 2 words: 3088 bytes, "
-                                           r"a tile has 2048"):
-        compile_model(model, lean_arch(sram_bytes=2048), calibration=calibration)
+                                           r"once \(one activation bank of 1536 bytes\) and a forward queue of at least 2 "
+                                           r"words: 1552 bytes, a tile has 1024"):
+        compile_model(model, lean_arch(sram_bytes=1024), calibration=calibration)
     # a convolution splits its channels down to one word of them and its rows down to one output row
     model = float_cnn(rng, (8, 16, 16), [("conv", 32, 3, 1, [1, 1, 1, 1]), ("flatten",), ("gemm", 4)])
     with pytest.raises(CompileError, match=r"layer 'conv0' \(Conv.*weights of at least 8 output channels \(576 bytes\)"
-                                           r".*input rows of one output row \(3 rows\) twice \(2 banks of 384 bytes\) "
-                                           r"and a forward queue of at least 2 words: 1360 bytes.*'sram_bytes'"):
-        compile_model(model, lean_arch(sram_bytes=1024), calibration=calibration)
+                                           r".*input rows of one output row \(3 rows\) once \(one activation bank of 384 "
+                                           r"bytes\) and a forward queue of at least 2 words: 976 bytes.*'sram_bytes'"):
+        compile_model(model, lean_arch(sram_bytes=512), calibration=calibration)
     # enough SRAM for each layer alone, not enough tiles for all: the error names the layer needing the most
     model = float_cnn(rng, (64, 6, 6), [("conv", 64, 3, 1, [1, 1, 1, 1]), ("relu",), ("flatten",), ("gemm", 5)])
     calibration = rng.standard_normal((8, 64, 6, 6)).astype(np.float32)
