@@ -486,10 +486,20 @@ def _split_bands(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_
                     return False
         return True
 
+    def one_bank_able(option: int, begin: int, pixels: int) -> bool:
+        """Whether the band's tiles may keep one bank: the next inference then waits for COMPUTE's end, so COMPUTE
+        must not wait for this inference's EMITs (which wait for the words the tile passes and forwards and for the
+        next tile: the period would take them in too): each tile's results fill at most half its ring (word j waits
+        for EMIT j - R, then of two inferences back)."""
+        channels, (grouped, _, _) = options[option], layouts[option]
+        return costs.single_bank_able and all(
+            2 * costs.band_work(pixels, channels[g] if grouped else None, lanes)[1] <= arch.result_ring_words
+            for g in range(len(channels)))
+
     def band_banks(option: int, begin: int, pixels: int, last_band: bool) -> int | None:
         """The band's activation banks: two where they fit, else one where that fits (the SRAM of the second bank
-        is worth more than the overlap of RECV and COMPUTE it buys), else None."""
-        for banks in (ACTIVATION_BANKS, 1) if costs.single_bank_able else (ACTIVATION_BANKS,):
+        is worth more than the overlap of RECV and COMPUTE it buys, :func:`one_bank_able`), else None."""
+        for banks in (ACTIVATION_BANKS, 1) if one_bank_able(option, begin, pixels) else (ACTIVATION_BANKS,):
             if fits_with(option, begin, pixels, last_band, banks):
                 return banks
         return None

@@ -259,6 +259,7 @@ def test_input_side_serves_contexts_in_turn(contexts):
                 ctx.set(dut.config, config_value(**files[context]))
                 for port, value in ((dut.run, run), (dut.computes, computes[context]), (dut.i_flit.valid, valid),
                                     (dut.o_forward.ready, forward_ready), (dut.compute_start, start),
+                                    (dut.bank_free, start),     # two banks: a bank is free once COMPUTE starts
                                     (dut.compute_context, start_context)):
                     ctx.set(port, value)
                 flit = rng.getrandbits(32)

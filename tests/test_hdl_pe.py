@@ -189,7 +189,10 @@ class Schedule:
                     space = pops[len(pushes) - queue_words] + 1        # push i >= pop i - F + 1
                     queue_waits += space > t
                     t = max(t, space)
-                if computes and s >= 1 and k == 0:
+                if computes and s >= 1 and k == 0 and config["single_bank"]:
+                    last = s * per_inference - 1                        # COMPUTE of s - 1 has ended (one bank)
+                    t = max(t, a[last] + durations[last] + 2)
+                elif computes and s >= 1 and k == 0:
                     t = max(t, c[s - 1])                                # COMPUTE of s - 1 has begun
                 if pushes_word:
                     pushes.append(t)
@@ -480,6 +483,49 @@ def test_bank_alternation_and_queue_depth_matter():
         accepted[queue_words] = [t for _, _, t in schedule.inputs]
         assert (schedule.queue_waits > 0) == (queue_words == 1)
     assert all(small >= large for small, large in zip(accepted[1], accepted[16])) and accepted[1] != accepted[16]
+
+
+@pytest.mark.parametrize("forward, back_pressure", [(0, False), (1, False), (1, True)])
+def test_single_bank_receives_the_next_inference_after_compute_ends(forward, back_pressure):
+    """One activation bank (register single_bank): every inference's stored words go to act_base onwards, and the
+    first input transfer of inference s + 1 waits until COMPUTE of s has ended (the cycle after its last drain
+    cycle), so COMPUTE never reads words of the next inference: results, transfer cycles and the SRAM after the run
+    (one bank, the last inference's words) match the golden models, under random stalls too. With K = 2 and I = 12
+    two banks would receive inference 1 inside COMPUTE of inference 0; one bank receives it after."""
+    rng = random.Random(53 + forward + 2 * back_pressure)
+    k_words, n_pass, n_out, n_inferences = 2, forward, 6, 4
+    config = config_with_queue(make_config(n_in_words=k_words, forward=forward, n_pass=n_pass, n_out=n_out,
+                                           w_base=0, act_base=40, single_bank=1), ARCH, None)
+    assert tile_config(config).activation_words == k_words and config["queue_base"] == (42 if forward else 0)
+    weights, params = dense_case(rng, k_words, n_out, ARCH.lanes)
+    inputs = [[rng.randint(-128, 127) for _ in range(ARCH.lanes)] for _ in range((k_words + n_pass) * n_inferences)]
+    available, ready = (random_stalls(rng, len(inputs), 600) if back_pressure
+                        else ([0] * len(inputs), [True] * 600))
+    sram_image = []
+    _, schedule = check_run(config, weights, params, inputs, available, ready, sram_image=sram_image)
+    assert sram_image == expected_banks(config, inputs, {a: w for a, w in enumerate(weights)}, ARCH.sram_words,
+                                        ARCH.lanes, n_inferences)
+    issue_cycles = n_out * k_words
+    per_inference = k_words + n_pass
+    for s in range(1, n_inferences):
+        first = schedule.inputs[s * per_inference][2]
+        assert first >= schedule.compute[s - 1] + issue_cycles + 2, "RECV of s + 1 began before COMPUTE of s ended"
+    if not back_pressure:
+        # inference 0 arrives in cycles 0, 1 and computes [2, 16); inference 1 arrives from cycle 16, not 2
+        assert schedule.compute[0] == 2 and schedule.inputs[per_inference][2] == 16
+        period = tile_config(config).tile_period_cycles(ARCH.lanes)
+        assert schedule.compute[2] - schedule.compute[1] == period == k_words + issue_cycles + 2
+
+
+def test_single_bank_weights_may_not_overlap_the_bank():
+    """With one bank the next inference overwrites it while nothing orders that against COMPUTE's weight reads: a
+    config whose weights overlap the bank is refused, naming both regions (two banks allow it, section 4)."""
+    overlapping = make_config(n_in_words=2, n_out=4, w_base=0, act_base=4, single_bank=1)
+    with pytest.raises(ConfigError, match=r"single_bank = 1: the weights \[w_base, w_base \+ weight words\) = \[0, 8\) "
+                                          r"overlap the activation bank \[act_base, act_base \+ .*\) = \[4, 6\)"):
+        tile_config(overlapping).validate(ARCH)
+    tile_config(dict(overlapping, single_bank=0)).validate(ARCH)
+    tile_config(dict(overlapping, act_base=8)).validate(ARCH)
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -1438,8 +1484,9 @@ def expected_banks(config, inputs, sram, sram_words, lanes, n_inferences):
     for address, word in sram.items():
         expected[address] = word
     per_inference, stored = config["n_in_words"] + config["n_pass"], tile_config(config).stored_words
-    for s in range(max(0, n_inferences - 2), n_inferences):
-        bank = config["act_base"] + (s % 2) * stored
+    banks = tile_config(config).activation_banks         # one bank (single_bank): only the last inference's words
+    for s in range(max(0, n_inferences - banks), n_inferences):
+        bank = config["act_base"] + (s % banks) * stored
         expected[bank:bank + stored] = stored_part(config, inputs[s * per_inference:(s + 1) * per_inference])
     for address, flit in queue_image(config, inputs, n_inferences).items():
         expected[address] = flit
