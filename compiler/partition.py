@@ -1157,7 +1157,8 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 f"model does not fit {grid}: its layers need {needed}, there are "
                 f"{_tiles_there(arch)}; {_describe_window(layers[worst])} alone needs {len(splits[worst])}: a "
                 f"{arch.sram_bytes}-byte tile (arch field 'sram_bytes') holds its weights ({c.weight_words * arch.lanes} "
-                f"bytes, or a channel group's) and two banks of the input rows its band of output pixels reads")
+                f"bytes, or a channel group's) and the input rows its band of output pixels reads (two banks of them, "
+                f"or one where its results fill at most half the result ring)")
 
         # balance: the pipeline runs at the pace of its slowest stage (tile or link), so find the smallest budget for
         # which every layer's fewest tiles within it (its greedy split) still fit the chips, cut at links within it.
