@@ -9,12 +9,13 @@ on the emulator against onnxruntime and the compiler's estimate, and on Verilato
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from flowtile.arch import ACTIVATION_BANKS
+from flowtile.arch import ACTIVATION_BANKS, Arch
 from flowtile.compiler import compile_model, int8_model
 from flowtile.compiler.emit import estimated_interval
 from flowtile.compiler.partition import QUEUE_RESERVE_WORDS
@@ -24,6 +25,7 @@ from flowtile.testing.oracle_checks import (assert_emulator_matches_onnxruntime,
                                             emulate_model)
 from flowtile.testing.random_models import quantize_qdq, random_float_cnn
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (256, 6, 6)
 
 
@@ -73,4 +75,29 @@ def test_one_bank_outputs_match_onnxruntime_and_the_estimate(pointwise_stack):
 def test_rtl_matches_emulator_with_one_bank_tiles(pointwise_stack):
     _, program = pointwise_stack
     x = np.random.default_rng(7).standard_normal((4, *SHAPE)).astype(np.float32)
+    assert_rtl_matches_emulator(program, x)
+
+
+@pytest.mark.rtl
+def test_one_bank_contexts_on_the_default_tile_rtl_matches_emulator():
+    """The hardware takes one bank in any context, not only where the compiler picks it: the digits CNN on the
+    default 4x4 chip (copies on tiles of several contexts) with every other computing context switched to one bank
+    (its weights lie below its bank, as the compiler places them). The results are the same words; the
+    receptions wait for COMPUTE's end, so the run takes at least as long; Verilator == emulator."""
+    program = compile_model(int8_model(ROOT / "models" / "digits_cnn.onnx"), Arch().with_grid("4x4"))
+    x = np.random.default_rng(8).standard_normal((2 * program.replicas, 1, 8, 8)).astype(np.float32)
+    before = emulate_model(program, x)
+    switched = 0
+    for tile in program.tiles:
+        contexts = []
+        for index, config in enumerate(tile.contexts):
+            if config.n_out and index % 2 == 0:
+                assert config.w_base + config.weight_words <= config.act_base
+                config, switched = config.replace(single_bank=1), switched + 1
+            contexts.append(config)
+        tile.config, tile.later_contexts = contexts[0], tuple(contexts[1:])
+    program.validate()
+    assert switched and any(len(tile.contexts) > 1 and tile.config.single_bank for tile in program.tiles)
+    after = emulate_model(program, x)
+    assert np.array_equal(after.q, before.q) and after.result.cycles >= before.result.cycles
     assert_rtl_matches_emulator(program, x)
