@@ -91,7 +91,9 @@ Given its lower bounds a chain is solved in closed form (max-plus prefix scan)::
 The coupled system is solved by Gauss-Seidel sweeps over the chains, alternately downstream (data) and
 upstream (back-pressure), starting from "no constraint yet" and re-solving a chain only when a chain it
 depends on changed, until nothing changes. Times only increase and the iteration stops at the least
-solution, which is the hardware's behaviour (every transfer happens in the first cycle its rules allow).
+solution, which is the hardware's behaviour (every transfer happens in the first cycle its rules allow). A due
+tile's three chains are solved together to their fixed point before the sweep goes on (they bound each other around
+loops, once per context through the loop-back FIFO); the order of solves does not change the least solution.
 
 Exact shortcuts keep the number of sweeps small. Delays implied by the rules are built into ``d`` (they
 leave the solution unchanged and spare the sweep rounds through which they would otherwise emerge):
@@ -925,6 +927,12 @@ class _ChainSystem:
                 self.faulty[j] = link
                 dependents[j] |= group - {j}
         self.dependents = [sorted(d) for d in dependents]
+        # a tile's chains, solved together to their fixed point when one of them is due (sweep_until_stable)
+        self.tile_chains: dict[int, tuple[int, ...]] = {}
+        for tile in graph.pe_chains.values():
+            members = tuple(j for j in tile if j is not None and j < solved)
+            if len(members) > 1:
+                self.tile_chains.update((j, members) for j in members)
         self.cumulative = []
         inferences = np.arange(batch, dtype=np.int64)[:, None]
         for delays, first in (spaced if spaced is not None else _spaced_delays(graph))[:solved]:
@@ -1168,6 +1176,7 @@ class _ChainSystem:
         max_rounds += 2 * self.gated_flits
         dirty = [True] * n
         solves = 0
+        budget = 2 * n * max_rounds     # the solves of max_rounds sweep rounds
         times = self.times
         downstream, upstream = range(n), range(n - 1, -1, -1)
         for _ in range(max_rounds):
@@ -1175,15 +1184,37 @@ class _ChainSystem:
                 for j in order:
                     if not dirty[j]:
                         continue
-                    dirty[j] = False
-                    solves += 1
-                    new = self.solve_chain(j)
-                    if (new != times[j]).any():
-                        times[j] = new
-                        for k in self.dependents[j]:
-                            dirty[k] = True
+                    tile = self.tile_chains.get(j)
+                    if tile is None:
+                        dirty[j] = False
+                        solves += 1
+                        new = self.solve_chain(j)
+                        if (new != times[j]).any():
+                            times[j] = new
+                            for k in self.dependents[j]:
+                                dirty[k] = True
+                        continue
+                    # A tile's input, compute and output chains bound each other around loops (the bank hand-over, the
+                    # queue, the ring; with contexts the loop-back FIFO, once per context): settle them together
+                    # before going on, instead of a sweep round per lap. Any order of solves that stops when none
+                    # changes reaches the same least solution (times only rise), so this is exact; a tile whose
+                    # chains keep rising (a deadlock) runs into the rounds' budget of solves, which reports it.
+                    while solves <= budget:
+                        due = [k for k in tile if dirty[k]]
+                        if not due:
+                            break
+                        for k in due:
+                            dirty[k] = False
+                            solves += 1
+                            new = self.solve_chain(k)
+                            if (new != times[k]).any():
+                                times[k] = new
+                                for m in self.dependents[k]:
+                                    dirty[m] = True
             if not any(dirty):
                 return solves
+            if solves > budget:
+                break
         stuck = [self.graph.chains[j].name for j in range(n) if dirty[j]]
         raise TimingError(f"timing did not converge after {max_rounds} sweep rounds (batch {self.batch}): "
                           f"a deadlock or a model bug; still changing: {', '.join(stuck[:4])}"
