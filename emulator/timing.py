@@ -1179,38 +1179,32 @@ class _ChainSystem:
         budget = 2 * n * max_rounds     # the solves of max_rounds sweep rounds
         times = self.times
         downstream, upstream = range(n), range(n - 1, -1, -1)
+
+        def solve(j: int) -> None:
+            dirty[j] = False
+            new = self.solve_chain(j)
+            if (new != times[j]).any():
+                times[j] = new
+                for k in self.dependents[j]:
+                    dirty[k] = True
+
         for _ in range(max_rounds):
             for order in (downstream, upstream):
                 for j in order:
                     if not dirty[j]:
-                        continue
-                    tile = self.tile_chains.get(j)
-                    if tile is None:
-                        dirty[j] = False
-                        solves += 1
-                        new = self.solve_chain(j)
-                        if (new != times[j]).any():
-                            times[j] = new
-                            for k in self.dependents[j]:
-                                dirty[k] = True
                         continue
                     # A tile's input, compute and output chains bound each other around loops (the bank hand-over, the
                     # queue, the ring; with contexts the loop-back FIFO, once per context): settle them together
                     # before going on, instead of a sweep round per lap. Any order of solves that stops when none
                     # changes reaches the same least solution (times only rise), so this is exact; a tile whose
                     # chains keep rising (a deadlock) runs into the rounds' budget of solves, which reports it.
-                    while solves <= budget:
-                        due = [k for k in tile if dirty[k]]
-                        if not due:
-                            break
+                    tile = self.tile_chains.get(j, (j,))
+                    due = [j]
+                    while due and solves <= budget:
                         for k in due:
-                            dirty[k] = False
                             solves += 1
-                            new = self.solve_chain(k)
-                            if (new != times[k]).any():
-                                times[k] = new
-                                for m in self.dependents[k]:
-                                    dirty[m] = True
+                            solve(k)
+                        due = [k for k in tile if dirty[k]] if len(tile) > 1 else []
             if not any(dirty):
                 return solves
             if solves > budget:
