@@ -594,7 +594,9 @@ def _check_window_fits(layer, costs: WindowCosts, arch: Arch) -> None:
     least_channels = lanes if groupable else costs.n_out
     least_weights = costs.group_weights(lanes, lanes) if groupable else costs.weight_words
     least_stored = max(costs.stored_words(row * costs.out_width, 1) for row in range(costs.out_height))
-    banks = 1 if costs.single_bank_able else ACTIVATION_BANKS
+    # one bank where a tile of one pixel's results of its least channels fills at most half the ring (_split_bands)
+    least_results = words(least_channels, lanes) if groupable else costs.result_words_per_pixel
+    banks = 1 if costs.single_bank_able and 2 * least_results <= arch.result_ring_words else ACTIVATION_BANKS
     need = (least_weights + banks * least_stored + QUEUE_RESERVE_WORDS) * lanes
     if need > arch.sram_bytes:
         held = (f"the weights of at least {lanes} output channels ({least_weights * lanes} bytes)"
