@@ -74,7 +74,7 @@ def test_one_bank_outputs_match_onnxruntime_and_the_estimate(pointwise_stack):
 @pytest.mark.rtl
 def test_rtl_matches_emulator_with_one_bank_tiles(pointwise_stack):
     _, program = pointwise_stack
-    x = np.random.default_rng(7).standard_normal((4, *SHAPE)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((2, *SHAPE)).astype(np.float32)   # 2 x 75k cycles on Verilator
     assert_rtl_matches_emulator(program, x)
 
 
