@@ -698,6 +698,11 @@ def report(program: Program) -> str:
         lines.append(f"{len(shared)} tile(s) run several layers in turn (contexts, docs/architecture.md section 4.6; "
                      f"arch field 'tile_contexts' = {arch.tile_contexts}): "
                      + ", ".join(f"{t.key} {len(t.contexts)}" for t in shared[:8]) + (", ..." if len(shared) > 8 else ""))
+    single = [t for t in program.tiles if any(c.single_bank for c in t.contexts)]
+    if single:
+        lines.append(f"{len(single)} tile(s) keep one activation bank where two do not fit (register single_bank, "
+                     f"docs/architecture.md section 4): each receives the next inference after it computes: "
+                     + ", ".join(t.key for t in single[:8]) + (", ..." if len(single) > 8 else ""))
     # a pass-through tile computes nothing, so streaming through its queue never holds anything up
     short = [t for t in program.tiles if t.config.n_out and t.config.queued_words > t.config.queue_words]
     if short:

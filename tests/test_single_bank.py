@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from flowtile.arch import ACTIVATION_BANKS, Arch
-from flowtile.compiler import compile_model, int8_model
+from flowtile.compiler import compile_model, int8_model, report
 from flowtile.compiler.emit import estimated_interval
 from flowtile.compiler.partition import QUEUE_RESERVE_WORDS
 from flowtile.testing.archs import lean_arch
@@ -56,6 +56,7 @@ def test_compiler_keeps_one_bank_where_two_do_not_fit(pointwise_stack):
         assert config.weight_words + ACTIVATION_BANKS * config.stored_words + QUEUE_RESERVE_WORDS > arch.sram_words
         assert config.activation_words == config.stored_words and config.n_out
         assert config.queue_base >= config.act_base + config.stored_words or not config.queue_words
+    assert f"{len(single)} tile(s) keep one activation bank" in report(program)
     # a one-bank tile alternates RECV and COMPUTE: the estimate counts both (TileConfig.tile_period_cycles)
     slowest = max(single, key=lambda c: c.tile_period_cycles(arch.lanes))
     assert slowest.tile_period_cycles(arch.lanes) >= slowest.store_until + slowest.compute_cycles
