@@ -190,7 +190,7 @@ recurrence hold with equality? Why that is exact:
   any transient.
 
 If the check fails, a longer probe (and in the end the whole batch) is solved by sweeps; a probe whose sweeps
-settled in a few rounds (:data:`CHEAP_SWEEP_SOLVES_PER_CHAIN`) is not grown, the whole batch is swept at once
+settled in a few rounds (:data:`CHEAP_SWEEP_ROUNDS`) is not grown, the whole batch is swept at once
 (nothing couples its inferences round by round, so that is cheaper than probing through a long transient).
 
 Windows (:class:`_WindowSystem`, programs without links or host patterns of at least :data:`WINDOW_MIN_ACTIONS`
@@ -237,9 +237,10 @@ __all__ = ["TimingError", "Chain", "FifoEdge", "EventEdge", "FrameEdge", "LinkCh
 NEVER = np.int64(-(1 << 62))
 #: Inferences solved by sweeps before extrapolating a periodic steady state.
 PROBE_BATCH = 16
-#: A probe whose sweeps took at most this many solves per chain and did not extrapolate is not grown: the
-#: whole batch is swept directly (it converges in as few rounds when no back-pressure couples inferences).
-CHEAP_SWEEP_SOLVES_PER_CHAIN = 4
+#: A probe whose sweeps took at most this many rounds (each downstream, then upstream; the last one changes
+#: nothing) and did not extrapolate is not grown: the whole batch is swept directly (it converges in as few rounds
+#: when no back-pressure couples inferences).
+CHEAP_SWEEP_ROUNDS = 2
 #: Factor by which the probe grows when it is not yet periodic or its extrapolation fails the check
 #: (the solved prefix is kept, so only the new inferences cost sweeps).
 PROBE_GROWTH = 2
@@ -875,6 +876,7 @@ class _ChainSystem:
     def __init__(self, graph: TimingGraph, solved: int, batch: int, *, times: list[np.ndarray] | None = None,
                  spaced: list[tuple[np.ndarray, int | None]] | None = None, gates: dict[int, Gate] | None = None):
         self.graph, self.solved, self.batch = graph, solved, batch
+        self.rounds = 0     # the sweep rounds the last sweep_until_stable took
         # gated host chains (d = 1 for every action, no event edge, no skip): solved in on-cycle indices
         self.gates = {j: gate for j, gate in (gates or {}).items() if j < solved}
         self.gated_flits = sum(batch * graph.chains[j].per_inference for j in self.gates)
@@ -1188,7 +1190,8 @@ class _ChainSystem:
                 for k in self.dependents[j]:
                     dirty[k] = True
 
-        for _ in range(max_rounds):
+        for rounds in range(1, max_rounds + 1):
+            self.rounds = rounds
             for order in (downstream, upstream):
                 for j in order:
                     if not dirty[j]:
@@ -1993,7 +1996,7 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
                 if full.is_exact():
                     break
                 full = None
-            if probe_solves <= CHEAP_SWEEP_SOLVES_PER_CHAIN * tail:
+            if system.rounds <= CHEAP_SWEEP_ROUNDS:
                 # the probe settled in a few sweep rounds, i.e. nothing couples inferences round by round: the
                 # whole batch settles in as few, cheaper than growing probes through a long transient
                 break

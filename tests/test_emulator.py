@@ -2673,7 +2673,7 @@ def test_grouped_conv_long_batch_extrapolates(queue):
     probe: the times equal the reference's and plain sweeps'. With 2-word queues back-pressure couples the
     inferences and the steady state is extrapolated; with large queues (all the free SRAM, thousands of words)
     the probe settles in a few sweep rounds and the emulator sweeps the whole batch directly
-    (emulator.timing.CHEAP_SWEEP_SOLVES_PER_CHAIN)."""
+    (emulator.timing.CHEAP_SWEEP_ROUNDS)."""
     rng = np.random.default_rng(23)
     arch = lean_arch(rows=2, cols=4, lanes=2, sram_bytes=16384, max_tile_outputs=512, router_fifo_depth=2)
     conv = Conv(rng.integers(-128, 128, (5, 2, 2, 2), dtype=np.int8), rng.integers(-500, 500, 5), 2**30, 38,
