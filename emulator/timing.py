@@ -876,7 +876,6 @@ class _ChainSystem:
     def __init__(self, graph: TimingGraph, solved: int, batch: int, *, times: list[np.ndarray] | None = None,
                  spaced: list[tuple[np.ndarray, int | None]] | None = None, gates: dict[int, Gate] | None = None):
         self.graph, self.solved, self.batch = graph, solved, batch
-        self.rounds = 0     # the sweep rounds the last sweep_until_stable took
         # gated host chains (d = 1 for every action, no event edge, no skip): solved in on-cycle indices
         self.gates = {j: gate for j, gate in (gates or {}).items() if j < solved}
         self.gated_flits = sum(batch * graph.chains[j].per_inference for j in self.gates)
@@ -1168,9 +1167,9 @@ class _ChainSystem:
         rows[:, 0] = first
         np.maximum.accumulate(rows, axis=1, out=rows)
 
-    def sweep_until_stable(self) -> int:
+    def sweep_until_stable(self) -> tuple[int, int]:
         """Gauss-Seidel sweeps, downstream then upstream, re-solving only chains a changed chain
-        constrains, until no time changes; returns the number of chain solves."""
+        constrains, until no time changes; returns (sweep rounds, chain solves)."""
         n = self.solved
         max_rounds = max(ROUNDS_MINIMUM, ROUNDS_PER_INFERENCE * (self.batch + n) * self.graph.ring_rounds
                          * self.graph.link_rounds * self.graph.context_rounds)
@@ -1191,7 +1190,6 @@ class _ChainSystem:
                     dirty[k] = True
 
         for rounds in range(1, max_rounds + 1):
-            self.rounds = rounds
             for order in (downstream, upstream):
                 for j in order:
                     if not dirty[j]:
@@ -1201,15 +1199,15 @@ class _ChainSystem:
                     # before going on, instead of a sweep round per lap. Any order of solves that stops when none
                     # changes reaches the same least solution (times only rise), so this is exact; a tile whose
                     # chains keep rising (a deadlock) runs into the rounds' budget of solves, which reports it.
-                    tile = self.tile_chains.get(j, (j,))
+                    tile = self.tile_chains.get(j, ())
                     due = [j]
                     while due and solves <= budget:
                         for k in due:
                             solves += 1
                             solve(k)
-                        due = [k for k in tile if dirty[k]] if len(tile) > 1 else []
+                        due = [k for k in tile if dirty[k]]
             if not any(dirty):
-                return solves
+                return rounds, solves
             if solves > budget:
                 break
         stuck = [self.graph.chains[j].name for j in range(n) if dirty[j]]
@@ -1987,7 +1985,7 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
             system = _ChainSystem(graph, tail, probe, spaced=spaced, gates=gates)
             if prefix is not None:
                 system.warm_start(prefix)
-            probe_solves = system.sweep_until_stable()
+            rounds, probe_solves = system.sweep_until_stable()
             solves += probe_solves
             prefix = system.solution()
             candidate = _extrapolate(prefix, chains[:tail], probe, batch)
@@ -1996,7 +1994,7 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
                 if full.is_exact():
                     break
                 full = None
-            if system.rounds <= CHEAP_SWEEP_ROUNDS:
+            if rounds <= CHEAP_SWEEP_ROUNDS:
                 # the probe settled in a few sweep rounds, i.e. nothing couples inferences round by round: the
                 # whole batch settles in as few, cheaper than growing probes through a long transient
                 break
@@ -2007,7 +2005,7 @@ def solve_timing(program: Program, batch: int, path: DataPath | None = None, *,
         full = _ChainSystem(graph, tail, batch, spaced=spaced, gates=gates)
         if prefix is not None:
             full.warm_start(prefix)
-        solves += full.sweep_until_stable()
+        solves += full.sweep_until_stable()[1]
     times = full.solution()
     if tail < len(chains):
         writes = full.writes_of[tail - 1]

@@ -359,6 +359,5 @@ class PE(wiring.Component):
                      queue_read.en.eq(1)]
 
         # The bank hand-over, per context (section 4.6): the input side counts its turns against COMPUTE's starts.
-        m.d.comb += [input_side.compute_start.eq(sequencer.compute_start),
-                     input_side.bank_free.eq(sequencer.bank_free),
+        m.d.comb += [input_side.bank_free.eq(sequencer.bank_free),
                      input_side.compute_context.eq(sequencer.context)]

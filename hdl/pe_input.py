@@ -63,9 +63,9 @@ class InputSide(wiring.Component):
     the next context, ``context + 1``, or in context 0 of inference ``s + 1`` if the context is the tile's last
     (``loop_back = 0``, or ``context = C - 1``); only then does the bank ``s mod 2`` flip. The hand-over is per
     context: a flag per context, set by the first transfer of a computing context's turn and cleared when COMPUTE
-    of that context begins (``compute_start`` with ``compute_context``); a turn's first transfer needs the flag
-    clear or cleared in the same cycle, i.e. the first transfer of ``(c, s)``, ``s >= 1``, happens at a cycle
-    ``>= c_{c,s-1}``.
+    of that context frees its bank (``bank_free`` with ``compute_context``: as it begins); a turn's first transfer
+    needs the flag clear or cleared in the same cycle, i.e. the first transfer of ``(c, s)``, ``s >= 1``, happens at
+    a cycle ``>= c_{c,s-1}``.
 
     Parameters
     ----------
@@ -87,11 +87,9 @@ class InputSide(wiring.Component):
         Only with ``C = 1``: the bank of the COMPUTE running or next to run.
     compute_begun : ``In(1)``
         Only with ``C = 1``: a COMPUTE is running or begins in this cycle.
-    compute_start : ``In(1)``
-        Only with ``C > 1``: a COMPUTE begins in this cycle ...
     bank_free : ``In(1)``
-        Only with ``C > 1``: ... the COMPUTE no longer needs its bank after this cycle (its start with two banks,
-        its last cycle with one) ...
+        Only with ``C > 1``: a COMPUTE no longer needs its bank after this cycle (it begins now with two banks, it
+        ends now with one) ...
     compute_context : ``In(range(C))``
         Only with ``C > 1``: ... of this context.
     context : ``Out(range(C))``
@@ -115,7 +113,7 @@ class InputSide(wiring.Component):
         if contexts == 1:
             members.update({"compute_bank": In(1), "compute_begun": In(1)})
         else:
-            members.update({"compute_start": In(1), "bank_free": In(1), "compute_context": In(range(contexts)),
+            members.update({"bank_free": In(1), "compute_context": In(range(contexts)),
                             "context": Out(range(contexts))})
         super().__init__(members)
 
@@ -152,13 +150,13 @@ class InputSide(wiring.Component):
                 config.single_bank, self.compute_bank == in_bank, (self.compute_bank ^ self.compute_begun) == in_bank)
         else:
             # Section 4.6, per context: pending[c] = the input side began a turn of context c whose COMPUTE has not
-            # begun; the next turn of c may begin once it has (in the cycle it begins, too).
-            # With one bank (single_bank) the flag is cleared when that COMPUTE ends (bank_free), and the turn begins
-            # in the cycle after.
+            # freed its bank (begun, with two banks); the next turn of c may begin once it has (in the cycle it
+            # begins, too). With one bank (single_bank) the flag is cleared when that COMPUTE ends, and the turn
+            # begins in the cycle after.
             context = self.context
             pending = Signal(contexts)
-            started_here = self.compute_start & (self.compute_context == context) & ~config.single_bank
-            may_begin = ~self.computes | (in_index != 0) | ~pending.bit_select(context, 1) | started_here
+            freed_here = self.bank_free & (self.compute_context == context) & ~config.single_bank
+            may_begin = ~self.computes | (in_index != 0) | ~pending.bit_select(context, 1) | freed_here
         accepting = Signal()
         m.d.comb += [
             accepting.eq(self.run & (input_words != 0) & may_begin),

@@ -258,7 +258,7 @@ def test_input_side_serves_contexts_in_turn(contexts):
                 context = ctx.get(dut.context)
                 ctx.set(dut.config, config_value(**files[context]))
                 for port, value in ((dut.run, run), (dut.computes, computes[context]), (dut.i_flit.valid, valid),
-                                    (dut.o_forward.ready, forward_ready), (dut.compute_start, start),
+                                    (dut.o_forward.ready, forward_ready),
                                     (dut.bank_free, start),     # two banks: a bank is free once COMPUTE starts
                                     (dut.compute_context, start_context)):
                     ctx.set(port, value)
@@ -1055,7 +1055,7 @@ def test_one_context_tile_has_the_ports_of_before():
     for side in (InputSide(arch), ComputeSequencer(arch), OutputSide(arch)):
         assert "context" not in side.signature.members
     assert "compute_bank" in InputSide(arch).signature.members
-    assert "compute_start" in InputSide(arch.replace(tile_contexts=2)).signature.members
+    assert "bank_free" in InputSide(arch.replace(tile_contexts=2)).signature.members
 
 
 def test_tile_of_contexts_lints_clean(tmp_path):
