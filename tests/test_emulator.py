@@ -68,7 +68,7 @@ class ReferencePE:
     queue word i is written at SRAM word queue_base + i mod F and popped from there), a compute side issuing
     result word by result word into a result ring of R = Arch.result_words words, and an output side (per
     inference Q pops then E EMIT transfers; with pass_per_pixel > 0, section 4.4, Q_f + P_bulk pops, then per
-    output pixel pass_per_pixel pops and the pixel's W_px EMITs), with a plain-Python SRAM holding two activation banks and plain-Python arithmetic.
+    output pixel pass_per_pixel pops and the pixel's W_px EMITs), with a plain-Python SRAM holding two activation banks (one with single_bank) and plain-Python arithmetic.
     Output pixels are section 4.1's pixel list of the tile (:func:`band_pixels`, from the registers: a band
     may begin and end inside a row); n_pix, I, E, the word numbering q * W_px + ... and the per-pixel pops run
     over it.
@@ -117,6 +117,9 @@ class ReferencePE:
         self.store = range(config.store_begin, config.store_end)
         self.forward = range(config.forward_begin, config.forward_end)
         self.bank_words = len(self.store)                       # B
+        # section 4, "One bank": with single_bank = 1 every inference stores into bank 0, and the next inference's
+        # first input transfer waits for COMPUTE's end instead of its start
+        self.banks = 1 if config.single_bank else 2
         self.n_out = config.n_out
         self.dest = (config.dest_row, config.dest_col, config.dest_host)
         self.sram = [[0] * arch.lanes for _ in range(arch.sram_words)]
@@ -230,7 +233,7 @@ class ReferencePE:
         self.word_starts.append(cycle)
         if w == 0:
             self.compute_starts.append(cycle)
-            self.results.append(self.compute(self.config.act_base + (s % 2) * self.bank_words))
+            self.results.append(self.compute(self.config.act_base + (s % self.banks) * self.bank_words))
         if w == self.emits - 1:
             self.compute_spans.append((self.compute_starts[s], self.compute_end(s), "COMPUTE"))
 
@@ -241,17 +244,21 @@ class ReferencePE:
         recv = j < self.k
         return s, j, recv, (j in self.forward) if recv else True
 
-    def input_ready(self):
-        """in.ready in this cycle (after start_compute): a pushing transfer needs a free queue slot (the
+    def input_ready(self, cycle):
+        """in.ready in ``cycle`` (after start_compute): a pushing transfer needs a free queue slot (the
         queue as it stood at the start of the cycle); in a computing tile the first transfer of inference
-        s >= 1 waits for COMPUTE of s - 1 to have begun."""
+        s >= 1 waits for COMPUTE of s - 1 to have begun, with one bank (single_bank) to have ended
+        (``e_{s-1} = a_last + d_last + 2 <= cycle``)."""
         if not self.k + self.p:
             return False
         s, j, _, pushes = self.input_action()
         if pushes and len(self.queue) >= self.queue_words:
             return False
-        if self.computes and j == 0 and s >= 1 and len(self.compute_starts) < s:
-            return False
+        if self.computes and j == 0 and s >= 1:
+            if len(self.compute_starts) < s:
+                return False
+            if self.banks == 1 and (self.compute_end(s - 1) is None or self.compute_end(s - 1) > cycle):
+                return False
         return True
 
     def output_word(self, cycle):
@@ -276,7 +283,7 @@ class ReferencePE:
         """One input transfer of ``data`` in ``cycle``: store, push, record."""
         s, j, recv, pushes = self.input_action()
         if recv and j in self.store:
-            address = self.config.act_base + (s % 2) * self.bank_words + j - self.store.start
+            address = self.config.act_base + (s % self.banks) * self.bank_words + j - self.store.start
             self.check_no_race(cycle, address)
             self.sram[address] = list(data)
             self.sram_writes.append((cycle, address))
@@ -511,7 +518,7 @@ def reference_run(program, in_flits, batch, max_cycles=200_000, host_pattern=Non
                 pe_in_ready[pos], pe_out_word[pos] = False, None
                 continue
             pe.start_compute(cycle)
-            pe_in_ready[pos] = pe.input_ready()
+            pe_in_ready[pos] = pe.input_ready(cycle)
             word = pe.output_word(cycle)
             pe_out_word[pos] = word if word is not None and writable[(pos, "L")] else None
             if hasattr(pe, "plan_loop_back"):
@@ -1241,6 +1248,68 @@ def test_random_programs_over_ring_sizes(seed, extra):
     program = _smallest_ring(program, extra)
     result = assert_matches_reference(program, x, batch, flits=flits)
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
+
+
+def _with_single_banks(rng, program):
+    """A copy of ``program`` with ``single_bank = 1`` (section 4, "One bank") on a random half of its computing
+    tiles of one context (at least one) whose weights do not overlap the first bank (TileConfig.validate), or None
+    if it has none such."""
+    program = copy.deepcopy(program)
+    able = []
+    for tile in program.tiles:
+        if not tile.config.n_out or tile.later_contexts:
+            continue
+        try:
+            tile.config.replace(single_bank=1).validate(program.arch)
+        except ConfigError:
+            continue
+        able.append(tile)
+    if not able:
+        return None
+    chosen = [tile for tile in able if rng.random() < 0.5] or [able[int(rng.integers(len(able)))]]
+    for tile in chosen:
+        tile.config = tile.config.replace(single_bank=1)
+    program.validate()
+    return program
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_random_single_bank_programs_match_reference(seed):
+    """One activation bank on random tiles of random dense, windowed, residual / concat and grouped programs (the
+    next inference's first input transfer after COMPUTE's end, section 4): the emulator against the cycle-stepping
+    reference cycle by cycle (a third of them under host stalls), outputs against the golden."""
+    rng = np.random.default_rng(31000 + seed)
+    kind = seed % 4
+    while True:
+        if kind == 0:
+            program, layers, x, batch = random_program(rng)
+            shape, flits = None, pack_flits(x, program.arch.lanes)
+        else:
+            draw = (random_windowed_program, random_residual_program, random_grouped_program)[kind - 1]
+            program, layers, shape, x, batch = draw(rng, budget=15000)
+            flits = _map_flits(program, x)
+        if batch >= 2 and (program := _with_single_banks(rng, program)) is not None:
+            break
+    pattern = random_host_pattern(rng) if seed % 3 == 2 else None
+    result = assert_matches_reference(program, x, batch, flits=flits, host_pattern=pattern)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_single_bank_long_batches_match_reference(seed):
+    """Batches past the probe with one bank on random tiles: the probe and its extrapolation (or fallback) against
+    the reference cycle by cycle and against plain sweeps of the whole batch."""
+    rng = np.random.default_rng(32000 + seed)
+    program = None
+    while program is None:
+        drawn, layers, _, _ = random_program(rng)
+        program = _with_single_banks(rng, drawn)
+    batch = int(rng.integers(2 * PROBE_BATCH, 3 * PROBE_BATCH))
+    x = rng.integers(-128, 128, (batch, layers[0].n_in), dtype=np.int8)
+    result = assert_matches_reference(program, x, batch)
+    np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], dense_golden(layers, x))
+    plain = solve_timing(program, batch, probe_batch=None)
+    np.testing.assert_array_equal(plain.out_times, result.out_times)
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -160,7 +160,7 @@ class ReferenceContextTile:
 
     * input side: per inference context 0's ``K_0 + P_0`` transfers (from the router's L FIFO), then context 1's (from
       the loop-back FIFO), ...; each with its context's rules (queue space, the first transfer of ``(c, s)`` after
-      COMPUTE of ``(c, s - 1)`` began, which the context's own ReferencePE checks);
+      COMPUTE of ``(c, s - 1)`` began, with one bank ended, which the context's own ReferencePE checks);
     * compute side: result words numbered over contexts and inferences in turn order; word ``j`` begins in the first
       cycle after the previous word's issues (``+ 2`` drain cycles before a context's first word), for a context's
       first word after its RECV word ``store_end - 1`` of that inference, and for ``j >= R`` after the EMIT of word
@@ -216,7 +216,8 @@ class ReferenceContextTile:
         if w == 0:
             self.compute_starts.append(cycle)
             context.compute_starts.append(cycle)
-            context.results.append(context.compute(context.config.act_base + (s % 2) * context.bank_words))
+            context.results.append(context.compute(context.config.act_base
+                                                   + (s % context.banks) * context.bank_words))
 
     def _input_turn(self):
         return _turn(self.in_widths, len(self.input_times))[1]
@@ -224,9 +225,9 @@ class ReferenceContextTile:
     def _output_turn(self):
         return _turn(self.out_widths, len(self.output_times))[1]
 
-    def input_ready(self):
-        """Ready for a flit from the router: context 0's turn and its rules."""
-        return self._input_turn() == 0 and self.contexts[0].input_ready()
+    def input_ready(self, cycle):
+        """Ready for a flit from the router in ``cycle``: context 0's turn and its rules."""
+        return self._input_turn() == 0 and self.contexts[0].input_ready(cycle)
 
     def output_word(self, cycle):
         """The word offered to the router: the last context's turn and its rules."""
@@ -242,7 +243,7 @@ class ReferenceContextTile:
             if word is not None:
                 self.planned.append(("out", c, word))
         c = self._input_turn()
-        if c and self.loop_back and self.loop_back[0][1] < cycle and self.contexts[c].input_ready():
+        if c and self.loop_back and self.loop_back[0][1] < cycle and self.contexts[c].input_ready(cycle):
             self.planned.append(("in", c, self.loop_back[0][0]))
 
     def _output(self, c, cycle):
