@@ -29,7 +29,7 @@ from flowtile.emulator.path import trace_data_path
 from flowtile.emulator.timing import solve_timing
 from flowtile.host import HostPattern, pack_flits
 from flowtile.program import Program, ProgramError, TileProgram
-from flowtile.tile_config import TileConfig
+from flowtile.tile_config import ConfigError, TileConfig
 from flowtile.testing.program_builder import Dense, build_program, dense_golden, network_golden
 
 import test_emulator
@@ -434,8 +434,8 @@ def check_context_tile(program, result, position):
                     if push_number >= F:
                         bounds.append(int(pops[push_number - F]) + 1)
                     push_number += 1
-                if a == 0 and s >= 1:
-                    bounds.append(int(c.compute[s - 1]))
+                if a == 0 and s >= 1:   # the bank hand-over: COMPUTE of (c, s - 1) began, with one bank ended
+                    bounds.append(int(ends[index][s - 1] if config.single_bank else c.compute[s - 1]))
                 assert t == int(pe.input[k]) and t == max(bounds), \
                     f"{where}: input transfer {a} of context {index}, inference {s}, at {t}; the rules give {bounds}"
                 k += 1
@@ -574,6 +574,44 @@ def test_random_packed_programs_match_reference(seed):
     result = assert_matches_reference(packed, flits, batch)
     np.testing.assert_array_equal(result.out_flits, golden)
     check_all_context_tiles(packed, result)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_packed_single_bank_programs_match_reference(seed):
+    """Packed random programs with one activation bank (section 4, "One bank") in a random half of the contexts of
+    their tiles of several contexts (at least one): every inference of such a context is stored into bank 0 and
+    computed from there. The outputs equal the golden, every transfer the cycle-stepping reference's, each at the
+    first cycle section 4.6's rules allow (a third under host stalls). The times equal two banks' (measured on these
+    seeds): in a tile of several contexts a context's next inference arrives only after its results went out, so
+    after its COMPUTE ended, and the hand-over never decides a cycle (section 4.6)."""
+    rng = np.random.default_rng(49000 + seed)
+    while True:
+        program, packed, layers, shape, x, batch = _random_packed(rng, KINDS[seed % 4])
+        able = [(tile, index) for tile in packed.tiles if tile.later_contexts
+                for index, config in enumerate(tile.contexts) if _one_bank_valid(config, packed.arch)]
+        if able and batch >= 2:
+            break
+    chosen = [pair for pair in able if rng.random() < 0.5] or [able[int(rng.integers(len(able)))]]
+    for tile, index in chosen:
+        configs = list(tile.contexts)
+        configs[index] = configs[index].replace(single_bank=1)
+        tile.config, tile.later_contexts = configs[0], tuple(configs[1:])
+    packed.validate()
+    pattern = None
+    if seed % 3 == 2:
+        pattern = HostPattern(int(rng.integers(0, 1 << 16)), 0.5, 3.0, 0.8, 1.0)
+    flits = pack_flits(x, program.arch.lanes, program.input)
+    result = assert_matches_reference(packed, flits, batch, host_pattern=pattern)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
+    check_all_context_tiles(packed, result)
+
+
+def _one_bank_valid(config, arch) -> bool:
+    try:
+        config.replace(single_bank=1).validate(arch)
+    except ConfigError:
+        return False
+    return True
 
 
 def test_short_first_queue_is_refused_and_a_whole_one_runs():
