@@ -27,7 +27,9 @@ never from the compiler's layer descriptions. Two parts:
 
 A tile of several contexts (section 4.6) runs its contexts in turn on the stream: context ``c`` reads context ``c -
 1``'s output stream, each with its own registers, weights and banks in the tile's one SRAM image and its parameter
-rows from ``param_base`` (:func:`context_program`); the last context's output is the tile's.
+rows from ``param_base`` (:func:`context_program`); the last context's output is the tile's. A tile of several
+turns (section 12, replicated stages) runs its one context ``turns`` times per program inference, each turn on the
+next part of the stream, and its output is the turns' outputs one after the other.
 """
 from __future__ import annotations
 
@@ -462,6 +464,13 @@ def run_functional(program: Program, in_flits: np.ndarray, batch: int, path: Dat
     with _single_threaded_blas():
         for step, position in enumerate(path.order):
             tile, counts = program.tiles[position], path.counts[position].per_context
+            if tile.turns > 1:
+                # section 12: the tile's turns, each an inference of its own on the next part of the stream (the
+                # weights apart from the banks, Program.validate, so no bank race to check)
+                turn = counts[0]
+                parts = stream.reshape(batch * tile.turns, turn.flits_in, arch.lanes)
+                stream = _pe_stream(context_program(tile, 0), turn, parts, arch).reshape(batch, -1, arch.lanes)
+                counts = ()
             # section 4.6: a tile's contexts in turn, each reading what the one before emits
             for index, count in enumerate(counts):
                 context = context_program(tile, index)

@@ -77,6 +77,10 @@ class TileCounts:
     # section 4, one bank (register single_bank): the first input transfer of inference s >= 1 waits until COMPUTE of
     # s - 1 has ended (two banks: until it has begun)
     single_bank: bool = False
+    # section 12, replicated stages: a tile of several turns runs its registers ``turns`` times per program inference,
+    # each turn an ordinary inference on the next part of the stream (router in, router out); its ``contexts`` then
+    # hold its counts once per turn, and its ``tile_*`` counts are per program inference
+    turns: int = 1
 
     @property
     def idle(self) -> bool:
@@ -197,9 +201,19 @@ class TileCounts:
         return self.contexts or (self,)
 
     @property
+    def tile_flits_in(self) -> int:
+        """Flits the tile takes from its router per (program) inference: its first context's input transfers
+        (section 4.6), every turn's with several turns (section 12; :attr:`flits_in` for a tile of one)."""
+        if self.turns > 1:
+            return sum(count.flits_in for count in self.contexts)
+        return self.contexts[0].flits_in if self.contexts else self.flits_in
+
+    @property
     def tile_flits_out(self) -> int:
-        """Flits the tile emits to its router per inference: its last context's output transfers (section 4.6;
-        :attr:`flits_out` for a tile of one context)."""
+        """Flits the tile emits to its router per (program) inference: its last context's output transfers
+        (section 4.6), every turn's with several turns (section 12; :attr:`flits_out` for a tile of one)."""
+        if self.turns > 1:
+            return sum(count.flits_out for count in self.contexts)
         return self.contexts[-1].flits_out if self.contexts else self.flits_out
 
     @property
@@ -227,6 +241,9 @@ def _recv_range(begin: int, end: int) -> tuple[int, int]:
 def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
     """A tile's counts: its one context's, or for a tile of several contexts (section 4.6) context 0's with every
     context's in :attr:`TileCounts.contexts`."""
+    if tile.turns > 1:     # section 12: the one context's counts once per turn
+        count = config_counts(tile.config, arch)
+        return replace(count, contexts=(count,) * tile.turns, turns=tile.turns)
     if not tile.later_contexts:
         return config_counts(tile.config, arch)
     contexts = tuple(config_counts(config, arch) for config in tile.contexts)
@@ -384,10 +401,11 @@ def trace_data_path(program: Program) -> DataPath:
         if consumer in order:
             raise EmulatorError(f"the flits of {source} return to tile {tile.key}: the data path is a "
                                 f"cycle and never reaches the host")
-        if count.flits_in != flits_arriving:
+        if count.tile_flits_in != flits_arriving:
+            turns = f" in each of its {count.turns} turns" if count.turns > 1 else ""
             _raise_count_mismatch(
                 program, f"tile {tile.key} (chain position {consumer}) reads n_in_words + n_pass = "
-                f"{count.n_in_words} + {count.n_pass} = {count.flits_in} flits per inference, but "
+                f"{count.n_in_words} + {count.n_pass} = {count.flits_in} flits per inference{turns}, but "
                 f"{source} sends it {flits_arriving}")
         # a tile's contexts chain their counts and queue whole inferences (section 4.6): Program.validate's rules
         order.append(consumer)
@@ -568,16 +586,22 @@ def flit_progress(program: Program, batch: int) -> FlitProgress:
             break
         seen.add(position)
         tile, count = program.tiles[position], counts[position]
-        reads = count.flits_in
+        reads = count.tile_flits_in
         if reads:
             finished = min(batch, arriving // reads)
             received = min(arriving, batch * reads)
             emitted = finished * count.tile_flits_out
             if finished < batch:
                 partial = received - finished * reads
-                for context in count.per_context:    # section 4.6: each context reads what the one before emits
-                    partial = _partial_emits(context, partial)
-                emitted += partial
+                if count.turns > 1:     # section 12: the turns read the stream one after the other
+                    for turn in count.contexts:
+                        taken = min(partial, turn.flits_in)
+                        emitted += _partial_emits(turn, taken)
+                        partial -= taken
+                else:
+                    for context in count.per_context:   # section 4.6: each context reads what the one before emits
+                        partial = _partial_emits(context, partial)
+                    emitted += partial
         else:
             finished = batch if arriving == 0 else 0
             received, emitted = 0, 0

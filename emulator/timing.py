@@ -608,15 +608,16 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
 
 
 def _bank_edge(input_chain: int, first_input: int, compute_chain: int, first_word: int,
-               count: TileCounts) -> EventEdge:
+               count: TileCounts, shift: int = 1) -> EventEdge:
     """The bank hand-over of one context (section 4): its first input transfer of inference ``s >= 1`` at a cycle
     ``>= c_{s-1}`` (two banks: COMPUTE of ``s - 1`` has begun, action ``first_word`` of the compute chain), or with
     one bank ``>= a_last + d_last + 2`` of ``s - 1`` (that COMPUTE has ended: its last word's first issue, its
-    issues and the drain)."""
+    issues and the drain). ``shift``: chain inferences between the two (a tile's turns, section 12: the previous
+    turn is in the same chain inference, ``shift = 0``, but for the first turn)."""
     if not count.single_bank:
-        return EventEdge(input_chain, first_input, compute_chain, first_word, 1, 0)
+        return EventEdge(input_chain, first_input, compute_chain, first_word, shift, 0)
     last_word = first_word + count.n_result_words - 1
-    return EventEdge(input_chain, first_input, compute_chain, last_word, 1,
+    return EventEdge(input_chain, first_input, compute_chain, last_word, shift,
                      int(count.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES)
 
 
@@ -732,12 +733,19 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
     * the compute chain's delays: ``d`` of the word before, ``+ 2`` before the first word of every context (the
       pipeline drains between contexts as between inferences; the batch's very first word has no bound).
 
+    A tile of several turns (``count.turns``, section 12) is built the same way from its turns (its one context's
+    counts once per turn), except that every turn reads the router FIFO and writes the router (no loop-back FIFO),
+    its one forward queue runs over all its turns' pushes and pops in turn order, and the bank hand-over of a turn
+    follows the previous turn's COMPUTE (its inference before; the first turn's, the last turn's of the previous
+    chain inference).
+
     The implied bounds of :func:`_compute_side` were derived for one context: a tile of several gets none of its
     skip and stall bounds (they only spare sweep rounds; the sweeps find the same least solution without them),
     only the bounds of a one-word ring (``R = 1``), which hold for any numbering of the words
     (:func:`_context_side`). Returns (input chain, compute chain, output chain, the output actions that write the
-    router: the last context's)."""
+    router: the last context's, every turn's)."""
     contexts = count.contexts
+    turns = count.turns > 1
     in_at = _offsets([c.flits_in for c in contexts])
     out_at = _offsets([c.flits_out for c in contexts])
     word_at = _offsets([c.n_result_words for c in contexts])
@@ -747,27 +755,39 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
     delays, output_delays, output_first = _context_side(word_issue, first_words, is_pop, ring)
     input_chain = add(Chain(f"{name} input side", position, "input", np.ones(int(in_at[-1]), dtype=np.int64)))
     fifos.append(FifoEdge(in_fifo, writer, input_chain, depth, write_slots=writer_slots,
-                          read_slots=np.arange(in_at[1], dtype=np.int64)))
+                          read_slots=np.arange(in_at[-1] if turns else in_at[1], dtype=np.int64)))
     compute_chain = add(Chain(f"{name} compute side", position, "compute", delays, first_delay=1))
     output_chain = add(Chain(f"{name} output side", position, "output", output_delays, first_delay=output_first))
-    for index, (context, config) in enumerate(zip(contexts, tile.contexts)):
-        if not context.n_queue:
-            continue
+    queues = [([], [], config.queue_words) for config in tile.contexts]   # per queue: pushes, pops, depth
+    for index, context in enumerate(contexts):
         pushes = np.concatenate([np.arange(context.forward_begin, context.forward_end, dtype=np.int64),
                                  np.arange(context.n_in_words, context.flits_in, dtype=np.int64)])
         pops = np.flatnonzero(context.output_is_pop()).astype(np.int64)
-        fifos.append(FifoEdge(f"{name} context {index} forward queue", input_chain, output_chain, config.queue_words,
-                              write_slots=pushes + in_at[index], read_slots=pops + out_at[index]))
-    fifos.append(FifoEdge(f"{name} loop-back FIFO", output_chain, input_chain, depth,
-                          write_slots=np.arange(out_at[-2], dtype=np.int64),
-                          read_slots=np.arange(in_at[1], in_at[-1], dtype=np.int64)))
+        queue = queues[0 if turns else index]
+        queue[0].append(pushes + in_at[index])
+        queue[1].append(pops + out_at[index])
+    for index, (pushes, pops, queue_words) in enumerate(queues):
+        if sum(len(p) for p in pushes):
+            fifos.append(FifoEdge(f"{name} {'' if turns else f'context {index} '}forward queue", input_chain,
+                                  output_chain, queue_words, write_slots=np.concatenate(pushes),
+                                  read_slots=np.concatenate(pops)))
+    if not turns:
+        fifos.append(FifoEdge(f"{name} loop-back FIFO", output_chain, input_chain, depth,
+                              write_slots=np.arange(out_at[-2], dtype=np.int64),
+                              read_slots=np.arange(in_at[1], in_at[-1], dtype=np.int64)))
     fifos.append(FifoEdge(f"{name} result ring", compute_chain, output_chain, ring,
                           read_slots=np.flatnonzero(~is_pop).astype(np.int64), read_offsets=word_issue + 2))
     for index, context in enumerate(contexts):
-        events += [EventEdge(compute_chain, int(word_at[index]), input_chain,
-                             int(in_at[index]) + context.store_until - 1, 0, 1),
-                   _bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[index]), context)]
-    return input_chain, compute_chain, output_chain, np.arange(out_at[-2], out_at[-1], dtype=np.int64)
+        events.append(EventEdge(compute_chain, int(word_at[index]), input_chain,
+                                int(in_at[index]) + context.store_until - 1, 0, 1))
+        if turns:   # the previous turn is this tile's inference before (the last turn of the previous chain inference)
+            previous = (index - 1) % len(contexts)
+            events.append(_bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[previous]), context,
+                                     shift=0 if index else 1))
+        else:
+            events.append(_bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[index]), context))
+    router = np.arange(0 if turns else out_at[-2], out_at[-1], dtype=np.int64)
+    return input_chain, compute_chain, output_chain, router
 
 
 def _context_side(word_issue: np.ndarray, first_words: np.ndarray, is_pop: np.ndarray,

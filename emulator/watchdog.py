@@ -54,11 +54,12 @@ def progress_at(program: Program, batch: int, path, timing, limit: int) -> Watch
         pe_times, count = timing.pe_times[position], path.counts[position]
         tile = program.tiles[position]
         # the flits the tile takes from and gives to its router: with several contexts (section 4.6) its first
-        # context's input transfers and its last context's output transfers (the rest cross its loop-back FIFO)
-        contexts = timing.context_times[position] if count.contexts else (pe_times,)
+        # context's input transfers and its last context's output transfers (the rest cross its loop-back FIFO);
+        # with several turns (section 12) all of them
+        contexts = timing.context_times[position] if count.contexts and count.turns == 1 else (pe_times,)
         got = int(np.count_nonzero(contexts[0].input < limit))
         sent = int(np.count_nonzero(contexts[-1].output < limit))
-        want_in, want_out = batch * count.flits_in, batch * count.tile_flits_out
+        want_in, want_out = batch * count.tile_flits_in, batch * count.tile_flits_out
         for times in (pe_times.input, pe_times.output):
             if np.any(times < limit):
                 last.append(int(times[times < limit].max()))

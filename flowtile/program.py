@@ -28,7 +28,7 @@ __all__ = ["Program", "TileProgram", "LinkProgram", "TensorSpec", "LayerInfo", "
            "check_program_destination", "TileConfig", "ConfigError", "link_count", "link_name"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 12
+FORMAT_VERSION = 13
 
 
 class ProgramError(ValueError):
@@ -77,6 +77,33 @@ def _check_parameters(tile: "TileProgram") -> None:
             if bad.size:
                 raise ProgramError(f"tile {tile.key}: output {bad[0]} has {name} {values[bad[0]]}, outside "
                                    f"{low}..{high}")
+
+
+def _check_turns(tile: "TileProgram") -> None:
+    """A tile's ``turns`` (section 12, replicated stages): a positive integer; with several, one context (its turns
+    are the ordinary inferences of sections 4 to 4.5, a tile of contexts runs its contexts within one) and weights
+    apart from the activation banks (the emulator refuses, by timing, only a tile of one turn whose inference writes
+    weights a COMPUTE reads: section 4)."""
+    turns = tile.turns
+    if isinstance(turns, bool) or not isinstance(turns, (int, np.integer)) or turns < 1:
+        raise ProgramError(f"tile {tile.key}: turns must be a positive integer (inferences per program inference), "
+                           f"got {turns!r}")
+    if turns == 1:
+        return
+    if tile.later_contexts:
+        raise ProgramError(f"tile {tile.key}: turns = {turns} with {len(tile.contexts)} contexts; a tile of several "
+                           f"turns has one context (section 12)")
+    config = tile.config
+    if not config.n_out:
+        raise ProgramError(f"tile {tile.key}: turns = {turns} but n_out = 0; a tile of several turns computes (one "
+                           f"that only passes the stream takes a program inference as one inference, section 12)")
+    if config.n_out and config.weight_words and config.stored_words:
+        activation_end = config.act_base + config.activation_words
+        if config.w_base < activation_end and config.act_base < config.w_base + config.weight_words:
+            raise ProgramError(f"tile {tile.key}: turns = {turns}, and its weights [w_base, w_base + weight words) = "
+                               f"[{config.w_base}, {config.w_base + config.weight_words}) overlap its activation "
+                               f"banks [{config.act_base}, {activation_end}); a tile of several turns keeps them "
+                               f"apart (section 12)")
 
 
 def _check_contexts(tile: "TileProgram", arch: Arch) -> None:
@@ -331,6 +358,10 @@ class TileProgram:
     ``(bias, multiplier, shift)``. ``chip``: which chip of a multi-chip system (``Arch.chips``) the tile is on.
     ``later_contexts``: the tile's contexts after the first (docs/architecture.md section 4.6), each a layer the
     tile runs in turn after ``config``'s; ``sram`` and ``params`` then hold every context's words and rows.
+    ``turns``: the inferences the tile runs per program inference (section 12, replicated stages): a tile of a
+    stage that every copy of a replicated program shares runs its registers once for each copy's inference, on
+    the copies' streams one after the other (the hardware sees ``turns`` ordinary inferences: no register says so;
+    the emulator and the stream counts do).
     """
 
     row: int
@@ -340,6 +371,7 @@ class TileProgram:
     params: np.ndarray = field(repr=False)
     chip: int = 0
     later_contexts: tuple[TileConfig, ...] = ()
+    turns: int = 1
 
     def __post_init__(self):
         try:
@@ -492,6 +524,7 @@ class Program:
                     where = f"tile {tile.key}" + (f" context {index}" if tile.later_contexts else "")
                     raise ProgramError(f"{where}: {error}") from None
             _check_contexts(tile, arch)
+            _check_turns(tile)
             if tile.sram.ndim != 2 or tile.sram.shape[1] != arch.lanes or tile.sram.dtype != np.int8:
                 raise ProgramError(f"tile {tile.key}: SRAM image must be int8 [words, {arch.lanes}], "
                                    f"got {tile.sram.dtype} {list(tile.sram.shape)}")
@@ -539,7 +572,8 @@ class Program:
             "layers": [layer.to_dict() for layer in self.layers],
             "tiles": [{**({"chip": t.chip} if t.chip else {}), "row": t.row, "col": t.col,
                        "config": t.config.to_dict(),
-                       **({"later_contexts": [c.to_dict() for c in t.later_contexts]} if t.later_contexts else {})}
+                       **({"later_contexts": [c.to_dict() for c in t.later_contexts]} if t.later_contexts else {}),
+                       **({"turns": int(t.turns)} if t.turns != 1 else {})}
                       for t in self.tiles],
             "links": [link.to_dict() for link in self.links],
             **({"replicas": int(self.replicas)} if self.replicas != 1 else {}),  # one copy: the manifest as before
@@ -605,7 +639,8 @@ class Program:
             arch = Arch.from_dict(manifest["arch"], source=str(manifest_path))
             tiles = [TileProgram(t["row"], t["col"], dict(t["config"]), tile_array(t, "sram", np.int8),
                                  tile_array(t, "params", np.int64), chip=int(t.get("chip", 0)),
-                                 later_contexts=tuple(dict(c) for c in t.get("later_contexts", ())))
+                                 later_contexts=tuple(dict(c) for c in t.get("later_contexts", ())),
+                                 turns=int(t.get("turns", 1)))
                      for t in manifest["tiles"]]
             program = cls(arch=arch,
                           input=TensorSpec.from_dict(manifest["input"]),

@@ -1312,6 +1312,71 @@ def test_single_bank_long_batches_match_reference(seed):
     np.testing.assert_array_equal(plain.out_times, result.out_times)
 
 
+def _in_turns(program, turns):
+    """``program`` with every computing tile in ``turns`` turns (section 12) and ``replicas = turns``, its
+    pass-through tiles passing ``turns`` inferences' words a program inference: the same registers as far as the
+    hardware goes, which has no notion of turns."""
+    turned = copy.deepcopy(program)
+    for tile in turned.tiles:
+        if tile.config.n_out:
+            tile.turns = turns
+        elif tile.config.n_pass:
+            assert not tile.config.n_in_words
+            tile.config = tile.config.replace(n_pass=turns * tile.config.n_pass)
+    turned.replicas = turns
+    turned.validate()
+    return turned
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_tiles_in_turns_run_as_their_inferences(seed):
+    """A tile of several turns runs its registers once per turn (section 12): every tile of a random program in 2
+    or 3 turns is the same hardware as the program itself, so ``N`` program inferences must give exactly the
+    outputs, host transfer cycles and per-tile transfer cycles of ``turns * N`` plain inferences (one bank on
+    random tiles of a third of them)."""
+    rng = np.random.default_rng(33000 + seed)
+    kind = seed % 4
+    if kind == 0:
+        program, layers, x, batch = random_program(rng)
+        flits = pack_flits(x, program.arch.lanes)
+    else:
+        draw = (random_windowed_program, random_residual_program, random_grouped_program)[kind - 1]
+        program, layers, shape, x, batch = draw(rng, budget=15000)
+        flits = _map_flits(program, x)
+    if seed % 3 == 0:
+        program = _with_single_banks(rng, program) or program
+    turns = 2 + seed % 2
+    count = max(1, batch // turns)
+    flits = np.resize(flits, (turns * count * program.input_words, program.arch.lanes))
+    plain = emulate(program, flits, turns * count)
+    view, program_inferences = _in_turns(program, turns).program_inferences(turns * count)
+    assert program_inferences == count
+    turned = emulate(view, flits, count)
+    np.testing.assert_array_equal(turned.out_flits, plain.out_flits)
+    assert_same_times(turned.in_times, plain.in_times, "host input transfer cycles")
+    assert_same_times(turned.out_times, plain.out_times, "host output transfer cycles")
+    for position, times in enumerate(plain.timing.pe_times):
+        if times is not None:
+            for side in ("input", "compute", "output"):
+                assert_same_times(getattr(turned.timing.pe_times[position], side), getattr(times, side),
+                                  f"chain position {position}: {side} transfer cycles")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tile: setattr(tile, "turns", 0), r"turns must be a positive integer"),
+    (lambda tile: setattr(tile, "turns", 1.5), r"turns must be a positive integer"),
+    (lambda tile: (setattr(tile, "turns", 2), setattr(tile, "config", tile.config.replace(n_out=0))),
+     r"turns = 2 but n_out = 0"),
+    (lambda tile: (setattr(tile, "turns", 2), setattr(tile, "config", tile.config.replace(w_base=tile.config.act_base))),
+     r"turns = 2, and its weights .* overlap its activation banks"),
+])
+def test_bad_turns_are_refused(change, message):
+    program = _base_program()
+    change(program.tiles[0])
+    with pytest.raises(ProgramError, match=message):
+        program.validate()
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_extrapolation_equals_plain_sweeps(seed):
     """Probe + extrapolation (including failed probes) give exactly the times sweeps give."""
