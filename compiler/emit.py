@@ -377,8 +377,46 @@ def dense_graph_input(layers: list[LoweredLayer], input_spec, lanes: int) -> tup
     return dense, dataclasses.replace(input_spec, layout="dense")
 
 
+def stage_chain(layers: list[LoweredLayer], lanes: int, in_words: int, in_shape: tuple[int, int], replicas: int,
+                stage: tuple[int, int]) -> tuple[list[LoweredLayer], list[StreamPlan], list[int]]:
+    """The chain of a program whose layers ``stage = (a, b)`` (``layers[a:b]``) are replicated ``replicas`` times
+    and whose other layers every copy shares (docs/architecture.md section 12, replicated stages): the layers before
+    the stage, then the stage's copies one after the other (:func:`replicate_layers`, copy ``j`` taking inference
+    ``j`` of every program inference), then the layers after it; with each chain layer's stream plan and turns (the
+    shared layers run once per copy: ``replicas`` turns, on one copy's stream each; a copy's layers once). The stream
+    into the stage and the one out of it must hold one tensor each (the stage's input, its output), so that the
+    copies' streams are those tensors side by side; CompileError otherwise."""
+    n = len(layers)
+    a, b = stage
+    if not 0 <= a < b <= n or (a, b) == (0, n):
+        raise CompileError(f"a replicated stage is layers [first, end) with 0 <= first < end <= {n}, not the whole "
+                           f"network (replicas copy it all); got [{a}, {b})")
+    single = plan_streams(layers, lanes, in_words, 1, in_shape)
+
+    def one_tensor(index: int) -> bool:
+        return len(single[index].tensors) == 1 if index < n else True
+
+    for index, where in ((a, "into"), (b, "out of")):
+        if not one_tensor(index):
+            raise CompileError(f"replicated stage [{a}, {b}): the stream {where} it, before layer "
+                               f"'{layers[index].name}', holds {len(single[index].tensors)} tensors (a skip connection "
+                               f"crosses it); a stage begins and ends where the stream holds one tensor")
+    sources = layer_sources(layers)
+    inside = []
+    for layer, reads in zip(layers[a:b], sources[a:b]):
+        assert all(source >= a - 1 for source in reads), "one tensor into the stage: it reads only the one before"
+        inside.append(dataclasses.replace(layer, sources=tuple(source - a if source >= a else -1 for source in reads)))
+    copies = replicate_layers(inside, replicas)
+    into = single[a]
+    stage_plans = plan_streams(copies, lanes, into.n_words, replicas, into.tensors[0])
+    chain = list(layers[:a]) + copies + list(layers[b:])
+    plans = single[:a] + stage_plans + single[b:]
+    turns = [replicas] * a + [1] * len(copies) + [replicas] * (n - b)
+    return chain, plans, turns
+
+
 def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "",
-                  replicas: int = 1) -> Program:
+                  replicas: int = 1, stage: tuple[int, int] | None = None) -> Program:
     """Partition lowered layers over the (system) chain and emit every tile's registers, SRAM image and parameters,
     and on several chips the links' registers (in a ring, ``arch.chip_topology = "ring"``, also the return link's,
     which carries the output stream from the last chip to the host at chip 0). Tiles that compute nothing pass their
@@ -386,25 +424,36 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
     :func:`compiler.partition.place_layers`) and the last chip's tiles after the last layer.
 
     ``replicas``: copies of the network on the chain (:func:`replicate_layers`), taking alternate inferences: a
-    program inference is ``replicas`` real ones, their inputs and outputs back to back in the stream."""
+    program inference is ``replicas`` real ones, their inputs and outputs back to back in the stream. ``stage``:
+    ``(a, b)``, copy only ``layers[a:b]`` and let every copy share the other layers, whose tiles run once per copy
+    (:func:`stage_chain`, section 12)."""
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise CompileError(f"replicas must be a positive integer (copies of the network), got {replicas!r}")
     layers, input_spec = dense_graph_input(layers, input_spec, arch.lanes)
     in_words = input_spec.words(arch.lanes)
-    layers = replicate_layers(layers, replicas)
-    plans = plan_streams(layers, arch.lanes, in_words, replicas, lane_shape(input_spec, arch.lanes))
-    stream_words = [plan.n_words for plan in plans] + [replicas * output_words(layers[-1], arch.lanes)]
-    stream_tensors = [plan.tensors for plan in plans] + [(output_shape(layers[-1]),) * replicas]
+    if stage is not None and replicas > 1:
+        layers, plans, turns = stage_chain(layers, arch.lanes, in_words, lane_shape(input_spec, arch.lanes), replicas,
+                                           stage)
+    else:
+        layers = replicate_layers(layers, replicas)
+        plans = plan_streams(layers, arch.lanes, in_words, replicas, lane_shape(input_spec, arch.lanes))
+        turns = [1] * len(layers)
+    # per turn of each layer (a layer every copy shares takes one copy's stream a turn), then the last layer's output
+    last_copies = replicas if turns[-1] == 1 else 1
+    stream_words = [plan.n_words for plan in plans] + [last_copies * output_words(layers[-1], arch.lanes)]
+    stream_tensors = [plan.tensors for plan in plans] + [(output_shape(layers[-1]),) * last_copies]
     # one chip: the partition costs each band with the stream it receives (forward_only_what_follows); on several
     # chips a layer cut by a chip boundary keeps whole streams, so every tile is costed with the whole stream
     fronts = ([(plan.store[0], plan.forward[0] if plan.forward[1] > plan.forward[0] else plan.n_words)
                for plan in plans] if arch.chips == 1 else None)
     placement = place_layers(layers, arch, [plan.carried for plan in plans], stream_words, stream_tensors, fronts,
-                             [plan.forward[1] - plan.forward[0] for plan in plans])
+                             [plan.forward[1] - plan.forward[0] for plan in plans], turns)
     contexts: dict[int, list[TileProgram]] = {}   # per position, the tiles of its contexts in turn order
     infos: list[LayerInfo] = []
-    for layer, slices, plan, places in zip(layers, placement.splits, plans, placement.places(arch)):
+    for layer, slices, plan, places, layer_turns in zip(layers, placement.splits, plans, placement.places(arch), turns):
         layer_tiles = [_compute_tile(arch, position, layer, part, plan) for (position, _), part in zip(places, slices)]
+        for tile in layer_tiles:
+            tile.turns = layer_turns
         if len({position // arch.n_tiles for position, _ in places}) == 1:
             # a layer cut by a chip boundary keeps whole streams: a link carries what the placement counted
             for tile, config in zip(layer_tiles, forward_only_what_follows([tile.config for tile in layer_tiles], plan)):
@@ -412,14 +461,15 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
         for (position, context), tile in zip(places, layer_tiles):
             contexts.setdefault(position, []).append(tile)
             assert len(contexts[position]) == context + 1
-        infos.append(_layer_info(layer, tuple(_tile_place(arch, position) for position, _ in places),
-                                 tuple(context for _, context in places)))
+        infos.append(dataclasses.replace(_layer_info(layer, tuple(_tile_place(arch, position) for position, _ in places),
+                                                     tuple(context for _, context in places)), turns=layer_turns))
     tiles: list[TileProgram | None] = [None] * arch.system_tiles
     for position, parts in contexts.items():
         tiles[position] = parts[0] if len(parts) == 1 else merge_contexts(arch, parts)
     for position in range(arch.system_tiles):
         if tiles[position] is None:  # pass on what the tile before emits (the host input at position 0)
-            n_pass = tiles[position - 1].output_config.output_flits(arch.lanes) if position else replicas * in_words
+            before = tiles[position - 1] if position else None
+            n_pass = before.turns * before.output_config.output_flits(arch.lanes) if before else replicas * in_words
             tiles[position] = _pass_tile(arch, position, n_pass)
     _check_routes(tiles, arch)
     # every tile's forward queue: all the SRAM its weights and banks leave free (partition reserves some); a tile of
@@ -428,8 +478,9 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
         if tile.config.queued_words and not tile.later_contexts:
             tile.config = tile.config.with_queue(arch)
     # link k leaves chip k's exit tile; a ring's last link (chips - 1) carries the last chip's output to the host
-    links = [LinkProgram(tiles[(chip + 1) * arch.n_tiles - 1].output_config.output_flits(arch.lanes), segments)
-             for chip, segments in zip(range(link_count(arch)), placement.link_segments)]
+    exits = [tiles[(chip + 1) * arch.n_tiles - 1] for chip in range(link_count(arch))]
+    links = [LinkProgram(tile.turns * tile.output_config.output_flits(arch.lanes), segments)
+             for tile, segments in zip(exits, placement.link_segments)]
     assert tuple(link.inference_flits for link in links) == placement.link_words
     program = Program(arch=arch, input=input_spec, output=output_spec, layers=infos, tiles=tiles,
                       model_name=model_name, links=links, replicas=replicas)
@@ -501,7 +552,8 @@ def _check_routes(tiles: list[TileProgram], arch: Arch) -> None:
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, calibration: np.ndarray | None = None,
-                  per_channel: bool = True, pack_input: bool = True, replicas: int | None = None) -> Program:
+                  per_channel: bool = True, pack_input: bool = True, replicas: int | None = None,
+                  stage: tuple[str, str] | None = None) -> Program:
     """Compile an ONNX MLP or small CNN (int8 QDQ, or float: quantized first) for ``arch``.
 
     ``calibration`` (``[n, *input shape]`` float) and ``per_channel`` only matter for float models.
@@ -514,12 +566,17 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
     :data:`ONE_CHIP_COPIES` on one chip large enough, up to :data:`SMALL_CHIP_COPIES` on a small one of several
     contexts a tile) that fits with the shortest estimated interval per real
     inference (the interval per program inference over ``N``; the fewest copies on a tie).
+    ``stage``: ``(first, last)`` layer names (as the report names them): copy only those layers and what lies
+    between, ``replicas`` times (default 2), and let the copies share the layers before and after them, whose
+    tiles run once per copy (docs/architecture.md section 12, replicated stages; :func:`stage_chain`).
     Raises :class:`compiler.CompileError` when the model is unsupported or does not fit.
     """
     if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
         raise CompileError(f"replicas must be a positive integer (copies of the network), got {replicas!r}")
     imported = import_onnx(model, calibration=calibration, per_channel=per_channel)
     layers = lower_layers(imported.layers)
+    if stage is not None:
+        return _compile_copies(layers, imported, arch, pack_input, replicas or 2, _stage_range(layers, stage))
     most = max_copies(arch, len(layers))
     if replicas is not None or most == 1:
         return _compile_copies(layers, imported, arch, pack_input, replicas or 1)
@@ -571,11 +628,26 @@ def max_copies(arch: Arch, n_layers: int) -> int:
     return 1
 
 
-def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input: bool, replicas: int) -> Program:
-    """``replicas`` copies of the lowered ``layers``, with the host packing the first window when that fits and
-    is faster."""
+def _stage_range(layers: list[LoweredLayer], stage: tuple[str, str]) -> tuple[int, int]:
+    """``(a, b)``: the lowered layers ``first .. last`` of ``stage`` (their names), ``layers[a:b]``."""
+    names = [layer.name for layer in layers]
+    try:
+        first, last = (names.index(name) for name in stage)
+    except ValueError:
+        missing = next(name for name in stage if name not in names)
+        raise CompileError(f"replicated stage: no layer named {missing!r}; the layers are "
+                           f"{', '.join(map(repr, names))}") from None
+    if last < first:
+        raise CompileError(f"replicated stage: layer {stage[1]!r} comes before {stage[0]!r}")
+    return first, last + 1
+
+
+def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input: bool, replicas: int,
+                    stage: tuple[int, int] | None = None) -> Program:
+    """``replicas`` copies of the lowered ``layers`` (only of ``layers[a:b]`` for ``stage = (a, b)``), with the host
+    packing the first window when that fits and is faster."""
     plain = build_program(layers, arch, input_spec=imported.input, output_spec=imported.output,
-                          model_name=imported.name, replicas=replicas)
+                          model_name=imported.name, replicas=replicas, stage=stage)
     if not pack_input:
         return plain
     packed_layers, packed_spec = pack_input_window(layers, imported.input, arch.lanes)
@@ -583,7 +655,7 @@ def _compile_copies(layers: list[LoweredLayer], imported, arch: Arch, pack_input
         return plain
     try:  # the packed map is larger (OH*OW pixels of more words): it may not fit where the plain one does
         packed = build_program(packed_layers, arch, input_spec=packed_spec, output_spec=imported.output,
-                               model_name=imported.name, replicas=replicas)
+                               model_name=imported.name, replicas=replicas, stage=stage)
     except CompileError:
         return plain
     return packed if estimated_interval(packed) < estimated_interval(plain) else plain
@@ -608,7 +680,7 @@ def tile_program_estimate(tile: TileProgram, lanes: int) -> int:
     total = sum(tile_estimate(config, lanes) for config in tile.contexts)
     if tile.later_contexts:
         total = max(total, tile.config.compute_cycles + tile.config.store_until)
-    return total
+    return total * tile.turns   # a tile of several turns (section 12) runs its inference once a turn
 
 
 def estimated_interval(program: Program) -> int:
@@ -654,8 +726,8 @@ def report(program: Program) -> str:
     for layer in program.layers:
         tiles = list({place(t): by_position[place(t)] for t in layer.tiles}.values())   # a tile once
         span = f"{len(tiles)} ({position_of[place(layer.tiles[0])]}..{position_of[place(layer.tiles[-1])]})"
-        # steady state: the layer's MACs over its tiles' lanes for one interval of the slowest stage
-        utilization = layer.macs / (interval * len(tiles) * arch.lanes)
+        # steady state: the layer's MACs (once a turn) over its tiles' lanes for one interval of the slowest stage
+        utilization = layer.macs * layer.turns / (interval * len(tiles) * arch.lanes)
         rows.append((layer.name, layer.op + ("+Relu" if layer.relu else ""), f"{layer.n_in} -> {layer.n_out}",
                      str(layer.macs), span, str(max(cycles(t) for t in tiles)), f"{100 * utilization:.1f}%",
                      f"{sum(sram_used(t) for t in tiles)}/{len(tiles) * arch.sram_bytes}"))
@@ -675,7 +747,11 @@ def report(program: Program) -> str:
     memory = arch.tile_memory_bits
     total_mbit = arch.system_tiles * sum(memory.values()) / 1e6
     if program.replicas > 1:
-        lines.append(f"{copies} copies of the network (alternate inferences): a program inference is {copies} "
+        stage = [layer.name for layer in program.layers if layer.turns == 1]
+        what = (f"layers '{stage[0].removesuffix(' [copy 0]')}' .. '{stage[-1].removesuffix(f' [copy {copies - 1}]')}' "
+                f"(alternate inferences; the other layers shared, their tiles run once per inference)"
+                if len(stage) < len(program.layers) else "the network (alternate inferences)")
+        lines.append(f"{copies} copies of {what}: a program inference is {copies} "
                      f"inferences, their inputs and outputs back to back; estimated interval {interval} cycles per "
                      f"program inference / {copies} = {interval / copies:.1f} cycles per inference")
     lines.append(f"throughput per area: {program.macs_per_inference * copies / interval / total_mbit:.2f} MACs/cycle per Mbit "
@@ -723,8 +799,8 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def chip_macs(program: Program) -> list[int]:
-    """MACs per inference each chip computes: every layer's MACs shared among its tiles in proportion to their
-    COMPUTE issue cycles."""
+    """MACs per (program) inference each chip computes: every layer's MACs (a layer of several turns once a turn,
+    section 12) shared among its tiles in proportion to their COMPUTE issue cycles."""
     arch = program.arch
     by_place = {(t.chip, t.row, t.col): t for t in program.tiles}
     macs = [0.0] * arch.chips
@@ -732,7 +808,7 @@ def chip_macs(program: Program) -> list[int]:
         tiles = [by_place[tuple(t) if len(t) == 3 else (0, *t)] for t in layer.tiles]
         issue = [t.contexts[layer.context_of(i)].compute_issue_cycles for i, t in enumerate(tiles)]
         for tile, cycles in zip(tiles, issue):
-            macs[tile.chip] += layer.macs * (cycles / sum(issue) if sum(issue) else 1 / len(tiles))
+            macs[tile.chip] += layer.macs * layer.turns * (cycles / sum(issue) if sum(issue) else 1 / len(tiles))
     return [round(m) for m in macs]
 
 

@@ -883,13 +883,20 @@ def _slice_out(s: TileSlice, stream_in: tuple, stream_next: tuple, costs: Window
     return stream_in[0] + s.n_pass + results, stream_in[1] + ((s.n_pass + results, lanes),)
 
 
-def _cut_streams(splits: list[list[TileSlice]], streams: Sequence[tuple], costs, lanes: int) -> list[tuple]:
-    """``(flits, tensors)`` per inference crossing a cut before slice ``c`` of the chain (``c = 0``: the host input;
-    ``c`` = all slices: the output), for every ``c``; ``streams[i]``: ``(flits, tensors)`` into layer ``i``, then
-    the output."""
-    cut = [streams[0]]
+def _cut_streams(splits: list[list[TileSlice]], streams: Sequence[tuple], costs, lanes: int,
+                 turns: Sequence[int]) -> list[tuple]:
+    """``(flits, tensors)`` per (program) inference crossing a cut before slice ``c`` of the chain (``c = 0``: the
+    host input; ``c`` = all slices: the output), for every ``c``; ``streams[i]``: ``(flits, tensors)`` into each turn
+    of layer ``i``, then the output of a turn of the last layer; ``turns[i]``: layer ``i``'s turns (section 12), whose
+    streams follow one another."""
+    def repeated(stream: tuple, times: int) -> tuple:
+        return stream[0] * times, stream[1] * times
+
+    cut = [repeated(streams[0], turns[0])]
     for i, slices in enumerate(splits):
-        cut += [_slice_out(s, streams[i], streams[i + 1], costs[i], lanes) for s in slices]
+        feeds = turns[i + 1] if i + 1 < len(turns) else turns[i]   # a layer's last tile: the stream the next reads
+        cut += [repeated(_slice_out(s, streams[i], streams[i + 1], costs[i], lanes),
+                         turns[i] if s.forward else feeds) for s in slices]
     return cut
 
 
@@ -988,8 +995,13 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                  stream_words: Sequence[int] | None = None,
                  stream_tensors: Sequence[Sequence[tuple[int, int]]] | None = None,
                  stream_fronts: Sequence[tuple[int, int]] | None = None,
-                 last_forwarded: Sequence[int] | None = None) -> Placement:
+                 last_forwarded: Sequence[int] | None = None, turns: Sequence[int] | None = None) -> Placement:
     """Slices per layer and their places on the system chain; CompileError if the model cannot fit.
+
+    ``turns``: per layer, the inferences its tiles run per program inference (section 12, a stage the copies of a
+    replicated program share; default 1 each): such a layer's slices are split within the budget over its turns and
+    cost their turns' cycles, its streams (``stream_words``, ``stream_tensors``: per turn) cross a cut once per turn,
+    and no tile holds several contexts when a layer has turns.
 
     ``stream_words``: flits of the stream into each layer per inference, then those of the output (what a cut
     before each layer and after the last carries; :func:`compiler.emit.plan_streams`); needed on several chips.
@@ -1024,6 +1036,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             raise CompileError("internal: placing layers on several chips needs the stream words before every layer "
                                "and of the output")
     carried = list(carried) if carried is not None else [0] * len(layers)
+    turns = list(turns) if turns is not None else [1] * len(layers)
     ks = [_input_words(layer, lanes) for layer in layers]
     costs = [window_costs(layer, lanes, extra) if getattr(layer, "window", None) is not None else None
              for layer, extra in zip(layers, carried)]
@@ -1055,7 +1068,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     def cut_tables(found: list[list[TileSlice]]) -> list[tuple[int, tuple]]:
         """Per cut: flits per inference and lane table."""
         tables = []
-        for flits, tensors in _cut_streams(found, streams, costs, lanes):
+        for flits, tensors in _cut_streams(found, streams, costs, lanes, turns):
             segments, total = lane_segments_of_tensors(tensors, lanes)
             assert total == flits, f"stream tensors make {total} flits, the stream has {flits}"
             tables.append((flits, segments))
@@ -1066,7 +1079,11 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             return [0] * (sum(len(s) for s in found) + 1)
         return [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
 
-    contexts = arch.tile_contexts > 1
+    contexts = arch.tile_contexts > 1 and max(turns) == 1
+
+    def slowest(i: int, slices: list[TileSlice]) -> int:
+        """Layer ``i``'s slowest slice: its cycles per program inference, over the layer's turns."""
+        return turns[i] * _slowest(slices, lanes, costs[i], carried[i])
 
     def needs_of(found: list[list[TileSlice]]) -> list[tuple[int, int, int, int]]:
         """Per slice in chain order: (cycles, SRAM words, parameter rows, lead) as a context (section 4.6)."""
@@ -1110,6 +1127,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         """The balanced placement; ``deep``: with deep queues (:func:`_split_window`), None if they do not fit."""
         def split(i: int, budget: float, max_tiles: float,
                   room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
+            budget = budget / turns[i]     # a tile of several turns runs its slice once a turn
             if costs[i] is not None:
                 return _split_window(costs[i], arch, i, budget, max_tiles, deep, room)
             return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i], room)
@@ -1177,7 +1195,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                 return None
             return placement(found, budget if link_limit is None else link_limit, budget)
 
-        lo, hi = 0, max(max(_slowest(s, lanes, c, extra) for s, c, extra in zip(splits, costs, carried)), max(cut_cycles(splits)))
+        lo, hi = 0, max(max(slowest(i, s) for i, s in enumerate(splits)), max(cut_cycles(splits)))
         if contexts:  # the runs of contexts at the unlimited split's budget take their summed cycles
             hi = max(hi, max(group_cycles for group_cycles, _, _ in _group_totals(needs_of(splits), arch, unlimited)))
         balanced = within(hi) or placement(splits, unlimited, unlimited)  # infeasible at lo, feasible at hi
@@ -1216,18 +1234,18 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         return balanced
 
     def shortfall(found: Placement) -> int:
-        return max(_slice_shortfall(sl, c, lanes) for s, c in zip(found.splits, costs) for sl in s)
+        return max(turns[i] * _slice_shortfall(sl, costs[i], lanes) for i, s in enumerate(found.splits) for sl in s)
 
     def estimate(found: Placement) -> int:
         """The slowest slice (with contexts: the slowest tile, its contexts' summed cycles), plus the largest queue
         shortfall (which holds the tiles before it back)."""
-        slowest = max(_slowest(s, lanes, c, extra) for s, c, extra in zip(found.splits, costs, carried))
+        worst = max(slowest(i, s) for i, s in enumerate(found.splits))
         if found.groups:
             needs, index = needs_of(found.splits), 0
             for size in found.groups:
-                slowest = max(slowest, _run_cycles(needs[index:index + size]))
+                worst = max(worst, _run_cycles(needs[index:index + size]))
                 index += size
-        return slowest + shortfall(found)
+        return worst + shortfall(found)
 
     def interval(found: Placement) -> int:
         """:func:`estimate`, or the slowest link's stage time if a link binds."""

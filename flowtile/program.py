@@ -322,6 +322,9 @@ class LayerInfo:
     mac_count: int | None = None
     #: the context of each of ``tiles`` that computes the layer (section 4.6); empty: context 0 of each
     contexts: tuple[int, ...] = ()
+    #: inferences its tiles run per program inference (section 12: a layer every copy of a replicated stage shares
+    #: runs once per copy); its ``macs`` are one inference's
+    turns: int = 1
 
     def context_of(self, index: int) -> int:
         """The context of ``tiles[index]`` that computes this layer."""
@@ -339,13 +342,15 @@ class LayerInfo:
     def to_dict(self):
         return {"name": self.name, "op": self.op, "n_in": self.n_in, "n_out": self.n_out,
                 "tiles": [list(t) for t in self.tiles], "relu": self.relu, "macs": self.macs,
-                **({"contexts": list(self.contexts)} if any(self.contexts) else {})}
+                **({"contexts": list(self.contexts)} if any(self.contexts) else {}),
+                **({"turns": self.turns} if self.turns != 1 else {})}
 
     @classmethod
     def from_dict(cls, d):
         return cls(d["name"], d["op"], int(d["n_in"]), int(d["n_out"]),
                    tuple(tuple(int(v) for v in t) for t in d["tiles"]), bool(d.get("relu", False)),
-                   int(d["macs"]) if "macs" in d else None, tuple(int(c) for c in d.get("contexts", ())))
+                   int(d["macs"]) if "macs" in d else None, tuple(int(c) for c in d.get("contexts", ())),
+                   int(d.get("turns", 1)))
 
 
 @dataclass
@@ -488,8 +493,9 @@ class Program:
 
     @property
     def macs_per_inference(self) -> int:
-        """MACs per (real) inference: the layers' over the copies of the network."""
-        return sum(layer.macs for layer in self.layers) // self.replicas
+        """MACs per (real) inference: the layers' (a layer of several turns once a turn) over the copies of the
+        network."""
+        return sum(layer.macs * layer.turns for layer in self.layers) // self.replicas
 
     def validate(self) -> None:
         """Check the program against its arch: tile positions, every tile's registers (:meth:`TileConfig.validate`:
@@ -535,7 +541,7 @@ class Program:
         for chip, link in enumerate(self.links):
             exit_tile = self.tiles[(chip + 1) * arch.n_tiles - 1]
             exit_config = exit_tile.output_config
-            emitted = exit_config.output_flits(arch.lanes)
+            emitted = exit_tile.turns * exit_config.output_flits(arch.lanes)   # per program inference: every turn's
             name = link_name(arch, chip)
             to_host = chip == arch.chips - 1     # a ring's return link: its receiver feeds the host output
             if not isinstance(link.inference_flits, int) or link.inference_flits != emitted:

@@ -111,6 +111,7 @@ class ReferencePE:
                                        f"{config.out_col_begin}, out_col_end = {config.out_col_end}, out_rows = "
                                        f"{config.out_rows}, out_width = {config.out_width} (section 4.1)")
         self.config, self.arch, self.lanes, self.position = config, arch, arch.lanes, position
+        self.turns = tile.turns      # section 12: the hardware runs a tile's turns as inferences of its own
         self.k, self.p = config.n_in_words, config.n_pass
         # section 4.2: RECV word k is stored iff in [store_begin, store_end) (at act_base + (s mod 2) * B +
         # k - store_begin), forwarded (pushed into the queue) iff in [forward_begin, forward_end)
@@ -200,6 +201,8 @@ class ReferencePE:
         return self.input_spans + self.compute_spans + self.output_spans
 
     def finished(self, batch):
+        """Whether it ran ``batch`` (program) inferences: each of its turns (section 12) an inference of its own."""
+        batch *= self.turns
         return (len(self.input_times) == batch * (self.k + self.p) and len(self.word_starts) == batch * self.emits
                 and len(self.output_times) == batch * (self.pops + self.emits))
 
@@ -322,8 +325,9 @@ class ReferencePE:
             self.output_spans.append((begin, cycle + 1, "EMIT"))
 
     def check_rules(self, batch):
-        """After a run: the recorded times obey section 4's rules and section 6 rule 4's inequalities (a
-        second look at the cycle loop, from the times alone)."""
+        """After a run of ``batch`` (program) inferences: the recorded times obey section 4's rules and section 6
+        rule 4's inequalities (a second look at the cycle loop, from the times alone)."""
+        batch *= self.turns     # section 12: each turn an inference of the PE's own
         where = f"reference PE at chain position {self.position}"
         per_in, per_out = self.k + self.p, self.pops + self.emits
         for name, times in (("input", self.input_times), ("output", self.output_times)):

@@ -27,8 +27,9 @@ class SteadyState:
         return len({tuple(tile) for layer in self.program.layers for tile in layer.tiles})
 
     def layer_utilization(self, layer: LayerInfo) -> float:
-        """One layer's MACs over its own tiles (a tile shared with other layers as contexts counts whole)."""
-        return layer.macs / (self.interval * len(layer.tiles) * self.program.arch.lanes)
+        """One layer's MACs (once a turn, section 12) over its own tiles (a tile shared with other layers as contexts
+        counts whole)."""
+        return layer.macs * layer.turns / (self.interval * len(layer.tiles) * self.program.arch.lanes)
 
     @property
     def grid_utilization(self) -> float:
