@@ -565,7 +565,8 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
     None: the ``N`` in ``1 .. max_copies(...)`` (:func:`max_copies`: up to one a chip on several chips, up to
     :data:`ONE_CHIP_COPIES` on one chip large enough, up to :data:`SMALL_CHIP_COPIES` on a small one of several
     contexts a tile) that fits with the shortest estimated interval per real
-    inference (the interval per program inference over ``N``; the fewest copies on a tie).
+    inference (the interval per program inference over ``N``; the fewest copies on a tie); on several chips, where
+    one copy is best, also two copies of the slowest chip's layers (:func:`slowest_chip_stage`), kept if faster.
     ``stage``: ``(first, last)`` layer names (as the report names them): copy only those layers and what lies
     between, ``replicas`` times (default 2), and let the copies share the layers before and after them, whose
     tiles run once per copy (docs/architecture.md section 12, replicated stages; :func:`stage_chain`).
@@ -576,6 +577,9 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
     imported = import_onnx(model, calibration=calibration, per_channel=per_channel)
     layers = lower_layers(imported.layers)
     if stage is not None:
+        if replicas == 1:
+            raise CompileError(f"a replicated stage {stage[0]!r} .. {stage[1]!r} needs at least 2 copies (replicas), "
+                               f"got 1")
         return _compile_copies(layers, imported, arch, pack_input, replicas or 2, _stage_range(layers, stage))
     most = max_copies(arch, len(layers))
     if replicas is not None or most == 1:
@@ -591,7 +595,39 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
             best = program
     if best is None:
         raise first_error
+    if arch.chips > 1 and best.replicas == 1:   # no copy of the whole network helps: try copying the slowest chip's
+        stage = slowest_chip_stage(best, layers, imported.input, arch.lanes)
+        if stage is not None:
+            try:
+                program = _compile_copies(layers, imported, arch, pack_input, 2, stage)
+            except CompileError:
+                program = None
+            if program is not None and estimated_interval(program) < 2 * estimated_interval(best):
+                best = program
     return best
+
+
+def slowest_chip_stage(program: Program, layers: list[LoweredLayer], input_spec, lanes: int) -> tuple[int, int] | None:
+    """The stage (section 12) :func:`compile_model` tries to copy on several chips when no copy of the whole network
+    helps: the layers with a tile on the chip whose slowest tile is slowest in the one-copy ``program``, widened to
+    the nearest points where the stream holds one tensor (:func:`stage_chain`); None if that is the whole network."""
+    arch = program.arch
+    slowest = [0] * arch.chips
+    for tile in program.tiles:
+        slowest[tile.chip] = max(slowest[tile.chip], tile_program_estimate(tile, lanes))
+    chip = max(range(arch.chips), key=slowest.__getitem__)
+    on_chip = [index for index, layer in enumerate(program.layers)
+               if any((place[0] if len(place) == 3 else 0) == chip for place in layer.tiles)]
+    if not on_chip:
+        return None
+    dense, spec = dense_graph_input(layers, input_spec, lanes)
+    plans = plan_streams(dense, lanes, spec.words(lanes), 1, lane_shape(spec, lanes))
+    a, b = on_chip[0], on_chip[-1] + 1
+    while a > 0 and len(plans[a].tensors) != 1:
+        a -= 1
+    while b < len(layers) and len(plans[b].tensors) != 1:
+        b += 1
+    return None if (a, b) == (0, len(layers)) else (a, b)
 
 
 #: The most copies of a network :func:`compile_model` tries on one chip, and the tiles a layer each copy must have

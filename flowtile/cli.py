@@ -126,7 +126,7 @@ def cmd_compile(args) -> int:
     arch = _arch_from_args(args)
     model = _load_model(args.model, args.calibration)
     calibration = _load_array(args.calibration, "calibration")[0] if args.calibration else None
-    program = compile_model(model, arch, calibration=calibration, replicas=_replicas(args))
+    program = compile_model(model, arch, calibration=calibration, replicas=_replicas(args), stage=_stage(args))
     program.save(args.output)
     print(report(program))
     print(f"program written to {args.output}")
@@ -332,7 +332,7 @@ def cmd_run(args) -> int:
     model = int8_model(model, calibration)  # quantized once: the compiler and the oracle get the same model
     chips = f"{arch.chips} chips of " if arch.chips > 1 else ""
     _progress(f"compiling {args.model} for {chips}a {arch.rows}x{arch.cols} grid, {arch.lanes} lanes")
-    program = compile_model(model, arch, replicas=_replicas(args))
+    program = compile_model(model, arch, replicas=_replicas(args), stage=_stage(args))
     published_x = x  # the float model (--float-model) takes the input as given
     if x is None:
         batch = args.batch or DEFAULT_RANDOM_BATCH
@@ -435,12 +435,29 @@ def _add_replicas_option(parser):
                              "inputs back to back; a batch is padded to a multiple of N); default: the count with "
                              "the shortest estimated interval per inference, up to one a chip on several chips and "
                              "up to 4 on one chip of 64 tiles or more (1 on smaller chips)")
+    parser.add_argument("--stage", default=None, metavar="FIRST:LAST",
+                        help="copy only layers FIRST..LAST (names as the compile report gives them; --replicas "
+                             "copies, default 2) and let the copies share the layers before and after them, whose "
+                             "tiles run once per inference (docs/architecture.md section 12, replicated stages); "
+                             "default: on several chips, where no copy of the whole network helps, the slowest "
+                             "chip's layers are tried")
 
 
 def _replicas(args) -> int | None:
     if args.replicas is not None and args.replicas < 1:
         raise UsageError(f"--replicas must be at least 1, got {args.replicas}")
     return args.replicas
+
+
+def _stage(args) -> tuple[str, str] | None:
+    if args.stage is None:
+        return None
+    first, colon, last = args.stage.partition(":")
+    if not colon or not first or not last:
+        raise UsageError(f"--stage must be FIRST:LAST (two layer names), got {args.stage!r}")
+    if args.replicas is not None and args.replicas < 2:
+        raise UsageError(f"--stage copies a stage at least twice; --replicas is {args.replicas}")
+    return first, last
 
 
 def _add_output_options(parser, *, output: bool):

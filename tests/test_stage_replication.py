@@ -53,6 +53,10 @@ def models(tmp_path_factory):
         "cnn": (_int8_model(tmp_path, "cnn", random_float_cnn(rng, (8, 6, 6), [
             {"out": 8, "k": 3, "pad": 1}, {"out": 16, "k": 3, "pad": 1, "pool": (2, 2)},
             {"out": 16, "k": 3, "pad": 1}, {"out": 8, "k": 1}], 5), (8, 6, 6), 2), (8, 6, 6)),
+        # a narrow stream (16 wide) around two layers that a chip of 3x3 tiles of 4 KiB cannot run as fast as the
+        # wide layers before and after them, whose weights leave no room for a second copy of the whole network
+        "narrow": (_int8_model(tmp_path, "narrow", random_float_mlp(np.random.default_rng(0), [32, 200, 16, 96, 96, 16,
+                                                                                            200, 10]), (32,), 4), (32,)),
         "resnet": (_int8_model(tmp_path, "resnet", random_float_resnet(
             rng, (3, 6, 6), 8, [{"kind": "basic", "out": 8, "stride": 1}], 5), (3, 6, 6), 3), (3, 6, 6)),
     }
@@ -166,3 +170,22 @@ def test_bad_stages_are_refused(models):
     inside = next(i for i, n in enumerate(names) if "conv2" in n or "add" in n.lower())
     with pytest.raises(CompileError, match="holds 2 tensors"):
         compile_model(resnet, _arch(1, 4, 4), replicas=2, stage=(names[1], names[inside]))
+
+
+def test_automatic_choice_copies_the_slowest_chips_stage(models):
+    """On several chips, where no copy of the whole network helps, compile_model tries two copies of the slowest
+    chip's layers and keeps them when faster: estimated, and measured by the emulator."""
+    model, in_shape = models["narrow"]
+    arch = lean_arch(rows=3, cols=3, lanes=8, sram_bytes=4096, max_tile_outputs=256, chips=2, link_frame_flits=4)
+    one = compile_model(model, arch, replicas=1)
+    chosen = compile_model(model, arch)
+    assert chosen.replicas == 2 and {layer.turns for layer in chosen.layers} == {1, 2}
+    assert estimated_interval(chosen) / 2 < estimated_interval(one)
+    x = np.random.default_rng(0).standard_normal((32, *in_shape)).astype(np.float32)
+    measured = {}
+    for copies, program in ((1, one), (2, chosen)):
+        view, count = program.program_inferences(len(x))
+        measured[copies] = steady_state(view, emulate_model(program, x).result, count).interval / copies
+    assert measured[2] < measured[1], measured
+    with pytest.raises(CompileError, match="needs at least 2 copies"):
+        compile_model(model, arch, replicas=1, stage=("fc0", "fc1"))
