@@ -50,3 +50,31 @@ def test_verilog_of_two_chips_has_one_tile_and_one_link_module(tmp_path, capsys)
 def test_chips_out_of_range_is_a_clean_error(tmp_path, capsys):
     assert cli.main(["compile", str(DIGITS), "--chips", "0", "-o", str(tmp_path / "p")]) == cli.EXIT_BAD_INPUT
     assert "arch field 'chips'" in capsys.readouterr().err
+
+
+def test_compile_and_emulate_a_replicated_stage(tmp_path, capsys):
+    """``--stage FIRST:LAST``: two copies of fc2 (docs/architecture.md section 12, replicated stages), fc1 and fc3
+    shared in two turns; the outputs equal one copy's. A malformed value or an unknown layer: one-line errors."""
+    staged, single = tmp_path / "staged", tmp_path / "single"
+    grid = ["--chips", "2", "--grid", "2x2"]
+    assert cli.main(["compile", str(DIGITS), *grid, "--stage", "fc2:fc2", "-o", str(staged)]) == 0
+    assert "2 copies of layers 'fc2' .. 'fc2'" in capsys.readouterr().out
+    assert cli.main(["compile", str(DIGITS), *grid, "--replicas", "1", "-o", str(single)]) == 0
+    program = Program.load(staged)
+    assert program.replicas == 2
+    assert [(layer.name, layer.turns) for layer in program.layers] == [("fc1", 2), ("fc2 [copy 0]", 1),
+                                                                      ("fc2 [copy 1]", 1), ("fc3", 2)]
+    with np.load(ROOT / "models" / "digits_test.npz") as data:
+        np.save(tmp_path / "x.npy", data["x"][:6])
+    outputs = {}
+    for name in ("staged", "single"):
+        outputs[name] = tmp_path / f"{name}.npy"
+        assert cli.main(["emulate", str(tmp_path / name), "--input", str(tmp_path / "x.npy"),
+                         "--output", str(outputs[name])]) == 0
+    np.testing.assert_array_equal(np.load(outputs["staged"]), np.load(outputs["single"]))
+    capsys.readouterr()
+    assert cli.main(["compile", str(DIGITS), *grid, "--stage", "fc2", "-o", str(tmp_path / "bad")]) != 0
+    assert "--stage must be FIRST:LAST" in capsys.readouterr().err
+    assert cli.main(["compile", str(DIGITS), *grid, "--stage", "fc2:fc9", "-o", str(tmp_path / "bad")]) \
+        == cli.EXIT_BAD_INPUT
+    assert "no layer named 'fc9'" in capsys.readouterr().err
