@@ -40,7 +40,8 @@ def cycle_budget(program: Program, batch: int) -> int:
             transfers = (config.n_in_words + 2 * config.n_pass + config.forwarded_words
                          + config.result_words(arch.lanes))
             compute = config.compute_cycles + 1 if config.n_out else 0
-            per_inference += transfers * hop_cycles + compute
+            # a tile of several turns (section 12) runs its inference once a turn per program inference
+            per_inference += tile.turns * (transfers * hop_cycles + compute)
     host = (program.input_words + program.output_words) * hop_cycles
     # a link (section 12) per inference: its frames one after another, each a whole round trip (frame, wire both
     # ways, a return message period and its delay) as if nothing overlapped
