@@ -291,6 +291,34 @@ def run_case(case_seed: int, arch: Arch, arch_index: int, fault: str | None = No
     return record
 
 
+#: The share of cases whose one-copy program is recompiled with a random replicated stage (two copies of some
+#: layers, the others shared in two turns: docs/architecture.md section 12), where that fits.
+STAGE_SHARE = 1 / 3
+
+
+def _maybe_stage(record: dict, arch: Arch, model_path, program):
+    """``program``, or for :data:`STAGE_SHARE` of the one-copy programs (drawn from the case's seed alone, so that
+    the other draws of a case do not move) the same network with a random stage of its layers copied twice (the
+    first stage drawn that compiles; ``record["stage"]`` names it)."""
+    from flowtile.compiler import CompileError, compile_model
+    rng = np.random.default_rng([record["seed"], 13])
+    if program.replicas != 1 or rng.random() >= STAGE_SHARE:
+        return program
+    names = [layer.name for layer in program.layers]
+    for _ in range(4):
+        first = int(rng.integers(len(names)))
+        last = int(rng.integers(first, len(names)))
+        if (first, last) == (0, len(names) - 1):
+            continue
+        try:
+            staged = compile_model(model_path, arch, replicas=2, stage=(names[first], names[last]))
+        except CompileError:
+            continue
+        record["stage"] = [names[first], names[last]]
+        return staged
+    return program
+
+
 def _new_record(case_seed, arch, arch_index, activation_uint8, per_channel, batch) -> dict:
     quant = f"{'uint8' if activation_uint8 else 'int8'}-{'per-channel' if per_channel else 'per-tensor'}"
     return {"seed": case_seed, "arch_index": arch_index, "arch_name": arch_name(arch), "arch": arch.to_dict(),
@@ -378,10 +406,11 @@ def _evaluate(record: dict, arch: Arch, float_model, in_shape, rng: np.random.Ge
                                       activation_uint8=activation_uint8, per_channel=per_channel)
             model_bytes = model_path.read_bytes()
             try:
-                program = cap_queues(compile_model(model_path, arch), record["queue_cap"])
+                program = compile_model(model_path, arch)
             except CompileError as error:
                 record.update(status="does-not-fit", message=str(error))
                 return
+            program = cap_queues(_maybe_stage(record, arch, model_path, program), record["queue_cap"])
             record["tiles_used"] = len(program.tiles)
             # copies of the network on several chips run whole program inferences: zero inputs fill the last one
             x = pad_batch(program, x)
