@@ -431,7 +431,9 @@ def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_
         raise CompileError(f"replicas must be a positive integer (copies of the network), got {replicas!r}")
     layers, input_spec = dense_graph_input(layers, input_spec, arch.lanes)
     in_words = input_spec.words(arch.lanes)
-    if stage is not None and replicas > 1:
+    if stage is not None:
+        if replicas < 2:
+            raise CompileError(f"a replicated stage needs at least 2 copies (replicas), got {replicas}")
         layers, plans, turns = stage_chain(layers, arch.lanes, in_words, lane_shape(input_spec, arch.lanes), replicas,
                                            stage)
     else:
@@ -577,9 +579,6 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
     imported = import_onnx(model, calibration=calibration, per_channel=per_channel)
     layers = lower_layers(imported.layers)
     if stage is not None:
-        if replicas == 1:
-            raise CompileError(f"a replicated stage {stage[0]!r} .. {stage[1]!r} needs at least 2 copies (replicas), "
-                               f"got 1")
         return _compile_copies(layers, imported, arch, pack_input, replicas or 2, _stage_range(layers, stage))
     most = max_copies(arch, len(layers))
     if replicas is not None or most == 1:

@@ -240,7 +240,8 @@ def _recv_range(begin: int, end: int) -> tuple[int, int]:
 
 def tile_counts(tile: TileProgram, arch: Arch) -> TileCounts:
     """A tile's counts: its one context's, or for a tile of several contexts (section 4.6) context 0's with every
-    context's in :attr:`TileCounts.contexts`."""
+    context's in :attr:`TileCounts.contexts`, or for a tile of several turns (section 12) its context's with one
+    copy per turn there and ``turns`` set."""
     if tile.turns > 1:     # section 12: the one context's counts once per turn
         count = config_counts(tile.config, arch)
         return replace(count, contexts=(count,) * tile.turns, turns=tile.turns)

@@ -554,7 +554,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         count, tile = path.counts[position], program.tiles[position]
         name = f"PE {tile.key}"
         last_fifo = hop.last_fifo
-        if count.contexts:   # section 4.6: several contexts
+        if count.contexts:   # section 4.6: several contexts (or section 12: several turns)
             input_chain, compute_chain, output_chain, writer_slots = _add_context_tile(
                 add, fifos, events, name, position, tile, count, fifo_name(*last_fifo), writer, writer_slots, depth,
                 ring)
