@@ -36,7 +36,9 @@ Rows ``1 of RxC``: a single chip (its interval and its slowest layer); rows ``N 
   per inference (:func:`any_placement_interval`); ``of any``: ``retained / any cap``;
 * ``copies``: copies of the network the compiler placed (``--replicas``: ``auto``, its choice; 1: cut the layer
   chain only): a replicated system runs ``--batch`` program inferences of ``copies`` inferences each, and its
-  interval, link bound and estimates are per inference (per program inference over ``copies``);
+  interval, link bound and estimates are per inference (per program inference over ``copies``); with ``--stage``
+  (or the compiler's own choice of a stage) only some layers are copied and the others shared, the copies counted
+  the same way;
 * ``repl cap``: the same for pure replication: each chip runs the whole network on its R x C tiles
   for every N-th inference (``interval(one R x C chip) / N``) and link ``k`` carries the inputs of the chips after
   it and the outputs of those up to it, in dense frames (the plain input's ``C`` channels a pixel, not the host's
@@ -112,7 +114,7 @@ class Run:
 
 
 def run(model, arch, x, show_report: bool, replicas: int | None = None,
-        max_transfers_linked: int = MAX_TRANSFERS_LINKED) -> Run:
+        max_transfers_linked: int = MAX_TRANSFERS_LINKED, stage: tuple[str, str] | None = None) -> Run:
     """Compile (``replicas``: copies of the network, None: the compiler's choice on several chips) and emulate.
     A replicated program runs ``len(x)`` program inferences (``x`` repeated to ``len(x) * replicas`` real ones), its
     interval is the steady state per program inference over its copies; ``q`` holds the first ``len(x)`` outputs."""
@@ -122,7 +124,8 @@ def run(model, arch, x, show_report: bool, replicas: int | None = None,
 
     started = time.perf_counter()
     try:
-        program = compile_model(model, arch, replicas=replicas if arch.chips > 1 else None)
+        program = compile_model(model, arch, replicas=replicas if arch.chips > 1 else None,
+                                stage=stage if arch.chips > 1 else None)
     except CompileError as error:
         return Run(arch, time.perf_counter() - started, error=str(error).splitlines()[0])
     if show_report:
@@ -354,9 +357,16 @@ def main() -> None:
     parser.add_argument("--replicas", default="auto",
                         help="copies of the network on N chips (alternate inferences): 'auto' (default, the "
                              "compiler's choice) or a number (1: cut the layer chain only)")
+    parser.add_argument("--stage", default=None, metavar="FIRST:LAST",
+                        help="on N chips copy only layers FIRST..LAST (--replicas copies, default 2) and share the "
+                             "others (docs/architecture.md section 12); use with --nets naming networks that have "
+                             "these layers")
     args = parser.parse_args()
     chip_counts = [int(n) for n in args.chips.split(",")]
     replicas = None if args.replicas == "auto" else int(args.replicas)
+    stage = tuple(args.stage.split(":")) if args.stage else None
+    if stage is not None and len(stage) != 2:
+        parser.error(f"--stage must be FIRST:LAST, got {args.stage!r}")
     fractions = [int(f) for f in args.fractions.split(",")]
     nets = args.nets.split(",")
     unknown = sorted(set(nets) - set(NETS))
@@ -408,7 +418,8 @@ def main() -> None:
                     geometry = LinkGeometry(arch)
                     label = f"1/{fraction} ({arch.link_bits} b)"
                     progress(f"{net}: {n} chips of {args.grid}, link {label} ...")
-                    multi = run(model, arch, x, args.report, replicas, int(args.max_transfers)) if n > 1 else None
+                    multi = (run(model, arch, x, args.report, replicas, int(args.max_transfers), stage) if n > 1
+                             else None)
                     if multi is None or multi.error:
                         why = "needs 2 or more chips" if multi is None else multi.error
                         progress(f"{net}: {n} chips, link {label}: {why}")
