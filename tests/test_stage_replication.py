@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 
 from flowtile.compiler import CompileError, compile_model, report
@@ -23,24 +22,10 @@ from flowtile.testing.archs import lean_arch
 from flowtile.testing.measure import steady_state
 from flowtile.testing.oracle_checks import (assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator,
                                             emulate_model)
-from flowtile.testing.random_models import quantize_qdq, random_float_cnn, random_float_mlp, random_float_resnet
+from flowtile.testing.random_models import random_float_cnn, random_float_mlp, random_float_resnet
 
 import test_emulator
-
-
-def _int8_model(tmp_path, name, float_model, in_shape, seed):
-    rng = np.random.default_rng(seed)
-    (tmp_path / name).mkdir()
-    onnx.save(float_model, tmp_path / name / "float.onnx")
-    calibration = rng.standard_normal((16, *in_shape)).astype(np.float32)
-    return quantize_qdq(tmp_path / name / "float.onnx", tmp_path / name / "qdq.onnx", calibration,
-                        activation_uint8=False, per_channel=True)
-
-
-def _arch(chips: int, rows: int = 2, cols: int = 2, **fields):
-    """Small chips with slow links (the default 1/16 of the flit width), frames of 4 flits (tests/test_replication)."""
-    return lean_arch(rows=rows, cols=cols, lanes=8, sram_bytes=4096, max_tile_outputs=64, chips=chips,
-                     link_frame_flits=4, **fields)
+from test_replication import _arch, _int8_model   # small chips with slow links, frames of 4 flits
 
 
 @pytest.fixture(scope="module")
