@@ -858,9 +858,9 @@ def _chip_report(program: Program, interval: int, link_stages: list[int], slowes
         tiles = program.tiles[chip * arch.n_tiles:(chip + 1) * arch.n_tiles]
         computing = sum(1 for t in tiles if t.config.n_out)
         rows.append((str(chip), f"{computing}/{arch.n_tiles}", str(macs[chip]),
-                     str(max(sum(c.tile_period_cycles(lanes) for c in t.contexts) for t in tiles)),
+                     str(max(t.turns * sum(c.tile_period_cycles(lanes) for c in t.contexts) for t in tiles)),
                      f"{100 * macs[chip] / (interval * arch.n_tiles * lanes):.1f}%",
-                     str(tiles[-1].output_config.output_flits(lanes))))
+                     str(tiles[-1].turns * tiles[-1].output_config.output_flits(lanes))))
     lines = [""] + _table(rows)
     rows = [("link", "flits/inf", "frames/inf", "link cycles/inf", "est. util", "bytes carried/sent")]
     for k, (link, stage) in enumerate(zip(program.links, link_stages)):
@@ -873,13 +873,15 @@ def _chip_report(program: Program, interval: int, link_stages: list[int], slowes
     busiest = max(range(len(link_stages)), key=lambda k: link_stages[k])
     flits = program.links[busiest].inference_flits
     bound = link_stages[busiest]
+    # a replicated program (whole copies or a stage, section 12) counts per program inference of its copies
+    per = "inference" if program.replicas == 1 else "program inference"
     lines.append(f"links: {arch.link_bits} wire bits/cycle, frames of {geometry.frame_bytes} bytes ("
                  f"{geometry.frame_flits} flits of every lane; only channels cross, not their padding lanes) in "
                  f"{geometry.frame_beats} beats ({geometry.flits_per_cycle:.4f} flits/cycle at best), latency "
-                 f"{geometry.latency} cycles (delay only); link bound on the interval: {bound} cycles/inference "
-                 f"(link {busiest}: {flits} flits/inference x {bound / max(flits, 1):.2f} cycles/flit)")
+                 f"{geometry.latency} cycles (delay only); link bound on the interval: {bound} cycles/{per} "
+                 f"(link {busiest}: {flits} flits/{per} x {bound / max(flits, 1):.2f} cycles/flit)")
     if bound > slowest_tile[0]:
-        lines.append(f"warning: {link_name(arch, busiest)} is the bottleneck: {bound} cycles/inference, "
+        lines.append(f"warning: {link_name(arch, busiest)} is the bottleneck: {bound} cycles/{per}, "
                      f"{bound / slowest_tile[0]:.2f}x the slowest tile's {slowest_tile[0]} ({slowest_tile[1]}); "
                      f"tiles idle {100 * (1 - slowest_tile[0] / bound):.0f}% of the interval waiting for it")
     return lines
