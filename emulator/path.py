@@ -81,6 +81,14 @@ class TileCounts:
     # each turn an ordinary inference on the next part of the stream (router in, router out); its ``contexts`` then
     # hold its counts once per turn, and its ``tile_*`` counts are per program inference
     turns: int = 1
+    # section 4, streaming rows (register stream_rows = R > 0): a line buffer of R input rows of ``row_words`` words;
+    # per output row of the band its first result word and the input rows ``(first, last)`` it reads, and the map's
+    # rows (in_height)
+    stream_rows: int = 0
+    row_words: int = 0
+    in_height: int = 0
+    output_row_words: tuple[int, ...] = ()
+    output_row_inputs: tuple[tuple[int, int], ...] = ()
 
     @property
     def idle(self) -> bool:
@@ -264,7 +272,22 @@ def config_counts(config, arch: Arch) -> TileCounts:
                       forward_end=forward_end, pass_per_pixel=config.pass_per_pixel,
                       n_pix=max(1, config.output_pixels) if n_out else 1,
                       pixel_word_issue=tuple(config.result_word_issue_cycles(arch.lanes)),
-                      single_bank=bool(config.single_bank and n_out))
+                      single_bank=bool(config.single_bank and n_out), **_stream_counts(config, arch))
+
+
+def _stream_counts(config, arch: Arch) -> dict:
+    """The line buffer's counts of :class:`TileCounts` (empty without ``stream_rows``)."""
+    if not (config.stream_rows and config.n_out):
+        return {}
+    per_pixel = config.result_words(arch.lanes) // config.output_pixels
+    rows, before = [], 0
+    for oy, _ in config.output_pixel_positions():
+        if not rows or oy != rows[-1][0]:
+            rows.append((oy, before))
+        before += per_pixel
+    return {"stream_rows": config.stream_rows, "row_words": config.row_words, "in_height": config.in_height,
+            "output_row_words": tuple(first for _, first in rows),
+            "output_row_inputs": tuple(config.input_rows_of_output_row(oy - config.out_row_begin) for oy, _ in rows)}
 
 
 @dataclass(frozen=True)

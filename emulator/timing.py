@@ -554,7 +554,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
         count, tile = path.counts[position], program.tiles[position]
         name = f"PE {tile.key}"
         last_fifo = hop.last_fifo
-        if count.contexts:   # section 4.6: several contexts (or section 12: several turns)
+        if count.contexts or count.stream_rows:   # section 4.6: several contexts (section 12: turns; a line buffer)
             input_chain, compute_chain, output_chain, writer_slots = _add_context_tile(
                 add, fifos, events, name, position, tile, count, fifo_name(*last_fifo), writer, writer_slots, depth,
                 ring)
@@ -744,7 +744,7 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
     only the bounds of a one-word ring (``R = 1``), which hold for any numbering of the words
     (:func:`_context_side`). Returns (input chain, compute chain, output chain, the output actions that write the
     router: the last context's, every turn's)."""
-    contexts = count.contexts
+    contexts = count.per_context
     turns = count.turns > 1
     in_at = _offsets([c.flits_in for c in contexts])
     out_at = _offsets([c.flits_out for c in contexts])
@@ -771,12 +771,15 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
             fifos.append(FifoEdge(f"{name} {'' if turns else f'context {index} '}forward queue", input_chain,
                                   output_chain, queue_words, write_slots=np.concatenate(pushes),
                                   read_slots=np.concatenate(pops)))
-    if not turns:
+    if not turns and len(contexts) > 1:
         fifos.append(FifoEdge(f"{name} loop-back FIFO", output_chain, input_chain, depth,
                               write_slots=np.arange(out_at[-2], dtype=np.int64),
                               read_slots=np.arange(in_at[1], in_at[-1], dtype=np.int64)))
     fifos.append(FifoEdge(f"{name} result ring", compute_chain, output_chain, ring,
                           read_slots=np.flatnonzero(~is_pop).astype(np.int64), read_offsets=word_issue + 2))
+    if count.stream_rows:
+        events += _stream_edges(input_chain, compute_chain, count)
+        contexts = ()
     for index, context in enumerate(contexts):
         events.append(EventEdge(compute_chain, int(word_at[index]), input_chain,
                                 int(in_at[index]) + context.store_until - 1, 0, 1))
@@ -788,6 +791,34 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
             events.append(_bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[index]), context))
     router = np.arange(0 if turns else out_at[-2], out_at[-1], dtype=np.int64)
     return input_chain, compute_chain, output_chain, router
+
+
+def _stream_edges(input_chain: int, compute_chain: int, count: TileCounts) -> list[EventEdge]:
+    """A line buffer's event edges (section 4, "Streaming rows"; one context, ``R = stream_rows``, ``H`` map rows of
+    ``W`` words from RECV word ``store_begin``):
+
+    * the first word of output row ``r`` issues after RECV of the last word of the last input row it reads:
+      ``a >= t(RECV store_begin + (last + 1) W - 1) + 1``;
+    * input row ``y``'s first word is stored only after its slot's previous row, global row ``s H + y - R`` (of the
+      inference ``ceil((R - y) / H)`` back if ``y < R``), was released: the cycle after the first issue of the first
+      output row whose rows all lie above it, or at the end of that COMPUTE (``a_last + d_last + 2``) if none does.
+    """
+    rows, words, height = count.stream_rows, count.row_words, count.in_height
+    starts, spans = count.output_row_words, count.output_row_inputs
+    last_word = count.n_result_words - 1
+    end_offset = int(count.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES
+    edges = [EventEdge(compute_chain, first_word, input_chain, count.store_begin + (last + 1) * words - 1, 0, 1)
+             for first_word, (_, last) in zip(starts, spans)]
+    for y in range(height):
+        shift = 0 if y >= rows else -(-(rows - y) // height)
+        old = y - rows + shift * height                         # the row that held the slot before
+        releaser = next((first_word for first_word, (first, _) in zip(starts, spans) if first > old), None)
+        first_stored = count.store_begin + y * words
+        if releaser is None:
+            edges.append(EventEdge(input_chain, first_stored, compute_chain, last_word, shift, end_offset))
+        else:
+            edges.append(EventEdge(input_chain, first_stored, compute_chain, releaser, shift, 1))
+    return edges
 
 
 def _context_side(word_issue: np.ndarray, first_words: np.ndarray, is_pop: np.ndarray,

@@ -111,6 +111,10 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # whose COMPUTE is long against its RECV (a large weight matrix over a small map) halves its activation SRAM
     # for a few cycles an inference. The weights may not overlap the bank (TileConfig.validate).
     ("single_bank", 1, False),
+    # Line buffer (section 4, "Streaming rows"): 0, or R (a power of two) input rows kept in a circular buffer at
+    # act_base instead of banks: row y of inference s in slot (s * in_height + y) mod R; an output row computes as
+    # soon as the rows it reads are in, and a row's slot is taken only after the compute side released its old row.
+    ("stream_rows", 8, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads

@@ -104,6 +104,7 @@ class TileConfig:
     param_base: int = 0
     loop_back: int = 0
     single_bank: int = 0
+    stream_rows: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -189,8 +190,33 @@ class TileConfig:
 
     @property
     def activation_words(self) -> int:
-        """SRAM words of the activation region ``[act_base, act_base + activation_banks * stored words)``."""
+        """SRAM words of the activation region: ``[act_base, act_base + activation_banks * stored words)``, or with a
+        line buffer (``stream_rows = R``) its ``R`` rows of :attr:`row_words`."""
+        if self.stream_rows:
+            return self.stream_rows * self.row_words
         return self.activation_banks * self.stored_words
+
+    @property
+    def row_words(self) -> int:
+        """Words of one input row of the map: ``in_width * words_per_pixel`` (a line buffer's slot)."""
+        return self.in_width * self.words_per_pixel
+
+    def input_rows_of_output_row(self, r: int) -> tuple[int, int]:
+        """``(first, last)`` input rows (of the stored map) that output row ``r`` of the band (counting from
+        ``out_row_begin``) reads: its windows' rows, clamped to the map (padding reads none)."""
+        top = (self.out_row_begin + r) * self.stride - self.pad_top
+        return max(0, top), min(self.in_height - 1, top + self.kernel_h - 1)
+
+    @property
+    def stream_rows_needed(self) -> int:
+        """The fewest rows a line buffer needs so that it never deadlocks: the first output row's rows and every row
+        above them must fit (rows are released only as output rows start), and output row ``r + 1``'s rows while row
+        ``r``'s are still held (every row below output row ``r``'s first is released when it starts)."""
+        rows = [self.input_rows_of_output_row(r) for r in range(self.out_rows)]
+        need = rows[0][1] + 1
+        for (first, _), (_, last) in zip(rows, rows[1:]):
+            need = max(need, last - first + 1)
+        return need
 
     @property
     def data_end(self) -> int:
@@ -368,6 +394,10 @@ class TileConfig:
                               f"max_tile_outputs = {arch.max_tile_outputs} (the parameter table's rows; section 4.6)")
         banks = self.activation_banks
         activation_end = self.act_base + self.activation_words
+        if self.stream_rows and activation_end > arch.sram_words:
+            raise ConfigError(f"config registers act_base + stream_rows * in_width * words_per_pixel = {self.act_base} "
+                              f"+ {self.stream_rows} * {self.in_width} * {self.words_per_pixel} = {activation_end} "
+                              f"exceed sram_words = {arch.sram_words} (the line buffer)")
         if activation_end > arch.sram_words:
             raise ConfigError(f"config registers act_base + {banks} * ({self.stored_formula}) = "
                               f"{activation_end} exceed sram_words = {arch.sram_words} ({banks} "
@@ -384,6 +414,8 @@ class TileConfig:
         if n_out > 0:
             self._validate_window(arch)
             self._validate_band()
+            if self.stream_rows:
+                self._validate_stream_rows(arch)
             interleaved = self.output_pixels * self.pass_per_pixel
             if interleaved > self.n_pass:
                 raise ConfigError(f"config registers n_pix * pass_per_pixel = {self.output_pixels} * "
@@ -517,6 +549,39 @@ class TileConfig:
                    ("forward queue [queue_base, queue_base + queue_words)", self.queue_base,
                     self.queue_base + self.queue_words)]
         return [(what, begin, end) for what, begin, end in regions if end > begin]
+
+    def _validate_stream_rows(self, arch: Arch) -> None:
+        """A line buffer (``stream_rows = R``, section 4 "Streaming rows"): R a power of two, for a MAC, MAX or LANE
+        tile whose one store range is its whole map (rows of ``in_width * words_per_pixel`` words), with two banks'
+        rule off (``single_bank = 0``), apart from its weights, and of at least :attr:`stream_rows_needed` rows."""
+        rows = self.stream_rows
+        if rows & (rows - 1):
+            raise ConfigError(f"config register stream_rows = {rows} must be a power of two (a line buffer's slot is "
+                              f"the row's low bits)")
+        name = OP_NAMES[self.op]
+        if self.op not in (OP_MAC, OP_MAX, OP_LANE) or self.in_dense:
+            raise ConfigError(f"config register stream_rows = {rows}: a line buffer serves op MAC, MAX or LANE on a "
+                              f"map of whole pixels, not op = {name}{' with in_dense = 1' if self.in_dense else ''}")
+        if self.single_bank or self.store2_end > self.store2_begin or self.stored_words != self.map_words:
+            raise ConfigError(f"config register stream_rows = {rows}: the line buffer holds the map's rows, so the "
+                              f"one store range must be the whole map ({self.stored_formula} = {self.stored_words}, "
+                              f"in_height * in_width * words_per_pixel = {self.map_words}), with no second range "
+                              f"and single_bank = 0")
+        if rows < self.stream_rows_needed:
+            raise ConfigError(f"config register stream_rows = {rows} is less than the {self.stream_rows_needed} input "
+                              f"rows two consecutive output rows span (kernel_h = {self.kernel_h}, stride = "
+                              f"{self.stride}): the line buffer would deadlock")
+        queued_after = (self.forward_end > self.store_end and self.forwarded_words) or self.n_pass
+        if queued_after and self.result_words(arch.lanes) > arch.result_words:
+            raise ConfigError(f"config register stream_rows = {rows}: the tile emits {self.result_words(arch.lanes)} "
+                              f"result words an inference, more than the {arch.result_words}-word ring holds, after "
+                              f"words it queues behind its rows (forward_end = {self.forward_end} > store_end = "
+                              f"{self.store_end}, or n_pass = {self.n_pass}): COMPUTE would wait for EMITs that wait "
+                              f"for those words, which wait for the rows COMPUTE frees (a deadlock)")
+        end = self.act_base + self.activation_words
+        if self.weight_words and self.w_base < end and self.act_base < self.w_base + self.weight_words:
+            raise ConfigError(f"config register stream_rows = {rows}: the weights [{self.w_base}, "
+                              f"{self.w_base + self.weight_words}) overlap the line buffer [{self.act_base}, {end})")
 
     def _validate_band(self) -> None:
         """Section 4.1: a computing tile's output pixels are ``out_rows`` rows from ``out_row_begin``, the first

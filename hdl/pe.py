@@ -273,6 +273,8 @@ class PE(wiring.Component):
             self._connect_contexts(m, queues, queue_write, queue_read, input_side, sequencer, output_side)
         m.d.comb += [
             sequencer.store_done.eq(input_side.store_done),
+            sequencer.row_done.eq(input_side.row_done),
+            input_side.release_rows.eq(sequencer.release_rows),
             sequencer.ring_free.eq(ring.free),
             ring.word_issued.eq(sequencer.word_issued),
             pipeline.enable.eq(sequencer.in_compute),

@@ -2,7 +2,7 @@
 sections 4 and 4.1 to 4.3)."""
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
@@ -74,6 +74,13 @@ class ComputeSequencer(wiring.Component):
     ``issue`` never stalls (``always_ready``); its payload (:func:`issue_layout`) is meaningful when
     ``issue.valid``.
 
+    A line buffer (``stream_rows = R > 0``, section 4 "Streaming rows"): ``row_done`` pulses (a stored input row's
+    last word) are counted in ``pending_rows``, less ``in_height`` at each COMPUTE's last cycle; an output row's first
+    issue (and so COMPUTE's start) waits until ``pending_rows`` exceeds the last input row it reads. Its first issue
+    releases the rows below its first one (``release_rows``, the count, in that cycle), COMPUTE's last cycle the rest
+    of the inference's ``in_height``. Row ``y`` of the COMPUTE's inference is read from slot ``(base + y) mod R``,
+    ``base`` advancing by ``in_height`` each COMPUTE.
+
     Parameters
     ----------
     arch : :class:`flowtile.arch.Arch`
@@ -84,6 +91,10 @@ class ComputeSequencer(wiring.Component):
     computes : ``In(1)``
     run : ``In(1)``
     store_done : ``In(1)``
+    row_done : ``In(1)``
+        A line buffer's input row was stored (its last word) in this cycle.
+    release_rows : ``Out(range(256))``
+        Line buffer rows released in this cycle.
     ring_free : ``In(1)``
     issue : ``Out(stream.Signature(issue_layout(arch), always_ready=True))``
     word_issued : ``Out(1)``
@@ -107,6 +118,8 @@ class ComputeSequencer(wiring.Component):
             "computes": In(1),
             "run": In(1),
             "store_done": In(1),
+            "row_done": In(1),
+            "release_rows": Out(range(256)),
             "ring_free": In(1),
             "issue": Out(stream.Signature(issue_layout(arch), always_ready=True)),
             "word_issued": Out(1),
@@ -135,9 +148,16 @@ class ComputeSequencer(wiring.Component):
         else:
             # Section 4.6: the input side may have stored up to C' turns COMPUTE has not begun.
             stored = Signal(range(contexts + 1))
+        # A line buffer (stream_rows): the rows stored and not yet passed by a COMPUTE's end, against the last input
+        # row the output row about to start reads (out_row is 0 before COMPUTE begins).
+        streaming = config.stream_rows != 0
+        out_row = self._out_row = Signal.like(config.out_rows)   # the window's output row, from out_row_begin
+        pending_rows = Signal(range(2 * 256 + 1))
+        first_input_row, last_input_row = self._row_span(m)
+        rows_in = pending_rows > last_input_row
+        ready = Mux(streaming, rows_in, stored if contexts == 1 else stored != 0)
         m.d.comb += [
-            compute_start.eq(self.run & self.computes & (stored if contexts == 1 else stored != 0) & ~computing
-                             & self.ring_free),
+            compute_start.eq(self.run & self.computes & ready & ~computing & self.ring_free),
             self.compute_begun.eq(computing | compute_start),
             in_compute.eq(self.run & (computing | compute_start)),
         ]
@@ -155,7 +175,6 @@ class ComputeSequencer(wiring.Component):
         # Loop nest of section 4.1, innermost last. MAC: output row, output column, channel o, ky, kx, cw
         # (the weight order). MAX, LANE, ADD, CONCAT: output row, output column, cw, ky, kx. BCAST (section 4.5):
         # output row, output column, cw (its output word g), ky, kx, input channel c (counted in ``channel``).
-        out_row = Signal.like(config.out_rows)            # relative to out_row_begin
         out_col_register = Signal.like(config.out_width, name="out_col")   # ox: out_col_begin .. in the first row
         weight_address_register = Signal.like(issue.weight_addr, name="weight_address")
         if contexts == 1:
@@ -187,6 +206,9 @@ class ComputeSequencer(wiring.Component):
         last_channel = channel == Mux(is_broadcast, config.in_channels, n_out) - 1
         last_out_row = out_row == config.out_rows - 1
         last_out_col = out_col == Mux(last_out_row, band_end(config), config.out_width) - 1
+        # a line buffer's output row starts with its first column's first issue
+        row_first = ((word == 0) & (kernel_x == 0) & (kernel_y == 0) & (channel == 0)
+                     & (out_col == Mux(out_row == 0, config.out_col_begin, 0)))
         window_done = last_kernel_x & last_kernel_y
         pixel_done = Signal()
         step_word, step_kernel_x, step_kernel_y, step_channel = Signal(), Signal(), Signal(), Signal()
@@ -220,7 +242,7 @@ class ComputeSequencer(wiring.Component):
             issue.word_last.eq(issue.last & (per_word | (channel_lane == arch.lanes - 1) | last_channel)),
             # A word's first issue waits for a free ring slot; COMPUTE never waits inside a word. An
             # inference's first issue has its slot already: compute_start requires ring_free.
-            self.issue.valid.eq(issuing & (~word_first | self.ring_free)),
+            self.issue.valid.eq(issuing & (~word_first | self.ring_free) & (~streaming | ~row_first | rows_in)),
             self.word_issued.eq(self.issue.valid & word_first),
         ]
         write_slot = Signal(range(arch.result_words))     # j mod R of the word being issued
@@ -263,6 +285,19 @@ class ComputeSequencer(wiring.Component):
                     m.d.sync += context.eq(Mux(last_context, 0, context + 1))
                     with m.If(last_context):
                         m.d.sync += compute_bank.eq(~compute_bank)
+        # The line buffer: rows released as output rows start and at COMPUTE's end; the inference's first slot.
+        released = Signal(8)
+        slot_base = Signal(8)
+        end_cycle = in_compute & issue_done & (drain == COMPUTE_DRAIN_CYCLES - 1)
+        row_start = self.issue.valid & row_first
+        m.d.comb += self.release_rows.eq(Mux(~streaming, 0, Mux(row_start, first_input_row - released, 0)
+                                             + Mux(end_cycle, config.in_height - released, 0)))
+        with m.If(row_start):
+            m.d.sync += released.eq(first_input_row)
+        with m.If(end_cycle):
+            m.d.sync += [released.eq(0), slot_base.eq((slot_base + config.in_height) & (config.stream_rows - 1))]
+        m.d.sync += pending_rows.eq(pending_rows + self.row_done - Mux(end_cycle & streaming, config.in_height, 0))
+        self._slot_base = slot_base
         with m.If(~in_compute):
             m.d.sync += [word.eq(0), kernel_x.eq(0), kernel_y.eq(0), channel.eq(0),
                          out_col_register.eq(config.out_col_begin), out_row.eq(0), issue_done.eq(0), drain.eq(0),
@@ -271,10 +306,23 @@ class ComputeSequencer(wiring.Component):
         self._addresses(m, is_add, is_concat, is_broadcast, two_operands, lane_wise, out_row, out_col, channel,
                         kernel_y, kernel_x, word, weight_address, group_first_word)
         with m.If(~self.run):
-            m.d.sync += [computing.eq(0), compute_bank.eq(0), stored.eq(0), write_slot.eq(0)]
+            m.d.sync += [computing.eq(0), compute_bank.eq(0), stored.eq(0), write_slot.eq(0), pending_rows.eq(0),
+                         released.eq(0), slot_base.eq(0)]
             if contexts > 1:
                 m.d.sync += self.context.eq(0)
         return m
+
+    def _row_span(self, m):
+        """``(first, last)`` input rows of the stored map the current output row reads (clamped to the map):
+        :meth:`flowtile.tile_config.TileConfig.input_rows_of_output_row`."""
+        config = self.config
+        top = Signal(signed(len(config.out_rows) + len(config.stride) + 2 + 8))
+        first, last = Signal(8), Signal(8)
+        m.d.comb += top.eq((config.out_row_begin + self._out_row) * config.stride - config.pad_top)
+        bottom = top + config.kernel_h - 1
+        m.d.comb += [first.eq(Mux(top < 0, 0, top)),
+                     last.eq(Mux(bottom >= config.in_height, config.in_height - 1, Mux(bottom < 0, 0, bottom)))]
+        return first, last
 
     def _addresses(self, m, is_add, is_concat, is_broadcast, two_operands, lane_wise, out_row, out_col, channel,
                    kernel_y, kernel_x, word, weight_address, group_first_word):
@@ -308,6 +356,8 @@ class ComputeSequencer(wiring.Component):
         in_bounds = ((window_y >= config.pad_top) & (window_y < config.pad_top + config.in_height)
                      & (window_x >= config.pad_left) & (window_x < config.pad_left + config.in_width))
         input_y = (window_y - config.pad_top)[:len(config.in_height)]
+        # a line buffer (stream_rows = R): row y of the COMPUTE's inference is in slot (base + y) mod R
+        input_y = Mux(config.stream_rows != 0, (self._slot_base + input_y) & (config.stream_rows - 1), input_y)
         input_x = (window_x - config.pad_left)[:len(config.in_width)]
         pixel_offset = (input_y * config.in_width + input_x) * pixel_pitch
         # a dense map (section 4.5): channel c of the pixel is byte in_dense_offset + p*C + c of the stored words
@@ -316,7 +366,8 @@ class ComputeSequencer(wiring.Component):
         activation_offset = Mux(dense, dense_byte >> lane_bits, operand_offset + pixel_offset + operand_word)
         # Section 4: COMPUTE of inference s reads bank s mod 2, act_base + (s mod 2) * B onwards (B: both store
         # ranges' words; the stored words are the first range's then the second's).
-        activation_address = (config.act_base + Mux(self.compute_bank & ~config.single_bank, stored_words, 0)
+        activation_address = (config.act_base + Mux(self.compute_bank & ~config.single_bank & (config.stream_rows == 0),
+                                                    stored_words, 0)
                               + activation_offset)
         m.d.comb += [
             issue.weight_addr.eq(weight_address),

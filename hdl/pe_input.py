@@ -56,6 +56,12 @@ class InputSide(wiring.Component):
     1`` the parity of the COMPUTEs ended so far (``compute_bank``) must equal ``s mod 2``; with ``C > 1`` the
     context's flag is cleared by ``bank_free`` in that COMPUTE's last cycle.
 
+    A line buffer (``stream_rows = R > 0``, section 4 "Streaming rows"): the stored words (the map's rows, ``in_width *
+    words_per_pixel`` words each) go to a circular buffer of ``R`` rows at ``act_base``, row after row (slot ``(s *
+    in_height + y) mod R``); no bank rule holds, but a row's first stored word waits for a free slot: a count that
+    starts at ``R``, loses one as a row begins and gains the compute side's ``release_rows`` (from the next cycle).
+    ``row_done`` is high in the cycle of a row's last stored word.
+
     With ``C > 1`` (section 4.6) the side serves the contexts in turn, ``0 .. C' - 1`` per inference: ``context``
     (a register) is the context whose ``K + P`` transfers it makes; ``config`` and ``computes`` must be that
     context's (the PE selects them by ``context``; so is ``i_flit``: the router for context 0, the loop-back FIFO
@@ -95,6 +101,8 @@ class InputSide(wiring.Component):
     context : ``Out(range(C))``
         Only with ``C > 1``: the context served.
     store_done : ``Out(1)``
+    row_done : ``Out(1)``
+    release_rows : ``In(range(256))``
     """
 
     def __init__(self, arch: Arch):
@@ -109,6 +117,8 @@ class InputSide(wiring.Component):
             "o_forward": Out(stream.Signature(unsigned(arch.flit_data_bits))),
             "sram_write": In(sram_write_signature(arch)),
             "store_done": Out(1),
+            "row_done": Out(1),
+            "release_rows": In(range(256)),
         }
         if contexts == 1:
             members.update({"compute_bank": In(1), "compute_begun": In(1)})
@@ -157,9 +167,20 @@ class InputSide(wiring.Component):
             pending = Signal(contexts)
             freed_here = self.bank_free & (self.compute_context == context) & ~config.single_bank
             may_begin = ~self.computes | (in_index != 0) | ~pending.bit_select(context, 1) | freed_here
+        # A line buffer: the row being stored, its slot's first word and the free slots (section 4 "Streaming rows").
+        streaming = config.stream_rows != 0
+        row_words = Signal(len(config.in_width) + len(config.words_per_pixel))
+        row_word = Signal.like(row_words)
+        row_address = Signal(len(self.sram_write.addr))
+        slot = Signal(8)
+        free_rows = Signal(range(256 + 1))
+        m.d.comb += row_words.eq(config.in_width * config.words_per_pixel)
+        row_begins = stores & (row_word == 0)
+        may_store = ~streaming | ~row_begins | (free_rows != 0)
+        may_begin = Mux(streaming, 1, may_begin)
         accepting = Signal()
         m.d.comb += [
-            accepting.eq(self.run & (input_words != 0) & may_begin),
+            accepting.eq(self.run & (input_words != 0) & may_begin & may_store),
             self.o_forward.valid.eq(i_flit.valid & accepting & pushes),
             self.o_forward.payload.eq(i_flit.payload.data),
             i_flit.ready.eq(accepting & (~pushes | self.o_forward.ready)),
@@ -195,14 +216,26 @@ class InputSide(wiring.Component):
         bank_base = config.act_base + Mux(in_bank & ~config.single_bank, stored_words, 0)
         stored_index = Mux(stores_first, in_index - config.store_begin, first_words + in_index - config.store2_begin)
         address = self.sram_write.addr
+        stored_here = transfer & stores
+        row_ends = row_word == row_words - 1
+        with m.If(stored_here & streaming):
+            m.d.sync += row_word.eq(Mux(row_ends, 0, row_word + 1))
+            with m.If(row_ends):
+                last_slot = slot == config.stream_rows - 1
+                m.d.sync += [slot.eq(Mux(last_slot, 0, slot + 1)),
+                             row_address.eq(Mux(last_slot, 0, row_address + row_words))]
+        m.d.sync += free_rows.eq(free_rows + self.release_rows - (stored_here & streaming & row_begins))
         m.d.comb += [
-            address.eq((bank_base + stored_index)[:len(address)]),
+            self.row_done.eq(stored_here & streaming & row_ends),
+            address.eq(Mux(streaming, config.act_base + row_address + row_word,
+                           bank_base + stored_index)[:len(address)]),
             self.sram_write.data.eq(i_flit.payload.data),
             self.sram_write.en.eq(transfer & stores),
             self.store_done.eq(transfer & stores & (in_index + 1 == store_until)),
         ]
         with m.If(~self.run):
-            m.d.sync += [in_index.eq(0), in_bank.eq(0)]
+            m.d.sync += [in_index.eq(0), in_bank.eq(0), row_word.eq(0), row_address.eq(0), slot.eq(0),
+                         free_rows.eq(config.stream_rows)]
             if contexts > 1:
                 m.d.sync += [context.eq(0), pending.eq(0)]
         return m
