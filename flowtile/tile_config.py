@@ -567,17 +567,26 @@ class TileConfig:
                               f"one store range must be the whole map ({self.stored_formula} = {self.stored_words}, "
                               f"in_height * in_width * words_per_pixel = {self.map_words}), with no second range "
                               f"and single_bank = 0")
+        last_read = self.input_rows_of_output_row(self.out_rows - 1)[1]
+        if last_read != self.in_height - 1:
+            raise ConfigError(f"config register stream_rows = {rows}: the band's last output row reads input rows up to "
+                              f"{last_read}, not the map's last, {self.in_height - 1} (in_height - 1); a line buffer "
+                              f"holds only rows some output row reads (COMPUTE would end before the rest arrive)")
         if rows < self.stream_rows_needed:
             raise ConfigError(f"config register stream_rows = {rows} is less than the {self.stream_rows_needed} input "
                               f"rows two consecutive output rows span (kernel_h = {self.kernel_h}, stride = "
                               f"{self.stride}): the line buffer would deadlock")
-        queued_after = (self.forward_end > self.store_end and self.forwarded_words) or self.n_pass
-        if queued_after and self.result_words(arch.lanes) > arch.result_words:
+        # EMITs come after the inference's queued words (section 4.4); a queued word that arrives only after a row
+        # needed a released slot then waits for COMPUTE, which must never wait for those EMITs
+        free_words = self.store_begin + rows * self.row_words
+        queued_late = self.n_pass or (self.forwarded_words and self.forward_end > free_words)
+        if queued_late and self.result_words(arch.lanes) > arch.result_words:
             raise ConfigError(f"config register stream_rows = {rows}: the tile emits {self.result_words(arch.lanes)} "
                               f"result words an inference, more than the {arch.result_words}-word ring holds, after "
-                              f"words it queues behind its rows (forward_end = {self.forward_end} > store_end = "
-                              f"{self.store_end}, or n_pass = {self.n_pass}): COMPUTE would wait for EMITs that wait "
-                              f"for those words, which wait for the rows COMPUTE frees (a deadlock)")
+                              f"queued words that arrive behind its first {rows} rows (forward_end = "
+                              f"{self.forward_end} > store_begin + stream_rows * row words = {free_words}, or n_pass = "
+                              f"{self.n_pass}): COMPUTE would wait for EMITs that wait for those words, which wait "
+                              f"for the rows COMPUTE frees (a deadlock)")
         end = self.act_base + self.activation_words
         if self.weight_words and self.w_base < end and self.act_base < self.w_base + self.weight_words:
             raise ConfigError(f"config register stream_rows = {rows}: the weights [{self.w_base}, "

@@ -121,6 +121,13 @@ class ReferencePE:
         # section 4, "One bank": with single_bank = 1 every inference stores into bank 0, and the next inference's
         # first input transfer waits for COMPUTE's end instead of its start
         self.banks = 1 if config.single_bank else 2
+        # section 4, "Streaming rows": a line buffer of R rows instead of banks; the band's output rows, each with its
+        # first result word and the input rows it reads; per global input row (s * in_height + y) the cycle its last
+        # word was stored and the cycle from which its slot is free again
+        self.stream_rows = config.stream_rows if config.n_out else 0
+        self.row_starts: dict[int, tuple[int, int, int]] = {}     # first word w of an output row -> (oy, first, last)
+        self.row_done_times: list[int] = []
+        self.release_times: dict[int, int] = {}
         self.n_out = config.n_out
         self.dest = (config.dest_row, config.dest_col, config.dest_host)
         self.sram = [[0] * arch.lanes for _ in range(arch.sram_words)]
@@ -151,6 +158,11 @@ class ReferencePE:
             full, short = divmod(self.n_out, arch.lanes)
             per_pixel_d = [arch.lanes * k_w] * full + ([short * k_w] if short else [])
         self.word_d = per_pixel_d * n_pix if self.computes else []           # d_w, w = word index within s
+        if self.stream_rows:
+            for q, (oy, _) in enumerate(self.pixels):
+                if q == 0 or oy != self.pixels[q - 1][0]:
+                    self.row_starts[q * len(per_pixel_d)] = (oy, *config.input_rows_of_output_row(
+                        oy - config.out_row_begin))
         assert sum(self.word_d) == self.issue, (self.word_d, self.issue)
         assert len(self.word_d) == self.emits
         self.ring = arch.result_words                                         # R
@@ -229,16 +241,33 @@ class ReferencePE:
             previous_end = self.word_starts[-1] + self.word_d_of(j - 1) + (2 if w == 0 else 0)
             if cycle < previous_end:
                 return
-        if w == 0 and (len(self.stored_done) <= s or self.stored_done[s] >= cycle):
+        row = self.row_starts.get(w) if self.stream_rows else None
+        if self.stream_rows:   # an output row's first word: the last input row it reads stored before this cycle
+            if row is not None:
+                needed = s * self.config.in_height + row[2]
+                if len(self.row_done_times) <= needed or self.row_done_times[needed] >= cycle:
+                    return
+        elif w == 0 and (len(self.stored_done) <= s or self.stored_done[s] >= cycle):
             return
         if j >= self.ring and (len(self.emit_times) <= j - self.ring or self.emit_times[j - self.ring] >= cycle):
             return
         self.word_starts.append(cycle)
         if w == 0:
             self.compute_starts.append(cycle)
-            self.results.append(self.compute(self.config.act_base + (s % self.banks) * self.bank_words))
+            self.results.append([] if self.stream_rows else
+                                self.compute(self.config.act_base + (s % self.banks) * self.bank_words))
+        if row is not None:   # the row's results from the line buffer as it stands; rows above it are released
+            oy, first, _ = row
+            height = self.config.in_height
+            self.results[s] += self.compute(self.config.act_base, only_row=oy, slot_base=s * height)
+            for y in range(first):
+                self.release_times.setdefault(s * height + y, cycle + 1)
         if w == self.emits - 1:
             self.compute_spans.append((self.compute_starts[s], self.compute_end(s), "COMPUTE"))
+            if self.stream_rows:   # COMPUTE's end releases the rest of the inference's rows
+                height = self.config.in_height
+                for y in range(height):
+                    self.release_times.setdefault(s * height + y, self.compute_end(s))
 
     def input_action(self):
         """(inference, index in K + P, is RECV, pushes into the queue) of the next input transfer."""
@@ -257,6 +286,13 @@ class ReferencePE:
         s, j, _, pushes = self.input_action()
         if pushes and len(self.queue) >= self.queue_words:
             return False
+        if self.stream_rows:   # a row's first stored word: its slot's previous row released
+            stored = j - self.config.store_begin
+            if j < self.k and 0 <= stored < len(self.store) and stored % self.config.row_words == 0:
+                row = s * self.config.in_height + stored // self.config.row_words
+                if row >= self.stream_rows and self.release_times.get(row - self.stream_rows, cycle + 1) > cycle:
+                    return False
+            return True
         if self.computes and j == 0 and s >= 1:
             if len(self.compute_starts) < s:
                 return False
@@ -286,8 +322,15 @@ class ReferencePE:
         """One input transfer of ``data`` in ``cycle``: store, push, record."""
         s, j, recv, pushes = self.input_action()
         if recv and j in self.store:
-            address = self.config.act_base + (s % self.banks) * self.bank_words + j - self.store.start
-            self.check_no_race(cycle, address)
+            if self.stream_rows:   # row y of inference s into slot (s * in_height + y) mod R
+                row, column = divmod(j - self.store.start, self.config.row_words)
+                global_row = s * self.config.in_height + row
+                address = self.config.act_base + (global_row % self.stream_rows) * self.config.row_words + column
+                if column == self.config.row_words - 1:
+                    self.row_done_times.append(cycle)
+            else:
+                address = self.config.act_base + (s % self.banks) * self.bank_words + j - self.store.start
+                self.check_no_race(cycle, address)
             self.sram[address] = list(data)
             self.sram_writes.append((cycle, address))
             if j == self.store.stop - 1:
@@ -342,6 +385,7 @@ class ReferencePE:
         if not self.computes:
             return
         stop = self.store.stop - 1
+        c_height = self.config.in_height
         emits = [t for i, t in enumerate(self.output_times) if self.out_actions[i % per_out] is not None]
         assert emits == self.emit_times and len(emits) == len(self.word_starts) == batch * self.emits, \
             f"{where}: {len(emits)} EMITs, {len(self.word_starts)} result words"
@@ -350,7 +394,9 @@ class ReferencePE:
             bounds = []
             if j:
                 bounds.append(self.word_starts[j - 1] + self.word_d_of(j - 1) + (2 if w == 0 else 0))
-            if w == 0:
+            if self.stream_rows and w in self.row_starts:   # the last input row the output row reads
+                bounds.append(self.row_done_times[s * c_height + self.row_starts[w][2]] + 1)
+            elif w == 0 and not self.stream_rows:
                 bounds.append(self.input_times[s * per_in + stop] + 1)
             if j >= self.ring:
                 bounds.append(emits[j - self.ring] + 1)
@@ -358,7 +404,7 @@ class ReferencePE:
             assert emits[j] >= start + self.word_d_of(j) + 2, \
                 f"{where}: EMIT of result word {j} at {emits[j]}, before it is written ({start} + {self.word_d_of(j)} + 1)"
         assert self.compute_starts == self.word_starts[::self.emits]
-        for s in range(1, batch):
+        for s in range(1, batch if not self.stream_rows else 1):
             assert self.input_times[s * per_in] >= self.compute_starts[s - 1], \
                 f"{where}: inference {s} received before COMPUTE of inference {s - 1} began"
 
@@ -377,14 +423,17 @@ class ReferencePE:
             f"{self.weights.start}..{self.weights.stop - 1}, bank {bank}..{bank + self.bank_words - 1}): the "
             f"result would depend on an order the contract leaves open")
 
-    def compute(self, act_base):
-        """Section 4.1 word by word, reading the SRAM as the input side left it; ``act_base``: the bank base."""
+    def compute(self, act_base, only_row=None, slot_base=0):
+        """Section 4.1 word by word, reading the SRAM as the input side left it; ``act_base``: the bank base. With a
+        line buffer, only output row ``only_row``'s pixels, input row ``y`` read from slot ``(slot_base + y) mod R``."""
         c, lanes = self.config, self.lanes
         height, width, cw_count = c.in_height, c.in_width, c.words_per_pixel
         kh, kw, stride = c.kernel_h, c.kernel_w, c.stride
         window_words = kh * kw * cw_count
         words = []
         for oy, ox in self.pixels:   # section 4.1's pixel list, q = 0 .. n_pix - 1
+            if only_row is not None and oy != only_row:
+                continue
             pixel = oy * width + ox
             if c.op == OP_ADD:   # section 4.2: operands at act_base + operand_{a,b}_offset + pixel word
                 for cw in range(cw_count):
@@ -423,6 +472,9 @@ class ReferencePE:
                 iy, ix = oy * stride + ky - c.pad_top, ox * stride + kx - c.pad_left
                 if not (0 <= iy < height and 0 <= ix < width):
                     return [c.pad_value] * lanes
+                if self.stream_rows:
+                    return self.sram[act_base + ((slot_base + iy) % self.stream_rows) * width * cw_count
+                                     + ix * cw_count + cw]
                 return self.sram[act_base + (iy * width + ix) * cw_count + cw]
             if c.op == OP_MAX:
                 for cw in range(cw_count):
@@ -1314,6 +1366,54 @@ def test_single_bank_long_batches_match_reference(seed):
     np.testing.assert_array_equal(result.out_flits.reshape(batch, -1)[:, :layers[-1].n_out], dense_golden(layers, x))
     plain = solve_timing(program, batch, probe_batch=None)
     np.testing.assert_array_equal(plain.out_times, result.out_times)
+
+
+def _with_line_buffers(rng, program):
+    """A copy of ``program`` with a line buffer (``stream_rows``, section 4 "Streaming rows") on every computing tile
+    of one context that TileConfig.validate allows one: the fewest rows it needs, rounded up to a power of two, or
+    (a third of them) twice that; None if no tile takes one."""
+    program = copy.deepcopy(program)
+    taken = 0
+    for tile in program.tiles:
+        config = tile.config
+        if not config.n_out or tile.later_contexts or tile.turns > 1:
+            continue
+        rows = 1
+        while rows < config.replace(stream_rows=1).stream_rows_needed:
+            rows *= 2
+        try:
+            streaming = config.replace(stream_rows=rows * (2 if rng.random() < 1 / 3 else 1))
+            streaming.validate(program.arch)
+        except ConfigError:
+            continue
+        tile.config = streaming
+        taken += 1
+    if not taken:
+        return None
+    program.validate()
+    return program
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_random_line_buffer_programs_match_reference(seed):
+    """Line buffers (section 4, "Streaming rows") on random windowed, grouped, residual and dense programs: an
+    output row computes once its rows are in, a row waits for its slot; the emulator against the cycle-stepping
+    reference cycle by cycle (a third under host stalls), outputs against the golden."""
+    rng = np.random.default_rng(34000 + seed)
+    kind = seed % 4
+    while True:
+        if kind == 0:
+            program, layers, x, batch = random_program(rng)
+            shape, flits = None, pack_flits(x, program.arch.lanes)
+        else:
+            draw = (random_windowed_program, random_residual_program, random_grouped_program)[kind - 1]
+            program, layers, shape, x, batch = draw(rng, budget=15000)
+            flits = _map_flits(program, x)
+        if (program := _with_line_buffers(rng, program)) is not None:
+            break
+    pattern = random_host_pattern(rng) if seed % 3 == 2 else None
+    result = assert_matches_reference(program, x, batch, flits=flits, host_pattern=pattern)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
 
 
 def _in_turns(program, turns):

@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import copy
+
 import re
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from flowtile.arch import (OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CON
                            stream_registers)
 from flowtile.testing.archs import lean_arch
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
+from flowtile.tile_config import ConfigError
 from flowtile.rtl import simulate as rtl
 from flowtile.hdl.chip import TILE_MODULE_NAME
 from flowtile.rtl.harness import BUFFER_MODULE_NAME, HARNESS_TOP_NAME, Harness, HarnessError
@@ -607,6 +610,62 @@ def test_conv_pool_verilator_matches_amaranth(conv_case, amaranth_conv):
     np.testing.assert_array_equal(result.out_flits, amaranth_conv.out_flits)
     np.testing.assert_array_equal(result.out_times, amaranth_conv.out_times)
     assert result.cycles == amaranth_conv.cycles
+
+
+def _with_line_buffers(program):
+    """``program`` with a line buffer (section 4, "Streaming rows") on every computing tile that may have one: the
+    fewest rows it needs, rounded up to a power of two."""
+    program = copy.deepcopy(program)
+    for tile in program.tiles:
+        needed = tile.config.replace(stream_rows=1).stream_rows_needed
+        try:
+            tile.config = tile.config.replace(stream_rows=1 << (needed - 1).bit_length())
+            tile.config.validate(program.arch)
+        except ConfigError:
+            tile.config = tile.config.replace(stream_rows=0)
+    program.validate()
+    return program
+
+
+@pytest.mark.rtl
+def test_line_buffers_verilator_matches_emulator(conv_case):
+    """The conv-pool-depthwise chain with a line buffer where allowed (8 and 2 rows instead of the map twice):
+    Verilator and the emulator give the golden outputs at the same cycles."""
+    program, in_flits, golden_flits = conv_case
+    streaming = _with_line_buffers(program)
+    # each conv band stores the whole map: the first reads rows 0..3 only (no line buffer: a buffer holds only rows
+    # some output row reads), the second starts at output row 3 (rows 2..4): 5 rows in before it, so 8
+    assert [t.config.stream_rows for t in streaming.tiles] == [0, 8, 0, 2]
+    _assert_verilator_equals_emulator_and_golden(streaming, in_flits, CONV_BATCH, golden_flits)
+    banked = {position: tile.config.activation_words for position, tile in enumerate(program.tiles)}
+    assert all(tile.config.activation_words < banked[position]
+               for position, tile in enumerate(streaming.tiles) if tile.config.stream_rows)
+
+
+@pytest.mark.rtl
+@pytest.mark.parametrize("seed", range(4))
+def test_random_line_buffer_chains_verilator_match_emulator(seed):
+    """A 3x3 convolution and a depthwise 3x3 (each in 1 or 2 row bands, random map sizes) on CONV_ARCH with a line
+    buffer on every tile that may have one (tests/test_emulator.py's rule): Verilator, the emulator and the golden
+    agree in every output flit, and Verilator and the emulator in every output cycle."""
+    from flowtile.host import pack_flits
+    from flowtile.testing.program_builder import Conv, Depthwise, build_program, network_golden
+    from test_emulator import _with_line_buffers
+    rng = np.random.default_rng(seed)
+    channels, height, width = int(rng.integers(2, 5)), int(rng.integers(4, 8)), int(rng.integers(3, 7))
+    layers = [Conv(rng.integers(-128, 128, (4, channels, 3, 3), dtype=np.int8), rng.integers(-3000, 3000, 4),
+                   MULTIPLIER, SHIFT + 1, zp_in=-5, zp_out=2, clamp_lo=-100, pads=(1, 1, 1, 1),
+                   tiles=int(rng.integers(1, 3))),
+              Depthwise(rng.integers(-128, 128, (4, 3, 3), dtype=np.int8), rng.integers(-2000, 2000, 4), MULTIPLIER,
+                        SHIFT + 1, zp_in=2, zp_out=-3, clamp_lo=-100, pads=(1, 1, 1, 1), tiles=int(rng.integers(1, 3)))]
+    shape = (channels, height, width)
+    program = _with_line_buffers(rng, build_program(CONV_ARCH, layers, input_shape=shape, act_fill=rng))
+    assert program is not None
+    batch = int(rng.integers(2, 5))
+    x = rng.integers(-128, 128, (batch, int(np.prod(shape))), dtype=np.int8)
+    golden = network_golden(layers, x, shape, CONV_ARCH.lanes)
+    assert len(np.unique(golden)) > 8, "the outputs must carry information"
+    _assert_verilator_equals_emulator_and_golden(program, pack_flits(x, CONV_ARCH.lanes, program.input), batch, golden)
 
 
 # --- (b'') a residual block on the real chip (section 4.2) ----------------------------------------------
