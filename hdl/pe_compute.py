@@ -152,6 +152,9 @@ class ComputeSequencer(wiring.Component):
         # row the output row about to start reads (out_row is 0 before COMPUTE begins).
         streaming = config.stream_rows != 0
         out_row = self._out_row = Signal.like(config.out_rows)   # the window's output row, from out_row_begin
+        # the output row's top window row plus pad_top: one multiplier for the addresses and the line buffer
+        self._row_top = Signal(len(config.out_rows) + 1 + len(config.stride))
+        m.d.comb += self._row_top.eq((config.out_row_begin + out_row) * config.stride)
         pending_rows = Signal(range(2 * 256 + 1))
         first_input_row, last_input_row = self._row_span(m)
         rows_in = pending_rows > last_input_row
@@ -316,9 +319,9 @@ class ComputeSequencer(wiring.Component):
         """``(first, last)`` input rows of the stored map the current output row reads (clamped to the map):
         :meth:`flowtile.tile_config.TileConfig.input_rows_of_output_row`."""
         config = self.config
-        top = Signal(signed(len(config.out_rows) + len(config.stride) + 2 + 8))
+        top = Signal(signed(len(self._row_top) + 2))
         first, last = Signal(8), Signal(8)
-        m.d.comb += top.eq((config.out_row_begin + self._out_row) * config.stride - config.pad_top)
+        m.d.comb += top.eq(self._row_top - config.pad_top)
         bottom = top + config.kernel_h - 1
         m.d.comb += [first.eq(Mux(top < 0, 0, top)),
                      last.eq(Mux(bottom >= config.in_height, config.in_height - 1, Mux(bottom < 0, 0, bottom)))]
@@ -351,7 +354,7 @@ class ComputeSequencer(wiring.Component):
         operand_word = Mux(is_broadcast, channel >> exact_log2(self.arch.lanes),
                            Mux(is_concat & operand_b, (word - config.concat_words_a)[:len(word)],
                                word + group_first_word))
-        window_y = (config.out_row_begin + out_row) * config.stride + kernel_y      # iy + pad_top
+        window_y = self._row_top + kernel_y                                         # iy + pad_top
         window_x = out_col * config.stride + Mux(is_add, 0, kernel_x)               # ix + pad_left
         in_bounds = ((window_y >= config.pad_top) & (window_y < config.pad_top + config.in_height)
                      & (window_x >= config.pad_left) & (window_x < config.pad_left + config.in_width))

@@ -169,12 +169,13 @@ class InputSide(wiring.Component):
             may_begin = ~self.computes | (in_index != 0) | ~pending.bit_select(context, 1) | freed_here
         # A line buffer: the row being stored, its slot's first word and the free slots (section 4 "Streaming rows").
         streaming = config.stream_rows != 0
-        row_words = Signal(len(config.in_width) + len(config.words_per_pixel))
-        row_word = Signal.like(row_words)
+        # the row's word as a column and a word of its pixel (no multiplier: a row's slot follows the previous one)
+        row_word = Signal(len(config.in_width) + len(config.words_per_pixel))
+        row_column = Signal.like(config.in_width)
+        pixel_word = Signal.like(config.words_per_pixel)
         row_address = Signal(len(self.sram_write.addr))
         slot = Signal(8)
         free_rows = Signal(range(256 + 1))
-        m.d.comb += row_words.eq(config.in_width * config.words_per_pixel)
         row_begins = stores & (row_word == 0)
         may_store = ~streaming | ~row_begins | (free_rows != 0)
         may_begin = Mux(streaming, 1, may_begin)
@@ -217,13 +218,17 @@ class InputSide(wiring.Component):
         stored_index = Mux(stores_first, in_index - config.store_begin, first_words + in_index - config.store2_begin)
         address = self.sram_write.addr
         stored_here = transfer & stores
-        row_ends = row_word == row_words - 1
+        pixel_ends = pixel_word == config.words_per_pixel - 1
+        row_ends = pixel_ends & (row_column == config.in_width - 1)
         with m.If(stored_here & streaming):
-            m.d.sync += row_word.eq(Mux(row_ends, 0, row_word + 1))
+            m.d.sync += [row_word.eq(Mux(row_ends, 0, row_word + 1)),
+                         pixel_word.eq(Mux(pixel_ends, 0, pixel_word + 1))]
+            with m.If(pixel_ends):
+                m.d.sync += row_column.eq(Mux(row_ends, 0, row_column + 1))
             with m.If(row_ends):
                 last_slot = slot == config.stream_rows - 1
                 m.d.sync += [slot.eq(Mux(last_slot, 0, slot + 1)),
-                             row_address.eq(Mux(last_slot, 0, row_address + row_words))]
+                             row_address.eq(Mux(last_slot, 0, row_address + row_word + 1))]
         m.d.sync += free_rows.eq(free_rows + self.release_rows - (stored_here & streaming & row_begins))
         m.d.comb += [
             self.row_done.eq(stored_here & streaming & row_ends),
@@ -234,8 +239,8 @@ class InputSide(wiring.Component):
             self.store_done.eq(transfer & stores & (in_index + 1 == store_until)),
         ]
         with m.If(~self.run):
-            m.d.sync += [in_index.eq(0), in_bank.eq(0), row_word.eq(0), row_address.eq(0), slot.eq(0),
-                         free_rows.eq(config.stream_rows)]
+            m.d.sync += [in_index.eq(0), in_bank.eq(0), row_word.eq(0), row_column.eq(0), pixel_word.eq(0),
+                         row_address.eq(0), slot.eq(0), free_rows.eq(config.stream_rows)]
             if contexts > 1:
                 m.d.sync += [context.eq(0), pending.eq(0)]
         return m
