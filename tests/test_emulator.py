@@ -1892,6 +1892,56 @@ def test_bad_window_registers_are_refused(change, message):
         emulate(program, np.zeros((18, 2), np.int8), 1)
 
 
+@pytest.mark.parametrize("change,message", [
+    (lambda t: set_registers(t, stream_rows=3), r"stream_rows = 3 must be a power of two"),
+    (lambda t: set_registers(t, stream_rows=2), r"stream_rows = 2 is less than the 4 input rows"),
+    (lambda t: set_registers(t, stream_rows=4, single_bank=1), r"the one store range must be the whole map"),
+    (lambda t: set_registers(t, stream_rows=4, out_rows=3), r"reads input rows up to 3, not the map's last, 5"),
+    (lambda t: set_registers(t, stream_rows=4, w_base=t.config.act_base), r"overlap the line buffer"),
+    (lambda t: set_registers(t, stream_rows=4, act_base=4095), r"exceed sram_words = \d+ \(the line buffer\)"),
+])
+def test_bad_line_buffers_are_refused(change, message):
+    """Every rule of a line buffer (section 4, "Streaming rows") names the register and why, on a 3x3 depthwise
+    layer of a 6x6 map (pad 1: output rows 0 and 1 read rows 0..2, so 4 rows are needed)."""
+    rng = np.random.default_rng(24)
+    arch = lean_arch(rows=1, cols=2, lanes=4, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2)
+    depthwise = Depthwise(rng.integers(-128, 128, (4, 3, 3), dtype=np.int8), rng.integers(-500, 500, 4), 2**30, 38,
+                          zp_in=1, pads=(1, 1, 1, 1))
+    program = build_program(arch, [depthwise], input_shape=(4, 6, 6))
+    change(program.tiles[0])
+    with pytest.raises((ConfigError, ProgramError), match=message):
+        program.validate()
+
+
+def test_line_buffer_rules_hold_beside_queued_words():
+    """A line buffer whose tile queues words behind its first rows (here the second band, which passes the first
+    band's results) must have a ring that holds an inference's results (its EMITs wait for those words); an ADD
+    tile, and a tile of several turns, get none."""
+    rng = np.random.default_rng(25)
+    depthwise = Depthwise(rng.integers(-128, 128, (4, 3, 3), dtype=np.int8), rng.integers(-500, 500, 4), 2**30, 38,
+                          zp_in=1, pads=(1, 1, 1, 1), tiles=2)
+    arch = lean_arch(rows=1, cols=3, lanes=4, sram_bytes=4096, max_tile_outputs=64, router_fifo_depth=2,
+                     result_ring_words=4)
+    second = build_program(arch, [depthwise], input_shape=(4, 6, 6)).tiles[1].config
+    assert second.n_pass and second.result_words(4) > 4
+    with pytest.raises(ConfigError, match=r"more than the 4-word ring holds, after queued words"):
+        second.replace(stream_rows=8).validate(arch)
+    roomy = arch.replace(result_ring_words=64)
+    second.replace(stream_rows=8).validate(roomy)
+    program = build_program(roomy, [depthwise], input_shape=(4, 6, 6))
+    program.tiles[1].config = program.tiles[1].config.replace(stream_rows=8)
+    program.validate()
+    program.tiles[1].turns = 2
+    with pytest.raises(ProgramError, match=r"a line buffer \(stream_rows\) serves a tile of one context and one turn"):
+        program.validate()
+    layers, shape = _conv_residual(rng, 4, bands=(1, 1, 1))
+    wide = arch.replace(cols=4, sram_bytes=16384)
+    add_tile = next(t for t in build_program(wide, layers, input_shape=shape).tiles if t.config.op == OP_ADD)
+    with pytest.raises(ConfigError, match=r"a line buffer serves op MAC, MAX or LANE on a map of whole pixels, not "
+                                          r"op = OP_ADD"):
+        add_tile.config.replace(stream_rows=1).validate(wide)
+
+
 def test_large_batches_are_gathered_in_slices(monkeypatch):
     """The im2col gather works on slices of the batch when it would be large: same results."""
     rng = np.random.default_rng(23)
