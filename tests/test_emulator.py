@@ -1306,6 +1306,17 @@ def test_random_programs_over_ring_sizes(seed, extra):
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
 
 
+def _draw_of_kind(rng, kind):
+    """A random program of ``kind`` (0 dense, 1 windowed, 2 residual / concat, 3 grouped) as ``(program, layers,
+    input shape, x, batch, input flits)``."""
+    if kind == 0:
+        program, layers, x, batch = random_program(rng)
+        return program, layers, None, x, batch, pack_flits(x, program.arch.lanes)
+    draw = (random_windowed_program, random_residual_program, random_grouped_program)[kind - 1]
+    program, layers, shape, x, batch = draw(rng, budget=15000)
+    return program, layers, shape, x, batch, _map_flits(program, x)
+
+
 def _with_single_banks(rng, program):
     """A copy of ``program`` with ``single_bank = 1`` (section 4, "One bank") on a random half of its computing
     tiles of one context (at least one) whose weights do not overlap the first bank (TileConfig.validate), or None
@@ -1337,13 +1348,7 @@ def test_random_single_bank_programs_match_reference(seed):
     rng = np.random.default_rng(31000 + seed)
     kind = seed % 4
     while True:
-        if kind == 0:
-            program, layers, x, batch = random_program(rng)
-            shape, flits = None, pack_flits(x, program.arch.lanes)
-        else:
-            draw = (random_windowed_program, random_residual_program, random_grouped_program)[kind - 1]
-            program, layers, shape, x, batch = draw(rng, budget=15000)
-            flits = _map_flits(program, x)
+        program, layers, shape, x, batch, flits = _draw_of_kind(rng, kind)
         if batch >= 2 and (program := _with_single_banks(rng, program)) is not None:
             break
     pattern = random_host_pattern(rng) if seed % 3 == 2 else None
@@ -1402,13 +1407,7 @@ def test_random_line_buffer_programs_match_reference(seed):
     rng = np.random.default_rng(34000 + seed)
     kind = seed % 4
     while True:
-        if kind == 0:
-            program, layers, x, batch = random_program(rng)
-            shape, flits = None, pack_flits(x, program.arch.lanes)
-        else:
-            draw = (random_windowed_program, random_residual_program, random_grouped_program)[kind - 1]
-            program, layers, shape, x, batch = draw(rng, budget=15000)
-            flits = _map_flits(program, x)
+        program, layers, shape, x, batch, flits = _draw_of_kind(rng, kind)
         if (program := _with_line_buffers(rng, program)) is not None:
             break
     pattern = random_host_pattern(rng) if seed % 3 == 2 else None
@@ -1439,14 +1438,7 @@ def test_tiles_in_turns_run_as_their_inferences(seed):
     outputs, host transfer cycles and per-tile transfer cycles of ``turns * N`` plain inferences (one bank on
     random tiles of a third of them)."""
     rng = np.random.default_rng(33000 + seed)
-    kind = seed % 4
-    if kind == 0:
-        program, layers, x, batch = random_program(rng)
-        flits = pack_flits(x, program.arch.lanes)
-    else:
-        draw = (random_windowed_program, random_residual_program, random_grouped_program)[kind - 1]
-        program, layers, shape, x, batch = draw(rng, budget=15000)
-        flits = _map_flits(program, x)
+    program, layers, _, x, batch, flits = _draw_of_kind(rng, seed % 4)
     if seed % 3 == 0:
         program = _with_single_banks(rng, program) or program
     turns = 2 + seed % 2
