@@ -392,12 +392,8 @@ def stage_chain(layers: list[LoweredLayer], lanes: int, in_words: int, in_shape:
         raise CompileError(f"a replicated stage is layers [first, end) with 0 <= first < end <= {n}, not the whole "
                            f"network (replicas copy it all); got [{a}, {b})")
     single = plan_streams(layers, lanes, in_words, 1, in_shape)
-
-    def one_tensor(index: int) -> bool:
-        return len(single[index].tensors) == 1 if index < n else True
-
     for index, where in ((a, "into"), (b, "out of")):
-        if not one_tensor(index):
+        if not _one_tensor_cut(single, index):
             raise CompileError(f"replicated stage [{a}, {b}): the stream {where} it, before layer "
                                f"'{layers[index].name}', holds {len(single[index].tensors)} tensors (a skip connection "
                                f"crosses it); a stage begins and ends where the stream holds one tensor")
@@ -413,6 +409,12 @@ def stage_chain(layers: list[LoweredLayer], lanes: int, in_words: int, in_shape:
     plans = single[:a] + stage_plans + single[b:]
     turns = [replicas] * a + [1] * len(copies) + [replicas] * (n - b)
     return chain, plans, turns
+
+
+def _one_tensor_cut(plans: list[StreamPlan], index: int) -> bool:
+    """Whether the stream before layer ``index`` (after the last layer: the output) holds one tensor, where a
+    replicated stage may begin or end (:func:`stage_chain`)."""
+    return index == len(plans) or len(plans[index].tensors) == 1
 
 
 def build_program(layers: list[LoweredLayer], arch: Arch, *, input_spec, output_spec, model_name: str = "",
@@ -590,7 +592,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
         except CompileError as error:
             first_error = first_error or error
             continue
-        if best is None or estimated_interval(program) * best.replicas < estimated_interval(best) * copies:
+        if best is None or _faster(program, best):
             best = program
     if best is None:
         raise first_error
@@ -601,9 +603,15 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, arch: Arch, *, cal
                 program = _compile_copies(layers, imported, arch, pack_input, 2, stage)
             except CompileError:
                 program = None
-            if program is not None and estimated_interval(program) < 2 * estimated_interval(best):
+            if program is not None and _faster(program, best):
                 best = program
     return best
+
+
+def _faster(program: Program, than: Program) -> bool:
+    """Whether ``program``'s estimated interval per real inference (per program inference over its copies) is
+    shorter than ``than``'s."""
+    return estimated_interval(program) * than.replicas < estimated_interval(than) * program.replicas
 
 
 def slowest_chip_stage(program: Program, layers: list[LoweredLayer], input_spec, lanes: int) -> tuple[int, int] | None:
@@ -622,9 +630,9 @@ def slowest_chip_stage(program: Program, layers: list[LoweredLayer], input_spec,
     dense, spec = dense_graph_input(layers, input_spec, lanes)
     plans = plan_streams(dense, lanes, spec.words(lanes), 1, lane_shape(spec, lanes))
     a, b = on_chip[0], on_chip[-1] + 1
-    while a > 0 and len(plans[a].tensors) != 1:
+    while not _one_tensor_cut(plans, a):   # the stream into layer 0 is the input: one tensor
         a -= 1
-    while b < len(layers) and len(plans[b].tensors) != 1:
+    while not _one_tensor_cut(plans, b):
         b += 1
     return None if (a, b) == (0, len(layers)) else (a, b)
 

@@ -777,18 +777,18 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
                               read_slots=np.arange(in_at[1], in_at[-1], dtype=np.int64)))
     fifos.append(FifoEdge(f"{name} result ring", compute_chain, output_chain, ring,
                           read_slots=np.flatnonzero(~is_pop).astype(np.int64), read_offsets=word_issue + 2))
-    if count.stream_rows:
+    if count.stream_rows:   # a line buffer's row edges replace the store-until and bank edges of its one context
         events += _stream_edges(input_chain, compute_chain, count)
-        contexts = ()
-    for index, context in enumerate(contexts):
-        events.append(EventEdge(compute_chain, int(word_at[index]), input_chain,
-                                int(in_at[index]) + context.store_until - 1, 0, 1))
-        if turns:   # the previous turn is this tile's inference before (the last turn of the previous chain inference)
-            previous = (index - 1) % len(contexts)
-            events.append(_bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[previous]), context,
-                                     shift=0 if index else 1))
-        else:
-            events.append(_bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[index]), context))
+    else:
+        for index, context in enumerate(contexts):
+            events.append(EventEdge(compute_chain, int(word_at[index]), input_chain,
+                                    int(in_at[index]) + context.store_until - 1, 0, 1))
+            if turns:   # the previous turn is this tile's inference before (the last turn of the previous chain inference)
+                previous = (index - 1) % len(contexts)
+                events.append(_bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[previous]), context,
+                                         shift=0 if index else 1))
+            else:
+                events.append(_bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[index]), context))
     router = np.arange(0 if turns else out_at[-2], out_at[-1], dtype=np.int64)
     return input_chain, compute_chain, output_chain, router
 

@@ -100,13 +100,11 @@ def _check_turns(tile: "TileProgram") -> None:
     if not config.n_out:
         raise ProgramError(f"tile {tile.key}: turns = {turns} but n_out = 0; a tile of several turns computes (one "
                            f"that only passes the stream takes a program inference as one inference, section 12)")
-    if config.n_out and config.weight_words and config.stored_words:
-        activation_end = config.act_base + config.activation_words
-        if config.w_base < activation_end and config.act_base < config.w_base + config.weight_words:
-            raise ProgramError(f"tile {tile.key}: turns = {turns}, and its weights [w_base, w_base + weight words) = "
-                               f"[{config.w_base}, {config.w_base + config.weight_words}) overlap its activation "
-                               f"banks [{config.act_base}, {activation_end}); a tile of several turns keeps them "
-                               f"apart (section 12)")
+    if config.weights_overlap_activations:
+        raise ProgramError(f"tile {tile.key}: turns = {turns}, and its weights [w_base, w_base + weight words) = "
+                           f"[{config.w_base}, {config.w_base + config.weight_words}) overlap its activation "
+                           f"banks [{config.act_base}, {config.act_base + config.activation_words}); a tile of "
+                           f"several turns keeps them apart (section 12)")
 
 
 def _check_contexts(tile: "TileProgram", arch: Arch) -> None:

@@ -197,6 +197,13 @@ class TileConfig:
         return self.activation_banks * self.stored_words
 
     @property
+    def weights_overlap_activations(self) -> bool:
+        """Whether the weights ``[w_base, w_base + weight words)`` overlap the activation region (banks or line
+        buffer) ``[act_base, act_base + activation_words)``, both non-empty."""
+        return bool(self.weight_words and self.stored_words and self.w_base < self.act_base + self.activation_words
+                    and self.act_base < self.w_base + self.weight_words)
+
+    @property
     def row_words(self) -> int:
         """Words of one input row of the map: ``in_width * words_per_pixel`` (a line buffer's slot)."""
         return self.in_width * self.words_per_pixel
@@ -402,8 +409,7 @@ class TileConfig:
             raise ConfigError(f"config registers act_base + {banks} * ({self.stored_formula}) = "
                               f"{activation_end} exceed sram_words = {arch.sram_words} ({banks} "
                               f"activation bank{'s' if banks > 1 else ''} of the stored words)")
-        if self.single_bank and self.weight_words and self.stored_words and (
-                self.w_base < activation_end and self.act_base < self.w_base + self.weight_words):
+        if self.single_bank and self.weights_overlap_activations:
             raise ConfigError(f"config register single_bank = 1: the weights [w_base, w_base + weight words) = "
                               f"[{self.w_base}, {self.w_base + self.weight_words}) overlap the activation bank "
                               f"[act_base, act_base + {self.stored_formula}) = [{self.act_base}, {activation_end}), "
@@ -587,8 +593,8 @@ class TileConfig:
                               f"{self.forward_end} > store_begin + stream_rows * row words = {free_words}, or n_pass = "
                               f"{self.n_pass}): COMPUTE would wait for EMITs that wait for those words, which wait "
                               f"for the rows COMPUTE frees (a deadlock)")
-        end = self.act_base + self.activation_words
-        if self.weight_words and self.w_base < end and self.act_base < self.w_base + self.weight_words:
+        if self.weights_overlap_activations:
+            end = self.act_base + self.activation_words
             raise ConfigError(f"config register stream_rows = {rows}: the weights [{self.w_base}, "
                               f"{self.w_base + self.weight_words}) overlap the line buffer [{self.act_base}, {end})")
 

@@ -167,16 +167,16 @@ class InputSide(wiring.Component):
             pending = Signal(contexts)
             freed_here = self.bank_free & (self.compute_context == context) & ~config.single_bank
             may_begin = ~self.computes | (in_index != 0) | ~pending.bit_select(context, 1) | freed_here
-        # A line buffer: the row being stored, its slot's first word and the free slots (section 4 "Streaming rows").
+        # A line buffer (section 4 "Streaming rows"): the next stored word's place in the buffer (a row's slot follows
+        # the previous one's, so no multiplier), the word within its row as a column and a word of its pixel, the
+        # slot, and the free slots.
         streaming = config.stream_rows != 0
-        # the row's word as a column and a word of its pixel (no multiplier: a row's slot follows the previous one)
-        row_word = Signal(len(config.in_width) + len(config.words_per_pixel))
+        buffer_word = Signal(len(self.sram_write.addr))
         row_column = Signal.like(config.in_width)
         pixel_word = Signal.like(config.words_per_pixel)
-        row_address = Signal(len(self.sram_write.addr))
         slot = Signal(8)
         free_rows = Signal(range(256 + 1))
-        row_begins = stores & (row_word == 0)
+        row_begins = stores & (row_column == 0) & (pixel_word == 0)
         may_store = ~streaming | ~row_begins | (free_rows != 0)
         may_begin = Mux(streaming, 1, may_begin)
         accepting = Signal()
@@ -221,26 +221,25 @@ class InputSide(wiring.Component):
         pixel_ends = pixel_word == config.words_per_pixel - 1
         row_ends = pixel_ends & (row_column == config.in_width - 1)
         with m.If(stored_here & streaming):
-            m.d.sync += [row_word.eq(Mux(row_ends, 0, row_word + 1)),
-                         pixel_word.eq(Mux(pixel_ends, 0, pixel_word + 1))]
+            last_slot = slot == config.stream_rows - 1
+            m.d.sync += [pixel_word.eq(Mux(pixel_ends, 0, pixel_word + 1)),
+                         buffer_word.eq(Mux(row_ends & last_slot, 0, buffer_word + 1))]
             with m.If(pixel_ends):
                 m.d.sync += row_column.eq(Mux(row_ends, 0, row_column + 1))
             with m.If(row_ends):
-                last_slot = slot == config.stream_rows - 1
-                m.d.sync += [slot.eq(Mux(last_slot, 0, slot + 1)),
-                             row_address.eq(Mux(last_slot, 0, row_address + row_word + 1))]
+                m.d.sync += slot.eq(Mux(last_slot, 0, slot + 1))
         m.d.sync += free_rows.eq(free_rows + self.release_rows - (stored_here & streaming & row_begins))
         m.d.comb += [
             self.row_done.eq(stored_here & streaming & row_ends),
-            address.eq(Mux(streaming, config.act_base + row_address + row_word,
+            address.eq(Mux(streaming, config.act_base + buffer_word,
                            bank_base + stored_index)[:len(address)]),
             self.sram_write.data.eq(i_flit.payload.data),
             self.sram_write.en.eq(transfer & stores),
             self.store_done.eq(transfer & stores & (in_index + 1 == store_until)),
         ]
         with m.If(~self.run):
-            m.d.sync += [in_index.eq(0), in_bank.eq(0), row_word.eq(0), row_column.eq(0), pixel_word.eq(0),
-                         row_address.eq(0), slot.eq(0), free_rows.eq(config.stream_rows)]
+            m.d.sync += [in_index.eq(0), in_bank.eq(0), buffer_word.eq(0), row_column.eq(0), pixel_word.eq(0),
+                         slot.eq(0), free_rows.eq(config.stream_rows)]
             if contexts > 1:
                 m.d.sync += [context.eq(0), pending.eq(0)]
         return m

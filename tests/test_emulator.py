@@ -1373,21 +1373,19 @@ def test_single_bank_long_batches_match_reference(seed):
     np.testing.assert_array_equal(plain.out_times, result.out_times)
 
 
-def _with_line_buffers(rng, program):
+def _with_line_buffers(rng, program, doubled=1 / 3):
     """A copy of ``program`` with a line buffer (``stream_rows``, section 4 "Streaming rows") on every computing tile
     of one context that TileConfig.validate allows one: the fewest rows it needs, rounded up to a power of two, or
-    (a third of them) twice that; None if no tile takes one."""
+    (a ``doubled`` share of them) twice that; None if no tile takes one."""
     program = copy.deepcopy(program)
     taken = 0
     for tile in program.tiles:
         config = tile.config
         if not config.n_out or tile.later_contexts or tile.turns > 1:
             continue
-        rows = 1
-        while rows < config.replace(stream_rows=1).stream_rows_needed:
-            rows *= 2
+        rows = 1 << (config.stream_rows_needed - 1).bit_length()
         try:
-            streaming = config.replace(stream_rows=rows * (2 if rng.random() < 1 / 3 else 1))
+            streaming = config.replace(stream_rows=rows * (2 if rng.random() < doubled else 1))
             streaming.validate(program.arch)
         except ConfigError:
             continue

@@ -13,8 +13,6 @@
 """
 from __future__ import annotations
 
-import copy
-
 import re
 import time
 from pathlib import Path
@@ -29,11 +27,13 @@ from flowtile.arch import (OP_ADD, OP_CONCAT, OP_LANE, OP_MAC, OP_MAX, Arch, CON
                            stream_registers)
 from flowtile.testing.archs import lean_arch
 from flowtile.program import LayerInfo, Program, TensorSpec, TileProgram
-from flowtile.tile_config import ConfigError
 from flowtile.rtl import simulate as rtl
 from flowtile.hdl.chip import TILE_MODULE_NAME
 from flowtile.rtl.harness import BUFFER_MODULE_NAME, HARNESS_TOP_NAME, Harness, HarnessError
 from flowtile.hdl.layouts import LOAD_TARGET_CONFIG, config_field_index, flit_signature, load_signature
+
+from test_emulator import _with_line_buffers
+
 
 def shift_round_half_even(value, shift):
     """``value / 2^shift`` rounded to nearest, ties to even (section 4), by floor division."""
@@ -612,27 +612,12 @@ def test_conv_pool_verilator_matches_amaranth(conv_case, amaranth_conv):
     assert result.cycles == amaranth_conv.cycles
 
 
-def _with_line_buffers(program):
-    """``program`` with a line buffer (section 4, "Streaming rows") on every computing tile that may have one: the
-    fewest rows it needs, rounded up to a power of two."""
-    program = copy.deepcopy(program)
-    for tile in program.tiles:
-        needed = tile.config.replace(stream_rows=1).stream_rows_needed
-        try:
-            tile.config = tile.config.replace(stream_rows=1 << (needed - 1).bit_length())
-            tile.config.validate(program.arch)
-        except ConfigError:
-            tile.config = tile.config.replace(stream_rows=0)
-    program.validate()
-    return program
-
-
 @pytest.mark.rtl
 def test_line_buffers_verilator_matches_emulator(conv_case):
     """The conv-pool-depthwise chain with a line buffer where allowed (8 and 2 rows instead of the map twice):
     Verilator and the emulator give the golden outputs at the same cycles."""
     program, in_flits, golden_flits = conv_case
-    streaming = _with_line_buffers(program)
+    streaming = _with_line_buffers(np.random.default_rng(0), program, doubled=0)
     # each conv band stores the whole map: the first reads rows 0..3 only (no line buffer: a buffer holds only rows
     # some output row reads), the second starts at output row 3 (rows 2..4): 5 rows in before it, so 8
     assert [t.config.stream_rows for t in streaming.tiles] == [0, 8, 0, 2]
@@ -650,7 +635,6 @@ def test_random_line_buffer_chains_verilator_match_emulator(seed):
     agree in every output flit, and Verilator and the emulator in every output cycle."""
     from flowtile.host import pack_flits
     from flowtile.testing.program_builder import Conv, Depthwise, build_program, network_golden
-    from test_emulator import _with_line_buffers
     rng = np.random.default_rng(seed)
     channels, height, width = int(rng.integers(2, 5)), int(rng.integers(4, 8)), int(rng.integers(3, 7))
     layers = [Conv(rng.integers(-128, 128, (4, channels, 3, 3), dtype=np.int8), rng.integers(-3000, 3000, 4),
