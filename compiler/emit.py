@@ -296,9 +296,18 @@ def _window_tile(arch: Arch, position: int, layer: LoweredLayer, part: TileSlice
         pad_top=w.pad_top - part.row_begin * w.stride + first_row, pad_left=w.pad_left,
         pad_value=layer.pad_value, out_row_begin=0, out_rows=part.rows, out_col_begin=part.col_begin,
         out_col_end=part.col_end, out_width=w.out_width, single_bank=int(part.single_bank), **extra,
-        **_destination(arch, position))
+        **_line_buffer(part), **_destination(arch, position))
     assert config.weight_words == sram.shape[0]
     return _tile(arch, position, config, sram, params)
+
+
+def _line_buffer(part: TileSlice) -> dict[str, int]:
+    """A streaming group's line buffer (section 4 "Streaming rows"): ``stream_rows``, and with its layer split into
+    channel groups the rows interleaved in the streams between them (one group: nothing passes or follows)."""
+    if not part.stream_rows:
+        return {}
+    return {"stream_rows": part.stream_rows,
+            "interleave_rows": int(bool(part.forward or part.pass_per_pixel))}
 
 
 def _layer_info(layer: LoweredLayer, tiles: tuple, contexts: tuple = ()) -> LayerInfo:
@@ -709,7 +718,7 @@ def tile_estimate(config: TileConfig, lanes: int) -> int:
     (:meth:`flowtile.tile_config.TileConfig.tile_period_cycles`), COMPUTE charged with the words its forward queue
     cannot take in while it computes (:func:`compiler.partition.queue_shortfall_cycles`)."""
     period = config.tile_period_cycles(lanes)
-    if not config.n_out:
+    if not config.n_out or config.interleave_rows:   # rows interleaved: the queue holds rows, not an inference
         return period
     return max(period, config.compute_cycles + queue_shortfall_cycles(config.queued_words, config.queue_words))
 

@@ -84,6 +84,10 @@ class TileSlice:
     #: one activation bank (register ``single_bank``, section 4): the stored words take half the SRAM, and the tile's
     #: RECV of an inference waits for the previous COMPUTE to end (windowed layers whose two banks do not fit)
     single_bank: bool = False
+    #: a line buffer of this many input rows instead of two banks (register ``stream_rows``, section 4 "Streaming
+    #: rows"): the layer is one band of channel groups (:func:`_stream_groups`), its rows interleaved in the streams
+    #: between them (register ``interleave_rows``); 0: banks
+    stream_rows: int = 0
 
     @property
     def banks(self) -> int:
@@ -161,6 +165,8 @@ class WindowCosts:
     word_weights: int = 0
     #: a join (Add, Concat): ``row_words`` counts a row of both operand maps, which a band stores in two ranges
     join: bool = False
+    #: an op MAC, MAX or LANE layer, whose tiles may keep a line buffer (section 4 "Streaming rows")
+    line_buffer_able: bool = False
     #: an op BCAST layer reading a densely packed map (section 4.5): bytes a row and lanes a word (a band's rows
     #: start inside a word: it stores ``ceil(rows * row bytes / L) + 1`` words at most)
     dense_row_bytes: int = 0
@@ -312,10 +318,10 @@ def window_costs(layer, lanes: int, carried: int = 0) -> WindowCosts:
         n_out = layer.n_out
         weight_words, row_issue = n_out * window_words, w.out_width * n_out * window_words
         return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height,
-                           carried, window_words, w.out_width, **geometry)
+                           carried, window_words, w.out_width, **geometry, line_buffer_able=True)
     return WindowCosts(k, n_out, weight_words, row_issue, w.out_width * words(n_out, lanes), w.out_height, carried,
                        0, w.out_width, **geometry, word_issue=w.kernel_h * w.kernel_w,
-                       word_weights=w.kernel_h * w.kernel_w if weight_words else 0)
+                       word_weights=w.kernel_h * w.kernel_w if weight_words else 0, line_buffer_able=True)
 
 
 def queue_shortfall_cycles(queued: int, queue_words: int | None) -> int:
@@ -386,15 +392,94 @@ def _channel_groups(costs: WindowCosts, groups: int, lanes: int) -> list[int] | 
     return channels
 
 
+def line_buffer_rows(costs: WindowCosts) -> int | None:
+    """The rows of a line buffer for a tile computing every output row of the layer (section 4 "Streaming rows";
+    :attr:`flowtile.tile_config.TileConfig.stream_rows_needed` rounded up to a power of two), or None if the layer
+    cannot keep one: not op MAC, MAX or LANE, its last output row not reading the map's last row (the rest would
+    arrive after COMPUTE ended), or more rows than the register holds."""
+    if not costs.line_buffer_able:
+        return None
+    spans = [band_input_rows(costs, r, 1) for r in range(costs.out_height)]
+    if spans[-1][0] + spans[-1][1] != costs.in_height:
+        return None
+    need = spans[0][0] + spans[0][1]
+    for (first, _), (first_next, rows_next) in zip(spans, spans[1:]):
+        need = max(need, first_next + rows_next - first)
+    rows = 1 << (need - 1).bit_length()
+    return rows if rows <= STREAM_ROWS_MAX else None
+
+
+#: The largest line buffer (register ``stream_rows``, 8 bits, a power of two).
+STREAM_ROWS_MAX = 128
+
+#: The share of the cycle budget a layer on one tile with a line buffer may take (:func:`_stream_groups`), and a tile
+#: of a layer streaming in channel groups. A line buffer holds a few rows, not an inference, so the tile cannot
+#: absorb its neighbours' bursts (a chain of bands emits band after band, each band's ring holding its results until
+#: the bands before it have gone by; a band chain after it takes the map at its first band's pace): it takes rows at
+#: its own pace only while they come in time, and one that is busy every cycle of the period never catches up. The
+#: values are measured, not derived: MobileNetV1-1.0's first 12 layers on one 8x8 chip of 64 KiB tiles (section 4
+#: "Rows interleaved"): the whole budget allowed, 83162 cycles estimated and 110179 measured (a depthwise layer on one
+#: tile at 99.7 % beside the stem's bands); one tile at 0.9, 84994 both; MobileNetV1-0.5's front on 4x6 tiles of 16
+#: KiB with a 128-word ring (tests/test_ring_coupling.py): one tile at 0.8, 13286 estimated and 13619 measured (two
+#: depthwise layers on one tile at 78 % after band chains), at 0.75 13826 both; groups at 0.9 exact on both.
+STREAM_SLACK = 0.75
+GROUP_STREAM_SLACK = 0.9
+
+
+def _stream_groups(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float,
+                   options: list[list[int]]) -> list[TileSlice] | None:
+    """The layer as one band of every output pixel over the fewest channel groups (``options``: channels per group,
+    one option per group count) whose tiles each keep a line buffer (:func:`line_buffer_rows`) and take <=
+    ``budget`` cycles, the rows interleaved in the streams between them (section 4 "Streaming rows"): each group
+    receives the map and the earlier groups' words a pixel, row by row, and forwards the map (but the last) and
+    passes them on behind the rows they complete; or None. Only where the stream into the layer is its map alone
+    (nothing carried, nothing forwarded past the layer). A group's forward queue keeps what its weights and line
+    buffer leave, at least two input rows and two output rows of passed words (the words between a row and the
+    pixels it completes); its result ring holds an output row's results: the tile takes its next rows only as COMPUTE
+    frees slots, so COMPUTE must not wait for the row's EMITs (which wait for the next tile, and in a group for the
+    earlier groups' words of the row); else it couples its input to its output without the slack of a bank."""
+    rows = line_buffer_rows(costs)
+    if rows is None or costs.carried or costs.stream_front or costs.forwarded(False):
+        return None
+    lanes, total = arch.lanes, costs.out_height * costs.out_width
+    for channels in options:
+        if len(channels) > max_tiles:
+            return None
+        grouped = len(channels) > 1
+        before = [sum(words(c, lanes) for c in channels[:g]) for g in range(len(channels))] if grouped else [0]
+        slices, start = [], 0
+        for g, count in enumerate(channels):
+            forward, n_pass = g < len(channels) - 1, total * before[g]
+            weights = costs.group_weights(count, lanes) if grouped else costs.weight_words
+            queue = arch.sram_words - weights - rows * costs.row_words
+            interleaved = forward or n_pass
+            reserve = 2 * (costs.row_words + costs.out_width * before[g]) if interleaved else 0
+            row_results = costs.out_width * (words(count, lanes) if grouped else costs.result_words_per_pixel)
+            if row_results > arch.result_ring_words:
+                break   # its rows wait for COMPUTE, which must not wait for the row's EMITs (and the words they follow)
+            cycles = window_tile_cycles(costs, n_pass, total, forward, count if grouped else None, lanes)
+            if queue < reserve or cycles > budget * (GROUP_STREAM_SLACK if grouped else STREAM_SLACK):
+                break
+            slices.append(TileSlice(layer, start, count, costs.k, n_pass, forward, 0, total, costs.out_width,
+                                    before[g], queue, stream_rows=rows))
+            start += count
+        else:
+            return slices
+    return None
+
+
 def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max_tiles: float,
-                  deep_queues: bool = False, room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
+                  deep_queues: bool = False, room: tuple[float, int, int] | None = None,
+                  streams: bool = False) -> list[TileSlice] | None:
     """Bands of output pixels (x output-channel groups for a convolution, section 4.4) whose tiles each take
     <= ``budget`` cycles, or None (as :func:`_split`): the fewest tiles over every uniform group count and over
     bands that each pick their own group count (each band's tiles are independent of the other bands', so they
     may differ; on a small map with many channels a band's pixel count is coarse and mixing helps).
     ``deep_queues``: every tile's forward queue (the SRAM its weights and banks leave free) also holds all the words
     it forwards and passes per inference, so that it takes a whole inference in while it computes.
-    ``room``: as :func:`_split`'s, for the first band (of one tile: all output channels)."""
+    ``room``: as :func:`_split`'s, for the first band (of one tile: all output channels).
+    ``streams``: the layer may instead be one band of channel groups streaming rows (:func:`_stream_groups`), taken
+    where that needs fewer tiles."""
     lanes = arch.lanes
     max_groups = words(costs.n_out, lanes) if costs.groupable else 1
     options = []
@@ -412,6 +497,11 @@ def _split_window(costs: WindowCosts, arch: Arch, layer: int, budget: float, max
                              deep_queues, room)
         if found is not None:
             best = found
+    if streams and room is None:
+        streamed = _stream_groups(costs, arch, layer, budget, min(max_tiles, len(best) - 1 if best else max_tiles),
+                                  options)
+        if streamed is not None:
+            best = streamed
     return best
 
 
@@ -708,8 +798,9 @@ def _first_slice_in(room: tuple[float, int, int], n_out: int, k: int, arch: Arch
 def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
     if costs is not None:
         grouped = costs.channel_words and s.n_out != costs.n_out
+        # rows interleaved (a line buffer's groups): the queue holds rows, not an inference ahead (no shortfall)
         cycles = window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes,
-                                    s.queue_words, s.pixel_begin)
+                                    None if s.stream_rows else s.queue_words, s.pixel_begin)
         if s.single_bank:
             issue, _ = costs.band_work(s.pixels, s.n_out if grouped else None, lanes)
             cycles = max(cycles, costs.alternation_cycles(s.pixel_begin, s.pixels, issue))
@@ -720,7 +811,7 @@ def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None, ca
 
 def _slice_shortfall(s: TileSlice, costs: WindowCosts | None, lanes: int) -> int:
     """:func:`queue_shortfall_cycles` of a windowed slice (dense slices: 0, their queues are not sized here)."""
-    if costs is None:
+    if costs is None or s.stream_rows:
         return 0
     return queue_shortfall_cycles(costs.forwarded(s.forward, s.pixel_begin) + s.n_pass, s.queue_words)
 
@@ -913,7 +1004,7 @@ def _cut_chips(cut_cycles: list[int], arch: Arch, limit: float,
     for _ in range(arch.chips - 1):
         begin = starts[-1]
         end = min(reach(begin), total)
-        while end >= begin and cut_cycles[end] > limit:
+        while end >= begin and (cut_cycles[end] > limit or cut_cycles[end] >= _NO_CUT):
             end -= 1
         if end < begin:
             return None
@@ -925,6 +1016,8 @@ def _slice_needs(s: TileSlice, costs: WindowCosts | None, carried: int, arch: Ar
     """``(SRAM words, parameter rows)`` a slice needs as one context of a tile (section 4.6): its weights, its two
     activation banks and a forward queue of every word it forwards and passes per inference (a context then never
     waits on its queue, and a later context must have that much, else the loop-back FIFO could deadlock)."""
+    if s.stream_rows:   # a line buffer serves a tile of one context (Program.validate): the whole tile
+        return arch.sram_words, s.n_out
     if costs is not None:
         data = arch.sram_words - s.queue_words if s.queue_words is not None else None
         if data is None:
@@ -989,6 +1082,10 @@ def group_contexts(needs: Sequence[tuple[int, int, int, int]], arch: Arch, budge
     if run is not None:
         sizes.append(run[0])
     return sizes
+
+
+#: The link time of a cut the placement must not take.
+_NO_CUT = 1 << 62
 
 
 def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | None = None,
@@ -1077,7 +1174,13 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     def cut_cycles(found: list[list[TileSlice]]) -> list[int]:
         if arch.chips == 1:
             return [0] * (sum(len(s) for s in found) + 1)
-        return [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
+        cycles = [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
+        at = 0
+        for slices in found:   # no chip boundary inside a layer streaming rows: its streams interleave two tensors
+            if slices[0].stream_rows:
+                cycles[at + 1:at + len(slices)] = [_NO_CUT] * (len(slices) - 1)
+            at += len(slices)
+        return cycles
 
     contexts = arch.tile_contexts > 1 and max(turns) == 1
 
@@ -1128,8 +1231,8 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         def split(i: int, budget: float, max_tiles: float,
                   room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
             budget = budget / turns[i]     # a tile of several turns runs its slice once a turn
-            if costs[i] is not None:
-                return _split_window(costs[i], arch, i, budget, max_tiles, deep, room)
+            if costs[i] is not None:   # line buffers serve tiles of one turn (Program.validate)
+                return _split_window(costs[i], arch, i, budget, max_tiles, deep, room, streams=turns[i] == 1)
             return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i], room)
 
         def filling_split(found: list[list[TileSlice]], i: int, budget: float) -> list[TileSlice] | None:

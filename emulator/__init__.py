@@ -201,7 +201,7 @@ def _phase_spans(pe_times: PETimes, compute_ends: np.ndarray, count: TileCounts,
     4.4); an empty phase has no span."""
     contexts = count.per_context      # section 4.6: a tile's contexts in turn, each side's spans in turn order
     blocks = [_side_spans(pe_times.input, [phase for c in contexts
-                                           for phase in (("RECV", c.n_in_words), ("PASS", c.n_pass))], batch)]
+                                           for phase in (("RECV", c.recv_span), ("PASS", c.flits_in - c.recv_span))], batch)]
     computing = [index for index, c in enumerate(contexts) if c.n_out]
     if computing:
         width = len(contexts) if count.contexts else 1

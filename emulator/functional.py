@@ -250,7 +250,7 @@ def check_bank_races(tile: TileProgram, count: TileCounts, batch: int, pe_times,
         recv = count.stored_recv_words[first - base:last - base]           # the RECV words written there
         readers = np.arange(batch - 1)
         readers = readers[(readers + 1) % ACTIVATION_BANKS == b]           # COMPUTE of s, RECV of s + 1
-        writes = inputs[readers + 1][:, recv]
+        writes = inputs[readers + 1][:, count.recv_actions()[recv]]
         begin = pe_times.compute[readers][:, None]
         end = compute_ends[readers][:, None]
         racing = (writes >= begin) & (writes < end)
@@ -518,8 +518,12 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
     the Q words of the forward queue (the forwarded RECV words, then the P passed flits) and the E result
     words, in the output side's order (sections 4, 4.2 and 4.4): the forwarded words and the first
     ``P_bulk`` passed flits, then per output pixel ``pass_per_pixel`` passed flits and the pixel's ``W_px``
-    result words."""
-    if count.n_forward and count.forward_end < count.n_in_words:
+    result words; with rows interleaved (register ``interleave_rows``) the input's RECV and PASS words and the
+    output's pops and EMITs alternate row by row (:meth:`TileCounts.input_is_pass`, :meth:`TileCounts.output_is_pop`)."""
+    if count.rows_ending:
+        parts = [stream[:, count.push_actions()]]
+        stream = stream[:, count.recv_actions()]
+    elif count.n_forward and count.forward_end < count.n_in_words:
         parts = [stream[:, count.forward_begin:count.forward_end], stream[:, count.n_in_words:]]
     else:   # the forwarded words (if any) run into the passed flits: one slice, no copy
         parts = [stream[:, count.forward_begin if count.n_forward else count.n_in_words:]]
@@ -530,7 +534,7 @@ def _pe_stream(tile: TileProgram, count: TileCounts, stream: np.ndarray, arch: A
     if count.op in (OP_MAC, OP_LANE, OP_BCAST):
         weights = weight_memory(tile, count, activations, arch.lanes, race_checked=race_checked)
     results = pe_results(tile, count, activations, arch, weights)
-    if not count.pass_per_pixel:
+    if not count.pass_per_pixel and not count.rows_ending:
         parts.append(results)
         return np.concatenate(parts, axis=1)
     queued = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]

@@ -89,6 +89,10 @@ class TileCounts:
     in_height: int = 0
     output_row_words: tuple[int, ...] = ()
     output_row_inputs: tuple[tuple[int, int], ...] = ()
+    # rows interleaved in the streams (register interleave_rows): per input row the band's output rows it completes
+    # (TileConfig.output_rows_ending; empty: not interleaved), and the pixels of an output row (out_width)
+    rows_ending: tuple[int, ...] = ()
+    row_pixels: int = 0
 
     @property
     def idle(self) -> bool:
@@ -151,13 +155,62 @@ class TileCounts:
     @property
     def n_bulk_pops(self) -> int:
         """``Q_f + P_bulk``: the pops that lead the output side of an inference, before any pixel's
-        interleaved pops and EMITs (section 4.4; all ``Q`` pops if ``pass_per_pixel = 0``)."""
+        interleaved pops and EMITs (section 4.4; all ``Q`` pops if ``pass_per_pixel = 0``); with rows interleaved
+        (``rows_ending``) the forwarded rows before the first row that completes an output row."""
+        if self.rows_ending:
+            first = next(y for y, rows in enumerate(self.rows_ending) if rows)
+            return (first + 1) * self.row_words if self.n_forward else 0
         return self.n_queue - self.n_pix * self.pass_per_pixel if self.n_out else self.n_queue
+
+    def input_is_pass(self) -> np.ndarray:
+        """bool ``[K + P]``: which input-side transfers of one inference are PASS transfers (the rest are RECV words
+        0, 1, ... in order): the ``K`` RECV then the ``P`` PASS transfers, or with rows interleaved (register
+        ``interleave_rows``, section 4 "Streaming rows") per input row its words, then per output row it completes
+        ``out_width * pass_per_pixel`` PASS transfers."""
+        is_pass = np.zeros(self.flits_in, dtype=bool)
+        if not self.rows_ending:
+            is_pass[self.n_in_words:] = True
+            return is_pass
+        at, per_row = 0, self.row_pixels * self.pass_per_pixel
+        for rows in self.rows_ending:
+            at += self.row_words
+            is_pass[at:at + rows * per_row] = True
+            at += rows * per_row
+        return is_pass
+
+    def recv_actions(self) -> np.ndarray:
+        """int64 ``[K]``: the input-side transfer (within an inference) of each RECV word."""
+        if not self.rows_ending:
+            return np.arange(self.n_in_words, dtype=np.int64)
+        return np.flatnonzero(~self.input_is_pass()).astype(np.int64)
+
+    def push_actions(self) -> np.ndarray:
+        """int64 ``[Q]``: the input-side transfers (within an inference) that push into the forward queue, in order:
+        the forwarded RECV words and every PASS transfer."""
+        if not self.rows_ending:
+            return np.concatenate([np.arange(self.forward_begin, self.forward_end, dtype=np.int64),
+                                   np.arange(self.n_in_words, self.flits_in, dtype=np.int64)])
+        pushes = self.input_is_pass()
+        if self.n_forward:      # the whole map (TileConfig's rule)
+            pushes[:] = True
+        return np.flatnonzero(pushes).astype(np.int64)
+
+    @property
+    def recv_span(self) -> int:
+        """Input-side transfers of an inference up to its last RECV word (the rest are PASS transfers)."""
+        return int(self.recv_actions()[-1]) + 1 if self.rows_ending else self.n_in_words
 
     def output_is_pop(self) -> np.ndarray:
         """bool ``[Q + E]``: which output-side transfers of one inference are pops (the rest are EMITs of
         result words 0, 1, ... in order). Section 4.4: ``Q_f + P_bulk`` pops, then per output pixel
-        ``pass_per_pixel`` pops and the pixel's ``W_px`` EMITs."""
+        ``pass_per_pixel`` pops and the pixel's ``W_px`` EMITs; with rows interleaved (``rows_ending``) per input
+        row its forwarded words (if it forwards), then the pixels of the output rows it completes."""
+        if self.rows_ending:
+            pixel = np.zeros(self.pass_per_pixel + self.result_words_per_pixel, dtype=bool)
+            pixel[:self.pass_per_pixel] = True
+            row = np.ones(self.row_words if self.n_forward else 0, dtype=bool)
+            return np.concatenate([np.concatenate([row, np.tile(pixel, rows * self.row_pixels)])
+                                   for rows in self.rows_ending])
         is_pop = np.zeros(self.flits_out, dtype=bool)
         lead = self.n_bulk_pops
         is_pop[:lead] = True
@@ -172,6 +225,11 @@ class TileCounts:
         boolean mask over the stream copies far slower)."""
         batch, lanes = popped.shape[0], popped.shape[2]
         out = np.empty((batch, self.flits_out, lanes), dtype=popped.dtype)
+        if self.rows_ending:
+            is_pop = self.output_is_pop()
+            out[:, np.flatnonzero(is_pop)] = popped
+            out[:, np.flatnonzero(~is_pop)] = results
+            return out
         lead, per_pass, per_emit = self.n_bulk_pops, self.pass_per_pixel, self.result_words_per_pixel
         out[:, :lead] = popped[:, :lead]
         pixels = out[:, lead:].reshape(batch, self.n_pix, per_pass + per_emit, lanes)
@@ -287,7 +345,9 @@ def _stream_counts(config, arch: Arch) -> dict:
         before += per_pixel
     return {"stream_rows": config.stream_rows, "row_words": config.row_words, "in_height": config.in_height,
             "output_row_words": tuple(first for _, first in rows),
-            "output_row_inputs": tuple(config.input_rows_of_output_row(oy - config.out_row_begin) for oy, _ in rows)}
+            "output_row_inputs": tuple(config.input_rows_of_output_row(oy - config.out_row_begin) for oy, _ in rows),
+            **({"rows_ending": tuple(config.output_rows_ending()), "row_pixels": config.out_width}
+               if config.interleave_rows else {})}
 
 
 @dataclass(frozen=True)
@@ -560,9 +620,8 @@ def _partial_emits(count: TileCounts, received: int) -> int:
     (which begins once the last stored word arrived)."""
     if received >= count.flits_in:
         return count.flits_out
-    recv = min(received, count.n_in_words)
-    pushes = max(0, min(recv, count.forward_end) - count.forward_begin) if count.n_forward else 0
-    pushes += max(0, received - count.n_in_words)
+    recv = int(np.searchsorted(count.recv_actions(), received))         # RECV words among the received flits
+    pushes = int(np.searchsorted(count.push_actions(), received))
     computed = bool(count.n_out) and recv >= count.store_until
     done = popped = 0
     for is_pop in count.output_is_pop():

@@ -565,8 +565,7 @@ def timing_graph(program: Program, path: DataPath) -> TimingGraph:
             continue
         computes = count.n_out > 0
         queue_depth = tile.config.queue_words      # F: the tile's forward queue, a region of its SRAM
-        pushes = np.concatenate([np.arange(count.forward_begin, count.forward_end, dtype=np.int64),
-                                 np.arange(count.n_in_words, count.flits_in, dtype=np.int64)])
+        pushes = count.push_actions()
         pushes_all = count.n_queue == count.flits_in      # every RECV word forwarded (forward = [0, K))
         input_chain = add(Chain(f"{name} input side", position, "input", ones(count.flits_in),
                                 pass_through=not computes and pushes_all))
@@ -760,8 +759,7 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
     output_chain = add(Chain(f"{name} output side", position, "output", output_delays, first_delay=output_first))
     queues = [([], [], config.queue_words) for config in tile.contexts]   # per queue: pushes, pops, depth
     for index, context in enumerate(contexts):
-        pushes = np.concatenate([np.arange(context.forward_begin, context.forward_end, dtype=np.int64),
-                                 np.arange(context.n_in_words, context.flits_in, dtype=np.int64)])
+        pushes = context.push_actions()
         pops = np.flatnonzero(context.output_is_pop()).astype(np.int64)
         queue = queues[0 if turns else index]
         queue[0].append(pushes + in_at[index])
@@ -782,7 +780,7 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
     else:
         for index, context in enumerate(contexts):
             events.append(EventEdge(compute_chain, int(word_at[index]), input_chain,
-                                    int(in_at[index]) + context.store_until - 1, 0, 1))
+                                    int(in_at[index] + context.recv_actions()[context.store_until - 1]), 0, 1))
             if turns:   # the previous turn is this tile's inference before (the last turn of the previous chain inference)
                 previous = (index - 1) % len(contexts)
                 events.append(_bank_edge(input_chain, int(in_at[index]), compute_chain, int(word_at[previous]), context,
@@ -807,13 +805,15 @@ def _stream_edges(input_chain: int, compute_chain: int, count: TileCounts) -> li
     starts, spans = count.output_row_words, count.output_row_inputs
     last_word = count.n_result_words - 1
     end_offset = int(count.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES
-    edges = [EventEdge(compute_chain, first_word, input_chain, count.store_begin + (last + 1) * words - 1, 0, 1)
+    recv = count.recv_actions()         # RECV word k is input action recv[k] (rows interleaved with PASS words)
+    edges = [EventEdge(compute_chain, first_word, input_chain, int(recv[count.store_begin + (last + 1) * words - 1]),
+                       0, 1)
              for first_word, (_, last) in zip(starts, spans)]
     for y in range(height):
         shift = 0 if y >= rows else -(-(rows - y) // height)
         old = y - rows + shift * height                         # the row that held the slot before
         releaser = next((first_word for first_word, (first, _) in zip(starts, spans) if first > old), None)
-        first_stored = count.store_begin + y * words
+        first_stored = int(recv[count.store_begin + y * words])
         if releaser is None:
             edges.append(EventEdge(input_chain, first_stored, compute_chain, last_word, shift, end_offset))
         else:

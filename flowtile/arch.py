@@ -115,6 +115,12 @@ CONFIG_FIELDS: tuple[tuple[str, int, bool], ...] = (
     # act_base instead of banks: row y of inference s in slot (s * in_height + y) mod R; an output row computes as
     # soon as the rows it reads are in, and a row's slot is taken only after the compute side released its old row.
     ("stream_rows", 8, False),
+    # Rows interleaved in the stream (section 4 "Streaming rows", program format 14): 1 only with a line buffer. The
+    # input side takes, after each input row y, the PASS words of the output rows whose last input row is y (per
+    # pixel pass_per_pixel); the output side sends, after each forwarded input row, the pixels of those output rows
+    # (each pixel's passed words, then its own result words). The tiles of a layer split into channel groups then
+    # pass each output row along as it is computed instead of after the whole map.
+    ("interleave_rows", 1, False),
 )
 
 #: Activation banks per PE: the input side fills bank ``s mod 2`` with inference ``s`` while COMPUTE reads

@@ -28,7 +28,7 @@ __all__ = ["Program", "TileProgram", "LinkProgram", "TensorSpec", "LayerInfo", "
            "check_program_destination", "TileConfig", "ConfigError", "link_count", "link_name"]
 
 FORMAT_NAME = "flowtile-program"
-FORMAT_VERSION = 13
+FORMAT_VERSION = 14
 
 
 class ProgramError(ValueError):

@@ -105,6 +105,7 @@ class TileConfig:
     loop_back: int = 0
     single_bank: int = 0
     stream_rows: int = 0
+    interleave_rows: int = 0
 
     def __post_init__(self):
         for name in REGISTER_NAMES:
@@ -224,6 +225,15 @@ class TileConfig:
         for (first, _), (_, last) in zip(rows, rows[1:]):
             need = max(need, last - first + 1)
         return need
+
+    def output_rows_ending(self) -> list[int]:
+        """Per input row ``y`` of the map, the band's output rows whose last input row is ``y``
+        (:meth:`input_rows_of_output_row`): with ``interleave_rows = 1`` their pixels follow row ``y`` in the streams
+        (section 4 "Streaming rows")."""
+        ending = [0] * self.in_height
+        for r in range(self.out_rows):
+            ending[self.input_rows_of_output_row(r)[1]] += 1
+        return ending
 
     @property
     def data_end(self) -> int:
@@ -414,6 +424,9 @@ class TileConfig:
                               f"[{self.w_base}, {self.w_base + self.weight_words}) overlap the activation bank "
                               f"[act_base, act_base + {self.stored_formula}) = [{self.act_base}, {activation_end}), "
                               f"which the next inference overwrites (section 4, one bank)")
+        if self.interleave_rows and not (n_out and self.stream_rows):
+            raise ConfigError(f"config register interleave_rows = 1 requires a computing tile with a line buffer "
+                              f"(n_out = {n_out}, stream_rows = {self.stream_rows}; section 4 \"Streaming rows\")")
         if self.pass_per_pixel and n_out == 0:
             raise ConfigError(f"config register pass_per_pixel = {self.pass_per_pixel} requires a computing tile "
                               f"(n_out > 0; section 4.4)")
@@ -422,6 +435,8 @@ class TileConfig:
             self._validate_band()
             if self.stream_rows:
                 self._validate_stream_rows(arch)
+            if self.interleave_rows:
+                self._validate_interleave()
             interleaved = self.output_pixels * self.pass_per_pixel
             if interleaved > self.n_pass:
                 raise ConfigError(f"config registers n_pix * pass_per_pixel = {self.output_pixels} * "
@@ -586,7 +601,7 @@ class TileConfig:
         # needed a released slot then waits for COMPUTE, which must never wait for those EMITs
         free_words = self.store_begin + rows * self.row_words
         queued_late = self.n_pass or (self.forwarded_words and self.forward_end > free_words)
-        if queued_late and self.result_words(arch.lanes) > arch.result_words:
+        if queued_late and not self.interleave_rows and self.result_words(arch.lanes) > arch.result_words:
             raise ConfigError(f"config register stream_rows = {rows}: the tile emits {self.result_words(arch.lanes)} "
                               f"result words an inference, more than the {arch.result_words}-word ring holds, after "
                               f"queued words that arrive behind its first {rows} rows (forward_end = "
@@ -597,6 +612,28 @@ class TileConfig:
             end = self.act_base + self.activation_words
             raise ConfigError(f"config register stream_rows = {rows}: the weights [{self.w_base}, "
                               f"{self.w_base + self.weight_words}) overlap the line buffer [{self.act_base}, {end})")
+
+    def _validate_interleave(self) -> None:
+        """Rows interleaved in the streams (``interleave_rows = 1``, section 4 "Streaming rows"): the input stream is
+        the map alone (``n_in_words`` its words, stored from word 0), forwarded whole or not at all, the band whole
+        output rows, and every passed word one of a pixel's ``pass_per_pixel`` (``n_pass = n_pix * pass_per_pixel``):
+        the streams are then rows, each followed by the pixels of the output rows it completes."""
+        if self.store_begin or self.n_in_words != self.map_words:
+            raise ConfigError(f"config register interleave_rows = 1: the input stream must be the map alone, stored "
+                              f"from word 0 (store_begin = {self.store_begin}, n_in_words = {self.n_in_words}, "
+                              f"in_height * in_width * words_per_pixel = {self.map_words})")
+        if self.forwarded_words not in (0, self.n_in_words) or self.forward_begin:
+            raise ConfigError(f"config register interleave_rows = 1: forward_begin = {self.forward_begin}, "
+                              f"forward_end = {self.forward_end} must forward the whole map [0, n_in_words = "
+                              f"{self.n_in_words}) or nothing (each forwarded row leads the pixels it completes)")
+        if self.out_col_begin or self.band_end != self.out_width:
+            raise ConfigError(f"config register interleave_rows = 1: the band must be whole output rows "
+                              f"(out_col_begin = {self.out_col_begin}, out_col_end = {self.out_col_end}, out_width = "
+                              f"{self.out_width})")
+        if self.n_pass != self.output_pixels * self.pass_per_pixel:
+            raise ConfigError(f"config register interleave_rows = 1: n_pass = {self.n_pass} must be n_pix * "
+                              f"pass_per_pixel = {self.output_pixels} * {self.pass_per_pixel} (every passed word "
+                              f"belongs to a pixel of the band)")
 
     def _validate_band(self) -> None:
         """Section 4.1: a computing tile's output pixels are ``out_rows`` rows from ``out_row_begin``, the first

@@ -1,7 +1,7 @@
 """The PE's input side: RECV and PASS transfers (docs/architecture.md sections 4 and 4.2)."""
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -10,7 +10,7 @@ from flowtile.arch import Arch
 from .layouts import check_arch, config_layout, flit_signature
 from .pe_loader import sram_write_signature
 
-__all__ = ["InputSide", "first_range_words", "bank_words"]
+__all__ = ["InputSide", "first_range_words", "bank_words", "first_window_bottom", "last_input_row"]
 
 
 def first_range_words(config):
@@ -23,6 +23,25 @@ def bank_words(config):
     both store ranges (section 4.2), the size of an activation bank."""
     second = Mux(config.store2_end > config.store2_begin, config.store2_end - config.store2_begin, 0)
     return first_range_words(config) + second
+
+
+def first_window_bottom(config):
+    """``out_row_begin * stride - pad_top + kernel_h - 1``: the bottom window row of the band's first output row
+    (unclamped, signed; ``stride`` is 1..3, so no multiplier). Each later output row's is ``stride`` further down."""
+    begin = config.out_row_begin
+    top = Mux(config.stride == 1, begin, Mux(config.stride == 2, begin << 1, (begin << 1) + begin))
+    return top - config.pad_top + config.kernel_h - 1
+
+
+def window_bottom_signal():
+    """A register for :func:`first_window_bottom` and its successors."""
+    return Signal(signed(12))
+
+
+def last_input_row(config, bottom):
+    """The last input row of the map that an output row whose bottom window row is ``bottom`` reads (clamped to the
+    map: :meth:`flowtile.tile_config.TileConfig.input_rows_of_output_row`)."""
+    return Mux(bottom >= config.in_height, config.in_height - 1, Mux(bottom < 0, 0, bottom))
 
 
 class InputSide(wiring.Component):
@@ -61,6 +80,13 @@ class InputSide(wiring.Component):
     in_height + y) mod R``); no bank rule holds, but a row's first stored word waits for a free slot: a count that
     starts at ``R``, loses one as a row begins and gains the compute side's ``release_rows`` (from the next cycle).
     ``row_done`` is high in the cycle of a row's last stored word.
+
+    Rows interleaved (``interleave_rows = 1`` with a line buffer and ``pass_per_pixel > 0``, section 4 "Streaming
+    rows"): the ``K`` RECV words are the map's rows, all stored (and all forwarded, if ``forward_end > forward_begin``),
+    and the ``P = n_pix * pass_per_pixel`` PASS transfers come in runs of ``out_width * pass_per_pixel``, one per output
+    row of the band, the run of output row ``r`` as soon as the rows up to the last it reads (``last(r)``) are in and
+    the runs before it are done. ``store_done`` is then not defined (the compute side does not read it with a line
+    buffer).
 
     With ``C > 1`` (section 4.6) the side serves the contexts in turn, ``0 .. C' - 1`` per inference: ``context``
     (a register) is the context whose ``K + P`` transfers it makes; ``config`` and ``computes`` must be that
@@ -144,11 +170,23 @@ class InputSide(wiring.Component):
         ]
         in_index = Signal.like(input_words)             # transfer k of the current inference
         in_bank = Signal()                              # s mod 2 of the input side's inference s
-        receiving = in_index < n_in_words
+        # Rows interleaved: the rows received so far, the output row whose PASS run is next, its bottom window row,
+        # and the run's position (a pixel, a word of its pass_per_pixel)
+        interleaving = (config.interleave_rows != 0) & (config.pass_per_pixel != 0)
+        rows_in = Signal.like(config.in_height)
+        pass_row = Signal.like(config.out_rows)
+        pass_bottom = window_bottom_signal()
+        pass_pixel = Signal.like(config.out_width)
+        pass_word = Signal.like(config.pass_per_pixel)
+        passing = interleaving & (pass_row < config.out_rows) & (rows_in > last_input_row(config, pass_bottom))
+        receiving = Mux(interleaving, ~passing, in_index < n_in_words)
         stores_first = (in_index >= config.store_begin) & (in_index < config.store_end)
         stores_second = (in_index >= config.store2_begin) & (in_index < config.store2_end)
-        stores = receiving & (stores_first | stores_second)
-        pushes = ~receiving | ((in_index >= config.forward_begin) & (in_index < config.forward_end))
+        # interleaved, every RECV word is stored and forwarded or none is (TileConfig's rules)
+        stores = receiving & (interleaving | stores_first | stores_second)
+        forwards = Mux(interleaving, config.forward_end > config.forward_begin,
+                       (in_index >= config.forward_begin) & (in_index < config.forward_end))
+        pushes = ~receiving | forwards
         contexts = self.arch.tile_contexts
         if contexts == 1:
             # At in_index = 0 of inference s the COMPUTEs begun so far (this cycle's included) number s - 1 or s
@@ -187,6 +225,7 @@ class InputSide(wiring.Component):
             i_flit.ready.eq(accepting & (~pushes | self.o_forward.ready)),
         ]
         transfer = i_flit.valid & i_flit.ready
+        inference_done = transfer & (in_index == input_words - 1)
         if contexts == 1:
             with m.If(transfer):
                 with m.If(in_index == input_words - 1):
@@ -229,6 +268,20 @@ class InputSide(wiring.Component):
             with m.If(row_ends):
                 m.d.sync += slot.eq(Mux(last_slot, 0, slot + 1))
         m.d.sync += free_rows.eq(free_rows + self.release_rows - (stored_here & streaming & row_begins))
+        with m.If(stored_here & streaming & row_ends):
+            m.d.sync += rows_in.eq(rows_in + 1)
+        with m.If(transfer & passing):
+            pixel_passed = pass_word == config.pass_per_pixel - 1
+            m.d.sync += pass_word.eq(Mux(pixel_passed, 0, pass_word + 1))
+            with m.If(pixel_passed):
+                with m.If(pass_pixel == config.out_width - 1):
+                    m.d.sync += [pass_pixel.eq(0), pass_row.eq(pass_row + 1),
+                                 pass_bottom.eq(pass_bottom + config.stride)]
+                with m.Else():
+                    m.d.sync += pass_pixel.eq(pass_pixel + 1)
+        with m.If(inference_done | ~self.run):
+            m.d.sync += [rows_in.eq(0), pass_row.eq(0), pass_bottom.eq(first_window_bottom(config)),
+                         pass_pixel.eq(0), pass_word.eq(0)]
         m.d.comb += [
             self.row_done.eq(stored_here & streaming & row_ends),
             address.eq(Mux(streaming, config.act_base + buffer_word,

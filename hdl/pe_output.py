@@ -10,6 +10,7 @@ from amaranth.utils import exact_log2
 from flowtile.arch import OP_ADD, OP_BCAST, OP_CONCAT, OP_LANE, OP_MAX, Arch
 
 from .layouts import check_arch, config_layout, flit_signature
+from .pe_input import first_window_bottom, last_input_row, window_bottom_signal
 from .pe_loader import band_end
 
 __all__ = ["OutputSide", "op_decode", "channel_group"]
@@ -49,7 +50,10 @@ class OutputSide(wiring.Component):
     ``o_flit``) and ``E = n_pix * W_px`` EMITs (the head of ``i_results``), at most one transfer a cycle,
     in this order (``R_p = pass_per_pixel``): ``Q - n_pix * R_p`` pops, then for each output pixel ``q``
     of the band (section 4.1), ``R_p`` pops and the ``W_px`` EMITs of result words ``q*W_px ..``
-    (``R_p = 0``: all pops, then all EMITs). ``W_px`` is ``ceil(n_out / L)`` for MAC and the ``N_g``
+    (``R_p = 0``: all pops, then all EMITs). Rows interleaved (``interleave_rows = 1`` and ``forward_end >
+    forward_begin``, section 4 "Streaming rows"; the ``Q - n_pix * R_p`` pops are then the map's ``in_height`` rows):
+    before the pixels of output row ``r`` the side pops the forwarded rows up to the last one ``r`` reads, ``last(r)``,
+    so that each forwarded row is followed by the pixels of the output rows it completes. ``W_px`` is ``ceil(n_out / L)`` for MAC and the ``N_g``
     words COMPUTE issues a pixel for the other ops (:func:`channel_group`: ``group_words``, or
     ``words_per_pixel`` if it is 0, for MAX, LANE and ADD; ``words_per_pixel`` for CONCAT), which is
     ``ceil(n_out / L)`` too in every config encode_config accepts (``n_out = N_g * L``). A tile that does
@@ -145,9 +149,17 @@ class OutputSide(wiring.Component):
         emit_last_row = emit_row == config.out_rows - 1
         emit_row_pixels = Mux(emit_last_row, end, config.out_width) - Mux(emit_row == 0, config.out_col_begin, 0)
 
-        in_pixels = computes & (out_emitting | (bulk_pops == 0))
+        # Rows interleaved: the forwarded rows popped so far (a row: in_width pixels of words_per_pixel words), and
+        # the bottom window row of the output row whose pixels come next; its pixels wait for the rows it reads.
+        row_pops = computes & (config.interleave_rows != 0) & (config.forward_end > config.forward_begin)
+        rows_out = Signal.like(config.in_height)
+        row_pixel = Signal.like(config.in_width)
+        row_word = Signal.like(config.words_per_pixel)
+        emit_bottom = window_bottom_signal()
+        row_due = row_pops & (rows_out <= last_input_row(config, emit_bottom))
+        in_pixels = computes & (out_emitting | (bulk_pops == 0) | row_pops) & ~row_due
         emit_phase = in_pixels & (pixel_popped | (pixel_pops == 0))
-        pop_phase = Mux(in_pixels, ~emit_phase, bulk_pops != 0)
+        pop_phase = Mux(in_pixels, ~emit_phase, (bulk_pops != 0) | row_due)
         m.d.comb += [
             o_flit.valid.eq(self.run & Mux(emit_phase, self.i_results.valid, pop_phase & self.i_queue.valid)),
             o_flit.payload.data.eq(Mux(emit_phase, self.i_results.payload, self.i_queue.payload)),
@@ -170,10 +182,11 @@ class OutputSide(wiring.Component):
                         m.d.sync += emit_col.eq(0)
                         with m.If(emit_last_row):
                             # The inference's last EMIT: the next transfer is a pop (or EMIT) of s + 1.
-                            m.d.sync += [emit_row.eq(0), out_emitting.eq(0)]
+                            m.d.sync += [emit_row.eq(0), out_emitting.eq(0), rows_out.eq(0),
+                                         emit_bottom.eq(first_window_bottom(config))]
                             m.d.comb += ends_turn
                         with m.Else():
-                            m.d.sync += emit_row.eq(emit_row + 1)
+                            m.d.sync += [emit_row.eq(emit_row + 1), emit_bottom.eq(emit_bottom + config.stride)]
                     with m.Else():
                         m.d.sync += emit_col.eq(emit_col + 1)
                 with m.Else():
@@ -183,6 +196,15 @@ class OutputSide(wiring.Component):
                     m.d.sync += [pixel_word.eq(0), pixel_popped.eq(1)]
                 with m.Else():
                     m.d.sync += pixel_word.eq(pixel_word + 1)
+            with m.Elif(row_due):
+                with m.If(row_word == config.words_per_pixel - 1):
+                    m.d.sync += row_word.eq(0)
+                    with m.If(row_pixel == config.in_width - 1):
+                        m.d.sync += [row_pixel.eq(0), rows_out.eq(rows_out + 1)]
+                    with m.Else():
+                        m.d.sync += row_pixel.eq(row_pixel + 1)
+                with m.Else():
+                    m.d.sync += row_word.eq(row_word + 1)
             with m.Else():
                 with m.If(out_index == bulk_pops - 1):
                     m.d.sync += [out_index.eq(0), out_emitting.eq(computes)]
@@ -198,7 +220,8 @@ class OutputSide(wiring.Component):
             m.d.sync += context.eq(self.next_context)
         with m.If(~self.run):
             m.d.sync += [out_index.eq(0), out_emitting.eq(0), pixel_popped.eq(0), pixel_word.eq(0),
-                         emit_col.eq(0), emit_row.eq(0)]
+                         emit_col.eq(0), emit_row.eq(0), rows_out.eq(0), row_pixel.eq(0), row_word.eq(0),
+                         emit_bottom.eq(first_window_bottom(config))]
             if contexts > 1:
                 m.d.sync += self.context.eq(0)
         return m

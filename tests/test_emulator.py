@@ -178,11 +178,34 @@ class ReferencePE:
                 f"n_pix * pass_per_pixel = {n_pix * self.pass_per_pixel} <= n_pass = {self.p} (section 4.4)")
         self.lead_pops = self.pops - n_pix * self.pass_per_pixel            # Q_f + P_bulk
         self.out_actions: list[int | None] = [None] * self.lead_pops
-        if self.computes:
+        # the input side's K + P transfers of an inference: (RECV word k, None) or (None, PASS word p)
+        self.in_actions: list[tuple[int | None, int | None]] = [(k, None) for k in range(self.k)] + [
+            (None, p) for p in range(self.p)]
+        if self.computes and config.interleave_rows:
+            # section 4 "Streaming rows", rows interleaved: after input row y (its W words; forwarded, if the tile
+            # forwards) come the pixels of the output rows whose windows end in row y: on the input side their
+            # pass_per_pixel PASS words, on the output side those pops and the pixel's EMITs
+            self.in_actions, self.out_actions, self.lead_pops = [], [], None
+            per_pixel, width, row = self.emits // n_pix, config.out_width, config.row_words
+            last_rows = [config.input_rows_of_output_row(r)[1] for r in range(config.out_rows)]
+            passed = q = 0
+            for y in range(config.in_height):
+                self.in_actions += [(y * row + c, None) for c in range(row)]
+                self.out_actions += [None] * (row if len(self.forward) else 0)
+                for _ in range(last_rows.count(y) * width):
+                    if self.lead_pops is None:
+                        self.lead_pops = len(self.out_actions)
+                    self.in_actions += [(None, passed + i) for i in range(self.pass_per_pixel)]
+                    passed += self.pass_per_pixel
+                    self.out_actions += [None] * self.pass_per_pixel + list(range(q * per_pixel, (q + 1) * per_pixel))
+                    q += 1
+        elif self.computes:
             per_pixel = self.emits // n_pix                                  # W_px
             for q in range(n_pix):
                 self.out_actions += [None] * self.pass_per_pixel + list(range(q * per_pixel, (q + 1) * per_pixel))
         assert len(self.out_actions) == self.pops + self.emits
+        assert len(self.in_actions) == self.k + self.p
+        self.last_recv = max((j for j, (k, _) in enumerate(self.in_actions) if k is not None), default=-1)
         self.weights = range(config.w_base, config.w_base + weight_words) if self.computes else range(0)
         self.queue_words = config.queue_words                               # F: this tile's queue depth
         self.queue_base = config.queue_base
@@ -270,11 +293,12 @@ class ReferencePE:
                     self.release_times.setdefault(s * height + y, self.compute_end(s))
 
     def input_action(self):
-        """(inference, index in K + P, is RECV, pushes into the queue) of the next input transfer."""
+        """(inference, index in K + P, RECV word k or None for a PASS, pushes into the queue) of the next input
+        transfer."""
         per = self.k + self.p
         s, j = divmod(len(self.input_times), per)
-        recv = j < self.k
-        return s, j, recv, (j in self.forward) if recv else True
+        k = self.in_actions[j][0]
+        return s, j, k, (k in self.forward) if k is not None else True
 
     def input_ready(self, cycle):
         """in.ready in ``cycle`` (after start_compute): a pushing transfer needs a free queue slot (the
@@ -283,12 +307,12 @@ class ReferencePE:
         (``e_{s-1} = a_last + d_last + 2 <= cycle``)."""
         if not self.k + self.p:
             return False
-        s, j, _, pushes = self.input_action()
+        s, j, k, pushes = self.input_action()
         if pushes and len(self.queue) >= self.queue_words:
             return False
         if self.stream_rows:   # a row's first stored word: its slot's previous row released
-            stored = j - self.config.store_begin
-            if j < self.k and 0 <= stored < len(self.store) and stored % self.config.row_words == 0:
+            stored = k - self.config.store_begin if k is not None else -1
+            if 0 <= stored < len(self.store) and stored % self.config.row_words == 0:
                 row = s * self.config.in_height + stored // self.config.row_words
                 if row >= self.stream_rows and self.release_times.get(row - self.stream_rows, cycle + 1) > cycle:
                     return False
@@ -320,20 +344,20 @@ class ReferencePE:
 
     def do_input(self, cycle, data):
         """One input transfer of ``data`` in ``cycle``: store, push, record."""
-        s, j, recv, pushes = self.input_action()
-        if recv and j in self.store:
+        s, j, k, pushes = self.input_action()
+        if k is not None and k in self.store:
             if self.stream_rows:   # row y of inference s into slot (s * in_height + y) mod R
-                row, column = divmod(j - self.store.start, self.config.row_words)
+                row, column = divmod(k - self.store.start, self.config.row_words)
                 global_row = s * self.config.in_height + row
                 address = self.config.act_base + (global_row % self.stream_rows) * self.config.row_words + column
                 if column == self.config.row_words - 1:
                     self.row_done_times.append(cycle)
             else:
-                address = self.config.act_base + (s % self.banks) * self.bank_words + j - self.store.start
+                address = self.config.act_base + (s % self.banks) * self.bank_words + k - self.store.start
                 self.check_no_race(cycle, address)
             self.sram[address] = list(data)
             self.sram_writes.append((cycle, address))
-            if j == self.store.stop - 1:
+            if k == self.store.stop - 1:
                 self.stored_done.append(cycle)
         if pushes:   # the queue's slot in the SRAM (never a word COMPUTE reads: the region is apart)
             address = self.queue_base + self.pushed % self.queue_words
@@ -344,7 +368,7 @@ class ReferencePE:
             self.max_queued = max(self.max_queued, len(self.queue))
         self.input_times.append(cycle)
         begin = self.input_spans[-1][1] if self.input_spans else 0
-        if j == self.k - 1:
+        if j == self.last_recv:
             self.input_spans.append((begin, cycle + 1, "RECV"))
         elif j == self.k + self.p - 1:
             self.input_spans.append((begin, cycle + 1, "PASS"))
@@ -375,7 +399,8 @@ class ReferencePE:
         per_in, per_out = self.k + self.p, self.pops + self.emits
         for name, times in (("input", self.input_times), ("output", self.output_times)):
             assert all(b >= a + 1 for a, b in zip(times, times[1:])), f"{where}: {name} times {times} overlap"
-        pushes = [t for i, t in enumerate(self.input_times) if i % per_in >= self.k or i % per_in in self.forward]
+        pushes = [t for i, t in enumerate(self.input_times)
+                  if self.in_actions[i % per_in][0] is None or self.in_actions[i % per_in][0] in self.forward]
         pops = [t for i, t in enumerate(self.output_times) if self.out_actions[i % per_out] is None]
         assert len(pushes) == len(pops) == batch * self.pops, f"{where}: {len(pushes)} pushes, {len(pops)} pops"
         for i, (push, pop) in enumerate(zip(pushes, pops)):
@@ -1413,6 +1438,65 @@ def test_random_line_buffer_programs_match_reference(seed):
     np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
 
 
+_WINDOW_REGISTERS = ("op", "in_height", "in_width", "words_per_pixel", "kernel_h", "kernel_w", "stride", "pad_top",
+                     "pad_left", "out_row_begin", "out_rows", "out_width", "out_col_begin", "out_col_end")
+
+
+def _with_interleaved_rows(rng, program, doubled=1 / 3):
+    """A copy of ``program`` in which every layer split into output-channel groups of one band (consecutive tiles of
+    one window, each after the first passing ``pass_per_pixel`` words a pixel) streams its rows interleaved (section 4
+    "Streaming rows": ``interleave_rows = 1`` and a line buffer on each of its tiles, the fewest rows it needs as a
+    power of two, or for a ``doubled`` share of the layers twice that), where TileConfig.validate allows it and the layer's last tile forwards
+    nothing (its output is then the plain map); None if no layer qualifies."""
+    program = copy.deepcopy(program)
+    tiles = program.tiles
+    runs: list[list[int]] = []
+    for index, tile in enumerate(tiles):
+        config = tile.config
+        same = runs and all(getattr(tiles[runs[-1][-1]].config, name) == getattr(config, name)
+                            for name in _WINDOW_REGISTERS)
+        if config.n_out and config.pass_per_pixel and same and not tile.later_contexts:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    taken = 0
+    for run in runs:
+        configs = [tiles[index].config for index in run]
+        if len(run) < 2 or configs[-1].forwarded_words or any(tiles[index].later_contexts for index in run):
+            continue
+        rows = 1 << (configs[0].stream_rows_needed - 1).bit_length()
+        rows *= 2 if rng.random() < doubled else 1
+        try:
+            configs = [config.replace(stream_rows=rows, interleave_rows=1) for config in configs]
+            for config in configs:
+                config.validate(program.arch)
+        except ConfigError:
+            continue
+        for index, config in zip(run, configs):
+            tiles[index].config = config
+        taken += 1
+    if not taken:
+        return None
+    program.validate()
+    return program
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_interleaved_rows_match_reference(seed):
+    """Layers split into channel groups of one band with their rows interleaved in the streams (register
+    interleave_rows, section 4 "Streaming rows"): each group tile forwards input row after input row and, behind
+    each, the pixels of the output rows it completes; the emulator against the cycle-stepping reference cycle by
+    cycle (a third under host stalls), outputs against the golden."""
+    rng = np.random.default_rng(36000 + seed)
+    while True:
+        program, layers, shape, x, batch = random_grouped_program(rng, budget=15000)
+        if (interleaved := _with_interleaved_rows(rng, program)) is not None:
+            break
+    pattern = random_host_pattern(rng) if seed % 3 == 2 else None
+    result = assert_matches_reference(interleaved, x, batch, flits=_map_flits(program, x), host_pattern=pattern)
+    np.testing.assert_array_equal(result.out_flits, network_golden(layers, x, shape, program.arch.lanes))
+
+
 def _in_turns(program, turns):
     """``program`` with every computing tile in ``turns`` turns (section 12) and ``replicas = turns``, its
     pass-through tiles passing ``turns`` inferences' words a program inference: the same registers as far as the
@@ -1889,6 +1973,16 @@ def test_bad_window_registers_are_refused(change, message):
     (lambda t: set_registers(t, stream_rows=4, out_rows=3), r"reads input rows up to 3, not the map's last, 5"),
     (lambda t: set_registers(t, stream_rows=4, w_base=t.config.act_base), r"overlap the line buffer"),
     (lambda t: set_registers(t, stream_rows=4, act_base=4095), r"exceed sram_words = \d+ \(the line buffer\)"),
+    (lambda t: set_registers(t, interleave_rows=1), r"interleave_rows = 1 requires a computing tile with a line buffer "
+                                                    r"\(n_out = 4, stream_rows = 0"),
+    (lambda t: set_registers(t, stream_rows=4, interleave_rows=1, n_in_words=37, forward_end=37),
+     r"interleave_rows = 1: the input stream must be the map alone"),
+    (lambda t: set_registers(t, stream_rows=4, interleave_rows=1, forward_end=18),
+     r"forward_begin = 0, forward_end = 18 must forward the whole map \[0, n_in_words = 36\) or nothing"),
+    (lambda t: set_registers(t, stream_rows=4, interleave_rows=1, out_col_begin=1),
+     r"interleave_rows = 1: the band must be whole output rows \(out_col_begin = 1"),
+    (lambda t: set_registers(t, stream_rows=4, interleave_rows=1, n_pass=3, queue_words=3),
+     r"interleave_rows = 1: n_pass = 3 must be n_pix \* pass_per_pixel = 36 \* 0"),
 ])
 def test_bad_line_buffers_are_refused(change, message):
     """Every rule of a line buffer (section 4, "Streaming rows") names the register and why, on a 3x3 depthwise

@@ -533,6 +533,106 @@ def test_output_side_matches_model():
     simulate(dut, testbench)
 
 
+# --- Rows interleaved (section 4 "Streaming rows") --------------------------------------------------------
+
+def random_interleaved_registers(rng):
+    """Registers of a windowed tile with rows interleaved (``interleave_rows = 1``): a map of 1..5 rows, a window of
+    1..3 rows, stride 1..3, top and bottom padding, the band the whole output; a third of the draws forward nothing,
+    a third pass nothing (or None when the window's last output row would not read the map's last row)."""
+    height, kernel, stride = rng.randrange(1, 6), rng.randrange(1, 4), rng.randrange(1, 4)
+    pad_top, pad_bottom = rng.randrange(kernel), rng.randrange(kernel)
+    out_rows = (height + pad_top + pad_bottom - kernel) // stride + 1
+    if out_rows < 1 or min(height - 1, (out_rows - 1) * stride - pad_top + kernel - 1) != height - 1:
+        return None
+    width, per_pixel, out_width = rng.randrange(1, 3), rng.randrange(1, 3), rng.randrange(1, 3)
+    words = height * width * per_pixel
+    pass_per_pixel = rng.choice([0, 1, 2])
+    forwards = rng.random() < 2 / 3
+    return {"op": OP_MAX, "n_out": LANES * per_pixel, "words_per_pixel": per_pixel, "in_height": height,
+            "in_width": width, "kernel_h": kernel, "kernel_w": 1, "stride": stride, "pad_top": pad_top,
+            "out_rows": out_rows, "out_width": out_width, "n_in_words": words, "store_end": words,
+            "forward_end": words if forwards else 0, "n_pass": out_rows * out_width * pass_per_pixel,
+            "pass_per_pixel": pass_per_pixel, "stream_rows": 128, "interleave_rows": 1, "dest_col": rng.randrange(2)}
+
+
+def interleaved_orders(c):
+    """Both sides' transfers of one inference with rows interleaved, from the registers: input ("recv" or
+    "pass") and output ("pop" or "emit"). After each input row come the pixels of the output rows whose windows end
+    in it (their last row: top + kernel_h - 1, clamped to the map)."""
+    row = c["in_width"] * c["words_per_pixel"]
+    ending = [0] * c["in_height"]
+    for r in range(c["out_rows"]):
+        ending[min(c["in_height"] - 1, r * c["stride"] - c["pad_top"] + c["kernel_h"] - 1)] += 1
+    inputs, outputs = [], []
+    for rows in ending:
+        inputs += ["recv"] * row + ["pass"] * (rows * c["out_width"] * c["pass_per_pixel"])
+        outputs += ["pop"] * (row if c["forward_end"] else 0)
+        outputs += (["pop"] * c["pass_per_pixel"] + ["emit"] * c["words_per_pixel"]) * (rows * c["out_width"])
+    return inputs, outputs
+
+
+def test_sides_interleave_rows():
+    """The input and output sides with ``interleave_rows = 1`` against :func:`interleaved_orders`, under random
+    valid/ready; a pushing transfer is a forwarded RECV or a PASS, a store every RECV."""
+    rng = random.Random(14)
+    inputs, outputs = InputSide(ARCH), OutputSide(ARCH)
+    seen = {"pass": 0, "pop": 0, "emit": 0}
+
+    async def testbench(ctx):
+        drawn = 0
+        while drawn < 30:
+            registers = random_interleaved_registers(rng)
+            if registers is None:
+                continue
+            drawn += 1
+            in_order, out_order = interleaved_orders(registers)
+            for dut in (inputs, outputs):
+                ctx.set(dut.config, config_value(**registers))
+                ctx.set(dut.computes, 1)
+                ctx.set(dut.run, 0)
+            await ctx.tick()
+            in_at = out_at = 0
+            for _ in range(3 * (len(in_order) + len(out_order))):
+                valid, forward_ready = rng.random() < 0.8, rng.random() < 0.8
+                queue_valid, results_valid, ready = (rng.random() < 0.8 for _ in range(3))
+                for port, value in ((inputs.run, 1), (inputs.i_flit.valid, valid),
+                                    (inputs.o_forward.ready, forward_ready), (outputs.run, 1),
+                                    (outputs.i_queue.valid, queue_valid), (outputs.i_results.valid, results_valid),
+                                    (outputs.o_flit.ready, ready)):
+                    ctx.set(port, value)
+                kind = in_order[in_at % len(in_order)]
+                pushes = kind == "pass" or bool(registers["forward_end"])
+                assert ctx.get(inputs.i_flit.ready) == (not pushes or forward_ready)
+                assert ctx.get(inputs.o_forward.valid) == (valid and pushes)
+                assert ctx.get(inputs.sram_write.en) == (valid and kind == "recv" and (not pushes or forward_ready))
+                head = out_order[out_at % len(out_order)]
+                assert ctx.get(outputs.i_queue.ready) == (head == "pop" and ready)
+                assert ctx.get(outputs.i_results.ready) == (head == "emit" and ready)
+                if valid and (not pushes or forward_ready):
+                    in_at += 1
+                    seen["pass"] += kind == "pass"
+                if ready and (queue_valid if head == "pop" else results_valid):
+                    out_at += 1
+                    seen[head] += 1
+                await ctx.tick()
+
+    simulate(wiring_pair(inputs, outputs), testbench)
+    assert min(seen.values()) > 100, seen
+
+
+class wiring_pair(Elaboratable):
+    """Two components simulated side by side, unconnected."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def elaborate(self, platform):
+        m = Module()
+        for index, part in enumerate(self.parts):
+            m.submodules[f"part{index}"] = part
+        return m
+
+
 # --- Requantizer -----------------------------------------------------------------------------------------
 
 def test_requantizer_matches_section_4():
