@@ -1231,8 +1231,8 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         def split(i: int, budget: float, max_tiles: float,
                   room: tuple[float, int, int] | None = None) -> list[TileSlice] | None:
             budget = budget / turns[i]     # a tile of several turns runs its slice once a turn
-            if costs[i] is not None:   # line buffers serve tiles of one turn (Program.validate)
-                return _split_window(costs[i], arch, i, budget, max_tiles, deep, room, streams=turns[i] == 1)
+            if costs[i] is not None:
+                return _split_window(costs[i], arch, i, budget, max_tiles, deep, room, streams=True)
             return _split(layers[i].n_out, ks[i], arch, i, budget, max_tiles, carried[i], room)
 
         def filling_split(found: list[list[TileSlice]], i: int, budget: float) -> list[TileSlice] | None:

@@ -775,8 +775,8 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
                               read_slots=np.arange(in_at[1], in_at[-1], dtype=np.int64)))
     fifos.append(FifoEdge(f"{name} result ring", compute_chain, output_chain, ring,
                           read_slots=np.flatnonzero(~is_pop).astype(np.int64), read_offsets=word_issue + 2))
-    if count.stream_rows:   # a line buffer's row edges replace the store-until and bank edges of its one context
-        events += _stream_edges(input_chain, compute_chain, count)
+    if count.stream_rows:   # a line buffer's row edges replace the store-until and bank edges (one context, turns)
+        events += _stream_edges(input_chain, compute_chain, contexts[0], in_at[:-1], word_at[:-1])
     else:
         for index, context in enumerate(contexts):
             events.append(EventEdge(compute_chain, int(word_at[index]), input_chain,
@@ -791,33 +791,43 @@ def _add_context_tile(add, fifos: list[FifoEdge], events: list[EventEdge], name:
     return input_chain, compute_chain, output_chain, router
 
 
-def _stream_edges(input_chain: int, compute_chain: int, count: TileCounts) -> list[EventEdge]:
+def _stream_edges(input_chain: int, compute_chain: int, count: TileCounts, in_at: np.ndarray,
+                  word_at: np.ndarray) -> list[EventEdge]:
     """A line buffer's event edges (section 4, "Streaming rows"; one context, ``R = stream_rows``, ``H`` map rows of
-    ``W`` words from RECV word ``store_begin``):
+    ``W`` words from RECV word ``store_begin``), for a tile whose chains run ``T`` inferences of it per chain inference
+    (its turns, section 12; ``T = 1`` otherwise), turn ``t``'s input actions from ``in_at[t]`` and result words from
+    ``word_at[t]``; its rows are numbered over the turns, ``(s T + t) H + y``:
 
     * the first word of output row ``r`` issues after RECV of the last word of the last input row it reads:
       ``a >= t(RECV store_begin + (last + 1) W - 1) + 1``;
-    * input row ``y``'s first word is stored only after its slot's previous row, global row ``s H + y - R`` (of the
-      inference ``ceil((R - y) / H)`` back if ``y < R``), was released: the cycle after the first issue of the first
-      output row whose rows all lie above it, or at the end of that COMPUTE (``a_last + d_last + 2``) if none does.
+    * input row ``y``'s first word is stored only after its slot's previous row, ``R`` rows earlier (of a turn
+      ``ceil((R - t H - y) / (T H))`` chain inferences back if that is negative within this one), was released: the
+      cycle after the first issue of the first output row whose rows all lie above it, or at the end of that COMPUTE
+      (``a_last + d_last + 2``) if none does.
     """
     rows, words, height = count.stream_rows, count.row_words, count.in_height
     starts, spans = count.output_row_words, count.output_row_inputs
     last_word = count.n_result_words - 1
     end_offset = int(count.pixel_word_issue[-1]) + COMPUTE_DRAIN_CYCLES
     recv = count.recv_actions()         # RECV word k is input action recv[k] (rows interleaved with PASS words)
-    edges = [EventEdge(compute_chain, first_word, input_chain, int(recv[count.store_begin + (last + 1) * words - 1]),
-                       0, 1)
-             for first_word, (_, last) in zip(starts, spans)]
-    for y in range(height):
-        shift = 0 if y >= rows else -(-(rows - y) // height)
-        old = y - rows + shift * height                         # the row that held the slot before
-        releaser = next((first_word for first_word, (first, _) in zip(starts, spans) if first > old), None)
-        first_stored = int(recv[count.store_begin + y * words])
-        if releaser is None:
-            edges.append(EventEdge(input_chain, first_stored, compute_chain, last_word, shift, end_offset))
-        else:
-            edges.append(EventEdge(input_chain, first_stored, compute_chain, releaser, shift, 1))
+    turns = len(in_at)
+    edges = [EventEdge(compute_chain, int(word_at[t]) + first_word, input_chain,
+                       int(in_at[t] + recv[count.store_begin + (last + 1) * words - 1]), 0, 1)
+             for t in range(turns) for first_word, (_, last) in zip(starts, spans)]
+    per_chain = turns * height                                  # rows of one chain inference
+    for t in range(turns):
+        for y in range(height):
+            old = t * height + y - rows                         # the row that held the slot before
+            shift = 0 if old >= 0 else -(old // per_chain)      # chain inferences back
+            old_turn, old_row = divmod(old + shift * per_chain, height)
+            releaser = next((first_word for first_word, (first, _) in zip(starts, spans) if first > old_row), None)
+            first_stored = int(in_at[t] + recv[count.store_begin + y * words])
+            if releaser is None:
+                edges.append(EventEdge(input_chain, first_stored, compute_chain, int(word_at[old_turn]) + last_word,
+                                       shift, end_offset))
+            else:
+                edges.append(EventEdge(input_chain, first_stored, compute_chain, int(word_at[old_turn]) + releaser,
+                                       shift, 1))
     return edges
 
 

@@ -88,9 +88,9 @@ def _check_turns(tile: "TileProgram") -> None:
     if isinstance(turns, bool) or not isinstance(turns, (int, np.integer)) or turns < 1:
         raise ProgramError(f"tile {tile.key}: turns must be a positive integer (inferences per program inference), "
                            f"got {turns!r}")
-    if any(config.stream_rows for config in tile.contexts) and (turns > 1 or tile.later_contexts):
-        raise ProgramError(f"tile {tile.key}: a line buffer (stream_rows) serves a tile of one context and one turn "
-                           f"(section 4, streaming rows)")
+    if any(config.stream_rows for config in tile.contexts) and tile.later_contexts:
+        raise ProgramError(f"tile {tile.key}: a line buffer (stream_rows) serves a tile of one context (section 4, "
+                           f"streaming rows)")
     if turns == 1:
         return
     if tile.later_contexts:

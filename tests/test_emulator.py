@@ -22,7 +22,7 @@ from flowtile.emulator.timing import PROBE_BATCH, solve_timing
 from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 from flowtile.testing.archs import lean_arch
 from flowtile.host import pack_flits
-from flowtile.program import ProgramError, TileProgram
+from flowtile.program import ProgramError, TileProgram, _check_turns
 from flowtile.tile_config import ConfigError, TileConfig
 from flowtile.testing.program_builder import (AddParams, Concat, ConcatParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool,
                              build_program, dense_golden, layer_bands, network_golden, pixel_band_registers,
@@ -1518,13 +1518,15 @@ def test_tiles_in_turns_run_as_their_inferences(seed):
     """A tile of several turns runs its registers once per turn (section 12): every tile of a random program in 2
     or 3 turns is the same hardware as the program itself, so ``N`` program inferences must give exactly the
     outputs, host transfer cycles and per-tile transfer cycles of ``turns * N`` plain inferences (one bank on
-    random tiles of a third of them)."""
+    random tiles of a third of them, line buffers on another third)."""
     rng = np.random.default_rng(33000 + seed)
     program, layers, _, x, batch, flits = _draw_of_kind(rng, seed % 4)
     if seed % 3 == 0:
         program = _with_single_banks(rng, program) or program
+    elif seed % 3 == 1:   # line buffers (section 4, "Streaming rows"): a row's slot may be a previous turn's
+        program = _with_line_buffers(rng, program) or program
     turns = 2 + seed % 2
-    count = max(1, batch // turns)
+    count = max(2, batch // turns)   # two program inferences at least: a turn's edges reach into the one before
     flits = np.resize(flits, (turns * count * program.input_words, program.arch.lanes))
     plain = emulate(program, flits, turns * count)
     view, program_inferences = _in_turns(program, turns).program_inferences(turns * count)
@@ -2015,9 +2017,10 @@ def test_line_buffer_rules_hold_beside_queued_words():
     program = build_program(roomy, [depthwise], input_shape=(4, 6, 6))
     program.tiles[1].config = program.tiles[1].config.replace(stream_rows=8)
     program.validate()
-    program.tiles[1].turns = 2
-    with pytest.raises(ProgramError, match=r"a line buffer \(stream_rows\) serves a tile of one context and one turn"):
-        program.validate()
+    program = build_program(roomy.replace(tile_contexts=2), [depthwise], input_shape=(4, 6, 6))
+    program.tiles[1].later_contexts = (program.tiles[1].config.replace(stream_rows=8),)
+    with pytest.raises(ProgramError, match=r"a line buffer \(stream_rows\) serves a tile of one context"):
+        _check_turns(program.tiles[1])     # the tile's own rule (the contexts' stream counts would fail first here)
     layers, shape = _conv_residual(rng, 4, bands=(1, 1, 1))
     wide = arch.replace(cols=4, sram_bytes=16384)
     add_tile = next(t for t in build_program(wide, layers, input_shape=shape).tiles if t.config.op == OP_ADD)
