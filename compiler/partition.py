@@ -991,6 +991,37 @@ def _cut_streams(splits: list[list[TileSlice]], streams: Sequence[tuple], costs,
     return cut
 
 
+def _refuse_cuts_before_linked_single_banks(cycles: list[int], flits: list[int], found: list[list[TileSlice]],
+                                            costs: Sequence[WindowCosts | None], turns: Sequence[int], arch: Arch,
+                                            budget: float) -> list[int]:
+    """``cycles`` (the link time of a chip boundary before each slice, carrying ``flits``) with the boundaries refused (:data:`_NO_CUT`)
+    before which the layer that would begin the next chip has a tile of one activation bank that could not keep the
+    ``budget`` with its input at the link's pace. Such a tile receives an inference only after its COMPUTE has ended
+    (section 4, one bank), so its RECV and COMPUTE alternate; right behind a link its RECV takes the link's cycles a
+    flit for every word beyond what the receiver buffers (``link_credit_frames`` frames) while it computed, not one a
+    cycle (MobileNetV1-1.0 on 4 chips at 1/64 with the 3x3x1024 pointwise layer first on chip 3: estimated 56450 cycles
+    a turn, measured 123849 = its COMPUTE plus the 1152-flit map at 66.75 cycles a flit less the buffered frames)."""
+    flat = [(i, s) for i, slices in enumerate(found) for s in slices]
+    buffered = arch.link_credit_frames * arch.link_frame_flits
+    cycles = list(cycles)
+    for start in range(1, len(flat)):
+        layer = flat[start][0]
+        banked = [s for i, s in flat[start:] if i == layer]
+        if costs[layer] is None or not any(s.single_bank for s in banked) or cycles[start] >= _NO_CUT:
+            continue
+        per_flit = cycles[start] / max(flits[start], 1)
+        for s in banked:
+            if not s.single_bank:
+                continue
+            grouped = costs[layer].channel_words and s.n_out != costs[layer].n_out
+            issue, _ = costs[layer].band_work(s.pixels, s.n_out if grouped else None, arch.lanes)
+            until = costs[layer].store_until(s.pixel_begin, s.pixels)
+            if turns[layer] * (issue + 2 + max(until, (until - buffered) * per_flit)) > budget:
+                cycles[start] = _NO_CUT
+                break
+    return cycles
+
+
 def _cut_chips(cut_cycles: list[int], arch: Arch, limit: float,
                reach: Callable[[int], int] | None = None) -> tuple[int, ...] | None:
     """Where each chip starts (:attr:`Placement.starts`) so that every link takes <= ``limit`` cycles per inference,
@@ -1204,6 +1235,9 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
         """The slices cut into the chips (links within ``limit``); with contexts, their runs within the tile
         ``budget`` (each chip's slices grouped from its first)."""
         cycles = cut_cycles(found)
+        if arch.chips > 1 and budget != float("inf"):
+            flits = [n for n, _ in cut_tables(found)]
+            cycles = _refuse_cuts_before_linked_single_banks(cycles, flits, found, costs, turns, arch, budget)
         reach = None
         if contexts:
             needs = needs_of(found)
