@@ -296,3 +296,29 @@ def test_emulated_interval_is_the_link_bound_when_the_link_is_the_bottleneck():
     x = np.resize(calibration, (12, *calibration.shape[1:]))
     view, count = program.program_inferences(len(x))
     assert steady_state(view, emulate_model(program, x).result, count).interval == bound
+
+
+def test_no_chip_boundary_before_one_bank_tiles_the_link_would_starve():
+    """A tile of one activation bank receives an inference only after its COMPUTE ends (section 4), so right behind a
+    link its RECV runs at the link's pace: the placement refuses a chip boundary before such a layer when that
+    alternation (COMPUTE, then every word the receiver did not buffer at the link's cycles a flit) exceeds the budget,
+    and keeps it otherwise, or when the tile keeps two banks (its RECV overlaps COMPUTE)."""
+    from flowtile.compiler.partition import (_NO_CUT, TileSlice, WindowCosts,
+                                             _refuse_cuts_before_linked_single_banks)
+    arch = lean_arch(chips=2, link_credit_frames=8, link_frame_flits=16)
+    # a 1x1 convolution of 1024 -> 96 channels on a 3x3 map: 9 pixels x 96 outputs x 128 words = 110592 issue cycles
+    costs = WindowCosts(k=1152, n_out=96, weight_words=96 * 128, row_issue=3 * 96 * 128, row_results=3 * 12,
+                        out_height=3, channel_words=128, out_width=3, in_height=3, row_words=384)
+    dense = TileSlice(0, 0, 8, 16, 0, False)
+
+    def cut(single_bank: bool, budget: float, turns: int = 1) -> int:
+        window = TileSlice(1, 0, 96, 1152, 0, False, 0, 9, 3, single_bank=single_bank)
+        cycles = _refuse_cuts_before_linked_single_banks([0, 76896, 0], [0, 1152, 0], [[dense], [window]],
+                                                         [None, costs], [1, turns], arch, budget)
+        return cycles[1]
+
+    # 110592 + 2 issue and drain cycles, then 1152 - 8 * 16 words at 76896 / 1152 = 66.75 cycles a flit: 178946
+    assert cut(True, 178_900) == _NO_CUT
+    assert cut(True, 179_000) == 76896
+    assert cut(True, 300_000, turns=2) == _NO_CUT      # a layer of two turns alternates twice a program inference
+    assert cut(False, 120_000) == 76896                # two banks: RECV overlaps COMPUTE, the link is a stage

@@ -83,3 +83,24 @@ def test_partition_keeps_coupled_bands_within_the_estimate(monkeypatch, tmp_path
     unruled_interval = _interval(unruled, resolution)
     assert unruled_interval > estimated_interval(unruled) * 1.05
     assert unruled_interval > interval
+
+
+@pytest.mark.rtl
+def test_compiled_line_buffer_matches_onnxruntime_rtl_and_the_estimate(monkeypatch, tmp_path):
+    """A compiled program with a layer on one tile with a line buffer (section 8, "Layers streaming rows"):
+    MobileNetV1-0.5's front at 48x48 on the lean 4x4 grid streams its second depthwise layer's rows. Its outputs match
+    onnxruntime within 1 LSB, Verilator matches the emulator flit for flit and cycle for cycle, and the emulator
+    measures the estimate."""
+    from flowtile.testing.oracle_checks import assert_emulator_matches_onnxruntime, assert_rtl_matches_emulator
+    float_model, calibration = _mobilenet_front(monkeypatch, 3, 48)
+    float_path, qdq_path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(float_model, str(float_path))
+    random_models.quantize_qdq(float_path, qdq_path, calibration, activation_uint8=False, per_channel=True)
+    model = int8_model(qdq_path)
+    program = compile_model(model, lean_arch(), replicas=1)
+    streaming = [tile.config for tile in program.tiles if tile.config.stream_rows]
+    assert streaming and all(config.activation_words < 2 * config.stored_words for config in streaming)
+    x = np.random.default_rng(2).standard_normal((2, 3, 48, 48)).astype(np.float32)
+    assert_emulator_matches_onnxruntime(model, program, x)
+    assert_rtl_matches_emulator(program, x)
+    assert _interval(program, 48, batch=24) == estimated_interval(program)
