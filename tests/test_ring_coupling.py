@@ -5,7 +5,9 @@ hold of its COMPUTE runs after the previous band's last EMIT; and a band whose f
 inference's words while it emits holds the bands before it back until its last EMIT (docs/architecture.md section 6
 rule 4). MobileNetV1-1.0 on 4 chips of 8x8 tiles of 64 KiB stalled 32 % over its estimate this way (its stem's two
 bands each held 4.4k results against a 1024-word ring). The partition keeps such runs within the budget; the
-emulator (exact) is the independent check: the interval it measures must be the estimate.
+emulator (exact) is the independent check: the interval it measures must be the estimate. A layer streaming rows
+through a line buffer (section 8, "Layers streaming rows") sidesteps that coupling; the last test runs one compiled
+program that has one against onnxruntime, Verilator and the estimate.
 """
 from __future__ import annotations
 
