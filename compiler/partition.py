@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from flowtile.arch import ACTIVATION_BANKS, Arch
+from flowtile.tile_config import line_buffer_rows_needed, register_bounds
 from flowtile.link_format import LaneSegment, LinkGeometry, lane_segments_of_tensors
 
 from .errors import CompileError
@@ -399,18 +400,16 @@ def line_buffer_rows(costs: WindowCosts) -> int | None:
     arrive after COMPUTE ended), or more rows than the register holds."""
     if not costs.line_buffer_able:
         return None
-    spans = [band_input_rows(costs, r, 1) for r in range(costs.out_height)]
-    if spans[-1][0] + spans[-1][1] != costs.in_height:
+    spans = [(first, first + rows - 1)
+             for first, rows in (band_input_rows(costs, r, 1) for r in range(costs.out_height))]
+    if spans[-1][1] != costs.in_height - 1:
         return None
-    need = spans[0][0] + spans[0][1]
-    for (first, _), (first_next, rows_next) in zip(spans, spans[1:]):
-        need = max(need, first_next + rows_next - first)
-    rows = 1 << (need - 1).bit_length()
+    rows = 1 << (line_buffer_rows_needed(spans) - 1).bit_length()
     return rows if rows <= STREAM_ROWS_MAX else None
 
 
-#: The largest line buffer (register ``stream_rows``, 8 bits, a power of two).
-STREAM_ROWS_MAX = 128
+#: The largest line buffer: the largest power of two register ``stream_rows`` holds.
+STREAM_ROWS_MAX = 1 << (register_bounds("stream_rows")[1].bit_length() - 1)
 
 #: The share of the cycle budget a layer on one tile with a line buffer may take (:func:`_stream_groups`), and a tile
 #: of a layer streaming in channel groups. A line buffer holds a few rows, not an inference, so the tile cannot
@@ -795,15 +794,23 @@ def _first_slice_in(room: tuple[float, int, int], n_out: int, k: int, arch: Arch
     return TileSlice(layer, 0, chunks * lanes, k, 0, forward=True) if chunks > 0 else None
 
 
+def _slice_channels(s: TileSlice, costs: WindowCosts) -> int | None:
+    """The output channels of a windowed slice's channel group (section 4.4), or None if it computes them all."""
+    return s.n_out if costs.channel_words and s.n_out != costs.n_out else None
+
+
+def _slice_issue(s: TileSlice, costs: WindowCosts, lanes: int) -> int:
+    """A windowed slice's COMPUTE issue cycles per inference (:meth:`WindowCosts.band_work`)."""
+    return costs.band_work(s.pixels, _slice_channels(s, costs), lanes)[0]
+
+
 def _slice_cycles(s: TileSlice, lanes: int, costs: WindowCosts | None = None, carried: int = 0) -> int:
     if costs is not None:
-        grouped = costs.channel_words and s.n_out != costs.n_out
         # rows interleaved (a line buffer's groups): the queue holds rows, not an inference ahead (no shortfall)
-        cycles = window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, s.n_out if grouped else None, lanes,
+        cycles = window_tile_cycles(costs, s.n_pass, s.pixels, s.forward, _slice_channels(s, costs), lanes,
                                     None if s.stream_rows else s.queue_words, s.pixel_begin)
         if s.single_bank:
-            issue, _ = costs.band_work(s.pixels, s.n_out if grouped else None, lanes)
-            cycles = max(cycles, costs.alternation_cycles(s.pixel_begin, s.pixels, issue))
+            cycles = max(cycles, costs.alternation_cycles(s.pixel_begin, s.pixels, _slice_issue(s, costs, lanes)))
         return cycles
     return _dense_cycles(s.n_in_words, carried, s.n_pass, s.n_out, lanes,
                          s.n_in_words + carried if s.forward else carried)
@@ -994,32 +1001,35 @@ def _cut_streams(splits: list[list[TileSlice]], streams: Sequence[tuple], costs,
 def _refuse_cuts_before_linked_single_banks(cycles: list[int], flits: list[int], found: list[list[TileSlice]],
                                             costs: Sequence[WindowCosts | None], turns: Sequence[int], arch: Arch,
                                             budget: float) -> list[int]:
-    """``cycles`` (the link time of a chip boundary before each slice, carrying ``flits``) with the boundaries refused (:data:`_NO_CUT`)
-    before which the layer that would begin the next chip has a tile of one activation bank that could not keep the
-    ``budget`` with its input at the link's pace. Such a tile receives an inference only after its COMPUTE has ended
+    """``cycles`` (the link time of a chip boundary before each slice, carrying ``flits``) with the boundaries
+    refused (:data:`_NO_CUT`) before which the layer that would begin the next chip has a tile of one activation bank
+    that could not keep the ``budget`` with its input at the link's pace. Such a tile receives an inference only after its COMPUTE has ended
     (section 4, one bank), so its RECV and COMPUTE alternate; right behind a link its RECV takes the link's cycles a
     flit for every word beyond what the receiver buffers (``link_credit_frames`` frames) while it computed, not one a
     cycle (MobileNetV1-1.0 on 4 chips at 1/64 with the 3x3x1024 pointwise layer first on chip 3: estimated 56450 cycles
     a turn, measured 123849 = its COMPUTE plus the 1152-flit map at 66.75 cycles a flit less the buffered frames)."""
-    flat = [(i, s) for i, slices in enumerate(found) for s in slices]
     buffered = arch.link_credit_frames * arch.link_frame_flits
     cycles = list(cycles)
-    for start in range(1, len(flat)):
-        layer = flat[start][0]
-        banked = [s for i, s in flat[start:] if i == layer]
-        if costs[layer] is None or not any(s.single_bank for s in banked) or cycles[start] >= _NO_CUT:
-            continue
-        per_flit = cycles[start] / max(flits[start], 1)
-        for s in banked:
-            if not s.single_bank:
-                continue
-            grouped = costs[layer].channel_words and s.n_out != costs[layer].n_out
-            issue, _ = costs[layer].band_work(s.pixels, s.n_out if grouped else None, arch.lanes)
-            until = costs[layer].store_until(s.pixel_begin, s.pixels)
-            if turns[layer] * (issue + 2 + max(until, (until - buffered) * per_flit)) > budget:
-                cycles[start] = _NO_CUT
-                break
+    start = 0
+    for layer, slices in enumerate(found):
+        for offset in range(len(slices)):
+            # a chip beginning at this slice begins with the layer's slices from here on
+            if start + offset and costs[layer] is not None and cycles[start + offset] < _NO_CUT:
+                per_flit = cycles[start + offset] / max(flits[start + offset], 1)
+                if any(turns[layer] * _linked_alternation(s, costs[layer], arch.lanes, buffered, per_flit) > budget
+                       for s in slices[offset:] if s.single_bank):
+                    cycles[start + offset] = _NO_CUT
+        start += len(slices)
     return cycles
+
+
+def _linked_alternation(s: TileSlice, costs: WindowCosts, lanes: int, buffered: int, per_flit: float) -> float:
+    """A one-bank slice's cycles per inference with its input at a link's ``per_flit`` cycles beyond the ``buffered``
+    words: COMPUTE, then its RECV words up to the last stored one at the link's pace
+    (:meth:`WindowCosts.alternation_cycles` at one word a cycle)."""
+    until = costs.store_until(s.pixel_begin, s.pixels)
+    return max(costs.alternation_cycles(s.pixel_begin, s.pixels, _slice_issue(s, costs, lanes)),
+               _slice_issue(s, costs, lanes) + 2 + (until - buffered) * per_flit)
 
 
 def _cut_chips(cut_cycles: list[int], arch: Arch, limit: float,
@@ -1052,8 +1062,8 @@ def _slice_needs(s: TileSlice, costs: WindowCosts | None, carried: int, arch: Ar
     if costs is not None:
         data = arch.sram_words - s.queue_words if s.queue_words is not None else None
         if data is None:
-            grouped = costs.channel_words and s.n_out != costs.n_out
-            weights = costs.group_weights(s.n_out, arch.lanes) if grouped else costs.weight_words
+            weights = (costs.weight_words if _slice_channels(s, costs) is None
+                       else costs.group_weights(s.n_out, arch.lanes))
             data = weights + s.banks * costs.stored_words(s.pixel_begin, s.pixels)
         queued = costs.forwarded(s.forward, s.pixel_begin) + s.n_pass
     else:
@@ -1069,9 +1079,7 @@ def _slice_lead(s: TileSlice, costs: WindowCosts | None, carried: int, lanes: in
     :func:`compiler.emit.tile_program_estimate`): context 1's input is context 0's output, whose last word follows
     context 0's COMPUTE, and the input side serves context 0's next inference only after context 1's turn."""
     if costs is not None:
-        grouped = costs.channel_words and s.n_out != costs.n_out
-        issue, _ = costs.band_work(s.pixels, s.n_out if grouped else None, lanes)
-        return issue + 2 + costs.received(s.pixel_begin)
+        return _slice_issue(s, costs, lanes) + 2 + costs.received(s.pixel_begin)
     return s.n_out * s.n_in_words + 2 + s.n_in_words + carried
 
 
@@ -1202,10 +1210,11 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
             tables.append((flits, segments))
         return tables
 
-    def cut_cycles(found: list[list[TileSlice]]) -> list[int]:
+    def cut_cycles(found: list[list[TileSlice]], tables: list[tuple[int, tuple]] | None = None) -> list[int]:
+        """Per cut: the link's cycles (``tables``: :func:`cut_tables` of ``found``, if known)."""
         if arch.chips == 1:
             return [0] * (sum(len(s) for s in found) + 1)
-        cycles = [link_cycles(arch, n, segments) for n, segments in cut_tables(found)]
+        cycles = [link_cycles(arch, n, segments) for n, segments in (tables or cut_tables(found))]
         at = 0
         for slices in found:   # no chip boundary inside a layer streaming rows: its streams interleave two tensors
             if slices[0].stream_rows:
@@ -1234,10 +1243,11 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
     def placement(found: list[list[TileSlice]], limit: float, budget: float = float("inf")) -> Placement | None:
         """The slices cut into the chips (links within ``limit``); with contexts, their runs within the tile
         ``budget`` (each chip's slices grouped from its first)."""
-        cycles = cut_cycles(found)
-        if arch.chips > 1 and budget != float("inf"):
-            flits = [n for n, _ in cut_tables(found)]
-            cycles = _refuse_cuts_before_linked_single_banks(cycles, flits, found, costs, turns, arch, budget)
+        tables = cut_tables(found) if arch.chips > 1 else None
+        cycles = cut_cycles(found, tables)
+        if tables is not None and budget != float("inf"):
+            cycles = _refuse_cuts_before_linked_single_banks(cycles, [n for n, _ in tables], found, costs, turns,
+                                                             arch, budget)
         reach = None
         if contexts:
             needs = needs_of(found)
@@ -1255,7 +1265,7 @@ def place_layers(layers: Sequence[_Layer], arch: Arch, carried: Sequence[int] | 
                            for size in group_contexts(needs[bounds[chip]:bounds[chip + 1]], arch, budget))
         if arch.chips == 1:
             return Placement(found, groups=groups)
-        cut = cut_tables(found)
+        cut = tables
         # a ring's return link carries the output stream (the last cut) from the last chip to the host at chip 0
         ends = list(starts[1:]) + ([len(cut) - 1] if arch.chip_topology == "ring" else [])
         return Placement(found, starts, tuple(cut[s][0] for s in ends), tuple(cut[s][1] for s in ends), groups)

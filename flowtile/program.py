@@ -88,9 +88,6 @@ def _check_turns(tile: "TileProgram") -> None:
     if isinstance(turns, bool) or not isinstance(turns, (int, np.integer)) or turns < 1:
         raise ProgramError(f"tile {tile.key}: turns must be a positive integer (inferences per program inference), "
                            f"got {turns!r}")
-    if any(config.stream_rows for config in tile.contexts) and tile.later_contexts:
-        raise ProgramError(f"tile {tile.key}: a line buffer (stream_rows) serves a tile of one context (section 4, "
-                           f"streaming rows)")
     if turns == 1:
         return
     if tile.later_contexts:
@@ -111,12 +108,15 @@ def _check_contexts(tile: "TileProgram", arch: Arch) -> None:
     """The rules between the contexts of one tile (docs/architecture.md section 4.6): at most ``tile_contexts``;
     with two or more, each computes, ``loop_back`` is 1 in all but the last, each queues a whole inference of what
     it forwards and passes (else the loop-back FIFO could deadlock), each context ``c >= 1`` receives what context
-    ``c - 1`` emits, and SRAM regions and parameter rows are pairwise disjoint. A tile of one context needs
-    ``loop_back = 0``."""
+    ``c - 1`` emits, and SRAM regions and parameter rows are pairwise disjoint; none keeps a line buffer (section 4,
+    streaming rows). A tile of one context needs ``loop_back = 0``."""
     contexts = tile.contexts
     if len(contexts) > arch.tile_contexts:
         raise ProgramError(f"tile {tile.key}: {len(contexts)} contexts exceed arch field 'tile_contexts' = "
                            f"{arch.tile_contexts}")
+    if len(contexts) > 1 and any(config.stream_rows for config in contexts):
+        raise ProgramError(f"tile {tile.key}: a line buffer (stream_rows) serves a tile of one context (section 4, "
+                           f"streaming rows)")
     for index, config in enumerate(contexts):
         last = index == len(contexts) - 1
         if config.loop_back != (0 if last else 1):

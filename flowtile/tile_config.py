@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .arch import (ACTIVATION_BANKS, ADD_MULT_MAX, COMPUTE_DRAIN_CYCLES, CONFIG_FIELDS, OP_ADD, OP_BCAST, OP_CONCAT,
                    OP_LANE,
                    OP_MAC, OP_MAX, OP_NAMES, Arch)
 
-__all__ = ["TileConfig", "ConfigError", "REGISTER_NAMES", "register_bounds", "TWO_OPERAND_WINDOWS", "WINDOW_RANGES"]
+__all__ = ["TileConfig", "ConfigError", "REGISTER_NAMES", "register_bounds", "line_buffer_rows_needed", "TWO_OPERAND_WINDOWS", "WINDOW_RANGES"]
 
 #: The register names, in register-address order (:data:`flowtile.arch.CONFIG_FIELDS`).
 REGISTER_NAMES = tuple(name for name, _, _ in CONFIG_FIELDS)
@@ -49,6 +49,16 @@ def register_bounds(name: str) -> tuple[int, int]:
         return _BOUNDS[name]
     except KeyError:
         raise ConfigError(f"unknown config register '{name}'; known: {', '.join(REGISTER_NAMES)}") from None
+
+
+def line_buffer_rows_needed(spans: Sequence[tuple[int, int]]) -> int:
+    """The fewest rows a line buffer needs for output rows reading input rows ``spans`` (``(first, last)`` each, in
+    order; :attr:`TileConfig.stream_rows_needed`): the first output row's rows and every row above them, and any
+    two consecutive output rows' rows."""
+    need = spans[0][1] + 1
+    for (first, _), (_, last) in zip(spans, spans[1:]):
+        need = max(need, last - first + 1)
+    return need
 
 
 @dataclass(frozen=True)
@@ -220,11 +230,7 @@ class TileConfig:
         """The fewest rows a line buffer needs so that it never deadlocks: the first output row's rows and every row
         above them must fit (rows are released only as output rows start), and output row ``r + 1``'s rows while row
         ``r``'s are still held (every row below output row ``r``'s first is released when it starts)."""
-        rows = [self.input_rows_of_output_row(r) for r in range(self.out_rows)]
-        need = rows[0][1] + 1
-        for (first, _), (_, last) in zip(rows, rows[1:]):
-            need = max(need, last - first + 1)
-        return need
+        return line_buffer_rows_needed([self.input_rows_of_output_row(r) for r in range(self.out_rows)])
 
     def output_rows_ending(self) -> list[int]:
         """Per input row ``y`` of the map, the band's output rows whose last input row is ``y``

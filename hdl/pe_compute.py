@@ -10,7 +10,7 @@ from amaranth.utils import exact_log2
 from flowtile.arch import COMPUTE_DRAIN_CYCLES, OP_BCAST, Arch
 
 from .layouts import check_arch, config_layout
-from .pe_input import bank_words
+from .pe_input import bank_words, last_input_row
 from .pe_loader import band_end
 from .pe_output import channel_group, op_decode
 
@@ -323,8 +323,7 @@ class ComputeSequencer(wiring.Component):
         first, last = Signal(8), Signal(8)
         m.d.comb += top.eq(self._row_top - config.pad_top)
         bottom = top + config.kernel_h - 1
-        m.d.comb += [first.eq(Mux(top < 0, 0, top)),
-                     last.eq(Mux(bottom >= config.in_height, config.in_height - 1, Mux(bottom < 0, 0, bottom)))]
+        m.d.comb += [first.eq(Mux(top < 0, 0, top)), last.eq(last_input_row(config, bottom))]
         return first, last
 
     def _addresses(self, m, is_add, is_concat, is_broadcast, two_operands, lane_wise, out_row, out_col, channel,

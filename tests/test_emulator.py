@@ -22,7 +22,7 @@ from flowtile.emulator.timing import PROBE_BATCH, solve_timing
 from flowtile.arch import OP_ADD, OP_CONCAT, OP_LANE, OP_MAX, Arch
 from flowtile.testing.archs import lean_arch
 from flowtile.host import pack_flits
-from flowtile.program import ProgramError, TileProgram, _check_turns
+from flowtile.program import ProgramError, TileProgram
 from flowtile.tile_config import ConfigError, TileConfig
 from flowtile.testing.program_builder import (AddParams, Concat, ConcatParams, Conv, Dense, Depthwise, MaxPool, Residual, average_pool,
                              build_program, dense_golden, layer_bands, network_golden, pixel_band_registers,
@@ -2020,7 +2020,7 @@ def test_line_buffer_rules_hold_beside_queued_words():
     program = build_program(roomy.replace(tile_contexts=2), [depthwise], input_shape=(4, 6, 6))
     program.tiles[1].later_contexts = (program.tiles[1].config.replace(stream_rows=8),)
     with pytest.raises(ProgramError, match=r"a line buffer \(stream_rows\) serves a tile of one context"):
-        _check_turns(program.tiles[1])     # the tile's own rule (the contexts' stream counts would fail first here)
+        program.validate()
     layers, shape = _conv_residual(rng, 4, bands=(1, 1, 1))
     wide = arch.replace(cols=4, sram_bytes=16384)
     add_tile = next(t for t in build_program(wide, layers, input_shape=shape).tiles if t.config.op == OP_ADD)
